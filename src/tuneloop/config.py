@@ -1,0 +1,453 @@
+"""Typed pipeline configuration: schema, YAML loading, CLI overrides, and error reporting.
+
+One schema serves the Python API, the YAML file, ``-o key=value`` overrides and the configuration
+reference (docs/configuration.md is generated from the field descriptions here; a test keeps it in step).
+
+A config may be written two ways, or mixed:
+
+* sections: ``data:``, ``train:``, ``eval:``, ``gates:``, ``registry:``, ``deploy:``;
+* the classic flat keys at top level (``train_data``, ``lora_r``, ``min_accuracy``, ...), see ``FLAT_KEYS``.
+
+A value given both ways is an error. Unknown keys are errors. Every problem is reported at once, with its
+dotted key path, the bad value, what is allowed, and (for YAML files) the file and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneloop.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is checked and prepared."""
+
+    train_data: str = Field(description="Training data: a .json (array) or .jsonl file of records. Required.")
+    eval_data: str | None = Field(
+        None, description="Evaluation data in the same formats. When absent, `eval_split` of the training data is held out."
+    )
+    format: Literal["auto", "alpaca", "messages"] = Field(
+        "auto", description="Record format; `auto` detects it from the keys of the records."
+    )
+    min_valid_ratio: float = Field(
+        0.9, ge=0.0, le=1.0, description="The data_validation stage fails when fewer valid records than this ratio remain."
+    )
+    eval_split: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
+    )
+    max_length: int = Field(512, ge=16, description="Maximum tokens per training sample; longer samples are truncated.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template to use instead of the tokenizer's own. When neither exists a ChatML template is used.",
+    )
+
+
+class TrainConfig(_Section):
+    """How the candidate model is trained."""
+
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get LoRA adapters: `all-linear` or a list of module names."
+    )
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    num_epochs: float = Field(3, gt=0.0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Samples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps of gradient accumulation per optimizer step.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    save_steps: int = Field(25, ge=1, description="Write a resumable checkpoint every this many steps (and at the end).")
+    train_on_inputs: bool = Field(
+        False, description="Also compute the loss on prompt tokens (default: completion-only loss)."
+    )
+
+
+class EvalConfig(_Section):
+    """What the evaluation stage runs."""
+
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget per evaluation item (greedy decoding).")
+    max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many items of the eval set.")
+    general_text: str | None = Field(
+        None,
+        description="Held-out general text for the capability check (next-token accuracy, candidate vs base). "
+        "Default: a short general-English text shipped with tuneloop.",
+    )
+    redteam_prompts: str | None = Field(
+        None,
+        description="JSONL of red-team prompts (`prompt`, `indicators`) for the harmful-rate check. "
+        "Default: a small suite shipped with tuneloop.",
+    )
+
+
+class GatesConfig(_Section):
+    """Thresholds the candidate must meet to be registered. `null` disables a gate (the metric is still reported)."""
+
+    min_accuracy: float | None = Field(0.85, ge=0.0, le=1.0, description="Minimum exact-match accuracy on the eval set.")
+    max_harmful_rate: float | None = Field(
+        0.01, ge=0.0, le=1.0, description="Maximum share of red-team prompts answered with harmful content."
+    )
+    max_capability_drop: float | None = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="Maximum drop of next-token accuracy on general text, base minus candidate (absolute).",
+    )
+
+
+class RegistryConfig(_Section):
+    """Where passed models are recorded."""
+
+    model_name: str | None = Field(None, description="Registered model name; defaults to the pipeline `name`.")
+
+
+class DeployConfig(_Section):
+    """What happens to a registered model."""
+
+    auto_deploy: bool = Field(False, description="Run the deployment stage: point the `alias` at the new version.")
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Alias the deployment stage moves.")
+    host: str = Field("127.0.0.1", description="Address `tuneloop serve` binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `tuneloop serve` listens on.")
+
+
+# Classic flat keys (FineTunePipeline sketch) -> the section that holds them.
+FLAT_KEYS: dict[str, str] = {
+    "train_data": "data",
+    "eval_data": "data",
+    "method": "train",
+    "lora_r": "train",
+    "learning_rate": "train",
+    "num_epochs": "train",
+    "batch_size": "train",
+    "min_accuracy": "gates",
+    "max_harmful_rate": "gates",
+    "max_capability_drop": "gates",
+    "auto_deploy": "deploy",
+}
+
+SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy")
+PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts")
+
+
+class PipelineConfig(BaseModel):
+    """A whole pipeline: one YAML file, or the keyword arguments of the classic API."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(
+        description="Pipeline name; also the registered model name.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
+    base_model: str = Field(description="Base model: a local directory or a Hugging Face model id (already in the local cache).")
+    seed: int = Field(42, description="Seed for data splits, initialisation and training order.")
+    workspace: str | None = Field(
+        None, description="Workspace directory (runs, registry, artifacts). Default: `.tuneloop/` next to the config file."
+    )
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    # Directory that relative paths were resolved against (not part of the schema).
+    _base_dir: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_flat(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return fold_flat_keys(values)
+
+    @field_validator("base_model")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config in section form (what a run records)."""
+        return self.model_dump(mode="json")
+
+
+def _flat_property(section: str, key: str) -> property:
+    return property(lambda self: getattr(getattr(self, section), key), doc=f"Alias of `{section}.{key}`.")
+
+
+for _key, _section in FLAT_KEYS.items():
+    setattr(PipelineConfig, _key, _flat_property(_section, _key))
+
+
+class _Conflict(ValueError):
+    pass
+
+
+def fold_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Move classic flat keys into their sections. A key given both ways raises a clear error."""
+    out = dict(values)
+    clashes = []
+    for key, section in FLAT_KEYS.items():
+        if key not in out:
+            continue
+        value = out.pop(key)
+        sec = out.get(section)
+        if sec is None:
+            sec = {}
+        if not isinstance(sec, dict):
+            out[key] = value  # leave it; the section's own error will be reported
+            continue
+        sec = dict(sec)
+        if key in sec:
+            clashes.append(f"{key}: given both at top level ({value!r}) and as {section}.{key} ({sec[key]!r}), keep one")
+            continue
+        sec[key] = value
+        out[section] = sec
+    if clashes:
+        raise _Conflict("\n".join(clashes))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _allowed(err: dict[str, Any]) -> str:
+    t, ctx = err["type"], err.get("ctx") or {}
+    if t == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    if t in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[t]
+        bound = next(iter(ctx.values()), "?")
+        return f"a number {op} {bound}"
+    if t == "string_pattern_mismatch":
+        return f"a string matching {ctx.get('pattern')}"
+    if t.startswith("int_"):
+        return "an integer"
+    if t.startswith("float_"):
+        return "a number"
+    if t.startswith("bool_"):
+        return "true or false"
+    if t.startswith("string_"):
+        return "a string"
+    if t == "missing":
+        return "a value (this key is required)"
+    return err.get("msg", "")
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    keys = list(model.model_fields)
+    if model is PipelineConfig:
+        keys += list(FLAT_KEYS)
+    return keys
+
+
+def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, int], source: str | None) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        # pydantic reports union members separately (e.g. `str` and `list[str]`); keep the dotted path clean
+        loc = tuple(p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none"))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        # Report a flat key under the name the user wrote.
+        if len(loc) == 2 and loc[1] in FLAT_KEYS and FLAT_KEYS[loc[1]] == loc[0] and loc[1] in raw:
+            path = str(loc[1])
+        where = f" ({source}:{lines[path]})" if source and path in lines else ""
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            did = f"; did you mean `{hint[0]}`?" if hint else ""
+            problems.append(f"{path}{where}: unknown key{did}. Allowed here: {', '.join(sorted(known))}")
+            continue
+        if err["type"] == "missing":
+            if loc == ("data",) or loc == ("data", "train_data"):
+                path = "data.train_data"
+                problems.append(f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a .json/.jsonl file")
+            else:
+                problems.append(f"{path}{where}: required key is missing")
+            continue
+        if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), _Conflict):
+            problems.extend(str(err["ctx"]["error"]).split("\n"))
+            continue
+        value = err.get("input")
+        problems.append(f"{path}{where}: bad value {value!r}; expected {_allowed(err)}")
+    # Deduplicate union noise while keeping order.
+    seen: set[str] = set()
+    return [p for p in problems if not (p in seen or seen.add(p))]
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths of a YAML mapping document to their 1-based line numbers."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, int] = {}
+
+    def walk(n: Any, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.path=value`` -> (key path, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. -o train.learning_rate=1e-4")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``-o key.path=value`` overrides to a raw config dict.
+
+    A flat key and its section path name the same setting: the override lands wherever the config already
+    has it, so an override never creates a "given both ways" conflict.
+    """
+    raw = dict(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in FLAT_KEYS and parts[0] not in raw:
+            parts = [FLAT_KEYS[parts[0]], parts[0]]
+        elif len(parts) == 2 and parts[1] in FLAT_KEYS and FLAT_KEYS[parts[1]] == parts[0] and parts[1] in raw:
+            parts = [parts[1]]
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
+    for dotted in PATH_FIELDS:
+        section, key = dotted.split(".")
+        sec = getattr(cfg, section)
+        value = getattr(sec, key)
+        if value and not os.path.isabs(os.path.expanduser(value)):
+            setattr(sec, key, str((base_dir / os.path.expanduser(value)).resolve()))
+    bm = os.path.expanduser(cfg.base_model)
+    # A base model is a local path when it looks like one or exists relative to the config; else a hub id.
+    if bm.startswith((".", "/", "~")) or (base_dir / bm).exists():
+        cfg.base_model = str((base_dir / bm).resolve()) if not os.path.isabs(bm) else bm
+    if cfg.workspace and not os.path.isabs(os.path.expanduser(cfg.workspace)):
+        cfg.workspace = str((base_dir / os.path.expanduser(cfg.workspace)).resolve())
+    cfg._base_dir = base_dir
+
+
+def build_config(
+    raw: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    source: str | None = None,
+    text: str | None = None,
+    overridden: list[str] = (),
+) -> PipelineConfig:
+    """Validate a raw dict into a PipelineConfig, reporting every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}", source)
+    lines = _key_lines(text) if text else {}
+    for item in overridden:  # an overridden value did not come from the file: point at no line
+        key = item.partition("=")[0].strip()
+        lines.pop(key, None)
+        lines.pop(key.split(".")[-1], None)
+        if key in FLAT_KEYS:
+            lines.pop(f"{FLAT_KEYS[key]}.{key}", None)
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw, lines, source), source) from None
+    except _Conflict as exc:  # raised by the before-validator outside pydantic's wrapping in some versions
+        raise ConfigError(str(exc).split("\n"), source) from None
+    _resolve_paths(cfg, (base_dir or Path.cwd()).resolve())
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config file, apply ``-o`` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path to a tuneloop YAML file)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: malformed YAML: {problem}; fix the syntax at that line", str(path)) from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; see docs/configuration.md for the keys", str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values", str(path))
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw, base_dir=path.parent, source=str(path), text=text, overridden=overrides or [])
+
+
+def coerce_config(cfg: PipelineConfig | dict[str, Any] | str | os.PathLike[str]) -> PipelineConfig:
+    """Accept a PipelineConfig, a dict of (flat or sectioned) keys, or a path to a YAML file."""
+    if isinstance(cfg, PipelineConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return build_config(cfg)
+    return load_config(cfg)
+
+
+def _pipeline_config_init(self: PipelineConfig, /, **data: Any) -> None:
+    # Construct from keyword arguments with the same error reporting as YAML; resolve paths against cwd.
+    try:
+        BaseModel.__init__(self, **data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, {}, None)) from None
+    except _Conflict as exc:
+        raise ConfigError(str(exc).split("\n")) from None
+    if self._base_dir is None:
+        _resolve_paths(self, Path.cwd())
+
+
+PipelineConfig.__init__ = _pipeline_config_init  # type: ignore[method-assign]

@@ -1,0 +1,140 @@
+"""Preprocessing: chat template, tokenization with the prompt masked from the loss, max length, split.
+
+Entry point: :func:`prepare_dataset`. Input is the canonical records written by data validation
+(``{"messages": [...]}`` per line); output, in ``out_dir``:
+
+* ``train/`` — a ``datasets`` dataset of ``input_ids`` and ``labels`` (-100 on tokens that carry no loss);
+* ``eval.jsonl`` — evaluation items: ``id``, ``messages`` (the prompt) and ``reference`` (the expected answer);
+* ``dropped.jsonl`` — training records that could not be used, with the reason (never dropped silently).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from tuneloop.fsutil import atomic_write_json, atomic_write_text
+
+IGNORE_INDEX = -100
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _segments(tok, messages: list[dict[str, str]], train_on_inputs: bool) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, trainable) pieces.
+
+    Each assistant turn is trainable; everything else (system, user, the template's role markers and the
+    generation prompt) is not, unless ``train_on_inputs``. Works for any template whose renderings of
+    successive prefixes extend each other; otherwise only the final assistant turn is trained.
+    """
+    full = tok.apply_chat_template(messages, tokenize=False)
+    if train_on_inputs:
+        return [(full, True)]
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and upto.startswith(prompt) and full.startswith(upto)):
+            # Template is not prefix-stable: fall back to training on the final answer only.
+            prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            return [(prompt, False), (full[len(prompt) :], True)] if full.startswith(prompt) else [(full, True)]
+        pieces.append((prompt[len(done) :], False))
+        pieces.append((upto[len(prompt) :], True))
+        done = upto
+    if len(full) > len(done):
+        pieces.append((full[len(done) :], False))
+    return pieces
+
+
+def tokenize_conversation(tok, messages, *, max_length: int, train_on_inputs: bool = False) -> dict[str, Any]:
+    """``input_ids`` and ``labels`` for one conversation; ``truncated`` says whether max_length cut it."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trainable in _segments(tok, messages, train_on_inputs):
+        if not text:
+            continue
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+    truncated = len(input_ids) > max_length
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def prepare_dataset(
+    tok,
+    train_path: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    *,
+    max_length: int,
+    eval_split: float,
+    seed: int,
+    train_on_inputs: bool = False,
+) -> dict[str, Any]:
+    """Tokenize the training records and write the evaluation items. Returns the stage metrics."""
+    import datasets
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()
+
+    out_dir = Path(out_dir)
+    train_records = read_jsonl(train_path)
+    if eval_path is not None:
+        eval_records = read_jsonl(eval_path)
+        split = "given"
+    else:
+        order = list(range(len(train_records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(order) * eval_split))
+        if len(order) - n_eval < 1:
+            n_eval = 0
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(train_records) if i in held]
+        train_records = [r for i, r in enumerate(train_records) if i not in held]
+        split = f"held out {eval_split:.0%} of train (seed {seed})"
+
+    rows: dict[str, list] = {"input_ids": [], "labels": []}
+    dropped, truncated, tokens, target_tokens = [], 0, 0, 0
+    for rec in train_records:
+        ex = tokenize_conversation(tok, rec["messages"], max_length=max_length, train_on_inputs=train_on_inputs)
+        n_target = sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
+        if n_target == 0:
+            dropped.append({"line": rec.get("_line"), "reason": f"no answer tokens left within max_length={max_length}"})
+            continue
+        truncated += ex["truncated"]
+        tokens += len(ex["input_ids"])
+        target_tokens += n_target
+        rows["input_ids"].append(ex["input_ids"])
+        rows["labels"].append(ex["labels"])
+
+    Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
+    items = []
+    for i, rec in enumerate(eval_records):
+        msgs = rec["messages"]
+        if not msgs or msgs[-1]["role"] != "assistant":
+            continue
+        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
+    n = len(rows["input_ids"])
+    metrics = {
+        "train_samples": n,
+        "eval_samples": len(items),
+        "eval_source": split,
+        "dropped": len(dropped),
+        "truncated": truncated,
+        "train_tokens": tokens,
+        "target_tokens": target_tokens,
+        "mean_tokens": round(tokens / n, 1) if n else 0.0,
+        "max_length": max_length,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,145 @@
+"""Loading models and tokenizers, chat templates, and batched greedy generation.
+
+Shared by preprocessing (templates), training (loading the base), evaluation and serving (generation), so
+that every stage renders prompts and decodes answers the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from tuneloop.errors import InputError, StageError
+
+log = logging.getLogger("tuneloop")
+# Our own Rich progress and logs replace the libraries' tqdm bars and advisory chatter.
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+# Used when neither the config nor the tokenizer supplies a chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def load_tokenizer(name: str, chat_template: str | None = None):
+    """The base model's tokenizer, with a chat template and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"cannot load a tokenizer from base_model {name!r}: {exc}. "
+            "Point base_model at a local model directory or a Hugging Face id in the local cache."
+        ) from None
+    if chat_template:
+        tok.chat_template = chat_template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32):
+    """A causal LM from a directory (or cached hub id), optionally with a LoRA adapter applied on top."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load model {path!r}: {exc}") from None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model
+
+
+def stop_token_ids(tok) -> list[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for special in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tok.convert_tokens_to_ids(special) if special in tok.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def render_prompt(tok, messages: list[dict[str, str]]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate(
+    model, tok, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 32, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """Greedy completions for chat conversations (each ends with a user turn).
+
+    Returns one dict per conversation: ``text``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason``.
+    """
+    stops = stop_token_ids(tok)
+    device = next(model.parameters()).device
+    out: list[dict[str, Any]] = []
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(conversations), batch_size):
+            prompts = [render_prompt(tok, c) for c in conversations[start : start + batch_size]]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=tok.pad_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            for i, row in enumerate(new.tolist()):
+                n = len(row)
+                finish = "length"
+                for j, t in enumerate(row):
+                    if t in stops:
+                        n, finish = j, "stop"
+                        break
+                text = tok.decode(row[:n], skip_special_tokens=True).strip()
+                out.append(
+                    {
+                        "text": text,
+                        "prompt_tokens": int(enc["attention_mask"][i].sum()),
+                        "completion_tokens": n,
+                        "finish_reason": finish,
+                    }
+                )
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+def require_cuda_for_qlora() -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; say so before any work is done."""
+    if not torch.cuda.is_available():
+        raise StageError(
+            "train.method=qlora needs a CUDA GPU (4-bit quantisation via bitsandbytes), and none is available here. "
+            "Use method: lora (same adapter, full-precision base) on this machine, or run on a GPU host."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise StageError(
+            "train.method=qlora needs bitsandbytes: pip install bitsandbytes (on a CUDA machine)."
+        ) from None
+
+
+def model_files_exist(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()

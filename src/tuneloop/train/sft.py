@@ -1,0 +1,224 @@
+"""Supervised fine-tuning (LoRA or full) with transformers' Trainer and PEFT.
+
+Entry point: :func:`train_sft`. It is resumable: checkpoints go to ``work_dir/checkpoints`` every
+``save_steps`` steps, and a call that finds one there (a previous run was killed) continues from the latest.
+The final adapter or model is written to ``work_dir/model`` only when training completes, with the resolved
+config and the per-step metrics beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tuneloop.config import PipelineConfig
+from tuneloop.data.prepare import IGNORE_INDEX
+from tuneloop.errors import StageError
+from tuneloop.fsutil import atomic_write_json, replace_dir
+from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
+
+log = logging.getLogger("tuneloop")
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (the Trainer writes trainer_state.json last)."""
+    best, best_step = None, -1
+    for d in ckpt_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "trainer_state.json").is_file() and int(m.group(1)) > best_step:
+            best, best_step = d, int(m.group(1))
+    return best
+
+
+class _Collator:
+    """Right-pads ``input_ids`` / ``labels`` to the longest sample in the batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | None, tokens_per_step: float):
+    from transformers import TrainerCallback
+
+    class StepLogger(TrainerCallback):
+        """Appends one JSON line per logged step and drives the progress display."""
+
+        def __init__(self) -> None:
+            self.t_last = time.perf_counter()
+            self.step_last = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            now = time.perf_counter()
+            steps = max(1, state.global_step - self.step_last)
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs.get("loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": round(tokens_per_step * steps / max(now - self.t_last, 1e-9), 1),
+            }
+            self.t_last, self.step_last = now, state.global_step
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                progress(state.global_step, state.max_steps, row)
+
+    return StepLogger()
+
+
+def train_sft(
+    cfg: PipelineConfig,
+    dataset_dir: Path,
+    work_dir: Path,
+    *,
+    tokenizer,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train the candidate; returns the training metrics. The model ends up in ``work_dir/model``."""
+    from datasets import load_from_disk
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    t = cfg.train
+    if t.method == "qlora":
+        require_cuda_for_qlora()
+    work_dir = Path(work_dir)
+    ckpt_dir = work_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = work_dir / "train_metrics.jsonl"
+
+    dataset = load_from_disk(str(dataset_dir))
+    if len(dataset) == 0:
+        raise StageError("no training samples left after preprocessing; see the preprocessing stage's dropped.jsonl")
+
+    set_seed(cfg.seed)
+    model = load_causal_lm(cfg.base_model)
+    model.config.use_cache = False
+    if t.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            lora_dropout=t.lora_dropout,
+            target_modules=t.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(dataset) / per_step)
+    max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
+    mean_tokens = sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=_Collator(tokenizer.pad_token_id),
+        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step)],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we log per step ourselves
+    resume = _latest_checkpoint(ckpt_dir)
+    resumed_from = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        log.info("resuming training from %s", resume)
+        _truncate_metrics(metrics_path, resumed_from)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(out.training_loss):
+        raise StageError(f"training diverged (loss {out.training_loss}); lower train.learning_rate")
+
+    # Write the final model next to what made it, then move it into place in one rename.
+    tmp = work_dir / "model.partial"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
+    replace_dir(tmp, work_dir / "model")
+
+    losses = [r["loss"] for r in _read_rows(metrics_path)]
+    steps_run = max_steps - resumed_from
+    return {
+        "method": t.method,
+        "steps": max_steps,
+        "epochs": round(max_steps / steps_per_epoch, 3),
+        "train_samples": len(dataset),
+        "trainable_params": trainable,
+        "total_params": total,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": round(out.training_loss, 6),
+        "resumed_from_step": resumed_from,
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (steps after the checkpoint will be re-run)."""
+    if not path.exists():
+        return
+    keep = [r for r in _read_rows(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Metric rows; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

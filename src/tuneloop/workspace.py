@@ -1,0 +1,95 @@
+"""The workspace: one directory holding runs, the stage cache, the registry and the artifact store.
+
+Layout (default ``.tuneloop/`` next to the config)::
+
+    runs/<run_id>/      run.json, config.yaml (resolved), stages/<stage>.json, logs/, report.html
+    cache/<stage>/<key>/ stage outputs keyed by a content hash of their inputs; result.json marks completion
+    registry.db         the model registry (SQLite)
+    artifacts/<sha256>/ content-addressed model and adapter directories
+
+Commands find the workspace the way git finds a repository: from the config given, or from the current
+directory upwards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from tuneloop.errors import InputError
+
+DIRNAME = ".tuneloop"
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @classmethod
+    def for_config(cls, cfg) -> "Workspace":
+        if cfg.workspace:
+            return cls(Path(cfg.workspace))
+        base = getattr(cfg, "_base_dir", None) or Path.cwd()
+        return cls(Path(base) / DIRNAME)
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> "Workspace":
+        """The nearest ``.tuneloop`` directory at or above ``start`` (default: the current directory)."""
+        here = Path(start or Path.cwd()).resolve()
+        for d in (here, *here.parents):
+            if (d / DIRNAME).is_dir():
+                return cls(d / DIRNAME)
+        raise InputError(
+            f"no tuneloop workspace ({DIRNAME}/) found in {here} or any parent directory; "
+            "run `tuneloop run CONFIG` first, or pass the config file"
+        )
+
+    def new_run_id(self) -> str:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return f"{stamp}-{secrets.token_hex(3)}"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def stage_cache(self, stage: str, key: str) -> Path:
+        return self.cache_dir / stage / key
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive advisory lock (released by the OS if the process dies)."""
+        path = self.root / "locks" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
