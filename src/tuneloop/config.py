@@ -15,6 +15,7 @@ dotted key path, the bad value, what is allowed, and (for YAML files) the file a
 from __future__ import annotations
 
 import difflib
+import re
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -451,3 +452,52 @@ def _pipeline_config_init(self: PipelineConfig, /, **data: Any) -> None:
 
 
 PipelineConfig.__init__ = _pipeline_config_init  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = re.sub(r"Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", "`"), text)
+    return text.replace("NoneType", "null").replace(" | ", " or ").replace("|", " or ")
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the schema (a test checks the file is up to date)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from src/tuneloop/config.py by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
+        "",
+        "A tuneloop config is one YAML file. Settings live in sections (`data:`, `train:`, `eval:`, `gates:`,",
+        "`registry:`, `deploy:`); the classic flat keys listed below are also accepted at top level. A value given",
+        "both ways is an error, unknown keys are errors, and every problem is reported at once with its key path",
+        "and line. Relative paths are resolved against the config file's directory. Override any key from the",
+        "command line with `-o key.path=value` (values are parsed as YAML: `-o gates.min_accuracy=null`).",
+        "",
+        "## Top level",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                continue
+            default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
+            flat = f" Also accepted at top level as `{name}`." if prefix and FLAT_KEYS.get(name) == prefix.rstrip(".") else ""
+            out.append(f"| `{prefix}{name}` | {_type_name(ann)} | {default} | {f.description or ''}{flat} |")
+        return out
+
+    lines += rows(PipelineConfig, "")
+    for section in SECTIONS:
+        model = PipelineConfig.model_fields[section].annotation
+        lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+        lines += rows(model, f"{section}.")
+    lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
+    lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""End-to-end runs of the real pipeline on a tiny local model: Python API, caching, gates, bad data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tuneloop import FineTunePipeline, PipelineConfig, PipelineStage, load_config
+from tuneloop.registry.db import Registry
+from tuneloop.workspace import Workspace
+
+STAGES = [s.value for s in PipelineStage]
+
+
+def _run(path, *overrides, use_cache=True):
+    return FineTunePipeline(load_config(path, list(overrides)), use_cache=use_cache).run()
+
+
+def test_full_loop_through_python_api(make_config):
+    path = make_config()
+    summary = _run(path)
+    assert summary["overall"] == "passed", summary
+    assert list(summary["stages"]) == STAGES
+    for name, st in summary["stages"].items():
+        assert st["status"] == "passed" and st["cached"] is False and st["error"] == "", name
+        assert set(st) >= {"status", "duration_s", "metrics", "error", "cached"}
+    ev = summary["stages"]["evaluation"]["metrics"]
+    for key in ("accuracy", "base_accuracy", "harmful_rate", "capability_drop"):
+        assert 0.0 <= ev[key] <= 1.0 or key == "capability_drop"
+    assert ev["eval_items"] == 12 and ev["redteam_items"] >= 10
+
+    run_dir = Workspace.for_config(load_config(path)).run_dir(summary["run_id"])
+    for rel in ["config.yaml", "run.json", "summary.json", "report.html", "train_metrics.jsonl", "eval_items.jsonl", "run.log"]:
+        assert (run_dir / rel).is_file(), rel
+    for stage in STAGES:
+        assert (run_dir / "stages" / f"{stage}.json").is_file()
+        assert (run_dir / "logs" / f"{stage}.log").is_file()
+    losses = [json.loads(x)["loss"] for x in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lora_r"] == 4
+
+    reg = Registry(Workspace.for_config(load_config(path)).root)
+    v = reg.get("tiny-bot", "champion")
+    assert v["version"] == 1 and v["artifact_kind"] == "adapter"
+    assert v["lineage"]["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
+    assert v["lineage"]["code_version"] and v["lineage"]["config_hash"]
+    assert v["gates"]["min_accuracy"]["passed"] is True
+    assert (reg.store.open_verified(v["artifact_digest"]) / "adapter_model.safetensors").is_file()
+
+
+def test_unchanged_rerun_is_all_cached_and_threshold_change_skips_training(make_config):
+    path = make_config()
+    first = _run(path)
+    again = _run(path)
+    assert all(st["cached"] for st in again["stages"].values()), again["stages"]
+    assert again["stages"]["model_registry"]["metrics"]["version"] == first["stages"]["model_registry"]["metrics"]["version"]
+
+    changed = _run(path, "gates.max_harmful_rate=0.99")
+    st = changed["stages"]
+    assert [st[s]["cached"] for s in STAGES] == [True, True, True, False, False, False]
+    assert st["evaluation"]["metrics"]["base_outputs_cached"] is True
+    # Same weights, new gate verdicts: a new version whose artifact is the same stored blob.
+    assert st["model_registry"]["metrics"]["version"] == 2
+    assert st["model_registry"]["metrics"]["artifact_sha256"] == first["stages"]["model_registry"]["metrics"]["artifact_sha256"]
+
+
+def test_blocking_gate_fails_the_run_and_registers_nothing(make_config):
+    path = make_config(gates__min_accuracy=1.0)
+    summary = _run(path)
+    st = summary["stages"]
+    assert summary["overall"] == "failed"
+    assert st["evaluation"]["status"] == "failed"
+    assert "min_accuracy" in st["evaluation"]["error"] and "is not >= 1.0" in st["evaluation"]["error"]
+    assert st["model_registry"]["status"] == "skipped" and st["deployment"]["status"] == "skipped"
+    assert Registry(Workspace.for_config(load_config(path)).root).list_versions() == []
+
+
+def test_classic_config_object_with_local_model(tmp_path, tiny_model, task_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig(
+        name="support-bot", base_model=str(tiny_model), method="lora", train_data=str(task_data[0]),
+        eval_data=str(task_data[1]), lora_r=4, learning_rate=1e-3, num_epochs=1, batch_size=16,
+        min_accuracy=0.85, max_harmful_rate=0.01, max_capability_drop=0.02, auto_deploy=False,
+    )
+    summary = FineTunePipeline(cfg).run()
+    # An untrained 2-layer model cannot reach 85% accuracy: the gate must block it.
+    assert summary["overall"] == "failed"
+    assert "deployment" not in summary["stages"]
+    assert summary["stages"]["evaluation"]["status"] == "failed"
+    assert summary["stages"]["training"]["metrics"]["steps"] == 3  # 48 records / batch 16, one epoch
+
+
+def test_bad_records_are_quarantined_and_block_the_run(make_config, tmp_path):
+    good = [json.loads(x) for x in open(load_config(make_config()).data.train_data)]
+    lines = [json.dumps(r) for r in good[:20]] + ['{"messages": [ broken', '{"instruction": 1}', json.dumps(good[0])]
+    bad_file = tmp_path / "bad.jsonl"
+    bad_file.write_text("\n".join(lines) + "\n")
+    summary = _run(make_config(data__train_data=str(bad_file), data__min_valid_ratio=0.95))
+    st = summary["stages"]["data_validation"]
+    assert summary["overall"] == "failed" and st["status"] == "failed"
+    assert st["metrics"]["records"] == 23 and st["metrics"]["valid"] == 20 and st["metrics"]["duplicates"] == 1
+    assert "quarantine" in st["error"] and "min_valid_ratio" in st["error"]
+    stage_json = json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "data_validation.json").read_text())
+    assert stage_json["outputs"]["train_quarantine"] in st["error"]
+    quarantine = [json.loads(x) for x in open(stage_json["outputs"]["train_quarantine"])]
+    assert sorted(q["line"] for q in quarantine) == [21, 22, 23]
+    assert all(q["reasons"] for q in quarantine)
+    assert summary["stages"]["training"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("method", ["full"])
+def test_full_fine_tuning_registers_a_whole_model(make_config, method):
+    summary = _run(make_config(train__method=method))
+    assert summary["overall"] == "passed"
+    reg = Registry(Workspace.for_config(load_config(make_config(train__method=method))).root)
+    v = reg.get("tiny-bot", "latest")
+    assert v["artifact_kind"] == "model"
+    assert (reg.store.open_verified(v["artifact_digest"]) / "model.safetensors").is_file()
