@@ -14,6 +14,7 @@ Gates compare measured values with thresholds; a gate whose threshold is ``None`
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import string
@@ -189,8 +190,8 @@ def evaluate_candidate(
         "general_accuracy": round(cand["general_accuracy"], 6),
         "base_general_accuracy": round(base["general_accuracy"], 6),
         "capability_drop": round(base["general_accuracy"] - cand["general_accuracy"], 6),
-        "general_perplexity": round(cand["general_perplexity"], 4),
-        "base_general_perplexity": round(base["general_perplexity"], 4),
+        "general_perplexity": _finite(cand["general_perplexity"]),
+        "base_general_perplexity": _finite(base["general_perplexity"]),
         "general_tokens": cand_out["general"]["tokens"],
         "base_outputs_cached": base_cached,
     }
@@ -226,6 +227,11 @@ def evaluate_candidate(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return metrics, gates
+
+
+def _finite(x: float) -> float | None:
+    """JSON and the registry have no NaN/inf: an unmeasurable value is left out as None."""
+    return round(x, 4) if math.isfinite(x) else None
 
 
 def _dir_fingerprint(path: str) -> list[tuple[str, int, int]]:

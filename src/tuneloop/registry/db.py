@@ -1,0 +1,475 @@
+"""The model registry: numbered immutable versions, movable aliases and an append-only event log.
+
+State lives in one SQLite database (``root/registry.db``, WAL mode) and the artifacts themselves in a
+content-addressed ``ArtifactStore`` under ``root/artifacts``. Registering copies the artifact into the
+store first and only then, in a single transaction, records the version, so a process killed at any point
+leaves either no version or a complete one (at worst an unreferenced artifact in the store).
+
+Versions and events cannot be changed or deleted: SQLite triggers abort any such statement. Refs look like
+``support-bot:3``, ``support-bot@champion`` or ``support-bot`` (the latest version).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import random
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import InputError, TuneloopError
+from tuneloop.registry.store import ArtifactStore
+
+ARTIFACT_KINDS = ("adapter", "model")
+SCHEMA_VERSION = 1
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name        TEXT PRIMARY KEY,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    id               INTEGER PRIMARY KEY,
+    model            TEXT NOT NULL REFERENCES models(name),
+    version          INTEGER NOT NULL CHECK (version >= 1),
+    created_at       TEXT NOT NULL,
+    artifact_digest  TEXT NOT NULL,
+    artifact_kind    TEXT NOT NULL CHECK (artifact_kind IN ('adapter', 'model')),
+    base_model       TEXT NOT NULL,
+    cache_key        TEXT,
+    lineage          TEXT NOT NULL,
+    metrics          TEXT NOT NULL,
+    gates            TEXT NOT NULL,
+    UNIQUE (model, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS versions_cache_key ON versions(model, cache_key)
+    WHERE cache_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS aliases (
+    model       TEXT NOT NULL,
+    alias       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (model, alias),
+    FOREIGN KEY (model, version) REFERENCES versions(model, version)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY,
+    model    TEXT NOT NULL,
+    version  INTEGER,
+    kind     TEXT NOT NULL,
+    at       TEXT NOT NULL,
+    actor    TEXT NOT NULL,
+    reason   TEXT NOT NULL DEFAULT '',
+    details  TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TRIGGER IF NOT EXISTS versions_immutable_update BEFORE UPDATE ON versions BEGIN
+    SELECT RAISE(ABORT, 'registry versions are immutable: register a new version instead of changing one');
+END;
+CREATE TRIGGER IF NOT EXISTS versions_immutable_delete BEFORE DELETE ON versions BEGIN
+    SELECT RAISE(ABORT, 'registry versions are immutable and cannot be deleted');
+END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events BEGIN
+    SELECT RAISE(ABORT, 'registry events are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events BEGIN
+    SELECT RAISE(ABORT, 'registry events are append-only');
+END;
+"""
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """Split ``model:3``, ``model@alias`` or ``model`` into ``(model, version_str)``.
+
+    A bare model name means ``"latest"``. ``model:alias`` and ``model@3`` are accepted too.
+    """
+    ref = ref.strip() if isinstance(ref, str) else ref
+    if not isinstance(ref, str) or not ref:
+        raise InputError(f"empty model ref {ref!r}; use 'name', 'name:VERSION' or 'name@ALIAS'")
+    sep = "@" if "@" in ref else ":" if ":" in ref else None
+    if sep is None:
+        return ref, "latest"
+    model, _, version = ref.rpartition(sep)
+    if not model or not version:
+        raise InputError(f"malformed model ref {ref!r}; use 'name', 'name:VERSION' or 'name@ALIAS'")
+    return model, version
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (e.g. a container without a passwd entry)
+        return "unknown"
+
+
+def _to_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} must be JSON-serialisable (plain dicts, lists, str, finite numbers): {e}") from e
+
+
+def _add_event(
+    conn: sqlite3.Connection,
+    model: str,
+    version: int | None,
+    kind: str,
+    actor: str | None,
+    reason: str,
+    details: dict[str, Any],
+) -> None:
+    conn.execute(
+        "INSERT INTO events (model, version, kind, at, actor, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (model, version, kind, _now(), actor or _default_actor(), reason or "", _to_json(details, "event details")),
+    )
+
+
+class Registry:
+    """Model versions, aliases and events in ``root/registry.db``; artifacts in ``root/artifacts``."""
+
+    parse_ref = staticmethod(parse_ref)
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.db_path = self.root / "registry.db"
+        self.store = ArtifactStore(self.root / "artifacts")
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with closing(self._connect()) as conn:
+                _enable_wal(conn)
+                conn.execute("BEGIN IMMEDIATE")
+                if conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
+                    conn.execute("ROLLBACK")
+                    raise TuneloopError(
+                        f"registry {self.db_path} was written by a newer tuneloop; upgrade tuneloop to use it"
+                    )
+                for statement in _split_sql(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise TuneloopError(
+                f"cannot open the registry database {self.db_path}: {e}; "
+                "check that it is a tuneloop registry and that the directory is writable"
+            ) from e
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """One connection, one transaction: ``BEGIN IMMEDIATE`` for writes, a read snapshot otherwise."""
+        with closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def register(
+        self,
+        model: str,
+        artifact_dir: Path,
+        *,
+        artifact_kind: str,
+        base_model: str,
+        lineage: dict,
+        metrics: dict,
+        gates: dict,
+        cache_key: str | None = None,
+        actor: str | None = None,
+        reason: str = "",
+    ) -> dict:
+        """Store ``artifact_dir`` and record it as the next version of ``model``; return that version.
+
+        With a ``cache_key`` already registered for this model, nothing new is created: the existing
+        version is returned with ``"existing": True``.
+        """
+        _check_model_name(model)
+        if artifact_kind not in ARTIFACT_KINDS:
+            raise InputError(f"artifact_kind must be one of {', '.join(ARTIFACT_KINDS)}, got {artifact_kind!r}")
+        if not isinstance(base_model, str) or not base_model:
+            raise InputError(f"base_model must be a non-empty string (a hub id or a path), got {base_model!r}")
+        payload = (_to_json(lineage, "lineage"), _to_json(metrics, "metrics"), _to_json(gates, "gates"))
+        if cache_key is not None:
+            with self._transaction(write=False) as conn:
+                found = self._by_cache_key(conn, model, cache_key)
+            if found is not None:
+                return found
+
+        digest = self.store.put_dir(Path(artifact_dir))
+
+        with self._transaction(write=True) as conn:
+            if cache_key is not None:
+                found = self._by_cache_key(conn, model, cache_key)
+                if found is not None:  # registered by a concurrent process since the check above
+                    return found
+            now = _now()
+            conn.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (model, now))
+            version = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?", (model,)
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO versions (model, version, created_at, artifact_digest, artifact_kind, base_model,"
+                " cache_key, lineage, metrics, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, version, now, digest, artifact_kind, base_model, cache_key, *payload),
+            )
+            _add_event(
+                conn, model, version, "registered", actor, reason,
+                {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key},
+            )
+            return self._get(conn, model, version)
+
+    def set_alias(
+        self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
+    ) -> None:
+        """Point ``alias`` at ``version`` (a number, ``latest`` or another alias); records ``alias_set``."""
+        _check_alias_name(alias)
+        with self._transaction(write=True) as conn:
+            target = self._get(conn, model, version)["version"]
+            old = self._alias(conn, model, alias)
+            self._put_alias(conn, model, alias, target)
+            _add_event(conn, model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
+
+    def promote(self, model: str, version: int | str, *, actor: str | None = None, reason: str = "") -> dict:
+        """Make ``version`` the ``champion``; the old champion becomes ``previous``. Returns the version.
+
+        Promoting the current champion again changes nothing and records nothing.
+        """
+        with self._transaction(write=True) as conn:
+            target = self._get(conn, model, version)["version"]
+            old = self._alias(conn, model, "champion")
+            if old != target:
+                old_previous = self._alias(conn, model, "previous")
+                self._put_alias(conn, model, "champion", target)
+                if old is not None:
+                    self._put_alias(conn, model, "previous", old)
+                details = {
+                    "champion": {"old": old, "new": target},
+                    "previous": {"old": old_previous, "new": old if old is not None else old_previous},
+                }
+                _add_event(conn, model, target, "promoted", actor, reason, details)
+            return self._get(conn, model, target)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def get(self, model: str, version: int | str = "latest") -> dict:
+        """One version by number, digit string, ``"latest"`` or alias name."""
+        with self._transaction(write=False) as conn:
+            return self._get(conn, model, version)
+
+    def resolve(self, ref: str) -> dict:
+        """The version a ref like ``support-bot@champion`` points at."""
+        return self.get(*parse_ref(ref))
+
+    def open_artifact(self, model: str, version: int | str = "latest") -> Path:
+        """Verify a version's artifact and return its directory (what loaders should call)."""
+        return self.store.open_verified(self.get(model, version)["artifact_digest"])
+
+    def list_versions(self, model: str | None = None) -> list[dict]:
+        """All versions of ``model`` (or of every model), oldest first."""
+        with self._transaction(write=False) as conn:
+            if model is None:
+                rows = conn.execute("SELECT * FROM versions ORDER BY model, version").fetchall()
+            else:
+                self._check_known_model(conn, model)
+                rows = conn.execute("SELECT * FROM versions WHERE model = ? ORDER BY version", (model,)).fetchall()
+            names: dict[tuple[str, int], list[str]] = {}
+            for a in conn.execute("SELECT model, version, alias FROM aliases ORDER BY alias"):
+                names.setdefault((a["model"], a["version"]), []).append(a["alias"])
+            return [self._row_to_dict(r, names.get((r["model"], r["version"]), [])) for r in rows]
+
+    def models(self) -> list[str]:
+        with self._transaction(write=False) as conn:
+            return [r["name"] for r in conn.execute("SELECT name FROM models ORDER BY name")]
+
+    def get_alias(self, model: str, alias: str) -> int | None:
+        with self._transaction(write=False) as conn:
+            self._check_known_model(conn, model)
+            return self._alias(conn, model, alias)
+
+    def aliases(self, model: str) -> dict[str, int]:
+        with self._transaction(write=False) as conn:
+            self._check_known_model(conn, model)
+            return self._aliases(conn, model)
+
+    def events(self, model: str | None = None) -> list[dict]:
+        """The event log (oldest first), optionally for one model."""
+        with self._transaction(write=False) as conn:
+            if model is None:
+                rows = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM events WHERE model = ? ORDER BY id", (model,)).fetchall()
+        return [{**dict(r), "details": json.loads(r["details"])} for r in rows]
+
+    # -- internals (all take an open connection) ------------------------------------------------
+
+    def _get(self, conn: sqlite3.Connection, model: str, version: int | str) -> dict:
+        self._check_known_model(conn, model)
+        number = self._resolve_version(conn, model, version)
+        row = conn.execute("SELECT * FROM versions WHERE model = ? AND version = ?", (model, number)).fetchone()
+        if row is None:
+            known = self._version_numbers(conn, model)
+            raise InputError(
+                f"model {model!r} has no version {number}; known versions: {_ranges(known)}"
+                f"{_alias_hint(self._aliases(conn, model))}"
+            )
+        names = [a for a, v in self._aliases(conn, model).items() if v == number]
+        return self._row_to_dict(row, names)
+
+    def _resolve_version(self, conn: sqlite3.Connection, model: str, version: int | str) -> int:
+        if isinstance(version, bool) or not isinstance(version, (int, str)):
+            raise InputError(f"version must be a number, 'latest' or an alias name, got {version!r}")
+        if isinstance(version, int):
+            return version
+        text = version.strip()
+        if text.isdigit():
+            return int(text)
+        if text == "latest":
+            return conn.execute("SELECT MAX(version) FROM versions WHERE model = ?", (model,)).fetchone()[0]
+        number = self._alias(conn, model, text)
+        if number is None:
+            known = self._version_numbers(conn, model)
+            raise InputError(
+                f"model {model!r} has no alias {text!r}{_alias_hint(self._aliases(conn, model))}; "
+                f"use a version number ({_ranges(known)}) or 'latest'"
+            )
+        return number
+
+    def _check_known_model(self, conn: sqlite3.Connection, model: str) -> None:
+        if conn.execute("SELECT 1 FROM models WHERE name = ?", (model,)).fetchone() is None:
+            known = [r[0] for r in conn.execute("SELECT name FROM models ORDER BY name")]
+            listing = ", ".join(known) if known else "none yet (register a model first)"
+            raise InputError(f"unknown model {model!r} in registry {self.db_path}; known models: {listing}")
+
+    def _by_cache_key(self, conn: sqlite3.Connection, model: str, cache_key: str) -> dict | None:
+        row = conn.execute(
+            "SELECT version FROM versions WHERE model = ? AND cache_key = ?", (model, cache_key)
+        ).fetchone()
+        return None if row is None else {**self._get(conn, model, row[0]), "existing": True}
+
+    @staticmethod
+    def _version_numbers(conn: sqlite3.Connection, model: str) -> list[int]:
+        return [r[0] for r in conn.execute("SELECT version FROM versions WHERE model = ? ORDER BY version", (model,))]
+
+    @staticmethod
+    def _alias(conn: sqlite3.Connection, model: str, alias: str) -> int | None:
+        row = conn.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (model, alias)).fetchone()
+        return None if row is None else row[0]
+
+    @staticmethod
+    def _aliases(conn: sqlite3.Connection, model: str) -> dict[str, int]:
+        rows = conn.execute("SELECT alias, version FROM aliases WHERE model = ? ORDER BY alias", (model,))
+        return {r["alias"]: r["version"] for r in rows}
+
+    @staticmethod
+    def _put_alias(conn: sqlite3.Connection, model: str, alias: str, version: int) -> None:
+        conn.execute(
+            "INSERT INTO aliases (model, alias, version, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            (model, alias, version, _now()),
+        )
+
+    def _row_to_dict(self, row: sqlite3.Row, alias_names: list[str]) -> dict:
+        return {
+            "model": row["model"],
+            "version": row["version"],
+            "ref": f"{row['model']}:{row['version']}",
+            "created_at": row["created_at"],
+            "artifact_digest": row["artifact_digest"],
+            "artifact_path": str(self.store.path(row["artifact_digest"])),
+            "artifact_kind": row["artifact_kind"],
+            "base_model": row["base_model"],
+            "cache_key": row["cache_key"],
+            "lineage": json.loads(row["lineage"]),
+            "metrics": json.loads(row["metrics"]),
+            "gates": json.loads(row["gates"]),
+            "aliases": sorted(alias_names),
+        }
+
+
+def _check_model_name(model: str) -> None:
+    if not isinstance(model, str) or not _MODEL_RE.match(model):
+        raise InputError(
+            f"invalid model name {model!r}: use letters, digits, '.', '_', '-' and '/' "
+            "(no ':' or '@', which separate a version or alias in refs)"
+        )
+
+
+def _check_alias_name(alias: str) -> None:
+    if not isinstance(alias, str) or not _ALIAS_RE.match(alias) or alias == "latest":
+        raise InputError(
+            f"invalid alias {alias!r}: start with a letter, then letters, digits, '.', '_' or '-'; "
+            "'latest' is reserved"
+        )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    if not numbers:
+        return "none"
+    parts, start, prev = [], numbers[0], numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+def _alias_hint(aliases: dict[str, int]) -> str:
+    if not aliases:
+        return " (no aliases set)"
+    return "; aliases: " + ", ".join(f"{a} -> {v}" for a, v in aliases.items())
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch the database to WAL (persistent, so usually a no-op).
+
+    Changing the journal mode does not wait on the busy timeout when another process is doing the
+    same, so several processes opening a fresh registry at once retry here for a while.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.05)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema into statements (``sqlite3.complete_statement`` keeps trigger bodies whole)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s]
