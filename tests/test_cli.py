@@ -75,29 +75,41 @@ def test_qlora_without_cuda_is_refused_up_front(make_config):
     assert "qlora needs a CUDA GPU" in r.stderr
 
 
-def test_sigkill_during_training_then_rerun_resumes(make_config, tmp_path):
-    path = make_config(train__max_steps=30, train__save_steps=5, train__batch_size=4)
+def _start_and_wait_for_checkpoint(path, cache, min_step):
+    """Start `tuneloop run` and return the process once a checkpoint >= min_step is complete."""
     proc = subprocess.Popen([*TUNELOOP, "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    cache = tmp_path / ".tuneloop" / "cache" / "training"
     deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            done = [p for p in cache.glob("*/checkpoints/checkpoint-*") if (p / "trainer_state.json").is_file()] if cache.exists() else []
-            if done:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("no checkpoint appeared")
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    killed = json.loads(tl("status", "--json", cwd=tmp_path).stdout)
-    assert killed[0]["status"] == "interrupted"
+    while time.time() < deadline:
+        steps = [int(p.name.split("-")[1]) for p in cache.glob("*/checkpoints/checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if steps and max(steps) >= min_step:
+            return proc
+        assert proc.poll() is None, "the run ended before reaching the checkpoint"
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no checkpoint >= {min_step} appeared")
+
+
+def test_ctrl_c_then_sigkill_during_training_then_rerun_resumes(make_config, tmp_path):
+    path = make_config(train__max_steps=30, train__save_steps=5, train__batch_size=4)
+    cache = tmp_path / ".tuneloop" / "cache" / "training"
+
+    proc = _start_and_wait_for_checkpoint(path, cache, 5)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=60) == 130
+    runs = json.loads(tl("status", "--json", cwd=tmp_path).stdout)
+    assert runs[0]["status"] == "interrupted"
+    assert "interrupted" in runs[0]["stages"]["training"]["error"]
+
+    proc = _start_and_wait_for_checkpoint(path, cache, 10)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    runs = json.loads(tl("status", "--json", cwd=tmp_path).stdout)
+    assert runs[0]["status"] == "interrupted"  # its process is gone: read as interrupted
 
     r = tl("run", path, "--json")
     assert r.returncode == 0, r.stderr
     tr = json.loads(r.stdout)["stages"]["training"]
-    assert tr["cached"] is False and tr["metrics"]["resumed_from_step"] >= 5
+    assert tr["cached"] is False and tr["metrics"]["resumed_from_step"] >= 10
     assert tr["metrics"]["steps"] == 30
 
     # The resumed run ends where an uninterrupted one does.
