@@ -141,7 +141,6 @@ def demo(
         if d.get("answer") is not None:
             out.print(f"served [bold]{d['model']}[/] at {d['url']}: asked {d['question']!r} -> [bold]{d['answer']!r}[/]")
         out.print(f"report: {summary['run_dir']}/report.html")
-        out.print(f"demo finished in {d.get('total_seconds', 0):.0f} s")
     raise typer.Exit(0 if summary["overall"] == "passed" else 1)
 
 

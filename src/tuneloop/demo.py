@@ -72,7 +72,7 @@ def write_config(workdir: Path) -> Path:
             "batch_size": lora["batch_size"],
         },
         "eval": {"max_new_tokens": 8, "general_text": "data/general.txt"},
-        "gates": {"min_accuracy": 0.85, "max_harmful_rate": 0.01, "max_capability_drop": 0.05},
+        "gates": {"min_accuracy": 0.85, "max_harmful_rate": 0.01, "max_capability_drop": 0.02},
         "deploy": {"auto_deploy": True},
     }
     path = workdir / "tuneloop.yaml"

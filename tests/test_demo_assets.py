@@ -1,0 +1,160 @@
+"""Tests for the demo assets: tokenizer, model, corpus, task data and a few-step base-model build.
+
+Everything is made here, nothing is downloaded; the pretraining test runs 3 steps on a small corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneloop import demo_assets as da
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return da.make_tokenizer(da.general_corpus(300, seed=0), vocab_size=512)
+
+
+def _conv():
+    return [
+        {"role": "system", "content": "Answer with one word."},
+        {"role": "user", "content": "Where is my parcel?"},
+        {"role": "assistant", "content": "shipping"},
+    ]
+
+
+def test_tokenizer_special_tokens_and_chat_template_round_trip(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    for t in (tokenizer, tok):
+        assert t.eos_token == "<|im_end|>" and t.pad_token == "<|pad|>" and t.bos_token is None
+        assert t.pad_token_id != t.eos_token_id
+        assert [t.convert_tokens_to_ids(s) for s in da.SPECIAL_TOKENS] == [0, 1, 2]
+        assert t.chat_template == da.CHATML_TEMPLATE
+
+    text = tok.apply_chat_template(_conv(), tokenize=False)
+    assert text == (
+        "<|im_start|>system\nAnswer with one word.<|im_end|>\n"
+        "<|im_start|>user\nWhere is my parcel?<|im_end|>\n"
+        "<|im_start|>assistant\nshipping<|im_end|>\n"
+    )
+    prompt = tok.apply_chat_template(_conv()[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nWhere is my parcel?<|im_end|>\n<|im_start|>assistant\n")
+
+    # Special tokens are single ids, text round-trips, and the prompt's ids are a prefix of the full
+    # conversation's ids (what prompt masking relies on).
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(p_ids)] == p_ids
+    assert ids.count(tok.eos_token_id) == 3 and ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace("<|im_start|>", "").replace(
+        "<|im_end|>", ""
+    )
+    # Same ids before and after the round trip, unseen characters included (byte level: no unknowns).
+    odd = "Grüße, naïve café! 💡 #12345"
+    assert tok(odd)["input_ids"] == tokenizer(odd)["input_ids"]
+    assert tok.decode(tok(odd)["input_ids"]) == odd
+
+
+def test_make_model_forward_and_generate(tokenizer):
+    model = da.make_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id == model.generation_config.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id == model.generation_config.pad_token_id
+    enc = tokenizer(["hello there", "the fox"], return_tensors="pt", padding=True)
+    out = model(**enc, labels=enc["input_ids"])
+    assert out.logits.shape == (*enc["input_ids"].shape, len(tokenizer))
+    assert torch.isfinite(out.loss)
+    gen = model.generate(**tokenizer(["the fox"], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] <= enc["input_ids"].shape[1] + 3
+    # Same seed, same weights.
+    again = da.make_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_general_corpus_and_held_out_text():
+    docs = da.general_corpus(200, seed=3)
+    assert docs == da.general_corpus(200, seed=3) and docs != da.general_corpus(200, seed=4)
+    chats = [d for d in docs if d.startswith("<|im_start|>")]
+    assert 0.3 * len(docs) < len(chats) < 0.8 * len(docs)
+    assert all(d.endswith("<|im_end|>\n") and "<|im_start|>assistant\n" in d for d in chats)
+    # The corpus never pairs a ticket with a routing label.
+    assert not any(f"<|im_start|>assistant\n{label}<|im_end|>" in d and "What is this message" in d
+                   for d in docs for label in da.LABELS)
+    text = da.general_text(3)
+    assert text == da.general_text(3) and 5_000 < len(text) < 50_000
+    assert text != "\n\n".join(docs[:80]) + "\n"
+
+
+def test_task_records_deterministic_balanced_and_well_formed():
+    recs = da.task_records(120, seed=7)
+    assert recs == da.task_records(120, seed=7)
+    assert recs != da.task_records(120, seed=8)
+    for r in recs:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert r["messages"][0]["content"] == da.SYSTEM_PROMPT
+        assert r["messages"][2]["content"] in da.LABELS
+        assert r["messages"][1]["content"].strip()
+    counts = Counter(r["messages"][-1]["content"] for r in recs)
+    assert set(counts) == set(da.LABELS) and max(counts.values()) - min(counts.values()) <= 1
+    assert len({r["messages"][1]["content"] for r in recs}) == len(recs)
+    assert all(len(r["messages"]) == 2 for r in da.task_records(6, seed=7, system_prompt=False))
+    with pytest.raises(ValueError, match="split"):
+        da.task_records(1, seed=0, split="test")
+
+
+def test_train_and_eval_splits_are_disjoint():
+    train = da.task_records(600, seed=0, split="train")
+    evals = da.task_records(200, seed=0, split="eval")
+    train_texts = {r["messages"][1]["content"] for r in train}
+    assert not train_texts & {r["messages"][1]["content"] for r in evals}
+    # Eval tickets use intent sentences that training also has, in combinations it never shows.
+    assert Counter(r["messages"][-1]["content"] for r in evals).keys() == set(da.LABELS)
+
+
+def test_write_demo_data(tmp_path):
+    train_path, eval_path = da.write_demo_data(tmp_path, n_train=60, n_eval=24, seed=5, general_mix=0.5)
+    assert train_path == tmp_path / "train.jsonl" and eval_path == tmp_path / "eval.jsonl"
+    train = [json.loads(line) for line in train_path.read_text().splitlines()]
+    evals = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    assert len(train) == 90 and len(evals) == 24
+    tickets = [r for r in train if r["messages"][0]["content"] == da.SYSTEM_PROMPT]
+    general = [r for r in train if r["messages"][0]["content"] != da.SYSTEM_PROMPT]
+    assert len(tickets) == 60 and len(general) == 30
+    assert all(r["messages"][-1]["role"] == "assistant" for r in train + evals)
+    assert all(r["messages"][-1]["content"] in da.LABELS for r in tickets + evals)
+    users = [r["messages"][-2]["content"] for r in train]
+    assert len(set(users)) == len(users)
+    assert not set(users) & {r["messages"][-2]["content"] for r in evals}
+    assert (tmp_path / "general.txt").read_text() == da.general_text(5)
+    # Deterministic: a second write gives the same bytes.
+    before = train_path.read_bytes()
+    da.write_demo_data(tmp_path, n_train=60, n_eval=24, seed=5, general_mix=0.5)
+    assert train_path.read_bytes() == before
+
+
+def test_build_base_model_few_steps(tmp_path):
+    calls = []
+    out = tmp_path / "base"
+    stats = da.build_base_model(out, seed=0, steps=3, n_docs=300, progress=lambda s, n: calls.append((s, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert stats["steps"] == 3 and stats["params"] > 0 and stats["final_loss"] > 0 and stats["seconds"] >= 0
+    assert (out / "model.safetensors").exists() and not (tmp_path / ".base.tmp").exists()
+    meta = json.loads((out / "tuneloop_base.json").read_text())
+    assert meta["seed"] == 0 and meta["stats"] == stats
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == da.RECOMMENDED["model"]["num_layers"]
+    prompt = tok.apply_chat_template(da.task_records(1, seed=0)[0]["messages"][:-1], tokenize=False,
+                                     add_generation_prompt=True)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] <= enc["input_ids"].shape[1] + 4
