@@ -1,0 +1,460 @@
+"""Near-duplicate detection (MinHash LSH) and train-vs-eval contamination (hashed word n-grams).
+
+Two public entry points, both pure functions of lists of strings:
+
+- ``near_duplicate_groups(texts, threshold=0.8, shingle_size=5, num_perm=128, seed=0)``: groups of indices
+  whose estimated Jaccard similarity of **word** shingles is at least ``threshold``;
+- ``contaminated_indices(train_texts, eval_texts, ngram=8, threshold=0.5)``: train index -> fraction of its
+  word n-grams that occur in some eval record.
+
+Both look at text through ``normalise_text``: lowercase, every run of characters that are not letters or
+digits (punctuation, ``_``, whitespace, control characters) becomes one space. Words are the pieces between
+spaces. A record with fewer words than the shingle (n-gram) size has one shingle: all its words. A record
+with no words has no shingles and is never grouped or reported.
+
+How it scales (the work is vectorised across documents, never a Python loop per word or per hash):
+
+1. a chunk of documents is joined into one byte string; ASCII text is classified, lowercased and split into
+   words with a byte lookup table in numpy (non-ASCII documents first go through ``str.lower`` and the
+   punctuation regex, so both paths give ``normalise_text``'s words);
+2. every word is hashed with a polynomial hash computed from a prefix sum over the bytes (64-bit,
+   wrapping), then mixed; a shingle hash is a mixed linear combination of its ``k`` word hashes;
+3. MinHash: ``num_perm`` hash functions ``h_i(x) = (a_i * x mod 2**32) xor b_i`` (``a_i`` odd, so each is
+   a permutation of the 32-bit shingle hashes) are applied to all shingles of a chunk at once, and
+   ``np.minimum.reduceat`` over document offsets gives the signatures (``uint32``, docs x num_perm);
+4. LSH: ``b`` bands of ``r`` rows, chosen like datasketch's ``_optimal_param`` (minimise the equally
+   weighted false-positive and false-negative areas), so datasketch with the same threshold and
+   ``num_perm`` uses the same bands. Each band slice is hashed to a 64-bit key; collisions are found by
+   sorting the keys; candidate pairs are confirmed when the signatures agree on at least
+   ``threshold * num_perm`` positions (the estimated Jaccard), then joined by union-find.
+
+Signatures of large inputs are computed by worker processes (``fork``) writing into one shared buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import multiprocessing
+import os
+import re
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["near_duplicate_groups", "contaminated_indices", "normalise_text", "lsh_params"]
+
+_CHUNK_DOCS = 1024  # documents hashed together (keeps the per-chunk arrays in cache)
+_PERM_BLOCK = 16  # hash functions applied per pass over a chunk's shingles
+_MAX_PAIR_OFFSET = 8  # in a bucket, each document is paired with the next 8 (and the bucket's first)
+_PARALLEL_MIN_DOCS = 20_000  # below this, worker processes cost more than they save
+_MASK64 = (1 << 64) - 1
+
+_NON_WORD = re.compile(r"[\W_]+")
+_SEP = 0  # byte joining documents in a chunk
+
+
+def normalise_text(text: str) -> str:
+    """The text the detectors see: lowercase, runs of non-alphanumeric characters -> one space, stripped."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+# --- hashing --------------------------------------------------------------------------------------
+
+
+def _splitmix(state: int) -> tuple[int, int]:
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+@lru_cache(maxsize=None)
+def _constants(count: int, salt: int) -> np.ndarray:
+    """``count`` fixed odd 64-bit constants (deterministic, independent of numpy's RNG)."""
+    state, out = salt & _MASK64, []
+    for _ in range(count):
+        state, z = _splitmix(state)
+        out.append(z | 1)
+    return np.array(out, dtype=np.uint64)
+
+
+_BASE = int(_constants(1, 1)[0])  # odd, so invertible mod 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+def _lut() -> np.ndarray:
+    """Byte -> lowercase byte for ASCII letters and digits, 0 for everything else (separators)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for c in b"abcdefghijklmnopqrstuvwxyz0123456789":
+        lut[c] = c
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        lut[c] = c + 32
+    lut[128:] = np.arange(128, 256)  # bytes of non-ASCII characters (already normalised) are word bytes
+    return lut
+
+
+_LUT = _lut()
+
+
+class _Powers:
+    """BASE**i and BASE**-i mod 2**64 for i < len, grown on demand (per process)."""
+
+    def __init__(self) -> None:
+        self.pow = np.ones(0, dtype=np.uint64)
+        self.inv = np.ones(0, dtype=np.uint64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.pow) < n:
+            size = max(n, 2 * len(self.pow), 1 << 16)
+            with np.errstate(over="ignore"):
+                p = np.full(size, _BASE, dtype=np.uint64)
+                p[0] = 1
+                self.pow = np.cumprod(p, dtype=np.uint64)
+                q = np.full(size, _BASE_INV, dtype=np.uint64)
+                q[0] = 1
+                self.inv = np.cumprod(q, dtype=np.uint64)
+        return self.pow[:n], self.inv[:n]
+
+
+_POWERS = _Powers()
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, in place on a uint64 array."""
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def _prepare(text: str) -> str:
+    if text.isascii():
+        return text.replace("\x00", " ") if "\x00" in text else text
+    return normalise_text(text)  # non-ASCII: str.lower + regex; the byte path then only splits
+
+
+def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the words of ``texts`` in order (uint64) and the document index of each word (int64)."""
+    joined = "\x00".join(map(_prepare, texts)).encode("utf-8", "surrogatepass")
+    raw = np.frombuffer(joined, dtype=np.uint8)
+    byte = _LUT[raw]
+    isword = np.empty(len(byte) + 2, dtype=np.int8)
+    isword[0] = isword[-1] = 0
+    np.not_equal(byte, 0, out=isword[1:-1])
+    edges = np.diff(isword)
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    if len(starts) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    powers, inverse = _POWERS.get(len(byte))
+    with np.errstate(over="ignore"):
+        prefix = np.empty(len(byte) + 1, dtype=np.uint64)
+        prefix[0] = 0
+        np.cumsum(np.multiply(byte, powers, dtype=np.uint64), out=prefix[1:])
+        words = (prefix[ends] - prefix[starts]) * inverse[starts]
+        words += np.uint64(0x632BE59BD9B4E019)
+        _mix64(words)
+    docs = np.searchsorted(np.flatnonzero(raw == _SEP), starts)
+    return words, docs
+
+
+def _shingle_hashes(words: np.ndarray, docs: np.ndarray, n_docs: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the ``k``-word shingles of each document, grouped by document; and counts per doc.
+
+    Shingles never cross documents; a document with 1..k-1 words has one shingle of all its words.
+    """
+    mult = _constants(k, 2)
+    counts_words = np.bincount(docs, minlength=n_docs)
+    n = len(words)
+    with np.errstate(over="ignore"):
+        if n >= k:
+            span = n - k + 1
+            h = words[:span] * mult[0]
+            for t in range(1, k):
+                h += words[t : t + span] * mult[t]
+            keep = docs[:span] == docs[k - 1 : k - 1 + span]
+            long_h, long_docs = h[keep], docs[:span][keep]
+        else:
+            long_h, long_docs = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        short = np.flatnonzero((counts_words > 0) & (counts_words < k))
+        if len(short):
+            first = np.concatenate(([0], np.cumsum(counts_words)))[short]
+            size = counts_words[short]
+            sh = words[first] * mult[0]
+            for t in range(1, k - 1):
+                has = size > t
+                sh[has] += words[first[has] + t] * mult[t]
+            all_docs = np.concatenate((long_docs, short))
+            order = np.argsort(all_docs, kind="stable")
+            hashes, hash_docs = np.concatenate((long_h, sh))[order], all_docs[order]
+        else:
+            hashes, hash_docs = long_h, long_docs
+        hashes = _mix64(hashes + np.uint64(k))
+    return hashes, np.bincount(hash_docs, minlength=n_docs)
+
+
+def _doc_shingles(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    words, docs = _word_hashes(texts)
+    return _shingle_hashes(words, docs, len(texts), k)
+
+
+# --- MinHash signatures ---------------------------------------------------------------------------
+
+
+def _perm_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    return a, b
+
+
+_EMPTY = np.uint32(0xFFFFFFFF)
+
+
+def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray, b: np.ndarray) -> None:
+    """MinHash signatures of ``texts`` written to ``out`` (len(texts) x num_perm, uint32)."""
+    hashes, counts = _doc_shingles(texts, k)
+    x = (hashes >> np.uint64(32)).astype(np.uint32)
+    out[:] = _EMPTY
+    nonempty = np.flatnonzero(counts)
+    if len(nonempty) == 0:
+        return
+    offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
+    num_perm = len(a)
+    buf = np.empty((min(_PERM_BLOCK, num_perm), len(x)), dtype=np.uint32)
+    for i in range(0, num_perm, _PERM_BLOCK):
+        j = min(i + _PERM_BLOCK, num_perm)
+        blk = buf[: j - i]
+        np.multiply(a[i:j, None], x[None, :], out=blk)
+        np.bitwise_xor(blk, b[i:j, None], out=blk)
+        out[nonempty, i:j] = np.minimum.reduceat(blk, offsets, axis=1).T
+
+
+_SHARED: dict = {}  # set by the parent right before forking workers
+
+
+def _signature_worker(span: tuple[int, int]) -> None:
+    start, stop = span
+    s = _SHARED
+    _signatures_into(s["sig"][start:stop], s["texts"][start:stop], s["k"], s["a"], s["b"])
+
+
+def _signatures(texts: list[str], k: int, num_perm: int, seed: int, workers: int) -> np.ndarray:
+    a, b = _perm_params(num_perm, seed)
+    n = len(texts)
+    spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
+    if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        buffer = mmap.mmap(-1, max(1, n * num_perm * 4))  # anonymous shared memory, visible to forked children
+        sig = np.frombuffer(buffer, dtype=np.uint32, count=n * num_perm).reshape(n, num_perm)
+        _SHARED.update(sig=sig, texts=texts, k=k, a=a, b=b)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for _ in pool.imap_unordered(_signature_worker, spans, chunksize=4):
+                    pass
+        finally:
+            _SHARED.clear()
+        return sig
+    sig = np.empty((n, num_perm), dtype=np.uint32)
+    for start, stop in spans:
+        _signatures_into(sig[start:stop], texts[start:stop], k, a, b)
+    return sig
+
+
+# --- LSH ------------------------------------------------------------------------------------------
+
+
+def _integrate(f, lo: float, hi: float) -> float:
+    # Gauss-Legendre with 200 nodes: exact for the polynomials of degree <= 399 integrated here.
+    x, w = _gauss_nodes()
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    return float(half * np.sum(w * f(mid + half * x)))
+
+
+@lru_cache(maxsize=1)
+def _gauss_nodes() -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(200)
+
+
+@lru_cache(maxsize=None)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false-positive + false-negative area, as datasketch's ``_optimal_param``."""
+    best, opt = math.inf, (0, 0)
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = _integrate(lambda s: 1 - (1 - s ** float(rows)) ** float(bands), 0.0, threshold)
+            fn = _integrate(lambda s: (1 - s ** float(rows)) ** float(bands), threshold, 1.0)
+            if fp * 0.5 + fn * 0.5 < best:
+                best, opt = fp * 0.5 + fn * 0.5, (bands, rows)
+    return opt
+
+
+def _band_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Candidate pairs (2 x m, int64) among documents ``ids`` whose band ``keys`` are equal.
+
+    In a bucket each document is paired with the next ``_MAX_PAIR_OFFSET`` documents and with the
+    bucket's first document: every pair in buckets of up to 9, and linear work for huge buckets (many
+    copies of one text) while still connecting the whole bucket.
+    """
+    order = np.argsort(keys, kind="stable")
+    sk, sid = keys[order], ids[order]
+    n = len(sk)
+    if n < 2:
+        return np.zeros((2, 0), np.int64)
+    new_run = np.empty(n, dtype=bool)
+    new_run[0] = True
+    np.not_equal(sk[1:], sk[:-1], out=new_run[1:])
+    if new_run.all():
+        return np.zeros((2, 0), np.int64)
+    run_id = np.cumsum(new_run) - 1
+    run_start = np.flatnonzero(new_run)
+    parts = []
+    for d in range(1, min(_MAX_PAIR_OFFSET, n - 1) + 1):
+        same = run_id[:-d] == run_id[d:]
+        if not same.any():
+            break
+        idx = np.flatnonzero(same)
+        parts.append(np.stack((sid[idx], sid[idx + d])))
+    head = run_start[run_id]
+    far = np.flatnonzero(np.arange(n) - head > _MAX_PAIR_OFFSET)
+    if len(far):
+        parts.append(np.stack((sid[head[far]], sid[far])))
+    return np.concatenate(parts, axis=1)
+
+
+def _components(u: np.ndarray, v: np.ndarray) -> list[list[int]]:
+    """Connected components (size >= 2) of the graph with edges (u, v), each sorted, by smallest member."""
+    nodes, inv = np.unique(np.concatenate((u, v)), return_inverse=True)
+    eu, ev = inv[: len(u)], inv[len(u) :]
+    label = np.arange(len(nodes))
+    while True:
+        lu, lv = label[eu], label[ev]
+        differ = lu != lv
+        if not differ.any():
+            break
+        np.minimum.at(label, np.maximum(lu, lv)[differ], np.minimum(lu, lv)[differ])  # hook roots
+        while True:  # pointer jumping until every node points at its root
+            nxt = label[label]
+            if np.array_equal(nxt, label):
+                break
+            label = nxt
+    order = np.argsort(label, kind="stable")  # nodes are ascending, so each group comes out sorted
+    cuts = np.flatnonzero(np.diff(label[order])) + 1
+    return [nodes[g].tolist() for g in np.split(order, cuts) if len(g) > 1]
+
+
+def _default_workers(n: int) -> int:
+    if n < _PARALLEL_MIN_DOCS:
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def near_duplicate_groups(
+    texts: list[str],
+    *,
+    threshold: float = 0.8,
+    shingle_size: int = 5,
+    num_perm: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[list[int]]:
+    """Groups of indices of ``texts`` that are near duplicates (MinHash LSH over word shingles).
+
+    Two texts are linked when their MinHash signatures (``num_perm`` hashes over word ``shingle_size``-grams
+    of ``normalise_text``) share an LSH band and agree on at least ``threshold`` of the positions (the
+    estimated Jaccard similarity); groups are the connected components of those links. Each group is
+    sorted, has at least two members, and its first (lowest) index is the record to keep; groups are
+    ordered by that index. Exact copies always land in one group; texts without words are never grouped.
+    The result depends only on the inputs and ``seed``. ``workers`` processes compute the signatures
+    (default: 2 when there are at least 20,000 texts and two CPUs, else 1).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if shingle_size < 1:
+        raise ValueError(f"shingle_size must be >= 1, got {shingle_size}")
+    if num_perm < 2:
+        raise ValueError(f"num_perm must be >= 2, got {num_perm}")
+    n = len(texts)
+    if n < 2:
+        return []
+    sig = _signatures(texts, shingle_size, num_perm, seed, _default_workers(n) if workers is None else workers)
+    # Texts without words have all-sentinel signatures; a real hash can equal the sentinel, so rows
+    # starting with it are checked in full.
+    maybe_empty = np.flatnonzero(sig[:, 0] == _EMPTY)
+    empty = maybe_empty[np.all(sig[maybe_empty] == _EMPTY, axis=1)]
+    ids = np.setdiff1d(np.arange(n), empty, assume_unique=True) if len(empty) else np.arange(n)
+    if len(ids) < 2:
+        return []
+    bands, rows = lsh_params(threshold, num_perm)
+    mult = _constants(rows, 3)
+    cands = []
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            block = sig[ids, band * rows : (band + 1) * rows].astype(np.uint64)
+            key = np.full(len(ids), band + 1, dtype=np.uint64)
+            for r in range(rows):
+                key = _mix64(key ^ (block[:, r] * mult[r]))
+            cands.append(_band_pairs(key, ids))
+    pairs = np.concatenate(cands, axis=1)
+    if pairs.shape[1] == 0:
+        return []
+    lo, hi = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
+    code = np.unique(lo * n + hi)
+    lo, hi = code // n, code % n
+    need = math.ceil(threshold * num_perm - 1e-9)
+    keep = np.zeros(len(lo), dtype=bool)
+    step = max(1, (64 << 20) // (num_perm * 8))  # confirm in blocks of ~64 MB
+    for i in range(0, len(lo), step):
+        agree = np.count_nonzero(sig[lo[i : i + step]] == sig[hi[i : i + step]], axis=1)
+        keep[i : i + step] = agree >= need
+    if not keep.any():
+        return []
+    return _components(lo[keep], hi[keep])
+
+
+# --- contamination --------------------------------------------------------------------------------
+
+
+def _ngram_hashes(texts: list[str], ngram: int):
+    """Yield (start index, n-gram hashes grouped by document, counts per document) per chunk."""
+    for start in range(0, len(texts), _CHUNK_DOCS):
+        chunk = texts[start : start + _CHUNK_DOCS]
+        words, docs = _word_hashes(chunk)
+        hashes, counts = _shingle_hashes(words, docs, len(chunk), ngram)
+        yield start, hashes, counts
+
+
+def contaminated_indices(
+    train_texts: list[str], eval_texts: list[str], *, ngram: int = 8, threshold: float = 0.5
+) -> dict[int, float]:
+    """Train records that overlap the eval set: train index -> fraction of its word n-grams seen in eval.
+
+    N-grams are ``ngram`` consecutive words of ``normalise_text`` (hashed to 64 bits); a record with fewer
+    words has one n-gram of all its words. A train record is reported when at least ``threshold`` of its
+    n-grams (counted with repetition) occur in any eval record. Records without words are never reported.
+    """
+    if ngram < 1:
+        raise ValueError(f"ngram must be >= 1, got {ngram}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not train_texts or not eval_texts:
+        return {}
+    seen = np.unique(np.concatenate([h for _, h, _ in _ngram_hashes(eval_texts, ngram)]))
+    if len(seen) == 0:
+        return {}
+    found: dict[int, float] = {}
+    for start, hashes, counts in _ngram_hashes(train_texts, ngram):
+        nonempty = np.flatnonzero(counts)
+        if len(nonempty) == 0:
+            continue
+        pos = np.searchsorted(seen, hashes)
+        pos[pos == len(seen)] = 0
+        hit = (seen[pos] == hashes).astype(np.int64)
+        offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
+        frac = np.add.reduceat(hit, offsets) / counts[nonempty]
+        for i in np.flatnonzero(frac >= threshold - 1e-12):
+            found[start + int(nonempty[i])] = float(frac[i])
+    return found
