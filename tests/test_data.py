@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tuneloop.data.formats import FORMATS, RULES, detect_format, normalise
-from tuneloop.data.validate import validate_dataset
+from tuneloop.data.validate import Checks, validate_dataset
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_json
 
@@ -148,7 +148,8 @@ def test_messages_ok_with_system_and_extra_keys():
         (chat(("user", "u"), ("assistant", " \n\t")), "empty_content"),
         ({"messages": [msg("user", "u"), msg("assistant", None)]}, "non_string_content"),
         ({"messages": [msg("user", "u"), msg("assistant", [{"type": "text", "text": "a"}])]}, "non_string_content"),
-        (chat(("user", "u"), ("tool", "t"), ("assistant", "a")), "bad_role"),
+        (chat(("user", "u"), ("tool", "t"), ("assistant", "a")), "role_order"),  # tool must follow assistant
+        (chat(("user", "u"), ("wizard", "t"), ("assistant", "a")), "bad_role"),
         ({"messages": [msg(["user"], "u"), msg("assistant", "a")]}, "bad_role"),
         (chat(("assistant", "a"), ("user", "u"), ("assistant", "a")), "role_order"),
         (chat(("user", "u"), ("user", "u"), ("assistant", "a")), "role_order"),
@@ -210,7 +211,7 @@ def test_normalise_never_raises(value, fmt):
         assert reasons == []
         messages = out["messages"]
         assert messages[-1]["role"] == "assistant"
-        assert all(m["role"] in ("system", "user", "assistant") and m["content"].strip() for m in messages)
+        assert all(m["role"] in ("system", "user", "assistant", "tool") and m["content"].strip() for m in messages)
 
 
 # --- validate_dataset ---------------------------------------------------------------------------
@@ -221,9 +222,11 @@ GOOD = [chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(3)]
 def check_invariant(report):
     clean = read_jsonl(report["clean_path"])
     quarantine = read_jsonl(report["quarantine_path"])
-    assert report["records"] == report["valid"] + report["invalid"] + report["duplicates"]
+    removed = ("invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped")
+    assert report["records"] == report["valid"] + sum(report[k] for k in removed)
     assert len(clean) == report["valid"]
-    assert len(quarantine) == report["invalid"] + report["duplicates"]
+    assert len(quarantine) == sum(report[k] for k in removed)
+    assert all(q["reasons"] for q in quarantine)
     lines = [r["_line"] for r in clean] + [q["line"] for q in quarantine]
     assert len(lines) == len(set(lines)) == report["records"]
     assert [r["_line"] for r in clean] == sorted(r["_line"] for r in clean)
@@ -259,7 +262,7 @@ def test_duplicates_whitespace_collapsed(tmp_path):
     dup = chat(("user", "q0  "), ("assistant", "a0"))
     case = chat(("user", "Q0"), ("assistant", "a0"))
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD[0], GOOD[1], dup, case, GOOD[1]])
-    report = validate_dataset(path, tmp_path / "out")
+    report = validate_dataset(path, tmp_path / "out", checks=Checks(near_dup_threshold=None))  # exact dedup only
     assert (report["valid"], report["invalid"], report["duplicates"]) == (3, 0, 2)
     assert report["valid_ratio"] == 1.0
     _, quarantine = check_invariant(report)
@@ -319,9 +322,9 @@ def test_missing_file(tmp_path):
 
 
 def test_unsupported_extension(tmp_path):
-    path = tmp_path / "d.csv"
+    path = tmp_path / "d.txt"
     path.write_text("a,b\n")
-    with pytest.raises(InputError, match=r"\.json, \.jsonl"):
+    with pytest.raises(InputError, match=r"\.json, \.jsonl, \.parquet, \.csv"):
         validate_dataset(path, tmp_path / "out")
 
 
@@ -373,9 +376,10 @@ def test_alpaca_demo(tmp_path):
 
 
 @needs_datasets
-def test_kto_demo_detected_as_messages(tmp_path):
+def test_kto_demo_detected_as_kto(tmp_path):
     report = validate_dataset(DATASETS / "kto_en_demo.json", tmp_path)
-    assert report["format"] == "messages"
-    assert (report["records"], report["valid"], report["invalid"]) == (300, 300, 0)
+    assert report["format"] == "kto"
+    assert (report["records"], report["invalid"]) == (300, 0)
     clean, _ = check_invariant(report)
-    assert set(clean[0]) == {"messages", "_line"}  # the label is not carried into the canonical record
+    assert set(clean[0]) == {"messages", "label", "_line"}
+    assert {r["label"] for r in clean} == {True, False}
