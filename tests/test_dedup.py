@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tuneloop.data import dedup
 from tuneloop.data.dedup import contaminated_indices, lsh_params, near_duplicate_groups, normalise_text
@@ -170,3 +172,15 @@ def test_bands_match_datasketch_when_installed():
     lsh = pytest.importorskip("datasketch.lsh")
     for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256), (0.7, 128)]:
         assert lsh_params(threshold, num_perm) == lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=60), max_size=8))
+def test_fast_path_sees_the_words_of_normalise_text(texts):
+    """The numpy byte path splits every text exactly as ``normalise_text`` does (any Unicode)."""
+    words, docs = dedup._word_hashes(texts)
+    expected = [normalise_text(t).split() for t in texts]
+    assert np.bincount(docs, minlength=len(texts)).tolist() == [len(w) for w in expected]
+    flat = [w for ws in expected for w in ws]
+    alone, _ = dedup._word_hashes(flat)  # each word as its own text
+    assert np.array_equal(words, alone)

@@ -50,13 +50,34 @@ _MAX_PAIR_OFFSET = 8  # in a bucket, each document is paired with the next 8 (an
 _PARALLEL_MIN_DOCS = 20_000  # below this, worker processes cost more than they save
 _MASK64 = (1 << 64) - 1
 
-_NON_WORD = re.compile(r"[\W_]+")
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+_ASCII_NON_WORD = re.compile(r"[\x00-\x2f\x3a-\x60\x7b-\x7f]+")  # ASCII except letters and digits
 _SEP = 0  # byte joining documents in a chunk
+_RUN_CACHE: dict[str, str] = {}
+
+
+def _fix_run(match: re.Match) -> str:
+    """A run of non-ASCII characters, lowercased, with every non-alphanumeric character made a space."""
+    run = match.group()
+    out = _RUN_CACHE.get(run)
+    if out is None:
+        out = "".join(ch if ch.isalnum() else " " for ch in run.lower())
+        if len(_RUN_CACHE) > 100_000:
+            _RUN_CACHE.clear()
+        _RUN_CACHE[run] = out
+    return out
 
 
 def normalise_text(text: str) -> str:
-    """The text the detectors see: lowercase, runs of non-alphanumeric characters -> one space, stripped."""
-    return _NON_WORD.sub(" ", text.lower()).strip()
+    """The text the detectors see: lowercase, runs of non-alphanumeric characters -> one space, stripped.
+
+    Letters and digits are what ``str.isalnum`` says (any script); everything else (punctuation, ``_``,
+    whitespace, symbols, control characters) separates words. Non-ASCII characters are lowercased run by
+    run (so a Greek capital sigma always becomes ``σ``, never the final form).
+    """
+    if not text.isascii():
+        text = _NON_ASCII_RUN.sub(_fix_run, text)
+    return " ".join(_ASCII_NON_WORD.sub(" ", text.lower()).split())
 
 
 # --- hashing --------------------------------------------------------------------------------------
@@ -132,9 +153,10 @@ def _mix64(h: np.ndarray) -> np.ndarray:
 
 
 def _prepare(text: str) -> str:
-    if text.isascii():
-        return text.replace("\x00", " ") if "\x00" in text else text
-    return normalise_text(text)  # non-ASCII: str.lower + regex; the byte path then only splits
+    """``text`` ready for the byte path: no NUL (it joins documents); non-ASCII runs normalised."""
+    if not text.isascii():
+        text = _NON_ASCII_RUN.sub(_fix_run, text)
+    return text.replace("\x00", " ") if "\x00" in text else text
 
 
 def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
