@@ -97,7 +97,8 @@ def test_bad_records_are_quarantined_and_block_the_run(make_config, tmp_path):
     lines = [json.dumps(r) for r in good[:20]] + ['{"messages": [ broken', '{"instruction": 1}', json.dumps(good[0])]
     bad_file = tmp_path / "bad.jsonl"
     bad_file.write_text("\n".join(lines) + "\n")
-    summary = _run(make_config(data__train_data=str(bad_file), data__min_valid_ratio=0.95))
+    # contamination_action=report: one of these training tickets shares a sentence with an eval ticket
+    summary = _run(make_config(data__train_data=str(bad_file), data__min_valid_ratio=0.95, data__contamination_action="report"))
     st = summary["stages"]["data_validation"]
     assert summary["overall"] == "failed" and st["status"] == "failed"
     assert st["metrics"]["records"] == 23 and st["metrics"]["valid"] == 20 and st["metrics"]["duplicates"] == 1

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The model registry: registered versions, their lineage, metrics and gates.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Datasets: validate (formats, rules, duplicates, contamination, PII, gates) and diff versions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 err = Console(stderr=True)
 out = Console()
@@ -243,6 +245,98 @@ def models_show(
             verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}[g["passed"]]
             t.add_row(name, f"{g['value']:.4g}", f"{g['op']} {g['threshold']}", verdict)
         out.print(t)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _data_report_tables(rep: dict[str, Any], title: str) -> list[Table]:
+    t = Table(title=f"{title}: {rep['path']} ({rep['format']})")
+    t.add_column("")
+    t.add_column("records", justify="right")
+    for k in ("records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped"):
+        t.add_row(k, str(rep[k]))
+    t.add_row("digest", rep["digest"][:16])
+    tables = [t]
+    if rep["rules"]:
+        r = Table(title="rules (records flagged; first examples)")
+        for col in ("rule", "records", "examples"):
+            r.add_column(col)
+        for rule, n in rep["rules"].items():
+            ex = "; ".join(f"{rep['position']} {e['line']}: {e['reason'][:70]}" for e in rep["examples"].get(rule, [])[:2])
+            r.add_row(rule, str(n), ex)
+        tables.append(r)
+    if rep["pii"]:
+        p = Table(title=f"PII and secrets (policy {rep['pii_policy']}; {rep['pii_records']} records, {rep['pii_records_kept']} kept unredacted)")
+        for col in ("type", "found", "examples (masked)"):
+            p.add_column(col)
+        for kind, n in rep["pii"].items():
+            p.add_row(kind, str(n), ", ".join(f"{e['line']}: {e['masked']}" for e in rep["pii_examples"].get(kind, [])))
+        tables.append(p)
+    if rep.get("gates"):
+        g = Table(title="data gates")
+        for col in ("gate", "value", "threshold", "verdict"):
+            g.add_column(col)
+        for gate in rep["gates"]:
+            verdict = "[green]passed[/]" if gate["passed"] else "[red]failed[/]"
+            g.add_row(gate["name"], f"{gate['value']:.4g}", f"{gate['op']} {gate['threshold']}", verdict)
+        tables.append(g)
+    return tables
+
+
+@data_app.command("validate")
+def data_validate(
+    target: str = typer.Argument(..., help="A dataset (file, directory, saved or named Hugging Face dataset) or a pipeline YAML."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Record format instead of auto-detection: alpaca, sharegpt, messages, preference, kto, text."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Evaluation data to check the training data against (contamination)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the report JSON/HTML and the clean/quarantine files."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Check a dataset: format, per-record rules, duplicates, contamination, PII, data gates. Exit 1 when a gate fails."""
+    from tuneloop.data.validate import validate_target
+
+    with _guard(), _stdout_to_stderr(json_out):
+        rep = validate_target(target, fmt=fmt, out_dir=out_dir, eval_data=eval_data)
+    if json_out:
+        _print_json(rep)
+    else:
+        for t in _data_report_tables(rep, "train" if "eval" in rep else "dataset"):
+            out.print(t)
+        if "eval" in rep:
+            for t in _data_report_tables(rep["eval"], "eval"):
+                out.print(t)
+        if rep["rules_not_checked"]:
+            out.print("not checked: " + "; ".join(f"{k} ({v})" for k, v in rep["rules_not_checked"].items()))
+        out.print(rep["accounting"])
+        for failure in rep["failures"]:
+            out.print(f"[red]{failure}[/]", highlight=False)
+        out.print(f"report: {rep['html_path']}")
+    raise typer.Exit(0 if rep["passed"] else 1)
+
+
+@data_app.command("diff")
+def data_diff(
+    a: str = typer.Argument(..., help="The old dataset version."),
+    b: str = typer.Argument(..., help="The new dataset version."),
+    fmt: str = typer.Option("auto", "--format", help="Record format of both (default: detect)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Records added, removed and changed between two versions of a dataset (matched by id, else by prompt)."""
+    from tuneloop.data.diff import diff_datasets
+
+    with _guard(), _stdout_to_stderr(json_out):
+        d = diff_datasets(a, b, fmt=fmt)
+    if json_out:
+        _print_json(d)
+        return
+    out.print(f"{a} -> {b} (matched by {d['match']}): [green]+{d['added']} added[/], [red]-{d['removed']} removed[/], "
+              f"[yellow]~{d['changed']} changed[/], {d['unchanged']} unchanged")
+    for kind in ("added", "removed", "changed"):
+        for e in d["examples"][kind]:
+            if kind == "changed":
+                out.print(f"  ~ {e['prompt'][:80]!r}: {e['before'][:60]!r} -> {e['after'][:60]!r}", highlight=False)
+            else:
+                out.print(f"  {'+' if kind == 'added' else '-'} {e['prompt'][:80]!r} -> {e['answer'][:60]!r}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------- serve

@@ -33,20 +33,65 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the data comes from and how it is checked and prepared."""
 
-    train_data: str = Field(description="Training data: a .json (array) or .jsonl file of records. Required.")
+    train_data: str = Field(
+        description="Training data: a .json (array), .jsonl, .parquet or .csv file, a directory of them, a dataset saved "
+        "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). Required."
+    )
     eval_data: str | None = Field(
         None, description="Evaluation data in the same formats. When absent, `eval_split` of the training data is held out."
     )
-    format: Literal["auto", "alpaca", "messages"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "preference", "kto", "text"] = Field(
         "auto", description="Record format; `auto` detects it from the keys of the records."
     )
-    min_valid_ratio: float = Field(
-        0.9, ge=0.0, le=1.0, description="The data_validation stage fails when fewer valid records than this ratio remain."
+    min_valid_ratio: float | None = Field(
+        0.9, ge=0.0, le=1.0,
+        description="Data gate: the data_validation stage fails when fewer records than this ratio pass the format rules.",
     )
+    max_duplicate_ratio: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Data gate: fail when (exact + near) duplicates exceed this share of the records. `null` disables it.",
+    )
+    max_contamination: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Data gate: fail when more than this share of training records overlap the eval data. `null` disables it.",
+    )
+    max_pii_records: int | None = Field(
+        None, ge=0,
+        description="Data gate: fail when more kept records than this still hold personal data or secrets "
+        "(with `pii: redact` or `drop` none do). `null` disables it.",
+    )
+    pii: Literal["report", "redact", "drop"] = Field(
+        "report",
+        description="Personal data and secrets (emails, phones, cards, IPs, IBANs, access keys, tokens, private keys): "
+        "`report` counts them, `redact` replaces them with `[EMAIL]` etc., `drop` quarantines the record.",
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Samples longer than `max_length` tokens: `truncate` keeps them (cut in preprocessing), `drop` quarantines them."
+    )
+    near_dup_threshold: float | None = Field(
+        0.85, gt=0.0, le=1.0,
+        description="Near-duplicate detection (MinHash LSH): estimated Jaccard similarity of word shingles at which two records "
+        "are near duplicates. `null` disables it.",
+    )
+    near_dup_shingle: int = Field(5, ge=1, description="Words per shingle for near-duplicate detection.")
+    near_dup_action: Literal["report", "drop"] = Field(
+        "drop", description="Near duplicates: `drop` quarantines all but the first of each group; `report` only counts them."
+    )
+    contamination_ngram: int = Field(8, ge=1, description="Words per n-gram for the train-vs-eval contamination check.")
+    contamination_threshold: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="A training record is contaminated when at least this share of its n-grams occur in the eval data.",
+    )
+    contamination_action: Literal["report", "drop"] = Field(
+        "drop", description="Contaminated training records: `drop` quarantines them; `report` only counts them."
+    )
+    num_workers: int = Field(2, ge=1, description="Processes for the per-record validation work (parsing, rules, PII).")
     eval_split: float = Field(
         0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
     )
-    max_length: int = Field(512, ge=16, description="Maximum tokens per training sample; longer samples are truncated.")
+    max_length: int = Field(
+        512, ge=16, description="Maximum tokens per training sample; longer samples are truncated or dropped (see `overlong`)."
+    )
     chat_template: str | None = Field(
         None,
         description="Jinja chat template to use instead of the tokenizer's own. When neither exists a ChatML template is used.",
@@ -290,7 +335,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, i
         if err["type"] == "missing":
             if loc == ("data",) or loc == ("data", "train_data"):
                 path = "data.train_data"
-                problems.append(f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a .json/.jsonl file")
+                problems.append(f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a dataset file, directory or name")
             else:
                 problems.append(f"{path}{where}: required key is missing")
             continue
@@ -365,11 +410,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _looks_like_hub_dataset(value: str, base_dir: Path) -> bool:
+    """``org/name`` (optionally ``:split``) that is not a path on disk and has no file extension."""
+    name = value.split(":", 1)[0]
+    return (
+        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+        and not (base_dir / name).exists()
+        and Path(name).suffix.lower() not in (".json", ".jsonl", ".parquet", ".csv")
+    )
+
+
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
     for dotted in PATH_FIELDS:
         section, key = dotted.split(".")
         sec = getattr(cfg, section)
         value = getattr(sec, key)
+        if value and section == "data" and _looks_like_hub_dataset(value, base_dir):
+            continue  # a Hugging Face dataset name, not a path
         if value and not os.path.isabs(os.path.expanduser(value)):
             setattr(sec, key, str((base_dir / os.path.expanduser(value)).resolve()))
     bm = os.path.expanduser(cfg.base_model)

@@ -65,6 +65,34 @@ class StageResult:
 # ------------------------------------------------------------------------------------------ fingerprints
 
 
+def _data_source_problem(value: str) -> str | None:
+    """Why a data source cannot be used (``None`` when it looks usable; a hub name is checked when read)."""
+    from tuneloop.data.validate import SUPPORTED_SUFFIXES
+
+    p = Path(value)
+    if p.is_dir():
+        return None
+    if p.is_file():
+        if p.suffix.lower() not in SUPPORTED_SUFFIXES:
+            return f"unsupported file type {p.suffix!r} in {value}; use {', '.join(SUPPORTED_SUFFIXES)}, a directory or a dataset name"
+        return None
+    if os.path.isabs(value) or p.suffix.lower() in SUPPORTED_SUFFIXES:
+        return f"file not found: {value}; check the path (relative paths are resolved against the config's directory)"
+    return None
+
+
+def _data_digest(value: str | None) -> str | None:
+    """Content identity of a data source: a file's digest, a directory's file digests, or the name itself."""
+    if not value:
+        return None
+    p = Path(value)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        return sha256_json([(f.relative_to(p).as_posix(), sha256_file(f)) for f in sorted(p.rglob("*")) if f.is_file()])
+    return f"name:{value}"
+
+
 def _file_digest(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
@@ -123,10 +151,14 @@ class FineTunePipeline:
             ("eval.general_text", c.eval.general_text),
             ("eval.redteam_prompts", c.eval.redteam_prompts),
         ):
-            if value and not Path(value).is_file():
+            if not value:
+                continue
+            if key.startswith("data."):
+                problem = _data_source_problem(value)
+                if problem:
+                    problems.append(f"{key}: {problem}")
+            elif not Path(value).is_file():
                 problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")
-            elif value and key.startswith("data.") and not value.endswith((".json", ".jsonl")):
-                problems.append(f"{key}: unsupported file type {Path(value).suffix!r} in {value}; use .json or .jsonl")
         bm = c.base_model
         if os.path.isabs(bm) and not (Path(bm) / "config.json").is_file():
             problems.append(f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model")
@@ -269,45 +301,67 @@ class FineTunePipeline:
     # ---------------------------------------------------------------------------------------------- stages
 
     def _stage_data_validation(self, res: StageResult, run_id: str, run_dir: Path) -> None:
-        from tuneloop.data.validate import validate_dataset
+        from tuneloop.data.validate import checks_from_config, clean_texts, gate_failures, report_html, data_gates, validate_dataset
 
-        d = self.cfg.data
-        for key, path in (("data.train_data", d.train_data), ("data.eval_data", d.eval_data)):
-            if path and not Path(path).is_file():
-                raise StageError(f"{key}: file not found: {path}")
-        inputs = {"train": _file_digest(d.train_data), "eval": _file_digest(d.eval_data), "format": d.format}
+        c, d = self.cfg, self.cfg.data
+        for key, value in (("data.train_data", d.train_data), ("data.eval_data", d.eval_data)):
+            problem = _data_source_problem(value) if value else None
+            if problem:
+                raise StageError(f"{key}: {problem}")
+        checks = checks_from_config(d)
+        inputs = {
+            "train": _data_digest(d.train_data),
+            "eval": _data_digest(d.eval_data),
+            "format": d.format,
+            "checks": {k: v for k, v in vars(checks).items() if k != "num_workers"},
+            "tokenizer": model_fingerprint(c.base_model),
+            "chat_template": d.chat_template,
+        }
 
         def compute(out: Path) -> tuple[dict, dict]:
-            reports = {"train": validate_dataset(Path(d.train_data), out, fmt=d.format, name="train")}
+            tok = None
+            try:
+                from tuneloop.modeling import load_tokenizer
+
+                tok = load_tokenizer(c.base_model, d.chat_template)
+            except Exception as exc:  # the over-long rule is then reported as not checked
+                log.warning("data validation: no tokenizer for the over-long check (%s)", exc)
+            reports = {}
+            eval_texts = None
             if d.eval_data:
-                reports["eval"] = validate_dataset(Path(d.eval_data), out, fmt=d.format, name="eval")
+                reports["eval"] = validate_dataset(d.eval_data, out, fmt=d.format, name="eval", checks=checks, tokenizer=tok)
+                eval_texts = clean_texts(Path(reports["eval"]["clean_path"]))
+            reports = {"train": validate_dataset(d.train_data, out, fmt=d.format, name="train", checks=checks, tokenizer=tok, eval_texts=eval_texts), **reports}
             metrics: dict[str, Any] = {}
             outputs: dict[str, Any] = {}
+            keys = ("format", "records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped",
+                    "overlong_dropped", "valid_ratio", "duplicate_ratio", "contamination_ratio", "pii", "pii_records_kept", "digest", "rules")
             for split, rep in reports.items():
                 p = "" if split == "train" else "eval_"
-                for k in ("format", "records", "valid", "invalid", "duplicates", "valid_ratio", "digest", "rules"):
+                for k in keys:
                     metrics[p + k] = rep[k]
                 outputs[f"{split}_clean"] = rep["clean_path"]
                 outputs[f"{split}_quarantine"] = rep["quarantine_path"]
+                outputs[f"{split}_report"] = rep["report_path"]
             return metrics, outputs
 
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.DATA_VALIDATION, inputs, compute)
         self._outputs[PipelineStage.DATA_VALIDATION] = res.outputs
         problems = []
-        for p, key, path in (("", "data.train_data", d.train_data), ("eval_", "data.eval_data", d.eval_data)):
+        (run_dir / "data").mkdir(exist_ok=True)
+        for split, key, path in (("train", "data.train_data", d.train_data), ("eval", "data.eval_data", d.eval_data)):
             if not path:
                 continue
-            m = res.metrics
-            if m[p + "records"] == 0:
+            report = read_json(Path(res.outputs[f"{split}_report"]))
+            # The gates are applied outside the cache (changing a threshold re-uses the checks); the run keeps a copy.
+            report = {**report, "report_path": str(run_dir / "data" / f"{split}.report.json")}
+            gates = data_gates(report, d)
+            atomic_write_json(run_dir / "data" / f"{split}.report.json", {**report, "gates": [vars(g) for g in gates]})
+            atomic_write_text(run_dir / "data" / f"{split}.report.html", report_html(report, gates))
+            if report["records"] == 0:
                 problems.append(f"{key}: {path} contains no records")
-            elif m[p + "valid_ratio"] < d.min_valid_ratio:
-                rules = ", ".join(f"{r}: {n}" for r, n in sorted(m[p + "rules"].items(), key=lambda x: -x[1]))
-                quarantine = res.outputs[f"{'train' if not p else 'eval'}_quarantine"]
-                problems.append(
-                    f"{key}: only {m[p + 'valid']}/{m[p + 'valid'] + m[p + 'invalid']} records valid "
-                    f"({m[p + 'valid_ratio']:.1%} < data.min_valid_ratio {d.min_valid_ratio:.0%}); {rules}. "
-                    f"Rejected records with line numbers and reasons: {quarantine}"
-                )
+                continue
+            problems += gate_failures(report, d, split=split)
         res.error = "; ".join(problems)
 
     def _stage_preprocessing(self, res: StageResult, run_id: str, run_dir: Path) -> None:

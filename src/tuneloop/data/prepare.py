@@ -1,7 +1,8 @@
 """Preprocessing: chat template, tokenization with the prompt masked from the loss, max length, split.
 
 Entry point: :func:`prepare_dataset`. Input is the canonical records written by data validation
-(``{"messages": [...]}`` per line); output, in ``out_dir``:
+(``{"messages": [...]}`` per line; preference records train on prompt + chosen, kto records with
+``label: false`` are dropped, ``{"text": ...}`` records train on every token); output, in ``out_dir``:
 
 * ``train/`` — a ``datasets`` dataset of ``input_ids`` and ``labels`` (-100 on tokens that carry no loss);
 * ``eval.jsonl`` — evaluation items: ``id``, ``messages`` (the prompt) and ``reference`` (the expected answer);
@@ -15,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from tuneloop.data.formats import sft_messages
 from tuneloop.fsutil import atomic_write_json, atomic_write_text
 
 IGNORE_INDEX = -100
@@ -104,7 +106,15 @@ def prepare_dataset(
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     dropped, truncated, tokens, target_tokens = [], 0, 0, 0
     for rec in train_records:
-        ex = tokenize_conversation(tok, rec["messages"], max_length=max_length, train_on_inputs=train_on_inputs)
+        messages = sft_messages(rec)
+        if messages is None:  # a text record: every token is trained on
+            ids = tok(rec["text"], add_special_tokens=False)["input_ids"]
+            ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
+        elif rec.get("label") is False:
+            dropped.append({"line": rec.get("_line"), "reason": "kto label false: supervised fine-tuning does not train on undesirable answers"})
+            continue
+        else:
+            ex = tokenize_conversation(tok, messages, max_length=max_length, train_on_inputs=train_on_inputs)
         n_target = sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
         if n_target == 0:
             dropped.append({"line": rec.get("_line"), "reason": f"no answer tokens left within max_length={max_length}"})
@@ -118,8 +128,8 @@ def prepare_dataset(
     Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
     items = []
     for i, rec in enumerate(eval_records):
-        msgs = rec["messages"]
-        if not msgs or msgs[-1]["role"] != "assistant":
+        msgs = sft_messages(rec)
+        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
             continue
         items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
     atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))

@@ -331,16 +331,16 @@ def _canonical_json(obj: Any) -> str:
 
 def _dedup_key(record: dict) -> bytes:
     """Digest of the record with whitespace runs collapsed in every text (case kept)."""
-    if "messages" in record:
-        collapsed: Any = [[m["role"], " ".join(m["content"].split())] for m in record["messages"]]
-        for key in ("chosen", "rejected"):
-            if key in record:
-                collapsed.append([key] + [" ".join(m["content"].split()) for m in record[key]])
-        if "label" in record:
-            collapsed.append(["label", record["label"]])
-    else:
-        collapsed = " ".join(record["text"].split())
-    return hashlib.blake2b(_canonical_json(collapsed).encode(), digest_size=16).digest()
+    if "messages" not in record:
+        return hashlib.blake2b(" ".join(record["text"].split()).encode(), digest_size=16).digest()
+    parts = [m["role"] + "\x1f" + " ".join(m["content"].split()) for m in record["messages"]]
+    for key in ("chosen", "rejected"):
+        if key in record:
+            parts += [key + "\x1f" + " ".join(m["content"].split()) for m in record[key]]
+    if "label" in record:
+        parts.append(f"label\x1f{record['label']}")
+    # \x1e/\x1f separate turns and fields; surrogates cannot occur in a normalised record.
+    return hashlib.blake2b("\x1e".join(parts).encode(), digest_size=16).digest()
 
 
 def _map_texts(record: dict, fn) -> dict:
@@ -363,6 +363,17 @@ def _placeholder_reasons(record: dict) -> list[str]:
         return []
     shown = ", ".join(dict.fromkeys(f[:40] for f in found))
     return [f"placeholder: unfilled template placeholder(s) {shown}; fill them in or remove the record"]
+
+
+def _similarity_text(record: dict) -> str:
+    """What near-duplicate and contamination checks compare: every text but system prompts (a system
+    prompt shared by every record would make them all look alike)."""
+    if "messages" not in record:
+        return record["text"]
+    parts = [m["content"] for m in record["messages"] if m["role"] != "system"]
+    for key in ("chosen", "rejected"):
+        parts += [m["content"] for m in record.get(key, ())]
+    return "\n".join(parts)
 
 
 class _Out(NamedTuple):
@@ -408,22 +419,19 @@ def _process(items: list[_Item], fmt: str, pii_policy: str, want_text: bool) -> 
             q = _quarantine_line(item.line, item.file, reasons, value)
             out.append(_Out(item.line, item.file, "bad", q, None, None, (), tuple(reasons)))
             continue
-        findings: list[tuple[str, str]] = []
-        texts = record_texts(record)
-        for t in texts:
-            for f in piimod.scan(t):
-                findings.append((f.type, piimod.mask(t[f.start : f.end], f.type)))
+        # One scan over all texts of the record joined (no pattern crosses a newline between turns).
+        joined = "\n".join(record_texts(record))
+        findings = tuple((f.type, piimod.mask(joined[f.start : f.end], f.type)) for f in piimod.scan(joined))
         if findings and pii_policy != "report":
             record = _map_texts(record, piimod.redact)
             if pii_policy == "drop":
                 kinds = ", ".join(sorted({k for k, _ in findings}))
                 reason = f"pii: found {kinds} (data.pii = drop)"
                 q = _quarantine_line(item.line, item.file, [reason], record)
-                out.append(_Out(item.line, item.file, "bad", q, None, None, tuple(findings), (reason,)))
+                out.append(_Out(item.line, item.file, "bad", q, None, None, findings, (reason,)))
                 continue
-            texts = record_texts(record)
-        text = "\n".join(texts) if want_text else None
-        out.append(_Out(item.line, item.file, "ok", _canonical_json(record), _dedup_key(record), text, tuple(findings), ()))
+        text = _similarity_text(record) if want_text else None
+        out.append(_Out(item.line, item.file, "ok", _canonical_json(record), _dedup_key(record), text, findings, ()))
     return out
 
 
@@ -738,7 +746,7 @@ def clean_texts(clean_path: Path) -> list[str]:
     with open(clean_path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                out.append("\n".join(record_texts(json.loads(line))))
+                out.append(_similarity_text(json.loads(line)))
     return out
 
 
@@ -783,7 +791,7 @@ def gate_failures(report: dict, data_cfg: Any, *, split: str = "train") -> list[
             fmt = (lambda v: f"{v:.4g}") if isinstance(g.value, float) else str
             out.append(
                 f"data gate {g.name} failed on {split}: {fmt(g.value)} is not {g.op} {g.threshold} "
-                f"({g.detail}); report: {report['report_path']}"
+                f"({g.detail}); report: {report['report_path']}; removed records with reasons: {report['quarantine_path']}"
             )
     return out
 
@@ -829,3 +837,67 @@ def report_html(report: dict, gates: list[Gate] | None = None) -> str:
     parts.append(f"<p>policy: {escape(r['pii_policy'])}; records with PII: {r['pii_records']}, kept unredacted: {r['pii_records_kept']}</p>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+# --- command-line entry -------------------------------------------------------------------------
+
+
+def validate_target(
+    target: str,
+    *,
+    fmt: str | None = None,
+    out_dir: Path | None = None,
+    eval_data: str | None = None,
+) -> dict[str, Any]:
+    """``tuneloop data validate``: validate a dataset (file, directory, name) or the data of a pipeline config.
+
+    A dataset is checked with the default ``data:`` settings and gates, without a tokenizer (so the
+    over-long rule is reported as not checked); ``eval_data`` adds the contamination check. A config
+    (``.yaml``/``.yml``) uses its own data settings, gates, eval data and base model tokenizer. Writes
+    ``<name>.report.json``/``.html`` (with the gate verdicts; ``<name>`` is the dataset's file stem, or
+``train``/``eval`` for a config) into ``out_dir`` (default
+    ``./tuneloop-data-report`` for a dataset, ``<workspace>/data-report`` for a config). Returns the train
+    report with ``gates``, ``passed``, ``out_dir`` and, when there is eval data, ``eval`` (its report).
+    """
+    from tuneloop.config import DataConfig, load_config
+
+    tokenizer = None
+    name = "train"
+    if Path(target).suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(target, [f"data.format={fmt}"] if fmt else [])
+        data = cfg.data
+        if eval_data:
+            data = data.model_copy(update={"eval_data": eval_data})
+        if out_dir is None:
+            from tuneloop.workspace import Workspace
+
+            out_dir = Workspace.for_config(cfg).root / "data-report"
+        try:
+            from tuneloop.modeling import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.base_model, data.chat_template)
+        except Exception:  # reported as "not checked" in the report
+            tokenizer = None
+    else:
+        data = DataConfig(train_data=target, eval_data=eval_data, **({"format": fmt} if fmt else {}))
+        out_dir = Path("tuneloop-data-report") if out_dir is None else out_dir
+        name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).stem) or "dataset"
+    out_dir = Path(out_dir)
+    checks = checks_from_config(data)
+    result: dict[str, Any] = {}
+    eval_texts = None
+    if data.eval_data:
+        ev = validate_dataset(data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer)
+        eval_texts = clean_texts(Path(ev["clean_path"]))
+        ev_gates = data_gates(ev, data)
+        ev = {**ev, "gates": [vars(g) for g in ev_gates], "passed": all(g.passed for g in ev_gates)}
+        atomic_write_json(Path(ev["report_path"]), ev)
+        atomic_write_text(Path(ev["html_path"]), report_html(ev, ev_gates))
+        result["eval"] = ev
+    tr = validate_dataset(data.train_data, out_dir, fmt=data.format, name=name, checks=checks, tokenizer=tokenizer, eval_texts=eval_texts)
+    gates = data_gates(tr, data)
+    failures = gate_failures(tr, data) + (gate_failures(result["eval"], data, split="eval") if "eval" in result else [])
+    tr = {**tr, "gates": [vars(g) for g in gates], "passed": all(g.passed for g in gates)}
+    atomic_write_json(Path(tr["report_path"]), tr)
+    atomic_write_text(Path(tr["html_path"]), report_html(tr, gates))
+    return {**tr, **result, "failures": failures, "passed": not failures, "out_dir": str(out_dir)}
