@@ -27,24 +27,25 @@ def _jaccard(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
-def _near_copy(rng: random.Random, words: list[str], edits: int) -> list[str]:
-    """Replace ``edits`` words spread over the text (true Jaccard stays high for long texts)."""
+def _near_copy(rng: random.Random, words: list[str]) -> list[str]:
+    """Case and punctuation changes (invisible after normalisation) and the last word replaced."""
     out = list(words)
-    for pos in rng.sample(range(len(out)), edits):
-        out[pos] = out[pos].upper() + "x"
+    for pos in rng.sample(range(len(out)), 5):
+        out[pos] = out[pos].upper() + rng.choice([",", "!", " --", ""])
+    out[-1] = "zz" + out[-1]
     return out
 
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[str], list[tuple[int, int]]]:
-    """300 unrelated texts of 120 words, plus 40 near copies (1 word edited) of the first 40."""
+    """300 unrelated texts of 120 words, plus 40 near copies (Jaccard 115/117) of the first 40."""
     rng = random.Random(7)
     base = [_words(rng, 120) for _ in range(300)]
     texts = [" ".join(w) for w in base]
     planted = []
     for i in range(40):
         planted.append((i, len(texts)))
-        texts.append(" ".join(_near_copy(rng, base[i], 1)))
+        texts.append(" ".join(_near_copy(rng, base[i])))
     return texts, planted
 
 
@@ -70,7 +71,7 @@ def test_fast_word_split_matches_normalise_text():
 
 def test_planted_near_duplicates_found_and_unrelated_not_grouped(corpus):
     texts, planted = corpus
-    assert min(_jaccard(texts[i], texts[j]) for i, j in planted) > 0.9
+    assert min(_jaccard(texts[i], texts[j]) for i, j in planted) > 0.98
     groups = near_duplicate_groups(texts, threshold=0.8)
     assert sorted(tuple(g) for g in groups) == sorted(planted)
     for g in groups:
@@ -107,8 +108,9 @@ def test_threshold_respected():
     assert len(found) >= 50 and all(len(g) == 2 and g[1] == g[0] + 1 for g in found)
 
 
-def test_deterministic_under_seed_and_workers(corpus):
+def test_deterministic_under_seed_and_workers(corpus, monkeypatch):
     texts, _ = corpus
+    monkeypatch.setattr(dedup, "_CHUNK_DOCS", 64)  # several chunks, so workers=2 really forks
     one = near_duplicate_groups(texts, seed=5, workers=1)
     assert one == near_duplicate_groups(texts, seed=5, workers=1)
     assert one == near_duplicate_groups(texts, seed=5, workers=2)  # forked workers, shared buffer

@@ -15,12 +15,12 @@ with no words has no shingles and is never grouped or reported.
 How it scales (the work is vectorised across documents, never a Python loop per word or per hash):
 
 1. a chunk of documents is joined into one byte string; ASCII text is classified, lowercased and split into
-   words with a byte lookup table in numpy (non-ASCII documents first go through ``str.lower`` and the
-   punctuation regex, so both paths give ``normalise_text``'s words);
+   words with a byte lookup table in numpy (runs of non-ASCII characters are first lowercased and their
+   non-alphanumerics made spaces in Python, so the words are exactly ``normalise_text``'s);
 2. every word is hashed with a polynomial hash computed from a prefix sum over the bytes (64-bit,
    wrapping), then mixed; a shingle hash is a mixed linear combination of its ``k`` word hashes;
-3. MinHash: ``num_perm`` hash functions ``h_i(x) = (a_i * x mod 2**32) xor b_i`` (``a_i`` odd, so each is
-   a permutation of the 32-bit shingle hashes) are applied to all shingles of a chunk at once, and
+3. MinHash: ``num_perm`` hash functions ``h_i(x) = a_i * x mod 2**32`` (``a_i`` odd, ``x`` an odd 32-bit
+   shingle hash, so each function is a permutation) are applied to all shingles of a chunk at once, and
    ``np.minimum.reduceat`` over document offsets gives the signatures (``uint32``, docs x num_perm);
 4. LSH: ``b`` bands of ``r`` rows, chosen like datasketch's ``_optimal_param`` (minimise the equally
    weighted false-positive and false-negative areas), so datasketch with the same threshold and
@@ -167,9 +167,8 @@ def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     isword = np.empty(len(byte) + 2, dtype=np.int8)
     isword[0] = isword[-1] = 0
     np.not_equal(byte, 0, out=isword[1:-1])
-    edges = np.diff(isword)
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
+    bounds = np.flatnonzero(np.diff(isword))  # word starts and ends alternate
+    starts, ends = bounds[0::2], bounds[1::2]
     if len(starts) == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     powers, inverse = _POWERS.get(len(byte))
@@ -180,7 +179,7 @@ def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         words = (prefix[ends] - prefix[starts]) * inverse[starts]
         words += np.uint64(0x632BE59BD9B4E019)
         _mix64(words)
-    docs = np.searchsorted(np.flatnonzero(raw == _SEP), starts)
+    docs = np.cumsum(raw == _SEP, dtype=np.int32)[starts].astype(np.int64)  # separators before each word
     return words, docs
 
 
@@ -227,33 +226,41 @@ def _doc_shingles(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
 # --- MinHash signatures ---------------------------------------------------------------------------
 
 
-def _perm_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _perm_params(num_perm: int, seed: int) -> np.ndarray:
+    """Odd 32-bit multipliers, one per hash function."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
-    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
-    return a, b
+    return rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
 
 
 _EMPTY = np.uint32(0xFFFFFFFF)
 
 
-def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray, b: np.ndarray) -> None:
-    """MinHash signatures of ``texts`` written to ``out`` (len(texts) x num_perm, uint32)."""
+def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray) -> None:
+    """MinHash signatures of ``texts`` written to ``out`` (len(texts) x num_perm, uint32).
+
+    Hash function i is ``x -> a_i * x mod 2**32`` on odd 32-bit shingle hashes ``x`` (the low bit is set so
+    that no value is a fixed point of every function, as 0 would be); with ``a_i`` odd it permutes them.
+    """
     hashes, counts = _doc_shingles(texts, k)
-    x = (hashes >> np.uint64(32)).astype(np.uint32)
-    out[:] = _EMPTY
+    x = (hashes >> np.uint64(32)).astype(np.uint32) | np.uint32(1)
     nonempty = np.flatnonzero(counts)
+    if len(nonempty) < len(texts):
+        out[:] = _EMPTY
     if len(nonempty) == 0:
         return
     offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
     num_perm = len(a)
+    sig_t = np.empty((num_perm, len(nonempty)), dtype=np.uint32)
     buf = np.empty((min(_PERM_BLOCK, num_perm), len(x)), dtype=np.uint32)
     for i in range(0, num_perm, _PERM_BLOCK):
         j = min(i + _PERM_BLOCK, num_perm)
         blk = buf[: j - i]
         np.multiply(a[i:j, None], x[None, :], out=blk)
-        np.bitwise_xor(blk, b[i:j, None], out=blk)
-        out[nonempty, i:j] = np.minimum.reduceat(blk, offsets, axis=1).T
+        np.minimum.reduceat(blk, offsets, axis=1, out=sig_t[i:j])
+    if len(nonempty) == len(texts):
+        out[:] = sig_t.T
+    else:
+        out[nonempty] = sig_t.T
 
 
 _SHARED: dict = {}  # set by the parent right before forking workers
@@ -262,17 +269,17 @@ _SHARED: dict = {}  # set by the parent right before forking workers
 def _signature_worker(span: tuple[int, int]) -> None:
     start, stop = span
     s = _SHARED
-    _signatures_into(s["sig"][start:stop], s["texts"][start:stop], s["k"], s["a"], s["b"])
+    _signatures_into(s["sig"][start:stop], s["texts"][start:stop], s["k"], s["a"])
 
 
 def _signatures(texts: list[str], k: int, num_perm: int, seed: int, workers: int) -> np.ndarray:
-    a, b = _perm_params(num_perm, seed)
+    a = _perm_params(num_perm, seed)
     n = len(texts)
     spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
     if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
         buffer = mmap.mmap(-1, max(1, n * num_perm * 4))  # anonymous shared memory, visible to forked children
         sig = np.frombuffer(buffer, dtype=np.uint32, count=n * num_perm).reshape(n, num_perm)
-        _SHARED.update(sig=sig, texts=texts, k=k, a=a, b=b)
+        _SHARED.update(sig=sig, texts=texts, k=k, a=a)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_signature_worker, spans, chunksize=4):
@@ -282,7 +289,7 @@ def _signatures(texts: list[str], k: int, num_perm: int, seed: int, workers: int
         return sig
     sig = np.empty((n, num_perm), dtype=np.uint32)
     for start, stop in spans:
-        _signatures_into(sig[start:stop], texts[start:stop], k, a, b)
+        _signatures_into(sig[start:stop], texts[start:stop], k, a)
     return sig
 
 
@@ -412,14 +419,16 @@ def near_duplicate_groups(
         return []
     bands, rows = lsh_params(threshold, num_perm)
     mult = _constants(rows, 3)
+    full = len(ids) == n
     cands = []
     with np.errstate(over="ignore"):
         for band in range(bands):
-            block = sig[ids, band * rows : (band + 1) * rows].astype(np.uint64)
+            cols = slice(band * rows, (band + 1) * rows)
+            block = sig[:, cols] if full else sig[ids, cols]
             key = np.full(len(ids), band + 1, dtype=np.uint64)
-            for r in range(rows):
-                key = _mix64(key ^ (block[:, r] * mult[r]))
-            cands.append(_band_pairs(key, ids))
+            for r in range(rows):  # a random linear combination of the band's values, then mixed
+                key += block[:, r].astype(np.uint64) * mult[r]
+            cands.append(_band_pairs(_mix64(key), ids))
     pairs = np.concatenate(cands, axis=1)
     if pairs.shape[1] == 0:
         return []
