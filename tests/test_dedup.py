@@ -186,3 +186,14 @@ def test_fast_path_sees_the_words_of_normalise_text(texts):
     flat = [w for ws in expected for w in ws]
     alone, _ = dedup._word_hashes(flat)  # each word as its own text
     assert np.array_equal(words, alone)
+
+
+def test_contamination_same_with_workers(monkeypatch):
+    monkeypatch.setattr(dedup, "_CHUNK_DOCS", 16)
+    rng = random.Random(4)
+    eval_texts = [" ".join(_words(rng, 30)) for _ in range(10)]
+    train = [" ".join(_words(rng, 30)) for _ in range(100)]
+    for i in (5, 50, 99):
+        train[i] = eval_texts[i % 10]
+    one = contaminated_indices(train, eval_texts, workers=1)
+    assert one == contaminated_indices(train, eval_texts, workers=2) == {5: 1.0, 50: 1.0, 99: 1.0}

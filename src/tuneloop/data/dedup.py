@@ -449,23 +449,42 @@ def near_duplicate_groups(
 # --- contamination --------------------------------------------------------------------------------
 
 
-def _ngram_hashes(texts: list[str], ngram: int):
-    """Yield (start index, n-gram hashes grouped by document, counts per document) per chunk."""
-    for start in range(0, len(texts), _CHUNK_DOCS):
-        chunk = texts[start : start + _CHUNK_DOCS]
-        words, docs = _word_hashes(chunk)
-        hashes, counts = _shingle_hashes(words, docs, len(chunk), ngram)
-        yield start, hashes, counts
+def _ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    words, docs = _word_hashes(texts)
+    return _shingle_hashes(words, docs, len(texts), ngram)
+
+
+def _contaminated_chunk(span: tuple[int, int], texts=None, seen=None, ngram=0, threshold=0.0) -> list[tuple[int, float]]:
+    """(train index, fraction) for the records of ``texts[start:stop]`` at or above ``threshold``."""
+    if texts is None:  # in a forked worker
+        texts, seen, ngram, threshold = _SHARED["texts"], _SHARED["seen"], _SHARED["ngram"], _SHARED["threshold"]
+    start, stop = span
+    hashes, counts = _ngram_hashes(texts[start:stop], ngram)
+    nonempty = np.flatnonzero(counts)
+    if len(nonempty) == 0:
+        return []
+    pos = np.searchsorted(seen, hashes)
+    pos[pos == len(seen)] = 0
+    hit = (seen[pos] == hashes).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
+    frac = np.add.reduceat(hit, offsets) / counts[nonempty]
+    return [(start + int(nonempty[i]), float(frac[i])) for i in np.flatnonzero(frac >= threshold - 1e-12)]
 
 
 def contaminated_indices(
-    train_texts: list[str], eval_texts: list[str], *, ngram: int = 8, threshold: float = 0.5
+    train_texts: list[str],
+    eval_texts: list[str],
+    *,
+    ngram: int = 8,
+    threshold: float = 0.5,
+    workers: int | None = None,
 ) -> dict[int, float]:
     """Train records that overlap the eval set: train index -> fraction of its word n-grams seen in eval.
 
     N-grams are ``ngram`` consecutive words of ``normalise_text`` (hashed to 64 bits); a record with fewer
     words has one n-gram of all its words. A train record is reported when at least ``threshold`` of its
     n-grams (counted with repetition) occur in any eval record. Records without words are never reported.
+    ``workers`` processes scan the train texts (default as in ``near_duplicate_groups``).
     """
     if ngram < 1:
         raise ValueError(f"ngram must be >= 1, got {ngram}")
@@ -473,19 +492,24 @@ def contaminated_indices(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if not train_texts or not eval_texts:
         return {}
-    seen = np.unique(np.concatenate([h for _, h, _ in _ngram_hashes(eval_texts, ngram)]))
+    seen = np.unique(np.concatenate(
+        [_ngram_hashes(eval_texts[i : i + _CHUNK_DOCS], ngram)[0] for i in range(0, len(eval_texts), _CHUNK_DOCS)]
+    ))
     if len(seen) == 0:
         return {}
+    n = len(train_texts)
+    spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
+    workers = _default_workers(n) if workers is None else workers
     found: dict[int, float] = {}
-    for start, hashes, counts in _ngram_hashes(train_texts, ngram):
-        nonempty = np.flatnonzero(counts)
-        if len(nonempty) == 0:
-            continue
-        pos = np.searchsorted(seen, hashes)
-        pos[pos == len(seen)] = 0
-        hit = (seen[pos] == hashes).astype(np.int64)
-        offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
-        frac = np.add.reduceat(hit, offsets) / counts[nonempty]
-        for i in np.flatnonzero(frac >= threshold - 1e-12):
-            found[start + int(nonempty[i])] = float(frac[i])
+    if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _SHARED.update(texts=train_texts, seen=seen, ngram=ngram, threshold=threshold)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for part in pool.imap(_contaminated_chunk, spans, chunksize=4):
+                    found.update(part)
+        finally:
+            _SHARED.clear()
+    else:
+        for span in spans:
+            found.update(_contaminated_chunk(span, train_texts, seen, ngram, threshold))
     return found
