@@ -376,7 +376,7 @@ def _components(u: np.ndarray, v: np.ndarray) -> list[list[int]]:
 
 
 def _default_workers(n: int) -> int:
-    if n < _PARALLEL_MIN_DOCS:
+    if n < _PARALLEL_MIN_DOCS or multiprocessing.current_process().daemon:  # pool workers cannot fork
         return 1
     return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
