@@ -330,7 +330,7 @@ def data_diff(
         _print_json(d)
         return
     out.print(f"{a} -> {b} (matched by {d['match']}): [green]+{d['added']} added[/], [red]-{d['removed']} removed[/], "
-              f"[yellow]~{d['changed']} changed[/], {d['unchanged']} unchanged")
+              f"[yellow]~{d['changed']} changed[/], {d['unchanged']} unchanged", soft_wrap=True, highlight=False)
     for kind in ("added", "removed", "changed"):
         for e in d["examples"][kind]:
             if kind == "changed":

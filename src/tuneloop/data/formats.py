@@ -247,17 +247,17 @@ def _conversation(items: Any, field: str, style: str, reasons: list[str]) -> lis
             reasons.append(f"not_an_object: message {n} is {_json_type(item)}, expected {{\"{role_key}\": ..., \"{text_key}\": ...}}")
             ok = False
             continue
-        rk, tk = role_key, text_key
+        rk, tk, roles = role_key, text_key, table
         if rk not in item and tk not in item and ("role" in item or "from" in item):  # the other style
-            rk, tk = ("role", "content") if "role" in item else ("from", "value")
+            rk, tk, roles = ("role", "content", _OPENAI_ROLES) if "role" in item else ("from", "value", _SHAREGPT_ROLES)
         if rk not in item:
             reasons.append(f"missing_field: message {n} has no '{rk}'")
             ok = False
             continue
         raw_role = item[rk]
-        role = table.get(raw_role) if isinstance(raw_role, str) else None
+        role = roles.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            allowed = ", ".join(k for k in (_SHAREGPT_ROLES if style == "sharegpt" else ("system", "user", "assistant", "tool")))
+            allowed = ", ".join(k for k in (_SHAREGPT_ROLES if roles is _SHAREGPT_ROLES else ("system", "user", "assistant", "tool")))
             reasons.append(f"bad_role: message {n} has {rk} {_short(raw_role)}; allowed: {allowed}")
             ok = False
             continue

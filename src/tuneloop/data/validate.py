@@ -247,6 +247,35 @@ def _is_saved_hf(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+@contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Hugging Face libraries in offline mode (read from the local cache only), restored afterwards.
+
+    The libraries read ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` at import time, so the module constants are
+    switched too (they may have been imported before).
+    """
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in env})
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in
+             ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"), (hub, "HF_HUB_OFFLINE"))
+             if hasattr(mod, attr)]
+    for mod, attr, _ in saved:
+        setattr(mod, attr, True)
+    try:
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[_Item], str]:
     """Records of ``source`` and how positions are counted (``"line"`` or ``"record"``).
 
@@ -283,12 +312,11 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[_Item], str]:
     if suffix in SUPPORTED_SUFFIXES or text.startswith((".", "/", "~")) or not _HUB_ID.match(text.split(":")[0]):
         raise InputError(f"{path}: dataset file not found; check the path (relative paths resolve from {Path.cwd()})")
     name, _, split = text.partition(":")
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import datasets
-
-    datasets.config.HF_DATASETS_OFFLINE = True
     try:
-        ds = datasets.load_dataset(name, split=split or None)
+        with _hf_offline():
+            import datasets
+
+            ds = datasets.load_dataset(name, split=split or None)
     except Exception as e:
         raise InputError(
             f"{text}: not a local file and not a Hugging Face dataset in the local cache ({type(e).__name__}: "
