@@ -152,22 +152,61 @@ def _mix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _prepare(text: str) -> str:
-    """``text`` ready for the byte path: no NUL (it joins documents); non-ASCII runs normalised."""
-    if not text.isascii():
-        text = _NON_ASCII_RUN.sub(_fix_run, text)
-    return text.replace("\x00", " ") if "\x00" in text else text
+_BYTE_RUN_CACHE: dict[bytes, bytes] = {}
+
+
+def _fix_byte_run(run: bytes) -> bytes:
+    """``_fix_run`` on UTF-8 bytes, with each removed character replaced by as many spaces as it had bytes
+    (so that the length usually stays the same and the run can be patched in place)."""
+    out = _BYTE_RUN_CACHE.get(run)
+    if out is None:
+        text = run.decode("utf-8", "surrogatepass").lower()
+        out = "".join(ch if ch.isalnum() else " " * len(ch.encode("utf-8", "surrogatepass")) for ch in text)
+        out = out.encode("utf-8", "surrogatepass")
+        if len(_BYTE_RUN_CACHE) > 100_000:
+            _BYTE_RUN_CACHE.clear()
+        _BYTE_RUN_CACHE[run] = out
+    return out
+
+
+def _normalised_bytes(texts: list[str]) -> bytes:
+    """``texts`` joined by NUL as UTF-8, with every run of non-ASCII characters normalised like
+    ``_fix_run`` (ASCII is left to the byte lookup table)."""
+    joined = "\x00".join(texts)
+    if joined.count("\x00") != len(texts) - 1:  # a text contains NUL: it would split the text in two
+        joined = "\x00".join(t.replace("\x00", " ") for t in texts)
+    data = joined.encode("utf-8", "surrogatepass")
+    if joined.isascii():
+        return data
+    high = np.zeros(len(data) + 2, dtype=bool)
+    high[1:-1] = np.frombuffer(data, dtype=np.uint8) >= 0x80
+    bounds = np.flatnonzero(high[1:] != high[:-1]).tolist()  # run starts and ends alternate
+    patched = bytearray(data)
+    for s, e in zip(bounds[0::2], bounds[1::2]):
+        run = data[s:e]
+        fixed = _fix_byte_run(run)
+        if len(fixed) != e - s:
+            break
+        if fixed != run:
+            patched[s:e] = fixed
+    else:
+        return bytes(patched)
+    pieces, prev = [], 0  # some lowercase letter has another length in UTF-8: rebuild
+    for s, e in zip(bounds[0::2], bounds[1::2]):
+        pieces += (data[prev:s], _fix_byte_run(data[s:e]))
+        prev = e
+    pieces.append(data[prev:])
+    return b"".join(pieces)
 
 
 def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the words of ``texts`` in order (uint64) and the document index of each word (int64)."""
-    joined = "\x00".join(map(_prepare, texts)).encode("utf-8", "surrogatepass")
+    joined = _normalised_bytes(texts)
     raw = np.frombuffer(joined, dtype=np.uint8)
-    byte = _LUT[raw]
-    isword = np.empty(len(byte) + 2, dtype=np.int8)
-    isword[0] = isword[-1] = 0
+    byte = np.take(_LUT, raw)
+    isword = np.zeros(len(byte) + 2, dtype=bool)
     np.not_equal(byte, 0, out=isword[1:-1])
-    bounds = np.flatnonzero(np.diff(isword))  # word starts and ends alternate
+    bounds = np.flatnonzero(isword[1:] != isword[:-1])  # word starts and ends alternate
     starts, ends = bounds[0::2], bounds[1::2]
     if len(starts) == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
