@@ -114,3 +114,13 @@ def test_pipeline_blocked_by_a_data_gate(make_config, task_data, tmp_path):
     r = tl("run", cfg, "--json", "-o", "data.pii=redact")
     summary = json.loads(r.stdout)
     assert summary["stages"]["data_validation"]["status"] == "passed", summary["stages"]["data_validation"]
+
+
+def test_validate_a_config_uses_its_eval_data_tokenizer_and_gates(make_config, tmp_path):
+    cfg = make_config(data__max_length=16, data__overlong="drop", data__min_valid_ratio=0.5)
+    r = tl("data", "validate", cfg, "--json")
+    rep = json.loads(r.stdout)
+    assert "overlong" not in rep["rules_not_checked"] and "contaminated" not in rep["rules_not_checked"]
+    assert rep["overlong_dropped"] > 0 and rep["rules"]["overlong"] == rep["overlong_dropped"]
+    assert rep["eval"]["records"] == 12 and rep["out_dir"] == str(tmp_path / ".tuneloop" / "data-report")
+    assert r.returncode == (0 if rep["passed"] else 1) and {g["name"] for g in rep["gates"]} == {"min_valid_ratio"}
