@@ -493,18 +493,32 @@ def _ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]
     return _shingle_hashes(words, docs, len(texts), ngram)
 
 
-def _contaminated_chunk(span: tuple[int, int], texts=None, seen=None, ngram=0, threshold=0.0) -> list[tuple[int, float]]:
+def _eval_index(seen: np.ndarray) -> tuple[np.ndarray, np.uint64]:
+    """A flag per value of the top bits of the hashes in ``seen`` (about 16 flags per eval n-gram, at most
+    64 MB) and the shift that gives those bits."""
+    bits = min(26, max(16, int(len(seen) * 16 - 1).bit_length()))
+    shift = np.uint64(64 - bits)
+    flags = np.zeros(1 << bits, dtype=bool)
+    flags[seen >> shift] = True
+    return flags, shift
+
+
+def _contaminated_chunk(span: tuple[int, int], index=None, ngram=0, threshold=0.0) -> list[tuple[int, float]]:
     """(train index, fraction) for the records of ``texts[start:stop]`` at or above ``threshold``."""
-    if texts is None:  # in a forked worker
-        texts, seen, ngram, threshold = _SHARED["texts"], _SHARED["seen"], _SHARED["ngram"], _SHARED["threshold"]
+    if index is None:  # in a forked worker
+        index, ngram, threshold = _SHARED["index"], _SHARED["ngram"], _SHARED["threshold"]
+    texts, seen, flags, shift = index
     start, stop = span
     hashes, counts = _ngram_hashes(texts[start:stop], ngram)
     nonempty = np.flatnonzero(counts)
     if len(nonempty) == 0:
         return []
-    pos = np.searchsorted(seen, hashes)
-    pos[pos == len(seen)] = 0
-    hit = (seen[pos] == hashes).astype(np.int64)
+    hit = np.zeros(len(hashes), dtype=np.int64)
+    maybe = np.flatnonzero(flags[hashes >> shift])  # cheap filter: most n-grams are not in the eval set
+    if len(maybe):
+        pos = np.searchsorted(seen, hashes[maybe])
+        pos[pos == len(seen)] = 0
+        hit[maybe] = seen[pos] == hashes[maybe]
     offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
     frac = np.add.reduceat(hit, offsets) / counts[nonempty]
     return [(start + int(nonempty[i]), float(frac[i])) for i in np.flatnonzero(frac >= threshold - 1e-12)]
@@ -540,8 +554,9 @@ def contaminated_indices(
     spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
     workers = _default_workers(n) if workers is None else workers
     found: dict[int, float] = {}
+    index = (train_texts, seen, *_eval_index(seen))
     if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        _SHARED.update(texts=train_texts, seen=seen, ngram=ngram, threshold=threshold)
+        _SHARED.update(index=index, ngram=ngram, threshold=threshold)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for part in pool.imap(_contaminated_chunk, spans, chunksize=4):
@@ -550,5 +565,5 @@ def contaminated_indices(
             _SHARED.clear()
     else:
         for span in spans:
-            found.update(_contaminated_chunk(span, train_texts, seen, ngram, threshold))
+            found.update(_contaminated_chunk(span, index, ngram, threshold))
     return found
