@@ -173,7 +173,7 @@ def test_contamination_short_records():
 def test_bands_match_datasketch_when_installed():
     """Skipped when datasketch (the `bench` extra) is not installed."""
     lsh = pytest.importorskip("datasketch.lsh")
-    for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256), (0.7, 128)]:
+    for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256), (0.7, 128), (0.85, 128), (0.6, 32), (0.95, 200)]:
         assert lsh_params(threshold, num_perm) == lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
