@@ -444,6 +444,7 @@ def _process(items: list[_Item], fmt: str, pii_policy: str, want_text: bool) -> 
         if record is not None:
             reasons = _placeholder_reasons(record)
         if reasons:
+            reasons = [piimod.redact(r) for r in reasons]  # reasons quote bits of the record (e.g. a bad role)
             q = _quarantine_line(item.line, item.file, reasons, value)
             out.append(_Out(item.line, item.file, "bad", q, None, None, (), tuple(reasons)))
             continue
