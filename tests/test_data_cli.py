@@ -116,6 +116,7 @@ def test_pipeline_blocked_by_a_data_gate(make_config, task_data, tmp_path):
     assert summary["stages"]["data_validation"]["status"] == "passed", summary["stages"]["data_validation"]
 
 
+@pytest.mark.slow  # builds the tiny model fixture and loads its tokenizer in a subprocess
 def test_validate_a_config_uses_its_eval_data_tokenizer_and_gates(make_config, tmp_path):
     cfg = make_config(data__max_length=16, data__overlong="drop", data__min_valid_ratio=0.5)
     r = tl("data", "validate", cfg, "--json")
