@@ -391,8 +391,8 @@ def _band_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _components(u: np.ndarray, v: np.ndarray) -> list[list[int]]:
-    """Connected components (size >= 2) of the graph with edges (u, v), each sorted, by smallest member."""
+def _roots(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes of the graph with edges (u, v) and, for each, the smallest node of its component."""
     nodes, inv = np.unique(np.concatenate((u, v)), return_inverse=True)
     eu, ev = inv[: len(u)], inv[len(u) :]
     label = np.arange(len(nodes))
@@ -407,9 +407,7 @@ def _components(u: np.ndarray, v: np.ndarray) -> list[list[int]]:
             if np.array_equal(nxt, label):
                 break
             label = nxt
-    order = np.argsort(label, kind="stable")  # nodes are ascending, so each group comes out sorted
-    cuts = np.flatnonzero(np.diff(label[order])) + 1
-    return [nodes[g].tolist() for g in np.split(order, cuts) if len(g) > 1]
+    return nodes, nodes[label]
 
 
 def _default_workers(n: int) -> int:
@@ -457,30 +455,41 @@ def near_duplicate_groups(
     bands, rows = lsh_params(threshold, num_perm)
     mult = _constants(rows, 3)
     full = len(ids) == n
-    cands = []
+    need = math.ceil(threshold * num_perm - 1e-9)
+    step = max(1, (64 << 20) // (num_perm * 8))  # confirm in blocks of ~64 MB
+    label = np.arange(n)  # every text's component, named by its smallest index (union-find, flattened)
     with np.errstate(over="ignore"):
         for band in range(bands):
             cols = slice(band * rows, (band + 1) * rows)
             block = sig[:, cols] if full else sig[ids, cols]
             key = np.full(len(ids), band + 1, dtype=np.uint64)
             for r in range(rows):  # a random linear combination of the band's values, then mixed
-                key += block[:, r].astype(np.uint64) * mult[r]
-            cands.append(_band_pairs(_mix64(key), ids))
-    pairs = np.concatenate(cands, axis=1)
-    if pairs.shape[1] == 0:
+                key += np.multiply(block[:, r], mult[r], dtype=np.uint64)
+            u, v = _band_pairs(_mix64(key), ids)
+            del key, block
+            open_ = label[u] != label[v]  # pairs already joined (by an earlier band) need no check
+            if not open_.any():
+                continue
+            u, v = u[open_], v[open_]
+            code = np.unique(np.minimum(u, v) * n + np.maximum(u, v))
+            lo, hi = code // n, code % n
+            keep = np.zeros(len(lo), dtype=bool)
+            for i in range(0, len(lo), step):  # confirm: estimated Jaccard >= threshold
+                agree = np.count_nonzero(sig[lo[i : i + step]] == sig[hi[i : i + step]], axis=1)
+                keep[i : i + step] = agree >= need
+            if keep.any():
+                nodes, roots = _roots(label[lo[keep]], label[hi[keep]])
+                remap = np.arange(n)
+                remap[nodes] = roots
+                label = remap[label]
+    size = np.bincount(label, minlength=n)
+    members = np.flatnonzero(size[label] >= 2)
+    if len(members) == 0:
         return []
-    lo, hi = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
-    code = np.unique(lo * n + hi)
-    lo, hi = code // n, code % n
-    need = math.ceil(threshold * num_perm - 1e-9)
-    keep = np.zeros(len(lo), dtype=bool)
-    step = max(1, (64 << 20) // (num_perm * 8))  # confirm in blocks of ~64 MB
-    for i in range(0, len(lo), step):
-        agree = np.count_nonzero(sig[lo[i : i + step]] == sig[hi[i : i + step]], axis=1)
-        keep[i : i + step] = agree >= need
-    if not keep.any():
-        return []
-    return _components(lo[keep], hi[keep])
+    order = members[np.argsort(label[members], kind="stable")]  # ascending within each group
+    cuts = [0, *(np.flatnonzero(np.diff(label[order])) + 1).tolist(), len(order)]
+    flat = order.tolist()
+    return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 # --- contamination --------------------------------------------------------------------------------
