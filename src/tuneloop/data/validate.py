@@ -103,6 +103,10 @@ def _line_col(text: str, idx: int) -> tuple[int, int]:
     return line, idx - (text.rfind("\n", 0, idx) + 1) + 1
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one instance: json.loads(...) builds one per call
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _parse_line(data: bytes) -> tuple[Any, str | None, str | None]:
     """(value, raw text, error) for one JSONL line; never raises."""
     try:
@@ -111,7 +115,7 @@ def _parse_line(data: bytes) -> tuple[Any, str | None, str | None]:
         raw = data.decode("utf-8", errors="replace")
         return None, raw, f"invalid_utf8: byte 0x{data[e.start]:02x} at byte {e.start + 1} is not valid UTF-8"
     try:
-        return json.loads(text, parse_constant=_reject_constant), None, None
+        return _DECODER.decode(text), None, None
     except json.JSONDecodeError as e:
         return None, text, f"invalid_json: {e.msg} (col {e.colno})"
     except ValueError as e:  # NaN / Infinity
@@ -354,7 +358,7 @@ def _sample_values(sample: list[_Item]) -> list[Any]:
 
 def _canonical_json(obj: Any) -> str:
     """The serialisation the digest is computed over (same as ``fsutil.sha256_json``)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(obj)
 
 
 def _dedup_key(record: dict) -> bytes:
@@ -382,9 +386,9 @@ def _map_texts(record: dict, fn) -> dict:
     return out
 
 
-def _placeholder_reasons(record: dict) -> list[str]:
+def _placeholder_reasons(texts: list[str]) -> list[str]:
     found: list[str] = []
-    for text in record_texts(record):
+    for text in texts:
         if "{{" in text:
             found += [m.group() for m in _PLACEHOLDER.finditer(text)]
     if not found:
@@ -442,14 +446,15 @@ def _process(items: list[_Item], fmt: str, pii_policy: str, want_text: bool) -> 
             continue
         record, reasons = normalise(value, fmt)
         if record is not None:
-            reasons = _placeholder_reasons(record)
+            texts = record_texts(record)
+            reasons = _placeholder_reasons(texts)
         if reasons:
             reasons = [piimod.redact(r) for r in reasons]  # reasons quote bits of the record (e.g. a bad role)
             q = _quarantine_line(item.line, item.file, reasons, value)
             out.append(_Out(item.line, item.file, "bad", q, None, None, (), tuple(reasons)))
             continue
         # One scan over all texts of the record joined (no pattern crosses a newline between turns).
-        joined = "\n".join(record_texts(record))
+        joined = "\n".join(texts)
         findings = tuple((f.type, piimod.mask(joined[f.start : f.end], f.type)) for f in piimod.scan(joined))
         if findings and pii_policy != "report":
             record = _map_texts(record, piimod.redact)
