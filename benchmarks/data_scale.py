@@ -16,8 +16,8 @@
    worker process.
 3. Near-dup recall = planted near pairs that land in one group / planted; precision = pairs inside the
    reported groups (exact copies excluded) that are planted / all such pairs.
-4. Baseline: datasketch `MinHash.bulk` + `MinHashLSH.insert` + `query` (same threshold, num_perm and word
-   5-shingles of the same normalised text) on the first M records, and tuneloop's `near_duplicate_groups`
+4. Baseline: datasketch `MinHash.bulk` (hashfunc xxh32, faster than its default sha1) + `MinHashLSH.insert`
+   + `query` (same threshold, num_perm and word 5-shingles of the same normalised text) on the first M records, and tuneloop's `near_duplicate_groups`
    on the same M texts in the same run. throughput_ratio_vs_datasketch = baseline_seconds / tuneloop_seconds.
 
 Prints human-readable lines; the LAST line is one JSON object.
@@ -335,6 +335,7 @@ def run_pass(workdir: Path) -> dict:
 
 
 def baseline(workdir: Path, m: int, near_pairs: list[tuple[int, int]]) -> dict:
+    import xxhash
     from datasketch import MinHash, MinHashLSH
 
     from tuneloop.data import dedup
@@ -351,7 +352,8 @@ def baseline(workdir: Path, m: int, near_pairs: list[tuple[int, int]]) -> dict:
         w = dedup.normalise_text(t).split()
         sh = [" ".join(w[i : i + SHINGLE]) for i in range(len(w) - SHINGLE + 1)] if len(w) >= SHINGLE else [" ".join(w)]
         shingle_sets.append([s.encode("utf-8") for s in sh])
-    hashes = MinHash.bulk(shingle_sets, num_perm=NUM_PERM, seed=1)
+    # xxh32 instead of datasketch's default sha1: its fastest documented option (about 2x faster bulk)
+    hashes = MinHash.bulk(shingle_sets, num_perm=NUM_PERM, seed=1, hashfunc=xxhash.xxh32_intdigest)
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
     for i, h in enumerate(hashes):
         lsh.insert(i, h)
