@@ -100,3 +100,21 @@ def test_scan_and_redact_never_crash_and_remove_all(text):
     red = redact(text)
     for f in found:
         assert text[f.start : f.end] not in red or text[f.start : f.end] in json.dumps(PLACEHOLDERS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-----BEGIN PRIVATE KEY----- " * 5000,  # was quadratic with a lazy scan to END
+        "a@" + "b." * 50000,
+        "1 " * 200000,
+        "a:" * 100000,
+        "sk-" * 100000,
+    ],
+)
+def test_hostile_texts_scan_in_linear_time(text):
+    import time
+
+    t0 = time.perf_counter()
+    scan(text)
+    assert time.perf_counter() - t0 < 3.0  # ~0.3 s at most on a loaded machine; quadratic cases take 15 s+

@@ -44,7 +44,9 @@ _EMAIL = _alt(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b)"
 )
 _SECRETS = _alt(
-    r"(?P<private_key>-----BEGIN[A-Z ]{0,40}PRIVATE KEY-----(?:[\s\S]*?-----END[A-Z ]{0,40}PRIVATE KEY-----|[A-Za-z0-9+/=\s]*))",
+    # The body (base64 and PEM headers) cannot run past a "-----", so each BEGIN costs at most its own
+    # block: no quadratic scan on text with many BEGIN lines and no END.
+    r"(?P<private_key>-----BEGIN[A-Z ]{0,40}PRIVATE KEY-----(?:[A-Za-z0-9+/=\s:,]|-(?!----)){0,20000}(?:-----END[A-Z ]{0,40}PRIVATE KEY-----)?)",
     r"(?P<aws_access_key>\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)",
     r"(?P<github_token>\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b)",
     r"(?P<openai_key>(?<![\w-])sk-[A-Za-z0-9_-]{20,200})",
