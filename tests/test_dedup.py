@@ -115,9 +115,10 @@ def test_deterministic_under_seed_and_workers(corpus, monkeypatch):
     one = near_duplicate_groups(texts, seed=5, workers=1)
     assert one == near_duplicate_groups(texts, seed=5, workers=1)
     assert one == near_duplicate_groups(texts, seed=5, workers=2)  # forked workers, shared buffer
-    sig1 = dedup._signatures(texts, 5, 64, 1, 1)
-    assert np.array_equal(sig1, dedup._signatures(texts, 5, 64, 1, 2))
-    assert not np.array_equal(sig1, dedup._signatures(texts, 5, 64, 2, 1))
+    sig1, keys1 = dedup._signatures(texts, 5, 64, 1, 1, 6, 10)
+    sig2, keys2 = dedup._signatures(texts, 5, 64, 1, 2, 6, 10)
+    assert np.array_equal(sig1, sig2) and np.array_equal(keys1, keys2)
+    assert not np.array_equal(sig1, dedup._signatures(texts, 5, 64, 2, 1)[0])
 
 
 def test_signature_estimates_jaccard_without_bias():
@@ -130,7 +131,7 @@ def test_signature_estimates_jaccard_without_bias():
         a_texts.append(" ".join(w))
         b_texts.append(" ".join(other))
         true.append(_jaccard(a_texts[-1], b_texts[-1]))
-    est = (dedup._signatures(a_texts, 5, 128, 0, 1) == dedup._signatures(b_texts, 5, 128, 0, 1)).mean(axis=1)
+    est = (dedup._signatures(a_texts, 5, 128, 0, 1)[0] == dedup._signatures(b_texts, 5, 128, 0, 1)[0]).mean(axis=1)
     err = est - np.array(true)
     assert abs(err.mean()) < 0.01  # unbiased
     assert err.std() < 0.06  # binomial std at J~0.5 with 128 hashes is ~0.044

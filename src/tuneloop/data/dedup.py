@@ -274,8 +274,10 @@ def _perm_params(num_perm: int, seed: int) -> np.ndarray:
 _EMPTY = np.uint32(0xFFFFFFFF)
 
 
-def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray) -> None:
-    """MinHash signatures of ``texts`` written to ``out`` (len(texts) x num_perm, uint32).
+def _signatures_into(out: np.ndarray, keys: np.ndarray, texts: list[str], k: int, a: np.ndarray, rows: int) -> None:
+    """MinHash signatures of ``texts`` written to ``out`` (len(texts) x num_perm, uint32), and the LSH key of
+    each band of ``rows`` positions to ``keys`` (bands x len(texts), uint64; computed here, where the
+    chunk's signatures are still in cache).
 
     Hash function i is ``x -> a_i * x mod 2**32`` on odd 32-bit shingle hashes ``x`` (the low bit is set so
     that no value is a fixed point of every function, as 0 would be); with ``a_i`` odd it permutes them.
@@ -285,6 +287,7 @@ def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray) -
     nonempty = np.flatnonzero(counts)
     if len(nonempty) < len(texts):
         out[:] = _EMPTY
+        keys[:] = 0
     if len(nonempty) == 0:
         return
     offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
@@ -296,6 +299,13 @@ def _signatures_into(out: np.ndarray, texts: list[str], k: int, a: np.ndarray) -
         blk = buf[: j - i]
         np.multiply(a[i:j, None], x[None, :], out=blk)
         np.minimum.reduceat(blk, offsets, axis=1, out=sig_t[i:j])
+    mult = _constants(max(rows, 1), 3)
+    with np.errstate(over="ignore"):
+        for band in range(len(keys)):
+            key = np.full(len(nonempty), band + 1, dtype=np.uint64)
+            for r in range(rows):  # a random linear combination of the band's values, then mixed
+                key += np.multiply(sig_t[band * rows + r], mult[r], dtype=np.uint64)
+            keys[band, nonempty] = _mix64(key)
     if len(nonempty) == len(texts):
         out[:] = sig_t.T
     else:
@@ -308,28 +318,34 @@ _SHARED: dict = {}  # set by the parent right before forking workers
 def _signature_worker(span: tuple[int, int]) -> None:
     start, stop = span
     s = _SHARED
-    _signatures_into(s["sig"][start:stop], s["texts"][start:stop], s["k"], s["a"])
+    _signatures_into(s["sig"][start:stop], s["keys"][:, start:stop], s["texts"][start:stop], s["k"], s["a"], s["rows"])
 
 
-def _signatures(texts: list[str], k: int, num_perm: int, seed: int, workers: int) -> np.ndarray:
+def _signatures(
+    texts: list[str], k: int, num_perm: int, seed: int, workers: int, bands: int = 0, rows: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signatures (n x num_perm, uint32) and band keys (bands x n, uint64) of ``texts``."""
     a = _perm_params(num_perm, seed)
     n = len(texts)
     spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
     if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        buffer = mmap.mmap(-1, max(1, n * num_perm * 4))  # anonymous shared memory, visible to forked children
+        size = n * num_perm * 4 + bands * n * 8
+        buffer = mmap.mmap(-1, max(1, size))  # anonymous shared memory, visible to forked children
         sig = np.frombuffer(buffer, dtype=np.uint32, count=n * num_perm).reshape(n, num_perm)
-        _SHARED.update(sig=sig, texts=texts, k=k, a=a)
+        keys = np.frombuffer(buffer, dtype=np.uint64, count=bands * n, offset=n * num_perm * 4).reshape(bands, n)
+        _SHARED.update(sig=sig, keys=keys, texts=texts, k=k, a=a, rows=rows)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_signature_worker, spans, chunksize=4):
                     pass
         finally:
             _SHARED.clear()
-        return sig
+        return sig, keys
     sig = np.empty((n, num_perm), dtype=np.uint32)
+    keys = np.empty((bands, n), dtype=np.uint64)
     for start, stop in spans:
-        _signatures_into(sig[start:stop], texts[start:stop], k, a)
-    return sig
+        _signatures_into(sig[start:stop], keys[:, start:stop], texts[start:stop], k, a, rows)
+    return sig, keys
 
 
 # --- LSH ------------------------------------------------------------------------------------------
@@ -444,7 +460,9 @@ def near_duplicate_groups(
     n = len(texts)
     if n < 2:
         return []
-    sig = _signatures(texts, shingle_size, num_perm, seed, _default_workers(n) if workers is None else workers)
+    bands, rows = lsh_params(threshold, num_perm)
+    workers = _default_workers(n) if workers is None else workers
+    sig, keys = _signatures(texts, shingle_size, num_perm, seed, workers, bands, rows)
     # Texts without words have all-sentinel signatures; a real hash can equal the sentinel, so rows
     # starting with it are checked in full.
     maybe_empty = np.flatnonzero(sig[:, 0] == _EMPTY)
@@ -452,21 +470,13 @@ def near_duplicate_groups(
     ids = np.setdiff1d(np.arange(n), empty, assume_unique=True) if len(empty) else np.arange(n)
     if len(ids) < 2:
         return []
-    bands, rows = lsh_params(threshold, num_perm)
-    mult = _constants(rows, 3)
     full = len(ids) == n
     need = math.ceil(threshold * num_perm - 1e-9)
     step = max(1, (64 << 20) // (num_perm * 8))  # confirm in blocks of ~64 MB
     label = np.arange(n)  # every text's component, named by its smallest index (union-find, flattened)
     with np.errstate(over="ignore"):
         for band in range(bands):
-            cols = slice(band * rows, (band + 1) * rows)
-            block = sig[:, cols] if full else sig[ids, cols]
-            key = np.full(len(ids), band + 1, dtype=np.uint64)
-            for r in range(rows):  # a random linear combination of the band's values, then mixed
-                key += np.multiply(block[:, r], mult[r], dtype=np.uint64)
-            u, v = _band_pairs(_mix64(key), ids)
-            del key, block
+            u, v = _band_pairs(keys[band] if full else keys[band, ids], ids)
             open_ = label[u] != label[v]  # pairs already joined (by an earlier band) need no check
             if not open_.any():
                 continue
