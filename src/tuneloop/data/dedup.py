@@ -218,8 +218,11 @@ def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         words = (prefix[ends] - prefix[starts]) * inverse[starts]
         words += np.uint64(0x632BE59BD9B4E019)
         _mix64(words)
-    docs = np.cumsum(raw == _SEP, dtype=np.int32)[starts].astype(np.int64)  # separators before each word
-    return words, docs
+    # document of each word: the number of separators before it
+    first_word = np.searchsorted(starts, np.flatnonzero(raw == _SEP))  # first word after each separator
+    marks = np.zeros(len(starts), dtype=np.int64)
+    np.add.at(marks, first_word[first_word < len(starts)], 1)
+    return words, np.cumsum(marks)
 
 
 def _shingle_hashes(words: np.ndarray, docs: np.ndarray, n_docs: int, k: int) -> tuple[np.ndarray, np.ndarray]:
