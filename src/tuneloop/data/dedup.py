@@ -24,11 +24,18 @@ How it scales (the work is vectorised across documents, never a Python loop per 
    ``np.minimum.reduceat`` over document offsets gives the signatures (``uint32``, docs x num_perm);
 4. LSH: ``b`` bands of ``r`` rows, chosen like datasketch's ``_optimal_param`` (minimise the equally
    weighted false-positive and false-negative areas), so datasketch with the same threshold and
-   ``num_perm`` uses the same bands. Each band slice is hashed to a 64-bit key; collisions are found by
-   sorting the keys; candidate pairs are confirmed when the signatures agree on at least
-   ``threshold * num_perm`` positions (the estimated Jaccard), then joined by union-find.
+   ``num_perm`` uses the same bands. Each band slice is hashed to a 64-bit key (with the signatures);
+   collisions are found by sorting the keys; band by band, candidate pairs not yet in one group are
+   confirmed when their signatures agree on at least ``threshold * num_perm`` positions (the estimated
+   Jaccard) and joined (union-find on a flat label array). A bucket of m texts yields at most ~9m pairs
+   (each text with the next 8 in the bucket and with its first), so many copies of one text stay linear.
 
-Signatures of large inputs are computed by worker processes (``fork``) writing into one shared buffer.
+Signatures and band keys of large inputs are computed by two worker processes (``fork``) writing into one
+shared buffer (``workers=1`` or fewer than 20,000 texts: in process). Contamination scans the train texts
+the same way, looking each n-gram hash up in the sorted eval hashes behind a flag table.
+
+Memory: ``num_perm * 4 + bands * 8`` bytes per text (about 590 bytes at the defaults), plus per-chunk
+arrays; the texts themselves are the caller's.
 """
 
 from __future__ import annotations
