@@ -613,7 +613,7 @@ def validate_dataset(
     pii_examples: dict[str, list[dict]] = {}
     pii_records = 0
     overlong_seen = 0
-    first_line: dict[bytes, int] = {}  # dedup key -> line of the kept record
+    first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
     kept: list[tuple[int, str | None, bool]] = []  # (line, file, has_pii) of kept candidates
     texts: list[str] = []
     records = 0
@@ -641,7 +641,8 @@ def validate_dataset(
                         counts["pii_dropped" if r.reasons[0].startswith("pii:") else "invalid"] += 1
                         continue
                     if r.key in first_line:
-                        reason = f"exact_duplicate: same as line {first_line[r.key]}"
+                        line, file = first_line[r.key]
+                        reason = f"exact_duplicate: same as line {line}" + (f" of {file}" if file is not None else "")
                         quarantine.write(_quarantine_line(r.line, r.file, [reason], json.loads(r.data)) + "\n")
                         tally.add(r.line, r.file, [reason])
                         counts["duplicates"] += 1
@@ -658,7 +659,7 @@ def validate_dataset(
                                 quarantine.write(_quarantine_line(r.line, r.file, [reason], rec) + "\n")
                                 counts["overlong_dropped"] += 1
                                 continue
-                    first_line[r.key] = r.line
+                    first_line[r.key] = (r.line, r.file)
                     kept.append((r.line, r.file, bool(r.pii)))
                     stage.write(r.data + "\n")
                     if r.text is not None:
