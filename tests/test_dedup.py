@@ -199,3 +199,25 @@ def test_contamination_same_with_workers(monkeypatch):
         train[i] = eval_texts[i % 10]
     one = contaminated_indices(train, eval_texts, workers=1)
     assert one == contaminated_indices(train, eval_texts, workers=2) == {5: 1.0, 50: 1.0, 99: 1.0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=80), max_size=12), st.integers(1, 6))
+def test_groups_well_formed_on_any_text(texts, k):
+    """No input crashes the detectors; groups are sorted, disjoint, in range; copies are grouped."""
+    doubled = texts + texts  # every text with at least one word has an exact copy
+    groups = near_duplicate_groups(doubled, shingle_size=k, num_perm=32)
+    seen: set[int] = set()
+    for g in groups:
+        assert len(g) >= 2 and g == sorted(g) and all(0 <= i < len(doubled) for i in g)
+        assert not seen & set(g)
+        seen |= set(g)
+    where = {i: n for n, g in enumerate(groups) for i in g}
+    for i, t in enumerate(texts):
+        if normalise_text(t):
+            assert where[i] == where[i + len(texts)]
+        else:
+            assert i not in where
+    cont = contaminated_indices(doubled, texts, ngram=k)
+    assert all(0 <= i < len(doubled) and 0.5 <= f <= 1.0 for i, f in cont.items())
+    assert all(cont.get(i) == 1.0 for i, t in enumerate(texts) if normalise_text(t))
