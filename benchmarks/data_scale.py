@@ -445,7 +445,7 @@ def main() -> None:
     print(f"built {a.records} records ({size_mb:.0f} MB, mean {planted['mean_chars']:.0f} chars of message text) "
           f"in {time.perf_counter() - t0:.1f} s under {workdir}")
     print(f"planted: {len(planted['exact_pairs'])} exact copies, {len(planted['near_pairs'])} near copies "
-          f"(shingle Jaccard min {planted['near_jaccard_min']:.3f}, mean {planted['near_jaccard_mean']:.3f}), "
+          f"(shingle Jaccard of up to 5,000 of them: min {planted['near_jaccard_min']:.3f}, mean {planted['near_jaccard_mean']:.3f}), "
           f"{len(planted['contaminated_lines'])} eval records pasted into train, PII {planted['pii_planted']}; "
           f"base records: max Jaccard of 2,000 random pairs {planted['base_jaccard_max']:.3f}")
 
