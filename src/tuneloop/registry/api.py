@@ -81,7 +81,7 @@ def open_registry(cfg_or_uri: Any = None, workspace: Any = None) -> ModelRegistr
     verified copies of downloaded artifacts. Without a URI anywhere (config, ``$TUNELOOP_REGISTRY_URI``),
     the SQLite registry in the workspace is used.
     """
-    root = getattr(workspace, "root", workspace)
+    root = workspace if workspace is None or isinstance(workspace, (str, os.PathLike)) else workspace.root
     uri = registry_uri(cfg_or_uri)
     if uri is None or uri in ("local", "sqlite"):
         if root is None:
