@@ -72,6 +72,8 @@ class MlflowRegistry:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        # MLflow prints "View run ... at URL" on stdout, which would break `--json`: keep stdout ours.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         cache_dir = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "mlflow"
@@ -279,7 +281,7 @@ class MlflowRegistry:
 
         with self._mlflow(f"delete the artifacts of {v['ref']}"):
             run = self.client.get_run(v["run_id"])
-            get_artifact_repository(run.info.artifact_uri).delete_artifacts("artifact")
+            get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri).delete_artifacts("artifact")
         if not any(o["artifact_digest"] == v["artifact_digest"] for o in self.list_versions()):
             self.store.remove(v["artifact_digest"])
         return [v["artifact_digest"]]
