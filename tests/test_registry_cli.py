@@ -312,3 +312,22 @@ def test_json_is_exactly_one_document_on_stdout_in_a_subprocess(ws, adapters, tm
     assert json.loads(r.stdout)["ref"] == "bot:1"
     r = subprocess.run([*cmd, "list", "--json"], cwd=tmp_path / "sub", env=env, capture_output=True, text=True, timeout=120)
     assert [v["ref"] for v in json.loads(r.stdout)] == ["bot:1"]
+
+
+def test_git_info_and_base_model_ref(tmp_path, tiny_model):
+    from tuneloop.registry.lineage import base_model_ref, git_info
+
+    assert git_info(tmp_path) is None  # not a repository
+    if shutil.which("git"):
+        run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+        run("init", "-q")
+        (tmp_path / "f.txt").write_text("x")
+        run("add", "f.txt")
+        run("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+        info = git_info(tmp_path)
+        assert len(info["commit"]) == 40 and info["dirty"] is False
+        (tmp_path / "f.txt").write_text("y")
+        assert git_info(tmp_path)["dirty"] is True
+    ref = base_model_ref(str(tiny_model))
+    assert ref["path"] == str(tiny_model.resolve()) and ref["digest"].startswith("dir:")
+    assert base_model_ref("org/some-model") == {"id": "org/some-model", "path": None, "revision": None, "digest": "hub:org/some-model"}

@@ -192,3 +192,31 @@ def test_unreachable_mlflow_server_is_a_clear_error(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "MLflow" in r.stderr
     r = tl("models", "list", "--registry", "ftp://nope", "-w", tmp_path)
     assert r.exit_code == 2 and "unsupported registry URI" in " ".join(r.stderr.split())
+
+
+def test_pipeline_registers_and_deploys_to_the_mlflow_server(mlflow_server, make_config, tmp_path, monkeypatch):
+    """The whole loop with `registry.uri` set: the version, its lineage and `champion` live in MLflow."""
+    from tuneloop import FineTunePipeline, load_config
+    from tuneloop.serve.app import load_served_model
+
+    monkeypatch.setenv("TUNELOOP_USER", "ci-bot")
+    url = mlflow_server["url"]
+    name = f"loop-{tmp_path.name[-8:]}"
+    path = make_config(registry={"uri": url, "model_name": name})
+    summary = FineTunePipeline(load_config(path)).run()
+    assert summary["overall"] == "passed", summary
+    reg = open_registry(load_config(path), tmp_path / ".tuneloop")
+    assert reg.backend == "mlflow"
+    v = reg.get(name, "champion")
+    assert v["version"] == 1 and v["artifact_kind"] == "adapter"
+    lin = v["lineage"]
+    assert lin["run_id"] == summary["run_id"] and lin["base"]["digest"] == lin["base_model_fingerprint"]
+    assert lin["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
+    assert v["gates"]["min_accuracy"]["passed"] is True and "accuracy" in v["metrics"]["evaluation"]
+    served = load_served_model(reg, name, "champion")  # downloaded, verified, loaded with its base
+    assert served.model_id == f"{name}:1"
+    assert not (Path(v["artifact_path"]) / "training_args.bin").exists()  # safetensors only, no pickles
+    # An unchanged re-run finds the same version on the server (cache key) instead of adding one.
+    again = FineTunePipeline(load_config(path)).run()
+    assert again["stages"]["model_registry"]["metrics"]["version"] == 1
+    assert [x["version"] for x in reg.list_versions(name)] == [1]
