@@ -331,3 +331,17 @@ def test_git_info_and_base_model_ref(tmp_path, tiny_model):
     ref = base_model_ref(str(tiny_model))
     assert ref["path"] == str(tiny_model.resolve()) and ref["digest"].startswith("dir:")
     assert base_model_ref("org/some-model") == {"id": "org/some-model", "path": None, "revision": None, "digest": "hub:org/some-model"}
+
+
+def test_preflight_refuses_an_unreachable_registry_before_training(make_config, monkeypatch):
+    import socket
+
+    from tuneloop import FineTunePipeline, load_config
+    from tuneloop.errors import ConfigError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("TUNELOOP_REGISTRY_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="does not answer /health|mlflow is not installed"):
+        FineTunePipeline(load_config(make_config())).preflight()

@@ -137,6 +137,10 @@ class FineTunePipeline:
                 require_cuda_for_qlora()
             except StageError as exc:
                 problems.append(f"train.method: {exc}")
+        from tuneloop.registry.api import registry_problem
+
+        if (problem := registry_problem(c)) is not None:
+            problems.append(problem)
         if problems:
             raise ConfigError(problems, self.config_path)
 

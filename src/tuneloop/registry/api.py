@@ -74,6 +74,32 @@ def registry_uri(cfg_or_uri: Any = None) -> str | None:
     return uri or os.environ.get(REGISTRY_URI_ENV) or None
 
 
+def registry_problem(cfg: Any) -> str | None:
+    """Why the configured registry cannot be used, found before any work is done (None when it can).
+
+    For an MLflow URI: mlflow must be importable and the server must answer ``GET /health``.
+    """
+    uri = registry_uri(cfg)
+    if uri is None or not uri.startswith(("http://", "https://")):
+        return None
+    import importlib.util
+    import urllib.request
+
+    if importlib.util.find_spec("mlflow") is None:
+        return f"registry.uri: {uri} is an MLflow server but mlflow is not installed; run `pip install 'tuneloop[mlflow]'`"
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+            if r.status == 200:
+                return None
+            status = f"HTTP {r.status}"
+    except OSError as e:
+        status = str(e)
+    return (
+        f"registry.uri: the MLflow server {uri} does not answer /health ({status}); start it "
+        "(`mlflow server --host 0.0.0.0 --port 5000 ...`) or fix registry.uri / $TUNELOOP_REGISTRY_URI"
+    )
+
+
 def open_registry(cfg_or_uri: Any = None, workspace: Any = None) -> ModelRegistry:
     """The registry for a config (its ``registry.uri``), an explicit URI, or the default local one.
 
