@@ -345,3 +345,17 @@ def test_preflight_refuses_an_unreachable_registry_before_training(make_config, 
     monkeypatch.setenv("TUNELOOP_REGISTRY_URI", f"http://127.0.0.1:{port}")
     with pytest.raises(ConfigError, match="does not answer /health|mlflow is not installed"):
         FineTunePipeline(load_config(make_config())).preflight()
+
+
+def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
+    import sqlite3
+
+    reg = Registry(tmp_path / "reg")
+    reg.register("m", adapters[0], artifact_kind="adapter", base_model="b", lineage={}, metrics={}, gates={})
+    with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:  # what tuneloop 0.1 (schema 1) wrote
+        conn.executescript("DROP TABLE tags; DROP TABLE deletions; PRAGMA user_version = 1;")
+    reg = Registry(tmp_path / "reg")
+    assert reg.set_tag("m", 1, "k", "v")["tags"] == {"k": "v"}
+    assert reg.delete("m", 1)["version"]["deleted"]
+    with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
