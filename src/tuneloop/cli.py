@@ -187,33 +187,66 @@ def status(
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _registry(config: Optional[Path]):
-    from tuneloop.registry.db import Registry
+_CONFIG_OPT = typer.Option(None, "--config", "-c", help="Use this config's workspace (and its registry.uri).")
+_WS_OPT = typer.Option(None, "--workspace", "-w", help="Workspace directory (default: search upwards for .tuneloop/).")
+_REG_OPT = typer.Option(None, "--registry", help="Registry URI, e.g. http://mlflow:5000 (default: registry.uri, $TUNELOOP_REGISTRY_URI, else the local SQLite registry).")
+_JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+_REASON_OPT = typer.Option("", "--reason", help="Why: recorded in the event log.")
 
-    ws, _ = _workspace(config)
-    return Registry(ws.root)
+
+def _registry(config: Optional[Path], workspace: Optional[Path] = None, registry: Optional[str] = None):
+    """The registry a `models` command talks to: found like git finds a repository, or as given."""
+    from tuneloop.errors import InputError
+    from tuneloop.registry.api import open_registry, registry_uri
+    from tuneloop.workspace import Workspace
+
+    cfg = None
+    if workspace is not None:
+        ws = Workspace(workspace)
+    elif config is not None:
+        ws, cfg = _workspace(config)
+    else:
+        try:
+            ws = Workspace.find()
+        except InputError:
+            if registry_uri(registry) is None:
+                raise
+            ws = None  # a remote registry needs no workspace; downloads go to the user cache
+    return open_registry(registry or cfg, ws)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
 
 
 @models_app.command("list")
 def models_list(
     name: Optional[str] = typer.Argument(None, help="Only this registered model."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's workspace."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    all_versions: bool = typer.Option(False, "--all", help="Include deleted versions."),
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
 ) -> None:
-    """Registered versions, newest first."""
+    """Registered versions, oldest first (deleted ones only with --all)."""
     with _guard():
-        versions = _registry(config).list_versions(name)
+        reg = _registry(config, workspace, registry)
+        versions = reg.list_versions(name, include_deleted=all_versions)
         if json_out:
             _print_json(versions)
             return
-        t = Table(title="registered model versions")
-        for col in ("version", "aliases", "created", "kind", "accuracy", "base", "artifact sha256"):
+        t = Table(title=f"registered model versions ({reg.backend}: {reg.location})")
+        for col in ("version", "aliases", "created", "kind", "accuracy", "base", "tags", "artifact sha256"):
             t.add_column(col)
         for v in versions:
             acc = v.get("metrics", {}).get("evaluation", {}).get("accuracy")
+            ref = f"[dim strike]{v['ref']}[/] (deleted)" if v.get("deleted") else v["ref"]
             t.add_row(
-                v["ref"], ", ".join(v.get("aliases", [])), v["created_at"], v["artifact_kind"],
-                f"{acc:.3f}" if isinstance(acc, float) else "", v["base_model"], v["artifact_digest"][:16],
+                ref, ", ".join(v.get("aliases", [])), v["created_at"], v["artifact_kind"],
+                f"{acc:.3f}" if isinstance(acc, float) else "", v["base_model"],
+                ", ".join(f"{k}={val}" for k, val in v.get("tags", {}).items()), v["artifact_digest"][:16],
             )
         out.print(t)
 
@@ -221,30 +254,269 @@ def models_list(
 @models_app.command("show")
 def models_show(
     version: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS, or NAME (latest)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's workspace."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
 ) -> None:
-    """One version: lineage, metrics, gate results, artifact."""
+    """One version: lineage, metrics, gate results, tags, artifact."""
     with _guard():
-        reg = _registry(config)
+        reg = _registry(config, workspace, registry)
         model, ref = reg.parse_ref(version)
         v = reg.get(model, ref)
         if json_out:
             _print_json(v)
             return
         out.print(f"[bold]{v['ref']}[/]  aliases: {', '.join(v.get('aliases', [])) or '-'}  created {v['created_at']}")
-        out.print(f"artifact: {v['artifact_kind']} sha256 {v['artifact_digest']} at {v['artifact_path']}")
+        if v.get("deleted"):
+            d = v["deleted"]
+            out.print(f"[red]deleted[/] {d['at']} by {d['actor']}: {d['reason'] or '(no reason given)'}")
+        out.print(f"artifact: {v['artifact_kind']} sha256 {v['artifact_digest']} at {v.get('artifact_uri') or v['artifact_path']}")
         lin = v["lineage"]
-        out.print(f"base model: {v['base_model']}  ({lin.get('base_model_fingerprint', '')[:24]})")
-        out.print(f"data: train {str(lin.get('data', {}).get('train_digest'))[:16]}  eval {str(lin.get('data', {}).get('eval_digest'))[:16]}")
-        out.print(f"config hash {lin.get('config_hash', '')[:16]}  code {lin.get('code_version')}  run {lin.get('run_id')}")
-        t = Table(title="gates")
-        for col in ("gate", "value", "threshold", "verdict"):
-            t.add_column(col)
-        for name, g in v.get("gates", {}).items():
-            verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}[g["passed"]]
-            t.add_row(name, f"{g['value']:.4g}", f"{g['op']} {g['threshold']}", verdict)
+        out.print(f"base model: {v['base_model']}  ({str(lin.get('base_model_fingerprint') or '')[:24]})")
+        if lin.get("data"):
+            out.print(f"data: train {str(lin['data'].get('train_digest'))[:16]}  eval {str(lin['data'].get('eval_digest'))[:16]}")
+        out.print(f"config hash {str(lin.get('config_hash') or '')[:16]}  code {lin.get('code_version')}  run {lin.get('run_id')}")
+        if lin.get("git"):
+            g = lin["git"]
+            out.print(f"git: {g.get('commit', '')[:12]} on {g.get('branch')}{' (dirty)' if g.get('dirty') else ''}")
+        if v.get("tags"):
+            out.print("tags: " + ", ".join(f"{k}={val}" for k, val in v["tags"].items()))
+        if v.get("gates"):
+            t = Table(title="gates")
+            for col in ("gate", "value", "threshold", "verdict"):
+                t.add_column(col)
+            for name, g in v["gates"].items():
+                verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}.get(g.get("passed"), str(g.get("passed")))
+                t.add_row(name, _fmt(g.get("value")), f"{g.get('op', '')} {_fmt(g.get('threshold'))}", verdict)
+            out.print(t)
+
+
+@models_app.command("lineage")
+def models_lineage(
+    version: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS, or NAME (latest)."),
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Where a version came from: base model, data, config, code, run, metrics, gates and its event history."""
+    from tuneloop.registry.ops import lineage_of
+
+    with _guard():
+        lin = lineage_of(_registry(config, workspace, registry), version)
+        if json_out:
+            _print_json(lin)
+            return
+        t = Table(title=f"lineage of {lin['ref']}", show_header=False)
+        t.add_column("what", style="bold")
+        t.add_column("value")
+        base = lin["base_model"] or {}
+        t.add_row("artifact", f"{lin['artifact']['kind']} sha256 {lin['artifact']['sha256']}")
+        t.add_row("base model", f"{base.get('id')}  rev {base.get('revision') or '-'}  digest {str(base.get('digest') or '-')[:28]}")
+        for k, val in (lin.get("data") or {}).items():
+            t.add_row(f"data.{k}", _fmt(val))
+        for key in ("run_id", "pipeline", "config_hash", "code_version", "source_path"):
+            if lin.get(key):
+                t.add_row(key, str(lin[key]))
+        if lin.get("git"):
+            g = lin["git"]
+            t.add_row("git", f"{g.get('commit')} ({g.get('branch')}{', dirty' if g.get('dirty') else ''})")
+        ev = lin["metrics"].get("evaluation", lin["metrics"]) if isinstance(lin["metrics"], dict) else {}
+        for k, val in ev.items():
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                t.add_row(f"metric {k}", _fmt(val))
+        for name, g in (lin.get("gates") or {}).items():
+            t.add_row(f"gate {name}", {True: "passed", False: "failed", None: "not applied"}.get(g.get("passed"), "?"))
         out.print(t)
+        e = Table(title="events")
+        for col in ("when", "event", "who", "why", "details"):
+            e.add_column(col)
+        for ev_ in lin["events"]:
+            e.add_row(ev_["at"], ev_["kind"], ev_["actor"], ev_["reason"], json.dumps(ev_["details"], sort_keys=True))
+        out.print(e)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str = typer.Argument(..., help="The version to promote: NAME:VERSION, NAME@ALIAS or NAME (latest)."),
+    alias: str = typer.Option("champion", "--alias", help="Alias to move; the version it left is kept as `previous` (`<alias>-previous` for other aliases)."),
+    reason: str = _REASON_OPT,
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Point an alias (default `champion`) at a version, keeping the old one as `previous`."""
+    with _guard():
+        reg = _registry(config, workspace, registry)
+        model, ref = reg.parse_ref(version)
+        v = reg.promote(model, ref, alias=alias, reason=reason)
+        aliases = reg.aliases(model)
+        if json_out:
+            _print_json({"model": model, "alias": alias, "version": v["version"], "ref": v["ref"], "aliases": aliases})
+            return
+        out.print(f"[green]{model}@{alias}[/] -> {v['ref']}   aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str = typer.Argument(..., help="Registered model name."),
+    alias: str = typer.Option("champion", "--alias", help="Alias to roll back to its previous version."),
+    reason: str = _REASON_OPT,
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Point an alias back at `previous`; the rolled-back version becomes `previous` (so twice round-trips)."""
+    with _guard():
+        reg = _registry(config, workspace, registry)
+        v = reg.rollback(name, alias=alias, reason=reason)
+        aliases = reg.aliases(name)
+        if json_out:
+            _print_json({"model": name, "alias": alias, "version": v["version"], "ref": v["ref"], "aliases": aliases})
+            return
+        out.print(f"[yellow]rolled back[/] {name}@{alias} -> {v['ref']}   aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()))
+
+
+@models_app.command("diff")
+def models_diff(
+    a: str = typer.Argument(..., help="First version ref."),
+    b: str = typer.Argument(..., help="Second version ref."),
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Compare two versions: config key by key, data digests, metrics (with deltas), base, artifact, gates."""
+    from tuneloop.registry.ops import diff_versions
+
+    with _guard():
+        d = diff_versions(_registry(config, workspace, registry), a, b)
+        if json_out:
+            _print_json(d)
+            return
+        out.print(f"[bold]{d['a']}[/] vs [bold]{d['b']}[/]   artifact {'same' if d['artifact']['same'] else 'different'}, "
+                  f"base {'same' if d['base_model']['same_digest'] else 'different'}, config hash {'same' if d['config_hash']['same'] else 'different'}")
+        for section in ("config", "data"):
+            t = Table(title=f"{section} ({len(d[section])} difference(s))")
+            for col in ("key", d["a"], d["b"]):
+                t.add_column(col)
+            for row in d[section]:
+                t.add_row(row["key"], _fmt(row["a"]), _fmt(row["b"]))
+            out.print(t)
+        t = Table(title="metrics")
+        for col in ("metric", d["a"], d["b"], "delta"):
+            t.add_column(col)
+        for row in d["metrics"]:
+            t.add_row(row["key"], _fmt(row["a"]), _fmt(row["b"]), _fmt(row.get("delta")))
+        out.print(t)
+        if d["gates"]:
+            out.print("gates: " + ", ".join(f"{g}: {v['a']} -> {v['b']}" for g, v in d["gates"].items()))
+
+
+@models_app.command("tag")
+def models_tag(
+    version: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS or NAME (latest)."),
+    tags: list[str] = typer.Argument(None, help="KEY=VALUE pairs to set."),
+    remove: list[str] = typer.Option([], "--remove", help="Tag key to remove (repeatable)."),
+    reason: str = _REASON_OPT,
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Set (KEY=VALUE) or remove (--remove KEY) tags on a version; each change is an event."""
+    from tuneloop.errors import InputError
+
+    with _guard():
+        pairs = []
+        for item in tags or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InputError(f"tag {item!r} is not KEY=VALUE (e.g. `tuneloop models tag bot:3 reviewed=yes`)")
+            pairs.append((key, value))
+        if not pairs and not remove:
+            raise InputError("nothing to do: give KEY=VALUE pairs to set and/or --remove KEY")
+        reg = _registry(config, workspace, registry)
+        model, ref = reg.parse_ref(version)
+        number = reg.get(model, ref)["version"]
+        for key, value in pairs:
+            reg.set_tag(model, number, key, value, reason=reason)
+        for key in remove:
+            reg.remove_tag(model, number, key, reason=reason)
+        v = reg.get(model, number)
+        if json_out:
+            _print_json({"ref": v["ref"], "tags": v["tags"]})
+            return
+        out.print(f"{v['ref']} tags: " + (", ".join(f"{k}={val}" for k, val in v["tags"].items()) or "none"))
+
+
+@models_app.command("delete")
+def models_delete(
+    version: str = typer.Argument(..., help="NAME:VERSION (or NAME@ALIAS)."),
+    force: bool = typer.Option(False, "--force", help="Also remove aliases that point at the version."),
+    reason: str = _REASON_OPT,
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Soft-delete a version: hidden from `list` (see --all), lineage kept, artifact freed once unreferenced."""
+    with _guard():
+        reg = _registry(config, workspace, registry)
+        model, ref = reg.parse_ref(version)
+        res = reg.delete(model, ref, force=force, reason=reason)
+        if json_out:
+            _print_json(res)
+            return
+        out.print(f"deleted {res['version']['ref']}"
+                  + (f"; removed aliases {', '.join(res['removed_aliases'])}" if res["removed_aliases"] else "")
+                  + (f"; freed artifact {res['collected'][0][:16]}" if res["collected"] else "; artifact kept (still referenced)"))
+
+
+@models_app.command("register")
+def models_register(
+    path: Path = typer.Argument(..., help="A model (config.json) or PEFT adapter (adapter_config.json) directory with safetensors weights."),
+    name: str = typer.Option(..., "--name", help="Registered model name."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of an adapter (default: base_model_name_or_path in its adapter_config.json)."),
+    reason: str = _REASON_OPT,
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Register a model or adapter directory produced elsewhere as the next version of NAME."""
+    from tuneloop.registry.ops import register_directory
+
+    with _guard():
+        v = register_directory(_registry(config, workspace, registry), path, name, base=base, reason=reason)
+        if json_out:
+            _print_json(v)
+            return
+        out.print(f"registered [bold]{v['ref']}[/] ({v['artifact_kind']}, sha256 {v['artifact_digest'][:16]}, base {v['base_model']})")
+
+
+@models_app.command("export")
+def models_export(
+    version: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS or NAME (latest)."),
+    out_dir: Path = typer.Argument(..., help="New directory to write (must not exist or be empty)."),
+    merged: bool = typer.Option(False, "--merged", help="Merge a LoRA adapter into its base and save the full model."),
+    config: Optional[Path] = _CONFIG_OPT,
+    workspace: Optional[Path] = _WS_OPT,
+    registry: Optional[str] = _REG_OPT,
+    json_out: bool = _JSON_OPT,
+) -> None:
+    """Write a standard Hugging Face model/adapter directory (transformers, PEFT and vLLM load it directly)."""
+    from tuneloop.registry.ops import export_version
+
+    with _guard(), _stdout_to_stderr(json_out):
+        res = export_version(_registry(config, workspace, registry), version, out_dir, merged=merged)
+    if json_out:
+        _print_json(res)
+        return
+    out.print(f"exported {res['ref']} as a {'merged ' if merged else ''}{res['kind']} to {res['path']}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -354,12 +626,12 @@ def serve(
     import uvicorn
 
     from tuneloop.errors import InputError
-    from tuneloop.registry.db import Registry
+    from tuneloop.registry.api import open_registry
     from tuneloop.serve.app import create_app, load_served_model
 
     with _guard():
         ws, cfg = _workspace(config)
-        reg = Registry(ws.root)
+        reg = open_registry(cfg, ws)
         name = model or (cfg.model_name if cfg else None)
         if name is None:
             names = reg.models()

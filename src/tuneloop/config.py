@@ -162,6 +162,15 @@ class RegistryConfig(_Section):
     """Where passed models are recorded."""
 
     model_name: str | None = Field(None, description="Registered model name; defaults to the pipeline `name`.")
+    uri: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description=(
+            "Registry backend. Unset: the local SQLite registry in the workspace. `http://host:port`: a shared "
+            "MLflow tracking server (versions, aliases, tags and lineage in its Model Registry, artifacts in its "
+            "artifact store; needs `pip install tuneloop[mlflow]`). `$TUNELOOP_REGISTRY_URI` sets it for every run."
+        ),
+    )
 
 
 class DeployConfig(_Section):

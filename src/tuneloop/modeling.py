@@ -51,16 +51,22 @@ def load_tokenizer(name: str, chat_template: str | None = None):
 
 
 def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32):
-    """A causal LM from a directory (or cached hub id), optionally with a LoRA adapter applied on top."""
+    """A causal LM from a directory (or cached hub id), optionally with a LoRA adapter applied on top.
+
+    Safetensors only (``use_safetensors=True``): pickle checkpoints (``pytorch_model.bin``) are refused,
+    because unpickling can run arbitrary code.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {path!r}: {exc}") from None
     if adapter:
         from peft import PeftModel
 
+        if not (Path(adapter) / "adapter_model.safetensors").is_file():
+            raise InputError(f"adapter {adapter} has no adapter_model.safetensors; tuneloop loads safetensors adapters only")
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model

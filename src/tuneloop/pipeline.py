@@ -169,6 +169,10 @@ class FineTunePipeline:
                 require_cuda_for_qlora()
             except StageError as exc:
                 problems.append(f"train.method: {exc}")
+        from tuneloop.registry.api import registry_problem
+
+        if (problem := registry_problem(c)) is not None:
+            problems.append(problem)
         if problems:
             raise ConfigError(problems, self.config_path)
 
@@ -461,7 +465,8 @@ class FineTunePipeline:
             res.error = "gate blocked: " + "; ".join(blocked)
 
     def _stage_model_registry(self, res: StageResult, run_id: str, run_dir: Path) -> None:
-        from tuneloop.registry.db import Registry
+        from tuneloop.registry.api import open_registry
+        from tuneloop.registry.lineage import base_model_ref, git_info
 
         c = self.cfg
         R = self._results
@@ -473,15 +478,18 @@ class FineTunePipeline:
             "run_id": run_id,
             "pipeline": c.name,
             "base_model": c.base_model,
-            "base_model_fingerprint": model_fingerprint(c.base_model),
+            "base": (base := base_model_ref(c.base_model)),
+            "base_model_fingerprint": base["digest"],
             "data": {"train_digest": val.get("digest"), "eval_digest": val.get("eval_digest"), "train_path": c.data.train_data, "eval_path": c.data.eval_data},
             "config_hash": sha256_json(c.to_dict()),
             "config": c.to_dict(),
             "code_version": code_version(),
             "stage_keys": {s.value: k for s, k in self._keys.items()},
+            "git": git_info(Path(self.config_path).parent if self.config_path else None),
+            "config_path": self.config_path,
         }
         cache_key = sha256_json([self._keys[PipelineStage.TRAINING], self._keys[PipelineStage.EVALUATION]])
-        reg = Registry(self.ws.root)
+        reg = open_registry(c, self.ws)
         version = reg.register(
             c.model_name,
             Path(tr_out["model_dir"]),
@@ -499,19 +507,17 @@ class FineTunePipeline:
         self._outputs[PipelineStage.MODEL_REGISTRY] = res.outputs
 
     def _stage_deployment(self, res: StageResult, run_id: str, run_dir: Path) -> None:
-        from tuneloop.registry.db import Registry
+        from tuneloop.registry.api import open_registry
 
         c = self.cfg
-        reg = Registry(self.ws.root)
+        reg = open_registry(c, self.ws)
         version = self._outputs[PipelineStage.MODEL_REGISTRY]["version"]
         alias = c.deploy.alias
         current = reg.get_alias(c.model_name, alias)
         if current == version:
             res.cached = True
-        elif alias == "champion":
-            reg.promote(c.model_name, version, reason=f"auto_deploy in run {run_id}")
-        else:
-            reg.set_alias(c.model_name, alias, version, reason=f"auto_deploy in run {run_id}")
+        else:  # `previous` (or `<alias>-previous`) keeps the version it replaced, for `tuneloop models rollback`
+            reg.promote(c.model_name, version, alias=alias, reason=f"auto_deploy in run {run_id}")
         res.metrics = {"alias": alias, "version": version, "previous": current}
         res.outputs = {"ref": f"{c.model_name}@{alias}", "serve": f"tuneloop serve {self.config_path or ''}".strip()}
 

@@ -113,6 +113,22 @@ class ArtifactStore:
             f"verification; remove {target} by hand and register again"
         )
 
+    def remove(self, digest: str) -> bool:
+        """Delete a stored artifact (moved aside atomically first, so readers never see half of it)."""
+        target = self.path(digest)
+        if not target.exists():
+            return False
+        self.root.mkdir(parents=True, exist_ok=True)
+        trash = Path(tempfile.mkdtemp(prefix=".tmp-gc-", dir=self.root))
+        try:
+            os.rename(target, trash / "old")
+            _fsync_dir(self.root)
+            return True
+        except FileNotFoundError:
+            return False  # removed concurrently
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+
     # -- reading ---------------------------------------------------------------------------------
 
     def path(self, digest: str) -> Path:

@@ -29,10 +29,14 @@ class ServedModel:
 
 def load_served_model(registry, model_name: str, ref: str = "champion") -> ServedModel:
     """Load a version (number, alias or ``latest``) after verifying its artifact's sha256."""
+    from tuneloop.registry.lineage import check_base
+
     v = registry.get(model_name, ref)
-    path = registry.store.open_verified(v["artifact_digest"])
+    path = registry.open_artifact(model_name, v["version"])  # verifies every file's sha256
     if v["artifact_kind"] == "adapter":
-        model = load_causal_lm(v["base_model"], adapter=str(path))
+        lin = v["lineage"]
+        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+        model = load_causal_lm(base, adapter=str(path))
     else:
         model = load_causal_lm(str(path))
     tok = load_tokenizer(str(path))

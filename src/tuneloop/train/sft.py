@@ -183,6 +183,7 @@ def train_sft(
 
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
     tokenizer.save_pretrained(str(tmp))
     atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
     replace_dir(tmp, work_dir / "model")

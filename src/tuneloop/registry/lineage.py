@@ -1,0 +1,175 @@
+"""What a registered version records about where it came from, and what an artifact directory must be.
+
+* :func:`check_artifact_dir` — safetensors only: a directory without ``*.safetensors`` weights, or with any
+  pickle-format file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.ckpt``), is refused before anything is stored.
+* :func:`detect_kind` — ``adapter`` (has ``adapter_config.json``) or ``model`` (has ``config.json``).
+* :func:`base_model_ref` — a base model as lineage: the id or path given, the resolved local path, the hub
+  revision when known, and a content digest (the same fingerprint the pipeline's cache keys use).
+* :func:`git_info` — commit, branch and dirty flag of the git repository around a directory, if any.
+* :func:`actor` — who is acting: ``$TUNELOOP_USER``, else the login name.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import InputError
+from tuneloop.fsutil import sha256_file, sha256_json
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def actor() -> str:
+    """``$TUNELOOP_USER`` if set (CI jobs, shared accounts), else the login name."""
+    user = os.environ.get("TUNELOOP_USER", "").strip()
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry)
+        return "unknown"
+
+
+def content_files(path: Path) -> list[Path]:
+    """Files of an artifact directory as the store sees them (hidden files and folders skipped)."""
+    return sorted(
+        p for p in Path(path).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+
+
+def check_artifact_dir(path: Path, kind: str | None = None) -> None:
+    """Refuse a directory that is not safetensors-only (clear error naming the files and the fix)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"artifact directory {path} does not exist or is not a directory")
+    files = content_files(path)
+    pickles = [f.relative_to(path).as_posix() for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        shown = ", ".join(pickles[:5]) + (f" and {len(pickles) - 5} more" if len(pickles) > 5 else "")
+        raise InputError(
+            f"artifact directory {path} contains pickle-format files ({shown}); tuneloop stores and loads "
+            "safetensors only, because loading a pickle can run arbitrary code. Re-save the weights with "
+            "save_pretrained(dir, safe_serialization=True) and remove the pickle files "
+            "(training_args.bin from transformers' Trainer is not needed)"
+        )
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise InputError(
+            f"artifact directory {path} has no *.safetensors weights; point at the directory that "
+            "save_pretrained wrote (model.safetensors or adapter_model.safetensors)"
+        )
+    if kind == "adapter" and not (path / "adapter_config.json").is_file():
+        raise InputError(f"{path} is registered as an adapter but has no adapter_config.json (a PEFT adapter directory has one)")
+
+
+def detect_kind(path: Path) -> str:
+    """``adapter`` for a PEFT adapter directory, ``model`` for a transformers model directory."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    raise InputError(
+        f"{path} is neither a PEFT adapter (adapter_config.json) nor a transformers model (config.json); "
+        "point at a directory written by save_pretrained"
+    )
+
+
+def adapter_base(path: Path) -> str | None:
+    """The ``base_model_name_or_path`` an adapter directory names, if any."""
+    try:
+        cfg = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {Path(path) / 'adapter_config.json'}: {e}") from None
+    base = cfg.get("base_model_name_or_path")
+    return base if isinstance(base, str) and base else None
+
+
+def model_fingerprint(name: str) -> str:
+    """Identity of a base model: digest of a local directory's files, or the hub id itself.
+
+    Files over 64 MiB are identified by size and mtime rather than hashed (the same rule as the
+    pipeline's cache keys, so the two agree).
+    """
+    p = Path(name)
+    if not p.is_dir():
+        return f"hub:{name}"
+    parts = [
+        (f.relative_to(p).as_posix(), sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}")
+        for f in sorted(p.rglob("*"))
+        if f.is_file() and not f.name.startswith(".")
+    ]
+    return "dir:" + sha256_json(parts)
+
+
+def base_model_ref(name: str) -> dict[str, Any]:
+    """Lineage of a base model: ``id`` as given, ``path`` (absolute, local only), ``revision``, ``digest``."""
+    p = Path(name)
+    ref: dict[str, Any] = {"id": name, "path": str(p.resolve()) if p.is_dir() else None, "revision": None}
+    if p.is_dir():
+        # A hub snapshot directory (…/snapshots/<commit>/) names its revision.
+        if p.resolve().parent.name == "snapshots":
+            ref["revision"] = p.resolve().name
+        try:
+            commit = json.loads((p / "config.json").read_text(encoding="utf-8")).get("_commit_hash")
+            ref["revision"] = ref["revision"] or commit
+        except (OSError, ValueError, AttributeError):
+            pass
+    ref["digest"] = model_fingerprint(name)
+    return ref
+
+
+def check_base(base: dict[str, Any] | str, recorded_digest: str | None) -> str:
+    """Return where to load a version's base model from, after checking it is the one registered.
+
+    A local base directory whose files changed since registration is refused (IntegrityError), because
+    an adapter on a different base is a different model.
+    """
+    from tuneloop.errors import IntegrityError
+
+    ident = base if isinstance(base, str) else (base.get("path") or base.get("id"))
+    if not ident:
+        raise InputError("the version records no base model; register it again with --base")
+    if recorded_digest and recorded_digest.startswith("dir:"):
+        if not Path(ident).is_dir():
+            raise InputError(
+                f"the base model directory {ident} recorded for this adapter does not exist any more; "
+                "restore it, or export/serve a merged model registered from another machine"
+            )
+        now = model_fingerprint(ident)
+        if now != recorded_digest:
+            raise IntegrityError(
+                f"base model {ident} changed since the adapter was registered (digest {now[4:16]}..., "
+                f"recorded {recorded_digest[4:16]}...); the adapter was trained on other weights. Restore the "
+                "original base model, or register the adapter again with the new base (--base)"
+            )
+    return ident
+
+
+def git_info(cwd: Path | None = None) -> dict[str, Any] | None:
+    """Commit, branch and dirty flag of the git repository containing ``cwd``; None outside a repository."""
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(
+                ["git", *args], cwd=cwd or Path.cwd(), capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": commit,
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+        "root": git("rev-parse", "--show-toplevel"),
+    }

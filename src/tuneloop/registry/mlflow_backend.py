@@ -1,0 +1,559 @@
+"""The registry on a shared MLflow tracking server (``registry.uri: http://host:port``).
+
+Same interface and semantics as the SQLite :class:`tuneloop.registry.db.Registry`, stored in MLflow:
+
+* a tuneloop model is an MLflow *registered model* (tagged ``tuneloop.managed``); a version is an MLflow
+  *model version*, numbered by the server. Its record (kind, base, artifact sha256, cache key, lineage,
+  metrics, gates, deletion) lives in model-version tags under ``tuneloop.``; user tags are the other tags.
+* aliases are MLflow aliases (``champion``, ``previous``, ...), so ``models:/name@champion`` works in MLflow.
+* artifacts: each registration is an MLflow run in the experiment ``tuneloop-registry``; the directory is
+  logged as the run's ``artifact/`` (with the ``.manifest.json`` of per-file sha256), its metrics as run
+  metrics. ``open_artifact`` downloads into a local content-addressed cache and refuses a copy whose
+  sha256 digest differs from the one recorded at registration (IntegrityError naming the files).
+* events (registered, promoted, rolled_back, alias_set, tagged, deleted) are registered-model tags
+  ``tuneloop.event.<time>.<random>`` holding JSON; they are only ever added.
+
+MLflow has no multi-statement transactions, so unlike SQLite: two processes promoting the same alias at the
+same moment may interleave (the last one wins, both events are recorded), and two registrations with the
+same cache key at the same moment may both create a version. Version numbers are still unique (the
+server assigns them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from tuneloop.errors import InputError, IntegrityError, TuneloopError
+from tuneloop.fsutil import read_json
+from tuneloop.registry.db import (
+    ARTIFACT_KINDS,
+    _check_model_name,
+    _check_tag,
+    _ranges,
+    parse_ref,
+    previous_alias,
+)
+from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore, _hash_file
+
+log = logging.getLogger("tuneloop")
+EXPERIMENT = "tuneloop-registry"
+P = "tuneloop."
+_RECORD_KEYS = ("kind", "base_model", "artifact_digest", "cache_key", "created_at", "lineage", "metrics", "gates")
+_ALIAS_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class MlflowRegistry:
+    """Model versions, aliases, tags and events in an MLflow Model Registry; artifacts in its artifact store."""
+
+    parse_ref = staticmethod(parse_ref)
+    backend = "mlflow"
+
+    def __init__(self, uri: str, *, cache_dir: Path | None = None):
+        try:
+            from mlflow import MlflowClient
+        except ImportError:
+            raise InputError(
+                f"registry.uri is {uri!r} (an MLflow server) but mlflow is not installed; "
+                "install it with `pip install 'tuneloop[mlflow]'`"
+            ) from None
+        # Fail fast when the server is down instead of retrying for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        # MLflow prints "View run ... at URL" on stdout, which would break `--json`: keep stdout ours.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self.uri = uri.rstrip("/")
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        cache_dir = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "mlflow"
+        self.store = ArtifactStore(cache_dir / "artifacts")
+        self._experiment_id: str | None = None
+
+    @property
+    def location(self) -> str:
+        return self.uri
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _mlflow(self, doing: str) -> Iterator[None]:
+        """Map MLflow and connection errors to tuneloop's typed errors, saying which server and what to do."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except TuneloopError:
+            raise
+        except MlflowException as e:
+            code = getattr(e, "error_code", "")
+            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
+                raise InputError(f"MLflow registry {self.uri}: cannot {doing}: {e.message}") from None
+            raise TuneloopError(
+                f"MLflow registry {self.uri}: cannot {doing}: {e.message}; check that the server is running "
+                "and reachable (`curl URI/health`), then try again"
+            ) from None
+        except (OSError, ConnectionError) as e:
+            raise TuneloopError(
+                f"cannot reach the MLflow server {self.uri} to {doing}: {e}; start it (`mlflow server ...`) "
+                "or fix registry.uri / $TUNELOOP_REGISTRY_URI"
+            ) from None
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def register(
+        self,
+        model: str,
+        artifact_dir: Path,
+        *,
+        artifact_kind: str,
+        base_model: str,
+        lineage: dict,
+        metrics: dict,
+        gates: dict,
+        cache_key: str | None = None,
+        actor: str | None = None,
+        reason: str = "",
+    ) -> dict:
+        """Log ``artifact_dir`` as an MLflow run and create the next model version of ``model`` from it."""
+        from tuneloop.registry.db import _to_json
+        from tuneloop.registry.lineage import check_artifact_dir
+
+        _check_mlflow_name(model)
+        if artifact_kind not in ARTIFACT_KINDS:
+            raise InputError(f"artifact_kind must be one of {', '.join(ARTIFACT_KINDS)}, got {artifact_kind!r}")
+        if not isinstance(base_model, str) or not base_model:
+            raise InputError(f"base_model must be a non-empty string (a hub id or a path), got {base_model!r}")
+        record = {
+            "lineage": _to_json(lineage, "lineage"),
+            "metrics": _to_json(metrics, "metrics"),
+            "gates": _to_json(gates, "gates"),
+        }
+        check_artifact_dir(Path(artifact_dir), artifact_kind)
+        if cache_key is not None:
+            found = self._by_cache_key(model, cache_key)
+            if found is not None:
+                return found
+        # The local store computes the manifest (per-file sha256) and keeps a verified copy to upload.
+        digest = self.store.put_dir(Path(artifact_dir))
+        stored = self.store.open_verified(digest)
+        now = _now()
+        with self._mlflow(f"register a version of {model!r}"):
+            self._ensure_model(model)
+            run = self.client.create_run(
+                self._experiment(), run_name=f"{model}-register",
+                tags={f"{P}model": model, f"{P}kind": artifact_kind, f"{P}artifact_digest": digest},
+            )
+            run_id = run.info.run_id
+            try:
+                self.client.log_artifacts(run_id, str(stored), "artifact")
+                self._log_metrics(run_id, metrics)
+            except BaseException:
+                self.client.set_terminated(run_id, "FAILED")
+                raise
+            self.client.set_terminated(run_id, "FINISHED")
+            tags = {
+                f"{P}kind": artifact_kind,
+                f"{P}base_model": base_model,
+                f"{P}artifact_digest": digest,
+                f"{P}created_at": now,
+                **{f"{P}{k}": v for k, v in record.items()},
+            }
+            if cache_key is not None:
+                tags[f"{P}cache_key"] = cache_key
+            mv = self.client.create_model_version(model, f"runs:/{run_id}/artifact", run_id=run_id, tags=tags)
+            number = int(mv.version)
+            self._add_event(model, number, "registered", actor, reason,
+                            {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key, "run_id": run_id})
+            return self.get(model, number)
+
+    def set_alias(self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = "") -> None:
+        _check_mlflow_alias(alias)
+        target = self._get_live(model, version, f"point alias {alias!r} at")["version"]
+        old = self._aliases(model).get(alias)
+        with self._mlflow(f"set alias {alias!r} of {model!r}"):
+            self.client.set_registered_model_alias(model, alias, str(target))
+        self._add_event(model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
+
+    def promote(self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
+        _check_mlflow_alias(alias)
+        prev_name = previous_alias(alias)
+        if alias == "previous" or alias.endswith("-previous"):
+            raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
+        target = self._get_live(model, version, f"promote to {alias!r}")["version"]
+        aliases = self._aliases(model)
+        old, old_previous = aliases.get(alias), aliases.get(prev_name)
+        if old != target:
+            with self._mlflow(f"promote {model}:{target}"):
+                if old is not None:
+                    self.client.set_registered_model_alias(model, prev_name, str(old))
+                self.client.set_registered_model_alias(model, alias, str(target))
+            details = {
+                "alias": alias,
+                alias: {"old": old, "new": target},
+                prev_name: {"old": old_previous, "new": old if old is not None else old_previous},
+            }
+            self._add_event(model, target, "promoted", actor, reason, details)
+        return self.get(model, target)
+
+    def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
+        _check_mlflow_alias(alias)
+        prev_name = previous_alias(alias)
+        aliases = self._aliases(model)
+        current, previous = aliases.get(alias), aliases.get(prev_name)
+        if previous is None:
+            raise InputError(
+                f"cannot roll back {model}@{alias}: there is no {prev_name!r} alias (nothing was promoted over "
+                f"another version yet){_alias_hint(aliases)}; use `tuneloop models promote {model}:VERSION "
+                f"--alias {alias}` to pick a version"
+            )
+        self._get_live(model, previous, "roll back to")
+        with self._mlflow(f"roll back {model}@{alias}"):
+            self.client.set_registered_model_alias(model, alias, str(previous))
+            if current is not None:
+                self.client.set_registered_model_alias(model, prev_name, str(current))
+            else:
+                self.client.delete_registered_model_alias(model, prev_name)
+        details = {"alias": alias, alias: {"old": current, "new": previous}, prev_name: {"old": previous, "new": current}}
+        self._add_event(model, previous, "rolled_back", actor, reason, details)
+        return self.get(model, previous)
+
+    def set_tag(self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = "") -> dict:
+        _check_tag(key, value)
+        v = self.get(model, version)
+        old = v["tags"].get(key)
+        if old != value:
+            with self._mlflow(f"tag {v['ref']}"):
+                self.client.set_model_version_tag(model, str(v["version"]), key, value)
+            self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": old, "new": value})
+        return self.get(model, v["version"])
+
+    def remove_tag(self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = "") -> dict:
+        v = self.get(model, version)
+        if key not in v["tags"]:
+            raise InputError(f"{v['ref']} has no tag {key!r}; its tags: {', '.join(sorted(v['tags'])) or 'none'}")
+        with self._mlflow(f"untag {v['ref']}"):
+            self.client.delete_model_version_tag(model, str(v["version"]), key)
+        self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": v["tags"][key], "new": None})
+        return self.get(model, v["version"])
+
+    def delete(self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = "") -> dict:
+        """Soft delete: a ``tuneloop.deleted`` tag, aliases removed only with ``force``, run artifacts collected."""
+        from tuneloop.registry.lineage import actor as default_actor
+
+        v = self.get(model, version)
+        number = v["version"]
+        if v["deleted"]:
+            raise InputError(f"{v['ref']} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}")
+        pointing = sorted(v["aliases"])
+        if pointing and not force:
+            raise InputError(
+                f"{v['ref']} is what alias(es) {', '.join(pointing)} point at; promote or roll back to another "
+                "version first, or delete with --force to remove the alias(es) too"
+            )
+        deletion = {"at": _now(), "actor": actor or default_actor(), "reason": reason or ""}
+        with self._mlflow(f"delete {v['ref']}"):
+            for a in pointing:
+                self.client.delete_registered_model_alias(model, a)
+            self.client.set_model_version_tag(model, str(number), f"{P}deleted", json.dumps(deletion))
+        self._add_event(model, number, "deleted", actor, reason,
+                        {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing})
+        collected = self._collect(v)
+        return {"version": self.get(model, number), "removed_aliases": pointing, "collected": collected}
+
+    def _collect(self, v: dict) -> list[str]:
+        """Delete the version's run artifacts unless another live version uses the same source."""
+        source = v["artifact_uri"]
+        for other in self.list_versions():
+            if other["artifact_uri"] == source and other["ref"] != v["ref"]:
+                return []
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            with self._mlflow(f"delete the artifacts of {v['ref']}"):
+                run = self.client.get_run(v["run_id"])
+                get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri).delete_artifacts("artifact")
+        except TuneloopError as e:
+            # The deletion itself is recorded; an artifact store that refuses deletes only costs space.
+            log.warning("%s was deleted, but its artifacts stay in the MLflow artifact store: %s", v["ref"], e)
+            return []
+        if not any(o["artifact_digest"] == v["artifact_digest"] for o in self.list_versions()):
+            self.store.remove(v["artifact_digest"])
+        return [v["artifact_digest"]]
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, model: str, version: int | str = "latest") -> dict:
+        versions = self._versions(model)
+        number = self._resolve(model, version, versions)
+        if number not in versions:
+            live = [n for n, v in sorted(versions.items()) if not v["deleted"]]
+            raise InputError(
+                f"model {model!r} has no version {number}; known versions: {_ranges(live)}{_alias_hint(self._aliases(model))}"
+            )
+        return versions[number]
+
+    def resolve(self, ref: str) -> dict:
+        return self.get(*parse_ref(ref))
+
+    def open_artifact(self, model: str, version: int | str = "latest") -> Path:
+        """Download (or reuse a verified local copy of) a version's artifact; refuse it if any byte differs."""
+        v = self.get(model, version)
+        if v["deleted"]:
+            raise InputError(f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone")
+        digest = v["artifact_digest"]
+        if self.store.exists(digest) and self.store._verifies(digest):
+            return self.store.path(digest)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=self.store.root))
+        try:
+            with self._mlflow(f"download the artifact of {v['ref']}"):
+                got = Path(self.client.download_artifacts(v["run_id"], "artifact", str(tmp)))
+            problems = _problems_against_manifest(got)
+            from tuneloop.fsutil import sha256_dir
+
+            actual = sha256_dir(got)
+            if actual != digest or problems:
+                shown = "\n".join(f"  - {p}" for p in problems[:20]) or "  - the directory digest differs"
+                raise IntegrityError(
+                    f"artifact of {v['ref']} downloaded from {v['artifact_uri']} failed verification "
+                    f"(sha256 {actual[:16]}..., registered {digest[:16]}...):\n{shown}\n"
+                    "The copy in the MLflow artifact store is corrupted or was modified after registration; "
+                    "restore it from a backup or register the original directory again as a new version."
+                )
+            self.store.put_dir(got)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.store.open_verified(digest)
+
+    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]:
+        names = [model] if model is not None else self.models()
+        out = []
+        for name in names:
+            out += [v for _, v in sorted(self._versions(name).items()) if include_deleted or not v["deleted"]]
+        return out
+
+    def models(self) -> list[str]:
+        with self._mlflow("list registered models"):
+            found = self.client.search_registered_models(filter_string=f"tags.`{P}managed` = 'true'", max_results=1000)
+        return sorted(m.name for m in found)
+
+    def get_alias(self, model: str, alias: str) -> int | None:
+        return self._aliases(model).get(alias)
+
+    def aliases(self, model: str) -> dict[str, int]:
+        return self._aliases(model)
+
+    def events(self, model: str | None = None, version: int | None = None) -> list[dict]:
+        out = []
+        for name in [model] if model is not None else self.models():
+            rm = self._registered_model(name)
+            for key in sorted(k for k in rm.tags if k.startswith(f"{P}event.")):
+                e = json.loads(rm.tags[key])
+                if version is None or e.get("version") == version:
+                    out.append({"model": name, **e})
+        out.sort(key=lambda e: e["seq"])
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(EXPERIMENT)
+                except MlflowException:  # created concurrently
+                    self._experiment_id = self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def _ensure_model(self, model: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model, tags={f"{P}managed": "true"}, description="registered by tuneloop")
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            self.client.set_registered_model_tag(model, f"{P}managed", "true")
+
+    def _registered_model(self, model: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(model)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                with self._mlflow(f"read model {model!r}"):
+                    raise
+            rm = None
+        except (OSError, ConnectionError):
+            with self._mlflow(f"read model {model!r}"):
+                raise
+        if rm is None or rm.tags.get(f"{P}managed") != "true":
+            known = self.models()
+            raise InputError(
+                f"unknown model {model!r} in the MLflow registry {self.uri}; known models: "
+                f"{', '.join(known) if known else 'none yet (register a model first)'}"
+            )
+        return rm
+
+    def _aliases(self, model: str) -> dict[str, int]:
+        rm = self._registered_model(model)
+        return {a: int(v) for a, v in sorted((rm.aliases or {}).items())}
+
+    def _versions(self, model: str) -> dict[int, dict]:
+        aliases = self._aliases(model)
+        with self._mlflow(f"list versions of {model!r}"):
+            mvs = self.client.search_model_versions(filter_string=f"name = '{model}'", max_results=10000)
+        out = {}
+        for mv in mvs:
+            number = int(mv.version)
+            t = mv.tags or {}
+            if f"{P}artifact_digest" not in t:
+                continue  # a version created outside tuneloop
+            deleted = json.loads(t[f"{P}deleted"]) if f"{P}deleted" in t else None
+            out[number] = {
+                "model": model,
+                "version": number,
+                "ref": f"{model}:{number}",
+                "created_at": t.get(f"{P}created_at"),
+                "artifact_digest": t[f"{P}artifact_digest"],
+                "artifact_path": str(self.store.path(t[f"{P}artifact_digest"])),
+                "artifact_uri": mv.source,
+                "run_id": mv.run_id,
+                "artifact_kind": t.get(f"{P}kind"),
+                "base_model": t.get(f"{P}base_model"),
+                "cache_key": t.get(f"{P}cache_key"),
+                "lineage": json.loads(t.get(f"{P}lineage", "{}")),
+                "metrics": json.loads(t.get(f"{P}metrics", "{}")),
+                "gates": json.loads(t.get(f"{P}gates", "{}")),
+                "aliases": sorted(a for a, n in aliases.items() if n == number),
+                "tags": dict(sorted((k, v) for k, v in t.items() if not k.startswith(P))),
+                "deleted": deleted,
+            }
+        return out
+
+    def _resolve(self, model: str, version: int | str, versions: dict[int, dict]) -> int:
+        if isinstance(version, bool) or not isinstance(version, (int, str)):
+            raise InputError(f"version must be a number, 'latest' or an alias name, got {version!r}")
+        if isinstance(version, int):
+            return version
+        text = version.strip()
+        if text.isdigit():
+            return int(text)
+        if text == "latest":
+            live = [n for n, v in versions.items() if not v["deleted"]]
+            if not live:
+                raise InputError(f"model {model!r} has no live versions; register a new one")
+            return max(live)
+        aliases = self._aliases(model)
+        if text not in aliases:
+            live = sorted(n for n, v in versions.items() if not v["deleted"])
+            raise InputError(
+                f"model {model!r} has no alias {text!r}{_alias_hint(aliases)}; use a version number ({_ranges(live)}) or 'latest'"
+            )
+        return aliases[text]
+
+    def _get_live(self, model: str, version: int | str, doing: str) -> dict:
+        v = self.get(model, version)
+        if v["deleted"]:
+            live = [x["version"] for x in self.list_versions(model)]
+            raise InputError(
+                f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; "
+                f"live versions: {_ranges(live)}"
+            )
+        return v
+
+    def _by_cache_key(self, model: str, cache_key: str) -> dict | None:
+        try:
+            versions = self._versions(model)
+        except InputError:
+            return None  # no such model yet
+        for _, v in sorted(versions.items()):
+            if v["cache_key"] == cache_key:
+                if v["deleted"]:
+                    raise InputError(
+                        f"these exact inputs were registered as {v['ref']}, which was deleted on {v['deleted']['at']} "
+                        f"by {v['deleted']['actor']}; change the data or config (e.g. the seed) to train a new one"
+                    )
+                return {**v, "existing": True}
+        return None
+
+    def _add_event(self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict) -> None:
+        from tuneloop.registry.lineage import actor as default_actor
+
+        seq = f"{time.time_ns():020d}.{secrets.token_hex(4)}"
+        event = {"version": version, "kind": kind, "at": _now(), "seq": seq, "actor": actor or default_actor(),
+                 "reason": reason or "", "details": details}
+        with self._mlflow(f"record a {kind} event for {model!r}"):
+            self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
+
+    def _log_metrics(self, run_id: str, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        flat = []
+
+        def walk(obj: Any, prefix: str) -> None:
+            if isinstance(obj, dict):
+                for k, val in obj.items():
+                    walk(val, f"{prefix}.{k}" if prefix else str(k))
+            elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+                flat.append(Metric(prefix[:250], float(obj), stamp, 0))
+
+        walk(metrics, "")
+        for i in range(0, len(flat), 1000):
+            self.client.log_batch(run_id, metrics=flat[i:i + 1000])
+
+
+def _problems_against_manifest(d: Path) -> list[str]:
+    """Files of a downloaded artifact that differ from its manifest (the manifest itself is checked by digest)."""
+    try:
+        expected = {e["path"]: e for e in read_json(d / MANIFEST_NAME)["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST_NAME} is missing or unreadable ({e})"]
+    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    problems = [f"missing file {r!r}" for r in sorted(expected.keys() - present)]
+    problems += [f"extra file {r!r} (not in the manifest)" for r in sorted(present - expected.keys())]
+    for rel in sorted(expected.keys() & present):
+        got = _hash_file(d / rel, rel)
+        if got["sha256"] != expected[rel].get("sha256"):
+            problems.append(f"file {rel!r} differs: sha256 {got['sha256'][:12]}..., manifest says {str(expected[rel].get('sha256'))[:12]}...")
+    return problems
+
+
+def _alias_hint(aliases: dict[str, int]) -> str:
+    if not aliases:
+        return " (no aliases set)"
+    return "; aliases: " + ", ".join(f"{a} -> {v}" for a, v in aliases.items())
+
+
+def _check_mlflow_name(model: str) -> None:
+    _check_model_name(model)
+    if "/" in model:
+        raise InputError(f"invalid model name {model!r} for an MLflow registry: MLflow names cannot contain '/'")
+
+
+def _check_mlflow_alias(alias: str) -> None:
+    from tuneloop.registry.db import _check_alias_name
+
+    _check_alias_name(alias)
+    if not set(alias) <= _ALIAS_CHARS:
+        raise InputError(f"invalid alias {alias!r} for an MLflow registry: use letters, digits, '_' and '-' only")

@@ -1,0 +1,215 @@
+"""Registry operations behind ``tuneloop models``: register a directory made elsewhere, lineage, diff, export.
+
+Each works on any backend that satisfies :class:`tuneloop.registry.api.ModelRegistry`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import InputError
+from tuneloop.fsutil import sha256_json
+from tuneloop.registry.db import parse_ref
+from tuneloop.registry.lineage import (
+    adapter_base,
+    base_model_ref,
+    check_artifact_dir,
+    check_base,
+    detect_kind,
+    git_info,
+)
+from tuneloop.version import code_version
+
+
+def register_directory(
+    reg, path: Path, name: str, *, base: str | None = None, actor: str | None = None, reason: str = ""
+) -> dict:
+    """Register a model or PEFT adapter directory produced outside tuneloop as the next version of ``name``.
+
+    An adapter's base is ``base`` or else the ``base_model_name_or_path`` in its adapter_config.json; it is
+    referenced (path/id + digest), never copied.
+    """
+    path = Path(path)
+    kind = detect_kind(path) if path.is_dir() else None
+    check_artifact_dir(path, kind)
+    named_base = adapter_base(path) if kind == "adapter" else None
+    if kind == "adapter":
+        base = base or named_base
+        if not base:
+            raise InputError(
+                f"{path} is a PEFT adapter whose adapter_config.json names no base_model_name_or_path; "
+                "say which base model it belongs to with --base PATH_OR_HUB_ID"
+            )
+    elif base:
+        raise InputError(f"{path} is a full model (config.json, no adapter_config.json); --base only applies to adapters")
+    base_model = base if kind == "adapter" else str(path.resolve())
+    lineage: dict[str, Any] = {
+        "source": "register",
+        "source_path": str(path.resolve()),
+        "base": base_model_ref(base) if kind == "adapter" else None,
+        "adapter_config_base": named_base,
+        "code_version": code_version(),
+        "git": git_info(),
+    }
+    if kind == "adapter":
+        lineage["base_model_fingerprint"] = lineage["base"]["digest"]
+    cfg_file = path / ("adapter_config.json" if kind == "adapter" else "config.json")
+    try:
+        lineage["config_hash"] = sha256_json(json.loads(cfg_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    return reg.register(
+        name, path, artifact_kind=kind, base_model=base_model, lineage=lineage, metrics={}, gates={},
+        actor=actor, reason=reason or f"registered from {path.resolve()}",
+    )
+
+
+def resolve(reg, ref: str) -> dict:
+    model, version = parse_ref(ref)
+    return reg.get(model, version)
+
+
+def lineage_of(reg, ref: str) -> dict:
+    """Where a version came from, in one document: base, data, config, code, run, metrics, gates, events."""
+    v = resolve(reg, ref)
+    lin = v["lineage"]
+    base = lin.get("base") or {"id": v["base_model"], "digest": lin.get("base_model_fingerprint")}
+    return {
+        "ref": v["ref"],
+        "artifact": {"kind": v["artifact_kind"], "sha256": v["artifact_digest"]},
+        "base_model": base,
+        "run_id": lin.get("run_id"),
+        "pipeline": lin.get("pipeline"),
+        "data": lin.get("data"),
+        "config_hash": lin.get("config_hash"),
+        "code_version": lin.get("code_version"),
+        "git": lin.get("git"),
+        "source_path": lin.get("source_path"),
+        "metrics": v["metrics"],
+        "gates": v["gates"],
+        "aliases": v["aliases"],
+        "tags": v["tags"],
+        "deleted": v["deleted"],
+        "events": reg.events(v["model"], v["version"]),
+    }
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, val in obj.items():
+            out.update(_flatten(val, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _changes(a: dict, b: dict) -> list[dict[str, Any]]:
+    fa, fb = _flatten(a), _flatten(b)
+    return [
+        {"key": k, "a": fa.get(k), "b": fb.get(k)}
+        for k in sorted(fa.keys() | fb.keys())
+        if fa.get(k) != fb.get(k)
+    ]
+
+
+def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
+    """Compare two versions: config key by key, data digests, metrics (with deltas), base, artifact, gates."""
+    a, b = resolve(reg, ref_a), resolve(reg, ref_b)
+    la, lb = a["lineage"], b["lineage"]
+    metrics = []
+    for row in _changes(a["metrics"], b["metrics"]) + [
+        {"key": k, "a": v, "b": v} for k, v in _flatten(a["metrics"]).items() if _flatten(b["metrics"]).get(k) == v
+    ]:
+        if isinstance(row["a"], (int, float)) and isinstance(row["b"], (int, float)) and not isinstance(row["a"], bool):
+            row["delta"] = row["b"] - row["a"]
+        metrics.append(row)
+    metrics.sort(key=lambda r: r["key"])
+    gate_verdicts = {
+        name: {"a": (a["gates"].get(name) or {}).get("passed"), "b": (b["gates"].get(name) or {}).get("passed")}
+        for name in sorted(a["gates"].keys() | b["gates"].keys())
+    }
+    base_a = (la.get("base") or {}).get("digest") or la.get("base_model_fingerprint")
+    base_b = (lb.get("base") or {}).get("digest") or lb.get("base_model_fingerprint")
+    return {
+        "a": a["ref"],
+        "b": b["ref"],
+        "config": _changes(la.get("config") or {}, lb.get("config") or {}),
+        "config_hash": {"a": la.get("config_hash"), "b": lb.get("config_hash"), "same": la.get("config_hash") == lb.get("config_hash")},
+        "data": _changes(la.get("data") or {}, lb.get("data") or {}),
+        "base_model": {"a": a["base_model"], "b": b["base_model"], "same_digest": base_a == base_b},
+        "artifact": {"a": a["artifact_digest"], "b": b["artifact_digest"], "same": a["artifact_digest"] == b["artifact_digest"]},
+        "code_version": {"a": la.get("code_version"), "b": lb.get("code_version")},
+        "metrics": metrics,
+        "gates": gate_verdicts,
+    }
+
+
+def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dict:
+    """Write a version as a standard Hugging Face directory that transformers / PEFT / vLLM load directly.
+
+    * a full model: its files (config.json, model.safetensors, tokenizer);
+    * an adapter: adapter_config.json (``base_model_name_or_path`` pointing at the recorded base),
+      adapter_model.safetensors and the tokenizer;
+    * ``merged=True`` with an adapter: the LoRA merged into the base, saved as safetensors, plus the tokenizer.
+
+    The artifact is verified first; ``out_dir`` must not exist or be empty; it appears complete or not at all.
+    """
+    v = resolve(reg, ref)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"export target {out_dir} exists and is not an empty directory; choose a new directory")
+    src = reg.open_artifact(v["model"], v["version"])  # verifies every file's sha256
+    base = None
+    if v["artifact_kind"] == "adapter":
+        lin = v["lineage"]
+        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+    if merged and v["artifact_kind"] != "adapter":
+        raise InputError(f"{v['ref']} is a full model, not an adapter: there is nothing to merge; export without --merged")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        if merged:
+            _write_merged(src, base, tmp)
+        else:
+            for f in sorted(src.rglob("*")):
+                rel = f.relative_to(src)
+                if f.is_file() and not any(p.startswith(".") for p in rel.parts):
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, tmp / rel)
+            if base is not None:
+                cfg_path = tmp / "adapter_config.json"
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                cfg["base_model_name_or_path"] = base
+                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        (tmp / "tuneloop_export.json").write_text(
+            json.dumps(
+                {"ref": v["ref"], "artifact_sha256": v["artifact_digest"], "kind": v["artifact_kind"],
+                 "merged": merged, "base_model": base},
+                indent=2,
+            ) + "\n",
+            encoding="utf-8",
+        )
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    kind = "model" if merged or v["artifact_kind"] == "model" else "adapter"
+    return {"ref": v["ref"], "path": str(out_dir.resolve()), "kind": kind, "merged": merged, "base_model": base,
+            "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())}
+
+
+def _write_merged(adapter_dir: Path, base: str, out: Path) -> None:
+    from tuneloop.modeling import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(base, adapter=str(adapter_dir))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
+    load_tokenizer(str(tok_src)).save_pretrained(str(out))
