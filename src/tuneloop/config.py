@@ -79,6 +79,15 @@ class TrainConfig(_Section):
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt tokens (default: completion-only loss)."
     )
+    packing: bool = Field(
+        True,
+        description="Pack the samples of each batch into rows of up to `pack_length` tokens with no padding and no "
+        "attention across samples (position_ids restart per sample). `batch_size` still counts samples, so packing "
+        "changes speed, not results.",
+    )
+    pack_length: int | None = Field(
+        None, ge=16, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
+    )
 
 
 class EvalConfig(_Section):

@@ -56,6 +56,112 @@ class _Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: indices of ``lengths`` grouped into rows of at most ``capacity`` tokens.
+
+    Longest first, each into the row whose free space it fills best; a sample longer than ``capacity`` gets a
+    row of its own. Deterministic: ties keep the original order.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        best = -1
+        for r, space in enumerate(free):
+            if n <= space and (best < 0 or space < free[best]):
+                best = r
+        if best < 0:
+            rows.append([i])
+            free.append(capacity - n)
+        else:
+            rows[best].append(i)
+            free[best] -= n
+    return rows
+
+
+class PackingCollator:
+    """Padding-free batches: the samples of a batch are packed into rows of at most ``capacity`` tokens.
+
+    Rows are filled best-fit-decreasing (:func:`pack_rows`), at the row length up to ``capacity`` that
+    leaves the least padding (:meth:`layout`).
+
+    Each packed sample gets ``position_ids`` restarting at 0 and no ``attention_mask`` is passed, so
+    transformers builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices`` for
+    sdpa/eager; variable-length kernels for flash attention): no token attends to another sample. The label of
+    each sample's first token is masked, so no sample is predicted from the end of the previous one. The
+    samples of a step are the same as without packing, so packing changes speed, not the optimisation.
+    Rows are right-padded to the longest row; the padding is a separate segment with labels -100.
+    """
+
+    def __init__(self, pad_id: int, capacity: int, attn_cost: float = 0.0):
+        self.pad_id = pad_id
+        self.capacity = capacity
+        self.attn_cost = attn_cost
+
+    def layout(self, lengths: list[int]) -> tuple[list[list[int]], int]:
+        """Rows (sample indices) and their padded width: the cheapest packing by a simple cost model.
+
+        Row lengths from the longest sample up to ``capacity`` are tried. A layout of ``r`` rows of width ``w``
+        costs ``r * w * (1 + attn_cost * w)``: per-token work (padding included) plus attention, which sdpa
+        and eager compute densely over each row (``attn_cost`` is one query-key pair's work relative to one
+        token's, see :func:`attention_cost`; 0 counts padding only).
+        """
+        longest = max(lengths)
+        top = max(self.capacity, longest)
+        caps = {top} | {min(top, int(longest * f)) for f in (1, 1.125, 1.25, 1.5, 1.75, 2, 2.5, 3, 4)}
+        best: tuple[tuple[float, int], list[list[int]], int] | None = None
+        for cap in sorted(caps):
+            rows = pack_rows(lengths, cap)
+            width = max(sum(lengths[i] for i in row) for row in rows)
+            key = (len(rows) * width * (1.0 + self.attn_cost * width), width)
+            if best is None or key < best[0]:
+                best = (key, rows, width)
+        return best[1], best[2]
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, width = self.layout([len(b["input_ids"]) for b in batch])
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                x, y = batch[i]["input_ids"], batch[i]["labels"]
+                n = len(x)
+                ids[r, at : at + n] = torch.tensor(x)
+                labels[r, at + 1 : at + n] = torch.tensor(y[1:], dtype=torch.long)
+                pos[r, at : at + n] = torch.arange(n)
+                at += n
+            pos[r, at:] = torch.arange(width - at)  # padding: its own segment, attended by nothing real
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def attention_cost(config) -> float:
+    """Work of one attention query-key pair relative to one token's work in the linear layers, per forward.
+
+    Dense attention over a row of ``w`` tokens costs ``~4 * layers * hidden * w`` FLOPs per token; the
+    projections, MLP and LM head ``~2 * (layers * (4 * hidden^2 + 3 * hidden * intermediate) + vocab * hidden)``.
+    Variable-length flash attention does no work across samples, so there it is 0.
+    """
+    if getattr(config, "_attn_implementation", "") in ("flash_attention_2", "flash_attention_3"):
+        return 0.0
+    try:
+        h, n_layers = config.hidden_size, config.num_hidden_layers
+        inter = getattr(config, "intermediate_size", 4 * h)
+        linear = 2 * (n_layers * (4 * h * h + 3 * h * inter) + config.vocab_size * h)
+        return 4 * n_layers * h / linear
+    except (AttributeError, TypeError):
+        return 0.0
+
+
+def make_collator(cfg: PipelineConfig, pad_id: int, model_config=None):
+    """The collator the training stage uses: packing (default) or right-padding."""
+    if cfg.train.packing:
+        cost = attention_cost(model_config) if model_config is not None else 0.0
+        return PackingCollator(pad_id, cfg.train.pack_length or cfg.data.max_length, cost)
+    return _Collator(pad_id)
+
+
 def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | None, tokens_per_step: float):
     from transformers import TrainerCallback
 
@@ -95,8 +201,12 @@ def train_sft(
     *,
     tokenizer,
     progress: Callable[[int, int, dict], None] | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Train the candidate; returns the training metrics. The model ends up in ``work_dir/model``."""
+    """Train the candidate; returns the training metrics. The model ends up in ``work_dir/model``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (benchmarks use one to time training).
+    """
     from datasets import load_from_disk
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
@@ -114,7 +224,8 @@ def train_sft(
 
     set_seed(cfg.seed)
     model = load_causal_lm(cfg.base_model)
-    model.config.use_cache = False
+    model.config.use_cache = False  # with a KV cache, transformers would not detect packed sequences
+    base_config = model.config
     if t.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -159,8 +270,8 @@ def train_sft(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step)],
+        data_collator=make_collator(cfg, tokenizer.pad_token_id, base_config),
+        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we log per step ourselves
     resume = _latest_checkpoint(ckpt_dir)
