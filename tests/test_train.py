@@ -139,3 +139,38 @@ def test_same_config_and_data_give_the_same_losses_and_packing_does_not_change_t
     # A different seed gives a different run (the comparison above can fail).
     _, other = _train(make_config, prepared, tmp_path / "d", **settings, seed=1)
     assert any(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(first, other))
+
+
+def test_dora_rslora_checkpointing_and_merged_model(make_config, prepared, tmp_path):
+    from tuneloop.modeling import load_causal_lm
+
+    settings = {"train.max_steps": 3, "train.use_dora": "true", "train.use_rslora": "true",
+                "train.gradient_checkpointing": "true", "train.merge": "true", "train.lora_dropout": 0.0}
+    metrics, rows = _train(make_config, prepared, tmp_path / "m", **settings)
+    model_dir = tmp_path / "m" / "model"
+    cfg = json.loads((model_dir / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True
+    assert (model_dir / "merged" / "model.safetensors").is_file() and len(rows) == 3
+    tok, _ = prepared
+    ids = torch.tensor([tok("my parcel is late")["input_ids"]])
+    base = json.loads((model_dir / "tuneloop_config.json").read_text())["base_model"]
+    with torch.no_grad():
+        adapted = load_causal_lm(base, adapter=str(model_dir))(ids).logits
+        merged = load_causal_lm(str(model_dir / "merged"))(ids).logits
+        plain = load_causal_lm(base)(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, adapted, atol=1e-4)  # the adapter changed the model
+
+
+def test_tracker_and_precision_are_checked_before_any_work(make_config):
+    import importlib.util
+
+    from tuneloop import FineTunePipeline, load_config
+    from tuneloop.errors import ConfigError
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            FineTunePipeline(load_config(make_config(), ["train.report_to=tensorboard"])).preflight()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.precision: bf16 needs a CUDA GPU"):
+            FineTunePipeline(load_config(make_config(), ["train.precision=bf16"])).preflight()

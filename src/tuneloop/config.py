@@ -88,6 +88,20 @@ class TrainConfig(_Section):
     pack_length: int | None = Field(
         None, ge=16, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
     )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)), PEFT `use_rslora`.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA), PEFT `use_dora`.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Mixed precision for training: `auto` uses bf16 on a CUDA GPU that supports it and fp32 otherwise; "
+        "`bf16`/`fp16` need a GPU that supports them.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    merge: bool = Field(
+        False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
+    )
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Also send training metrics to this tracker (its package must be installed)."
+    )
 
 
 class EvalConfig(_Section):

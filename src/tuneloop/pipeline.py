@@ -137,6 +137,19 @@ class FineTunePipeline:
                 require_cuda_for_qlora()
             except StageError as exc:
                 problems.append(f"train.method: {exc}")
+        tracker = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}.get(c.train.report_to)
+        if tracker:
+            import importlib.util
+
+            if not any(importlib.util.find_spec(m) for m in tracker):
+                problems.append(
+                    f"train.report_to: {c.train.report_to} is not installed; `pip install {tracker[0]}` or set train.report_to: none"
+                )
+        if c.train.precision in ("bf16", "fp16"):
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append(f"train.precision: {c.train.precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
         if problems:
             raise ConfigError(problems, self.config_path)
 

@@ -234,6 +234,8 @@ def train_sft(
             lora_alpha=t.lora_alpha,
             lora_dropout=t.lora_dropout,
             target_modules=t.target_modules,
+            use_rslora=t.use_rslora,
+            use_dora=t.use_dora,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -260,9 +262,12 @@ def train_sft(
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=[],
+        report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **precision_args(t.precision),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
@@ -295,6 +300,8 @@ def train_sft(
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    if t.merge and t.method != "full":
+        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
     atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
     replace_dir(tmp, work_dir / "model")
 
@@ -314,6 +321,24 @@ def train_sft(
         "seconds": round(seconds, 2),
         "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
+
+
+def precision_args(precision: str) -> dict[str, bool]:
+    """``bf16``/``fp16`` TrainingArguments for ``train.precision`` (``auto``: bf16 where CUDA supports it)."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": bool(cuda and torch.cuda.is_bf16_supported())}
+    if precision in ("bf16", "fp16") and not cuda:
+        raise StageError(f"train.precision: {precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def merge_adapter(base_model: str, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
+    """Write the base model with the adapter in ``adapter_dir`` merged into its weights (safetensors)."""
+    model = load_causal_lm(base_model, adapter=str(adapter_dir))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
