@@ -56,6 +56,12 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
+        "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled).",
+    )
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
     )

@@ -289,11 +289,16 @@ class FineTunePipeline:
             if path and not Path(path).is_file():
                 raise StageError(f"{key}: file not found: {path}")
         inputs = {"train": _file_digest(d.train_data), "eval": _file_digest(d.eval_data), "format": d.format}
+        if self.cfg.train.objective == "dpo":
+            from tuneloop.data.prepare import validate_preferences as validate_dataset  # noqa: F811
+
+            inputs["objective"] = "dpo"
 
         def compute(out: Path) -> tuple[dict, dict]:
-            reports = {"train": validate_dataset(Path(d.train_data), out, fmt=d.format, name="train")}
+            kw = {} if inputs.get("objective") == "dpo" else {"fmt": d.format}
+            reports = {"train": validate_dataset(Path(d.train_data), out, name="train", **kw)}
             if d.eval_data:
-                reports["eval"] = validate_dataset(Path(d.eval_data), out, fmt=d.format, name="eval")
+                reports["eval"] = validate_dataset(Path(d.eval_data), out, name="eval", **kw)
             metrics: dict[str, Any] = {}
             outputs: dict[str, Any] = {}
             for split, rep in reports.items():
@@ -334,22 +339,30 @@ class FineTunePipeline:
             "seed": c.seed,
             "train_on_inputs": c.train.train_on_inputs,
         }
+        if c.train.objective == "dpo":
+            inputs["objective"] = "dpo"
 
         def compute(out: Path) -> tuple[dict, dict]:
-            from tuneloop.data.prepare import prepare_dataset
+            from tuneloop.data.prepare import prepare_dataset, prepare_preferences
             from tuneloop.modeling import load_tokenizer
 
             tok = load_tokenizer(c.base_model, c.data.chat_template)
-            metrics = prepare_dataset(
-                tok,
-                Path(dv["train_clean"]),
-                Path(dv["eval_clean"]) if dv.get("eval_clean") else None,
-                out,
-                max_length=c.data.max_length,
-                eval_split=c.data.eval_split,
-                seed=c.seed,
-                train_on_inputs=c.train.train_on_inputs,
-            )
+            if c.train.objective == "dpo":
+                metrics = prepare_preferences(
+                    Path(dv["train_clean"]), Path(dv["eval_clean"]) if dv.get("eval_clean") else None, out,
+                    eval_split=c.data.eval_split, seed=c.seed,
+                )
+            else:
+                    metrics = prepare_dataset(
+                    tok,
+                    Path(dv["train_clean"]),
+                    Path(dv["eval_clean"]) if dv.get("eval_clean") else None,
+                    out,
+                    max_length=c.data.max_length,
+                    eval_split=c.data.eval_split,
+                    seed=c.seed,
+                    train_on_inputs=c.train.train_on_inputs,
+                )
             tok.save_pretrained(str(out / "tokenizer"))
             return metrics, {"train_dataset": str(out / "train"), "eval_items": str(out / "eval.jsonl"), "tokenizer": str(out / "tokenizer"), "dropped": str(out / "dropped.jsonl")}
 
@@ -374,9 +387,12 @@ class FineTunePipeline:
             from tuneloop.modeling import load_tokenizer
             from tuneloop.train.sft import train_sft
 
+            train = train_sft
+            if c.train.objective == "dpo":
+                from tuneloop.train.dpo import train_dpo as train
             tok = load_tokenizer(prep["tokenizer"])
             with _TrainProgress(self.console) as bar:
-                metrics = train_sft(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
+                metrics = train(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
             kind = "adapter" if (out / "model" / "adapter_config.json").is_file() else "model"
             return metrics, {"model_dir": str(out / "model"), "kind": kind, "train_metrics": str(out / "train_metrics.jsonl")}
 

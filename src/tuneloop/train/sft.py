@@ -185,6 +185,8 @@ def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | N
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round(tokens_per_step * steps / max(now - self.t_last, 1e-9), 1),
             }
+            # DPO: preference rewards and log-probabilities, as TRL logs them.
+            row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/"))})
             self.t_last, self.step_last = now, state.global_step
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
