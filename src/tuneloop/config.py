@@ -105,6 +105,17 @@ class TrainConfig(_Section):
     merge: bool = Field(
         False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
     )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes. Above 1 the training stage runs under `accelerate launch --multi_gpu` (CUDA, "
+        "one process per GPU) or `torch.distributed.run` (CPU, gloo), data-parallel; `batch_size` is per process.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An `accelerate config` YAML passed to `accelerate launch --config_file` (FSDP, DeepSpeed, "
+        "multi-node, mixed precision). Setting it runs training through accelerate even with `num_processes: 1`.",
+    )
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Also send training metrics to this tracker (its package must be installed)."
     )
@@ -173,7 +184,7 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy")
-PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts")
+PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "train.accelerate_config")
 
 
 class PipelineConfig(BaseModel):

@@ -122,6 +122,7 @@ class FineTunePipeline:
             ("data.eval_data", c.data.eval_data),
             ("eval.general_text", c.eval.general_text),
             ("eval.redteam_prompts", c.eval.redteam_prompts),
+            ("train.accelerate_config", c.train.accelerate_config),
         ):
             if value and not Path(value).is_file():
                 problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")
@@ -392,7 +393,12 @@ class FineTunePipeline:
                 from tuneloop.train.dpo import train_dpo as train
             tok = load_tokenizer(prep["tokenizer"])
             with _TrainProgress(self.console) as bar:
-                metrics = train(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
+                if c.train.num_processes > 1 or c.train.accelerate_config:
+                    from tuneloop.train.launch import train_distributed
+
+                    metrics = train_distributed(c, Path(prep["train_dataset"]), out, tokenizer_dir=prep["tokenizer"], progress=bar.update)
+                else:
+                    metrics = train(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
             kind = "adapter" if (out / "model" / "adapter_config.json").is_file() else "model"
             return metrics, {"model_dir": str(out / "model"), "kind": kind, "train_metrics": str(out / "train_metrics.jsonl")}
 

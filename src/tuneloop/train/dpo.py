@@ -22,7 +22,9 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
 from tuneloop.fsutil import atomic_write_json, replace_dir
 from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
-from tuneloop.train.sft import _callback, _latest_checkpoint, _read_rows, _truncate_metrics, merge_adapter, precision_args
+from tuneloop.train.sft import (
+    _callback, _latest_checkpoint, _read_rows, _truncate_metrics, merge_adapter, precision_args, world_size,
+)
 
 log = logging.getLogger("tuneloop")
 
@@ -63,7 +65,7 @@ def train_dpo(
             r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules,
             use_rslora=t.use_rslora, use_dora=t.use_dora, task_type="CAUSAL_LM",
         )
-    per_step = t.batch_size * t.gradient_accumulation_steps
+    per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(len(dataset) / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
     args = DPOConfig(
@@ -115,14 +117,18 @@ def train_dpo(
     resumed_from = int(resume.name.split("-")[1]) if resume else 0
     if resume:
         log.info("resuming DPO training from %s", resume)
-        _truncate_metrics(metrics_path, resumed_from)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if trainer.is_world_process_zero():
+        if resume:
+            _truncate_metrics(metrics_path, resumed_from)
+        elif metrics_path.exists():
+            metrics_path.unlink()
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     if not math.isfinite(out.training_loss):
         raise StageError(f"DPO training diverged (loss {out.training_loss}); lower train.learning_rate")
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the model and reports
 
     tmp = work_dir / "model.partial"
     if tmp.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -173,7 +174,7 @@ def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | N
             self.step_last = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             now = time.perf_counter()
             steps = max(1, state.global_step - self.step_last)
@@ -244,7 +245,7 @@ def train_sft(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    per_step = t.batch_size * t.gradient_accumulation_steps
+    per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(len(dataset) / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
     mean_tokens = sum(len(x) for x in dataset["input_ids"]) / len(dataset)
@@ -285,14 +286,18 @@ def train_sft(
     resumed_from = int(resume.name.split("-")[1]) if resume else 0
     if resume:
         log.info("resuming training from %s", resume)
-        _truncate_metrics(metrics_path, resumed_from)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if trainer.is_world_process_zero():
+        if resume:
+            _truncate_metrics(metrics_path, resumed_from)
+        elif metrics_path.exists():
+            metrics_path.unlink()
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     if not math.isfinite(out.training_loss):
         raise StageError(f"training diverged (loss {out.training_loss}); lower train.learning_rate")
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the model and reports
 
     # Write the final model next to what made it, then move it into place in one rename.
     tmp = work_dir / "model.partial"
@@ -323,6 +328,11 @@ def train_sft(
         "seconds": round(seconds, 2),
         "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
+
+
+def world_size() -> int:
+    """Processes training together (set by torch.distributed / accelerate launchers; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def precision_args(precision: str) -> dict[str, bool]:
