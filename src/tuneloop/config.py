@@ -105,6 +105,18 @@ class TrainConfig(_Section):
     merge: bool = Field(
         False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
     )
+    backend: Literal["transformers", "command"] = Field(
+        "transformers",
+        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `command`: run `train.command` (an external "
+        "trainer such as Axolotl, LLaMA-Factory or an Unsloth script) and pick up the adapter or model it writes to "
+        "`{output_dir}`.",
+    )
+    command: str | None = Field(
+        None,
+        description="The training command for `backend: command`, run by the shell, with placeholders {base_model} "
+        "{train_file} {eval_file} {output_dir} {config_file} {seed} {method} {objective} {learning_rate} {num_epochs} "
+        "{max_steps} {batch_size} {gradient_accumulation_steps} {lora_r} {lora_alpha} {lora_dropout} {max_length}.",
+    )
     num_processes: int = Field(
         1,
         ge=1,

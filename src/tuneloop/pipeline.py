@@ -146,6 +146,10 @@ class FineTunePipeline:
                 problems.append(
                     f"train.report_to: {c.train.report_to} is not installed; `pip install {tracker[0]}` or set train.report_to: none"
                 )
+        if c.train.backend == "command":
+            from tuneloop.train.external import command_problems
+
+            problems += command_problems(c.train.command)
         if c.train.precision in ("bf16", "fp16"):
             import torch
 
@@ -365,7 +369,8 @@ class FineTunePipeline:
                     train_on_inputs=c.train.train_on_inputs,
                 )
             tok.save_pretrained(str(out / "tokenizer"))
-            return metrics, {"train_dataset": str(out / "train"), "eval_items": str(out / "eval.jsonl"), "tokenizer": str(out / "tokenizer"), "dropped": str(out / "dropped.jsonl")}
+            return metrics, {"train_dataset": str(out / "train"), "eval_items": str(out / "eval.jsonl"), "tokenizer": str(out / "tokenizer"), "dropped": str(out / "dropped.jsonl"),
+                             "train_records": str(out / "train_records.jsonl"), "eval_records": str(out / "eval_records.jsonl")}
 
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.PREPROCESSING, inputs, compute)
         self._outputs[PipelineStage.PREPROCESSING] = res.outputs
@@ -392,6 +397,11 @@ class FineTunePipeline:
             if c.train.objective == "dpo":
                 from tuneloop.train.dpo import train_dpo as train
             tok = load_tokenizer(prep["tokenizer"])
+            if c.train.backend == "command":
+                from tuneloop.train.external import run_command
+
+                metrics = run_command(c, prep, out, tok)
+                return metrics, {"model_dir": str(out / "model"), "kind": metrics["kind"], "train_metrics": str(out / "train_metrics.jsonl")}
             with _TrainProgress(self.console) as bar:
                 if c.train.num_processes > 1 or c.train.accelerate_config:
                     from tuneloop.train.launch import train_distributed

@@ -20,6 +20,12 @@ from tuneloop.fsutil import atomic_write_json, atomic_write_text
 IGNORE_INDEX = -100
 
 
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Canonical records of one split as JSONL (without tuneloop's bookkeeping fields)."""
+    text = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -116,6 +122,8 @@ def prepare_dataset(
         rows["labels"].append(ex["labels"])
 
     Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)  # for external trainers (train.backend: command)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
     items = []
     for i, rec in enumerate(eval_records):
         msgs = rec["messages"]
@@ -312,6 +320,8 @@ def prepare_preferences(
         split = f"held out {eval_split:.0%} of train (seed {seed})"
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in train_records]
     Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
     items = [
         {"id": f"eval-{i}", "line": r.get("_line"), "messages": r["prompt"], "reference": r["chosen"][0]["content"]}
         for i, r in enumerate(eval_records)
