@@ -87,9 +87,9 @@ class TrainConfig(_Section):
     )
     packing: bool = Field(
         True,
-        description="Pack the samples of each batch into rows of up to `pack_length` tokens with no padding and no "
+        description="SFT: pack the samples of each batch into rows of up to `pack_length` tokens with no padding and no "
         "attention across samples (position_ids restart per sample). `batch_size` still counts samples, so packing "
-        "changes speed, not results.",
+        "changes speed, not results. (DPO batches are padded by TRL.)",
     )
     pack_length: int | None = Field(
         None, ge=16, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."

@@ -94,14 +94,14 @@ def train_dpo(
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         **precision_args(t.precision),
     )
-    # Tokens per step for the throughput column: prompt + both answers, counted by characters / 4 would be a
-    # guess, so count real tokens of the rendered pairs once.
+    # Tokens per step for the throughput column: real tokens of the rendered pairs (both answers), counted on
+    # up to 64 pairs and capped at max_length as TRL truncates.
+    def n_tokens(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return min(cfg.data.max_length, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
     sample = dataset.select(range(min(len(dataset), 64)))
-    mean_tokens = sum(
-        len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True))
-        + len(tokenizer.apply_chat_template(r["prompt"] + r["rejected"], tokenize=True))
-        for r in sample
-    ) / max(1, len(sample))
+    mean_tokens = sum(n_tokens(r["prompt"] + r["chosen"]) + n_tokens(r["prompt"] + r["rejected"]) for r in sample) / max(1, len(sample))
     trainer = DPOTrainer(
         model=model,
         args=args,
