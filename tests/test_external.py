@@ -44,6 +44,7 @@ def test_command_backend_registers_the_adapter_it_wrote(make_config, tmp_path):
     assert len(Path(stage["outputs"]["train_records"]).read_text().splitlines()) == 48
 
 
+@pytest.mark.slow
 def test_failing_or_empty_commands_fail_the_stage_clearly(make_config):
     summary = FineTunePipeline(load_config(make_config(train={"backend": "command", "command": _command("--fail")}))).run()
     err = summary["stages"]["training"]["error"]
