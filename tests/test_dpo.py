@@ -70,3 +70,36 @@ def test_dpo_pipeline_on_dpo_en_demo(make_config, tmp_path):
     assert stage["outputs"]["kind"] == "adapter"
     ev = st["evaluation"]["metrics"]
     assert ev["eval_items"] == 2  # the chosen answer is the reference
+
+
+@pytest.mark.slow
+def test_dpo_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_does(make_config, tmp_path):
+    import shutil
+
+    from tuneloop.data.prepare import prepare_preferences
+    from tuneloop.modeling import load_tokenizer
+    from tuneloop.train.dpo import train_dpo
+
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(json.loads((SHARED / "dpo_en_demo.json").read_text())[:16]))
+    rep = validate_preferences(data, tmp_path / "valid")
+    prepare_preferences(Path(rep["clean_path"]), None, tmp_path / "prep", eval_split=0.1, seed=0)
+    cfg = load_config(make_config(
+        data={"train_data": str(data), "max_length": 96},
+        train={"objective": "dpo", "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3, "max_steps": 4, "batch_size": 4,
+               "save_steps": 2, "lora_dropout": 0.0},
+    ))
+    tok = load_tokenizer(cfg.base_model)
+    work = tmp_path / "run"
+    first = train_dpo(cfg, tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert first["resumed_from_step"] == 0
+    # As if killed after the step-2 checkpoint: later checkpoints and the model never got written.
+    shutil.rmtree(work / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(work / "model")
+    again = train_dpo(cfg, tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert again["resumed_from_step"] == 2
+    assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-5)
+    assert again["final_rewards_margins"] == pytest.approx(first["final_rewards_margins"], abs=1e-5)
+    rows = [json.loads(x) for x in (work / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (work / "model" / "adapter_model.safetensors").is_file()
