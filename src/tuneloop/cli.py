@@ -614,6 +614,24 @@ def data_diff(
 # ----------------------------------------------------------------------------------------------- serve
 
 
+@app.command("export-config")
+def export_config(
+    config: Path = typer.Argument(..., help="Pipeline YAML file."),
+    to: str = typer.Option(..., "--to", help="Target tool: axolotl or llamafactory."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the YAML here (LLaMA-Factory: and dataset_info.json beside it) instead of stdout."),
+) -> None:
+    """Write the equivalent Axolotl or LLaMA-Factory training config for a tuneloop config."""
+    with _guard():
+        from tuneloop.config import load_config
+        from tuneloop.train.external import export_config as export
+
+        text = export(load_config(config), to, output)
+        if output is None:
+            sys.stdout.write(text)
+        else:
+            err.print(f"wrote {output}")
+
+
 @app.command()
 def serve(
     config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (its workspace and model name). Default: search upwards."),

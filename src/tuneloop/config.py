@@ -101,6 +101,12 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
+        "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled).",
+    )
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
     )
@@ -123,6 +129,52 @@ class TrainConfig(_Section):
     save_steps: int = Field(25, ge=1, description="Write a resumable checkpoint every this many steps (and at the end).")
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt tokens (default: completion-only loss)."
+    )
+    packing: bool = Field(
+        True,
+        description="SFT: pack the samples of each batch into rows of up to `pack_length` tokens with no padding and no "
+        "attention across samples (position_ids restart per sample). `batch_size` still counts samples, so packing "
+        "changes speed, not results. (DPO batches are padded by TRL.)",
+    )
+    pack_length: int | None = Field(
+        None, ge=16, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)), PEFT `use_rslora`.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA), PEFT `use_dora`.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Mixed precision for training: `auto` uses bf16 on a CUDA GPU that supports it and fp32 otherwise; "
+        "`bf16`/`fp16` need a GPU that supports them.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    merge: bool = Field(
+        False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
+    )
+    backend: Literal["transformers", "command"] = Field(
+        "transformers",
+        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `command`: run `train.command` (an external "
+        "trainer such as Axolotl, LLaMA-Factory or an Unsloth script) and pick up the adapter or model it writes to "
+        "`{output_dir}`.",
+    )
+    command: str | None = Field(
+        None,
+        description="The training command for `backend: command`, run by the shell, with placeholders {base_model} "
+        "{train_file} {eval_file} {output_dir} {config_file} {seed} {method} {objective} {learning_rate} {num_epochs} "
+        "{max_steps} {batch_size} {gradient_accumulation_steps} {lora_r} {lora_alpha} {lora_dropout} {max_length}.",
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes. Above 1 the training stage runs under `accelerate launch --multi_gpu` (CUDA, "
+        "one process per GPU) or `torch.distributed.run` (CPU, gloo), data-parallel; `batch_size` is per process.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An `accelerate config` YAML passed to `accelerate launch --config_file` (FSDP, DeepSpeed, "
+        "multi-node, mixed precision). Setting it runs training through accelerate even with `num_processes: 1`.",
+    )
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Also send training metrics to this tracker (its package must be installed)."
     )
 
 
@@ -198,7 +250,7 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy")
-PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts")
+PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "train.accelerate_config")
 
 
 class PipelineConfig(BaseModel):

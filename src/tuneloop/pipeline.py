@@ -150,6 +150,7 @@ class FineTunePipeline:
             ("data.eval_data", c.data.eval_data),
             ("eval.general_text", c.eval.general_text),
             ("eval.redteam_prompts", c.eval.redteam_prompts),
+            ("train.accelerate_config", c.train.accelerate_config),
         ):
             if not value:
                 continue
@@ -173,6 +174,23 @@ class FineTunePipeline:
 
         if (problem := registry_problem(c)) is not None:
             problems.append(problem)
+        tracker = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}.get(c.train.report_to)
+        if tracker:
+            import importlib.util
+
+            if not any(importlib.util.find_spec(m) for m in tracker):
+                problems.append(
+                    f"train.report_to: {c.train.report_to} is not installed; `pip install {tracker[0]}` or set train.report_to: none"
+                )
+        if c.train.backend == "command":
+            from tuneloop.train.external import command_problems
+
+            problems += command_problems(c.train.command)
+        if c.train.precision in ("bf16", "fp16"):
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append(f"train.precision: {c.train.precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
         if problems:
             raise ConfigError(problems, self.config_path)
 
@@ -321,6 +339,8 @@ class FineTunePipeline:
             "tokenizer": model_fingerprint(c.base_model),
             "chat_template": d.chat_template,
         }
+        if c.train.objective == "dpo":
+            inputs["objective"] = "dpo"
 
         def compute(out: Path) -> tuple[dict, dict]:
             tok = None
@@ -366,6 +386,11 @@ class FineTunePipeline:
                 problems.append(f"{key}: {path} contains no records")
                 continue
             problems += gate_failures(report, d, split=split)
+            if c.train.objective == "dpo" and report["format"] != "preference":
+                problems.append(
+                    f"{key}: train.objective dpo needs preference data (prompt/chosen/rejected), but {path} is "
+                    f"{report['format']}; set data.format: preference or point the data at preference records"
+                )
         res.error = "; ".join(problems)
 
     def _stage_preprocessing(self, res: StageResult, run_id: str, run_dir: Path) -> None:
@@ -379,24 +404,33 @@ class FineTunePipeline:
             "seed": c.seed,
             "train_on_inputs": c.train.train_on_inputs,
         }
+        if c.train.objective == "dpo":
+            inputs["objective"] = "dpo"
 
         def compute(out: Path) -> tuple[dict, dict]:
-            from tuneloop.data.prepare import prepare_dataset
+            from tuneloop.data.prepare import prepare_dataset, prepare_preferences
             from tuneloop.modeling import load_tokenizer
 
             tok = load_tokenizer(c.base_model, c.data.chat_template)
-            metrics = prepare_dataset(
-                tok,
-                Path(dv["train_clean"]),
-                Path(dv["eval_clean"]) if dv.get("eval_clean") else None,
-                out,
-                max_length=c.data.max_length,
-                eval_split=c.data.eval_split,
-                seed=c.seed,
-                train_on_inputs=c.train.train_on_inputs,
-            )
+            if c.train.objective == "dpo":
+                metrics = prepare_preferences(
+                    Path(dv["train_clean"]), Path(dv["eval_clean"]) if dv.get("eval_clean") else None, out,
+                    eval_split=c.data.eval_split, seed=c.seed,
+                )
+            else:
+                metrics = prepare_dataset(
+                    tok,
+                    Path(dv["train_clean"]),
+                    Path(dv["eval_clean"]) if dv.get("eval_clean") else None,
+                    out,
+                    max_length=c.data.max_length,
+                    eval_split=c.data.eval_split,
+                    seed=c.seed,
+                    train_on_inputs=c.train.train_on_inputs,
+                )
             tok.save_pretrained(str(out / "tokenizer"))
-            return metrics, {"train_dataset": str(out / "train"), "eval_items": str(out / "eval.jsonl"), "tokenizer": str(out / "tokenizer"), "dropped": str(out / "dropped.jsonl")}
+            return metrics, {"train_dataset": str(out / "train"), "eval_items": str(out / "eval.jsonl"), "tokenizer": str(out / "tokenizer"), "dropped": str(out / "dropped.jsonl"),
+                             "train_records": str(out / "train_records.jsonl"), "eval_records": str(out / "eval_records.jsonl")}
 
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.PREPROCESSING, inputs, compute)
         self._outputs[PipelineStage.PREPROCESSING] = res.outputs
@@ -419,9 +453,22 @@ class FineTunePipeline:
             from tuneloop.modeling import load_tokenizer
             from tuneloop.train.sft import train_sft
 
+            train = train_sft
+            if c.train.objective == "dpo":
+                from tuneloop.train.dpo import train_dpo as train
             tok = load_tokenizer(prep["tokenizer"])
+            if c.train.backend == "command":
+                from tuneloop.train.external import run_command
+
+                metrics = run_command(c, prep, out, tok)
+                return metrics, {"model_dir": str(out / "model"), "kind": metrics["kind"], "train_metrics": str(out / "train_metrics.jsonl")}
             with _TrainProgress(self.console) as bar:
-                metrics = train_sft(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
+                if c.train.num_processes > 1 or c.train.accelerate_config:
+                    from tuneloop.train.launch import train_distributed
+
+                    metrics = train_distributed(c, Path(prep["train_dataset"]), out, tokenizer_dir=prep["tokenizer"], progress=bar.update)
+                else:
+                    metrics = train(c, Path(prep["train_dataset"]), out, tokenizer=tok, progress=bar.update)
             kind = "adapter" if (out / "model" / "adapter_config.json").is_file() else "model"
             return metrics, {"model_dir": str(out / "model"), "kind": kind, "train_metrics": str(out / "train_metrics.jsonl")}
 

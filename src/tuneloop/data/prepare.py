@@ -22,6 +22,12 @@ from tuneloop.fsutil import atomic_write_json, atomic_write_text
 IGNORE_INDEX = -100
 
 
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Canonical records of one split as JSONL (without tuneloop's bookkeeping fields)."""
+    text = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -126,6 +132,8 @@ def prepare_dataset(
         rows["labels"].append(ex["labels"])
 
     Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)  # for external trainers (train.backend: command)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
     items = []
     for i, rec in enumerate(eval_records):
         msgs = sft_messages(rec)
@@ -145,6 +153,66 @@ def prepare_dataset(
         "target_tokens": target_tokens,
         "mean_tokens": round(tokens / n, 1) if n else 0.0,
         "max_length": max_length,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- preferences
+#
+# `train.objective: dpo` trains on the data stage's canonical preference records (data/formats.py:
+# ``{"messages": prompt ending with a user turn, "chosen": [assistant], "rejected": [assistant]}``), given to
+# TRL in its conversational preference shape ``{"prompt": [...], "chosen": [...], "rejected": [...]}``.
+
+
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Role/content only (the canonical records may carry ``tool_call`` flags TRL does not know)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def trl_preference(rec: dict[str, Any]) -> dict[str, Any]:
+    """A canonical preference record as TRL's conversational preference record."""
+    return {"prompt": _plain(rec["messages"]), "chosen": _plain(rec["chosen"]), "rejected": _plain(rec["rejected"])}
+
+
+def prepare_preferences(
+    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int
+) -> dict[str, Any]:
+    """The preprocessing stage for DPO: a ``datasets`` dataset of prompt/chosen/rejected conversations
+    (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer."""
+    import datasets
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()
+    out_dir = Path(out_dir)
+    train_records = read_jsonl(train_path)
+    if eval_path is not None:
+        eval_records, split = read_jsonl(eval_path), "given"
+    else:
+        order = list(range(len(train_records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(order) * eval_split)) if len(order) > 1 else 0
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(train_records) if i in held]
+        train_records = [r for i, r in enumerate(train_records) if i not in held]
+        split = f"held out {eval_split:.0%} of train (seed {seed})"
+    rows = [trl_preference(r) for r in train_records]
+    Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
+    items = [
+        {"id": f"eval-{i}", "line": r.get("_line"), "messages": _plain(r["messages"]), "reference": r["chosen"][-1]["content"]}
+        for i, r in enumerate(eval_records)
+    ]
+    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    atomic_write_text(out_dir / "dropped.jsonl", "")
+    metrics = {
+        "objective": "dpo",
+        "train_samples": len(rows),
+        "eval_samples": len(items),
+        "eval_source": split,
+        "dropped": 0,
+        "eval_reference": "chosen answer",
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -56,6 +57,112 @@ class _Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: indices of ``lengths`` grouped into rows of at most ``capacity`` tokens.
+
+    Longest first, each into the row whose free space it fills best; a sample longer than ``capacity`` gets a
+    row of its own. Deterministic: ties keep the original order.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        best = -1
+        for r, space in enumerate(free):
+            if n <= space and (best < 0 or space < free[best]):
+                best = r
+        if best < 0:
+            rows.append([i])
+            free.append(capacity - n)
+        else:
+            rows[best].append(i)
+            free[best] -= n
+    return rows
+
+
+class PackingCollator:
+    """Padding-free batches: the samples of a batch are packed into rows of at most ``capacity`` tokens.
+
+    Rows are filled best-fit-decreasing (:func:`pack_rows`), at the row length up to ``capacity`` that
+    leaves the least padding (:meth:`layout`).
+
+    Each packed sample gets ``position_ids`` restarting at 0 and no ``attention_mask`` is passed, so
+    transformers builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices`` for
+    sdpa/eager; variable-length kernels for flash attention): no token attends to another sample. The label of
+    each sample's first token is masked, so no sample is predicted from the end of the previous one. The
+    samples of a step are the same as without packing, so packing changes speed, not the optimisation.
+    Rows are right-padded to the longest row; the padding is a separate segment with labels -100.
+    """
+
+    def __init__(self, pad_id: int, capacity: int, attn_cost: float = 0.0):
+        self.pad_id = pad_id
+        self.capacity = capacity
+        self.attn_cost = attn_cost
+
+    def layout(self, lengths: list[int]) -> tuple[list[list[int]], int]:
+        """Rows (sample indices) and their padded width: the cheapest packing by a simple cost model.
+
+        Row lengths from the longest sample up to ``capacity`` are tried. A layout of ``r`` rows of width ``w``
+        costs ``r * w * (1 + attn_cost * w)``: per-token work (padding included) plus attention, which sdpa
+        and eager compute densely over each row (``attn_cost`` is one query-key pair's work relative to one
+        token's, see :func:`attention_cost`; 0 counts padding only).
+        """
+        longest = max(lengths)
+        top = max(self.capacity, longest)
+        caps = {top} | {min(top, int(longest * f)) for f in (1, 1.125, 1.25, 1.5, 1.75, 2, 2.5, 3, 4)}
+        best: tuple[tuple[float, int], list[list[int]], int] | None = None
+        for cap in sorted(caps):
+            rows = pack_rows(lengths, cap)
+            width = max(sum(lengths[i] for i in row) for row in rows)
+            key = (len(rows) * width * (1.0 + self.attn_cost * width), width)
+            if best is None or key < best[0]:
+                best = (key, rows, width)
+        return best[1], best[2]
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, width = self.layout([len(b["input_ids"]) for b in batch])
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                x, y = batch[i]["input_ids"], batch[i]["labels"]
+                n = len(x)
+                ids[r, at : at + n] = torch.tensor(x)
+                labels[r, at + 1 : at + n] = torch.tensor(y[1:], dtype=torch.long)
+                pos[r, at : at + n] = torch.arange(n)
+                at += n
+            pos[r, at:] = torch.arange(width - at)  # padding: its own segment, attended by nothing real
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def attention_cost(config) -> float:
+    """Work of one attention query-key pair relative to one token's work in the linear layers, per forward.
+
+    Dense attention over a row of ``w`` tokens costs ``~4 * layers * hidden * w`` FLOPs per token; the
+    projections, MLP and LM head ``~2 * (layers * (4 * hidden^2 + 3 * hidden * intermediate) + vocab * hidden)``.
+    Variable-length flash attention does no work across samples, so there it is 0.
+    """
+    if getattr(config, "_attn_implementation", "") in ("flash_attention_2", "flash_attention_3"):
+        return 0.0
+    try:
+        h, n_layers = config.hidden_size, config.num_hidden_layers
+        inter = getattr(config, "intermediate_size", 4 * h)
+        linear = 2 * (n_layers * (4 * h * h + 3 * h * inter) + config.vocab_size * h)
+        return 4 * n_layers * h / linear
+    except (AttributeError, TypeError):
+        return 0.0
+
+
+def make_collator(cfg: PipelineConfig, pad_id: int, model_config=None):
+    """The collator the training stage uses: packing (default) or right-padding."""
+    if cfg.train.packing:
+        cost = attention_cost(model_config) if model_config is not None else 0.0
+        return PackingCollator(pad_id, cfg.train.pack_length or cfg.data.max_length, cost)
+    return _Collator(pad_id)
+
+
 def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | None, tokens_per_step: float):
     from transformers import TrainerCallback
 
@@ -67,7 +174,7 @@ def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | N
             self.step_last = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             now = time.perf_counter()
             steps = max(1, state.global_step - self.step_last)
@@ -79,6 +186,8 @@ def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | N
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round(tokens_per_step * steps / max(now - self.t_last, 1e-9), 1),
             }
+            # DPO: preference rewards and log-probabilities, as TRL logs them.
+            row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/"))})
             self.t_last, self.step_last = now, state.global_step
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -95,8 +204,12 @@ def train_sft(
     *,
     tokenizer,
     progress: Callable[[int, int, dict], None] | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Train the candidate; returns the training metrics. The model ends up in ``work_dir/model``."""
+    """Train the candidate; returns the training metrics. The model ends up in ``work_dir/model``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (benchmarks use one to time training).
+    """
     from datasets import load_from_disk
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
@@ -114,7 +227,8 @@ def train_sft(
 
     set_seed(cfg.seed)
     model = load_causal_lm(cfg.base_model)
-    model.config.use_cache = False
+    model.config.use_cache = False  # with a KV cache, transformers would not detect packed sequences
+    base_config = model.config
     if t.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -123,13 +237,15 @@ def train_sft(
             lora_alpha=t.lora_alpha,
             lora_dropout=t.lora_dropout,
             target_modules=t.target_modules,
+            use_rslora=t.use_rslora,
+            use_dora=t.use_dora,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    per_step = t.batch_size * t.gradient_accumulation_steps
+    per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(len(dataset) / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
     mean_tokens = sum(len(x) for x in dataset["input_ids"]) / len(dataset)
@@ -149,9 +265,12 @@ def train_sft(
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=[],
+        report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **precision_args(t.precision),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
@@ -159,22 +278,26 @@ def train_sft(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step)],
+        data_collator=make_collator(cfg, tokenizer.pad_token_id, base_config),
+        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we log per step ourselves
     resume = _latest_checkpoint(ckpt_dir)
     resumed_from = int(resume.name.split("-")[1]) if resume else 0
     if resume:
         log.info("resuming training from %s", resume)
-        _truncate_metrics(metrics_path, resumed_from)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if trainer.is_world_process_zero():
+        if resume:
+            _truncate_metrics(metrics_path, resumed_from)
+        elif metrics_path.exists():
+            metrics_path.unlink()
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     if not math.isfinite(out.training_loss):
         raise StageError(f"training diverged (loss {out.training_loss}); lower train.learning_rate")
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the model and reports
 
     # Write the final model next to what made it, then move it into place in one rename.
     tmp = work_dir / "model.partial"
@@ -185,6 +308,8 @@ def train_sft(
     trainer.save_model(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
     tokenizer.save_pretrained(str(tmp))
+    if t.merge and t.method != "full":
+        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
     atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
     replace_dir(tmp, work_dir / "model")
 
@@ -204,6 +329,29 @@ def train_sft(
         "seconds": round(seconds, 2),
         "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
+
+
+def world_size() -> int:
+    """Processes training together (set by torch.distributed / accelerate launchers; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def precision_args(precision: str) -> dict[str, bool]:
+    """``bf16``/``fp16`` TrainingArguments for ``train.precision`` (``auto``: bf16 where CUDA supports it)."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": bool(cuda and torch.cuda.is_bf16_supported())}
+    if precision in ("bf16", "fp16") and not cuda:
+        raise StageError(f"train.precision: {precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def merge_adapter(base_model: str, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
+    """Write the base model with the adapter in ``adapter_dir`` merged into its weights (safetensors)."""
+    model = load_causal_lm(base_model, adapter=str(adapter_dir))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

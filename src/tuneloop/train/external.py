@@ -1,0 +1,308 @@
+"""External trainers: ``train.backend: command`` and ``tuneloop export-config``.
+
+:func:`run_command` runs a user-given training command (``axolotl train ...``, ``llamafactory-cli train ...``,
+an Unsloth script) with templated arguments, streams its output into the stage log, and picks up the adapter
+or model it wrote to ``{output_dir}``; the rest of the loop (evaluation gates, registry) treats it like a model
+tuneloop trained itself.
+
+:func:`export_config` writes the equivalent Axolotl or LLaMA-Factory YAML for a tuneloop config, using the
+keys those projects document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import string
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneloop.config import PipelineConfig
+from tuneloop.errors import ConfigError, StageError
+from tuneloop.fsutil import atomic_write_json, atomic_write_text, replace_dir
+
+log = logging.getLogger("tuneloop")
+
+#: Placeholders a ``train.command`` may use.
+PLACEHOLDERS = {
+    "base_model": "the base model (path or hub id)",
+    "train_file": "training records of this run's split, canonical JSONL (`messages`, or prompt/chosen/rejected for DPO)",
+    "eval_file": "held-out records in the same format",
+    "output_dir": "where the command must write the adapter or model",
+    "config_file": "the resolved tuneloop config (YAML)",
+    "seed": "train seed",
+    "method": "lora | qlora | full",
+    "objective": "sft | dpo",
+    "learning_rate": "train.learning_rate",
+    "num_epochs": "train.num_epochs",
+    "max_steps": "train.max_steps (0 when unset)",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "lora_r": "train.lora_r",
+    "lora_alpha": "train.lora_alpha",
+    "lora_dropout": "train.lora_dropout",
+    "max_length": "data.max_length",
+}
+
+
+def command_problems(command: str | None) -> list[str]:
+    """Config problems of ``train.command`` (for preflight): missing, or unknown placeholders."""
+    if not command or not command.strip():
+        return ["train.command: required when train.backend is `command`; e.g. `axolotl train {config_file}`"]
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
+    except ValueError as exc:
+        return [f"train.command: bad template ({exc}); write literal braces as {{{{ and }}}}"]
+    unknown = sorted(n for n in names if n not in PLACEHOLDERS)
+    if unknown:
+        return [f"train.command: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; known: "
+                + ", ".join("{" + n + "}" for n in PLACEHOLDERS)]
+    return []
+
+
+def find_model_output(out: Path) -> str | None:
+    """``adapter`` or ``model`` when ``out`` holds a PEFT adapter or a full safetensors model, else None."""
+    if (out / "adapter_config.json").is_file() and any(out.glob("adapter_model*.safetensors")):
+        return "adapter"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return "model"
+    return None
+
+
+def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, tokenizer) -> dict[str, Any]:
+    """Run ``train.command``; returns training metrics. The result ends up in ``work_dir/model``."""
+    t = cfg.train
+    work_dir = Path(work_dir)
+    out = work_dir / "external_output"
+    if out.exists():
+        shutil.rmtree(out)  # a killed command may have left half an output: start it again
+    out.mkdir(parents=True)
+    config_file = work_dir / "tuneloop_config.yaml"
+    atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    values = {
+        "base_model": cfg.base_model, "train_file": prep["train_records"], "eval_file": prep["eval_records"],
+        "output_dir": str(out), "config_file": str(config_file), "seed": cfg.seed, "method": t.method,
+        "objective": t.objective, "learning_rate": t.learning_rate, "num_epochs": t.num_epochs,
+        "max_steps": t.max_steps or 0, "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "max_length": cfg.data.max_length,
+    }
+    command = t.command.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+    log.info("running the training command: %s", command)
+    tail: deque[str] = deque(maxlen=40)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log.info("[command] %s", line)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    seconds = time.perf_counter() - t0
+    last = "\n".join(tail)
+    if rc != 0:
+        raise StageError(f"the training command exited with status {rc}: {command}\nlast lines of its log:\n{last}")
+    kind = find_model_output(out)
+    if kind is None:
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:20]) or "nothing"
+        raise StageError(
+            f"the training command succeeded but {out} holds no model: expected adapter_config.json + "
+            f"adapter_model.safetensors (LoRA) or config.json + *.safetensors (full model); found {found}. "
+            "Make the command write its final model to {output_dir}."
+        )
+    if not any(out.glob("tokenizer*")):
+        tokenizer.save_pretrained(str(out))
+    atomic_write_json(out / "tuneloop_config.json", cfg.to_dict())
+    rows = _trainer_state_rows(out)
+    metrics_path = work_dir / "train_metrics.jsonl"
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    replace_dir(out, work_dir / "model")
+    metrics: dict[str, Any] = {"backend": "command", "objective": t.objective, "method": t.method, "kind": kind,
+                               "exit_code": rc, "seconds": round(seconds, 2)}
+    if rows:
+        metrics.update(steps=rows[-1]["step"], first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
+    return metrics
+
+
+def _trainer_state_rows(out: Path) -> list[dict[str, Any]]:
+    """Per-step losses from a transformers ``trainer_state.json`` the command left, when there is one."""
+    states = sorted(out.rglob("trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return []
+    try:
+        history = json.loads(states[-1].read_text()).get("log_history", [])
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [
+        {"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"], "learning_rate": h.get("learning_rate"),
+         "grad_norm": h.get("grad_norm")}
+        for h in history if "loss" in h and "step" in h
+    ]
+
+
+# ------------------------------------------------------------------------------------------ export-config
+
+
+def _data_format(cfg: PipelineConfig) -> str:
+    if cfg.train.objective == "dpo":
+        return "preference"
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    from tuneloop.data.formats import detect_format
+
+    path = Path(cfg.data.train_data)
+    if not path.is_file():
+        raise ConfigError(f"data.train_data: file not found: {path}")
+    if path.suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))[:100]
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for _, line in zip(range(100), f) if line.strip()]
+    return detect_format(records)
+
+
+def _axolotl(cfg: PipelineConfig, fmt: str) -> dict[str, Any]:
+    t, d = cfg.train, cfg.data
+
+    def dataset(path: str) -> dict[str, Any]:
+        if fmt == "alpaca":
+            return {"path": path, "type": "alpaca"}
+        if fmt == "preference":
+            return {"path": path, "type": "chat_template.default", "field_messages": "conversations",
+                    "field_chosen": "chosen", "field_rejected": "rejected"}
+        return {"path": path, "type": "chat_template", "field_messages": "messages",
+                "message_property_mappings": {"role": "role", "content": "content"}}
+
+    y: dict[str, Any] = {"base_model": cfg.base_model}
+    if t.method == "qlora":
+        y["load_in_4bit"] = True
+    if t.method in ("lora", "qlora"):
+        y.update(adapter=t.method, lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout)
+        if t.target_modules == "all-linear":
+            y["lora_target_linear"] = True
+        else:
+            y["lora_target_modules"] = list(t.target_modules) if not isinstance(t.target_modules, str) else [t.target_modules]
+        if t.use_rslora:
+            y["peft_use_rslora"] = True
+        if t.use_dora:
+            y["peft_use_dora"] = True
+    if t.objective == "dpo":
+        y.update(rl="dpo", rl_beta=t.dpo_beta)
+    y["datasets"] = [dataset(d.train_data)]
+    if d.eval_data:
+        y["test_datasets"] = [{**dataset(d.eval_data), "split": "train"}]
+    else:
+        y["val_set_size"] = d.eval_split
+    if d.chat_template:
+        y.update(chat_template="jinja", chat_template_jinja=d.chat_template)
+    y.update(
+        sequence_len=d.max_length, sample_packing=t.packing and t.objective == "sft", train_on_inputs=t.train_on_inputs,
+        micro_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_epochs=t.num_epochs, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, optimizer="adamw_torch",
+        gradient_checkpointing=t.gradient_checkpointing, seed=cfg.seed, save_steps=t.save_steps,
+        output_dir=f"./outputs/{cfg.name}",
+    )
+    if t.max_steps:
+        y["max_steps"] = t.max_steps
+    y["bf16"] = "auto" if t.precision == "auto" else t.precision == "bf16"
+    if t.precision == "fp16":
+        y["fp16"] = True
+    if t.report_to == "wandb":
+        y["wandb_project"] = cfg.name
+    return y
+
+
+def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    t, d = cfg.train, cfg.data
+
+    def info(path: str) -> dict[str, Any]:
+        if fmt == "alpaca":
+            return {"file_name": path}
+        if fmt == "preference":
+            return {"file_name": path, "formatting": "sharegpt", "ranking": True,
+                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
+        return {"file_name": path, "formatting": "sharegpt", "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system"}}
+
+    name = f"{cfg.name}_train"
+    dataset_info = {name: info(d.train_data)}
+    y: dict[str, Any] = {
+        "model_name_or_path": cfg.base_model, "stage": t.objective, "do_train": True,
+        "finetuning_type": "full" if t.method == "full" else "lora",
+    }
+    if t.method == "qlora":
+        y["quantization_bit"] = 4
+    if t.method in ("lora", "qlora"):
+        y.update(lora_rank=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                 lora_target="all" if t.target_modules == "all-linear" else ",".join(
+                     [t.target_modules] if isinstance(t.target_modules, str) else t.target_modules))
+        if t.use_rslora:
+            y["use_rslora"] = True
+        if t.use_dora:
+            y["use_dora"] = True
+    if t.objective == "dpo":
+        y["pref_beta"] = t.dpo_beta
+    y.update(dataset=name, dataset_dir=str(data_dir), template="default", cutoff_len=d.max_length)
+    if d.eval_data:
+        dataset_info[f"{cfg.name}_eval"] = info(d.eval_data)
+        y["eval_dataset"] = f"{cfg.name}_eval"
+    else:
+        y["val_size"] = d.eval_split
+    y.update(
+        packing=t.packing and t.objective == "sft", neat_packing=t.packing and t.objective == "sft",
+        train_on_prompt=t.train_on_inputs, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        num_train_epochs=float(t.num_epochs), lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, seed=cfg.seed, save_steps=t.save_steps, logging_steps=1,
+        output_dir=f"saves/{cfg.name}", report_to=t.report_to,
+    )
+    if t.max_steps:
+        y["max_steps"] = t.max_steps
+    if t.precision in ("bf16", "auto"):
+        y["bf16"] = True
+    elif t.precision == "fp16":
+        y["fp16"] = True
+    if not t.gradient_checkpointing:
+        y["disable_gradient_checkpointing"] = True
+    return y, dataset_info
+
+
+def export_config(cfg: PipelineConfig, to: str, out_file: Path | None = None) -> str:
+    """The Axolotl or LLaMA-Factory YAML equivalent to ``cfg``; with ``out_file`` it is written there
+    (for LLaMA-Factory together with the ``dataset_info.json`` it needs, in the same directory)."""
+    fmt = _data_format(cfg)
+    header = f"# Generated by `tuneloop export-config --to {to}` from tuneloop config `{cfg.name}`.\n"
+    if to == "axolotl":
+        text = header + yaml.safe_dump(_axolotl(cfg, fmt), sort_keys=False)
+        if out_file:
+            atomic_write_text(Path(out_file), text)
+        return text
+    if to != "llamafactory":
+        raise ConfigError(f"--to {to!r}: expected axolotl or llamafactory")
+    data_dir = Path(out_file).resolve().parent if out_file else Path(".")
+    y, info = _llamafactory(cfg, fmt, data_dir)
+    note = ("# LLaMA-Factory reads datasets from dataset_info.json in dataset_dir; "
+            + ("it was written next to this file.\n" if out_file else "put this entry there:\n"
+               + "".join(f"#   {line}\n" for line in json.dumps(info, indent=2).splitlines())))
+    text = header + note + yaml.safe_dump(y, sort_keys=False)
+    if out_file:
+        atomic_write_text(data_dir / "dataset_info.json", json.dumps(info, indent=2) + "\n")
+        atomic_write_text(Path(out_file), text)
+    return text
