@@ -51,7 +51,7 @@ def test_dpo_pipeline_on_dpo_en_demo(make_config, tmp_path):
     )
     summary = FineTunePipeline(load_config(path)).run()
     st = summary["stages"]
-    assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}
+    assert summary["overall"] == "passed", {k: (v["status"], v["error"]) for k, v in st.items() if v["error"]}
     assert st["data_validation"]["metrics"]["format"] == "preference"
     assert st["data_validation"]["metrics"]["valid"] == 24
     assert st["preprocessing"]["metrics"]["train_samples"] == 22 and st["preprocessing"]["metrics"]["eval_samples"] == 2

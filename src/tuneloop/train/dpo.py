@@ -134,6 +134,7 @@ def train_dpo(
     if tmp.exists():
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
     tokenizer.save_pretrained(str(tmp))
     if t.merge and t.method != "full":
         merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)

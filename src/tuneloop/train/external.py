@@ -127,6 +127,14 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
         )
     if not any(out.glob("tokenizer*")):
         tokenizer.save_pretrained(str(out))
+    # What trainers leave beside the final model but the registry must not store (pickles, resumable state).
+    (out / "training_args.bin").unlink(missing_ok=True)
+    for ckpt in out.glob("checkpoint-*"):
+        if ckpt.is_dir():
+            dest = work_dir / "command_checkpoints" / ckpt.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            ckpt.rename(dest)
     atomic_write_json(out / "tuneloop_config.json", cfg.to_dict())
     rows = _trainer_state_rows(out)
     metrics_path = work_dir / "train_metrics.jsonl"
