@@ -2,8 +2,12 @@
 
 Pure Python (+ NumPy for the bootstrap); no SciPy. Everything here is deterministic (the bootstrap is seeded).
 
-Intervals (two-sided, at ``confidence``; each side of a verdict is therefore a one-sided test at
-``(1 - confidence) / 2``, i.e. 2.5 % at the default 0.95):
+Intervals here are two-sided at ``confidence``. The gates (:mod:`tuneloop.evaluate.gates`) make each verdict
+a one-sided test at level ``1 - gates.confidence`` and therefore ask for the two-sided
+``2 * gates.confidence - 1`` interval (90 % at the default 0.95, the TOST convention of equivalence testing):
+its lower end is the one-sided 95 % lower bound and its upper end the one-sided 95 % upper bound.
+
+Methods:
 
 * one proportion: Wilson score interval (:func:`wilson`) or the exact Clopper-Pearson interval
   (:func:`clopper_pearson`, beta quantiles by bisection on the regularised incomplete beta function);
@@ -14,7 +18,8 @@ Intervals (two-sided, at ``confidence``; each side of a verdict is therefore a o
 * continuous per-item scores (token F1, win scores): a seeded paired bootstrap of the mean difference
   (:func:`paired_bootstrap_interval`) and a bootstrap of the mean (:func:`bootstrap_mean_interval`).
 
-Verdict rules (:func:`verdict`), with ``[lo, hi]`` the interval of the gated quantity:
+Verdict rules (:func:`verdict`), with ``[lo, hi]`` the interval of the gated quantity (so a PASS errs with
+probability at most 1 - confidence when the truth is on the wrong side of the threshold, and so does a FAIL):
 
 * floor ``value >= t`` (``min_accuracy``, ``min_win_rate``): PASS if ``lo >= t``; FAIL if ``hi < t``;
   otherwise INCONCLUSIVE;
