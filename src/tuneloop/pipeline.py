@@ -378,9 +378,17 @@ class FineTunePipeline:
             "data": self._keys[PipelineStage.PREPROCESSING],
             "model": self._keys[PipelineStage.TRAINING],
             "eval": c.eval.model_dump(mode="json"),
-            "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts)},
+            "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts),
+                       "benign": _file_digest(c.eval.benign_prompts), "mc": _file_digest(c.eval.mc_suite),
+                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path}},
             "gates": c.gates.model_dump(mode="json"),
         }
+        reference, note = None, ""
+        if c.gates.against == "champion":
+            from tuneloop.evaluate.evaluation import champion_ref
+
+            reference, note = champion_ref(c, self.ws.root)
+            inputs["against"] = reference.digest if reference else "base"
 
         def compute(out: Path) -> tuple[dict, dict]:
             from tuneloop.evaluate.evaluation import evaluate_candidate
@@ -390,19 +398,17 @@ class FineTunePipeline:
 
             metrics, gates = evaluate_candidate(
                 c, Path(prep["eval_items"]), Path(tr["model_dir"]), out,
-                base_cache_dir=self.ws.cache_dir / "evaluation-base", progress=say,
+                base_cache_dir=self.ws.cache_dir / "evaluation-base", progress=say, reference=reference,
             )
+            if note:
+                metrics["against_note"] = note
             return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
 
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.EVALUATION, inputs, compute)
         self._outputs[PipelineStage.EVALUATION] = res.outputs
         res.metrics = {**res.metrics, "gates": res.outputs["gates"]}
         shutil.copyfile(res.outputs["items"], run_dir / "eval_items.jsonl")
-        blocked = [
-            f"{name}: {g['metric']} {g['value']:.4g} is not {g['op']} {g['threshold']}"
-            for name, g in res.outputs["gates"].items()
-            if g["passed"] is False
-        ]
+        blocked = [f"{name} {g.get('verdict', 'FAIL')}: {g.get('reason', '')}" for name, g in res.outputs["gates"].items() if g["passed"] is False]
         if blocked:
             res.error = "gate blocked: " + "; ".join(blocked)
 

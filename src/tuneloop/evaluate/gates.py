@@ -113,7 +113,8 @@ def decide(
     if v == "PASS":
         rec["reason"] = f"{what}: the whole interval is {rec['op']} {spec.threshold}"
     elif v == "FAIL":
-        rec["reason"] = f"{what}: the whole interval is on the wrong side of {spec.threshold}"
+        side = "below" if rec["op"] == ">=" else "above"
+        rec["reason"] = f"{what}: the whole interval is {side} the threshold, so {spec.metric} is not {rec['op']} {spec.threshold}"
     else:
         n_need = stats.needed_n(est.value, spec.threshold, sd, level)
         if spec.kind == "paired" and est.sd == 0 and abs(est.value - spec.threshold) > 1e-12:
