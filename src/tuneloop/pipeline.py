@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from tuneloop.config import PipelineConfig, coerce_config
-from tuneloop.errors import ConfigError, StageError, TuneloopError
+from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace, pid_alive, utcnow
@@ -139,6 +139,15 @@ class FineTunePipeline:
                 problems.append(f"train.method: {exc}")
         if problems:
             raise ConfigError(problems, self.config_path)
+
+    def prepare_eval_items(self) -> Path:
+        """Run (or re-use from the cache) data validation and preprocessing; return the eval items file."""
+        for stage in (PipelineStage.DATA_VALIDATION, PipelineStage.PREPROCESSING):
+            res = StageResult(stage)
+            getattr(self, f"_stage_{stage.value}")(res, "", None)
+            if res.error:
+                raise InputError(f"{stage.value}: {res.error}")
+        return Path(self._outputs[PipelineStage.PREPROCESSING]["eval_items"])
 
     # ---------------------------------------------------------------------------------------------- run
 

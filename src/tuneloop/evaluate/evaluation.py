@@ -196,3 +196,86 @@ def champion_ref(cfg: PipelineConfig, workspace_root: Path) -> tuple[ModelRef | 
     ref = model_ref(f"champion {v['ref']}", path, v.get("base_model") or cfg.base_model)
     ref.digest = sha256_json(["registry", v["artifact_digest"], ref.digest])
     return ref, ""
+
+
+# ------------------------------------------------------------------------------------------ tuneloop eval
+
+
+def _registry_ref(cfg: PipelineConfig, root: Path, ref: str, label: str) -> ModelRef:
+    from tuneloop.registry.db import Registry, parse_ref
+
+    reg = Registry(Path(root))
+    name, version = (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else parse_ref(ref)
+    v = reg.get(name, version)
+    mref = model_ref(f"{label} {v['ref']}", reg.open_artifact(name, v["version"]), v.get("base_model") or cfg.base_model)
+    mref.digest = sha256_json(["registry", v["artifact_digest"], mref.digest])
+    return mref
+
+
+def _latest_candidate(cfg: PipelineConfig, ws) -> ModelRef:
+    """The model trained by the config's most recent run, else the registry's latest version."""
+    from tuneloop.errors import InputError, TuneloopError
+    from tuneloop.fsutil import read_json
+    from tuneloop.pipeline import list_runs
+
+    for run in list_runs(ws):
+        if run.get("pipeline") != cfg.name:
+            continue
+        f = ws.run_dir(run["run_id"]) / "stages" / "training.json"
+        if f.is_file():
+            model_dir = read_json(f).get("outputs", {}).get("model_dir")
+            if model_dir and Path(model_dir).is_dir():
+                return model_ref(f"candidate of run {run['run_id']}", model_dir, cfg.base_model)
+    try:
+        return _registry_ref(cfg, ws.root, "latest", "candidate")
+    except TuneloopError:
+        raise InputError(
+            f"no candidate model: no run of {cfg.name} in {ws.root} trained one and the registry has no version; "
+            "give --model PATH (a model or adapter directory) or --model VERSION, or run `tuneloop run` first"
+        ) from None
+
+
+def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | None = None, console=None) -> dict[str, Any]:
+    """``tuneloop eval``: only the gates, for one candidate against the base, the champion or a version.
+
+    ``model``: a model/adapter directory, a registry version (``3``, ``name:3``, ``name@alias``), or None for the
+    latest candidate of the config's runs. ``against``: ``base``, ``champion`` or a version (default:
+    ``gates.against``). Returns the JSON report (:func:`tuneloop.evaluate.reports.report_json`) with ``eval_dir``.
+    """
+    from tuneloop.errors import InputError
+    from tuneloop.evaluate.reports import report_json
+    from tuneloop.pipeline import FineTunePipeline, model_fingerprint
+    from tuneloop.workspace import Workspace, utcnow
+
+    pipe = FineTunePipeline(cfg, console=console)
+    pipe.preflight()
+    ws = Workspace.for_config(cfg)
+    if model is None:
+        cand = _latest_candidate(cfg, ws)
+    elif Path(model).expanduser().is_dir():
+        p = Path(model).expanduser().resolve()
+        if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+            raise InputError(f"--model {model}: not a model directory (no config.json or adapter_config.json)")
+        cand = model_ref(f"candidate {p}", p, cfg.base_model)
+    else:
+        cand = _registry_ref(cfg, ws.root, model, "candidate")
+    against = against or cfg.gates.against
+    note = ""
+    if against == "base":
+        ref = ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
+    elif against == "champion":
+        ref, note = champion_ref(cfg, ws.root)
+        ref = ref or ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
+    else:
+        ref = _registry_ref(cfg, ws.root, against, "version")
+    items = pipe.prepare_eval_items()
+    eval_id = ws.new_run_id()
+    out_dir = ws.root / "evals" / eval_id
+    say = (lambda what: console.print(f"  evaluating {what} ...")) if console is not None else None
+    metrics, gates = evaluate_candidate(cfg, items, cand.adapter or cand.path, out_dir, base_cache_dir=ws.cache_dir / "evaluation-base",
+                                        progress=say, reference=ref, candidate=cand)
+    if note:
+        metrics["against_note"] = note
+    report = report_json(gates, metrics, eval_id=eval_id, eval_dir=str(out_dir), model=cand.label, against=ref.label, at=utcnow())
+    atomic_write_json(out_dir / "report.json", report)
+    return report
