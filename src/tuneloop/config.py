@@ -85,16 +85,15 @@ class SuiteConfig(_Section):
     """One evaluation suite. A plain string in `eval.suites` names a suite kind with its defaults."""
 
     name: str = Field(description="Name of the suite in metrics, gates and reports (default: its kind).", default="")
-    kind: Literal["task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate", "lmeval"] = Field(
+    kind: Literal["task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate"] = Field(
         description="`task` (accuracy on the eval set or `path`), `harmful` (red-team prompts), `over_refusal` (benign "
         "look-alike prompts), `general_text` (next-token accuracy and perplexity on held-out text), `capability_mc` "
-        "(general multiple choice by log-likelihood), `win_rate` (pairwise judge vs base/champion on the task items), "
-        "`lmeval` (an lm-evaluation-harness task from a local YAML; needs the `lmeval` extra)."
+        "(general multiple choice by log-likelihood), `win_rate` (pairwise judge vs base/champion on the task items)."
     )
     path: str | None = Field(
         None,
         description="Data file of the suite (JSONL). Default: the run's eval set for `task`/`win_rate`, the suite shipped "
-        "with tuneloop for the others; for `lmeval` the task YAML.",
+        "with tuneloop for the others.",
     )
     metric: Literal["exact", "contains", "regex", "token_f1", "mc_loglik"] = Field(
         "exact",

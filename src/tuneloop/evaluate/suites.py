@@ -147,10 +147,6 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
             if not r.get("choices") or not isinstance(r.get("answer"), int) or not r.get("question"):
                 raise InputError(f"{suite.source}:{i + 1}: a multiple-choice item needs `question`, `choices` and an integer `answer`")
         suite.items = [{"id": str(r.get("id", i)), "question": r["question"], "choices": [str(c) for c in r["choices"]], "answer": r["answer"]} for i, r in enumerate(recs)]
-    elif kind == "lmeval":
-        from tuneloop.evaluate.lmeval import load_lmeval_suite
-
-        return load_lmeval_suite(spec)
     if spec.max_items and suite.items:
         suite.items = suite.items[: spec.max_items]
     suite.digest = sha256_json({"kind": kind, "metric": spec.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text})
@@ -214,10 +210,6 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str,
     if suite.kind == "capability_mc":
         ctx = [f"Question: {it['question']}\nAnswer:" for it in suite.items]
         return {"mc": _mc_pick(model, tok, ctx, [[" " + c for c in it["choices"]] for it in suite.items])}
-    if suite.kind == "lmeval":
-        from tuneloop.evaluate.lmeval import lmeval_outputs
-
-        return lmeval_outputs(model, tok, suite)
     if suite.kind == "task" and suite.metric == "mc_loglik":
         ctx = [render_prompt(tok, it["messages"]) for it in suite.items]
         return {"mc": _mc_pick(model, tok, ctx, [it["choices"] for it in suite.items])}
@@ -263,12 +255,10 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
         for w in range(0, n, 128):
             recs.append({"suite": suite.name, "kind": k, "id": f"tokens-{w}-{min(w + 128, n)}", "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]), "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128])})
         return res, recs
-    if k in ("capability_mc", "lmeval") or (k == "task" and suite.metric == "mc_loglik"):
+    if k == "capability_mc" or (k == "task" and suite.metric == "mc_loglik"):
         bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
         cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items)]
-        res.update(base=bs, candidate=cs, n=len(bs), kind="task" if k == "task" else "capability_mc")
-        if k == "lmeval":
-            res["kind"] = "capability_mc"
+        res.update(base=bs, candidate=cs, n=len(bs))
         for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
             p = _prompt_text(it)
             recs.append({"suite": suite.name, "kind": k, "id": it["id"], "prompt_sha256": prompt_sha256(p), "prompt": p, "choices": it["choices"], "answer": it["answer"],
