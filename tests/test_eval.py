@@ -147,9 +147,11 @@ def test_tiny_eval_set_is_inconclusive_with_needed_n(make_config, trained_base, 
     assert g["n"] == 6 and g["verdict"] == "INCONCLUSIVE", g
     assert g["needed_n"] > 6 and "items would decide" in g["reason"]
     assert r.returncode == 1 and g["blocks"]  # on_inconclusive: block (default)
-    lenient = tl("eval", path, "--model", trained_base, "--json", "-o", "gates.on_inconclusive=warn")
+    lenient = tl("eval", path, "--model", trained_base, "--json", "-o", "gates.on_inconclusive=warn", "--against", "champion")
     assert lenient.returncode == 0
-    assert json.loads(lenient.stdout)["gates"]["min_accuracy"]["warning"]
+    rep = json.loads(lenient.stdout)
+    assert rep["gates"]["min_accuracy"]["warning"]
+    assert rep["against"] == "base" and "no champion" in rep["metrics"]["against_note"]  # empty registry: falls back
 
 
 def test_bad_input_exits_2(make_config, tmp_path, tiny_model):
@@ -162,3 +164,23 @@ def test_bad_input_exits_2(make_config, tmp_path, tiny_model):
     bad_mc.write_text('{"question": "q", "choices": ["a", "b"]}\n')
     r = tl("eval", make_config(eval={"mc_suite": str(bad_mc), "suites": ["capability_mc"]}), "--model", tiny_model)
     assert r.returncode == 2 and "mc.jsonl:1" in r.stderr and "answer" in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_defaults_to_latest_candidate_and_compares_with_champion(make_config):
+    from tuneloop import FineTunePipeline, load_config
+
+    path = make_config(gates={"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 0.02, "max_accuracy_drop": 0.5})
+    summary = FineTunePipeline(load_config(path)).run()
+    assert summary["overall"] == "passed", summary
+    ev = summary["stages"]["evaluation"]["metrics"]
+    assert ev["gates"]["max_capability_drop"]["interval"] and ev["against"] == "base"
+    # The run's candidate is now the champion: comparing the latest candidate with it is comparing a model with itself.
+    r = tl("eval", path, "--against", "champion", "--json")
+    rep = json.loads(r.stdout)
+    assert rep["against"].startswith("champion tiny-bot") and rep["model"].startswith("candidate of run")
+    assert rep["gates"]["max_capability_drop"]["value"] == 0.0 and rep["gates"]["max_capability_drop"]["verdict"] == "PASS"
+    assert rep["gates"]["max_accuracy_drop"]["counts"]["discordant"] == 0
+    assert r.returncode == 0, rep["blocking"]
+    same = tl("eval", path, "--model", "tiny-bot:1", "--against", "1", "--json")
+    assert same.returncode == 0 and json.loads(same.stdout)["gates"]["max_capability_drop"]["value"] == 0.0

@@ -278,7 +278,8 @@ def models_show(
             t.add_column(col)
         for name, g in v.get("gates", {}).items():
             verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}[g["passed"]]
-            t.add_row(name, f"{g['value']:.4g}", f"{g['op']} {g['threshold']}", verdict)
+            value = f"{g['value']:.4g}" if isinstance(g.get("value"), (int, float)) else "—"
+            t.add_row(name, value, f"{g['op']} {g['threshold']}", g.get("verdict", verdict) if g["passed"] is not None else verdict)
         out.print(t)
 
 
