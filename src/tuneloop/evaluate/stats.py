@@ -16,7 +16,8 @@ Methods:
   coverage), and the exact McNemar test (:func:`mcnemar_exact`: a two-sided binomial test on the discordant
   pairs) for its p-value;
 * continuous per-item scores (token F1, win scores): a seeded paired bootstrap of the mean difference
-  (:func:`paired_bootstrap_interval`) and a bootstrap of the mean (:func:`bootstrap_mean_interval`).
+  (:func:`paired_bootstrap_interval`), and for a mean the wider of a bootstrap and the Wilson interval at that
+  mean (:func:`estimate_mean`; conservative for scores in [0, 1]).
 
 Verdict rules (:func:`verdict`), with ``[lo, hi]`` the interval of the gated quantity (so a PASS errs with
 probability at most 1 - confidence when the truth is on the wrong side of the threshold, and so does a FAIL):
@@ -292,7 +293,15 @@ def estimate_paired_continuous(
 
 
 def estimate_mean(x: Sequence[float], confidence: float = 0.95, *, seed: int = 0) -> Estimate:
-    """Mean of continuous per-item scores in [0, 1], with a seeded bootstrap interval."""
+    """Mean of per-item scores in [0, 1] (token F1, win scores with ties as 1/2).
+
+    The interval is the wider of a seeded percentile bootstrap and the Wilson interval at the same mean
+    (a score in [0, 1] with mean p has variance at most p(1 - p), so Wilson is conservative; it also keeps a
+    handful of identical scores from giving a zero-width interval, which the bootstrap alone would).
+    """
     a = np.asarray(x, dtype=float)
-    lo, hi = bootstrap_mean_interval(a, confidence, seed=seed)
-    return Estimate(float(a.mean()) if a.size else 0.0, lo, hi, int(a.size), float(a.std()) if a.size else 0.0, "bootstrap (2000, seeded)")
+    if a.size == 0:
+        return Estimate(0.0, 0.0, 1.0, 0, 0.0, "none")
+    blo, bhi = bootstrap_mean_interval(a, confidence, seed=seed)
+    wlo, whi = wilson(float(a.sum()), int(a.size), confidence)  # type: ignore[arg-type]
+    return Estimate(float(a.mean()), min(blo, wlo), max(bhi, whi), int(a.size), float(a.std()), "bootstrap (2000, seeded) widened to Wilson")
