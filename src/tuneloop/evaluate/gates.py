@@ -97,7 +97,7 @@ def decide(
     else:
         est = stats.estimate_mean(cand, level, seed=seed)
         sd = est.sd if est.sd > 0 else 0.5
-    rec.update(value=round(est.value, 6), interval=[round(est.lo, 6), round(est.hi, 6)], method=est.method)
+    rec.update(value=round(est.value, 6) + 0.0, interval=[round(est.lo, 6) + 0.0, round(est.hi, 6) + 0.0], method=est.method)  # + 0.0: no -0.0
     if est.p_value is not None:
         rec["p_value"] = round(est.p_value, 6)
     if est.extra:
