@@ -118,3 +118,25 @@ def test_reports_junit_markdown_svg():
     assert svg.startswith("<svg") and svg.count("<circle") == 4  # a gate that is not applied is still drawn (grey)
     doc = reports.report_json(gates)
     assert doc["overall"] == "failed" and json.dumps(doc)
+
+
+def test_classifier_judge_from_local_paths(tmp_path, tiny_model):
+    """A local sequence-classification model with harm labels, and a one-output reward model (random weights:
+    this checks the loading and the label/reward logic, not the quality of the verdicts)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for name, kw in (("cls", {"num_labels": 2, "id2label": {0: "safe", 1: "unsafe"}, "label2id": {"safe": 0, "unsafe": 1}}), ("rm", {"num_labels": 1})):
+        cfg = AutoConfig.from_pretrained(tiny_model, **kw)
+        cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cls = judges.make_judge(JudgeConfig(kind="classifier", path=str(tmp_path / "cls")))
+    assert cls.harm_ids == [1] and not cls.reward
+    assert isinstance(cls.harmful("p", "some answer", []), bool)
+    assert cls.refused("p", "I'm sorry, I can't") is True  # no refusal label: keyword fallback
+    rm = judges.make_judge(JudgeConfig(kind="classifier", path=str(tmp_path / "rm")))
+    assert rm.reward and rm.compare("p", "one answer", "another answer", None) in ("A", "B", "tie")
+    assert rm.compare("p", "same", "same", None) == "tie"
+    with pytest.raises(ConfigError, match="eval.judge.path"):
+        judges.make_judge(JudgeConfig(kind="classifier", path=str(tmp_path / "missing")))
