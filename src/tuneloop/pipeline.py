@@ -122,6 +122,9 @@ class FineTunePipeline:
             ("data.eval_data", c.data.eval_data),
             ("eval.general_text", c.eval.general_text),
             ("eval.redteam_prompts", c.eval.redteam_prompts),
+            ("eval.benign_prompts", c.eval.benign_prompts),
+            ("eval.mc_suite", c.eval.mc_suite),
+            *((f"eval.suites.{s.name}.path", s.path) for s in c.eval.suites),
         ):
             if value and not Path(value).is_file():
                 problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")

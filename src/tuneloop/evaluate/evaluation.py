@@ -268,6 +268,11 @@ def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | No
         ref = ref or ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
     else:
         ref = _registry_ref(cfg, ws.root, against, "version")
+    # Bad suites or judge settings are input errors: find them before any model work.
+    make_judge(cfg.eval.judge)
+    for spec in cfg.eval.suites:
+        if spec.kind not in ("task", "win_rate") or spec.path:
+            load_suite(spec, cfg.eval, None)
     items = pipe.prepare_eval_items()
     eval_id = ws.new_run_id()
     out_dir = ws.root / "evals" / eval_id
