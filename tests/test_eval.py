@@ -4,6 +4,7 @@ set, JUnit/Markdown/JSON reports, audit records, base-output cache, bad input.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from importlib import resources
@@ -184,3 +185,33 @@ def test_eval_defaults_to_latest_candidate_and_compares_with_champion(make_confi
     assert r.returncode == 0, rep["blocking"]
     same = tl("eval", path, "--model", "tiny-bot:1", "--against", "1", "--json")
     assert same.returncode == 0 and json.loads(same.stdout)["gates"]["max_capability_drop"]["value"] == 0.0
+
+
+def test_several_task_suites_with_each_metric(make_config, trained_base, tmp_path, task_data):
+    mc = write_jsonl(tmp_path / "mc.jsonl", [
+        {"id": f"q{i}", "prompt": f"Which team handles ticket {i}?", "choices": ["billing", "shipping", "other"], "answer": i % 3} for i in range(9)
+    ])
+    suites = [
+        {"name": "exact", "kind": "task"},
+        {"name": "contains", "kind": "task", "metric": "contains"},
+        {"name": "regex", "kind": "task", "metric": "regex", "pattern": r"\w+"},
+        {"name": "f1", "kind": "task", "metric": "token_f1"},
+        {"name": "mc", "kind": "task", "metric": "mc_loglik", "path": str(mc)},
+    ]
+    path = make_config(base_model=str(trained_base), eval={"max_new_tokens": 4, "suites": suites},
+                       gates={"min_accuracy": 0.0, "max_harmful_rate": None, "max_capability_drop": None, "max_accuracy_drop": 0.5})
+    r = tl("eval", path, "--model", trained_base, "--json")
+    rep = json.loads(r.stdout)
+    g = rep["gates"]
+    assert set(g) == {"min_accuracy", "max_accuracy_drop"} | {f"{k}[{s}]" for k in ("min_accuracy", "max_accuracy_drop") for s in ("contains", "regex", "f1", "mc")}
+    assert g["min_accuracy[mc]"]["n"] == 9 and "wilson" in g["min_accuracy[mc]"]["method"]
+    assert "bootstrap" in g["min_accuracy[f1]"]["method"]  # token F1 is continuous
+    assert all(v["verdict"] == "PASS" for v in g.values()), {k: v["verdict"] for k, v in g.items()}
+    recs = [json.loads(x) for x in (Path(rep["eval_dir"]) / "items.jsonl").read_text().splitlines()]
+    regex_recs = [x for x in recs if x["suite"] == "regex"]
+    assert g["min_accuracy[regex]"]["value"] == pytest.approx(sum(bool(re.search(r"\w+", x["candidate"])) for x in regex_recs) / len(regex_recs), abs=1e-6)
+    mc_recs = [x for x in recs if x["suite"] == "mc"]
+    assert len(mc_recs) == 9 and all(len(x["base_logprobs"]) == 3 and x["base"] in ("billing", "shipping", "other") for x in mc_recs)
+    # one generation per model serves every generated task suite: identical answers across suites
+    by_suite = {s: [x["candidate"] for x in recs if x["suite"] == s] for s in ("exact", "contains", "f1")}
+    assert by_suite["exact"] == by_suite["contains"] == by_suite["f1"]
