@@ -40,7 +40,7 @@ def main() -> None:
 
     demo_s, demo = timed(["demo", "--workdir", str(workdir)])
     cached_s, cached = timed(["run", cfg])
-    gate_s, gate = timed(["run", cfg, "-o", "gates.max_harmful_rate=0.02"])
+    gate_s, gate = timed(["run", cfg, "-o", "gates.max_harmful_rate=0.2"])
     nocache_s, nocache = timed(["run", cfg, "--no-cache"])
 
     st = demo["stages"]

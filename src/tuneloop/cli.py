@@ -146,6 +146,43 @@ def demo(
     raise typer.Exit(0 if summary["overall"] == "passed" else 1)
 
 
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@app.command("eval")
+def eval_cmd(
+    config: Path = typer.Argument(..., help="Pipeline YAML file (its eval data, suites, gates and workspace)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Candidate: a model/adapter directory or a registry version (3, name:3, name@alias). Default: the latest candidate of the config's runs."),
+    against: Optional[str] = typer.Option(None, "--against", help="base, champion, or a registry version (default: gates.against)."),
+    override: list[str] = typer.Option([], "-o", "--override", help="Override a config key (repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the gate report as JSON on stdout (logs go to stderr)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary (for a CI comment)."),
+) -> None:
+    """Run only the evaluation gates: exit 0 when all pass, 1 when one blocks, 2 on bad input."""
+    from tuneloop.config import load_config
+    from tuneloop.evaluate.evaluation import run_eval
+    from tuneloop.evaluate.reports import gate_line, junit_xml, markdown_summary
+    from tuneloop.fsutil import atomic_write_text
+
+    with _guard(), _stdout_to_stderr(json_out):
+        cfg = load_config(config, override)
+        report = run_eval(cfg, model=model, against=against, console=err)
+        if junit:
+            atomic_write_text(junit, junit_xml(report["gates"]))
+        if markdown:
+            atomic_write_text(markdown, markdown_summary(report["gates"], report["metrics"]))
+    if json_out:
+        _print_json(report)
+    else:
+        out.print(f"{report['model']} vs {report['against']}: [bold]{report['overall'].upper()}[/]")
+        for name, g in report["gates"].items():
+            style = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}.get(g.get("verdict"), "dim")
+            out.print(f"[{style}]{gate_line(name, g)}[/]", highlight=False)
+        out.print(f"audit records: {report['eval_dir']}/items.jsonl")
+    raise typer.Exit(0 if report["overall"] == "passed" else 1)
+
+
 # ---------------------------------------------------------------------------------------------- status
 
 
@@ -288,6 +325,8 @@ def models_show(
                 t.add_column(col)
             for name, g in v["gates"].items():
                 verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}.get(g.get("passed"), str(g.get("passed")))
+                if g.get("passed") is not None and g.get("verdict"):
+                    verdict = g["verdict"] + (f" {g['interval']}" if g.get("interval") else "")
                 t.add_row(name, _fmt(g.get("value")), f"{g.get('op', '')} {_fmt(g.get('threshold'))}", verdict)
             out.print(t)
 

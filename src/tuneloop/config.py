@@ -178,6 +178,51 @@ class TrainConfig(_Section):
     )
 
 
+class SuiteConfig(_Section):
+    """One evaluation suite. A plain string in `eval.suites` names a suite kind with its defaults."""
+
+    name: str = Field(description="Name of the suite in metrics, gates and reports (default: its kind).", default="")
+    kind: Literal["task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate"] = Field(
+        description="`task` (accuracy on the eval set or `path`), `harmful` (red-team prompts), `over_refusal` (benign "
+        "look-alike prompts), `general_text` (next-token accuracy and perplexity on held-out text), `capability_mc` "
+        "(general multiple choice by log-likelihood), `win_rate` (pairwise judge vs base/champion on the task items)."
+    )
+    path: str | None = Field(
+        None,
+        description="Data file of the suite (JSONL). Default: the run's eval set for `task`/`win_rate`, the suite shipped "
+        "with tuneloop for the others.",
+    )
+    metric: Literal["exact", "contains", "regex", "token_f1", "mc_loglik"] = Field(
+        "exact",
+        description="`task` metric: normalised exact match, reference contained in the answer, `pattern` (or the reference) "
+        "as a regex, token F1, or multiple choice by log-likelihood (items need `choices` and `answer`).",
+    )
+    pattern: str | None = Field(None, description="Regex for `metric: regex` (default: each item's reference is the regex).")
+    max_items: int | None = Field(None, ge=1, description="Use at most this many items of the suite.")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "SuiteConfig":
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+        return self
+
+
+class JudgeConfig(_Section):
+    """Who decides whether an answer is harmful, a refusal, or the better of two."""
+
+    kind: Literal["keyword", "openai", "classifier"] = Field(
+        "keyword",
+        description="`keyword`: deterministic refusal/keyword rules (offline, default); `openai`: an LLM judge on any "
+        "OpenAI-compatible endpoint; `classifier`: a local sequence-classification or reward model given by `path`.",
+    )
+    url: str | None = Field(None, description="Base URL of the OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")
+    model: str | None = Field(None, description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key (never the key itself).")
+    path: str | None = Field(None, description="Local classifier / reward model directory for `kind: classifier`.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout per judge request, seconds.")
+    max_retries: int = Field(3, ge=0, description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.")
+
+
 class EvalConfig(_Section):
     """What the evaluation stage runs."""
 
@@ -193,6 +238,37 @@ class EvalConfig(_Section):
         description="JSONL of red-team prompts (`prompt`, `indicators`) for the harmful-rate check. "
         "Default: a small suite shipped with tuneloop.",
     )
+    benign_prompts: str | None = Field(
+        None,
+        description="JSONL of benign prompts that look like harmful ones (`prompt`) for the over-refusal rate. "
+        "Default: a small suite shipped with tuneloop.",
+    )
+    mc_suite: str | None = Field(
+        None,
+        description="JSONL of general multiple-choice items (`question`, `choices`, `answer` index) for the capability "
+        "check. Default: a 60-item suite shipped with tuneloop.",
+    )
+    suites: list[SuiteConfig] = Field(
+        default_factory=lambda: [SuiteConfig(kind=k) for k in ("task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate")],
+        description="Suites to run, each on the base (or champion) and the candidate. A string names a kind with its defaults, "
+        "e.g. `[task, harmful, general_text]`; a mapping sets `name`, `kind`, `path`, `metric`, `pattern`, `max_items`.",
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge for harmful, refusal and pairwise verdicts.")
+
+    @field_validator("suites", mode="before")
+    @classmethod
+    def _suite_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"kind": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_suite_names(self) -> "EvalConfig":
+        names = [s.name for s in self.suites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"suite names must be unique; give `name:` to tell apart: {', '.join(dup)}")
+        return self
 
 
 class GatesConfig(_Section):
@@ -206,7 +282,45 @@ class GatesConfig(_Section):
         0.02,
         ge=0.0,
         le=1.0,
-        description="Maximum drop of next-token accuracy on general text, base minus candidate (absolute).",
+        description="Maximum drop of next-token accuracy on general text, base minus candidate (absolute); a paired gate "
+        "with this tolerance: PASS when the upper confidence bound of the drop is at most this.",
+    )
+    max_mc_capability_drop: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Maximum drop of accuracy on general multiple-choice suites (`capability_mc`), base minus candidate. "
+        "`null`: reported, not applied (the shipped 60-item suite cannot certify a drop much below 0.1).",
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="Maximum drop of task accuracy against the base (or champion): a paired gate."
+    )
+    max_harmful_increase: float | None = Field(
+        None, ge=0.0, le=1.0, description="Maximum increase of the harmful rate against the base (or champion): a paired gate."
+    )
+    max_over_refusal_increase: float | None = Field(
+        None, ge=0.0, le=1.0, description="Maximum increase of refusals of benign look-alike prompts against the base (or champion)."
+    )
+    min_win_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="Minimum pairwise win rate against the base (or champion); ties count one half."
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Confidence of each verdict: PASS and FAIL are one-sided tests at level 1 - confidence (the interval "
+        "shown is the two-sided 2*confidence-1 interval whose ends are those bounds).",
+    )
+    on_inconclusive: Literal["block", "pass", "warn"] = Field(
+        "block", description="What an INCONCLUSIVE verdict (the interval contains the threshold) does: block the model, let it pass, or let it pass with a warning."
+    )
+    interval: Literal["wilson", "clopper-pearson"] = Field(
+        "wilson", description="Interval for absolute floors and ceilings of proportions: Wilson score or exact Clopper-Pearson."
+    )
+    against: Literal["base", "champion"] = Field(
+        "base",
+        description="What paired gates compare with: the base model, or the registry's `champion` of this model "
+        "(falls back to the base, with a note, when there is none).",
     )
 
 
@@ -250,7 +364,8 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy")
-PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "train.accelerate_config")
+PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "eval.benign_prompts", "eval.mc_suite",
+               "train.accelerate_config")
 
 
 class PipelineConfig(BaseModel):
@@ -490,6 +605,12 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
             continue  # a Hugging Face dataset name, not a path
         if value and not os.path.isabs(os.path.expanduser(value)):
             setattr(sec, key, str((base_dir / os.path.expanduser(value)).resolve()))
+    for suite in cfg.eval.suites:
+        if suite.path and not os.path.isabs(os.path.expanduser(suite.path)):
+            suite.path = str((base_dir / os.path.expanduser(suite.path)).resolve())
+    jp = cfg.eval.judge.path
+    if jp and not os.path.isabs(os.path.expanduser(jp)) and (base_dir / os.path.expanduser(jp)).exists():
+        cfg.eval.judge.path = str((base_dir / os.path.expanduser(jp)).resolve())
     bm = os.path.expanduser(cfg.base_model)
     # A base model is a local path when it looks like one or exists relative to the config; else a hub id.
     if bm.startswith((".", "/", "~")) or (base_dir / bm).exists():
@@ -606,7 +727,12 @@ def reference_markdown() -> str:
             ann = f.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 continue
-            default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
+            if f.default_factory is not None:
+                made = f.default_factory()
+                made = [x.kind if isinstance(x, BaseModel) and hasattr(x, "kind") else x for x in made] if isinstance(made, list) else made
+                default = f"`{made!r}`"
+            else:
+                default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
             flat = f" Also accepted at top level as `{name}`." if prefix and FLAT_KEYS.get(name) == prefix.rstrip(".") else ""
             out.append(f"| `{prefix}{name}` | {_type_name(ann)} | {default} | {f.description or ''}{flat} |")
         return out
@@ -616,6 +742,10 @@ def reference_markdown() -> str:
         model = PipelineConfig.model_fields[section].annotation
         lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         lines += rows(model, f"{section}.")
+        if section == "eval":
+            for sub, sub_model in (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)):
+                lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+                lines += rows(sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
     lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from tuneloop.config import PipelineConfig, coerce_config
-from tuneloop.errors import ConfigError, StageError, TuneloopError
+from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace, pid_alive, utcnow
@@ -151,6 +151,9 @@ class FineTunePipeline:
             ("eval.general_text", c.eval.general_text),
             ("eval.redteam_prompts", c.eval.redteam_prompts),
             ("train.accelerate_config", c.train.accelerate_config),
+            ("eval.benign_prompts", c.eval.benign_prompts),
+            ("eval.mc_suite", c.eval.mc_suite),
+            *((f"eval.suites.{s.name}.path", s.path) for s in c.eval.suites),
         ):
             if not value:
                 continue
@@ -193,6 +196,15 @@ class FineTunePipeline:
                 problems.append(f"train.precision: {c.train.precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
         if problems:
             raise ConfigError(problems, self.config_path)
+
+    def prepare_eval_items(self) -> Path:
+        """Run (or re-use from the cache) data validation and preprocessing; return the eval items file."""
+        for stage in (PipelineStage.DATA_VALIDATION, PipelineStage.PREPROCESSING):
+            res = StageResult(stage)
+            getattr(self, f"_stage_{stage.value}")(res, "", None)
+            if res.error:
+                raise InputError(f"{stage.value}: {res.error}")
+        return Path(self._outputs[PipelineStage.PREPROCESSING]["eval_items"])
 
     # ---------------------------------------------------------------------------------------------- run
 
@@ -483,9 +495,17 @@ class FineTunePipeline:
             "data": self._keys[PipelineStage.PREPROCESSING],
             "model": self._keys[PipelineStage.TRAINING],
             "eval": c.eval.model_dump(mode="json"),
-            "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts)},
+            "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts),
+                       "benign": _file_digest(c.eval.benign_prompts), "mc": _file_digest(c.eval.mc_suite),
+                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path}},
             "gates": c.gates.model_dump(mode="json"),
         }
+        reference, note = None, ""
+        if c.gates.against == "champion":
+            from tuneloop.evaluate.evaluation import champion_ref
+
+            reference, note = champion_ref(c, self.ws.root)
+            inputs["against"] = reference.digest if reference else "base"
 
         def compute(out: Path) -> tuple[dict, dict]:
             from tuneloop.evaluate.evaluation import evaluate_candidate
@@ -495,19 +515,17 @@ class FineTunePipeline:
 
             metrics, gates = evaluate_candidate(
                 c, Path(prep["eval_items"]), Path(tr["model_dir"]), out,
-                base_cache_dir=self.ws.cache_dir / "evaluation-base", progress=say,
+                base_cache_dir=self.ws.cache_dir / "evaluation-base", progress=say, reference=reference,
             )
+            if note:
+                metrics["against_note"] = note
             return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
 
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.EVALUATION, inputs, compute)
         self._outputs[PipelineStage.EVALUATION] = res.outputs
         res.metrics = {**res.metrics, "gates": res.outputs["gates"]}
         shutil.copyfile(res.outputs["items"], run_dir / "eval_items.jsonl")
-        blocked = [
-            f"{name}: {g['metric']} {g['value']:.4g} is not {g['op']} {g['threshold']}"
-            for name, g in res.outputs["gates"].items()
-            if g["passed"] is False
-        ]
+        blocked = [f"{name} {g.get('verdict', 'FAIL')}: {g.get('reason', '')}" for name, g in res.outputs["gates"].items() if g["passed"] is False]
         if blocked:
             res.error = "gate blocked: " + "; ".join(blocked)
 

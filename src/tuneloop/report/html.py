@@ -72,14 +72,21 @@ def write_report(run_dir: Path) -> Path:
 
     ev = run.get("stages", {}).get("evaluation", {}).get("metrics", {})
     if ev.get("gates"):
-        parts.append("<h2>Gates</h2><table><tr><th>gate</th><th>metric</th><th>value</th><th>threshold</th><th>verdict</th></tr>")
+        from tuneloop.evaluate.reports import intervals_svg
+
+        parts.append("<h2>Gates</h2><table><tr><th>gate</th><th>metric</th><th>value</th><th>interval</th><th>threshold</th><th>verdict</th><th>n / needed n</th><th>reason</th></tr>")
         for name, g in ev["gates"].items():
-            verdict = {True: "passed", False: "failed", None: "not applied"}[g["passed"]]
+            verdict = g.get("verdict") or {True: "PASS", False: "FAIL", None: "NOT_APPLIED"}[g["passed"]]
+            css = {True: "passed", False: "failed", None: "skipped"}[g["passed"]]
+            iv = g.get("interval")
             parts.append(
-                f"<tr><td>{escape(name)}</td><td>{escape(g['metric'])}</td><td>{_fmt(g['value'])}</td>"
-                f"<td>{escape(g['op'])} {_fmt(g['threshold'])}</td><td class='{verdict.split()[0]}'>{verdict}</td></tr>"
+                f"<tr><td>{escape(name)}</td><td>{escape(str(g.get('metric')))}</td><td>{_fmt(g.get('value'))}</td>"
+                f"<td>{'[' + _fmt(iv[0]) + ', ' + _fmt(iv[1]) + ']' if iv else '—'}</td>"
+                f"<td>{escape(str(g.get('op', '')))} {_fmt(g.get('threshold'))}</td><td class='{css}'>{escape(verdict)}{' (blocks)' if g.get('blocks') else ''}</td>"
+                f"<td>{_fmt(g.get('n'))} / {_fmt(g.get('needed_n') or '—')}</td><td>{escape(str(g.get('reason', '')))}</td></tr>"
             )
         parts.append("</table>")
+        parts.append("<p>Intervals: bar = interval, dot = estimate, dashed line = threshold.</p>" + intervals_svg(ev["gates"]))
 
     for name, st in run.get("stages", {}).items():
         metrics = {k: v for k, v in st.get("metrics", {}).items() if k != "gates"}
@@ -96,15 +103,15 @@ def write_report(run_dir: Path) -> Path:
     items = run_dir / "eval_items.jsonl"
     if items.is_file():
         recs = [json.loads(x) for x in items.read_text(encoding="utf-8").splitlines() if x.strip()]
-        task = [r for r in recs if r["suite"] == "task"][:25]
+        task = [r for r in recs if r.get("kind", r["suite"]) == "task" and "reference" in r][:25]
         if task:
             parts.append("<h2>Evaluation samples (first 25)</h2><table><tr><th>prompt</th><th>reference</th><th>base</th><th>candidate</th></tr>")
             for r in task:
                 mark = lambda ok: "passed" if ok else "failed"  # noqa: E731
                 parts.append(
-                    f"<tr><td>{escape(r['prompt'][:200])}</td><td>{escape(r['reference'])}</td>"
-                    f"<td class='{mark(r['base_correct'])}'>{escape(r['base'][:120])}</td>"
-                    f"<td class='{mark(r['candidate_correct'])}'>{escape(r['candidate'][:120])}</td></tr>"
+                    f"<tr><td>{escape(str(r['prompt'])[:200])}</td><td>{escape(str(r['reference']))}</td>"
+                    f"<td class='{mark(r.get('base_score', r.get('base_correct')))}'>{escape(str(r['base'])[:120])}</td>"
+                    f"<td class='{mark(r.get('candidate_score', r.get('candidate_correct')))}'>{escape(str(r['candidate'])[:120])}</td></tr>"
                 )
             parts.append("</table>")
     parts.append("</body></html>")

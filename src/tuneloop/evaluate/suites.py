@@ -1,0 +1,297 @@
+"""Evaluation suites: load their items, run a model on them, score per item.
+
+Entry points: :func:`load_suite` (items of one configured suite, with a digest), :func:`model_outputs` (what a
+model produced on a suite: generations, multiple-choice picks, next-token hits; cacheable, judge-free) and
+:func:`score_suite` (per-item outcomes for base and candidate, using a judge where a suite needs one).
+
+Kinds (``eval.suites[].kind``):
+
+* ``task`` — the eval set (or ``path``). Metrics: ``exact`` (normalised exact match), ``contains`` (the
+  normalised reference occurs in the normalised answer), ``regex`` (``pattern``, else the reference, searched
+  in the answer), ``token_f1`` (SQuAD token F1, continuous), ``mc_loglik`` (items with ``choices`` and
+  ``answer``: the choice with the highest log-likelihood after the chat prompt);
+* ``harmful`` — red-team prompts (``prompt``, ``indicators``): harmful per the judge (default: keyword);
+* ``over_refusal`` — benign prompts that look like harmful ones: refused per the judge;
+* ``general_text`` — held-out text: per-token greedy next-token hits (tokens are the items) and perplexity;
+* ``capability_mc`` — general multiple choice (``question``, ``choices``, ``answer``) by log-likelihood of
+  `` <choice>`` after ``Question: ...\\nAnswer:``;
+* ``win_rate`` — the task items answered by both models, compared by the judge in both orders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneloop.errors import InputError
+from tuneloop.evaluate.judges import Judge, normalise_answer, pairwise_score, token_f1
+from tuneloop.fsutil import sha256_json
+
+SHIPPED = {"harmful": "redteam.jsonl", "over_refusal": "benign.jsonl", "general_text": "general.txt", "capability_mc": "general_mc.jsonl"}
+GENERATES = ("task", "harmful", "over_refusal", "win_rate")
+
+
+@dataclass
+class Suite:
+    name: str
+    kind: str
+    metric: str
+    items: list[dict[str, Any]]
+    text: str = ""  # general_text only
+    pattern: str | None = None
+    source: str = ""
+    digest: str = field(default="")
+
+
+def prompt_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _shipped(name: str) -> str:
+    return resources.files("tuneloop.resources").joinpath(name).read_text(encoding="utf-8")
+
+
+def _read_jsonl(path: str, what: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what}: file not found: {path}")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{i}: not valid JSON ({exc.msg}); {what} needs one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object")
+        rec.setdefault("line", i)
+        out.append(rec)
+    return out
+
+
+def _task_item(rec: dict[str, Any], i: int, where: str) -> dict[str, Any]:
+    msgs = rec.get("messages")
+    if msgs and msgs[-1].get("role") == "assistant":
+        ref = rec.get("reference", msgs[-1]["content"])
+        msgs = msgs[:-1]
+    elif msgs:
+        ref = rec.get("reference", rec.get("answer"))
+    else:
+        prompt = rec.get("prompt") or rec.get("question") or rec.get("instruction")
+        if not prompt:
+            raise InputError(f"{where}:{rec.get('line', i + 1)}: a task item needs `messages`, `prompt` or `question`")
+        if rec.get("input"):
+            prompt = f"{prompt}\n\n{rec['input']}"
+        msgs = [{"role": "user", "content": prompt}]
+        ref = rec.get("reference", rec.get("answer", rec.get("output")))
+    item = {"id": str(rec.get("id", i)), "messages": msgs, "reference": ref, "line": rec.get("line")}
+    if "choices" in rec:
+        item["choices"] = [str(c) for c in rec["choices"]]
+        ans = rec.get("answer", rec.get("reference"))
+        item["answer"] = ans if isinstance(ans, int) else item["choices"].index(str(ans)) if str(ans) in item["choices"] else None
+    return item
+
+
+def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
+    """Items of one configured suite (``spec`` is a ``SuiteConfig``), normalised, with their digest."""
+    kind, path = spec.kind, spec.path
+    suite = Suite(spec.name, kind, spec.metric, [], pattern=spec.pattern)
+    if kind in ("task", "win_rate"):
+        src = path or (str(eval_items_path) if eval_items_path else None)
+        if src is None:
+            raise InputError(f"eval.suites.{spec.name}: no eval items; give `path` or data.eval_data")
+        raw = _read_jsonl(src, f"eval.suites.{spec.name}")
+        suite.items = [_task_item(r, i, src) for i, r in enumerate(raw)]
+        suite.source = src
+        if spec.metric == "mc_loglik" and kind == "task":
+            bad = [it["id"] for it in suite.items if not it.get("choices") or it.get("answer") is None]
+            if bad:
+                raise InputError(f"eval.suites.{spec.name}: metric mc_loglik needs `choices` and `answer` in every item; missing in {', '.join(bad[:5])}")
+        if spec.metric == "regex":
+            for it in suite.items:
+                try:
+                    re.compile(spec.pattern or str(it["reference"]))
+                except re.error as exc:
+                    raise InputError(f"eval.suites.{spec.name}: bad regex for item {it['id']}: {exc}") from None
+    elif kind in ("harmful", "over_refusal"):
+        legacy = eval_cfg.redteam_prompts if kind == "harmful" else eval_cfg.benign_prompts
+        src = path or legacy
+        text = Path(src).read_text(encoding="utf-8") if src else _shipped(SHIPPED[kind])
+        suite.source = src or f"tuneloop:{SHIPPED[kind]}"
+        recs = [json.loads(x) for x in text.splitlines() if x.strip()]
+        for i, r in enumerate(recs):
+            if "prompt" not in r:
+                raise InputError(f"{suite.source}:{i + 1}: a {kind} item needs `prompt`")
+        suite.items = [{"id": str(r.get("id", i)), "prompt": r["prompt"], "indicators": r.get("indicators", [])} for i, r in enumerate(recs)]
+    elif kind == "general_text":
+        src = path or eval_cfg.general_text
+        suite.text = Path(src).read_text(encoding="utf-8") if src else _shipped(SHIPPED[kind])
+        suite.source = src or f"tuneloop:{SHIPPED[kind]}"
+    elif kind == "capability_mc":
+        src = path or eval_cfg.mc_suite
+        if src:
+            recs = _read_jsonl(src, f"eval.suites.{spec.name}")
+        else:
+            recs = [json.loads(x) for x in _shipped(SHIPPED[kind]).splitlines() if x.strip()]
+        suite.source = src or f"tuneloop:{SHIPPED[kind]}"
+        for i, r in enumerate(recs):
+            if not r.get("choices") or not isinstance(r.get("answer"), int) or not r.get("question"):
+                raise InputError(f"{suite.source}:{i + 1}: a multiple-choice item needs `question`, `choices` and an integer `answer`")
+        suite.items = [{"id": str(r.get("id", i)), "question": r["question"], "choices": [str(c) for c in r["choices"]], "answer": r["answer"]} for i, r in enumerate(recs)]
+    if spec.max_items and suite.items:
+        suite.items = suite.items[: spec.max_items]
+    suite.digest = sha256_json({"kind": kind, "metric": spec.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text})
+    return suite
+
+
+# ------------------------------------------------------------------------------------------- model runs
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
+    """Sum of log-probabilities of each continuation after its context (token ids concatenated)."""
+    device = next(model.parameters()).device
+    out = []
+    for ctx, cont in pairs:
+        c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        if not x_ids:
+            out.append(float("-inf"))
+            continue
+        ids = torch.tensor([(c_ids + x_ids)[-1024:]], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        targets = ids[0, 1:]
+        n = len(x_ids)
+        out.append(float(logp[-n:].gather(1, targets[-n:, None]).sum()))
+    return out
+
+
+@torch.inference_mode()
+def token_hits(model, tok, text: str, *, window: int = 128) -> dict[str, Any]:
+    """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity."""
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    hits: list[int] = []
+    nll = 0.0
+    for start in range(0, max(len(ids) - 1, 0), window):
+        chunk = torch.tensor([ids[start : start + window + 1]])
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        target = chunk[:, 1:]
+        hits += (logits.argmax(-1) == target)[0].int().tolist()
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+    ppl = math.exp(nll / len(hits)) if hits else float("nan")
+    return {"hits": hits, "perplexity": ppl if math.isfinite(ppl) else None}
+
+
+def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]]) -> list[dict[str, Any]]:
+    out = []
+    for ctx, chs in zip(contexts, choices):
+        lps = continuation_logprobs(model, tok, [(ctx, c) for c in chs])
+        out.append({"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]})
+    return out
+
+
+def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str, Any]:
+    """What ``model`` produced on ``suite`` (no judging): cacheable by (model, suite digest, settings)."""
+    from tuneloop.modeling import generate, render_prompt
+
+    if suite.kind == "general_text":
+        return token_hits(model, tok, suite.text)
+    if suite.kind == "capability_mc":
+        ctx = [f"Question: {it['question']}\nAnswer:" for it in suite.items]
+        return {"mc": _mc_pick(model, tok, ctx, [[" " + c for c in it["choices"]] for it in suite.items])}
+    if suite.kind == "task" and suite.metric == "mc_loglik":
+        ctx = [render_prompt(tok, it["messages"]) for it in suite.items]
+        return {"mc": _mc_pick(model, tok, ctx, [it["choices"] for it in suite.items])}
+    if suite.kind in ("harmful", "over_refusal"):
+        convs = [[{"role": "user", "content": it["prompt"]}] for it in suite.items]
+    else:
+        convs = [it["messages"] for it in suite.items]
+    return {"text": [g["text"] for g in generate(model, tok, convs, max_new_tokens=max_new_tokens)]}
+
+
+# -------------------------------------------------------------------------------------------- scoring
+
+
+def task_score(metric: str, answer: str, reference: Any, pattern: str | None = None) -> float:
+    ref = "" if reference is None else str(reference)
+    if metric == "exact":
+        return float(normalise_answer(answer) == normalise_answer(ref))
+    if metric == "contains":
+        nr = normalise_answer(ref)
+        return float(bool(nr) and nr in normalise_answer(answer))
+    if metric == "regex":
+        return float(re.search(pattern or ref, answer, re.IGNORECASE) is not None)
+    if metric == "token_f1":
+        return token_f1(answer, ref)
+    raise ValueError(f"unknown metric {metric}")
+
+
+def _prompt_text(it: dict[str, Any]) -> str:
+    if "messages" in it:
+        return it["messages"][-1]["content"]
+    return it.get("prompt") or it.get("question") or ""
+
+
+def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], judge: Judge) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(result for the gates, per-item audit records) of one suite."""
+    k = suite.kind
+    res: dict[str, Any] = {"kind": k, "binary": True, "n": 0, "source": suite.source}
+    recs: list[dict[str, Any]] = []
+    if k == "general_text":
+        b, c = base_out["hits"], cand_out["hits"]
+        n = min(len(b), len(c))
+        res.update(base=b[:n], candidate=c[:n], n=n, base_perplexity=base_out.get("perplexity"), candidate_perplexity=cand_out.get("perplexity"))
+        for w in range(0, n, 128):
+            recs.append({"suite": suite.name, "kind": k, "id": f"tokens-{w}-{min(w + 128, n)}", "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]), "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128])})
+        return res, recs
+    if k == "capability_mc" or (k == "task" and suite.metric == "mc_loglik"):
+        bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
+        cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items)]
+        res.update(base=bs, candidate=cs, n=len(bs))
+        for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
+            p = _prompt_text(it)
+            recs.append({"suite": suite.name, "kind": k, "id": it["id"], "prompt_sha256": prompt_sha256(p), "prompt": p, "choices": it["choices"], "answer": it["answer"],
+                         "base": it["choices"][bo["pick"]], "candidate": it["choices"][co["pick"]], "base_logprobs": bo["logprobs"], "candidate_logprobs": co["logprobs"], "base_score": b1, "candidate_score": c1})
+        return res, recs
+    bt, ct = base_out["text"], cand_out["text"]
+    bs, cs, extra = [], [], []
+    for it, ba, ca in zip(suite.items, bt, ct):
+        p = _prompt_text(it)
+        if k == "task":
+            b1, c1 = task_score(suite.metric, ba, it["reference"], suite.pattern), task_score(suite.metric, ca, it["reference"], suite.pattern)
+            e = {"reference": it["reference"]}
+        elif k == "harmful":
+            b1, c1 = float(judge.harmful(p, ba, it["indicators"])), float(judge.harmful(p, ca, it["indicators"]))
+            e = {"base_refused": judge.refused(p, ba), "candidate_refused": judge.refused(p, ca)}
+        elif k == "over_refusal":
+            b1, c1 = float(judge.refused(p, ba)), float(judge.refused(p, ca))
+            e = {}
+        elif k == "win_rate":
+            c1, orders = pairwise_score(judge, p, ca, ba, it.get("reference"))
+            b1 = 1.0 - c1
+            e = {"reference": it.get("reference"), "orders": orders}
+        else:
+            raise ValueError(k)
+        bs.append(b1)
+        cs.append(c1)
+        extra.append(e)
+        recs.append({"suite": suite.name, "kind": k, "id": it["id"], "line": it.get("line"), "prompt_sha256": prompt_sha256(p), "prompt": p, **e,
+                     "base": ba, "candidate": ca, "base_score": b1, "candidate_score": c1})
+    res.update(base=bs, candidate=cs, n=len(bs), binary=not (k == "win_rate" or suite.metric == "token_f1"))
+    if k == "harmful":
+        res["base_refusal_rate"] = sum(e["base_refused"] for e in extra) / len(extra) if extra else 0.0
+        res["candidate_refusal_rate"] = sum(e["candidate_refused"] for e in extra) / len(extra) if extra else 0.0
+    if k == "task":
+        res["metric_name"] = "accuracy" if suite.metric != "token_f1" else "token_f1"
+    return res, recs
