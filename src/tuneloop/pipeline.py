@@ -384,16 +384,18 @@ class FineTunePipeline:
         res.metrics, res.outputs, res.cached = self._cached(PipelineStage.DATA_VALIDATION, inputs, compute)
         self._outputs[PipelineStage.DATA_VALIDATION] = res.outputs
         problems = []
-        (run_dir / "data").mkdir(exist_ok=True)
         for split, key, path in (("train", "data.train_data", d.train_data), ("eval", "data.eval_data", d.eval_data)):
             if not path:
                 continue
             report = read_json(Path(res.outputs[f"{split}_report"]))
-            # The gates are applied outside the cache (changing a threshold re-uses the checks); the run keeps a copy.
-            report = {**report, "report_path": str(run_dir / "data" / f"{split}.report.json")}
+            # The gates are applied outside the cache (changing a threshold re-uses the checks); a run keeps a copy
+            # (`tuneloop eval` passes no run directory).
             gates = data_gates(report, d)
-            atomic_write_json(run_dir / "data" / f"{split}.report.json", {**report, "gates": [vars(g) for g in gates]})
-            atomic_write_text(run_dir / "data" / f"{split}.report.html", report_html(report, gates))
+            if run_dir is not None:
+                (run_dir / "data").mkdir(exist_ok=True)
+                report = {**report, "report_path": str(run_dir / "data" / f"{split}.report.json")}
+                atomic_write_json(run_dir / "data" / f"{split}.report.json", {**report, "gates": [vars(g) for g in gates]})
+                atomic_write_text(run_dir / "data" / f"{split}.report.html", report_html(report, gates))
             if report["records"] == 0:
                 problems.append(f"{key}: {path} contains no records")
                 continue
