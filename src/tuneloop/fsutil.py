@@ -87,3 +87,20 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def model_fingerprint(name: str) -> str:
+    """Identity of a base model: digest of a local directory's files, or the hub id itself.
+
+    Files over 64 MiB are identified by size and mtime rather than hashed (used by the pipeline's cache keys
+    and by the registry's base-model lineage, so the two agree).
+    """
+    p = Path(name)
+    if not p.is_dir():
+        return f"hub:{name}"
+    parts = [
+        (f.relative_to(p).as_posix(), sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}")
+        for f in sorted(p.rglob("*"))
+        if f.is_file() and not f.name.startswith(".")
+    ]
+    return "dir:" + sha256_json(parts)

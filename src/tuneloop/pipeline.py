@@ -24,7 +24,7 @@ import yaml
 
 from tuneloop.config import PipelineConfig, coerce_config
 from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
-from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_json
+from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, read_json, sha256_file, sha256_json  # noqa: F401 (model_fingerprint: re-exported)
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace, pid_alive, utcnow
 
@@ -95,19 +95,6 @@ def _data_digest(value: str | None) -> str | None:
 
 def _file_digest(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path and Path(path).is_file() else None
-
-
-def model_fingerprint(name: str) -> str:
-    """Identity of a base model: digest of a local directory's files, or the hub id itself."""
-    p = Path(name)
-    if not p.is_dir():
-        return f"hub:{name}"
-    parts = [
-        (f.relative_to(p).as_posix(), sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}")
-        for f in sorted(p.rglob("*"))
-        if f.is_file() and not f.name.startswith(".")
-    ]
-    return "dir:" + sha256_json(parts)
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

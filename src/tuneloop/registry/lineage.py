@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import InputError
-from tuneloop.fsutil import sha256_file, sha256_json
+from tuneloop.fsutil import model_fingerprint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -88,23 +88,6 @@ def adapter_base(path: Path) -> str | None:
         raise InputError(f"cannot read {Path(path) / 'adapter_config.json'}: {e}") from None
     base = cfg.get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
-
-
-def model_fingerprint(name: str) -> str:
-    """Identity of a base model: digest of a local directory's files, or the hub id itself.
-
-    Files over 64 MiB are identified by size and mtime rather than hashed (the same rule as the
-    pipeline's cache keys, so the two agree).
-    """
-    p = Path(name)
-    if not p.is_dir():
-        return f"hub:{name}"
-    parts = [
-        (f.relative_to(p).as_posix(), sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}")
-        for f in sorted(p.rglob("*"))
-        if f.is_file() and not f.name.startswith(".")
-    ]
-    return "dir:" + sha256_json(parts)
 
 
 def base_model_ref(name: str) -> dict[str, Any]:
