@@ -163,6 +163,11 @@ class FineTunePipeline:
                     problems.append(f"{key}: {problem}")
             elif not Path(value).is_file():
                 problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")
+        for spec in c.eval.suites:
+            if spec.kind == "lmeval":
+                from tuneloop.evaluate.lmeval import preflight_problems
+
+                problems += preflight_problems(spec)
         bm = c.base_model
         if os.path.isabs(bm) and not (Path(bm) / "config.json").is_file():
             problems.append(f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model")
