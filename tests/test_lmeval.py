@@ -114,3 +114,23 @@ def test_bad_lmeval_suites_exit_2(lm_config, tiny_model, monkeypatch):
     monkeypatch.setattr(lmeval, "lmeval_available", lambda: False)
     r = tl("eval", lm_config(), "--model", tiny_model, "--json")
     assert r.returncode == 2 and "pip install 'tuneloop[lmeval]'" in r.stderr
+
+
+def test_pipeline_run_gates_an_adapter_candidate_and_reruns_when_task_data_change(lm_config, tmp_path):
+    """A full `run` (LoRA adapter candidate through HFLM): the lmeval gate is decided; the evaluation stage is
+    cached while nothing changes and re-runs when the task's data file under include_path changes."""
+    from tuneloop import FineTunePipeline, load_config
+
+    path = lm_config()
+    first = FineTunePipeline(load_config(path)).run()
+    ev = first["stages"]["evaluation"]
+    assert ev["status"] == "passed" and ev["metrics"]["lmeval_items"] == N_DOCS, ev
+    assert ev["metrics"]["gate_verdicts"]["max_mc_capability_drop[lmeval]"] in ("PASS", "INCONCLUSIVE")
+    again = FineTunePipeline(load_config(path)).run()
+    assert again["stages"]["evaluation"]["cached"] is True
+    data = tmp_path / "lmtasks" / "tiny_mc.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:10]))
+    third = FineTunePipeline(load_config(path)).run()
+    ev3 = third["stages"]["evaluation"]
+    assert ev3["cached"] is False and ev3["metrics"]["lmeval_items"] == 10
+    assert ev3["metrics"]["base_outputs_cached"] is False  # new items: new suite digest, new reference outputs

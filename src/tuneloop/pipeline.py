@@ -504,7 +504,10 @@ class FineTunePipeline:
             "eval": c.eval.model_dump(mode="json"),
             "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts),
                        "benign": _file_digest(c.eval.benign_prompts), "mc": _file_digest(c.eval.mc_suite),
-                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path}},
+                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path},
+                       # lm-eval task YAMLs and their data files (key only present with lmeval suites)
+                       **({"lmeval": {s.name: model_fingerprint(s.include_path) for s in c.eval.suites if s.kind == "lmeval" and s.include_path}}
+                          if any(s.kind == "lmeval" for s in c.eval.suites) else {})},
             "gates": c.gates.model_dump(mode="json"),
         }
         reference, note = None, ""
