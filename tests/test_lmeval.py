@@ -109,6 +109,18 @@ def test_bad_lmeval_suites_exit_2(lm_config, tiny_model, monkeypatch):
     assert r.returncode == 2 and "no_such_task" in r.stderr and "tuneloop_tiny_mc" in r.stderr
     r = tl("eval", lm_config(include_path="missing-dir"), "--model", tiny_model, "--json")
     assert r.returncode == 2 and "include_path" in r.stderr and "missing-dir" in r.stderr
+    # A task that would need the hub fails as bad input, offline, and the offline switch is undone afterwards.
+    import os
+
+    path = lm_config(tasks=["hub_task"])
+    (path.parent / "lmtasks" / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: no-such-org/no-such-dataset\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    before = os.environ.get("HF_HUB_OFFLINE")
+    r = tl("eval", path, "--model", tiny_model, "--json")
+    assert r.returncode == 2 and "cannot build lm-eval task(s) hub_task" in r.stderr, r.stderr
+    assert os.environ.get("HF_HUB_OFFLINE") == before
     import tuneloop.evaluate.lmeval as lmeval
 
     monkeypatch.setattr(lmeval, "lmeval_available", lambda: False)

@@ -48,9 +48,29 @@ def preflight_problems(spec) -> list[str]:
     return problems
 
 
-def _offline() -> None:
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
+@contextlib.contextmanager
+def offline():
+    """No Hugging Face hub access while lm-eval builds and runs tasks: the environment variables, and the module
+    constants ``datasets``/``huggingface_hub`` read them into at import time; restored afterwards."""
+    import datasets.config as dcfg
+    import huggingface_hub.constants as hcon
+
+    env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    consts = [(dcfg, "HF_DATASETS_OFFLINE"), (dcfg, "HF_HUB_OFFLINE"), (hcon, "HF_HUB_OFFLINE")]
+    saved = [(mod, name, getattr(mod, name)) for mod, name in consts if hasattr(mod, name)]
+    os.environ.update({k: "1" for k in env})
+    for mod, name, _ in saved:
+        setattr(mod, name, True)
+    try:
+        yield
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for mod, name, v in saved:
+            setattr(mod, name, v)
 
 
 def load_tasks(spec) -> dict[str, Any]:
@@ -58,25 +78,28 @@ def load_tasks(spec) -> dict[str, Any]:
     problems = preflight_problems(spec)
     if problems:
         raise ConfigError("; ".join(problems))
-    _offline()
     import logging
     import warnings
 
     from lm_eval.tasks import TaskManager, get_task_dict
 
     include = str(Path(spec.include_path).resolve())
-    tm = TaskManager(include_path=include, include_defaults=False)
+    try:
+        tm = TaskManager(include_path=include, include_defaults=False)
+    except TypeError:  # older lm-eval 0.4.x: no include_defaults (the built-in tasks are indexed too)
+        tm = TaskManager(include_path=include)
     unknown = [t for t in spec.tasks if t not in tm.all_tasks]
     if unknown:
         known = ", ".join(tm.all_tasks[:20]) or "none"
         raise InputError(f"eval.suites.{spec.name}: lm-eval task(s) {', '.join(unknown)} not found under {include} (tasks there: {known})")
-    with contextlib.chdir(include), warnings.catch_warnings():
+    with offline(), contextlib.chdir(include), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         try:
             tasks = get_task_dict(list(spec.tasks), tm)
         except Exception as exc:  # dataset files missing, bad YAML, hub access while offline ...
-            raise InputError(f"eval.suites.{spec.name}: cannot build lm-eval task(s) {', '.join(spec.tasks)} from {include}: {type(exc).__name__}: {exc}") from None
+            raise InputError(f"eval.suites.{spec.name}: cannot build lm-eval task(s) {', '.join(spec.tasks)} from {include}: {type(exc).__name__}: {exc}; "
+                             "tuneloop runs lm-eval offline: tasks must read local files (`dataset_path: json` with `dataset_kwargs.data_files`, relative to include_path)") from None
     flat: dict[str, Any] = {}
 
     def walk(d: dict) -> None:  # groups nest their tasks; tuneloop pairs items per task
@@ -149,7 +172,7 @@ def run_model(model, tok, spec, *, batch_size: int = 8) -> dict[str, Any]:
 
     tasks = load_tasks(spec)
     device = next(model.parameters()).device
-    with warnings.catch_warnings():
+    with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(device))
