@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tuneloop.errors import TuneloopError
@@ -40,7 +41,8 @@ def _guard() -> Iterator[None]:
     try:
         yield
     except TuneloopError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        # escape: messages name things like `pip install 'tuneloop[lmeval]'` that rich would eat as markup
+        err.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; the workspace is consistent: run the same command again to resume")

@@ -182,10 +182,12 @@ class SuiteConfig(_Section):
     """One evaluation suite. A plain string in `eval.suites` names a suite kind with its defaults."""
 
     name: str = Field(description="Name of the suite in metrics, gates and reports (default: its kind).", default="")
-    kind: Literal["task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate"] = Field(
+    kind: Literal["task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate", "lmeval"] = Field(
         description="`task` (accuracy on the eval set or `path`), `harmful` (red-team prompts), `over_refusal` (benign "
         "look-alike prompts), `general_text` (next-token accuracy and perplexity on held-out text), `capability_mc` "
-        "(general multiple choice by log-likelihood), `win_rate` (pairwise judge vs base/champion on the task items)."
+        "(general multiple choice by log-likelihood), `win_rate` (pairwise judge vs base/champion on the task items), "
+        "`lmeval` (lm-evaluation-harness tasks from local task YAMLs; per-item outcomes of each task's first metric, "
+        "gated by `max_mc_capability_drop`; needs `pip install 'tuneloop[lmeval]'`)."
     )
     path: str | None = Field(
         None,
@@ -198,7 +200,13 @@ class SuiteConfig(_Section):
         "as a regex, token F1, or multiple choice by log-likelihood (items need `choices` and `answer`).",
     )
     pattern: str | None = Field(None, description="Regex for `metric: regex` (default: each item's reference is the regex).")
-    max_items: int | None = Field(None, ge=1, description="Use at most this many items of the suite.")
+    max_items: int | None = Field(None, ge=1, description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).")
+    tasks: list[str] = Field(default_factory=list, description="`lmeval`: names of the lm-eval tasks to run (defined by YAMLs under `include_path`).")
+    include_path: str | None = Field(
+        None,
+        description="`lmeval`: directory of local lm-eval task YAMLs (no hub; tasks read local data files, e.g. "
+        "`dataset_path: json` with `dataset_kwargs.data_files`, relative to this directory).",
+    )
 
     @model_validator(mode="after")
     def _default_name(self) -> "SuiteConfig":
@@ -251,7 +259,7 @@ class EvalConfig(_Section):
     suites: list[SuiteConfig] = Field(
         default_factory=lambda: [SuiteConfig(kind=k) for k in ("task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate")],
         description="Suites to run, each on the base (or champion) and the candidate. A string names a kind with its defaults, "
-        "e.g. `[task, harmful, general_text]`; a mapping sets `name`, `kind`, `path`, `metric`, `pattern`, `max_items`.",
+        "e.g. `[task, harmful, general_text]`; a mapping sets `name`, `kind`, `path`, `metric`, `pattern`, `max_items` (`lmeval`: `tasks`, `include_path`).",
     )
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge for harmful, refusal and pairwise verdicts.")
 
@@ -613,6 +621,8 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
     for suite in cfg.eval.suites:
         if suite.path and not os.path.isabs(os.path.expanduser(suite.path)):
             suite.path = str((base_dir / os.path.expanduser(suite.path)).resolve())
+        if suite.include_path and not os.path.isabs(os.path.expanduser(suite.include_path)):
+            suite.include_path = str((base_dir / os.path.expanduser(suite.include_path)).resolve())
     jp = cfg.eval.judge.path
     if jp and not os.path.isabs(os.path.expanduser(jp)) and (base_dir / os.path.expanduser(jp)).exists():
         cfg.eval.judge.path = str((base_dir / os.path.expanduser(jp)).resolve())

@@ -150,6 +150,11 @@ class FineTunePipeline:
                     problems.append(f"{key}: {problem}")
             elif not Path(value).is_file():
                 problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")
+        for spec in c.eval.suites:
+            if spec.kind == "lmeval":
+                from tuneloop.evaluate.lmeval import preflight_problems
+
+                problems += preflight_problems(spec)
         bm = c.base_model
         if os.path.isabs(bm) and not (Path(bm) / "config.json").is_file():
             problems.append(f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model")
@@ -486,7 +491,10 @@ class FineTunePipeline:
             "eval": c.eval.model_dump(mode="json"),
             "suites": {"general": _file_digest(c.eval.general_text), "redteam": _file_digest(c.eval.redteam_prompts),
                        "benign": _file_digest(c.eval.benign_prompts), "mc": _file_digest(c.eval.mc_suite),
-                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path}},
+                       "paths": {s.name: _file_digest(s.path) for s in c.eval.suites if s.path},
+                       # lm-eval task YAMLs and their data files (key only present with lmeval suites)
+                       **({"lmeval": {s.name: model_fingerprint(s.include_path) for s in c.eval.suites if s.kind == "lmeval" and s.include_path}}
+                          if any(s.kind == "lmeval" for s in c.eval.suites) else {})},
             "gates": c.gates.model_dump(mode="json"),
         }
         reference, note = None, ""

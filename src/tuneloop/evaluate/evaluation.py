@@ -139,7 +139,7 @@ def evaluate_candidate(
 
 def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any]) -> dict[str, Any]:
     """Outputs of one model on one suite; suites with the same generation items share one generation."""
-    key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik"])
+    key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik", suite.digest if suite.kind == "lmeval" else None])
     if key not in memo:
         memo[key] = model_outputs(model, tok, suite, max_new_tokens=max_new_tokens)
     return memo[key]
@@ -174,7 +174,7 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
             bp, cp = r.get("base_perplexity"), r.get("candidate_perplexity")
             m.update(general_accuracy=_r(c), base_general_accuracy=_r(b), capability_drop=_r(b - c), general_perplexity=_r(cp, 4), base_general_perplexity=_r(bp, 4),
                      perplexity_ratio=_r(cp / bp, 4) if bp and cp else None, general_tokens=r["n"])
-        elif k == "capability_mc":
+        elif k in ("capability_mc", "lmeval"):
             m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_drop": _r(b - c), f"{name}_items": r["n"]})
         elif k == "win_rate":
             m.update(win_rate=_r(c), win_items=r["n"])

@@ -11,7 +11,7 @@ Entry point: :func:`check_gates`. The statistics (intervals, tests, verdict rule
 | ``max_harmful_increase`` | candidate minus base harmful share | paired tolerance | Agresti-Min + exact McNemar |
 | ``max_over_refusal_increase`` | candidate minus base refusals of benign prompts | paired tolerance | Agresti-Min + exact McNemar |
 | ``max_capability_drop`` | base minus candidate next-token accuracy on general text | paired tolerance | Agresti-Min + exact McNemar (tokens as items) |
-| ``max_mc_capability_drop`` | base minus candidate accuracy on general multiple choice | paired tolerance | Agresti-Min + exact McNemar |
+| ``max_mc_capability_drop`` | base minus candidate accuracy on general multiple choice (``capability_mc``, ``lmeval``) | paired tolerance | Agresti-Min + exact McNemar |
 | ``min_win_rate`` | candidate's pairwise win rate (ties count 1/2) | floor | seeded bootstrap |
 
 Policy: a FAIL always blocks; an INCONCLUSIVE blocks under ``gates.on_inconclusive: block`` (default), is let
@@ -159,8 +159,8 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
             add("max_over_refusal_increase", GateSpec("max_over_refusal_increase", "over_refusal_increase", "paired", g.max_over_refusal_increase, name), GateInput(r["candidate"], r["base"], sign=-1))
         elif k == "general_text":
             add("max_capability_drop", GateSpec("max_capability_drop", "capability_drop", "paired", g.max_capability_drop, name), GateInput(r["candidate"], r["base"]))
-        elif k == "capability_mc":
-            add(f"max_mc_capability_drop[{name}]", GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name), GateInput(r["candidate"], r["base"]))
+        elif k in ("capability_mc", "lmeval"):
+            add(f"max_mc_capability_drop[{name}]", GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name), GateInput(r["candidate"], r["base"], binary=r.get("binary", True)))
         elif k == "win_rate":
             add("min_win_rate", GateSpec("min_win_rate", "win_rate", "floor", g.min_win_rate, name), GateInput(r["candidate"], binary=False))
     return out

@@ -15,7 +15,9 @@ Kinds (``eval.suites[].kind``):
 * ``general_text`` — held-out text: per-token greedy next-token hits (tokens are the items) and perplexity;
 * ``capability_mc`` — general multiple choice (``question``, ``choices``, ``answer``) by log-likelihood of
   `` <choice>`` after ``Question: ...\\nAnswer:``;
-* ``win_rate`` — the task items answered by both models, compared by the judge in both orders.
+* ``win_rate`` — the task items answered by both models, compared by the judge in both orders;
+* ``lmeval`` — tasks of the lm-evaluation-harness from local task YAMLs (``tasks``, ``include_path``), per-item
+  outcomes of each task's primary metric (:mod:`.lmeval`; optional extra ``tuneloop[lmeval]``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Suite:
     pattern: str | None = None
     source: str = ""
     digest: str = field(default="")
+    spec: Any = field(default=None, repr=False, compare=False)  # the SuiteConfig (lmeval runs need it)
 
 
 def prompt_sha256(text: str) -> str:
@@ -147,10 +150,26 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
             if not r.get("choices") or not isinstance(r.get("answer"), int) or not r.get("question"):
                 raise InputError(f"{suite.source}:{i + 1}: a multiple-choice item needs `question`, `choices` and an integer `answer`")
         suite.items = [{"id": str(r.get("id", i)), "question": r["question"], "choices": [str(c) for c in r["choices"]], "answer": r["answer"]} for i, r in enumerate(recs)]
+    elif kind == "lmeval":
+        from tuneloop.evaluate import lmeval
+
+        tasks = lmeval.load_tasks(spec)
+        suite.items = lmeval.suite_items(spec, tasks)
+        suite.source = f"lm-eval:{spec.include_path}:{','.join(spec.tasks)}"
+        suite.spec = spec
+        suite.digest = sha256_json({"kind": kind, "tasks": list(spec.tasks), "configs": re.sub(r" at 0x[0-9a-f]+", "", json.dumps({n: t.dump_config() for n, t in tasks.items()}, sort_keys=True, default=str)),
+                                    "items": suite.items, "lm_eval": _lmeval_version()})
+        return suite
     if spec.max_items and suite.items:
         suite.items = suite.items[: spec.max_items]
     suite.digest = sha256_json({"kind": kind, "metric": spec.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text})
     return suite
+
+
+def _lmeval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
 
 
 # ------------------------------------------------------------------------------------------- model runs
@@ -207,6 +226,10 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str,
 
     if suite.kind == "general_text":
         return token_hits(model, tok, suite.text)
+    if suite.kind == "lmeval":
+        from tuneloop.evaluate.lmeval import run_model
+
+        return run_model(model, tok, suite.spec)
     if suite.kind == "capability_mc":
         ctx = [f"Question: {it['question']}\nAnswer:" for it in suite.items]
         return {"mc": _mc_pick(model, tok, ctx, [[" " + c for c in it["choices"]] for it in suite.items])}
@@ -246,6 +269,10 @@ def _prompt_text(it: dict[str, Any]) -> str:
 def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], judge: Judge) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(result for the gates, per-item audit records) of one suite."""
     k = suite.kind
+    if k == "lmeval":
+        from tuneloop.evaluate.lmeval import score
+
+        return score(suite, base_out, cand_out)
     res: dict[str, Any] = {"kind": k, "binary": True, "n": 0, "source": suite.source}
     recs: list[dict[str, Any]] = []
     if k == "general_text":
