@@ -89,3 +89,30 @@ def test_export_config_for_axolotl_and_llamafactory(make_config, tmp_path):
 
     bad = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "unsloth"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected axolotl or llamafactory" in bad.stderr
+
+
+def test_an_interrupted_command_leaves_no_process_behind(tmp_path):
+    """Ctrl-C during an external trainer stops its whole process group, not just the shell that started it."""
+    import os
+    import time
+
+    from tuneloop.train.launch import stream_process
+
+    pidfile = tmp_path / "child.pid"
+    command = f"sleep 60 & echo $! > {pidfile}; echo started; wait"
+
+    def on_line(line: str) -> None:
+        if line == "started":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_process(command, on_line, env=dict(os.environ), shell=True)
+    child = int(pidfile.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the trainer's child process {child} outlived the interrupted stage")

@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import string
-import subprocess
 import time
 from collections import deque
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import ConfigError, StageError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, replace_dir
+from tuneloop.train.launch import stream_process
 
 log = logging.getLogger("tuneloop")
 
@@ -98,21 +98,12 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
     log.info("running the training command: %s", command)
     tail: deque[str] = deque(maxlen=40)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            log.info("[command] %s", line)
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        log.info("[command] %s", line)
+
+    rc = stream_process(command, on_line, env={**os.environ, "PYTHONUNBUFFERED": "1"}, shell=True)
     seconds = time.perf_counter() - t0
     last = "\n".join(tail)
     if rc != 0:

@@ -30,6 +30,32 @@ log = logging.getLogger("tuneloop")
 STEP_PREFIX = "TUNELOOP_STEP "
 
 
+def stream_process(cmd: list[str] | str, on_line: Callable[[str], None], *, env: dict[str, str], shell: bool = False) -> int:
+    """Run ``cmd`` in its own process group, hand each output line (stdout + stderr) to ``on_line``, return
+    its exit status. If we are interrupted (Ctrl-C, an error in ``on_line``), the whole group is stopped —
+    SIGTERM, then SIGKILL after 30 s — so no trainer outlives the stage (a shell's children included)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            on_line(line.rstrip("\n"))
+        return proc.wait()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+
+
 def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
     """The command line that starts the training workers."""
     import torch
@@ -68,25 +94,17 @@ def train_distributed(
     src = str(Path(__file__).resolve().parents[2])  # the tuneloop package must be importable by the workers
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if line.startswith(STEP_PREFIX):
-                step, total, row = json.loads(line[len(STEP_PREFIX):])
-                if progress:
-                    progress(step, total, row)
-                continue
-            tail.append(line)
-            log.info("[worker] %s", line)
-        rc = proc.wait()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
+
+    def on_line(line: str) -> None:
+        if line.startswith(STEP_PREFIX):
+            step, total, row = json.loads(line[len(STEP_PREFIX):])
+            if progress:
+                progress(step, total, row)
+            return
+        tail.append(line)
+        log.info("[worker] %s", line)
+
+    rc = stream_process(cmd, on_line, env=env)
     if rc != 0 or not result_path.is_file():
         raise StageError(f"distributed training failed (exit {rc}); last lines:\n" + "\n".join(tail))
     return read_json(result_path)
