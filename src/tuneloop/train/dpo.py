@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +18,8 @@ import torch
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
-from tuneloop.fsutil import atomic_write_json, replace_dir
 from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
-from tuneloop.train.sft import (
-    _callback, _latest_checkpoint, _read_rows, _truncate_metrics, merge_adapter, precision_args, world_size,
-)
+from tuneloop.train.sft import _callback, _read_rows, precision_args, run_resumable, save_final_model, world_size
 
 log = logging.getLogger("tuneloop")
 
@@ -113,33 +108,10 @@ def train_dpo(
     trainer.remove_callback(PrinterCallback)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    resume = _latest_checkpoint(ckpt_dir)
-    resumed_from = int(resume.name.split("-")[1]) if resume else 0
-    if resume:
-        log.info("resuming DPO training from %s", resume)
-    if trainer.is_world_process_zero():
-        if resume:
-            _truncate_metrics(metrics_path, resumed_from)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - t0
-    if not math.isfinite(out.training_loss):
-        raise StageError(f"DPO training diverged (loss {out.training_loss}); lower train.learning_rate")
+    out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the model and reports
-
-    tmp = work_dir / "model.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
-    tokenizer.save_pretrained(str(tmp))
-    if t.merge and t.method != "full":
-        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
-    atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
-    replace_dir(tmp, work_dir / "model")
+    save_final_model(trainer, tokenizer, cfg, work_dir)
 
     rows = _read_rows(metrics_path)
     last = rows[-1] if rows else {}

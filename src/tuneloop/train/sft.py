@@ -282,36 +282,10 @@ def train_sft(
         callbacks=[_callback(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we log per step ourselves
-    resume = _latest_checkpoint(ckpt_dir)
-    resumed_from = int(resume.name.split("-")[1]) if resume else 0
-    if resume:
-        log.info("resuming training from %s", resume)
-    if trainer.is_world_process_zero():
-        if resume:
-            _truncate_metrics(metrics_path, resumed_from)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - t0
-    if not math.isfinite(out.training_loss):
-        raise StageError(f"training diverged (loss {out.training_loss}); lower train.learning_rate")
+    out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the model and reports
-
-    # Write the final model next to what made it, then move it into place in one rename.
-    tmp = work_dir / "model.partial"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
-    tokenizer.save_pretrained(str(tmp))
-    if t.merge and t.method != "full":
-        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
-    atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
-    replace_dir(tmp, work_dir / "model")
+    save_final_model(trainer, tokenizer, cfg, work_dir)
 
     losses = [r["loss"] for r in _read_rows(metrics_path)]
     steps_run = max_steps - resumed_from
@@ -344,6 +318,43 @@ def precision_args(precision: str) -> dict[str, bool]:
     if precision in ("bf16", "fp16") and not cuda:
         raise StageError(f"train.precision: {precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def run_resumable(trainer, ckpt_dir: Path, metrics_path: Path) -> tuple[Any, int, float]:
+    """Train from the latest complete checkpoint in ``ckpt_dir`` (if any), keeping the per-step metrics file
+    in step with it. Returns (trainer output, step resumed from, seconds). Shared by SFT and DPO."""
+    resume = _latest_checkpoint(ckpt_dir)
+    resumed_from = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        log.info("resuming training from %s", resume)
+    if trainer.is_world_process_zero():
+        if resume:
+            _truncate_metrics(metrics_path, resumed_from)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(out.training_loss):
+        raise StageError(f"training diverged (loss {out.training_loss}); lower train.learning_rate")
+    return out, resumed_from, seconds
+
+
+def save_final_model(trainer, tokenizer, cfg: PipelineConfig, work_dir: Path) -> None:
+    """Write the final adapter/model (safetensors only), its tokenizer, the optional merged model and the
+    resolved config to ``model.partial/``, then move it into place as ``model/`` in one rename."""
+    import shutil
+
+    tmp = work_dir / "model.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
+    tokenizer.save_pretrained(str(tmp))
+    if cfg.train.merge and cfg.train.method != "full":
+        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
+    atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
+    replace_dir(tmp, work_dir / "model")
 
 
 def merge_adapter(base_model: str, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
