@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.data import pii as piimod
-from tuneloop.data.formats import detect_format, normalise
-from tuneloop.data.validate import _canonical_json, _parse_line, _peek, _sample_values, open_source
-from tuneloop.errors import InputError
+from tuneloop.data.formats import normalise
+from tuneloop.data.validate import _canonical_json, _parse_line, open_detected
 
 _MAX_EXAMPLES = 5
 
@@ -52,15 +51,7 @@ def _short(value: Any, limit: int = 160) -> str:
 
 
 def _load(source: str | Path, fmt: str) -> tuple[str, dict[str, list[tuple[int, Any, Any]]], dict[str, Any]]:
-    items, _ = open_source(source)
-    sample, items = _peek(items)
-    if not sample:
-        raise InputError(f"{source}: the dataset has no records")
-    if fmt == "auto":
-        try:
-            fmt = detect_format(_sample_values(sample))
-        except InputError as e:
-            raise InputError(f"{source}: {e}") from None
+    items, _, fmt = open_detected(source, fmt)
     by_key: dict[str, list[tuple[int, Any, Any]]] = {}
     stats = {"records": 0, "skipped": 0, "with_id": 0}
     digest = hashlib.sha256()

@@ -557,6 +557,21 @@ def _near_dup_module():
 # --- entry point --------------------------------------------------------------------------------
 
 
+def open_detected(source: str | Path, fmt: str = "auto") -> tuple[Iterator[_Item], str, str]:
+    """Open ``source`` and detect its format from the first records (unless ``fmt`` is given): (records,
+    position kind, format). InputError for an empty dataset or an undetectable format."""
+    items, position = open_source(source)
+    sample, items = _peek(items)
+    if not sample:
+        raise InputError(f"{source}: the dataset has no records; add at least one record")
+    if fmt == "auto":
+        try:
+            fmt = detect_format(_sample_values(sample))
+        except InputError as e:
+            raise InputError(f"{source}: {e}") from None
+    return items, position, fmt
+
+
 def validate_dataset(
     path: str | os.PathLike[str],
     out_dir: Path,
@@ -582,15 +597,7 @@ def validate_dataset(
         raise InputError(f"unknown dataset format {fmt!r}; use 'auto' or one of: {', '.join(FORMATS)}")
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
-    items, position = open_source(path)
-    sample, items = _peek(items)
-    if not sample:
-        raise InputError(f"{path}: the dataset has no records; add at least one record")
-    if fmt == "auto":
-        try:
-            fmt = detect_format(_sample_values(sample))
-        except InputError as e:
-            raise InputError(f"{path}: {e}") from None
+    items, position, fmt = open_detected(path, fmt)
 
     dedup = _near_dup_module()
     near_on = checks.near_dup_threshold is not None and dedup is not None
