@@ -12,7 +12,7 @@ import yaml
 
 from tuneloop import FineTunePipeline, load_config
 from tuneloop.errors import ConfigError
-from tuneloop.registry.db import Registry
+from tuneloop.registry.db import SqliteRegistry
 from tuneloop.workspace import Workspace
 
 STANDIN = Path(__file__).with_name("standin_trainer.py")
@@ -35,7 +35,7 @@ def test_command_backend_registers_the_adapter_it_wrote(make_config, tmp_path):
     log = (run_dir / "logs" / "training.log").read_text()
     assert "[command] stand-in trainer: done" in log  # its output was streamed into the stage log
     assert len((run_dir / "train_metrics.jsonl").read_text().splitlines()) == 4
-    reg = Registry(Workspace.for_config(load_config(path)).root)
+    reg = SqliteRegistry(Workspace.for_config(load_config(path)).root)
     v = reg.get("tiny-bot", "champion")
     assert v["artifact_kind"] == "adapter"
     assert (reg.store.open_verified(v["artifact_digest"]) / "adapter_model.safetensors").is_file()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tuneloop import FineTunePipeline, PipelineConfig, PipelineStage, load_config
-from tuneloop.registry.db import Registry
+from tuneloop.registry.db import SqliteRegistry
 from tuneloop.workspace import Workspace
 
 STAGES = [s.value for s in PipelineStage]
@@ -41,7 +41,7 @@ def test_full_loop_through_python_api(make_config):
     assert len(losses) == 6 and all(loss > 0 for loss in losses)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lora_r"] == 4
 
-    reg = Registry(Workspace.for_config(load_config(path)).root)
+    reg = SqliteRegistry(Workspace.for_config(load_config(path)).root)
     v = reg.get("tiny-bot", "champion")
     assert v["version"] == 1 and v["artifact_kind"] == "adapter"
     assert v["lineage"]["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
@@ -74,7 +74,7 @@ def test_blocking_gate_fails_the_run_and_registers_nothing(make_config):
     assert st["evaluation"]["status"] == "failed"
     assert "min_accuracy" in st["evaluation"]["error"] and "is not >= 1.0" in st["evaluation"]["error"]
     assert st["model_registry"]["status"] == "skipped" and st["deployment"]["status"] == "skipped"
-    assert Registry(Workspace.for_config(load_config(path)).root).list_versions() == []
+    assert SqliteRegistry(Workspace.for_config(load_config(path)).root).list_versions() == []
 
 
 def test_classic_config_object_with_local_model(tmp_path, tiny_model, task_data, monkeypatch):
@@ -115,7 +115,7 @@ def test_bad_records_are_quarantined_and_block_the_run(make_config, tmp_path):
 def test_full_fine_tuning_registers_a_whole_model(make_config, method):
     summary = _run(make_config(train__method=method))
     assert summary["overall"] == "passed"
-    reg = Registry(Workspace.for_config(load_config(make_config(train__method=method))).root)
+    reg = SqliteRegistry(Workspace.for_config(load_config(make_config(train__method=method))).root)
     v = reg.get("tiny-bot", "latest")
     assert v["artifact_kind"] == "model"
     assert (reg.store.open_verified(v["artifact_digest"]) / "model.safetensors").is_file()

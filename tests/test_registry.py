@@ -14,7 +14,7 @@ import pytest
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.fsutil import sha256_dir
 from tuneloop.registry import db as registry_db
-from tuneloop.registry.db import Registry, parse_ref
+from tuneloop.registry.db import SqliteRegistry, parse_ref
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
 # fork keeps the workers cheap (no re-import of the test session); spawn where fork does not exist.
@@ -32,7 +32,7 @@ def make_artifact(path: Path, content: str = "weights-v1", extra: dict[str, byte
     return path
 
 
-def register(reg: Registry, model: str, src: Path, **kw) -> dict:
+def register(reg: SqliteRegistry, model: str, src: Path, **kw) -> dict:
     args = dict(artifact_kind="adapter", base_model="tiny-base", lineage={"run": "r1"}, metrics={"acc": 0.9},
                 gates={"min_accuracy": "passed"})
     args.update(kw)
@@ -110,7 +110,7 @@ def test_store_detects_tampering_and_put_repairs(tmp_path, damage):
 
 
 def test_register_versions_and_dedup(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     src = make_artifact(tmp_path / "a")
     v1 = register(reg, "support-bot", src, cache_key="k1")
     v2 = register(reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2")  # same content
@@ -134,7 +134,7 @@ def test_register_versions_and_dedup(tmp_path):
 
 
 def test_register_is_idempotent_per_cache_key(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     first = register(reg, "m", make_artifact(tmp_path / "a"), cache_key="abc")
     again = register(reg, "m", make_artifact(tmp_path / "b", "different"), cache_key="abc")
     assert again["existing"] is True
@@ -146,7 +146,7 @@ def test_register_is_idempotent_per_cache_key(tmp_path):
 
 
 def test_register_validates_inputs(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     src = make_artifact(tmp_path / "a")
     with pytest.raises(InputError, match="artifact_kind"):
         register(reg, "m", src, artifact_kind="checkpoint")
@@ -160,7 +160,7 @@ def test_register_validates_inputs(tmp_path):
 
 
 def test_aliases_and_promote(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     for i in range(3):
         register(reg, "m", make_artifact(tmp_path / f"a{i}", f"w{i}"))
     assert reg.aliases("m") == {}
@@ -194,7 +194,7 @@ def test_aliases_and_promote(tmp_path):
 
 
 def test_unknown_refs_list_what_exists(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     register(reg, "support-bot", make_artifact(tmp_path / "a"))
     register(reg, "support-bot", make_artifact(tmp_path / "b", "w2"))
     reg.promote("support-bot", 2)
@@ -216,14 +216,14 @@ def test_parse_ref():
     assert parse_ref("support-bot@champion") == ("support-bot", "champion")
     assert parse_ref("support-bot") == ("support-bot", "latest")
     assert parse_ref("org/model:latest") == ("org/model", "latest")
-    assert Registry.parse_ref("a@b") == ("a", "b")
+    assert SqliteRegistry.parse_ref("a@b") == ("a", "b")
     for bad in ["", ":3", "m@", "m:"]:
         with pytest.raises(InputError):
             parse_ref(bad)
 
 
 def test_versions_and_events_are_immutable(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     register(reg, "m", make_artifact(tmp_path / "a"))
     conn = sqlite3.connect(tmp_path / "reg" / "registry.db")
     try:
@@ -243,7 +243,7 @@ def test_versions_and_events_are_immutable(tmp_path):
 
 
 def test_tampered_artifact_fails_open(tmp_path):
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     v = register(reg, "m", make_artifact(tmp_path / "a"))
     f = Path(v["artifact_path"]) / "adapter_config.json"
     os.chmod(f, 0o644)
@@ -259,7 +259,7 @@ def test_tampered_artifact_fails_open(tmp_path):
 
 def _register_worker(root: str, src: str, i: int, start) -> None:
     start.wait()
-    reg = Registry(Path(root))
+    reg = SqliteRegistry(Path(root))
     register(reg, "m", Path(src), lineage={"worker": i})
 
 
@@ -275,7 +275,7 @@ def test_concurrent_registration_allocates_each_version_once(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 8
-    reg = Registry(root)
+    reg = SqliteRegistry(root)
     versions = reg.list_versions("m")
     assert sorted(v["version"] for v in versions) == list(range(1, 9))
     assert sorted(v["lineage"]["worker"] for v in versions) == list(range(8))
@@ -287,7 +287,7 @@ def test_concurrent_registration_allocates_each_version_once(tmp_path):
 
 
 def _register_big_worker(root: str, src: str) -> None:
-    register(Registry(Path(root)), "m", Path(src), cache_key="big")
+    register(SqliteRegistry(Path(root)), "m", Path(src), cache_key="big")
 
 
 def _register_then_die_before_commit(root: str, src: str) -> None:
@@ -301,12 +301,12 @@ def _register_then_die_before_commit(root: str, src: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     registry_db._add_event = die
-    register(Registry(Path(root)), "m", Path(src), cache_key="doomed")
+    register(SqliteRegistry(Path(root)), "m", Path(src), cache_key="doomed")
 
 
 def test_killed_registration_leaves_no_partial_version(tmp_path):
     root = tmp_path / "reg"
-    reg = Registry(root)
+    reg = SqliteRegistry(root)
     register(reg, "m", make_artifact(tmp_path / "first"))
 
     # 1) Killed while copying a large-ish file into the store.
@@ -328,7 +328,7 @@ def test_killed_registration_leaves_no_partial_version(tmp_path):
     proc.start()
     proc.join(30)
     assert proc.exitcode == -signal.SIGKILL
-    reg = Registry(root)
+    reg = SqliteRegistry(root)
     assert [v["version"] for v in reg.list_versions("m")] == [1]
     assert [e["kind"] for e in reg.events("m")] == ["registered"]
 

@@ -22,7 +22,7 @@ from tuneloop import cli
 from tuneloop.cli import app
 from tuneloop.errors import IntegrityError, InputError
 from tuneloop.registry.api import open_registry
-from tuneloop.registry.db import Registry
+from tuneloop.registry.db import SqliteRegistry
 
 runner = CliRunner()
 
@@ -144,7 +144,7 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
     assert tlj("models", "rollback", "bot", "--alias", "staging", "-w", ws)["aliases"]["staging"] == 1
     assert tlj("models", "show", "bot@staging", "-w", ws)["version"] == 1
 
-    events = Registry(ws).events("bot")
+    events = SqliteRegistry(ws).events("bot")
     kinds = [e["kind"] for e in events]
     assert kinds == ["registered"] * 3 + ["promoted", "promoted", "rolled_back", "rolled_back", "promoted",
                                           "promoted", "promoted", "rolled_back"]
@@ -190,11 +190,11 @@ def test_tags_soft_delete_and_artifact_gc(ws, adapters):
     assert d3["collected"] == [v3["artifact_digest"]]
     r = tl("models", "show", "bot", "-w", ws)
     assert r.exit_code == 2 and "no live versions" in msg(r)
-    kinds = [e["kind"] for e in Registry(ws).events("bot")]
+    kinds = [e["kind"] for e in SqliteRegistry(ws).events("bot")]
     assert kinds.count("tagged") == 3 and kinds.count("deleted") == 3
 
     # A version with the same cache key as a deleted one is not silently resurrected.
-    reg = Registry(ws)
+    reg = SqliteRegistry(ws)
     args = dict(artifact_kind="adapter", base_model="b", lineage={}, metrics={}, gates={})
     reg.register("m", adapters[0], cache_key="k", **args)
     reg.delete("m", 1)
@@ -234,7 +234,7 @@ def test_export_loads_with_plain_transformers_and_peft(ws, tiny_model, adapters,
     tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)
     tlj("models", "register", tiny_model, "--name", "full", "-w", ws)
     ids = torch.tensor([[1, 5, 9, 13, 21, 34]])
-    registered = logits(load_served_model(Registry(ws), "bot", "latest").model, ids)
+    registered = logits(load_served_model(SqliteRegistry(ws), "bot", "latest").model, ids)
     base_logits = logits(AutoModelForCausalLM.from_pretrained(tiny_model), ids)
     assert not torch.allclose(registered, base_logits, atol=1e-3)  # the adapter really changes the model
 
@@ -277,7 +277,7 @@ def test_tampered_artifact_and_changed_base_are_refused(ws, tiny_model, adapters
     r = tl("models", "export", "bot:1", tmp_path / "out0", "--merged", "-w", ws)
     assert r.exit_code == 1 and "changed since the adapter was registered" in msg(r)
     with pytest.raises(IntegrityError, match="base model"):
-        load_served_model(Registry(ws), "bot", "1")
+        load_served_model(SqliteRegistry(ws), "bot", "1")
     (base / "config.json").write_bytes(original)
 
     target = Path(v["artifact_path"]) / "adapter_model.safetensors"
@@ -290,7 +290,7 @@ def test_tampered_artifact_and_changed_base_are_refused(ws, tiny_model, adapters
     assert "failed verification" in msg(r) and "adapter_model.safetensors" in msg(r)
     assert not (tmp_path / "out1").exists()
     with pytest.raises(IntegrityError):
-        load_served_model(Registry(ws), "bot", "1")
+        load_served_model(SqliteRegistry(ws), "bot", "1")
     # Registering the original again repairs the stored copy.
     tlj("models", "register", adapter, "--name", "bot", "--base", base, "-w", ws)
     tlj("models", "export", "bot:1", tmp_path / "out2", "-w", ws)
@@ -350,11 +350,11 @@ def test_preflight_refuses_an_unreachable_registry_before_training(make_config, 
 def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
     import sqlite3
 
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     reg.register("m", adapters[0], artifact_kind="adapter", base_model="b", lineage={}, metrics={}, gates={})
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:  # what tuneloop 0.1 (schema 1) wrote
         conn.executescript("DROP TABLE tags; DROP TABLE deletions; PRAGMA user_version = 1;")
-    reg = Registry(tmp_path / "reg")
+    reg = SqliteRegistry(tmp_path / "reg")
     assert reg.set_tag("m", 1, "k", "v")["tags"] == {"k": "v"}
     assert reg.delete("m", 1)["version"]["deleted"]
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:

@@ -88,10 +88,10 @@ def ask_champion(workspace_root: Path, model_name: str, question: str) -> dict[s
     """Serve the champion on a free loopback port and send it one real chat request over HTTP."""
     import httpx
 
-    from tuneloop.registry.db import Registry
+    from tuneloop.registry.db import SqliteRegistry
     from tuneloop.serve.app import BackgroundServer, create_app, load_served_model
 
-    served = load_served_model(Registry(workspace_root), model_name, "champion")
+    served = load_served_model(SqliteRegistry(workspace_root), model_name, "champion")
     with BackgroundServer(create_app(served)) as server:
         t0 = time.perf_counter()
         r = httpx.post(

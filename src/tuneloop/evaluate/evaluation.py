@@ -185,10 +185,10 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
 def champion_ref(cfg: PipelineConfig, workspace_root: Path) -> tuple[ModelRef | None, str]:
     """The registry's ``champion`` of ``cfg.model_name`` as a reference model, or (None, note) -> the base."""
     from tuneloop.errors import TuneloopError
-    from tuneloop.registry.db import Registry
+    from tuneloop.registry.db import SqliteRegistry
 
     try:
-        reg = Registry(Path(workspace_root))
+        reg = SqliteRegistry(Path(workspace_root))
         v = reg.get(cfg.model_name, "champion")
     except TuneloopError:
         return None, f"no champion of {cfg.model_name} in the registry yet: compared with the base model"
@@ -202,9 +202,9 @@ def champion_ref(cfg: PipelineConfig, workspace_root: Path) -> tuple[ModelRef | 
 
 
 def _registry_ref(cfg: PipelineConfig, root: Path, ref: str, label: str) -> ModelRef:
-    from tuneloop.registry.db import Registry, parse_ref
+    from tuneloop.registry.db import SqliteRegistry, parse_ref
 
-    reg = Registry(Path(root))
+    reg = SqliteRegistry(Path(root))
     name, version = (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else parse_ref(ref)
     v = reg.get(name, version)
     mref = model_ref(f"{label} {v['ref']}", reg.open_artifact(name, v["version"]), v.get("base_model") or cfg.base_model)

@@ -1,6 +1,6 @@
 """One registry interface, two backends, and the factory that picks one.
 
-* ``Registry`` (``registry/db.py``): SQLite in the workspace (``.tuneloop/registry.db``) and a local
+* ``SqliteRegistry`` (``registry/db.py``): SQLite in the workspace (``.tuneloop/registry.db``) and a local
   content-addressed artifact store. The default; needs no set-up.
 * ``MlflowRegistry`` (``registry/mlflow_backend.py``): a shared MLflow tracking server. Versions, aliases
   and tags live in MLflow's Model Registry, artifacts in its artifact store. Chosen by
@@ -112,9 +112,9 @@ def open_registry(cfg_or_uri: Any = None, workspace: Any = None) -> ModelRegistr
     if uri is None or uri in ("local", "sqlite"):
         if root is None:
             raise ConfigError("no workspace to hold the local registry; pass a config or run inside a workspace")
-        from tuneloop.registry.db import Registry
+        from tuneloop.registry.db import SqliteRegistry
 
-        return Registry(Path(root))
+        return SqliteRegistry(Path(root))
     if uri.startswith(("http://", "https://")):
         from tuneloop.registry.mlflow_backend import MlflowRegistry
 

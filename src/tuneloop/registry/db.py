@@ -172,7 +172,7 @@ def _add_event(
     )
 
 
-class Registry:
+class SqliteRegistry:
     """Model versions, aliases and events in ``root/registry.db``; artifacts in ``root/artifacts``."""
 
     parse_ref = staticmethod(parse_ref)

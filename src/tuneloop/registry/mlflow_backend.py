@@ -1,6 +1,6 @@
 """The registry on a shared MLflow tracking server (``registry.uri: http://host:port``).
 
-Same interface and semantics as the SQLite :class:`tuneloop.registry.db.Registry`, stored in MLflow:
+Same interface and semantics as the SQLite :class:`tuneloop.registry.db.SqliteRegistry`, stored in MLflow:
 
 * a tuneloop model is an MLflow *registered model* (tagged ``tuneloop.managed``); a version is an MLflow
   *model version*, numbered by the server. Its record (kind, base, artifact sha256, cache key, lineage,
