@@ -93,3 +93,69 @@ def test_overrides_flat_or_dotted_never_conflict(tmp_path):
 def test_configuration_reference_is_in_step_with_the_schema():
     doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert doc == reference_markdown(), "docs/configuration.md is stale: run python scripts/gen_config_reference.py"
+
+
+# ------------------------------------------------------------------------------------ hostile YAML (issue 14.17)
+
+_ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+) + "name: *i\n"
+_MERGE_BOMB = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
+    f"a{i}: &a{i} {{<<: [*a{i - 1}], x{i}: 1, y{i}: *a{i - 1}, z{i}: *a{i - 1}}}\n" for i in range(1, 30)
+)
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        (_ALIAS_BOMB, "expands to more than"),
+        (_MERGE_BOMB, "expands to more than"),
+        ("name: " + "[" * 1200 + "]" * 1200 + "\n", "nested too deeply"),
+        ("name: x\nd: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested deeper than"),
+        ("a: &a [*a]\n", "recursive YAML alias"),
+    ],
+    ids=["alias-bomb", "merge-bomb", "deep-flow", "deep-mapping", "recursive"],
+)
+def test_yaml_bombs_are_refused_quickly_with_a_short_message(tmp_path, text, expect):
+    import time
+
+    assert len(text) < 3000  # small files: the point is that they expand
+    f = tmp_path / "bomb.yaml"
+    f.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    assert time.perf_counter() - t0 < 1.0
+    assert expect in str(exc.value)
+    assert exc.value.exit_code == 2
+    assert len(str(exc.value)) < 400
+
+
+def test_an_oversized_config_is_refused(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_text("name: x\n" + "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match="at most 1,000,000 bytes"):
+        load_config(f)
+
+
+def test_error_messages_never_print_more_than_about_200_characters_of_a_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\nbase_model: m\ntrain_data: d.jsonl\nseed: " + "9" * 5000 + "\nlora_r: [" + ", ".join(["1"] * 3000) + "]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    for problem in exc.value.problems:
+        assert len(problem) < 400, problem
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("seed=1.0e+23", "seed"), ("seed=-1", "seed"), ("train.batch_size=99999999999", "train.batch_size"),
+     ("train.lora_r=100000", "train.lora_r"), ("data.max_length=1e12", "data.max_length")],
+)
+def test_out_of_range_values_are_config_errors_before_any_work(tmp_path, override, key):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\nbase_model: m\ntrain_data: d.jsonl\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, [override])
+    assert exc.value.problems[0].startswith(key + ":")
+    assert "Input should be" not in str(exc.value)

@@ -56,7 +56,7 @@ class DataConfig(_Section):
         description="Data gate: fail when more than this share of training records overlap the eval data. `null` disables it.",
     )
     max_pii_records: int | None = Field(
-        None, ge=0,
+        None, ge=0, le=10**12,
         description="Data gate: fail when more kept records than this still hold personal data or secrets "
         "(with `pii: redact` or `drop` none do). `null` disables it.",
     )
@@ -73,11 +73,11 @@ class DataConfig(_Section):
         description="Near-duplicate detection (MinHash LSH): estimated Jaccard similarity of word shingles at which two records "
         "are near duplicates. `null` disables it.",
     )
-    near_dup_shingle: int = Field(5, ge=1, description="Words per shingle for near-duplicate detection.")
+    near_dup_shingle: int = Field(5, ge=1, le=64, description="Words per shingle for near-duplicate detection.")
     near_dup_action: Literal["report", "drop"] = Field(
         "drop", description="Near duplicates: `drop` quarantines all but the first of each group; `report` only counts them."
     )
-    contamination_ngram: int = Field(8, ge=1, description="Words per n-gram for the train-vs-eval contamination check.")
+    contamination_ngram: int = Field(8, ge=1, le=64, description="Words per n-gram for the train-vs-eval contamination check.")
     contamination_threshold: float = Field(
         0.5, gt=0.0, le=1.0,
         description="A training record is contaminated when at least this share of its n-grams occur in the eval data.",
@@ -85,12 +85,12 @@ class DataConfig(_Section):
     contamination_action: Literal["report", "drop"] = Field(
         "drop", description="Contaminated training records: `drop` quarantines them; `report` only counts them."
     )
-    num_workers: int = Field(2, ge=1, description="Processes for the per-record validation work (parsing, rules, PII).")
+    num_workers: int = Field(2, ge=1, le=256, description="Processes for the per-record validation work (parsing, rules, PII).")
     eval_split: float = Field(
         0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
     )
     max_length: int = Field(
-        512, ge=16, description="Maximum tokens per training sample; longer samples are truncated or dropped (see `overlong`)."
+        512, ge=16, le=2**20, description="Maximum tokens per training sample; longer samples are truncated or dropped (see `overlong`)."
     )
     chat_template: str | None = Field(
         None,
@@ -110,23 +110,23 @@ class TrainConfig(_Section):
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
     )
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, le=65536, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules that get LoRA adapters: `all-linear` or a list of module names."
     )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    num_epochs: float = Field(3, gt=0.0, description="Passes over the training data (ignored when `max_steps` is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Samples per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps of gradient accumulation per optimizer step.")
+    num_epochs: float = Field(3, gt=0.0, le=10000, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, le=65536, description="Samples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536, description="Steps of gradient accumulation per optimizer step.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    save_steps: int = Field(25, ge=1, description="Write a resumable checkpoint every this many steps (and at the end).")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay.")
+    save_steps: int = Field(25, ge=1, le=10**9, description="Write a resumable checkpoint every this many steps (and at the end).")
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt tokens (default: completion-only loss)."
     )
@@ -137,7 +137,7 @@ class TrainConfig(_Section):
         "changes speed, not results. (DPO batches are padded by TRL.)",
     )
     pack_length: int | None = Field(
-        None, ge=16, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
+        None, ge=16, le=2**20, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)), PEFT `use_rslora`.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA), PEFT `use_dora`.")
@@ -165,6 +165,7 @@ class TrainConfig(_Section):
     num_processes: int = Field(
         1,
         ge=1,
+        le=4096,
         description="Training processes. Above 1 the training stage runs under `accelerate launch --multi_gpu` (CUDA, "
         "one process per GPU) or `torch.distributed.run` (CPU, gloo), data-parallel; `batch_size` is per process.",
     )
@@ -200,7 +201,7 @@ class SuiteConfig(_Section):
         "as a regex, token F1, or multiple choice by log-likelihood (items need `choices` and `answer`).",
     )
     pattern: str | None = Field(None, description="Regex for `metric: regex` (default: each item's reference is the regex).")
-    max_items: int | None = Field(None, ge=1, description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).")
+    max_items: int | None = Field(None, ge=1, le=10**9, description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).")
     tasks: list[str] = Field(default_factory=list, description="`lmeval`: names of the lm-eval tasks to run (defined by YAMLs under `include_path`).")
     include_path: str | None = Field(
         None,
@@ -227,15 +228,15 @@ class JudgeConfig(_Section):
     model: str | None = Field(None, description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key (never the key itself).")
     path: str | None = Field(None, description="Local classifier / reward model directory for `kind: classifier`.")
-    timeout_s: float = Field(30.0, gt=0, description="Timeout per judge request, seconds.")
-    max_retries: int = Field(3, ge=0, description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.")
+    timeout_s: float = Field(30.0, gt=0, le=86400, description="Timeout per judge request, seconds.")
+    max_retries: int = Field(3, ge=0, le=100, description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.")
 
 
 class EvalConfig(_Section):
     """What the evaluation stage runs."""
 
-    max_new_tokens: int = Field(32, ge=1, description="Generation budget per evaluation item (greedy decoding).")
-    max_eval_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many items of the eval set.")
+    max_new_tokens: int = Field(32, ge=1, le=65536, description="Generation budget per evaluation item (greedy decoding).")
+    max_eval_samples: int | None = Field(None, ge=1, le=10**9, description="Evaluate on at most this many items of the eval set.")
     general_text: str | None = Field(
         None,
         description="Held-out general text for the capability check (next-token accuracy, candidate vs base). "
@@ -390,7 +391,7 @@ class PipelineConfig(BaseModel):
         description="Pipeline name; also the registered model name.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
     )
     base_model: str = Field(description="Base model: a local directory or a Hugging Face model id (already in the local cache).")
-    seed: int = Field(42, description="Seed for data splits, initialisation and training order.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data splits, initialisation and training order.")
     workspace: str | None = Field(
         None, description="Workspace directory (runs, registry, artifacts). Default: `.tuneloop/` next to the config file."
     )
@@ -487,7 +488,9 @@ def _allowed(err: dict[str, Any]) -> str:
         return "a string"
     if t == "missing":
         return "a value (this key is required)"
-    return err.get("msg", "")
+    msg = err.get("msg", "")
+    # pydantic says "Input should be a valid dictionary"; the message already starts with "expected"
+    return re.sub(r"^(Input should be|Value error,)\s*", "", msg) or "a valid value"
 
 
 def _known_keys(loc: tuple) -> list[str]:
@@ -532,7 +535,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, i
             problems.extend(str(err["ctx"]["error"]).split("\n"))
             continue
         value = err.get("input")
-        problems.append(f"{path}{where}: bad value {value!r}; expected {_allowed(err)}")
+        problems.append(f"{path}{where}: bad value {_short(value)}; expected {_allowed(err)}")
     # Deduplicate union noise while keeping order.
     seen: set[str] = set()
     return [p for p in problems if not (p in seen or seen.add(p))]
@@ -559,6 +562,96 @@ def _key_lines(text: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # scalars + collections after aliases and merge keys are expanded
+MAX_YAML_DEPTH = 64
+
+
+def safe_load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with limits: alias/merge expansion, nesting depth; every problem is a ConfigError.
+
+    The document is composed to a node graph first (aliases are shared nodes there, so composing is linear in
+    the text), its expanded size and depth are measured on that graph, and only then is it constructed. An
+    alias or merge-key "bomb" of a few hundred bytes is refused in milliseconds instead of hanging or
+    exhausting memory; nesting that would overflow Python's stack is refused the same way.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _yaml_size_problem(node)
+        if problem:
+            raise ConfigError(f"{source}: {problem}", source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = _short(getattr(exc, "problem", None) or str(exc))
+        raise ConfigError(f"{where}: malformed YAML: {problem}; fix the syntax at that line", source) from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError(f"{source}: a value could not be read: {_short(str(exc))}", source) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply (limit {MAX_YAML_DEPTH} levels); flatten the config", source) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_size_problem(root: yaml.Node) -> str | None:
+    """Why a composed YAML graph is too big or too deep once expanded (None when it is fine)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def expanded(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlLimit(f"YAML nested deeper than {MAX_YAML_DEPTH} levels (line {node.start_mark.line + 1}); flatten the config")
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlLimit(f"recursive YAML alias at line {node.start_mark.line + 1}; a config cannot refer to itself")
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += expanded(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise _YamlLimit(
+                    f"YAML expands to more than {MAX_YAML_NODES:,} values (aliases and merge keys counted at each "
+                    f"use, near line {node.start_mark.line + 1}); a config this large is refused"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        expanded(root, 0)
+    except _YamlLimit as exc:
+        return str(exc)
+    return None
+
+
+class _YamlLimit(Exception):
+    pass
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr`` of a value for an error message, never longer than about ``limit`` characters."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 10, 10, 3
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.path=value`` -> (key path, YAML-parsed value)."""
@@ -569,8 +662,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = safe_load_yaml(text, f"override {key}") if text.strip() else ""
+    except ConfigError as exc:
+        if "malformed YAML" not in str(exc):
+            raise
         value = text
     return key, value
 
@@ -668,14 +763,14 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give the path to a tuneloop YAML file)")
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size:,} bytes; a config may be at most {MAX_CONFIG_BYTES:,} bytes", str(path))
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: malformed YAML: {problem}; fix the syntax at that line", str(path)) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8", str(path)) from None
+    raw = safe_load_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path} is empty; see docs/configuration.md for the keys", str(path))
     if not isinstance(raw, dict):
