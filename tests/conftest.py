@@ -24,13 +24,14 @@ def write_jsonl(path: Path, records) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     """A saved 2-layer Llama with a locally trained BPE tokenizer (and ChatML template)."""
     from tuneloop.demo_assets import general_corpus, make_model, make_tokenizer, task_records
+    from tuneloop.modeling import save_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
     texts = general_corpus(300, seed=1) + [m["content"] for r in task_records(200, seed=1) for m in r["messages"]]
     tok = make_tokenizer(texts, vocab_size=600)
     model = make_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     return out
 
 

@@ -158,3 +158,24 @@ def test_build_base_model_few_steps(tmp_path):
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] <= enc["input_ids"].shape[1] + 4
+
+
+def test_saved_tokenizer_config_is_loadable_by_transformers_4(tokenizer, tmp_path):
+    """What we write must load in transformers 4.45+ too (checked once by hand in a 4.46 virtualenv, see
+    the issue 14 note): the class 4.x knows, special tokens as a list, no machine-local flags, inline template."""
+    import json
+
+    from tuneloop.modeling import save_tokenizer
+
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    save_tokenizer(tokenizer, tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in cfg or isinstance(cfg["extra_special_tokens"], dict)
+    assert "<|im_start|>" in cfg["additional_special_tokens"]
+    assert not {"is_local", "local_files_only"} & set(cfg)
+    assert cfg["chat_template"] == tokenizer.chat_template
+    again = AutoTokenizer.from_pretrained(tmp_path)  # and 5.x still reads it the same
+    text = "<|im_start|>user\nWhere is my parcel?<|im_end|>"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.all_special_tokens == tokenizer.all_special_tokens

@@ -46,7 +46,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
 
-from tuneloop.modeling import CHATML_TEMPLATE  # noqa: E402  (one ChatML definition for the project)
+from tuneloop.modeling import CHATML_TEMPLATE, save_tokenizer  # noqa: E402  (one ChatML definition for the project)
 
 LABELS = ("refund", "shipping", "password", "cancel", "billing", "other")
 
@@ -631,7 +631,7 @@ def build_base_model(
 
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)  # loadable by transformers 4.x as well as 5.x
     atomic_write_json(
         tmp / "tuneloop_base.json",
         {"made_by": "tuneloop.demo_assets.build_base_model", "seed": seed, "model": size,

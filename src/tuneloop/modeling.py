@@ -6,7 +6,9 @@ that every stage renders prompts and decodes answers the same way.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -149,3 +151,35 @@ def require_cuda_for_qlora() -> None:
 def model_files_exist(path: str) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file()
+
+
+def save_tokenizer(tok, out_dir: str | os.PathLike[str]) -> None:
+    """``save_pretrained`` that transformers 4.45+ loads as well as 5.x.
+
+    transformers 5 writes ``tokenizer_class: TokenizersBackend`` (a ValueError in 4.x ``AutoTokenizer``),
+    ``extra_special_tokens`` as a list (4.x expects a mapping), the flags ``is_local``/``local_files_only``
+    (facts about this machine, wrong on the next one) and the chat template only as ``chat_template.jinja``
+    (unknown to early 4.x). The written config names the class both understand, keeps the special tokens as
+    ``additional_special_tokens`` and carries the chat template inline too.
+    """
+    out = Path(out_dir)
+    tok.save_pretrained(str(out))
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend") and (out / "tokenizer.json").is_file():
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del cfg["extra_special_tokens"]
+        known = list(cfg.get("additional_special_tokens") or [])
+        cfg["additional_special_tokens"] = known + [t for t in extra if t not in known]
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str) and "chat_template" not in cfg:
+        cfg["chat_template"] = template
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
