@@ -144,23 +144,38 @@ def log_likelihoods(canary_events, baseline_events, weight: float) -> np.ndarray
     return c * log_q + b * log_1mq
 
 
+def mixture_log_mean(diffs: np.ndarray, scale: float) -> np.ndarray:
+    """log sum_k w_k exp(diffs[..., k]) for the first ``diffs.shape[-1]`` prior weights (max-shifted, stable)."""
+    if diffs.shape[-1] == 0:
+        return np.full(diffs.shape[:-1], -np.inf)
+    weights = np.exp(mixture_log_weights(scale)[: diffs.shape[-1]])
+    top = diffs.max(axis=-1, keepdims=True)
+    return np.log(np.exp(diffs - top) @ weights) + top[..., 0]
+
+
 def log_evalue_above(loglik: np.ndarray, index: int = NULL_INDEX, scale: float = MIXING_SCALE) -> np.ndarray:
     """log of the mixture e-value against ``rho = grid[index]`` with alternatives above it (evidence of more).
 
     ``loglik`` has the grid on its last axis; leading axes are kept (the simulation passes many at once).
     """
-    logw = mixture_log_weights(scale)
-    above = loglik[..., index + 1 :] - loglik[..., index : index + 1]
-    return np.logaddexp.reduce(above + logw[: above.shape[-1]], axis=-1)
+    return mixture_log_mean(loglik[..., index + 1 :] - loglik[..., index : index + 1], scale)
 
 
 def log_evalue_below(loglik: np.ndarray, index: int, scale: float = MIXING_SCALE) -> np.ndarray:
     """log of the mixture e-value against ``rho = grid[index]`` with alternatives below it (evidence of less)."""
-    logw = mixture_log_weights(scale)
-    below = loglik[..., :index][..., ::-1] - loglik[..., index : index + 1]
-    if below.shape[-1] == 0:
-        return np.full(loglik.shape[:-1], -np.inf)
-    return np.logaddexp.reduce(below + logw[: below.shape[-1]], axis=-1)
+    return mixture_log_mean(loglik[..., :index][..., ::-1] - loglik[..., index : index + 1], scale)
+
+
+@lru_cache(maxsize=8)
+def mixture_matrices(scale: float = MIXING_SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """Prior weights as grid x grid matrices: [j, i] = weight of alternative i against null j, above / below."""
+    size = len(LOG_RHO)
+    offset = np.arange(size)[None, :] - np.arange(size)[:, None]  # [j, i] = i - j
+    w = np.concatenate([np.exp(mixture_log_weights(scale)), [0.0]])
+    above = np.where(offset > 0, w[np.clip(offset - 1, 0, size - 1)], 0.0)
+    below = np.where(offset < 0, w[np.clip(-offset - 1, 0, size - 1)], 0.0)
+    above.flags.writeable = below.flags.writeable = False
+    return above, below
 
 
 def confidence_sequence(loglik: np.ndarray, alpha: float, scale: float = MIXING_SCALE) -> tuple[float, float]:
@@ -168,19 +183,21 @@ def confidence_sequence(loglik: np.ndarray, alpha: float, scale: float = MIXING_
 
     The lower end is the rollback test's (it is at or above 1 exactly when ``rho = 1`` is rejected in favour
     of a worse canary), the upper end the promotion test's. A grid value is excluded from below when the
-    mixture over the alternatives above it reaches ``1/alpha``,
-    and from above likewise; the bounds are the nearest excluded grid values outside the kept ones.
+    mixture over the alternatives above it reaches ``1/alpha``, and from above likewise; the bounds are the
+    nearest excluded grid values outside the kept ones.
     """
-    size = loglik.shape[-1]
-    offset = np.arange(size)[None, :] - np.arange(size)[:, None]  # [j, i] = i - j
-    logw = np.concatenate([mixture_log_weights(scale), [-np.inf]])
-    diffs = loglik[None, :] - loglik[:, None]
-    up = np.logaddexp.reduce(diffs + np.where(offset > 0, logw[np.clip(offset - 1, 0, size - 1)], -np.inf), axis=1)
-    down = np.logaddexp.reduce(diffs + np.where(offset < 0, logw[np.clip(-offset - 1, 0, size - 1)], -np.inf), axis=1)
+    above, below = mixture_matrices(scale)
+    ll = np.asarray(loglik, dtype=float)
+    top = float(ll.max())
+    lik = np.exp(ll - top)
+    with np.errstate(divide="ignore"):
+        up = np.log(above @ lik) + top - ll
+        down = np.log(below @ lik) + top - ll
     threshold = math.log(1.0 / alpha)
     kept_low, kept_high = np.nonzero(up < threshold)[0], np.nonzero(down < threshold)[0]
     if kept_low.size == 0 or kept_high.size == 0:
         return 0.0, math.inf
+    size = len(ll)
     lo_i, hi_i = int(kept_low[0]) - 1, int(kept_high[-1]) + 1
     lower = 0.0 if lo_i < 0 else float(math.exp(LOG_RHO[lo_i]))
     upper = math.inf if hi_i >= size else float(math.exp(LOG_RHO[hi_i]))
