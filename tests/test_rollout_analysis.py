@@ -124,6 +124,14 @@ def test_a_guard_rolls_back_at_once():
     assert again.action == "rollback" and again.reason == d.reason and "errors" in again.metrics
 
 
+def test_a_harmful_output_guard_rolls_back_on_the_first_flagged_canary_output():
+    a = CanaryAnalysis(RolloutPolicy(**{**ERRORS_ONLY, "guards": (Guard("harmful", max_count=0),)}))
+    d = a.observe(ArmCounts(requests=30), ArmCounts(requests=570, harmful=2), now=1.0)
+    assert d.action == "continue" and "harmful" not in d.metrics  # a guard, not a compared metric
+    d = a.observe(ArmCounts(requests=1, harmful=1), ArmCounts(requests=19), now=2.0)
+    assert d.action == "rollback" and d.reason == "guard harmful: 1 canary events, more than 0"
+
+
 def test_a_healthy_canary_steps_up_and_is_promoted_when_non_inferior():
     policy = RolloutPolicy(metrics=(MetricPolicy("errors", max_ratio=1.5), MetricPolicy("latency", max_ratio=1.5)),
                            weights=(0.05, 0.25, 0.5, 1.0), min_requests_per_step=200)

@@ -8,7 +8,8 @@ same simulated traffic.
 
 Method
 ------
-**Count metrics** (``errors``: 5xx, timeouts, empty outputs; ``negative_feedback``). We condition on events,
+**Count metrics** (``errors``: 5xx, timeouts, empty outputs; ``negative_feedback``; ``harmful``: outputs the
+harmful-output judge flagged on a sampled share of traffic, the same share in both arms). We condition on events,
 as Lindon & Malek (2022, "Anytime-valid inference for multinomial count data", NeurIPS; the method behind
 Netflix's sequential canary tests) do for counting processes. Each request goes to the canary with
 probability ``w`` (the traffic weight), independently of whether it fails. If the canary's rate per request is
@@ -95,9 +96,8 @@ import numpy as np
 from tuneloop.errors import ConfigError
 
 Action = Literal["continue", "step_up", "promote", "rollback"]
-MetricName = Literal["errors", "negative_feedback", "latency"]
-METRIC_NAMES: tuple[str, ...] = ("errors", "negative_feedback", "latency")
-COUNT_METRICS: tuple[str, ...] = ("errors", "negative_feedback")
+METRIC_NAMES: tuple[str, ...] = ("errors", "negative_feedback", "harmful", "latency")
+COUNT_METRICS: tuple[str, ...] = ("errors", "negative_feedback", "harmful")
 
 GRID_STEP = math.log(2.0) / 8.0
 GRID_HALF = 48
@@ -224,13 +224,16 @@ class ArmCounts:
     """One arm's counts: totals from ``RequestLog.arm_counts`` or the increment since the last update.
 
     ``latencies`` are per-request latencies in seconds (new ones only, in arrival order); the aggregates of
-    the request log do not carry them, which leaves the latency metric without events.
+    the request log do not carry them, which leaves the latency metric without events. ``harmful`` counts
+    outputs flagged by the harmful-output judge on a sampled share of traffic (the same share in both arms,
+    so the events' split still follows the weight under H0).
     """
 
     requests: int = 0
     errors: int = 0
     negative_feedback: int = 0
     feedback: int = 0
+    harmful: int = 0
     latency_sum: float = 0.0
     latencies: tuple[float, ...] = ()
 
@@ -243,6 +246,7 @@ class ArmCounts:
             errors=int(row.get("errors", 0) or 0),
             negative_feedback=int(row.get("negative_feedback", 0) or 0),
             feedback=int(row.get("feedback", 0) or 0),
+            harmful=int(row.get("harmful", 0) or 0),
             latency_sum=float(row.get("latency_sum", 0.0) or 0.0),
         )
 
@@ -253,11 +257,13 @@ class ArmCounts:
             errors=max(0, self.errors - earlier.errors),
             negative_feedback=max(0, self.negative_feedback - earlier.negative_feedback),
             feedback=max(0, self.feedback - earlier.feedback),
+            harmful=max(0, self.harmful - earlier.harmful),
             latency_sum=max(0.0, self.latency_sum - earlier.latency_sum),
         )
 
     def count(self, metric: str) -> int:
-        return self.errors if metric == "errors" else self.negative_feedback
+        """Events of a count metric (``COUNT_METRICS``)."""
+        return {"errors": self.errors, "negative_feedback": self.negative_feedback, "harmful": self.harmful}[metric]
 
 
 # ------------------------------------------------------------------------------------------------- policy
@@ -274,11 +280,13 @@ class MetricPolicy:
 
 @dataclass(frozen=True)
 class Guard:
-    """Roll back at once when the canary's own rate of ``metric`` exceeds ``max_rate`` after ``min_requests``."""
+    """Roll back at once when the canary's own rate of ``metric`` exceeds ``max_rate`` after ``min_requests``
+    canary requests, or its count exceeds ``max_count`` (e.g. ``Guard("harmful", max_count=0)``)."""
 
     metric: str
-    max_rate: float
+    max_rate: float | None = None
     min_requests: int = 20
+    max_count: int | None = None
 
 
 DEFAULT_METRICS = (MetricPolicy("errors"), MetricPolicy("negative_feedback"), MetricPolicy("latency"))
@@ -341,8 +349,11 @@ def policy_problems(p: RolloutPolicy) -> list[str]:
         problems.append(f"deploy.canary.metrics: {names!r} must name each metric once and at least one")
     problems += [f"deploy.canary.metrics.{m.name}.max_ratio: {m.max_ratio!r} must be > 1" for m in p.metrics if m.max_ratio <= 1]
     for g in p.guards:
-        if g.metric not in COUNT_METRICS or not 0.0 < g.max_rate <= 1.0 or g.min_requests < 1:
-            problems.append(f"deploy.canary.guards: {g!r} needs metric in {COUNT_METRICS}, max_rate in (0, 1], min_requests >= 1")
+        rate_ok = g.max_rate is None or 0.0 < g.max_rate <= 1.0
+        count_ok = g.max_count is None or g.max_count >= 0
+        if g.metric not in COUNT_METRICS or not rate_ok or not count_ok or g.min_requests < 1 or (g.max_rate is None and g.max_count is None):
+            problems.append(f"deploy.canary.guards: {g!r} needs metric in {COUNT_METRICS}, max_rate in (0, 1] "
+                            "and/or max_count >= 0, min_requests >= 1")
     if p.min_requests_per_step < 1:
         problems.append(f"deploy.canary.min_requests_per_step: {p.min_requests_per_step!r} must be >= 1")
     if p.on_limit not in ("rollback", "hold"):
@@ -518,8 +529,8 @@ class CanaryAnalysis:
     def __init__(self, policy: RolloutPolicy | None = None, state: AnalysisState | None = None, *, now: float = 0.0):
         self.policy = policy or RolloutPolicy()
         self.state = state or AnalysisState(started_at=now, step_started_at=now, last_update_at=now)
-        for mp in self.policy.metrics:
-            self.state.metrics.setdefault(mp.name, MetricState())
+        for name in [m.name for m in self.policy.metrics] + [g.metric for g in self.policy.guards]:
+            self.state.metrics.setdefault(name, MetricState())  # guard-only metrics are counted, not compared
 
     @property
     def weight(self) -> float:
@@ -585,9 +596,8 @@ class CanaryAnalysis:
         st.pending_baseline_latencies = pb[: len(pb) - n]
 
     def stats(self) -> dict[str, MetricStats]:
-        mps = {m.name: m for m in self.policy.metrics}
-        return {name: metric_stats(name, ms, mps[name], self.policy, self.weight, self.state.canary_requests)
-                for name, ms in self.state.metrics.items()}
+        return {mp.name: metric_stats(mp.name, self.state.metrics[mp.name], mp, self.policy, self.weight,
+                                      self.state.canary_requests) for mp in self.policy.metrics}
 
     def decide(self, *, now: float, had_traffic: bool = True) -> Decision:
         """The decision for the current state (see the module docstring for the order of the rules)."""
@@ -637,7 +647,11 @@ class CanaryAnalysis:
 def failed_guard(guards: tuple[Guard, ...], metrics: dict[str, MetricState]) -> str:
     for g in guards:
         ms = metrics.get(g.metric)
-        if ms is None or ms.canary_exposure < g.min_requests:
+        if ms is None:
+            continue
+        if g.max_count is not None and ms.canary_events > g.max_count:
+            return f"guard {g.metric}: {ms.canary_events} canary events, more than {g.max_count}"
+        if g.max_rate is None or ms.canary_exposure < g.min_requests:
             continue
         rate = ms.canary_events / ms.canary_exposure
         if rate > g.max_rate:
