@@ -18,8 +18,10 @@ its arm's rate. The same traces go through three rules:
   1,000 requests (about 50 canary requests), rolled back at the first rejection.
 
 "Requests to rollback" are canary requests until the rollback; trials without one within the horizon count
-as infinite in medians and percentiles (a percentile that lands there prints null). The last line is one
-JSON object.
+as infinite in medians and percentiles (a percentile that lands there prints null). Rollback rates are
+also given within the first 10 and 30 minutes of each trace (``rollback_rate_10min``, ``_30min``), since a
+rule without a time-uniform guarantee rolls back more healthy canaries the longer it watches. The last line
+is one JSON object.
 
     python benchmarks/canary_simulation.py [--trials 2000] [--horizon 100000] [--seed 0]
 """
@@ -42,6 +44,7 @@ FLAGGER_WINDOW = 1200     # requests per minute at 20 req/s
 FLAGGER_MIN_SUCCESS = 0.99
 FLAGGER_FAILED_WINDOWS = 5
 PEEK_EVERY = 1000         # requests between looks of the fixed-horizon test
+SHORTER_HORIZONS_MIN = (10, 30)  # also report rollback rates within these many minutes (at 20 req/s)
 Z_ONE_SIDED_95 = 1.6448536269514722
 SCENARIOS = {             # name: (metric, baseline rate, canary rate)
     "healthy_errors": ("errors", 0.008, 0.008),
@@ -66,27 +69,27 @@ def first_index(mask: np.ndarray) -> np.ndarray:
     return np.where(hit, mask.argmax(axis=-1), -1)
 
 
-def requests_at(cum_req: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Canary requests at block index ``idx`` per trial; inf where no rollback."""
-    out = np.full(idx.shape, np.inf)
+def requests_at(cum_req: np.ndarray, idx: np.ndarray, per_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(canary requests, total requests) at index ``idx`` per trial (``per_index`` requests each); inf where none."""
+    out, total = np.full(idx.shape, np.inf), np.full(idx.shape, np.inf)
     ok = idx >= 0
     out[ok] = cum_req[np.nonzero(ok)[0], idx[ok]]
-    return out
+    total[ok] = (idx[ok] + 1) * per_index
+    return out, total
 
 
-def tuneloop_rule(n_c, e_c, e_b, thresholds: dict[str, float], scale: float) -> dict[str, np.ndarray]:
-    """Canary requests to rollback under each threshold (log e-value), checked after every canary event."""
+def tuneloop_rule(n_c, e_c, e_b, thresholds: dict[str, float], scale: float) -> dict[str, tuple]:
+    """(canary, total) requests to rollback under each threshold (log e-value), checked after every canary event."""
     cum_req, cum_c = np.cumsum(n_c, axis=1), np.cumsum(e_c, axis=1)
     base_before = np.cumsum(e_b, axis=1) - e_b
     trial_i, block_i = np.nonzero(e_c > 0)
     log_e = log_evalue_above(log_likelihoods(cum_c[trial_i, block_i], base_before[trial_i, block_i], WEIGHT), scale=scale)
     result = {}
     for name, thr in thresholds.items():
-        crossed = np.full(n_c.shape[0], np.inf)
+        first = np.full(n_c.shape[0], np.iinfo(np.int64).max)
         hit = log_e >= thr
-        # first crossing per trial: events are ordered by (trial, block), so the first hit per trial is the minimum
-        np.minimum.at(crossed, trial_i[hit], cum_req[trial_i[hit], block_i[hit]].astype(float))
-        result[name] = crossed
+        np.minimum.at(first, trial_i[hit], block_i[hit])  # the first crossing block per trial
+        result[name] = requests_at(cum_req, np.where(first == np.iinfo(np.int64).max, -1, first), BLOCK)
     return result
 
 
@@ -98,8 +101,7 @@ def flagger_rule(n_c, e_c) -> np.ndarray:
     err = e_c[:, : w * per].reshape(trials, w, per).sum(axis=2)
     failed = (req > 0) & (err > (1.0 - FLAGGER_MIN_SUCCESS) * req)
     idx = first_index(np.cumsum(failed, axis=1) >= FLAGGER_FAILED_WINDOWS)
-    cum_req = np.cumsum(req, axis=1)
-    return requests_at(cum_req, idx)
+    return requests_at(np.cumsum(req, axis=1), idx, FLAGGER_WINDOW)
 
 
 def fixed_peek_rule(n_c, e_c, e_b) -> np.ndarray:
@@ -113,14 +115,17 @@ def fixed_peek_rule(n_c, e_c, e_b) -> np.ndarray:
     se = np.sqrt(pooled * (1.0 - pooled) * (1.0 / np.maximum(nc, 1) + 1.0 / nb))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where((se > 0) & (nc > 0), (ec / np.maximum(nc, 1) - eb / nb) / se, 0.0)
-    return requests_at(nc, first_index(z > Z_ONE_SIDED_95))
+    return requests_at(nc, first_index(z > Z_ONE_SIDED_95), PEEK_EVERY)
 
 
-def summary(req: np.ndarray) -> dict:
+def summary(req: np.ndarray, total: np.ndarray) -> dict:
     def pct(q):
         v = float(np.percentile(req, q, method="inverted_cdf"))
         return None if math.isinf(v) else v
-    return {"rollback_rate": float(np.isfinite(req).mean()), "median": pct(50), "p90": pct(90)}
+    out = {"rollback_rate": float(np.isfinite(req).mean()), "median": pct(50), "p90": pct(90)}
+    for minutes in SHORTER_HORIZONS_MIN:
+        out[f"rollback_rate_{minutes}min"] = float((total <= minutes * 60 * 20).mean())
+    return out
 
 
 def run_scenario(rng, metric, p_base, p_canary, trials, horizon, alpha, scale, chunk=250) -> dict:
@@ -134,7 +139,7 @@ def run_scenario(rng, metric, p_base, p_canary, trials, horizon, alpha, scale, c
         if metric == "errors":
             parts["flagger"].append(flagger_rule(n_c, e_c))
         parts["fixed_peek"].append(fixed_peek_rule(n_c, e_c, e_b))
-    return {name: summary(np.concatenate(p)) for name, p in parts.items() if p}
+    return {name: summary(np.concatenate([a for a, _ in p]), np.concatenate([b for _, b in p])) for name, p in parts.items() if p}
 
 
 def library_cross_check(rng, p_base, p_canary, horizon, alpha, scale, trials=3) -> bool:
@@ -142,7 +147,7 @@ def library_cross_check(rng, p_base, p_canary, horizon, alpha, scale, trials=3) 
     policy = RolloutPolicy(alpha=alpha, metrics=(MetricPolicy("errors"),), guards=(), min_requests_per_step=10**9,
                            max_active_s=None, mixing_scale=scale)
     n_c, e_c, e_b = simulate_blocks(rng, trials, horizon // BLOCK, p_base, p_canary)
-    expected = tuneloop_rule(n_c, e_c, e_b, {"t": math.log(1.0 / alpha)}, scale)["t"]
+    expected = tuneloop_rule(n_c, e_c, e_b, {"t": math.log(1.0 / alpha)}, scale)["t"][0]
     for t in range(trials):
         analysis, got, last, base_pending = CanaryAnalysis(policy), math.inf, 0, 0
         for b in np.nonzero(e_c[t] > 0)[0]:
@@ -194,6 +199,9 @@ def headline(r: dict, args, checked: bool, seconds: float) -> dict:
            "median_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "median"),
            "p90_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "p90"),
            "median_requests_feedback_5_to_10": get("feedback_5_to_10", "tuneloop", "median")}
+    for rule in ("tuneloop", "tuneloop_3_metrics", "flagger", "fixed_peek"):
+        for minutes in SHORTER_HORIZONS_MIN:
+            out[f"{rule}_false_rollback_rate_{minutes}min"] = get("healthy_errors", rule, f"rollback_rate_{minutes}min")
     for rule in ("tuneloop_3_metrics", "flagger", "fixed_peek"):
         out[f"{rule}_false_rollback_rate"] = get("healthy_errors", rule, "rollback_rate")
         for s in ("err_1_to_3", "err_1_to_2", "feedback_5_to_10"):
