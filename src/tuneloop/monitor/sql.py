@@ -166,20 +166,18 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
 
 
 def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> int:
-    """Insert ``rows``, skipping any whose primary or unique key exists.
-
-    Returns the rows inserted (exact for one row; for several, what the driver reports, possibly -1 -> 0).
-    """
+    """Insert ``rows``, skipping any whose primary or unique key exists; returns rows inserted."""
     if not rows:
         return 0
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table).on_conflict_do_nothing()
-    if len(rows) == 1:  # a single execute: its rowcount is exact on both drivers
-        return max(conn.execute(stmt, rows[0]).rowcount, 0)
-    return max(conn.execute(stmt, rows).rowcount, 0)
+    # RETURNING says which rows went in on both dialects (a driver's rowcount for INSERT may be -1).
+    key = list(table.primary_key.columns)[0]
+    stmt = insert(table).on_conflict_do_nothing().returning(key)
+    result = conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
+    return len(result.all())
 
 
 def ensure_schema(engine: Engine) -> int:
