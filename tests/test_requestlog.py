@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tuneloop.monitor.requestlog import (
     AsyncRecorder,
     RequestLog,
+    RequestLogError,
     RequestRecord,
     UnknownRequest,
     open_request_log,
@@ -71,6 +72,22 @@ def test_nullable_fields_round_trip(rlog: RequestLog):
                       prompt="[]", response="", status=503, error="upstream_unavailable")
     rlog.record(r)
     assert rlog.get("failed-early") == r
+
+
+def test_text_any_store_accepts(rlog: RequestLog):
+    # PostgreSQL refuses NUL in text and neither store can encode a lone surrogate: both become U+FFFD.
+    rlog.record(rec("u1", prompt="a\x00b \ud800 c", response="ok\x00"))
+    chat = json.dumps([{"role": "user", "content": f"\ud83d {EMAIL}"}])  # escaped surrogate + PII
+    rlog.record(rec("u2", prompt=chat))
+    assert rlog.get("u1").prompt == "a\ufffdb \ufffd c" and rlog.get("u1").response == "ok\ufffd"
+    assert json.loads(rlog.get("u2").prompt) == [{"role": "user", "content": "\ufffd [EMAIL]"}]
+
+
+def test_unreachable_server_is_a_clear_error():
+    from pg_server import free_port
+
+    with pytest.raises(RequestLogError, match=r"cannot open the request log at postgresql\+psycopg://u@127.0.0.1"):
+        open_request_log(f"postgresql://u@127.0.0.1:{free_port()}/db")
 
 
 def _stored_text(log: RequestLog) -> str:
@@ -312,6 +329,15 @@ class BrokenLog(RequestLog):
         raise sa.exc.OperationalError("INSERT", {}, Exception("database is down"))
 
 
+class PickyLog(RequestLog):
+    """A real log that refuses one record (as a store may refuse a value): the rest of its batch must land."""
+
+    def record_many(self, recs):
+        if any(r.request_id == "poison" for r in recs):
+            raise ValueError("value refused by the store")
+        super().record_many(recs)
+
+
 def test_async_recorder_writes_everything(rlog: RequestLog):
     recorder = AsyncRecorder(rlog, flush_interval_s=0.05)
     for i in range(1500):
@@ -352,5 +378,17 @@ def test_async_recorder_survives_a_failing_store(tmp_path, caplog):
     recorder.submit(rec("x1"))
     assert recorder.flush(timeout=10)
     assert recorder.failed == 1 and "could not write 1 records after 3 tries" in caplog.text
+    recorder.close()
+    log.close()
+
+
+def test_async_recorder_isolates_a_record_the_store_refuses(tmp_path, caplog):
+    log = PickyLog(tmp_path / "picky.db")
+    recorder = AsyncRecorder(log, flush_interval_s=0.2)
+    for rid in ("ok1", "poison", "ok2"):
+        recorder.submit(rec(rid))
+    assert recorder.flush(timeout=10)
+    assert {r.request_id for r in log.requests()} == {"ok1", "ok2"} and recorder.failed == 1
+    assert "could not write request poison" in caplog.text
     recorder.close()
     log.close()

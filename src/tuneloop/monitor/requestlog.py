@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tuneloop.data.pii import redact, redact_value
+from tuneloop.errors import TuneloopError
 from tuneloop.monitor.sql import (
     feedback_table,
     ensure_schema,
@@ -90,8 +92,29 @@ class UnknownRequest(KeyError):
                 "(it may have been purged by retention, or never served by this gateway)")
 
 
+class RequestLogError(TuneloopError):
+    """The request log's database cannot be opened (a bad URL, an unreachable server, no permission)."""
+
+    exit_code = 2
+
+
 _REQUEST_FIELDS = tuple(f.name for f in fields(RequestRecord))
 _FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` storable in both databases: NUL (PostgreSQL refuses it) and lone surrogates (not UTF-8)
+    become U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def redact_prompt(prompt: str) -> str:
@@ -103,23 +126,28 @@ def redact_prompt(prompt: str) -> str:
         except ValueError:
             return redact(prompt)
         cleaned = redact_value(value)
-        return prompt if cleaned == value else json.dumps(cleaned, ensure_ascii=False)
+        return prompt if cleaned == value else clean_text(json.dumps(cleaned, ensure_ascii=False))
     return redact(prompt)
 
 
 def _redact_optional(text: str | None) -> str | None:
-    return None if text is None else redact(text)
+    return None if text is None else redact(clean_text(text))
 
 
 def _request_row(rec: RequestRecord) -> dict[str, Any]:
     row = asdict(rec)
-    row["prompt"] = redact_prompt(rec.prompt or "")
-    row["response"] = redact(rec.response or "")
+    for name in ("request_id", "endpoint", "model", "ref", "arm", "user_hash", "artifact_sha256", "rollout_id"):
+        if row[name] is not None:
+            row[name] = clean_text(str(row[name]))
+    row["prompt"] = redact_prompt(clean_text(rec.prompt or ""))
+    row["response"] = redact(clean_text(rec.response or ""))
     row["error"] = _redact_optional(rec.error)
     return row
 
 
-def _check_feedback(rating: int | None, score: float | None) -> None:
+def _check_feedback(source: str, rating: int | None, score: float | None) -> None:
+    if not isinstance(source, str) or not 1 <= len(source) <= 128:
+        raise ValueError(f"feedback source must be a string of 1 to 128 characters, got {source!r}")
     if rating is None and score is None:
         raise ValueError("feedback needs a rating (+1 or -1) or a score (a number from 0 to 1); got neither")
     if rating is not None and (isinstance(rating, bool) or rating not in (1, -1)):
@@ -136,7 +164,15 @@ class RequestLog:
     def __init__(self, url: str | os.PathLike):
         self.url = os.fspath(url)
         self.engine = make_engine(url)
-        self.schema_version = ensure_schema(self.engine)
+        try:
+            self.schema_version = ensure_schema(self.engine)
+        except sa.exc.OperationalError as exc:
+            self.engine.dispose()
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise RequestLogError(
+                f"cannot open the request log at {where}: {str(exc.orig).strip()}; check that the database "
+                "server is running and reachable, and the request log store setting in the serve: section"
+            ) from exc
 
     # -- writes -------------------------------------------------------------------------------------------
 
@@ -160,7 +196,7 @@ class RequestLog:
         than +1/-1, a score outside [0, 1], or neither. A second call with the same ``source`` replaces the
         stored values (last write wins) and returns ``created=False``.
         """
-        _check_feedback(rating, score)
+        _check_feedback(source, rating, score)
         now = time.time()
         values = {"rating": None if rating is None else int(rating),
                   "score": None if score is None else float(score),
@@ -367,6 +403,15 @@ class AsyncRecorder:
         self._flush_now.set()
         self._thread.join(timeout=max(timeout, 1.0))
 
+    def _write_one_by_one(self, batch: list[RequestRecord]) -> None:
+        for rec in batch:
+            try:
+                self.log.record(rec)
+            except Exception as exc:  # noqa: BLE001 - the gateway must keep serving whatever the store does
+                self.failed += 1
+                log.error("request log: could not write request %s (%s: %s); it is lost",
+                          rec.request_id, type(exc).__name__, exc)
+
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -404,13 +449,16 @@ class AsyncRecorder:
             try:
                 self.log.record_many(batch)
                 break
-            except Exception as exc:  # noqa: BLE001 - the gateway must keep serving whatever the store does
+            except sa.exc.OperationalError as exc:  # the store is unavailable or busy: retry, then give up
                 if attempt == self.retries:
                     self.failed += len(batch)
-                    log.error("request log: could not write %d records after %d tries (%s: %s); they are lost",
-                              len(batch), attempt, type(exc).__name__, exc)
+                    log.error("request log: could not write %d records after %d tries (%s); they are lost",
+                              len(batch), attempt, exc.orig)
                 else:
                     time.sleep(0.1 * 2 ** attempt)
+            except Exception:  # noqa: BLE001 - a record the store refuses must not sink its whole batch
+                self._write_one_by_one(batch)
+                break
         with self._cond:
             self._pending -= len(batch)
             self._cond.notify_all()

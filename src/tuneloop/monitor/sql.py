@@ -28,6 +28,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from tuneloop.errors import TuneloopError
+
 SCHEMA_VERSION = 1
 #: ``n -> step`` upgrades a database from schema ``n`` to ``n + 1`` inside the schema transaction.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -84,8 +86,10 @@ meta_table = sa.Table(
 )
 
 
-class SchemaError(RuntimeError):
+class SchemaError(TuneloopError):
     """The database's schema is newer than this tuneloop understands."""
+
+    exit_code = 2
 
 
 def sqlite_path(url: str | os.PathLike) -> Path | None:
