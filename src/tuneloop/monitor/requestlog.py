@@ -25,12 +25,12 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 
-from tuneloop.data.pii import redact, redact_value
+from tuneloop.data.pii import redact, redact_value, scan
 from tuneloop.errors import TuneloopError
 from tuneloop.monitor.sql import (
     feedback_table,
@@ -121,6 +121,10 @@ def redact_prompt(prompt: str) -> str:
     """``prompt`` with PII redacted; a JSON list/object (a chat's messages) is redacted value by value."""
     stripped = prompt.lstrip()
     if stripped[:1] in ("[", "{"):
+        if "\\" not in prompt and not scan(prompt):
+            # No escapes: every JSON string is a verbatim slice between quotes (which the detectors treat
+            # like the ends of a text), so nothing found in the whole means nothing in any part.
+            return prompt
         try:
             value = json.loads(prompt)
         except ValueError:
@@ -135,7 +139,7 @@ def _redact_optional(text: str | None) -> str | None:
 
 
 def _request_row(rec: RequestRecord) -> dict[str, Any]:
-    row = asdict(rec)
+    row = {name: getattr(rec, name) for name in _REQUEST_FIELDS}  # not asdict(): it deep-copies (slow)
     for name in ("request_id", "endpoint", "model", "ref", "arm", "user_hash", "artifact_sha256", "rollout_id"):
         if row[name] is not None:
             row[name] = clean_text(str(row[name]))
