@@ -36,6 +36,7 @@ from tuneloop.monitor.sql import (
     feedback_table,
     ensure_schema,
     insert_ignore,
+    insert_one_ignore,
     make_engine,
     read_tx,
     requests_table,
@@ -214,7 +215,7 @@ class RequestLog:
                 raise UnknownRequest(request_id)
             new = {"feedback_id": uuid.uuid4().hex, "request_id": request_id, "source": source,
                    "created_at": now, **values}
-            created = insert_ignore(conn, ft, [new]) == 1
+            created = insert_one_ignore(conn, ft, new)
             if not created:
                 conn.execute(ft.update().where(ft.c.request_id == request_id, ft.c.source == source)
                              .values(**values))

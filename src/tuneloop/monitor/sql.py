@@ -2,8 +2,8 @@
 
 Entry points: :func:`make_engine` (a URL or a path -> an engine with the right connection settings),
 :func:`ensure_schema` (create or upgrade the tables, guarded against concurrent replicas),
-:func:`write_tx` (a write transaction that takes SQLite's write lock up front) and :func:`insert_ignore`
-(``INSERT ... ON CONFLICT DO NOTHING`` for either dialect).
+:func:`write_tx` (a write transaction that takes SQLite's write lock up front) and :func:`insert_ignore` /
+:func:`insert_one_ignore` (``INSERT ... ON CONFLICT DO NOTHING`` for either dialect).
 
 Schema version 1 (``meta.schema_version``):
 
@@ -169,19 +169,25 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> int:
-    """Insert ``rows``, skipping any whose primary or unique key exists; returns rows inserted."""
-    if not rows:
-        return 0
+def _insert(conn: Connection, table: sa.Table):
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    # RETURNING says which rows went in on both dialects (a driver's rowcount for INSERT may be -1).
+    return insert(table).on_conflict_do_nothing()
+
+
+def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> None:
+    """Insert ``rows`` (one statement), skipping any whose primary or unique key exists."""
+    if rows:
+        conn.execute(_insert(conn, table), rows)
+
+
+def insert_one_ignore(conn: Connection, table: sa.Table, row: dict) -> bool:
+    """Insert ``row`` unless its primary or unique key exists; ``True`` if it went in."""
+    # RETURNING says whether it went in on both dialects (a driver's rowcount for INSERT may be -1).
     key = list(table.primary_key.columns)[0]
-    stmt = insert(table).on_conflict_do_nothing().returning(key)
-    result = conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
-    return len(result.all())
+    return conn.execute(_insert(conn, table).returning(key), row).first() is not None
 
 
 def ensure_schema(engine: Engine) -> int:
