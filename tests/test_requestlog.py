@@ -81,6 +81,9 @@ def test_text_any_store_accepts(rlog: RequestLog):
     rlog.record(rec("u2", prompt=chat))
     assert rlog.get("u1").prompt == "a\ufffdb \ufffd c" and rlog.get("u1").response == "ok\ufffd"
     assert json.loads(rlog.get("u2").prompt) == [{"role": "user", "content": "\ufffd [EMAIL]"}]
+    with pytest.raises(UnknownRequest):  # a hostile id is unknown, not a database error
+        rlog.add_feedback("u1\x00\udc00", rating=1)
+    assert rlog.get("u1\x00") is None
 
 
 def test_unreachable_server_is_a_clear_error():

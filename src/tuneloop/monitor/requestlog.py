@@ -168,7 +168,13 @@ class RequestLog:
 
     def __init__(self, url: str | os.PathLike):
         self.url = os.fspath(url)
-        self.engine = make_engine(url)
+        try:
+            self.engine = make_engine(url)
+        except OSError as exc:
+            raise RequestLogError(
+                f"cannot create the request log at {self.url}: {exc}; check the directory and its permissions, "
+                "or set another request log store in the serve: section"
+            ) from exc
         try:
             self.schema_version = ensure_schema(self.engine)
         except sa.exc.OperationalError as exc:
@@ -202,6 +208,7 @@ class RequestLog:
         stored values (last write wins) and returns ``created=False``.
         """
         _check_feedback(source, rating, score)
+        request_id, source = clean_text(request_id), clean_text(source)  # ids with NUL are unknown, not a 500
         now = time.time()
         values = {"rating": None if rating is None else int(rating),
                   "score": None if score is None else float(score),
@@ -236,6 +243,7 @@ class RequestLog:
     # -- reads --------------------------------------------------------------------------------------------
 
     def get(self, request_id: str) -> RequestRecord | None:
+        request_id = clean_text(request_id)
         with read_tx(self.engine) as conn:
             row = conn.execute(sa.select(requests_table)
                                .where(requests_table.c.request_id == request_id)).first()
