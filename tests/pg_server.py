@@ -66,8 +66,9 @@ def _run(cmd: list[str], what: str, timeout: float = 120) -> None:
 
 def start_server(bin_dir: Path) -> PostgresServer:
     """initdb a cluster in a new temporary directory and start it on 127.0.0.1 at a free port."""
-    # Under /tmp itself (not pytest's 0700 tmp dir) so that the unprivileged server user can reach it.
-    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
+    # Under /tmp itself (not pytest's 0700 tmp dir, nor a private $TMPDIR) so that the unprivileged server
+    # user can reach it.
+    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
