@@ -20,6 +20,7 @@ database written by a newer tuneloop is refused with a message rather than misre
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,8 +191,24 @@ def insert_one_ignore(conn: Connection, table: sa.Table, row: dict) -> bool:
     return conn.execute(_insert(conn, table).returning(key), row).first() is not None
 
 
-def ensure_schema(engine: Engine) -> int:
-    """Create the tables if needed and upgrade an older schema; returns the schema version in use."""
+def ensure_schema(engine: Engine, attempts: int = 5) -> int:
+    """Create the tables if needed and upgrade an older schema; returns the schema version in use.
+
+    On SQLite, a brand-new file opened by several processes at once can report "database is locked" without
+    waiting (switching it to WAL needs an exclusive lock, and SQLite refuses a wait that could deadlock);
+    that is retried with a short backoff.
+    """
+    for attempt in range(1, attempts):
+        try:
+            return _ensure_schema_once(engine)
+        except sa.exc.OperationalError as exc:
+            if engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    return _ensure_schema_once(engine)
+
+
+def _ensure_schema_once(engine: Engine) -> int:
     with write_tx(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
