@@ -354,6 +354,23 @@ def test_async_recorder_writes_everything(rlog: RequestLog):
     assert recorder.dropped == 1 and rlog.get("after-close") is None
 
 
+def test_async_recorder_feedback_waits_for_a_queued_request(tmp_path):
+    gate = threading.Event()
+    log = SlowLog(tmp_path / "slow.db", gate)
+    recorder = AsyncRecorder(log, flush_interval_s=0.01)
+    recorder.submit(rec("queued"))
+    assert log.entered.wait(10)
+    with pytest.raises(UnknownRequest):
+        log.add_feedback("queued", rating=1)  # the log alone does not hold it yet
+    threading.Timer(0.2, gate.set).start()
+    fb, created = recorder.add_feedback("queued", rating=-1, comment="slow answer")
+    assert created and fb.rating == -1 and log.get("queued") is not None
+    with pytest.raises(UnknownRequest):  # nothing queued: unknown after an immediate flush
+        recorder.add_feedback("never-served", rating=1)
+    recorder.close()
+    log.close()
+
+
 def test_async_recorder_never_blocks_and_counts_drops(tmp_path, caplog):
     gate = threading.Event()
     log = SlowLog(tmp_path / "slow.db", gate)
@@ -395,3 +412,42 @@ def test_async_recorder_isolates_a_record_the_store_refuses(tmp_path, caplog):
     assert "could not write request poison" in caplog.text
     recorder.close()
     log.close()
+
+
+REPLICA = """
+import sys, time
+from tuneloop.monitor.requestlog import AsyncRecorder, RequestRecord, open_request_log
+url, name = sys.argv[1], sys.argv[2]
+log = open_request_log(url)
+recorder = AsyncRecorder(log, flush_interval_s=0.01)
+for i in range(300):
+    recorder.submit(RequestRecord(f"{name}-{i}", time.time(), "completions", "bot", "bot", 1, None, "baseline",
+                                  None, "p", "r", 200))
+    if i % 50 == 0:  # feedback right after the answer: the record may still be queued
+        recorder.add_feedback(f"{name}-{i}", source="api", rating=1)
+assert recorder.flush(60), "flush timed out"
+recorder.close()
+print(recorder.dropped, recorder.failed)
+"""
+
+
+def test_two_replica_processes_lose_nothing(log_url: str):
+    import os
+    import subprocess
+    import sys
+
+    open_request_log(log_url).close()  # as `tuneloop serve` would: the schema exists before replicas start
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", REPLICA, log_url, name], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o[0].split() for o in outs] == [["0", "0"], ["0", "0"]]
+    log = open_request_log(log_url)
+    try:
+        ids = {r.request_id for r in log.requests()}
+        assert ids == {f"{n}-{i}" for n in "ab" for i in range(300)}
+        expected = sorted(f"{n}-{i}" for n in "ab" for i in range(0, 300, 50))
+        assert sorted(f.request_id for f in log.feedback()) == expected
+    finally:
+        log.close()

@@ -395,6 +395,19 @@ class AsyncRecorder:
             log.warning("request log: dropped a record because %s (%d dropped so far); the database may be "
                         "slow or unreachable", why, self.dropped)
 
+    def add_feedback(self, request_id: str, *, flush_timeout: float = 5.0, **kwargs) -> tuple[FeedbackRecord, bool]:
+        """``RequestLog.add_feedback``, for feedback that may arrive before its request is written.
+
+        An id the log does not hold is retried once after a flush of what is queued (immediate when nothing
+        is); so a client that sends feedback right after its answer gets it stored, not a 404.
+        """
+        try:
+            return self.log.add_feedback(request_id, **kwargs)
+        except UnknownRequest:
+            pass
+        self.flush(flush_timeout)
+        return self.log.add_feedback(request_id, **kwargs)
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything submitted so far is written; ``False`` if ``timeout`` passed first."""
         self._flush_now.set()
