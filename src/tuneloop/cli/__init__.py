@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import typer
 
-from tuneloop.cli import data, eval, export, models, run, serve
+from tuneloop.cli import data, export, models, run, serve
+from tuneloop.cli.eval import eval_cmd
 from tuneloop.cli.common import err, out
 
 __all__ = ["app", "err", "main", "out"]
@@ -32,7 +33,7 @@ app = typer.Typer(
 )
 app.command("run")(run.run)
 app.command("demo")(run.demo)
-app.command("eval")(eval.eval_cmd)
+app.command("eval")(eval_cmd)
 app.command("status")(run.status)
 app.command("export-config")(export.export_config)
 app.command("serve")(serve.serve)
