@@ -1,36 +1,50 @@
-"""Small filesystem helpers: atomic writes and content digests.
+"""Small helpers every layer shares: atomic writes, content digests, UTC timestamps, number formatting.
 
 Everything tuneloop persists goes through these, so a killed process never leaves a half-written file
-where a reader would trust it.
+where a reader would trust it. This module is at the bottom of the import rule (docs/architecture.md):
+it imports nothing else from tuneloop.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 _CHUNK = 1 << 20
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename."""
+@contextmanager
+def atomic_writer(path: Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """A file opened on a temp file next to ``path``; fsynced and renamed into place only if the block succeeds.
+
+    ``atomic_writer(p, "w", encoding="utf-8", newline="\\n")`` streams text (e.g. JSONL line by line); on an
+    exception (Ctrl-C included) the temp file is removed and ``path`` keeps its old content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -104,3 +118,20 @@ def model_fingerprint(name: str) -> str:
         if f.is_file() and not f.name.startswith(".")
     ]
     return "dir:" + sha256_json(parts)
+
+
+def utcnow() -> str:
+    """The current time in UTC as ISO 8601 to the second, e.g. ``2026-11-30T04:21:33+00:00``.
+
+    The one timestamp format of run records, registry events and reports.
+    """
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def format_number(value: Any, missing: str = "") -> str:
+    """A value for a table cell: floats to 4 significant digits, ``None`` as ``missing``, the rest as ``str``."""
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 from tuneloop.errors import InputError
+from tuneloop.fsutil import utcnow
+
+__all__ = ["DIRNAME", "Workspace", "pid_alive", "utcnow"]  # utcnow lives in fsutil; kept importable here
 
 DIRNAME = ".tuneloop"
 
@@ -79,10 +82,6 @@ class Workspace:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def pid_alive(pid: int) -> bool:

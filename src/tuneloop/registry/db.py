@@ -25,11 +25,11 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import InputError, TuneloopError
+from tuneloop.fsutil import utcnow
 from tuneloop.registry.store import ArtifactStore
 
 ARTIFACT_KINDS = ("adapter", "model")
@@ -135,10 +135,6 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return model, version
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _default_actor() -> str:
     from tuneloop.registry.lineage import actor
 
@@ -150,7 +146,8 @@ def previous_alias(alias: str) -> str:
     return "previous" if alias == "champion" else f"{alias}-previous"
 
 
-def _to_json(value: Any, what: str) -> str:
+def to_json(value: Any, what: str) -> str:
+    """``value`` as canonical JSON for a registry field (lineage, metrics, gates, event details); InputError if it is not JSON."""
     try:
         return json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -168,7 +165,7 @@ def _add_event(
 ) -> None:
     conn.execute(
         "INSERT INTO events (model, version, kind, at, actor, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (model, version, kind, _now(), actor or _default_actor(), reason or "", _to_json(details, "event details")),
+        (model, version, kind, utcnow(), actor or _default_actor(), reason or "", to_json(details, "event details")),
     )
 
 
@@ -247,12 +244,12 @@ class SqliteRegistry:
         """
         from tuneloop.registry.lineage import check_artifact_dir
 
-        _check_model_name(model)
+        check_model_name(model)
         if artifact_kind not in ARTIFACT_KINDS:
             raise InputError(f"artifact_kind must be one of {', '.join(ARTIFACT_KINDS)}, got {artifact_kind!r}")
         if not isinstance(base_model, str) or not base_model:
             raise InputError(f"base_model must be a non-empty string (a hub id or a path), got {base_model!r}")
-        payload = (_to_json(lineage, "lineage"), _to_json(metrics, "metrics"), _to_json(gates, "gates"))
+        payload = (to_json(lineage, "lineage"), to_json(metrics, "metrics"), to_json(gates, "gates"))
         check_artifact_dir(Path(artifact_dir), artifact_kind)
         if cache_key is not None:
             with self._transaction(write=False) as conn:
@@ -269,7 +266,7 @@ class SqliteRegistry:
                         return found
                 if not self.store.exists(digest):
                     continue  # garbage-collected by a concurrent delete between put and commit: store again
-                now = _now()
+                now = utcnow()
                 conn.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (model, now))
                 version = conn.execute(
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?", (model,)
@@ -290,7 +287,7 @@ class SqliteRegistry:
         self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
     ) -> None:
         """Point ``alias`` at ``version`` (a number, ``latest`` or another alias); records ``alias_set``."""
-        _check_alias_name(alias)
+        check_alias_name(alias)
         with self._transaction(write=True) as conn:
             target = self._get_live(conn, model, version, f"point alias {alias!r} at")["version"]
             old = self._alias(conn, model, alias)
@@ -311,7 +308,7 @@ class SqliteRegistry:
         The previous alias is ``previous`` for ``champion`` and ``<alias>-previous`` otherwise. Promoting
         the version the alias already points at changes nothing and records nothing. Returns the version.
         """
-        _check_alias_name(alias)
+        check_alias_name(alias)
         prev_name = previous_alias(alias)
         if alias == "previous" or alias.endswith("-previous"):
             raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
@@ -336,7 +333,7 @@ class SqliteRegistry:
 
         So two rollbacks in a row return to where they started. Returns the version now behind ``alias``.
         """
-        _check_alias_name(alias)
+        check_alias_name(alias)
         prev_name = previous_alias(alias)
         with self._transaction(write=True) as conn:
             self._check_known_model(conn, model)
@@ -345,7 +342,7 @@ class SqliteRegistry:
             if previous is None:
                 raise InputError(
                     f"cannot roll back {model}@{alias}: there is no {prev_name!r} alias (nothing was promoted "
-                    f"over another version yet){_alias_hint(self._aliases(conn, model))}; "
+                    f"over another version yet){alias_hint(self._aliases(conn, model))}; "
                     f"use `tuneloop models promote {model}:VERSION --alias {alias}` to pick a version"
                 )
             self._get_live(conn, model, previous, "roll back to")
@@ -362,7 +359,7 @@ class SqliteRegistry:
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
     ) -> dict:
         """Set tag ``key`` to ``value`` on a version; records a ``tagged`` event. Returns the version."""
-        _check_tag(key, value)
+        check_tag(key, value)
         with self._transaction(write=True) as conn:
             number = self._get(conn, model, version)["version"]
             old = self._tags(conn, model, number).get(key)
@@ -370,7 +367,7 @@ class SqliteRegistry:
                 conn.execute(
                     "INSERT INTO tags (model, version, key, value, updated_at) VALUES (?, ?, ?, ?, ?)"
                     " ON CONFLICT (model, version, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                    (model, number, key, value, _now()),
+                    (model, number, key, value, utcnow()),
                 )
                 _add_event(conn, model, number, "tagged", actor, reason, {"key": key, "old": old, "new": value})
             return self._get(conn, model, number)
@@ -414,7 +411,7 @@ class SqliteRegistry:
                 conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, a))
             conn.execute(
                 "INSERT INTO deletions (model, version, at, actor, reason) VALUES (?, ?, ?, ?, ?)",
-                (model, number, _now(), actor or _default_actor(), reason or ""),
+                (model, number, utcnow(), actor or _default_actor(), reason or ""),
             )
             _add_event(
                 conn, model, number, "deleted", actor, reason,
@@ -524,8 +521,8 @@ class SqliteRegistry:
         if row is None:
             known = self._version_numbers(conn, model)
             raise InputError(
-                f"model {model!r} has no version {number}; known versions: {_ranges(known)}"
-                f"{_alias_hint(self._aliases(conn, model))}"
+                f"model {model!r} has no version {number}; known versions: {version_ranges(known)}"
+                f"{alias_hint(self._aliases(conn, model))}"
             )
         names = [a for a, v in self._aliases(conn, model).items() if v == number]
         d = conn.execute("SELECT * FROM deletions WHERE model = ? AND version = ?", (model, number)).fetchone()
@@ -536,7 +533,7 @@ class SqliteRegistry:
         if v["deleted"]:
             raise InputError(
                 f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}"
-                f"; live versions: {_ranges(self._version_numbers(conn, model))}"
+                f"; live versions: {version_ranges(self._version_numbers(conn, model))}"
             )
         return v
 
@@ -561,8 +558,8 @@ class SqliteRegistry:
         if number is None:
             known = self._version_numbers(conn, model)
             raise InputError(
-                f"model {model!r} has no alias {text!r}{_alias_hint(self._aliases(conn, model))}; "
-                f"use a version number ({_ranges(known)}) or 'latest'"
+                f"model {model!r} has no alias {text!r}{alias_hint(self._aliases(conn, model))}; "
+                f"use a version number ({version_ranges(known)}) or 'latest'"
             )
         return number
 
@@ -617,7 +614,7 @@ class SqliteRegistry:
         conn.execute(
             "INSERT INTO aliases (model, alias, version, updated_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-            (model, alias, version, _now()),
+            (model, alias, version, utcnow()),
         )
 
     def _row_to_dict(
@@ -646,7 +643,7 @@ def _deletion(row: sqlite3.Row) -> dict:
     return {"at": row["at"], "actor": row["actor"], "reason": row["reason"]}
 
 
-def _check_tag(key: str, value: str) -> None:
+def check_tag(key: str, value: str) -> None:
     if not isinstance(key, str) or not _TAG_KEY_RE.match(key):
         raise InputError(
             f"invalid tag key {key!r}: 1-250 characters, letters, digits, '_', '.', '-', '/' or spaces, "
@@ -658,7 +655,7 @@ def _check_tag(key: str, value: str) -> None:
         raise InputError(f"tag value for {key!r} must be a string of at most {MAX_TAG_VALUE} characters")
 
 
-def _check_model_name(model: str) -> None:
+def check_model_name(model: str) -> None:
     if not isinstance(model, str) or not _MODEL_RE.match(model):
         raise InputError(
             f"invalid model name {model!r}: use letters, digits, '.', '_', '-' and '/' "
@@ -666,7 +663,7 @@ def _check_model_name(model: str) -> None:
         )
 
 
-def _check_alias_name(alias: str) -> None:
+def check_alias_name(alias: str) -> None:
     if not isinstance(alias, str) or not _ALIAS_RE.match(alias) or alias == "latest":
         raise InputError(
             f"invalid alias {alias!r}: start with a letter, then letters, digits, '.', '_' or '-'; "
@@ -674,8 +671,8 @@ def _check_alias_name(alias: str) -> None:
         )
 
 
-def _ranges(numbers: list[int]) -> str:
-    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+def version_ranges(numbers: list[int]) -> str:
+    """Version numbers for a message: ``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
     if not numbers:
         return "none"
     parts, start, prev = [], numbers[0], numbers[0]
@@ -689,7 +686,8 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _alias_hint(aliases: dict[str, int]) -> str:
+def alias_hint(aliases: dict[str, int]) -> str:
+    """The aliases a model has, for an error message about an unknown version or alias."""
     if not aliases:
         return " (no aliases set)"
     return "; aliases: " + ", ".join(f"{a} -> {v}" for a, v in aliases.items())

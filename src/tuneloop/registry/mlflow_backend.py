@@ -29,31 +29,29 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
-from tuneloop.fsutil import read_json
+from tuneloop.fsutil import read_json, sha256_file, utcnow
 from tuneloop.registry.db import (
     ARTIFACT_KINDS,
-    _check_model_name,
-    _check_tag,
-    _ranges,
+    alias_hint,
+    check_alias_name,
+    check_model_name,
+    check_tag,
     parse_ref,
     previous_alias,
+    to_json,
+    version_ranges,
 )
-from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore, _hash_file
+from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
 log = logging.getLogger("tuneloop")
 EXPERIMENT = "tuneloop-registry"
 P = "tuneloop."
 _RECORD_KEYS = ("kind", "base_model", "artifact_digest", "cache_key", "created_at", "lineage", "metrics", "gates")
 _ALIAS_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class MlflowRegistry:
@@ -128,7 +126,6 @@ class MlflowRegistry:
         reason: str = "",
     ) -> dict:
         """Log ``artifact_dir`` as an MLflow run and create the next model version of ``model`` from it."""
-        from tuneloop.registry.db import _to_json
         from tuneloop.registry.lineage import check_artifact_dir
 
         _check_mlflow_name(model)
@@ -137,9 +134,9 @@ class MlflowRegistry:
         if not isinstance(base_model, str) or not base_model:
             raise InputError(f"base_model must be a non-empty string (a hub id or a path), got {base_model!r}")
         record = {
-            "lineage": _to_json(lineage, "lineage"),
-            "metrics": _to_json(metrics, "metrics"),
-            "gates": _to_json(gates, "gates"),
+            "lineage": to_json(lineage, "lineage"),
+            "metrics": to_json(metrics, "metrics"),
+            "gates": to_json(gates, "gates"),
         }
         check_artifact_dir(Path(artifact_dir), artifact_kind)
         if cache_key is not None:
@@ -149,7 +146,7 @@ class MlflowRegistry:
         # The local store computes the manifest (per-file sha256) and keeps a verified copy to upload.
         digest = self.store.put_dir(Path(artifact_dir))
         stored = self.store.open_verified(digest)
-        now = _now()
+        now = utcnow()
         with self._mlflow(f"register a version of {model!r}"):
             self._ensure_model(model)
             run = self.client.create_run(
@@ -216,7 +213,7 @@ class MlflowRegistry:
         if previous is None:
             raise InputError(
                 f"cannot roll back {model}@{alias}: there is no {prev_name!r} alias (nothing was promoted over "
-                f"another version yet){_alias_hint(aliases)}; use `tuneloop models promote {model}:VERSION "
+                f"another version yet){alias_hint(aliases)}; use `tuneloop models promote {model}:VERSION "
                 f"--alias {alias}` to pick a version"
             )
         self._get_live(model, previous, "roll back to")
@@ -231,7 +228,7 @@ class MlflowRegistry:
         return self.get(model, previous)
 
     def set_tag(self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = "") -> dict:
-        _check_tag(key, value)
+        check_tag(key, value)
         v = self.get(model, version)
         old = v["tags"].get(key)
         if old != value:
@@ -263,7 +260,7 @@ class MlflowRegistry:
                 f"{v['ref']} is what alias(es) {', '.join(pointing)} point at; promote or roll back to another "
                 "version first, or delete with --force to remove the alias(es) too"
             )
-        deletion = {"at": _now(), "actor": actor or default_actor(), "reason": reason or ""}
+        deletion = {"at": utcnow(), "actor": actor or default_actor(), "reason": reason or ""}
         with self._mlflow(f"delete {v['ref']}"):
             for a in pointing:
                 self.client.delete_registered_model_alias(model, a)
@@ -301,7 +298,7 @@ class MlflowRegistry:
         if number not in versions:
             live = [n for n, v in sorted(versions.items()) if not v["deleted"]]
             raise InputError(
-                f"model {model!r} has no version {number}; known versions: {_ranges(live)}{_alias_hint(self._aliases(model))}"
+                f"model {model!r} has no version {number}; known versions: {version_ranges(live)}{alias_hint(self._aliases(model))}"
             )
         return versions[number]
 
@@ -467,7 +464,7 @@ class MlflowRegistry:
         if text not in aliases:
             live = sorted(n for n, v in versions.items() if not v["deleted"])
             raise InputError(
-                f"model {model!r} has no alias {text!r}{_alias_hint(aliases)}; use a version number ({_ranges(live)}) or 'latest'"
+                f"model {model!r} has no alias {text!r}{alias_hint(aliases)}; use a version number ({version_ranges(live)}) or 'latest'"
             )
         return aliases[text]
 
@@ -477,7 +474,7 @@ class MlflowRegistry:
             live = [x["version"] for x in self.list_versions(model)]
             raise InputError(
                 f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; "
-                f"live versions: {_ranges(live)}"
+                f"live versions: {version_ranges(live)}"
             )
         return v
 
@@ -500,7 +497,7 @@ class MlflowRegistry:
         from tuneloop.registry.lineage import actor as default_actor
 
         seq = f"{time.time_ns():020d}.{secrets.token_hex(4)}"
-        event = {"version": version, "kind": kind, "at": _now(), "seq": seq, "actor": actor or default_actor(),
+        event = {"version": version, "kind": kind, "at": utcnow(), "seq": seq, "actor": actor or default_actor(),
                  "reason": reason or "", "details": details}
         with self._mlflow(f"record a {kind} event for {model!r}"):
             self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
@@ -533,27 +530,19 @@ def _problems_against_manifest(d: Path) -> list[str]:
     problems = [f"missing file {r!r}" for r in sorted(expected.keys() - present)]
     problems += [f"extra file {r!r} (not in the manifest)" for r in sorted(present - expected.keys())]
     for rel in sorted(expected.keys() & present):
-        got = _hash_file(d / rel, rel)
-        if got["sha256"] != expected[rel].get("sha256"):
-            problems.append(f"file {rel!r} differs: sha256 {got['sha256'][:12]}..., manifest says {str(expected[rel].get('sha256'))[:12]}...")
+        got = sha256_file(d / rel)
+        if got != expected[rel].get("sha256"):
+            problems.append(f"file {rel!r} differs: sha256 {got[:12]}..., manifest says {str(expected[rel].get('sha256'))[:12]}...")
     return problems
 
 
-def _alias_hint(aliases: dict[str, int]) -> str:
-    if not aliases:
-        return " (no aliases set)"
-    return "; aliases: " + ", ".join(f"{a} -> {v}" for a, v in aliases.items())
-
-
 def _check_mlflow_name(model: str) -> None:
-    _check_model_name(model)
+    check_model_name(model)
     if "/" in model:
         raise InputError(f"invalid model name {model!r} for an MLflow registry: MLflow names cannot contain '/'")
 
 
 def _check_mlflow_alias(alias: str) -> None:
-    from tuneloop.registry.db import _check_alias_name
-
-    _check_alias_name(alias)
+    check_alias_name(alias)
     if not set(alias) <= _ALIAS_CHARS:
         raise InputError(f"invalid alias {alias!r} for an MLflow registry: use letters, digits, '_' and '-' only")

@@ -19,7 +19,14 @@ import torch
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
 from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
-from tuneloop.train.sft import _callback, _read_rows, precision_args, run_resumable, save_final_model, world_size
+from tuneloop.train.sft import (
+    precision_args,
+    read_metric_rows,
+    run_resumable,
+    save_final_model,
+    step_logger,
+    world_size,
+)
 
 log = logging.getLogger("tuneloop")
 
@@ -103,7 +110,7 @@ def train_dpo(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
+        callbacks=[step_logger(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -113,7 +120,7 @@ def train_dpo(
         return {}  # rank 0 writes the model and reports
     save_final_model(trainer, tokenizer, cfg, work_dir)
 
-    rows = _read_rows(metrics_path)
+    rows = read_metric_rows(metrics_path)
     last = rows[-1] if rows else {}
     result = {
         "objective": "dpo",

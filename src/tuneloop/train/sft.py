@@ -163,7 +163,8 @@ def make_collator(cfg: PipelineConfig, pad_id: int, model_config=None):
     return _Collator(pad_id)
 
 
-def _callback(metrics_path: Path, progress: Callable[[int, int, dict], None] | None, tokens_per_step: float):
+def step_logger(metrics_path: Path, progress: Callable[[int, int, dict], None] | None, tokens_per_step: float):
+    """A ``TrainerCallback`` that appends one JSON row per logged step to ``metrics_path`` (SFT and DPO)."""
     from transformers import TrainerCallback
 
     class StepLogger(TrainerCallback):
@@ -279,7 +280,7 @@ def train_sft(
         args=args,
         train_dataset=dataset,
         data_collator=make_collator(cfg, tokenizer.pad_token_id, base_config),
-        callbacks=[_callback(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
+        callbacks=[step_logger(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we log per step ourselves
     out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
@@ -287,7 +288,7 @@ def train_sft(
         return {}  # rank 0 writes the model and reports
     save_final_model(trainer, tokenizer, cfg, work_dir)
 
-    losses = [r["loss"] for r in _read_rows(metrics_path)]
+    losses = [r["loss"] for r in read_metric_rows(metrics_path)]
     steps_run = max_steps - resumed_from
     return {
         "method": t.method,
@@ -369,11 +370,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines up to ``step`` (steps after the checkpoint will be re-run)."""
     if not path.exists():
         return
-    keep = [r for r in _read_rows(path) if r["step"] <= step]
+    keep = [r for r in read_metric_rows(path) if r["step"] <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_metric_rows(path: Path) -> list[dict[str, Any]]:
     """Metric rows; a line cut short by a kill is skipped."""
     rows = []
     for line in path.read_text().splitlines():
