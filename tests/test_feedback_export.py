@@ -253,3 +253,15 @@ def test_a_short_prompt_copied_from_the_eval_set_is_kept_out(tmp_path):
     assert kept == {"short-other", "one-word"}
     assert result.manifest["counts"]["sft"]["dropped"] == {"contaminated": 1}
     assert result.manifest["counts"]["dpo"]["dropped"] == {"contaminated": 1}
+
+
+def test_parse_since():
+    from tuneloop.feedback import parse_since
+
+    assert parse_since(None) is None
+    assert parse_since("24h", now=100_000.0) == 100_000.0 - 86_400
+    assert parse_since("90m", now=10_000.0) == 10_000.0 - 5_400
+    assert parse_since("1700000000") == 1_700_000_000.0
+    assert parse_since("2026-11-30T00:00:00Z") == parse_since("2026-11-30") == 1_795_996_800.0
+    with pytest.raises(InputError, match="not a time"):
+        parse_since("yesterday")

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+from datetime import datetime, timezone
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,7 @@ from tuneloop.data.formats import normalise
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, sha256_file
 
-__all__ = ["ExportResult", "RequestLogReader", "eval_texts_from_file", "export_feedback"]
+__all__ = ["ExportResult", "RequestLogReader", "eval_texts_from_file", "export_feedback", "parse_since"]
 
 MANIFEST_FORMAT = "tuneloop.feedback-export/1"
 _ID_BATCH = 500  # request ids per feedback query
@@ -479,3 +481,31 @@ def _loose_text(item: dict[str, Any]) -> str:
     parts = [m.get("content") for m in item.get("messages") or [] if isinstance(m, dict) and m.get("role") != "system"]
     parts += [item.get(k) for k in ("prompt", "question", "instruction", "input", "reference", "answer", "output")]
     return "\n".join(p for p in parts if isinstance(p, str) and p.strip())
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str | None, *, now: float | None = None) -> float | None:
+    """``--since`` as unix seconds: a duration back from now (``90m``, ``24h``, ``7d``, ``2w``), an ISO 8601
+    time (``2026-11-30`` or ``2026-11-30T12:00:00Z``; UTC when it has no offset) or unix seconds."""
+    if text is None or not str(text).strip():
+        return None
+    value = str(text).strip()
+    now = time.time() if now is None else now
+    match = _RELATIVE.match(value.lower())
+    if match:
+        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(
+            f"--since {value!r} is not a time: use a duration back from now (90m, 24h, 7d), an ISO time "
+            "(2026-11-30T12:00:00Z) or unix seconds"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
