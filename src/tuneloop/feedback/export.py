@@ -191,6 +191,9 @@ def _answers(requests: list[Any], feedback: dict[str, list[Any]], good_score: fl
         if verdict in ("conflict", "unrated"):
             skipped[verdict] += 1
             continue
+        if verdict != "corrected" and not response.strip():
+            skipped["no_answer"] += 1  # rated, but the request failed or the answer was empty
+            continue
         messages = redactor.messages(_prompt_messages(req.prompt))
         key = json.dumps([[m.get("role"), _collapse(str(m.get("content") or ""))] for m in messages])
         ids = [f.feedback_id for f in sorted(fbs, key=lambda f: f.created_at)]

