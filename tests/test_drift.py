@@ -151,3 +151,16 @@ def test_embedding_features_detect_the_new_intent(known):
     result = detect_drift(production, known[:120], features="embedding", permutations=40)
     assert result.features == "embedding"
     assert result.drifted, result.summary()
+
+
+def test_the_kernel_and_gram_forms_of_the_classifier_agree():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 20)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = (rng.random(60) < 0.4).astype(float)
+    y = np.stack([labels, rng.permutation(labels)], axis=1)
+    fold = drift._folds(labels, 5, rng)
+    dual, primal = drift._ridge_dual(x, y, fold, 1.0), drift._ridge_primal(x, y, fold, 1.0)
+    assert np.allclose(dual, primal, atol=1e-4)

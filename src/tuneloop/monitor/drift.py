@@ -186,15 +186,19 @@ def _folds(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _ridge_dual(x: np.ndarray, y: np.ndarray, fold: np.ndarray, lam: float) -> np.ndarray:
-    """Out-of-fold ridge scores through the n x n kernel ``x x^T`` (cheaper when n <= dim)."""
+    """Out-of-fold ridge scores through the n x n kernel ``x x^T`` (cheaper when n <= dim), centred on each
+    fold's training rows: the same scores as ``_ridge_primal``."""
     kernel = (x @ x.T).astype(np.float64)
     scores = np.empty(y.shape, np.float64)
     for f in np.unique(fold):
         te, tr = fold == f, fold != f
+        k_tr, k_te = kernel[np.ix_(tr, tr)], kernel[np.ix_(te, tr)]
+        row, total = k_tr.mean(1), k_tr.mean()
+        k_tr = k_tr - row[:, None] - row[None, :] + total
+        k_te = k_te - k_te.mean(1)[:, None] - row[None, :] + total
         mean = y[tr].mean(0)
-        k_tr = kernel[np.ix_(tr, tr)]
         alpha = np.linalg.solve(k_tr + lam * np.eye(len(k_tr)), y[tr] - mean)
-        scores[te] = kernel[np.ix_(te, tr)] @ alpha + mean
+        scores[te] = k_te @ alpha + mean
     return scores
 
 
