@@ -204,16 +204,20 @@ def test_held_out_corrections_go_to_the_regression_suite_not_training(scenario, 
     suite = tmp_path / "suites" / "eval_regression.jsonl"
     suite.parent.mkdir()
     suite.write_text(json.dumps({"id": "existing", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "other"}]}) + "\n")
-    result = export_feedback(log, tmp_path / "out", regression_share=1.0, regression_path=suite)
+    eval_texts = eval_texts_from_file(scenario[1])
+    result = export_feedback(log, tmp_path / "out", regression_share=1.0, regression_path=suite, eval_texts=eval_texts)
     items = _lines(suite)
-    assert [i["id"] for i in items] == ["existing", "feedback-fixed", "feedback-copies-eval", "feedback-failed"]
+    # The copy of an eval item is held out of training but not added: the eval set has it already.
+    assert [i["id"] for i in items] == ["existing", "feedback-fixed", "feedback-failed"]
     assert items[1]["messages"][-1]["content"] == _lines_label(log, "fixed")
-    assert result.regression_added == 3 and result.manifest["files"]["eval_regression.jsonl"]["appended"] == 3
+    assert result.regression_added == 2 and result.manifest["files"]["eval_regression.jsonl"]["appended"] == 2
     trained = {rid for r in _lines(result.sft_path) + _lines(result.dpo_path) for rid in r["meta"]["request_ids"]}
     assert not trained & {"fixed", "copies-eval", "failed"}
     # Idempotent: a second export appends nothing new.
     again = export_feedback(log, tmp_path / "out2", regression_share=1.0, regression_path=suite)
-    assert again.regression_added == 0 and len(_lines(suite)) == 4
+    assert again.regression_added == 1 and len(_lines(suite)) == 4  # without eval texts the copy is added
+    third = export_feedback(log, tmp_path / "out3", regression_share=1.0, regression_path=suite)
+    assert third.regression_added == 0 and len(_lines(suite)) == 4
 
 
 def test_redaction_can_be_turned_off_and_model_filter_applies(scenario, tmp_path):
@@ -225,6 +229,15 @@ def test_redaction_can_be_turned_off_and_model_filter_applies(scenario, tmp_path
     assert "other-model" not in raw.sft_path.read_text()
     with pytest.raises(InputError, match="regression_share"):
         export_feedback(log, tmp_path / "bad", regression_share=2)
+
+
+def test_chat_content_parts_are_read_as_text(tmp_path):
+    log = FakeRequestLog()
+    log.add("parts", "unused", "shipping", t=1)
+    log.reqs[-1].prompt = json.dumps([{"role": "user", "content": [{"type": "text", "text": "Where is my parcel?"}]}])
+    log.rate("parts", rating=1)
+    result = export_feedback(log, tmp_path / "out")
+    assert _lines(result.sft_path)[0]["messages"][0] == {"role": "user", "content": "Where is my parcel?"}
 
 
 def test_empty_log_writes_empty_files_and_a_manifest(tmp_path):

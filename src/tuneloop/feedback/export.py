@@ -139,8 +139,13 @@ def _prompt_messages(prompt: str) -> list[dict[str, Any]]:
         except ValueError:
             value = None
         if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-            return value
+            return [{**m, "content": _content_text(m["content"])} if isinstance(m.get("content"), list) else m for m in value]
     return [{"role": "user", "content": prompt}]
+
+
+def _content_text(parts: list[Any]) -> str:
+    """OpenAI content parts (``[{"type": "text", "text": ...}, ...]``) -> their text, joined by newlines."""
+    return "\n".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
 def _verdict(feedback: list[Any], good_score: float, response: str) -> tuple[str, str | None]:
@@ -348,8 +353,9 @@ def _held_out(answers: list[_Answer], share: float) -> set[str]:
     return {k for k in keys if int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share}
 
 
-def _append_regression(path: Path, answers: list[_Answer], held: set[str]) -> int:
-    """Append one task item per held-out prompt (its newest correction) unless the suite already has it."""
+def _append_regression(path: Path, answers: list[_Answer], held: set[str], evals: _EvalIndex | None) -> int:
+    """Append one task item per held-out prompt (its newest correction) unless the suite already has it or
+    it overlaps the evaluation set already."""
     existing: set[str] = set()
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     for line in old.splitlines():
@@ -360,14 +366,18 @@ def _append_regression(path: Path, answers: list[_Answer], held: set[str]) -> in
     for a in answers:
         if a.key in held and a.verdict == "corrected" and (a.key not in newest or a.request.created_at > newest[a.key].request.created_at):
             newest[a.key] = a
-    lines = []
+    items = []
     for key in sorted(newest, key=lambda k: newest[k].request.created_at):
-        if key in existing:
-            continue
         a = newest[key]
-        item = {"id": f"feedback-{a.request.request_id}", "messages": a.messages + _assistant(a.correction),
-                "meta": _provenance(_Candidate("sft", "correction", {}, [a]))}
-        lines.append(json.dumps(item, ensure_ascii=False) + "\n")
+        record, _ = normalise({"messages": a.messages + _assistant(a.correction)}, "messages")
+        if key not in existing and record is not None:
+            items.append({"id": f"feedback-{a.request.request_id}", **record,
+                          "meta": _provenance(_Candidate("sft", "correction", {}, [a]))})
+    if evals is not None and items:
+        texts = [_texts(item) for item in items]
+        overlap = evals.contaminated([t[0] for t in texts], [t[1] for t in texts])
+        items = [item for i, item in enumerate(items) if i not in overlap]
+    lines = [json.dumps(item, ensure_ascii=False) + "\n" for item in items]
     if lines:
         atomic_write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + "".join(lines))
     return len(lines)
@@ -417,7 +427,7 @@ def export_feedback(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"sft.jsonl": _write_jsonl(out_dir / "sft.jsonl", sft), "dpo.jsonl": _write_jsonl(out_dir / "dpo.jsonl", dpo)}
     reg_path = Path(regression_path) if regression_path else out_dir / "eval_regression.jsonl"
-    added = _append_regression(reg_path, answers, held) if held else 0
+    added = _append_regression(reg_path, answers, held, evals) if held else 0
     if added:
         files[reg_path.name] = {"sha256": sha256_file(reg_path), "records": sum(1 for line in reg_path.open(encoding="utf-8") if line.strip()),
                                 "bytes": reg_path.stat().st_size, "path": str(reg_path), "appended": added}
