@@ -557,7 +557,37 @@ def models_export(
     if json_out:
         _print_json(res)
         return
-    out.print(f"exported {res['ref']} as a {'merged ' if merged else ''}{res['kind']} to {res['path']}")
+    what = "a merged model" if merged else ("an adapter" if res["kind"] == "adapter" else "a model")
+    out.print(f"exported {res['ref']} as {what} to {res['path']}")
+
+
+@models_app.command("gc")
+def models_gc(config: Optional[Path] = _CONFIG_OPT, workspace: Optional[Path] = _WS_OPT,
+              registry: Optional[str] = _REG_OPT, json_out: bool = _JSON_OPT) -> None:
+    """Remove temporary copies left by killed processes and artifacts no live version uses; report what was freed."""
+    from tuneloop.registry.ops import gc
+
+    with _guard():
+        rep = gc(_registry(config, workspace, registry))
+    if json_out:
+        _print_json(rep.to_dict())
+    else:
+        out.print(rep.summary(), highlight=False)
+
+
+@models_app.command("recover")
+def models_recover(config: Optional[Path] = _CONFIG_OPT, workspace: Optional[Path] = _WS_OPT,
+                   json_out: bool = _JSON_OPT) -> None:
+    """Rebuild a lost (missing or empty) registry database from the version records in the artifact store."""
+    from tuneloop.registry.ops import recover
+    from tuneloop.workspace import Workspace
+
+    with _guard():
+        rep = recover(Workspace(workspace).root if workspace is not None else _workspace(config)[0].root)
+    if json_out:
+        _print_json(rep.to_dict())
+    else:
+        out.print(rep.summary(), highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ data
