@@ -283,7 +283,10 @@ class MlflowRegistry:
         try:
             with self._mlflow(f"delete the artifacts of {v['ref']}"):
                 run = self.client.get_run(v["run_id"])
-                get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri).delete_artifacts("artifact")
+                repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
+                repo.delete_artifacts("artifact")
+                if any(f.path == "MLmodel" for f in repo.list_artifacts()):
+                    repo.delete_artifacts("MLmodel")
         except TuneloopError as e:
             # The deletion itself is recorded; an artifact store that refuses deletes only costs space.
             log.warning("%s was deleted, but its artifacts stay in the MLflow artifact store: %s", v["ref"], e)
@@ -636,7 +639,7 @@ def mlflow_params(config: dict) -> tuple[dict[str, str], list[str]]:
         if isinstance(obj, dict) and obj:
             for k, v in obj.items():
                 walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
+        elif prefix:
             flat[prefix] = obj
 
     walk(config, "")

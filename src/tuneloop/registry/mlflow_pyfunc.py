@@ -79,10 +79,17 @@ def write_mlmodel(dest: Path, *, run_id: str, meta: dict[str, Any]) -> None:
     """Write the ``MLmodel`` file that makes ``dest`` (a run's artifact root) loadable by ``mlflow.pyfunc``."""
     import platform
 
-    from mlflow.models import Model
+    from mlflow.models import Model, ModelSignature
     from mlflow.pyfunc import add_to_model
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    m = Model(run_id=run_id, metadata={"tuneloop": {k: v for k, v in meta.items() if isinstance(v, (str, int))}})
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
+    )
+    m = Model(run_id=run_id, signature=signature,
+              metadata={"tuneloop": {k: v for k, v in meta.items() if isinstance(v, (str, int))}})
     add_to_model(m, loader_module=LOADER_MODULE, data=DATA_DIR, model_config=meta,
                  python_version=platform.python_version())
     m.save(str(Path(dest) / "MLmodel"))
