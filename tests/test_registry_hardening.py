@@ -276,6 +276,33 @@ def test_a_lost_database_is_an_error_naming_recover_and_recover_rebuilds_it(tmp_
         recover(ws)
 
 
+def test_records_are_backfilled_for_a_registry_made_before_them(tmp_path):
+    import shutil
+
+    ws, reg = _populated(tmp_path)
+    shutil.rmtree(ws / "artifacts" / ".versions")  # what an older tuneloop left: no records, no journal
+    assert SqliteRegistry(ws).store.has_records()  # opening writes them once
+    aliases = reg.aliases("bot")
+    (ws / "registry.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (ws / f"registry.db{suffix}").unlink(missing_ok=True)
+    rep = recover(ws)
+    assert rep.versions == 5 and rep.aliases["bot"] == aliases and rep.deleted == ["bot:1"]
+    assert SqliteRegistry(ws).get("bot", 2)["tags"] == {"reviewed": "yes"}
+
+
+def test_a_garbage_database_is_moved_aside_by_recover(tmp_path):
+    ws, reg = _populated(tmp_path)
+    for suffix in ("-wal", "-shm"):
+        (ws / f"registry.db{suffix}").unlink(missing_ok=True)
+    (ws / "registry.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(Exception, match="tuneloop models recover"):
+        SqliteRegistry(ws)
+    rep = recover(ws)
+    assert rep.versions == 5 and rep.moved_aside and Path(rep.moved_aside).read_bytes().startswith(b"this is not")
+    assert "moved to" in rep.summary()
+
+
 def test_a_fresh_registry_and_an_empty_store_are_fine(tmp_path):
     ws = tmp_path / "ws"
     assert SqliteRegistry(ws).models() == []

@@ -11,6 +11,17 @@ listings and from ``latest``, keeps its lineage for ``show``, and its artifact i
 live version references it. Tags are mutable key/value pairs per version; every change is an event.
 Refs look like ``support-bot:3``, ``support-bot@champion`` or ``support-bot`` (the latest live version).
 
+Durability: every registration also writes the version's record (row, lineage, metrics, gates, the model's
+aliases then) beside the artifacts (``artifacts/.versions/<model>/<n>.json``), and every event is appended,
+with the model's aliases after it, to ``artifacts/.versions/events.jsonl``, both before the transaction
+commits. A missing, empty or version-less database next to such records is refused (:class:`RegistryLostError`,
+exit 2) instead of reading as an empty registry; :func:`recover_database` (``tuneloop models recover``)
+rebuilds versions, lineage, tags, deletions, events and the last known aliases from them.
+
+Trust: an alias only ever moves to a version whose artifact verifies (every file's sha256 against its
+manifest) at that moment. Registering the same artifact with the same content lineage as a live version
+(``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
+
 Aliases: ``promote`` moves an alias (default ``champion``) and records the version it pointed at under its
 *previous* alias (``previous`` for ``champion``, ``<alias>-previous`` otherwise); ``rollback`` swaps the two,
 so rolling back twice returns to where it started.
@@ -221,6 +232,8 @@ class SqliteRegistry:
             ) from e
         if check_lost and versions == 0:
             self._check_not_lost(before_open=False)
+        elif versions and not self.store.has_records():
+            self._backfill_records()
         self.removed_temps = self.store.remove_dead_temps()
 
     def _check_not_lost(self, *, before_open: bool) -> None:
@@ -247,8 +260,28 @@ class SqliteRegistry:
         raise RegistryLostError(
             f"the registry database {self.db_path} is {state}, but the artifact store {self.store.root} holds "
             f"{what}: the registry's state (versions, champion, lineage) was lost, and it is not shown as an "
-            f"empty registry. {fix}. Nothing was changed."
+            f"empty registry. {fix}. To start over with an empty registry instead, delete {self.store.root}. "
+            "Nothing was changed."
         )
+
+    def _backfill_records(self) -> None:
+        """Write the records and journal a registry made before tuneloop kept them (once, under the write lock)."""
+        with self._transaction(write=True) as conn:
+            if self.store.has_records():
+                return  # another process did it first
+            rows = conn.execute("SELECT model, version FROM versions ORDER BY model, version").fetchall()
+            for r in rows:
+                v = self._get(conn, r["model"], r["version"])
+                first = conn.execute(
+                    "SELECT * FROM events WHERE model = ? AND version = ? AND kind = 'registered' ORDER BY id LIMIT 1",
+                    (r["model"], r["version"]),
+                ).fetchone()
+                registered = dict(first) if first else {"at": v["created_at"], "actor": "unknown", "reason": ""}
+                self.store.write_record(r["model"], r["version"], version_record(v, registered, self._aliases(conn, r["model"])))
+            for e in conn.execute("SELECT * FROM events ORDER BY id").fetchall():
+                event = {k: e[k] for k in ("model", "version", "kind", "at", "actor", "reason")}
+                self.store.append_event({**event, "details": json.loads(e["details"]), "backfilled": True,
+                                         "aliases": self._aliases(conn, e["model"])})
 
     # -- connections ----------------------------------------------------------------------------
 

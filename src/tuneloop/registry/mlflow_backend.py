@@ -6,9 +6,13 @@ Same interface and semantics as the SQLite :class:`tuneloop.registry.db.SqliteRe
   *model version*, numbered by the server. Its record (kind, base, artifact sha256, cache key, lineage,
   metrics, gates, deletion) lives in model-version tags under ``tuneloop.``; user tags are the other tags.
 * aliases are MLflow aliases (``champion``, ``previous``, ...), so ``models:/name@champion`` works in MLflow.
-* artifacts: each registration is an MLflow run in the experiment ``tuneloop-registry``; the directory is
-  logged as the run's ``artifact/`` (with the ``.manifest.json`` of per-file sha256), its metrics as run
-  metrics. ``open_artifact`` downloads into a local content-addressed cache and refuses a copy whose
+* artifacts: each registration is an MLflow run in the experiment ``tuneloop-registry``, named after the
+  pipeline run id (``lineage["run_id"]``); the directory is logged as the run's ``artifact/`` (with the
+  ``.manifest.json`` of per-file sha256), its metrics as run metrics, the resolved config as params
+  (dotted keys, values cut at MLflow's 6,000 characters and listed in the ``tuneloop.params_truncated`` tag),
+  and an ``MLmodel`` at the run's root, which is the model version's source, so
+  ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it (see ``registry/mlflow_pyfunc.py``).
+  Before an alias moves, the server's copy is downloaded and verified. ``open_artifact`` downloads into a local content-addressed cache and refuses a copy whose
   sha256 digest differs from the one recorded at registration (IntegrityError naming the files).
 * events (registered, promoted, rolled_back, alias_set, tagged, deleted) are registered-model tags
   ``tuneloop.event.<time>.<random>`` holding JSON; they are only ever added.

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_json
@@ -244,7 +244,17 @@ class GcReport:
                 f"and {len(self.artifacts)} unreferenced artifact(s), freed {_human(self.freed_bytes)}")
 
 
-def gc(reg) -> GcReport:
+class Collectable(Protocol):
+    """What ``gc`` needs from a registry backend (both ``SqliteRegistry`` and ``MlflowRegistry`` have it)."""
+
+    location: str
+    removed_temps: list  # RemovedTemp entries taken away when the registry was opened
+    store: Any  # its ArtifactStore (for MLflow: the local verified cache)
+
+    def gc(self) -> list[tuple[str, int]]: ...
+
+
+def gc(reg: Collectable) -> GcReport:
     """Remove temporary copies left by killed processes (also those already removed when ``reg`` was opened)
     and stored artifacts that no live version references. Copies of running processes are kept."""
     temps = [*reg.removed_temps, *reg.store.remove_dead_temps(include_legacy=True)]
