@@ -77,9 +77,11 @@ def test_symlink_leaving_the_directory_is_refused(tmp_path):
 def test_symlink_inside_the_directory_is_stored_as_a_copy(tmp_path):
     src = make_artifact(tmp_path / "a")
     (src / "tokenizer.json").symlink_to("sub/tokenizer.json")
+    (src / "linked").symlink_to("sub", target_is_directory=True)
     v = register(SqliteRegistry(tmp_path / "reg"), "m", src)
     stored = Path(v["artifact_path"]) / "tokenizer.json"
     assert not stored.is_symlink() and stored.read_text() == "{}"
+    assert not (Path(v["artifact_path"]) / "linked").exists()  # a linked directory: its files once, at their real path
 
 
 # -- 2. content checks ------------------------------------------------------------------------------

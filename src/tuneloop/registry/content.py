@@ -2,7 +2,9 @@
 
 * **Symlinks.** A link whose target resolves outside the directory (``notes.txt -> /etc/passwd``), or whose
   target does not exist, is refused. A link to a file inside the directory is followed: the store keeps a
-  copy of the file it points to, under the link's name (stored artifacts contain no links).
+  copy of the file it points to, under the link's name (stored artifacts contain no links); a link to a
+  directory inside is not followed (its files are stored once, under their real path). Hidden entries
+  (names starting with '.') are never stored, so links among them are not checked.
 * **Safetensors.** Every ``*.safetensors`` file must parse: an 8-byte little-endian header length, a JSON
   header of tensors (dtype, shape, data_offsets), offsets that tile the data section exactly, and a file size
   that matches. The safetensors library then opens it as a final check.
@@ -27,10 +29,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
+# Bytes per element; sub-byte dtypes (F4, F6_*) and any newer ones are left to the safetensors library.
 _DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-    "C64": 8,
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 
 
@@ -40,9 +42,10 @@ def check_links(root: Path) -> None:
     top = root.resolve()
     bad: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # hidden entries are never stored
         for name in [*dirnames, *filenames]:
             p = Path(dirpath) / name
-            if not p.is_symlink():
+            if name.startswith(".") or not p.is_symlink():
                 continue
             rel = p.relative_to(root).as_posix()
             target = os.readlink(p)
@@ -84,10 +87,11 @@ def safetensors_problem(path: Path) -> str | None:
             count = 1
             for d in t["shape"]:
                 count *= int(d)
-            want = _DTYPE_SIZES[t["dtype"]] * count
+            want = _DTYPE_SIZES[t["dtype"]] * count if t["dtype"] in _DTYPE_SIZES else None
         except (KeyError, TypeError, ValueError):
             return f"tensor {name!r} has no valid dtype, shape and data_offsets"
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != want:
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or (
+                want is not None and end - begin != want):
             return f"tensor {name!r}: data_offsets {t['data_offsets']} do not hold {want} bytes of {t['dtype']}"
         spans.append((begin, end))
     pos = 0
