@@ -390,15 +390,17 @@ def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_ve
               "data": {"train_digest": "d1", "train_path": "/tmp/copy/train.jsonl"}}
     again = register(reg, "m", make_artifact(tmp_path / "copy"), lineage=copied, gates=gates, cache_key="k2")
     assert again["existing"] is True and again["version"] == v1["version"] == 1
-    # Different data, a different gate verdict, or different bytes: a new version.
+    # Different data, different gate results (a verdict, or a threshold), or different bytes: a new version.
     assert register(reg, "m", make_artifact(tmp_path / "b"), lineage={**lin, "data": {"train_digest": "d2"}},
                     gates=gates)["version"] == 2
     assert register(reg, "m", make_artifact(tmp_path / "c"), lineage=lin,
                     gates={"min_accuracy": {"passed": False, "verdict": "FAIL"}})["version"] == 3
-    assert register(reg, "m", make_artifact(tmp_path / "d", "other"), lineage=lin, gates=gates)["version"] == 4
+    assert register(reg, "m", make_artifact(tmp_path / "e"), lineage=lin,
+                    gates={"min_accuracy": {**gates["min_accuracy"], "threshold": 0.5}})["version"] == 4
+    assert register(reg, "m", make_artifact(tmp_path / "d", "other"), lineage=lin, gates=gates)["version"] == 5
     # A deleted version is not returned: the same inputs register anew.
-    reg.delete("m", 4)
-    assert register(reg, "m", make_artifact(tmp_path / "d2", "other"), lineage=lin, gates=gates)["version"] == 5
+    reg.delete("m", 5)
+    assert register(reg, "m", make_artifact(tmp_path / "d2", "other"), lineage=lin, gates=gates)["version"] == 6
 
 
 # -- 8. MLflow params (the server round trip is in test_registry_mlflow.py) -------------------------

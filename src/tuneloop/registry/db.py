@@ -324,7 +324,7 @@ class SqliteRegistry:
 
         The directory must hold safetensors weights and no pickle files. With a ``cache_key`` already
         registered for this model, or a live version of it with the same artifact digest and the same
-        content lineage (``lineage.origin_key``: base and data digests, code version, gate verdicts),
+        content lineage and gate results (``lineage.origin_key``: base and data digests, code version, gates),
         nothing new is created: the existing version is returned with ``"existing": True``.
         """
         from tuneloop.registry.lineage import check_artifact_dir, origin_key

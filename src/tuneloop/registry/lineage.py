@@ -3,7 +3,7 @@
 * :func:`check_artifact_dir` — self-contained and safetensors only: symlinks leaving the directory, malformed
   ``*.safetensors`` files and pickled content (judged by the bytes, see ``registry/content.py``) are refused
   before anything is stored.
-* :func:`origin_key` — what makes two registrations the same version (artifact digest plus content lineage).
+* :func:`origin_key` — what makes two registrations the same version (artifact digest, content lineage, gates).
 * :func:`detect_kind` — ``adapter`` (has ``adapter_config.json``) or ``model`` (has ``config.json``).
 * :func:`base_model_ref` — a base model as lineage: the id or path given, the resolved local path, the hub
   revision when known, and a content digest (the same fingerprint the pipeline's cache keys use).
@@ -64,11 +64,11 @@ RUN_SPECIFIC_LINEAGE = ("run_id", "config_path", "source_path", "git", "stage_ke
 def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: dict) -> str:
     """What makes two registrations the same version: the same bytes, made from the same inputs.
 
-    The artifact digest and kind, each gate's verdict, and the lineage without what only says where or when
-    it ran (``RUN_SPECIFIC_LINEAGE``: run id, paths, git checkout, cache keys, the resolved config with its
-    absolute paths); of ``base`` only its content digest and of ``data`` only the ``*digest`` entries are
+    The artifact digest and kind, the gate results (thresholds, estimates, verdicts), and the lineage without
+    what only says where or when it ran (``RUN_SPECIFIC_LINEAGE``: run id, paths, git checkout, cache keys,
+    the resolved config with its absolute paths); of ``base`` only its content digest and of ``data`` only the ``*digest`` entries are
     kept. So the same training repeated in a copied workspace (or on another machine) finds the version it
-    already made, while different data, base, code version or gate verdicts make a new one.
+    already made, while different data, base, code version or gates (e.g. a changed threshold) make a new one.
     """
     kept = {k: v for k, v in lineage.items() if k not in RUN_SPECIFIC_LINEAGE}
     if isinstance(kept.get("base"), dict):
@@ -79,10 +79,7 @@ def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: d
         "artifact": artifact_digest,
         "kind": artifact_kind,
         "lineage": kept,
-        "gates": {
-            name: (g.get("verdict"), g.get("passed")) if isinstance(g, dict) else g
-            for name, g in sorted((gates or {}).items())
-        },
+        "gates": gates or {},
     })
 
 
