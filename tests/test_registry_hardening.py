@@ -293,6 +293,21 @@ def test_records_are_backfilled_for_a_registry_made_before_them(tmp_path):
     assert SqliteRegistry(ws).get("bot", 2)["tags"] == {"reviewed": "yes"}
 
 
+def test_recover_without_the_journal_keeps_versions_and_the_aliases_of_the_records(tmp_path):
+    ws = tmp_path / "ws"
+    reg = SqliteRegistry(ws)
+    register(reg, "m", make_artifact(tmp_path / "a"), reason="first")
+    reg.promote("m", 1)
+    register(reg, "m", make_artifact(tmp_path / "b", "w2"))  # its record holds the aliases then: champion 1
+    (ws / "artifacts" / ".versions" / "events.jsonl").unlink()
+    for suffix in ("", "-wal", "-shm"):
+        (ws / f"registry.db{suffix}").unlink(missing_ok=True)
+    rep = recover(ws)
+    assert rep.versions == 2 and rep.aliases == {"m": {"champion": 1}}
+    events = SqliteRegistry(ws).events("m")
+    assert [(e["kind"], e["version"], e["reason"]) for e in events] == [("registered", 1, "first"), ("registered", 2, "")]
+
+
 def test_a_garbage_database_is_moved_aside_by_recover(tmp_path):
     ws, reg = _populated(tmp_path)
     for suffix in ("-wal", "-shm"):

@@ -288,3 +288,13 @@ def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_p
         reg.set_alias(name, "staging", 2)
     assert reg.aliases(name) == {"champion": 1}
     assert v1["version"] == 1
+
+    # gc on MLflow: the local verified cache keeps what live versions use and drops the rest.
+    from test_registry import make_artifact
+
+    from tuneloop.registry.ops import gc
+
+    stray = reg.store.put_dir(make_artifact(tmp_path / "stray", "not registered anywhere"))
+    rep = gc(reg)
+    assert [a["digest"] for a in rep.artifacts] == [stray] and rep.freed_bytes > 0
+    assert reg.store.exists(v1["artifact_digest"])

@@ -870,7 +870,7 @@ def recover_database(root: Path) -> dict[str, Any]:
     """
     root = Path(root)
     store = ArtifactStore(root / "artifacts")
-    moved = _move_aside_unless_live(root / "registry.db")
+    _refuse_live_database(root / "registry.db")
     records, unreadable = store.read_records()
     events, torn = store.read_events()
     if not records:
@@ -879,6 +879,11 @@ def recover_database(root: Path) -> dict[str, Any]:
             + (f" ({len(unreadable)} unreadable: {unreadable[0]})" if unreadable else "")
             + "; restore registry.db from a backup, or register the model directories again"
         )
+    if not events:  # the journal itself was lost: the records still say who registered each version, and why
+        events = [{"model": r["model"], "version": int(r["version"]), "kind": "registered", **r.get("registered", {}),
+                   "details": {"artifact_digest": r["artifact_digest"], "artifact_kind": r["artifact_kind"],
+                               "cache_key": r.get("cache_key")}} for r in records]
+    moved = _move_aside(root / "registry.db")
     reg = SqliteRegistry(root, check_lost=False)
     with reg._transaction(write=True) as conn:
         known = _insert_records(conn, records)
@@ -902,22 +907,27 @@ def recover_database(root: Path) -> dict[str, Any]:
     }
 
 
-def _move_aside_unless_live(db: Path) -> Path | None:
-    """Move an empty or broken database (and its WAL files) aside; refuse one that still has versions."""
+def _refuse_live_database(db: Path) -> None:
+    """Refuse to replace a database that still holds versions."""
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            n = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return  # unreadable, or no versions table: nothing in it to keep using
+    if n:
+        raise InputError(
+            f"{db} holds {n} version(s): `tuneloop models recover` only rebuilds a missing, empty or "
+            "unreadable database. To rebuild it from the store anyway, move it aside first "
+            f"(`mv {db} {db}.old`) and run recover again"
+        )
+
+
+def _move_aside(db: Path) -> Path | None:
+    """Move an empty or broken database (and its WAL files) aside, never deleting it; return where it went."""
     if not db.exists():
         return None
-    if db.stat().st_size > 0:
-        try:
-            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-                n = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
-        except sqlite3.DatabaseError:
-            n = 0  # unreadable, or no versions table: nothing in it to keep using
-        if n:
-            raise InputError(
-                f"{db} holds {n} version(s): `tuneloop models recover` only rebuilds a missing, empty or "
-                "unreadable database. To rebuild it from the store anyway, move it aside first "
-                f"(`mv {db} {db}.old`) and run recover again"
-            )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = db.with_name(f"{db.name}.replaced-{stamp}")
     for suffix in ("", "-wal", "-shm"):
