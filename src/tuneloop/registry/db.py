@@ -11,16 +11,17 @@ listings and from ``latest``, keeps its lineage for ``show``, and its artifact i
 live version references it. Tags are mutable key/value pairs per version; every change is an event.
 Refs look like ``support-bot:3``, ``support-bot@champion`` or ``support-bot`` (the latest live version).
 
-Durability: every registration also writes the version's record (row, lineage, metrics, gates, the model's
-aliases then) beside the artifacts (``artifacts/.versions/<model>/<n>.json``), and every event is appended,
-with the model's aliases after it, to ``artifacts/.versions/events.jsonl``, both before the transaction
-commits. A missing, empty or version-less database next to such records is refused (:class:`RegistryLostError`,
-exit 2) instead of reading as an empty registry; :func:`recover_database` (``tuneloop models recover``)
-rebuilds versions, lineage, tags, deletions, events and the last known aliases from them.
+Durability: every registration also writes the version's record (row, lineage, metrics, gates, the
+model's aliases then) beside the artifacts (``artifacts/.versions/<model>-<hash>/<n>.json``), and every
+event is appended, with the model's aliases after it, to ``artifacts/.versions/events.jsonl``, both before
+the transaction commits. A missing, empty or version-less database next to such records is refused
+(:class:`RegistryLostError`, exit 2) instead of reading as an empty registry; :func:`recover_database`
+(``tuneloop models recover``) rebuilds versions, lineage, tags, deletions, events and the last known
+aliases from them. A registry made before records existed gets them written once, when it is next opened.
 
 Trust: an alias only ever moves to a version whose artifact verifies (every file's sha256 against its
-manifest) at that moment. Registering the same artifact with the same content lineage as a live version
-(``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
+manifest) at that moment. Registering the same artifact with the same content lineage and gate results as
+a live version (``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
 
 Aliases: ``promote`` moves an alias (default ``champion``) and records the version it pointed at under its
 *previous* alias (``previous`` for ``champion``, ``<alias>-previous`` otherwise); ``rollback`` swaps the two,
@@ -863,7 +864,7 @@ def _split_sql(script: str) -> list[str]:
 def recover_database(root: Path) -> dict[str, Any]:
     """Rebuild a missing, empty or unreadable ``root/registry.db`` from the version records and the journal.
 
-    Versions (with lineage, metrics and gates) come from ``artifacts/.versions/<model>/<n>.json``; events,
+    Versions (with lineage, metrics and gates) come from ``artifacts/.versions/<model>-<hash>/<n>.json``; events,
     tags, deletions and the last known aliases from the journal ``artifacts/.versions/events.jsonl``. A
     database that still holds versions is refused (move it aside first to rebuild anyway); an unreadable
     or version-less one is moved aside to ``registry.db.replaced-<time>``, never deleted.

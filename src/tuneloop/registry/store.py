@@ -5,7 +5,8 @@ Layout under ``root``::
     <digest>/                  one directory per distinct content, named by ``sha256_dir`` of it
         <files...>             read-only copies of the source directory's files
         .manifest.json         relative path, size and sha256 of every file (hidden: not in the digest)
-    .versions/<model>/<n>.json the record of every registered version (row, lineage, metrics, gates, aliases)
+    .versions/<model>-<hash>/<n>.json  the record of each registered version (row, lineage, metrics, gates,
+                               the model's aliases then)
     .versions/events.jsonl     append-only journal of every registry event, with the aliases after it
     .tmp-<what>-<pid>@<host>.<random>/  a copy in progress, owned by process <pid> on <host>
 
@@ -196,7 +197,10 @@ class ArtifactStore:
 
     def write_record(self, model: str, version: int, record: dict[str, Any]) -> None:
         """Write (atomically, fsynced) the record of ``model:version`` beside the artifacts."""
-        atomic_write_json(self.records_dir / model / f"{int(version)}.json", record)
+        # The folder name carries a hash of the exact name, so `Bot` and `bot` stay apart on a
+        # case-insensitive filesystem; the record itself names its model.
+        folder = f"{model}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+        atomic_write_json(self.records_dir / folder / f"{int(version)}.json", record)
 
     def read_records(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Every version record (sorted by model and version) and the files that could not be read."""
