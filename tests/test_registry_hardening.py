@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_registry import make_artifact, register, safetensors_bytes
-from test_registry_cli import msg, tl, tlj
+from test_registry_cli import adapters, make_adapter, msg, tl, tlj  # noqa: F401  (fixture and its helper)
 
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.content import check_contents, safetensors_problem
@@ -452,3 +452,13 @@ def test_a_workspace_that_is_a_file_is_an_input_error(tmp_path, make_config):
                  ["models", "list", "-w", f], ["models", "gc", "-w", f], ["models", "recover", "-c", cfg]):
         r = tl(*args)
         assert r.exit_code == 2 and "is a file, not a directory" in msg(r), (args, r.stderr)
+
+
+def test_export_says_an_adapter(tmp_path, adapters, monkeypatch):
+    from tuneloop import cli
+
+    monkeypatch.setattr(cli.out, "width", 400)
+    ws = tmp_path / "ws"
+    tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)
+    r = tl("models", "export", "bot:1", tmp_path / "exp", "-w", ws)
+    assert r.exit_code == 0 and "exported bot:1 as an adapter to" in r.stdout, r.stdout
