@@ -388,8 +388,6 @@ def _host() -> str:
 
 def _temp_owner(p: Path, include_legacy: bool) -> str | None:
     """A description of a temp copy's dead owner, or None when it must be kept."""
-    from tuneloop.workspace import pid_alive
-
     m = _TEMP_RE.match(p.name)
     if m is None:
         if not include_legacy:
@@ -400,9 +398,20 @@ def _temp_owner(p: Path, include_legacy: bool) -> str | None:
             return None
         return f"no recorded owner, untouched for {age / 3600:.1f} h" if age > LEGACY_TEMP_AGE_S else None
     pid, host = int(m["pid"]), m["host"]
-    if host != _host() or pid_alive(pid):
+    if host != _host() or _pid_alive(pid):
         return None
     return f"process {pid} on {host} is gone"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tree_size(p: Path) -> int:
