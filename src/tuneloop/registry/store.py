@@ -427,7 +427,7 @@ def tree_size(p: Path) -> int:
 
 
 def _make_writable(p: Path) -> None:
-    """Stored files are read-only; their directories are not, so rmtree works. Nothing to do for files."""
+    """Make every directory under ``p`` writable, so rmtree can unlink the read-only files in it."""
     for dirpath, dirnames, _ in os.walk(p):
         for d in dirnames:
             try:
