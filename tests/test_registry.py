@@ -21,10 +21,20 @@ from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 _MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
+def safetensors_bytes(content: str = "weights-v1") -> bytes:
+    """A small valid safetensors file whose tensor bytes depend on ``content`` (different content, digest)."""
+    from safetensors.numpy import save
+
+    import numpy as np
+
+    data = np.frombuffer(content.encode().ljust(16, b"."), dtype=np.uint8).copy()
+    return save({"w": data})
+
+
 def make_artifact(path: Path, content: str = "weights-v1", extra: dict[str, bytes] | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text('{"r": 8}')
-    (path / "adapter_model.safetensors").write_text(content)
+    (path / "adapter_model.safetensors").write_bytes(safetensors_bytes(content))
     (path / "sub").mkdir(exist_ok=True)
     (path / "sub" / "tokenizer.json").write_text("{}")
     for name, data in (extra or {}).items():
@@ -77,7 +87,7 @@ def test_store_detects_tampering_and_put_repairs(tmp_path, damage):
     target = stored / "adapter_model.safetensors"
     if damage == "modify":
         os.chmod(target, 0o644)
-        target.write_text("weights-evil")
+        target.write_bytes(safetensors_bytes("weights-evil"))
         expected = "file 'adapter_model.safetensors' differs"
     elif damage == "delete":
         target.unlink()
@@ -113,7 +123,8 @@ def test_register_versions_and_dedup(tmp_path):
     reg = SqliteRegistry(tmp_path / "reg")
     src = make_artifact(tmp_path / "a")
     v1 = register(reg, "support-bot", src, cache_key="k1")
-    v2 = register(reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2")  # same content
+    # Same content from other data: a new version sharing the stored artifact.
+    v2 = register(reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2", lineage={"data": {"train_digest": "d2"}})
     v3 = register(reg, "support-bot", make_artifact(tmp_path / "c", "weights-v2"), artifact_kind="model")
     assert [v["version"] for v in (v1, v2, v3)] == [1, 2, 3]
     assert v1["ref"] == "support-bot:1" and "existing" not in v1
@@ -125,6 +136,9 @@ def test_register_versions_and_dedup(tmp_path):
     assert v1["created_at"].endswith("+00:00")
     assert reg.get("support-bot", "latest")["version"] == 3
     assert reg.get("support-bot", "2")["cache_key"] == "k2"
+    # Same content and same lineage again (another cache key, e.g. a copied workspace): the existing version.
+    again = register(reg, "support-bot", make_artifact(tmp_path / "b2"), cache_key="k9", lineage={"data": {"train_digest": "d2"}})
+    assert again["version"] == 2 and again["existing"] is True
     assert [v["version"] for v in reg.list_versions("support-bot")] == [1, 2, 3]
     register(reg, "other", src)
     assert reg.models() == ["other", "support-bot"]
@@ -310,7 +324,7 @@ def test_killed_registration_leaves_no_partial_version(tmp_path):
     register(reg, "m", make_artifact(tmp_path / "first"))
 
     # 1) Killed while copying a large-ish file into the store.
-    big = make_artifact(tmp_path / "big", extra={"model.safetensors": os.urandom(1 << 20) * 48})
+    big = make_artifact(tmp_path / "big", extra={"blob.dat": b"\0" + os.urandom(1 << 20) * 48})
     proc = _MP.Process(target=_register_big_worker, args=(str(root), str(big)))
     proc.start()
     deadline = time.monotonic() + 30

@@ -123,9 +123,17 @@ def test_register_external_adapter_and_full_model(ws, tiny_model, adapters, tmp_
     assert "registered" in tl("models", "lineage", "bot:1", "-w", ws).stdout  # the Rich view renders
 
 
+def register_from_other_data(ws, path: Path, like: dict) -> dict:
+    """The same bytes as ``like`` but other training data in the lineage: a new version sharing the artifact."""
+    lineage = {**like["lineage"], "data": {"train_digest": f"other-data-{like['version']}"}}
+    return SqliteRegistry(ws).register(like["model"], path, artifact_kind=like["artifact_kind"],
+                                       base_model=like["base_model"], lineage=lineage, metrics={}, gates={})
+
+
 def test_promote_rollback_round_trip_and_events(ws, adapters):
-    for a in (adapters[0], adapters[1], adapters[0]):
-        tlj("models", "register", a, "--name", "bot", "-w", ws)
+    v1 = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)
+    tlj("models", "register", adapters[1], "--name", "bot", "-w", ws)
+    assert register_from_other_data(ws, adapters[0], v1)["version"] == 3
     r = tl("models", "rollback", "bot", "-w", ws)
     assert r.exit_code == 2 and "no 'previous' alias" in msg(r)
 
@@ -158,7 +166,9 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
 
 def test_tags_soft_delete_and_artifact_gc(ws, adapters):
     v1 = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)
-    v2 = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)  # same content: one artifact
+    again = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)  # same bytes, same lineage
+    assert again["version"] == 1 and again["existing"] is True
+    v2 = register_from_other_data(ws, adapters[0], v1)  # same bytes, other data: one artifact, two versions
     v3 = tlj("models", "register", adapters[1], "--name", "bot", "-w", ws)
     assert v1["artifact_digest"] == v2["artifact_digest"] != v3["artifact_digest"]
 

@@ -220,3 +220,81 @@ def test_pipeline_registers_and_deploys_to_the_mlflow_server(mlflow_server, make
     again = FineTunePipeline(load_config(path)).run()
     assert again["stages"]["model_registry"]["metrics"]["version"] == 1
     assert [x["version"] for x in reg.list_versions(name)] == [1]
+
+
+# -- hardening (issue 14) ------------------------------------------------------------------------------
+
+
+def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(reg, mlflow_server, tiny_model, adapters, tmp_path):
+    """Params from the resolved config, the run named after the pipeline run, and `mlflow.pyfunc.load_model`."""
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from tuneloop.modeling import generate, load_causal_lm, load_tokenizer
+    from tuneloop.registry.lineage import base_model_ref
+
+    name = f"mlm-{tmp_path.name[-8:]}"
+    lineage = {"run_id": "20260101-120000-abc123", "base": base_model_ref(str(tiny_model)),
+               "config": {"train": {"learning_rate": 1e-3, "lora_r": 4}, "data": {"system_prompt": "s" * 7000}}}
+    v = reg.register(name, adapters[0], artifact_kind="adapter", base_model=str(tiny_model), lineage=lineage,
+                     metrics={"evaluation": {"accuracy": 0.5}}, gates={})
+    client = MlflowClient(tracking_uri=mlflow_server["url"])
+    run = client.get_run(v["run_id"])
+    assert run.info.run_name == "20260101-120000-abc123"
+    p = run.data.params
+    assert p["train.learning_rate"] == "0.001" and p["train.lora_r"] == "4"
+    assert p["tuneloop.artifact_digest"] == v["artifact_digest"] and p["tuneloop.run_id"] == lineage["run_id"]
+    assert len(p["data.system_prompt"]) == 6000 and p["data.system_prompt"].endswith("7000 characters]")
+    assert json.loads(run.data.tags["tuneloop.params_truncated"]) == ["data.system_prompt"]
+
+    # Same bytes and lineage again: the existing version, no new MLflow run.
+    again = reg.register(name, adapters[0], artifact_kind="adapter", base_model=str(tiny_model),
+                         lineage={**lineage, "run_id": "another-run"}, metrics={}, gates={})
+    assert again["existing"] is True and again["version"] == v["version"]
+
+    reg.promote(name, v["version"])
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server["url"]
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    prompts = ["hello there", "refund please"]
+    got = loaded.predict(prompts, params={"max_new_tokens": 4})
+    ours = load_causal_lm(str(tiny_model), adapter=str(adapters[0]))
+    want = [o["text"] for o in generate(ours, load_tokenizer(str(adapters[0])),
+                                        [[{"role": "user", "content": q}] for q in prompts], max_new_tokens=4)]
+    assert got == want
+
+
+def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_path):
+    name = f"tam-{tmp_path.name[-8:]}"
+    for bad in ("a/b", "a/../b", "x" * 300):
+        with pytest.raises(InputError, match="invalid model name"):
+            reg.register(bad, adapters[0], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={}, gates={})
+    v1 = reg.register(name, adapters[0], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={}, gates={})
+    v2 = reg.register(name, adapters[1], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={}, gates={})
+    with pytest.raises(InputError, match="invalid alias"):
+        reg.set_alias(name, "my.alias", 1)
+    reg.promote(name, 1)
+    # Tamper with v2's copy in MLflow's artifact store: promote, set_alias must refuse it (the local cache
+    # holds a good copy from registration, so only a check of the server's bytes catches this).
+    stored = [p for p in mlflow_server["artifacts"].rglob("adapter_model.safetensors") if v2["run_id"] in str(p)]
+    data = bytearray(stored[0].read_bytes())
+    data[-1] ^= 0xFF
+    stored[0].write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"refusing to point {name}@champion at {name}:2"):
+        reg.promote(name, 2)
+    with pytest.raises(IntegrityError, match="refusing to point"):
+        reg.set_alias(name, "staging", 2)
+    assert reg.aliases(name) == {"champion": 1}
+    assert v1["version"] == 1
+
+    # gc on MLflow: the local verified cache keeps what live versions use and drops the rest.
+    from test_registry import make_artifact
+
+    from tuneloop.registry.ops import gc
+
+    stray = reg.store.put_dir(make_artifact(tmp_path / "stray", "not registered anywhere"))
+    rep = gc(reg)
+    assert [a["digest"] for a in rep.artifacts] == [stray] and rep.freed_bytes > 0
+    assert reg.store.exists(v1["artifact_digest"])

@@ -33,6 +33,7 @@ DIRNAME = ".tuneloop"
 class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        _check_not_a_file(self.root)
 
     @property
     def runs_dir(self) -> Path:
@@ -82,6 +83,19 @@ class Workspace:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_not_a_file(root: Path) -> None:
+    """Refuse a workspace path that is, or lies under, something other than a directory (exit 2, not a traceback)."""
+    for p in (root, *root.parents):
+        if p.exists():
+            if p.is_dir():
+                return
+            where = "is" if p == root else f"is inside {p}, which is"
+            raise InputError(
+                f"the workspace {root} {where} a file, not a directory; point `workspace:` in the config (or "
+                "-w/--workspace) at a directory, or move the file away"
+            )
 
 
 def pid_alive(pid: int) -> bool:

@@ -104,6 +104,14 @@ class RegistryOptions:
                 ws = None  # a remote registry needs no workspace; downloads go to the user cache
         return open_registry(self.registry or cfg, ws)
 
+    def workspace_root(self) -> Path:
+        """The workspace directory alone, without opening the registry (which refuses a lost database)."""
+        from tuneloop.workspace import Workspace
+
+        if self.workspace is not None:
+            return Workspace(self.workspace).root
+        return workspace_for(self.config)[0].root
+
 
 _REGISTRY_PARAMETERS = [
     inspect.Parameter(

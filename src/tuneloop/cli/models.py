@@ -326,4 +326,27 @@ def export(
     if opts.json_out:
         print_json(res)
         return
-    out.print(f"exported {res['ref']} as a {'merged ' if merged else ''}{res['kind']} to {res['path']}")
+    what = "a merged model" if merged else ("an adapter" if res["kind"] == "adapter" else "a model")
+    out.print(f"exported {res['ref']} as {what} to {res['path']}")
+
+
+@app.command("gc")
+@with_registry_options
+def gc(*, opts: RegistryOptions) -> None:
+    """Remove temporary copies left by killed processes and artifacts no live version uses; report what was freed."""
+    from tuneloop.registry.ops import gc as collect
+
+    with guard():
+        rep = collect(opts.open())
+    print_json(rep.to_dict()) if opts.json_out else out.print(rep.summary(), highlight=False)
+
+
+@app.command("recover")
+@with_registry_options
+def recover(*, opts: RegistryOptions) -> None:
+    """Rebuild a lost (missing or empty) registry database from the version records in the artifact store."""
+    from tuneloop.registry.ops import recover as rebuild
+
+    with guard():
+        rep = rebuild(opts.workspace_root())
+    print_json(rep.to_dict()) if opts.json_out else out.print(rep.summary(), highlight=False)

@@ -11,6 +11,18 @@ listings and from ``latest``, keeps its lineage for ``show``, and its artifact i
 live version references it. Tags are mutable key/value pairs per version; every change is an event.
 Refs look like ``support-bot:3``, ``support-bot@champion`` or ``support-bot`` (the latest live version).
 
+Durability: every registration also writes the version's record (row, lineage, metrics, gates, the
+model's aliases then) beside the artifacts (``artifacts/.versions/<model>-<hash>/<n>.json``), and every
+event is appended, with the model's aliases after it, to ``artifacts/.versions/events.jsonl``, both before
+the transaction commits. A missing, empty or version-less database next to such records is refused
+(:class:`RegistryLostError`, exit 2) instead of reading as an empty registry; :func:`recover_database`
+(``tuneloop models recover``) rebuilds versions, lineage, tags, deletions, events and the last known
+aliases from them. A registry made before records existed gets them written once, when it is next opened.
+
+Trust: an alias only ever moves to a version whose artifact verifies (every file's sha256 against its
+manifest) at that moment. Registering the same artifact with the same content lineage and gate results as
+a live version (``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
+
 Aliases: ``promote`` moves an alias (default ``champion``) and records the version it pointed at under its
 *previous* alias (``previous`` for ``champion``, ``<alias>-previous`` otherwise); ``rollback`` swaps the two,
 so rolling back twice returns to where it started.
@@ -25,11 +37,13 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tuneloop.errors import InputError, TuneloopError
+from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import utcnow
+from tuneloop.registry.names import check_alias_name, check_model_name
 from tuneloop.registry.store import ArtifactStore
 
 ARTIFACT_KINDS = ("adapter", "model")
@@ -37,8 +51,6 @@ SCHEMA_VERSION = 2
 RESERVED_TAG_PREFIX = "tuneloop."
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/ ]{0,249}$")
 MAX_TAG_VALUE = 5000
-_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -118,6 +130,10 @@ END;
 """
 
 
+class RegistryLostError(InputError):
+    """The registry database is missing or empty although the artifact store holds registered versions."""
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
     """Split ``model:3``, ``model@alias`` or ``model`` into ``(model, version_str)``.
 
@@ -162,11 +178,16 @@ def _add_event(
     actor: str | None,
     reason: str,
     details: dict[str, Any],
-) -> None:
+    at: str | None = None,
+) -> dict[str, Any]:
+    """Insert one event row and return it as a dict."""
+    event = {"model": model, "version": version, "kind": kind, "at": at or utcnow(), "actor": actor or _default_actor(),
+             "reason": reason or "", "details": details}
     conn.execute(
         "INSERT INTO events (model, version, kind, at, actor, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (model, version, kind, utcnow(), actor or _default_actor(), reason or "", to_json(details, "event details")),
+        (model, version, kind, event["at"], event["actor"], event["reason"], to_json(details, "event details")),
     )
+    return event
 
 
 class SqliteRegistry:
@@ -175,11 +196,19 @@ class SqliteRegistry:
     parse_ref = staticmethod(parse_ref)
     backend = "sqlite"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, check_lost: bool = True):
         self.root = Path(root)
         self.db_path = self.root / "registry.db"
         self.store = ArtifactStore(self.root / "artifacts")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InputError(
+                f"the registry directory {self.root} (or a folder above it) is a file, not a directory; point the "
+                "workspace (`workspace:` in the config, or -w) at a directory"
+            ) from None
+        if check_lost:
+            self._check_not_lost(before_open=True)
         try:
             with closing(self._connect()) as conn:
                 _enable_wal(conn)
@@ -193,11 +222,65 @@ class SqliteRegistry:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
+                versions = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise TuneloopError(
                 f"cannot open the registry database {self.db_path}: {e}; "
-                "check that it is a tuneloop registry and that the directory is writable"
+                "check that it is a tuneloop registry and that the directory is writable; if it is damaged, move "
+                "it aside and run `tuneloop models recover` to rebuild it from the artifact store"
             ) from e
+        if check_lost and versions == 0:
+            self._check_not_lost(before_open=False)
+        elif versions and not self.store.has_records():
+            self._backfill_records()
+        self.removed_temps = self.store.remove_dead_temps()
+
+    def _check_not_lost(self, *, before_open: bool) -> None:
+        """Refuse a missing, empty or version-less database next to a store that holds registered versions."""
+        if before_open:
+            if self.db_path.exists() and self.db_path.stat().st_size > 0:
+                return
+            state = "missing" if not self.db_path.exists() else "empty (0 bytes)"
+        else:
+            state = "without any versions"
+        records = self.store.has_records()
+        if not records and not (before_open and self.store.has_artifacts()):
+            return
+        what = (
+            "version records" if records else
+            "artifacts but no version records (they were registered by a tuneloop that did not write records)"
+        )
+        fix = (
+            "Run `tuneloop models recover` (with the same --workspace or --config) to rebuild versions, lineage "
+            "and the last known aliases from those records" if records else
+            "`tuneloop models recover` cannot rebuild those versions: restore registry.db from a backup, or "
+            "register the model directories again"
+        )
+        raise RegistryLostError(
+            f"the registry database {self.db_path} is {state}, but the artifact store {self.store.root} holds "
+            f"{what}: the registry's state (versions, champion, lineage) was lost, and it is not shown as an "
+            f"empty registry. {fix}. To start over with an empty registry instead, delete {self.store.root}. "
+            "Nothing was changed."
+        )
+
+    def _backfill_records(self) -> None:
+        """Write the records and journal a registry made before tuneloop kept them (once, under the write lock)."""
+        with self._transaction(write=True) as conn:
+            if self.store.has_records():
+                return  # another process did it first
+            rows = conn.execute("SELECT model, version FROM versions ORDER BY model, version").fetchall()
+            for r in rows:
+                v = self._get(conn, r["model"], r["version"])
+                first = conn.execute(
+                    "SELECT * FROM events WHERE model = ? AND version = ? AND kind = 'registered' ORDER BY id LIMIT 1",
+                    (r["model"], r["version"]),
+                ).fetchone()
+                registered = dict(first) if first else {"at": v["created_at"], "actor": "unknown", "reason": ""}
+                self.store.write_record(r["model"], r["version"], version_record(v, registered, self._aliases(conn, r["model"])))
+            for e in conn.execute("SELECT * FROM events ORDER BY id").fetchall():
+                event = {k: e[k] for k in ("model", "version", "kind", "at", "actor", "reason")}
+                self.store.append_event({**event, "details": json.loads(e["details"]), "backfilled": True,
+                                         "aliases": self._aliases(conn, e["model"])})
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -239,10 +322,11 @@ class SqliteRegistry:
         """Store ``artifact_dir`` and record it as the next version of ``model``; return that version.
 
         The directory must hold safetensors weights and no pickle files. With a ``cache_key`` already
-        registered for this model, nothing new is created: the existing version is returned with
-        ``"existing": True``.
+        registered for this model, or a live version of it with the same artifact digest and the same
+        content lineage and gate results (``lineage.origin_key``: base and data digests, code version, gates),
+        nothing new is created: the existing version is returned with ``"existing": True``.
         """
-        from tuneloop.registry.lineage import check_artifact_dir
+        from tuneloop.registry.lineage import check_artifact_dir, origin_key
 
         check_model_name(model)
         if artifact_kind not in ARTIFACT_KINDS:
@@ -266,33 +350,46 @@ class SqliteRegistry:
                         return found
                 if not self.store.exists(digest):
                     continue  # garbage-collected by a concurrent delete between put and commit: store again
-                now = utcnow()
-                conn.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (model, now))
-                version = conn.execute(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?", (model,)
-                ).fetchone()[0]
-                conn.execute(
-                    "INSERT INTO versions (model, version, created_at, artifact_digest, artifact_kind, base_model,"
-                    " cache_key, lineage, metrics, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (model, version, now, digest, artifact_kind, base_model, cache_key, *payload),
-                )
-                _add_event(
-                    conn, model, version, "registered", actor, reason,
-                    {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key},
-                )
-                return self._get(conn, model, version)
+                found = self._by_origin(conn, model, origin_key(digest, artifact_kind, lineage, gates))
+                if found is not None:
+                    return found
+                row = (digest, artifact_kind, base_model, cache_key, *payload)
+                return self._insert_version(conn, model, row, actor, reason)
         raise TuneloopError(f"could not register {model}: its artifact kept being garbage-collected; try again")
+
+    def _insert_version(self, conn: sqlite3.Connection, model: str, row: tuple, actor: str | None, reason: str) -> dict:
+        """Record the next version of ``model`` (inside the write transaction) and its record in the store."""
+        digest, artifact_kind, _, cache_key = row[:4]
+        now = utcnow()
+        conn.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (model, now))
+        version = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?", (model,)
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO versions (model, version, created_at, artifact_digest, artifact_kind, base_model,"
+            " cache_key, lineage, metrics, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model, version, now, *row),
+        )
+        event = self._event(
+            conn, model, version, "registered", actor, reason,
+            {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key},
+        )
+        v = self._get(conn, model, version)
+        # Written before COMMIT: a failure here rolls the version back, so no version lacks its record.
+        self.store.write_record(model, version, version_record(v, event, self._aliases(conn, model)))
+        return v
 
     def set_alias(
         self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
     ) -> None:
         """Point ``alias`` at ``version`` (a number, ``latest`` or another alias); records ``alias_set``."""
         check_alias_name(alias)
+        number = self._verified(model, version, alias)
         with self._transaction(write=True) as conn:
-            target = self._get_live(conn, model, version, f"point alias {alias!r} at")["version"]
+            target = self._get_live(conn, model, number, f"point alias {alias!r} at")["version"]
             old = self._alias(conn, model, alias)
             self._put_alias(conn, model, alias, target)
-            _add_event(conn, model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
+            self._event(conn, model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
 
     def promote(
         self,
@@ -312,8 +409,9 @@ class SqliteRegistry:
         prev_name = previous_alias(alias)
         if alias == "previous" or alias.endswith("-previous"):
             raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
+        number = self._verified(model, version, alias)
         with self._transaction(write=True) as conn:
-            target = self._get_live(conn, model, version, f"promote to {alias!r}")["version"]
+            target = self._get_live(conn, model, number, f"promote to {alias!r}")["version"]
             old = self._alias(conn, model, alias)
             if old != target:
                 old_previous = self._alias(conn, model, prev_name)
@@ -325,7 +423,7 @@ class SqliteRegistry:
                     alias: {"old": old, "new": target},
                     prev_name: {"old": old_previous, "new": old if old is not None else old_previous},
                 }
-                _add_event(conn, model, target, "promoted", actor, reason, details)
+                self._event(conn, model, target, "promoted", actor, reason, details)
             return self._get(conn, model, target)
 
     def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
@@ -335,10 +433,17 @@ class SqliteRegistry:
         """
         check_alias_name(alias)
         prev_name = previous_alias(alias)
+        verified = self.get_alias(model, prev_name)
+        if verified is not None:
+            self._verified(model, verified, alias)
         with self._transaction(write=True) as conn:
             self._check_known_model(conn, model)
             current = self._alias(conn, model, alias)
             previous = self._alias(conn, model, prev_name)
+            if previous != verified:
+                raise TuneloopError(
+                    f"{model}@{prev_name} changed while rolling back (from {verified} to {previous}); run the rollback again"
+                )
             if previous is None:
                 raise InputError(
                     f"cannot roll back {model}@{alias}: there is no {prev_name!r} alias (nothing was promoted "
@@ -352,8 +457,18 @@ class SqliteRegistry:
             else:
                 conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, prev_name))
             details = {"alias": alias, alias: {"old": current, "new": previous}, prev_name: {"old": previous, "new": current}}
-            _add_event(conn, model, previous, "rolled_back", actor, reason, details)
+            self._event(conn, model, previous, "rolled_back", actor, reason, details)
             return self._get(conn, model, previous)
+
+    def _verified(self, model: str, version: int | str, alias: str) -> int:
+        """Resolve ``version`` and check its artifact's bytes against its manifest before ``alias`` may point at it."""
+        v = self.get(model, version)
+        if not v["deleted"]:  # a deleted version is refused with its own message inside the transaction
+            try:
+                self.store.verify(v["artifact_digest"])
+            except IntegrityError as e:
+                raise IntegrityError(f"refusing to point {model}@{alias} at {v['ref']}: {e}") from None
+        return v["version"]
 
     def set_tag(
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
@@ -369,7 +484,7 @@ class SqliteRegistry:
                     " ON CONFLICT (model, version, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                     (model, number, key, value, utcnow()),
                 )
-                _add_event(conn, model, number, "tagged", actor, reason, {"key": key, "old": old, "new": value})
+                self._event(conn, model, number, "tagged", actor, reason, {"key": key, "old": old, "new": value})
             return self._get(conn, model, number)
 
     def remove_tag(
@@ -384,7 +499,7 @@ class SqliteRegistry:
                     f"{model}:{number} has no tag {key!r}; its tags: {', '.join(sorted(tags)) or 'none'}"
                 )
             conn.execute("DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, key))
-            _add_event(conn, model, number, "tagged", actor, reason, {"key": key, "old": tags[key], "new": None})
+            self._event(conn, model, number, "tagged", actor, reason, {"key": key, "old": tags[key], "new": None})
             return self._get(conn, model, number)
 
     def delete(
@@ -413,7 +528,7 @@ class SqliteRegistry:
                 "INSERT INTO deletions (model, version, at, actor, reason) VALUES (?, ?, ?, ?, ?)",
                 (model, number, utcnow(), actor or _default_actor(), reason or ""),
             )
-            _add_event(
+            self._event(
                 conn, model, number, "deleted", actor, reason,
                 {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing},
             )
@@ -421,11 +536,13 @@ class SqliteRegistry:
             deleted = self._get(conn, model, number)
         return {"version": deleted, "removed_aliases": pointing, "collected": collected}
 
-    def gc(self) -> list[str]:
-        """Remove every stored artifact no live version references; return their digests."""
+    def gc(self) -> list[tuple[str, int]]:
+        """Remove every stored artifact no live version references; return ``(digest, bytes freed)`` of each."""
+        from tuneloop.registry.store import tree_size
+
         with self._transaction(write=True) as conn:
-            stored = [p.name for p in self.store.root.iterdir() if not p.name.startswith(".")] if self.store.root.is_dir() else []
-            return self._collect(conn, stored)
+            sizes = {d: tree_size(self.store.path(d)) for d in self.store.digests()}
+            return [(d, sizes[d]) for d in self._collect(conn, list(sizes))]
 
     def _collect(self, conn: sqlite3.Connection, digests: list[str]) -> list[str]:
         """Inside a write transaction (so no registration can start referencing them): drop unreferenced artifacts."""
@@ -584,6 +701,28 @@ class SqliteRegistry:
             )
         return {**found, "existing": True}
 
+    def _by_origin(self, conn: sqlite3.Connection, model: str, key: str) -> dict | None:
+        from tuneloop.registry.lineage import origin_key
+
+        rows = conn.execute(
+            "SELECT version, artifact_digest, artifact_kind, lineage, gates FROM versions v WHERE model = ? AND NOT"
+            " EXISTS (SELECT 1 FROM deletions d WHERE d.model = v.model AND d.version = v.version) ORDER BY version",
+            (model,),
+        ).fetchall()
+        for r in rows:
+            if origin_key(r["artifact_digest"], r["artifact_kind"], json.loads(r["lineage"]), json.loads(r["gates"])) == key:
+                return {**self._get(conn, model, r["version"]), "existing": True}
+        return None
+
+    def _event(
+        self, conn: sqlite3.Connection, model: str, version: int | None, kind: str, actor: str | None, reason: str,
+        details: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Record an event in the database and in the store's journal, with the model's aliases after it."""
+        event = _add_event(conn, model, version, kind, actor, reason, details)
+        self.store.append_event({**event, "aliases": self._aliases(conn, model)})
+        return event
+
     @staticmethod
     def _version_numbers(conn: sqlite3.Connection, model: str) -> list[int]:
         return [
@@ -639,6 +778,18 @@ class SqliteRegistry:
         }
 
 
+def version_record(v: dict, registered: dict, aliases: dict[str, int]) -> dict:
+    """The record of a version kept beside its artifact: its row, lineage, and the model's aliases then."""
+    keep = ("model", "version", "created_at", "artifact_digest", "artifact_kind", "base_model", "cache_key",
+            "lineage", "metrics", "gates")
+    return {
+        "schema": 1,
+        **{k: v[k] for k in keep},
+        "aliases": dict(aliases),
+        "registered": {k: registered[k] for k in ("at", "actor", "reason")},
+    }
+
+
 def _deletion(row: sqlite3.Row) -> dict:
     return {"at": row["at"], "actor": row["actor"], "reason": row["reason"]}
 
@@ -653,22 +804,6 @@ def check_tag(key: str, value: str) -> None:
         raise InputError(f"tag keys starting with {RESERVED_TAG_PREFIX!r} are reserved for tuneloop itself")
     if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
         raise InputError(f"tag value for {key!r} must be a string of at most {MAX_TAG_VALUE} characters")
-
-
-def check_model_name(model: str) -> None:
-    if not isinstance(model, str) or not _MODEL_RE.match(model):
-        raise InputError(
-            f"invalid model name {model!r}: use letters, digits, '.', '_', '-' and '/' "
-            "(no ':' or '@', which separate a version or alias in refs)"
-        )
-
-
-def check_alias_name(alias: str) -> None:
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias) or alias == "latest":
-        raise InputError(
-            f"invalid alias {alias!r}: start with a letter, then letters, digits, '.', '_' or '-'; "
-            "'latest' is reserved"
-        )
 
 
 def version_ranges(numbers: list[int]) -> str:
@@ -720,3 +855,148 @@ def _split_sql(script: str) -> list[str]:
             statements.append(current.strip())
             current = ""
     return [s for s in statements if s]
+
+
+# -- recovery ---------------------------------------------------------------------------------------
+
+
+def recover_database(root: Path) -> dict[str, Any]:
+    """Rebuild a missing, empty or unreadable ``root/registry.db`` from the version records and the journal.
+
+    Versions (with lineage, metrics and gates) come from ``artifacts/.versions/<model>-<hash>/<n>.json``; events,
+    tags, deletions and the last known aliases from the journal ``artifacts/.versions/events.jsonl``. A
+    database that still holds versions is refused (move it aside first to rebuild anyway); an unreadable
+    or version-less one is moved aside to ``registry.db.replaced-<time>``, never deleted.
+    """
+    root = Path(root)
+    store = ArtifactStore(root / "artifacts")
+    _refuse_live_database(root / "registry.db")
+    records, unreadable = store.read_records()
+    events, torn = store.read_events()
+    if not records:
+        raise InputError(
+            f"nothing to recover: the artifact store {store.root} holds no version records"
+            + (f" ({len(unreadable)} unreadable: {unreadable[0]})" if unreadable else "")
+            + "; restore registry.db from a backup, or register the model directories again"
+        )
+    if not events:  # the journal itself was lost: the records still say who registered each version, and why
+        events = [{"model": r["model"], "version": int(r["version"]), "kind": "registered", **r.get("registered", {}),
+                   "details": {"artifact_digest": r["artifact_digest"], "artifact_kind": r["artifact_kind"],
+                               "cache_key": r.get("cache_key")}} for r in records]
+    moved = _move_aside(root / "registry.db")
+    reg = SqliteRegistry(root, check_lost=False)
+    with reg._transaction(write=True) as conn:
+        known = _insert_records(conn, records)
+        replayed, skipped, deleted = _replay_events(conn, events, known)
+        aliases = _restore_aliases(conn, records, events, known, deleted)
+    missing = [f"{m}:{n}" for (m, n), digest in sorted(known.items())
+               if (m, n) not in deleted and not store.exists(digest)]
+    recorded = set(known.values())
+    return {
+        "database": str(reg.db_path),
+        "moved_aside": str(moved) if moved else None,
+        "models": sorted({m for m, _ in known}),
+        "versions": len(known),
+        "aliases": aliases,
+        "events": replayed,
+        "deleted": sorted(f"{m}:{n}" for m, n in deleted),
+        "missing_artifacts": missing,
+        "unrecorded_artifacts": [d for d in store.digests() if d not in recorded],
+        "skipped_events": skipped,
+        "unreadable": unreadable + ([f"{torn} unreadable line(s) in the journal"] if torn else []),
+    }
+
+
+def _refuse_live_database(db: Path) -> None:
+    """Refuse to replace a database that still holds versions."""
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            n = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return  # unreadable, or no versions table: nothing in it to keep using
+    if n:
+        raise InputError(
+            f"{db} holds {n} version(s): `tuneloop models recover` only rebuilds a missing, empty or "
+            "unreadable database. To rebuild it from the store anyway, move it aside first "
+            f"(`mv {db} {db}.old`) and run recover again"
+        )
+
+
+def _move_aside(db: Path) -> Path | None:
+    """Move an empty or broken database (and its WAL files) aside, never deleting it; return where it went."""
+    if not db.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = db.with_name(f"{db.name}.replaced-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        p = db.with_name(db.name + suffix)
+        if p.exists():
+            p.rename(target.with_name(target.name + suffix))
+    return target
+
+
+def _insert_records(conn: sqlite3.Connection, records: list[dict]) -> dict[tuple[str, int], str]:
+    """Insert a model and version row per record; return ``{(model, version): artifact digest}``."""
+    known: dict[tuple[str, int], str] = {}
+    for r in records:
+        model, number = r["model"], int(r["version"])
+        conn.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (model, r["created_at"]))
+        conn.execute(
+            "INSERT INTO versions (model, version, created_at, artifact_digest, artifact_kind, base_model,"
+            " cache_key, lineage, metrics, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model, number, r["created_at"], r["artifact_digest"], r["artifact_kind"], r["base_model"],
+             r.get("cache_key"), *(to_json(r.get(k) or {}, k) for k in ("lineage", "metrics", "gates"))),
+        )
+        known[(model, number)] = r["artifact_digest"]
+    return known
+
+
+def _replay_events(
+    conn: sqlite3.Connection, events: list[dict], known: dict[tuple[str, int], str]
+) -> tuple[int, int, set[tuple[str, int]]]:
+    """Re-insert journal events of recovered versions, re-applying tags and deletions; (replayed, skipped, deleted)."""
+    replayed = skipped = 0
+    deleted: set[tuple[str, int]] = set()
+    for e in events:
+        model, number, kind = e.get("model"), e.get("version"), e.get("kind")
+        if (model, number) not in known:
+            skipped += 1  # a version whose record never got written (e.g. a crash before commit)
+            continue
+        details = e.get("details") or {}
+        _add_event(conn, model, number, kind, e.get("actor"), e.get("reason", ""), details, at=e.get("at"))
+        replayed += 1
+        if kind == "tagged" and details.get("new") is None:
+            conn.execute("DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, details.get("key")))
+        elif kind == "tagged":
+            conn.execute(
+                "INSERT INTO tags (model, version, key, value, updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                " (model, version, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (model, number, details.get("key"), details.get("new"), e.get("at")),
+            )
+        elif kind == "deleted" and (model, number) not in deleted:
+            conn.execute("INSERT INTO deletions (model, version, at, actor, reason) VALUES (?, ?, ?, ?, ?)",
+                         (model, number, e.get("at"), e.get("actor"), e.get("reason", "")))
+            deleted.add((model, number))
+    return replayed, skipped, deleted
+
+
+def _restore_aliases(
+    conn: sqlite3.Connection, records: list[dict], events: list[dict], known: dict[tuple[str, int], str],
+    deleted: set[tuple[str, int]],
+) -> dict[str, dict[str, int]]:
+    """Set each model's aliases to the last snapshot known: the journal's, else its newest record's."""
+    last: dict[str, dict[str, int]] = {}
+    for r in records:
+        last[r["model"]] = r.get("aliases") or {}
+    for e in events:
+        if e.get("model") in last and isinstance(e.get("aliases"), dict):
+            last[e["model"]] = e["aliases"]
+    out: dict[str, dict[str, int]] = {}
+    for model, aliases in sorted(last.items()):
+        for alias, number in sorted(aliases.items()):
+            if (model, number) in known and (model, number) not in deleted:
+                SqliteRegistry._put_alias(conn, model, alias, number)
+                out.setdefault(model, {})[alias] = number
+    return out

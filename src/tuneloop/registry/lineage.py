@@ -1,7 +1,9 @@
 """What a registered version records about where it came from, and what an artifact directory must be.
 
-* :func:`check_artifact_dir` — safetensors only: a directory without ``*.safetensors`` weights, or with any
-  pickle-format file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.ckpt``), is refused before anything is stored.
+* :func:`check_artifact_dir` — self-contained and safetensors only: symlinks leaving the directory, malformed
+  ``*.safetensors`` files and pickled content (judged by the bytes, see ``registry/content.py``) are refused
+  before anything is stored.
+* :func:`origin_key` — what makes two registrations the same version (artifact digest, content lineage, gates).
 * :func:`detect_kind` — ``adapter`` (has ``adapter_config.json``) or ``model`` (has ``config.json``).
 * :func:`base_model_ref` — a base model as lineage: the id or path given, the resolved local path, the hub
   revision when known, and a content digest (the same fingerprint the pipeline's cache keys use).
@@ -19,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import InputError
-from tuneloop.fsutil import model_fingerprint
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+from tuneloop.fsutil import model_fingerprint, sha256_json
+from tuneloop.registry.content import check_contents, check_links, content_files
 
 
 def actor() -> str:
@@ -35,36 +36,51 @@ def actor() -> str:
         return "unknown"
 
 
-def content_files(path: Path) -> list[Path]:
-    """Files of an artifact directory as the store sees them (hidden files and folders skipped)."""
-    return sorted(
-        p for p in Path(path).rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-
-
 def check_artifact_dir(path: Path, kind: str | None = None) -> None:
-    """Refuse a directory that is not safetensors-only (clear error naming the files and the fix)."""
+    """Refuse a directory that is not a self-contained, safetensors-only model or adapter.
+
+    Symlinks leaving the directory, malformed ``*.safetensors`` files and pickled content (by its bytes,
+    whatever the file is called) are refused, with every offending file named (see ``registry/content.py``).
+    """
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"artifact directory {path} does not exist or is not a directory")
-    files = content_files(path)
-    pickles = [f.relative_to(path).as_posix() for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        shown = ", ".join(pickles[:5]) + (f" and {len(pickles) - 5} more" if len(pickles) > 5 else "")
-        raise InputError(
-            f"artifact directory {path} contains pickle-format files ({shown}); tuneloop stores and loads "
-            "safetensors only, because loading a pickle can run arbitrary code. Re-save the weights with "
-            "save_pretrained(dir, safe_serialization=True) and remove the pickle files "
-            "(training_args.bin from transformers' Trainer is not needed)"
-        )
-    if not any(f.suffix == ".safetensors" for f in files):
+    check_links(path)
+    check_contents(path)
+    if not any(f.suffix == ".safetensors" for f in content_files(path)):
         raise InputError(
             f"artifact directory {path} has no *.safetensors weights; point at the directory that "
             "save_pretrained wrote (model.safetensors or adapter_model.safetensors)"
         )
     if kind == "adapter" and not (path / "adapter_config.json").is_file():
         raise InputError(f"{path} is registered as an adapter but has no adapter_config.json (a PEFT adapter directory has one)")
+
+
+# Lineage that says where or when something ran, not what it was made from: left out of ``origin_key``.
+RUN_SPECIFIC_LINEAGE = ("run_id", "config_path", "source_path", "git", "stage_keys", "config", "config_hash",
+                        "base_model", "adapter_config_base")
+
+
+def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: dict) -> str:
+    """What makes two registrations the same version: the same bytes, made from the same inputs.
+
+    The artifact digest and kind, the gate results (thresholds, estimates, verdicts), and the lineage without
+    what only says where or when it ran (``RUN_SPECIFIC_LINEAGE``: run id, paths, git checkout, cache keys,
+    the resolved config with its absolute paths); of ``base`` only its content digest and of ``data`` only the ``*digest`` entries are
+    kept. So the same training repeated in a copied workspace (or on another machine) finds the version it
+    already made, while different data, base, code version or gates (e.g. a changed threshold) make a new one.
+    """
+    kept = {k: v for k, v in lineage.items() if k not in RUN_SPECIFIC_LINEAGE}
+    if isinstance(kept.get("base"), dict):
+        kept["base"] = kept["base"].get("digest")
+    if isinstance(kept.get("data"), dict):
+        kept["data"] = {k: v for k, v in kept["data"].items() if k.endswith("digest")}
+    return sha256_json({
+        "artifact": artifact_digest,
+        "kind": artifact_kind,
+        "lineage": kept,
+        "gates": gates or {},
+    })
 
 
 def detect_kind(path: Path) -> str:

@@ -6,9 +6,13 @@ Same interface and semantics as the SQLite :class:`tuneloop.registry.db.SqliteRe
   *model version*, numbered by the server. Its record (kind, base, artifact sha256, cache key, lineage,
   metrics, gates, deletion) lives in model-version tags under ``tuneloop.``; user tags are the other tags.
 * aliases are MLflow aliases (``champion``, ``previous``, ...), so ``models:/name@champion`` works in MLflow.
-* artifacts: each registration is an MLflow run in the experiment ``tuneloop-registry``; the directory is
-  logged as the run's ``artifact/`` (with the ``.manifest.json`` of per-file sha256), its metrics as run
-  metrics. ``open_artifact`` downloads into a local content-addressed cache and refuses a copy whose
+* artifacts: each registration is an MLflow run in the experiment ``tuneloop-registry``, named after the
+  pipeline run id (``lineage["run_id"]``); the directory is logged as the run's ``artifact/`` (with the
+  ``.manifest.json`` of per-file sha256), its metrics as run metrics, the resolved config as params
+  (dotted keys, values cut at MLflow's 6,000 characters and listed in the ``tuneloop.params_truncated`` tag),
+  and an ``MLmodel`` at the run's root, which is the model version's source, so
+  ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it (see ``registry/mlflow_pyfunc.py``).
+  Before an alias moves, the server's copy is downloaded and verified. ``open_artifact`` downloads into a local content-addressed cache and refuses a copy whose
   sha256 digest differs from the one recorded at registration (IntegrityError naming the files).
 * events (registered, promoted, rolled_back, alias_set, tagged, deleted) are registered-model tags
   ``tuneloop.event.<time>.<random>`` holding JSON; they are only ever added.
@@ -24,9 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,21 +41,22 @@ from tuneloop.fsutil import read_json, sha256_file, utcnow
 from tuneloop.registry.db import (
     ARTIFACT_KINDS,
     alias_hint,
-    check_alias_name,
-    check_model_name,
     check_tag,
     parse_ref,
     previous_alias,
     to_json,
     version_ranges,
 )
+from tuneloop.registry.names import check_alias_name, check_model_name
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
 log = logging.getLogger("tuneloop")
 EXPERIMENT = "tuneloop-registry"
 P = "tuneloop."
 _RECORD_KEYS = ("kind", "base_model", "artifact_digest", "cache_key", "created_at", "lineage", "metrics", "gates")
-_ALIAS_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
+MAX_PARAM_KEY = 250
+_PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 class MlflowRegistry:
@@ -78,6 +83,7 @@ class MlflowRegistry:
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         cache_dir = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "mlflow"
         self.store = ArtifactStore(cache_dir / "artifacts")
+        self.removed_temps = self.store.remove_dead_temps()
         self._experiment_id: str | None = None
 
     @property
@@ -126,9 +132,9 @@ class MlflowRegistry:
         reason: str = "",
     ) -> dict:
         """Log ``artifact_dir`` as an MLflow run and create the next model version of ``model`` from it."""
-        from tuneloop.registry.lineage import check_artifact_dir
+        from tuneloop.registry.lineage import check_artifact_dir, origin_key
 
-        _check_mlflow_name(model)
+        check_model_name(model)
         if artifact_kind not in ARTIFACT_KINDS:
             raise InputError(f"artifact_kind must be one of {', '.join(ARTIFACT_KINDS)}, got {artifact_kind!r}")
         if not isinstance(base_model, str) or not base_model:
@@ -145,22 +151,17 @@ class MlflowRegistry:
                 return found
         # The local store computes the manifest (per-file sha256) and keeps a verified copy to upload.
         digest = self.store.put_dir(Path(artifact_dir))
+        found = self._by_origin(model, origin_key(digest, artifact_kind, lineage, gates))
+        if found is not None:
+            return found
         stored = self.store.open_verified(digest)
         now = utcnow()
         with self._mlflow(f"register a version of {model!r}"):
             self._ensure_model(model)
-            run = self.client.create_run(
-                self._experiment(), run_name=f"{model}-register",
-                tags={f"{P}model": model, f"{P}kind": artifact_kind, f"{P}artifact_digest": digest},
-            )
-            run_id = run.info.run_id
-            try:
-                self.client.log_artifacts(run_id, str(stored), "artifact")
-                self._log_metrics(run_id, metrics)
-            except BaseException:
-                self.client.set_terminated(run_id, "FAILED")
-                raise
-            self.client.set_terminated(run_id, "FINISHED")
+            base = lineage.get("base") if isinstance(lineage.get("base"), dict) else {}
+            meta = {"artifact_digest": digest, "artifact_kind": artifact_kind, "base_model": base_model,
+                    "base_digest": base.get("digest") or lineage.get("base_model_fingerprint")}
+            run_id = self._log_run(model, stored, lineage, metrics, meta)
             tags = {
                 f"{P}kind": artifact_kind,
                 f"{P}base_model": base_model,
@@ -170,26 +171,27 @@ class MlflowRegistry:
             }
             if cache_key is not None:
                 tags[f"{P}cache_key"] = cache_key
-            mv = self.client.create_model_version(model, f"runs:/{run_id}/artifact", run_id=run_id, tags=tags)
+            # The source is the run's root: its MLmodel makes `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` work.
+            mv = self.client.create_model_version(model, f"runs:/{run_id}", run_id=run_id, tags=tags)
             number = int(mv.version)
             self._add_event(model, number, "registered", actor, reason,
                             {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key, "run_id": run_id})
             return self.get(model, number)
 
     def set_alias(self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = "") -> None:
-        _check_mlflow_alias(alias)
-        target = self._get_live(model, version, f"point alias {alias!r} at")["version"]
+        check_alias_name(alias)
+        target = self._get_live(model, self._verified(model, version, alias), f"point alias {alias!r} at")["version"]
         old = self._aliases(model).get(alias)
         with self._mlflow(f"set alias {alias!r} of {model!r}"):
             self.client.set_registered_model_alias(model, alias, str(target))
         self._add_event(model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
 
     def promote(self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
-        _check_mlflow_alias(alias)
+        check_alias_name(alias)
         prev_name = previous_alias(alias)
         if alias == "previous" or alias.endswith("-previous"):
             raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
-        target = self._get_live(model, version, f"promote to {alias!r}")["version"]
+        target = self._get_live(model, self._verified(model, version, alias), f"promote to {alias!r}")["version"]
         aliases = self._aliases(model)
         old, old_previous = aliases.get(alias), aliases.get(prev_name)
         if old != target:
@@ -206,7 +208,7 @@ class MlflowRegistry:
         return self.get(model, target)
 
     def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
-        _check_mlflow_alias(alias)
+        check_alias_name(alias)
         prev_name = previous_alias(alias)
         aliases = self._aliases(model)
         current, previous = aliases.get(alias), aliases.get(prev_name)
@@ -216,7 +218,7 @@ class MlflowRegistry:
                 f"another version yet){alias_hint(aliases)}; use `tuneloop models promote {model}:VERSION "
                 f"--alias {alias}` to pick a version"
             )
-        self._get_live(model, previous, "roll back to")
+        self._get_live(model, self._verified(model, previous, alias), "roll back to")
         with self._mlflow(f"roll back {model}@{alias}"):
             self.client.set_registered_model_alias(model, alias, str(previous))
             if current is not None:
@@ -281,7 +283,10 @@ class MlflowRegistry:
         try:
             with self._mlflow(f"delete the artifacts of {v['ref']}"):
                 run = self.client.get_run(v["run_id"])
-                get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri).delete_artifacts("artifact")
+                repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
+                repo.delete_artifacts("artifact")
+                if any(f.path == "MLmodel" for f in repo.list_artifacts()):
+                    repo.delete_artifacts("MLmodel")
         except TuneloopError as e:
             # The deletion itself is recorded; an artifact store that refuses deletes only costs space.
             log.warning("%s was deleted, but its artifacts stay in the MLflow artifact store: %s", v["ref"], e)
@@ -310,11 +315,17 @@ class MlflowRegistry:
         v = self.get(model, version)
         if v["deleted"]:
             raise InputError(f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone")
+        if self.store.exists(v["artifact_digest"]):
+            try:
+                return self.store.open_verified(v["artifact_digest"])
+            except IntegrityError:
+                pass  # a damaged local copy: download it again
+        return self._download_verified(v)
+
+    def _download_verified(self, v: dict) -> Path:
+        """Download a version's artifact from the server, check every byte, keep it in the local cache."""
         digest = v["artifact_digest"]
-        if self.store.exists(digest) and self.store._verifies(digest):
-            return self.store.path(digest)
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=self.store.root))
+        tmp = self.store.make_temp("download")
         try:
             with self._mlflow(f"download the artifact of {v['ref']}"):
                 got = Path(self.client.download_artifacts(v["run_id"], "artifact", str(tmp)))
@@ -334,6 +345,28 @@ class MlflowRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.store.open_verified(digest)
+
+    def _verified(self, model: str, version: int | str, alias: str) -> int:
+        """Resolve ``version`` and check the server's copy of its artifact before ``alias`` may point at it."""
+        v = self.get(model, version)
+        if not v["deleted"]:  # a deleted version is refused with its own message by _get_live
+            try:
+                self._download_verified(v)
+            except IntegrityError as e:
+                raise IntegrityError(f"refusing to point {model}@{alias} at {v['ref']}: {e}") from None
+        return v["version"]
+
+    def gc(self) -> list[tuple[str, int]]:
+        """Remove local cached copies of artifacts that no live version on the server uses."""
+        from tuneloop.registry.store import tree_size
+
+        live = {v["artifact_digest"] for v in self.list_versions()}
+        out = []
+        for d in self.store.digests():
+            size = tree_size(self.store.path(d))
+            if d not in live and self.store.remove(d):
+                out.append((d, size))
+        return out
 
     def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]:
         names = [model] if model is not None else self.models()
@@ -493,6 +526,18 @@ class MlflowRegistry:
                 return {**v, "existing": True}
         return None
 
+    def _by_origin(self, model: str, key: str) -> dict | None:
+        from tuneloop.registry.lineage import origin_key
+
+        try:
+            versions = self._versions(model)
+        except InputError:
+            return None  # no such model yet
+        for _, v in sorted(versions.items()):
+            if not v["deleted"] and origin_key(v["artifact_digest"], v["artifact_kind"], v["lineage"], v["gates"]) == key:
+                return {**v, "existing": True}
+        return None
+
     def _add_event(self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict) -> None:
         from tuneloop.registry.lineage import actor as default_actor
 
@@ -501,6 +546,47 @@ class MlflowRegistry:
                  "reason": reason or "", "details": details}
         with self._mlflow(f"record a {kind} event for {model!r}"):
             self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
+
+    def _log_run(self, model: str, stored: Path, lineage: dict, metrics: dict, meta: dict) -> str:
+        """One MLflow run per registration, named after the pipeline run: params, metrics, artifact, MLmodel."""
+        from tuneloop.registry.mlflow_pyfunc import write_mlmodel
+
+        run = self.client.create_run(
+            self._experiment(), run_name=str(lineage.get("run_id") or f"{model}-register"),
+            tags={f"{P}model": model, f"{P}kind": meta["artifact_kind"], f"{P}artifact_digest": meta["artifact_digest"]},
+        )
+        run_id = run.info.run_id
+        try:
+            self._log_params(run_id, lineage, meta)
+            self.client.log_artifacts(run_id, str(stored), "artifact")
+            self._log_metrics(run_id, metrics)
+            tmp = self.store.make_temp("mlmodel")
+            try:
+                write_mlmodel(tmp, run_id=run_id, meta=meta)
+                self.client.log_artifacts(run_id, str(tmp))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _log_params(self, run_id: str, lineage: dict, meta: dict) -> None:
+        """The resolved config as params (dotted keys), plus what was registered; long values truncated and noted."""
+        params, truncated = mlflow_params(lineage.get("config") if isinstance(lineage.get("config"), dict) else {})
+        for key in ("config_hash", "code_version", "run_id", "pipeline"):
+            if isinstance(lineage.get(key), str):
+                params[f"{P}{key}"] = lineage[key][:MAX_PARAM_VALUE]
+        params.update({f"{P}{k}": str(v)[:MAX_PARAM_VALUE] for k, v in meta.items() if v is not None})
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        if truncated:
+            note = json.dumps(truncated)
+            self.client.set_tag(run_id, f"{P}params_truncated", note if len(note) <= 5000 else note[:4990] + " ...]")
 
     def _log_metrics(self, run_id: str, metrics: dict) -> None:
         from mlflow.entities import Metric
@@ -536,13 +622,28 @@ def _problems_against_manifest(d: Path) -> list[str]:
     return problems
 
 
-def _check_mlflow_name(model: str) -> None:
-    check_model_name(model)
-    if "/" in model:
-        raise InputError(f"invalid model name {model!r} for an MLflow registry: MLflow names cannot contain '/'")
+def mlflow_params(config: dict) -> tuple[dict[str, str], list[str]]:
+    """A nested config as MLflow params: dotted keys, JSON for non-strings, values cut to MLflow's limit.
 
+    Returns the params and the keys whose value was truncated (the truncated value ends with a note).
+    """
+    flat: dict[str, Any] = {}
 
-def _check_mlflow_alias(alias: str) -> None:
-    check_alias_name(alias)
-    if not set(alias) <= _ALIAS_CHARS:
-        raise InputError(f"invalid alias {alias!r} for an MLflow registry: use letters, digits, '_' and '-' only")
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, dict) and obj:
+            for k, v in obj.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif prefix:
+            flat[prefix] = obj
+
+    walk(config, "")
+    params, truncated = {}, []
+    for key, value in flat.items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        name = _PARAM_KEY_BAD.sub("_", key)[:MAX_PARAM_KEY]
+        if len(text) > MAX_PARAM_VALUE:
+            note = f"...[truncated by tuneloop: {len(text)} characters]"
+            text = text[:MAX_PARAM_VALUE - len(note)] + note
+            truncated.append(name)
+        params[name] = text
+    return params, truncated

@@ -1,4 +1,5 @@
-"""Registry operations behind ``tuneloop models``: register a directory made elsewhere, lineage, diff, export.
+"""Registry operations behind ``tuneloop models``: register a directory made elsewhere, lineage, diff, export,
+gc (dead temporary copies, unreferenced artifacts) and recover (rebuild a lost database from the store).
 
 Each works on any backend that satisfies :class:`tuneloop.registry.api.ModelRegistry`.
 """
@@ -8,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_json
-from tuneloop.registry.db import parse_ref
+from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
     adapter_base,
     base_model_ref,
@@ -213,3 +215,98 @@ def _write_merged(adapter_dir: Path, base: str, out: Path) -> None:
     merged.save_pretrained(str(out), safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
     load_tokenizer(str(tok_src)).save_pretrained(str(out))
+
+
+# -- gc and recover -------------------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    """What ``gc`` removed: temporary copies of dead processes and artifacts no live version references."""
+
+    location: str
+    temps: list[dict[str, Any]] = field(default_factory=list)  # {"path", "bytes", "owner"}
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # {"digest", "bytes"}
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(t["bytes"] for t in self.temps) + sum(a["bytes"] for a in self.artifacts)
+
+    @property
+    def entries(self) -> int:
+        return len(self.temps) + len(self.artifacts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "freed_bytes": self.freed_bytes, "entries": self.entries}
+
+    def summary(self) -> str:
+        return (f"{self.location}: removed {len(self.temps)} dead temporary cop{'y' if len(self.temps) == 1 else 'ies'} "
+                f"and {len(self.artifacts)} unreferenced artifact(s), freed {_human(self.freed_bytes)}")
+
+
+class Collectable(Protocol):
+    """What ``gc`` needs from a registry backend (both ``SqliteRegistry`` and ``MlflowRegistry`` have it)."""
+
+    location: str
+    removed_temps: list  # RemovedTemp entries taken away when the registry was opened
+    store: Any  # its ArtifactStore (for MLflow: the local verified cache)
+
+    def gc(self) -> list[tuple[str, int]]: ...
+
+
+def gc(reg: Collectable) -> GcReport:
+    """Remove temporary copies left by killed processes (also those already removed when ``reg`` was opened)
+    and stored artifacts that no live version references. Copies of running processes are kept."""
+    temps = [*reg.removed_temps, *reg.store.remove_dead_temps(include_legacy=True)]
+    return GcReport(
+        location=reg.location,
+        temps=[asdict(t) for t in temps],
+        artifacts=[{"digest": d, "bytes": n} for d, n in reg.gc()],
+    )
+
+
+@dataclass
+class RecoverReport:
+    """What ``recover`` rebuilt (see :func:`tuneloop.registry.db.recover_database`)."""
+
+    database: str
+    moved_aside: str | None
+    models: list[str]
+    versions: int
+    aliases: dict[str, dict[str, int]]
+    events: int
+    deleted: list[str]
+    missing_artifacts: list[str]
+    unrecorded_artifacts: list[str]
+    skipped_events: int
+    unreadable: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"rebuilt {self.database}: {self.versions} version(s) of {len(self.models)} model(s), "
+                 f"{self.events} event(s), aliases "
+                 + ("; ".join(f"{m}: " + ", ".join(f"{a} -> {n}" for a, n in al.items()) for m, al in self.aliases.items()) or "none")]
+        if self.moved_aside:
+            lines.append(f"the old database was moved to {self.moved_aside}")
+        if self.missing_artifacts:
+            lines.append(f"warning: artifacts missing from the store for {', '.join(self.missing_artifacts)} (they cannot be served)")
+        if self.unrecorded_artifacts:
+            lines.append(f"{len(self.unrecorded_artifacts)} stored artifact(s) belong to no record; `tuneloop models gc` removes them")
+        if self.unreadable:
+            lines.append("unreadable: " + "; ".join(self.unreadable[:5]))
+        return "\n".join(lines)
+
+
+def recover(root: Path) -> RecoverReport:
+    """Rebuild the SQLite registry database in workspace directory ``root`` from the records in its store."""
+    return RecoverReport(**recover_database(Path(root)))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

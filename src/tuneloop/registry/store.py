@@ -1,25 +1,38 @@
-"""Content-addressed store of artifact directories (a full model or a LoRA adapter).
+"""Content-addressed store of artifact directories (a full model or a LoRA adapter), and version records.
 
 Layout under ``root``::
 
     <digest>/                  one directory per distinct content, named by ``sha256_dir`` of it
         <files...>             read-only copies of the source directory's files
         .manifest.json         relative path, size and sha256 of every file (hidden: not in the digest)
-    .tmp-<random>/             a copy in progress; a killed ``put_dir`` may leave one behind
+    .versions/<model>-<hash>/<n>.json  the record of each registered version (row, lineage, metrics, gates,
+                               the model's aliases then)
+    .versions/events.jsonl     append-only journal of every registry event, with the aliases after it
+    .tmp-<what>-<pid>@<host>.<random>/  a copy in progress, owned by process <pid> on <host>
 
 A directory only ever appears under its digest by an atomic rename of a complete, fsynced copy, so a
 reader never sees a half-written artifact. Hidden files in the source (names starting with '.') are not
-part of ``sha256_dir`` and are therefore not copied.
+part of ``sha256_dir`` and are therefore not copied. A symlink inside the source directory is stored as a
+copy of the file it points to; one that leaves the directory is refused (``registry/content.py``).
+
+Temporary copies name their owner, so a killed process's leftovers are found and removed the next time the
+store is opened (:meth:`ArtifactStore.remove_dead_temps`); copies of live processes, and of processes on
+other hosts sharing the store, are left alone. The version records and the journal let ``tuneloop models
+recover`` rebuild a lost registry database.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,8 +41,22 @@ from tuneloop.errors import InputError, IntegrityError
 from tuneloop.fsutil import atomic_write_json, read_json, sha256_dir
 
 MANIFEST_NAME = ".manifest.json"
+RECORDS_DIR = ".versions"
+JOURNAL_NAME = "events.jsonl"
+TEMP_PREFIX = ".tmp-"
+LEGACY_TEMP_AGE_S = 3600.0
 _CHUNK = 1 << 20
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_TEMP_RE = re.compile(r"^\.tmp-[a-z]+-(?P<pid>[0-9]+)@(?P<host>.+)\.[^.]+$")
+
+
+@dataclass(frozen=True)
+class RemovedTemp:
+    """A temporary copy removed from the store: where it was, its size and why it could go."""
+
+    path: str
+    bytes: int
+    owner: str
 
 
 class ArtifactStore:
@@ -46,9 +73,12 @@ class ArtifactStore:
         If the same content is already stored and verifies, nothing is copied. A stored copy that
         fails verification is replaced by the fresh one. Safe to call concurrently for the same content.
         """
+        from tuneloop.registry.content import check_links
+
         src = Path(src)
         if not src.is_dir():
             raise InputError(f"artifact directory {src} does not exist or is not a directory")
+        check_links(src)
         files = _content_files(src)
         if not files:
             raise InputError(
@@ -61,7 +91,7 @@ class ArtifactStore:
             return digest
 
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        tmp = self.make_temp("put")
         try:
             entries = [_copy_file(src / rel, tmp / rel, rel) for rel in files]
             copied = _digest_of_entries(entries)
@@ -102,7 +132,7 @@ class ArtifactStore:
             # The target appeared: a concurrent put of the same content, or a broken copy to replace.
             if self._verifies(digest):
                 return  # the caller's finally removes our now-redundant temp copy
-            broken = Path(tempfile.mkdtemp(prefix=".tmp-broken-", dir=self.root))
+            broken = self.make_temp("broken")
             try:
                 os.rename(target, broken / "old")
             except FileNotFoundError:
@@ -119,7 +149,7 @@ class ArtifactStore:
         if not target.exists():
             return False
         self.root.mkdir(parents=True, exist_ok=True)
-        trash = Path(tempfile.mkdtemp(prefix=".tmp-gc-", dir=self.root))
+        trash = self.make_temp("gc")
         try:
             os.rename(target, trash / "old")
             _fsync_dir(self.root)
@@ -128,6 +158,101 @@ class ArtifactStore:
             return False  # removed concurrently
         finally:
             shutil.rmtree(trash, ignore_errors=True)
+
+    # -- temporary copies --------------------------------------------------------------------------
+
+    def make_temp(self, what: str) -> Path:
+        """A new temporary directory in the store whose name records this process as its owner."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{what}-{os.getpid()}@{_host()}.", dir=self.root))
+
+    def remove_dead_temps(self, *, include_legacy: bool = False) -> list[RemovedTemp]:
+        """Remove temporary copies whose owner process is dead; return what was removed.
+
+        Only copies made on this host are judged (a pid means nothing on another host sharing the store).
+        With ``include_legacy``, copies without an owner in their name (written by tuneloop before it
+        recorded one) are removed too once untouched for an hour.
+        """
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for p in sorted(self.root.iterdir()):
+            if not p.name.startswith(TEMP_PREFIX):
+                continue
+            owner = _temp_owner(p, include_legacy)
+            if owner is None:
+                continue
+            size = tree_size(p)
+            _make_writable(p)
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(RemovedTemp(str(p), size, owner))
+        return removed
+
+    # -- version records ---------------------------------------------------------------------------
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / RECORDS_DIR
+
+    def write_record(self, model: str, version: int, record: dict[str, Any]) -> None:
+        """Write (atomically, fsynced) the record of ``model:version`` beside the artifacts."""
+        # The folder name carries a hash of the exact name, so `Bot` and `bot` stay apart on a
+        # case-insensitive filesystem; the record itself names its model.
+        folder = f"{model}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+        atomic_write_json(self.records_dir / folder / f"{int(version)}.json", record)
+
+    def read_records(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every version record (sorted by model and version) and the files that could not be read."""
+        records, unreadable = [], []
+        if not self.records_dir.is_dir():
+            return records, unreadable
+        for f in sorted(self.records_dir.glob("*/*.json")):
+            try:
+                rec = read_json(f)
+                if not isinstance(rec, dict) or not {"model", "version", "artifact_digest"} <= rec.keys():
+                    raise ValueError("not a version record")
+                records.append(rec)
+            except (OSError, ValueError) as e:
+                unreadable.append(f"{f}: {e}")
+        records.sort(key=lambda r: (r["model"], int(r["version"])))
+        return records, unreadable
+
+    def has_records(self) -> bool:
+        return self.records_dir.is_dir() and any(self.records_dir.glob("*/*.json"))
+
+    def digests(self) -> list[str]:
+        """Digests of the artifacts in the store."""
+        return sorted(p.name for p in self.root.iterdir() if _DIGEST_RE.match(p.name)) if self.root.is_dir() else []
+
+    def has_artifacts(self) -> bool:
+        return bool(self.digests())
+
+    def append_event(self, entry: dict[str, Any]) -> None:
+        """Append one line to the journal and fsync it (callers serialise writers, e.g. by a DB lock)."""
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+        fd = os.open(self.records_dir / JOURNAL_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_events(self) -> tuple[list[dict[str, Any]], int]:
+        """The journal's entries in order, and how many lines were unreadable (e.g. torn by a crash)."""
+        path = self.records_dir / JOURNAL_NAME
+        if not path.is_file():
+            return [], 0
+        entries, bad = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                bad += 1
+        return entries, bad
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -255,3 +380,57 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "localhost")
+
+
+def _temp_owner(p: Path, include_legacy: bool) -> str | None:
+    """A description of a temp copy's dead owner, or None when it must be kept."""
+    m = _TEMP_RE.match(p.name)
+    if m is None:
+        if not include_legacy:
+            return None
+        try:
+            age = time.time() - p.stat().st_mtime
+        except OSError:
+            return None
+        return f"no recorded owner, untouched for {age / 3600:.1f} h" if age > LEGACY_TEMP_AGE_S else None
+    pid, host = int(m["pid"]), m["host"]
+    if host != _host() or _pid_alive(pid):
+        return None
+    return f"process {pid} on {host} is gone"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tree_size(p: Path) -> int:
+    """Bytes of the files under ``p`` (links not followed)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(p):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _make_writable(p: Path) -> None:
+    """Make every directory under ``p`` writable, so rmtree can unlink the read-only files in it."""
+    for dirpath, dirnames, _ in os.walk(p):
+        for d in dirnames:
+            try:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            except OSError:
+                pass
