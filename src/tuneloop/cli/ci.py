@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tuneloop.cli.common import err, guard, out, print_json, stdout_to_stderr
 from tuneloop.cli.run import summary_table
@@ -28,7 +29,7 @@ def ci(
         print_json(result.to_dict())
     else:
         out.print(summary_table(result.summary))
-        if result.blocking:
-            out.print(f"[red]blocked by[/] {', '.join(result.blocking)}")
-        out.print(f"JUnit: {result.junit_path}\nMarkdown: {result.markdown_path}\nreport: {result.report_path}")
+        for name in result.blocking:
+            out.print(f"[red]blocked by {name}:[/] {escape(str(result.gates[name].get('reason', '')))}", soft_wrap=True, highlight=False)
+        out.print(f"JUnit: {result.junit_path}\nMarkdown: {result.markdown_path}\nreport: {result.report_path}", soft_wrap=True, highlight=False)
     raise typer.Exit(result.exit_code)

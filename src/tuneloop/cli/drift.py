@@ -41,7 +41,7 @@ def drift(
     if json_out:
         print_json(result.to_dict())
     else:
-        out.print(result.summary(), highlight=False)
+        out.print(result.summary(), soft_wrap=True, highlight=False)
         for ex in result.examples[:5] if result.drifted else []:
-            out.print(f"  {ex.score:.2f}  {ex.prompt[:100]!r}", highlight=False)
+            out.print(f"  {ex.score:.2f}  {ex.prompt[:100]!r}", soft_wrap=True, highlight=False, markup=False)
     raise typer.Exit(1 if result.drifted else 0)

@@ -72,7 +72,7 @@ def export(
         return
     if cfg is None:
         err.print("[yellow]warning:[/] no config: the evaluation-set overlap check was skipped (pass the pipeline YAML)")
-    out.print(f"{result.sft_records} SFT records -> {result.sft_path}\n{result.dpo_records} DPO pairs -> {result.dpo_path}")
+    out.print(f"{result.sft_records} SFT records -> {result.sft_path}\n{result.dpo_records} DPO pairs -> {result.dpo_path}", soft_wrap=True, highlight=False)
     if result.regression_path:
-        out.print(f"{result.regression_added} regression items -> {result.regression_path}")
-    out.print(f"manifest (digests, provenance counts, drops): {result.manifest_path}")
+        out.print(f"{result.regression_added} regression items -> {result.regression_path}", soft_wrap=True, highlight=False)
+    out.print(f"manifest (digests, provenance counts, drops): {result.manifest_path}", soft_wrap=True, highlight=False)

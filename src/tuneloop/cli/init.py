@@ -22,5 +22,5 @@ def init(
     with guard():
         written = init_project(directory, ci, force=force, name=name)
     for path in written:
-        out.print(f"wrote {path}")
+        out.print(f"wrote {path}", soft_wrap=True, highlight=False)
     out.print("next: put your data in data/train.jsonl and data/eval.jsonl, then `tuneloop run tuneloop.yaml`")
