@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.config import NOTIFY_EVENTS, build_config
+from tuneloop.config import NOTIFY_EVENTS, build_config, load_config
 from tuneloop.demo_assets import SYSTEM_PROMPT, task_records
 from tuneloop.monitor.requestlog import RequestRecord, default_log_url, open_request_log
 from tuneloop.rollout import notify
@@ -199,6 +199,14 @@ def test_drift_exits_1_on_a_new_intent_and_0_on_the_same_distribution(project, r
     assert same.returncode == 0, same.stdout + same.stderr
     assert "no drift" in same.stdout
     assert receiver.events() == ["drift"]  # no notification without drift
+
+    # Without a config: the workspace is found upwards and its newest run's resolved config is used.
+    run_config = project.parent / ".tuneloop" / "runs" / "20260101-000000-abcdef" / "config.yaml"
+    run_config.parent.mkdir(parents=True)
+    run_config.write_text(yaml.safe_dump(load_config(project).to_dict(), sort_keys=False))
+    found = tl("drift", "--since", "2h", "--json", cwd=project.parent / ".tuneloop" / "runs")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["n_training"] == 240
 
 
 def test_drift_bad_input_exits_2(project):
