@@ -312,3 +312,26 @@ def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, 
     assert receiver.received[1]["details"]["ref"] == "tiny-bot:1"
     assert all(n["ok"] for n in result["notifications"])
     assert step_summary.read_text().count("tuneloop ci: tiny-bot") == 2
+
+
+def test_collect_gates_reads_data_gates_and_names_a_stage_that_failed_without_one(tmp_path):
+    from tuneloop.ci import collect_gates
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.report.json").write_text(json.dumps({"records": 50, "gates": [
+        {"name": "min_valid_ratio", "value": 0.5, "op": ">=", "threshold": 0.9, "passed": False, "detail": "25 of 50 records pass"}]}))
+    stage = {"duration_s": 0.1, "metrics": {}, "cached": False}
+    data_blocked = {"run_dir": str(tmp_path), "stages": {
+        "data_validation": {**stage, "status": "failed", "error": "data gate failed"},
+        "training": {**stage, "status": "skipped", "error": ""}}}
+    gates = collect_gates(data_blocked)
+    assert list(gates) == ["data.train.min_valid_ratio"]
+    assert gates["data.train.min_valid_ratio"]["verdict"] == "FAIL" and gates["data.train.min_valid_ratio"]["blocks"]
+
+    (tmp_path / "data" / "train.report.json").write_text(json.dumps({"records": 50, "gates": []}))
+    crashed = {"run_dir": str(tmp_path), "stages": {
+        "data_validation": {**stage, "status": "passed", "error": ""},
+        "training": {**stage, "status": "failed", "error": "RuntimeError: out of memory"}}}
+    gates = collect_gates(crashed)
+    assert gates == {"stage.training": {"verdict": "FAIL", "passed": False, "blocks": True, "suite": "stage",
+                                        "metric": "status", "value": "failed", "reason": "RuntimeError: out of memory"}}
