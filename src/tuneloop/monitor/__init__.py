@@ -10,7 +10,8 @@ from tuneloop.monitor.requestlog import (
     RequestLog,
     RequestRecord,
     UnknownRequest,
+    default_log_url,
     open_request_log,
 )
 
-__all__ = ["AsyncRecorder", "FeedbackRecord", "RequestLog", "RequestRecord", "UnknownRequest", "open_request_log"]
+__all__ = ["AsyncRecorder", "FeedbackRecord", "RequestLog", "RequestRecord", "UnknownRequest", "default_log_url", "open_request_log"]

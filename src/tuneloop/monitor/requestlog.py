@@ -347,6 +347,11 @@ def _feedback(row) -> FeedbackRecord:
     return FeedbackRecord(**{name: row._mapping[name] for name in _FEEDBACK_FIELDS})
 
 
+def default_log_url(workspace_root: str | os.PathLike) -> str:
+    """The workspace's own request log: ``sqlite:///<workspace>/requests.db``."""
+    return f"sqlite:///{os.path.abspath(workspace_root)}/requests.db"
+
+
 def open_request_log(url: str | os.PathLike) -> RequestLog:
     """``"sqlite:///abs/path.db"`` or a plain path -> SQLite (WAL); ``"postgresql://user@host:port/db"`` ->
     PostgreSQL (needs ``tuneloop[postgres]``). Creates the tables on first use."""

@@ -30,7 +30,7 @@ from tuneloop.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-EVENTS: tuple[str, ...] = ("start", "step", "promote", "rollback", "abort", "gate_failed", "drift")
+EVENTS: tuple[str, ...] = ("start", "step", "promote", "rollback", "abort", "gate_failed", "drift", "registered")
 FORMATS: tuple[str, ...] = ("json", "slack")
 
 
