@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tuneloop.data.diff import diff_datasets
 from tuneloop.data.formats import FORMATS, RULES, detect_format, normalise, sft_messages
-from tuneloop.data.validate import Checks, data_gates, gate_failures, validate_dataset
+from tuneloop.data.gates import data_gates, gate_failures
+from tuneloop.data.validate import Checks, validate_dataset
 from tuneloop.errors import InputError
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "datasets"
