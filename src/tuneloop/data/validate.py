@@ -32,7 +32,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterable
 
 from tuneloop.data.formats import FORMATS
 from tuneloop.data.gates import data_gates, gate_failures
@@ -74,6 +74,192 @@ def _near_dup_module():
     return dedup
 
 
+@dataclass
+class _Screened:
+    """What the streaming pass over the records found; kept candidates are staged on disk, in input order."""
+
+    records: int = 0
+    counts: Counter = field(default_factory=lambda: Counter(invalid=0, duplicates=0, near_duplicates=0, contaminated=0, pii_dropped=0, overlong_dropped=0))
+    tally: RuleTally = field(default_factory=RuleTally)
+    pii_counts: Counter = field(default_factory=Counter)
+    pii_examples: dict[str, list[dict]] = field(default_factory=dict)
+    pii_records: int = 0
+    overlong_seen: int = 0
+    kept: list[tuple[int, str | None, bool]] = field(default_factory=list)  # (line, file, has_pii) of kept candidates
+    texts: list[str] = field(default_factory=list)  # their similarity texts (when a similarity check is on)
+
+    def note_pii(self, r: Any) -> None:
+        self.pii_records += 1
+        for kind, masked in r.pii:
+            self.pii_counts[kind] += 1
+            shown = self.pii_examples.setdefault(kind, [])
+            if len(shown) < MAX_EXAMPLES:
+                shown.append({"line": r.line, **({"file": r.file} if r.file else {}), "masked": masked})
+
+
+@dataclass
+class _Similar:
+    """Near duplicates (index -> reason) and contamination (index -> overlap) among the kept candidates."""
+
+    removed: dict[int, str]
+    contamination: dict[int, float]
+    near_groups: int = 0
+    near_n: int = 0
+    contam_n: int = 0
+    drop: set[int] = field(default_factory=set)
+
+
+def _not_checked(checks: Checks, tokenizer: Any, dedup: Any, eval_texts: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if tokenizer is None or checks.max_length is None:
+        out["overlong"] = "no tokenizer given (validate from a pipeline config with a base model to count tokens)"
+    if checks.near_dup_threshold is None:
+        out["near_duplicate"] = "disabled (data.near_dup_threshold is null)"
+    elif dedup is None:
+        out["near_duplicate"] = "tuneloop.data.dedup is not available"
+    if eval_texts is None:
+        out["contaminated"] = "no evaluation data given"
+    return out
+
+
+def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
+    """The over-long rule on one valid record; True when the record is dropped."""
+    if tokenizer is None or checks.max_length is None:
+        return False
+    rec = json.loads(r.data)
+    n_tok = count_tokens(tokenizer, rec)
+    if n_tok <= checks.max_length:
+        return False
+    s.overlong_seen += 1
+    verb = "dropped" if checks.overlong == "drop" else "will be truncated"
+    reason = f"overlong: {n_tok} tokens > data.max_length {checks.max_length} ({verb})"
+    s.tally.add(r.line, r.file, [reason])
+    if checks.overlong != "drop":
+        return False
+    quarantine.write(quarantine_line(r.line, r.file, [reason], rec) + "\n")
+    s.counts["overlong_dropped"] += 1
+    return True
+
+
+def _screen(verdicts: Iterable[Any], s: _Screened, quarantine: IO[str], stage: IO[str], checks: Checks, tokenizer: Any) -> None:
+    """One pass in input order: quarantine records that failed a rule, exact duplicates and over-long ones;
+    stage the rest."""
+    first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
+    for r in verdicts:
+        s.records += 1
+        if r.pii:
+            s.note_pii(r)
+        if r.status == "bad":
+            quarantine.write(r.data + "\n")
+            s.tally.add(r.line, r.file, r.reasons)
+            s.counts["pii_dropped" if r.reasons[0].startswith("pii:") else "invalid"] += 1
+            continue
+        if r.key in first_line:
+            line, file = first_line[r.key]
+            reason = f"exact_duplicate: same as line {line}" + (f" of {file}" if file is not None else "")
+            quarantine.write(quarantine_line(r.line, r.file, [reason], json.loads(r.data)) + "\n")
+            s.tally.add(r.line, r.file, [reason])
+            s.counts["duplicates"] += 1
+            continue
+        if _overlong(r, s, quarantine, checks, tokenizer):
+            continue
+        first_line[r.key] = (r.line, r.file)
+        s.kept.append((r.line, r.file, bool(r.pii)))
+        stage.write(r.data + "\n")
+        if r.text is not None:
+            s.texts.append(r.text)
+
+
+def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None) -> _Similar:
+    """Dataset-level checks on the kept candidates: near duplicates within (``near``: the dedup module or None),
+    contamination against the eval texts (``contam``: likewise)."""
+    sim = _Similar({}, {})
+    if near is not None and len(s.texts) > 1:
+        groups = near.near_duplicate_groups(s.texts, threshold=checks.near_dup_threshold, shingle_size=checks.near_dup_shingle)
+        sim.near_groups = len(groups)
+        for group in groups:
+            head = s.kept[group[0]]
+            for i in group[1:]:
+                sim.removed[i] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
+    if contam is not None and s.texts:
+        sim.contamination = contam.contaminated_indices(s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold)
+    for i in sorted(set(sim.removed) | set(sim.contamination)):
+        line, file, _ = s.kept[i]
+        reasons = []
+        if i in sim.removed:
+            sim.near_n += 1
+            reasons.append(sim.removed[i] + ("" if checks.near_dup_action == "drop" else " (reported, kept)"))
+        if i in sim.contamination:
+            sim.contam_n += 1
+            reasons.append(
+                f"contaminated: {sim.contamination[i]:.0%} of its {checks.contamination_ngram}-grams occur in the eval data"
+                + ("" if checks.contamination_action == "drop" else " (reported, kept)")
+            )
+        s.tally.add(line, file, reasons)
+    if checks.near_dup_action == "drop":
+        sim.drop |= set(sim.removed)
+    if checks.contamination_action == "drop":
+        sim.drop |= set(sim.contamination)
+    return sim
+
+
+def _write_kept(s: _Screened, sim: _Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks) -> tuple[int, int, str]:
+    """Move the staged candidates to the clean file (or, when dropped by a similarity check, the quarantine);
+    return (kept, kept with PII unredacted, digest of the kept records)."""
+    digest = hashlib.sha256(b"[")  # streams sha256_json(list of kept records)
+    valid = pii_kept = 0
+    with open(stage_path, encoding="utf-8") as staged:
+        for i, data in enumerate(staged):
+            data = data.rstrip("\n")
+            line, file, has_pii = s.kept[i]
+            if i in sim.drop:
+                near = i in sim.removed and checks.near_dup_action == "drop"
+                s.counts["near_duplicates" if near else "contaminated"] += 1
+                overlap = f"contaminated: {sim.contamination[i]:.0%} n-gram overlap with the eval data" if i in sim.contamination else None
+                why = [x for x in (sim.removed.get(i), overlap) if x]
+                quarantine.write(quarantine_line(line, file, why, json.loads(data)) + "\n")
+                continue
+            digest.update((b"," if valid else b"") + data.encode())
+            valid += 1
+            pii_kept += has_pii and checks.pii == "report"
+            extra = f',"_line":{line}' + (f',"_file":{json.dumps(file)}' if file is not None else "")
+            clean.write(data[:-1] + extra + "}\n")
+    digest.update(b"]")
+    return valid, pii_kept, digest.hexdigest()
+
+
+def _report(s: _Screened, sim: _Similar, valid: int, pii_kept: int, checks: Checks, not_checked: dict[str, str]) -> dict[str, Any]:
+    """The counts part of the report (the caller adds the source, format, digest and paths)."""
+    records, counts = s.records, s.counts
+    return {
+        "records": records,
+        "valid": valid,
+        **{k: counts[k] for k in ("invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped")},
+        "accounting": (
+            f"records {records} = valid {valid} + invalid {counts['invalid']} + duplicates {counts['duplicates']}"
+            f" + near_duplicates {counts['near_duplicates']} + contaminated {counts['contaminated']}"
+            f" + pii_dropped {counts['pii_dropped']} + overlong_dropped {counts['overlong_dropped']}"
+        ),
+        "valid_ratio": (records - counts["invalid"]) / records if records else 0.0,
+        "duplicate_ratio": (counts["duplicates"] + sim.near_n) / records if records else 0.0,
+        "contamination_ratio": sim.contam_n / records if records else 0.0,
+        "near_duplicate_found": sim.near_n,
+        "near_duplicate_groups": sim.near_groups,
+        "contaminated_found": sim.contam_n,
+        "overlong": {"max_length": checks.max_length, "policy": checks.overlong, "records": s.overlong_seen}
+        if "overlong" not in not_checked else None,
+        "pii": dict(sorted(s.pii_counts.items())),
+        "pii_records": s.pii_records,
+        "pii_records_kept": pii_kept,
+        "pii_policy": checks.pii,
+        "pii_examples": s.pii_examples,
+        "rules": dict(s.tally.rules.most_common()),
+        "rules_not_checked": not_checked,
+        "examples": s.tally.examples,
+        "checks": asdict(checks),
+    }
+
+
 def validate_dataset(
     path: str | os.PathLike[str],
     out_dir: Path,
@@ -100,33 +286,12 @@ def validate_dataset(
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
     items, position, fmt = open_detected(path, fmt)
-
     dedup = _near_dup_module()
-    near_on = checks.near_dup_threshold is not None and dedup is not None
-    contam_on = eval_texts is not None and dedup is not None
-    not_checked: dict[str, str] = {}
-    if tokenizer is None or checks.max_length is None:
-        not_checked["overlong"] = "no tokenizer given (validate from a pipeline config with a base model to count tokens)"
-    if checks.near_dup_threshold is None:
-        not_checked["near_duplicate"] = "disabled (data.near_dup_threshold is null)"
-    elif dedup is None:
-        not_checked["near_duplicate"] = "tuneloop.data.dedup is not available"
-    if eval_texts is None:
-        not_checked["contaminated"] = "no evaluation data given"
-
-    clean_path = out_dir / f"{name}.clean.jsonl"
-    quarantine_path = out_dir / f"{name}.quarantine.jsonl"
-    counts = Counter(invalid=0, duplicates=0, near_duplicates=0, contaminated=0, pii_dropped=0, overlong_dropped=0)
-    tally = RuleTally()
-    pii_counts: Counter[str] = Counter()
-    pii_examples: dict[str, list[dict]] = {}
-    pii_records = 0
-    overlong_seen = 0
-    first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
-    kept: list[tuple[int, str | None, bool]] = []  # (line, file, has_pii) of kept candidates
-    texts: list[str] = []
-    records = 0
-
+    near = dedup if checks.near_dup_threshold is not None else None
+    contam = dedup if eval_texts is not None else None
+    not_checked = _not_checked(checks, tokenizer, dedup, eval_texts)
+    clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
+    s = _Screened()
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_fd, stage_name = tempfile.mkstemp(prefix=f".{name}.stage.", suffix=".tmp", dir=out_dir)
     stage_path = Path(stage_name)
@@ -135,150 +300,18 @@ def validate_dataset(
         # back as the same JSON escape, so the line stays valid JSON.
         with atomic_lines(clean_path) as clean, atomic_lines(quarantine_path, "backslashreplace") as quarantine:
             with os.fdopen(stage_fd, "w", encoding="utf-8", newline="\n") as stage:
-                for r in record_verdicts(items, fmt, pii_policy=checks.pii, num_workers=checks.num_workers, want_text=near_on or contam_on):
-                    records += 1
-                    if r.pii:
-                        pii_records += 1
-                        for kind, masked in r.pii:
-                            pii_counts[kind] += 1
-                            shown = pii_examples.setdefault(kind, [])
-                            if len(shown) < MAX_EXAMPLES:
-                                shown.append({"line": r.line, **({"file": r.file} if r.file else {}), "masked": masked})
-                    if r.status == "bad":
-                        quarantine.write(r.data + "\n")
-                        tally.add(r.line, r.file, r.reasons)
-                        counts["pii_dropped" if r.reasons[0].startswith("pii:") else "invalid"] += 1
-                        continue
-                    if r.key in first_line:
-                        line, file = first_line[r.key]
-                        reason = f"exact_duplicate: same as line {line}" + (f" of {file}" if file is not None else "")
-                        quarantine.write(quarantine_line(r.line, r.file, [reason], json.loads(r.data)) + "\n")
-                        tally.add(r.line, r.file, [reason])
-                        counts["duplicates"] += 1
-                        continue
-                    if tokenizer is not None and checks.max_length is not None:
-                        rec = json.loads(r.data)
-                        n_tok = count_tokens(tokenizer, rec)
-                        if n_tok > checks.max_length:
-                            overlong_seen += 1
-                            verb = "dropped" if checks.overlong == "drop" else "will be truncated"
-                            reason = f"overlong: {n_tok} tokens > data.max_length {checks.max_length} ({verb})"
-                            tally.add(r.line, r.file, [reason])
-                            if checks.overlong == "drop":
-                                quarantine.write(quarantine_line(r.line, r.file, [reason], rec) + "\n")
-                                counts["overlong_dropped"] += 1
-                                continue
-                    first_line[r.key] = (r.line, r.file)
-                    kept.append((r.line, r.file, bool(r.pii)))
-                    stage.write(r.data + "\n")
-                    if r.text is not None:
-                        texts.append(r.text)
-            del first_line
-
-            # Dataset-level checks on the kept candidates: near duplicates within, contamination against eval.
-            removed: dict[int, str] = {}
-            near_groups = 0
-            if near_on and len(texts) > 1:
-                groups = dedup.near_duplicate_groups(
-                    texts, threshold=checks.near_dup_threshold, shingle_size=checks.near_dup_shingle
-                )
-                near_groups = len(groups)
-                for group in groups:
-                    head = kept[group[0]]
-                    for i in group[1:]:
-                        removed[i] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
-            contamination: dict[int, float] = {}
-            if contam_on and texts:
-                contamination = dedup.contaminated_indices(
-                    texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold
-                )
-            near_n = contam_n = 0
-            for i in sorted(set(removed) | set(contamination)):
-                line, file, _ = kept[i]
-                reasons = []
-                if i in removed:
-                    near_n += 1
-                    reasons.append(removed[i] + ("" if checks.near_dup_action == "drop" else " (reported, kept)"))
-                if i in contamination:
-                    contam_n += 1
-                    reasons.append(
-                        f"contaminated: {contamination[i]:.0%} of its {checks.contamination_ngram}-grams occur in the eval data"
-                        + ("" if checks.contamination_action == "drop" else " (reported, kept)")
-                    )
-                tally.add(line, file, reasons)
-            drop = set()
-            if checks.near_dup_action == "drop":
-                drop |= set(removed)
-            if checks.contamination_action == "drop":
-                drop |= set(contamination)
-            del texts
-
-            digest = hashlib.sha256(b"[")  # streams sha256_json(list of kept records)
-            valid = pii_kept = 0
-            with open(stage_path, encoding="utf-8") as staged:
-                for i, data in enumerate(staged):
-                    data = data.rstrip("\n")
-                    line, file, has_pii = kept[i]
-                    if i in drop:
-                        reason = removed.get(i) if i in removed and checks.near_dup_action == "drop" else None
-                        if reason is not None:
-                            counts["near_duplicates"] += 1
-                        else:
-                            counts["contaminated"] += 1
-                        why = [x for x in (removed.get(i), f"contaminated: {contamination[i]:.0%} n-gram overlap with the eval data" if i in contamination else None) if x]
-                        quarantine.write(quarantine_line(line, file, why, json.loads(data)) + "\n")
-                        continue
-                    digest.update((b"," if valid else b"") + data.encode())
-                    valid += 1
-                    pii_kept += has_pii and checks.pii == "report"
-                    extra = f',"_line":{line}' + (f',"_file":{json.dumps(file)}' if file is not None else "")
-                    clean.write(data[:-1] + extra + "}\n")
-            digest.update(b"]")
+                verdicts = record_verdicts(items, fmt, pii_policy=checks.pii, num_workers=checks.num_workers, want_text=near is not None or contam is not None)
+                _screen(verdicts, s, quarantine, stage, checks, tokenizer)
+            sim = _similar(s, checks, near, contam, eval_texts)
+            s.texts = []
+            valid, pii_kept, digest = _write_kept(s, sim, stage_path, clean, quarantine, checks)
     finally:
         stage_path.unlink(missing_ok=True)
-
-    accounted = valid + sum(counts.values())
-    assert accounted == records, (accounted, records)  # every record is kept or quarantined exactly once
-    report = {
-        "path": str(path),
-        "format": fmt,
-        "position": position,
-        "records": records,
-        "valid": valid,
-        "invalid": counts["invalid"],
-        "duplicates": counts["duplicates"],
-        "near_duplicates": counts["near_duplicates"],
-        "contaminated": counts["contaminated"],
-        "pii_dropped": counts["pii_dropped"],
-        "overlong_dropped": counts["overlong_dropped"],
-        "accounting": (
-            f"records {records} = valid {valid} + invalid {counts['invalid']} + duplicates {counts['duplicates']}"
-            f" + near_duplicates {counts['near_duplicates']} + contaminated {counts['contaminated']}"
-            f" + pii_dropped {counts['pii_dropped']} + overlong_dropped {counts['overlong_dropped']}"
-        ),
-        "valid_ratio": (records - counts["invalid"]) / records if records else 0.0,
-        "duplicate_ratio": (counts["duplicates"] + near_n) / records if records else 0.0,
-        "contamination_ratio": contam_n / records if records else 0.0,
-        "near_duplicate_found": near_n,
-        "near_duplicate_groups": near_groups,
-        "contaminated_found": contam_n,
-        "overlong": {"max_length": checks.max_length, "policy": checks.overlong, "records": overlong_seen}
-        if "overlong" not in not_checked else None,
-        "pii": dict(sorted(pii_counts.items())),
-        "pii_records": pii_records,
-        "pii_records_kept": pii_kept,
-        "pii_policy": checks.pii,
-        "pii_examples": pii_examples,
-        "rules": dict(tally.rules.most_common()),
-        "rules_not_checked": not_checked,
-        "examples": tally.examples,
-        "checks": asdict(checks),
-        "digest": digest.hexdigest(),
-        "clean_path": str(clean_path),
-        "quarantine_path": str(quarantine_path),
-        "report_path": str(out_dir / f"{name}.report.json"),
-        "html_path": str(out_dir / f"{name}.report.html"),
-    }
+    accounted = valid + sum(s.counts.values())
+    assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
+    report = {"path": str(path), "format": fmt, "position": position, **_report(s, sim, valid, pii_kept, checks, not_checked),
+              "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
+              "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
     return report
 
