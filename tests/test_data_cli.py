@@ -108,6 +108,12 @@ def test_pipeline_blocked_by_a_data_gate(make_config, task_data, tmp_path):
     rep = json.loads(report_path.read_text())
     assert rep["pii"] == {"credit_card": 1, "email": 1}
     assert not any(g["passed"] for g in rep["gates"] if g["name"] == "max_pii_records")
+    # one gate vocabulary: the stage's metrics hold the data gates in the shape of the evaluation gates
+    gate = st["metrics"]["gates"]["max_pii_records[train]"]
+    assert gate["verdict"] == "FAIL" and gate["blocks"] is True and gate["value"] == 2 and gate["suite"] == "data.train"
+    assert st["metrics"]["gates"]["min_valid_ratio[train]"]["verdict"] == "PASS"
+    run_html = (Path(summary["run_dir"]) / "report.html").read_text()
+    assert "<h2>Data gates</h2>" in run_html and "max_pii_records[train]" in run_html and "FAIL (blocks)" in run_html
     assert "4111 1111 1111 1111" not in report_path.read_text() and "jo@example.com" not in st["error"]
 
     # the same data with pii: redact passes the gate (nothing unredacted is kept) and trains on [CREDIT_CARD]

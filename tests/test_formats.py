@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tuneloop.data.diff import diff_datasets
 from tuneloop.data.formats import FORMATS, RULES, detect_format, normalise, sft_messages
-from tuneloop.data.validate import Checks, data_gates, gate_failures, validate_dataset
+from tuneloop.data.gates import data_gates, gate_failures
+from tuneloop.data.validate import Checks, validate_dataset
 from tuneloop.errors import InputError
 
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "datasets"
@@ -452,6 +453,43 @@ def test_data_gates(tmp_path):
     assert len(failures) == 3 and all(rep["report_path"] in f for f in failures)
     assert any("max_pii_records" in f and "2 is not <= 1" in f for f in failures)
     assert data_gates(rep, DataConfig(train_data="x", min_valid_ratio=None)) == []  # the other gates are off by default
+
+
+def test_data_gates_speak_the_evaluation_gate_vocabulary(tmp_path):
+    """PASS / FAIL with passed, blocks, metric and reason, in the report JSON, JUnit, Markdown and HTML."""
+    import xml.etree.ElementTree as ET
+
+    from tuneloop.config import DataConfig
+    from tuneloop.data.gates import gate_records
+    from tuneloop.data.validate import validate_splits
+    from tuneloop.evaluate.reports import junit_xml, markdown_summary
+
+    rows = SECRET_ROWS + [SECRET_ROWS[2], {"messages": 1}]
+    train = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train_data=str(train), eval_data=str(write_jsonl(tmp_path / "e.jsonl", SECRET_ROWS[:1])),
+                     min_valid_ratio=0.9, max_pii_records=5, near_dup_threshold=None)
+    verdict = validate_splits(cfg, tmp_path / "o")
+    assert not verdict.passed and len(verdict.failures) == 1 and "min_valid_ratio failed on train" in verdict.failures[0]
+    on_disk = json.loads((tmp_path / "o" / "train.report.json").read_text())
+    gates = {g["name"]: g for g in on_disk["gates"]}
+    old_keys = {"name", "value", "op", "threshold", "passed", "detail"}
+    assert all(old_keys <= set(g) for g in gates.values())  # the old shape is kept, the verdict added
+    assert gates["min_valid_ratio"]["verdict"] == "FAIL" and gates["min_valid_ratio"]["blocks"] is True
+    assert gates["min_valid_ratio"]["metric"] == "valid_ratio" and "is not >= 0.9" in gates["min_valid_ratio"]["reason"]
+    assert gates["max_pii_records"]["verdict"] == "PASS" and gates["max_pii_records"]["blocks"] is False
+    assert on_disk["passed"] is False and json.loads((tmp_path / "o" / "eval.report.json").read_text())["passed"] is True
+
+    records = gate_records({s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()})
+    assert set(records) == {"min_valid_ratio[train]", "max_pii_records[train]", "min_valid_ratio[eval]", "max_pii_records[eval]"}
+    assert records["min_valid_ratio[train]"]["n"] == 5 and records["min_valid_ratio[train]"]["suite"] == "data.train"
+    suite = ET.fromstring(junit_xml(records)).find("testsuite")
+    assert suite.get("tests") == "4" and suite.get("failures") == "1"
+    failed = [tc.get("name") for tc in suite.iter("testcase") if tc.find("failure") is not None]
+    assert failed == ["min_valid_ratio[train]"]
+    md = markdown_summary(records, title="data gates")
+    assert "blocked by min_valid_ratio[train]" in md and "| `max_pii_records[eval]` | ✅ PASS |" in md
+    html = (tmp_path / "o" / "train.report.html").read_text()
+    assert "FAIL (blocks)" in html and "PASS" in html and "<script" not in html
 
 
 # --- diff ---------------------------------------------------------------------------------------

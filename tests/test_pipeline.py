@@ -119,3 +119,31 @@ def test_full_fine_tuning_registers_a_whole_model(make_config, method):
     v = reg.get("tiny-bot", "latest")
     assert v["artifact_kind"] == "model"
     assert (reg.store.open_verified(v["artifact_digest"]) / "model.safetensors").is_file()
+
+
+def test_stages_are_a_declared_table_with_inputs_apart_from_the_work(tmp_path, tiny_model, task_data):
+    """The stage table runs in PipelineStage order; each stage's cache key reads only what it declares."""
+    from pathlib import Path
+
+    from tuneloop import stages as st
+
+    assert [s.stage for s in st.STAGES] == list(PipelineStage)
+    cfg = PipelineConfig(name="decl", base_model=str(tiny_model), train_data=str(task_data[0]), eval_data=str(task_data[1]), workspace=str(tmp_path))
+    assert not st.STAGES[-1].enabled(cfg) and st.STAGES[-1].enabled(cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"auto_deploy": True})}))
+
+    def outcome(key):
+        return st.Outcome(key, {}, {})
+
+    data = st.DataResult(outcome("d1"), Path("t"), None, "digest", None)
+    prep = st.PreparedData(outcome("p1"), data, Path("x"), Path("e"), Path("tok"), Path("r"), Path("q"))
+    model = st.TrainedModel(outcome("m1"), prep, Path("m"), "adapter")
+    stricter = cfg.model_copy(update={"gates": cfg.gates.model_copy(update={"min_accuracy": 0.99})})
+    # A gate threshold is read by the evaluation only: training's inputs (and so its key) stay the same.
+    assert st.training_inputs(stricter, prep) == st.training_inputs(cfg, prep)
+    assert st.evaluation_inputs(stricter, model, None) != st.evaluation_inputs(cfg, model, None)
+    # Each stage's inputs name the key of the stage before it, so a change upstream re-runs what follows.
+    assert st.preprocessing_inputs(cfg, data)["data"] == "d1" and st.training_inputs(cfg, prep)["data"] == "p1"
+    assert st.evaluation_inputs(cfg, model, "champ")["model"] == "m1" and st.evaluation_inputs(cfg, model, "champ")["against"] == "champ"
+    assert "against" not in st.evaluation_inputs(cfg, model, None)
+    evaluated = st.EvalResult(outcome("e1"), model, {})
+    assert st.stage_keys(evaluated) == {"data_validation": "d1", "preprocessing": "p1", "training": "m1", "evaluation": "e1"}

@@ -424,6 +424,10 @@ FLAT_KEYS: dict[str, str] = {
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "notify", "drift")
 PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "eval.benign_prompts", "eval.mc_suite",
                "train.accelerate_config")
+"""The config keys that hold a file path, resolved against the config's directory (suite paths: see
+:func:`path_values`)."""
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``)."""
 
 
 class PipelineConfig(BaseModel):
@@ -750,8 +754,18 @@ def _looks_like_hub_dataset(value: str, base_dir: Path) -> bool:
     return (
         re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
         and not (base_dir / name).exists()
-        and Path(name).suffix.lower() not in (".json", ".jsonl", ".parquet", ".csv")
+        and Path(name).suffix.lower() not in DATA_SUFFIXES
     )
+
+
+def path_values(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
+    """Every path-valued setting as (dotted key, value): :data:`PATH_FIELDS`, then each suite's ``path``."""
+    out: list[tuple[str, str | None]] = []
+    for dotted in PATH_FIELDS:
+        section, key = dotted.split(".")
+        out.append((dotted, getattr(getattr(cfg, section), key)))
+    out += [(f"eval.suites.{s.name}.path", s.path) for s in cfg.eval.suites]
+    return out
 
 
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:

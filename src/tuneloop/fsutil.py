@@ -47,6 +47,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_lines(path: Path, errors: str = "strict"):
+    """A text file streamed to a temp file next to ``path``, fsynced and renamed into place only on success."""
+    return atomic_writer(path, "w", encoding="utf-8", errors=errors, newline="\n")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

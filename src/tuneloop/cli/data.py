@@ -25,7 +25,7 @@ def validate(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Check a dataset: format, per-record rules, duplicates, contamination, PII, data gates. Exit 1 when a gate fails."""
-    from tuneloop.data.validate import validate_target  # train + eval splits of a config (tuneloop.checks once split)
+    from tuneloop.checks import validate_target  # train + eval splits of a config
 
     with guard(), stdout_to_stderr(json_out):
         rep = validate_target(target, fmt=fmt, out_dir=out_dir, eval_data=eval_data)

@@ -23,7 +23,7 @@ def eval_cmd(
 ) -> None:
     """Run only the evaluation gates: exit 0 when all pass, 1 when one blocks, 2 on bad input."""
     from tuneloop.config import load_config
-    from tuneloop.evaluate.evaluation import run_eval  # chooses candidate and reference (tuneloop.checks once split)
+    from tuneloop.checks import run_eval  # chooses candidate and reference
     from tuneloop.evaluate.reports import gate_line, junit_xml, markdown_summary
     from tuneloop.fsutil import atomic_write_text
 

@@ -86,7 +86,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Past runs, stage by stage."""
-    from tuneloop.pipeline import list_runs, load_run  # the run history (tuneloop.runs once the runner is split)
+    from tuneloop.runs import list_runs, load_run
 
     with guard():
         ws, _ = workspace_for(config)

@@ -22,7 +22,8 @@ from typing import Any
 
 from tuneloop.data import pii as piimod
 from tuneloop.data.formats import normalise
-from tuneloop.data.validate import _canonical_json, _parse_line, open_detected
+from tuneloop.data.rules import canonical_json
+from tuneloop.data.sources import open_detected, parse_line
 
 _MAX_EXAMPLES = 5
 
@@ -58,7 +59,7 @@ def _load(source: str | Path, fmt: str) -> tuple[str, dict[str, list[tuple[int, 
     for item in items:
         stats["records"] += 1
         if item.kind == 0:
-            value, _, error = _parse_line(item.payload)
+            value, _, error = parse_line(item.payload)
         elif item.kind == 1:
             value, error = item.payload, None
         else:
@@ -75,8 +76,8 @@ def _load(source: str | Path, fmt: str) -> tuple[str, dict[str, list[tuple[int, 
             stats["with_id"] += 1
             key = f"id:{rid}"
         else:
-            key = "prompt:" + hashlib.sha256(_canonical_json(prompt).encode()).hexdigest()
-        digest.update(_canonical_json(record).encode())
+            key = "prompt:" + hashlib.sha256(canonical_json(prompt).encode()).hexdigest()
+        digest.update(canonical_json(record).encode())
         by_key.setdefault(key, []).append((item.line, prompt, answer))
     stats["format"] = fmt
     stats["digest"] = digest.hexdigest()
@@ -133,7 +134,7 @@ def _rekey(by_key: dict[str, list[tuple[int, Any, Any]]]) -> dict[str, list[tupl
     out: dict[str, list[tuple[int, Any, Any]]] = {}
     for entries in by_key.values():
         for line, prompt, answer in entries:
-            key = "prompt:" + hashlib.sha256(_canonical_json(prompt).encode()).hexdigest()
+            key = "prompt:" + hashlib.sha256(canonical_json(prompt).encode()).hexdigest()
             out.setdefault(key, []).append((line, prompt, answer))
     for entries in out.values():
         entries.sort(key=lambda e: e[0])

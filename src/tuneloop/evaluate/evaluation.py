@@ -23,7 +23,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge
 from tuneloop.evaluate.suites import load_suite, model_outputs, score_suite
-from tuneloop.fsutil import atomic_write_json, atomic_write_text, sha256_json
+from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
 
 log = logging.getLogger("tuneloop")
 
@@ -45,8 +45,6 @@ class ModelRef:
 
 def model_ref(label: str, directory: str | Path, base_model: str) -> ModelRef:
     """A directory that holds an adapter is applied on ``base_model``; anything else is a whole model."""
-    from tuneloop.pipeline import model_fingerprint
-
     d = Path(directory)
     if (d / "adapter_config.json").is_file():
         return ModelRef(label, base_model, str(d), sha256_json([model_fingerprint(base_model), model_fingerprint(str(d))]))
@@ -70,7 +68,6 @@ def evaluate_candidate(
     ``out_dir``.
     """
     from tuneloop.modeling import load_tokenizer
-    from tuneloop.pipeline import model_fingerprint
 
     say = progress or (lambda _msg: None)
     ev = cfg.eval
@@ -80,7 +77,7 @@ def evaluate_candidate(
             s.items = s.items[: ev.max_eval_samples]
             s.digest = sha256_json([s.digest, ev.max_eval_samples])
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
-    ref = reference or ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
+    ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path
     try:
         tok = load_tokenizer(tok_dir, cfg.data.chat_template)
@@ -182,105 +179,26 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def champion_ref(cfg: PipelineConfig, workspace_root: Path) -> tuple[ModelRef | None, str]:
-    """The registry's ``champion`` of ``cfg.model_name`` as a reference model, or (None, note) -> the base."""
+def base_ref(cfg: PipelineConfig) -> ModelRef:
+    """The config's base model as the reference."""
+    return ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
+
+
+def registry_model_ref(cfg: PipelineConfig, registry: Any, model: str, version: int | str, label: str) -> ModelRef:
+    """A registered version of any registry backend (``registry``: a ``ModelRegistry``) as a model to evaluate;
+    its digest names the registered artifact. Raises the registry's errors for an unknown version."""
+    v = registry.get(model, version)
+    ref = model_ref(f"{label} {v['ref']}", registry.open_artifact(model, v["version"]), v.get("base_model") or cfg.base_model)
+    ref.digest = sha256_json(["registry", v["artifact_digest"], ref.digest])
+    return ref
+
+
+def champion_ref(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None, str]:
+    """The ``champion`` of ``cfg.model_name`` in ``registry`` as a reference model, or (None, note) -> the base."""
     from tuneloop.errors import TuneloopError
-    from tuneloop.registry.db import SqliteRegistry
 
     try:
-        reg = SqliteRegistry(Path(workspace_root))
-        v = reg.get(cfg.model_name, "champion")
+        version = registry.get(cfg.model_name, "champion")["version"]
     except TuneloopError:
         return None, f"no champion of {cfg.model_name} in the registry yet: compared with the base model"
-    path = reg.open_artifact(cfg.model_name, v["version"])
-    ref = model_ref(f"champion {v['ref']}", path, v.get("base_model") or cfg.base_model)
-    ref.digest = sha256_json(["registry", v["artifact_digest"], ref.digest])
-    return ref, ""
-
-
-# ------------------------------------------------------------------------------------------ tuneloop eval
-
-
-def _registry_ref(cfg: PipelineConfig, root: Path, ref: str, label: str) -> ModelRef:
-    from tuneloop.registry.db import SqliteRegistry, parse_ref
-
-    reg = SqliteRegistry(Path(root))
-    name, version = (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else parse_ref(ref)
-    v = reg.get(name, version)
-    mref = model_ref(f"{label} {v['ref']}", reg.open_artifact(name, v["version"]), v.get("base_model") or cfg.base_model)
-    mref.digest = sha256_json(["registry", v["artifact_digest"], mref.digest])
-    return mref
-
-
-def _latest_candidate(cfg: PipelineConfig, ws) -> ModelRef:
-    """The model trained by the config's most recent run, else the registry's latest version."""
-    from tuneloop.errors import InputError, TuneloopError
-    from tuneloop.fsutil import read_json
-    from tuneloop.pipeline import list_runs
-
-    for run in list_runs(ws):
-        if run.get("pipeline") != cfg.name:
-            continue
-        f = ws.run_dir(run["run_id"]) / "stages" / "training.json"
-        if f.is_file():
-            model_dir = read_json(f).get("outputs", {}).get("model_dir")
-            if model_dir and Path(model_dir).is_dir():
-                return model_ref(f"candidate of run {run['run_id']}", model_dir, cfg.base_model)
-    try:
-        return _registry_ref(cfg, ws.root, "latest", "candidate")
-    except TuneloopError:
-        raise InputError(
-            f"no candidate model: no run of {cfg.name} in {ws.root} trained one and the registry has no version; "
-            "give --model PATH (a model or adapter directory) or --model VERSION, or run `tuneloop run` first"
-        ) from None
-
-
-def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | None = None, console=None) -> dict[str, Any]:
-    """``tuneloop eval``: only the gates, for one candidate against the base, the champion or a version.
-
-    ``model``: a model/adapter directory, a registry version (``3``, ``name:3``, ``name@alias``), or None for the
-    latest candidate of the config's runs. ``against``: ``base``, ``champion`` or a version (default:
-    ``gates.against``). Returns the JSON report (:func:`tuneloop.evaluate.reports.report_json`) with ``eval_dir``.
-    """
-    from tuneloop.errors import InputError
-    from tuneloop.evaluate.reports import report_json
-    from tuneloop.pipeline import FineTunePipeline, model_fingerprint
-    from tuneloop.workspace import Workspace, utcnow
-
-    pipe = FineTunePipeline(cfg, console=console)
-    pipe.preflight()
-    ws = Workspace.for_config(cfg)
-    if model is None:
-        cand = _latest_candidate(cfg, ws)
-    elif Path(model).expanduser().is_dir():
-        p = Path(model).expanduser().resolve()
-        if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
-            raise InputError(f"--model {model}: not a model directory (no config.json or adapter_config.json)")
-        cand = model_ref(f"candidate {p}", p, cfg.base_model)
-    else:
-        cand = _registry_ref(cfg, ws.root, model, "candidate")
-    against = against or cfg.gates.against
-    note = ""
-    if against == "base":
-        ref = ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
-    elif against == "champion":
-        ref, note = champion_ref(cfg, ws.root)
-        ref = ref or ModelRef("base", cfg.base_model, None, model_fingerprint(cfg.base_model))
-    else:
-        ref = _registry_ref(cfg, ws.root, against, "version")
-    # Bad suites or judge settings are input errors: find them before any model work.
-    make_judge(cfg.eval.judge)
-    for spec in cfg.eval.suites:
-        if spec.kind not in ("task", "win_rate") or spec.path:
-            load_suite(spec, cfg.eval, None)
-    items = pipe.prepare_eval_items()
-    eval_id = ws.new_run_id()
-    out_dir = ws.root / "evals" / eval_id
-    say = (lambda what: console.print(f"  evaluating {what} ...")) if console is not None else None
-    metrics, gates = evaluate_candidate(cfg, items, cand.adapter or cand.path, out_dir, base_cache_dir=ws.cache_dir / "evaluation-base",
-                                        progress=say, reference=ref, candidate=cand)
-    if note:
-        metrics["against_note"] = note
-    report = report_json(gates, metrics, eval_id=eval_id, eval_dir=str(out_dir), model=cand.label, against=ref.label, at=utcnow())
-    atomic_write_json(out_dir / "report.json", report)
-    return report
+    return registry_model_ref(cfg, registry, cfg.model_name, version, "champion"), ""

@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import ConfigError, InputError
+from tuneloop.data.sources import hf_offline
+from tuneloop.evaluate.audit import prompt_sha256
 
 INSTALL_HINT = "pip install 'tuneloop[lmeval]'"
 
@@ -48,31 +49,6 @@ def preflight_problems(spec) -> list[str]:
     return problems
 
 
-@contextlib.contextmanager
-def offline():
-    """No Hugging Face hub access while lm-eval builds and runs tasks: the environment variables, and the module
-    constants ``datasets``/``huggingface_hub`` read them into at import time; restored afterwards."""
-    import datasets.config as dcfg
-    import huggingface_hub.constants as hcon
-
-    env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    consts = [(dcfg, "HF_DATASETS_OFFLINE"), (dcfg, "HF_HUB_OFFLINE"), (hcon, "HF_HUB_OFFLINE")]
-    saved = [(mod, name, getattr(mod, name)) for mod, name in consts if hasattr(mod, name)]
-    os.environ.update({k: "1" for k in env})
-    for mod, name, _ in saved:
-        setattr(mod, name, True)
-    try:
-        yield
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for mod, name, v in saved:
-            setattr(mod, name, v)
-
-
 def load_tasks(spec) -> dict[str, Any]:
     """``{task name: lm_eval Task}`` of the suite, built from ``include_path`` offline (InputError if unknown)."""
     problems = preflight_problems(spec)
@@ -92,7 +68,7 @@ def load_tasks(spec) -> dict[str, Any]:
     if unknown:
         known = ", ".join(tm.all_tasks[:20]) or "none"
         raise InputError(f"eval.suites.{spec.name}: lm-eval task(s) {', '.join(unknown)} not found under {include} (tasks there: {known})")
-    with offline(), contextlib.chdir(include), warnings.catch_warnings():
+    with hf_offline(), contextlib.chdir(include), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         try:
@@ -172,7 +148,7 @@ def run_model(model, tok, spec, *, batch_size: int = 8) -> dict[str, Any]:
 
     tasks = load_tasks(spec)
     device = next(model.parameters()).device
-    with offline(), warnings.catch_warnings():
+    with hf_offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(device))
@@ -197,8 +173,6 @@ def run_model(model, tok, spec, *, batch_size: int = 8) -> dict[str, Any]:
 
 def score(suite, base_out: dict[str, Any], cand_out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(result for the gates, audit records): paired per-item outcomes matched by ``task/doc_id``."""
-    from tuneloop.evaluate.suites import prompt_sha256
-
     b = {it["id"]: it for it in base_out["lmeval"]}
     c = {it["id"]: it for it in cand_out["lmeval"]}
     ids = [it["id"] for it in suite.items if it["id"] in b and it["id"] in c]

@@ -10,26 +10,20 @@ import xml.etree.ElementTree as ET
 from html import escape
 from typing import Any
 
+from tuneloop.report.style import fmt_number
+
 _MARK = {"PASS": "✅", "FAIL": "❌", "INCONCLUSIVE": "⚠️", "NOT_APPLIED": "➖"}
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
 
 
 def _interval(g: dict[str, Any]) -> str:
     iv = g.get("interval")
-    return f"[{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else "—"
+    return f"[{fmt_number(iv[0])}, {fmt_number(iv[1])}]" if iv else "—"
 
 
 def gate_line(name: str, g: dict[str, Any]) -> str:
     """One line: verdict, value, interval, threshold, and what decides it."""
     thr = "not applied" if g.get("threshold") is None else f"{g['op']} {g['threshold']}"
-    s = f"{name}: {g.get('verdict')} — {g.get('metric')} {_fmt(g.get('value'))}, {_fmt(g.get('interval_level', 0) * 100 if g.get('interval_level') else None)}% interval {_interval(g)}, threshold {thr}, n={g.get('n')}"
+    s = f"{name}: {g.get('verdict')} — {g.get('metric')} {fmt_number(g.get('value'))}, {fmt_number(g.get('interval_level', 0) * 100 if g.get('interval_level') else None)}% interval {_interval(g)}, threshold {thr}, n={g.get('n')}"
     if g.get("needed_n"):
         s += f", about {g['needed_n']} items would decide"
     return s
@@ -85,7 +79,7 @@ def markdown_summary(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] |
         v = g.get("verdict", "")
         thr = "—" if g.get("threshold") is None else f"{g['op']} {g['threshold']}"
         blocks = " (blocks)" if g.get("blocks") else ""
-        lines.append(f"| `{name}` | {_MARK.get(v, '')} {v}{blocks} | {_fmt(g.get('value'))} | {_interval(g)} | {thr} | {g.get('n', '')} | {_fmt(g.get('needed_n'))} |")
+        lines.append(f"| `{name}` | {_MARK.get(v, '')} {v}{blocks} | {fmt_number(g.get('value'))} | {_interval(g)} | {thr} | {g.get('n', '')} | {fmt_number(g.get('needed_n'))} |")
     lvl = next((g.get("interval_level") for g in gates.values() if g.get("interval_level")), None)
     if lvl:
         lines += ["", f"Intervals are two-sided {lvl:.0%}: each verdict is a one-sided test at {(1 - lvl) / 2:.1%}. "
@@ -119,8 +113,8 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
         parts.append(f'<circle cx="{sx(g["value"]):.1f}" cy="{y:.1f}" r="4" fill="#fff" stroke="{c}" stroke-width="2"><title>estimate {g["value"]:.4g}</title></circle>')
         if thr is not None:
             parts.append(f'<line x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{y - 11:.1f}" y2="{y + 11:.1f}" stroke="#222" stroke-dasharray="3,2"><title>threshold {thr}</title></line>')
-            parts.append(f'<text x="{sx(thr) + 3:.1f}" y="{y - 6:.1f}" fill="#222">{_fmt(thr)}</text>')
-        parts.append(f'<text x="{sx(lo):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{_fmt(lo)}</text>')
-        parts.append(f'<text x="{sx(hi):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{_fmt(hi)}</text>')
+            parts.append(f'<text x="{sx(thr) + 3:.1f}" y="{y - 6:.1f}" fill="#222">{fmt_number(thr)}</text>')
+        parts.append(f'<text x="{sx(lo):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{fmt_number(lo)}</text>')
+        parts.append(f'<text x="{sx(hi):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{fmt_number(hi)}</text>')
     parts.append("</svg>")
     return "".join(parts)

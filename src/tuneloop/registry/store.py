@@ -33,12 +33,11 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError
-from tuneloop.fsutil import atomic_write_json, read_json, sha256_dir
+from tuneloop.fsutil import atomic_write_json, read_json, sha256_dir, utcnow
 
 MANIFEST_NAME = ".manifest.json"
 RECORDS_DIR = ".versions"
@@ -105,7 +104,7 @@ class ArtifactStore:
                 tmp / MANIFEST_NAME,
                 {
                     "digest": digest,
-                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created_at": utcnow(),
                     "source": str(src.resolve()),
                     "files": entries,
                 },

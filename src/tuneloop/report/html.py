@@ -12,24 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.fsutil import atomic_write_text, read_json
-
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f6f6f6}.passed{color:#137333;font-weight:600}.failed{color:#c5221f;font-weight:600}
-.skipped,.pending{color:#888}code,pre{font:12px ui-monospace,monospace;background:#f6f6f6}pre{padding:.6em;overflow:auto}
-.verdict{font-size:1.3em;padding:.4em .8em;display:inline-block;border-radius:4px}
-.verdict.passed{background:#e6f4ea}.verdict.failed{background:#fce8e6}
-"""
+from tuneloop.report.style import CSS, fmt_number, gates_table
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
     if isinstance(v, (dict, list)):
         return f"<code>{escape(json.dumps(v, default=str)[:300])}</code>"
-    return escape(str(v))
+    return escape(fmt_number(v))
 
 
 def _loss_svg(rows: list[dict[str, Any]], w: int = 640, h: int = 200) -> str:
@@ -56,7 +45,7 @@ def write_report(run_dir: Path) -> Path:
     status = run.get("status", "?")
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>tuneloop {escape(run['run_id'])}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{CSS}</style></head><body>",
         f"<h1>tuneloop run <code>{escape(run['run_id'])}</code> — {escape(run['pipeline'])}</h1>",
         f"<p class='verdict {escape(status)}'>{escape(status.upper())}</p>",
         f"<p>started {escape(str(run.get('started_at')))}, ended {escape(str(run.get('ended_at')))}; "
@@ -70,22 +59,15 @@ def write_report(run_dir: Path) -> Path:
         )
     parts.append("</table>")
 
-    ev = run.get("stages", {}).get("evaluation", {}).get("metrics", {})
+    stages = run.get("stages", {})
+    data_gates = stages.get("data_validation", {}).get("metrics", {}).get("gates")
+    if data_gates:
+        parts.append("<h2>Data gates</h2>" + gates_table(data_gates))
+    ev = stages.get("evaluation", {}).get("metrics", {})
     if ev.get("gates"):
         from tuneloop.evaluate.reports import intervals_svg
 
-        parts.append("<h2>Gates</h2><table><tr><th>gate</th><th>metric</th><th>value</th><th>interval</th><th>threshold</th><th>verdict</th><th>n / needed n</th><th>reason</th></tr>")
-        for name, g in ev["gates"].items():
-            verdict = g.get("verdict") or {True: "PASS", False: "FAIL", None: "NOT_APPLIED"}[g["passed"]]
-            css = {True: "passed", False: "failed", None: "skipped"}[g["passed"]]
-            iv = g.get("interval")
-            parts.append(
-                f"<tr><td>{escape(name)}</td><td>{escape(str(g.get('metric')))}</td><td>{_fmt(g.get('value'))}</td>"
-                f"<td>{'[' + _fmt(iv[0]) + ', ' + _fmt(iv[1]) + ']' if iv else '—'}</td>"
-                f"<td>{escape(str(g.get('op', '')))} {_fmt(g.get('threshold'))}</td><td class='{css}'>{escape(verdict)}{' (blocks)' if g.get('blocks') else ''}</td>"
-                f"<td>{_fmt(g.get('n'))} / {_fmt(g.get('needed_n') or '—')}</td><td>{escape(str(g.get('reason', '')))}</td></tr>"
-            )
-        parts.append("</table>")
+        parts.append("<h2>Gates</h2>" + gates_table(ev["gates"]))
         parts.append("<p>Intervals: bar = interval, dot = estimate, dashed line = threshold.</p>" + intervals_svg(ev["gates"]))
 
     for name, st in run.get("stages", {}).items():

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tuneloop.errors import ConfigError
+from tuneloop.fsutil import format_number
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,9 @@ def slack_payload(n: Notification) -> dict:
 
 
 def fmt_value(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
     if isinstance(v, (list, tuple)) and len(v) == 2:
         return f"[{fmt_value(v[0])}, {fmt_value(v[1])}]"
-    return str(v)
+    return format_number(v, "-")
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

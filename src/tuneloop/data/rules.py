@@ -1,0 +1,203 @@
+"""Per-record rules: parse, normalise, check and PII-scan each record (in worker processes), in input order.
+
+Entry point: :func:`record_verdicts` yields one :class:`Verdict` per input item, computed over chunks of
+records by ``num_workers`` forked processes, in order, so the outputs do not depend on the number of workers.
+A verdict is ``ok`` (the canonical JSON of the normalised record, its exact-duplicate key and the text the
+similarity checks compare) or ``bad`` (the quarantine line, with personal data redacted, and the reasons).
+
+Also here: :class:`RuleTally` (rule counts and a few examples per rule), :func:`count_tokens` (the over-long
+rule), :func:`quarantine_line` and :func:`similarity_text` (what near-duplicate and contamination checks read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections import Counter
+from functools import partial
+from typing import Any, Iterator, NamedTuple
+
+from tuneloop.data import pii as piimod
+from tuneloop.data.formats import normalise, record_texts, sft_messages
+from tuneloop.data.sources import Item, parse_line
+
+MAX_EXAMPLES = 3
+_CHUNK = 2000  # records per worker task
+# ``{{name}}``-style slots left unfilled; ``${{ x.y }}`` (GitHub Actions), ``={{ ... }}`` (JSX) and
+# expressions with dots or spaces are code, not template slots.
+_PLACEHOLDER = re.compile(r"(?<![$=])\{\{\s*[A-Za-z_][A-Za-z0-9_]{0,40}\s*\}\}")
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
+def canonical_json(obj: Any) -> str:
+    """The serialisation the digest is computed over (same as ``fsutil.sha256_json``)."""
+    return _ENCODER.encode(obj)
+
+
+def dedup_key(record: dict) -> bytes:
+    """Digest of the record with whitespace runs collapsed in every text (case kept)."""
+    if "messages" not in record:
+        return hashlib.blake2b(" ".join(record["text"].split()).encode(), digest_size=16).digest()
+    parts = [m["role"] + "\x1f" + " ".join(m["content"].split()) for m in record["messages"]]
+    for key in ("chosen", "rejected"):
+        if key in record:
+            parts += [key + "\x1f" + " ".join(m["content"].split()) for m in record[key]]
+    if "label" in record:
+        parts.append(f"label\x1f{record['label']}")
+    # \x1e/\x1f separate turns and fields; surrogates cannot occur in a normalised record.
+    return hashlib.blake2b("\x1e".join(parts).encode(), digest_size=16).digest()
+
+
+def _map_texts(record: dict, fn) -> dict:
+    """A copy of a canonical record with ``fn`` applied to every text."""
+    out = dict(record)
+    if "text" in out:
+        out["text"] = fn(out["text"])
+    for key in ("messages", "chosen", "rejected"):
+        if key in out:
+            out[key] = [{**m, "content": fn(m["content"])} for m in out[key]]
+    return out
+
+
+def _placeholder_reasons(texts: list[str]) -> list[str]:
+    found: list[str] = []
+    for text in texts:
+        if "{{" in text:
+            found += [m.group() for m in _PLACEHOLDER.finditer(text)]
+    if not found:
+        return []
+    shown = ", ".join(dict.fromkeys(f[:40] for f in found))
+    return [f"placeholder: unfilled template placeholder(s) {shown}; fill them in or remove the record"]
+
+
+def similarity_text(record: dict) -> str:
+    """What near-duplicate and contamination checks compare: every text but system prompts (a system
+    prompt shared by every record would make them all look alike)."""
+    if "messages" not in record:
+        return record["text"]
+    parts = [m["content"] for m in record["messages"] if m["role"] != "system"]
+    for key in ("chosen", "rejected"):
+        parts += [m["content"] for m in record.get(key, ())]
+    return "\n".join(parts)
+
+
+class Verdict(NamedTuple):
+    """A worker's verdict on one record. ``status``: 'ok' (``data`` = canonical JSON), or 'bad'
+    (``data`` = the quarantine line). ``pii`` = (type, masked) findings."""
+
+    line: int
+    file: str | None
+    status: str
+    data: str
+    key: bytes | None
+    text: str | None
+    pii: tuple[tuple[str, str], ...]
+    reasons: tuple[str, ...]
+
+
+def quarantine_line(line: int, file: str | None, reasons: list[str], record: Any) -> str:
+    entry: dict[str, Any] = {"line": line}
+    if file is not None:
+        entry["file"] = file
+    entry.update(reasons=reasons, record=piimod.redact_value(record))
+    return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _process(items: list[Item], fmt: str, pii_policy: str, want_text: bool) -> list[Verdict]:
+    out = []
+    for item in items:
+        value, raw, error = None, None, None
+        if item.kind == 0:
+            value, raw, error = parse_line(item.payload)
+        elif item.kind == 1:
+            value = item.payload
+        else:
+            raw, error = item.payload
+        if error is not None:
+            q = quarantine_line(item.line, item.file, [error], raw)
+            out.append(Verdict(item.line, item.file, "bad", q, None, None, (), (error,)))
+            continue
+        record, reasons = normalise(value, fmt)
+        if record is not None:
+            texts = record_texts(record)
+            reasons = _placeholder_reasons(texts)
+        if reasons:
+            reasons = [piimod.redact(r) for r in reasons]  # reasons quote bits of the record (e.g. a bad role)
+            q = quarantine_line(item.line, item.file, reasons, value)
+            out.append(Verdict(item.line, item.file, "bad", q, None, None, (), tuple(reasons)))
+            continue
+        # One scan over all texts of the record joined (no pattern crosses a newline between turns).
+        joined = "\n".join(texts)
+        findings = tuple((f.type, piimod.mask(joined[f.start : f.end], f.type)) for f in piimod.scan(joined))
+        if findings and pii_policy != "report":
+            record = _map_texts(record, piimod.redact)
+            if pii_policy == "drop":
+                kinds = ", ".join(sorted({k for k, _ in findings}))
+                reason = f"pii: found {kinds} (data.pii = drop)"
+                q = quarantine_line(item.line, item.file, [reason], record)
+                out.append(Verdict(item.line, item.file, "bad", q, None, None, findings, (reason,)))
+                continue
+        text = similarity_text(record) if want_text else None
+        out.append(Verdict(item.line, item.file, "ok", canonical_json(record), dedup_key(record), text, findings, ()))
+    return out
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool) -> Iterator[Verdict]:
+    """Per-record verdicts in input order; a pool of ``num_workers`` processes when it pays."""
+    work = partial(_process, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
+    chunks = _chunks(items, _CHUNK)
+    first = list(itertools.islice(chunks, 2))
+    if num_workers <= 1 or len(first) < 2:
+        for chunk in itertools.chain(first, chunks):
+            yield from work(chunk)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(num_workers) as pool:
+        for part in pool.imap(work, itertools.chain(first, chunks), chunksize=1):
+            yield from part
+
+
+class RuleTally:
+    """Rule counts and a few examples per rule."""
+
+    def __init__(self) -> None:
+        self.rules: Counter[str] = Counter()
+        self.examples: dict[str, list[dict]] = {}
+
+    def add(self, line: int, file: str | None, reasons: tuple[str, ...] | list[str]) -> None:
+        for code in dict.fromkeys(reason.split(":", 1)[0] for reason in reasons):
+            self.rules[code] += 1
+            shown = self.examples.setdefault(code, [])
+            if len(shown) < MAX_EXAMPLES:
+                reason = next(r for r in reasons if r.startswith(code + ":"))
+                ex: dict[str, Any] = {"line": line, "reason": reason}
+                if file is not None:
+                    ex["file"] = file
+                shown.append(ex)
+
+
+def count_tokens(tokenizer, record: dict) -> int:
+    msgs = sft_messages(record)
+    if msgs is None:
+        return len(tokenizer(record["text"], add_special_tokens=False)["input_ids"])
+    variants = [msgs]
+    if "rejected" in record:
+        variants.append(list(record["messages"]) + list(record["rejected"]))
+    n = 0
+    for v in variants:
+        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in v], tokenize=False)
+        n = max(n, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return n
+

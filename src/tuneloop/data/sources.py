@@ -1,0 +1,348 @@
+"""Dataset sources and readers: files, directories, saved and named Hugging Face datasets.
+
+Entry points: :func:`open_source` (records of a source and how positions are counted) and
+:func:`open_detected` (the same, with the record format detected from the first records). Sources:
+``.jsonl`` (read as bytes, line by line: a line that is not UTF-8 or not JSON becomes an unreadable item for
+the quarantine, never fatal), ``.json`` (one array), ``.parquet``, ``.csv``, a directory of those, a dataset
+saved with ``datasets.save_to_disk``, or a Hugging Face dataset name read offline from the local cache. Record
+positions are file lines for ``.json``/``.jsonl`` and 1-based record indexes otherwise.
+
+:func:`source_problem` and :func:`source_digest` say, before any reading, whether a configured source looks
+usable and what its content identity is (for cache keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+from tuneloop.config import DATA_SUFFIXES
+from tuneloop.data.formats import detect_format
+from tuneloop.errors import InputError
+from tuneloop.fsutil import sha256_file, sha256_json
+
+SUPPORTED_SUFFIXES = DATA_SUFFIXES
+DETECT_SAMPLE = 100  # object records looked at by format detection
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+_BOM = b"\xef\xbb\xbf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Item(NamedTuple):
+    """One input record: position, file (directories only), and ``kind``: 0 = JSON text to parse
+    (``payload`` is bytes), 1 = parsed value, 2 = unreadable (``payload`` = (raw text, reason))."""
+
+    line: int
+    file: str | None
+    kind: int
+    payload: Any
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; use null, a number or a string")
+
+
+def _line_col(text: str, idx: int) -> tuple[int, int]:
+    line = text.count("\n", 0, idx) + 1
+    return line, idx - (text.rfind("\n", 0, idx) + 1) + 1
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one instance: json.loads(...) builds one per call
+
+
+def parse_line(data: bytes) -> tuple[Any, str | None, str | None]:
+    """(value, raw text, error) for one JSONL line; never raises."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raw = data.decode("utf-8", errors="replace")
+        return None, raw, f"invalid_utf8: byte 0x{data[e.start]:02x} at byte {e.start + 1} is not valid UTF-8"
+    try:
+        return _DECODER.decode(text), None, None
+    except json.JSONDecodeError as e:
+        return None, text, f"invalid_json: {e.msg} (col {e.colno})"
+    except ValueError as e:  # NaN / Infinity
+        return None, text, f"invalid_json: {e}"
+    except RecursionError:
+        return None, text, "invalid_json: nested too deeply to parse"
+
+
+def _read_jsonl(path: Path, file: str | None = None) -> Iterator[Item]:
+    """One item per non-blank line, unparsed (workers parse); bad lines are quarantined, never fatal."""
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, 1):
+            if lineno == 1 and data.startswith(_BOM):
+                data = data[len(_BOM) :]
+            data = data.rstrip(b"\r\n")
+            if not data.strip():
+                continue
+            yield Item(lineno, file, 0, data)
+
+
+def _read_json_array(path: Path, file: str | None = None) -> Iterator[Item]:
+    """Elements of a top-level JSON array, each with the 1-based line where it starts.
+
+    The file is one JSON document, so a syntax error is fatal: ``InputError`` with file:line:col. Bytes
+    that are not UTF-8 are not: they end up in the strings as lone surrogates and the records holding
+    them are quarantined by the ``invalid_utf8`` rule.
+    """
+    data = path.read_bytes()
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    text = data.decode("utf-8", errors="surrogateescape")
+
+    def fail(idx: int, what: str) -> InputError:
+        line, col = _line_col(text, idx)
+        return InputError(f"{path}:{line}:{col}: {what}")
+
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    idx = _WS.match(text, 0).end()
+    if text[idx : idx + 1] != "[":
+        hint = "if it holds one JSON record per line, rename it to .jsonl"
+        raise fail(idx, f"expected a JSON array of records ('[{{...}}, ...]'); {hint}")
+    idx = _WS.match(text, idx + 1).end()
+    line, counted_to = 1, 0
+    if text[idx : idx + 1] != "]":
+        while True:
+            line += text.count("\n", counted_to, idx)
+            counted_to = idx
+            try:
+                value, end = decoder.raw_decode(text, idx)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}; fix the file") from None
+            except (ValueError, RecursionError) as e:
+                why = str(e) if isinstance(e, ValueError) else "nested too deeply to parse"
+                raise fail(idx, f"invalid JSON in the record starting here: {why}") from None
+            yield Item(line, file, 1, value)
+            idx = _WS.match(text, end).end()
+            sep = text[idx : idx + 1]
+            if sep == "]":
+                break
+            if sep != ",":
+                raise fail(idx, "invalid JSON: expected ',' or ']' after a record; fix the file")
+            idx = _WS.match(text, idx + 1).end()
+    idx = _WS.match(text, idx + 1).end()
+    if idx != len(text):
+        raise fail(idx, "invalid JSON: extra data after the closing ']'; fix the file")
+
+
+def _csv_cell(key: str, value: str | None) -> Any:
+    """CSV cells are text; a cell holding a JSON array/object (a message list) is parsed, and a ``label``
+    column of true/false becomes a boolean."""
+    if value is None:
+        return None
+    s = value.strip()
+    if s[:1] in ("[", "{"):
+        try:
+            return json.loads(s)
+        except ValueError:
+            return value
+    if key == "label" and s.lower() in ("true", "false", "1", "0"):
+        return s.lower() in ("true", "1")
+    return value
+
+
+def _read_csv(path: Path, file: str | None = None) -> Iterator[Item]:
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> invalid_utf8 rule
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for n, row in enumerate(reader, 1):
+            extra = row.pop(None, None)
+            rec = {k: _csv_cell(k, v) for k, v in row.items()}
+            if extra:
+                yield Item(n, file, 2, (json.dumps(extra), f"bad_structure: row has {len(extra)} more cells than the header"))
+                continue
+            yield Item(n, file, 1, rec)
+    except csv.Error as e:
+        raise InputError(f"{path}: malformed CSV: {e}; fix the file") from None
+
+
+def _read_parquet(path: Path, file: str | None = None) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise InputError(f"{path}: cannot read Parquet: {e}") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=10_000):
+        for rec in batch.to_pylist():
+            n += 1
+            yield Item(n, file, 1, rec)
+
+
+def _read_hf(ds: Any, split: str | None, where: str) -> Iterator[Item]:
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split and split in ds:
+            ds = ds[split]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        elif "train" in ds:
+            ds = ds["train"]
+        else:
+            raise InputError(f"{where}: has splits {', '.join(ds)}; say which one (e.g. {where}:{next(iter(ds))})")
+    for n, rec in enumerate(ds, 1):
+        yield Item(n, None, 1, rec)
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json_array, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _is_saved_hf(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+@contextmanager
+def hf_offline() -> Iterator[None]:
+    """Hugging Face libraries in offline mode (read from the local cache only), restored afterwards.
+
+    The libraries read ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` at import time, so the module constants are
+    switched too (they may have been imported before).
+    """
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in env})
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in
+             ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"), (hub, "HF_HUB_OFFLINE"))
+             if hasattr(mod, attr)]
+    for mod, attr, _ in saved:
+        setattr(mod, attr, True)
+    try:
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
+    """Records of ``source`` and how positions are counted (``"line"`` or ``"record"``).
+
+    ``source`` is a file, a directory of files, a ``datasets.save_to_disk`` directory, or a Hugging Face
+    dataset name (``name`` or ``name:split``) read offline. Raises ``InputError`` when it cannot be read.
+    """
+    text = str(source)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        if _is_saved_hf(path):
+            from datasets import load_from_disk
+
+            try:
+                ds = load_from_disk(str(path))
+            except Exception as e:
+                raise InputError(f"{path}: cannot load the saved dataset: {e}") from None
+            return _read_hf(ds, None, str(path)), "record"
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise InputError(f"{path}: the directory holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+        position = "line" if all(p.suffix.lower() in (".json", ".jsonl") for p in files) else "record"
+        chained = itertools.chain.from_iterable(_READERS[p.suffix.lower()](p, p.relative_to(path).as_posix()) for p in files)
+        return chained, position
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in _READERS:
+            raise InputError(
+                f"{path}: unsupported dataset file type {suffix or '(no extension)'!r}; supported: "
+                f"{', '.join(SUPPORTED_SUFFIXES)}, a directory of them, or a saved Hugging Face dataset"
+            )
+        return _READERS[suffix](path), "line" if suffix in (".json", ".jsonl") else "record"
+    if path.exists():
+        raise InputError(f"{path}: is not a file or directory")
+    if suffix in SUPPORTED_SUFFIXES or text.startswith((".", "/", "~")) or not _HUB_ID.match(text.split(":")[0]):
+        raise InputError(f"{path}: dataset file not found; check the path (relative paths resolve from {Path.cwd()})")
+    name, _, split = text.partition(":")
+    try:
+        with hf_offline():
+            import datasets
+
+            ds = datasets.load_dataset(name, split=split or None)
+    except Exception as e:
+        raise InputError(
+            f"{text}: not a local file and not a Hugging Face dataset in the local cache ({type(e).__name__}: "
+            f"{str(e)[:200]}); tuneloop reads datasets offline: download it first, or give a file path"
+        ) from None
+    return _read_hf(ds, split or None, text), "record"
+
+
+def _peek(items: Iterator[Item]) -> tuple[list[Item], Iterator[Item]]:
+    """Read ahead until ``DETECT_SAMPLE`` object records; return them and an iterator over all items."""
+    sample: list[Item] = []
+    objects = 0
+    for item in items:
+        sample.append(item)
+        objects += item.kind != 2 and (item.kind == 1 or item.payload[:1] == b"{")
+        if objects >= DETECT_SAMPLE:
+            break
+    return sample, itertools.chain(sample, items)
+
+
+def _sample_values(sample: list[Item]) -> list[Any]:
+    out = []
+    for item in sample:
+        if item.kind == 1:
+            out.append(item.payload)
+        elif item.kind == 0:
+            value, _, error = parse_line(item.payload)
+            if error is None:
+                out.append(value)
+    return out
+
+
+
+def open_detected(source: str | Path, fmt: str = "auto") -> tuple[Iterator[Item], str, str]:
+    """Open ``source`` and detect its format from the first records (unless ``fmt`` is given): (records,
+    position kind, format). InputError for an empty dataset or an undetectable format."""
+    items, position = open_source(source)
+    sample, items = _peek(items)
+    if not sample:
+        raise InputError(f"{source}: the dataset has no records; add at least one record")
+    if fmt == "auto":
+        try:
+            fmt = detect_format(_sample_values(sample))
+        except InputError as e:
+            raise InputError(f"{source}: {e}") from None
+    return items, position, fmt
+
+
+def source_problem(value: str) -> str | None:
+    """Why a configured data source cannot be used (``None`` when it looks usable; a hub name is checked when read)."""
+    p = Path(value)
+    if p.is_dir():
+        return None
+    if p.is_file():
+        if p.suffix.lower() not in SUPPORTED_SUFFIXES:
+            return f"unsupported file type {p.suffix!r} in {value}; use {', '.join(SUPPORTED_SUFFIXES)}, a directory or a dataset name"
+        return None
+    if os.path.isabs(value) or p.suffix.lower() in SUPPORTED_SUFFIXES:
+        return f"file not found: {value}; check the path (relative paths are resolved against the config's directory)"
+    return None
+
+
+def source_digest(value: str | None) -> str | None:
+    """Content identity of a data source: a file's digest, a directory's file digests, or the name itself."""
+    if not value:
+        return None
+    p = Path(value)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        return sha256_json([(f.relative_to(p).as_posix(), sha256_file(f)) for f in sorted(p.rglob("*")) if f.is_file()])
+    return f"name:{value}"
