@@ -8,6 +8,7 @@ maps exceptions to exit codes (:mod:`tuneloop.cli.common`).
 ``cli/data.py``     ``data validate|diff``
 ``cli/export.py``   ``export-config``
 ``cli/serve.py``    ``serve``
+``cli/rollout.py``  ``rollout start|status|promote|abort``
 ==================  ======================================================
 
 Exit codes: 0 ok / all gates passed; 1 a stage failed or a gate blocked; 2 usage, config or input error
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from tuneloop.cli import data, export, models, run, serve
+from tuneloop.cli import data, export, models, rollout, run, serve
 from tuneloop.cli.eval import eval_cmd
 from tuneloop.cli.common import err, out
 
@@ -39,6 +40,7 @@ app.command("export-config")(export.export_config)
 app.command("serve")(serve.serve)
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
+app.add_typer(rollout.app, name="rollout")
 
 
 def main() -> None:
