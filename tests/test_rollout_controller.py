@@ -61,7 +61,7 @@ def traffic(log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng:
         arm = choose_arm(rollout, user, rid)
         failed = rng.random() < err[arm]
         recs.append(RequestRecord(
-            request_id=rid, created_at=t0 + i * 1e-3, endpoint="chat.completions", model="support-bot", ref="support-bot",
+            request_id=rid, created_at=t0 + i * 1e-3, endpoint="chat.completions", model=rollout["model"], ref=rollout["model"],
             version=rollout[f"{'candidate' if arm == 'canary' else 'baseline'}_version"], artifact_sha256=None, arm=arm,
             user_hash=user, prompt="[]", response="" if failed else "ok", status=500 if failed else 200,
             latency_s=0.1, rollout_id=rollout["rollout_id"]))
@@ -72,16 +72,16 @@ def traffic(log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng:
         log.add_feedback(rid, rating=rating)
 
 
-def run_rollout(reg, log, *, err, neg, batch=400, max_ticks=60, seed=0, notifier=None):
+def run_rollout(reg, log, *, err, neg, batch=400, max_ticks=60, seed=0, notifier=None, model="support-bot"):
     """Ticks until the rollout ends; returns the decisions (None entries are skipped)."""
     rng, decisions, t = random.Random(seed), [], 1000.0
     for _ in range(max_ticks):
-        rollout = reg.get_rollout("support-bot")
+        rollout = reg.get_rollout(model)
         if rollout["status"] != "running":
             break
         traffic(log, rollout, batch, t0=t, err=err, neg=neg, rng=rng)
         t += 10.0
-        d = controller.tick(reg, log, "support-bot", now=t, notifier=notifier)
+        d = controller.tick(reg, log, model, now=t, notifier=notifier)
         decisions.append(d)
     return [d for d in decisions if d is not None]
 
