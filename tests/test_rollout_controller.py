@@ -239,3 +239,30 @@ def test_rollout_cli_start_status_wait_promote_abort(ws, tmp_path):
     assert cli("rollout", "status", "nope", *w).exit_code == 2
     r = cli("rollout", "status", *w, "--json")  # no name: every model's latest rollout
     assert r.exit_code == 0 and [x["status"] for x in json.loads(r.stdout)] == ["aborted"]
+
+
+def test_deploy_canary_config_maps_to_the_policy_and_reports_every_problem_with_its_key(tmp_path):
+    from tuneloop.config import CanaryConfig, load_config
+    from tuneloop.errors import ConfigError
+    from tuneloop.rollout.analysis import RolloutPolicy
+
+    assert RolloutPolicy.from_dict(CanaryConfig().policy_dict()) == RolloutPolicy()  # the same defaults
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: canary\n  canary:\n"
+                 "    weights: [0.1, 1.0]\n    metrics: [errors, {name: latency, max_ratio: 2}]\n"
+                 "    guards: [{metric: harmful, max_count: 0}]\n    on_limit: hold\n")
+    cfg = load_config(p)
+    assert cfg.deploy.strategy == "canary"
+    policy = RolloutPolicy.from_dict(cfg.deploy.canary.policy_dict())
+    assert policy.weights == (0.1, 1.0) and [m.name for m in policy.metrics] == ["errors", "latency"]
+    assert policy.metrics[1].max_ratio == 2.0 and policy.guards[0].max_count == 0 and policy.on_limit == "hold"
+    p.write_text("name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: blue-green\n  canary:\n"
+                 "    weights: [0.5, 0.2]\n    alpha: 1.5\n    metrics: [errors, errors, speed]\n"
+                 "    guards: [{metric: errors}]\n    tick_interval_s: 0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    text = str(exc.value)
+    for key in ("deploy.strategy", "deploy.canary.weights", "deploy.canary.alpha", "deploy.canary.metrics.2.name",
+                "deploy.canary.guards.0", "deploy.canary.tick_interval_s"):
+        assert f"{key}" in text, (key, text)
+    assert exc.value.exit_code == 2

@@ -379,7 +379,7 @@ class CanaryGuardConfig(_Section):
     @model_validator(mode="after")
     def _needs_a_limit(self) -> "CanaryGuardConfig":
         if self.max_rate is None and self.max_count is None:
-            raise ValueError("a guard needs `max_rate` and/or `max_count`")
+            raise ValueError("`max_rate` and/or `max_count`: a guard needs a limit")
         return self
 
 
@@ -912,6 +912,21 @@ def _type_name(annotation: Any) -> str:
     return text.replace("NoneType", "null").replace(" | ", " or ").replace("|", " or ")
 
 
+# Nested sections documented under their section in the reference.
+SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
+    "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
+    "deploy": (("deploy.canary", CanaryConfig), ("deploy.canary.metrics[]", CanaryMetricConfig),
+               ("deploy.canary.guards[]", CanaryGuardConfig)),
+}
+
+
+def model_default(x: Any) -> Any:
+    """A list item of a default as the reference shows it: a suite by its kind, another model as its set keys."""
+    if not isinstance(x, BaseModel):
+        return x
+    return x.kind if hasattr(x, "kind") else x.model_dump(exclude_none=True)
+
+
 def reference_markdown() -> str:
     """docs/configuration.md, generated from the schema (a test checks the file is up to date)."""
     lines = [
@@ -939,7 +954,7 @@ def reference_markdown() -> str:
                 continue
             if f.default_factory is not None:
                 made = f.default_factory()
-                made = [x.kind if isinstance(x, BaseModel) and hasattr(x, "kind") else x for x in made] if isinstance(made, list) else made
+                made = [model_default(x) for x in made] if isinstance(made, list) else made
                 default = f"`{made!r}`"
             else:
                 default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
@@ -952,10 +967,9 @@ def reference_markdown() -> str:
         model = PipelineConfig.model_fields[section].annotation
         lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         lines += rows(model, f"{section}.")
-        if section == "eval":
-            for sub, sub_model in (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)):
-                lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
-                lines += rows(sub_model, f"{sub}.")
+        for sub, sub_model in SUBSECTIONS.get(section, ()):
+            lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+            lines += rows(sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
     lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]
     return "\n".join(lines) + "\n"
