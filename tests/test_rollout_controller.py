@@ -140,6 +140,7 @@ def test_no_traffic_holds_and_is_recorded_once_a_minute(ws):
     assert record["status"] == "running" and record["weight"] == 0.2 and record["revision"] == 13
     held = [e for e in controller.decisions(reg, "support-bot", record["rollout_id"]) if e["kind"] == "rollout_decision"]
     assert len(held) == 2  # at t=1010 and t=1070: not one event per tick
+    assert record["last_decision"]["at"] == 1120.0  # but the record always has the newest decision
     analysis, _ = controller.load_state(record)
     assert analysis.state.active_s == 0.0  # time without traffic does not count towards max_active_s
 

@@ -181,5 +181,5 @@ def _print_status(st: dict) -> None:
         out.print(t)
     recent = st["decisions"][-5:]
     for e in recent:
-        action = ((e["details"] or {}).get("decision") or {}).get("action", e["kind"])
-        out.print(f"  {e['at']}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason']}")
+        action = ((e["details"] or {}).get("decision") or {}).get("action", "")
+        out.print(f"  {e['at']}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}")

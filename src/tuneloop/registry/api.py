@@ -79,6 +79,7 @@ class ModelRegistry(Protocol):
     def update_rollout(
         self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
         status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
     ) -> dict: ...
 
 

@@ -638,11 +638,13 @@ class SqliteRegistry:
     def update_rollout(
         self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
         status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
     ) -> dict:
         """Store a rollout's new state, weight, status and decision if it is still at ``revision`` (compare-and-set).
 
-        Raises :class:`RolloutConflict` when another writer updated it first. A decision is recorded as a
-        ``rollout_decision`` event with its statistics; an ending status (``promoted``, ``rolled_back``,
+        Raises :class:`RolloutConflict` when another writer updated it first. A decision becomes the record's
+        ``last_decision`` and, unless ``event=False``, a ``rollout_decision`` event with its statistics (the
+        controller records ``continue`` decisions sparingly); an ending status (``promoted``, ``rolled_back``,
         ``aborted``) moves the aliases in the same transaction and records ``rollout_ended`` (and ``promoted``).
         Returns the new record.
         """
@@ -657,7 +659,7 @@ class SqliteRegistry:
             conn.execute("UPDATE rollouts SET status = ?, revision = ?, record = ? WHERE rollout_id = ? AND revision = ?",
                          (status, new["revision"], check_json(new, "the rollout record"), rollout_id, record["revision"]))
             changes = self._end_rollout_aliases(conn, new, actor, reason) if status in ENDED else {}
-            if decision is not None or status in ENDED:
+            if (decision is not None and event) or status in ENDED:
                 details = {**decision_details(new, decision_json), **changes}
                 self._event(conn, model, new["candidate_version"], update_event_kind(status), actor, reason, details,
                             journal={"rollout": new})

@@ -365,6 +365,7 @@ class MlflowRegistry:
     def update_rollout(
         self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
         status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
     ) -> dict:
         """Compare-and-set on the revision, best effort: MLflow has no transactions (see the module docstring)."""
         decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
@@ -382,7 +383,7 @@ class MlflowRegistry:
                 raise RolloutConflict(f"rollout {rollout_id} was updated concurrently (another replica wrote revision "
                                       f"{new['revision']} too); re-read it and decide again")
             changes = self._end_rollout_aliases(new, actor, reason) if status in ENDED else {}
-        if decision is not None or status in ENDED:
+        if (decision is not None and event) or status in ENDED:
             details = {**decision_details(new, decision_json), **changes}
             self._add_event(model, new["candidate_version"], update_event_kind(status), actor, reason, fit_tag(details))
         return new

@@ -11,8 +11,9 @@
 * :func:`promote` and :func:`abort` are a person's decisions, with the statistics at that moment;
 * :func:`status` is the record (without the opaque state) with a summary of the analysis and its decisions.
 
-Every step-up, promote and rollback is recorded as an event with its statistics; ``continue`` decisions
-(including "hold: no traffic") are recorded when their kind changes and at most every
+Every decision is stored as the record's ``last_decision`` (what ``status`` and the dashboard show). Every
+step-up, promote and rollback is also recorded as an event with its statistics; ``continue`` decisions
+(including "hold: no traffic") become events when their kind changes and at most every
 ``RECORD_CONTINUE_EVERY_S`` seconds, so the event log shows the rollout's course without one event per tick.
 Notifications (``start``, ``step``, ``promote``, ``rollback``, ``abort``) go through a :class:`Notifier`,
 which queues them; a failed or broken notification never blocks a decision.
@@ -117,7 +118,7 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
         new = reg.update_rollout(
             model, rid, revision=record["revision"], state_json=dump_state(analysis, cursor),
             weight=decision.weight if status == "running" else None, status=status,
-            decision=decision.to_dict() if recorded else None, actor=CONTROLLER_ACTOR, reason=decision.reason,
+            decision=decision.to_dict(), event=recorded, actor=CONTROLLER_ACTOR, reason=decision.reason,
         )
     except RolloutConflict:
         logger.info("rollout %s: another replica stored this step first", rid)
