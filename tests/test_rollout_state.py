@@ -201,3 +201,33 @@ def test_the_controller_rolls_back_a_bad_canary_on_this_backend(reg, tmp_path):
     assert reg.aliases(m) == {"champion": 1}
     ended = [e for e in reg.events(m) if e["kind"] == "rollout_ended"]
     assert ended[0]["details"]["decision"]["metrics"]["errors"]["log_evalue"] >= ended[0]["details"]["decision"]["metrics"]["errors"]["threshold"]
+
+
+def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
+    """Eight threads (own connections, as replicas would have) update from the same revision: exactly one lands."""
+    import threading
+
+    reg = SqliteRegistry(tmp_path / "ws")
+    for i in (1, 2):
+        reg.register("bot", model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="b", lineage={}, metrics={}, gates={})
+    reg.promote("bot", 1)
+    r = reg.start_rollout("bot", 2, policy=POLICY)
+    results, barrier = [], threading.Barrier(8)
+
+    def replica(k: int) -> None:
+        mine = SqliteRegistry(tmp_path / "ws")
+        barrier.wait()
+        try:
+            mine.update_rollout("bot", r["rollout_id"], revision=1, weight=0.25, decision=decision("step_up"), reason=f"replica {k}")
+            results.append(k)
+        except RolloutConflict:
+            results.append(None)
+
+    threads = [threading.Thread(target=replica, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 8 and sum(x is not None for x in results) == 1
+    assert reg.get_rollout("bot")["revision"] == 2
+    assert sum(e["kind"] == "rollout_decision" for e in reg.events("bot")) == 1

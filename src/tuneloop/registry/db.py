@@ -23,6 +23,11 @@ Trust: an alias only ever moves to a version whose artifact verifies (every file
 manifest) at that moment. Registering the same artifact with the same content lineage and gate results as
 a live version (``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
 
+Rollouts (``registry/rollouts.py``): ``start_rollout`` / ``update_rollout`` keep canary rollouts in the
+``rollouts`` table (schema 3; older databases gain it in place when opened) with a compare-and-set on each
+record's revision inside one write transaction; ending one moves the aliases in that same transaction. Each
+rollout event is journaled with the record after it, so ``recover_database`` restores rollouts too.
+
 Aliases: ``promote`` moves an alias (default ``champion``) and records the version it pointed at under its
 *previous* alias (``previous`` for ``champion``, ``<alias>-previous`` otherwise); ``rollback`` swaps the two,
 so rolling back twice returns to where it started.
