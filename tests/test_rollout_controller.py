@@ -267,3 +267,15 @@ def test_deploy_canary_config_maps_to_the_policy_and_reports_every_problem_with_
                 "deploy.canary.guards.0", "deploy.canary.tick_interval_s"):
         assert f"{key}" in text, (key, text)
     assert exc.value.exit_code == 2
+
+
+def test_rollout_start_takes_the_policy_from_the_config(ws, tmp_path):
+    cfg = tmp_path / "tuneloop.yaml"
+    cfg.write_text(f"name: support-bot\nbase_model: m\ntrain_data: a.jsonl\nworkspace: {tmp_path / 'ws'}\n"
+                   "deploy:\n  strategy: canary\n  canary:\n    weights: [0.1, 0.3, 1.0]\n    metrics: [errors]\n")
+    r = cli("rollout", "start", "support-bot:2", "-c", cfg, "--json", "--reason", "from CI")
+    assert r.exit_code == 0, r.output
+    started = json.loads(r.stdout)
+    assert started["weight"] == 0.1 and started["policy"]["weights"] == [0.1, 0.3, 1.0]
+    assert [m["name"] for m in started["policy"]["metrics"]] == ["errors"] and "state_json" not in started
+    assert started["reason"] == "from CI"

@@ -58,7 +58,7 @@ def start(
         if notifier is not None:
             notifier.close(timeout=30)
         if opts.json_out:
-            print_json(record)
+            print_json(controller.shown(record))
             return
         out.print(f"[green]started[/] {record['rollout_id']}: {record['candidate']} takes {record['weight']:.0%} of "
                   f"traffic against {record['baseline']}; the gateway (`tuneloop serve`) decides from here")
@@ -122,7 +122,7 @@ def promote(
         if notifier is not None:
             notifier.close(timeout=30)
         if opts.json_out:
-            print_json(record)
+            print_json(controller.shown(record))
         else:
             out.print(f"[green]promoted[/] {record['candidate']} to champion ({record['rollout_id']}); "
                       f"{record['baseline']} is `previous`")
@@ -145,7 +145,7 @@ def abort(
         if notifier is not None:
             notifier.close(timeout=30)
         if opts.json_out:
-            print_json(record)
+            print_json(controller.shown(record))
         else:
             out.print(f"[yellow]aborted[/] {record['rollout_id']}: {record['baseline']} stays champion")
 

@@ -215,8 +215,12 @@ def status(reg: ModelRegistry, model: str) -> dict | None:
     st = analysis.state
     summary = {"step": st.step, "weights": list(analysis.policy.weights), "canary_requests": st.canary_requests,
                "baseline_requests": st.baseline_requests, "active_s": st.active_s, "alpha": analysis.policy.alpha}
-    shown = {k: v for k, v in record.items() if k != "state_json"}
-    return {**shown, "analysis": summary, "decisions": decisions(reg, model, record["rollout_id"])}
+    return {**shown(record), "analysis": summary, "decisions": decisions(reg, model, record["rollout_id"])}
+
+
+def shown(record: dict) -> dict:
+    """A rollout record for people and ``--json``: everything but the opaque analysis state."""
+    return {k: v for k, v in record.items() if k != "state_json"}
 
 
 def decisions(reg: ModelRegistry, model: str, rollout_id: str) -> list[dict]:
