@@ -134,7 +134,7 @@ def test_a_good_canary_steps_up_through_every_weight_and_is_promoted(ws):
 def test_no_traffic_holds_and_is_recorded_once_a_minute(ws):
     reg, log = ws
     controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=1000.0)
-    decisions = [controller.tick(reg, log, "support-bot", now=1000.0 + 10 * i) for i in range(1, 13)]
+    decisions = [controller.tick_running(reg, log, now=1000.0 + 10 * i)["support-bot"] for i in range(1, 13)]
     assert all(d.action == "continue" and d.reason.startswith("hold") for d in decisions)
     record = reg.get_rollout("support-bot")
     assert record["status"] == "running" and record["weight"] == 0.2 and record["revision"] == 13

@@ -1,7 +1,7 @@
 """Starting and steering canary rollouts: the registry holds the state, the request log the evidence.
 
 * :func:`start` points the ``canary`` alias at a version and stores a new rollout with a fresh analysis;
-* :func:`tick` (called by the gateway every ``deploy.canary.tick_interval_s``, by any number of replicas) reads
+* :func:`tick` (or :func:`tick_running` for every model; called by the gateway every ``deploy.canary.tick_interval_s``, by any number of replicas) reads
   the rollout's per-arm totals from the request log (``RequestLog.arm_counts(model=, rollout_id=)``, plus new
   per-request latencies when latency is a metric), feeds them to the :class:`CanaryAnalysis` restored from the
   stored state, and stores the new state and decision with a compare-and-set on the rollout's revision: when
@@ -129,6 +129,17 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
         announce(notifier, {"step_up": "step", "promote": "promote", "rollback": "rollback"}[decision.action], new,
                  decision, decision_message(new, decision))
     return decision
+
+
+def tick_running(reg: ModelRegistry, log: ArmLog, *, now: float | None = None,
+                 notifier: Notifier | None = None) -> dict[str, Decision | None]:
+    """:func:`tick` for every model with a running rollout (what each gateway replica calls every tick)."""
+    out: dict[str, Decision | None] = {}
+    for model in reg.models():
+        record = reg.get_rollout(model)
+        if record is not None and record["status"] == "running":
+            out[model] = tick(reg, log, model, now=now, notifier=notifier)
+    return out
 
 
 def promote(reg: ModelRegistry, model: str, *, actor: str | None = None, reason: str = "",
