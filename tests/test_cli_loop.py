@@ -269,13 +269,6 @@ def test_ci_bad_input_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / ".tuneloop").exists()
 
 
-def test_canary_hook_says_what_is_missing(tmp_path):
-    from tuneloop.ci import RolloutUnavailable, start_canary_rollout
-
-    with pytest.raises(RolloutUnavailable, match="deploy.strategy: canary needs the rollout module"):
-        start_canary_rollout(None, "support-bot:2", tmp_path / "runs" / "r1")
-
-
 @pytest.mark.slow
 def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, receiver, tmp_path):
     hooks = {"webhooks": [{"url": receiver.url, "events": ["gate_failed", "registered"]}]}
@@ -312,6 +305,19 @@ def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, 
     assert receiver.received[1]["details"]["ref"] == "tiny-bot:1"
     assert all(n["ok"] for n in result["notifications"])
     assert step_summary.read_text().count("tuneloop ci: tiny-bot") == 2
+
+    # deploy.strategy: canary -> the passed version goes out as a canary against the champion, not all at once
+    canary = tl("ci", config, "-o", "gates.min_accuracy=0.01", "-o", "deploy.strategy=canary", "--json", env=env)
+    assert canary.returncode == 0, canary.stderr
+    result = json.loads(canary.stdout)
+    assert result["model_version"] == "tiny-bot:2"
+    assert result["rollout"]["candidate"] == "tiny-bot:2" and result["rollout"]["baseline"] == "tiny-bot:1"
+    assert result["rollout"]["status"] == "running" and result["rollout"]["weight"] == 0.05
+    assert result["summary"]["stages"]["deployment"]["metrics"]["strategy"] == "canary"
+    shown = json.loads(tl("models", "show", "tiny-bot@champion", "--json", cwd=config.parent).stdout)
+    assert shown["version"] == 1  # the champion is unchanged until the analysis promotes the canary
+    status = json.loads(tl("rollout", "status", "tiny-bot", "--json", cwd=config.parent).stdout)
+    assert status["rollout_id"] == result["rollout"]["rollout_id"] and status["status"] == "running"
 
 
 def test_collect_gates_reads_data_gates_and_names_a_stage_that_failed_without_one(tmp_path):

@@ -22,7 +22,7 @@ from tuneloop import cli
 from tuneloop.cli import app
 from tuneloop.errors import IntegrityError, InputError
 from tuneloop.registry.api import open_registry
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.db import SCHEMA_VERSION, SqliteRegistry
 
 runner = CliRunner()
 
@@ -368,4 +368,4 @@ def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
     assert reg.set_tag("m", 1, "k", "v")["tags"] == {"k": "v"}
     assert reg.delete("m", 1)["version"]["deleted"]
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -29,9 +29,9 @@ from typing import Any
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.reports import junit_xml, markdown_summary
 from tuneloop.fsutil import atomic_write_text, read_json
-from tuneloop.rollout.notify import DeliveryResult, Notifier, webhooks_from_config
+from tuneloop.rollout.notify import DeliveryResult, Notifier, notifier_for
 
-__all__ = ["CiResult", "RolloutUnavailable", "collect_gates", "notifier_for", "run_ci", "start_canary_rollout"]
+__all__ = ["CiResult", "RolloutUnavailable", "collect_gates", "run_ci", "start_canary_rollout"]
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
@@ -90,35 +90,34 @@ def run_ci(config_path: str | os.PathLike, overrides: list[str] | None = None, *
     pipe = FineTunePipeline(cfg, console=console, config_path=str(config_path))
     pipe.preflight()
     summary = pipe.run()
-    run_dir = Path(summary["run_dir"])
     gates = collect_gates(summary)
     result = write_reports(summary, gates, title=f"tuneloop ci: {cfg.name}")
     try:
         send_notifications(notifier, cfg.model_name, result)
+        if result.overall == "passed" and cfg.deploy.strategy == "canary":
+            result.rollout = start_canary_rollout(cfg, summary, notifier)
     finally:
         notifier.close(timeout=30.0)
         result.notifications = notifier.results
-    if result.overall == "passed" and getattr(cfg.deploy, "strategy", "direct") == "canary":
-        result.rollout = start_canary_rollout(cfg, summary.get("model_version"), run_dir)
     return result
 
 
-def notifier_for(cfg) -> Notifier:
-    """A notifier for the config's ``notify.webhooks`` (none configured: a notifier that sends nothing)."""
-    return Notifier(webhooks_from_config([w.model_dump() for w in cfg.notify.webhooks]))
+def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
+    """The canary rollout of a passed run (``deploy.strategy: canary``): the one the deployment stage started
+    (with ``auto_deploy``), else one started here for the registered version."""
+    from tuneloop.registry.api import open_registry
+    from tuneloop.rollout import controller
+    from tuneloop.workspace import Workspace
 
-
-def start_canary_rollout(cfg, ref: str | None, run_dir: Path) -> dict[str, Any]:
-    """Start the canary rollout of the registered ``ref`` (``deploy.strategy: canary``).
-
-    The one place ``tuneloop ci`` hands a passed model to the rollout module; that module's start API is
-    not part of this build yet, so this says so instead of pretending to deploy.
-    """
-    raise RolloutUnavailable(
-        f"deploy.strategy: canary needs the rollout module, which this tuneloop build does not have yet: {ref} "
-        f"is registered (run {run_dir.name}) but no canary was started. Set deploy.strategy: direct, or start "
-        f"it by hand with `tuneloop rollout start {ref}` once rollouts are available"
-    )
+    deployed = summary["stages"].get("deployment", {})
+    reg = open_registry(cfg, Workspace.for_config(cfg))
+    if deployed.get("status") == "passed" and deployed.get("metrics", {}).get("rollout_id"):
+        return reg.get_rollout(cfg.model_name, deployed["metrics"]["rollout_id"])
+    ref = summary.get("model_version")
+    if not ref:
+        raise RolloutUnavailable("deploy.strategy: canary, but the run registered no version to roll out")
+    return controller.start(reg, ref, policy=cfg.deploy.canary.policy_dict(), notifier=notifier,
+                            reason=f"tuneloop ci, run {summary['run_id']}")
 
 
 # ------------------------------------------------------------------------------------------------ gates

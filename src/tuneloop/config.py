@@ -353,11 +353,111 @@ class RegistryConfig(_Section):
     )
 
 
+class CanaryMetricConfig(_Section):
+    """A metric the canary is compared on. A plain string in `deploy.canary.metrics` names it with its default margin."""
+
+    name: Literal["errors", "negative_feedback", "harmful", "latency"] = Field(
+        description="`errors` (5xx, timeouts, empty outputs), `negative_feedback` (rating -1 or score < 0.5 on "
+        "`/v1/feedback`), `harmful` (the harmful-output judge on a sampled share of traffic), `latency` (the odds "
+        "that a canary request is slower than a concurrent baseline one)."
+    )
+    max_ratio: float = Field(
+        1.5, gt=1.0, le=1000.0,
+        description="Non-inferiority margin: promote only when the upper confidence bound of the canary/baseline rate "
+        "ratio is below this.",
+    )
+
+
+class CanaryGuardConfig(_Section):
+    """Roll back at once when the canary's own rate (or count) of a metric is too high."""
+
+    metric: Literal["errors", "negative_feedback", "harmful"] = Field(description="The guarded count metric.")
+    max_rate: float | None = Field(None, gt=0.0, le=1.0, description="Roll back when the canary's rate exceeds this.")
+    min_requests: int = Field(20, ge=1, le=10**9, description="Canary requests before `max_rate` applies.")
+    max_count: int | None = Field(None, ge=0, le=10**9, description="Roll back when the canary's events exceed this count.")
+
+    @model_validator(mode="after")
+    def _needs_a_limit(self) -> "CanaryGuardConfig":
+        if self.max_rate is None and self.max_count is None:
+            raise ValueError("`max_rate` and/or `max_count`: a guard needs a limit")
+        return self
+
+
+class CanaryConfig(_Section):
+    """How a canary rollout is analysed and decided (`deploy.strategy: canary`); see docs/architecture.md, Rollouts."""
+
+    weights: list[float] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5, 1.0],
+        description="The canary's traffic share at each step, strictly increasing, ending at 1.0 (promotion).",
+    )
+    alpha: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="False-rollback rate over the whole rollout, however often it is checked (split between the metrics).",
+    )
+    metrics: list[CanaryMetricConfig] = Field(
+        default_factory=lambda: [CanaryMetricConfig(name=n) for n in ("errors", "negative_feedback", "latency")],
+        description="Metrics compared against the concurrent baseline: names, or mappings with `name` and `max_ratio`.",
+    )
+    guards: list[CanaryGuardConfig] = Field(
+        default_factory=lambda: [CanaryGuardConfig(metric="errors", max_rate=0.5, min_requests=20)],
+        description="Immediate rollbacks on the canary's own rate or count (`metric`, `max_rate`, `min_requests`, `max_count`).",
+    )
+    min_requests_per_step: int = Field(
+        500, ge=1, le=10**9, description="Canary requests a step must see before it may step up or promote."
+    )
+    max_canary_requests: int | None = Field(
+        None, ge=1, le=10**12, description="After this many canary requests without a decision, `on_limit` applies."
+    )
+    max_active_s: float | None = Field(
+        86400.0, gt=0, le=10**9,
+        description="After this many seconds with traffic (time without traffic does not count) without a decision, `on_limit` applies.",
+    )
+    on_limit: Literal["rollback", "hold"] = Field(
+        "rollback", description="At a limit: roll back, or hold at the current weight for `tuneloop rollout promote`/`abort`."
+    )
+    tick_interval_s: float = Field(
+        5.0, gt=0, le=86400, description="How often the gateway analyses the request log and decides (seconds)."
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metric_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_schedule(cls, v: list[float]) -> list[float]:
+        if len(v) < 2 or v[-1] != 1.0 or any(not 0.0 < x <= 1.0 for x in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError("weights strictly increasing within (0, 1], at least one below 1.0, ending at 1.0, "
+                             "e.g. [0.05, 0.25, 0.5, 1.0]")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_once(cls, v: list[CanaryMetricConfig]) -> list[CanaryMetricConfig]:
+        names = [m.name for m in v]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"each metric once and at least one, got {names}")
+        return v
+
+    def policy_dict(self) -> dict[str, Any]:
+        """The rollout policy (``RolloutPolicy.from_dict``): every key but `tick_interval_s`, which is the gateway's."""
+        return self.model_dump(mode="json", exclude={"tick_interval_s"})
+
+
 class DeployConfig(_Section):
     """What happens to a registered model."""
 
     auto_deploy: bool = Field(False, description="Run the deployment stage: point the `alias` at the new version.")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Alias the deployment stage moves.")
+    strategy: Literal["direct", "canary"] = Field(
+        "direct",
+        description="`direct`: the deployment stage moves `alias` at once. `canary`: it starts a rollout of the new "
+        "version against the champion (`deploy.canary`) and returns; the gateway promotes or rolls it back.",
+    )
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary rollout policy (`strategy: canary`).")
     host: str = Field("127.0.0.1", description="Address `tuneloop serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `tuneloop serve` listens on.")
 
@@ -876,6 +976,22 @@ def _type_name(annotation: Any) -> str:
     return text.replace("NoneType", "null").replace(" | ", " or ").replace("|", " or ")
 
 
+# Nested sections documented under their section in the reference.
+SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
+    "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
+    "notify": (("notify.webhooks[]", WebhookConfig),),
+    "deploy": (("deploy.canary", CanaryConfig), ("deploy.canary.metrics[]", CanaryMetricConfig),
+               ("deploy.canary.guards[]", CanaryGuardConfig)),
+}
+
+
+def model_default(x: Any) -> Any:
+    """A list item of a default as the reference shows it: a suite by its kind, another model as its set keys."""
+    if not isinstance(x, BaseModel):
+        return x
+    return x.kind if hasattr(x, "kind") else x.model_dump(exclude_none=True)
+
+
 def reference_markdown() -> str:
     """docs/configuration.md, generated from the schema (a test checks the file is up to date)."""
     lines = [
@@ -903,7 +1019,7 @@ def reference_markdown() -> str:
                 continue
             if f.default_factory is not None:
                 made = f.default_factory()
-                made = [x.kind if isinstance(x, BaseModel) and hasattr(x, "kind") else x for x in made] if isinstance(made, list) else made
+                made = [model_default(x) for x in made] if isinstance(made, list) else made
                 default = f"`{made!r}`"
             else:
                 default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
@@ -916,11 +1032,9 @@ def reference_markdown() -> str:
         model = PipelineConfig.model_fields[section].annotation
         lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         lines += rows(model, f"{section}.")
-        subsections = {"eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)), "notify": (("notify.webhooks[]", WebhookConfig),)}
-        if section in subsections:
-            for sub, sub_model in subsections[section]:
-                lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
-                lines += rows(sub_model, f"{sub}.")
+        for sub, sub_model in SUBSECTIONS.get(section, ()):
+            lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+            lines += rows(sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
     lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]
     return "\n".join(lines) + "\n"

@@ -454,11 +454,18 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
 
 
 def deployment(ctx: StageContext, registered: RegisteredVersion) -> Deployment:
-    """Point ``deploy.alias`` at the new version; the one it replaced stays as ``previous`` for a rollback."""
+    """Point ``deploy.alias`` at the new version; the one it replaced stays as ``previous`` for a rollback.
+
+    With ``deploy.strategy: canary`` and a champion to compare against, start a canary rollout instead and
+    return at once: the gateway's analysis promotes or rolls it back (``tuneloop rollout status --wait``).
+    """
     from tuneloop.registry.api import open_registry
 
     c = ctx.cfg
     reg = open_registry(c, ctx.ws)
+    champion = reg.get_alias(c.model_name, "champion")
+    if c.deploy.strategy == "canary" and champion not in (None, registered.version):
+        return canary_deployment(ctx, reg, registered)
     alias = c.deploy.alias
     current = reg.get_alias(c.model_name, alias)
     if current != registered.version:
@@ -467,6 +474,31 @@ def deployment(ctx: StageContext, registered: RegisteredVersion) -> Deployment:
     outputs = {"ref": ref, "serve": f"tuneloop serve {ctx.config_path or ''}".strip()}
     metrics = {"alias": alias, "version": registered.version, "previous": current}
     return Deployment(Outcome(None, metrics, outputs, current == registered.version), alias, ref)
+
+
+def canary_deployment(ctx: StageContext, reg: Any, registered: RegisteredVersion) -> Deployment:
+    """Start (or, on a re-run, find) the canary rollout of the registered version against the champion."""
+    from tuneloop.rollout import controller
+    from tuneloop.rollout.notify import notifier_for
+
+    c = ctx.cfg
+    running = reg.get_rollout(c.model_name)
+    cached = bool(running and running["status"] == "running" and running["candidate_version"] == registered.version)
+    if cached:
+        record = running
+    else:
+        notifier = notifier_for(c)
+        try:
+            record = controller.start(reg, f"{c.model_name}:{registered.version}", policy=c.deploy.canary.policy_dict(),
+                                      notifier=notifier, reason=f"canary from run {ctx.run_id}")
+        finally:
+            notifier.close(timeout=10.0)
+    ref = f"{c.model_name}@canary"
+    metrics = {"strategy": "canary", "rollout_id": record["rollout_id"], "candidate": record["candidate"],
+               "baseline": record["baseline"], "weight": record["weight"]}
+    outputs = {"ref": ref, "serve": f"tuneloop serve {ctx.config_path or ''}".strip(),
+               "wait": f"tuneloop rollout status {c.model_name} --wait"}
+    return Deployment(Outcome(None, metrics, outputs, cached), "canary", ref)
 
 
 # ------------------------------------------------------------------------------------------------- table

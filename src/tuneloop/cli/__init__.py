@@ -12,6 +12,7 @@ maps exceptions to exit codes (:mod:`tuneloop.cli.common`).
 ``cli/drift.py``    ``drift``
 ``cli/init.py``     ``init``
 ``cli/ci.py``       ``ci``
+``cli/rollout.py``  ``rollout start|status|promote|abort``
 ==================  ======================================================
 
 Exit codes: 0 ok / all gates passed; 1 a stage failed or a gate blocked; 2 usage, config or input error
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import typer
 
-from tuneloop.cli import data, export, feedback, models, run, serve
+from tuneloop.cli import data, export, feedback, models, rollout, run, serve
 from tuneloop.cli.ci import ci
 from tuneloop.cli.drift import drift
 from tuneloop.cli.init import init
@@ -50,6 +51,7 @@ app.add_typer(feedback.app, name="feedback")
 app.command("drift")(drift)
 app.command("init")(init)
 app.command("ci")(ci)
+app.add_typer(rollout.app, name="rollout")
 
 
 def main() -> None:

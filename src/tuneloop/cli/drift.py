@@ -20,7 +20,7 @@ def drift(
 ) -> None:
     """Test whether production prompts drifted from the training prompts (domain-classifier AUC against a
     permutation threshold): exit 0 no drift, 1 drift (and a `drift` notification), 2 bad input."""
-    from tuneloop.ci import notifier_for
+    from tuneloop.rollout.notify import notifier_for
     from tuneloop.feedback.export import parse_since
     from tuneloop.monitor.drift import drift_from_log, training_prompts
 

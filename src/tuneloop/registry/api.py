@@ -65,6 +65,23 @@ class ModelRegistry(Protocol):
 
     def events(self, model: str | None = None, version: int | None = None) -> list[dict]: ...
 
+    # Rollouts (records and rules in registry/rollouts.py): the `canary` alias, the record, every decision as an event.
+
+    def start_rollout(
+        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
+        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+    ) -> dict: ...
+
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None: ...
+
+    def list_rollouts(self, model: str) -> list[dict]: ...
+
+    def update_rollout(
+        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
+        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
+    ) -> dict: ...
+
 
 def registry_uri(cfg_or_uri: Any = None) -> str | None:
     """The registry URI in effect: an explicit URI, else the config's ``registry.uri``, else the environment."""

@@ -23,6 +23,11 @@ Trust: an alias only ever moves to a version whose artifact verifies (every file
 manifest) at that moment. Registering the same artifact with the same content lineage and gate results as
 a live version (``lineage.origin_key``) returns that version (``"existing": True``) instead of adding one.
 
+Rollouts (``registry/rollouts.py``): ``start_rollout`` / ``update_rollout`` keep canary rollouts in the
+``rollouts`` table (schema 3; older databases gain it in place when opened) with a compare-and-set on each
+record's revision inside one write transaction; ending one moves the aliases in that same transaction. Each
+rollout event is journaled with the record after it, so ``recover_database`` restores rollouts too.
+
 Aliases: ``promote`` moves an alias (default ``champion``) and records the version it pointed at under its
 *previous* alias (``previous`` for ``champion``, ``<alias>-previous`` otherwise); ``rollback`` swaps the two,
 so rolling back twice returns to where it started.
@@ -44,10 +49,22 @@ from typing import Any
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import utcnow
 from tuneloop.registry.names import check_alias_name, check_model_name
+from tuneloop.registry.rollouts import (
+    CANARY_ALIAS,
+    ENDED,
+    check_json,
+    check_start,
+    check_update,
+    check_weight,
+    decision_details,
+    new_record,
+    update_event_kind,
+    updated_record,
+)
 from tuneloop.registry.store import ArtifactStore
 
 ARTIFACT_KINDS = ("adapter", "model")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: rollouts
 RESERVED_TAG_PREFIX = "tuneloop."
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/ ]{0,249}$")
 MAX_TAG_VALUE = 5000
@@ -109,6 +126,22 @@ CREATE TABLE IF NOT EXISTS deletions (
     PRIMARY KEY (model, version),
     FOREIGN KEY (model, version) REFERENCES versions(model, version)
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id  TEXT PRIMARY KEY,
+    model       TEXT NOT NULL REFERENCES models(name),
+    number      INTEGER NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('running', 'promoted', 'rolled_back', 'aborted')),
+    revision    INTEGER NOT NULL,
+    record      TEXT NOT NULL,
+    UNIQUE (model, number)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_running ON rollouts(model) WHERE status = 'running';
+CREATE TRIGGER IF NOT EXISTS rollouts_ended_final BEFORE UPDATE ON rollouts WHEN OLD.status != 'running' BEGIN
+    SELECT RAISE(ABORT, 'an ended rollout is final');
+END;
+CREATE TRIGGER IF NOT EXISTS rollouts_kept BEFORE DELETE ON rollouts BEGIN
+    SELECT RAISE(ABORT, 'rollout records are kept');
+END;
 CREATE TRIGGER IF NOT EXISTS deletions_final_update BEFORE UPDATE ON deletions BEGIN
     SELECT RAISE(ABORT, 'registry deletions are final');
 END;
@@ -557,6 +590,118 @@ class SqliteRegistry:
                 gone.append(digest)
         return gone
 
+    # -- rollouts (see registry/rollouts.py) -------------------------------------------------------
+
+    def start_rollout(
+        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
+        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+    ) -> dict:
+        """Start a canary rollout of ``candidate_version`` against ``baseline_version`` (default: the champion).
+
+        Points the ``canary`` alias at the candidate (its artifact verified first) and records ``rollout_started``.
+        One running rollout per model: a second start is an InputError naming the running one. ``weight``
+        defaults to the policy's first weight. Returns the rollout record.
+        """
+        number = self._verified(model, candidate_version, CANARY_ALIAS)
+        weight = float(policy.get("weights", [0.05])[0]) if weight is None else weight
+        check_weight(weight)
+        policy_json = check_json(policy, "the rollout policy")
+        with self._transaction(write=True) as conn:
+            cand = self._get_live(conn, model, number, "start a rollout of")["version"]
+            base = self._alias(conn, model, "champion") if baseline_version is None else baseline_version
+            if base is not None:
+                base = self._get_live(conn, model, base, "compare a canary with")["version"]
+            check_start(model, cand, base, self._running_rollout(conn, model))
+            n = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM rollouts WHERE model = ?", (model,)).fetchone()[0]
+            record = new_record(model, n, cand, base, policy=json.loads(policy_json), weight=weight, state_json=state_json,
+                                actor=actor or _default_actor(), reason=reason, now=utcnow())
+            conn.execute("INSERT INTO rollouts (rollout_id, model, number, status, revision, record) VALUES (?, ?, ?, ?, ?, ?)",
+                         (record["rollout_id"], model, n, "running", 1, check_json(record, "the rollout record")))
+            old = self._alias(conn, model, CANARY_ALIAS)
+            self._put_alias(conn, model, CANARY_ALIAS, cand)
+            details = {**decision_details(record, None), "policy": record["policy"], CANARY_ALIAS: {"old": old, "new": cand}}
+            self._event(conn, model, cand, "rollout_started", actor, reason, details, journal={"rollout": record})
+        return record
+
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None:
+        """A rollout by id, else the running one, else the latest; None when the model never had one."""
+        with self._transaction(write=False) as conn:
+            self._check_known_model(conn, model)
+            if rollout_id is not None:
+                return self._rollout(conn, model, rollout_id)
+            row = conn.execute("SELECT record FROM rollouts WHERE model = ? ORDER BY status = 'running' DESC, number DESC"
+                               " LIMIT 1", (model,)).fetchone()
+        return None if row is None else json.loads(row["record"])
+
+    def list_rollouts(self, model: str) -> list[dict]:
+        """Every rollout of ``model``, oldest first."""
+        with self._transaction(write=False) as conn:
+            self._check_known_model(conn, model)
+            rows = conn.execute("SELECT record FROM rollouts WHERE model = ? ORDER BY number", (model,)).fetchall()
+        return [json.loads(r["record"]) for r in rows]
+
+    def update_rollout(
+        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
+        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
+    ) -> dict:
+        """Store a rollout's new state, weight, status and decision if it is still at ``revision`` (compare-and-set).
+
+        Raises :class:`RolloutConflict` when another writer updated it first. A decision becomes the record's
+        ``last_decision`` and, unless ``event=False``, a ``rollout_decision`` event with its statistics (the
+        controller records ``continue`` decisions sparingly); an ending status (``promoted``, ``rolled_back``,
+        ``aborted``) moves the aliases in the same transaction and records ``rollout_ended`` (and ``promoted``).
+        Returns the new record.
+        """
+        if status == "promoted":  # verify the candidate's bytes before champion may point at it
+            current = self.get_rollout(model, rollout_id)
+            self._verified(model, current["candidate_version"], "champion")
+        decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
+        with self._transaction(write=True) as conn:
+            record = self._rollout(conn, model, rollout_id)
+            check_update(record, revision, status, weight)
+            new = updated_record(record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow())
+            conn.execute("UPDATE rollouts SET status = ?, revision = ?, record = ? WHERE rollout_id = ? AND revision = ?",
+                         (status, new["revision"], check_json(new, "the rollout record"), rollout_id, record["revision"]))
+            changes = self._end_rollout_aliases(conn, new, actor, reason) if status in ENDED else {}
+            if (decision is not None and event) or status in ENDED:
+                details = {**decision_details(new, decision_json), **changes}
+                self._event(conn, model, new["candidate_version"], update_event_kind(status), actor, reason, details,
+                            journal={"rollout": new})
+        return new
+
+    def _end_rollout_aliases(self, conn: sqlite3.Connection, record: dict, actor: str | None, reason: str) -> dict:
+        """Promote: champion -> candidate, previous -> the old champion; any end: remove ``canary``."""
+        model, cand = record["model"], record["candidate_version"]
+        changes: dict[str, Any] = {}
+        if record["status"] == "promoted":
+            self._get_live(conn, model, cand, "promote")
+            old, old_previous = self._alias(conn, model, "champion"), self._alias(conn, model, "previous")
+            if old != cand:
+                self._put_alias(conn, model, "champion", cand)
+                if old is not None:
+                    self._put_alias(conn, model, "previous", old)
+                changes = {"alias": "champion", "champion": {"old": old, "new": cand},
+                           "previous": {"old": old_previous, "new": old if old is not None else old_previous}}
+                self._event(conn, model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]})
+        canary = self._alias(conn, model, CANARY_ALIAS)
+        if canary == cand:
+            conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, CANARY_ALIAS))
+        changes[CANARY_ALIAS] = {"old": canary, "new": None if canary == cand else canary}
+        return changes
+
+    def _rollout(self, conn: sqlite3.Connection, model: str, rollout_id: str) -> dict:
+        row = conn.execute("SELECT record FROM rollouts WHERE model = ? AND rollout_id = ?", (model, rollout_id)).fetchone()
+        if row is None:
+            known = [r[0] for r in conn.execute("SELECT rollout_id FROM rollouts WHERE model = ? ORDER BY number", (model,))]
+            raise InputError(f"{model} has no rollout {rollout_id!r}; its rollouts: {', '.join(known) or 'none'}")
+        return json.loads(row["record"])
+
+    @staticmethod
+    def _running_rollout(conn: sqlite3.Connection, model: str) -> dict | None:
+        row = conn.execute("SELECT record FROM rollouts WHERE model = ? AND status = 'running'", (model,)).fetchone()
+        return None if row is None else json.loads(row["record"])
+
     # -- reading --------------------------------------------------------------------------------
 
     @property
@@ -716,11 +861,15 @@ class SqliteRegistry:
 
     def _event(
         self, conn: sqlite3.Connection, model: str, version: int | None, kind: str, actor: str | None, reason: str,
-        details: dict[str, Any],
+        details: dict[str, Any], journal: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Record an event in the database and in the store's journal, with the model's aliases after it."""
+        """Record an event in the database and in the store's journal, with the model's aliases after it.
+
+        ``journal`` adds keys to the journal's entry only (a rollout event carries the rollout record there,
+        so ``recover`` can restore it).
+        """
         event = _add_event(conn, model, version, kind, actor, reason, details)
-        self.store.append_event({**event, "aliases": self._aliases(conn, model)})
+        self.store.append_event({**event, "aliases": self._aliases(conn, model), **(journal or {})})
         return event
 
     @staticmethod
@@ -889,6 +1038,7 @@ def recover_database(root: Path) -> dict[str, Any]:
         known = _insert_records(conn, records)
         replayed, skipped, deleted = _replay_events(conn, events, known)
         aliases = _restore_aliases(conn, records, events, known, deleted)
+        rollouts = _restore_rollouts(conn, events, known)
     missing = [f"{m}:{n}" for (m, n), digest in sorted(known.items())
                if (m, n) not in deleted and not store.exists(digest)]
     recorded = set(known.values())
@@ -899,6 +1049,7 @@ def recover_database(root: Path) -> dict[str, Any]:
         "versions": len(known),
         "aliases": aliases,
         "events": replayed,
+        "rollouts": rollouts,
         "deleted": sorted(f"{m}:{n}" for m, n in deleted),
         "missing_artifacts": missing,
         "unrecorded_artifacts": [d for d in store.digests() if d not in recorded],
@@ -1000,3 +1151,21 @@ def _restore_aliases(
                 SqliteRegistry._put_alias(conn, model, alias, number)
                 out.setdefault(model, {})[alias] = number
     return out
+
+
+def _restore_rollouts(conn: sqlite3.Connection, events: list[dict], known: dict[tuple[str, int], str]) -> list[str]:
+    """Restore each rollout as of its last journaled event (start, decisions, end); return their ids.
+
+    State stored between decision events is not journaled: a running rollout resumes from its last recorded
+    decision, and its next tick counts the requests since then (the analysis works from cumulative counts).
+    """
+    last: dict[str, dict] = {}
+    for e in events:
+        r = e.get("rollout")
+        if isinstance(r, dict) and (r.get("model"), r.get("candidate_version")) in known:
+            last[r["rollout_id"]] = r
+    for r in sorted(last.values(), key=lambda r: (r["model"], r["number"])):
+        conn.execute("INSERT OR IGNORE INTO rollouts (rollout_id, model, number, status, revision, record)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (r["rollout_id"], r["model"], r["number"], r["status"], r["revision"],
+                                                    to_json(r, "rollout record")))
+    return sorted(last)

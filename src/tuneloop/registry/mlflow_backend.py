@@ -16,11 +16,20 @@ Same interface and semantics as the SQLite :class:`tuneloop.registry.db.SqliteRe
   sha256 digest differs from the one recorded at registration (IntegrityError naming the files).
 * events (registered, promoted, rolled_back, alias_set, tagged, deleted) are registered-model tags
   ``tuneloop.event.<time>.<random>`` holding JSON; they are only ever added.
+* rollouts (``registry/rollouts.py``): a record is JSON in registered-model tags, split into parts of at most
+  4,500 characters (MLflow's SQL stores hold 5,000 per tag value): ``tuneloop.rollout.<n>.<revision>.<token>.<i>``,
+  written first, then the pointer ``tuneloop.rollout.<n>`` (revision, writer token, parts), which commits it;
+  parts of older revisions are then deleted. The ``canary`` alias is an MLflow alias; decisions are events.
 
-MLflow has no multi-statement transactions, so unlike SQLite: two processes promoting the same alias at the
-same moment may interleave (the last one wins, both events are recorded), and two registrations with the
-same cache key at the same moment may both create a version. Version numbers are still unique (the
-server assigns them).
+MLflow has no multi-statement transactions, so unlike SQLite:
+* the compare-and-set of ``update_rollout`` is best effort: the revision is checked just before writing and
+  the pointer read back after it (a writer whose pointer was overwritten gets ``RolloutConflict``), but two
+  replicas writing within the same few milliseconds can both land a decision (both are recorded as events,
+  the later record wins); likewise two simultaneous ``start_rollout`` calls. Give one replica the ticks
+  (or use the SQLite registry) where that matters;
+* two processes promoting the same alias at the same moment may interleave (the last one wins, both events
+  are recorded), and two registrations with the same cache key at the same moment may both create a
+  version. Version numbers are still unique (the server assigns them).
 """
 
 from __future__ import annotations
@@ -48,6 +57,21 @@ from tuneloop.registry.db import (
     version_ranges,
 )
 from tuneloop.registry.names import check_alias_name, check_model_name
+from tuneloop.registry.rollouts import (
+    CANARY_ALIAS,
+    ENDED,
+    MAX_TAG_CHARS,
+    RolloutConflict,
+    check_json,
+    check_start,
+    check_update,
+    check_weight,
+    decision_details,
+    new_record,
+    split_chunks,
+    update_event_kind,
+    updated_record,
+)
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
 log = logging.getLogger("tuneloop")
@@ -57,6 +81,8 @@ _RECORD_KEYS = ("kind", "base_model", "artifact_digest", "cache_key", "created_a
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 MAX_PARAM_KEY = 250
 _PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+_ROLLOUT_POINTER = re.compile(r"^tuneloop\.rollout\.(\d+)$")
+_ROLLOUT_PART = re.compile(r"^tuneloop\.rollout\.(\d+)\.(\d+)\.[0-9a-f]+\.\d+$")
 
 
 class MlflowRegistry:
@@ -294,6 +320,142 @@ class MlflowRegistry:
         if not any(o["artifact_digest"] == v["artifact_digest"] for o in self.list_versions()):
             self.store.remove(v["artifact_digest"])
         return [v["artifact_digest"]]
+
+    # -- rollouts (see registry/rollouts.py) -----------------------------------------------------------
+
+    def start_rollout(
+        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
+        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+    ) -> dict:
+        """Start a canary rollout (see ``SqliteRegistry.start_rollout``); one running rollout per model, best effort."""
+        from tuneloop.registry.lineage import actor as default_actor
+
+        cand = self._get_live(model, self._verified(model, candidate_version, CANARY_ALIAS), "start a rollout of")["version"]
+        weight = float(policy.get("weights", [0.05])[0]) if weight is None else weight
+        check_weight(weight)
+        policy = json.loads(check_json(policy, "the rollout policy"))
+        base = self._aliases(model).get("champion") if baseline_version is None else baseline_version
+        if base is not None:
+            base = self._get_live(model, base, "compare a canary with")["version"]
+        rollouts, tags = self._rollouts(model)
+        check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
+        record = new_record(model, max(rollouts, default=0) + 1, cand, base, policy=policy, weight=weight,
+                            state_json=state_json, actor=actor or default_actor(), reason=reason, now=utcnow())
+        old = self._aliases(model).get(CANARY_ALIAS)
+        with self._mlflow(f"start a rollout of {model}:{cand}"):
+            self._write_rollout(model, record, tags)
+            self.client.set_registered_model_alias(model, CANARY_ALIAS, str(cand))
+        details = {**decision_details(record, None), "policy": policy, CANARY_ALIAS: {"old": old, "new": cand}}
+        self._add_event(model, cand, "rollout_started", actor, reason, details)
+        return record
+
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None:
+        rollouts, _ = self._rollouts(model)
+        if rollout_id is not None:
+            return self._rollout_by_id(model, rollouts, rollout_id)
+        running = [r for r in rollouts.values() if r["status"] == "running"]
+        if running:
+            return running[-1]
+        return rollouts[max(rollouts)] if rollouts else None
+
+    def list_rollouts(self, model: str) -> list[dict]:
+        rollouts, _ = self._rollouts(model)
+        return [rollouts[n] for n in sorted(rollouts)]
+
+    def update_rollout(
+        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
+        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        event: bool = True,
+    ) -> dict:
+        """Compare-and-set on the revision, best effort: MLflow has no transactions (see the module docstring)."""
+        decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
+        rollouts, tags = self._rollouts(model)
+        record = self._rollout_by_id(model, rollouts, rollout_id)
+        check_update(record, revision, status, weight)
+        if status == "promoted":
+            self._verified(model, record["candidate_version"], "champion")
+        new = updated_record(record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow())
+        with self._mlflow(f"update rollout {rollout_id}"):
+            current, _ = self._rollouts(model)  # as late as possible before writing: the compare of compare-and-set
+            check_update(current[record["number"]], revision, status, weight)
+            token = self._write_rollout(model, new, tags)
+            if self._rollout_pointer(model, new["number"]).get("token") != token:
+                raise RolloutConflict(f"rollout {rollout_id} was updated concurrently (another replica wrote revision "
+                                      f"{new['revision']} too); re-read it and decide again")
+            changes = self._end_rollout_aliases(new, actor, reason) if status in ENDED else {}
+        if (decision is not None and event) or status in ENDED:
+            details = {**decision_details(new, decision_json), **changes}
+            self._add_event(model, new["candidate_version"], update_event_kind(status), actor, reason, fit_tag(details))
+        return new
+
+    def _end_rollout_aliases(self, record: dict, actor: str | None, reason: str) -> dict:
+        model, cand = record["model"], record["candidate_version"]
+        aliases, changes = self._aliases(model), {}
+        if record["status"] == "promoted":
+            old, old_previous = aliases.get("champion"), aliases.get("previous")
+            if old != cand:
+                if old is not None:
+                    self.client.set_registered_model_alias(model, "previous", str(old))
+                self.client.set_registered_model_alias(model, "champion", str(cand))
+                changes = {"alias": "champion", "champion": {"old": old, "new": cand},
+                           "previous": {"old": old_previous, "new": old if old is not None else old_previous}}
+                self._add_event(model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]})
+        canary = aliases.get(CANARY_ALIAS)
+        if canary == cand:
+            self.client.delete_registered_model_alias(model, CANARY_ALIAS)
+        changes[CANARY_ALIAS] = {"old": canary, "new": None if canary == cand else canary}
+        return changes
+
+    def _rollouts(self, model: str) -> tuple[dict[int, dict], dict[str, str]]:
+        """Every rollout record of ``model`` by number, and the model's tags they were read from.
+
+        A record is a pointer tag ``tuneloop.rollout.<n>`` (revision, writer token, number of parts) and its
+        parts ``tuneloop.rollout.<n>.<revision>.<token>.<i>``; a read that catches a writer between the two
+        is retried.
+        """
+        for attempt in range(5):
+            tags = dict(self._registered_model(model).tags)
+            out, torn = {}, False
+            for key, value in tags.items():
+                m = _ROLLOUT_POINTER.match(key)
+                if not m:
+                    continue
+                pointer, n = json.loads(value), int(m.group(1))
+                parts = [tags.get(f"{P}rollout.{n}.{pointer['revision']}.{pointer['token']}.{i}") for i in range(pointer["parts"])]
+                if any(p is None for p in parts):
+                    torn = True
+                    break
+                out[n] = json.loads("".join(parts))
+            if not torn:
+                return out, tags
+            time.sleep(0.05 * (attempt + 1))
+        raise TuneloopError(f"MLflow registry {self.uri}: the rollout records of {model!r} kept changing while read; try again")
+
+    def _rollout_pointer(self, model: str, number: int) -> dict:
+        value = self._registered_model(model).tags.get(f"{P}rollout.{number}")
+        return json.loads(value) if value else {}
+
+    def _rollout_by_id(self, model: str, rollouts: dict[int, dict], rollout_id: str) -> dict:
+        for r in rollouts.values():
+            if r["rollout_id"] == rollout_id:
+                return r
+        known = ", ".join(rollouts[n]["rollout_id"] for n in sorted(rollouts)) or "none"
+        raise InputError(f"{model} has no rollout {rollout_id!r}; its rollouts: {known}")
+
+    def _write_rollout(self, model: str, record: dict, old_tags: dict[str, str]) -> str:
+        """Write the record's parts, then its pointer (the commit); drop parts of older revisions. Returns the token."""
+        token, n, rev = secrets.token_hex(4), record["number"], record["revision"]
+        chunks = split_chunks(check_json(record, "the rollout record"))
+        for i, chunk in enumerate(chunks):
+            self.client.set_registered_model_tag(model, f"{P}rollout.{n}.{rev}.{token}.{i}", chunk)
+        pointer = {"rollout_id": record["rollout_id"], "status": record["status"], "revision": rev, "token": token,
+                   "parts": len(chunks)}
+        self.client.set_registered_model_tag(model, f"{P}rollout.{n}", json.dumps(pointer, sort_keys=True))
+        for key in old_tags:
+            m = _ROLLOUT_PART.match(key)
+            if m and int(m.group(1)) == n and int(m.group(2)) < rev:
+                self.client.delete_registered_model_tag(model, key)
+        return token
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -647,3 +809,13 @@ def mlflow_params(config: dict) -> tuple[dict[str, str], list[str]]:
             truncated.append(name)
         params[name] = text
     return params, truncated
+
+
+def fit_tag(details: dict) -> dict:
+    """Event details that fit one MLflow tag (5,000 characters on a SQL store): a decision's per-metric
+    statistics are left out, with a note, only if the whole event would not fit (the rollout record keeps them)."""
+    if len(json.dumps(details)) < MAX_TAG_CHARS - 500 or not isinstance(details.get("decision"), dict):
+        return details
+    decision = {k: v for k, v in details["decision"].items() if k != "metrics"}
+    decision["metrics_omitted"] = "too long for an MLflow tag: see the rollout record's last_decision"
+    return {**details, "decision": decision}

@@ -280,6 +280,7 @@ class RecoverReport:
     unrecorded_artifacts: list[str]
     skipped_events: int
     unreadable: list[str]
+    rollouts: list[str] = field(default_factory=list)  # rollout ids restored from the journal
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,6 +289,8 @@ class RecoverReport:
         lines = [f"rebuilt {self.database}: {self.versions} version(s) of {len(self.models)} model(s), "
                  f"{self.events} event(s), aliases "
                  + ("; ".join(f"{m}: " + ", ".join(f"{a} -> {n}" for a, n in al.items()) for m, al in self.aliases.items()) or "none")]
+        if self.rollouts:
+            lines.append(f"rollouts restored as of their last recorded decision: {', '.join(self.rollouts)}")
         if self.moved_aside:
             lines.append(f"the old database was moved to {self.moved_aside}")
         if self.missing_artifacts:

@@ -89,7 +89,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -547,12 +547,19 @@ class CanaryAnalysis:
         data = json.loads(text)
         return cls(RolloutPolicy.from_dict(data["policy"]), AnalysisState.from_dict(data["state"]))
 
-    def observe_totals(self, totals: Mapping[str, Mapping], *, now: float) -> Decision:
-        """Update from cumulative per-arm counts (``RequestLog.arm_counts(model=..., rollout_id=...)``)."""
+    def observe_totals(self, totals: Mapping[str, Mapping], *, now: float,
+                       latencies: Mapping[str, Sequence[float]] | None = None) -> Decision:
+        """Update from cumulative per-arm counts (``RequestLog.arm_counts(model=..., rollout_id=...)``).
+
+        ``latencies``: each arm's per-request latencies that are new since the last update (the aggregates do
+        not carry them; without them the latency metric gets no events).
+        """
         current = {arm: ArmCounts.from_log(totals.get(arm)) for arm in ("canary", "baseline")}
         last = self.state.last_totals or {}
         canary = current["canary"].minus(ArmCounts.from_log(last.get("canary")))
         baseline = current["baseline"].minus(ArmCounts.from_log(last.get("baseline")))
+        canary.latencies = tuple((latencies or {}).get("canary", ()))
+        baseline.latencies = tuple((latencies or {}).get("baseline", ()))
         self.state.last_totals = {arm: asdict(c) for arm, c in current.items()}
         for arm in self.state.last_totals.values():
             arm.pop("latencies")

@@ -234,3 +234,9 @@ def deliver(client: httpx.Client, index: int, hook: Webhook, n: Notification, ma
     log.warning("notification %r to webhook %d (%s) failed after %d tries: %s; the rollout goes on without it",
                 n.event, index, safe_url(hook.url), max_attempts, error)
     return DeliveryResult(index, safe_url(hook.url), n.event, False, max_attempts, status, error, time.monotonic() - start)
+
+
+def notifier_for(cfg) -> Notifier:
+    """A notifier for a pipeline config's ``notify.webhooks`` (none configured: one that sends nothing)."""
+    hooks = getattr(getattr(cfg, "notify", None), "webhooks", None) or []
+    return Notifier(webhooks_from_config([w.model_dump() if hasattr(w, "model_dump") else w for w in hooks]))

@@ -1,0 +1,185 @@
+"""`tuneloop rollout ...`: start, watch, promote and abort canary rollouts (the logic is in rollout/controller.py).
+
+Every command takes ``--config/-c``, ``--workspace/-w``, ``--registry`` and ``--json``. The gateway's ticks
+decide a running rollout; these commands read and steer the state it shares through the registry.
+``status --wait`` polls the registry and exits 0 when the candidate is promoted, 1 when it is rolled back or
+aborted (or still running when ``--timeout`` passes), 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from tuneloop.cli.common import EXIT_BLOCKED, EXIT_OK, REASON_OPTION, RegistryOptions, err, guard, out, print_json, with_registry_options
+from tuneloop.errors import InputError
+
+app = typer.Typer(help="Canary rollouts: a new version takes a share of traffic and is promoted or rolled back.",
+                  no_args_is_help=True)
+
+
+def _config(opts: RegistryOptions):
+    if opts.config is None:
+        return None
+    from tuneloop.config import load_config
+
+    return load_config(opts.config)
+
+
+def _notifier(cfg: Any):
+    """A Notifier for the config's ``notify.webhooks`` (None without a config or webhooks)."""
+    from tuneloop.rollout.notify import Notifier, webhooks_from_config
+
+    notify = getattr(cfg, "notify", None)  # the `notify:` section, when the config has one
+    items = [w.model_dump() if hasattr(w, "model_dump") else w for w in (getattr(notify, "webhooks", None) or [])]
+    hooks = webhooks_from_config(items)
+    return Notifier(hooks) if hooks else None
+
+
+@app.command("start")
+@with_registry_options
+def start(
+    ref: str = typer.Argument(..., help="The candidate: NAME:VERSION, NAME@ALIAS or NAME (latest)."),
+    reason: str = REASON_OPTION,
+    *,
+    opts: RegistryOptions,
+) -> None:
+    """Start a canary of REF against the champion with the config's `deploy.canary` policy (defaults without one)."""
+    from tuneloop.rollout import controller
+
+    with guard():
+        cfg = _config(opts)
+        policy = cfg.deploy.canary.policy_dict() if cfg is not None else None
+        notifier = _notifier(cfg)
+        record = controller.start(opts.open(), ref, policy=policy, notifier=notifier, reason=reason)
+        if notifier is not None:
+            notifier.close(timeout=30)
+        if opts.json_out:
+            print_json(controller.shown(record))
+            return
+        out.print(f"[green]started[/] {record['rollout_id']}: {record['candidate']} takes {record['weight']:.0%} of "
+                  f"traffic against {record['baseline']}; the gateway (`tuneloop serve`) decides from here")
+
+
+@app.command("status")
+@with_registry_options
+def status(
+    name: Optional[str] = typer.Argument(None, help="Registered model name (default: every model's latest rollout)."),
+    wait: bool = typer.Option(False, "--wait", help="Poll until the rollout ends: exit 0 promoted, 1 rolled back or aborted."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.0, help="With --wait: give up after this many seconds (exit 1)."),
+    interval: float = typer.Option(5.0, "--interval", min=0.01, help="With --wait: seconds between polls."),
+    *,
+    opts: RegistryOptions,
+) -> None:
+    """The running (else latest) rollout: weight, counts, recent decisions. `--wait` follows it to its end."""
+    from tuneloop.rollout import controller
+
+    with guard():
+        reg = opts.open()
+        if name is None:
+            if wait:
+                raise InputError("--wait needs a model NAME: `tuneloop rollout status NAME --wait`")
+            found = [s for s in (controller.status(reg, m) for m in reg.models()) if s is not None]
+            if opts.json_out:
+                print_json(found)
+            else:
+                _print_list(found)
+            return
+        st = controller.status(reg, name)
+        if st is None:
+            raise InputError(f"{name} has never had a rollout; start one with `tuneloop rollout start {name}:VERSION`")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while wait and st["status"] == "running" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+            st = controller.status(reg, name)
+        if opts.json_out:
+            print_json(st)
+        else:
+            _print_status(st)
+        if wait:
+            if st["status"] == "running":
+                err.print(f"{st['rollout_id']} is still running after {timeout:g} s (not promoted)")
+            raise typer.Exit(EXIT_OK if st["status"] == "promoted" else EXIT_BLOCKED)
+
+
+@app.command("promote")
+@with_registry_options
+def promote(
+    name: str = typer.Argument(..., help="Registered model name."),
+    reason: str = REASON_OPTION,
+    *,
+    opts: RegistryOptions,
+) -> None:
+    """Promote the running canary now (champion -> candidate, `previous` keeps the old champion)."""
+    from tuneloop.rollout import controller
+
+    with guard():
+        notifier = _notifier(_config(opts))
+        record = controller.promote(opts.open(), name, reason=reason, notifier=notifier)
+        if notifier is not None:
+            notifier.close(timeout=30)
+        if opts.json_out:
+            print_json(controller.shown(record))
+        else:
+            out.print(f"[green]promoted[/] {record['candidate']} to champion ({record['rollout_id']}); "
+                      f"{record['baseline']} is `previous`")
+
+
+@app.command("abort")
+@with_registry_options
+def abort(
+    name: str = typer.Argument(..., help="Registered model name."),
+    reason: str = typer.Option("", "--reason", help="Why (required): recorded and sent with the notification."),
+    *,
+    opts: RegistryOptions,
+) -> None:
+    """Stop the running canary now: the `canary` alias goes, the champion stays."""
+    from tuneloop.rollout import controller
+
+    with guard():
+        notifier = _notifier(_config(opts))
+        record = controller.abort(opts.open(), name, reason=reason, notifier=notifier)
+        if notifier is not None:
+            notifier.close(timeout=30)
+        if opts.json_out:
+            print_json(controller.shown(record))
+        else:
+            out.print(f"[yellow]aborted[/] {record['rollout_id']}: {record['baseline']} stays champion")
+
+
+def _print_list(found: list[dict]) -> None:
+    t = Table(title="rollouts")
+    for col in ("rollout", "candidate", "baseline", "status", "weight", "canary requests", "updated"):
+        t.add_column(col)
+    for s in found:
+        t.add_row(s["rollout_id"], s["candidate"], s["baseline"], s["status"], f"{s['weight']:.0%}",
+                  str(s["analysis"]["canary_requests"]), s["updated_at"])
+    out.print(t)
+
+
+def _print_status(st: dict) -> None:
+    a = st["analysis"]
+    out.print(f"[bold]{st['rollout_id']}[/]: {st['candidate']} against {st['baseline']}, [bold]{st['status']}[/], "
+              f"weight {st['weight']:.0%} (steps {', '.join(f'{w:.0%}' for w in a['weights'])}), alpha {a['alpha']}")
+    out.print(f"canary requests {a['canary_requests']}, baseline requests {a['baseline_requests']}, "
+              f"{a['active_s']:.0f} s with traffic; started {st['started_at']} by {st['actor']}")
+    last = st.get("last_decision")
+    if last:
+        out.print(f"last decision ({last['action']}): {last['reason']}")
+        t = Table(title="metrics at the last decision")
+        for col in ("metric", "canary", "baseline", "ratio", "interval", "e-value", "needed"):
+            t.add_column(col)
+        for m, s in (last.get("metrics") or {}).items():
+            lo, hi = s["interval"]
+            t.add_row(m, f"{s['canary']['events']}/{s['canary']['requests']}", f"{s['baseline']['events']}/{s['baseline']['requests']}",
+                      "-" if s["estimate"] is None else f"{s['estimate']:.2f}",
+                      f"{lo:.2f}-{'inf' if hi is None else f'{hi:.2f}'}", f"log {s['log_evalue']:.2f} / {s['threshold']:.2f}",
+                      "-" if s["requests_needed"] is None else f"{s['requests_needed']} ({s['needed_for']})")
+        out.print(t)
+    recent = st["decisions"][-5:]
+    for e in recent:
+        action = ((e["details"] or {}).get("decision") or {}).get("action", "")
+        out.print(f"  {e['at']}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}")
