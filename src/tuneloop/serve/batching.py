@@ -100,8 +100,9 @@ class BatchEngine:
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.batches = 0
+        self.batches = 0          # counters for tests, /health and benchmarks
         self.rows = 0
+        self.cancelled_rows = 0
         self.cache_kw = _cache_keyword(model)
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
 
@@ -217,6 +218,7 @@ class BatchEngine:
         for i, r in enumerate(rows):
             job = r.job
             if job.cancelled.is_set():
+                self.cancelled_rows += 1
                 job.emit(DoneEvent("cancelled"))
                 continue
             if job.params.max_tokens <= r.produced:
