@@ -94,6 +94,9 @@ def install_monitor_standin() -> bool:
                 self.fb[key] = FeedbackRecord(uuid.uuid4().hex, request_id, source, time.time(), rating, score, correction, comment)
                 return self.fb[key], True
 
+        def purge(self, older_than):
+            return 0
+
         def close(self):
             pass
 
@@ -128,6 +131,14 @@ def install_monitor_standin() -> bool:
             lines = [f'tuneloop_requests_total{{model="{o["model"]}",status="{o["status"]}"}} 1' for o in self.observed]
             return ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4"
 
+    class _Gauge:
+        def labels(self, **kw):
+            return self
+
+        def set(self, value):
+            pass
+
+    GatewayMetrics.queue_depth = _Gauge()
     metrics.GatewayMetrics = GatewayMetrics
     sys.modules["tuneloop.monitor"] = pkg
     sys.modules["tuneloop.monitor.requestlog"] = mod
@@ -172,3 +183,45 @@ def sse_events(text: str) -> list:
             payload = line[len("data: "):]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+GATEWAY_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from serve_helpers import install_monitor_standin
+install_monitor_standin()
+from tuneloop.serve.server import serve
+sys.exit(serve({target!r}, port={port}))
+"""
+
+
+def start_gateway_process(target: Path, port: int, env: dict | None = None):
+    """``serve(target, port=port)`` in a child process (a real second gateway); returns the Popen once /health answers."""
+    import os
+    import subprocess
+
+    import httpx
+
+    code = GATEWAY_SCRIPT.format(tests=str(Path(__file__).parent), target=str(target), port=port)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    full_env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("gateway did not start within 120 s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

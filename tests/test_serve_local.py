@@ -77,6 +77,7 @@ def test_concurrent_http_requests_are_batched_and_identical(registry):
         assert engine.batches - batches_before < engine.rows - rows_before  # some requests shared a batch
 
 
+@pytest.mark.slow
 def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry):
     server, backend = start(registry, max_batch_size=1, max_queue=2, default_max_tokens=200)
     with server:

@@ -142,11 +142,38 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
         console.print(f"tuneloop gateway on http://{host}:{port}/v1 ({sc.backend} backend); SIGTERM or Ctrl-C stops")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=sc.shutdown_grace_s,
                             access_log=False)
-    server = uvicorn.Server(config)
+    server = GracefulServer(config)
     server.run()
     if not server.started:
         raise InputError(f"the gateway could not start on {host}:{port}; see the messages above")
     return 0
+
+
+def graceful_server_class():
+    """uvicorn's Server, but a handled SIGTERM/SIGINT ends with exit 0 instead of re-raising the signal."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class _GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _GracefulServer
+
+
+def GracefulServer(config):  # noqa: N802 - reads like the class it builds
+    return graceful_server_class()(config)
 
 
 class BackgroundServer:
