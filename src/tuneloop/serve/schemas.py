@@ -2,7 +2,7 @@
 
 Every number is finite and in range, every string valid Unicode (a lone surrogate is refused), and the
 body has a size limit: a bad request is a 400 in OpenAI's shape, never a 500. Unknown fields are ignored, as
-OpenAI-compatible servers do, so clients that send newer fields keep working.
+OpenAI-compatible servers do, so clients that send newer fields keep working (and an upstream backend gets them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SEED_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, str_max_length=50_000_000)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=50_000_000)
 
 
 class TextPart(_Strict):
