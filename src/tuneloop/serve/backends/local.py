@@ -164,7 +164,7 @@ class LocalBackend:
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = [tg.make_params(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                  choice=i, top_logprobs=k) for i in range(req.n)]
-        choices = [tg.Choice(i, req.stops(), lv.tokenizer) for i in range(req.n)]
+        choices = [tg.Choice(i, req.stops(), lv.tokenizer, incremental=req.stream or bool(req.stop)) for i in range(req.n)]
         events = tg.run_choices(lv.engine, lv.adapter, prompt_ids, params, lv.stop_ids, choices, ctx.is_disconnected)
         if req.stream:
             return self._chat_stream(route, events, choices, len(prompt_ids), req.logprobs)
@@ -228,7 +228,7 @@ class LocalBackend:
 
     async def _complete_one(self, lv: LoadedVersion, req: CompletionRequest, prompt: list[int], budget: int,
                             ctx: CallContext, base_index: int) -> list[tg.Choice]:
-        choices = [tg.Choice(base_index + i, req.stops(), lv.tokenizer) for i in range(req.n)]
+        choices = [tg.Choice(base_index + i, req.stops(), lv.tokenizer, incremental=bool(req.stop)) for i in range(req.n)]
         if budget == 0 and not (req.echo and req.logprobs is not None):
             for c in choices:
                 c.finish_reason = "length"

@@ -32,10 +32,15 @@ class Choice:
     logprobs: list[TokenEvent] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
 
+    incremental: bool = True      # decode after every token (streaming or stop strings); else once at the end
+
     def add(self, ev: TokenEvent) -> bool:
         """Append a token; True when a stop string was reached (text cut before it)."""
         self.ids.append(ev.token_id)
-        self.logprobs.append(ev)
+        if ev.logprob is not None:
+            self.logprobs.append(ev)
+        if not self.incremental:
+            return False
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         hits = [text.find(s) for s in self.stops if s in text]
         if hits:
@@ -43,6 +48,10 @@ class Choice:
             return True
         self.text = text
         return False
+
+    def finish_text(self) -> None:
+        if not self.incremental:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
 
     def pending(self, final: bool) -> str:
         """New text safe to stream: hold back a partial character or a possible stop-string prefix."""
@@ -102,13 +111,10 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
 async def _progress(queue: asyncio.Queue, open_jobs: dict[int, GenJob], ctx_disconnected) -> AsyncIterator[tuple[Choice, bool]]:
     jobs = list(open_jobs.values())
     try:
+        # A client that goes away cancels this iterator (Starlette cancels a stream; non-streaming calls are
+        # watched by the app), and the finally clause below cancels the jobs: no polling needed here.
         while open_jobs:
-            try:
-                ch, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await ctx_disconnected():
-                    return
-                continue
+            ch, ev = await queue.get()
             if isinstance(ev, PromptLogprobs):
                 ch.prompt_logprobs = ev
             elif isinstance(ev, ErrorEvent):
@@ -117,6 +123,7 @@ async def _progress(queue: asyncio.Queue, open_jobs: dict[int, GenJob], ctx_disc
                 continue
             elif isinstance(ev, DoneEvent):
                 ch.finish_reason = ch.finish_reason or ev.finish_reason
+                ch.finish_text()
                 del open_jobs[ch.index]
                 yield ch, True
             elif ch.add(ev):
