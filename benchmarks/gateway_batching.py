@@ -6,7 +6,7 @@ The model is the demo's architecture (``demo_assets.RECOMMENDED["model"]``: 2-la
 2048): ``--base`` takes a built demo base model (``tuneloop demo`` makes ``base-model/``), else one is made
 with random weights and a tokenizer trained locally (speed does not depend on the weights). It is registered
 as a version in a scratch workspace and served by the real gateway (``create_app`` + ``LocalBackend``) in a
-child process, once with ``max_batch_size=16`` (batched) and once with ``max_batch_size=1`` (serial: the same
+child process, once with ``max_batch_size=32`` (batched, ``--batch``) and once with ``max_batch_size=1`` (serial: the same
 decode loop, one request at a time). The same ``--clients`` concurrent clients send the same
 ``--requests`` chat requests (demo support tickets, temperature 0, ``max_tokens`` 8) to each. Figures:
 requests/s, p50/p99 latency, and whether every answer is identical between the two.
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32, help="serve.max_batch_size of the batched run")
     ap.add_argument("--serve", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -138,7 +139,7 @@ def main() -> None:
         ws = Path(tmp) / "ws"
         SqliteRegistry(ws).register("bench", Path(base), artifact_kind="model", base_model=str(base), lineage={}, metrics={}, gates={})
         tickets = [r["messages"][1]["content"] for r in task_records(args.requests, seed=7)]
-        batched = run_mode(ws, 16, tickets, args)
+        batched = run_mode(ws, args.batch, tickets, args)
         print(f"batched: {batched['rps']:.1f} req/s, p50 {batched['p50']:.3f} s", flush=True)
         serial = run_mode(ws, 1, tickets, args)
         print(f"serial:  {serial['rps']:.1f} req/s, p50 {serial['p50']:.3f} s", flush=True)
@@ -148,7 +149,7 @@ def main() -> None:
         "identical_outputs": batched["answers"] == serial["answers"],
         "batched_p50_s": round(batched["p50"], 4), "serial_p50_s": round(serial["p50"], 4),
         "batched_p99_s": round(batched["p99"], 4), "serial_p99_s": round(serial["p99"], 4),
-        "requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+        "requests": args.requests, "clients": args.clients, "max_batch_size": args.batch, "max_tokens": args.max_tokens,
         "model": "demo architecture" + (" (built demo base)" if args.base else " (random weights)"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch threads {__import__('torch').get_num_threads()}",
     }

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Request
 
 from tuneloop.serve.backends import Backend, CallContext, Route
+from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
 from tuneloop.serve.errors import APIError, error_body, install_handlers
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
 from tuneloop.serve.router import Router

@@ -262,3 +262,30 @@ def tg_render(tok, messages: list[dict[str, str]]) -> str:
     from tuneloop.modeling import render_prompt
 
     return render_prompt(tok, messages)
+
+
+@dataclass
+class ServedModel:
+    """One version loaded on its own (no batching): for in-process use and checks outside the gateway."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str  # e.g. "support-bot:3"
+    version: dict[str, Any]
+
+
+def load_served_model(registry, model_name: str, ref: str = "champion") -> ServedModel:
+    """Load a version (number, alias or ``latest``) after verifying its artifact's sha256 and, for an adapter,
+    its base model's digest (IntegrityError when the base changed since registration)."""
+    from tuneloop.modeling import load_causal_lm, load_tokenizer
+    from tuneloop.registry.lineage import check_base
+
+    v = registry.get(model_name, ref)
+    path = registry.open_artifact(model_name, v["version"])
+    if v["artifact_kind"] == "adapter":
+        lin = v.get("lineage") or {}
+        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+        model = load_causal_lm(base, adapter=str(path))
+    else:
+        model = load_causal_lm(str(path))
+    return ServedModel(model=model, tokenizer=load_tokenizer(str(path)), model_id=v["ref"], version=v)
