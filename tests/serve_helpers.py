@@ -205,11 +205,15 @@ def start_gateway_process(target: Path, port: int, env: dict | None = None):
     code = GATEWAY_SCRIPT.format(tests=str(Path(__file__).parent), target=str(target), port=port)
     src = str(Path(__file__).resolve().parents[1] / "src")
     full_env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w+", prefix="gateway-", suffix=".log", delete=False)  # a pipe nobody reads could fill up
+    proc = subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log.name
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc

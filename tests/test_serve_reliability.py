@@ -26,6 +26,7 @@ def gateway(tiny_model, tmp_path_factory):
     port = free_port()
     proc = start_gateway_process(ws, port)
     yield proc, f"http://127.0.0.1:{port}"
+    print(open(proc.log_path).read()[-3000:])
     proc.terminate()
     proc.wait(30)
 
@@ -78,13 +79,18 @@ def test_soak_mixed_requests(gateway):
 
     async def run(items):
         failures, ok = [], 0
+        t_start = time.monotonic()
         sem = asyncio.Semaphore(50)
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=50)) as client:
             async def one(stream, model, max_tokens):
                 nonlocal ok
                 body = {**CHAT, "model": model, "max_tokens": max_tokens, "stream": stream}
                 async with sem:
-                    r = await client.post(f"{url}/v1/chat/completions", json=body)
+                    try:
+                        r = await client.post(f"{url}/v1/chat/completions", json=body)
+                    except httpx.TransportError as exc:
+                        failures.append((type(exc).__name__, round(time.monotonic() - t_start, 2)))
+                        return
                 if r.status_code != 200 or (stream and not r.text.rstrip().endswith("data: [DONE]")) or (stream and '"error"' in r.text):
                     failures.append((r.status_code, r.text[:200]))
                 else:
@@ -96,5 +102,5 @@ def test_soak_mixed_requests(gateway):
     before = rss_mb(proc.pid)
     failures, ok = asyncio.run(run(plan))
     growth = rss_mb(proc.pid) - before
-    assert failures == [] and ok == total
+    assert failures == [] and ok == total, (len(failures), failures[:10])
     assert growth < 100, f"RSS grew {growth:.1f} MB over {total} requests"

@@ -36,6 +36,7 @@ class GatewaySettings:
     max_body_bytes: int = 1_000_000
     docs: bool = False
     preload: list[str] = field(default_factory=list)  # refs loaded (and probed) at start-up
+    retention_days: float | None = None               # request log: purge older records hourly
 
 
 def create_app(backend: Backend, router: Router, settings: GatewaySettings | None = None, *,
@@ -53,10 +54,16 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
     @asynccontextmanager
     async def lifespan(_app):
         for ref in s.preload:
-            route = router.choose_arm(ref, None)
-            status = await backend.prepare(route.version)
-            log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
+            try:
+                route = router.choose_arm(ref, None)
+                status = await backend.prepare(route.version)
+                log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
+            except APIError as exc:  # a refused version answers 503 with the reason; the others are served
+                log.error("%s not served: %s", ref, exc.message)
+        purger = asyncio.create_task(purge_periodically(request_log, s.retention_days)) if request_log and s.retention_days else None
         yield
+        if purger is not None:
+            purger.cancel()
         await backend.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
@@ -155,6 +162,20 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
 
 class ClientGone(Exception):
     pass
+
+
+async def purge_periodically(request_log, retention_days: float, every_s: float = 3600.0) -> None:
+    """Retention by age: delete logged requests (and their feedback) older than ``retention_days``."""
+    import time
+
+    while True:
+        try:
+            removed = await asyncio.to_thread(request_log.purge, time.time() - retention_days * 86400)
+            if removed:
+                log.info("request log retention: removed %d records older than %s days", removed, retention_days)
+        except Exception:
+            log.exception("request log purge failed")
+        await asyncio.sleep(every_s)
 
 
 async def until_disconnected(request, coro):

@@ -84,12 +84,13 @@ def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None
     sc = cfg.serve if cfg is not None else ServeConfig()
     reg = open_registry(cfg, workspace_root)
     log_url = sc.request_log or str(Path(workspace_root) / "requests.db")
-    request_log, recorder, metrics = open_monitoring(log_url, sc.retention_days)
+    request_log, recorder, metrics = open_monitoring(log_url)
     backend = make_backend(sc, reg, workspace_root, metrics)
     if preload is None:
         preload = sc.preload or [f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()]
     settings = GatewaySettings(api_keys=read_keys(sc.api_keys_env), admin_token=os.environ.get(sc.admin_token_env) or None,
-                               max_body_bytes=sc.max_body_bytes, docs=sc.docs, preload=preload)
+                               max_body_bytes=sc.max_body_bytes, docs=sc.docs, preload=preload,
+                               retention_days=sc.retention_days)
     return create_app(backend, Router(reg), settings, recorder=recorder, metrics=metrics, request_log=request_log)
 
 
@@ -110,16 +111,12 @@ def make_backend(sc, reg, workspace_root: Path, metrics):
                         default_max_tokens=sc.default_max_tokens, probes=sc.probes, queue_depth=depth)
 
 
-def open_monitoring(url: str, retention_days: float | None):
-    """(request log, recorder, metrics) from tuneloop.monitor; the log is purged by age once at start."""
+def open_monitoring(url: str):
+    """(request log, recorder, metrics) from tuneloop.monitor (the app purges the log by age, hourly)."""
     from tuneloop.monitor.metrics import GatewayMetrics
     from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log
 
     request_log = open_request_log(url)
-    if retention_days:
-        removed = request_log.purge(time.time() - retention_days * 86400)
-        if removed:
-            log.info("request log retention: removed %d records older than %s days", removed, retention_days)
     return request_log, AsyncRecorder(request_log), GatewayMetrics()
 
 
@@ -140,8 +137,10 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
     app = build_gateway(cfg, root)
     if console is not None:
         console.print(f"tuneloop gateway on http://{host}:{port}/v1 ({sc.backend} backend); SIGTERM or Ctrl-C stops")
+    # keep-alive longer than uvicorn's 5 s: a client (or load balancer) that reuses an idle connection just as the
+    # server closes it sees a reset; 75 s outlasts the usual proxy idle timeouts (60 s)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=sc.shutdown_grace_s,
-                            access_log=False)
+                            access_log=False, timeout_keep_alive=75)
     server = GracefulServer(config)
     server.run()
     if not server.started:
