@@ -39,6 +39,22 @@ class GatewaySettings:
     retention_days: float | None = None               # request log: purge older records hourly
 
 
+@dataclass
+class Gateway:
+    """What the routes share: the backend, the router, the settings and the optional monitoring pieces."""
+
+    backend: Backend
+    router: Router
+    settings: GatewaySettings
+    recorder: Any = None     # AsyncRecorder
+    metrics: Any = None      # GatewayMetrics
+    request_log: Any = None  # RequestLog (feedback)
+
+    @property
+    def rec(self) -> Recorder:
+        return Recorder(self.recorder, self.metrics)
+
+
 def create_app(backend: Backend, router: Router, settings: GatewaySettings | None = None, *,
                recorder=None, metrics=None, request_log=None):
     """The app. ``recorder`` (an ``AsyncRecorder``), ``metrics`` (``GatewayMetrics``) and ``request_log``
@@ -46,21 +62,15 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
 
-    s = settings or GatewaySettings()
-    rec = Recorder(recorder, metrics)
+    gw = Gateway(backend, router, settings or GatewaySettings(), recorder, metrics, request_log)
 
     @asynccontextmanager
     async def lifespan(_app):
-        for ref in s.preload:
-            try:
-                route = router.choose_arm(ref, None)
-                status = await backend.prepare(route.version)
-                log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
-            except APIError as exc:  # a refused version answers 503 with the reason; the others are served
-                log.error("%s not served: %s", ref, exc.message)
-        purger = asyncio.create_task(purge_periodically(request_log, s.retention_days)) if request_log and s.retention_days else None
+        await preload(gw)
+        purger = None
+        if request_log is not None and gw.settings.retention_days:
+            purger = asyncio.create_task(purge_periodically(request_log, gw.settings.retention_days))
         yield
         if purger is not None:
             purger.cancel()
@@ -68,93 +78,119 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
 
+    docs = gw.settings.docs
     app = FastAPI(title="tuneloop gateway", version="1", lifespan=lifespan,
-                  docs_url="/docs" if s.docs else None, redoc_url=None, openapi_url="/openapi.json" if s.docs else None)
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     install_handlers(app)
-    app.add_middleware(GatewayMiddleware, settings=s)
+    app.add_middleware(GatewayMiddleware, settings=gw.settings)
+    add_openai_routes(app, gw)
+    add_operations_routes(app, gw)
+    return app
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "backend": backend.kind, "loaded": backend.loaded()}
 
+async def preload(gw: Gateway) -> None:
+    for ref in gw.settings.preload:
+        try:
+            route = gw.router.choose_arm(ref, None)
+            status = await gw.backend.prepare(route.version)
+            log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
+        except APIError as exc:  # a refused version answers 503 with the reason; the others are served
+            log.error("%s not served: %s", ref, exc.message)
+
+
+def add_openai_routes(app, gw: Gateway) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(v, v["ref"]) for v in router.versions()]}
+        return {"object": "list", "data": [model_card(v, v["ref"]) for v in gw.router.versions()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
-        v = router.resolve(model_id)
+        v = gw.router.resolve(model_id)
         set_route_headers(request, Route(model_id, v))
         return model_card(v, model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await serve_call(request, "chat.completions", ChatRequest)
+        return await serve_call(gw, request, "chat.completions", ChatRequest)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await serve_call(request, "completions", CompletionRequest)
-
-    async def serve_call(request: Request, endpoint: str, schema):
-        obs = Observation(request_state(request).request_id, endpoint)
-        try:
-            body = parse_body(await read_body(request, s.max_body_bytes), schema, max_bytes=s.max_body_bytes)
-            obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
-            obs.user_key = body.user or request.headers.get("x-tuneloop-user") or None
-            obs.route = router.choose_arm(body.model, obs.user_key)
-            set_route_headers(request, obs.route)
-            ctx = CallContext(obs.request_id, request.is_disconnected)
-            call = backend.chat if endpoint == "chat.completions" else backend.completion
-            if not body.stream:
-                result = await until_disconnected(request, call(obs.route, body, ctx))
-                obs.take_body(result)
-                obs.first_token()
-                rec.finish(obs)
-                return JSONResponse(result)
-            stream = await call(obs.route, body, ctx)
-            first = await anext(stream)  # errors before any output become a plain error response
-        except APIError as exc:
-            obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
-            rec.finish(obs)
-            raise
-        except ClientGone:
-            obs.status, obs.error = 499, "client disconnected"
-            rec.finish(obs)
-            return Response(status_code=499)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(first, stream, obs, rec, include_usage)
+        return await serve_call(gw, request, "completions", CompletionRequest)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
+        from fastapi.responses import JSONResponse
+
+        s = gw.settings
         body = parse_body(await read_body(request, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes)
-        if request_log is None:
+        if gw.request_log is None:
             raise APIError(503, "feedback needs the request log (serve.request_log); this gateway runs without one", code="no_request_log")
-        record, created = await asyncio.to_thread(store_feedback, request_log, recorder, body)
+        record, created = await asyncio.to_thread(store_feedback, gw.request_log, gw.recorder, body)
         return JSONResponse({"object": "feedback", "id": record.feedback_id, "request_id": record.request_id,
                              "source": record.source, "created": created}, status_code=201 if created else 200)
 
+
+def add_operations_routes(app, gw: Gateway) -> None:
+    from fastapi.responses import Response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "backend": gw.backend.kind, "loaded": gw.backend.loaded()}
+
     @app.get("/metrics")
     async def metrics_endpoint():
-        if metrics is None:
+        if gw.metrics is None:
             raise APIError(503, "metrics are not enabled on this gateway", code="no_metrics")
-        content, ctype = metrics.render()
+        content, ctype = gw.metrics.render()
         return Response(content, media_type=ctype)
 
     @app.get("/admin/versions")
     async def admin_versions() -> dict[str, Any]:
-        return {"backend": backend.kind, "loaded": backend.loaded(), "refused": getattr(backend, "refused", {})}
+        return {"backend": gw.backend.kind, "loaded": gw.backend.loaded(), "refused": getattr(gw.backend, "refused", {})}
 
     @app.post("/admin/load")
     async def admin_load(request: Request) -> dict[str, Any]:
-        data = json.loads(await read_body(request, s.max_body_bytes) or b"{}")
+        data = json.loads(await read_body(request, gw.settings.max_body_bytes) or b"{}")
         ref = data.get("model") if isinstance(data, dict) else None
         if not isinstance(ref, str) or not ref:
             raise APIError(400, "give the version to load as {\"model\": \"name:3\"}", code="invalid_value", param="model")
-        route = router.choose_arm(ref, None)
+        route = gw.router.choose_arm(ref, None)
         set_route_headers(request, route)
-        return {"version": route.model_id, "probes": await backend.prepare(route.version)}
+        return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
 
-    return app
+
+async def serve_call(gw: Gateway, request: Request, endpoint: str, schema):
+    """One chat or completions call: parse, route, run on the backend, log; streaming as server-sent events."""
+    from fastapi.responses import JSONResponse, Response
+
+    s, rec = gw.settings, gw.rec
+    obs = Observation(request_state(request).request_id, endpoint)
+    try:
+        body = parse_body(await read_body(request, s.max_body_bytes), schema, max_bytes=s.max_body_bytes)
+        obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
+        obs.user_key = body.user or request.headers.get("x-tuneloop-user") or None
+        obs.route = gw.router.choose_arm(body.model, obs.user_key)
+        set_route_headers(request, obs.route)
+        ctx = CallContext(obs.request_id, request.is_disconnected)
+        call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
+        if not body.stream:
+            result = await until_disconnected(request, call(obs.route, body, ctx))
+            obs.take_body(result)
+            obs.first_token()
+            rec.finish(obs)
+            return JSONResponse(result)
+        stream = await call(obs.route, body, ctx)
+        first = await anext(stream)  # errors before any output become a plain error response
+    except APIError as exc:
+        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+        rec.finish(obs)
+        raise
+    except ClientGone:
+        obs.status, obs.error = 499, "client disconnected"
+        rec.finish(obs)
+        return Response(status_code=499)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return sse_response(first, stream, obs, rec, include_usage)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
