@@ -104,6 +104,7 @@ class BatchEngine:
         self.rows = 0
         self.cancelled_rows = 0
         self.cache_kw = _cache_keyword(model)
+        self.keep_logits_kw = _takes(model, "logits_to_keep")
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
 
     # ---------------------------------------------------------------------------------- queue
@@ -205,7 +206,10 @@ class BatchEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache})
+        extra = {self.cache_kw: cache}
+        if self.keep_logits_kw and not any(r.job.params.prompt_logprobs for r in rows):
+            extra["logits_to_keep"] = 1  # only the last position's logits are needed
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
         for i, r in enumerate(rows):
             if r.job.params.prompt_logprobs:
                 n = len(r.job.prompt_ids)
@@ -248,6 +252,13 @@ class BatchEngine:
             return self.model.disable_adapter()
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
+
+
+def _takes(model, name: str) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
 
 
 def _cache_keyword(model) -> str:

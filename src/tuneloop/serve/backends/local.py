@@ -165,7 +165,7 @@ class LocalBackend:
         params = [tg.make_params(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                  choice=i, top_logprobs=k) for i in range(req.n)]
         choices = [tg.Choice(i, req.stops(), lv.tokenizer, incremental=req.stream or bool(req.stop)) for i in range(req.n)]
-        events = tg.run_choices(lv.engine, lv.adapter, prompt_ids, params, lv.stop_ids, choices, ctx.is_disconnected)
+        events = tg.run_choices(lv.engine, lv.adapter, prompt_ids, params, lv.stop_ids, choices, stream=req.stream)
         if req.stream:
             return self._chat_stream(route, events, choices, len(prompt_ids), req.logprobs)
         async for _ in events:
@@ -236,7 +236,7 @@ class LocalBackend:
         params = [tg.make_params(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, choice=i,
                                  top_logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None)
                   for i in range(req.n)]
-        async for _ in tg.run_choices(lv.engine, lv.adapter, prompt, params, lv.stop_ids, choices, ctx.is_disconnected):
+        async for _ in tg.run_choices(lv.engine, lv.adapter, prompt, params, lv.stop_ids, choices, stream=False):
             pass
         return choices
 
@@ -245,7 +245,7 @@ class LocalBackend:
         choices = [tg.Choice(i, req.stops(), lv.tokenizer) for i in range(req.n)]
         params = [tg.make_params(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, choice=i,
                                  top_logprobs=req.logprobs) for i in range(req.n)]
-        async for ch, finished in tg.run_choices(lv.engine, lv.adapter, prompt, params, lv.stop_ids, choices, ctx.is_disconnected):
+        async for ch, finished in tg.run_choices(lv.engine, lv.adapter, prompt, params, lv.stop_ids, choices, stream=True):
             text = ch.pending(final=finished)
             if text or finished:
                 yield {"id": cid, "object": "text_completion", "created": created, "model": route.model_id,

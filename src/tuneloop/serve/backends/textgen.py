@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -89,14 +90,26 @@ def token_budget(prompt_len: int, requested: int | None, ctx_len: int, default: 
 
 
 def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int], params: list[SamplingParams],
-                stop_ids: frozenset[int], choices: list[Choice], ctx_disconnected) -> AsyncIterator[tuple[Choice, bool]]:
+                stop_ids: frozenset[int], choices: list[Choice], *, stream: bool) -> AsyncIterator[tuple[Choice, bool]]:
     """Submit one job per choice now (429 when the queue is full), and return the iterator of their progress:
-    (choice, finished) after each new token or finish. Leaving the iterator cancels the jobs."""
+    (choice, finished) after each new token or finish. Leaving the iterator cancels the jobs.
+
+    The engine thread appends events to a deque; it wakes the event loop for every token only when the
+    tokens are streamed (or stop strings must be watched), else once per finished choice.
+    """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    jobs = [GenJob(prompt_ids, p, stop_ids, adapter=adapter,
-                   emit=lambda ev, ch=ch: loop.call_soon_threadsafe(queue.put_nowait, (ch, ev)))
-            for ch, p in zip(choices, params)]
+    events: deque = deque()
+    wake = asyncio.Event()
+    per_token = stream or any(c.stops for c in choices)
+
+    def emitter(ch: Choice):
+        def emit(ev: Any) -> None:
+            events.append((ch, ev))
+            if per_token or isinstance(ev, (DoneEvent, ErrorEvent)):
+                loop.call_soon_threadsafe(wake.set)
+        return emit
+
+    jobs = [GenJob(prompt_ids, p, stop_ids, adapter=adapter, emit=emitter(ch)) for ch, p in zip(choices, params)]
     try:
         for job in jobs:
             engine.submit(job)
@@ -105,32 +118,35 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
             job.cancel()
         raise APIError(429, f"the gateway is at capacity ({exc}); retry shortly", code="rate_limit_exceeded",
                        headers={"retry-after": "1"}) from None
-    return _progress(queue, dict(zip([c.index for c in choices], jobs)), ctx_disconnected)
+    return _progress(events, wake, dict(zip([c.index for c in choices], jobs)))
 
 
-async def _progress(queue: asyncio.Queue, open_jobs: dict[int, GenJob], ctx_disconnected) -> AsyncIterator[tuple[Choice, bool]]:
+async def _progress(events: deque, wake: asyncio.Event, open_jobs: dict[int, GenJob]) -> AsyncIterator[tuple[Choice, bool]]:
     jobs = list(open_jobs.values())
     try:
         # A client that goes away cancels this iterator (Starlette cancels a stream; non-streaming calls are
         # watched by the app), and the finally clause below cancels the jobs: no polling needed here.
         while open_jobs:
-            ch, ev = await queue.get()
-            if isinstance(ev, PromptLogprobs):
-                ch.prompt_logprobs = ev
-            elif isinstance(ev, ErrorEvent):
-                raise APIError(500, ev.message, code="generation_failed")
-            elif ch.index not in open_jobs:
-                continue
-            elif isinstance(ev, DoneEvent):
-                ch.finish_reason = ch.finish_reason or ev.finish_reason
-                ch.finish_text()
-                del open_jobs[ch.index]
-                yield ch, True
-            elif ch.add(ev):
-                open_jobs.pop(ch.index).cancel()
-                yield ch, True
-            else:
-                yield ch, False
+            await wake.wait()
+            wake.clear()
+            while events and open_jobs:
+                ch, ev = events.popleft()
+                if isinstance(ev, PromptLogprobs):
+                    ch.prompt_logprobs = ev
+                elif isinstance(ev, ErrorEvent):
+                    raise APIError(500, ev.message, code="generation_failed")
+                elif ch.index not in open_jobs:
+                    continue
+                elif isinstance(ev, DoneEvent):
+                    ch.finish_reason = ch.finish_reason or ev.finish_reason
+                    ch.finish_text()
+                    del open_jobs[ch.index]
+                    yield ch, True
+                elif ch.add(ev):
+                    open_jobs.pop(ch.index).cancel()
+                    yield ch, True
+                else:
+                    yield ch, False
     finally:
         for job in jobs:
             job.cancel()
