@@ -4,7 +4,6 @@ headers, feedback and metrics. Real models (tiny, made locally), real HTTP on lo
 from __future__ import annotations
 
 import json
-import math
 
 import httpx
 import pytest
@@ -109,11 +108,15 @@ def test_completions_echo_logprobs_score_prompt(gateway):
     lp = r.choices[0].logprobs
     assert lp.token_logprobs[0] is None and all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
     assert r.choices[0].text.startswith("the order was late")
-    # token-id prompts (lm-eval local-completions sends these) give the same scores
-    from transformers import AutoTokenizer
+    # token-id prompts (lm-eval local-completions sends these) give the same scores as the text
+    from tuneloop.modeling import load_tokenizer
 
-    ids = client(server).completions.create(model="tiny-bot:1", prompt="hello", max_tokens=0, echo=True, logprobs=0)
-    assert ids.choices[0].logprobs.tokens
+    _, _, _, backend = gateway
+    tok = load_tokenizer(str(backend.registry.open_artifact("tiny-bot", 1)))
+    ids = tok("the order was late", add_special_tokens=False)["input_ids"]
+    by_ids = c.completions.create(model="tiny-bot:1", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert by_ids.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-5)
+    assert by_ids.usage.completion_tokens == 0 and by_ids.usage.prompt_tokens == len(ids)
     greedy = c.completions.create(model="tiny-bot:1", prompt="the order", max_tokens=4, temperature=0)
     assert greedy.choices[0].finish_reason in ("length", "stop")
 

@@ -8,7 +8,6 @@ registry, base digest by the lineage, then known-answer probes), and only then t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
