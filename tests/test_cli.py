@@ -140,16 +140,17 @@ def test_serve_answers_openai_chat_requests(make_config, tmp_path):
             time.sleep(0.3)
         models = httpx.get(f"{base}/v1/models").json()
         assert models["data"][0]["id"] == "tiny-bot:1"
-        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "my parcel is late"}], "max_tokens": 5})
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "tiny-bot", "messages": [{"role": "user", "content": "my parcel is late"}], "max_tokens": 5})
         body = r.json()
         assert r.status_code == 200 and body["object"] == "chat.completion"
         assert isinstance(body["choices"][0]["message"]["content"], str)
         assert 0 < body["usage"]["completion_tokens"] <= 5
-        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": []}).status_code == 422
+        bad = httpx.post(f"{base}/v1/chat/completions", json={"model": "tiny-bot", "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape, not FastAPI's 422
         assert httpx.post(f"{base}/v1/chat/completions", json={"model": "other", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # SIGTERM: a clean shutdown
 
 
 def _free_port() -> int:

@@ -458,8 +458,44 @@ class DeployConfig(_Section):
         "version against the champion (`deploy.canary`) and returns; the gateway promotes or rolls it back.",
     )
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary rollout policy (`strategy: canary`).")
-    host: str = Field("127.0.0.1", description="Address `tuneloop serve` binds to.")
-    port: int = Field(8000, ge=1, le=65535, description="Port `tuneloop serve` listens on.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_serve(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            moved = [k for k in ("host", "port") if k in values]
+            if moved:
+                raise ValueError("; ".join(f"deploy.{k} moved to serve.{k}: write it under `serve:` as {k}: {values[k]!r}" for k in moved))
+        return values
+
+
+class ServeConfig(_Section):
+    """The gateway (`tuneloop serve`): every registered version of the workspace on one OpenAI-compatible API."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway binds to. A non-loopback address needs API keys "
+                      "(see `api_keys_env`) or `insecure: true`.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    backend: Literal["local", "openai"] = Field(
+        "local", description="`local`: load the registered versions here (one base model, its adapters on it, dynamic "
+        "batching). `openai`: forward to an upstream OpenAI-compatible server (`upstream`): vLLM, SGLang or another gateway.")
+    upstream: str | None = Field(None, pattern=r"^https?://\S+$", description="Upstream base URL for `backend: openai`, e.g. `http://127.0.0.1:8001/v1`.")
+    upstream_timeout_s: float = Field(300.0, gt=0, description="Upstream read timeout per request (seconds).")
+    request_log: str | None = Field(
+        None, description="Request and feedback log: a SQLite path or `sqlite:///...`, or `postgresql://user@host:port/db` "
+        "for several replicas. Default: `requests.db` in the workspace.")
+    retention_days: float | None = Field(30, gt=0, description="Delete logged requests (and their feedback) older than this; `null` keeps all.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together in one batch (local backend).")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting per loaded model; more get 429 (local backend).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request gives no `max_tokens`.")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: stop accepting, let in-flight requests finish for this long, then exit.")
+    preload: list[str] = Field(default_factory=list, description="Versions to load and probe before taking traffic "
+                               "(refs such as `support-bot@champion`). Default: each model's champion (or latest).")
+    api_keys_env: str = Field("TUNELOOP_API_KEYS", description="Environment variable holding the client API keys (comma-separated). Unset or empty: no key needed (loopback only).")
+    admin_token_env: str = Field("TUNELOOP_ADMIN_TOKEN", description="Environment variable holding the token for `/admin/*`. Unset: admin endpoints are off.")
+    insecure: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
+    docs: bool = Field(False, description="Serve the interactive API docs at `/docs`.")
+    probes: bool = Field(True, description="Known-answer probes (from each version's own evaluation items) before a version takes traffic.")
 
 
 #: Events a webhook may subscribe to (the same list as ``tuneloop.rollout.notify.EVENTS``; a test keeps them equal).
@@ -521,7 +557,7 @@ FLAT_KEYS: dict[str, str] = {
     "auto_deploy": "deploy",
 }
 
-SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "notify", "drift")
+SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "serve", "notify", "drift")
 PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "eval.benign_prompts", "eval.mc_suite",
                "train.accelerate_config")
 """The config keys that hold a file path, resolved against the config's directory (suite paths: see
@@ -549,6 +585,7 @@ class PipelineConfig(BaseModel):
     gates: GatesConfig = Field(default_factory=GatesConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
 

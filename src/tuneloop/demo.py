@@ -85,18 +85,23 @@ def write_config(workdir: Path) -> Path:
 
 
 def ask_champion(workspace_root: Path, model_name: str, question: str) -> dict[str, Any]:
-    """Serve the champion on a free loopback port and send it one real chat request over HTTP."""
+    """Serve the champion through the gateway on a free loopback port and send it one real chat request."""
     import httpx
 
-    from tuneloop.registry.db import SqliteRegistry
-    from tuneloop.serve.app import BackgroundServer, create_app, load_served_model
+    from tuneloop.registry.api import open_registry
+    from tuneloop.serve.app import GatewaySettings, create_app
+    from tuneloop.serve.backends.local import LocalBackend
+    from tuneloop.serve.router import Router
+    from tuneloop.serve.server import BackgroundServer
 
-    served = load_served_model(SqliteRegistry(workspace_root), model_name, "champion")
-    with BackgroundServer(create_app(served)) as server:
+    reg = open_registry(None, workspace_root)
+    ref = f"{model_name}@champion"
+    app = create_app(LocalBackend(reg, workspace_root, default_max_tokens=8), Router(reg), GatewaySettings(preload=[ref]))
+    with BackgroundServer(app) as server:
         t0 = time.perf_counter()
         r = httpx.post(
             f"{server.url}/v1/chat/completions",
-            json={"model": served.model_id, "messages": [{"role": "user", "content": question}], "max_tokens": 8},
+            json={"model": ref, "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0},
             timeout=60,
         )
         r.raise_for_status()
@@ -105,8 +110,9 @@ def ask_champion(workspace_root: Path, model_name: str, question: str) -> dict[s
         "url": f"{server.url}/v1",
         "model": body["model"],
         "question": question,
-        "answer": body["choices"][0]["message"]["content"],
+        "answer": body["choices"][0]["message"]["content"].strip(),
         "latency_s": round(time.perf_counter() - t0, 3),
+        "artifact_sha256": r.headers.get("x-tuneloop-artifact"),
     }
 
 

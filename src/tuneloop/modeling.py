@@ -183,3 +183,29 @@ def save_tokenizer(tok, out_dir: str | os.PathLike[str]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+def attach_adapter(model, adapter: str, name: str):
+    """Load a LoRA adapter under ``name`` onto ``model`` (wrapping it in a PeftModel on the first one).
+
+    Several adapters on one base: the gateway serves many registered versions from one loaded base model and
+    picks the active adapter per batch. Safetensors only, like :func:`load_causal_lm`.
+    """
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_model.safetensors").is_file():
+        raise InputError(f"adapter {Path(adapter).name} has no adapter_model.safetensors; tuneloop loads safetensors adapters only")
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter, adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+    model.eval()
+    return model
+
+
+def context_length(model) -> int:
+    """The longest sequence (prompt + completion) the model takes."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

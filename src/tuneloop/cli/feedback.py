@@ -33,10 +33,11 @@ def loop_context(config: Optional[Path]):
 
 
 def request_log_url(ws, cfg) -> str:
-    """The request log the gateway writes for this workspace (``serve.request_log`` will take precedence
-    once the gateway's config section exists)."""
+    """The request log the gateway writes for this workspace: ``serve.request_log``, else the workspace's."""
     from tuneloop.monitor.requestlog import default_log_url
 
+    if cfg is not None and cfg.serve.request_log:
+        return cfg.serve.request_log
     return default_log_url(ws.root)
 
 

@@ -1,162 +1,374 @@
-"""An OpenAI-compatible endpoint serving a registered model version.
+"""The gateway's FastAPI app: OpenAI-compatible endpoints over a backend, with identity headers, auth,
+body limits, the request log and metrics.
 
-Entry points: :func:`load_served_model` (registry version -> model + tokenizer, integrity-checked) and
-:func:`create_app` (the FastAPI app: ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /health``).
-Non-streaming, greedy or sampled generation on one model; requests are serialised on a lock.
+Entry point: :func:`create_app`. Paths: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/feedback``, ``GET /metrics``, ``GET /health``,
+``GET /admin/versions``, ``POST /admin/load``. Every response carries ``x-request-id``; once a request is
+routed, also ``x-tuneloop-version``, ``x-tuneloop-artifact`` and ``x-tuneloop-arm``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import json
+import logging
 import uuid
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-import torch
-from pydantic import BaseModel, Field
+from fastapi import Request
 
-from tuneloop.modeling import load_causal_lm, load_tokenizer, render_prompt, stop_token_ids
+from tuneloop.serve.backends import Backend, CallContext, Route
+from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
+from tuneloop.serve.errors import APIError, error_body, install_handlers
+from tuneloop.serve.observe import Observation, Recorder, prompt_text
+from tuneloop.serve.router import Router
+from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body
+
+log = logging.getLogger("tuneloop.serve")
 
 
 @dataclass
-class ServedModel:
-    model: Any
-    tokenizer: Any
-    model_id: str  # e.g. "support-bot:3"
-    version: dict[str, Any]
+class GatewaySettings:
+    api_keys: frozenset[str] = frozenset()
+    admin_token: str | None = None
+    max_body_bytes: int = 1_000_000
+    docs: bool = False
+    preload: list[str] = field(default_factory=list)  # refs loaded (and probed) at start-up
+    retention_days: float | None = None               # request log: purge older records hourly
 
 
-def load_served_model(registry, model_name: str, ref: str = "champion") -> ServedModel:
-    """Load a version (number, alias or ``latest``) after verifying its artifact's sha256."""
-    from tuneloop.registry.lineage import check_base
+@dataclass
+class Gateway:
+    """What the routes share: the backend, the router, the settings and the optional monitoring pieces."""
 
-    v = registry.get(model_name, ref)
-    path = registry.open_artifact(model_name, v["version"])  # verifies every file's sha256
-    if v["artifact_kind"] == "adapter":
-        lin = v["lineage"]
-        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
-        model = load_causal_lm(base, adapter=str(path))
-    else:
-        model = load_causal_lm(str(path))
-    tok = load_tokenizer(str(path))
-    return ServedModel(model=model, tokenizer=tok, model_id=v["ref"], version=v)
+    backend: Backend
+    router: Router
+    settings: GatewaySettings
+    recorder: Any = None     # AsyncRecorder
+    metrics: Any = None      # GatewayMetrics
+    request_log: Any = None  # RequestLog (feedback)
 
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    @property
+    def rec(self) -> Recorder:
+        return Recorder(self.recorder, self.metrics)
 
 
-class ChatRequest(BaseModel):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    seed: int | None = None
+def create_app(backend: Backend, router: Router, settings: GatewaySettings | None = None, *,
+               recorder=None, metrics=None, request_log=None):
+    """The app. ``recorder`` (an ``AsyncRecorder``), ``metrics`` (``GatewayMetrics``) and ``request_log``
+    (a ``RequestLog``, for feedback) are optional: without them nothing is recorded and /v1/feedback is 503."""
+    from contextlib import asynccontextmanager
 
+    from fastapi import FastAPI
 
-def create_app(served: ServedModel, *, default_max_tokens: int = 64):
-    from fastapi import FastAPI, HTTPException
+    gw = Gateway(backend, router, settings or GatewaySettings(), recorder, metrics, request_log)
 
-    app = FastAPI(title="tuneloop", version="1")
-    lock = threading.Lock()
-    created = int(time.time())
+    @asynccontextmanager
+    async def lifespan(_app):
+        await preload(gw)
+        purger = None
+        if request_log is not None and gw.settings.retention_days:
+            purger = asyncio.create_task(purge_periodically(request_log, gw.settings.retention_days))
+        yield
+        if purger is not None:
+            purger.cancel()
+        await backend.close()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.model_id}
-
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        v = served.version
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": served.model_id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "tuneloop",
-                    "root": v["base_model"],
-                    "aliases": v.get("aliases", []),
-                }
-            ],
-        }
-
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> dict[str, Any]:
-        if req.stream:
-            raise HTTPException(400, detail="stream=true is not supported yet; send stream=false")
-        if req.model and req.model not in (served.model_id, served.version["model"]):
-            raise HTTPException(404, detail=f"model {req.model!r} is not served here; this endpoint serves {served.model_id!r}")
-        tok, model = served.tokenizer, served.model
-        msgs = [m.model_dump() for m in req.messages]
-        prompt = render_prompt(tok, msgs)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
-        stops = stop_token_ids(tok)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new, "eos_token_id": stops or None, "pad_token_id": tok.pad_token_id}
-        if req.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
-        else:
-            gen_kwargs.update(do_sample=False)
-        with lock, torch.inference_mode():
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            out = model.generate(**enc, **gen_kwargs)[0, enc["input_ids"].shape[1] :].tolist()
-        n, finish = len(out), "length"
-        for j, t in enumerate(out):
-            if t in stops:
-                n, finish = j, "stop"
-                break
-        text = tok.decode(out[:n], skip_special_tokens=True).strip()
-        prompt_tokens = int(enc["input_ids"].shape[1])
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": served.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
-        }
-
+    docs = gw.settings.docs
+    app = FastAPI(title="tuneloop gateway", version="1", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    install_handlers(app)
+    app.add_middleware(GatewayMiddleware, settings=gw.settings)
+    add_openai_routes(app, gw)
+    add_operations_routes(app, gw)
     return app
 
 
-class BackgroundServer:
-    """Runs uvicorn in a thread on a free loopback port (used by the demo and tests)."""
+async def preload(gw: Gateway) -> None:
+    for ref in gw.settings.preload:
+        try:
+            route = gw.router.choose_arm(ref, None)
+            status = await gw.backend.prepare(route.version)
+            log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
+        except APIError as exc:  # a refused version answers 503 with the reason; the others are served
+            log.error("%s not served: %s", ref, exc.message)
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
 
-        import uvicorn
+def add_openai_routes(app, gw: Gateway) -> None:
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(v, v["ref"]) for v in gw.router.versions()]}
 
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        v = gw.router.resolve(model_id)
+        set_route_headers(request, Route(model_id, v))
+        return model_card(v, model_id)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await serve_call(gw, request, "chat.completions", ChatRequest)
 
-    def __enter__(self) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"server on {self.url} did not start")
-            time.sleep(0.05)
-        return self
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serve_call(gw, request, "completions", CompletionRequest)
 
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        from fastapi.responses import JSONResponse
+
+        s = gw.settings
+        body = parse_body(await read_body(request, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes)
+        if gw.request_log is None:
+            raise APIError(503, "feedback needs the request log (serve.request_log); this gateway runs without one", code="no_request_log")
+        record, created = await asyncio.to_thread(store_feedback, gw.request_log, gw.recorder, body)
+        return JSONResponse({"object": "feedback", "id": record.feedback_id, "request_id": record.request_id,
+                             "source": record.source, "created": created}, status_code=201 if created else 200)
+
+
+def add_operations_routes(app, gw: Gateway) -> None:
+    from fastapi.responses import Response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "backend": gw.backend.kind, "loaded": gw.backend.loaded()}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        if gw.metrics is None:
+            raise APIError(503, "metrics are not enabled on this gateway", code="no_metrics")
+        content, ctype = gw.metrics.render()
+        return Response(content, media_type=ctype)
+
+    @app.get("/admin/versions")
+    async def admin_versions() -> dict[str, Any]:
+        return {"backend": gw.backend.kind, "loaded": gw.backend.loaded(), "refused": getattr(gw.backend, "refused", {})}
+
+    @app.post("/admin/load")
+    async def admin_load(request: Request) -> dict[str, Any]:
+        data = json.loads(await read_body(request, gw.settings.max_body_bytes) or b"{}")
+        ref = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(ref, str) or not ref:
+            raise APIError(400, "give the version to load as {\"model\": \"name:3\"}", code="invalid_value", param="model")
+        route = gw.router.choose_arm(ref, None)
+        set_route_headers(request, route)
+        return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
+
+
+async def serve_call(gw: Gateway, request: Request, endpoint: str, schema):
+    """One chat or completions call: parse, route, run on the backend, log; streaming as server-sent events."""
+    from fastapi.responses import JSONResponse, Response
+
+    s, rec = gw.settings, gw.rec
+    obs = Observation(request_state(request).request_id, endpoint)
+    try:
+        body = parse_body(await read_body(request, s.max_body_bytes), schema, max_bytes=s.max_body_bytes)
+        obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
+        obs.user_key = body.user or request.headers.get("x-tuneloop-user") or None
+        obs.route = gw.router.choose_arm(body.model, obs.user_key)
+        set_route_headers(request, obs.route)
+        ctx = CallContext(obs.request_id, request.is_disconnected)
+        call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
+        if not body.stream:
+            result = await until_disconnected(request, call(obs.route, body, ctx))
+            obs.take_body(result)
+            obs.first_token()
+            rec.finish(obs)
+            return JSONResponse(result)
+        stream = await call(obs.route, body, ctx)
+        first = await anext(stream)  # errors before any output become a plain error response
+    except APIError as exc:
+        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+        rec.finish(obs)
+        raise
+    except ClientGone:
+        obs.status, obs.error = 499, "client disconnected"
+        rec.finish(obs)
+        return Response(status_code=499)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return sse_response(first, stream, obs, rec, include_usage)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def purge_periodically(request_log, retention_days: float, every_s: float = 3600.0) -> None:
+    """Retention by age: delete logged requests (and their feedback) older than ``retention_days``."""
+    import time
+
+    while True:
+        try:
+            removed = await asyncio.to_thread(request_log.purge, time.time() - retention_days * 86400)
+            if removed:
+                log.info("request log retention: removed %d records older than %s days", removed, retention_days)
+        except Exception:
+            log.exception("request log purge failed")
+        await asyncio.sleep(every_s)
+
+
+async def until_disconnected(request, coro):
+    """Await ``coro``; if the client disconnects first, cancel it (which cancels its generation)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ClientGone()
+
+
+def sse_response(first: dict[str, Any], stream, obs: Observation, rec: Recorder, include_usage: bool):
+    from fastapi.responses import StreamingResponse
+
+    async def events():
+        try:
+            chunk: dict[str, Any] | None = first
+            while chunk is not None:
+                obs.take_chunk(chunk)
+                if include_usage or not (chunk.get("usage") and not chunk.get("choices")):
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                chunk = await anext(stream, None)
+        except APIError as exc:
+            obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        except asyncio.CancelledError:
+            obs.status, obs.error = 499, "client disconnected mid-stream"
+            await stream.aclose()
+            rec.finish(obs)
+            raise
+        except Exception as exc:  # never an unterminated stream
+            log.exception("stream failed")
+            obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"
+            yield f"data: {json.dumps(error_body(500, obs.error, code='internal_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+        rec.finish(obs)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past the limit)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def store_feedback(request_log, recorder, body: FeedbackRequest):
+    from tuneloop.monitor.requestlog import UnknownRequest
+
+    kwargs = dict(source=body.source, rating=body.rating, score=body.score, correction=body.correction, comment=body.comment)
+    for attempt in range(2):
+        try:
+            return request_log.add_feedback(body.request_id, **kwargs)
+        except UnknownRequest:
+            if attempt == 0 and recorder is not None:
+                recorder.flush(timeout=2.0)  # the request may still be in the recorder's queue
+                continue
+            raise APIError(404, f"no request with id {body.request_id!r} in the request log", code="request_not_found",
+                           param="request_id") from None
+    raise AssertionError("unreachable")
+
+
+def model_card(v: dict[str, Any], model_id: str) -> dict[str, Any]:
+    from tuneloop.serve.backends import artifact_sha256
+
+    try:
+        created = int(datetime.fromisoformat(str(v.get("created_at"))).timestamp())
+    except ValueError:
+        created = 0
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "tuneloop", "version": v["ref"],
+            "artifact_sha256": artifact_sha256(v), "kind": v.get("artifact_kind"), "aliases": v.get("aliases", [])}
+
+
+# ------------------------------------------------------------------------------------------------ middleware
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def request_state(request) -> RequestState:
+    return request.scope["tuneloop"]
+
+
+def set_route_headers(request, route: Route) -> None:
+    request_state(request).headers.update({"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256,
+                                           "x-tuneloop-arm": route.arm})
+
+
+class GatewayMiddleware:
+    """Pure ASGI (streaming-safe): request id, identity headers, auth, and the body-size limit by Content-Length."""
+
+    def __init__(self, app, settings: GatewaySettings):
+        self.app = app
+        self.s = settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = RequestState(f"req-{uuid.uuid4().hex}")
+        scope["tuneloop"] = state
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                extra = [(b"x-request-id", state.request_id.encode())]
+                extra += [(k.encode(), v.encode()) for k, v in state.headers.items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        denied = self.check(scope)
+        if denied is not None:
+            return await self.reply(denied, send_with_headers)
+        return await self.app(scope, receive, send_with_headers)
+
+    def check(self, scope) -> APIError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.s.max_body_bytes:
+            return APIError(413, f"request body is {length} bytes; the limit is {self.s.max_body_bytes} (serve.max_body_bytes)",
+                            code="request_too_large")
+        path = scope.get("path", "")
+        token = bearer(headers.get("authorization", ""))
+        if path.startswith("/admin"):
+            if not self.s.admin_token:
+                return APIError(403, "admin endpoints are off: set the admin token in the environment variable named by "
+                                "serve.admin_token_env (default TUNELOOP_ADMIN_TOKEN)", code="admin_disabled")
+            if not token or not constant_time_in(token, {self.s.admin_token}):
+                return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
+            return None
+        if self.s.api_keys and path != "/health" and not (token and constant_time_in(token, self.s.api_keys)):
+            return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
+                            "key list (serve.api_keys_env)", code="invalid_api_key")
+        return None
+
+    async def reply(self, err: APIError, send) -> None:
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def bearer(value: str) -> str | None:
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def constant_time_in(token: str, allowed) -> bool:
+    import hmac
+
+    return any(hmac.compare_digest(token.encode(), a.encode()) for a in allowed)

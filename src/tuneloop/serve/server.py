@@ -1,0 +1,210 @@
+"""Running the gateway: checks before binding, the app from a config, graceful shutdown, and a background
+server for the demo and tests.
+
+Entry points: :func:`serve` (what ``tuneloop serve`` calls), :func:`build_gateway` (config -> app),
+:func:`check_bind` (port and address checks, :class:`~tuneloop.errors.InputError` with one clear line),
+:class:`BackgroundServer`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import ConfigError, InputError
+
+log = logging.getLogger("tuneloop.serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_keys(env_name: str) -> frozenset[str]:
+    return frozenset(k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip())
+
+
+def check_bind(host: str, port: int, *, api_keys: frozenset[str], insecure: bool, api_keys_env: str) -> None:
+    """Refuse, before any model is loaded: a bad port, a port in use, or a public address without API keys."""
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"port {port!r} is not a valid TCP port; use 1..65535 (--port or serve.port)")
+    if not is_loopback(host) and not api_keys and not insecure:
+        raise InputError(f"refusing to listen on {host} without API keys: set ${api_keys_env} (comma-separated keys), "
+                         "bind 127.0.0.1, or set serve.insecure: true to accept unauthenticated clients")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is already in use; stop the other server or pick another port with --port") from None
+        if exc.errno == errno.EACCES:
+            raise InputError(f"no permission to listen on port {port}; ports below 1024 need privileges, use e.g. --port 8000") from None
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host") from None
+
+
+def resolve_target(cfg_or_workspace: Any):
+    """(config or None, workspace root) from a PipelineConfig, a config file path, or a workspace directory."""
+    from tuneloop.config import PipelineConfig, load_config
+    from tuneloop.workspace import Workspace
+
+    if cfg_or_workspace is None:
+        return None, Workspace.find().root
+    if isinstance(cfg_or_workspace, PipelineConfig):
+        return cfg_or_workspace, Workspace.for_config(cfg_or_workspace).root
+    p = Path(cfg_or_workspace)
+    if p.is_file():
+        cfg = load_config(p)
+        return cfg, Workspace.for_config(cfg).root
+    if p.is_dir():
+        return None, Workspace(p).root
+    raise InputError(f"{p} is neither a config file nor a workspace directory")
+
+
+def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None):
+    """(app, closer) for a config's ``serve:`` section (defaults without a config) over the workspace's registry."""
+    from tuneloop.config import ServeConfig
+    from tuneloop.registry.api import open_registry
+    from tuneloop.serve.app import GatewaySettings, create_app
+    from tuneloop.serve.router import DEFAULT_ALIAS, Router
+
+    sc = cfg.serve if cfg is not None else ServeConfig()
+    reg = open_registry(cfg, workspace_root)
+    from tuneloop.monitor.requestlog import default_log_url
+
+    log_url = sc.request_log or default_log_url(workspace_root)
+    request_log, recorder, metrics = open_monitoring(log_url)
+    backend = make_backend(sc, reg, workspace_root, metrics)
+    if preload is None:
+        preload = sc.preload or [f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()]
+    settings = GatewaySettings(api_keys=read_keys(sc.api_keys_env), admin_token=os.environ.get(sc.admin_token_env) or None,
+                               max_body_bytes=sc.max_body_bytes, docs=sc.docs, preload=preload,
+                               retention_days=sc.retention_days)
+    return create_app(backend, Router(reg), settings, recorder=recorder, metrics=metrics, request_log=request_log)
+
+
+def make_backend(sc, reg, workspace_root: Path, metrics):
+    def depth(model: str, n: int) -> None:
+        if metrics is not None:
+            metrics.queue_depth.labels(model=model).set(n)
+
+    if sc.backend == "openai":
+        from tuneloop.serve.backends.upstream import UpstreamBackend
+
+        if not sc.upstream:
+            raise ConfigError("serve.upstream: backend openai needs the upstream base URL, e.g. http://127.0.0.1:8001/v1")
+        return UpstreamBackend(sc.upstream, reg, timeout_s=sc.upstream_timeout_s)
+    from tuneloop.serve.backends.local import LocalBackend
+
+    return LocalBackend(reg, workspace_root, max_batch_size=sc.max_batch_size, max_queue=sc.max_queue,
+                        default_max_tokens=sc.default_max_tokens, probes=sc.probes, queue_depth=depth)
+
+
+def open_monitoring(url: str):
+    """(request log, recorder, metrics) from tuneloop.monitor (the app purges the log by age, hourly)."""
+    from tuneloop.monitor.metrics import GatewayMetrics
+    from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log
+
+    request_log = open_request_log(url)
+    return request_log, AsyncRecorder(request_log), GatewayMetrics()
+
+
+def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | None = None, *, console=None) -> int:
+    """Run the gateway until SIGTERM/SIGINT; in-flight requests get ``serve.shutdown_grace_s`` to finish.
+
+    Raises InputError/ConfigError (exit 2) for a bad port, a port in use, or a public address without keys,
+    before any model is loaded. Returns 0 after a clean shutdown.
+    """
+    import uvicorn
+
+    from tuneloop.config import ServeConfig
+
+    cfg, root = resolve_target(cfg_or_workspace)
+    sc = cfg.serve if cfg is not None else ServeConfig()
+    host, port = host or sc.host, port if port is not None else sc.port
+    check_bind(host, port, api_keys=read_keys(sc.api_keys_env), insecure=sc.insecure, api_keys_env=sc.api_keys_env)
+    app = build_gateway(cfg, root)
+    if console is not None:
+        console.print(f"tuneloop gateway on http://{host}:{port}/v1 ({sc.backend} backend); SIGTERM or Ctrl-C stops")
+    # keep-alive longer than uvicorn's 5 s: a client (or load balancer) that reuses an idle connection just as the
+    # server closes it sees a reset; 75 s outlasts the usual proxy idle timeouts (60 s)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=sc.shutdown_grace_s,
+                            access_log=False, timeout_keep_alive=75)
+    server = GracefulServer(config)
+    server.run()
+    if not server.started:
+        raise InputError(f"the gateway could not start on {host}:{port}; see the messages above")
+    return 0
+
+
+def graceful_server_class():
+    """uvicorn's Server, but a handled SIGTERM/SIGINT ends with exit 0 instead of re-raising the signal."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class _GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _GracefulServer
+
+
+def GracefulServer(config):  # noqa: N802 - reads like the class it builds
+    return graceful_server_class()(config)
+
+
+class BackgroundServer:
+    """Runs uvicorn in a thread on a free loopback port (used by the demo and tests)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, grace_s: float = 5.0):
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=grace_s))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + 120
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
