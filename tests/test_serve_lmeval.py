@@ -29,7 +29,8 @@ def test_lmeval_local_completions_equals_in_process(tiny_model, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from tuneloop.evaluate.lmeval import load_tasks, offline
+    from tuneloop.data.sources import hf_offline as offline
+    from tuneloop.evaluate.lmeval import load_tasks
     from tuneloop.modeling import load_causal_lm, load_tokenizer
     from tuneloop.serve.app import GatewaySettings, create_app
     from tuneloop.serve.backends.local import LocalBackend
