@@ -10,11 +10,15 @@ separate virtualenv (the tools pin versions of transformers/peft/trl that tunelo
   compared with what tuneloop renders. A control run with ``bf16: true`` shows the parser refuses what the
   old export wrote on this CPU machine.
 - Axolotl: ``axolotl.utils.config.validate_config`` and ``normalize_config`` on the exported YAML (with this
-  machine's capabilities), then the chat template Axolotl resolves from it is rendered on the probe
-  conversation and compared with tuneloop's rendering.
+  machine's capabilities: no GPU), then the chat template Axolotl resolves from it
+  (``get_chat_template_from_config``, what its ``chat_template`` dataset strategy uses) renders the probe
+  conversation, compared with tuneloop's rendering. A control run with ``bf16: auto`` (what the old export
+  wrote) shows what Axolotl makes of it here. (Axolotl's own dataset pipeline, ``load_datasets``, tokenized the
+  data with the same template in a manual run but then hung on this CPU machine, so it is not run here.)
 
-Two scenarios: the tiny model's tokenizer carries a ChatML template (tuneloop's default format), and one
-carries a different (Zephyr-style) template.
+Three scenarios: the tiny model's tokenizer carries a ChatML template (tuneloop's default format); it carries a
+different (Zephyr-style) template; it carries the Zephyr one but the config sets ``data.chat_template`` to
+tuneloop's ChatML template (which tuneloop then uses instead).
 
 Prints one JSON line: {"tuneloop": ..., "scenarios": {name: {"llamafactory": verdict, "axolotl": verdict}}}.
 Exit status 0 when every verdict is ok, 1 otherwise, 2 on bad arguments.
@@ -22,12 +26,21 @@ Exit status 0 when every verdict is ok, 1 otherwise, 2 on bad arguments.
 Create the virtualenvs (ALWAYS install torch==2.13.0 first, and keep it pinned, so that pip does not replace it
 with a CUDA build; on this project's machines torch's CPU wheel is in /opt/wheels):
 
-    printf 'torch==2.13.0\\ntorchvision==0.28.0\\n' > /tmp/torch-pin.txt
+    printf 'torch==2.13.0\ntorchvision==0.28.0\n' > /tmp/torch-pin.txt
     python3 -m venv /tmp/lf  && /tmp/lf/bin/pip install torch==2.13.0  && /tmp/lf/bin/pip install -c /tmp/torch-pin.txt llamafactory
+    /tmp/lf/bin/pip uninstall -y torchvision && rm /tmp/lf/lib/python3.11/site-packages/torchaudio/lib/*.so
     python3 -m venv /tmp/axo && /tmp/axo/bin/pip install torch==2.13.0 && /tmp/axo/bin/pip install -c /tmp/torch-pin.txt axolotl
 
-(Without the constraint file pip resolves llamafactory's `torchvision` to a release that needs torch 2.14.1 and
-replaces the CPU torch with the CUDA build.)
+Why the extra steps (measured with llamafactory 0.9.5 and axolotl 0.19.0 on a CPU-only machine):
+- Without the constraint file pip resolves llamafactory's `torchvision` to 0.29.1, which needs torch 2.14.1, and
+  replaces the CPU torch with the CUDA build (plus ~3 GB of nvidia-* wheels).
+- PyPI's torchvision 0.28.0 and torchaudio 2.11.1 wheels are CUDA builds: their compiled ops do not load with
+  the CPU torch (`RuntimeError: operator torchvision::nms does not exist`; `OSError: libc10_cuda.so: cannot open
+  shared object file`), which breaks `import transformers.modeling_utils` and llamafactory's unconditional
+  `import torchaudio` (data/mm_plugin.py). Text-only training needs neither: without torchvision transformers
+  skips it, and torchaudio without its compiled extension imports as "extension not available".
+- Axolotl installs as is; it logs warnings that torchao's CUDA kernels and bitsandbytes' hub kernels could
+  not load, which do not matter for validating a config.
 
 Run from the repository root with tuneloop's venv:
 
@@ -111,11 +124,13 @@ try:
     cfg.output_dir = job["work"] + "/axolotl-out"
     caps = {"bf16": False, "fp8": False, "n_gpu": 0, "n_node": 1, "compute_capability": None}
     env_caps = {"torch_version": __import__("torch").__version__}
-    try:
-        cfg = axcfg.validate_config(cfg, capabilities=caps, env_capabilities=env_caps)
-    except TypeError:  # older signature
-        cfg = axcfg.validate_config(cfg)
-    axcfg.normalize_config(cfg)
+    def check(c):
+        c = axcfg.validate_config(c, capabilities=caps, env_capabilities=env_caps)
+        axcfg.normalize_config(c)
+        return c
+    control = check(DictDefault({**cfg, "bf16": "auto", "fp16": None}))
+    out["control_bf16_auto"] = {"bf16": control.bf16, "fp16": control.fp16}
+    cfg = check(cfg)
     out["parsed"] = {"bf16": cfg.bf16, "fp16": cfg.fp16, "chat_template": str(cfg.chat_template)}
     from transformers import AutoTokenizer
     from axolotl.utils.chat_templates import get_chat_template_from_config
@@ -130,8 +145,9 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def make_scenario(root: Path, name: str, chat_template: str | None) -> tuple[Path, Path]:
-    """A tiny model (tokenizer with ``chat_template``) and a tuneloop config training it on ticket data."""
+def make_scenario(root: Path, name: str, chat_template: str | None, config_template: str | None) -> tuple[Path, Path]:
+    """A tiny model (tokenizer with ``chat_template``) and a tuneloop config (with ``data.chat_template``
+    ``config_template``) training it on ticket data."""
     from tuneloop.demo_assets import general_corpus, make_model, make_tokenizer, task_records
     from tuneloop.modeling import save_tokenizer
 
@@ -149,6 +165,8 @@ def make_scenario(root: Path, name: str, chat_template: str | None) -> tuple[Pat
     cfg = {"name": f"tiny-{name}", "base_model": str(model_dir), "seed": 0,
            "data": {"train_data": str(train), "max_length": 256},  # no record is cut
            "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2}}
+    if config_template:
+        cfg["data"]["chat_template"] = config_template
     path = d / "tuneloop.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, train
@@ -162,7 +180,7 @@ def run_child(python: str, code: str, job: dict, work: Path) -> dict:
            "PYTHONPATH": "", "WANDB_DISABLED": "true"}
     try:
         r = subprocess.run([python, "-c", code, str(job_file)], capture_output=True, text=True, timeout=900,
-                           env=env, cwd=work)
+                           env=env, cwd=work, check=False)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"{python} did not finish in 900 s"}
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
@@ -204,7 +222,8 @@ def check_axolotl(cfg, python: str, work: Path, expected: dict) -> dict:
     res["export"] = {k: v for k, v in yaml.safe_load(out_file.read_text()).items() if k in ("chat_template", "bf16", "fp16")}
     if "error" not in res:
         res["probe_matches_tuneloop"] = res.pop("probe_text") == expected["probe"]
-        res["ok"] = res["probe_matches_tuneloop"] and res["parsed"]["bf16"] in (False, None) and res["parsed"]["fp16"] in (False, None)
+        same_precision = all(bool(res["parsed"][k]) == bool(res["export"][k]) for k in ("bf16", "fp16"))
+        res["ok"] = res["probe_matches_tuneloop"] and same_precision
     res["ok"] = bool(res.get("ok"))
     return res
 
@@ -234,8 +253,12 @@ def main() -> int:
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-validate-exports-"))
     report: dict = {"tuneloop": getattr(tuneloop, "__version__", None), "scenarios": {}}
-    for name, template in (("chatml-tokenizer", None), ("zephyr-tokenizer", ZEPHYR_TEMPLATE)):
-        path, train = make_scenario(root, name, template)
+    from tuneloop.modeling import CHATML_TEMPLATE
+
+    scenarios = (("chatml-tokenizer", None, None), ("zephyr-tokenizer", ZEPHYR_TEMPLATE, None),
+                 ("zephyr-tokenizer-chatml-config", ZEPHYR_TEMPLATE, CHATML_TEMPLATE))
+    for name, template, config_template in scenarios:
+        path, train = make_scenario(root, name, template, config_template)
         cfg = load_config(path)
         expected = tuneloop_rendering(cfg, train)
         verdicts = {}

@@ -258,7 +258,7 @@ def export_precision(precision: str) -> ExportPrecision:
             return ExportPrecision(True, False, "train.precision auto -> bf16: this machine has a CUDA GPU with bf16, "
                                    "so tuneloop would train in bf16 here")
         return ExportPrecision(False, False, "train.precision auto -> fp32 (bf16 and fp16 off): no CUDA GPU with bf16 "
-                               "on this machine, so tuneloop would train in fp32 here; set bf16: true by hand to "
+                               "on this machine, so tuneloop would train in fp32 here; set bf16 to true by hand to "
                                "train on a bf16 GPU")
     if precision == "fp32":
         return ExportPrecision(False, False, "train.precision fp32 -> bf16 and fp16 off")
@@ -276,9 +276,17 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
         if fmt == "preference":
             return {"path": path, "type": "chat_template.default", "field_messages": "conversations",
                     "field_chosen": "chosen", "field_rejected": "rejected"}
-        return {"path": path, "type": "chat_template", "field_messages": "messages",
+        # Axolotl gives a `chat_template` dataset without its own template `tokenizer_default`, whatever the
+        # top-level key says, so the template goes on the dataset too.
+        return {"path": path, "type": "chat_template", **template, "field_messages": "messages",
                 "message_property_mappings": {"role": "role", "content": "content"}}
 
+    if tpl.source == "tokenizer":
+        template: dict[str, Any] = {"chat_template": "tokenizer_default"}
+        note = "chat template: the base model tokenizer's own (chat_template: tokenizer_default), as tuneloop uses it"
+    else:
+        template = {"chat_template": "jinja", "chat_template_jinja": tpl.text}
+        note = f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, passed verbatim as chat_template_jinja"
     y: dict[str, Any] = {"base_model": cfg.base_model}
     if t.method == "qlora":
         y["load_in_4bit"] = True
@@ -299,12 +307,7 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
         y["test_datasets"] = [{**dataset(d.eval_data), "split": "train"}]
     else:
         y["val_set_size"] = d.eval_split
-    if tpl.source == "tokenizer":
-        y["chat_template"] = "tokenizer_default"
-        note = "chat template: the base model tokenizer's own (chat_template: tokenizer_default), as tuneloop uses it"
-    else:
-        y.update(chat_template="jinja", chat_template_jinja=tpl.text)
-        note = f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, passed verbatim as chat_template_jinja"
+    y.update(template)  # top level: what the DPO strategy uses and what Axolotl saves with the model
     y.update(
         sequence_len=d.max_length, sample_packing=t.packing and t.objective == "sft", train_on_inputs=t.train_on_inputs,
         micro_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
