@@ -71,8 +71,8 @@ def test_export_config_for_axolotl_and_llamafactory(make_config, tmp_path):
     cfg = load_config(path)
     assert y["base_model"] == cfg.base_model and y["adapter"] == "qlora" and y["load_in_4bit"] is True
     assert y["lora_r"] == 8 and y["lora_alpha"] == 16 and y["lora_target_linear"] is True and y["peft_use_dora"] is True
-    assert y["datasets"] == [{"path": cfg.data.train_data, "type": "chat_template", "field_messages": "messages",
-                              "message_property_mappings": {"role": "role", "content": "content"}}]
+    assert y["datasets"] == [{"path": cfg.data.train_data, "type": "chat_template", "chat_template": "tokenizer_default",
+                              "field_messages": "messages", "message_property_mappings": {"role": "role", "content": "content"}}]
     assert y["sequence_len"] == 96 and y["sample_packing"] is True and y["micro_batch_size"] == 4 and y["learning_rate"] == 1e-4
 
     lf = tmp_path / "lf" / "train.yaml"
@@ -116,3 +116,117 @@ def test_an_interrupted_command_leaves_no_process_behind(tmp_path):
             return
         time.sleep(0.1)
     pytest.fail(f"the trainer's child process {child} outlived the interrupted stage")
+
+
+# ---------------------------------------------------------------- export-config: precision and chat template
+
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def _exports(path: Path, tmp_path: Path) -> tuple[str, dict, str, dict]:
+    """Both exports of the config at ``path``: (axolotl text, its YAML, llamafactory text, its YAML)."""
+    from tuneloop.train.external import export_config
+
+    cfg = load_config(path)
+    lf_file = tmp_path / "lf" / "train.yaml"
+    lf_file.parent.mkdir(exist_ok=True)
+    ax, lf = export_config(cfg, "axolotl"), export_config(cfg, "llamafactory", lf_file)
+    return ax, yaml.safe_load(ax), lf, yaml.safe_load(lf)
+
+
+def _tokenizer_copy(tiny_model: Path, dest: Path, template: str | None) -> Path:
+    """The tiny model's tokenizer saved to ``dest`` with ``template`` (None: no chat template at all)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok.chat_template = template
+    tok.save_pretrained(str(dest))
+    for leftover in ([dest / "chat_template.jinja"] if template is None else []):
+        leftover.unlink(missing_ok=True)
+    return dest
+
+
+def test_export_for_a_cpu_machine_has_no_mixed_precision(make_config, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for precision in ("auto", "fp32"):
+        ax_text, ax, lf_text, lf = _exports(make_config(train__precision=precision), tmp_path)
+        for text, y in ((ax_text, ax), (lf_text, lf)):
+            body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+            assert "bf16: true" not in body and "fp16: true" not in body, text
+            assert y["bf16"] is False and y["fp16"] is False
+        assert ax["bf16"] != "auto"
+        if precision == "auto":
+            assert "train.precision auto -> fp32" in ax_text.splitlines()[1]
+            assert "train.precision auto -> fp32" in lf_text.splitlines()[1]
+    _, ax, _, lf = _exports(make_config(train__precision="bf16"), tmp_path)  # asked for explicitly: kept
+    assert ax["bf16"] is True and lf["bf16"] is True and ax["fp16"] is False and lf["fp16"] is False
+
+
+def test_export_for_a_bf16_gpu_keeps_auto_as_bf16(make_config, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    ax_text, ax, _, lf = _exports(make_config(), tmp_path)
+    assert ax["bf16"] is True and lf["bf16"] is True and ax["fp16"] is False and lf["fp16"] is False
+    assert "train.precision auto -> bf16" in ax_text
+
+
+def test_export_maps_the_tokenizers_chatml_template(make_config, tmp_path):
+    # The fixture's tokenizer carries tuneloop's ChatML template itself.
+    _, ax, lf_text, lf = _exports(make_config(), tmp_path)
+    assert ax["chat_template"] == "tokenizer_default" and "chat_template_jinja" not in ax
+    assert ax["datasets"][0]["chat_template"] == "tokenizer_default" and ax["test_datasets"][0]["chat_template"] == "tokenizer_default"
+    assert lf["template"] == "chatml" and "renders as ChatML" in lf_text
+
+
+def test_export_of_a_non_chatml_tokenizer_template(make_config, tmp_path, tiny_model):
+    import shutil
+
+    model = tmp_path / "zephyr-model"
+    shutil.copytree(tiny_model, model)
+    _tokenizer_copy(tiny_model, model, ZEPHYR_TEMPLATE)
+    _, ax, lf_text, lf = _exports(make_config(base_model=str(model)), tmp_path)
+    assert ax["chat_template"] == "tokenizer_default"
+    assert "template" not in lf and "parses the tokenizer's Jinja template" in lf_text  # LLaMA-Factory parses it
+
+
+def test_export_of_data_chat_template(make_config, tmp_path):
+    from tuneloop.modeling import CHATML_TEMPLATE
+    from tuneloop.train.external import export_config, export_template
+
+    # A ChatML template written differently (whitespace control) still maps to LLaMA-Factory's chatml.
+    spelled_out = CHATML_TEMPLATE.replace("{% for message in messages %}", "{%- for message in messages -%}")
+    _, ax, _, lf = _exports(make_config(data__chat_template=spelled_out), tmp_path)
+    assert ax["chat_template"] == "jinja" and ax["chat_template_jinja"] == spelled_out
+    # Axolotl defaults a dataset without its own template to the tokenizer's: the dataset must carry it too.
+    assert ax["datasets"][0]["chat_template"] == "jinja" and ax["datasets"][0]["chat_template_jinja"] == spelled_out
+    assert lf["template"] == "chatml"
+    # Anything else: Axolotl takes it verbatim, LLaMA-Factory cannot, and the export says so.
+    cfg = load_config(make_config(data__chat_template=ZEPHYR_TEMPLATE))
+    assert export_template(cfg).chatml is False and export_template(cfg).source == "data.chat_template"
+    ax = yaml.safe_load(export_config(cfg, "axolotl"))
+    assert ax["chat_template"] == "jinja" and ax["chat_template_jinja"] == ZEPHYR_TEMPLATE
+    with pytest.raises(ConfigError, match="LLaMA-Factory cannot use this template"):
+        export_config(cfg, "llamafactory")
+
+
+def test_export_without_any_template_uses_the_chatml_default(make_config, tmp_path, tiny_model):
+    import shutil
+
+    from tuneloop.modeling import CHATML_TEMPLATE
+
+    model = tmp_path / "bare-model"
+    shutil.copytree(tiny_model, model)
+    _tokenizer_copy(tiny_model, model, None)
+    from transformers import AutoTokenizer
+
+    assert not AutoTokenizer.from_pretrained(str(model)).chat_template  # the setup really has no template
+    _, ax, _, lf = _exports(make_config(base_model=str(model)), tmp_path)
+    assert ax["chat_template"] == "jinja" and ax["chat_template_jinja"] == CHATML_TEMPLATE
+    assert lf["template"] == "chatml"

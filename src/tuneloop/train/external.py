@@ -19,6 +19,7 @@ import shutil
 import string
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,98 @@ def _data_format(cfg: PipelineConfig) -> str:
     return detect_format(records)
 
 
-def _axolotl(cfg: PipelineConfig, fmt: str) -> dict[str, Any]:
+#: A conversation that tells chat templates apart: a system prompt, two user/assistant turns.
+_PROBE = (
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Refund me"},
+    {"role": "assistant", "content": "billing"},
+)
+#: (messages, add_generation_prompt) renderings that must agree for two templates to count as the same.
+_PROBE_CASES = ((_PROBE, False), (_PROBE[:2], True), (_PROBE[1:2], True), (_PROBE[1:4], True), (_PROBE[1:], False))
+
+
+@dataclass(frozen=True)
+class ExportTemplate:
+    """The chat template tuneloop trains, evaluates and serves with for a config (see ``modeling.load_tokenizer``)."""
+
+    source: str  #: ``data.chat_template``, ``tokenizer`` (the base model's own) or ``chatml-default``
+    text: str  #: the Jinja template itself
+    chatml: bool  #: renders every probe conversation exactly like tuneloop's ChatML default
+
+
+#: How export headers name each template source.
+_SOURCE_NAMES = {"data.chat_template": "the template in data.chat_template",
+                 "tokenizer": "the base model tokenizer's own template", "chatml-default": "tuneloop's ChatML default"}
+
+
+@dataclass(frozen=True)
+class ExportPrecision:
+    """``train.precision`` resolved the way tuneloop resolves it on this machine."""
+
+    bf16: bool
+    fp16: bool
+    note: str  #: how it was resolved, for the exported file's header
+
+
+def export_template(cfg: PipelineConfig) -> ExportTemplate:
+    """Which chat template tuneloop uses for ``cfg``: ``data.chat_template``, else the base model tokenizer's own,
+    else the ChatML default; and whether it renders like ChatML (checked on probe conversations)."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.modeling import CHATML_TEMPLATE
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"base_model {cfg.base_model!r}: cannot load its tokenizer to find its chat template ({exc}); "
+            "export-config needs it locally (a model directory or the Hugging Face cache)"
+        ) from None
+    own = tok.chat_template.get("default") if isinstance(tok.chat_template, dict) else tok.chat_template
+    if cfg.data.chat_template:
+        source, text = "data.chat_template", cfg.data.chat_template
+    elif isinstance(own, str) and own:
+        source, text = "tokenizer", own
+    else:
+        source, text = "chatml-default", CHATML_TEMPLATE
+    return ExportTemplate(source, text, _renders_alike(tok, text, CHATML_TEMPLATE))
+
+
+def _renders_alike(tok, template: str, reference: str) -> bool:
+    from jinja2 import TemplateError
+
+    def render(t: str, messages, generation_prompt: bool) -> str:
+        return tok.apply_chat_template(list(messages), chat_template=t, tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+
+    try:
+        return all(render(template, m, g) == render(reference, m, g) for m, g in _PROBE_CASES)
+    except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template that refuses a system turn
+        return False
+
+
+def export_precision(precision: str) -> ExportPrecision:
+    """bf16/fp16 flags for ``train.precision``; ``auto`` is bf16 only when this machine has a CUDA GPU with bf16
+    (what tuneloop's trainers do), fp32 otherwise."""
+    if precision == "auto":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return ExportPrecision(True, False, "train.precision auto -> bf16: this machine has a CUDA GPU with bf16, "
+                                   "so tuneloop would train in bf16 here")
+        return ExportPrecision(False, False, "train.precision auto -> fp32 (bf16 and fp16 off): no CUDA GPU with bf16 "
+                               "on this machine, so tuneloop would train in fp32 here; set bf16 to true by hand to "
+                               "train on a bf16 GPU")
+    if precision == "fp32":
+        return ExportPrecision(False, False, "train.precision fp32 -> bf16 and fp16 off")
+    return ExportPrecision(precision == "bf16", precision == "fp16",
+                           f"train.precision {precision} -> {precision}: true (needs a GPU that supports it)")
+
+
+def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPrecision) -> tuple[dict[str, Any], str]:
+    """The Axolotl config and a note on how its chat template was chosen."""
     t, d = cfg.train, cfg.data
 
     def dataset(path: str) -> dict[str, Any]:
@@ -184,9 +276,17 @@ def _axolotl(cfg: PipelineConfig, fmt: str) -> dict[str, Any]:
         if fmt == "preference":
             return {"path": path, "type": "chat_template.default", "field_messages": "conversations",
                     "field_chosen": "chosen", "field_rejected": "rejected"}
-        return {"path": path, "type": "chat_template", "field_messages": "messages",
+        # Axolotl gives a `chat_template` dataset without its own template `tokenizer_default`, whatever the
+        # top-level key says, so the template goes on the dataset too.
+        return {"path": path, "type": "chat_template", **template, "field_messages": "messages",
                 "message_property_mappings": {"role": "role", "content": "content"}}
 
+    if tpl.source == "tokenizer":
+        template: dict[str, Any] = {"chat_template": "tokenizer_default"}
+        note = "chat template: the base model tokenizer's own (chat_template: tokenizer_default), as tuneloop uses it"
+    else:
+        template = {"chat_template": "jinja", "chat_template_jinja": tpl.text}
+        note = f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, passed verbatim as chat_template_jinja"
     y: dict[str, Any] = {"base_model": cfg.base_model}
     if t.method == "qlora":
         y["load_in_4bit"] = True
@@ -207,8 +307,7 @@ def _axolotl(cfg: PipelineConfig, fmt: str) -> dict[str, Any]:
         y["test_datasets"] = [{**dataset(d.eval_data), "split": "train"}]
     else:
         y["val_set_size"] = d.eval_split
-    if d.chat_template:
-        y.update(chat_template="jinja", chat_template_jinja=d.chat_template)
+    y.update(template)  # top level: what the DPO strategy uses and what Axolotl saves with the model
     y.update(
         sequence_len=d.max_length, sample_packing=t.packing and t.objective == "sft", train_on_inputs=t.train_on_inputs,
         micro_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -219,15 +318,34 @@ def _axolotl(cfg: PipelineConfig, fmt: str) -> dict[str, Any]:
     )
     if t.max_steps:
         y["max_steps"] = t.max_steps
-    y["bf16"] = "auto" if t.precision == "auto" else t.precision == "bf16"
-    if t.precision == "fp16":
-        y["fp16"] = True
+    y.update(bf16=prec.bf16, fp16=prec.fp16)
     if t.report_to == "wandb":
         y["wandb_project"] = cfg.name
-    return y
+    return y, note
 
 
-def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _llamafactory_template(tpl: ExportTemplate) -> tuple[dict[str, Any], str]:
+    """LLaMA-Factory's ``template`` key for tuneloop's chat template, and a note on the choice.
+
+    LLaMA-Factory takes a named template from its registry, or (``template`` unset) parses the tokenizer's own
+    Jinja template into one; it has no key for an arbitrary Jinja string.
+    """
+    if tpl.chatml:
+        return {"template": "chatml"}, (f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, renders as ChatML; "
+                                         "LLaMA-Factory's `chatml` template renders the same (no default system prompt)")
+    if tpl.source == "tokenizer":
+        return {}, ("chat template: the base model tokenizer's own; `template` is left unset so that LLaMA-Factory "
+                    "parses the tokenizer's Jinja template")
+    raise ConfigError(
+        "data.chat_template: LLaMA-Factory cannot use this template (it is not ChatML, and LLaMA-Factory takes "
+        "only a named template or the tokenizer's own): save the base model's tokenizer with this chat template "
+        "and point base_model at it, or export with --to axolotl, which takes any Jinja template"
+    )
+
+
+def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemplate,
+                  prec: ExportPrecision) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The LLaMA-Factory config, its ``dataset_info.json`` entries, and a note on the chat template."""
     t, d = cfg.train, cfg.data
 
     def info(path: str) -> dict[str, Any]:
@@ -242,6 +360,7 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path) -> tuple[dict[s
 
     name = f"{cfg.name}_train"
     dataset_info = {name: info(d.train_data)}
+    template, note = _llamafactory_template(tpl)
     y: dict[str, Any] = {
         "model_name_or_path": cfg.base_model, "stage": t.objective, "do_train": True,
         "finetuning_type": "full" if t.method == "full" else "lora",
@@ -258,7 +377,7 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path) -> tuple[dict[s
             y["use_dora"] = True
     if t.objective == "dpo":
         y["pref_beta"] = t.dpo_beta
-    y.update(dataset=name, dataset_dir=str(data_dir), template="default", cutoff_len=d.max_length)
+    y.update(dataset=name, dataset_dir=str(data_dir), **template, cutoff_len=d.max_length)
     if d.eval_data:
         dataset_info[f"{cfg.name}_eval"] = info(d.eval_data)
         y["eval_dataset"] = f"{cfg.name}_eval"
@@ -274,33 +393,35 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path) -> tuple[dict[s
     )
     if t.max_steps:
         y["max_steps"] = t.max_steps
-    if t.precision in ("bf16", "auto"):
-        y["bf16"] = True
-    elif t.precision == "fp16":
-        y["fp16"] = True
+    y.update(bf16=prec.bf16, fp16=prec.fp16)
     if not t.gradient_checkpointing:
         y["disable_gradient_checkpointing"] = True
-    return y, dataset_info
+    return y, dataset_info, note
 
 
 def export_config(cfg: PipelineConfig, to: str, out_file: Path | None = None) -> str:
     """The Axolotl or LLaMA-Factory YAML equivalent to ``cfg``; with ``out_file`` it is written there
-    (for LLaMA-Factory together with the ``dataset_info.json`` it needs, in the same directory)."""
+    (for LLaMA-Factory together with the ``dataset_info.json`` it needs, in the same directory).
+
+    Precision and chat template follow what tuneloop itself would use on this machine; the header comments
+    say how each was resolved."""
+    if to not in ("axolotl", "llamafactory"):
+        raise ConfigError(f"--to {to!r}: expected axolotl or llamafactory")
     fmt = _data_format(cfg)
-    header = f"# Generated by `tuneloop export-config --to {to}` from tuneloop config `{cfg.name}`.\n"
+    tpl, prec = export_template(cfg), export_precision(cfg.train.precision)
+    header = f"# Generated by `tuneloop export-config --to {to}` from tuneloop config `{cfg.name}`.\n# {prec.note}.\n"
     if to == "axolotl":
-        text = header + yaml.safe_dump(_axolotl(cfg, fmt), sort_keys=False)
+        y, note = _axolotl(cfg, fmt, tpl, prec)
+        text = header + f"# {note}.\n" + yaml.safe_dump(y, sort_keys=False)
         if out_file:
             atomic_write_text(Path(out_file), text)
         return text
-    if to != "llamafactory":
-        raise ConfigError(f"--to {to!r}: expected axolotl or llamafactory")
     data_dir = Path(out_file).resolve().parent if out_file else Path(".")
-    y, info = _llamafactory(cfg, fmt, data_dir)
-    note = ("# LLaMA-Factory reads datasets from dataset_info.json in dataset_dir; "
-            + ("it was written next to this file.\n" if out_file else "put this entry there:\n"
-               + "".join(f"#   {line}\n" for line in json.dumps(info, indent=2).splitlines())))
-    text = header + note + yaml.safe_dump(y, sort_keys=False)
+    y, info, note = _llamafactory(cfg, fmt, data_dir, tpl, prec)
+    data_note = ("# LLaMA-Factory reads datasets from dataset_info.json in dataset_dir; "
+                 + ("it was written next to this file.\n" if out_file else "put this entry there:\n"
+                    + "".join(f"#   {line}\n" for line in json.dumps(info, indent=2).splitlines())))
+    text = header + f"# {note}.\n" + data_note + yaml.safe_dump(y, sort_keys=False)
     if out_file:
         atomic_write_text(data_dir / "dataset_info.json", json.dumps(info, indent=2) + "\n")
         atomic_write_text(Path(out_file), text)
