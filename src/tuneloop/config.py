@@ -426,8 +426,9 @@ PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.r
                "train.accelerate_config")
 """The config keys that hold a file path, resolved against the config's directory (suite paths: see
 :func:`path_values`)."""
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``)."""
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
+"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``); ``.zst``
+needs the optional ``zstandard`` package. :func:`tuneloop.data.sources.data_suffix` matches a name against them."""
 
 
 class PipelineConfig(BaseModel):
@@ -754,7 +755,7 @@ def _looks_like_hub_dataset(value: str, base_dir: Path) -> bool:
     return (
         re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
         and not (base_dir / name).exists()
-        and Path(name).suffix.lower() not in DATA_SUFFIXES
+        and not name.lower().endswith(DATA_SUFFIXES)
     )
 
 
