@@ -43,6 +43,13 @@ class DataConfig(_Section):
     format: Literal["auto", "alpaca", "sharegpt", "messages", "preference", "kto", "text"] = Field(
         "auto", description="Record format; `auto` detects it from the keys of the records."
     )
+    min_usable_records: int | None = Field(
+        1, ge=0, le=10**12,
+        description="Data gate: the data_validation stage fails when fewer records than this are left after every check "
+        "(in the training data, and in `eval_data` when given), with an account of the removed ones, e.g. `32 records: "
+        "24 exact duplicates, 8 contaminated by eval; 0 left for training`. The default 1 only stops a run with nothing "
+        "left to train on (small smoke-test datasets still pass); raise it to the least your run needs. `null` disables it.",
+    )
     min_valid_ratio: float | None = Field(
         0.9, ge=0.0, le=1.0,
         description="Data gate: the data_validation stage fails when fewer records than this ratio pass the format rules.",
