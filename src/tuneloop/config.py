@@ -34,7 +34,8 @@ class DataConfig(_Section):
     """Where the data comes from and how it is checked and prepared."""
 
     train_data: str = Field(
-        description="Training data: a .json (array), .jsonl, .parquet or .csv file, a directory of them, a dataset saved "
+        description="Training data: a .json (array), .jsonl, .parquet or .csv file (.json/.jsonl also gzip- or zstd-compressed: "
+        "`.jsonl.gz`, `.jsonl.zst`; zstd needs `pip install 'tuneloop[zstd]'`), a directory of them, a dataset saved "
         "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). Required."
     )
     eval_data: str | None = Field(

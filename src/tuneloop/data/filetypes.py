@@ -62,6 +62,19 @@ def _nul_pattern(head: bytes) -> FileKind | None:
     return None
 
 
+def _wide_text(rest: bytes) -> bool:
+    """Whether the bytes after a UTF-16/32 byte-order mark are text in that encoding rather than UTF-8 (a
+    UTF-8 file whose first line merely starts with those bytes): ASCII in UTF-16/32 has NUL bytes, other
+    UTF-16/32 text is rarely valid UTF-8."""
+    if not rest or b"\x00" in rest:
+        return bool(rest)
+    try:
+        rest.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(rest) - 3  # not just a character cut at the end of the sample
+    return False
+
+
 def sniff(head: bytes, *, whole: bool = False) -> FileKind:
     """What the first bytes of a file say it is. ``whole``: ``head`` is the whole file (so only whitespace
     means empty)."""
@@ -74,7 +87,7 @@ def sniff(head: bytes, *, whole: bool = False) -> FileKind:
     if head.startswith(ZSTD_MAGIC):
         return FileKind("zstd", "zstd-compressed")
     for bom, name, order in _BOMS:
-        if head.startswith(bom):
+        if head.startswith(bom) and _wide_text(head[len(bom) :]):
             return FileKind(name.lower(), f"{name} ({order}) text")
     for magic, what in _MAGIC:
         if head.startswith(magic):
@@ -93,7 +106,7 @@ def unreadable_reason(kind: FileKind, path: Path, expected: str, compression: st
     ``compression``: the file was decompressed and ``kind`` is what its content is."""
     what = f"{compression}-compressed and its content is {kind.what}" if compression else kind.what
     if kind.kind == "empty":
-        return f"{path}: the file is {what}; add records to it, or point the config at the right file"
+        return f"{path}: the file is {what}, so the dataset has no records; add records to it, or point the config at the right file"
     if kind.kind in ("utf-16", "utf-32"):
         enc = kind.kind.upper()
         return (f"{path}: the file is {what}; tuneloop reads UTF-8 {expected}: convert it, e.g. "
