@@ -66,8 +66,10 @@ def _wide_text(rest: bytes) -> bool:
     """Whether the bytes after a UTF-16/32 byte-order mark are text in that encoding rather than UTF-8 (a
     UTF-8 file whose first line merely starts with those bytes): ASCII in UTF-16/32 has NUL bytes, other
     UTF-16/32 text is rarely valid UTF-8."""
-    if not rest or b"\x00" in rest:
-        return bool(rest)
+    if not rest:
+        return False
+    if b"\x00" in rest and _nul_pattern(rest) is not None:
+        return True
     try:
         rest.decode("utf-8")
     except UnicodeDecodeError as e:
