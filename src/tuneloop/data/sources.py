@@ -239,10 +239,10 @@ def _read_file(path: Path, file: str | None = None) -> Iterator[Item]:
     first, from its bytes: compression is read whatever the name says, and an empty (single-file source),
     UTF-16/32 or binary file is an ``InputError`` that says which. An empty file in a directory adds nothing."""
     base = _base_suffix(data_suffix(path.name))
-    if base == ".parquet":
-        return _read_parquet(path, file)
     compression, head = None, read_head(path, None)
     kind = sniff(head, whole=len(head) < SNIFF_BYTES)
+    if base == ".parquet" and kind.kind != "empty":  # binary by nature; pyarrow says what is wrong with it
+        return _read_parquet(path, file)
     if kind.kind in ("gzip", "zstd"):
         compression, head = kind.kind, read_head(path, kind.kind)
         kind = sniff(head, whole=len(head) < SNIFF_BYTES)
