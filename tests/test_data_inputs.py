@@ -99,6 +99,8 @@ def test_gate_failures_name_the_first_bad_lines(tmp_path):
     assert gate["problems"] == [p.strip() for p in problems]
     ok = next(g for g in verdict.reports["train"]["gates"] if g["name"] == "min_usable_records")
     assert ok["passed"] and ok["problems"] == []
+    html = Path(verdict.reports["train"]["html_path"]).read_text()
+    assert "First problems of the failed gates" in html and f"{path}:2: invalid_json:" in html
 
 
 def test_gate_problems_of_a_directory_and_of_duplicates(tmp_path):

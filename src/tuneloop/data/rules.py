@@ -209,11 +209,11 @@ def encode_prefix(tokenizer, text: str, max_tokens: int | None) -> tuple[list[in
     if max_tokens is not None:
         chars = _first_chars(max_tokens)
         while len(text) > chars:
-            ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
             if len(ids) > max_tokens + TOKEN_MARGIN:
                 return ids, False
             chars *= 4
-    return tokenizer(text, add_special_tokens=False)["input_ids"], True
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], True
 
 
 def _chat_count(tokenizer, messages: list[dict], stop_after: int | None) -> tuple[int, bool]:
