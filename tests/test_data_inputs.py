@@ -143,6 +143,7 @@ def test_empty_file_says_empty(tmp_path, suffix):
     [
         ('{"text": "héllo"}\n'.encode("utf-16"), r"UTF-16 \(little-endian\) text; tuneloop reads UTF-8 JSON Lines: convert it"),
         ('{"text": "hello"}\n'.encode("utf-16-be"), r"UTF-16 \(big-endian, no byte-order mark\) text"),
+        ('{"text": "長い中国語のテキストです。返金について"}\n'.encode("utf-16"), r"UTF-16 \(little-endian\) text"),
         ('{"text": "hello"}\n'.encode("utf-32"), r"UTF-32 \(little-endian\) text"),
         (bytes(range(256)) * 8, r"binary \(\d+ of its first 2048 bytes are NUL or other control bytes"),
         (b"PAR1" + bytes(500), r"binary: a Parquet file \(rename it to \.parquet\)"),
@@ -159,9 +160,9 @@ def test_unreadable_files_say_what_they_are(tmp_path, content, what):
 
 def test_a_stray_control_byte_or_bom_like_line_is_one_quarantined_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b"\xff\xfe{\n" + jsonl_bytes(GOOD) + b'{"text": "a\x00b"}\n')
+    path.write_bytes(b"\xff\xfe{\n\xff\xfe{\n" + jsonl_bytes(GOOD) + b'{"text": "a\x00b"}\n')
     rep = validate_dataset(path, tmp_path / "out", checks=NO_SIM)
-    assert rep["valid"] == 4 and rep["invalid"] == 2
+    assert rep["valid"] == 4 and rep["invalid"] == 3
 
 
 @pytest.mark.parametrize("name", ["d.jsonl.gz", "d.JSONL.GZ", "d.jsonl"])  # the last: gzip data misnamed

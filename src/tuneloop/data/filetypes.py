@@ -62,19 +62,13 @@ def _nul_pattern(head: bytes) -> FileKind | None:
     return None
 
 
-def _wide_text(rest: bytes) -> bool:
-    """Whether the bytes after a UTF-16/32 byte-order mark are text in that encoding rather than UTF-8 (a
-    UTF-8 file whose first line merely starts with those bytes): ASCII in UTF-16/32 has NUL bytes, other
-    UTF-16/32 text is rarely valid UTF-8."""
-    if not rest:
-        return False
-    if b"\x00" in rest and _nul_pattern(rest) is not None:
-        return True
-    try:
-        rest.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return e.start < len(rest) - 3  # not just a character cut at the end of the sample
-    return False
+def _wide_text(rest: bytes, width: int, order: str) -> bool:
+    """Whether the bytes after a UTF-16/32 byte-order mark are text in that encoding rather than UTF-8 that
+    merely starts with those bytes: a dataset in UTF-16/32 holds ASCII (braces, quotes, commas, newlines),
+    whose code units have a NUL high byte."""
+    units = len(rest) // width
+    high = width - 1 if order == "little-endian" else 0
+    return units > 0 and sum(rest[i * width + high] == 0 for i in range(units)) >= 0.05 * units
 
 
 def sniff(head: bytes, *, whole: bool = False) -> FileKind:
@@ -89,7 +83,7 @@ def sniff(head: bytes, *, whole: bool = False) -> FileKind:
     if head.startswith(ZSTD_MAGIC):
         return FileKind("zstd", "zstd-compressed")
     for bom, name, order in _BOMS:
-        if head.startswith(bom) and _wide_text(head[len(bom) :]):
+        if head.startswith(bom) and _wide_text(head[len(bom) :], 4 if name == "UTF-32" else 2, order):
             return FileKind(name.lower(), f"{name} ({order}) text")
     for magic, what in _MAGIC:
         if head.startswith(magic):
