@@ -130,4 +130,4 @@ def test_validate_a_config_uses_its_eval_data_tokenizer_and_gates(make_config, t
     assert "overlong" not in rep["rules_not_checked"] and "contaminated" not in rep["rules_not_checked"]
     assert rep["overlong_dropped"] > 0 and rep["rules"]["overlong"] == rep["overlong_dropped"]
     assert rep["eval"]["records"] == 12 and rep["out_dir"] == str(tmp_path / ".tuneloop" / "data-report")
-    assert r.returncode == (0 if rep["passed"] else 1) and {g["name"] for g in rep["gates"]} == {"min_valid_ratio"}
+    assert r.returncode == (0 if rep["passed"] else 1) and {g["name"] for g in rep["gates"]} == {"min_usable_records", "min_valid_ratio"}

@@ -251,9 +251,10 @@ def test_parquet_and_csv_sources(tmp_path):
     )
     rep = validate_dataset(tmp_path / "d.csv", tmp_path / "o2", checks=NO_SIM)
     clean, quarantine = accounted(rep)
-    assert rep["format"] == "alpaca" and [r["_line"] for r in clean] == [1, 2]
+    # physical lines: the header is line 1 and the quoted field of the second record spans lines 3-4
+    assert rep["format"] == "alpaca" and rep["position"] == "line" and [r["_line"] for r in clean] == [2, 3]
     assert clean[1]["messages"][0]["content"] == "Multi\nline\n\nx"
-    assert {q["line"]: codes(q["reasons"]) for q in quarantine} == {3: ["invalid_utf8"], 4: ["empty_content"]}
+    assert {q["line"]: codes(q["reasons"]) for q in quarantine} == {5: ["invalid_utf8"], 6: ["empty_content"]}
 
 
 def test_csv_messages_column_and_kto_label(tmp_path):
@@ -452,7 +453,8 @@ def test_data_gates(tmp_path):
     failures = gate_failures(rep, cfg)
     assert len(failures) == 3 and all(rep["report_path"] in f for f in failures)
     assert any("max_pii_records" in f and "2 is not <= 1" in f for f in failures)
-    assert data_gates(rep, DataConfig(train_data="x", min_valid_ratio=None)) == []  # the other gates are off by default
+    # the other gates are off by default, but min_usable_records (issue 14, point 11)
+    assert [g.name for g in data_gates(rep, DataConfig(train_data="x", min_valid_ratio=None))] == ["min_usable_records"]
 
 
 def test_data_gates_speak_the_evaluation_gate_vocabulary(tmp_path):
@@ -467,7 +469,7 @@ def test_data_gates_speak_the_evaluation_gate_vocabulary(tmp_path):
     rows = SECRET_ROWS + [SECRET_ROWS[2], {"messages": 1}]
     train = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = DataConfig(train_data=str(train), eval_data=str(write_jsonl(tmp_path / "e.jsonl", SECRET_ROWS[:1])),
-                     min_valid_ratio=0.9, max_pii_records=5, near_dup_threshold=None)
+                     min_valid_ratio=0.9, max_pii_records=5, near_dup_threshold=None, min_usable_records=None)
     verdict = validate_splits(cfg, tmp_path / "o")
     assert not verdict.passed and len(verdict.failures) == 1 and "min_valid_ratio failed on train" in verdict.failures[0]
     on_disk = json.loads((tmp_path / "o" / "train.report.json").read_text())

@@ -28,7 +28,8 @@ def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: 
     """(data settings, output directory, tokenizer or None, train report name) for a dataset or a config."""
     if Path(target).suffix.lower() not in (".yaml", ".yml"):
         data = DataConfig(train_data=target, eval_data=eval_data, **({"format": fmt} if fmt else {}))
-        name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).stem) or "dataset"
+        # The whole file name: x.json and x.jsonl must not share a report.
+        name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).name).strip(".") or "dataset"
         return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name
     cfg = load_config(target, [f"data.format={fmt}"] if fmt else [])
     data = cfg.data.model_copy(update={"eval_data": eval_data}) if eval_data else cfg.data
@@ -54,8 +55,8 @@ def validate_target(
     A dataset is checked with the default ``data:`` settings and gates, without a tokenizer (so the
     over-long rule is reported as not checked); ``eval_data`` adds the contamination check. A config
     (``.yaml``/``.yml``) uses its own data settings, gates, eval data and base model tokenizer. Writes
-    ``<name>.report.json``/``.html`` (with the gate verdicts; ``<name>`` is the dataset's file stem, or
-    ``train``/``eval`` for a config) into ``out_dir`` (default ``./tuneloop-data-report`` for a dataset,
+    ``<name>.report.json``/``.html`` (with the gate verdicts; ``<name>`` is the dataset's whole file name, e.g.
+    ``x.jsonl.report.json``, so ``x.json`` and ``x.jsonl`` do not overwrite each other; ``train``/``eval`` for a config) into ``out_dir`` (default ``./tuneloop-data-report`` for a dataset,
     ``<workspace>/data-report`` for a config). Returns the train report with ``gates``, ``passed``,
     ``failures``, ``out_dir`` and, when there is eval data, ``eval`` (its report).
     """

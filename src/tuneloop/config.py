@@ -34,7 +34,8 @@ class DataConfig(_Section):
     """Where the data comes from and how it is checked and prepared."""
 
     train_data: str = Field(
-        description="Training data: a .json (array), .jsonl, .parquet or .csv file, a directory of them, a dataset saved "
+        description="Training data: a .json (array), .jsonl, .parquet or .csv file (.json/.jsonl also gzip- or zstd-compressed: "
+        "`.jsonl.gz`, `.jsonl.zst`; zstd needs `pip install 'tuneloop[zstd]'`), a directory of them, a dataset saved "
         "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). Required."
     )
     eval_data: str | None = Field(
@@ -42,6 +43,13 @@ class DataConfig(_Section):
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "preference", "kto", "text"] = Field(
         "auto", description="Record format; `auto` detects it from the keys of the records."
+    )
+    min_usable_records: int | None = Field(
+        1, ge=0, le=10**12,
+        description="Data gate: the data_validation stage fails when fewer records than this are left after every check "
+        "(in the training data, and in `eval_data` when given), with an account of the removed ones, e.g. `32 records: "
+        "24 exact duplicates, 8 contaminated by eval; 0 left for training`. The default 1 only stops a run with nothing "
+        "left to train on (small smoke-test datasets still pass); raise it to the least your run needs. `null` disables it.",
     )
     min_valid_ratio: float | None = Field(
         0.9, ge=0.0, le=1.0,
@@ -562,8 +570,9 @@ PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.r
                "train.accelerate_config")
 """The config keys that hold a file path, resolved against the config's directory (suite paths: see
 :func:`path_values`)."""
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``)."""
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
+"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``); ``.zst``
+needs the optional ``zstandard`` package. :func:`tuneloop.data.sources.data_suffix` matches a name against them."""
 
 
 class PipelineConfig(BaseModel):
@@ -891,7 +900,7 @@ def _looks_like_hub_dataset(value: str, base_dir: Path) -> bool:
     return (
         re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
         and not (base_dir / name).exists()
-        and Path(name).suffix.lower() not in DATA_SUFFIXES
+        and not name.lower().endswith(DATA_SUFFIXES)
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tuneloop.cli.common import exit_for, guard, out, print_json, stdout_to_stderr
@@ -45,8 +46,8 @@ def _print_validation(rep: dict[str, Any]) -> None:
     if rep["rules_not_checked"]:
         out.print("not checked: " + "; ".join(f"{k} ({v})" for k, v in rep["rules_not_checked"].items()))
     out.print(rep["accounting"])
-    for failure in rep["failures"]:
-        out.print(f"[red]{failure}[/]", highlight=False)
+    for failure in rep["failures"]:  # first line: the gate; its problems are in the gates table above
+        out.print(f"[red]{escape(failure.splitlines()[0])}[/]", highlight=False)
     out.print(f"report: {rep['html_path']}")
 
 
@@ -82,12 +83,13 @@ def report_tables(rep: dict[str, Any], title: str) -> list[Table]:
 def _gates_table(gates: list[dict[str, Any]]) -> Table:
     """Data gates; reads both shapes: ``passed: bool`` today, ``verdict: PASS | FAIL`` (issue 10, item 5)."""
     g = Table(title="data gates")
-    for col in ("gate", "value", "threshold", "verdict"):
+    for col in ("gate", "value", "threshold", "verdict", "first problems (file:line: rule: reason)"):
         g.add_column(col)
     for gate in gates:
         passed = gate["verdict"] == "PASS" if "verdict" in gate else gate["passed"]
         verdict = "[green]passed[/]" if passed else "[red]failed[/]"
-        g.add_row(gate["name"], format_number(float(gate["value"])), f"{gate['op']} {gate['threshold']}", verdict)
+        shown = "" if passed else "\n".join(gate.get("problems") or [gate.get("detail", "")])
+        g.add_row(gate["name"], format_number(float(gate["value"])), f"{gate['op']} {gate['threshold']}", verdict, escape(shown))
     return g
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.data.formats import sft_messages
+from tuneloop.data.rules import encode_prefix
 from tuneloop.fsutil import atomic_write_json, atomic_write_text
 
 IGNORE_INDEX = -100
@@ -69,9 +70,11 @@ def tokenize_conversation(tok, messages, *, max_length: int, train_on_inputs: bo
     for text, trainable in _segments(tok, messages, train_on_inputs):
         if not text:
             continue
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids, _ = encode_prefix(tok, text, max_length - len(input_ids))  # stops past max_length: memory stays bounded
         input_ids += ids
         labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) > max_length:
+            break
     truncated = len(input_ids) > max_length
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
@@ -114,7 +117,7 @@ def prepare_dataset(
     for rec in train_records:
         messages = sft_messages(rec)
         if messages is None:  # a text record: every token is trained on
-            ids = tok(rec["text"], add_special_tokens=False)["input_ids"]
+            ids, _ = encode_prefix(tok, rec["text"], max_length)
             ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
         elif rec.get("label") is False:
             dropped.append({"line": rec.get("_line"), "reason": "kto label false: supervised fine-tuning does not train on undesirable answers"})

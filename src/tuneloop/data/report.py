@@ -29,6 +29,9 @@ def report_html(report: dict, gates: list[dict[str, Any]] | None = None, *, spli
     if gates:
         records = gate_records({split or "data": gates}, {split or "data": r["records"]})
         parts.append("<h2>Gates</h2>" + gates_table(records))
+        failed = [(g["name"], p) for g in gates if not g["passed"] for p in g.get("problems", [])]
+        if failed:
+            parts.append("<h3>First problems of the failed gates</h3>" + table(failed, ("gate", "file:line: rule: reason")))
     parts.append("<h2>Rules</h2>" + table([(k, n, RULES.get(k, "")) for k, n in r["rules"].items()], ("rule", "records", "meaning")))
     if r["rules_not_checked"]:
         parts.append("<p>Not checked: " + escape("; ".join(f"{k}: {v}" for k, v in r["rules_not_checked"].items())) + "</p>")

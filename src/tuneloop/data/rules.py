@@ -5,8 +5,9 @@ records by ``num_workers`` forked processes, in order, so the outputs do not dep
 A verdict is ``ok`` (the canonical JSON of the normalised record, its exact-duplicate key and the text the
 similarity checks compare) or ``bad`` (the quarantine line, with personal data redacted, and the reasons).
 
-Also here: :class:`RuleTally` (rule counts and a few examples per rule), :func:`count_tokens` (the over-long
-rule), :func:`quarantine_line` and :func:`similarity_text` (what near-duplicate and contamination checks read).
+Also here: :class:`RuleTally` (rule counts and a few examples per rule), :func:`token_count` (the over-long
+rule; it stops soon after ``max_length`` tokens, so one huge record costs no more than a long one) and
+:func:`encode_prefix`, :func:`quarantine_line` and :func:`similarity_text` (what near-duplicate and contamination checks read).
 """
 
 from __future__ import annotations
@@ -188,16 +189,71 @@ class RuleTally:
                 shown.append(ex)
 
 
-def count_tokens(tokenizer, record: dict) -> int:
+TOKEN_MARGIN = 8  # tokens at the end of a cut prefix that may differ from the whole text's tokens
+_CHARS_PER_TOKEN = 8  # first guess of the characters needed per token (English averages about 4)
+
+
+def _first_chars(max_tokens: int) -> int:
+    return _CHARS_PER_TOKEN * (max_tokens + TOKEN_MARGIN) + 64
+
+
+def encode_prefix(tokenizer, text: str, max_tokens: int | None) -> tuple[list[int], bool]:
+    """(token ids, complete): the ids of all of ``text``, or, when it has more than ``max_tokens`` (plus
+    :data:`TOKEN_MARGIN`) tokens, of a prefix that has that many (``complete`` False).
+
+    Memory and time stay bounded by ``max_tokens``, not by the text: prefixes of growing length (8 characters
+    per allowed token, then 4 times longer each round) are tokenized until one holds enough tokens or the
+    text is used up. A cut can change only the last few tokens of the prefix (the margin), so its count is a
+    lower bound of the whole text's. ``max_tokens`` None: the whole text.
+    """
+    if max_tokens is not None:
+        chars = _first_chars(max_tokens)
+        while len(text) > chars:
+            ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) > max_tokens + TOKEN_MARGIN:
+                return ids, False
+            chars *= 4
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], True
+
+
+def _chat_count(tokenizer, messages: list[dict], stop_after: int | None) -> tuple[int, bool]:
+    """Tokens of ``messages`` rendered with the chat template, each content first cut to a prefix (grown
+    like :func:`encode_prefix`) so that one huge message is never rendered or tokenized whole."""
+    chars = None if stop_after is None else _first_chars(stop_after)
+    while True:
+        cut = chars is not None and any(len(m["content"]) > chars for m in messages)
+        shown = [{"role": m["role"], "content": m["content"][:chars] if cut else m["content"]} for m in messages]
+        ids, complete = encode_prefix(tokenizer, tokenizer.apply_chat_template(shown, tokenize=False), stop_after)
+        if not cut:
+            return len(ids), complete
+        if len(ids) > stop_after + TOKEN_MARGIN:  # cut contents have no more tokens than the whole ones
+            return len(ids), False
+        chars *= 4
+
+
+def token_count(tokenizer, record: dict, *, stop_after: int | None = None) -> tuple[int, bool]:
+    """(tokens, exact) of a canonical record as it is trained on (chat template applied; for preference
+    records the longer of prompt + chosen and prompt + rejected).
+
+    With ``stop_after`` (``data.max_length``) counting stops soon after that many tokens: a longer record
+    gets a count above ``stop_after`` that is a lower bound (``exact`` False), at a cost bounded by
+    ``stop_after``, however long the record is.
+    """
     msgs = sft_messages(record)
     if msgs is None:
-        return len(tokenizer(record["text"], add_special_tokens=False)["input_ids"])
+        ids, complete = encode_prefix(tokenizer, record["text"], stop_after)
+        return len(ids), complete
     variants = [msgs]
     if "rejected" in record:
         variants.append(list(record["messages"]) + list(record["rejected"]))
-    n = 0
+    n, exact = 0, True
     for v in variants:
-        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in v], tokenize=False)
-        n = max(n, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return n
+        count, complete = _chat_count(tokenizer, v, stop_after)
+        if count > n:
+            n, exact = count, complete
+    return n, exact
 
+
+def count_tokens(tokenizer, record: dict) -> int:
+    """The exact number of tokens of a record (see :func:`token_count`)."""
+    return token_count(tokenizer, record)[0]

@@ -4,8 +4,12 @@ Entry points: :func:`open_source` (records of a source and how positions are cou
 :func:`open_detected` (the same, with the record format detected from the first records). Sources:
 ``.jsonl`` (read as bytes, line by line: a line that is not UTF-8 or not JSON becomes an unreadable item for
 the quarantine, never fatal), ``.json`` (one array), ``.parquet``, ``.csv``, a directory of those, a dataset
-saved with ``datasets.save_to_disk``, or a Hugging Face dataset name read offline from the local cache. Record
-positions are file lines for ``.json``/``.jsonl`` and 1-based record indexes otherwise.
+saved with ``datasets.save_to_disk``, or a Hugging Face dataset name read offline from the local cache.
+``.json``/``.jsonl`` may be gzip- (``.gz``) or zstd-compressed (``.zst``, with the optional ``zstandard``
+package); compression is recognised by its magic bytes, so a gzip file named ``.jsonl`` is read too. A file
+that is empty, UTF-16/32 or binary is an ``InputError`` that says so (:mod:`.filetypes`). Record positions
+are physical file lines for ``.json``/``.jsonl``/``.csv`` (a CSV header is line 1) and 1-based record
+indexes otherwise. :func:`data_suffix` is the dataset suffix of a file name (``.jsonl.gz``).
 
 :func:`source_problem` and :func:`source_digest` say, before any reading, whether a configured source looks
 usable and what its content identity is (for cache keys).
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from tuneloop.config import DATA_SUFFIXES
+from tuneloop.data.filetypes import SNIFF_BYTES, open_bytes, read_head, sniff, unreadable_reason
 from tuneloop.data.formats import detect_format
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file, sha256_json
@@ -33,6 +38,21 @@ DETECT_SAMPLE = 100  # object records looked at by format detection
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _BOM = b"\xef\xbb\xbf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+_EXPECTED = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
+
+
+def data_suffix(name: str) -> str:
+    """The dataset suffix of a file name: the longest of :data:`SUPPORTED_SUFFIXES` it ends with
+    (``x.jsonl.gz`` -> ``.jsonl.gz``), else its last suffix (``x.txt`` -> ``.txt``)."""
+    low = name.lower()
+    return max((s for s in SUPPORTED_SUFFIXES if low.endswith(s)), key=len, default=Path(low).suffix)
+
+
+def _base_suffix(suffix: str) -> str:
+    """``.jsonl.gz`` -> ``.jsonl``: the record format's suffix, without a compression suffix."""
+    base, _, last = suffix.rpartition(".")
+    return base if base and "." + last in _COMPRESSIONS else suffix
 
 
 class Item(NamedTuple):
@@ -77,9 +97,9 @@ def parse_line(data: bytes) -> tuple[Any, str | None, str | None]:
         return None, text, "invalid_json: nested too deeply to parse"
 
 
-def _read_jsonl(path: Path, file: str | None = None) -> Iterator[Item]:
+def _read_jsonl(path: Path, file: str | None = None, compression: str | None = None) -> Iterator[Item]:
     """One item per non-blank line, unparsed (workers parse); bad lines are quarantined, never fatal."""
-    with open(path, "rb") as f:
+    with open_bytes(path, compression) as f:
         for lineno, data in enumerate(f, 1):
             if lineno == 1 and data.startswith(_BOM):
                 data = data[len(_BOM) :]
@@ -89,14 +109,15 @@ def _read_jsonl(path: Path, file: str | None = None) -> Iterator[Item]:
             yield Item(lineno, file, 0, data)
 
 
-def _read_json_array(path: Path, file: str | None = None) -> Iterator[Item]:
+def _read_json_array(path: Path, file: str | None = None, compression: str | None = None) -> Iterator[Item]:
     """Elements of a top-level JSON array, each with the 1-based line where it starts.
 
     The file is one JSON document, so a syntax error is fatal: ``InputError`` with file:line:col. Bytes
     that are not UTF-8 are not: they end up in the strings as lone surrogates and the records holding
     them are quarantined by the ``invalid_utf8`` rule.
     """
-    data = path.read_bytes()
+    with open_bytes(path, compression) as f:
+        data = f.read()
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     text = data.decode("utf-8", errors="surrogateescape")
@@ -152,22 +173,34 @@ def _csv_cell(key: str, value: str | None) -> Any:
     return value
 
 
-def _read_csv(path: Path, file: str | None = None) -> Iterator[Item]:
-    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> invalid_utf8 rule
+def _read_csv(path: Path, file: str | None = None, compression: str | None = None) -> Iterator[Item]:
+    """One item per row, at the physical line where the row starts (the header is line 1; a quoted field
+    spanning lines counts each of them; blank lines are skipped)."""
+    with open_bytes(path, compression) as f:
+        text = f.read().decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> invalid_utf8 rule
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for n, row in enumerate(reader, 1):
-            extra = row.pop(None, None)
-            rec = {k: _csv_cell(k, v) for k, v in row.items()}
-            if extra:
-                yield Item(n, file, 2, (json.dumps(extra), f"bad_structure: row has {len(extra)} more cells than the header"))
+        header = next(reader, None)
+        if header is None:
+            return
+        while True:
+            start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                return
+            if not row:
                 continue
-            yield Item(n, file, 1, rec)
+            rec = {k: _csv_cell(k, v) for k, v in itertools.zip_longest(header, row[: len(header)])}
+            if len(row) > len(header):
+                extra = row[len(header) :]
+                yield Item(start, file, 2, (json.dumps(extra), f"bad_structure: row has {len(extra)} more cells than the header"))
+                continue
+            yield Item(start, file, 1, rec)
     except csv.Error as e:
-        raise InputError(f"{path}: malformed CSV: {e}; fix the file") from None
+        raise InputError(f"{path}:{reader.line_num}: malformed CSV: {e}; fix the file") from None
 
 
-def _read_parquet(path: Path, file: str | None = None) -> Iterator[Item]:
+def _read_parquet(path: Path, file: str | None = None, compression: str | None = None) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
@@ -198,6 +231,26 @@ def _read_hf(ds: Any, split: str | None, where: str) -> Iterator[Item]:
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json_array, ".csv": _read_csv, ".parquet": _read_parquet}
+_LINE_POSITIONS = (".json", ".jsonl", ".csv")
+
+
+def _read_file(path: Path, file: str | None = None) -> Iterator[Item]:
+    """Items of one data file (``file``: its name within a directory source). What the file holds is checked
+    first, from its bytes: compression is read whatever the name says, and an empty (single-file source),
+    UTF-16/32 or binary file is an ``InputError`` that says which. An empty file in a directory adds nothing."""
+    base = _base_suffix(data_suffix(path.name))
+    compression, head = None, read_head(path, None)
+    kind = sniff(head, whole=len(head) < SNIFF_BYTES)
+    if base == ".parquet" and kind.kind != "empty":  # binary by nature; pyarrow says what is wrong with it
+        return _read_parquet(path, file)
+    if kind.kind in ("gzip", "zstd"):
+        compression, head = kind.kind, read_head(path, kind.kind)
+        kind = sniff(head, whole=len(head) < SNIFF_BYTES)
+    if kind.kind == "text":
+        return _READERS[base](path, file, compression)
+    if kind.kind == "empty" and file is not None:
+        return iter(())
+    raise InputError(unreadable_reason(kind, path, _EXPECTED[base], compression))
 
 
 def _is_saved_hf(path: Path) -> bool:
@@ -250,20 +303,20 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
             except Exception as e:
                 raise InputError(f"{path}: cannot load the saved dataset: {e}") from None
             return _read_hf(ds, None, str(path)), "record"
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise InputError(f"{path}: the directory holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-        position = "line" if all(p.suffix.lower() in (".json", ".jsonl") for p in files) else "record"
-        chained = itertools.chain.from_iterable(_READERS[p.suffix.lower()](p, p.relative_to(path).as_posix()) for p in files)
-        return chained, position
-    suffix = path.suffix.lower()
+        position = "line" if all(_base_suffix(data_suffix(p.name)) in _LINE_POSITIONS for p in files) else "record"
+        readers = [_read_file(p, p.relative_to(path).as_posix()) for p in files]  # each file's kind checked now
+        return itertools.chain.from_iterable(readers), position
+    suffix = data_suffix(path.name)
     if path.is_file():
-        if suffix not in _READERS:
+        if suffix not in SUPPORTED_SUFFIXES:
             raise InputError(
                 f"{path}: unsupported dataset file type {suffix or '(no extension)'!r}; supported: "
                 f"{', '.join(SUPPORTED_SUFFIXES)}, a directory of them, or a saved Hugging Face dataset"
             )
-        return _READERS[suffix](path), "line" if suffix in (".json", ".jsonl") else "record"
+        return _read_file(path), "line" if _base_suffix(suffix) in _LINE_POSITIONS else "record"
     if path.exists():
         raise InputError(f"{path}: is not a file or directory")
     if suffix in SUPPORTED_SUFFIXES or text.startswith((".", "/", "~")) or not _HUB_ID.match(text.split(":")[0]):
@@ -328,10 +381,10 @@ def source_problem(value: str) -> str | None:
     if p.is_dir():
         return None
     if p.is_file():
-        if p.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if data_suffix(p.name) not in SUPPORTED_SUFFIXES:
             return f"unsupported file type {p.suffix!r} in {value}; use {', '.join(SUPPORTED_SUFFIXES)}, a directory or a dataset name"
         return None
-    if os.path.isabs(value) or p.suffix.lower() in SUPPORTED_SUFFIXES:
+    if os.path.isabs(value) or data_suffix(p.name) in SUPPORTED_SUFFIXES:
         return f"file not found: {value}; check the path (relative paths are resolved against the config's directory)"
     return None
 

@@ -37,7 +37,7 @@ from typing import IO, Any, Iterable
 from tuneloop.data.formats import FORMATS
 from tuneloop.data.gates import data_gates, gate_failures
 from tuneloop.data.report import write_report
-from tuneloop.data.rules import MAX_EXAMPLES, RuleTally, count_tokens, quarantine_line, record_verdicts, similarity_text
+from tuneloop.data.rules import MAX_EXAMPLES, RuleTally, quarantine_line, record_verdicts, similarity_text, token_count
 from tuneloop.data.sources import open_detected
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_lines
@@ -127,12 +127,13 @@ def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokeniz
     if tokenizer is None or checks.max_length is None:
         return False
     rec = json.loads(r.data)
-    n_tok = count_tokens(tokenizer, rec)
+    n_tok, exact = token_count(tokenizer, rec, stop_after=checks.max_length)
     if n_tok <= checks.max_length:
         return False
     s.overlong_seen += 1
     verb = "dropped" if checks.overlong == "drop" else "will be truncated"
-    reason = f"overlong: {n_tok} tokens > data.max_length {checks.max_length} ({verb})"
+    more = "" if exact else "; counting stopped there"
+    reason = f"overlong: {'' if exact else 'over '}{n_tok} tokens > data.max_length {checks.max_length} ({verb}{more})"
     s.tally.add(r.line, r.file, [reason])
     if checks.overlong != "drop":
         return False
@@ -356,10 +357,13 @@ class DataVerdict:
 def check_splits(data: Any, out_dir: Path, *, tokenizer: Any = None, train_name: str = "train") -> SplitReports:
     """Validate the eval data (when given) and then the train data against the eval texts (contamination).
 
-    ``data`` is a ``DataConfig``. Writes ``eval.*`` and ``<train_name>.*`` into ``out_dir``. This is the
-    cacheable part: the gates (:func:`gate_splits`) read only the reports.
+    ``data`` is a ``DataConfig``. Writes ``eval.*`` and ``<train_name>.*`` into ``out_dir`` (``eval.train.*``
+    when ``train_name`` is ``eval`` too). This is the cacheable part: the gates (:func:`gate_splits`) read only
+    the reports.
     """
     checks = checks_from_config(data)
+    if data.eval_data and train_name == "eval":  # the eval split's files must not be overwritten
+        train_name = "eval.train"
     ev, eval_texts = None, None
     if data.eval_data:
         ev = validate_dataset(data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer)
@@ -374,7 +378,7 @@ def gate_splits(checked: SplitReports, data: Any, *, report_dir: Path | None = N
     reports: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     for split, rep in checked.items():
-        gates = [g.to_dict() for g in data_gates(rep, data)]
+        gates = [g.to_dict() for g in data_gates(rep, data, split=split)]
         rep = {**rep, "gates": gates, "passed": all(g["passed"] for g in gates)}
         if report_dir is not None:
             json_path = Path(report_dir) / Path(rep["report_path"]).name
