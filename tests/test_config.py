@@ -110,7 +110,7 @@ _MERGE_BOMB = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
     [
         (_ALIAS_BOMB, "expands to more than"),
         (_MERGE_BOMB, "expands to more than"),
-        ("name: " + "[" * 1200 + "]" * 1200 + "\n", "nested too deeply"),
+        ("name: " + "[" * 1200 + "]" * 1200 + "\n", "nested deeper than"),
         ("name: x\nd: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested deeper than"),
         ("a: &a [*a]\n", "recursive YAML alias"),
     ],

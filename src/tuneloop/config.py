@@ -777,6 +777,7 @@ def safe_load_yaml(text: str, source: str) -> Any:
     """
     loader = yaml.SafeLoader(text)
     try:
+        _check_nesting(text, source)  # before composing, which recurses once per level
         node = loader.get_single_node()
         if node is None:
             return None
@@ -795,6 +796,55 @@ def safe_load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: YAML nested too deeply (limit {MAX_YAML_DEPTH} levels); flatten the config", source) from None
     finally:
         loader.dispose()
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of flow brackets (``[``/``{``) outside quotes and comments, in one linear pass.
+
+    PyYAML's scanner is quadratic in flow nesting (it re-checks every open level's possible key per token), so
+    a deep ``[[[[...]]]]`` is refused on this count before the scanner sees it.
+    """
+    depth = deepest = 0
+    quote, prev = "", "\n"
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\" and quote == '"':
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"" and prev in " \t\n[{,:":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            prev = "\n"
+            continue
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        prev = ch
+        i += 1
+    return deepest
+
+
+def _check_nesting(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_YAML_DEPTH before composing (which recurses once per level): flow
+    brackets counted on the text, then block nesting from the parser's events, stopping at the first."""
+    if _flow_depth(text) > MAX_YAML_DEPTH:
+        raise ConfigError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels ([ and {{ brackets); flatten the config", source)
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{source}:{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels; flatten the config", source)
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
 
 
 def _yaml_size_problem(root: yaml.Node) -> str | None:
