@@ -21,6 +21,8 @@ import logging
 import time
 from typing import Any
 
+from fastapi import Request
+
 from tuneloop.errors import InputError
 from tuneloop.serve.errors import APIError, scrub_paths
 
@@ -112,7 +114,6 @@ async def prepare_candidate(gw, ref: str) -> None:
 
 
 def add_rollout_routes(app, gw) -> None:
-    from fastapi import Request
     from fastapi.responses import JSONResponse
 
     from tuneloop.rollout import controller
