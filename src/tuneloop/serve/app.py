@@ -30,7 +30,7 @@ from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa
 from tuneloop.serve.errors import APIError, error_body, install_handlers, scrub_paths
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
 from tuneloop.serve.router import Router
-from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body
+from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body, read_body
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -309,17 +309,6 @@ def sse_response(first: dict[str, Any], stream, obs: Observation, rec: Recorder,
         rec.finish(obs)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
-
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past the limit)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def store_feedback(request_log, recorder, body: FeedbackRequest):

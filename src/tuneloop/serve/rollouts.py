@@ -117,7 +117,7 @@ def add_rollout_routes(app, gw) -> None:
     from fastapi.responses import JSONResponse
 
     from tuneloop.rollout import controller
-    from tuneloop.serve.app import read_body
+    from tuneloop.serve.schemas import read_body
 
     async def body_of(request: Request) -> dict[str, Any]:
         raw = await read_body(request, gw.settings.max_body_bytes)
