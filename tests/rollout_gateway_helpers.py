@@ -98,8 +98,9 @@ def make_registry(root: Path, n_versions: int = 3):
     return reg
 
 
-def make_app(reg, log_path: Path, backend, *, tick_s: float | None = None, notifier=None, policy=None, ttl_s: float = 0.5):
-    """(app, request log, recorder) for a gateway over ``reg`` and the SQLite request log at ``log_path``."""
+def make_app(reg, log_path: Path | str, backend, *, tick_s: float | None = None, notifier=None, policy=None, ttl_s: float = 0.5):
+    """(app, request log, recorder) for a gateway over ``reg`` and the request log at ``log_path`` (a SQLite
+    path or a database URL)."""
     from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log
     from tuneloop.serve.app import GatewaySettings, create_app
     from tuneloop.serve.router import Router

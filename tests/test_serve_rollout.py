@@ -149,13 +149,17 @@ def test_a_started_and_an_ended_rollout_take_effect_within_the_ttl(tmp_path):
         assert time.time() - t0 < 1.5
 
 
-def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path, store, request):
+    """Two replicas (each with its own registry handle and request-log connection pool) over one registry and
+    one request log (SQLite here, PostgreSQL as deployed; that case skips where the server is absent)."""
     from tuneloop.registry.db import SqliteRegistry
 
+    log_url = request.getfixturevalue("postgres_url") if store == "postgresql" else str(tmp_path / "requests.db")
     reg = make_registry(tmp_path)
     rid = controller.start(reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
     notes = [ListNotifier(), ListNotifier()]
-    apps = [make_app(SqliteRegistry(tmp_path / "ws"), tmp_path / "requests.db", ScriptedBackend(), tick_s=0.15,
+    apps = [make_app(SqliteRegistry(tmp_path / "ws"), log_url, ScriptedBackend(), tick_s=0.15,
                      notifier=notes[k])[0] for k in (0, 1)]
     with BackgroundServer(apps[0]) as a, BackgroundServer(apps[1]) as b, httpx.Client() as c:
         i = 0
@@ -208,3 +212,29 @@ def test_admin_rollout_api(tmp_path):
         assert r.status_code == 200 and r.json()["status"] == "promoted"
     assert reg.get(MODEL, "champion")["version"] == 3
     assert [e for e, *_ in notifier.sent] == ["start", "abort", "start", "promote"]
+
+
+def test_a_restarted_gateway_resumes_the_rollout_from_the_stored_state(tmp_path):
+    reg = make_registry(tmp_path)
+    rid = controller.start(reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    app, log, _ = make_app(reg, tmp_path / "requests.db", ScriptedBackend(), tick_s=0.15)
+    with BackgroundServer(app) as server, httpx.Client() as c:
+        i = 0
+        while reg.get_rollout(MODEL)["weight"] < 0.5:  # first gateway: until the step up
+            assert chat(c, server.url, f"user-{i}").status_code == 200
+            i += 1
+            assert i < 3000
+    before = reg.get_rollout(MODEL)
+    counted = controller.status(reg, MODEL)["analysis"]["canary_requests"]
+    app2, *_ = make_app(reg, tmp_path / "requests.db", ScriptedBackend(), tick_s=0.15)
+    with BackgroundServer(app2) as server, httpx.Client() as c:  # second gateway: the same rollout goes on
+        while reg.get_rollout(MODEL)["status"] == "running":
+            assert chat(c, server.url, f"user-{i}").status_code == 200
+            i += 1
+            assert i < 6000
+    after = reg.get_rollout(MODEL)
+    assert before["status"] == "running" and before["weight"] == 0.5
+    assert after["rollout_id"] == rid and after["status"] == "promoted"
+    assert after["last_decision"]["canary_requests"] >= counted + FAST["min_requests_per_step"]
+    actions = [(e["details"].get("decision") or {}).get("action") for e in controller.decisions(reg, MODEL, rid)]
+    assert actions.count("step_up") == 1 and actions.count("promote") == 1  # resumed at 50 %, not restarted at 5 %
