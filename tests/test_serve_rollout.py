@@ -238,3 +238,19 @@ def test_a_restarted_gateway_resumes_the_rollout_from_the_stored_state(tmp_path)
     assert after["last_decision"]["canary_requests"] >= counted + FAST["min_requests_per_step"]
     actions = [(e["details"].get("decision") or {}).get("action") for e in controller.decisions(reg, MODEL, rid)]
     assert actions.count("step_up") == 1 and actions.count("promote") == 1  # resumed at 50 %, not restarted at 5 %
+
+
+def test_the_gateway_from_a_config_ticks_at_the_configured_interval_with_its_policy(make_config):
+    from tuneloop.config import load_config
+    from tuneloop.serve.server import build_gateway
+    from tuneloop.workspace import Workspace
+
+    cfg = load_config(make_config(deploy={"strategy": "canary", "canary": {"tick_interval_s": 0.3, "weights": [0.1, 1.0],
+                                                                           "min_requests_per_step": 50}},
+                                  notify={"webhooks": [{"url": "http://127.0.0.1:9/hook", "format": "json",
+                                                        "events": ["rollback"]}]}))
+    gw = build_gateway(cfg, Workspace.for_config(cfg).root).state.gateway
+    assert gw.settings.rollout_tick_s == 0.3
+    assert gw.settings.rollout_policy["weights"] == [0.1, 1.0] and gw.settings.rollout_policy["min_requests_per_step"] == 50
+    assert "tick_interval_s" not in gw.settings.rollout_policy
+    assert [h.url for h in gw.notifier.webhooks] == ["http://127.0.0.1:9/hook"]

@@ -97,6 +97,7 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
     docs = gw.settings.docs
     app = FastAPI(title="tuneloop gateway", version="1", lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.state.gateway = gw  # what the routes share, for embedding and tests
     install_handlers(app)
     app.add_middleware(GatewayMiddleware, settings=gw.settings)
     add_openai_routes(app, gw)
