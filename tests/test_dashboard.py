@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout_gateway_helpers import MODEL, ScriptedBackend, chat, make_app, make_registry, wait_for
+from rollout_gateway_helpers import MODEL, ScriptedBackend, chat, make_app, make_registry
 
 from tuneloop.rollout import controller
 from tuneloop.serve.server import BackgroundServer

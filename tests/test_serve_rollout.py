@@ -80,7 +80,10 @@ def test_a_failing_canary_is_retried_on_the_baseline_and_still_counted(tmp_path,
             r = chat(c, server.url, f"user-{i}", stream=(i % 3 == 0))
             statuses[r.status_code] += 1
             assert r.headers["x-tuneloop-arm"] == "baseline" and r.headers["x-tuneloop-version"] == f"{MODEL}:1"
-            assert f"answer from {MODEL}:1".split()[0] in r.text
+            if i % 3:
+                assert r.json()["choices"][0]["message"]["content"] == f"answer from {MODEL}:1"
+            else:
+                assert f"{MODEL}:1" in r.text and "[DONE]" in r.text and '"error"' not in r.text
         logged = records(log, recorder)
     assert statuses == {200: 60}  # clients see no failure
     failed = [r for r in logged if r.arm == "canary"]
@@ -142,11 +145,11 @@ def test_a_started_and_an_ended_rollout_take_effect_within_the_ttl(tmp_path):
         t0 = time.time()
         controller.start(reg, f"{MODEL}:2", policy=HALF)
         canary_live(c, server.url)
-        assert time.time() - t0 < 3.0
+        assert time.time() - t0 < 4.0  # the TTL (0.5 s), the loop's look (0.5 s) and preparing the candidate
         t0 = time.time()
         controller.abort(reg, MODEL, reason="test")
         wait_for(lambda: chat(c, server.url, "user-1").headers["x-tuneloop-arm"] == "direct", timeout=5)
-        assert time.time() - t0 < 1.5
+        assert time.time() - t0 < 2.5  # the TTL (0.5 s) plus the request that sees it
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
