@@ -1,5 +1,5 @@
 """Canary rollouts live, end to end: a real gateway (local backend, a tiny model made here) serves simulated
-users who send their user keys and post feedback; the gateway's own loop decides.
+users who send held-out support tickets with their user keys and post feedback; the gateway's own loop decides.
 
 Three LoRA adapters on one tiny base are registered: ``support-bot:1`` (champion), ``:2`` (the bad candidate)
 and ``:3`` (the good one). The tiny model's answers carry no meaning, so whether an answer was "right" is
@@ -37,8 +37,6 @@ POLICY = {"alpha": 0.05, "weights": [0.05, 0.5, 1.0], "min_requests_per_step": 2
 NEGATIVE = {1: 0.25, 2: 0.9, 3: 0.05}
 CRASH_RATE = {2: 0.3}
 USERS = 300
-PROMPTS = ["where is my order?", "I was charged twice", "how do I reset my password?", "cancel my subscription",
-           "the app crashes on start", "can I change my delivery address?", "refund for a damaged item"]
 
 
 def build_tiny_model(out: Path) -> Path:
@@ -136,12 +134,19 @@ def build_app(reg, ws: Path, seed: int, notifier, tick_s: float):
     return create_app(backend, Router(reg), settings, recorder=recorder, request_log=log, notifier=notifier), log
 
 
-def one_user_request(client, url: str, rng: random.Random, lock: threading.Lock) -> tuple[int, str]:
-    """A user asks, reads the answer and rates it; returns (status, answering version)."""
+def held_out_tickets(n: int = 200) -> list[list[dict]]:
+    """Support tickets from the demo task's held-out (eval) split, as chat messages without the answer."""
+    from tuneloop.demo_assets import task_records
+
+    return [r["messages"][:-1] for r in task_records(n, seed=7, split="eval")]
+
+
+def one_user_request(client, url: str, rng: random.Random, lock: threading.Lock, tickets) -> tuple[int, str]:
+    """A user sends a ticket, reads the answer and rates it; returns (status, answering version)."""
     with lock:
-        user, prompt, draw = f"user-{rng.randrange(USERS)}", rng.choice(PROMPTS), rng.random()
-    r = client.post(f"{url}/v1/chat/completions", json={"model": MODEL, "user": user, "max_tokens": 6, "temperature": 0,
-                                                        "messages": [{"role": "user", "content": prompt}]}, timeout=60)
+        user, messages, draw = f"user-{rng.randrange(USERS)}", rng.choice(tickets), rng.random()
+    r = client.post(f"{url}/v1/chat/completions", json={"model": MODEL, "user": user, "max_tokens": 4, "temperature": 0,
+                                                        "messages": messages}, timeout=60)
     if r.status_code != 200:
         return r.status_code, ""
     version = r.headers["x-tuneloop-version"]
@@ -154,23 +159,25 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
     """Simulated users until the rollout ends; the requests and seconds at each change of weight or status."""
     import httpx
 
-    lock, t0, sent, failed = threading.Lock(), time.time(), 0, 0
+    lock, t0, sent, failed, tickets = threading.Lock(), time.time(), 0, 0, held_out_tickets()
     milestones, seen = [], (None, None)
     with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
         while True:
             record = reg.get_rollout(MODEL, rollout_id)
             now = (record["status"], record["weight"])
             if now != seen:
-                reason = (record.get("last_decision") or {}).get("reason", "")
-                milestones.append({"status": now[0], "weight": now[1], "requests": sent, "seconds": round(time.time() - t0, 2),
-                                   "reason": reason})
-                say(f"  {sent:5d} requests {time.time() - t0:6.1f} s  {now[0]:<11} weight {now[1]:.0%}  {reason[:110]}")
+                last = record.get("last_decision") or {}
+                reason, canary = last.get("reason", ""), last.get("canary_requests", 0)
+                milestones.append({"status": now[0], "weight": now[1], "requests": sent, "canary_requests": canary,
+                                   "seconds": round(time.time() - t0, 2), "reason": reason})
+                say(f"  {sent:5d} requests ({canary:4d} canary) {time.time() - t0:6.1f} s  {now[0]:<11} weight {now[1]:.0%}  "
+                    f"{reason[:110]}")
                 seen = now
             if record["status"] != "running":
                 break
             if time.time() - t0 > timeout_s:
                 raise TimeoutError(f"{rollout_id} still running after {timeout_s} s and {sent} requests")
-            results = list(pool.map(lambda _: one_user_request(client, url, rng, lock), range(16)))
+            results = list(pool.map(lambda _: one_user_request(client, url, rng, lock, tickets), range(16)))
             sent += len(results)
             failed += sum(1 for status, _ in results if status != 200)
     return {"rollout_id": rollout_id, "status": record["status"], "requests": sent, "failed": failed,
@@ -217,7 +224,8 @@ def main() -> int:
         base = build_tiny_model(work / "base")
         result = run_live(base, work)
     summary = {label: {k: result[label][k] for k in ("status", "requests", "failed", "seconds", "champion_after")}
-               | {"to_each_decision": [(m["status"], m["weight"], m["requests"], m["seconds"]) for m in result[label]["milestones"]]}
+               | {"to_each_decision": [{k: m[k] for k in ("status", "weight", "requests", "canary_requests", "seconds")}
+                                 for m in result[label]["milestones"]]}
                for label in ("bad", "good")}
     print(json.dumps({**summary, "notifications": result["notifications"]}))
     ok = (result["bad"]["status"] == "rolled_back" and result["good"]["status"] == "promoted"

@@ -36,18 +36,22 @@ async def rollout_loop(gw, *, watch_s: float = 0.25) -> None:
     """Prepare waiting candidates every ``watch_s``; decide running rollouts every ``rollout_tick_s``."""
     preparing: dict[str, asyncio.Task] = {}
     last_tick = last_look = time.monotonic()
-    while True:
-        if time.monotonic() - last_look >= max(gw.router.ttl_s, watch_s):  # rollouts started elsewhere
-            last_look = time.monotonic()
-            await look_for_rollouts(gw)
-        for ref in gw.router.pending():
-            if ref not in preparing or preparing[ref].done():
-                preparing[ref] = asyncio.create_task(prepare_candidate(gw, ref))
-        tick_s = gw.settings.rollout_tick_s
-        if tick_s and gw.request_log is not None and time.monotonic() - last_tick >= tick_s:
-            last_tick = time.monotonic()
-            await run_tick(gw)
-        await asyncio.sleep(watch_s)
+    try:
+        while True:
+            if time.monotonic() - last_look >= max(gw.router.ttl_s, watch_s):  # rollouts started elsewhere
+                last_look = time.monotonic()
+                await look_for_rollouts(gw)
+            for ref in gw.router.pending():
+                if ref not in preparing or preparing[ref].done():
+                    preparing[ref] = asyncio.create_task(prepare_candidate(gw, ref))
+            tick_s = gw.settings.rollout_tick_s
+            if tick_s and gw.request_log is not None and time.monotonic() - last_tick >= tick_s:
+                last_tick = time.monotonic()
+                await run_tick(gw)
+            await asyncio.sleep(watch_s)
+    finally:
+        for task in preparing.values():
+            task.cancel()
 
 
 async def run_tick(gw) -> dict:
