@@ -257,3 +257,45 @@ def test_the_gateway_from_a_config_ticks_at_the_configured_interval_with_its_pol
     assert gw.settings.rollout_policy["weights"] == [0.1, 1.0] and gw.settings.rollout_policy["min_requests_per_step"] == 50
     assert "tick_interval_s" not in gw.settings.rollout_policy
     assert [h.url for h in gw.notifier.webhooks] == ["http://127.0.0.1:9/hook"]
+
+
+class CountingRegistry:
+    """The registry, counting ``get_rollout`` reads."""
+
+    def __init__(self, reg):
+        self.reg, self.rollout_reads = reg, 0
+
+    def get_rollout(self, *a, **kw):
+        self.rollout_reads += 1
+        return self.reg.get_rollout(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.reg, name)
+
+
+def test_router_splits_by_weight_reads_the_registry_once_per_ttl_and_waits_for_the_candidate(tmp_path):
+    from tuneloop.serve.router import Router
+
+    reg = CountingRegistry(make_registry(tmp_path))
+    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    router = Router(reg, ttl_s=60.0)
+    first = router.choose_arm(MODEL, "user-1", "req-0")
+    assert (first.arm, first.model_id, first.rollout_id) == ("direct", f"{MODEL}:1", None)  # candidate not ready yet
+    assert router.pending() == [f"{MODEL}:2"]
+    router.mark_ready(f"{MODEL}:2")
+    assert router.pending() == []
+    routes = [router.choose_arm(MODEL if i % 2 else f"{MODEL}@champion", None, f"req-{i}") for i in range(4000)]
+    canary = [r for r in routes if r.arm == "canary"]
+    assert 0.035 < len(canary) / len(routes) < 0.065  # the 5 % weight, drawn per request without a user key
+    assert all(r.model_id == f"{MODEL}:2" and r.rollout_id == rid for r in canary)
+    assert all(r.model_id == f"{MODEL}:1" and r.rollout_id == rid for r in routes if r.arm == "baseline")
+    assert reg.rollout_reads == 1  # cached: not one registry read per request
+    assert router.choose_arm(f"{MODEL}:2", "user-1").arm == "direct"
+    assert router.choose_arm(f"{MODEL}@canary", "user-1").arm == "direct"
+    back = router.baseline_of(canary[0])
+    assert (back.arm, back.model_id, back.rollout_id) == ("baseline", f"{MODEL}:1", rid)
+    controller.abort(reg.reg, MODEL, reason="test")
+    assert router.choose_arm(MODEL, "user-1").arm != "direct"  # still cached (TTL 60 s) ...
+    router.invalidate(MODEL)
+    assert router.choose_arm(MODEL, "user-1").arm == "direct"  # ... until the cache is dropped
+    assert router.baseline_of(canary[0]).arm == "direct"  # a retry after the rollout ended goes to the champion

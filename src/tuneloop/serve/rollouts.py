@@ -68,7 +68,6 @@ async def run_tick(gw) -> dict:
         return {}
     for model, decision in decisions.items():
         gw.router.invalidate(model)
-        gw.router.rollout(model)  # re-read now; a running one's candidate shows up in pending() if not ready
         if decision is not None and decision.action != "continue":
             log.info("rollout of %s: %s (%s)", model, decision.action, decision.reason)
     note_candidates(gw, decisions)
@@ -86,7 +85,7 @@ async def look_for_rollouts(gw) -> None:
 def note_candidates(gw, models) -> None:
     """Ask the router to prepare the candidate of every listed model's running rollout."""
     for model in models:
-        gw.router.choose_arm(model, None, "tick")  # marks a running rollout's candidate pending when not ready
+        gw.router.watch(model)
 
 
 async def prepare_candidate(gw, ref: str) -> None:

@@ -86,6 +86,20 @@ class Router:
             self._rollouts[model] = (now, record)
         return record
 
+    def candidate_ready(self, record: dict[str, Any]) -> bool:
+        """Whether a running rollout's candidate may take traffic; if not yet, it is queued for :meth:`pending`."""
+        with self._lock:
+            if record["candidate"] in self._ready:
+                return True
+            self._pending.add(record["candidate"])
+            return False
+
+    def watch(self, model: str) -> None:
+        """Queue the candidate of ``model``'s running rollout (if any) for preparation, before any request asks."""
+        record = self.rollout(model)
+        if record is not None:
+            self.candidate_ready(record)
+
     def mark_ready(self, candidate_ref: str) -> None:
         with self._lock:
             self._ready.add(candidate_ref)
@@ -134,11 +148,7 @@ class Router:
         record = self.rollout(name) if sel in SPLIT_SELECTORS else None
         if record is None:
             return Route(ref=ref, version=self.resolve(ref), arm="direct")
-        with self._lock:
-            ready = record["candidate"] in self._ready
-            if not ready:
-                self._pending.add(record["candidate"])
-        if not ready:
+        if not self.candidate_ready(record):
             return Route(ref=ref, version=self.resolve(ref), arm="direct")
         arm = split_arm(record, user_key, request_id)
         target = record["candidate"] if arm == "canary" else record["baseline"]
