@@ -98,7 +98,8 @@ def make_registry(root: Path, n_versions: int = 3):
     return reg
 
 
-def make_app(reg, log_path: Path | str, backend, *, tick_s: float | None = None, notifier=None, policy=None, ttl_s: float = 0.5):
+def make_app(reg, log_path: Path | str, backend, *, tick_s: float | None = None, notifier=None, policy=None, ttl_s: float = 0.5,
+             api_keys: frozenset[str] = frozenset()):
     """(app, request log, recorder) for a gateway over ``reg`` and the request log at ``log_path`` (a SQLite
     path or a database URL)."""
     from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log
@@ -107,7 +108,7 @@ def make_app(reg, log_path: Path | str, backend, *, tick_s: float | None = None,
 
     log = open_request_log(str(log_path))
     recorder = AsyncRecorder(log, flush_interval_s=0.05)
-    settings = GatewaySettings(admin_token=ADMIN, rollout_tick_s=tick_s, rollout_policy=policy)
+    settings = GatewaySettings(admin_token=ADMIN, rollout_tick_s=tick_s, rollout_policy=policy, api_keys=api_keys)
     app = create_app(backend, Router(reg, ttl_s=ttl_s), settings, recorder=recorder, request_log=log, notifier=notifier)
     return app, log, recorder
 

@@ -357,6 +357,11 @@ def set_route_headers(request, route: Route) -> None:
                                            "x-tuneloop-arm": route.arm})
 
 
+# Paths served without an API key: the health check, and the dashboard's page, which holds no data (its script
+# fetches /dashboard.json with the key given in the page URL's fragment, which browsers never send).
+OPEN_PATHS = frozenset({"/health", "/dashboard"})
+
+
 class GatewayMiddleware:
     """Pure ASGI (streaming-safe): request id, identity headers, auth, and the body-size limit by Content-Length."""
 
@@ -397,7 +402,7 @@ class GatewayMiddleware:
             if not token or not constant_time_in(token, {self.s.admin_token}):
                 return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
             return None
-        if self.s.api_keys and path != "/health" and not (token and constant_time_in(token, self.s.api_keys)):
+        if self.s.api_keys and path not in OPEN_PATHS and not (token and constant_time_in(token, self.s.api_keys)):
             return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
                             "key list (serve.api_keys_env)", code="invalid_api_key")
         return None

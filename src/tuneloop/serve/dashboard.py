@@ -2,7 +2,9 @@
 registered models, their versions and aliases, each model's live (else latest) rollout (the weight over time
 from its decision events, each arm's rates with the anytime-valid interval of the canary/baseline ratio from
 the newest decision, the newest decisions and events) and refreshes itself from ``GET /dashboard.json``
-every few seconds.
+every few seconds. The page itself holds no data and is served without an API key; ``/dashboard.json`` needs one
+when the gateway has keys, and the page sends the key given in its URL fragment (``/dashboard#key=...``; a
+fragment is never sent to a server, so it stays out of access logs).
 
 :func:`dashboard_data` builds that JSON from the registry API only. It carries no secrets and no paths:
 versions and events are reduced to named fields, and every string passes through ``scrub_paths``.
@@ -234,9 +236,12 @@ function render(data) {
   }
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
+// With API keys on the gateway, open the page as /dashboard#key=<API key>: the fragment never leaves the browser.
+const KEY = new URLSearchParams(location.hash.slice(1)).get("key");
 async function refresh() {
   try {
-    const resp = await fetch("dashboard.json", {cache: "no-store"});
+    const resp = await fetch("dashboard.json", {cache: "no-store", headers: KEY ? {authorization: "Bearer " + KEY} : {}});
+    if (resp.status === 401) throw new Error("this gateway needs an API key: open the page as /dashboard#key=<key>");
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     render(await resp.json());
   } catch (e) {
