@@ -3,8 +3,13 @@ body limits, the request log and metrics.
 
 Entry point: :func:`create_app`. Paths: ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/feedback``, ``GET /metrics``, ``GET /health``,
-``GET /admin/versions``, ``POST /admin/load``. Every response carries ``x-request-id``; once a request is
+``GET /admin/versions``, ``POST /admin/load``, the rollout admin API (``serve/rollouts.py``) and
+``GET /dashboard`` (``serve/dashboard.py``). Every response carries ``x-request-id``; once a request is
 routed, also ``x-tuneloop-version``, ``x-tuneloop-artifact`` and ``x-tuneloop-arm``.
+
+A canary request that fails before its first byte (an exception in the backend, a 5xx) is logged as a failed
+canary attempt (request id ``<id>.canary``) and answered by the baseline, so clients never see the canary's
+failures while the analysis still counts them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,10 +27,10 @@ from fastapi import Request
 
 from tuneloop.serve.backends import Backend, CallContext, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
-from tuneloop.serve.errors import APIError, error_body, install_handlers
+from tuneloop.serve.errors import APIError, error_body, install_handlers, scrub_paths
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
 from tuneloop.serve.router import Router
-from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body
+from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body, read_body
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -37,6 +43,8 @@ class GatewaySettings:
     docs: bool = False
     preload: list[str] = field(default_factory=list)  # refs loaded (and probed) at start-up
     retention_days: float | None = None               # request log: purge older records hourly
+    rollout_tick_s: float | None = 5.0                # deploy.canary.tick_interval_s; None: this gateway never decides
+    rollout_policy: dict | None = None                # deploy.canary policy for POST /admin/rollouts (None: defaults)
 
 
 @dataclass
@@ -48,7 +56,8 @@ class Gateway:
     settings: GatewaySettings
     recorder: Any = None     # AsyncRecorder
     metrics: Any = None      # GatewayMetrics
-    request_log: Any = None  # RequestLog (feedback)
+    request_log: Any = None  # RequestLog (feedback, rollout analysis)
+    notifier: Any = None     # rollout.notify.Notifier for rollout decisions
 
     @property
     def rec(self) -> Recorder:
@@ -56,35 +65,45 @@ class Gateway:
 
 
 def create_app(backend: Backend, router: Router, settings: GatewaySettings | None = None, *,
-               recorder=None, metrics=None, request_log=None):
+               recorder=None, metrics=None, request_log=None, notifier=None):
     """The app. ``recorder`` (an ``AsyncRecorder``), ``metrics`` (``GatewayMetrics``) and ``request_log``
-    (a ``RequestLog``, for feedback) are optional: without them nothing is recorded and /v1/feedback is 503."""
+    (a ``RequestLog``, for feedback and rollout analysis) are optional: without them nothing is recorded,
+    /v1/feedback is 503 and rollouts are split but not decided here. ``notifier`` gets rollout notifications."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
-    gw = Gateway(backend, router, settings or GatewaySettings(), recorder, metrics, request_log)
+    from tuneloop.serve.dashboard import add_dashboard_routes
+    from tuneloop.serve.rollouts import add_rollout_routes, rollout_loop
+
+    gw = Gateway(backend, router, settings or GatewaySettings(), recorder, metrics, request_log, notifier)
 
     @asynccontextmanager
     async def lifespan(_app):
         await preload(gw)
-        purger = None
+        tasks = [asyncio.create_task(rollout_loop(gw))]
         if request_log is not None and gw.settings.retention_days:
-            purger = asyncio.create_task(purge_periodically(request_log, gw.settings.retention_days))
+            tasks.append(asyncio.create_task(purge_periodically(request_log, gw.settings.retention_days)))
         yield
-        if purger is not None:
-            purger.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await backend.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
+        if notifier is not None:
+            await asyncio.to_thread(notifier.close, 10.0)
 
     docs = gw.settings.docs
     app = FastAPI(title="tuneloop gateway", version="1", lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.state.gateway = gw  # what the routes share, for embedding and tests
     install_handlers(app)
     app.add_middleware(GatewayMiddleware, settings=gw.settings)
     add_openai_routes(app, gw)
     add_operations_routes(app, gw)
+    add_rollout_routes(app, gw)
+    add_dashboard_routes(app, gw)
     return app
 
 
@@ -169,18 +188,14 @@ async def serve_call(gw: Gateway, request: Request, endpoint: str, schema):
         body = parse_body(await read_body(request, s.max_body_bytes), schema, max_bytes=s.max_body_bytes)
         obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
         obs.user_key = body.user or request.headers.get("x-tuneloop-user") or None
-        obs.route = gw.router.choose_arm(body.model, obs.user_key)
+        obs.route = gw.router.choose_arm(body.model, obs.user_key, obs.request_id)
         set_route_headers(request, obs.route)
-        ctx = CallContext(obs.request_id, request.is_disconnected)
-        call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
-        if not body.stream:
-            result = await until_disconnected(request, call(obs.route, body, ctx))
-            obs.take_body(result)
+        first, stream = await first_answer(gw, request, obs, endpoint, body)
+        if stream is None:
+            obs.take_body(first)
             obs.first_token()
             rec.finish(obs)
-            return JSONResponse(result)
-        stream = await call(obs.route, body, ctx)
-        first = await anext(stream)  # errors before any output become a plain error response
+            return JSONResponse(first)
     except APIError as exc:
         obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
         rec.finish(obs)
@@ -193,6 +208,50 @@ async def serve_call(gw: Gateway, request: Request, endpoint: str, schema):
     return sse_response(first, stream, obs, rec, include_usage)
 
 
+async def call_backend(gw: Gateway, request: Request, route: Route, endpoint: str, body):
+    """(response body, None) for a plain call; (first chunk, the rest) for a stream. Raises before the first byte."""
+    ctx = CallContext(request_state(request).request_id, request.is_disconnected)
+    call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
+    if not body.stream:
+        return await until_disconnected(request, call(route, body, ctx)), None
+    stream = await call(route, body, ctx)
+    try:
+        return await anext(stream), stream  # errors before any output become a plain error response
+    except StopAsyncIteration:
+        raise APIError(502, f"{route.model_id} ended its stream without any output", code="empty_stream") from None
+
+
+async def first_answer(gw: Gateway, request: Request, obs: Observation, endpoint: str, body):
+    """:func:`call_backend` on the chosen route; a canary failing before its first byte is logged as a failed
+    canary attempt and the request is answered by the baseline (its latency counted from the retry)."""
+    try:
+        return await call_backend(gw, request, obs.route, endpoint, body)
+    except ClientGone:
+        raise
+    except Exception as exc:
+        if obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500):
+            raise
+        gw.rec.finish(failed_canary_attempt(obs, exc))
+        log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
+                    type(exc).__name__)
+        obs.route = gw.router.baseline_of(obs.route)
+        obs.started = time.perf_counter()
+        set_route_headers(request, obs.route)
+        return await call_backend(gw, request, obs.route, endpoint, body)
+
+
+def failed_canary_attempt(obs: Observation, exc: Exception) -> Observation:
+    """The canary's failed attempt as its own log record (``<request id>.canary``), counted as a canary error."""
+    from dataclasses import replace
+
+    if isinstance(exc, APIError):
+        status, what = exc.status, f"{exc.code}: {exc.message}"
+    else:
+        status, what = 500, f"internal_error: {type(exc).__name__}: {exc}"
+    return replace(obs, request_id=f"{obs.request_id}.canary", status=status, response="",
+                   error=scrub_paths(f"canary failed before its first byte (retried on the baseline): {what}")[:2000])
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -202,8 +261,6 @@ class ClientGone(Exception):
 
 async def purge_periodically(request_log, retention_days: float, every_s: float = 3600.0) -> None:
     """Retention by age: delete logged requests (and their feedback) older than ``retention_days``."""
-    import time
-
     while True:
         try:
             removed = await asyncio.to_thread(request_log.purge, time.time() - retention_days * 86400)
@@ -255,17 +312,6 @@ def sse_response(first: dict[str, Any], stream, obs: Observation, rec: Recorder,
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past the limit)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def store_feedback(request_log, recorder, body: FeedbackRequest):
     from tuneloop.monitor.requestlog import UnknownRequest
 
@@ -311,6 +357,11 @@ def set_route_headers(request, route: Route) -> None:
                                            "x-tuneloop-arm": route.arm})
 
 
+# Paths served without an API key: the health check, and the dashboard's page, which holds no data (its script
+# fetches /dashboard.json with the key given in the page URL's fragment, which browsers never send).
+OPEN_PATHS = frozenset({"/health", "/dashboard"})
+
+
 class GatewayMiddleware:
     """Pure ASGI (streaming-safe): request id, identity headers, auth, and the body-size limit by Content-Length."""
 
@@ -351,7 +402,7 @@ class GatewayMiddleware:
             if not token or not constant_time_in(token, {self.s.admin_token}):
                 return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
             return None
-        if self.s.api_keys and path != "/health" and not (token and constant_time_in(token, self.s.api_keys)):
+        if self.s.api_keys and path not in OPEN_PATHS and not (token and constant_time_in(token, self.s.api_keys)):
             return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
                             "key list (serve.api_keys_env)", code="invalid_api_key")
         return None

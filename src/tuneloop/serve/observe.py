@@ -99,6 +99,7 @@ class Recorder:
             response=obs.response, status=obs.status,
             error=obs.error if obs.error else (None if obs.status < 400 and obs.response else ("empty output" if obs.status < 400 else None)),
             latency_s=latency, ttft_s=obs.ttft_s, prompt_tokens=obs.prompt_tokens, completion_tokens=obs.completion_tokens,
+            rollout_id=route.rollout_id if route else None,
         )
         try:
             self.recorder.submit(rec)

@@ -179,3 +179,14 @@ def _check_unicode(data: Any) -> None:
 
 def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past the limit)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -75,7 +75,8 @@ def resolve_target(cfg_or_workspace: Any):
 
 
 def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None):
-    """(app, closer) for a config's ``serve:`` section (defaults without a config) over the workspace's registry."""
+    """The app for a config's ``serve:`` section (defaults without a config) over the workspace's registry; it
+    decides rollouts every ``deploy.canary.tick_interval_s`` and notifies ``notify.webhooks``."""
     from tuneloop.config import ServeConfig
     from tuneloop.registry.api import open_registry
     from tuneloop.serve.app import GatewaySettings, create_app
@@ -90,10 +91,19 @@ def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None
     backend = make_backend(sc, reg, workspace_root, metrics)
     if preload is None:
         preload = sc.preload or [f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()]
+    canary = cfg.deploy.canary if cfg is not None else None
     settings = GatewaySettings(api_keys=read_keys(sc.api_keys_env), admin_token=os.environ.get(sc.admin_token_env) or None,
                                max_body_bytes=sc.max_body_bytes, docs=sc.docs, preload=preload,
-                               retention_days=sc.retention_days)
-    return create_app(backend, Router(reg), settings, recorder=recorder, metrics=metrics, request_log=request_log)
+                               retention_days=sc.retention_days,
+                               rollout_tick_s=canary.tick_interval_s if canary is not None else 5.0,
+                               rollout_policy=canary.policy_dict() if canary is not None else None)
+    notifier = None
+    if cfg is not None:
+        from tuneloop.rollout.notify import notifier_for
+
+        notifier = notifier_for(cfg)
+    return create_app(backend, Router(reg), settings, recorder=recorder, metrics=metrics, request_log=request_log,
+                      notifier=notifier)
 
 
 def make_backend(sc, reg, workspace_root: Path, metrics):

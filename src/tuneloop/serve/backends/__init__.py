@@ -22,6 +22,7 @@ class Route:
     ref: str                 # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
     version: dict[str, Any]  # the registry's version record
     arm: str = "direct"
+    rollout_id: str | None = None  # set on the baseline and canary arms of a running rollout
 
     @property
     def model(self) -> str:
