@@ -307,7 +307,7 @@ def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, 
     assert step_summary.read_text().count("tuneloop ci: tiny-bot") == 2
 
     # deploy.strategy: canary -> the passed version goes out as a canary against the champion, not all at once
-    canary = tl("ci", config, "-o", "gates.min_accuracy=0.01", "-o", "deploy.strategy=canary", "--json", env=env)
+    canary = tl("ci", config, "-o", "gates.min_accuracy=0.0", "-o", "gates.max_harmful_rate=0.9", "-o", "deploy.strategy=canary", "--json", env=env)
     assert canary.returncode == 0, canary.stderr
     result = json.loads(canary.stdout)
     assert result["model_version"] == "tiny-bot:2"
