@@ -22,8 +22,7 @@ from typing import Any, Callable
 from tuneloop.config import PipelineConfig
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge
-from tuneloop.evaluate.preference import load_preference_suite
-from tuneloop.evaluate.suites import load_suite, model_outputs, score_suite
+from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
 
 log = logging.getLogger("tuneloop")
@@ -85,7 +84,7 @@ def evaluate_candidate(
             s.digest = sha256_json([s.digest, ev.max_eval_samples])
     dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if cfg.train.objective == "dpo" else set()
     if cfg.train.objective == "dpo" and (pairs := preferences or _pairs_beside(items_path)) is not None:
-        suites.append(load_preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
+        suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
     ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path

@@ -12,7 +12,7 @@ the generation prompt, the answer as the rest of the rendered conversation (so t
 prompt and answer tokenized apart and concatenated, and cut to ``data.max_length`` (the answer keeps its
 start, the prompt its end), as in training.
 
-Entry points: :func:`load_preference_suite`, :func:`preference_outputs` (per model; cacheable),
+Entry points: :func:`load_pairs` (the suite is built by :func:`tuneloop.evaluate.suites.preference_suite`), :func:`preference_outputs` (per model; cacheable),
 :func:`score_preference` (per-item 0/1 outcomes of base and candidate for the gates, margins, audit records).
 """
 
@@ -53,20 +53,17 @@ def pair_item(rec: dict[str, Any], i: int, where: str) -> dict[str, Any]:
     return {"id": str(rec.get("id", f"pair-{i}")), "line": rec.get("_line", rec.get("line")), "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def load_preference_suite(path: Path, *, max_length: int, max_items: int | None = None, name: str = KIND):
-    """The held-out pairs in ``path`` (JSONL) as a suite of kind ``preference`` with its digest."""
-    from tuneloop.evaluate.suites import Suite
-
+def load_pairs(path: Path, *, max_items: int | None = None) -> list[dict[str, Any]]:
+    """The held-out pairs in ``path`` (JSONL), normalised by :func:`pair_item`."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"preference pairs not found: {p}")
     items = [pair_item(json.loads(line), i, str(p)) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
-    if max_items:
-        items = items[:max_items]
-    suite = Suite(name, KIND, "loglik_sum", items, source=str(p))
-    suite.max_length = max_length
-    suite.digest = sha256_json({"kind": KIND, "items": [{k: v for k, v in it.items() if k != "line"} for it in items], "max_length": max_length})
-    return suite
+    return items[:max_items] if max_items else items
+
+
+def pairs_digest(items: list[dict[str, Any]], max_length: int) -> str:
+    return sha256_json({"kind": KIND, "items": [{k: v for k, v in it.items() if k != "line"} for it in items], "max_length": max_length})
 
 
 def _answer_text(tok, prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> tuple[str, str]:

@@ -165,6 +165,14 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
     return suite
 
 
+def preference_suite(path: Path, *, max_length: int, max_items: int | None = None, name: str = "preference") -> Suite:
+    """The held-out preference pairs in ``path`` (a DPO run's ``eval_records.jsonl``) as a ``preference`` suite."""
+    from tuneloop.evaluate.preference import load_pairs, pairs_digest
+
+    items = load_pairs(path, max_items=max_items)
+    return Suite(name, "preference", "loglik_sum", items, source=str(path), digest=pairs_digest(items, max_length), max_length=max_length)
+
+
 def _lmeval_version() -> str:
     from importlib.metadata import version
 
