@@ -467,3 +467,17 @@ def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, t
                  "| max_accuracy_drop | NOT_APPLIED |", "0.1.0+abc", "`bot` / `r1`"):
         assert text in card, text
     assert json.loads((tmp_path / "exp" / "tuneloop_export.json").read_text())["base_model"] == "models/base"
+
+
+def test_module_names_only_where_they_mean_the_same_modules():
+    from tuneloop.registry.card import hub_id_from_path, module_names
+
+    every = [f"model.layers.{i}.self_attn.{m}" for i in range(3) for m in ("q_proj", "v_proj")]
+    assert module_names(every) == ["q_proj", "v_proj"] == module_names(every, 3)
+    assert module_names(every, 4) == every  # layer 3 of the base is not adapted
+    some = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)] + ["model.layers.0.self_attn.v_proj"]
+    assert module_names(some) == some  # v_proj only in layer 0: names would widen the adapter
+    assert module_names(["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]  # not from layer 0
+    assert module_names(".*q_proj") == ".*q_proj" and module_names(["q_proj"]) == ["q_proj"]
+    assert hub_id_from_path("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc/") == "Qwen/Qwen2.5-0.5B"
+    assert hub_id_from_path("/models/base") is None

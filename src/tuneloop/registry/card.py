@@ -114,17 +114,28 @@ def clean_tokenizer_config(path: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def module_names(target_modules: Any) -> Any:
+def base_layer_count(base: str | None) -> int | None:
+    """``num_hidden_layers`` of a local base model directory, if it says."""
+    try:
+        n = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers") if base else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) else None
+
+
+def module_names(target_modules: Any, layers: int | None = None) -> Any:
     """PEFT ``target_modules`` as module names (``["q_proj", "v_proj"]``) instead of full paths
     (``model.layers.0.self_attn.q_proj``, one per layer), when the names mean the same modules: every name is
-    targeted in the same layers, and those are all the layers seen (0..N-1). Otherwise (some layers only, a
-    regex string) the value is left as it is, since module names would widen it."""
+    targeted in the same layers, and those are all the layers (0..N-1, N = ``layers`` when the base says, else the
+    layers seen). Otherwise (some layers only, a regex string) the value is left as it is, since module names
+    would widen it."""
     if not isinstance(target_modules, list) or not all(isinstance(m, str) for m in target_modules):
         return target_modules
-    layers: dict[str, set[int]] = {}
+    by_name: dict[str, set[int]] = {}
     for path in target_modules:
         m = re.search(r"\.(\d+)\.", f".{path}")
-        layers.setdefault(path.rsplit(".", 1)[-1], set()).add(int(m.group(1)) if m else -1)
-    seen = set().union(*layers.values()) if layers else set()
-    uniform = all(s == seen for s in layers.values()) and (seen == {-1} or seen == set(range(len(seen))))
-    return sorted(layers) if uniform else target_modules
+        by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(int(m.group(1)) if m else -1)
+    seen = set().union(*by_name.values()) if by_name else set()
+    every = set(range(layers if layers is not None else len(seen)))
+    uniform = all(s == seen for s in by_name.values()) and (seen == {-1} or seen == every)
+    return sorted(by_name) if uniform else target_modules

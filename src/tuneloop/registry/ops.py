@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_json
-from tuneloop.registry.card import clean_tokenizer_config, is_blank_peft_card, model_card, module_names, portable_base_name
+from tuneloop.registry.card import base_layer_count, clean_tokenizer_config, is_blank_peft_card, model_card, module_names, portable_base_name
 from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
     adapter_base,
@@ -188,7 +188,7 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dic
         else:
             _copy_artifact(src, tmp)
             if base is not None:
-                _rewrite_adapter_config(tmp / "adapter_config.json", base_name)
+                _rewrite_adapter_config(tmp / "adapter_config.json", base_name, base_layer_count(base))
         _finish_export(tmp, v, kind=kind, base_name=base_name, merged=merged)
         if out_dir.exists():
             out_dir.rmdir()
@@ -208,10 +208,10 @@ def _copy_artifact(src: Path, dest: Path) -> None:
             shutil.copyfile(f, dest / rel)
 
 
-def _rewrite_adapter_config(path: Path, base_name: str | None) -> None:
+def _rewrite_adapter_config(path: Path, base_name: str | None, layers: int | None) -> None:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = base_name
-    cfg["target_modules"] = module_names(cfg.get("target_modules"))
+    cfg["target_modules"] = module_names(cfg.get("target_modules"), layers)
     path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
