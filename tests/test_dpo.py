@@ -191,3 +191,25 @@ def test_answer_logprob_is_the_summed_log_likelihood_of_the_answer_turn(tiny_mod
     # Cut to max_length as in training: the answer keeps its start.
     short, n_short = answer_logprob(model, tok, item["prompt"], item["chosen"], 4)
     assert n_short == 3 and short > total
+
+
+def test_dpo_evaluation_finds_its_held_out_pairs_or_says_what_is_missing(tmp_path):
+    from tuneloop.errors import InputError
+    from tuneloop.evaluate.evaluation import load_suites
+
+    cfg = _gates_cfg(tmp_path)
+    items = tmp_path / "prep" / "eval.jsonl"
+    items.parent.mkdir()
+    items.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "reference": "4"}) + "\n")
+    with pytest.raises(InputError, match="no held-out preference pairs"):
+        load_suites(cfg, items)
+    (items.parent / "eval_records.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+                    "rejected": [{"role": "assistant", "content": "5"}], "_line": 7}) + "\n")
+    suites = load_suites(cfg, items)
+    pref = suites[-1]
+    assert pref.kind == "preference" and pref.items[0]["line"] == 7 and pref.items[0]["rejected"][0]["content"] == "5"
+    longer = load_suites(cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 2048})}), items)[-1]
+    assert longer.digest != pref.digest  # what is scored depends on the length cut
+    sft = load_suites(cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": "sft"})}), items)
+    assert all(s.kind != "preference" for s in sft)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneloop.config import PipelineConfig
+from tuneloop.errors import InputError
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge
 from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
@@ -77,14 +78,8 @@ def evaluate_candidate(
 
     say = progress or (lambda _msg: None)
     ev = cfg.eval
-    suites = [load_suite(s, ev, Path(items_path) if items_path else None) for s in ev.suites]
-    for s, spec in zip(suites, ev.suites):
-        if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
-            s.items = s.items[: ev.max_eval_samples]
-            s.digest = sha256_json([s.digest, ev.max_eval_samples])
+    suites = load_suites(cfg, items_path, preferences)
     dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if cfg.train.objective == "dpo" else set()
-    if cfg.train.objective == "dpo" and (pairs := preferences or _pairs_beside(items_path)) is not None:
-        suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
     ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path
@@ -144,6 +139,24 @@ def evaluate_candidate(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return metrics, gates
+
+
+def load_suites(cfg: PipelineConfig, items_path: Path | str | None, preferences: Path | None = None) -> list[Any]:
+    """The configured suites (task items capped at ``eval.max_eval_samples``), and for a DPO run the held-out
+    preference pairs (``preferences``, else ``eval_records.jsonl`` beside ``items_path``) as a ``preference`` suite."""
+    ev = cfg.eval
+    suites = [load_suite(s, ev, Path(items_path) if items_path else None) for s in ev.suites]
+    for s, spec in zip(suites, ev.suites):
+        if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
+            s.items = s.items[: ev.max_eval_samples]
+            s.digest = sha256_json([s.digest, ev.max_eval_samples])
+    if cfg.train.objective == "dpo":
+        pairs = preferences or _pairs_beside(items_path)
+        if pairs is None:
+            raise InputError("train.objective is dpo, but no held-out preference pairs were found (eval_records.jsonl beside "
+                             f"the eval items {items_path}); run the preprocessing stage (`tuneloop run`) to write them")
+        suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
+    return suites
 
 
 def _pairs_beside(items_path: Path | str | None) -> Path | None:
