@@ -147,3 +147,67 @@ def test_stages_are_a_declared_table_with_inputs_apart_from_the_work(tmp_path, t
     assert "against" not in st.evaluation_inputs(cfg, model, None)
     evaluated = st.EvalResult(outcome("e1"), model, {})
     assert st.stage_keys(evaluated) == {"data_validation": "d1", "preprocessing": "p1", "training": "m1", "evaluation": "e1"}
+
+
+def test_cache_keys_use_paths_relative_to_the_config(tmp_path, tiny_model, task_data):
+    """Two copies of one project (config, data, base model) have the same stage inputs, so the same keys."""
+    import shutil
+
+    from tuneloop import stages as st
+
+    keys = []
+    for name in ("a", "b"):
+        proj = tmp_path / name
+        shutil.copytree(task_data[0].parent, proj / "data")
+        shutil.copytree(tiny_model, proj / "base")
+        (proj / "general.txt").write_text("The cat sat on the mat. " * 20)
+        (proj / "tuneloop.yaml").write_text(yaml.safe_dump({
+            "name": "copy-bot", "base_model": "./base", "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl"},
+            "eval": {"general_text": "general.txt", "suites": ["task", {"kind": "general_text", "path": "general.txt", "name": "gt"}]},
+        }))
+        cfg = load_config(proj / "tuneloop.yaml")
+        assert cfg.base_model == str((proj / "base").resolve())  # resolved for the work ...
+        prep = st.PreparedData(st.Outcome("p1", {}, {}), st.DataResult(st.Outcome("d1", {}, {}), proj, None, "x", None), proj, proj, proj, proj, proj)
+        model = st.TrainedModel(st.Outcome("m1", {}, {}), prep, proj, "adapter")
+        keys.append((st.training_inputs(cfg, prep), st.evaluation_inputs(cfg, model, None)))
+        assert keys[-1][0]["base_model"] == "base"  # ... but relative in the key
+        assert keys[-1][1]["eval"]["suites"][1]["path"] == "general.txt"
+    assert keys[0] == keys[1]
+    assert st.config_relative("org/model", tmp_path) == "org/model"  # a hub id stays as it is
+    assert st.config_relative("/elsewhere/base", tmp_path) == "/elsewhere/base"  # outside the project: as given
+
+
+@pytest.mark.slow
+def test_copied_workspace_is_fully_cached_and_registers_nothing_new(tmp_path, tiny_model, task_data):
+    """Copy a project with its workspace elsewhere and delete the original: `run` there does no work."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    shutil.copytree(task_data[0].parent, proj / "data")
+    shutil.copytree(tiny_model, proj / "base")
+    (proj / "tuneloop.yaml").write_text(yaml.safe_dump({
+        "name": "copy-bot", "base_model": "./base", "seed": 0,
+        "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": 96},
+        "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "max_steps": 3, "batch_size": 8, "save_steps": 3},
+        "eval": {"max_new_tokens": 4, "suites": ["task", "general_text"]},
+        "gates": {"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 1.0},
+        "deploy": {"auto_deploy": True},
+    }))
+    first = _run(proj / "tuneloop.yaml")
+    assert first["overall"] == "passed", first
+    copy = tmp_path / "moved" / "proj-copy"
+    shutil.copytree(proj, copy, symlinks=True)
+    shutil.rmtree(proj)  # nothing may still point into the original
+
+    again = _run(copy / "tuneloop.yaml")
+    assert again["overall"] == "passed", {k: v["error"] for k, v in again["stages"].items()}
+    assert {k: v["cached"] for k, v in again["stages"].items()} == {s: True for s in STAGES}, again["stages"]
+    assert again["model_version"] == first["model_version"] == "copy-bot:1"
+    reg = SqliteRegistry(copy / ".tuneloop")
+    assert [v["version"] for v in reg.list_versions("copy-bot")] == [1]
+    run_dir = copy / ".tuneloop" / "runs" / again["run_id"]
+    training = json.loads((run_dir / "stages" / "training.json").read_text())
+    assert training["outputs"]["model_dir"].startswith(str(copy / ".tuneloop"))  # paths follow the copy
+    assert (run_dir / "train_metrics.jsonl").is_file() and (run_dir / "eval_items.jsonl").is_file()
+    lineage = reg.get("copy-bot", 1)["lineage"]
+    assert lineage["base_model_given"] == "base"

@@ -369,3 +369,115 @@ def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
     assert reg.delete("m", 1)["version"]["deleted"]
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _all_linear_adapter(base: Path, out: Path, *, base_name: str) -> Path:
+    """A LoRA adapter on every linear layer, as PEFT saves it (``target_modules`` as 14 full paths), with a
+    tokenizer_config that carries this machine's flags."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(base / f, out / f)
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**tc, "is_local": True, "local_files_only": True}))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert len(cfg["target_modules"]) == 14 and "model.layers.0.self_attn.q_proj" in cfg["target_modules"]
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base_name}))
+    return out
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("d" if p.is_dir() else "f", p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
+
+
+def test_export_is_what_a_hub_or_vllm_user_expects(ws, tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.registry.ops import export_version
+    from tuneloop.serve.app import load_served_model
+    from tuneloop.version import __version__
+
+    # The base sits in a Hugging Face cache layout, as a hub model does: the export names it by its hub id.
+    snapshot = tmp_path / "hub" / "models--acme--tiny-chat" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_model, snapshot)
+    adapter = _all_linear_adapter(tiny_model, tmp_path / "a", base_name=str(snapshot))
+    tlj("models", "register", adapter, "--name", "bot", "-w", ws)
+    ids = torch.tensor([[1, 5, 9, 13, 21, 34]])
+    registered = logits(load_served_model(SqliteRegistry(ws), "bot", "1").model, ids)
+
+    old = os.umask(0o022)
+    try:
+        e = tlj("models", "export", "bot:1", tmp_path / "exp", "-w", ws)
+        merged = export_version(SqliteRegistry(ws), "bot:1", tmp_path / "exp-merged", merged=True)
+        os.umask(0o027)
+        export_version(SqliteRegistry(ws), "bot:1", tmp_path / "exp-027")
+    finally:
+        os.umask(old)
+    exp = tmp_path / "exp"
+    cfg = json.loads((exp / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert cfg["base_model_name_or_path"] == "acme/tiny-chat" == e["base_model"]
+    # Module names mean the same modules: PEFT builds the same model from them.
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot), exp).eval()
+    assert torch.equal(logits(plain, ids), registered)
+
+    for d in (exp, tmp_path / "exp-merged"):
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        assert "is_local" not in tc and "local_files_only" not in tc
+        AutoTokenizer.from_pretrained(d)
+    assert _modes(exp) == {("d", 0o755), ("f", 0o644)}
+    assert _modes(tmp_path / "exp-merged") == {("d", 0o755), ("f", 0o644)} and "model.safetensors" in merged["files"]
+    assert _modes(tmp_path / "exp-027") == {("d", 0o750), ("f", 0o640)}  # the umask is respected
+
+    for f in [*exp.glob("*.json"), *(tmp_path / "exp-merged").glob("*.json")]:
+        assert str(tmp_path) not in f.read_text(), f  # nothing names this machine's paths
+
+    card = (exp / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "base_model: acme/tiny-chat" in card
+    assert "Model Card for Model ID" not in card and f"tuneloop {__version__}" in card and e["ref"] in card
+    assert "# bot:1" in (tmp_path / "exp-merged" / "README.md").read_text()
+
+
+def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, tiny_model, adapters, tmp_path):
+    """Lineage from a run: the base path relative to the config, data digests, metrics and gate verdicts."""
+    from tuneloop.registry.lineage import base_model_ref
+    from tuneloop.registry.ops import export_version
+
+    reg = SqliteRegistry(ws)
+    gates = {"min_accuracy": {"verdict": "PASS", "passed": True, "value": 0.9167, "interval": [0.7, 0.98], "op": ">=", "threshold": 0.5},
+             "max_accuracy_drop": {"verdict": "NOT_APPLIED", "passed": None, "value": -0.5, "interval": [-0.8, -0.2], "op": "<=", "threshold": None}}
+    reg.register("bot", adapters[0], artifact_kind="adapter", base_model=str(tiny_model), gates=gates,
+                 lineage={"base_model_given": "models/base", "base": base_model_ref(str(tiny_model)), "run_id": "r1", "pipeline": "bot",
+                          "data": {"train_digest": "a" * 64, "eval_digest": "b" * 64}, "code_version": "0.1.0+abc"},
+                 metrics={"evaluation": {"accuracy": 0.9167, "eval_items": 12}})
+    e = export_version(reg, "bot:1", tmp_path / "exp")
+    assert json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/base"
+    assert e["base_model"] == "models/base" and e["base_model_path"] == str(tiny_model)
+    card = (tmp_path / "exp" / "README.md").read_text()
+    for text in ("base_model: models/base", "a" * 64, "b" * 64, "| accuracy | 0.9167 |", "| min_accuracy | PASS | 0.9167 | [0.7, 0.98] | >= 0.5 |",
+                 "| max_accuracy_drop | NOT_APPLIED |", "0.1.0+abc", "`bot` / `r1`"):
+        assert text in card, text
+    assert json.loads((tmp_path / "exp" / "tuneloop_export.json").read_text())["base_model"] == "models/base"
+
+
+def test_module_names_only_where_they_mean_the_same_modules():
+    from tuneloop.registry.card import hub_id_from_path, module_names
+
+    every = [f"model.layers.{i}.self_attn.{m}" for i in range(3) for m in ("q_proj", "v_proj")]
+    assert module_names(every) == ["q_proj", "v_proj"] == module_names(every, 3)
+    assert module_names(every, 4) == every  # layer 3 of the base is not adapted
+    some = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)] + ["model.layers.0.self_attn.v_proj"]
+    assert module_names(some) == some  # v_proj only in layer 0: names would widen the adapter
+    assert module_names(["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]  # not from layer 0
+    assert module_names(".*q_proj") == ".*q_proj" and module_names(["q_proj"]) == ["q_proj"]
+    assert hub_id_from_path("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc/") == "Qwen/Qwen2.5-0.5B"
+    assert hub_id_from_path("/models/base") is None

@@ -326,6 +326,21 @@ class GatesConfig(_Section):
     min_win_rate: float | None = Field(
         None, ge=0.0, le=1.0, description="Minimum pairwise win rate against the base (or champion); ties count one half."
     )
+    min_preference_accuracy: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="DPO runs (`train.objective: dpo`): minimum share of held-out preference pairs where the candidate's "
+        "log-likelihood (summed over the answer's tokens, not length-normalised) of the chosen answer is above the rejected "
+        "one's. PASS when the lower confidence bound (Wilson) is at least this; 0.5 asks for better than chance.",
+    )
+    max_preference_accuracy_drop: float | None = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="DPO runs: maximum drop of preference accuracy, base (or champion) minus candidate, on the same pairs: "
+        "a paired gate (Agresti-Min interval, exact McNemar); PASS when the upper confidence bound of the drop is at most this.",
+    )
     confidence: float = Field(
         0.95,
         gt=0.5,

@@ -196,13 +196,30 @@ class FineTunePipeline:
         with self.ws.lock(f"{stage.value}/{key}"):
             if self.use_cache and marker.is_file():
                 r = read_json(marker)
+                old, new = r.get("workspace"), str(self.ws.root)
+                if old and old != new:  # a copied or moved workspace: its paths are under the new root
+                    r = relocate(r, old, new)
                 return CacheEntry(key, r["metrics"], r["outputs"], True)
             if not self.use_cache and d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True, exist_ok=True)
             metrics, outputs = compute(d)
-            atomic_write_json(marker, {"stage": stage.value, "key": key, "inputs": inputs, "metrics": metrics, "outputs": outputs, "at": utcnow()})
+            atomic_write_json(marker, {"stage": stage.value, "key": key, "inputs": inputs, "metrics": metrics, "outputs": outputs,
+                                       "workspace": str(self.ws.root), "at": utcnow()})
             return CacheEntry(key, metrics, outputs, False)
+
+
+def relocate(value: Any, old_root: str, new_root: str) -> Any:
+    """``value`` with every string path under ``old_root`` moved under ``new_root`` (dicts and lists too)."""
+    if isinstance(value, str):
+        if value == old_root or value.startswith(old_root.rstrip(os.sep) + os.sep):
+            return new_root + value[len(old_root):]
+        return value
+    if isinstance(value, dict):
+        return {k: relocate(v, old_root, new_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old_root, new_root) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- helpers

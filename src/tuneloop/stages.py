@@ -14,7 +14,7 @@ only when no finished result is there, and keeps the run records. Every result c
 | ``data_validation`` | the config's data | data digests, format, checks, tokenizer | :class:`DataResult` |
 | ``preprocessing`` | clean records | data key, tokenizer, template, max length, split, seed | :class:`PreparedData` |
 | ``training`` | tokenized data | data key, base model, ``train:`` section, seed | :class:`TrainedModel` |
-| ``evaluation`` | model, eval items | data and model keys, ``eval:``, suite files, ``gates:``, reference | :class:`EvalResult` |
+| ``evaluation`` | model, eval items (DPO: held-out pairs) | data and model keys, ``eval:``, suite files, ``gates:``, reference | :class:`EvalResult` |
 | ``model_registry`` | model, metrics, gates | (not cached: the registry de-duplicates by cache key) | :class:`RegisteredVersion` |
 | ``deployment`` | version | (not cached: an alias already there is a no-op) | :class:`Deployment` |
 """
@@ -179,6 +179,22 @@ def _file_digest(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
+def config_dir(cfg: PipelineConfig) -> Path | None:
+    """The directory the config's relative paths were resolved against (``None`` if unknown)."""
+    return getattr(cfg, "_base_dir", None)  # set by tuneloop.config when it resolves paths (as Workspace reads it)
+
+
+def config_relative(value: str | None, base_dir: Path | None) -> str | None:
+    """``value`` for a cache key or a record: a path inside the config's directory becomes relative to it (so a
+    copied or moved project keeps its keys); a hub id, or a path outside that directory, stays as given."""
+    if not value or base_dir is None or not os.path.isabs(value):
+        return value
+    try:
+        return Path(value).relative_to(Path(base_dir).resolve()).as_posix()
+    except ValueError:
+        return value
+
+
 # -------------------------------------------------------------------------------------- data_validation
 
 
@@ -275,7 +291,7 @@ def preprocessing_inputs(cfg: PipelineConfig, data: DataResult) -> dict[str, Any
 
 def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from tuneloop.data.prepare import prepare_dataset, prepare_preferences
-    from tuneloop.modeling import load_tokenizer
+    from tuneloop.modeling import load_tokenizer, save_tokenizer
 
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
     if cfg.train.objective == "dpo":
@@ -283,7 +299,7 @@ def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str
     else:
         metrics = prepare_dataset(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
                                   eval_split=cfg.data.eval_split, seed=cfg.seed, train_on_inputs=cfg.train.train_on_inputs)
-    tok.save_pretrained(str(out / "tokenizer"))
+    save_tokenizer(tok, out / "tokenizer")
     outputs = {"train_dataset": "train", "eval_items": "eval.jsonl", "tokenizer": "tokenizer", "dropped": "dropped.jsonl",
                "train_records": "train_records.jsonl", "eval_records": "eval_records.jsonl"}
     return metrics, {k: str(out / v) for k, v in outputs.items()}
@@ -305,11 +321,16 @@ def preprocessing(ctx: StageContext, data: DataResult) -> PreparedData:
 
 
 def training_inputs(cfg: PipelineConfig, prepared: PreparedData) -> dict[str, Any]:
+    """Content digests, and paths relative to the config's directory: a copied project re-uses the model."""
+    base_dir = config_dir(cfg)
+    train = cfg.train.model_dump(mode="json", exclude={"save_steps"})
+    train["accelerate_config"] = config_relative(train.get("accelerate_config"), base_dir)
     return {
         "data": prepared.outcome.key,
-        "base_model": cfg.base_model,
+        "base_model": config_relative(cfg.base_model, base_dir),
         "base_fingerprint": model_fingerprint(cfg.base_model),
-        "train": cfg.train.model_dump(mode="json", exclude={"save_steps"}),
+        "train": train,
+        "accelerate_config": _file_digest(cfg.train.accelerate_config),
         "seed": cfg.seed,
     }
 
@@ -363,16 +384,33 @@ def evaluation_inputs(cfg: PipelineConfig, model: TrainedModel, against: str | N
     }
     if any(s.kind == "lmeval" for s in ev.suites):  # lm-eval task YAMLs and their data files
         suites["lmeval"] = {s.name: model_fingerprint(s.include_path) for s in ev.suites if s.kind == "lmeval" and s.include_path}
+    if ev.judge.path:
+        suites["judge"] = model_fingerprint(ev.judge.path) if Path(ev.judge.path).is_dir() else _file_digest(ev.judge.path)
     inputs = {
         "data": model.prepared.outcome.key,
         "model": model.outcome.key,
-        "eval": ev.model_dump(mode="json"),
+        "eval": _portable_eval(cfg),
         "suites": suites,
         "gates": cfg.gates.model_dump(mode="json"),
     }
+    if cfg.train.objective == "dpo":
+        inputs["objective"] = "dpo"  # the held-out preference pairs are evaluated too
     if against is not None:
         inputs["against"] = against
     return inputs
+
+
+def _portable_eval(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``eval:`` section with its paths relative to the config's directory (their contents are digested)."""
+    base_dir = config_dir(cfg)
+    ev = cfg.eval.model_dump(mode="json")
+    for key in ("general_text", "redteam_prompts", "benign_prompts", "mc_suite"):
+        ev[key] = config_relative(ev.get(key), base_dir)
+    for suite in ev["suites"]:
+        suite["path"] = config_relative(suite.get("path"), base_dir)
+        suite["include_path"] = config_relative(suite.get("include_path"), base_dir)
+    ev["judge"]["path"] = config_relative(ev["judge"].get("path"), base_dir)
+    return ev
 
 
 def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
@@ -389,7 +427,8 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
 
     def compute(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
-                                            progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference)
+                                            progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
+                                            preferences=model.prepared.eval_records if c.train.objective == "dpo" else None)
         if note:
             metrics["against_note"] = note
         return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
@@ -429,6 +468,7 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "run_id": ctx.run_id,
         "pipeline": c.name,
         "base_model": c.base_model,
+        "base_model_given": config_relative(c.base_model, config_dir(c)),
         "base": (base := base_model_ref(c.base_model)),
         "base_model_fingerprint": base["digest"],
         "data": {"train_digest": data.train_digest, "eval_digest": data.eval_digest, "train_path": c.data.train_data, "eval_path": c.data.eval_data},

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneloop.config import PipelineConfig
+from tuneloop.errors import InputError
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge
-from tuneloop.evaluate.suites import load_suite, model_outputs, score_suite
+from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
 
 log = logging.getLogger("tuneloop")
@@ -61,8 +62,14 @@ def evaluate_candidate(
     progress: Callable[[str], None] | None = None,
     reference: ModelRef | None = None,
     candidate: ModelRef | None = None,
+    preferences: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Measure the reference (default: the base model) and the candidate on every suite; return (metrics, gates).
+
+    For ``train.objective: dpo`` the held-out preference pairs (``preferences``; default: the
+    ``eval_records.jsonl`` preprocessing writes beside ``items_path``) are a ``preference`` suite, gated by
+    ``gates.min_preference_accuracy`` and ``gates.max_preference_accuracy_drop``, and the task suite read from the
+    eval items (whose reference is the chosen answer) is reported but not gated.
 
     Writes ``items.jsonl`` (one audit record per item: suite, id, prompt sha256, both outputs, scores) to
     ``out_dir``.
@@ -71,11 +78,8 @@ def evaluate_candidate(
 
     say = progress or (lambda _msg: None)
     ev = cfg.eval
-    suites = [load_suite(s, ev, Path(items_path) if items_path else None) for s in ev.suites]
-    for s, spec in zip(suites, ev.suites):
-        if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
-            s.items = s.items[: ev.max_eval_samples]
-            s.digest = sha256_json([s.digest, ev.max_eval_samples])
+    suites = load_suites(cfg, items_path, preferences)
+    dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if cfg.train.objective == "dpo" else set()
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
     ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path
@@ -120,6 +124,9 @@ def evaluate_candidate(
         res, recs = score_suite(s, ref_out[s.name], cand_out[s.name], judge)
         results[s.name] = res
         records += recs
+    for name in dpo_references:
+        results[name]["not_gated"] = ("train.objective is dpo: exact match against the chosen answer says little about preference "
+                                      "training; reported, not gated (the preference gates decide)")
     gates = check_gates(cfg, results, seed=cfg.seed)
     metrics = _metrics(results, gates)
     metrics.update(
@@ -134,9 +141,33 @@ def evaluate_candidate(
     return metrics, gates
 
 
+def load_suites(cfg: PipelineConfig, items_path: Path | str | None, preferences: Path | None = None) -> list[Any]:
+    """The configured suites (task items capped at ``eval.max_eval_samples``), and for a DPO run the held-out
+    preference pairs (``preferences``, else ``eval_records.jsonl`` beside ``items_path``) as a ``preference`` suite."""
+    ev = cfg.eval
+    suites = [load_suite(s, ev, Path(items_path) if items_path else None) for s in ev.suites]
+    for s, spec in zip(suites, ev.suites):
+        if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
+            s.items = s.items[: ev.max_eval_samples]
+            s.digest = sha256_json([s.digest, ev.max_eval_samples])
+    if cfg.train.objective == "dpo":
+        pairs = preferences or _pairs_beside(items_path)
+        if pairs is None:
+            raise InputError("train.objective is dpo, but no held-out preference pairs were found (eval_records.jsonl beside "
+                             f"the eval items {items_path}); run the preprocessing stage (`tuneloop run`) to write them")
+        suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
+    return suites
+
+
+def _pairs_beside(items_path: Path | str | None) -> Path | None:
+    """The held-out preference records preprocessing writes beside the eval items of a DPO run."""
+    p = Path(items_path).parent / "eval_records.jsonl" if items_path else None
+    return p if p is not None and p.is_file() else None
+
+
 def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any]) -> dict[str, Any]:
     """Outputs of one model on one suite; suites with the same generation items share one generation."""
-    key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik", suite.digest if suite.kind == "lmeval" else None])
+    key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik", suite.digest if suite.kind in ("lmeval", "preference") else None])
     if key not in memo:
         memo[key] = model_outputs(model, tok, suite, max_new_tokens=max_new_tokens)
     return memo[key]
@@ -175,6 +206,11 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
             m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_drop": _r(b - c), f"{name}_items": r["n"]})
         elif k == "win_rate":
             m.update(win_rate=_r(c), win_items=r["n"])
+        elif k == "preference":
+            m.update(preference_accuracy=_r(c), base_preference_accuracy=_r(b), preference_pairs=r["n"],
+                     preference_margin=_r(r["candidate_margin"], 4), base_preference_margin=_r(r["base_margin"], 4),
+                     preference_accuracy_norm=_r(r["candidate_accuracy_norm"]), base_preference_accuracy_norm=_r(r["base_accuracy_norm"]),
+                     preference_loglik=r["loglik"])
     m["gate_verdicts"] = {g: v["verdict"] for g, v in gates.items()}
     return m
 

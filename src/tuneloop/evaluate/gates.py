@@ -13,6 +13,12 @@ Entry point: :func:`check_gates`. The statistics (intervals, tests, verdict rule
 | ``max_capability_drop`` | base minus candidate next-token accuracy on general text | paired tolerance | Agresti-Min + exact McNemar (tokens as items) |
 | ``max_mc_capability_drop`` | base minus candidate accuracy on general multiple choice (``capability_mc``, ``lmeval``) | paired tolerance | Agresti-Min + exact McNemar |
 | ``min_win_rate`` | candidate's pairwise win rate (ties count 1/2) | floor | seeded bootstrap |
+| ``min_preference_accuracy`` | share of held-out pairs where the candidate's summed log-likelihood of the chosen answer beats the rejected one (DPO) | floor | Wilson / Clopper-Pearson |
+| ``max_preference_accuracy_drop`` | base minus candidate preference accuracy on the same pairs (DPO) | paired tolerance | Agresti-Min + exact McNemar |
+
+For ``train.objective: dpo`` the task suite read from the run's eval items (whose reference is the chosen
+answer) is reported with ``NOT_APPLIED``: the preference gates decide. A task suite with its own ``path`` is
+gated as usual.
 
 Policy: a FAIL always blocks; an INCONCLUSIVE blocks under ``gates.on_inconclusive: block`` (default), is let
 through under ``pass``, and let through with a warning under ``warn``. ``passed`` in a gate record keeps its
@@ -148,8 +154,12 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
     for i, (name, r) in enumerate(task):
         suffix = "" if i == 0 else f"[{name}]"
         binary = r.get("binary", True)
-        add(f"min_accuracy{suffix}", GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", g.min_accuracy, name), GateInput(r["candidate"], binary=binary))
-        add(f"max_accuracy_drop{suffix}", GateSpec("max_accuracy_drop", "accuracy_drop", "paired", g.max_accuracy_drop, name), GateInput(r["candidate"], r["base"], binary=binary))
+        off = bool(r.get("not_gated"))  # a DPO run's eval items: reported, not gated
+        add(f"min_accuracy{suffix}", GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", None if off else g.min_accuracy, name), GateInput(r["candidate"], binary=binary))
+        add(f"max_accuracy_drop{suffix}", GateSpec("max_accuracy_drop", "accuracy_drop", "paired", None if off else g.max_accuracy_drop, name), GateInput(r["candidate"], r["base"], binary=binary))
+        if off:
+            for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
+                out[gate]["reason"] = r["not_gated"]
     for name, r in results.items():
         k = r["kind"]
         if k == "harmful":
@@ -163,4 +173,10 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
             add(f"max_mc_capability_drop[{name}]", GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name), GateInput(r["candidate"], r["base"], binary=r.get("binary", True)))
         elif k == "win_rate":
             add("min_win_rate", GateSpec("min_win_rate", "win_rate", "floor", g.min_win_rate, name), GateInput(r["candidate"], binary=False))
+        elif k == "preference":
+            add("min_preference_accuracy", GateSpec("min_preference_accuracy", "preference_accuracy", "floor", g.min_preference_accuracy, name), GateInput(r["candidate"]))
+            add("max_preference_accuracy_drop", GateSpec("max_preference_accuracy_drop", "preference_accuracy_drop", "paired", g.max_preference_accuracy_drop, name),
+                GateInput(r["candidate"], r["base"]))
+            for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
+                out[gate].update(base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik"))
     return out

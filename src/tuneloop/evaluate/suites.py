@@ -16,6 +16,8 @@ Kinds (``eval.suites[].kind``):
 * ``capability_mc`` — general multiple choice (``question``, ``choices``, ``answer``) by log-likelihood of
   `` <choice>`` after ``Question: ...\\nAnswer:``;
 * ``win_rate`` — the task items answered by both models, compared by the judge in both orders;
+* ``preference`` — not configured: added for ``train.objective: dpo`` on the held-out pairs; per pair, whether
+  the model's log-likelihood of the chosen answer beats the rejected one (:mod:`.preference`);
 * ``lmeval`` — tasks of the lm-evaluation-harness from local task YAMLs (``tasks``, ``include_path``), per-item
   outcomes of each task's primary metric (:mod:`.lmeval`; optional extra ``tuneloop[lmeval]``).
 """
@@ -52,6 +54,7 @@ class Suite:
     source: str = ""
     digest: str = field(default="")
     spec: Any = field(default=None, repr=False, compare=False)  # the SuiteConfig (lmeval runs need it)
+    max_length: int | None = None  # preference only: tokens per prompt + answer, as in training
 
 
 def _shipped(name: str) -> str:
@@ -162,6 +165,14 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
     return suite
 
 
+def preference_suite(path: Path, *, max_length: int, max_items: int | None = None, name: str = "preference") -> Suite:
+    """The held-out preference pairs in ``path`` (a DPO run's ``eval_records.jsonl``) as a ``preference`` suite."""
+    from tuneloop.evaluate.preference import load_pairs, pairs_digest
+
+    items = load_pairs(path, max_items=max_items)
+    return Suite(name, "preference", "loglik_sum", items, source=str(path), digest=pairs_digest(items, max_length), max_length=max_length)
+
+
 def _lmeval_version() -> str:
     from importlib.metadata import version
 
@@ -222,6 +233,10 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str,
 
     if suite.kind == "general_text":
         return token_hits(model, tok, suite.text)
+    if suite.kind == "preference":
+        from tuneloop.evaluate.preference import preference_outputs
+
+        return preference_outputs(model, tok, suite)
     if suite.kind == "lmeval":
         from tuneloop.evaluate.lmeval import run_model
 
@@ -269,6 +284,10 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
         from tuneloop.evaluate.lmeval import score
 
         return score(suite, base_out, cand_out)
+    if k == "preference":
+        from tuneloop.evaluate.preference import score_preference
+
+        return score_preference(suite, base_out, cand_out)
     res: dict[str, Any] = {"kind": k, "binary": True, "n": 0, "source": suite.source}
     recs: list[dict[str, Any]] = []
     if k == "general_text":

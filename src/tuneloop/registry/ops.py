@@ -7,6 +7,7 @@ Each works on any backend that satisfies :class:`tuneloop.registry.api.ModelRegi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_json
+from tuneloop.registry.card import base_layer_count, clean_tokenizer_config, is_blank_peft_card, model_card, module_names, portable_base_name
 from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
     adapter_base,
@@ -24,7 +26,7 @@ from tuneloop.registry.lineage import (
     detect_kind,
     git_info,
 )
-from tuneloop.version import code_version
+from tuneloop.version import __version__, code_version
 
 
 def register_directory(
@@ -154,67 +156,99 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dic
     """Write a version as a standard Hugging Face directory that transformers / PEFT / vLLM load directly.
 
     * a full model: its files (config.json, model.safetensors, tokenizer);
-    * an adapter: adapter_config.json (``base_model_name_or_path`` pointing at the recorded base),
-      adapter_model.safetensors and the tokenizer;
+    * an adapter: adapter_config.json and adapter_model.safetensors and the tokenizer;
     * ``merged=True`` with an adapter: the LoRA merged into the base, saved as safetensors, plus the tokenizer.
 
-    The artifact is verified first; ``out_dir`` must not exist or be empty; it appears complete or not at all.
+    What is written is what a Hub or vLLM user expects: ``base_model_name_or_path`` is the base's hub id or the
+    path the config gave (:func:`tuneloop.registry.card.portable_base_name`), not this machine's absolute path;
+    ``target_modules`` are module names; ``tokenizer_config.json`` has no ``is_local``/``local_files_only``;
+    README.md is a model card (base, data digests, metrics, gate verdicts, tuneloop version); directories and
+    files get the usual modes (0777/0666 less the umask). The artifact is verified first; ``out_dir`` must not
+    exist or be empty; it appears complete or not at all.
     """
     v = resolve(reg, ref)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"export target {out_dir} exists and is not an empty directory; choose a new directory")
     src = reg.open_artifact(v["model"], v["version"])  # verifies every file's sha256
-    base = None
+    base, base_name = None, None
     if v["artifact_kind"] == "adapter":
         lin = v["lineage"]
         base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+        base_name = portable_base_name(v)
     if merged and v["artifact_kind"] != "adapter":
         raise InputError(f"{v['ref']} is a full model, not an adapter: there is nothing to merge; export without --merged")
 
+    kind = "model" if merged or v["artifact_kind"] == "model" else "adapter"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         if merged:
             _write_merged(src, base, tmp)
         else:
-            for f in sorted(src.rglob("*")):
-                rel = f.relative_to(src)
-                if f.is_file() and not any(p.startswith(".") for p in rel.parts):
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(f, tmp / rel)
+            _copy_artifact(src, tmp)
             if base is not None:
-                cfg_path = tmp / "adapter_config.json"
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-                cfg["base_model_name_or_path"] = base
-                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        (tmp / "tuneloop_export.json").write_text(
-            json.dumps(
-                {"ref": v["ref"], "artifact_sha256": v["artifact_digest"], "kind": v["artifact_kind"],
-                 "merged": merged, "base_model": base},
-                indent=2,
-            ) + "\n",
-            encoding="utf-8",
-        )
+                _rewrite_adapter_config(tmp / "adapter_config.json", base_name, base_layer_count(base))
+        _finish_export(tmp, v, kind=kind, base_name=base_name, merged=merged)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    kind = "model" if merged or v["artifact_kind"] == "model" else "adapter"
-    return {"ref": v["ref"], "path": str(out_dir.resolve()), "kind": kind, "merged": merged, "base_model": base,
-            "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())}
+    return {"ref": v["ref"], "path": str(out_dir.resolve()), "kind": kind, "merged": merged, "base_model": base_name,
+            "base_model_path": base, "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())}
+
+
+def _copy_artifact(src: Path, dest: Path) -> None:
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_file() and not any(p.startswith(".") for p in rel.parts):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest / rel)
+
+
+def _rewrite_adapter_config(path: Path, base_name: str | None, layers: int | None) -> None:
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_name
+    cfg["target_modules"] = module_names(cfg.get("target_modules"), layers)
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def _finish_export(tmp: Path, v: dict, *, kind: str, base_name: str | None, merged: bool) -> None:
+    """Tokenizer config, model card, ``tuneloop_export.json`` and file modes of an export being written."""
+    clean_tokenizer_config(tmp / "tokenizer_config.json")
+    readme = tmp / "README.md"
+    card = model_card(v, kind=kind, base_name=base_name)
+    if readme.is_file() and not is_blank_peft_card(own := readme.read_text(encoding="utf-8", errors="replace")):
+        card += "\n## Notes from the registered artifact\n\n" + own
+    readme.write_text(card, encoding="utf-8")
+    (tmp / "tuneloop_export.json").write_text(
+        json.dumps({"ref": v["ref"], "artifact_sha256": v["artifact_digest"], "kind": v["artifact_kind"], "merged": merged,
+                    "base_model": base_name, "tuneloop_version": __version__}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    normal_modes(tmp)
+
+
+def normal_modes(root: Path) -> None:
+    """Directories 0777 and files 0666, less the process umask (``mkdtemp`` makes 0700, safetensors 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _write_merged(adapter_dir: Path, base: str, out: Path) -> None:
-    from tuneloop.modeling import load_causal_lm, load_tokenizer
+    from tuneloop.modeling import load_causal_lm, load_tokenizer, save_tokenizer
 
     model = load_causal_lm(base, adapter=str(adapter_dir))
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
-    load_tokenizer(str(tok_src)).save_pretrained(str(out))
+    save_tokenizer(load_tokenizer(str(tok_src)), out)
 
 
 # -- gc and recover -------------------------------------------------------------------------------

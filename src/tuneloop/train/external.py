@@ -118,7 +118,9 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
             "Make the command write its final model to {output_dir}."
         )
     if not any(out.glob("tokenizer*")):
-        tokenizer.save_pretrained(str(out))
+        from tuneloop.modeling import save_tokenizer
+
+        save_tokenizer(tokenizer, out)
     # What trainers leave beside the final model but the registry must not store (pickles, resumable state).
     (out / "training_args.bin").unlink(missing_ok=True)
     for ckpt in out.glob("checkpoint-*"):

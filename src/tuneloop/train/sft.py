@@ -23,7 +23,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.data.prepare import IGNORE_INDEX
 from tuneloop.errors import StageError
 from tuneloop.fsutil import atomic_write_json, replace_dir
-from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
+from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora, save_tokenizer
 
 log = logging.getLogger("tuneloop")
 
@@ -351,7 +351,7 @@ def save_final_model(trainer, tokenizer, cfg: PipelineConfig, work_dir: Path) ->
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
-    tokenizer.save_pretrained(str(tmp))
+    save_tokenizer(tokenizer, tmp)
     if cfg.train.merge and cfg.train.method != "full":
         merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
     atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
@@ -363,7 +363,7 @@ def merge_adapter(base_model: str, adapter_dir: Path, out_dir: Path, tokenizer) 
     model = load_causal_lm(base_model, adapter=str(adapter_dir))
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
