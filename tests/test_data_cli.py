@@ -39,8 +39,8 @@ def test_validate_json_on_shared_datasets(tmp_path):
     assert rep["pii"]["email"] > 0 and rep["passed"] is True
     out = tmp_path / "tuneloop-data-report"
     for suffix in ("report.json", "report.html", "clean.jsonl", "quarantine.jsonl"):
-        assert (out / f"glaive_toolcall_en_demo.{suffix}").is_file()
-    html = (out / "glaive_toolcall_en_demo.report.html").read_text()
+        assert (out / f"glaive_toolcall_en_demo.json.{suffix}").is_file()  # named from the whole file name
+    html = (out / "glaive_toolcall_en_demo.json.report.html").read_text()
     assert html.startswith("<!doctype html>") and "<script" not in html and "sharegpt" in html
 
     # identity.json: its {{name}} placeholders fail the min_valid_ratio gate -> exit 1, with the report
