@@ -204,7 +204,8 @@ def find_litellm(given: str | None) -> str:
 def start_litellm(exe: str, stub_url: str, port: int, tmp: Path) -> subprocess.Popen:
     cfg = tmp / "litellm.yaml"
     cfg.write_text(json.dumps({  # JSON is YAML
-        "model_list": [{"model_name": "bench", "litellm_params": {"model": f"openai/{MODEL}", "api_base": stub_url, "api_key": "sk-stub"}}],
+        "model_list": [{"model_name": "bench",
+                        "litellm_params": {"model": f"openai/{MODEL}", "api_base": stub_url, "api_key": "sk-stub"}}],
         "litellm_settings": {"telemetry": False, "drop_params": True},
         "general_settings": {"master_key": LITELLM_KEY},  # it refuses to start without one; no database behind it
     }))
@@ -255,8 +256,9 @@ async def measure(targets: dict[str, tuple[str, str]], stream: bool, args) -> di
     per_round = max(1, args.requests // args.rounds)
     names = list(targets)
     samples: dict[str, list[tuple[float, bool]]] = {t: [] for t in names}
-    clients = {t: httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer {LITELLM_KEY}"}, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
-               for t in names}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    auth = {"authorization": f"Bearer {LITELLM_KEY}"}  # LiteLLM's master key; the others ignore it
+    clients = {t: httpx.AsyncClient(timeout=30, headers=auth, limits=limits) for t in names}
     try:
         for t in names:  # warm-up: connections, caches, first-call costs
             await run_round(clients[t], targets[t][0], targets[t][1], stream, 50, args.rate)

@@ -200,7 +200,8 @@ class Pool:
         except asyncio.TimeoutError:
             raise ConnectFailed(f"connect timed out after {self.connect_timeout_s:g} s") from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConnectFailed(f"{type(exc).__name__}: {why}") from None
         return Connection(reader, writer)
 
     async def checkout(self) -> Connection:
