@@ -22,11 +22,13 @@ The load generator (this process, one httpx client per target) is open-loop: req
 omission). Each mode (non-streaming, streaming) runs ``--rounds`` rounds of ``requests / rounds`` per target,
 the targets in rotating order, so a busy moment on a shared machine falls on all of them. Streaming latency is
 time to first token (the first SSE event with non-empty content). Added latency = percentile(target) -
-percentile(direct). Each target gets 50 warm-up requests first.
+percentile(direct). Each target gets 50 warm-up requests first. ``cpu ms/req`` is the CPU time (user + system,
+children included) each server process spent per measured request: on a machine shared with other jobs, where
+waiting for a core inflates every latency, it is the figure that does not depend on the neighbours.
 
 The last line printed is one JSON object: ``added_p50_ms``, ``added_p99_ms``, ``litellm_added_p50_ms``,
 ``litellm_added_p99_ms``, ``stream_ttft_added_p50_ms`` (and p99, LiteLLM's streaming figures, the direct
-baselines, the rate, the counts and the machine).
+baselines, CPU per request, the rate, the counts and the machine).
 """
 
 from __future__ import annotations
@@ -225,7 +227,16 @@ EXPECTED = {False: "Your parcel is on its way and arrives tomorrow.", True: "You
 
 async def one_call(client, url: str, model: str, stream: bool, due: float) -> tuple[float, bool]:
     """(latency from the due time: whole response, or first token when streaming; answer as expected)."""
+    import httpx
+
     await asyncio.sleep(max(0.0, due - time.perf_counter()))
+    try:
+        return await exchange(client, url, model, stream, due)
+    except httpx.HTTPError:  # counted as an error, at the time it failed
+        return time.perf_counter() - due, False
+
+
+async def exchange(client, url: str, model: str, stream: bool, due: float) -> tuple[float, bool]:
     body = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
     if not stream:
         r = await client.post(url, json=body)
@@ -250,12 +261,28 @@ async def run_round(client, url: str, model: str, stream: bool, n: int, rate: fl
     return list(await asyncio.gather(*(one_call(client, url, model, stream, t0 + i / rate) for i in range(n))))
 
 
-async def measure(targets: dict[str, tuple[str, str]], stream: bool, args) -> dict[str, dict]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children so far."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def measure(targets: dict[str, tuple[str, str, int]], stream: bool, args) -> dict[str, dict]:
     import httpx
 
     per_round = max(1, args.requests // args.rounds)
     names = list(targets)
     samples: dict[str, list[tuple[float, bool]]] = {t: [] for t in names}
+    cpu = {t: 0.0 for t in names}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     auth = {"authorization": f"Bearer {LITELLM_KEY}"}  # LiteLLM's master key; the others ignore it
     clients = {t: httpx.AsyncClient(timeout=30, headers=auth, limits=limits) for t in names}
@@ -265,11 +292,14 @@ async def measure(targets: dict[str, tuple[str, str]], stream: bool, args) -> di
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[: rnd % len(names)]
             for t in order:
+                before = cpu_seconds(targets[t][2])
                 samples[t] += await run_round(clients[t], targets[t][0], targets[t][1], stream, per_round, args.rate)
+                await asyncio.sleep(0.3)  # the gateway's request log writes its batch (0.2 s) on its own thread
+                cpu[t] += cpu_seconds(targets[t][2]) - before
     finally:
         for c in clients.values():
             await c.aclose()
-    return {t: summarize(s) for t, s in samples.items()}
+    return {t: {**summarize(s), "cpu_ms_per_request": 1000 * cpu[t] / len(s)} for t, s in samples.items()}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -287,12 +317,13 @@ def summarize(samples: list[tuple[float, bool]]) -> dict:
 
 
 def report(results: dict[str, dict[str, dict]], args) -> dict:
-    print(f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}")
+    print(f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}"
+          f" {'cpu ms/req':>10s}")
     for mode, res in results.items():
         base = res["direct"]
         for t, r in res.items():
             added = "" if t == "direct" else f"{r['p50_ms'] - base['p50_ms']:10.2f} {r['p99_ms'] - base['p99_ms']:10.2f}"
-            print(f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d}")
+            print(f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d} {r['cpu_ms_per_request']:10.3f}")
     ns, st = results["non-streaming"], results["streaming-ttft"]
 
     def added(res: dict, target: str, q: str) -> float | None:
@@ -307,6 +338,10 @@ def report(results: dict[str, dict[str, dict]], args) -> dict:
         "direct_p50_ms": round(ns["direct"]["p50_ms"], 3), "direct_p99_ms": round(ns["direct"]["p99_ms"], 3),
         "direct_ttft_p50_ms": round(st["direct"]["p50_ms"], 3), "direct_ttft_p99_ms": round(st["direct"]["p99_ms"], 3),
         "gateway_p50_ms": round(ns["gateway"]["p50_ms"], 3), "gateway_p99_ms": round(ns["gateway"]["p99_ms"], 3),
+        "gateway_cpu_ms_per_request": round(ns["gateway"]["cpu_ms_per_request"], 3),
+        "gateway_stream_cpu_ms_per_request": round(st["gateway"]["cpu_ms_per_request"], 3),
+        "litellm_cpu_ms_per_request": round(ns["litellm"]["cpu_ms_per_request"], 3) if "litellm" in ns else None,
+        "litellm_stream_cpu_ms_per_request": round(st["litellm"]["cpu_ms_per_request"], 3) if "litellm" in st else None,
         "errors": sum(r["errors"] for res in results.values() for r in res.values()),
         "rate_rps": args.rate, "requests_per_target_and_mode": results["non-streaming"]["direct"]["n"], "rounds": args.rounds,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}",
@@ -331,13 +366,13 @@ def run_all(args) -> dict:
             make_workspace(ws)
             procs.append(start_child("gateway", str(ws), str(gw_port), stub))
             wait_ready(procs[-1], f"http://127.0.0.1:{gw_port}/v1/chat/completions", "the gateway")
-            targets = {"direct": (f"{stub}/chat/completions", MODEL),
-                       "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL)}
+            targets = {"direct": (f"{stub}/chat/completions", MODEL, procs[0].pid),
+                       "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, procs[1].pid)}
             if exe:
                 ll_port = free_port()
                 procs.append(start_litellm(exe, stub, ll_port, Path(tmp)))
                 wait_ready(procs[-1], f"http://127.0.0.1:{ll_port}/v1/chat/completions", f"LiteLLM (log: {tmp}/litellm.log)")
-                targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench")
+                targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench", procs[2].pid)
             print(f"targets up: {', '.join(targets)}; {args.requests} requests per target and mode at {args.rate}/s", flush=True)
             results = {"non-streaming": asyncio.run(measure(targets, False, args)),
                        "streaming-ttft": asyncio.run(measure(targets, True, args))}
