@@ -19,7 +19,7 @@ the paths is the proxies' own cost, not model time. Three targets, each its own 
 
 The load generator (this process, one httpx client per target) is open-loop: request ``i`` is due at
 ``t0 + i / rate`` whatever earlier requests do, and its latency counts from that due time (no coordinated
-omission). Each mode (non-streaming, streaming) runs ``--rounds`` rounds of ``requests / rounds`` per target,
+omission). Each mode (non-streaming, streaming) runs ``--rounds`` (20) rounds of ``requests / rounds`` per target,
 the targets in rotating order, so a busy moment on a shared machine falls on all of them. Streaming latency is
 time to first token (the first SSE event with non-empty content). Added latency = percentile(target) -
 percentile(direct). Each target gets 50 warm-up requests first. ``cpu ms/req`` is the CPU time (user + system,
@@ -310,20 +310,20 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def summarize(samples: list[tuple[float, bool]]) -> dict:
     lat = sorted(s[0] * 1000 for s in samples)
-    return {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "n": len(lat), "errors": sum(not s[1] for s in samples)}
+    return {"p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99), "n": len(lat), "errors": sum(not s[1] for s in samples)}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def report(results: dict[str, dict[str, dict]], args) -> dict:
-    print(f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}"
+    print(f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}"
           f" {'cpu ms/req':>10s}")
     for mode, res in results.items():
         base = res["direct"]
         for t, r in res.items():
             added = "" if t == "direct" else f"{r['p50_ms'] - base['p50_ms']:10.2f} {r['p99_ms'] - base['p99_ms']:10.2f}"
-            print(f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d} {r['cpu_ms_per_request']:10.3f}")
+            print(f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d} {r['cpu_ms_per_request']:10.3f}")
     ns, st = results["non-streaming"], results["streaming-ttft"]
 
     def added(res: dict, target: str, q: str) -> float | None:
@@ -332,6 +332,7 @@ def report(results: dict[str, dict[str, dict]], args) -> dict:
     out = {
         "added_p50_ms": added(ns, "gateway", "p50_ms"), "added_p99_ms": added(ns, "gateway", "p99_ms"),
         "litellm_added_p50_ms": added(ns, "litellm", "p50_ms"), "litellm_added_p99_ms": added(ns, "litellm", "p99_ms"),
+        "added_p90_ms": added(ns, "gateway", "p90_ms"), "litellm_added_p90_ms": added(ns, "litellm", "p90_ms"),
         "stream_ttft_added_p50_ms": added(st, "gateway", "p50_ms"), "stream_ttft_added_p99_ms": added(st, "gateway", "p99_ms"),
         "litellm_stream_ttft_added_p50_ms": added(st, "litellm", "p50_ms"),
         "litellm_stream_ttft_added_p99_ms": added(st, "litellm", "p99_ms"),
@@ -390,7 +391,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=50.0, help="requests per second (open loop)")
     ap.add_argument("--requests", type=int, default=600, help="measured requests per target and mode")
-    ap.add_argument("--rounds", type=int, default=6, help="rounds per mode, targets in rotating order")
+    ap.add_argument("--rounds", type=int, default=20, help="rounds per mode, targets in rotating order")
     ap.add_argument("--litellm", default=None, help="the litellm executable (its own venv)")
     ap.add_argument("--no-litellm", action="store_true", help="measure only direct and gateway")
     ap.add_argument("--role", nargs="+", default=None, help=argparse.SUPPRESS)
