@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,11 +138,12 @@ def serve_gateway(ws: str, port: int, upstream: str) -> None:
 
     import uvicorn
 
-    from tuneloop.config import ServeConfig
+    from tuneloop.config import PipelineConfig
     from tuneloop.serve.server import build_gateway
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = types.SimpleNamespace(serve=ServeConfig(backend="openai", upstream=upstream), registry=None)
+    cfg = PipelineConfig(name="bench", base_model="stub", data={"train_data": "unused.jsonl"},  # only serve: is used
+                         serve={"backend": "openai", "upstream": upstream})
     app = build_gateway(cfg, Path(ws), preload=["bench:1"])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75)
 
