@@ -106,11 +106,17 @@ def test_server_that_closes_idle_connections_is_retried_on_a_fresh_one():
     assert run(go()) == 3
 
 
-def test_read_to_close_body_and_204():
+def test_read_to_close_body_http10_and_204():
     async def go():
         server, port, _ = await serve([b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it"], close_after=True)
         pool = Pool(f"http://127.0.0.1:{port}", connect_timeout_s=2, read_timeout_s=5)
         assert await (await pool.request("GET", "/a")).aread() == b"all of it"
+        server.close()
+        server, port, state = await serve([b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"])
+        pool = Pool(f"http://127.0.0.1:{port}", connect_timeout_s=2, read_timeout_s=5)
+        for _ in range(2):  # HTTP/1.0 without keep-alive: not reused
+            assert await (await pool.request("GET", "/c")).aread() == b"ok"
+        assert state["connections"] == 2
         server.close()
         server, port, _ = await serve([b"HTTP/1.1 204 No Content\r\n\r\n"])
         pool = Pool(f"http://127.0.0.1:{port}", connect_timeout_s=2, read_timeout_s=1)

@@ -92,7 +92,9 @@ class Response:
         self.remaining = int(length) if length is not None and length.isdigit() and not self.chunked else None
         if status in (204, 304):  # no body, whatever the headers say
             self.chunked, self.remaining = False, 0
-        self.keep_alive = headers.get("connection", "").lower() != "close" and (self.chunked or self.remaining is not None)
+        connection = headers.get("connection", "").lower()
+        persistent = connection == "keep-alive" if headers.get(":version") == "HTTP/1.0" else connection != "close"
+        self.keep_alive = persistent and (self.chunked or self.remaining is not None)
 
     async def _read_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end (and the connection released)."""
@@ -268,7 +270,7 @@ def parse_head(raw: bytes) -> tuple[int | None, dict[str, str]]:
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         return None, {}
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {":version": parts[0]}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
         if sep:
