@@ -69,14 +69,14 @@ RECOMMENDED: dict[str, Any] = {
         "vocab_size": 2048,
     },
     "pretrain": {"steps": 800, "batch_size": 8, "seq_len": 128, "learning_rate": 6e-3, "n_docs": 12000},
-    "data": {"n_train": 480, "n_eval": 120, "general_mix": 0.5},
+    "data": {"n_train": 960, "n_eval": 120, "general_mix": 0.5},
     "lora": {
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.05,
         "target_modules": "all-linear",
-        "learning_rate": 1.5e-3,
-        "num_epochs": 8,
+        "learning_rate": 3e-3,
+        "num_epochs": 4,
         "batch_size": 16,
         "max_length": 128,
     },
@@ -639,6 +639,36 @@ def build_base_model(
     )
     replace_dir(tmp, out_dir)
     return stats
+
+
+#: The seed the demo's base model is built with (the shipped one and the fallback alike).
+DEMO_BASE_SEED = 0
+
+#: The package folder that holds the prebuilt demo base model (``scripts/build_demo_base.py`` writes it).
+SHIPPED_BASE_DIR = Path(__file__).resolve().parent / "resources" / "demo_base"
+
+
+def base_recipe(seed: int = DEMO_BASE_SEED) -> dict[str, Any]:
+    """What determines the demo base model: the model size, the pretraining settings and the seed."""
+    return {"model": RECOMMENDED["model"], "pretrain": RECOMMENDED["pretrain"], "seed": seed}
+
+
+def shipped_base_model(base_dir: Path = SHIPPED_BASE_DIR, *, seed: int = DEMO_BASE_SEED) -> Path | None:
+    """The prebuilt base model shipped in the package, or ``None`` when it is missing or stale.
+
+    Stale means its ``tuneloop_base.json`` records another recipe than :func:`base_recipe` (someone changed
+    ``RECOMMENDED`` without running ``scripts/build_demo_base.py``); the demo then builds the base itself.
+    """
+    meta_path = Path(base_dir) / "tuneloop_base.json"
+    needed = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    if not meta_path.is_file() or not all((Path(base_dir) / name).is_file() for name in needed):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    made = {"model": meta.get("model"), "pretrain": meta.get("pretrain"), "seed": meta.get("seed")}
+    return Path(base_dir) if made == base_recipe(seed) else None
 
 
 # --------------------------------------------------------------------------------------------------
