@@ -28,6 +28,18 @@ Design notes (what was measured to matter, so a later change does not undo it):
   because the loss is averaged per token and they would drown the one-token labels.
 * Sentence slots are filled with Zipf-weighted choices, as words are in real text, so the most likely
   next token has a margin and next-token accuracy is a stable measure.
+* Ticket variety, not more steps, is what lifts accuracy. The errors of a weak fine-tune follow the filler
+  sentences (an "other" ticket with "every February" or "on Sunday" routed to shipping, "before it ships"
+  to shipping): with 480 tickets each intent sentence is seen ~10 times with few fillers, and the model
+  leans on the fillers. Measured on one machine (2-vCPU Intel Xeon, seed 0, the same locally built base):
+  480 tickets x 8 epochs at lr 1.5e-3: accuracy 0.825 (the gate's interval straddles 0.85); lr 3e-3: 0.933;
+  12 epochs: 0.942 but capability drop 0.021; LoRA r=32: 0.967 but drop 0.025; lr 5e-3: 1.000 but drop
+  0.019 (capability gate inconclusive). 960 tickets x 4 epochs at lr 3e-3, the same 352 steps: 1.000 with
+  drop 0.009; x 6 epochs: 0.983, drop 0.009. More steps or a larger update buy accuracy with general
+  capability; more varied tickets do not.
+* The base model is shipped prebuilt (``resources/demo_base``, ``scripts/build_demo_base.py``): pretraining
+  on another CPU gives other weights (floating-point order differs), and the demo's margins should not
+  depend on the machine's pretraining.
 """
 
 from __future__ import annotations
