@@ -4,7 +4,7 @@ Runs the recipe ``tuneloop.demo_assets.build_base_model`` (``RECOMMENDED["model"
 ``RECOMMENDED["pretrain"]``, seed ``DEMO_BASE_SEED``) with one torch thread and writes safetensors weights,
 the tokenizer (``tuneloop.modeling.save_tokenizer``: loadable by transformers 4.x and 5.x) and
 ``tuneloop_base.json`` (recipe + stats). Shipping the result means every machine fine-tunes the demo from
-identical weights and skips the pretraining (~85-100 s on one CPU core); floating-point differences
+identical weights and skips the pretraining (85-140 s on one CPU core); floating-point differences
 between CPUs otherwise give each machine a slightly different base.
 
 Run it again whenever ``RECOMMENDED["model"]`` or ``RECOMMENDED["pretrain"]`` changes: until then

@@ -1,4 +1,4 @@
-"""`tuneloop demo --json` end to end: the main job a newcomer runs first (about 2-4 minutes on 2 cores)."""
+"""`tuneloop demo --json` end to end: the main job a newcomer runs first (about a minute on 2 cores)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_demo_runs_the_whole_loop_and_fine_tuning_clearly_helps(tmp_path):
     assert (workdir / "tuneloop.yaml").is_file() and (workdir / "base-model" / "config.json").is_file()
     assert "demo finished in" in r.stderr
     assert "FutureWarning" not in r.stderr, r.stderr[-3000:]
-    # The base model comes from the package (same weights on every machine), not from 85 s of pretraining.
+    # The base model comes from the package (same weights on every machine), not from minutes of pretraining.
     assert demo["base_model_source"] == "shipped" and demo["base_model_reused"] is False
     # Six held-out tickets, one per label, asked through the gateway and marked as the eval gate scores them.
     tickets = demo["tickets"]

@@ -183,7 +183,7 @@ def test_saved_tokenizer_config_is_loadable_by_transformers_4(tokenizer, tmp_pat
 
 def test_shipped_base_model_is_the_current_recipe_and_loads():
     """The package ships the demo's base model (scripts/build_demo_base.py); it must match RECOMMENDED,
-    or every demo silently falls back to pretraining for ~85 s."""
+    or every demo silently falls back to pretraining for minutes."""
     base = da.shipped_base_model()
     assert base is not None, "run `python scripts/build_demo_base.py` after changing RECOMMENDED['model'/'pretrain']"
     meta = json.loads((base / "tuneloop_base.json").read_text())

@@ -4,8 +4,8 @@ Entry point: :func:`run_demo`. In ``workdir`` it makes (nothing is downloaded):
 
 * ``base-model/`` — a tiny Llama and a BPE tokenizer pretrained on a synthetic general corpus (see
   :mod:`tuneloop.demo_assets`): copied from the package (``resources/demo_base``, written by
-  ``scripts/build_demo_base.py``) so every machine starts from identical weights, built here (~85 s) when the
-  package has none for the current recipe, re-used when the recipe has not changed;
+  ``scripts/build_demo_base.py``) so every machine starts from identical weights; built here (1.5-2.5 min
+  on 2 vCPUs) when the package has none for the current recipe; re-used when the recipe has not changed;
 * ``data/`` — a support-ticket routing task (train/eval JSONL, messages format) and held-out general text;
 * ``tuneloop.yaml`` — the pipeline config, with auto-deploy on;
 
@@ -40,7 +40,7 @@ def build_base(workdir: Path, console) -> tuple[Path, str]:
     """The demo's base model in ``workdir/base-model``; returns (path, source).
 
     ``source`` is ``"re-used"`` (already there for this recipe), ``"shipped"`` (copied from the package's
-    prebuilt model, see ``scripts/build_demo_base.py``) or ``"built"`` (pretrained here, ~85 s, when the
+    prebuilt model, see ``scripts/build_demo_base.py``) or ``"built"`` (pretrained here, 1.5-2.5 min, when the
     package has no prebuilt model for this recipe).
     """
     import shutil
@@ -146,12 +146,14 @@ def ask_champion(workspace_root: Path, model_name: str, tickets: list[dict[str, 
     ref = f"{model_name}@champion"
     app = create_app(LocalBackend(reg, workspace_root, default_max_tokens=8), Router(reg), GatewaySettings(preload=[ref]))
     answered: list[dict[str, Any]] = []
+    served_model, artifact = ref, None
     with BackgroundServer(app) as server, httpx.Client(base_url=f"{server.url}/v1", timeout=60) as client:
         for ticket in tickets:
             t0 = time.perf_counter()
             r = client.post("/chat/completions", json={"model": ref, "messages": ticket["messages"], "max_tokens": 8, "temperature": 0})
             r.raise_for_status()
             body = r.json()
+            served_model, artifact = body["model"], r.headers.get("x-tuneloop-artifact")
             answer = body["choices"][0]["message"]["content"].strip()
             answered.append({
                 "ticket": ticket["messages"][-1]["content"],
@@ -163,8 +165,8 @@ def ask_champion(workspace_root: Path, model_name: str, tickets: list[dict[str, 
     first = answered[0] if answered else {}
     return {
         "url": f"{server.url}/v1",
-        "model": body["model"] if answered else ref,
-        "artifact_sha256": r.headers.get("x-tuneloop-artifact") if answered else None,
+        "model": served_model,
+        "artifact_sha256": artifact,
         # The first ticket under the keys earlier versions had; ``tickets`` holds them all.
         "question": first.get("ticket"),
         "expected": first.get("expected"),
