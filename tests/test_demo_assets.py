@@ -179,3 +179,31 @@ def test_saved_tokenizer_config_is_loadable_by_transformers_4(tokenizer, tmp_pat
     text = "<|im_start|>user\nWhere is my parcel?<|im_end|>"
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert again.all_special_tokens == tokenizer.all_special_tokens
+
+
+def test_shipped_base_model_is_the_current_recipe_and_loads():
+    """The package ships the demo's base model (scripts/build_demo_base.py); it must match RECOMMENDED,
+    or every demo silently falls back to pretraining for minutes."""
+    base = da.shipped_base_model()
+    assert base is not None, "run `python scripts/build_demo_base.py` after changing RECOMMENDED['model'/'pretrain']"
+    meta = json.loads((base / "tuneloop_base.json").read_text())
+    assert meta["seed"] == da.DEMO_BASE_SEED and meta["pretrain"] == da.RECOMMENDED["pretrain"]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base)
+    assert sum(p.numel() for p in model.parameters()) == meta["stats"]["params"]
+    assert model.config.hidden_size == da.RECOMMENDED["model"]["hidden_size"]
+    assert tok.chat_template == da.CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
+
+
+def test_shipped_base_model_missing_or_stale_is_none(tmp_path):
+    assert da.shipped_base_model(tmp_path / "nothing") is None
+    out = tmp_path / "base"
+    da.build_base_model(out, seed=0, steps=2, n_docs=200)
+    assert da.shipped_base_model(out) is None  # 2 steps on 200 docs is not the recipe
+    meta = json.loads((out / "tuneloop_base.json").read_text())
+    meta["pretrain"] = da.RECOMMENDED["pretrain"]
+    (out / "tuneloop_base.json").write_text(json.dumps(meta))
+    assert da.shipped_base_model(out) == out
+    assert da.shipped_base_model(out, seed=1) is None
+    (out / "model.safetensors").unlink()
+    assert da.shipped_base_model(out) is None

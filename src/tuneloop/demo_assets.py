@@ -28,6 +28,21 @@ Design notes (what was measured to matter, so a later change does not undo it):
   because the loss is averaged per token and they would drown the one-token labels.
 * Sentence slots are filled with Zipf-weighted choices, as words are in real text, so the most likely
   next token has a margin and next-token accuracy is a stable measure.
+* Ticket variety, not repetition, is what lifts accuracy without costing general capability. The errors
+  of a weak fine-tune follow the filler sentences (an "other" ticket with "every February" or "on Sunday"
+  routed to shipping, "before it ships" to shipping): with 480 tickets each intent sentence is seen ~10
+  times with few fillers, and the model leans on the fillers. Measured on a 2-vCPU Intel Xeon (demo
+  pipeline and gates, seed 0 unless said): 480 tickets x 8 epochs at lr 1.5e-3: accuracy 0.825 (interval
+  straddles 0.85); lr 3e-3: 0.933; 12 epochs: 0.942 but capability drop 0.021; LoRA r=32: 0.967 but drop
+  0.025; lr 5e-3: 1.000 but drop 0.019. 960 tickets x 4 epochs at lr 3e-3 (the same ~350 steps): 0.975-0.992
+  on seeds 0-2, but drops up to 0.019 (capability gate inconclusive on 2 of 3 seeds); at lr 1.5e-3 only
+  0.800; r=8 or lr 2.5e-3 traded accuracy for drift without fixing it; attention-only LoRA was worse at
+  both. 1920 tickets x 2 epochs at lr 3e-3 (again ~350 steps): 0.967 / 0.967 / 0.975 with drops 0.010 /
+  0.006 / 0.011 (``RECOMMENDED["results"]``). A higher learning rate is needed for accuracy, and seeing each
+  ticket fewer times keeps the drift down.
+* The base model is shipped prebuilt (``resources/demo_base``, ``scripts/build_demo_base.py``): pretraining
+  on another CPU gives other weights (floating-point order differs), and the demo's margins should not
+  depend on the machine's pretraining.
 """
 
 from __future__ import annotations
@@ -58,7 +73,10 @@ SYSTEM_PROMPT = (
 #: Settings measured to make the demo reliable (3 seeds), and what they gave. ``lora`` is what the
 #: pipeline's fine-tune should use: PEFT ``LoraConfig(r, lora_alpha, lora_dropout,
 #: target_modules="all-linear")``, Trainer defaults otherwise (AdamW, linear decay, no warmup), loss on
-#: the assistant answer + ``<|im_end|>`` only.
+#: the assistant answer + ``<|im_end|>`` only. The demo's gates are ``min_accuracy: 0.85`` and
+#: ``max_capability_drop: 0.02``, decided on one-sided 95 % bounds: with 120 eval tickets an accuracy of
+#: 0.967 has a lower bound of 0.928 (Wilson), and a drop of 0.0106 on ~9,800 general tokens an upper bound
+#: of ~0.0136, so both gates pass with room on every seed measured.
 RECOMMENDED: dict[str, Any] = {
     "model": {
         "hidden_size": 128,
@@ -69,33 +87,43 @@ RECOMMENDED: dict[str, Any] = {
         "vocab_size": 2048,
     },
     "pretrain": {"steps": 800, "batch_size": 8, "seq_len": 128, "learning_rate": 6e-3, "n_docs": 12000},
-    "data": {"n_train": 480, "n_eval": 120, "general_mix": 0.5},
+    "data": {"n_train": 1920, "n_eval": 120, "general_mix": 0.5},
     "lora": {
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.05,
         "target_modules": "all-linear",
-        "learning_rate": 1.5e-3,
-        "num_epochs": 8,
+        "learning_rate": 3e-3,
+        "num_epochs": 2,
         "batch_size": 16,
         "max_length": 128,
     },
-    # Measured with a scratch run of the pipeline's recipe (chat template, prompt masked, PEFT LoRA,
-    # transformers Trainer, greedy decoding of at most 8 tokens, exact match after lower-casing and
-    # stripping punctuation), seeds 0/1/2, torch 2.13 CPU, one thread (see "timing_note").
+    # Measured by running the demo's pipeline (``tuneloop demo``'s config, data and gates; only the seed of
+    # the data and the fine-tune varied: 0 is the demo's) from the shipped base model
+    # (``resources/demo_base``) on a shared 2-vCPU Intel Xeon, torch 2.13 CPU, transformers 5.24,
+    # 2026-11-30. The previous recipe (480 tickets x 8 epochs at lr 1.5e-3, tuned on a 2-vCPU AMD EPYC
+    # where it gave 0.975 / 0.942 / 0.958) reached 0.825 there: the gate's interval [0.761, 0.875]
+    # straddled 0.85 and the demo exited 1.
     "results": {
+        "machine": "2-vCPU Intel Xeon (shared with other jobs), torch 2.13.0 CPU, transformers 5.24.0",
+        "seeds": [0, 1, 2],
         "base_accuracy": [0.0, 0.0, 0.0],
-        "lora_accuracy": [0.975, 0.942, 0.958],
-        "general_next_token_accuracy_base": [0.6487, 0.6345, 0.6494],
-        "general_next_token_accuracy_lora": [0.6363, 0.6321, 0.6379],
-        "capability_drop": [0.0124, 0.0024, 0.0115],
-        "pretrain_seconds": [83.3, 82.4, 88.6],
-        "lora_train_seconds": [57.6, 53.7, 54.5],
-        "lora_steps": 360,
+        "lora_accuracy": [0.967, 0.967, 0.975],
+        "lora_accuracy_lower_bound": [0.928, 0.928, 0.939],
+        "general_next_token_accuracy_base": [0.6599, 0.6622, 0.6804],
+        "general_next_token_accuracy_lora": [0.6498, 0.6559, 0.6699],
+        "capability_drop": [0.0101, 0.0064, 0.0106],
+        "capability_drop_upper_bound": [0.0131, 0.0096, 0.0136],
+        "training_records_kept_of_2880": [2795, 2779, 2809],  # the data gate drops eval look-alikes
+        "pretrain_seconds": 141.8,
+        "lora_train_seconds": [33.2, 32.8, 37.1],
+        "lora_steps": [350, 348, 352],
         "params": 590464,
+        "lora_params": 69632,
         "timing_note": (
-            "1 torch thread on a 2-vCPU dev machine that delivers about one core of throughput; there "
-            "torch's default 2 threads are ~10x slower than 1 for these tiny ops"
+            "pretraining: scripts/build_demo_base.py, 1 torch thread, while other jobs ran; the demo no "
+            "longer pretrains unless the shipped base is missing or stale. LoRA: the pipeline's training "
+            "stage on an otherwise lightly loaded machine"
         ),
     },
 }
@@ -513,10 +541,11 @@ def general_corpus(n: int, seed: int) -> list[str]:
     return [_doc(rng) for _ in range(n)]
 
 
-def general_text(seed: int, n_docs: int = 80) -> str:
-    """A held-out general-text sample (~15 KB) for the capability check: paragraphs and generic chats from
-    a generator stream disjoint from ``general_corpus`` (no customer-support text: that is the task's
-    domain, which the eval set measures)."""
+def general_text(seed: int, n_docs: int = 200) -> str:
+    """A held-out general-text sample (~45 KB, ~9,500 tokens) for the capability check: paragraphs and
+    generic chats from a generator stream disjoint from ``general_corpus`` (no customer-support text: that
+    is the task's domain, which the eval set measures). 200 documents rather than 80 narrow the capability
+    gate's interval by ~1.6x (half-width ~0.0035 instead of ~0.006 of next-token accuracy)."""
     rng = random.Random(f"general-heldout-{seed}")
     docs = [_chat(rng) if rng.random() < 0.4 else _paragraph(rng) for _ in range(n_docs)]
     return "\n\n".join(docs) + "\n"
@@ -639,6 +668,36 @@ def build_base_model(
     )
     replace_dir(tmp, out_dir)
     return stats
+
+
+#: The seed the demo's base model is built with (the shipped one and the fallback alike).
+DEMO_BASE_SEED = 0
+
+#: The package folder that holds the prebuilt demo base model (``scripts/build_demo_base.py`` writes it).
+SHIPPED_BASE_DIR = Path(__file__).resolve().parent / "resources" / "demo_base"
+
+
+def base_recipe(seed: int = DEMO_BASE_SEED) -> dict[str, Any]:
+    """What determines the demo base model: the model size, the pretraining settings and the seed."""
+    return {"model": RECOMMENDED["model"], "pretrain": RECOMMENDED["pretrain"], "seed": seed}
+
+
+def shipped_base_model(base_dir: Path = SHIPPED_BASE_DIR, *, seed: int = DEMO_BASE_SEED) -> Path | None:
+    """The prebuilt base model shipped in the package, or ``None`` when it is missing or stale.
+
+    Stale means its ``tuneloop_base.json`` records another recipe than :func:`base_recipe` (someone changed
+    ``RECOMMENDED`` without running ``scripts/build_demo_base.py``); the demo then builds the base itself.
+    """
+    meta_path = Path(base_dir) / "tuneloop_base.json"
+    needed = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    if not meta_path.is_file() or not all((Path(base_dir) / name).is_file() for name in needed):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    made = {"model": meta.get("model"), "pretrain": meta.get("pretrain"), "seed": meta.get("seed")}
+    return Path(base_dir) if made == base_recipe(seed) else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -269,8 +269,7 @@ def train_sft(
         report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_args(TrainingArguments, t.gradient_checkpointing),
         **precision_args(t.precision),
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -304,6 +303,17 @@ def train_sft(
         "seconds": round(seconds, 2),
         "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
+
+
+def checkpointing_args(args_cls, enabled: bool) -> dict[str, Any]:
+    """Activation-checkpointing ``TrainingArguments`` under the name ``args_cls`` knows.
+
+    transformers 5 renamed ``gradient_checkpointing(_kwargs)`` to ``activation_checkpointing(_kwargs)`` and
+    warns (``FutureWarning``) whenever the old name is passed; 4.x knows only the old name.
+    """
+    fields = getattr(args_cls, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def world_size() -> int:
