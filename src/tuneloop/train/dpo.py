@@ -20,6 +20,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
 from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
 from tuneloop.train.sft import (
+    checkpointing_args,
     precision_args,
     read_metric_rows,
     run_resumable,
@@ -92,8 +93,7 @@ def train_dpo(
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         dataset_num_proc=None,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_args(DPOConfig, t.gradient_checkpointing),
         **precision_args(t.precision),
     )
     # Tokens per step for the throughput column: real tokens of the rendered pairs (both answers), counted on
