@@ -14,8 +14,10 @@ from tuneloop.data.validate import validate_dataset
 # The real-format datasets: `shared/datasets` beside the checkout (found upwards, so git worktrees find it too).
 SHARED = next((p / "shared" / "datasets" for p in Path(__file__).resolve().parents if (p / "shared" / "datasets").is_dir()),
               Path(__file__).resolve().parents[2] / "shared" / "datasets")
+needs_shared = pytest.mark.skipif(not (SHARED / "dpo_en_demo.json").is_file(), reason=f"{SHARED} not present (the real-format datasets)")
 
 
+@needs_shared
 def test_preference_records_become_trl_conversations(tmp_path):
     raw = json.loads((SHARED / "dpo_en_demo.json").read_text())[0]
     simple = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Be brief."}
@@ -42,6 +44,7 @@ def test_preference_records_become_trl_conversations(tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared
 def test_dpo_pipeline_on_dpo_en_demo(make_config, tmp_path):
     records = json.loads((SHARED / "dpo_en_demo.json").read_text())[:24]
     data = tmp_path / "prefs.json"
@@ -93,6 +96,7 @@ def test_dpo_pipeline_on_dpo_en_demo(make_config, tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared
 def test_dpo_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_does(make_config, tmp_path):
     import shutil
 
