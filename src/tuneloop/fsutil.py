@@ -140,3 +140,14 @@ def format_number(value: Any, missing: str = "") -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,14 +16,13 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import hashlib
-import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from tuneloop.errors import InputError
-from tuneloop.fsutil import utcnow
+from tuneloop.fsutil import pid_alive, utcnow  # noqa: F401 (kept importable here)
 
 __all__ = ["DIRNAME", "Workspace", "pid_alive", "utcnow"]  # utcnow lives in fsutil; kept importable here
 
@@ -96,13 +95,4 @@ def _check_not_a_file(root: Path) -> None:
                 f"the workspace {root} {where} a file, not a directory; point `workspace:` in the config (or "
                 "-w/--workspace) at a directory, or move the file away"
             )
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

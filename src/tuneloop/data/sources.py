@@ -29,7 +29,7 @@ from typing import Any, Iterator, NamedTuple
 
 from tuneloop.config import DATA_SUFFIXES
 from tuneloop.data.filetypes import SNIFF_BYTES, open_bytes, read_head, sniff, unreadable_reason
-from tuneloop.data.formats import detect_format
+from tuneloop.data.formats import detect_format, normalise
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file, sha256_json
 
@@ -373,6 +373,22 @@ def open_detected(source: str | Path, fmt: str = "auto") -> tuple[Iterator[Item]
         except InputError as e:
             raise InputError(f"{source}: {e}") from None
     return items, position, fmt
+
+
+def normalised_records(source: str | Path) -> Iterator[dict[str, Any]]:
+    """The canonical records of a source whose records normalise (format detected); unreadable or invalid
+    records are skipped. For reading a dataset's texts (drift, eval overlap), not for validating it."""
+    items, _, fmt = open_detected(source)
+    for item in items:
+        if item.kind == 2:
+            continue
+        try:
+            value = json.loads(item.payload) if item.kind == 0 else item.payload
+        except ValueError:
+            continue
+        record, _ = normalise(value, fmt)
+        if record is not None:
+            yield record
 
 
 def source_problem(value: str) -> str | None:

@@ -338,21 +338,10 @@ def user_prompt(prompt: str) -> str:
 def training_prompts(source: str | Path, limit: int | None = None) -> list[str]:
     """The user turns of a training dataset (any format ``tuneloop data validate`` reads), one string per
     record (turns joined by newlines; text records as they are); records that do not normalise are skipped."""
-    from tuneloop.data.formats import normalise
-    from tuneloop.data.validate import open_detected
+    from tuneloop.data.sources import normalised_records
 
-    items, _, fmt = open_detected(source)
     out: list[str] = []
-    for item in items:
-        if item.kind == 2:
-            continue
-        try:
-            value = json.loads(item.payload) if item.kind == 0 else item.payload
-        except ValueError:
-            continue
-        record, _ = normalise(value, fmt)
-        if record is None:
-            continue
+    for record in normalised_records(source):
         text = record.get("text") or "\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
         if text.strip():
             out.append(text)

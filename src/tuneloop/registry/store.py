@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError
-from tuneloop.fsutil import atomic_write_json, read_json, sha256_dir, utcnow
+from tuneloop.fsutil import atomic_write_json, pid_alive, read_json, sha256_dir, utcnow
 
 MANIFEST_NAME = ".manifest.json"
 RECORDS_DIR = ".versions"
@@ -397,19 +397,11 @@ def _temp_owner(p: Path, include_legacy: bool) -> str | None:
             return None
         return f"no recorded owner, untouched for {age / 3600:.1f} h" if age > LEGACY_TEMP_AGE_S else None
     pid, host = int(m["pid"]), m["host"]
-    if host != _host() or _pid_alive(pid):
+    if host != _host() or pid_alive(pid):
         return None
     return f"process {pid} on {host} is gone"
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
