@@ -9,7 +9,7 @@ aborted (or still running when ``--timeout`` passes), 2 for bad input.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -29,14 +29,16 @@ def _config(opts: RegistryOptions):
     return load_config(opts.config)
 
 
-def _notifier(cfg: Any):
-    """A Notifier for the config's ``notify.webhooks`` (None without a config or webhooks)."""
-    from tuneloop.rollout.notify import Notifier, webhooks_from_config
+def _act(opts: RegistryOptions, cfg, action, target: str, **kwargs) -> dict:
+    """Run a rollout action with the config's webhooks; queued notifications are delivered (or given up)
+    before the command returns, also when the action fails."""
+    from tuneloop.rollout.notify import notifier_for
 
-    notify = getattr(cfg, "notify", None)  # the `notify:` section, when the config has one
-    items = [w.model_dump() if hasattr(w, "model_dump") else w for w in (getattr(notify, "webhooks", None) or [])]
-    hooks = webhooks_from_config(items)
-    return Notifier(hooks) if hooks else None
+    notifier = notifier_for(cfg)
+    try:
+        return action(opts.open(), target, notifier=notifier, **kwargs)
+    finally:
+        notifier.close(timeout=30)
 
 
 @app.command("start")
@@ -53,10 +55,7 @@ def start(
     with guard():
         cfg = _config(opts)
         policy = cfg.deploy.canary.policy_dict() if cfg is not None else None
-        notifier = _notifier(cfg)
-        record = controller.start(opts.open(), ref, policy=policy, notifier=notifier, reason=reason)
-        if notifier is not None:
-            notifier.close(timeout=30)
+        record = _act(opts, cfg, controller.start, ref, policy=policy, reason=reason)
         if opts.json_out:
             print_json(controller.shown(record))
             return
@@ -117,10 +116,7 @@ def promote(
     from tuneloop.rollout import controller
 
     with guard():
-        notifier = _notifier(_config(opts))
-        record = controller.promote(opts.open(), name, reason=reason, notifier=notifier)
-        if notifier is not None:
-            notifier.close(timeout=30)
+        record = _act(opts, _config(opts), controller.promote, name, reason=reason)
         if opts.json_out:
             print_json(controller.shown(record))
         else:
@@ -140,10 +136,7 @@ def abort(
     from tuneloop.rollout import controller
 
     with guard():
-        notifier = _notifier(_config(opts))
-        record = controller.abort(opts.open(), name, reason=reason, notifier=notifier)
-        if notifier is not None:
-            notifier.close(timeout=30)
+        record = _act(opts, _config(opts), controller.abort, name, reason=reason)
         if opts.json_out:
             print_json(controller.shown(record))
         else:
