@@ -31,7 +31,10 @@ MODEL = "support-bot"
 ADMIN = "live-admin-token"
 # Small steps so the demo takes about a minute; latency is left out: three same-size adapters on one base have
 # the same latency, and showing non-inferiority within a 1.5x margin on it needs hundreds of paired requests.
+# A step needs non-inferiority shown as well as no harm: a step is more exposure, so a canary that has not yet
+# been shown worse (e.g. a bad one still at 11-25 canary requests) is not stepped up on luck.
 POLICY = {"alpha": 0.05, "weights": [0.05, 0.5, 1.0], "min_requests_per_step": 20, "max_active_s": None,
+          "step_requires_non_inferiority": True,
           "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
           "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 20}]}
 NEGATIVE = {1: 0.25, 2: 0.9, 3: 0.05}
