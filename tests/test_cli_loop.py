@@ -341,3 +341,15 @@ def test_collect_gates_reads_data_gates_and_names_a_stage_that_failed_without_on
     gates = collect_gates(crashed)
     assert gates == {"stage.training": {"verdict": "FAIL", "passed": False, "blocks": True, "suite": "stage",
                                         "metric": "status", "value": "failed", "reason": "RuntimeError: out of memory"}}
+
+
+def test_ci_with_the_canary_strategy_deploys_a_first_version_directly(make_config):
+    # No champion to compare against: the deployment stage makes the first version champion, and ci starts no rollout
+    config = make_config(deploy={"auto_deploy": True, "strategy": "canary"})
+    first = tl("ci", config, "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = json.loads(first.stdout)
+    assert result["model_version"] == "tiny-bot:1" and result["rollout"] is None
+    assert result["summary"]["stages"]["deployment"]["metrics"] == {"alias": "champion", "version": 1, "previous": None}
+    again = json.loads(tl("ci", config, "--json").stdout)  # an unchanged re-run: still nothing to roll out
+    assert again["model_version"] == "tiny-bot:1" and again["rollout"] is None

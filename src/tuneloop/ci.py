@@ -102,9 +102,11 @@ def run_ci(config_path: str | os.PathLike, overrides: list[str] | None = None, *
     return result
 
 
-def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
+def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> dict[str, Any] | None:
     """The canary rollout of a passed run (``deploy.strategy: canary``): the one the deployment stage started
-    (with ``auto_deploy``), else one started here for the registered version."""
+    (with ``auto_deploy``), else one started here for the registered version. ``None`` when there is nothing to
+    compare against: the version is the champion already (the model's first version, which the deployment
+    stage made champion directly, or an unchanged re-run)."""
     from tuneloop.registry.api import open_registry
     from tuneloop.rollout import controller
     from tuneloop.workspace import Workspace
@@ -116,6 +118,9 @@ def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> di
     ref = summary.get("model_version")
     if not ref:
         raise RolloutUnavailable("deploy.strategy: canary, but the run registered no version to roll out")
+    champion = reg.get_alias(cfg.model_name, "champion")
+    if champion is not None and f"{cfg.model_name}:{champion}" == ref:
+        return None
     return controller.start(reg, ref, policy=cfg.deploy.canary.policy_dict(), notifier=notifier,
                             reason=f"tuneloop ci, run {summary['run_id']}")
 
