@@ -428,6 +428,10 @@ class CanaryConfig(_Section):
     min_requests_per_step: int = Field(
         500, ge=1, le=10**9, description="Canary requests a step must see before it may step up or promote."
     )
+    step_requires_non_inferiority: bool = Field(
+        False, description="A step up needs non-inferiority shown on every metric, not only no harm: a canary that is worse "
+        "but not yet shown so (a few dozen requests) is then not given more traffic on luck; steps come slower.",
+    )
     max_canary_requests: int | None = Field(
         None, ge=1, le=10**12, description="After this many canary requests without a decision, `on_limit` applies."
     )
