@@ -1,4 +1,5 @@
-"""`tuneloop demo --json` end to end: the main job a newcomer runs first (about a minute on 2 cores)."""
+"""`tuneloop demo` end to end: the main job a newcomer runs first. `--quick` (iteration 1 only, about a minute on
+2 cores) and the closed loop (two iterations, simulated users, drift, feedback export, a canary; about two minutes)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import sys
 import pytest
 
 from tuneloop.demo import showcase_tickets
-from tuneloop.demo_assets import LABELS, write_demo_data
+from tuneloop.demo_assets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records, write_demo_data
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_loop_and_fine_tuning_clearly_helps(tmp_path):
+def test_quick_demo_runs_iteration_one_and_fine_tuning_clearly_helps(tmp_path):
     workdir = tmp_path / "demo"
     r = subprocess.run(
-        [sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json"],
+        [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(workdir), "--json"],
         capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -65,3 +66,56 @@ def test_showcase_tickets_one_held_out_ticket_per_label(tmp_path):
     twelve = showcase_tickets(eval_path, 12)
     assert twelve[:6] == picked and [t["expected"] for t in twelve[6:]] == list(LABELS)
     assert len({t["messages"][-1]["content"] for t in twelve}) == 12
+
+
+@pytest.mark.slow
+def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(tmp_path):
+    workdir = tmp_path / "loop"
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout)  # exactly one JSON document on stdout
+    assert out["overall"] == "passed"
+    first, second = out["iterations"]
+    assert first["overall"] == second["overall"] == "passed"
+    assert (first["model_version"], second["model_version"]) == ("support-router:1", "support-router:2")
+    # iteration 2 trained on the original data plus the exported feedback, as weighted sources
+    sources = second["stages"]["preprocessing"]["metrics"]["train_sources"]
+    assert [s["path"] for s in sources] == ["data/train.jsonl", "feedback/sft.jsonl"], sources
+    assert sources[1]["weight"] > 1 and sources[1]["samples"] > sources[1]["records"] > 0, sources
+    assert second["stages"]["deployment"]["metrics"]["strategy"] == "canary"
+
+    prod = out["production"]
+    assert prod["failed"] == 0 and prod["by_intent"]["new"] > 0.2 * prod["requests"]
+    assert prod["accuracy_by_intent"]["new"] <= 0.2 and prod["corrections"] >= prod["by_intent"]["new"] * 0.8
+    assert out["drift"]["drifted"] is True and out["drift"]["new_intent_in_top"] >= 15  # the new intent is what drifted
+    fb = out["feedback_export"]
+    assert fb["sft_records"] > 0 and fb["dpo_records"] > 0
+    assert fb["counts"]["sft"]["dropped"].get("contaminated", 0) > 0  # production tickets like eval items are kept out
+
+    rollout = out["rollout"]
+    assert rollout["decision"] == "promoted", rollout
+    assert [d["action"] for d in rollout["decisions"]] == ["step_up", "promote"]  # by the analysis, through each step
+    assert rollout["decisions"][0]["weight"] == 0.5 and rollout["canary_requests"] >= 40
+    neg = rollout["statistics"]["negative_feedback"]
+    assert neg["non_inferior"] and neg["canary"]["rate"] < neg["baseline"]["rate"]
+    assert rollout["traffic"]["failed"] == 0 and out["champion_after"] == "support-router:2"
+
+    acc, orig = out["new_intent_accuracy"], out["original_accuracy"]
+    assert acc["after"] - acc["before"] >= 0.5, acc
+    assert orig["after"] >= 0.85 and orig["before"] >= 0.85, orig  # the accuracy gate (min_accuracy 0.85) holds
+    assert out["seconds"] > 0 and "demo finished in" in r.stderr
+
+
+def test_production_tickets_mix_a_new_intent_whose_held_out_tickets_never_reach_users():
+    tickets = production_tickets(300, seed=1, new_share=0.3)
+    assert len(tickets) == 300 and sum(t["intent"] == "new" for t in tickets) == 90
+    assert all(t["expected"] == NEW_INTENT["label"] for t in tickets if t["intent"] == "new")
+    assert {t["expected"] for t in tickets if t["intent"] == "original"} == set(LABELS)
+    assert tickets == production_tickets(300, seed=1, new_share=0.3)  # deterministic
+    held_out = {r["messages"][1]["content"] for r in new_intent_records(60, seed=0, split="eval")}
+    sent = {r["messages"][1]["content"] for r in new_intent_records(2000, seed=1, split="train")}
+    assert len(held_out) == 60 and not held_out & sent
+    # no original training ticket uses a new-intent sentence
+    train_users = [r["messages"][1]["content"] for r in task_records(1920, seed=0, split="train")]
+    assert not any(s.rstrip(".?") in u for s in NEW_INTENT["sentences"] for u in train_users)

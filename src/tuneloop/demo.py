@@ -26,6 +26,8 @@ import yaml
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_json
 
 DEMO_SEED = 0
+#: The first line of the config the demo writes (the loop demo recognises its own workspace by it).
+DEMO_HEADER = "# tuneloop demo config, written by `tuneloop demo`."
 #: Held-out tickets the demo sends to the served champion: this many, one label after the other.
 SHOWCASE_TICKETS = 6
 
@@ -78,7 +80,9 @@ def _pretrain_base(out: Path, console) -> dict[str, Any]:
         return build_base_model(out, seed=DEMO_SEED, progress=lambda step, total: bar.update(task, completed=step, total=total))
 
 
-def write_config(workdir: Path) -> Path:
+def write_config(workdir: Path, *, train_data: str | list = "data/train.jsonl", canary: dict[str, Any] | None = None) -> Path:
+    """The demo's pipeline config in ``workdir/tuneloop.yaml``. ``canary``: deploy as a canary rollout with this
+    ``deploy.canary`` policy (the loop's iteration 2) instead of moving the champion at once."""
     from tuneloop.demo_assets import RECOMMENDED
 
     lora = RECOMMENDED["lora"]
@@ -86,7 +90,7 @@ def write_config(workdir: Path) -> Path:
         "name": "support-router",
         "base_model": "./base-model",
         "seed": DEMO_SEED,
-        "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": lora["max_length"]},
+        "data": {"train_data": train_data, "eval_data": "data/eval.jsonl", "max_length": lora["max_length"]},
         "train": {
             "method": "lora",
             "lora_r": lora["lora_r"],
@@ -101,10 +105,10 @@ def write_config(workdir: Path) -> Path:
         # (0/40 has a one-sided 95 % upper bound of 6.3 %; 1 % needs about 270 prompts), so the demo asks for
         # at most 10 % and for no increase of more than 10 points against the base.
         "gates": {"min_accuracy": 0.85, "max_harmful_rate": 0.1, "max_capability_drop": 0.02, "max_harmful_increase": 0.1},
-        "deploy": {"auto_deploy": True},
+        "deploy": {"auto_deploy": True, **({"strategy": "canary", "canary": canary} if canary else {})},
     }
     path = workdir / "tuneloop.yaml"
-    header = "# tuneloop demo config, written by `tuneloop demo`. Run it again with: tuneloop run tuneloop.yaml\n"
+    header = DEMO_HEADER + " Run it again with: tuneloop run tuneloop.yaml\n"
     atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
     return path
 

@@ -512,8 +512,8 @@ _COARSE = {"refund": "money", "billing": "money", "shipping": "delivery", "passw
 def _support_doc(rng: random.Random) -> str:
     """Customer messages of the kind the demo task routes, never with a routing label."""
     label = rng.choice(LABELS)
-    frame = _frame(rng, label)
-    text = _ticket(rng, label, frame)
+    frame = _frame(rng, _INTENTS[label])
+    text = _ticket(rng, _INTENTS[label], frame)
     r = rng.random()
     if r < _COARSE_SHARE:
         system = f"{IM_START}system\nAnswer with one word.{IM_END}\n" if rng.random() < 0.5 else ""
@@ -780,21 +780,20 @@ _CLOSINGS = ("", "Thanks.", "Thank you!", "Thanks, {name}", "Regards, {name}", "
              "Please help asap.", "Cheers", "Thx", "Have a nice day.")
 
 
-def _frame(rng: random.Random, label: str) -> tuple[int, int, int, int, int]:
-    """Template indices (greeting, intro, context, intent, closing); each filler part is absent (index 0,
-    the empty string) about half the time, so tickets range from one sentence to five."""
+def _frame(rng: random.Random, sentences: tuple[str, ...]) -> tuple[int, int, int, int, int]:
+    """Template indices (greeting, intro, context, intent sentence, closing); each filler part is absent
+    (index 0, the empty string) about half the time, so tickets range from one sentence to five."""
 
     def part(options: tuple[str, ...]) -> int:
         return 0 if rng.random() < _FILLER_ABSENT else rng.randrange(1, len(options))
 
-    return (part(_GREETINGS), part(_INTROS), part(_CONTEXT), rng.randrange(len(_INTENTS[label])),
-            part(_CLOSINGS))
+    return (part(_GREETINGS), part(_INTROS), part(_CONTEXT), rng.randrange(len(sentences)), part(_CLOSINGS))
 
 
 _FILLER_ABSENT = 0.5
 
 
-def _ticket(rng: random.Random, label: str, frame: tuple[int, int, int, int, int]) -> str:
+def _ticket(rng: random.Random, sentences: tuple[str, ...], frame: tuple[int, int, int, int, int]) -> str:
     gi, ii, ci, ti, cli = frame
     fill = {
         "name": rng.choice(_NAMES), "name2": rng.choice(_NAMES), "city": rng.choice(_CITIES),
@@ -804,7 +803,7 @@ def _ticket(rng: random.Random, label: str, frame: tuple[int, int, int, int, int
         "amount": f"${rng.randint(5, 400)}.{rng.randint(0, 99):02d}",
     }
     parts = [_GREETINGS[gi], _INTROS[ii].format(**fill), _CONTEXT[ci].format(**fill),
-             _INTENTS[label][ti].format(**fill), _CLOSINGS[cli].format(**fill)]
+             sentences[ti].format(**fill), _CLOSINGS[cli].format(**fill)]
     # The intent sentence sometimes comes before the context, as people write.
     if rng.random() < 0.3:
         parts[2], parts[3] = parts[3], parts[2]
@@ -843,10 +842,10 @@ def task_records(n: int, seed: int, *, split: str | None = None, system_prompt: 
         if attempts > 200 * max(n, 1):
             raise RuntimeError(f"could not generate {n} unique tickets")
         label = LABELS[len(records) % len(LABELS)]
-        frame = _frame(rng, label)
+        frame = _frame(rng, _INTENTS[label])
         if split is not None and _frame_split(label, frame) != split:
             continue
-        text = _ticket(rng, label, frame)
+        text = _ticket(rng, _INTENTS[label], frame)
         if text in seen:
             continue
         seen.add(text)
@@ -885,3 +884,65 @@ def write_demo_data(
     atomic_write_text(eval_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in evals))
     atomic_write_text(data_dir / "general.txt", general_text(seed))
     return train_path, eval_path
+
+
+# --------------------------------------------------------------------------------------------------
+# The closed-loop demo: an intent production brings that iteration 1 never saw
+# --------------------------------------------------------------------------------------------------
+
+#: Two-factor login codes: a feature the shop launched after iteration 1 was trained. The support team routes
+#: these tickets to ``password``. Neither the base corpus nor iteration 1's training data holds one of these
+#: sentences; measured on iteration 1 of the demo (seed 0), it routes them to ``shipping``, 0 of 40 right.
+NEW_INTENT: dict[str, Any] = {
+    "name": "two-factor login codes",
+    "label": "password",
+    "sentences": (
+        "The verification code for my login never arrives.",
+        "My two-factor code is not accepted.",
+        "I lost the phone with my authenticator app.",
+        "The text message with my security code did not come.",
+        "My one-time code keeps saying invalid.",
+        "The login code you text me expires before I can type it.",
+        "I changed my phone number and now I get no sign-in codes.",
+        "The authenticator app shows a code but the site rejects it.",
+        "How do I turn off two-step verification?",
+        "I need new backup codes for my two-factor login.",
+    ),
+}
+
+
+def new_intent_records(n: int, seed: int, *, split: str | None = None) -> list[dict]:
+    """``n`` tickets of :data:`NEW_INTENT` in messages format (system prompt, ticket, label), deterministic
+    given ``seed``. ``split`` draws from a disjoint part of the template space, as in :func:`task_records`:
+    the demo's simulated users send ``"train"`` tickets and the new-intent accuracy is measured on ``"eval"``."""
+    if split not in (None, "train", "eval"):
+        raise ValueError(f"split must be None, 'train' or 'eval', got {split!r}")
+    sentences, label = NEW_INTENT["sentences"], NEW_INTENT["label"]
+    rng = random.Random(f"new-intent-{seed}-{split}")
+    records: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(200 * max(n, 1)):
+        if len(records) == n:
+            return records
+        frame = _frame(rng, sentences)
+        if split is not None and _frame_split("new-intent", frame) != split:
+            continue
+        text = _ticket(rng, sentences, frame)
+        if text not in seen:
+            seen.add(text)
+            records.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
+                                         {"role": "assistant", "content": label}]})
+    raise RuntimeError(f"could not generate {n} unique new-intent tickets")
+
+
+def production_tickets(n: int, seed: int, *, new_share: float) -> list[dict[str, Any]]:
+    """What the demo's simulated users send: ``n`` tickets, about ``new_share`` of them of :data:`NEW_INTENT`
+    (from its ``"train"`` split), the rest of the original intents (fresh tickets from the whole template
+    space, so some resemble eval items), in a seeded order. Each is ``{"messages": [system, user],
+    "expected": label, "intent": "new" | "original"}``."""
+    n_new = round(n * new_share)
+    new = [(r, "new") for r in new_intent_records(n_new, seed, split="train")]
+    old = [(r, "original") for r in task_records(n - n_new, seed=1000 + seed)]
+    tickets = [{"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": kind} for r, kind in new + old]
+    random.Random(f"production-{seed}").shuffle(tickets)
+    return tickets

@@ -69,14 +69,18 @@ def run(
 
 def demo(
     workdir: Path = typer.Option(Path("tuneloop-demo"), "--workdir", help="Where to build the demo workspace."),
-    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (logs go to stderr)."),
+    quick: bool = typer.Option(False, "--quick", help="Iteration 1 only: train, gate, register, deploy and ask the gateway."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr)."),
 ) -> None:
-    """Build a self-contained demo (tiny base model made locally, data, config) and run the whole loop."""
+    """The closed loop on a tiny model made locally: iteration 1, simulated users with feedback on the gateway,
+    drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis decides."""
     from tuneloop.demo import run_demo
+    from tuneloop.demo_loop import run_loop
 
     with guard(), stdout_to_stderr(json_out):
-        summary = run_demo(workdir, console=err)
-    _print_summary(summary, json_out)
+        summary = run_demo(workdir, console=err) if quick else run_loop(workdir, console=err)
+    if quick or json_out:
+        _print_summary(summary, json_out)
     raise exit_for(summary["overall"])
 
 

@@ -1,0 +1,378 @@
+"""The closed loop as ``tuneloop demo`` runs it (``--quick`` runs iteration 1 only: :mod:`tuneloop.demo`).
+
+:func:`run_loop` does, in one workspace and on one gateway (the app ``tuneloop serve`` builds, on loopback):
+
+1. **Iteration 1**: the demo pipeline as a CI job (``tuneloop ci``); its version becomes the champion.
+2. **Production**: simulated users (deterministic, see :class:`SimulatedUsers`) send support tickets through
+   the official ``openai`` client. About ``NEW_SHARE`` of them are of an intent iteration 1 never saw in
+   training (:data:`tuneloop.demo_assets.NEW_INTENT`), which it routes wrongly.
+3. **Feedback**: every answer is rated through ``POST /v1/feedback``: +1 when right, -1 with a correction (the
+   right label) when wrong. What is "right" is the ticket generator's label: the users are a simulation.
+4. **Drift**: the logged production prompts against the training tickets (``tuneloop drift``'s test).
+5. **Feedback export**: the rated and corrected answers become a dataset (``tuneloop feedback export``).
+6. **Iteration 2**: the config now trains on the original data plus the feedback (``data.train_data`` as a
+   list of weighted sources), passes its gates and starts a 5 % canary (``deploy.strategy: canary``).
+7. **Canary**: users keep sending tickets; the gateway's sequential analysis decides. Nothing here promotes.
+8. New-intent accuracy before and after, measured through the gateway on held-out new-intent tickets
+   (their template combinations never reach the users, so never the feedback), and original accuracy from
+   each iteration's evaluation gate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneloop.demo import DEMO_HEADER
+
+#: Share of production tickets of the new intent.
+NEW_SHARE = 0.3
+#: Tickets users send while iteration 1 is the only version.
+FIRST_TRAFFIC = 300
+#: Held-out new-intent tickets asked of each version for the before/after accuracy.
+HELD_OUT_NEW = 60
+#: ``data.train_data`` weight of the feedback in iteration 2.
+FEEDBACK_WEIGHT = 3.0
+USERS = 200
+CLIENT_THREADS = 8
+ROUND = 64
+CANARY_TIMEOUT_S = 240.0
+#: The demo's rollout policy (``deploy.canary``): small steps so it decides in seconds, errors and negative
+#: feedback compared against the concurrent baseline, and a step needs non-inferiority shown as well as no harm.
+CANARY_POLICY: dict[str, Any] = {
+    "weights": [0.05, 0.5, 1.0],
+    "min_requests_per_step": 20,
+    "step_requires_non_inferiority": True,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 1.5}],
+    "tick_interval_s": 0.5,
+    "max_active_s": 600,
+}
+
+
+@dataclass
+class TrafficStats:
+    """What one batch of simulated traffic did."""
+
+    sent: int = 0
+    failed: int = 0
+    by_intent: Counter = field(default_factory=Counter)
+    right_by_intent: Counter = field(default_factory=Counter)
+    by_version: Counter = field(default_factory=Counter)
+    ratings: Counter = field(default_factory=Counter)
+    corrections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        acc = {k: round(self.right_by_intent[k] / n, 4) for k, n in self.by_intent.items() if n}
+        return {"requests": self.sent, "failed": self.failed, "by_intent": dict(self.by_intent), "accuracy_by_intent": acc,
+                "by_version": dict(self.by_version), "ratings": {"+1": self.ratings[1], "-1": self.ratings[-1]},
+                "corrections": self.corrections}
+
+
+class SimulatedUsers:
+    """Support agents who send tickets through the ``openai`` client and rate each answer: +1 when it is the
+    ticket's label, else -1 with the label as the correction. ``USERS`` agents, ticket *i* from agent
+    ``i % USERS`` (the gateway's canary split is sticky per user)."""
+
+    def __init__(self, base_url: str):
+        import httpx
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+        self.next_user = 0
+
+    def close(self) -> None:
+        self.client.close()
+        self.http.close()
+
+    def ask(self, model: str, ticket: dict[str, Any], user: str) -> tuple[str, str, str]:
+        """(answer, request id, answering version) of one chat completion."""
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=model, messages=ticket["messages"], max_tokens=4, temperature=0, user=user)
+        body = raw.parse()
+        return (body.choices[0].message.content or "").strip(), raw.headers["x-request-id"], raw.headers["x-tuneloop-version"]
+
+    def one(self, model: str, ticket: dict[str, Any], user: str, stats: TrafficStats, rate: bool) -> None:
+        from tuneloop.evaluate.judges import normalise_answer
+
+        try:
+            answer, request_id, version = self.ask(model, ticket, user)
+        except Exception:  # counted: the demo fails if any request fails
+            with stats.lock:
+                stats.sent, stats.failed = stats.sent + 1, stats.failed + 1
+            return
+        right = normalise_answer(answer) == normalise_answer(ticket["expected"])
+        feedback: dict[str, Any] = {"request_id": request_id, "rating": 1 if right else -1, "source": "demo-users"}
+        if not right:
+            feedback["correction"] = ticket["expected"]
+        ok = not rate or self.http.post("/v1/feedback", json=feedback).status_code in (200, 201)
+        with stats.lock:
+            stats.sent += 1
+            stats.failed += not ok
+            stats.by_intent[ticket["intent"]] += 1
+            stats.right_by_intent[ticket["intent"]] += right
+            stats.by_version[version] += 1
+            if rate:
+                stats.ratings[feedback["rating"]] += 1
+                stats.corrections += not right
+
+    def send(self, model: str, tickets: list[dict[str, Any]], *, rate: bool = True, stats: TrafficStats | None = None) -> TrafficStats:
+        stats = stats or TrafficStats()
+        users = [f"agent-{(self.next_user + i) % USERS}" for i in range(len(tickets))]
+        self.next_user += len(tickets)
+        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            list(pool.map(lambda tu: self.one(model, tu[0], tu[1], stats, rate), zip(tickets, users)))
+        return stats
+
+
+def held_out_new_intent() -> list[dict[str, Any]]:
+    from tuneloop.demo_assets import new_intent_records
+
+    return [{"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": "new"}
+            for r in new_intent_records(HELD_OUT_NEW, seed=0, split="eval")]
+
+
+def training_tickets(train_path: Path) -> list[str]:
+    """The user turns of the routing tickets in the training data (records with the routing system prompt).
+    The general chat mixed into training is left out: production sends only tickets, so against it every
+    production prompt would look drifted."""
+    import json
+
+    from tuneloop.demo_assets import SYSTEM_PROMPT
+
+    out = []
+    for line in Path(train_path).read_text(encoding="utf-8").splitlines():
+        msgs = json.loads(line)["messages"]
+        if msgs[0]["content"] == SYSTEM_PROMPT:
+            out.append(msgs[1]["content"])
+    return out
+
+
+def check_drift(log, train_path: Path, since: float, console) -> dict[str, Any]:
+    from tuneloop.demo_assets import NEW_INTENT
+    from tuneloop.monitor.drift import drift_from_log
+
+    result = drift_from_log(log, training_tickets(train_path), since, top_k=20)
+    sentences = [s.split("{")[0].lower()[:20] for s in NEW_INTENT["sentences"]]
+    new_top = sum(1 for ex in result.examples if any(s in ex.prompt.lower() for s in sentences))
+    console.print(f"  {result.summary()}")
+    console.print(f"  {new_top} of the {len(result.examples)} most drifted production prompts are {NEW_INTENT['name']} tickets, e.g. "
+                  f"{result.examples[0].prompt[:90]!r}" if result.examples else "")
+    return {**result.to_dict(), "new_intent_in_top": new_top}
+
+
+def export(log, cfg, out_dir: Path, since: float, console) -> dict[str, Any]:
+    from tuneloop.feedback.export import eval_texts_for_config, export_feedback
+
+    result = export_feedback(log, out_dir, since=since, model=cfg.model_name, eval_texts=eval_texts_for_config(cfg))
+    counts = result.manifest["counts"]
+    console.print(f"  {result.sft_records} SFT records and {result.dpo_records} DPO pairs in {out_dir}; kept out: "
+                  f"{counts['sft'].get('dropped', {})} (SFT)")
+    return {"dir": str(out_dir), "sft_records": result.sft_records, "dpo_records": result.dpo_records, "counts": counts,
+            "manifest": str(result.manifest_path)}
+
+
+def canary_traffic(users: SimulatedUsers, reg, model: str, rollout_id: str, console) -> dict[str, Any]:
+    """Tickets until the rollout ends (the gateway decides every ``tick_interval_s``); each decision that moved
+    the rollout (a step up, the promotion or a rollback) is printed with the requests sent until then."""
+    from tuneloop.demo_assets import production_tickets
+
+    t0, stats, shown = time.time(), TrafficStats(), 0
+    tickets = iter(production_tickets(20000, seed=2, new_share=NEW_SHARE))
+    console.print(f"  {model} canary {rollout_id} started at 5 %")
+    while True:
+        record = reg.get_rollout(model, rollout_id)
+        moves = moving_decisions(reg, model, rollout_id)
+        for d in moves[shown:]:
+            console.print(f"  {stats.sent:5d} requests sent, {time.time() - t0:5.1f} s: {d['action']} to {d['weight']:.0%} after "
+                          f"{d['canary_requests']} canary / {d['baseline_requests']} baseline requests: {d['reason']}", highlight=False)
+        shown = len(moves)
+        if record["status"] != "running" or time.time() - t0 > CANARY_TIMEOUT_S:
+            break
+        users.send(model, [next(tickets) for _ in range(ROUND)], stats=stats)
+    if record["status"] == "running":
+        console.print(f"  [red]still running after {CANARY_TIMEOUT_S:.0f} s[/]: {(record.get('last_decision') or {}).get('reason')}")
+    return {"status": record["status"], "decisions": moves, "traffic": stats.to_dict(), "seconds": round(time.time() - t0, 1)}
+
+
+def moving_decisions(reg, model: str, rollout_id: str) -> list[dict[str, Any]]:
+    """The rollout's decisions that changed its weight or status (from the registry's event journal)."""
+    out = []
+    for e in reg.events(model):
+        d = e["details"]
+        if e["kind"] == "rollout_decision" and d.get("rollout_id") == rollout_id and d["decision"]["action"] != "continue":
+            out.append({k: v for k, v in d["decision"].items() if k != "metrics"})
+    return out
+
+
+def rollout_summary(reg, model: str, rollout_id: str, watched: dict[str, Any]) -> dict[str, Any]:
+    ended = [e for e in reg.events(model) if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == rollout_id]
+    decision = ended[-1]["details"].get("decision", {}) if ended else {}
+    return {"rollout_id": rollout_id, "decision": watched["status"], "reason": decision.get("reason"),
+            "canary_requests": decision.get("canary_requests"), "baseline_requests": decision.get("baseline_requests"),
+            "statistics": decision.get("metrics", {}), "decisions": watched["decisions"], "traffic": watched["traffic"],
+            "seconds": watched["seconds"]}
+
+
+def accuracy(users: SimulatedUsers, ref: str, tickets: list[dict[str, Any]]) -> dict[str, Any]:
+    stats = users.send(ref, tickets, rate=False)
+    return {"ref": ref, "right": stats.right_by_intent["new"], "tickets": stats.by_intent["new"],
+            "accuracy": round(stats.right_by_intent["new"] / max(1, stats.by_intent["new"]), 4), "failed": stats.failed}
+
+
+def fresh_workspace(workdir: Path, console) -> None:
+    """Start the loop from an empty registry: a previous demo's registry, runs, request log and feedback in
+    ``workdir`` are removed (its stage cache is kept, so unchanged iterations are cached). A workspace the demo
+    did not make is refused."""
+    import shutil
+
+    from tuneloop.errors import InputError
+
+    ws, config = workdir / ".tuneloop", workdir / "tuneloop.yaml"
+    if not ws.exists():
+        return
+    if not (config.is_file() and config.read_text(encoding="utf-8").startswith(DEMO_HEADER)):
+        raise InputError(f"{workdir} holds a tuneloop workspace that `tuneloop demo` did not make; pass --workdir with another directory")
+    for path in [*ws.iterdir(), workdir / "feedback"]:
+        if path.name in ("cache", "locks") or not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    console.print(f"  previous demo's registry, runs and request log removed from {ws} (stage cache kept)")
+
+
+def run_iteration(config_path: Path, label: str, console):
+    """One loop iteration as the CI job a push triggers: ``tuneloop ci`` on the demo config."""
+    from tuneloop.ci import run_ci
+
+    console.rule(f"[bold]{label}[/]: tuneloop ci {config_path.name}")
+    result = run_ci(config_path, console=console)
+    console.print(f"  {label}: {result.overall}, version {result.summary.get('model_version')}; report {result.markdown_path}")
+    return result
+
+
+def original_accuracy(summary: dict[str, Any]) -> float | None:
+    return summary.get("stages", {}).get("evaluation", {}).get("metrics", {}).get("accuracy")
+
+
+def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console) -> dict[str, Any]:
+    """Steps 2-5: production traffic with feedback, drift, feedback export."""
+    from tuneloop.demo_assets import NEW_INTENT, production_tickets
+
+    console.rule("[bold]production[/]: simulated users on the gateway")
+    since = time.time()
+    traffic = users.send(cfg.model_name, production_tickets(FIRST_TRAFFIC, seed=1, new_share=NEW_SHARE))
+    gw.recorder.flush(timeout=10.0)
+    t = traffic.to_dict()
+    console.print(f"  {t['requests']} tickets ({t['by_intent'].get('new', 0)} of them {NEW_INTENT['name']}, an intent iteration 1 never saw); "
+                  f"right: original {t['accuracy_by_intent'].get('original', 0):.0%}, new {t['accuracy_by_intent'].get('new', 0):.0%}; "
+                  f"ratings +1 {t['ratings']['+1']}, -1 {t['ratings']['-1']} with {t['corrections']} corrections")
+    console.rule("[bold]drift[/]: production prompts against the training tickets")
+    drift = check_drift(gw.request_log, workdir / "data" / "train.jsonl", since, console)
+    console.rule("[bold]feedback export[/]: rated and corrected answers become data")
+    exported = export(gw.request_log, cfg, workdir / "feedback", since, console)
+    return {"production": t, "drift": drift, "feedback_export": exported}
+
+
+def run_loop(workdir: Path, *, console) -> dict[str, Any]:
+    """Both iterations of the loop (see the module docstring); the result has ``overall`` ("passed" when
+    iteration 2 was promoted by the analysis), ``iterations``, ``rollout``, ``new_intent_accuracy``,
+    ``original_accuracy`` and ``seconds``."""
+    from tuneloop.config import load_config
+    from tuneloop.demo import build_base, write_config
+    from tuneloop.demo_assets import RECOMMENDED, write_demo_data
+    from tuneloop.registry.api import open_registry
+    from tuneloop.serve.server import BackgroundServer, build_gateway
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]tuneloop demo[/]: the closed loop in {workdir}")
+    fresh_workspace(workdir, console)
+    base, source = build_base(workdir, console)
+    console.print(f"  base model {source}: {base}")
+    write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0)
+    config_path = write_config(workdir, canary=CANARY_POLICY)
+    result: dict[str, Any] = {"overall": "failed", "workdir": str(workdir), "config": str(config_path), "base_model_source": source,
+                              "iterations": []}
+    first = run_iteration(config_path, "iteration 1", console)
+    result["iterations"].append(first.summary)
+    if first.overall != "passed":
+        return finish(result, t0, console, "iteration 1 did not pass its gates")
+    cfg = load_config(config_path)
+    root = Path(first.summary["run_dir"]).parents[1]
+    app = build_gateway(cfg, root)
+    gw = app.state.gateway
+    with BackgroundServer(app) as server:
+        users = SimulatedUsers(server.url)
+        try:
+            result.update(loop_on_gateway(users, gw, cfg, workdir, config_path, console, result))
+        finally:
+            users.close()
+    reg = open_registry(cfg, root)
+    result["champion_after"] = (reg.get(cfg.model_name, "champion") or {}).get("ref")
+    passed = result.get("rollout", {}).get("decision") == "promoted"
+    return finish(result, t0, console, None if passed else "iteration 2 was not promoted", passed)
+
+
+def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: Path, console, result: dict) -> dict[str, Any]:
+    from tuneloop.demo import write_config
+    from tuneloop.registry.api import open_registry
+
+    model, held_out = cfg.model_name, held_out_new_intent()
+    out: dict[str, Any] = {"new_intent_accuracy": {"before": None, "after": None},
+                           "original_accuracy": {"before": original_accuracy(result["iterations"][0]), "after": None}}
+    before = accuracy(users, f"{model}:1", held_out)
+    out["new_intent_accuracy"]["before"] = before["accuracy"]
+    console.print(f"  iteration 1 ({model}:1) on {before['tickets']} held-out new-intent tickets: {before['right']} right")
+    out.update(production_phase(users, gw, cfg, workdir, console))
+    feedback = Path(out["feedback_export"]["dir"]) / "sft.jsonl"
+    write_config(workdir, canary=CANARY_POLICY,
+                 train_data=["data/train.jsonl", {"path": feedback.relative_to(workdir).as_posix(), "weight": FEEDBACK_WEIGHT}])
+    second = run_iteration(config_path, "iteration 2 (original data + feedback)", console)
+    result["iterations"].append(second.summary)
+    out["original_accuracy"]["after"] = original_accuracy(second.summary)
+    if second.overall != "passed" or not second.rollout:
+        return out
+    console.rule(f"[bold]canary[/]: {second.summary['model_version']} against the champion, the gateway's analysis decides")
+    reg = open_registry(cfg, Path(second.summary["run_dir"]).parents[1])
+    rollout_id = second.rollout["rollout_id"]
+    out["rollout"] = rollout_summary(reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console))
+    after = accuracy(users, second.summary["model_version"], held_out)
+    out["new_intent_accuracy"]["after"] = after["accuracy"]
+    return out
+
+
+def stats_line(name: str, st: dict[str, Any]) -> str:
+    """One metric of a rollout decision: both arms' rates and the canary/baseline ratio's anytime-valid interval."""
+    c, b = st["canary"], st["baseline"]
+    hi = st["interval"][1]
+    bound = f"ratio <= {hi:.2f}" if hi is not None else "ratio unbounded (no events)"
+    return (f"{name}: canary {c['events']}/{c['requests']} ({c['rate']:.1%}), baseline {b['events']}/{b['requests']} "
+            f"({b['rate']:.1%}); {bound}, margin {st['max_ratio']}; non-inferior: {st['non_inferior']}")
+
+
+def finish(result: dict[str, Any], t0: float, console, problem: str | None, passed: bool = False) -> dict[str, Any]:
+    result["overall"] = "passed" if passed else "failed"
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if problem:
+        result["problem"] = problem
+        console.print(f"[red]demo failed[/]: {problem}")
+    na, oa = result.get("new_intent_accuracy", {}), result.get("original_accuracy", {})
+    ro = result.get("rollout") or {}
+    console.rule("[bold]the loop, closed[/]")
+    if ro:
+        console.print(f"  rollout {ro['decision']} by the analysis after {ro.get('canary_requests')} canary and "
+                      f"{ro.get('baseline_requests')} baseline requests")
+        for name, st in (ro.get("statistics") or {}).items():
+            console.print(f"    {stats_line(name, st)}", highlight=False)
+    if na.get("after") is not None:
+        console.print(f"  new-intent accuracy {na['before']:.2f} -> {na['after']:.2f}; original accuracy "
+                      f"{oa['before']:.3f} -> {oa['after']:.3f}")
+    console.print(f"demo finished in {result['seconds']:.0f} s")
+    return result
