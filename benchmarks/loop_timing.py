@@ -1,8 +1,10 @@
-"""Wall-clock of the loop on the demo workspace: the demo itself, an unchanged re-run (all stages cached),
-a gate-threshold-only change (evaluation and what follows re-run, training re-used), and the baseline: the
-same re-run with caching off (`--no-cache`), i.e. what a pipeline without content-hash caching costs.
+"""Wall-clock of the loop on the demo workspace: the closed-loop demo (`tuneloop demo`: two iterations, traffic,
+drift, feedback export, canary) with its phases, then iteration 1 alone (`tuneloop demo --quick`) and, on that
+workspace, an unchanged re-run (all stages cached), a gate-threshold-only change (evaluation and what follows
+re-run, training re-used), and the baseline: the same re-run with caching off (`--no-cache`), i.e. what a
+pipeline without content-hash caching costs.
 
-    python benchmarks/loop_timing.py [--workdir DIR]
+    python benchmarks/loop_timing.py [--workdir DIR] [--no-loop]
 
 Prints a table and ends with one JSON line.
 """
@@ -32,20 +34,26 @@ def timed(args: list[str]) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None, help="demo workdir (default: a fresh temp dir)")
+    ap.add_argument("--no-loop", action="store_true", help="skip the closed-loop demo (time iteration 1 and re-runs only)")
     a = ap.parse_args()
-    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
-    if workdir.exists() and a.workdir is None:
-        shutil.rmtree(workdir)
+    root = a.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
+    for sub in ("loop", "quick"):
+        if (root / sub).exists():
+            shutil.rmtree(root / sub)
+    workdir = root / "quick"
     cfg = str(workdir / "tuneloop.yaml")
 
-    demo_s, demo = timed(["demo", "--workdir", str(workdir)])
+    loop_s, loop = (None, {}) if a.no_loop else timed(["demo", "--workdir", str(root / "loop")])
+    demo_s, demo = timed(["demo", "--quick", "--workdir", str(workdir)])
     cached_s, cached = timed(["run", cfg])
     gate_s, gate = timed(["run", cfg, "-o", "gates.max_harmful_rate=0.2"])
     nocache_s, nocache = timed(["run", cfg, "--no-cache"])
 
     st = demo["stages"]
-    rows = [
-        ("demo (fresh: base model + full loop + one served request)", demo_s),
+    rows = [(f"closed-loop demo: {k}", v) for k, v in loop.get("phase_seconds", {}).items()]
+    rows = ([("closed-loop demo (fresh: two iterations, traffic, drift, export, canary)", loop_s)] + rows) if loop else []
+    rows += [
+        ("demo --quick (fresh: base model + iteration 1 + six served tickets)", demo_s),
         ("  of which pipeline run", demo["duration_s"]),
         ("  of which training stage", st["training"]["duration_s"]),
         ("unchanged re-run (tuneloop cache)", cached_s),
@@ -58,6 +66,13 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "loop_demo_seconds": round(loop_s, 1) if loop else None,
+                "loop_demo_overall": loop.get("overall"),
+                "loop_phase_seconds": loop.get("phase_seconds"),
+                "loop_rollout_decision": (loop.get("rollout") or {}).get("decision"),
+                "loop_canary_requests": (loop.get("rollout") or {}).get("canary_requests"),
+                "new_intent_accuracy": loop.get("new_intent_accuracy"),
+                "original_accuracy": loop.get("original_accuracy"),
                 "demo_seconds": round(demo_s, 1),
                 "demo_overall": demo["overall"],
                 "accuracy": st["evaluation"]["metrics"]["accuracy"],

@@ -302,6 +302,7 @@ def run_loop(workdir: Path, *, console) -> dict[str, Any]:
                               "iterations": []}
     first = run_iteration(config_path, "iteration 1", console)
     result["iterations"].append(first.summary)
+    result["phase_seconds"] = {"setup_and_iteration_1": round(time.perf_counter() - t0, 1)}
     if first.overall != "passed":
         return finish(result, t0, console, "iteration 1 did not pass its gates")
     cfg = load_config(config_path)
@@ -327,16 +328,19 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     model, held_out = cfg.model_name, held_out_new_intent()
     out: dict[str, Any] = {"new_intent_accuracy": {"before": None, "after": None},
                            "original_accuracy": {"before": original_accuracy(result["iterations"][0]), "after": None}}
+    phases, mark = result["phase_seconds"], time.perf_counter()
     before = accuracy(users, f"{model}:1", held_out)
     out["new_intent_accuracy"]["before"] = before["accuracy"]
     console.print(f"  iteration 1 ({model}:1) on {before['tickets']} held-out new-intent tickets: {before['right']} right")
     out.update(production_phase(users, gw, cfg, workdir, console))
     feedback = Path(out["feedback_export"]["dir"]) / "sft.jsonl"
+    phases["production_drift_export"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     write_config(workdir, canary=CANARY_POLICY,
                  train_data=["data/train.jsonl", {"path": feedback.relative_to(workdir).as_posix(), "weight": FEEDBACK_WEIGHT}])
     second = run_iteration(config_path, "iteration 2 (original data + feedback)", console)
     result["iterations"].append(second.summary)
     out["original_accuracy"]["after"] = original_accuracy(second.summary)
+    phases["iteration_2"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     if second.overall != "passed" or not second.rollout:
         return out
     console.rule(f"[bold]canary[/]: {second.summary['model_version']} against the champion, the gateway's analysis decides")
@@ -345,6 +349,7 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     out["rollout"] = rollout_summary(reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console))
     after = accuracy(users, second.summary["model_version"], held_out)
     out["new_intent_accuracy"]["after"] = after["accuracy"]
+    phases["canary_and_after"] = round(time.perf_counter() - mark, 1)
     return out
 
 
