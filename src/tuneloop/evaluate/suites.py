@@ -32,7 +32,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from tuneloop.errors import InputError
 from tuneloop.evaluate.audit import prompt_sha256
@@ -182,39 +181,45 @@ def _lmeval_version() -> str:
 # ------------------------------------------------------------------------------------------- model runs
 
 
-@torch.inference_mode()
 def continuation_logprobs(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
     """Sum of log-probabilities of each continuation after its context (token ids concatenated)."""
+    import torch  # here, not at the top: a cached run loads suites without computing anything
+
+    with torch.inference_mode():
+        return [_continuation_logprob(model, tok, ctx, cont) for ctx, cont in pairs]
+
+
+def _continuation_logprob(model, tok, ctx: str, cont: str) -> float:
+    import torch
+
     device = next(model.parameters()).device
-    out = []
-    for ctx, cont in pairs:
-        c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-        if not x_ids:
-            out.append(float("-inf"))
-            continue
-        ids = torch.tensor([(c_ids + x_ids)[-1024:]], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
-        targets = ids[0, 1:]
-        n = len(x_ids)
-        out.append(float(logp[-n:].gather(1, targets[-n:, None]).sum()))
-    return out
+    c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+    x_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    if not x_ids:
+        return float("-inf")
+    ids = torch.tensor([(c_ids + x_ids)[-1024:]], device=device)
+    logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+    targets = ids[0, 1:]
+    n = len(x_ids)
+    return float(logp[-n:].gather(1, targets[-n:, None]).sum())
 
 
-@torch.inference_mode()
 def token_hits(model, tok, text: str, *, window: int = 128) -> dict[str, Any]:
     """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity."""
+    import torch
+
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     hits: list[int] = []
     nll = 0.0
-    for start in range(0, max(len(ids) - 1, 0), window):
-        chunk = torch.tensor([ids[start : start + window + 1]])
-        if chunk.shape[1] < 2:
-            break
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
-        target = chunk[:, 1:]
-        hits += (logits.argmax(-1) == target)[0].int().tolist()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+    with torch.inference_mode():
+        for start in range(0, max(len(ids) - 1, 0), window):
+            chunk = torch.tensor([ids[start : start + window + 1]])
+            if chunk.shape[1] < 2:
+                break
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            target = chunk[:, 1:]
+            hits += (logits.argmax(-1) == target)[0].int().tolist()
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
     ppl = math.exp(nll / len(hits)) if hits else float("nan")
     return {"hits": hits, "perplexity": ppl if math.isfinite(ppl) else None}
 
