@@ -119,3 +119,26 @@ def test_production_tickets_mix_a_new_intent_whose_held_out_tickets_never_reach_
     # no original training ticket uses a new-intent sentence
     train_users = [r["messages"][1]["content"] for r in task_records(1920, seed=0, split="train")]
     assert not any(s.rstrip(".?") in u for s in NEW_INTENT["sentences"] for u in train_users)
+
+
+def test_loop_demo_starts_from_an_empty_registry_and_refuses_a_workspace_it_did_not_make(tmp_path):
+    from rich.console import Console
+
+    from tuneloop.demo import DEMO_HEADER
+    from tuneloop.demo_loop import fresh_workspace
+    from tuneloop.errors import InputError
+
+    ws = tmp_path / ".tuneloop"
+    for d in ("cache/training/k", "runs/r1", "artifacts/a"):
+        (ws / d).mkdir(parents=True)
+    (ws / "registry.db").write_text("x")
+    (tmp_path / "feedback").mkdir()
+    (tmp_path / "tuneloop.yaml").write_text("name: mine\n")
+    with pytest.raises(InputError, match="did not make"):
+        fresh_workspace(tmp_path, Console(quiet=True))
+    assert (ws / "registry.db").exists()  # nothing removed
+
+    (tmp_path / "tuneloop.yaml").write_text(DEMO_HEADER + " Run it again with: tuneloop run tuneloop.yaml\nname: support-router\n")
+    fresh_workspace(tmp_path, Console(quiet=True))
+    assert sorted(p.name for p in ws.iterdir()) == ["cache"] and (ws / "cache" / "training" / "k").is_dir()
+    assert not (tmp_path / "feedback").exists()
