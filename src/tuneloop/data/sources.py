@@ -408,7 +408,7 @@ def _overlap_problem(sources: Sequence[TrainSource]) -> str | None:
     for i, a in enumerate(paths):
         for j, b in enumerate(paths):
             if i < j and a is not None and b is not None and (a == b or a.is_relative_to(b) or b.is_relative_to(a)):
-                return (f"data.train_data: {sources[i].label} and {sources[j].label} hold the same files; "
+                return (f"{sources[i].label} and {sources[j].label} hold the same files; "
                         "list each file once (a `weight` counts a source more)")
     return None
 
@@ -419,7 +419,7 @@ def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSou
     if not sources:
         raise InputError("data.train_data: the list of sources is empty; give at least one")
     if problem := _overlap_problem(sources):
-        raise InputError(problem)
+        raise InputError(f"data.train_data: {problem}")
     opened = OpenedSources(iter(()), "line", fmt)
     parts, first = [], None
     for index, src in enumerate(sources):
