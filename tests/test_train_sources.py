@@ -110,6 +110,8 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     assert quarantined[0]["reasons"] == ["exact_duplicate: same as line 5 of data/train.jsonl"]
     # The gate's "file:line: rule: reason" names the second source and its own line.
     assert any("feedback/sft.jsonl:3: empty_content" in f for f in verdict.failures), verdict.failures
+    html = (tmp_path / "out" / "train.report.html").read_text()
+    assert "<h2>Sources</h2>" in html and "<td>feedback/sft.jsonl</td><td>3</td><td>4</td><td>2</td>" in html
     clean = [json.loads(x) for x in (tmp_path / "out" / "train.clean.jsonl").read_text().splitlines()]
     assert [(c["_file"], c["_line"], c["_source"]) for c in clean[-2:]] == [("feedback/sft.jsonl", 2, 1), ("feedback/sft.jsonl", 4, 1)]
 
