@@ -102,8 +102,8 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     verdict = validate_splits(cfg.data, tmp_path / "out")
     rep = verdict.reports["train"]
     assert rep["path"] == "data/train.jsonl + feedback/sft.jsonl"
-    assert rep["sources"] == [{"path": "data/train.jsonl", "weight": 1.0, "records": 10, "valid": 10},
-                              {"path": "feedback/sft.jsonl", "weight": 3.0, "records": 4, "valid": 2}]
+    assert rep["sources"] == [{"path": "data/train.jsonl", "records": 10, "valid": 10},
+                              {"path": "feedback/sft.jsonl", "records": 4, "valid": 2}]
     assert (rep["records"], rep["valid"], rep["duplicates"], rep["invalid"]) == (14, 12, 1, 1)
     quarantined = [json.loads(x) for x in (tmp_path / "out" / "train.quarantine.jsonl").read_text().splitlines()]
     assert [(q["file"], q["line"]) for q in quarantined] == [("feedback/sft.jsonl", 1), ("feedback/sft.jsonl", 3)]
@@ -111,7 +111,7 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     # The gate's "file:line: rule: reason" names the second source and its own line.
     assert any("feedback/sft.jsonl:3: empty_content" in f for f in verdict.failures), verdict.failures
     html = (tmp_path / "out" / "train.report.html").read_text()
-    assert "<h2>Sources</h2>" in html and "<td>feedback/sft.jsonl</td><td>3</td><td>4</td><td>2</td>" in html
+    assert "<h2>Sources</h2>" in html and "<td>feedback/sft.jsonl</td><td>4</td><td>2</td>" in html
     clean = [json.loads(x) for x in (tmp_path / "out" / "train.clean.jsonl").read_text().splitlines()]
     assert [(c["_file"], c["_line"], c["_source"]) for c in clean[-2:]] == [("feedback/sft.jsonl", 2, 1), ("feedback/sft.jsonl", 4, 1)]
 
@@ -188,6 +188,21 @@ def test_the_eval_split_is_drawn_before_weighting(tmp_path, tiny_model):
     assert metrics["train_samples"] == len(trained) == rows[0]["samples"] + rows[1]["samples"]
 
 
+def test_preference_pairs_are_weighted_too(tmp_path):
+    from tuneloop.data.prepare import prepare_preferences
+
+    def pair(i: int, source: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "assistant", "content": "bad"}], "_line": i + 1, "_source": source}
+
+    clean = write_jsonl(tmp_path / "clean.jsonl", [pair(i, 0) for i in range(4)] + [pair(i, 1) for i in range(4, 6)])
+    ev = write_jsonl(tmp_path / "eval.jsonl", [pair(9, 0)])
+    metrics = prepare_preferences(clean, ev, tmp_path / "out", eval_split=0.1, seed=0,
+                                  sources=[TrainSource(path="a"), TrainSource(path="b", weight=2)])
+    assert metrics["train_samples"] == 4 + 2 * 2
+    assert [(r["records"], r["samples"]) for r in metrics["sources"]] == [(4, 4), (2, 4)]
+
+
 # ------------------------------------------------------------------------------------------- cache keys
 
 
@@ -252,6 +267,7 @@ def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validati
     assert rows[1] == {"path": "feedback/sft.jsonl", "weight": 3.0, "records": 6, "train_records": 6, "samples": 18}
     assert rows[0]["records"] == rows[0]["train_records"] == rows[0]["samples"] == kept - 6  # eval_data given: nothing held out
     assert st["preprocessing"]["metrics"]["train_samples"] == kept - 6 + 18
+    assert st["data_validation"]["metrics"]["sources"][1] == {"path": "feedback/sft.jsonl", "records": 6, "valid": 6}
     assert first["stages"]["model_registry"]["status"] == "passed"
 
     again = FineTunePipeline(load_config(path, [f"data.train_data=[{task_data[0]}, {{path: feedback/sft.jsonl, weight: 2}}]"])).run()

@@ -49,7 +49,8 @@ class TrainSource(_Section):
         1.0, gt=0.0, le=MAX_SOURCE_WEIGHT, allow_inf_nan=False,
         description="Each training record of this source is used `floor(weight)` times, plus once more with probability "
         "`weight - floor(weight)` (seeded by `seed`): `3` triples the source, `0.5` keeps a seeded half of it. "
-        "Applied in preprocessing, after the eval split. More than 0, at most 100.",
+        "Applied in preprocessing, after the eval split. A record found in two sources is kept once, from the first "
+        "(an exact or near duplicate), with that source's weight. More than 0, at most 100.",
     )
     # The path as the config wrote it (set when relative paths are resolved): the source's name in messages and
     # in cache keys, so that a moved project keeps them. Not part of the schema.

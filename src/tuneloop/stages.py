@@ -236,6 +236,8 @@ def _check_data(cfg: PipelineConfig, out: Path) -> tuple[dict[str, Any], dict[st
     for split, rep in check_splits(cfg.data, out, tokenizer=tok).items():
         p = "" if split == "train" else "eval_"
         metrics.update({p + k: rep[k] for k in _DATA_METRICS})
+        if "sources" in rep:  # data.train_data as a list: per source its records read and kept
+            metrics[p + "sources"] = rep["sources"]
         outputs.update({f"{split}_clean": rep["clean_path"], f"{split}_quarantine": rep["quarantine_path"], f"{split}_report": rep["report_path"]})
     return metrics, outputs
 

@@ -61,11 +61,11 @@ def report_tables(rep: dict[str, Any], title: str) -> list[Table]:
     t.add_row("digest", rep["digest"][:16])
     tables = [t]
     if rep.get("sources"):  # data.train_data as a list of sources
-        src = Table(title="sources (weights apply in preprocessing)")
-        for col, justify in (("source", "left"), ("weight", "right"), ("records", "right"), ("valid", "right")):
+        src = Table(title="sources (their weights apply in preprocessing)")
+        for col, justify in (("source", "left"), ("records", "right"), ("valid", "right")):
             src.add_column(col, justify=justify)
         for row in rep["sources"]:
-            src.add_row(escape(row["path"]), format_number(row["weight"]), str(row["records"]), str(row["valid"]))
+            src.add_row(escape(row["path"]), str(row["records"]), str(row["valid"]))
         tables.append(src)
     if rep["rules"]:
         r = Table(title="rules (records flagged; first examples)")

@@ -286,10 +286,11 @@ def _open(path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: _Sc
 
 def _source_rows(path: Any, s: _Screened) -> dict[str, Any]:
     """The report's ``path`` (a list of sources: their names joined by `` + ``) and, for a list, ``sources``:
-    per source its name, weight, records read and records kept."""
+    per source its name, records read and records kept (not its weight: that is preprocessing's, and a
+    weight change re-uses this report)."""
     if not isinstance(path, (list, tuple)):
         return {"path": str(path)}
-    rows = [{"path": src.label, "weight": src.weight, "records": s.per_source[i], "valid": s.kept_per_source[i]} for i, src in enumerate(path)]
+    rows = [{"path": src.label, "records": s.per_source[i], "valid": s.kept_per_source[i]} for i, src in enumerate(path)]
     return {"path": " + ".join(src.label for src in path), "sources": rows}
 
 
