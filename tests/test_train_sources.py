@@ -74,6 +74,7 @@ def test_single_string_is_unchanged_and_a_list_takes_paths_and_weights(tmp_path)
     (["a.jsonl", {"path": "b.jsonl", "wieght": 2}], "train_data[1].wieght: unknown key; did you mean `weight`?"),
     ([{"weight": 2}], "train_data[0].path: required key is missing"),
     (["a.jsonl", 3], "train_data[1]: bad value 3; expected a path (a string) or {path: ..., weight: ...}"),
+    (5, "train_data: bad value 5; expected a dataset path or name (a string), or a list of sources"),
 ])
 def test_bad_source_lists_are_reported_by_item(tmp_path, value, message):
     with pytest.raises(ConfigError) as exc:

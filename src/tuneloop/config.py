@@ -759,6 +759,8 @@ def _allowed(err: dict[str, Any]) -> str:
         return "a path (a string) or {path: ..., weight: ...}"
     if t.startswith("bool_"):
         return "true or false"
+    if t.startswith("string_") and err["loc"][-2:] == ("train_data", "str"):
+        return "a dataset path or name (a string), or a list of sources ([a.jsonl, {path: b.jsonl, weight: 3}])"
     if t.startswith("string_"):
         return "a string"
     if t == "missing":
@@ -847,9 +849,12 @@ def _dotted(loc: tuple) -> str:
 
 
 def _other_union_member(err: dict[str, Any]) -> bool:
-    """A list given for ``train_data`` is reported against the list form only, not as "expected a string"."""
+    """``train_data`` is a string or a list: a list given is reported against the list form only, anything
+    else against the string form only (which names both)."""
     loc = err["loc"]
-    return bool(loc) and loc[-1] == "str" and "train_data" in loc and isinstance(err.get("input"), list)
+    if not loc or "train_data" not in loc or loc[-1] not in ("str", "list[TrainSource]"):
+        return False
+    return (loc[-1] == "str") == isinstance(err.get("input"), list)
 
 
 def _key_lines(text: str) -> dict[str, int]:
