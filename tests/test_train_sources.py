@@ -117,6 +117,19 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     assert [(c["_file"], c["_line"], c["_source"]) for c in clean[-2:]] == [("feedback/sft.jsonl", 2, 1), ("feedback/sft.jsonl", 4, 1)]
 
 
+def test_data_validate_on_a_config_with_sources_and_a_single_source_as_before(tmp_path, tiny_model):
+    from tuneloop.checks import validate_target
+    from tuneloop.data.validate import validate_dataset
+
+    path = project(tmp_path, [chat("Where is my parcel with the new lamp?", "shipping")], FEEDBACK[:3], base=str(tiny_model))
+    rep = validate_target(str(path), out_dir=tmp_path / "out")
+    assert rep["passed"] and rep["valid"] == 4 and [s["valid"] for s in rep["sources"]] == [1, 3]
+    single = validate_dataset(str(tmp_path / "feedback" / "sft.jsonl"), tmp_path / "single")
+    assert single["path"] == str(tmp_path / "feedback" / "sft.jsonl") and "sources" not in single
+    clean = [json.loads(x) for x in (tmp_path / "single" / "train.clean.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in c if k.startswith("_")) for c in clean] == [["_line"]] * 3  # no _file, no _source
+
+
 def test_a_near_duplicate_across_sources_is_found(tmp_path):
     from tuneloop.data.validate import validate_dataset
 
@@ -257,6 +270,8 @@ def test_drift_feedback_and_export_read_every_source(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validation(make_config, task_data, tmp_path):
     from tuneloop import FineTunePipeline
+    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.workspace import Workspace
 
     write_jsonl(tmp_path / "feedback" / "sft.jsonl", FEEDBACK)
     path = make_config(data__train_data=[str(task_data[0]), {"path": "feedback/sft.jsonl", "weight": 3}])
@@ -276,3 +291,6 @@ def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validati
     assert cached["data_validation"] is True and cached["preprocessing"] is False and cached["training"] is False, cached
     assert again["stages"]["preprocessing"]["metrics"]["train_samples"] == kept - 6 + 12
     assert math.isclose(again["stages"]["preprocessing"]["metrics"]["sources"][1]["weight"], 2.0)
+    lineage = SqliteRegistry(Workspace.for_config(load_config(path)).root).get("tiny-bot", "latest")["lineage"]
+    assert lineage["data"]["train_path"] == [{"path": str(task_data[0]), "weight": 1.0},
+                                             {"path": str(tmp_path / "feedback" / "sft.jsonl"), "weight": 2.0}]
