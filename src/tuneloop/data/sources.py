@@ -415,7 +415,9 @@ def _overlap_problem(sources: Sequence[TrainSource]) -> str | None:
 
 def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSources:
     """Open a list of sources (``data.train_data``): each source's format is detected on its own records
-    (unless ``fmt`` is given, which applies to all) and all must agree. InputError names the source at fault."""
+    (unless ``fmt`` is given, which applies to all) and all must agree. InputError names the source at fault.
+    Positions are lines when every source counts lines, else record indexes (a list mixing, say, Parquet and
+    JSONL shows a JSONL record's line as its record number)."""
     if not sources:
         raise InputError("data.train_data: the list of sources is empty; give at least one")
     if problem := _overlap_problem(sources):
@@ -426,8 +428,8 @@ def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSou
         items, position, found = open_detected(src.path, fmt)
         if first is not None and found != first[1]:
             raise InputError(
-                f"data.train_data: {src.label} holds {found} records but {first[0]} holds {first[1]}; all sources of one "
-                "run must have one format: convert one of them (e.g. with `tuneloop feedback export`), or split the run"
+                f"data.train_data: {src.label} holds {found} records but {first[0]} holds {first[1]}; the sources are "
+                f"checked and normalised as one dataset, so they need one record format: convert {src.label} to {first[1]} records"
             )
         first = first or (src.label, found)
         opened.position = "record" if position == "record" else opened.position
