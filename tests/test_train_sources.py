@@ -99,7 +99,8 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
 
     train = [chat(f"Ticket {i}: the order with number {1000 + i} never arrived at my flat in town {i}", "shipping") for i in range(10)]
     bad = {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "other"}]}
-    cfg = load_config(project(tmp_path, train, [train[4], FEEDBACK[0], bad, FEEDBACK[1]], extra="  min_valid_ratio: 0.95\n"))
+    exported = {**train[4], "id": "fb-1", "meta": {"origin": "rated_good", "request_ids": ["r1"]}}  # as feedback export writes it
+    cfg = load_config(project(tmp_path, train, [exported, FEEDBACK[0], bad, FEEDBACK[1]], extra="  min_valid_ratio: 0.95\n"))
     verdict = validate_splits(cfg.data, tmp_path / "out")
     rep = verdict.reports["train"]
     assert rep["path"] == "data/train.jsonl + feedback/sft.jsonl"
