@@ -30,13 +30,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MAX_SOURCE_WEIGHT = 100.0
+
+
+class _ItemProblem(ValueError):
+    """A validator's problem reported as ``<key path><sub>: <text>`` (``sub`` names a list item: ``[1]``)."""
+
+    def __init__(self, sub: str, text: str) -> None:
+        super().__init__(text)
+        self.sub, self.text = sub, text
+
+
+class TrainSource(_Section):
+    """One item of a `data.train_data` list: a dataset and how much it counts in training."""
+
+    path: str = Field(min_length=1, description="A dataset file, directory or name, as a single `train_data` is.")
+    weight: float = Field(
+        1.0, gt=0.0, le=MAX_SOURCE_WEIGHT, allow_inf_nan=False,
+        description="Each training record of this source is used `floor(weight)` times, plus once more with probability "
+        "`weight - floor(weight)` (seeded by `seed`): `3` triples the source, `0.5` keeps a seeded half of it. "
+        "Applied in preprocessing, after the eval split. A record found in two sources is kept once, from the first "
+        "(an exact or near duplicate), with that source's weight. More than 0, at most 100.",
+    )
+    # The path as the config wrote it (set when relative paths are resolved): the source's name in messages and
+    # in cache keys, so that a moved project keeps them. Not part of the schema.
+    _written: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The source's name in quarantine lines, problem messages and reports: its path as written."""
+        return self._written or self.path
+
+
 class DataConfig(_Section):
     """Where the data comes from and how it is checked and prepared."""
 
-    train_data: str = Field(
+    train_data: str | list[TrainSource] = Field(
         description="Training data: a .json (array), .jsonl, .parquet or .csv file (.json/.jsonl also gzip- or zstd-compressed: "
         "`.jsonl.gz`, `.jsonl.zst`; zstd needs `pip install 'tuneloop[zstd]'`), a directory of them, a dataset saved "
-        "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). Required."
+        "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). "
+        "Or a list of such sources, each a path or `{path, weight}`, e.g. `[data/train.jsonl, {path: feedback/sft.jsonl, weight: 3}]`: "
+        "their records are validated together (duplicates are found across sources) and each source's training records "
+        "are repeated or sampled by its weight (see `data.train_data[]`). All sources must have the same record format. Required."
     )
     eval_data: str | None = Field(
         None, description="Evaluation data in the same formats. When absent, `eval_split` of the training data is held out."
@@ -104,6 +139,31 @@ class DataConfig(_Section):
         None,
         description="Jinja chat template to use instead of the tokenizer's own. When neither exists a ChatML template is used.",
     )
+
+    @field_validator("train_data", mode="before")
+    @classmethod
+    def _source_list(cls, v: Any) -> Any:
+        """A list's plain strings become ``{path: ...}``; an empty list or a path given twice is refused."""
+        if not isinstance(v, (list, tuple)):
+            return v
+        if not v:
+            raise _ItemProblem("", "an empty list; give at least one source (a path, or {path: ..., weight: ...})")
+        items = [{"path": x} if isinstance(x, str) else x for x in v]
+        seen: set[str] = set()
+        for i, x in enumerate(items):
+            p = x.path if isinstance(x, TrainSource) else x.get("path") if isinstance(x, dict) else None
+            if isinstance(p, str) and p in seen:
+                raise _ItemProblem(f"[{i}]", f"{p!r} is listed twice; list each source once (its `weight` counts it more)")
+            if isinstance(p, str):
+                seen.add(p)
+        return items
+
+    @property
+    def train_sources(self) -> list[TrainSource]:
+        """``train_data`` as a list of sources: a single path is one source of weight 1."""
+        if isinstance(self.train_data, str):
+            return [TrainSource(path=self.train_data)]
+        return list(self.train_data)
 
 
 class TrainConfig(_Section):
@@ -697,8 +757,14 @@ def _allowed(err: dict[str, Any]) -> str:
         return "an integer"
     if t.startswith("float_"):
         return "a number"
+    if t == "finite_number":
+        return "a finite number"
+    if t == "model_type" and ctx.get("class_name") == "TrainSource":
+        return "a path (a string) or {path: ..., weight: ...}"
     if t.startswith("bool_"):
         return "true or false"
+    if t.startswith("string_") and err["loc"][-2:] == ("train_data", "str"):
+        return "a dataset path or name (a string), or a list of sources ([a.jsonl, {path: b.jsonl, weight: 3}])"
     if t.startswith("string_"):
         return "a string"
     if t == "missing":
@@ -708,18 +774,26 @@ def _allowed(err: dict[str, Any]) -> str:
     return re.sub(r"^(Input should be|Value error,)\s*", "", msg) or "a valid value"
 
 
+def _section_model(ann: Any) -> type[BaseModel] | None:
+    """The section model an annotation holds: itself, a list's item, or a union member (``str | list[TrainSource]``)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        if (found := _section_model(arg)) is not None:
+            return found
+    return None
+
+
 def _known_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list of sections, e.g. notify.webhooks.0
             continue
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if getattr(ann, "__origin__", None) is list:
-            ann = ann.__args__[0]
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        found = _section_model(getattr(field, "annotation", None))
+        if found is None:
             return []
-        model = ann
+        model = found
     keys = list(model.model_fields)
     if model is PipelineConfig:
         keys += list(FLAT_KEYS)
@@ -729,14 +803,21 @@ def _known_keys(loc: tuple) -> list[str]:
 def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, int], source: str | None) -> list[str]:
     problems = []
     for err in exc.errors():
+        if _other_union_member(err):
+            continue
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
         # pydantic reports union members separately (e.g. `str` and `list[str]`); keep the dotted path clean
-        loc = tuple(p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none"))
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        loc = tuple(p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none", "list[TrainSource]"))
+        path = _dotted(loc)
         # Report a flat key under the name the user wrote.
-        if len(loc) == 2 and loc[1] in FLAT_KEYS and FLAT_KEYS[loc[1]] == loc[0] and loc[1] in raw:
-            path = str(loc[1])
-        where = f" ({source}:{lines[path]})" if source and path in lines else ""
+        if len(loc) >= 2 and loc[1] in FLAT_KEYS and FLAT_KEYS[loc[1]] == loc[0] and loc[1] in raw:
+            path = _dotted(loc[1:])
+        line = lines.get(path) or lines.get(path.partition("[")[0])  # a list item: the list's line
+        where = f" ({source}:{line})" if source and line else ""
+        if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), _ItemProblem):
+            problem = err["ctx"]["error"]
+            problems.append(f"{path}{problem.sub}{where}: {problem.text}")
+            continue
         if err["type"] == "extra_forbidden":
             known = _known_keys(loc)
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -758,6 +839,26 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, i
     # Deduplicate union noise while keeping order.
     seen: set[str] = set()
     return [p for p in problems if not (p in seen or seen.add(p))]
+
+
+def _dotted(loc: tuple) -> str:
+    """A key path for messages: ``data.train_data[1].weight`` for a source list's item, ``notify.webhooks.0`` otherwise."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and i and loc[i - 1] == "train_data":
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _other_union_member(err: dict[str, Any]) -> bool:
+    """``train_data`` is a string or a list: a list given is reported against the list form only, anything
+    else against the string form only (which names both)."""
+    loc = err["loc"]
+    if not loc or "train_data" not in loc or loc[-1] not in ("str", "list[TrainSource]"):
+        return False
+    return (loc[-1] == "str") == isinstance(err.get("input"), list)
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -978,9 +1079,27 @@ def path_values(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for dotted in PATH_FIELDS:
         section, key = dotted.split(".")
-        out.append((dotted, getattr(getattr(cfg, section), key)))
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, list):  # data.train_data as a list of sources
+            out += [(f"{dotted}[{i}]", src.path) for i, src in enumerate(value)]
+        else:
+            out.append((dotted, value))
     out += [(f"eval.suites.{s.name}.path", s.path) for s in cfg.eval.suites]
     return out
+
+
+def _resolved(value: str | None, base_dir: Path, dataset: bool) -> str | None:
+    """``value`` resolved against ``base_dir`` when it is a relative path (a dataset may be a hub name)."""
+    if not value or (dataset and _looks_like_hub_dataset(value, base_dir)) or os.path.isabs(os.path.expanduser(value)):
+        return value
+    return str((base_dir / os.path.expanduser(value)).resolve())
+
+
+def _resolve_sources(sources: list[TrainSource], base_dir: Path) -> None:
+    for src in sources:
+        if src._written is None:
+            src._written = src.path
+        src.path = _resolved(src.path, base_dir, True)
 
 
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
@@ -988,10 +1107,10 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
         section, key = dotted.split(".")
         sec = getattr(cfg, section)
         value = getattr(sec, key)
-        if value and section == "data" and _looks_like_hub_dataset(value, base_dir):
-            continue  # a Hugging Face dataset name, not a path
-        if value and not os.path.isabs(os.path.expanduser(value)):
-            setattr(sec, key, str((base_dir / os.path.expanduser(value)).resolve()))
+        if isinstance(value, list):
+            _resolve_sources(value, base_dir)
+        elif value != (resolved := _resolved(value, base_dir, section == "data")):
+            setattr(sec, key, resolved)
     for suite in cfg.eval.suites:
         if suite.path and not os.path.isabs(os.path.expanduser(suite.path)):
             suite.path = str((base_dir / os.path.expanduser(suite.path)).resolve())
@@ -1093,6 +1212,7 @@ def _type_name(annotation: Any) -> str:
 
 # Nested sections documented under their section in the reference.
 SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
+    "data": (("data.train_data[]", TrainSource),),
     "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
     "notify": (("notify.webhooks[]", WebhookConfig),),
     "deploy": (("deploy.canary", CanaryConfig), ("deploy.canary.metrics[]", CanaryMetricConfig),

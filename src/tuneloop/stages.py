@@ -12,7 +12,7 @@ only when no finished result is there, and keeps the run records. Every result c
 | stage | reads | cache-key inputs | returns |
 |---|---|---|---|
 | ``data_validation`` | the config's data | data digests, format, checks, tokenizer | :class:`DataResult` |
-| ``preprocessing`` | clean records | data key, tokenizer, template, max length, split, seed | :class:`PreparedData` |
+| ``preprocessing`` | clean records | data key, tokenizer, template, max length, split, seed, source weights | :class:`PreparedData` |
 | ``training`` | tokenized data | data key, base model, ``train:`` section, seed | :class:`TrainedModel` |
 | ``evaluation`` | model, eval items (DPO: held-out pairs) | data and model keys, ``eval:``, suite files, ``gates:``, reference | :class:`EvalResult` |
 | ``model_registry`` | model, metrics, gates | (not cached: the registry de-duplicates by cache key) | :class:`RegisteredVersion` |
@@ -204,7 +204,7 @@ def data_validation_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
     d = cfg.data
     inputs = {
-        "train": source_digest(d.train_data),
+        "train": source_digest(d.train_data, weights=False),  # weights are applied in preprocessing
         "eval": source_digest(d.eval_data),
         "format": d.format,
         "checks": {k: v for k, v in vars(checks_from_config(d)).items() if k != "num_workers"},
@@ -236,6 +236,8 @@ def _check_data(cfg: PipelineConfig, out: Path) -> tuple[dict[str, Any], dict[st
     for split, rep in check_splits(cfg.data, out, tokenizer=tok).items():
         p = "" if split == "train" else "eval_"
         metrics.update({p + k: rep[k] for k in _DATA_METRICS})
+        if "sources" in rep:  # data.train_data as a list: per source its records read and kept
+            metrics[p + "sources"] = rep["sources"]
         outputs.update({f"{split}_clean": rep["clean_path"], f"{split}_quarantine": rep["quarantine_path"], f"{split}_report": rep["report_path"]})
     return metrics, outputs
 
@@ -260,7 +262,7 @@ def data_validation(ctx: StageContext, _upstream: None = None) -> DataResult:
     problems = list(verdict.failures)
     for split, report in checked.items():
         if c.train.objective == "dpo" and report["records"] and report["format"] != "preference":
-            key, path = ("data.train_data", d.train_data) if split == "train" else ("data.eval_data", d.eval_data)
+            key, path = ("data.train_data", report["path"]) if split == "train" else ("data.eval_data", d.eval_data)
             problems.append(
                 f"{key}: train.objective dpo needs preference data (prompt/chosen/rejected), but {path} is "
                 f"{report['format']}; set data.format: preference or point the data at preference records"
@@ -284,6 +286,8 @@ def preprocessing_inputs(cfg: PipelineConfig, data: DataResult) -> dict[str, Any
         "seed": cfg.seed,
         "train_on_inputs": cfg.train.train_on_inputs,
     }
+    if isinstance(cfg.data.train_data, list):  # applied here, so a weight change re-uses the validated data
+        inputs["weights"] = [s.weight for s in cfg.data.train_sources]
     if cfg.train.objective == "dpo":
         inputs["objective"] = "dpo"
     return inputs
@@ -294,11 +298,13 @@ def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str
     from tuneloop.modeling import load_tokenizer, save_tokenizer
 
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
+    sources = cfg.data.train_sources if isinstance(cfg.data.train_data, list) else None
     if cfg.train.objective == "dpo":
-        metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed)
+        metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
     else:
         metrics = prepare_dataset(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
-                                  eval_split=cfg.data.eval_split, seed=cfg.seed, train_on_inputs=cfg.train.train_on_inputs)
+                                  eval_split=cfg.data.eval_split, seed=cfg.seed, train_on_inputs=cfg.train.train_on_inputs,
+                                  sources=sources)
     save_tokenizer(tok, out / "tokenizer")
     outputs = {"train_dataset": "train", "eval_items": "eval.jsonl", "tokenizer": "tokenizer", "dropped": "dropped.jsonl",
                "train_records": "train_records.jsonl", "eval_records": "eval_records.jsonl"}
@@ -471,7 +477,7 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "base_model_given": config_relative(c.base_model, config_dir(c)),
         "base": (base := base_model_ref(c.base_model)),
         "base_model_fingerprint": base["digest"],
-        "data": {"train_digest": data.train_digest, "eval_digest": data.eval_digest, "train_path": c.data.train_data, "eval_path": c.data.eval_data},
+        "data": {"train_digest": data.train_digest, "eval_digest": data.eval_digest, "train_path": c.to_dict()["data"]["train_data"], "eval_path": c.data.eval_data},
         "config_hash": sha256_json(c.to_dict()),
         "config": c.to_dict(),
         "code_version": code_version(),

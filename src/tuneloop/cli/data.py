@@ -60,12 +60,20 @@ def report_tables(rep: dict[str, Any], title: str) -> list[Table]:
         t.add_row(k, str(rep[k]))
     t.add_row("digest", rep["digest"][:16])
     tables = [t]
+    if rep.get("sources"):  # data.train_data as a list of sources
+        src = Table(title="sources (their weights apply in preprocessing)")
+        for col, justify in (("source", "left"), ("records", "right"), ("valid", "right")):
+            src.add_column(col, justify=justify)
+        for row in rep["sources"]:
+            src.add_row(escape(row["path"]), str(row["records"]), str(row["valid"]))
+        tables.append(src)
     if rep["rules"]:
         r = Table(title="rules (records flagged; first examples)")
         for col in ("rule", "records", "examples"):
             r.add_column(col)
         for rule, n in rep["rules"].items():
-            ex = "; ".join(f"{rep['position']} {e['line']}: {e['reason'][:70]}" for e in rep["examples"].get(rule, [])[:2])
+            ex = "; ".join(f"{e['file'] + ' ' if e.get('file') else ''}{rep['position']} {e['line']}: {e['reason'][:70]}"
+                           for e in rep["examples"].get(rule, [])[:2])
             r.add_row(rule, str(n), ex)
         tables.append(r)
     if rep["pii"]:

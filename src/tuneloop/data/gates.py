@@ -82,8 +82,12 @@ def _details(r: dict, split: str) -> dict[str, str]:
 
 
 def _where(r: dict, ex: dict) -> str:
-    """``file:line`` of an example (``file: record N`` where positions are record indexes)."""
-    path = f"{r['path'].rstrip('/')}/{ex['file']}" if ex.get("file") else r["path"]
+    """``file:line`` of an example (``file: record N`` where positions are record indexes). A list of sources
+    names each example's source in ``file`` already."""
+    if ex.get("file"):
+        path = ex["file"] if r.get("sources") else f"{r['path'].rstrip('/')}/{ex['file']}"
+    else:
+        path = r["path"]
     return f"{path}:{ex['line']}" if r.get("position", "line") == "line" else f"{path}: record {ex['line']}"
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from tuneloop.config import TrainSource
 from tuneloop.data.formats import sft_messages
 from tuneloop.data.rules import encode_prefix
 from tuneloop.fsutil import atomic_write_json, atomic_write_text
@@ -32,6 +33,56 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: float,
+           seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train, eval, how the eval records were chosen): ``eval_path``'s records, or a seeded ``eval_split``
+    share of ``records`` (at least one, when that leaves one to train on)."""
+    if eval_path is not None:
+        return records, read_jsonl(eval_path), "given"
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * eval_split))
+    if len(order) - n_eval < 1:
+        n_eval = 0
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held], f"held out {eval_split:.0%} of train (seed {seed})"
+
+
+def apply_weights(records: list[dict[str, Any]], sources: Sequence[TrainSource] | None,
+                  seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The training records with each source's weight applied, and per-source counts (``None`` without a
+    list of sources).
+
+    A record of a source of weight ``w`` (its ``_source`` index into ``sources``) appears ``floor(w)`` times,
+    plus once more with probability ``w - floor(w)``, drawn from a generator seeded by ``seed``: the same
+    data and seed give the same set. Copies stay next to each other (the trainer shuffles)."""
+    if not sources:
+        return records, None
+    rng = random.Random(f"train_data weights:{seed}")
+    rows = [{"path": s.label, "weight": s.weight, "train_records": 0, "samples": 0} for s in sources]
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        i = rec.get("_source", 0)
+        whole, frac = divmod(sources[i].weight, 1.0)
+        n = int(whole) + (frac > 0 and rng.random() < frac)
+        rows[i]["train_records"] += 1
+        rows[i]["samples"] += n
+        out += [rec] * n
+    return out, rows
+
+
+def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Per-source rows with ``records``: records each source kept after validation (before the eval split)."""
+    if rows is None:
+        return None
+    counts = [0] * len(rows)
+    for rec in records:
+        counts[rec.get("_source", 0)] += 1
+    return [{"path": r["path"], "weight": r["weight"], "records": n, "train_records": r["train_records"], "samples": r["samples"]}
+            for r, n in zip(rows, counts)]
 
 
 def _segments(tok, messages: list[dict[str, str]], train_on_inputs: bool) -> list[tuple[str, bool]]:
@@ -89,28 +140,23 @@ def prepare_dataset(
     eval_split: float,
     seed: int,
     train_on_inputs: bool = False,
+    sources: Sequence[TrainSource] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize the training records and write the evaluation items. Returns the stage metrics."""
+    """Tokenize the training records and write the evaluation items. Returns the stage metrics.
+
+    With ``sources`` (``data.train_data`` as a list; the clean records carry ``_source``) the training records
+    are weighted by :func:`apply_weights` after the eval split, so no copy of an eval record is trained on;
+    the metrics then have ``sources``: per source its ``records`` after validation, ``train_records`` after
+    the split and ``samples`` after weighting (before tokenization drops any)."""
     import datasets
     from datasets import Dataset
 
     datasets.disable_progress_bars()
 
     out_dir = Path(out_dir)
-    train_records = read_jsonl(train_path)
-    if eval_path is not None:
-        eval_records = read_jsonl(eval_path)
-        split = "given"
-    else:
-        order = list(range(len(train_records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(order) * eval_split))
-        if len(order) - n_eval < 1:
-            n_eval = 0
-        held = set(order[:n_eval])
-        eval_records = [r for i, r in enumerate(train_records) if i in held]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
-        split = f"held out {eval_split:.0%} of train (seed {seed})"
+    clean = read_jsonl(train_path)
+    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
+    train_records, per_source = apply_weights(train_records, sources, seed)
 
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     dropped, truncated, tokens, target_tokens = [], 0, 0, 0
@@ -157,6 +203,8 @@ def prepare_dataset(
         "mean_tokens": round(tokens / n, 1) if n else 0.0,
         "max_length": max_length,
     }
+    if per_source is not None:
+        metrics["sources"] = _kept_per_source(clean, per_source)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -179,26 +227,20 @@ def trl_preference(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_preferences(
-    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int
+    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int,
+    sources: Sequence[TrainSource] | None = None,
 ) -> dict[str, Any]:
     """The preprocessing stage for DPO: a ``datasets`` dataset of prompt/chosen/rejected conversations
-    (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer."""
+    (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer.
+    ``sources`` weights the training pairs as in :func:`prepare_dataset`."""
     import datasets
     from datasets import Dataset
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
-    train_records = read_jsonl(train_path)
-    if eval_path is not None:
-        eval_records, split = read_jsonl(eval_path), "given"
-    else:
-        order = list(range(len(train_records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(order) * eval_split)) if len(order) > 1 else 0
-        held = set(order[:n_eval])
-        eval_records = [r for i, r in enumerate(train_records) if i in held]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
-        split = f"held out {eval_split:.0%} of train (seed {seed})"
+    clean = read_jsonl(train_path)
+    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
+    train_records, per_source = apply_weights(train_records, sources, seed)
     rows = [trl_preference(r) for r in train_records]
     Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
     _write_records(out_dir / "train_records.jsonl", train_records)
@@ -217,5 +259,7 @@ def prepare_preferences(
         "dropped": 0,
         "eval_reference": "chosen answer",
     }
+    if per_source is not None:
+        metrics["sources"] = _kept_per_source(clean, per_source)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

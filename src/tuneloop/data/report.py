@@ -26,6 +26,9 @@ def report_html(report: dict, gates: list[dict[str, Any]] | None = None, *, spli
         table([(k, fmt_number(r[k])) for k in _COUNTS], ("", "value")),
         f"<p>{escape(r['accounting'])}</p>",
     ]
+    if r.get("sources"):  # data.train_data as a list of sources
+        rows = [(s["path"], s["records"], s["valid"]) for s in r["sources"]]
+        parts.append("<h2>Sources</h2><p>Their weights apply in preprocessing.</p>" + table(rows, ("source", "records", "valid")))
     if gates:
         records = gate_records({split or "data": gates}, {split or "data": r["records"]})
         parts.append("<h2>Gates</h2>" + gates_table(records))

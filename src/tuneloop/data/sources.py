@@ -11,8 +11,11 @@ that is empty, UTF-16/32 or binary is an ``InputError`` that says so (:mod:`.fil
 are physical file lines for ``.json``/``.jsonl``/``.csv`` (a CSV header is line 1) and 1-based record
 indexes otherwise. :func:`data_suffix` is the dataset suffix of a file name (``.jsonl.gz``).
 
-:func:`source_problem` and :func:`source_digest` say, before any reading, whether a configured source looks
-usable and what its content identity is (for cache keys).
+:func:`open_sources` reads a list of sources (``data.train_data: [a.jsonl, {path: b.jsonl, weight: 3}]``) as one
+dataset: the sources' records chained in order, each labelled with its source as written.
+
+:func:`source_problem` and :func:`source_digest` say, before any reading, whether a configured source (or list
+of sources) looks usable and what its content identity is (for cache keys).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
-from tuneloop.config import DATA_SUFFIXES
+from tuneloop.config import DATA_SUFFIXES, TrainSource
 from tuneloop.data.filetypes import SNIFF_BYTES, open_bytes, read_head, sniff, unreadable_reason
 from tuneloop.data.formats import detect_format, normalise
 from tuneloop.errors import InputError
@@ -360,9 +364,13 @@ def _sample_values(sample: list[Item]) -> list[Any]:
 
 
 
-def open_detected(source: str | Path, fmt: str = "auto") -> tuple[Iterator[Item], str, str]:
+def open_detected(source: str | Path | Sequence[TrainSource], fmt: str = "auto") -> tuple[Iterator[Item], str, str]:
     """Open ``source`` and detect its format from the first records (unless ``fmt`` is given): (records,
-    position kind, format). InputError for an empty dataset or an undetectable format."""
+    position kind, format). InputError for an empty dataset or an undetectable format. A list of sources
+    (``data.train_data``) is read as :func:`open_sources` reads it."""
+    if isinstance(source, (list, tuple)):
+        opened = open_sources(source, fmt)
+        return opened.items, opened.position, opened.format
     items, position = open_source(source)
     sample, items = _peek(items)
     if not sample:
@@ -375,7 +383,62 @@ def open_detected(source: str | Path, fmt: str = "auto") -> tuple[Iterator[Item]
     return items, position, fmt
 
 
-def normalised_records(source: str | Path) -> Iterator[dict[str, Any]]:
+@dataclass
+class OpenedSources:
+    """The records of a list of sources, chained in order. Each item's ``file`` names its source as written
+    (a directory source's files: ``<source>/<relative file>``); ``source_of`` maps such a name to the
+    source's index, filled in as the items are read."""
+
+    items: Iterator[Item]
+    position: str
+    format: str
+    source_of: dict[str, int] = field(default_factory=dict)
+
+
+def _labelled(items: Iterator[Item], label: str, index: int, source_of: dict[str, int]) -> Iterator[Item]:
+    for item in items:
+        name = label if item.file is None else f"{label}/{item.file}"
+        source_of.setdefault(name, index)
+        yield item._replace(file=name)
+
+
+def _overlap_problem(sources: Sequence[TrainSource]) -> str | None:
+    """Two sources that name the same files (the same path twice, or a file inside a listed directory)."""
+    paths = [Path(os.path.expanduser(s.path)).resolve() if Path(os.path.expanduser(s.path)).exists() else None for s in sources]
+    for i, a in enumerate(paths):
+        for j, b in enumerate(paths):
+            if i < j and a is not None and b is not None and (a == b or a.is_relative_to(b) or b.is_relative_to(a)):
+                return (f"{sources[i].label} and {sources[j].label} hold the same files; "
+                        "list each file once (a `weight` counts a source more)")
+    return None
+
+
+def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSources:
+    """Open a list of sources (``data.train_data``): each source's format is detected on its own records
+    (unless ``fmt`` is given, which applies to all) and all must agree. InputError names the source at fault.
+    Positions are lines when every source counts lines, else record indexes (a list mixing, say, Parquet and
+    JSONL shows a JSONL record's line as its record number)."""
+    if not sources:
+        raise InputError("data.train_data: the list of sources is empty; give at least one")
+    if problem := _overlap_problem(sources):
+        raise InputError(f"data.train_data: {problem}")
+    opened = OpenedSources(iter(()), "line", fmt)
+    parts, first = [], None
+    for index, src in enumerate(sources):
+        items, position, found = open_detected(src.path, fmt)
+        if first is not None and found != first[1]:
+            raise InputError(
+                f"data.train_data: {src.label} holds {found} records but {first[0]} holds {first[1]}; the sources are "
+                f"checked and normalised as one dataset, so they need one record format: convert {src.label} to {first[1]} records"
+            )
+        first = first or (src.label, found)
+        opened.position = "record" if position == "record" else opened.position
+        parts.append(_labelled(items, src.label, index, opened.source_of))
+    opened.items, opened.format = itertools.chain.from_iterable(parts), first[1]
+    return opened
+
+
+def normalised_records(source: str | Path | Sequence[TrainSource]) -> Iterator[dict[str, Any]]:
     """The canonical records of a source whose records normalise (format detected); unreadable or invalid
     records are skipped. For reading a dataset's texts (drift, eval overlap), not for validating it."""
     items, _, fmt = open_detected(source)
@@ -391,8 +454,12 @@ def normalised_records(source: str | Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def source_problem(value: str) -> str | None:
-    """Why a configured data source cannot be used (``None`` when it looks usable; a hub name is checked when read)."""
+def source_problem(value: str | Sequence[TrainSource]) -> str | None:
+    """Why a configured data source cannot be used (``None`` when it looks usable; a hub name is checked when
+    read). For a list of sources: the problems of its sources, each named ``[index] label``."""
+    if isinstance(value, (list, tuple)):
+        found = [f"[{i}] {s.label}: {p}" for i, s in enumerate(value) if (p := source_problem(s.path))]
+        return "; ".join(found) or _overlap_problem(value)
     p = Path(value)
     if p.is_dir():
         return None
@@ -405,8 +472,12 @@ def source_problem(value: str) -> str | None:
     return None
 
 
-def source_digest(value: str | None) -> str | None:
-    """Content identity of a data source: a file's digest, a directory's file digests, or the name itself."""
+def source_digest(value: str | Sequence[TrainSource] | None, *, weights: bool = True) -> str | None:
+    """Content identity of a data source: a file's digest, a directory's file digests, or the name itself.
+    A list of sources: its sources' names as written and digests, in order, with their weights unless
+    ``weights=False`` (data validation does not apply them; preprocessing does)."""
+    if isinstance(value, (list, tuple)):
+        return sha256_json([[s.label, source_digest(s.path)] + ([s.weight] if weights else []) for s in value])
     if not value:
         return None
     p = Path(value)

@@ -32,13 +32,14 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from tuneloop.data.formats import FORMATS
 from tuneloop.data.gates import data_gates, gate_failures
 from tuneloop.data.report import write_report
 from tuneloop.data.rules import MAX_EXAMPLES, RuleTally, quarantine_line, record_verdicts, similarity_text, token_count
-from tuneloop.data.sources import open_detected
+from tuneloop.config import TrainSource
+from tuneloop.data.sources import open_detected, open_sources
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_lines
 
@@ -87,6 +88,9 @@ class _Screened:
     overlong_seen: int = 0
     kept: list[tuple[int, str | None, bool]] = field(default_factory=list)  # (line, file, has_pii) of kept candidates
     texts: list[str] = field(default_factory=list)  # their similarity texts (when a similarity check is on)
+    source_of: dict[str, int] | None = None  # a list of sources: file name -> source index (see sources.open_sources)
+    per_source: Counter = field(default_factory=Counter)  # a list of sources: records read per source index
+    kept_per_source: Counter = field(default_factory=Counter)  # ... and kept
 
     def note_pii(self, r: Any) -> None:
         self.pii_records += 1
@@ -148,6 +152,8 @@ def _screen(verdicts: Iterable[Any], s: _Screened, quarantine: IO[str], stage: I
     first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
     for r in verdicts:
         s.records += 1
+        if s.source_of is not None:
+            s.per_source[s.source_of[r.file]] += 1
         if r.pii:
             s.note_pii(r)
         if r.status == "bad":
@@ -204,6 +210,13 @@ def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: l
     return sim
 
 
+def _bookkeeping(line: int, file: str | None, source_of: dict[str, int] | None) -> str:
+    """The JSON members a clean record carries after its own: ``_line``, ``_file`` and, from a list of
+    sources, ``_source`` (the index of its source in ``data.train_data``)."""
+    extra = f',"_line":{line}' + (f',"_file":{json.dumps(file)}' if file is not None else "")
+    return extra + (f',"_source":{source_of[file]}' if source_of is not None else "")
+
+
 def _write_kept(s: _Screened, sim: _Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks) -> tuple[int, int, str]:
     """Move the staged candidates to the clean file (or, when dropped by a similarity check, the quarantine);
     return (kept, kept with PII unredacted, digest of the kept records)."""
@@ -222,9 +235,10 @@ def _write_kept(s: _Screened, sim: _Similar, stage_path: Path, clean: IO[str], q
                 continue
             digest.update((b"," if valid else b"") + data.encode())
             valid += 1
+            if s.source_of is not None:
+                s.kept_per_source[s.source_of[file]] += 1
             pii_kept += has_pii and checks.pii == "report"
-            extra = f',"_line":{line}' + (f',"_file":{json.dumps(file)}' if file is not None else "")
-            clean.write(data[:-1] + extra + "}\n")
+            clean.write(data[:-1] + _bookkeeping(line, file, s.source_of) + "}\n")
     digest.update(b"]")
     return valid, pii_kept, digest.hexdigest()
 
@@ -261,8 +275,27 @@ def _report(s: _Screened, sim: _Similar, valid: int, pii_kept: int, checks: Chec
     }
 
 
+def _open(path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: _Screened) -> tuple[Iterator[Any], str, str]:
+    """(items, position kind, format); a list of sources also sets ``s.source_of``."""
+    if not isinstance(path, (list, tuple)):
+        return open_detected(path, fmt)
+    opened = open_sources(path, fmt)
+    s.source_of = opened.source_of
+    return opened.items, opened.position, opened.format
+
+
+def _source_rows(path: Any, s: _Screened) -> dict[str, Any]:
+    """The report's ``path`` (a list of sources: their names joined by `` + ``) and, for a list, ``sources``:
+    per source its name, records read and records kept (not its weight: that is preprocessing's, and a
+    weight change re-uses this report)."""
+    if not isinstance(path, (list, tuple)):
+        return {"path": str(path)}
+    rows = [{"path": src.label, "records": s.per_source[i], "valid": s.kept_per_source[i]} for i, src in enumerate(path)]
+    return {"path": " + ".join(src.label for src in path), "sources": rows}
+
+
 def validate_dataset(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[TrainSource],
     out_dir: Path,
     *,
     fmt: str = "auto",
@@ -272,6 +305,10 @@ def validate_dataset(
     eval_texts: list[str] | None = None,
 ) -> dict:
     """Validate and normalise the dataset at ``path``; write clean, quarantine and report files to ``out_dir``.
+
+    ``path`` may be a list of sources (``data.train_data``): their records are checked as one dataset
+    (duplicates and near duplicates across sources too), named in messages by each source as written; clean
+    records carry ``_source`` (the source's index) and the report ``sources`` (per-source counts).
 
     ``fmt`` is a name from ``formats.FORMATS`` or ``"auto"`` (detected from the first 100 object records).
     ``tokenizer`` enables the over-long rule (``checks.max_length``); ``eval_texts`` (see
@@ -286,13 +323,13 @@ def validate_dataset(
         raise InputError(f"unknown dataset format {fmt!r}; use 'auto' or one of: {', '.join(FORMATS)}")
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
-    items, position, fmt = open_detected(path, fmt)
+    s = _Screened()
+    items, position, fmt = _open(path, fmt, s)
     dedup = _near_dup_module()
     near = dedup if checks.near_dup_threshold is not None else None
     contam = dedup if eval_texts is not None else None
     not_checked = _not_checked(checks, tokenizer, dedup, eval_texts)
     clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
-    s = _Screened()
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_fd, stage_name = tempfile.mkstemp(prefix=f".{name}.stage.", suffix=".tmp", dir=out_dir)
     stage_path = Path(stage_name)
@@ -310,7 +347,7 @@ def validate_dataset(
         stage_path.unlink(missing_ok=True)
     accounted = valid + sum(s.counts.values())
     assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {"path": str(path), "format": fmt, "position": position, **_report(s, sim, valid, pii_kept, checks, not_checked),
+    report = {**_source_rows(path, s), "format": fmt, "position": position, **_report(s, sim, valid, pii_kept, checks, not_checked),
               "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
               "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")

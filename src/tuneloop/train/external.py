@@ -35,7 +35,7 @@ log = logging.getLogger("tuneloop")
 #: Placeholders a ``train.command`` may use.
 PLACEHOLDERS = {
     "base_model": "the base model (path or hub id)",
-    "train_file": "training records of this run's split, canonical JSONL (`messages`, or prompt/chosen/rejected for DPO)",
+    "train_file": "training records of this run's split, canonical JSONL (`messages`, or prompt/chosen/rejected for DPO), with the `data.train_data` source weights applied",
     "eval_file": "held-out records in the same format",
     "output_dir": "where the command must write the adapter or model",
     "config_file": "the resolved tuneloop config (YAML)",
@@ -167,6 +167,8 @@ def _data_format(cfg: PipelineConfig) -> str:
         return cfg.data.format
     from tuneloop.data.formats import detect_format
 
+    if isinstance(cfg.data.train_data, list):
+        return _sources_format(cfg)
     path = Path(cfg.data.train_data)
     if not path.is_file():
         raise ConfigError(f"data.train_data: file not found: {path}")
@@ -176,6 +178,32 @@ def _data_format(cfg: PipelineConfig) -> str:
         with open(path, encoding="utf-8") as f:
             records = [json.loads(line) for _, line in zip(range(100), f) if line.strip()]
     return detect_format(records)
+
+
+def _sources_format(cfg: PipelineConfig) -> str:
+    """The one record format of a list of training sources (each detected; they must agree)."""
+    from tuneloop.data.sources import open_sources
+    from tuneloop.errors import InputError
+
+    try:
+        return open_sources(cfg.data.train_sources).format
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _export_sources(cfg: PipelineConfig) -> list[str]:
+    """The training sources' paths for an export: other trainers have no per-source weight, so a list with a
+    weight other than 1 is refused with what to do instead."""
+    sources = cfg.data.train_sources
+    weighted = [f"{s.label} (weight {s.weight:g})" for s in sources if s.weight != 1]
+    if weighted:
+        raise ConfigError(
+            f"data.train_data: export-config cannot carry source weights ({', '.join(weighted)}): Axolotl and "
+            "LLaMA-Factory have no per-source repeat. Set every weight to 1 to export the sources as separate "
+            "datasets, or run `tuneloop run` and train on its weighted records (`train_records.jsonl` in the "
+            "preprocessing output; `train.backend: command` passes that file as {train_file})"
+        )
+    return [s.path for s in sources]
 
 
 #: A conversation that tells chat templates apart: a system prompt, two user/assistant turns.
@@ -304,7 +332,7 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
             y["peft_use_dora"] = True
     if t.objective == "dpo":
         y.update(rl="dpo", rl_beta=t.dpo_beta)
-    y["datasets"] = [dataset(d.train_data)]
+    y["datasets"] = [dataset(path) for path in _export_sources(cfg)]
     if d.eval_data:
         y["test_datasets"] = [{**dataset(d.eval_data), "split": "train"}]
     else:
@@ -360,8 +388,9 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemp
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "system_tag": "system"}}
 
-    name = f"{cfg.name}_train"
-    dataset_info = {name: info(d.train_data)}
+    paths = _export_sources(cfg)
+    names = [f"{cfg.name}_train" + (f"_{i}" if i else "") for i in range(len(paths))]
+    dataset_info = {n: info(path) for n, path in zip(names, paths)}
     template, note = _llamafactory_template(tpl)
     y: dict[str, Any] = {
         "model_name_or_path": cfg.base_model, "stage": t.objective, "do_train": True,
@@ -379,7 +408,7 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemp
             y["use_dora"] = True
     if t.objective == "dpo":
         y["pref_beta"] = t.dpo_beta
-    y.update(dataset=name, dataset_dir=str(data_dir), **template, cutoff_len=d.max_length)
+    y.update(dataset=",".join(names), dataset_dir=str(data_dir), **template, cutoff_len=d.max_length)
     if d.eval_data:
         dataset_info[f"{cfg.name}_eval"] = info(d.eval_data)
         y["eval_dataset"] = f"{cfg.name}_eval"
