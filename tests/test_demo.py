@@ -80,9 +80,9 @@ def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(tmp_p
     assert first["overall"] == second["overall"] == "passed"
     assert (first["model_version"], second["model_version"]) == ("support-router:1", "support-router:2")
     # iteration 2 trained on the original data plus the exported feedback, as weighted sources
-    sources = second["stages"]["preprocessing"]["metrics"]["train_sources"]
+    sources = second["stages"]["preprocessing"]["metrics"]["sources"]
     assert [s["path"] for s in sources] == ["data/train.jsonl", "feedback/sft.jsonl"], sources
-    assert sources[1]["weight"] > 1 and sources[1]["samples"] > sources[1]["records"] > 0, sources
+    assert sources[1]["weight"] == 1.0 and sources[1]["samples"] == sources[1]["records"] > 0, sources
     assert second["stages"]["deployment"]["metrics"]["strategy"] == "canary"
 
     prod = out["production"]
