@@ -106,3 +106,54 @@ def test_batch_size_bounds_joining(lm):
     # two join at once (3 rows); the other two join when those two finish, before row 0 does
     assert engine.joined == 4 and not engine.queue
     assert all(r.tokens == recs[1].tokens[:3] and r.done == "length" for r in recs[1:])
+
+
+def test_exclusive_use_stops_joining_so_a_busy_batch_ends(lm):
+    from tuneloop.serve.batching import BatchEngine
+
+    model, tok = lm
+    ids = tok("thanks", add_special_tokens=False)["input_ids"]
+    engine = BatchEngine(model, max_batch_size=4)
+    first, late = Recorder(), Recorder()
+
+    def loader_arrives():
+        engine.queue.append(job(ids, 3, late))
+        engine.draining.set()  # what exclusive() sets while it waits for the model
+
+    first.on_token = {1: loader_arrives}
+    engine.run_batch([job(ids, 4, first)])
+    assert first.done == "length" and engine.joined == 0 and len(engine.queue) == 1
+    with engine.exclusive() as m:
+        assert m is model and engine.model_lock.locked()
+    assert not engine.draining.is_set()
+
+
+def test_a_failing_batch_reports_the_error_to_jobs_that_joined_it(lm):
+    import threading
+
+    from tuneloop.serve.batching import BatchEngine, ErrorEvent
+
+    model, tok = lm
+    ids = tok("thanks", add_special_tokens=False)["input_ids"]
+    engine = BatchEngine(model, max_batch_size=4)
+    errors: dict[str, str] = {}
+    both = threading.Event()
+
+    def watching(name, rec):
+        def emit(ev):
+            if isinstance(ev, ErrorEvent):
+                errors[name] = ev.message
+                if len(errors) == 2:
+                    both.set()
+            rec(ev)
+        return emit
+
+    bad = job([model.config.vocab_size + 5], 3, watching("bad", Recorder()))  # past the embedding: its prefill raises
+    first = job(ids, 20, watching("first", Recorder(on_token={1: lambda: engine.queue.append(bad)})))
+    engine.start()
+    try:
+        engine.submit(first)
+        assert both.wait(30), f"errors seen: {errors}"
+    finally:
+        engine.stop()
+    assert "generation failed" in errors["first"] and "generation failed" in errors["bad"]

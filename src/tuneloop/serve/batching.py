@@ -14,6 +14,7 @@ Entry points: :class:`BatchEngine` (``submit``, ``start``, ``stop``), :class:`Ge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -165,6 +166,8 @@ class BatchEngine:
         self.cache_kw = _cache_keyword(model)
         self.keep_logits_kw = _takes(model, "logits_to_keep")
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
+        self.batch_jobs: list[GenJob] = []  # every job of the running batch (for error reports)
+        self.draining = threading.Event()  # set while someone waits for model_lock: running batches stop taking joiners
 
     # ---------------------------------------------------------------------------------- queue
     def submit(self, job: GenJob) -> None:
@@ -192,6 +195,17 @@ class BatchEngine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model between batches (to attach an adapter): the running batch stops taking new jobs, so it
+        ends within its rows' token budgets even under a steady stream of requests."""
+        self.draining.set()
+        try:
+            with self.model_lock:
+                yield self.model
+        finally:
+            self.draining.clear()
 
     def queue_depth(self) -> int:
         return len(self.queue)
@@ -225,8 +239,9 @@ class BatchEngine:
                 self.run_batch(batch)
             except Exception as exc:  # one bad batch must not kill the worker
                 log.exception("generation failed on %s", self.name)
-                for job in batch:
-                    job.emit(ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+                for job in self.batch_jobs:  # the jobs it started with and those that joined it
+                    if not job.cancelled.is_set():
+                        job.emit(ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
 
     # ---------------------------------------------------------------------------------- decoding
     @torch.inference_mode()
@@ -239,6 +254,7 @@ class BatchEngine:
         """
         self.batches += 1
         self.rows += len(jobs)
+        self.batch_jobs = list(jobs)
         adapter = jobs[0].adapter
         with self.model_lock, self._adapter(adapter):
             rows = [_Row(j, _generator(j.params)) for j in jobs]
@@ -250,8 +266,9 @@ class BatchEngine:
                     state.select(keep)
                 if rows:
                     self._decode(state, rows)
-                joiners = self._take_joiners(adapter, self.max_batch_size - len(rows)) if state.can_join else []
+                joiners = [] if self.draining.is_set() or not state.can_join else self._take_joiners(adapter, self.max_batch_size - len(rows))
                 if joiners:
+                    self.batch_jobs += joiners
                     new_rows = [_Row(j, _generator(j.params)) for j in joiners]
                     new_state = self._prefill(new_rows)
                     state = state.merge(new_state) if rows else new_state
@@ -338,8 +355,6 @@ class BatchEngine:
 
     def _adapter(self, adapter: str | None):
         """Context: the PEFT model with ``adapter`` active, or with adapters disabled for the base weights."""
-        import contextlib
-
         if not hasattr(self.model, "peft_config"):
             return contextlib.nullcontext()
         if adapter is None:
