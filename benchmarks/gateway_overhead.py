@@ -2,7 +2,7 @@
 proxy in front of the same upstream, in the same run.
 
     python benchmarks/gateway_overhead.py [--rate 50] [--requests 600] [--rounds 6]
-                                          [--litellm PATH | --no-litellm]
+                                          [--litellm PATH | --no-litellm] [--http-stack auto|h11]
 
 The upstream is a stub OpenAI-compatible server written here on raw asyncio (its own process): it answers
 ``POST /v1/chat/completions`` with a fixed completion, or with a fixed SSE stream (role and first token at once,
@@ -132,20 +132,23 @@ def serve_stub(port: int) -> None:
 # ------------------------------------------------------------------------------------------------ gateway child
 
 
-def serve_gateway(ws: str, port: int, upstream: str) -> None:
-    """The gateway as ``tuneloop serve`` builds it (``build_gateway``), with ``serve.backend: openai``."""
+def serve_gateway(ws: str, port: int, upstream: str, stack: str = "auto") -> None:
+    """The gateway as ``tuneloop serve`` builds it (``build_gateway``), with ``serve.backend: openai``, on the
+    HTTP stack ``serve`` picks (``http_stack()``), or on h11 + asyncio with ``stack="h11"``."""
     import logging
 
     import uvicorn
 
     from tuneloop.config import PipelineConfig
-    from tuneloop.serve.server import build_gateway
+    from tuneloop.serve.server import build_gateway, http_stack
 
     logging.basicConfig(level=logging.WARNING)
     cfg = PipelineConfig(name="bench", base_model="stub", data={"train_data": "unused.jsonl"},  # only serve: is used
                          serve={"backend": "openai", "upstream": upstream})
     app = build_gateway(cfg, Path(ws), preload=["bench:1"])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75)
+    chosen = http_stack() if stack == "auto" else {"http": "h11", "loop": "asyncio"}
+    print(f"gateway HTTP stack: {chosen['http']} + {chosen['loop']}", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75, **chosen)
 
 
 def make_workspace(ws: Path) -> None:
@@ -344,7 +347,7 @@ def report(results: dict[str, dict[str, dict]], args) -> dict:
         "litellm_cpu_ms_per_request": round(ns["litellm"]["cpu_ms_per_request"], 3) if "litellm" in ns else None,
         "litellm_stream_cpu_ms_per_request": round(st["litellm"]["cpu_ms_per_request"], 3) if "litellm" in st else None,
         "errors": sum(r["errors"] for res in results.values() for r in res.values()),
-        "rate_rps": args.rate, "requests_per_target_and_mode": results["non-streaming"]["direct"]["n"], "rounds": args.rounds,
+        "gateway_http_stack": args.http_stack, "rate_rps": args.rate, "requests_per_target_and_mode": results["non-streaming"]["direct"]["n"], "rounds": args.rounds,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}",
     }
     if out["added_p50_ms"] is not None and out["litellm_added_p50_ms"]:
@@ -365,7 +368,7 @@ def run_all(args) -> dict:
             wait_ready(procs[-1], f"{stub}/chat/completions", "the stub upstream")
             ws = Path(tmp) / "ws"
             make_workspace(ws)
-            procs.append(start_child("gateway", str(ws), str(gw_port), stub))
+            procs.append(start_child("gateway", str(ws), str(gw_port), stub, args.http_stack))
             wait_ready(procs[-1], f"http://127.0.0.1:{gw_port}/v1/chat/completions", "the gateway")
             targets = {"direct": (f"{stub}/chat/completions", MODEL, procs[0].pid),
                        "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, procs[1].pid)}
@@ -394,13 +397,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20, help="rounds per mode, targets in rotating order")
     ap.add_argument("--litellm", default=None, help="the litellm executable (its own venv)")
     ap.add_argument("--no-litellm", action="store_true", help="measure only direct and gateway")
+    ap.add_argument("--http-stack", choices=("auto", "h11"), default="auto",
+                    help="the gateway's HTTP parser and loop: auto (as tuneloop serve: httptools + uvloop when "
+                         "installed) or h11 (pure-Python h11 + asyncio, the stack before httptools and uvloop became dependencies)")
     ap.add_argument("--role", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role:
         if args.role[0] == "stub":
             serve_stub(int(args.role[1]))
         else:
-            serve_gateway(args.role[1], int(args.role[2]), args.role[3])
+            serve_gateway(args.role[1], int(args.role[2]), args.role[3], args.role[4])
         return
     sys.path.insert(0, str(ROOT / "src"))
     print(json.dumps(run_all(args)))

@@ -3,7 +3,10 @@
 A worker thread takes the waiting jobs that share an adapter (up to ``max_batch_size``), runs one left-padded
 prefill with a KV cache (attention mask and position ids follow each row's real tokens, so a row's logits do
 not depend on its neighbours), then decodes step by step. A row leaves the batch when it hits a stop token,
-its token budget, or its job is cancelled (client gone, stop string seen); the cache drops its row.
+its token budget, or its job is cancelled (client gone, stop string seen); the cache drops its row. Jobs that
+arrive while a batch runs join it at the next step boundary (continuous batching): they are prefilled on their
+own and their cache is merged into the running one, left-padded, so a new request does not wait for the
+longest running one to finish.
 
 Entry points: :class:`BatchEngine` (``submit``, ``start``, ``stop``), :class:`GenJob`, :class:`SamplingParams`,
 :class:`QueueFull`. Events go to each job's ``emit`` callback from the worker thread.
@@ -11,6 +14,7 @@ Entry points: :class:`BatchEngine` (``submit``, ``start``, ``stop``), :class:`Ge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -84,6 +88,61 @@ class _Row:
     last: int = 0
 
 
+@dataclass
+class _BatchState:
+    """The running batch's tensors: next-token logits, KV cache, attention mask (left padding is 0) and the
+    position of each row's last token."""
+
+    logits: torch.Tensor
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    can_join: bool
+
+    def select(self, keep: list[int]) -> None:
+        """Keep these rows; then drop the leading columns that are padding in every remaining row."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos, self.logits = self.mask[idx], self.pos[idx], self.logits[idx]
+        if self.can_join:
+            first = int(self.mask.any(dim=0).to(torch.int8).argmax())
+            if first > 0:
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: "_BatchState") -> "_BatchState":
+        """Append ``other``'s rows: both caches and masks are left-padded to the longer one, then concatenated."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad_left(mine.keys, width, 2), pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([pad_left(mine.values, width, 2), pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        return self
+
+
+def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros prepended along ``dim`` up to ``width``."""
+    extra = width - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def mergeable_cache(cache: Any) -> bool:
+    """Whether new rows can be merged into this cache: every layer a plain full-length dynamic layer
+    (sliding-window or quantised layers keep the per-batch behaviour: a new job waits for the batch to end)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
+                                for layer in layers)
+
+
 class BatchEngine:
     """One model (a plain causal LM or a PEFT model holding several adapters) behind a batching worker."""
 
@@ -103,9 +162,12 @@ class BatchEngine:
         self.batches = 0          # counters for tests, /health and benchmarks
         self.rows = 0
         self.cancelled_rows = 0
+        self.joined = 0           # rows that joined a running batch at a step boundary
         self.cache_kw = _cache_keyword(model)
         self.keep_logits_kw = _takes(model, "logits_to_keep")
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
+        self.batch_jobs: list[GenJob] = []  # every job of the running batch (for error reports)
+        self.draining = threading.Event()  # set while someone waits for model_lock: running batches stop taking joiners
 
     # ---------------------------------------------------------------------------------- queue
     def submit(self, job: GenJob) -> None:
@@ -133,6 +195,17 @@ class BatchEngine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model between batches (to attach an adapter): the running batch stops taking new jobs, so it
+        ends within its rows' token budgets even under a steady stream of requests."""
+        self.draining.set()
+        try:
+            with self.model_lock:
+                yield self.model
+        finally:
+            self.draining.clear()
 
     def queue_depth(self) -> int:
         return len(self.queue)
@@ -166,34 +239,71 @@ class BatchEngine:
                 self.run_batch(batch)
             except Exception as exc:  # one bad batch must not kill the worker
                 log.exception("generation failed on %s", self.name)
-                for job in batch:
-                    job.emit(ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+                for job in self.batch_jobs:  # the jobs it started with and those that joined it
+                    if not job.cancelled.is_set():
+                        job.emit(ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
 
     # ---------------------------------------------------------------------------------- decoding
     @torch.inference_mode()
     def run_batch(self, jobs: list[GenJob]) -> None:
-        """Prefill the jobs together, then decode until every row is finished."""
+        """Prefill the jobs together, then decode step by step until no row is left.
+
+        Continuous batching: at every step boundary, waiting jobs for the same adapter join the running batch
+        (up to ``max_batch_size``): they are prefilled on their own and their KV cache is merged into the
+        running one, left-padded, with the attention mask hiding the padding.
+        """
         self.batches += 1
         self.rows += len(jobs)
-        with self.model_lock, self._adapter(jobs[0].adapter):
+        self.batch_jobs = list(jobs)
+        adapter = jobs[0].adapter
+        with self.model_lock, self._adapter(adapter):
             rows = [_Row(j, _generator(j.params)) for j in jobs]
-            logits, cache, mask, pos = self._prefill(rows)
+            state = self._prefill(rows)
             while rows:
-                keep = self._step_rows(rows, logits)
-                if not keep:
-                    return
+                keep = self._step_rows(rows, state.logits)
                 if len(keep) < len(rows):
-                    idx = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(idx)
-                    mask, pos = mask[idx], pos[idx]
                     rows = [rows[i] for i in keep]
-                ids = torch.tensor([[r.last] for r in rows], device=self.device)
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                pos = pos + 1
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache})
-                logits = out.logits[:, -1, :].float()
+                    state.select(keep)
+                if rows:
+                    self._decode(state, rows)
+                joiners = [] if self.draining.is_set() or not state.can_join else self._take_joiners(adapter, self.max_batch_size - len(rows))
+                if joiners:
+                    self.batch_jobs += joiners
+                    new_rows = [_Row(j, _generator(j.params)) for j in joiners]
+                    new_state = self._prefill(new_rows)
+                    state = state.merge(new_state) if rows else new_state
+                    rows += new_rows
+                    self.rows += len(joiners)
+                    self.joined += len(joiners)
 
-    def _prefill(self, rows: list[_Row]):
+    def _decode(self, state: "_BatchState", rows: list[_Row]) -> None:
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
+        state.pos = state.pos + 1
+        out = self.model(input_ids=ids, attention_mask=state.mask, position_ids=state.pos, use_cache=True,
+                         **{self.cache_kw: state.cache})
+        state.logits = out.logits[:, -1, :].float()
+
+    def _take_joiners(self, adapter: str | None, room: int) -> list[GenJob]:
+        """Waiting jobs for ``adapter`` from the front of the queue, up to ``room``; stops at the first job for
+        another adapter, so that one is not starved by a steady stream for this one (the batch drains first)."""
+        if room <= 0 or not self.queue:
+            return []
+        out: list[GenJob] = []
+        with self.cond:
+            while self.queue and len(out) < room:
+                job = self.queue[0]
+                if job.cancelled.is_set():
+                    self.queue.popleft()
+                    job.emit(DoneEvent("cancelled"))
+                elif job.adapter == adapter:
+                    out.append(self.queue.popleft())
+                else:
+                    break
+            self.on_queue_depth(len(self.queue))
+        return out
+
+    def _prefill(self, rows: list[_Row]) -> "_BatchState":
         width = max(len(r.job.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -214,11 +324,12 @@ class BatchEngine:
             if r.job.params.prompt_logprobs:
                 n = len(r.job.prompt_ids)
                 r.job.emit(_prompt_logprobs(out.logits[i, width - n:, :].float(), r.job.prompt_ids, r.job.params.top_logprobs or 0))
-        return out.logits[:, -1, :].float(), cache, mask, pos[:, -1:]
+        return _BatchState(out.logits[:, -1, :].float(), cache, mask, pos[:, -1:], mergeable_cache(cache))
 
     def _step_rows(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, emit it, and return the indices of rows that go on."""
         keep = []
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one call for every greedy row
         for i, r in enumerate(rows):
             job = r.job
             if job.cancelled.is_set():
@@ -228,14 +339,14 @@ class BatchEngine:
             if job.params.max_tokens <= r.produced:
                 job.emit(DoneEvent("length"))
                 continue
-            row_logits = logits[i]
-            tok = pick_token(row_logits, job.params, r.generator)
+            tok = greedy[i] if r.generator is None else pick_token(logits[i], job.params, r.generator)
             r.produced += 1
             r.last = tok
             if tok in job.stop_ids:
                 job.emit(DoneEvent("stop"))
                 continue
-            job.emit(_token_event(row_logits, tok, job.params.top_logprobs))
+            k = job.params.top_logprobs
+            job.emit(TokenEvent(tok) if k is None else _token_event(logits[i], tok, k))
             if r.produced >= job.params.max_tokens:
                 job.emit(DoneEvent("length"))
                 continue
@@ -244,8 +355,6 @@ class BatchEngine:
 
     def _adapter(self, adapter: str | None):
         """Context: the PEFT model with ``adapter`` active, or with adapters disabled for the base weights."""
-        import contextlib
-
         if not hasattr(self.model, "peft_config"):
             return contextlib.nullcontext()
         if adapter is None:

@@ -106,7 +106,7 @@ class LocalBackend:
                 model = attach_adapter(load_causal_lm(base).to(self.device), str(path), name)
                 engine = self._start_engine(f"base:{base}", model, tok, version["model"])
             else:
-                with engine.model_lock:
+                with engine.exclusive():
                     engine.model = attach_adapter(engine.model, str(path), name)
             adapter: str | None = name
         else:
