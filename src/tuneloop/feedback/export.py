@@ -32,7 +32,8 @@ Checks, in this order, each drop counted under its rule code in the manifest:
 4. ``near_duplicate``: MinHash near duplicates of a kept record (``near_dup_threshold``).
 
 Records are considered in a fixed priority order -- corrections first, then the newest -- so among
-duplicates the most trustworthy record is the one kept.
+duplicates the most trustworthy record is the one kept. They are written corrections first, each class in
+content order (not request order), so the same feedback gives the same file however the requests were timed.
 """
 
 from __future__ import annotations
@@ -310,7 +311,8 @@ class _EvalIndex:
 
 
 def _select(cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_dup: float | None) -> tuple[list[dict], Counter]:
-    """The records that pass the checks (in priority order, with ``id`` and ``meta``), and the drops."""
+    """The records that pass the checks (corrections first, each class in content order, with ``id`` and
+    ``meta``), and the drops. Among duplicates the first in priority order (corrections, then the newest) is kept."""
     drops: Counter = Counter()
     kept: list[tuple[_Candidate, dict]] = []
     seen: set[str] = set()
@@ -335,8 +337,10 @@ def _select(cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_du
         later = {i for group in dedup.near_duplicate_groups([t[0] for t in texts], threshold=near_dup, workers=1) for i in sorted(group)[1:]}
         drops["near_duplicate"] += len(later)
         kept = [k for i, k in enumerate(kept) if i not in later]
+    # Written in content order within each priority class, not in request order: the same feedback gives the
+    # same file whatever the timing of the requests, so a run that trains on it is reproducible.
     out = []
-    for c, record in kept:
+    for c, record in sorted(kept, key=lambda k: (_PRIORITY[k[0].origin], _exact_key(k[1]))):
         rid = "fb-" + _exact_key(record)[:16]
         out.append({**record, "id": rid, "meta": _provenance(c)})
     return out, +drops
