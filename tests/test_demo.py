@@ -84,6 +84,9 @@ def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(tmp_p
     assert [s["path"] for s in sources] == ["data/train.jsonl", "feedback/sft.jsonl"], sources
     assert sources[1]["weight"] == 1.0 and sources[1]["samples"] == sources[1]["records"] > 0, sources
     assert second["stages"]["deployment"]["metrics"]["strategy"] == "canary"
+    # each iteration is gated against the champion it would replace; the first, with none, against the base
+    assert first["stages"]["evaluation"]["metrics"]["against"] == "base"
+    assert second["stages"]["evaluation"]["metrics"]["against"] == "champion support-router:1"
 
     prod = out["production"]
     assert prod["failed"] == 0 and prod["by_intent"]["new"] > 0.2 * prod["requests"]

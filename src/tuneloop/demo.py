@@ -107,6 +107,12 @@ def write_config(workdir: Path, *, train_data: str | list = "data/train.jsonl", 
         "gates": {"min_accuracy": 0.85, "max_harmful_rate": 0.1, "max_capability_drop": 0.02, "max_harmful_increase": 0.1},
         "deploy": {"auto_deploy": True, **({"strategy": "canary", "canary": canary} if canary else {})},
     }
+    if canary:
+        # The loop: each iteration is gated against the champion it would replace (the first, with none, against
+        # the base). Against the base, iteration 2's capability drop measured 0.013-0.018 depending on the order
+        # of its training data alone, its interval reaching 0.021, so a 0.02 gate against the base blocked it in
+        # some runs: the drift of two fine-tunes adds up (see docs/benchmarks.md, loop timing).
+        cfg["gates"]["against"] = "champion"
     path = workdir / "tuneloop.yaml"
     header = DEMO_HEADER + " Run it again with: tuneloop run tuneloop.yaml\n"
     atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
