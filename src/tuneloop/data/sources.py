@@ -438,9 +438,9 @@ def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSou
     return opened
 
 
-def normalised_records(source: str | Path | Sequence[TrainSource]) -> Iterator[dict[str, Any]]:
-    """The canonical records of a source whose records normalise (format detected); unreadable or invalid
-    records are skipped. For reading a dataset's texts (drift, eval overlap), not for validating it."""
+def parsed_records(source: str | Path | Sequence[TrainSource]) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    """Each readable value of a source (format detected) with its canonical record, ``None`` when it does not
+    normalise; unreadable items are skipped. For reading a dataset's texts, not for validating it."""
     items, _, fmt = open_detected(source)
     for item in items:
         if item.kind == 2:
@@ -449,9 +449,13 @@ def normalised_records(source: str | Path | Sequence[TrainSource]) -> Iterator[d
             value = json.loads(item.payload) if item.kind == 0 else item.payload
         except ValueError:
             continue
-        record, _ = normalise(value, fmt)
-        if record is not None:
-            yield record
+        yield value, normalise(value, fmt)[0]
+
+
+def normalised_records(source: str | Path | Sequence[TrainSource]) -> Iterator[dict[str, Any]]:
+    """The canonical records of a source whose records normalise (format detected); unreadable or invalid
+    records are skipped. For reading a dataset's texts (drift, eval overlap), not for validating it."""
+    return (record for _, record in parsed_records(source) if record is not None)
 
 
 def source_problem(value: str | Sequence[TrainSource]) -> str | None:

@@ -472,18 +472,10 @@ def _checks_summary(evals: _EvalIndex | None, near_dup: float | None, good_score
 def eval_texts_from_file(path: str | Path) -> list[str]:
     """The texts of an evaluation dataset or task suite (any format ``tuneloop data validate`` reads), one
     per item: every turn but system prompts, joined by newlines (what the contamination check compares)."""
-    from tuneloop.data.validate import open_detected
+    from tuneloop.data.sources import parsed_records
 
-    items, _, fmt = open_detected(path)
     out = []
-    for item in items:
-        if item.kind == 2:
-            continue
-        try:
-            value = json.loads(item.payload) if item.kind == 0 else item.payload
-        except ValueError:
-            continue
-        record, _ = normalise(value, fmt)
+    for value, record in parsed_records(path):
         if record is not None:
             out.append(record["text"] if "text" in record and "messages" not in record else _texts(record)[0])
         elif isinstance(value, dict):  # e.g. a task item whose answer is a `reference`, not an assistant turn
