@@ -299,3 +299,55 @@ def test_router_splits_by_weight_reads_the_registry_once_per_ttl_and_waits_for_t
     router.invalidate(MODEL)
     assert router.choose_arm(MODEL, "user-1").arm == "direct"  # ... until the cache is dropped
     assert router.baseline_of(canary[0]).arm == "direct"  # a retry after the rollout ended goes to the champion
+
+
+def test_router_cache_is_read_again_off_the_request_path(tmp_path, monkeypatch):
+    """Requests are answered from the cache (up to 2 * ttl_s old) and the refresher reads the entries in use
+    again; an entry older than that is read first; a refresh that read before invalidate() is not stored."""
+    import threading
+
+    import tuneloop.serve.router as router_mod
+    from tuneloop.serve.router import Router
+
+    clock = [1000.0]
+    monkeypatch.setattr(router_mod.time, "monotonic", lambda: clock[0])
+    reg = CountingRegistry(make_registry(tmp_path))
+    gate = threading.Event()
+    gate.set()
+
+    class Held(CountingRegistry):
+        def get_rollout(self, *a, **kw):
+            record = super().get_rollout(*a, **kw)
+            if threading.current_thread() is not threading.main_thread():
+                gate.wait(10)  # the refresher: read, then held, so what it read is out of date when it returns
+            return record
+
+    held = Held(reg.reg)
+    router = Router(held, ttl_s=10.0, refresh_every_s=3600)  # the test drives the refresher: refresh_due()
+    assert router.rollout(MODEL) is None and held.rollout_reads == 1      # first use: read now
+    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    clock[0] += 15                                                         # stale (< 2 * ttl_s): served as is
+    assert router.rollout(MODEL) is None and held.rollout_reads == 1
+    router.cache.refresh_every_s = 5
+    router.cache.refresh_due()                                             # the refresher's pass
+    assert held.rollout_reads == 2 and router.rollout(MODEL)["rollout_id"] == rid
+    clock[0] += 25                                                         # too old: read before use
+    assert router.rollout(MODEL)["rollout_id"] == rid and held.rollout_reads == 3
+    clock[0] += 6
+    gate.clear()                                                           # a slow refresh reads "running" ...
+    refresher = threading.Thread(target=router.cache.refresh_due)
+    refresher.start()
+    for _ in range(500):
+        if held.rollout_reads == 4:
+            break
+        threading.Event().wait(0.01)
+    controller.abort(reg.reg, MODEL, reason="test")
+    router.invalidate(MODEL)                                               # ... overtaken by invalidate()
+    assert router.rollout(MODEL) is None                                   # read again at once: abort seen
+    gate.set()
+    refresher.join(10)
+    assert router.rollout(MODEL) is None                                   # the slow read was not stored
+    clock[0] += 100
+    router.cache.refresh_due()                                             # unused for idle_s: dropped
+    assert len(router.cache) == 0
+    router.close()

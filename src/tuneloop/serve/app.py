@@ -7,9 +7,8 @@ Entry point: :func:`create_app`. Paths: ``POST /v1/chat/completions``, ``POST /v
 ``GET /dashboard`` (``serve/dashboard.py``). Every response carries ``x-request-id``; once a request is
 routed, also ``x-tuneloop-version``, ``x-tuneloop-artifact`` and ``x-tuneloop-arm``.
 
-A canary request that fails before its first byte (an exception in the backend, a 5xx) is logged as a failed
-canary attempt (request id ``<id>.canary``) and answered by the baseline, so clients never see the canary's
-failures while the analysis still counts them.
+The two model calls are served by :func:`tuneloop.serve.calls.serve_call` as plain ASGI: ``GatewayMiddleware``
+hands them over after its checks, past FastAPI's routing (the hot path; see that module).
 """
 
 from __future__ import annotations
@@ -25,12 +24,13 @@ from typing import Any
 
 from fastapi import Request
 
-from tuneloop.serve.backends import Backend, CallContext, Route
+from tuneloop.serve.backends import Backend, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
-from tuneloop.serve.errors import APIError, error_body, install_handlers, scrub_paths
-from tuneloop.serve.observe import Observation, Recorder, prompt_text
+from tuneloop.serve.calls import CALL_PATHS, RequestState, request_state, send_json, serve_call, set_route_headers
+from tuneloop.serve.errors import APIError, install_handlers
+from tuneloop.serve.observe import Recorder
 from tuneloop.serve.router import Router
-from tuneloop.serve.schemas import ChatRequest, CompletionRequest, FeedbackRequest, parse_body, read_body
+from tuneloop.serve.schemas import FeedbackRequest, parse_body, read_body
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -89,6 +89,7 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await backend.close()
+        router.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
         if notifier is not None:
@@ -99,7 +100,7 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.gateway = gw  # what the routes share, for embedding and tests
     install_handlers(app)
-    app.add_middleware(GatewayMiddleware, settings=gw.settings)
+    app.add_middleware(GatewayMiddleware, gateway=gw)
     add_openai_routes(app, gw)
     add_operations_routes(app, gw)
     add_rollout_routes(app, gw)
@@ -125,23 +126,21 @@ def add_openai_routes(app, gw: Gateway) -> None:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         v = gw.router.resolve(model_id)
-        set_route_headers(request, Route(model_id, v))
+        set_route_headers(request_state(request), Route(model_id, v))
         return model_card(v, model_id)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await serve_call(gw, request, "chat.completions", ChatRequest)
+    async def call(scope, receive, send) -> None:  # the route; GatewayMiddleware calls serve_call before routing
+        await serve_call(gw, scope, receive, send)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await serve_call(gw, request, "completions", CompletionRequest)
+    for path in CALL_PATHS:
+        app.router.add_route(path, call, methods=["POST"], include_in_schema=False)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         from fastapi.responses import JSONResponse
 
         s = gw.settings
-        body = parse_body(await read_body(request, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes)
+        body = parse_body(await read_body(request.receive, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes)
         if gw.request_log is None:
             raise APIError(503, "feedback needs the request log (serve.request_log); this gateway runs without one", code="no_request_log")
         record, created = await asyncio.to_thread(store_feedback, gw.request_log, gw.recorder, body)
@@ -169,94 +168,16 @@ def add_operations_routes(app, gw: Gateway) -> None:
 
     @app.post("/admin/load")
     async def admin_load(request: Request) -> dict[str, Any]:
-        data = json.loads(await read_body(request, gw.settings.max_body_bytes) or b"{}")
+        data = json.loads(await read_body(request.receive, gw.settings.max_body_bytes) or b"{}")
         ref = data.get("model") if isinstance(data, dict) else None
         if not isinstance(ref, str) or not ref:
             raise APIError(400, "give the version to load as {\"model\": \"name:3\"}", code="invalid_value", param="model")
         route = gw.router.choose_arm(ref, None)
-        set_route_headers(request, route)
+        set_route_headers(request_state(request), route)
         return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
 
 
-async def serve_call(gw: Gateway, request: Request, endpoint: str, schema):
-    """One chat or completions call: parse, route, run on the backend, log; streaming as server-sent events."""
-    from fastapi.responses import JSONResponse, Response
-
-    s, rec = gw.settings, gw.rec
-    obs = Observation(request_state(request).request_id, endpoint)
-    try:
-        body = parse_body(await read_body(request, s.max_body_bytes), schema, max_bytes=s.max_body_bytes)
-        obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
-        obs.user_key = body.user or request.headers.get("x-tuneloop-user") or None
-        obs.route = gw.router.choose_arm(body.model, obs.user_key, obs.request_id)
-        set_route_headers(request, obs.route)
-        first, stream = await first_answer(gw, request, obs, endpoint, body)
-        if stream is None:
-            obs.take_body(first)
-            obs.first_token()
-            rec.finish(obs)
-            return JSONResponse(first)
-    except APIError as exc:
-        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
-        rec.finish(obs)
-        raise
-    except ClientGone:
-        obs.status, obs.error = 499, "client disconnected"
-        rec.finish(obs)
-        return Response(status_code=499)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return sse_response(first, stream, obs, rec, include_usage)
-
-
-async def call_backend(gw: Gateway, request: Request, route: Route, endpoint: str, body):
-    """(response body, None) for a plain call; (first chunk, the rest) for a stream. Raises before the first byte."""
-    ctx = CallContext(request_state(request).request_id, request.is_disconnected)
-    call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
-    if not body.stream:
-        return await until_disconnected(request, call(route, body, ctx)), None
-    stream = await call(route, body, ctx)
-    try:
-        return await anext(stream), stream  # errors before any output become a plain error response
-    except StopAsyncIteration:
-        raise APIError(502, f"{route.model_id} ended its stream without any output", code="empty_stream") from None
-
-
-async def first_answer(gw: Gateway, request: Request, obs: Observation, endpoint: str, body):
-    """:func:`call_backend` on the chosen route; a canary failing before its first byte is logged as a failed
-    canary attempt and the request is answered by the baseline (its latency counted from the retry)."""
-    try:
-        return await call_backend(gw, request, obs.route, endpoint, body)
-    except ClientGone:
-        raise
-    except Exception as exc:
-        if obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500):
-            raise
-        gw.rec.finish(failed_canary_attempt(obs, exc))
-        log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
-                    type(exc).__name__)
-        obs.route = gw.router.baseline_of(obs.route)
-        obs.started = time.perf_counter()
-        set_route_headers(request, obs.route)
-        return await call_backend(gw, request, obs.route, endpoint, body)
-
-
-def failed_canary_attempt(obs: Observation, exc: Exception) -> Observation:
-    """The canary's failed attempt as its own log record (``<request id>.canary``), counted as a canary error."""
-    from dataclasses import replace
-
-    if isinstance(exc, APIError):
-        status, what = exc.status, f"{exc.code}: {exc.message}"
-    else:
-        status, what = 500, f"internal_error: {type(exc).__name__}: {exc}"
-    return replace(obs, request_id=f"{obs.request_id}.canary", status=status, response="",
-                   error=scrub_paths(f"canary failed before its first byte (retried on the baseline): {what}")[:2000])
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-class ClientGone(Exception):
-    pass
 
 
 async def purge_periodically(request_log, retention_days: float, every_s: float = 3600.0) -> None:
@@ -269,47 +190,6 @@ async def purge_periodically(request_log, retention_days: float, every_s: float 
         except Exception:
             log.exception("request log purge failed")
         await asyncio.sleep(every_s)
-
-
-async def until_disconnected(request, coro):
-    """Await ``coro``; if the client disconnects first, cancel it (which cancels its generation)."""
-    task = asyncio.ensure_future(coro)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise ClientGone()
-
-
-def sse_response(first: dict[str, Any], stream, obs: Observation, rec: Recorder, include_usage: bool):
-    from fastapi.responses import StreamingResponse
-
-    async def events():
-        try:
-            chunk: dict[str, Any] | None = first
-            while chunk is not None:
-                obs.take_chunk(chunk)
-                if include_usage or not (chunk.get("usage") and not chunk.get("choices")):
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-                chunk = await anext(stream, None)
-        except APIError as exc:
-            obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        except asyncio.CancelledError:
-            obs.status, obs.error = 499, "client disconnected mid-stream"
-            await stream.aclose()
-            rec.finish(obs)
-            raise
-        except Exception as exc:  # never an unterminated stream
-            log.exception("stream failed")
-            obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"
-            yield f"data: {json.dumps(error_body(500, obs.error, code='internal_error'))}\n\n"
-        yield "data: [DONE]\n\n"
-        rec.finish(obs)
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 def store_feedback(request_log, recorder, body: FeedbackRequest):
@@ -342,32 +222,19 @@ def model_card(v: dict[str, Any], model_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ middleware
 
 
-@dataclass
-class RequestState:
-    request_id: str
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def request_state(request) -> RequestState:
-    return request.scope["tuneloop"]
-
-
-def set_route_headers(request, route: Route) -> None:
-    request_state(request).headers.update({"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256,
-                                           "x-tuneloop-arm": route.arm})
-
-
 # Paths served without an API key: the health check, and the dashboard's page, which holds no data (its script
 # fetches /dashboard.json with the key given in the page URL's fragment, which browsers never send).
 OPEN_PATHS = frozenset({"/health", "/dashboard"})
 
 
 class GatewayMiddleware:
-    """Pure ASGI (streaming-safe): request id, identity headers, auth, and the body-size limit by Content-Length."""
+    """Pure ASGI (streaming-safe): request id, identity headers, auth, and the body-size limit by Content-Length.
+    After the checks, ``POST`` on the two model-call paths goes straight to :func:`serve_call` (the hot path)."""
 
-    def __init__(self, app, settings: GatewaySettings):
+    def __init__(self, app, gateway: Gateway):
         self.app = app
-        self.s = settings
+        self.gw = gateway
+        self.s = gateway.settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -384,17 +251,24 @@ class GatewayMiddleware:
 
         denied = self.check(scope)
         if denied is not None:
-            return await self.reply(denied, send_with_headers)
+            return await send_json(send_with_headers, denied.status, denied.body(), denied.headers)
+        if scope["method"] == "POST" and scope["path"] in CALL_PATHS:
+            return await serve_call(self.gw, scope, receive, send_with_headers)
         return await self.app(scope, receive, send_with_headers)
 
     def check(self, scope) -> APIError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        length = headers.get("content-length", "")
+        length, authorization = "", ""
+        for key, value in scope.get("headers", ()):
+            key = key.lower()
+            if key == b"content-length":
+                length = value.decode("latin-1")
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
         if length.isdigit() and int(length) > self.s.max_body_bytes:
             return APIError(413, f"request body is {length} bytes; the limit is {self.s.max_body_bytes} (serve.max_body_bytes)",
                             code="request_too_large")
         path = scope.get("path", "")
-        token = bearer(headers.get("authorization", ""))
+        token = bearer(authorization)
         if path.startswith("/admin"):
             if not self.s.admin_token:
                 return APIError(403, "admin endpoints are off: set the admin token in the environment variable named by "
@@ -406,12 +280,6 @@ class GatewayMiddleware:
             return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
                             "key list (serve.api_keys_env)", code="invalid_api_key")
         return None
-
-    async def reply(self, err: APIError, send) -> None:
-        body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": err.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def bearer(value: str) -> str | None:

@@ -41,6 +41,10 @@ class APIError(Exception):
         return error_body(self.status, self.message, code=self.code, param=self.param, type_=self.type)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was sent (logged as status 499; nothing is sent)."""
+
+
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None, type_: str | None = None) -> dict:
     return {"error": {"message": scrub_paths(message), "type": type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                       "param": param, "code": code}}
@@ -77,6 +81,12 @@ def install_handlers(app) -> None:
         if exc.status_code == 405:
             return respond(APIError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed", type="invalid_request_error"))
         return respond(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_request, _exc: ClientGone):
+        from fastapi.responses import Response
+
+        return Response(status_code=499)  # nobody reads it; the server drops it
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):

@@ -67,10 +67,11 @@ async def run_tick(gw) -> dict:
         log.exception("rollout tick failed")
         return {}
     for model, decision in decisions.items():
-        gw.router.invalidate(model)
+        if decision is None or decision.action != "continue":  # changed here or by another replica: at once
+            gw.router.invalidate(model)
         if decision is not None and decision.action != "continue":
             log.info("rollout of %s: %s (%s)", model, decision.action, decision.reason)
-    note_candidates(gw, decisions)
+    await asyncio.to_thread(note_candidates, gw, decisions)  # reads the registry: never on the event loop
     return decisions
 
 
@@ -123,7 +124,7 @@ def add_rollout_routes(app, gw) -> None:
     from tuneloop.serve.schemas import read_body
 
     async def body_of(request: Request) -> dict[str, Any]:
-        raw = await read_body(request, gw.settings.max_body_bytes)
+        raw = await read_body(request.receive, gw.settings.max_body_bytes)
         try:
             data = json.loads(raw or b"{}")
         except ValueError:

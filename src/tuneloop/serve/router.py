@@ -6,24 +6,29 @@ champion is set; ``name:3`` a version number; ``name@alias`` an alias.
 Rollouts: :meth:`Router.choose_arm` splits requests for ``name`` and ``name@champion`` of a model with a running
 rollout by ``tuneloop.rollout.split.choose_arm`` (sticky by the user key, else per request): ``canary`` goes to
 the candidate, ``baseline`` to the rollout's baseline, both tagged with the rollout id. Explicit refs
-(``name:3``, other aliases) are never split (arm ``direct``). The rollout record is cached for ``ttl_s`` (a
-started or ended rollout takes effect within it; :meth:`Router.invalidate` drops the cache at once). The
-candidate takes traffic only once it is marked ready (:meth:`Router.mark_ready`, after the backend loaded and
-probed it); until then the model is served as without a rollout, and :meth:`Router.pending` names it.
+(``name:3``, other aliases) are never split (arm ``direct``).
+
+Caching (:class:`RefreshingCache`): resolved refs and rollout records are kept in memory, and a background
+thread reads every entry in use again every ``ttl_s / 2`` s, so a request never waits for the registry once
+its ref was seen (a registry read on the event loop took a few ms, once a second per ref: the gateway's p99).
+An entry older than ``2 * ttl_s`` (the thread fell behind) is read before it is used. So a moved alias or a
+started or ended rollout takes effect within about ``ttl_s``; :meth:`Router.invalidate` drops the cache at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tuneloop.errors import InputError
 from tuneloop.serve.backends import Route
 from tuneloop.serve.errors import APIError, not_found
 
 DEFAULT_ALIAS = "champion"
+log = logging.getLogger("tuneloop.serve")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -48,43 +53,107 @@ def user_hash(user_key: str | None) -> str | None:
 SPLIT_SELECTORS = (None, DEFAULT_ALIAS)
 
 
+class RefreshingCache:
+    """``key -> value`` read by each key's loader; a daemon thread reads the entries in use again (see the module's
+    doc). Entries not asked for in ``idle_s`` are dropped. A read that started before :meth:`invalidate` is not stored."""
+
+    def __init__(self, ttl_s: float, *, refresh_every_s: float | None = None, idle_s: float = 60.0):
+        self.ttl_s, self.idle_s = ttl_s, idle_s
+        self.refresh_every_s = ttl_s / 2 if refresh_every_s is None else refresh_every_s
+        self._entries: dict[Any, list] = {}  # key -> [loaded_at, value, loader, last_used]
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def get(self, key, load: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and now - entry[0] < 2 * self.ttl_s:
+                entry[3] = now
+                return entry[1]
+            generation = self._generation
+        value = load()
+        with self._lock:
+            if generation == self._generation:
+                self._entries[key] = [now, value, load, now]
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="tuneloop-router", daemon=True)
+                self._thread.start()
+        return value
+
+    def invalidate(self, keep=lambda key: False) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries = {k: e for k, e in self._entries.items() if keep(k)}
+
+    def refresh_due(self) -> None:
+        """Read again every entry older than ``refresh_every_s``; drop those unused for ``idle_s``."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if now - e[3] > self.idle_s]:
+                del self._entries[key]
+            due = [(k, e[2]) for k, e in self._entries.items() if now - e[0] >= self.refresh_every_s]
+            generation = self._generation
+        for key, load in due:
+            started = time.monotonic()
+            try:
+                value = load()
+            except Exception as exc:  # e.g. the version was deleted: drop it, so the next request gets the error
+                log.debug("router refresh of %s failed: %s", key, exc)
+                with self._lock:
+                    if generation == self._generation:
+                        self._entries.pop(key, None)
+                continue
+            with self._lock:
+                entry = self._entries.get(key)
+                if generation == self._generation and entry is not None:
+                    entry[0], entry[1] = started, value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_every_s):
+            try:
+                self.refresh_due()
+            except Exception:
+                log.exception("router cache refresh failed")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class Router:
-    def __init__(self, registry, *, ttl_s: float = 1.0):
+    def __init__(self, registry, *, ttl_s: float = 1.0, refresh_every_s: float | None = None):
         self.registry = registry
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._rollouts: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.cache = RefreshingCache(ttl_s, refresh_every_s=refresh_every_s)  # keys ("ref", ref), ("rollout", model)
         self._ready: set[str] = set()    # candidate refs ("name:5") loaded and probed by the backend
         self._pending: set[str] = set()  # candidate refs a running rollout waits on
         self._lock = threading.Lock()
 
     def invalidate(self, model: str | None = None) -> None:
         """Forget cached refs and rollout records (of ``model``, or all): the next request reads the registry."""
-        with self._lock:
-            if model is None:
-                self._cache.clear()
-                self._rollouts.clear()
-                return
-            self._rollouts.pop(model, None)
-            for ref in [r for r in self._cache if parse_model_ref(r)[0] == model]:
-                self._cache.pop(ref, None)
+        if model is None:
+            self.cache.invalidate()
+            return
+        self.cache.invalidate(keep=lambda key: key[1] != model if key[0] == "rollout" else parse_model_ref(key[1])[0] != model)
+
+    def close(self) -> None:
+        self.cache.close()
 
     def rollout(self, model: str) -> dict[str, Any] | None:
-        """``model``'s running rollout record (cached for ``ttl_s``), or None."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._rollouts.get(model)
-            if hit and now - hit[0] < self.ttl_s:
-                return hit[1]
+        """``model``'s running rollout record (cached, see the module's doc), or None."""
+        return self.cache.get(("rollout", model), lambda: self._read_rollout(model))
+
+    def _read_rollout(self, model: str) -> dict[str, Any] | None:
         try:
             record = self.registry.get_rollout(model)
         except InputError:  # an unknown model has no rollout; resolve() answers 404 for it
-            record = None
-        if record is not None and record.get("status") != "running":
-            record = None
-        with self._lock:
-            self._rollouts[model] = (now, record)
-        return record
+            return None
+        return record if record is not None and record.get("status") == "running" else None
 
     def candidate_ready(self, record: dict[str, Any]) -> bool:
         """Whether a running rollout's candidate may take traffic; if not yet, it is queued for :meth:`pending`."""
@@ -111,16 +180,8 @@ class Router:
             return sorted(self._pending)
 
     def resolve(self, ref: str) -> dict[str, Any]:
-        """The registered version a ref names (cached for ``ttl_s``, so alias moves are seen within a second)."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(ref)
-            if hit and now - hit[0] < self.ttl_s:
-                return hit[1]
-        version = self._resolve_uncached(ref)
-        with self._lock:
-            self._cache[ref] = (now, version)
-        return version
+        """The registered version a ref names (cached, see the module's doc)."""
+        return self.cache.get(("ref", ref), lambda: self._resolve_uncached(ref))
 
     def _resolve_uncached(self, ref: str) -> dict[str, Any]:
         name, sel = parse_model_ref(ref)

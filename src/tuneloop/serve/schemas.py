@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneloop.serve.errors import APIError, bad_request, validation_to_api_error
+from tuneloop.serve.errors import APIError, ClientGone, bad_request, validation_to_api_error
 
 SEED_MAX = 2**63 - 1
 
@@ -181,12 +181,19 @@ def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past the limit)."""
+async def read_body(receive, max_bytes: int) -> bytes:
+    """The request body from the ASGI ``receive`` (a Starlette ``Request.receive`` or the server's own), refused
+    with 413 as soon as it passes ``max_bytes`` (never buffered past the limit); :class:`ClientGone` when the
+    client disconnects before sending all of it."""
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

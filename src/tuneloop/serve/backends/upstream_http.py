@@ -102,16 +102,8 @@ class Response:
             return b""
         r = self.conn.reader
         try:
-            if self.chunked:
-                size_line = await within(r.readuntil(b"\r\n"), self.read_timeout_s)
-                size = int(size_line.split(b";")[0].strip(), 16)
-                if size == 0:
-                    while (await within(r.readuntil(b"\r\n"), self.read_timeout_s)) != b"\r\n":
-                        pass  # trailers
-                    self._finish()
-                    return b""
-                data = await within(r.readexactly(size + 2), self.read_timeout_s)
-                return data[:-2]
+            if self.chunked:  # one deadline for the whole chunk: a timer per read was a tenth of a stream's CPU
+                return await within(self._next_chunk(r), self.read_timeout_s)
             if self.remaining is not None:
                 if self.remaining == 0:
                     self._finish()
@@ -131,6 +123,15 @@ class Response:
         except ReadTimeout:
             self._abandon()
             raise
+
+    async def _next_chunk(self, r: asyncio.StreamReader) -> bytes:
+        size = int((await r.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+        if size == 0:
+            while (await r.readuntil(b"\r\n")) != b"\r\n":
+                pass  # trailers
+            self._finish()
+            return b""
+        return (await r.readexactly(size + 2))[:-2]
 
     def _finish(self) -> None:
         self.done = True

@@ -1,0 +1,229 @@
+"""The model calls, ``POST /v1/chat/completions`` and ``POST /v1/completions``, as plain ASGI: the gateway's hot path.
+
+:func:`serve_call` reads and checks the body, routes it (:class:`~tuneloop.serve.router.Router`), calls the
+backend, and writes the answer itself, JSON or server-sent events, with ``send``. FastAPI's routing, dependency
+and response layers cost about as much CPU per request as the rest of the gateway together
+(``docs/benchmarks.md``, added latency), so ``GatewayMiddleware`` hands these two paths straight to
+:func:`serve_call`; the same function is also their route in the app, which keeps 405 for other methods.
+
+A client that disconnects cancels its call (and so its generation): a watcher task waits on ``receive`` for
+``http.disconnect`` and cancels the task serving the request; the request is logged with status 499.
+
+A canary request that fails before its first byte (an exception in the backend, a 5xx) is logged as a failed
+canary attempt (request id ``<id>.canary``) and answered by the baseline, so clients never see the canary's
+failures while the analysis still counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tuneloop.serve.backends import CallContext, Route
+from tuneloop.serve.errors import APIError, ClientGone, error_body, scrub_paths
+from tuneloop.serve.observe import Observation, Recorder, prompt_text
+from tuneloop.serve.schemas import ChatRequest, CompletionRequest, parse_body, read_body
+
+log = logging.getLogger("tuneloop.serve")
+
+CALL_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+SCHEMAS = {"chat.completions": ChatRequest, "completions": CompletionRequest}
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+@dataclass
+class RequestState:
+    """What the gateway keeps per request in ``scope["tuneloop"]``: its id and the identity headers to send."""
+
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def request_state(request_or_scope) -> RequestState:
+    scope = request_or_scope if isinstance(request_or_scope, dict) else request_or_scope.scope
+    return scope["tuneloop"]
+
+
+def set_route_headers(state: RequestState, route: Route) -> None:
+    state.headers.update({"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256,
+                          "x-tuneloop-arm": route.arm})
+
+
+def header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def serve_call(gw, scope, receive, send) -> None:
+    """One chat or completions call (``scope["path"]`` picks which), answered on ``send``; never raises an
+    :class:`APIError` (it becomes the error response) and logs every request, failed ones included."""
+    endpoint = CALL_PATHS[scope["path"]]
+    state = request_state(scope)
+    obs = Observation(state.request_id, endpoint)
+    rec = gw.rec
+    watch = DisconnectWatch()
+    try:
+        body = parse_body(await read_body(receive, gw.settings.max_body_bytes), SCHEMAS[endpoint],
+                          max_bytes=gw.settings.max_body_bytes)
+        obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
+        obs.user_key = body.user or header(scope, b"x-tuneloop-user") or None
+        obs.route = gw.router.choose_arm(body.model, obs.user_key, obs.request_id)
+        set_route_headers(state, obs.route)
+        watch.start(receive)
+        first, stream = await first_answer(gw, state, obs, endpoint, body, watch)
+        if stream is None:
+            watch.stop()  # from here a disconnect costs nothing: the server drops what is sent to a gone client
+            obs.take_body(first)
+            obs.first_token()
+            await send_json(send, 200, first)
+            rec.finish(obs)
+            return
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await send_events(send, first, stream, obs, rec, include_usage, watch)
+    except APIError as exc:
+        watch.stop()
+        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+        rec.finish(obs)
+        await send_json(send, exc.status, exc.body(), exc.headers)
+    except ClientGone:
+        obs.status, obs.error = 499, "client disconnected"
+        rec.finish(obs)
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        watch.uncancel()  # our own cancel (the client left): the request ends here, logged by send_events or now
+        if obs.status != 499:
+            obs.status, obs.error = 499, "client disconnected"
+            rec.finish(obs)
+    except Exception as exc:
+        watch.stop()
+        log.exception("unexpected error in the gateway")
+        obs.status, obs.error = 500, f"internal_error: {type(exc).__name__}"
+        rec.finish(obs)
+        await send_json(send, 500, error_body(500, f"internal error ({type(exc).__name__}); the gateway log has the details",
+                                              code="internal_error"))
+    finally:
+        watch.stop()
+
+
+class DisconnectWatch:
+    """Cancels the task serving a request when its client disconnects (``http.disconnect`` on ``receive``)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task | None = None
+        self.served: asyncio.Task | None = None
+        self.fired = False
+
+    def start(self, receive) -> None:
+        self.served = asyncio.current_task()
+        self.task = asyncio.get_running_loop().create_task(self.watch(receive))
+
+    async def watch(self, receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.fired = True
+                self.served.cancel()
+                return
+
+    async def disconnected(self) -> bool:
+        return self.fired
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    def uncancel(self) -> None:
+        if self.served is not None and hasattr(self.served, "uncancel"):  # Python 3.11+
+            self.served.uncancel()
+
+
+async def call_backend(gw, state: RequestState, route: Route, endpoint: str, body, watch: DisconnectWatch):
+    """(response body, None) for a plain call; (first chunk, the rest) for a stream. Raises before the first byte."""
+    ctx = CallContext(state.request_id, watch.disconnected)
+    call = gw.backend.chat if endpoint == "chat.completions" else gw.backend.completion
+    if not body.stream:
+        return await call(route, body, ctx), None
+    stream = await call(route, body, ctx)
+    try:
+        return await anext(stream), stream  # errors before any output become a plain error response
+    except StopAsyncIteration:
+        raise APIError(502, f"{route.model_id} ended its stream without any output", code="empty_stream") from None
+
+
+async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str, body, watch: DisconnectWatch):
+    """:func:`call_backend` on the chosen route; a canary failing before its first byte is logged as a failed
+    canary attempt and the request is answered by the baseline (its latency counted from the retry)."""
+    try:
+        return await call_backend(gw, state, obs.route, endpoint, body, watch)
+    except Exception as exc:
+        if obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500):
+            raise
+        gw.rec.finish(failed_canary_attempt(obs, exc))
+        log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
+                    type(exc).__name__)
+        obs.route = gw.router.baseline_of(obs.route)
+        obs.started = time.perf_counter()
+        set_route_headers(state, obs.route)
+        return await call_backend(gw, state, obs.route, endpoint, body, watch)
+
+
+def failed_canary_attempt(obs: Observation, exc: Exception) -> Observation:
+    """The canary's failed attempt as its own log record (``<request id>.canary``), counted as a canary error."""
+    if isinstance(exc, APIError):
+        status, what = exc.status, f"{exc.code}: {exc.message}"
+    else:
+        status, what = 500, f"internal_error: {type(exc).__name__}: {exc}"
+    return replace(obs, request_id=f"{obs.request_id}.canary", status=status, response="",
+                   error=scrub_paths(f"canary failed before its first byte (retried on the baseline): {what}")[:2000])
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+async def send_json(send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    payload = dumps(obj)
+    head = [*JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec: Recorder, include_usage: bool,
+                      watch: DisconnectWatch) -> None:
+    """The stream as server-sent events ending in ``data: [DONE]``; an error after the first byte becomes an error
+    event (never an unterminated stream). The usage-only chunk is sent when the client asked for it. ``watch``
+    cancels this while the stream runs, if the client leaves; it is stopped before the last event."""
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    try:
+        chunk: dict[str, Any] | None = first
+        while chunk is not None:
+            obs.take_chunk(chunk)
+            if include_usage or not (chunk.get("usage") and not chunk.get("choices")):
+                await send({"type": "http.response.body", "body": b"data: " + dumps(chunk) + b"\n\n", "more_body": True})
+            chunk = await anext(stream, None)
+    except APIError as exc:
+        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+        await send({"type": "http.response.body", "body": b"data: " + dumps(exc.body()) + b"\n\n", "more_body": True})
+    except asyncio.CancelledError:
+        obs.status, obs.error = 499, "client disconnected mid-stream"
+        await stream.aclose()
+        rec.finish(obs)
+        raise
+    except Exception as exc:
+        log.exception("stream failed")
+        obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"
+        await send({"type": "http.response.body", "body": b"data: " + dumps(error_body(500, obs.error, code="internal_error")) + b"\n\n",
+                    "more_body": True})
+    watch.stop()
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    rec.finish(obs)
