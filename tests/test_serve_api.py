@@ -179,3 +179,11 @@ def test_request_log_feedback_and_metrics(gateway):
     assert "tuneloop_requests_total" in text
 
 
+
+
+def test_scrub_paths_hides_filesystem_paths_but_keeps_the_api_paths():
+    from tuneloop.serve.errors import scrub_paths
+
+    assert scrub_paths("cannot read /home/ann/ws/registry/artifacts/x.safetensors") == "cannot read <path>"
+    assert scrub_paths("see GET /v1/models/support-bot and POST /admin/rollouts") == "see GET /v1/models/support-bot and POST /admin/rollouts"
+    assert scrub_paths("no such file /srv/v1/model.bin") == "no such file <path>"

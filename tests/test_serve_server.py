@@ -63,3 +63,22 @@ def test_serve_refuses_port_in_use_before_loading(workspace):
         with pytest.raises(InputError, match="already in use"):
             serve(workspace, "127.0.0.1", port)
         assert time.monotonic() - t0 < 2
+
+
+def test_serve_torch_threads_sets_torch_threads_for_the_local_backend(tmp_path):
+    import torch
+
+    from tuneloop.config import ServeConfig
+    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.serve.server import make_backend
+
+    before = torch.get_num_threads()
+    try:
+        make_backend(ServeConfig(torch_threads=1), SqliteRegistry(tmp_path), tmp_path, None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    make_backend(ServeConfig(), SqliteRegistry(tmp_path), tmp_path, None)
+    assert torch.get_num_threads() == before  # unset: torch's own choice is left alone
+    with pytest.raises(Exception, match="torch_threads"):
+        ServeConfig(torch_threads=0)

@@ -17,11 +17,12 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "upstream_error",
          503: "service_unavailable", 504: "timeout_error"}
 
-_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
+_ABS_PATH = re.compile(r"(?<![\w.])/(?!(?:v1|admin)/)(?:[\w.+-]+/)+[\w.+-]*")
 
 
 def scrub_paths(text: str) -> str:
-    """Replace absolute filesystem paths in a message (no path may leak into a response)."""
+    """Replace absolute filesystem paths in a message (no path may leak into a response); the gateway's own URL
+    paths (``/v1/...``, ``/admin/...``) stay, so "GET /v1/models lists every version" still says where to look."""
     return _ABS_PATH.sub("<path>", text)
 
 

@@ -119,6 +119,11 @@ def make_backend(sc, reg, workspace_root: Path, metrics):
         return UpstreamBackend(sc.upstream, reg, timeout_s=sc.upstream_timeout_s)
     from tuneloop.serve.backends.local import LocalBackend
 
+    if sc.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(sc.torch_threads)
+        log.info("torch uses %d thread(s) for forward passes (serve.torch_threads)", sc.torch_threads)
     return LocalBackend(reg, workspace_root, max_batch_size=sc.max_batch_size, max_queue=sc.max_queue,
                         default_max_tokens=sc.default_max_tokens, probes=sc.probes, queue_depth=depth)
 
