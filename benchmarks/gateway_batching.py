@@ -155,11 +155,21 @@ def start_server(ws: Path, batch: int, torch_threads: int = 0):
             time.sleep(0.3)
 
 
+def engine_stats(url: str) -> dict[str, int]:
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=10).json()["loaded"][0]["batching"]
+
+
 def measure(url: str, prompts: list[str], args) -> dict:
+    before = engine_stats(url)
     lat, answers, wall, cpu = asyncio.run(load(url, prompts, args.clients, args.max_tokens))
+    after = engine_stats(url)
+    d = {k: after[k] - before[k] for k in after}
     lat_sorted = sorted(lat)
     return {"rps": len(prompts) / wall, "p50": statistics.median(lat), "p99": lat_sorted[int(0.99 * (len(lat) - 1))],
-            "client_cpu_ms": 1000 * cpu / len(prompts), "answers": answers}
+            "client_cpu_ms": 1000 * cpu / len(prompts), "answers": answers,
+            "rows_per_prefill": d["rows"] / max(d["prefills"], 1), "rows_per_step": d["decoded_rows"] / max(d["decode_steps"], 1)}
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -197,7 +207,8 @@ def main() -> None:
                 for mode in ("batched", "serial"):
                     r = measure(servers[mode][1], tickets, args)
                     runs[mode].append(r)
-                    print(f"{mode:8s} run {rep + 1}: {r['rps']:.1f} req/s, p50 {r['p50']:.3f} s", flush=True)
+                    print(f"{mode:8s} run {rep + 1}: {r['rps']:.1f} req/s, p50 {r['p50']:.3f} s, {r['rows_per_prefill']:.1f} "
+                          f"requests per prefill, {r['rows_per_step']:.1f} per decode step", flush=True)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -212,6 +223,8 @@ def main() -> None:
         "batched_p50_s": round(batched["p50"], 4), "serial_p50_s": round(serial["p50"], 4),
         "batched_p99_s": round(batched["p99"], 4), "serial_p99_s": round(serial["p99"], 4),
         "client_cpu_ms_per_request": round(median_of(runs["batched"] + runs["serial"], "client_cpu_ms"), 3),
+        "batched_requests_per_prefill": round(median_of(runs["batched"], "rows_per_prefill"), 1),
+        "batched_mean_decode_batch": round(median_of(runs["batched"], "rows_per_step"), 1),
         "requests": args.requests, "clients": args.clients, "max_batch_size": args.batch, "repeats": args.repeats, "max_tokens": args.max_tokens,
         "model": "demo architecture" + (" (built demo base)" if args.base else " (random weights)"),
         "torch_threads": args.torch_threads or __import__("torch").get_num_threads(),

@@ -163,6 +163,9 @@ class BatchEngine:
         self.rows = 0
         self.cancelled_rows = 0
         self.joined = 0           # rows that joined a running batch at a step boundary
+        self.prefills = 0         # prefill forwards (a batch's first, and one per group of joiners)
+        self.decode_steps = 0     # decode forwards
+        self.decoded_rows = 0     # rows over all decode forwards: decoded_rows / decode_steps is the mean batch size
         self.cache_kw = _cache_keyword(model)
         self.keep_logits_kw = _takes(model, "logits_to_keep")
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
@@ -276,7 +279,13 @@ class BatchEngine:
                     self.rows += len(joiners)
                     self.joined += len(joiners)
 
+    def stats(self) -> dict[str, int]:
+        return {"batches": self.batches, "rows": self.rows, "joined": self.joined, "prefills": self.prefills,
+                "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows, "cancelled_rows": self.cancelled_rows}
+
     def _decode(self, state: "_BatchState", rows: list[_Row]) -> None:
+        self.decode_steps += 1
+        self.decoded_rows += len(rows)
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
         state.pos = state.pos + 1
@@ -304,6 +313,7 @@ class BatchEngine:
         return out
 
     def _prefill(self, rows: list[_Row]) -> "_BatchState":
+        self.prefills += 1
         width = max(len(r.job.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

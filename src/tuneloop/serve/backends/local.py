@@ -141,7 +141,8 @@ class LocalBackend:
 
     def loaded(self) -> list[dict[str, Any]]:
         return [{"version": lv.ref, "artifact_sha256": lv.sha256, "adapter": lv.adapter, "context_length": lv.ctx_len,
-                 "probes": lv.probe, "queue_depth": lv.engine.queue_depth()} for lv in self.versions.values()]
+                 "probes": lv.probe, "queue_depth": lv.engine.queue_depth(), "batching": lv.engine.stats()}
+                for lv in self.versions.values()]
 
     async def close(self) -> None:
         for engine in list(self.engines.values()):

@@ -150,24 +150,31 @@ class UpstreamBackend:
             return
         body = await r.aread()
         await r.aclose()
-        try:
-            err = json.loads(body)["error"]
-            message, code, param = err.get("message", ""), err.get("code"), err.get("param")
-        except (ValueError, KeyError, TypeError):
+        try:  # OpenAI's {"error": {...}}; older vLLM sends the error object itself, with an integer code
+            data = json.loads(body)
+            err = data.get("error", data)
+            message, code, param = str(err.get("message", "")), err.get("code"), err.get("param")
+        except (ValueError, AttributeError, TypeError):
             message, code, param = body.decode("utf-8", "replace")[:300], None, None
-        if r.status_code == 404 and code in (None, "model_not_found"):
-            self.names.pop(route.sha256, None)  # the upstream restarted and forgot a loaded adapter: reload next time
         status = r.status_code if r.status_code < 500 else 502
-        raise APIError(status, f"upstream: {message}", code=code or ("upstream_error" if status >= 500 else None), param=param)
+        code = code if isinstance(code, str) else ("upstream_error" if status >= 500 else None)
+        raise APIError(status, f"upstream: {message}", code=code, param=param)
 
     async def _forward(self, route: Route, path: str, body: dict[str, Any], stream: bool):
-        body = {**body, "model": await self.upstream_name(route.version)}
-        if stream:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if self.pool is not None:
-            r = await self._post_fast(path, body)
-        else:
-            r = await self._send("POST", path, json=body, stream=stream)
+        for attempt in range(2):
+            upstream_body = {**body, "model": await self.upstream_name(route.version)}
+            if stream:
+                upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            if self.pool is not None:
+                r = await self._post_fast(path, upstream_body)
+            else:
+                r = await self._send("POST", path, json=upstream_body, stream=stream)
+            if r.status_code != 404 or attempt == 1:
+                break
+            # 404: the upstream does not know the name (a restarted vLLM forgets adapters loaded at run time);
+            # nothing ran, so find or load the version again and retry once
+            await r.aclose()
+            self.names.pop(route.sha256, None)
         await self._raise_for_status(r, route)
         if not stream:
             try:
