@@ -2,12 +2,12 @@
 proxy in front of the same upstream, in the same run.
 
     python benchmarks/gateway_overhead.py [--rate 50] [--requests 600] [--rounds 6]
-                                          [--litellm PATH | --no-litellm] [--http-stack auto|h11]
+                                          [--litellm PATH | --no-litellm] [--http-stack auto|h11] [--floor]
 
 The upstream is a stub OpenAI-compatible server written here on raw asyncio (its own process): it answers
 ``POST /v1/chat/completions`` with a fixed completion, or with a fixed SSE stream (role and first token at once,
 the rest 5 ms later) when ``stream`` is set, and ``GET /v1/models`` with ``bench:1``. So the difference between
-the paths is the proxies' own cost, not model time. Three targets, each its own process:
+the paths is the proxies' own cost, not model time. Three targets (four with ``--floor``), each its own process:
 
 - ``direct``: the stub itself;
 - ``gateway``: ``tuneloop serve`` with ``serve.backend: openai`` pointing at the stub (``build_gateway``: the same
@@ -15,7 +15,10 @@ the paths is the proxies' own cost, not model time. Three targets, each its own 
 - ``litellm``: ``litellm --config`` with one ``openai/bench:1`` model whose ``api_base`` is the stub. LiteLLM's
   proxy extra pins versions (``rich<14``, ``huggingface_hub<2``) that the project venv must not downgrade, so
   it lives in its own venv: ``--litellm`` names its ``litellm`` executable (default: ``litellm`` on PATH, then
-  ``/tmp/litellm-venv/bin/litellm``); install with ``pip install 'tuneloop[bench-litellm]'`` in a separate venv.
+  ``/tmp/litellm-venv/bin/litellm``); install with ``pip install 'tuneloop[bench-litellm]'`` in a separate venv;
+- ``floor`` (``--floor``): a proxy that only relays bytes (asyncio on uvloop, one upstream connection per client
+  connection, no HTTP parsing): what one more process and loopback hop costs on this machine, the least any
+  proxy in Python can add.
 
 The load generator (this process, one httpx client per target) is open-loop: request ``i`` is due at
 ``t0 + i / rate`` whatever earlier requests do, and its latency counts from that due time (no coordinated
@@ -27,8 +30,8 @@ children included) each server process spent per measured request: on a machine 
 waiting for a core inflates every latency, it is the figure that does not depend on the neighbours.
 
 The last line printed is one JSON object: ``added_p50_ms``, ``added_p99_ms``, ``litellm_added_p50_ms``,
-``litellm_added_p99_ms``, ``stream_ttft_added_p50_ms`` (and p99, LiteLLM's streaming figures, the direct
-baselines, CPU per request, the rate, the counts and the machine).
+``litellm_added_p99_ms``, ``stream_ttft_added_p50_ms`` (and p99, LiteLLM's streaming figures, the floor's
+when measured, the direct baselines, CPU per request, the rate, the counts and the machine).
 """
 
 from __future__ import annotations
@@ -118,6 +121,33 @@ async def stub_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         pass
     finally:
         writer.close()
+
+
+def serve_floor(port: int, upstream_port: int) -> None:
+    """The ``floor`` target: relays bytes both ways, nothing else."""
+    import uvloop
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        for sock in (writer, up_writer):
+            sock.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    async def main() -> None:
+        server = await asyncio.start_server(client, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(main())
 
 
 def serve_stub(port: int) -> None:
@@ -339,6 +369,8 @@ def report(results: dict[str, dict[str, dict]], args) -> dict:
         "stream_ttft_added_p50_ms": added(st, "gateway", "p50_ms"), "stream_ttft_added_p99_ms": added(st, "gateway", "p99_ms"),
         "litellm_stream_ttft_added_p50_ms": added(st, "litellm", "p50_ms"),
         "litellm_stream_ttft_added_p99_ms": added(st, "litellm", "p99_ms"),
+        "floor_added_p50_ms": added(ns, "floor", "p50_ms"), "floor_added_p99_ms": added(ns, "floor", "p99_ms"),
+        "floor_stream_ttft_added_p50_ms": added(st, "floor", "p50_ms"),
         "direct_p50_ms": round(ns["direct"]["p50_ms"], 3), "direct_p99_ms": round(ns["direct"]["p99_ms"], 3),
         "direct_ttft_p50_ms": round(st["direct"]["p50_ms"], 3), "direct_ttft_p99_ms": round(st["direct"]["p99_ms"], 3),
         "gateway_p50_ms": round(ns["gateway"]["p50_ms"], 3), "gateway_p99_ms": round(ns["gateway"]["p99_ms"], 3),
@@ -376,7 +408,12 @@ def run_all(args) -> dict:
                 ll_port = free_port()
                 procs.append(start_litellm(exe, stub, ll_port, Path(tmp)))
                 wait_ready(procs[-1], f"http://127.0.0.1:{ll_port}/v1/chat/completions", f"LiteLLM (log: {tmp}/litellm.log)")
-                targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench", procs[2].pid)
+                targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench", procs[-1].pid)
+            if args.floor:
+                floor_port = free_port()
+                procs.append(start_child("floor", str(floor_port), str(stub_port)))
+                wait_ready(procs[-1], f"http://127.0.0.1:{floor_port}/v1/chat/completions", "the byte relay")
+                targets["floor"] = (f"http://127.0.0.1:{floor_port}/v1/chat/completions", MODEL, procs[-1].pid)
             print(f"targets up: {', '.join(targets)}; {args.requests} requests per target and mode at {args.rate}/s", flush=True)
             results = {"non-streaming": asyncio.run(measure(targets, False, args)),
                        "streaming-ttft": asyncio.run(measure(targets, True, args))}
@@ -397,6 +434,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20, help="rounds per mode, targets in rotating order")
     ap.add_argument("--litellm", default=None, help="the litellm executable (its own venv)")
     ap.add_argument("--no-litellm", action="store_true", help="measure only direct and gateway")
+    ap.add_argument("--floor", action="store_true", help="also measure a proxy that only relays bytes (the floor)")
     ap.add_argument("--http-stack", choices=("auto", "h11"), default="auto",
                     help="the gateway's HTTP parser and loop: auto (as tuneloop serve: httptools + uvloop when "
                          "installed) or h11 (pure-Python h11 + asyncio, the stack before httptools and uvloop became dependencies)")
@@ -405,6 +443,8 @@ def main() -> None:
     if args.role:
         if args.role[0] == "stub":
             serve_stub(int(args.role[1]))
+        elif args.role[0] == "floor":
+            serve_floor(int(args.role[1]), int(args.role[2]))
         else:
             serve_gateway(args.role[1], int(args.role[2]), args.role[3], args.role[4])
         return

@@ -89,12 +89,14 @@ def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry):
             time.sleep(0.05)
         assert lv.engine.cancelled_rows >= 1
         # a non-streaming client that hangs up: its generation is cancelled too (not run to max_tokens)
-        cancelled = lv.engine.cancelled_rows
+        cancelled, rows = lv.engine.cancelled_rows, lv.engine.rows
         payload = httpx.Request("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": False})
         with socket.create_connection((server.host, server.port)) as raw:
             head = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
             raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n".encode() + payload.read())
-            time.sleep(0.3)
+            deadline = time.time() + 10
+            while lv.engine.rows == rows and time.time() < deadline:  # hang up once it is generating
+                time.sleep(0.01)
         deadline = time.time() + 10
         while lv.engine.cancelled_rows == cancelled and time.time() < deadline:
             time.sleep(0.05)
