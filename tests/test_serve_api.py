@@ -98,6 +98,8 @@ def test_stop_strings_and_n_and_logprobs(gateway):
     assert [ch.message.content for ch in many.choices] == [ch.message.content for ch in again.choices]
     lp = many.choices[0].logprobs.content
     assert lp and all(x.logprob <= 0 and len(x.top_logprobs) == 2 for x in lp)
+    short = c.chat.completions.create(model="tiny-bot:1", messages=msgs, max_completion_tokens=2, max_tokens=16, temperature=0)
+    assert short.usage.completion_tokens <= 2 and base.startswith(short.choices[0].message.content)  # it wins over max_tokens
 
 
 def test_completions_echo_logprobs_score_prompt(gateway):
