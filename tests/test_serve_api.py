@@ -189,3 +189,29 @@ def test_scrub_paths_hides_filesystem_paths_but_keeps_the_api_paths():
     assert scrub_paths("cannot read /home/ann/ws/registry/artifacts/x.safetensors") == "cannot read <path>"
     assert scrub_paths("see GET /v1/models/support-bot and POST /admin/rollouts") == "see GET /v1/models/support-bot and POST /admin/rollouts"
     assert scrub_paths("no such file /srv/v1/model.bin") == "no such file <path>"
+
+
+def test_model_calls_and_admin_auth_under_a_root_path(gateway):
+    """Behind ``uvicorn --root-path /gw`` (or a mount) ``scope["path"]`` carries the prefix: the model calls are
+    still served by the hot path, and /gw/admin still needs the admin token."""
+    import asyncio
+
+    from tuneloop.serve.app import GatewaySettings, create_app
+    from tuneloop.serve.backends.local import LocalBackend
+    from tuneloop.serve.router import Router
+
+    *_, served = gateway
+    backend = LocalBackend(served.registry, served.workspace_root, default_max_tokens=4)
+    app = create_app(backend, Router(served.registry), GatewaySettings(admin_token="adm"))
+
+    async def run():
+        transport = httpx.ASGITransport(app=app, root_path="/gw")
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=60) as c:
+            r = await c.post("/gw/v1/chat/completions",
+                             json={"model": "tiny-bot:1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 200 and r.headers["x-tuneloop-version"] == "tiny-bot:1", r.text
+            assert (await c.get("/gw/admin/versions")).status_code == 401
+            assert (await c.get("/gw/v1/chat/completions")).status_code == 405
+        await backend.close()
+
+    asyncio.run(run())

@@ -351,3 +351,32 @@ def test_router_cache_is_read_again_off_the_request_path(tmp_path, monkeypatch):
     router.cache.refresh_due()                                             # unused for idle_s: dropped
     assert len(router.cache) == 0
     router.close()
+
+
+def test_router_caches_an_unknown_model_and_keeps_serving_when_the_registry_fails(tmp_path):
+    from tuneloop.serve.errors import APIError
+    from tuneloop.serve.router import Router
+
+    class Flaky(CountingRegistry):
+        down = False
+        model_reads = 0
+
+        def models(self):
+            self.model_reads += 1
+            if self.down:
+                raise OSError("database is locked")
+            return self.reg.models()
+
+    reg = Flaky(make_registry(tmp_path))
+    router = Router(reg, ttl_s=60.0, refresh_every_s=3600)
+    for _ in range(3):
+        with pytest.raises(APIError) as err:
+            router.resolve("no-such-model")
+        assert err.value.status == 404
+    assert reg.model_reads <= 2  # read once (twice for the message), then the 404 is cached
+    version = router.resolve(MODEL)["version"]
+    reg.down = True
+    router.cache.refresh_every_s = 0
+    router.cache.refresh_due()  # every read fails: the cached values stay
+    assert router.resolve(MODEL)["version"] == version
+    router.close()

@@ -26,7 +26,7 @@ from fastapi import Request
 
 from tuneloop.serve.backends import Backend, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
-from tuneloop.serve.calls import CALL_PATHS, RequestState, request_state, send_json, serve_call, set_route_headers
+from tuneloop.serve.calls import CALL_PATHS, RequestState, request_state, route_path, send_json, serve_call, set_route_headers
 from tuneloop.serve.errors import APIError, install_handlers
 from tuneloop.serve.observe import Recorder
 from tuneloop.serve.router import Router
@@ -129,11 +129,8 @@ def add_openai_routes(app, gw: Gateway) -> None:
         set_route_headers(request_state(request), Route(model_id, v))
         return model_card(v, model_id)
 
-    async def call(scope, receive, send) -> None:  # the route; GatewayMiddleware calls serve_call before routing
-        await serve_call(gw, scope, receive, send)
-
-    for path in CALL_PATHS:
-        app.router.add_route(path, call, methods=["POST"], include_in_schema=False)
+    for path in CALL_PATHS:  # the routes (405 for other methods); GatewayMiddleware calls serve_call before routing
+        app.router.add_route(path, CallEndpoint(gw), methods=["POST"], include_in_schema=False)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
@@ -175,6 +172,16 @@ def add_operations_routes(app, gw: Gateway) -> None:
         route = gw.router.choose_arm(ref, None)
         set_route_headers(request_state(request), route)
         return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
+
+
+class CallEndpoint:
+    """A model-call route as an ASGI app (an instance, so Starlette passes it ``scope, receive, send``)."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    async def __call__(self, scope, receive, send) -> None:
+        await serve_call(self.gw, scope, receive, send)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -252,7 +259,7 @@ class GatewayMiddleware:
         denied = self.check(scope)
         if denied is not None:
             return await send_json(send_with_headers, denied.status, denied.body(), denied.headers)
-        if scope["method"] == "POST" and scope["path"] in CALL_PATHS:
+        if scope["method"] == "POST" and route_path(scope) in CALL_PATHS:
             return await serve_call(self.gw, scope, receive, send_with_headers)
         return await self.app(scope, receive, send_with_headers)
 
@@ -267,7 +274,7 @@ class GatewayMiddleware:
         if length.isdigit() and int(length) > self.s.max_body_bytes:
             return APIError(413, f"request body is {length} bytes; the limit is {self.s.max_body_bytes} (serve.max_body_bytes)",
                             code="request_too_large")
-        path = scope.get("path", "")
+        path = route_path(scope)
         token = bearer(authorization)
         if path.startswith("/admin"):
             if not self.s.admin_token:

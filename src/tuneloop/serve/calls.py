@@ -17,6 +17,7 @@ failures while the analysis still counts them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -54,6 +55,13 @@ def set_route_headers(state: RequestState, route: Route) -> None:
                           "x-tuneloop-arm": route.arm})
 
 
+def route_path(scope) -> str:
+    """The path the app routes on: ``scope["path"]`` without the ``root_path`` prefix (``uvicorn --root-path``,
+    a mount), as Starlette's router sees it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def header(scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -64,11 +72,12 @@ def header(scope, name: bytes) -> str | None:
 async def serve_call(gw, scope, receive, send) -> None:
     """One chat or completions call (``scope["path"]`` picks which), answered on ``send``; never raises an
     :class:`APIError` (it becomes the error response) and logs every request, failed ones included."""
-    endpoint = CALL_PATHS[scope["path"]]
+    endpoint = CALL_PATHS[route_path(scope)]
     state = request_state(scope)
     obs = Observation(state.request_id, endpoint)
     rec = gw.rec
     watch = DisconnectWatch()
+    streaming = False  # once the stream's headers went out, nothing else may start a response
     try:
         body = parse_body(await read_body(receive, gw.settings.max_body_bytes), SCHEMAS[endpoint],
                           max_bytes=gw.settings.max_body_bytes)
@@ -86,6 +95,7 @@ async def serve_call(gw, scope, receive, send) -> None:
             rec.finish(obs)
             return
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        streaming = True
         await send_events(send, first, stream, obs, rec, include_usage, watch)
     except APIError as exc:
         watch.stop()
@@ -105,8 +115,12 @@ async def serve_call(gw, scope, receive, send) -> None:
     except Exception as exc:
         watch.stop()
         log.exception("unexpected error in the gateway")
+        if obs.status == 499:  # the client had gone and the request is logged; nobody is listening
+            return
         obs.status, obs.error = 500, f"internal_error: {type(exc).__name__}"
         rec.finish(obs)
+        if streaming:  # an answer had started: the client sees the stream end without [DONE]
+            return
         await send_json(send, 500, error_body(500, f"internal error ({type(exc).__name__}); the gateway log has the details",
                                               code="internal_error"))
     finally:
@@ -170,7 +184,8 @@ async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str,
         gw.rec.finish(failed_canary_attempt(obs, exc))
         log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
                     type(exc).__name__)
-        obs.route = gw.router.baseline_of(obs.route)
+        canary, obs.route = obs.route, replace(obs.route, arm="direct", rollout_id=None)  # counted once, above
+        obs.route = gw.router.baseline_of(canary)
         obs.started = time.perf_counter()
         set_route_headers(state, obs.route)
         return await call_backend(gw, state, obs.route, endpoint, body, watch)
@@ -216,8 +231,9 @@ async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec
         await send({"type": "http.response.body", "body": b"data: " + dumps(exc.body()) + b"\n\n", "more_body": True})
     except asyncio.CancelledError:
         obs.status, obs.error = 499, "client disconnected mid-stream"
-        await stream.aclose()
         rec.finish(obs)
+        with contextlib.suppress(Exception):
+            await stream.aclose()  # ends the generation or the upstream read
         raise
     except Exception as exc:
         log.exception("stream failed")

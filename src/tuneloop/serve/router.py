@@ -13,6 +13,9 @@ thread reads every entry in use again every ``ttl_s / 2`` s, so a request never 
 its ref was seen (a registry read on the event loop took a few ms, once a second per ref: the gateway's p99).
 An entry older than ``2 * ttl_s`` (the thread fell behind) is read before it is used. So a moved alias or a
 started or ended rollout takes effect within about ``ttl_s``; :meth:`Router.invalidate` drops the cache at once.
+A ref that does not exist is cached as its 404 like any value; a registry that cannot be read keeps the last
+values served (logged). ``tuneloop serve`` uses ``ttl_s`` 1 s on the local SQLite registry and 5 s on MLflow,
+where each read is a few HTTP calls to a shared server.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from tuneloop.errors import InputError
@@ -67,20 +71,31 @@ class RefreshingCache:
         self._thread: threading.Thread | None = None
 
     def get(self, key, load: Callable[[], Any]) -> Any:
+        """The value, or the cached not-found error raised again (an unknown model is not read per request)."""
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and now - entry[0] < 2 * self.ttl_s:
                 entry[3] = now
-                return entry[1]
+                value = entry[1]
+                if isinstance(value, APIError):
+                    raise replace(value)  # a fresh exception each time (re-raising one object grows its traceback)
+                return value
             generation = self._generation
-        value = load()
+        try:
+            value = load()
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            value = exc
         with self._lock:
             if generation == self._generation:
                 self._entries[key] = [now, value, load, now]
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="tuneloop-router", daemon=True)
                 self._thread.start()
+        if isinstance(value, APIError):
+            raise replace(value)
         return value
 
     def invalidate(self, keep=lambda key: False) -> None:
@@ -100,11 +115,11 @@ class RefreshingCache:
             started = time.monotonic()
             try:
                 value = load()
-            except Exception as exc:  # e.g. the version was deleted: drop it, so the next request gets the error
-                log.debug("router refresh of %s failed: %s", key, exc)
-                with self._lock:
-                    if generation == self._generation:
-                        self._entries.pop(key, None)
+            except APIError as exc:  # not found (e.g. the version was deleted): that is the new value
+                value = exc
+            except Exception as exc:  # the registry is unreachable: keep serving what it said last
+                log.warning("router: reading %s from the registry failed (%s: %s); serving the cached value",
+                            key, type(exc).__name__, exc)
                 continue
             with self._lock:
                 entry = self._entries.get(key)

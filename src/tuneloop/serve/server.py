@@ -102,7 +102,8 @@ def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None
         from tuneloop.rollout.notify import notifier_for
 
         notifier = notifier_for(cfg)
-    return create_app(backend, Router(reg), settings, recorder=recorder, metrics=metrics, request_log=request_log,
+    router = Router(reg, ttl_s=1.0 if reg.backend == "sqlite" else 5.0)  # MLflow: each read is HTTP to a shared server
+    return create_app(backend, router, settings, recorder=recorder, metrics=metrics, request_log=request_log,
                       notifier=notifier)
 
 

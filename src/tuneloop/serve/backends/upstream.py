@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import httpx
@@ -26,6 +27,38 @@ from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 log = logging.getLogger("tuneloop.serve")
 
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass
+class UpstreamError:
+    status: int
+    message: str
+    code: Any
+    param: Any
+    type_is_not_found: bool = False
+
+    def model_unknown(self) -> bool:
+        """A 404 that says the model name is unknown (vLLM: type NotFoundError, code 404; OpenAI: model_not_found)."""
+        return self.status == 404 and (self.code in (None, 404, "404", "model_not_found") or self.type_is_not_found)
+
+    def api_error(self, route: Route) -> APIError:
+        """What the gateway's client gets: a 404 means the upstream cannot serve a version the gateway serves
+        (503, so a canary failing this way is retried on the baseline); 5xx become 502."""
+        if self.status == 404:
+            return APIError(503, f"the upstream does not serve {route.model_id}: {self.message}", code="version_unavailable")
+        status = self.status if self.status < 500 else 502
+        code = self.code if isinstance(self.code, str) else ("upstream_error" if status >= 500 else None)
+        return APIError(status, f"upstream: {self.message}", code=code, param=self.param)
+
+
+def error_fields(data: Any, status: int) -> UpstreamError:
+    """An upstream error body as fields: OpenAI's ``{"error": {...}}``, vLLM's older bare error object (integer
+    code), or a plain string."""
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if not isinstance(err, dict):
+        return UpstreamError(status, str(err)[:300], None, None)
+    return UpstreamError(status, str(err.get("message", ""))[:2000], err.get("code"), err.get("param"),
+                         type_is_not_found=err.get("type") == "NotFoundError")
 
 
 def lora_name(version: dict[str, Any]) -> str:
@@ -145,20 +178,13 @@ class UpstreamBackend:
     def _where(self) -> str:
         return httpx.URL(self.base_url).netloc.decode()
 
-    async def _raise_for_status(self, r: httpx.Response, route: Route) -> None:
-        if r.status_code < 400:
-            return
+    async def _error_of(self, r) -> UpstreamError:
         body = await r.aread()
         await r.aclose()
-        try:  # OpenAI's {"error": {...}}; older vLLM sends the error object itself, with an integer code
-            data = json.loads(body)
-            err = data.get("error", data)
-            message, code, param = str(err.get("message", "")), err.get("code"), err.get("param")
-        except (ValueError, AttributeError, TypeError):
-            message, code, param = body.decode("utf-8", "replace")[:300], None, None
-        status = r.status_code if r.status_code < 500 else 502
-        code = code if isinstance(code, str) else ("upstream_error" if status >= 500 else None)
-        raise APIError(status, f"upstream: {message}", code=code, param=param)
+        try:
+            return error_fields(json.loads(body), r.status_code)
+        except ValueError:
+            return UpstreamError(r.status_code, body.decode("utf-8", "replace")[:300], None, None)
 
     async def _forward(self, route: Route, path: str, body: dict[str, Any], stream: bool):
         for attempt in range(2):
@@ -169,13 +195,15 @@ class UpstreamBackend:
                 r = await self._post_fast(path, upstream_body)
             else:
                 r = await self._send("POST", path, json=upstream_body, stream=stream)
-            if r.status_code != 404 or attempt == 1:
+            if r.status_code < 400:
                 break
-            # 404: the upstream does not know the name (a restarted vLLM forgets adapters loaded at run time);
-            # nothing ran, so find or load the version again and retry once
-            await r.aclose()
-            self.names.pop(route.sha256, None)
-        await self._raise_for_status(r, route)
+            err = await self._error_of(r)
+            if attempt == 0 and err.model_unknown():
+                # the upstream does not know the name (a restarted vLLM forgets adapters loaded at run time);
+                # nothing ran, so find or load the version again and retry once
+                self.names.pop(route.sha256, None)
+                continue
+            raise err.api_error(route)
         if not stream:
             try:
                 out = json.loads(await r.aread())
@@ -198,8 +226,8 @@ class UpstreamBackend:
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    e = chunk["error"]
-                    raise APIError(502, f"upstream: {e.get('message', '')}", code=e.get("code") or "upstream_error")
+                    err = error_fields(chunk, 502)
+                    raise APIError(502, f"upstream: {err.message}", code=err.code if isinstance(err.code, str) else "upstream_error")
                 chunk["model"] = route.model_id
                 yield chunk
             raise APIError(502, "the upstream closed the stream before it finished", code="upstream_error")
