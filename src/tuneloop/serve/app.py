@@ -95,12 +95,16 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
         if notifier is not None:
             await asyncio.to_thread(notifier.close, 10.0)
 
+    class GatewayApp(FastAPI):
+        def build_middleware_stack(self):
+            # GatewayMiddleware outermost: the hot path skips FastAPI's error, telemetry and body-limit layers too
+            return GatewayMiddleware(super().build_middleware_stack(), gateway=gw)
+
     docs = gw.settings.docs
-    app = FastAPI(title="tuneloop gateway", version="1", lifespan=lifespan,
-                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app = GatewayApp(title="tuneloop gateway", version="1", lifespan=lifespan,
+                     docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.gateway = gw  # what the routes share, for embedding and tests
     install_handlers(app)
-    app.add_middleware(GatewayMiddleware, gateway=gw)
     add_openai_routes(app, gw)
     add_operations_routes(app, gw)
     add_rollout_routes(app, gw)

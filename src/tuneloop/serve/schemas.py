@@ -153,10 +153,15 @@ def parse_body(raw: bytes, model: type[BaseModel], *, max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes} (serve.max_body_bytes)", code="request_too_large")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode("utf-8")  # strict: UTF-8-encoded surrogates are refused here already
+    except UnicodeDecodeError:
+        text = None  # json.loads finds the encoding (UTF-16/32) or says what is wrong
+    try:
+        data = json.loads(raw if text is None else text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    _check_unicode(data)
+    if text is None or "\\u" in text:  # in strict UTF-8 only a \u escape can make a lone surrogate
+        _check_unicode(data)
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
     try:
