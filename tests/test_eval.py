@@ -40,9 +40,11 @@ def trained_base(tmp_path_factory, tiny_model) -> Path:
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    span = max(len(ids) - 65, 1)
     for step in range(150):
-        start = (step * 61) % max(len(ids) - 65, 1)
-        chunk = ids[start : start + 64][None]
+        # 8 windows a step, spread over the whole text (English and Chinese): the shipped text is ~21k tokens on
+        # this tokenizer, and one window a step would only ever see its first 9k (base accuracy ~0.02).
+        chunk = torch.stack([ids[(step * 61 + j * span // 8) % span :][:64] for j in range(8)])
         loss = model(input_ids=chunk, labels=chunk).loss
         loss.backward()
         opt.step()
@@ -113,8 +115,8 @@ def test_identical_candidate_never_fails_and_reports_parse(make_config, trained_
     kinds = {r["kind"] for r in recs}
     assert kinds >= {"task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate"}
     harmful = [r for r in recs if r["kind"] == "harmful"]
-    assert len(harmful) == 40 and all(len(r["prompt_sha256"]) == 64 and r["base"] == r["candidate"] for r in harmful)
-    assert len([r for r in recs if r["kind"] == "over_refusal"]) == 40
+    assert len(harmful) == 338 and all(len(r["prompt_sha256"]) == 64 and r["base"] == r["candidate"] for r in harmful)
+    assert len([r for r in recs if r["kind"] == "over_refusal"]) == 311
     assert len([r for r in recs if r["kind"] == "capability_mc"]) == 60
 
     # Second run: the base outputs come from the cache.

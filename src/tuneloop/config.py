@@ -263,10 +263,25 @@ class SuiteConfig(_Section):
         description="Data file of the suite (JSONL). Default: the run's eval set for `task`/`win_rate`, the suite shipped "
         "with tuneloop for the others.",
     )
-    metric: Literal["exact", "contains", "regex", "token_f1", "mc_loglik"] = Field(
-        "exact",
-        description="`task` metric: normalised exact match, reference contained in the answer, `pattern` (or the reference) "
-        "as a regex, token F1, or multiple choice by log-likelihood (items need `choices` and `answer`).",
+    metric: Literal["auto", "exact", "chrf", "contains", "regex", "token_f1", "mc_loglik"] = Field(
+        "auto",
+        description="`task` metric. `auto` (default): `exact` when every reference is a short categorical answer (a label, "
+        "number, yes/no or choice: at most 3 words and at most 4 CJK characters), else `chrf`; the choice is printed with the "
+        "gate and recorded in the results (`auto -> exact` / `auto -> chrf`). `exact`: normalised exact match; `chrf`: "
+        "character n-gram F-score (n = 1..6, beta 2, whitespace removed, as sacreBLEU's chrF; any language, Chinese and "
+        "Japanese included), an item passes when it is at least `threshold`; `contains`: the reference occurs in the answer; "
+        "`regex`: `pattern` (or the reference) as a regex; `token_f1`: token F1 (continuous); `mc_loglik`: multiple choice "
+        "by log-likelihood (items need `choices` and `answer`).",
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="`chrf` (and `auto` when it picks chrF): the chrF at which an item passes, so the suite stays 0/1 per item "
+        "and `gates.min_accuracy` with its interval applies; each item's chrF is kept in the audit records. Default 0.4, "
+        "calibrated on bilingual (English, Chinese) identity answers by `scripts/calibrate_chrf.py`: correct paraphrases "
+        "score 0.37-0.93, wrong-identity answers in their own words and the untuned real model's answers 0.00-0.39; a verbatim copy with only a name "
+        "swapped still scores above 0.5, so check such facts with `contains` / `regex`.",
     )
     pattern: str | None = Field(None, description="Regex for `metric: regex` (default: each item's reference is the regex).")
     max_items: int | None = Field(None, ge=1, le=10**9, description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).")
@@ -281,6 +296,8 @@ class SuiteConfig(_Section):
     def _default_name(self) -> "SuiteConfig":
         if not self.name:
             object.__setattr__(self, "name", self.kind)
+        if self.threshold is not None and self.metric not in ("chrf", "auto"):
+            raise ValueError(f"`threshold` is the chrF pass mark of `metric: chrf` (or `auto`); metric {self.metric} has none: remove it or set metric: chrf")
         return self
 
 

@@ -190,10 +190,10 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
         b, c = _mean(r["base"]), _mean(r["candidate"])
         if k == "task":
             if first_task:
-                m.update(accuracy=_r(c), base_accuracy=_r(b), eval_items=r["n"])
+                m.update(accuracy=_r(c), base_accuracy=_r(b), eval_items=r["n"], task_metric=r.get("metric"))
                 first_task = False
             else:
-                m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_items": r["n"]})
+                m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_items": r["n"], f"{name}_task_metric": r.get("metric")})
         elif k == "harmful":
             m.update(harmful_rate=_r(c), base_harmful_rate=_r(b), redteam_items=r["n"], refusal_rate=_r(r["candidate_refusal_rate"]), base_refusal_rate=_r(r["base_refusal_rate"]))
         elif k == "over_refusal":

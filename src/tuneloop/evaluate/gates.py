@@ -5,7 +5,7 @@ Entry point: :func:`check_gates`. The statistics (intervals, tests, verdict rule
 
 | gate | quantity | kind | statistic |
 |---|---|---|---|
-| ``min_accuracy`` | task accuracy of the candidate | floor | Wilson / Clopper-Pearson (0/1 metrics), bootstrap (token F1) |
+| ``min_accuracy`` | task accuracy of the candidate per the suite's metric (``auto``: exact, or chrF >= threshold) | floor | Wilson / Clopper-Pearson (0/1 metrics), bootstrap (token F1) |
 | ``max_accuracy_drop`` | base minus candidate task accuracy | paired tolerance | Agresti-Min + exact McNemar / paired bootstrap |
 | ``max_harmful_rate`` | harmful share of red-team answers | ceiling | Wilson / Clopper-Pearson |
 | ``max_harmful_increase`` | candidate minus base harmful share | paired tolerance | Agresti-Min + exact McNemar |
@@ -157,8 +157,12 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
         off = bool(r.get("not_gated"))  # a DPO run's eval items: reported, not gated
         add(f"min_accuracy{suffix}", GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", None if off else g.min_accuracy, name), GateInput(r["candidate"], binary=binary))
         add(f"max_accuracy_drop{suffix}", GateSpec("max_accuracy_drop", "accuracy_drop", "paired", None if off else g.max_accuracy_drop, name), GateInput(r["candidate"], r["base"], binary=binary))
-        if off:
-            for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
+        for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
+            if r.get("metric"):  # the task metric as chosen, e.g. ``auto -> chrf`` (with its chrF pass mark)
+                out[gate]["task_metric"] = r["metric"]
+                if r.get("threshold") is not None:
+                    out[gate]["task_metric_threshold"] = r["threshold"]
+            if off:
                 out[gate]["reason"] = r["not_gated"]
     for name, r in results.items():
         k = r["kind"]

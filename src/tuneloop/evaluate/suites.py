@@ -6,10 +6,14 @@ model produced on a suite: generations, multiple-choice picks, next-token hits; 
 
 Kinds (``eval.suites[].kind``):
 
-* ``task`` — the eval set (or ``path``). Metrics: ``exact`` (normalised exact match), ``contains`` (the
-  normalised reference occurs in the normalised answer), ``regex`` (``pattern``, else the reference, searched
-  in the answer), ``token_f1`` (SQuAD token F1, continuous), ``mc_loglik`` (items with ``choices`` and
-  ``answer``: the choice with the highest log-likelihood after the chat prompt);
+* ``task`` — the eval set (or ``path``). Metrics: ``auto`` (the default: ``exact`` when every reference is
+  short and categorical, else ``chrf``; decided by :func:`tuneloop.evaluate.metrics.choose_auto` when the suite
+  is loaded and recorded as ``auto -> exact`` / ``auto -> chrf``), ``exact`` (normalised exact match),
+  ``chrf`` (character n-gram F-score, :func:`tuneloop.evaluate.metrics.chrf`; an item passes at chrF >=
+  ``threshold``, and its chrF is kept in the audit record), ``contains`` (the normalised reference occurs in
+  the normalised answer), ``regex`` (``pattern``, else the reference, searched in the answer), ``token_f1``
+  (SQuAD token F1, continuous), ``mc_loglik`` (items with ``choices`` and ``answer``: the choice with the
+  highest log-likelihood after the chat prompt);
 * ``harmful`` — red-team prompts (``prompt``, ``indicators``): harmful per the judge (default: keyword);
 * ``over_refusal`` — benign prompts that look like harmful ones: refused per the judge;
 * ``general_text`` — held-out text: per-token greedy next-token hits (tokens are the items) and perplexity;
@@ -36,6 +40,7 @@ from typing import Any
 from tuneloop.errors import InputError
 from tuneloop.evaluate.audit import prompt_sha256
 from tuneloop.evaluate.judges import Judge, normalise_answer, pairwise_score, token_f1
+from tuneloop.evaluate.metrics import DEFAULT_CHRF_THRESHOLD, choose_auto, chrf
 from tuneloop.fsutil import sha256_json
 
 SHIPPED = {"harmful": "redteam.jsonl", "over_refusal": "benign.jsonl", "general_text": "general.txt", "capability_mc": "general_mc.jsonl"}
@@ -54,6 +59,9 @@ class Suite:
     digest: str = field(default="")
     spec: Any = field(default=None, repr=False, compare=False)  # the SuiteConfig (lmeval runs need it)
     max_length: int | None = None  # preference only: tokens per prompt + answer, as in training
+    metric_label: str = ""  # task: the metric as configured and chosen, e.g. ``auto -> chrf``
+    threshold: float | None = None  # task, chrf: the chrF at which an item passes
+    metric_reason: str = ""  # task, auto: why it chose that metric
 
 
 def _shipped(name: str) -> str:
@@ -113,6 +121,8 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         raw = _read_jsonl(src, f"eval.suites.{spec.name}")
         suite.items = [_task_item(r, i, src) for i, r in enumerate(raw)]
         suite.source = src
+        if kind == "task":
+            _choose_metric(suite, spec)
         if spec.metric == "mc_loglik" and kind == "task":
             bad = [it["id"] for it in suite.items if not it.get("choices") or it.get("answer") is None]
             if bad:
@@ -160,8 +170,23 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         return suite
     if spec.max_items and suite.items:
         suite.items = suite.items[: spec.max_items]
-    suite.digest = sha256_json({"kind": kind, "metric": spec.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text})
+    digest: dict[str, Any] = {"kind": kind, "metric": suite.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text}
+    if suite.metric == "chrf":
+        digest["threshold"] = suite.threshold
+    suite.digest = sha256_json(digest)
     return suite
+
+
+def _choose_metric(suite: Suite, spec) -> None:
+    """Resolve ``auto`` (from the suite's references) and the chrF threshold; set the label the run prints."""
+    if spec.metric == "auto":
+        choice = choose_auto(it["reference"] for it in suite.items)
+        suite.metric, suite.metric_reason = choice.metric, choice.reason
+        suite.metric_label = f"auto -> {choice.metric}"
+    else:
+        suite.metric_label = spec.metric
+    if suite.metric == "chrf":
+        suite.threshold = spec.threshold if spec.threshold is not None else DEFAULT_CHRF_THRESHOLD
 
 
 def preference_suite(path: Path, *, max_length: int, max_items: int | None = None, name: str = "preference") -> Suite:
@@ -262,7 +287,11 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str,
 # -------------------------------------------------------------------------------------------- scoring
 
 
-def task_score(metric: str, answer: str, reference: Any, pattern: str | None = None) -> float:
+def task_score(metric: str, answer: str, reference: Any, pattern: str | None = None, threshold: float | None = None) -> float:
+    """One item's score: 0/1, except ``token_f1`` (continuous); ``chrf`` passes at chrF >= ``threshold``."""
+    if metric == "chrf":
+        t = DEFAULT_CHRF_THRESHOLD if threshold is None else threshold
+        return float(chrf(answer, reference if isinstance(reference, (list, tuple)) else "" if reference is None else str(reference)) >= t)
     ref = "" if reference is None else str(reference)
     if metric == "exact":
         return float(normalise_answer(answer) == normalise_answer(ref))
@@ -316,8 +345,12 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
     for it, ba, ca in zip(suite.items, bt, ct):
         p = _prompt_text(it)
         if k == "task":
-            b1, c1 = task_score(suite.metric, ba, it["reference"], suite.pattern), task_score(suite.metric, ca, it["reference"], suite.pattern)
+            b1 = task_score(suite.metric, ba, it["reference"], suite.pattern, suite.threshold)
+            c1 = task_score(suite.metric, ca, it["reference"], suite.pattern, suite.threshold)
             e = {"reference": it["reference"]}
+            if suite.metric == "chrf":  # the continuous score behind the 0/1 outcome
+                ref = it["reference"] if isinstance(it["reference"], (list, tuple)) else str(it["reference"] or "")
+                e.update(metric="chrf", threshold=suite.threshold, base_chrf=round(chrf(ba, ref), 4), candidate_chrf=round(chrf(ca, ref), 4))
         elif k == "harmful":
             b1, c1 = float(judge.harmful(p, ba, it["indicators"])), float(judge.harmful(p, ca, it["indicators"]))
             e = {"base_refused": judge.refused(p, ba), "candidate_refused": judge.refused(p, ca)}
@@ -340,5 +373,12 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
         res["base_refusal_rate"] = sum(e["base_refused"] for e in extra) / len(extra) if extra else 0.0
         res["candidate_refusal_rate"] = sum(e["candidate_refused"] for e in extra) / len(extra) if extra else 0.0
     if k == "task":
-        res["metric_name"] = "accuracy" if suite.metric != "token_f1" else "token_f1"
+        label = suite.metric_label or suite.metric
+        res["metric"] = label
+        if suite.metric == "chrf":
+            res["threshold"] = suite.threshold
+            label += f" >= {suite.threshold:g}"
+        if suite.metric_reason:
+            res["metric_reason"] = suite.metric_reason
+        res["metric_name"] = "token_f1" if suite.metric == "token_f1" else "accuracy" if label == "exact" else f"accuracy ({label})"
     return res, recs
