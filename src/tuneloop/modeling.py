@@ -6,6 +6,7 @@ that every stage renders prompts and decodes answers the same way.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -87,6 +88,119 @@ def render_prompt(tok, messages: list[dict[str, str]]) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# ------------------------------------------------------------------------------ text cut at a token limit
+# Byte-level tokenizers (GPT-2 style BPE: Llama 3, Qwen, SmolLM; SentencePiece with byte fallback) split a
+# multi-byte character (CJK, emoji) over several tokens. Generation that stops between them (max_new_tokens,
+# max_tokens) leaves an incomplete UTF-8 sequence at the end, which decode() turns into U+FFFD.
+
+
+def decode_text(tok, ids: list[int]) -> str:
+    """``tok.decode(ids, skip_special_tokens=True)`` without a broken character at the end: the U+FFFD an
+    incomplete trailing UTF-8 sequence decodes to is dropped (see :func:`complete_text`)."""
+    return complete_text(tok, ids, tok.decode(ids, skip_special_tokens=True))
+
+
+def complete_text(tok, ids: list[int], text: str) -> str:
+    """``text`` (the decoding of ``ids`` with special tokens skipped) without what an incomplete UTF-8
+    sequence at the end of ``ids`` decodes to. Only that tail goes: a U+FFFD the model generated as a
+    character of its own (the bytes EF BF BD, or invalid bytes) stays, wherever it is.
+
+    The trailing tokens' bytes are read from the vocabulary (byte-level BPE; SentencePiece ``<0xNN>`` byte
+    pieces). When the incomplete bytes are whole tokens, the text is decoded again without them (a byte-fallback
+    decoder turns every byte of a broken group into U+FFFD, the complete characters before it included); when a
+    token also holds bytes before them, the one U+FFFD a byte-level decoder made of them is dropped. For a
+    tokenizer whose bytes cannot be read, a final U+FFFD is taken for a cut character."""
+    if not text.endswith("\ufffd") or not ids:
+        return text
+    tail = _tail_tokens(tok, ids)
+    if tail is None:
+        return text[:-1]
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    dec.decode(b"".join(b for _, b in tail), final=False)
+    cut = len(dec.getstate()[0])  # bytes that start a valid sequence and still wait for the rest of it
+    if not cut:
+        return text
+    held = 0
+    for pos, b in reversed(tail):
+        held += len(b)
+        if held == cut:
+            return tok.decode(ids[:pos], skip_special_tokens=True)
+        if held > cut:
+            break
+    return text[:-1]
+
+
+def _tail_tokens(tok, ids: list[int], want: int = 4, max_tokens: int = 8) -> list[tuple[int, bytes]] | None:
+    """(position in ``ids``, raw bytes) of the last tokens of ``ids``, in order, until they hold at least
+    ``want`` bytes (special tokens skipped, as decode skips them); None when this tokenizer's token bytes
+    cannot be read."""
+    kind = _byte_kind(tok)
+    if kind is None:
+        return None
+    special = set(getattr(tok, "all_special_ids", ()) or ())
+    out: list[tuple[int, bytes]] = []
+    n = 0
+    for pos in range(len(ids) - 1, max(-1, len(ids) - 1 - max_tokens), -1):
+        if ids[pos] in special:
+            continue
+        piece = tok.convert_ids_to_tokens(int(ids[pos]))
+        if piece is None:
+            return None
+        b = _piece_bytes(piece, kind)
+        out.append((pos, b))
+        n += len(b)
+        if n >= want:
+            break
+    return out[::-1]
+
+
+def _byte_kind(tok) -> str | None:
+    """'bytelevel' (GPT-2 byte-to-unicode alphabet), 'bytefallback' (``<0xNN>`` pieces) or None."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None) if backend is not None else None
+    if decoder is not None:
+        try:
+            spec = json.loads(decoder.__getstate__())
+        except Exception:  # a decoder that cannot describe itself
+            return None
+        kinds = {d.get("type") for d in spec.get("decoders", [spec])} if isinstance(spec, dict) else set()
+        return "bytelevel" if "ByteLevel" in kinds else "bytefallback" if "ByteFallback" in kinds else None
+    if getattr(tok, "byte_decoder", None) is not None:  # slow GPT-2 style tokenizers
+        return "bytelevel"
+    return None
+
+
+def _piece_bytes(piece: str, kind: str) -> bytes:
+    if kind == "bytelevel":
+        table = _unicode_to_byte()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return piece.encode("utf-8")  # an added token: its text as it is
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+_U2B: dict[str, int] = {}
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode``: printable characters standing for the 256 bytes."""
+    if not _U2B:
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        extra = 0
+        for b in range(256):
+            if b in keep:
+                _U2B[chr(b)] = b
+            else:
+                _U2B[chr(256 + extra)] = b
+                extra += 1
+    return _U2B
+
+
 @torch.inference_mode()
 def generate(
     model, tok, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 32, batch_size: int = 16
@@ -119,7 +233,7 @@ def generate(
                     if t in stops:
                         n, finish = j, "stop"
                         break
-                text = tok.decode(row[:n], skip_special_tokens=True).strip()
+                text = decode_text(tok, row[:n]).strip()
                 out.append(
                     {
                         "text": text,

@@ -123,6 +123,8 @@ class LocalBackend:
         return engine
 
     def _probe(self, lv: LoadedVersion, version: dict[str, Any]) -> dict[str, Any]:
+        from tuneloop.modeling import decode_text
+
         if not self.probes:
             return {"status": "skipped", "reason": "probes switched off"}
         plan: ProbePlan = plan_probes(self.workspace_root, version)
@@ -132,8 +134,9 @@ class LocalBackend:
         prompts = [lv.tokenizer(tg_render(lv.tokenizer, p.messages), add_special_tokens=False)["input_ids"] for p in plan.probes]
         outs = generate_sync(lv.engine, prompts, max_tokens=plan.max_new_tokens, stop_ids=lv.stop_ids, adapter=lv.adapter)
         for p, ids in zip(plan.probes, outs):
-            got = lv.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if got != p.expected.strip():
+            got = decode_text(lv.tokenizer, ids).strip()  # as evaluation decodes its answers
+            raw = lv.tokenizer.decode(ids, skip_special_tokens=True).strip()  # as evaluations before that recorded them
+            if p.expected.strip() not in (got, raw):
                 raise APIError(503, f"{version['ref']} is refused: known-answer probe {p.item} answered {got[:80]!r} but the "
                                f"evaluation recorded {p.expected[:80]!r}; the loaded weights do not behave like the evaluated "
                                "ones (wrong base model, changed tokenizer or template?)", code="version_refused")

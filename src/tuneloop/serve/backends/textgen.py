@@ -51,15 +51,18 @@ class Choice:
         return False
 
     def finish_text(self) -> None:
-        if not self.incremental:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        """The final text (the choice ended without a stop string): decoded once when not incremental, and
+        without the broken character a token limit leaves when it cuts a multi-byte character in two."""
+        from tuneloop.modeling import complete_text, decode_text
+
+        self.text = complete_text(self.tok, self.ids, self.text) if self.incremental else decode_text(self.tok, self.ids)
 
     def pending(self, final: bool) -> str:
         """New text safe to stream: hold back a partial character or a possible stop-string prefix."""
         end = len(self.text)
         if not final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
+            # a character still missing bytes decodes to U+FFFD (one per byte with a byte-fallback decoder)
+            end = len(self.text.rstrip("\ufffd"))
             hold = max((len(s) - 1 for s in self.stops), default=0)
             end = max(self.sent, end - hold)
         out = self.text[self.sent:end]
