@@ -59,6 +59,9 @@ class PromptLogprobs:
 @dataclass
 class DoneEvent:
     finish_reason: str  # "stop" | "length" | "cancelled"
+    # the stop token that ended the row (end-of-sequence), with its logprob when the job asked for logprobs:
+    # it is not part of the text, but OpenAI and vLLM list it among the completion's logprobs
+    stop_token: TokenEvent | None = None
 
 
 @dataclass
@@ -352,10 +355,10 @@ class BatchEngine:
             tok = greedy[i] if r.generator is None else pick_token(logits[i], job.params, r.generator)
             r.produced += 1
             r.last = tok
-            if tok in job.stop_ids:
-                job.emit(DoneEvent("stop"))
-                continue
             k = job.params.top_logprobs
+            if tok in job.stop_ids:
+                job.emit(DoneEvent("stop", None if k is None else _token_event(logits[i], tok, k)))
+                continue
             job.emit(TokenEvent(tok) if k is None else _token_event(logits[i], tok, k))
             if r.produced >= job.params.max_tokens:
                 job.emit(DoneEvent("length"))

@@ -32,6 +32,7 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[TokenEvent] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
+    stop_token: TokenEvent | None = None  # the end-of-sequence token that ended it (with logprobs asked for)
 
     incremental: bool = True      # decode after every token (streaming or stop strings); else once at the end
 
@@ -142,6 +143,7 @@ async def _progress(events: deque, wake: asyncio.Event, open_jobs: dict[int, Gen
                     continue
                 elif isinstance(ev, DoneEvent):
                     ch.finish_reason = ch.finish_reason or ev.finish_reason
+                    ch.stop_token = ev.stop_token
                     ch.finish_text()
                     del open_jobs[ch.index]
                     yield ch, True
@@ -185,7 +187,11 @@ def chat_logprobs(ch: Choice) -> dict[str, Any]:
 
 
 def completion_logprobs(ch: Choice, prompt_ids: list[int] | None) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object; with ``echo`` the prompt tokens come first."""
+    """The legacy completions ``logprobs`` object; with ``echo`` the prompt tokens come first.
+
+    The generated tokens end with the end-of-sequence token when that is what the model produced (as OpenAI and
+    vLLM list it; its text, e.g. ``<|im_end|>``, is in ``tokens`` but not in the choice's ``text``): lm-eval's
+    ``local-completions`` asks ``max_tokens: 1, echo: true`` and drops the last entry as the generated token."""
     tokens: list[str] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -194,7 +200,7 @@ def completion_logprobs(ch: Choice, prompt_ids: list[int] | None) -> dict[str, A
             tokens.append(token_str(ch.tok, tid))
             lps.append(lp)
             tops.append(None if top is None else {token_str(ch.tok, t): v for t, v in top})
-    for ev in ch.logprobs:
+    for ev in ch.logprobs + ([ch.stop_token] if ch.stop_token is not None else []):
         tokens.append(token_str(ch.tok, ev.token_id))
         lps.append(ev.logprob)
         tops.append({token_str(ch.tok, t): v for t, v in (ev.top or [])} if ev.top is not None else {token_str(ch.tok, ev.token_id): ev.logprob})
