@@ -159,8 +159,7 @@ class LocalBackend:
     async def chat(self, route: Route, req: ChatRequest, ctx: CallContext):
         tg.reject_unsupported_chat(req)
         lv = self.versions.get(route.sha256) or await asyncio.to_thread(self.load, route.version)
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt_ids = lv.tokenizer(tg_render(lv.tokenizer, msgs), add_special_tokens=False)["input_ids"]
+        prompt_ids = chat_prompt_ids(lv.tokenizer, req.messages)
         budget = tg.token_budget(len(prompt_ids), req.token_budget(), lv.ctx_len, self.default_max_tokens,
                                  param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                                  prompt_param="messages")
@@ -265,6 +264,13 @@ def tg_render(tok, messages: list[dict[str, str]]) -> str:
     from tuneloop.modeling import render_prompt
 
     return render_prompt(tok, messages)
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    """A chat request's prompt: its messages (:func:`textgen.chat_messages`) rendered with the version's chat
+    template and the generation prompt, tokenized without added special tokens -- token for token what
+    training's preprocessing (``tuneloop.data.prepare``) puts before the assistant's answer."""
+    return tok(tg_render(tok, tg.chat_messages(messages)), add_special_tokens=False)["input_ids"]
 
 
 @dataclass

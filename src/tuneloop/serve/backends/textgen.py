@@ -8,6 +8,7 @@ and stream chunks.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import deque
@@ -215,16 +216,50 @@ def now() -> int:
     return int(time.time())
 
 
+def chat_messages(messages) -> list[dict[str, Any]]:
+    """A chat request's messages as the chat template gets them: the canonical messages training renders
+    (``tuneloop.data.formats``), so a conversation is the same token ids at training and at serving time
+    (tests/test_template_parity.py). ``developer`` is ``system``, ``function`` is ``tool``; an assistant turn
+    that only calls tools is the calls as JSON text, ``{"name", "arguments"}`` (a list when several), with the
+    ``tool_call`` flag; a tool turn is its text."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        text = m.text()
+        if role == "assistant" and m.tool_calls and not text.strip():
+            out.append({"role": "assistant", "content": _tool_calls_text(m.tool_calls, i), "tool_call": True})
+        else:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def _tool_calls_text(calls: list[dict[str, Any]], i: int) -> str:
+    """OpenAI ``tool_calls`` -> JSON text, as ``tuneloop.data.formats`` writes them into training records."""
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise bad_request(f"messages.{i}.tool_calls.{j} has no function name", param=f"messages.{i}.tool_calls")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass  # kept as the string it is, as training keeps it
+        out.append({"name": fn["name"], "arguments": args})
+    try:
+        return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+    except (TypeError, ValueError):
+        raise bad_request(f"messages.{i}.tool_calls: the arguments cannot be written as JSON", param=f"messages.{i}.tool_calls") from None
+
+
 def reject_unsupported_chat(req) -> None:
-    """Fields the local backend cannot honour get a clear 400 instead of being ignored."""
+    """Fields the local backend cannot honour get a clear 400 instead of being ignored. Tool turns in the
+    conversation are rendered (:func:`chat_messages`); offering tools to call is not supported."""
     if req.tools or req.tool_choice not in (None, "none"):
         raise bad_request("tools and tool_choice are not supported by the local backend (the served model has no "
                           "tool-calling template); drop them, or serve through an upstream that supports tools "
                           "(serve.backend: openai)", param="tools", code="unsupported_parameter")
-    for i, m in enumerate(req.messages):
-        if m.role in ("tool", "function") or m.tool_calls:
-            raise bad_request(f"messages.{i}: tool messages and tool_calls are not supported by the local backend",
-                              param=f"messages.{i}", code="unsupported_parameter")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise bad_request("response_format other than text is not supported by the local backend",
                           param="response_format", code="unsupported_parameter")
