@@ -304,10 +304,13 @@ class SuiteConfig(_Section):
 class JudgeConfig(_Section):
     """Who decides whether an answer is harmful, a refusal, or the better of two."""
 
-    kind: Literal["keyword", "openai", "classifier"] = Field(
-        "keyword",
-        description="`keyword`: deterministic refusal/keyword rules (offline, default); `openai`: an LLM judge on any "
-        "OpenAI-compatible endpoint; `classifier`: a local sequence-classification or reward model given by `path`.",
+    kind: Literal["rules", "keyword", "openai", "classifier"] = Field(
+        "rules",
+        description="`rules`: deterministic English/Chinese rules (offline, default): a refusal at the start of the answer "
+        "not followed by compliance; harmful = a red-team answer that engages with the request (its accuracy on labelled real "
+        "outputs is in docs/benchmarks.md); `keyword`: the older phrase-anywhere / indicator-word rules; `openai`: an LLM or "
+        "safety model (Llama-Guard-style `safe`/`unsafe` replies are read) on any OpenAI-compatible endpoint; `classifier`: a "
+        "local sequence-classification or reward model given by `path`.",
     )
     url: str | None = Field(None, description="Base URL of the OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")
     model: str | None = Field(None, description="Model name sent to the endpoint.")
