@@ -28,7 +28,7 @@ def test_run_json_prints_exactly_one_document_and_exit_codes(make_config, tmp_pa
     assert summary["overall"] == "passed" and summary["pipeline"] == "tiny-bot"
     assert "training" in r.stderr  # progress and logs go to stderr
 
-    blocked = tl("run", path, "--json", "-o", "gates.min_accuracy=1.0")
+    blocked = tl("run", path, "--json", "-o", "gates.min_accuracy=0.5")  # 1.0 is undecidable (exit 2 before any work)
     assert blocked.returncode == 1
     assert json.loads(blocked.stdout)["stages"]["evaluation"]["status"] == "failed"
 

@@ -3,7 +3,9 @@
 They sit above the libraries (``data``, ``evaluate``, ``registry``) and the runner, and choose what to check:
 
 * :func:`validate_target` -- a dataset or a config's data: the same :func:`tuneloop.data.validate.validate_splits`
-  the pipeline's data_validation stage uses, with the default or the config's data settings and gates.
+  the pipeline's data_validation stage uses, with the default or the config's data settings and gates; for a
+  config, first the evaluation gates' decidability (:func:`tuneloop.stages.gate_decidability`), as a run's
+  preflight does.
 * :func:`run_eval` -- only the evaluation gates, for a chosen candidate against a chosen reference (the base,
   the champion or a version of the configured registry, SQLite or MLflow alike).
 """
@@ -12,27 +14,35 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from tuneloop.config import DataConfig, PipelineConfig, load_config
-from tuneloop.errors import InputError, TuneloopError
+from tuneloop.errors import ConfigError, InputError, TuneloopError
 from tuneloop.fsutil import atomic_write_json
 from tuneloop.fsutil import utcnow
+from tuneloop.stages import gate_decidability
 from tuneloop.workspace import Workspace
 
 # ----------------------------------------------------------------------------------------- data validate
 
 
-def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: str | None) -> tuple[Any, Path, Any, str]:
-    """(data settings, output directory, tokenizer or None, train report name) for a dataset or a config."""
+def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: str | None) -> tuple[Any, Path, Any, str, list[str]]:
+    """(data settings, output directory, tokenizer or None, train report name, gate warnings) for a dataset or a
+    config. A config whose evaluation gates no model could PASS at its suites' sizes raises ConfigError (exit 2)."""
     if Path(target).suffix.lower() not in (".yaml", ".yml"):
         data = DataConfig(train_data=target, eval_data=eval_data, **({"format": fmt} if fmt else {}))
         # The whole file name: x.json and x.jsonl must not share a report.
         name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).name).strip(".") or "dataset"
-        return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name
+        return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name, []
     cfg = load_config(target, [f"data.format={fmt}"] if fmt else [])
     data = cfg.data.model_copy(update={"eval_data": eval_data}) if eval_data else cfg.data
+    problems, warnings = gate_decidability(cfg.model_copy(update={"data": data}))
+    if problems:
+        raise ConfigError(problems, target)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     out = Workspace.for_config(cfg).root / "data-report" if out_dir is None else Path(out_dir)
     try:
         from tuneloop.modeling import load_tokenizer
@@ -40,7 +50,7 @@ def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: 
         tokenizer = load_tokenizer(cfg.base_model, data.chat_template)
     except Exception:  # reported as "not checked" in the report
         tokenizer = None
-    return data, out, tokenizer, "train"
+    return data, out, tokenizer, "train", warnings
 
 
 def validate_target(
@@ -58,13 +68,16 @@ def validate_target(
     ``<name>.report.json``/``.html`` (with the gate verdicts; ``<name>`` is the dataset's whole file name, e.g.
     ``x.jsonl.report.json``, so ``x.json`` and ``x.jsonl`` do not overwrite each other; ``train``/``eval`` for a config) into ``out_dir`` (default ``./tuneloop-data-report`` for a dataset,
     ``<workspace>/data-report`` for a config). Returns the train report with ``gates``, ``passed``,
-    ``failures``, ``out_dir`` and, when there is eval data, ``eval`` (its report).
+    ``failures``, ``out_dir``, when there is eval data ``eval`` (its report), and for a config whose evaluation
+    gates only a large effect decides, ``gate_warnings`` (also printed on stderr).
     """
     from tuneloop.data.validate import validate_splits
 
-    data, out, tokenizer, name = _target_data(target, fmt, out_dir, eval_data)
+    data, out, tokenizer, name, warnings = _target_data(target, fmt, out_dir, eval_data)
     verdict = validate_splits(data, out, tokenizer=tokenizer, train_name=name)
     extra = {"eval": verdict.reports["eval"]} if "eval" in verdict.reports else {}
+    if warnings:
+        extra["gate_warnings"] = warnings
     return {**verdict.reports["train"], **extra, "failures": verdict.failures, "passed": verdict.passed, "out_dir": str(out)}
 
 
@@ -163,6 +176,7 @@ def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | No
                                         progress=say, reference=ref, candidate=cand)
     if note:
         metrics["against_note"] = note
-    report = report_json(gates, metrics, eval_id=eval_id, eval_dir=str(out_dir), model=cand.label, against=ref.label, at=utcnow())
+    report = report_json(gates, metrics, eval_id=eval_id, eval_dir=str(out_dir), model=cand.label, against=ref.label, at=utcnow(),
+                         **({"warnings": pipe.warnings} if pipe.warnings else {}))
     atomic_write_json(out_dir / "report.json", report)
     return report

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape
 
 from tuneloop.config import PipelineConfig, coerce_config
 from tuneloop.errors import ConfigError, InputError, TuneloopError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_json
 from tuneloop.runs import list_runs, load_run  # noqa: F401 (re-exported: `tuneloop.pipeline.list_runs` keeps working)
-from tuneloop.stages import STAGES, CacheEntry, Compute, PipelineStage, StageContext, StageResult, StageSpec, preflight_problems
+from tuneloop.stages import STAGES, CacheEntry, Compute, PipelineStage, StageContext, StageResult, StageSpec, preflight_report
 from tuneloop.version import code_version
 from tuneloop.fsutil import utcnow
 from tuneloop.workspace import Workspace
@@ -58,15 +59,20 @@ class FineTunePipeline:
             console = Console(stderr=True)
         self.console = console
         self.specs: tuple[StageSpec, ...] = tuple(s for s in STAGES if s.enabled(self.cfg))
+        self.warnings: list[str] = []  # from preflight(): gates that only a large effect decides
         self.stages = [s.stage for s in self.specs]
 
     # -------------------------------------------------------------------------------------------- checks
 
     def preflight(self) -> None:
-        """Problems that can be found before any work is done (raises ConfigError, exit code 2)."""
-        problems = preflight_problems(self.cfg)
+        """Problems that can be found before any work is done (raises ConfigError, exit code 2), the gates'
+        decidability included; its warnings are printed on the console and kept in ``warnings`` (a run records
+        them in ``run.json``)."""
+        problems, self.warnings = preflight_report(self.cfg)
         if problems:
             raise ConfigError(problems, self.config_path)
+        for w in self.warnings:
+            self.console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
     def prepare_eval_items(self) -> Path:
         """Run (or re-use from the cache) data validation and preprocessing; return the eval items file."""
@@ -92,6 +98,7 @@ class FineTunePipeline:
         record = _RunRecord(run_dir, results, {
             "run_id": run_id, "pipeline": cfg.name, "status": "running", "pid": os.getpid(), "started_at": utcnow(),
             "ended_at": None, "config_path": self.config_path, "code_version": code_version(), "stages": {},
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         })
         record.save()
         run_log = _attach_log(run_dir / "run.log")

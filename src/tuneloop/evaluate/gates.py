@@ -1,6 +1,8 @@
 """Gates: turn per-item suite results into PASS / FAIL / INCONCLUSIVE verdicts, and apply the policy.
 
-Entry point: :func:`check_gates`. The statistics (intervals, tests, verdict rules, ``needed_n``) are in
+Entry points: :func:`check_gates` (verdicts on per-item results) and :func:`decidability` (before any work:
+whether a perfect model could PASS each applied gate at its suite's size, and what PASS needs; the suite sizes
+come from :func:`tuneloop.stages.suite_sizes`). The statistics (intervals, tests, verdict rules, ``needed_n``) are in
 :mod:`tuneloop.evaluate.stats`; this module says which statistic each gate uses:
 
 | gate | quantity | kind | statistic |
@@ -19,6 +21,15 @@ Entry point: :func:`check_gates`. The statistics (intervals, tests, verdict rule
 For ``train.objective: dpo`` the task suite read from the run's eval items (whose reference is the chosen
 answer) is reported with ``NOT_APPLIED``: the preference gates decide. A task suite with its own ``path`` is
 gated as usual.
+
+Decidability (:func:`check_decidable`), with the gates' own one-sided bounds at ``gates.confidence``: a floor
+is judged on the lower bound at n/n, a ceiling on the upper bound at 0/n, a paired gate on the Agresti-Min upper
+bound with no discordant pair, ``z / (n + 2)``. A gate no model could PASS is a problem (the run stops with exit 2
+before training, naming the gate, the suite size and the items or threshold it needs); one whose PASS needs an
+observed value in the better half of the room the threshold leaves (floor: above ``t + (1 - t) / 2``; ceiling
+and paired: below ``t / 2``) is a warning naming what PASS needs. For a task suite scored by chrF, items whose
+reference a verbatim answer cut at ``eval.max_new_tokens`` cannot reach the threshold count as misses of the
+perfect model.
 
 Policy: a FAIL always blocks; an INCONCLUSIVE blocks under ``gates.on_inconclusive: block`` (default), is let
 through under ``pass``, and let through with a warning under ``warn``. ``passed`` in a gate record keeps its
@@ -183,4 +194,222 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
                 GateInput(r["candidate"], r["base"]))
             for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
                 out[gate].update(base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ decidability
+
+#: The gates each suite kind feeds (``gates.<field>``, gate kind), as :func:`check_gates` applies them.
+GATES_BY_KIND: dict[str, tuple[tuple[str, str], ...]] = {
+    "task": (("min_accuracy", "floor"), ("max_accuracy_drop", "paired")),
+    "harmful": (("max_harmful_rate", "ceiling"), ("max_harmful_increase", "paired")),
+    "over_refusal": (("max_over_refusal_increase", "paired"),),
+    "general_text": (("max_capability_drop", "paired"),),
+    "capability_mc": (("max_mc_capability_drop", "paired"),),
+    "lmeval": (("max_mc_capability_drop", "paired"),),
+    "win_rate": (("min_win_rate", "floor"),),
+    "preference": (("min_preference_accuracy", "floor"), ("max_preference_accuracy_drop", "paired")),
+}
+
+# What a perfect outcome is, per gate, for the messages.
+_PERFECT = {
+    "min_accuracy": "every answer right",
+    "min_win_rate": "every comparison won",
+    "min_preference_accuracy": "every pair ranked right",
+    "max_harmful_rate": "no harmful answer",
+    "max_accuracy_drop": "the candidate right wherever the base is",
+    "max_harmful_increase": "no harmful answer the base did not give",
+    "max_over_refusal_increase": "no refusal the base did not make",
+    "max_capability_drop": "every token the base predicts predicted too",
+    "max_mc_capability_drop": "every question the base gets right answered right",
+    "max_preference_accuracy_drop": "every pair the base ranks right ranked right",
+}
+_MAX_SEARCH_N = 10**9
+
+
+@dataclass(frozen=True)
+class SuiteSize:
+    """How many items a suite will have, known before any work (:func:`tuneloop.stages.suite_sizes`).
+
+    ``n`` is ``None`` when it cannot be known cheaply (``note`` says why; its gates are not checked).
+    ``grow``: the config keys that change the suite's size (named in the messages). ``binary``: 0/1 per item
+    (``False`` for ``token_f1`` task suites). ``gated``: ``False`` for a suite that is reported only (a DPO run's
+    eval-items task suite). ``unit``: what an item is (``items``, ``tokens``, ``pairs``).
+    """
+
+    kind: str
+    n: int | None
+    grow: str = ""
+    note: str = ""
+    binary: bool = True
+    gated: bool = True
+    unit: str = "items"
+    unreachable: int = 0  # task items even a verbatim answer fails (cut at eval.max_new_tokens, chrF below threshold)
+    unreachable_why: str = ""  # why, and what to change
+
+
+@dataclass(frozen=True)
+class GateDecidability:
+    """Whether a PERFECT model could PASS one applied gate at its suite's size, and what PASS needs.
+
+    ``status``: ``ok``; ``warn`` (a perfect model passes, but PASS needs an observed value in the better half of
+    the room the threshold leaves: only large effects decide); ``undecidable`` (no model can PASS: a problem);
+    ``skipped`` (the suite's size is unknown; ``message`` says why).
+    """
+
+    gate: str
+    key: str
+    suite: str
+    kind: str
+    threshold: float
+    n: int | None
+    status: str
+    message: str
+    perfect_bound: float | None = None  # the bound at the perfect outcome
+    needed_n: int | None = None  # smallest size at which a perfect model passes (None: none does)
+    pass_needs: int | None = None  # floor: least successes; ceiling: most events; paired: most one-way changes
+
+
+def _passes(kind: str, k: int, n: int, threshold: float, level: float, interval: str) -> tuple[bool, float]:
+    """(PASS?, the deciding bound) for ``k`` successes (floor), events (ceiling) or one-way changes (paired) of ``n``."""
+    if kind == "floor":
+        lo = (stats.clopper_pearson if interval == "clopper-pearson" else stats.wilson)(k, n, level)[0]
+        return lo >= threshold, lo
+    if kind == "ceiling":
+        hi = (stats.clopper_pearson if interval == "clopper-pearson" else stats.wilson)(k, n, level)[1]
+        return hi <= threshold, hi
+    hi = stats.paired_difference_interval(k, 0, n, level)[1]
+    return hi <= threshold, hi
+
+
+def _perfect(kind: str, n: int) -> int:
+    return n if kind == "floor" else 0
+
+
+def _needed_n(kind: str, threshold: float, level: float, interval: str) -> int | None:
+    """Smallest n at which the perfect outcome passes (bounds at the perfect outcome tighten as n grows)."""
+    ok = lambda n: _passes(kind, _perfect(kind, n), n, threshold, level, interval)[0]  # noqa: E731
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > _MAX_SEARCH_N:
+            return None
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def _pass_needs(kind: str, n: int, threshold: float, level: float, interval: str) -> int:
+    """Floor: the least successes that pass; ceiling / paired: the most events (one-way changes) that pass.
+
+    Bounds are monotone in the count, so a binary search finds the edge; the perfect outcome must pass.
+    """
+    if kind == "floor":
+        lo, hi = 0, n  # passes(hi); find the least passing k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _passes(kind, mid, n, threshold, level, interval)[0]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+    lo, hi = 0, n  # passes(lo); find the most passing k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _passes(kind, mid, n, threshold, level, interval)[0]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, suite: str, *, confidence: float = 0.95, interval: str = "wilson") -> GateDecidability:
+    """Could a perfect model PASS ``gate`` (floor / ceiling / paired) on ``size.n`` items, and what does PASS need?
+
+    The bounds are the gates' own (:func:`decide`): the one-sided bound at ``confidence`` is the end of the
+    two-sided ``2 * confidence - 1`` interval; floors and ceilings use ``interval`` (Wilson or Clopper-Pearson;
+    a continuous floor, ``token_f1`` or win rate, is widened to Wilson at its mean, so Wilson), paired gates
+    the Agresti-Min interval with zero discordant pairs, whose upper end is ``z / (n + 2)``.
+    """
+    field_name = gate.split("[")[0]
+    key = f"gates.{field_name}"
+    base = dict(gate=gate, key=key, suite=suite, kind=kind, threshold=threshold, n=size.n)
+    if size.n is None:
+        return GateDecidability(**base, status="skipped", message=f"{key}: not checked for decidability on the {suite} suite: {size.note or 'its size is unknown before the run'}")
+    n = size.n
+    if kind == "paired" and not size.binary:
+        # A paired bootstrap of identical scores has a zero-width interval at 0: a perfect candidate passes.
+        return GateDecidability(**base, status="ok", message="")
+    if kind == "floor" and not size.binary:
+        interval = "wilson"
+    level = 2.0 * confidence - 1.0
+    unit = size.unit
+    where = f"the {suite} suite of {n} {unit}"
+    grow = f" ({size.grow})" if size.grow else ""
+    if n == 0:
+        return GateDecidability(**base, status="undecidable", message=f"{key}: {threshold} cannot PASS on {where}: it has no {unit}{grow}")
+    lost = size.unreachable if field_name == "min_accuracy" else 0
+    perfect = _perfect(kind, n) - lost
+    ok, bound = _passes(kind, perfect, n, threshold, level, interval)
+    need_n = _needed_n(kind, threshold, level, interval)
+    bound_s = f"{'lower' if kind == 'floor' else 'upper'} bound {bound:.3g}"
+    at = f"at {perfect}/{n}" if kind != "paired" else f"with 0 discordant pairs of {n}"
+    if not ok and lost:
+        msg = (f"{key}: {threshold} cannot PASS on {where} even with every answer right: {size.unreachable_why} "
+               f"({bound_s} {at}, confidence {confidence})")
+        return GateDecidability(**base, status="undecidable", message=msg, perfect_bound=bound, needed_n=None)
+    if not ok:
+        more = f"it needs at least {need_n} {unit}{grow}" if need_n else f"no number of {unit} lets it PASS"
+        limit = f"a threshold of at most {bound:.3g}" if kind == "floor" else f"a threshold of at least {bound:.3g}"
+        msg = (f"{key}: {threshold} cannot PASS on {where} even with {_PERFECT.get(field_name, 'a perfect outcome')} "
+               f"({bound_s} {at}, confidence {confidence}); {more} or {limit}")
+        return GateDecidability(**base, status="undecidable", message=msg, perfect_bound=bound, needed_n=need_n)
+    k = _pass_needs(kind, n, threshold, level, interval)
+    if kind == "floor":
+        narrow = k / n - threshold > (1.0 - threshold) / 2.0
+        what = "right" if field_name == "min_accuracy" else "won" if field_name == "min_win_rate" else "ranked right"
+        needs = f"a mean score of at least {k / n:.3g}" if not size.binary else f"at least {k}/{n} {what} ({k / n:.3g})"
+        needs += f", {k / n - threshold:.3g} above the threshold: only a model far above {threshold} passes"
+    elif kind == "ceiling":
+        narrow = k / n < threshold / 2.0
+        needs = f"at most {k}/{n} harmful ({k / n:.3g}), {threshold - k / n:.3g} below the threshold: only a model far below {threshold} passes"
+    else:
+        narrow = k / n < threshold / 2.0
+        needs = (f"at most {k} of {n} {unit} changed the bad way and none the other ({k / n:.3g}), {threshold - k / n:.3g} inside the "
+                 f"tolerance: only a candidate that barely changes passes")
+    if lost:
+        msg = f"{key} {threshold} on {where}: {size.unreachable_why}; PASS needs at least {k}/{n} right, so at most {perfect - k} other misses"
+        return GateDecidability(**base, status="warn", message=msg, perfect_bound=bound, needed_n=need_n, pass_needs=k)
+    if not narrow:
+        return GateDecidability(**base, status="ok", message="", perfect_bound=bound, needed_n=need_n, pass_needs=k)
+    msg = f"{key} {threshold} on {where}: PASS needs {needs} at this size (confidence {confidence}); more {unit}{grow} narrow it"
+    return GateDecidability(**base, status="warn", message=msg, perfect_bound=bound, needed_n=need_n, pass_needs=k)
+
+
+def decidability(cfg, suite_sizes: dict[str, SuiteSize]) -> list[GateDecidability]:
+    """Every applied gate of ``cfg.gates`` on the suites of ``suite_sizes`` (suite name -> :class:`SuiteSize`,
+    in the order :func:`check_gates` sees them), checked by :func:`check_decidable`. Pure: no file is read."""
+    g = cfg.gates
+    out: list[GateDecidability] = []
+    task_index = 0
+    for suite, size in suite_sizes.items():
+        if size.kind == "task":
+            suffix = "" if task_index == 0 else f"[{suite}]"
+            task_index += 1
+        for field_name, kind in GATES_BY_KIND.get(size.kind, ()):
+            threshold = getattr(g, field_name)
+            if threshold is None or (size.kind == "task" and not size.gated):
+                continue
+            if size.kind == "task":
+                gate = f"{field_name}{suffix}"
+            elif size.kind in ("capability_mc", "lmeval"):
+                gate = f"{field_name}[{suite}]"
+            else:
+                gate = field_name
+            out.append(check_decidable(gate, kind, float(threshold), size, suite, confidence=g.confidence, interval=g.interval))
     return out
