@@ -302,7 +302,7 @@ class SuiteConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """Who decides whether an answer is harmful, a refusal, or the better of two."""
+    """Who decides whether an answer is harmful, a refusal, or the better of two (each evaluation records it as `judge`, and its measured accuracy as `judge_accuracy`)."""
 
     kind: Literal["rules", "keyword", "openai", "classifier"] = Field(
         "rules",
@@ -318,6 +318,15 @@ class JudgeConfig(_Section):
     path: str | None = Field(None, description="Local classifier / reward model directory for `kind: classifier`.")
     timeout_s: float = Field(30.0, gt=0, le=86400, description="Timeout per judge request, seconds.")
     max_retries: int = Field(3, ge=0, le=100, description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.")
+    format: Literal["verdict", "guard"] = Field(
+        "verdict",
+        description="`kind: openai` only. `verdict`: tuneloop's judge prompt asks an LLM for REFUSAL / HARMFUL / SAFE; `guard`: "
+        "send the conversation itself (user prompt, assistant answer) to a safety classifier and read its `safe` / `unsafe` "
+        "reply (refusal by the rules judge; pairwise comparison by token F1). E.g. Llama Guard 3 1B on vLLM (`vllm serve "
+        "meta-llama/Llama-Guard-3-1B --port 8001`) with `eval.judge: {kind: openai, url: http://127.0.0.1:8001/v1, model: "
+        "meta-llama/Llama-Guard-3-1B, format: guard}`. The request and reply shape is tested against a local stub of that "
+        "protocol; a real Llama Guard was not run in tuneloop's tests.",
+    )
 
 
 class EvalConfig(_Section):

@@ -4,6 +4,7 @@ maps exceptions to exit codes (:mod:`tuneloop.cli.common`).
 ==================  ======================================================
 ``cli/run.py``      ``run``, ``demo``, ``status``
 ``cli/eval.py``     ``eval``
+``cli/judge.py``    ``judge``
 ``cli/models.py``   ``models list|show|lineage|promote|rollback|diff|tag|delete|register|export``
 ``cli/data.py``     ``data validate|diff``
 ``cli/export.py``   ``export-config``
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import typer
 
-from tuneloop.cli import data, export, feedback, models, rollout, run, serve
+from tuneloop.cli import data, export, feedback, judge, models, rollout, run, serve
 from tuneloop.cli.ci import ci
 from tuneloop.cli.drift import drift
 from tuneloop.cli.init import init
@@ -42,6 +43,7 @@ app = typer.Typer(
 app.command("run")(run.run)
 app.command("demo")(run.demo)
 app.command("eval")(eval_cmd)
+app.command("judge")(judge.judge)
 app.command("status")(run.status)
 app.command("export-config")(export.export_config)
 app.command("serve")(serve.serve)

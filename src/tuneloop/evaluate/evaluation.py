@@ -22,7 +22,7 @@ from typing import Any, Callable
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError
 from tuneloop.evaluate.gates import check_gates
-from tuneloop.evaluate.judges import make_judge
+from tuneloop.evaluate.judges import make_judge, measured_accuracy
 from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
 
@@ -136,6 +136,9 @@ def evaluate_candidate(
         harmful_judge=judge.name,
         base_outputs_cached=all(cached_flags) if cached_flags else False,
     )
+    accuracy = measured_accuracy(judge.name)  # the judge's agreement with labelled real outputs; absent when unmeasured
+    if accuracy is not None:
+        metrics["judge_accuracy"] = accuracy
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return metrics, gates

@@ -9,7 +9,8 @@ Entry point: :func:`judge_file` (``path, judge -> JudgeReport``). The file is JS
   of red-team prompts only; a ``benign`` record's ``harmful`` verdict is ``false`` without asking the judge
   (a benign prompt's answer is not a request for harm), and its ``harmful`` label is not scored;
 * ``indicators`` (optional list of strings): the prompt's harm indicator words (the keyword judge needs them);
-* ``id`` (optional): echoed in the item.
+* ``id`` (optional): echoed in the item;
+* ``split`` (optional string, e.g. ``dev`` / ``heldout``): ``judge_file(..., split="heldout")`` judges only those.
 
 Every problem in the file (bad JSON, a missing or mistyped field) is reported at once with ``file:line``
 (:class:`~tuneloop.errors.InputError`) before any record is judged.
@@ -41,6 +42,7 @@ class JudgeRecord:
     refused: bool | None = None
     harmful: bool | None = None
     id: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,9 @@ class JudgeReport:
         return d
 
 
-def read_records(path: Path | str) -> list[JudgeRecord]:
-    """Parse and check the whole file; every problem is reported at once as ``file:line: what``."""
+def read_records(path: Path | str, split: str | None = None) -> list[JudgeRecord]:
+    """Parse and check the whole file; every problem is reported at once as ``file:line: what``. With ``split``,
+    only the records whose ``split`` field equals it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -130,12 +133,18 @@ def read_records(path: Path | str) -> list[JudgeRecord]:
         if bad:
             problems += bad
             continue
-        rid = obj.get("id")
+        rid, rsplit = obj.get("id"), obj.get("split")
         records.append(JudgeRecord(line=n, prompt=obj["prompt"], response=obj["response"], kind=kind, indicators=tuple(ind),
-                                   refused=obj.get("refused"), harmful=obj.get("harmful"), id=None if rid is None else str(rid)))
+                                   refused=obj.get("refused"), harmful=obj.get("harmful"), id=None if rid is None else str(rid),
+                                   split=None if rsplit is None else str(rsplit)))
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise InputError("\n".join(problems[:20]) + more + "\nFix these lines and run again; see `tuneloop judge --help` for the format.")
+    if split is not None:
+        found = sorted({r.split for r in records if r.split is not None})
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise InputError(f"{path}: no records with \"split\": {split!r} (splits in the file: {', '.join(found) or 'none'})")
     if not records:
         raise InputError(f"{path}: no records (expected JSONL lines with \"prompt\" and \"response\")")
     return records
@@ -165,9 +174,9 @@ def judge_records(records: list[JudgeRecord], judge: Judge, *, path: str = "", c
     return report
 
 
-def judge_file(path: Path | str, judge: Judge, *, confidence: float = 0.95) -> JudgeReport:
-    """Read ``path`` (all problems at once, before judging), judge every record, measure against labels."""
-    return judge_records(read_records(path), judge, path=str(path), confidence=confidence)
+def judge_file(path: Path | str, judge: Judge, *, split: str | None = None, confidence: float = 0.95) -> JudgeReport:
+    """Read ``path`` (all problems at once, before judging), judge every record (of ``split``), measure against labels."""
+    return judge_records(read_records(path, split), judge, path=str(path), confidence=confidence)
 
 
 __all__ = ["Agreement", "JudgeRecord", "JudgeReport", "agreement", "judge_file", "judge_records", "read_records"]
