@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -201,50 +202,199 @@ def _unicode_to_byte() -> dict[str, int]:
     return _U2B
 
 
+# --------------------------------------------------------------------------------------------- generation
+# A batch decodes at most GEN_MAX_ROWS rows and holds at most GEN_TOKEN_BUDGET tokens in its KV cache (rows x
+# (widest prompt + max_new_tokens)). Measured on SmolLM2-135M-Instruct, fp32, 2 CPU threads (one decode step, 40 /
+# 300 tokens of context): 1 row 58 / 62 ms; 16 rows 6.3 / 7.1 ms a row; 32 rows 5.0 / 6.0; 64 rows 3.7 / 5.0.
+# Past 64 rows the gain is small and the cache (copied at every step by transformers' DynamicCache) grows; the
+# budget keeps long prompts from filling memory (~46 KB a token on that model).
+GEN_MAX_ROWS = 64
+GEN_TOKEN_BUDGET = 16384
+
+
+@dataclass
+class _GenBatch:
+    """The rows decoding together: conversation index, tokens produced; the next-token logits, KV cache,
+    attention mask (left padding is 0) and each row's last position."""
+
+    index: list[int]
+    produced: list[list[int]]
+    logits: torch.Tensor
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    can_join: bool
+
+    def select(self, keep: list[int]) -> None:
+        """Keep these rows, then drop the leading columns that are padding in every row left."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos, self.logits = self.mask[idx], self.pos[idx], self.logits[idx]
+        self.index = [self.index[i] for i in keep]
+        self.produced = [self.produced[i] for i in keep]
+        if self.can_join:
+            first = int(self.mask.any(dim=0).to(torch.int8).argmax())
+            if first > 0:
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: "_GenBatch") -> None:
+        """Append ``other``'s rows: caches and masks left-padded to the wider one, then concatenated."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.index += other.index
+        self.produced += other.produced
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@dataclass
+class _Decoder:
+    """One model's forward for greedy decoding with a KV cache (keyword names differ across transformers)."""
+
+    model: Any
+    pad_id: int
+    device: Any
+    cache_kw: str
+    keep_logits: bool
+
+    @classmethod
+    def of(cls, model, pad_id: int) -> "_Decoder":
+        import inspect
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        return cls(model, pad_id, next(model.parameters()).device,
+                   "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+
+    def prefill(self, index: list[int], prompts: list[list[int]]) -> _GenBatch:
+        """Prompts left-padded into one forward; positions count each row's own tokens (0 at its first)."""
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if self.keep_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **extra)
+        layers = getattr(cache, "layers", None)
+        can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+                                        and layer.keys.dim() == 4 for layer in layers)
+        return _GenBatch(list(index), [[] for _ in prompts], out.logits[:, -1, :], cache, mask, pos[:, -1:], can_join)
+
+    def step(self, batch: _GenBatch, last: list[int]) -> None:
+        """One token for every row: feed each row's last token, keep the next-token logits."""
+        ids = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(last), 1)], dim=1)
+        batch.pos = batch.pos + 1
+        out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=True, **{self.cache_kw: batch.cache})
+        batch.logits = out.logits[:, -1, :]
+
+
 @torch.inference_mode()
 def generate(
-    model, tok, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 32, batch_size: int = 16
+    model,
+    tok,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy completions for chat conversations (each ends with a user turn).
+    """Greedy completions for chat conversations (each ends with a user turn), in input order.
 
     Returns one dict per conversation: ``text``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason``.
+
+    Batched as the CPU allows, with the answers of one at a time: prompts are sorted by length (a batch pads
+    little) and decoded together with a KV cache, left-padded, the attention mask and position ids following each
+    row's own tokens; a row leaves the batch at a stop token or ``max_new_tokens`` (no work on finished rows),
+    and waiting prompts join the running batch once half of it is free. ``batch_size``: rows at most (default
+    :data:`GEN_MAX_ROWS`, within :data:`GEN_TOKEN_BUDGET` tokens); 1 decodes one conversation at a time, the
+    reference the batched answers are checked against (benchmarks/eval_speed.py). Decoding is the argmax of each
+    step's logits (the gateway's greedy decoding too): a ``generation_config``'s penalties or forced tokens are not
+    applied. ``progress(done, total)`` is called as conversations finish.
     """
-    stops = stop_token_ids(tok)
-    device = next(model.parameters()).device
-    out: list[dict[str, Any]] = []
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [render_prompt(tok, c) for c in conversations[start : start + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops or None,
-                pad_token_id=tok.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for i, row in enumerate(new.tolist()):
-                n = len(row)
-                finish = "length"
-                for j, t in enumerate(row):
-                    if t in stops:
-                        n, finish = j, "stop"
-                        break
-                text = decode_text(tok, row[:n]).strip()
-                out.append(
-                    {
-                        "text": text,
-                        "prompt_tokens": int(enc["attention_mask"][i].sum()),
-                        "completion_tokens": n,
-                        "finish_reason": finish,
-                    }
-                )
-    finally:
-        tok.padding_side = old_side
-    return out
+    stops = frozenset(stop_token_ids(tok))
+    prompts = [tok(render_prompt(tok, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    total = len(prompts)
+    out: list[dict[str, Any] | None] = [None] * total
+    if not total:
+        return []
+    dec = _Decoder.of(model, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    max_rows = max(1, batch_size or GEN_MAX_ROWS)
+    waiting = sorted(range(total), key=lambda i: len(prompts[i]))  # stable: equal lengths keep input order
+    batch: _GenBatch | None = None
+    done = 0
+    while waiting or batch is not None:
+        rows = len(batch.index) if batch is not None else 0
+        if waiting and (rows == 0 or (batch.can_join and max_rows - rows >= max(1, max_rows // 2))):
+            joiners = _joiners(waiting, prompts, rows, batch.mask.shape[1] if rows else 0, max_rows, max_new_tokens)
+            if joiners:
+                new = dec.prefill(joiners, [prompts[i] for i in joiners])
+                if rows:
+                    batch.merge(new)
+                else:
+                    batch = new
+        picks = batch.logits.argmax(dim=-1).tolist()
+        keep, last = [], []
+        for r, (i, tok_id) in enumerate(zip(batch.index, picks)):
+            produced = batch.produced[r]
+            if tok_id in stops or len(produced) + 1 >= max_new_tokens:
+                finish = "stop" if tok_id in stops else "length"
+                ids = produced if finish == "stop" else produced + [tok_id]
+                out[i] = {
+                    "text": decode_text(tok, ids).strip(),
+                    "prompt_tokens": len(prompts[i]),
+                    "completion_tokens": len(ids),
+                    "finish_reason": finish,
+                }
+                done += 1
+            else:
+                produced.append(tok_id)
+                keep.append(r)
+                last.append(tok_id)
+        if len(keep) < len(batch.index):
+            if progress is not None:
+                progress(done, total)
+            if not keep:
+                batch = None
+                continue
+            batch.select(keep)
+        dec.step(batch, last)
+    return out  # type: ignore[return-value]
+
+
+def _joiners(waiting: list[int], prompts: list[list[int]], rows: int, width: int, max_rows: int, max_new_tokens: int) -> list[int]:
+    """The next waiting conversations (shortest prompts first) that fit the batch: at most ``max_rows`` rows and
+    :data:`GEN_TOKEN_BUDGET` tokens (rows x (widest prompt + ``max_new_tokens``)); at least one when it is empty.
+    Taken off ``waiting``."""
+    take = 0
+    while take < len(waiting) and rows + take < max_rows:
+        w = max(width, len(prompts[waiting[take]]))
+        if (rows + take + 1) * (w + max_new_tokens) > GEN_TOKEN_BUDGET and rows + take > 0:
+            break
+        take += 1
+    joiners = waiting[:take]
+    del waiting[:take]
+    return joiners
 
 
 def require_cuda_for_qlora() -> None:

@@ -433,9 +433,11 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
         against = reference.digest if reference else "base"
 
     def compute(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
-                                            progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
-                                            preferences=model.prepared.eval_records if c.train.objective == "dpo" else None)
+        with EvalProgress(ctx.console) as bars:
+            metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
+                                                progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
+                                                preferences=model.prepared.eval_records if c.train.objective == "dpo" else None,
+                                                suite_progress=bars.update)
         if note:
             metrics["against_note"] = note
         return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
@@ -824,3 +826,29 @@ class TrainProgress:
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, completed=step, loss=loss)
         self.progress.update(self.task, completed=step, total=total, loss=loss)
+
+
+class EvalProgress:
+    """Rich progress bars (with ETA) for the evaluation: one per model and suite (``base: harmful 120/330``), on
+    the run's console; a bar appears when its model starts on its suite."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "EvalProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total, completed=done)
+        self.progress.update(self.tasks[label], completed=done, total=total)

@@ -63,6 +63,7 @@ def evaluate_candidate(
     reference: ModelRef | None = None,
     candidate: ModelRef | None = None,
     preferences: Path | None = None,
+    suite_progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Measure the reference (default: the base model) and the candidate on every suite; return (metrics, gates).
 
@@ -72,7 +73,8 @@ def evaluate_candidate(
     eval items (whose reference is the chosen answer) is reported but not gated.
 
     Writes ``items.jsonl`` (one audit record per item: suite, id, prompt sha256, both outputs, scores) to
-    ``out_dir``.
+    ``out_dir``. ``progress(message)`` says which model is loaded; ``suite_progress(label, done, total)`` follows
+    each model's work through each suite, e.g. ``("base: harmful", 120, 330)`` (a progress bar per suite and model).
     """
     from tuneloop.modeling import load_tokenizer
 
@@ -95,7 +97,8 @@ def evaluate_candidate(
     cached_flags = []
     missing = []
     for s in suites:
-        key = sha256_json({"model": ref.digest, "suite": s.digest, "settings": settings, "v": 2})
+        # v3: generation by modeling.generate's own greedy loop (argmax; a generation_config's penalties not applied)
+        key = sha256_json({"model": ref.digest, "suite": s.digest, "settings": settings, "v": 3})
         f = Path(base_cache_dir) / f"{key}.json"
         if f.is_file():
             ref_out[s.name] = json.loads(f.read_text(encoding="utf-8"))
@@ -108,14 +111,14 @@ def evaluate_candidate(
         model = ref.load()
         memo: dict[str, Any] = {}
         for s, f in missing:
-            ref_out[s.name] = _outputs(model, tok, s, ev.max_new_tokens, memo)
+            ref_out[s.name] = _outputs(model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"{ref.label}: {s.name}"))
             atomic_write_json(f, ref_out[s.name])
         del model
 
     say("candidate")
     model = cand.load()
     memo = {}
-    cand_out = {s.name: _outputs(model, tok, s, ev.max_new_tokens, memo) for s in suites}
+    cand_out = {s.name: _outputs(model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"candidate: {s.name}")) for s in suites}
     del model
 
     results: dict[str, Any] = {}
@@ -168,11 +171,18 @@ def _pairs_beside(items_path: Path | str | None) -> Path | None:
     return p if p is not None and p.is_file() else None
 
 
-def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any]) -> dict[str, Any]:
+def _bar(suite_progress: Callable[[str, int, int], None] | None, label: str) -> Callable[[int, int], None] | None:
+    """``suite_progress`` bound to one model and suite (``label``, e.g. ``base: harmful``)."""
+    if suite_progress is None:
+        return None
+    return lambda done, total: suite_progress(label, done, total)
+
+
+def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Outputs of one model on one suite; suites with the same generation items share one generation."""
     key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik", suite.digest if suite.kind in ("lmeval", "preference") else None])
     if key not in memo:
-        memo[key] = model_outputs(model, tok, suite, max_new_tokens=max_new_tokens)
+        memo[key] = model_outputs(model, tok, suite, max_new_tokens=max_new_tokens, progress=progress)
     return memo[key]
 
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from tuneloop.errors import InputError
@@ -45,6 +45,7 @@ from tuneloop.fsutil import sha256_json
 
 SHIPPED = {"harmful": "redteam.jsonl", "over_refusal": "benign.jsonl", "general_text": "general.txt", "capability_mc": "general_mc.jsonl"}
 GENERATES = ("task", "harmful", "over_refusal", "win_rate")
+Progress = Callable[[int, int], None]  # (items done, items in all) as a model works through a suite
 
 
 @dataclass
@@ -229,8 +230,8 @@ def _continuation_logprob(model, tok, ctx: str, cont: str) -> float:
     return float(logp[-n:].gather(1, targets[-n:, None]).sum())
 
 
-def token_hits(model, tok, text: str, *, window: int = 128) -> dict[str, Any]:
-    """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity."""
+def token_hits(model, tok, text: str, *, window: int = 128, progress: Progress | None = None) -> dict[str, Any]:
+    """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity; ``progress(tokens done, total)``."""
     import torch
 
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -238,6 +239,8 @@ def token_hits(model, tok, text: str, *, window: int = 128) -> dict[str, Any]:
     nll = 0.0
     with torch.inference_mode():
         for start in range(0, max(len(ids) - 1, 0), window):
+            if progress is not None:
+                progress(start, len(ids) - 1)
             chunk = torch.tensor([ids[start : start + window + 1]])
             if chunk.shape[1] < 2:
                 break
@@ -245,24 +248,33 @@ def token_hits(model, tok, text: str, *, window: int = 128) -> dict[str, Any]:
             target = chunk[:, 1:]
             hits += (logits.argmax(-1) == target)[0].int().tolist()
             nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+    if progress is not None:
+        progress(len(hits), len(hits))
     ppl = math.exp(nll / len(hits)) if hits else float("nan")
     return {"hits": hits, "perplexity": ppl if math.isfinite(ppl) else None}
 
 
-def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]]) -> list[dict[str, Any]]:
+def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]], progress: Progress | None = None) -> list[dict[str, Any]]:
     out = []
     for ctx, chs in zip(contexts, choices):
         lps = continuation_logprobs(model, tok, [(ctx, c) for c in chs])
         out.append({"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]})
+        if progress is not None:
+            progress(len(out), len(contexts))
     return out
 
 
-def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str, Any]:
-    """What ``model`` produced on ``suite`` (no judging): cacheable by (model, suite digest, settings)."""
+def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int, progress: Progress | None = None) -> dict[str, Any]:
+    """What ``model`` produced on ``suite`` (no judging): cacheable by (model, suite digest, settings).
+
+    Generation suites are answered in batches (:func:`tuneloop.modeling.generate`: the answers of one at a time,
+    faster). ``progress(done, total)`` follows the items (general text: its tokens); preference and lm-eval
+    suites do not report it.
+    """
     from tuneloop.modeling import generate, render_prompt
 
     if suite.kind == "general_text":
-        return token_hits(model, tok, suite.text)
+        return token_hits(model, tok, suite.text, progress=progress)
     if suite.kind == "preference":
         from tuneloop.evaluate.preference import preference_outputs
 
@@ -273,15 +285,15 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int) -> dict[str,
         return run_model(model, tok, suite.spec)
     if suite.kind == "capability_mc":
         ctx = [f"Question: {it['question']}\nAnswer:" for it in suite.items]
-        return {"mc": _mc_pick(model, tok, ctx, [[" " + c for c in it["choices"]] for it in suite.items])}
+        return {"mc": _mc_pick(model, tok, ctx, [[" " + c for c in it["choices"]] for it in suite.items], progress)}
     if suite.kind == "task" and suite.metric == "mc_loglik":
         ctx = [render_prompt(tok, it["messages"]) for it in suite.items]
-        return {"mc": _mc_pick(model, tok, ctx, [it["choices"] for it in suite.items])}
+        return {"mc": _mc_pick(model, tok, ctx, [it["choices"] for it in suite.items], progress)}
     if suite.kind in ("harmful", "over_refusal"):
         convs = [[{"role": "user", "content": it["prompt"]}] for it in suite.items]
     else:
         convs = [it["messages"] for it in suite.items]
-    return {"text": [g["text"] for g in generate(model, tok, convs, max_new_tokens=max_new_tokens)]}
+    return {"text": [g["text"] for g in generate(model, tok, convs, max_new_tokens=max_new_tokens, progress=progress)]}
 
 
 # -------------------------------------------------------------------------------------------- scoring
