@@ -282,6 +282,15 @@ def test_judge_command_json_in_input_order_with_labels(tmp_path):
     assert text.returncode == 0 and "line 4 zh-1: refused=False" in text.stdout
     assert "keyword judge, refused (n=4): accuracy 1.000 [0.510, 1.000] (4/4)" in text.stdout
 
+    cfg = tmp_path / "tuneloop.yaml"  # --config: the judge settings of a pipeline config (no model is loaded)
+    (tmp_path / "train.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n', encoding="utf-8")
+    cfg.write_text("name: j\nbase_model: some/model\ntrain_data: train.jsonl\neval:\n  judge: {kind: keyword}\n", encoding="utf-8")
+    assert json.loads(_tl("judge", f, "--json", "--config", cfg).stdout)["judge"] == "keyword"
+    assert json.loads(_tl("judge", f, "--json", "--config", cfg, "--judge", "rules").stdout)["judge"] == "rules"
+    cfg.write_text("name: j\nbase_model: some/model\ntrain_data: train.jsonl\neval:\n  judge: {kind: openai}\n", encoding="utf-8")
+    missing = _tl("judge", f, "--config", cfg)
+    assert missing.returncode == 2 and "eval.judge.url: required for kind: openai" in missing.stderr
+
 
 def test_judge_command_reports_every_bad_line_with_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
