@@ -122,7 +122,10 @@ def test_data_validate_on_a_config_with_sources_and_a_single_source_as_before(tm
     from tuneloop.checks import validate_target
     from tuneloop.data.validate import validate_dataset
 
-    path = project(tmp_path, [chat("Where is my parcel with the new lamp?", "shipping")], FEEDBACK[:3], base=str(tiny_model))
+    # 4 records hold out 1 eval item, on which no model could pass min_accuracy 0.85 (exit 2): this test is
+    # about the data, so that gate is off
+    path = project(tmp_path, [chat("Where is my parcel with the new lamp?", "shipping")], FEEDBACK[:3], base=str(tiny_model),
+                   extra="gates:\n  min_accuracy: null\n")
     rep = validate_target(str(path), out_dir=tmp_path / "out")
     assert rep["passed"] and rep["valid"] == 4 and [s["valid"] for s in rep["sources"]] == [1, 3]
     single = validate_dataset(str(tmp_path / "feedback" / "sft.jsonl"), tmp_path / "single")
