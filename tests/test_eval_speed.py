@@ -116,6 +116,24 @@ def test_finished_rows_are_not_decoded(demo, conversations):
     assert max(fed) == 8 and len(fed) < sum(fed)  # batched: more than one row per decode step
 
 
+def test_token_budget_limits_the_rows(demo, conversations, monkeypatch):
+    """A batch holds at most GEN_TOKEN_BUDGET tokens (rows x (widest prompt + max_new_tokens)); answers unchanged."""
+    import tuneloop.modeling as modeling
+
+    model, tok = demo
+    want = modeling.generate(model, tok, conversations, max_new_tokens=10, batch_size=1)
+    monkeypatch.setattr(modeling, "GEN_TOKEN_BUDGET", 250)
+    steps: list[tuple[int, int]] = []  # (rows, cache width) of each decode step
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: steps.append(tuple(kw["attention_mask"].shape)) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        got = modeling.generate(model, tok, conversations, max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert got == want
+    assert all(rows * width <= 250 for rows, width in steps), steps
+    assert 2 < max(rows for rows, _ in steps) < len(conversations)
+
+
 def test_evaluation_reports_progress_per_model_and_suite(make_config, tiny_model, task_data, tmp_path):
     """``evaluate_candidate`` reports each model's progress through each suite (labels ``base: <suite>`` and
     ``candidate: <suite>``), ending at the suite's size; the Rich bars show them."""
