@@ -97,6 +97,19 @@ def stop_server(server: PostgresServer) -> None:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
+def stop_cluster(server: PostgresServer) -> None:
+    """Stop the server (fast shutdown: open connections are cut), keeping its data: an outage."""
+    _run(_as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w",
+                          "stop"]), "pg_ctl stop", timeout=60)
+
+
+def start_cluster(server: PostgresServer) -> None:
+    """Start a stopped server again on the same port (the end of an outage)."""
+    opts = f"-h 127.0.0.1 -p {server.port} -k {server.root} -F -c max_connections=100"
+    _run(_as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-l",
+                          str(server.root / "server.log"), "-w", "-t", "60", "-o", opts, "start"]), "pg_ctl start")
+
+
 def create_database(server: PostgresServer, name: str | None = None) -> str:
     """A new empty database on ``server``; returns its URL."""
     import psycopg
@@ -124,6 +137,25 @@ def postgres_server():
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'tuneloop[postgres]'")
     server = start_server(bin_dir)
     yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def own_postgres_server():
+    """A server of this test module's own, for tests that stop and start it (an outage) without touching the
+    session's shared one."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(INSTALL_HINT)
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root needs `runuser` (util-linux) to start PostgreSQL as the postgres user")
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'tuneloop[postgres]'")
+    server = start_server(bin_dir)
+    yield server
+    try:
+        start_cluster(server)  # stop_server expects it running; a test may have left it stopped
+    except RuntimeError:
+        pass
     stop_server(server)
 
 

@@ -616,6 +616,10 @@ class ServeConfig(_Section):
     request_log: str | None = Field(
         None, description="Request and feedback log: a SQLite path or `sqlite:///...`, or `postgresql://user@host:port/db` "
         "for several replicas. Default: `requests.db` in the workspace.")
+    request_log_spool_mb: float = Field(
+        1024, gt=0, description="Bound of the request log's local spool (`<workspace>/spool/request-log/`), where records "
+        "and feedback wait, fsync'd, while the store is unavailable, and from which they are replayed in order when it is "
+        "back. When full, new records are dropped (counted in `/metrics`, `/health` degraded); spooled ones are kept.")
     retention_days: float | None = Field(30, gt=0, description="Delete logged requests (and their feedback) older than this; `null` keeps all.")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together in one batch (local backend).")
     max_queue: int = Field(256, ge=1, description="Most requests waiting per loaded model; more get 429 (local backend).")

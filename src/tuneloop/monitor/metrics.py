@@ -12,11 +12,18 @@ Metrics (labels in braces):
 * ``tuneloop_time_to_first_token_seconds{model,version,arm,endpoint}`` histogram (streamed requests)
 * ``tuneloop_tokens_total{model,version,arm,kind}`` counter, ``kind`` = ``prompt`` | ``completion``
 * ``tuneloop_queue_depth{model}`` gauge, set by the gateway's batcher
+* ``tuneloop_request_log_records_total{kind,outcome}`` counter: request log records (``kind`` = ``request`` |
+  ``feedback``) ``written`` to the store, ``spooled`` while it was unavailable, ``replayed`` from the spool, or
+  ``dropped`` (lost: a full queue or spool, a record the store refuses; the gateway's log says why)
+* ``tuneloop_request_log_spooled_records`` and ``tuneloop_request_log_spool_bytes`` gauges: what waits in the
+  spool now; ``tuneloop_request_log_store_up`` gauge: 0 while the store is unavailable
+  (the last four read the request recorder at scrape time: :meth:`GatewayMetrics.watch_request_log`)
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 #: Seconds; LLM requests span milliseconds (a cached short answer) to minutes (a long generation).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -62,6 +69,37 @@ class GatewayMetrics:
         if completion_tokens > 0:
             self.tokens.labels(model, version, arm, "completion").inc(completion_tokens)
 
+    def watch_request_log(self, recorder) -> None:
+        """Export ``recorder``'s counts (an ``AsyncRecorder``) at each scrape (nothing on the request path)."""
+        self.registry.register(_RequestLogCollector(recorder))
+
     def render(self) -> tuple[bytes, str]:
         """``(body, content_type)`` for ``GET /metrics`` in the Prometheus text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _RequestLogCollector:
+    """The request recorder's counts and spool as Prometheus metrics, read when scraped."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def describe(self):
+        return []  # read at scrape time only (prometheus-client calls collect() when describe() is empty)
+
+    def collect(self):
+        r = self.recorder
+        records = CounterMetricFamily("tuneloop_request_log_records", "Request log records by kind (request, feedback) "
+                                      "and outcome: written to the store, spooled while it was unavailable, replayed "
+                                      "from the spool, dropped (lost)", labels=("kind", "outcome"))
+        for kind in ("request", "feedback"):
+            for outcome in ("written", "spooled", "replayed", "dropped"):
+                records.add_metric((kind, outcome), r.counts.get((kind, outcome), 0))
+        yield records
+        spool = r.spool
+        yield GaugeMetricFamily("tuneloop_request_log_spooled_records", "Request log records in the local spool, "
+                                "not yet in the store", value=0 if spool is None else spool.records)
+        yield GaugeMetricFamily("tuneloop_request_log_spool_bytes", "Bytes of the request log's local spool",
+                                value=0 if spool is None else spool.bytes)
+        yield GaugeMetricFamily("tuneloop_request_log_store_up", "1 while the request log store takes writes, 0 while "
+                                "it is unavailable", value=0 if r.store_error else 1)

@@ -139,7 +139,7 @@ def _redact_optional(text: str | None) -> str | None:
     return None if text is None else redact(clean_text(text))
 
 
-def _request_row(rec: RequestRecord) -> dict[str, Any]:
+def request_row(rec: RequestRecord) -> dict[str, Any]:
     row = {name: getattr(rec, name) for name in _REQUEST_FIELDS}  # not asdict(): it deep-copies (slow)
     for name in ("request_id", "endpoint", "model", "ref", "arm", "user_hash", "artifact_sha256", "rollout_id"):
         if row[name] is not None:
@@ -148,6 +148,35 @@ def _request_row(rec: RequestRecord) -> dict[str, Any]:
     row["response"] = redact(clean_text(rec.response or ""))
     row["error"] = _redact_optional(rec.error)
     return row
+
+
+def feedback_row(request_id: str, *, source: str = "api", rating: int | None = None, score: float | None = None,
+                 correction: str | None = None, comment: str | None = None) -> dict[str, Any]:
+    """A feedback row as the store keeps it (checked, redacted, stamped now); ``ValueError`` for a bad value."""
+    _check_feedback(source, rating, score)
+    now = time.time()
+    return {"feedback_id": uuid.uuid4().hex, "request_id": clean_text(request_id), "source": clean_text(source),
+            "created_at": now, "updated_at": now, "rating": None if rating is None else int(rating),
+            "score": None if score is None else float(score), "correction": _redact_optional(correction),
+            "comment": _redact_optional(comment)}
+
+
+def upsert_feedback(conn, row: dict[str, Any], *, newer_only: bool) -> bool | None:
+    """Insert ``row`` or update the stored row of its ``(request_id, source)``; ``True`` if inserted, ``False``
+    if updated (or, with ``newer_only``, left as it is because it is newer), ``None`` if its request is unknown."""
+    ft = feedback_table
+    known = conn.execute(sa.select(requests_table.c.request_id)
+                         .where(requests_table.c.request_id == row["request_id"])).first()
+    if known is None:
+        return None
+    if insert_one_ignore(conn, ft, row):
+        return True
+    values = {k: row[k] for k in ("rating", "score", "correction", "comment", "updated_at")}
+    where = [ft.c.request_id == row["request_id"], ft.c.source == row["source"]]
+    if newer_only:
+        where.append(ft.c.updated_at <= row["updated_at"])
+    conn.execute(ft.update().where(*where).values(**values))
+    return False
 
 
 def _check_feedback(source: str, rating: int | None, score: float | None) -> None:
@@ -193,10 +222,40 @@ class RequestLog:
 
     def record_many(self, recs: list[RequestRecord]) -> None:
         """Store several requests in one transaction; ids already stored are skipped."""
-        rows = [_request_row(r) for r in recs]
+        self.write_rows([request_row(r) for r in recs])
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Store rows made by :func:`request_row` (redacted) in one transaction; ids already stored are skipped."""
         if rows:
             with write_tx(self.engine) as conn:
                 insert_ignore(conn, requests_table, rows)
+
+    def replay(self, entries: list[dict[str, Any]]) -> dict[str, int]:
+        """Store spooled entries (``{"kind": "request" | "feedback", "row"}``, oldest first) in one transaction.
+
+        Idempotent: a request already stored is skipped; feedback is an upsert on ``(request_id, source)`` that
+        keeps the newest ``updated_at``, so replaying the same entries twice leaves the same rows. Returns
+        ``{"request": n, "feedback": n, "unknown_request": n, "corrupt": n}``: feedback on a request id the log
+        does not hold, and lines that did not parse, are not stored (the caller counts them as dropped).
+        """
+        out = {"request": 0, "feedback": 0, "unknown_request": 0, "corrupt": 0}
+        with write_tx(self.engine) as conn:
+            run: list[dict[str, Any]] = []
+            for entry in [*entries, {"kind": "end"}]:
+                kind = entry.get("kind")
+                if kind == "request":
+                    run.append(entry["row"])
+                    continue
+                insert_ignore(conn, requests_table, run)  # a run of requests in one statement
+                out["request"] += len(run)
+                run = []
+                if kind == "feedback":
+                    stored = upsert_feedback(conn, entry["row"], newer_only=True)
+                    out["feedback" if stored is not None else "unknown_request"] += 1
+                elif kind != "end":
+                    out["corrupt"] += 1
+                    log.error("request log spool: a line that is not a record was skipped (%s)", entry.get("where", "?"))
+        return out
 
     def add_feedback(self, request_id: str, *, source: str = "api", rating: int | None = None,
                      score: float | None = None, correction: str | None = None,
@@ -207,27 +266,20 @@ class RequestLog:
         than +1/-1, a score outside [0, 1], or neither. A second call with the same ``source`` replaces the
         stored values (last write wins) and returns ``created=False``.
         """
-        _check_feedback(source, rating, score)
-        request_id, source = clean_text(request_id), clean_text(source)  # ids with NUL are unknown, not a 500
-        now = time.time()
-        values = {"rating": None if rating is None else int(rating),
-                  "score": None if score is None else float(score),
-                  "correction": _redact_optional(correction), "comment": _redact_optional(comment),
-                  "updated_at": now}
-        ft = feedback_table
+        return self.store_feedback_row(feedback_row(request_id, source=source, rating=rating, score=score,
+                                                    correction=correction, comment=comment))
+
+    def store_feedback_row(self, row: dict[str, Any]) -> tuple[FeedbackRecord, bool]:
+        """Store a row made by :func:`feedback_row`; ``(record as stored, created)``; :class:`UnknownRequest`
+        when the log does not hold its request."""
         with write_tx(self.engine) as conn:
-            known = conn.execute(sa.select(requests_table.c.request_id)
-                                 .where(requests_table.c.request_id == request_id)).first()
-            if known is None:
-                raise UnknownRequest(request_id)
-            new = {"feedback_id": uuid.uuid4().hex, "request_id": request_id, "source": source,
-                   "created_at": now, **values}
-            created = insert_one_ignore(conn, ft, new)
-            if not created:
-                conn.execute(ft.update().where(ft.c.request_id == request_id, ft.c.source == source)
-                             .values(**values))
-            row = conn.execute(sa.select(ft).where(ft.c.request_id == request_id, ft.c.source == source)).one()
-        return _feedback(row), created
+            created = upsert_feedback(conn, row, newer_only=False)
+            if created is None:
+                raise UnknownRequest(row["request_id"])
+            ft = feedback_table
+            stored = conn.execute(sa.select(ft).where(ft.c.request_id == row["request_id"],
+                                                      ft.c.source == row["source"])).one()
+        return _feedback(stored), created
 
     def purge(self, older_than: float) -> int:
         """Retention: delete requests created before ``older_than`` (unix seconds) and all their feedback.
@@ -358,63 +410,113 @@ def open_request_log(url: str | os.PathLike) -> RequestLog:
     return RequestLog(url)
 
 
+class RequestLogUnavailable(Exception):
+    """Feedback could be neither stored nor spooled (the store is down and there is no room in a spool)."""
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store cannot be reached or is busy (worth spooling and retrying), as opposed to
+    a record it refuses."""
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+#: Seconds a lost record keeps ``/health`` degraded after it was lost.
+LOST_RECENTLY_S = 300.0
+
+
 class AsyncRecorder:
     """Non-blocking writes for the gateway: a background thread writes submitted records in batches.
 
-    ``submit`` never blocks; when ``max_queue`` records are waiting, the new one is dropped, counted in
-    ``dropped`` and logged. A batch that cannot be written after 3 tries is counted in ``failed`` and logged.
+    ``submit`` never blocks; when ``max_queue`` records are waiting, the new one is dropped, counted and logged.
+
+    With a ``spool`` (``monitor/spool.py``; the gateway always gives one), nothing the writer takes is lost to
+    an unavailable store: a batch the store does not take goes to the spool (fsync'd) at once, and so does
+    every later record and feedback while the spool is not empty, so order is kept; every
+    ``retry_interval_s`` the writer replays the spool, oldest first, and writes directly again once it is
+    empty. What a ``kill -9`` can lose is what sits in the in-memory queue: at most about
+    ``flush_interval_s`` of answered requests plus one write (measured in docs/benchmarks.md). Without a spool
+    a batch is tried 3 times and then lost (counted).
+
+    ``counts[(kind, outcome)]``: ``kind`` is ``request`` or ``feedback``; ``outcome`` is ``written``,
+    ``spooled``, ``replayed`` or ``dropped`` (the reason of each drop is logged).
     """
 
     batch_size = 500
-    retries = 3
+    retries = 3                # tries of a batch when there is no spool
+    replay_slice_s = 0.5       # replay at most this long before taking new records again
 
-    def __init__(self, log: RequestLog, *, max_queue: int = 10000, flush_interval_s: float = 0.2):
+    def __init__(self, log: RequestLog, *, spool=None, max_queue: int = 10000, flush_interval_s: float = 0.05,
+                 retry_interval_s: float = 1.0):
         self.log = log
+        self.spool = spool
         self.flush_interval_s = flush_interval_s
-        self.dropped = 0
-        self.failed = 0
+        self.retry_interval_s = retry_interval_s
+        self.counts: dict[tuple[str, str], int] = {}
+        self.store_error: str | None = None     # why the store is unavailable, while it is
+        self.store_down_since: float | None = None
+        self.last_lost_at: float | None = None
+        self._next_try = 0.0
         self._queue: queue.Queue[RequestRecord] = queue.Queue(maxsize=max_queue)
-        self._pending = 0  # submitted and not yet written (or given up on)
+        self._pending = 0  # submitted and not yet written, spooled or given up on
         self._cond = threading.Condition()
         self._flush_now = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tuneloop-request-log", daemon=True)
         self._thread.start()
 
+    # -- what the gateway calls --------------------------------------------------------------------------
+
     def submit(self, rec: RequestRecord) -> None:
         """Queue ``rec`` for writing; never blocks."""
         with self._cond:
             if self._closed:
-                self._drop("the recorder is closed")
+                self._lose("request", 1, "the recorder is closed")
                 return
             try:
                 self._queue.put_nowait(rec)
             except queue.Full:
-                self._drop(f"the queue is full ({self._queue.maxsize} records waiting)")
+                self._lose("request", 1, f"the queue is full ({self._queue.maxsize} records waiting)")
                 return
             self._pending += 1
 
-    def _drop(self, why: str) -> None:
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 1000 == 0:
-            log.warning("request log: dropped a record because %s (%d dropped so far); the database may be "
-                        "slow or unreachable", why, self.dropped)
+    def add_feedback(self, request_id: str, *, flush_timeout: float = 5.0, **kwargs) -> tuple[FeedbackRecord, bool | None]:
+        """Store feedback: ``(record, created)``, or ``(record, None)`` when it went to the spool (the store is
+        unavailable, or records spooled before it are not replayed yet); it is stored on replay, and dropped then
+        (counted) if its request id is unknown.
 
-    def add_feedback(self, request_id: str, *, flush_timeout: float = 5.0, **kwargs) -> tuple[FeedbackRecord, bool]:
-        """``RequestLog.add_feedback``, for feedback that may arrive before its request is written.
-
-        An id the log does not hold is retried once after a flush of what is queued (immediate when nothing
-        is); so a client that sends feedback right after its answer gets it stored, not a 404.
+        Raises ``ValueError`` for a bad value, :class:`UnknownRequest` when the store is up and holds no such
+        request even after a flush of the queue (a client that sends feedback right after its answer gets it
+        stored, not a 404), and :class:`RequestLogUnavailable` when it can be neither stored nor spooled.
         """
-        try:
-            return self.log.add_feedback(request_id, **kwargs)
-        except UnknownRequest:
-            pass
+        row = feedback_row(request_id, **kwargs)
+        for attempt in range(2):
+            if self._spooling():
+                break
+            try:
+                stored = self.log.store_feedback_row(row)
+                self._count("feedback", "written")
+                return stored
+            except UnknownRequest:
+                if attempt == 1:
+                    raise
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if not store_unavailable(exc):
+                    raise
+                if self.spool is None:
+                    self._lose("feedback", 1, f"the store is unavailable ({_why(exc)})")
+                    raise RequestLogUnavailable(f"the request log store is unavailable: {_why(exc)}") from exc
+                self._store_failed(exc)
+            self.flush(flush_timeout)  # the request may still be queued (or the queue must go to the spool first)
         self.flush(flush_timeout)
-        return self.log.add_feedback(request_id, **kwargs)
+        if not self._to_spool("feedback", [row]):
+            raise RequestLogUnavailable("the request log store is unavailable and the spool cannot take more "
+                                        "(see the gateway's log); send the feedback again later")
+        return _feedback_from_row(row), None
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything submitted so far is written; ``False`` if ``timeout`` passed first."""
+        """Wait until everything submitted so far is written or spooled; ``False`` if ``timeout`` passed first."""
         self._flush_now.set()
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -427,31 +529,67 @@ class AsyncRecorder:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued (up to ``timeout``) and stop the thread; later submits are dropped."""
+        """Write (or spool) what is queued, up to ``timeout``, and stop the thread; later submits are dropped.
+        What is still spooled stays on disk and is replayed by the next gateway that opens this spool."""
         with self._cond:
             self._closed = True
         self.flush(timeout)
         self._flush_now.set()
         self._thread.join(timeout=max(timeout, 1.0))
+        if self.spool is not None:
+            if not self.spool.empty:
+                log.warning("request log: %d records stay in the spool %s; the next gateway replays them",
+                            self.spool.records, self.spool.dir)
+            self.spool.close()
 
-    def _write_one_by_one(self, batch: list[RequestRecord]) -> None:
-        for rec in batch:
-            try:
-                self.log.record(rec)
-            except Exception as exc:  # noqa: BLE001 - the gateway must keep serving whatever the store does
-                self.failed += 1
-                log.error("request log: could not write request %s (%s: %s); it is lost",
-                          rec.request_id, type(exc).__name__, exc)
+    # -- state for /health, /metrics and the rollout analysis ----------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def dropped(self) -> int:
+        """Records lost for any reason (a full queue, a closed recorder, a full spool, a refused record)."""
+        return self.counts.get(("request", "dropped"), 0) + self.counts.get(("feedback", "dropped"), 0)
+
+    @property
+    def spooled_now(self) -> int:
+        return 0 if self.spool is None else self.spool.records
+
+    def incomplete(self) -> str | None:
+        """Why the store does not hold every record this gateway answered, or None when it does."""
+        parts = []
+        if self.spooled_now:
+            parts.append(f"{self.spooled_now} records are in this gateway's spool, not yet in the store")
+        if self.store_error:
+            parts.append(f"the store is unavailable ({self.store_error})")
+        return "; ".join(parts) or None
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok" | "degraded", "reasons": [...], "spooled": n, "lost": n}`` for ``GET /health``."""
+        reasons = []
+        if self.store_error:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.store_down_since or time.time()))
+            reasons.append(f"request log store unavailable since {since}: {self.store_error}")
+        if self.spooled_now:
+            reasons.append(f"{self.spooled_now} request log records spooled in {self.spool.dir}; they are replayed "
+                           "into the store when it takes writes again")
+        if self.last_lost_at is not None and time.time() - self.last_lost_at < LOST_RECENTLY_S:
+            reasons.append(f"{self.dropped} request log records lost since start, the last "
+                           f"{time.time() - self.last_lost_at:.0f} s ago (the gateway's log says why)")
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "spooled": self.spooled_now,
+                "lost": self.dropped}
+
+    # -- the writer thread ----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 if self._closed and self._pending == 0:
                     return
+            if self.spool is not None and not self.spool.empty and not self._closed:
+                self._replay()
             batch = self._next_batch()
             if batch:
                 self._write(batch)
@@ -476,20 +614,159 @@ class AsyncRecorder:
         return batch
 
     def _write(self, batch: list[RequestRecord]) -> None:
-        for attempt in range(1, self.retries + 1):
+        try:
+            rows = []
+            for rec in batch:
+                try:
+                    rows.append(request_row(rec))
+                except Exception as exc:  # noqa: BLE001 - one odd record must not sink its batch
+                    self._lose("request", 1, f"request {rec.request_id} could not be prepared ({type(exc).__name__}: {exc})")
+            if self._spooling():
+                self._to_spool("request", rows)
+            else:
+                self._to_store(rows)
+        finally:
+            with self._cond:
+                self._pending -= len(batch)
+                self._cond.notify_all()
+
+    def _spooling(self) -> bool:
+        """While the spool holds anything, new records go behind it (so the store gets them in order)."""
+        return self.spool is not None and not self.spool.empty
+
+    def _to_store(self, rows: list[dict[str, Any]]) -> None:
+        tries = 1 if self.spool is not None else self.retries
+        for attempt in range(1, tries + 1):
             try:
-                self.log.record_many(batch)
+                self.log.write_rows(rows)
+            except Exception as exc:  # noqa: BLE001 - the gateway must keep serving whatever the store does
+                if not store_unavailable(exc):
+                    self._write_one_by_one(rows)
+                    return
+                if self.spool is not None:
+                    self._store_failed(exc)
+                    self._to_spool("request", rows)
+                    return
+                if attempt == tries:
+                    self._lose("request", len(rows), f"the store failed {attempt} tries ({_why(exc)})")
+                    return
+                time.sleep(0.1 * 2 ** attempt)
+            else:
+                self._count("request", "written", len(rows))
+                self._store_ok()
+                return
+
+    def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        for i, row in enumerate(rows):
+            try:
+                self.log.write_rows([row])
+                self._count("request", "written")
+            except Exception as exc:  # noqa: BLE001
+                if store_unavailable(exc) and self.spool is not None:
+                    self._store_failed(exc)
+                    self._to_spool("request", rows[i:])
+                    return
+                self._lose("request", 1, f"the store refused request {row['request_id']} ({_why(exc)})")
+
+    def _to_spool(self, kind: str, rows: list[dict[str, Any]]) -> bool:
+        from tuneloop.monitor.spool import SpoolFull
+
+        if self.spool is None:
+            return False
+        try:
+            self.spool.append([{"kind": kind, "row": r} for r in rows])
+        except SpoolFull as exc:
+            self._lose(kind, len(rows), str(exc))
+            return False
+        except OSError as exc:
+            self._lose(kind, len(rows), f"the spool could not be written ({exc})")
+            return False
+        self._count(kind, "spooled", len(rows))
+        return True
+
+    def _replay(self) -> None:
+        if time.monotonic() < self._next_try:
+            return
+        started = time.monotonic()
+        while not self.spool.empty and time.monotonic() - started < self.replay_slice_s:
+            entries, cursor = self.spool.head(self.batch_size)
+            if not entries:
                 break
-            except sa.exc.OperationalError as exc:  # the store is unavailable or busy: retry, then give up
-                if attempt == self.retries:
-                    self.failed += len(batch)
-                    log.error("request log: could not write %d records after %d tries (%s); they are lost",
-                              len(batch), attempt, exc.orig)
-                else:
-                    time.sleep(0.1 * 2 ** attempt)
-            except Exception:  # noqa: BLE001 - a record the store refuses must not sink its whole batch
-                self._write_one_by_one(batch)
-                break
-        with self._cond:
-            self._pending -= len(batch)
-            self._cond.notify_all()
+            try:
+                done = self.log.replay(entries)
+            except Exception as exc:  # noqa: BLE001
+                if store_unavailable(exc):
+                    self._store_failed(exc)
+                    self._next_try = time.monotonic() + self.retry_interval_s
+                    return
+                done = self._replay_one_by_one(entries)
+                if done is None:
+                    return
+            self.spool.consume(cursor)
+            self._count("request", "replayed", done["request"])
+            self._count("feedback", "replayed", done["feedback"])
+            if done["unknown_request"]:
+                self._lose("feedback", done["unknown_request"], "it was sent during an outage on a request id the log "
+                           "does not hold")
+            if done["corrupt"]:
+                self._lose("request", done["corrupt"], "its spool line did not parse")
+        if self.spool.empty:
+            self._store_ok()
+
+    def _replay_one_by_one(self, entries: list[dict[str, Any]]) -> dict[str, int] | None:
+        """Replay entry by entry after a chunk was refused; None if the store went away meanwhile."""
+        total = {"request": 0, "feedback": 0, "unknown_request": 0, "corrupt": 0}
+        for entry in entries:
+            try:
+                done = self.log.replay([entry])
+            except Exception as exc:  # noqa: BLE001
+                if store_unavailable(exc):
+                    self._store_failed(exc)
+                    self._next_try = time.monotonic() + self.retry_interval_s
+                    return None
+                row = entry.get("row") or {}
+                self._lose(entry.get("kind", "request"), 1,
+                           f"the store refused spooled {entry.get('kind')} {row.get('request_id')} ({_why(exc)})")
+                continue
+            for k, v in done.items():
+                total[k] += v
+        return total
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------------
+
+    def _count(self, kind: str, outcome: str, n: int = 1) -> None:
+        if n:
+            self.counts[(kind, outcome)] = self.counts.get((kind, outcome), 0) + n
+
+    def _lose(self, kind: str, n: int, why: str) -> None:
+        before = self.dropped
+        self._count(kind, "dropped", n)
+        self.last_lost_at = time.time()
+        if before == 0 or before // 1000 != self.dropped // 1000 or n > 1:
+            log.error("request log: lost %d %s record(s) because %s (%d lost so far)", n, kind, why, self.dropped)
+
+    def _store_failed(self, exc: BaseException) -> None:
+        why = _why(exc)
+        if self.store_error is None:
+            self.store_down_since = time.time()
+            where = f"the spool {self.spool.dir}" if self.spool is not None else "nowhere (no spool)"
+            log.error("request log: the store is unavailable (%s); records go to %s and are replayed when it is "
+                      "back", why, where)
+        self.store_error = why
+
+    def _store_ok(self) -> None:
+        if self.store_error is not None and not self._spooling():
+            down = time.time() - (self.store_down_since or time.time())
+            log.warning("request log: the store takes writes again after %.1f s; the spool is replayed (%d records "
+                        "replayed so far, %d lost)", down, self.counts.get(("request", "replayed"), 0), self.dropped)
+            self.store_error, self.store_down_since = None, None
+
+
+def _why(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"{type(orig or exc).__name__}: {text[0] if text else ''}"
+
+
+def _feedback_from_row(row: dict[str, Any]) -> FeedbackRecord:
+    return FeedbackRecord(**{name: row.get(name) for name in _FEEDBACK_FIELDS})

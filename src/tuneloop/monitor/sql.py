@@ -32,6 +32,8 @@ from sqlalchemy.engine import Connection, Engine
 from tuneloop.errors import TuneloopError
 
 SCHEMA_VERSION = 1
+#: Seconds to wait for a PostgreSQL connection.
+CONNECT_TIMEOUT_S = 5
 #: ``n -> step`` upgrades a database from schema ``n`` to ``n + 1`` inside the schema transaction.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 # An arbitrary constant key for PostgreSQL's advisory lock around schema creation (replicas start at once).
@@ -151,7 +153,10 @@ def _postgres_engine(url: str) -> Engine:
         raise ImportError(
             "a PostgreSQL request log needs the psycopg driver: pip install 'tuneloop[postgres]'"
         ) from exc
-    return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+    # connect_timeout: an unreachable server fails a write in seconds (the recorder then spools), instead of
+    # holding the writer for the TCP timeout while the gateway's queue fills.
+    return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
+                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
 @contextmanager

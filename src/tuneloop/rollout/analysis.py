@@ -606,6 +606,16 @@ class CanaryAnalysis:
         return {mp.name: metric_stats(mp.name, self.state.metrics[mp.name], mp, self.policy, self.weight,
                                       self.state.canary_requests) for mp in self.policy.metrics}
 
+    def hold(self, reason: str, *, now: float) -> Decision:
+        """``continue`` with ``reason`` and the statistics as they stand, nothing observed (the evidence is not
+        whole yet); a finished analysis returns its final decision."""
+        st = self.state
+        if st.status != "running":
+            return Decision(**{**st.final, "metrics": self.stats()})
+        return Decision(action="continue", reason=reason, step=st.step, weight=self.weight,
+                        canary_requests=st.canary_requests, baseline_requests=st.baseline_requests, at=now,
+                        metrics=self.stats())
+
     def decide(self, *, now: float, had_traffic: bool = True) -> Decision:
         """The decision for the current state (see the module docstring for the order of the rules)."""
         stats = self.stats()

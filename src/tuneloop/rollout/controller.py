@@ -100,18 +100,26 @@ def start(reg: ModelRegistry, ref: str, *, policy: RolloutPolicy | dict | None =
 
 
 def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = None,
-         notifier: Notifier | None = None) -> Decision | None:
+         notifier: Notifier | None = None, incomplete: str | None = None) -> Decision | None:
     """One analysis step for ``model``'s running rollout; the decision, or None (no running rollout, or another
-    replica stored this step first). ``log`` is a ``RequestLog`` (``arm_counts`` and ``latencies``)."""
+    replica stored this step first). ``log`` is a ``RequestLog`` (``arm_counts`` and ``latencies``).
+
+    ``incomplete``: why the request log does not hold every answered request yet (the gateway's spool is not
+    replayed): then nothing is read or decided; the rollout holds, with that reason, until the log is whole.
+    """
     now = time.time() if now is None else now
     record = reg.get_rollout(model)
     if record is None or record["status"] != "running":
         return None
     analysis, cursor = load_state(record)
     rid = record["rollout_id"]
-    totals = log.arm_counts(model=model, rollout_id=rid)
-    latencies = new_latencies(log, model, rid, cursor) if "latency" in [m.name for m in analysis.policy.metrics] else None
-    decision = analysis.observe_totals(totals, now=now, latencies=latencies)
+    if incomplete:
+        decision = analysis.hold(f"hold: the request log is incomplete ({incomplete}); no decision on a partial log",
+                                 now=now)
+    else:
+        totals = log.arm_counts(model=model, rollout_id=rid)
+        latencies = new_latencies(log, model, rid, cursor) if "latency" in [m.name for m in analysis.policy.metrics] else None
+        decision = analysis.observe_totals(totals, now=now, latencies=latencies)
     recorded = mark_recorded(decision, cursor, now)
     status = STATUS_OF_ACTION[decision.action]
     try:
@@ -132,13 +140,13 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
 
 
 def tick_running(reg: ModelRegistry, log: ArmLog, *, now: float | None = None,
-                 notifier: Notifier | None = None) -> dict[str, Decision | None]:
+                 notifier: Notifier | None = None, incomplete: str | None = None) -> dict[str, Decision | None]:
     """:func:`tick` for every model with a running rollout (what each gateway replica calls every tick)."""
     out: dict[str, Decision | None] = {}
     for model in reg.models():
         record = reg.get_rollout(model)
         if record is not None and record["status"] == "running":
-            out[model] = tick(reg, log, model, now=now, notifier=notifier)
+            out[model] = tick(reg, log, model, now=now, notifier=notifier, incomplete=incomplete)
     return out
 
 

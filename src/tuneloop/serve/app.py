@@ -145,8 +145,12 @@ def add_openai_routes(app, gw: Gateway) -> None:
         if gw.request_log is None:
             raise APIError(503, "feedback needs the request log (serve.request_log); this gateway runs without one", code="no_request_log")
         record, created = await asyncio.to_thread(store_feedback, gw.request_log, gw.recorder, body)
+        if created is None:  # the store is unavailable: spooled, stored when it is back (monitor/spool.py)
+            return JSONResponse({"object": "feedback", "id": None, "request_id": record.request_id, "source": record.source,
+                                 "created": None, "status": "queued"}, status_code=202)
         return JSONResponse({"object": "feedback", "id": record.feedback_id, "request_id": record.request_id,
-                             "source": record.source, "created": created}, status_code=201 if created else 200)
+                             "source": record.source, "created": created, "status": "stored"},
+                            status_code=201 if created else 200)
 
 
 def add_operations_routes(app, gw: Gateway) -> None:
@@ -154,7 +158,15 @@ def add_operations_routes(app, gw: Gateway) -> None:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "backend": gw.backend.kind, "loaded": gw.backend.loaded()}
+        # 200 while the gateway serves; "degraded" (with reasons) while the request log is not whole (its store
+        # is unavailable and records wait in the spool, or records were lost lately): answers still flow.
+        out: dict[str, Any] = {"status": "ok", "backend": gw.backend.kind, "loaded": gw.backend.loaded()}
+        if gw.recorder is not None:
+            request_log = gw.recorder.health()
+            out["request_log"] = request_log
+            if request_log["status"] != "ok":
+                out["status"], out["reasons"] = "degraded", request_log["reasons"]
+        return out
 
     @app.get("/metrics")
     async def metrics_endpoint():
@@ -204,19 +216,24 @@ async def purge_periodically(request_log, retention_days: float, every_s: float 
 
 
 def store_feedback(request_log, recorder, body: FeedbackRequest):
-    from tuneloop.monitor.requestlog import UnknownRequest
+    """``(record, created)``; ``created`` is None when the feedback went to the spool (answered 202)."""
+    from tuneloop.monitor.requestlog import RequestLogUnavailable, UnknownRequest, store_unavailable
 
     kwargs = dict(source=body.source, rating=body.rating, score=body.score, correction=body.correction, comment=body.comment)
-    for attempt in range(2):
-        try:
-            return request_log.add_feedback(body.request_id, **kwargs)
-        except UnknownRequest:
-            if attempt == 0 and recorder is not None:
-                recorder.flush(timeout=2.0)  # the request may still be in the recorder's queue
-                continue
-            raise APIError(404, f"no request with id {body.request_id!r} in the request log", code="request_not_found",
-                           param="request_id") from None
-    raise AssertionError("unreachable")
+    try:
+        if recorder is not None:  # it flushes its queue before a 404, and spools while the store is unavailable
+            return recorder.add_feedback(body.request_id, flush_timeout=2.0, **kwargs)
+        return request_log.add_feedback(body.request_id, **kwargs)
+    except UnknownRequest:
+        raise APIError(404, f"no request with id {body.request_id!r} in the request log", code="request_not_found",
+                       param="request_id") from None
+    except RequestLogUnavailable as exc:
+        raise APIError(503, f"{exc}", code="request_log_unavailable") from None
+    except Exception as exc:
+        if store_unavailable(exc):
+            raise APIError(503, "the request log store is unavailable; send the feedback again later",
+                           code="request_log_unavailable") from None
+        raise
 
 
 def model_card(v: dict[str, Any], model_id: str) -> dict[str, Any]:

@@ -59,10 +59,13 @@ async def run_tick(gw) -> dict:
     from tuneloop.rollout import controller
 
     try:
+        incomplete = None
         if gw.recorder is not None:
-            await asyncio.to_thread(gw.recorder.flush, 5.0)
+            flushed = await asyncio.to_thread(gw.recorder.flush, 5.0)
+            incomplete = gw.recorder.incomplete() or (None if flushed else "the request recorder's queue did not "
+                                                      "drain in 5 s")
         decisions = await asyncio.to_thread(controller.tick_running, gw.router.registry, gw.request_log,
-                                            notifier=gw.notifier)
+                                            notifier=gw.notifier, incomplete=incomplete)
     except Exception:  # a tick that failed (database down) is tried again next time; serving goes on
         log.exception("rollout tick failed")
         return {}

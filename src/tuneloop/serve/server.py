@@ -87,7 +87,8 @@ def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None
     from tuneloop.monitor.requestlog import default_log_url
 
     log_url = sc.request_log or default_log_url(workspace_root)
-    request_log, recorder, metrics = open_monitoring(log_url)
+    request_log, recorder, metrics = open_monitoring(log_url, spool_dir=workspace_root / "spool" / "request-log",
+                                                     spool_max_bytes=int(sc.request_log_spool_mb * 2**20))
     backend = make_backend(sc, reg, workspace_root, metrics)
     if preload is None:
         preload = sc.preload or [f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()]
@@ -129,13 +130,22 @@ def make_backend(sc, reg, workspace_root: Path, metrics):
                         default_max_tokens=sc.default_max_tokens, probes=sc.probes, queue_depth=depth)
 
 
-def open_monitoring(url: str):
-    """(request log, recorder, metrics) from tuneloop.monitor (the app purges the log by age, hourly)."""
+def open_monitoring(url: str, *, spool_dir: Path | None = None, spool_max_bytes: int = 2**30):
+    """(request log, recorder, metrics) from tuneloop.monitor (the app purges the log by age, hourly). With
+    ``spool_dir``, records wait there while the store is unavailable (``monitor/spool.py``); what an earlier
+    gateway left there is replayed first."""
     from tuneloop.monitor.metrics import GatewayMetrics
     from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log
+    from tuneloop.monitor.spool import open_spool
 
     request_log = open_request_log(url)
-    return request_log, AsyncRecorder(request_log), GatewayMetrics()
+    spool = open_spool(spool_dir, max_bytes=spool_max_bytes) if spool_dir is not None else None
+    if spool is not None and not spool.empty:
+        log.info("request log: %d records left in the spool %s by an earlier gateway; replaying them", spool.records, spool.dir)
+    recorder = AsyncRecorder(request_log, spool=spool)
+    metrics = GatewayMetrics()
+    metrics.watch_request_log(recorder)
+    return request_log, recorder, metrics
 
 
 def http_stack() -> dict[str, str]:
