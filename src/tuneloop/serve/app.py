@@ -58,6 +58,7 @@ class Gateway:
     metrics: Any = None      # GatewayMetrics
     request_log: Any = None  # RequestLog (feedback, rollout analysis)
     notifier: Any = None     # rollout.notify.Notifier for rollout decisions
+    shutting_down: bool = False  # serve.shutdown_grace_s ran out (serve/server.py): open calls end with 503
 
     @property
     def rec(self) -> Recorder:

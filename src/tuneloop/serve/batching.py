@@ -9,7 +9,11 @@ own and their cache is merged into the running one, left-padded, so a new reques
 longest running one to finish.
 
 Entry points: :class:`BatchEngine` (``submit``, ``start``, ``stop``), :class:`GenJob`, :class:`SamplingParams`,
-:class:`QueueFull`. Events go to each job's ``emit`` callback from the worker thread.
+:class:`QueueFull`, :class:`EngineStopped`. Events go to each job's ``emit`` callback from the worker thread.
+
+Shutdown past the grace period: :meth:`BatchEngine.abort` ends every waiting and running job at once with a
+:class:`StoppedEvent` and refuses new jobs with :class:`EngineStopped`; the gateway answers both with 503
+``shutting_down`` (``serve/server.py``, ``serve/backends/textgen.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ BASE_ADAPTER = None  # jobs for the base weights (or a full model) carry adapter
 
 class QueueFull(Exception):
     """The engine's queue holds ``max_queue`` jobs; the caller answers 429."""
+
+
+class EngineStopped(Exception):
+    """The engine takes no more jobs (:meth:`BatchEngine.abort`: the gateway is shutting down past its grace
+    period); the caller answers 503."""
 
 
 @dataclass
@@ -67,6 +76,13 @@ class DoneEvent:
 @dataclass
 class ErrorEvent:
     message: str
+
+
+@dataclass
+class StoppedEvent:
+    """The engine ended this job unfinished (:meth:`BatchEngine.abort`); ``reason`` says why."""
+
+    reason: str
 
 
 @dataclass
@@ -174,10 +190,13 @@ class BatchEngine:
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
         self.batch_jobs: list[GenJob] = []  # every job of the running batch (for error reports)
         self.draining = threading.Event()  # set while someone waits for model_lock: running batches stop taking joiners
+        self.stopped: str | None = None  # abort()'s reason: every job gets a StoppedEvent, submit raises EngineStopped
 
     # ---------------------------------------------------------------------------------- queue
     def submit(self, job: GenJob) -> None:
         with self.cond:
+            if self.stopped is not None:
+                raise EngineStopped(f"{self.name}: {self.stopped}")
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{self.name}: {len(self.queue)} requests are waiting (serve.max_queue={self.max_queue})")
             self.queue.append(job)
@@ -201,6 +220,24 @@ class BatchEngine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
+
+    def abort(self, reason: str) -> int:
+        """End every waiting and running job now with a :class:`StoppedEvent` and refuse new ones
+        (:class:`EngineStopped`): the gateway's shutdown past ``serve.shutdown_grace_s``. The event is emitted
+        before the job is cancelled, so its reader sees it before any ``DoneEvent("cancelled")``; a running row
+        leaves its batch at the next step. Returns how many jobs were ended (the worker runs on until
+        :meth:`stop`)."""
+        with self.cond:
+            self.stopped = reason
+            ended = list(self.queue)
+            self.queue.clear()
+            self.on_queue_depth(0)
+            self.cond.notify_all()
+        ended += [job for job in list(self.batch_jobs) if not job.cancelled.is_set()]
+        for job in ended:
+            job.emit(StoppedEvent(reason))
+            job.cancel()
+        return len(ended)
 
     @contextlib.contextmanager
     def exclusive(self):
@@ -345,6 +382,9 @@ class BatchEngine:
         greedy = torch.argmax(logits, dim=-1).tolist()  # one call for every greedy row
         for i, r in enumerate(rows):
             job = r.job
+            if self.stopped is not None and not job.cancelled.is_set():  # taken just before abort() cleared the queue
+                job.emit(StoppedEvent(self.stopped))
+                job.cancel()
             if job.cancelled.is_set():
                 self.cancelled_rows += 1
                 job.emit(DoneEvent("cancelled"))
@@ -451,9 +491,9 @@ def generate_sync(engine: BatchEngine, prompts: list[list[int]], *, max_tokens: 
         def emit(ev: Any) -> None:
             if isinstance(ev, TokenEvent):
                 outs[i].append(ev.token_id)
-            elif isinstance(ev, (DoneEvent, ErrorEvent)):
-                if isinstance(ev, ErrorEvent):
-                    errors.append(ev.message)
+            elif isinstance(ev, (DoneEvent, ErrorEvent, StoppedEvent)):
+                if isinstance(ev, (ErrorEvent, StoppedEvent)):
+                    errors.append(ev.message if isinstance(ev, ErrorEvent) else ev.reason)
                 done[i].set()
         return emit
 

@@ -9,6 +9,12 @@ and response layers cost about as much CPU per request as the rest of the gatewa
 A client that disconnects cancels its call (and so its generation): a watcher task waits on ``receive`` for
 ``http.disconnect`` and cancels the task serving the request; the request is logged with status 499.
 
+Shutdown past ``serve.shutdown_grace_s`` (``serve/server.py``): the gateway sets ``gw.shutting_down`` and the
+backend ends its queued and running generations; those calls answer 503 ``shutting_down`` with ``Retry-After``
+(a stream that had started ends with that error as its last event, then ``data: [DONE]``, as vLLM ends a
+stream that fails) and are logged with status 503. A call uvicorn cancels after that (an upstream call still
+open) is answered and logged the same way; only a cancel by :class:`DisconnectWatch` is a client disconnect (499).
+
 A canary request that fails before its first byte (an exception in the backend, a 5xx) is logged as a failed
 canary attempt (request id ``<id>.canary``) and answered by the baseline, so clients never see the canary's
 failures while the analysis still counts them.
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneloop.serve.backends import CallContext, Route
-from tuneloop.serve.errors import APIError, ClientGone, error_body, scrub_paths
+from tuneloop.serve.errors import APIError, ClientGone, error_body, is_shutting_down, scrub_paths, shutting_down
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, parse_body, read_body
 
@@ -78,6 +84,7 @@ async def serve_call(gw, scope, receive, send) -> None:
     rec = gw.rec
     watch = DisconnectWatch()
     streaming = False  # once the stream's headers went out, nothing else may start a response
+    answered = False   # the 200 of a plain call has started
     try:
         body = parse_body(await read_body(receive, gw.settings.max_body_bytes), SCHEMAS[endpoint],
                           max_bytes=gw.settings.max_body_bytes)
@@ -91,12 +98,14 @@ async def serve_call(gw, scope, receive, send) -> None:
             watch.stop()  # from here a disconnect costs nothing: the server drops what is sent to a gone client
             obs.take_body(first)
             obs.first_token()
+            answered = True
             await send_json(send, 200, first)
             rec.finish(obs)
             return
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streaming = True
-        await send_events(send, first, stream, obs, rec, include_usage, watch)
+        await send_events(send, first, stream, obs, rec, include_usage, watch,
+                          server_ended=lambda: bool(getattr(gw, "shutting_down", False)))
     except APIError as exc:
         watch.stop()
         obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
@@ -107,7 +116,15 @@ async def serve_call(gw, scope, receive, send) -> None:
         rec.finish(obs)
     except asyncio.CancelledError:
         if not watch.fired:
-            raise
+            if not getattr(gw, "shutting_down", False) or streaming or answered:
+                raise
+            # uvicorn cancels what is still open after the grace and its end (serve/server.py): a 503, not a 500
+            uncancel_current()
+            exc = shutting_down()
+            obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+            rec.finish(obs)
+            await send_json(send, exc.status, exc.body(), exc.headers)
+            return
         watch.uncancel()  # our own cancel (the client left): the request ends here, logged by send_events or now
         if obs.status != 499:
             obs.status, obs.error = 499, "client disconnected"
@@ -125,6 +142,13 @@ async def serve_call(gw, scope, receive, send) -> None:
                                               code="internal_error"))
     finally:
         watch.stop()
+
+
+def uncancel_current() -> None:
+    """Take back the cancel the current task got (Python 3.11+): it handled it and ends with its last sends."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 class DisconnectWatch:
@@ -179,7 +203,8 @@ async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str,
     try:
         return await call_backend(gw, state, obs.route, endpoint, body, watch)
     except Exception as exc:
-        if obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500):
+        if (obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500)
+                or is_shutting_down(exc)):  # the gateway's shutdown is not the canary's failure
             raise
         gw.rec.finish(failed_canary_attempt(obs, exc))
         log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
@@ -214,10 +239,12 @@ async def send_json(send, status: int, obj: Any, headers: dict[str, str] | None 
 
 
 async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec: Recorder, include_usage: bool,
-                      watch: DisconnectWatch) -> None:
+                      watch: DisconnectWatch, server_ended=lambda: False) -> None:
     """The stream as server-sent events ending in ``data: [DONE]``; an error after the first byte becomes an error
     event (never an unterminated stream). The usage-only chunk is sent when the client asked for it. ``watch``
-    cancels this while the stream runs, if the client leaves; it is stopped before the last event."""
+    cancels this while the stream runs, if the client leaves; it is stopped before the last event. A cancel that
+    is not the watch's while ``server_ended()`` (the gateway shutting down past its grace) ends the stream with
+    the 503 ``shutting_down`` error event and ``[DONE]``."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     try:
         chunk: dict[str, Any] | None = first
@@ -230,11 +257,18 @@ async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec
         obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
         await send({"type": "http.response.body", "body": b"data: " + dumps(exc.body()) + b"\n\n", "more_body": True})
     except asyncio.CancelledError:
-        obs.status, obs.error = 499, "client disconnected mid-stream"
-        rec.finish(obs)
+        if watch.fired or not server_ended():
+            obs.status, obs.error = 499, "client disconnected mid-stream"
+            rec.finish(obs)
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # ends the generation or the upstream read
+            raise
+        uncancel_current()  # uvicorn ended the stream past the grace: say so to the client, then [DONE]
+        exc = shutting_down()
+        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
         with contextlib.suppress(Exception):
-            await stream.aclose()  # ends the generation or the upstream read
-        raise
+            await stream.aclose()
+        await send({"type": "http.response.body", "body": b"data: " + dumps(exc.body()) + b"\n\n", "more_body": True})
     except Exception as exc:
         log.exception("stream failed")
         obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"

@@ -46,6 +46,23 @@ class ClientGone(Exception):
     """The client disconnected before its answer was sent (logged as status 499; nothing is sent)."""
 
 
+SHUTTING_DOWN = "shutting_down"
+SHUTDOWN_RETRY_AFTER_S = 5
+
+
+def shutting_down() -> APIError:
+    """503 ``shutting_down`` (with ``Retry-After``) for a call the gateway ends unanswered because it is shutting
+    down and ``serve.shutdown_grace_s`` ran out: still queued, generating, or streaming (then as the stream's
+    last event). The request log records it with status 503 and this message, never as a client disconnect."""
+    return APIError(503, "server shutting down: the gateway stopped before this request finished "
+                    "(serve.shutdown_grace_s ran out); retry it, on another replica or once the gateway is back",
+                    code=SHUTTING_DOWN, headers={"retry-after": str(SHUTDOWN_RETRY_AFTER_S)})
+
+
+def is_shutting_down(exc: BaseException) -> bool:
+    return isinstance(exc, APIError) and exc.code == SHUTTING_DOWN
+
+
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None, type_: str | None = None) -> dict:
     return {"error": {"message": scrub_paths(message), "type": type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                       "param": param, "code": code}}

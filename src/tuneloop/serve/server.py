@@ -4,6 +4,14 @@ server for the demo and tests.
 Entry points: :func:`serve` (what ``tuneloop serve`` calls), :func:`build_gateway` (config -> app),
 :func:`check_bind` (port and address checks, :class:`~tuneloop.errors.InputError` with one clear line),
 :func:`http_stack` (the HTTP parser and event loop uvicorn runs on), :class:`BackgroundServer`.
+
+Shutdown (SIGTERM, SIGINT): uvicorn stops accepting connections and lets the requests in flight finish for
+``serve.shutdown_grace_s``. When the grace runs out, :func:`end_grace` marks the gateway as shutting down and
+the backend ends every queued and running generation (``BatchEngine.abort``): each of those calls answers 503
+``shutting_down`` with ``Retry-After`` and ``x-request-id`` (a stream that had started gets that error as its
+last event, then ``data: [DONE]``) and is logged with status 503. :data:`END_OF_GRACE_S` later uvicorn cancels
+whatever is still open (an upstream call); the gateway answers those the same way (``serve/calls.py``). Then the
+app's lifespan closes the backend and flushes the request log.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from typing import Any
 from tuneloop.errors import ConfigError, InputError
 
 log = logging.getLogger("tuneloop.serve")
+
+#: After ``serve.shutdown_grace_s``: how long the calls ended with 503 get to send it before uvicorn cancels the rest.
+END_OF_GRACE_S = 2.0
 
 
 def is_loopback(host: str) -> bool:
@@ -189,23 +200,60 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
         log.warning("httptools is not installed: serving with the slower pure-Python h11 parser (pip install httptools)")
     # keep-alive longer than uvicorn's 5 s: a client (or load balancer) that reuses an idle connection just as the
     # server closes it sees a reset; 75 s outlasts the usual proxy idle timeouts (60 s)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=sc.shutdown_grace_s,
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=sc.shutdown_grace_s + END_OF_GRACE_S,
                             access_log=False, timeout_keep_alive=75, **stack)
-    server = GracefulServer(config)
+    server = GracefulServer(config, grace_s=sc.shutdown_grace_s)
     server.run()
     if not server.started:
         raise InputError(f"the gateway could not start on {host}:{port}; see the messages above")
     return 0
 
 
+async def end_grace(app) -> int:
+    """``serve.shutdown_grace_s`` ran out: mark the gateway as shutting down and have its backend end every queued
+    and running generation (their calls answer 503 ``shutting_down``); returns how many were ended."""
+    gw = getattr(getattr(app, "state", None), "gateway", None)
+    if gw is None:
+        return 0
+    gw.shutting_down = True
+    abort = getattr(gw.backend, "abort", None)
+    ended = abort("the gateway is shutting down (serve.shutdown_grace_s ran out)") if abort is not None else 0
+    log.warning("shutdown grace period over: %d queued or running generation(s) end with 503 shutting_down; "
+                "calls still open in %.0f s are ended the same way", ended, END_OF_GRACE_S)
+    return ended
+
+
 def graceful_server_class():
-    """uvicorn's Server, but a handled SIGTERM/SIGINT ends with exit 0 instead of re-raising the signal."""
+    """uvicorn's Server, but a handled SIGTERM/SIGINT ends with exit 0 instead of re-raising the signal, and the
+    end of the grace period ends the gateway's open calls with 503 (:func:`end_grace`) before uvicorn cancels
+    them (its ``timeout_graceful_shutdown`` is the grace plus :data:`END_OF_GRACE_S`)."""
+    import asyncio
     import contextlib
     import signal
 
     import uvicorn
 
     class _GracefulServer(uvicorn.Server):
+        def __init__(self, config, grace_s: float | None = None):
+            super().__init__(config)
+            self.grace_s = grace_s
+
+        async def shutdown(self, sockets=None):
+            ender = None
+            if self.grace_s is not None:
+                ender = asyncio.get_running_loop().create_task(self.end_grace_after(self.grace_s))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if ender is not None:
+                    ender.cancel()
+
+        async def end_grace_after(self, grace_s: float) -> None:
+            await asyncio.sleep(grace_s)
+            if self.server_state.tasks:  # requests still open: end them with 503 rather than have them cancelled
+                await end_grace(self.config.app)
+
         @contextlib.contextmanager
         def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():
@@ -221,8 +269,8 @@ def graceful_server_class():
     return _GracefulServer
 
 
-def GracefulServer(config):  # noqa: N802 - reads like the class it builds
-    return graceful_server_class()(config)
+def GracefulServer(config, grace_s: float | None = None):  # noqa: N802 - reads like the class it builds
+    return graceful_server_class()(config, grace_s)
 
 
 class BackgroundServer:
@@ -236,8 +284,9 @@ class BackgroundServer:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=grace_s, **http_stack()))
+        self.server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=grace_s + END_OF_GRACE_S, **http_stack()),
+                                     grace_s=grace_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

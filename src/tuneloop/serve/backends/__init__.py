@@ -70,3 +70,6 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # optional: ``abort(reason) -> int`` ends every queued and running generation at once (shutdown past
+    # ``serve.shutdown_grace_s``); the local backend has it, a backend without it has its calls cancelled instead

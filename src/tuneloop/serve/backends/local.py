@@ -147,6 +147,11 @@ class LocalBackend:
                  "probes": lv.probe, "queue_depth": lv.engine.queue_depth(), "batching": lv.engine.stats()}
                 for lv in self.versions.values()]
 
+    def abort(self, reason: str) -> int:
+        """Shutdown past ``serve.shutdown_grace_s``: every engine ends its waiting and running jobs now (their
+        calls answer 503 ``shutting_down``) and takes no new ones; returns how many jobs were ended."""
+        return sum(engine.abort(reason) for engine in list(self.engines.values()))
+
     async def close(self) -> None:
         for engine in list(self.engines.values()):
             await asyncio.to_thread(engine.stop)

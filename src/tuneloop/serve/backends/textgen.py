@@ -15,9 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from tuneloop.serve.batching import (BatchEngine, DoneEvent, ErrorEvent, GenJob, PromptLogprobs, QueueFull,
-                                     SamplingParams, TokenEvent)
-from tuneloop.serve.errors import APIError, bad_request
+from tuneloop.serve.batching import (BatchEngine, DoneEvent, EngineStopped, ErrorEvent, GenJob, PromptLogprobs, QueueFull,
+                                     SamplingParams, StoppedEvent, TokenEvent)
+from tuneloop.serve.errors import APIError, bad_request, shutting_down
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
     def emitter(ch: Choice):
         def emit(ev: Any) -> None:
             events.append((ch, ev))
-            if per_token or isinstance(ev, (DoneEvent, ErrorEvent)):
+            if per_token or isinstance(ev, (DoneEvent, ErrorEvent, StoppedEvent)):
                 loop.call_soon_threadsafe(wake.set)
         return emit
 
@@ -123,6 +123,10 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
             job.cancel()
         raise APIError(429, f"the gateway is at capacity ({exc}); retry shortly", code="rate_limit_exceeded",
                        headers={"retry-after": "1"}) from None
+    except EngineStopped:  # the gateway is shutting down past its grace period
+        for job in jobs:
+            job.cancel()
+        raise shutting_down() from None
     return _progress(events, wake, dict(zip([c.index for c in choices], jobs)))
 
 
@@ -142,6 +146,8 @@ async def _progress(events: deque, wake: asyncio.Event, open_jobs: dict[int, Gen
                     raise APIError(500, ev.message, code="generation_failed")
                 elif ch.index not in open_jobs:
                     continue
+                elif isinstance(ev, StoppedEvent):  # BatchEngine.abort: shutdown past serve.shutdown_grace_s
+                    raise shutting_down()
                 elif isinstance(ev, DoneEvent):
                     ch.finish_reason = ch.finish_reason or ev.finish_reason
                     ch.stop_token = ev.stop_token
