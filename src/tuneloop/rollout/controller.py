@@ -133,6 +133,8 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
         return None
     except IntegrityError as exc:  # the candidate's bytes changed since it was registered: never promote it
         return refuse_corrupt_candidate(reg, record, analysis, cursor, decision, exc, notifier, now)
+    if recorded:  # every step, promote and rollback; a hold when its reason's kind changes, else once a minute
+        logger.info("rollout %s: %s", rid, decision_message(new, decision))
     if decision.action != "continue":
         announce(notifier, {"step_up": "step", "promote": "promote", "rollback": "rollback"}[decision.action], new,
                  decision, decision_message(new, decision))
@@ -210,6 +212,7 @@ def refuse_corrupt_candidate(reg: ModelRegistry, record: dict, analysis: CanaryA
                                  decision=rollback.to_dict(), actor=CONTROLLER_ACTOR, reason=rollback.reason)
     except RolloutConflict:
         return None
+    logger.info("rollout %s: %s", record["rollout_id"], decision_message(new, rollback))
     announce(notifier, "rollback", new, rollback, decision_message(new, rollback))
     return rollback
 
@@ -274,7 +277,8 @@ def mark_recorded(decision: Decision, cursor: dict, now: float) -> bool:
 
 def decision_message(record: dict, decision: Decision) -> str:
     where = {"step_up": f"stepped up to {record['weight']:.0%}", "promote": f"promoted to champion over {record['baseline']}",
-             "rollback": f"rolled back; {record['baseline']} stays champion"}.get(decision.action, decision.action)
+             "rollback": f"rolled back; {record['baseline']} stays champion",
+             "continue": f"holds at {record['weight']:.0%}"}.get(decision.action, decision.action)
     if record["status"] == "aborted":
         where = f"aborted; {record['baseline']} stays champion"
     return (f"{record['candidate']} {where} after {decision.canary_requests} canary / {decision.baseline_requests} "

@@ -158,7 +158,7 @@ def add_operations_routes(app, gw: Gateway) -> None:
     from fastapi.responses import Response
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
         # 200 while the gateway serves; "degraded" (with reasons) while the request log is not whole (its store
         # is unavailable and records wait in the spool, or records were lost lately): answers still flow.
         out: dict[str, Any] = {"status": "ok", "backend": gw.backend.kind, "loaded": gw.backend.loaded()}
@@ -167,6 +167,8 @@ def add_operations_routes(app, gw: Gateway) -> None:
             out["request_log"] = request_log
             if request_log["status"] != "ok":
                 out["status"], out["reasons"] = "degraded", request_log["reasons"]
+        if gw.settings.api_keys and not has_key(request, gw.settings):
+            return public_health(out)  # no key: what a health check needs, not the versions and their digests
         return out
 
     @app.get("/metrics")
@@ -309,6 +311,18 @@ class GatewayMiddleware:
             return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
                             "key list (serve.api_keys_env)", code="invalid_api_key")
         return None
+
+
+def has_key(request: Request, s: GatewaySettings) -> bool:
+    """Whether the request carries a valid API key (or the admin token)."""
+    token = bearer(request.headers.get("authorization", ""))
+    return bool(token) and constant_time_in(token, s.api_keys | ({s.admin_token} if s.admin_token else set()))
+
+
+def public_health(full: dict[str, Any]) -> dict[str, Any]:
+    """``GET /health`` without an API key when keys are set: the status and how many versions are loaded; the
+    versions, their artifact digests and the reasons of a ``degraded`` status need a key."""
+    return {"status": full["status"], "versions_loaded": len(full.get("loaded") or [])}
 
 
 def bearer(value: str) -> str | None:

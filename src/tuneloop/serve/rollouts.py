@@ -71,9 +71,7 @@ async def run_tick(gw) -> dict:
         return {}
     for model, decision in decisions.items():
         if decision is None or decision.action != "continue":  # changed here or by another replica: at once
-            gw.router.invalidate(model)
-        if decision is not None and decision.action != "continue":
-            log.info("rollout of %s: %s (%s)", model, decision.action, decision.reason)
+            gw.router.invalidate(model)  # (each decision is logged at INFO by rollout.controller.tick)
     await asyncio.to_thread(note_candidates, gw, decisions)  # reads the registry: never on the event loop
     return decisions
 

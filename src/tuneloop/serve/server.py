@@ -190,6 +190,7 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
     sc = cfg.serve if cfg is not None else ServeConfig()
     host, port = host or sc.host, port if port is not None else sc.port
     check_bind(host, port, api_keys=read_keys(sc.api_keys_env), insecure=sc.insecure, api_keys_env=sc.api_keys_env)
+    configure_logging()
     app = build_gateway(cfg, root)
     stack = http_stack()
     log.info("HTTP stack: %s parser, %s event loop", stack["http"], stack["loop"])
@@ -222,6 +223,22 @@ async def end_grace(app) -> int:
     log.warning("shutdown grace period over: %d queued or running generation(s) end with 503 shutting_down; "
                 "calls still open in %.0f s are ended the same way", ended, END_OF_GRACE_S)
     return ended
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The gateway's own lines (``tuneloop.*``: versions loaded, each rollout decision, the shutdown) on stderr at
+    INFO, formatted like uvicorn's. A program that configured logging itself (handlers on the root or the
+    ``tuneloop`` logger) keeps its handlers; the ``tuneloop`` logger only gets INFO if it had no level."""
+    logger = logging.getLogger("tuneloop")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(level)
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logger.addHandler(handler)
 
 
 def graceful_server_class():
