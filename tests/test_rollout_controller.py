@@ -279,3 +279,21 @@ def test_rollout_start_takes_the_policy_from_the_config(ws, tmp_path):
     assert started["weight"] == 0.1 and started["policy"]["weights"] == [0.1, 0.3, 1.0]
     assert [m["name"] for m in started["policy"]["metrics"]] == ["errors"] and "state_json" not in started
     assert started["reason"] == "from CI"
+
+
+def test_an_incomplete_request_log_holds_the_rollout_and_nothing_is_decided_on_it(ws):
+    """While the gateway's spool holds records not yet in the store, a bad canary is not rolled back (nor a good one
+    stepped up) on the partial log: the rollout holds with the reason; once the log is whole, the decision comes."""
+    reg, log = ws
+    controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=1000.0)
+    rollout = reg.get_rollout("support-bot")
+    traffic(log, rollout, 1200, t0=1001.0, err={"baseline": 0.01, "canary": 0.3}, neg={"baseline": 0.1, "canary": 0.1},
+            rng=random.Random(1))
+    why = "57 records are in this gateway's spool, not yet in the store"
+    held = controller.tick_running(reg, log, now=1010.0, incomplete=why)["support-bot"]
+    assert held.action == "continue" and why in held.reason and "no decision on a partial log" in held.reason
+    record = reg.get_rollout("support-bot")
+    assert record["status"] == "running" and record["last_decision"]["reason"] == held.reason
+    assert controller.load_state(record)[0].state.canary_requests == 0  # nothing was read
+    decided = controller.tick_running(reg, log, now=1020.0)["support-bot"]
+    assert decided.action == "rollback" and decided.canary_requests > 0
