@@ -61,6 +61,7 @@ class FineTunePipeline:
         self.specs: tuple[StageSpec, ...] = tuple(s for s in STAGES if s.enabled(self.cfg))
         self.warnings: list[str] = []  # from preflight(): gates that only a large effect decides
         self.stages = [s.stage for s in self.specs]
+        self.lock_waits: dict[PipelineStage, str] = {}  # a stage whose lock another run held: what came of the wait
 
     # -------------------------------------------------------------------------------------------- checks
 
@@ -158,6 +159,8 @@ class FineTunePipeline:
             _detach_log(handler)
         style = {"passed": "green", "failed": "red"}.get(res.status, "yellow")
         note = " (cached)" if res.cached else ""
+        if stage in self.lock_waits:
+            note = f" ({self.lock_waits.pop(stage)})"
         self.console.print(f"  [{style}]{res.status}[/]{note} in {res.duration_s:.1f}s" + (f": {res.error}" if res.error else ""))
         return result, key
 
@@ -200,13 +203,26 @@ class FineTunePipeline:
         key = sha256_json({"stage": stage.value, "inputs": inputs, "code": code_version()})[:32]
         d = self.ws.stage_cache(stage.value, key)
         marker = d / "result.json"
-        with self.ws.lock(f"{stage.value}/{key}"):
+        waiting: list[float] = []
+
+        def on_wait() -> None:  # another run (same stage inputs) holds the lock: say so before blocking
+            waiting.append(time.perf_counter())
+            self.console.print(f"  waiting for another run that is doing this {stage.value} stage (it holds the "
+                               "stage's lock in the workspace)" + ("; its result will be reused" if self.use_cache else "") + " ...")
+
+        with self.ws.lock(f"{stage.value}/{key}", on_wait=on_wait):
+            waited = f"{time.perf_counter() - waiting[0]:.1f}s" if waiting else ""
             if self.use_cache and marker.is_file():
                 r = read_json(marker)
                 old, new = r.get("workspace"), str(self.ws.root)
                 if old and old != new:  # a copied or moved workspace: its paths are under the new root
                     r = relocate(r, old, new)
+                if waited:
+                    self.lock_waits[stage] = f"cached: waited {waited} for the other run and reused its result"
                 return CacheEntry(key, r["metrics"], r["outputs"], True)
+            if waited:
+                self.lock_waits[stage] = f"waited {waited} for another run; " + (
+                    "it left no result, so this run did the work" if self.use_cache else "done again here (--no-cache)")
             if not self.use_cache and d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True, exist_ok=True)

@@ -519,9 +519,14 @@ def deployment(ctx: StageContext, registered: RegisteredVersion) -> Deployment:
     current = reg.get_alias(c.model_name, alias)
     if current != registered.version:
         reg.promote(c.model_name, registered.version, alias=alias, reason=f"auto_deploy in run {ctx.run_id}")
+        previous = current
+    else:  # deployed already (an earlier run, or the one this run waited for): the registry's previous version
+        from tuneloop.registry.db import previous_alias
+
+        previous = reg.get_alias(c.model_name, previous_alias(alias))
     ref = f"{c.model_name}@{alias}"
     outputs = {"ref": ref, "serve": f"tuneloop serve {ctx.config_path or ''}".strip()}
-    metrics = {"alias": alias, "version": registered.version, "previous": current}
+    metrics = {"alias": alias, "version": registered.version, "previous": previous}
     return Deployment(Outcome(None, metrics, outputs, current == registered.version), alias, ref)
 
 

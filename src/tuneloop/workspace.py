@@ -19,7 +19,7 @@ import hashlib
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import pid_alive, utcnow  # noqa: F401 (kept importable here)
@@ -72,12 +72,18 @@ class Workspace:
         return self.cache_dir / stage / key
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """An exclusive advisory lock (released by the OS if the process dies)."""
+    def lock(self, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """An exclusive advisory lock (released by the OS if the process dies). ``on_wait`` is called once, before
+        blocking, when someone else (another run) holds it."""
         path = self.root / "locks" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:
