@@ -16,7 +16,8 @@ process), so the figures are the gateway's and its request log's, not a model's.
 2. **Outage and replay**: the spooling gateway answers ``--outage-requests`` requests (32 concurrent
    clients) while PostgreSQL is stopped; then the server is started again and the replay is timed from the
    start until ``tuneloop_request_log_spooled_records`` is 0: replay rate = replayed / seconds. Every answered
-   request id is then looked up in the store (lost = answered but absent).
+   request id is then looked up in the store (lost = answered but absent). The same outage is then run
+   against the gateway without a spool (the baseline).
 3. **What ``kill -9`` loses**: with the store up and load at ``--kill-rate`` req/s, the gateway is killed
    (SIGKILL) at a random moment, ``--kills`` times; each time, the answered requests absent from the store are
    counted, with how long before the kill each was answered (the window the docs promise: the recorder's
@@ -188,6 +189,24 @@ def part_latency(tmp: Path, stub: str, stub_pid: int, pg_url: str, args) -> dict
     return out
 
 
+def part_outage_baseline(tmp: Path, stub: str, pg, pg_url: str, args) -> dict:
+    """The same outage against the gateway without a spool: how many answered requests the store lacks after."""
+    from pg_server import start_cluster, stop_cluster
+
+    proc, port, _ = start_gateway(tmp, "outage-no-spool", stub, pg_url, "off")
+    try:
+        stop_cluster(pg)
+        answered = asyncio.run(closed_loop(port, args.outage_requests))
+        time.sleep(0.5)
+        start_cluster(pg)
+        time.sleep(3.0)  # past the recorder's last retry
+        have = stored_ids(pg_url)
+        return {"no_spool_outage_answered": len(answered),
+                "no_spool_outage_lost": sum(1 for rid, _ in answered if rid not in have)}
+    finally:
+        stop(proc)
+
+
 def part_outage(tmp: Path, stub: str, pg, pg_url: str, args) -> dict:
     from pg_server import start_cluster, stop_cluster
 
@@ -254,6 +273,7 @@ def run_all(args) -> dict:
             out = part_latency(tmp, stub, stub_proc.pid, create_database(pg), args)
             print("latency:", json.dumps(out), flush=True)
             out.update(part_outage(tmp, stub, pg, create_database(pg), args))
+            out.update(part_outage_baseline(tmp, stub, pg, create_database(pg), args))
             print("outage:", json.dumps(out), flush=True)
             out.update(part_kill(tmp, stub, create_database(pg), args))
     finally:
