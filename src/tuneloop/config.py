@@ -629,7 +629,8 @@ class ServeConfig(_Section):
         "did 486 req/s batched with 1 thread against 373 with 2 on 2 vCPUs (docs/benchmarks.md, dynamic batching).")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request gives no `max_tokens`.")
-    shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: stop accepting, let in-flight requests finish for this long, then exit.")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: stop accepting, let in-flight requests finish for this long; "
+                                    "requests still queued or generating then get 503 `shutting_down` (with Retry-After), and the gateway exits.")
     preload: list[str] = Field(default_factory=list, description="Versions to load and probe before taking traffic "
                                "(refs such as `support-bot@champion`). Default: each model's champion (or latest).")
     api_keys_env: str = Field("TUNELOOP_API_KEYS", description="Environment variable holding the client API keys (comma-separated). Unset or empty: no key needed (loopback only).")
