@@ -256,3 +256,36 @@ def test_calls_still_open_after_the_grace_are_cancelled_into_503(tmp_path, capfd
         rec = log.get(r.headers["x-request-id"])
         assert rec is not None and rec.status == 503 and "server shutting down" in rec.error, rec
     log.close()
+
+
+def test_feedback_still_open_after_the_grace_gets_the_503_too(tmp_path, capfd):
+    """A non-model route (here /v1/feedback on a store that hangs) still open when uvicorn cancels after the grace
+    answers the same OpenAI-shaped 503, not uvicorn's bare 500 with a traceback."""
+    from rollout_gateway_helpers import make_app, make_registry
+
+    from tuneloop.serve.server import BackgroundServer
+
+    reg = make_registry(tmp_path, n_versions=1)
+    app, log, _recorder = make_app(reg, tmp_path / "requests.db", HangingBackend())
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging_store(row):
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("released after the test")
+
+    log.store_feedback_row = hanging_store
+    result: dict[str, httpx.Response] = {}
+    server = BackgroundServer(app, grace_s=0.3)
+    with server:
+        th = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+            f"{server.url}/v1/feedback", json={"request_id": "req-x", "rating": 1}, timeout=30)))
+        th.start()
+        assert entered.wait(10)
+    th.join(10)
+    release.set()
+    r = result["r"]
+    assert r.status_code == 503 and r.headers["x-request-id"] and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "shutting_down"
+    assert "Traceback" not in capfd.readouterr().err
+    log.close()

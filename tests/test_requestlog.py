@@ -190,7 +190,9 @@ def test_arm_counts_and_latencies(rlog: RequestLog):
         rec("c1", t=10, arm="canary", latency=1.0, rollout="R"),
         rec("c2", t=11, arm="canary", latency=2.0, status=503, response="", error="x", rollout="R"),
         rec("c3", t=12, arm="canary", latency=3.0, error="timeout", rollout="R"),
-        # not counted: another model, another rollout, too old for `since`
+        # not counted: another model, another rollout, too old for `since`, a call ended by the gateway's shutdown
+        rec("c4", t=13, arm="canary", latency=9.0, status=503, response="", rollout="R",
+            error="shutting_down: server shutting down: the gateway stopped before this request finished"),
         rec("o1", t=10, model="other", rollout="R"), rec("x1", t=10, rollout="S"),
         rec("early", t=1, rollout="R"),
     ]

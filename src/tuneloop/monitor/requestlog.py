@@ -338,7 +338,8 @@ class RequestLog:
         ``{arm: {"requests", "errors", "latency_sum", "feedback", "negative_feedback"}}`` over the requests
         of ``model`` created at or after ``since`` (and of ``rollout_id`` when given). An error is a status
         >= 500, or a non-4xx answer with ``error`` set or an empty response (timeouts, empty outputs);
-        client errors (4xx) are not the model's and are not counted. ``latency_sum`` is over all counted
+        client errors (4xx) are not the model's and are not counted, nor are calls the gateway ended unanswered
+        while shutting down (503 ``shutting_down``: not requests of either arm). ``latency_sum`` is over all counted
         requests. ``feedback`` counts feedback rows; ``negative_feedback`` those with rating -1 or score < 0.5.
         """
         t, f = requests_table, feedback_table
@@ -383,7 +384,10 @@ class RequestLog:
 
 def _request_filters(model: str, since: float | None, rollout_id: str | None) -> list:
     t = requests_table
-    conds = [t.c.model == model]
+    # A call the gateway ended unanswered because it was shutting down (503 "shutting_down: ...", serve/errors.py)
+    # says nothing about the version that was to answer it: not counted for either arm.
+    shutdown = sa.and_(t.c.status == 503, sa.func.coalesce(t.c.error, "").like("shutting_down:%"))
+    conds = [t.c.model == model, sa.not_(shutdown)]
     if since is not None:
         conds.append(t.c.created_at >= since)
     if rollout_id is not None:
@@ -573,7 +577,7 @@ class AsyncRecorder:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.store_down_since or time.time()))
             reasons.append(f"request log store unavailable since {since}: {self.store_error}")
         if self.spooled_now:
-            reasons.append(f"{self.spooled_now} request log records spooled in {self.spool.dir}; they are replayed "
+            reasons.append(f"{self.spooled_now} request log records spooled in the workspace; they are replayed "
                            "into the store when it takes writes again")
         if self.last_lost_at is not None and time.time() - self.last_lost_at < LOST_RECENTLY_S:
             reasons.append(f"{self.dropped} request log records lost since start, the last "

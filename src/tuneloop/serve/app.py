@@ -26,8 +26,9 @@ from fastapi import Request
 
 from tuneloop.serve.backends import Backend, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
-from tuneloop.serve.calls import CALL_PATHS, RequestState, request_state, route_path, send_json, serve_call, set_route_headers
-from tuneloop.serve.errors import APIError, install_handlers
+from tuneloop.serve.calls import (CALL_PATHS, RequestState, request_state, route_path, send_json, serve_call, set_route_headers,
+                                  uncancel_current)
+from tuneloop.serve.errors import APIError, install_handlers, shutting_down
 from tuneloop.serve.observe import Recorder
 from tuneloop.serve.router import Router
 from tuneloop.serve.schemas import FeedbackRequest, parse_body, read_body
@@ -273,8 +274,12 @@ class GatewayMiddleware:
         state = RequestState(f"req-{uuid.uuid4().hex}")
         scope["tuneloop"] = state
 
+        started = False
+
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 extra = [(b"x-request-id", state.request_id.encode())]
                 extra += [(k.encode(), v.encode()) for k, v in state.headers.items()]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
@@ -285,7 +290,16 @@ class GatewayMiddleware:
             return await send_json(send_with_headers, denied.status, denied.body(), denied.headers)
         if scope["method"] == "POST" and route_path(scope) in CALL_PATHS:
             return await serve_call(self.gw, scope, receive, send_with_headers)
-        return await self.app(scope, receive, send_with_headers)
+        try:
+            return await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still open after the shutdown grace (serve/server.py): feedback, admin calls
+            # get the same OpenAI-shaped 503 as the model calls, not uvicorn's bare 500 and a traceback
+            if not self.gw.shutting_down or started:
+                raise
+            uncancel_current()
+            exc = shutting_down()
+            await send_json(send_with_headers, exc.status, exc.body(), exc.headers)
 
     def check(self, scope) -> APIError | None:
         length, authorization = "", ""
