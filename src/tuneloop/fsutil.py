@@ -1,4 +1,5 @@
-"""Small helpers every layer shares: atomic writes, content digests, UTC timestamps, number formatting.
+"""Small helpers every layer shares: atomic writes, content digests, UTC timestamps, number formatting, and
+telling a full disk from other failures (:func:`is_disk_full`, :func:`free_bytes`).
 
 Everything tuneloop persists goes through these, so a killed process never leaves a half-written file
 where a reader would trust it. This module is at the bottom of the import rule (docs/architecture.md):
@@ -8,6 +9,7 @@ it imports nothing else from tuneloop.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -106,6 +108,66 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file and directory under ``path`` (and ``path`` itself) to the disk.
+
+    Before a directory written file by file is renamed into place (a training checkpoint), so that after a crash
+    of the machine the renamed directory never holds files the disk did not get.
+    """
+    path = Path(path)
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [*(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()), path]:
+        fsync_dir(d)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it, a new file) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# A disk that fills shows up as many kinds of error: OSError ENOSPC/EDQUOT, SQLite's SQLITE_FULL ("database or disk
+# is full"), safetensors' "No space left on device (os error 28)", Arrow's IOError text.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded", "storagefull", "os error 28")
+LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free than this is taken as the disk being full
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, says the disk (or a quota) is full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+            return True
+        if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free (to this user) on the filesystem holding ``path`` or its nearest existing parent; None if unknown."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
 
 
 def model_fingerprint(name: str) -> str:

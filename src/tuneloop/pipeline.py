@@ -7,6 +7,13 @@ function) and the code version; a stage whose ``result.json`` exists is not redo
 in its cache directory, so a killed run resumes where it stopped. Each run gets ``runs/<run_id>/`` with the
 resolved config, one JSON per stage, logs, a summary and an HTML report. The stages themselves are in
 :mod:`tuneloop.stages`, the run history (``tuneloop status``) in :mod:`tuneloop.runs`.
+
+A stage's own error is what a run reports, whatever fails while keeping its records: a log file that cannot be
+written or closed, a ``run.json`` or ``stages/<stage>.json`` that cannot be saved (a full disk) are warnings on the
+console, never exceptions that replace it. Each run keeps a small reserve file (``runs/<run_id>/.reserve``) that it
+gives up when a record cannot be written for lack of space, so that ``run.json`` can still say ``failed``; when
+even that fails, the console says so, and the record left ``running`` reads as ``interrupted`` once the process is
+gone (:mod:`tuneloop.runs`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -23,8 +31,8 @@ import yaml
 from rich.markup import escape
 
 from tuneloop.config import PipelineConfig, coerce_config
-from tuneloop.errors import ConfigError, InputError, TuneloopError
-from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_json
+from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
+from tuneloop.fsutil import LOW_SPACE_BYTES, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json, sha256_json
 from tuneloop.runs import list_runs, load_run  # noqa: F401 (re-exported: `tuneloop.pipeline.list_runs` keeps working)
 from tuneloop.stages import STAGES, CacheEntry, Compute, PipelineStage, StageContext, StageResult, StageSpec, preflight_report
 from tuneloop.version import code_version
@@ -89,31 +97,27 @@ class FineTunePipeline:
 
     def run(self) -> dict[str, Any]:
         ws, cfg = self.ws, self.cfg
-        ws.root.mkdir(parents=True, exist_ok=True)
         run_id = ws.new_run_id()
         run_dir = ws.run_dir(run_id)
-        (run_dir / "stages").mkdir(parents=True)
-        (run_dir / "logs").mkdir()
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         results = {s: StageResult(s) for s in self.stages}
         record = _RunRecord(run_dir, results, {
             "run_id": run_id, "pipeline": cfg.name, "status": "running", "pid": os.getpid(), "started_at": utcnow(),
             "ended_at": None, "config_path": self.config_path, "code_version": code_version(), "stages": {},
             **({"warnings": list(self.warnings)} if self.warnings else {}),
-        })
-        record.save()
+        }, self.console)
+        record.start(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run_log = _attach_log(run_dir / "run.log")
         t_run = time.perf_counter()
         self.console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/] of [bold]{cfg.name}[/] -> {run_dir}")
         try:
             failed = self._run_stages(self._context(run_id, run_dir), results, record)
+            return self._finish(record, failed, time.perf_counter() - t_run)
         except KeyboardInterrupt:
             record.interrupted()
-            _detach_log(run_log)
             raise
-        summary = self._finish(record, failed, time.perf_counter() - t_run)
-        _detach_log(run_log)
-        return summary
+        finally:
+            _detach_log(run_log, self.console)
+            record.release_reserve()
 
     def _context(self, run_id: str, run_dir: Path | None) -> StageContext:
         return StageContext(self.cfg, self.ws, self._cached, run_id=run_id, run_dir=run_dir, config_path=self.config_path, console=self.console)
@@ -126,7 +130,7 @@ class FineTunePipeline:
             res.status = "running"
             record.save()
             upstream, key = self._run_stage(spec, ctx, upstream, res)
-            atomic_write_json(ctx.run_dir / "stages" / f"{spec.stage.value}.json",
+            record.write_json(ctx.run_dir / "stages" / f"{spec.stage.value}.json",
                               {"stage": spec.stage.value, **res.to_dict(), "outputs": res.outputs, "key": key})
             record.save()
             if res.status == "failed":
@@ -138,7 +142,8 @@ class FineTunePipeline:
     def _run_stage(self, spec: StageSpec, ctx: StageContext, upstream: Any, res: StageResult) -> tuple[Any, str | None]:
         """Run one stage into ``res`` (status, metrics, outputs, error, duration); return (its result, its cache key)."""
         stage = spec.stage
-        handler = _attach_log(ctx.run_dir / "logs" / f"{stage.value}.log")
+        log_path = ctx.run_dir / "logs" / f"{stage.value}.log"
+        handler = _attach_log(log_path)
         t0 = time.perf_counter()
         self.console.print(f"[bold]>[/] {stage.value}")
         result, key = None, None
@@ -153,10 +158,10 @@ class FineTunePipeline:
         except Exception as exc:
             log.error("stage %s crashed:\n%s", stage.value, traceback.format_exc())
             res.status = "failed"
-            res.error = f"{type(exc).__name__}: {exc} (traceback in {ctx.run_dir / 'logs' / (stage.value + '.log')})"
+            res.error = _crash_message(exc, stage, log_path, handler, self.ws.root)
         finally:
             res.duration_s = time.perf_counter() - t0
-            _detach_log(handler)
+            _detach_log(handler, self.console)
         style = {"passed": "green", "failed": "red"}.get(res.status, "yellow")
         note = " (cached)" if res.cached else ""
         if stage in self.lock_waits:
@@ -182,13 +187,16 @@ class FineTunePipeline:
             summary["model_version"] = reg.outputs.get("ref")
             record.fields["model_version"] = summary["model_version"]
         record.save()
-        atomic_write_json(run_dir / "summary.json", summary)
+        record.write_json(run_dir / "summary.json", summary)
         try:
             from tuneloop.report.html import write_report
 
             write_report(run_dir)
         except Exception as exc:  # the report is a convenience; never fail a run over it
             log.warning("could not write the HTML report: %s", exc)
+            if is_disk_full(exc):
+                self.console.print(f"[yellow]warning:[/] could not write the HTML report in {escape(str(run_dir))}: {escape(str(exc))}", highlight=False)
+        record.report_unsaved()
         return summary
 
     # -------------------------------------------------------------------------------------------- caching
@@ -248,15 +256,78 @@ def relocate(value: Any, old_root: str, new_root: str) -> Any:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+RESERVE_BYTES = 256 << 10  # room kept for the run's last records on a disk that fills during the run
+
+
 class _RunRecord:
-    """``runs/<run_id>/run.json``: the run's fields and its stages' results, saved atomically after each change."""
+    """``runs/<run_id>/run.json``: the run's fields and its stages' results, saved atomically after each change.
 
-    def __init__(self, run_dir: Path, results: dict[PipelineStage, StageResult], fields: dict[str, Any]):
-        self.run_dir, self.results, self.fields = run_dir, results, fields
+    Saving never raises: a record that cannot be written (a full disk) is a warning on ``console``, and the run
+    goes on to report its stages' own errors. ``.reserve`` holds :data:`RESERVE_BYTES` that are given back to the
+    disk the first time a write fails for lack of space, and the write is tried again.
+    """
 
-    def save(self) -> None:
+    def __init__(self, run_dir: Path, results: dict[PipelineStage, StageResult], fields: dict[str, Any], console):
+        self.run_dir, self.results, self.fields, self.console = run_dir, results, fields, console
+        self.reserve = run_dir / ".reserve"
+        self.unsaved: dict[str, OSError] = {}  # file name -> the error of its last failed write
+
+    def start(self, config_yaml: str) -> None:
+        """Create the run directory, its reserve, config and first record; a disk too full for these stops the
+        run before any stage (StageError, exit 1) and leaves nothing behind."""
+        try:
+            (self.run_dir / "stages").mkdir(parents=True)
+            (self.run_dir / "logs").mkdir()
+            with open(self.reserve, "wb") as f:
+                f.write(os.urandom(RESERVE_BYTES))  # random: a compressing filesystem cannot make it free
+            atomic_write_text(self.run_dir / "config.yaml", config_yaml)
+            self.fields["stages"] = {s.value: r.to_dict() for s, r in self.results.items()}
+            atomic_write_json(self.run_dir / "run.json", self.fields)
+        except OSError as exc:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise StageError(f"cannot start the run: {exc}{_disk_full_hint(exc, self.run_dir)}") from exc
+
+    def save(self) -> bool:
         self.fields["stages"] = {s.value: r.to_dict() for s, r in self.results.items()}
-        atomic_write_json(self.run_dir / "run.json", self.fields)
+        return self.write_json(self.run_dir / "run.json", self.fields)
+
+    def write_json(self, path: Path, obj: Any) -> bool:
+        """Write one of the run's JSON files atomically; on failure warn (once per file) and return False."""
+        try:
+            try:
+                atomic_write_json(path, obj)
+            except OSError as exc:
+                if not (is_disk_full(exc) and self.release_reserve()):
+                    raise
+                atomic_write_json(path, obj)  # again, in the room the reserve gave back
+        except OSError as exc:
+            if path.name not in self.unsaved:
+                self.console.print(f"[yellow]warning:[/] could not write {escape(str(path))}: {escape(str(exc))}", highlight=False)
+            self.unsaved[path.name] = exc
+            return False
+        self.unsaved.pop(path.name, None)
+        return True
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's space back to the disk; True when there was one."""
+        try:
+            self.reserve.unlink()
+            return True
+        except OSError:
+            return False
+
+    def report_unsaved(self) -> None:
+        """At the end: say plainly when run.json could not record how the run ended."""
+        exc = self.unsaved.get("run.json")
+        if exc is None:
+            return
+        status = self.fields.get("status")
+        self.console.print(
+            f"[red]error:[/] {escape(str(self.run_dir / 'run.json'))} could not record that this run {status}: "
+            f"{escape(str(exc))}{_disk_full_hint(exc, self.run_dir)}. The record still says `running`; "
+            "`tuneloop status` reads it as interrupted once this process has ended, and nothing waits on it.",
+            highlight=False,
+        )
 
     def interrupted(self) -> None:
         """Ctrl-C: the running stage failed, the rest skipped; the next run of the same command resumes."""
@@ -272,8 +343,32 @@ class _RunRecord:
 _LOGGERS = ("tuneloop", "transformers", "peft", "accelerate")
 
 
-def _attach_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
+class _LogFile(logging.FileHandler):
+    """A run or stage log file that never raises into the run: the first error writing it (a full disk) is kept in
+    ``error``, later records are dropped, and :func:`_detach_log` reports it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.error: BaseException | None = None
+        try:
+            self.stream = self._open()
+        except OSError as exc:
+            self.error = exc
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.error is not None:
+            return
+        try:
+            super().emit(record)
+        except Exception:
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.error = self.error or sys.exc_info()[1]
+
+
+def _attach_log(path: Path) -> _LogFile:
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     for name in _LOGGERS:
@@ -282,7 +377,36 @@ def _attach_log(path: Path) -> logging.Handler:
     return handler
 
 
-def _detach_log(handler: logging.Handler) -> None:
+def _detach_log(handler: _LogFile, console=None) -> None:
+    """Stop logging to ``handler`` and close its file; an error doing so (or earlier) is a warning, never raised."""
     for name in _LOGGERS:
         logging.getLogger(name).removeHandler(handler)
-    handler.close()
+    try:
+        handler.close()
+    except OSError as exc:
+        handler.error = handler.error or exc
+    if handler.error is not None and console is not None:
+        console.print(f"[yellow]warning:[/] the log {escape(handler.baseFilename)} is incomplete: {escape(str(handler.error))}", highlight=False)
+
+
+def _crash_message(exc: Exception, stage: PipelineStage, log_path: Path, handler: _LogFile, root: Path) -> str:
+    """A stage's unexpected exception as its error: type and message, what to do when the disk is full, and where
+    its traceback is (or that the log could not take it)."""
+    where = (
+        f"traceback in {log_path}" if handler.error is None else
+        f"its traceback could not be written to {log_path}: {handler.error}"
+    )
+    hint = _disk_full_hint(exc, root)
+    if hint and stage == PipelineStage.TRAINING:
+        hint += "; training resumes from its last complete checkpoint"
+    return f"{type(exc).__name__}: {exc}{hint} ({where})"
+
+
+def _disk_full_hint(exc: BaseException, path: Path) -> str:
+    """``"; the disk holding PATH is full (N bytes free now): ..."`` when ``exc`` says the disk is full or the disk
+    under ``path`` has under :data:`~tuneloop.fsutil.LOW_SPACE_BYTES` free, else ``""``."""
+    free = free_bytes(path)
+    if not (is_disk_full(exc) or (free is not None and free < LOW_SPACE_BYTES)):
+        return ""
+    left = f" ({free} bytes free now)" if free is not None else ""
+    return f"; the disk holding {path} is full{left}: free space there and run the same command again"

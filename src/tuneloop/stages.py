@@ -353,6 +353,7 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
 
         metrics = run_command(c, {"train_records": str(prep.train_records), "eval_records": str(prep.eval_records)}, out, tok)
         return metrics, {**outputs, "kind": metrics["kind"]}
+    _say_resume(ctx, out / "checkpoints")
     with TrainProgress(ctx.console) as bar:
         if c.train.num_processes > 1 or c.train.accelerate_config:
             from tuneloop.train.launch import train_distributed
@@ -368,6 +369,20 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
             metrics = train_sft(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
     kind = "adapter" if (out / "model" / "adapter_config.json").is_file() else "model"
     return metrics, {"model_dir": outputs["model_dir"], "kind": kind, "train_metrics": outputs["train_metrics"]}
+
+
+def _say_resume(ctx: StageContext, ckpt_dir: Path) -> None:
+    """Validate the checkpoints a killed or failed run left (removing those that cannot be resumed from) and say
+    which one training resumes from, before the workers start."""
+    from rich.markup import escape
+
+    from tuneloop.train.checkpoints import resume_plan
+
+    plan = resume_plan(ckpt_dir)
+    warn = len(plan.notes) > 1 or plan.checkpoint is None  # something was removed, or nothing could be used
+    for note in plan.notes:
+        log.log(logging.WARNING if warn else logging.INFO, note)
+        ctx.say(f"  [yellow]{escape(note)}[/]" if warn else f"  {escape(note)}")
 
 
 def training(ctx: StageContext, prepared: PreparedData) -> TrainedModel:

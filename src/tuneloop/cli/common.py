@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tuneloop.errors import InputError, TuneloopError
+from tuneloop.fsutil import is_disk_full
 
 err = Console(stderr=True)
 out = Console()
@@ -29,7 +30,8 @@ EXIT_OK, EXIT_BLOCKED, EXIT_INTERRUPTED = 0, 1, 130
 
 @contextlib.contextmanager
 def guard() -> Iterator[None]:
-    """Turn tuneloop errors into a readable message and their exit code (``TuneloopError.exit_code``)."""
+    """Turn tuneloop errors into a readable message and their exit code (``TuneloopError.exit_code``); an error
+    that says the disk is full (``fsutil.is_disk_full``) into that message and exit 1."""
     try:
         yield
     except TuneloopError as exc:
@@ -39,6 +41,13 @@ def guard() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; the workspace is consistent: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        # A full disk is not a bug: say what and what to do, without a traceback.
+        err.print(f"[red]error:[/] the disk is full: {escape(f'{type(exc).__name__}: {exc}')}; free space on it and "
+                  "run the same command again", markup=True, highlight=False)
+        raise typer.Exit(EXIT_BLOCKED) from None
 
 
 @contextlib.contextmanager

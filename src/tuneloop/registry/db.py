@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
-from tuneloop.fsutil import utcnow
+from tuneloop.fsutil import LOW_SPACE_BYTES, free_bytes, is_disk_full, utcnow
 from tuneloop.registry.names import check_alias_name, check_model_name
 from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
@@ -257,11 +257,7 @@ class SqliteRegistry:
                 conn.execute("COMMIT")
                 versions = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise TuneloopError(
-                f"cannot open the registry database {self.db_path}: {e}; "
-                "check that it is a tuneloop registry and that the directory is writable; if it is damaged, move "
-                "it aside and run `tuneloop models recover` to rebuild it from the artifact store"
-            ) from e
+            raise TuneloopError(_open_error(e, self.db_path)) from e
         if check_lost and versions == 0:
             self._check_not_lost(before_open=False)
         elif versions and not self.store.has_records():
@@ -975,6 +971,35 @@ def alias_hint(aliases: dict[str, int]) -> str:
     if not aliases:
         return " (no aliases set)"
     return "; aliases: " + ", ".join(f"{a} -> {v}" for a, v in aliases.items())
+
+
+def _open_error(e: sqlite3.DatabaseError, db_path: Path) -> str:
+    """What to say when the registry database cannot be opened: a full disk, a damaged file, or something else.
+
+    On a full disk SQLite reports ``SQLITE_FULL`` ("database or disk is full") or, in WAL mode even to read, an
+    I/O error growing its shared-memory file (``SQLITE_IOERR_SHMSIZE``); neither means the file is damaged.
+    """
+    name = getattr(e, "sqlite_errorname", "")  # Python >= 3.11
+    text = str(e)
+    free = free_bytes(db_path.parent)
+    io_error = name.startswith("SQLITE_IOERR") or "disk I/O error" in text
+    if is_disk_full(e) or (io_error and free is not None and free < LOW_SPACE_BYTES):
+        left = f" ({free} bytes free)" if free is not None else ""
+        return (
+            f"cannot open the registry database {db_path}: {text}: the disk holding it is full{left}. That is "
+            "no sign of damage (SQLite needs room for its write-ahead log even to read) and nothing was changed: "
+            "free space on that disk and run the command again; `tuneloop models recover` is not needed"
+        )
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in text or "not a database" in text:
+        return (
+            f"cannot open the registry database {db_path}: {text}: it is damaged or not a tuneloop registry; "
+            "move it aside and run `tuneloop models recover` to rebuild it from the artifact store"
+        )
+    return (
+        f"cannot open the registry database {db_path}: {text}; check that the directory is writable and the "
+        "disk is healthy; if the file is damaged, move it aside and run `tuneloop models recover` to rebuild it "
+        "from the artifact store"
+    )
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:

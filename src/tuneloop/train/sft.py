@@ -1,7 +1,8 @@
 """Supervised fine-tuning (LoRA or full) with transformers' Trainer and PEFT.
 
 Entry point: :func:`train_sft`. It is resumable: checkpoints go to ``work_dir/checkpoints`` every
-``save_steps`` steps, and a call that finds one there (a previous run was killed) continues from the latest.
+``save_steps`` steps, each written whole or not at all, and a call that finds one there (a previous run was killed)
+continues from the newest that validates (:mod:`tuneloop.train.checkpoints`).
 The final adapter or model is written to ``work_dir/model`` only when training completes, with the resolved
 config and the per-step metrics beside it.
 """
@@ -12,7 +13,7 @@ import json
 import logging
 import math
 import os
-import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,20 +23,11 @@ import torch
 from tuneloop.config import PipelineConfig
 from tuneloop.data.prepare import IGNORE_INDEX
 from tuneloop.errors import StageError
-from tuneloop.fsutil import atomic_write_json, replace_dir
+from tuneloop.fsutil import atomic_lines, atomic_write_json, replace_dir
 from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora, save_tokenizer
+from tuneloop.train.checkpoints import resume_plan, write_atomically
 
 log = logging.getLogger("tuneloop")
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (the Trainer writes trainer_state.json last)."""
-    best, best_step = None, -1
-    for d in ckpt_dir.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "trainer_state.json").is_file() and int(m.group(1)) > best_step:
-            best, best_step = d, int(m.group(1))
-    return best
 
 
 class _Collator:
@@ -332,12 +324,15 @@ def precision_args(precision: str) -> dict[str, bool]:
 
 
 def run_resumable(trainer, ckpt_dir: Path, metrics_path: Path) -> tuple[Any, int, float]:
-    """Train from the latest complete checkpoint in ``ckpt_dir`` (if any), keeping the per-step metrics file
-    in step with it. Returns (trainer output, step resumed from, seconds). Shared by SFT and DPO."""
-    resume = _latest_checkpoint(ckpt_dir)
-    resumed_from = int(resume.name.split("-")[1]) if resume else 0
-    if resume:
-        log.info("resuming training from %s", resume)
+    """Train from the newest valid checkpoint in ``ckpt_dir`` (if any; invalid newer ones are removed, saying
+    why), keeping the per-step metrics file in step with it; new checkpoints are written whole or not at all.
+    Returns (trainer output, step resumed from, seconds). Shared by SFT and DPO."""
+    plan = resume_plan(ckpt_dir, clean=trainer.is_world_process_zero())
+    level = logging.WARNING if len(plan.notes) > 1 or plan.checkpoint is None else logging.INFO
+    for note in plan.notes:
+        log.log(level, note)
+    resume, resumed_from = plan.checkpoint, plan.step
+    write_atomically(trainer)
     if trainer.is_world_process_zero():
         if resume:
             _truncate_metrics(metrics_path, resumed_from)
@@ -354,18 +349,20 @@ def run_resumable(trainer, ckpt_dir: Path, metrics_path: Path) -> tuple[Any, int
 def save_final_model(trainer, tokenizer, cfg: PipelineConfig, work_dir: Path) -> None:
     """Write the final adapter/model (safetensors only), its tokenizer, the optional merged model and the
     resolved config to ``model.partial/``, then move it into place as ``model/`` in one rename."""
-    import shutil
-
     tmp = work_dir / "model.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
-    save_tokenizer(tokenizer, tmp)
-    if cfg.train.merge and cfg.train.method != "full":
-        merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
-    atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
-    replace_dir(tmp, work_dir / "model")
+    try:
+        trainer.save_model(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the registry stores safetensors only
+        save_tokenizer(tokenizer, tmp)
+        if cfg.train.merge and cfg.train.method != "full":
+            merge_adapter(cfg.base_model, tmp, tmp / "merged", tokenizer)
+        atomic_write_json(tmp / "tuneloop_config.json", cfg.to_dict())
+        replace_dir(tmp, work_dir / "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk is not left fuller; the next run saves it again
+        raise
 
 
 def merge_adapter(base_model: str, adapter_dir: Path, out_dir: Path, tokenizer) -> None:
@@ -381,7 +378,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_metric_rows(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    with atomic_lines(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
 def read_metric_rows(path: Path) -> list[dict[str, Any]]:
