@@ -37,6 +37,9 @@ def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: 
         name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).name).strip(".") or "dataset"
         return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name, []
     cfg = load_config(target, [f"data.format={fmt}"] if fmt else [])
+    from tuneloop.train.parent import resolve_parent
+
+    resolve_parent(cfg, Workspace.for_config(cfg))  # base_model may name a registered version (its tokenizer)
     data = cfg.data.model_copy(update={"eval_data": eval_data}) if eval_data else cfg.data
     problems, warnings = gate_decidability(cfg.model_copy(update={"data": data}))
     if problems:

@@ -734,6 +734,7 @@ class PipelineConfig(BaseModel):
 
     # Directory that relative paths were resolved against (not part of the schema).
     _base_dir: Path | None = None
+    _parent: Any = None  # train.parent.Parent when base_model names a registered version (set by resolve_parent)
 
     @model_validator(mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from tuneloop.config import PipelineConfig, coerce_config
 from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
 from tuneloop.fsutil import LOW_SPACE_BYTES, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json, sha256_json
 from tuneloop.runs import list_runs, load_run  # noqa: F401 (re-exported: `tuneloop.pipeline.list_runs` keeps working)
+from tuneloop.train.parent import resolve_parent
 from tuneloop.stages import STAGES, CacheEntry, Compute, PipelineStage, StageContext, StageResult, StageSpec, preflight_report
 from tuneloop.version import code_version
 from tuneloop.fsutil import utcnow
@@ -60,6 +61,7 @@ class FineTunePipeline:
             config_path = str(Path(config).resolve())
         self.config_path = config_path
         self.ws = Workspace.for_config(self.cfg)
+        resolve_parent(self.cfg, self.ws)  # base_model: "bot@champion" -> that version as a local model
         self.use_cache = use_cache
         if console is None:
             from rich.console import Console
