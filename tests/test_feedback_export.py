@@ -8,6 +8,7 @@ by the real dataset validator (tuneloop.data.validate.validate_dataset)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -299,3 +300,57 @@ def test_export_file_order_does_not_depend_on_when_the_requests_came(tickets, tm
     origins = [r["meta"]["origin"] for r in a]
     assert origins.count("correction") >= 3 and origins == sorted(origins, key=lambda o: o != "correction")  # corrections first
     assert strip(_lines(first.dpo_path)) == strip(_lines(second.dpo_path))
+
+
+def test_kto_records_from_thumbs_alone_with_the_same_checks(scenario, tmp_path):
+    log, eval_path = scenario
+    result = export_feedback(log, tmp_path / "out", since=5, eval_texts=eval_texts_from_file(eval_path))
+    kto = _lines(result.kto_path)
+    got = {(r["meta"]["request_ids"][0], r["meta"]["origin"]): r for r in kto}
+    # Every rated answer is a record, no pair needed: a thumbs up (rating +1, score >= 0.5) is desirable, a thumbs
+    # down (score 0.1 here) undesirable; a correction gives the corrected text (true) and the answer it fixed (false).
+    assert {k: r["label"] for k, r in got.items()} == {
+        ("dup-near", "rated_good"): True, ("v1-good", "rated_good"): True, ("pii", "rated_good"): True,
+        ("v2-bad", "rated_bad"): False, ("fixed", "correction"): True, ("fixed", "corrected_original"): False,
+        ("failed", "correction"): True,
+    }
+    assert got[("v2-bad", "rated_bad")]["messages"][-1] == {"role": "assistant", "content": "refund-ish"}
+    assert got[("fixed", "corrected_original")]["messages"][-1] == {"role": "assistant", "content": "other"}
+    assert got[("fixed", "correction")]["messages"][-1]["content"] == _lines_label(log, "fixed")
+    # The correction and the answer it fixed differ in one word, near duplicates by MinHash; they are looked for
+    # within a label only, so both stay (the desirable copies of ticket 0 are still deduplicated, exactly and nearly).
+    from tuneloop.data.dedup import near_duplicate_groups
+
+    pair = [got[("fixed", "correction")], got[("fixed", "corrected_original")]]
+    texts = ["\n".join(m["content"] for m in r["messages"] if m["role"] != "system") for r in pair]
+    assert near_duplicate_groups(texts, threshold=0.85, workers=1) == [[0, 1]]
+    counts = result.manifest["counts"]["kto"]
+    assert counts["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1, "contaminated": 2}  # the eval copy: both its records
+    assert counts["kept"] == result.kto_records == 7 and counts["desirable"] == 5 and counts["undesirable"] == 2
+    assert result.manifest["files"]["kto.jsonl"]["records"] == 7
+    for rec in kto:  # provenance, as in the other files
+        meta = rec["meta"]
+        assert rec["id"].startswith("fb-") and meta["request_ids"] and meta["feedback_ids"] and meta["versions"] and meta["source"] == "feedback"
+    assert got[("v2-bad", "rated_bad")]["meta"]["versions"] == ["support-bot:2"] and got[("v2-bad", "rated_bad")]["meta"]["arms"] == ["canary"]
+    text = result.kto_path.read_text()
+    assert "jane.doe@example.com" not in text and "555-0100" not in text and "[EMAIL]" in text
+    assert "copies-eval" not in text and "\"old\"" not in text
+    # Held-out corrections stay out of kto.jsonl too.
+    held = export_feedback(log, tmp_path / "held", regression_share=1.0, regression_path=tmp_path / "reg.jsonl")
+    assert not {"fixed", "failed"} & {rid for r in _lines(held.kto_path) for rid in r["meta"]["request_ids"]}
+
+
+def test_kto_export_is_read_by_tuneloop_data_validate_as_kto(scenario, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    log, eval_path = scenario
+    result = export_feedback(log, tmp_path / "out", eval_texts=eval_texts_from_file(eval_path))
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "data", "validate", str(result.kto_path), "--out", str(tmp_path / "report"), "--json"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["format"] == "kto" and report["records"] == result.kto_records == report["valid"] > 0 and report["invalid"] == 0
+    clean = _lines(Path(report["clean_path"]))
+    assert sorted(c["label"] for c in clean) == sorted(r["label"] for r in _lines(result.kto_path))

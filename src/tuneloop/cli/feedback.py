@@ -54,13 +54,13 @@ def open_log(ws, cfg):
 @app.command("export")
 def export(
     config: Optional[Path] = CONFIG_ARGUMENT,
-    out_dir: Path = typer.Option(..., "--out", help="Directory for sft.jsonl, dpo.jsonl and manifest.json."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for sft.jsonl, dpo.jsonl, kto.jsonl and manifest.json."),
     since: Optional[str] = SINCE_OPTION,
     regression_share: float = typer.Option(0.0, "--regression-share", help="Share of corrected failures held out for a regression eval suite (0-1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the export summary as JSON on stdout."),
 ) -> None:
-    """Turn logged requests and their feedback into SFT records and DPO pairs (PII redacted, deduplicated,
-    evaluation items kept out, provenance on every record)."""
+    """Turn logged requests and their feedback into SFT records, DPO pairs and KTO records (PII redacted,
+    deduplicated, evaluation items kept out, provenance on every record)."""
     from tuneloop.feedback.export import eval_texts_for_config, export_feedback, parse_since
 
     with guard(), stdout_to_stderr(json_out):
@@ -74,6 +74,9 @@ def export(
     if cfg is None:
         err.print("[yellow]warning:[/] no config: the evaluation-set overlap check was skipped (pass the pipeline YAML)")
     out.print(f"{result.sft_records} SFT records -> {result.sft_path}\n{result.dpo_records} DPO pairs -> {result.dpo_path}", soft_wrap=True, highlight=False)
+    kto = result.manifest["counts"]["kto"]
+    out.print(f"{result.kto_records} KTO records ({kto['desirable']} desirable, {kto['undesirable']} undesirable) -> {result.kto_path}",
+              soft_wrap=True, highlight=False)
     if result.regression_path:
         out.print(f"{result.regression_added} regression items -> {result.regression_path}", soft_wrap=True, highlight=False)
     out.print(f"manifest (digests, provenance counts, drops): {result.manifest_path}", soft_wrap=True, highlight=False)

@@ -177,17 +177,24 @@ def _screen(verdicts: Iterable[Any], s: _Screened, quarantine: IO[str], stage: I
             s.texts.append(r.text)
 
 
-def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None) -> _Similar:
-    """Dataset-level checks on the kept candidates: near duplicates within (``near``: the dedup module or None),
-    contamination against the eval texts (``contam``: likewise)."""
+def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None,
+             labels: list[Any] | None = None) -> _Similar:
+    """Dataset-level checks on the kept candidates: near duplicates within (``near``: the dedup module or None;
+    with ``labels``, a kto dataset's, only among candidates of the same label: a desirable and an undesirable
+    answer to one prompt may differ in a word, and both teach), contamination against the eval texts
+    (``contam``: likewise)."""
     sim = _Similar({}, {})
     if near is not None and len(s.texts) > 1:
-        groups = near.near_duplicate_groups(s.texts, threshold=checks.near_dup_threshold, shingle_size=checks.near_dup_shingle)
-        sim.near_groups = len(groups)
-        for group in groups:
-            head = s.kept[group[0]]
-            for i in group[1:]:
-                sim.removed[i] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
+        everyone = list(range(len(s.texts)))
+        parts = [[i for i in everyone if labels[i] == v] for v in sorted(set(labels), key=str)] if labels else [everyone]
+        for idx in parts:
+            found = near.near_duplicate_groups([s.texts[i] for i in idx], threshold=checks.near_dup_threshold,
+                                               shingle_size=checks.near_dup_shingle) if len(idx) > 1 else []
+            sim.near_groups += len(found)
+            for group in found:
+                head = s.kept[idx[group[0]]]
+                for j in group[1:]:
+                    sim.removed[idx[j]] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
     if contam is not None and s.texts:
         sim.contamination = contam.contaminated_indices(s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold)
     for i in sorted(set(sim.removed) | set(sim.contamination)):
@@ -340,7 +347,8 @@ def validate_dataset(
             with os.fdopen(stage_fd, "w", encoding="utf-8", newline="\n") as stage:
                 verdicts = record_verdicts(items, fmt, pii_policy=checks.pii, num_workers=checks.num_workers, want_text=near is not None or contam is not None)
                 _screen(verdicts, s, quarantine, stage, checks, tokenizer)
-            sim = _similar(s, checks, near, contam, eval_texts)
+            labels = [json.loads(line).get("label") for line in stage_path.read_text(encoding="utf-8").splitlines()] if fmt == "kto" and near is not None else None
+            sim = _similar(s, checks, near, contam, eval_texts, labels)
             s.texts = []
             valid, pii_kept, digest = _write_kept(s, sim, stage_path, clean, quarantine, checks)
     finally:

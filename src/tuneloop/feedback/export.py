@@ -1,4 +1,4 @@
-"""Export the request log and its feedback as datasets: SFT records and DPO pairs with provenance.
+"""Export the request log and its feedback as datasets: SFT records, DPO pairs and KTO records with provenance.
 
 Entry point: ``export_feedback(log, out_dir, since=..., eval_texts=...)``. It reads the requests logged
 since ``since`` and every piece of feedback on them, and writes, atomically, to ``out_dir``:
@@ -9,13 +9,19 @@ since ``since`` and every piece of feedback on them, and writes, atomically, to 
 - ``dpo.jsonl``: ``{"messages": [...prompt, ends with user...], "chosen": [assistant], "rejected":
   [assistant], "id", "meta"}`` from a correction (chosen) against the original answer (rejected), and from
   two rated answers to the same prompt -- one good, one bad -- given by different versions or arms;
+- ``kto.jsonl``: ``{"messages": [...prompt..., {"role": "assistant", ...}], "label": bool, "id", "meta"}``, one
+  per rated answer, no pair needed: a thumbs up (rating +1, or a score >= ``good_score``, 0.5 by default) is
+  desirable (``label: true``), a thumbs down (rating -1, or a score below ``good_score``) undesirable
+  (``label: false``); a corrected answer gives two records, the correction (true) and the answer it
+  corrects (false). An answer rated both ways is skipped (``conflict``), as for the other files;
 - ``manifest.json``: sha256 digest and record count of every file, what was kept and dropped and why;
 - optionally (``regression_share > 0``) a held-out share of the corrected failures, appended to a
   regression eval suite (``eval_regression.jsonl``, a task suite in messages format). Held-out prompts are
   kept out of both training files.
 
-Both files are ordinary tuneloop datasets (``messages`` and ``preference`` formats; the extra ``id`` and
-``meta`` keys are ignored by the reader), so ``tuneloop data validate`` and training read them as they are.
+The files are ordinary tuneloop datasets (``messages``, ``preference`` and ``kto`` formats; the extra ``id`` and
+``meta`` keys are ignored by the reader), so ``tuneloop data validate`` and training (``train.objective`` sft,
+dpo, kto) read them as they are.
 Every record's ``meta`` carries its provenance: ``origin``, ``request_ids``, ``feedback_ids``, ``versions``
 (refs such as ``support-bot:3``), ``arms``, ``artifacts`` and ``created_at`` of the newest request.
 
@@ -29,7 +35,12 @@ Checks, in this order, each drop counted under its rule code in the manifest:
    into the gates. Overlap is the share of its word 8-grams found in ``eval_texts`` (of the whole record,
    or of its prompt alone); a prompt shorter than the n-gram counts when, normalised, it equals a line of
    an eval text or (4 words or more) occurs inside one;
-4. ``near_duplicate``: MinHash near duplicates of a kept record (``near_dup_threshold``).
+4. ``near_duplicate``: MinHash near duplicates of a kept record (``near_dup_threshold``); in ``kto.jsonl`` only
+   among records of the same label (a good and a bad answer to one prompt differ in a word or two, and both
+   teach).
+
+An exact duplicate is the same texts (prompt and answer); in ``kto.jsonl`` that holds whatever the label, so
+an answer rated good in one request and bad in another is kept once, with its newest rating.
 
 Records are considered in a fixed priority order -- corrections first, then the newest -- so among
 duplicates the most trustworthy record is the one kept. They are written corrections first, each class in
@@ -58,7 +69,8 @@ __all__ = ["ExportResult", "RequestLogReader", "eval_texts_for_config", "eval_te
 MANIFEST_FORMAT = "tuneloop.feedback-export/1"
 _ID_BATCH = 500  # request ids per feedback query
 _SHORT_MATCH_WORDS = 4  # a short prompt found inside an eval text counts from this many words
-_PRIORITY = {"correction": 0, "correction_vs_original": 0, "cross_answer": 1, "rated_good": 1}
+_PRIORITY = {"correction": 0, "correction_vs_original": 0, "corrected_original": 0, "cross_answer": 1, "rated_good": 1,
+             "rated_bad": 1}
 
 
 class RequestLogReader(Protocol):
@@ -82,13 +94,15 @@ class ExportResult:
     dpo_records: int
     regression_added: int
     manifest: dict[str, Any] = field(repr=False)
+    kto_path: Path | None = None
+    kto_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir), "sft": str(self.sft_path), "dpo": str(self.dpo_path),
-            "manifest": str(self.manifest_path),
+            "kto": str(self.kto_path) if self.kto_path else None, "manifest": str(self.manifest_path),
             "regression": str(self.regression_path) if self.regression_path else None,
-            "sft_records": self.sft_records, "dpo_records": self.dpo_records,
+            "sft_records": self.sft_records, "dpo_records": self.dpo_records, "kto_records": self.kto_records,
             "regression_added": self.regression_added, "counts": self.manifest["counts"],
         }
 
@@ -110,8 +124,8 @@ class _Answer:
 class _Candidate:
     """An output record before the checks."""
 
-    kind: str  # sft | dpo
-    origin: str  # rated_good | correction | correction_vs_original | cross_answer
+    kind: str  # sft | dpo | kto
+    origin: str  # rated_good | correction | correction_vs_original | cross_answer | rated_bad | corrected_original
     record: dict[str, Any]
     answers: list[_Answer]
 
@@ -222,11 +236,16 @@ def _candidates(answers: list[_Answer], held_out: set[str]) -> list[_Candidate]:
             continue
         if a.verdict == "good" and a.response.strip():
             out.append(_Candidate("sft", "rated_good", {"messages": a.messages + _assistant(a.response)}, [a]))
+        if a.verdict in ("good", "bad") and a.response.strip():  # a thumbs up or down alone is a KTO record
+            record = {"messages": a.messages + _assistant(a.response), "label": a.verdict == "good"}
+            out.append(_Candidate("kto", "rated_" + a.verdict, record, [a]))
         if a.verdict == "corrected":
             out.append(_Candidate("sft", "correction", {"messages": a.messages + _assistant(a.correction)}, [a]))
+            out.append(_Candidate("kto", "correction", {"messages": a.messages + _assistant(a.correction), "label": True}, [a]))
             if a.response.strip():
                 pair = {"messages": a.messages, "chosen": _assistant(a.correction), "rejected": _assistant(a.response)}
                 out.append(_Candidate("dpo", "correction_vs_original", pair, [a]))
+                out.append(_Candidate("kto", "corrected_original", {"messages": a.messages + _assistant(a.response), "label": False}, [a]))
         if a.verdict in ("good", "bad") and a.response.strip():
             by_prompt[a.key].append(a)
     for group in by_prompt.values():
@@ -334,7 +353,11 @@ def _select(cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_du
         kept = [k for i, k in enumerate(kept) if i not in bad]
         texts = [t for i, t in enumerate(texts) if i not in bad]
     if near_dup is not None and len(kept) > 1:
-        later = {i for group in dedup.near_duplicate_groups([t[0] for t in texts], threshold=near_dup, workers=1) for i in sorted(group)[1:]}
+        later: set[int] = set()
+        for label in sorted({r.get("label") for _, r in kept}, key=str):  # kto: within each label only
+            idx = [i for i, (_, r) in enumerate(kept) if r.get("label") == label]
+            groups = dedup.near_duplicate_groups([texts[i][0] for i in idx], threshold=near_dup, workers=1) if len(idx) > 1 else []
+            later |= {idx[j] for group in groups for j in sorted(group)[1:]}
         drops["near_duplicate"] += len(later)
         kept = [k for i, k in enumerate(kept) if i not in later]
     # Written in content order within each priority class, not in request order: the same feedback gives the
@@ -412,7 +435,7 @@ def export_feedback(
     regression_path: str | Path | None = None,
 ) -> ExportResult:
     """Turn the requests logged since ``since`` (of ``model``, or all) and their feedback into ``sft.jsonl``,
-    ``dpo.jsonl`` and ``manifest.json`` in ``out_dir`` (see the module docstring). ``eval_texts``: the
+    ``dpo.jsonl``, ``kto.jsonl`` and ``manifest.json`` in ``out_dir`` (see the module docstring). ``eval_texts``: the
     evaluation items (see :func:`eval_texts_from_file`); ``None`` skips the contamination check, and the
     manifest says so. ``regression_share`` of the corrected failures go to ``regression_path`` (default
     ``out_dir/eval_regression.jsonl``) instead of the training files."""
@@ -428,8 +451,10 @@ def export_feedback(
     evals = _EvalIndex.build(eval_texts, contamination_ngram, contamination_threshold) if eval_texts is not None else None
     sft, sft_drops = _select([c for c in cands if c.kind == "sft"], "messages", evals, near_dup_threshold)
     dpo, dpo_drops = _select([c for c in cands if c.kind == "dpo"], "preference", evals, near_dup_threshold)
+    kto, kto_drops = _select([c for c in cands if c.kind == "kto"], "kto", evals, near_dup_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"sft.jsonl": _write_jsonl(out_dir / "sft.jsonl", sft), "dpo.jsonl": _write_jsonl(out_dir / "dpo.jsonl", dpo)}
+    files = {"sft.jsonl": _write_jsonl(out_dir / "sft.jsonl", sft), "dpo.jsonl": _write_jsonl(out_dir / "dpo.jsonl", dpo),
+             "kto.jsonl": _write_jsonl(out_dir / "kto.jsonl", kto)}
     reg_path = Path(regression_path) if regression_path else out_dir / "eval_regression.jsonl"
     added = _append_regression(reg_path, answers, held, evals) if held else 0
     if added:
@@ -448,12 +473,14 @@ def export_feedback(
         "counts": {
             "sft": _counts([c for c in cands if c.kind == "sft"], len(sft), sft_drops),
             "dpo": _counts([c for c in cands if c.kind == "dpo"], len(dpo), dpo_drops),
+            "kto": {**_counts([c for c in cands if c.kind == "kto"], len(kto), kto_drops),
+                    "desirable": sum(r["label"] for r in kto), "undesirable": sum(not r["label"] for r in kto)},
             "regression": {"held_out_prompts": len(held), "appended": added},
         },
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return ExportResult(out_dir, out_dir / "sft.jsonl", out_dir / "dpo.jsonl", out_dir / "manifest.json",
-                        reg_path if added else None, len(sft), len(dpo), added, manifest)
+                        reg_path if added else None, len(sft), len(dpo), added, manifest, out_dir / "kto.jsonl", len(kto))
 
 
 def _counts(cands: list[_Candidate], kept: int, drops: Counter) -> dict[str, Any]:
