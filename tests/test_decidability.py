@@ -86,15 +86,15 @@ def test_paired_is_judged_on_z_over_n_plus_2_with_no_discordant_pair():
 def test_decidability_checks_exactly_the_gates_check_gates_applies():
     gates = {"min_accuracy": 0.5, "max_accuracy_drop": 0.1, "max_harmful_rate": 0.1, "max_harmful_increase": 0.1,
              "max_over_refusal_increase": 0.1, "max_capability_drop": 0.1, "max_mc_capability_drop": 0.1, "min_win_rate": 0.4,
-             "min_preference_accuracy": 0.5, "max_preference_accuracy_drop": 0.1}
+             "min_preference_accuracy": 0.5, "max_preference_accuracy_drop": 0.1, "min_reward_accuracy": 0.5}
     cfg = coerce_config({"name": "x", "base_model": "m", "train_data": "t.jsonl", "gates": gates})
     kinds = {"task": "task", "extra": "task", "harmful": "harmful", "over_refusal": "over_refusal", "general_text": "general_text",
-             "capability_mc": "capability_mc", "win_rate": "win_rate", "preference": "preference"}
+             "capability_mc": "capability_mc", "win_rate": "win_rate", "preference": "preference", "reward": "reward"}
     assert set(kinds.values()) | {"lmeval"} == set(GATES_BY_KIND)
     results = {name: {"kind": k, "base": [1.0] * 500, "candidate": [1.0] * 500, "n": 500, "binary": k != "win_rate"} for name, k in kinds.items()}
     applied = {g for g, r in check_gates(cfg, results).items() if r["verdict"] != "NOT_APPLIED"}
     checked = decidability(cfg, {name: SuiteSize(k, 500, binary=k != "win_rate") for name, k in kinds.items()})
-    assert {c.gate for c in checked} == applied and len(checked) == len(applied) == 12
+    assert {c.gate for c in checked} == applied and len(checked) == len(applied) == 13
     assert all(c.status == "ok" for c in checked)
     off = coerce_config({"name": "x", "base_model": "m", "train_data": "t.jsonl", "gates": {**gates, "max_harmful_rate": None}})
     assert "max_harmful_rate" not in {c.gate for c in decidability(off, {"harmful": SuiteSize("harmful", 40)})}

@@ -17,10 +17,13 @@ come from :func:`tuneloop.stages.suite_sizes`). The statistics (intervals, tests
 | ``min_win_rate`` | candidate's pairwise win rate (ties count 1/2) | floor | seeded bootstrap |
 | ``min_preference_accuracy`` | share of held-out pairs where the candidate's summed log-likelihood of the chosen answer beats the rejected one (DPO) | floor | Wilson / Clopper-Pearson |
 | ``max_preference_accuracy_drop`` | base minus candidate preference accuracy on the same pairs (DPO) | paired tolerance | Agresti-Min + exact McNemar |
+| ``min_reward_accuracy`` | share of held-out pairs a reward model scores chosen above rejected (``train.objective: reward``) | floor | Wilson / Clopper-Pearson |
 
 For ``train.objective: dpo`` the task suite read from the run's eval items (whose reference is the chosen
 answer) is reported with ``NOT_APPLIED``: the preference gates decide. A task suite with its own ``path`` is
-gated as usual.
+gated as usual. A reward model (``train.objective: reward``) generates nothing: it is gated by
+``min_reward_accuracy`` alone, and every other gate with a threshold is reported ``NOT_APPLIED`` with the reason
+(:func:`not_applicable`), never passed.
 
 Decidability (:func:`check_decidable`), with the gates' own one-sided bounds at ``gates.confidence``: a floor
 is judged on the lower bound at n/n, a ceiling on the upper bound at 0/n, a paired gate on the Agresti-Min upper
@@ -194,6 +197,26 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
                 GateInput(r["candidate"], r["base"]))
             for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
                 out[gate].update(base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik"))
+        elif k == "reward":
+            add("min_reward_accuracy", GateSpec("min_reward_accuracy", "reward_accuracy", "floor", g.min_reward_accuracy, name), GateInput(r["candidate"]))
+            out["min_reward_accuracy"]["candidate_margin"] = r.get("candidate_margin")
+    return out
+
+
+def not_applicable(cfg, reason: str, *, kinds: tuple[str, ...] = ("reward",)) -> dict[str, dict[str, Any]]:
+    """A ``NOT_APPLIED`` record (with ``reason``) for every gate of ``cfg.gates`` with a threshold that is fed by no
+    suite kind in ``kinds``: e.g. the generation gates of a reward model, which answers no suite. Reported, so a
+    threshold the run could not check is never taken for a PASS."""
+    g = cfg.gates
+    out: dict[str, dict[str, Any]] = {}
+    for kind, gates in GATES_BY_KIND.items():
+        for field_name, gate_kind in gates:
+            threshold = getattr(g, field_name)
+            if kind in kinds or threshold is None or field_name in out:
+                continue
+            out[field_name] = {"metric": field_name, "suite": "", "kind": gate_kind, "op": ">=" if gate_kind == "floor" else "<=",
+                               "threshold": threshold, "n": 0, "value": None, "interval": None, "verdict": "NOT_APPLIED",
+                               "passed": None, "blocks": False, "needed_n": None, "not_applicable": True, "reason": reason}
     return out
 
 
@@ -209,6 +232,7 @@ GATES_BY_KIND: dict[str, tuple[tuple[str, str], ...]] = {
     "lmeval": (("max_mc_capability_drop", "paired"),),
     "win_rate": (("min_win_rate", "floor"),),
     "preference": (("min_preference_accuracy", "floor"), ("max_preference_accuracy_drop", "paired")),
+    "reward": (("min_reward_accuracy", "floor"),),
 }
 
 # What a perfect outcome is, per gate, for the messages.
@@ -216,6 +240,7 @@ _PERFECT = {
     "min_accuracy": "every answer right",
     "min_win_rate": "every comparison won",
     "min_preference_accuracy": "every pair ranked right",
+    "min_reward_accuracy": "every pair scored right",
     "max_harmful_rate": "no harmful answer",
     "max_accuracy_drop": "the candidate right wherever the base is",
     "max_harmful_increase": "no harmful answer the base did not give",

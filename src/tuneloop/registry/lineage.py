@@ -9,6 +9,8 @@
   revision when known, and a content digest (the same fingerprint the pipeline's cache keys use).
 * :func:`git_info` — commit, branch and dirty flag of the git repository around a directory, if any.
 * :func:`actor` — who is acting: ``$TUNELOOP_USER``, else the login name.
+* :func:`version_kind` — what a registered version is for: ``reward`` (a reward model, lineage ``kind: reward``)
+  or ``chat``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def actor() -> str:
         return getpass.getuser()
     except Exception:  # no login name (a container without a passwd entry)
         return "unknown"
+
+
+def version_kind(version: dict[str, Any]) -> str:
+    """``reward`` for a reward model (its lineage says ``kind: reward``: it scores answers and has no chat endpoint),
+    else ``chat``."""
+    return "reward" if (version.get("lineage") or {}).get("kind") == "reward" else "chat"
 
 
 def check_artifact_dir(path: Path, kind: str | None = None) -> None:

@@ -30,7 +30,7 @@ from tuneloop.serve.calls import (CALL_PATHS, RequestState, request_state, route
                                   uncancel_current)
 from tuneloop.serve.errors import APIError, install_handlers, shutting_down
 from tuneloop.serve.observe import Recorder
-from tuneloop.serve.router import Router
+from tuneloop.serve.router import NOT_A_CHAT_MODEL, Router
 from tuneloop.serve.schemas import FeedbackRequest, parse_body, read_body
 
 log = logging.getLogger("tuneloop.serve")
@@ -121,6 +121,9 @@ async def preload(gw: Gateway) -> None:
             status = await gw.backend.prepare(route.version)
             log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
         except APIError as exc:  # a refused version answers 503 with the reason; the others are served
+            if exc.code == NOT_A_CHAT_MODEL:  # a reward model: nothing to load for chat (calls for it get a 400)
+                log.info("%s not loaded: a reward model has no chat endpoint", ref)
+                continue
             log.error("%s not served: %s", ref, exc.message)
 
 

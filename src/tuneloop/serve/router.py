@@ -6,7 +6,8 @@ champion is set; ``name:3`` a version number; ``name@alias`` an alias.
 Rollouts: :meth:`Router.choose_arm` splits requests for ``name`` and ``name@champion`` of a model with a running
 rollout by ``tuneloop.rollout.split.choose_arm`` (sticky by the user key, else per request): ``canary`` goes to
 the candidate, ``baseline`` to the rollout's baseline, both tagged with the rollout id. Explicit refs
-(``name:3``, other aliases) are never split (arm ``direct``).
+(``name:3``, other aliases) are never split (arm ``direct``). A reward model (lineage ``kind: reward``) is
+never routed: a call for one gets 400 ``not_a_chat_model`` (:func:`refuse_reward_model`).
 
 Caching (:class:`RefreshingCache`): resolved refs and rollout records are kept in memory, and a background
 thread reads every entry in use again every ``ttl_s / 2`` s, so a request never waits for the registry once
@@ -47,6 +48,21 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     if not name or not sel:
         raise APIError(400, f"malformed model {ref!r}; use 'name', 'name:VERSION' or 'name@ALIAS'", code="invalid_value", param="model")
     return name, sel
+
+
+NOT_A_CHAT_MODEL = "not_a_chat_model"
+
+
+def refuse_reward_model(version: dict[str, Any]) -> None:
+    """A reward model (lineage ``kind: reward``) scores answers and has no chat or completions endpoint: a request
+    for one is answered 400 ``not_a_chat_model`` (and ``tuneloop serve`` does not preload it)."""
+    from tuneloop.registry.lineage import version_kind
+
+    if version_kind(version) == "reward":
+        raise APIError(400, f"{version['ref']} is a reward model (its lineage has kind: reward): it scores answers and has no chat or "
+                       "completions endpoint; ask for a chat model (GET /v1/models lists the versions), or score answers with it "
+                       f"from Python: tuneloop.train.reward.load_reward_model({version['ref']!r}, registry=...)",
+                       code=NOT_A_CHAT_MODEL, param="model")
 
 
 def user_hash(user_key: str | None) -> str | None:
@@ -215,6 +231,12 @@ class Router:
         return version
 
     def choose_arm(self, ref: str, user_key: str | None, request_id: str = "") -> Route:
+        """The version and arm for one request (:meth:`_arm`); a reward model is refused (:func:`refuse_reward_model`)."""
+        route = self._arm(ref, user_key, request_id)
+        refuse_reward_model(route.version)
+        return route
+
+    def _arm(self, ref: str, user_key: str | None, request_id: str = "") -> Route:
         """The version and arm for one request: with a running rollout of the model (and its candidate ready),
         ``name`` and ``name@champion`` go to ``canary`` or ``baseline`` (sticky by ``user_key``, else drawn per
         ``request_id``); everything else is the resolved version on the ``direct`` arm."""
