@@ -169,12 +169,20 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "reward"] = Field(
         "sft",
         description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
-        "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled).",
+        "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled). "
+        "`reward`: a reward model on prompt/chosen/rejected records (TRL's RewardTrainer; the base gets a one-output "
+        "sequence-classification head, trained with LoRA or in full), registered with `kind: reward` in its lineage and "
+        "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates.",
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, le=10.0,
+        description="`reward`: weight of the loss term mean((r_chosen + r_rejected)^2) that keeps the scores centred on 0 "
+        "(TRL's `center_rewards_coefficient`, Eisenstein et al. 2023); `null` (default) adds none; TRL recommends 0.01.",
+    )
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
     )
@@ -439,6 +447,15 @@ class GatesConfig(_Section):
         description="DPO runs (`train.objective: dpo`): minimum share of held-out preference pairs where the candidate's "
         "log-likelihood (summed over the answer's tokens, not length-normalised) of the chosen answer is above the rejected "
         "one's. PASS when the lower confidence bound (Wilson) is at least this; 0.5 asks for better than chance.",
+    )
+    min_reward_accuracy: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Reward models (`train.objective: reward`): minimum held-out pairwise accuracy, the share of held-out "
+        "preference pairs whose chosen answer the model scores above the rejected one (ties count as wrong). PASS when "
+        "the lower confidence bound (`interval`) is at least this; 0.5 asks for better than chance. The generation gates "
+        "do not apply to a reward model (reported as NOT_APPLIED).",
     )
     max_preference_accuracy_drop: float | None = Field(
         0.02,
