@@ -14,7 +14,7 @@ only when no finished result is there, and keeps the run records. Every result c
 | ``data_validation`` | the config's data | data digests, format, checks, tokenizer | :class:`DataResult` |
 | ``preprocessing`` | clean records | data key, tokenizer, template, max length, split, seed, source weights | :class:`PreparedData` |
 | ``training`` | tokenized data | data key, base model, ``train:`` section, seed | :class:`TrainedModel` |
-| ``evaluation`` | model, eval items (DPO: held-out pairs) | data and model keys, ``eval:``, suite files, ``gates:``, reference | :class:`EvalResult` |
+| ``evaluation`` | model, eval items (DPO: held-out pairs; a reward model: only those, scored) | data and model keys, ``eval:``, suite files, ``gates:``, reference | :class:`EvalResult` |
 | ``model_registry`` | model, metrics, gates | (not cached: the registry de-duplicates by cache key) | :class:`RegisteredVersion` |
 | ``deployment`` | version | (not cached: an alias already there is a no-op) | :class:`Deployment` |
 """
@@ -436,18 +436,23 @@ def _portable_eval(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
-    """Base (or champion) vs candidate on every suite, then the gates; a blocking gate fails the stage."""
+    """Base (or champion) vs candidate on every suite, then the gates; a blocking gate fails the stage. A reward
+    model is scored on the held-out pairs instead (:mod:`tuneloop.evaluate.reward`)."""
     from tuneloop.evaluate.evaluation import champion_ref, evaluate_candidate
 
     c = ctx.cfg
+    reward = objective_of(c).evaluates == "reward"  # a reward model: it scores the held-out pairs, it answers no suite
     reference, note, against = None, "", None
     if c.gates.against == "champion":
+        from tuneloop.evaluate.reward import reward_champion
         from tuneloop.registry.api import open_registry
 
-        reference, note = champion_ref(c, open_registry(c, ctx.ws))
+        reference, note = (reward_champion if reward else champion_ref)(c, open_registry(c, ctx.ws))
         against = reference.digest if reference else "base"
 
     def compute(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        if reward:
+            return _evaluate_reward_model(ctx, model, reference, note, out)
         with EvalProgress(ctx.console) as bars:
             metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
                                                 progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
@@ -464,6 +469,17 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
     blocked = [f"{name} {g.get('verdict', 'FAIL')}: {g.get('reason', '')}" for name, g in gates.items() if g["passed"] is False]
     error = "gate blocked: " + "; ".join(blocked) if blocked else ""
     return EvalResult(Outcome(entry.key, {**entry.metrics, "gates": gates}, entry.outputs, entry.cached, error), model, gates)
+
+
+def _evaluate_reward_model(ctx: StageContext, model: TrainedModel, reference: Any, note: str, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation's work for a reward model: held-out pairwise accuracy (:mod:`tuneloop.evaluate.reward`)."""
+    from tuneloop.evaluate.reward import evaluate_reward_model
+
+    metrics, gates = evaluate_reward_model(ctx.cfg, model.prepared.eval_records, model.model_dir, out, reference=reference,
+                                           progress=lambda what: ctx.say(f"  evaluating {what} ..."))
+    if note:
+        metrics["against_note"] = note
+    return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
 
 
 # --------------------------------------------------------------------------------------- model_registry
@@ -503,6 +519,8 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "git": git_info(Path(ctx.config_path).parent if ctx.config_path else None),
         "config_path": ctx.config_path,
     }
+    if objective_of(c).evaluates == "reward":  # a reward model: it scores answers; the gateway does not serve it as a chat model
+        lineage["kind"] = "reward"
     ev_metrics = {k: v for k, v in evaluated.outcome.metrics.items() if k != "gates"}
     version = open_registry(c, ctx.ws).register(
         c.model_name, trained.model_dir, artifact_kind=trained.kind, base_model=c.base_model, lineage=lineage,
@@ -678,11 +696,18 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
     add the held-out pairs (``preference``). Shipped or configured red-team, benign and multiple-choice suites:
     their items. General text: its tokens with the base model's tokenizer (loaded, not the model). A size that
     cannot be known cheaply (an ``lmeval`` suite, a tokenizer that does not load) is ``None`` with a note.
+    A reward model runs no suite: its only size is the held-out pairs (``reward``, gated by ``min_reward_accuracy``).
     """
     from tuneloop.evaluate.gates import SuiteSize
     from tuneloop.evaluate.suites import load_suite
 
     ev = cfg.eval
+    if objective_of(cfg).evaluates == "reward":
+        try:
+            n, grow = _eval_record_count(cfg, ev.max_eval_samples)
+            return {"reward": SuiteSize("reward", n, grow, unit="pairs")}
+        except Exception as exc:
+            return {"reward": SuiteSize("reward", None, note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})")}
     sizes: dict[str, SuiteSize] = {}
     dpo = cfg.train.objective == "dpo"
     eval_count: tuple[int, str] | None = None
