@@ -178,6 +178,21 @@ class TrainConfig(_Section):
         "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates.",
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
+    kto_beta: float = Field(
+        0.1, gt=0.0, le=100.0,
+        description="`kto`: TRL's `beta`, how far the policy may move from the reference model (higher: less far).",
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="`kto`: weight of the desirable answers' loss (TRL's `desirable_weight`). With unequal numbers of "
+        "desirable (D) and undesirable (U) answers, the KTO paper advises desirable_weight x D / (undesirable_weight x U) "
+        "between 1 and 4/3, e.g. desirable_weight: 3 for one desirable answer to three undesirable ones; the training "
+        "metrics record D and U.",
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="`kto`: weight of the undesirable answers' loss (TRL's `undesirable_weight`); see `kto_desirable_weight`.",
+    )
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, le=10.0,
         description="`reward`: weight of the loss term mean((r_chosen + r_rejected)^2) that keeps the scores centred on 0 "
@@ -253,6 +268,14 @@ class TrainConfig(_Section):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Also send training metrics to this tracker (its package must be installed)."
     )
+
+    @model_validator(mode="after")
+    def _kto_batch(self) -> "TrainConfig":
+        if self.objective == "kto" and self.batch_size < 2:
+            raise _ItemProblem(".batch_size", "train.objective kto needs batch_size 2 or more: KTO estimates its KL term from "
+                                              "each answer paired with another prompt of the same (per-device) batch; raise "
+                                              "batch_size (lower gradient_accumulation_steps to keep the effective batch)")
+        return self
 
 
 class SuiteConfig(_Section):

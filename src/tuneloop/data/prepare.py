@@ -7,6 +7,8 @@ Entry point: :func:`prepare_dataset`. Input is the canonical records written by 
 * ``train/`` — a ``datasets`` dataset of ``input_ids`` and ``labels`` (-100 on tokens that carry no loss);
 * ``eval.jsonl`` — evaluation items: ``id``, ``messages`` (the prompt) and ``reference`` (the expected answer);
 * ``dropped.jsonl`` — training records that could not be used, with the reason (never dropped silently).
+
+:func:`prepare_kto` is the same stage for ``train.objective: kto`` (TRL's prompt/completion/label records).
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] |
         counts[rec.get("_source", 0)] += 1
     return [{"path": r["path"], "weight": r["weight"], "records": n, "train_records": r["train_records"], "samples": r["samples"]}
             for r, n in zip(rows, counts)]
+
+
+def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluation items (prompt + reference) from the records that end with an assistant turn; a kto record
+    labelled false is no reference and makes none."""
+    items = []
+    for i, rec in enumerate(eval_records):
+        msgs = sft_messages(rec)
+        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
+            continue
+        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+    return items
 
 
 def _segments(tok, messages: list[dict[str, str]], train_on_inputs: bool) -> list[tuple[str, bool]]:
@@ -183,12 +197,7 @@ def prepare_dataset(
     Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
     _write_records(out_dir / "train_records.jsonl", train_records)  # for external trainers (train.backend: command)
     _write_records(out_dir / "eval_records.jsonl", eval_records)
-    items = []
-    for i, rec in enumerate(eval_records):
-        msgs = sft_messages(rec)
-        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
-            continue
-        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+    items = _eval_items(eval_records)
     atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
     atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
     n = len(rows["input_ids"])
@@ -234,7 +243,6 @@ def prepare_preferences(
     (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer.
     ``sources`` weights the training pairs as in :func:`prepare_dataset`."""
     import datasets
-    from datasets import Dataset
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
@@ -242,23 +250,77 @@ def prepare_preferences(
     train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
     train_records, per_source = apply_weights(train_records, sources, seed)
     rows = [trl_preference(r) for r in train_records]
-    Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
-    _write_records(out_dir / "train_records.jsonl", train_records)
-    _write_records(out_dir / "eval_records.jsonl", eval_records)
     items = [
         {"id": f"eval-{i}", "line": r.get("_line"), "messages": _plain(r["messages"]), "reference": r["chosen"][-1]["content"]}
         for i, r in enumerate(eval_records)
     ]
+    metrics = {"objective": "dpo", "train_samples": len(rows), "eval_samples": len(items), "eval_source": split, "dropped": 0,
+               "eval_reference": "chosen answer"}
+    return _write_prepared(out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
+
+
+# ------------------------------------------------------------------------------------------------- kto
+#
+# `train.objective: kto` trains on the data stage's canonical kto records (``{"messages": [..., assistant],
+# "label": bool}``), given to TRL in its conversational unpaired shape ``{"prompt": [...], "completion":
+# [assistant], "label": bool}``. TRL's KTO estimates its KL term from each batch's completions paired with the
+# batch's other prompts and reads the data in order (no shuffling), so the records are shuffled here, seeded.
+
+
+def trl_unpaired(rec: dict[str, Any]) -> dict[str, Any]:
+    """A canonical kto record as TRL's conversational unpaired record."""
+    return {"prompt": _plain(rec["messages"][:-1]), "completion": _plain(rec["messages"][-1:]), "label": rec["label"]}
+
+
+def kto_label_counts(path: Path) -> tuple[int, int]:
+    """(desirable, undesirable) records of a canonical kto file."""
+    labels = [r.get("label") for r in read_jsonl(path)]
+    return labels.count(True), labels.count(False)
+
+
+def prepare_kto(
+    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int,
+    sources: Sequence[TrainSource] | None = None,
+) -> dict[str, Any]:
+    """The preprocessing stage for KTO: a ``datasets`` dataset of prompt/completion/label conversations (TRL
+    tokenizes it with the chat template), in a seeded shuffled order, and evaluation items whose reference is a
+    desirable answer, so the task suites gate a KTO run as they gate SFT. Without ``eval_path`` the held-out
+    share is drawn from the desirable records only (an undesirable answer makes no evaluation item), so every
+    undesirable answer trains. ``sources`` weights the training records as in :func:`prepare_dataset`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    clean = read_jsonl(train_path)
+    if eval_path is None:
+        kept, eval_records, split = _split([r for r in clean if r["label"]], None, eval_split, seed)
+        kept_ids = {id(r) for r in kept}
+        train_records = [r for r in clean if not r["label"] or id(r) in kept_ids]
+        split = split.replace("of train", "of the desirable train records")
+    else:
+        train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
+    train_records, per_source = apply_weights(train_records, sources, seed)
+    rows = [trl_unpaired(r) for r in train_records]
+    random.Random(f"kto order:{seed}").shuffle(rows)
+    items = _eval_items(eval_records)
+    desirable = sum(1 for r in rows if r["label"])
+    metrics = {"objective": "kto", "train_samples": len(rows), "desirable": desirable, "undesirable": len(rows) - desirable,
+               "eval_samples": len(items), "eval_source": split, "dropped": 0, "eval_reference": "desirable answer"}
+    return _write_prepared(Path(out_dir), rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
+
+
+def _write_prepared(out_dir: Path, rows: list[dict[str, Any]], train_records: list[dict[str, Any]],
+                    eval_records: list[dict[str, Any]], items: list[dict[str, Any]], metrics: dict[str, Any], *,
+                    clean: list[dict[str, Any]], per_source: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Write what a TRL objective's preprocessing stage hands on: ``train/`` (a ``datasets`` dataset of ``rows``),
+    the canonical train and eval records, the evaluation ``items``, an empty ``dropped.jsonl`` and
+    ``metrics.json`` (``metrics`` plus, for a list of sources, ``sources``); returns the metrics."""
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
     atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
     atomic_write_text(out_dir / "dropped.jsonl", "")
-    metrics = {
-        "objective": "dpo",
-        "train_samples": len(rows),
-        "eval_samples": len(items),
-        "eval_source": split,
-        "dropped": 0,
-        "eval_reference": "chosen answer",
-    }
     if per_source is not None:
         metrics["sources"] = _kept_per_source(clean, per_source)
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -181,6 +181,8 @@ def step_logger(metrics_path: Path, progress: Callable[[int, int, dict], None] |
             }
             # DPO: preference rewards and log-probabilities, as TRL logs them.
             row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/"))})
+            if "kl" in logs:  # KTO: its KL estimate (the reference point of its losses)
+                row["kl"] = logs["kl"]
             self.t_last, self.step_last = now, state.global_step
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
