@@ -166,13 +166,96 @@ class DataConfig(_Section):
         return list(self.train_data)
 
 
+_REWARD_FUNCTION = re.compile(r"^(?P<file>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+REWARD_KINDS = ("metric", "function", "model", "judge")
+
+
+class RewardSpec(_Section):
+    """One item of `train.rewards` (`train.objective: grpo`): exactly one of `metric`, `function`, `model` or `judge`, and its weight."""
+
+    metric: Literal["exact", "contains", "regex", "token_f1", "chrf"] | None = Field(
+        None,
+        description="A verifiable reward: the task metric of each completion against the prompt's reference (the final "
+        "assistant turn of its record), scored by the same code as the `task` suite: `exact`, `contains`, `regex` (`pattern`, "
+        "else the reference as a regex) and `chrf` (pass at `threshold`) give 0 or 1, `token_f1` a value in [0, 1].",
+    )
+    pattern: str | None = Field(None, description="`metric: regex`: the regex searched in each completion (default: the reference).")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="`metric: chrf`: the chrF at which a completion scores 1 (default 0.4, as the task suite).")
+    function: str | None = Field(
+        None,
+        description="A Python reward function, `FILE.py:NAME` (the file relative to the config's directory; its sha256 goes "
+        "into the training cache key and the version's lineage). It is called as TRL calls reward functions: "
+        "`NAME(prompts=..., completions=..., reference=..., **kwargs)` with one batch (conversational: each completion is "
+        "`[{\"role\": \"assistant\", \"content\": ...}]`) and returns one number per completion (`None`: no reward for that "
+        "item). An exception, a wrong length, NaN or a non-number fails the training stage naming the function and the item.",
+    )
+    model: str | None = Field(
+        None, description="A registered reward model (`train.objective: reward`), e.g. `bot-rm@champion`: its score of each prompt + completion."
+    )
+    judge: Literal[True] | None = Field(
+        None,
+        description="`true`: the configured `eval.judge` (`kind: openai`, an OpenAI-compatible endpoint) rates each completion "
+        "from 0 to 10 against the prompt and its reference; the reward is the rating / 10.",
+    )
+    weight: float = Field(
+        1.0, ge=-1000.0, le=1000.0, allow_inf_nan=False,
+        description="Weight of this reward in the sum GRPO normalises within each group of completions (TRL `reward_weights`).",
+    )
+    # The function as the config wrote it (set when relative paths are resolved): its name in messages and lineage.
+    _written: str | None = None
+
+    @field_validator("function")
+    @classmethod
+    def _function_spec(cls, v: str | None) -> str | None:
+        if v is not None and not _REWARD_FUNCTION.match(v.strip()):
+            raise _ItemProblem("", f"{v!r} is not FILE.py:FUNCTION; give a Python file (relative to the config) and the name "
+                                   "of a function in it, e.g. \"rewards.py:score\"")
+        return v.strip() if v is not None else v
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> "RewardSpec":
+        given = [k for k in REWARD_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            what = "none of them" if not given else " and ".join(given)
+            raise _ItemProblem("", f"give exactly one of `metric`, `function`, `model`, `judge: true` per reward (this one has "
+                                   f"{what}); list two rewards as two items")
+        if self.pattern is not None and self.metric != "regex":
+            raise _ItemProblem(".pattern", "only `metric: regex` uses a pattern; remove it or set metric: regex")
+        if self.threshold is not None and self.metric != "chrf":
+            raise _ItemProblem(".threshold", "only `metric: chrf` uses a threshold; remove it or set metric: chrf")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``metric``, ``function``, ``model`` or ``judge``."""
+        return next(k for k in REWARD_KINDS if getattr(self, k) is not None)
+
+    @property
+    def label(self) -> str:
+        """The reward as the config wrote it, for messages: ``metric exact``, ``function rewards.py:score``, ``judge``."""
+        if self.kind == "function":
+            return f"function {self._written or self.function}"
+        if self.kind == "judge":
+            return "judge"
+        return f"{self.kind} {getattr(self, self.kind)}"
+
+    def function_parts(self) -> tuple[str, str]:
+        """(file, function name) of a ``function`` reward."""
+        m = _REWARD_FUNCTION.match(self.function or "")
+        if m is None:
+            raise ValueError(f"not a function reward: {self.label}")
+        return m.group("file"), m.group("name")
+
+
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
-    objective: Literal["sft", "dpo", "reward"] = Field(
+    objective: Literal["sft", "dpo", "grpo", "reward"] = Field(
         "sft",
         description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
         "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled). "
+        "`grpo`: group relative policy optimisation (TRL's GRPOTrainer) on the prompts of conversation records, scored "
+        "by `train.rewards` (the final assistant turn is each prompt's reference for verifiable rewards). "
         "`reward`: a reward model on prompt/chosen/rejected records (TRL's RewardTrainer; the base gets a one-output "
         "sequence-classification head, trained with LoRA or in full), registered with `kind: reward` in its lineage and "
         "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates.",
@@ -268,6 +351,45 @@ class TrainConfig(_Section):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Also send training metrics to this tracker (its package must be installed)."
     )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="`grpo`: the rewards that score each completion, each `{metric: ...}`, `{function: FILE.py:NAME}`, "
+        "`{model: REF}` or `{judge: true}` with an optional `weight` (default 1), e.g. `[{metric: exact}, {function: "
+        "rewards.py:score, weight: 0.5}]`. The run records each one's mean per step (`rewards/<name>/mean` in the "
+        "training metrics).",
+    )
+    num_generations: int = Field(
+        8, ge=2, le=1024,
+        description="`grpo`: completions sampled per prompt; each is scored against the others of its group. `batch_size` "
+        "counts prompts, so a step trains on `batch_size` x `num_generations` completions (TRL's default 8).",
+    )
+    max_completion_length: int = Field(
+        512, ge=1, le=2**20,
+        description="`grpo`: the most tokens generated per completion (TRL's default 512). The report flags a run where most "
+        "completions reach it.",
+    )
+    grpo_beta: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="`grpo`: KL coefficient against the reference model (TRL `beta`). 0 (TRL's default) loads no reference "
+        "model and logs no `kl`; with LoRA the reference is the base with the adapter disabled.",
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo",
+        description="`grpo`: TRL's GRPO loss formulation (default `dapo`, TRL's: token losses normalised over the whole "
+        "batch; `grpo` normalises per sequence; `luspo` uses sequence-level importance sampling). See TRL's GRPOConfig.",
+    )
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="`grpo`: sampling temperature of the completions (TRL's default 1.0).")
+
+    @model_validator(mode="after")
+    def _grpo_rewards(self) -> "TrainConfig":
+        if self.objective == "grpo" and not self.rewards:
+            raise _ItemProblem(".rewards", "train.objective grpo needs at least one reward, e.g. `rewards: [{metric: exact}]` "
+                                           "(a task metric against each prompt's reference), `{function: rewards.py:score}`, "
+                                           "`{model: REF}` or `{judge: true}`")
+        if self.rewards and self.objective != "grpo":
+            raise _ItemProblem(".rewards", f"rewards score GRPO completions; train.objective is {self.objective}: remove "
+                                           "`rewards` or set train.objective: grpo")
+        return self
 
     @model_validator(mode="after")
     def _kto_batch(self) -> "TrainConfig":
@@ -941,7 +1063,7 @@ def _dotted(loc: tuple) -> str:
     """A key path for messages: ``data.train_data[1].weight`` for a source list's item, ``notify.webhooks.0`` otherwise."""
     out = ""
     for i, part in enumerate(loc):
-        if isinstance(part, int) and i and loc[i - 1] == "train_data":
+        if isinstance(part, int) and i and loc[i - 1] in ("train_data", "rewards"):
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
@@ -1212,6 +1334,13 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
             suite.path = str((base_dir / os.path.expanduser(suite.path)).resolve())
         if suite.include_path and not os.path.isabs(os.path.expanduser(suite.include_path)):
             suite.include_path = str((base_dir / os.path.expanduser(suite.include_path)).resolve())
+    for reward in cfg.train.rewards:  # a reward function's file: relative to the config, as data files are
+        if reward.function:
+            file, name = reward.function_parts()
+            if reward._written is None:
+                reward._written = reward.function
+            if not os.path.isabs(os.path.expanduser(file)):
+                reward.function = f"{(base_dir / os.path.expanduser(file)).resolve()}:{name}"
     jp = cfg.eval.judge.path
     if jp and not os.path.isabs(os.path.expanduser(jp)) and (base_dir / os.path.expanduser(jp)).exists():
         cfg.eval.judge.path = str((base_dir / os.path.expanduser(jp)).resolve())
@@ -1309,6 +1438,7 @@ def _type_name(annotation: Any) -> str:
 # Nested sections documented under their section in the reference.
 SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
     "data": (("data.train_data[]", TrainSource),),
+    "train": (("train.rewards[]", RewardSpec),),
     "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
     "notify": (("notify.webhooks[]", WebhookConfig),),
     "deploy": (("deploy.canary", CanaryConfig), ("deploy.canary.metrics[]", CanaryMetricConfig),
