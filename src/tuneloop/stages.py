@@ -302,6 +302,11 @@ def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str
     sources = cfg.data.train_sources if isinstance(cfg.data.train_data, list) else None
     if cfg.train.objective == "dpo":
         metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
+    elif objective_of(cfg).data == "prompts":
+        from tuneloop.data.prepare import prepare_prompts
+
+        metrics = prepare_prompts(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
+                                  eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
     else:
         metrics = prepare_dataset(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
                                   eval_split=cfg.data.eval_split, seed=cfg.seed, train_on_inputs=cfg.train.train_on_inputs,
@@ -332,6 +337,10 @@ def training_inputs(cfg: PipelineConfig, prepared: PreparedData) -> dict[str, An
     base_dir = config_dir(cfg)
     train = cfg.train.model_dump(mode="json", exclude={"save_steps"})
     train["accelerate_config"] = config_relative(train.get("accelerate_config"), base_dir)
+    if cfg.train.rewards:  # a reward function by its path as written and its file's sha256
+        from tuneloop.train.rewards import reward_inputs
+
+        train["rewards"] = reward_inputs(cfg)
     return {
         "data": prepared.outcome.key,
         "base_model": config_relative(cfg.base_model, base_dir),
@@ -521,6 +530,10 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
     }
     if objective_of(c).evaluates == "reward":  # a reward model: it scores answers; the gateway does not serve it as a chat model
         lineage["kind"] = "reward"
+    if c.train.rewards:  # grpo: each reward; a function with its file's sha256 (part of the training cache key)
+        from tuneloop.train.rewards import reward_inputs
+
+        lineage["rewards"] = reward_inputs(c)
     ev_metrics = {k: v for k, v in evaluated.outcome.metrics.items() if k != "gates"}
     version = open_registry(c, ctx.ws).register(
         c.model_name, trained.model_dir, artifact_kind=trained.kind, base_model=c.base_model, lineage=lineage,
@@ -837,6 +850,10 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
     if (problem := registry_problem(cfg)) is not None:
         problems.append(problem)
     problems += _tracker_problems(cfg)
+    if cfg.train.rewards:
+        from tuneloop.train.rewards import reward_problems
+
+        problems += reward_problems(cfg)
     if cfg.train.backend == "command":
         from tuneloop.train.external import command_problems
 

@@ -325,3 +325,83 @@ def _write_prepared(out_dir: Path, rows: list[dict[str, Any]], train_records: li
         metrics["sources"] = _kept_per_source(clean, per_source)
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+#
+# `train.objective: grpo` trains on prompts: each conversation record's turns before its final assistant turn,
+# given to TRL as a conversational prompt; the final assistant turn is kept as the item's ``reference`` (what
+# verifiable rewards such as `metric: exact` compare a completion with). The eval items are those of SFT, so
+# the task gates apply as they do to an SFT run.
+
+
+def prompt_record(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(TRL's conversational prompt record ``{"prompt": [...], "reference": str}``, "") for a canonical record,
+    or (None, why it cannot be a GRPO prompt)."""
+    if rec.get("label") is False:
+        return None, "kto label false: its answer is undesirable, so it is no reference for a reward"
+    messages = sft_messages(rec)
+    if messages is None:
+        return None, "a text record has no prompt; GRPO needs conversations (a prompt and its reference answer)"
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        return None, "no final assistant turn after a prompt: GRPO keeps it as the prompt's reference"
+    return {"prompt": _plain(messages[:-1]), "reference": messages[-1]["content"]}, ""
+
+
+def prepare_prompts(
+    tok, train_path: Path, eval_path: Path | None, out_dir: Path, *, max_length: int, eval_split: float, seed: int,
+    sources: Sequence[TrainSource] | None = None,
+) -> dict[str, Any]:
+    """The preprocessing stage for GRPO: a ``datasets`` dataset of ``prompt`` (a conversation ending before the
+    final assistant turn) and ``reference`` (that turn), and the evaluation items of :func:`prepare_dataset`.
+    A record that has no prompt and reference, or whose prompt (chat template and generation prompt included)
+    is longer than ``max_length`` tokens, is dropped with the reason. ``sources`` weights as in
+    :func:`prepare_dataset`."""
+    import datasets
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()
+    out_dir = Path(out_dir)
+    clean = read_jsonl(train_path)
+    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
+    train_records, per_source = apply_weights(train_records, sources, seed)
+    rows, dropped, prompt_tokens = [], [], 0
+    for rec in train_records:
+        row, why = prompt_record(rec)
+        if row is None:
+            dropped.append({"line": rec.get("_line"), "reason": why})
+            continue
+        text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n > max_length:
+            dropped.append({"line": rec.get("_line"), "reason": f"prompt is {n} tokens, over data.max_length={max_length}"})
+            continue
+        prompt_tokens += n
+        rows.append(row)
+    Dataset.from_list(rows or [], features=None if rows else datasets.Features(
+        {"prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}], "reference": datasets.Value("string")}
+    )).save_to_disk(str(out_dir / "train"))
+    _write_records(out_dir / "train_records.jsonl", train_records)
+    _write_records(out_dir / "eval_records.jsonl", eval_records)
+    items = []
+    for i, rec in enumerate(eval_records):
+        msgs = sft_messages(rec)
+        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
+            continue
+        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
+    metrics = {
+        "objective": "grpo",
+        "train_samples": len(rows),
+        "eval_samples": len(items),
+        "eval_source": split,
+        "dropped": len(dropped),
+        "mean_prompt_tokens": round(prompt_tokens / len(rows), 1) if rows else 0.0,
+        "max_length": max_length,
+        "eval_reference": "final assistant turn",
+    }
+    if per_source is not None:
+        metrics["sources"] = _kept_per_source(clean, per_source)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics

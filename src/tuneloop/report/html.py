@@ -81,6 +81,9 @@ def write_report(run_dir: Path) -> Path:
     if tm.is_file():
         rows = [json.loads(x) for x in tm.read_text().splitlines() if x.strip()]
         parts.append("<h2>Training loss</h2>" + _loss_svg(rows))
+        from tuneloop.report.rewards import rewards_section
+
+        parts.append(rewards_section(rows, stages))  # GRPO runs: rewards, completion length, reward-hacking flags
 
     items = run_dir / "eval_items.jsonl"
     if items.is_file():
