@@ -88,7 +88,7 @@ def test_export_config_for_axolotl_and_llamafactory(make_config, tmp_path):
     assert y["eval_dataset"] in info
 
     bad = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "unsloth"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "expected axolotl or llamafactory" in bad.stderr
+    assert bad.returncode == 2 and "expected axolotl, llamafactory or openrlhf" in bad.stderr
 
 
 def test_an_interrupted_command_leaves_no_process_behind(tmp_path):

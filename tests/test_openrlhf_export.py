@@ -1,0 +1,343 @@
+"""`tuneloop export-config --to openrlhf`, checked against OpenRLHF's own argument parsers (tests/openrlhf_parser.py).
+
+OpenRLHF cannot train here (no GPU, no deepspeed): what is checked is that every exported command is accepted by
+the parser of the OpenRLHF CLI module it launches and by that module's checks after parsing, with tuneloop's
+placeholders filled as `train.backend: command` fills them; that the arguments mean what the config says; and, with
+a stand-in launcher (tests/openrlhf_standin.py) that reads the data through OpenRLHF's own preprocess_data and saves
+the model the way OpenRLHF's save_model does, that `tuneloop run` picks up, gates and registers what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openrlhf_parser import INSTALL, Rejected, openrlhf_args, openrlhf_dir, openrlhf_function
+from tuneloop import FineTunePipeline, load_config
+from tuneloop.errors import ConfigError
+from tuneloop.train.external import PLACEHOLDERS
+from tuneloop.train.openrlhf import export_openrlhf, openrlhf_command
+
+pytestmark = pytest.mark.skipif(openrlhf_dir() is None, reason=f"openrlhf is not installed; {INSTALL} (its argument "
+                                "parsers are what these tests check the exported commands against)")
+
+README = Path(__file__).parents[1] / "README.md"
+STANDIN = Path(__file__).with_name("openrlhf_standin.py")
+
+
+def _pairs(path: Path, n: int, seed: int) -> Path:
+    from tuneloop.demo_assets import LABELS, task_records
+
+    rows = []
+    for r in task_records(n, seed=seed):
+        right = r["messages"][-1]["content"]
+        wrong = LABELS[(LABELS.index(right) + 1) % len(LABELS)]
+        rows.append({"prompt": r["messages"][:-1], "chosen": right, "rejected": wrong})
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return path
+
+
+@pytest.fixture
+def pref_data(tmp_path) -> tuple[Path, Path]:
+    return _pairs(tmp_path / "pairs.jsonl", 24, 3), _pairs(tmp_path / "pairs_eval.jsonl", 8, 4)
+
+
+def _fill(cfg, command: str, where: Path) -> str:
+    """``command`` with its placeholders filled the way ``train.backend: command`` fills them (external.run_command)."""
+    t = cfg.train
+    values = {
+        "base_model": cfg.base_model, "train_file": where / "train_records.jsonl", "eval_file": where / "eval_records.jsonl",
+        "output_dir": where / "external_output", "config_file": where / "tuneloop_config.yaml", "seed": cfg.seed,
+        "method": t.method, "objective": t.objective, "learning_rate": t.learning_rate, "num_epochs": t.num_epochs,
+        "max_steps": t.max_steps or 0, "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "max_length": cfg.data.max_length,
+    }
+    assert set(values) == set(PLACEHOLDERS)  # every placeholder a command may use
+    return command.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+
+
+def _launch(filled: str) -> tuple[str, list[str], list[str]]:
+    """(OpenRLHF module, its arguments, the words after `&&`) of a filled deepspeed command."""
+    words = shlex.split(filled)
+    after = words[words.index("&&") + 1:] if "&&" in words else []
+    words = words[: words.index("&&")] if "&&" in words else words
+    assert words[:2] == ["deepspeed", "--num_gpus"] and words[3] == "--module", words[:5]
+    return words[4], words[5:], after
+
+
+def test_the_check_rejects_what_openrlhf_rejects():
+    """The check can fail: an unknown option, a malformed value and a failed check after parsing are each refused."""
+    ok = openrlhf_args("openrlhf.cli.train_sft", ["--model.model_name_or_path", "m", "--data.apply_chat_template", "--data.multiturn"])
+    assert ok.model.model_name_or_path == "m" and ok.data.multiturn is True
+    with pytest.raises(Rejected, match="unrecognized arguments: --actor.model_name_or_path"):
+        # the name OpenRLHF's own README gives train_sft; its 0.11.2 parser has --model.model_name_or_path
+        openrlhf_args("openrlhf.cli.train_sft", ["--actor.model_name_or_path", "m"])
+    with pytest.raises(Rejected, match="invalid int value: '3.0'"):
+        openrlhf_args("openrlhf.cli.train_sft", ["--train.max_epochs", "3.0"])
+    with pytest.raises(Rejected, match="apply_chat_template must be enabled"):
+        openrlhf_args("openrlhf.cli.train_sft", ["--data.multiturn"])
+
+
+CASES = {
+    "sft-lora": dict(objective="sft", method="lora"),
+    "sft-full": dict(objective="sft", method="full", gradient_checkpointing=True),
+    "sft-qlora-modules": dict(objective="sft", method="qlora", target_modules=["q_proj", "v_proj"], precision="bf16"),
+    "dpo-lora": dict(objective="dpo", method="lora", dpo_beta=0.25),
+    "dpo-full": dict(objective="dpo", method="full", precision="fp16"),
+    "reward-full": dict(objective="reward", method="full"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_commands_pass_openrlhfs_parser(case, make_config, pref_data, tmp_path):
+    train = {**CASES[case], "num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 3, "learning_rate": 5e-5, "max_steps": None}
+    data = {} if train["objective"] == "sft" else {"data__train_data": str(pref_data[0]), "data__eval_data": str(pref_data[1])}
+    cfg = load_config(make_config(train=train, **data))
+    text = export_openrlhf(cfg)
+    snippet = yaml.safe_load(text)["train"]
+    assert snippet["backend"] == "command" and snippet["objective"] == cfg.train.objective
+    assert snippet["command"] == openrlhf_command(cfg)  # the YAML holds the command exactly
+
+    module, argv, after = _launch(_fill(cfg, snippet["command"], tmp_path))
+    assert module == {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm"}[cfg.train.objective]
+    a = openrlhf_args(module, argv)  # raises Rejected on anything OpenRLHF's parser or its checks refuse
+
+    t = cfg.train
+    assert a.model.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
+    assert a.data.dataset == str(tmp_path / "train_records.jsonl") and a.eval.dataset == str(tmp_path / "eval_records.jsonl")
+    assert a.eval.split == "train"  # a JSON file's one split (train_dpo's default, "test", would find nothing)
+    assert a.data.max_len == cfg.data.max_length and a.train.seed == cfg.seed and a.adam.lr == t.learning_rate
+    assert a.train.micro_batch_size == 4 and a.train.batch_size == 12 and a.train.max_epochs == 2
+    assert tuple(a.adam.betas) == (0.9, 0.999) and a.lr_scheduler == t.lr_scheduler and a.lr_warmup_ratio == 0
+    assert a.ds.zero_stage == 2 and a.ds.param_dtype == ("fp16" if t.precision == "fp16" else "bf16")
+    assert a.model.gradient_checkpointing_enable is t.gradient_checkpointing
+    if t.method == "full":
+        assert a.ds.lora.rank == 0 and a.ds.load_in_4bit is False
+    else:
+        assert (a.ds.lora.rank, a.ds.lora.alpha, a.ds.lora.dropout) == (t.lora_r, t.lora_alpha, t.lora_dropout)
+        assert a.ds.load_in_4bit is (t.method == "qlora")
+        assert a.ds.lora.target_modules == (t.target_modules if isinstance(t.target_modules, list) else "all-linear")
+    if t.objective == "sft":
+        assert (a.data.input_key, a.data.apply_chat_template, a.data.multiturn) == ("messages", True, True)
+        assert a.data.output_key is None and a.model.pretrain_mode_enable is False
+    else:
+        assert (a.data.prompt_key, a.data.chosen_key, a.data.rejected_key) == ("messages", "chosen", "rejected")
+        assert a.data.apply_chat_template is True
+    if t.objective == "dpo":
+        assert a.model.beta == t.dpo_beta and a.ref.model_name_or_path == cfg.base_model
+    if t.objective == "reward":
+        assert a.model.loss_type == "sigmoid" and a.ds.value_head_prefix == "score"
+        assert after == ["python", "-m", "tuneloop.train.openrlhf", "reward-config", str(tmp_path / "external_output")]
+    else:
+        assert after == []
+
+
+def test_the_cli_writes_the_snippet(make_config, tmp_path):
+    path = make_config()
+    out = tmp_path / "openrlhf.yaml"
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(out.read_text())["train"]["command"] == openrlhf_command(load_config(path))
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "trlx"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected axolotl, llamafactory or openrlhf" in r.stderr
+
+
+def test_a_custom_chat_template_reaches_openrlhf_verbatim_through_the_shell(make_config, tmp_path):
+    template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m[\"content\"] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    cfg = load_config(make_config(data__chat_template=template))
+    command = openrlhf_command(cfg)
+    assert "data.chat_template" in export_openrlhf(cfg)
+    filled = _fill(cfg, command, tmp_path)
+    # The words the shell gives the launcher (run_command runs the command with a shell).
+    r = subprocess.run(["bash", "-c", filled.replace("deepspeed ", "printf '%s\\0' ", 1)], capture_output=True, text=True, check=True)
+    words = r.stdout.split("\0")[:-1]
+    a = openrlhf_args(words[3], words[4:])
+    assert a.data.tokenizer_chat_template == template
+
+
+def test_settings_openrlhf_has_no_equivalent_for(make_config, pref_data, tmp_path):
+    cfg = load_config(make_config(train={"max_steps": 6, "warmup_steps": 10, "report_to": "tensorboard"}))
+    text = export_openrlhf(cfg)
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("train.max_steps 6 is not carried" in c for c in comments)
+    assert any("train.warmup_steps 10 is not carried" in c and "--lr_warmup_ratio" in c for c in comments)
+    assert any("train.report_to tensorboard is not carried" in c for c in comments)
+    assert "--lr_warmup_ratio" not in openrlhf_command(cfg)  # left to OpenRLHF's default, as the comment says
+
+    # What would change what is trained, or leave a model tuneloop cannot load, is refused, every problem at once.
+    cfg = load_config(make_config(train={"use_dora": True, "precision": "fp32", "num_epochs": 1.5, "train_on_inputs": True}))
+    with pytest.raises(ConfigError) as exc:
+        openrlhf_command(cfg)
+    keys = [p.split(":")[0] for p in exc.value.problems]
+    assert keys == ["train.use_dora", "train.precision", "train.num_epochs", "train.train_on_inputs"], exc.value.problems
+    cfg = load_config(make_config(train={"objective": "reward", "method": "lora"}, data__train_data=str(pref_data[0]),
+                                  data__eval_data=str(pref_data[1])))
+    with pytest.raises(ConfigError, match="without its score head"):
+        openrlhf_command(cfg)
+
+
+@pytest.mark.parametrize("objective,needle", [("kto", "no KTO trainer"), ("orpo", "no ORPO trainer"),
+                                              ("simpo", "no SimPO trainer"), ("grpo", "not with train.rewards")])
+def test_objectives_openrlhf_cannot_train_are_refused(objective, needle, make_config):
+    extra = {"rewards": [{"metric": "exact"}]} if objective == "grpo" else {}
+    path = make_config(train={"objective": objective, **extra})
+    with pytest.raises(ConfigError, match=needle):
+        openrlhf_command(load_config(path))
+    if objective == "kto":
+        r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "train.objective: kto cannot be exported to OpenRLHF" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ tuneloop runs the command (stand-in launcher)
+
+
+def _standin_path(tmp_path: Path) -> dict[str, str]:
+    """PATH with `deepspeed` -> the stand-in, and `python` -> this interpreter (the one tuneloop is installed in)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, target in (("deepspeed", f"{sys.executable} {STANDIN}"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OPENRLHF_STANDIN_LOG": str(tmp_path / "standin.json")}
+
+
+@pytest.mark.slow
+def test_tuneloop_runs_the_exported_sft_command_and_registers_the_adapter(make_config, tmp_path, monkeypatch):
+    for k, v in _standin_path(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    path = make_config(train={"method": "lora", "num_epochs": 1, "max_steps": None})
+    command = yaml.safe_load(export_openrlhf(load_config(path)))["train"]["command"]
+    path = make_config(train={"method": "lora", "num_epochs": 1, "max_steps": None, "backend": "command", "command": command})
+    summary = FineTunePipeline(load_config(path)).run()
+    st = summary["stages"]
+    assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}
+    assert st["training"]["metrics"]["kind"] == "adapter" and st["training"]["metrics"]["backend"] == "command"
+    log = (tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "logs" / "training.log").read_text()
+    assert "every record read through OpenRLHF's preprocess_data" in log
+    assert json.loads((tmp_path / "standin.json").read_text())["module"] == "openrlhf.cli.train_sft"
+    assert st["model_registry"]["status"] == "passed"
+
+
+@pytest.mark.slow
+def test_tuneloop_scores_gates_and_registers_an_openrlhf_reward_model(make_config, pref_data, tmp_path, monkeypatch):
+    from tuneloop.train.reward import load_reward_model
+
+    for k, v in _standin_path(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    common = dict(data__train_data=str(pref_data[0]), data__eval_data=str(pref_data[1]), gates={"min_reward_accuracy": 0.0})
+    train = {"objective": "reward", "method": "full", "num_epochs": 1, "max_steps": None}
+    command = openrlhf_command(load_config(make_config(train=train, **common)))
+    path = make_config(train={**train, "backend": "command", "command": command}, **common)
+    summary = FineTunePipeline(load_config(path)).run()
+    st = summary["stages"]
+    assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}
+    log = (tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "logs" / "training.log").read_text()
+    assert "is now a LlamaForSequenceClassification with one output" in log
+    assert st["evaluation"]["metrics"]["reward_pairs"] == 8 and "reward_accuracy" in st["evaluation"]["metrics"]
+
+    # tuneloop reads back the head OpenRLHF's RewardModel saved (not a new random one): the same score.
+    standin = json.loads((tmp_path / "standin.json").read_text())
+    assert standin["architectures"] == ["RewardModel"]  # what OpenRLHF's save_pretrained writes
+    model_dir = Path(json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "training.json").read_text())["outputs"]["model_dir"])
+    rm = load_reward_model(model_dir)
+    pair = standin["pair"]
+    assert rm.score([pair["messages"]], [pair["chosen"]])[0] == pytest.approx(standin["score"], abs=1e-5)
+
+
+def test_reward_config_refuses_what_is_not_a_sequence_classifier(tmp_path, tiny_model):
+    """A causal LM (no score head in its weights) is refused rather than loaded with a random head."""
+    import shutil
+
+    from tuneloop.train.openrlhf import main
+
+    d = tmp_path / "lm"
+    shutil.copytree(tiny_model, d)
+    assert main(["reward-config", str(d)]) == 2
+    assert main(["reward-config", str(tmp_path / "missing")]) == 2
+    assert main(["nonsense"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- PPO (README)
+
+
+def _readme_ppo_snippet() -> dict:
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    found = [b for b in blocks if "openrlhf.cli.train_ppo_ray" in b]
+    assert len(found) == 1, "README: expected one yaml block with the train_ppo_ray command"
+    return yaml.safe_load(found[0])
+
+
+def test_the_readme_ppo_command_passes_openrlhfs_parser(make_config, tmp_path):
+    snippet = _readme_ppo_snippet()["train"]
+    assert snippet["backend"] == "command"
+    cfg = load_config(make_config(train={"objective": snippet["objective"]}))
+    filled = _fill(cfg, snippet["command"], tmp_path)
+    words = shlex.split(filled)
+    prep, ppo = words[: words.index("&&")], words[words.index("&&") + 1:]
+    assert prep[:4] == ["python", "-m", "tuneloop.train.openrlhf", "prompts"]
+    assert ppo[:3] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
+    a = openrlhf_args("openrlhf.cli.train_ppo_ray", ppo[3:])
+    assert a.actor.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
+    assert a.reward.model_name_or_path and a.algo.advantage.estimator == "gae" and a.critic.model_name_or_path == a.reward.model_name_or_path
+    assert a.data.prompt_dataset == prep[5] and a.data.input_key == "prompt" and a.data.apply_chat_template is True
+
+    # The prompts step turns the run's training records into what OpenRLHF's PromptDataset reads.
+    from tuneloop.demo_assets import task_records
+    from tuneloop.train.openrlhf import main
+
+    records = tmp_path / "train_records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in task_records(5, seed=1)))
+    out = tmp_path / "prompts.jsonl"
+    assert main(["prompts", str(records), str(out)]) == 0
+    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data",
+                                   _str_to_content_list=lambda text: text, copy=__import__("copy"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    for rec, src in zip(map(json.loads, out.read_text().splitlines()), task_records(5, seed=1)):
+        prompt, label = preprocess(rec, None, a.data.input_key, "reference", tok.apply_chat_template)
+        assert prompt == tok.apply_chat_template(src["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        assert label == src["messages"][-1]["content"]
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "chosen": [], "rejected": []}) + "\n")
+    assert main(["prompts", str(bad), str(out)]) == 2
+
+
+def test_a_full_tuneloop_reward_model_loads_as_openrlhfs_reward_model(tiny_model, tmp_path):
+    """What the README says for PPO: a full reward model tuneloop registered (a transformers sequence-classification
+    model, exported with `tuneloop models export`) loads with OpenRLHF's RewardModel class, its head included."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    tuned = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    tuned.save_pretrained(tmp_path / "rm")
+    config = AutoConfig.from_pretrained(tmp_path / "rm")
+    config.normalize_reward = False
+    base_class = AutoModel._model_mapping[type(config)]
+    from typing import Optional
+
+    get_reward_model = openrlhf_function("models/model.py", "_get_reward_model", nn=nn, torch=torch, Optional=Optional, AutoConfig=AutoConfig)
+    cls = get_reward_model(base_class.__base__, base_class, "score", False)
+    theirs, info = cls.from_pretrained(tmp_path / "rm", config=config, output_loading_info=True)
+    assert not info["missing_keys"], info
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "refund"}]
+    ids = torch.tensor([list(tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = tuned.eval()(input_ids=ids, attention_mask=mask).logits[0, 0]
+        assert float(theirs.eval()(ids, attention_mask=mask)[0]) == pytest.approx(float(ours), abs=1e-5)
