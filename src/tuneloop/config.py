@@ -250,10 +250,14 @@ class RewardSpec(_Section):
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
-    objective: Literal["sft", "dpo", "grpo", "reward"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "grpo", "reward"] = Field(
         "sft",
         description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
         "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled). "
+        "`orpo` (odds-ratio preference optimisation, TRL's ORPOTrainer: the SFT loss on the chosen answer plus "
+        "`orpo_beta` times the odds-ratio loss) and `simpo` (SimPO: length-normalised log-likelihood margin with the target "
+        "margin `simpo_gamma`, TRL's CPOTrainer with `loss_type: simpo`) train on the same records with no reference model; "
+        "`dpo`, `orpo` and `simpo` runs are gated by `gates.min_preference_accuracy` / `max_preference_accuracy_drop`. "
         "`grpo`: group relative policy optimisation (TRL's GRPOTrainer) on the prompts of conversation records, scored "
         "by `train.rewards` (the final assistant turn is each prompt's reference for verifiable rewards). "
         "`reward`: a reward model on prompt/chosen/rejected records (TRL's RewardTrainer; the base gets a one-output "
@@ -261,6 +265,22 @@ class TrainConfig(_Section):
         "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates.",
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
+    orpo_beta: float = Field(
+        0.1, gt=0.0, le=100.0,
+        description="`orpo`: weight of the odds-ratio term against the SFT loss (lambda in the ORPO paper, `beta` in TRL's "
+        "ORPOConfig, `orpo_alpha` in Axolotl, `pref_beta` in LLaMA-Factory); 0.1 is TRL's default.",
+    )
+    simpo_beta: float = Field(
+        2.0, gt=0.0, le=100.0,
+        description="`simpo`: scale of the reward, beta times the mean log-probability of an answer's tokens (TRL's CPOConfig "
+        "`beta`, LLaMA-Factory's `pref_beta`, Axolotl's `rl_beta`); the SimPO authors' configs use 2.0 to 2.5, some later runs 10.",
+    )
+    simpo_gamma: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="`simpo`: target reward margin gamma by which the chosen answer's reward should exceed the rejected one's "
+        "(TRL's, Axolotl's and LLaMA-Factory's `simpo_gamma`); tune it with `simpo_beta`: 1.0 is gamma/beta = 0.5 at beta 2.0, "
+        "as in the SimPO authors' configs.",
+    )
     kto_beta: float = Field(
         0.1, gt=0.0, le=100.0,
         description="`kto`: TRL's `beta`, how far the policy may move from the reference model (higher: less far).",
@@ -589,7 +609,7 @@ class GatesConfig(_Section):
         0.5,
         ge=0.0,
         le=1.0,
-        description="DPO runs (`train.objective: dpo`): minimum share of held-out preference pairs where the candidate's "
+        description="Preference runs (`train.objective: dpo`, `orpo`, `simpo`): minimum share of held-out preference pairs where the candidate's "
         "log-likelihood (summed over the answer's tokens, not length-normalised) of the chosen answer is above the rejected "
         "one's. PASS when the lower confidence bound (Wilson) is at least this; 0.5 asks for better than chance.",
     )
@@ -606,7 +626,7 @@ class GatesConfig(_Section):
         0.02,
         ge=0.0,
         le=1.0,
-        description="DPO runs: maximum drop of preference accuracy, base (or champion) minus candidate, on the same pairs: "
+        description="Preference runs (dpo, orpo, simpo): maximum drop of preference accuracy, base (or champion) minus candidate, on the same pairs: "
         "a paired gate (Agresti-Min interval, exact McNemar); PASS when the upper confidence bound of the drop is at most this.",
     )
     confidence: float = Field(

@@ -301,7 +301,8 @@ def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
     sources = cfg.data.train_sources if isinstance(cfg.data.train_data, list) else None
     if cfg.train.objective == "dpo":
-        metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
+        metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed,
+                                      sources=sources, objective=cfg.train.objective)
     elif objective_of(cfg).data == "prompts":
         from tuneloop.data.prepare import prepare_prompts
 

@@ -237,9 +237,10 @@ def trl_preference(rec: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_preferences(
     train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int,
-    sources: Sequence[TrainSource] | None = None,
+    sources: Sequence[TrainSource] | None = None, objective: str = "dpo",
 ) -> dict[str, Any]:
-    """The preprocessing stage for DPO: a ``datasets`` dataset of prompt/chosen/rejected conversations
+    """The preprocessing stage for preference objectives (``objective``: dpo, orpo, simpo, ...; named in the
+    metrics): a ``datasets`` dataset of prompt/chosen/rejected conversations
     (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer.
     ``sources`` weights the training pairs as in :func:`prepare_dataset`."""
     import datasets
@@ -254,7 +255,7 @@ def prepare_preferences(
         {"id": f"eval-{i}", "line": r.get("_line"), "messages": _plain(r["messages"]), "reference": r["chosen"][-1]["content"]}
         for i, r in enumerate(eval_records)
     ]
-    metrics = {"objective": "dpo", "train_samples": len(rows), "eval_samples": len(items), "eval_source": split, "dropped": 0,
+    metrics = {"objective": objective, "train_samples": len(rows), "eval_samples": len(items), "eval_source": split, "dropped": 0,
                "eval_reference": "chosen answer"}
     return _write_prepared(out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
 

@@ -6,7 +6,8 @@ With LoRA the reference model is the base itself (the adapter disabled), so no s
 ``full`` TRL keeps a frozen copy. Checkpoints, resume, per-step metrics (with ``rewards/*`` and ``logps/*``)
 and the final ``model/`` directory work as in :mod:`tuneloop.train.sft`.
 
-:class:`TrlRun` is what every TRL trainer run shares: DPO here, KTO in :mod:`tuneloop.train.kto`.
+:class:`TrlRun` is what every TRL trainer run shares: DPO here, KTO in :mod:`tuneloop.train.kto`, ORPO and SimPO in
+:mod:`tuneloop.train.preference_objectives` (through :func:`train_pairs`, the run of a TRL trainer of pairs).
 """
 
 from __future__ import annotations
@@ -49,12 +50,19 @@ def train_dpo(
 
     run = TrlRun.start(cfg, dataset_dir, work_dir, what="preference pairs")
     args = DPOConfig(**run.args(DPOConfig), beta=cfg.train.dpo_beta)
-    count = chat_tokens(tokenizer, cfg.data.max_length)  # a pair's tokens: both answers
-    result = run.fit(DPOTrainer, args, tokenizer=tokenizer, tokens=lambda r: count(r["prompt"] + r["chosen"]) + count(r["prompt"] + r["rejected"]),
+    return train_pairs(run, DPOTrainer, args, "dpo", tokenizer=tokenizer, progress=progress, callbacks=callbacks)
+
+
+def train_pairs(run: "TrlRun", trainer_cls: type, args: Any, objective: str, *, tokenizer, progress=None,
+                callbacks: list | None = None) -> dict[str, Any]:
+    """Train ``trainer_cls`` (a TRL trainer of preference pairs: DPO, ORPO, CPO/SimPO) with ``args`` on ``run``'s
+    pairs; the common training metrics named with ``objective`` and ``train_pairs`` ({} on ranks other than 0)."""
+    count = chat_tokens(tokenizer, run.cfg.data.max_length)  # a pair's tokens: both answers
+    result = run.fit(trainer_cls, args, tokenizer=tokenizer, tokens=lambda r: count(r["prompt"] + r["chosen"]) + count(r["prompt"] + r["rejected"]),
                      progress=progress, callbacks=callbacks)
     if result is None:
         return {}  # rank 0 writes the model and reports
-    result = {"objective": "dpo", **result}
+    result = {"objective": objective, **result}
     result["train_pairs"] = result.pop("train_records")
     return result
 
@@ -77,8 +85,9 @@ class TrlRun:
     max_steps: int
 
     @classmethod
-    def start(cls, cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, what: str) -> "TrlRun":
-        """Load the prepared dataset (``what`` names its records in the error when it is empty) and the policy."""
+    def start(cls, cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, what: str, dataset: Any = None) -> "TrlRun":
+        """Load the prepared dataset (or take ``dataset``, loaded from it and filtered; ``what`` names its records in
+        the error when it is empty) and the policy."""
         from datasets import load_from_disk
         from transformers import set_seed
 
@@ -88,7 +97,8 @@ class TrlRun:
         work_dir = Path(work_dir)
         ckpt_dir = work_dir / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        dataset = load_from_disk(str(dataset_dir))
+        if dataset is None:
+            dataset = load_from_disk(str(dataset_dir))
         if len(dataset) == 0:
             raise StageError(f"no {what} left after preprocessing; see the data_validation quarantine file")
         set_seed(cfg.seed)

@@ -179,8 +179,9 @@ def step_logger(metrics_path: Path, progress: Callable[[int, int, dict], None] |
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round(tokens_per_step * steps / max(now - self.t_last, 1e-9), 1),
             }
-            # DPO: preference rewards and log-probabilities, as TRL logs them.
-            row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/"))})
+            # Preference trainers: rewards and log-probabilities as TRL logs them; ORPO/SimPO also their NLL term and
+            # ORPO its log odds ratio.
+            row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/", "nll_loss", "log_odds"))})
             if "kl" in logs:  # KTO: its KL estimate (the reference point of its losses)
                 row["kl"] = logs["kl"]
             self.t_last, self.step_last = now, state.global_step
