@@ -29,19 +29,20 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import ConfigError, StageError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, replace_dir
 from tuneloop.train.launch import stream_process
+from tuneloop.train.objectives import OBJECTIVES, uses_preferences
 
 log = logging.getLogger("tuneloop")
 
 #: Placeholders a ``train.command`` may use.
 PLACEHOLDERS = {
     "base_model": "the base model (path or hub id)",
-    "train_file": "training records of this run's split, canonical JSONL (`messages`, or prompt/chosen/rejected for DPO), with the `data.train_data` source weights applied",
+    "train_file": "training records of this run's split, canonical JSONL (`messages`, or prompt/chosen/rejected for dpo, orpo and simpo), with the `data.train_data` source weights applied",
     "eval_file": "held-out records in the same format",
     "output_dir": "where the command must write the adapter or model",
     "config_file": "the resolved tuneloop config (YAML)",
     "seed": "train seed",
     "method": "lora | qlora | full",
-    "objective": "sft | dpo",
+    "objective": "train.objective: " + " | ".join(OBJECTIVES),
     "learning_rate": "train.learning_rate",
     "num_epochs": "train.num_epochs",
     "max_steps": "train.max_steps (0 when unset)",
@@ -161,7 +162,7 @@ def _trainer_state_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def _data_format(cfg: PipelineConfig) -> str:
-    if cfg.train.objective == "dpo":
+    if uses_preferences(cfg):
         return "preference"
     if cfg.data.format != "auto":
         return cfg.data.format
@@ -332,6 +333,15 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
             y["peft_use_dora"] = True
     if t.objective == "dpo":
         y.update(rl="dpo", rl_beta=t.dpo_beta)
+    elif t.objective == "simpo":  # Axolotl's CPO trainer; cpo_alpha 0 leaves out CPO's NLL term, as tuneloop trains SimPO
+        y.update(rl="simpo", rl_beta=t.simpo_beta, simpo_gamma=t.simpo_gamma, cpo_alpha=0.0)
+    elif t.objective == "orpo":
+        raise ConfigError(
+            "train.objective: orpo cannot be exported to Axolotl: its ORPO trainer reads only its own "
+            "`chat_template.argilla` records (chosen and rejected each a whole user/assistant conversation), which are "
+            "not tuneloop preference records (prompt + assistant answers). Export with --to llamafactory (stage: dpo, "
+            "pref_loss: orpo), or train with tuneloop itself"
+        )
     y["datasets"] = [dataset(path) for path in _export_sources(cfg)]
     if d.eval_data:
         y["test_datasets"] = [{**dataset(d.eval_data), "split": "train"}]
@@ -408,6 +418,10 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemp
             y["use_dora"] = True
     if t.objective == "dpo":
         y["pref_beta"] = t.dpo_beta
+    elif t.objective in ("orpo", "simpo"):  # LLaMA-Factory's DPO stage with its reference-free losses
+        y.update(stage="dpo", pref_loss=t.objective, pref_beta=t.orpo_beta if t.objective == "orpo" else t.simpo_beta)
+        if t.objective == "simpo":
+            y["simpo_gamma"] = t.simpo_gamma
     y.update(dataset=",".join(names), dataset_dir=str(data_dir), **template, cutoff_len=d.max_length)
     if d.eval_data:
         dataset_info[f"{cfg.name}_eval"] = info(d.eval_data)
