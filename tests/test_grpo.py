@@ -287,3 +287,31 @@ def test_a_registered_reward_model_scores_grpo_completions_and_a_chat_model_is_r
     refused = tl("run", _grpo(tmp_path, make_config, [{"model": "tiny-bot@champion"}]))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "train.rewards[0].model: tiny-bot:1 is not a reward model: its lineage has no `kind: reward`" in " ".join(refused.stderr.split())
+
+
+def test_prompts_keep_the_final_assistant_turn_as_reference_and_drop_what_cannot_be_a_prompt(tmp_path, tiny_model):
+    from datasets import load_from_disk
+
+    from conftest import write_jsonl
+    from tuneloop.data.prepare import prepare_prompts
+    from tuneloop.modeling import load_tokenizer
+
+    ask = {"role": "user", "content": "Where is my parcel?"}
+    records = [
+        {"messages": [{"role": "system", "content": "Route it."}, ask, {"role": "assistant", "content": "shipping"}], "_line": 1},
+        {"messages": [ask, {"role": "assistant", "content": "refund"}], "label": False, "_line": 2},
+        {"text": "plain text", "_line": 3},
+        {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "other"}], "_line": 4},
+    ]
+    evals = [{"messages": [ask, {"role": "assistant", "content": "shipping"}]}]
+    m = prepare_prompts(load_tokenizer(str(tiny_model)), write_jsonl(tmp_path / "t.jsonl", records), write_jsonl(tmp_path / "e.jsonl", evals),
+                        tmp_path / "out", max_length=64, eval_split=0.1, seed=0)
+    assert m["train_samples"] == 1 and m["eval_samples"] == 1 and m["dropped"] == 3
+    ds = load_from_disk(str(tmp_path / "out" / "train"))
+    assert ds[0] == {"prompt": [{"role": "system", "content": "Route it."}, ask], "reference": "shipping"}
+    reasons = [json.loads(x) for x in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in reasons] == [2, 3, 4]
+    assert "kto label false" in reasons[0]["reason"] and "text record" in reasons[1]["reason"]
+    assert "over data.max_length=64" in reasons[2]["reason"]
+    item = json.loads((tmp_path / "out" / "eval.jsonl").read_text())
+    assert item["messages"] == [ask] and item["reference"] == "shipping"

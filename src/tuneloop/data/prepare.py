@@ -359,7 +359,6 @@ def prepare_prompts(
     is longer than ``max_length`` tokens, is dropped with the reason. ``sources`` weights as in
     :func:`prepare_dataset`."""
     import datasets
-    from datasets import Dataset
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
@@ -379,19 +378,7 @@ def prepare_prompts(
             continue
         prompt_tokens += n
         rows.append(row)
-    Dataset.from_list(rows or [], features=None if rows else datasets.Features(
-        {"prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}], "reference": datasets.Value("string")}
-    )).save_to_disk(str(out_dir / "train"))
-    _write_records(out_dir / "train_records.jsonl", train_records)
-    _write_records(out_dir / "eval_records.jsonl", eval_records)
-    items = []
-    for i, rec in enumerate(eval_records):
-        msgs = sft_messages(rec)
-        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
-            continue
-        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
-    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
-    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
+    items = _eval_items(eval_records)
     metrics = {
         "objective": "grpo",
         "train_samples": len(rows),
@@ -402,7 +389,6 @@ def prepare_prompts(
         "max_length": max_length,
         "eval_reference": "final assistant turn",
     }
-    if per_source is not None:
-        metrics["sources"] = _kept_per_source(clean, per_source)
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    _write_prepared(out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
+    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
     return metrics
