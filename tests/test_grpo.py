@@ -315,3 +315,28 @@ def test_prompts_keep_the_final_assistant_turn_as_reference_and_drop_what_cannot
     assert "over data.max_length=64" in reasons[2]["reason"]
     item = json.loads((tmp_path / "out" / "eval.jsonl").read_text())
     assert item["messages"] == [ask] and item["reference"] == "shipping"
+
+
+def test_grpo_resumes_from_its_checkpoint(tmp_path, make_config, task_data):
+    import shutil
+
+    from tuneloop import load_config
+    from tuneloop.data.prepare import prepare_prompts
+    from tuneloop.modeling import load_tokenizer
+    from tuneloop.train.grpo import train_grpo
+
+    cfg = load_config(_grpo(tmp_path, make_config, [{"metric": "contains"}], max_steps=4, save_steps=2, lora_dropout=0.0))
+    tok = load_tokenizer(cfg.base_model)
+    prepare_prompts(tok, task_data[0], None, tmp_path / "prep", max_length=96, eval_split=0.1, seed=0)
+    work = tmp_path / "run"
+    first = train_grpo(cfg, tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert first["resumed_from_step"] == 0 and first["steps"] == 4
+    # As if killed after the step-2 checkpoint: later checkpoints and the model never got written.
+    shutil.rmtree(work / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(work / "model")
+    again = train_grpo(cfg, tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert again["resumed_from_step"] == 2
+    rows = [json.loads(x) for x in (work / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (work / "model" / "adapter_model.safetensors").is_file()
+    assert again["final_reward"] == pytest.approx(first["final_reward"], abs=1e-6)  # same sampling after the resume
