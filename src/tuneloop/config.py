@@ -250,7 +250,7 @@ class RewardSpec(_Section):
 class TrainConfig(_Section):
     """How the candidate model is trained."""
 
-    objective: Literal["sft", "dpo", "orpo", "simpo", "grpo", "reward"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "grpo", "reward", "kto"] = Field(
         "sft",
         description="`sft` (supervised fine-tuning on conversations) or `dpo` (direct preference optimisation on "
         "prompt/chosen/rejected records, via TRL; with LoRA the reference model is the base with the adapter disabled). "
@@ -262,9 +262,28 @@ class TrainConfig(_Section):
         "by `train.rewards` (the final assistant turn is each prompt's reference for verifiable rewards). "
         "`reward`: a reward model on prompt/chosen/rejected records (TRL's RewardTrainer; the base gets a one-output "
         "sequence-classification head, trained with LoRA or in full), registered with `kind: reward` in its lineage and "
-        "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates.",
+        "gated by `gates.min_reward_accuracy` on the held-out pairs instead of the generation gates. "
+        "`kto`: Kahneman-Tversky optimisation (TRL's KTOTrainer) on unpaired answers labelled desirable or not (the `kto` "
+        "data format: messages ending with an assistant turn + a boolean `label`, e.g. `tuneloop feedback export`'s "
+        "kto.jsonl); the reference model is as for `dpo`; the task suites gate it as they gate `sft` (their references "
+        "are desirable answers).",
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
+    kto_beta: float = Field(
+        0.1, gt=0.0, le=100.0,
+        description="`kto`: TRL's `beta`, how far the policy may move from the reference model (higher: less far).",
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="`kto`: weight of the desirable answers' loss (TRL's `desirable_weight`). With unequal numbers of "
+        "desirable (D) and undesirable (U) answers, the KTO paper advises desirable_weight x D / (undesirable_weight x U) "
+        "between 1 and 4/3, e.g. desirable_weight: 3 for one desirable answer to three undesirable ones; the training "
+        "metrics record D and U.",
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="`kto`: weight of the undesirable answers' loss (TRL's `undesirable_weight`); see `kto_desirable_weight`.",
+    )
     orpo_beta: float = Field(
         0.1, gt=0.0, le=100.0,
         description="`orpo`: weight of the odds-ratio term against the SFT loss (lambda in the ORPO paper, `beta` in TRL's "
@@ -280,21 +299,6 @@ class TrainConfig(_Section):
         description="`simpo`: target reward margin gamma by which the chosen answer's reward should exceed the rejected one's "
         "(TRL's, Axolotl's and LLaMA-Factory's `simpo_gamma`); tune it with `simpo_beta`: 1.0 is gamma/beta = 0.5 at beta 2.0, "
         "as in the SimPO authors' configs.",
-    )
-    kto_beta: float = Field(
-        0.1, gt=0.0, le=100.0,
-        description="`kto`: TRL's `beta`, how far the policy may move from the reference model (higher: less far).",
-    )
-    kto_desirable_weight: float = Field(
-        1.0, gt=0.0, le=100.0,
-        description="`kto`: weight of the desirable answers' loss (TRL's `desirable_weight`). With unequal numbers of "
-        "desirable (D) and undesirable (U) answers, the KTO paper advises desirable_weight x D / (undesirable_weight x U) "
-        "between 1 and 4/3, e.g. desirable_weight: 3 for one desirable answer to three undesirable ones; the training "
-        "metrics record D and U.",
-    )
-    kto_undesirable_weight: float = Field(
-        1.0, gt=0.0, le=100.0,
-        description="`kto`: weight of the undesirable answers' loss (TRL's `undesirable_weight`); see `kto_desirable_weight`.",
     )
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, le=10.0,

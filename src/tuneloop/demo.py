@@ -80,15 +80,17 @@ def _pretrain_base(out: Path, console) -> dict[str, Any]:
         return build_base_model(out, seed=DEMO_SEED, progress=lambda step, total: bar.update(task, completed=step, total=total))
 
 
-def write_config(workdir: Path, *, train_data: str | list = "data/train.jsonl", canary: dict[str, Any] | None = None) -> Path:
+def write_config(workdir: Path, *, train_data: str | list = "data/train.jsonl", canary: dict[str, Any] | None = None,
+                 train: dict[str, Any] | None = None, base_model: str = "./base-model") -> Path:
     """The demo's pipeline config in ``workdir/tuneloop.yaml``. ``canary``: deploy as a canary rollout with this
-    ``deploy.canary`` policy (the loop's iteration 2) instead of moving the champion at once."""
+    ``deploy.canary`` policy (the loop's iteration 2) instead of moving the champion at once. ``train``: keys
+    that replace the demo's train settings (the loop's KTO iteration); ``base_model``: e.g. a registry ref."""
     from tuneloop.demo_assets import RECOMMENDED
 
     lora = RECOMMENDED["lora"]
     cfg = {
         "name": "support-router",
-        "base_model": "./base-model",
+        "base_model": base_model,
         "seed": DEMO_SEED,
         "data": {"train_data": train_data, "eval_data": "data/eval.jsonl", "max_length": lora["max_length"]},
         "train": {
@@ -99,6 +101,7 @@ def write_config(workdir: Path, *, train_data: str | list = "data/train.jsonl", 
             "learning_rate": lora["learning_rate"],
             "num_epochs": lora["num_epochs"],
             "batch_size": lora["batch_size"],
+            **(train or {}),
         },
         "eval": {"max_new_tokens": 8, "general_text": "data/general.txt"},
         # Gates decide on confidence intervals. 40 shipped red-team prompts cannot show a harmful rate below 1 %

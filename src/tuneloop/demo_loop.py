@@ -11,7 +11,10 @@
 4. **Drift**: the logged production prompts against the training tickets (``tuneloop drift``'s test).
 5. **Feedback export**: the rated and corrected answers become a dataset (``tuneloop feedback export``).
 6. **Iteration 2**: the config now trains on the original data plus the feedback (``data.train_data`` as a
-   list of weighted sources), passes its gates and starts a 5 % canary (``deploy.strategy: canary``).
+   list of weighted sources), passes its gates and starts a 5 % canary (``deploy.strategy: canary``). With
+   ``objective="kto"`` (``tuneloop demo --objective kto``) iteration 2 instead continues from iteration 1
+   (``base_model: support-router@champion``) with KTO on the thumbs alone (``kto.jsonl``: answers rated up are
+   desirable, rated down undesirable, a correction's answer desirable), settings :data:`KTO_TRAIN`.
 7. **Canary**: users keep sending tickets; the gateway's sequential analysis decides. Nothing here promotes.
 8. New-intent accuracy before and after, measured through the gateway on held-out new-intent tickets
    (their template combinations never reach the users, so never the feedback), and original accuracy from
@@ -48,6 +51,12 @@ RATE_RIGHT_SHARE = 0.2
 #: Weight 3 (with every right answer rated) taught the intent better (0.98) but cost capability: drop 0.018,
 #: interval 0.015-0.022, blocked by the gate.
 FEEDBACK_WEIGHT = 1.0
+#: Iteration 2's train settings with ``--objective kto`` (on top of the demo's LoRA settings), a new LoRA on the merged
+#: iteration-1 model. Measured on one demo's feedback (2026-12-07; 124 desirable / 93 undesirable kto records):
+#: learning rate 1e-3 -> eval accuracy 0.97 -> 0.22 (blocked by the gate); 3e-4 -> 0.36; 2e-4 -> 0.59; 1e-4 -> 0.93,
+#: passing, but the new intent went 0/60 -> 2/60 (SFT on the same feedback: 0.83-0.87). KTO from thumbs keeps what the
+#: model does well; it did not teach this tiny model a label it never produced (docs/benchmarks.md).
+KTO_TRAIN: dict[str, Any] = {"objective": "kto", "kto_beta": 0.1, "learning_rate": 1e-4, "num_epochs": 3, "batch_size": 8}
 USERS = 200
 CLIENT_THREADS = 8
 ROUND = 64
@@ -305,10 +314,14 @@ def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console) -> 
     return {"production": t, "drift": drift, "feedback_export": exported}
 
 
-def run_loop(workdir: Path, *, console) -> dict[str, Any]:
+def run_loop(workdir: Path, *, console, objective: str = "sft") -> dict[str, Any]:
     """Both iterations of the loop (see the module docstring); the result has ``overall`` ("passed" when
     iteration 2 was promoted by the analysis), ``iterations``, ``rollout``, ``new_intent_accuracy``,
-    ``original_accuracy`` and ``seconds``."""
+    ``original_accuracy`` and ``seconds``. ``objective``: iteration 2's, ``sft`` or ``kto``."""
+    if objective not in ("sft", "kto"):
+        from tuneloop.errors import InputError
+
+        raise InputError(f"--objective {objective!r}: the demo's iteration 2 trains with sft or kto")
     from tuneloop.config import load_config
     from tuneloop.demo import build_base, write_config
     from tuneloop.demo_assets import RECOMMENDED, write_demo_data
@@ -325,7 +338,7 @@ def run_loop(workdir: Path, *, console) -> dict[str, Any]:
     write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0)
     config_path = write_config(workdir, canary=CANARY_POLICY)
     result: dict[str, Any] = {"overall": "failed", "workdir": str(workdir), "config": str(config_path), "base_model_source": source,
-                              "iterations": []}
+                              "iterations": [], "objective": objective}
     first = run_iteration(config_path, "iteration 1", console)
     result["iterations"].append(first.summary)
     result["phase_seconds"] = {"setup_and_iteration_1": round(time.perf_counter() - t0, 1)}
@@ -338,7 +351,7 @@ def run_loop(workdir: Path, *, console) -> dict[str, Any]:
     with BackgroundServer(app) as server:
         users = SimulatedUsers(server.url)
         try:
-            result.update(loop_on_gateway(users, gw, cfg, workdir, config_path, console, result))
+            result.update(loop_on_gateway(users, gw, cfg, workdir, config_path, console, result, objective))
         finally:
             users.close()
     reg = open_registry(cfg, root)
@@ -358,7 +371,8 @@ def loop_problem(result: dict[str, Any]) -> str | None:
     return None
 
 
-def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: Path, console, result: dict) -> dict[str, Any]:
+def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: Path, console, result: dict,
+                    objective: str = "sft") -> dict[str, Any]:
     from tuneloop.demo import write_config
     from tuneloop.registry.api import open_registry
 
@@ -370,11 +384,10 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     out["new_intent_accuracy"]["before"] = before["accuracy"]
     console.print(f"  iteration 1 ({model}:1) on {before['tickets']} held-out new-intent tickets: {before['right']} right")
     out.update(production_phase(users, gw, cfg, workdir, console))
-    feedback = Path(out["feedback_export"]["dir"]) / "sft.jsonl"
     phases["production_drift_export"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
-    write_config(workdir, canary=CANARY_POLICY,
-                 train_data=["data/train.jsonl", {"path": feedback.relative_to(workdir).as_posix(), "weight": FEEDBACK_WEIGHT}])
-    second = run_iteration(config_path, "iteration 2 (original data + feedback)", console)
+    write_iteration_2(workdir, Path(out["feedback_export"]["dir"]), model, objective)
+    label = "iteration 2 (original data + feedback)" if objective == "sft" else f"iteration 2 (KTO on the thumbs, from {model}@champion)"
+    second = run_iteration(config_path, label, console)
     result["iterations"].append(second.summary)
     out["original_accuracy"]["after"] = original_accuracy(second.summary)
     phases["iteration_2"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
@@ -388,6 +401,19 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     out["new_intent_accuracy"]["after"] = after["accuracy"]
     phases["canary_and_after"] = round(time.perf_counter() - mark, 1)
     return out
+
+
+def write_iteration_2(workdir: Path, feedback_dir: Path, model: str, objective: str) -> Path:
+    """Iteration 2's config: SFT on the original data plus the feedback's SFT records, or KTO on the feedback's
+    thumbs (``kto.jsonl``) continuing from iteration 1."""
+    from tuneloop.demo import write_config
+
+    if objective == "kto":
+        return write_config(workdir, canary=CANARY_POLICY, train=KTO_TRAIN, base_model=f"{model}@champion",
+                            train_data=(feedback_dir / "kto.jsonl").relative_to(workdir).as_posix())
+    sft = (feedback_dir / "sft.jsonl").relative_to(workdir).as_posix()
+    return write_config(workdir, canary=CANARY_POLICY,
+                        train_data=["data/train.jsonl", {"path": sft, "weight": FEEDBACK_WEIGHT}])
 
 
 def stats_line(name: str, st: dict[str, Any]) -> str:

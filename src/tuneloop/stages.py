@@ -33,6 +33,7 @@ from typing import Any, Callable, Protocol
 from tuneloop.config import PipelineConfig, path_values
 from tuneloop.errors import StageError
 from tuneloop.fsutil import model_fingerprint, read_json, sha256_file, sha256_json
+from tuneloop.train.objectives import cache_tag, data_problems, kto_label_problem, objective_of, uses_preferences
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace
 
@@ -212,8 +213,7 @@ def data_validation_inputs(cfg: PipelineConfig) -> dict[str, Any]:
         "tokenizer": model_fingerprint(cfg.base_model),
         "chat_template": d.chat_template,
     }
-    if cfg.train.objective == "dpo":
-        inputs["objective"] = "dpo"
+    inputs.update(cache_tag(cfg))
     return inputs
 
 
@@ -261,13 +261,15 @@ def data_validation(ctx: StageContext, _upstream: None = None) -> DataResult:
     checked = SplitReports(read_json(Path(out["train_report"])), read_json(Path(out["eval_report"])) if "eval_report" in out else None)
     verdict = gate_splits(checked, d, report_dir=ctx.run_dir / "data" if ctx.run_dir is not None else None)
     problems = list(verdict.failures)
+    objective = objective_of(c)
     for split, report in checked.items():
-        if c.train.objective == "dpo" and report["records"] and report["format"] != "preference":
-            key, path = ("data.train_data", report["path"]) if split == "train" else ("data.eval_data", d.eval_data)
-            problems.append(
-                f"{key}: train.objective dpo needs preference data (prompt/chosen/rejected), but {path} is "
-                f"{report['format']}; set data.format: preference or point the data at preference records"
-            )
+        path = report["path"] if split == "train" else d.eval_data
+        if report["records"] and (problem := objective.format_problem(split, report["format"], path)):
+            problems.append(problem)
+        elif split == "train" and objective.data == "kto" and report["valid"]:
+            from tuneloop.data.prepare import kto_label_counts
+
+            problems += filter(None, [kto_label_problem(f"{path} (after validation)", *kto_label_counts(Path(out["train_clean"])))])
     gates = gate_records({s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()})
     outcome = Outcome(entry.key, {**entry.metrics, "gates": gates}, out, entry.cached, "; ".join(problems))
     return DataResult(outcome, Path(out["train_clean"]), Path(out["eval_clean"]) if out.get("eval_clean") else None,
@@ -289,20 +291,21 @@ def preprocessing_inputs(cfg: PipelineConfig, data: DataResult) -> dict[str, Any
     }
     if isinstance(cfg.data.train_data, list):  # applied here, so a weight change re-uses the validated data
         inputs["weights"] = [s.weight for s in cfg.data.train_sources]
-    if cfg.train.objective == "dpo":
-        inputs["objective"] = "dpo"
+    inputs.update(cache_tag(cfg))
     return inputs
 
 
 def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from tuneloop.data.prepare import prepare_dataset, prepare_preferences
+    from tuneloop.data.prepare import prepare_dataset, prepare_kto, prepare_preferences
     from tuneloop.modeling import load_tokenizer, save_tokenizer
 
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
     sources = cfg.data.train_sources if isinstance(cfg.data.train_data, list) else None
-    if cfg.train.objective == "dpo":
+    if uses_preferences(cfg):
         metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed,
                                       sources=sources, objective=cfg.train.objective)
+    elif objective_of(cfg).data == "kto":
+        metrics = prepare_kto(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
     elif objective_of(cfg).data == "prompts":
         from tuneloop.data.prepare import prepare_prompts
 
@@ -369,14 +372,9 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
             from tuneloop.train.launch import train_distributed
 
             metrics = train_distributed(c, prep.train_dataset, out, tokenizer_dir=str(prep.tokenizer), progress=bar.update)
-        elif c.train.objective == "dpo":
-            from tuneloop.train.dpo import train_dpo
-
-            metrics = train_dpo(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
         else:
-            from tuneloop.train.sft import train_sft
-
-            metrics = train_sft(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
+            train = objective_of(c).load_trainer()
+            metrics = train(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
     kind = "adapter" if (out / "model" / "adapter_config.json").is_file() else "model"
     return metrics, {"model_dir": outputs["model_dir"], "kind": kind, "train_metrics": outputs["train_metrics"]}
 
@@ -425,8 +423,7 @@ def evaluation_inputs(cfg: PipelineConfig, model: TrainedModel, against: str | N
         "suites": suites,
         "gates": cfg.gates.model_dump(mode="json"),
     }
-    if cfg.train.objective == "dpo":
-        inputs["objective"] = "dpo"  # the held-out preference pairs are evaluated too
+    inputs.update(cache_tag(cfg))  # e.g. the held-out preference pairs are evaluated too
     if against is not None:
         inputs["against"] = against
     return inputs
@@ -466,7 +463,7 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
         with EvalProgress(ctx.console) as bars:
             metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
                                                 progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
-                                                preferences=model.prepared.eval_records if c.train.objective == "dpo" else None,
+                                                preferences=model.prepared.eval_records if uses_preferences(c) else None,
                                                 suite_progress=bars.update)
         if note:
             metrics["against_note"] = note
@@ -528,9 +525,12 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "stage_keys": stage_keys(evaluated),
         "git": git_info(Path(ctx.config_path).parent if ctx.config_path else None),
         "config_path": ctx.config_path,
+        "objective": c.train.objective,
     }
     if objective_of(c).evaluates == "reward":  # a reward model: it scores answers; the gateway does not serve it as a chat model
         lineage["kind"] = "reward"
+    if c._parent is not None:  # base_model named a registered version (train/parent.py)
+        lineage["parent"] = c._parent.lineage()
     if c.train.rewards:  # grpo: each reward; a function with its file's sha256 (part of the training cache key)
         from tuneloop.train.rewards import reward_inputs
 
@@ -723,7 +723,7 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
         except Exception as exc:
             return {"reward": SuiteSize("reward", None, note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})")}
     sizes: dict[str, SuiteSize] = {}
-    dpo = cfg.train.objective == "dpo"
+    dpo = uses_preferences(cfg)
     eval_count: tuple[int, str] | None = None
     tokenizer: list[Any] = []  # loaded once, on first use
 
@@ -839,6 +839,7 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
     from tuneloop.registry.api import registry_problem
 
     problems = _path_problems(cfg)
+    problems += data_problems(cfg)  # the formats the objective needs (kto: both labels)
     for spec in cfg.eval.suites:
         if spec.kind == "lmeval":
             from tuneloop.evaluate.lmeval import preflight_problems as lmeval_problems

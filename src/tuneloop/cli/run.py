@@ -70,6 +70,8 @@ def run(
 def demo(
     workdir: Path = typer.Option(Path("tuneloop-demo"), "--workdir", help="Where to build the demo workspace."),
     quick: bool = typer.Option(False, "--quick", help="Iteration 1 only: train, gate, register, deploy and ask the gateway."),
+    objective: str = typer.Option("sft", "--objective", help="Iteration 2's objective: sft (original data + the feedback's "
+                                  "SFT records) or kto (the thumbs alone, continuing from iteration 1)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr)."),
 ) -> None:
     """The closed loop on a tiny model made locally: iteration 1, simulated users with feedback on the gateway,
@@ -78,7 +80,7 @@ def demo(
     from tuneloop.demo_loop import run_loop
 
     with guard(), stdout_to_stderr(json_out):
-        summary = run_demo(workdir, console=err) if quick else run_loop(workdir, console=err)
+        summary = run_demo(workdir, console=err) if quick else run_loop(workdir, console=err, objective=objective)
     if quick or json_out:
         _print_summary(summary, json_out)
     raise exit_for(summary["overall"])

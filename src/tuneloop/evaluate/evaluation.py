@@ -25,6 +25,7 @@ from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge, measured_accuracy
 from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
+from tuneloop.train.objectives import uses_preferences
 
 log = logging.getLogger("tuneloop")
 
@@ -81,7 +82,7 @@ def evaluate_candidate(
     say = progress or (lambda _msg: None)
     ev = cfg.eval
     suites = load_suites(cfg, items_path, preferences)
-    dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if cfg.train.objective == "dpo" else set()
+    dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if uses_preferences(cfg) else set()
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
     ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path
@@ -128,7 +129,7 @@ def evaluate_candidate(
         results[s.name] = res
         records += recs
     for name in dpo_references:
-        results[name]["not_gated"] = ("train.objective is dpo: exact match against the chosen answer says little about preference "
+        results[name]["not_gated"] = (f"train.objective is {cfg.train.objective}: exact match against the chosen answer says little about preference "
                                       "training; reported, not gated (the preference gates decide)")
     gates = check_gates(cfg, results, seed=cfg.seed)
     metrics = _metrics(results, gates)
@@ -156,10 +157,10 @@ def load_suites(cfg: PipelineConfig, items_path: Path | str | None, preferences:
         if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
             s.items = s.items[: ev.max_eval_samples]
             s.digest = sha256_json([s.digest, ev.max_eval_samples])
-    if cfg.train.objective == "dpo":
+    if uses_preferences(cfg):
         pairs = preferences or _pairs_beside(items_path)
         if pairs is None:
-            raise InputError("train.objective is dpo, but no held-out preference pairs were found (eval_records.jsonl beside "
+            raise InputError(f"train.objective is {cfg.train.objective}, but no held-out preference pairs were found (eval_records.jsonl beside "
                              f"the eval items {items_path}); run the preprocessing stage (`tuneloop run`) to write them")
         suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
     return suites

@@ -23,10 +23,9 @@ def main(spec_path: str) -> None:
     def progress(step: int, total: int, row: dict) -> None:
         print(STEP_PREFIX + json.dumps([step, total, row]), flush=True)
 
-    if cfg.train.objective == "dpo":
-        from tuneloop.train.dpo import train_dpo as train
-    else:
-        from tuneloop.train.sft import train_sft as train
+    from tuneloop.train.objectives import objective_of
+
+    train = objective_of(cfg).load_trainer()
     tok = load_tokenizer(spec["tokenizer_dir"])
     metrics = train(cfg, Path(spec["dataset_dir"]), Path(spec["work_dir"]), tokenizer=tok, progress=progress if rank0 else None)
     if rank0:
