@@ -340,3 +340,19 @@ def test_grpo_resumes_from_its_checkpoint(tmp_path, make_config, task_data):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (work / "model" / "adapter_model.safetensors").is_file()
     assert again["final_reward"] == pytest.approx(first["final_reward"], abs=1e-6)  # same sampling after the resume
+
+
+def test_use_vllm_is_refused_where_it_cannot_run(tmp_path, make_config):
+    """`train.use_vllm` is checked before any work: this CPU machine has no CUDA (and no vllm), and another objective
+    generates nothing (the GPU path itself is not run in CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the refusal is for machines without one")
+    path = _grpo(tmp_path, make_config, [{"metric": "exact"}], use_vllm=True)
+    r = tl("run", path)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "train.use_vllm: needs a CUDA GPU" in err, r.stderr
+    sft = make_config(train={"use_vllm": True, "max_steps": 1})
+    r = tl("run", sft)
+    assert r.returncode == 2 and "train.use_vllm: generates GRPO's completions; train.objective is sft" in " ".join(r.stderr.split())

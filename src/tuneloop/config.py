@@ -403,6 +403,10 @@ class TrainConfig(_Section):
         "batch; `grpo` normalises per sequence; `luspo` uses sequence-level importance sampling). See TRL's GRPOConfig.",
     )
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="`grpo`: sampling temperature of the completions (TRL's default 1.0).")
+    use_vllm: bool = Field(
+        False, description="`grpo`: generate the completions with vLLM colocated on the training GPU (TRL's `use_vllm` with "
+        "`vllm_mode: colocate`, 30 % of the GPU's memory for vLLM). Needs CUDA and the `vllm` package; checked before the run. "
+        "Off: transformers' `generate` (the CPU path, tested in CI). The vLLM path has not been run in tuneloop's CI (no GPU).")
 
     @model_validator(mode="after")
     def _grpo_rewards(self) -> "TrainConfig":

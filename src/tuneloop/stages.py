@@ -643,6 +643,26 @@ def _path_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
+def _vllm_problems(cfg: PipelineConfig) -> list[str]:
+    """``train.use_vllm``: only for grpo, and only where CUDA and the vllm package are present."""
+    if not cfg.train.use_vllm:
+        return []
+    if cfg.train.objective != "grpo":
+        return [f"train.use_vllm: generates GRPO's completions; train.objective is {cfg.train.objective}, which generates "
+                "none; remove it"]
+    import importlib.util
+
+    import torch
+
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append("train.use_vllm: needs a CUDA GPU (vLLM runs on it next to training), and none is available here; "
+                        "set train.use_vllm: false to generate with transformers")
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("train.use_vllm: the vllm package is not installed (pip install vllm, on the GPU machine)")
+    return problems
+
+
 def _qlora_problems(cfg: PipelineConfig) -> list[str]:
     if cfg.train.method != "qlora":
         return []
@@ -849,6 +869,7 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
     if os.path.isabs(bm) and not (Path(bm) / "config.json").is_file():
         problems.append(f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model")
     problems += _qlora_problems(cfg)
+    problems += _vllm_problems(cfg)
     if (problem := registry_problem(cfg)) is not None:
         problems.append(problem)
     problems += _tracker_problems(cfg)

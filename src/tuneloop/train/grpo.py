@@ -4,7 +4,7 @@ Entry point: :func:`train_grpo`. Input is the preprocessing stage's dataset of c
 their ``reference`` (:func:`tuneloop.data.prepare.prepare_prompts`). Each step samples ``train.num_generations``
 completions per prompt (``train.batch_size`` prompts per device), scores them with the checked reward functions
 of :mod:`tuneloop.train.rewards` (weighted as configured), and moves the policy towards the completions that
-scored above their group's mean. Generation is transformers' ``generate`` (TRL's ``use_vllm`` stays off), stopping
+scored above their group's mean. Generation is transformers' ``generate`` (or vLLM colocated on the GPU with ``train.use_vllm``), stopping
 at the same stop tokens as evaluation. With ``train.grpo_beta`` > 0 the KL to the reference model (with LoRA,
 the base with the adapter disabled) is in the loss and logged.
 
@@ -63,7 +63,8 @@ def train_grpo(
         loss_type=t.loss_type,
         importance_sampling_level="sequence" if t.loss_type == "luspo" else "token",
         reward_weights=weights,
-        use_vllm=False,
+        use_vllm=t.use_vllm,  # checked before the run: CUDA and vllm present (stages._vllm_problems)
+        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if t.use_vllm else {}),
         log_completions=False,
     )
     trainer = GRPOTrainer(
