@@ -60,6 +60,13 @@ def resolve_parent(cfg, workspace) -> Parent | None:
     given = cfg.base_model
     if getattr(cfg, "_parent", None) is not None or not looks_like_ref(given):
         return getattr(cfg, "_parent", None)
+    explicit = ":" in given or "@" in given
+    if not Path(getattr(workspace, "root", workspace)).exists() and not (explicit and getattr(cfg.registry, "uri", None)):
+        # No workspace yet, so no local registry: nothing is created for a check (a bare name is a hub id then)
+        if explicit:
+            raise InputError(f"base_model: {given!r} looks like a registry ref, but there is no workspace (and so no "
+                             "registry) yet; register a version first, or give a local directory or a Hugging Face model id")
+        return None
     from tuneloop.registry.api import open_registry
 
     reg = open_registry(cfg, workspace)
