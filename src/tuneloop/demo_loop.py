@@ -54,7 +54,7 @@ FEEDBACK_WEIGHT = 1.0
 #: Iteration 2's train settings with ``--objective kto`` (on top of the demo's LoRA settings), a new LoRA on the merged
 #: iteration-1 model. Measured on one demo's feedback (2026-12-07; 124 desirable / 93 undesirable kto records):
 #: learning rate 1e-3 -> eval accuracy 0.97 -> 0.22 (blocked by the gate); 3e-4 -> 0.36; 2e-4 -> 0.59; 1e-4 -> 0.93,
-#: passing, but the new intent went 0/60 -> 2/60 (SFT on the same feedback: 0.83-0.87). KTO from thumbs keeps what the
+#: passing, but the new intent went 0/60 -> 2/60 (SFT on the same feedback: 54/60; benchmarks/kto_feedback.py). KTO keeps what the
 #: model does well; it did not teach this tiny model a label it never produced (docs/benchmarks.md).
 KTO_TRAIN: dict[str, Any] = {"objective": "kto", "kto_beta": 0.1, "learning_rate": 1e-4, "num_epochs": 3, "batch_size": 8}
 USERS = 200
