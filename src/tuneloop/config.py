@@ -348,10 +348,12 @@ class TrainConfig(_Section):
     merge: bool = Field(
         False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
     )
-    backend: Literal["transformers", "command"] = Field(
+    backend: Literal["transformers", "mlx", "unsloth", "command"] = Field(
         "transformers",
-        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `command`: run `train.command` (an external "
-        "trainer such as Axolotl, LLaMA-Factory or an Unsloth script) and pick up the adapter or model it writes to "
+        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `mlx`: mlx-lm's trainer (Metal on Apple "
+        "silicon, the CPU elsewhere; extra `tuneloop[mlx]`), its adapter converted to a PEFT adapter. `unsloth`: "
+        "Unsloth's FastLanguageModel + TRL on a CUDA GPU (extra `tuneloop[unsloth]`). `command`: run `train.command` "
+        "(an external trainer such as Axolotl, LLaMA-Factory or OpenRLHF) and pick up the adapter or model it writes to "
         "`{output_dir}`.",
     )
     command: str | None = Field(

@@ -366,6 +366,18 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
 
         metrics = run_command(c, {"train_records": str(prep.train_records), "eval_records": str(prep.eval_records)}, out, tok)
         return metrics, {**outputs, "kind": metrics["kind"]}
+    if c.train.backend == "mlx":
+        from tuneloop.train.mlx_backend import train_mlx
+
+        with TrainProgress(ctx.console) as bar:
+            metrics = train_mlx(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
+        return metrics, {**outputs, "kind": metrics["kind"]}
+    if c.train.backend == "unsloth":
+        from tuneloop.train.unsloth_backend import train_unsloth
+
+        with TrainProgress(ctx.console) as bar:
+            metrics = train_unsloth(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
+        return metrics, {**outputs, "kind": metrics["kind"]}
     _say_resume(ctx, out / "checkpoints")
     with TrainProgress(ctx.console) as bar:
         if c.train.num_processes > 1 or c.train.accelerate_config:
@@ -881,6 +893,14 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
         from tuneloop.train.external import command_problems
 
         problems += command_problems(cfg.train.command)
+    if cfg.train.backend == "mlx":
+        from tuneloop.train.mlx_backend import mlx_problems
+
+        problems += mlx_problems(cfg)
+    if cfg.train.backend == "unsloth":
+        from tuneloop.train.unsloth_backend import unsloth_problems
+
+        problems += unsloth_problems(cfg)
     return problems + _precision_problems(cfg)
 
 
