@@ -126,6 +126,32 @@ def test_suite_sizes_are_known_before_any_work(make_config, task_data):
     assert broken["general_text"].n is None and "cannot count" in broken["general_text"].note
 
 
+def test_suite_sizes_never_look_a_hub_id_up_online(monkeypatch, tmp_path):
+    """The checks before any work read a hub id's tokenizer from the local cache only: offline, the hub client's
+    lookups were retried for ~46 s before a bad config could exit 2 (seen in CI)."""
+    import socket
+
+    from tuneloop.stages import suite_sizes
+
+    class NetworkUsed(BaseException):  # not an Exception: nothing on the way may swallow it
+        pass
+
+    def no_network(host, *args, **kwargs):
+        raise NetworkUsed(f"suite_sizes looked {host} up")
+
+    try:  # huggingface_hub >= 2.x fetches an agent registry once per process to build its User-Agent: not a lookup
+        from huggingface_hub.utils import _detect_agent
+        monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
+    except (ImportError, AttributeError):
+        pass
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    cfg = coerce_config({"name": "bot", "base_model": "nobody/not-in-any-cache", "train_data": str(tmp_path / "train.jsonl"),
+                         "eval": {"suites": ["general_text"]}})
+    size = suite_sizes(cfg)["general_text"]
+    assert size.n is None and "cannot count" in size.note and "nobody/not-in-any-cache" in size.note
+
+
 def test_a_decidable_config_passes_preflight_and_an_undecidable_one_names_gate_size_and_need(make_config, tmp_path):
     from tuneloop.stages import preflight_problems, preflight_report
 

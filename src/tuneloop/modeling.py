@@ -34,12 +34,14 @@ CHATML_TEMPLATE = (
 )
 
 
-def load_tokenizer(name: str, chat_template: str | None = None):
-    """The base model's tokenizer, with a chat template and a pad token guaranteed."""
+def load_tokenizer(name: str, chat_template: str | None = None, *, local_files_only: bool = False):
+    """The base model's tokenizer, with a chat template and a pad token guaranteed. ``local_files_only``: a hub id
+    is read from the local cache only, never looked up online (the checks before a run: without a network the hub
+    client retries each file for ~23 s before it gives up)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise InputError(
             f"cannot load a tokenizer from base_model {name!r}: {exc}. "

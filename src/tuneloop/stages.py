@@ -763,7 +763,9 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
         if not tokenizer:
             from tuneloop.modeling import load_tokenizer
 
-            tokenizer.append(load_tokenizer(cfg.base_model, cfg.data.chat_template))
+            # from the local cache only: a check before any work never waits on the network (offline, a hub id's
+            # lookups retried for ~46 s before a bad config could exit 2)
+            tokenizer.append(load_tokenizer(cfg.base_model, cfg.data.chat_template, local_files_only=True))
         return tokenizer[0]
 
     for spec in ev.suites:
