@@ -7,8 +7,11 @@ The training itself needs a CUDA GPU and the unsloth package; benchmarks/gpu_uns
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +210,91 @@ def test_the_training_child_imports_unsloth_before_anything_else(tiny_model, tmp
     with pytest.raises(StageError, match=r"unsloth could not be imported .*pip install 'tuneloop\[unsloth\]'"):
         ub.train_unsloth(cfg, tmp_path / "prep", tmp_path / "train", tokenizer=load_tokenizer(str(tiny_model)))
     assert not (tmp_path / "train" / "model").exists()
+
+
+STANDIN = Path(__file__).resolve().parent / "unsloth_standin"
+
+
+@no_unsloth_here
+def test_sft_through_the_child_with_a_standin_for_unsloth_matches_backend_transformers(tiny_model, task_data, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """Everything but Unsloth's own code runs: the child process, the plan, TRL's SFTTrainer on the prepared samples with
+    our collator, checkpoints, progress, the saved adapter and metrics. Unsloth is replaced by tests/unsloth_standin
+    (transformers + PEFT under Unsloth's keywords), since it needs a CUDA GPU. With the same seed the per-step losses are
+    those of backend transformers on the same config (which packs; the child pads)."""
+    from tuneloop.data.prepare import prepare_dataset
+    from tuneloop.modeling import load_tokenizer
+    from tuneloop.train.sft import read_metric_rows, train_sft
+
+    tok = load_tokenizer(str(tiny_model))
+    prepare_dataset(tok, task_data[0], task_data[1], tmp_path / "prep", max_length=96, eval_split=0.1, seed=0)
+    raw = {"name": "bot", "base_model": str(tiny_model), "seed": 0, "data": {"train_data": str(task_data[0]), "max_length": 96},
+           "train": {"backend": "unsloth", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 1e-3,
+                     "max_steps": 4, "batch_size": 8, "save_steps": 2}}
+    monkeypatch.setenv("PYTHONPATH", str(STANDIN))  # the child (only) finds the stand-in as `unsloth`
+    caplog.set_level(logging.INFO, logger="tuneloop")
+    steps = []
+    m = ub.train_unsloth(build_config(raw), tmp_path / "prep" / "train", tmp_path / "u", tokenizer=tok,
+                         progress=lambda step, total, row: steps.append((step, total)))
+    assert "unsloth stand-in imported; before it: []" in caplog.text  # imported before transformers, TRL and PEFT
+    assert m["kind"] == "adapter" and m["backend"] == "unsloth" and m["unsloth_version"] == "0.0-standin"
+    assert m["objective"] == "sft" and m["steps"] == 4 and m["train_samples"] > 0 and m["resumed_from_step"] == 0
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    adapter = json.loads((tmp_path / "u" / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model) and sorted(adapter["target_modules"]) == sorted(LLAMA_PROJECTIONS)
+    assert (tmp_path / "u" / "model" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "u" / "checkpoints").glob("checkpoint-*")] != []
+
+    raw["train"]["backend"] = "transformers"
+    ref = train_sft(build_config(raw), tmp_path / "prep" / "train", tmp_path / "t", tokenizer=tok)
+    ours = [r["loss"] for r in read_metric_rows(tmp_path / "u" / "train_metrics.jsonl")]
+    theirs = [r["loss"] for r in read_metric_rows(tmp_path / "t" / "train_metrics.jsonl")]
+    assert len(ours) == len(theirs) == 4
+    assert ours == pytest.approx(theirs, rel=1e-4), (ours, theirs)
+    assert m["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-4)
+
+
+@no_unsloth_here
+def test_dpo_through_the_child_with_a_standin_matches_backend_transformers_and_resumes(tiny_model, task_data, tmp_path,
+                                                                                       monkeypatch):
+    """DPO the same way (TRL's DPOTrainer through train_pairs, the base with the adapter disabled as the reference):
+    the per-step losses are backend transformers' ones; a run killed after its step-2 checkpoint resumes from it."""
+    import shutil
+
+    from tuneloop.data.prepare import prepare_preferences, read_jsonl
+    from tuneloop.data.validate import validate_dataset
+    from tuneloop.modeling import load_tokenizer
+    from tuneloop.train.dpo import train_dpo
+    from tuneloop.train.sft import read_metric_rows
+
+    recs = read_jsonl(task_data[0])[:24]
+    pairs = [{"prompt": r["messages"][-2]["content"], "chosen": r["messages"][-1]["content"],
+              "rejected": recs[(i + 5) % len(recs)]["messages"][-1]["content"]} for i, r in enumerate(recs)]
+    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    rep = validate_dataset(tmp_path / "pairs.jsonl", tmp_path / "valid", fmt="preference")
+    prepare_preferences(Path(rep["clean_path"]), None, tmp_path / "prep", eval_split=0.1, seed=0)
+    tok = load_tokenizer(str(tiny_model))
+    raw = {"name": "bot", "base_model": str(tiny_model), "seed": 0,
+           "data": {"train_data": str(tmp_path / "pairs.jsonl"), "max_length": 96},
+           "train": {"backend": "unsloth", "objective": "dpo", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                     "learning_rate": 5e-3, "max_steps": 4, "batch_size": 4, "save_steps": 2}}
+    monkeypatch.setenv("PYTHONPATH", str(STANDIN))
+    work = tmp_path / "u"
+    m = ub.train_unsloth(build_config(raw), tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert m["kind"] == "adapter" and m["objective"] == "dpo" and m["train_pairs"] > 0 and "final_rewards_margins" in m
+
+    raw["train"]["backend"] = "transformers"
+    ref = train_dpo(build_config(raw), tmp_path / "prep" / "train", tmp_path / "t", tokenizer=tok)
+    ours = [r["loss"] for r in read_metric_rows(work / "train_metrics.jsonl")]
+    theirs = [r["loss"] for r in read_metric_rows(tmp_path / "t" / "train_metrics.jsonl")]
+    assert len(ours) == 4 and ours == pytest.approx(theirs, rel=1e-4), (ours, theirs)
+    assert m["final_rewards_margins"] == pytest.approx(ref["final_rewards_margins"], rel=1e-3, abs=1e-6)
+
+    # As if killed after the step-2 checkpoint: later checkpoints and the model never got written.
+    shutil.rmtree(work / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(work / "model")
+    raw["train"]["backend"] = "unsloth"
+    again = ub.train_unsloth(build_config(raw), tmp_path / "prep" / "train", work, tokenizer=tok)
+    assert again["resumed_from_step"] == 2 and again["final_loss"] == pytest.approx(m["final_loss"], abs=1e-5)
+    assert [r["step"] for r in read_metric_rows(work / "train_metrics.jsonl")] == [1, 2, 3, 4]

@@ -348,7 +348,9 @@ def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, toke
     for note in plan.notes:
         log.info("note: %s", note)
     set_seed(cfg.seed)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()  # always, but for the CPU test with a stand-in for unsloth
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model, _ = FastLanguageModel.from_pretrained(**plan.load)  # Unsloth's tokenizer is not used: ours has the template
     if plan.peft is not None:
         model = FastLanguageModel.get_peft_model(model, **plan.peft)
@@ -362,7 +364,7 @@ def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, toke
         result = train_pairs(run, DPOTrainer, DPOConfig(**plan.trainer), "dpo", tokenizer=tokenizer, progress=progress)
     kind = "adapter" if (Path(work_dir) / "model" / "adapter_config.json").is_file() else "model"
     return {**result, "kind": kind, "backend": "unsloth", "unsloth_version": unsloth.__version__,
-            "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+            **({"peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if cuda else {})}
 
 
 def _train_sft(run, plan: UnslothPlan, tokenizer, progress) -> dict[str, Any]:
