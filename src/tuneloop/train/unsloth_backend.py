@@ -352,6 +352,7 @@ def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, toke
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model, _ = FastLanguageModel.from_pretrained(**plan.load)  # Unsloth's tokenizer is not used: ours has the template
+    model.config.use_cache = False  # training, as TrlRun.start and train_sft set it
     if plan.peft is not None:
         model = FastLanguageModel.get_peft_model(model, **plan.peft)
     run = TrlRun(cfg, Path(work_dir), Path(work_dir) / "checkpoints", Path(work_dir) / "train_metrics.jsonl", dataset,
