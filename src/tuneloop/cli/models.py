@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from tuneloop.cli.common import REASON_OPTION, RegistryOptions, guard, out, print_json, stdout_to_stderr, with_registry_options
+from tuneloop.cli.common import REASON_OPTION, RegistryOptions, err, guard, out, print_json, stdout_to_stderr, with_registry_options
 from tuneloop.errors import InputError
 from tuneloop.fsutil import format_number
 
@@ -315,10 +316,28 @@ def export(
     version: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS or NAME (latest)."),
     out_dir: Path = typer.Argument(..., help="New directory to write (must not exist or be empty)."),
     merged: bool = typer.Option(False, "--merged", help="Merge a LoRA adapter into its base and save the full model."),
+    fmt: str = typer.Option(
+        "hf", "--format",
+        help="hf: a Hugging Face directory. gguf: one llama.cpp GGUF file (an adapter merged into its base; "
+             "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop[gguf]'`.",
+    ),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="GGUF weights: f16 (default; norms F32) or q8_0 (2-D weights whose rows are a multiple of 32)."
+    ),
     *,
     opts: RegistryOptions,
 ) -> None:
-    """Write a standard Hugging Face model/adapter directory (transformers, PEFT and vLLM load it directly)."""
+    """Write a standard Hugging Face model/adapter directory (transformers, PEFT and vLLM load it directly), or with
+    --format gguf one GGUF file for llama.cpp / Ollama plus a Modelfile (recorded as an `exported` event with its sha256)."""
+    if fmt not in ("hf", "gguf"):
+        with guard():
+            raise InputError(f"--format {fmt!r} is not supported; choose hf or gguf")
+    if fmt == "gguf":
+        _export_gguf(version, out_dir, quant or "f16", opts)
+        return
+    if quant is not None:
+        with guard():
+            raise InputError("--quant applies to --format gguf only")
     from tuneloop.registry.ops import export_version
 
     with guard(), stdout_to_stderr(opts.json_out):
@@ -328,6 +347,20 @@ def export(
         return
     what = "a merged model" if merged else ("an adapter" if res["kind"] == "adapter" else "a model")
     out.print(f"exported {res['ref']} as {what} to {res['path']}")
+
+
+def _export_gguf(version: str, out_dir: Path, quant: str, opts: RegistryOptions) -> None:
+    from tuneloop.registry.gguf_export import export_gguf
+
+    with guard(), stdout_to_stderr(opts.json_out):
+        res = export_gguf(opts.open(), version, out_dir, quant=quant)
+    for w in res["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    if opts.json_out:
+        print_json(res)
+        return
+    out.print(f"exported {res['ref']} as GGUF ({quant}, {res['bytes']:,} bytes, sha256 {res['sha256'][:16]}) "
+              f"to {res['path']}: {', '.join(res['files'])}")
 
 
 @app.command("gc")

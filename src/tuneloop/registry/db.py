@@ -68,6 +68,9 @@ SCHEMA_VERSION = 3  # 3: rollouts
 RESERVED_TAG_PREFIX = "tuneloop."
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/ ]{0,249}$")
 MAX_TAG_VALUE = 5000
+# Events that only record something done with a version (``record_event``): no alias, tag or deletion follows from
+# them, so ``recover`` replays them as they are. ``exported``: a file written from it (format, path, sha256).
+NOTE_EVENT_KINDS = ("exported",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -201,6 +204,12 @@ def to_json(value: Any, what: str) -> str:
         return json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InputError(f"{what} must be JSON-serialisable (plain dicts, lists, str, finite numbers): {e}") from e
+
+
+def check_note_event(kind: str) -> None:
+    """``record_event`` takes only note events; the others are recorded by the operation that makes them."""
+    if kind not in NOTE_EVENT_KINDS:
+        raise InputError(f"record_event takes the event kinds {', '.join(NOTE_EVENT_KINDS)}, not {kind!r}")
 
 
 def _add_event(
@@ -530,6 +539,15 @@ class SqliteRegistry:
             conn.execute("DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, key))
             self._event(conn, model, number, "tagged", actor, reason, {"key": key, "old": tags[key], "new": None})
             return self._get(conn, model, number)
+
+    def record_event(
+        self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = ""
+    ) -> dict:
+        """Record a note event (one of ``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns the event."""
+        check_note_event(kind)
+        with self._transaction(write=True) as conn:
+            number = self._get(conn, model, version)["version"]
+            return self._event(conn, model, number, kind, actor, reason, details)
 
     def delete(
         self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""

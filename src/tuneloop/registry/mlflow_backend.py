@@ -50,6 +50,7 @@ from tuneloop.fsutil import read_json, sha256_file, utcnow
 from tuneloop.registry.db import (
     ARTIFACT_KINDS,
     alias_hint,
+    check_note_event,
     check_tag,
     parse_ref,
     previous_alias,
@@ -273,6 +274,14 @@ class MlflowRegistry:
             self.client.delete_model_version_tag(model, str(v["version"]), key)
         self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": v["tags"][key], "new": None})
         return self.get(model, v["version"])
+
+    def record_event(
+        self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = ""
+    ) -> dict:
+        """Record a note event (``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns it as ``events`` lists it."""
+        check_note_event(kind)
+        number = self.get(model, version)["version"]
+        return self._add_event(model, number, kind, actor, reason, details)
 
     def delete(self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = "") -> dict:
         """Soft delete: a ``tuneloop.deleted`` tag, aliases removed only with ``force``, run artifacts collected."""
@@ -700,7 +709,7 @@ class MlflowRegistry:
                 return {**v, "existing": True}
         return None
 
-    def _add_event(self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict) -> None:
+    def _add_event(self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict) -> dict:
         from tuneloop.registry.lineage import actor as default_actor
 
         seq = f"{time.time_ns():020d}.{secrets.token_hex(4)}"
@@ -708,6 +717,7 @@ class MlflowRegistry:
                  "reason": reason or "", "details": details}
         with self._mlflow(f"record a {kind} event for {model!r}"):
             self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
+        return {"model": model, **event}
 
     def _log_run(self, model: str, stored: Path, lineage: dict, metrics: dict, meta: dict) -> str:
         """One MLflow run per registration, named after the pipeline run: params, metrics, artifact, MLmodel."""
