@@ -56,16 +56,45 @@ def load_tokenizer(name: str, chat_template: str | None = None, *, local_files_o
     return tok
 
 
-def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32):
+def qlora_quantization_config():
+    """The 4-bit base of ``train.method: qlora`` (the QLoRA paper's recipe: NF4 weights, double quantisation,
+    bf16 compute where the GPU has it, else fp16). Needs CUDA and bitsandbytes (:func:`require_cuda_for_qlora`)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_training_base(cfg: Any):
+    """The base model a trainer starts from: full precision, or for ``method: qlora`` quantised to 4 bits as it
+    loads and made ready for k-bit training (PEFT's ``prepare_model_for_kbit_training``: norms in fp32, input
+    gradients on for checkpointing); the LoRA adapter is then added on top as for ``lora``."""
+    t = cfg.train
+    if t.method != "qlora":
+        return load_causal_lm(cfg.base_model)
+    require_cuda_for_qlora()
+    from peft import prepare_model_for_kbit_training
+
+    model = load_causal_lm(cfg.base_model, quantization_config=qlora_quantization_config())
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+
+
+def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32,
+                   quantization_config: Any = None):
     """A causal LM from a directory (or cached hub id), optionally with a LoRA adapter applied on top.
 
     Safetensors only (``use_safetensors=True``): pickle checkpoints (``pytorch_model.bin``) are refused,
-    because unpickling can run arbitrary code.
+    because unpickling can run arbitrary code. ``quantization_config``: a 4-bit base for QLoRA
+    (:func:`qlora_quantization_config`), placed on the GPU.
     """
     from transformers import AutoModelForCausalLM
 
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {path!r}: {exc}") from None
     if adapter:

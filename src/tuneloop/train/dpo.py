@@ -22,7 +22,7 @@ import torch
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
-from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora
+from tuneloop.modeling import load_causal_lm, load_training_base, require_cuda_for_qlora
 from tuneloop.train.sft import (
     checkpointing_args,
     precision_args,
@@ -102,7 +102,7 @@ class TrlRun:
         if len(dataset) == 0:
             raise StageError(f"no {what} left after preprocessing; see the data_validation quarantine file")
         set_seed(cfg.seed)
-        model = load_causal_lm(cfg.base_model)
+        model = load_training_base(cfg)  # 4-bit for qlora
         model.config.use_cache = False
         peft_config = None
         if t.method in ("lora", "qlora"):

@@ -87,7 +87,15 @@ def train_reward(
                     overlong, len(pairs), cfg.data.max_length)
 
     set_seed(cfg.seed)  # the new score head is initialised at random
-    model = load_scorer(cfg.base_model)
+    if t.method == "qlora":  # a 4-bit base, made ready for k-bit training; the adapter goes on top as for lora
+        from peft import prepare_model_for_kbit_training
+
+        from tuneloop.modeling import qlora_quantization_config
+
+        model = load_scorer(cfg.base_model, quantization_config=qlora_quantization_config())
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    else:
+        model = load_scorer(cfg.base_model)
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = None
     if t.method in ("lora", "qlora"):
@@ -204,16 +212,20 @@ def save_reward_model(trainer, tokenizer, cfg: PipelineConfig, work_dir: Path) -
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_scorer(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32):
+def load_scorer(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32, quantization_config: Any = None):
     """A one-output sequence-classification model from a directory (or cached hub id): a causal LM gets a new,
     randomly initialised ``score`` head; a saved reward model keeps its own. Optionally with a PEFT adapter (which
-    carries its trained head). Safetensors only, like :func:`tuneloop.modeling.load_causal_lm`."""
+    carries its trained head). Safetensors only, like :func:`tuneloop.modeling.load_causal_lm`.
+    ``quantization_config``: the 4-bit base of ``method: qlora`` (on the GPU)."""
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning  # the expected "score.weight newly initialised" notice
 
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}}
     try:
         with suppress_seqcls_warning():
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, use_safetensors=True)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load {path!r} as a reward model (sequence classification, one output): {exc}") from None
     if adapter:

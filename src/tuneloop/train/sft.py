@@ -24,7 +24,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.data.prepare import IGNORE_INDEX
 from tuneloop.errors import StageError
 from tuneloop.fsutil import atomic_lines, atomic_write_json, replace_dir
-from tuneloop.modeling import load_causal_lm, require_cuda_for_qlora, save_tokenizer
+from tuneloop.modeling import load_causal_lm, load_training_base, require_cuda_for_qlora, save_tokenizer
 from tuneloop.train.checkpoints import resume_plan, write_atomically
 
 log = logging.getLogger("tuneloop")
@@ -211,7 +211,7 @@ def train_sft(
 
     t = cfg.train
     if t.method == "qlora":
-        require_cuda_for_qlora()
+        require_cuda_for_qlora()  # before any work
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def train_sft(
         raise StageError("no training samples left after preprocessing; see the preprocessing stage's dropped.jsonl")
 
     set_seed(cfg.seed)
-    model = load_causal_lm(cfg.base_model)
+    model = load_training_base(cfg)  # 4-bit for qlora
     model.config.use_cache = False  # with a KV cache, transformers would not detect packed sequences
     base_config = model.config
     if t.method in ("lora", "qlora"):
