@@ -229,6 +229,8 @@ def test_demo_export_files_modelfile_and_event(exports, ws):
     assert e["sha256"] == sha256(out / e["file"]) and e["bytes"] == (out / e["file"]).stat().st_size
     assert e["tensor_types"] == {"F32": 5, "F16": 15}  # 2 layers x 7 matrices + token_embd; tied: no output
     assert e["warnings"] == [] and e["modelfile_template"] is True
+    meta = json.loads((out / "tuneloop_export.json").read_text())
+    assert meta["ref"] == "router:1" and meta["sha256"] == e["sha256"] and meta["quant"] == "f16" and "path" not in meta
     q = exports["q8_0"]
     assert q["tensor_types"] == {"F32": 5, "Q8_0": 15} and q["bytes"] < 0.6 * e["bytes"]
 

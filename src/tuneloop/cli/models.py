@@ -319,7 +319,7 @@ def export(
     fmt: str = typer.Option(
         "hf", "--format",
         help="hf: a Hugging Face directory. gguf: one llama.cpp GGUF file (an adapter merged into its base; "
-             "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop[gguf]'`.",
+             "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop\\[gguf]'`.",
     ),
     quant: Optional[str] = typer.Option(
         None, "--quant", help="GGUF weights: f16 (default; norms F32) or q8_0 (2-D weights whose rows are a multiple of 32)."

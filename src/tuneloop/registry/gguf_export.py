@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file
+from tuneloop.registry.card import portable_base_name
 from tuneloop.registry.lineage import check_base
 from tuneloop.registry.ops import normal_modes, resolve
 from tuneloop.version import __version__
@@ -58,6 +59,7 @@ class ExportPlan:
     artifact_digest: str
     artifact: Path  # the stored, verified artifact
     base: str | None  # an adapter's base (path or hub id); None for a full model
+    base_name: str | None  # the base as a hub id or as the config gave it (card.portable_base_name), for the files
     out_dir: Path
     quant: str
     tokenizer: Any  # the transformers tokenizer the GGUF carries
@@ -97,7 +99,7 @@ def plan_export(reg, ref: str, out_dir: Path, quant: str = "f16") -> ExportPlan:
     tokenizer_spec(tok, llama_params(config).vocab_size, v["ref"])  # raises on a tokenizer llama.cpp would split differently
     chat, problem = chat_format(tok)
     return ExportPlan(ref=v["ref"], model=v["model"], version=v["version"], artifact_digest=v["artifact_digest"],
-                      artifact=Path(src), base=base, out_dir=out_dir, quant=quant, tokenizer=tok, chat=chat, chat_problem=problem)
+                      artifact=Path(src), base=base, base_name=portable_base_name(v) if base else None, out_dir=out_dir, quant=quant, tokenizer=tok, chat=chat, chat_problem=problem)
 
 
 def _load_config(path: str, ref: str, *, is_base: bool):
@@ -575,10 +577,10 @@ def export_gguf(reg, ref: str, out_dir: Path, *, quant: str = "f16", actor: str 
         sha = sha256_file(tmp / plan.file_name)
         text, warnings = modelfile(plan, summary.add_bos)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        details = {"format": "gguf", "quant": quant, "file": plan.file_name, "sha256": sha, "bytes": summary.bytes,
-                   "path": str(out_dir.resolve()), "modelfile_template": plan.chat is not None, "tuneloop_version": __version__}
-        (tmp / "tuneloop_export.json").write_text(
-            json.dumps({"ref": plan.ref, "artifact_sha256": plan.artifact_digest, "base_model": plan.base, **details,
+        written = {"format": "gguf", "quant": quant, "file": plan.file_name, "sha256": sha, "bytes": summary.bytes,
+                   "modelfile_template": plan.chat is not None, "tuneloop_version": __version__}
+        (tmp / "tuneloop_export.json").write_text(  # the base named as the HF export names it (no OUT path)
+            json.dumps({"ref": plan.ref, "artifact_sha256": plan.artifact_digest, "base_model": plan.base_name, **written,
                         "tensor_types": summary.tensor_types, "pre_tokenizer": summary.pre_tokenizer}, indent=2) + "\n",
             encoding="utf-8")
         normal_modes(tmp)
@@ -588,6 +590,7 @@ def export_gguf(reg, ref: str, out_dir: Path, *, quant: str = "f16", actor: str 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    details = {**written, "path": str(out_dir.resolve())}
     try:
         event = reg.record_event(plan.model, plan.version, "exported", details, actor=actor)
     except BaseException:
