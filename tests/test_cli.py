@@ -77,7 +77,10 @@ def test_qlora_without_cuda_is_refused_up_front(make_config):
 
 def _start_and_wait_for_checkpoint(path, cache, min_step):
     """Start `tuneloop run` and return the process once a checkpoint >= min_step is complete."""
-    proc = subprocess.Popen([*TUNELOOP, "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # SIGINT back to its default in the child: pytest started as a background job (`pytest &` in a script, some CI
+    # runners) ignores it, the child would inherit that, and Ctrl-C would do nothing (seen: the run finished, exit 0)
+    proc = subprocess.Popen([*TUNELOOP, "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline:
         steps = [int(p.name.split("-")[1]) for p in cache.glob("*/checkpoints/checkpoint-*") if (p / "trainer_state.json").is_file()]
