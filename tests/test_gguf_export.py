@@ -342,11 +342,12 @@ def test_chat_format_takes_role_tagged_templates_and_refuses_others(demo_base):
                          "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
     fmt, why = chat_format(tok)  # Llama-3's shape, with a header
-    assert why == "" and (fmt.header, fmt.open, fmt.role_end, fmt.close) == ("<s>", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>")
+    assert why == ""
+    assert (fmt.header, fmt.open, fmt.role_end, fmt.close) == ("<s>", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>")
     for template, reason in [
         # Llama-2's [INST]: the system prompt goes inside the first user turn
         ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% elif m['role'] == 'user' %}"
-         "[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}", "not"),
+         "[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}", "between messages"),
         # roles renamed (Gemma's model for assistant)
         ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
          "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", "differently"),

@@ -92,14 +92,16 @@ def plan_export(reg, ref: str, out_dir: Path, quant: str = "f16") -> ExportPlan:
     base = None
     if v["artifact_kind"] == "adapter":
         lin = v["lineage"]
-        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+        digest = (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint")
+        base = check_base(lin.get("base") or v["base_model"], digest)
     config = _load_config(base or str(src), v["ref"], is_base=base is not None)
     check_architecture(config, v["ref"])
     tok = _load_tokenizer(src, base)
     tokenizer_spec(tok, llama_params(config).vocab_size, v["ref"])  # raises on a tokenizer llama.cpp would split differently
     chat, problem = chat_format(tok)
     return ExportPlan(ref=v["ref"], model=v["model"], version=v["version"], artifact_digest=v["artifact_digest"],
-                      artifact=Path(src), base=base, base_name=portable_base_name(v) if base else None, out_dir=out_dir, quant=quant, tokenizer=tok, chat=chat, chat_problem=problem)
+                      artifact=Path(src), base=base, base_name=portable_base_name(v) if base else None, out_dir=out_dir,
+                      quant=quant, tokenizer=tok, chat=chat, chat_problem=problem)
 
 
 def _load_config(path: str, ref: str, *, is_base: bool):
