@@ -7,8 +7,9 @@ imports in the namespace) to get the real parser, parses the given arguments wit
 block, OpenRLHF's own checks after parsing (``hierarchize``, its asserts), leaving out the ``train(args)`` call.
 An unknown or malformed option (argparse exits) or a failed check raises :class:`Rejected` with OpenRLHF's message.
 
-:func:`openrlhf_function` gives one top-level function of an OpenRLHF source file (e.g. ``preprocess_data`` of its
-SFT dataset, or ``_get_reward_model``) executed alone, with the names it needs passed in.
+:func:`openrlhf_function` gives one top-level function or class of an OpenRLHF source file (e.g. ``preprocess_data``
+of its SFT dataset, ``_get_reward_model``, or the ``SingleTurnAgentExecutor`` that calls a reward function) executed
+alone, with the names it needs passed in.
 
 Used by tests/test_openrlhf_export.py and by the stand-in launcher tests/openrlhf_standin.py.
 """
@@ -114,12 +115,12 @@ def openrlhf_args(module: str, argv: list[str]) -> SimpleNamespace:
 
 
 def openrlhf_function(file: str, name: str, **names: Any) -> Callable[..., Any]:
-    """The top-level function ``name`` of ``openrlhf/<file>`` (e.g. ``datasets/sft_dataset.py``), executed alone with
-    ``names`` as its globals."""
+    """The top-level function (or class) ``name`` of ``openrlhf/<file>`` (e.g. ``datasets/sft_dataset.py``), executed
+    alone with ``names`` as its globals."""
     path, tree = _source("openrlhf." + file.removesuffix(".py").replace("/", "."))
-    fn = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    fn = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name]
     if not fn:
-        raise RuntimeError(f"{path}: no top-level function {name}")
+        raise RuntimeError(f"{path}: no top-level function or class {name}")
     namespace: dict[str, Any] = dict(names)
     exec(compile(ast.Module(body=fn, type_ignores=[]), str(path), "exec"), namespace)
     return namespace[name]

@@ -2,6 +2,7 @@
 by tests/test_openrlhf_export.py where OpenRLHF itself cannot run (no GPU, no deepspeed).
 
     python tests/openrlhf_standin.py --num_gpus N --module openrlhf.cli.train_sft|train_dpo|train_rm ARGS...
+    python tests/openrlhf_standin.py --ppo ARGS...     (for ``python3 -m openrlhf.cli.train_ppo_ray ARGS``: see ``ppo``)
 
 It does what can be done faithfully on a CPU, with OpenRLHF's own code taken from its installed sources:
 1. parses ARGS with that module's own argument parser and runs its checks after parsing (exit 2 on a rejection);
@@ -29,7 +30,76 @@ sys.path.insert(0, str(Path(__file__).parent))
 from openrlhf_parser import Rejected, openrlhf_args, openrlhf_function  # noqa: E402
 
 
+def ppo(rest: list[str]) -> int:
+    """``python3 -m openrlhf.cli.train_ppo_ray ARGS`` (GRPO): the arguments through its parser and checks, the prompt
+    data through its PromptDataset's ``preprocess_data``, each prompt's reference answer (as a generation ending with
+    EOS) scored through its ``SingleTurnAgentExecutor`` with the ``--reward.remote_url`` file (a missing reward fails,
+    as OpenRLHF would have no reward), then the actor saved as ``save_model`` saves it (a PEFT adapter with LoRA)."""
+    import asyncio
+    import copy
+    import itertools
+    import logging
+    from types import SimpleNamespace
+
+    module = "openrlhf.cli.train_ppo_ray"
+    try:
+        args = openrlhf_args(module, rest)
+    except Rejected as exc:
+        print(f"stand-in train_ppo_ray: {exc}", file=sys.stderr)
+        return 2
+    print(f"stand-in OpenRLHF: {module} accepted {len(rest)} arguments", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
+    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data", copy=copy,
+                                   _str_to_content_list=openrlhf_function("datasets/prompts_dataset.py", "_str_to_content_list"))
+    executor = None
+    if args.reward.remote_url:
+        cls = openrlhf_function("utils/agent.py", "SingleTurnAgentExecutor", AgentExecutorBase=object, asyncio=asyncio,
+                                deepcopy=copy.deepcopy, cycle=itertools.cycle, logger=logging.getLogger("openrlhf"), aiohttp=None)
+        executor = cls(args.reward.remote_url)
+
+    class Engine:  # "generates" the reference answer and EOS
+        def __init__(self, ids):
+            self.ids = ids
+
+        async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+            return SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.ids, text=tok.decode(self.ids), finish_reason="stop", logprobs=None)])
+
+    rewards = []
+    for n, line in enumerate(Path(args.data.prompt_dataset).read_text(encoding="utf-8").splitlines(), 1):
+        rec = json.loads(line)
+        prompt, label = preprocess(rec, args.data.input_template, args.data.input_key, args.data.label_key,
+                                   tok.apply_chat_template if args.data.apply_chat_template else None)
+        if executor is not None:
+            ids = tok(rec["reference"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            out = asyncio.run(executor.execute(prompt, label, SimpleNamespace(max_tokens=args.rollout.max_new_tokens, logprobs=None),
+                                               args.data.max_len, tok, Engine(ids)))
+            if out["reward"] is None:
+                print(f"stand-in OpenRLHF: {args.data.prompt_dataset}:{n}: no reward", file=sys.stderr)
+                return 1
+            rewards.append(out["reward"])
+    print(f"stand-in OpenRLHF: {len(rewards)} reference answers scored through the reward function, mean "
+          f"{sum(rewards) / max(len(rewards), 1):.3f}", flush=True)
+    out_dir = Path(args.ckpt.output_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.actor.model_name_or_path)
+    if args.ds.lora.rank > 0:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.ds.lora.rank, lora_alpha=args.ds.lora.alpha,
+                                                 target_modules=args.ds.lora.target_modules, lora_dropout=args.ds.lora.dropout, bias="none"))
+    model.save_pretrained(out_dir)
+    model.config.to_json_file(str(out_dir / "config.json"))
+    tok.save_pretrained(out_dir)
+    if os.environ.get("OPENRLHF_STANDIN_LOG"):
+        Path(os.environ["OPENRLHF_STANDIN_LOG"]).write_text(json.dumps({"module": module, "argv": rest, "rewards": rewards}))
+    print(f"stand-in OpenRLHF: saved the model to {out_dir}", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--ppo"]:
+        return ppo(argv[1:])
     if len(argv) < 4 or argv[0] != "--num_gpus" or argv[2] != "--module":
         print(f"stand-in deepspeed: expected --num_gpus N --module MODULE ARGS..., got {argv[:4]}", file=sys.stderr)
         return 2

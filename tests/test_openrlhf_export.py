@@ -187,7 +187,7 @@ def test_settings_openrlhf_has_no_equivalent_for(make_config, pref_data, tmp_pat
 
 
 @pytest.mark.parametrize("objective,needle", [("kto", "no KTO trainer"), ("orpo", "no ORPO trainer"),
-                                              ("simpo", "no SimPO trainer"), ("grpo", "not with train.rewards")])
+                                              ("simpo", "no SimPO trainer"), ("grpo", "metric exact is tuneloop's own reward")])
 def test_objectives_openrlhf_cannot_train_are_refused(objective, needle, make_config):
     extra = {"rewards": [{"metric": "exact"}]} if objective == "grpo" else {}
     path = make_config(train={"objective": objective, **extra})
@@ -204,12 +204,16 @@ def test_objectives_openrlhf_cannot_train_are_refused(objective, needle, make_co
 
 
 def _standin_path(tmp_path: Path) -> dict[str, str]:
-    """PATH with `deepspeed` -> the stand-in, and `python` -> this interpreter (the one tuneloop is installed in)."""
+    """PATH with `deepspeed` -> the stand-in, `python` -> this interpreter (the one tuneloop is installed in), and
+    `python3` -> the stand-in for `-m openrlhf.cli.train_ppo_ray`, else this interpreter."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, target in (("deepspeed", f"{sys.executable} {STANDIN}"), ("python", sys.executable)):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
         (bin_dir / name).chmod(0o755)
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m openrlhf.cli.train_ppo_ray" ]; then shift 2; '
+                                     f'exec {sys.executable} {STANDIN} --ppo "$@"; fi\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OPENRLHF_STANDIN_LOG": str(tmp_path / "standin.json")}
 
 
@@ -341,3 +345,229 @@ def test_a_full_tuneloop_reward_model_loads_as_openrlhfs_reward_model(tiny_model
     with torch.no_grad():
         ours = tuned.eval()(input_ids=ids, attention_mask=mask).logits[0, 0]
         assert float(theirs.eval()(ids, attention_mask=mask)[0]) == pytest.approx(float(ours), abs=1e-5)
+
+
+# ------------------------------------------------------------------- GRPO (train_ppo_ray --algo.advantage.estimator group_norm)
+
+REWARD_FN = """
+def score(prompts, completions, reference, **kwargs):
+    assert isinstance(prompts[0], list) and prompts[0][-1]["role"] == "user", prompts  # tuneloop's conversational prompt
+    assert completions[0][0]["role"] == "assistant"
+    return [float(c[0]["content"] == r) + len(p) / 10 for p, c, r in zip(prompts, completions, reference)]
+
+def broken(prompts, completions, reference, **kwargs):
+    return [float("nan") for _ in completions]
+"""
+
+
+def _reward_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARD_FN)
+    return path
+
+
+def _register_reward_model(cfg_path: Path, tiny_model: Path, *, kind: str = "reward", name: str = "tiny-rm", tokenizer=None) -> None:
+    """NAME:1 (alias champion), a full one-output sequence-classification model on the tiny model's tokenizer (or
+    ``tokenizer``), not trained."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneloop.registry.api import open_registry
+
+    torch.manual_seed(0)
+    d = cfg_path.parent / name
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(d)
+    (tokenizer or AutoTokenizer.from_pretrained(tiny_model)).save_pretrained(d)
+    reg = open_registry(load_config(cfg_path), cfg_path.parent / ".tuneloop")
+    reg.register(name, d, artifact_kind="model", base_model=str(d), lineage={"kind": kind} if kind else {"objective": "sft"},
+                 metrics={}, gates={})
+    reg.set_alias(name, "champion", 1)
+
+
+def _ppo_words(filled: str) -> tuple[list[list[str]], list[str]]:
+    """(the steps before train_ppo_ray, each a word list; train_ppo_ray's arguments) of a filled grpo command."""
+    words = shlex.split(filled)
+    steps, cur = [], []
+    for w in words:
+        if w == "&&":
+            steps.append(cur)
+            cur = []
+        else:
+            cur.append(w)
+    assert cur[:3] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"], cur[:3]
+    return steps, cur[3:]
+
+
+GRPO = {"objective": "grpo", "num_generations": 4, "max_completion_length": 32, "temperature": 0.8, "batch_size": 2,
+        "gradient_accumulation_steps": 3, "learning_rate": 5e-6, "num_epochs": 2, "max_steps": None}
+
+
+@pytest.mark.parametrize("case", ["function-lora", "model-full-kl"])
+def test_exported_grpo_commands_pass_openrlhfs_ppo_parser(case, make_config, tiny_model, tmp_path):
+    if case == "function-lora":
+        train = {**GRPO, "method": "lora", "rewards": [{"function": "rewards.py:score"}]}
+        _reward_file(tmp_path)
+    else:
+        train = {**GRPO, "method": "full", "grpo_beta": 0.04, "loss_type": "grpo", "gradient_checkpointing": True,
+                 "rewards": [{"model": "tiny-rm@champion"}]}
+        _register_reward_model(make_config(), tiny_model)
+    cfg = load_config(make_config(train=train))
+    text = export_openrlhf(cfg)
+    snippet = yaml.safe_load(text)["train"]
+    assert snippet == {"objective": "grpo", "backend": "command", "command": openrlhf_command(cfg)}
+    assert "it has not run it" in text  # the comments say the command was only parsed, not run
+
+    steps, argv = _ppo_words(_fill(cfg, snippet["command"], tmp_path))
+    a = openrlhf_args("openrlhf.cli.train_ppo_ray", argv)  # OpenRLHF's parser and its checks after parsing
+
+    t = cfg.train
+    prompts = str(tmp_path / "external_output" / ".." / "openrlhf_prompts.jsonl")
+    assert steps[0] == ["python", "-m", "tuneloop.train.openrlhf", "prompts", str(tmp_path / "train_records.jsonl"), prompts]
+    assert a.algo.advantage.estimator == "group_norm" and a.critic.model_name_or_path is None  # no critic: GRPO
+    assert a.actor.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
+    assert a.data.prompt_dataset == prompts and a.data.input_key == "prompt" and a.data.apply_chat_template is True
+    assert a.rollout.n_samples_per_prompt == 4 and a.rollout.max_new_tokens == 32 and a.rollout.temperature == 0.8
+    assert a.data.max_len == cfg.data.max_length + 32
+    # One optimizer step per rollout of batch_size x accumulation x GPUs prompts, as TRL's GRPO.
+    assert a.rollout.batch_size == 6 and a.train.batch_size == 24 and a.train.micro_batch_size == 8 and a.train.max_epochs == 1
+    assert a.train.num_episodes == 2 and a.train.seed == cfg.seed and a.actor.adam.lr == 5e-6
+    assert tuple(a.actor.adam.betas) == (0.9, 0.999) and a.actor.lr_scheduler == t.lr_scheduler and a.actor.lr_warmup_ratio == 0
+    assert a.ds.zero_stage == 2 and a.ds.param_dtype == "bf16" and a.vllm.num_engines == 1 and a.train.colocate_all is True
+    if case == "function-lora":
+        assert (a.ds.lora.rank, a.ds.lora.alpha, a.ds.lora.dropout) == (t.lora_r, t.lora_alpha, t.lora_dropout)
+        assert a.algo.kl.init_coef == 0 and a.algo.kl.use_loss is False  # beta 0: train_ppo_ray creates no reference model
+        assert a.actor.loss_agg_mode == "token-mean"  # dapo
+        reward_file = str(tmp_path / "external_output" / ".." / "openrlhf_reward.py")
+        assert steps[1] == ["python", "-m", "tuneloop.train.openrlhf", "reward-func", f"{tmp_path / 'rewards.py'}:score",
+                            cfg.base_model, reward_file]
+        assert a.reward.remote_url == [reward_file] and a.data.label_key == "tuneloop_reward" and a.reward.model_name_or_path is None
+    else:
+        assert a.ds.lora.rank == 0 and a.actor.gradient_checkpointing_enable is True
+        assert a.algo.kl.init_coef == 0.04 and a.algo.kl.use_loss is True and a.algo.kl.estimator == "k3"  # TRL's beta
+        assert a.actor.loss_agg_mode == "seq-mean-token-mean"  # grpo
+        assert len(steps) == 1 and a.reward.remote_url is None
+        rm = Path(a.reward.model_name_or_path)
+        assert json.loads((rm / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+        assert ".tuneloop" in rm.parts  # the registered artifact, in the workspace's store
+
+
+def test_what_openrlhfs_grpo_cannot_carry_is_refused(make_config, tiny_model, tmp_path):
+    _reward_file(tmp_path)
+    cases = [
+        ([{"metric": "exact"}], "train.rewards[0].metric", "metric exact is tuneloop's own reward"),
+        ([{"judge": True}], "train.rewards[0].judge", "the judge (eval.judge) is tuneloop's own reward"),
+        ([{"function": "rewards.py:score"}, {"metric": "exact"}], "train.rewards", "2 rewards"),
+        ([{"function": "rewards.py:score", "weight": 2.0}], "train.rewards[0].weight", "set the weight to 1"),
+        ([{"model": "tiny-rm@champion"}], "train.rewards[0].model", "not a reward model"),
+        ([{"model": "other-rm@champion"}], "train.rewards[0].model", "has another tokenizer than base_model"),
+    ]
+    from tuneloop.demo_assets import general_corpus, make_tokenizer
+
+    _register_reward_model(make_config(), tiny_model, kind="")  # tiny-rm:1 is registered as a chat model
+    _register_reward_model(make_config(), tiny_model, name="other-rm", tokenizer=make_tokenizer(general_corpus(50, seed=3), vocab_size=300))
+    for rewards, key, needle in cases:
+        with pytest.raises(ConfigError) as exc:
+            openrlhf_command(load_config(make_config(train={**GRPO, "rewards": rewards})))
+        assert any(p.startswith(key + ":") and needle in p for p in exc.value.problems), exc.value.problems
+    with pytest.raises(ConfigError) as exc:
+        openrlhf_command(load_config(make_config(train={**GRPO, "rewards": [{"function": "rewards.py:score"}], "loss_type": "bnpo"},
+                                                 data__chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")))
+    assert [p.split(":")[0] for p in exc.value.problems] == ["train.loss_type", "data.chat_template"], exc.value.problems
+    path = make_config(train={**GRPO, "rewards": [{"metric": "exact"}]})
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.rewards[0].metric" in r.stderr and "Traceback" not in r.stderr
+
+
+def _executor(agent_source_names):
+    """OpenRLHF's SingleTurnAgentExecutor (openrlhf/utils/agent.py), the class that loads and calls reward_func."""
+    import asyncio
+    import copy
+    import itertools
+    import logging
+
+    return openrlhf_function("utils/agent.py", "SingleTurnAgentExecutor", AgentExecutorBase=object, asyncio=asyncio,
+                             deepcopy=copy.deepcopy, cycle=itertools.cycle, logger=logging.getLogger("openrlhf-agent"),
+                             aiohttp=None, **agent_source_names)
+
+
+def test_a_function_reward_is_called_by_openrlhfs_executor_with_tuneloops_signature(tmp_path, tiny_model, capsys):
+    """The prompts and reward-func steps, then OpenRLHF's own code: its PromptDataset.preprocess_data reads a prompt and
+    label, its SingleTurnAgentExecutor loads the written file from --reward.remote_url and scores a generated completion."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tuneloop.demo_assets import task_records
+    from tuneloop.train.openrlhf import main
+
+    _reward_file(tmp_path)
+    src = task_records(3, seed=2)
+    records = tmp_path / "train_records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in src))
+    prompts_file, reward_py = tmp_path / "prompts.jsonl", tmp_path / "openrlhf_reward.py"
+    assert main(["prompts", str(records), str(prompts_file)]) == 0
+    assert main(["reward-func", f"{tmp_path / 'rewards.py'}:score", str(tiny_model), str(reward_py)]) == 0
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    str_to_content = openrlhf_function("datasets/prompts_dataset.py", "_str_to_content_list")
+    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data", _str_to_content_list=str_to_content,
+                                   copy=__import__("copy"))
+
+    class Engine:  # a vLLM engine that "generates" a fixed answer, then the end of turn, then more text
+        def __init__(self, text):
+            self.ids = tok(text, add_special_tokens=False)["input_ids"]
+
+        async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+            out = SimpleNamespace(token_ids=self.ids, text=tok.decode(self.ids), finish_reason="stop", logprobs=None)
+            return SimpleNamespace(outputs=[out])
+
+    Executor = _executor({})
+    executor = Executor(str(reward_py))  # loads reward_func from the .py file, as OpenRLHF does
+    params = SimpleNamespace(max_tokens=16, logprobs=None)
+    for rec, row in zip(src, map(json.loads, prompts_file.read_text().splitlines())):
+        prompt, label = preprocess(row, None, "prompt", "tuneloop_reward", tok.apply_chat_template)
+        right = rec["messages"][-1]["content"]
+        for answer, tail in ((right, "<|im_end|>\nuser: more"), ("shipping", "<|im_end|>")):
+            out = asyncio.run(executor.execute(prompt, label, params, 96, tok, Engine(answer + tail)))
+            expected = float(answer == right) + len(rec["messages"][:-1]) / 10  # score() on tuneloop's arguments
+            assert out["reward"] == pytest.approx(expected) and out["scores"] == pytest.approx(expected), (answer, out)
+
+    # A function that returns NaN: OpenRLHF's executor swallows the exception (no reward), tuneloop's message is on stderr.
+    assert main(["reward-func", f"{tmp_path / 'rewards.py'}:broken", str(tiny_model), str(reward_py)]) == 0
+    capsys.readouterr()
+    out = asyncio.run(Executor(str(reward_py)).execute(prompt, label, params, 96, tok, Engine("refund<|im_end|>")))
+    assert out["reward"] is None
+    err = capsys.readouterr().err
+    assert "tuneloop reward: train.rewards[0] (" in err and "returned nan for item 0" in err, err
+
+    # Bad input to the step: exit 2, nothing written.
+    missing = tmp_path / "none.py"
+    assert main(["reward-func", f"{tmp_path / 'rewards.py'}:nothing", str(tiny_model), str(missing)]) == 2
+    assert main(["reward-func", f"{tmp_path / 'absent.py'}:score", str(tiny_model), str(missing)]) == 2
+    assert main(["reward-func", f"{tmp_path / 'rewards.py'}:score", str(tiny_model), str(tmp_path / "out.txt")]) == 2
+    assert not missing.exists()
+
+
+@pytest.mark.slow
+def test_tuneloop_runs_the_exported_grpo_command_with_a_function_reward(make_config, tmp_path, monkeypatch):
+    """`tuneloop run` with the exported grpo command: the prompts and reward-func steps, then a stand-in train_ppo_ray
+    (OpenRLHF's parser, PromptDataset preprocessing, and SingleTurnAgentExecutor scoring each reference answer through
+    the written reward file), and the adapter it saves is gated and registered. OpenRLHF's training is not run."""
+    for k, v in _standin_path(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    _reward_file(tmp_path)
+    train = {**GRPO, "method": "lora", "num_epochs": 1, "rewards": [{"function": "rewards.py:score"}]}
+    command = openrlhf_command(load_config(make_config(train=train)))
+    path = make_config(train={**train, "backend": "command", "command": command})
+    summary = FineTunePipeline(load_config(path)).run()
+    st = summary["stages"]
+    assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}
+    assert st["training"]["metrics"]["kind"] == "adapter" and st["training"]["metrics"]["objective"] == "grpo"
+    log = (tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "logs" / "training.log").read_text()
+    assert "reward-func: " in log and "calls " in log
+    standin = json.loads((tmp_path / "standin.json").read_text())
+    assert standin["module"] == "openrlhf.cli.train_ppo_ray" and standin["rewards"]
+    # score() gives 1 + turns/10 to the exact reference: each reference answer scored as tuneloop would score it.
+    assert all(1.0 < r < 2.0 for r in standin["rewards"]), standin["rewards"]
+    assert st["model_registry"]["status"] == "passed"

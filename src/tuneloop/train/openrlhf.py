@@ -3,20 +3,29 @@
 Entry points: :func:`openrlhf_command` (a tuneloop config -> the OpenRLHF command line, written with the
 ``train.command`` placeholders of :data:`tuneloop.train.external.PLACEHOLDERS`), :func:`export_openrlhf` (the
 ``train:`` YAML snippet export-config prints: ``backend: command`` and that command, with comment lines for every
-setting OpenRLHF has no equivalent for), and ``python -m tuneloop.train.openrlhf`` (:func:`main`) with two small
-steps an OpenRLHF command runs beside OpenRLHF itself: ``reward-config DIR`` and ``prompts IN OUT``.
+setting OpenRLHF has no equivalent for), and ``python -m tuneloop.train.openrlhf`` (:func:`main`) with three small
+steps an OpenRLHF command runs beside OpenRLHF itself: ``reward-config DIR``, ``prompts IN OUT`` and
+``reward-func FILE.py:NAME TOKENIZER OUT.py`` (:class:`OpenRLHFReward`: a tuneloop function reward as OpenRLHF's
+``reward_func(queries, prompts, labels)``).
 
 The options are OpenRLHF 0.11's dotted names (``--model.model_name_or_path``, ``--ds.lora.rank``, ...), checked in
 tests/test_openrlhf_export.py against the argument parser OpenRLHF's own CLI modules build (on a CPU machine: only
-the arguments are validated; OpenRLHF trains on GPUs with DeepSpeed, and PPO also needs Ray and vLLM).
+the arguments are validated; OpenRLHF trains on GPUs with DeepSpeed, and PPO/GRPO also needs Ray and vLLM: the
+grpo command has not been run by tuneloop, only parsed; the ``reward-func`` adapter is tested by OpenRLHF's own
+``SingleTurnAgentExecutor`` calling it).
 
 Objectives: ``sft`` -> ``openrlhf.cli.train_sft``, ``dpo`` -> ``train_dpo``, ``reward`` -> ``train_rm`` (full
 fine-tuning only, followed by ``reward-config``), each launched with ``deepspeed --num_gpus N --module ...`` as
-OpenRLHF documents. ``orpo``, ``simpo``, ``kto`` and ``grpo`` are refused with what to do instead: OpenRLHF 0.11 has
-no ORPO, SimPO or KTO trainer, and its GRPO (``train_ppo_ray --algo.advantage.estimator group_norm``) scores with a
-reward model or its own reward-function interface, not with ``train.rewards``. PPO is not a tuneloop objective; the
-README's "PPO and other RL trainers" gives its command (``prompts`` turns tuneloop's training records into its
-prompt data).
+OpenRLHF documents. ``grpo`` -> ``python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator group_norm`` (a
+Ray job; vLLM generates), after the ``prompts`` step, when ``train.rewards`` is exactly one reward of weight 1 that
+OpenRLHF can score with: ``{model: REF}``, a registered full reward model whose tokenizer is the base model's
+(``--reward.model_name_or_path``, its artifact directory resolved at export), or ``{function: FILE.py:NAME}``
+(``--reward.remote_url`` naming the file the ``reward-func`` step writes; OpenRLHF 0.11 loads a ``.py`` there and
+calls its ``reward_func``). Metric and judge rewards, several rewards, a weight, loss types other than dapo/grpo and a
+chat template that is not the base tokenizer's are refused (train_ppo_ray has no option for them). ``orpo``,
+``simpo`` and ``kto`` are refused with what to do instead: OpenRLHF 0.11 has no ORPO, SimPO or KTO trainer. PPO is
+not a tuneloop objective; the README's "PPO and other RL trainers" gives its command (``prompts`` turns tuneloop's
+training records into its prompt data).
 
 What tuneloop picks up: OpenRLHF saves the final model with ``--ckpt.output_dir {output_dir}``: with LoRA a PEFT
 adapter (adapter_config.json + adapter_model.safetensors; ZeRO stage 3 would write adapter_model.bin instead, so the
@@ -41,16 +50,21 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import ConfigError, InputError
 
 #: OpenRLHF CLI module per tuneloop objective.
-MODULES = {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm"}
+MODULES = {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm",
+           "grpo": "openrlhf.cli.train_ppo_ray"}
+#: Where the ``grpo`` command's steps write beside ``{output_dir}`` (run_command clears only ``{output_dir}`` itself).
+GRPO_PROMPTS = "{output_dir}/../openrlhf_prompts.jsonl"
+GRPO_REWARD_FILE = "{output_dir}/../openrlhf_reward.py"
+#: The key of the ``prompts`` step's records that carries tuneloop's reward inputs (``--data.label_key``).
+LABEL_KEY = "tuneloop_reward"
+#: tuneloop's GRPO loss (TRL loss_type) -> OpenRLHF's policy-loss aggregation (--actor.loss_agg_mode).
+_LOSS_AGG = {"dapo": "token-mean", "grpo": "seq-mean-token-mean"}
 
 #: Why other objectives are not exported, and what to do instead.
 _REFUSED = {
     "orpo": "OpenRLHF 0.11 has no ORPO trainer (its CLIs: train_sft, train_dpo, train_rm, train_ppo_ray)",
     "simpo": "OpenRLHF 0.11 has no SimPO trainer (its CLIs: train_sft, train_dpo, train_rm, train_ppo_ray)",
     "kto": "OpenRLHF 0.11 has no KTO trainer (its CLIs: train_sft, train_dpo, train_rm, train_ppo_ray)",
-    "grpo": ("OpenRLHF's GRPO (train_ppo_ray --algo.advantage.estimator group_norm) scores completions with a reward "
-             "model or its own reward-function file (--reward.remote_url), not with train.rewards, so the rewards "
-             "this config names cannot be carried over"),
 }
 
 
@@ -88,7 +102,7 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     if objective not in MODULES:
         reason = _REFUSED.get(objective, f"OpenRLHF has no trainer for train.objective {objective}")
         raise ConfigError(f"train.objective: {objective} cannot be exported to OpenRLHF: {reason}. Train it with tuneloop "
-                          "itself (train.backend: transformers), or export sft, dpo or reward; for PPO see the README "
+                          "itself (train.backend: transformers), or export sft, dpo, reward or grpo; for PPO see the README "
                           "section 'PPO and other RL trainers'")
     problems: list[str] = []
     notes: list[str] = []
@@ -104,7 +118,9 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
                         "auto with method qlora")
     if t.num_epochs != int(t.num_epochs):
         problems.append(f"train.num_epochs: {t.num_epochs:g} is not a whole number; OpenRLHF trains whole epochs "
-                        f"(--train.max_epochs); set {math.ceil(t.num_epochs)} or another whole number to export")
+                        f"(--train.max_epochs; for grpo --train.num_episodes); set {math.ceil(t.num_epochs)} or another whole number to export")
+    if objective == "grpo":
+        return _grpo_export(cfg, problems)
     fmt = "preference" if objective != "sft" else _sft_format(cfg)
     if objective == "sft":
         if t.train_on_inputs and fmt != "text":
@@ -209,6 +225,188 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     return OpenRLHFExport(command, notes)
 
 
+def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
+    """``objective: grpo`` -> ``openrlhf.cli.train_ppo_ray --algo.advantage.estimator group_norm``, scored by the one
+    reward of ``train.rewards``: a registered full reward model (``--reward.model_name_or_path``, its store directory)
+    or a function reward (``--reward.remote_url`` naming the file the ``reward-func`` step writes, which calls the
+    function with tuneloop's signature; see :class:`OpenRLHFReward`). Other rewards, several rewards and weights are
+    refused (ConfigError, with the problems the caller found already)."""
+    from tuneloop.train.external import export_template
+
+    t, d = cfg.train, cfg.data
+    notes: list[str] = []
+    where = "OpenRLHF's train_ppo_ray scores every completion with one reward: a reward model or one reward function"
+    if len(t.rewards) != 1:
+        problems.append(f"train.rewards: {len(t.rewards)} rewards; {where} (--reward.model_name_or_path or "
+                        "--reward.remote_url), so a sum of rewards cannot be carried over; keep one {model: REF} or "
+                        "{function: FILE.py:NAME} reward to export, or train with tuneloop (train.backend: transformers)")
+    spec = t.rewards[0] if t.rewards else None
+    if spec is not None and len(t.rewards) == 1:
+        key = "train.rewards[0]"
+        if spec.kind in ("metric", "judge"):
+            what = f"metric {spec.metric}" if spec.kind == "metric" else "the judge (eval.judge)"
+            problems.append(f"{key}.{spec.kind}: {what} is tuneloop's own reward; {where}, so it cannot be exported. "
+                            "Write it as a {function: FILE.py:NAME} reward (e.g. a function that calls your metric), use "
+                            "a registered reward model ({model: REF}), or train with tuneloop (train.backend: transformers)")
+        if spec.weight != 1.0:
+            problems.append(f"{key}.weight: {spec.weight:g}; OpenRLHF takes one reward as it is (no weight); set the weight "
+                            "to 1 to export (with one reward, group_norm divides by the group's spread, so a positive "
+                            "weight changes nothing but the sign)")
+    if t.loss_type not in _LOSS_AGG:
+        problems.append(f"train.loss_type: {t.loss_type} has no OpenRLHF equivalent (--actor.loss_agg_mode takes token-mean, "
+                        "i.e. dapo, or seq-mean-token-mean, i.e. grpo); set dapo or grpo to export")
+    tpl = export_template(cfg)
+    if tpl.source != "tokenizer":
+        which = ("data.chat_template" if tpl.source == "data.chat_template"
+                 else "tuneloop's ChatML default (the base tokenizer has none)")
+        problems.append(f"data.chat_template: tuneloop renders the prompts with {which}, but OpenRLHF's train_ppo_ray renders "
+                        "them with the base tokenizer's own template (it has no --data.tokenizer_chat_template); save the "
+                        "template into the base model's tokenizer_config.json (tokenizer.chat_template = ...; "
+                        "tokenizer.save_pretrained(DIR)) and point base_model at DIR to export")
+    reward_args, steps = "", ""
+    if spec is not None and len(t.rewards) == 1 and spec.kind == "model":
+        try:
+            model_dir = _reward_model_dir(cfg, str(spec.model))
+        except Exception as exc:  # noqa: BLE001 - the registry's own message names what exists
+            problems.append(f"train.rewards[0].model: {exc}")
+        else:
+            reward_args = f"--reward.model_name_or_path {_q(str(model_dir))}"
+            notes.append(f"reward: the registered reward model {spec.model} is its artifact directory {model_dir} (resolved "
+                         "now: export again after the ref moves to another version); OpenRLHF loads it as its RewardModel "
+                         "(the transformers sequence-classification model's `score` head) and scores the policy's own token "
+                         "ids, read at the last generated token (EOS), where tuneloop re-renders prompt + completion with "
+                         "the chat template (ending at the end-of-turn), so scores can differ slightly")
+    elif spec is not None and len(t.rewards) == 1 and spec.kind == "function":
+        file, name = spec.function_parts()
+        target = f"{Path(file).resolve()}:{name}"
+        steps = f"python -m tuneloop.train.openrlhf reward-func {_q(target)} {{base_model}} {GRPO_REWARD_FILE} && "
+        reward_args = f"--reward.remote_url {GRPO_REWARD_FILE} --data.label_key {LABEL_KEY}"
+        notes.append(f"reward: `reward-func` checks {spec._written or spec.function} and writes {GRPO_REWARD_FILE}, "
+                     "OpenRLHF's reward_func(queries, prompts, labels) (--reward.remote_url), which calls "
+                     f"{name}(prompts=[conversation], completions=[[{{role: assistant, content}}]], reference=[...]) as "
+                     "tuneloop does (no completion_ids or trainer_state); the completion is the generated text up to "
+                     "tuneloop's first stop token, special tokens removed. OpenRLHF's vLLM workers import tuneloop and the "
+                     "function file: the same Python environment and paths on every Ray node")
+        notes.append("reward: OpenRLHF logs an exception from a reward function and goes on without that reward (its "
+                     "executor catches it); the adapter prints `tuneloop reward: ...` (the function, the item, what is "
+                     "wrong) on stderr first, and refuses None, NaN and non-numbers (OpenRLHF has no 'no reward')")
+    if problems:
+        raise ConfigError(problems)
+
+    world, g = t.num_processes, t.num_generations
+    prompts_per_step = t.batch_size * t.gradient_accumulation_steps * world
+    per_gpu = t.batch_size * g
+    parts = [f"python -m tuneloop.train.openrlhf prompts {{train_file}} {GRPO_PROMPTS} && {steps}"
+             f"python3 -m {MODULES['grpo']}",
+             f"--actor.num_nodes 1 --actor.num_gpus_per_node {world}"
+             + (f" --ref.num_gpus_per_node {world}" if t.grpo_beta > 0 else "")
+             + (f" --reward.num_gpus_per_node {world}" if spec is not None and spec.kind == "model" else ""),
+             f"--vllm.num_engines {world} --train.colocate_all --vllm.enable_sleep --ds.enable_sleep "
+             "--vllm.gpu_memory_utilization 0.5",
+             "--actor.model_name_or_path {base_model}", reward_args,
+             f"--data.prompt_dataset {GRPO_PROMPTS} --data.input_key prompt --data.apply_chat_template",
+             f"--data.max_len {d.max_length + t.max_completion_length} --rollout.max_new_tokens {t.max_completion_length}",
+             f"--rollout.n_samples_per_prompt {g} --rollout.temperature {t.temperature:g}",
+             "--algo.advantage.estimator group_norm"]
+    if t.grpo_beta > 0:
+        parts.append(f"--algo.kl.init_coef {t.grpo_beta:g} --algo.kl.use_loss --algo.kl.estimator k3")
+        notes.append(f"train.grpo_beta {t.grpo_beta:g} -> --algo.kl.init_coef with --algo.kl.use_loss --algo.kl.estimator "
+                     "k3: the KL to the reference model (the base, loaded as a separate model) in the loss, as TRL's GRPO")
+    else:
+        parts.append("--algo.kl.init_coef 0")
+        notes.append("train.grpo_beta 0 -> --algo.kl.init_coef 0: OpenRLHF then loads no reference model (train_ppo_ray "
+                     "creates it only when the coefficient is > 0), as TRL's GRPO with beta 0")
+    parts.append(f"--actor.loss_agg_mode {_LOSS_AGG[t.loss_type]}")
+    parts.append(f"--rollout.batch_size {prompts_per_step} --rollout.micro_batch_size {per_gpu} "
+                 f"--train.batch_size {prompts_per_step * g} --train.micro_batch_size {per_gpu}")
+    parts.append(f"--train.max_epochs 1 --train.num_episodes {int(t.num_epochs)} --train.seed {{seed}}")
+    parts.append(f"--actor.adam.lr {{learning_rate}} --actor.adam.betas 0.9 0.999 --actor.adam.weight_decay "
+                 f"{t.weight_decay:g} --actor.lr_scheduler {t.lr_scheduler}")
+    if t.warmup_steps == 0:
+        parts.append("--actor.lr_warmup_ratio 0")
+    else:
+        notes.append(f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
+                     "(--actor.lr_warmup_ratio, default 0.03); add it by hand (warm-up steps / total steps)")
+    if t.method in ("lora", "qlora"):
+        lora = "--ds.lora.rank {lora_r} --ds.lora.alpha {lora_alpha} --ds.lora.dropout {lora_dropout}"
+        if t.target_modules != "all-linear":
+            names = [t.target_modules] if isinstance(t.target_modules, str) else list(t.target_modules)
+            lora += " --ds.lora.target_modules " + " ".join(_q(n) for n in names)
+        parts.append(lora + (" --ds.load_in_4bit" if t.method == "qlora" else ""))
+    if t.precision == "auto":
+        notes.append("train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
+                     "bf16 on a bf16 GPU (OpenRLHF has no fp32)")
+    parts.append(f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2")
+    if t.gradient_checkpointing:
+        parts.append("--actor.gradient_checkpointing_enable")
+    parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
+    command = " ".join(p for p in parts if p)
+    notes.insert(0, "grpo: OpenRLHF's GRPO is its PPO trainer with --algo.advantage.estimator group_norm (no critic); it "
+                    "runs on a Ray cluster's head node (`ray start --head`) and needs NVIDIA GPUs, DeepSpeed and vLLM: "
+                    "tuneloop checks this command against OpenRLHF 0.11.2's argument parser only, it has not run it")
+    notes.append("prompts: `python -m tuneloop.train.openrlhf prompts` writes each training conversation's prompt (the "
+                 f"turns before its final answer) and reference to {GRPO_PROMPTS}; unlike tuneloop it does not drop "
+                 f"prompts over data.max_length (OpenRLHF truncates them from the left); --data.max_len "
+                 f"{d.max_length + t.max_completion_length} is data.max_length + max_completion_length")
+    notes.append(f"batch: each rollout is train.batch_size x gradient_accumulation_steps x num_processes = {prompts_per_step} "
+                 f"prompts x {g} generations, trained in one optimizer step (--train.batch_size {prompts_per_step * g} "
+                 f"completions, --train.micro_batch_size {per_gpu} per GPU), as TRL's GRPO; --train.num_episodes "
+                 f"{int(t.num_epochs)} passes over the prompts")
+    notes.append("generation: OpenRLHF's vLLM stops at the model's EOS only (tuneloop also stops at the chat template's "
+                 f"end-of-turn tokens); --rollout.temperature {t.temperature:g}, top_p 1; train.use_vllm has no effect "
+                 "(OpenRLHF always generates with vLLM)")
+    notes.append("literals (not placeholders): GPUs, batch sizes, generations, max lengths, temperature, KL coefficient, "
+                 "episodes, weight decay, scheduler; export again after changing them")
+    if t.max_steps:
+        notes.append(f"train.max_steps {t.max_steps} is not carried: OpenRLHF's PPO trainer runs whole episodes "
+                     f"(--train.num_episodes {int(t.num_epochs)})")
+    notes.append(f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
+                 "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
+                 "per-step reward (OpenRLHF's log lines are in the stage log)")
+    if t.report_to != "none":
+        notes.append(f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir "
+                     "by hand")
+    if t.accelerate_config:
+        notes.append("train.accelerate_config is not carried: Ray places the models (--actor.num_nodes for several machines)")
+    return OpenRLHFExport(command, notes)
+
+
+def _reward_model_dir(cfg: PipelineConfig, ref: str) -> Path:
+    """The directory OpenRLHF loads the registered reward model ``ref`` from: its verified artifact (or the ``merged/``
+    model beside a LoRA adapter), a transformers sequence-classification model with one output whose tokenizer is the
+    base model's (OpenRLHF scores the policy's token ids as they are). InputError/ConfigError say what to do."""
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from tuneloop.registry.api import open_registry
+    from tuneloop.train.rewards import reward_version
+    from tuneloop.workspace import Workspace
+
+    version = reward_version(cfg, ref)
+    where = Path(open_registry(cfg, Workspace.for_config(cfg)).open_artifact(version["model"], version["version"]))
+    if (where / "adapter_config.json").is_file():
+        if not (where / "merged" / "config.json").is_file():
+            raise InputError(f"{version['ref']} is a LoRA reward model; OpenRLHF's reward model loads a full model "
+                              "(--reward.model_name_or_path), so train the reward model with train.method: full to export")
+        where = where / "merged"
+    config = _json.loads((where / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    outputs = config.get("num_labels", len(config.get("id2label") or {0: 0}))
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or outputs != 1:
+        raise InputError(f"{version['ref']} ({where}) is not a sequence-classification model with one output "
+                         f"(architectures {archs}); OpenRLHF's RewardModel reads its `score` head")
+    try:
+        theirs, ours = AutoTokenizer.from_pretrained(str(where)), AutoTokenizer.from_pretrained(cfg.base_model)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizers of {version['ref']} and base_model to compare them ({exc})") from None
+    if theirs.get_vocab() != ours.get_vocab():
+        raise InputError(f"{version['ref']} has another tokenizer than base_model {cfg.base_model}; OpenRLHF feeds the "
+                         "policy's token ids to the reward model unchanged, so train the reward model on the same base "
+                         "(tuneloop itself re-renders the text for it)")
+    return where
+
+
 def openrlhf_command(cfg: PipelineConfig) -> str:
     """The OpenRLHF command line equivalent to ``cfg``, with ``train.command`` placeholders (see :func:`openrlhf_export`)."""
     return openrlhf_export(cfg).command
@@ -221,7 +419,8 @@ def export_openrlhf(cfg: PipelineConfig) -> str:
     head = [f"Generated by `tuneloop export-config --to openrlhf` from tuneloop config `{cfg.name}` "
             f"(OpenRLHF 0.11 option names).",
             "Put these keys in the config's `train:` section: tuneloop then runs OpenRLHF as an external trainer and "
-            "evaluates, gates and registers what it writes to {output_dir}. OpenRLHF needs NVIDIA GPUs and DeepSpeed."]
+            "evaluates, gates and registers what it writes to {output_dir}. OpenRLHF needs NVIDIA GPUs and DeepSpeed"
+            + (", and for GRPO a Ray cluster and vLLM." if cfg.train.objective == "grpo" else ".")]
     text = "".join(f"# {line}\n" for line in head + exp.notes)
     body = {"train": {"objective": cfg.train.objective, "backend": "command", "command": exp.command}}
     return text + yaml.safe_dump(body, sort_keys=False, width=100, allow_unicode=True)
@@ -282,8 +481,9 @@ def reward_config(model_dir: Path) -> str:
 
 def ppo_prompts(records: Path, out: Path) -> int:
     """Write the prompts of tuneloop's canonical training records (``{train_file}``) as OpenRLHF prompt data:
-    ``{"prompt": [messages before the final assistant turn], "reference": that turn}`` per line (for
-    ``--data.input_key prompt``, and ``--data.label_key reference`` with a reward function). Returns how many."""
+    ``{"prompt": [messages before the final assistant turn], "reference": that turn, "tuneloop_reward": both as one
+    JSON string}`` per line (for ``--data.input_key prompt``; ``--data.label_key reference`` for a reward function of
+    OpenRLHF's own, ``--data.label_key tuneloop_reward`` for :class:`OpenRLHFReward`). Returns how many."""
     from tuneloop.fsutil import atomic_write_text
 
     lines = []
@@ -297,15 +497,133 @@ def ppo_prompts(records: Path, out: Path) -> int:
                 raise InputError(f"{records}:{n}: expected conversation records (`messages` ending with an assistant "
                                  "turn); PPO prompts come from train.objective sft data")
             plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
-            lines.append(json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"]}, ensure_ascii=False) + "\n")
+            label = json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"]}, ensure_ascii=False)
+            lines.append(json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"], LABEL_KEY: label},
+                                    ensure_ascii=False) + "\n")
     if not lines:
         raise InputError(f"{records}: no records")
     atomic_write_text(Path(out), "".join(lines))
     return len(lines)
 
 
+# ---------------------------------------------------------------- a tuneloop function reward as OpenRLHF's reward_func
+
+REWARD_FILE_TEMPLATE = '''"""OpenRLHF reward function (``--reward.remote_url`` this file), written by
+``python -m tuneloop.train.openrlhf reward-func``: OpenRLHF 0.11 calls ``reward_func(queries, prompts, labels)``;
+this one calls the tuneloop function reward {target} with tuneloop's signature (tuneloop.train.openrlhf.OpenRLHFReward).
+"""
+
+from tuneloop.train.openrlhf import OpenRLHFReward
+
+reward_func = OpenRLHFReward({target!r}, {tokenizer!r})
+'''
+
+
+class OpenRLHFReward:
+    """OpenRLHF 0.11's ``reward_func(queries, prompts, labels)`` (what ``--reward.remote_url FILE.py`` loads; its
+    ``SingleTurnAgentExecutor`` calls it once per completion, in a thread of a vLLM worker) around a tuneloop function
+    reward ``FILE.py:NAME``, called as tuneloop's GRPO calls it: ``NAME(prompts=[conversation], completions=[[{"role":
+    "assistant", "content": text}]], reference=[final answer])``.
+
+    ``queries`` are the decoded prompt + generated tokens (special tokens kept), ``prompts`` the rendered prompts,
+    ``labels`` the ``tuneloop_reward`` field the ``prompts`` step wrote (the conversation and its reference). The
+    completion is the query after the prompt's own decoding, cut after tuneloop's first stop token, special tokens
+    removed (TRL decodes with ``skip_special_tokens``). The result is checked as in tuneloop
+    (:class:`~tuneloop.train.rewards.CheckedReward`; ``None`` is refused too); a problem is printed on stderr
+    (``tuneloop reward: ...``) before it is raised, because OpenRLHF logs and drops a reward function's exception.
+    Returns ``{"rewards": r, "scores": r}`` (a number for one query, a list for several)."""
+
+    def __init__(self, function: str, tokenizer: str):
+        from tuneloop.config import RewardSpec
+        from tuneloop.train.rewards import CheckedReward, Reward, load_function
+
+        spec = RewardSpec(function=function)
+        self.checked = CheckedReward(Reward(0, spec, spec.function_parts()[1]), load_function(spec))
+        self.tokenizer_path = tokenizer
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tok
+
+    def completion(self, query: str, prompt: str) -> str:
+        """The generated text of ``query`` as tuneloop would score it (see the class docstring)."""
+        from tuneloop.modeling import stop_token_ids
+        from tuneloop.train.rewards import RewardError
+
+        tok = self.tok
+        prefix = tok.decode(tok(prompt, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
+        if not query.startswith(prefix):
+            raise RewardError(f"{self.checked.reward.where}: the query does not start with its prompt as the tokenizer "
+                              f"{self.tokenizer_path} decodes it (query {query[:60]!r}); is --actor.model_name_or_path "
+                              "the base model the reward-func step was given?")
+        text = query[len(prefix):]
+        stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
+        cut = min(((text.find(s), s) for s in stops if s and s in text), default=None)
+        if cut is not None:
+            text = text[: cut[0] + len(cut[1])]
+        for special in sorted(set(tok.all_special_tokens), key=len, reverse=True):
+            text = text.replace(special, "")
+        return text
+
+    def __call__(self, queries, prompts, labels):
+        from tuneloop.train.rewards import RewardError
+
+        try:
+            conversations, completions, references = [], [], []
+            for query, prompt, label in zip(queries, prompts, labels):
+                try:
+                    item = json.loads(label)
+                    conversations.append(item["prompt"])
+                    references.append(item["reference"])
+                except (TypeError, ValueError, KeyError) as exc:
+                    raise RewardError(f"{self.checked.reward.where}: the label {str(label)[:60]!r} is not the "
+                                      f"{LABEL_KEY} field of the prompts step ({type(exc).__name__}: {exc}); run OpenRLHF "
+                                      f"with --data.label_key {LABEL_KEY} on what `python -m tuneloop.train.openrlhf "
+                                      "prompts` wrote") from None
+                completions.append([{"role": "assistant", "content": self.completion(query, prompt)}])
+            values = self.checked(prompts=conversations, completions=completions, reference=references)
+            if any(v is None for v in values):
+                j = values.index(None)
+                raise RewardError(f"{self.checked.reward.where} returned None for item {j} (prompt "
+                                  f"{str(conversations[j])[:60]!r}); OpenRLHF has no 'no reward': return a number")
+        except RewardError as exc:
+            print(f"tuneloop reward: {exc}", file=sys.stderr, flush=True)
+            raise
+        rewards: Any = values[0] if len(values) == 1 else values
+        return {"rewards": rewards, "scores": rewards}
+
+
+def write_reward_func(target: str, tokenizer: str, out: Path) -> str:
+    """Check the function reward ``target`` (``/abs/FILE.py:NAME``: it imports and has the function; the tokenizer
+    loads) and write ``out``, the file OpenRLHF's ``--reward.remote_url`` loads (:data:`REWARD_FILE_TEMPLATE`).
+    Returns ``target``; InputError says what is wrong."""
+    from pydantic import ValidationError
+
+    from tuneloop.fsutil import atomic_write_text
+    from tuneloop.train.rewards import RewardError
+
+    if not str(out).endswith(".py"):
+        raise InputError(f"reward-func: {out} must end with .py (OpenRLHF loads --reward.remote_url as a Python file only then)")
+    try:
+        fn = OpenRLHFReward(target, tokenizer)
+        fn.tok  # noqa: B018 - load the tokenizer now, not first in a Ray worker
+    except ValidationError as exc:
+        raise InputError(f"reward-func: {target!r} is not FILE.py:NAME ({exc.errors()[0]['msg']})") from None
+    except RewardError as exc:
+        raise InputError(f"reward-func: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"reward-func: cannot load the tokenizer of {tokenizer} ({exc})") from None
+    atomic_write_text(Path(out), REWARD_FILE_TEMPLATE.format(target=target, tokenizer=tokenizer))
+    return target
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tuneloop.train.openrlhf reward-config DIR | prompts IN OUT``; exit 2 with the reason on bad input."""
+    """``python -m tuneloop.train.openrlhf reward-config DIR | prompts IN OUT | reward-func FILE.py:NAME TOKENIZER OUT.py``;
+    exit 2 with the reason on bad input."""
     args = sys.argv[1:] if argv is None else argv
     try:
         if len(args) == 2 and args[0] == "reward-config":
@@ -314,10 +632,15 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) == 3 and args[0] == "prompts":
             print(f"prompts: wrote {ppo_prompts(Path(args[1]), Path(args[2]))} prompts to {args[2]}")
             return 0
+        if len(args) == 4 and args[0] == "reward-func":
+            print(f"reward-func: {args[3]} calls {write_reward_func(args[1], args[2], Path(args[3]))} as OpenRLHF's "
+                  "reward_func")
+            return 0
     except (InputError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("usage: python -m tuneloop.train.openrlhf reward-config MODEL_DIR | prompts RECORDS.jsonl OUT.jsonl", file=sys.stderr)
+    print("usage: python -m tuneloop.train.openrlhf reward-config MODEL_DIR | prompts RECORDS.jsonl OUT.jsonl | "
+          "reward-func FILE.py:NAME TOKENIZER_DIR OUT.py", file=sys.stderr)
     return 2
 
 
