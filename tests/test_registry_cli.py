@@ -467,6 +467,12 @@ def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, t
                  "| max_accuracy_drop | NOT_APPLIED |", "0.1.0+abc", "`bot` / `r1`"):
         assert text in card, text
     assert json.loads((tmp_path / "exp" / "tuneloop_export.json").read_text())["base_model"] == "models/base"
+    # every export is an event on the version, with the sha256 of the weights it wrote
+    from tuneloop.fsutil import sha256_file
+
+    ev = [x for x in reg.events("bot", 1) if x["kind"] == "exported"]
+    assert len(ev) == 1 and ev[0]["details"]["format"] == "hf" and ev[0]["details"]["path"] == e["path"]
+    assert ev[0]["details"]["sha256"] == {"adapter_model.safetensors": sha256_file(tmp_path / "exp" / "adapter_model.safetensors")}
 
 
 def test_module_names_only_where_they_mean_the_same_modules():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneloop.errors import InputError
-from tuneloop.fsutil import sha256_json
+from tuneloop.fsutil import sha256_file, sha256_json
 from tuneloop.registry.card import base_layer_count, clean_tokenizer_config, is_blank_peft_card, model_card, module_names, portable_base_name
 from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
@@ -152,7 +152,7 @@ def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
     }
 
 
-def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dict:
+def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor: str | None = None) -> dict:
     """Write a version as a standard Hugging Face directory that transformers / PEFT / vLLM load directly.
 
     * a full model: its files (config.json, model.safetensors, tokenizer);
@@ -164,7 +164,8 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dic
     ``target_modules`` are module names; ``tokenizer_config.json`` has no ``is_local``/``local_files_only``;
     README.md is a model card (base, data digests, metrics, gate verdicts, tuneloop version); directories and
     files get the usual modes (0777/0666 less the umask). The artifact is verified first; ``out_dir`` must not
-    exist or be empty; it appears complete or not at all.
+    exist or be empty; it appears complete or not at all. The version gets an ``exported`` event with the sha256 of
+    each weights file written.
     """
     v = resolve(reg, ref)
     out_dir = Path(out_dir)
@@ -190,14 +191,22 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False) -> dic
             if base is not None:
                 _rewrite_adapter_config(tmp / "adapter_config.json", base_name, base_layer_count(base))
         _finish_export(tmp, v, kind=kind, base_name=base_name, merged=merged)
+        weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    details = {"format": "hf", "kind": kind, "merged": merged, "sha256": weights, "path": str(out_dir.resolve())}
+    try:  # like a GGUF export: recorded on the version, or not left behind
+        event = reg.record_event(v["model"], v["version"], "exported", details, actor=actor)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return {"ref": v["ref"], "path": str(out_dir.resolve()), "kind": kind, "merged": merged, "base_model": base_name,
-            "base_model_path": base, "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())}
+            "base_model_path": base, "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()),
+            "sha256": weights, "event": event}
 
 
 def _copy_artifact(src: Path, dest: Path) -> None:
