@@ -178,6 +178,34 @@ def test_run_shows_evaluation_bars_on_its_console(make_config):
         assert label in shown, shown
 
 
+def test_token_hits_in_batches_equal_each_window_alone(demo):
+    """The general-text suite's windows go through the model several at a time (right-padded, masked): the hits
+    and the loss are those of each window scored alone, the short last window included."""
+    import math
+
+    import torch
+
+    from tuneloop.evaluate.suites import token_hits
+
+    model, tok = demo
+    text = resources.files("tuneloop.resources").joinpath("general.txt").read_text(encoding="utf-8")[:6000]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert (len(ids) - 1) % 128 not in (0, 1), len(ids)  # a last window shorter than the others
+    hits, nll = [], 0.0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, 128):
+            w = torch.tensor([ids[start : start + 129]])
+            logits = model(input_ids=w[:, :-1]).logits.float()[0]
+            hits += (logits.argmax(-1) == w[0, 1:]).int().tolist()
+            nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
+    seen = []
+    for rows in (None, 3, 1):
+        got = token_hits(model, tok, text, rows=rows, progress=lambda d, t: seen.append((d, t)))
+        assert got["hits"] == hits, rows
+        assert got["perplexity"] == pytest.approx(math.exp(nll / len(hits)), rel=1e-5), rows
+        assert seen[-1] == (len(hits), len(hits))
+
+
 # ------------------------------------------------------------------------------------------------ real model
 
 ZH = [

@@ -230,24 +230,47 @@ def _continuation_logprob(model, tok, ctx: str, cont: str) -> float:
     return float(logp[-n:].gather(1, targets[-n:, None]).sum())
 
 
-def token_hits(model, tok, text: str, *, window: int = 128, progress: Progress | None = None) -> dict[str, Any]:
-    """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity; ``progress(tokens done, total)``."""
+#: Logit elements (rows x window x vocabulary) one batched forward of :func:`token_hits` may produce: 64 Mi floats
+#: (256 MiB): 8 windows of 128 tokens for a 49k vocabulary (SmolLM2), 3 for 151k (Qwen2.5).
+TOKEN_HITS_MAX_LOGITS = 64 << 20
+
+
+def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity; ``progress(tokens done, total)``.
+
+    The text is cut into windows of ``window`` tokens, each scored on its own (no context from the one before);
+    ``rows`` windows go through the model at once (right-padded, masked: a causal model's logits at the real
+    positions are those of the window alone). Default: as many as fit :data:`TOKEN_HITS_MAX_LOGITS`, at most 8;
+    on 2 CPU cores SmolLM2-135M scores 3,000 tokens in 5.9 s at 8 rows against 10.0 s one window at a time, with
+    the same hits and loss. ``rows=1`` is one window at a time.
+    """
     import torch
 
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    total = max(len(ids) - 1, 0)
+    if rows is None:
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0) or len(tok)
+        rows = max(1, min(8, TOKEN_HITS_MAX_LOGITS // (window * vocab)))
+    windows = [ids[start : start + window + 1] for start in range(0, total, window)]
+    windows = [w for w in windows if len(w) >= 2]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
     hits: list[int] = []
     nll = 0.0
     with torch.inference_mode():
-        for start in range(0, max(len(ids) - 1, 0), window):
+        for b in range(0, len(windows), rows):
             if progress is not None:
-                progress(start, len(ids) - 1)
-            chunk = torch.tensor([ids[start : start + window + 1]])
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk[:, :-1]).logits.float()
-            target = chunk[:, 1:]
-            hits += (logits.argmax(-1) == target)[0].int().tolist()
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+                progress(len(hits), total)
+            batch = windows[b : b + rows]
+            width = max(len(w) for w in batch) - 1
+            inputs = torch.tensor([w[:-1] + [pad] * (width - len(w) + 1) for w in batch], device=device)
+            mask = torch.tensor([[1] * (len(w) - 1) + [0] * (width - len(w) + 1) for w in batch], device=device)
+            logits = model(input_ids=inputs, attention_mask=mask).logits.float()
+            for r, w in enumerate(batch):
+                n = len(w) - 1
+                target = torch.tensor(w[1:], device=device)
+                hits += (logits[r, :n].argmax(-1) == target).int().tolist()
+                nll += float(torch.nn.functional.cross_entropy(logits[r, :n], target, reduction="sum"))
     if progress is not None:
         progress(len(hits), len(hits))
     ppl = math.exp(nll / len(hits)) if hits else float("nan")
