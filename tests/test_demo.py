@@ -1,5 +1,9 @@
 """`tuneloop demo` end to end: the main job a newcomer runs first. `--quick` (iteration 1 only, about a minute on
-2 cores) and the closed loop (two iterations, simulated users, drift, feedback export, a canary; about two minutes)."""
+2 cores) and the closed loop (two iterations, simulated users, drift, feedback export, a canary; about two minutes).
+
+Both run in one demo directory, as the README has a newcomer run them (`tuneloop demo --quick`, then `tuneloop demo`):
+the loop starts from an empty registry but keeps the stage cache, so its iteration 1 re-uses the quick demo's
+training and base outputs (CI time: the same fine-tune is not done twice) and the loop test also checks that."""
 
 from __future__ import annotations
 
@@ -13,13 +17,20 @@ from tuneloop.demo import showcase_tickets
 from tuneloop.demo_assets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records, write_demo_data
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_iteration_one_and_fine_tuning_clearly_helps(tmp_path):
-    workdir = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """`tuneloop demo --quick` in a fresh directory: (workdir, the finished process)."""
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
     r = subprocess.run(
         [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(workdir), "--json"],
         capture_output=True, text=True, timeout=900,
     )
+    return workdir, r
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_iteration_one_and_fine_tuning_clearly_helps(quick_demo):
+    workdir, r = quick_demo
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # exactly one JSON document on stdout
     assert summary["overall"] == "passed"
@@ -69,8 +80,9 @@ def test_showcase_tickets_one_held_out_ticket_per_label(tmp_path):
 
 
 @pytest.mark.slow
-def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(tmp_path):
-    workdir = tmp_path / "loop"
+def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(quick_demo):
+    workdir, quick = quick_demo  # the loop after the quick demo, in its directory (as the README runs them)
+    assert quick.returncode == 0, quick.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -78,6 +90,11 @@ def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(tmp_p
     assert out["overall"] == "passed"
     first, second = out["iterations"]
     assert first["overall"] == second["overall"] == "passed"
+    # a fresh registry (version 1 again, below), but the stage cache kept: iteration 1 re-used the quick demo's
+    # fine-tune, and its evaluation (gated differently) re-used the base model's outputs
+    assert "previous demo's registry, runs and request log removed" in " ".join(r.stderr.split())
+    assert first["stages"]["training"]["cached"] is True, first["stages"]["training"]
+    assert first["stages"]["evaluation"]["metrics"]["base_outputs_cached"] is True
     assert (first["model_version"], second["model_version"]) == ("support-router:1", "support-router:2")
     # iteration 2 trained on the original data plus the exported feedback, as weighted sources
     sources = second["stages"]["preprocessing"]["metrics"]["sources"]
