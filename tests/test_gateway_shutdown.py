@@ -282,6 +282,9 @@ def test_feedback_still_open_after_the_grace_gets_the_503_too(tmp_path, capfd):
             f"{server.url}/v1/feedback", json={"request_id": "req-x", "rating": 1}, timeout=30)))
         th.start()
         assert entered.wait(10)
+        # the store is let go only once the client has its answer (so the 503 came while it still hung): the
+        # server's exit waits for that worker thread, which otherwise sat out the whole 30 s (CI time)
+        threading.Thread(target=lambda: (th.join(30), release.set()), daemon=True).start()
     th.join(10)
     release.set()
     r = result["r"]
