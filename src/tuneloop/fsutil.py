@@ -200,8 +200,28 @@ def format_number(value: Any, missing: str = "") -> str:
     if value is None:
         return missing
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return unsigned_zero(f"{value:.4g}")
     return str(value)
+
+
+def unsigned_zero(text: str) -> str:
+    """A formatted number without the sign of a zero: ``-0``, ``-0.00`` (a tiny negative rounded) read as 0."""
+    if text.startswith("-") and text[1:].replace(".", "").strip("0") == "":
+        return text[1:]
+    return text
+
+
+def format_time(value: Any) -> str:
+    """A timestamp as every table and page shows it: ``2026-12-07 14:33:29 UTC`` (ISO text or unix seconds in;
+    anything else comes back as given)."""
+    try:
+        t = _dt.datetime.fromtimestamp(float(value), _dt.timezone.utc) if isinstance(value, (int, float)) \
+            else _dt.datetime.fromisoformat(str(value))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "" if value is None else str(value)
+    if t.tzinfo is None:
+        t = t.astimezone()  # a naive time is this machine's local time
+    return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def pid_alive(pid: int) -> bool:

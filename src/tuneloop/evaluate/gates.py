@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tuneloop.evaluate import stats
+from tuneloop.fsutil import format_number
 
 
 @dataclass
@@ -128,8 +129,8 @@ def decide(
     v = stats.verdict(est.lo, est.hi, spec.threshold, rec["op"])
     blocks = v == "FAIL" or (v == "INCONCLUSIVE" and policy == "block")
     rec.update(verdict=v, passed=not blocks, blocks=blocks, needed_n=None)
-    lohi = f"[{est.lo:.4g}, {est.hi:.4g}]"
-    what = f"{spec.metric} {est.value:.4g} ({level:.0%} interval {lohi}, n={len(cand)})"
+    lohi = f"[{format_number(est.lo)}, {format_number(est.hi)}]"  # format_number: never "-0"
+    what = f"{spec.metric} {format_number(est.value)} ({level:.0%} interval {lohi}, n={len(cand)})"
     if v == "PASS":
         rec["reason"] = f"{what}: the whole interval is {rec['op']} {spec.threshold}"
     elif v == "FAIL":
