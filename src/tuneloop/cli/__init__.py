@@ -23,6 +23,7 @@ found before any work was done; 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from tuneloop.cli import data, export, feedback, judge, models, rollout, run, serve
 from tuneloop.cli.ci import ci
@@ -54,6 +55,39 @@ app.command("drift")(drift)
 app.command("init")(init)
 app.command("ci")(ci)
 app.add_typer(rollout.app, name="rollout")
+
+
+def _flags_take_no_value(command, ctx) -> None:
+    """Typer's rich help prints a boolean flag as ``--quick <bool>``, as if it took a value (typer 0.29's
+    ``display_type_rich`` ignores ``is_flag``; its plain help does not): an empty metavar leaves the type blank."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx, formatter) -> None:
+        _flags_take_no_value(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    def format_help(self, ctx, formatter) -> None:
+        _flags_take_no_value(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _use_flag_aware_help(typer_app: typer.Typer) -> None:
+    """Every command and group of ``typer_app`` (and of its sub-apps) gets the help classes above."""
+    typer_app.info.cls = _Group
+    for command in typer_app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = _Command
+    for group in typer_app.registered_groups:
+        _use_flag_aware_help(group.typer_instance)
+
+
+_use_flag_aware_help(app)
 
 
 def main() -> None:
