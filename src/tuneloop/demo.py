@@ -228,7 +228,6 @@ def run_demo(workdir: Path, *, console=None) -> dict[str, Any]:
         demo.update(ask_champion(Path(summary["run_dir"]).parents[1], cfg.model_name, tickets))
         print_tickets(console, demo["tickets"])
         console.print(f"  served champion {demo['model']} at {demo['url']}: {demo['tickets_correct']}/{len(tickets)} held-out tickets right")
-    demo["total_seconds"] = round(time.perf_counter() - t0, 1)
-    console.print(f"demo finished in {demo['total_seconds']:.0f} s")
+    demo["total_seconds"] = round(time.perf_counter() - t0, 1)  # printed by `tuneloop demo` after the stage table
     summary["demo"] = demo
     return summary

@@ -287,7 +287,8 @@ def run_iteration(config_path: Path, label: str, console):
     trained = " + ".join(f"{s['path']} ({s['samples']} samples)" for s in sources)
     acc = original_accuracy(summary)
     console.print(f"  {label}: {result.overall}" + (f", accuracy {acc:.3f} on the eval tickets" if acc is not None else "")
-                  + (f", trained on {trained}" if trained else "") + f"; version {summary.get('model_version')}; report {result.markdown_path}")
+                  + (f", trained on {trained}" if trained else "") + f"; version {summary.get('model_version')}; report {result.report_path}",
+                  soft_wrap=True)  # the path stays whole (copyable) at any width
     return result
 
 
@@ -442,5 +443,6 @@ def finish(result: dict[str, Any], t0: float, console, problem: str | None, pass
     if na.get("after") is not None:
         console.print(f"  new-intent accuracy {na['before']:.2f} -> {na['after']:.2f}; original accuracy "
                       f"{oa['before']:.3f} -> {oa['after']:.3f}")
-    console.print(f"demo finished in {result['seconds']:.0f} s")
+    if result["iterations"]:  # `tuneloop demo` ends with the time and this report (cli/run.py)
+        result["report"] = str(Path(result["iterations"][-1]["run_dir"]) / "report.html")
     return result

@@ -42,17 +42,23 @@ def list_versions(
         if opts.json_out:
             print_json(versions)
             return
-        t = Table(title=f"registered model versions ({reg.backend}: {reg.location})")
-        for col in ("version", "aliases", "created", "kind", "accuracy", "base", "tags", "artifact sha256"):
-            t.add_column(col)
+        from tuneloop.cli.tables import Col, print_table
+        from tuneloop.fsutil import format_time
+
+        # At 80 columns (CI logs, pipes) refs and aliases stay whole; base, digest, created, kind go first.
+        cols = [Col("version", whole=True), Col("aliases", want=len("champion, previous")), Col("created", drop=3),
+                Col("kind", drop=4), Col("accuracy"), Col("base", drop=1), Col("tags", drop=5),
+                Col("artifact sha256", drop=2, whole=True)]
+        rows = []
         for v in versions:
             acc = v.get("metrics", {}).get("evaluation", {}).get("accuracy")
             ref = f"[dim strike]{v['ref']}[/] (deleted)" if v.get("deleted") else v["ref"]
-            t.add_row(
-                ref, ", ".join(v.get("aliases", [])), v["created_at"], v["artifact_kind"],
+            rows.append([
+                ref, ", ".join(v.get("aliases", [])), format_time(v["created_at"]), v["artifact_kind"],
                 f"{acc:.3f}" if isinstance(acc, float) else "", v["base_model"], _tags(v.get("tags", {})), v["artifact_digest"][:16],
-            )
-        out.print(t)
+            ])
+        print_table(out, f"registered model versions ({reg.backend}: {reg.location})", cols, rows,
+                    more="`tuneloop models show REF` or --json")
 
 
 @app.command("show")

@@ -21,7 +21,6 @@ _KEY_METRICS = {
     "deployment": ("alias", "version"),
 }
 _STATUS_STYLE = {"passed": "green", "failed": "red"}
-_STATUS_MARK = {"passed": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]", "running": "[yellow]…[/]"}
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -45,7 +44,7 @@ def _print_summary(summary: dict[str, Any], json_out: bool) -> None:
     d = summary.get("demo", {})
     if d.get("answer") is not None:
         out.print(f"served [bold]{d['model']}[/] at {d['url']}: asked {d['question']!r} -> [bold]{d['answer']!r}[/]")
-    out.print(f"report: {summary['run_dir']}/report.html")
+    out.print(f"report: {summary['run_dir']}/report.html", highlight=False, soft_wrap=True)  # a path stays whole
 
 
 def run(
@@ -74,15 +73,27 @@ def demo(
                                   "SFT records) or kto (the thumbs alone, continuing from iteration 1)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr)."),
 ) -> None:
-    """The closed loop on a tiny model made locally: iteration 1, simulated users with feedback on the gateway,
-    drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis decides."""
+    """The closed loop on a tiny model shipped in the package: iteration 1, simulated users with feedback on the
+    gateway, drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis
+    decides. Ends with the time and the last run's report.html."""
     from tuneloop.demo import run_demo
     from tuneloop.demo_loop import run_loop
 
     with guard(), stdout_to_stderr(json_out):
         summary = run_demo(workdir, console=err) if quick else run_loop(workdir, console=err, objective=objective)
-    if quick or json_out:
-        _print_summary(summary, json_out)
+    if json_out:
+        print_json(summary)
+    elif quick:
+        out.print(summary_table(summary))
+        d = summary.get("demo", {})
+        if d.get("answer") is not None:
+            out.print(f"served [bold]{d['model']}[/] at {d['url']}: asked {d['question']!r} -> [bold]{d['answer']!r}[/]")
+    seconds = summary["demo"]["total_seconds"] if quick else summary.get("seconds")
+    report = f"{summary['run_dir']}/report.html" if quick else summary.get("report")
+    end = err if json_out else out  # with --json, stdout holds the JSON document alone
+    end.print(f"demo finished in {seconds:.0f} s", highlight=False)
+    if report:
+        end.print(f"report: {report}", highlight=False, soft_wrap=True)
     raise exit_for(summary["overall"])
 
 
@@ -101,21 +112,52 @@ def status(
             if json_out:
                 print_json(runs)
             else:
-                out.print(_runs_table(runs, ws.root))
+                print_runs(runs, ws.root)
             return
         rec = load_run(ws, run_id)
         if json_out:
             print_json(rec)
             return
         out.print(summary_table({"pipeline": rec["pipeline"], "run_id": rec["run_id"], "overall": rec["status"], "stages": rec["stages"]}))
-        out.print(f"run dir: {ws.run_dir(rec['run_id'])}")
+        out.print(f"run dir: {ws.run_dir(rec['run_id'])}", highlight=False, soft_wrap=True)
 
 
-def _runs_table(runs: list[dict[str, Any]], root: Path) -> Table:
-    t = Table(title=f"runs in {root}")
-    for col in ("run", "pipeline", "status", "started", "model version", "stages"):
-        t.add_column(col)
-    for r in runs:
-        stages = " ".join(_STATUS_MARK.get(s["status"], "·") for s in r["stages"].values())
-        t.add_row(r["run_id"], r["pipeline"], r["status"], str(r["started_at"]), str(r.get("model_version") or ""), stages)
-    return t
+_STAGE_SHORT = {"data_validation": "data", "preprocessing": "prep", "training": "train", "evaluation": "eval",
+                "model_registry": "registry", "deployment": "deploy"}
+_PLAIN_MARK = {"passed": "✓", "failed": "✗", "skipped": "-", "running": "▶", "pending": "·"}
+_MARK_STYLE = {"passed": "green", "failed": "red", "running": "yellow"}
+STAGE_LEGEND = ("stages: data = data_validation, prep = preprocessing, train = training, eval = evaluation, registry = "
+                "model_registry, deploy = deployment; ✓ passed, ✗ failed, - skipped, ▶ running, · pending")
+
+
+def stages_cell(stages: dict[str, Any]) -> str:
+    """A run's stages with their short names, grouped by status: ``✓ all 6 passed``, or
+    ``✓ data prep train ✗ eval - registry deploy``."""
+    statuses = [st.get("status", "pending") for st in stages.values()]
+    if statuses and all(s == "passed" for s in statuses):
+        return f"[green]✓[/] all {len(statuses)} passed"
+    groups: list[tuple[str, list[str]]] = []
+    for name, status in zip(stages, statuses):
+        if not groups or groups[-1][0] != status:
+            groups.append((status, []))
+        groups[-1][1].append(_STAGE_SHORT.get(name, name))
+    parts = []
+    for status, names in groups:
+        mark = _PLAIN_MARK.get(status, "·")
+        style = _MARK_STYLE.get(status)
+        parts.append((f"[{style}]{mark}[/]" if style else mark) + " " + " ".join(names))
+    return " ".join(parts)
+
+
+def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
+    """The runs of a workspace, newest first; run ids and model versions whole at any width (CI logs: 80 columns)."""
+    from tuneloop.cli.tables import Col, print_table
+    from tuneloop.fsutil import format_time
+
+    cols = [Col("run", whole=True), Col("pipeline", drop=2, whole=True), Col("status"), Col("started", drop=1),
+            Col("model version", whole=True), Col("stages", want=len("✓ all 6 passed"))]
+    rows = [[r["run_id"], r["pipeline"], r["status"], format_time(r.get("started_at")), str(r.get("model_version") or ""),
+             stages_cell(r["stages"])] for r in runs]
+    every_passed = all(all(st.get("status") == "passed" for st in r["stages"].values()) for r in runs)
+    print_table(out, f"runs in {root}, newest first", cols, rows, caption=None if every_passed else STAGE_LEGEND,
+                more="--json")
