@@ -12,8 +12,6 @@ import time
 from typing import Optional
 
 import typer
-from rich.table import Table
-
 from tuneloop.cli.common import EXIT_BLOCKED, EXIT_OK, REASON_OPTION, RegistryOptions, err, guard, out, print_json, with_registry_options
 from tuneloop.errors import InputError
 
@@ -144,35 +142,42 @@ def abort(
 
 
 def _print_list(found: list[dict]) -> None:
-    t = Table(title="rollouts")
-    for col in ("rollout", "candidate", "baseline", "status", "weight", "canary requests", "updated"):
-        t.add_column(col)
-    for s in found:
-        t.add_row(s["rollout_id"], s["candidate"], s["baseline"], s["status"], f"{s['weight']:.0%}",
-                  str(s["analysis"]["canary_requests"]), s["updated_at"])
-    out.print(t)
+    from tuneloop.cli.tables import Col, print_table
+    from tuneloop.fsutil import format_time
+    from tuneloop.rollout.display import percent
+
+    cols = [Col("rollout", whole=True), Col("candidate", whole=True), Col("baseline", drop=3, whole=True), Col("status"),
+            Col("weight"), Col("canary requests", drop=2), Col("updated", drop=1)]
+    rows = [[s["rollout_id"], s["candidate"], s["baseline"], s["status"], percent(s["weight"]),
+             str(s["analysis"]["canary_requests"]), format_time(s["updated_at"])] for s in found]
+    print_table(out, "rollouts", cols, rows, more="`tuneloop rollout status NAME` or --json")
 
 
 def _print_status(st: dict) -> None:
+    """The rollout in words, its last decision's metrics (the same texts as the dashboard's, rollout/display.py)
+    and its newest decisions."""
+    from tuneloop.cli.tables import Col, fits_unwrapped, print_table
+    from tuneloop.fsutil import format_time
+    from tuneloop.rollout.display import METRIC_HEADERS, metric_cells, percent
+
     a = st["analysis"]
     out.print(f"[bold]{st['rollout_id']}[/]: {st['candidate']} against {st['baseline']}, [bold]{st['status']}[/], "
-              f"weight {st['weight']:.0%} (steps {', '.join(f'{w:.0%}' for w in a['weights'])}), alpha {a['alpha']}")
+              f"weight {percent(st['weight'])} (steps {', '.join(percent(w) for w in a['weights'])}), alpha {a['alpha']}",
+              highlight=False)
     out.print(f"canary requests {a['canary_requests']}, baseline requests {a['baseline_requests']}, "
-              f"{a['active_s']:.0f} s with traffic; started {st['started_at']} by {st['actor']}")
+              f"{a['active_s']:.0f} s with traffic; started {format_time(st['started_at'])} by {st['actor']}", highlight=False)
     last = st.get("last_decision")
     if last:
-        out.print(f"last decision ({last['action']}): {last['reason']}")
-        t = Table(title="metrics at the last decision")
-        for col in ("metric", "canary", "baseline", "ratio", "interval", "e-value", "needed"):
-            t.add_column(col)
-        for m, s in (last.get("metrics") or {}).items():
-            lo, hi = s["interval"]
-            t.add_row(m, f"{s['canary']['events']}/{s['canary']['requests']}", f"{s['baseline']['events']}/{s['baseline']['requests']}",
-                      "-" if s["estimate"] is None else f"{s['estimate']:.2f}",
-                      f"{lo:.2f}-{'inf' if hi is None else f'{hi:.2f}'}", f"log {s['log_evalue']:.2f} / {s['threshold']:.2f}",
-                      "-" if s["requests_needed"] is None else f"{s['requests_needed']} ({s['needed_for']})")
-        out.print(t)
+        out.print(f"last decision ({last['action']}): {last['reason']}", highlight=False)
+        running = st["status"] == "running"
+        rows = [metric_cells(m, s, running=running) for m, s in (last.get("metrics") or {}).items()]
+        title = "metrics at the last decision"
+        if fits_unwrapped(out, [Col(h) for h in METRIC_HEADERS], rows):
+            print_table(out, title, [Col(h) for h in METRIC_HEADERS], rows)
+        else:  # narrow (80 columns): one column per metric, one row per figure, so no number is split
+            cols = [Col(""), *(Col(r[0], whole=True) for r in rows)]
+            print_table(out, title, cols, [[h, *(r[i] for r in rows)] for i, h in enumerate(METRIC_HEADERS) if i])
     recent = st["decisions"][-5:]
     for e in recent:
         action = ((e["details"] or {}).get("decision") or {}).get("action", "")
-        out.print(f"  {e['at']}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}")
+        out.print(f"  {format_time(e['at'])}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}", highlight=False)

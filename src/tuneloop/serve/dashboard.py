@@ -7,15 +7,20 @@ when the gateway has keys, and the page sends the key given in its URL fragment 
 fragment is never sent to a server, so it stays out of access logs).
 
 :func:`dashboard_data` builds that JSON from the registry API only. It carries no secrets and no paths:
-versions and events are reduced to named fields, and every string passes through ``scrub_paths``.
+versions and events are reduced to named fields, and every string passes through ``scrub_paths``. What the page
+shows as text comes as text (``*_text`` fields, a metric's ``cells``), formatted by :mod:`tuneloop.rollout.display`
+and ``fsutil.format_time`` (UTC), the same functions ``tuneloop rollout status`` prints with: the page and the
+terminal show the same numbers the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
+from tuneloop.fsutil import format_time
+from tuneloop.rollout.display import METRIC_HEADERS, metric_cells, percent
 from tuneloop.serve.errors import scrub_paths
 
 REFRESH_S = 3
@@ -27,11 +32,14 @@ def dashboard_data(reg, *, max_events: int = MAX_EVENTS) -> dict[str, Any]:
     """Models, versions, aliases and rollouts as plain JSON for the page (no paths, no secrets)."""
     models = []
     for name in reg.models():
-        versions = [{k: v.get(k) for k in VERSION_FIELDS} for v in reg.list_versions(name)]
+        versions = [{**{k: v.get(k) for k in VERSION_FIELDS}, "created_text": format_time(v.get("created_at"))}
+                    for v in reg.list_versions(name)]
         events = [event_row(e) for e in reg.events(name)[-max_events:]][::-1]
         models.append({"name": name, "aliases": reg.aliases(name), "versions": versions,
                        "rollout": rollout_view(reg, name), "events": events})
-    return scrubbed({"models": models, "refresh_s": REFRESH_S, "generated_at": datetime.now().astimezone().isoformat()})
+    now = datetime.now(timezone.utc)
+    return scrubbed({"models": models, "refresh_s": REFRESH_S, "generated_at": now.isoformat(),
+                     "generated_text": format_time(now.isoformat())})
 
 
 def rollout_view(reg, model: str) -> dict[str, Any] | None:
@@ -44,15 +52,21 @@ def rollout_view(reg, model: str) -> dict[str, Any] | None:
     events = st.get("decisions") or []
     history = [point for e in events if (point := weight_point(e)) is not None]
     last = st.get("last_decision") or {}
-    decisions = [{"at": e.get("at"), "kind": e.get("kind"), "action": ((e.get("details") or {}).get("decision") or {}).get("action"),
-                  "weight": (e.get("details") or {}).get("weight"), "actor": e.get("actor"),
+    decisions = [{"at": e.get("at"), "at_text": format_time(e.get("at")), "kind": e.get("kind"),
+                  "action": ((e.get("details") or {}).get("decision") or {}).get("action"),
+                  "weight": (e.get("details") or {}).get("weight"), "weight_text": percent((e.get("details") or {}).get("weight")),
+                  "actor": e.get("actor"),
                   "reason": e.get("reason") or ((e.get("details") or {}).get("decision") or {}).get("reason") or ""}
                  for e in events[-MAX_EVENTS:]][::-1]
     keys = ("rollout_id", "candidate", "baseline", "status", "weight", "started_at", "ended_at", "updated_at", "reason")
+    analysis = st.get("analysis") or {}
     return {**{k: st.get(k) for k in keys}, "analysis": st.get("analysis"), "weight_history": history,
+            "weight_text": percent(st.get("weight")), "schedule_text": [percent(w) for w in analysis.get("weights") or []],
+            "started_text": format_time(st.get("started_at")),
             "last_decision": {k: last.get(k) for k in ("action", "reason", "step", "weight", "canary_requests",
                                                        "baseline_requests", "at")} if last else None,
-            "metrics": metric_rows(last.get("metrics") or {}), "decisions": decisions}
+            "metric_headers": list(METRIC_HEADERS),
+            "metrics": metric_rows(last.get("metrics") or {}, running=st.get("status") == "running"), "decisions": decisions}
 
 
 def weight_point(event: dict) -> dict[str, Any] | None:
@@ -70,8 +84,9 @@ def weight_point(event: dict) -> dict[str, Any] | None:
     return {"t": float(t), "weight": float(details["weight"]), "kind": decision.get("action") or event.get("kind")}
 
 
-def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric: each arm's requests, events and rate; the ratio, its interval, e-value and threshold."""
+def metric_rows(metrics: dict[str, Any], *, running: bool = True) -> list[dict[str, Any]]:
+    """One row per metric: each arm's requests, events and rate; the ratio, its interval, e-value and threshold;
+    ``cells``: the texts under ``METRIC_HEADERS`` (``rollout.display.metric_cells``, as `rollout status` prints them)."""
     rows = []
     for name, m in metrics.items():
         interval = m.get("interval") or [None, None]
@@ -79,13 +94,13 @@ def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                      "estimate": m.get("estimate"), "lower": interval[0], "upper": interval[1],
                      "max_ratio": m.get("max_ratio"), "log_evalue": m.get("log_evalue"), "threshold": m.get("threshold"),
                      "non_inferior": m.get("non_inferior"), "requests_needed": m.get("requests_needed"),
-                     "needed_for": m.get("needed_for")})
+                     "needed_for": m.get("needed_for"), "cells": metric_cells(name, m, running=running)})
     return rows
 
 
 def event_row(e: dict) -> dict[str, Any]:
     details = e.get("details") or {}
-    return {"at": e.get("at"), "kind": e.get("kind"), "version": e.get("version"), "actor": e.get("actor"),
+    return {"at": e.get("at"), "at_text": format_time(e.get("at")), "kind": e.get("kind"), "version": e.get("version"), "actor": e.get("actor"),
             "reason": e.get("reason") or "", "rollout_id": details.get("rollout_id"),
             "alias": details.get("alias")}
 
@@ -126,7 +141,7 @@ table{border-collapse:collapse;width:100%;margin:4px 0} th,td{text-align:left;pa
 th{font-weight:600;color:#555;font-size:12px} .alias{display:inline-block;background:#e7eefc;color:#2456b3;border-radius:3px;padding:0 5px;margin-right:3px;font-size:12px}
 .status-running{color:#b36b00;font-weight:600}.status-promoted{color:#1a7f37;font-weight:600}.status-rolled_back,.status-aborted{color:#c62828;font-weight:600}
 .bad{color:#c62828}.good{color:#1a7f37} .muted{color:#777} .err{color:#c62828;padding:8px}
-svg text{font-size:11px;fill:#555}
+svg text{font-size:11px;fill:#555} table.decisions td:first-child,table.events td:first-child,table.versions td:nth-child(3){white-space:nowrap}
 </style></head>
 <body><header><h1>tuneloop gateway</h1><span id="updated">loading…</span></header>
 <main id="root"><p class="muted">loading…</p></main>
@@ -145,15 +160,17 @@ function svg(tag, attrs, text) {
   if (text != null) e.textContent = text;
   return e;
 }
-const pct = x => x == null ? "–" : (100 * x).toFixed(x < 0.1 ? 1 : 0) + "%";
-const num = (x, d = 2) => x == null ? "∞" : Number(x).toFixed(d);
+// Every number and time shown as text arrives as text (rollout/display.py, fsutil.format_time: the same as
+// `tuneloop rollout status`); the script only lays it out. The chart's axis labels are the exception: UTC too.
+const pct = x => x == null ? "–" : Math.round(100 * x) + "%";
+const utc = t => new Date(t * 1000).toISOString().slice(11, 19) + " UTC";
 function table(head, rows, cls) {
   const t = el("table", cls ? {class: cls} : {});
   t.append(el("tr", {}, ...head.map(h => el("th", {}, h))));
   for (const r of rows) t.append(el("tr", {}, ...r.map(c => el("td", {}, c))));
   return t;
 }
-function weightChart(points) {
+function weightChart(points, endedAt) {
   const W = 560, H = 150, L = 40, B = 22, T = 8, R = 10;
   const s = svg("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "weight-chart", role: "img"});
   s.append(svg("title", {}, "canary weight over time"));
@@ -163,7 +180,9 @@ function weightChart(points) {
     s.append(svg("text", {x: 4, y: py + 4}, pct(y)));
   }
   if (!points.length) return s;
-  const t0 = points[0].t, t1 = Math.max(points[points.length - 1].t, Date.now() / 1000), span = Math.max(t1 - t0, 1);
+  // an ended rollout's line stops at its end; a running one's runs to now
+  const end = endedAt ? Date.parse(endedAt) / 1000 : Date.now() / 1000;
+  const t0 = points[0].t, t1 = Math.max(points[points.length - 1].t, isNaN(end) ? 0 : end), span = Math.max(t1 - t0, 1);
   const px = t => L + (t - t0) / span * (W - L - R), py = w => T + (1 - w) * (H - T - B);
   let d = "", prev = null;
   for (const p of points) {
@@ -173,8 +192,8 @@ function weightChart(points) {
   d += `H${px(t1)}`;
   s.append(svg("path", {d, fill: "none", stroke: "#2456b3", "stroke-width": 2}));
   for (const p of points) s.append(svg("circle", {cx: px(p.t), cy: py(p.weight), r: 3, fill: p.kind === "rollback" ? "#c62828" : "#2456b3"}));
-  s.append(svg("text", {x: L, y: H - 6}, new Date(t0 * 1000).toLocaleTimeString()));
-  s.append(svg("text", {x: W - R - 60, y: H - 6}, new Date(t1 * 1000).toLocaleTimeString()));
+  s.append(svg("text", {x: L, y: H - 6}, utc(t0)));
+  s.append(svg("text", {x: W - R, y: H - 6, "text-anchor": "end"}, utc(t1)));
   return s;
 }
 function intervalBar(m) {
@@ -191,33 +210,33 @@ function intervalBar(m) {
   if (m.estimate != null) s.append(svg("circle", {cx: x(m.estimate), cy: 11, r: 3, fill: "#1d2330"}));
   return s;
 }
-function armRate(a) { return a ? `${pct(a.rate)} (${a.events}/${a.requests})` : "–"; }
 function rolloutSection(r) {
   const box = el("div", {class: "rollout", "data-rollout": r.rollout_id});
   box.append(el("h3", {}, "Rollout ", el("span", {class: "rollout-id"}, r.rollout_id), ": ", r.candidate, " vs ", r.baseline, " — ",
-    el("span", {class: "status-" + r.status + " rollout-status"}, r.status), " — weight ", el("span", {class: "rollout-weight"}, pct(r.weight))));
+    el("span", {class: "status-" + r.status + " rollout-status"}, r.status), " — weight ", el("span", {class: "rollout-weight"}, r.weight_text)));
   const a = r.analysis || {};
-  box.append(el("div", {class: "muted"}, `schedule ${(a.weights || []).map(pct).join(" → ")}, α = ${a.alpha}, ` +
-    `${a.canary_requests || 0} canary / ${a.baseline_requests || 0} baseline requests`));
-  box.append(weightChart(r.weight_history || []));
+  box.append(el("div", {class: "muted"}, `schedule ${(r.schedule_text || []).join(" → ")}, α = ${a.alpha}, ` +
+    `${a.canary_requests || 0} canary / ${a.baseline_requests || 0} baseline requests; started ${r.started_text}`));
+  box.append(weightChart(r.weight_history || [], r.ended_at));
   if (r.last_decision) box.append(el("div", {class: "last-decision"}, el("b", {}, "Latest decision: "), `${r.last_decision.action}: ${r.last_decision.reason}`));
+  // the cells after the interval's text get its bar on a log axis
+  const AFTER = (r.metric_headers || []).indexOf("anytime-valid interval") + 1;
   const rows = (r.metrics || []).map(m => {
     const tr = el("tr", {class: "metric-row", "data-metric": m.metric});
-    const ev = m.log_evalue == null ? "–" : `${num(Math.exp(Math.min(m.log_evalue, 50)), 2)} / ${num(Math.exp(m.threshold), 0)}`;
-    const need = m.requests_needed == null ? "" : `${m.requests_needed} more for ${m.needed_for}`;
-    for (const c of [m.metric, armRate(m.canary), armRate(m.baseline), m.estimate == null ? "–" : num(m.estimate),
-                     `[${num(m.lower)}, ${num(m.upper)}]`, intervalBar(m), ev,
-                     m.non_inferior ? "yes" : "not yet", need]) tr.append(el("td", {}, c));
+    const cells = [...m.cells];
+    cells.splice(AFTER, 0, intervalBar(m));
+    for (const c of cells) tr.append(el("td", {}, c));
     return tr;
   });
   const t = el("table", {class: "arms"});
-  t.append(el("tr", {}, ...["metric", "canary rate", "baseline rate", "ratio", "anytime-valid interval", "1/8 … 1 … 8",
-                            "e-value / threshold", "non-inferior", "needed"].map(h => el("th", {}, h))));
+  const heads = [...(r.metric_headers || [])];
+  heads.splice(AFTER, 0, "1/8 … 1 … 8");
+  t.append(el("tr", {}, ...heads.map(h => el("th", {}, h))));
   rows.forEach(tr => t.append(tr));
   box.append(t);
   box.append(el("h3", {}, "Decisions"));
   box.append(table(["at", "event", "action", "weight", "by", "reason"],
-    (r.decisions || []).map(d => [d.at, d.kind, d.action || "", pct(d.weight), d.actor, d.reason]), "decisions"));
+    (r.decisions || []).map(d => [d.at_text, d.kind, d.action || "", d.weight_text, d.actor, d.reason]), "decisions"));
   return box;
 }
 function render(data) {
@@ -228,13 +247,13 @@ function render(data) {
     const sec = el("section", {class: "model", "data-model": m.name});
     sec.append(el("h2", {}, m.name, " ", ...Object.entries(m.aliases).map(([a, v]) => el("span", {class: "alias"}, `${a} → ${v}`))));
     sec.append(table(["version", "kind", "registered", "aliases"],
-      m.versions.map(v => [v.ref, v.artifact_kind || "", v.created_at || "", (v.aliases || []).join(", ")]), "versions"));
+      m.versions.map(v => [v.ref, v.artifact_kind || "", v.created_text || "", (v.aliases || []).join(", ")]), "versions"));
     if (m.rollout) sec.append(rolloutSection(m.rollout));
     sec.append(el("h3", {}, "Recent events"));
-    sec.append(table(["at", "event", "version", "by", "reason"], m.events.map(e => [e.at, e.kind, e.version, e.actor, e.reason]), "events"));
+    sec.append(table(["at", "event", "version", "by", "reason"], m.events.map(e => [e.at_text, e.kind, e.version, e.actor, e.reason]), "events"));
     root.append(sec);
   }
-  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  document.getElementById("updated").textContent = "updated " + data.generated_text;
 }
 // With API keys on the gateway, open the page as /dashboard#key=<API key>: the fragment never leaves the browser.
 const KEY = new URLSearchParams(location.hash.slice(1)).get("key");
