@@ -89,14 +89,18 @@ def markdown_summary(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] |
 
 
 def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
-    """Each applied gate on its own axis: the interval as a bar, the estimate as a dot, the threshold as a line."""
+    """Each applied gate on its own axis: the interval as a bar, the estimate as a dot, the threshold as a line.
+
+    A gate's name, verdict and threshold are written on a line of their own above its axis, so a long name
+    (``max_mc_capability_drop[capability_mc]``) never runs into the bar; the axis takes the whole width."""
     rows = [(n, g) for n, g in gates.items() if g.get("interval") and g.get("value") is not None]
     if not rows:
         return "<p>(no gate intervals)</p>"
-    h_row, left, right = 34, 230, 20
-    height = h_row * len(rows) + 10
+    h_row, left, right = 52, 12, 12
+    height = h_row * len(rows) + 6
     color = {"PASS": "#137333", "FAIL": "#c5221f", "INCONCLUSIVE": "#b06000", "NOT_APPLIED": "#888"}
-    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="gate intervals" font-size="11" font-family="system-ui,sans-serif">']
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="gate intervals" '
+             'font-size="11" font-family="system-ui,sans-serif">']
     for i, (name, g) in enumerate(rows):
         lo, hi = g["interval"]
         thr = g.get("threshold")
@@ -105,16 +109,18 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
         pad = max((b - a) * 0.15, 0.01)
         a, b = a - pad, b + pad
         sx = lambda x: left + (x - a) / (b - a) * (width - left - right)  # noqa: E731
-        y = 10 + i * h_row + h_row / 2
+        top = 4 + i * h_row
+        y = top + 27
         c = color.get(g.get("verdict"), "#888")
-        parts.append(f'<text x="4" y="{y + 4:.1f}">{escape(name)} — {escape(str(g.get("verdict")))}</text>')
+        rule = f"threshold {g.get('op', '')} {fmt_number(thr)}" if thr is not None else "no threshold: reported, not applied"
+        parts.append(f'<text x="{left}" y="{top + 12}"><tspan font-weight="600">{escape(name)}</tspan> — '
+                     f'<tspan fill="{c}">{escape(str(g.get("verdict")))}</tspan>; {escape(rule)}</text>')
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<line x1="{sx(lo):.1f}" x2="{sx(hi):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{c}" stroke-width="6" stroke-linecap="round"><title>interval [{lo:.4g}, {hi:.4g}]</title></line>')
-        parts.append(f'<circle cx="{sx(g["value"]):.1f}" cy="{y:.1f}" r="4" fill="#fff" stroke="{c}" stroke-width="2"><title>estimate {g["value"]:.4g}</title></circle>')
+        parts.append(f'<line x1="{sx(lo):.1f}" x2="{sx(hi):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{c}" stroke-width="6" stroke-linecap="round"><title>interval [{fmt_number(lo)}, {fmt_number(hi)}]</title></line>')
+        parts.append(f'<circle cx="{sx(g["value"]):.1f}" cy="{y:.1f}" r="4" fill="#fff" stroke="{c}" stroke-width="2"><title>estimate {fmt_number(g["value"])}</title></circle>')
         if thr is not None:
-            parts.append(f'<line x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{y - 11:.1f}" y2="{y + 11:.1f}" stroke="#222" stroke-dasharray="3,2"><title>threshold {thr}</title></line>')
-            parts.append(f'<text x="{sx(thr) + 3:.1f}" y="{y - 6:.1f}" fill="#222">{fmt_number(thr)}</text>')
-        parts.append(f'<text x="{sx(lo):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{fmt_number(lo)}</text>')
-        parts.append(f'<text x="{sx(hi):.1f}" y="{y + 15:.1f}" fill="#555" text-anchor="middle">{fmt_number(hi)}</text>')
+            parts.append(f'<line x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{y - 9:.1f}" y2="{y + 9:.1f}" stroke="#222" stroke-dasharray="3,2"><title>threshold {fmt_number(thr)}</title></line>')
+        parts.append(f'<text x="{sx(lo):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(lo)}</text>')
+        parts.append(f'<text x="{sx(hi):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(hi)}</text>')
     parts.append("</svg>")
     return "".join(parts)

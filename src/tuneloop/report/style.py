@@ -20,6 +20,7 @@ th{background:#f6f6f6}.passed,.ok{color:#137333;font-weight:600}.failed,.bad{col
 .skipped,.pending{color:#888}code,pre{font:12px ui-monospace,monospace;background:#f6f6f6}pre{padding:.6em;overflow:auto}
 .verdict{font-size:1.3em;padding:.4em .8em;display:inline-block;border-radius:4px}
 .verdict.passed{background:#e6f4ea}.verdict.failed{background:#fce8e6}
+td.note{color:#555;font-size:.9em;max-width:40em}
 """
 
 
