@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tuneloop.fsutil import format_number
 from tuneloop.version import __version__
 
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
@@ -56,8 +57,8 @@ def _gate_rows(gates: dict[str, Any]) -> list[str]:
         verdict = g.get("verdict") or {True: "PASS", False: "FAIL", None: "NOT_APPLIED"}.get(g.get("passed"), "?")
         value = g.get("value")
         interval = g.get("interval")
-        shown = f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
-        lohi = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if isinstance(interval, list) and len(interval) == 2 else ""
+        shown = format_number(value)
+        lohi = f"[{format_number(float(interval[0]))}, {format_number(float(interval[1]))}]" if isinstance(interval, list) and len(interval) == 2 else ""
         rows.append(f"| {name} | {verdict} | {shown} | {lohi} | {g.get('op', '')} {'' if g.get('threshold') is None else g['threshold']} |")
     return rows
 
