@@ -206,6 +206,39 @@ def test_token_hits_in_batches_equal_each_window_alone(demo):
         assert seen[-1] == (len(hits), len(hits))
 
 
+def test_continuation_logprobs_in_batches_equal_each_sequence_alone(demo):
+    """Multiple-choice scoring sends many (context, continuation) sequences through the model at once (right-padded,
+    masked): each sum of log-probabilities is that of the sequence alone, for sequences of different lengths, a
+    context cut to its last 1024 tokens, an empty context and an empty continuation; the picks are the same."""
+    import torch
+
+    from tuneloop.evaluate.suites import _mc_pick, continuation_logprobs
+
+    model, tok = demo
+    items = [json.loads(x) for x in resources.files("tuneloop.resources").joinpath("general_mc.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()][:12]
+    contexts = [f"Question: {it['question']}\nAnswer:" for it in items]
+    choices = [[" " + c for c in it["choices"]] for it in items]
+    pairs = [(c, x) for c, xs in zip(contexts, choices) for x in xs]
+    pairs += [("word " * 1500, " long context"), ("", "hello there"), ("context", "")]
+
+    def alone(ctx, cont):  # the sequence by itself, no batch, no mask
+        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        if not x_ids:
+            return float("-inf")
+        ids = torch.tensor([(tok(ctx, add_special_tokens=False)["input_ids"] + x_ids)[-1024:]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        n = len(x_ids)
+        return float(logp[-n:].gather(1, ids[0, 1:][-n:, None]).sum())
+
+    want = [alone(c, x) for c, x in pairs]
+    for rows in (16, 5, 1):
+        got = continuation_logprobs(model, tok, pairs, rows=rows)
+        assert got[-1] == float("-inf") and got[:-1] == pytest.approx(want[:-1], abs=1e-4), rows
+    picks = [m["pick"] for m in _mc_pick(model, tok, contexts, choices)]
+    assert picks == [max(range(4), key=lambda j: want[4 * i + j]) for i in range(len(items))]
+
+
 # ------------------------------------------------------------------------------------------------ real model
 
 ZH = [

@@ -207,32 +207,47 @@ def _lmeval_version() -> str:
 # ------------------------------------------------------------------------------------------- model runs
 
 
-def continuation_logprobs(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
-    """Sum of log-probabilities of each continuation after its context (token ids concatenated)."""
+#: Logit elements (rows x tokens x vocabulary) one batched forward of :func:`token_hits` or :func:`continuation_logprobs`
+#: may produce: 64 Mi floats (256 MiB), e.g. 8 windows of 128 tokens for a 49k vocabulary (SmolLM2), 3 for 151k (Qwen2.5).
+MAX_BATCH_LOGITS = 64 << 20
+
+
+def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], *, rows: int = 16) -> list[float]:
+    """Sum of log-probabilities of each continuation after its context (token ids concatenated, the last 1024 kept).
+
+    Up to ``rows`` sequences go through the model at once, right-padded and masked (a causal model's logits at the
+    real positions are those of the sequence alone; fewer when the logits would pass
+    :data:`MAX_BATCH_LOGITS`); ``rows=1`` is one at a time. An empty continuation scores ``-inf``.
+    """
     import torch  # here, not at the top: a cached run loads suites without computing anything
 
-    with torch.inference_mode():
-        return [_continuation_logprob(model, tok, ctx, cont) for ctx, cont in pairs]
-
-
-def _continuation_logprob(model, tok, ctx: str, cont: str) -> float:
-    import torch
-
     device = next(model.parameters()).device
-    c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-    x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-    if not x_ids:
-        return float("-inf")
-    ids = torch.tensor([(c_ids + x_ids)[-1024:]], device=device)
-    logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
-    targets = ids[0, 1:]
-    n = len(x_ids)
-    return float(logp[-n:].gather(1, targets[-n:, None]).sum())
-
-
-#: Logit elements (rows x window x vocabulary) one batched forward of :func:`token_hits` may produce: 64 Mi floats
-#: (256 MiB): 8 windows of 128 tokens for a 49k vocabulary (SmolLM2), 3 for 151k (Qwen2.5).
-TOKEN_HITS_MAX_LOGITS = 64 << 20
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or len(tok)
+    seqs: list[tuple[int, list[int], int]] = []  # (index, token ids, continuation tokens scored)
+    out = [float("-inf")] * len(pairs)
+    for i, (ctx, cont) in enumerate(pairs):
+        x_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        if x_ids:
+            ids = (tok(ctx, add_special_tokens=False)["input_ids"] + x_ids)[-1024:]
+            seqs.append((i, ids, min(len(x_ids), len(ids) - 1)))
+    with torch.inference_mode():
+        b = 0
+        while b < len(seqs):
+            width = max(len(ids) for _, ids, _ in seqs[b : b + rows])
+            batch = seqs[b : b + max(1, min(rows, MAX_BATCH_LOGITS // (width * vocab)))]
+            width = max(len(ids) for _, ids, _ in batch)
+            inputs = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids, _ in batch], device=device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids, _ in batch], device=device)
+            logits = model(input_ids=inputs, attention_mask=mask).logits
+            for r, (i, ids, n) in enumerate(batch):
+                if n <= 0:
+                    out[i] = 0.0
+                    continue
+                logp = torch.log_softmax(logits[r, len(ids) - 1 - n : len(ids) - 1].float(), -1)
+                out[i] = float(logp.gather(1, inputs[r, len(ids) - n : len(ids), None]).sum())
+            b += len(batch)
+    return out
 
 
 def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
@@ -240,7 +255,7 @@ def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = N
 
     The text is cut into windows of ``window`` tokens, each scored on its own (no context from the one before);
     ``rows`` windows go through the model at once (right-padded, masked: a causal model's logits at the real
-    positions are those of the window alone). Default: as many as fit :data:`TOKEN_HITS_MAX_LOGITS`, at most 8;
+    positions are those of the window alone). Default: as many as fit :data:`MAX_BATCH_LOGITS`, at most 8;
     on 2 CPU cores SmolLM2-135M scores 3,000 tokens in 5.9 s at 8 rows against 10.0 s one window at a time, with
     the same hits and loss. ``rows=1`` is one window at a time.
     """
@@ -250,7 +265,7 @@ def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = N
     total = max(len(ids) - 1, 0)
     if rows is None:
         vocab = int(getattr(model.config, "vocab_size", 0) or 0) or len(tok)
-        rows = max(1, min(8, TOKEN_HITS_MAX_LOGITS // (window * vocab)))
+        rows = max(1, min(8, MAX_BATCH_LOGITS // (window * vocab)))
     windows = [ids[start : start + window + 1] for start in range(0, total, window)]
     windows = [w for w in windows if len(w) >= 2]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -278,10 +293,17 @@ def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = N
 
 
 def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]], progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The choice with the highest continuation log-probability per item; the choices of 4 items at a time go
+    through :func:`continuation_logprobs` together (SmolLM2-135M on 2 CPU cores, the shipped 60 items x 4 choices:
+    10.3 s instead of 30.4 s one sequence at a time, the same picks, log-probabilities within 2e-5)."""
     out = []
-    for ctx, chs in zip(contexts, choices):
-        lps = continuation_logprobs(model, tok, [(ctx, c) for c in chs])
-        out.append({"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]})
+    per_call = 4
+    for start in range(0, len(contexts), per_call):
+        group = list(zip(contexts[start : start + per_call], choices[start : start + per_call]))
+        flat = continuation_logprobs(model, tok, [(ctx, c) for ctx, chs in group for c in chs])
+        for _, chs in group:
+            lps, flat = flat[: len(chs)], flat[len(chs):]
+            out.append({"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]})
         if progress is not None:
             progress(len(out), len(contexts))
     return out
