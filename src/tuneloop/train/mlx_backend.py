@@ -258,6 +258,10 @@ def add_lora(model, cfg: PipelineConfig, base_path: Path) -> list[str]:
     # num_layers 0 and full module names: mlx-lm converts exactly the modules named in `keys`.
     linear_to_lora_layers(model, 0, {"rank": t.lora_r, "scale": lora_scale(cfg), "dropout": t.lora_dropout,
                                      "keys": set(names)})
+    missed = [n for n in names if not hasattr(_module(model, n), "lora_a")]
+    if missed:  # an mlx-lm that converts only layer-relative keys
+        raise StageError(f"mlx-lm did not put LoRA layers on {', '.join(missed[:3])}; tuneloop is tested with mlx-lm 0.32: "
+                         "pip install -U 'tuneloop[mlx]'")
     return names
 
 
@@ -384,11 +388,10 @@ def train_mlx(
     """
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     from datasets import load_from_disk
     from mlx.utils import tree_flatten
 
-    from tuneloop.train.sft import make_collator
+    from tuneloop.train.sft import make_collator, read_metric_rows
 
     problems = mlx_problems(cfg)
     if problems:
@@ -432,28 +435,12 @@ def train_mlx(
     for step in range(resumed_from + 1, max_steps + 1):
         t_step = time.perf_counter()
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks of a step, the same after a resume
-        grads, loss_sum, n_tokens = None, 0.0, 0
-        for micro in plan.steps[step - 1]:
-            batch = collate([samples[i] for i in micro])
-            ids, labels = mx.array(batch["input_ids"].numpy()), mx.array(batch["labels"].numpy())
-            (loss, tokens), g = loss_and_grad(model, ids, labels)
-            grads = g if grads is None else _tree_add(grads, g)
-            mx.eval(loss, tokens, grads)
-            loss_sum += loss.item()
-            n_tokens += tokens.item()
-        if n_tokens == 0:
-            raise StageError(f"step {step} has no token to train on (every label is -100); check train.train_on_inputs "
-                             "and the preprocessing stage's dropped.jsonl")
-        grads = _tree_scale(grads, 1.0 / n_tokens)
-        grads, grad_norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
-        _set_learning_rate(optimizer, rates[step - 1])
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        loss_value = loss_sum / n_tokens
-        if not math.isfinite(loss_value):
-            raise StageError(f"training diverged at step {step} (loss {loss_value}); lower train.learning_rate")
-        row = {"step": step, "epoch": plan.epoch_at(step), "loss": loss_value, "learning_rate": rates[step - 1],
-               "grad_norm": grad_norm.item(), "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1)}
+        batches = [collate([samples[i] for i in micro]) for micro in plan.steps[step - 1]]
+        loss, grad_norm, n_tokens = _optimizer_step(model, loss_and_grad, optimizer, batches, rates[step - 1])
+        if not math.isfinite(loss):
+            raise StageError(f"training diverged at step {step} (loss {loss}); lower train.learning_rate")
+        row = {"step": step, "epoch": plan.epoch_at(step), "loss": loss, "learning_rate": rates[step - 1],
+               "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1)}
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if step % t.save_steps == 0 or step == max_steps:
@@ -465,8 +452,6 @@ def train_mlx(
 
     kind = "model" if t.method == "full" else "adapter"
     _save_final(model, names, cfg, tokenizer, work_dir)
-    from tuneloop.train.sft import read_metric_rows
-
     losses = [r["loss"] for r in read_metric_rows(metrics_path)]
     steps_run = max_steps - resumed_from
     return {
@@ -486,6 +471,31 @@ def train_mlx(
         "seconds": round(seconds, 2),
         "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
+
+
+def _optimizer_step(model, loss_and_grad, optimizer, batches: list[dict], lr: float) -> tuple[float, float, int]:
+    """One optimiser step over its micro-batches: gradients of the summed token losses, divided by the step's
+    tokens, clipped to ``MAX_GRAD_NORM``, applied at ``lr``. Returns (mean token loss, gradient norm before
+    clipping, tokens)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    grads, loss_sum, n_tokens = None, 0.0, 0
+    for batch in batches:
+        ids, labels = mx.array(batch["input_ids"].numpy()), mx.array(batch["labels"].numpy())
+        (loss, tokens), g = loss_and_grad(model, ids, labels)
+        grads = g if grads is None else _tree_add(grads, g)
+        mx.eval(loss, tokens, grads)
+        loss_sum += loss.item()
+        n_tokens += tokens.item()
+    if n_tokens == 0:
+        raise StageError("a training step has no token to train on (every label is -100); check train.train_on_inputs "
+                         "and the preprocessing stage's dropped.jsonl")
+    grads, grad_norm = optim.clip_grad_norm(_tree_scale(grads, 1.0 / n_tokens), MAX_GRAD_NORM)
+    _set_learning_rate(optimizer, lr)
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+    return loss_sum / n_tokens, grad_norm.item(), n_tokens
 
 
 def _tree_add(a, b):
