@@ -350,8 +350,9 @@ class TrainConfig(_Section):
     )
     backend: Literal["transformers", "mlx", "unsloth", "command"] = Field(
         "transformers",
-        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `mlx`: mlx-lm's trainer (Metal on Apple "
-        "silicon, the CPU elsewhere; extra `tuneloop[mlx]`), its adapter converted to a PEFT adapter. `unsloth`: "
+        description="`transformers`: tuneloop trains (Trainer/TRL + PEFT). `mlx`: SFT with mlx-lm's model and LoRA "
+        "layers under tuneloop's training loop (Metal on Apple silicon, the CPU elsewhere; extra `tuneloop[mlx]`), the "
+        "adapter converted to a PEFT adapter. `unsloth`: "
         "Unsloth's FastLanguageModel + TRL on a CUDA GPU (extra `tuneloop[unsloth]`). `command`: run `train.command` "
         "(an external trainer such as Axolotl, LLaMA-Factory or OpenRLHF) and pick up the adapter or model it writes to "
         "`{output_dir}`.",
