@@ -172,5 +172,19 @@ def test_tracker_and_precision_are_checked_before_any_work(make_config):
         with pytest.raises(ConfigError, match="pip install tensorboard"):
             FineTunePipeline(load_config(make_config(), ["train.report_to=tensorboard"])).preflight()
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="train.precision: bf16 needs a CUDA GPU"):
+        with pytest.raises(ConfigError, match="train.precision: bf16 needs a GPU that supports it"):
             FineTunePipeline(load_config(make_config(), ["train.precision=bf16"])).preflight()
+
+
+def test_precision_follows_transformers_device_checks(monkeypatch):
+    """bf16 is refused only where transformers' TrainingArguments would refuse it: an Apple MPS device on macOS
+    14+ (which transformers accepts for bf16) passes the preflight, a plain CPU does not."""
+    import transformers.utils
+
+    from tuneloop.train.sft import precision_problem
+
+    assert precision_problem("fp32") is None and precision_problem("auto") is None
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: True)  # e.g. MPS on macOS 14
+    assert precision_problem("bf16") is None
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: False)
+    assert "use `auto`" in precision_problem("bf16")

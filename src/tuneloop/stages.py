@@ -699,11 +699,10 @@ def _tracker_problems(cfg: PipelineConfig) -> list[str]:
 def _precision_problems(cfg: PipelineConfig) -> list[str]:
     if cfg.train.precision not in ("bf16", "fp16"):
         return []
-    import torch
+    from tuneloop.train.sft import precision_problem
 
-    if torch.cuda.is_available():
-        return []
-    return [f"train.precision: {cfg.train.precision} needs a CUDA GPU; use `auto` or `fp32` on this machine"]
+    problem = precision_problem(cfg.train.precision)
+    return [problem] if problem else []
 
 
 def _count_records(source: Any, limit: int | None = None) -> int:

@@ -316,13 +316,31 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def precision_problem(precision: str) -> str | None:
+    """Why ``train.precision`` cannot train on this machine, or None. bf16 and fp16 are asked of transformers'
+    own device checks (the ones TrainingArguments applies), so a CUDA GPU, or Apple silicon's MPS on macOS 14+
+    for bf16, passes; a plain CPU does not."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_fp16_available_on_device, is_torch_mps_available
+
+    if precision == "bf16" and is_torch_bf16_gpu_available():
+        return None
+    if precision == "fp16" and (torch.cuda.is_available() or (is_torch_mps_available() and is_torch_fp16_available_on_device("mps"))):
+        return None
+    return (f"train.precision: {precision} needs a GPU that supports it (CUDA, or Apple MPS on macOS 14+ for bf16) and this "
+            "machine has none; use `auto` (bf16 on a CUDA GPU that has it, fp32 elsewhere) or `fp32`")
+
+
 def precision_args(precision: str) -> dict[str, bool]:
-    """``bf16``/``fp16`` TrainingArguments for ``train.precision`` (``auto``: bf16 where CUDA supports it)."""
-    cuda = torch.cuda.is_available()
+    """``bf16``/``fp16`` TrainingArguments for ``train.precision`` (``auto``: bf16 where CUDA supports it; on
+    MPS ``auto`` stays fp32, since M1/M2 emulate bf16 in fp32)."""
     if precision == "auto":
+        cuda = torch.cuda.is_available()
         return {"bf16": bool(cuda and torch.cuda.is_bf16_supported())}
-    if precision in ("bf16", "fp16") and not cuda:
-        raise StageError(f"train.precision: {precision} needs a CUDA GPU; use `auto` or `fp32` on this machine")
+    problem = precision_problem(precision)
+    if problem:
+        raise StageError(problem)
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
