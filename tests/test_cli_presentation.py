@@ -251,3 +251,21 @@ def test_init_config_shows_the_list_of_sources():
     data = yaml.safe_load(example)
     assert data["train_data"][1] == {"path": "data/feedback/sft.jsonl", "weight": 3}
     assert [s.path for s in DataConfig(**data).train_sources] == ["data/train.jsonl", "data/feedback/sft.jsonl"]
+
+
+def test_summary_table_names_the_champion_when_it_was_the_comparison():
+    """`tuneloop run`/`status RUN_ID`: a run compared with the champion says champion_accuracy, not base_accuracy."""
+    from rich.console import Console
+
+    from tuneloop.cli.run import summary_table
+
+    def render(against: str) -> str:
+        ev = {"status": "passed", "cached": False, "duration_s": 1.0, "error": None,
+              "metrics": {"accuracy": 0.9, "base_accuracy": 0.8, "against": against}}
+        summary = {"pipeline": "p", "run_id": "r1", "overall": "passed", "stages": {"evaluation": ev}}
+        console = Console(width=200, record=True)
+        console.print(summary_table(summary))
+        return console.export_text()
+
+    assert "champion_accuracy=0.8" in render("champion support-bot:1") and "base_accuracy" not in render("champion support-bot:1")
+    assert "base_accuracy=0.8" in render("base")

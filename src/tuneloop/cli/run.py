@@ -23,6 +23,14 @@ _KEY_METRICS = {
 _STATUS_STYLE = {"passed": "green", "failed": "red"}
 
 
+def _metric_label(key: str, metrics: dict[str, Any]) -> str:
+    """``base_accuracy`` measures the comparison model: say ``champion_accuracy`` when that was the champion."""
+    against = str(metrics.get("against") or "base")
+    if key.startswith("base_") and not against.startswith("base"):
+        return against.split()[0] + key[len("base"):]
+    return key
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     """One row per stage: status, cached, seconds, and its key metrics (or its error)."""
     t = Table(title=f"{summary['pipeline']} — run {summary['run_id']}: {summary['overall'].upper()}")
@@ -31,7 +39,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for name, st in summary["stages"].items():
         style = _STATUS_STYLE.get(st["status"], "dim")
         m = st.get("metrics", {})
-        info = st["error"] or ", ".join(f"{k}={format_number(m[k])}" for k in _KEY_METRICS.get(name, ()) if k in m)
+        info = st["error"] or ", ".join(f"{_metric_label(k, m)}={format_number(m[k])}" for k in _KEY_METRICS.get(name, ()) if k in m)
         t.add_row(name, f"[{style}]{st['status']}[/]", "yes" if st.get("cached") else "", f"{st['duration_s']:.1f}", info)
     return t
 
