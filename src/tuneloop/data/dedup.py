@@ -45,11 +45,18 @@ import mmap
 import multiprocessing
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["near_duplicate_groups", "contaminated_indices", "normalise_text", "lsh_params"]
+__all__ = [
+    "near_duplicate_groups", "contaminated_indices", "normalise_text", "lsh_params",
+    # building blocks an engine composes (the streaming pass in outofcore.py, the Ray engine): see
+    # /work/notes/data_api.md and near_duplicate_groups / contaminated_indices, which compose them
+    "minhash_signatures", "empty_rows", "band_pairs", "unique_pairs", "agreement_needed", "confirm_pairs",
+    "join_pairs", "groups_from_labels", "ngram_hashes", "EvalNgrams", "eval_ngram_index", "contamination_fractions",
+]
 
 _CHUNK_DOCS = 1024  # documents hashed together (keeps the per-chunk arrays in cache)
 _PERM_BLOCK = 16  # hash functions applied per pass over a chunk's shingles
@@ -358,6 +365,29 @@ def _signatures(
     return sig, keys
 
 
+def minhash_signatures(
+    texts: list[str], *, shingle_size: int, num_perm: int = 128, seed: int = 0, bands: int = 0, rows: int = 0,
+    workers: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash signatures (``len(texts) x num_perm``, uint32) and LSH band keys (``bands x len(texts)``,
+    uint64; ``(bands, rows)`` from :func:`lsh_params`) of ``texts``.
+
+    Each text's row depends only on that text, ``shingle_size``, ``num_perm`` and ``seed`` (never on the other
+    texts of the call), so signatures computed chunk by chunk, in any process, equal those of one call over
+    all texts. A text without words has the all-``0xFFFFFFFF`` row and band keys 0 (see :func:`empty_rows`).
+    """
+    return _signatures(texts, shingle_size, num_perm, seed, workers, bands, rows)
+
+
+def empty_rows(sig: np.ndarray) -> np.ndarray:
+    """Bool per signature row: the text had no words (all positions the sentinel); such texts never group."""
+    maybe = sig[:, 0] == _EMPTY
+    out = np.zeros(len(sig), dtype=bool)
+    idx = np.flatnonzero(maybe)
+    out[idx] = np.all(sig[idx] == _EMPTY, axis=1)
+    return out
+
+
 # --- LSH ------------------------------------------------------------------------------------------
 
 
@@ -384,8 +414,12 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return int(b), int(r)
 
 
-def _band_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def band_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Candidate pairs (2 x m, int64) among documents ``ids`` whose band ``keys`` are equal.
+
+    ``ids`` must be ascending (the order of the documents): within a bucket, documents are taken in that
+    order (a stable sort of the keys), so the pairs depend only on the bucket's members, not on which other
+    buckets are passed in the same call (a partition of the keys by value gives the same pairs).
 
     In a bucket each document is paired with the next ``_MAX_PAIR_OFFSET`` documents and with the
     bucket's first document: every pair in buckets of up to 9, and linear work for huge buckets (many
@@ -415,6 +449,49 @@ def _band_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if len(far):
         parts.append(np.stack((sid[head[far]], sid[far])))
     return np.concatenate(parts, axis=1)
+
+
+_band_pairs = band_pairs
+
+
+def unique_pairs(u: np.ndarray, v: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct unordered pairs of (u, v) as (low, high) arrays, sorted by (low, high); ids < ``n``."""
+    code = np.unique(np.minimum(u, v) * n + np.maximum(u, v))
+    return code // n, code % n
+
+
+def agreement_needed(threshold: float, num_perm: int) -> int:
+    """Signature positions two texts must agree on to be near duplicates (estimated Jaccard >= threshold)."""
+    return math.ceil(threshold * num_perm - 1e-9)
+
+
+def confirm_pairs(sig_lo: np.ndarray, sig_hi: np.ndarray, need: int) -> np.ndarray:
+    """Bool per pair (rows of ``sig_lo`` and ``sig_hi`` side by side): agree on at least ``need`` positions."""
+    return np.count_nonzero(sig_lo == sig_hi, axis=1) >= need
+
+
+def join_pairs(label: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Union-find step on a flat label array (each id's component, named by its smallest id): the labels
+    after linking every (lo[i], hi[i]). Components do not depend on the order in which links are joined."""
+    if len(lo) == 0:
+        return label
+    nodes, roots = _roots(label[lo], label[hi])
+    remap = np.arange(len(label))
+    remap[nodes] = roots
+    return remap[label]
+
+
+def groups_from_labels(label: np.ndarray) -> list[list[int]]:
+    """Components of at least two ids, each sorted, ordered by their smallest id (near_duplicate_groups' shape)."""
+    n = len(label)
+    size = np.bincount(label, minlength=n)
+    members = np.flatnonzero(size[label] >= 2)
+    if len(members) == 0:
+        return []
+    order = members[np.argsort(label[members], kind="stable")]  # ascending within each group
+    cuts = [0, *(np.flatnonzero(np.diff(label[order])) + 1).tolist(), len(order)]
+    flat = order.tolist()
+    return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def _roots(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -475,49 +552,40 @@ def near_duplicate_groups(
     sig, keys = _signatures(texts, shingle_size, num_perm, seed, workers, bands, rows)
     # Texts without words have all-sentinel signatures; a real hash can equal the sentinel, so rows
     # starting with it are checked in full.
-    maybe_empty = np.flatnonzero(sig[:, 0] == _EMPTY)
-    empty = maybe_empty[np.all(sig[maybe_empty] == _EMPTY, axis=1)]
+    empty = np.flatnonzero(empty_rows(sig))
     ids = np.setdiff1d(np.arange(n), empty, assume_unique=True) if len(empty) else np.arange(n)
     if len(ids) < 2:
         return []
     full = len(ids) == n
-    need = math.ceil(threshold * num_perm - 1e-9)
+    need = agreement_needed(threshold, num_perm)
     step = max(1, (64 << 20) // (num_perm * 8))  # confirm in blocks of ~64 MB
     label = np.arange(n)  # every text's component, named by its smallest index (union-find, flattened)
     with np.errstate(over="ignore"):
         for band in range(bands):
-            u, v = _band_pairs(keys[band] if full else keys[band, ids], ids)
+            u, v = band_pairs(keys[band] if full else keys[band, ids], ids)
             open_ = label[u] != label[v]  # pairs already joined (by an earlier band) need no check
             if not open_.any():
                 continue
-            u, v = u[open_], v[open_]
-            code = np.unique(np.minimum(u, v) * n + np.maximum(u, v))
-            lo, hi = code // n, code % n
+            lo, hi = unique_pairs(u[open_], v[open_], n)
             keep = np.zeros(len(lo), dtype=bool)
             for i in range(0, len(lo), step):  # confirm: estimated Jaccard >= threshold
-                agree = np.count_nonzero(sig[lo[i : i + step]] == sig[hi[i : i + step]], axis=1)
-                keep[i : i + step] = agree >= need
+                keep[i : i + step] = confirm_pairs(sig[lo[i : i + step]], sig[hi[i : i + step]], need)
             if keep.any():
-                nodes, roots = _roots(label[lo[keep]], label[hi[keep]])
-                remap = np.arange(n)
-                remap[nodes] = roots
-                label = remap[label]
-    size = np.bincount(label, minlength=n)
-    members = np.flatnonzero(size[label] >= 2)
-    if len(members) == 0:
-        return []
-    order = members[np.argsort(label[members], kind="stable")]  # ascending within each group
-    cuts = [0, *(np.flatnonzero(np.diff(label[order])) + 1).tolist(), len(order)]
-    flat = order.tolist()
-    return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+                label = join_pairs(label, label[lo[keep]], label[hi[keep]])
+    return groups_from_labels(label)
 
 
 # --- contamination --------------------------------------------------------------------------------
 
 
-def _ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def ngram_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the word ``ngram``-grams of each text (grouped by text, in order) and their count
+    per text; like the signatures, each text's hashes depend on that text alone."""
     words, docs = _word_hashes(texts)
     return _shingle_hashes(words, docs, len(texts), ngram)
+
+
+_ngram_hashes = ngram_hashes
 
 
 def _eval_index(seen: np.ndarray) -> tuple[np.ndarray, np.uint64]:
@@ -530,13 +598,46 @@ def _eval_index(seen: np.ndarray) -> tuple[np.ndarray, np.uint64]:
     return flags, shift
 
 
-def _contaminated_chunk(span: tuple[int, int], index=None, ngram=0, threshold=0.0) -> list[tuple[int, float]]:
+@dataclass
+class EvalNgrams:
+    """The eval set's n-grams as the contamination scan looks them up: sorted distinct hashes and a flag
+    table over their top bits (a cheap first filter)."""
+
+    seen: np.ndarray
+    flags: np.ndarray
+    shift: np.uint64
+    ngram: int
+
+
+def eval_ngram_index(eval_texts: list[str], ngram: int) -> EvalNgrams | None:
+    """The n-gram index of the eval texts; None when they hold no words (nothing can be contaminated)."""
+    if not eval_texts:
+        return None
+    seen = np.unique(np.concatenate(
+        [ngram_hashes(eval_texts[i : i + _CHUNK_DOCS], ngram)[0] for i in range(0, len(eval_texts), _CHUNK_DOCS)]
+    ))
+    if len(seen) == 0:
+        return None
+    return EvalNgrams(seen, *_eval_index(seen), ngram)
+
+
+def contamination_fractions(texts: list[str], index: EvalNgrams, threshold: float, *, offset: int = 0) -> list[tuple[int, float]]:
+    """(offset + i, fraction of the n-grams of ``texts[i]`` seen in eval) for the texts at or above
+    ``threshold``; each text's fraction depends on that text and the index alone."""
+    out: list[tuple[int, float]] = []
+    for start in range(0, len(texts), _CHUNK_DOCS):
+        part = texts[start : start + _CHUNK_DOCS]
+        out += _contaminated_chunk((0, len(part)), (part, index.seen, index.flags, index.shift), index.ngram, threshold, offset + start)
+    return out
+
+
+def _contaminated_chunk(span: tuple[int, int], index=None, ngram=0, threshold=0.0, offset=0) -> list[tuple[int, float]]:
     """(train index, fraction) for the records of ``texts[start:stop]`` at or above ``threshold``."""
     if index is None:  # in a forked worker
         index, ngram, threshold = _SHARED["index"], _SHARED["ngram"], _SHARED["threshold"]
     texts, seen, flags, shift = index
     start, stop = span
-    hashes, counts = _ngram_hashes(texts[start:stop], ngram)
+    hashes, counts = ngram_hashes(texts[start:stop], ngram)
     nonempty = np.flatnonzero(counts)
     if len(nonempty) == 0:
         return []
@@ -548,7 +649,7 @@ def _contaminated_chunk(span: tuple[int, int], index=None, ngram=0, threshold=0.
         hit[maybe] = seen[pos] == hashes[maybe]
     offsets = np.concatenate(([0], np.cumsum(counts[nonempty])[:-1]))
     frac = np.add.reduceat(hit, offsets) / counts[nonempty]
-    return [(start + int(nonempty[i]), float(frac[i])) for i in np.flatnonzero(frac >= threshold - 1e-12)]
+    return [(offset + start + int(nonempty[i]), float(frac[i])) for i in np.flatnonzero(frac >= threshold - 1e-12)]
 
 
 def contaminated_indices(
@@ -572,16 +673,14 @@ def contaminated_indices(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if not train_texts or not eval_texts:
         return {}
-    seen = np.unique(np.concatenate(
-        [_ngram_hashes(eval_texts[i : i + _CHUNK_DOCS], ngram)[0] for i in range(0, len(eval_texts), _CHUNK_DOCS)]
-    ))
-    if len(seen) == 0:
+    ev = eval_ngram_index(eval_texts, ngram)
+    if ev is None:
         return {}
     n = len(train_texts)
     spans = [(i, min(i + _CHUNK_DOCS, n)) for i in range(0, n, _CHUNK_DOCS)]
     workers = _default_workers(n) if workers is None else workers
     found: dict[int, float] = {}
-    index = (train_texts, seen, *_eval_index(seen))
+    index = (train_texts, ev.seen, ev.flags, ev.shift)
     if workers > 1 and len(spans) > 1 and "fork" in multiprocessing.get_all_start_methods():
         _SHARED.update(index=index, ngram=ngram, threshold=threshold)
         try:
