@@ -194,6 +194,21 @@ def test_the_gateway_does_not_serve_a_reward_model_as_a_chat_model(reward_run):
         assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 200
 
 
+def test_eval_and_rollout_start_refuse_a_reward_model_with_exit_2(reward_run):
+    """`tuneloop eval --model` and `tuneloop rollout start` on a reward model: exit 2 saying why, nothing started."""
+    path, _ = reward_run
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], capture_output=True, text=True, timeout=300, cwd=path.parent)
+
+    r = cli("eval", str(path), "--model", "tiny-rm:1")
+    assert r.returncode == 2 and "tiny-rm:1 is a reward model" in r.stderr and "train.objective: reward" in r.stderr, r.stderr
+    r = cli("rollout", "start", "tiny-rm:1", "--config", str(path))
+    assert r.returncode == 2 and "tiny-rm:1 is a reward model" in r.stderr and "canary" in r.stderr, r.stderr
+    status = cli("rollout", "status", "tiny-rm", "--config", str(path), "--json")
+    assert "running" not in status.stdout, status.stdout
+
+
 def test_random_preferences_give_chance_accuracy_and_a_floor_of_0_8_fails_full_model_loads_with_transformers(tmp_path, tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

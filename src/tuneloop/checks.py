@@ -91,8 +91,15 @@ def _registry_version(cfg: PipelineConfig, registry: Callable[[], Any], ref: str
     """``3``, ``latest``, ``champion``, ``previous`` (of the config's model), ``name:3`` or ``name@alias``."""
     from tuneloop.evaluate.evaluation import registry_model_ref
 
+    from tuneloop.registry.lineage import version_kind
+
     reg = registry()
     name, version = (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else reg.parse_ref(ref)
+    v = reg.get(name, version)
+    if version_kind(v) == "reward":
+        raise InputError(f"{v['ref']} is a reward model (its lineage has kind: reward): it scores answers and generates none, so "
+                         "`tuneloop eval`'s chat gates cannot run on it; a reward model's gates (pair accuracy on held-out "
+                         "preferences) run in its own pipeline: `tuneloop run` with train.objective: reward")
     return registry_model_ref(cfg, reg, name, version, label)
 
 

@@ -88,8 +88,13 @@ def as_policy(policy: RolloutPolicy | dict | None) -> RolloutPolicy:
 def start(reg: ModelRegistry, ref: str, *, policy: RolloutPolicy | dict | None = None, notifier: Notifier | None = None,
           actor: str | None = None, reason: str = "", now: float | None = None) -> dict:
     """Start a canary rollout of ``ref`` (``name:3``, ``name@alias`` or ``name``) against the champion."""
+    from tuneloop.registry.lineage import version_kind
+
     model, version = reg.parse_ref(ref)
     candidate = reg.get(model, version)
+    if version_kind(candidate) == "reward":
+        raise InputError(f"{candidate['ref']} is a reward model (its lineage has kind: reward): the gateway serves no chat traffic "
+                         "to it, so a canary would never see a request; roll out the chat model it was trained for instead")
     pol = as_policy(policy)
     analysis = CanaryAnalysis(pol, now=time.time() if now is None else now)
     record = reg.start_rollout(model, candidate["version"], policy=pol.to_dict(), actor=actor, reason=reason,
