@@ -14,6 +14,7 @@ maps exceptions to exit codes (:mod:`tuneloop.cli.common`).
 ``cli/init.py``     ``init``
 ``cli/ci.py``       ``ci``
 ``cli/rollout.py``  ``rollout start|status|promote|abort``
+``cli/ui.py``       ``ui``
 ==================  ======================================================
 
 Exit codes: 0 ok / all gates passed; 1 a stage failed or a gate blocked; 2 usage, config or input error
@@ -25,7 +26,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from tuneloop.cli import data, export, feedback, judge, models, rollout, run, serve
+from tuneloop.cli import data, export, feedback, judge, models, rollout, run, serve, ui
 from tuneloop.cli.ci import ci
 from tuneloop.cli.drift import drift
 from tuneloop.cli.init import init
@@ -55,6 +56,7 @@ app.command("drift")(drift)
 app.command("init")(init)
 app.command("ci")(ci)
 app.add_typer(rollout.app, name="rollout")
+app.command("ui")(ui.ui)
 
 
 def _flags_take_no_value(command, ctx) -> None:
