@@ -1,27 +1,34 @@
 """Preprocessing: chat template, tokenization with the prompt masked from the loss, max length, split.
 
 Entry point: :func:`prepare_dataset`. Input is the canonical records written by data validation
-(``{"messages": [...]}`` per line; preference records train on prompt + chosen, kto records with
-``label: false`` are dropped, ``{"text": ...}`` records train on every token); output, in ``out_dir``:
+(``{"messages": [...]}`` per line in ``clean.jsonl``, or Parquet shards from ``data.engine: ray``; preference
+records train on prompt + chosen, kto records with ``label: false`` are dropped, ``{"text": ...}`` records train
+on every token). It streams (:mod:`tuneloop.data.stream`): memory does not grow with the number of records, so a
+10 M-record set is prepared on one machine. Output, in ``out_dir``:
 
 * ``train/`` — a ``datasets`` dataset of ``input_ids`` and ``labels`` (-100 on tokens that carry no loss);
 * ``eval.jsonl`` — evaluation items: ``id``, ``messages`` (the prompt) and ``reference`` (the expected answer);
 * ``dropped.jsonl`` — training records that could not be used, with the reason (never dropped silently).
 
-:func:`prepare_kto` is the same stage for ``train.objective: kto`` (TRL's prompt/completion/label records).
+:func:`prepare_kto` is the same stage for ``train.objective: kto`` (TRL's prompt/completion/label records);
+it, :func:`prepare_preferences` (DPO and the other pair objectives) and :func:`prepare_prompts` (GRPO) still read
+the records into memory (:func:`read_records`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from tuneloop.config import TrainSource
 from tuneloop.data.formats import sft_messages
 from tuneloop.data.rules import encode_prefix
-from tuneloop.fsutil import atomic_write_json, atomic_write_text
+from tuneloop.data.stream import TokenWriter, Weigher, count_records, held_out_mask, iter_records, split_description
+from tuneloop.fsutil import atomic_lines, atomic_write_json, atomic_write_text
 
 IGNORE_INDEX = -100
 
@@ -37,6 +44,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A validated set's records as a list (``clean.jsonl`` or Parquet shards): the in-memory objectives' reader."""
+    return list(iter_records(path))
+
+
 def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: float,
            seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(train, eval, how the eval records were chosen): ``eval_path``'s records, or a seeded ``eval_split``
@@ -50,7 +62,7 @@ def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: fl
         n_eval = 0
     held = set(order[:n_eval])
     train = [r for i, r in enumerate(records) if i not in held]
-    return train, [r for i, r in enumerate(records) if i in held], f"held out {eval_split:.0%} of train (seed {seed})"
+    return train, [r for i, r in enumerate(records) if i in held], split_description(eval_split, seed)
 
 
 def apply_weights(records: list[dict[str, Any]], sources: Sequence[TrainSource] | None,
@@ -158,64 +170,120 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenize the training records and write the evaluation items. Returns the stage metrics.
 
+    ``train_path`` is the validated set: ``clean.jsonl`` or Parquet shards (:func:`~tuneloop.data.stream.iter_records`).
+    It is read record by record (twice when the eval split is held out of it: once to count, once to prepare) and
+    never held whole: tokenised samples go to Arrow in batches (:class:`~tuneloop.data.stream.TokenWriter`), the
+    train, eval and dropped records to their files line by line. The held-out records, the weighted copies and the
+    samples' order are those of the in-memory :func:`_split` and :func:`apply_weights` (tests/test_prepare_streaming.py
+    compares the outputs with the in-memory implementation's).
+
     With ``sources`` (``data.train_data`` as a list; the clean records carry ``_source``) the training records
-    are weighted by :func:`apply_weights` after the eval split, so no copy of an eval record is trained on;
+    are weighted as :func:`apply_weights` does after the eval split, so no copy of an eval record is trained on;
     the metrics then have ``sources``: per source its ``records`` after validation, ``train_records`` after
     the split and ``samples`` after weighting (before tokenization drops any)."""
     import datasets
-    from datasets import Dataset
 
     datasets.disable_progress_bars()
 
     out_dir = Path(out_dir)
-    clean = read_jsonl(train_path)
-    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
-    train_records, per_source = apply_weights(train_records, sources, seed)
-
-    rows: dict[str, list] = {"input_ids": [], "labels": []}
-    dropped, truncated, tokens, target_tokens = [], 0, 0, 0
-    for rec in train_records:
-        messages = sft_messages(rec)
-        if messages is None:  # a text record: every token is trained on
-            ids, _ = encode_prefix(tok, rec["text"], max_length)
-            ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
-        elif rec.get("label") is False:
-            dropped.append({"line": rec.get("_line"), "reason": "kto label false: supervised fine-tuning does not train on undesirable answers"})
-            continue
-        else:
-            ex = tokenize_conversation(tok, messages, max_length=max_length, train_on_inputs=train_on_inputs)
-        n_target = sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
-        if n_target == 0:
-            dropped.append({"line": rec.get("_line"), "reason": f"no answer tokens left within max_length={max_length}"})
-            continue
-        truncated += ex["truncated"]
-        tokens += len(ex["input_ids"])
-        target_tokens += n_target
-        rows["input_ids"].append(ex["input_ids"])
-        rows["labels"].append(ex["labels"])
-
-    Dataset.from_dict(rows).save_to_disk(str(out_dir / "train"))
-    _write_records(out_dir / "train_records.jsonl", train_records)  # for external trainers (train.backend: command)
-    _write_records(out_dir / "eval_records.jsonl", eval_records)
-    items = _eval_items(eval_records)
-    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
-    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
-    n = len(rows["input_ids"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    held = None if eval_path is not None else held_out_mask(count_records(train_path), eval_split, seed)
+    weigh, tally = Weigher(sources, seed), _Tally()
+    tokens = TokenWriter(out_dir / ".train.arrow")
+    try:
+        with ExitStack() as stack:
+            train_out, eval_out, items_out, dropped_out = (
+                stack.enter_context(atomic_lines(out_dir / name))
+                for name in ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl"))
+            for i, rec in enumerate(iter_records(train_path)):
+                weigh.kept(rec)
+                if held is not None and held[i]:
+                    _write_eval(rec, tally, eval_out, items_out)
+                    continue
+                copies = weigh(rec)
+                if copies == 0:
+                    continue
+                line = _record_line(rec)
+                ex, why = _sample(tok, rec, max_length=max_length, train_on_inputs=train_on_inputs)
+                for _ in range(copies):  # copies stay next to each other (the trainer shuffles)
+                    train_out.write(line)
+                    if ex is None:
+                        tally.dropped += 1
+                        dropped_out.write(json.dumps({"line": rec.get("_line"), "reason": why}) + "\n")
+                    else:
+                        tally.add(ex)
+                        tokens.add(ex["input_ids"], ex["labels"])
+            if eval_path is not None:
+                for rec in iter_records(eval_path):
+                    _write_eval(rec, tally, eval_out, items_out)
+        n = tokens.save(out_dir / "train")
+    except BaseException:
+        tokens.discard()
+        raise
     metrics = {
         "train_samples": n,
-        "eval_samples": len(items),
-        "eval_source": split,
-        "dropped": len(dropped),
-        "truncated": truncated,
-        "train_tokens": tokens,
-        "target_tokens": target_tokens,
-        "mean_tokens": round(tokens / n, 1) if n else 0.0,
+        "eval_samples": tally.items,
+        "eval_source": "given" if held is None else split_description(eval_split, seed),
+        "dropped": tally.dropped,
+        "truncated": tally.truncated,
+        "train_tokens": tally.tokens,
+        "target_tokens": tally.target_tokens,
+        "mean_tokens": round(tally.tokens / n, 1) if n else 0.0,
         "max_length": max_length,
     }
-    if per_source is not None:
-        metrics["sources"] = _kept_per_source(clean, per_source)
+    if (per_source := weigh.per_source()) is not None:
+        metrics["sources"] = per_source
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+@dataclass
+class _Tally:
+    """What :func:`prepare_dataset` counts while it streams."""
+
+    eval_records: int = 0
+    items: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+
+    def add(self, ex: dict[str, Any]) -> None:
+        self.truncated += ex["truncated"]
+        self.tokens += len(ex["input_ids"])
+        self.target_tokens += ex["n_target"]
+
+
+def _record_line(rec: dict[str, Any]) -> str:
+    """A canonical record as a JSONL line of ``train_records.jsonl`` / ``eval_records.jsonl`` (as :func:`_write_records`)."""
+    return json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+
+
+def _write_eval(rec: dict[str, Any], tally: _Tally, records_out, items_out) -> None:
+    """One eval record to ``eval_records.jsonl`` and, when it makes one, its item to ``eval.jsonl`` (as :func:`_eval_items`:
+    the item's id counts every eval record)."""
+    records_out.write(_record_line(rec))
+    for item in _eval_items([rec]):
+        item["id"] = f"eval-{tally.eval_records}"
+        items_out.write(json.dumps(item, ensure_ascii=False) + "\n")
+        tally.items += 1
+    tally.eval_records += 1
+
+
+def _sample(tok, rec: dict[str, Any], *, max_length: int, train_on_inputs: bool) -> tuple[dict[str, Any] | None, str]:
+    """(``input_ids``, ``labels``, ``truncated``, ``n_target`` of one training record, "") or (None, why it is dropped)."""
+    messages = sft_messages(rec)
+    if messages is None:  # a text record: every token is trained on
+        ids, _ = encode_prefix(tok, rec["text"], max_length)
+        ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
+    elif rec.get("label") is False:
+        return None, "kto label false: supervised fine-tuning does not train on undesirable answers"
+    else:
+        ex = tokenize_conversation(tok, messages, max_length=max_length, train_on_inputs=train_on_inputs)
+    ex["n_target"] = sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
+    if ex["n_target"] == 0:
+        return None, f"no answer tokens left within max_length={max_length}"
+    return ex, ""
 
 
 # ------------------------------------------------------------------------------------------- preferences
@@ -247,7 +315,7 @@ def prepare_preferences(
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
-    clean = read_jsonl(train_path)
+    clean = read_records(train_path)
     train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
     train_records, per_source = apply_weights(train_records, sources, seed)
     rows = [trl_preference(r) for r in train_records]
@@ -275,8 +343,11 @@ def trl_unpaired(rec: dict[str, Any]) -> dict[str, Any]:
 
 def kto_label_counts(path: Path) -> tuple[int, int]:
     """(desirable, undesirable) records of a canonical kto file."""
-    labels = [r.get("label") for r in read_jsonl(path)]
-    return labels.count(True), labels.count(False)
+    desirable = undesirable = 0
+    for rec in iter_records(path):
+        desirable += rec.get("label") is True
+        undesirable += rec.get("label") is False
+    return desirable, undesirable
 
 
 def prepare_kto(
@@ -291,7 +362,7 @@ def prepare_kto(
     import datasets
 
     datasets.disable_progress_bars()
-    clean = read_jsonl(train_path)
+    clean = read_records(train_path)
     if eval_path is None:
         kept, eval_records, split = _split([r for r in clean if r["label"]], None, eval_split, seed)
         kept_ids = {id(r) for r in kept}
@@ -362,7 +433,7 @@ def prepare_prompts(
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
-    clean = read_jsonl(train_path)
+    clean = read_records(train_path)
     train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
     train_records, per_source = apply_weights(train_records, sources, seed)
     rows, dropped, prompt_tokens = [], [], 0

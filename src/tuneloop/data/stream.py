@@ -1,0 +1,200 @@
+"""Streaming pieces of preprocessing: read the validated records without loading them whole, choose the held-out
+split and apply source weights record by record, and write tokenised samples to Arrow in batches.
+
+Entry points: :func:`iter_records` (the kept records of a validated set, one at a time), :func:`count_records`,
+:func:`held_out_mask`, :class:`Weigher` and :class:`TokenWriter`; :func:`tuneloop.data.prepare.prepare_dataset`
+puts them together. Each one makes the same choices as its in-memory counterpart in :mod:`tuneloop.data.prepare`
+(``_split``, ``apply_weights``): the same seed gives the same eval records, the same copies, in the same order.
+
+A validated set is ``clean.jsonl`` (one canonical record per line; blank lines skipped), one ``.parquet`` file, or
+a directory of ``*.parquet`` shards read in file-name order (the Ray engine's output). Parquet gives every row
+every column of the shard's schema, so a null field is read as absent, as it was in the JSON record.
+
+Memory: one batch of rows at a time, plus the split's bookkeeping: a shuffled index array (4 or 8 bytes per
+record, freed after the split) and one byte per record for "held out".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from array import array
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tuneloop.config import TrainSource
+from tuneloop.errors import InputError
+
+ROWS_PER_BATCH = 1_000  # tokenised samples per Arrow record batch (and Parquet rows read per batch)
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of a validated set: ``path`` itself, or the ``*.parquet`` files of a directory by name."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith(".parquet") and p.is_file())
+        if not files:
+            raise InputError(f"{path}: a directory of validated records must hold *.parquet shards; found none. "
+                             "Point preprocessing at the data stage's clean.jsonl or its Parquet output directory.")
+        return files
+    return [path]
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.is_dir() or path.name.endswith(".parquet")
+
+
+def _drop_nulls(value: Any) -> Any:
+    """A Parquet row as its JSON record: null fields (columns the record did not have) left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a validated set, in order, one at a time (see the module docstring for the layouts)."""
+    path = Path(path)
+    if not _is_parquet(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+        return
+    import pyarrow.parquet as pq
+
+    for file in _parquet_files(path):
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BATCH):
+            for row in batch.to_pylist():
+                yield _drop_nulls(row)
+
+
+def count_records(path: Path) -> int:
+    """How many records :func:`iter_records` yields (Parquet: from the files' metadata, without reading rows)."""
+    path = Path(path)
+    if not _is_parquet(path):
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in _parquet_files(path))
+
+
+def held_out_mask(n: int, eval_split: float, seed: int) -> bytearray:
+    """One byte per record, 1 where the record is held out for evaluation: the records that
+    ``prepare._split(records, None, eval_split, seed)`` holds out of ``n`` records (a seeded shuffle of the
+    indexes, the first ``max(1, round(n * eval_split))`` held out, none when that leaves nothing to train on).
+
+    ``random.shuffle`` only indexes its argument, so shuffling a compact ``array`` of indexes draws exactly what
+    shuffling a list does, at 4 (or 8) bytes per record instead of a list's ~36."""
+    order = array("i" if n < 2**31 else "q", range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * eval_split))
+    if n - n_eval < 1:
+        n_eval = 0
+    held = bytearray(n)
+    for i in order[:n_eval]:
+        held[i] = 1
+    return held
+
+
+def split_description(eval_split: float, seed: int) -> str:
+    """The metrics' ``eval_source`` for a held-out split (as ``prepare._split`` words it)."""
+    return f"held out {eval_split:.0%} of train (seed {seed})"
+
+
+class Weigher:
+    """Source weights applied one record at a time, drawing what ``prepare.apply_weights`` draws.
+
+    Call it on each training record in order; it returns how many times the record appears: ``floor(w)``, plus
+    one with probability ``w - floor(w)`` (``w``: the weight of the record's ``_source``). Without sources every
+    record appears once. :meth:`per_source` gives ``apply_weights``'s per-source rows plus ``records``
+    (counted with :meth:`kept`: every record of the validated set, before the split)."""
+
+    def __init__(self, sources: Sequence[TrainSource] | None, seed: int):
+        self.sources = list(sources) if sources else None
+        self.rng = random.Random(f"train_data weights:{seed}")
+        n = len(self.sources or ())
+        self.records, self.train_records, self.samples = [0] * n, [0] * n, [0] * n
+
+    def kept(self, rec: dict[str, Any]) -> None:
+        if self.sources:
+            self.records[rec.get("_source", 0)] += 1
+
+    def __call__(self, rec: dict[str, Any]) -> int:
+        if not self.sources:
+            return 1
+        i = rec.get("_source", 0)
+        whole, frac = divmod(self.sources[i].weight, 1.0)
+        n = int(whole) + (frac > 0 and self.rng.random() < frac)
+        self.train_records[i] += 1
+        self.samples[i] += n
+        return n
+
+    def per_source(self) -> list[dict[str, Any]] | None:
+        if not self.sources:
+            return None
+        return [{"path": s.label, "weight": s.weight, "records": self.records[i], "train_records": self.train_records[i],
+                 "samples": self.samples[i]} for i, s in enumerate(self.sources)]
+
+
+class TokenWriter:
+    """Tokenised samples (``input_ids``, ``labels``) appended in batches to an Arrow stream file, then saved as a
+    ``datasets`` dataset directory (what ``datasets.load_from_disk`` and the trainers read).
+
+    The column types are those ``Dataset.from_dict`` gives the same lists (``input_ids`` int32, ``labels``
+    int64), so the saved dataset has the same features as the in-memory path's. :meth:`save` memory-maps the
+    stream file, lets ``datasets`` write its shards, and removes the stream file (so the tokens are written twice
+    on disk, never held in memory)."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+
+        self.pa = pa
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+        self.sink = pa.OSFile(str(self.path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.ids: list[list[int]] = []
+        self.labels: list[list[int]] = []
+        self.rows = 0
+
+    def add(self, input_ids: list[int], labels: list[int]) -> None:
+        self.ids.append(input_ids)
+        self.labels.append(labels)
+        if len(self.ids) >= ROWS_PER_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.ids:
+            pa = self.pa
+            batch = pa.record_batch([pa.array(self.ids, type=self.schema.field("input_ids").type),
+                                     pa.array(self.labels, type=self.schema.field("labels").type)], schema=self.schema)
+            self.writer.write_batch(batch)
+            self.rows += len(self.ids)
+            self.ids, self.labels = [], []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+        self.sink.close()
+
+    def save(self, out: Path) -> int:
+        """Close the stream, write the dataset directory ``out``, remove the stream file; returns the rows."""
+        from datasets import Dataset
+
+        self.close()
+        ds = Dataset.from_file(str(self.path))
+        ds.save_to_disk(str(out))
+        del ds
+        self.path.unlink()
+        return self.rows
+
+    def discard(self) -> None:
+        """Close and remove the stream file (after an error)."""
+        try:
+            self.writer.close()
+            self.sink.close()
+        finally:
+            self.path.unlink(missing_ok=True)
