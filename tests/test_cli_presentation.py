@@ -226,12 +226,12 @@ def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
     summary = {"pipeline": MODEL, "run_id": RUN_PASSED, "overall": "passed", "run_dir": str(run_dir),
                "stages": {name: {"status": "passed", "duration_s": 1.0, "metrics": {}, "error": ""} for name in STAGES},
                "demo": {"total_seconds": 61.2}}
-    monkeypatch.setattr(tuneloop.demo, "run_demo", lambda workdir, console: summary)
-    monkeypatch.setattr(tuneloop.demo_loop, "run_loop", lambda workdir, console, objective: {
+    monkeypatch.setattr(tuneloop.demo, "run_demo", lambda workdir, console, lang="en": summary)
+    monkeypatch.setattr(tuneloop.demo_loop, "run_loop", lambda workdir, console, objective, lang="en": {
         "overall": "passed", "seconds": 111.4, "report": str(run_dir / "report.html"), "iterations": []})
     runner = CliRunner()
     for args, secs in ((["demo", "--quick"], "61"), (["demo"], "111")):
-        r = runner.invoke(app, [*args, "--workdir", str(tmp_path)], env={"COLUMNS": "80"})
+        r = runner.invoke(app, [*args, "--workdir", str(tmp_path)], env={"COLUMNS": "80", "LC_ALL": "C.UTF-8"})  # English
         assert r.exit_code == 0, r.output
         lines = [line for line in r.stdout.splitlines() if line.strip()]
         assert lines[-2] == f"demo finished in {secs} s" and lines[-1] == f"report: {run_dir}/report.html", lines[-4:]

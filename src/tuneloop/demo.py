@@ -189,34 +189,50 @@ def ask_champion(workspace_root: Path, model_name: str, tickets: list[dict[str, 
     }
 
 
-def print_tickets(console, tickets: list[dict[str, Any]]) -> None:
-    """The served answers as a table: ticket, expected, answer, right or wrong."""
+def print_tickets(console, tickets: list[dict[str, Any]], lang: str = "en") -> None:
+    """The served answers as a table: ticket, expected, answer, right or wrong (``lang``: ``en`` / ``zh``, the
+    column heads and marks; the tickets and answers are data and stay as they are)."""
     from rich.table import Table
 
-    table = Table(title="held-out tickets asked through the gateway", title_justify="left")
-    for column in ("ticket", "expected", "served answer", ""):
-        table.add_column(column)
+    from tuneloop.i18n import msg
+
+    table = Table(title=msg(lang, "tickets.title"), title_justify="left")
+    for column in ("tickets.ticket", "tickets.expected", "tickets.answer"):
+        table.add_column(msg(lang, column))
+    table.add_column("")
     for t in tickets:
         text = t["ticket"] if len(t["ticket"]) <= 70 else t["ticket"][:67] + "..."
-        mark = "[green]right[/]" if t["correct"] else "[red]wrong[/]"
+        mark = f"[green]{msg(lang, 'tickets.right')}[/]" if t["correct"] else f"[red]{msg(lang, 'tickets.wrong')}[/]"
         table.add_row(text, t["expected"], repr(t["answer"]), mark)
     console.print(table)
 
 
-def run_demo(workdir: Path, *, console=None) -> dict[str, Any]:
+def print_served(console, demo: dict[str, Any], lang: str = "en") -> None:
+    """The served answers (:func:`print_tickets`) and how many were right."""
+    from tuneloop.i18n import msg
+
+    print_tickets(console, demo["tickets"], lang)
+    console.print(msg(lang, "tickets.score", model=demo["model"], url=demo["url"], right=demo["tickets_correct"],
+                      total=len(demo["tickets"])))
+
+
+def run_demo(workdir: Path, *, console=None, lang: str = "en") -> dict[str, Any]:
+    """Iteration 1 of the demo (``tuneloop demo --quick``); ``lang``: the printed summary's language (``en`` / ``zh``,
+    :mod:`tuneloop.i18n`); the pipeline's logs and the returned summary are the same in both."""
     from rich.console import Console
 
     from tuneloop.config import load_config
     from tuneloop.demo_assets import RECOMMENDED, write_demo_data
+    from tuneloop.i18n import msg, word
     from tuneloop.pipeline import FineTunePipeline
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]tuneloop demo[/] in {workdir}")
+    console.print(msg(lang, "demo.start", workdir=workdir))
     base, source = build_base(workdir, console)
-    console.print(f"  base model {source}: {base}")
+    console.print(msg(lang, "demo.base", source=word(lang, "source", source), path=base))
     _, eval_path = write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=DEMO_SEED)
     config_path = write_config(workdir)
     cfg = load_config(config_path)
@@ -226,8 +242,7 @@ def run_demo(workdir: Path, *, console=None) -> dict[str, Any]:
     if summary["overall"] == "passed":
         tickets = showcase_tickets(eval_path)
         demo.update(ask_champion(Path(summary["run_dir"]).parents[1], cfg.model_name, tickets))
-        print_tickets(console, demo["tickets"])
-        console.print(f"  served champion {demo['model']} at {demo['url']}: {demo['tickets_correct']}/{len(tickets)} held-out tickets right")
+        print_served(console, demo, lang)
     demo["total_seconds"] = round(time.perf_counter() - t0, 1)  # printed by `tuneloop demo` after the stage table
     summary["demo"] = demo
     return summary

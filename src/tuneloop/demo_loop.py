@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.demo import DEMO_HEADER
+from tuneloop.i18n import msg, word
 
 #: Share of production tickets of the new intent.
 NEW_SHARE = 0.3
@@ -181,51 +182,50 @@ def training_tickets(train_path: Path) -> list[str]:
     return out
 
 
-def check_drift(log, train_path: Path, since: float, console) -> dict[str, Any]:
+def check_drift(log, train_path: Path, since: float, console, lang: str = "en") -> dict[str, Any]:
     from tuneloop.demo_assets import NEW_INTENT
     from tuneloop.monitor.drift import drift_from_log
 
     result = drift_from_log(log, training_tickets(train_path), since, top_k=20)
     sentences = [s.split("{")[0].lower()[:20] for s in NEW_INTENT["sentences"]]
     new_top = sum(1 for ex in result.examples if any(s in ex.prompt.lower() for s in sentences))
-    console.print(f"  {result.summary()}")
-    console.print(f"  {new_top} of the {len(result.examples)} most drifted production prompts are {NEW_INTENT['name']} tickets, e.g. "
-                  f"{result.examples[0].prompt[:90]!r}" if result.examples else "")
+    console.print(f"  {result.summary()}")  # the drift check's own sentence (English in every language this round)
+    console.print(msg(lang, "loop.drift.top", new_top=new_top, top=len(result.examples), intent=NEW_INTENT["name"],
+                      example=repr(result.examples[0].prompt[:90])) if result.examples else "")
     return {**result.to_dict(), "new_intent_in_top": new_top}
 
 
-def export(log, cfg, out_dir: Path, since: float, console) -> dict[str, Any]:
+def export(log, cfg, out_dir: Path, since: float, console, lang: str = "en") -> dict[str, Any]:
     from tuneloop.feedback.export import eval_texts_for_config, export_feedback
-
     result = export_feedback(log, out_dir, since=since, model=cfg.model_name, eval_texts=eval_texts_for_config(cfg))
     counts = result.manifest["counts"]
-    dropped = ", ".join(f"{n} {rule.replace('_', ' ')}" for rule, n in counts["sft"].get("dropped", {}).items()) or "none"
-    console.print(f"  {result.sft_records} SFT records and {result.dpo_records} DPO pairs in {out_dir}, with provenance; "
-                  f"SFT records kept out: {dropped}")
+    dropped = ", ".join(f"{n} {rule}" for rule, n in counts["sft"].get("dropped", {}).items()) or msg(lang, "loop.export.none")
+    console.print(msg(lang, "loop.export", sft=result.sft_records, dpo=result.dpo_records, path=out_dir, dropped=dropped))
     return {"dir": str(out_dir), "sft_records": result.sft_records, "dpo_records": result.dpo_records, "counts": counts,
             "manifest": str(result.manifest_path)}
 
 
-def canary_traffic(users: SimulatedUsers, reg, model: str, rollout_id: str, console) -> dict[str, Any]:
+def canary_traffic(users: SimulatedUsers, reg, model: str, rollout_id: str, console, lang: str = "en") -> dict[str, Any]:
     """Tickets until the rollout ends (the gateway decides every ``tick_interval_s``); each decision that moved
     the rollout (a step up, the promotion or a rollback) is printed with the requests sent until then."""
     from tuneloop.demo_assets import production_tickets
-
     t0, stats, shown = time.time(), TrafficStats(), 0
     tickets = iter(production_tickets(20000, seed=2, new_share=NEW_SHARE))
-    console.print(f"  {model} canary {rollout_id} started at 5 %")
+    console.print(msg(lang, "loop.canary.start", model=model, rollout_id=rollout_id))
     while True:
         record = reg.get_rollout(model, rollout_id)
         moves = moving_decisions(reg, model, rollout_id)
         for d in moves[shown:]:
-            console.print(f"  {stats.sent:5d} requests sent, {time.time() - t0:5.1f} s: {d['action']} to {d['weight']:.0%} after "
-                          f"{d['canary_requests']} canary / {d['baseline_requests']} baseline requests: {d['reason']}", highlight=False)
+            console.print(msg(lang, "loop.canary.move", sent=stats.sent, seconds=f"{time.time() - t0:.1f}", action=d["action"],
+                              weight=f"{d['weight']:.0%}", canary=d["canary_requests"], baseline=d["baseline_requests"],
+                              reason=d["reason"]), highlight=False)
         shown = len(moves)
         if record["status"] != "running" or time.time() - t0 > CANARY_TIMEOUT_S:
             break
         users.send(model, [next(tickets) for _ in range(ROUND)], stats=stats)
     if record["status"] == "running":
-        console.print(f"  [red]still running after {CANARY_TIMEOUT_S:.0f} s[/]: {(record.get('last_decision') or {}).get('reason')}")
+        console.print(msg(lang, "loop.canary.stuck", seconds=f"{CANARY_TIMEOUT_S:.0f}",
+                          reason=(record.get("last_decision") or {}).get("reason")))
     return {"status": record["status"], "decisions": moves, "traffic": stats.to_dict(), "seconds": round(time.time() - t0, 1)}
 
 
@@ -256,7 +256,7 @@ def accuracy(users: SimulatedUsers, ref: str, tickets: list[dict[str, Any]]) -> 
             "accuracy": round(stats.right_by_intent["new"] / max(1, stats.by_intent["new"]), 4), "failed": stats.failed}
 
 
-def fresh_workspace(workdir: Path, console) -> None:
+def fresh_workspace(workdir: Path, console, lang: str = "en") -> None:
     """Start the loop from an empty registry: a previous demo's registry, runs, request log and feedback in
     ``workdir`` are removed (its stage cache is kept, so unchanged iterations are cached). A workspace the demo
     did not make is refused."""
@@ -273,52 +273,61 @@ def fresh_workspace(workdir: Path, console) -> None:
         if path.name in ("cache", "locks") or not path.exists():
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    console.print(f"  previous demo's registry, runs and request log removed from {ws} (stage cache kept)")
+    console.print(msg(lang, "loop.fresh", workspace=ws))
 
 
-def run_iteration(config_path: Path, label: str, console):
+def run_iteration(config_path: Path, label: str, console, lang: str = "en"):
     """One loop iteration as the CI job a push triggers: ``tuneloop ci`` on the demo config."""
     from tuneloop.ci import run_ci
 
-    console.rule(f"[bold]{label}[/]: tuneloop ci {config_path.name}")
+    console.rule(msg(lang, "loop.iteration.rule", label=label, config=config_path.name))
     result = run_ci(config_path, console=console)
-    summary = result.summary
-    sources = summary["stages"].get("preprocessing", {}).get("metrics", {}).get("sources") or []
-    trained = " + ".join(f"{s['path']} ({s['samples']} samples)" for s in sources)
-    acc = original_accuracy(summary)
-    console.print(f"  {label}: {result.overall}" + (f", accuracy {acc:.3f} on the eval tickets" if acc is not None else "")
-                  + (f", trained on {trained}" if trained else "") + f"; version {summary.get('model_version')}; report {result.report_path}",
+    console.print(iteration_line(result.summary, label, result.overall, result.report_path, lang),
                   soft_wrap=True)  # the path stays whole (copyable) at any width
     return result
+
+
+def iteration_line(summary: dict[str, Any], label: str, overall: str, report_path, lang: str = "en") -> str:
+    """What an iteration did: verdict, accuracy, the sources it trained on, its version and report."""
+
+    sources = summary["stages"].get("preprocessing", {}).get("metrics", {}).get("sources") or []
+    trained = " + ".join(msg(lang, "loop.iteration.source", path=s["path"], samples=s["samples"]) for s in sources)
+    acc = original_accuracy(summary)
+    return (msg(lang, "loop.iteration.result", label=label, overall=word(lang, "status", overall))
+            + (msg(lang, "loop.iteration.accuracy", accuracy=f"{acc:.3f}") if acc is not None else "")
+            + (msg(lang, "loop.iteration.trained", sources=trained) if trained else "")
+            + msg(lang, "loop.iteration.version", version=summary.get("model_version"), path=report_path))
 
 
 def original_accuracy(summary: dict[str, Any]) -> float | None:
     return summary.get("stages", {}).get("evaluation", {}).get("metrics", {}).get("accuracy")
 
 
-def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console) -> dict[str, Any]:
+def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console, lang: str = "en") -> dict[str, Any]:
     """Steps 2-5: production traffic with feedback, drift, feedback export."""
     from tuneloop.demo_assets import NEW_INTENT, production_tickets
 
-    console.rule("[bold]production[/]: simulated users on the gateway")
+    console.rule(msg(lang, "loop.production.rule"))
     since = time.time()
     traffic = users.send(cfg.model_name, production_tickets(FIRST_TRAFFIC, seed=1, new_share=NEW_SHARE))
     gw.recorder.flush(timeout=10.0)
     t = traffic.to_dict()
-    console.print(f"  {t['requests']} tickets ({t['by_intent'].get('new', 0)} of them {NEW_INTENT['name']}, an intent iteration 1 never saw); "
-                  f"right: original {t['accuracy_by_intent'].get('original', 0):.0%}, new {t['accuracy_by_intent'].get('new', 0):.0%}; "
-                  f"ratings +1 {t['ratings']['+1']}, -1 {t['ratings']['-1']} with {t['corrections']} corrections")
-    console.rule("[bold]drift[/]: production prompts against the training tickets")
-    drift = check_drift(gw.request_log, workdir / "data" / "train.jsonl", since, console)
-    console.rule("[bold]feedback export[/]: rated and corrected answers become data")
-    exported = export(gw.request_log, cfg, workdir / "feedback", since, console)
+    console.print(msg(lang, "loop.production", requests=t["requests"], new=t["by_intent"].get("new", 0), intent=NEW_INTENT["name"],
+                         original_acc=f"{t['accuracy_by_intent'].get('original', 0):.0%}",
+                         new_acc=f"{t['accuracy_by_intent'].get('new', 0):.0%}", up=t["ratings"]["+1"], down=t["ratings"]["-1"],
+                         corrections=t["corrections"]))
+    console.rule(msg(lang, "loop.drift.rule"))
+    drift = check_drift(gw.request_log, workdir / "data" / "train.jsonl", since, console, lang)
+    console.rule(msg(lang, "loop.export.rule"))
+    exported = export(gw.request_log, cfg, workdir / "feedback", since, console, lang)
     return {"production": t, "drift": drift, "feedback_export": exported}
 
 
-def run_loop(workdir: Path, *, console, objective: str = "sft") -> dict[str, Any]:
+def run_loop(workdir: Path, *, console, objective: str = "sft", lang: str = "en") -> dict[str, Any]:
     """Both iterations of the loop (see the module docstring); the result has ``overall`` ("passed" when
     iteration 2 was promoted by the analysis), ``iterations``, ``rollout``, ``new_intent_accuracy``,
-    ``original_accuracy`` and ``seconds``. ``objective``: iteration 2's, ``sft`` or ``kto``."""
+    ``original_accuracy`` and ``seconds``. ``objective``: iteration 2's, ``sft`` or ``kto``. ``lang``: the printed
+    story's language (``en`` / ``zh``, :mod:`tuneloop.i18n`); the result is the same in both."""
     if objective not in ("sft", "kto"):
         from tuneloop.errors import InputError
 
@@ -332,19 +341,19 @@ def run_loop(workdir: Path, *, console, objective: str = "sft") -> dict[str, Any
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]tuneloop demo[/]: the closed loop in {workdir}")
-    fresh_workspace(workdir, console)
+    console.print(msg(lang, "loop.start", workdir=workdir))
+    fresh_workspace(workdir, console, lang)
     base, source = build_base(workdir, console)
-    console.print(f"  base model {source}: {base}")
+    console.print(msg(lang, "demo.base", source=word(lang, "source", source), path=base))
     write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0)
     config_path = write_config(workdir, canary=CANARY_POLICY)
     result: dict[str, Any] = {"overall": "failed", "workdir": str(workdir), "config": str(config_path), "base_model_source": source,
                               "iterations": [], "objective": objective}
-    first = run_iteration(config_path, "iteration 1", console)
+    first = run_iteration(config_path, msg(lang, "loop.iteration1"), console, lang)
     result["iterations"].append(first.summary)
     result["phase_seconds"] = {"setup_and_iteration_1": round(time.perf_counter() - t0, 1)}
     if first.overall != "passed":
-        return finish(result, t0, console, "iteration 1 did not pass its gates")
+        return finish(result, t0, console, "iteration 1 did not pass its gates", lang=lang)
     cfg = load_config(config_path)
     root = Path(first.summary["run_dir"]).parents[1]
     app = build_gateway(cfg, root)
@@ -352,12 +361,12 @@ def run_loop(workdir: Path, *, console, objective: str = "sft") -> dict[str, Any
     with BackgroundServer(app) as server:
         users = SimulatedUsers(server.url)
         try:
-            result.update(loop_on_gateway(users, gw, cfg, workdir, config_path, console, result, objective))
+            result.update(loop_on_gateway(users, gw, cfg, workdir, config_path, console, result, objective, lang))
         finally:
             users.close()
     reg = open_registry(cfg, root)
     result["champion_after"] = (reg.get(cfg.model_name, "champion") or {}).get("ref")
-    return finish(result, t0, console, loop_problem(result), loop_problem(result) is None)
+    return finish(result, t0, console, loop_problem(result), loop_problem(result) is None, lang=lang)
 
 
 def loop_problem(result: dict[str, Any]) -> str | None:
@@ -373,7 +382,7 @@ def loop_problem(result: dict[str, Any]) -> str | None:
 
 
 def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: Path, console, result: dict,
-                    objective: str = "sft") -> dict[str, Any]:
+                    objective: str = "sft", lang: str = "en") -> dict[str, Any]:
     from tuneloop.demo import write_config
     from tuneloop.registry.api import open_registry
 
@@ -383,21 +392,22 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     phases, mark = result["phase_seconds"], time.perf_counter()
     before = accuracy(users, f"{model}:1", held_out)
     out["new_intent_accuracy"]["before"] = before["accuracy"]
-    console.print(f"  iteration 1 ({model}:1) on {before['tickets']} held-out new-intent tickets: {before['right']} right")
-    out.update(production_phase(users, gw, cfg, workdir, console))
+    console.print(msg(lang, "loop.before", ref=f"{model}:1", tickets=before["tickets"], right=before["right"]))
+    out.update(production_phase(users, gw, cfg, workdir, console, lang))
     phases["production_drift_export"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     write_iteration_2(workdir, Path(out["feedback_export"]["dir"]), model, objective)
-    label = "iteration 2 (original data + feedback)" if objective == "sft" else f"iteration 2 (KTO on the thumbs, from {model}@champion)"
-    second = run_iteration(config_path, label, console)
+    label = (msg(lang, "loop.iteration2.sft") if objective == "sft"
+             else msg(lang, "loop.iteration2.kto", ref=f"{model}@champion"))
+    second = run_iteration(config_path, label, console, lang)
     result["iterations"].append(second.summary)
     out["original_accuracy"]["after"] = original_accuracy(second.summary)
     phases["iteration_2"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     if second.overall != "passed" or not second.rollout:
         return out
-    console.rule(f"[bold]canary[/]: {second.summary['model_version']}, decided by the gateway's analysis")
+    console.rule(msg(lang, "loop.canary.rule", version=second.summary["model_version"]))
     reg = open_registry(cfg, Path(second.summary["run_dir"]).parents[1])
     rollout_id = second.rollout["rollout_id"]
-    out["rollout"] = rollout_summary(reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console))
+    out["rollout"] = rollout_summary(reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console, lang))
     after = accuracy(users, second.summary["model_version"], held_out)
     out["new_intent_accuracy"]["after"] = after["accuracy"]
     phases["canary_and_after"] = round(time.perf_counter() - mark, 1)
@@ -417,32 +427,42 @@ def write_iteration_2(workdir: Path, feedback_dir: Path, model: str, objective: 
                         train_data=["data/train.jsonl", {"path": sft, "weight": FEEDBACK_WEIGHT}])
 
 
-def stats_line(name: str, st: dict[str, Any]) -> str:
+def stats_line(name: str, st: dict[str, Any], lang: str = "en") -> str:
     """One metric of a rollout decision: both arms' rates and the canary/baseline ratio's anytime-valid interval."""
     c, b = st["canary"], st["baseline"]
     hi = st["interval"][1]
-    bound = f"ratio <= {hi:.2f}" if hi is not None else "ratio unbounded (no events)"
-    return (f"{name}: canary {c['events']}/{c['requests']} ({c['rate']:.1%}), baseline {b['events']}/{b['requests']} "
-            f"({b['rate']:.1%}); {bound}, margin {st['max_ratio']}; non-inferior: {st['non_inferior']}")
+    bound = msg(lang, "stats.bound", hi=f"{hi:.2f}") if hi is not None else msg(lang, "stats.unbounded")
+    non_inferior = msg(lang, f"bool.{str(bool(st['non_inferior'])).lower()}") if st["non_inferior"] is not None else "None"
+    return msg(lang, "stats.line", name=name, c_events=c["events"], c_requests=c["requests"], c_rate=f"{c['rate']:.1%}",
+                  b_events=b["events"], b_requests=b["requests"], b_rate=f"{b['rate']:.1%}", bound=bound,
+                  margin=st["max_ratio"], non_inferior=non_inferior)
 
 
-def finish(result: dict[str, Any], t0: float, console, problem: str | None, passed: bool = False) -> dict[str, Any]:
+def finish(result: dict[str, Any], t0: float, console, problem: str | None, passed: bool = False, lang: str = "en") -> dict[str, Any]:
     result["overall"] = "passed" if passed else "failed"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if problem:
         result["problem"] = problem
-        console.print(f"[red]demo failed[/]: {problem}")
-    na, oa = result.get("new_intent_accuracy", {}), result.get("original_accuracy", {})
-    ro = result.get("rollout") or {}
-    console.rule("[bold]the loop, closed[/]")
-    if ro:
-        console.print(f"  rollout {ro['decision']} by the analysis after {ro.get('canary_requests')} canary and "
-                      f"{ro.get('baseline_requests')} baseline requests")
-        for name, st in (ro.get("statistics") or {}).items():
-            console.print(f"    {stats_line(name, st)}", highlight=False)
-    if na.get("after") is not None:
-        console.print(f"  new-intent accuracy {na['before']:.2f} -> {na['after']:.2f}; original accuracy "
-                      f"{oa['before']:.3f} -> {oa['after']:.3f}")
     if result["iterations"]:  # `tuneloop demo` ends with the time and this report (cli/run.py)
         result["report"] = str(Path(result["iterations"][-1]["run_dir"]) / "report.html")
+    print_closing(console, result, lang)
     return result
+
+
+def print_closing(console, result: dict[str, Any], lang: str = "en") -> None:
+    """The loop's closing section, from its result alone: why it failed (if it did), the rollout's decision and
+    statistics, and accuracy before and after (``lang``: ``en`` / ``zh``; the numbers are the same in both)."""
+
+    if result.get("problem"):
+        console.print(msg(lang, "loop.failed", problem=result["problem"]))  # the problem itself stays in English
+    na, oa = result.get("new_intent_accuracy", {}), result.get("original_accuracy", {})
+    ro = result.get("rollout") or {}
+    console.rule(msg(lang, "loop.closed.rule"))
+    if ro:
+        console.print(msg(lang, "loop.closed.rollout", decision=word(lang, "decision", ro["decision"]),
+                             canary=ro.get("canary_requests"), baseline=ro.get("baseline_requests")))
+        for name, st in (ro.get("statistics") or {}).items():
+            console.print(f"    {stats_line(name, st, lang)}", highlight=False)
+    if na.get("after") is not None:
+        console.print(msg(lang, "loop.closed.accuracy", new_before=f"{na['before']:.2f}", new_after=f"{na['after']:.2f}",
+                             orig_before=f"{oa['before']:.3f}", orig_after=f"{oa['after']:.3f}"))

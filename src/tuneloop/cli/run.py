@@ -31,17 +31,39 @@ def _metric_label(key: str, metrics: dict[str, Any]) -> str:
     return key
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    """One row per stage: status, cached, seconds, and its key metrics (or its error)."""
-    t = Table(title=f"{summary['pipeline']} — run {summary['run_id']}: {summary['overall'].upper()}")
-    for col in ("stage", "status", "cached", "seconds", "key metrics / error"):
-        t.add_column(col)
+def summary_table(summary: dict[str, Any], lang: str = "en") -> Table:
+    """One row per stage: status, cached, seconds, and its key metrics (or its error). ``lang``: ``en`` or ``zh``
+    (:mod:`tuneloop.i18n`; stage names, metric keys and numbers are the same in both)."""
+    from tuneloop.i18n import msg, word
+
+    overall = msg(lang, f"overall.{summary['overall']}") if summary["overall"] in ("passed", "failed") else summary["overall"].upper()
+    t = Table(title=msg(lang, "table.title", pipeline=summary["pipeline"], run_id=summary["run_id"], overall=overall))
+    for key in ("table.stage", "table.status", "table.cached", "table.seconds", "table.info"):
+        t.add_column(msg(lang, key))
     for name, st in summary["stages"].items():
         style = _STATUS_STYLE.get(st["status"], "dim")
         m = st.get("metrics", {})
         info = st["error"] or ", ".join(f"{_metric_label(k, m)}={format_number(m[k])}" for k in _KEY_METRICS.get(name, ()) if k in m)
-        t.add_row(name, f"[{style}]{st['status']}[/]", "yes" if st.get("cached") else "", f"{st['duration_s']:.1f}", info)
+        t.add_row(name, f"[{style}]{word(lang, 'status', st['status'])}[/]", msg(lang, "table.yes") if st.get("cached") else "",
+                  f"{st['duration_s']:.1f}", info)
     return t
+
+
+def print_demo_end(console, summary: dict[str, Any], *, quick: bool, lang: str = "en", table: bool = True) -> None:
+    """How `tuneloop demo` ends: (``--quick``) the stage table and the champion's first answer, then the time and
+    the last run's report.html. ``table``: false with ``--json`` (stdout holds the JSON alone; this goes to stderr)."""
+    from tuneloop.i18n import msg
+
+    if quick and table:
+        console.print(summary_table(summary, lang))
+        d = summary.get("demo", {})
+        if d.get("answer") is not None:
+            console.print(msg(lang, "served", model=d["model"], url=d["url"], question=repr(d["question"]), answer=repr(d["answer"])))
+    seconds = summary["demo"]["total_seconds"] if quick else summary.get("seconds")
+    report = f"{summary['run_dir']}/report.html" if quick else summary.get("report")
+    console.print(msg(lang, "finished", seconds=f"{seconds:.0f}"), highlight=False)
+    if report:
+        console.print(msg(lang, "report", path=report), highlight=False, soft_wrap=True)  # a path stays whole
 
 
 def _print_summary(summary: dict[str, Any], json_out: bool) -> None:
@@ -80,28 +102,29 @@ def demo(
     objective: str = typer.Option("sft", "--objective", help="Iteration 2's objective: sft (original data + the feedback's "
                                   "SFT records) or kto (the thumbs alone, continuing from iteration 1)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Language of the printed summary: en or zh (Simplified "
+                                       "Chinese). Default: zh when LC_ALL / LC_MESSAGES / LANG starts with zh, else en. "
+                                       "Logs, errors and the --json document stay in English."),
 ) -> None:
     """The closed loop on a tiny model shipped in the package: iteration 1, simulated users with feedback on the
     gateway, drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis
     decides. Ends with the time and the last run's report.html."""
     from tuneloop.demo import run_demo
     from tuneloop.demo_loop import run_loop
+    from tuneloop.errors import InputError
+    from tuneloop.i18n import resolve_lang
 
     with guard(), stdout_to_stderr(json_out):
-        summary = run_demo(workdir, console=err) if quick else run_loop(workdir, console=err, objective=objective)
+        try:
+            language = resolve_lang(lang)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        summary = (run_demo(workdir, console=err, lang=language) if quick
+                   else run_loop(workdir, console=err, objective=objective, lang=language))
     if json_out:
         print_json(summary)
-    elif quick:
-        out.print(summary_table(summary))
-        d = summary.get("demo", {})
-        if d.get("answer") is not None:
-            out.print(f"served [bold]{d['model']}[/] at {d['url']}: asked {d['question']!r} -> [bold]{d['answer']!r}[/]")
-    seconds = summary["demo"]["total_seconds"] if quick else summary.get("seconds")
-    report = f"{summary['run_dir']}/report.html" if quick else summary.get("report")
     end = err if json_out else out  # with --json, stdout holds the JSON document alone
-    end.print(f"demo finished in {seconds:.0f} s", highlight=False)
-    if report:
-        end.print(f"report: {report}", highlight=False, soft_wrap=True)
+    print_demo_end(end, summary, quick=quick, lang=language, table=not json_out)
     raise exit_for(summary["overall"])
 
 
