@@ -1,7 +1,8 @@
 """Per-record rules: parse, normalise, check and PII-scan each record (in worker processes), in input order.
 
 Entry point: :func:`record_verdicts` yields one :class:`Verdict` per input item, computed over chunks of
-records by ``num_workers`` forked processes, in order, so the outputs do not depend on the number of workers.
+records by ``num_workers`` forked processes (:func:`map_chunks`, a bounded number of chunks in flight), in
+order, so the outputs do not depend on the number of workers.
 A verdict is ``ok`` (the canonical JSON of the normalised record, its exact-duplicate key and the text the
 similarity checks compare) or ``bad`` (the quarantine line, with personal data redacted, and the reasons).
 
@@ -18,13 +19,14 @@ import json
 import re
 from collections import Counter
 from functools import partial
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 from tuneloop.data import pii as piimod
 from tuneloop.data.formats import normalise, record_texts, sft_messages
 from tuneloop.data.sources import Item, parse_line
 
 MAX_EXAMPLES = 3
+T = TypeVar("T")
 _CHUNK = 2000  # records per worker task
 # ``{{name}}``-style slots left unfilled; ``${{ x.y }}`` (GitHub Actions), ``={{ ... }}`` (JSX) and
 # expressions with dots or spaces are code, not template slots.
@@ -153,21 +155,36 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool) -> Iterator[Verdict]:
-    """Per-record verdicts in input order; a pool of ``num_workers`` processes when it pays."""
-    work = partial(_process, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
-    chunks = _chunks(items, _CHUNK)
+def map_chunks(items: Iterator[Item], work: Callable[[list[Item]], T], *, chunk: int = _CHUNK, num_workers: int = 1) -> Iterator[T]:
+    """``work`` on consecutive chunks of ``chunk`` items, results in input order; ``num_workers`` forked
+    processes when there are at least two chunks. At most ``2 * num_workers + 1`` chunks are in flight, so
+    memory stays bounded by the chunk size however long the input is (``Pool.imap`` reads its whole input
+    ahead)."""
+    chunks = _chunks(items, chunk)
     first = list(itertools.islice(chunks, 2))
     if num_workers <= 1 or len(first) < 2:
-        for chunk in itertools.chain(first, chunks):
-            yield from work(chunk)
+        for part in itertools.chain(first, chunks):
+            yield work(part)
         return
     import multiprocessing as mp
+    from collections import deque
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(num_workers) as pool:
-        for part in pool.imap(work, itertools.chain(first, chunks), chunksize=1):
-            yield from part
+        pending: deque = deque()
+        for part in itertools.chain(first, chunks):
+            pending.append(pool.apply_async(work, (part,)))
+            if len(pending) > 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool) -> Iterator[Verdict]:
+    """Per-record verdicts in input order; a pool of ``num_workers`` processes when it pays."""
+    work = partial(_process, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
+    for part in map_chunks(items, work, num_workers=num_workers):
+        yield from part
 
 
 class RuleTally:

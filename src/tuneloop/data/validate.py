@@ -42,6 +42,7 @@ from tuneloop.config import TrainSource
 from tuneloop.data.sources import open_detected, open_sources
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_lines
+from tuneloop.data.outofcore import OutOfCore, ooc_from_config, validate_out_of_core
 
 
 @dataclass
@@ -126,6 +127,12 @@ def _not_checked(checks: Checks, tokenizer: Any, dedup: Any, eval_texts: list[st
     return out
 
 
+def _overlong_reason(n_tok: int, exact: bool, checks: Checks) -> str:
+    verb = "dropped" if checks.overlong == "drop" else "will be truncated"
+    more = "" if exact else "; counting stopped there"
+    return f"overlong: {'' if exact else 'over '}{n_tok} tokens > data.max_length {checks.max_length} ({verb}{more})"
+
+
 def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
     """The over-long rule on one valid record; True when the record is dropped."""
     if tokenizer is None or checks.max_length is None:
@@ -135,9 +142,7 @@ def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokeniz
     if n_tok <= checks.max_length:
         return False
     s.overlong_seen += 1
-    verb = "dropped" if checks.overlong == "drop" else "will be truncated"
-    more = "" if exact else "; counting stopped there"
-    reason = f"overlong: {'' if exact else 'over '}{n_tok} tokens > data.max_length {checks.max_length} ({verb}{more})"
+    reason = _overlong_reason(n_tok, exact, checks)
     s.tally.add(r.line, r.file, [reason])
     if checks.overlong != "drop":
         return False
@@ -197,8 +202,15 @@ def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: l
                     sim.removed[idx[j]] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
     if contam is not None and s.texts:
         sim.contamination = contam.contaminated_indices(s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold)
+    _tally_similar(s.tally, sim, checks, lambda i: s.kept[i][:2])
+    return sim
+
+
+def _tally_similar(tally: RuleTally, sim: _Similar, checks: Checks, where: Any) -> None:
+    """The similarity checks' reasons in the rule tally, in candidate order (``where(i)``: (line, file) of
+    candidate ``i``); counts ``near_n``/``contam_n`` and fills ``sim.drop``."""
     for i in sorted(set(sim.removed) | set(sim.contamination)):
-        line, file, _ = s.kept[i]
+        line, file = where(i)
         reasons = []
         if i in sim.removed:
             sim.near_n += 1
@@ -209,12 +221,11 @@ def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: l
                 f"contaminated: {sim.contamination[i]:.0%} of its {checks.contamination_ngram}-grams occur in the eval data"
                 + ("" if checks.contamination_action == "drop" else " (reported, kept)")
             )
-        s.tally.add(line, file, reasons)
+        tally.add(line, file, reasons)
     if checks.near_dup_action == "drop":
         sim.drop |= set(sim.removed)
     if checks.contamination_action == "drop":
         sim.drop |= set(sim.contamination)
-    return sim
 
 
 def _bookkeeping(line: int, file: str | None, source_of: dict[str, int] | None) -> str:
@@ -310,8 +321,13 @@ def validate_dataset(
     checks: Checks | None = None,
     tokenizer: Any = None,
     eval_texts: list[str] | None = None,
+    ooc: OutOfCore | None = None,
 ) -> dict:
     """Validate and normalise the dataset at ``path``; write clean, quarantine and report files to ``out_dir``.
+
+    ``ooc`` (default ``OutOfCore()``): the out-of-core pass of :mod:`.outofcore` (input streamed in chunks,
+    per-record state in files under a spill directory; memory does not grow with the records' text);
+    ``OutOfCore(enabled=False)`` runs the in-memory pass below instead. Both write the same files (tested).
 
     ``path`` may be a list of sources (``data.train_data``): their records are checked as one dataset
     (duplicates and near duplicates across sources too), named in messages by each source as written; clean
@@ -330,8 +346,12 @@ def validate_dataset(
         raise InputError(f"unknown dataset format {fmt!r}; use 'auto' or one of: {', '.join(FORMATS)}")
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
+    ooc = ooc or OutOfCore()
     s = _Screened()
     items, position, fmt = _open(path, fmt, s)
+    if ooc.enabled:
+        return validate_out_of_core(path, items, position, fmt, s, out_dir, name=name, checks=checks,
+                                    tokenizer=tokenizer, eval_texts=eval_texts, ooc=ooc)
     dedup = _near_dup_module()
     near = dedup if checks.near_dup_threshold is not None else None
     contam = dedup if eval_texts is not None else None
@@ -406,14 +426,19 @@ def check_splits(data: Any, out_dir: Path, *, tokenizer: Any = None, train_name:
     when ``train_name`` is ``eval`` too). This is the cacheable part: the gates (:func:`gate_splits`) read only
     the reports.
     """
-    checks = checks_from_config(data)
+    if getattr(data, "engine", "local") == "ray":  # data.engine: ray (tuneloop.data.ray_engine), same answers
+        from tuneloop.data.ray_engine import check_splits_ray
+
+        return check_splits_ray(data, out_dir, tokenizer=tokenizer, train_name=train_name)
+    checks, ooc = checks_from_config(data), ooc_from_config(data)
     if data.eval_data and train_name == "eval":  # the eval split's files must not be overwritten
         train_name = "eval.train"
     ev, eval_texts = None, None
     if data.eval_data:
-        ev = validate_dataset(data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer)
+        ev = validate_dataset(data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer, ooc=ooc)
         eval_texts = clean_texts(Path(ev["clean_path"]))
-    tr = validate_dataset(data.train_data, out_dir, fmt=data.format, name=train_name, checks=checks, tokenizer=tokenizer, eval_texts=eval_texts)
+    tr = validate_dataset(data.train_data, out_dir, fmt=data.format, name=train_name, checks=checks, tokenizer=tokenizer,
+                          eval_texts=eval_texts, ooc=ooc)
     return SplitReports(tr, ev)
 
 
