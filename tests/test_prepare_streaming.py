@@ -173,3 +173,15 @@ def test_weigher_draws_what_apply_weights_draws():
     assert streamed == out
     assert [{k: v for k, v in r.items() if k != "records"} for r in weigh.per_source()] == rows
     assert stream.Weigher(None, seed=5)(records[0]) == 1 and stream.Weigher(None, seed=5).per_source() is None
+
+
+def test_training_counts_tokens_in_arrow(tmp_path, tok):
+    """train_sft's mean tokens per sample come from the memory-mapped Arrow column, not Python lists."""
+    from datasets import load_from_disk
+
+    from tuneloop.train.sft import prepared_tokens
+
+    train = write_jsonl(tmp_path / "clean.jsonl", _records())
+    metrics = prepare_dataset(tok, train, None, tmp_path / "out", max_length=48, eval_split=0.2, seed=3)
+    ds = load_from_disk(str(tmp_path / "out" / "train"))
+    assert prepared_tokens(ds) == sum(len(x) for x in ds["input_ids"]) == metrics["train_tokens"] > 0

@@ -193,6 +193,14 @@ def step_logger(metrics_path: Path, progress: Callable[[int, int, dict], None] |
     return StepLogger()
 
 
+def prepared_tokens(dataset) -> int:
+    """Tokens in the ``input_ids`` of a prepared dataset as ``load_from_disk`` gives it, summed in Arrow over the
+    memory-mapped table (a 10 M-sample set is never turned into Python lists)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
+
+
 def train_sft(
     cfg: PipelineConfig,
     dataset_dir: Path,
@@ -244,7 +252,7 @@ def train_sft(
     per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(len(dataset) / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
-    mean_tokens = sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+    mean_tokens = prepared_tokens(dataset) / len(dataset)
 
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
