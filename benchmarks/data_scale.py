@@ -1,21 +1,27 @@
 """The data pass at scale: N synthetic chat records with planted duplicates, near duplicates and PII.
 
     python benchmarks/data_scale.py --records N [--seed S] [--baseline-records M] [--workdir DIR]
+                                    [--in-memory auto|yes|no] [--delete-data]
 
 1. Builds N records in the `messages` format (user + assistant, 300-600 characters) from sentences of
    ../shared/datasets/*, recombined at random with unique random words mixed in, so that the base records
-   are mutually dissimilar (no shared 5-word shingle in practice). Planted: ~2% exact copies of a base record,
-   ~3% near copies (changes of case, punctuation and whitespace, which normalisation removes, plus one
-   word added, dropped or replaced; the true shingle Jaccard of each pair is computed and reported), ~1%
-   records with PII (emails, phone numbers, Luhn-valid card numbers, AWS-style access keys), and an eval
-   file of 2,000 records of which 0.1% of N are pasted into train (contamination).
-2. Runs the full data pass in a fresh process (so its peak RSS is its own): `validate_dataset` (formats,
-   rules, exact dedup, and whatever part of near-dup/contamination/PII it integrates), plus
-   `near_duplicate_groups` / `contaminated_indices` on the kept texts when validate_dataset does not yet run
-   them itself (the output says which). Timed end to end; peak RSS = maxrss of that process + its largest
-   worker process.
+   are mutually dissimilar (no shared 5-word shingle in practice), streamed to DIR/train.jsonl (10 M records
+   are about 5.9 GB; memory stays bounded: copies come from a reservoir of 200,000 earlier base records).
+   Planted: ~2% exact copies of a base record, ~3% near copies (changes of case, punctuation and
+   whitespace, which normalisation removes, plus one word added, dropped or replaced; the true shingle
+   Jaccard of up to 5,000 pairs is computed and reported), ~1% records with PII (emails, phone numbers,
+   Luhn-valid card numbers, AWS-style access keys), and an eval file of 2,000 records of which 0.1% of N
+   (at most 2,000, each once) are pasted into train (contamination).
+2. Runs the full data pass in a fresh process: `validate_dataset` on the eval file, then on the train file
+   with near-dup detection and contamination against the eval texts (formats, rules, exact dedup, PII,
+   quarantine, report) with the out-of-core pass (the default engine); and, up to 2 M records (or with
+   --in-memory yes), the old in-memory pass (`OutOfCore(enabled=False)`) on the same data, side by side,
+   with whether clean file, quarantine, report and groups are identical. Peak RSS = the largest sum of
+   VmRSS over the pass's process and all its descendants, polled from /proc every 0.2 s (pages shared
+   by the forked workers count in each: an upper bound); maxrss of the process + its largest worker too.
 3. Near-dup recall = planted near pairs that land in one group / planted; precision = pairs inside the
-   reported groups (exact copies excluded) that are planted / all such pairs.
+   reported groups (exact copies excluded) that are planted / all such pairs; contamination = planted
+   pasted records found.
 4. Baseline: datasketch `MinHash.bulk` (hashfunc xxh32, faster than its default sha1) + `MinHashLSH.insert`
    + `query` (same threshold, num_perm and word 5-shingles of the same normalised text) on the first M records, and tuneloop's `near_duplicate_groups`
    on the same M texts in the same run. throughput_ratio_vs_datasketch = baseline_seconds / tuneloop_seconds.
@@ -177,8 +183,12 @@ def jaccard(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
+POOL = 200_000  # base records a copy can come from: a uniform reservoir sample of those written so far
+
+
 def build(n: int, seed: int, workdir: Path) -> dict:
-    """Write train.jsonl (n records) and eval.jsonl; return what was planted (by 1-based line)."""
+    """Write train.jsonl (n records, streamed to disk) and eval.jsonl; return what was planted (by 1-based
+    line). Memory is bounded: copies are made from a reservoir of up to ``POOL`` earlier base records."""
     rng = random.Random(seed)
     sentences = [s.split() for s in load_sentences()]
     word = Words(seed)
@@ -187,45 +197,48 @@ def build(n: int, seed: int, workdir: Path) -> dict:
     n_cont = min(EVAL_RECORDS, max(1, round(n * 0.001)))
     pasted = iter(rng.sample(range(EVAL_RECORDS), n_cont))  # distinct eval records
     n_base = n - n_exact - n_near - n_cont
-    kinds = ["base"] * n_base + ["exact"] * n_exact + ["near"] * n_near + ["contaminated"] * n_cont
+    kinds = [0] * n_base + [1] * n_exact + [2] * n_near + [3] * n_cont  # base, exact, near, contaminated
     rng.shuffle(kinds)
-    # a copy must come after its original: copies pick an earlier base record
-    records: list[list[dict]] = []
-    base_lines: list[int] = []
+    pool: list[tuple[int, list[dict]]] = []  # (line, messages) of base records: a copy picks an earlier one
+    n_bases = 0
     exact_pairs, near_pairs, cont_lines, near_jaccard = [], [], [], []
     pii_planted = {"email": 0, "phone": 0, "credit_card": 0, "aws_access_key": 0}
-    for kind in kinds:
-        line = len(records) + 1
-        if kind == "base" or not base_lines:
-            msgs = base_record(rng, sentences, word)
-            if rng.random() < n_pii / max(1, n_base):
-                pii = rng.choice(list(pii_planted))
-                pii_planted[pii] += 1
-                msgs[rng.randrange(2)]["content"] += f" Contact: {pii_item(rng, pii)}."
-            base_lines.append(line)
-        elif kind == "exact":
-            orig = rng.choice(base_lines)
-            msgs = records[orig - 1]
-            exact_pairs.append((orig, line))
-        elif kind == "near":
-            orig = rng.choice(base_lines)
-            msgs = near_copy(rng, records[orig - 1], word)
-            near_pairs.append((orig, line))
-            if len(near_jaccard) < 5000:
-                near_jaccard.append(jaccard(message_text(records[orig - 1]), message_text(msgs)))
-        else:
-            msgs = [dict(m) for m in eval_records[next(pasted)]]
-            cont_lines.append(line)
-        records.append(msgs)
+    chars, counted = 0, 0
     with open(workdir / "train.jsonl", "w", encoding="utf-8") as f:
-        for msgs in records:
+        for line, kind in enumerate(kinds, 1):
+            if kind == 0 or not pool:
+                msgs = base_record(rng, sentences, word)
+                if rng.random() < n_pii / max(1, n_base):
+                    pii = rng.choice(list(pii_planted))
+                    pii_planted[pii] += 1
+                    msgs[rng.randrange(2)]["content"] += f" Contact: {pii_item(rng, pii)}."
+                n_bases += 1
+                if len(pool) < POOL:
+                    pool.append((line, msgs))
+                elif (j := rng.randrange(n_bases)) < POOL:
+                    pool[j] = (line, msgs)
+            elif kind == 1:
+                orig, msgs = rng.choice(pool)
+                exact_pairs.append((orig, line))
+            elif kind == 2:
+                orig, src = rng.choice(pool)
+                msgs = near_copy(rng, src, word)
+                near_pairs.append((orig, line))
+                if len(near_jaccard) < 5000:
+                    near_jaccard.append(jaccard(message_text(src), message_text(msgs)))
+            else:
+                msgs = [dict(m) for m in eval_records[next(pasted)]]
+                cont_lines.append(line)
+            if counted < 5000:
+                chars += len(message_text(msgs))
+                counted += 1
             f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
     with open(workdir / "eval.jsonl", "w", encoding="utf-8") as f:
         for msgs in eval_records:
             f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-    # dissimilarity of base records: Jaccard of 2,000 random pairs
-    pairs = [rng.sample(base_lines, 2) for _ in range(min(2000, len(base_lines)))] if len(base_lines) > 1 else []
-    base_j = [jaccard(message_text(records[a - 1]), message_text(records[b - 1])) for a, b in pairs]
+    # dissimilarity of base records: Jaccard of 2,000 random pairs (from the reservoir)
+    pairs = [rng.sample(range(len(pool)), 2) for _ in range(min(2000, len(pool)))] if len(pool) > 1 else []
+    base_j = [jaccard(message_text(pool[a][1]), message_text(pool[b][1])) for a, b in pairs]
     return {
         "records": n,
         "exact_pairs": exact_pairs,
@@ -235,39 +248,35 @@ def build(n: int, seed: int, workdir: Path) -> dict:
         "near_jaccard_min": min(near_jaccard, default=None),
         "near_jaccard_mean": sum(near_jaccard) / len(near_jaccard) if near_jaccard else None,
         "base_jaccard_max": max(base_j, default=None),
-        "mean_chars": sum(len(message_text(r)) for r in records[:5000]) / min(5000, len(records)),
+        "mean_chars": chars / max(1, counted),
     }
 
 
 # --- the data pass (runs in its own process) ------------------------------------------------------
 
 
-def _read_texts(path: Path) -> tuple[list[int], list[str]]:
-    lines, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, row in enumerate(f, 1):
-            rec = json.loads(row)
-            lines.append(rec.get("_line", n))
-            texts.append(message_text(rec["messages"]))
-    return lines, texts
-
-
 _NEAR = re.compile(r"near_duplicate: similar to line (\d+)")
 
 
-def run_pass(workdir: Path) -> dict:
-    """The full data pass, timed: validate_dataset with near-dup and contamination when it runs them
-    itself (validating the eval file first to get its texts), else validate_dataset followed by
-    near_duplicate_groups and contaminated_indices on the kept texts."""
-    import dataclasses
-    import inspect
+def _sha256(path: Path) -> str:
+    import hashlib
 
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_pass(workdir: Path, mode: str) -> dict:
+    """The full data pass, timed, in this (fresh) process: validate_dataset on the eval file, then on the
+    train file with near-dup and contamination against the eval texts. ``mode``: ``ooc`` (the out-of-core
+    pass, the default engine) or ``memory`` (the in-memory pass, ``OutOfCore(enabled=False)``)."""
     from tuneloop.data import dedup, validate
+    from tuneloop.data.outofcore import OutOfCore
 
-    params = inspect.signature(validate.validate_dataset).parameters
-    integrated = "checks" in params and "eval_texts" in params and hasattr(validate, "clean_texts")
     spent = {"near_duplicate_groups": 0.0, "contaminated_indices": 0.0}
-    for fname in spent:  # time the detectors inside validate_dataset (it looks them up on the module)
+    for fname in spent:  # time the in-memory pass's detectors (it looks them up on the module)
         def timed(*args, _f=getattr(dedup, fname), _name=fname, **kw):
             t = time.perf_counter()
             try:
@@ -275,59 +284,112 @@ def run_pass(workdir: Path) -> dict:
             finally:
                 spent[_name] += time.perf_counter() - t
         setattr(dedup, fname, timed)
+    ooc = OutOfCore(enabled=mode == "ooc")
+    out = workdir / f"out-{mode}"
     t0 = time.perf_counter()
-    if integrated:
-        names = {f.name for f in dataclasses.fields(validate.Checks)}
-        want = {"near_dup_threshold": THRESHOLD, "near_dup_shingle": SHINGLE, "near_dup_action": "drop",
-                "contamination_action": "drop", "pii": "report"}
-        checks = validate.Checks(**{k: v for k, v in want.items() if k in names})
-        ev = validate.validate_dataset(workdir / "eval.jsonl", workdir / "out", name="eval", checks=checks)
-        eval_texts = validate.clean_texts(Path(ev["clean_path"]))
-        report = validate.validate_dataset(workdir / "train.jsonl", workdir / "out", checks=checks, eval_texts=eval_texts)
-        seconds = time.perf_counter() - t0
-        # groups and contaminated lines from the quarantine reasons
-        heads: dict[int, list[int]] = {}
-        cont_lines = []
-        with open(report["quarantine_path"], encoding="utf-8") as f:
-            for row in f:
-                q = json.loads(row)
-                for reason in q["reasons"]:
-                    m = _NEAR.match(reason)
-                    if m:
-                        heads.setdefault(int(m.group(1)), []).append(q["line"])
-                    elif reason.startswith("contaminated"):
-                        cont_lines.append(q["line"])
-        groups = [sorted([h, *members]) for h, members in sorted(heads.items())]
-        timing = {"validate_seconds": round(seconds, 2), "near_dup_seconds": round(spent["near_duplicate_groups"], 2),
-                  "contamination_seconds": round(spent["contaminated_indices"], 2)}
-    else:
-        report = validate.validate_dataset(workdir / "train.jsonl", workdir / "out")
-        t1 = time.perf_counter()
-        lines, texts = _read_texts(Path(report["clean_path"]))
-        found = dedup.near_duplicate_groups(texts, threshold=THRESHOLD, shingle_size=SHINGLE, num_perm=NUM_PERM)
-        t2 = time.perf_counter()
-        _, eval_texts = _read_texts(workdir / "eval.jsonl")
-        cont = dedup.contaminated_indices(texts, eval_texts)
-        t3 = time.perf_counter()
-        seconds = t3 - t0
-        groups = [[lines[i] for i in g] for g in found]
-        cont_lines = [lines[i] for i in cont]
-        timing = {"validate_seconds": round(t1 - t0, 2), "near_dup_seconds": round(t2 - t1, 2),
-                  "contamination_seconds": round(t3 - t2, 2)}
+    checks = validate.Checks(near_dup_threshold=THRESHOLD, near_dup_shingle=SHINGLE, near_dup_action="drop",
+                             contamination_action="drop", pii="report")
+    ev = validate.validate_dataset(workdir / "eval.jsonl", out, name="eval", checks=checks, ooc=ooc)
+    eval_texts = validate.clean_texts(Path(ev["clean_path"]))
+    report = validate.validate_dataset(workdir / "train.jsonl", out, checks=checks, eval_texts=eval_texts, ooc=ooc)
+    seconds = time.perf_counter() - t0
+    # groups and contaminated lines from the quarantine reasons
+    heads: dict[int, list[int]] = {}
+    cont_lines = []
+    with open(report["quarantine_path"], encoding="utf-8") as f:
+        for row in f:
+            if "near_duplicate" not in row and "contaminated" not in row:
+                continue
+            q = json.loads(row)
+            for reason in q["reasons"]:
+                m = _NEAR.match(reason)
+                if m:
+                    heads.setdefault(int(m.group(1)), []).append(q["line"])
+                elif reason.startswith("contaminated"):
+                    cont_lines.append(q["line"])
+    groups = [sorted([h, *members]) for h, members in sorted(heads.items())]
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
-        "integrated": integrated,
+        "mode": mode,
         "seconds": round(seconds, 2),
-        **timing,
+        "near_dup_seconds": round(spent["near_duplicate_groups"], 2) if mode == "memory" else None,
+        "contamination_seconds": round(spent["contaminated_indices"], 2) if mode == "memory" else None,
         "groups": groups,
         "contaminated_lines": sorted(cont_lines),
         "report": {k: report.get(k) for k in ("format", "records", "valid", "invalid", "duplicates",
-                                               "near_duplicates", "contaminated", "pii", "digest")},
-        # maxrss of this process plus that of its largest child (worker processes); pages shared
-        # between them (the signature buffer) are counted twice, so this is an upper bound
-        "peak_rss_mb": round((self_kb + child_kb) / 1024, 1),
-        "peak_rss_self_mb": round(self_kb / 1024, 1),
+                                               "near_duplicates", "contaminated", "near_duplicate_groups",
+                                               "pii", "pii_records", "digest")},
+        "clean_sha256": _sha256(Path(report["clean_path"])),
+        "quarantine_sha256": _sha256(Path(report["quarantine_path"])),
+        # maxrss of this process plus that of its largest child (worker processes)
+        "maxrss_mb": round((self_kb + child_kb) / 1024, 1),
+        "maxrss_self_mb": round(self_kb / 1024, 1),
+    }
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident set size of a process and all its descendants (kB, from /proc; pages shared between a
+    forked parent and its workers count in each, so the sum is an upper bound)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for row in f:
+                    if row.startswith("VmRSS:"):
+                        total += int(row.split()[1])
+                        break
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def run_pass_child(workdir: Path, mode: str) -> dict:
+    """run_pass in a fresh process, its process tree's RSS polled every 0.2 s."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, __file__, "--records", "0", "--_pass", str(workdir), "--_mode", mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            peak = max(peak, _tree_rss_kb(proc.pid))
+    if proc.returncode != 0:
+        sys.exit(f"data pass ({mode}) failed:\n{err[-3000:]}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_tree_mb"] = round(peak / 1024, 1)
+    return res
+
+
+def score(res: dict, planted: dict) -> dict:
+    """Near-dup recall / precision and contamination found, by line, against what was planted."""
+    member = {line: k for k, g in enumerate(res["groups"]) for line in g}
+    exact_copy = {b for _, b in planted["exact_pairs"]}  # exact copies are removed before near-dup
+    planted_near = {(a, b) for a, b in planted["near_pairs"]}
+    # a near copy of a record that also has an exact copy may be grouped with the kept original only
+    recall_hits = sum(1 for a, b in planted_near if a in member and member.get(b) == member[a])
+    found_pairs = set()
+    for g in res["groups"]:
+        g = [x for x in g if x not in exact_copy]
+        found_pairs.update((g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g)))
+    # two near copies of the same original are true near duplicates of each other too
+    origin = {b: a for a, b in planted_near}
+    true_found = sum(1 for x, y in found_pairs if origin.get(y, y) == origin.get(x, x))
+    cont_found, cont_planted = set(res["contaminated_lines"]), set(planted["contaminated_lines"])
+    return {
+        "near_dup_recall": round(recall_hits / len(planted_near), 4) if planted_near else None,
+        "near_dup_precision": round(true_found / len(found_pairs), 4) if found_pairs else None,
+        "near_pairs_found": len(found_pairs),
+        "contamination_found": len(cont_found & cont_planted),
+        "contamination_planted": len(cont_planted),
+        "contamination_recall": round(len(cont_found & cont_planted) / len(cont_planted), 4) if cont_planted else None,
+        "contamination_false": len(cont_found - cont_planted),
     }
 
 
@@ -431,83 +493,73 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline-records", type=int, default=None, help="records for the datasketch comparison (default min(N, 100000); 0 skips it)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the data (default: a temp dir)")
+    ap.add_argument("--in-memory", choices=("auto", "yes", "no"), default="auto",
+                    help="also run the old in-memory pass on the same data, side by side (auto: up to 2,000,000 records)")
+    ap.add_argument("--delete-data", action="store_true", help="delete the generated data and outputs at the end")
     ap.add_argument("--_pass", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_mode", default="ooc", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._pass is not None:  # child process: the data pass alone
-        print(json.dumps(run_pass(a._pass)))
+        print(json.dumps(run_pass(a._pass, a._mode)))
         return
 
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-data-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     planted = build(a.records, a.seed, workdir)
+    build_seconds = time.perf_counter() - t0
     size_mb = (workdir / "train.jsonl").stat().st_size / 2**20
     print(f"built {a.records} records ({size_mb:.0f} MB, mean {planted['mean_chars']:.0f} chars of message text) "
-          f"in {time.perf_counter() - t0:.1f} s under {workdir}")
+          f"in {build_seconds:.1f} s under {workdir}", flush=True)
     print(f"planted: {len(planted['exact_pairs'])} exact copies, {len(planted['near_pairs'])} near copies "
           f"(shingle Jaccard of up to 5,000 of them: min {planted['near_jaccard_min']:.3f}, mean {planted['near_jaccard_mean']:.3f}), "
           f"{len(planted['contaminated_lines'])} eval records pasted into train, PII {planted['pii_planted']}; "
-          f"base records: max Jaccard of 2,000 random pairs {planted['base_jaccard_max']:.3f}")
+          f"base records: max Jaccard of 2,000 random pairs {planted['base_jaccard_max']:.3f}", flush=True)
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, "--records", "0", "--_pass", str(workdir)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"data pass failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-
-    # recall / precision of near-duplicate groups, by line
-    member = {line: k for k, g in enumerate(res["groups"]) for line in g}
-    exact_copy = {b for _, b in planted["exact_pairs"]}  # exact copies are removed before near-dup
-    planted_near = {(a, b) for a, b in planted["near_pairs"]}
-    # a near copy of a record that also has an exact copy may be grouped with the kept original only
-    recall_hits = sum(1 for a, b in planted_near if a in member and member.get(b) == member[a])
-    found_pairs = set()
-    for g in res["groups"]:
-        g = [x for x in g if x not in exact_copy]
-        found_pairs.update((g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g)))
-    # two near copies of the same original are true near duplicates of each other too
-    origin = {b: a for a, b in planted_near}
-    true_found = sum(1 for x, y in found_pairs if origin.get(y, y) == origin.get(x, x))
-    recall = recall_hits / len(planted_near) if planted_near else None
-    precision = true_found / len(found_pairs) if found_pairs else None
-    cont_found = set(res["contaminated_lines"])
-    cont_planted = set(planted["contaminated_lines"])
-
-    if res["integrated"]:
-        how = "validate_dataset on eval, then on train with near-dup + contamination (integrated)"
-        parts = (f" (of which near_duplicate_groups {res['near_dup_seconds']} s, contaminated_indices "
-                 f"{res['contamination_seconds']} s)")
-    else:
-        how = "validate_dataset + near_duplicate_groups + contaminated_indices (validate_dataset does not run them yet)"
-        parts = (f" (validate {res['validate_seconds']} s, near-dup {res['near_dup_seconds']} s, "
-                 f"contamination {res['contamination_seconds']} s)")
-    print(f"data pass: {how}: {res['seconds']:.1f} s{parts}, peak RSS {res['peak_rss_mb']:.0f} MB "
-          f"(main process {res['peak_rss_self_mb']:.0f} MB)")
-    print(f"report: {res['report']}")
-    print(f"near duplicates: {len(res['groups'])} groups; recall {recall:.4f}, precision {precision:.4f} "
-          f"({len(found_pairs)} pairs found)")
-    print(f"contamination: {len(cont_found & cont_planted)}/{len(cont_planted)} planted found, "
-          f"{len(cont_found - cont_planted)} others flagged")
-
+    modes = ["ooc"] + (["memory"] if a.in_memory == "yes" or (a.in_memory == "auto" and a.records <= 2_000_000) else [])
+    results = {}
+    for mode in modes:
+        res = run_pass_child(workdir, mode)
+        res.update(score(res, planted))
+        results[mode] = res
+        name = "out-of-core pass (default)" if mode == "ooc" else "in-memory pass (OutOfCore(enabled=False))"
+        extra = (f" (of which near_duplicate_groups {res['near_dup_seconds']} s, contaminated_indices "
+                 f"{res['contamination_seconds']} s)") if mode == "memory" else ""
+        print(f"{name}: {res['seconds']:.1f} s{extra}, peak RSS of the process tree {res['peak_rss_tree_mb']:.0f} MB "
+              f"(maxrss process + largest worker {res['maxrss_mb']:.0f} MB, main process {res['maxrss_self_mb']:.0f} MB)", flush=True)
+        print(f"  report: {res['report']}")
+        print(f"  near duplicates: {len(res['groups'])} groups; recall {res['near_dup_recall']}, precision "
+              f"{res['near_dup_precision']} ({res['near_pairs_found']} pairs found); contamination: "
+              f"{res['contamination_found']}/{res['contamination_planted']} planted found, {res['contamination_false']} others flagged", flush=True)
+    ooc = results["ooc"]
     out = {
         "records": a.records,
-        "seconds": res["seconds"],
-        "peak_rss_mb": res["peak_rss_mb"],
-        "near_dup_recall": round(recall, 4) if recall is not None else None,
-        "near_dup_precision": round(precision, 4) if precision is not None else None,
-        "throughput_ratio_vs_datasketch": None,
-        "integrated": res["integrated"],
-        "validate_seconds": res["validate_seconds"],
-        "near_dup_seconds": res["near_dup_seconds"],
-        "contamination_seconds": res["contamination_seconds"],
-        "contamination_recall": round(len(cont_found & cont_planted) / len(cont_planted), 4),
-        "contamination_false": len(cont_found - cont_planted),
+        "input_mb": round(size_mb, 1),
+        "build_seconds": round(build_seconds, 1),
+        "seconds": ooc["seconds"],
+        "peak_rss_mb": ooc["peak_rss_tree_mb"],
+        "maxrss_mb": ooc["maxrss_mb"],
+        **{k: ooc[k] for k in ("near_dup_recall", "near_dup_precision", "contamination_recall", "contamination_found",
+                               "contamination_planted", "contamination_false")},
         "near_jaccard_min": round(planted["near_jaccard_min"], 4),
         "near_jaccard_mean": round(planted["near_jaccard_mean"], 4),
         "base_jaccard_max": round(planted["base_jaccard_max"], 4),
-        "report": res["report"],
+        "report": ooc["report"],
+        "throughput_ratio_vs_datasketch": None,
     }
+    if "memory" in results:
+        mem = results["memory"]
+        same = {
+            "clean_bytes": mem["clean_sha256"] == ooc["clean_sha256"],
+            "quarantine_bytes": mem["quarantine_sha256"] == ooc["quarantine_sha256"],
+            "report": mem["report"] == ooc["report"],
+            "groups": mem["groups"] == ooc["groups"],
+        }
+        out["in_memory"] = {"seconds": mem["seconds"], "peak_rss_mb": mem["peak_rss_tree_mb"], "maxrss_mb": mem["maxrss_mb"],
+                            "near_dup_seconds": mem["near_dup_seconds"], "contamination_seconds": mem["contamination_seconds"]}
+        out["same_as_in_memory"] = same
+        print(f"side by side at {a.records}: out of core {ooc['seconds']:.1f} s / {ooc['peak_rss_tree_mb']:.0f} MB, "
+              f"in memory {mem['seconds']:.1f} s / {mem['peak_rss_tree_mb']:.0f} MB; identical: {same}", flush=True)
     m = min(a.records, 100_000) if a.baseline_records is None else min(a.baseline_records, a.records)
     if m > 0:
         try:
@@ -522,7 +574,13 @@ def main() -> None:
             out["throughput_ratio_vs_datasketch"] = round(ratio, 2)
             out["throughput_ratio_1worker"] = round(base["datasketch_seconds"] / base["tuneloop_1worker_seconds"], 2)
             out.update(base)
-    print(json.dumps(out))
+    if a.delete_data:
+        import shutil
+
+        for name in ("train.jsonl", "eval.jsonl", "out-ooc", "out-memory"):
+            target = workdir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
