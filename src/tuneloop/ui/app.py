@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fastapi import Request
+
 from tuneloop.errors import TuneloopError
 from tuneloop.ui import views
 from tuneloop.ui.launch import Launcher, check_overrides, config_by_id, list_configs, override_items
@@ -54,7 +56,7 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
     ``host``: the address the server binds (the auth rules apply when it is not loopback); ``api_keys`` and
     ``admin_token`` default to the environment variables named by ``serve.api_keys_env`` /
     ``serve.admin_token_env``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     from tuneloop.serve.server import is_loopback, read_keys
@@ -73,6 +75,7 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
 
     app = FastAPI(title="tuneloop ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = state
+    app.router.redirect_slashes = False  # "/api/runs/.." (normalised by clients to "/api/") is a 404, not a redirect
 
     @app.middleware("http")
     async def check_auth(request: Request, call_next):
