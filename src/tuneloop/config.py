@@ -129,6 +129,16 @@ class DataConfig(_Section):
         "drop", description="Contaminated training records: `drop` quarantines them; `report` only counts them."
     )
     num_workers: int = Field(2, ge=1, le=256, description="Processes for the per-record validation work (parsing, rules, PII).")
+    chunk_records: int = Field(
+        4096, ge=1, le=10**7,
+        description="The local (out-of-core) data pass: records per chunk that a worker checks and hashes at once; "
+        "memory grows with it, results do not depend on it.",
+    )
+    spill_dir: str | None = Field(
+        None,
+        description="Where the local (out-of-core) data pass keeps per-record state while it runs (about 700 "
+        "bytes per record, removed at the end). `null`: a hidden directory next to the stage's outputs, in the workspace.",
+    )
     eval_split: float = Field(
         0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
     )
