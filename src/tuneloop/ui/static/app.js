@@ -97,7 +97,7 @@ function pageRuns() {
     if (!data.runs.length) out.push(el("p", {class: "muted"}, t("runs.empty")));
     else out.push(table([t("runs.col.run"), t("runs.col.pipeline"), t("runs.col.status"), t("runs.col.started"), t("runs.col.duration"), t("runs.col.stages")],
       data.runs.map(r => el("tr", {class: "clickable", testid: "run-row", "data-run-id": r.run_id, onclick: () => { location.hash = "#/runs/" + r.run_id; }},
-        el("td", {class: "mono"}, el("a", {href: "#/runs/" + r.run_id}, r.run_id)), el("td", {}, r.pipeline),
+        el("td", {class: "mono rid"}, el("a", {href: "#/runs/" + r.run_id}, r.run_id)), el("td", {}, r.pipeline),
         el("td", {testid: "run-status", class: "s-" + r.status}, statusText(r.status)), el("td", {}, utc(r.started_at)),
         el("td", {class: "num"}, secs(r.duration_s)),
         el("td", {}, r.stages.map(s => el("span", {class: "chip s-" + s.status, title: `${s.status}${s.cached ? " (" + t("run.cached") + ")" : ""}`},
@@ -452,7 +452,7 @@ function pageFeedback() {
       if (!d.feedback.length) return el("p", {class: "muted"}, t("feedback.empty"));
       return table([t("feedback.col.at"), t("feedback.col.model"), t("feedback.col.rating"), t("feedback.col.score"), t("feedback.col.prompt"), t("feedback.col.response"),
         t("feedback.col.correction"), t("feedback.col.comment")], d.feedback.map(f => el("tr", {testid: "feedback-row"}, el("td", {}, utc(f.at)),
-          el("td", {}, f.model ? `${f.model}:${f.version ?? "?"}` : "–"), el("td", {class: f.rating > 0 ? "s-passed" : f.rating < 0 ? "s-failed" : ""}, f.rating == null ? "–" : f.rating > 0 ? "👍 +1" : "👎 −1"),
+          el("td", {}, f.model ? `${f.model}:${f.version ?? "?"}` : "–"), el("td", {class: f.rating > 0 ? "s-passed" : f.rating < 0 ? "s-failed" : ""}, f.rating == null ? "–" : f.rating > 0 ? "▲ +1" : "▼ −1"),
           el("td", {class: "num"}, num(f.score)), el("td", {class: "prompt"}, f.prompt ?? ""), el("td", {class: "answer"}, f.response ?? ""),
           el("td", {class: "answer"}, f.correction ?? ""), el("td", {}, f.comment ?? ""))), {testid: "feedback-table"});
     }),
