@@ -139,6 +139,16 @@ class DataConfig(_Section):
         description="Where the local (out-of-core) data pass keeps per-record state while it runs (about 700 "
         "bytes per record, removed at the end). `null`: a hidden directory next to the stage's outputs, in the workspace.",
     )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Where the data checks run: `local` (this machine) or `ray` (Ray Data jobs on the cluster at `ray_address`, "
+        "else `RAY_ADDRESS`; same checks, same kept records, digest and report; `pip install 'tuneloop[ray]'`).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With `engine: ray`: the Ray cluster's head, e.g. `127.0.0.1:6379` (after `ray start --head`); "
+        "`null` reads `RAY_ADDRESS`. An unreachable address is an error before any work.",
+    )
     eval_split: float = Field(
         0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
     )

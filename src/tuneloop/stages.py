@@ -873,6 +873,10 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
 
     problems = _path_problems(cfg)
     problems += data_problems(cfg)  # the formats the objective needs (kto: both labels)
+    if cfg.data.engine == "ray":  # Ray installed, a cluster named and reachable (exit 2 before any work)
+        from tuneloop.data.ray_engine import ray_problems
+
+        problems += ray_problems(cfg.data)
     for spec in cfg.eval.suites:
         if spec.kind == "lmeval":
             from tuneloop.evaluate.lmeval import preflight_problems as lmeval_problems
