@@ -164,7 +164,9 @@ function gateChart(canvas, g) {
   if (!xs.length) return;
   let min = Math.min(...xs), max = Math.max(...xs);
   const pad = (max - min) * 0.15 || Math.abs(max) * 0.1 || 0.1;
+  const nonNegative = min >= 0;
   min -= pad; max += pad;
+  if (nonNegative) min = Math.max(min, 0);  // counts and rates: no axis below 0
   const color = {PASS: "#9bd3ae", FAIL: "#f3b0b0", INCONCLUSIVE: "#f6d79a"}[g.verdict] || "#d5d9e0";
   const datasets = [{type: "bar", data: [[lo, hi === lo ? hi + pad * 0.04 : hi]], backgroundColor: color, borderColor: "#555", borderWidth: 1, barThickness: 12}];
   if (typeof g.threshold === "number") datasets.push({type: "scatter", data: [{x: g.threshold, y: 0}], pointStyle: "line", rotation: 90, radius: 12, borderWidth: 3, borderColor: "#1d2330"});
