@@ -54,6 +54,36 @@ def real_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`tuneloop demo --quick --json --lang en` in a fresh directory, once per test session (about a minute on 2
+    cores): (workdir, the finished process). tests/test_demo.py checks it and then runs the closed loop in the
+    same directory (which replaces its registry and runs); tests that want the workspace as the quick demo left
+    it take :func:`quick_demo_pristine`, a copy made right after the build."""
+    import shutil
+    import subprocess
+    import sys
+
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(workdir), "--json", "--lang", "en"],
+        capture_output=True, text=True, timeout=900,
+    )
+    if r.returncode == 0:
+        shutil.copytree(workdir, workdir.parent / "pristine", symlinks=True)
+    return workdir, r
+
+
+@pytest.fixture(scope="session")
+def quick_demo_pristine(quick_demo) -> Path:
+    """The quick demo's directory as `tuneloop demo --quick` left it (a read-only reference: copy it before
+    changing anything; stage-cache keys are relative to the config, so a copy keeps its cache)."""
+    workdir, r = quick_demo
+    if r.returncode != 0:
+        pytest.fail(f"tuneloop demo --quick failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return workdir.parent / "pristine"
+
+
+@pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> tuple[Path, Path]:
     """Train/eval JSONL files of the demo's ticket-routing task (messages format)."""
     from tuneloop.demo_assets import task_records

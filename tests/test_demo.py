@@ -17,15 +17,7 @@ from tuneloop.demo import showcase_tickets
 from tuneloop.demo_assets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records, write_demo_data
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    """`tuneloop demo --quick` in a fresh directory: (workdir, the finished process)."""
-    workdir = tmp_path_factory.mktemp("demo") / "demo"
-    r = subprocess.run(
-        [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(workdir), "--json"],
-        capture_output=True, text=True, timeout=900,
-    )
-    return workdir, r
+# `quick_demo` (tests/conftest.py): `tuneloop demo --quick --json` once per test session, shared with the UI tests.
 
 
 @pytest.mark.slow
@@ -83,7 +75,7 @@ def test_showcase_tickets_one_held_out_ticket_per_label(tmp_path):
 def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(quick_demo):
     workdir, quick = quick_demo  # the loop after the quick demo, in its directory (as the README runs them)
     assert quick.returncode == 0, quick.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json"],
+    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json", "--lang", "en"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout)  # exactly one JSON document on stdout
