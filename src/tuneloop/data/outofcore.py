@@ -227,8 +227,12 @@ def _stream(items: Iterator[Any], fmt: str, s: _Screened, checks: Checks, tokeni
     st = _Streamed(overlong_possible=count_tokens)
     _CTX.update(fmt=fmt, pii=checks.pii, want_text=near or index is not None, near=near, shingle=checks.near_dup_shingle,
                 bands=bands, rows=rows, eval=index, contam_threshold=checks.contamination_threshold)
+    import multiprocessing
+
+    # the workers read _CTX as the fork left it; without fork (Windows) the work stays in this process
+    workers = checks.num_workers if "fork" in multiprocessing.get_all_start_methods() else 1
     try:
-        for chunk in map_chunks(items, _chunk_work, chunk=ooc.chunk_records, num_workers=checks.num_workers):
+        for chunk in map_chunks(items, _chunk_work, chunk=ooc.chunk_records, num_workers=workers):
             _take_chunk(chunk, s, st, checks, tokenizer if count_tokens else None, token_count, spill, bands, ooc.partitions)
     finally:
         _CTX.clear()
