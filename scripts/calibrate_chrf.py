@@ -143,7 +143,7 @@ def main() -> None:
     best = None
     for t in [x / 100 for x in range(20, 85, 5)]:
         row: dict = {"threshold": t}
-        for name, (should_pass, _) in sets.items():
+        for name in sets:
             for lg, sc in lang[name].items():
                 if sc:
                     row[f"{name}_{lg}_pass"] = round(sum(s >= t for s in sc) / len(sc), 3)

@@ -127,8 +127,8 @@ def sample_plan(model: str, pools) -> list[tuple[dict, str, str, int]]:
         if len(pool) < n:
             print(f"warning: only {len(pool)} {kind}/{lang} prompts for {model} (wanted {n})", file=sys.stderr)
         picked += [(r, kind, lang) for r in rng.sample(pool, min(n, len(pool)))]
-    out = [(r, k, l, 32) for r, k, l in picked]
-    out += [(r, k, l, 64) for r, k, l in rng.sample(picked, min(plan["long"], len(picked)))]
+    out = [(r, k, lg, 32) for r, k, lg in picked]
+    out += [(r, k, lg, 64) for r, k, lg in rng.sample(picked, min(plan["long"], len(picked)))]
     return out
 
 

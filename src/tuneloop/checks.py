@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import DataConfig, PipelineConfig, load_config
 from tuneloop.errors import ConfigError, InputError, TuneloopError
-from tuneloop.fsutil import atomic_write_json
-from tuneloop.fsutil import utcnow
+from tuneloop.fsutil import atomic_write_json, utcnow
 from tuneloop.stages import gate_decidability
 from tuneloop.workspace import Workspace
 
@@ -90,7 +90,6 @@ def validate_target(
 def _registry_version(cfg: PipelineConfig, registry: Callable[[], Any], ref: str, label: str):
     """``3``, ``latest``, ``champion``, ``previous`` (of the config's model), ``name:3`` or ``name@alias``."""
     from tuneloop.evaluate.evaluation import registry_model_ref
-
     from tuneloop.registry.lineage import version_kind
 
     reg = registry()

@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -271,7 +272,7 @@ class _GenBatch:
                 for layer in self.cache.layers:
                     layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def merge(self, other: "_GenBatch") -> None:
+    def merge(self, other: _GenBatch) -> None:
         """Append ``other``'s rows: caches and masks left-padded to the wider one, then concatenated."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
@@ -304,7 +305,7 @@ class _Decoder:
     keep_logits: bool
 
     @classmethod
-    def of(cls, model, pad_id: int) -> "_Decoder":
+    def of(cls, model, pad_id: int) -> _Decoder:
         import inspect
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -32,12 +32,29 @@ from rich.markup import escape
 
 from tuneloop.config import PipelineConfig, coerce_config
 from tuneloop.errors import ConfigError, InputError, StageError, TuneloopError
-from tuneloop.fsutil import LOW_SPACE_BYTES, atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json, sha256_json
+from tuneloop.fsutil import (
+    LOW_SPACE_BYTES,
+    atomic_write_json,
+    atomic_write_text,
+    free_bytes,
+    is_disk_full,
+    read_json,
+    sha256_json,
+    utcnow,
+)
 from tuneloop.runs import list_runs, load_run  # noqa: F401 (re-exported: `tuneloop.pipeline.list_runs` keeps working)
+from tuneloop.stages import (
+    STAGES,
+    CacheEntry,
+    Compute,
+    PipelineStage,
+    StageContext,
+    StageResult,
+    StageSpec,
+    preflight_report,
+)
 from tuneloop.train.parent import resolve_parent
-from tuneloop.stages import STAGES, CacheEntry, Compute, PipelineStage, StageContext, StageResult, StageSpec, preflight_report
 from tuneloop.version import code_version
-from tuneloop.fsutil import utcnow
 from tuneloop.workspace import Workspace
 
 __all__ = ["FineTunePipeline", "PipelineStage", "StageResult"]
@@ -124,7 +141,7 @@ class FineTunePipeline:
     def _context(self, run_id: str, run_dir: Path | None) -> StageContext:
         return StageContext(self.cfg, self.ws, self._cached, run_id=run_id, run_dir=run_dir, config_path=self.config_path, console=self.console)
 
-    def _run_stages(self, ctx: StageContext, results: dict[PipelineStage, StageResult], record: "_RunRecord") -> bool:
+    def _run_stages(self, ctx: StageContext, results: dict[PipelineStage, StageResult], record: _RunRecord) -> bool:
         """Each stage on the previous one's result, until one fails; True when one did."""
         upstream: Any = None
         for spec in self.specs:
@@ -171,7 +188,7 @@ class FineTunePipeline:
         self.console.print(f"  [{style}]{res.status}[/]{note} in {res.duration_s:.1f}s" + (f": {res.error}" if res.error else ""))
         return result, key
 
-    def _finish(self, record: "_RunRecord", failed: bool, duration_s: float) -> dict[str, Any]:
+    def _finish(self, record: _RunRecord, failed: bool, duration_s: float) -> dict[str, Any]:
         """Close the run record; write the summary and the HTML report; return the summary."""
         cfg, results, run_dir = self.cfg, record.results, record.run_dir
         overall = "failed" if failed else "passed"

@@ -25,10 +25,11 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tuneloop.config import PipelineConfig, path_values
 from tuneloop.errors import StageError
@@ -916,7 +917,14 @@ class TrainProgress:
     """A Rich progress bar (with ETA and the latest loss) for training steps, on the run's console."""
 
     def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("  training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -924,7 +932,7 @@ class TrainProgress:
         )
         self.task = None
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self.progress.start()
         return self
 
@@ -943,7 +951,14 @@ class EvalProgress:
     the run's console; a bar appears when its model starts on its suite."""
 
     def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -951,7 +966,7 @@ class EvalProgress:
         )
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "EvalProgress":
+    def __enter__(self) -> EvalProgress:
         self.progress.start()
         return self
 

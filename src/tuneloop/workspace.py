@@ -17,9 +17,9 @@ import datetime as _dt
 import fcntl
 import hashlib
 import secrets
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import pid_alive, utcnow  # noqa: F401 (kept importable here)
@@ -43,14 +43,14 @@ class Workspace:
         return self.root / "cache"
 
     @classmethod
-    def for_config(cls, cfg) -> "Workspace":
+    def for_config(cls, cfg) -> Workspace:
         if cfg.workspace:
             return cls(Path(cfg.workspace))
         base = getattr(cfg, "_base_dir", None) or Path.cwd()
         return cls(Path(base) / DIRNAME)
 
     @classmethod
-    def find(cls, start: Path | None = None) -> "Workspace":
+    def find(cls, start: Path | None = None) -> Workspace:
         """The nearest ``.tuneloop`` directory at or above ``start`` (default: the current directory)."""
         here = Path(start or Path.cwd()).resolve()
         for d in (here, *here.parents):

@@ -11,9 +11,10 @@ import functools
 import inspect
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -70,7 +71,7 @@ def exit_for(overall: str) -> typer.Exit:
     return typer.Exit(EXIT_OK if overall == "passed" else EXIT_BLOCKED)
 
 
-def workspace_for(config: Optional[Path]):
+def workspace_for(config: Path | None):
     """``(workspace, config)``: the config's workspace when one is given, else the nearest one upwards."""
     from tuneloop.workspace import Workspace
 
@@ -89,9 +90,9 @@ def workspace_for(config: Optional[Path]):
 class RegistryOptions:
     """Which registry a `models` command talks to, and whether it prints JSON."""
 
-    config: Optional[Path] = None
-    workspace: Optional[Path] = None
-    registry: Optional[str] = None
+    config: Path | None = None
+    workspace: Path | None = None
+    registry: str | None = None
     json_out: bool = False
 
     def open(self):
@@ -124,15 +125,15 @@ class RegistryOptions:
 
 _REGISTRY_PARAMETERS = [
     inspect.Parameter(
-        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
         default=typer.Option(None, "--config", "-c", help="Use this config's workspace (and its registry.uri)."),
     ),
     inspect.Parameter(
-        "workspace", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        "workspace", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
         default=typer.Option(None, "--workspace", "-w", help="Workspace directory (default: search upwards for .tuneloop/)."),
     ),
     inspect.Parameter(
-        "registry", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+        "registry", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
         default=typer.Option(None, "--registry", help="Registry URI, e.g. http://mlflow:5000 (default: registry.uri, $TUNELOOP_REGISTRY_URI, else the local SQLite registry)."),
     ),
     inspect.Parameter(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -20,9 +20,9 @@ _COUNTS = ("records", "valid", "invalid", "duplicates", "near_duplicates", "cont
 @app.command("validate")
 def validate(
     target: str = typer.Argument(..., help="A dataset (file, directory, saved or named Hugging Face dataset) or a pipeline YAML."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Record format instead of auto-detection: alpaca, sharegpt, messages, preference, kto, text."),
-    eval_data: Optional[str] = typer.Option(None, "--eval", help="Evaluation data to check the training data against (contamination)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the report JSON/HTML and the clean/quarantine files."),
+    fmt: str | None = typer.Option(None, "--format", help="Record format instead of auto-detection: alpaca, sharegpt, messages, preference, kto, text."),
+    eval_data: str | None = typer.Option(None, "--eval", help="Evaluation data to check the training data against (contamination)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Where to write the report JSON/HTML and the clean/quarantine files."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Check a dataset: format, per-record rules, duplicates, contamination, PII, data gates. Exit 1 when a gate fails."""

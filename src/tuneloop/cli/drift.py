@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,16 +12,16 @@ from tuneloop.errors import InputError
 
 
 def drift(
-    config: Optional[Path] = CONFIG_ARGUMENT,
-    since: Optional[str] = SINCE_OPTION,
-    features: Optional[str] = typer.Option(None, "--features", help="hashed | embedding (default: drift.features)."),
+    config: Path | None = CONFIG_ARGUMENT,
+    since: str | None = SINCE_OPTION,
+    features: str | None = typer.Option(None, "--features", help="hashed | embedding (default: drift.features)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Test whether production prompts drifted from the training prompts (domain-classifier AUC against a
     permutation threshold): exit 0 no drift, 1 drift (and a `drift` notification), 2 bad input."""
-    from tuneloop.rollout.notify import notifier_for
     from tuneloop.feedback.export import parse_since
     from tuneloop.monitor.drift import drift_from_log, training_prompts
+    from tuneloop.rollout.notify import notifier_for
 
     with guard(), stdout_to_stderr(json_out):
         ws, cfg = loop_context(config)

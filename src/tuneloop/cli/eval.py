@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,16 +13,16 @@ _VERDICT_STYLE = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}
 
 def eval_cmd(
     config: Path = typer.Argument(..., help="Pipeline YAML file (its eval data, suites, gates and workspace)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Candidate: a model/adapter directory or a registry version (3, name:3, name@alias). Default: the latest candidate of the config's runs."),
-    against: Optional[str] = typer.Option(None, "--against", help="base, champion, or a registry version (default: gates.against)."),
+    model: str | None = typer.Option(None, "--model", help="Candidate: a model/adapter directory or a registry version (3, name:3, name@alias). Default: the latest candidate of the config's runs."),
+    against: str | None = typer.Option(None, "--against", help="base, champion, or a registry version (default: gates.against)."),
     override: list[str] = typer.Option([], "-o", "--override", help="Override a config key (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print the gate report as JSON on stdout (logs go to stderr)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
-    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary (for a CI comment)."),
+    junit: Path | None = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Write a Markdown summary (for a CI comment)."),
 ) -> None:
     """Run only the evaluation gates: exit 0 when all pass, 1 when one blocks, 2 on bad input."""
-    from tuneloop.config import load_config
     from tuneloop.checks import run_eval  # chooses candidate and reference
+    from tuneloop.config import load_config
     from tuneloop.evaluate.reports import gate_line, junit_xml, markdown_summary
     from tuneloop.fsutil import atomic_write_text
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,13 +13,13 @@ from tuneloop.cli.common import err, guard
 def export_config(
     config: Path = typer.Argument(..., help="Pipeline YAML file."),
     to: str = typer.Option(..., "--to", help="Target tool: axolotl, llamafactory or openrlhf (a `train:` snippet that runs OpenRLHF as train.command)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the YAML here (LLaMA-Factory: and dataset_info.json beside it) instead of stdout."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the YAML here (LLaMA-Factory: and dataset_info.json beside it) instead of stdout."),
 ) -> None:
     """Write the equivalent Axolotl or LLaMA-Factory training config, or the OpenRLHF command, for a tuneloop config."""
     with guard():
-        from tuneloop.fsutil import atomic_write_text
         from tuneloop.config import load_config
         from tuneloop.errors import ConfigError
+        from tuneloop.fsutil import atomic_write_text
         from tuneloop.train.external import export_config as export
         from tuneloop.train.openrlhf import export_openrlhf
 

@@ -7,7 +7,6 @@ the workspace's request log is (:func:`request_log_url`, the one place that deci
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,7 @@ CONFIG_ARGUMENT = typer.Argument(None, help="Pipeline YAML file (default: the co
 SINCE_OPTION = typer.Option(None, "--since", help="Only requests since: a duration back (24h, 7d), an ISO time or unix seconds.")
 
 
-def loop_context(config: Optional[Path]):
+def loop_context(config: Path | None):
     """``(workspace, config)``: the config given, else the nearest workspace and the resolved config its
     newest run recorded (``None`` when it has no run)."""
     from tuneloop.config import load_config
@@ -53,9 +52,9 @@ def open_log(ws, cfg):
 
 @app.command("export")
 def export(
-    config: Optional[Path] = CONFIG_ARGUMENT,
+    config: Path | None = CONFIG_ARGUMENT,
     out_dir: Path = typer.Option(..., "--out", help="Directory for sft.jsonl, dpo.jsonl, kto.jsonl and manifest.json."),
-    since: Optional[str] = SINCE_OPTION,
+    since: str | None = SINCE_OPTION,
     regression_share: float = typer.Option(0.0, "--regression-share", help="Share of corrected failures held out for a regression eval suite (0-1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the export summary as JSON on stdout."),
 ) -> None:

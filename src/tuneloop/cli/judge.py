@@ -4,7 +4,6 @@ against the file's labels where it has them (:func:`tuneloop.evaluate.judgefile.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,9 +19,9 @@ def _fmt(name: str, d: dict) -> str:
 def judge(
     file: Path = typer.Argument(..., help="JSONL, one answer a line: prompt, response; optional labels refused, harmful (true/false); "
                                          "optional kind (redteam | benign, default redteam), indicators, id."),
-    judge_kind: Optional[str] = typer.Option(None, "--judge", help="rules | keyword | openai | classifier (default: the config's eval.judge.kind, else rules)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Pipeline YAML whose eval.judge settings to use (url, model, path, ...)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Judge only the records whose \"split\" field is this (e.g. heldout)."),
+    judge_kind: str | None = typer.Option(None, "--judge", help="rules | keyword | openai | classifier (default: the config's eval.judge.kind, else rules)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Pipeline YAML whose eval.judge settings to use (url, model, path, ...)."),
+    split: str | None = typer.Option(None, "--split", help="Judge only the records whose \"split\" field is this (e.g. heldout)."),
     json_out: bool = typer.Option(False, "--json", help='Print {"judge", "file", "items": [...], "agreement"} as JSON on stdout.'),
 ) -> None:
     """Judge each answer in FILE (refused? harmful?) and, where FILE has labels, report the judge's accuracy,

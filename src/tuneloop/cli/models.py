@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tuneloop.cli.common import REASON_OPTION, RegistryOptions, err, guard, out, print_json, stdout_to_stderr, with_registry_options
+from tuneloop.cli.common import (
+    REASON_OPTION,
+    RegistryOptions,
+    err,
+    guard,
+    out,
+    print_json,
+    stdout_to_stderr,
+    with_registry_options,
+)
 from tuneloop.errors import InputError
 from tuneloop.fsutil import format_number
 
@@ -30,7 +39,7 @@ def _tags(tags: dict[str, str]) -> str:
 @app.command("list")
 @with_registry_options
 def list_versions(
-    name: Optional[str] = typer.Argument(None, help="Only this registered model."),
+    name: str | None = typer.Argument(None, help="Only this registered model."),
     all_versions: bool = typer.Option(False, "--all", help="Include deleted versions."),
     *,
     opts: RegistryOptions,
@@ -300,7 +309,7 @@ def delete(
 def register(
     path: Path = typer.Argument(..., help="A model (config.json) or PEFT adapter (adapter_config.json) directory with safetensors weights."),
     name: str = typer.Option(..., "--name", help="Registered model name."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model of an adapter (default: base_model_name_or_path in its adapter_config.json)."),
+    base: str | None = typer.Option(None, "--base", help="Base model of an adapter (default: base_model_name_or_path in its adapter_config.json)."),
     reason: str = REASON_OPTION,
     *,
     opts: RegistryOptions,
@@ -327,7 +336,7 @@ def export(
         help="hf: a Hugging Face directory. gguf: one llama.cpp GGUF file (an adapter merged into its base; "
              "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop\\[gguf]'`.",
     ),
-    quant: Optional[str] = typer.Option(
+    quant: str | None = typer.Option(
         None, "--quant", help="GGUF weights: f16 (default; norms F32) or q8_0 (2-D weights whose rows are a multiple of 32)."
     ),
     *,

@@ -9,10 +9,20 @@ aborted (or still running when ``--timeout`` passes), 2 for bad input.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import typer
-from tuneloop.cli.common import EXIT_BLOCKED, EXIT_OK, REASON_OPTION, RegistryOptions, err, guard, out, print_json, with_registry_options
+
+from tuneloop.cli.common import (
+    EXIT_BLOCKED,
+    EXIT_OK,
+    REASON_OPTION,
+    RegistryOptions,
+    err,
+    guard,
+    out,
+    print_json,
+    with_registry_options,
+)
 from tuneloop.errors import InputError
 
 app = typer.Typer(help="Canary rollouts: a new version takes a share of traffic and is promoted or rolled back.",
@@ -64,9 +74,9 @@ def start(
 @app.command("status")
 @with_registry_options
 def status(
-    name: Optional[str] = typer.Argument(None, help="Registered model name (default: every model's latest rollout)."),
+    name: str | None = typer.Argument(None, help="Registered model name (default: every model's latest rollout)."),
     wait: bool = typer.Option(False, "--wait", help="Poll until the rollout ends: exit 0 promoted, 1 rolled back or aborted."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.0, help="With --wait: give up after this many seconds (exit 1)."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0.0, help="With --wait: give up after this many seconds (exit 1)."),
     interval: float = typer.Option(5.0, "--interval", min=0.01, help="With --wait: seconds between polls."),
     *,
     opts: RegistryOptions,

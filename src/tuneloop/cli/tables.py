@@ -6,8 +6,9 @@ Entry point: :func:`print_table` (columns as :class:`Col`); :func:`fit_table` bu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.measure import Measurement

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from tuneloop.errors import InputError
 
@@ -73,7 +74,7 @@ RULES = {
 }
 
 Canonical = dict[str, Any]
-Result = tuple[Optional[Canonical], list[str]]
+Result = tuple[Canonical | None, list[str]]
 
 
 # --- small helpers ------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from tuneloop.config import DATA_SUFFIXES, TrainSource
 from tuneloop.data.filetypes import SNIFF_BYTES, open_bytes, read_head, sniff, unreadable_reason

@@ -7,8 +7,14 @@ puts them together. Each one makes the same choices as its in-memory counterpart
 (``_split``, ``apply_weights``): the same seed gives the same eval records, the same copies, in the same order.
 
 A validated set is ``clean.jsonl`` (one canonical record per line; blank lines skipped), one ``.parquet`` file, or
-a directory of ``*.parquet`` shards read in file-name order (the Ray engine's output). Parquet gives every row
-every column of the shard's schema, so a null field is read as absent, as it was in the JSON record.
+a directory of ``*.parquet`` shards. Two Parquet layouts are read:
+
+* the Ray engine's kept shards (``<name>.clean.parquet/``, columns ``ord``, ``line``, ``file``, ``source`` and
+  ``record``, the canonical JSON): each record is ``record`` with ``_line``, ``_file`` (when not null) and
+  ``_source`` (when the source is one of a list, ``source`` >= 0) added, as in ``clean.jsonl``, in input order (``ord``; Ray's shard names do not sort in that order,
+  so the shards are ordered by their first ``ord``, and a row out of order is an error);
+* any other: one column per record field, the shards in file-name order; Parquet gives every row every column of
+  the schema, so a null field is read as absent, as it was in the JSON record.
 
 Memory: one batch of rows at a time, plus the split's bookkeeping: a shuffled index array (4 or 8 bytes per
 record, freed after the split) and one byte per record for "held out".
@@ -52,6 +58,44 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+RAY_COLUMNS = ("ord", "line", "file", "source", "record")
+
+
+def _is_ray_layout(files: list[Path]) -> bool:
+    import pyarrow.parquet as pq
+
+    return set(RAY_COLUMNS) <= set(pq.ParquetFile(files[0]).schema_arrow.names)
+
+
+def _first_ord(file: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    first = pc.min(pq.read_table(file, columns=["ord"])["ord"]).as_py()
+    return -1 if first is None else first  # an empty shard holds nothing to order
+
+
+def _ray_records(files: list[Path]) -> Iterator[dict[str, Any]]:
+    """The Ray engine's kept shards as clean.jsonl's records, in input order (see the module docstring)."""
+    import pyarrow.parquet as pq
+
+    last = -1
+    for file in sorted(files, key=lambda f: (_first_ord(f), f.name)):
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BATCH, columns=list(RAY_COLUMNS)):
+            for row in batch.to_pylist():
+                if row["ord"] <= last:
+                    raise InputError(f"{file}: record {row['ord']} (line {row['line']}) comes after record {last}: the kept "
+                                     "shards are not in input order; re-run the data stage (data.engine: ray) to rewrite them")
+                last = row["ord"]
+                rec = json.loads(row["record"])
+                rec["_line"] = row["line"]
+                if row["file"] is not None:
+                    rec["_file"] = row["file"]
+                if row["source"] is not None and row["source"] >= 0:  # -1: not from a list of sources
+                    rec["_source"] = row["source"]
+                yield rec
+
+
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a validated set, in order, one at a time (see the module docstring for the layouts)."""
     path = Path(path)
@@ -63,7 +107,11 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
         return
     import pyarrow.parquet as pq
 
-    for file in _parquet_files(path):
+    files = _parquet_files(path)
+    if _is_ray_layout(files):
+        yield from _ray_records(files)
+        return
+    for file in files:
         for batch in pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BATCH):
             for row in batch.to_pylist():
                 yield _drop_nulls(row)

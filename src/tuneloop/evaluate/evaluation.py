@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError

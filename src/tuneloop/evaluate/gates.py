@@ -43,8 +43,9 @@ means the gate is not applied (threshold ``null``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from tuneloop.evaluate import stats
 from tuneloop.fsutil import format_number

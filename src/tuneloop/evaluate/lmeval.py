@@ -23,8 +23,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tuneloop.errors import ConfigError, InputError
 from tuneloop.data.sources import hf_offline
+from tuneloop.errors import ConfigError, InputError
 from tuneloop.evaluate.audit import prompt_sha256
 
 INSTALL_HINT = "pip install 'tuneloop[lmeval]'"

@@ -108,7 +108,8 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
         a, b = min(vals), max(vals)
         pad = max((b - a) * 0.15, 0.01)
         a, b = a - pad, b + pad
-        sx = lambda x: left + (x - a) / (b - a) * (width - left - right)  # noqa: E731
+        def sx(x: float, a: float = a, b: float = b) -> float:  # this row's scale (a, b bound now, not late)
+            return left + (x - a) / (b - a) * (width - left - right)
         top = 4 + i * h_row
         y = top + 27
         c = color.get(g.get("verdict"), "#888")

@@ -24,8 +24,9 @@ Writes ``items.jsonl`` (one audit record per pair: id, prompt sha256, both answe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError, TuneloopError

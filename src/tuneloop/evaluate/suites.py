@@ -31,11 +31,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any
 
 from tuneloop.errors import InputError
 from tuneloop.evaluate.audit import prompt_sha256

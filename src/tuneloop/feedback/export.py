@@ -53,11 +53,12 @@ import hashlib
 import json
 import re
 import time
-from datetime import datetime, timezone
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from tuneloop.data import dedup, pii
 from tuneloop.data.formats import normalise
@@ -311,7 +312,7 @@ class _EvalIndex:
     threshold: float
 
     @classmethod
-    def build(cls, texts: list[str], ngram: int, threshold: float) -> "_EvalIndex":
+    def build(cls, texts: list[str], ngram: int, threshold: float) -> _EvalIndex:
         norm = [dedup.normalise_text(t) for t in texts]
         lines = {dedup.normalise_text(line) for t in texts for line in t.splitlines()} - {""}
         return cls(texts, lines, " \n " + " \n ".join(norm) + " \n ", ngram, threshold)

@@ -31,10 +31,11 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 

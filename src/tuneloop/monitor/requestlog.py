@@ -33,8 +33,8 @@ import sqlalchemy as sa
 from tuneloop.data.pii import redact, redact_value, scan
 from tuneloop.errors import TuneloopError
 from tuneloop.monitor.sql import (
-    feedback_table,
     ensure_schema,
+    feedback_table,
     insert_ignore,
     insert_one_ignore,
     make_engine,

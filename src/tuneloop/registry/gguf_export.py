@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file

@@ -41,9 +41,10 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import read_json, sha256_file, utcnow

@@ -16,7 +16,14 @@ from typing import Any, Protocol
 
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file, sha256_json
-from tuneloop.registry.card import base_layer_count, clean_tokenizer_config, is_blank_peft_card, model_card, module_names, portable_base_name
+from tuneloop.registry.card import (
+    base_layer_count,
+    clean_tokenizer_config,
+    is_blank_peft_card,
+    model_card,
+    module_names,
+    portable_base_name,
+)
 from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
     adapter_base,

@@ -87,9 +87,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -238,7 +239,7 @@ class ArmCounts:
     latencies: tuple[float, ...] = ()
 
     @classmethod
-    def from_log(cls, row: Mapping | None) -> "ArmCounts":
+    def from_log(cls, row: Mapping | None) -> ArmCounts:
         """From one arm of ``RequestLog.arm_counts(...)`` (missing keys count as 0)."""
         row = row or {}
         return cls(
@@ -250,7 +251,7 @@ class ArmCounts:
             latency_sum=float(row.get("latency_sum", 0.0) or 0.0),
         )
 
-    def minus(self, earlier: "ArmCounts") -> "ArmCounts":
+    def minus(self, earlier: ArmCounts) -> ArmCounts:
         """The increment from cumulative ``earlier`` to these cumulative counts (never negative)."""
         return ArmCounts(
             requests=max(0, self.requests - earlier.requests),
@@ -320,7 +321,7 @@ class RolloutPolicy:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "RolloutPolicy":
+    def from_dict(cls, data: Mapping) -> RolloutPolicy:
         data = dict(data)
         if "weights" in data:
             data["weights"] = tuple(float(w) for w in data["weights"])
@@ -409,7 +410,7 @@ class AnalysisState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "AnalysisState":
+    def from_dict(cls, data: Mapping) -> AnalysisState:
         data = dict(data)
         data["metrics"] = {k: MetricState(**v) for k, v in data.get("metrics", {}).items()}
         return cls(**data)
@@ -543,7 +544,7 @@ class CanaryAnalysis:
         return json.dumps({"policy": self.policy.to_dict(), "state": self.state.to_dict()})
 
     @classmethod
-    def from_json(cls, text: str) -> "CanaryAnalysis":
+    def from_json(cls, text: str) -> CanaryAnalysis:
         data = json.loads(text)
         return cls(RolloutPolicy.from_dict(data["policy"]), AnalysisState.from_dict(data["state"]))
 

@@ -20,8 +20,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx

@@ -17,7 +17,8 @@ alias are never split and are logged with arm ``"direct"`` (that arm is the gate
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 Arm = Literal["baseline", "canary"]
 _SCALE = float(1 << 64)

@@ -26,8 +26,16 @@ from fastapi import Request
 
 from tuneloop.serve.backends import Backend, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
-from tuneloop.serve.calls import (CALL_PATHS, RequestState, request_state, route_path, send_json, serve_call, set_route_headers,
-                                  uncancel_current)
+from tuneloop.serve.calls import (
+    CALL_PATHS,
+    RequestState,
+    request_state,
+    route_path,
+    send_json,
+    serve_call,
+    set_route_headers,
+    uncancel_current,
+)
 from tuneloop.serve.errors import APIError, install_handlers, shutting_down
 from tuneloop.serve.observe import Recorder
 from tuneloop.serve.router import NOT_A_CHAT_MODEL, Router

@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -130,7 +131,7 @@ class _BatchState:
                 for layer in self.cache.layers:
                     layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def merge(self, other: "_BatchState") -> "_BatchState":
+    def merge(self, other: _BatchState) -> _BatchState:
         """Append ``other``'s rows: both caches and masks are left-padded to the longer one, then concatenated."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
@@ -203,7 +204,7 @@ class BatchEngine:
             self.on_queue_depth(len(self.queue))
             self.cond.notify()
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         self.running = True
         self.thread = threading.Thread(target=self._loop, name=f"tuneloop-batch-{self.name}", daemon=True)
         self.thread.start()
@@ -323,7 +324,7 @@ class BatchEngine:
         return {"batches": self.batches, "rows": self.rows, "joined": self.joined, "prefills": self.prefills,
                 "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows, "cancelled_rows": self.cancelled_rows}
 
-    def _decode(self, state: "_BatchState", rows: list[_Row]) -> None:
+    def _decode(self, state: _BatchState, rows: list[_Row]) -> None:
         self.decode_steps += 1
         self.decoded_rows += len(rows)
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
@@ -352,7 +353,7 @@ class BatchEngine:
             self.on_queue_depth(len(self.queue))
         return out
 
-    def _prefill(self, rows: list[_Row]) -> "_BatchState":
+    def _prefill(self, rows: list[_Row]) -> _BatchState:
         self.prefills += 1
         width = max(len(r.job.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

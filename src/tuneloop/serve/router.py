@@ -25,8 +25,9 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.errors import InputError
 from tuneloop.serve.backends import Route

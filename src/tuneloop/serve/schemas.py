@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -94,7 +94,7 @@ class ChatRequest(_Sampling):
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _checks(self) -> "ChatRequest":
+    def _checks(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -103,7 +103,7 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+PromptType = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_Sampling):
@@ -142,7 +142,7 @@ class FeedbackRequest(_Strict):
     source: str = Field("api", min_length=1, max_length=100)
 
     @model_validator(mode="after")
-    def _one_signal(self) -> "FeedbackRequest":
+    def _one_signal(self) -> FeedbackRequest:
         if self.rating is None and self.score is None and self.correction is None and self.comment is None:
             raise ValueError("give at least one of rating (+1 or -1), score (0..1), correction or comment")
         return self

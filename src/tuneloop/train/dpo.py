@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
-from tuneloop.modeling import load_causal_lm, load_training_base, require_cuda_for_qlora
+from tuneloop.modeling import load_training_base, require_cuda_for_qlora
 from tuneloop.train.sft import (
     checkpointing_args,
     precision_args,
@@ -53,7 +54,7 @@ def train_dpo(
     return train_pairs(run, DPOTrainer, args, "dpo", tokenizer=tokenizer, progress=progress, callbacks=callbacks)
 
 
-def train_pairs(run: "TrlRun", trainer_cls: type, args: Any, objective: str, *, tokenizer, progress=None,
+def train_pairs(run: TrlRun, trainer_cls: type, args: Any, objective: str, *, tokenizer, progress=None,
                 callbacks: list | None = None) -> dict[str, Any]:
     """Train ``trainer_cls`` (a TRL trainer of preference pairs: DPO, ORPO, CPO/SimPO) with ``args`` on ``run``'s
     pairs; the common training metrics named with ``objective`` and ``train_pairs`` ({} on ranks other than 0)."""
@@ -85,7 +86,7 @@ class TrlRun:
     max_steps: int
 
     @classmethod
-    def start(cls, cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, what: str, dataset: Any = None) -> "TrlRun":
+    def start(cls, cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, what: str, dataset: Any = None) -> TrlRun:
         """Load the prepared dataset (or take ``dataset``, loaded from it and filtered; ``what`` names its records in
         the error when it is empty) and the policy."""
         from datasets import load_from_disk

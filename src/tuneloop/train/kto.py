@@ -15,8 +15,9 @@ work as in :mod:`tuneloop.train.dpo` (:class:`~tuneloop.train.dpo.TrlRun`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.train.dpo import TrlRun, chat_tokens

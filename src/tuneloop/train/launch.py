@@ -19,8 +19,9 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError

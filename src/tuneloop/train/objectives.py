@@ -12,8 +12,9 @@ checkpoints in ``work_dir/checkpoints``, the final model in ``work_dir/model``).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 DataKind = Literal["conversations", "preferences", "kto", "prompts"]
 

@@ -97,7 +97,7 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     tuneloop cannot use, is refused (:class:`~tuneloop.errors.ConfigError`, each problem with its key)."""
     from tuneloop.train.external import export_template
 
-    t, d = cfg.train, cfg.data
+    t = cfg.train
     objective = t.objective
     if objective not in MODULES:
         reason = _REFUSED.get(objective, f"OpenRLHF has no trainer for train.objective {objective}")

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError

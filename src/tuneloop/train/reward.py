@@ -33,9 +33,10 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -218,7 +219,9 @@ def load_scorer(path: str, *, adapter: str | None = None, dtype: torch.dtype = t
     carries its trained head). Safetensors only, like :func:`tuneloop.modeling.load_causal_lm`.
     ``quantization_config``: the 4-bit base of ``method: qlora`` (on the GPU)."""
     from transformers import AutoModelForSequenceClassification
-    from trl.trainer.reward_trainer import suppress_seqcls_warning  # the expected "score.weight newly initialised" notice
+    from trl.trainer.reward_trainer import (
+        suppress_seqcls_warning,  # the expected "score.weight newly initialised" notice
+    )
 
     extra: dict[str, Any] = {}
     if quantization_config is not None:

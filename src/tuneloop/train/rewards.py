@@ -33,9 +33,10 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.config import PipelineConfig, RewardSpec
 from tuneloop.errors import StageError
@@ -228,7 +229,7 @@ def _sha(text: str) -> str:
 # ------------------------------------------------------------------------------------------ building
 
 
-def build_rewards(cfg: PipelineConfig) -> tuple[list["CheckedReward"], list[float]]:
+def build_rewards(cfg: PipelineConfig) -> tuple[list[CheckedReward], list[float]]:
     """The checked reward functions of ``train.rewards`` and their weights, for TRL's GRPOTrainer."""
     funcs, weights = [], []
     for r in rewards_of(cfg):

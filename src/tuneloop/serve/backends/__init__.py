@@ -9,8 +9,9 @@ ask for ``stream_options.include_usage``, and logs it either way.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 

@@ -12,11 +12,22 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
-from tuneloop.serve.batching import (BatchEngine, DoneEvent, EngineStopped, ErrorEvent, GenJob, PromptLogprobs, QueueFull,
-                                     SamplingParams, StoppedEvent, TokenEvent)
+from tuneloop.serve.batching import (
+    BatchEngine,
+    DoneEvent,
+    EngineStopped,
+    ErrorEvent,
+    GenJob,
+    PromptLogprobs,
+    QueueFull,
+    SamplingParams,
+    StoppedEvent,
+    TokenEvent,
+)
 from tuneloop.serve.errors import APIError, bad_request, shutting_down
 
 

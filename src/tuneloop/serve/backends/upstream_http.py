@@ -17,7 +17,8 @@ import asyncio
 import json
 import ssl
 from collections import deque
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
@@ -82,7 +83,7 @@ class Response:
     """Status and headers of an answer; the body is read with :meth:`read`, :meth:`iter_lines` or drained by
     :meth:`aclose`. The connection goes back to the pool once the body was read to its end."""
 
-    def __init__(self, pool: "Pool", conn: Connection, status: int, headers: dict[str, str], read_timeout_s: float):
+    def __init__(self, pool: Pool, conn: Connection, status: int, headers: dict[str, str], read_timeout_s: float):
         self.pool, self.conn, self.status_code, self.headers = pool, conn, status, headers
         self.read_timeout_s = read_timeout_s
         self.done = False
