@@ -18,6 +18,7 @@ from prepare_in_memory import _split, apply_weights, prepare_dataset_in_memory
 from tuneloop.config import TrainSource
 from tuneloop.data import stream
 from tuneloop.data.prepare import prepare_dataset
+from tuneloop.errors import InputError
 
 FILES = ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl", "metrics.json")
 
@@ -146,8 +147,6 @@ def test_the_comparison_can_fail(tmp_path, tok):
 
 
 def test_an_empty_directory_of_shards_says_what_to_point_at(tmp_path):
-    from tuneloop.errors import InputError
-
     (tmp_path / "kept").mkdir()
     with pytest.raises(InputError, match=r"kept: a directory of validated records must hold \*\.parquet shards"):
         stream.count_records(tmp_path / "kept")
@@ -185,3 +184,36 @@ def test_training_counts_tokens_in_arrow(tmp_path, tok):
     metrics = prepare_dataset(tok, train, None, tmp_path / "out", max_length=48, eval_split=0.2, seed=3)
     ds = load_from_disk(str(tmp_path / "out" / "train"))
     assert prepared_tokens(ds) == sum(len(x) for x in ds["input_ids"]) == metrics["train_tokens"] > 0
+
+
+def test_the_ray_engines_kept_shards_read_as_its_clean_jsonl(tmp_path, tok):
+    """data/ray_engine.py's <name>.clean.parquet/: ord, line, file, source, record (canonical JSON); Ray's shard names
+    do not sort in input order (block 10 before block 2), so the reader orders shards by ord."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = _records(60)
+    bare = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{**b, "_line": 2 * i + 1, "_file": f"part{i % 2}.jsonl", "_source": i % 3}
+                                                   for i, b in enumerate(bare)])
+    shards = tmp_path / "train.clean.parquet"
+    shards.mkdir()
+    for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60))):
+        rows = range(start, stop)
+        pq.write_table(pa.table({"ord": pa.array([1000 + 3 * i for i in rows], pa.int64()), "line": pa.array([2 * i + 1 for i in rows], pa.int64()),
+                                 "file": pa.array([f"part{i % 2}.jsonl" for i in rows]), "source": pa.array([i % 3 for i in rows], pa.int32()),
+                                 "record": pa.array([json.dumps(bare[i]) for i in rows])}), shards / f"abc_{block}_0.parquet")
+    assert list(stream.iter_records(shards)) == list(stream.iter_records(clean))
+    prepare_dataset(tok, clean, None, tmp_path / "from-jsonl", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
+    prepare_dataset(tok, shards, None, tmp_path / "from-shards", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
+    assert _prepared(tmp_path / "from-shards") == _prepared(tmp_path / "from-jsonl")
+
+    single = tmp_path / "single.clean.parquet"  # one source: file null, source -1 -> neither _file nor _source
+    single.mkdir()
+    pq.write_table(pa.table({"ord": [5, 3], "line": [1, 2], "file": pa.array([None, None], pa.string()), "source": pa.array([-1, -1], pa.int32()),
+                             "record": [json.dumps(bare[0]), json.dumps(bare[1])]}), single / "x_0_0.parquet")
+    with pytest.raises(InputError, match=r"record 3 \(line 2\) comes after record 5: the kept shards are not in input order"):
+        list(stream.iter_records(single))
+    pq.write_table(pa.table({"ord": [3, 5], "line": [1, 2], "file": pa.array([None, None], pa.string()), "source": pa.array([-1, -1], pa.int32()),
+                             "record": [json.dumps(bare[0]), json.dumps(bare[1])]}), single / "x_0_0.parquet")
+    assert list(stream.iter_records(single)) == [{**bare[0], "_line": 1}, {**bare[1], "_line": 2}]
