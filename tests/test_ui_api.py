@@ -340,3 +340,13 @@ def test_tuneloop_ui_refuses_a_public_address_without_keys(project, monkeypatch)
     monkeypatch.delenv("TUNELOOP_API_KEYS", raising=False)
     res = CliRunner().invoke(app, ["ui", str(project / "tuneloop.yaml"), "--host", "0.0.0.0", "--port", "8799"])
     assert res.exit_code == 2 and "without API keys" in res.output
+
+
+def test_insecure_without_keys_opens_reads_but_not_actions(project):
+    from tuneloop.config import load_config
+
+    cfg = load_config(project / "tuneloop.yaml", ["serve.insecure=true"])
+    app = create_app(project / ".tuneloop", cfg, host="0.0.0.0", api_keys=frozenset(), admin_token="admin-1")
+    with BackgroundServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.get("/api/runs").status_code == 200  # serve.insecure: the gateway's "accept unauthenticated clients"
+        assert c.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": "x"}).status_code == 401

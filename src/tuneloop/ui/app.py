@@ -67,7 +67,7 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
     admin_env = getattr(sc, "admin_token_env", "TUNELOOP_ADMIN_TOKEN")
     auth = Auth(loopback=is_loopback(host), api_keys=read_keys(keys_env) if api_keys is None else frozenset(api_keys),
                 admin_token=(os.environ.get(admin_env) or None) if admin_token is None else admin_token,
-                keys_env=keys_env, admin_env=admin_env)
+                keys_env=keys_env, admin_env=admin_env, insecure=bool(getattr(sc, "insecure", False)))
     assets = static_files()
     launcher = Launcher(ws.root)
     lock = threading.Lock()
@@ -124,7 +124,7 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
         except PanelError as exc:
             registry = {"error": exc.message}
         return {"version": __version__, "workspace": str(ws.root), "workspace_ok": ws.root.is_dir(), "registry": registry,
-                "loopback": auth.loopback, "auth": {"api_key": not auth.loopback, "admin": not auth.loopback}}
+                "loopback": auth.loopback, "auth": {"api_key": not (auth.loopback or auth.open_reads), "admin": not auth.loopback}}
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
@@ -376,9 +376,11 @@ def _config_of(cfg: Any) -> Path | None:
 class Auth:
     """The gateway's rules for the UI (see the module docstring)."""
 
-    def __init__(self, *, loopback: bool, api_keys: frozenset[str], admin_token: str | None, keys_env: str, admin_env: str):
+    def __init__(self, *, loopback: bool, api_keys: frozenset[str], admin_token: str | None, keys_env: str, admin_env: str,
+                 insecure: bool = False):
         self.loopback, self.api_keys, self.admin_token = loopback, api_keys, admin_token
         self.keys_env, self.admin_env = keys_env, admin_env
+        self.open_reads = insecure and not api_keys  # serve.insecure without keys: reads open, as the gateway; actions still need the token
 
     def check(self, path: str, method: str, authorization: str) -> tuple[int, str, dict] | None:
         from tuneloop.serve.app import bearer, constant_time_in
@@ -393,6 +395,8 @@ class Auth:
             if not token or not constant_time_in(token, {self.admin_token}):
                 return 401, "invalid_admin_token", error_body("invalid_admin_token", "this action needs the admin token "
                                                               "('Authorization: Bearer <admin token>'); nothing was changed", None)
+            return None
+        if self.open_reads:
             return None
         allowed = self.api_keys | ({self.admin_token} if self.admin_token else set())
         if not token or not constant_time_in(token, allowed):
