@@ -162,6 +162,60 @@ def test_worker_killed_mid_pass_is_retried(cluster, dataset, tmp_path):
     _same(tmp_path / "local", tmp_path / "ray", local, checked)
 
 
+class _WordTokenizer:
+    """A whitespace tokenizer: enough for the over-long rule on `text` records (pickled by value to the workers)."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def _compare(tmp_path: Path, cluster: str, source, **kw) -> dict:
+    from tuneloop.data.validate import validate_dataset
+
+    local = validate_dataset(source, tmp_path / "local", **kw)
+    data = DataConfig(train_data="x", engine="ray", ray_address=cluster)
+    other = ray_engine.validate_dataset_ray(source, tmp_path / "ray", data=data, **kw)
+    assert {k: v for k, v in local.items() if k not in PATHS} == {k: v for k, v in other.items() if k not in PATHS}
+    for suffix in ("clean.jsonl", "quarantine.jsonl"):
+        assert (tmp_path / "local" / f"train.{suffix}").read_bytes() == (tmp_path / "ray" / f"train.{suffix}").read_bytes()
+    return other
+
+
+def test_kto_sources_and_overlong_equal_local(cluster, tmp_path):
+    """A list of sources of kto records (near duplicates only within one label; `_source` per record) and
+    text records with the over-long rule dropping some (an exact copy of a dropped record is checked again)."""
+    import ray.cloudpickle
+
+    from tuneloop.config import TrainSource
+    from tuneloop.data.validate import Checks
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rng = random.Random(3)
+    kto = []
+    for i in range(300):
+        prompt, answer = _words(rng, 10), _words(rng, 40)
+        kto.append({**_chat(prompt, answer), "label": i % 3 != 0})
+        if i % 5 == 0:
+            kto.append({**_chat(prompt, answer + " extra"), "label": i % 2 == 0})
+    for name, part in (("a.jsonl", kto[:180]), ("b.jsonl", kto[180:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    sources = [TrainSource(path=str(tmp_path / "a.jsonl")), TrainSource(path=str(tmp_path / "b.jsonl"), weight=2)]
+    rep = _compare(tmp_path / "kto", cluster, sources, checks=Checks(near_dup_threshold=0.8))
+    assert rep["format"] == "kto" and rep["near_duplicate_groups"] > 10 and len(rep["sources"]) == 2
+
+    recs = []
+    for i in range(300):
+        t = _words(rng, 80 if i % 7 == 0 else 20)
+        recs.append({"text": t})
+        if i % 4 == 0:
+            recs.append({"text": t.replace(" ", "  ", 2)})
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    for policy in ("drop", "truncate"):
+        checks = Checks(max_length=50, overlong=policy, near_dup_threshold=0.8)
+        rep = _compare(tmp_path / policy, cluster, tmp_path / "t.jsonl", checks=checks, tokenizer=_WordTokenizer())
+        assert rep["overlong"]["records"] > 10 and (rep["overlong_dropped"] > 0) == (policy == "drop")
+
+
 def _config(tmp_path: Path, dataset: Path, address: str) -> Path:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"name: t\nbase_model: {tmp_path / 'no-model'}\ntrain_data: {dataset / 'train'}\n"
