@@ -136,8 +136,9 @@ class DataConfig(_Section):
     )
     spill_dir: str | None = Field(
         None,
-        description="Where the local (out-of-core) data pass keeps per-record state while it runs (about 700 "
-        "bytes per record, removed at the end). `null`: a hidden directory next to the stage's outputs, in the workspace.",
+        description="Where the local (out-of-core) data pass keeps per-record state while it runs (a copy of the records "
+        "plus about 700 bytes each: 13 GB for 10 M chat records of 5.9 GB; removed at the end). `null`: a hidden directory "
+        "next to the stage's outputs, in the workspace.",
     )
     engine: Literal["local", "ray"] = Field(
         "local",

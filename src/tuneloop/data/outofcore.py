@@ -23,10 +23,12 @@ steps that read top to bottom:
    columns) and the quarantine, the clean file, the digest and the rule tally are written exactly as the
    in-memory pass writes them.
 
-Memory: fixed-size arrays of about 30 bytes per valid record (duplicate links, labels, masks) plus one
-band partition at a time; everything else is in the spill directory (``data.spill_dir``, default a hidden
-``.<name>.spill-*`` directory next to the outputs, inside the workspace), about 700 bytes per record (stage
-copy of the record, 512-byte signature, band keys), removed when the pass ends. A full disk while
+Memory: fixed-size arrays of about 50 bytes per valid record (line, file, duplicate links, candidate ids,
+flags) plus one band partition and a few chunks at a time (10 M chat records: 3.5 GB peak, most of it from
+a memory map that step 3 no longer uses; 1 M: see docs/benchmarks.md); everything else is in the spill
+directory (``data.spill_dir``, default a hidden ``.<name>.spill-*`` directory next to the outputs, inside the
+workspace): a copy of the records plus about 700 bytes each (512-byte signature, band keys, exact key,
+columns), 13 GB for 10 M records of 5.9 GB, removed when the pass ends. A full disk while
 spilling stops the pass with a ``StageError`` that names the file and the directory, and no clean file or
 report is written (the outputs are renamed into place only on success).
 """
@@ -82,8 +84,8 @@ def ooc_from_config(data_cfg: Any) -> OutOfCore:
 def _disk_error(e: OSError, path: Path, root: Path) -> StageError:
     what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
     return StageError(
-        f"data validation stopped: cannot write {path} ({what}). The out-of-core pass keeps about 700 bytes per "
-        f"record in {root} while it runs (data.spill_dir); free space there or set data.spill_dir to a directory "
+        f"data validation stopped: cannot write {path} ({what}). The out-of-core pass keeps a copy of the records plus "
+        f"about 700 bytes each in {root} while it runs (data.spill_dir); free space there or set data.spill_dir to a directory "
         "on a larger disk, then run again. No clean file or report was written."
     )
 
