@@ -60,7 +60,7 @@ from tuneloop.errors import InputError
 
 INSTALL = "pip install 'tuneloop[ray]'"
 RANGE_BYTES = 32 << 20  # an uncompressed .jsonl is read in byte ranges of about this size
-SIG_BATCH = 1024  # records per signature / contamination batch (dedup's chunk size)
+SIG_BATCH = 16384  # records per signature / contamination task (dedup works through them in chunks of 1,024)
 CONNECT_TIMEOUT_S = 3.0
 _LINE_BITS = 40  # ord = file_index << 40 | line
 _MAX_RETRIES = 3  # the newline-count tasks; Ray Data retries its own tasks when a worker dies (its default)
