@@ -350,3 +350,29 @@ def test_insecure_without_keys_opens_reads_but_not_actions(project):
     with BackgroundServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         assert c.get("/api/runs").status_code == 200  # serve.insecure: the gateway's "accept unauthenticated clients"
         assert c.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": "x"}).status_code == 401
+
+
+def test_a_running_training_shows_its_live_loss_from_the_unfinished_cache_entry(tmp_path):
+    """While training runs, its log is in the training cache entry that has no result.json yet; the run's own copy
+    appears only when the stage ends."""
+    import os
+
+    ws = tmp_path / ".tuneloop"
+    rec = run_record(RUN_PASSED, failed=False)
+    rec.update(status="running", pid=os.getpid(), started_at="2026-01-01T00:00:00+00:00", ended_at=None)
+    rec["stages"]["training"]["status"] = "running"
+    for s in ("evaluation", "model_registry"):
+        rec["stages"][s]["status"] = "pending"
+    (ws / "runs" / RUN_PASSED).mkdir(parents=True)
+    (ws / "runs" / RUN_PASSED / "run.json").write_text(json.dumps(rec))
+    done, live = ws / "cache" / "training" / "old", ws / "cache" / "training" / "live"
+    for d, loss in ((live, 1.5), (done, 9.0)):  # the finished one is the newer file
+        d.mkdir(parents=True)
+        (d / "train_metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss, "learning_rate": 1e-3}) + "\n"
+                                               + '{"step": 2, "loss": 1.2')  # the line being written is skipped
+    (done / "result.json").write_text("{}")  # a finished entry of an earlier run: not this run's progress
+    with BackgroundServer(create_app(ws)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        p = c.get(f"/api/runs/{RUN_PASSED}/progress").json()
+        assert p["status"] == "running" and p["stage"] == "training"
+        assert p["train"]["points"] == [{"step": 1, "epoch": None, "loss": 1.5, "learning_rate": 1e-3}]
+        assert c.get("/api/runs").json()["runs"][0]["status"] == "running"

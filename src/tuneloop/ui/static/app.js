@@ -5,6 +5,7 @@
 // ------------------------------------------------------------------------------------------ i18n
 const LANGS = ["en", "zh-CN"];
 let STR = {}, EN = {}, LANG = "en";
+let INFO = {loopback: false};  // /api/info: whether the UI is on loopback (then actions need no token)
 function pickLang() {
   const saved = localStorage.getItem("tuneloop.lang");
   if (LANGS.includes(saved)) return saved;
@@ -102,6 +103,7 @@ function pageRuns() {
         el("td", {class: "num"}, secs(r.duration_s)),
         el("td", {}, r.stages.map(s => el("span", {class: "chip s-" + s.status, title: `${s.status}${s.cached ? " (" + t("run.cached") + ")" : ""}`},
           stageName(s.stage), s.cached ? " ⟳" : ""))))), {testid: "runs-table"}));
+    if (data.runs.some(r => r.status === "running")) every(5000, route);  // a running run: the list follows it
     if (data.problems.length) out.push(el("h3", {}, t("runs.problems")),
       ...data.problems.map(p => el("div", {class: "panel-error", testid: "panel-error"}, `${p.run_id}: ${p.error}`)));
     return out;
@@ -310,6 +312,7 @@ function pageModel(name) {
     const d = await api(`api/models/${enc(name)}`);
     const versions = d.versions;
     const tokenField = id => el("input", {type: "password", testid: id, placeholder: t("model.token_placeholder"), autocomplete: "off"});
+    const tokenLabel = input => el("label", {style: INFO.loopback ? "display:none" : null}, t("model.token"), input);  // loopback: no token needed
     // promote
     const pv = el("select", {testid: "promote-version"}, versions.map(v => el("option", {value: v.version}, v.ref)).reverse());
     const pa = el("input", {type: "text", testid: "promote-alias", value: "champion", size: 10});
@@ -319,12 +322,12 @@ function pageModel(name) {
     const promote = el("form", {class: "inline", onsubmit: e => { e.preventDefault();
       actionResult(pres, api(`api/models/${enc(name)}/promote`, {method: "POST", token: pt.value, body: {version: pv.value, alias: pa.value, reason: pr.value}}), r => `${r.ref} → ${pa.value}`); }},
       el("label", {}, t("model.promote_version"), pv), el("label", {}, t("model.promote_alias"), pa), el("label", {}, t("model.reason"), pr),
-      el("label", {}, t("model.token"), pt), el("button", {type: "submit", testid: "promote-submit"}, t("model.promote_submit")));
+      tokenLabel(pt), el("button", {type: "submit", testid: "promote-submit"}, t("model.promote_submit")));
     // rollback
     const rr = el("input", {type: "text", testid: "rollback-reason", size: 30}), rt = tokenField("rollback-token"), rres = el("div", {testid: "rollback-result"});
     const rollback = el("form", {class: "inline", onsubmit: e => { e.preventDefault();
       actionResult(rres, api(`api/models/${enc(name)}/rollback`, {method: "POST", token: rt.value, body: {reason: rr.value}}), r => `${r.ref}`); }},
-      el("label", {}, t("model.reason"), rr), el("label", {}, t("model.token"), rt), el("button", {type: "submit", testid: "rollback-submit", class: "secondary"}, t("model.rollback_submit")));
+      el("label", {}, t("model.reason"), rr), tokenLabel(rt), el("button", {type: "submit", testid: "rollback-submit", class: "secondary"}, t("model.rollback_submit")));
     // tag
     const tv = el("select", {testid: "tag-version"}, versions.map(v => el("option", {value: v.version}, v.ref)).reverse());
     const tk = el("input", {type: "text", testid: "tag-key", size: 10}), tval = el("input", {type: "text", testid: "tag-value", size: 10});
@@ -334,7 +337,7 @@ function pageModel(name) {
       actionResult(tres, api(`api/models/${enc(name)}/${enc(tv.value)}/tag`, {method: "POST", token: tt.value, body: {key: tk.value, value: tval.value, remove: trm.checked, reason: tr.value}}),
         r => `${r.ref} ${Object.entries(r.tags).map(([k, v]) => k + "=" + v).join(", ")}`); }},
       el("label", {}, t("model.promote_version"), tv), el("label", {}, t("model.tag_key"), tk), el("label", {}, t("model.tag_value"), tval),
-      el("label", {}, t("model.tag_remove"), trm), el("label", {}, t("model.reason"), tr), el("label", {}, t("model.token"), tt),
+      el("label", {}, t("model.tag_remove"), trm), el("label", {}, t("model.reason"), tr), tokenLabel(tt),
       el("button", {type: "submit", testid: "tag-submit"}, t("model.tag_submit")));
     // diff
     const da = el("select", {testid: "diff-a"}, versions.map(v => el("option", {value: v.version}, v.ref)));
@@ -563,7 +566,7 @@ async function start() {
     await loadLang(e.target.value); route();
   });
   await loadLang(pickLang());
-  api("api/info").then(i => { document.getElementById("ws").textContent = i.workspace; }).catch(() => {});
+  try { INFO = await api("api/info"); document.getElementById("ws").textContent = INFO.workspace; } catch (e) { /* shown by the panels */ }
   window.addEventListener("hashchange", route);
   route();
 }
