@@ -186,7 +186,8 @@ function pageGates(id) {
       const rows = d.gates.map(g => {
         const canvas = el("canvas", {class: "gate-chart", testid: "gate-chart", width: 280, height: 44});
         setTimeout(() => gateChart(canvas, g), 0);
-        return el("tr", {testid: "gate-row", "data-gate": g.name},
+        return el("tr", {testid: "gate-row", "data-gate": g.name, class: g.stage === "evaluation" ? "clickable" : null,
+          title: g.stage === "evaluation" ? t("items.title") : null, onclick: () => { if (g.stage === "evaluation" && showSuite) showSuite(g.suite); }},
           el("td", {testid: "gate-name", class: "mono"}, g.name), el("td", {}, stageName(g.stage)),
           el("td", {class: "num"}, num(g.value)), el("td", {class: "num", testid: "gate-interval"}, interval(g.interval)),
           el("td", {class: "num"}, `${g.op || ""} ${num(g.threshold)}`), el("td", {}, canvas),
@@ -206,9 +207,11 @@ function pageGates(id) {
     itemsPanel(id)];
 }
 
+let showSuite = null;  // set by the items panel: a click on an evaluation gate shows that suite's items
 function itemsPanel(id) {
   const box = el("div");
   const state = {suite: "", only: "differ", limit: 50};
+  showSuite = suite => { state.suite = suite || ""; load().then(() => box.scrollIntoView({behavior: "smooth"})).catch(() => {}); };
   async function load() {
     const d = await api(`api/runs/${enc(id)}/items?only=${state.only}&limit=${state.limit}` + (state.suite ? `&suite=${enc(state.suite)}` : ""));
     if (!d.suites.length) return box.replaceChildren(el("p", {class: "muted"}, t("items.empty")));
