@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from tuneloop.errors import InputError
+
 _CHUNK = 1 << 20
 
 
@@ -66,6 +68,31 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def iter_jsonl(path: str | Path, what: str = "this file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each non-blank line of the JSONL file ``path`` as ``(line number from 1, object)``. A line that is not a JSON
+    object raises :class:`~tuneloop.errors.InputError` naming ``path:line`` and what the file is for (``what``).
+
+    The one strict JSONL reader. Readers that must survive a torn or foreign line (the store's journal, the request
+    spool, the gateway's probe prompts) or that report every bad line at once (``tuneloop judge``) keep their own
+    loops, each saying why."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg}); {what} needs one JSON object per line") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object")
+            yield n, rec
+
+
+def read_jsonl(path: str | Path, what: str = "this file") -> list[dict[str, Any]]:
+    """The objects of the JSONL file ``path`` in order (:func:`iter_jsonl`'s errors)."""
+    return [rec for _, rec in iter_jsonl(path, what)]
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -21,7 +21,7 @@ import transformers
 
 from tuneloop.errors import InputError, StageError
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 # Our own Rich progress and logs replace the libraries' tqdm bars and advisory chatter.
 transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

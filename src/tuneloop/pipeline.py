@@ -59,7 +59,7 @@ from tuneloop.workspace import Workspace
 
 __all__ = ["FineTunePipeline", "PipelineStage", "StageResult"]
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 class FineTunePipeline:
@@ -392,7 +392,7 @@ def _attach_log(path: Path) -> _LogFile:
     handler.setLevel(logging.INFO)
     for name in _LOGGERS:
         logging.getLogger(name).addHandler(handler)  # third-party loggers keep their own level (warnings)
-    log.setLevel(logging.INFO)
+    logging.getLogger("tuneloop").setLevel(logging.INFO)  # the package logger: every tuneloop.* module logs at INFO
     return handler
 
 

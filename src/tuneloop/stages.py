@@ -38,7 +38,7 @@ from tuneloop.train.objectives import cache_tag, data_problems, kto_label_proble
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 class PipelineStage(str, Enum):
@@ -880,7 +880,7 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
         problems += ray_problems(cfg.data)
     for spec in cfg.eval.suites:
         if spec.kind == "lmeval":
-            from tuneloop.evaluate.lmeval import preflight_problems as lmeval_problems
+            from tuneloop.evaluate.lmeval import lmeval_problems
 
             problems += lmeval_problems(spec)
     bm = cfg.base_model

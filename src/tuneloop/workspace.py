@@ -101,4 +101,3 @@ def _check_not_a_file(root: Path) -> None:
                 f"the workspace {root} {where} a file, not a directory; point `workspace:` in the config (or "
                 "-w/--workspace) at a directory, or move the file away"
             )
-    return True

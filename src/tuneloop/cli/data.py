@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -62,7 +63,8 @@ def report_tables(rep: dict[str, Any], title: str) -> list[Table]:
     tables = [t]
     if rep.get("sources"):  # data.train_data as a list of sources
         src = Table(title="sources (their weights apply in preprocessing)")
-        for col, justify in (("source", "left"), ("records", "right"), ("valid", "right")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (("source", "left"), ("records", "right"), ("valid", "right"))
+        for col, justify in columns:
             src.add_column(col, justify=justify)
         for row in rep["sources"]:
             src.add_row(escape(row["path"]), str(row["records"]), str(row["valid"]))

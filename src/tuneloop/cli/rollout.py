@@ -95,13 +95,11 @@ def status(
             else:
                 _print_list(found)
             return
-        st = controller.status(reg, name)
-        if st is None:
-            raise InputError(f"{name} has never had a rollout; start one with `tuneloop rollout start {name}:VERSION`")
+        st = _rollout_status(reg, name)
         deadline = None if timeout is None else time.monotonic() + timeout
         while wait and st["status"] == "running" and (deadline is None or time.monotonic() < deadline):
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
-            st = controller.status(reg, name)
+            st = _rollout_status(reg, name)
         if opts.json_out:
             print_json(st)
         else:
@@ -161,6 +159,15 @@ def _print_list(found: list[dict]) -> None:
     rows = [[s["rollout_id"], s["candidate"], s["baseline"], s["status"], percent(s["weight"]),
              str(s["analysis"]["canary_requests"]), format_time(s["updated_at"])] for s in found]
     print_table(out, "rollouts", cols, rows, more="`tuneloop rollout status NAME` or --json")
+
+
+def _rollout_status(reg, name: str) -> dict:
+    from tuneloop.rollout import controller
+
+    st = controller.status(reg, name)
+    if st is None:
+        raise InputError(f"{name} has never had a rollout; start one with `tuneloop rollout start {name}:VERSION`")
+    return st
 
 
 def _print_status(st: dict) -> None:

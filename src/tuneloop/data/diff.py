@@ -54,7 +54,7 @@ def _short(value: Any, limit: int = 160) -> str:
 def _load(source: str | Path, fmt: str) -> tuple[str, dict[str, list[tuple[int, Any, Any]]], dict[str, Any]]:
     items, _, fmt = open_detected(source, fmt)
     by_key: dict[str, list[tuple[int, Any, Any]]] = {}
-    stats = {"records": 0, "skipped": 0, "with_id": 0}
+    stats: dict[str, Any] = {"records": 0, "skipped": 0, "with_id": 0}
     digest = hashlib.sha256()
     for item in items:
         stats["records"] += 1

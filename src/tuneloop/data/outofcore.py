@@ -49,7 +49,7 @@ import numpy as np
 from tuneloop.errors import StageError
 
 if TYPE_CHECKING:
-    from tuneloop.data.validate import Checks, _Screened, _Similar
+    from tuneloop.data.passparts import Checks, _Screened, _Similar
 
 NUM_PERM, SEED = 128, 0  # validate's near-duplicate settings (as near_duplicate_groups' defaults)
 _FLAG_PII, _FLAG_EMPTY = 1, 2
@@ -403,7 +403,7 @@ def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate:
              line_col: np.ndarray, file_col: np.ndarray, files: list[str | None], s: _Screened, checks: Checks) -> _Similar:
     """``validate._similar``'s result from the groups (valid-record ids) and the contaminated candidates:
     removed and contaminated candidates, and their reasons in the tally, in candidate order."""
-    from tuneloop.data.validate import _Similar
+    from tuneloop.data.passparts import _Similar
 
     def where(i: int) -> tuple[int, str | None]:
         return int(line_col[i]), files[file_col[i]]
@@ -424,7 +424,7 @@ def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate:
 def _tally(sim: _Similar, candidate: np.ndarray, line_col: np.ndarray, file_col: np.ndarray, files: list[str | None],
            s: _Screened, checks: Checks) -> None:
     """The similarity reasons in the tally, after the screen's (as the in-memory pass adds them)."""
-    from tuneloop.data.validate import _tally_similar
+    from tuneloop.data.passparts import _tally_similar
 
     ids_of = np.flatnonzero(candidate)
     _tally_similar(s.tally, sim, checks, lambda c: (int(line_col[ids_of[c]]), files[file_col[ids_of[c]]]))
@@ -441,7 +441,7 @@ def _replay(spill: Spill, s: _Screened, st: _Streamed, sim: _Similar, cand_of: n
     import hashlib
 
     from tuneloop.data.rules import quarantine_line
-    from tuneloop.data.validate import _bookkeeping, _overlong_reason
+    from tuneloop.data.passparts import _bookkeeping, _overlong_reason
 
     kinds = spill.read("kind.i1", np.int8)
     line_col = spill.read("line.i8", np.int64)
@@ -538,7 +538,7 @@ def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: st
                          name: str, checks: Checks, tokenizer: Any, eval_texts: list[str] | None, ooc: OutOfCore) -> dict:
     """``validate_dataset`` out of core, on the opened ``items`` (see the module docstring); same return value."""
     from tuneloop.data.report import write_report
-    from tuneloop.data.validate import _near_dup_module, _not_checked, _report, _source_rows
+    from tuneloop.data.passparts import _near_dup_module, _not_checked, _report, _source_rows
     from tuneloop.fsutil import atomic_lines
 
     dedup = _near_dup_module()

@@ -165,7 +165,7 @@ def might_contain(text: str) -> bool:
 
 def _collect(pattern: re.Pattern, text: str, out: list[Finding], lo: int = 0, hi: int | None = None) -> None:
     for m in pattern.finditer(text, lo, len(text) if hi is None else hi):
-        kind = _accept(m.lastgroup, m.group())
+        kind = _accept(str(m.lastgroup), m.group())  # every alternative is a named group: never None
         if kind is not None:
             out.append(Finding(kind, m.start(), m.end()))
 

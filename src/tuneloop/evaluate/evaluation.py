@@ -24,11 +24,12 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError
 from tuneloop.evaluate.gates import check_gates
 from tuneloop.evaluate.judges import make_judge, measured_accuracy
+from tuneloop.evaluate.stats import mean
 from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, model_fingerprint, sha256_json
 from tuneloop.train.objectives import uses_preferences
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,8 +189,9 @@ def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any], progr
     return memo[key]
 
 
-def _mean(x) -> float:
-    return sum(x) / len(x) if x else 0.0
+def _drop(base: float | None, candidate: float | None) -> float | None:
+    """base - candidate; None when either was not measured (a suite with no items)."""
+    return None if base is None or candidate is None else base - candidate
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:
@@ -202,7 +204,7 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
     first_task = True
     for name, r in results.items():
         k = r["kind"]
-        b, c = _mean(r["base"]), _mean(r["candidate"])
+        b, c = mean(r["base"]), mean(r["candidate"])  # None for no items: _r leaves the metric out (was 0.0)
         if k == "task":
             if first_task:
                 m.update(accuracy=_r(c), base_accuracy=_r(b), eval_items=r["n"], task_metric=r.get("metric"))
@@ -215,10 +217,10 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
             m.update(over_refusal_rate=_r(c), base_over_refusal_rate=_r(b), benign_items=r["n"])
         elif k == "general_text":
             bp, cp = r.get("base_perplexity"), r.get("candidate_perplexity")
-            m.update(general_accuracy=_r(c), base_general_accuracy=_r(b), capability_drop=_r(b - c), general_perplexity=_r(cp, 4), base_general_perplexity=_r(bp, 4),
+            m.update(general_accuracy=_r(c), base_general_accuracy=_r(b), capability_drop=_r(_drop(b, c)), general_perplexity=_r(cp, 4), base_general_perplexity=_r(bp, 4),
                      perplexity_ratio=_r(cp / bp, 4) if bp and cp else None, general_tokens=r["n"])
         elif k in ("capability_mc", "lmeval"):
-            m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_drop": _r(b - c), f"{name}_items": r["n"]})
+            m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_drop": _r(_drop(b, c)), f"{name}_items": r["n"]})
         elif k == "win_rate":
             m.update(win_rate=_r(c), win_items=r["n"])
         elif k == "preference":

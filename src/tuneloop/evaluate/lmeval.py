@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,18 @@ def lmeval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def preflight_problems(spec) -> list[str]:
+@contextlib.contextmanager
+def _chdir(path: str | Path) -> Iterator[None]:
+    """``contextlib.chdir`` (Python 3.11+) for 3.10, which ``requires-python`` still promises (found by mypy, issue 25)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def lmeval_problems(spec) -> list[str]:
     """Problems of one ``lmeval`` suite that can be found without loading anything (for preflight)."""
     where = f"eval.suites.{spec.name}"
     problems = []
@@ -51,7 +64,7 @@ def preflight_problems(spec) -> list[str]:
 
 def load_tasks(spec) -> dict[str, Any]:
     """``{task name: lm_eval Task}`` of the suite, built from ``include_path`` offline (InputError if unknown)."""
-    problems = preflight_problems(spec)
+    problems = lmeval_problems(spec)
     if problems:
         raise ConfigError("; ".join(problems))
     import logging
@@ -68,7 +81,7 @@ def load_tasks(spec) -> dict[str, Any]:
     if unknown:
         known = ", ".join(tm.all_tasks[:20]) or "none"
         raise InputError(f"eval.suites.{spec.name}: lm-eval task(s) {', '.join(unknown)} not found under {include} (tasks there: {known})")
-    with hf_offline(), contextlib.chdir(include), warnings.catch_warnings():
+    with hf_offline(), _chdir(include), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         try:

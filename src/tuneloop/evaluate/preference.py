@@ -18,7 +18,6 @@ Entry points: :func:`load_pairs` (the suite is built by :func:`tuneloop.evaluate
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ import torch
 
 from tuneloop.errors import InputError
 from tuneloop.evaluate.audit import prompt_sha256
-from tuneloop.fsutil import sha256_json
+from tuneloop.evaluate.stats import mean
+from tuneloop.fsutil import iter_jsonl, sha256_json
 
 KIND = "preference"
 
@@ -58,7 +58,7 @@ def load_pairs(path: Path, *, max_items: int | None = None) -> list[dict[str, An
     p = Path(path)
     if not p.is_file():
         raise InputError(f"preference pairs not found: {p}")
-    items = [pair_item(json.loads(line), i, str(p)) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    items = [pair_item(rec, n - 1, str(p)) for n, rec in iter_jsonl(p, "a preference-pairs file")]
     return items[:max_items] if max_items else items
 
 
@@ -107,10 +107,6 @@ def _prefers(p: dict[str, Any], normalised: bool = False) -> float:
     return float(p["chosen"] > p["rejected"])
 
 
-def _mean(x: list[float]) -> float | None:
-    return sum(x) / len(x) if x else None
-
-
 def score_preference(suite, base_out: dict[str, Any], cand_out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-item 0/1 'prefers the chosen answer' of base and candidate (the gates' input), mean margins in nats
     (log-likelihood of chosen minus rejected), the length-normalised accuracies, and one audit record per pair."""
@@ -119,8 +115,8 @@ def score_preference(suite, base_out: dict[str, Any], cand_out: dict[str, Any]) 
     b_margin, c_margin = [p["chosen"] - p["rejected"] for p in bp], [p["chosen"] - p["rejected"] for p in cp]
     res = {
         "kind": KIND, "binary": True, "n": len(cs), "source": suite.source, "base": bs, "candidate": cs,
-        "base_margin": _mean(b_margin), "candidate_margin": _mean(c_margin),
-        "base_accuracy_norm": _mean([_prefers(p, True) for p in bp]), "candidate_accuracy_norm": _mean([_prefers(p, True) for p in cp]),
+        "base_margin": mean(b_margin), "candidate_margin": mean(c_margin),
+        "base_accuracy_norm": mean([_prefers(p, True) for p in bp]), "candidate_accuracy_norm": mean([_prefers(p, True) for p in cp]),
         "loglik": "sum over answer tokens (not length-normalised)",
     }
     recs = []

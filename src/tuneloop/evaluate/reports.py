@@ -70,7 +70,8 @@ def markdown_summary(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] |
     """A Markdown table fit for a CI comment, with the overall verdict first."""
     blocking = [n for n, g in gates.items() if g.get("blocks")]
     head = f"### {title}: {'❌ blocked by ' + ', '.join(blocking) if blocking else '✅ passed'}"
-    against = (metrics or {}).get("against")
+    metrics = metrics or {}
+    against = metrics.get("against")
     lines = [head, ""]
     if against:
         lines += [f"Compared with: **{against}**" + (f" ({metrics['against_note']})" if metrics.get("against_note") else ""), ""]
@@ -112,7 +113,7 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
             return left + (x - a) / (b - a) * (width - left - right)
         top = 4 + i * h_row
         y = top + 27
-        c = color.get(g.get("verdict"), "#888")
+        c = color.get(str(g.get("verdict")), "#888")
         rule = f"threshold {g.get('op', '')} {fmt_number(thr)}" if thr is not None else "no threshold: reported, not applied"
         parts.append(f'<text x="{left}" y="{top + 12}"><tspan font-weight="600">{escape(name)}</tspan> — '
                      f'<tspan fill="{c}">{escape(str(g.get("verdict")))}</tspan>; {escape(rule)}</text>')

@@ -34,6 +34,7 @@ from tuneloop.evaluate.audit import prompt_sha256
 from tuneloop.evaluate.evaluation import ModelRef, registry_model_ref
 from tuneloop.evaluate.gates import check_gates, not_applicable
 from tuneloop.evaluate.preference import load_pairs
+from tuneloop.evaluate.stats import mean
 from tuneloop.fsutil import atomic_write_text
 from tuneloop.train.reward import RewardModel, load_reward_model, reward_dir_problem
 
@@ -65,18 +66,18 @@ def evaluate_reward_model(
 
     right = [float(c > r) for c, r in cand]
     result: dict[str, Any] = {"kind": KIND, "binary": True, "n": len(items), "source": str(pairs_path), "candidate": right,
-                              "candidate_margin": _mean([c - r for c, r in cand])}
+                              "candidate_margin": mean([c - r for c, r in cand])}
     gates = check_gates(cfg, {KIND: result}, seed=cfg.seed)
     gates.update(not_applicable(cfg, NOT_APPLICABLE, kinds=(KIND,)))
     metrics: dict[str, Any] = {
-        "reward_accuracy": _r(_mean(right)), "reward_pairs": len(items), "reward_margin": _r(result["candidate_margin"], 4),
+        "reward_accuracy": _r(mean(right)), "reward_pairs": len(items), "reward_margin": _r(result["candidate_margin"], 4),
         "reward_ties": sum(c == r for c, r in cand),
-        "reward_chosen_mean": _r(_mean([c for c, _ in cand]), 4), "reward_rejected_mean": _r(_mean([r for _, r in cand]), 4),
+        "reward_chosen_mean": _r(mean([c for c, _ in cand]), 4), "reward_rejected_mean": _r(mean([r for _, r in cand]), 4),
         "against": ref_label,
     }
     if ref_scores is not None:
-        metrics.update(reference_reward_accuracy=_r(_mean([float(c > r) for c, r in ref_scores])),
-                       reference_reward_margin=_r(_mean([c - r for c, r in ref_scores]), 4))
+        metrics.update(reference_reward_accuracy=_r(mean([float(c > r) for c, r in ref_scores])),
+                       reference_reward_margin=_r(mean([c - r for c, r in ref_scores]), 4))
     if note:
         metrics["reference_note"] = note
     metrics["gate_verdicts"] = {name: g["verdict"] for name, g in gates.items()}
@@ -131,10 +132,6 @@ def reward_champion(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None
     if (version.get("lineage") or {}).get("kind") != KIND:
         return None, f"the champion {version['ref']} is not a reward model (no `kind: reward` in its lineage): no reference accuracy"
     return registry_model_ref(cfg, registry, cfg.model_name, version["version"], "champion"), ""
-
-
-def _mean(x: list[float]) -> float | None:
-    return sum(x) / len(x) if x else None
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:

@@ -41,7 +41,7 @@ from tuneloop.errors import InputError
 from tuneloop.evaluate.audit import prompt_sha256
 from tuneloop.evaluate.judges import Judge, normalise_answer, pairwise_score, token_f1
 from tuneloop.evaluate.metrics import DEFAULT_CHRF_THRESHOLD, choose_auto, chrf
-from tuneloop.fsutil import sha256_json
+from tuneloop.fsutil import iter_jsonl, sha256_json
 
 SHIPPED = {"harmful": "redteam.jsonl", "over_refusal": "benign.jsonl", "general_text": "general.txt", "capability_mc": "general_mc.jsonl"}
 GENERATES = ("task", "harmful", "over_refusal", "win_rate")
@@ -74,15 +74,7 @@ def _read_jsonl(path: str, what: str) -> list[dict[str, Any]]:
     if not p.is_file():
         raise InputError(f"{what}: file not found: {path}")
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{i}: not valid JSON ({exc.msg}); {what} needs one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}:{i}: expected a JSON object")
+    for i, rec in iter_jsonl(path, what):
         rec.setdefault("line", i)
         out.append(rec)
     return out

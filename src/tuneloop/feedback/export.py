@@ -63,7 +63,7 @@ from typing import Any, Protocol
 from tuneloop.data import dedup, pii
 from tuneloop.data.formats import normalise
 from tuneloop.errors import InputError
-from tuneloop.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
 
 __all__ = ["ExportResult", "RequestLogReader", "eval_texts_for_config", "eval_texts_from_file", "export_feedback", "parse_since"]
 
@@ -386,10 +386,9 @@ def _append_regression(path: Path, answers: list[_Answer], held: set[str], evals
     it overlaps the evaluation set already."""
     existing: set[str] = set()
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    for line in old.splitlines():
-        if line.strip():
-            msgs = json.loads(line).get("messages", [])[:-1]
-            existing.add(json.dumps([[m.get("role"), _collapse(str(m.get("content") or ""))] for m in msgs]))
+    for rec in read_jsonl(path, "a regression suite") if old else []:
+        msgs = rec.get("messages", [])[:-1]
+        existing.add(json.dumps([[m.get("role"), _collapse(str(m.get("content") or ""))] for m in msgs]))
     newest: dict[str, _Answer] = {}
     for a in answers:
         if a.key in held and a.verdict == "corrected" and (a.key not in newest or a.request.created_at > newest[a.key].request.created_at):

@@ -696,6 +696,7 @@ class AsyncRecorder:
             entries, cursor = self.spool.head(self.batch_size)
             if not entries:
                 break
+            done: dict[str, int] | None
             try:
                 done = self.log.replay(entries)
             except Exception as exc:  # noqa: BLE001
@@ -773,4 +774,5 @@ def _why(exc: BaseException) -> str:
 
 
 def _feedback_from_row(row: dict[str, Any]) -> FeedbackRecord:
-    return FeedbackRecord(**{name: row.get(name) for name in _FEEDBACK_FIELDS})
+    values: dict[str, Any] = {name: row.get(name) for name in _FEEDBACK_FIELDS}  # the store's row: typed by its schema
+    return FeedbackRecord(**values)

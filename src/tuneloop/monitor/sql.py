@@ -177,10 +177,12 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
 
 def _insert(conn: Connection, table: sa.Table):
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
 
 
 def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> None:

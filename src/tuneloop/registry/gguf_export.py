@@ -191,6 +191,8 @@ def check_architecture(config, ref: str) -> None:
 
 def llama_params(config) -> LlamaParams:
     theta, _ = _rope(config)
+    if theta is None:  # check_architecture refuses this first; here for a direct caller
+        raise InputError("the model's config has no rope_theta: this export cannot write it")
     heads = config.num_attention_heads
     return LlamaParams(
         context_length=int(config.max_position_embeddings),

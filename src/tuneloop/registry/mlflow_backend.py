@@ -76,7 +76,7 @@ from tuneloop.registry.rollouts import (
 )
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 EXPERIMENT = "tuneloop-registry"
 P = "tuneloop."
 _RECORD_KEYS = ("kind", "base_model", "artifact_digest", "cache_key", "created_at", "lineage", "metrics", "gates")

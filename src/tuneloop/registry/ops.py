@@ -61,7 +61,7 @@ def register_directory(
     lineage: dict[str, Any] = {
         "source": "register",
         "source_path": str(path.resolve()),
-        "base": base_model_ref(base) if kind == "adapter" else None,
+        "base": base_model_ref(base) if kind == "adapter" and base else None,  # an adapter always has one (above)
         "adapter_config_base": named_base,
         "code_version": code_version(),
         "git": git_info(),
@@ -192,6 +192,7 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         if merged:
+            assert base is not None  # merged is refused above unless the version is an adapter, which has a base
             _write_merged(src, base, tmp)
         else:
             _copy_artifact(src, tmp)
@@ -357,7 +358,7 @@ def recover(root: Path) -> RecoverReport:
     return RecoverReport(**recover_database(Path(root)))
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -203,7 +203,8 @@ class ArtifactStore:
 
     def read_records(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Every version record (sorted by model and version) and the files that could not be read."""
-        records, unreadable = [], []
+        records: list[dict[str, Any]] = []
+        unreadable: list[str] = []
         if not self.records_dir.is_dir():
             return records, unreadable
         for f in sorted(self.records_dir.glob("*/*.json")):

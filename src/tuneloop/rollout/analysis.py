@@ -566,11 +566,17 @@ class CanaryAnalysis:
             arm.pop("latencies")
         return self.observe(canary, baseline, now=now)
 
+    def _final_decision(self) -> Decision:
+        """The decision a finished analysis ended with, with the statistics as they stand."""
+        if self.state.final is None:
+            raise ValueError(f"the analysis is {self.state.status} but records no final decision")
+        return Decision(**{**self.state.final, "metrics": self.stats()})
+
     def observe(self, canary: ArmCounts, baseline: ArmCounts, *, now: float, weight: float | None = None) -> Decision:
         """Add an increment observed at ``weight`` (default: the current step's weight) and decide."""
         st = self.state
         if st.status != "running":
-            return Decision(**{**st.final, "metrics": self.stats()})
+            return self._final_decision()
         w = self.weight if weight is None else weight
         had_traffic = canary.requests + baseline.requests > 0
         if had_traffic:
@@ -612,7 +618,7 @@ class CanaryAnalysis:
         whole yet); a finished analysis returns its final decision."""
         st = self.state
         if st.status != "running":
-            return Decision(**{**st.final, "metrics": self.stats()})
+            return self._final_decision()
         return Decision(action="continue", reason=reason, step=st.step, weight=self.weight,
                         canary_requests=st.canary_requests, baseline_requests=st.baseline_requests, at=now,
                         metrics=self.stats())

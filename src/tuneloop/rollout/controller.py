@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.api import ModelRegistry
 from tuneloop.registry.rollouts import RolloutConflict
-from tuneloop.rollout.analysis import AnalysisState, CanaryAnalysis, Decision, RolloutPolicy
+from tuneloop.rollout.analysis import Action, AnalysisState, CanaryAnalysis, Decision, RolloutPolicy
 from tuneloop.rollout.notify import Notifier
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def end_by_hand(reg: ModelRegistry, model: str, status: str, *, actor: str | Non
     for _ in range(MANUAL_RETRIES):
         record = running_rollout(reg, model)
         analysis, cursor = load_state(record)
-        action = "promote" if status == "promoted" else "rollback"
+        action: Action = "promote" if status == "promoted" else "rollback"
         who = actor or "a person"
         decision = manual_decision(analysis, action, f"{status.replace('_', ' ')} by {who}: {reason or 'no reason given'}", now)
         try:
@@ -192,7 +192,7 @@ def end_by_hand(reg: ModelRegistry, model: str, status: str, *, actor: str | Non
     raise RolloutConflict(f"the rollout of {model} kept changing while ending it ({MANUAL_RETRIES} tries); run the command again")
 
 
-def manual_decision(analysis: CanaryAnalysis, action: str, reason: str, now: float) -> Decision:
+def manual_decision(analysis: CanaryAnalysis, action: Action, reason: str, now: float) -> Decision:
     """A person's decision with the statistics as they stand; the analysis ends with it."""
     stats, st = analysis.stats(), analysis.state
     st.status = "promoted" if action == "promote" else "rolled_back"

@@ -41,7 +41,7 @@ from tuneloop.serve.observe import Recorder
 from tuneloop.serve.router import NOT_A_CHAT_MODEL, Router
 from tuneloop.serve.schemas import FeedbackRequest, parse_body, read_body
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,13 +138,13 @@ async def preload(gw: Gateway) -> None:
 def add_openai_routes(app, gw: Gateway) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(v, v["ref"]) for v in gw.router.versions()]}
+        return {"object": "list", "data": [model_object(v, v["ref"]) for v in gw.router.versions()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         v = gw.router.resolve(model_id)
         set_route_headers(request_state(request), Route(model_id, v))
-        return model_card(v, model_id)
+        return model_object(v, model_id)
 
     for path in CALL_PATHS:  # the routes (405 for other methods); GatewayMiddleware calls serve_call before routing
         app.router.add_route(path, CallEndpoint(gw), methods=["POST"], include_in_schema=False)
@@ -251,7 +251,9 @@ def store_feedback(request_log, recorder, body: FeedbackRequest):
         raise
 
 
-def model_card(v: dict[str, Any], model_id: str) -> dict[str, Any]:
+def model_object(v: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """The OpenAI model object (``GET /v1/models``) of a registered version; the export's README is
+    :func:`tuneloop.registry.card.model_card`."""
     from tuneloop.serve.backends import artifact_sha256
 
     try:
@@ -341,7 +343,9 @@ class GatewayMiddleware:
 def has_key(request: Request, s: GatewaySettings) -> bool:
     """Whether the request carries a valid API key (or the admin token)."""
     token = bearer(request.headers.get("authorization", ""))
-    return bool(token) and constant_time_in(token, s.api_keys | ({s.admin_token} if s.admin_token else set()))
+    if not token:
+        return False
+    return constant_time_in(token, s.api_keys | ({s.admin_token} if s.admin_token else set()))
 
 
 def public_health(full: dict[str, Any]) -> dict[str, Any]:

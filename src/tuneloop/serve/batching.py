@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 BASE_ADAPTER = None  # jobs for the base weights (or a full model) carry adapter=None
 

@@ -35,7 +35,7 @@ from tuneloop.serve.errors import APIError, ClientGone, error_body, is_shutting_
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, parse_body, read_body
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 CALL_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 SCHEMAS = {"chat.completions": ChatRequest, "completions": CompletionRequest}

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "upstream_error",

@@ -12,7 +12,7 @@ from typing import Any
 from tuneloop.serve.backends import Route
 from tuneloop.serve.router import user_hash
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 
 @dataclass

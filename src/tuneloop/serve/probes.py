@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneloop.fsutil import read_jsonl
+
 
 @dataclass
 class Probe:
@@ -39,7 +41,7 @@ def plan_probes(workspace_root: Path | None, version: dict[str, Any], limit: int
     items_path = Path(workspace_root) / "runs" / str(run_id) / "eval_items.jsonl"
     if not items_path.is_file():
         return ProbePlan([], max_new, f"run {run_id} has no eval_items.jsonl in this workspace")
-    records = [json.loads(line) for line in items_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(items_path, "the run's eval_items.jsonl")
     task_prompts = _task_prompts(lineage, cfg)
     probes: list[Probe] = []
     for rec in records:
@@ -65,7 +67,7 @@ def _task_prompts(lineage: dict[str, Any], cfg: dict[str, Any]) -> dict[str, lis
     out: dict[str, list[dict[str, str]]] = {}
     if not path or not Path(path).is_file() or Path(path).suffix != ".jsonl":
         return out
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():  # tolerant: a probe plan skips what it cannot read
         try:
             msgs = json.loads(line).get("messages")
         except (ValueError, AttributeError):

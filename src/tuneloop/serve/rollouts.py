@@ -26,7 +26,7 @@ from fastapi import Request
 from tuneloop.errors import InputError
 from tuneloop.serve.errors import APIError, scrub_paths
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 GATEWAY_ACTOR = "tuneloop-gateway"
 ADMIN_ACTOR = "admin-api"

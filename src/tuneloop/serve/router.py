@@ -34,7 +34,7 @@ from tuneloop.serve.backends import Route
 from tuneloop.serve.errors import APIError, not_found
 
 DEFAULT_ALIAS = "champion"
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from tuneloop.errors import ConfigError, InputError
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 #: After ``serve.shutdown_grace_s``: how long the calls ended with 503 get to send it before uvicorn cancels the rest.
 END_OF_GRACE_S = 2.0

@@ -32,7 +32,7 @@ from typing import Any
 
 from tuneloop.fsutil import LOW_SPACE_BYTES, free_bytes, fsync_dir, fsync_tree, is_disk_full, read_json, replace_dir
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 STAGING = ".partial"  # under the checkpoint directory; not matched by transformers' `checkpoint-*` globs
 _NAME = re.compile(r"checkpoint-(\d+)")

@@ -34,7 +34,7 @@ from tuneloop.train.sft import (
     world_size,
 )
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 def train_dpo(

@@ -31,7 +31,7 @@ from tuneloop.fsutil import atomic_write_json, atomic_write_text, replace_dir
 from tuneloop.train.launch import stream_process
 from tuneloop.train.objectives import OBJECTIVES, uses_preferences
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 #: Placeholders a ``train.command`` may use.
 PLACEHOLDERS = {
@@ -96,6 +96,8 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
         "max_steps": t.max_steps or 0, "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "max_length": cfg.data.max_length,
     }
+    if t.command is None:  # preflight (command_problems) refuses this before any work; here for a direct caller
+        raise ConfigError("train.command: required when train.backend is `command`; e.g. `axolotl train {config_file}`")
     command = t.command.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
     log.info("running the training command: %s", command)
     tail: deque[str] = deque(maxlen=40)

@@ -27,7 +27,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError
 from tuneloop.fsutil import atomic_write_json, read_json
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 STEP_PREFIX = "TUNELOOP_STEP "
 
 
@@ -39,6 +39,7 @@ def stream_process(cmd: list[str] | str, on_line: Callable[[str], None], *, env:
 
     proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         for line in proc.stdout:
             on_line(line.rstrip("\n"))

@@ -60,7 +60,7 @@ from tuneloop.data.prepare import IGNORE_INDEX
 from tuneloop.errors import StageError
 from tuneloop.fsutil import atomic_write_json, replace_dir
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'tuneloop[mlx]'"
 MAX_GRAD_NORM = 1.0  # transformers' TrainingArguments.max_grad_norm default, which train_sft uses

@@ -484,22 +484,18 @@ def ppo_prompts(records: Path, out: Path) -> int:
     ``{"prompt": [messages before the final assistant turn], "reference": that turn, "tuneloop_reward": both as one
     JSON string}`` per line (for ``--data.input_key prompt``; ``--data.label_key reference`` for a reward function of
     OpenRLHF's own, ``--data.label_key tuneloop_reward`` for :class:`OpenRLHFReward`). Returns how many."""
-    from tuneloop.fsutil import atomic_write_text
+    from tuneloop.fsutil import atomic_write_text, iter_jsonl
 
     lines = []
-    with open(records, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            msgs = rec.get("messages")
-            if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-                raise InputError(f"{records}:{n}: expected conversation records (`messages` ending with an assistant "
-                                 "turn); PPO prompts come from train.objective sft data")
-            plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
-            label = json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"]}, ensure_ascii=False)
-            lines.append(json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"], LABEL_KEY: label},
-                                    ensure_ascii=False) + "\n")
+    for n, rec in iter_jsonl(records, "the prepared training data"):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+            raise InputError(f"{records}:{n}: expected conversation records (`messages` ending with an assistant "
+                             "turn); PPO prompts come from train.objective sft data")
+        plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        label = json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"]}, ensure_ascii=False)
+        lines.append(json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"], LABEL_KEY: label},
+                                ensure_ascii=False) + "\n")
     if not lines:
         raise InputError(f"{records}: no records")
     atomic_write_text(Path(out), "".join(lines))

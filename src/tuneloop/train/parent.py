@@ -31,7 +31,7 @@ from typing import Any
 
 from tuneloop.errors import InputError
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(:[0-9]+|@[A-Za-z0-9_.-]+)?$")
 

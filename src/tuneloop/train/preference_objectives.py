@@ -38,7 +38,7 @@ from tuneloop.errors import StageError
 from tuneloop.train.dpo import TrlRun, train_pairs
 from tuneloop.train.sft import read_metric_rows
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 def train_orpo(

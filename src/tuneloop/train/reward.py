@@ -47,7 +47,7 @@ from tuneloop.modeling import attach_adapter, load_tokenizer, require_cuda_for_q
 from tuneloop.train.dpo import TrlRun
 from tuneloop.train.sft import read_metric_rows, run_resumable, step_logger, world_size
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 #: TRL's per-step reward-model metrics, recorded in the metrics rows as ``rewards/<name>``.
 LOGGED = ("accuracy", "margin", "mean_reward", "min_reward", "max_reward")

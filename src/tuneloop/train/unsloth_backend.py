@@ -42,7 +42,7 @@ from typing import Any
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError, TuneloopError
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger("tuneloop.train.unsloth_backend")  # __name__ when imported; this file also runs as __main__
 
 #: Objectives this backend maps (the others need a TRL trainer whose Unsloth mapping is not written or not faithful).
 OBJECTIVES = ("sft", "dpo")

@@ -25,7 +25,7 @@ from tuneloop.serve.errors import APIError, bad_request, scrub_paths
 from tuneloop.serve.probes import ProbePlan, plan_probes
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 
 @dataclass

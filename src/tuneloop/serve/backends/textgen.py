@@ -212,7 +212,7 @@ def completion_logprobs(ch: Choice, prompt_ids: list[int] | None) -> dict[str, A
     ``local-completions`` asks ``max_tokens: 1, echo: true`` and drops the last entry as the generated token."""
     tokens: list[str] = []
     lps: list[float | None] = []
-    tops: list[dict[str, float] | None] = []
+    tops: list[dict[str, float | None] | None] = []
     if prompt_ids is not None and ch.prompt_logprobs is not None:
         for tid, lp, top in zip(prompt_ids, ch.prompt_logprobs.logprobs, ch.prompt_logprobs.top):
             tokens.append(token_str(ch.tok, tid))

@@ -25,7 +25,7 @@ from tuneloop.serve.backends.upstream_http import ConnectFailed, Pool, ReadTimeo
 from tuneloop.serve.errors import APIError, scrub_paths
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 
-log = logging.getLogger("tuneloop.serve")
+log = logging.getLogger(__name__)
 
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -114,7 +114,7 @@ class UpstreamBackend:
         r = await self._send("GET", "/models")
         if r.status_code != 200:
             raise APIError(502, f"the upstream answered GET /models with HTTP {r.status_code}", code="upstream_error")
-        return {m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)}
+        return {m["id"] for m in r.json().get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)}
 
     async def _is_vllm(self) -> bool:
         root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
@@ -161,9 +161,11 @@ class UpstreamBackend:
     async def _post_fast(self, path: str, body: dict[str, Any]):
         """``_send`` on the lean client: the same retries, and the same 503/504/502 in OpenAI's shape."""
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        pool = self.pool
+        assert pool is not None  # called only when the lean client is on (see the caller)
         for attempt in range(self.retries + 1):
             try:
-                return await self.pool.request("POST", path, data)
+                return await pool.request("POST", path, data)
             except ConnectFailed as exc:
                 if attempt == self.retries:
                     raise APIError(503, f"the upstream {self._where()} is not reachable ({exc}) after "
