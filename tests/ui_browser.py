@@ -8,7 +8,8 @@ Entry point: :func:`launch` (a context manager yielding a :class:`Page`). It sta
 The page methods are what a person does: :meth:`Page.goto`, :meth:`Page.wait_for` (a JavaScript expression
 becomes truthy), :meth:`Page.eval`, :meth:`Page.click` (a real mouse press and release at the element's centre),
 :meth:`Page.type` (focus, then text inserted as typed), :meth:`Page.screenshot`. JavaScript exceptions and
-``console.error`` calls of the page are collected in :attr:`Page.errors`, so a test can assert there were none.
+``console.error`` calls of the page are collected in :attr:`Page.errors`, so a test can assert there were none;
+requests answered with an HTTP error in :attr:`Page.http_errors`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Page:
     height: int = 900
     default_timeout: float = 20.0
     errors: list[str] = field(default_factory=list)
+    #: Requests answered with an HTTP error (4xx/5xx), as the browser's log reports them.
+    http_errors: list[str] = field(default_factory=list)
     _next_id: int = 0
 
     # -- the protocol -------------------------------------------------------------------------------------
@@ -92,7 +95,9 @@ class Page:
             e = params["entry"]
             if "favicon.ico" in e.get("url", ""):  # the browser asks for one on its own; no page links it
                 return
-            self.errors.append(f"log: {e.get('text')} {e.get('url', '')}".strip())
+            text = f"{e.get('text')} {e.get('url', '')}".strip()
+            # an HTTP error answer is the app's business (a 422 for a bad override is right); scripts failing is not
+            (self.http_errors if e.get("source") == "network" else self.errors).append(f"log: {text}")
 
     # -- what a person does -------------------------------------------------------------------------------
     def goto(self, url: str, *, timeout: float | None = None) -> None:
@@ -102,6 +107,12 @@ class Page:
             raise BrowserError(f"could not open {url}: {result['errorText']}")
         self.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'", timeout=timeout,
                       what=f"{url} to load")
+
+    def reload(self, *, timeout: float | None = None) -> None:
+        """Reload the page (as F5 does) and wait until it has loaded."""
+        self.eval("window.__reloading = true")
+        self.send("Page.reload", {"ignoreCache": True})
+        self.wait_for("!window.__reloading && document.readyState === 'complete'", timeout=timeout, what="the reload")
 
     def eval(self, expression: str, *, timeout: float | None = None) -> Any:
         """The value of a JavaScript expression in the page (promises are awaited; values come back as JSON)."""
@@ -113,12 +124,13 @@ class Page:
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, *, timeout: float | None = None, what: str | None = None) -> Any:
-        """Poll a JavaScript expression until it is truthy; returns its value. Fails with the page's text."""
+        """Poll a JavaScript expression until it is truthy; returns its value (``True`` for an element, which does
+        not travel as JSON). Fails with the page's text."""
         deadline = time.monotonic() + (timeout or self.default_timeout)
         last_exc: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                value = self.eval(expression)
+                value = self.eval(f"(v => v instanceof Node ? true : v)({expression})")
                 if value:
                     return value
             except BrowserError as exc:  # e.g. an element not there yet
@@ -216,6 +228,7 @@ def launch(profile: Path, *, width: int = 1400, height: int = 900, lang: str = "
         raise BrowserError(NO_CHROMIUM)
     profile = Path(profile)
     profile.mkdir(parents=True, exist_ok=True)
+    (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a previous browser's port, in a re-used profile
     args = [binary, "--headless", "--no-sandbox", "--remote-debugging-port=0", f"--user-data-dir={profile}",
             "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
