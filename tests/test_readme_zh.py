@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,11 +49,13 @@ def test_the_two_commands_are_in_the_chinese_readme_verbatim():
         assert block in zh_blocks, f"README.zh-CN.md lacks this command block exactly as README.md has it:\n{block}"
 
 
-def test_the_quickstart_commands_are_in_the_chinese_readme():
-    quick = [c for block in bash_blocks(section(read("README.md"), "Quickstart")) for c in commands(block)]
-    assert quick, "README.md's Quickstart has no bash block"
-    missing = [c for c in quick if c not in zh_command_lines()]
-    assert not missing, "commands of README.md's Quickstart that README.zh-CN.md lacks (copy them; translate the comments only):\n" + "\n".join(missing)
+@pytest.mark.parametrize("heading", ["Quickstart", "Web UI"])
+def test_the_quickstart_and_web_ui_commands_are_in_the_chinese_readme(heading):
+    wanted = [c for block in bash_blocks(section(read("README.md"), heading)) for c in commands(block)]
+    assert wanted, f"README.md's {heading} has no bash block"
+    missing = [c for c in wanted if c not in zh_command_lines()]
+    assert not missing, (f"commands of README.md's {heading} that README.zh-CN.md lacks (copy them; translate the comments "
+                         "only):\n" + "\n".join(missing))
 
 
 def test_each_readme_links_the_other_at_the_top():
