@@ -49,7 +49,7 @@ import numpy as np
 from tuneloop.errors import StageError
 
 if TYPE_CHECKING:
-    from tuneloop.data.passparts import Checks, _Screened, _Similar
+    from tuneloop.data.passparts import Checks, Screened, Similar
 
 NUM_PERM, SEED = 128, 0  # validate's near-duplicate settings (as near_duplicate_groups' defaults)
 _FLAG_PII, _FLAG_EMPTY = 1, 2
@@ -189,10 +189,10 @@ def _chunk_work(items: list) -> _Chunk:
     """A worker's part: the rules on a chunk of items, then signatures, band keys and contamination of its
     valid records (their similarity texts are dropped before the verdicts go back to the parent)."""
     from tuneloop.data import dedup
-    from tuneloop.data.rules import _process
+    from tuneloop.data.rules import process_records
 
     c = _CTX
-    verdicts = _process(items, c["fmt"], c["pii"], c["want_text"])
+    verdicts = process_records(items, c["fmt"], c["pii"], c["want_text"])
     ok = [v for v in verdicts if v.status == "ok"]
     texts = [v.text for v in ok] if c["want_text"] else []
     sig = keys = None
@@ -218,7 +218,7 @@ class _Streamed:
     overlong_possible: bool = False
 
 
-def _stream(items: Iterator[Any], fmt: str, s: _Screened, checks: Checks, tokenizer: Any, eval_texts: list[str] | None,
+def _stream(items: Iterator[Any], fmt: str, s: Screened, checks: Checks, tokenizer: Any, eval_texts: list[str] | None,
             near: bool, spill: Spill, ooc: OutOfCore) -> _Streamed:
     from tuneloop.data import dedup
     from tuneloop.data.rules import map_chunks, token_count
@@ -241,7 +241,7 @@ def _stream(items: Iterator[Any], fmt: str, s: _Screened, checks: Checks, tokeni
     return st
 
 
-def _take_chunk(chunk: _Chunk, s: _Screened, st: _Streamed, checks: Checks, tokenizer: Any, token_count: Any,
+def _take_chunk(chunk: _Chunk, s: Screened, st: _Streamed, checks: Checks, tokenizer: Any, token_count: Any,
                 spill: Spill, bands: int, partitions: int) -> None:
     """The parent's part of step 1 for one chunk, in input order."""
     from tuneloop.data import dedup
@@ -400,15 +400,15 @@ def _read_rows(fd: int, ids: np.ndarray) -> np.ndarray:
 
 
 def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate: np.ndarray, cand_of: np.ndarray,
-             line_col: np.ndarray, file_col: np.ndarray, files: list[str | None], s: _Screened, checks: Checks) -> _Similar:
+             line_col: np.ndarray, file_col: np.ndarray, files: list[str | None], s: Screened, checks: Checks) -> Similar:
     """``validate._similar``'s result from the groups (valid-record ids) and the contaminated candidates:
     removed and contaminated candidates, and their reasons in the tally, in candidate order."""
-    from tuneloop.data.passparts import _Similar
+    from tuneloop.data.passparts import Similar
 
     def where(i: int) -> tuple[int, str | None]:
         return int(line_col[i]), files[file_col[i]]
 
-    sim = _Similar({}, contaminated, near_groups=len(groups))
+    sim = Similar({}, contaminated, near_groups=len(groups))
     for g in groups:
         line, file = where(g[0])
         reason = f"near_duplicate: similar to line {line}" + (f" of {file}" if file else "")
@@ -421,19 +421,19 @@ def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate:
     return sim
 
 
-def _tally(sim: _Similar, candidate: np.ndarray, line_col: np.ndarray, file_col: np.ndarray, files: list[str | None],
-           s: _Screened, checks: Checks) -> None:
+def _tally(sim: Similar, candidate: np.ndarray, line_col: np.ndarray, file_col: np.ndarray, files: list[str | None],
+           s: Screened, checks: Checks) -> None:
     """The similarity reasons in the tally, after the screen's (as the in-memory pass adds them)."""
-    from tuneloop.data.passparts import _tally_similar
+    from tuneloop.data.passparts import tally_similar
 
     ids_of = np.flatnonzero(candidate)
-    _tally_similar(s.tally, sim, checks, lambda c: (int(line_col[ids_of[c]]), files[file_col[ids_of[c]]]))
+    tally_similar(s.tally, sim, checks, lambda c: (int(line_col[ids_of[c]]), files[file_col[ids_of[c]]]))
 
 
 # --- step 4: replay -------------------------------------------------------------------------------
 
 
-def _replay(spill: Spill, s: _Screened, st: _Streamed, sim: _Similar, cand_of: np.ndarray, dup_of: np.ndarray,
+def _replay(spill: Spill, s: Screened, st: _Streamed, sim: Similar, cand_of: np.ndarray, dup_of: np.ndarray,
             ntok: np.ndarray | None, checks: Checks, clean: Any, quarantine: Any) -> tuple[int, int, str]:
     """Every record once more in input order: the quarantine (rule failures, duplicates, over-long drops;
     then the similarity drops in candidate order), the clean file, the digest. Returns (kept, kept with
@@ -441,7 +441,7 @@ def _replay(spill: Spill, s: _Screened, st: _Streamed, sim: _Similar, cand_of: n
     import hashlib
 
     from tuneloop.data.rules import quarantine_line
-    from tuneloop.data.passparts import _bookkeeping, _overlong_reason
+    from tuneloop.data.passparts import bookkeeping, overlong_reason
 
     kinds = spill.read("kind.i1", np.int8)
     line_col = spill.read("line.i8", np.int64)
@@ -487,7 +487,7 @@ def _replay(spill: Spill, s: _Screened, st: _Streamed, sim: _Similar, cand_of: n
                     continue
                 if t:
                     s.overlong_seen += 1
-                    reason = _overlong_reason(abs(t), t > 0, checks)
+                    reason = overlong_reason(abs(t), t > 0, checks)
                     s.tally.add(line, file, [reason])
                     if drop_over:
                         quarantine.write(quarantine_line(line, file, [reason], json.loads(data)) + "\n")
@@ -509,7 +509,7 @@ def _replay(spill: Spill, s: _Screened, st: _Streamed, sim: _Similar, cand_of: n
                 if source_of is not None:
                     s.kept_per_source[source_of[file]] += 1
                 pii_kept += bool(pii_flags[k - 1]) and report_pii
-                clean.write(data[:-1] + _bookkeeping(line, file, source_of) + "}\n")
+                clean.write(data[:-1] + bookkeeping(line, file, source_of) + "}\n")
             j += n
     if later:
         spill.text("similar.jsonl", "".join(later))
@@ -534,16 +534,16 @@ def _spill_root(out_dir: Path, name: str, ooc: OutOfCore) -> Path:
                          "set data.spill_dir to a writable directory") from None
 
 
-def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: str, s: _Screened, out_dir: Path, *,
+def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: str, s: Screened, out_dir: Path, *,
                          name: str, checks: Checks, tokenizer: Any, eval_texts: list[str] | None, ooc: OutOfCore) -> dict:
     """``validate_dataset`` out of core, on the opened ``items`` (see the module docstring); same return value."""
     from tuneloop.data.report import write_report
-    from tuneloop.data.passparts import _near_dup_module, _not_checked, _report, _source_rows
+    from tuneloop.data.passparts import near_dup_module, not_checked, report_numbers, source_rows
     from tuneloop.fsutil import atomic_lines
 
-    dedup = _near_dup_module()
+    dedup = near_dup_module()
     near = checks.near_dup_threshold is not None and dedup is not None
-    not_checked = _not_checked(checks, tokenizer, dedup, eval_texts)
+    unchecked = not_checked(checks, tokenizer, dedup, eval_texts)
     clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     spill = Spill(_spill_root(out_dir, name, ooc), ooc.flush_bytes)
@@ -576,7 +576,7 @@ def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: st
         shutil.rmtree(spill.root, ignore_errors=True)
     accounted = valid + sum(s.counts.values())
     assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {**_source_rows(path, s), "format": fmt, "position": position, **_report(s, sim, valid, pii_kept, checks, not_checked),
+    report = {**source_rows(path, s), "format": fmt, "position": position, **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
               "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
               "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")

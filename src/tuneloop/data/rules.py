@@ -108,7 +108,8 @@ def quarantine_line(line: int, file: str | None, reasons: list[str], record: Any
     return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def _process(items: list[Item], fmt: str, pii_policy: str, want_text: bool) -> list[Verdict]:
+def process_records(items: list[Item], fmt: str, pii_policy: str, want_text: bool) -> list[Verdict]:
+    """The per-record work on a list of items (the map stage of any engine): one :class:`Verdict` each, in order."""
     out = []
     for item in items:
         value, raw, error = None, None, None
@@ -182,9 +183,12 @@ def map_chunks(items: Iterator[Item], work: Callable[[list[Item]], T], *, chunk:
 
 def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool) -> Iterator[Verdict]:
     """Per-record verdicts in input order; a pool of ``num_workers`` processes when it pays."""
-    work = partial(_process, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
+    work = partial(process_records, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
     for part in map_chunks(items, work, num_workers=num_workers):
         yield from part
+
+
+_process = process_records  # the old name (tuneloop.data.ray_engine imports it)
 
 
 class RuleTally:

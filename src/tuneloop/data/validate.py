@@ -44,12 +44,16 @@ from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_lines
 from tuneloop.data.outofcore import OutOfCore, ooc_from_config, validate_out_of_core
 from tuneloop.data.passparts import (  # noqa: F401  (re-exported: validate.Checks etc. are used elsewhere)
-    Checks, SplitReports, _bookkeeping, _near_dup_module, _not_checked, _overlong_reason, _report, _Screened, _Similar,
-    _source_rows, _tally_similar, checks_from_config, clean_texts,
+    Checks, Screened, Similar, SplitReports, bookkeeping, checks_from_config, clean_texts, near_dup_module, not_checked,
+    overlong_reason, report_numbers, source_rows, tally_similar,
 )
 
+# the old private names, for code written against them (tuneloop.data.ray_engine)
+_Screened, _Similar, _not_checked, _bookkeeping, _report, _source_rows = (
+    Screened, Similar, not_checked, bookkeeping, report_numbers, source_rows)
 
-def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
+
+def _overlong(r: Any, s: Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
     """The over-long rule on one valid record; True when the record is dropped."""
     if tokenizer is None or checks.max_length is None:
         return False
@@ -58,7 +62,7 @@ def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokeniz
     if n_tok <= checks.max_length:
         return False
     s.overlong_seen += 1
-    reason = _overlong_reason(n_tok, exact, checks)
+    reason = overlong_reason(n_tok, exact, checks)
     s.tally.add(r.line, r.file, [reason])
     if checks.overlong != "drop":
         return False
@@ -67,7 +71,7 @@ def _overlong(r: Any, s: _Screened, quarantine: IO[str], checks: Checks, tokeniz
     return True
 
 
-def _screen(verdicts: Iterable[Any], s: _Screened, quarantine: IO[str], stage: IO[str], checks: Checks, tokenizer: Any) -> None:
+def _screen(verdicts: Iterable[Any], s: Screened, quarantine: IO[str], stage: IO[str], checks: Checks, tokenizer: Any) -> None:
     """One pass in input order: quarantine records that failed a rule, exact duplicates and over-long ones;
     stage the rest."""
     first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
@@ -98,13 +102,13 @@ def _screen(verdicts: Iterable[Any], s: _Screened, quarantine: IO[str], stage: I
             s.texts.append(r.text)
 
 
-def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None,
-             labels: list[Any] | None = None) -> _Similar:
+def _similar(s: Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None,
+             labels: list[Any] | None = None) -> Similar:
     """Dataset-level checks on the kept candidates: near duplicates within (``near``: the dedup module or None;
     with ``labels``, a kto dataset's, only among candidates of the same label: a desirable and an undesirable
     answer to one prompt may differ in a word, and both teach), contamination against the eval texts
     (``contam``: likewise)."""
-    sim = _Similar({}, {})
+    sim = Similar({}, {})
     if near is not None and len(s.texts) > 1:
         everyone = list(range(len(s.texts)))
         parts = [[i for i in everyone if labels[i] == v] for v in sorted(set(labels), key=str)] if labels else [everyone]
@@ -118,11 +122,11 @@ def _similar(s: _Screened, checks: Checks, near: Any, contam: Any, eval_texts: l
                     sim.removed[idx[j]] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
     if contam is not None and s.texts:
         sim.contamination = contam.contaminated_indices(s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold)
-    _tally_similar(s.tally, sim, checks, lambda i: s.kept[i][:2])
+    tally_similar(s.tally, sim, checks, lambda i: s.kept[i][:2])
     return sim
 
 
-def _write_kept(s: _Screened, sim: _Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks) -> tuple[int, int, str]:
+def _write_kept(s: Screened, sim: Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks) -> tuple[int, int, str]:
     """Move the staged candidates to the clean file (or, when dropped by a similarity check, the quarantine);
     return (kept, kept with PII unredacted, digest of the kept records)."""
     digest = hashlib.sha256(b"[")  # streams sha256_json(list of kept records)
@@ -143,12 +147,12 @@ def _write_kept(s: _Screened, sim: _Similar, stage_path: Path, clean: IO[str], q
             if s.source_of is not None:
                 s.kept_per_source[s.source_of[file]] += 1
             pii_kept += has_pii and checks.pii == "report"
-            clean.write(data[:-1] + _bookkeeping(line, file, s.source_of) + "}\n")
+            clean.write(data[:-1] + bookkeeping(line, file, s.source_of) + "}\n")
     digest.update(b"]")
     return valid, pii_kept, digest.hexdigest()
 
 
-def _open(path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: _Screened) -> tuple[Iterator[Any], str, str]:
+def _open(path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: Screened) -> tuple[Iterator[Any], str, str]:
     """(items, position kind, format); a list of sources also sets ``s.source_of``."""
     if not isinstance(path, (list, tuple)):
         return open_detected(path, fmt)
@@ -192,15 +196,15 @@ def validate_dataset(
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
     ooc = ooc or OutOfCore()
-    s = _Screened()
+    s = Screened()
     items, position, fmt = _open(path, fmt, s)
     if ooc.enabled:
         return validate_out_of_core(path, items, position, fmt, s, out_dir, name=name, checks=checks,
                                     tokenizer=tokenizer, eval_texts=eval_texts, ooc=ooc)
-    dedup = _near_dup_module()
+    dedup = near_dup_module()
     near = dedup if checks.near_dup_threshold is not None else None
     contam = dedup if eval_texts is not None else None
-    not_checked = _not_checked(checks, tokenizer, dedup, eval_texts)
+    unchecked = not_checked(checks, tokenizer, dedup, eval_texts)
     clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_fd, stage_name = tempfile.mkstemp(prefix=f".{name}.stage.", suffix=".tmp", dir=out_dir)
@@ -220,7 +224,7 @@ def validate_dataset(
         stage_path.unlink(missing_ok=True)
     accounted = valid + sum(s.counts.values())
     assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {**_source_rows(path, s), "format": fmt, "position": position, **_report(s, sim, valid, pii_kept, checks, not_checked),
+    report = {**source_rows(path, s), "format": fmt, "position": position, **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
               "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
               "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
