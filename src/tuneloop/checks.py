@@ -32,7 +32,8 @@ def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: 
     """(data settings, output directory, tokenizer or None, train report name, gate warnings) for a dataset or a
     config. A config whose evaluation gates no model could PASS at its suites' sizes raises ConfigError (exit 2)."""
     if Path(target).suffix.lower() not in (".yaml", ".yml"):
-        data = DataConfig(train_data=target, eval_data=eval_data, **({"format": fmt} if fmt else {}))
+        fmt_kw: dict[str, Any] = {"format": fmt} if fmt else {}  # DataConfig validates the value
+        data = DataConfig(train_data=target, eval_data=eval_data, **fmt_kw)
         # The whole file name: x.json and x.jsonl must not share a report.
         name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).name).strip(".") or "dataset"
         return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name, []
@@ -78,7 +79,7 @@ def validate_target(
 
     data, out, tokenizer, name, warnings = _target_data(target, fmt, out_dir, eval_data)
     verdict = validate_splits(data, out, tokenizer=tokenizer, train_name=name)
-    extra = {"eval": verdict.reports["eval"]} if "eval" in verdict.reports else {}
+    extra: dict[str, Any] = {"eval": verdict.reports["eval"]} if "eval" in verdict.reports else {}
     if warnings:
         extra["gate_warnings"] = warnings
     return {**verdict.reports["train"], **extra, "failures": verdict.failures, "passed": verdict.passed, "out_dir": str(out)}

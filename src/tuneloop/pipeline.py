@@ -143,13 +143,15 @@ class FineTunePipeline:
 
     def _run_stages(self, ctx: StageContext, results: dict[PipelineStage, StageResult], record: _RunRecord) -> bool:
         """Each stage on the previous one's result, until one fails; True when one did."""
+        run_dir = ctx.run_dir
+        assert run_dir is not None  # a run's context (prepare_eval_items' has none and never gets here)
         upstream: Any = None
         for spec in self.specs:
             res = results[spec.stage]
             res.status = "running"
             record.save()
             upstream, key = self._run_stage(spec, ctx, upstream, res)
-            record.write_json(ctx.run_dir / "stages" / f"{spec.stage.value}.json",
+            record.write_json(run_dir / "stages" / f"{spec.stage.value}.json",
                               {"stage": spec.stage.value, **res.to_dict(), "outputs": res.outputs, "key": key})
             record.save()
             if res.status == "failed":
@@ -161,6 +163,7 @@ class FineTunePipeline:
     def _run_stage(self, spec: StageSpec, ctx: StageContext, upstream: Any, res: StageResult) -> tuple[Any, str | None]:
         """Run one stage into ``res`` (status, metrics, outputs, error, duration); return (its result, its cache key)."""
         stage = spec.stage
+        assert ctx.run_dir is not None  # a run's context (prepare_eval_items' has none and never gets here)
         log_path = ctx.run_dir / "logs" / f"{stage.value}.log"
         handler = _attach_log(log_path)
         t0 = time.perf_counter()

@@ -281,7 +281,7 @@ def data_validation(ctx: StageContext, _upstream: None = None) -> DataResult:
 
 
 def preprocessing_inputs(cfg: PipelineConfig, data: DataResult) -> dict[str, Any]:
-    inputs = {
+    inputs: dict[str, Any] = {
         "data": data.outcome.key,
         "tokenizer": model_fingerprint(cfg.base_model),
         "chat_template": cfg.data.chat_template,
@@ -505,7 +505,7 @@ def _evaluate_reward_model(ctx: StageContext, model: TrainedModel, reference: An
 # --------------------------------------------------------------------------------------- model_registry
 
 
-def stage_keys(evaluated: EvalResult) -> dict[str, str]:
+def stage_keys(evaluated: EvalResult) -> dict[str, str | None]:
     """The cache keys of the evaluation and of every stage before it (the registry keeps them as lineage)."""
     trained = evaluated.model
     prepared = trained.prepared

@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from tuneloop.errors import InputError
 
@@ -88,7 +88,8 @@ def _json_type(value: Any) -> str:
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
-    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "object", list: "array", str: "string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -402,6 +403,7 @@ def _normalise_kto(record: dict) -> Result:
         reasons.append(f"bad_label: 'label' is {_json_type(label)} {_short(label)}, expected true or false")
     if reasons:
         return None, reasons
+    assert out is not None  # _chat gives a record whenever it gives no reasons
     return {**out, "label": label}, []
 
 
@@ -423,7 +425,7 @@ def _answer(record: dict, key: str, style: str, reasons: list[str]) -> list[dict
         if problem:
             reasons.append(problem)
             return None
-        return [_message("assistant", value)]
+        return [_message("assistant", cast(str, value))]  # _text_problem refuses anything but a string
     items = [value] if isinstance(value, dict) else value
     sub: list[str] = []
     msgs = _conversation(items, key, style, sub)

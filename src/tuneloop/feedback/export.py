@@ -120,6 +120,12 @@ class _Answer:
     correction: str | None
     feedback_ids: list[str]
 
+    def corrected_text(self) -> str:
+        """The correction of a ``corrected`` answer (that verdict always has one: :func:`_verdict`)."""
+        if self.correction is None:
+            raise ValueError(f"an answer with verdict {self.verdict!r} has no correction")
+        return self.correction
+
 
 @dataclass
 class _Candidate:
@@ -201,7 +207,8 @@ class _Redactor:
 
 
 def _answers(requests: list[Any], feedback: dict[str, list[Any]], good_score: float, redactor: _Redactor) -> tuple[list[_Answer], Counter]:
-    answers, skipped = [], Counter()
+    answers: list[_Answer] = []
+    skipped: Counter[str] = Counter()
     for req in requests:
         fbs = feedback.get(req.request_id, [])
         if not fbs:
@@ -241,10 +248,10 @@ def _candidates(answers: list[_Answer], held_out: set[str]) -> list[_Candidate]:
             record = {"messages": a.messages + _assistant(a.response), "label": a.verdict == "good"}
             out.append(_Candidate("kto", "rated_" + a.verdict, record, [a]))
         if a.verdict == "corrected":
-            out.append(_Candidate("sft", "correction", {"messages": a.messages + _assistant(a.correction)}, [a]))
-            out.append(_Candidate("kto", "correction", {"messages": a.messages + _assistant(a.correction), "label": True}, [a]))
+            out.append(_Candidate("sft", "correction", {"messages": a.messages + _assistant(a.corrected_text())}, [a]))
+            out.append(_Candidate("kto", "correction", {"messages": a.messages + _assistant(a.corrected_text()), "label": True}, [a]))
             if a.response.strip():
-                pair = {"messages": a.messages, "chosen": _assistant(a.correction), "rejected": _assistant(a.response)}
+                pair = {"messages": a.messages, "chosen": _assistant(a.corrected_text()), "rejected": _assistant(a.response)}
                 out.append(_Candidate("dpo", "correction_vs_original", pair, [a]))
                 out.append(_Candidate("kto", "corrected_original", {"messages": a.messages + _assistant(a.response), "label": False}, [a]))
         if a.verdict in ("good", "bad") and a.response.strip():
@@ -396,7 +403,7 @@ def _append_regression(path: Path, answers: list[_Answer], held: set[str], evals
     items = []
     for key in sorted(newest, key=lambda k: newest[k].request.created_at):
         a = newest[key]
-        record, _ = normalise({"messages": a.messages + _assistant(a.correction)}, "messages")
+        record, _ = normalise({"messages": a.messages + _assistant(a.corrected_text())}, "messages")
         if key not in existing and record is not None:
             items.append({"id": f"feedback-{a.request.request_id}", **record,
                           "meta": _provenance(_Candidate("sft", "correction", {}, [a]))})

@@ -159,7 +159,7 @@ def mergeable_cache(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
+    return layers is not None and bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
                                 for layer in layers)
 
 
@@ -261,7 +261,8 @@ class BatchEngine:
             if not self.running:
                 return []
             adapter = self.queue[0].adapter
-            batch, rest = [], deque()
+            batch: list[GenJob] = []
+            rest: deque[GenJob] = deque()
             while self.queue:
                 job = self.queue.popleft()
                 if job.cancelled.is_set():
@@ -367,7 +368,7 @@ class BatchEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        extra = {self.cache_kw: cache}
+        extra: dict[str, Any] = {self.cache_kw: cache}
         if self.keep_logits_kw and not any(r.job.params.prompt_logprobs for r in rows):
             extra["logits_to_keep"] = 1  # only the last position's logits are needed
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)

@@ -122,8 +122,10 @@ def train_reward(
         callbacks=[_reward_log_names(), step_logger(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    wrapped = trainer.model  # the trainer's model (PEFT-wrapped), typed Optional by transformers
+    assert wrapped is not None  # the trainer was given one above
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
     out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the model and reports
@@ -362,7 +364,7 @@ def load_reward_model(
         if not base_model:
             raise InputError(f"{source}: an adapter without a recorded base model; pass base_model=")
     tok = load_tokenizer(str(where))
-    model = load_scorer(base_model if adapter else str(where), adapter=adapter)
+    model = load_scorer(base_model if adapter and base_model else str(where), adapter=adapter)  # an adapter has one (above)
     model.config.pad_token_id = tok.pad_token_id  # where the score is read; a base's config may have none
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     length = max_length or (saved.get("data") or {}).get("max_length") or DEFAULT_MAX_LENGTH
