@@ -145,7 +145,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "loop.export.none": "无",
         "loop.canary.rule": "[bold]金丝雀发布[/]：{version}，由网关的统计分析决定",
         "loop.canary.start": "  {model} 的金丝雀发布 {rollout_id} 已启动，流量 5 %",
-        "loop.canary.move": ("  已发送 {sent:>5} 个请求，{seconds:>5} 秒：{action}，流量调到 {weight}（此前金丝雀 {canary} 个 / "
+        "loop.canary.move": ("  已发送 {sent:>5} 个请求，{seconds:>5} 秒：{action}，流量调到 {weight}（依据金丝雀 {canary} 个 / "
                              "基线 {baseline} 个请求）：{reason}"),
         "loop.canary.stuck": "  [red]{seconds} 秒后仍在运行[/]：{reason}",
         "loop.failed": "[red]演示失败[/]：{problem}",
