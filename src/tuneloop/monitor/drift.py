@@ -128,7 +128,12 @@ def embedding_model_dir() -> Path | None:
     except ImportError:
         return None
     get_path = getattr(pkg, "get_model_path", None)
-    root = Path(get_path()) if callable(get_path) else Path(pkg.__file__).parent
+    if callable(get_path):
+        root = Path(get_path())
+    elif pkg.__file__ is not None:
+        root = Path(pkg.__file__).parent
+    else:  # a namespace package: no directory to look in (Path(None) would have raised a TypeError)
+        raise InputError(f"{_EMBEDDING_PACKAGE} is installed without files (no get_model_path, no __file__); reinstall it")
     for config in sorted(root.rglob("config.json")):
         has_weights = any(next(config.parent.glob(pattern), None) for pattern in ("*.safetensors", "*.bin"))
         if has_weights and (config.parent / "tokenizer.json").is_file():
