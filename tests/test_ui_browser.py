@@ -136,8 +136,9 @@ def untranslated_labels(page: ui_browser.Page) -> list[str]:
         ...Array.from(document.querySelectorAll('label')).map(l => Array.from(l.childNodes)
             .map(n => n.nodeType === 3 ? n.textContent : (n.tagName === 'SPAN' ? n.textContent : '')).join(''))
       ].map(s => s.trim()).filter(s => s)""")
-    allowed = re.compile(r"^(tuneloop|n|[\w.:@/\[\]-]+|\d[\d\s().:%-]*|API\b.*|report\.html)$")
-    return [s for s in texts if not CJK.search(s) and not allowed.match(s) and MODEL not in s]
+    names = {"tuneloop", "n", "A", "B", "English", "report.html"}  # names, the diff's two sides, the language option
+    ident = re.compile(r"^(?=.*[\d:_@/.\[\]-])[\w.:@/\[\]()-]+$")  # a ref, run id, gate or metric name: data, not a label
+    return [s for s in texts if not CJK.search(s) and s not in names and not ident.match(s) and MODEL not in s]
 
 
 # ------------------------------------------------------------------------------------------ tests
