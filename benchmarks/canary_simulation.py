@@ -39,14 +39,14 @@ from tuneloop.rollout import ArmCounts, CanaryAnalysis, MetricPolicy, RolloutPol
 from tuneloop.rollout.analysis import MIXING_SCALE, log_evalue_above, log_likelihoods
 
 WEIGHT = 0.05
-BLOCK = 5                 # requests per simulated block
-FLAGGER_WINDOW = 1200     # requests per minute at 20 req/s
+BLOCK = 5  # requests per simulated block
+FLAGGER_WINDOW = 1200  # requests per minute at 20 req/s
 FLAGGER_MIN_SUCCESS = 0.99
 FLAGGER_FAILED_WINDOWS = 5
-PEEK_EVERY = 1000         # requests between looks of the fixed-horizon test
+PEEK_EVERY = 1000  # requests between looks of the fixed-horizon test
 SHORTER_HORIZONS_MIN = (10, 30)  # also report rollback rates within these many minutes (at 20 req/s)
 Z_ONE_SIDED_95 = 1.6448536269514722
-SCENARIOS = {             # name: (metric, baseline rate, canary rate)
+SCENARIOS = {  # name: (metric, baseline rate, canary rate)
     "healthy_errors": ("errors", 0.008, 0.008),
     "healthy_feedback": ("negative_feedback", 0.05, 0.05),
     "err_1_to_3": ("errors", 0.01, 0.03),
@@ -83,7 +83,9 @@ def tuneloop_rule(n_c, e_c, e_b, thresholds: dict[str, float], scale: float) -> 
     cum_req, cum_c = np.cumsum(n_c, axis=1), np.cumsum(e_c, axis=1)
     base_before = np.cumsum(e_b, axis=1) - e_b
     trial_i, block_i = np.nonzero(e_c > 0)
-    log_e = log_evalue_above(log_likelihoods(cum_c[trial_i, block_i], base_before[trial_i, block_i], WEIGHT), scale=scale)
+    log_e = log_evalue_above(
+        log_likelihoods(cum_c[trial_i, block_i], base_before[trial_i, block_i], WEIGHT), scale=scale
+    )
     result = {}
     for name, thr in thresholds.items():
         first = np.full(n_c.shape[0], np.iinfo(np.int64).max)
@@ -122,6 +124,7 @@ def summary(req: np.ndarray, total: np.ndarray) -> dict:
     def pct(q):
         v = float(np.percentile(req, q, method="inverted_cdf"))
         return None if math.isinf(v) else v
+
     out = {"rollback_rate": float(np.isfinite(req).mean()), "median": pct(50), "p90": pct(90)}
     for minutes in SHORTER_HORIZONS_MIN:
         out[f"rollback_rate_{minutes}min"] = float((total <= minutes * 60 * 20).mean())
@@ -139,13 +142,23 @@ def run_scenario(rng, metric, p_base, p_canary, trials, horizon, alpha, scale, c
         if metric == "errors":
             parts["flagger"].append(flagger_rule(n_c, e_c))
         parts["fixed_peek"].append(fixed_peek_rule(n_c, e_c, e_b))
-    return {name: summary(np.concatenate([a for a, _ in p]), np.concatenate([b for _, b in p])) for name, p in parts.items() if p}
+    return {
+        name: summary(np.concatenate([a for a, _ in p]), np.concatenate([b for _, b in p]))
+        for name, p in parts.items()
+        if p
+    }
 
 
 def library_cross_check(rng, p_base, p_canary, horizon, alpha, scale, trials=3) -> bool:
     """Feed a few traces through CanaryAnalysis itself; its rollback point must match the vectorised rule."""
-    policy = RolloutPolicy(alpha=alpha, metrics=(MetricPolicy("errors"),), guards=(), min_requests_per_step=10**9,
-                           max_active_s=None, mixing_scale=scale)
+    policy = RolloutPolicy(
+        alpha=alpha,
+        metrics=(MetricPolicy("errors"),),
+        guards=(),
+        min_requests_per_step=10**9,
+        max_active_s=None,
+        mixing_scale=scale,
+    )
     n_c, e_c, e_b = simulate_blocks(rng, trials, horizon // BLOCK, p_base, p_canary)
     expected = tuneloop_rule(n_c, e_c, e_b, {"t": math.log(1.0 / alpha)}, scale)["t"][0]
     for t in range(trials):
@@ -155,7 +168,9 @@ def library_cross_check(rng, p_base, p_canary, horizon, alpha, scale, trials=3) 
             errs = int(e_c[t, last : b + 1].sum())
             base_errs = base_pending + int(e_b[t, last:b].sum())
             base_pending = int(e_b[t, b])
-            d = analysis.observe(ArmCounts(requests=req, errors=errs), ArmCounts(requests=BLOCK, errors=base_errs), now=float(b))
+            d = analysis.observe(
+                ArmCounts(requests=req, errors=errs), ArmCounts(requests=BLOCK, errors=base_errs), now=float(b)
+            )
             last = b + 1
             if d.action == "rollback":
                 got = float(d.canary_requests)
@@ -181,7 +196,9 @@ def main() -> None:
     for name, (metric, p_base, p_canary) in SCENARIOS.items():
         if args.only and name not in args.only:
             continue
-        results[name] = run_scenario(rng, metric, p_base, p_canary, args.trials, args.horizon, args.alpha, args.mixing_scale)
+        results[name] = run_scenario(
+            rng, metric, p_base, p_canary, args.trials, args.horizon, args.alpha, args.mixing_scale
+        )
         print(f"{name:18s} ({metric} {p_base:.1%} -> {p_canary:.1%}): " + json.dumps(results[name]), flush=True)
     checked = library_cross_check(rng, 0.01, 0.03, 20_000, args.alpha, args.mixing_scale)
     print(f"library cross-check (CanaryAnalysis vs the vectorised rule, 3 traces): {'ok' if checked else 'MISMATCH'}")
@@ -190,15 +207,21 @@ def main() -> None:
 
 def headline(r: dict, args, checked: bool, seconds: float) -> dict:
     get = lambda s, rule, key: r.get(s, {}).get(rule, {}).get(key)
-    out = {"alpha": args.alpha, "trials": args.trials, "horizon_requests": args.horizon,
-           "horizon_canary_requests": int(args.horizon * WEIGHT), "canary_weight": WEIGHT, "requests_per_s": 20,
-           "mixing_scale": args.mixing_scale,
-           "false_rollback_rate": get("healthy_errors", "tuneloop", "rollback_rate"),
-           "false_rollback_rate_feedback": get("healthy_feedback", "tuneloop", "rollback_rate"),
-           "median_requests_err_1_to_3": get("err_1_to_3", "tuneloop", "median"),
-           "median_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "median"),
-           "p90_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "p90"),
-           "median_requests_feedback_5_to_10": get("feedback_5_to_10", "tuneloop", "median")}
+    out = {
+        "alpha": args.alpha,
+        "trials": args.trials,
+        "horizon_requests": args.horizon,
+        "horizon_canary_requests": int(args.horizon * WEIGHT),
+        "canary_weight": WEIGHT,
+        "requests_per_s": 20,
+        "mixing_scale": args.mixing_scale,
+        "false_rollback_rate": get("healthy_errors", "tuneloop", "rollback_rate"),
+        "false_rollback_rate_feedback": get("healthy_feedback", "tuneloop", "rollback_rate"),
+        "median_requests_err_1_to_3": get("err_1_to_3", "tuneloop", "median"),
+        "median_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "median"),
+        "p90_requests_err_1_to_2": get("err_1_to_2", "tuneloop", "p90"),
+        "median_requests_feedback_5_to_10": get("feedback_5_to_10", "tuneloop", "median"),
+    }
     for rule in ("tuneloop", "tuneloop_3_metrics", "flagger", "fixed_peek"):
         for minutes in SHORTER_HORIZONS_MIN:
             out[f"{rule}_false_rollback_rate_{minutes}min"] = get("healthy_errors", rule, f"rollback_rate_{minutes}min")

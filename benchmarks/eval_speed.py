@@ -59,7 +59,10 @@ def items(per_set: int) -> list[tuple[str, list[dict[str, str]]]]:
         recs = [json.loads(x) for x in res.joinpath(name).read_text(encoding="utf-8").splitlines() if x.strip()]
         for zh in (False, True):
             chosen = [r for r in recs if is_chinese(r["prompt"]) == zh][:per_set]
-            out += [(f"{name.split('.')[0]}:{r.get('id', i)}", [{"role": "user", "content": r["prompt"]}]) for i, r in enumerate(chosen)]
+            out += [
+                (f"{name.split('.')[0]}:{r.get('id', i)}", [{"role": "user", "content": r["prompt"]}])
+                for i, r in enumerate(chosen)
+            ]
     if IDENTITY.is_file():
         recs = json.loads(IDENTITY.read_text(encoding="utf-8"))
         seen: set[str] = set()
@@ -70,7 +73,9 @@ def items(per_set: int) -> list[tuple[str, list[dict[str, str]]]]:
                 if is_chinese(p) == zh and p not in seen and len(chosen) < per_set:
                     seen.add(p)
                     chosen.append(p)
-            out += [(f"identity:{'zh' if zh else 'en'}-{i}", [{"role": "user", "content": p}]) for i, p in enumerate(chosen)]
+            out += [
+                (f"identity:{'zh' if zh else 'en'}-{i}", [{"role": "user", "content": p}]) for i, p in enumerate(chosen)
+            ]
     for i, r in enumerate(task_records(per_set, seed=4, split="eval")):
         out.append((f"ticket:{i}", r["messages"][:-1]))
     return out
@@ -98,7 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-set", type=int, default=8, help="prompts per set and language (default 8: 56 items)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the evaluation's eval.max_new_tokens")
-    ap.add_argument("--torch-threads", type=int, default=None, help="torch threads in both arms (default: torch's choice)")
+    ap.add_argument(
+        "--torch-threads", type=int, default=None, help="torch threads in both arms (default: torch's choice)"
+    )
     ap.add_argument("--batch-size", type=int, default=None, help="rows of the batched arm (default: generate's own)")
     args = ap.parse_args()
 
@@ -114,45 +121,57 @@ def main() -> None:
     model_dir = real_model_dir()
     model, tok = load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir))
     ids, convs = zip(*items(args.per_set))
-    print(f"{len(convs)} items ({sum(is_chinese(c[-1]['content']) for c in convs)} Chinese), max_new_tokens {max_new}, "
-          f"torch threads {torch.get_num_threads()}, {machine()}", file=sys.stderr, flush=True)
+    print(
+        f"{len(convs)} items ({sum(is_chinese(c[-1]['content']) for c in convs)} Chinese), max_new_tokens {max_new}, "
+        f"torch threads {torch.get_num_threads()}, {machine()}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     generate(model, tok, list(convs[:2]), max_new_tokens=4, batch_size=1)  # warm-up (first calls pay one-off costs)
     generate(model, tok, list(convs[:4]), max_new_tokens=4)
-    serial, serial_s, serial_cpu = timed(lambda: generate(model, tok, list(convs), max_new_tokens=max_new, batch_size=1))
+    serial, serial_s, serial_cpu = timed(
+        lambda: generate(model, tok, list(convs), max_new_tokens=max_new, batch_size=1)
+    )
     print(f"serial:  {serial_s:.1f} s ({len(convs) / serial_s:.3f} items/s)", file=sys.stderr, flush=True)
-    batched, batched_s, batched_cpu = timed(lambda: generate(model, tok, list(convs), max_new_tokens=max_new, batch_size=args.batch_size))
+    batched, batched_s, batched_cpu = timed(
+        lambda: generate(model, tok, list(convs), max_new_tokens=max_new, batch_size=args.batch_size)
+    )
     print(f"batched: {batched_s:.1f} s ({len(convs) / batched_s:.3f} items/s)", file=sys.stderr, flush=True)
 
     mismatched = [i for i, (a, b) in enumerate(zip(serial, batched)) if a != b]
     for i in mismatched:
         print(f"MISMATCH {ids[i]}:\n  serial:  {serial[i]!r}\n  batched: {batched[i]!r}", file=sys.stderr)
-    print(json.dumps({
-        "benchmark": "eval_speed",
-        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
-        "items": len(convs),
-        "chinese_items": sum(is_chinese(c[-1]["content"]) for c in convs),
-        "max_new_tokens": max_new,
-        "serial_s": round(serial_s, 2),
-        "batched_s": round(batched_s, 2),
-        "serial_items_per_s": round(len(convs) / serial_s, 4),
-        "batched_items_per_s": round(len(convs) / batched_s, 4),
-        "speedup": round(serial_s / batched_s, 2),
-        "serial_cpu_s": round(serial_cpu, 2),
-        "batched_cpu_s": round(batched_cpu, 2),
-        "cpu_speedup": round(serial_cpu / batched_cpu, 2) if batched_cpu else None,
-        "identical_outputs": not mismatched,
-        "mismatches": len(mismatched),
-        "mismatch_items": [ids[i] for i in mismatched[:5]],
-        "completion_tokens": sum(g["completion_tokens"] for g in serial),
-        "stopped_before_limit": sum(g["finish_reason"] == "stop" for g in serial),
-        "batch_rows": args.batch_size or GEN_MAX_ROWS,
-        "token_budget": GEN_TOKEN_BUDGET,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "eval_speed",
+                "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+                "items": len(convs),
+                "chinese_items": sum(is_chinese(c[-1]["content"]) for c in convs),
+                "max_new_tokens": max_new,
+                "serial_s": round(serial_s, 2),
+                "batched_s": round(batched_s, 2),
+                "serial_items_per_s": round(len(convs) / serial_s, 4),
+                "batched_items_per_s": round(len(convs) / batched_s, 4),
+                "speedup": round(serial_s / batched_s, 2),
+                "serial_cpu_s": round(serial_cpu, 2),
+                "batched_cpu_s": round(batched_cpu, 2),
+                "cpu_speedup": round(serial_cpu / batched_cpu, 2) if batched_cpu else None,
+                "identical_outputs": not mismatched,
+                "mismatches": len(mismatched),
+                "mismatch_items": [ids[i] for i in mismatched[:5]],
+                "completion_tokens": sum(g["completion_tokens"] for g in serial),
+                "stopped_before_limit": sum(g["finish_reason"] == "stop" for g in serial),
+                "batch_rows": args.batch_size or GEN_MAX_ROWS,
+                "token_budget": GEN_TOKEN_BUDGET,
+                "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "machine": machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,17 @@ def simulate(rng, n: int, drop: float, sigma: float, base_acc: float = 0.70) -> 
     return base.astype(int), cand.astype(int)
 
 
-def rates(n: int, trials: int, seed: int, margin: float, drop: float, sigma: float, confidence: float, policy: str, naive: float) -> dict:
+def rates(
+    n: int,
+    trials: int,
+    seed: int,
+    margin: float,
+    drop: float,
+    sigma: float,
+    confidence: float,
+    policy: str,
+    naive: float,
+) -> dict:
     rng = np.random.default_rng(seed)
     spec = GateSpec("max_accuracy_drop", "accuracy_drop", "paired", margin)
     blocked = failed = naive_blocked = 0
@@ -56,7 +66,12 @@ def rates(n: int, trials: int, seed: int, margin: float, drop: float, sigma: flo
         failed += g["verdict"] == "FAIL"
         naive_blocked += (b.mean() - c.mean()) > naive
         disc += float(np.mean(b != c))
-    return {"block": blocked / trials, "fail": failed / trials, "naive_block": naive_blocked / trials, "discordance": disc / trials}
+    return {
+        "block": blocked / trials,
+        "fail": failed / trials,
+        "naive_block": naive_blocked / trials,
+        "discordance": disc / trials,
+    }
 
 
 def main(argv=None) -> int:
@@ -76,8 +91,10 @@ def main(argv=None) -> int:
     kw = dict(margin=a.margin, sigma=a.sigma, confidence=a.confidence, policy=a.policy, naive=a.margin)
     null = rates(a.n, a.trials, a.seed, drop=0.0, **kw)
     alt = rates(a.n, a.trials, a.seed + 1, drop=a.drop, **kw)
-    print(f"n={a.n}, trials={a.trials}, base accuracy 0.70, discordance at zero change {null['discordance']:.3f}, "
-          f"margin M={a.margin}, confidence {a.confidence}, on_inconclusive={a.policy}")
+    print(
+        f"n={a.n}, trials={a.trials}, base accuracy 0.70, discordance at zero change {null['discordance']:.3f}, "
+        f"margin M={a.margin}, confidence {a.confidence}, on_inconclusive={a.policy}"
+    )
     print(f"{'gate':<44}{'blocks unchanged':>18}{'blocks -' + format(a.drop, '.0%') + ' drop':>18}")
     print(f"{'tuneloop (interval vs M; FAIL or INCONCLUSIVE)':<44}{null['block']:>18.3f}{alt['block']:>18.3f}")
     print(f"{'  of which FAIL (interval wholly above M)':<44}{null['fail']:>18.3f}{alt['fail']:>18.3f}")
@@ -93,8 +110,10 @@ def main(argv=None) -> int:
                 d = rates(n, sweep_trials, a.seed + 8, drop=a.drop, **{**kw, "sigma": sigma})
                 z2 = rates(n, sweep_trials, a.seed + 7, drop=0.0, **{**kw, "sigma": sigma, "naive": 0.02})
                 d2 = rates(n, sweep_trials, a.seed + 8, drop=a.drop, **{**kw, "sigma": sigma, "naive": 0.02})
-                print(f"{n:>6}{sigma:>7}{z['discordance']:>10.3f}{z['block']:>8.3f}/{d['block']:.3f}"
-                      f"{z['naive_block']:>9.3f}/{d['naive_block']:.3f}{z2['naive_block']:>9.3f}/{d2['naive_block']:.3f}")
+                print(
+                    f"{n:>6}{sigma:>7}{z['discordance']:>10.3f}{z['block']:>8.3f}/{d['block']:.3f}"
+                    f"{z['naive_block']:>9.3f}/{d['naive_block']:.3f}{z2['naive_block']:>9.3f}/{d2['naive_block']:.3f}"
+                )
 
     line = {
         "n": a.n,

@@ -47,8 +47,15 @@ def make_base(out: Path) -> Path:
     m = RECOMMENDED["model"]
     texts = general_corpus(2000, seed=0) + [x["content"] for r in task_records(300, seed=0) for x in r["messages"]]
     tok = make_tokenizer(texts, vocab_size=m["vocab_size"])
-    model = make_model(tok, hidden_size=m["hidden_size"], num_layers=m["num_layers"], num_heads=m["num_heads"],
-                       intermediate_size=m["intermediate_size"], max_position_embeddings=m["max_position_embeddings"], seed=0)
+    model = make_model(
+        tok,
+        hidden_size=m["hidden_size"],
+        num_layers=m["num_layers"],
+        num_heads=m["num_heads"],
+        intermediate_size=m["intermediate_size"],
+        max_position_embeddings=m["max_position_embeddings"],
+        seed=0,
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -91,11 +98,16 @@ class LeanClient:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode()
-        self.writer.write(b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                          % (path.encode(), self.host.encode(), self.port, len(body)) + body)
+        self.writer.write(
+            b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+            % (path.encode(), self.host.encode(), self.port, len(body))
+            + body
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
-        length = next(int(v) for k, _, v in (line.partition(b":") for line in lines[1:]) if k.strip().lower() == b"content-length")
+        length = next(
+            int(v) for k, _, v in (line.partition(b":") for line in lines[1:]) if k.strip().lower() == b"content-length"
+        )
         return int(lines[0].split(b" ")[1]), await self.reader.readexactly(length)
 
     def close(self) -> None:
@@ -103,7 +115,9 @@ class LeanClient:
             self.writer.close()
 
 
-async def load(url: str, prompts: list[str], clients: int, max_tokens: int) -> tuple[list[float], list[str], float, float]:
+async def load(
+    url: str, prompts: list[str], clients: int, max_tokens: int
+) -> tuple[list[float], list[str], float, float]:
     """(latencies, answers, wall seconds, the load generator's CPU seconds): ``clients`` workers, each on its own
     connection, sending the next prompt as soon as its last answer arrived."""
     latencies: list[float] = [0.0] * len(prompts)
@@ -116,8 +130,15 @@ async def load(url: str, prompts: list[str], clients: int, max_tokens: int) -> t
         while not queue.empty():
             i = queue.get_nowait()
             t0 = time.perf_counter()
-            status, body = await client.post("/v1/chat/completions", {"model": "bench", "temperature": 0, "max_tokens": max_tokens,
-                                                                     "messages": [{"role": "user", "content": prompts[i]}]})
+            status, body = await client.post(
+                "/v1/chat/completions",
+                {
+                    "model": "bench",
+                    "temperature": 0,
+                    "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": prompts[i]}],
+                },
+            )
             if status != 200:
                 raise RuntimeError(f"the gateway answered {status}: {body[:300]!r}")
             latencies[i] = time.perf_counter() - t0
@@ -126,8 +147,15 @@ async def load(url: str, prompts: list[str], clients: int, max_tokens: int) -> t
     pool = [LeanClient(url) for _ in range(clients)]
     try:
         # warm-up: one request per connection, so connecting, model loading and first-call costs are not measured
-        await asyncio.gather(*(c.post("/v1/chat/completions", {"model": "bench", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-                               for c in pool))
+        await asyncio.gather(
+            *(
+                c.post(
+                    "/v1/chat/completions",
+                    {"model": "bench", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+                )
+                for c in pool
+            )
+        )
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker(c) for c in pool))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -142,7 +170,9 @@ def start_server(ws: Path, batch: int, torch_threads: int = 0):
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(ws), str(port), str(batch), str(torch_threads)], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(ws), str(port), str(batch), str(torch_threads)], env=env
+    )
     deadline = time.time() + 180
     while True:
         try:
@@ -167,9 +197,15 @@ def measure(url: str, prompts: list[str], args) -> dict:
     after = engine_stats(url)
     d = {k: after[k] - before[k] for k in after}
     lat_sorted = sorted(lat)
-    return {"rps": len(prompts) / wall, "p50": statistics.median(lat), "p99": lat_sorted[int(0.99 * (len(lat) - 1))],
-            "client_cpu_ms": 1000 * cpu / len(prompts), "answers": answers,
-            "rows_per_prefill": d["rows"] / max(d["prefills"], 1), "rows_per_step": d["decoded_rows"] / max(d["decode_steps"], 1)}
+    return {
+        "rps": len(prompts) / wall,
+        "p50": statistics.median(lat),
+        "p99": lat_sorted[int(0.99 * (len(lat) - 1))],
+        "client_cpu_ms": 1000 * cpu / len(prompts),
+        "answers": answers,
+        "rows_per_prefill": d["rows"] / max(d["prefills"], 1),
+        "rows_per_step": d["decoded_rows"] / max(d["decode_steps"], 1),
+    }
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -184,8 +220,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32, help="serve.max_batch_size of the batched run")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per mode; medians are reported")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch threads in both servers, as serve.torch_threads sets them (default: torch's choice)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads in both servers, as serve.torch_threads sets them (default: torch's choice)",
+    )
     ap.add_argument("--serve", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -198,17 +238,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base or make_base(Path(tmp) / "base")
         ws = Path(tmp) / "ws"
-        SqliteRegistry(ws).register("bench", Path(base), artifact_kind="model", base_model=str(base), lineage={}, metrics={}, gates={})
+        SqliteRegistry(ws).register(
+            "bench", Path(base), artifact_kind="model", base_model=str(base), lineage={}, metrics={}, gates={}
+        )
         tickets = [r["messages"][1]["content"] for r in task_records(args.requests, seed=7)]
-        servers = {"batched": start_server(ws, args.batch, args.torch_threads), "serial": start_server(ws, 1, args.torch_threads)}
+        servers = {
+            "batched": start_server(ws, args.batch, args.torch_threads),
+            "serial": start_server(ws, 1, args.torch_threads),
+        }
         runs: dict[str, list[dict]] = {"batched": [], "serial": []}
         try:
             for rep in range(args.repeats):  # alternate, so a busy moment on a shared machine hits both
                 for mode in ("batched", "serial"):
                     r = measure(servers[mode][1], tickets, args)
                     runs[mode].append(r)
-                    print(f"{mode:8s} run {rep + 1}: {r['rps']:.1f} req/s, p50 {r['p50']:.3f} s, {r['rows_per_prefill']:.1f} "
-                          f"requests per prefill, {r['rows_per_step']:.1f} per decode step", flush=True)
+                    print(
+                        f"{mode:8s} run {rep + 1}: {r['rps']:.1f} req/s, p50 {r['p50']:.3f} s, {r['rows_per_prefill']:.1f} "
+                        f"requests per prefill, {r['rows_per_step']:.1f} per decode step",
+                        flush=True,
+                    )
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -217,15 +265,22 @@ def main() -> None:
     batched = {k: median_of(runs["batched"], k) for k in ("rps", "p50", "p99")}
     serial = {k: median_of(runs["serial"], k) for k in ("rps", "p50", "p99")}
     out = {
-        "batched_rps": round(batched["rps"], 2), "serial_rps": round(serial["rps"], 2),
+        "batched_rps": round(batched["rps"], 2),
+        "serial_rps": round(serial["rps"], 2),
         "speedup": round(batched["rps"] / serial["rps"], 2),
         "identical_outputs": all(a == answers[0] for a in answers),
-        "batched_p50_s": round(batched["p50"], 4), "serial_p50_s": round(serial["p50"], 4),
-        "batched_p99_s": round(batched["p99"], 4), "serial_p99_s": round(serial["p99"], 4),
+        "batched_p50_s": round(batched["p50"], 4),
+        "serial_p50_s": round(serial["p50"], 4),
+        "batched_p99_s": round(batched["p99"], 4),
+        "serial_p99_s": round(serial["p99"], 4),
         "client_cpu_ms_per_request": round(median_of(runs["batched"] + runs["serial"], "client_cpu_ms"), 3),
         "batched_requests_per_prefill": round(median_of(runs["batched"], "rows_per_prefill"), 1),
         "batched_mean_decode_batch": round(median_of(runs["batched"], "rows_per_step"), 1),
-        "requests": args.requests, "clients": args.clients, "max_batch_size": args.batch, "repeats": args.repeats, "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "clients": args.clients,
+        "max_batch_size": args.batch,
+        "repeats": args.repeats,
+        "max_tokens": args.max_tokens,
         "model": "demo architecture" + (" (built demo base)" if args.base else " (random weights)"),
         "torch_threads": args.torch_threads or __import__("torch").get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}",

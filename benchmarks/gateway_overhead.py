@@ -53,23 +53,43 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench:1"
 STREAM_GAP_S = 0.005
 LITELLM_KEY = "sk-bench-" + os.urandom(16).hex()
-MESSAGES = [{"role": "system", "content": "You are a support assistant."},
-            {"role": "user", "content": "My parcel 4417 is late, where is it? It was due on Monday."}]
+MESSAGES = [
+    {"role": "system", "content": "You are a support assistant."},
+    {"role": "user", "content": "My parcel 4417 is late, where is it? It was due on Monday."},
+]
 
 # ------------------------------------------------------------------------------------------------ stub upstream
 
-CHAT_BODY = json.dumps({
-    "id": "chatcmpl-stub", "object": "chat.completion", "created": 1700000000, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Your parcel is on its way and arrives tomorrow."},
-                 "finish_reason": "stop", "logprobs": None}],
-    "usage": {"prompt_tokens": 24, "completion_tokens": 10, "total_tokens": 34},
-}).encode()
-MODELS_BODY = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}).encode()
+CHAT_BODY = json.dumps(
+    {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Your parcel is on its way and arrives tomorrow."},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 24, "completion_tokens": 10, "total_tokens": 34},
+    }
+).encode()
+MODELS_BODY = json.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}
+).encode()
 
 
 def sse_event(delta: dict | None, *, finish: str | None = None, usage: dict | None = None) -> bytes:
-    chunk = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1700000000, "model": MODEL,
-             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    chunk = {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
     if usage is not None:
         chunk["usage"] = usage
     data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -77,15 +97,20 @@ def sse_event(delta: dict | None, *, finish: str | None = None, usage: dict | No
 
 
 STREAM_FIRST = sse_event({"role": "assistant", "content": ""}) + sse_event({"content": "Your"})
-STREAM_REST = (sse_event({"content": " parcel is"}) + sse_event({"content": " on its way."})
-               + sse_event({}, finish="stop"))
+STREAM_REST = (
+    sse_event({"content": " parcel is"}) + sse_event({"content": " on its way."}) + sse_event({}, finish="stop")
+)
 STREAM_USAGE = sse_event(None, usage={"prompt_tokens": 24, "completion_tokens": 5, "total_tokens": 29})
 STREAM_END = b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 def http_head(status: str, ctype: bytes, length: int | None) -> bytes:
     framing = b"content-length: %d" % length if length is not None else b"transfer-encoding: chunked"
-    return b"HTTP/1.1 %s\r\ncontent-type: %s\r\n%s\r\nconnection: keep-alive\r\n\r\n" % (status.encode(), ctype, framing)
+    return b"HTTP/1.1 %s\r\ncontent-type: %s\r\n%s\r\nconnection: keep-alive\r\n\r\n" % (
+        status.encode(),
+        ctype,
+        framing,
+    )
 
 
 async def stub_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -173,12 +198,18 @@ def serve_gateway(ws: str, port: int, upstream: str, stack: str = "auto") -> Non
     from tuneloop.serve.server import build_gateway, http_stack
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = PipelineConfig(name="bench", base_model="stub", data={"train_data": "unused.jsonl"},  # only serve: is used
-                         serve={"backend": "openai", "upstream": upstream})
+    cfg = PipelineConfig(
+        name="bench",
+        base_model="stub",
+        data={"train_data": "unused.jsonl"},  # only serve: is used
+        serve={"backend": "openai", "upstream": upstream},
+    )
     app = build_gateway(cfg, Path(ws), preload=["bench:1"])
     chosen = http_stack() if stack == "auto" else {"http": "h11", "loop": "asyncio"}
     print(f"gateway HTTP stack: {chosen['http']} + {chosen['loop']}", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75, **chosen)
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75, **chosen
+    )
 
 
 def make_workspace(ws: Path) -> None:
@@ -191,7 +222,9 @@ def make_workspace(ws: Path) -> None:
     art.mkdir(parents=True, exist_ok=True)
     (art / "config.json").write_text('{"note": "served by the stub upstream; never loaded here"}')
     save_file({"unused": np.zeros(1, dtype=np.float32)}, str(art / "model.safetensors"))  # the registry wants weights
-    SqliteRegistry(ws).register("bench", art, artifact_kind="model", base_model="stub", lineage={}, metrics={}, gates={})
+    SqliteRegistry(ws).register(
+        "bench", art, artifact_kind="model", base_model="stub", lineage={}, metrics={}, gates={}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -209,16 +242,22 @@ def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float = 1
     deadline = time.time() + timeout_s
     while True:
         try:
-            r = httpx.post(url, json={"model": "bench", "messages": MESSAGES, "max_tokens": 8}, timeout=10,
-                           headers={"authorization": f"Bearer {LITELLM_KEY}"})
+            r = httpx.post(
+                url,
+                json={"model": "bench", "messages": MESSAGES, "max_tokens": 8},
+                timeout=10,
+                headers={"authorization": f"Bearer {LITELLM_KEY}"},
+            )
             if r.status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s (exit code {proc.poll()}); "
-                               "run it by hand to see why")
+            raise RuntimeError(
+                f"{what} did not answer {url} within {timeout_s:.0f} s (exit code {proc.poll()}); "
+                "run it by hand to see why"
+            )
         time.sleep(0.5)
 
 
@@ -228,28 +267,50 @@ def start_child(*role: str) -> subprocess.Popen:
 
 
 def find_litellm(given: str | None) -> str:
-    for candidate in ([given] if given else [shutil.which("litellm"), "/tmp/litellm-venv/bin/litellm"]):
+    for candidate in [given] if given else [shutil.which("litellm"), "/tmp/litellm-venv/bin/litellm"]:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise SystemExit("LiteLLM not found: install it in its own venv (python -m venv /tmp/litellm-venv && "
-                     "/tmp/litellm-venv/bin/pip install 'litellm[proxy]') and pass --litellm /tmp/litellm-venv/bin/litellm, "
-                     "or run with --no-litellm")
+    raise SystemExit(
+        "LiteLLM not found: install it in its own venv (python -m venv /tmp/litellm-venv && "
+        "/tmp/litellm-venv/bin/pip install 'litellm[proxy]') and pass --litellm /tmp/litellm-venv/bin/litellm, "
+        "or run with --no-litellm"
+    )
 
 
 def start_litellm(exe: str, stub_url: str, port: int, tmp: Path) -> subprocess.Popen:
     cfg = tmp / "litellm.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "model_list": [{"model_name": "bench",
-                        "litellm_params": {"model": f"openai/{MODEL}", "api_base": stub_url, "api_key": "sk-stub"}}],
-        "litellm_settings": {"telemetry": False, "drop_params": True},
-        "general_settings": {"master_key": LITELLM_KEY},  # it refuses to start without one; no database behind it
-    }))
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
-           "NO_DOCKER": "1", "DISABLE_SCHEMA_UPDATE": "True"}
+    cfg.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "model_list": [
+                    {
+                        "model_name": "bench",
+                        "litellm_params": {"model": f"openai/{MODEL}", "api_base": stub_url, "api_key": "sk-stub"},
+                    }
+                ],
+                "litellm_settings": {"telemetry": False, "drop_params": True},
+                "general_settings": {
+                    "master_key": LITELLM_KEY
+                },  # it refuses to start without one; no database behind it
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_TELEMETRY": "False",
+        "NO_DOCKER": "1",
+        "DISABLE_SCHEMA_UPDATE": "True",
+    }
     env.pop("PYTHONPATH", None)
     log = open(tmp / "litellm.log", "w")
-    return subprocess.Popen([exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -323,7 +384,7 @@ async def measure(targets: dict[str, tuple[str, str, int]], stream: bool, args) 
         for t in names:  # warm-up: connections, caches, first-call costs
             await run_round(clients[t], targets[t][0], targets[t][1], stream, 50, args.rate)
         for rnd in range(args.rounds):
-            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for t in order:
                 before = cpu_seconds(targets[t][2])
                 samples[t] += await run_round(clients[t], targets[t][0], targets[t][1], stream, per_round, args.rate)
@@ -343,43 +404,66 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def summarize(samples: list[tuple[float, bool]]) -> dict:
     lat = sorted(s[0] * 1000 for s in samples)
-    return {"p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99), "n": len(lat), "errors": sum(not s[1] for s in samples)}
+    return {
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "n": len(lat),
+        "errors": sum(not s[1] for s in samples),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def report(results: dict[str, dict[str, dict]], args) -> dict:
-    print(f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}"
-          f" {'cpu ms/req':>10s}")
+    print(
+        f"\n{'mode':14s} {'target':8s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'added p50':>10s} {'added p99':>10s} {'errors':>7s}"
+        f" {'cpu ms/req':>10s}"
+    )
     for mode, res in results.items():
         base = res["direct"]
         for t, r in res.items():
-            added = "" if t == "direct" else f"{r['p50_ms'] - base['p50_ms']:10.2f} {r['p99_ms'] - base['p99_ms']:10.2f}"
-            print(f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d} {r['cpu_ms_per_request']:10.3f}")
+            added = (
+                "" if t == "direct" else f"{r['p50_ms'] - base['p50_ms']:10.2f} {r['p99_ms'] - base['p99_ms']:10.2f}"
+            )
+            print(
+                f"{mode:14s} {t:8s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {added:21s} {r['errors']:7d} {r['cpu_ms_per_request']:10.3f}"
+            )
     ns, st = results["non-streaming"], results["streaming-ttft"]
 
     def added(res: dict, target: str, q: str) -> float | None:
         return round(res[target][q] - res["direct"][q], 3) if target in res else None
 
     out = {
-        "added_p50_ms": added(ns, "gateway", "p50_ms"), "added_p99_ms": added(ns, "gateway", "p99_ms"),
-        "litellm_added_p50_ms": added(ns, "litellm", "p50_ms"), "litellm_added_p99_ms": added(ns, "litellm", "p99_ms"),
-        "added_p90_ms": added(ns, "gateway", "p90_ms"), "litellm_added_p90_ms": added(ns, "litellm", "p90_ms"),
-        "stream_ttft_added_p50_ms": added(st, "gateway", "p50_ms"), "stream_ttft_added_p99_ms": added(st, "gateway", "p99_ms"),
+        "added_p50_ms": added(ns, "gateway", "p50_ms"),
+        "added_p99_ms": added(ns, "gateway", "p99_ms"),
+        "litellm_added_p50_ms": added(ns, "litellm", "p50_ms"),
+        "litellm_added_p99_ms": added(ns, "litellm", "p99_ms"),
+        "added_p90_ms": added(ns, "gateway", "p90_ms"),
+        "litellm_added_p90_ms": added(ns, "litellm", "p90_ms"),
+        "stream_ttft_added_p50_ms": added(st, "gateway", "p50_ms"),
+        "stream_ttft_added_p99_ms": added(st, "gateway", "p99_ms"),
         "litellm_stream_ttft_added_p50_ms": added(st, "litellm", "p50_ms"),
         "litellm_stream_ttft_added_p99_ms": added(st, "litellm", "p99_ms"),
-        "floor_added_p50_ms": added(ns, "floor", "p50_ms"), "floor_added_p99_ms": added(ns, "floor", "p99_ms"),
+        "floor_added_p50_ms": added(ns, "floor", "p50_ms"),
+        "floor_added_p99_ms": added(ns, "floor", "p99_ms"),
         "floor_stream_ttft_added_p50_ms": added(st, "floor", "p50_ms"),
-        "direct_p50_ms": round(ns["direct"]["p50_ms"], 3), "direct_p99_ms": round(ns["direct"]["p99_ms"], 3),
-        "direct_ttft_p50_ms": round(st["direct"]["p50_ms"], 3), "direct_ttft_p99_ms": round(st["direct"]["p99_ms"], 3),
-        "gateway_p50_ms": round(ns["gateway"]["p50_ms"], 3), "gateway_p99_ms": round(ns["gateway"]["p99_ms"], 3),
+        "direct_p50_ms": round(ns["direct"]["p50_ms"], 3),
+        "direct_p99_ms": round(ns["direct"]["p99_ms"], 3),
+        "direct_ttft_p50_ms": round(st["direct"]["p50_ms"], 3),
+        "direct_ttft_p99_ms": round(st["direct"]["p99_ms"], 3),
+        "gateway_p50_ms": round(ns["gateway"]["p50_ms"], 3),
+        "gateway_p99_ms": round(ns["gateway"]["p99_ms"], 3),
         "gateway_cpu_ms_per_request": round(ns["gateway"]["cpu_ms_per_request"], 3),
         "gateway_stream_cpu_ms_per_request": round(st["gateway"]["cpu_ms_per_request"], 3),
         "litellm_cpu_ms_per_request": round(ns["litellm"]["cpu_ms_per_request"], 3) if "litellm" in ns else None,
         "litellm_stream_cpu_ms_per_request": round(st["litellm"]["cpu_ms_per_request"], 3) if "litellm" in st else None,
         "errors": sum(r["errors"] for res in results.values() for r in res.values()),
-        "gateway_http_stack": args.http_stack, "rate_rps": args.rate, "requests_per_target_and_mode": results["non-streaming"]["direct"]["n"], "rounds": args.rounds,
+        "gateway_http_stack": args.http_stack,
+        "rate_rps": args.rate,
+        "requests_per_target_and_mode": results["non-streaming"]["direct"]["n"],
+        "rounds": args.rounds,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}",
     }
     if out["added_p50_ms"] is not None and out["litellm_added_p50_ms"]:
@@ -402,21 +486,30 @@ def run_all(args) -> dict:
             make_workspace(ws)
             procs.append(start_child("gateway", str(ws), str(gw_port), stub, args.http_stack))
             wait_ready(procs[-1], f"http://127.0.0.1:{gw_port}/v1/chat/completions", "the gateway")
-            targets = {"direct": (f"{stub}/chat/completions", MODEL, procs[0].pid),
-                       "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, procs[1].pid)}
+            targets = {
+                "direct": (f"{stub}/chat/completions", MODEL, procs[0].pid),
+                "gateway": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, procs[1].pid),
+            }
             if exe:
                 ll_port = free_port()
                 procs.append(start_litellm(exe, stub, ll_port, Path(tmp)))
-                wait_ready(procs[-1], f"http://127.0.0.1:{ll_port}/v1/chat/completions", f"LiteLLM (log: {tmp}/litellm.log)")
+                wait_ready(
+                    procs[-1], f"http://127.0.0.1:{ll_port}/v1/chat/completions", f"LiteLLM (log: {tmp}/litellm.log)"
+                )
                 targets["litellm"] = (f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench", procs[-1].pid)
             if args.floor:
                 floor_port = free_port()
                 procs.append(start_child("floor", str(floor_port), str(stub_port)))
                 wait_ready(procs[-1], f"http://127.0.0.1:{floor_port}/v1/chat/completions", "the byte relay")
                 targets["floor"] = (f"http://127.0.0.1:{floor_port}/v1/chat/completions", MODEL, procs[-1].pid)
-            print(f"targets up: {', '.join(targets)}; {args.requests} requests per target and mode at {args.rate}/s", flush=True)
-            results = {"non-streaming": asyncio.run(measure(targets, False, args)),
-                       "streaming-ttft": asyncio.run(measure(targets, True, args))}
+            print(
+                f"targets up: {', '.join(targets)}; {args.requests} requests per target and mode at {args.rate}/s",
+                flush=True,
+            )
+            results = {
+                "non-streaming": asyncio.run(measure(targets, False, args)),
+                "streaming-ttft": asyncio.run(measure(targets, True, args)),
+            }
         finally:
             for p in reversed(procs):
                 p.terminate()
@@ -435,9 +528,13 @@ def main() -> None:
     ap.add_argument("--litellm", default=None, help="the litellm executable (its own venv)")
     ap.add_argument("--no-litellm", action="store_true", help="measure only direct and gateway")
     ap.add_argument("--floor", action="store_true", help="also measure a proxy that only relays bytes (the floor)")
-    ap.add_argument("--http-stack", choices=("auto", "h11"), default="auto",
-                    help="the gateway's HTTP parser and loop: auto (as tuneloop serve: httptools + uvloop when "
-                         "installed) or h11 (pure-Python h11 + asyncio, the stack before httptools and uvloop became dependencies)")
+    ap.add_argument(
+        "--http-stack",
+        choices=("auto", "h11"),
+        default="auto",
+        help="the gateway's HTTP parser and loop: auto (as tuneloop serve: httptools + uvloop when "
+        "installed) or h11 (pure-Python h11 + asyncio, the stack before httptools and uvloop became dependencies)",
+    )
     ap.add_argument("--role", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role:

@@ -43,10 +43,16 @@ from tuneloop.registry.ops import register_directory
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
-    "Explain what a neural network is in one sentence.", "How many legs does a spider have?",
-    "Give me a tip for learning a new language.", "What is 17 times 3?", "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?", "Suggest a name for a pet turtle.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain what a neural network is in one sentence.",
+    "How many legs does a spider have?",
+    "Give me a tip for learning a new language.",
+    "What is 17 times 3?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Suggest a name for a pet turtle.",
 ]
 
 
@@ -56,14 +62,23 @@ def train_adapter(base: Path, out: Path, steps: int = 30) -> Path:
 
     torch.manual_seed(0)
     tok = load_tokenizer(str(base))
-    model = get_peft_model(load_causal_lm(str(base)), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        load_causal_lm(str(base)),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in task_records(240, seed=7, split="train")]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = tok(texts[8 * step % len(texts):][:8], return_tensors="pt", padding=True, truncation=True, max_length=128)
+        batch = tok(
+            texts[8 * step % len(texts) :][:8], return_tensors="pt", padding=True, truncation=True, max_length=128
+        )
         loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
         loss.backward()
         opt.step()
@@ -74,15 +89,23 @@ def train_adapter(base: Path, out: Path, steps: int = 30) -> Path:
 
 
 def chat_ids(tok, conversations) -> list[list[int]]:
-    return [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
-            for c in conversations]
+    return [
+        tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        for c in conversations
+    ]
 
 
 def hf_greedy(model, tok, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def llama_greedy(llm, ids: list[int], eos: int, n: int) -> list[int]:
@@ -114,7 +137,7 @@ def compare(model, tok, gguf_path: Path, prompts: list[list[int]], n: int, hf: d
     for ids, cont in zip(prompts, hf["conts"]):
         scorer.reset()
         scorer.eval(ids + cont)
-        pred = np.asarray(scorer.scores[len(ids) - 1:len(ids) + len(cont) - 1]).argmax(-1)
+        pred = np.asarray(scorer.scores[len(ids) - 1 : len(ids) + len(cont) - 1]).argmax(-1)
         agree += int((pred == np.asarray(cont)).sum())
         total += len(cont)
     del scorer
@@ -141,7 +164,10 @@ def demo_figures(work: Path, n: int) -> dict:
     tok = load_tokenizer(str(adapter))
     merged = load_causal_lm(str(base), adapter=str(adapter)).merge_and_unload()
     convs = [r["messages"][:-1] for r in task_records(8, seed=11, split="eval")]
-    convs += [[{"role": "user", "content": q}] for q in ("How do I reset my password?", "Tell me about the weather in spring.")]
+    convs += [
+        [{"role": "user", "content": q}]
+        for q in ("How do I reset my password?", "Tell me about the weather in spring.")
+    ]
     prompts = chat_ids(tok, convs)
     out, hf = {"params": sum(p.numel() for p in merged.parameters()), "prompts": len(prompts)}, None
     for quant in ("f16", "q8_0"):
@@ -160,8 +186,14 @@ def real_figures(work: Path, n: int) -> dict:
     d = mod.real_model_dir()
     model, tok = load_causal_lm(str(d)), load_tokenizer(str(d))
     prompts = chat_ids(tok, [[{"role": "user", "content": q}] for q in REAL_QUESTIONS])
-    out, hf = {"params": sum(p.numel() for p in model.parameters()), "prompts": len(prompts),
-               "source_bytes": (d / "model.safetensors").stat().st_size}, None
+    out, hf = (
+        {
+            "params": sum(p.numel() for p in model.parameters()),
+            "prompts": len(prompts),
+            "source_bytes": (d / "model.safetensors").stat().st_size,
+        },
+        None,
+    )
     for quant in ("f16", "q8_0"):
         t0 = time.perf_counter()
         write_gguf(model, tok, work / f"smollm2.{quant}.gguf", quant=quant, name="smollm2")
@@ -181,9 +213,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
         work = Path(tmp)
-        result = {"benchmark": "gguf_export", "tokens": args.tokens, "machine": f"{platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} torch threads", "llama_cpp_python": llama_cpp.__version__,
-                  "torch": torch.__version__, "demo": demo_figures(work, args.tokens)}
+        result = {
+            "benchmark": "gguf_export",
+            "tokens": args.tokens,
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+            "llama_cpp_python": llama_cpp.__version__,
+            "torch": torch.__version__,
+            "demo": demo_figures(work, args.tokens),
+        }
         if not args.skip_real:
             result["real"] = real_figures(work, args.tokens)
     print(json.dumps(result))

@@ -31,10 +31,22 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4":
 
 SHAPES = {
     # Qwen2.5-0.5B-like: 24 layers, hidden 896, 14 heads (2 KV), MLP 4864, vocab 151936.
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936),
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=128256),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+    ),
 }
 
 
@@ -55,8 +67,13 @@ def _random_model(shape: str, out: Path) -> str:
 
     recs = json.loads(ALPACA.read_text())
     tok = make_tokenizer([r["instruction"] + " " + r["output"] for r in recs], vocab_size=4096)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -79,8 +96,11 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_train.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
-              "on the CPU use benchmarks/packing_speed.py", file=sys.stderr)
+        print(
+            "gpu_train.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
+            "on the CPU use benchmarks/packing_speed.py",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
     from transformers import TrainerCallback
@@ -99,11 +119,21 @@ def main() -> None:
     for i in range(need):
         r = recs[i % len(recs)]
         user = r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
-        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}))
+        lines.append(
+            json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]})
+        )
     (work / "train.jsonl").write_text("\n".join(lines) + "\n")
     (work / "eval.jsonl").write_text(lines[0] + "\n")
-    prep = prepare_dataset(tok, work / "train.jsonl", work / "eval.jsonl", work / "prep", max_length=a.max_length,
-                           eval_split=0.1, seed=0, train_on_inputs=False)
+    prep = prepare_dataset(
+        tok,
+        work / "train.jsonl",
+        work / "eval.jsonl",
+        work / "prep",
+        max_length=a.max_length,
+        eval_split=0.1,
+        seed=0,
+        train_on_inputs=False,
+    )
 
     class Timer(TrainerCallback):
         t0 = wall = 0.0
@@ -116,13 +146,24 @@ def main() -> None:
             torch.cuda.synchronize()
             self.wall = time.perf_counter() - self.t0
 
-    cfg = build_config({
-        "name": "gpu-bench", "base_model": base, "seed": 0,
-        "data": {"train_data": str(work / "train.jsonl"), "max_length": a.max_length},
-        "train": {"method": a.method, "max_steps": a.steps, "batch_size": a.batch_size, "learning_rate": 1e-4,
-                  "save_steps": 10**6, "packing": a.packing, "precision": "auto",
-                  "gradient_checkpointing": a.gradient_checkpointing},
-    })
+    cfg = build_config(
+        {
+            "name": "gpu-bench",
+            "base_model": base,
+            "seed": 0,
+            "data": {"train_data": str(work / "train.jsonl"), "max_length": a.max_length},
+            "train": {
+                "method": a.method,
+                "max_steps": a.steps,
+                "batch_size": a.batch_size,
+                "learning_rate": 1e-4,
+                "save_steps": 10**6,
+                "packing": a.packing,
+                "precision": "auto",
+                "gradient_checkpointing": a.gradient_checkpointing,
+            },
+        }
+    )
     timer = Timer()
     m = train_sft(cfg, work / "prep" / "train", work / "run", tokenizer=tok, callbacks=[timer])
 
@@ -140,13 +181,22 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0)
     peak = _peak(gpu, a.peak_tflops)
     out = {
-        "gpu": gpu, "model": a.model or f"random:{a.shape}", "method": a.method, "packing": a.packing,
-        "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp32", "steps": a.steps,
-        "batch_size": a.batch_size, "max_length": a.max_length, "mean_tokens": mean_len,
-        "tokens_per_s": round(tps, 1), "seconds": round(timer.wall, 2),
-        "tflops": round(tps * flops_per_token / 1e12, 2), "peak_tflops": peak,
+        "gpu": gpu,
+        "model": a.model or f"random:{a.shape}",
+        "method": a.method,
+        "packing": a.packing,
+        "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp32",
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "max_length": a.max_length,
+        "mean_tokens": mean_len,
+        "tokens_per_s": round(tps, 1),
+        "seconds": round(timer.wall, 2),
+        "tflops": round(tps * flops_per_token / 1e12, 2),
+        "peak_tflops": peak,
         "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None,
-        "flops_per_token": flops_per_token, "final_loss": m["final_loss"],
+        "flops_per_token": flops_per_token,
+        "final_loss": m["final_loss"],
         "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     print(json.dumps(out))

@@ -45,13 +45,26 @@ def _config(a, base: str, train_file: Path, arm: str):
     from tuneloop.config import build_config
 
     backend, method = arm.split("-")
-    return build_config({
-        "name": "gpu-unsloth", "base_model": base, "seed": 0,
-        "data": {"train_data": str(train_file), "max_length": a.max_length},
-        "train": {"backend": backend, "method": method, "max_steps": a.steps, "batch_size": a.batch_size,
-                  "learning_rate": 1e-4, "lora_dropout": a.lora_dropout, "save_steps": 10**6, "packing": a.packing,
-                  "precision": "auto", "gradient_checkpointing": a.gradient_checkpointing},
-    })
+    return build_config(
+        {
+            "name": "gpu-unsloth",
+            "base_model": base,
+            "seed": 0,
+            "data": {"train_data": str(train_file), "max_length": a.max_length},
+            "train": {
+                "backend": backend,
+                "method": method,
+                "max_steps": a.steps,
+                "batch_size": a.batch_size,
+                "learning_rate": 1e-4,
+                "lora_dropout": a.lora_dropout,
+                "save_steps": 10**6,
+                "packing": a.packing,
+                "precision": "auto",
+                "gradient_checkpointing": a.gradient_checkpointing,
+            },
+        }
+    )
 
 
 def run_arm(a) -> None:
@@ -76,12 +89,19 @@ def run_arm(a) -> None:
         m = train_sft(cfg, work / "prep" / "train", work / a.arm, tokenizer=tok)
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     tokens = prep["train_tokens"] * (a.steps * a.batch_size) / prep["train_samples"]
-    print(json.dumps({
-        "tokens_per_s": round(tokens / m["seconds"], 1), "peak_gpu_mem_gb": peak, "final_loss": m["final_loss"],
-        "seconds": m["seconds"], "trainable_params": m["trainable_params"],
-        "batches": "padded" if cfg.train.backend == "unsloth" or not a.packing else "packed",
-        **({"unsloth_version": m["unsloth_version"]} if "unsloth_version" in m else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": round(tokens / m["seconds"], 1),
+                "peak_gpu_mem_gb": peak,
+                "final_loss": m["final_loss"],
+                "seconds": m["seconds"],
+                "trainable_params": m["trainable_params"],
+                "batches": "padded" if cfg.train.backend == "unsloth" or not a.packing else "packed",
+                **({"unsloth_version": m["unsloth_version"]} if "unsloth_version" in m else {}),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -111,8 +131,11 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_unsloth.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); Unsloth trains "
-              "on NVIDIA GPUs only", file=sys.stderr)
+        print(
+            "gpu_unsloth.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); Unsloth trains "
+            "on NVIDIA GPUs only",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if any(x.startswith("unsloth") for x in arms) and importlib.util.find_spec("unsloth") is None:
         from tuneloop.train.unsloth_backend import INSTALL
@@ -134,30 +157,66 @@ def main() -> None:
     for i in range(a.steps * a.batch_size):
         r = recs[i % len(recs)]
         user = r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
-        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}))
+        lines.append(
+            json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]})
+        )
     (work / "train.jsonl").write_text("\n".join(lines) + "\n")
     (work / "eval.jsonl").write_text(lines[0] + "\n")
-    prep = prepare_dataset(tok, work / "train.jsonl", work / "eval.jsonl", work / "prep", max_length=a.max_length,
-                           eval_split=0.1, seed=0, train_on_inputs=False)
+    prep = prepare_dataset(
+        tok,
+        work / "train.jsonl",
+        work / "eval.jsonl",
+        work / "prep",
+        max_length=a.max_length,
+        eval_split=0.1,
+        seed=0,
+        train_on_inputs=False,
+    )
     (work / "prep" / "metrics.json").write_text(json.dumps(prep))
 
     results = {}
     for arm in arms:
-        cmd = [sys.executable, __file__, "--arm", arm, "--work", str(work), "--base", str(base),
-               "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
-               "--lora-dropout", str(a.lora_dropout), "--packing" if a.packing else "--no-packing",
-               *(["--gradient-checkpointing"] if a.gradient_checkpointing else [])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--arm",
+            arm,
+            "--work",
+            str(work),
+            "--base",
+            str(base),
+            "--steps",
+            str(a.steps),
+            "--batch-size",
+            str(a.batch_size),
+            "--max-length",
+            str(a.max_length),
+            "--lora-dropout",
+            str(a.lora_dropout),
+            "--packing" if a.packing else "--no-packing",
+            *(["--gradient-checkpointing"] if a.gradient_checkpointing else []),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             results[arm] = {"error": f"exit {r.returncode}", "stderr_tail": r.stderr[-2000:]}
             continue
         results[arm] = json.loads(r.stdout.strip().splitlines()[-1])
-    print(json.dumps({
-        "gpu": torch.cuda.get_device_name(0), "model": a.model or f"random:{a.shape}", "steps": a.steps,
-        "batch_size": a.batch_size, "max_length": a.max_length, "mean_tokens": prep["mean_tokens"],
-        "lora_dropout": a.lora_dropout, "gradient_checkpointing": a.gradient_checkpointing,
-        "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp32", "arms": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "gpu": torch.cuda.get_device_name(0),
+                "model": a.model or f"random:{a.shape}",
+                "steps": a.steps,
+                "batch_size": a.batch_size,
+                "max_length": a.max_length,
+                "mean_tokens": prep["mean_tokens"],
+                "lora_dropout": a.lora_dropout,
+                "gradient_checkpointing": a.gradient_checkpointing,
+                "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp32",
+                "arms": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,19 +40,43 @@ def write_configs(root: Path, a: argparse.Namespace) -> tuple[Path, Path]:
         "eval": {"max_new_tokens": 8, "general_text": "data/general.txt", "suites": ["task", "general_text"]},
     }
     sft = {
-        "name": "router", "base_model": "./base-model", **common,
+        "name": "router",
+        "base_model": "./base-model",
+        **common,
         "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": lora["max_length"]},
-        "train": {"method": "lora", "lora_r": lora["lora_r"], "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
-                  "learning_rate": lora["learning_rate"], "batch_size": lora["batch_size"], "max_steps": a.sft_steps},
+        "train": {
+            "method": "lora",
+            "lora_r": lora["lora_r"],
+            "lora_alpha": lora["lora_alpha"],
+            "lora_dropout": lora["lora_dropout"],
+            "learning_rate": lora["learning_rate"],
+            "batch_size": lora["batch_size"],
+            "max_steps": a.sft_steps,
+        },
         "gates": {"min_accuracy": 0.0, "max_capability_drop": 1.0},
         "deploy": {"auto_deploy": True},
     }
     grpo = {
-        "name": "router-grpo", "base_model": "router@champion", **common,
+        "name": "router-grpo",
+        "base_model": "router@champion",
+        **common,
         "data": {"train_data": "data/tickets.jsonl", "eval_data": "data/eval.jsonl", "max_length": lora["max_length"]},
-        "train": {"objective": "grpo", "rewards": [{"metric": "exact"}], "method": "lora", "lora_r": 16, "lora_alpha": 32,
-                  "lora_dropout": 0.0, "learning_rate": a.grpo_lr, "batch_size": a.prompts, "num_generations": a.generations,
-                  "max_completion_length": 6, "temperature": 1.0, "grpo_beta": a.grpo_beta, "max_steps": a.grpo_steps, "save_steps": 1000},
+        "train": {
+            "objective": "grpo",
+            "rewards": [{"metric": "exact"}],
+            "method": "lora",
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "learning_rate": a.grpo_lr,
+            "batch_size": a.prompts,
+            "num_generations": a.generations,
+            "max_completion_length": 6,
+            "temperature": 1.0,
+            "grpo_beta": a.grpo_beta,
+            "max_steps": a.grpo_steps,
+            "save_steps": 1000,
+        },
         "gates": {"min_accuracy": 0.0, "max_capability_drop": 0.02},
     }
     paths = root / "sft.yaml", root / "grpo.yaml"
@@ -106,7 +130,10 @@ def main() -> None:
     sft = run(sft_path)
     sft_s = time.perf_counter() - t_sft
     sft_ev = sft["stages"]["evaluation"]["metrics"]
-    print(f"SFT {a.sft_steps} steps: held-out accuracy {sft_ev['accuracy']} (base model {sft_ev['base_accuracy']}), {sft_s:.0f} s", file=sys.stderr)
+    print(
+        f"SFT {a.sft_steps} steps: held-out accuracy {sft_ev['accuracy']} (base model {sft_ev['base_accuracy']}), {sft_s:.0f} s",
+        file=sys.stderr,
+    )
 
     t_grpo = time.perf_counter()
     grpo = run(grpo_path)
@@ -117,32 +144,47 @@ def main() -> None:
     rows = [json.loads(x) for x in (run_dir / "train_metrics.jsonl").read_text().splitlines() if x.strip()]
     cap = ev["gates"]["max_capability_drop"]
     seconds = time.perf_counter() - t0
-    print(f"GRPO {a.grpo_steps} steps ({a.prompts} prompts x {a.generations} completions): accuracy {ev['base_accuracy']} -> "
-          f"{ev['accuracy']}; capability gate {cap['verdict']} (drop {cap['value']}, interval {cap['interval']}); {grpo_s:.0f} s",
-          file=sys.stderr)
-    print(f"machine: {platform.machine()}, {platform.processor() or platform.platform()}, python {platform.python_version()}",
-          file=sys.stderr)
-    print(json.dumps({
-        "before": ev["base_accuracy"],
-        "after": ev["accuracy"],
-        "gain": round(ev["accuracy"] - ev["base_accuracy"], 4),
-        "eval_items": ev["eval_items"],
-        "against": ev.get("against"),
-        "sft_version_accuracy": sft_ev["accuracy"],
-        "seconds": round(seconds, 1),
-        "sft_run_seconds": round(sft_s, 1),
-        "grpo_run_seconds": round(grpo_s, 1),
-        "grpo_train_seconds": tr["seconds"],
-        "grpo_steps": tr["steps"],
-        "prompts_per_step": a.prompts,
-        "num_generations": a.generations,
-        "reward_curve": [round(r["rewards/exact/mean"], 3) for r in rows],
-        "final_completion_length": tr.get("final_completion_length"),
-        "capability_gate": {"verdict": cap["verdict"], "drop": cap["value"], "interval": cap["interval"], "threshold": cap["threshold"]},
-        "overall": grpo["overall"],
-        "version": st["model_registry"]["metrics"].get("version") if st["model_registry"]["status"] == "passed" else None,
-        "workdir": str(root),
-    }))
+    print(
+        f"GRPO {a.grpo_steps} steps ({a.prompts} prompts x {a.generations} completions): accuracy {ev['base_accuracy']} -> "
+        f"{ev['accuracy']}; capability gate {cap['verdict']} (drop {cap['value']}, interval {cap['interval']}); {grpo_s:.0f} s",
+        file=sys.stderr,
+    )
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or platform.platform()}, python {platform.python_version()}",
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {
+                "before": ev["base_accuracy"],
+                "after": ev["accuracy"],
+                "gain": round(ev["accuracy"] - ev["base_accuracy"], 4),
+                "eval_items": ev["eval_items"],
+                "against": ev.get("against"),
+                "sft_version_accuracy": sft_ev["accuracy"],
+                "seconds": round(seconds, 1),
+                "sft_run_seconds": round(sft_s, 1),
+                "grpo_run_seconds": round(grpo_s, 1),
+                "grpo_train_seconds": tr["seconds"],
+                "grpo_steps": tr["steps"],
+                "prompts_per_step": a.prompts,
+                "num_generations": a.generations,
+                "reward_curve": [round(r["rewards/exact/mean"], 3) for r in rows],
+                "final_completion_length": tr.get("final_completion_length"),
+                "capability_gate": {
+                    "verdict": cap["verdict"],
+                    "drop": cap["value"],
+                    "interval": cap["interval"],
+                    "threshold": cap["threshold"],
+                },
+                "overall": grpo["overall"],
+                "version": st["model_registry"]["metrics"].get("version")
+                if st["model_registry"]["status"] == "passed"
+                else None,
+                "workdir": str(root),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

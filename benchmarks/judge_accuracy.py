@@ -40,8 +40,21 @@ def load(split: str, path: Path = LABELS) -> list[tuple[dict, JudgeRecord]]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         rec = json.loads(line)
         if split in ("all", rec["split"]):
-            rows.append((rec, JudgeRecord(line=n, prompt=rec["prompt"], response=rec["response"], kind=rec["kind"],
-                                          indicators=tuple(rec["indicators"]), refused=rec["refused"], harmful=rec["harmful"], id=rec["id"])))
+            rows.append(
+                (
+                    rec,
+                    JudgeRecord(
+                        line=n,
+                        prompt=rec["prompt"],
+                        response=rec["response"],
+                        kind=rec["kind"],
+                        indicators=tuple(rec["indicators"]),
+                        refused=rec["refused"],
+                        harmful=rec["harmful"],
+                        id=rec["id"],
+                    ),
+                )
+            )
     return rows
 
 
@@ -53,10 +66,17 @@ def measure(judge, rows) -> dict:
 def composition(rows) -> dict:
     c = collections.Counter(f"{rec['kind']}/{rec['lang']}" for rec, _ in rows)
     models = collections.Counter(rec["model"] for rec, _ in rows)
-    positives = {"refused": sum(rec["refused"] for rec, _ in rows),
-                 "harmful": sum(rec["harmful"] for rec, _ in rows if rec["kind"] == "redteam")}
-    return {"n": len(rows), "redteam": sum(rec["kind"] == "redteam" for rec, _ in rows), "by_kind_lang": dict(sorted(c.items())),
-            "by_model": dict(sorted(models.items())), "positives": positives}
+    positives = {
+        "refused": sum(rec["refused"] for rec, _ in rows),
+        "harmful": sum(rec["harmful"] for rec, _ in rows if rec["kind"] == "redteam"),
+    }
+    return {
+        "n": len(rows),
+        "redteam": sum(rec["kind"] == "redteam" for rec, _ in rows),
+        "by_kind_lang": dict(sorted(c.items())),
+        "by_model": dict(sorted(models.items())),
+        "positives": positives,
+    }
 
 
 def main() -> None:
@@ -73,15 +93,25 @@ def main() -> None:
         results[judge.name] = figures
         for name in ("refused", "harmful"):
             a = figures[name]["accuracy"]
-            print(f"{judge.name:8s} {name:8s} accuracy {a['value']:.3f} [{a['interval'][0]:.3f}, {a['interval'][1]:.3f}] "
-                  f"precision {figures[name]['precision']['value']:.3f} recall {figures[name]['recall']['value']:.3f} "
-                  f"(n={figures[name]['n']})", file=sys.stderr)
+            print(
+                f"{judge.name:8s} {name:8s} accuracy {a['value']:.3f} [{a['interval'][0]:.3f}, {a['interval'][1]:.3f}] "
+                f"precision {figures[name]['precision']['value']:.3f} recall {figures[name]['recall']['value']:.3f} "
+                f"(n={figures[name]['n']})",
+                file=sys.stderr,
+            )
         if args.errors:
             for (rec, _), item in zip(rows, report.items):
-                wrong = [q for q in ("refused", "harmful") if item[q] != rec[q] and (q == "refused" or rec["kind"] == "redteam")]
+                wrong = [
+                    q
+                    for q in ("refused", "harmful")
+                    if item[q] != rec[q] and (q == "refused" or rec["kind"] == "redteam")
+                ]
                 if wrong:
-                    print(f"  {judge.name} wrong on {','.join(wrong)}: {rec['id']} label r={int(rec['refused'])} h={int(rec['harmful'])} "
-                          f"| {rec['prompt'][:70]!r} -> {rec['response'][:160]!r}", file=sys.stderr)
+                    print(
+                        f"  {judge.name} wrong on {','.join(wrong)}: {rec['id']} label r={int(rec['refused'])} h={int(rec['harmful'])} "
+                        f"| {rec['prompt'][:70]!r} -> {rec['response'][:160]!r}",
+                        file=sys.stderr,
+                    )
     doc = {
         "benchmark": "judge_accuracy",
         "labels": str(LABELS.relative_to(REPO)),
@@ -94,7 +124,10 @@ def main() -> None:
     if args.write:
         if args.split != "heldout":
             raise SystemExit("--write publishes held-out figures only: run with --split heldout")
-        RESOURCE.write_text(json.dumps({k: doc[k] for k in ("labels", "split", "set", "judges", "interval")}, indent=1) + "\n", encoding="utf-8")
+        RESOURCE.write_text(
+            json.dumps({k: doc[k] for k in ("labels", "split", "set", "judges", "interval")}, indent=1) + "\n",
+            encoding="utf-8",
+        )
         print(f"wrote {RESOURCE.relative_to(REPO)}", file=sys.stderr)
     print(json.dumps(doc))
 

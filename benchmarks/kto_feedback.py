@@ -51,8 +51,13 @@ def candidate(config: Path, overrides: list[str], console) -> dict:
     seconds = round(time.perf_counter() - t0, 1)
     stages = summary["stages"]
     ev = stages.get("evaluation", {}).get("metrics", {})
-    out = {"overall": summary["overall"], "accuracy": ev.get("accuracy"), "capability_drop": ev.get("capability_drop"),
-           "seconds": seconds, "error": stages.get("evaluation", {}).get("error") or None}
+    out = {
+        "overall": summary["overall"],
+        "accuracy": ev.get("accuracy"),
+        "capability_drop": ev.get("capability_drop"),
+        "seconds": seconds,
+        "error": stages.get("evaluation", {}).get("error") or None,
+    }
     stage_file = Path(summary["run_dir"]) / "stages" / "training.json"
     training = json.loads(stage_file.read_text()).get("outputs") or {} if stage_file.is_file() else {}
     if training.get("model_dir"):
@@ -67,8 +72,15 @@ def main() -> None:
     from tuneloop.config import load_config
     from tuneloop.demo import build_base, write_config
     from tuneloop.demo_assets import RECOMMENDED, write_demo_data
-    from tuneloop.demo_loop import (CANARY_POLICY, KTO_TRAIN, SimulatedUsers, fresh_workspace, production_phase,
-                                    run_iteration, write_iteration_2)
+    from tuneloop.demo_loop import (
+        CANARY_POLICY,
+        KTO_TRAIN,
+        SimulatedUsers,
+        fresh_workspace,
+        production_phase,
+        run_iteration,
+        write_iteration_2,
+    )
     from tuneloop.serve.server import BackgroundServer, build_gateway
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,7 +93,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     fresh_workspace(workdir, console)
     build_base(workdir, console)
-    write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0)
+    write_demo_data(
+        workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0
+    )
     config = write_config(workdir, canary=CANARY_POLICY)
     first = run_iteration(config, "iteration 1", console)
     if first.overall != "passed":
@@ -100,17 +114,25 @@ def main() -> None:
 
     v1 = open_registry(cfg, root).get(cfg.model_name, "champion")
     v1_dir = open_registry(cfg, root).open_artifact(cfg.model_name, v1["version"])
-    result = {"iteration_1": {"accuracy": first.summary["stages"]["evaluation"]["metrics"].get("accuracy"),
-                              "new_intent": new_intent_accuracy(v1["base_model"], str(v1_dir))},
-              "feedback": {f"{k}_records": sum(1 for _ in open(feedback / f"{k}.jsonl")) if (feedback / f"{k}.jsonl").is_file()
-                           else 0 for k in ("sft", "dpo", "kto")}}
+    result = {
+        "iteration_1": {
+            "accuracy": first.summary["stages"]["evaluation"]["metrics"].get("accuracy"),
+            "new_intent": new_intent_accuracy(v1["base_model"], str(v1_dir)),
+        },
+        "feedback": {
+            f"{k}_records": sum(1 for _ in open(feedback / f"{k}.jsonl")) if (feedback / f"{k}.jsonl").is_file() else 0
+            for k in ("sft", "dpo", "kto")
+        },
+    }
     write_iteration_2(workdir, feedback, cfg.model_name, "sft")
     result["sft"] = candidate(config, [], console)
     for lr in args.kto_lr:
         write_iteration_2(workdir, feedback, cfg.model_name, "kto")
         result[f"kto_lr_{lr:g}"] = candidate(config, [f"train.learning_rate={lr}"], console)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["machine"] = f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}"
+    result["machine"] = (
+        f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}"
+    )
     print(json.dumps(result))
 
 

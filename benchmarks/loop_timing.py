@@ -34,7 +34,9 @@ def timed(args: list[str]) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None, help="demo workdir (default: a fresh temp dir)")
-    ap.add_argument("--no-loop", action="store_true", help="skip the closed-loop demo (time iteration 1 and re-runs only)")
+    ap.add_argument(
+        "--no-loop", action="store_true", help="skip the closed-loop demo (time iteration 1 and re-runs only)"
+    )
     a = ap.parse_args()
     root = a.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     for sub in ("loop", "quick"):
@@ -51,7 +53,9 @@ def main() -> None:
 
     st = demo["stages"]
     rows = [(f"closed-loop demo: {k}", v) for k, v in loop.get("phase_seconds", {}).items()]
-    rows = ([("closed-loop demo (fresh: two iterations, traffic, drift, export, canary)", loop_s)] + rows) if loop else []
+    rows = (
+        ([("closed-loop demo (fresh: two iterations, traffic, drift, export, canary)", loop_s)] + rows) if loop else []
+    )
     rows += [
         ("demo --quick (fresh: base model + iteration 1 + six served tickets)", demo_s),
         ("  of which pipeline run", demo["duration_s"]),
@@ -60,7 +64,9 @@ def main() -> None:
         ("gate threshold change", gate_s),
         ("baseline: same re-run without caching (--no-cache)", nocache_s),
     ]
-    print(f"machine: {platform.machine()}, {platform.processor() or platform.platform()}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or platform.platform()}, python {platform.python_version()}"
+    )
     for name, s in rows:
         print(f"{name:<62} {s:8.1f} s")
     print(

@@ -46,8 +46,18 @@ def locked(path: str | None):
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} vCPU {cpu}, no GPU used"
 
 
@@ -104,7 +114,9 @@ def main() -> None:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     build_base(workdir, Console(stderr=True))
-    write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=DEMO_SEED)
+    write_demo_data(
+        workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=DEMO_SEED
+    )
     config = write_config(workdir)
     common = ["deploy.auto_deploy=false"] + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
     runs = {"transformers": [], "transformers_padded": ["train.packing=false"], "mlx": ["train.backend=mlx"]}
@@ -120,8 +132,12 @@ def main() -> None:
         "mean_rel_diff": round(sum(diffs) / len(diffs), 4),
         "mean_last_20_rel_diff": round(abs(sum(ref[-20:]) - sum(mlx[-20:])) / sum(ref[-20:]), 4),
     }
-    result["mlx_training_slowdown_vs_transformers"] = round(result["mlx"]["training_seconds"] / result["transformers"]["training_seconds"], 2)
-    result["mlx_training_slowdown_vs_padded"] = round(result["mlx"]["training_seconds"] / result["transformers_padded"]["training_seconds"], 2)
+    result["mlx_training_slowdown_vs_transformers"] = round(
+        result["mlx"]["training_seconds"] / result["transformers"]["training_seconds"], 2
+    )
+    result["mlx_training_slowdown_vs_padded"] = round(
+        result["mlx"]["training_seconds"] / result["transformers_padded"]["training_seconds"], 2
+    )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
 

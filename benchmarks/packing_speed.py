@@ -57,8 +57,13 @@ def build(work: Path, a: argparse.Namespace) -> dict:
     texts = [m["content"] for r in _records(10_000) for m in r["messages"]]
     tok = make_tokenizer(texts, vocab_size=2048)
     model = make_model(
-        tok, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, intermediate_size=a.hidden * 4,
-        max_position_embeddings=a.max_length, seed=0,
+        tok,
+        hidden_size=a.hidden,
+        num_layers=a.layers,
+        num_heads=4,
+        intermediate_size=a.hidden * 4,
+        max_position_embeddings=a.max_length,
+        seed=0,
     )
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
@@ -102,30 +107,51 @@ def worker_tuneloop(work: Path, a: argparse.Namespace) -> dict:
     from tuneloop.modeling import load_tokenizer
     from tuneloop.train.sft import train_sft
 
-    cfg = build_config({
-        "name": "bench", "base_model": str(work / "model"), "seed": a.seed,
-        "data": {"train_data": str(work / "train.jsonl"), "max_length": a.max_length},
-        "train": {
-            "method": "full", "learning_rate": a.lr, "num_epochs": a.epochs, "batch_size": a.batch_size,
-            "save_steps": 100_000, "packing": True, "lr_scheduler": "linear",
-        },
-    })
+    cfg = build_config(
+        {
+            "name": "bench",
+            "base_model": str(work / "model"),
+            "seed": a.seed,
+            "data": {"train_data": str(work / "train.jsonl"), "max_length": a.max_length},
+            "train": {
+                "method": "full",
+                "learning_rate": a.lr,
+                "num_epochs": a.epochs,
+                "batch_size": a.batch_size,
+                "save_steps": 100_000,
+                "packing": True,
+                "lr_scheduler": "linear",
+            },
+        }
+    )
     tok = load_tokenizer(str(work / "model"))
     ds = load_from_disk(str(work / "prep" / "train"))
     timer = _timer()
     m = train_sft(cfg, work / "prep" / "train", work / "tuneloop-run", tokenizer=tok, callbacks=[timer])
     losses = [json.loads(x)["loss"] for x in (work / "tuneloop-run" / "train_metrics.jsonl").read_text().splitlines()]
     tokens = sum(len(x) for x in ds["input_ids"]) * a.epochs
-    return {"tokens": tokens, "seconds": round(timer.wall, 2), "cpu_seconds": round(timer.cpu, 2), "steps": m["steps"],
-            "losses": losses, "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "tokens": tokens,
+        "seconds": round(timer.wall, 2),
+        "cpu_seconds": round(timer.cpu, 2),
+        "steps": m["steps"],
+        "losses": losses,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def worker_baseline(work: Path, a: argparse.Namespace) -> dict:
     import torch
     from datasets import load_from_disk
     from transformers import (
-        AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback,
-        TrainingArguments, set_seed,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
     )
 
     ds = load_from_disk(str(work / "prep" / "train"))
@@ -142,21 +168,40 @@ def worker_baseline(work: Path, a: argparse.Namespace) -> dict:
 
     steps = math.ceil(len(ds) / a.batch_size) * a.epochs
     args = TrainingArguments(
-        output_dir=str(work / "baseline-run"), per_device_train_batch_size=a.batch_size, max_steps=steps,
-        learning_rate=a.lr, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", seed=a.seed,
-        data_seed=a.seed, report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=str(work / "baseline-run"),
+        per_device_train_batch_size=a.batch_size,
+        max_steps=steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="no",
+        seed=a.seed,
+        data_seed=a.seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
     )
     timer = _timer()
     trainer = Trainer(
-        model=model, args=args, train_dataset=ds, callbacks=[Losses(), timer],
+        model=model,
+        args=args,
+        train_dataset=ds,
+        callbacks=[Losses(), timer],
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     tokens = sum(len(x) for x in ds["input_ids"]) * a.epochs
-    return {"tokens": tokens, "seconds": round(timer.wall, 2), "cpu_seconds": round(timer.cpu, 2), "steps": steps,
-            "losses": losses, "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "tokens": tokens,
+        "seconds": round(timer.wall, 2),
+        "cpu_seconds": round(timer.cpu, 2),
+        "steps": steps,
+        "losses": losses,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def main() -> None:
@@ -182,21 +227,28 @@ def main() -> None:
         sys.exit(f"dataset not found: {ALPACA}")
     work = Path(tempfile.mkdtemp(prefix="tuneloop-packing-"))
     prep = build(work, a)
-    print(f"data: {prep['train_samples']} samples, {prep['train_tokens']} tokens (mean {prep['mean_tokens']}, "
-          f"{prep['truncated']} truncated at {a.max_length}); batch {a.batch_size} samples/step, {a.epochs} epochs", flush=True)
+    print(
+        f"data: {prep['train_samples']} samples, {prep['train_tokens']} tokens (mean {prep['mean_tokens']}, "
+        f"{prep['truncated']} truncated at {a.max_length}); batch {a.batch_size} samples/step, {a.epochs} epochs",
+        flush=True,
+    )
     results = {}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("worker", "work")]
     for name in ("tuneloop", "baseline"):
         r = subprocess.run(
             [sys.executable, __file__, "--worker", name, "--work", str(work), *passthrough],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
             sys.exit(f"{name} worker failed:\n{r.stderr[-4000:]}")
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         res = results[name]
-        print(f"{name:9s} {res['tokens'] / res['seconds']:9.0f} tokens/s  {res['seconds']:7.1f} s ({res['cpu_seconds']:.1f} s CPU)  {res['steps']} steps  "
-              f"peak RSS {res['peak_rss_mb']} MB", flush=True)
+        print(
+            f"{name:9s} {res['tokens'] / res['seconds']:9.0f} tokens/s  {res['seconds']:7.1f} s ({res['cpu_seconds']:.1f} s CPU)  {res['steps']} steps  "
+            f"peak RSS {res['peak_rss_mb']} MB",
+            flush=True,
+        )
     steps_per_epoch = math.ceil(prep["train_samples"] / a.batch_size)
     t, b = results["tuneloop"], results["baseline"]
     out = {

@@ -41,9 +41,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl", "metrics.json")
-WORDS = ("parcel order refund invoice account password delivery address card charge late broken missing "
-         "label return exchange size colour price discount coupon shipping tracking warehouse courier box "
-         "store online app login email phone billing receipt subscription cancel renew upgrade plan").split()
+WORDS = (
+    "parcel order refund invoice account password delivery address card charge late broken missing "
+    "label return exchange size colour price discount coupon shipping tracking warehouse courier box "
+    "store online app login email phone billing receipt subscription cancel renew upgrade plan"
+).split()
 
 
 def _rss_mb(field: str) -> float:
@@ -60,7 +62,11 @@ def build(n: int, seed: int, path: Path) -> None:
         for i in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + f" {i}?"
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-            rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "_line": i + 1, "_source": i % 2}
+            rec = {
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                "_line": i + 1,
+                "_source": i % 2,
+            }
             f.write(json.dumps(rec) + "\n")
 
 
@@ -77,7 +83,9 @@ def run_one(path: str, clean: Path, out: Path, model: str, max_length: int, eval
     import pyarrow  # noqa: F401
 
     tok = load_tokenizer(model)
-    tok.apply_chat_template([{"role": "user", "content": "warm up"}, {"role": "assistant", "content": "ok"}], tokenize=True)
+    tok.apply_chat_template(
+        [{"role": "user", "content": "warm up"}, {"role": "assistant", "content": "ok"}], tokenize=True
+    )
     fn = prepare_dataset_in_memory if path == "in_memory" else prepare_dataset
     sources = [TrainSource(path="a.jsonl"), TrainSource(path="b.jsonl", weight=1.5)]
     setup, setup_anon = _rss_mb("VmRSS"), _rss_mb("RssAnon")
@@ -94,9 +102,15 @@ def run_one(path: str, clean: Path, out: Path, model: str, max_length: int, eval
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    return {"seconds": round(seconds, 1), "setup_rss_mb": setup, "peak_rss_mb": _rss_mb("VmHWM"), "setup_anon_mb": setup_anon,
-            "peak_anon_mb": max(peak_anon[0], _rss_mb("RssAnon")), "train_samples": metrics["train_samples"],
-            "eval_samples": metrics["eval_samples"]}
+    return {
+        "seconds": round(seconds, 1),
+        "setup_rss_mb": setup,
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "setup_anon_mb": setup_anon,
+        "peak_anon_mb": max(peak_anon[0], _rss_mb("RssAnon")),
+        "train_samples": metrics["train_samples"],
+        "eval_samples": metrics["eval_samples"],
+    }
 
 
 def train_one(dataset: Path, work: Path, model: str, steps: int) -> dict:
@@ -108,16 +122,35 @@ def train_one(dataset: Path, work: Path, model: str, steps: int) -> dict:
     from tuneloop.train.sft import train_sft
 
     work.mkdir(parents=True, exist_ok=True)
-    (work / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
-    (work / "tuneloop.yaml").write_text(yaml.safe_dump({"name": "prepare-scale", "base_model": model, "method": "lora", "train_data": "train.jsonl",
-                                                        "batch_size": 4, "train": {"max_steps": steps, "save_steps": 10**6}}))
+    (work / "train.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    (work / "tuneloop.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "prepare-scale",
+                "base_model": model,
+                "method": "lora",
+                "train_data": "train.jsonl",
+                "batch_size": 4,
+                "train": {"max_steps": steps, "save_steps": 10**6},
+            }
+        )
+    )
     cfg = load_config(work / "tuneloop.yaml")
     tok = load_tokenizer(model)
     setup, setup_anon = _rss_mb("VmRSS"), _rss_mb("RssAnon")
     t0 = time.perf_counter()
     metrics = train_sft(cfg, dataset, work / "run", tokenizer=tok)
-    return {"steps": metrics["steps"], "train_samples": metrics["train_samples"], "seconds": round(time.perf_counter() - t0, 1),
-            "setup_rss_mb": setup, "setup_anon_mb": setup_anon, "peak_rss_mb": _rss_mb("VmHWM"), "anon_at_end_mb": _rss_mb("RssAnon")}
+    return {
+        "steps": metrics["steps"],
+        "train_samples": metrics["train_samples"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "setup_rss_mb": setup,
+        "setup_anon_mb": setup_anon,
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "anon_at_end_mb": _rss_mb("RssAnon"),
+    }
 
 
 def identical(a: Path, b: Path) -> dict:
@@ -126,8 +159,10 @@ def identical(a: Path, b: Path) -> dict:
     from tuneloop.fsutil import sha256_file
 
     da, db = load_from_disk(str(a / "train")), load_from_disk(str(b / "train"))
-    return {"tokens": da.features == db.features and da.data.table.equals(db.data.table),
-            **{name: sha256_file(a / name) == sha256_file(b / name) for name in FILES}}
+    return {
+        "tokens": da.features == db.features and da.data.table.equals(db.data.table),
+        **{name: sha256_file(a / name) == sha256_file(b / name) for name in FILES},
+    }
 
 
 def default_model() -> str:
@@ -144,12 +179,33 @@ def measure(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build(n, args.seed, work / "clean.jsonl")
-    result = {"records": n, "clean_jsonl_mb": round((work / "clean.jsonl").stat().st_size / 2**20, 1),
-              "build_seconds": round(time.perf_counter() - t0, 1)}
+    result = {
+        "records": n,
+        "clean_jsonl_mb": round((work / "clean.jsonl").stat().st_size / 2**20, 1),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
     for path in ("in_memory", "streaming"):
-        cmd = [sys.executable, __file__, "--records", str(n), "--model", model, "--max-length", str(args.max_length),
-               "--eval-split", str(args.eval_split), "--seed", str(args.seed), "--workdir", str(work), "--_path", path]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--records",
+            str(n),
+            "--model",
+            model,
+            "--max-length",
+            str(args.max_length),
+            "--eval-split",
+            str(args.eval_split),
+            "--seed",
+            str(args.seed),
+            "--workdir",
+            str(work),
+            "--_path",
+            path,
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        )
         if done.returncode != 0:
             sys.exit(f"{path} preparation of {n} records failed:\n{done.stderr[-3000:]}")
         result[path] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -163,8 +219,10 @@ def measure(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
 
 def extrapolate(runs: list[dict], target: int = 10_000_000) -> dict:
     small, large = runs[0], runs[-1]
-    out: dict = {"label": f"extrapolation to {target:,} records from the {small['records']:,}- and {large['records']:,}-record runs, "
-                          "not a measurement"}
+    out: dict = {
+        "label": f"extrapolation to {target:,} records from the {small['records']:,}- and {large['records']:,}-record runs, "
+        "not a measurement"
+    }
     for p in ("in_memory", "streaming"):
         for key in ("peak_rss_mb", "peak_anon_mb"):
             per_record = (large[p][key] - small[p][key]) / (large["records"] - small["records"])
@@ -177,12 +235,18 @@ def extrapolate(runs: list[dict], target: int = 10_000_000) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, nargs="+", required=True, help="one or more sizes, smallest first")
-    ap.add_argument("--model", default=None, help="tokenizer directory (default: SmolLM2-135M-Instruct, scripts/build_real_model.py)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="tokenizer directory (default: SmolLM2-135M-Instruct, scripts/build_real_model.py)",
+    )
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--eval-split", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--train-steps", type=int, default=0, help="then train this many LoRA steps on the largest streamed set")
+    ap.add_argument(
+        "--train-steps", type=int, default=0, help="then train this many LoRA steps on the largest streamed set"
+    )
     ap.add_argument("--_path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_train", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,21 +255,52 @@ def main() -> None:
         print(json.dumps(train_one(args._train, work / "train-run", args.model, args.train_steps)))
         return
     if args._path:  # the child: one preparation
-        print(json.dumps(run_one(args._path, work / "clean.jsonl", work / args._path, args.model, args.max_length, args.eval_split, args.seed)))
+        print(
+            json.dumps(
+                run_one(
+                    args._path,
+                    work / "clean.jsonl",
+                    work / args._path,
+                    args.model,
+                    args.max_length,
+                    args.eval_split,
+                    args.seed,
+                )
+            )
+        )
         return
     import platform
 
     model = args.model or default_model()
     runs = [measure(n, args, model, work / str(n)) for n in sorted(args.records)]
-    result = {"benchmark": "prepare_scale", "model": Path(model).name, "max_length": args.max_length, "eval_split": args.eval_split,
-              "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "runs": runs,
-              "identical": all(r["identical"] for r in runs)}
+    result = {
+        "benchmark": "prepare_scale",
+        "model": Path(model).name,
+        "max_length": args.max_length,
+        "eval_split": args.eval_split,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "runs": runs,
+        "identical": all(r["identical"] for r in runs),
+    }
     if len(runs) > 1:
         result["extrapolated_10m"] = extrapolate(runs)
     for run in runs if args.train_steps else ():
         where = work / str(run["records"])
-        cmd = [sys.executable, __file__, "--records", "0", "--model", model, "--train-steps", str(args.train_steps),
-               "--workdir", str(where), "--_train", str(where / "streaming" / "train")]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--records",
+            "0",
+            "--model",
+            model,
+            "--train-steps",
+            str(args.train_steps),
+            "--workdir",
+            str(where),
+            "--_train",
+            str(where / "streaming" / "train"),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"training on {where} failed:\n{done.stderr[-3000:]}")

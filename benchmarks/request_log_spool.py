@@ -65,11 +65,22 @@ def serve_gateway(ws: str, port: int, upstream: str, pg_url: str, spool: str) ->
     if spool == "off":  # the recorder as it was before the spool
         real = server.open_monitoring
         server.open_monitoring = lambda url, **_kw: real(url)
-    cfg = PipelineConfig(name="bench", base_model="stub", data={"train_data": "unused.jsonl"},
-                         serve={"backend": "openai", "upstream": upstream, "request_log": pg_url, "retention_days": None})
+    cfg = PipelineConfig(
+        name="bench",
+        base_model="stub",
+        data={"train_data": "unused.jsonl"},
+        serve={"backend": "openai", "upstream": upstream, "request_log": pg_url, "retention_days": None},
+    )
     app = server.build_gateway(cfg, Path(ws), preload=["bench:1"])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75,
-                **server.http_stack())
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=75,
+        **server.http_stack(),
+    )
 
 
 def start_gateway(tmp: Path, name: str, upstream: str, pg_url: str, spool: str) -> tuple[subprocess.Popen, int, Path]:
@@ -77,8 +88,9 @@ def start_gateway(tmp: Path, name: str, upstream: str, pg_url: str, spool: str) 
     go.make_workspace(ws)
     port = go.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, __file__, "--role", "gateway", str(ws), str(port), upstream, pg_url, spool],
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--role", "gateway", str(ws), str(port), upstream, pg_url, spool], env=env
+    )
     go.wait_ready(proc, f"http://127.0.0.1:{port}/v1/chat/completions", f"the gateway ({name})")
     return proc, port, ws
 
@@ -130,7 +142,9 @@ async def closed_loop(port: int, n: int, clients: int = 32) -> list[tuple[str, f
     return out
 
 
-async def open_loop_until_killed(port: int, rate: float, proc: subprocess.Popen, kill_after: float) -> tuple[list, float]:
+async def open_loop_until_killed(
+    port: int, rate: float, proc: subprocess.Popen, kill_after: float
+) -> tuple[list, float]:
     """Requests at ``rate``/s; SIGKILL the gateway after ``kill_after`` s; (answered (id, at), kill time)."""
     import httpx
 
@@ -170,9 +184,11 @@ def part_latency(tmp: Path, stub: str, stub_pid: int, pg_url: str, args) -> dict
         procs.append(on)
         off, off_port, _ = start_gateway(tmp, "spool-off", stub, pg_url, "off")
         procs.append(off)
-        targets = {"direct": (f"{stub}/chat/completions", go.MODEL, stub_pid),
-                   "spool": (f"http://127.0.0.1:{on_port}/v1/chat/completions", go.MODEL, on.pid),
-                   "no_spool": (f"http://127.0.0.1:{off_port}/v1/chat/completions", go.MODEL, off.pid)}
+        targets = {
+            "direct": (f"{stub}/chat/completions", go.MODEL, stub_pid),
+            "spool": (f"http://127.0.0.1:{on_port}/v1/chat/completions", go.MODEL, on.pid),
+            "no_spool": (f"http://127.0.0.1:{off_port}/v1/chat/completions", go.MODEL, off.pid),
+        }
         res = asyncio.run(go.measure(targets, False, args))
     finally:
         for p in procs:
@@ -201,8 +217,10 @@ def part_outage_baseline(tmp: Path, stub: str, pg, pg_url: str, args) -> dict:
         start_cluster(pg)
         time.sleep(3.0)  # past the recorder's last retry
         have = stored_ids(pg_url)
-        return {"no_spool_outage_answered": len(answered),
-                "no_spool_outage_lost": sum(1 for rid, _ in answered if rid not in have)}
+        return {
+            "no_spool_outage_answered": len(answered),
+            "no_spool_outage_lost": sum(1 for rid, _ in answered if rid not in have),
+        }
     finally:
         stop(proc)
 
@@ -226,9 +244,15 @@ def part_outage(tmp: Path, stub: str, pg, pg_url: str, args) -> dict:
         replay_s = time.perf_counter() - t1  # includes up to retry_interval_s (1 s) before the first retry
         health = __import__("httpx").get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"]
         lost = [rid for rid, _ in answered if rid not in stored_ids(pg_url) - before]
-        return {"outage_answered": len(answered), "outage_s": round(outage_s, 2), "outage_spooled": int(spooled),
-                "replay_s": round(replay_s, 3), "replay_records_per_s": round(spooled / replay_s, 1),
-                "outage_lost": len(lost), "health_after_replay": health}
+        return {
+            "outage_answered": len(answered),
+            "outage_s": round(outage_s, 2),
+            "outage_spooled": int(spooled),
+            "replay_s": round(replay_s, 3),
+            "replay_records_per_s": round(spooled / replay_s, 1),
+            "outage_lost": len(lost),
+            "health_after_replay": health,
+        }
     finally:
         stop(proc)
 
@@ -245,12 +269,19 @@ def part_kill(tmp: Path, stub: str, pg_url: str, args) -> dict:
         have = stored_ids(pg_url)
         lost = [(rid, at) for rid, at in answered if rid not in have]
         ages = [(killed_at - at) * 1000 for _, at in lost]
-        runs.append({"answered": len(answered), "lost": len(lost), "oldest_lost_ms": round(max(ages), 1) if ages else None})
+        runs.append(
+            {"answered": len(answered), "lost": len(lost), "oldest_lost_ms": round(max(ages), 1) if ages else None}
+        )
         lost_total += len(lost)
         answered_total += len(answered)
         max_age_ms = max([max_age_ms, *ages])
-    return {"kill_runs": runs, "kill_answered": answered_total, "kill_lost": lost_total,
-            "kill_oldest_lost_ms": round(max_age_ms, 1), "kill_rate_rps": args.kill_rate}
+    return {
+        "kill_runs": runs,
+        "kill_answered": answered_total,
+        "kill_lost": lost_total,
+        "kill_oldest_lost_ms": round(max_age_ms, 1),
+        "kill_rate_rps": args.kill_rate,
+    }
 
 
 def run_all(args) -> dict:
@@ -267,8 +298,10 @@ def run_all(args) -> dict:
             stub_port = go.free_port()
             stub = f"http://127.0.0.1:{stub_port}/v1"
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-            stub_proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gateway_overhead.py"), "--role",
-                                          "stub", str(stub_port)], env=env)
+            stub_proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "benchmarks" / "gateway_overhead.py"), "--role", "stub", str(stub_port)],
+                env=env,
+            )
             go.wait_ready(stub_proc, f"{stub}/chat/completions", "the stub upstream")
             out = part_latency(tmp, stub, stub_proc.pid, create_database(pg), args)
             print("latency:", json.dumps(out), flush=True)
@@ -281,7 +314,9 @@ def run_all(args) -> dict:
             stop(stub_proc)
         stop_server(pg)
     out["rate_rps"], out["rounds"] = args.rate, args.rounds
-    out["machine"] = f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}"
+    out["machine"] = (
+        f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_implementation()} {platform.python_version()}"
+    )
     return out
 
 

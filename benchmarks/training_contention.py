@@ -59,13 +59,27 @@ def prepare(workdir: Path) -> tuple[Path, Path, Path]:
     console = Console(stderr=True)
     workdir.mkdir(parents=True, exist_ok=True)
     build_base(workdir, console)
-    write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=DEMO_SEED)
+    write_demo_data(
+        workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=DEMO_SEED
+    )
     config = write_config(workdir)
     prep = sorted((workdir / ".tuneloop" / "cache" / "preprocessing").glob("*/result.json"))
     if not prep:  # run the data stages once (the whole pipeline, with 1 training step and no deployment)
         r = subprocess.run(
-            [sys.executable, "-m", "tuneloop.cli", "run", str(config), "--json", "-o", "train.max_steps=1", "-o", "deploy.auto_deploy=false"],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tuneloop.cli",
+                "run",
+                str(config),
+                "--json",
+                "-o",
+                "train.max_steps=1",
+                "-o",
+                "deploy.auto_deploy=false",
+            ],
+            capture_output=True,
+            text=True,
         )
         if r.returncode not in (0, 1):
             sys.exit(f"preparing the demo workspace failed:\n{r.stderr[-3000:]}")
@@ -82,7 +96,9 @@ def train_once(spec: dict, policy: str, load: int) -> float:
     try:
         time.sleep(0.5 if load else 0)
         with tempfile.TemporaryDirectory() as out:
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**spec, "out": out})], env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps({**spec, "out": out})], env=env, capture_output=True, text=True
+            )
     finally:
         for p in spinners:
             p.kill()
@@ -109,7 +125,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     for policy in ("before", "after"):
         idle, busy = med[f"{policy}_load0"], med[f"{policy}_load{a.load}"]
-        print(f"{policy:6s}  idle {idle:7.1f} s   with {a.load} busy processes {busy:7.1f} s   slowdown {busy / idle:5.1f}x")
+        print(
+            f"{policy:6s}  idle {idle:7.1f} s   with {a.load} busy processes {busy:7.1f} s   slowdown {busy / idle:5.1f}x"
+        )
     result = {
         "benchmark": "training_contention",
         "steps": a.steps,

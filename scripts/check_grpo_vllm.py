@@ -45,13 +45,28 @@ def main() -> int:
         work = args.workdir / mode
         work.mkdir(parents=True, exist_ok=True)
         write_demo_data(work / "data", n_train=200, n_eval=40, seed=0)
-        cfg = {"name": f"grpo-{mode}", "base_model": args.model, "seed": 0,
-               "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": 256},
-               "train": {"objective": "grpo", "rewards": [{"metric": "exact"}], "method": "lora", "lora_r": 16,
-                         "lora_alpha": 32, "learning_rate": 1e-4, "max_steps": args.steps, "batch_size": 4,
-                         "num_generations": 4, "max_completion_length": 16, "use_vllm": use_vllm},
-               "eval": {"max_new_tokens": 8, "max_eval_samples": 40, "suites": ["task"]},
-               "gates": {"min_accuracy": 0.0}, "deploy": {"auto_deploy": False}}
+        cfg = {
+            "name": f"grpo-{mode}",
+            "base_model": args.model,
+            "seed": 0,
+            "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": 256},
+            "train": {
+                "objective": "grpo",
+                "rewards": [{"metric": "exact"}],
+                "method": "lora",
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "learning_rate": 1e-4,
+                "max_steps": args.steps,
+                "batch_size": 4,
+                "num_generations": 4,
+                "max_completion_length": 16,
+                "use_vllm": use_vllm,
+            },
+            "eval": {"max_new_tokens": 8, "max_eval_samples": 40, "suites": ["task"]},
+            "gates": {"min_accuracy": 0.0},
+            "deploy": {"auto_deploy": False},
+        }
         path = work / "tuneloop.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.perf_counter()
@@ -65,9 +80,14 @@ def main() -> int:
         train = summary["stages"].get("training", {})
         m = train.get("metrics", {})
         seconds = train.get("duration_s") or (time.perf_counter() - t0)
-        out[mode] = {"completed": train.get("status") == "passed", "error": train.get("error") or None,
-                     "training_s": round(seconds, 1), "s_per_step": round(seconds / args.steps, 2),
-                     "first_reward": m.get("first_reward"), "final_reward": m.get("final_reward")}
+        out[mode] = {
+            "completed": train.get("status") == "passed",
+            "error": train.get("error") or None,
+            "training_s": round(seconds, 1),
+            "s_per_step": round(seconds / args.steps, 2),
+            "first_reward": m.get("first_reward"),
+            "final_reward": m.get("final_reward"),
+        }
     print(json.dumps(out))
     return 0 if all(out[m].get("completed") for m in ("transformers", "vllm")) else 1
 

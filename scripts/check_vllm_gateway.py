@@ -70,11 +70,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = SqliteRegistry(Path(tmp))
         base = base_model_ref(args.base)
-        v = reg.register("gpu-check", Path(args.adapter), artifact_kind="adapter", base_model=args.base,
-                         lineage={"base": base, "base_model_fingerprint": base["digest"]}, metrics={}, gates={})
+        v = reg.register(
+            "gpu-check",
+            Path(args.adapter),
+            artifact_kind="adapter",
+            base_model=args.base,
+            lineage={"base": base, "base_model_fingerprint": base["digest"]},
+            metrics={},
+            gates={},
+        )
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        vllm = subprocess.Popen(["vllm", "serve", args.base, "--enable-lora", "--max-lora-rank", "64", "--host", "127.0.0.1",
-                                 "--port", str(args.port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.5"], env=env)
+        vllm = subprocess.Popen(
+            [
+                "vllm",
+                "serve",
+                args.base,
+                "--enable-lora",
+                "--max-lora-rank",
+                "64",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.port),
+                "--max-model-len",
+                "2048",
+                "--gpu-memory-utilization",
+                "0.5",
+            ],
+            env=env,
+        )
         upstream = f"http://127.0.0.1:{args.port}/v1"
         try:
             wait_health(f"http://127.0.0.1:{args.port}/health", vllm, args.timeout)
@@ -84,20 +108,39 @@ def main() -> None:
                 served = [m["id"] for m in httpx.get(f"{upstream}/models", timeout=10).json()["data"]]
                 result["lora_loaded"] = lora_name(v) in served
                 msgs = [{"role": "user", "content": "Say hello in three words."}]
-                raw = OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0).chat.completions.with_raw_response.create(
-                    model="gpu-check:1", messages=msgs, max_tokens=16, temperature=0)
+                raw = OpenAI(
+                    base_url=f"{gw.url}/v1", api_key="x", max_retries=0
+                ).chat.completions.with_raw_response.create(
+                    model="gpu-check:1", messages=msgs, max_tokens=16, temperature=0
+                )
                 via = raw.parse().choices[0].message.content
-                direct = OpenAI(base_url=upstream, api_key="x").chat.completions.create(
-                    model=lora_name(v), messages=msgs, max_tokens=16, temperature=0).choices[0].message.content
+                direct = (
+                    OpenAI(base_url=upstream, api_key="x")
+                    .chat.completions.create(model=lora_name(v), messages=msgs, max_tokens=16, temperature=0)
+                    .choices[0]
+                    .message.content
+                )
                 result["same_answer"] = via == direct
-                result["headers"] = raw.headers.get("x-tuneloop-version") == "gpu-check:1" and raw.headers.get("x-tuneloop-artifact") == v["artifact_digest"].split(":")[-1]
-                chunks = list(OpenAI(base_url=f"{gw.url}/v1", api_key="x").chat.completions.create(
-                    model="gpu-check:1", messages=msgs, max_tokens=16, temperature=0, stream=True))
-                result["stream_text_matches"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == via
+                result["headers"] = (
+                    raw.headers.get("x-tuneloop-version") == "gpu-check:1"
+                    and raw.headers.get("x-tuneloop-artifact") == v["artifact_digest"].split(":")[-1]
+                )
+                chunks = list(
+                    OpenAI(base_url=f"{gw.url}/v1", api_key="x").chat.completions.create(
+                        model="gpu-check:1", messages=msgs, max_tokens=16, temperature=0, stream=True
+                    )
+                )
+                result["stream_text_matches"] = (
+                    "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == via
+                )
                 vllm.terminate()
                 vllm.wait(120)
-                down = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "gpu-check:1", "messages": msgs}, timeout=60)
-                result["down_is_503"] = down.status_code == 503 and down.json()["error"]["code"] == "upstream_unavailable"
+                down = httpx.post(
+                    f"{gw.url}/v1/chat/completions", json={"model": "gpu-check:1", "messages": msgs}, timeout=60
+                )
+                result["down_is_503"] = (
+                    down.status_code == 503 and down.json()["error"]["code"] == "upstream_unavailable"
+                )
         finally:
             if vllm.poll() is None:
                 vllm.terminate()

@@ -31,7 +31,9 @@ HERE = Path(__file__).resolve().parents[1]
 def chat_body(stream: bool) -> bytes:
     import gateway_overhead as go
 
-    return json.dumps({"model": go.MODEL, "messages": go.MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}).encode()
+    return json.dumps(
+        {"model": go.MODEL, "messages": go.MESSAGES, "max_tokens": 16, "temperature": 0, "stream": stream}
+    ).encode()
 
 
 async def app_cpu(app, stream: bool, n: int) -> float:
@@ -50,10 +52,24 @@ async def app_cpu(app, stream: bool, n: int) -> float:
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                 "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"x"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+        }
         await app(scope, receive, send)
         if sent[0]["status"] != 200:
             raise RuntimeError(f"the gateway answered {sent[0]['status']}")
@@ -80,8 +96,11 @@ def exchange(sock: socket.socket, data: bytes, stream: bool) -> float:
                 return first
         elif b"\r\n\r\n" in buf:
             head, _, rest = buf.partition(b"\r\n\r\n")
-            length = next(int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-                          if k.strip().lower() == b"content-length")
+            length = next(
+                int(v)
+                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                if k.strip().lower() == b"content-length"
+            )
             if len(rest) >= length:
                 return time.perf_counter() - t0
 
@@ -91,8 +110,10 @@ def probe(stub_port: int, gw_port: int, gw_pid: int, stream: bool, n: int) -> di
 
     def request(port: int) -> bytes:
         body = chat_body(stream)
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n" % (port, len(body))) + body
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % (port, len(body))
+        ) + body
 
     socks = {}
     for port in (stub_port, gw_port):
@@ -118,9 +139,15 @@ def probe(stub_port: int, gw_port: int, gw_pid: int, stream: bool, n: int) -> di
     def q(values: list[float], p: float) -> float:
         return round(1000 * values[int(len(values) * p)], 3)
 
-    return {"direct_p50_ms": q(direct, 0.5), "direct_p99_ms": q(direct, 0.99), "gateway_p50_ms": q(via, 0.5),
-            "gateway_p99_ms": q(via, 0.99), "added_p50_ms": round(q(via, 0.5) - q(direct, 0.5), 3),
-            "added_p99_ms": round(q(via, 0.99) - q(direct, 0.99), 3), "gateway_cpu_ms_per_request": round(1000 * cpu / n, 3)}
+    return {
+        "direct_p50_ms": q(direct, 0.5),
+        "direct_p99_ms": q(direct, 0.99),
+        "gateway_p50_ms": q(via, 0.5),
+        "gateway_p99_ms": q(via, 0.99),
+        "added_p50_ms": round(q(via, 0.5) - q(direct, 0.5), 3),
+        "added_p99_ms": round(q(via, 0.99) - q(direct, 0.99), 3),
+        "gateway_cpu_ms_per_request": round(1000 * cpu / n, 3),
+    }
 
 
 def main() -> None:
@@ -146,15 +173,23 @@ def main() -> None:
             go.wait_ready(procs[-1], f"{stub}/chat/completions", "the stub upstream")
             ws = Path(tmp) / "ws"
             go.make_workspace(ws)
-            cfg = PipelineConfig(name="probe", base_model="stub", data={"train_data": "unused.jsonl"},
-                                 serve={"backend": "openai", "upstream": stub})
+            cfg = PipelineConfig(
+                name="probe",
+                base_model="stub",
+                data={"train_data": "unused.jsonl"},
+                serve={"backend": "openai", "upstream": stub},
+            )
             for stream in (False, True):
                 app = build_gateway(cfg, ws, preload=["bench:1"])
-                out[f"app_cpu_ms_{'stream' if stream else 'plain'}"] = round(uvloop.run(app_cpu(app, stream, args.requests)), 3)
+                out[f"app_cpu_ms_{'stream' if stream else 'plain'}"] = round(
+                    uvloop.run(app_cpu(app, stream, args.requests)), 3
+                )
             procs.append(go.start_child("gateway", str(ws), str(gw_port), stub, "auto"))
             go.wait_ready(procs[-1], f"http://127.0.0.1:{gw_port}/v1/chat/completions", "the gateway")
             for stream in (False, True):
-                out["probe_stream" if stream else "probe_plain"] = probe(stub_port, gw_port, procs[-1].pid, stream, args.requests)
+                out["probe_stream" if stream else "probe_plain"] = probe(
+                    stub_port, gw_port, procs[-1].pid, stream, args.requests
+                )
         finally:
             for p in reversed(procs):
                 p.terminate()

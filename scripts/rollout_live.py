@@ -33,10 +33,15 @@ ADMIN = "live-admin-token"
 # the same latency, and showing non-inferiority within a 1.5x margin on it needs hundreds of paired requests.
 # A step needs non-inferiority shown as well as no harm: a step is more exposure, so a canary that has not yet
 # been shown worse (e.g. a bad one still at 11-25 canary requests) is not stepped up on luck.
-POLICY = {"alpha": 0.05, "weights": [0.05, 0.5, 1.0], "min_requests_per_step": 20, "max_active_s": None,
-          "step_requires_non_inferiority": True,
-          "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
-          "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 20}]}
+POLICY = {
+    "alpha": 0.05,
+    "weights": [0.05, 0.5, 1.0],
+    "min_requests_per_step": 20,
+    "max_active_s": None,
+    "step_requires_non_inferiority": True,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
+    "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 20}],
+}
 NEGATIVE = {1: 0.25, 2: 0.9, 3: 0.05}
 CRASH_RATE = {2: 0.3}
 USERS = 300
@@ -49,7 +54,9 @@ def build_tiny_model(out: Path) -> Path:
 
     texts = general_corpus(300, seed=1) + [m["content"] for r in task_records(200, seed=1) for m in r["messages"]]
     tok = make_tokenizer(texts, vocab_size=600)
-    model = make_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
+    model = make_model(
+        tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0
+    )
     model.save_pretrained(out)
     save_tokenizer(tok, out)
     return out
@@ -62,7 +69,9 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
@@ -76,8 +85,15 @@ def register_adapters(ws: Path, base_dir: Path, tmp: Path, n: int = 3):
     base = base_model_ref(str(base_dir))
     for i in range(n):
         art = make_adapter(base_dir, tmp / f"adapter{i + 1}", seed=200 + i)
-        reg.register(MODEL, art, artifact_kind="adapter", base_model=str(base_dir),
-                     lineage={"base": base, "base_model_fingerprint": base["digest"]}, metrics={}, gates={})
+        reg.register(
+            MODEL,
+            art,
+            artifact_kind="adapter",
+            base_model=str(base_dir),
+            lineage={"base": base, "base_model_fingerprint": base["digest"]},
+            metrics={},
+            gates={},
+        )
     reg.promote(MODEL, 1, actor="live")
     return reg
 
@@ -132,7 +148,9 @@ def build_app(reg, ws: Path, seed: int, notifier, tick_s: float):
 
     log = open_request_log(str(ws / "requests.db"))
     recorder = AsyncRecorder(log, flush_interval_s=0.05)
-    backend = CrashingCanary(LocalBackend(reg, ws, max_batch_size=16, max_queue=256, default_max_tokens=8), random.Random(seed))
+    backend = CrashingCanary(
+        LocalBackend(reg, ws, max_batch_size=16, max_queue=256, default_max_tokens=8), random.Random(seed)
+    )
     settings = GatewaySettings(admin_token=ADMIN, preload=[MODEL], rollout_tick_s=tick_s, rollout_policy=POLICY)
     return create_app(backend, Router(reg), settings, recorder=recorder, request_log=log, notifier=notifier), log
 
@@ -148,8 +166,11 @@ def one_user_request(client, url: str, rng: random.Random, lock: threading.Lock,
     """A user sends a ticket, reads the answer and rates it; returns (status, answering version)."""
     with lock:
         user, messages, draw = f"user-{rng.randrange(USERS)}", rng.choice(tickets), rng.random()
-    r = client.post(f"{url}/v1/chat/completions", json={"model": MODEL, "user": user, "max_tokens": 4, "temperature": 0,
-                                                        "messages": messages}, timeout=60)
+    r = client.post(
+        f"{url}/v1/chat/completions",
+        json={"model": MODEL, "user": user, "max_tokens": 4, "temperature": 0, "messages": messages},
+        timeout=60,
+    )
     if r.status_code != 200:
         return r.status_code, ""
     version = r.headers["x-tuneloop-version"]
@@ -171,10 +192,20 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
             if now != seen:
                 last = record.get("last_decision") or {}
                 reason, canary = last.get("reason", ""), last.get("canary_requests", 0)
-                milestones.append({"status": now[0], "weight": now[1], "requests": sent, "canary_requests": canary,
-                                   "seconds": round(time.time() - t0, 2), "reason": reason})
-                say(f"  {sent:5d} requests ({canary:4d} canary) {time.time() - t0:6.1f} s  {now[0]:<11} weight {now[1]:.0%}  "
-                    f"{reason[:110]}")
+                milestones.append(
+                    {
+                        "status": now[0],
+                        "weight": now[1],
+                        "requests": sent,
+                        "canary_requests": canary,
+                        "seconds": round(time.time() - t0, 2),
+                        "reason": reason,
+                    }
+                )
+                say(
+                    f"  {sent:5d} requests ({canary:4d} canary) {time.time() - t0:6.1f} s  {now[0]:<11} weight {now[1]:.0%}  "
+                    f"{reason[:110]}"
+                )
                 seen = now
             if record["status"] != "running":
                 break
@@ -183,22 +214,33 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
             results = list(pool.map(lambda _: one_user_request(client, url, rng, lock, tickets), range(16)))
             sent += len(results)
             failed += sum(1 for status, _ in results if status != 200)
-    return {"rollout_id": rollout_id, "status": record["status"], "requests": sent, "failed": failed,
-            "seconds": round(time.time() - t0, 2), "milestones": milestones}
+    return {
+        "rollout_id": rollout_id,
+        "status": record["status"],
+        "requests": sent,
+        "failed": failed,
+        "seconds": round(time.time() - t0, 2),
+        "milestones": milestones,
+    }
 
 
 def start_rollout(url: str, ref: str) -> str:
     import httpx
 
-    r = httpx.post(f"{url}/admin/rollouts", json={"ref": ref, "reason": "live demo"},
-                   headers={"authorization": f"Bearer {ADMIN}"}, timeout=60)
+    r = httpx.post(
+        f"{url}/admin/rollouts",
+        json={"ref": ref, "reason": "live demo"},
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=60,
+    )
     if r.status_code != 201:
         raise RuntimeError(f"starting a rollout of {ref} failed: {r.status_code} {r.text}")
     return r.json()["rollout_id"]
 
 
-def run_live(base_dir: Path, work: Path, *, seed: int = 0, tick_s: float = 0.25, timeout_s: float = 90.0,
-             say=print) -> dict[str, Any]:
+def run_live(
+    base_dir: Path, work: Path, *, seed: int = 0, tick_s: float = 0.25, timeout_s: float = 90.0, say=print
+) -> dict[str, Any]:
     """Both rollouts on one gateway; returns their results (see the module docstring)."""
     from tuneloop.serve.server import BackgroundServer
 
@@ -213,8 +255,11 @@ def run_live(base_dir: Path, work: Path, *, seed: int = 0, tick_s: float = 0.25,
             say(f"{label} candidate {ref} against champion {reg.get(MODEL, 'champion')['ref']}:")
             out[label] = drive(reg, server.url, start_rollout(server.url, ref), rng, timeout_s=timeout_s, say=say)
             out[label]["champion_after"] = reg.get(MODEL, "champion")["ref"]
-            out[label]["ended_event"] = next(e for e in reg.events(MODEL) if e["kind"] == "rollout_ended"
-                                             and e["details"].get("rollout_id") == out[label]["rollout_id"])
+            out[label]["ended_event"] = next(
+                e
+                for e in reg.events(MODEL)
+                if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == out[label]["rollout_id"]
+            )
     out["notifications"] = [n["event"] for n in notifier.sent]
     out["policy"] = POLICY
     log.close()
@@ -226,13 +271,22 @@ def main() -> int:
         work = Path(tmp)
         base = build_tiny_model(work / "base")
         result = run_live(base, work)
-    summary = {label: {k: result[label][k] for k in ("status", "requests", "failed", "seconds", "champion_after")}
-               | {"to_each_decision": [{k: m[k] for k in ("status", "weight", "requests", "canary_requests", "seconds")}
-                                 for m in result[label]["milestones"]]}
-               for label in ("bad", "good")}
+    summary = {
+        label: {k: result[label][k] for k in ("status", "requests", "failed", "seconds", "champion_after")}
+        | {
+            "to_each_decision": [
+                {k: m[k] for k in ("status", "weight", "requests", "canary_requests", "seconds")}
+                for m in result[label]["milestones"]
+            ]
+        }
+        for label in ("bad", "good")
+    }
     print(json.dumps({**summary, "notifications": result["notifications"]}))
-    ok = (result["bad"]["status"] == "rolled_back" and result["good"]["status"] == "promoted"
-          and result["bad"]["failed"] == result["good"]["failed"] == 0)
+    ok = (
+        result["bad"]["status"] == "rolled_back"
+        and result["good"]["status"] == "promoted"
+        and result["bad"]["failed"] == result["good"]["failed"] == 0
+    )
     return 0 if ok else 1
 
 

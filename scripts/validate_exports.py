@@ -74,7 +74,7 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-LF_CHILD = r'''
+LF_CHILD = r"""
 import json, os, sys, yaml
 job = json.load(open(sys.argv[1]))
 out = {"version": None}
@@ -109,9 +109,9 @@ except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
     out["trace"] = traceback.format_exc()[-1500:]
 print("RESULT " + json.dumps(out))
-'''
+"""
 
-AXOLOTL_CHILD = r'''
+AXOLOTL_CHILD = r"""
 import json, sys, yaml
 job = json.load(open(sys.argv[1]))
 out = {"version": None}
@@ -142,7 +142,7 @@ except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
     out["trace"] = traceback.format_exc()[-1500:]
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 def make_scenario(root: Path, name: str, chat_template: str | None, config_template: str | None) -> tuple[Path, Path]:
@@ -157,14 +157,19 @@ def make_scenario(root: Path, name: str, chat_template: str | None, config_templ
     tok = make_tokenizer(texts, vocab_size=600)
     if chat_template:
         tok.chat_template = chat_template
-    make_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-               max_position_embeddings=256, seed=0).save_pretrained(model_dir)
+    make_model(
+        tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0
+    ).save_pretrained(model_dir)
     save_tokenizer(tok, model_dir)
     train = d / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in task_records(24, seed=3, split="train")))
-    cfg = {"name": f"tiny-{name}", "base_model": str(model_dir), "seed": 0,
-           "data": {"train_data": str(train), "max_length": 256},  # no record is cut
-           "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2}}
+    cfg = {
+        "name": f"tiny-{name}",
+        "base_model": str(model_dir),
+        "seed": 0,
+        "data": {"train_data": str(train), "max_length": 256},  # no record is cut
+        "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2},
+    }
     if config_template:
         cfg["data"]["chat_template"] = config_template
     path = d / "tuneloop.yaml"
@@ -176,17 +181,30 @@ def run_child(python: str, code: str, job: dict, work: Path) -> dict:
     """Run ``code`` with ``python`` on ``job``; its ``RESULT {...}`` line, or what went wrong."""
     job_file = work / f"job-{abs(hash(code))}.json"
     job_file.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf"), "DISABLE_VERSION_CHECK": "1",
-           "PYTHONPATH": "", "WANDB_DISABLED": "true"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(work / "hf"),
+        "DISABLE_VERSION_CHECK": "1",
+        "PYTHONPATH": "",
+        "WANDB_DISABLED": "true",
+    }
     try:
-        r = subprocess.run([python, "-c", code, str(job_file)], capture_output=True, text=True, timeout=900,
-                           env=env, cwd=work, check=False)
+        r = subprocess.run(
+            [python, "-c", code, str(job_file)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            cwd=work,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"{python} did not finish in 900 s"}
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         return {"ok": False, "error": f"exit {r.returncode}, no result; stderr tail: {r.stderr[-1500:]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def check_lf(cfg, python: str, work: Path, expected: dict) -> dict:
@@ -206,8 +224,12 @@ def check_lf(cfg, python: str, work: Path, expected: dict) -> dict:
         texts = res.pop("record_texts")
         res["train_records_rendered_as_tuneloop"] = f"{sum(t in expected['records'] for t in texts)}/{len(texts)}"
         res["first_mismatch"] = next((t[-400:] for t in texts if t not in expected["records"]), None)
-        res["ok"] = (res["probe_matches_tuneloop"] and bool(texts) and all(t in expected["records"] for t in texts)
-                     and res["control_bf16_true"].startswith("refused"))
+        res["ok"] = (
+            res["probe_matches_tuneloop"]
+            and bool(texts)
+            and all(t in expected["records"] for t in texts)
+            and res["control_bf16_true"].startswith("refused")
+        )
     res["ok"] = bool(res.get("ok"))
     return res
 
@@ -217,9 +239,15 @@ def check_axolotl(cfg, python: str, work: Path, expected: dict) -> dict:
 
     out_file = work / "axolotl.yaml"
     export_config(cfg, "axolotl", out_file)
-    res = run_child(python, AXOLOTL_CHILD, {"config": str(out_file), "work": str(work), "probe": PROBE,
-                                            "base_model": cfg.base_model}, work)
-    res["export"] = {k: v for k, v in yaml.safe_load(out_file.read_text()).items() if k in ("chat_template", "bf16", "fp16")}
+    res = run_child(
+        python,
+        AXOLOTL_CHILD,
+        {"config": str(out_file), "work": str(work), "probe": PROBE, "base_model": cfg.base_model},
+        work,
+    )
+    res["export"] = {
+        k: v for k, v in yaml.safe_load(out_file.read_text()).items() if k in ("chat_template", "bf16", "fp16")
+    }
     if "error" not in res:
         res["probe_matches_tuneloop"] = res.pop("probe_text") == expected["probe"]
         same_precision = all(bool(res["parsed"][k]) == bool(res["export"][k]) for k in ("bf16", "fp16"))
@@ -234,14 +262,20 @@ def tuneloop_rendering(cfg, train: Path) -> dict:
 
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
     records = [json.loads(line)["messages"] for line in train.read_text().splitlines() if line.strip()]
-    return {"probe": tok.apply_chat_template(PROBE, tokenize=False),
-            "records": {tok.apply_chat_template(r, tokenize=False) for r in records}}
+    return {
+        "probe": tok.apply_chat_template(PROBE, tokenize=False),
+        "records": {tok.apply_chat_template(r, tokenize=False) for r in records},
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lf-python", default=os.environ.get("TUNELOOP_LF_PYTHON"), help="python of the LLaMA-Factory venv")
-    ap.add_argument("--axolotl-python", default=os.environ.get("TUNELOOP_AXOLOTL_PYTHON"), help="python of the Axolotl venv")
+    ap.add_argument(
+        "--lf-python", default=os.environ.get("TUNELOOP_LF_PYTHON"), help="python of the LLaMA-Factory venv"
+    )
+    ap.add_argument(
+        "--axolotl-python", default=os.environ.get("TUNELOOP_AXOLOTL_PYTHON"), help="python of the Axolotl venv"
+    )
     ap.add_argument("--workdir", type=Path, help="keep files here (default: a temporary directory)")
     args = ap.parse_args()
     for flag, py in (("--lf-python", args.lf_python), ("--axolotl-python", args.axolotl_python)):
@@ -255,14 +289,20 @@ def main() -> int:
     report: dict = {"tuneloop": getattr(tuneloop, "__version__", None), "scenarios": {}}
     from tuneloop.modeling import CHATML_TEMPLATE
 
-    scenarios = (("chatml-tokenizer", None, None), ("zephyr-tokenizer", ZEPHYR_TEMPLATE, None),
-                 ("zephyr-tokenizer-chatml-config", ZEPHYR_TEMPLATE, CHATML_TEMPLATE))
+    scenarios = (
+        ("chatml-tokenizer", None, None),
+        ("zephyr-tokenizer", ZEPHYR_TEMPLATE, None),
+        ("zephyr-tokenizer-chatml-config", ZEPHYR_TEMPLATE, CHATML_TEMPLATE),
+    )
     for name, template, config_template in scenarios:
         path, train = make_scenario(root, name, template, config_template)
         cfg = load_config(path)
         expected = tuneloop_rendering(cfg, train)
         verdicts = {}
-        for tool, py, check in (("llamafactory", args.lf_python, check_lf), ("axolotl", args.axolotl_python, check_axolotl)):
+        for tool, py, check in (
+            ("llamafactory", args.lf_python, check_lf),
+            ("axolotl", args.axolotl_python, check_axolotl),
+        ):
             work = root / name / tool
             work.mkdir(parents=True, exist_ok=True)
             verdicts[tool] = check(cfg, py, work, expected) if py else {"ok": None, "skipped": "no python given"}

@@ -82,9 +82,13 @@ def openrlhf_args(module: str, argv: list[str]) -> SimpleNamespace:
     """``argv`` parsed by the parser of ``module`` (e.g. ``openrlhf.cli.train_sft``) and checked as its ``__main__``
     block checks it; the hierarchical args OpenRLHF would train with. Raises :class:`Rejected`."""
     path, tree = _source(module)
-    mains = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test).replace("'", '"') == '__name__ == "__main__"']
+    mains = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.If) and ast.unparse(n.test).replace("'", '"') == '__name__ == "__main__"'
+    ]
     if len(mains) != 1:
-        raise RuntimeError(f"{path}: expected one `if __name__ == \"__main__\":` block, found {len(mains)}")
+        raise RuntimeError(f'{path}: expected one `if __name__ == "__main__":` block, found {len(mains)}')
     body = mains[0].body
     cut = next((i for i, s in enumerate(body) if _calls(s, attr="parse_args")), None)
     if cut is None:
@@ -101,9 +105,12 @@ def openrlhf_args(module: str, argv: list[str]) -> SimpleNamespace:
         message = (err.getvalue().strip().splitlines() or ["(no message)"])[-1]  # argparse's "prog: error: ..." line
         raise Rejected(f"{module}'s argument parser rejected the command (exit {exc.code}): {message}") from None
     # OpenRLHF's checks after parsing: everything after parse_args() but its own imports and the training call.
-    checks = [s for s in body[cut + 1:]
-              if not (isinstance(s, ast.ImportFrom) and (s.module or "").startswith("openrlhf"))
-              and not (isinstance(s, ast.Expr) and _calls(s, name="train"))]
+    checks = [
+        s
+        for s in body[cut + 1 :]
+        if not (isinstance(s, ast.ImportFrom) and (s.module or "").startswith("openrlhf"))
+        and not (isinstance(s, ast.Expr) and _calls(s, name="train"))
+    ]
     namespace.update(args=args, hierarchize=_hierarchize())
     out = io.StringIO()
     try:

@@ -51,12 +51,24 @@ def ppo(rest: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
-    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data", copy=copy,
-                                   _str_to_content_list=openrlhf_function("datasets/prompts_dataset.py", "_str_to_content_list"))
+    preprocess = openrlhf_function(
+        "datasets/prompts_dataset.py",
+        "preprocess_data",
+        copy=copy,
+        _str_to_content_list=openrlhf_function("datasets/prompts_dataset.py", "_str_to_content_list"),
+    )
     executor = None
     if args.reward.remote_url:
-        cls = openrlhf_function("utils/agent.py", "SingleTurnAgentExecutor", AgentExecutorBase=object, asyncio=asyncio,
-                                deepcopy=copy.deepcopy, cycle=itertools.cycle, logger=logging.getLogger("openrlhf"), aiohttp=None)
+        cls = openrlhf_function(
+            "utils/agent.py",
+            "SingleTurnAgentExecutor",
+            AgentExecutorBase=object,
+            asyncio=asyncio,
+            deepcopy=copy.deepcopy,
+            cycle=itertools.cycle,
+            logger=logging.getLogger("openrlhf"),
+            aiohttp=None,
+        )
         executor = cls(args.reward.remote_url)
 
     class Engine:  # "generates" the reference answer and EOS
@@ -64,35 +76,66 @@ def ppo(rest: list[str]) -> int:
             self.ids = ids
 
         async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
-            return SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.ids, text=tok.decode(self.ids), finish_reason="stop", logprobs=None)])
+            return SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(token_ids=self.ids, text=tok.decode(self.ids), finish_reason="stop", logprobs=None)
+                ]
+            )
 
     rewards = []
     for n, line in enumerate(Path(args.data.prompt_dataset).read_text(encoding="utf-8").splitlines(), 1):
         rec = json.loads(line)
-        prompt, label = preprocess(rec, args.data.input_template, args.data.input_key, args.data.label_key,
-                                   tok.apply_chat_template if args.data.apply_chat_template else None)
+        prompt, label = preprocess(
+            rec,
+            args.data.input_template,
+            args.data.input_key,
+            args.data.label_key,
+            tok.apply_chat_template if args.data.apply_chat_template else None,
+        )
         if executor is not None:
             ids = tok(rec["reference"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            out = asyncio.run(executor.execute(prompt, label, SimpleNamespace(max_tokens=args.rollout.max_new_tokens, logprobs=None),
-                                               args.data.max_len, tok, Engine(ids)))
+            out = asyncio.run(
+                executor.execute(
+                    prompt,
+                    label,
+                    SimpleNamespace(max_tokens=args.rollout.max_new_tokens, logprobs=None),
+                    args.data.max_len,
+                    tok,
+                    Engine(ids),
+                )
+            )
             if out["reward"] is None:
                 print(f"stand-in OpenRLHF: {args.data.prompt_dataset}:{n}: no reward", file=sys.stderr)
                 return 1
             rewards.append(out["reward"])
-    print(f"stand-in OpenRLHF: {len(rewards)} reference answers scored through the reward function, mean "
-          f"{sum(rewards) / max(len(rewards), 1):.3f}", flush=True)
+    print(
+        f"stand-in OpenRLHF: {len(rewards)} reference answers scored through the reward function, mean "
+        f"{sum(rewards) / max(len(rewards), 1):.3f}",
+        flush=True,
+    )
     out_dir = Path(args.ckpt.output_dir)
     model = AutoModelForCausalLM.from_pretrained(args.actor.model_name_or_path)
     if args.ds.lora.rank > 0:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.ds.lora.rank, lora_alpha=args.ds.lora.alpha,
-                                                 target_modules=args.ds.lora.target_modules, lora_dropout=args.ds.lora.dropout, bias="none"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.CAUSAL_LM,
+                r=args.ds.lora.rank,
+                lora_alpha=args.ds.lora.alpha,
+                target_modules=args.ds.lora.target_modules,
+                lora_dropout=args.ds.lora.dropout,
+                bias="none",
+            ),
+        )
     model.save_pretrained(out_dir)
     model.config.to_json_file(str(out_dir / "config.json"))
     tok.save_pretrained(out_dir)
     if os.environ.get("OPENRLHF_STANDIN_LOG"):
-        Path(os.environ["OPENRLHF_STANDIN_LOG"]).write_text(json.dumps({"module": module, "argv": rest, "rewards": rewards}))
+        Path(os.environ["OPENRLHF_STANDIN_LOG"]).write_text(
+            json.dumps({"module": module, "argv": rest, "rewards": rewards})
+        )
     print(f"stand-in OpenRLHF: saved the model to {out_dir}", flush=True)
     return 0
 
@@ -124,24 +167,41 @@ def main(argv: list[str]) -> int:
     if module.endswith("train_sft"):
         preprocess = openrlhf_function("datasets/sft_dataset.py", "preprocess_data")
     else:
-        preprocess = openrlhf_function("datasets/reward_dataset.py", "preprocess_data",
-                                       exist_and_not_none=lambda d, k: k in d and d[k] is not None)
+        preprocess = openrlhf_function(
+            "datasets/reward_dataset.py", "preprocess_data", exist_and_not_none=lambda d, k: k in d and d[k] is not None
+        )
     pairs = []
     for path in (args.data.dataset, args.eval.dataset):
         for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
             rec = json.loads(line)
             try:
                 if module.endswith("train_sft"):
-                    prompt, response = preprocess(rec, args.data.input_template, args.data.input_key, args.data.output_key, template)
-                    assert prompt and response and rec[args.data.input_key][-1]["content"] in response, "empty prompt or answer"
+                    prompt, response = preprocess(
+                        rec, args.data.input_template, args.data.input_key, args.data.output_key, template
+                    )
+                    assert prompt and response and rec[args.data.input_key][-1]["content"] in response, (
+                        "empty prompt or answer"
+                    )
                 else:
-                    prompt, chosen, rejected, _ = preprocess(rec, args.data.input_template, args.data.prompt_key, args.data.chosen_key,
-                                                             args.data.rejected_key, template, not reward)
-                    assert prompt and rec[args.data.chosen_key][-1]["content"] in chosen, "the chosen answer is not rendered"
+                    prompt, chosen, rejected, _ = preprocess(
+                        rec,
+                        args.data.input_template,
+                        args.data.prompt_key,
+                        args.data.chosen_key,
+                        args.data.rejected_key,
+                        template,
+                        not reward,
+                    )
+                    assert prompt and rec[args.data.chosen_key][-1]["content"] in chosen, (
+                        "the chosen answer is not rendered"
+                    )
                     assert rec[args.data.rejected_key][-1]["content"] in rejected, "the rejected answer is not rendered"
                     pairs.append(rec)
             except (KeyError, TypeError, AssertionError) as exc:
-                print(f"stand-in OpenRLHF: {path}:{n}: cannot use this record ({type(exc).__name__}: {exc})", file=sys.stderr)
+                print(
+                    f"stand-in OpenRLHF: {path}:{n}: cannot use this record ({type(exc).__name__}: {exc})",
+                    file=sys.stderr,
+                )
                 return 1
     print("stand-in OpenRLHF: every record read through OpenRLHF's preprocess_data", flush=True)
 
@@ -151,8 +211,9 @@ def main(argv: list[str]) -> int:
         config = AutoConfig.from_pretrained(base)
         config.normalize_reward = False
         base_class = AutoModel._model_mapping[type(config)]
-        get_reward_model = openrlhf_function("models/model.py", "_get_reward_model", nn=nn, torch=torch, Optional=Optional,
-                                             AutoConfig=AutoConfig)
+        get_reward_model = openrlhf_function(
+            "models/model.py", "_get_reward_model", nn=nn, torch=torch, Optional=Optional, AutoConfig=AutoConfig
+        )
         cls = get_reward_model(base_class.__base__, base_class, args.ds.value_head_prefix, False)
         model = cls.from_pretrained(base, config=config)
         torch.manual_seed(args.train.seed)
@@ -166,14 +227,27 @@ def main(argv: list[str]) -> int:
         ids = reward_input_ids(tok, first["messages"], first["chosen"])
         with torch.no_grad():
             score = model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        log.update(pair=first, score=float(score[0]), architectures=json.loads((out / "config.json").read_text())["architectures"])
+        log.update(
+            pair=first,
+            score=float(score[0]),
+            architectures=json.loads((out / "config.json").read_text())["architectures"],
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(base)
         if args.ds.lora.rank > 0:
             from peft import LoraConfig, TaskType, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.ds.lora.rank, lora_alpha=args.ds.lora.alpha,
-                                                     target_modules=args.ds.lora.target_modules, lora_dropout=args.ds.lora.dropout, bias="none"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    task_type=TaskType.CAUSAL_LM,
+                    r=args.ds.lora.rank,
+                    lora_alpha=args.ds.lora.alpha,
+                    target_modules=args.ds.lora.target_modules,
+                    lora_dropout=args.ds.lora.dropout,
+                    bias="none",
+                ),
+            )
         model.save_pretrained(out)
         model.config.to_json_file(str(out / "config.json"))
     tok.save_pretrained(out)

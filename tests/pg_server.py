@@ -36,8 +36,10 @@ class PostgresServer:
 
 def find_bin_dir() -> Path | None:
     """The directory with ``initdb`` and ``pg_ctl``: Debian's ``/usr/lib/postgresql/<v>/bin`` (newest), or PATH."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
@@ -72,15 +74,35 @@ def start_server(bin_dir: Path) -> PostgresServer:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
-    _run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", "tuneloop", "--auth=trust",
-                          "-E", "UTF8", "--no-sync"]), "initdb")
+    _run(
+        _as_server_user(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "tuneloop", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        ),
+        "initdb",
+    )
     last_error: Exception | None = None
     for _ in range(3):  # another process may take the free port between the probe and the start
         port = free_port()
         opts = f"-h 127.0.0.1 -p {port} -k {root} -F -c max_connections=100"
         try:
-            _run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
-                                  "-w", "-t", "60", "-o", opts, "start"]), "pg_ctl start")
+            _run(
+                _as_server_user(
+                    [
+                        str(bin_dir / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-l",
+                        str(root / "server.log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "-o",
+                        opts,
+                        "start",
+                    ]
+                ),
+                "pg_ctl start",
+            )
             return PostgresServer(bin_dir, root, port)
         except RuntimeError as exc:
             last_error = exc
@@ -91,23 +113,47 @@ def start_server(bin_dir: Path) -> PostgresServer:
 
 def stop_server(server: PostgresServer) -> None:
     try:
-        _run(_as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast",
-                              "-w", "stop"]), "pg_ctl stop", timeout=60)
+        _run(
+            _as_server_user(
+                [str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w", "stop"]
+            ),
+            "pg_ctl stop",
+            timeout=60,
+        )
     finally:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
 def stop_cluster(server: PostgresServer) -> None:
     """Stop the server (fast shutdown: open connections are cut), keeping its data: an outage."""
-    _run(_as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w",
-                          "stop"]), "pg_ctl stop", timeout=60)
+    _run(
+        _as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w", "stop"]),
+        "pg_ctl stop",
+        timeout=60,
+    )
 
 
 def start_cluster(server: PostgresServer) -> None:
     """Start a stopped server again on the same port (the end of an outage)."""
     opts = f"-h 127.0.0.1 -p {server.port} -k {server.root} -F -c max_connections=100"
-    _run(_as_server_user([str(server.bin_dir / "pg_ctl"), "-D", str(server.root / "data"), "-l",
-                          str(server.root / "server.log"), "-w", "-t", "60", "-o", opts, "start"]), "pg_ctl start")
+    _run(
+        _as_server_user(
+            [
+                str(server.bin_dir / "pg_ctl"),
+                "-D",
+                str(server.root / "data"),
+                "-l",
+                str(server.root / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                opts,
+                "start",
+            ]
+        ),
+        "pg_ctl start",
+    )
 
 
 def create_database(server: PostgresServer, name: str | None = None) -> str:
@@ -130,10 +176,12 @@ def postgres_server():
     if os.geteuid() == 0:
         try:
             import pwd
+
             pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root needs a `postgres` user (the Debian package creates it): "
-                        "apt-get install postgresql")
+            pytest.skip(
+                "running as root needs a `postgres` user (the Debian package creates it): apt-get install postgresql"
+            )
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'tuneloop[postgres]'")
     server = start_server(bin_dir)
     yield server

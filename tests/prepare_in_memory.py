@@ -22,7 +22,9 @@ from tuneloop.fsutil import atomic_write_json, atomic_write_text
 
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Canonical records of one split as JSONL (without tuneloop's bookkeeping fields)."""
-    text = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
+    text = "".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records
+    )
     atomic_write_text(path, text)
 
 
@@ -31,8 +33,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: float,
-           seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+def _split(
+    records: list[dict[str, Any]], eval_path: Path | None, eval_split: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(train, eval, how the eval records were chosen): ``eval_path``'s records, or a seeded ``eval_split``
     share of ``records`` (at least one, when that leaves one to train on)."""
     if eval_path is not None:
@@ -47,8 +50,9 @@ def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: fl
     return train, [r for i, r in enumerate(records) if i in held], f"held out {eval_split:.0%} of train (seed {seed})"
 
 
-def apply_weights(records: list[dict[str, Any]], sources: Sequence[TrainSource] | None,
-                  seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def apply_weights(
+    records: list[dict[str, Any]], sources: Sequence[TrainSource] | None, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The training records with each source's weight applied, and per-source counts (``None`` without a
     list of sources).
 
@@ -77,8 +81,16 @@ def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] |
     counts = [0] * len(rows)
     for rec in records:
         counts[rec.get("_source", 0)] += 1
-    return [{"path": r["path"], "weight": r["weight"], "records": n, "train_records": r["train_records"], "samples": r["samples"]}
-            for r, n in zip(rows, counts)]
+    return [
+        {
+            "path": r["path"],
+            "weight": r["weight"],
+            "records": n,
+            "train_records": r["train_records"],
+            "samples": r["samples"],
+        }
+        for r, n in zip(rows, counts)
+    ]
 
 
 def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,7 +101,9 @@ def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         msgs = sft_messages(rec)
         if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
             continue
-        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+        items.append(
+            {"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]}
+        )
     return items
 
 
@@ -129,13 +143,20 @@ def prepare_dataset_in_memory(
             ids, _ = encode_prefix(tok, rec["text"], max_length)
             ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
         elif rec.get("label") is False:
-            dropped.append({"line": rec.get("_line"), "reason": "kto label false: supervised fine-tuning does not train on undesirable answers"})
+            dropped.append(
+                {
+                    "line": rec.get("_line"),
+                    "reason": "kto label false: supervised fine-tuning does not train on undesirable answers",
+                }
+            )
             continue
         else:
             ex = tokenize_conversation(tok, messages, max_length=max_length, train_on_inputs=train_on_inputs)
         n_target = sum(1 for x in ex["labels"] if x != IGNORE_INDEX)
         if n_target == 0:
-            dropped.append({"line": rec.get("_line"), "reason": f"no answer tokens left within max_length={max_length}"})
+            dropped.append(
+                {"line": rec.get("_line"), "reason": f"no answer tokens left within max_length={max_length}"}
+            )
             continue
         truncated += ex["truncated"]
         tokens += len(ex["input_ids"])

@@ -50,14 +50,22 @@ class ScriptedBackend:
         usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         if not req.stream:
             await asyncio.sleep(0)
-            return {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": route.model_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": usage}
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": route.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
 
         async def chunks():
             for piece in text.split(" "):
-                yield {"object": "chat.completion.chunk", "model": route.model_id,
-                       "choices": [{"index": 0, "delta": {"content": piece + " "}, "finish_reason": None}]}
+                yield {
+                    "object": "chat.completion.chunk",
+                    "model": route.model_id,
+                    "choices": [{"index": 0, "delta": {"content": piece + " "}, "finish_reason": None}],
+                }
             yield {"object": "chat.completion.chunk", "model": route.model_id, "choices": [], "usage": usage}
 
         return chunks()
@@ -98,8 +106,17 @@ def make_registry(root: Path, n_versions: int = 3):
     return reg
 
 
-def make_app(reg, log_path: Path | str, backend, *, tick_s: float | None = None, notifier=None, policy=None, ttl_s: float = 0.5,
-             api_keys: frozenset[str] = frozenset()):
+def make_app(
+    reg,
+    log_path: Path | str,
+    backend,
+    *,
+    tick_s: float | None = None,
+    notifier=None,
+    policy=None,
+    ttl_s: float = 0.5,
+    api_keys: frozenset[str] = frozenset(),
+):
     """(app, request log, recorder) for a gateway over ``reg`` and the request log at ``log_path`` (a SQLite
     path or a database URL)."""
     from tuneloop.monitor.requestlog import AsyncRecorder, open_request_log

@@ -22,6 +22,7 @@ def install_monitor_standin() -> bool:
     try:
         import tuneloop.monitor.requestlog  # noqa: F401
         import tuneloop.monitor.metrics  # noqa: F401
+
         return False
     except ImportError:
         pass
@@ -91,7 +92,9 @@ def install_monitor_standin() -> bool:
                 key = (request_id, source)
                 if key in self.fb:
                     return self.fb[key], False
-                self.fb[key] = FeedbackRecord(uuid.uuid4().hex, request_id, source, time.time(), rating, score, correction, comment)
+                self.fb[key] = FeedbackRecord(
+                    uuid.uuid4().hex, request_id, source, time.time(), rating, score, correction, comment
+                )
                 return self.fb[key], True
 
         def purge(self, older_than):
@@ -114,8 +117,13 @@ def install_monitor_standin() -> bool:
         def close(self):
             self.flush()
 
-    for name, obj in dict(RequestRecord=RequestRecord, FeedbackRecord=FeedbackRecord, UnknownRequest=UnknownRequest,
-                          RequestLog=RequestLog, AsyncRecorder=AsyncRecorder).items():
+    for name, obj in dict(
+        RequestRecord=RequestRecord,
+        FeedbackRecord=FeedbackRecord,
+        UnknownRequest=UnknownRequest,
+        RequestLog=RequestLog,
+        AsyncRecorder=AsyncRecorder,
+    ).items():
         setattr(mod, name, obj)
     mod.open_request_log = lambda url: RequestLog()
     metrics = types.ModuleType("tuneloop.monitor.metrics")
@@ -154,13 +162,17 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
 
 
-def register_versions(workspace: Path, base_dir: Path, tmp: Path, *, n_adapters: int = 2, full: bool = True, name: str = "tiny-bot"):
+def register_versions(
+    workspace: Path, base_dir: Path, tmp: Path, *, n_adapters: int = 2, full: bool = True, name: str = "tiny-bot"
+):
     """A SQLite registry in ``workspace`` with ``n_adapters`` adapter versions (v1..) and optionally one full model."""
     from tuneloop.registry.db import SqliteRegistry
     from tuneloop.registry.lineage import base_model_ref
@@ -169,8 +181,15 @@ def register_versions(workspace: Path, base_dir: Path, tmp: Path, *, n_adapters:
     base = base_model_ref(str(base_dir))
     for i in range(n_adapters):
         art = make_adapter(base_dir, tmp / f"adapter{i}", seed=100 + i)
-        reg.register(name, art, artifact_kind="adapter", base_model=str(base_dir),
-                     lineage={"base": base, "base_model_fingerprint": base["digest"]}, metrics={}, gates={})
+        reg.register(
+            name,
+            art,
+            artifact_kind="adapter",
+            base_model=str(base_dir),
+            lineage={"base": base, "base_model_fingerprint": base["digest"]},
+            metrics={},
+            gates={},
+        )
     if full:
         reg.register(name, base_dir, artifact_kind="model", base_model=str(base_dir), lineage={}, metrics={}, gates={})
     return reg
@@ -180,7 +199,7 @@ def sse_events(text: str) -> list:
     out = []
     for line in text.splitlines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
@@ -207,7 +226,9 @@ def start_gateway_process(target: Path, port: int, env: dict | None = None):
     full_env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     import tempfile
 
-    log = tempfile.NamedTemporaryFile("w+", prefix="gateway-", suffix=".log", delete=False)  # a pipe nobody reads could fill up
+    log = tempfile.NamedTemporaryFile(
+        "w+", prefix="gateway-", suffix=".log", delete=False
+    )  # a pipe nobody reads could fill up
     proc = subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log_path = log.name
     deadline = time.time() + 120

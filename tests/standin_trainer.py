@@ -45,9 +45,23 @@ def collate(batch):
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-model = get_peft_model(AutoModelForCausalLM.from_pretrained(a.base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
-                         save_strategy="no", report_to=[], use_cpu=True, seed=a.seed, disable_tqdm=True, remove_unused_columns=False)
+model = get_peft_model(
+    AutoModelForCausalLM.from_pretrained(a.base),
+    LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+)
+args = TrainingArguments(
+    output_dir=a.out,
+    max_steps=a.steps,
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    seed=a.seed,
+    disable_tqdm=True,
+    remove_unused_columns=False,
+)
 trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
 trainer.train()
 trainer.save_model(a.out)

@@ -44,14 +44,22 @@ class LayerRule:
 
 
 LAYER_RULES = (
-    LayerRule(("config", "errors", "fsutil", "version"), only=BOTTOM,
-              why="the bottom layer: everything may import it, so it imports nothing above it"),
-    LayerRule(("data", "train", "evaluate", "registry"), never=ORCHESTRATION,
-              why="the library: usable from Python without the runner, the run history or the CLI"),
-    LayerRule(("serve", "monitor", "rollout", "feedback"), never=("pipeline", "stages", "train", "cli"),
-              why="production code reaches models only through the registry API"),
-    LayerRule(("*",), never=("cli",),
-              why="the CLI is the top: it calls the library, never the other way round"),
+    LayerRule(
+        ("config", "errors", "fsutil", "version"),
+        only=BOTTOM,
+        why="the bottom layer: everything may import it, so it imports nothing above it",
+    ),
+    LayerRule(
+        ("data", "train", "evaluate", "registry"),
+        never=ORCHESTRATION,
+        why="the library: usable from Python without the runner, the run history or the CLI",
+    ),
+    LayerRule(
+        ("serve", "monitor", "rollout", "feedback"),
+        never=("pipeline", "stages", "train", "cli"),
+        why="production code reaches models only through the registry API",
+    ),
+    LayerRule(("*",), never=("cli",), why="the CLI is the top: it calls the library, never the other way round"),
 )
 
 # ---------------------------------------------------------------------------------------------- the graph
@@ -217,7 +225,11 @@ def layer_violations(imports: list[Import], rules=LAYER_RULES) -> list[str]:
             if "*" not in rule.areas and src not in rule.areas:
                 continue
             if dst in rule.never or (rule.only is not None and dst not in rule.only):
-                allowed = f"may import only {', '.join(rule.only)}" if rule.only is not None else f"must not import {', '.join(rule.never)}"
+                allowed = (
+                    f"may import only {', '.join(rule.only)}"
+                    if rule.only is not None
+                    else f"must not import {', '.join(rule.never)}"
+                )
                 problems.append(f"{imp.where}: {imp.source} imports {imp.target}; {src} {allowed} ({rule.why})")
                 break  # one message per import: the first rule it breaks
     return list(dict.fromkeys(problems))  # `from x import a, b` is one import
@@ -250,13 +262,16 @@ def _toy(tmp_path: Path, files: dict[str, str]) -> list[Import]:
 
 
 def test_checker_finds_a_cycle_made_by_a_function_level_import(tmp_path):
-    imports = _toy(tmp_path, {
-        "__init__.py": "from toy.a import f\n",  # package __init__ edges alone are not a cycle
-        "a.py": "import os\nfrom toy import b\n\ndef f():\n    return b.g()\n",
-        "b.py": "def g():\n    from toy.c import h\n    return h()\n",
-        "c.py": "from . import a\n\ndef h():\n    return 1\n",
-        "d.py": "from toy.a import f\n",
-    })
+    imports = _toy(
+        tmp_path,
+        {
+            "__init__.py": "from toy.a import f\n",  # package __init__ edges alone are not a cycle
+            "a.py": "import os\nfrom toy import b\n\ndef f():\n    return b.g()\n",
+            "b.py": "def g():\n    from toy.c import h\n    return h()\n",
+            "c.py": "from . import a\n\ndef h():\n    return 1\n",
+            "d.py": "from toy.a import f\n",
+        },
+    )
     cycles = find_cycles(imports)
     assert len(cycles) == 1
     assert describe(cycles[0]).splitlines()[0] == "toy.a -> toy.b -> toy.c -> toy.a"
@@ -264,21 +279,24 @@ def test_checker_finds_a_cycle_made_by_a_function_level_import(tmp_path):
 
 
 def test_checker_finds_layer_breaks_and_private_imports(tmp_path):
-    imports = _toy(tmp_path, {
-        "__init__.py": "",
-        "config.py": "from toy.errors import E\nfrom toy.data.x import y\n",
-        "errors.py": "class E(Exception): ...\n",
-        "data/__init__.py": "",
-        "data/x.py": "y = 1\n\ndef run():\n    from toy.pipeline import P\n    from toy.errors import E\n",
-        "serve/__init__.py": "",
-        "serve/app.py": "from toy.train.sft import _callback\nfrom toy.registry import api\n",
-        "train/__init__.py": "",
-        "train/sft.py": "def _callback(): ...\n",
-        "registry/__init__.py": "",
-        "registry/api.py": "from toy.cli import main\n",
-        "pipeline.py": "class P: ...\n",
-        "cli.py": "from toy.pipeline import P\nfrom toy.data import x\n",
-    })
+    imports = _toy(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "config.py": "from toy.errors import E\nfrom toy.data.x import y\n",
+            "errors.py": "class E(Exception): ...\n",
+            "data/__init__.py": "",
+            "data/x.py": "y = 1\n\ndef run():\n    from toy.pipeline import P\n    from toy.errors import E\n",
+            "serve/__init__.py": "",
+            "serve/app.py": "from toy.train.sft import _callback\nfrom toy.registry import api\n",
+            "train/__init__.py": "",
+            "train/sft.py": "def _callback(): ...\n",
+            "registry/__init__.py": "",
+            "registry/api.py": "from toy.cli import main\n",
+            "pipeline.py": "class P: ...\n",
+            "cli.py": "from toy.pipeline import P\nfrom toy.data import x\n",
+        },
+    )
     found = layer_violations(imports)
     assert len(found) == 4, "\n".join(found)
     assert any("toy/config.py:2" in p and "config may import only" in p for p in found)
@@ -312,7 +330,9 @@ def test_no_import_cycles(tuneloop_imports):
 
 def test_layers_hold(tuneloop_imports):
     problems = layer_violations(tuneloop_imports)
-    assert not problems, "imports that break the layer rule (docs/architecture.md):\n" + "\n".join(f"  {p}" for p in problems)
+    assert not problems, "imports that break the layer rule (docs/architecture.md):\n" + "\n".join(
+        f"  {p}" for p in problems
+    )
 
 
 def test_no_private_names_imported_across_modules(tuneloop_imports):

@@ -79,11 +79,20 @@ def _start_and_wait_for_checkpoint(path, cache, min_step):
     """Start `tuneloop run` and return the process once a checkpoint >= min_step is complete."""
     # SIGINT back to its default in the child: pytest started as a background job (`pytest &` in a script, some CI
     # runners) ignores it, the child would inherit that, and Ctrl-C would do nothing (seen: the run finished, exit 0)
-    proc = subprocess.Popen([*TUNELOOP, "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*TUNELOOP, "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
-        steps = [int(p.name.split("-")[1]) for p in cache.glob("*/checkpoints/checkpoint-*") if (p / "trainer_state.json").is_file()]
+        steps = [
+            int(p.name.split("-")[1])
+            for p in cache.glob("*/checkpoints/checkpoint-*")
+            if (p / "trainer_state.json").is_file()
+        ]
         if steps and max(steps) >= min_step:
             return proc
         assert proc.poll() is None, "the run ended before reaching the checkpoint"
@@ -129,7 +138,12 @@ def test_serve_answers_openai_chat_requests(make_config, tmp_path):
     path = make_config()
     assert tl("run", path).returncode == 0
     port = _free_port()
-    proc = subprocess.Popen([*TUNELOOP, "serve", str(path), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*TUNELOOP, "serve", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -143,14 +157,24 @@ def test_serve_answers_openai_chat_requests(make_config, tmp_path):
             time.sleep(0.3)
         models = httpx.get(f"{base}/v1/models").json()
         assert models["data"][0]["id"] == "tiny-bot:1"
-        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "tiny-bot", "messages": [{"role": "user", "content": "my parcel is late"}], "max_tokens": 5})
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "tiny-bot", "messages": [{"role": "user", "content": "my parcel is late"}], "max_tokens": 5},
+        )
         body = r.json()
         assert r.status_code == 200 and body["object"] == "chat.completion"
         assert isinstance(body["choices"][0]["message"]["content"], str)
         assert 0 < body["usage"]["completion_tokens"] <= 5
         bad = httpx.post(f"{base}/v1/chat/completions", json={"model": "tiny-bot", "messages": []})
-        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape, not FastAPI's 422
-        assert httpx.post(f"{base}/v1/chat/completions", json={"model": "other", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+        assert (
+            bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        )  # OpenAI's shape, not FastAPI's 422
+        assert (
+            httpx.post(
+                f"{base}/v1/chat/completions", json={"model": "other", "messages": [{"role": "user", "content": "x"}]}
+            ).status_code
+            == 404
+        )
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0  # SIGTERM: a clean shutdown

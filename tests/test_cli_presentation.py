@@ -40,18 +40,35 @@ RUN_PASSED, RUN_FAILED = "20261207-101500-8473b0", "20261207-143329-42c46b"
 def tl(cwd: Path, *args: str, columns: int = 80) -> subprocess.CompletedProcess:
     """The CLI as a pipe sees it (stdout is not a terminal), at ``columns`` columns."""
     env = {**os.environ, "COLUMNS": str(columns)}
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
 
 def run_record(run_id: str, statuses: list[str], model_version: str | None) -> dict:
-    stages = {name: {"status": s, "duration_s": 1.0, "cached": False, "metrics": {}, "error": "gate failed" if s == "failed" else ""}
-              for name, s in zip(STAGES, statuses)}
+    stages = {
+        name: {
+            "status": s,
+            "duration_s": 1.0,
+            "cached": False,
+            "metrics": {},
+            "error": "gate failed" if s == "failed" else "",
+        }
+        for name, s in zip(STAGES, statuses)
+    }
     overall = "failed" if "failed" in statuses else "passed"
-    return {"run_id": run_id, "pipeline": MODEL, "status": overall, "pid": 0, "started_at": "2026-12-07T10:15:00+00:00",
-            "ended_at": "2026-12-07T10:16:00+00:00", "model_version": model_version, "stages": stages}
+    return {
+        "run_id": run_id,
+        "pipeline": MODEL,
+        "status": overall,
+        "pid": 0,
+        "started_at": "2026-12-07T10:15:00+00:00",
+        "ended_at": "2026-12-07T10:16:00+00:00",
+        "model_version": model_version,
+        "stages": stages,
+    }
 
 
 @pytest.fixture
@@ -59,12 +76,21 @@ def workspace(tmp_path):
     """``tmp_path/.tuneloop``: MODEL:1 (previous) and :2 (champion), a run that passed and one blocked at evaluation."""
     reg = SqliteRegistry(tmp_path / ".tuneloop")
     for i in (1, 2):
-        reg.register(MODEL, make_model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model=str(tmp_path / "base-model"),
-                     lineage={}, metrics={"evaluation": {"accuracy": 0.9}}, gates={})
+        reg.register(
+            MODEL,
+            make_model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model=str(tmp_path / "base-model"),
+            lineage={},
+            metrics={"evaluation": {"accuracy": 0.9}},
+            gates={},
+        )
     reg.promote(MODEL, 1, actor="test")
     reg.promote(MODEL, 2, actor="test")
-    for run_id, statuses, version in ((RUN_PASSED, ["passed"] * 6, f"{MODEL}:2"),
-                                      (RUN_FAILED, ["passed"] * 3 + ["failed", "skipped", "skipped"], None)):
+    for run_id, statuses, version in (
+        (RUN_PASSED, ["passed"] * 6, f"{MODEL}:2"),
+        (RUN_FAILED, ["passed"] * 3 + ["failed", "skipped", "skipped"], None),
+    ):
         d = tmp_path / ".tuneloop" / "runs" / run_id
         d.mkdir(parents=True)
         (d / "run.json").write_text(json.dumps(run_record(run_id, statuses, version)))
@@ -143,28 +169,61 @@ def test_no_negative_zero_in_numbers_gate_reasons_and_charts():
 
 def test_report_labels_long_gate_names_the_comparison_and_the_contamination_counts(tmp_path):
     long_gate = "max_mc_capability_drop[capability_mc]"
-    gates = {"min_accuracy": {"metric": "accuracy", "value": 0.98, "interval": [0.95, 0.99], "op": ">=", "threshold": 0.85,
-                              "verdict": "PASS", "passed": True, "n": 120},
-             long_gate: {"metric": "mc_capability_drop", "value": -0.0, "interval": [-0.0796, 0.0796], "op": "<=",
-                         "threshold": None, "verdict": "NOT_APPLIED", "passed": None, "n": 60}}
+    gates = {
+        "min_accuracy": {
+            "metric": "accuracy",
+            "value": 0.98,
+            "interval": [0.95, 0.99],
+            "op": ">=",
+            "threshold": 0.85,
+            "verdict": "PASS",
+            "passed": True,
+            "n": 120,
+        },
+        long_gate: {
+            "metric": "mc_capability_drop",
+            "value": -0.0,
+            "interval": [-0.0796, 0.0796],
+            "op": "<=",
+            "threshold": None,
+            "verdict": "NOT_APPLIED",
+            "passed": None,
+            "n": 60,
+        },
+    }
     stages = {name: {"status": "passed", "duration_s": 1.0, "metrics": {}, "error": ""} for name in STAGES}
-    stages["data_validation"]["metrics"] = {"records": 3001, "valid": 2916, "near_duplicates": 24, "contaminated": 61,
-                                            "rules": {"contaminated": 74, "near_duplicate": 24}}
-    stages["evaluation"]["metrics"] = {"accuracy": 0.98, "base_accuracy": 0.97, "gates": gates,
-                                       "against": f"champion {MODEL}:1"}
-    (tmp_path / "run.json").write_text(json.dumps({**run_record(RUN_PASSED, ["passed"] * 6, f"{MODEL}:2"), "stages": stages}))
-    (tmp_path / "eval_items.jsonl").write_text(json.dumps({"suite": "task", "prompt": "p", "reference": "cancel",
-                                                           "base": "cancel", "candidate": "cancel"}) + "\n")
+    stages["data_validation"]["metrics"] = {
+        "records": 3001,
+        "valid": 2916,
+        "near_duplicates": 24,
+        "contaminated": 61,
+        "rules": {"contaminated": 74, "near_duplicate": 24},
+    }
+    stages["evaluation"]["metrics"] = {
+        "accuracy": 0.98,
+        "base_accuracy": 0.97,
+        "gates": gates,
+        "against": f"champion {MODEL}:1",
+    }
+    (tmp_path / "run.json").write_text(
+        json.dumps({**run_record(RUN_PASSED, ["passed"] * 6, f"{MODEL}:2"), "stages": stages})
+    )
+    (tmp_path / "eval_items.jsonl").write_text(
+        json.dumps({"suite": "task", "prompt": "p", "reference": "cancel", "base": "cancel", "candidate": "cancel"})
+        + "\n"
+    )
     html = write_report(tmp_path).read_text()
     assert f"<th>champion {MODEL}:1</th><th>candidate</th>" in html  # not "base": iteration 2 is gated on the champion
     assert f"compared with the <b>champion {MODEL}:1</b>" in html and "measured on the champion" in html
     assert "Here 74 records were found contaminated: 61 removed for that alone, the other 13" in html
     assert "rules.contaminated" in html
     assert not re.search(r">-0(\.0+)?<", html)
-    svg = html[html.index("<svg"):html.index("</svg>")]
+    svg = html[html.index("<svg") : html.index("</svg>")]
     # each gate's name is written on its own line, above its axis: the name's baseline is above the bar
     for name in ("min_accuracy", long_gate):
-        label_y = float(re.search(rf'<text x="\d+" y="([\d.]+)"><tspan font-weight="600">{re.escape(name)}</tspan>', svg)[1])
+        label_y = float(
+            re.search(rf'<text x="\d+" y="([\d.]+)"><tspan font-weight="600">{re.escape(name)}</tspan>', svg)[1]
+        )
         bars = [float(y) for y in re.findall(r'y1="([\d.]+)" y2="[\d.]+" stroke="#[0-9a-f]+" stroke-width="6"', svg)]
         assert any(0 < bar - label_y <= 20 for bar in bars), (name, label_y, bars)
     assert "2026-12-07 10:15:00 UTC" in html
@@ -176,8 +235,15 @@ def test_rollout_status_and_dashboard_show_the_same_numbers_the_same_way(workspa
     try:
         reg.promote(MODEL, 1, actor="test")  # the champion goes back to :1; :2 is the canary
         rollout = controller.start(reg, f"{MODEL}:2", policy=POLICY, actor="ci", now=1000.0)
-        traffic(log, reg.get_rollout(MODEL), 400, t0=1000.0, err={"baseline": 0.02, "canary": 0.02},
-                neg={"baseline": 0.1, "canary": 0.3}, rng=random.Random(0))
+        traffic(
+            log,
+            reg.get_rollout(MODEL),
+            400,
+            t0=1000.0,
+            err={"baseline": 0.02, "canary": 0.02},
+            neg={"baseline": 0.1, "canary": 0.3},
+            rng=random.Random(0),
+        )
         assert controller.tick(reg, log, MODEL, now=1010.0) is not None
     finally:
         log.close()
@@ -185,7 +251,7 @@ def test_rollout_status_and_dashboard_show_the_same_numbers_the_same_way(workspa
     assert view["rollout_id"] == rollout["rollout_id"] and view["status"] == "running" and view["metrics"]
     cli = tl(root, "rollout", "status", MODEL, columns=200).stdout
     cli_80 = tl(root, "rollout", "status", MODEL).stdout
-    assert_fits(cli_80[:cli_80.rindex("┘")])  # up to the table's end (the decision lines after it are sentences)
+    assert_fits(cli_80[: cli_80.rindex("┘")])  # up to the table's end (the decision lines after it are sentences)
     for m in view["metrics"]:
         for cell in m["cells"]:  # every text the page shows, the terminal shows too, at both widths
             assert cell in cli, (m["metric"], cell)
@@ -210,11 +276,24 @@ def test_dashboard_page_formats_nothing_itself():
     assert needed_text(0, "non_inferiority", running=True) == "enough for non-inferiority"
     assert needed_text(0, "non_inferiority", running=False) == "–"
     assert needed_text(12, "rollback", running=True) == "12 more for rollback"
-    cells = metric_cells("errors", {"canary": {"events": 4, "requests": 48, "rate": 4 / 48}, "baseline": None,
-                                    "estimate": -0.0, "interval": [0.0, None], "log_evalue": -3.6, "threshold": 3.69,
-                                    "non_inferior": False}, running=False)
+    cells = metric_cells(
+        "errors",
+        {
+            "canary": {"events": 4, "requests": 48, "rate": 4 / 48},
+            "baseline": None,
+            "estimate": -0.0,
+            "interval": [0.0, None],
+            "log_evalue": -3.6,
+            "threshold": 3.69,
+            "non_inferior": False,
+        },
+        running=False,
+    )
     assert cells == ["errors", "8.3% (4/48)", "–", "0.00", "[0.00, ∞)", "0.03 / 40", "no", "–"]
-    assert format_time(1796654063.2) == "2026-12-07 14:34:23 UTC" and format_time("2026-12-07T15:34:23+01:00") == "2026-12-07 14:34:23 UTC"
+    assert (
+        format_time(1796654063.2) == "2026-12-07 14:34:23 UTC"
+        and format_time("2026-12-07T15:34:23+01:00") == "2026-12-07 14:34:23 UTC"
+    )
 
 
 def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
@@ -223,21 +302,39 @@ def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
     import tuneloop.demo_loop
 
     run_dir = tmp_path / ".tuneloop" / "runs" / RUN_PASSED
-    summary = {"pipeline": MODEL, "run_id": RUN_PASSED, "overall": "passed", "run_dir": str(run_dir),
-               "stages": {name: {"status": "passed", "duration_s": 1.0, "metrics": {}, "error": ""} for name in STAGES},
-               "demo": {"total_seconds": 61.2}}
+    summary = {
+        "pipeline": MODEL,
+        "run_id": RUN_PASSED,
+        "overall": "passed",
+        "run_dir": str(run_dir),
+        "stages": {name: {"status": "passed", "duration_s": 1.0, "metrics": {}, "error": ""} for name in STAGES},
+        "demo": {"total_seconds": 61.2},
+    }
     monkeypatch.setattr(tuneloop.demo, "run_demo", lambda workdir, console, lang="en": summary)
-    monkeypatch.setattr(tuneloop.demo_loop, "run_loop", lambda workdir, console, objective, lang="en": {
-        "overall": "passed", "seconds": 111.4, "report": str(run_dir / "report.html"), "iterations": []})
+    monkeypatch.setattr(
+        tuneloop.demo_loop,
+        "run_loop",
+        lambda workdir, console, objective, lang="en": {
+            "overall": "passed",
+            "seconds": 111.4,
+            "report": str(run_dir / "report.html"),
+            "iterations": [],
+        },
+    )
     runner = CliRunner()
     for args, secs in ((["demo", "--quick"], "61"), (["demo"], "111")):
-        r = runner.invoke(app, [*args, "--workdir", str(tmp_path)], env={"COLUMNS": "80", "LC_ALL": "C.UTF-8"})  # English
+        r = runner.invoke(
+            app, [*args, "--workdir", str(tmp_path)], env={"COLUMNS": "80", "LC_ALL": "C.UTF-8"}
+        )  # English
         assert r.exit_code == 0, r.output
         lines = [line for line in r.stdout.splitlines() if line.strip()]
         assert lines[-2] == f"demo finished in {secs} s" and lines[-1] == f"report: {run_dir}/report.html", lines[-4:]
         if "--quick" in args:
             assert r.stdout.index("data_validation") < r.stdout.index("demo finished")  # the table first
-    assert "ci/summary.md" not in Path(tuneloop.demo_loop.__file__).read_text().split("def run_iteration")[1].split("def ")[0]
+    assert (
+        "ci/summary.md"
+        not in Path(tuneloop.demo_loop.__file__).read_text().split("def run_iteration")[1].split("def ")[0]
+    )
 
 
 def test_init_config_shows_the_list_of_sources():
@@ -246,8 +343,11 @@ def test_init_config_shows_the_list_of_sources():
 
     text = (Path(__file__).resolve().parents[1] / "src/tuneloop/resources/init_tuneloop.yaml").read_text()
     assert "supports a list" not in text
-    example = "\n".join(line.strip()[2:] for line in text.splitlines()
-                        if line.strip().startswith("# ") and ("train_data:" in line or line.strip().startswith("#   -")))
+    example = "\n".join(
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.strip().startswith("# ") and ("train_data:" in line or line.strip().startswith("#   -"))
+    )
     data = yaml.safe_load(example)
     assert data["train_data"][1] == {"path": "data/feedback/sft.jsonl", "weight": 3}
     assert [s.path for s in DataConfig(**data).train_sources] == ["data/train.jsonl", "data/feedback/sft.jsonl"]
@@ -260,12 +360,19 @@ def test_summary_table_names_the_champion_when_it_was_the_comparison():
     from tuneloop.cli.run import summary_table
 
     def render(against: str) -> str:
-        ev = {"status": "passed", "cached": False, "duration_s": 1.0, "error": None,
-              "metrics": {"accuracy": 0.9, "base_accuracy": 0.8, "against": against}}
+        ev = {
+            "status": "passed",
+            "cached": False,
+            "duration_s": 1.0,
+            "error": None,
+            "metrics": {"accuracy": 0.9, "base_accuracy": 0.8, "against": against},
+        }
         summary = {"pipeline": "p", "run_id": "r1", "overall": "passed", "stages": {"evaluation": ev}}
         console = Console(width=200, record=True)
         console.print(summary_table(summary))
         return console.export_text()
 
-    assert "champion_accuracy=0.8" in render("champion support-bot:1") and "base_accuracy" not in render("champion support-bot:1")
+    assert "champion_accuracy=0.8" in render("champion support-bot:1") and "base_accuracy" not in render(
+        "champion support-bot:1"
+    )
     assert "base_accuracy=0.8" in render("base")

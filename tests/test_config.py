@@ -12,9 +12,19 @@ from tuneloop.config import apply_overrides, build_config, reference_markdown
 ROOT = Path(__file__).resolve().parents[1]
 
 CLASSIC = dict(
-    name="support-bot", base_model="path/or/hf-id", method="lora", train_data="data/train.jsonl",
-    eval_data="data/eval.jsonl", lora_r=16, learning_rate=2e-4, num_epochs=3, batch_size=4,
-    min_accuracy=0.85, max_harmful_rate=0.01, max_capability_drop=0.02, auto_deploy=False,
+    name="support-bot",
+    base_model="path/or/hf-id",
+    method="lora",
+    train_data="data/train.jsonl",
+    eval_data="data/eval.jsonl",
+    lora_r=16,
+    learning_rate=2e-4,
+    num_epochs=3,
+    batch_size=4,
+    min_accuracy=0.85,
+    max_harmful_rate=0.01,
+    max_capability_drop=0.02,
+    auto_deploy=False,
 )
 
 
@@ -97,9 +107,11 @@ def test_configuration_reference_is_in_step_with_the_schema():
 
 # ------------------------------------------------------------------------------------ hostile YAML (issue 14.17)
 
-_ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
-) + "name: *i\n"
+_ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "name: *i\n"
+)
 _MERGE_BOMB = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
     f"a{i}: &a{i} {{<<: [*a{i - 1}], x{i}: 1, y{i}: *a{i - 1}, z{i}: *a{i - 1}}}\n" for i in range(1, 30)
 )
@@ -140,7 +152,13 @@ def test_an_oversized_config_is_refused(tmp_path):
 
 def test_error_messages_never_print_more_than_about_200_characters_of_a_value(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("name: x\nbase_model: m\ntrain_data: d.jsonl\nseed: " + "9" * 5000 + "\nlora_r: [" + ", ".join(["1"] * 3000) + "]\n")
+    f.write_text(
+        "name: x\nbase_model: m\ntrain_data: d.jsonl\nseed: "
+        + "9" * 5000
+        + "\nlora_r: ["
+        + ", ".join(["1"] * 3000)
+        + "]\n"
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(f)
     for problem in exc.value.problems:
@@ -149,8 +167,13 @@ def test_error_messages_never_print_more_than_about_200_characters_of_a_value(tm
 
 @pytest.mark.parametrize(
     "override, key",
-    [("seed=1.0e+23", "seed"), ("seed=-1", "seed"), ("train.batch_size=99999999999", "train.batch_size"),
-     ("train.lora_r=100000", "train.lora_r"), ("data.max_length=1e12", "data.max_length")],
+    [
+        ("seed=1.0e+23", "seed"),
+        ("seed=-1", "seed"),
+        ("train.batch_size=99999999999", "train.batch_size"),
+        ("train.lora_r=100000", "train.lora_r"),
+        ("data.max_length=1e12", "data.max_length"),
+    ],
 )
 def test_out_of_range_values_are_config_errors_before_any_work(tmp_path, override, key):
     f = tmp_path / "c.yaml"

@@ -17,9 +17,13 @@ from rollout_gateway_helpers import MODEL, ScriptedBackend, chat, make_app, make
 from tuneloop.rollout import controller
 from tuneloop.serve.server import BackgroundServer
 
-POLICY = {"weights": [0.05, 0.5, 1.0], "min_requests_per_step": 8, "max_active_s": None,
-          "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
-          "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}]}
+POLICY = {
+    "weights": [0.05, 0.5, 1.0],
+    "min_requests_per_step": 8,
+    "max_active_s": None,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
+    "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}],
+}
 
 
 @pytest.fixture
@@ -42,9 +46,22 @@ def chromium() -> str | None:
 
 
 def run_chromium(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra, url]
+    args = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *extra,
+        url,
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(profile)})
 
 
@@ -73,7 +90,9 @@ def test_dashboard_json_has_the_rollout_and_no_paths(stepped_gateway):
 def test_dashboard_renders_in_headless_chromium(stepped_gateway, tmp_path_factory):
     binary = chromium()
     if binary is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run installs it): the dashboard was not rendered")
+        pytest.skip(
+            "Chromium is not installed (apt-get install -y chromium; .ci/run installs it): the dashboard was not rendered"
+        )
     server, rid, _ = stepped_gateway
     profile = tmp_path_factory.mktemp("chromium-profile")
     done = run_chromium(binary, f"{server.url}/dashboard", profile, "--dump-dom")
@@ -119,8 +138,8 @@ def blank(png: Path) -> bool:
     data = png.read_bytes()
     pos, idat, header = 8, b"", None
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        chunk = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", chunk)
         elif kind == b"IDAT":
@@ -132,7 +151,7 @@ def blank(png: Path) -> bool:
     raw, stride = zlib.decompress(idat), width * bpp
     prev, colours = bytearray(stride), set()
     for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for x in range(stride):
             a = line[x - bpp] if x >= bpp else 0
             b, c = prev[x], prev[x - bpp] if x >= bpp else 0
@@ -146,6 +165,6 @@ def blank(png: Path) -> bool:
                 p_ = a + b - c
                 pa, pb, pc = abs(p_ - a), abs(p_ - b), abs(p_ - c)
                 line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        colours.update(bytes(line[i:i + 3]) for i in range(0, stride, bpp * 7))
+        colours.update(bytes(line[i : i + 3]) for i in range(0, stride, bpp * 7))
         prev = line
     return len(colours) <= 1

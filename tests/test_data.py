@@ -88,8 +88,11 @@ def test_alpaca_full_record():
     out, reasons = normalise(rec, "alpaca")
     assert reasons == []
     assert out == chat(
-        ("system", "Be brief."), ("user", "h1"), ("assistant", "a1"),
-        ("user", "Translate\n\nbonjour"), ("assistant", "hello"),
+        ("system", "Be brief."),
+        ("user", "h1"),
+        ("assistant", "a1"),
+        ("user", "Translate\n\nbonjour"),
+        ("assistant", "hello"),
     )
 
 
@@ -196,7 +199,11 @@ messages_like = st.fixed_dictionaries(
 )
 alpaca_like = st.fixed_dictionaries(
     {"instruction": texts, "output": texts},
-    optional={"input": texts, "system": texts, "history": st.lists(st.lists(texts, max_size=3), max_size=3) | json_values},
+    optional={
+        "input": texts,
+        "system": texts,
+        "history": st.lists(st.lists(texts, max_size=3), max_size=3) | json_values,
+    },
 )
 
 

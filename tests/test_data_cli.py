@@ -12,7 +12,18 @@ import pytest
 SHARED = Path(__file__).parents[1] / ".." / "shared" / "datasets"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
 TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]
-KEYS = {"format", "records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii", "digest", "rules"}
+KEYS = {
+    "format",
+    "records",
+    "valid",
+    "invalid",
+    "duplicates",
+    "near_duplicates",
+    "contaminated",
+    "pii",
+    "digest",
+    "rules",
+}
 
 
 def tl(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -35,7 +46,16 @@ def test_validate_json_on_shared_datasets(tmp_path):
     rep = json.loads(r.stdout)  # exactly one JSON document on stdout
     assert KEYS <= set(rep)
     assert (rep["format"], rep["records"]) == ("sharegpt", 300)
-    assert rep["records"] == rep["valid"] + rep["invalid"] + rep["duplicates"] + rep["near_duplicates"] + rep["contaminated"] + rep["pii_dropped"] + rep["overlong_dropped"]
+    assert (
+        rep["records"]
+        == rep["valid"]
+        + rep["invalid"]
+        + rep["duplicates"]
+        + rep["near_duplicates"]
+        + rep["contaminated"]
+        + rep["pii_dropped"]
+        + rep["overlong_dropped"]
+    )
     assert rep["pii"]["email"] > 0 and rep["passed"] is True
     out = tmp_path / "tuneloop-data-report"
     for suffix in ("report.json", "report.html", "clean.jsonl", "quarantine.jsonl"):
@@ -59,7 +79,11 @@ def test_validate_human_output_and_input_errors(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [chat("hello there", "hi"), chat("mail me: x.y@example.org", "ok")])
     r = tl("data", "validate", data, "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr
-    assert "email" in r.stdout and "x.y@example.org" not in r.stdout and "records 2 = valid 2" in " ".join(r.stdout.split())
+    assert (
+        "email" in r.stdout
+        and "x.y@example.org" not in r.stdout
+        and "records 2 = valid 2" in " ".join(r.stdout.split())
+    )
     assert tl("data", "validate", tmp_path / "missing.jsonl").returncode == 2
     (tmp_path / "bad.json").write_text("[{]")
     r = tl("data", "validate", tmp_path / "bad.json", "--json")
@@ -68,7 +92,9 @@ def test_validate_human_output_and_input_errors(tmp_path):
 
 def test_validate_with_eval_reports_contamination(tmp_path):
     text = "the quick brown fox jumps over the lazy dog while the cat sleeps on the mat"
-    train = write_jsonl(tmp_path / "train.jsonl", [chat("q one", text), chat("q two", "something unrelated entirely here")])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [chat("q one", text), chat("q two", "something unrelated entirely here")]
+    )
     ev = write_jsonl(tmp_path / "eval.jsonl", [chat("eval question", text)])
     r = tl("data", "validate", train, "--eval", ev, "--json", "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr
@@ -83,7 +109,13 @@ def test_diff_json(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert (d["added"], d["removed"], d["changed"], d["unchanged"]) == (1, 1, 1, 1)
-    assert d["examples"]["changed"][0] == {"a_line": 2, "b_line": 2, "prompt": "q2", "before": "a2", "after": "a2 fixed"}
+    assert d["examples"]["changed"][0] == {
+        "a_line": 2,
+        "b_line": 2,
+        "prompt": "q2",
+        "before": "a2",
+        "after": "a2 fixed",
+    }
     assert d["a"]["digest"] != d["b"]["digest"]
     r = tl("data", "diff", a, b)
     assert r.returncode == 0 and "+1 added, -1 removed, ~1 changed, 1 unchanged" in " ".join(r.stdout.split())
@@ -130,4 +162,7 @@ def test_validate_a_config_uses_its_eval_data_tokenizer_and_gates(make_config, t
     assert "overlong" not in rep["rules_not_checked"] and "contaminated" not in rep["rules_not_checked"]
     assert rep["overlong_dropped"] > 0 and rep["rules"]["overlong"] == rep["overlong_dropped"]
     assert rep["eval"]["records"] == 12 and rep["out_dir"] == str(tmp_path / ".tuneloop" / "data-report")
-    assert r.returncode == (0 if rep["passed"] else 1) and {g["name"] for g in rep["gates"]} == {"min_usable_records", "min_valid_ratio"}
+    assert r.returncode == (0 if rep["passed"] else 1) and {g["name"] for g in rep["gates"]} == {
+        "min_usable_records",
+        "min_valid_ratio",
+    }

@@ -35,7 +35,10 @@ GOOD = [chat(f"question number {i} about the invoice", f"answer {i}") for i in r
 
 # --- 11: zero usable records --------------------------------------------------------------------
 
-EVALISH = [chat(f"how do I reset the password of account {i} when the reset mail never arrives", f"use the form {i}") for i in range(8)]
+EVALISH = [
+    chat(f"how do I reset the password of account {i} when the reset mail never arrives", f"use the form {i}")
+    for i in range(8)
+]
 
 
 def _all_removed(tmp_path: Path) -> DataConfig:
@@ -77,7 +80,10 @@ def test_run_with_nothing_usable_fails_in_data_validation(make_config, tmp_path)
     assert r.returncode == 1, r.stderr
     stages = json.loads(r.stdout)["stages"]
     err = stages["data_validation"]["error"]
-    assert stages["data_validation"]["status"] == "failed" and stages["preprocessing"]["status"] in ("skipped", "pending")
+    assert stages["data_validation"]["status"] == "failed" and stages["preprocessing"]["status"] in (
+        "skipped",
+        "pending",
+    )
     assert "0 left for training" in err and "train.jsonl:2: exact_duplicate: same as line 1" in err
     assert stages["data_validation"]["metrics"]["gates"]["min_usable_records[train]"]["verdict"] == "FAIL"
 
@@ -93,8 +99,12 @@ def test_gate_failures_name_the_first_bad_lines(tmp_path):
     head, *problems = failure.splitlines()
     assert "min_valid_ratio failed on train" in head and "report: " in head
     assert problems[0] == f"  {path}:2: invalid_json: Expecting property name enclosed in double quotes (col 2)"
-    assert problems[1].startswith(f"  {path}:4: bad_structure:") and problems[2].startswith(f"  {path}:5: invalid_json:")
-    assert problems[3].startswith(f"  {path}:7: invalid_json:") and len(problems) == 4  # the report keeps 3 examples a rule
+    assert problems[1].startswith(f"  {path}:4: bad_structure:") and problems[2].startswith(
+        f"  {path}:5: invalid_json:"
+    )
+    assert (
+        problems[3].startswith(f"  {path}:7: invalid_json:") and len(problems) == 4
+    )  # the report keeps 3 examples a rule
     gate = next(g for g in verdict.reports["train"]["gates"] if g["name"] == "min_valid_ratio")
     assert gate["problems"] == [p.strip() for p in problems]
     ok = next(g for g in verdict.reports["train"]["gates"] if g["name"] == "min_usable_records")
@@ -108,7 +118,9 @@ def test_gate_problems_of_a_directory_and_of_duplicates(tmp_path):
     d.mkdir()
     (d / "a.jsonl").write_bytes(jsonl_bytes(GOOD[:2]))
     (d / "b.jsonl").write_bytes(jsonl_bytes([GOOD[2], GOOD[0]]))
-    verdict = validate_splits(DataConfig(train_data=str(d), max_duplicate_ratio=0.0, near_dup_threshold=None), tmp_path / "out")
+    verdict = validate_splits(
+        DataConfig(train_data=str(d), max_duplicate_ratio=0.0, near_dup_threshold=None), tmp_path / "out"
+    )
     assert f"\n  {d}/b.jsonl:2: exact_duplicate: same as line 1 of a.jsonl" in verdict.failures[0]
 
 
@@ -116,9 +128,19 @@ def test_cli_table_shows_the_bad_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(jsonl_bytes([GOOD[0], "{oops", "{x"]))
     env = {**os.environ, "COLUMNS": "400"}
-    r = subprocess.run([*TUNELOOP, "data", "validate", str(path), "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [*TUNELOOP, "data", "validate", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr
-    assert "first problems" in r.stdout and f"{path}:2: invalid_json:" in r.stdout and f"{path}:3: invalid_json:" in r.stdout
+    assert (
+        "first problems" in r.stdout
+        and f"{path}:2: invalid_json:" in r.stdout
+        and f"{path}:3: invalid_json:" in r.stdout
+    )
 
 
 # --- 13: unreadable and compressed files ----------------------------------------------------------
@@ -141,13 +163,19 @@ def test_empty_file_says_empty(tmp_path, suffix):
 @pytest.mark.parametrize(
     "content, what",
     [
-        ('{"text": "héllo"}\n'.encode("utf-16"), r"UTF-16 \(little-endian\) text; tuneloop reads UTF-8 JSON Lines: convert it"),
+        (
+            '{"text": "héllo"}\n'.encode("utf-16"),
+            r"UTF-16 \(little-endian\) text; tuneloop reads UTF-8 JSON Lines: convert it",
+        ),
         ('{"text": "hello"}\n'.encode("utf-16-be"), r"UTF-16 \(big-endian, no byte-order mark\) text"),
         ('{"text": "長い中国語のテキストです。返金について"}\n'.encode("utf-16"), r"UTF-16 \(little-endian\) text"),
         ('{"text": "hello"}\n'.encode("utf-32"), r"UTF-32 \(little-endian\) text"),
         (bytes(range(256)) * 8, r"binary \(\d+ of its first 2048 bytes are NUL or other control bytes"),
         (b"PAR1" + bytes(500), r"binary: a Parquet file \(rename it to \.parquet\)"),
-        (gzip.compress('{"text": "hi"}\n'.encode("utf-16")), r"gzip-compressed and its content is UTF-16 \(little-endian\) text"),
+        (
+            gzip.compress('{"text": "hi"}\n'.encode("utf-16")),
+            r"gzip-compressed and its content is UTF-16 \(little-endian\) text",
+        ),
     ],
 )
 def test_unreadable_files_say_what_they_are(tmp_path, content, what):
@@ -188,9 +216,16 @@ def test_gzip_json_array_csv_and_directories(tmp_path):
     (d / "empty.jsonl").write_bytes(b"")  # adds nothing in a directory
     rep = validate_dataset(d, tmp_path / "o2", checks=NO_SIM)
     assert rep["valid"] == 4
-    assert {json.loads(line)["_file"] for line in Path(rep["clean_path"]).read_text().splitlines()} == {"a.jsonl.gz", "b.jsonl"}
-    assert data_suffix("x.JSONL.gz") == ".jsonl.gz" and data_suffix("x.tar.gz") == ".gz" and data_suffix("x.csv") == ".csv"
-    assert source_problem(str(d / "a.jsonl.gz")) is None and "unsupported" in source_problem(str(tmp_path / "o2" / "train.report.html"))
+    assert {json.loads(line)["_file"] for line in Path(rep["clean_path"]).read_text().splitlines()} == {
+        "a.jsonl.gz",
+        "b.jsonl",
+    }
+    assert (
+        data_suffix("x.JSONL.gz") == ".jsonl.gz" and data_suffix("x.tar.gz") == ".gz" and data_suffix("x.csv") == ".csv"
+    )
+    assert source_problem(str(d / "a.jsonl.gz")) is None and "unsupported" in source_problem(
+        str(tmp_path / "o2" / "train.report.html")
+    )
 
 
 def test_truncated_gzip_is_an_input_error(tmp_path):
@@ -222,7 +257,10 @@ def test_zstd_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
     path = tmp_path / "d.jsonl.zst"
     path.write_bytes(filetypes.ZSTD_MAGIC + b"\x00" * 20)
     monkeypatch.setattr(filetypes, "zstd_module", lambda: None)
-    with pytest.raises(InputError, match=r"zstd-compressed and the optional package zstandard is not installed: `pip install 'tuneloop\[zstd\]'`"):
+    with pytest.raises(
+        InputError,
+        match=r"zstd-compressed and the optional package zstandard is not installed: `pip install 'tuneloop\[zstd\]'`",
+    ):
         open_detected(path)
 
 
@@ -246,7 +284,9 @@ def test_reports_of_x_json_and_x_jsonl_do_not_collide(tmp_path):
 def test_train_named_eval_does_not_overwrite_the_eval_split(tmp_path):
     (tmp_path / "t.jsonl").write_bytes(jsonl_bytes(GOOD))
     (tmp_path / "e.jsonl").write_bytes(jsonl_bytes(GOOD[:1]))
-    data = DataConfig(train_data=str(tmp_path / "t.jsonl"), eval_data=str(tmp_path / "e.jsonl"), near_dup_threshold=None)
+    data = DataConfig(
+        train_data=str(tmp_path / "t.jsonl"), eval_data=str(tmp_path / "e.jsonl"), near_dup_threshold=None
+    )
     checked = check_splits(data, tmp_path / "out", train_name="eval")
     assert Path(checked.train["report_path"]).name == "eval.train.report.json"
     assert json.loads((tmp_path / "out" / "eval.report.json").read_text())["records"] == 1
@@ -269,7 +309,10 @@ def test_csv_positions_are_physical_lines(tmp_path):
     )
     rep = validate_dataset(path, tmp_path / "o", checks=NO_SIM)
     clean = [json.loads(x) for x in Path(rep["clean_path"]).read_text().splitlines()]
-    quarantine = {json.loads(x)["line"]: json.loads(x)["reasons"][0].split(":")[0] for x in Path(rep["quarantine_path"]).read_text().splitlines()}
+    quarantine = {
+        json.loads(x)["line"]: json.loads(x)["reasons"][0].split(":")[0]
+        for x in Path(rep["quarantine_path"]).read_text().splitlines()
+    }
     assert rep["position"] == "line" and [r["_line"] for r in clean] == [2, 4]
     assert quarantine == {7: "bad_structure", 8: "empty_content"}
 
@@ -302,8 +345,15 @@ def test_token_count_stops_past_max_length(tok):
     from tuneloop.data.rules import count_tokens, token_count
 
     huge = "a long question about the invoice " * 60_000  # 2 MB
-    for record in ({"text": huge}, chat(huge, "ok"), {"messages": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": huge}],
-                                                       "rejected": [{"role": "assistant", "content": "no"}]}):
+    for record in (
+        {"text": huge},
+        chat(huge, "ok"),
+        {
+            "messages": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": huge}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+    ):
         spy = Spy(tok)
         n, exact = token_count(spy, record, stop_after=64)
         assert n > 64 and not exact and spy.longest < 20_000, (n, spy.longest)
@@ -318,7 +368,12 @@ def test_token_count_stops_past_max_length(tok):
 def test_overlong_rule_on_a_huge_record(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_bytes(jsonl_bytes([chat("word " * 400_000, "ok"), GOOD[0]]))
-    rep = validate_dataset(path, tmp_path / "o", checks=Checks(max_length=64, overlong="drop", near_dup_threshold=None, num_workers=1), tokenizer=tok)
+    rep = validate_dataset(
+        path,
+        tmp_path / "o",
+        checks=Checks(max_length=64, overlong="drop", near_dup_threshold=None, num_workers=1),
+        tokenizer=tok,
+    )
     assert rep["overlong_dropped"] == 1 and rep["valid"] == 1
     reason = rep["examples"]["overlong"][0]["reason"]
     assert reason.startswith("overlong: over ") and "> data.max_length 64 (dropped; counting stopped there)" in reason
@@ -331,5 +386,10 @@ def test_preprocessing_tokenizes_only_up_to_max_length(tok):
     ex = tokenize_conversation(spy, chat("word " * 400_000, "ok")["messages"], max_length=64)
     assert ex["truncated"] and len(ex["input_ids"]) == 64 and spy.longest < 20_000
     full = tokenize_conversation(tok, chat("word " * 10, "ok")["messages"], max_length=64)
-    assert not full["truncated"] and full["input_ids"] == tok(tok.apply_chat_template(chat("word " * 10, "ok")["messages"], tokenize=False),
-                                                              add_special_tokens=False)["input_ids"]
+    assert (
+        not full["truncated"]
+        and full["input_ids"]
+        == tok(tok.apply_chat_template(chat("word " * 10, "ok")["messages"], tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )

@@ -66,7 +66,9 @@ def _write_jsonl(path: Path, recs: list[dict], broken: dict[int, bytes] | None =
             f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
 
 
-def _both(tmp_path: Path, source, *, checks: Checks, ooc: OutOfCore = SMALL, name: str = "train", **kw) -> tuple[dict, dict]:
+def _both(
+    tmp_path: Path, source, *, checks: Checks, ooc: OutOfCore = SMALL, name: str = "train", **kw
+) -> tuple[dict, dict]:
     """(in-memory report, out-of-core report) after asserting that their files are identical."""
     mem = validate_dataset(source, tmp_path / "mem", checks=checks, name=name, ooc=OutOfCore(enabled=False), **kw)
     ooc_rep = validate_dataset(source, tmp_path / "ooc", checks=checks, name=name, ooc=ooc, **kw)
@@ -94,8 +96,12 @@ def test_same_files_as_in_memory_with_spills(tmp_path, planted, monkeypatch, pii
     train, eval_texts = planted
     flushes = []
     real_flush = outofcore.Spill._flush_buckets
-    monkeypatch.setattr(outofcore.Spill, "_flush_buckets", lambda self: (flushes.append(self._buffered), real_flush(self)))
-    checks = Checks(pii=pii, near_dup_threshold=0.8, near_dup_action=action, contamination_action=action, num_workers=workers)
+    monkeypatch.setattr(
+        outofcore.Spill, "_flush_buckets", lambda self: (flushes.append(self._buffered), real_flush(self))
+    )
+    checks = Checks(
+        pii=pii, near_dup_threshold=0.8, near_dup_action=action, contamination_action=action, num_workers=workers
+    )
     mem, rep = _both(tmp_path, train, checks=checks, eval_texts=eval_texts)
     assert sum(1 for b in flushes if b >= 2048) >= 5, "buckets were spilled many times during the pass"
     # the planted things were found (so equality is not between two empty results)
@@ -104,7 +110,9 @@ def test_same_files_as_in_memory_with_spills(tmp_path, planted, monkeypatch, pii
     assert rep["pii_dropped"] == (rep["pii_records"] if pii == "drop" else 0)
     reasons = [json.loads(line)["reasons"] for line in Path(rep["quarantine_path"]).read_text().splitlines()]
     assert any(r[0].startswith("exact_duplicate: same as line") for r in reasons)
-    assert any(r[0].startswith("invalid_json") for r in reasons) and any(r[0].startswith("invalid_utf8") for r in reasons)
+    assert any(r[0].startswith("invalid_json") for r in reasons) and any(
+        r[0].startswith("invalid_utf8") for r in reasons
+    )
     assert any(r[0].startswith("near_duplicate: similar to line") for r in reasons) == (action == "drop")
 
 
@@ -127,7 +135,11 @@ def test_directory_of_many_files_with_a_broken_record_in_the_middle(tmp_path):
     shards.mkdir()
     per = len(recs) // 40 + 1
     for k in range(40):
-        _write_jsonl(shards / f"part-{k:05d}.jsonl", recs[k * per : (k + 1) * per], broken={5: b'{"messages": [{"role": "user"'} if k == 17 else None)
+        _write_jsonl(
+            shards / f"part-{k:05d}.jsonl",
+            recs[k * per : (k + 1) * per],
+            broken={5: b'{"messages": [{"role": "user"'} if k == 17 else None,
+        )
     checks = Checks(near_dup_threshold=0.8, num_workers=1)
     _, rep = _both(tmp_path, shards, checks=checks)
     bad = [json.loads(line) for line in Path(rep["quarantine_path"]).read_text().splitlines()]
@@ -232,5 +244,7 @@ def test_disk_full_while_spilling(tmp_path, planted, monkeypatch):
     with pytest.raises(StageError) as e:
         validate_dataset(train, out, checks=Checks(num_workers=1), eval_texts=eval_texts, ooc=SMALL)
     msg = str(e.value)
-    assert "the disk is full" in msg and "data.spill_dir" in msg and str(out) in msg and "No clean file or report" in msg
+    assert (
+        "the disk is full" in msg and "data.spill_dir" in msg and str(out) in msg and "No clean file or report" in msg
+    )
     assert sorted(p.name for p in out.iterdir()) == [], "nothing left behind: no outputs, temp files or spill"

@@ -56,8 +56,16 @@ def test_normalise_text():
 
 
 def test_fast_word_split_matches_normalise_text():
-    texts = ["Hello, World! foo_bar  baz", "", "Ünïcode — “quotes” café", "x\x00y\tZ", "don't", "a" * 300,
-             "İstanbul ẞTRASSE ΣΑΣ Kelvin:\u212a x\u0301y", "\ud800 lone surrogate"]
+    texts = [
+        "Hello, World! foo_bar  baz",
+        "",
+        "Ünïcode — “quotes” café",
+        "x\x00y\tZ",
+        "don't",
+        "a" * 300,
+        "İstanbul ẞTRASSE ΣΑΣ Kelvin:\u212a x\u0301y",
+        "\ud800 lone surrogate",
+    ]
     words, docs = dedup._word_hashes(texts)
     expected = [normalise_text(t).split() for t in texts]
     assert np.bincount(docs, minlength=len(texts)).tolist() == [len(w) for w in expected]

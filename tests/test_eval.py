@@ -15,7 +15,6 @@ import pytest
 from conftest import write_jsonl
 
 
-
 def tl(*args):
     """The CLI in-process (each subprocess would pay seconds of imports); stdout and stderr kept apart."""
     from typer.testing import CliRunner
@@ -92,7 +91,13 @@ def test_identical_candidate_never_fails_and_reports_parse(make_config, trained_
     gates = rep["gates"]
     assert all(g["verdict"] != "FAIL" for g in gates.values()), gates
     # Same model on both sides: no discordant item anywhere, every paired change is exactly zero.
-    for name in ("max_capability_drop", "max_accuracy_drop", "max_harmful_increase", "max_over_refusal_increase", "max_mc_capability_drop[capability_mc]"):
+    for name in (
+        "max_capability_drop",
+        "max_accuracy_drop",
+        "max_harmful_increase",
+        "max_over_refusal_increase",
+        "max_mc_capability_drop[capability_mc]",
+    ):
         assert gates[name]["value"] == 0.0 and gates[name]["counts"]["discordant"] == 0, name
         assert gates[name]["interval"][0] < 0 < gates[name]["interval"][1]
     # Thousands of general-text tokens certify a zero drop within 2 points.
@@ -150,7 +155,9 @@ def test_tiny_eval_set_is_inconclusive_with_needed_n(make_config, trained_base, 
     assert g["n"] == 6 and g["verdict"] == "INCONCLUSIVE", g
     assert g["needed_n"] > 6 and "items would decide" in g["reason"]
     assert r.returncode == 1 and g["blocks"]  # on_inconclusive: block (default)
-    lenient = tl("eval", path, "--model", trained_base, "--json", "-o", "gates.on_inconclusive=warn", "--against", "champion")
+    lenient = tl(
+        "eval", path, "--model", trained_base, "--json", "-o", "gates.on_inconclusive=warn", "--against", "champion"
+    )
     assert lenient.returncode == 0
     rep = json.loads(lenient.stdout)
     assert rep["gates"]["min_accuracy"]["warning"]
@@ -173,7 +180,9 @@ def test_bad_input_exits_2(make_config, tmp_path, tiny_model):
 def test_eval_defaults_to_latest_candidate_and_compares_with_champion(make_config):
     from tuneloop import FineTunePipeline, load_config
 
-    path = make_config(gates={"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 0.02, "max_accuracy_drop": 0.5})
+    path = make_config(
+        gates={"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 0.02, "max_accuracy_drop": 0.5}
+    )
     summary = FineTunePipeline(load_config(path)).run()
     assert summary["overall"] == "passed", summary
     ev = summary["stages"]["evaluation"]["metrics"]
@@ -182,7 +191,9 @@ def test_eval_defaults_to_latest_candidate_and_compares_with_champion(make_confi
     r = tl("eval", path, "--against", "champion", "--json")
     rep = json.loads(r.stdout)
     assert rep["against"].startswith("champion tiny-bot") and rep["model"].startswith("candidate of run")
-    assert rep["gates"]["max_capability_drop"]["value"] == 0.0 and rep["gates"]["max_capability_drop"]["verdict"] == "PASS"
+    assert (
+        rep["gates"]["max_capability_drop"]["value"] == 0.0 and rep["gates"]["max_capability_drop"]["verdict"] == "PASS"
+    )
     assert rep["gates"]["max_accuracy_drop"]["counts"]["discordant"] == 0
     assert r.returncode == 0, rep["blocking"]
     same = tl("eval", path, "--model", "tiny-bot:1", "--against", "1", "--json")
@@ -190,9 +201,18 @@ def test_eval_defaults_to_latest_candidate_and_compares_with_champion(make_confi
 
 
 def test_several_task_suites_with_each_metric(make_config, trained_base, tmp_path, task_data):
-    mc = write_jsonl(tmp_path / "mc.jsonl", [
-        {"id": f"q{i}", "prompt": f"Which team handles ticket {i}?", "choices": ["billing", "shipping", "other"], "answer": i % 3} for i in range(9)
-    ])
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {
+                "id": f"q{i}",
+                "prompt": f"Which team handles ticket {i}?",
+                "choices": ["billing", "shipping", "other"],
+                "answer": i % 3,
+            }
+            for i in range(9)
+        ],
+    )
     suites = [
         {"name": "exact", "kind": "task"},
         {"name": "contains", "kind": "task", "metric": "contains"},
@@ -200,20 +220,29 @@ def test_several_task_suites_with_each_metric(make_config, trained_base, tmp_pat
         {"name": "f1", "kind": "task", "metric": "token_f1"},
         {"name": "mc", "kind": "task", "metric": "mc_loglik", "path": str(mc)},
     ]
-    path = make_config(base_model=str(trained_base), eval={"max_new_tokens": 4, "suites": suites},
-                       gates={"min_accuracy": 0.0, "max_harmful_rate": None, "max_capability_drop": None, "max_accuracy_drop": 0.5})
+    path = make_config(
+        base_model=str(trained_base),
+        eval={"max_new_tokens": 4, "suites": suites},
+        gates={"min_accuracy": 0.0, "max_harmful_rate": None, "max_capability_drop": None, "max_accuracy_drop": 0.5},
+    )
     r = tl("eval", path, "--model", trained_base, "--json")
     rep = json.loads(r.stdout)
     g = rep["gates"]
-    assert set(g) == {"min_accuracy", "max_accuracy_drop"} | {f"{k}[{s}]" for k in ("min_accuracy", "max_accuracy_drop") for s in ("contains", "regex", "f1", "mc")}
+    assert set(g) == {"min_accuracy", "max_accuracy_drop"} | {
+        f"{k}[{s}]" for k in ("min_accuracy", "max_accuracy_drop") for s in ("contains", "regex", "f1", "mc")
+    }
     assert g["min_accuracy[mc]"]["n"] == 9 and "wilson" in g["min_accuracy[mc]"]["method"]
     assert "bootstrap" in g["min_accuracy[f1]"]["method"]  # token F1 is continuous
     assert all(v["verdict"] == "PASS" for v in g.values()), {k: v["verdict"] for k, v in g.items()}
     recs = [json.loads(x) for x in (Path(rep["eval_dir"]) / "items.jsonl").read_text().splitlines()]
     regex_recs = [x for x in recs if x["suite"] == "regex"]
-    assert g["min_accuracy[regex]"]["value"] == pytest.approx(sum(bool(re.search(r"\w+", x["candidate"])) for x in regex_recs) / len(regex_recs), abs=1e-6)
+    assert g["min_accuracy[regex]"]["value"] == pytest.approx(
+        sum(bool(re.search(r"\w+", x["candidate"])) for x in regex_recs) / len(regex_recs), abs=1e-6
+    )
     mc_recs = [x for x in recs if x["suite"] == "mc"]
-    assert len(mc_recs) == 9 and all(len(x["base_logprobs"]) == 3 and x["base"] in ("billing", "shipping", "other") for x in mc_recs)
+    assert len(mc_recs) == 9 and all(
+        len(x["base_logprobs"]) == 3 and x["base"] in ("billing", "shipping", "other") for x in mc_recs
+    )
     # one generation per model serves every generated task suite: identical answers across suites
     by_suite = {s: [x["candidate"] for x in recs if x["suite"] == s] for s in ("exact", "contains", "f1")}
     assert by_suite["exact"] == by_suite["contains"] == by_suite["f1"]

@@ -28,7 +28,11 @@ def test_champion_comparisons_use_the_mlflow_registry(mlflow_server, make_config
     assert not (tmp_path / ".tuneloop" / "registry.db").exists()  # nothing went to a local SQLite registry
 
     # The pipeline gated against the MLflow champion: the candidate equals it, so every paired change is 0.
-    path = make_config(registry={"uri": mlflow_server["url"], "model_name": name}, gates__against="champion", deploy={"auto_deploy": False})
+    path = make_config(
+        registry={"uri": mlflow_server["url"], "model_name": name},
+        gates__against="champion",
+        deploy={"auto_deploy": False},
+    )
     again = FineTunePipeline(load_config(path)).run()
     ev = again["stages"]["evaluation"]["metrics"]
     assert ev["against"] == f"champion {name}:1" and "against_note" not in ev, ev

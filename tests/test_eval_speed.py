@@ -61,10 +61,18 @@ def hf_one_at_a_time(model, tok, conversations, max_new_tokens):
     for c in conversations:
         enc = tok(render_prompt(tok, c), return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        row = gen[0, enc["input_ids"].shape[1]:].tolist()
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id
+            )
+        row = gen[0, enc["input_ids"].shape[1] :].tolist()
         n = next((j for j, t in enumerate(row) if t in stops), len(row))
-        out.append({"text": decode_text(tok, row[:n]).strip(), "completion_tokens": n, "finish_reason": "stop" if n < len(row) else "length"})
+        out.append(
+            {
+                "text": decode_text(tok, row[:n]).strip(),
+                "completion_tokens": n,
+                "finish_reason": "stop" if n < len(row) else "length",
+            }
+        )
     return out
 
 
@@ -87,9 +95,18 @@ def test_batched_answers_come_back_in_input_order(demo, conversations):
     model, tok = demo
     alone = [generate(model, tok, [c], max_new_tokens=10, batch_size=1)[0] for c in conversations]
     seen: list[tuple[int, int]] = []
-    got = generate(model, tok, conversations, max_new_tokens=10, batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    got = generate(
+        model, tok, conversations, max_new_tokens=10, batch_size=3, progress=lambda d, t: seen.append((d, t))
+    )
     assert got == alone
-    lengths = [len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]) for c in conversations]
+    lengths = [
+        len(
+            tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+        for c in conversations
+    ]
     assert [g["prompt_tokens"] for g in got] == lengths
     assert len(set(lengths)) > 10 and lengths != sorted(lengths)  # the sort really reorders them
     assert len({g["text"] for g in got}) > 8
@@ -105,7 +122,10 @@ def test_finished_rows_are_not_decoded(demo, conversations):
 
     model, tok = demo
     fed: list[int] = []
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: fed.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True,
+    )
     try:
         got = generate(model, tok, conversations, max_new_tokens=12, batch_size=8)
     finally:
@@ -124,7 +144,10 @@ def test_token_budget_limits_the_rows(demo, conversations, monkeypatch):
     want = modeling.generate(model, tok, conversations, max_new_tokens=10, batch_size=1)
     monkeypatch.setattr(modeling, "GEN_TOKEN_BUDGET", 250)
     steps: list[tuple[int, int]] = []  # (rows, cache width) of each decode step
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: steps.append(tuple(kw["attention_mask"].shape)) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: steps.append(tuple(kw["attention_mask"].shape)) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True,
+    )
     try:
         got = modeling.generate(model, tok, conversations, max_new_tokens=10)
     finally:
@@ -147,13 +170,23 @@ def test_evaluation_reports_progress_per_model_and_suite(make_config, tiny_model
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
     last: dict[str, tuple[int, int]] = {}
     with EvalProgress(console) as bars:
+
         def update(label, done, total):
             last[label] = (done, total)
             bars.update(label, done, total)
 
-        evaluate_candidate(cfg, task_data[1], str(tiny_model), tmp_path / "out", base_cache_dir=tmp_path / "cache", suite_progress=update)
+        evaluate_candidate(
+            cfg,
+            task_data[1],
+            str(tiny_model),
+            tmp_path / "out",
+            base_cache_dir=tmp_path / "cache",
+            suite_progress=update,
+        )
     n_eval = len(task_data[1].read_text().splitlines())
-    n_red = len(resources.files("tuneloop.resources").joinpath("redteam.jsonl").read_text(encoding="utf-8").splitlines())
+    n_red = len(
+        resources.files("tuneloop.resources").joinpath("redteam.jsonl").read_text(encoding="utf-8").splitlines()
+    )
     for model in ("base", "candidate"):
         assert last[f"{model}: task"] == (n_eval, n_eval)
         assert last[f"{model}: harmful"] == (n_red, n_red)
@@ -171,7 +204,9 @@ def test_run_shows_evaluation_bars_on_its_console(make_config):
     from tuneloop import FineTunePipeline, load_config
 
     console = Console(file=io.StringIO(), width=150, force_terminal=False)
-    summary = FineTunePipeline(load_config(make_config(eval__max_new_tokens=2, eval__suites=["task", "harmful"])), console=console).run()
+    summary = FineTunePipeline(
+        load_config(make_config(eval__max_new_tokens=2, eval__suites=["task", "harmful"])), console=console
+    ).run()
     assert summary["stages"]["evaluation"]["status"] == "passed", summary["stages"]["evaluation"]
     shown = console.file.getvalue()
     for label in ("base: task", "base: harmful", "candidate: task", "candidate: harmful"):
@@ -215,7 +250,14 @@ def test_continuation_logprobs_in_batches_equal_each_sequence_alone(demo):
     from tuneloop.evaluate.suites import _mc_pick, continuation_logprobs
 
     model, tok = demo
-    items = [json.loads(x) for x in resources.files("tuneloop.resources").joinpath("general_mc.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()][:12]
+    items = [
+        json.loads(x)
+        for x in resources.files("tuneloop.resources")
+        .joinpath("general_mc.jsonl")
+        .read_text(encoding="utf-8")
+        .splitlines()
+        if x.strip()
+    ][:12]
     contexts = [f"Question: {it['question']}\nAnswer:" for it in items]
     choices = [[" " + c for c in it["choices"]] for it in items]
     pairs = [(c, x) for c, xs in zip(contexts, choices) for x in xs]
@@ -261,8 +303,16 @@ def test_real_model_batched_answers_equal_one_at_a_time(real_model_dir):
     from tuneloop.modeling import generate, load_causal_lm, load_tokenizer
 
     res = resources.files("tuneloop.resources")
-    red = [json.loads(x)["prompt"] for x in res.joinpath("redteam.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-    benign = [json.loads(x)["prompt"] for x in res.joinpath("benign.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    red = [
+        json.loads(x)["prompt"]
+        for x in res.joinpath("redteam.jsonl").read_text(encoding="utf-8").splitlines()
+        if x.strip()
+    ]
+    benign = [
+        json.loads(x)["prompt"]
+        for x in res.joinpath("benign.jsonl").read_text(encoding="utf-8").splitlines()
+        if x.strip()
+    ]
     prompts = red[:8] + benign[:8] + ZH
     model, tok = load_causal_lm(str(real_model_dir)), load_tokenizer(str(real_model_dir))
     serial = generate(model, tok, convs(prompts), max_new_tokens=32, batch_size=1)

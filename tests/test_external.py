@@ -47,47 +47,83 @@ def test_command_backend_registers_the_adapter_it_wrote(make_config, tmp_path):
 
 @pytest.mark.slow
 def test_failing_or_empty_commands_fail_the_stage_clearly(make_config):
-    summary = FineTunePipeline(load_config(make_config(train={"backend": "command", "command": _command("--fail")}))).run()
+    summary = FineTunePipeline(
+        load_config(make_config(train={"backend": "command", "command": _command("--fail")}))
+    ).run()
     err = summary["stages"]["training"]["error"]
     assert summary["stages"]["training"]["status"] == "failed"
     assert "exited with status 3" in err and "CUDA out of memory (pretend)" in err
 
-    summary = FineTunePipeline(load_config(make_config(train={"backend": "command", "command": "echo hello > {output_dir}/notes.txt"}))).run()
+    summary = FineTunePipeline(
+        load_config(make_config(train={"backend": "command", "command": "echo hello > {output_dir}/notes.txt"}))
+    ).run()
     err = summary["stages"]["training"]["error"]
     assert "holds no model" in err and "adapter_config.json" in err and "notes.txt" in err
 
-    for command, needle in ((None, "train.command: required"), ("train {data_file}", "unknown placeholder(s) {data_file}")):
+    for command, needle in (
+        (None, "train.command: required"),
+        ("train {data_file}", "unknown placeholder(s) {data_file}"),
+    ):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             FineTunePipeline(load_config(make_config(train={"backend": "command", "command": command}))).preflight()
 
 
 def test_export_config_for_axolotl_and_llamafactory(make_config, tmp_path):
-    path = make_config(train={"method": "qlora", "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "use_dora": True})
+    path = make_config(
+        train={"method": "qlora", "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "use_dora": True}
+    )
     ax = tmp_path / "axolotl.yaml"
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "axolotl", "-o", str(ax)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "axolotl", "-o", str(ax)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     y = yaml.safe_load(ax.read_text())
     cfg = load_config(path)
     assert y["base_model"] == cfg.base_model and y["adapter"] == "qlora" and y["load_in_4bit"] is True
     assert y["lora_r"] == 8 and y["lora_alpha"] == 16 and y["lora_target_linear"] is True and y["peft_use_dora"] is True
-    assert y["datasets"] == [{"path": cfg.data.train_data, "type": "chat_template", "chat_template": "tokenizer_default",
-                              "field_messages": "messages", "message_property_mappings": {"role": "role", "content": "content"}}]
-    assert y["sequence_len"] == 96 and y["sample_packing"] is True and y["micro_batch_size"] == 4 and y["learning_rate"] == 1e-4
+    assert y["datasets"] == [
+        {
+            "path": cfg.data.train_data,
+            "type": "chat_template",
+            "chat_template": "tokenizer_default",
+            "field_messages": "messages",
+            "message_property_mappings": {"role": "role", "content": "content"},
+        }
+    ]
+    assert (
+        y["sequence_len"] == 96
+        and y["sample_packing"] is True
+        and y["micro_batch_size"] == 4
+        and y["learning_rate"] == 1e-4
+    )
 
     lf = tmp_path / "lf" / "train.yaml"
     lf.parent.mkdir()
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "llamafactory", "-o", str(lf)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "llamafactory", "-o", str(lf)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     y = yaml.safe_load(lf.read_text())
-    assert y["stage"] == "sft" and y["finetuning_type"] == "lora" and y["quantization_bit"] == 4 and y["lora_target"] == "all"
+    assert (
+        y["stage"] == "sft"
+        and y["finetuning_type"] == "lora"
+        and y["quantization_bit"] == 4
+        and y["lora_target"] == "all"
+    )
     assert y["lora_rank"] == 8 and y["cutoff_len"] == 96 and y["neat_packing"] is True and y["use_dora"] is True
     info = json.loads((lf.parent / "dataset_info.json").read_text())
     assert info[y["dataset"]]["file_name"] == cfg.data.train_data and info[y["dataset"]]["formatting"] == "sharegpt"
     assert y["eval_dataset"] in info
 
-    bad = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "unsloth"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "unsloth"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "expected axolotl, llamafactory or openrlhf" in bad.stderr
 
 
@@ -144,7 +180,7 @@ def _tokenizer_copy(tiny_model: Path, dest: Path, template: str | None) -> Path:
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     tok.chat_template = template
     tok.save_pretrained(str(dest))
-    for leftover in ([dest / "chat_template.jinja"] if template is None else []):
+    for leftover in [dest / "chat_template.jinja"] if template is None else []:
         leftover.unlink(missing_ok=True)
     return dest
 
@@ -181,7 +217,10 @@ def test_export_maps_the_tokenizers_chatml_template(make_config, tmp_path):
     # The fixture's tokenizer carries tuneloop's ChatML template itself.
     _, ax, lf_text, lf = _exports(make_config(), tmp_path)
     assert ax["chat_template"] == "tokenizer_default" and "chat_template_jinja" not in ax
-    assert ax["datasets"][0]["chat_template"] == "tokenizer_default" and ax["test_datasets"][0]["chat_template"] == "tokenizer_default"
+    assert (
+        ax["datasets"][0]["chat_template"] == "tokenizer_default"
+        and ax["test_datasets"][0]["chat_template"] == "tokenizer_default"
+    )
     assert lf["template"] == "chatml" and "renders as ChatML" in lf_text
 
 

@@ -51,8 +51,13 @@ def _checkpoint(d: Path, step: int, *, log_rows: int = 40) -> Path:
     (d / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
     torch.save({"state": {0: {"exp_avg": torch.randn(64)}}}, d / "optimizer.pt")
     torch.save({"last_epoch": step}, d / "scheduler.pt")
-    history = [{"step": i, "loss": 5.0 - i / 10, "learning_rate": 1e-3, "grad_norm": 1.25, "epoch": i / 8} for i in range(1, log_rows)]
-    (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 24, "log_history": history}, indent=2))
+    history = [
+        {"step": i, "loss": 5.0 - i / 10, "learning_rate": 1e-3, "grad_norm": 1.25, "epoch": i / 8}
+        for i in range(1, log_rows)
+    ]
+    (d / "trainer_state.json").write_text(
+        json.dumps({"global_step": step, "max_steps": 24, "log_history": history}, indent=2)
+    )
     return d
 
 
@@ -83,7 +88,9 @@ def test_a_whole_checkpoint_validates_and_each_cut_file_is_named(tmp_path):
     assert checkpoint_problem(missing) == "trainer_state.json is missing"
 
     shard = _checkpoint(tmp_path / "e" / "checkpoint-8", 8)
-    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}}))
+    (shard / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}})
+    )
     assert "names files that are missing: model-00002-of-00002.safetensors" in checkpoint_problem(shard)
 
     other_step = _checkpoint(tmp_path / "f" / "checkpoint-16", 8)
@@ -178,14 +185,18 @@ main()
 @pytest.mark.slow
 def test_enospc_at_a_checkpoint_is_the_training_stage_error_and_the_next_run_resumes(make_config, tmp_path):
     path = make_config(train__max_steps=24, train__save_steps=8, train__batch_size=4, deploy__auto_deploy=False)
-    r = subprocess.run([sys.executable, "-c", _FAKE_ENOSPC, "run", str(path), "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _FAKE_ENOSPC, "run", str(path), "--json"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     summary = json.loads(r.stdout)  # the --json summary is printed
     tr = summary["stages"]["training"]
     assert summary["overall"] == "failed" and tr["status"] == "failed"
     assert "OSError: [Errno 28] No space left on device" in tr["error"] and "optimizer.pt" in tr["error"]
-    assert "free space there and run the same command again" in tr["error"] and "last complete checkpoint" in tr["error"]
+    assert (
+        "free space there and run the same command again" in tr["error"] and "last complete checkpoint" in tr["error"]
+    )
     assert summary["stages"]["evaluation"]["status"] == "skipped"
     run = json.loads((Path(summary["run_dir"]) / "run.json").read_text())
     assert run["status"] == "failed" and run["stages"]["training"]["error"] == tr["error"]
@@ -201,7 +212,9 @@ def test_enospc_at_a_checkpoint_is_the_training_stage_error_and_the_next_run_res
     assert statuses == ["passed", "failed"]
 
 
-def test_a_stage_log_that_cannot_be_written_or_closed_does_not_replace_the_stage_error(make_config, tmp_path, monkeypatch):
+def test_a_stage_log_that_cannot_be_written_or_closed_does_not_replace_the_stage_error(
+    make_config, tmp_path, monkeypatch
+):
     """The disk is full for the preprocessing stage: its dataset write and its log file both fail (faked where
     the process writes: ``Dataset.save_to_disk`` and ``logging.FileHandler.flush``); the data_validation log fails
     only when it is closed, after the stage passed."""
@@ -266,7 +279,12 @@ def test_a_run_json_the_disk_refuses_keeps_the_stage_error_and_reads_as_not_runn
     bad = tmp_path / "train.jsonl"
     bad.write_text(task_data[0].read_text() + '{"messages": []}\n')
     path = make_config(data__train_data=str(bad), data__min_valid_ratio=1.0)
-    r = subprocess.run([sys.executable, "-c", _RUN_JSON_REFUSED, "run", str(path), "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _RUN_JSON_REFUSED, "run", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     summary = json.loads(r.stdout)
@@ -287,7 +305,9 @@ def _mount_tmpfs(where: Path, size: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a real full filesystem needs root to mount a tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
 
@@ -308,7 +328,9 @@ def _fill(where: Path) -> Path:
 def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not list(root.glob(pattern)):
-        assert proc.poll() is None, f"the run ended before {pattern} appeared: {proc.stderr.read() if proc.stderr else ''}"
+        assert proc.poll() is None, (
+            f"the run ended before {pattern} appeared: {proc.stderr.read() if proc.stderr else ''}"
+        )
         assert time.time() < deadline, f"{pattern} did not appear"
         time.sleep(0.01)
 
@@ -318,8 +340,12 @@ def test_a_disk_that_fills_during_training_then_is_freed(make_config, tmp_path):
     ws = tmp_path / "ws"
     _mount_tmpfs(ws, "16m")
     try:
-        path = make_config(workspace=str(ws), train__max_steps=80, train__save_steps=8, train__batch_size=4, deploy__auto_deploy=False)
-        proc = subprocess.Popen([*TUNELOOP, "run", str(path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        path = make_config(
+            workspace=str(ws), train__max_steps=80, train__save_steps=8, train__batch_size=4, deploy__auto_deploy=False
+        )
+        proc = subprocess.Popen(
+            [*TUNELOOP, "run", str(path), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         _wait_for("cache/training/*/checkpoints/checkpoint-8", ws, proc)
         proc.send_signal(signal.SIGSTOP)  # hold training while the disk fills
         filler = _fill(ws)
@@ -332,14 +358,18 @@ def test_a_disk_that_fills_during_training_then_is_freed(make_config, tmp_path):
         assert summary["overall"] == "failed" and tr["status"] == "failed", summary
         assert "No space left on device" in tr["error"] and "free space there" in tr["error"], tr["error"]
         run = json.loads((Path(summary["run_dir"]) / "run.json").read_text())
-        assert run["status"] == "failed" and run["stages"]["training"]["error"] == tr["error"]  # written in the reserve's room
+        assert (
+            run["status"] == "failed" and run["stages"]["training"]["error"] == tr["error"]
+        )  # written in the reserve's room
         assert not list(ws.glob("cache/training/*/checkpoints/.partial"))
 
         filler.unlink()  # space freed: the same command continues, nothing deleted by hand
         again = tl("run", path, "--json")
         assert again.returncode == 0, again.stderr
         tr = json.loads(again.stdout)["stages"]["training"]
-        keys = sorted(p.name for p in (ws / "cache" / "training").iterdir())  # two: tuneloop's sources changed meanwhile
+        keys = sorted(
+            p.name for p in (ws / "cache" / "training").iterdir()
+        )  # two: tuneloop's sources changed meanwhile
         assert tr["metrics"]["resumed_from_step"] >= 8 and tr["metrics"]["steps"] == 80, (keys, again.stderr[-3000:])
         assert [x["status"] for x in json.loads(tl("status", "-c", path, "--json").stdout)] == ["passed", "failed"]
 

@@ -60,23 +60,45 @@ class FakeRequestLog:
         self.reqs: list[RequestRecord] = []
         self.fbs: list[FeedbackRecord] = []
 
-    def add(self, rid, user_text, response, *, t, version=1, arm="baseline", status=200, model="support-bot", system=True):
-        msgs = ([{"role": "system", "content": SYSTEM_PROMPT}] if system else []) + [{"role": "user", "content": user_text}]
-        self.reqs.append(RequestRecord(rid, float(t), "chat.completions", model, model, version, f"sha-{version}", arm,
-                                       None, json.dumps(msgs), response, status))
+    def add(
+        self, rid, user_text, response, *, t, version=1, arm="baseline", status=200, model="support-bot", system=True
+    ):
+        msgs = ([{"role": "system", "content": SYSTEM_PROMPT}] if system else []) + [
+            {"role": "user", "content": user_text}
+        ]
+        self.reqs.append(
+            RequestRecord(
+                rid,
+                float(t),
+                "chat.completions",
+                model,
+                model,
+                version,
+                f"sha-{version}",
+                arm,
+                None,
+                json.dumps(msgs),
+                response,
+                status,
+            )
+        )
 
     def rate(self, rid, *, rating=None, score=None, correction=None, source="api", t=None):
         created = t if t is not None else next(r.created_at for r in self.reqs if r.request_id == rid) + 1
         self.fbs.append(FeedbackRecord(f"fb-{len(self.fbs)}", rid, source, created, rating, score, correction))
 
     def requests(self, *, since=None, model=None, limit=None):
-        out = sorted((r for r in self.reqs if (since is None or r.created_at >= since) and (model is None or r.model == model)),
-                     key=lambda r: r.created_at)
+        out = sorted(
+            (r for r in self.reqs if (since is None or r.created_at >= since) and (model is None or r.model == model)),
+            key=lambda r: r.created_at,
+        )
         return out[:limit] if limit is not None else out
 
     def feedback(self, *, since=None, request_ids=None):
         ids = set(request_ids) if request_ids is not None else None
-        return [f for f in self.fbs if (since is None or f.created_at >= since) and (ids is None or f.request_id in ids)]
+        return [
+            f for f in self.fbs if (since is None or f.created_at >= since) and (ids is None or f.request_id in ids)
+        ]
 
 
 def _user(record):
@@ -175,8 +197,13 @@ def test_outputs_round_trip_through_data_validate(scenario, tmp_path):
     log, eval_path = scenario
     eval_texts = eval_texts_from_file(eval_path)
     result = export_feedback(log, tmp_path / "out", eval_texts=eval_texts)
-    for path, fmt, n in ((result.sft_path, "messages", result.sft_records), (result.dpo_path, "preference", result.dpo_records)):
-        report = validate_dataset(path, tmp_path / "validated", name=path.stem, checks=Checks(num_workers=1), eval_texts=eval_texts)
+    for path, fmt, n in (
+        (result.sft_path, "messages", result.sft_records),
+        (result.dpo_path, "preference", result.dpo_records),
+    ):
+        report = validate_dataset(
+            path, tmp_path / "validated", name=path.stem, checks=Checks(num_workers=1), eval_texts=eval_texts
+        )
         assert report["format"] == fmt
         assert report["records"] == n > 0
         assert report["valid"] == n, report["accounting"]
@@ -204,7 +231,15 @@ def test_held_out_corrections_go_to_the_regression_suite_not_training(scenario, 
     log, _ = scenario
     suite = tmp_path / "suites" / "eval_regression.jsonl"
     suite.parent.mkdir()
-    suite.write_text(json.dumps({"id": "existing", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "other"}]}) + "\n")
+    suite.write_text(
+        json.dumps(
+            {
+                "id": "existing",
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "other"}],
+            }
+        )
+        + "\n"
+    )
     eval_texts = eval_texts_from_file(scenario[1])
     result = export_feedback(log, tmp_path / "out", regression_share=1.0, regression_path=suite, eval_texts=eval_texts)
     items = _lines(suite)
@@ -249,7 +284,15 @@ def test_empty_log_writes_empty_files_and_a_manifest(tmp_path):
 
 def test_eval_texts_from_a_task_suite_with_references(tmp_path):
     path = tmp_path / "suite.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Where is it?"}], "reference": "shipping"}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Where is it?"}],
+                "reference": "shipping",
+            }
+        )
+        + "\n"
+    )
     assert eval_texts_from_file(path) == ["Where is it?\nshipping"]
 
 
@@ -298,7 +341,9 @@ def test_export_file_order_does_not_depend_on_when_the_requests_came(tickets, tm
     a, b = _lines(first.sft_path), _lines(second.sft_path)
     assert len(a) >= 10 and strip(a) == strip(b)
     origins = [r["meta"]["origin"] for r in a]
-    assert origins.count("correction") >= 3 and origins == sorted(origins, key=lambda o: o != "correction")  # corrections first
+    assert origins.count("correction") >= 3 and origins == sorted(
+        origins, key=lambda o: o != "correction"
+    )  # corrections first
     assert strip(_lines(first.dpo_path)) == strip(_lines(second.dpo_path))
 
 
@@ -310,8 +355,12 @@ def test_kto_records_from_thumbs_alone_with_the_same_checks(scenario, tmp_path):
     # Every rated answer is a record, no pair needed: a thumbs up (rating +1, score >= 0.5) is desirable, a thumbs
     # down (score 0.1 here) undesirable; a correction gives the corrected text (true) and the answer it fixed (false).
     assert {k: r["label"] for k, r in got.items()} == {
-        ("dup-near", "rated_good"): True, ("v1-good", "rated_good"): True, ("pii", "rated_good"): True,
-        ("v2-bad", "rated_bad"): False, ("fixed", "correction"): True, ("fixed", "corrected_original"): False,
+        ("dup-near", "rated_good"): True,
+        ("v1-good", "rated_good"): True,
+        ("pii", "rated_good"): True,
+        ("v2-bad", "rated_bad"): False,
+        ("fixed", "correction"): True,
+        ("fixed", "corrected_original"): False,
         ("failed", "correction"): True,
     }
     assert got[("v2-bad", "rated_bad")]["messages"][-1] == {"role": "assistant", "content": "refund-ish"}
@@ -325,16 +374,28 @@ def test_kto_records_from_thumbs_alone_with_the_same_checks(scenario, tmp_path):
     texts = ["\n".join(m["content"] for m in r["messages"] if m["role"] != "system") for r in pair]
     assert near_duplicate_groups(texts, threshold=0.85, workers=1) == [[0, 1]]
     counts = result.manifest["counts"]["kto"]
-    assert counts["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1, "contaminated": 2}  # the eval copy: both its records
+    assert counts["dropped"] == {
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "contaminated": 2,
+    }  # the eval copy: both its records
     assert counts["kept"] == result.kto_records == 7 and counts["desirable"] == 5 and counts["undesirable"] == 2
     assert result.manifest["files"]["kto.jsonl"]["records"] == 7
     for rec in kto:  # provenance, as in the other files
         meta = rec["meta"]
-        assert rec["id"].startswith("fb-") and meta["request_ids"] and meta["feedback_ids"] and meta["versions"] and meta["source"] == "feedback"
-    assert got[("v2-bad", "rated_bad")]["meta"]["versions"] == ["support-bot:2"] and got[("v2-bad", "rated_bad")]["meta"]["arms"] == ["canary"]
+        assert (
+            rec["id"].startswith("fb-")
+            and meta["request_ids"]
+            and meta["feedback_ids"]
+            and meta["versions"]
+            and meta["source"] == "feedback"
+        )
+    assert got[("v2-bad", "rated_bad")]["meta"]["versions"] == ["support-bot:2"] and got[("v2-bad", "rated_bad")][
+        "meta"
+    ]["arms"] == ["canary"]
     text = result.kto_path.read_text()
     assert "jane.doe@example.com" not in text and "555-0100" not in text and "[EMAIL]" in text
-    assert "copies-eval" not in text and "\"old\"" not in text
+    assert "copies-eval" not in text and '"old"' not in text
     # Held-out corrections stay out of kto.jsonl too.
     held = export_feedback(log, tmp_path / "held", regression_share=1.0, regression_path=tmp_path / "reg.jsonl")
     assert not {"fixed", "failed"} & {rid for r in _lines(held.kto_path) for rid in r["meta"]["request_ids"]}
@@ -347,10 +408,29 @@ def test_kto_export_is_read_by_tuneloop_data_validate_as_kto(scenario, tmp_path)
 
     log, eval_path = scenario
     result = export_feedback(log, tmp_path / "out", eval_texts=eval_texts_from_file(eval_path))
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "data", "validate", str(result.kto_path), "--out", str(tmp_path / "report"), "--json"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneloop.cli",
+            "data",
+            "validate",
+            str(result.kto_path),
+            "--out",
+            str(tmp_path / "report"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["format"] == "kto" and report["records"] == result.kto_records == report["valid"] > 0 and report["invalid"] == 0
+    assert (
+        report["format"] == "kto"
+        and report["records"] == result.kto_records == report["valid"] > 0
+        and report["invalid"] == 0
+    )
     clean = _lines(Path(report["clean_path"]))
     assert sorted(c["label"] for c in clean) == sorted(r["label"] for r in _lines(result.kto_path))

@@ -127,8 +127,13 @@ def test_messages_with_openai_tool_calls():
     rec = {
         "messages": [
             {"role": "user", "content": "weather in Oslo?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+                ],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": "rain"},
             {"role": "assistant", "content": "It rains."},
         ]
@@ -136,7 +141,10 @@ def test_messages_with_openai_tool_calls():
     out, reasons = normalise(rec, "messages")
     assert reasons == []
     call = out["messages"][1]
-    assert call["tool_call"] is True and json.loads(call["content"]) == {"name": "weather", "arguments": {"city": "Oslo"}}
+    assert call["tool_call"] is True and json.loads(call["content"]) == {
+        "name": "weather",
+        "arguments": {"city": "Oslo"},
+    }
     bad = {"messages": [rec["messages"][0], {"role": "assistant", "content": None, "tool_calls": "x"}]}
     assert codes(normalise(bad, "messages")[1]) == ["bad_structure"]
 
@@ -162,7 +170,14 @@ def test_preference_plain_and_sharegpt_shapes():
         ({"prompt": "q", "chosen": "a"}, "missing_field"),
         ({"prompt": "q", "chosen": "a", "rejected": "a"}, "bad_structure"),
         ({"prompt": "q", "chosen": None, "rejected": "b"}, "non_string_content"),
-        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "chosen": "x", "rejected": "y"}, "role_order"),
+        (
+            {
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                "chosen": "x",
+                "rejected": "y",
+            },
+            "role_order",
+        ),
         ({"prompt": "q", "chosen": {"from": "human", "value": "x"}, "rejected": "y"}, "role_order"),
     ]:
         out, reasons = normalise(broken, "preference")
@@ -189,15 +204,25 @@ json_values = st.recursive(
     scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=12
 )
 texts = st.sampled_from(["", " ", "hi", "{{name}}", "a@b.co"]) | json_values
-turn = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "function_call", "observation", "x"]) | json_values, "value": texts})
-oturn = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]) | json_values, "content": texts})
+turn = st.fixed_dictionaries(
+    {
+        "from": st.sampled_from(["human", "gpt", "system", "function_call", "observation", "x"]) | json_values,
+        "value": texts,
+    }
+)
+oturn = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]) | json_values, "content": texts}
+)
 conversations = st.lists(turn | json_values, max_size=4)
 messages = st.lists(oturn | json_values, max_size=4)
 records = st.one_of(
     json_values,
     st.fixed_dictionaries({"conversations": conversations}, optional={"tools": json_values, "system": texts}),
     st.fixed_dictionaries({"messages": messages}, optional={"label": json_values | st.booleans()}),
-    st.fixed_dictionaries({"chosen": texts | oturn | turn, "rejected": texts | messages}, optional={"prompt": texts | messages, "conversations": conversations}),
+    st.fixed_dictionaries(
+        {"chosen": texts | oturn | turn, "rejected": texts | messages},
+        optional={"prompt": texts | messages, "conversations": conversations},
+    ),
     st.fixed_dictionaries({"instruction": texts, "output": texts}, optional={"history": json_values}),
     st.fixed_dictionaries({"text": texts}),
 )
@@ -218,7 +243,9 @@ def test_normalisers_never_crash(value, fmt):
         assert fmt == "text" and out["text"].strip()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(rows=st.lists(records | st.sampled_from([b"\xff\xfe{", b"{not json", b"[1, 2"]), min_size=1, max_size=12))
 def test_every_record_kept_or_quarantined(tmp_path_factory, rows):
     d = tmp_path_factory.mktemp("prop")
@@ -243,11 +270,7 @@ def test_parquet_and_csv_sources(tmp_path):
     rep = validate_dataset(tmp_path / "d.parquet", tmp_path / "o1", checks=NO_SIM)
     assert (rep["format"], rep["position"], rep["valid"]) == ("alpaca", "record", 6)
     (tmp_path / "d.csv").write_bytes(
-        b"instruction,input,output\n"
-        b"Hi,,Hello\n"
-        b"\"Multi\nline\",x,\"a, b\"\n"
-        b"Bad,,\xff\xfe oops\n"
-        b"Empty,,\n"
+        b'instruction,input,output\nHi,,Hello\n"Multi\nline",x,"a, b"\nBad,,\xff\xfe oops\nEmpty,,\n'
     )
     rep = validate_dataset(tmp_path / "d.csv", tmp_path / "o2", checks=NO_SIM)
     clean, quarantine = accounted(rep)
@@ -292,7 +315,9 @@ def test_hf_dataset_saved_to_disk_and_offline_name(tmp_path):
     Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "ds"))
     rep = validate_dataset(tmp_path / "ds", tmp_path / "o1", checks=NO_SIM)
     assert (rep["format"], rep["valid"], rep["position"]) == ("alpaca", 6, "record")
-    DatasetDict({"train": Dataset.from_list(ALPACA[:4]), "test": Dataset.from_list(ALPACA[4:])}).save_to_disk(str(tmp_path / "dd"))
+    DatasetDict({"train": Dataset.from_list(ALPACA[:4]), "test": Dataset.from_list(ALPACA[4:])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
     assert validate_dataset(tmp_path / "dd", tmp_path / "o2", checks=NO_SIM)["valid"] == 4
     with pytest.raises(InputError, match="offline"):
         validate_dataset("no-such-org/no-such-dataset-xyz", tmp_path / "o3")
@@ -321,8 +346,14 @@ def test_hostile_records_are_quarantined_with_reasons(tmp_path):
     assert [r["_line"] for r in clean] == [1, 9] and len(clean[1]["messages"][0]["content"]) == 2_000_000
     got = {q["line"]: codes(q["reasons"])[0] for q in quarantine}
     assert got == {
-        2: "not_an_object", 3: "bad_structure", 4: "non_string_content", 5: "bad_role",
-        6: "role_order", 7: "invalid_utf8", 8: "invalid_json", 10: "empty_content",
+        2: "not_an_object",
+        3: "bad_structure",
+        4: "non_string_content",
+        5: "bad_role",
+        6: "role_order",
+        7: "invalid_utf8",
+        8: "invalid_json",
+        10: "empty_content",
     }
     assert rep["examples"]["invalid_utf8"][0]["line"] == 7
 
@@ -351,11 +382,18 @@ def test_overlong_truncate_drop_and_not_checked(tmp_path, small_tokenizer):
         {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]},
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    rep = validate_dataset(path, tmp_path / "a", checks=Checks(max_length=64, overlong="drop", near_dup_threshold=None), tokenizer=small_tokenizer)
+    rep = validate_dataset(
+        path,
+        tmp_path / "a",
+        checks=Checks(max_length=64, overlong="drop", near_dup_threshold=None),
+        tokenizer=small_tokenizer,
+    )
     _, quarantine = accounted(rep)
     assert rep["overlong_dropped"] == 1 and rep["valid"] == 1 and quarantine[0]["line"] == 2
     assert quarantine[0]["reasons"][0].startswith("overlong:") and "> data.max_length 64" in quarantine[0]["reasons"][0]
-    rep = validate_dataset(path, tmp_path / "b", checks=Checks(max_length=64, near_dup_threshold=None), tokenizer=small_tokenizer)
+    rep = validate_dataset(
+        path, tmp_path / "b", checks=Checks(max_length=64, near_dup_threshold=None), tokenizer=small_tokenizer
+    )
     assert rep["valid"] == 2 and rep["rules"] == {"overlong": 1} and rep["overlong"]["records"] == 1
     rep = validate_dataset(path, tmp_path / "c", checks=Checks(max_length=64, near_dup_threshold=None))
     assert "overlong" in rep["rules_not_checked"] and rep["overlong"] is None
@@ -371,7 +409,11 @@ def chat(user, answer):
 
 
 def test_near_duplicates_dropped_or_reported(tmp_path):
-    rows = [chat(BASE, "yes indeed"), chat("completely different text about taxes and forms", "no"), chat(BASE + "!", "yes indeed.")]
+    rows = [
+        chat(BASE, "yes indeed"),
+        chat("completely different text about taxes and forms", "no"),
+        chat(BASE + "!", "yes indeed."),
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     rep = validate_dataset(path, tmp_path / "a")
     clean, quarantine = accounted(rep)
@@ -387,7 +429,9 @@ def test_contamination_against_eval(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     rep = validate_dataset(path, tmp_path / "a", eval_texts=["an eval item: " + BASE])
     clean, quarantine = accounted(rep)
-    assert rep["contaminated"] == 1 and quarantine[0]["line"] == 1 and codes(quarantine[0]["reasons"]) == ["contaminated"]
+    assert (
+        rep["contaminated"] == 1 and quarantine[0]["line"] == 1 and codes(quarantine[0]["reasons"]) == ["contaminated"]
+    )
     assert rep["contamination_ratio"] == 0.5
     rep = validate_dataset(path, tmp_path / "b")
     assert "contaminated" in rep["rules_not_checked"]
@@ -412,7 +456,9 @@ def test_pii_policies(tmp_path, policy):
     rep = validate_dataset(write_jsonl(tmp_path / "d.jsonl", SECRET_ROWS), tmp_path / "o", checks=Checks(pii=policy))
     clean, quarantine = accounted(rep)
     assert rep["pii"] == {"aws_access_key": 1, "credit_card": 1, "email": 1} and rep["pii_records"] == 2
-    report_text = (tmp_path / "o" / "train.report.json").read_text() + (tmp_path / "o" / "train.report.html").read_text()
+    report_text = (tmp_path / "o" / "train.report.json").read_text() + (
+        tmp_path / "o" / "train.report.html"
+    ).read_text()
     assert not any(o in report_text for o in ORIGINALS)  # examples are masked
     assert not any(o in json.dumps(quarantine) for o in ORIGINALS)
     if policy == "report":
@@ -444,7 +490,9 @@ def test_data_gates(tmp_path):
 
     rows = SECRET_ROWS + [SECRET_ROWS[2], {"messages": 1}]
     rep = validate_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "o", checks=NO_SIM)
-    cfg = DataConfig(train_data="x", min_valid_ratio=0.9, max_duplicate_ratio=0.1, max_contamination=0.0, max_pii_records=1)
+    cfg = DataConfig(
+        train_data="x", min_valid_ratio=0.9, max_duplicate_ratio=0.1, max_contamination=0.0, max_pii_records=1
+    )
     gates = {g.name: g for g in data_gates(rep, cfg)}
     assert gates["min_valid_ratio"].value == pytest.approx(0.8) and not gates["min_valid_ratio"].passed
     assert gates["max_duplicate_ratio"].value == pytest.approx(0.2) and not gates["max_duplicate_ratio"].passed
@@ -468,10 +516,18 @@ def test_data_gates_speak_the_evaluation_gate_vocabulary(tmp_path):
 
     rows = SECRET_ROWS + [SECRET_ROWS[2], {"messages": 1}]
     train = write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = DataConfig(train_data=str(train), eval_data=str(write_jsonl(tmp_path / "e.jsonl", SECRET_ROWS[:1])),
-                     min_valid_ratio=0.9, max_pii_records=5, near_dup_threshold=None, min_usable_records=None)
+    cfg = DataConfig(
+        train_data=str(train),
+        eval_data=str(write_jsonl(tmp_path / "e.jsonl", SECRET_ROWS[:1])),
+        min_valid_ratio=0.9,
+        max_pii_records=5,
+        near_dup_threshold=None,
+        min_usable_records=None,
+    )
     verdict = validate_splits(cfg, tmp_path / "o")
-    assert not verdict.passed and len(verdict.failures) == 1 and "min_valid_ratio failed on train" in verdict.failures[0]
+    assert (
+        not verdict.passed and len(verdict.failures) == 1 and "min_valid_ratio failed on train" in verdict.failures[0]
+    )
     on_disk = json.loads((tmp_path / "o" / "train.report.json").read_text())
     gates = {g["name"]: g for g in on_disk["gates"]}
     old_keys = {"name", "value", "op", "threshold", "passed", "detail"}
@@ -479,10 +535,19 @@ def test_data_gates_speak_the_evaluation_gate_vocabulary(tmp_path):
     assert gates["min_valid_ratio"]["verdict"] == "FAIL" and gates["min_valid_ratio"]["blocks"] is True
     assert gates["min_valid_ratio"]["metric"] == "valid_ratio" and "is not >= 0.9" in gates["min_valid_ratio"]["reason"]
     assert gates["max_pii_records"]["verdict"] == "PASS" and gates["max_pii_records"]["blocks"] is False
-    assert on_disk["passed"] is False and json.loads((tmp_path / "o" / "eval.report.json").read_text())["passed"] is True
+    assert (
+        on_disk["passed"] is False and json.loads((tmp_path / "o" / "eval.report.json").read_text())["passed"] is True
+    )
 
-    records = gate_records({s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()})
-    assert set(records) == {"min_valid_ratio[train]", "max_pii_records[train]", "min_valid_ratio[eval]", "max_pii_records[eval]"}
+    records = gate_records(
+        {s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()}
+    )
+    assert set(records) == {
+        "min_valid_ratio[train]",
+        "max_pii_records[train]",
+        "min_valid_ratio[eval]",
+        "max_pii_records[eval]",
+    }
     assert records["min_valid_ratio[train]"]["n"] == 5 and records["min_valid_ratio[train]"]["suite"] == "data.train"
     suite = ET.fromstring(junit_xml(records)).find("testsuite")
     assert suite.get("tests") == "4" and suite.get("failures") == "1"

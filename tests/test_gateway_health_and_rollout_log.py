@@ -84,7 +84,9 @@ def test_each_rollout_decision_is_an_info_line_at_the_gateways_default_level(tmp
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": str(tests.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = DECISIONS.format(tests=str(tests), root=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stderr.splitlines() if "rollout " in line]
     holds = [line for line in lines if "holds at 20%" in line]

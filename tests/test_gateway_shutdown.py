@@ -67,23 +67,39 @@ def start_gateway(ws: Path, base: Path, port: int):
 def request_body(i: int) -> tuple[str, dict]:
     """Mostly chat (every other one streamed), every fourth a completion (every eighth streamed)."""
     if i % 4 == 3:
-        return "/v1/completions", {"model": "tiny-bot", "prompt": f"ticket {i}: my parcel", "max_tokens": 200,
-                                   "temperature": 0, "stream": i % 8 == 7}
-    return "/v1/chat/completions", {"model": "tiny-bot", "messages": [{"role": "user", "content": f"where is order {i}?"}],
-                                    "max_tokens": 200, "temperature": 0, "stream": i % 2 == 0}
+        return "/v1/completions", {
+            "model": "tiny-bot",
+            "prompt": f"ticket {i}: my parcel",
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": i % 8 == 7,
+        }
+    return "/v1/chat/completions", {
+        "model": "tiny-bot",
+        "messages": [{"role": "user", "content": f"where is order {i}?"}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": i % 2 == 0,
+    }
 
 
 async def fire(url: str, n: int) -> list[dict]:
     """``n`` concurrent requests; each answer as {status, headers, stream, json | events} or {transport_error}."""
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def one(i: int) -> dict:
             path, body = request_body(i)
             try:
                 async with client.stream("POST", path, json=body) as r:
                     raw = (await r.aread()).decode()
-                    out = {"i": i, "status": r.status_code, "headers": dict(r.headers), "stream": body["stream"],
-                           "content_type": r.headers.get("content-type", "")}
+                    out = {
+                        "i": i,
+                        "status": r.status_code,
+                        "headers": dict(r.headers),
+                        "stream": body["stream"],
+                        "content_type": r.headers.get("content-type", ""),
+                    }
                     if out["content_type"].startswith("text/event-stream"):
                         out["events"] = sse_events(raw)
                     else:
@@ -203,8 +219,11 @@ class HangingBackend:
             await asyncio.Event().wait()
 
         async def chunks():
-            yield {"object": "chat.completion.chunk", "model": route.model_id,
-                   "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
+            yield {
+                "object": "chat.completion.chunk",
+                "model": route.model_id,
+                "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}],
+            }
             await asyncio.Event().wait()
             yield {}
 
@@ -231,6 +250,7 @@ def test_calls_still_open_after_the_grace_are_cancelled_into_503(tmp_path, capfd
     results: dict[str, httpx.Response] = {}
     server = BackgroundServer(app, grace_s=0.5)
     with server:
+
         def call(name: str, stream: bool) -> None:
             body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
             results[name] = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
@@ -278,8 +298,11 @@ def test_feedback_still_open_after_the_grace_gets_the_503_too(tmp_path, capfd):
     result: dict[str, httpx.Response] = {}
     server = BackgroundServer(app, grace_s=0.3)
     with server:
-        th = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
-            f"{server.url}/v1/feedback", json={"request_id": "req-x", "rating": 1}, timeout=30)))
+        th = threading.Thread(
+            target=lambda: result.setdefault(
+                "r", httpx.post(f"{server.url}/v1/feedback", json={"request_id": "req-x", "rating": 1}, timeout=30)
+            )
+        )
         th.start()
         assert entered.wait(10)
         # the store is let go only once the client has its answer (so the 503 came while it still hung): the

@@ -35,7 +35,8 @@ except ImportError:
 _skip_without_llama_cpp = pytest.mark.skipif(
     not HAVE_LLAMA_CPP,
     reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36; it builds llama.cpp from its sdist, "
-           "~10 min on 2 cores)")
+    "~10 min on 2 cores)",
+)
 
 
 def llama_cpp_test(f):
@@ -90,14 +91,23 @@ def train_adapter(base: Path, out: Path, steps: int = 30) -> Path:
 
     torch.manual_seed(0)
     tok = load_tokenizer(str(base))
-    model = get_peft_model(load_causal_lm(str(base)), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        load_causal_lm(str(base)),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in task_records(240, seed=7, split="train")]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = tok(texts[8 * step % len(texts):][:8], return_tensors="pt", padding=True, truncation=True, max_length=128)
+        batch = tok(
+            texts[8 * step % len(texts) :][:8], return_tensors="pt", padding=True, truncation=True, max_length=128
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
@@ -139,16 +149,30 @@ def demo_prompts(tok) -> list[list[int]]:
     from tuneloop.demo_assets import task_records
 
     convs = [r["messages"][:-1] for r in task_records(3, seed=11, split="eval")]
-    convs += [[{"role": "user", "content": "How do I reset my password?"}],
-              [{"role": "user", "content": "Tell me about the weather in spring."}]]
-    return [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"] for c in convs]
+    convs += [
+        [{"role": "user", "content": "How do I reset my password?"}],
+        [{"role": "user", "content": "Tell me about the weather in spring."}],
+    ]
+    return [
+        tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        for c in convs
+    ]
 
 
 def real_prompts(tok) -> list[list[int]]:
-    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
-                 "Explain what a neural network is in one sentence.", "How many legs does a spider have?"]
-    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
-                                    return_dict=True)["input_ids"] for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "Explain what a neural network is in one sentence.",
+        "How many legs does a spider have?",
+    ]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for q in questions
+    ]
 
 
 # -- greedy decoding on both sides ------------------------------------------------------------------------------
@@ -156,9 +180,15 @@ def real_prompts(tok) -> list[list[int]]:
 
 def hf_greedy(model, tok, ids: list[int], n: int = N_NEW) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def load_llama(path: Path, *, logits_all: bool = False):
@@ -182,13 +212,16 @@ def teacher_forced_agreement(llm, ids: list[int], continuation: list[int]) -> tu
 
     llm.reset()
     llm.eval(ids + continuation)
-    pred = np.asarray(llm.scores[len(ids) - 1:len(ids) + len(continuation) - 1]).argmax(-1)
+    pred = np.asarray(llm.scores[len(ids) - 1 : len(ids) + len(continuation) - 1]).argmax(-1)
     return int((pred == np.asarray(continuation)).sum()), len(continuation)
 
 
 def check_tokenizer(llm, tok) -> None:
     for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"], text
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=False)
+            == tok(text, add_special_tokens=False)["input_ids"]
+        ), text
     chat = tok.apply_chat_template([{"role": "user", "content": TEXTS[1]}], tokenize=False, add_generation_prompt=True)
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]
     for text in TEXTS:  # and back: llama.cpp's detokenizer gives the text
@@ -236,8 +269,10 @@ def test_demo_export_files_modelfile_and_event(exports, ws):
 
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./router-1.f16.gguf\n" in modelfile
-    assert ('TEMPLATE """{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-            '<|im_start|>assistant\n"""\n') in modelfile
+    assert (
+        'TEMPLATE """{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        '<|im_start|>assistant\n"""\n'
+    ) in modelfile
     assert "SYSTEM" not in modelfile  # the demo's template has no default system prompt
     assert modelfile.endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n')
 
@@ -245,7 +280,9 @@ def test_demo_export_files_modelfile_and_event(exports, ws):
     field = lambda k: reader.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "llama" and field("tokenizer.ggml.model") == "gpt2"
     assert field("tokenizer.ggml.pre") == "gpt-2" and field("tokenizer.ggml.add_bos_token") is False
-    assert field("llama.block_count") == 2 and field("llama.context_length") == 256 and field("llama.vocab_size") == 2048
+    assert (
+        field("llama.block_count") == 2 and field("llama.context_length") == 256 and field("llama.vocab_size") == 2048
+    )
     assert field("tokenizer.ggml.eos_token_id") == 2 and "<|im_start|>" in field("tokenizer.chat_template")
     assert "output.weight" not in {t.name for t in reader.tensors}
 
@@ -310,7 +347,11 @@ def test_real_model_tokenizer_smollm_split(real_gguf, tmp_path):
 
     tok = real_gguf["tok"]
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     try:
         summary = write_gguf(real_gguf["model"], tok, tmp_path / "smollm.gguf", quant="q8_0", name="smollm2")
         assert summary.pre_tokenizer == "smollm"
@@ -325,8 +366,9 @@ def test_real_model_modelfile_keeps_the_default_system_prompt(real_gguf):
 
     fmt, why = chat_format(real_gguf["tok"])
     assert why == "" and fmt.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert fmt.go_template() == ("{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                                 "<|im_start|>assistant\n")
+    assert fmt.go_template() == (
+        "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    )
     assert stop_tokens(real_gguf["tok"], fmt) == ["<|im_end|>", "<|im_start|>"]
 
 
@@ -338,25 +380,44 @@ def test_chat_format_takes_role_tagged_templates_and_refuses_others(demo_base):
     from tuneloop.registry.gguf_export import chat_format
 
     tok = load_tokenizer(str(demo_base))
-    tok.chat_template = ("{{ '<s>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
-                         "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-                         "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    tok.chat_template = (
+        "{{ '<s>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+        "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    )
     fmt, why = chat_format(tok)  # Llama-3's shape, with a header
     assert why == ""
-    assert (fmt.header, fmt.open, fmt.role_end, fmt.close) == ("<s>", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>")
+    assert (fmt.header, fmt.open, fmt.role_end, fmt.close) == (
+        "<s>",
+        "<|start_header_id|>",
+        "<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    )
     for template, reason in [
         # Llama-2's [INST]: the system prompt goes inside the first user turn
-        ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% elif m['role'] == 'user' %}"
-         "[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}", "between messages"),
+        (
+            "{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% elif m['role'] == 'user' %}"
+            "[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}",
+            "between messages",
+        ),
         # roles renamed (Gemma's model for assistant)
-        ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
-         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", "differently"),
+        (
+            "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
+            "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+            "differently",
+        ),
         # content trimmed
-        ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
-         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "differently"),
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            "differently",
+        ),
         # raises on a system message
-        ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
-         "{{ m['content'] }}{% endfor %}", "failed"),
+        (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+            "{{ m['content'] }}{% endfor %}",
+            "failed",
+        ),
     ]:
         tok.chat_template = template
         fmt, why = chat_format(tok)
@@ -397,8 +458,16 @@ def test_unsupported_architecture_is_refused_naming_the_supported(demo_base, tmp
     from tuneloop.registry.ops import register_directory
 
     qwen = tmp_path / "qwen"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(qwen)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=2048,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(qwen)
     save_tokenizer(load_tokenizer(str(demo_base)), qwen)
     register_directory(SqliteRegistry(tmp_path / "ws"), qwen, "qwen")
     r = tl("models", "export", "qwen", tmp_path / "out", "--format", "gguf", "-w", tmp_path / "ws")

@@ -27,9 +27,32 @@ from test_registry_mlflow import mlflow_server  # noqa: E402,F401  (fixture)
 def test_gguf_export_is_an_event_on_the_mlflow_registry(mlflow_server, adapters, tmp_path, monkeypatch):
     monkeypatch.setenv("TUNELOOP_USER", "ci-bot")
     reg = open_registry(mlflow_server["url"], tmp_path / "ws")
-    tl("models", "register", adapters[0], "--name", "gguf-bot", "--registry", mlflow_server["url"], "-w", tmp_path / "ws")
-    r = tl("models", "export", "gguf-bot:1", tmp_path / "out", "--format", "gguf", "--quant", "q8_0",
-           "--registry", mlflow_server["url"], "-w", tmp_path / "ws", "--json")
+    tl(
+        "models",
+        "register",
+        adapters[0],
+        "--name",
+        "gguf-bot",
+        "--registry",
+        mlflow_server["url"],
+        "-w",
+        tmp_path / "ws",
+    )
+    r = tl(
+        "models",
+        "export",
+        "gguf-bot:1",
+        tmp_path / "out",
+        "--format",
+        "gguf",
+        "--quant",
+        "q8_0",
+        "--registry",
+        mlflow_server["url"],
+        "-w",
+        tmp_path / "ws",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     sha = hashlib.sha256((Path(res["path"]) / res["file"]).read_bytes()).hexdigest()

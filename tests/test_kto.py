@@ -18,12 +18,16 @@ from tuneloop.errors import ConfigError
 
 TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]
 # The real-format datasets: `shared/datasets` beside the checkout (found upwards, so git worktrees find it too).
-SHARED = next((p / "shared" / "datasets" for p in Path(__file__).resolve().parents if (p / "shared" / "datasets").is_dir()),
-              Path(__file__).resolve().parents[2] / "shared" / "datasets")
+SHARED = next(
+    (p / "shared" / "datasets" for p in Path(__file__).resolve().parents if (p / "shared" / "datasets").is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "datasets",
+)
 
 
 def tl(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([*TUNELOOP, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    return subprocess.run(
+        [*TUNELOOP, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
 
 
 def kto_records(n: int, seed: int, *, bad_every: int = 2) -> list[dict]:
@@ -42,7 +46,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.skipif(not (SHARED / "kto_en_demo.json").is_file(), reason=f"{SHARED} not present (the real-format datasets)")
+@pytest.mark.skipif(
+    not (SHARED / "kto_en_demo.json").is_file(), reason=f"{SHARED} not present (the real-format datasets)"
+)
 def test_llama_factory_kto_records_become_trl_unpaired_conversations(tmp_path):
     from tuneloop.data.prepare import prepare_kto, trl_unpaired
     from tuneloop.data.validate import validate_dataset
@@ -58,7 +64,9 @@ def test_llama_factory_kto_records_become_trl_unpaired_conversations(tmp_path):
     prep = prepare_kto(Path(rep["clean_path"]), None, tmp_path / "prep", eval_split=0.25, seed=0)
     desirable = sum(c["label"] for c in clean)
     assert prep["undesirable"] == len(clean) - desirable  # every undesirable answer trains ...
-    assert prep["desirable"] + prep["eval_samples"] == desirable  # ... and only desirable ones are held out, as references
+    assert (
+        prep["desirable"] + prep["eval_samples"] == desirable
+    )  # ... and only desirable ones are held out, as references
     items = [json.loads(x) for x in (tmp_path / "prep" / "eval.jsonl").read_text().splitlines()]
     good = {c["messages"][-1]["content"] for c in clean if c["label"]}
     assert items and all(i["reference"] in good and i["messages"][-1]["role"] == "user" for i in items)
@@ -66,11 +74,22 @@ def test_llama_factory_kto_records_become_trl_unpaired_conversations(tmp_path):
 
     rows = load_from_disk(str(tmp_path / "prep" / "train"))
     assert sorted(rows["label"]) == sorted([c["label"] for c in clean if not c["label"]] + [True] * prep["desirable"])
-    assert rows["label"] != sorted(rows["label"]) and rows["label"] != sorted(rows["label"], reverse=True)  # shuffled, not grouped
+    assert rows["label"] != sorted(rows["label"]) and rows["label"] != sorted(
+        rows["label"], reverse=True
+    )  # shuffled, not grouped
 
 
-TRAIN = {"objective": "kto", "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3,
-         "max_steps": 4, "batch_size": 4, "save_steps": 2}
+TRAIN = {
+    "objective": "kto",
+    "method": "lora",
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 5e-3,
+    "max_steps": 4,
+    "batch_size": 4,
+    "save_steps": 2,
+}
 
 
 @pytest.mark.slow
@@ -84,7 +103,11 @@ def test_kto_run_from_the_cli_is_gated_like_sft_and_registers_its_objective(make
     assert summary["overall"] == "passed", {k: (v["status"], v["error"]) for k, v in st.items() if v["error"]}
     assert st["data_validation"]["metrics"]["format"] == "kto" and st["data_validation"]["metrics"]["valid"] == 32
     prep = st["preprocessing"]["metrics"]
-    assert prep["objective"] == "kto" and prep["train_samples"] == 32 and (prep["desirable"], prep["undesirable"]) == (16, 16)
+    assert (
+        prep["objective"] == "kto"
+        and prep["train_samples"] == 32
+        and (prep["desirable"], prep["undesirable"]) == (16, 16)
+    )
     assert prep["eval_samples"] == 12  # data.eval_data in messages format: its answers are the references
     tr = st["training"]["metrics"]
     assert tr["objective"] == "kto" and tr["steps"] == 4 and (tr["desirable"], tr["undesirable"]) == (16, 16)
@@ -97,7 +120,10 @@ def test_kto_run_from_the_cli_is_gated_like_sft_and_registers_its_objective(make
     assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # policy == reference at step 1: 1 - sigmoid(0)
     assert any(abs(row["rewards/margins"]) > 1e-4 for row in rows[1:] if "rewards/margins" in row)  # the policy moved
     stage = json.loads((run_dir / "stages" / "training.json").read_text())
-    assert stage["outputs"]["kind"] == "adapter" and (Path(stage["outputs"]["model_dir"]) / "adapter_model.safetensors").is_file()
+    assert (
+        stage["outputs"]["kind"] == "adapter"
+        and (Path(stage["outputs"]["model_dir"]) / "adapter_model.safetensors").is_file()
+    )
 
     # Gated like SFT: the task gate applies to the desirable references; no preference gate.
     ev = st["evaluation"]["metrics"]
@@ -118,8 +144,12 @@ def test_kto_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_doe
     data = write_jsonl(tmp_path / "kto.jsonl", kto_records(24, seed=5, bad_every=3))
     rep = validate_dataset(data, tmp_path / "valid", fmt="kto")
     prep = prepare_kto(Path(rep["clean_path"]), None, tmp_path / "prep", eval_split=0.1, seed=0)
-    assert prep["undesirable"] == 8 and prep["desirable"] + prep["eval_samples"] == 16  # only desirable records are held out
-    cfg = load_config(make_config(data={"train_data": str(data), "max_length": 96}, train={**TRAIN, "kto_desirable_weight": 1.2}))
+    assert (
+        prep["undesirable"] == 8 and prep["desirable"] + prep["eval_samples"] == 16
+    )  # only desirable records are held out
+    cfg = load_config(
+        make_config(data={"train_data": str(data), "max_length": 96}, train={**TRAIN, "kto_desirable_weight": 1.2})
+    )
     tok = load_tokenizer(cfg.base_model)
     work = tmp_path / "run"
     first = train_kto(cfg, tmp_path / "prep" / "train", work, tokenizer=tok)
@@ -139,7 +169,9 @@ def test_kto_on_data_without_labels_exits_2_naming_the_key(make_config, task_dat
     path = make_config(train=TRAIN)  # the task data: messages records, no label
     r = tl("run", path, "--json")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "data.train_data" in r.stderr and "train.objective kto needs kto data" in r.stderr and "is messages" in r.stderr
+    assert (
+        "data.train_data" in r.stderr and "train.objective kto needs kto data" in r.stderr and "is messages" in r.stderr
+    )
 
 
 def test_kto_needs_both_labels_and_batches_of_two(make_config, task_data, tmp_path):
@@ -150,7 +182,10 @@ def test_kto_needs_both_labels_and_batches_of_two(make_config, task_data, tmp_pa
     assert "data.train_data" in str(exc.value) and "6 desirable and 0 undesirable" in str(exc.value)
 
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
-    path = make_config(data={"train_data": str(write_jsonl(tmp_path / "k.jsonl", kto_records(12, seed=3))), "eval_data": str(prefs)}, train=TRAIN)
+    path = make_config(
+        data={"train_data": str(write_jsonl(tmp_path / "k.jsonl", kto_records(12, seed=3))), "eval_data": str(prefs)},
+        train=TRAIN,
+    )
     with pytest.raises(ConfigError, match=r"data\.eval_data: train\.objective kto needs kto data .* is preference"):
         FineTunePipeline(load_config(path)).preflight()
 
@@ -166,4 +201,7 @@ def test_kto_needs_both_labels_and_batches_of_two(make_config, task_data, tmp_pa
     path = make_config(data={"train_data": str(mixed), "eval_data": str(task_data[1])}, train=TRAIN)
     st = FineTunePipeline(load_config(path)).run()["stages"]
     assert st["data_validation"]["status"] == "failed" and st["training"]["status"] in ("pending", "skipped")
-    assert "data.train_data" in st["data_validation"]["error"] and "6 desirable and 0 undesirable" in st["data_validation"]["error"]
+    assert (
+        "data.train_data" in st["data_validation"]["error"]
+        and "6 desirable and 0 undesirable" in st["data_validation"]["error"]
+    )

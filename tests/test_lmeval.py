@@ -34,7 +34,13 @@ def lm_config(make_config, tmp_path):
 
     def make(**suite):
         spec = {"kind": "lmeval", "tasks": [TASK], "include_path": "lmtasks", **suite}
-        gates = {"min_accuracy": None, "max_harmful_rate": None, "max_capability_drop": None, "max_accuracy_drop": None, "max_mc_capability_drop": 0.2}
+        gates = {
+            "min_accuracy": None,
+            "max_harmful_rate": None,
+            "max_capability_drop": None,
+            "max_accuracy_drop": None,
+            "max_mc_capability_drop": 0.2,
+        }
         return make_config(eval={"max_new_tokens": 4, "suites": [spec]}, gates=gates)
 
     return make
@@ -50,7 +56,13 @@ def test_identical_candidate_passes_pairs_every_doc_and_audits(lm_config, tiny_m
     recs = [json.loads(x) for x in (Path(rep["eval_dir"]) / "items.jsonl").read_text().splitlines()]
     lm = [x for x in recs if x["kind"] == "lmeval"]
     assert sorted(x["doc_id"] for x in lm) == list(range(N_DOCS))  # one record per document
-    assert all(x["task"] == TASK and x["metric"] == "acc" and x["base_score"] in (0.0, 1.0) and x["base_score"] == x["candidate_score"] for x in lm)
+    assert all(
+        x["task"] == TASK
+        and x["metric"] == "acc"
+        and x["base_score"] in (0.0, 1.0)
+        and x["base_score"] == x["candidate_score"]
+        for x in lm
+    )
     assert all(x["prompt"].startswith("Question: ") and len(x["prompt_sha256"]) == 64 for x in lm)
     assert rep["metrics"]["lmeval_items"] == N_DOCS
     assert rep["metrics"]["lmeval_accuracy"] == pytest.approx(sum(x["candidate_score"] for x in lm) / N_DOCS, abs=1e-6)
@@ -92,7 +104,9 @@ def test_per_item_outcomes_match_lmeval_aggregate_and_tuneloop_scoring(tiny_mode
     mc_file.write_text((FIXTURE / "tiny_mc.jsonl").read_text())
     mc_spec = SuiteConfig(kind="capability_mc", path=str(mc_file))
     mc = load_suite(mc_spec, ev, None)
-    mres, _ = score_suite(mc, model_outputs(base, tok, mc, max_new_tokens=4), model_outputs(cand, tok, mc, max_new_tokens=4), None)
+    mres, _ = score_suite(
+        mc, model_outputs(base, tok, mc, max_new_tokens=4), model_outputs(cand, tok, mc, max_new_tokens=4), None
+    )
     assert mres["base"] == res["base"] and mres["candidate"] == res["candidate"]
 
     # max_items is lm-eval's limit: the first documents only.

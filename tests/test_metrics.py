@@ -24,8 +24,17 @@ def key(name: str, **labels) -> tuple:
 
 
 def observe(m: GatewayMetrics, **kw) -> None:
-    args = dict(model="bot", version="3", arm="canary", endpoint="chat.completions", status=200,
-                latency_s=0.2, ttft_s=0.05, prompt_tokens=10, completion_tokens=4)
+    args = dict(
+        model="bot",
+        version="3",
+        arm="canary",
+        endpoint="chat.completions",
+        status=200,
+        latency_s=0.2,
+        ttft_s=0.05,
+        prompt_tokens=10,
+        completion_tokens=4,
+    )
     m.observe(**{**args, **kw})
 
 
@@ -34,18 +43,38 @@ def test_counters_histograms_and_tokens():
     observe(m)
     observe(m, latency_s=3.0, ttft_s=None, completion_tokens=0)
     observe(m, status=503, latency_s=0.01, ttft_s=None, prompt_tokens=0, completion_tokens=0)
-    observe(m, status=200, error=True)                  # an empty output: 200 but an error
-    observe(m, status=400, version=2, arm="baseline")   # a client error is not counted as an error
+    observe(m, status=200, error=True)  # an empty output: 200 but an error
+    observe(m, status=400, version=2, arm="baseline")  # a client error is not counted as an error
     s = samples(m)
     ok = dict(model="bot", version="3", arm="canary", endpoint="chat.completions")
     assert s[key("tuneloop_requests_total", **ok, status="200")] == 3
     assert s[key("tuneloop_requests_total", **ok, status="503")] == 1
-    assert s[key("tuneloop_requests_total", model="bot", version="2", arm="baseline",
-                 endpoint="chat.completions", status="400")] == 1
+    assert (
+        s[
+            key(
+                "tuneloop_requests_total",
+                model="bot",
+                version="2",
+                arm="baseline",
+                endpoint="chat.completions",
+                status="400",
+            )
+        ]
+        == 1
+    )
     assert s[key("tuneloop_request_errors_total", **ok, status="503")] == 1
     assert s[key("tuneloop_request_errors_total", **ok, status="200")] == 1
-    assert key("tuneloop_request_errors_total", model="bot", version="2", arm="baseline",
-               endpoint="chat.completions", status="400") not in s
+    assert (
+        key(
+            "tuneloop_request_errors_total",
+            model="bot",
+            version="2",
+            arm="baseline",
+            endpoint="chat.completions",
+            status="400",
+        )
+        not in s
+    )
     assert s[key("tuneloop_request_latency_seconds_count", **ok)] == 4
     assert s[key("tuneloop_request_latency_seconds_sum", **ok)] == pytest.approx(0.2 + 3.0 + 0.01 + 0.2)
     assert s[key("tuneloop_request_latency_seconds_bucket", **ok, le="0.25")] == 3

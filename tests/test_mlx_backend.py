@@ -68,10 +68,21 @@ def module_config(tmp_path_factory, tiny_model, task_data):
     d = tmp_path_factory.mktemp("mlx-config")
 
     def make() -> Path:
-        cfg = {"name": "tiny-bot", "base_model": str(tiny_model), "seed": 0,
-               "data": {"train_data": str(task_data[0]), "eval_data": str(task_data[1]), "max_length": 96},
-               "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-3, "max_steps": 6,
-                         "batch_size": 8, "save_steps": 3}}
+        cfg = {
+            "name": "tiny-bot",
+            "base_model": str(tiny_model),
+            "seed": 0,
+            "data": {"train_data": str(task_data[0]), "eval_data": str(task_data[1]), "max_length": 96},
+            "train": {
+                "method": "lora",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "learning_rate": 1e-3,
+                "max_steps": 6,
+                "batch_size": 8,
+                "save_steps": 3,
+            },
+        }
         path = d / "tuneloop.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -102,9 +113,17 @@ def _peft_init(cfg, out: Path) -> Path:
 
     t = cfg.train
     set_seed(cfg.seed)
-    model = get_peft_model(load_causal_lm(cfg.base_model), LoraConfig(
-        r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules,
-        use_rslora=t.use_rslora, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_causal_lm(cfg.base_model),
+        LoraConfig(
+            r=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            lora_dropout=t.lora_dropout,
+            target_modules=t.target_modules,
+            use_rslora=t.use_rslora,
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.save_pretrained(str(out))
     return out
 
@@ -153,7 +172,15 @@ def test_trained_adapter_gives_the_same_logits_in_peft_as_in_mlx(trained_lora, p
     adapter = out / "model"
     conf = json.loads((adapter / "adapter_config.json").read_text())
     assert conf["r"] == 4 and conf["lora_alpha"] == 8 and conf["base_model_name_or_path"] == cfg.base_model
-    assert sorted(conf["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(conf["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert (adapter / "tokenizer.json").is_file() and (adapter / "tuneloop_config.json").is_file()
 
     # MLX with the trained weights as MLX holds them (the last checkpoint: mlx-lm's lora_a / lora_b names).
@@ -179,10 +206,19 @@ def untied_model(tmp_path_factory, tiny_model):
     from tuneloop.modeling import load_tokenizer, save_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(1)
     out = tmp_path_factory.mktemp("untied")
     LlamaForCausalLM(config).save_pretrained(str(out))
@@ -201,8 +237,15 @@ def test_random_lora_weights_convert_exactly(untied_model, module_config, prepar
     from tuneloop.modeling import load_causal_lm
     from tuneloop.train.mlx_backend import _module, add_lora, load_mlx_model, save_peft_adapter
 
-    cfg = load_config(module_config(), [f"base_model={untied_model}", "train.lora_r=3", "train.lora_alpha=5",
-                                        f"train.target_modules=[{','.join(targets)}]"])
+    cfg = load_config(
+        module_config(),
+        [
+            f"base_model={untied_model}",
+            "train.lora_r=3",
+            "train.lora_alpha=5",
+            f"train.target_modules=[{','.join(targets)}]",
+        ],
+    )
     assert cfg.train.target_modules == targets
     model, path = load_mlx_model(cfg.base_model)
     base_diff = _max_logit_diff(load_causal_lm(str(untied_model)), model, _prompts(prepared[0]))
@@ -241,7 +284,9 @@ def test_real_model_base_and_adapter_logits_agree(real_model_dir, module_config,
     import torch
 
     tok = load_tokenizer(str(real_model_dir))
-    text = tok.apply_chat_template([{"role": "user", "content": "Capital of France?"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = [tok(text, add_special_tokens=False)["input_ids"]]  # one short prompt: mlx[cpu]'s reference BLAS is slow
 
     def hf_logits(model):
@@ -273,9 +318,16 @@ def test_real_model_base_and_adapter_logits_agree(real_model_dir, module_config,
 def test_lora_losses_match_the_transformers_backend_from_the_same_start(module_config, prepared, tmp_path):
     """Gradient accumulation with a short last step per epoch (43 samples, 4 x 3 per step), cosine with warm-up and
     weight decay: the same samples, loss, clipping, optimiser and schedule in both backends."""
-    settings = ["train.batch_size=4", "train.gradient_accumulation_steps=3", "train.lr_scheduler=cosine",
-                "train.warmup_steps=2", "train.weight_decay=0.1", "train.lora_dropout=0.0", "train.max_steps=8",
-                "train.learning_rate=0.01"]
+    settings = [
+        "train.batch_size=4",
+        "train.gradient_accumulation_steps=3",
+        "train.lr_scheduler=cosine",
+        "train.warmup_steps=2",
+        "train.weight_decay=0.1",
+        "train.lora_dropout=0.0",
+        "train.max_steps=8",
+        "train.learning_rate=0.01",
+    ]
     cfg = load_config(module_config(), settings)
     _, ours = _train("transformers", cfg, prepared, tmp_path / "hf")
     _, mlx = _train("mlx", cfg, prepared, tmp_path / "mlx", init_adapter=_peft_init(cfg, tmp_path / "init"))
@@ -308,8 +360,16 @@ def test_full_fine_tuning_matches_and_saves_a_transformers_model(module_config, 
     from tuneloop.modeling import load_causal_lm
     from tuneloop.train.mlx_backend import load_mlx_model
 
-    cfg = load_config(module_config(), ["train.method=full", "train.learning_rate=0.003", "train.weight_decay=0.1",
-                                        "train.max_steps=4", "train.save_steps=2"])
+    cfg = load_config(
+        module_config(),
+        [
+            "train.method=full",
+            "train.learning_rate=0.003",
+            "train.weight_decay=0.1",
+            "train.max_steps=4",
+            "train.save_steps=2",
+        ],
+    )
     _, ours = _train("transformers", cfg, prepared, tmp_path / "hf")
     metrics, mlx = _train("mlx", cfg, prepared, tmp_path / "mlx")
     for a, b in zip(ours, mlx, strict=True):
@@ -360,9 +420,13 @@ def test_settings_the_mlx_backend_cannot_honour_are_problems(make_config, tmp_pa
 
     if HAVE_MLX:
         assert mlx_problems(_cfg(make_config, backend="mlx")) == []  # the tiny Llama with the defaults: nothing
-    cases = {"method": ("qlora", "train.method: qlora"), "use_dora": ("true", "train.use_dora"),
-             "num_processes": ("2", "train.num_processes"), "precision": ("bf16", "train.precision: bf16"),
-             "report_to": ("tensorboard", "train.report_to: tensorboard")}
+    cases = {
+        "method": ("qlora", "train.method: qlora"),
+        "use_dora": ("true", "train.use_dora"),
+        "num_processes": ("2", "train.num_processes"),
+        "precision": ("bf16", "train.precision: bf16"),
+        "report_to": ("tensorboard", "train.report_to: tensorboard"),
+    }
     for key, (value, needle) in cases.items():
         problems = mlx_problems(_cfg(make_config, backend="mlx", **{key: value}))
         assert any(needle in p for p in problems), (key, problems)
@@ -380,11 +444,16 @@ def test_mlx_missing_is_a_problem_naming_the_install_line(make_config, monkeypat
     from tuneloop.train import mlx_backend
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(mlx_backend.importlib.util, "find_spec",
-                        lambda name, *a: None if name.split(".")[0] in ("mlx", "mlx_lm") else real(name, *a))
+    monkeypatch.setattr(
+        mlx_backend.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.split(".")[0] in ("mlx", "mlx_lm") else real(name, *a),
+    )
     problems = mlx_backend.mlx_problems(_cfg(make_config, backend="mlx"))
-    assert problems == ["train.backend: mlx needs the packages mlx and mlx-lm: pip install 'tuneloop[mlx]' (mlx with "
-                        "Metal on Apple silicon, mlx[cpu] on Linux)"]
+    assert problems == [
+        "train.backend: mlx needs the packages mlx and mlx-lm: pip install 'tuneloop[mlx]' (mlx with "
+        "Metal on Apple silicon, mlx[cpu] on Linux)"
+    ]
 
 
 _WITHOUT_MLX = """
@@ -399,7 +468,9 @@ main()
 
 def test_run_without_mlx_exits_2_before_any_work(make_config, tmp_path):
     path = make_config(train__backend="mlx")
-    r = subprocess.run([sys.executable, "-c", _WITHOUT_MLX, "run", str(path)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MLX, "run", str(path)], capture_output=True, text=True, timeout=300
+    )
     err = " ".join(r.stderr.split())
     assert r.returncode == 2, r.stderr
     assert "train.backend: mlx needs the packages mlx and mlx-lm: pip install 'tuneloop[mlx]'" in err
@@ -417,8 +488,9 @@ def test_pipeline_with_the_mlx_backend_registers_a_gated_adapter(make_config, tm
     from tuneloop.workspace import Workspace
 
     path = make_config(train__backend="mlx")
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "run", str(path), "--json"], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "run", str(path), "--json"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     st = summary["stages"]

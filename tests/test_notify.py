@@ -61,10 +61,12 @@ def closed_port_url() -> str:
 
 def test_json_and_slack_payloads_are_delivered_to_the_webhooks_that_asked():
     with Receiver() as j, Receiver() as s:
-        hooks = webhooks_from_config([
-            {"url": j.url, "format": "json"},
-            {"url": s.url, "format": "slack", "events": ["rollback", "gate_failed"]},
-        ])
+        hooks = webhooks_from_config(
+            [
+                {"url": j.url, "format": "json"},
+                {"url": s.url, "format": "slack", "events": ["rollback", "gate_failed"]},
+            ]
+        )
         n = Notifier(hooks, backoff_s=0.01)
         assert n.notify("start", subject="support-bot:4", message="canary at 5%") == 1
         gates = [{"name": "min_accuracy", "verdict": "FAIL", "value": 0.71, "threshold": 0.85}]
@@ -122,8 +124,16 @@ def test_a_slow_receiver_does_not_block_the_caller():
 
 
 def test_slack_text_shows_a_decisions_metrics_table():
-    details = {"metrics": {"errors": {"canary": {"events": 13, "requests": 406}, "baseline": {"events": 78, "requests": 7694},
-                                      "estimate": 3.08, "interval": [1.0, 8.0]}}}
+    details = {
+        "metrics": {
+            "errors": {
+                "canary": {"events": 13, "requests": 406},
+                "baseline": {"events": 78, "requests": 7694},
+                "estimate": 3.08,
+                "interval": [1.0, 8.0],
+            }
+        }
+    }
     text = slack_payload(Notification("rollback", "support-bot:4", "errors: canary worse", details=details))["text"]
     assert "13/406" in text and "78/7694" in text and "3.08" in text and "[1, 8]" in text
 

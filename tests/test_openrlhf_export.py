@@ -26,8 +26,11 @@ from tuneloop.errors import ConfigError
 from tuneloop.train.external import PLACEHOLDERS
 from tuneloop.train.openrlhf import export_openrlhf, openrlhf_command
 
-pytestmark = pytest.mark.skipif(openrlhf_dir() is None, reason=f"openrlhf is not installed; {INSTALL} (its argument "
-                                "parsers are what these tests check the exported commands against)")
+pytestmark = pytest.mark.skipif(
+    openrlhf_dir() is None,
+    reason=f"openrlhf is not installed; {INSTALL} (its argument "
+    "parsers are what these tests check the exported commands against)",
+)
 
 README = Path(__file__).parents[1] / "README.md"
 STANDIN = Path(__file__).with_name("openrlhf_standin.py")
@@ -54,11 +57,23 @@ def _fill(cfg, command: str, where: Path) -> str:
     """``command`` with its placeholders filled the way ``train.backend: command`` fills them (external.run_command)."""
     t = cfg.train
     values = {
-        "base_model": cfg.base_model, "train_file": where / "train_records.jsonl", "eval_file": where / "eval_records.jsonl",
-        "output_dir": where / "external_output", "config_file": where / "tuneloop_config.yaml", "seed": cfg.seed,
-        "method": t.method, "objective": t.objective, "learning_rate": t.learning_rate, "num_epochs": t.num_epochs,
-        "max_steps": t.max_steps or 0, "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "max_length": cfg.data.max_length,
+        "base_model": cfg.base_model,
+        "train_file": where / "train_records.jsonl",
+        "eval_file": where / "eval_records.jsonl",
+        "output_dir": where / "external_output",
+        "config_file": where / "tuneloop_config.yaml",
+        "seed": cfg.seed,
+        "method": t.method,
+        "objective": t.objective,
+        "learning_rate": t.learning_rate,
+        "num_epochs": t.num_epochs,
+        "max_steps": t.max_steps or 0,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "lora_r": t.lora_r,
+        "lora_alpha": t.lora_alpha,
+        "lora_dropout": t.lora_dropout,
+        "max_length": cfg.data.max_length,
     }
     assert set(values) == set(PLACEHOLDERS)  # every placeholder a command may use
     return command.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
@@ -67,7 +82,7 @@ def _fill(cfg, command: str, where: Path) -> str:
 def _launch(filled: str) -> tuple[str, list[str], list[str]]:
     """(OpenRLHF module, its arguments, the words after `&&`) of a filled deepspeed command."""
     words = shlex.split(filled)
-    after = words[words.index("&&") + 1:] if "&&" in words else []
+    after = words[words.index("&&") + 1 :] if "&&" in words else []
     words = words[: words.index("&&")] if "&&" in words else words
     assert words[:2] == ["deepspeed", "--num_gpus"] and words[3] == "--module", words[:5]
     return words[4], words[5:], after
@@ -75,7 +90,9 @@ def _launch(filled: str) -> tuple[str, list[str], list[str]]:
 
 def test_the_check_rejects_what_openrlhf_rejects():
     """The check can fail: an unknown option, a malformed value and a failed check after parsing are each refused."""
-    ok = openrlhf_args("openrlhf.cli.train_sft", ["--model.model_name_or_path", "m", "--data.apply_chat_template", "--data.multiturn"])
+    ok = openrlhf_args(
+        "openrlhf.cli.train_sft", ["--model.model_name_or_path", "m", "--data.apply_chat_template", "--data.multiturn"]
+    )
     assert ok.model.model_name_or_path == "m" and ok.data.multiturn is True
     with pytest.raises(Rejected, match="unrecognized arguments: --actor.model_name_or_path"):
         # the name OpenRLHF's own README gives train_sft; its 0.11.2 parser has --model.model_name_or_path
@@ -98,8 +115,19 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_exported_commands_pass_openrlhfs_parser(case, make_config, pref_data, tmp_path):
-    train = {**CASES[case], "num_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 3, "learning_rate": 5e-5, "max_steps": None}
-    data = {} if train["objective"] == "sft" else {"data__train_data": str(pref_data[0]), "data__eval_data": str(pref_data[1])}
+    train = {
+        **CASES[case],
+        "num_epochs": 2,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 3,
+        "learning_rate": 5e-5,
+        "max_steps": None,
+    }
+    data = (
+        {}
+        if train["objective"] == "sft"
+        else {"data__train_data": str(pref_data[0]), "data__eval_data": str(pref_data[1])}
+    )
     cfg = load_config(make_config(train=train, **data))
     text = export_openrlhf(cfg)
     snippet = yaml.safe_load(text)["train"]
@@ -107,12 +135,19 @@ def test_exported_commands_pass_openrlhfs_parser(case, make_config, pref_data, t
     assert snippet["command"] == openrlhf_command(cfg)  # the YAML holds the command exactly
 
     module, argv, after = _launch(_fill(cfg, snippet["command"], tmp_path))
-    assert module == {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm"}[cfg.train.objective]
+    assert (
+        module
+        == {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm"}[
+            cfg.train.objective
+        ]
+    )
     a = openrlhf_args(module, argv)  # raises Rejected on anything OpenRLHF's parser or its checks refuse
 
     t = cfg.train
     assert a.model.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
-    assert a.data.dataset == str(tmp_path / "train_records.jsonl") and a.eval.dataset == str(tmp_path / "eval_records.jsonl")
+    assert a.data.dataset == str(tmp_path / "train_records.jsonl") and a.eval.dataset == str(
+        tmp_path / "eval_records.jsonl"
+    )
     assert a.eval.split == "train"  # a JSON file's one split (train_dpo's default, "test", would find nothing)
     assert a.data.max_len == cfg.data.max_length and a.train.seed == cfg.seed and a.adam.lr == t.learning_rate
     assert a.train.micro_batch_size == 4 and a.train.batch_size == 12 and a.train.max_epochs == 2
@@ -143,23 +178,34 @@ def test_exported_commands_pass_openrlhfs_parser(case, make_config, pref_data, t
 def test_the_cli_writes_the_snippet(make_config, tmp_path):
     path = make_config()
     out = tmp_path / "openrlhf.yaml"
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf", "-o", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(out.read_text())["train"]["command"] == openrlhf_command(load_config(path))
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "trlx"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "trlx"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "expected axolotl, llamafactory or openrlhf" in r.stderr
 
 
 def test_a_custom_chat_template_reaches_openrlhf_verbatim_through_the_shell(make_config, tmp_path):
-    template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m[\"content\"] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m[\"content\"] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
     cfg = load_config(make_config(data__chat_template=template))
     command = openrlhf_command(cfg)
     assert "data.chat_template" in export_openrlhf(cfg)
     filled = _fill(cfg, command, tmp_path)
     # The words the shell gives the launcher (run_command runs the command with a shell).
-    r = subprocess.run(["bash", "-c", filled.replace("deepspeed ", "printf '%s\\0' ", 1)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        ["bash", "-c", filled.replace("deepspeed ", "printf '%s\\0' ", 1)], capture_output=True, text=True, check=True
+    )
     words = r.stdout.split("\0")[:-1]
     a = openrlhf_args(words[3], words[4:])
     assert a.data.tokenizer_chat_template == template
@@ -175,27 +221,46 @@ def test_settings_openrlhf_has_no_equivalent_for(make_config, pref_data, tmp_pat
     assert "--lr_warmup_ratio" not in openrlhf_command(cfg)  # left to OpenRLHF's default, as the comment says
 
     # What would change what is trained, or leave a model tuneloop cannot load, is refused, every problem at once.
-    cfg = load_config(make_config(train={"use_dora": True, "precision": "fp32", "num_epochs": 1.5, "train_on_inputs": True}))
+    cfg = load_config(
+        make_config(train={"use_dora": True, "precision": "fp32", "num_epochs": 1.5, "train_on_inputs": True})
+    )
     with pytest.raises(ConfigError) as exc:
         openrlhf_command(cfg)
     keys = [p.split(":")[0] for p in exc.value.problems]
-    assert keys == ["train.use_dora", "train.precision", "train.num_epochs", "train.train_on_inputs"], exc.value.problems
-    cfg = load_config(make_config(train={"objective": "reward", "method": "lora"}, data__train_data=str(pref_data[0]),
-                                  data__eval_data=str(pref_data[1])))
+    assert keys == ["train.use_dora", "train.precision", "train.num_epochs", "train.train_on_inputs"], (
+        exc.value.problems
+    )
+    cfg = load_config(
+        make_config(
+            train={"objective": "reward", "method": "lora"},
+            data__train_data=str(pref_data[0]),
+            data__eval_data=str(pref_data[1]),
+        )
+    )
     with pytest.raises(ConfigError, match="without its score head"):
         openrlhf_command(cfg)
 
 
-@pytest.mark.parametrize("objective,needle", [("kto", "no KTO trainer"), ("orpo", "no ORPO trainer"),
-                                              ("simpo", "no SimPO trainer"), ("grpo", "metric exact is tuneloop's own reward")])
+@pytest.mark.parametrize(
+    "objective,needle",
+    [
+        ("kto", "no KTO trainer"),
+        ("orpo", "no ORPO trainer"),
+        ("simpo", "no SimPO trainer"),
+        ("grpo", "metric exact is tuneloop's own reward"),
+    ],
+)
 def test_objectives_openrlhf_cannot_train_are_refused(objective, needle, make_config):
     extra = {"rewards": [{"metric": "exact"}]} if objective == "grpo" else {}
     path = make_config(train={"objective": objective, **extra})
     with pytest.raises(ConfigError, match=needle):
         openrlhf_command(load_config(path))
     if objective == "kto":
-        r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2 and "train.objective: kto cannot be exported to OpenRLHF" in r.stderr
         assert "Traceback" not in r.stderr
 
@@ -211,10 +276,15 @@ def _standin_path(tmp_path: Path) -> dict[str, str]:
     for name, target in (("deepspeed", f"{sys.executable} {STANDIN}"), ("python", sys.executable)):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
         (bin_dir / name).chmod(0o755)
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m openrlhf.cli.train_ppo_ray" ]; then shift 2; '
-                                     f'exec {sys.executable} {STANDIN} --ppo "$@"; fi\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1 $2" = "-m openrlhf.cli.train_ppo_ray" ]; then shift 2; '
+        f'exec {sys.executable} {STANDIN} --ppo "$@"; fi\nexec {sys.executable} "$@"\n'
+    )
     (bin_dir / "python3").chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OPENRLHF_STANDIN_LOG": str(tmp_path / "standin.json")}
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "OPENRLHF_STANDIN_LOG": str(tmp_path / "standin.json"),
+    }
 
 
 @pytest.mark.slow
@@ -223,7 +293,9 @@ def test_tuneloop_runs_the_exported_sft_command_and_registers_the_adapter(make_c
         monkeypatch.setenv(k, v)
     path = make_config(train={"method": "lora", "num_epochs": 1, "max_steps": None})
     command = yaml.safe_load(export_openrlhf(load_config(path)))["train"]["command"]
-    path = make_config(train={"method": "lora", "num_epochs": 1, "max_steps": None, "backend": "command", "command": command})
+    path = make_config(
+        train={"method": "lora", "num_epochs": 1, "max_steps": None, "backend": "command", "command": command}
+    )
     summary = FineTunePipeline(load_config(path)).run()
     st = summary["stages"]
     assert summary["overall"] == "passed", {k: v["error"] for k, v in st.items()}
@@ -240,7 +312,9 @@ def test_tuneloop_scores_gates_and_registers_an_openrlhf_reward_model(make_confi
 
     for k, v in _standin_path(tmp_path).items():
         monkeypatch.setenv(k, v)
-    common = dict(data__train_data=str(pref_data[0]), data__eval_data=str(pref_data[1]), gates={"min_reward_accuracy": 0.0})
+    common = dict(
+        data__train_data=str(pref_data[0]), data__eval_data=str(pref_data[1]), gates={"min_reward_accuracy": 0.0}
+    )
     train = {"objective": "reward", "method": "full", "num_epochs": 1, "max_steps": None}
     command = openrlhf_command(load_config(make_config(train=train, **common)))
     path = make_config(train={**train, "backend": "command", "command": command}, **common)
@@ -254,7 +328,11 @@ def test_tuneloop_scores_gates_and_registers_an_openrlhf_reward_model(make_confi
     # tuneloop reads back the head OpenRLHF's RewardModel saved (not a new random one): the same score.
     standin = json.loads((tmp_path / "standin.json").read_text())
     assert standin["architectures"] == ["RewardModel"]  # what OpenRLHF's save_pretrained writes
-    model_dir = Path(json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "training.json").read_text())["outputs"]["model_dir"])
+    model_dir = Path(
+        json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "training.json").read_text())[
+            "outputs"
+        ]["model_dir"]
+    )
     rm = load_reward_model(model_dir)
     pair = standin["pair"]
     assert rm.score([pair["messages"]], [pair["chosen"]])[0] == pytest.approx(standin["score"], abs=1e-5)
@@ -289,12 +367,16 @@ def test_the_readme_ppo_command_passes_openrlhfs_parser(make_config, tmp_path):
     cfg = load_config(make_config(train={"objective": snippet["objective"]}))
     filled = _fill(cfg, snippet["command"], tmp_path)
     words = shlex.split(filled)
-    prep, ppo = words[: words.index("&&")], words[words.index("&&") + 1:]
+    prep, ppo = words[: words.index("&&")], words[words.index("&&") + 1 :]
     assert prep[:4] == ["python", "-m", "tuneloop.train.openrlhf", "prompts"]
     assert ppo[:3] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
     a = openrlhf_args("openrlhf.cli.train_ppo_ray", ppo[3:])
     assert a.actor.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
-    assert a.reward.model_name_or_path and a.algo.advantage.estimator == "gae" and a.critic.model_name_or_path == a.reward.model_name_or_path
+    assert (
+        a.reward.model_name_or_path
+        and a.algo.advantage.estimator == "gae"
+        and a.critic.model_name_or_path == a.reward.model_name_or_path
+    )
     assert a.data.prompt_dataset == prep[5] and a.data.input_key == "prompt" and a.data.apply_chat_template is True
 
     # The prompts step turns the run's training records into what OpenRLHF's PromptDataset reads.
@@ -305,8 +387,12 @@ def test_the_readme_ppo_command_passes_openrlhfs_parser(make_config, tmp_path):
     records.write_text("".join(json.dumps(r) + "\n" for r in task_records(5, seed=1)))
     out = tmp_path / "prompts.jsonl"
     assert main(["prompts", str(records), str(out)]) == 0
-    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data",
-                                   _str_to_content_list=lambda text: text, copy=__import__("copy"))
+    preprocess = openrlhf_function(
+        "datasets/prompts_dataset.py",
+        "preprocess_data",
+        _str_to_content_list=lambda text: text,
+        copy=__import__("copy"),
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
@@ -334,7 +420,9 @@ def test_a_full_tuneloop_reward_model_loads_as_openrlhfs_reward_model(tiny_model
     base_class = AutoModel._model_mapping[type(config)]
     from typing import Optional
 
-    get_reward_model = openrlhf_function("models/model.py", "_get_reward_model", nn=nn, torch=torch, Optional=Optional, AutoConfig=AutoConfig)
+    get_reward_model = openrlhf_function(
+        "models/model.py", "_get_reward_model", nn=nn, torch=torch, Optional=Optional, AutoConfig=AutoConfig
+    )
     cls = get_reward_model(base_class.__base__, base_class, "score", False)
     theirs, info = cls.from_pretrained(tmp_path / "rm", config=config, output_loading_info=True)
     assert not info["missing_keys"], info
@@ -366,7 +454,9 @@ def _reward_file(tmp_path: Path) -> Path:
     return path
 
 
-def _register_reward_model(cfg_path: Path, tiny_model: Path, *, kind: str = "reward", name: str = "tiny-rm", tokenizer=None) -> None:
+def _register_reward_model(
+    cfg_path: Path, tiny_model: Path, *, kind: str = "reward", name: str = "tiny-rm", tokenizer=None
+) -> None:
     """NAME:1 (alias champion), a full one-output sequence-classification model on the tiny model's tokenizer (or
     ``tokenizer``), not trained."""
     import torch
@@ -379,8 +469,15 @@ def _register_reward_model(cfg_path: Path, tiny_model: Path, *, kind: str = "rew
     AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(d)
     (tokenizer or AutoTokenizer.from_pretrained(tiny_model)).save_pretrained(d)
     reg = open_registry(load_config(cfg_path), cfg_path.parent / ".tuneloop")
-    reg.register(name, d, artifact_kind="model", base_model=str(d), lineage={"kind": kind} if kind else {"objective": "sft"},
-                 metrics={}, gates={})
+    reg.register(
+        name,
+        d,
+        artifact_kind="model",
+        base_model=str(d),
+        lineage={"kind": kind} if kind else {"objective": "sft"},
+        metrics={},
+        gates={},
+    )
     reg.set_alias(name, "champion", 1)
 
 
@@ -398,8 +495,17 @@ def _ppo_words(filled: str) -> tuple[list[list[str]], list[str]]:
     return steps, cur[3:]
 
 
-GRPO = {"objective": "grpo", "num_generations": 4, "max_completion_length": 32, "temperature": 0.8, "batch_size": 2,
-        "gradient_accumulation_steps": 3, "learning_rate": 5e-6, "num_epochs": 2, "max_steps": None}
+GRPO = {
+    "objective": "grpo",
+    "num_generations": 4,
+    "max_completion_length": 32,
+    "temperature": 0.8,
+    "batch_size": 2,
+    "gradient_accumulation_steps": 3,
+    "learning_rate": 5e-6,
+    "num_epochs": 2,
+    "max_steps": None,
+}
 
 
 @pytest.mark.parametrize("case", ["function-lora", "model-full-kl"])
@@ -408,8 +514,14 @@ def test_exported_grpo_commands_pass_openrlhfs_ppo_parser(case, make_config, tin
         train = {**GRPO, "method": "lora", "rewards": [{"function": "rewards.py:score"}]}
         _reward_file(tmp_path)
     else:
-        train = {**GRPO, "method": "full", "grpo_beta": 0.04, "loss_type": "grpo", "gradient_checkpointing": True,
-                 "rewards": [{"model": "tiny-rm@champion"}]}
+        train = {
+            **GRPO,
+            "method": "full",
+            "grpo_beta": 0.04,
+            "loss_type": "grpo",
+            "gradient_checkpointing": True,
+            "rewards": [{"model": "tiny-rm@champion"}],
+        }
         _register_reward_model(make_config(), tiny_model)
     cfg = load_config(make_config(train=train))
     text = export_openrlhf(cfg)
@@ -422,25 +534,56 @@ def test_exported_grpo_commands_pass_openrlhfs_ppo_parser(case, make_config, tin
 
     t = cfg.train
     prompts = str(tmp_path / "external_output" / ".." / "openrlhf_prompts.jsonl")
-    assert steps[0] == ["python", "-m", "tuneloop.train.openrlhf", "prompts", str(tmp_path / "train_records.jsonl"), prompts]
+    assert steps[0] == [
+        "python",
+        "-m",
+        "tuneloop.train.openrlhf",
+        "prompts",
+        str(tmp_path / "train_records.jsonl"),
+        prompts,
+    ]
     assert a.algo.advantage.estimator == "group_norm" and a.critic.model_name_or_path is None  # no critic: GRPO
     assert a.actor.model_name_or_path == cfg.base_model and a.ckpt.output_dir == str(tmp_path / "external_output")
     assert a.data.prompt_dataset == prompts and a.data.input_key == "prompt" and a.data.apply_chat_template is True
     assert a.rollout.n_samples_per_prompt == 4 and a.rollout.max_new_tokens == 32 and a.rollout.temperature == 0.8
     assert a.data.max_len == cfg.data.max_length + 32
     # One optimizer step per rollout of batch_size x accumulation x GPUs prompts, as TRL's GRPO.
-    assert a.rollout.batch_size == 6 and a.train.batch_size == 24 and a.train.micro_batch_size == 8 and a.train.max_epochs == 1
+    assert (
+        a.rollout.batch_size == 6
+        and a.train.batch_size == 24
+        and a.train.micro_batch_size == 8
+        and a.train.max_epochs == 1
+    )
     assert a.train.num_episodes == 2 and a.train.seed == cfg.seed and a.actor.adam.lr == 5e-6
-    assert tuple(a.actor.adam.betas) == (0.9, 0.999) and a.actor.lr_scheduler == t.lr_scheduler and a.actor.lr_warmup_ratio == 0
-    assert a.ds.zero_stage == 2 and a.ds.param_dtype == "bf16" and a.vllm.num_engines == 1 and a.train.colocate_all is True
+    assert (
+        tuple(a.actor.adam.betas) == (0.9, 0.999)
+        and a.actor.lr_scheduler == t.lr_scheduler
+        and a.actor.lr_warmup_ratio == 0
+    )
+    assert (
+        a.ds.zero_stage == 2 and a.ds.param_dtype == "bf16" and a.vllm.num_engines == 1 and a.train.colocate_all is True
+    )
     if case == "function-lora":
         assert (a.ds.lora.rank, a.ds.lora.alpha, a.ds.lora.dropout) == (t.lora_r, t.lora_alpha, t.lora_dropout)
-        assert a.algo.kl.init_coef == 0 and a.algo.kl.use_loss is False  # beta 0: train_ppo_ray creates no reference model
+        assert (
+            a.algo.kl.init_coef == 0 and a.algo.kl.use_loss is False
+        )  # beta 0: train_ppo_ray creates no reference model
         assert a.actor.loss_agg_mode == "token-mean"  # dapo
         reward_file = str(tmp_path / "external_output" / ".." / "openrlhf_reward.py")
-        assert steps[1] == ["python", "-m", "tuneloop.train.openrlhf", "reward-func", f"{tmp_path / 'rewards.py'}:score",
-                            cfg.base_model, reward_file]
-        assert a.reward.remote_url == [reward_file] and a.data.label_key == "tuneloop_reward" and a.reward.model_name_or_path is None
+        assert steps[1] == [
+            "python",
+            "-m",
+            "tuneloop.train.openrlhf",
+            "reward-func",
+            f"{tmp_path / 'rewards.py'}:score",
+            cfg.base_model,
+            reward_file,
+        ]
+        assert (
+            a.reward.remote_url == [reward_file]
+            and a.data.label_key == "tuneloop_reward"
+            and a.reward.model_name_or_path is None
+        )
     else:
         assert a.ds.lora.rank == 0 and a.actor.gradient_checkpointing_enable is True
         assert a.algo.kl.init_coef == 0.04 and a.algo.kl.use_loss is True and a.algo.kl.estimator == "k3"  # TRL's beta
@@ -464,17 +607,31 @@ def test_what_openrlhfs_grpo_cannot_carry_is_refused(make_config, tiny_model, tm
     from tuneloop.demo_assets import general_corpus, make_tokenizer
 
     _register_reward_model(make_config(), tiny_model, kind="")  # tiny-rm:1 is registered as a chat model
-    _register_reward_model(make_config(), tiny_model, name="other-rm", tokenizer=make_tokenizer(general_corpus(50, seed=3), vocab_size=300))
+    _register_reward_model(
+        make_config(), tiny_model, name="other-rm", tokenizer=make_tokenizer(general_corpus(50, seed=3), vocab_size=300)
+    )
     for rewards, key, needle in cases:
         with pytest.raises(ConfigError) as exc:
             openrlhf_command(load_config(make_config(train={**GRPO, "rewards": rewards})))
         assert any(p.startswith(key + ":") and needle in p for p in exc.value.problems), exc.value.problems
     with pytest.raises(ConfigError) as exc:
-        openrlhf_command(load_config(make_config(train={**GRPO, "rewards": [{"function": "rewards.py:score"}], "loss_type": "bnpo"},
-                                                 data__chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")))
-    assert [p.split(":")[0] for p in exc.value.problems] == ["train.loss_type", "data.chat_template"], exc.value.problems
+        openrlhf_command(
+            load_config(
+                make_config(
+                    train={**GRPO, "rewards": [{"function": "rewards.py:score"}], "loss_type": "bnpo"},
+                    data__chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                )
+            )
+        )
+    assert [p.split(":")[0] for p in exc.value.problems] == ["train.loss_type", "data.chat_template"], (
+        exc.value.problems
+    )
     path = make_config(train={**GRPO, "rewards": [{"metric": "exact"}]})
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "export-config", str(path), "--to", "openrlhf"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "train.rewards[0].metric" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -485,9 +642,17 @@ def _executor(agent_source_names):
     import itertools
     import logging
 
-    return openrlhf_function("utils/agent.py", "SingleTurnAgentExecutor", AgentExecutorBase=object, asyncio=asyncio,
-                             deepcopy=copy.deepcopy, cycle=itertools.cycle, logger=logging.getLogger("openrlhf-agent"),
-                             aiohttp=None, **agent_source_names)
+    return openrlhf_function(
+        "utils/agent.py",
+        "SingleTurnAgentExecutor",
+        AgentExecutorBase=object,
+        asyncio=asyncio,
+        deepcopy=copy.deepcopy,
+        cycle=itertools.cycle,
+        logger=logging.getLogger("openrlhf-agent"),
+        aiohttp=None,
+        **agent_source_names,
+    )
 
 
 def test_a_function_reward_is_called_by_openrlhfs_executor_with_tuneloops_signature(tmp_path, tiny_model, capsys):
@@ -511,8 +676,9 @@ def test_a_function_reward_is_called_by_openrlhfs_executor_with_tuneloops_signat
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     str_to_content = openrlhf_function("datasets/prompts_dataset.py", "_str_to_content_list")
-    preprocess = openrlhf_function("datasets/prompts_dataset.py", "preprocess_data", _str_to_content_list=str_to_content,
-                                   copy=__import__("copy"))
+    preprocess = openrlhf_function(
+        "datasets/prompts_dataset.py", "preprocess_data", _str_to_content_list=str_to_content, copy=__import__("copy")
+    )
 
     class Engine:  # a vLLM engine that "generates" a fixed answer, then the end of turn, then more text
         def __init__(self, text):

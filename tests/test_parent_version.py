@@ -45,7 +45,9 @@ def test_a_run_continues_from_the_champion_and_links_it(make_config, tmp_path):
     second.write_text(yaml.safe_dump(cfg))
     stamp = (merged / "model.safetensors").stat().st_mtime_ns
     again = FineTunePipeline(str(second))
-    assert again.cfg.base_model == str(merged) and (merged / "model.safetensors").stat().st_mtime_ns == stamp  # merged once
+    assert (
+        again.cfg.base_model == str(merged) and (merged / "model.safetensors").stat().st_mtime_ns == stamp
+    )  # merged once
     cfg["base_model"] = "tiny-bot@champion"  # v2, an adapter on the merged v1: a chain merges too
     second.write_text(yaml.safe_dump(cfg))
     chained = FineTunePipeline(str(second)).cfg.base_model
@@ -62,4 +64,6 @@ def test_a_ref_to_a_missing_version_is_exit_2(make_config, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     r = tl("run", path)
     assert r.returncode == 2, r.stderr
-    assert "base_model: 'tiny-bot:7' looks like a registry ref, but the registry has no model 'tiny-bot'" in " ".join(r.stderr.split())
+    assert "base_model: 'tiny-bot:7' looks like a registry ref, but the registry has no model 'tiny-bot'" in " ".join(
+        r.stderr.split()
+    )

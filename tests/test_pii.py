@@ -81,7 +81,9 @@ def test_redact_value_nested_and_masks():
     assert out == {"a": ["mail [EMAIL]", {"k": "[AWS_ACCESS_KEY]"}], "n": 5, "none": None}
     assert "example" not in mask("a.b@example.com", "email")
     assert mask("4111 1111 1111 1111", "credit_card") == "******(16 digits)"
-    assert mask("GB82WEST12345698765432", "iban").startswith("GB") and "8765432" not in mask("GB82WEST12345698765432", "iban")
+    assert mask("GB82WEST12345698765432", "iban").startswith("GB") and "8765432" not in mask(
+        "GB82WEST12345698765432", "iban"
+    )
 
 
 def test_several_findings_in_order_without_overlap():

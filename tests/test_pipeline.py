@@ -32,7 +32,15 @@ def test_full_loop_through_python_api(make_config):
     assert ev["eval_items"] == 12 and ev["redteam_items"] >= 10
 
     run_dir = Workspace.for_config(load_config(path)).run_dir(summary["run_id"])
-    for rel in ["config.yaml", "run.json", "summary.json", "report.html", "train_metrics.jsonl", "eval_items.jsonl", "run.log"]:
+    for rel in [
+        "config.yaml",
+        "run.json",
+        "summary.json",
+        "report.html",
+        "train_metrics.jsonl",
+        "eval_items.jsonl",
+        "run.log",
+    ]:
         assert (run_dir / rel).is_file(), rel
     for stage in STAGES:
         assert (run_dir / "stages" / f"{stage}.json").is_file()
@@ -55,7 +63,10 @@ def test_unchanged_rerun_is_all_cached_and_threshold_change_skips_training(make_
     first = _run(path)
     again = _run(path)
     assert all(st["cached"] for st in again["stages"].values()), again["stages"]
-    assert again["stages"]["model_registry"]["metrics"]["version"] == first["stages"]["model_registry"]["metrics"]["version"]
+    assert (
+        again["stages"]["model_registry"]["metrics"]["version"]
+        == first["stages"]["model_registry"]["metrics"]["version"]
+    )
 
     changed = _run(path, "gates.max_harmful_rate=0.99")
     st = changed["stages"]
@@ -63,7 +74,10 @@ def test_unchanged_rerun_is_all_cached_and_threshold_change_skips_training(make_
     assert st["evaluation"]["metrics"]["base_outputs_cached"] is True
     # Same weights, new gate verdicts: a new version whose artifact is the same stored blob.
     assert st["model_registry"]["metrics"]["version"] == 2
-    assert st["model_registry"]["metrics"]["artifact_sha256"] == first["stages"]["model_registry"]["metrics"]["artifact_sha256"]
+    assert (
+        st["model_registry"]["metrics"]["artifact_sha256"]
+        == first["stages"]["model_registry"]["metrics"]["artifact_sha256"]
+    )
 
 
 def test_blocking_gate_fails_the_run_and_registers_nothing(make_config):
@@ -80,9 +94,19 @@ def test_blocking_gate_fails_the_run_and_registers_nothing(make_config):
 def test_classic_config_object_with_local_model(tmp_path, tiny_model, task_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = PipelineConfig(
-        name="support-bot", base_model=str(tiny_model), method="lora", train_data=str(task_data[0]),
-        eval_data=str(task_data[1]), lora_r=4, learning_rate=1e-3, num_epochs=1, batch_size=16,
-        min_accuracy=0.85, max_harmful_rate=0.01, max_capability_drop=0.02, auto_deploy=False,
+        name="support-bot",
+        base_model=str(tiny_model),
+        method="lora",
+        train_data=str(task_data[0]),
+        eval_data=str(task_data[1]),
+        lora_r=4,
+        learning_rate=1e-3,
+        num_epochs=1,
+        batch_size=16,
+        min_accuracy=0.85,
+        max_harmful_rate=0.01,
+        max_capability_drop=0.02,
+        auto_deploy=False,
     )
     summary = FineTunePipeline(cfg).run()
     # An untrained 2-layer model cannot reach 85% accuracy: the gate must block it.
@@ -98,12 +122,16 @@ def test_bad_records_are_quarantined_and_block_the_run(make_config, tmp_path):
     bad_file = tmp_path / "bad.jsonl"
     bad_file.write_text("\n".join(lines) + "\n")
     # contamination_action=report: one of these training tickets shares a sentence with an eval ticket
-    summary = _run(make_config(data__train_data=str(bad_file), data__min_valid_ratio=0.95, data__contamination_action="report"))
+    summary = _run(
+        make_config(data__train_data=str(bad_file), data__min_valid_ratio=0.95, data__contamination_action="report")
+    )
     st = summary["stages"]["data_validation"]
     assert summary["overall"] == "failed" and st["status"] == "failed"
     assert st["metrics"]["records"] == 23 and st["metrics"]["valid"] == 20 and st["metrics"]["duplicates"] == 1
     assert "quarantine" in st["error"] and "min_valid_ratio" in st["error"]
-    stage_json = json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "data_validation.json").read_text())
+    stage_json = json.loads(
+        (tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "data_validation.json").read_text()
+    )
     assert stage_json["outputs"]["train_quarantine"] in st["error"]
     quarantine = [json.loads(x) for x in open(stage_json["outputs"]["train_quarantine"])]
     assert sorted(q["line"] for q in quarantine) == [21, 22, 23]
@@ -128,8 +156,16 @@ def test_stages_are_a_declared_table_with_inputs_apart_from_the_work(tmp_path, t
     from tuneloop import stages as st
 
     assert [s.stage for s in st.STAGES] == list(PipelineStage)
-    cfg = PipelineConfig(name="decl", base_model=str(tiny_model), train_data=str(task_data[0]), eval_data=str(task_data[1]), workspace=str(tmp_path))
-    assert not st.STAGES[-1].enabled(cfg) and st.STAGES[-1].enabled(cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"auto_deploy": True})}))
+    cfg = PipelineConfig(
+        name="decl",
+        base_model=str(tiny_model),
+        train_data=str(task_data[0]),
+        eval_data=str(task_data[1]),
+        workspace=str(tmp_path),
+    )
+    assert not st.STAGES[-1].enabled(cfg) and st.STAGES[-1].enabled(
+        cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"auto_deploy": True})})
+    )
 
     def outcome(key):
         return st.Outcome(key, {}, {})
@@ -143,10 +179,18 @@ def test_stages_are_a_declared_table_with_inputs_apart_from_the_work(tmp_path, t
     assert st.evaluation_inputs(stricter, model, None) != st.evaluation_inputs(cfg, model, None)
     # Each stage's inputs name the key of the stage before it, so a change upstream re-runs what follows.
     assert st.preprocessing_inputs(cfg, data)["data"] == "d1" and st.training_inputs(cfg, prep)["data"] == "p1"
-    assert st.evaluation_inputs(cfg, model, "champ")["model"] == "m1" and st.evaluation_inputs(cfg, model, "champ")["against"] == "champ"
+    assert (
+        st.evaluation_inputs(cfg, model, "champ")["model"] == "m1"
+        and st.evaluation_inputs(cfg, model, "champ")["against"] == "champ"
+    )
     assert "against" not in st.evaluation_inputs(cfg, model, None)
     evaluated = st.EvalResult(outcome("e1"), model, {})
-    assert st.stage_keys(evaluated) == {"data_validation": "d1", "preprocessing": "p1", "training": "m1", "evaluation": "e1"}
+    assert st.stage_keys(evaluated) == {
+        "data_validation": "d1",
+        "preprocessing": "p1",
+        "training": "m1",
+        "evaluation": "e1",
+    }
 
 
 def test_cache_keys_use_paths_relative_to_the_config(tmp_path, tiny_model, task_data):
@@ -161,13 +205,30 @@ def test_cache_keys_use_paths_relative_to_the_config(tmp_path, tiny_model, task_
         shutil.copytree(task_data[0].parent, proj / "data")
         shutil.copytree(tiny_model, proj / "base")
         (proj / "general.txt").write_text("The cat sat on the mat. " * 20)
-        (proj / "tuneloop.yaml").write_text(yaml.safe_dump({
-            "name": "copy-bot", "base_model": "./base", "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl"},
-            "eval": {"general_text": "general.txt", "suites": ["task", {"kind": "general_text", "path": "general.txt", "name": "gt"}]},
-        }))
+        (proj / "tuneloop.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": "copy-bot",
+                    "base_model": "./base",
+                    "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl"},
+                    "eval": {
+                        "general_text": "general.txt",
+                        "suites": ["task", {"kind": "general_text", "path": "general.txt", "name": "gt"}],
+                    },
+                }
+            )
+        )
         cfg = load_config(proj / "tuneloop.yaml")
         assert cfg.base_model == str((proj / "base").resolve())  # resolved for the work ...
-        prep = st.PreparedData(st.Outcome("p1", {}, {}), st.DataResult(st.Outcome("d1", {}, {}), proj, None, "x", None), proj, proj, proj, proj, proj)
+        prep = st.PreparedData(
+            st.Outcome("p1", {}, {}),
+            st.DataResult(st.Outcome("d1", {}, {}), proj, None, "x", None),
+            proj,
+            proj,
+            proj,
+            proj,
+            proj,
+        )
         model = st.TrainedModel(st.Outcome("m1", {}, {}), prep, proj, "adapter")
         keys.append((st.training_inputs(cfg, prep), st.evaluation_inputs(cfg, model, None)))
         assert keys[-1][0]["base_model"] == "base"  # ... but relative in the key
@@ -185,14 +246,27 @@ def test_copied_workspace_is_fully_cached_and_registers_nothing_new(tmp_path, ti
     proj = tmp_path / "proj"
     shutil.copytree(task_data[0].parent, proj / "data")
     shutil.copytree(tiny_model, proj / "base")
-    (proj / "tuneloop.yaml").write_text(yaml.safe_dump({
-        "name": "copy-bot", "base_model": "./base", "seed": 0,
-        "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": 96},
-        "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "max_steps": 3, "batch_size": 8, "save_steps": 3},
-        "eval": {"max_new_tokens": 4, "suites": ["task", "general_text"]},
-        "gates": {"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 1.0},
-        "deploy": {"auto_deploy": True},
-    }))
+    (proj / "tuneloop.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "copy-bot",
+                "base_model": "./base",
+                "seed": 0,
+                "data": {"train_data": "data/train.jsonl", "eval_data": "data/eval.jsonl", "max_length": 96},
+                "train": {
+                    "method": "lora",
+                    "lora_r": 4,
+                    "lora_alpha": 8,
+                    "max_steps": 3,
+                    "batch_size": 8,
+                    "save_steps": 3,
+                },
+                "eval": {"max_new_tokens": 4, "suites": ["task", "general_text"]},
+                "gates": {"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 1.0},
+                "deploy": {"auto_deploy": True},
+            }
+        )
+    )
     first = _run(proj / "tuneloop.yaml")
     assert first["overall"] == "passed", first
     copy = tmp_path / "moved" / "proj-copy"

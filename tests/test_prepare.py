@@ -42,4 +42,7 @@ def test_tokenizer_without_template_gets_chatml(tiny_model, tmp_path):
     again = load_tokenizer(str(tmp_path))
     assert again.chat_template == CHATML_TEMPLATE
     rendered = again.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True)
-    assert rendered == "<|im_start|>system\nRoute the ticket.<|im_end|>\n<|im_start|>user\nWhere is my parcel?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        rendered
+        == "<|im_start|>system\nRoute the ticket.<|im_end|>\n<|im_start|>user\nWhere is my parcel?<|im_end|>\n<|im_start|>assistant\n"
+    )

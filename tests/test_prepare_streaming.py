@@ -31,26 +31,54 @@ def _records(n: int = 90) -> list[dict]:
         if kind == 0:
             rec = {"text": f"plain text record {i} " * (1 + i % 4)}
         elif kind == 1:
-            rec = {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}], "label": False}
+            rec = {
+                "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+                "label": False,
+            }
         elif kind == 2:  # the answer lies past max_length: dropped
-            rec = {"messages": [{"role": "user", "content": "long question " * 40}, {"role": "assistant", "content": "late"}]}
+            rec = {
+                "messages": [
+                    {"role": "user", "content": "long question " * 40},
+                    {"role": "assistant", "content": "late"},
+                ]
+            }
         elif kind == 3:  # multi-turn, with a system prompt and non-ASCII text
-            rec = {"messages": [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": f"où est le colis {i} ?"},
-                                {"role": "assistant", "content": "en route"}, {"role": "user", "content": "merci"},
-                                {"role": "assistant", "content": f"de rien {i}"}]}
+            rec = {
+                "messages": [
+                    {"role": "system", "content": "Réponds brièvement."},
+                    {"role": "user", "content": f"où est le colis {i} ?"},
+                    {"role": "assistant", "content": "en route"},
+                    {"role": "user", "content": "merci"},
+                    {"role": "assistant", "content": f"de rien {i}"},
+                ]
+            }
         elif kind == 4:  # truncated
             rec = {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "word " * 60}]}
         elif kind == 5:  # no final assistant turn: no eval item
-            rec = {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "hi"},
-                                {"role": "user", "content": "bye"}]}
+            rec = {
+                "messages": [
+                    {"role": "user", "content": f"hello {i}"},
+                    {"role": "assistant", "content": "hi"},
+                    {"role": "user", "content": "bye"},
+                ]
+            }
         else:
-            rec = {"messages": [{"role": "user", "content": f"question {i} about parcel {i * 13}"},
-                                {"role": "assistant", "content": ["shipping", "billing", "returns"][i % 3]}], "label": True}
+            rec = {
+                "messages": [
+                    {"role": "user", "content": f"question {i} about parcel {i * 13}"},
+                    {"role": "assistant", "content": ["shipping", "billing", "returns"][i % 3]},
+                ],
+                "label": True,
+            }
         recs.append({**rec, "_line": i + 1, "_source": i % 3})
     return recs
 
 
-SOURCES = [TrainSource(path="a.jsonl"), TrainSource(path="b.jsonl", weight=2.5), TrainSource(path="c.jsonl", weight=0.5)]
+SOURCES = [
+    TrainSource(path="a.jsonl"),
+    TrainSource(path="b.jsonl", weight=2.5),
+    TrainSource(path="c.jsonl", weight=0.5),
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +99,18 @@ def _prepared(out: Path) -> dict:
 
     ds = load_from_disk(str(out / "train"))
     files = {name: (out / name).read_bytes() for name in FILES}
-    return {"input_ids": list(ds["input_ids"]), "labels": list(ds["labels"]), "features": ds.features.to_dict(), **files}
+    return {
+        "input_ids": list(ds["input_ids"]),
+        "labels": list(ds["labels"]),
+        "features": ds.features.to_dict(),
+        **files,
+    }
 
 
 def _digest(prepared: dict) -> str:
-    return hashlib.sha256(json.dumps({k: v.decode() if isinstance(v, bytes) else v for k, v in prepared.items()},
-                                     sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({k: v.decode() if isinstance(v, bytes) else v for k, v in prepared.items()}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _both(tmp_path, tok, train, eval_path=None, **kw) -> tuple[dict, dict]:
@@ -125,15 +159,22 @@ def test_parquet_shards_prepare_as_their_jsonl(tmp_path, tok):
     shards.mkdir()
     columns = pa.array(recs).type  # every record's fields: a record without one reads back null there
     for k, start in enumerate(range(0, len(recs), 25)):
-        rows = pa.array(recs[start:start + 25], type=columns)
+        rows = pa.array(recs[start : start + 25], type=columns)
         pq.write_table(pa.Table.from_struct_array(rows), shards / f"part-{k:05d}.parquet")
     (shards / "_SUCCESS").write_text("")  # not a shard: ignored
     assert stream.count_records(shards) == len(recs) and list(stream.iter_records(shards)) == recs
     prepare_dataset(tok, train, None, tmp_path / "from-jsonl", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
-    prepare_dataset(tok, shards, None, tmp_path / "from-parquet", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
+    prepare_dataset(
+        tok, shards, None, tmp_path / "from-parquet", max_length=48, eval_split=0.2, seed=3, sources=SOURCES
+    )
     jsonl, parquet = _prepared(tmp_path / "from-jsonl"), _prepared(tmp_path / "from-parquet")
-    for name in ("train_records.jsonl", "eval_records.jsonl"):  # the same records; Parquet orders a record's keys by column
-        assert [json.loads(x) for x in parquet.pop(name).splitlines()] == [json.loads(x) for x in jsonl.pop(name).splitlines()]
+    for name in (
+        "train_records.jsonl",
+        "eval_records.jsonl",
+    ):  # the same records; Parquet orders a record's keys by column
+        assert [json.loads(x) for x in parquet.pop(name).splitlines()] == [
+            json.loads(x) for x in jsonl.pop(name).splitlines()
+        ]
     assert parquet == jsonl
 
 
@@ -194,15 +235,26 @@ def test_the_ray_engines_kept_shards_read_as_its_clean_jsonl(tmp_path, tok):
 
     recs = _records(60)
     bare = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs]
-    clean = write_jsonl(tmp_path / "clean.jsonl", [{**b, "_line": 2 * i + 1, "_file": f"part{i % 2}.jsonl", "_source": i % 3}
-                                                   for i, b in enumerate(bare)])
+    clean = write_jsonl(
+        tmp_path / "clean.jsonl",
+        [{**b, "_line": 2 * i + 1, "_file": f"part{i % 2}.jsonl", "_source": i % 3} for i, b in enumerate(bare)],
+    )
     shards = tmp_path / "train.clean.parquet"
     shards.mkdir()
     for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60))):
         rows = range(start, stop)
-        pq.write_table(pa.table({"ord": pa.array([1000 + 3 * i for i in rows], pa.int64()), "line": pa.array([2 * i + 1 for i in rows], pa.int64()),
-                                 "file": pa.array([f"part{i % 2}.jsonl" for i in rows]), "source": pa.array([i % 3 for i in rows], pa.int32()),
-                                 "record": pa.array([json.dumps(bare[i]) for i in rows])}), shards / f"abc_{block}_0.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "ord": pa.array([1000 + 3 * i for i in rows], pa.int64()),
+                    "line": pa.array([2 * i + 1 for i in rows], pa.int64()),
+                    "file": pa.array([f"part{i % 2}.jsonl" for i in rows]),
+                    "source": pa.array([i % 3 for i in rows], pa.int32()),
+                    "record": pa.array([json.dumps(bare[i]) for i in rows]),
+                }
+            ),
+            shards / f"abc_{block}_0.parquet",
+        )
     assert list(stream.iter_records(shards)) == list(stream.iter_records(clean))
     prepare_dataset(tok, clean, None, tmp_path / "from-jsonl", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
     prepare_dataset(tok, shards, None, tmp_path / "from-shards", max_length=48, eval_split=0.2, seed=3, sources=SOURCES)
@@ -210,10 +262,32 @@ def test_the_ray_engines_kept_shards_read_as_its_clean_jsonl(tmp_path, tok):
 
     single = tmp_path / "single.clean.parquet"  # one source: file null, source -1 -> neither _file nor _source
     single.mkdir()
-    pq.write_table(pa.table({"ord": [5, 3], "line": [1, 2], "file": pa.array([None, None], pa.string()), "source": pa.array([-1, -1], pa.int32()),
-                             "record": [json.dumps(bare[0]), json.dumps(bare[1])]}), single / "x_0_0.parquet")
-    with pytest.raises(InputError, match=r"record 3 \(line 2\) comes after record 5: the kept shards are not in input order"):
+    pq.write_table(
+        pa.table(
+            {
+                "ord": [5, 3],
+                "line": [1, 2],
+                "file": pa.array([None, None], pa.string()),
+                "source": pa.array([-1, -1], pa.int32()),
+                "record": [json.dumps(bare[0]), json.dumps(bare[1])],
+            }
+        ),
+        single / "x_0_0.parquet",
+    )
+    with pytest.raises(
+        InputError, match=r"record 3 \(line 2\) comes after record 5: the kept shards are not in input order"
+    ):
         list(stream.iter_records(single))
-    pq.write_table(pa.table({"ord": [3, 5], "line": [1, 2], "file": pa.array([None, None], pa.string()), "source": pa.array([-1, -1], pa.int32()),
-                             "record": [json.dumps(bare[0]), json.dumps(bare[1])]}), single / "x_0_0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "ord": [3, 5],
+                "line": [1, 2],
+                "file": pa.array([None, None], pa.string()),
+                "source": pa.array([-1, -1], pa.int32()),
+                "record": [json.dumps(bare[0]), json.dumps(bare[1])],
+            }
+        ),
+        single / "x_0_0.parquet",
+    )
     assert list(stream.iter_records(single)) == [{**bare[0], "_line": 1}, {**bare[1], "_line": 2}]

@@ -14,7 +14,9 @@ from tuneloop import modeling
 
 
 def _cfg(method: str, checkpointing: bool = False):
-    return SimpleNamespace(base_model="base-dir", train=SimpleNamespace(method=method, gradient_checkpointing=checkpointing))
+    return SimpleNamespace(
+        base_model="base-dir", train=SimpleNamespace(method=method, gradient_checkpointing=checkpointing)
+    )
 
 
 def test_qlora_loads_a_4bit_nf4_base_and_prepares_it(monkeypatch):
@@ -23,8 +25,13 @@ def test_qlora_loads_a_4bit_nf4_base_and_prepares_it(monkeypatch):
     monkeypatch.setattr(modeling, "load_causal_lm", lambda path, **kw: calls.setdefault("load", (path, kw)) and "model")
     import peft
 
-    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
-                        lambda model, use_gradient_checkpointing: calls.setdefault("prepare", (model, use_gradient_checkpointing)) and "prepared")
+    monkeypatch.setattr(
+        peft,
+        "prepare_model_for_kbit_training",
+        lambda model, use_gradient_checkpointing: (
+            calls.setdefault("prepare", (model, use_gradient_checkpointing)) and "prepared"
+        ),
+    )
     assert modeling.load_training_base(_cfg("qlora", checkpointing=True)) == "prepared"
     path, kw = calls["load"]
     q = kw["quantization_config"]

@@ -43,8 +43,13 @@ def make_artifact(path: Path, content: str = "weights-v1", extra: dict[str, byte
 
 
 def register(reg: SqliteRegistry, model: str, src: Path, **kw) -> dict:
-    args = dict(artifact_kind="adapter", base_model="tiny-base", lineage={"run": "r1"}, metrics={"acc": 0.9},
-                gates={"min_accuracy": "passed"})
+    args = dict(
+        artifact_kind="adapter",
+        base_model="tiny-base",
+        lineage={"run": "r1"},
+        metrics={"acc": 0.9},
+        gates={"min_accuracy": "passed"},
+    )
     args.update(kw)
     return reg.register(model, src, **args)
 
@@ -124,7 +129,9 @@ def test_register_versions_and_dedup(tmp_path):
     src = make_artifact(tmp_path / "a")
     v1 = register(reg, "support-bot", src, cache_key="k1")
     # Same content from other data: a new version sharing the stored artifact.
-    v2 = register(reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2", lineage={"data": {"train_digest": "d2"}})
+    v2 = register(
+        reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2", lineage={"data": {"train_digest": "d2"}}
+    )
     v3 = register(reg, "support-bot", make_artifact(tmp_path / "c", "weights-v2"), artifact_kind="model")
     assert [v["version"] for v in (v1, v2, v3)] == [1, 2, 3]
     assert v1["ref"] == "support-bot:1" and "existing" not in v1
@@ -137,7 +144,9 @@ def test_register_versions_and_dedup(tmp_path):
     assert reg.get("support-bot", "latest")["version"] == 3
     assert reg.get("support-bot", "2")["cache_key"] == "k2"
     # Same content and same lineage again (another cache key, e.g. a copied workspace): the existing version.
-    again = register(reg, "support-bot", make_artifact(tmp_path / "b2"), cache_key="k9", lineage={"data": {"train_digest": "d2"}})
+    again = register(
+        reg, "support-bot", make_artifact(tmp_path / "b2"), cache_key="k9", lineage={"data": {"train_digest": "d2"}}
+    )
     assert again["version"] == 2 and again["existing"] is True
     assert [v["version"] for v in reg.list_versions("support-bot")] == [1, 2, 3]
     register(reg, "other", src)

@@ -52,7 +52,9 @@ def make_adapter(base: Path, out: Path, seed: int, *, base_name: str | None = "s
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -88,7 +90,9 @@ def test_register_external_adapter_and_full_model(ws, tiny_model, adapters, tmp_
     v = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws, "--reason", "trained on a laptop")
     assert v["ref"] == "bot:1" and v["artifact_kind"] == "adapter"
     assert v["base_model"] == str(tiny_model)
-    assert v["lineage"]["base"]["digest"].startswith("dir:") and v["lineage"]["base"]["path"] == str(tiny_model.resolve())
+    assert v["lineage"]["base"]["digest"].startswith("dir:") and v["lineage"]["base"]["path"] == str(
+        tiny_model.resolve()
+    )
     stored = Path(v["artifact_path"])
     assert (stored / "adapter_model.safetensors").is_file()
     assert not (stored / "model.safetensors").exists()  # the base is referenced, not copied
@@ -119,15 +123,24 @@ def test_register_external_adapter_and_full_model(ws, tiny_model, adapters, tmp_
     assert [x["ref"] for x in listing] == ["base-copy:1", "bot:1", "bot:2"]
     lin = tlj("models", "lineage", "bot:1", "-w", ws)
     assert lin["base_model"]["digest"] == v["lineage"]["base"]["digest"]
-    assert [(e["kind"], e["actor"], e["reason"]) for e in lin["events"]] == [("registered", "ci-bot", "trained on a laptop")]
+    assert [(e["kind"], e["actor"], e["reason"]) for e in lin["events"]] == [
+        ("registered", "ci-bot", "trained on a laptop")
+    ]
     assert "registered" in tl("models", "lineage", "bot:1", "-w", ws).stdout  # the Rich view renders
 
 
 def register_from_other_data(ws, path: Path, like: dict) -> dict:
     """The same bytes as ``like`` but other training data in the lineage: a new version sharing the artifact."""
     lineage = {**like["lineage"], "data": {"train_digest": f"other-data-{like['version']}"}}
-    return SqliteRegistry(ws).register(like["model"], path, artifact_kind=like["artifact_kind"],
-                                       base_model=like["base_model"], lineage=lineage, metrics={}, gates={})
+    return SqliteRegistry(ws).register(
+        like["model"],
+        path,
+        artifact_kind=like["artifact_kind"],
+        base_model=like["base_model"],
+        lineage=lineage,
+        metrics={},
+        gates={},
+    )
 
 
 def test_promote_rollback_round_trip_and_events(ws, adapters):
@@ -141,7 +154,10 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
     p = tlj("models", "promote", "bot:2", "-w", ws, "--reason", "better accuracy")
     assert p["aliases"] == {"champion": 2, "previous": 1}
     # Rollback restores previous and keeps the rolled-back version as previous: twice round-trips.
-    assert tlj("models", "rollback", "bot", "-w", ws, "--reason", "bad answers")["aliases"] == {"champion": 1, "previous": 2}
+    assert tlj("models", "rollback", "bot", "-w", ws, "--reason", "bad answers")["aliases"] == {
+        "champion": 1,
+        "previous": 2,
+    }
     assert tlj("models", "rollback", "bot", "-w", ws)["aliases"] == {"champion": 2, "previous": 1}
     assert tlj("models", "promote", "bot", "-w", ws)["aliases"] == {"champion": 3, "previous": 2}  # bare name = latest
 
@@ -154,8 +170,16 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
 
     events = SqliteRegistry(ws).events("bot")
     kinds = [e["kind"] for e in events]
-    assert kinds == ["registered"] * 3 + ["promoted", "promoted", "rolled_back", "rolled_back", "promoted",
-                                          "promoted", "promoted", "rolled_back"]
+    assert kinds == ["registered"] * 3 + [
+        "promoted",
+        "promoted",
+        "rolled_back",
+        "rolled_back",
+        "promoted",
+        "promoted",
+        "promoted",
+        "rolled_back",
+    ]
     rb = events[5]
     assert rb["actor"] == "ci-bot" and rb["reason"] == "bad answers"
     assert rb["details"]["champion"] == {"old": 2, "new": 1} and rb["details"]["previous"] == {"old": 1, "new": 2}
@@ -217,9 +241,15 @@ def test_diff_compares_config_data_and_metrics(ws, adapters):
     base_cfg = {"train": {"learning_rate": 1e-3, "lora_r": 4}, "seed": 0}
     for i, (lr, acc, digest) in enumerate([(1e-3, 0.5, "d1"), (2e-4, 0.75, "d2")]):
         reg.register(
-            "bot", adapters[i], artifact_kind="adapter", base_model="tiny",
-            lineage={"config": {**base_cfg, "train": {**base_cfg["train"], "learning_rate": lr}},
-                     "config_hash": f"h{i}", "data": {"train_digest": digest, "eval_digest": "e"}},
+            "bot",
+            adapters[i],
+            artifact_kind="adapter",
+            base_model="tiny",
+            lineage={
+                "config": {**base_cfg, "train": {**base_cfg["train"], "learning_rate": lr}},
+                "config_hash": f"h{i}",
+                "data": {"train_digest": digest, "eval_digest": "e"},
+            },
             metrics={"evaluation": {"accuracy": acc, "harmful_rate": 0.0}},
             gates={"min_accuracy": {"passed": i == 1}},
         )
@@ -252,7 +282,9 @@ def test_export_loads_with_plain_transformers_and_peft(ws, tiny_model, adapters,
     assert e["kind"] == "adapter" and "adapter_model.safetensors" in e["files"] and "tokenizer.json" in e["files"]
     cfg = json.loads((tmp_path / "exp-adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_model.resolve())
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), tmp_path / "exp-adapter")
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), tmp_path / "exp-adapter"
+    )
     assert torch.equal(logits(plain.eval(), ids), registered)
 
     e = tlj("models", "export", "bot@latest", tmp_path / "exp-merged", "--merged", "-w", ws)
@@ -311,16 +343,30 @@ def test_json_is_exactly_one_document_on_stdout_in_a_subprocess(ws, adapters, tm
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "tuneloop.cli", "models"]
-    r = subprocess.run([*cmd, "register", str(adapters[0]), "--name", "bot", "--json"], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*cmd, "register", str(adapters[0]), "--name", "bot", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "no tuneloop workspace" in msg(r) and r.stdout == ""
     (tmp_path / ".tuneloop").mkdir()  # found by searching upwards from a sub-directory
     (tmp_path / "sub").mkdir()
-    r = subprocess.run([*cmd, "register", str(adapters[0]), "--name", "bot", "--json"], cwd=tmp_path / "sub",
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*cmd, "register", str(adapters[0]), "--name", "bot", "--json"],
+        cwd=tmp_path / "sub",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, msg(r)
     assert json.loads(r.stdout)["ref"] == "bot:1"
-    r = subprocess.run([*cmd, "list", "--json"], cwd=tmp_path / "sub", env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*cmd, "list", "--json"], cwd=tmp_path / "sub", env=env, capture_output=True, text=True, timeout=120
+    )
     assert [v["ref"] for v in json.loads(r.stdout)] == ["bot:1"]
 
 
@@ -340,7 +386,12 @@ def test_git_info_and_base_model_ref(tmp_path, tiny_model):
         assert git_info(tmp_path)["dirty"] is True
     ref = base_model_ref(str(tiny_model))
     assert ref["path"] == str(tiny_model.resolve()) and ref["digest"].startswith("dir:")
-    assert base_model_ref("org/some-model") == {"id": "org/some-model", "path": None, "revision": None, "digest": "hub:org/some-model"}
+    assert base_model_ref("org/some-model") == {
+        "id": "org/some-model",
+        "path": None,
+        "revision": None,
+        "digest": "hub:org/some-model",
+    }
 
 
 def test_preflight_refuses_an_unreachable_registry_before_training(make_config, monkeypatch):
@@ -378,7 +429,10 @@ def _all_linear_adapter(base: Path, out: Path, *, base_name: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(3)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -453,18 +507,56 @@ def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, t
     from tuneloop.registry.ops import export_version
 
     reg = SqliteRegistry(ws)
-    gates = {"min_accuracy": {"verdict": "PASS", "passed": True, "value": 0.9167, "interval": [0.7, 0.98], "op": ">=", "threshold": 0.5},
-             "max_accuracy_drop": {"verdict": "NOT_APPLIED", "passed": None, "value": -0.5, "interval": [-0.8, -0.2], "op": "<=", "threshold": None}}
-    reg.register("bot", adapters[0], artifact_kind="adapter", base_model=str(tiny_model), gates=gates,
-                 lineage={"base_model_given": "models/base", "base": base_model_ref(str(tiny_model)), "run_id": "r1", "pipeline": "bot",
-                          "data": {"train_digest": "a" * 64, "eval_digest": "b" * 64}, "code_version": "0.1.0+abc"},
-                 metrics={"evaluation": {"accuracy": 0.9167, "eval_items": 12}})
+    gates = {
+        "min_accuracy": {
+            "verdict": "PASS",
+            "passed": True,
+            "value": 0.9167,
+            "interval": [0.7, 0.98],
+            "op": ">=",
+            "threshold": 0.5,
+        },
+        "max_accuracy_drop": {
+            "verdict": "NOT_APPLIED",
+            "passed": None,
+            "value": -0.5,
+            "interval": [-0.8, -0.2],
+            "op": "<=",
+            "threshold": None,
+        },
+    }
+    reg.register(
+        "bot",
+        adapters[0],
+        artifact_kind="adapter",
+        base_model=str(tiny_model),
+        gates=gates,
+        lineage={
+            "base_model_given": "models/base",
+            "base": base_model_ref(str(tiny_model)),
+            "run_id": "r1",
+            "pipeline": "bot",
+            "data": {"train_digest": "a" * 64, "eval_digest": "b" * 64},
+            "code_version": "0.1.0+abc",
+        },
+        metrics={"evaluation": {"accuracy": 0.9167, "eval_items": 12}},
+    )
     e = export_version(reg, "bot:1", tmp_path / "exp")
-    assert json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/base"
+    assert (
+        json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/base"
+    )
     assert e["base_model"] == "models/base" and e["base_model_path"] == str(tiny_model)
     card = (tmp_path / "exp" / "README.md").read_text()
-    for text in ("base_model: models/base", "a" * 64, "b" * 64, "| accuracy | 0.9167 |", "| min_accuracy | PASS | 0.9167 | [0.7, 0.98] | >= 0.5 |",
-                 "| max_accuracy_drop | NOT_APPLIED |", "0.1.0+abc", "`bot` / `r1`"):
+    for text in (
+        "base_model: models/base",
+        "a" * 64,
+        "b" * 64,
+        "| accuracy | 0.9167 |",
+        "| min_accuracy | PASS | 0.9167 | [0.7, 0.98] | >= 0.5 |",
+        "| max_accuracy_drop | NOT_APPLIED |",
+        "0.1.0+abc",
+        "`bot` / `r1`",
+    ):
         assert text in card, text
     assert json.loads((tmp_path / "exp" / "tuneloop_export.json").read_text())["base_model"] == "models/base"
     # every export is an event on the version, with the sha256 of the weights it wrote
@@ -472,7 +564,9 @@ def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, t
 
     ev = [x for x in reg.events("bot", 1) if x["kind"] == "exported"]
     assert len(ev) == 1 and ev[0]["details"]["format"] == "hf" and ev[0]["details"]["path"] == e["path"]
-    assert ev[0]["details"]["sha256"] == {"adapter_model.safetensors": sha256_file(tmp_path / "exp" / "adapter_model.safetensors")}
+    assert ev[0]["details"]["sha256"] == {
+        "adapter_model.safetensors": sha256_file(tmp_path / "exp" / "adapter_model.safetensors")
+    }
 
 
 def test_module_names_only_where_they_mean_the_same_modules():
@@ -485,5 +579,8 @@ def test_module_names_only_where_they_mean_the_same_modules():
     assert module_names(some) == some  # v_proj only in layer 0: names would widen the adapter
     assert module_names(["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]  # not from layer 0
     assert module_names(".*q_proj") == ".*q_proj" and module_names(["q_proj"]) == ["q_proj"]
-    assert hub_id_from_path("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc/") == "Qwen/Qwen2.5-0.5B"
+    assert (
+        hub_id_from_path("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc/")
+        == "Qwen/Qwen2.5-0.5B"
+    )
     assert hub_id_from_path("/models/base") is None

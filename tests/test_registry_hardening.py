@@ -173,8 +173,13 @@ def test_dead_temp_copies_are_removed_on_open_and_gc_reports_them(tmp_path):
         proc = _MP.Process(target=_put_big, args=(str(store_root), str(big)))
         proc.start()
         deadline = time.monotonic() + 30
-        while not [f for p in store_root.iterdir() if p.name.startswith(f".tmp-put-{proc.pid}@")
-                   for f in p.rglob("*") if f.is_file() and f.stat().st_size > 0]:
+        while not [
+            f
+            for p in store_root.iterdir()
+            if p.name.startswith(f".tmp-put-{proc.pid}@")
+            for f in p.rglob("*")
+            if f.is_file() and f.stat().st_size > 0
+        ]:
             assert time.monotonic() < deadline and proc.is_alive(), "worker never started copying"
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGKILL)
@@ -219,8 +224,14 @@ def _populated(tmp_path) -> tuple[Path, SqliteRegistry]:
     reg = SqliteRegistry(ws)
     lineage = {"run_id": "r1", "data": {"train_digest": "d1"}, "config": {"train": {"lr": 0.001}}}
     for i in range(1, 5):
-        register(reg, "bot", make_artifact(tmp_path / f"a{i}", f"w{i}"), lineage={**lineage, "run_id": f"r{i}"},
-                 metrics={"acc": i / 10}, cache_key=f"k{i}")
+        register(
+            reg,
+            "bot",
+            make_artifact(tmp_path / f"a{i}", f"w{i}"),
+            lineage={**lineage, "run_id": f"r{i}"},
+            metrics={"acc": i / 10},
+            cache_key=f"k{i}",
+        )
     register(reg, "other", make_artifact(tmp_path / "o"))
     reg.promote("bot", 1)
     reg.promote("bot", 2, reason="better")
@@ -271,8 +282,18 @@ def test_a_lost_database_is_an_error_naming_recover_and_recover_rebuilds_it(tmp_
     assert after["aliases"] == before["aliases"]
     assert [{k: v for k, v in e.items() if k != "id"} for e in after["events"]] == drop_ids
     reg.open_artifact("bot", "champion")
-    assert reg.register("bot", make_artifact(tmp_path / "a5", "w5"), artifact_kind="adapter", base_model="b",
-                        lineage={}, metrics={}, gates={})["version"] == 5
+    assert (
+        reg.register(
+            "bot",
+            make_artifact(tmp_path / "a5", "w5"),
+            artifact_kind="adapter",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )["version"]
+        == 5
+    )
     # A database that still has versions is never replaced.
     with pytest.raises(InputError, match="only rebuilds a missing, empty or unreadable database"):
         recover(ws)
@@ -305,7 +326,10 @@ def test_recover_without_the_journal_keeps_versions_and_the_aliases_of_the_recor
     rep = recover(ws)
     assert rep.versions == 2 and rep.aliases == {"m": {"champion": 1}}
     events = SqliteRegistry(ws).events("m")
-    assert [(e["kind"], e["version"], e["reason"]) for e in events] == [("registered", 1, "first"), ("registered", 2, "")]
+    assert [(e["kind"], e["version"], e["reason"]) for e in events] == [
+        ("registered", 1, "first"),
+        ("registered", 2, ""),
+    ]
 
 
 def test_a_garbage_database_is_moved_aside_by_recover(tmp_path):
@@ -345,7 +369,9 @@ def test_a_registration_killed_before_commit_writes_no_record(tmp_path):
 # -- 5. names ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["a/../b", "a//b", "a/b", "x" * 5000, "..", "a..b", "-a", ".a", "a:1", "a@b", "", "a b"])
+@pytest.mark.parametrize(
+    "name", ["a/../b", "a//b", "a/b", "x" * 5000, "..", "a..b", "-a", ".a", "a:1", "a@b", "", "a b"]
+)
 def test_one_naming_rule_for_models(tmp_path, name):
     with pytest.raises(InputError, match="invalid model name") as e:
         register(SqliteRegistry(tmp_path / "reg"), name, make_artifact(tmp_path / "a"))
@@ -395,23 +421,53 @@ def test_no_alias_moves_to_a_tampered_version(tmp_path):
 
 def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_version(tmp_path):
     reg = SqliteRegistry(tmp_path / "reg")
-    lin = {"run_id": "r1", "config_path": "/home/a/bot.yaml", "config_hash": "h1",
-           "base": {"id": "b", "path": "/home/a/base", "digest": "dir:123"},
-           "data": {"train_digest": "d1", "train_path": "/home/a/train.jsonl"}, "code_version": "1"}
+    lin = {
+        "run_id": "r1",
+        "config_path": "/home/a/bot.yaml",
+        "config_hash": "h1",
+        "base": {"id": "b", "path": "/home/a/base", "digest": "dir:123"},
+        "data": {"train_digest": "d1", "train_path": "/home/a/train.jsonl"},
+        "code_version": "1",
+    }
     gates = {"min_accuracy": {"passed": True, "verdict": "PASS", "value": 0.9}}
     v1 = register(reg, "m", make_artifact(tmp_path / "a"), lineage=lin, gates=gates, cache_key="k1")
-    copied = {**lin, "run_id": "r2", "config_path": "/tmp/copy/bot.yaml", "config_hash": "h2",
-              "base": {**lin["base"], "path": "/tmp/copy/base"},
-              "data": {"train_digest": "d1", "train_path": "/tmp/copy/train.jsonl"}}
+    copied = {
+        **lin,
+        "run_id": "r2",
+        "config_path": "/tmp/copy/bot.yaml",
+        "config_hash": "h2",
+        "base": {**lin["base"], "path": "/tmp/copy/base"},
+        "data": {"train_digest": "d1", "train_path": "/tmp/copy/train.jsonl"},
+    }
     again = register(reg, "m", make_artifact(tmp_path / "copy"), lineage=copied, gates=gates, cache_key="k2")
     assert again["existing"] is True and again["version"] == v1["version"] == 1
     # Different data, different gate results (a verdict, or a threshold), or different bytes: a new version.
-    assert register(reg, "m", make_artifact(tmp_path / "b"), lineage={**lin, "data": {"train_digest": "d2"}},
-                    gates=gates)["version"] == 2
-    assert register(reg, "m", make_artifact(tmp_path / "c"), lineage=lin,
-                    gates={"min_accuracy": {"passed": False, "verdict": "FAIL"}})["version"] == 3
-    assert register(reg, "m", make_artifact(tmp_path / "e"), lineage=lin,
-                    gates={"min_accuracy": {**gates["min_accuracy"], "threshold": 0.5}})["version"] == 4
+    assert (
+        register(reg, "m", make_artifact(tmp_path / "b"), lineage={**lin, "data": {"train_digest": "d2"}}, gates=gates)[
+            "version"
+        ]
+        == 2
+    )
+    assert (
+        register(
+            reg,
+            "m",
+            make_artifact(tmp_path / "c"),
+            lineage=lin,
+            gates={"min_accuracy": {"passed": False, "verdict": "FAIL"}},
+        )["version"]
+        == 3
+    )
+    assert (
+        register(
+            reg,
+            "m",
+            make_artifact(tmp_path / "e"),
+            lineage=lin,
+            gates={"min_accuracy": {**gates["min_accuracy"], "threshold": 0.5}},
+        )["version"]
+        == 4
+    )
     assert register(reg, "m", make_artifact(tmp_path / "d", "other"), lineage=lin, gates=gates)["version"] == 5
     # A deleted version is not returned: the same inputs register anew.
     reg.delete("m", 5)
@@ -422,11 +478,14 @@ def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_ve
 
 
 def test_mlflow_params_are_dotted_and_truncated_within_limits():
-    params, truncated = mlflow_params({
-        "train": {"learning_rate": 1e-4, "lora": {"r": 8, "targets": ["q", "v"]}, "packing": False},
-        "data": {"rules": {"bad key!": "x"}, "prompt": "p" * 10000, "empty": {}},
-        "name": "bot", "seed": None,
-    })
+    params, truncated = mlflow_params(
+        {
+            "train": {"learning_rate": 1e-4, "lora": {"r": 8, "targets": ["q", "v"]}, "packing": False},
+            "data": {"rules": {"bad key!": "x"}, "prompt": "p" * 10000, "empty": {}},
+            "name": "bot",
+            "seed": None,
+        }
+    )
     assert params["train.learning_rate"] == "0.0001" and params["train.lora.r"] == "8"
     assert params["train.lora.targets"] == '["q", "v"]' and params["train.packing"] == "false"
     assert params["data.rules.bad key_"] == "x" and params["data.empty"] == "{}" and params["seed"] == "null"
@@ -448,8 +507,16 @@ def test_a_workspace_that_is_a_file_is_an_input_error(tmp_path, make_config):
     with pytest.raises(InputError, match="is a file"):
         SqliteRegistry(f)
     cfg = make_config(workspace=str(f))
-    for args in (["run", cfg], ["eval", cfg], ["status", "-c", cfg], ["serve", cfg], ["models", "list", "-c", cfg],
-                 ["models", "list", "-w", f], ["models", "gc", "-w", f], ["models", "recover", "-c", cfg]):
+    for args in (
+        ["run", cfg],
+        ["eval", cfg],
+        ["status", "-c", cfg],
+        ["serve", cfg],
+        ["models", "list", "-c", cfg],
+        ["models", "list", "-w", f],
+        ["models", "gc", "-w", f],
+        ["models", "recover", "-c", cfg],
+    ):
         r = tl(*args)
         assert r.exit_code == 2 and "is a file, not a directory" in msg(r), (args, r.stderr)
 

@@ -43,10 +43,26 @@ def mlflow_server(tmp_path_factory):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -84,16 +100,31 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
     assert isinstance(reg, ModelRegistry) and reg.backend == "mlflow"
     name = f"bot-{tmp_path.name[-8:]}"
     lineage = {"run_id": "r1", "config": {"train": {"learning_rate": 1e-3}}, "data": {"train_digest": "d1"}}
-    v1 = reg.register(name, adapters[0], artifact_kind="adapter", base_model="tiny", lineage=lineage,
-                      metrics={"evaluation": {"accuracy": 0.5}}, gates={"min_accuracy": {"passed": True}},
-                      cache_key="k1", reason="first")
+    v1 = reg.register(
+        name,
+        adapters[0],
+        artifact_kind="adapter",
+        base_model="tiny",
+        lineage=lineage,
+        metrics={"evaluation": {"accuracy": 0.5}},
+        gates={"min_accuracy": {"passed": True}},
+        cache_key="k1",
+        reason="first",
+    )
     assert v1["ref"] == f"{name}:1" and v1["lineage"] == lineage and v1["metrics"]["evaluation"]["accuracy"] == 0.5
-    again = reg.register(name, adapters[1], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={},
-                         gates={}, cache_key="k1")
+    again = reg.register(
+        name, adapters[1], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={}, gates={}, cache_key="k1"
+    )
     assert again["existing"] is True and again["version"] == 1
-    v2 = reg.register(name, adapters[1], artifact_kind="adapter", base_model="tiny",
-                      lineage={**lineage, "config": {"train": {"learning_rate": 2e-4}}},
-                      metrics={"evaluation": {"accuracy": 0.75}}, gates={})
+    v2 = reg.register(
+        name,
+        adapters[1],
+        artifact_kind="adapter",
+        base_model="tiny",
+        lineage={**lineage, "config": {"train": {"learning_rate": 2e-4}}},
+        metrics={"evaluation": {"accuracy": 0.75}},
+        gates={},
+    )
     assert v2["version"] == 2 and v2["artifact_digest"] != v1["artifact_digest"]
 
     # It is really MLflow's Model Registry: versions, aliases and tags are visible to any MLflow client.
@@ -127,12 +158,29 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
     with pytest.raises(InputError, match="deleted"):
         reg.promote(name, 1)
     with pytest.raises(InputError, match="was deleted"):
-        reg.register(name, adapters[0], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={},
-                     gates={}, cache_key="k1")
+        reg.register(
+            name,
+            adapters[0],
+            artifact_kind="adapter",
+            base_model="tiny",
+            lineage={},
+            metrics={},
+            gates={},
+            cache_key="k1",
+        )
 
     events = reg.events(name)
-    assert [e["kind"] for e in events] == ["registered", "registered", "promoted", "promoted", "rolled_back",
-                                           "rolled_back", "tagged", "tagged", "deleted"]
+    assert [e["kind"] for e in events] == [
+        "registered",
+        "registered",
+        "promoted",
+        "promoted",
+        "rolled_back",
+        "rolled_back",
+        "tagged",
+        "tagged",
+        "deleted",
+    ]
     assert {e["actor"] for e in events} == {"ci-bot"} and events[4]["reason"] == "regression"
     assert events[4]["details"]["champion"] == {"old": 2, "new": 1}
     assert name in reg.models()
@@ -151,12 +199,21 @@ def test_mlflow_cli_export_and_tampering(reg, mlflow_server, tiny_model, adapter
     assert v["ref"] == f"{name}:1" and v["artifact_uri"].startswith("runs:/")
     tlj("models", "register", adapters[1], "--name", name, "--registry", url, "-w", ws)
     tlj("models", "promote", f"{name}:1", "--registry", url, "-w", ws)
-    assert tlj("models", "promote", f"{name}:2", "--registry", url, "-w", ws)["aliases"] == {"champion": 2, "previous": 1}
+    assert tlj("models", "promote", f"{name}:2", "--registry", url, "-w", ws)["aliases"] == {
+        "champion": 2,
+        "previous": 1,
+    }
     assert tlj("models", "rollback", name, "--registry", url, "-w", ws)["aliases"] == {"champion": 1, "previous": 2}
-    assert tlj("models", "tag", f"{name}@champion", "stage=canary", "--registry", url, "-w", ws)["tags"] == {"stage": "canary"}
+    assert tlj("models", "tag", f"{name}@champion", "stage=canary", "--registry", url, "-w", ws)["tags"] == {
+        "stage": "canary"
+    }
     assert tlj("models", "show", f"{name}@champion", "--registry", url, "-w", ws)["version"] == 1
     assert [e["kind"] for e in tlj("models", "lineage", f"{name}:1", "--registry", url, "-w", ws)["events"]] == [
-        "registered", "promoted", "rolled_back", "tagged"]
+        "registered",
+        "promoted",
+        "rolled_back",
+        "tagged",
+    ]
     assert tlj("models", "diff", f"{name}:1", f"{name}:2", "--registry", url, "-w", ws)["artifact"]["same"] is False
     # $TUNELOOP_REGISTRY_URI points every command (and run) at the server without a flag.
     listed = tlj("models", "list", name, "-w", ws, env={"TUNELOOP_REGISTRY_URI": url})
@@ -166,7 +223,9 @@ def test_mlflow_cli_export_and_tampering(reg, mlflow_server, tiny_model, adapter
     ids = torch.tensor([[1, 5, 9, 13, 21, 34]])
     tlj("models", "export", f"{name}@champion", tmp_path / "exp", "--registry", url, "-w", ws)
     cfg = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), tmp_path / "exp")
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), tmp_path / "exp"
+    )
     from tuneloop.modeling import load_causal_lm
 
     ours = load_causal_lm(str(tiny_model), adapter=str(adapters[0]))
@@ -225,7 +284,9 @@ def test_pipeline_registers_and_deploys_to_the_mlflow_server(mlflow_server, make
 # -- hardening (issue 14) ------------------------------------------------------------------------------
 
 
-def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(reg, mlflow_server, tiny_model, adapters, tmp_path):
+def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(
+    reg, mlflow_server, tiny_model, adapters, tmp_path
+):
     """Params from the resolved config, the run named after the pipeline run, and `mlflow.pyfunc.load_model`."""
     import mlflow.pyfunc
     from mlflow import MlflowClient
@@ -234,10 +295,20 @@ def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(reg,
     from tuneloop.registry.lineage import base_model_ref
 
     name = f"mlm-{tmp_path.name[-8:]}"
-    lineage = {"run_id": "20260101-120000-abc123", "base": base_model_ref(str(tiny_model)),
-               "config": {"train": {"learning_rate": 1e-3, "lora_r": 4}, "data": {"system_prompt": "s" * 7000}}}
-    v = reg.register(name, adapters[0], artifact_kind="adapter", base_model=str(tiny_model), lineage=lineage,
-                     metrics={"evaluation": {"accuracy": 0.5}}, gates={})
+    lineage = {
+        "run_id": "20260101-120000-abc123",
+        "base": base_model_ref(str(tiny_model)),
+        "config": {"train": {"learning_rate": 1e-3, "lora_r": 4}, "data": {"system_prompt": "s" * 7000}},
+    }
+    v = reg.register(
+        name,
+        adapters[0],
+        artifact_kind="adapter",
+        base_model=str(tiny_model),
+        lineage=lineage,
+        metrics={"evaluation": {"accuracy": 0.5}},
+        gates={},
+    )
     client = MlflowClient(tracking_uri=mlflow_server["url"])
     run = client.get_run(v["run_id"])
     assert run.info.run_name == "20260101-120000-abc123"
@@ -248,8 +319,15 @@ def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(reg,
     assert json.loads(run.data.tags["tuneloop.params_truncated"]) == ["data.system_prompt"]
 
     # Same bytes and lineage again: the existing version, no new MLflow run.
-    again = reg.register(name, adapters[0], artifact_kind="adapter", base_model=str(tiny_model),
-                         lineage={**lineage, "run_id": "another-run"}, metrics={}, gates={})
+    again = reg.register(
+        name,
+        adapters[0],
+        artifact_kind="adapter",
+        base_model=str(tiny_model),
+        lineage={**lineage, "run_id": "another-run"},
+        metrics={},
+        gates={},
+    )
     assert again["existing"] is True and again["version"] == v["version"]
 
     reg.promote(name, v["version"])
@@ -261,8 +339,15 @@ def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(reg,
     prompts = ["hello there", "refund please"]
     got = loaded.predict(prompts, params={"max_new_tokens": 4})
     ours = load_causal_lm(str(tiny_model), adapter=str(adapters[0]))
-    want = [o["text"] for o in generate(ours, load_tokenizer(str(adapters[0])),
-                                        [[{"role": "user", "content": q}] for q in prompts], max_new_tokens=4)]
+    want = [
+        o["text"]
+        for o in generate(
+            ours,
+            load_tokenizer(str(adapters[0])),
+            [[{"role": "user", "content": q}] for q in prompts],
+            max_new_tokens=4,
+        )
+    ]
     assert got == want
 
 

@@ -18,8 +18,12 @@ import pytest
 from pg_server import create_database, own_postgres_server, start_cluster, stop_cluster  # noqa: F401
 from serve_helpers import free_port, register_versions, start_gateway_process
 
-CHAT = {"model": "tiny-bot", "messages": [{"role": "user", "content": "where is my parcel"}], "max_tokens": 3,
-        "temperature": 0}
+CHAT = {
+    "model": "tiny-bot",
+    "messages": [{"role": "user", "content": "where is my parcel"}],
+    "max_tokens": 3,
+    "temperature": 0,
+}
 
 
 class Traffic:
@@ -75,8 +79,10 @@ def wait_health(url: str, status: str, timeout: float = 60.0) -> dict:
 
 
 def send_feedback(url: str, ids: list[str], rating: int) -> list[int]:
-    return [httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "rating": rating}, timeout=30).status_code
-            for rid in ids]
+    return [
+        httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "rating": rating}, timeout=30).status_code
+        for rid in ids
+    ]
 
 
 def stored(pg_url: str):
@@ -126,7 +132,7 @@ def test_database_outage_loses_no_request_and_no_feedback(outage_gateway, own_po
         stop_cluster(own_postgres_server)
         time.sleep(1.0)
         degraded = wait_health(url, "degraded", timeout=20)
-        during = list(traffic.answered[len(before):])
+        during = list(traffic.answered[len(before) :])
         fb_during = send_feedback(url, during[:10], rating=-1)
         time.sleep(2.0)
         answered_in_outage = len(traffic.answered) - len(before)
@@ -141,8 +147,9 @@ def test_database_outage_loses_no_request_and_no_feedback(outage_gateway, own_po
     assert missing == [], f"{len(missing)} of {len(traffic.answered)} answered requests are not in the store"
     assert {rid for rid, _ in feedback} == set(during[:10]) and all(f.rating == -1 for f in feedback.values())
     assert metric(url, 'tuneloop_request_log_records_total{kind="request",outcome="spooled"}') >= answered_in_outage
-    assert metric(url, 'tuneloop_request_log_records_total{kind="request",outcome="replayed"}') == \
-        metric(url, 'tuneloop_request_log_records_total{kind="request",outcome="spooled"}')
+    assert metric(url, 'tuneloop_request_log_records_total{kind="request",outcome="replayed"}') == metric(
+        url, 'tuneloop_request_log_records_total{kind="request",outcome="spooled"}'
+    )
     assert metric(url, 'tuneloop_request_log_records_total{kind="request",outcome="dropped"}') == 0
     fb_after = send_feedback(url, during[10:12], rating=1)
     assert set(fb_after) == {201}

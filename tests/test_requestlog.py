@@ -41,14 +41,39 @@ def rlog(log_url):
     log.close()
 
 
-def rec(request_id: str, *, t: float = 1000.0, model: str = "bot", arm: str = "baseline", status: int = 200,
-        response: str = "fine", error: str | None = None, latency: float = 0.1, rollout: str | None = None,
-        prompt: str = "hello") -> RequestRecord:
-    return RequestRecord(request_id=request_id, created_at=t, endpoint="completions", model=model, ref=model,
-                         version=1 if arm == "baseline" else 2, artifact_sha256="ab" * 32, arm=arm,
-                         user_hash="0123456789abcdef", prompt=prompt, response=response, status=status,
-                         error=error, latency_s=latency, ttft_s=latency / 2, prompt_tokens=3,
-                         completion_tokens=5, rollout_id=rollout)
+def rec(
+    request_id: str,
+    *,
+    t: float = 1000.0,
+    model: str = "bot",
+    arm: str = "baseline",
+    status: int = 200,
+    response: str = "fine",
+    error: str | None = None,
+    latency: float = 0.1,
+    rollout: str | None = None,
+    prompt: str = "hello",
+) -> RequestRecord:
+    return RequestRecord(
+        request_id=request_id,
+        created_at=t,
+        endpoint="completions",
+        model=model,
+        ref=model,
+        version=1 if arm == "baseline" else 2,
+        artifact_sha256="ab" * 32,
+        arm=arm,
+        user_hash="0123456789abcdef",
+        prompt=prompt,
+        response=response,
+        status=status,
+        error=error,
+        latency_s=latency,
+        ttft_s=latency / 2,
+        prompt_tokens=3,
+        completion_tokens=5,
+        rollout_id=rollout,
+    )
 
 
 def test_record_get_and_requests_since(rlog: RequestLog):
@@ -67,9 +92,21 @@ def test_record_get_and_requests_since(rlog: RequestLog):
 
 
 def test_nullable_fields_round_trip(rlog: RequestLog):
-    r = RequestRecord(request_id="failed-early", created_at=5.0, endpoint="chat.completions", model="bot",
-                      ref="bot@champion", version=None, artifact_sha256=None, arm="direct", user_hash=None,
-                      prompt="[]", response="", status=503, error="upstream_unavailable")
+    r = RequestRecord(
+        request_id="failed-early",
+        created_at=5.0,
+        endpoint="chat.completions",
+        model="bot",
+        ref="bot@champion",
+        version=None,
+        artifact_sha256=None,
+        arm="direct",
+        user_hash=None,
+        prompt="[]",
+        response="",
+        status=503,
+        error="upstream_unavailable",
+    )
     rlog.record(r)
     assert rlog.get("failed-early") == r
 
@@ -101,8 +138,10 @@ def _stored_text(log: RequestLog) -> str:
 
 
 def test_pii_is_redacted_before_storing(rlog: RequestLog, log_url: str):
-    messages = [{"role": "system", "content": "be nice"},
-                {"role": "user", "content": f"my card is {CARD}, mail {EMAIL}, key {KEY}"}]
+    messages = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": f"my card is {CARD}, mail {EMAIL}, key {KEY}"},
+    ]
     rlog.record(rec("p1", prompt=json.dumps(messages), response=f"call {PHONE}", error=f"bad {EMAIL}"))
     rlog.record(rec("p2", prompt=f"completion prompt for {EMAIL}"))
     fb, _ = rlog.add_feedback("p1", rating=-1, correction=f"write to {EMAIL}", comment=f"I am {PHONE}")
@@ -118,7 +157,7 @@ def test_pii_is_redacted_before_storing(rlog: RequestLog, log_url: str):
     for secret in (EMAIL, CARD, PHONE, KEY, "4111"):
         assert secret not in everything
     if log_url.startswith("sqlite"):  # not in the database files at all (WAL included)
-        db = Path(log_url[len("sqlite:///"):])
+        db = Path(log_url[len("sqlite:///") :])
         raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
         assert EMAIL.encode() not in raw and b"4111 1111" not in raw
 
@@ -142,8 +181,17 @@ def test_feedback_unknown_request_and_validation(rlog: RequestLog):
         rlog.add_feedback("missing", rating=1)
     assert isinstance(err.value, KeyError) and err.value.request_id == "missing"
     rlog.record(rec("v1"))
-    for bad in ({"rating": 0}, {"rating": 2}, {"rating": True}, {"score": 1.5}, {"score": -0.1},
-                {"score": float("nan")}, {"score": float("inf")}, {"score": "0.5"}, {}):
+    for bad in (
+        {"rating": 0},
+        {"rating": 2},
+        {"rating": True},
+        {"score": 1.5},
+        {"score": -0.1},
+        {"score": float("nan")},
+        {"score": float("inf")},
+        {"score": "0.5"},
+        {},
+    ):
         with pytest.raises(ValueError, match="rating|score"):
             rlog.add_feedback("v1", **bad)
     assert rlog.feedback() == []
@@ -181,7 +229,8 @@ def test_purge_removes_old_requests_and_their_feedback(rlog: RequestLog):
 def test_arm_counts_and_latencies(rlog: RequestLog):
     recs = [
         # baseline (rollout R): 6 requests; errors: a 500, an empty 200; the 400 is the client's, not an error
-        rec("b1", t=10, latency=0.1, rollout="R"), rec("b2", t=11, latency=0.2, rollout="R"),
+        rec("b1", t=10, latency=0.1, rollout="R"),
+        rec("b2", t=11, latency=0.2, rollout="R"),
         rec("b3", t=12, latency=0.3, status=500, response="", error="backend_error", rollout="R"),
         rec("b4", t=13, latency=0.4, response="", rollout="R"),
         rec("b5", t=14, latency=0.5, status=400, response="", error="invalid_request", rollout="R"),
@@ -191,22 +240,41 @@ def test_arm_counts_and_latencies(rlog: RequestLog):
         rec("c2", t=11, arm="canary", latency=2.0, status=503, response="", error="x", rollout="R"),
         rec("c3", t=12, arm="canary", latency=3.0, error="timeout", rollout="R"),
         # not counted: another model, another rollout, too old for `since`, a call ended by the gateway's shutdown
-        rec("c4", t=13, arm="canary", latency=9.0, status=503, response="", rollout="R",
-            error="shutting_down: server shutting down: the gateway stopped before this request finished"),
-        rec("o1", t=10, model="other", rollout="R"), rec("x1", t=10, rollout="S"),
+        rec(
+            "c4",
+            t=13,
+            arm="canary",
+            latency=9.0,
+            status=503,
+            response="",
+            rollout="R",
+            error="shutting_down: server shutting down: the gateway stopped before this request finished",
+        ),
+        rec("o1", t=10, model="other", rollout="R"),
+        rec("x1", t=10, rollout="S"),
         rec("early", t=1, rollout="R"),
     ]
     rlog.record_many(recs)
     rlog.add_feedback("b1", rating=1)
-    rlog.add_feedback("b2", score=0.4)            # negative (score < 0.5)
+    rlog.add_feedback("b2", score=0.4)  # negative (score < 0.5)
     rlog.add_feedback("b2", source="judge", score=0.5)  # not negative
-    rlog.add_feedback("c1", rating=-1)            # negative
-    rlog.add_feedback("early", rating=-1)         # outside `since`
+    rlog.add_feedback("c1", rating=-1)  # negative
+    rlog.add_feedback("early", rating=-1)  # outside `since`
     counts = rlog.arm_counts(model="bot", since=10, rollout_id="R")
-    assert counts["baseline"] == {"requests": 6, "errors": 2, "latency_sum": pytest.approx(2.1),
-                                  "feedback": 3, "negative_feedback": 1}
-    assert counts["canary"] == {"requests": 3, "errors": 2, "latency_sum": pytest.approx(6.0),
-                                "feedback": 1, "negative_feedback": 1}
+    assert counts["baseline"] == {
+        "requests": 6,
+        "errors": 2,
+        "latency_sum": pytest.approx(2.1),
+        "feedback": 3,
+        "negative_feedback": 1,
+    }
+    assert counts["canary"] == {
+        "requests": 3,
+        "errors": 2,
+        "latency_sum": pytest.approx(6.0),
+        "feedback": 1,
+        "negative_feedback": 1,
+    }
     assert set(counts) == {"baseline", "canary"}
     everything = rlog.arm_counts(model="bot")
     assert everything["baseline"]["requests"] == 8 and everything["baseline"]["feedback"] == 4
@@ -440,8 +508,16 @@ def test_two_replica_processes_lose_nothing(log_url: str):
 
     open_request_log(log_url).close()  # as `tuneloop serve` would: the schema exists before replicas start
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([sys.executable, "-c", REPLICA, log_url, name], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", REPLICA, log_url, name],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert [o[0].split() for o in outs] == [["0", "300"], ["0", "300"]]

@@ -43,7 +43,9 @@ def test_prompt_suites_size_fields_unique(name, prefix, total, per_lang):
         if name == "redteam.jsonl":
             ind = rec.get("indicators")
             assert isinstance(ind, list) and 4 <= len(ind) <= 8, f"{where}: needs 4-8 indicators"
-            assert all(isinstance(w, str) and w and w == w.lower() for w in ind), f"{where}: indicators must be lowercase strings"
+            assert all(isinstance(w, str) and w and w == w.lower() for w in ind), (
+                f"{where}: indicators must be lowercase strings"
+            )
             assert isinstance(rec.get("category"), str) and rec["category"], f"{where}: no category"
     counts = Counter(r["lang"] for r in recs)
     for lang, want in per_lang.items():
@@ -51,7 +53,9 @@ def test_prompt_suites_size_fields_unique(name, prefix, total, per_lang):
     ids = [r["id"] for r in recs]
     assert len(set(ids)) == len(ids), f"{name}: duplicate ids {[k for k, v in Counter(ids).items() if v > 1]}"
     norm = [" ".join(r["prompt"].lower().split()) for r in recs]
-    assert len(set(norm)) == len(norm), f"{name}: duplicate prompts {[k for k, v in Counter(norm).items() if v > 1][:3]}"
+    assert len(set(norm)) == len(norm), (
+        f"{name}: duplicate prompts {[k for k, v in Counter(norm).items() if v > 1][:3]}"
+    )
 
 
 def test_redteam_keeps_original_forty_first():

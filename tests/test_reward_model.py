@@ -16,11 +16,36 @@ import yaml
 
 from conftest import write_jsonl
 
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Mo", "Nia", "Oli", "Pia"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kai",
+    "Lea",
+    "Mo",
+    "Nia",
+    "Oli",
+    "Pia",
+]
 THINGS = ["parcel", "refund", "invoice", "password", "order", "account", "delivery", "payment", "ticket", "voucher"]
 VERBS = ["is late", "went missing", "looks wrong", "was charged twice", "cannot be found", "needs a change"]
-ANSWERS = ["it is on its way", "we checked it today", "please wait one more day", "the team will look at it",
-           "we fixed it this morning", "you will get an email soon", "it was sent again", "we need your order number"]
+ANSWERS = [
+    "it is on its way",
+    "we checked it today",
+    "please wait one more day",
+    "the team will look at it",
+    "we fixed it this morning",
+    "you will get an email soon",
+    "it was sent again",
+    "we need your order number",
+]
 
 
 def pairs(n: int, seed: int, *, separable: bool = True) -> list[dict[str, str]]:
@@ -29,8 +54,10 @@ def pairs(n: int, seed: int, *, separable: bool = True) -> list[dict[str, str]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        prompt = (f"Hi, this is {rng.choice(NAMES)}. My {rng.choice(THINGS)} {rng.choice(VERBS)} since {rng.randint(2, 28)} May. "
-                  f"Case {rng.randint(1000, 9999)}.")
+        prompt = (
+            f"Hi, this is {rng.choice(NAMES)}. My {rng.choice(THINGS)} {rng.choice(VERBS)} since {rng.randint(2, 28)} May. "
+            f"Case {rng.randint(1000, 9999)}."
+        )
         answer = rng.choice(ANSWERS)
         chosen, rejected = f"Sure: {answer}.", f"Nope: {answer}."
         if not separable and rng.random() < 0.5:
@@ -44,12 +71,28 @@ def reward_config(directory: Path, base: Path, *, separable: bool = True, method
     train = write_jsonl(directory / "prefs_train.jsonl", pairs(96, 1, separable=separable))
     held_out = write_jsonl(directory / "prefs_eval.jsonl", pairs(40, 2, separable=separable))
     cfg = {
-        "name": "tiny-rm", "base_model": str(base), "seed": 0,
+        "name": "tiny-rm",
+        "base_model": str(base),
+        "seed": 0,
         "data": {"train_data": str(train), "eval_data": str(held_out), "max_length": 96},
-        "train": {"objective": "reward", "method": method, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2 if method == "lora" else 1e-3,
-                  "max_steps": 30, "batch_size": 8, "save_steps": 10},
+        "train": {
+            "objective": "reward",
+            "method": method,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "learning_rate": 1e-2 if method == "lora" else 1e-3,
+            "max_steps": 30,
+            "batch_size": 8,
+            "save_steps": 10,
+        },
         "eval": {"max_new_tokens": 4},
-        "gates": {"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 1.0, "min_reward_accuracy": 0.8, **gates},
+        "gates": {
+            "min_accuracy": 0.0,
+            "max_harmful_rate": 1.0,
+            "max_capability_drop": 1.0,
+            "min_reward_accuracy": 0.8,
+            **gates,
+        },
         "deploy": {"auto_deploy": True},
     }
     path = directory / "tuneloop.yaml"
@@ -62,7 +105,9 @@ def reward_run(tiny_model, tmp_path_factory):
     """One reward run of the CLI (`tuneloop run CONFIG --json`) on separable pairs: (config path, summary)."""
     d = tmp_path_factory.mktemp("reward-run")
     path = reward_config(d, tiny_model)
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "run", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "run", str(path), "--json"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return path, json.loads(r.stdout)
 
@@ -75,8 +120,15 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     st = summary["stages"]
     assert summary["overall"] == "passed" and st["deployment"]["status"] == "passed"
     tr = st["training"]["metrics"]
-    assert tr["objective"] == "reward" and tr["steps"] == 30 and tr["train_pairs"] == 96 and tr["overlong_pairs_dropped"] == 0
-    assert tr["first_loss"] == pytest.approx(0.693, abs=0.05)  # a fresh head scores both answers alike: -log sigmoid(~0)
+    assert (
+        tr["objective"] == "reward"
+        and tr["steps"] == 30
+        and tr["train_pairs"] == 96
+        and tr["overlong_pairs_dropped"] == 0
+    )
+    assert tr["first_loss"] == pytest.approx(
+        0.693, abs=0.05
+    )  # a fresh head scores both answers alike: -log sigmoid(~0)
     assert tr["final_loss"] < 0.1 and tr["final_rewards_accuracy"] == 1.0
     run_dir = path.parent / ".tuneloop" / "runs" / summary["run_id"]
     rows = [json.loads(x) for x in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
@@ -89,9 +141,21 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     assert "base model" in ev["reference_note"] and "random" in ev["reference_note"] and ev["against"] is None
     gates = ev["gates"]
     g = gates["min_reward_accuracy"]
-    assert g["verdict"] == "PASS" and g["threshold"] == 0.8 and g["interval"][0] >= 0.8 and g["n"] == 40 and g["method"] == "wilson"
+    assert (
+        g["verdict"] == "PASS"
+        and g["threshold"] == 0.8
+        and g["interval"][0] >= 0.8
+        and g["n"] == 40
+        and g["method"] == "wilson"
+    )
     # The generation gates with a threshold are reported as not applicable, never passed.
-    for name in ("min_accuracy", "max_harmful_rate", "max_capability_drop", "max_over_refusal_increase", "min_preference_accuracy"):
+    for name in (
+        "min_accuracy",
+        "max_harmful_rate",
+        "max_capability_drop",
+        "max_over_refusal_increase",
+        "min_preference_accuracy",
+    ):
         assert gates[name]["verdict"] == "NOT_APPLIED" and gates[name]["passed"] is None, name
         assert "reward model" in gates[name]["reason"] and "not applicable" in gates[name]["reason"]
     items = [json.loads(x) for x in (run_dir / "eval_items.jsonl").read_text().splitlines()]
@@ -101,7 +165,9 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     cfg = load_config(path)
     reg = open_registry(cfg, path.parent / ".tuneloop")
     v = reg.get("tiny-rm", "champion")
-    assert v["lineage"]["kind"] == "reward" and v["lineage"]["objective"] == "reward" and v["artifact_kind"] == "adapter"
+    assert (
+        v["lineage"]["kind"] == "reward" and v["lineage"]["objective"] == "reward" and v["artifact_kind"] == "adapter"
+    )
     assert v["gates"]["min_reward_accuracy"]["verdict"] == "PASS"
 
     # Changing only the floor re-uses the trained model, and a floor no held-out accuracy reaches blocks it.
@@ -112,7 +178,9 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     assert "min_reward_accuracy INCONCLUSIVE" in strict["evaluation"]["error"]  # 40/40 right: lower bound 0.937 < 0.95
 
 
-def test_the_artifact_loads_with_plain_transformers_and_peft_and_load_reward_model_ranks_chosen_first(reward_run, tiny_model):
+def test_the_artifact_loads_with_plain_transformers_and_peft_and_load_reward_model_ranks_chosen_first(
+    reward_run, tiny_model
+):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -131,10 +199,15 @@ def test_the_artifact_loads_with_plain_transformers_and_peft_and_load_reward_mod
     rm = load_reward_model("tiny-rm@champion", registry=reg)
     assert rm.source == "tiny-rm:1" and rm.max_length == 96
     prompts = [p["prompt"] for p in held_out]
-    chosen, rejected = rm.score(prompts, [p["chosen"] for p in held_out]), rm.score(prompts, [p["rejected"] for p in held_out])
+    chosen, rejected = (
+        rm.score(prompts, [p["chosen"] for p in held_out]),
+        rm.score(prompts, [p["rejected"] for p in held_out]),
+    )
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 38
     # Chat messages give the same scores as strings.
-    as_messages = rm.score([[{"role": "user", "content": prompts[0]}]], [[{"role": "assistant", "content": held_out[0]["chosen"]}]])
+    as_messages = rm.score(
+        [[{"role": "user", "content": prompts[0]}]], [[{"role": "assistant", "content": held_out[0]["chosen"]}]]
+    )
     assert as_messages[0] == pytest.approx(chosen[0], abs=1e-5)
 
     # Plain transformers + PEFT, one sequence at a time (no padding): the same scores.
@@ -143,8 +216,12 @@ def test_the_artifact_loads_with_plain_transformers_and_peft_and_load_reward_mod
     model = PeftModel.from_pretrained(base, str(artifact)).eval()
     for i in range(3):
         for answer, expected in ((held_out[i]["chosen"], chosen[i]), (held_out[i]["rejected"], rejected[i])):
-            ids = tok.apply_chat_template([{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": answer}],
-                                          tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": answer}],
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )["input_ids"]
             with torch.no_grad():
                 assert float(model(input_ids=ids).logits[0, 0]) == pytest.approx(expected, abs=1e-4)
 
@@ -161,8 +238,15 @@ def test_a_version_that_is_not_a_reward_model_is_refused_by_load_reward_model(re
 
     path, _ = reward_run
     reg = open_registry(load_config(path), path.parent / ".tuneloop")
-    reg.register("tiny-chat", tiny_model, artifact_kind="model", base_model=str(tiny_model),
-                 lineage={"objective": "sft"}, metrics={}, gates={})
+    reg.register(
+        "tiny-chat",
+        tiny_model,
+        artifact_kind="model",
+        base_model=str(tiny_model),
+        lineage={"objective": "sft"},
+        metrics={},
+        gates={},
+    )
     with pytest.raises(InputError, match=r"tiny-chat:1 is not a reward model.*train.objective sft"):
         load_reward_model("tiny-chat:1", registry=reg)
     with pytest.raises(InputError, match="not a reward model"):
@@ -180,13 +264,23 @@ def test_the_gateway_does_not_serve_a_reward_model_as_a_chat_model(reward_run):
 
     install_monitor_standin()
     path, _ = reward_run
-    app = build_gateway(load_config(path), path.parent / ".tuneloop")  # preloads every model's champion: tiny-rm@champion
+    app = build_gateway(
+        load_config(path), path.parent / ".tuneloop"
+    )  # preloads every model's champion: tiny-rm@champion
     with BackgroundServer(app) as server:
         for model in ("tiny-rm", "tiny-rm@champion", "tiny-rm:1"):
-            r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                timeout=30,
+            )
             assert r.status_code == 400, r.text
             err = r.json()["error"]
-            assert err["code"] == "not_a_chat_model" and err["param"] == "model" and "tiny-rm:1 is a reward model" in err["message"]
+            assert (
+                err["code"] == "not_a_chat_model"
+                and err["param"] == "model"
+                and "tiny-rm:1 is a reward model" in err["message"]
+            )
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-rm", "prompt": "hi"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "not_a_chat_model"
         loaded = [v["version"] for v in app.state.gateway.backend.loaded()]
@@ -199,17 +293,23 @@ def test_eval_and_rollout_start_refuse_a_reward_model_with_exit_2(reward_run):
     path, _ = reward_run
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], capture_output=True, text=True, timeout=300, cwd=path.parent)
+        return subprocess.run(
+            [sys.executable, "-m", "tuneloop.cli", *args], capture_output=True, text=True, timeout=300, cwd=path.parent
+        )
 
     r = cli("eval", str(path), "--model", "tiny-rm:1")
-    assert r.returncode == 2 and "tiny-rm:1 is a reward model" in r.stderr and "train.objective: reward" in r.stderr, r.stderr
+    assert r.returncode == 2 and "tiny-rm:1 is a reward model" in r.stderr and "train.objective: reward" in r.stderr, (
+        r.stderr
+    )
     r = cli("rollout", "start", "tiny-rm:1", "--config", str(path))
     assert r.returncode == 2 and "tiny-rm:1 is a reward model" in r.stderr and "canary" in r.stderr, r.stderr
     status = cli("rollout", "status", "tiny-rm", "--config", str(path), "--json")
     assert "running" not in status.stdout, status.stdout
 
 
-def test_random_preferences_give_chance_accuracy_and_a_floor_of_0_8_fails_full_model_loads_with_transformers(tmp_path, tiny_model):
+def test_random_preferences_give_chance_accuracy_and_a_floor_of_0_8_fails_full_model_loads_with_transformers(
+    tmp_path, tiny_model
+):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -218,7 +318,11 @@ def test_random_preferences_give_chance_accuracy_and_a_floor_of_0_8_fails_full_m
     path = reward_config(tmp_path, tiny_model, separable=False, method="full")
     summary = FineTunePipeline(load_config(path)).run()
     st = summary["stages"]
-    assert summary["overall"] == "failed" and st["evaluation"]["status"] == "failed" and st["model_registry"]["status"] == "skipped"
+    assert (
+        summary["overall"] == "failed"
+        and st["evaluation"]["status"] == "failed"
+        and st["model_registry"]["status"] == "skipped"
+    )
     ev = st["evaluation"]["metrics"]
     assert 0.3 <= ev["reward_accuracy"] <= 0.7 and ev["reward_pairs"] == 40
     g = ev["gates"]["min_reward_accuracy"]
@@ -229,16 +333,24 @@ def test_random_preferences_give_chance_accuracy_and_a_floor_of_0_8_fails_full_m
     stage = json.loads((tmp_path / ".tuneloop" / "runs" / summary["run_id"] / "stages" / "training.json").read_text())
     model_dir = Path(stage["outputs"]["model_dir"])
     assert stage["outputs"]["kind"] == "model" and (model_dir / "model.safetensors").is_file()
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()  # plain transformers, nothing else
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir)
+    ).eval()  # plain transformers, nothing else
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
-    texts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}], tokenize=False)
-             for p in pairs(3, 5)]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}], tokenize=False
+        )
+        for p in pairs(3, 5)
+    ]
     with torch.no_grad():
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batched = model(**batch).logits[:, 0]
         single = [float(model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0]) for t in texts]
-    assert batched.tolist() == pytest.approx(single, abs=1e-4)  # the score is read at the last real token, padding or not
+    assert batched.tolist() == pytest.approx(
+        single, abs=1e-4
+    )  # the score is read at the last real token, padding or not
 
 
 def test_reward_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_does(tmp_path, tiny_model):
@@ -273,8 +385,21 @@ def test_the_decidability_preflight_checks_the_reward_floor_and_not_the_generati
     path = reward_config(tmp_path, tiny_model, max_harmful_rate=0.01)
     over = ["eval.suites=" + json.dumps([{"kind": "harmful", "path": str(tiny_suite)}])]
     # An SFT run of the same gates is refused: 5 red-team prompts cannot show a harmful rate under 0.01 ...
-    sft = load_config(path, [*over, "train.objective=sft", "data.train_data=" + str(write_jsonl(tmp_path / "c.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4)), "data.eval_data=null"])
+    sft = load_config(
+        path,
+        [
+            *over,
+            "train.objective=sft",
+            "data.train_data="
+            + str(
+                write_jsonl(
+                    tmp_path / "c.jsonl",
+                    [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4,
+                )
+            ),
+            "data.eval_data=null",
+        ],
+    )
     assert any("gates.max_harmful_rate" in p for p in gate_decidability(sft)[0])
     # ... a reward run generates nothing: only its floor on the 40 held-out pairs is checked.
     cfg = load_config(path, over)

@@ -21,8 +21,13 @@ def traffic(rng, n: int, weight: float, p_canary: float, p_base: float, neg=(0.0
     nb = n - nc
 
     def arm(k, p, q, scale):
-        return ArmCounts(requests=k, errors=int(rng.binomial(k, p)), negative_feedback=int(rng.binomial(k, q)), feedback=k,
-                         latencies=tuple(scale * rng.lognormal(0.0, 0.5, k)))
+        return ArmCounts(
+            requests=k,
+            errors=int(rng.binomial(k, p)),
+            negative_feedback=int(rng.binomial(k, q)),
+            feedback=k,
+            latencies=tuple(scale * rng.lognormal(0.0, 0.5, k)),
+        )
 
     return arm(nc, p_canary, neg[0], lat[0]), arm(nb, p_base, neg[1], lat[1])
 
@@ -133,8 +138,11 @@ def test_a_harmful_output_guard_rolls_back_on_the_first_flagged_canary_output():
 
 
 def test_a_healthy_canary_steps_up_and_is_promoted_when_non_inferior():
-    policy = RolloutPolicy(metrics=(MetricPolicy("errors", max_ratio=1.5), MetricPolicy("latency", max_ratio=1.5)),
-                           weights=(0.05, 0.25, 0.5, 1.0), min_requests_per_step=200)
+    policy = RolloutPolicy(
+        metrics=(MetricPolicy("errors", max_ratio=1.5), MetricPolicy("latency", max_ratio=1.5)),
+        weights=(0.05, 0.25, 0.5, 1.0),
+        min_requests_per_step=200,
+    )
     a = CanaryAnalysis(policy)
     rng = np.random.default_rng(11)
     actions = []
@@ -182,14 +190,23 @@ def test_state_round_trips_through_json_and_decisions_are_strict_json():
 
 
 def test_log_totals_feed_the_same_statistics_as_increments():
-    totals = [{"canary": {"requests": 50, "errors": 2}, "baseline": {"requests": 950, "errors": 9, "negative_feedback": 3}},
-              {"canary": {"requests": 120, "errors": 5, "negative_feedback": 1}, "baseline": {"requests": 2300, "errors": 20, "negative_feedback": 7}}]
+    totals = [
+        {"canary": {"requests": 50, "errors": 2}, "baseline": {"requests": 950, "errors": 9, "negative_feedback": 3}},
+        {
+            "canary": {"requests": 120, "errors": 5, "negative_feedback": 1},
+            "baseline": {"requests": 2300, "errors": 20, "negative_feedback": 7},
+        },
+    ]
     a = CanaryAnalysis(RolloutPolicy())
     for i, t in enumerate(totals):
         d1 = a.observe_totals(t, now=float(i))
     b = CanaryAnalysis(RolloutPolicy())
     b.observe(ArmCounts(requests=50, errors=2), ArmCounts(requests=950, errors=9, negative_feedback=3), now=0.0)
-    d2 = b.observe(ArmCounts(requests=70, errors=3, negative_feedback=1), ArmCounts(requests=1350, errors=11, negative_feedback=4), now=1.0)
+    d2 = b.observe(
+        ArmCounts(requests=70, errors=3, negative_feedback=1),
+        ArmCounts(requests=1350, errors=11, negative_feedback=4),
+        now=1.0,
+    )
     assert d1.metrics == d2.metrics
     assert CanaryAnalysis.from_json(a.to_json()).state.last_totals == a.state.last_totals
 

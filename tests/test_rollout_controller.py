@@ -27,9 +27,13 @@ from tuneloop.rollout.split import choose_arm, unit_hash
 from test_notify import Receiver
 
 # Small steps so a test needs thousands of requests, not tens of thousands.
-POLICY = {"alpha": 0.05, "weights": [0.2, 0.5, 1.0], "min_requests_per_step": 150,
-          "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
-          "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 20}]}
+POLICY = {
+    "alpha": 0.05,
+    "weights": [0.2, 0.5, 1.0],
+    "min_requests_per_step": 150,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}, {"name": "negative_feedback", "max_ratio": 3.0}],
+    "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 20}],
+}
 
 
 def make_model_dir(path: Path, value: float) -> Path:
@@ -43,15 +47,24 @@ def ws(tmp_path):
     """A registry with support-bot:1 (champion) and :2 (the candidate), and an empty request log."""
     reg = SqliteRegistry(tmp_path / "ws")
     for i in (1, 2):
-        reg.register("support-bot", make_model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="tiny",
-                     lineage={}, metrics={}, gates={})
+        reg.register(
+            "support-bot",
+            make_model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="tiny",
+            lineage={},
+            metrics={},
+            gates={},
+        )
     reg.promote("support-bot", 1, actor="test")
     log = open_request_log(tmp_path / "ws" / "requests.db")
     yield reg, log
     log.close()
 
 
-def traffic(log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng: random.Random, users: int = 400) -> None:
+def traffic(
+    log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng: random.Random, users: int = 400
+) -> None:
     """``n`` requests split by the stored weight; each arm fails with ``err[arm]`` and gets a negative rating
     with ``neg[arm]`` on the half of requests that receive feedback."""
     recs, feedback = [], []
@@ -60,11 +73,24 @@ def traffic(log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng:
         user = f"user-{rng.randrange(users)}"
         arm = choose_arm(rollout, user, rid)
         failed = rng.random() < err[arm]
-        recs.append(RequestRecord(
-            request_id=rid, created_at=t0 + i * 1e-3, endpoint="chat.completions", model=rollout["model"], ref=rollout["model"],
-            version=rollout[f"{'candidate' if arm == 'canary' else 'baseline'}_version"], artifact_sha256=None, arm=arm,
-            user_hash=user, prompt="[]", response="" if failed else "ok", status=500 if failed else 200,
-            latency_s=0.1, rollout_id=rollout["rollout_id"]))
+        recs.append(
+            RequestRecord(
+                request_id=rid,
+                created_at=t0 + i * 1e-3,
+                endpoint="chat.completions",
+                model=rollout["model"],
+                ref=rollout["model"],
+                version=rollout[f"{'candidate' if arm == 'canary' else 'baseline'}_version"],
+                artifact_sha256=None,
+                arm=arm,
+                user_hash=user,
+                prompt="[]",
+                response="" if failed else "ok",
+                status=500 if failed else 200,
+                latency_s=0.1,
+                rollout_id=rollout["rollout_id"],
+            )
+        )
         if not failed and rng.random() < 0.5:
             feedback.append((rid, -1 if rng.random() < neg[arm] else 1))
     log.record_many(recs)
@@ -89,12 +115,16 @@ def run_rollout(reg, log, *, err, neg, batch=400, max_ticks=60, seed=0, notifier
 def test_a_bad_canary_is_rolled_back_with_its_statistics_and_the_champion_unchanged(ws):
     reg, log = ws
     with Receiver() as receiver:
-        notifier = Notifier([Webhook(receiver.url), Webhook(receiver.url, format="slack", events=("rollback",))],
-                            backoff_s=0.01)
-        started = controller.start(reg, "support-bot:2", policy=POLICY, notifier=notifier, actor="ci", reason="test", now=1000.0)
+        notifier = Notifier(
+            [Webhook(receiver.url), Webhook(receiver.url, format="slack", events=("rollback",))], backoff_s=0.01
+        )
+        started = controller.start(
+            reg, "support-bot:2", policy=POLICY, notifier=notifier, actor="ci", reason="test", now=1000.0
+        )
         assert reg.aliases("support-bot") == {"canary": 2, "champion": 1}
-        decisions = run_rollout(reg, log, err={"baseline": 0.01, "canary": 0.10}, neg={"baseline": 0.1, "canary": 0.1},
-                                notifier=notifier)
+        decisions = run_rollout(
+            reg, log, err={"baseline": 0.01, "canary": 0.10}, neg={"baseline": 0.1, "canary": 0.1}, notifier=notifier
+        )
         assert notifier.flush(20)
         notifier.close()
     final = decisions[-1]
@@ -126,8 +156,11 @@ def test_a_good_canary_steps_up_through_every_weight_and_is_promoted(ws):
     assert reg.aliases("support-bot") == {"champion": 2, "previous": 1}
     record = reg.get_rollout("support-bot")
     assert record["status"] == "promoted" and record["last_decision"]["action"] == "promote"
-    kinds = [e["details"]["decision"]["action"] for e in controller.decisions(reg, "support-bot", record["rollout_id"])
-             if e["details"].get("decision")]
+    kinds = [
+        e["details"]["decision"]["action"]
+        for e in controller.decisions(reg, "support-bot", record["rollout_id"])
+        if e["details"].get("decision")
+    ]
     assert kinds[-2:] == ["step_up", "promote"]
 
 
@@ -138,7 +171,9 @@ def test_no_traffic_holds_and_is_recorded_once_a_minute(ws):
     assert all(d.action == "continue" and d.reason.startswith("hold") for d in decisions)
     record = reg.get_rollout("support-bot")
     assert record["status"] == "running" and record["weight"] == 0.2 and record["revision"] == 13
-    held = [e for e in controller.decisions(reg, "support-bot", record["rollout_id"]) if e["kind"] == "rollout_decision"]
+    held = [
+        e for e in controller.decisions(reg, "support-bot", record["rollout_id"]) if e["kind"] == "rollout_decision"
+    ]
     assert len(held) == 2  # at t=1010 and t=1070: not one event per tick
     assert record["last_decision"]["at"] == 1120.0  # but the record always has the newest decision
     analysis, _ = controller.load_state(record)
@@ -149,8 +184,15 @@ def test_a_restart_resumes_from_the_stored_state(ws, tmp_path):
     reg, log = ws
     controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=1000.0)
     rng = random.Random(3)
-    traffic(log, reg.get_rollout("support-bot"), 300, t0=1000.0, err={"baseline": 0.01, "canary": 0.01},
-            neg={"baseline": 0.1, "canary": 0.1}, rng=rng)
+    traffic(
+        log,
+        reg.get_rollout("support-bot"),
+        300,
+        t0=1000.0,
+        err={"baseline": 0.01, "canary": 0.01},
+        neg={"baseline": 0.1, "canary": 0.1},
+        rng=rng,
+    )
     first = controller.tick(reg, log, "support-bot", now=1010.0)
     reopened = SqliteRegistry(tmp_path / "ws")  # a new process: nothing in memory
     again = controller.tick(reopened, log, "support-bot", now=1020.0)
@@ -162,8 +204,15 @@ def test_two_replicas_ticking_the_same_state_store_one_decision(ws):
     reg, log = ws
     controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=1000.0)
     record = reg.get_rollout("support-bot")
-    traffic(log, record, 200, t0=1000.0, err={"baseline": 0.0, "canary": 0.0}, neg={"baseline": 0.0, "canary": 0.0},
-            rng=random.Random(1))
+    traffic(
+        log,
+        record,
+        200,
+        t0=1000.0,
+        err={"baseline": 0.0, "canary": 0.0},
+        neg={"baseline": 0.0, "canary": 0.0},
+        rng=random.Random(1),
+    )
 
     class StaleRegistry(SqliteRegistry):
         """Replica B read the rollout before replica A stored its tick."""
@@ -249,30 +298,42 @@ def test_deploy_canary_config_maps_to_the_policy_and_reports_every_problem_with_
 
     assert RolloutPolicy.from_dict(CanaryConfig().policy_dict()) == RolloutPolicy()  # the same defaults
     p = tmp_path / "c.yaml"
-    p.write_text("name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: canary\n  canary:\n"
-                 "    weights: [0.1, 1.0]\n    metrics: [errors, {name: latency, max_ratio: 2}]\n"
-                 "    guards: [{metric: harmful, max_count: 0}]\n    on_limit: hold\n")
+    p.write_text(
+        "name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: canary\n  canary:\n"
+        "    weights: [0.1, 1.0]\n    metrics: [errors, {name: latency, max_ratio: 2}]\n"
+        "    guards: [{metric: harmful, max_count: 0}]\n    on_limit: hold\n"
+    )
     cfg = load_config(p)
     assert cfg.deploy.strategy == "canary"
     policy = RolloutPolicy.from_dict(cfg.deploy.canary.policy_dict())
     assert policy.weights == (0.1, 1.0) and [m.name for m in policy.metrics] == ["errors", "latency"]
     assert policy.metrics[1].max_ratio == 2.0 and policy.guards[0].max_count == 0 and policy.on_limit == "hold"
-    p.write_text("name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: blue-green\n  canary:\n"
-                 "    weights: [0.5, 0.2]\n    alpha: 1.5\n    metrics: [errors, errors, speed]\n"
-                 "    guards: [{metric: errors}]\n    tick_interval_s: 0\n")
+    p.write_text(
+        "name: x\nbase_model: m\ntrain_data: a.jsonl\ndeploy:\n  strategy: blue-green\n  canary:\n"
+        "    weights: [0.5, 0.2]\n    alpha: 1.5\n    metrics: [errors, errors, speed]\n"
+        "    guards: [{metric: errors}]\n    tick_interval_s: 0\n"
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(p)
     text = str(exc.value)
-    for key in ("deploy.strategy", "deploy.canary.weights", "deploy.canary.alpha", "deploy.canary.metrics.2.name",
-                "deploy.canary.guards.0", "deploy.canary.tick_interval_s"):
+    for key in (
+        "deploy.strategy",
+        "deploy.canary.weights",
+        "deploy.canary.alpha",
+        "deploy.canary.metrics.2.name",
+        "deploy.canary.guards.0",
+        "deploy.canary.tick_interval_s",
+    ):
         assert f"{key}" in text, (key, text)
     assert exc.value.exit_code == 2
 
 
 def test_rollout_start_takes_the_policy_from_the_config(ws, tmp_path):
     cfg = tmp_path / "tuneloop.yaml"
-    cfg.write_text(f"name: support-bot\nbase_model: m\ntrain_data: a.jsonl\nworkspace: {tmp_path / 'ws'}\n"
-                   "deploy:\n  strategy: canary\n  canary:\n    weights: [0.1, 0.3, 1.0]\n    metrics: [errors]\n")
+    cfg.write_text(
+        f"name: support-bot\nbase_model: m\ntrain_data: a.jsonl\nworkspace: {tmp_path / 'ws'}\n"
+        "deploy:\n  strategy: canary\n  canary:\n    weights: [0.1, 0.3, 1.0]\n    metrics: [errors]\n"
+    )
     r = cli("rollout", "start", "support-bot:2", "-c", cfg, "--json", "--reason", "from CI")
     assert r.exit_code == 0, r.output
     started = json.loads(r.stdout)
@@ -287,8 +348,15 @@ def test_an_incomplete_request_log_holds_the_rollout_and_nothing_is_decided_on_i
     reg, log = ws
     controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=1000.0)
     rollout = reg.get_rollout("support-bot")
-    traffic(log, rollout, 1200, t0=1001.0, err={"baseline": 0.01, "canary": 0.3}, neg={"baseline": 0.1, "canary": 0.1},
-            rng=random.Random(1))
+    traffic(
+        log,
+        rollout,
+        1200,
+        t0=1001.0,
+        err={"baseline": 0.01, "canary": 0.3},
+        neg={"baseline": 0.1, "canary": 0.1},
+        rng=random.Random(1),
+    )
     why = "57 records are in this gateway's spool, not yet in the store"
     held = controller.tick_running(reg, log, now=1010.0, incomplete=why)["support-bot"]
     assert held.action == "continue" and why in held.reason and "no decision on a partial log" in held.reason

@@ -22,6 +22,7 @@ from tuneloop.rollout.analysis import ArmCounts, CanaryAnalysis, RolloutPolicy
 
 try:  # the real MLflow server (module-scoped); the MLflow cases skip where mlflow is not installed
     from test_registry_mlflow import mlflow_server  # noqa: F401
+
     HAVE_MLFLOW = True
 except pytest.skip.Exception:
     HAVE_MLFLOW = False
@@ -48,8 +49,15 @@ def reg(request, tmp_path, monkeypatch) -> ModelRegistry:
     else:
         r, name = SqliteRegistry(tmp_path / "ws"), "bot"
     for i in (1, 2, 3):
-        r.register(name, model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="tiny", lineage={"i": i},
-                   metrics={}, gates={})
+        r.register(
+            name,
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="tiny",
+            lineage={"i": i},
+            metrics={},
+            gates={},
+        )
     r.promote(name, 1)
     r.test_model = name
     return r
@@ -73,8 +81,16 @@ def test_start_update_promote_with_events_and_statistics(reg):
         reg.start_rollout(m, 3, policy=POLICY)
 
     big_state = json.dumps({"loglik": [0.123456789012345] * 3000})  # ~60 KB: many MLflow tag parts
-    stepped = reg.update_rollout(m, r["rollout_id"], revision=1, state_json=big_state, weight=0.25,
-                                 decision=decision("step_up"), actor="tuneloop-rollout", reason="no harm shown")
+    stepped = reg.update_rollout(
+        m,
+        r["rollout_id"],
+        revision=1,
+        state_json=big_state,
+        weight=0.25,
+        decision=decision("step_up"),
+        actor="tuneloop-rollout",
+        reason="no harm shown",
+    )
     assert (stepped["revision"], stepped["weight"], stepped["status"]) == (2, 0.25, "running")
     assert reg.get_rollout(m)["state_json"] == big_state
     if reg.backend == "mlflow":  # the pointer and the parts of the current revision only: old parts are deleted
@@ -84,8 +100,15 @@ def test_start_update_promote_with_events_and_statistics(reg):
     quiet = reg.update_rollout(m, r["rollout_id"], revision=2, state_json='{"y": 2}', weight=0.25)
     assert quiet["revision"] == 3 and quiet["last_decision"]["action"] == "step_up"
 
-    done = reg.update_rollout(m, r["rollout_id"], revision=3, status="promoted", decision=decision("promote", 5),
-                              actor="tuneloop-rollout", reason="non-inferior")
+    done = reg.update_rollout(
+        m,
+        r["rollout_id"],
+        revision=3,
+        status="promoted",
+        decision=decision("promote", 5),
+        actor="tuneloop-rollout",
+        reason="non-inferior",
+    )
     assert (done["status"], done["weight"], done["revision"]) == ("promoted", 1.0, 4) and done["ended_at"]
     assert reg.aliases(m) == {"champion": 2, "previous": 1}
     with pytest.raises(InputError, match="already ended"):
@@ -105,8 +128,14 @@ def test_start_update_promote_with_events_and_statistics(reg):
 def test_rollback_and_abort_keep_the_champion(reg):
     m = reg.test_model
     r = reg.start_rollout(m, 2, policy=POLICY)
-    back = reg.update_rollout(m, r["rollout_id"], revision=1, status="rolled_back", decision=decision("rollback", 30),
-                              reason="errors: canary worse")
+    back = reg.update_rollout(
+        m,
+        r["rollout_id"],
+        revision=1,
+        status="rolled_back",
+        decision=decision("rollback", 30),
+        reason="errors: canary worse",
+    )
     assert back["weight"] == 0.0 and reg.aliases(m) == {"champion": 1}
     r2 = reg.start_rollout(m, 3, policy=POLICY)
     assert r2["rollout_id"] == f"{m}-r2" and reg.aliases(m) == {"canary": 3, "champion": 1}
@@ -145,7 +174,15 @@ def test_bad_input_is_refused(reg):
 def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tmp_path):
     reg = SqliteRegistry(tmp_path / "ws")
     for i in (1, 2):
-        reg.register("bot", model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="b", lineage={}, metrics={}, gates={})
+        reg.register(
+            "bot",
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )
     reg.promote("bot", 1)
     with sqlite3.connect(tmp_path / "ws" / "registry.db") as conn:  # what tuneloop wrote before rollouts (schema 2)
         conn.executescript("DROP TABLE rollouts; PRAGMA user_version = 2;")
@@ -163,12 +200,22 @@ def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tm
 def test_recover_restores_rollouts_from_the_journal(tmp_path):
     reg = SqliteRegistry(tmp_path / "ws")
     for i in (1, 2, 3):
-        reg.register("bot", model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="b", lineage={}, metrics={}, gates={})
+        reg.register(
+            "bot",
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )
     reg.promote("bot", 1)
     first = reg.start_rollout("bot", 2, policy=POLICY)
     reg.update_rollout("bot", first["rollout_id"], revision=1, status="rolled_back", decision=decision("rollback", 30))
     running = reg.start_rollout("bot", 3, policy=POLICY, state_json='{"s": 0}')
-    reg.update_rollout("bot", running["rollout_id"], revision=1, weight=0.25, state_json='{"s": 1}', decision=decision("step_up"))
+    reg.update_rollout(
+        "bot", running["rollout_id"], revision=1, weight=0.25, state_json='{"s": 1}', decision=decision("step_up")
+    )
     reg.update_rollout("bot", running["rollout_id"], revision=2, state_json='{"s": 2}')  # no decision: not journaled
     (tmp_path / "ws" / "registry.db").unlink()
 
@@ -180,7 +227,11 @@ def test_recover_restores_rollouts_from_the_journal(tmp_path):
     assert (back["rollout_id"], back["weight"], back["revision"], back["state_json"]) == ("bot-r2", 0.25, 2, '{"s": 1}')
     assert rec.aliases("bot") == {"canary": 3, "champion": 1}
     assert [e["kind"] for e in rec.events("bot") if e["kind"].startswith("rollout")] == [
-        "rollout_started", "rollout_ended", "rollout_started", "rollout_decision"]
+        "rollout_started",
+        "rollout_ended",
+        "rollout_started",
+        "rollout_decision",
+    ]
     # the recovered rollout goes on: its revision is the one recovered
     done = rec.update_rollout("bot", "bot-r2", revision=2, status="promoted", decision=decision("promote", 5))
     assert done["status"] == "promoted" and rec.aliases("bot") == {"champion": 3, "previous": 1}
@@ -195,12 +246,16 @@ def test_the_controller_rolls_back_a_bad_canary_on_this_backend(reg, tmp_path):
     m = reg.test_model
     controller.start(reg, f"{m}:2", policy=SMALL_STEPS, actor="ci", now=1000.0)
     with open_request_log(tmp_path / "requests.db") as log:
-        decisions = run_rollout(reg, log, err={"baseline": 0.01, "canary": 0.10}, neg={"baseline": 0.1, "canary": 0.1},
-                                model=m)
+        decisions = run_rollout(
+            reg, log, err={"baseline": 0.01, "canary": 0.10}, neg={"baseline": 0.1, "canary": 0.1}, model=m
+        )
     assert decisions[-1].action == "rollback" and reg.get_rollout(m)["status"] == "rolled_back"
     assert reg.aliases(m) == {"champion": 1}
     ended = [e for e in reg.events(m) if e["kind"] == "rollout_ended"]
-    assert ended[0]["details"]["decision"]["metrics"]["errors"]["log_evalue"] >= ended[0]["details"]["decision"]["metrics"]["errors"]["threshold"]
+    assert (
+        ended[0]["details"]["decision"]["metrics"]["errors"]["log_evalue"]
+        >= ended[0]["details"]["decision"]["metrics"]["errors"]["threshold"]
+    )
 
 
 def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
@@ -209,7 +264,15 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
 
     reg = SqliteRegistry(tmp_path / "ws")
     for i in (1, 2):
-        reg.register("bot", model_dir(tmp_path / f"m{i}", i), artifact_kind="model", base_model="b", lineage={}, metrics={}, gates={})
+        reg.register(
+            "bot",
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )
     reg.promote("bot", 1)
     r = reg.start_rollout("bot", 2, policy=POLICY)
     results, barrier = [], threading.Barrier(8)
@@ -218,7 +281,9 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
         mine = SqliteRegistry(tmp_path / "ws")
         barrier.wait()
         try:
-            mine.update_rollout("bot", r["rollout_id"], revision=1, weight=0.25, decision=decision("step_up"), reason=f"replica {k}")
+            mine.update_rollout(
+                "bot", r["rollout_id"], revision=1, weight=0.25, decision=decision("step_up"), reason=f"replica {k}"
+            )
             results.append(k)
         except RolloutConflict:
             results.append(None)

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-PROMPTS = ["hi", "my invoice shows a double charge for order 4821 and I was billed twice this month",
-           "the app crashes", "where is my parcel, it was due on monday", "I want a refund",
-           "reset my password please", "thanks"]
+PROMPTS = [
+    "hi",
+    "my invoice shows a double charge for order 4821 and I was billed twice this month",
+    "the app crashes",
+    "where is my parcel, it was due on monday",
+    "I want a refund",
+    "reset my password please",
+    "thanks",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,9 @@ class Recorder:
 def job(prompt_ids, max_tokens, rec, adapter=None):
     from tuneloop.serve.batching import GenJob, SamplingParams
 
-    return GenJob(prompt_ids, SamplingParams(max_tokens=max_tokens, top_logprobs=0), frozenset(), emit=rec, adapter=adapter)
+    return GenJob(
+        prompt_ids, SamplingParams(max_tokens=max_tokens, top_logprobs=0), frozenset(), emit=rec, adapter=adapter
+    )
 
 
 def test_jobs_joining_mid_batch_decode_as_they_would_alone(lm):
@@ -146,6 +154,7 @@ def test_a_failing_batch_reports_the_error_to_jobs_that_joined_it(lm):
                 if len(errors) == 2:
                     both.set()
             rec(ev)
+
         return emit
 
     bad = job([model.config.vocab_size + 5], 3, watching("bad", Recorder()))  # past the embedding: its prefill raises

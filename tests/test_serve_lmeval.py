@@ -48,12 +48,21 @@ def test_lmeval_local_completions_equals_in_process(tiny_model, tmp_path):
     with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_causal_lm(str(tiny_model), adapter=str(adapter))
-        hf = evaluator.evaluate(lm=HFLM(pretrained=model, tokenizer=load_tokenizer(str(adapter)), batch_size=4),
-                                task_dict=tasks, log_samples=True)
+        hf = evaluator.evaluate(
+            lm=HFLM(pretrained=model, tokenizer=load_tokenizer(str(adapter)), batch_size=4),
+            task_dict=tasks,
+            log_samples=True,
+        )
         app = create_app(LocalBackend(reg, tmp_path / "ws"), Router(reg), GatewaySettings())
         with BackgroundServer(app) as server:
-            api = LocalCompletionsAPI(base_url=f"{server.url}/v1/completions", model="tiny-bot:1", tokenizer=str(adapter),
-                                      tokenizer_backend="huggingface", num_concurrent=4, max_retries=1)
+            api = LocalCompletionsAPI(
+                base_url=f"{server.url}/v1/completions",
+                model="tiny-bot:1",
+                tokenizer=str(adapter),
+                tokenizer_backend="huggingface",
+                num_concurrent=4,
+                max_retries=1,
+            )
             via = evaluator.evaluate(lm=api, task_dict=load_tasks(spec), log_samples=True)
     task = "tuneloop_tiny_mc"
     assert per_doc(via, task) == per_doc(hf, task)
@@ -84,16 +93,22 @@ def test_lmeval_local_chat_completions_through_the_gateway(tiny_model, tmp_path)
     app = create_app(LocalBackend(reg, tmp_path / "ws"), Router(reg), GatewaySettings())
     with offline(), warnings.catch_warnings(), BackgroundServer(app) as server:
         warnings.simplefilter("ignore")
-        api = LocalChatCompletion(base_url=f"{server.url}/v1/chat/completions", model="tiny-bot:1", num_concurrent=2,
-                                  max_retries=1)
+        api = LocalChatCompletion(
+            base_url=f"{server.url}/v1/chat/completions", model="tiny-bot:1", num_concurrent=2, max_retries=1
+        )
         out = evaluator.evaluate(lm=api, task_dict=load_tasks(spec), log_samples=True, apply_chat_template=True)
         client = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         samples = out["samples"]["tuneloop_tiny_gen"]
         assert len(samples) == 6 and all(s["resps"][0][0] for s in samples)  # real answers, not empty ones
         for s in samples:
             question = f"Question: {s['doc']['question']}\nAnswer:"
-            direct = client.chat.completions.create(model="tiny-bot:1", messages=[{"role": "user", "content": question}],
-                                                    max_tokens=8, temperature=0, stop=["\n"])
+            direct = client.chat.completions.create(
+                model="tiny-bot:1",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=8,
+                temperature=0,
+                stop=["\n"],
+            )
             assert s["resps"][0][0] == (direct.choices[0].message.content or ""), s["doc"]["id"]
     assert "exact_match,none" in out["results"]["tuneloop_tiny_gen"]
 
@@ -113,7 +128,15 @@ def demo_registry(tmp_path):
     from tuneloop.registry.db import SqliteRegistry
 
     reg = SqliteRegistry(tmp_path / "ws")
-    reg.register("demo", SHIPPED_BASE_DIR, artifact_kind="model", base_model=str(SHIPPED_BASE_DIR), lineage={}, metrics={}, gates={})
+    reg.register(
+        "demo",
+        SHIPPED_BASE_DIR,
+        artifact_kind="model",
+        base_model=str(SHIPPED_BASE_DIR),
+        lineage={},
+        metrics={},
+        gates={},
+    )
     return reg, SHIPPED_BASE_DIR
 
 
@@ -134,8 +157,9 @@ def test_completions_echo_returns_the_end_of_sequence_token(tmp_path):
 
     reg, base = demo_registry(tmp_path)
     tok, model = load_tokenizer(str(base)), load_causal_lm(str(base))
-    ids = tok("<|im_start|>user\nWhat colour is the red lamp?<|im_end|>\n<|im_start|>assistant\nred",
-              add_special_tokens=False)["input_ids"]
+    ids = tok(
+        "<|im_start|>user\nWhat colour is the red lamp?<|im_end|>\n<|im_start|>assistant\nred", add_special_tokens=False
+    )["input_ids"]
     with torch.inference_mode():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
     assert int(lp[-1].argmax()) == tok.eos_token_id  # the trained model's next token is <|im_end|>
@@ -151,8 +175,11 @@ def test_completions_echo_returns_the_end_of_sequence_token(tmp_path):
         assert out["token_logprobs"][-1] == pytest.approx(eos_lp, abs=1e-4)
         assert out["top_logprobs"][-1] == pytest.approx({"<|im_end|>": eos_lp}, abs=1e-4)
         assert choice["finish_reason"] == "stop" and choice["text"] == tok.decode(ids)  # its text is not in `text`
-        plain = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
-            "model": "demo:1", "prompt": ids, "max_tokens": 4, "logprobs": 0, "temperature": 0}).json()["choices"][0]
+        plain = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=60,
+            json={"model": "demo:1", "prompt": ids, "max_tokens": 4, "logprobs": 0, "temperature": 0},
+        ).json()["choices"][0]
         assert plain["text"] == "" and plain["logprobs"]["tokens"] == ["<|im_end|>"]
         assert plain["logprobs"]["token_logprobs"] == pytest.approx([eos_lp], abs=1e-4)
 
@@ -178,10 +205,18 @@ def test_lmeval_local_completions_equals_in_process_on_a_trained_model(tmp_path)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = evaluator.evaluate(lm=HFLM(pretrained=model, tokenizer=tok, batch_size=4), task_dict=load_tasks(spec), log_samples=True)
+        hf = evaluator.evaluate(
+            lm=HFLM(pretrained=model, tokenizer=tok, batch_size=4), task_dict=load_tasks(spec), log_samples=True
+        )
         with demo_gateway(reg, tmp_path) as server:
-            api = LocalCompletionsAPI(base_url=f"{server.url}/v1/completions", model="demo:1", tokenizer=str(base),
-                                      tokenizer_backend="huggingface", num_concurrent=4, max_retries=1)
+            api = LocalCompletionsAPI(
+                base_url=f"{server.url}/v1/completions",
+                model="demo:1",
+                tokenizer=str(base),
+                tokenizer_backend="huggingface",
+                num_concurrent=4,
+                max_retries=1,
+            )
             via = evaluator.evaluate(lm=api, task_dict=load_tasks(spec), log_samples=True)
     # the task does what it is for: after most right answers the model's next token is <|im_end|>
     samples = hf["samples"][DEMO_CHAT_MC]
@@ -191,8 +226,10 @@ def test_lmeval_local_completions_equals_in_process_on_a_trained_model(tmp_path)
             text = s["arguments"][s["target"]][0] + s["arguments"][s["target"]][1]
             ids = tok(text, add_special_tokens=False)["input_ids"]
             eos_next += int(model(torch.tensor([ids])).logits[0, -1].argmax()) == tok.eos_token_id
-    print(f"EOS follows the right answer in {eos_next} of {len(samples)} documents; "
-          f"acc {hf['results'][DEMO_CHAT_MC]['acc,none']:.4f} (HF) {via['results'][DEMO_CHAT_MC]['acc,none']:.4f} (gateway)")
+    print(
+        f"EOS follows the right answer in {eos_next} of {len(samples)} documents; "
+        f"acc {hf['results'][DEMO_CHAT_MC]['acc,none']:.4f} (HF) {via['results'][DEMO_CHAT_MC]['acc,none']:.4f} (gateway)"
+    )
     assert eos_next >= len(samples) // 2, f"EOS follows the right answer in only {eos_next} of {len(samples)} documents"
     # document by document: the same accuracy, and the same loglikelihood of every choice
     assert per_doc(via, DEMO_CHAT_MC) == per_doc(hf, DEMO_CHAT_MC)

@@ -35,8 +35,16 @@ def start(registry, **backend_kw):
     return BackgroundServer(app), backend
 
 
-PROMPTS = ["hello", "my invoice shows a double charge for order 4821", "the app crashes", "where is my parcel",
-           "I want a refund", "reset my password please", "thanks", "the delivery was late again and nobody answered"]
+PROMPTS = [
+    "hello",
+    "my invoice shows a double charge for order 4821",
+    "the app crashes",
+    "where is my parcel",
+    "I want a refund",
+    "reset my password please",
+    "thanks",
+    "the delivery was late again and nobody answered",
+]
 
 
 def test_engine_batched_equals_unbatched_across_adapters(registry):
@@ -62,9 +70,18 @@ def test_engine_batched_equals_unbatched_across_adapters(registry):
 def test_concurrent_http_requests_are_batched_and_identical(registry):
     server, backend = start(registry)
     with server:
+
         def ask(p):
-            r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny-bot:1", "messages": [{"role": "user", "content": p}],
-                                                                   "max_tokens": 12, "temperature": 0}, timeout=60)
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={
+                    "model": "tiny-bot:1",
+                    "messages": [{"role": "user", "content": p}],
+                    "max_tokens": 12,
+                    "temperature": 0,
+                },
+                timeout=60,
+            )
             return r.json()["choices"][0]["message"]["content"]
 
         serial = [ask(p) for p in PROMPTS]
@@ -80,7 +97,13 @@ def test_concurrent_http_requests_are_batched_and_identical(registry):
 def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry):
     server, backend = start(registry, max_batch_size=1, max_queue=2, default_max_tokens=200)
     with server:
-        body = {"model": "tiny-bot:2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {
+            "model": "tiny-bot:2",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
             next(r.iter_lines())
         lv = backend.versions[next(iter(backend.versions))]
@@ -104,7 +127,9 @@ def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry):
         # overload: one running, two waiting, the rest refused with 429 in OpenAI's shape
         slow = {**body, "stream": False, "max_tokens": 40}
         with ThreadPoolExecutor(8) as pool:
-            rs = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=slow, timeout=120), range(8)))
+            rs = list(
+                pool.map(lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=slow, timeout=120), range(8))
+            )
         codes = sorted(r.status_code for r in rs)
         assert 429 in codes and 200 in codes
         err = next(r for r in rs if r.status_code == 429)
@@ -120,9 +145,17 @@ def test_api_keys_and_admin_token(registry, monkeypatch):
         msg = {"model": "tiny-bot:1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
         r = httpx.post(f"{server.url}/v1/chat/completions", json=msg, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" and r.headers["x-request-id"]
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=msg, headers={"authorization": "Bearer k1"}, timeout=30).status_code == 200
+        assert (
+            httpx.post(
+                f"{server.url}/v1/chat/completions", json=msg, headers={"authorization": "Bearer k1"}, timeout=30
+            ).status_code
+            == 200
+        )
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-        assert httpx.get(f"{server.url}/admin/versions", headers={"authorization": "Bearer k1"}, timeout=10).status_code == 401
+        assert (
+            httpx.get(f"{server.url}/admin/versions", headers={"authorization": "Bearer k1"}, timeout=10).status_code
+            == 401
+        )
         adm = httpx.get(f"{server.url}/admin/versions", headers={"authorization": "Bearer adm"}, timeout=10)
         assert adm.status_code == 200 and "/" not in str(adm.json()["loaded"]).replace("n/a", "")
         from openai import AuthenticationError, OpenAI
@@ -158,6 +191,12 @@ def test_deploy_host_moved_to_serve():
 
     with pytest.raises(ConfigError, match="deploy.port moved to serve.port"):
         build_config({"name": "x", "base_model": "b", "data": {"train_data": "t.jsonl"}, "deploy": {"port": 9000}})
-    cfg = build_config({"name": "x", "base_model": "b", "data": {"train_data": "t.jsonl"}, "serve": {"port": 9001, "backend": "openai",
-                                                                                                     "upstream": "http://127.0.0.1:9/v1"}})
+    cfg = build_config(
+        {
+            "name": "x",
+            "base_model": "b",
+            "data": {"train_data": "t.jsonl"},
+            "serve": {"port": 9001, "backend": "openai", "upstream": "http://127.0.0.1:9/v1"},
+        }
+    )
     assert cfg.serve.port == 9001 and cfg.serve.api_keys_env == "TUNELOOP_API_KEYS" and cfg.serve.docs is False

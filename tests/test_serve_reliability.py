@@ -16,7 +16,12 @@ from serve_helpers import free_port, install_monitor_standin, register_versions,
 
 install_monitor_standin()
 
-CHAT = {"model": "tiny-bot", "messages": [{"role": "user", "content": "where is my parcel"}], "max_tokens": 4, "temperature": 0}
+CHAT = {
+    "model": "tiny-bot",
+    "messages": [{"role": "user", "content": "where is my parcel"}],
+    "max_tokens": 4,
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +56,18 @@ def test_hostile_requests_get_fast_4xx_and_do_not_slow_the_next(gateway):
     baseline = min(normal_latency(url) for _ in range(3))
     hostile = [
         ("5 MB prompt", dict(json={**CHAT, "messages": [{"role": "user", "content": "x" * 5_000_000}]}), 413),
-        ("NaN", dict(content=b'{"model":"tiny-bot","messages":[{"role":"user","content":"x"}],"temperature":NaN}'), 400),
+        (
+            "NaN",
+            dict(content=b'{"model":"tiny-bot","messages":[{"role":"user","content":"x"}],"temperature":NaN}'),
+            400,
+        ),
         ("lone surrogate", dict(content=b'{"model":"tiny-bot","messages":[{"role":"user","content":"\\udc00"}]}'), 400),
         ("huge seed", dict(json={**CHAT, "seed": 10**30}), 400),
-        ("infinite top_p", dict(content=b'{"model":"tiny-bot","messages":[{"role":"user","content":"x"}],"top_p":1e999}'), 400),
+        (
+            "infinite top_p",
+            dict(content=b'{"model":"tiny-bot","messages":[{"role":"user","content":"x"}],"top_p":1e999}'),
+            400,
+        ),
     ]
     for name, kw, status in hostile:
         t0 = time.perf_counter()
@@ -65,7 +78,9 @@ def test_hostile_requests_get_fast_4xx_and_do_not_slow_the_next(gateway):
         assert took < 1.0, (name, took)
         assert normal_latency(url) < max(1.0, 5 * baseline), name
     # a client that disconnects mid-generation: its work stops, the next request is not held up
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True}, timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True}, timeout=30
+    ) as r:
         next(r.iter_lines())
     assert normal_latency(url) < max(1.0, 5 * baseline)
 
@@ -82,6 +97,7 @@ def test_soak_mixed_requests(gateway):
         t_start = time.monotonic()
         sem = asyncio.Semaphore(50)
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=50)) as client:
+
             async def one(stream, model, max_tokens):
                 nonlocal ok
                 body = {**CHAT, "model": model, "max_tokens": max_tokens, "stream": stream}
@@ -91,10 +107,15 @@ def test_soak_mixed_requests(gateway):
                     except httpx.TransportError as exc:
                         failures.append((type(exc).__name__, round(time.monotonic() - t_start, 2)))
                         return
-                if r.status_code != 200 or (stream and not r.text.rstrip().endswith("data: [DONE]")) or (stream and '"error"' in r.text):
+                if (
+                    r.status_code != 200
+                    or (stream and not r.text.rstrip().endswith("data: [DONE]"))
+                    or (stream and '"error"' in r.text)
+                ):
                     failures.append((r.status_code, r.text[:200]))
                 else:
                     ok += 1
+
             await asyncio.gather(*(one(*p) for p in items))
         return failures, ok
 

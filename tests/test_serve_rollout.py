@@ -15,15 +15,27 @@ from rollout_gateway_helpers import ADMIN, MODEL, ListNotifier, ScriptedBackend,
 from tuneloop.rollout import controller
 from tuneloop.serve.server import BackgroundServer
 
-HALF = {"weights": [0.5, 1.0], "min_requests_per_step": 10**6, "max_active_s": None,
-        "metrics": [{"name": "errors", "max_ratio": 3.0}], "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}]}
-FAST = {"weights": [0.05, 0.5, 1.0], "min_requests_per_step": 10, "max_active_s": None,
-        "metrics": [{"name": "errors", "max_ratio": 3.0}], "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}]}
+HALF = {
+    "weights": [0.5, 1.0],
+    "min_requests_per_step": 10**6,
+    "max_active_s": None,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}],
+    "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}],
+}
+FAST = {
+    "weights": [0.05, 0.5, 1.0],
+    "min_requests_per_step": 10,
+    "max_active_s": None,
+    "metrics": [{"name": "errors", "max_ratio": 3.0}],
+    "guards": [{"metric": "errors", "max_rate": 0.5, "min_requests": 5}],
+}
 
 
 def canary_live(client, url):
     """Wait until the candidate is prepared and takes traffic (the first canary answer)."""
-    return wait_for(lambda: any(chat(client, url, f"probe-{i}").headers["x-tuneloop-arm"] == "canary" for i in range(20)))
+    return wait_for(
+        lambda: any(chat(client, url, f"probe-{i}").headers["x-tuneloop-arm"] == "canary" for i in range(20))
+    )
 
 
 def records(log, recorder):
@@ -51,10 +63,17 @@ def test_split_is_sticky_logged_with_the_rollout_and_explicit_refs_are_direct(tm
         assert 10 < sum(a == "canary" for a in arms.values()) < 50
         for user, arm in list(arms.items())[:15]:  # sticky: the same user gets the same arm
             assert chat(c, server.url, user).headers["x-tuneloop-arm"] == arm
-        r = c.post(f"{server.url}/v1/chat/completions", headers={"x-tuneloop-user": "user-3"},
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        r = c.post(
+            f"{server.url}/v1/chat/completions",
+            headers={"x-tuneloop-user": "user-3"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.headers["x-tuneloop-arm"] == arms["user-3"]
-        for ref, version in [(f"{MODEL}:2", f"{MODEL}:2"), (f"{MODEL}:3", f"{MODEL}:3"), (f"{MODEL}@canary", f"{MODEL}:2")]:
+        for ref, version in [
+            (f"{MODEL}:2", f"{MODEL}:2"),
+            (f"{MODEL}:3", f"{MODEL}:3"),
+            (f"{MODEL}@canary", f"{MODEL}:2"),
+        ]:
             r = chat(c, server.url, "user-1", model=ref)
             assert (r.headers["x-tuneloop-arm"], r.headers["x-tuneloop-version"]) == ("direct", version)
         logged = records(log, recorder)
@@ -162,8 +181,10 @@ def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path,
     reg = make_registry(tmp_path)
     rid = controller.start(reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
     notes = [ListNotifier(), ListNotifier()]
-    apps = [make_app(SqliteRegistry(tmp_path / "ws"), log_url, ScriptedBackend(), tick_s=0.15,
-                     notifier=notes[k])[0] for k in (0, 1)]
+    apps = [
+        make_app(SqliteRegistry(tmp_path / "ws"), log_url, ScriptedBackend(), tick_s=0.15, notifier=notes[k])[0]
+        for k in (0, 1)
+    ]
     with BackgroundServer(apps[0]) as a, BackgroundServer(apps[1]) as b, httpx.Client() as c:
         i = 0
         while reg.get_rollout(MODEL)["status"] == "running":
@@ -205,7 +226,9 @@ def test_admin_rollout_api(tmp_path):
         assert st["status"] == "running" and st["analysis"]["weights"] == [0.5, 1.0]
         assert [d["kind"] for d in st["decisions"]] == ["rollout_started"]
         canary_live(c, url)
-        assert admin(c, url, "POST", f"/admin/rollouts/{MODEL}/abort", json={}).status_code == 400  # a reason is required
+        assert (
+            admin(c, url, "POST", f"/admin/rollouts/{MODEL}/abort", json={}).status_code == 400
+        )  # a reason is required
         r = admin(c, url, "POST", f"/admin/rollouts/{MODEL}/abort", json={"reason": "wrong data"})
         assert r.status_code == 200 and r.json()["status"] == "aborted"
         assert chat(c, url, "probe-1").headers["x-tuneloop-arm"] == "direct"  # the admin call dropped the cache
@@ -248,13 +271,21 @@ def test_the_gateway_from_a_config_ticks_at_the_configured_interval_with_its_pol
     from tuneloop.serve.server import build_gateway
     from tuneloop.workspace import Workspace
 
-    cfg = load_config(make_config(deploy={"strategy": "canary", "canary": {"tick_interval_s": 0.3, "weights": [0.1, 1.0],
-                                                                           "min_requests_per_step": 50}},
-                                  notify={"webhooks": [{"url": "http://127.0.0.1:9/hook", "format": "json",
-                                                        "events": ["rollback"]}]}))
+    cfg = load_config(
+        make_config(
+            deploy={
+                "strategy": "canary",
+                "canary": {"tick_interval_s": 0.3, "weights": [0.1, 1.0], "min_requests_per_step": 50},
+            },
+            notify={"webhooks": [{"url": "http://127.0.0.1:9/hook", "format": "json", "events": ["rollback"]}]},
+        )
+    )
     gw = build_gateway(cfg, Workspace.for_config(cfg).root).state.gateway
     assert gw.settings.rollout_tick_s == 0.3
-    assert gw.settings.rollout_policy["weights"] == [0.1, 1.0] and gw.settings.rollout_policy["min_requests_per_step"] == 50
+    assert (
+        gw.settings.rollout_policy["weights"] == [0.1, 1.0]
+        and gw.settings.rollout_policy["min_requests_per_step"] == 50
+    )
     assert "tick_interval_s" not in gw.settings.rollout_policy
     assert [h.url for h in gw.notifier.webhooks] == ["http://127.0.0.1:9/hook"]
 
@@ -324,17 +355,17 @@ def test_router_cache_is_read_again_off_the_request_path(tmp_path, monkeypatch):
 
     held = Held(reg.reg)
     router = Router(held, ttl_s=10.0, refresh_every_s=3600)  # the test drives the refresher: refresh_due()
-    assert router.rollout(MODEL) is None and held.rollout_reads == 1      # first use: read now
+    assert router.rollout(MODEL) is None and held.rollout_reads == 1  # first use: read now
     rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
-    clock[0] += 15                                                         # stale (< 2 * ttl_s): served as is
+    clock[0] += 15  # stale (< 2 * ttl_s): served as is
     assert router.rollout(MODEL) is None and held.rollout_reads == 1
     router.cache.refresh_every_s = 5
-    router.cache.refresh_due()                                             # the refresher's pass
+    router.cache.refresh_due()  # the refresher's pass
     assert held.rollout_reads == 2 and router.rollout(MODEL)["rollout_id"] == rid
-    clock[0] += 25                                                         # too old: read before use
+    clock[0] += 25  # too old: read before use
     assert router.rollout(MODEL)["rollout_id"] == rid and held.rollout_reads == 3
     clock[0] += 6
-    gate.clear()                                                           # a slow refresh reads "running" ...
+    gate.clear()  # a slow refresh reads "running" ...
     refresher = threading.Thread(target=router.cache.refresh_due)
     refresher.start()
     for _ in range(500):
@@ -342,13 +373,13 @@ def test_router_cache_is_read_again_off_the_request_path(tmp_path, monkeypatch):
             break
         threading.Event().wait(0.01)
     controller.abort(reg.reg, MODEL, reason="test")
-    router.invalidate(MODEL)                                               # ... overtaken by invalidate()
-    assert router.rollout(MODEL) is None                                   # read again at once: abort seen
+    router.invalidate(MODEL)  # ... overtaken by invalidate()
+    assert router.rollout(MODEL) is None  # read again at once: abort seen
     gate.set()
     refresher.join(10)
-    assert router.rollout(MODEL) is None                                   # the slow read was not stored
+    assert router.rollout(MODEL) is None  # the slow read was not stored
     clock[0] += 100
-    router.cache.refresh_due()                                             # unused for idle_s: dropped
+    router.cache.refresh_due()  # unused for idle_s: dropped
     assert len(router.cache) == 0
     router.close()
 

@@ -30,7 +30,13 @@ def test_sigterm_finishes_in_flight_then_exits(workspace):
         got = {}
 
         def stream():
-            body = {"model": "tiny-bot", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 150, "temperature": 0, "stream": True}
+            body = {
+                "model": "tiny-bot",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 150,
+                "temperature": 0,
+                "stream": True,
+            }
             r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
             got["events"] = sse_events(r.text)
 

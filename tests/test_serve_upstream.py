@@ -39,25 +39,51 @@ def test_forwarding_matches_the_upstream(setup):
     gw, up = setup["gw"].url, f"http://127.0.0.1:{setup['port']}"
     msgs = [{"role": "user", "content": "my parcel is late"}]
     via = OpenAI(base_url=f"{gw}/v1", api_key="x", max_retries=0).chat.completions.with_raw_response.create(
-        model="tiny-bot:1", messages=msgs, max_tokens=8, temperature=0)
+        model="tiny-bot:1", messages=msgs, max_tokens=8, temperature=0
+    )
     direct = OpenAI(base_url=f"{up}/v1", api_key="x", max_retries=0).chat.completions.create(
-        model="tiny-bot:1", messages=msgs, max_tokens=8, temperature=0)
+        model="tiny-bot:1", messages=msgs, max_tokens=8, temperature=0
+    )
     body = via.parse()
     assert body.choices[0].message.content == direct.choices[0].message.content
-    assert body.model == "tiny-bot:1" and via.headers["x-tuneloop-version"] == "tiny-bot:1" and via.headers["x-tuneloop-arm"] == "direct"
-    chunks = list(OpenAI(base_url=f"{gw}/v1", api_key="x", max_retries=0).chat.completions.create(
-        model="tiny-bot:2", messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert (
+        body.model == "tiny-bot:1"
+        and via.headers["x-tuneloop-version"] == "tiny-bot:1"
+        and via.headers["x-tuneloop-arm"] == "direct"
+    )
+    chunks = list(
+        OpenAI(base_url=f"{gw}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="tiny-bot:2",
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and all(c.model == "tiny-bot:2" for c in chunks)
-    r = httpx.post(f"{gw}/v1/completions", json={"model": "tiny-bot:1", "prompt": "hello there", "max_tokens": 1, "echo": True, "logprobs": 1}, timeout=60)
+    r = httpx.post(
+        f"{gw}/v1/completions",
+        json={"model": "tiny-bot:1", "prompt": "hello there", "max_tokens": 1, "echo": True, "logprobs": 1},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
-    bad = httpx.post(f"{gw}/v1/chat/completions", json={"model": "tiny-bot:1", "messages": msgs, "max_tokens": 100000}, timeout=60)
+    bad = httpx.post(
+        f"{gw}/v1/chat/completions", json={"model": "tiny-bot:1", "messages": msgs, "max_tokens": 100000}, timeout=60
+    )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "context_length_exceeded"
 
 
 @pytest.mark.slow
 def test_upstream_killed_mid_stream_then_down_then_back(setup):
     gw, port = setup["gw"].url, setup["port"]
-    body = {"model": "tiny-bot:1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {
+        "model": "tiny-bot:1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+    }
     lines = []
     with httpx.stream("POST", f"{gw}/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():

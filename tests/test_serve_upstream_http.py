@@ -20,7 +20,14 @@ async def serve(answers: list[bytes], *, close_after: bool = False, hold_s: floa
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
                 body = await reader.readexactly(length) if length else b""
                 state["requests"].append((head.split(b"\r\n")[0], body))
                 if hold_s:
@@ -39,12 +46,19 @@ async def serve(answers: list[bytes], *, close_after: bool = False, hold_s: floa
 
 
 JSON_OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}'
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-CHUNKED = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b'data: {"a":1}\n') + chunk(b"\ndata: [DONE]")
-           + chunk(b"\n\n") + b"0\r\n\r\n")  # lines split across chunks
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    + chunk(b'data: {"a":1}\n')
+    + chunk(b"\ndata: [DONE]")
+    + chunk(b"\n\n")
+    + b"0\r\n\r\n"
+)  # lines split across chunks
 
 
 def run(coro):
@@ -68,8 +82,11 @@ def test_keep_alive_reuses_one_connection_and_frames_bodies():
 
     state = run(go())
     assert state["connections"] == 1
-    assert [h for h, _ in state["requests"]] == [b"POST /v1/chat/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1",
-                                                b"POST /v1/completions HTTP/1.1"]
+    assert [h for h, _ in state["requests"]] == [
+        b"POST /v1/chat/completions HTTP/1.1",
+        b"POST /v1/chat/completions HTTP/1.1",
+        b"POST /v1/completions HTTP/1.1",
+    ]
     assert state["requests"][0][1] == b'{"x": 1}'
 
 

@@ -27,7 +27,7 @@ def vllm_stub():
     from fastapi.responses import JSONResponse
 
     app = FastAPI()
-    app.state.loaded = {}   # lora_name -> lora_path
+    app.state.loaded = {}  # lora_name -> lora_path
     app.state.load_calls = []
 
     @app.get("/version")
@@ -43,10 +43,19 @@ def vllm_stub():
         body = await request.json()
         app.state.load_calls.append(body)
         if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
-            return JSONResponse({"object": "error", "message": "no adapter_config.json", "type": "BadRequestError", "code": 400}, 400)
+            return JSONResponse(
+                {"object": "error", "message": "no adapter_config.json", "type": "BadRequestError", "code": 400}, 400
+            )
         if body["lora_name"] in app.state.loaded:
-            return JSONResponse({"object": "error", "message": f"The lora adapter '{body['lora_name']}' has already been loaded.",
-                                 "type": "InvalidUserInput", "code": 400}, 400)
+            return JSONResponse(
+                {
+                    "object": "error",
+                    "message": f"The lora adapter '{body['lora_name']}' has already been loaded.",
+                    "type": "InvalidUserInput",
+                    "code": 400,
+                },
+                400,
+            )
         app.state.loaded[body["lora_name"]] = body["lora_path"]
         return JSONResponse(f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
 
@@ -54,12 +63,30 @@ def vllm_stub():
     async def chat(request: Request):
         body = await request.json()
         if body["model"] not in [BASE, *app.state.loaded]:
-            return JSONResponse({"object": "error", "message": f"The model `{body['model']}` does not exist.",
-                                 "type": "NotFoundError", "param": None, "code": 404}, 404)
-        return {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answered by {body['model']}"},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+            return JSONResponse(
+                {
+                    "object": "error",
+                    "message": f"The model `{body['model']}` does not exist.",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                },
+                404,
+            )
+        return {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"answered by {body['model']}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        }
 
     return app
 
@@ -90,7 +117,9 @@ def test_adapter_loaded_into_vllm_under_its_digest_and_reloaded_after_a_restart(
     assert [c["lora_name"] for c in stub.state.load_calls] == [name]
     assert Path(stub.state.load_calls[0]["lora_path"]) == Path(reg.open_artifact("tiny-bot", 1))
     client = OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(model="tiny-bot:1", messages=[{"role": "user", "content": "hi"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-bot:1", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.parse().choices[0].message.content == f"answered by {name}"  # vLLM ran the adapter, not the base
     assert raw.parse().model == "tiny-bot:1" and raw.headers["x-tuneloop-version"] == "tiny-bot:1"
     stub.state.loaded.clear()  # vLLM restarted: adapters loaded at run time are gone

@@ -17,8 +17,20 @@ from tuneloop.monitor.spool import Spool, SpoolBusy, SpoolFull, open_spool
 
 
 def rec(rid: str, t: float | None = None) -> RequestRecord:
-    return RequestRecord(rid, time.time() if t is None else t, "chat.completions", "bot", "bot", 1, None, "baseline",
-                         None, "call me at 555-123-4567", "ok", 200)
+    return RequestRecord(
+        rid,
+        time.time() if t is None else t,
+        "chat.completions",
+        "bot",
+        "bot",
+        1,
+        None,
+        "baseline",
+        None,
+        "call me at 555-123-4567",
+        "ok",
+        200,
+    )
 
 
 def entries(n: int, start: int = 0) -> list[dict]:
@@ -151,8 +163,8 @@ def test_outage_spools_then_replays_everything_in_order(tmp_path):
         recorder.submit(rec(f"out{i}"))
     assert recorder.flush(10)
     fb, created = recorder.add_feedback("out7", rating=-1, comment="wrong, mail me at a@b.example")
-    assert created is None and fb.request_id == "out7"           # accepted into the spool
-    fb, created = recorder.add_feedback("before", rating=-1)      # changed its mind during the outage
+    assert created is None and fb.request_id == "out7"  # accepted into the spool
+    fb, created = recorder.add_feedback("before", rating=-1)  # changed its mind during the outage
     assert created is None
     health = recorder.health()
     assert health["status"] == "degraded" and health["spooled"] == 302
@@ -183,14 +195,20 @@ def test_replay_twice_is_harmless(tmp_path):
 
     old = feedback_row("a", rating=1)
     new = feedback_row("a", rating=-1)
-    batch = [{"kind": "request", "row": request_row(rec("a"))}, {"kind": "feedback", "row": old},
-             {"kind": "feedback", "row": new}, {"kind": "feedback", "row": feedback_row("ghost", rating=1)}]
+    batch = [
+        {"kind": "request", "row": request_row(rec("a"))},
+        {"kind": "feedback", "row": old},
+        {"kind": "feedback", "row": new},
+        {"kind": "feedback", "row": feedback_row("ghost", rating=1)},
+    ]
     spool.append(batch)
     got, _ = spool.head(10)
     first = log.replay(got)
     second = log.replay(got)  # as after a crash between storing and consuming
     assert first == second == {"request": 1, "feedback": 2, "unknown_request": 1, "corrupt": 0}
-    assert len(log.requests()) == 1 and [(f.rating, f.feedback_id) for f in log.feedback()] == [(-1, old["feedback_id"])]
+    assert len(log.requests()) == 1 and [(f.rating, f.feedback_id) for f in log.feedback()] == [
+        (-1, old["feedback_id"])
+    ]
     log.replay([{"kind": "feedback", "row": old}])  # an older value replayed late does not win
     assert log.feedback()[0].rating == -1
     spool.close()
@@ -217,8 +235,9 @@ def test_a_restarted_recorder_replays_what_was_left(tmp_path):
 def test_a_full_spool_drops_the_newest_and_says_so(tmp_path, caplog):
     log = SwitchableLog(tmp_path / "r.db")
     log.down = True
-    recorder = AsyncRecorder(log, spool=Spool(tmp_path / "spool", max_bytes=4000), flush_interval_s=0.01,
-                             retry_interval_s=0.05)
+    recorder = AsyncRecorder(
+        log, spool=Spool(tmp_path / "spool", max_bytes=4000), flush_interval_s=0.01, retry_interval_s=0.05
+    )
     for i in range(40):
         recorder.submit(rec(f"f{i}"))
         recorder.flush(5)  # one record a batch, so the bound is reached record by record
@@ -236,8 +255,9 @@ def test_a_full_spool_drops_the_newest_and_says_so(tmp_path, caplog):
 
 def test_feedback_on_a_spooled_request_waits_behind_it(tmp_path):
     log = SwitchableLog(tmp_path / "r.db")
-    recorder = AsyncRecorder(log, spool=Spool(tmp_path / "spool", max_bytes=1 << 24), flush_interval_s=0.01,
-                             retry_interval_s=60)  # no replay during this test
+    recorder = AsyncRecorder(
+        log, spool=Spool(tmp_path / "spool", max_bytes=1 << 24), flush_interval_s=0.01, retry_interval_s=60
+    )  # no replay during this test
     log.down = True
     recorder.submit(rec("q"))
     assert recorder.flush(5)
@@ -255,8 +275,9 @@ def test_metrics_export_the_recorder(tmp_path):
     from tuneloop.monitor.metrics import GatewayMetrics
 
     log = SwitchableLog(tmp_path / "r.db")
-    recorder = AsyncRecorder(log, spool=Spool(tmp_path / "spool", max_bytes=1 << 24), flush_interval_s=0.01,
-                             retry_interval_s=60)
+    recorder = AsyncRecorder(
+        log, spool=Spool(tmp_path / "spool", max_bytes=1 << 24), flush_interval_s=0.01, retry_interval_s=60
+    )
     metrics = GatewayMetrics()
     metrics.watch_request_log(recorder)
     recorder.submit(rec("w"))

@@ -17,8 +17,11 @@ from serve_helpers import install_monitor_standin, register_versions
 
 install_monitor_standin()
 
-WEATHER_CALL = {"id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "C"})}}
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "C"})},
+}
 CONVERSATIONS = {
     "system": [
         {"role": "system", "content": "You are a support bot for Acme. Answer in one sentence."},
@@ -43,15 +46,24 @@ CONVERSATIONS = {
     "tool_calls": [
         {"role": "developer", "content": "Use the tools when you need live data."},
         {"role": "user", "content": "What is the weather in Paris and in 東京?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            WEATHER_CALL,
-            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"東京\"}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
-        {"role": "tool", "tool_call_id": "call_2", "content": "{\"temp\": 9}"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                WEATHER_CALL,
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "東京"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": '{"temp": 9}'},
         {"role": "assistant", "content": "Paris: 21 °C; 東京: 9 °C."},
         {"role": "user", "content": "And tomorrow in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
-        {"role": "function", "content": "{\"temp\": 18}"},
+        {"role": "function", "content": '{"temp": 18}'},
         {"role": "assistant", "content": "18 °C tomorrow."},
     ],
 }
@@ -97,9 +109,11 @@ def assert_parity(train_tok, serve_tok, name: str) -> None:
         served = serving_ids(serve_tok, messages[:turn])
         if served != ids[:start]:
             at = next((i for i, (a, b) in enumerate(zip(served, ids)) if a != b), min(len(served), start))
-            pytest.fail(f"{name}, answer at message {turn}: the gateway's prompt differs from training's at token {at}:\n"
-                        f"  training: {train_tok.decode(ids[max(0, at - 8):start])!r}\n"
-                        f"  gateway:  {serve_tok.decode(served[max(0, at - 8):])!r}")
+            pytest.fail(
+                f"{name}, answer at message {turn}: the gateway's prompt differs from training's at token {at}:\n"
+                f"  training: {train_tok.decode(ids[max(0, at - 8) : start])!r}\n"
+                f"  gateway:  {serve_tok.decode(served[max(0, at - 8) :])!r}"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -144,9 +158,15 @@ def test_gateway_serves_tool_turns_with_the_training_prompt(tiny_model, tmp_path
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == starts[1]
-        bad = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-            **body, "tools": [{"type": "function", "function": {"name": "get_weather"}}]})
+        bad = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            json={**body, "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+        )
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
-        nameless = [*messages[:2], {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]
+        nameless = [
+            *messages[:2],
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]},
+        ]
         bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "messages": nameless}, timeout=60)
         assert bad.status_code == 400 and "no function name" in bad.json()["error"]["message"]

@@ -122,9 +122,10 @@ def real(real_model_dir):
     model = load_causal_lm(str(real_model_dir))
     enc = tok(render_prompt(tok, ZH_PROMPT), return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop_token_ids(tok),
-                             pad_token_id=tok.pad_token_id)
-    ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc, max_new_tokens=24, do_sample=False, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id
+        )
+    ids = out[0, enc["input_ids"].shape[1] :].tolist()
     found = [k for k in cuts(tok, ids) if k > 1]  # a cut after some whole text, not in the first character
     assert found, f"the greedy answer {tok.decode(ids)!r} cuts no character within 24 tokens; pick another prompt"
     return tok, model, ids, sorted({found[0], found[-1]})
@@ -154,7 +155,9 @@ def real_gateway(real, real_model_dir, tmp_path_factory):
 
     ws = tmp_path_factory.mktemp("ws-real")
     reg = SqliteRegistry(ws)
-    reg.register("smol", real_model_dir, artifact_kind="model", base_model=str(real_model_dir), lineage={}, metrics={}, gates={})
+    reg.register(
+        "smol", real_model_dir, artifact_kind="model", base_model=str(real_model_dir), lineage={}, metrics={}, gates={}
+    )
     with BackgroundServer(create_app(LocalBackend(reg, ws), Router(reg), GatewaySettings())) as server:
         yield server
 

@@ -12,7 +12,9 @@ def _policy_after_import(env_value: str | None) -> str:
     if env_value is not None:
         env["OMP_WAIT_POLICY"] = env_value
     code = "import os, tuneloop; print(os.environ.get('OMP_WAIT_POLICY'))"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_import_sets_a_passive_wait_policy():

@@ -144,8 +144,14 @@ def test_same_config_and_data_give_the_same_losses_and_packing_does_not_change_t
 def test_dora_rslora_checkpointing_and_merged_model(make_config, prepared, tmp_path):
     from tuneloop.modeling import load_causal_lm
 
-    settings = {"train.max_steps": 3, "train.use_dora": "true", "train.use_rslora": "true",
-                "train.gradient_checkpointing": "true", "train.merge": "true", "train.lora_dropout": 0.0}
+    settings = {
+        "train.max_steps": 3,
+        "train.use_dora": "true",
+        "train.use_rslora": "true",
+        "train.gradient_checkpointing": "true",
+        "train.merge": "true",
+        "train.lora_dropout": 0.0,
+    }
     metrics, rows = _train(make_config, prepared, tmp_path / "m", **settings)
     model_dir = tmp_path / "m" / "model"
     cfg = json.loads((model_dir / "adapter_config.json").read_text())

@@ -14,11 +14,19 @@ from conftest import write_jsonl
 from tuneloop.config import TrainSource, build_config, load_config
 from tuneloop.errors import ConfigError, InputError
 
-SYSTEM = "Answer with one word. Route this customer support ticket: refund, shipping, password, cancel, billing or other."
+SYSTEM = (
+    "Answer with one word. Route this customer support ticket: refund, shipping, password, cancel, billing or other."
+)
 
 
 def chat(user: str, answer: str) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 # Six tickets of an intent the task data never has, each worded differently (no near duplicates).
@@ -32,13 +40,17 @@ FEEDBACK = [
 ]
 
 
-def project(tmp_path: Path, train: list[dict], feedback: list[dict], weight: float = 3, extra: str = "", base: str = "m") -> Path:
+def project(
+    tmp_path: Path, train: list[dict], feedback: list[dict], weight: float = 3, extra: str = "", base: str = "m"
+) -> Path:
     """A config in tmp_path reading data/train.jsonl and feedback/sft.jsonl (weight ``weight``); ``base``:
     a local model for what loads the tokenizer (nothing may reach the hub)."""
     write_jsonl(tmp_path / "data" / "train.jsonl", train)
     write_jsonl(tmp_path / "feedback" / "sft.jsonl", feedback)
     path = tmp_path / "tuneloop.yaml"
-    path.write_text(f"name: x\nbase_model: {base}\ndata:\n  train_data: [data/train.jsonl, {{path: feedback/sft.jsonl, weight: {weight}}}]\n{extra}")
+    path.write_text(
+        f"name: x\nbase_model: {base}\ndata:\n  train_data: [data/train.jsonl, {{path: feedback/sft.jsonl, weight: {weight}}}]\n{extra}"
+    )
     return path
 
 
@@ -57,25 +69,42 @@ def test_single_string_is_unchanged_and_a_list_takes_paths_and_weights(tmp_path)
         (str(tmp_path / "data" / "train.jsonl"), 1.0, "data/train.jsonl"),
         (str(tmp_path / "feedback" / "sft.jsonl"), 3.0, "feedback/sft.jsonl"),
     ]
-    assert json.loads(json.dumps(cfg.to_dict()))["data"]["train_data"][1] == {"path": str(tmp_path / "feedback" / "sft.jsonl"), "weight": 3.0}
-    flat = build_config({"name": "x", "base_model": "m", "train_data": ["a.jsonl", {"path": "/abs/b.jsonl", "weight": 0.5}]}, base_dir=tmp_path)
+    assert json.loads(json.dumps(cfg.to_dict()))["data"]["train_data"][1] == {
+        "path": str(tmp_path / "feedback" / "sft.jsonl"),
+        "weight": 3.0,
+    }
+    flat = build_config(
+        {"name": "x", "base_model": "m", "train_data": ["a.jsonl", {"path": "/abs/b.jsonl", "weight": 0.5}]},
+        base_dir=tmp_path,
+    )
     assert [s.path for s in flat.data.train_sources] == [str(tmp_path / "a.jsonl"), "/abs/b.jsonl"]
-    over = load_config(tmp_path / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 2}]"])
+    over = load_config(
+        tmp_path / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 2}]"]
+    )
     assert over.data.train_sources[1].weight == 2.0
 
 
-@pytest.mark.parametrize("value, message", [
-    ([], "train_data: an empty list; give at least one source"),
-    (["a.jsonl", "a.jsonl"], "train_data[1]: 'a.jsonl' is listed twice"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": 0}], "train_data[1].weight: bad value 0; expected a number > 0"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": -2}], "train_data[1].weight: bad value -2; expected a number > 0"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": float("nan")}], "train_data[1].weight: bad value nan; expected a finite number"),
-    (["a.jsonl", {"path": "b.jsonl", "weight": 101}], "train_data[1].weight: bad value 101; expected a number <= 100"),
-    (["a.jsonl", {"path": "b.jsonl", "wieght": 2}], "train_data[1].wieght: unknown key; did you mean `weight`?"),
-    ([{"weight": 2}], "train_data[0].path: required key is missing"),
-    (["a.jsonl", 3], "train_data[1]: bad value 3; expected a path (a string) or {path: ..., weight: ...}"),
-    (5, "train_data: bad value 5; expected a dataset path or name (a string), or a list of sources"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([], "train_data: an empty list; give at least one source"),
+        (["a.jsonl", "a.jsonl"], "train_data[1]: 'a.jsonl' is listed twice"),
+        (["a.jsonl", {"path": "b.jsonl", "weight": 0}], "train_data[1].weight: bad value 0; expected a number > 0"),
+        (["a.jsonl", {"path": "b.jsonl", "weight": -2}], "train_data[1].weight: bad value -2; expected a number > 0"),
+        (
+            ["a.jsonl", {"path": "b.jsonl", "weight": float("nan")}],
+            "train_data[1].weight: bad value nan; expected a finite number",
+        ),
+        (
+            ["a.jsonl", {"path": "b.jsonl", "weight": 101}],
+            "train_data[1].weight: bad value 101; expected a number <= 100",
+        ),
+        (["a.jsonl", {"path": "b.jsonl", "wieght": 2}], "train_data[1].wieght: unknown key; did you mean `weight`?"),
+        ([{"weight": 2}], "train_data[0].path: required key is missing"),
+        (["a.jsonl", 3], "train_data[1]: bad value 3; expected a path (a string) or {path: ..., weight: ...}"),
+        (5, "train_data: bad value 5; expected a dataset path or name (a string), or a list of sources"),
+    ],
+)
 def test_bad_source_lists_are_reported_by_item(tmp_path, value, message):
     with pytest.raises(ConfigError) as exc:
         build_config({"name": "x", "base_model": "m", "data": {"train_data": value}}, base_dir=tmp_path)
@@ -85,7 +114,9 @@ def test_bad_source_lists_are_reported_by_item(tmp_path, value, message):
 
 def test_a_bad_weight_in_a_yaml_file_points_at_its_line(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: x\nbase_model: m\ndata:\n  eval_split: 0.2\n  train_data: [a.jsonl, {path: b.jsonl, weight: .nan}]\n")
+    path.write_text(
+        "name: x\nbase_model: m\ndata:\n  eval_split: 0.2\n  train_data: [a.jsonl, {path: b.jsonl, weight: .nan}]\n"
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert exc.value.problems == [f"data.train_data[1].weight ({path}:5): bad value nan; expected a finite number"]
@@ -97,15 +128,26 @@ def test_a_bad_weight_in_a_yaml_file_points_at_its_line(tmp_path):
 def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     from tuneloop.data.validate import validate_splits
 
-    train = [chat(f"Ticket {i}: the order with number {1000 + i} never arrived at my flat in town {i}", "shipping") for i in range(10)]
+    train = [
+        chat(f"Ticket {i}: the order with number {1000 + i} never arrived at my flat in town {i}", "shipping")
+        for i in range(10)
+    ]
     bad = {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "other"}]}
-    exported = {**train[4], "id": "fb-1", "meta": {"origin": "rated_good", "request_ids": ["r1"]}}  # as feedback export writes it
-    cfg = load_config(project(tmp_path, train, [exported, FEEDBACK[0], bad, FEEDBACK[1]], extra="  min_valid_ratio: 0.95\n"))
+    exported = {
+        **train[4],
+        "id": "fb-1",
+        "meta": {"origin": "rated_good", "request_ids": ["r1"]},
+    }  # as feedback export writes it
+    cfg = load_config(
+        project(tmp_path, train, [exported, FEEDBACK[0], bad, FEEDBACK[1]], extra="  min_valid_ratio: 0.95\n")
+    )
     verdict = validate_splits(cfg.data, tmp_path / "out")
     rep = verdict.reports["train"]
     assert rep["path"] == "data/train.jsonl + feedback/sft.jsonl"
-    assert rep["sources"] == [{"path": "data/train.jsonl", "records": 10, "valid": 10},
-                              {"path": "feedback/sft.jsonl", "records": 4, "valid": 2}]
+    assert rep["sources"] == [
+        {"path": "data/train.jsonl", "records": 10, "valid": 10},
+        {"path": "feedback/sft.jsonl", "records": 4, "valid": 2},
+    ]
     assert (rep["records"], rep["valid"], rep["duplicates"], rep["invalid"]) == (14, 12, 1, 1)
     quarantined = [json.loads(x) for x in (tmp_path / "out" / "train.quarantine.jsonl").read_text().splitlines()]
     assert [(q["file"], q["line"]) for q in quarantined] == [("feedback/sft.jsonl", 1), ("feedback/sft.jsonl", 3)]
@@ -115,7 +157,10 @@ def test_records_are_validated_together_and_named_by_their_source(tmp_path):
     html = (tmp_path / "out" / "train.report.html").read_text()
     assert "<h2>Sources</h2>" in html and "<td>feedback/sft.jsonl</td><td>4</td><td>2</td>" in html
     clean = [json.loads(x) for x in (tmp_path / "out" / "train.clean.jsonl").read_text().splitlines()]
-    assert [(c["_file"], c["_line"], c["_source"]) for c in clean[-2:]] == [("feedback/sft.jsonl", 2, 1), ("feedback/sft.jsonl", 4, 1)]
+    assert [(c["_file"], c["_line"], c["_source"]) for c in clean[-2:]] == [
+        ("feedback/sft.jsonl", 2, 1),
+        ("feedback/sft.jsonl", 4, 1),
+    ]
 
 
 def test_data_validate_on_a_config_with_sources_and_a_single_source_as_before(tmp_path, tiny_model):
@@ -124,8 +169,13 @@ def test_data_validate_on_a_config_with_sources_and_a_single_source_as_before(tm
 
     # 4 records hold out 1 eval item, on which no model could pass min_accuracy 0.85 (exit 2): this test is
     # about the data, so that gate is off
-    path = project(tmp_path, [chat("Where is my parcel with the new lamp?", "shipping")], FEEDBACK[:3], base=str(tiny_model),
-                   extra="gates:\n  min_accuracy: null\n")
+    path = project(
+        tmp_path,
+        [chat("Where is my parcel with the new lamp?", "shipping")],
+        FEEDBACK[:3],
+        base=str(tiny_model),
+        extra="gates:\n  min_accuracy: null\n",
+    )
     rep = validate_target(str(path), out_dir=tmp_path / "out")
     assert rep["passed"] and rep["valid"] == 4 and [s["valid"] for s in rep["sources"]] == [1, 3]
     single = validate_dataset(str(tmp_path / "feedback" / "sft.jsonl"), tmp_path / "single")
@@ -137,9 +187,14 @@ def test_data_validate_on_a_config_with_sources_and_a_single_source_as_before(tm
 def test_a_near_duplicate_across_sources_is_found(tmp_path):
     from tuneloop.data.validate import validate_dataset
 
-    text = ("I ordered a blue winter jacket in size medium three weeks ago and it still has not been shipped to me, "
-            "although the shop said on the phone last Monday that every order placed before the sale would go out within two days")
-    a = write_jsonl(tmp_path / "a.jsonl", [chat(text, "shipping"), chat("How do I reset the password of my account please", "password")])
+    text = (
+        "I ordered a blue winter jacket in size medium three weeks ago and it still has not been shipped to me, "
+        "although the shop said on the phone last Monday that every order placed before the sale would go out within two days"
+    )
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [chat(text, "shipping"), chat("How do I reset the password of my account please", "password")],
+    )
     b = write_jsonl(tmp_path / "b.jsonl", [chat(text + " yet", "shipping")])
     rep = validate_dataset([TrainSource(path=str(a)), TrainSource(path=str(b))], tmp_path / "out")
     assert rep["near_duplicates"] == 1
@@ -161,12 +216,17 @@ def test_sources_must_share_a_format_and_may_be_directories(tmp_path):
     write_jsonl(tmp_path / "fb" / "day2.jsonl", [FEEDBACK[3], {"messages": []}])
     cfg = build_config({"name": "x", "base_model": "m", "train_data": ["msgs.jsonl", "fb"]}, base_dir=tmp_path)
     rep = validate_dataset(cfg.data.train_data, tmp_path / "out")
-    assert rep["examples"]["bad_structure"][0]["file"] == "fb/day2.jsonl" and rep["examples"]["bad_structure"][0]["line"] == 2
+    assert (
+        rep["examples"]["bad_structure"][0]["file"] == "fb/day2.jsonl"
+        and rep["examples"]["bad_structure"][0]["line"] == 2
+    )
     assert [s["valid"] for s in rep["sources"]] == [1, 2]
 
     nested = build_config({"name": "x", "base_model": "m", "train_data": ["fb", "fb/day1.jsonl"]}, base_dir=tmp_path)
     assert "fb and fb/day1.jsonl hold the same files" in source_problem(nested.data.train_data)
-    missing = build_config({"name": "x", "base_model": "m", "train_data": ["msgs.jsonl", "nope.jsonl"]}, base_dir=tmp_path)
+    missing = build_config(
+        {"name": "x", "base_model": "m", "train_data": ["msgs.jsonl", "nope.jsonl"]}, base_dir=tmp_path
+    )
     assert source_problem(missing.data.train_data).startswith("[1] nope.jsonl: file not found")
 
 
@@ -193,10 +253,22 @@ def test_the_eval_split_is_drawn_before_weighting(tmp_path, tiny_model):
     from tuneloop.data.prepare import prepare_dataset, read_jsonl
     from tuneloop.modeling import load_tokenizer
 
-    recs = [{**chat(f"question {i} about parcel number {i * 13}", "shipping"), "_line": i + 1, "_source": i % 2} for i in range(40)]
+    recs = [
+        {**chat(f"question {i} about parcel number {i * 13}", "shipping"), "_line": i + 1, "_source": i % 2}
+        for i in range(40)
+    ]
     clean = write_jsonl(tmp_path / "train.clean.jsonl", recs)
     srcs = [TrainSource(path="a.jsonl"), TrainSource(path="b.jsonl", weight=3)]
-    metrics = prepare_dataset(load_tokenizer(str(tiny_model)), clean, None, tmp_path / "out", max_length=96, eval_split=0.25, seed=3, sources=srcs)
+    metrics = prepare_dataset(
+        load_tokenizer(str(tiny_model)),
+        clean,
+        None,
+        tmp_path / "out",
+        max_length=96,
+        eval_split=0.25,
+        seed=3,
+        sources=srcs,
+    )
     held = {r["messages"][1]["content"] for r in read_jsonl(tmp_path / "out" / "eval_records.jsonl")}
     trained = [r["messages"][1]["content"] for r in read_jsonl(tmp_path / "out" / "train_records.jsonl")]
     assert len(held) == 10 and not held & set(trained)  # no copy of an eval record is trained on
@@ -210,13 +282,24 @@ def test_preference_pairs_are_weighted_too(tmp_path):
     from tuneloop.data.prepare import prepare_preferences
 
     def pair(i: int, source: int) -> dict:
-        return {"messages": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "good"}],
-                "rejected": [{"role": "assistant", "content": "bad"}], "_line": i + 1, "_source": source}
+        return {
+            "messages": [{"role": "user", "content": f"q{i}"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+            "_line": i + 1,
+            "_source": source,
+        }
 
     clean = write_jsonl(tmp_path / "clean.jsonl", [pair(i, 0) for i in range(4)] + [pair(i, 1) for i in range(4, 6)])
     ev = write_jsonl(tmp_path / "eval.jsonl", [pair(9, 0)])
-    metrics = prepare_preferences(clean, ev, tmp_path / "out", eval_split=0.1, seed=0,
-                                  sources=[TrainSource(path="a"), TrainSource(path="b", weight=2)])
+    metrics = prepare_preferences(
+        clean,
+        ev,
+        tmp_path / "out",
+        eval_split=0.1,
+        seed=0,
+        sources=[TrainSource(path="a"), TrainSource(path="b", weight=2)],
+    )
     assert metrics["train_samples"] == 4 + 2 * 2
     assert [(r["records"], r["samples"]) for r in metrics["sources"]] == [(4, 4), (2, 4)]
 
@@ -230,7 +313,9 @@ def test_weights_key_preprocessing_not_validation_and_a_moved_project_keeps_its_
     from tuneloop import stages as st
 
     first = load_config(project(tmp_path / "a", [chat("a question", "other")], [FEEDBACK[0]], base=str(tiny_model)))
-    heavier = load_config(tmp_path / "a" / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 4}]"])
+    heavier = load_config(
+        tmp_path / "a" / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 4}]"]
+    )
     swapped = load_config(tmp_path / "a" / "tuneloop.yaml", ["data.train_data=[feedback/sft.jsonl, data/train.jsonl]"])
     data = st.DataResult(st.Outcome("d1", {}, {}), Path("t"), None, "digest", None)
     assert st.data_validation_inputs(first) == st.data_validation_inputs(heavier)
@@ -240,7 +325,9 @@ def test_weights_key_preprocessing_not_validation_and_a_moved_project_keeps_its_
     shutil.copytree(tmp_path / "a", tmp_path / "moved" / "b")
     moved = load_config(tmp_path / "moved" / "b" / "tuneloop.yaml")
     assert st.data_validation_inputs(moved) == st.data_validation_inputs(first)
-    single = build_config({"name": "x", "base_model": str(tiny_model), "train_data": str(tmp_path / "a" / "data" / "train.jsonl")})
+    single = build_config(
+        {"name": "x", "base_model": str(tiny_model), "train_data": str(tmp_path / "a" / "data" / "train.jsonl")}
+    )
     assert "weights" not in st.preprocessing_inputs(single, data)
 
 
@@ -255,7 +342,11 @@ def test_drift_feedback_and_export_read_every_source(tmp_path, tiny_model):
     train = [chat("Where is my parcel with the new lamp?", "shipping")]
     cfg = load_config(project(tmp_path, train, FEEDBACK[:2], weight=1, base=str(tiny_model)))
     prompts = training_prompts(cfg.data.train_data)
-    assert prompts == ["Where is my parcel with the new lamp?", FEEDBACK[0]["messages"][1]["content"], FEEDBACK[1]["messages"][1]["content"]]
+    assert prompts == [
+        "Where is my parcel with the new lamp?",
+        FEEDBACK[0]["messages"][1]["content"],
+        FEEDBACK[1]["messages"][1]["content"],
+    ]
     assert len(eval_texts_for_config(cfg)) == 3  # no eval_data: the eval items are a split of every source
 
     ax = yaml.safe_load(export_config(cfg, "axolotl"))
@@ -263,8 +354,12 @@ def test_drift_feedback_and_export_read_every_source(tmp_path, tiny_model):
     lf = tmp_path / "lf" / "llamafactory.yaml"
     assert yaml.safe_load(export_config(cfg, "llamafactory", lf))["dataset"] == "x_train,x_train_1"
     assert set(json.loads((lf.parent / "dataset_info.json").read_text())) == {"x_train", "x_train_1"}
-    weighted = load_config(tmp_path / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 3}]"])
-    with pytest.raises(ConfigError, match=r"cannot carry source weights \(feedback/sft.jsonl \(weight 3\)\).*train_records.jsonl"):
+    weighted = load_config(
+        tmp_path / "tuneloop.yaml", ["data.train_data=[data/train.jsonl, {path: feedback/sft.jsonl, weight: 3}]"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"cannot carry source weights \(feedback/sft.jsonl \(weight 3\)\).*train_records.jsonl"
+    ):
         export_config(weighted, "axolotl")
 
 
@@ -285,16 +380,24 @@ def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validati
     kept = st["data_validation"]["metrics"]["valid"]
     rows = st["preprocessing"]["metrics"]["sources"]
     assert rows[1] == {"path": "feedback/sft.jsonl", "weight": 3.0, "records": 6, "train_records": 6, "samples": 18}
-    assert rows[0]["records"] == rows[0]["train_records"] == rows[0]["samples"] == kept - 6  # eval_data given: nothing held out
+    assert (
+        rows[0]["records"] == rows[0]["train_records"] == rows[0]["samples"] == kept - 6
+    )  # eval_data given: nothing held out
     assert st["preprocessing"]["metrics"]["train_samples"] == kept - 6 + 18
     assert st["data_validation"]["metrics"]["sources"][1] == {"path": "feedback/sft.jsonl", "records": 6, "valid": 6}
     assert first["stages"]["model_registry"]["status"] == "passed"
 
-    again = FineTunePipeline(load_config(path, [f"data.train_data=[{task_data[0]}, {{path: feedback/sft.jsonl, weight: 2}}]"])).run()
+    again = FineTunePipeline(
+        load_config(path, [f"data.train_data=[{task_data[0]}, {{path: feedback/sft.jsonl, weight: 2}}]"])
+    ).run()
     cached = {name: s["cached"] for name, s in again["stages"].items()}
-    assert cached["data_validation"] is True and cached["preprocessing"] is False and cached["training"] is False, cached
+    assert cached["data_validation"] is True and cached["preprocessing"] is False and cached["training"] is False, (
+        cached
+    )
     assert again["stages"]["preprocessing"]["metrics"]["train_samples"] == kept - 6 + 12
     assert math.isclose(again["stages"]["preprocessing"]["metrics"]["sources"][1]["weight"], 2.0)
     lineage = SqliteRegistry(Workspace.for_config(load_config(path)).root).get("tiny-bot", "latest")["lineage"]
-    assert lineage["data"]["train_path"] == [{"path": str(task_data[0]), "weight": 1.0},
-                                             {"path": str(tmp_path / "feedback" / "sft.jsonl"), "weight": 2.0}]
+    assert lineage["data"]["train_path"] == [
+        {"path": str(task_data[0]), "weight": 1.0},
+        {"path": str(tmp_path / "feedback" / "sft.jsonl"), "weight": 2.0},
+    ]

@@ -33,52 +33,143 @@ EMAIL = "alice.smith@example.com"
 
 
 def gate(value, interval, threshold, op, verdict, **kw):
-    return {"metric": kw.get("metric", "accuracy"), "suite": "task", "kind": "floor", "op": op, "threshold": threshold,
-            "value": value, "interval": interval, "verdict": verdict, "passed": verdict == "PASS",
-            "blocks": verdict == "FAIL", "reason": f"value {value} {op} {threshold}", "n": 40}
+    return {
+        "metric": kw.get("metric", "accuracy"),
+        "suite": "task",
+        "kind": "floor",
+        "op": op,
+        "threshold": threshold,
+        "value": value,
+        "interval": interval,
+        "verdict": verdict,
+        "passed": verdict == "PASS",
+        "blocks": verdict == "FAIL",
+        "reason": f"value {value} {op} {threshold}",
+        "n": 40,
+    }
 
 
 def run_record(run_id: str, failed: bool) -> dict:
     acc_gate = gate(0.42, [0.31, 0.55], 0.85, ">=", "FAIL") if failed else gate(0.93, [0.85, 0.97], 0.8, ">=", "PASS")
     stages = {
-        "data_validation": {"status": "passed", "duration_s": 0.5, "cached": True, "error": "",
-                            "metrics": {"records": 5, "valid": 3, "gates": {"min_usable_records[train]": {
-                                **gate(3, None, 1, ">=", "PASS", metric="valid"), "suite": "data.train"}}}},
+        "data_validation": {
+            "status": "passed",
+            "duration_s": 0.5,
+            "cached": True,
+            "error": "",
+            "metrics": {
+                "records": 5,
+                "valid": 3,
+                "gates": {
+                    "min_usable_records[train]": {
+                        **gate(3, None, 1, ">=", "PASS", metric="valid"),
+                        "suite": "data.train",
+                    }
+                },
+            },
+        },
         "preprocessing": {"status": "passed", "duration_s": 0.2, "cached": True, "error": "", "metrics": {}},
         "training": {"status": "passed", "duration_s": 3.0, "cached": False, "error": "", "metrics": {"steps": 3}},
-        "evaluation": {"status": "failed" if failed else "passed", "duration_s": 1.0, "cached": False,
-                       "error": "gate min_accuracy failed" if failed else "",
-                       "metrics": {"accuracy": 0.42 if failed else 0.93, "gates": {"min_accuracy": acc_gate}}},
-        "model_registry": {"status": "skipped" if failed else "passed", "duration_s": 0.1, "cached": False, "error": "", "metrics": {}},
+        "evaluation": {
+            "status": "failed" if failed else "passed",
+            "duration_s": 1.0,
+            "cached": False,
+            "error": "gate min_accuracy failed" if failed else "",
+            "metrics": {"accuracy": 0.42 if failed else 0.93, "gates": {"min_accuracy": acc_gate}},
+        },
+        "model_registry": {
+            "status": "skipped" if failed else "passed",
+            "duration_s": 0.1,
+            "cached": False,
+            "error": "",
+            "metrics": {},
+        },
     }
-    return {"run_id": run_id, "pipeline": MODEL, "status": "failed" if failed else "passed", "pid": 0,
-            "started_at": "2026-12-07T10:00:00+00:00", "ended_at": "2026-12-07T10:01:00+00:00", "duration_s": 60.0,
-            "code_version": "0.1.0+test", "stages": stages}
+    return {
+        "run_id": run_id,
+        "pipeline": MODEL,
+        "status": "failed" if failed else "passed",
+        "pid": 0,
+        "started_at": "2026-12-07T10:00:00+00:00",
+        "ended_at": "2026-12-07T10:01:00+00:00",
+        "duration_s": 60.0,
+        "code_version": "0.1.0+test",
+        "stages": stages,
+    }
 
 
 def write_run(ws: Path, run_id: str, failed: bool) -> Path:
     d = ws / "runs" / run_id
     (d / "data").mkdir(parents=True)
     (d / "run.json").write_text(json.dumps(run_record(run_id, failed)))
-    items = [{"suite": "task", "kind": "task", "id": f"eval-{i}", "prompt": f"ticket {i} from {EMAIL}", "reference": "refund",
-              "base": "other", "candidate": "refund" if i % 2 else "other", "base_score": 0.0, "candidate_score": float(i % 2)}
-             for i in range(4)]
-    items.append({"suite": "harmful", "kind": "harmful", "id": "rt-1", "prompt": "how to build a bomb", "base": "no",
-                  "candidate": "sure", "base_refused": True, "candidate_refused": False, "base_score": 0.0, "candidate_score": 1.0})
+    items = [
+        {
+            "suite": "task",
+            "kind": "task",
+            "id": f"eval-{i}",
+            "prompt": f"ticket {i} from {EMAIL}",
+            "reference": "refund",
+            "base": "other",
+            "candidate": "refund" if i % 2 else "other",
+            "base_score": 0.0,
+            "candidate_score": float(i % 2),
+        }
+        for i in range(4)
+    ]
+    items.append(
+        {
+            "suite": "harmful",
+            "kind": "harmful",
+            "id": "rt-1",
+            "prompt": "how to build a bomb",
+            "base": "no",
+            "candidate": "sure",
+            "base_refused": True,
+            "candidate_refused": False,
+            "base_score": 0.0,
+            "candidate_score": 1.0,
+        }
+    )
     (d / "eval_items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
-    (d / "train_metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "learning_rate": 1e-3 * (4 - s) / 3}) + "\n"
-                                                   for s in (1, 2, 3)))
+    (d / "train_metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 2.0 / s, "learning_rate": 1e-3 * (4 - s) / 3}) + "\n" for s in (1, 2, 3))
+    )
     (d / "run.log").write_text("line one\nline two\n")
     quarantine = ws / "cache" / "data_validation" / run_id / "train.quarantine.jsonl"
     quarantine.parent.mkdir(parents=True)
-    rows = [{"line": 4, "reasons": ["near_duplicate: similar to line 2"], "record": {"messages": [{"role": "user", "content": "refund pls"}]}},
-            {"line": 5, "reasons": ["pii: email"], "record": {"messages": [{"role": "user", "content": f"mail me at {EMAIL}"}]}}]
+    rows = [
+        {
+            "line": 4,
+            "reasons": ["near_duplicate: similar to line 2"],
+            "record": {"messages": [{"role": "user", "content": "refund pls"}]},
+        },
+        {
+            "line": 5,
+            "reasons": ["pii: email"],
+            "record": {"messages": [{"role": "user", "content": f"mail me at {EMAIL}"}]},
+        },
+    ]
     quarantine.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = {"format": "messages", "records": 5, "valid": 3, "invalid": 0, "duplicates": 0, "near_duplicates": 1, "contaminated": 0,
-              "pii_dropped": 1, "overlong_dropped": 0, "accounting": "records 5 = valid 3 + near_duplicates 1 + pii_dropped 1",
-              "rules": {"near_duplicate": 1, "pii": 1}, "examples": {"pii": [{"line": 5, "reason": f"pii: email {EMAIL}"}]},
-              "pii": {"email": 1}, "pii_examples": {"email": ["***@***.com"]}, "digest": TRAIN_DIGEST,
-              "quarantine_path": str(quarantine), "gates": [], "passed": True}
+    report = {
+        "format": "messages",
+        "records": 5,
+        "valid": 3,
+        "invalid": 0,
+        "duplicates": 0,
+        "near_duplicates": 1,
+        "contaminated": 0,
+        "pii_dropped": 1,
+        "overlong_dropped": 0,
+        "accounting": "records 5 = valid 3 + near_duplicates 1 + pii_dropped 1",
+        "rules": {"near_duplicate": 1, "pii": 1},
+        "examples": {"pii": [{"line": 5, "reason": f"pii: email {EMAIL}"}]},
+        "pii": {"email": 1},
+        "pii_examples": {"email": ["***@***.com"]},
+        "digest": TRAIN_DIGEST,
+        "quarantine_path": str(quarantine),
+        "gates": [],
+        "passed": True,
+    }
     (d / "data" / "train.report.json").write_text(json.dumps(report))
     return d
 
@@ -91,7 +182,9 @@ def project(tmp_path_factory):
     rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     (root / "data" / "train.jsonl").write_text(json.dumps(rec) + "\n")
     (root / "data" / "eval.jsonl").write_text(json.dumps(rec) + "\n")
-    (root / "tuneloop.yaml").write_text(f"name: {MODEL}\nbase_model: base-model\ntrain_data: data/train.jsonl\neval_data: data/eval.jsonl\n")
+    (root / "tuneloop.yaml").write_text(
+        f"name: {MODEL}\nbase_model: base-model\ntrain_data: data/train.jsonl\neval_data: data/eval.jsonl\n"
+    )
     ws = root / ".tuneloop"
     write_run(ws, RUN_PASSED, failed=False)
     write_run(ws, RUN_FAILED, failed=True)
@@ -100,20 +193,41 @@ def project(tmp_path_factory):
 
     reg = SqliteRegistry(ws)
     for i, run_id in enumerate((RUN_PASSED, RUN_PASSED), start=1):
-        reg.register(MODEL, make_artifact(root / f"art{i}", content=f"weights-v{i}"), artifact_kind="adapter", base_model="tiny-base",
-                     lineage={"run_id": run_id, "pipeline": MODEL, "data": {"train_digest": TRAIN_DIGEST, "eval_digest": "e" * 64}},
-                     metrics={"evaluation": {"accuracy": 0.9 + i / 100}},
-                     gates={"min_accuracy": gate(0.9, [0.85, 0.95], 0.8, ">=", "PASS")})
+        reg.register(
+            MODEL,
+            make_artifact(root / f"art{i}", content=f"weights-v{i}"),
+            artifact_kind="adapter",
+            base_model="tiny-base",
+            lineage={
+                "run_id": run_id,
+                "pipeline": MODEL,
+                "data": {"train_digest": TRAIN_DIGEST, "eval_digest": "e" * 64},
+            },
+            metrics={"evaluation": {"accuracy": 0.9 + i / 100}},
+            gates={"min_accuracy": gate(0.9, [0.85, 0.95], 0.8, ">=", "PASS")},
+        )
     reg.promote(MODEL, 1, reason="first champion")
 
     from tuneloop.monitor.requestlog import RequestRecord, default_log_url, open_request_log
 
     with open_request_log(default_log_url(ws)) as log:
         now = time.time()
-        log.record(RequestRecord(request_id="req-1", created_at=now, endpoint="chat.completions", model=MODEL, ref=MODEL, version=1,
-                                 artifact_sha256=None, arm="direct", user_hash=None,
-                                 prompt=json.dumps([{"role": "user", "content": f"refund please, I am {EMAIL}"}]),
-                                 response="other", status=200))
+        log.record(
+            RequestRecord(
+                request_id="req-1",
+                created_at=now,
+                endpoint="chat.completions",
+                model=MODEL,
+                ref=MODEL,
+                version=1,
+                artifact_sha256=None,
+                arm="direct",
+                user_hash=None,
+                prompt=json.dumps([{"role": "user", "content": f"refund please, I am {EMAIL}"}]),
+                response="other",
+                status=200,
+            )
+        )
         log.add_feedback("req-1", rating=-1, correction="refund")
     return root
 
@@ -141,11 +255,17 @@ def ok(client, path):
 
 def test_page_and_assets_are_served_from_the_package(client):
     page = client.get("/")
-    assert page.status_code == 200 and 'data-testid="lang-switch"' in page.text and "static/vendor/chart.umd.js" in page.text
+    assert (
+        page.status_code == 200
+        and 'data-testid="lang-switch"' in page.text
+        and "static/vendor/chart.umd.js" in page.text
+    )
     assert "Chart.js v4.5.1" in client.get("/static/vendor/chart.umd.js").text
     en = client.get("/static/i18n/en.json").json()
     assert en["runs.title"] == "Runs"
-    assert "cdn" not in page.text.lower() and "http" not in client.get("/static/app.js").text.replace("http://www.w3.org", "")
+    assert "cdn" not in page.text.lower() and "http" not in client.get("/static/app.js").text.replace(
+        "http://www.w3.org", ""
+    )
 
 
 def test_every_ui_string_the_page_uses_is_in_the_english_catalog():
@@ -160,7 +280,9 @@ def test_every_ui_string_the_page_uses_is_in_the_english_catalog():
 
 def test_vendored_assets_match_their_recorded_sha256():
     vendor = Path(__file__).resolve().parents[1] / "src" / "tuneloop" / "ui" / "static" / "vendor"
-    rows = [ln.split() for ln in (vendor / "SHA256SUMS").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    rows = [
+        ln.split() for ln in (vendor / "SHA256SUMS").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert {r[1] for r in rows} >= {"chart.umd.js", "chart.js.LICENSE.md"}
     for _pkg, name, sha in rows:
         assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == sha, name
@@ -171,7 +293,10 @@ def test_runs_list_stages_and_a_corrupt_record_as_a_problem_not_a_500(client):
     assert [r["run_id"] for r in d["runs"]] == [RUN_FAILED, RUN_PASSED]
     failed = d["runs"][0]
     assert failed["status"] == "failed"
-    assert [(s["stage"], s["status"], s["cached"]) for s in failed["stages"]][:2] == [("data_validation", "passed", True), ("preprocessing", "passed", True)]
+    assert [(s["stage"], s["status"], s["cached"]) for s in failed["stages"]][:2] == [
+        ("data_validation", "passed", True),
+        ("preprocessing", "passed", True),
+    ]
     assert d["problems"][0]["run_id"] == RUN_CORRUPT and "cannot be read" in d["problems"][0]["error"]
     r = client.get(f"/api/runs/{RUN_CORRUPT}")
     assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt_run_record"
@@ -188,7 +313,11 @@ def test_run_progress_gates_items_and_compare(client):
     gates = ok(client, f"/api/runs/{RUN_FAILED}/gates")
     g = {x["name"]: x for x in gates["gates"]}
     assert gates["overall"] == "failed"
-    assert g["min_accuracy"]["verdict"] == "FAIL" and g["min_accuracy"]["interval"] == [0.31, 0.55] and g["min_accuracy"]["threshold"] == 0.85
+    assert (
+        g["min_accuracy"]["verdict"] == "FAIL"
+        and g["min_accuracy"]["interval"] == [0.31, 0.55]
+        and g["min_accuracy"]["threshold"] == 0.85
+    )
     assert g["min_usable_records[train]"]["stage"] == "data_validation"
     items = ok(client, f"/api/runs/{RUN_FAILED}/items?only=differ")
     assert items["total"] == 3  # eval-1, eval-3 and rt-1 differ between the two models
@@ -204,7 +333,9 @@ def test_run_progress_gates_items_and_compare(client):
 def test_data_report_quarantine_duplicates_with_pii_masked(client):
     d = ok(client, f"/api/runs/{RUN_PASSED}/data")
     src = d["sources"][0]
-    assert src["source"] == "train" and src["rules"] == {"near_duplicate": 1, "pii": 1} and src["digest"] == TRAIN_DIGEST
+    assert (
+        src["source"] == "train" and src["rules"] == {"near_duplicate": 1, "pii": 1} and src["digest"] == TRAIN_DIGEST
+    )
     assert EMAIL not in json.dumps(d)
     q = ok(client, f"/api/runs/{RUN_PASSED}/data/train/quarantine")
     assert q["total"] == 2 and q["records"][1]["reasons"] == ["pii: email"]
@@ -224,7 +355,9 @@ def test_registry_views_lineage_diff_and_rollouts(client):
     data_nodes = [n for n in v["graph"]["nodes"] if n["kind"] == "data"]
     assert TRAIN_DIGEST in [n["digest"] for n in data_nodes]
     run_node = next(n for n in v["graph"]["nodes"] if n["kind"] == "run")
-    assert run_node["run_id"] == RUN_PASSED and {"from": run_node["id"], "to": f"version:{MODEL}:1"} in v["graph"]["edges"]
+    assert (
+        run_node["run_id"] == RUN_PASSED and {"from": run_node["id"], "to": f"version:{MODEL}:1"} in v["graph"]["edges"]
+    )
     assert ok(client, f"/api/models/{MODEL}/champion")["version"]["version"] == 1
     diff = ok(client, f"/api/models/{MODEL}/diff?a=1&b=2")
     assert diff["a"] == f"{MODEL}:1" and diff["artifact"]["same"] is False
@@ -257,7 +390,10 @@ def test_promote_with_reason_is_an_event_in_the_registry(client, project):
     reg = SqliteRegistry(project / ".tuneloop")
     ev = reg.events(MODEL)[-1]
     assert (ev["kind"], ev["version"], ev["reason"]) == ("promoted", 2, "ui test: v2 is better")
-    assert client.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": ""}).json()["error"]["code"] == "bad_request"
+    assert (
+        client.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": ""}).json()["error"]["code"]
+        == "bad_request"
+    )
     t = client.post(f"/api/models/{MODEL}/2/tag", json={"key": "reviewed", "value": "yes", "reason": "ui test"})
     assert t.status_code == 200 and t.json()["tags"] == {"reviewed": "yes"}
     rb = client.post(f"/api/models/{MODEL}/rollback", json={"reason": "ui test: back to v1"})
@@ -272,20 +408,39 @@ def test_start_run_checks_overrides_per_field_and_starts_nothing_when_bad(client
     good = client.post("/api/runs/validate", json={"config": cid, "overrides": {"train.learning_rate": "1e-4"}})
     assert good.status_code == 200 and good.json() == {"ok": True}
     runs_before = sorted(p.name for p in (project / ".tuneloop" / "runs").iterdir())
-    bad = client.post("/api/runs/start", json={"config": cid, "overrides": [
-        {"key": "train.learning_rate", "value": "abc"}, {"key": "train.nope", "value": "1"}, {"key": "gates.min_accuracy", "value": "0.5"}]})
+    bad = client.post(
+        "/api/runs/start",
+        json={
+            "config": cid,
+            "overrides": [
+                {"key": "train.learning_rate", "value": "abc"},
+                {"key": "train.nope", "value": "1"},
+                {"key": "gates.min_accuracy", "value": "0.5"},
+            ],
+        },
+    )
     assert bad.status_code == 422
     fields = bad.json()["error"]["fields"]
     assert set(fields) == {"train.learning_rate", "train.nope"}
     assert "expected a number" in fields["train.learning_rate"] and "unknown key" in fields["train.nope"]
     assert ok(client, "/api/launches")["launches"] == []
     assert sorted(p.name for p in (project / ".tuneloop" / "runs").iterdir()) == runs_before
-    assert client.post("/api/runs/validate", json={"config": "../../etc/passwd", "overrides": {}}).json()["error"]["code"] == "unknown_config"
+    assert (
+        client.post("/api/runs/validate", json={"config": "../../etc/passwd", "overrides": {}}).json()["error"]["code"]
+        == "unknown_config"
+    )
 
 
 def test_no_route_reads_a_path_from_the_url(client):
-    for path in ("/api/runs/..", "/api/runs/%2e%2e", f"/api/runs/{RUN_PASSED}%2f..%2f..", "/static/../app.py", "/static/%2e%2e/app.py",
-                 "/static/vendor/../../app.py", "/api/runs/..%2f..%2f..%2fetc%2fpasswd/data"):
+    for path in (
+        "/api/runs/..",
+        "/api/runs/%2e%2e",
+        f"/api/runs/{RUN_PASSED}%2f..%2f..",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/static/vendor/../../app.py",
+        "/api/runs/..%2f..%2f..%2fetc%2fpasswd/data",
+    ):
         r = client.get(path)
         assert r.status_code == 404, (path, r.status_code)
         assert "error" in r.json()
@@ -298,7 +453,9 @@ def test_off_loopback_reads_need_a_key_and_actions_the_admin_token(project):
     with BackgroundServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         assert c.get("/").status_code == 200  # the page holds no data
         assert c.get("/api/runs").status_code == 401
-        assert c.get("/api/runs", headers={"authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+        assert (
+            c.get("/api/runs", headers={"authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+        )
         assert c.get("/api/runs", headers={"authorization": "Bearer key-1"}).status_code == 200
         body = {"version": 2, "reason": "should not happen"}
         for headers in ({}, {"authorization": "Bearer key-1"}):
@@ -307,15 +464,25 @@ def test_off_loopback_reads_need_a_key_and_actions_the_admin_token(project):
         assert c.post(f"/api/models/{MODEL}/2/tag", json={"key": "x", "value": "y", "reason": "no"}).status_code == 401
         assert c.post("/api/runs/start", json={"config": "0", "overrides": {}}).status_code == 401
         assert (reg.aliases(MODEL), len(reg.events(MODEL))) == before  # nothing changed
-        ok_ = c.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": "admin"}, headers={"authorization": "Bearer admin-1"})
+        ok_ = c.post(
+            f"/api/models/{MODEL}/promote",
+            json={"version": 1, "reason": "admin"},
+            headers={"authorization": "Bearer admin-1"},
+        )
         assert ok_.status_code == 200
     no_admin = create_app(project / ".tuneloop", host="10.0.0.5", api_keys=frozenset({"k"}), admin_token="")
     with BackgroundServer(no_admin) as s, httpx.Client(base_url=s.url, timeout=30) as c:
-        assert c.post("/api/feedback/export", headers={"authorization": "Bearer k"}).json()["error"]["code"] == "admin_disabled"
+        assert (
+            c.post("/api/feedback/export", headers={"authorization": "Bearer k"}).json()["error"]["code"]
+            == "admin_disabled"
+        )
 
 
 def test_missing_workspace_and_unreadable_registry_are_panel_errors(tmp_path, project):
-    with BackgroundServer(create_app(tmp_path / "nowhere" / ".tuneloop")) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+    with (
+        BackgroundServer(create_app(tmp_path / "nowhere" / ".tuneloop")) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+    ):
         assert c.get("/").status_code == 200
         for path in ("/api/runs", "/api/models", "/api/feedback", "/api/drift"):
             r = c.get(path)
@@ -368,8 +535,9 @@ def test_a_running_training_shows_its_live_loss_from_the_unfinished_cache_entry(
     done, live = ws / "cache" / "training" / "old", ws / "cache" / "training" / "live"
     for d, loss in ((live, 1.5), (done, 9.0)):  # the finished one is the newer file
         d.mkdir(parents=True)
-        (d / "train_metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss, "learning_rate": 1e-3}) + "\n"
-                                               + '{"step": 2, "loss": 1.2')  # the line being written is skipped
+        (d / "train_metrics.jsonl").write_text(
+            json.dumps({"step": 1, "loss": loss, "learning_rate": 1e-3}) + "\n" + '{"step": 2, "loss": 1.2'
+        )  # the line being written is skipped
     (done / "result.json").write_text("{}")  # a finished entry of an earlier run: not this run's progress
     with BackgroundServer(create_app(ws)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         p = c.get(f"/api/runs/{RUN_PASSED}/progress").json()

@@ -28,7 +28,9 @@ from tuneloop.workspace import Workspace
 # ----------------------------------------------------------------------------------------- data validate
 
 
-def _target_data(target: str, fmt: str | None, out_dir: Path | None, eval_data: str | None) -> tuple[Any, Path, Any, str, list[str]]:
+def _target_data(
+    target: str, fmt: str | None, out_dir: Path | None, eval_data: str | None
+) -> tuple[Any, Path, Any, str, list[str]]:
     """(data settings, output directory, tokenizer or None, train report name, gate warnings) for a dataset or a
     config. A config whose evaluation gates no model could PASS at its suites' sizes raises ConfigError (exit 2)."""
     if Path(target).suffix.lower() not in (".yaml", ".yml"):
@@ -82,7 +84,13 @@ def validate_target(
     extra: dict[str, Any] = {"eval": verdict.reports["eval"]} if "eval" in verdict.reports else {}
     if warnings:
         extra["gate_warnings"] = warnings
-    return {**verdict.reports["train"], **extra, "failures": verdict.failures, "passed": verdict.passed, "out_dir": str(out)}
+    return {
+        **verdict.reports["train"],
+        **extra,
+        "failures": verdict.failures,
+        "passed": verdict.passed,
+        "out_dir": str(out),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -94,12 +102,16 @@ def _registry_version(cfg: PipelineConfig, registry: Callable[[], Any], ref: str
     from tuneloop.registry.lineage import version_kind
 
     reg = registry()
-    name, version = (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else reg.parse_ref(ref)
+    name, version = (
+        (cfg.model_name, ref) if ref.isdigit() or ref in ("latest", "champion", "previous") else reg.parse_ref(ref)
+    )
     v = reg.get(name, version)
     if version_kind(v) == "reward":
-        raise InputError(f"{v['ref']} is a reward model (its lineage has kind: reward): it scores answers and generates none, so "
-                         "`tuneloop eval`'s chat gates cannot run on it; a reward model's gates (pair accuracy on held-out "
-                         "preferences) run in its own pipeline: `tuneloop run` with train.objective: reward")
+        raise InputError(
+            f"{v['ref']} is a reward model (its lineage has kind: reward): it scores answers and generates none, so "
+            "`tuneloop eval`'s chat gates cannot run on it; a reward model's gates (pair accuracy on held-out "
+            "preferences) run in its own pipeline: `tuneloop run` with train.objective: reward"
+        )
     return registry_model_ref(cfg, reg, name, version, label)
 
 
@@ -158,7 +170,9 @@ def _check_suites(cfg: PipelineConfig) -> None:
             load_suite(spec, cfg.eval, None)
 
 
-def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | None = None, console=None) -> dict[str, Any]:
+def run_eval(
+    cfg: PipelineConfig, *, model: str | None = None, against: str | None = None, console=None
+) -> dict[str, Any]:
     """``tuneloop eval``: only the gates, for one candidate against the base, the champion or a version.
 
     ``model``: a model/adapter directory, a registry version (``3``, ``name:3``, ``name@alias``), or None for the
@@ -182,11 +196,27 @@ def run_eval(cfg: PipelineConfig, *, model: str | None = None, against: str | No
     eval_id = ws.new_run_id()
     out_dir = ws.root / "evals" / eval_id
     say = (lambda what: console.print(f"  evaluating {what} ...")) if console is not None else None
-    metrics, gates = evaluate_candidate(cfg, items, cand.adapter or cand.path, out_dir, base_cache_dir=ws.cache_dir / "evaluation-base",
-                                        progress=say, reference=ref, candidate=cand)
+    metrics, gates = evaluate_candidate(
+        cfg,
+        items,
+        cand.adapter or cand.path,
+        out_dir,
+        base_cache_dir=ws.cache_dir / "evaluation-base",
+        progress=say,
+        reference=ref,
+        candidate=cand,
+    )
     if note:
         metrics["against_note"] = note
-    report = report_json(gates, metrics, eval_id=eval_id, eval_dir=str(out_dir), model=cand.label, against=ref.label, at=utcnow(),
-                         **({"warnings": pipe.warnings} if pipe.warnings else {}))
+    report = report_json(
+        gates,
+        metrics,
+        eval_id=eval_id,
+        eval_dir=str(out_dir),
+        model=cand.label,
+        against=ref.label,
+        at=utcnow(),
+        **({"warnings": pipe.warnings} if pipe.warnings else {}),
+    )
     atomic_write_json(out_dir / "report.json", report)
     return report

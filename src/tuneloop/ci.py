@@ -63,12 +63,19 @@ class CiResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "overall": self.overall, "exit_code": self.exit_code, "blocking": self.blocking,
-            "run_id": self.summary["run_id"], "run_dir": self.summary["run_dir"],
-            "model_version": self.summary.get("model_version"), "gates": self.gates,
-            "junit": str(self.junit_path), "markdown": str(self.markdown_path), "report": str(self.report_path),
+            "overall": self.overall,
+            "exit_code": self.exit_code,
+            "blocking": self.blocking,
+            "run_id": self.summary["run_id"],
+            "run_dir": self.summary["run_dir"],
+            "model_version": self.summary.get("model_version"),
+            "gates": self.gates,
+            "junit": str(self.junit_path),
+            "markdown": str(self.markdown_path),
+            "report": str(self.report_path),
             "step_summary": str(self.step_summary) if self.step_summary else None,
-            "notifications": [vars(n) for n in self.notifications], "rollout": self.rollout,
+            "notifications": [vars(n) for n in self.notifications],
+            "rollout": self.rollout,
             "summary": self.summary,
         }
 
@@ -121,8 +128,13 @@ def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> di
     champion = reg.get_alias(cfg.model_name, "champion")
     if champion is not None and f"{cfg.model_name}:{champion}" == ref:
         return None
-    return controller.start(reg, ref, policy=cfg.deploy.canary.policy_dict(), notifier=notifier,
-                            reason=f"tuneloop ci, run {summary['run_id']}")
+    return controller.start(
+        reg,
+        ref,
+        policy=cfg.deploy.canary.policy_dict(),
+        notifier=notifier,
+        reason=f"tuneloop ci, run {summary['run_id']}",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ gates
@@ -146,17 +158,31 @@ def collect_gates(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     owned = {"data_validation": [n for n in gates if n.startswith("data.")], "evaluation": list(evaluation)}
     for name, st in stages.items():
         if st["status"] == "failed" and not any(gates[n].get("blocks") for n in owned.get(name, [])):
-            gates[f"stage.{name}"] = {"verdict": "FAIL", "passed": False, "blocks": True, "suite": "stage",
-                                     "metric": "status", "value": "failed", "reason": st["error"]}
+            gates[f"stage.{name}"] = {
+                "verdict": "FAIL",
+                "passed": False,
+                "blocks": True,
+                "suite": "stage",
+                "metric": "status",
+                "value": "failed",
+                "reason": st["error"],
+            }
     return gates
 
 
 def data_gate(g: dict[str, Any], records: int | None) -> dict[str, Any]:
     """A data gate (``data.validate.Gate``) in the evaluation gates' shape."""
     return {
-        "verdict": "PASS" if g["passed"] else "FAIL", "passed": g["passed"], "blocks": not g["passed"],
-        "suite": "data", "metric": g["name"], "value": g["value"], "op": g["op"], "threshold": g["threshold"],
-        "n": records, "reason": g.get("detail", ""),
+        "verdict": "PASS" if g["passed"] else "FAIL",
+        "passed": g["passed"],
+        "blocks": not g["passed"],
+        "suite": "data",
+        "metric": g["name"],
+        "value": g["value"],
+        "op": g["op"],
+        "threshold": g["threshold"],
+        "n": records,
+        "reason": g.get("detail", ""),
     }
 
 
@@ -181,8 +207,11 @@ def write_reports(summary: dict[str, Any], gates: dict[str, dict[str, Any]], *, 
 
 def run_lines(summary: dict[str, Any], report: Path) -> str:
     """The Markdown lines under the gate table: the run, its stages, the registered version, the report."""
-    lines = [f"Run `{summary['run_id']}`: **{summary['overall']}**"
-             + (f", registered `{summary['model_version']}`" if summary.get("model_version") else ""), ""]
+    lines = [
+        f"Run `{summary['run_id']}`: **{summary['overall']}**"
+        + (f", registered `{summary['model_version']}`" if summary.get("model_version") else ""),
+        "",
+    ]
     lines += ["| stage | status | cached | seconds |", "|---|---|---|---|"]
     for name, st in summary["stages"].items():
         lines.append(f"| {name} | {st['status']} | {'yes' if st.get('cached') else ''} | {st['duration_s']:.1f} |")
@@ -193,14 +222,25 @@ def run_lines(summary: dict[str, Any], report: Path) -> str:
 def send_notifications(notifier: Notifier, model: str, result: CiResult) -> None:
     """``gate_failed`` with the gate table when blocked; ``registered`` with the version on a pass."""
     summary, run_id = result.summary, result.summary["run_id"]
-    table = [{"name": n, "verdict": g.get("verdict"), "value": g.get("value"), "threshold": g.get("threshold")}
-             for n, g in result.gates.items()]
+    table = [
+        {"name": n, "verdict": g.get("verdict"), "value": g.get("value"), "threshold": g.get("threshold")}
+        for n, g in result.gates.items()
+    ]
     details = {"run_id": run_id, "run_dir": summary["run_dir"], "report": str(result.report_path)}
     if result.overall == "passed":
         ref = summary.get("model_version")
-        notifier.notify("registered", subject=ref or model, gate_results=table, details={**details, "ref": ref},
-                        message=f"passed every gate in run {run_id}; registered {ref}")
+        notifier.notify(
+            "registered",
+            subject=ref or model,
+            gate_results=table,
+            details={**details, "ref": ref},
+            message=f"passed every gate in run {run_id}; registered {ref}",
+        )
     else:
-        notifier.notify("gate_failed", subject=model, gate_results=table, details=details,
-                        message=f"run {run_id} blocked by {', '.join(result.blocking) or 'a failed stage'}")
-
+        notifier.notify(
+            "gate_failed",
+            subject=model,
+            gate_results=table,
+            details=details,
+            message=f"run {run_id} blocked by {', '.join(result.blocking) or 'a failed stage'}",
+        )

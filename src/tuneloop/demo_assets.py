@@ -66,8 +66,7 @@ from tuneloop.modeling import CHATML_TEMPLATE, save_tokenizer  # noqa: E402  (on
 LABELS = ("refund", "shipping", "password", "cancel", "billing", "other")
 
 SYSTEM_PROMPT = (
-    "Answer with one word. Route this customer support ticket: "
-    "refund, shipping, password, cancel, billing or other."
+    "Answer with one word. Route this customer support ticket: refund, shipping, password, cancel, billing or other."
 )
 
 #: Settings measured to make the demo reliable (3 seeds), and what they gave. ``lora`` is what the
@@ -215,38 +214,143 @@ def make_model(
 # --------------------------------------------------------------------------------------------------
 
 _NAMES = (
-    "Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
-    "Maya", "Nico", "Olga", "Pavel", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yuki", "Zoe",
-    "Marta", "Peter", "Lucia", "Omar", "Sofia", "Tom", "Nina", "Alex", "Priya", "Chen", "Mateo",
+    "Anna",
+    "Ben",
+    "Carla",
+    "David",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Nico",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Will",
+    "Yuki",
+    "Zoe",
+    "Marta",
+    "Peter",
+    "Lucia",
+    "Omar",
+    "Sofia",
+    "Tom",
+    "Nina",
+    "Alex",
+    "Priya",
+    "Chen",
+    "Mateo",
 )
 _CITIES = (
-    "Berlin", "Paris", "Madrid", "Rome", "Oslo", "Lisbon", "Vienna", "Prague", "Dublin", "Warsaw", "Athens",
-    "Boston", "Denver", "Chicago", "Toronto", "Sydney", "Tokyo", "Seoul", "Cairo", "Lima", "Nairobi",
+    "Berlin",
+    "Paris",
+    "Madrid",
+    "Rome",
+    "Oslo",
+    "Lisbon",
+    "Vienna",
+    "Prague",
+    "Dublin",
+    "Warsaw",
+    "Athens",
+    "Boston",
+    "Denver",
+    "Chicago",
+    "Toronto",
+    "Sydney",
+    "Tokyo",
+    "Seoul",
+    "Cairo",
+    "Lima",
+    "Nairobi",
 )
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 _COLORS = ("red", "blue", "green", "black", "white", "grey", "yellow", "silver", "brown", "orange")
 _PRODUCTS = (
-    "jacket", "laptop", "phone case", "coffee maker", "backpack", "lamp", "headphones", "blender", "desk",
-    "chair", "watch", "kettle", "camera", "printer", "keyboard", "monitor", "sofa", "rug", "tent", "bicycle",
-    "toaster", "speaker", "mattress", "vacuum cleaner", "router", "jumper", "pair of boots", "scarf",
+    "jacket",
+    "laptop",
+    "phone case",
+    "coffee maker",
+    "backpack",
+    "lamp",
+    "headphones",
+    "blender",
+    "desk",
+    "chair",
+    "watch",
+    "kettle",
+    "camera",
+    "printer",
+    "keyboard",
+    "monitor",
+    "sofa",
+    "rug",
+    "tent",
+    "bicycle",
+    "toaster",
+    "speaker",
+    "mattress",
+    "vacuum cleaner",
+    "router",
+    "jumper",
+    "pair of boots",
+    "scarf",
 )
 
 # topic -> (subjects, verbs/predicates, objects/places, adjectives)
 _TOPICS: dict[str, tuple[tuple[str, ...], ...]] = {
     "animals": (
-        ("the fox", "a small dog", "the old cat", "a young horse", "the brown bear", "a flock of birds",
-         "the rabbit", "a tiny mouse", "the owl", "a herd of deer"),
+        (
+            "the fox",
+            "a small dog",
+            "the old cat",
+            "a young horse",
+            "the brown bear",
+            "a flock of birds",
+            "the rabbit",
+            "a tiny mouse",
+            "the owl",
+            "a herd of deer",
+        ),
         ("runs across", "sleeps near", "hides behind", "walks along", "looks at", "jumps over", "waits by"),
         ("the river", "the barn", "the fence", "the old tree", "the garden", "the hill", "the quiet lake"),
         ("quick", "sleepy", "curious", "gentle", "wild", "hungry", "shy", "clever"),
     ),
     "weather": (
-        ("the wind", "the rain", "a cold front", "the morning fog", "the summer sun", "a heavy storm",
-         "the snow", "the clouds"),
+        (
+            "the wind",
+            "the rain",
+            "a cold front",
+            "the morning fog",
+            "the summer sun",
+            "a heavy storm",
+            "the snow",
+            "the clouds",
+        ),
         ("moves over", "falls on", "covers", "passes through", "warms", "drifts across", "clears from"),
         ("the valley", "the coast", "the city", "the mountains", "the fields", "the harbour", "the plains"),
         ("warm", "cold", "dry", "humid", "bright", "grey", "calm", "stormy"),
@@ -254,13 +358,20 @@ _TOPICS: dict[str, tuple[tuple[str, ...], ...]] = {
     "cooking": (
         ("the chef", "my grandmother", "the baker", "a student", "the cook", "our neighbour", "the family"),
         ("prepares", "slices", "bakes", "stirs", "tastes", "serves", "boils", "roasts"),
-        ("fresh bread", "a pot of soup", "the vegetables", "a lemon cake", "the rice", "some pasta",
-         "a bowl of salad", "the onions"),
+        (
+            "fresh bread",
+            "a pot of soup",
+            "the vegetables",
+            "a lemon cake",
+            "the rice",
+            "some pasta",
+            "a bowl of salad",
+            "the onions",
+        ),
         ("delicious", "simple", "spicy", "sweet", "salty", "hot", "crispy", "tender"),
     ),
     "travel": (
-        ("the travellers", "a tourist", "the pilot", "our group", "the family", "a young couple",
-         "the driver"),
+        ("the travellers", "a tourist", "the pilot", "our group", "the family", "a young couple", "the driver"),
         ("arrives in", "leaves", "flies to", "drives through", "visits", "explores", "returns from"),
         tuple(_CITIES),
         ("long", "short", "pleasant", "busy", "quiet", "crowded", "scenic", "early"),
@@ -302,18 +413,59 @@ _TOPICS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("fast", "slow", "secure", "modern", "reliable", "busy", "broken"),
     ),
     "service": (
-        ("the support agent", "a customer", "the bank", "the account manager", "the help desk",
-         "the courier", "the accountant", "my colleague"),
-        ("checks", "updates", "cancels", "refunds", "ships", "charges", "resets", "tracks", "sends",
-         "explains", "forgets", "logs in to"),
-        ("the password", "the invoice", "the subscription", "the parcel", "the payment", "the order",
-         "the account", "the receipt", "the membership", "the credit card", "the tracking number",
-         "the delivery", "the login page", "the refund"),
+        (
+            "the support agent",
+            "a customer",
+            "the bank",
+            "the account manager",
+            "the help desk",
+            "the courier",
+            "the accountant",
+            "my colleague",
+        ),
+        (
+            "checks",
+            "updates",
+            "cancels",
+            "refunds",
+            "ships",
+            "charges",
+            "resets",
+            "tracks",
+            "sends",
+            "explains",
+            "forgets",
+            "logs in to",
+        ),
+        (
+            "the password",
+            "the invoice",
+            "the subscription",
+            "the parcel",
+            "the payment",
+            "the order",
+            "the account",
+            "the receipt",
+            "the membership",
+            "the credit card",
+            "the tracking number",
+            "the delivery",
+            "the login page",
+            "the refund",
+        ),
         ("late", "urgent", "monthly", "annual", "wrong", "correct", "secure", "friendly", "helpful"),
     ),
     "shopping": (
-        ("the customer", "a shopper", "my sister", "the store", "the online shop", "the cashier",
-         "the delivery driver", "our company"),
+        (
+            "the customer",
+            "a shopper",
+            "my sister",
+            "the store",
+            "the online shop",
+            "the cashier",
+            "the delivery driver",
+            "our company",
+        ),
         ("orders", "buys", "delivers", "packs", "sells", "returns", "pays for", "wraps"),
         tuple(f"the {p}" for p in _PRODUCTS),
         ("cheap", "expensive", "new", "used", "heavy", "light", "useful", "popular"),
@@ -352,9 +504,20 @@ _QA = (
     ("Tell me a short story about {topic}.", "{paragraph}"),
 )
 _COUNTRIES = (
-    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Norway", "Oslo"), ("Portugal", "Lisbon"),
-    ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Poland", "Warsaw"), ("Greece", "Athens"),
-    ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Germany", "Berlin"),
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Norway", "Oslo"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Germany", "Berlin"),
 )
 
 
@@ -381,9 +544,17 @@ def _sentence(rng: random.Random, topic: str | None = None) -> str:
     z = _zipf
     s, s2 = z(rng, subs), z(rng, subs)
     fill = {
-        "s": s, "S": s[0].upper() + s[1:], "V": z(rng, verbs), "O": z(rng, objs),
-        "s2": s2, "V2": z(rng, verbs), "O2": z(rng, objs), "adj": z(rng, adjs),
-        "day": z(rng, _DAYS), "month": z(rng, _MONTHS), "name": z(rng, _NAMES),
+        "s": s,
+        "S": s[0].upper() + s[1:],
+        "V": z(rng, verbs),
+        "O": z(rng, objs),
+        "s2": s2,
+        "V2": z(rng, verbs),
+        "O2": z(rng, objs),
+        "adj": z(rng, adjs),
+        "day": z(rng, _DAYS),
+        "month": z(rng, _MONTHS),
+        "name": z(rng, _NAMES),
         "city": z(rng, _CITIES),
     }
     out = z(rng, _SENTENCE_FRAMES).format(**fill)
@@ -399,10 +570,20 @@ def _paragraph(rng: random.Random, topic: str | None = None) -> str:
 
 # Word list for the "repeat the word" chats: topic words plus the support vocabulary, so the base model
 # can emit any of these words on its own line (it never sees which ticket goes with which label).
-_WORDS = tuple(sorted({
-    w for topic in _TOPICS.values() for group in (topic[2], topic[3]) for phrase in group
-    for w in phrase.split() if w.isalpha() and w not in ("the", "a", "of", "some", "my", "pair")
-} | set(_TOPICS) | {"refund", "shipping", "password", "cancel", "billing", "other", "order", "invoice"}))
+_WORDS = tuple(
+    sorted(
+        {
+            w
+            for topic in _TOPICS.values()
+            for group in (topic[2], topic[3])
+            for phrase in group
+            for w in phrase.split()
+            if w.isalpha() and w not in ("the", "a", "of", "some", "my", "pair")
+        }
+        | set(_TOPICS)
+        | {"refund", "shipping", "password", "cancel", "billing", "other", "order", "invoice"}
+    )
+)
 
 _SHORT_QA = (
     ("What is this text about? {sentence}", "{topic}"),
@@ -424,12 +605,25 @@ def _qa_turn(rng: random.Random, short: bool) -> tuple[str, str]:
     x, y = rng.randint(1, 20), rng.randint(1, 20)
     topic = rng.choice(list(_TOPICS))
     fill = {
-        "country": country, "capital": capital, "topic": topic, "sentence": _sentence(rng, topic),
-        "month": _MONTHS[mi], "next_month": _MONTHS[(mi + 1) % 12], "day": _DAYS[di],
-        "next_day": _DAYS[(di + 1) % 7], "next_day_lower": _DAYS[(di + 1) % 7].lower(), "a": x, "b": y,
-        "sum": x + y, "name": rng.choice(_NAMES), "adj": rng.choice(_TOPICS["weather"][3]),
-        "color": rng.choice(_COLORS), "product": rng.choice(_PRODUCTS), "city": rng.choice(_CITIES),
-        "word": rng.choice(_WORDS), "support_word": rng.choice(_SUPPORT_WORDS),
+        "country": country,
+        "capital": capital,
+        "topic": topic,
+        "sentence": _sentence(rng, topic),
+        "month": _MONTHS[mi],
+        "next_month": _MONTHS[(mi + 1) % 12],
+        "day": _DAYS[di],
+        "next_day": _DAYS[(di + 1) % 7],
+        "next_day_lower": _DAYS[(di + 1) % 7].lower(),
+        "a": x,
+        "b": y,
+        "sum": x + y,
+        "name": rng.choice(_NAMES),
+        "adj": rng.choice(_TOPICS["weather"][3]),
+        "color": rng.choice(_COLORS),
+        "product": rng.choice(_PRODUCTS),
+        "city": rng.choice(_CITIES),
+        "word": rng.choice(_WORDS),
+        "support_word": rng.choice(_SUPPORT_WORDS),
     }
     if "{paragraph}" in a:
         fill["paragraph"] = _paragraph(rng, topic)
@@ -485,10 +679,44 @@ _CHAT_FRACTION = 0.4
 # Support and shop vocabulary for the "say only this word" chats, so the base model can emit these words
 # (the demo's labels among them) as a one-word answer. It never learns which ticket goes with which.
 _SUPPORT_WORDS = (
-    "refund", "shipping", "password", "cancel", "billing", "other", "order", "invoice", "parcel", "payment",
-    "account", "login", "delivery", "receipt", "subscription", "membership", "tracking", "return", "charge",
-    "discount", "price", "address", "courier", "package", "warranty", "exchange", "store", "customer",
-    "support", "email", "card", "basket", "checkout", "voucher", "coupon", "size", "stock", "plan",
+    "refund",
+    "shipping",
+    "password",
+    "cancel",
+    "billing",
+    "other",
+    "order",
+    "invoice",
+    "parcel",
+    "payment",
+    "account",
+    "login",
+    "delivery",
+    "receipt",
+    "subscription",
+    "membership",
+    "tracking",
+    "return",
+    "charge",
+    "discount",
+    "price",
+    "address",
+    "courier",
+    "package",
+    "warranty",
+    "exchange",
+    "store",
+    "customer",
+    "support",
+    "email",
+    "card",
+    "basket",
+    "checkout",
+    "voucher",
+    "coupon",
+    "size",
+    "stock",
+    "plan",
 )
 
 
@@ -505,8 +733,14 @@ _REPLIES = (
 
 # What a customer message is about, in coarse everyday words. A real base model can say this much about a
 # ticket; it cannot know the shop's own routing labels (refund and billing are both "money" here).
-_COARSE = {"refund": "money", "billing": "money", "shipping": "delivery", "password": "account",
-           "cancel": "order", "other": "question"}
+_COARSE = {
+    "refund": "money",
+    "billing": "money",
+    "shipping": "delivery",
+    "password": "account",
+    "cancel": "order",
+    "other": "question",
+}
 
 
 def _support_doc(rng: random.Random) -> str:
@@ -517,8 +751,10 @@ def _support_doc(rng: random.Random) -> str:
     r = rng.random()
     if r < _COARSE_SHARE:
         system = f"{IM_START}system\nAnswer with one word.{IM_END}\n" if rng.random() < 0.5 else ""
-        return (f"{system}{IM_START}user\nWhat is this message about? {text}{IM_END}\n"
-                f"{IM_START}assistant\n{_COARSE[label]}{IM_END}\n")
+        return (
+            f"{system}{IM_START}user\nWhat is this message about? {text}{IM_END}\n"
+            f"{IM_START}assistant\n{_COARSE[label]}{IM_END}\n"
+        )
     if r < (1 + _COARSE_SHARE) / 2:
         return f"Message from a customer: {text}"
     reply = rng.choice(_REPLIES).format(name=rng.choice(_NAMES))
@@ -663,8 +899,13 @@ def build_base_model(
     save_tokenizer(tokenizer, tmp)  # loadable by transformers 4.x as well as 5.x
     atomic_write_json(
         tmp / "tuneloop_base.json",
-        {"made_by": "tuneloop.demo_assets.build_base_model", "seed": seed, "model": size,
-         "pretrain": {**pre, "steps": steps, "n_docs": n_docs}, "stats": stats},
+        {
+            "made_by": "tuneloop.demo_assets.build_base_model",
+            "seed": seed,
+            "model": size,
+            "pretrain": {**pre, "steps": steps, "n_docs": n_docs},
+            "stats": stats,
+        },
     )
     replace_dir(tmp, out_dir)
     return stats
@@ -704,15 +945,37 @@ def shipped_base_model(base_dir: Path = SHIPPED_BASE_DIR, *, seed: int = DEMO_BA
 # The fine-tuning task: support-ticket routing
 # --------------------------------------------------------------------------------------------------
 
-_GREETINGS = ("", "Hi,", "Hello,", "Hello team,", "Dear support,", "Hey there.", "Good morning,",
-              "Hi support team,", "Good evening.", "To whom it may concern,")
-_INTROS = ("", "My name is {name}.", "This is {name} here.", "{name} writing.", "I am {name} from {city}.",
-           "It's {name} again.")
+_GREETINGS = (
+    "",
+    "Hi,",
+    "Hello,",
+    "Hello team,",
+    "Dear support,",
+    "Hey there.",
+    "Good morning,",
+    "Hi support team,",
+    "Good evening.",
+    "To whom it may concern,",
+)
+_INTROS = (
+    "",
+    "My name is {name}.",
+    "This is {name} here.",
+    "{name} writing.",
+    "I am {name} from {city}.",
+    "It's {name} again.",
+)
 _CONTEXT = (
-    "", "I ordered a {color} {product} last {day}.", "My order number is {order}.",
-    "I have been a customer for {years} years.", "I bought the {product} on {day}.",
-    "I live in {city}.", "I usually shop with you every {month}.", "It was a gift for {name2}.",
-    "I paid with my card.", "The {product} is for my office.",
+    "",
+    "I ordered a {color} {product} last {day}.",
+    "My order number is {order}.",
+    "I have been a customer for {years} years.",
+    "I bought the {product} on {day}.",
+    "I live in {city}.",
+    "I usually shop with you every {month}.",
+    "It was a gift for {name2}.",
+    "I paid with my card.",
+    "The {product} is for my office.",
 )
 _INTENTS: dict[str, tuple[str, ...]] = {
     "refund": (
@@ -776,8 +1039,18 @@ _INTENTS: dict[str, tuple[str, ...]] = {
         "Who makes the {product} you sell?",
     ),
 }
-_CLOSINGS = ("", "Thanks.", "Thank you!", "Thanks, {name}", "Regards, {name}", "Best wishes.",
-             "Please help asap.", "Cheers", "Thx", "Have a nice day.")
+_CLOSINGS = (
+    "",
+    "Thanks.",
+    "Thank you!",
+    "Thanks, {name}",
+    "Regards, {name}",
+    "Best wishes.",
+    "Please help asap.",
+    "Cheers",
+    "Thx",
+    "Have a nice day.",
+)
 
 
 def _frame(rng: random.Random, sentences: tuple[str, ...]) -> tuple[int, int, int, int, int]:
@@ -796,14 +1069,25 @@ _FILLER_ABSENT = 0.5
 def _ticket(rng: random.Random, sentences: tuple[str, ...], frame: tuple[int, int, int, int, int]) -> str:
     gi, ii, ci, ti, cli = frame
     fill = {
-        "name": rng.choice(_NAMES), "name2": rng.choice(_NAMES), "city": rng.choice(_CITIES),
-        "color": rng.choice(_COLORS), "product": rng.choice(_PRODUCTS), "day": rng.choice(_DAYS),
-        "month": rng.choice(_MONTHS), "order": f"#{rng.randint(10000, 99999)}",
-        "years": rng.randint(2, 15), "days": rng.randint(2, 14),
+        "name": rng.choice(_NAMES),
+        "name2": rng.choice(_NAMES),
+        "city": rng.choice(_CITIES),
+        "color": rng.choice(_COLORS),
+        "product": rng.choice(_PRODUCTS),
+        "day": rng.choice(_DAYS),
+        "month": rng.choice(_MONTHS),
+        "order": f"#{rng.randint(10000, 99999)}",
+        "years": rng.randint(2, 15),
+        "days": rng.randint(2, 14),
         "amount": f"${rng.randint(5, 400)}.{rng.randint(0, 99):02d}",
     }
-    parts = [_GREETINGS[gi], _INTROS[ii].format(**fill), _CONTEXT[ci].format(**fill),
-             sentences[ti].format(**fill), _CLOSINGS[cli].format(**fill)]
+    parts = [
+        _GREETINGS[gi],
+        _INTROS[ii].format(**fill),
+        _CONTEXT[ci].format(**fill),
+        sentences[ti].format(**fill),
+        _CLOSINGS[cli].format(**fill),
+    ]
     # The intent sentence sometimes comes before the context, as people write.
     if rng.random() < 0.3:
         parts[2], parts[3] = parts[3], parts[2]
@@ -930,8 +1214,15 @@ def new_intent_records(n: int, seed: int, *, split: str | None = None) -> list[d
         text = _ticket(rng, sentences, frame)
         if text not in seen:
             seen.add(text)
-            records.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
-                                         {"role": "assistant", "content": label}]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": text},
+                        {"role": "assistant", "content": label},
+                    ]
+                }
+            )
     raise RuntimeError(f"could not generate {n} unique new-intent tickets")
 
 
@@ -943,6 +1234,9 @@ def production_tickets(n: int, seed: int, *, new_share: float) -> list[dict[str,
     n_new = round(n * new_share)
     new = [(r, "new") for r in new_intent_records(n_new, seed, split="train")]
     old = [(r, "original") for r in task_records(n - n_new, seed=1000 + seed)]
-    tickets = [{"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": kind} for r, kind in new + old]
+    tickets = [
+        {"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": kind}
+        for r, kind in new + old
+    ]
     random.Random(f"production-{seed}").shuffle(tickets)
     return tickets

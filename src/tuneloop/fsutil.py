@@ -84,7 +84,9 @@ def iter_jsonl(path: str | Path, what: str = "this file") -> Iterator[tuple[int,
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg}); {what} needs one JSON object per line") from None
+                raise InputError(
+                    f"{path}:{n}: not valid JSON ({exc.msg}); {what} needs one JSON object per line"
+                ) from None
             if not isinstance(rec, dict):
                 raise InputError(f"{path}:{n}: expected a JSON object")
             yield n, rec
@@ -168,7 +170,13 @@ def fsync_dir(path: Path) -> None:
 # A disk that fills shows up as many kinds of error: OSError ENOSPC/EDQUOT, SQLite's SQLITE_FULL ("database or disk
 # is full"), safetensors' "No space left on device (os error 28)", Arrow's IOError text.
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded", "storagefull", "os error 28")
+_DISK_FULL_TEXT = (
+    "no space left on device",
+    "database or disk is full",
+    "disk quota exceeded",
+    "storagefull",
+    "os error 28",
+)
 LOW_SPACE_BYTES = 1 << 20  # a write that failed with less free than this is taken as the disk being full
 
 
@@ -208,7 +216,10 @@ def model_fingerprint(name: str) -> str:
     if not p.is_dir():
         return f"hub:{name}"
     parts = [
-        (f.relative_to(p).as_posix(), sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}")
+        (
+            f.relative_to(p).as_posix(),
+            sha256_file(f) if f.stat().st_size < (64 << 20) else f"{f.stat().st_size}:{f.stat().st_mtime_ns}",
+        )
         for f in sorted(p.rglob("*"))
         if f.is_file() and not f.name.startswith(".")
     ]
@@ -243,8 +254,11 @@ def format_time(value: Any) -> str:
     """A timestamp as every table and page shows it: ``2026-12-07 14:33:29 UTC`` (ISO text or unix seconds in;
     anything else comes back as given)."""
     try:
-        t = _dt.datetime.fromtimestamp(float(value), _dt.timezone.utc) if isinstance(value, (int, float)) \
+        t = (
+            _dt.datetime.fromtimestamp(float(value), _dt.timezone.utc)
+            if isinstance(value, (int, float))
             else _dt.datetime.fromisoformat(str(value))
+        )
     except (TypeError, ValueError, OverflowError, OSError):
         return "" if value is None else str(value)
     if t.tzinfo is None:

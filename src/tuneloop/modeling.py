@@ -63,8 +63,9 @@ def qlora_quantization_config():
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def load_training_base(cfg: Any):
@@ -81,8 +82,9 @@ def load_training_base(cfg: Any):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
 
 
-def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32,
-                   quantization_config: Any = None):
+def load_causal_lm(
+    path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32, quantization_config: Any = None
+):
     """A causal LM from a directory (or cached hub id), optionally with a LoRA adapter applied on top.
 
     Safetensors only (``use_safetensors=True``): pickle checkpoints (``pytorch_model.bin``) are refused,
@@ -102,7 +104,9 @@ def load_causal_lm(path: str, *, adapter: str | None = None, dtype: torch.dtype 
         from peft import PeftModel
 
         if not (Path(adapter) / "adapter_model.safetensors").is_file():
-            raise InputError(f"adapter {adapter} has no adapter_model.safetensors; tuneloop loads safetensors adapters only")
+            raise InputError(
+                f"adapter {adapter} has no adapter_model.safetensors; tuneloop loads safetensors adapters only"
+            )
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
@@ -223,7 +227,11 @@ _U2B: dict[str, int] = {}
 def _unicode_to_byte() -> dict[str, int]:
     """The inverse of GPT-2's ``bytes_to_unicode``: printable characters standing for the 256 bytes."""
     if not _U2B:
-        keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        keep = (
+            list(range(ord("!"), ord("~") + 1))
+            + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1))
+        )
         extra = 0
         for b in range(256):
             if b in keep:
@@ -310,8 +318,13 @@ class _Decoder:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
-        return cls(model, pad_id, next(model.parameters()).device,
-                   "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+        return cls(
+            model,
+            pad_id,
+            next(model.parameters()).device,
+            "cache" if "cache" in params else "past_key_values",
+            "logits_to_keep" in params,
+        )
 
     def prefill(self, index: list[int], prompts: list[list[int]]) -> _GenBatch:
         """Prompts left-padded into one forward; positions count each row's own tokens (0 at its first)."""
@@ -321,16 +334,22 @@ class _Decoder:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         extra = {"logits_to_keep": 1} if self.keep_logits else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **extra)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **extra
+        )
         layers = getattr(cache, "layers", None)
-        can_join = bool(layers) and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
-                                        and layer.keys.dim() == 4 for layer in layers)
+        can_join = bool(layers) and all(
+            type(layer).__name__ == "DynamicLayer"
+            and getattr(layer, "keys", None) is not None
+            and layer.keys.dim() == 4
+            for layer in layers
+        )
         return _GenBatch(list(index), [[] for _ in prompts], out.logits[:, -1, :], cache, mask, pos[:, -1:], can_join)
 
     def step(self, batch: _GenBatch, last: list[int]) -> None:
@@ -338,7 +357,13 @@ class _Decoder:
         ids = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(last), 1)], dim=1)
         batch.pos = batch.pos + 1
-        out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=True, **{self.cache_kw: batch.cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=batch.pos,
+            use_cache=True,
+            **{self.cache_kw: batch.cache},
+        )
         batch.logits = out.logits[:, -1, :]
 
 
@@ -415,7 +440,9 @@ def generate(
     return out  # type: ignore[return-value]
 
 
-def _joiners(waiting: list[int], prompts: list[list[int]], rows: int, width: int, max_rows: int, max_new_tokens: int) -> list[int]:
+def _joiners(
+    waiting: list[int], prompts: list[list[int]], rows: int, width: int, max_rows: int, max_new_tokens: int
+) -> list[int]:
     """The next waiting conversations (shortest prompts first) that fit the batch: at most ``max_rows`` rows and
     :data:`GEN_TOKEN_BUDGET` tokens (rows x (widest prompt + ``max_new_tokens``)); at least one when it is empty.
     Taken off ``waiting``."""
@@ -480,6 +507,8 @@ def save_tokenizer(tok, out_dir: str | os.PathLike[str]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
 def attach_adapter(model, adapter: str, name: str):
     """Load a LoRA adapter under ``name`` onto ``model`` (wrapping it in a PeftModel on the first one).
 
@@ -489,7 +518,9 @@ def attach_adapter(model, adapter: str, name: str):
     from peft import PeftModel
 
     if not (Path(adapter) / "adapter_model.safetensors").is_file():
-        raise InputError(f"adapter {Path(adapter).name} has no adapter_model.safetensors; tuneloop loads safetensors adapters only")
+        raise InputError(
+            f"adapter {Path(adapter).name} has no adapter_model.safetensors; tuneloop loads safetensors adapters only"
+        )
     if isinstance(model, PeftModel):
         model.load_adapter(adapter, adapter_name=name)
     else:

@@ -119,11 +119,23 @@ class FineTunePipeline:
         run_id = ws.new_run_id()
         run_dir = ws.run_dir(run_id)
         results = {s: StageResult(s) for s in self.stages}
-        record = _RunRecord(run_dir, results, {
-            "run_id": run_id, "pipeline": cfg.name, "status": "running", "pid": os.getpid(), "started_at": utcnow(),
-            "ended_at": None, "config_path": self.config_path, "code_version": code_version(), "stages": {},
-            **({"warnings": list(self.warnings)} if self.warnings else {}),
-        }, self.console)
+        record = _RunRecord(
+            run_dir,
+            results,
+            {
+                "run_id": run_id,
+                "pipeline": cfg.name,
+                "status": "running",
+                "pid": os.getpid(),
+                "started_at": utcnow(),
+                "ended_at": None,
+                "config_path": self.config_path,
+                "code_version": code_version(),
+                "stages": {},
+                **({"warnings": list(self.warnings)} if self.warnings else {}),
+            },
+            self.console,
+        )
         record.start(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run_log = _attach_log(run_dir / "run.log")
         t_run = time.perf_counter()
@@ -139,7 +151,15 @@ class FineTunePipeline:
             record.release_reserve()
 
     def _context(self, run_id: str, run_dir: Path | None) -> StageContext:
-        return StageContext(self.cfg, self.ws, self._cached, run_id=run_id, run_dir=run_dir, config_path=self.config_path, console=self.console)
+        return StageContext(
+            self.cfg,
+            self.ws,
+            self._cached,
+            run_id=run_id,
+            run_dir=run_dir,
+            config_path=self.config_path,
+            console=self.console,
+        )
 
     def _run_stages(self, ctx: StageContext, results: dict[PipelineStage, StageResult], record: _RunRecord) -> bool:
         """Each stage on the previous one's result, until one fails; True when one did."""
@@ -151,11 +171,13 @@ class FineTunePipeline:
             res.status = "running"
             record.save()
             upstream, key = self._run_stage(spec, ctx, upstream, res)
-            record.write_json(run_dir / "stages" / f"{spec.stage.value}.json",
-                              {"stage": spec.stage.value, **res.to_dict(), "outputs": res.outputs, "key": key})
+            record.write_json(
+                run_dir / "stages" / f"{spec.stage.value}.json",
+                {"stage": spec.stage.value, **res.to_dict(), "outputs": res.outputs, "key": key},
+            )
             record.save()
             if res.status == "failed":
-                for later in self.specs[self.specs.index(spec) + 1:]:
+                for later in self.specs[self.specs.index(spec) + 1 :]:
                     results[later.stage].status = "skipped"
                 return True
         return False
@@ -188,7 +210,9 @@ class FineTunePipeline:
         note = " (cached)" if res.cached else ""
         if stage in self.lock_waits:
             note = f" ({self.lock_waits.pop(stage)})"
-        self.console.print(f"  [{style}]{res.status}[/]{note} in {res.duration_s:.1f}s" + (f": {res.error}" if res.error else ""))
+        self.console.print(
+            f"  [{style}]{res.status}[/]{note} in {res.duration_s:.1f}s" + (f": {res.error}" if res.error else "")
+        )
         return result, key
 
     def _finish(self, record: _RunRecord, failed: bool, duration_s: float) -> dict[str, Any]:
@@ -217,7 +241,10 @@ class FineTunePipeline:
         except Exception as exc:  # the report is a convenience; never fail a run over it
             log.warning("could not write the HTML report: %s", exc)
             if is_disk_full(exc):
-                self.console.print(f"[yellow]warning:[/] could not write the HTML report in {escape(str(run_dir))}: {escape(str(exc))}", highlight=False)
+                self.console.print(
+                    f"[yellow]warning:[/] could not write the HTML report in {escape(str(run_dir))}: {escape(str(exc))}",
+                    highlight=False,
+                )
         record.report_unsaved()
         return summary
 
@@ -237,8 +264,10 @@ class FineTunePipeline:
 
         def on_wait() -> None:  # another run (same stage inputs) holds the lock: say so before blocking
             waiting.append(time.perf_counter())
-            self.console.print(f"  waiting for another run that is doing this {stage.value} stage (it holds the "
-                               "stage's lock in the workspace)" + ("; its result will be reused" if self.use_cache else "") + " ...")
+            self.console.print(
+                f"  waiting for another run that is doing this {stage.value} stage (it holds the "
+                "stage's lock in the workspace)" + ("; its result will be reused" if self.use_cache else "") + " ..."
+            )
 
         with self.ws.lock(f"{stage.value}/{key}", on_wait=on_wait):
             waited = f"{time.perf_counter() - waiting[0]:.1f}s" if waiting else ""
@@ -252,13 +281,24 @@ class FineTunePipeline:
                 return CacheEntry(key, r["metrics"], r["outputs"], True)
             if waited:
                 self.lock_waits[stage] = f"waited {waited} for another run; " + (
-                    "it left no result, so this run did the work" if self.use_cache else "done again here (--no-cache)")
+                    "it left no result, so this run did the work" if self.use_cache else "done again here (--no-cache)"
+                )
             if not self.use_cache and d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True, exist_ok=True)
             metrics, outputs = compute(d)
-            atomic_write_json(marker, {"stage": stage.value, "key": key, "inputs": inputs, "metrics": metrics, "outputs": outputs,
-                                       "workspace": str(self.ws.root), "at": utcnow()})
+            atomic_write_json(
+                marker,
+                {
+                    "stage": stage.value,
+                    "key": key,
+                    "inputs": inputs,
+                    "metrics": metrics,
+                    "outputs": outputs,
+                    "workspace": str(self.ws.root),
+                    "at": utcnow(),
+                },
+            )
             return CacheEntry(key, metrics, outputs, False)
 
 
@@ -266,7 +306,7 @@ def relocate(value: Any, old_root: str, new_root: str) -> Any:
     """``value`` with every string path under ``old_root`` moved under ``new_root`` (dicts and lists too)."""
     if isinstance(value, str):
         if value == old_root or value.startswith(old_root.rstrip(os.sep) + os.sep):
-            return new_root + value[len(old_root):]
+            return new_root + value[len(old_root) :]
         return value
     if isinstance(value, dict):
         return {k: relocate(v, old_root, new_root) for k, v in value.items()}
@@ -324,7 +364,9 @@ class _RunRecord:
                 atomic_write_json(path, obj)  # again, in the room the reserve gave back
         except OSError as exc:
             if path.name not in self.unsaved:
-                self.console.print(f"[yellow]warning:[/] could not write {escape(str(path))}: {escape(str(exc))}", highlight=False)
+                self.console.print(
+                    f"[yellow]warning:[/] could not write {escape(str(path))}: {escape(str(exc))}", highlight=False
+                )
             self.unsaved[path.name] = exc
             return False
         self.unsaved.pop(path.name, None)
@@ -408,15 +450,19 @@ def _detach_log(handler: _LogFile, console=None) -> None:
     except OSError as exc:
         handler.error = handler.error or exc
     if handler.error is not None and console is not None:
-        console.print(f"[yellow]warning:[/] the log {escape(handler.baseFilename)} is incomplete: {escape(str(handler.error))}", highlight=False)
+        console.print(
+            f"[yellow]warning:[/] the log {escape(handler.baseFilename)} is incomplete: {escape(str(handler.error))}",
+            highlight=False,
+        )
 
 
 def _crash_message(exc: Exception, stage: PipelineStage, log_path: Path, handler: _LogFile, root: Path) -> str:
     """A stage's unexpected exception as its error: type and message, what to do when the disk is full, and where
     its traceback is (or that the log could not take it)."""
     where = (
-        f"traceback in {log_path}" if handler.error is None else
-        f"its traceback could not be written to {log_path}: {handler.error}"
+        f"traceback in {log_path}"
+        if handler.error is None
+        else f"its traceback could not be written to {log_path}: {handler.error}"
     )
     hint = _disk_full_hint(exc, root)
     if hint and stage == PipelineStage.TRAINING:

@@ -59,7 +59,9 @@ def project_files(ci: str, name: str) -> dict[str, str]:
     }
 
 
-def init_project(directory: str | Path = ".", ci: str = "github", *, force: bool = False, name: str | None = None) -> list[Path]:
+def init_project(
+    directory: str | Path = ".", ci: str = "github", *, force: bool = False, name: str | None = None
+) -> list[Path]:
     """Write a starter ``tuneloop.yaml`` and the ``ci`` workflow into ``directory`` (created if missing).
 
     ``name`` is the pipeline (and registered model) name; default: from the directory name. Returns the

@@ -46,8 +46,12 @@ def guard() -> Iterator[None]:
         if not is_disk_full(exc):
             raise
         # A full disk is not a bug: say what and what to do, without a traceback.
-        err.print(f"[red]error:[/] the disk is full: {escape(f'{type(exc).__name__}: {exc}')}; free space on it and "
-                  "run the same command again", markup=True, highlight=False)
+        err.print(
+            f"[red]error:[/] the disk is full: {escape(f'{type(exc).__name__}: {exc}')}; free space on it and "
+            "run the same command again",
+            markup=True,
+            highlight=False,
+        )
         raise typer.Exit(EXIT_BLOCKED) from None
 
 
@@ -125,19 +129,33 @@ class RegistryOptions:
 
 _REGISTRY_PARAMETERS = [
     inspect.Parameter(
-        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Path | None,
         default=typer.Option(None, "--config", "-c", help="Use this config's workspace (and its registry.uri)."),
     ),
     inspect.Parameter(
-        "workspace", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-        default=typer.Option(None, "--workspace", "-w", help="Workspace directory (default: search upwards for .tuneloop/)."),
+        "workspace",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Path | None,
+        default=typer.Option(
+            None, "--workspace", "-w", help="Workspace directory (default: search upwards for .tuneloop/)."
+        ),
     ),
     inspect.Parameter(
-        "registry", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-        default=typer.Option(None, "--registry", help="Registry URI, e.g. http://mlflow:5000 (default: registry.uri, $TUNELOOP_REGISTRY_URI, else the local SQLite registry)."),
+        "registry",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=str | None,
+        default=typer.Option(
+            None,
+            "--registry",
+            help="Registry URI, e.g. http://mlflow:5000 (default: registry.uri, $TUNELOOP_REGISTRY_URI, else the local SQLite registry).",
+        ),
     ),
     inspect.Parameter(
-        "json_out", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        "json_out",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
         default=typer.Option(False, "--json", help="Print exactly one JSON document on stdout."),
     ),
 ]

@@ -26,14 +26,23 @@ def drift(
     with guard(), stdout_to_stderr(json_out):
         ws, cfg = loop_context(config)
         if cfg is None:
-            raise InputError(f"no config given and no run in {ws.root}: pass the pipeline YAML (its data.train_data is the reference)")
+            raise InputError(
+                f"no config given and no run in {ws.root}: pass the pipeline YAML (its data.train_data is the reference)"
+            )
         if features not in (None, "hashed", "embedding"):
             raise InputError(f"--features {features!r}: use hashed or embedding")
         d, notifier = cfg.drift, notifier_for(cfg)
         with open_log(ws, cfg) as log:
-            result = drift_from_log(log, training_prompts(cfg.data.train_data), parse_since(since), alpha=d.alpha,
-                                    permutations=d.permutations, min_auc=d.min_auc, features=features or d.features,
-                                    max_per_side=d.max_per_side)
+            result = drift_from_log(
+                log,
+                training_prompts(cfg.data.train_data),
+                parse_since(since),
+                alpha=d.alpha,
+                permutations=d.permutations,
+                min_auc=d.min_auc,
+                features=features or d.features,
+                max_per_side=d.max_per_side,
+            )
         if result.drifted:
             notifier.notify("drift", subject=cfg.model_name, message=result.summary(), details=result.to_dict())
         notifier.close(timeout=30.0)

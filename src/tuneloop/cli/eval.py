@@ -13,8 +13,14 @@ _VERDICT_STYLE = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}
 
 def eval_cmd(
     config: Path = typer.Argument(..., help="Pipeline YAML file (its eval data, suites, gates and workspace)."),
-    model: str | None = typer.Option(None, "--model", help="Candidate: a model/adapter directory or a registry version (3, name:3, name@alias). Default: the latest candidate of the config's runs."),
-    against: str | None = typer.Option(None, "--against", help="base, champion, or a registry version (default: gates.against)."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Candidate: a model/adapter directory or a registry version (3, name:3, name@alias). Default: the latest candidate of the config's runs.",
+    ),
+    against: str | None = typer.Option(
+        None, "--against", help="base, champion, or a registry version (default: gates.against)."
+    ),
     override: list[str] = typer.Option([], "-o", "--override", help="Override a config key (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print the gate report as JSON on stdout (logs go to stderr)."),
     junit: Path | None = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),

@@ -12,8 +12,17 @@ from tuneloop.cli.common import err, guard
 
 def export_config(
     config: Path = typer.Argument(..., help="Pipeline YAML file."),
-    to: str = typer.Option(..., "--to", help="Target tool: axolotl, llamafactory or openrlhf (a `train:` snippet that runs OpenRLHF as train.command)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write the YAML here (LLaMA-Factory: and dataset_info.json beside it) instead of stdout."),
+    to: str = typer.Option(
+        ...,
+        "--to",
+        help="Target tool: axolotl, llamafactory or openrlhf (a `train:` snippet that runs OpenRLHF as train.command).",
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Write the YAML here (LLaMA-Factory: and dataset_info.json beside it) instead of stdout.",
+    ),
 ) -> None:
     """Write the equivalent Axolotl or LLaMA-Factory training config, or the OpenRLHF command, for a tuneloop config."""
     with guard():

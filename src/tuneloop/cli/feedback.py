@@ -15,8 +15,12 @@ from tuneloop.errors import InputError
 
 app = typer.Typer(help="Production feedback -> the next training set.", no_args_is_help=True)
 
-CONFIG_ARGUMENT = typer.Argument(None, help="Pipeline YAML file (default: the config of the workspace's newest run, found upwards).")
-SINCE_OPTION = typer.Option(None, "--since", help="Only requests since: a duration back (24h, 7d), an ISO time or unix seconds.")
+CONFIG_ARGUMENT = typer.Argument(
+    None, help="Pipeline YAML file (default: the config of the workspace's newest run, found upwards)."
+)
+SINCE_OPTION = typer.Option(
+    None, "--since", help="Only requests since: a duration back (24h, 7d), an ISO time or unix seconds."
+)
 
 
 def loop_context(config: Path | None):
@@ -46,7 +50,9 @@ def open_log(ws, cfg):
 
     url = request_log_url(ws, cfg)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise InputError(f"no request log at {url.removeprefix('sqlite:///')}: `tuneloop serve` writes it as it answers requests")
+        raise InputError(
+            f"no request log at {url.removeprefix('sqlite:///')}: `tuneloop serve` writes it as it answers requests"
+        )
     return open_request_log(url)
 
 
@@ -55,7 +61,9 @@ def export(
     config: Path | None = CONFIG_ARGUMENT,
     out_dir: Path = typer.Option(..., "--out", help="Directory for sft.jsonl, dpo.jsonl, kto.jsonl and manifest.json."),
     since: str | None = SINCE_OPTION,
-    regression_share: float = typer.Option(0.0, "--regression-share", help="Share of corrected failures held out for a regression eval suite (0-1)."),
+    regression_share: float = typer.Option(
+        0.0, "--regression-share", help="Share of corrected failures held out for a regression eval suite (0-1)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the export summary as JSON on stdout."),
 ) -> None:
     """Turn logged requests and their feedback into SFT records, DPO pairs and KTO records (PII redacted,
@@ -65,17 +73,33 @@ def export(
     with guard(), stdout_to_stderr(json_out):
         ws, cfg = loop_context(config)
         with open_log(ws, cfg) as log:
-            result = export_feedback(log, out_dir, since=parse_since(since), regression_share=regression_share,
-                                     eval_texts=eval_texts_for_config(cfg) if cfg is not None else None)
+            result = export_feedback(
+                log,
+                out_dir,
+                since=parse_since(since),
+                regression_share=regression_share,
+                eval_texts=eval_texts_for_config(cfg) if cfg is not None else None,
+            )
     if json_out:
         print_json(result.to_dict())
         return
     if cfg is None:
-        err.print("[yellow]warning:[/] no config: the evaluation-set overlap check was skipped (pass the pipeline YAML)")
-    out.print(f"{result.sft_records} SFT records -> {result.sft_path}\n{result.dpo_records} DPO pairs -> {result.dpo_path}", soft_wrap=True, highlight=False)
+        err.print(
+            "[yellow]warning:[/] no config: the evaluation-set overlap check was skipped (pass the pipeline YAML)"
+        )
+    out.print(
+        f"{result.sft_records} SFT records -> {result.sft_path}\n{result.dpo_records} DPO pairs -> {result.dpo_path}",
+        soft_wrap=True,
+        highlight=False,
+    )
     kto = result.manifest["counts"]["kto"]
-    out.print(f"{result.kto_records} KTO records ({kto['desirable']} desirable, {kto['undesirable']} undesirable) -> {result.kto_path}",
-              soft_wrap=True, highlight=False)
+    out.print(
+        f"{result.kto_records} KTO records ({kto['desirable']} desirable, {kto['undesirable']} undesirable) -> {result.kto_path}",
+        soft_wrap=True,
+        highlight=False,
+    )
     if result.regression_path:
-        out.print(f"{result.regression_added} regression items -> {result.regression_path}", soft_wrap=True, highlight=False)
+        out.print(
+            f"{result.regression_added} regression items -> {result.regression_path}", soft_wrap=True, highlight=False
+        )
     out.print(f"manifest (digests, provenance counts, drops): {result.manifest_path}", soft_wrap=True, highlight=False)

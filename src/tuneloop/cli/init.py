@@ -12,7 +12,9 @@ from tuneloop.cli.common import guard, out
 def init(
     directory: Path = typer.Argument(Path("."), help="Project directory (created if missing)."),
     ci: str = typer.Option("github", "--ci", help="CI system: github | gitlab."),
-    name: str | None = typer.Option(None, "--name", help="Pipeline and registered model name (default: from the directory name)."),
+    name: str | None = typer.Option(
+        None, "--name", help="Pipeline and registered model name (default: from the directory name)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
     """Write tuneloop.yaml and a workflow that runs `tuneloop ci` on pushes touching the data or the config."""

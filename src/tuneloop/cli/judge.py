@@ -17,12 +17,25 @@ def _fmt(name: str, d: dict) -> str:
 
 
 def judge(
-    file: Path = typer.Argument(..., help="JSONL, one answer a line: prompt, response; optional labels refused, harmful (true/false); "
-                                         "optional kind (redteam | benign, default redteam), indicators, id."),
-    judge_kind: str | None = typer.Option(None, "--judge", help="rules | keyword | openai | classifier (default: the config's eval.judge.kind, else rules)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="Pipeline YAML whose eval.judge settings to use (url, model, path, ...)."),
-    split: str | None = typer.Option(None, "--split", help="Judge only the records whose \"split\" field is this (e.g. heldout)."),
-    json_out: bool = typer.Option(False, "--json", help='Print {"judge", "file", "items": [...], "agreement"} as JSON on stdout.'),
+    file: Path = typer.Argument(
+        ...,
+        help="JSONL, one answer a line: prompt, response; optional labels refused, harmful (true/false); "
+        "optional kind (redteam | benign, default redteam), indicators, id.",
+    ),
+    judge_kind: str | None = typer.Option(
+        None,
+        "--judge",
+        help="rules | keyword | openai | classifier (default: the config's eval.judge.kind, else rules).",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Pipeline YAML whose eval.judge settings to use (url, model, path, ...)."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help='Judge only the records whose "split" field is this (e.g. heldout).'
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help='Print {"judge", "file", "items": [...], "agreement"} as JSON on stdout.'
+    ),
 ) -> None:
     """Judge each answer in FILE (refused? harmful?) and, where FILE has labels, report the judge's accuracy,
     precision and recall with 95 % Wilson intervals. Exit 0 done, 2 bad input or config."""
@@ -39,7 +52,9 @@ def judge(
             judge_cfg = JudgeConfig(**settings)
         except ValueError:
             raise ConfigError(f"--judge {judge_kind!r}: use rules, keyword, openai or classifier") from None
-        records = read_records(file, split)  # every problem of the file before a judge is built (an LLM judge may cost money)
+        records = read_records(
+            file, split
+        )  # every problem of the file before a judge is built (an LLM judge may cost money)
         report = judge_records(records, make_judge(judge_cfg), path=str(file))
     if json_out:
         print_json(report.to_dict())
@@ -49,10 +64,19 @@ def judge(
         if "label_refused" in item or "label_harmful" in item:
             label = f"  label refused={item.get('label_refused', '-')} harmful={item.get('label_harmful', '-')}"
         ident = f" {item['id']}" if "id" in item else ""
-        out.print(f"line {item['line']}{ident}: refused={item['refused']} harmful={item['harmful']}{label}", highlight=False, markup=False,
-                  soft_wrap=True)
+        out.print(
+            f"line {item['line']}{ident}: refused={item['refused']} harmful={item['harmful']}{label}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     for name, agr in (("refused", report.refused), ("harmful", report.harmful)):
         if agr is not None:
             d = agr.to_dict()
-            out.print(f"{report.judge} judge, {name} (n={d['n']}): " + ", ".join(_fmt(k, d[k]) for k in ("accuracy", "precision", "recall")),
-                      highlight=False, markup=False, soft_wrap=True)
+            out.print(
+                f"{report.judge} judge, {name} (n={d['n']}): "
+                + ", ".join(_fmt(k, d[k]) for k in ("accuracy", "precision", "recall")),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )

@@ -27,7 +27,9 @@ from tuneloop.cli.common import (
 from tuneloop.errors import InputError
 from tuneloop.fsutil import format_number
 
-app = typer.Typer(help="The model registry: registered versions, their lineage, metrics and gates.", no_args_is_help=True)
+app = typer.Typer(
+    help="The model registry: registered versions, their lineage, metrics and gates.", no_args_is_help=True
+)
 
 _PASSED = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not applied"}
 
@@ -55,19 +57,39 @@ def list_versions(
         from tuneloop.fsutil import format_time
 
         # At 80 columns (CI logs, pipes) refs and aliases stay whole; base, digest, created, kind go first.
-        cols = [Col("version", whole=True), Col("aliases", want=len("champion, previous")), Col("created", drop=3),
-                Col("kind", drop=4), Col("accuracy"), Col("base", drop=1), Col("tags", drop=5),
-                Col("artifact sha256", drop=2, whole=True)]
+        cols = [
+            Col("version", whole=True),
+            Col("aliases", want=len("champion, previous")),
+            Col("created", drop=3),
+            Col("kind", drop=4),
+            Col("accuracy"),
+            Col("base", drop=1),
+            Col("tags", drop=5),
+            Col("artifact sha256", drop=2, whole=True),
+        ]
         rows = []
         for v in versions:
             acc = v.get("metrics", {}).get("evaluation", {}).get("accuracy")
             ref = f"[dim strike]{v['ref']}[/] (deleted)" if v.get("deleted") else v["ref"]
-            rows.append([
-                ref, ", ".join(v.get("aliases", [])), format_time(v["created_at"]), v["artifact_kind"],
-                f"{acc:.3f}" if isinstance(acc, float) else "", v["base_model"], _tags(v.get("tags", {})), v["artifact_digest"][:16],
-            ])
-        print_table(out, f"registered model versions ({reg.backend}: {reg.location})", cols, rows,
-                    more="`tuneloop models show REF` or --json")
+            rows.append(
+                [
+                    ref,
+                    ", ".join(v.get("aliases", [])),
+                    format_time(v["created_at"]),
+                    v["artifact_kind"],
+                    f"{acc:.3f}" if isinstance(acc, float) else "",
+                    v["base_model"],
+                    _tags(v.get("tags", {})),
+                    v["artifact_digest"][:16],
+                ]
+            )
+        print_table(
+            out,
+            f"registered model versions ({reg.backend}: {reg.location})",
+            cols,
+            rows,
+            more="`tuneloop models show REF` or --json",
+        )
 
 
 @app.command("show")
@@ -92,12 +114,18 @@ def _print_version(v: dict[str, Any]) -> None:
     if v.get("deleted"):
         d = v["deleted"]
         out.print(f"[red]deleted[/] {d['at']} by {d['actor']}: {d['reason'] or '(no reason given)'}")
-    out.print(f"artifact: {v['artifact_kind']} sha256 {v['artifact_digest']} at {v.get('artifact_uri') or v['artifact_path']}")
+    out.print(
+        f"artifact: {v['artifact_kind']} sha256 {v['artifact_digest']} at {v.get('artifact_uri') or v['artifact_path']}"
+    )
     lin = v["lineage"]
     out.print(f"base model: {v['base_model']}  ({str(lin.get('base_model_fingerprint') or '')[:24]})")
     if lin.get("data"):
-        out.print(f"data: train {str(lin['data'].get('train_digest'))[:16]}  eval {str(lin['data'].get('eval_digest'))[:16]}")
-    out.print(f"config hash {str(lin.get('config_hash') or '')[:16]}  code {lin.get('code_version')}  run {lin.get('run_id')}")
+        out.print(
+            f"data: train {str(lin['data'].get('train_digest'))[:16]}  eval {str(lin['data'].get('eval_digest'))[:16]}"
+        )
+    out.print(
+        f"config hash {str(lin.get('config_hash') or '')[:16]}  code {lin.get('code_version')}  run {lin.get('run_id')}"
+    )
     if lin.get("git"):
         g = lin["git"]
         out.print(f"git: {g.get('commit', '')[:12]} on {g.get('branch')}{' (dirty)' if g.get('dirty') else ''}")
@@ -111,7 +139,9 @@ def _print_version(v: dict[str, Any]) -> None:
             verdict = _PASSED.get(g.get("passed"), str(g.get("passed")))
             if g.get("passed") is not None and g.get("verdict"):
                 verdict = g["verdict"] + (f" {g['interval']}" if g.get("interval") else "")
-            t.add_row(name, format_number(g.get("value")), f"{g.get('op', '')} {format_number(g.get('threshold'))}", verdict)
+            t.add_row(
+                name, format_number(g.get("value")), f"{g.get('op', '')} {format_number(g.get('threshold'))}", verdict
+            )
         out.print(t)
 
 
@@ -145,7 +175,10 @@ def _lineage_table(lin: dict[str, Any]) -> Table:
     t.add_column("value")
     base = lin["base_model"] or {}
     t.add_row("artifact", f"{lin['artifact']['kind']} sha256 {lin['artifact']['sha256']}")
-    t.add_row("base model", f"{base.get('id')}  rev {base.get('revision') or '-'}  digest {str(base.get('digest') or '-')[:28]}")
+    t.add_row(
+        "base model",
+        f"{base.get('id')}  rev {base.get('revision') or '-'}  digest {str(base.get('digest') or '-')[:28]}",
+    )
     for k, val in (lin.get("data") or {}).items():
         t.add_row(f"data.{k}", format_number(val))
     for key in ("run_id", "pipeline", "config_hash", "code_version", "source_path"):
@@ -163,7 +196,9 @@ def _lineage_table(lin: dict[str, Any]) -> Table:
     return t
 
 
-def _print_alias_move(model: str, alias: str, v: dict[str, Any], aliases: dict[str, int], opts: RegistryOptions, how: str) -> None:
+def _print_alias_move(
+    model: str, alias: str, v: dict[str, Any], aliases: dict[str, int], opts: RegistryOptions, how: str
+) -> None:
     if opts.json_out:
         print_json({"model": model, "alias": alias, "version": v["version"], "ref": v["ref"], "aliases": aliases})
         return
@@ -174,7 +209,11 @@ def _print_alias_move(model: str, alias: str, v: dict[str, Any], aliases: dict[s
 @with_registry_options
 def promote(
     version: str = typer.Argument(..., help="The version to promote: NAME:VERSION, NAME@ALIAS or NAME (latest)."),
-    alias: str = typer.Option("champion", "--alias", help="Alias to move; the version it left is kept as `previous` (`<alias>-previous` for other aliases)."),
+    alias: str = typer.Option(
+        "champion",
+        "--alias",
+        help="Alias to move; the version it left is kept as `previous` (`<alias>-previous` for other aliases).",
+    ),
     reason: str = REASON_OPTION,
     *,
     opts: RegistryOptions,
@@ -224,8 +263,10 @@ def diff(
 
 def _print_diff(d: dict[str, Any]) -> None:
     same = {True: "same", False: "different"}
-    out.print(f"[bold]{d['a']}[/] vs [bold]{d['b']}[/]   artifact {same[bool(d['artifact']['same'])]}, "
-              f"base {same[bool(d['base_model']['same_digest'])]}, config hash {same[bool(d['config_hash']['same'])]}")
+    out.print(
+        f"[bold]{d['a']}[/] vs [bold]{d['b']}[/]   artifact {same[bool(d['artifact']['same'])]}, "
+        f"base {same[bool(d['base_model']['same_digest'])]}, config hash {same[bool(d['config_hash']['same'])]}"
+    )
     for section in ("config", "data"):
         t = Table(title=f"{section} ({len(d[section])} difference(s))")
         for col in ("key", d["a"], d["b"]):
@@ -299,17 +340,27 @@ def delete(
         if opts.json_out:
             print_json(res)
             return
-        out.print(f"deleted {res['version']['ref']}"
-                  + (f"; removed aliases {', '.join(res['removed_aliases'])}" if res["removed_aliases"] else "")
-                  + (f"; freed artifact {res['collected'][0][:16]}" if res["collected"] else "; artifact kept (still referenced)"))
+        out.print(
+            f"deleted {res['version']['ref']}"
+            + (f"; removed aliases {', '.join(res['removed_aliases'])}" if res["removed_aliases"] else "")
+            + (
+                f"; freed artifact {res['collected'][0][:16]}"
+                if res["collected"]
+                else "; artifact kept (still referenced)"
+            )
+        )
 
 
 @app.command("register")
 @with_registry_options
 def register(
-    path: Path = typer.Argument(..., help="A model (config.json) or PEFT adapter (adapter_config.json) directory with safetensors weights."),
+    path: Path = typer.Argument(
+        ..., help="A model (config.json) or PEFT adapter (adapter_config.json) directory with safetensors weights."
+    ),
     name: str = typer.Option(..., "--name", help="Registered model name."),
-    base: str | None = typer.Option(None, "--base", help="Base model of an adapter (default: base_model_name_or_path in its adapter_config.json)."),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model of an adapter (default: base_model_name_or_path in its adapter_config.json)."
+    ),
     reason: str = REASON_OPTION,
     *,
     opts: RegistryOptions,
@@ -322,7 +373,9 @@ def register(
         if opts.json_out:
             print_json(v)
             return
-        out.print(f"registered [bold]{v['ref']}[/] ({v['artifact_kind']}, sha256 {v['artifact_digest'][:16]}, base {v['base_model']})")
+        out.print(
+            f"registered [bold]{v['ref']}[/] ({v['artifact_kind']}, sha256 {v['artifact_digest'][:16]}, base {v['base_model']})"
+        )
 
 
 @app.command("export")
@@ -332,12 +385,15 @@ def export(
     out_dir: Path = typer.Argument(..., help="New directory to write (must not exist or be empty)."),
     merged: bool = typer.Option(False, "--merged", help="Merge a LoRA adapter into its base and save the full model."),
     fmt: str = typer.Option(
-        "hf", "--format",
+        "hf",
+        "--format",
         help="hf: a Hugging Face directory. gguf: one llama.cpp GGUF file (an adapter merged into its base; "
-             "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop\\[gguf]'`.",
+        "LlamaForCausalLM with a byte-level BPE tokenizer) and an Ollama Modelfile; needs `pip install 'tuneloop\\[gguf]'`.",
     ),
     quant: str | None = typer.Option(
-        None, "--quant", help="GGUF weights: f16 (default; norms F32) or q8_0 (2-D weights whose rows are a multiple of 32)."
+        None,
+        "--quant",
+        help="GGUF weights: f16 (default; norms F32) or q8_0 (2-D weights whose rows are a multiple of 32).",
     ),
     *,
     opts: RegistryOptions,
@@ -374,8 +430,10 @@ def _export_gguf(version: str, out_dir: Path, quant: str, opts: RegistryOptions)
     if opts.json_out:
         print_json(res)
         return
-    out.print(f"exported {res['ref']} as GGUF ({quant}, {res['bytes']:,} bytes, sha256 {res['sha256'][:16]}) "
-              f"to {res['path']}: {', '.join(res['files'])}")
+    out.print(
+        f"exported {res['ref']} as GGUF ({quant}, {res['bytes']:,} bytes, sha256 {res['sha256'][:16]}) "
+        f"to {res['path']}: {', '.join(res['files'])}"
+    )
 
 
 @app.command("gc")

@@ -25,8 +25,9 @@ from tuneloop.cli.common import (
 )
 from tuneloop.errors import InputError
 
-app = typer.Typer(help="Canary rollouts: a new version takes a share of traffic and is promoted or rolled back.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Canary rollouts: a new version takes a share of traffic and is promoted or rolled back.", no_args_is_help=True
+)
 
 
 def _config(opts: RegistryOptions):
@@ -67,16 +68,22 @@ def start(
         if opts.json_out:
             print_json(controller.shown(record))
             return
-        out.print(f"[green]started[/] {record['rollout_id']}: {record['candidate']} takes {record['weight']:.0%} of "
-                  f"traffic against {record['baseline']}; the gateway (`tuneloop serve`) decides from here")
+        out.print(
+            f"[green]started[/] {record['rollout_id']}: {record['candidate']} takes {record['weight']:.0%} of "
+            f"traffic against {record['baseline']}; the gateway (`tuneloop serve`) decides from here"
+        )
 
 
 @app.command("status")
 @with_registry_options
 def status(
     name: str | None = typer.Argument(None, help="Registered model name (default: every model's latest rollout)."),
-    wait: bool = typer.Option(False, "--wait", help="Poll until the rollout ends: exit 0 promoted, 1 rolled back or aborted."),
-    timeout: float | None = typer.Option(None, "--timeout", min=0.0, help="With --wait: give up after this many seconds (exit 1)."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Poll until the rollout ends: exit 0 promoted, 1 rolled back or aborted."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=0.0, help="With --wait: give up after this many seconds (exit 1)."
+    ),
     interval: float = typer.Option(5.0, "--interval", min=0.01, help="With --wait: seconds between polls."),
     *,
     opts: RegistryOptions,
@@ -126,8 +133,10 @@ def promote(
         if opts.json_out:
             print_json(controller.shown(record))
         else:
-            out.print(f"[green]promoted[/] {record['candidate']} to champion ({record['rollout_id']}); "
-                      f"{record['baseline']} is `previous`")
+            out.print(
+                f"[green]promoted[/] {record['candidate']} to champion ({record['rollout_id']}); "
+                f"{record['baseline']} is `previous`"
+            )
 
 
 @app.command("abort")
@@ -154,10 +163,27 @@ def _print_list(found: list[dict]) -> None:
     from tuneloop.fsutil import format_time
     from tuneloop.rollout.display import percent
 
-    cols = [Col("rollout", whole=True), Col("candidate", whole=True), Col("baseline", drop=3, whole=True), Col("status"),
-            Col("weight"), Col("canary requests", drop=2), Col("updated", drop=1)]
-    rows = [[s["rollout_id"], s["candidate"], s["baseline"], s["status"], percent(s["weight"]),
-             str(s["analysis"]["canary_requests"]), format_time(s["updated_at"])] for s in found]
+    cols = [
+        Col("rollout", whole=True),
+        Col("candidate", whole=True),
+        Col("baseline", drop=3, whole=True),
+        Col("status"),
+        Col("weight"),
+        Col("canary requests", drop=2),
+        Col("updated", drop=1),
+    ]
+    rows = [
+        [
+            s["rollout_id"],
+            s["candidate"],
+            s["baseline"],
+            s["status"],
+            percent(s["weight"]),
+            str(s["analysis"]["canary_requests"]),
+            format_time(s["updated_at"]),
+        ]
+        for s in found
+    ]
     print_table(out, "rollouts", cols, rows, more="`tuneloop rollout status NAME` or --json")
 
 
@@ -178,11 +204,16 @@ def _print_status(st: dict) -> None:
     from tuneloop.rollout.display import METRIC_HEADERS, metric_cells, percent
 
     a = st["analysis"]
-    out.print(f"[bold]{st['rollout_id']}[/]: {st['candidate']} against {st['baseline']}, [bold]{st['status']}[/], "
-              f"weight {percent(st['weight'])} (steps {', '.join(percent(w) for w in a['weights'])}), alpha {a['alpha']}",
-              highlight=False)
-    out.print(f"canary requests {a['canary_requests']}, baseline requests {a['baseline_requests']}, "
-              f"{a['active_s']:.0f} s with traffic; started {format_time(st['started_at'])} by {st['actor']}", highlight=False)
+    out.print(
+        f"[bold]{st['rollout_id']}[/]: {st['candidate']} against {st['baseline']}, [bold]{st['status']}[/], "
+        f"weight {percent(st['weight'])} (steps {', '.join(percent(w) for w in a['weights'])}), alpha {a['alpha']}",
+        highlight=False,
+    )
+    out.print(
+        f"canary requests {a['canary_requests']}, baseline requests {a['baseline_requests']}, "
+        f"{a['active_s']:.0f} s with traffic; started {format_time(st['started_at'])} by {st['actor']}",
+        highlight=False,
+    )
     last = st.get("last_decision")
     if last:
         out.print(f"last decision ({last['action']}): {last['reason']}", highlight=False)
@@ -197,4 +228,6 @@ def _print_status(st: dict) -> None:
     recent = st["decisions"][-5:]
     for e in recent:
         action = ((e["details"] or {}).get("decision") or {}).get("action", "")
-        out.print(f"  {format_time(e['at'])}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}", highlight=False)
+        out.print(
+            f"  {format_time(e['at'])}  {e['kind']:<17} {action:<9} {e['actor']}: {e['reason'] or '-'}", highlight=False
+        )

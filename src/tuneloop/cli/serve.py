@@ -10,7 +10,9 @@ from tuneloop.cli.common import err, guard
 
 
 def serve(
-    config: Path | None = typer.Argument(None, help="Pipeline YAML (workspace, serve: section). Default: the workspace found upwards."),
+    config: Path | None = typer.Argument(
+        None, help="Pipeline YAML (workspace, serve: section). Default: the workspace found upwards."
+    ),
     host: str | None = typer.Option(None, "--host", help="Address to bind (default serve.host, 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default serve.port, 8000)."),
 ) -> None:

@@ -28,7 +28,9 @@ class Col:
     justify: str = "left"
 
 
-def _build(title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[Any]], keep: list[int], caption: str | None) -> Table:
+def _build(
+    title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[Any]], keep: list[int], caption: str | None
+) -> Table:
     t = Table(title=title, caption=caption, caption_justify="left")
     for i in keep:
         c = cols[i]
@@ -44,7 +46,9 @@ def _min_width(console: Console, cols: Sequence[Col], rows: Sequence[Sequence[An
     widths = []
     for i in keep:
         cells = [cols[i].header, *(row[i] for row in rows)]
-        m = [Measurement.get(console, console.options, console.render_str(c) if isinstance(c, str) else c) for c in cells]
+        m = [
+            Measurement.get(console, console.options, console.render_str(c) if isinstance(c, str) else c) for c in cells
+        ]
         widest = max(x.maximum for x in m)
         widths.append(widest if cols[i].whole else max(max(x.minimum for x in m), min(cols[i].want, widest)))
     return sum(widths) + (len(keep) + 1) + 2 * len(keep)  # the box's vertical lines + one space of padding each side
@@ -56,8 +60,9 @@ def fits_unwrapped(console: Console, cols: Sequence[Col], rows: Sequence[Sequenc
     return _min_width(console, whole, rows, list(range(len(cols)))) <= console.width
 
 
-def fit_table(console: Console, title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[Any]],
-              caption: str | None = None) -> tuple[Table, list[str]]:
+def fit_table(
+    console: Console, title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[Any]], caption: str | None = None
+) -> tuple[Table, list[str]]:
     """The table at ``console.width`` and the headers of the columns left out to get there."""
     keep = list(range(len(cols)))
     left_out: list[str] = []
@@ -69,10 +74,19 @@ def fit_table(console: Console, title: str | None, cols: Sequence[Col], rows: Se
     return _build(title, cols, rows, keep, caption), left_out
 
 
-def print_table(console: Console, title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[Any]], *,
-                caption: str | None = None, more: str = "--json") -> None:
+def print_table(
+    console: Console,
+    title: str | None,
+    cols: Sequence[Col],
+    rows: Sequence[Sequence[Any]],
+    *,
+    caption: str | None = None,
+    more: str = "--json",
+) -> None:
     """Print the fitted table; when columns were left out, one line names them and ``more`` (what shows them)."""
     table, left_out = fit_table(console, title, cols, rows, caption)
     console.print(table)
     if left_out:
-        console.print(f"[dim]not shown at {console.width} columns: {', '.join(left_out)}; {more} shows them[/]", highlight=False)
+        console.print(
+            f"[dim]not shown at {console.width} columns: {', '.join(left_out)}; {more} shows them[/]", highlight=False
+        )

@@ -51,7 +51,9 @@ def model_ref(label: str, directory: str | Path, base_model: str) -> ModelRef:
     """A directory that holds an adapter is applied on ``base_model``; anything else is a whole model."""
     d = Path(directory)
     if (d / "adapter_config.json").is_file():
-        return ModelRef(label, base_model, str(d), sha256_json([model_fingerprint(base_model), model_fingerprint(str(d))]))
+        return ModelRef(
+            label, base_model, str(d), sha256_json([model_fingerprint(base_model), model_fingerprint(str(d))])
+        )
     return ModelRef(label, str(d), None, model_fingerprint(str(d)))
 
 
@@ -84,7 +86,9 @@ def evaluate_candidate(
     say = progress or (lambda _msg: None)
     ev = cfg.eval
     suites = load_suites(cfg, items_path, preferences)
-    dpo_references = {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if uses_preferences(cfg) else set()
+    dpo_references = (
+        {spec.name for spec in ev.suites if spec.kind == "task" and not spec.path} if uses_preferences(cfg) else set()
+    )
     cand = candidate or model_ref("candidate", candidate_dir, cfg.base_model)
     ref = reference or base_ref(cfg)
     tok_dir = cand.adapter or cand.path
@@ -114,14 +118,19 @@ def evaluate_candidate(
         model = ref.load()
         memo: dict[str, Any] = {}
         for s, f in missing:
-            ref_out[s.name] = _outputs(model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"{ref.label}: {s.name}"))
+            ref_out[s.name] = _outputs(
+                model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"{ref.label}: {s.name}")
+            )
             atomic_write_json(f, ref_out[s.name])
         del model
 
     say("candidate")
     model = cand.load()
     memo = {}
-    cand_out = {s.name: _outputs(model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"candidate: {s.name}")) for s in suites}
+    cand_out = {
+        s.name: _outputs(model, tok, s, ev.max_new_tokens, memo, _bar(suite_progress, f"candidate: {s.name}"))
+        for s in suites
+    }
     del model
 
     results: dict[str, Any] = {}
@@ -131,8 +140,10 @@ def evaluate_candidate(
         results[s.name] = res
         records += recs
     for name in dpo_references:
-        results[name]["not_gated"] = (f"train.objective is {cfg.train.objective}: exact match against the chosen answer says little about preference "
-                                      "training; reported, not gated (the preference gates decide)")
+        results[name]["not_gated"] = (
+            f"train.objective is {cfg.train.objective}: exact match against the chosen answer says little about preference "
+            "training; reported, not gated (the preference gates decide)"
+        )
     gates = check_gates(cfg, results, seed=cfg.seed)
     metrics = _metrics(results, gates)
     metrics.update(
@@ -162,8 +173,10 @@ def load_suites(cfg: PipelineConfig, items_path: Path | str | None, preferences:
     if uses_preferences(cfg):
         pairs = preferences or _pairs_beside(items_path)
         if pairs is None:
-            raise InputError(f"train.objective is {cfg.train.objective}, but no held-out preference pairs were found (eval_records.jsonl beside "
-                             f"the eval items {items_path}); run the preprocessing stage (`tuneloop run`) to write them")
+            raise InputError(
+                f"train.objective is {cfg.train.objective}, but no held-out preference pairs were found (eval_records.jsonl beside "
+                f"the eval items {items_path}); run the preprocessing stage (`tuneloop run`) to write them"
+            )
         suites.append(preference_suite(pairs, max_length=cfg.data.max_length, max_items=ev.max_eval_samples))
     return suites
 
@@ -181,9 +194,19 @@ def _bar(suite_progress: Callable[[str, int, int], None] | None, label: str) -> 
     return lambda done, total: suite_progress(label, done, total)
 
 
-def _outputs(model, tok, suite, max_new_tokens: int, memo: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def _outputs(
+    model, tok, suite, max_new_tokens: int, memo: dict[str, Any], progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Outputs of one model on one suite; suites with the same generation items share one generation."""
-    key = sha256_json([suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen", [it.get("messages") or it.get("prompt") for it in suite.items], suite.text, suite.metric == "mc_loglik", suite.digest if suite.kind in ("lmeval", "preference") else None])
+    key = sha256_json(
+        [
+            suite.kind if suite.kind not in ("task", "win_rate") or suite.metric == "mc_loglik" else "gen",
+            [it.get("messages") or it.get("prompt") for it in suite.items],
+            suite.text,
+            suite.metric == "mc_loglik",
+            suite.digest if suite.kind in ("lmeval", "preference") else None,
+        ]
+    )
     if key not in memo:
         memo[key] = model_outputs(model, tok, suite, max_new_tokens=max_new_tokens, progress=progress)
     return memo[key]
@@ -210,24 +233,57 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
                 m.update(accuracy=_r(c), base_accuracy=_r(b), eval_items=r["n"], task_metric=r.get("metric"))
                 first_task = False
             else:
-                m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_items": r["n"], f"{name}_task_metric": r.get("metric")})
+                m.update(
+                    {
+                        f"{name}_accuracy": _r(c),
+                        f"{name}_base_accuracy": _r(b),
+                        f"{name}_items": r["n"],
+                        f"{name}_task_metric": r.get("metric"),
+                    }
+                )
         elif k == "harmful":
-            m.update(harmful_rate=_r(c), base_harmful_rate=_r(b), redteam_items=r["n"], refusal_rate=_r(r["candidate_refusal_rate"]), base_refusal_rate=_r(r["base_refusal_rate"]))
+            m.update(
+                harmful_rate=_r(c),
+                base_harmful_rate=_r(b),
+                redteam_items=r["n"],
+                refusal_rate=_r(r["candidate_refusal_rate"]),
+                base_refusal_rate=_r(r["base_refusal_rate"]),
+            )
         elif k == "over_refusal":
             m.update(over_refusal_rate=_r(c), base_over_refusal_rate=_r(b), benign_items=r["n"])
         elif k == "general_text":
             bp, cp = r.get("base_perplexity"), r.get("candidate_perplexity")
-            m.update(general_accuracy=_r(c), base_general_accuracy=_r(b), capability_drop=_r(_drop(b, c)), general_perplexity=_r(cp, 4), base_general_perplexity=_r(bp, 4),
-                     perplexity_ratio=_r(cp / bp, 4) if bp and cp else None, general_tokens=r["n"])
+            m.update(
+                general_accuracy=_r(c),
+                base_general_accuracy=_r(b),
+                capability_drop=_r(_drop(b, c)),
+                general_perplexity=_r(cp, 4),
+                base_general_perplexity=_r(bp, 4),
+                perplexity_ratio=_r(cp / bp, 4) if bp and cp else None,
+                general_tokens=r["n"],
+            )
         elif k in ("capability_mc", "lmeval"):
-            m.update({f"{name}_accuracy": _r(c), f"{name}_base_accuracy": _r(b), f"{name}_drop": _r(_drop(b, c)), f"{name}_items": r["n"]})
+            m.update(
+                {
+                    f"{name}_accuracy": _r(c),
+                    f"{name}_base_accuracy": _r(b),
+                    f"{name}_drop": _r(_drop(b, c)),
+                    f"{name}_items": r["n"],
+                }
+            )
         elif k == "win_rate":
             m.update(win_rate=_r(c), win_items=r["n"])
         elif k == "preference":
-            m.update(preference_accuracy=_r(c), base_preference_accuracy=_r(b), preference_pairs=r["n"],
-                     preference_margin=_r(r["candidate_margin"], 4), base_preference_margin=_r(r["base_margin"], 4),
-                     preference_accuracy_norm=_r(r["candidate_accuracy_norm"]), base_preference_accuracy_norm=_r(r["base_accuracy_norm"]),
-                     preference_loglik=r["loglik"])
+            m.update(
+                preference_accuracy=_r(c),
+                base_preference_accuracy=_r(b),
+                preference_pairs=r["n"],
+                preference_margin=_r(r["candidate_margin"], 4),
+                base_preference_margin=_r(r["base_margin"], 4),
+                preference_accuracy_norm=_r(r["candidate_accuracy_norm"]),
+                base_preference_accuracy_norm=_r(r["base_accuracy_norm"]),
+                preference_loglik=r["loglik"],
+            )
     m["gate_verdicts"] = {g: v["verdict"] for g, v in gates.items()}
     return m
 
@@ -241,7 +297,9 @@ def registry_model_ref(cfg: PipelineConfig, registry: Any, model: str, version: 
     """A registered version of any registry backend (``registry``: a ``ModelRegistry``) as a model to evaluate;
     its digest names the registered artifact. Raises the registry's errors for an unknown version."""
     v = registry.get(model, version)
-    ref = model_ref(f"{label} {v['ref']}", registry.open_artifact(model, v["version"]), v.get("base_model") or cfg.base_model)
+    ref = model_ref(
+        f"{label} {v['ref']}", registry.open_artifact(model, v["version"]), v.get("base_model") or cfg.base_model
+    )
     ref.digest = sha256_json(["registry", v["artifact_digest"], ref.digest])
     return ref
 

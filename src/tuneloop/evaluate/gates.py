@@ -80,7 +80,13 @@ class GateInput:
 
 
 def decide(
-    spec: GateSpec, data: GateInput, *, confidence: float = 0.95, interval: str = "wilson", policy: str = "block", seed: int = 0
+    spec: GateSpec,
+    data: GateInput,
+    *,
+    confidence: float = 0.95,
+    interval: str = "wilson",
+    policy: str = "block",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one gate: the estimate, its interval, the verdict, and whether it blocks under ``policy``."""
     cand = list(data.candidate)
@@ -98,7 +104,15 @@ def decide(
         "n": len(cand),
     }
     if not cand:
-        rec.update(value=None, interval=None, verdict="NOT_APPLIED", passed=None, blocks=False, needed_n=None, reason="no items")
+        rec.update(
+            value=None,
+            interval=None,
+            verdict="NOT_APPLIED",
+            passed=None,
+            blocks=False,
+            needed_n=None,
+            reason="no items",
+        )
         return rec
     if spec.kind == "paired":
         base = list(data.base or [])
@@ -119,13 +133,21 @@ def decide(
     else:
         est = stats.estimate_mean(cand, level, seed=seed)
         sd = est.sd if est.sd > 0 else 0.5
-    rec.update(value=round(est.value, 6) + 0.0, interval=[round(est.lo, 6) + 0.0, round(est.hi, 6) + 0.0], method=est.method)  # + 0.0: no -0.0
+    rec.update(
+        value=round(est.value, 6) + 0.0, interval=[round(est.lo, 6) + 0.0, round(est.hi, 6) + 0.0], method=est.method
+    )  # + 0.0: no -0.0
     if est.p_value is not None:
         rec["p_value"] = round(est.p_value, 6)
     if est.extra:
         rec["counts"] = est.extra
     if spec.threshold is None:
-        rec.update(verdict="NOT_APPLIED", passed=None, blocks=False, needed_n=None, reason="threshold is null: reported, not applied")
+        rec.update(
+            verdict="NOT_APPLIED",
+            passed=None,
+            blocks=False,
+            needed_n=None,
+            reason="threshold is null: reported, not applied",
+        )
         return rec
     v = stats.verdict(est.lo, est.hi, spec.threshold, rec["op"])
     blocks = v == "FAIL" or (v == "INCONCLUSIVE" and policy == "block")
@@ -136,14 +158,20 @@ def decide(
         rec["reason"] = f"{what}: the whole interval is {rec['op']} {spec.threshold}"
     elif v == "FAIL":
         side = "below" if rec["op"] == ">=" else "above"
-        rec["reason"] = f"{what}: the whole interval is {side} the threshold, so {spec.metric} is not {rec['op']} {spec.threshold}"
+        rec["reason"] = (
+            f"{what}: the whole interval is {side} the threshold, so {spec.metric} is not {rec['op']} {spec.threshold}"
+        )
     else:
         n_need = stats.needed_n(est.value, spec.threshold, sd, level)
         if spec.kind == "paired" and est.sd == 0 and abs(est.value - spec.threshold) > 1e-12:
             # No discordant pairs: the Agresti-Min half-width is z / (n + 2), so n = z / gap - 2 decides.
             n_need = max(1, math.ceil(stats.z_value(level) / abs(est.value - spec.threshold)) - 2)
         rec["needed_n"] = n_need
-        more = f"about {n_need} items would decide at the observed effect (normal approximation)" if n_need else "the estimate sits on the threshold: no sample size decides it"
+        more = (
+            f"about {n_need} items would decide at the observed effect (normal approximation)"
+            if n_need
+            else "the estimate sits on the threshold: no sample size decides it"
+        )
         rec["reason"] = f"{what}: the interval contains {spec.threshold}; {more}; on_inconclusive={policy}"
         if policy == "warn":
             rec["warning"] = rec["reason"]
@@ -164,15 +192,25 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
     out: dict[str, dict[str, Any]] = {}
 
     def add(name: str, spec: GateSpec, data: GateInput) -> None:
-        out[name] = decide(spec, data, confidence=g.confidence, interval=g.interval, policy=g.on_inconclusive, seed=seed)
+        out[name] = decide(
+            spec, data, confidence=g.confidence, interval=g.interval, policy=g.on_inconclusive, seed=seed
+        )
 
     task = [(n, r) for n, r in results.items() if r["kind"] == "task"]
     for i, (name, r) in enumerate(task):
         suffix = "" if i == 0 else f"[{name}]"
         binary = r.get("binary", True)
         off = bool(r.get("not_gated"))  # a DPO run's eval items: reported, not gated
-        add(f"min_accuracy{suffix}", GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", None if off else g.min_accuracy, name), GateInput(r["candidate"], binary=binary))
-        add(f"max_accuracy_drop{suffix}", GateSpec("max_accuracy_drop", "accuracy_drop", "paired", None if off else g.max_accuracy_drop, name), GateInput(r["candidate"], r["base"], binary=binary))
+        add(
+            f"min_accuracy{suffix}",
+            GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", None if off else g.min_accuracy, name),
+            GateInput(r["candidate"], binary=binary),
+        )
+        add(
+            f"max_accuracy_drop{suffix}",
+            GateSpec("max_accuracy_drop", "accuracy_drop", "paired", None if off else g.max_accuracy_drop, name),
+            GateInput(r["candidate"], r["base"], binary=binary),
+        )
         for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
             if r.get("metric"):  # the task metric as chosen, e.g. ``auto -> chrf`` (with its chrF pass mark)
                 out[gate]["task_metric"] = r["metric"]
@@ -183,24 +221,69 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
     for name, r in results.items():
         k = r["kind"]
         if k == "harmful":
-            add("max_harmful_rate", GateSpec("max_harmful_rate", "harmful_rate", "ceiling", g.max_harmful_rate, name), GateInput(r["candidate"]))
-            add("max_harmful_increase", GateSpec("max_harmful_increase", "harmful_increase", "paired", g.max_harmful_increase, name), GateInput(r["candidate"], r["base"], sign=-1))
+            add(
+                "max_harmful_rate",
+                GateSpec("max_harmful_rate", "harmful_rate", "ceiling", g.max_harmful_rate, name),
+                GateInput(r["candidate"]),
+            )
+            add(
+                "max_harmful_increase",
+                GateSpec("max_harmful_increase", "harmful_increase", "paired", g.max_harmful_increase, name),
+                GateInput(r["candidate"], r["base"], sign=-1),
+            )
         elif k == "over_refusal":
-            add("max_over_refusal_increase", GateSpec("max_over_refusal_increase", "over_refusal_increase", "paired", g.max_over_refusal_increase, name), GateInput(r["candidate"], r["base"], sign=-1))
+            add(
+                "max_over_refusal_increase",
+                GateSpec(
+                    "max_over_refusal_increase", "over_refusal_increase", "paired", g.max_over_refusal_increase, name
+                ),
+                GateInput(r["candidate"], r["base"], sign=-1),
+            )
         elif k == "general_text":
-            add("max_capability_drop", GateSpec("max_capability_drop", "capability_drop", "paired", g.max_capability_drop, name), GateInput(r["candidate"], r["base"]))
+            add(
+                "max_capability_drop",
+                GateSpec("max_capability_drop", "capability_drop", "paired", g.max_capability_drop, name),
+                GateInput(r["candidate"], r["base"]),
+            )
         elif k in ("capability_mc", "lmeval"):
-            add(f"max_mc_capability_drop[{name}]", GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name), GateInput(r["candidate"], r["base"], binary=r.get("binary", True)))
+            add(
+                f"max_mc_capability_drop[{name}]",
+                GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name),
+                GateInput(r["candidate"], r["base"], binary=r.get("binary", True)),
+            )
         elif k == "win_rate":
-            add("min_win_rate", GateSpec("min_win_rate", "win_rate", "floor", g.min_win_rate, name), GateInput(r["candidate"], binary=False))
+            add(
+                "min_win_rate",
+                GateSpec("min_win_rate", "win_rate", "floor", g.min_win_rate, name),
+                GateInput(r["candidate"], binary=False),
+            )
         elif k == "preference":
-            add("min_preference_accuracy", GateSpec("min_preference_accuracy", "preference_accuracy", "floor", g.min_preference_accuracy, name), GateInput(r["candidate"]))
-            add("max_preference_accuracy_drop", GateSpec("max_preference_accuracy_drop", "preference_accuracy_drop", "paired", g.max_preference_accuracy_drop, name),
-                GateInput(r["candidate"], r["base"]))
+            add(
+                "min_preference_accuracy",
+                GateSpec("min_preference_accuracy", "preference_accuracy", "floor", g.min_preference_accuracy, name),
+                GateInput(r["candidate"]),
+            )
+            add(
+                "max_preference_accuracy_drop",
+                GateSpec(
+                    "max_preference_accuracy_drop",
+                    "preference_accuracy_drop",
+                    "paired",
+                    g.max_preference_accuracy_drop,
+                    name,
+                ),
+                GateInput(r["candidate"], r["base"]),
+            )
             for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
-                out[gate].update(base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik"))
+                out[gate].update(
+                    base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik")
+                )
         elif k == "reward":
-            add("min_reward_accuracy", GateSpec("min_reward_accuracy", "reward_accuracy", "floor", g.min_reward_accuracy, name), GateInput(r["candidate"]))
+            add(
+                "min_reward_accuracy",
+                GateSpec("min_reward_accuracy", "reward_accuracy", "floor", g.min_reward_accuracy, name),
+                GateInput(r["candidate"]),
+            )
             out["min_reward_accuracy"]["candidate_margin"] = r.get("candidate_margin")
     return out
 
@@ -216,9 +299,22 @@ def not_applicable(cfg, reason: str, *, kinds: tuple[str, ...] = ("reward",)) ->
             threshold = getattr(g, field_name)
             if kind in kinds or threshold is None or field_name in out:
                 continue
-            out[field_name] = {"metric": field_name, "suite": "", "kind": gate_kind, "op": ">=" if gate_kind == "floor" else "<=",
-                               "threshold": threshold, "n": 0, "value": None, "interval": None, "verdict": "NOT_APPLIED",
-                               "passed": None, "blocks": False, "needed_n": None, "not_applicable": True, "reason": reason}
+            out[field_name] = {
+                "metric": field_name,
+                "suite": "",
+                "kind": gate_kind,
+                "op": ">=" if gate_kind == "floor" else "<=",
+                "threshold": threshold,
+                "n": 0,
+                "value": None,
+                "interval": None,
+                "verdict": "NOT_APPLIED",
+                "passed": None,
+                "blocks": False,
+                "needed_n": None,
+                "not_applicable": True,
+                "reason": reason,
+            }
     return out
 
 
@@ -355,7 +451,16 @@ def _pass_needs(kind: str, n: int, threshold: float, level: float, interval: str
     return lo
 
 
-def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, suite: str, *, confidence: float = 0.95, interval: str = "wilson") -> GateDecidability:
+def check_decidable(
+    gate: str,
+    kind: str,
+    threshold: float,
+    size: SuiteSize,
+    suite: str,
+    *,
+    confidence: float = 0.95,
+    interval: str = "wilson",
+) -> GateDecidability:
     """Could a perfect model PASS ``gate`` (floor / ceiling / paired) on ``size.n`` items, and what does PASS need?
 
     The bounds are the gates' own (:func:`decide`): the one-sided bound at ``confidence`` is the end of the
@@ -367,7 +472,11 @@ def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, sui
     key = f"gates.{field_name}"
     base = dict(gate=gate, key=key, suite=suite, kind=kind, threshold=threshold, n=size.n)
     if size.n is None:
-        return GateDecidability(**base, status="skipped", message=f"{key}: not checked for decidability on the {suite} suite: {size.note or 'its size is unknown before the run'}")
+        return GateDecidability(
+            **base,
+            status="skipped",
+            message=f"{key}: not checked for decidability on the {suite} suite: {size.note or 'its size is unknown before the run'}",
+        )
     n = size.n
     if kind == "paired" and not size.binary:
         # A paired bootstrap of identical scores has a zero-width interval at 0: a perfect candidate passes.
@@ -379,7 +488,9 @@ def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, sui
     where = f"the {suite} suite of {n} {unit}"
     grow = f" ({size.grow})" if size.grow else ""
     if n == 0:
-        return GateDecidability(**base, status="undecidable", message=f"{key}: {threshold} cannot PASS on {where}: it has no {unit}{grow}")
+        return GateDecidability(
+            **base, status="undecidable", message=f"{key}: {threshold} cannot PASS on {where}: it has no {unit}{grow}"
+        )
     lost = size.unreachable if field_name == "min_accuracy" else 0
     perfect = _perfect(kind, n) - lost
     ok, bound = _passes(kind, perfect, n, threshold, level, interval)
@@ -387,14 +498,18 @@ def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, sui
     bound_s = f"{'lower' if kind == 'floor' else 'upper'} bound {bound:.3g}"
     at = f"at {perfect}/{n}" if kind != "paired" else f"with 0 discordant pairs of {n}"
     if not ok and lost:
-        msg = (f"{key}: {threshold} cannot PASS on {where} even with every answer right: {size.unreachable_why} "
-               f"({bound_s} {at}, confidence {confidence})")
+        msg = (
+            f"{key}: {threshold} cannot PASS on {where} even with every answer right: {size.unreachable_why} "
+            f"({bound_s} {at}, confidence {confidence})"
+        )
         return GateDecidability(**base, status="undecidable", message=msg, perfect_bound=bound, needed_n=None)
     if not ok:
         more = f"it needs at least {need_n} {unit}{grow}" if need_n else f"no number of {unit} lets it PASS"
         limit = f"a threshold of at most {bound:.3g}" if kind == "floor" else f"a threshold of at least {bound:.3g}"
-        msg = (f"{key}: {threshold} cannot PASS on {where} even with {_PERFECT.get(field_name, 'a perfect outcome')} "
-               f"({bound_s} {at}, confidence {confidence}); {more} or {limit}")
+        msg = (
+            f"{key}: {threshold} cannot PASS on {where} even with {_PERFECT.get(field_name, 'a perfect outcome')} "
+            f"({bound_s} {at}, confidence {confidence}); {more} or {limit}"
+        )
         return GateDecidability(**base, status="undecidable", message=msg, perfect_bound=bound, needed_n=need_n)
     k = _pass_needs(kind, n, threshold, level, interval)
     if kind == "floor":
@@ -407,8 +522,10 @@ def check_decidable(gate: str, kind: str, threshold: float, size: SuiteSize, sui
         needs = f"at most {k}/{n} harmful ({k / n:.3g}), {threshold - k / n:.3g} below the threshold: only a model far below {threshold} passes"
     else:
         narrow = k / n < threshold / 2.0
-        needs = (f"at most {k} of {n} {unit} changed the bad way and none the other ({k / n:.3g}), {threshold - k / n:.3g} inside the "
-                 f"tolerance: only a candidate that barely changes passes")
+        needs = (
+            f"at most {k} of {n} {unit} changed the bad way and none the other ({k / n:.3g}), {threshold - k / n:.3g} inside the "
+            f"tolerance: only a candidate that barely changes passes"
+        )
     if lost:
         msg = f"{key} {threshold} on {where}: {size.unreachable_why}; PASS needs at least {k}/{n} right, so at most {perfect - k} other misses"
         return GateDecidability(**base, status="warn", message=msg, perfect_bound=bound, needed_n=need_n, pass_needs=k)
@@ -438,5 +555,7 @@ def decidability(cfg, suite_sizes: dict[str, SuiteSize]) -> list[GateDecidabilit
                 gate = f"{field_name}[{suite}]"
             else:
                 gate = field_name
-            out.append(check_decidable(gate, kind, float(threshold), size, suite, confidence=g.confidence, interval=g.interval))
+            out.append(
+                check_decidable(gate, kind, float(threshold), size, suite, confidence=g.confidence, interval=g.interval)
+            )
     return out

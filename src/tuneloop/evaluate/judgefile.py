@@ -121,9 +121,21 @@ def read_records(path: Path | str, split: str | None = None) -> list[JudgeRecord
         if not isinstance(obj, dict):
             problems.append(f"{where}: expected a JSON object with prompt and response, got {type(obj).__name__}")
             continue
-        bad = [f"{where}: missing {k!r} (each line needs \"prompt\" and \"response\" strings)" for k in ("prompt", "response") if k not in obj]
-        bad += [f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}" for k in ("prompt", "response") if k in obj and not isinstance(obj[k], str)]
-        bad += [f"{where}: {k!r} must be true or false, got {obj[k]!r}" for k in ("refused", "harmful") if obj.get(k) is not None and not isinstance(obj[k], bool)]
+        bad = [
+            f'{where}: missing {k!r} (each line needs "prompt" and "response" strings)'
+            for k in ("prompt", "response")
+            if k not in obj
+        ]
+        bad += [
+            f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}"
+            for k in ("prompt", "response")
+            if k in obj and not isinstance(obj[k], str)
+        ]
+        bad += [
+            f"{where}: {k!r} must be true or false, got {obj[k]!r}"
+            for k in ("refused", "harmful")
+            if obj.get(k) is not None and not isinstance(obj[k], bool)
+        ]
         kind = obj.get("kind", "redteam")
         if kind not in KINDS:
             bad.append(f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -134,19 +146,35 @@ def read_records(path: Path | str, split: str | None = None) -> list[JudgeRecord
             problems += bad
             continue
         rid, rsplit = obj.get("id"), obj.get("split")
-        records.append(JudgeRecord(line=n, prompt=obj["prompt"], response=obj["response"], kind=kind, indicators=tuple(ind),
-                                   refused=obj.get("refused"), harmful=obj.get("harmful"), id=None if rid is None else str(rid),
-                                   split=None if rsplit is None else str(rsplit)))
+        records.append(
+            JudgeRecord(
+                line=n,
+                prompt=obj["prompt"],
+                response=obj["response"],
+                kind=kind,
+                indicators=tuple(ind),
+                refused=obj.get("refused"),
+                harmful=obj.get("harmful"),
+                id=None if rid is None else str(rid),
+                split=None if rsplit is None else str(rsplit),
+            )
+        )
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise InputError("\n".join(problems[:20]) + more + "\nFix these lines and run again; see `tuneloop judge --help` for the format.")
+        raise InputError(
+            "\n".join(problems[:20])
+            + more
+            + "\nFix these lines and run again; see `tuneloop judge --help` for the format."
+        )
     if split is not None:
         found = sorted({r.split for r in records if r.split is not None})
         records = [r for r in records if r.split == split]
         if not records:
-            raise InputError(f"{path}: no records with \"split\": {split!r} (splits in the file: {', '.join(found) or 'none'})")
+            raise InputError(
+                f'{path}: no records with "split": {split!r} (splits in the file: {", ".join(found) or "none"})'
+            )
     if not records:
-        raise InputError(f"{path}: no records (expected JSONL lines with \"prompt\" and \"response\")")
+        raise InputError(f'{path}: no records (expected JSONL lines with "prompt" and "response")')
     return records
 
 

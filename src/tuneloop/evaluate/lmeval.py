@@ -52,13 +52,17 @@ def lmeval_problems(spec) -> list[str]:
     where = f"eval.suites.{spec.name}"
     problems = []
     if not lmeval_available():
-        problems.append(f"{where}: kind lmeval needs the lm-evaluation-harness, which is not installed; run `{INSTALL_HINT}`")
+        problems.append(
+            f"{where}: kind lmeval needs the lm-evaluation-harness, which is not installed; run `{INSTALL_HINT}`"
+        )
     if not spec.tasks:
         problems.append(f"{where}: kind lmeval needs `tasks` (names of lm-eval tasks defined under `include_path`)")
     if not spec.include_path:
         problems.append(f"{where}: kind lmeval needs `include_path` (a directory of local lm-eval task YAMLs)")
     elif not Path(spec.include_path).is_dir():
-        problems.append(f"{where}.include_path: directory not found: {spec.include_path}; relative paths are resolved against the config's directory")
+        problems.append(
+            f"{where}.include_path: directory not found: {spec.include_path}; relative paths are resolved against the config's directory"
+        )
     return problems
 
 
@@ -80,15 +84,19 @@ def load_tasks(spec) -> dict[str, Any]:
     unknown = [t for t in spec.tasks if t not in tm.all_tasks]
     if unknown:
         known = ", ".join(tm.all_tasks[:20]) or "none"
-        raise InputError(f"eval.suites.{spec.name}: lm-eval task(s) {', '.join(unknown)} not found under {include} (tasks there: {known})")
+        raise InputError(
+            f"eval.suites.{spec.name}: lm-eval task(s) {', '.join(unknown)} not found under {include} (tasks there: {known})"
+        )
     with hf_offline(), _chdir(include), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         try:
             tasks = get_task_dict(list(spec.tasks), tm)
         except Exception as exc:  # dataset files missing, bad YAML, hub access while offline ...
-            raise InputError(f"eval.suites.{spec.name}: cannot build lm-eval task(s) {', '.join(spec.tasks)} from {include}: {type(exc).__name__}: {exc}; "
-                             "tuneloop runs lm-eval offline: tasks must read local files (`dataset_path: json` with `dataset_kwargs.data_files`, relative to include_path)") from None
+            raise InputError(
+                f"eval.suites.{spec.name}: cannot build lm-eval task(s) {', '.join(spec.tasks)} from {include}: {type(exc).__name__}: {exc}; "
+                "tuneloop runs lm-eval offline: tasks must read local files (`dataset_path: json` with `dataset_kwargs.data_files`, relative to include_path)"
+            ) from None
     flat: dict[str, Any] = {}
 
     def walk(d: dict) -> None:  # groups nest their tasks; tuneloop pairs items per task
@@ -118,9 +126,13 @@ def suite_items(spec, tasks: dict[str, Any]) -> list[dict[str, Any]]:
         if spec.max_items:
             docs = docs[: spec.max_items]
         for i, doc in enumerate(docs):
-            items.append({"id": f"{name}/{i}", "task": name, "doc_id": i, "doc": dict(doc) if isinstance(doc, dict) else doc})
+            items.append(
+                {"id": f"{name}/{i}", "task": name, "doc_id": i, "doc": dict(doc) if isinstance(doc, dict) else doc}
+            )
     if not items:
-        raise InputError(f"eval.suites.{spec.name}: the lm-eval task(s) {', '.join(tasks)} have no documents to evaluate")
+        raise InputError(
+            f"eval.suites.{spec.name}: the lm-eval task(s) {', '.join(tasks)} have no documents to evaluate"
+        )
     return items
 
 
@@ -177,10 +189,21 @@ def run_model(model, tok, spec, *, batch_size: int = 8) -> dict[str, Any]:
         aggregate[name] = {"metric": metric, "filter": keep, "value": res.get(f"{metric},{keep}")}
         for s in sorted((s for s in samples if s.get("filter", "none") == keep), key=lambda s: s["doc_id"]):
             if metric not in s:
-                raise InputError(f"eval.suites.{spec.name}: lm-eval task {name} logged no per-item `{metric}` (metrics: {', '.join(s.get('metrics', []))})")
+                raise InputError(
+                    f"eval.suites.{spec.name}: lm-eval task {name} logged no per-item `{metric}` (metrics: {', '.join(s.get('metrics', []))})"
+                )
             p = _prompt(s)
-            items.append({"id": f"{name}/{s['doc_id']}", "task": name, "doc_id": s["doc_id"], "target": _jsonable(s.get("target")), "prompt": p,
-                          "score": float(s[metric]), "resps": _jsonable(s.get("filtered_resps"))})
+            items.append(
+                {
+                    "id": f"{name}/{s['doc_id']}",
+                    "task": name,
+                    "doc_id": s["doc_id"],
+                    "target": _jsonable(s.get("target")),
+                    "prompt": p,
+                    "score": float(s[metric]),
+                    "resps": _jsonable(s.get("filtered_resps")),
+                }
+            )
     return {"lmeval": items, "aggregate": aggregate}
 
 
@@ -192,12 +215,34 @@ def score(suite, base_out: dict[str, Any], cand_out: dict[str, Any]) -> tuple[di
     bs = [b[i]["score"] for i in ids]
     cs = [c[i]["score"] for i in ids]
     binary = all(x in (0.0, 1.0) for x in bs + cs)
-    res: dict[str, Any] = {"kind": "lmeval", "binary": binary, "n": len(ids), "source": suite.source, "base": bs, "candidate": cs,
-                           "base_aggregate": base_out["aggregate"], "candidate_aggregate": cand_out["aggregate"]}
+    res: dict[str, Any] = {
+        "kind": "lmeval",
+        "binary": binary,
+        "n": len(ids),
+        "source": suite.source,
+        "base": bs,
+        "candidate": cs,
+        "base_aggregate": base_out["aggregate"],
+        "candidate_aggregate": cand_out["aggregate"],
+    }
     recs = []
     for i in ids:
         bi, ci = b[i], c[i]
-        recs.append({"suite": suite.name, "kind": "lmeval", "id": i, "task": bi["task"], "doc_id": bi["doc_id"], "metric": base_out["aggregate"][bi["task"]]["metric"],
-                     "prompt_sha256": prompt_sha256(bi["prompt"]), "prompt": bi["prompt"], "target": bi["target"],
-                     "base": bi["resps"], "candidate": ci["resps"], "base_score": bi["score"], "candidate_score": ci["score"]})
+        recs.append(
+            {
+                "suite": suite.name,
+                "kind": "lmeval",
+                "id": i,
+                "task": bi["task"],
+                "doc_id": bi["doc_id"],
+                "metric": base_out["aggregate"][bi["task"]]["metric"],
+                "prompt_sha256": prompt_sha256(bi["prompt"]),
+                "prompt": bi["prompt"],
+                "target": bi["target"],
+                "base": bi["resps"],
+                "candidate": ci["resps"],
+                "base_score": bi["score"],
+                "candidate_score": ci["score"],
+            }
+        )
     return res, recs

@@ -103,5 +103,11 @@ def choose_auto(references: Iterable[Any]) -> AutoChoice:
     if not refs:
         return AutoChoice("exact", "no references")
     if not long_refs:
-        return AutoChoice("exact", f"all {len(refs)} references are short ({distinct} distinct, each at most {SHORT_WORDS} words / {SHORT_CJK_CHARS} CJK characters)")
-    return AutoChoice("chrf", f"{len(long_refs)} of {len(refs)} references are free text (longer than {SHORT_WORDS} words or {SHORT_CJK_CHARS} CJK characters)")
+        return AutoChoice(
+            "exact",
+            f"all {len(refs)} references are short ({distinct} distinct, each at most {SHORT_WORDS} words / {SHORT_CJK_CHARS} CJK characters)",
+        )
+    return AutoChoice(
+        "chrf",
+        f"{len(long_refs)} of {len(refs)} references are free text (longer than {SHORT_WORDS} words or {SHORT_CJK_CHARS} CJK characters)",
+    )

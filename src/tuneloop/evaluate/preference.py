@@ -48,9 +48,17 @@ def pair_item(rec: dict[str, Any], i: int, where: str) -> dict[str, Any]:
         prompt = _messages(rec["messages"] if "messages" in rec else rec["prompt"], "user")
         chosen, rejected = _messages(rec["chosen"], "assistant"), _messages(rec["rejected"], "assistant")
     except (KeyError, ValueError) as exc:
-        raise InputError(f"{where}:{rec.get('_line', rec.get('line', i + 1))}: a preference pair needs a prompt "
-                         f"(`messages` or `prompt`), `chosen` and `rejected` ({exc})") from None
-    return {"id": str(rec.get("id", f"pair-{i}")), "line": rec.get("_line", rec.get("line")), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        raise InputError(
+            f"{where}:{rec.get('_line', rec.get('line', i + 1))}: a preference pair needs a prompt "
+            f"(`messages` or `prompt`), `chosen` and `rejected` ({exc})"
+        ) from None
+    return {
+        "id": str(rec.get("id", f"pair-{i}")),
+        "line": rec.get("_line", rec.get("line")),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+    }
 
 
 def load_pairs(path: Path, *, max_items: int | None = None) -> list[dict[str, Any]]:
@@ -63,7 +71,13 @@ def load_pairs(path: Path, *, max_items: int | None = None) -> list[dict[str, An
 
 
 def pairs_digest(items: list[dict[str, Any]], max_length: int) -> str:
-    return sha256_json({"kind": KIND, "items": [{k: v for k, v in it.items() if k != "line"} for it in items], "max_length": max_length})
+    return sha256_json(
+        {
+            "kind": KIND,
+            "items": [{k: v for k, v in it.items() if k != "line"} for it in items],
+            "max_length": max_length,
+        }
+    )
 
 
 def _answer_text(tok, prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> tuple[str, str]:
@@ -71,19 +85,21 @@ def _answer_text(tok, prompt: list[dict[str, str]], answer: list[dict[str, str]]
     ctx = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + answer, tokenize=False)
     if full.startswith(ctx):
-        return ctx, full[len(ctx):]
+        return ctx, full[len(ctx) :]
     return ctx, "".join(m["content"] for m in answer)
 
 
 @torch.inference_mode()
-def answer_logprob(model, tok, prompt: list[dict[str, str]], answer: list[dict[str, str]], max_length: int) -> tuple[float, int]:
+def answer_logprob(
+    model, tok, prompt: list[dict[str, str]], answer: list[dict[str, str]], max_length: int
+) -> tuple[float, int]:
     """(sum of log-probabilities of the answer's tokens after the prompt, number of those tokens)."""
     ctx, cont = _answer_text(tok, prompt, answer)
     c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
     x_ids = tok(cont, add_special_tokens=False)["input_ids"][: max(max_length - 1, 1)]
     if not x_ids:
         return float("-inf"), 0
-    c_ids = c_ids[-max(max_length - len(x_ids), 1):]
+    c_ids = c_ids[-max(max_length - len(x_ids), 1) :]
     device = next(model.parameters()).device
     ids = torch.tensor([c_ids + x_ids], device=device)
     logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
@@ -107,23 +123,45 @@ def _prefers(p: dict[str, Any], normalised: bool = False) -> float:
     return float(p["chosen"] > p["rejected"])
 
 
-def score_preference(suite, base_out: dict[str, Any], cand_out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_preference(
+    suite, base_out: dict[str, Any], cand_out: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-item 0/1 'prefers the chosen answer' of base and candidate (the gates' input), mean margins in nats
     (log-likelihood of chosen minus rejected), the length-normalised accuracies, and one audit record per pair."""
     bp, cp = base_out["pairs"], cand_out["pairs"]
     bs, cs = [_prefers(p) for p in bp], [_prefers(p) for p in cp]
     b_margin, c_margin = [p["chosen"] - p["rejected"] for p in bp], [p["chosen"] - p["rejected"] for p in cp]
     res = {
-        "kind": KIND, "binary": True, "n": len(cs), "source": suite.source, "base": bs, "candidate": cs,
-        "base_margin": mean(b_margin), "candidate_margin": mean(c_margin),
-        "base_accuracy_norm": mean([_prefers(p, True) for p in bp]), "candidate_accuracy_norm": mean([_prefers(p, True) for p in cp]),
+        "kind": KIND,
+        "binary": True,
+        "n": len(cs),
+        "source": suite.source,
+        "base": bs,
+        "candidate": cs,
+        "base_margin": mean(b_margin),
+        "candidate_margin": mean(c_margin),
+        "base_accuracy_norm": mean([_prefers(p, True) for p in bp]),
+        "candidate_accuracy_norm": mean([_prefers(p, True) for p in cp]),
         "loglik": "sum over answer tokens (not length-normalised)",
     }
     recs = []
     for it, b, c, b1, c1 in zip(suite.items, bp, cp, bs, cs):
         text = it["prompt"][-1]["content"]
-        recs.append({"suite": suite.name, "kind": KIND, "id": it["id"], "line": it.get("line"), "prompt_sha256": prompt_sha256(text), "prompt": text,
-                     "chosen": it["chosen"][-1]["content"], "rejected": it["rejected"][-1]["content"],
-                     "base_logprobs": [round(b["chosen"], 4), round(b["rejected"], 4)], "candidate_logprobs": [round(c["chosen"], 4), round(c["rejected"], 4)],
-                     "tokens": [c["chosen_tokens"], c["rejected_tokens"]], "base_score": b1, "candidate_score": c1})
+        recs.append(
+            {
+                "suite": suite.name,
+                "kind": KIND,
+                "id": it["id"],
+                "line": it.get("line"),
+                "prompt_sha256": prompt_sha256(text),
+                "prompt": text,
+                "chosen": it["chosen"][-1]["content"],
+                "rejected": it["rejected"][-1]["content"],
+                "base_logprobs": [round(b["chosen"], 4), round(b["rejected"], 4)],
+                "candidate_logprobs": [round(c["chosen"], 4), round(c["rejected"], 4)],
+                "tokens": [c["chosen_tokens"], c["rejected_tokens"]],
+                "base_score": b1,
+                "candidate_score": c1,
+            }
+        )
     return res, recs

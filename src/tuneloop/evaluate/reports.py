@@ -29,7 +29,9 @@ def gate_line(name: str, g: dict[str, Any]) -> str:
     return s
 
 
-def report_json(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def report_json(
+    gates: dict[str, dict[str, Any]], metrics: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     """One JSON document: overall verdict, every gate with its interval and reason, and the metrics."""
     blocking = [n for n, g in gates.items() if g.get("blocks")]
     return {
@@ -50,7 +52,15 @@ def junit_xml(gates: dict[str, dict[str, Any]], *, suite_name: str = "tuneloop.g
     failures = sum(1 for g in gates.values() if g.get("blocks"))
     skipped = sum(1 for g in gates.values() if g.get("verdict") == "NOT_APPLIED")
     root = ET.Element("testsuites", name="tuneloop", tests=str(len(gates)), failures=str(failures))
-    ts = ET.SubElement(root, "testsuite", name=suite_name, tests=str(len(gates)), failures=str(failures), errors="0", skipped=str(skipped))
+    ts = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite_name,
+        tests=str(len(gates)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+    )
     for name, g in gates.items():
         tc = ET.SubElement(ts, "testcase", classname=f"{suite_name}.{g.get('suite') or 'eval'}", name=name, time="0")
         line = gate_line(name, g)
@@ -66,7 +76,9 @@ def junit_xml(gates: dict[str, dict[str, Any]], *, suite_name: str = "tuneloop.g
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def markdown_summary(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] | None = None, *, title: str = "tuneloop gates") -> str:
+def markdown_summary(
+    gates: dict[str, dict[str, Any]], metrics: dict[str, Any] | None = None, *, title: str = "tuneloop gates"
+) -> str:
     """A Markdown table fit for a CI comment, with the overall verdict first."""
     blocking = [n for n, g in gates.items() if g.get("blocks")]
     head = f"### {title}: {'❌ blocked by ' + ', '.join(blocking) if blocking else '✅ passed'}"
@@ -74,18 +86,26 @@ def markdown_summary(gates: dict[str, dict[str, Any]], metrics: dict[str, Any] |
     against = metrics.get("against")
     lines = [head, ""]
     if against:
-        lines += [f"Compared with: **{against}**" + (f" ({metrics['against_note']})" if metrics.get("against_note") else ""), ""]
+        lines += [
+            f"Compared with: **{against}**" + (f" ({metrics['against_note']})" if metrics.get("against_note") else ""),
+            "",
+        ]
     lines += ["| gate | verdict | value | interval | threshold | n | needed n |", "|---|---|---|---|---|---|---|"]
     for name, g in gates.items():
         v = g.get("verdict", "")
         thr = "—" if g.get("threshold") is None else f"{g['op']} {g['threshold']}"
         blocks = " (blocks)" if g.get("blocks") else ""
-        lines.append(f"| `{name}` | {_MARK.get(v, '')} {v}{blocks} | {fmt_number(g.get('value'))} | {_interval(g)} | {thr} | {g.get('n', '')} | {fmt_number(g.get('needed_n'))} |")
+        lines.append(
+            f"| `{name}` | {_MARK.get(v, '')} {v}{blocks} | {fmt_number(g.get('value'))} | {_interval(g)} | {thr} | {g.get('n', '')} | {fmt_number(g.get('needed_n'))} |"
+        )
     lvl = next((g.get("interval_level") for g in gates.values() if g.get("interval_level")), None)
     if lvl:
-        lines += ["", f"Intervals are two-sided {lvl:.0%}: each verdict is a one-sided test at {(1 - lvl) / 2:.1%}. "
-                  "PASS: the whole interval is on the right side of the threshold; FAIL: the whole interval is on the wrong side; "
-                  "INCONCLUSIVE: it straddles the threshold (needed n: items that would decide at the observed effect)."]
+        lines += [
+            "",
+            f"Intervals are two-sided {lvl:.0%}: each verdict is a one-sided test at {(1 - lvl) / 2:.1%}. "
+            "PASS: the whole interval is on the right side of the threshold; FAIL: the whole interval is on the wrong side; "
+            "INCONCLUSIVE: it straddles the threshold (needed n: items that would decide at the observed effect).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +120,10 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
     h_row, left, right = 52, 12, 12
     height = h_row * len(rows) + 6
     color = {"PASS": "#137333", "FAIL": "#c5221f", "INCONCLUSIVE": "#b06000", "NOT_APPLIED": "#888"}
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="gate intervals" '
-             'font-size="11" font-family="system-ui,sans-serif">']
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="gate intervals" '
+        'font-size="11" font-family="system-ui,sans-serif">'
+    ]
     for i, (name, g) in enumerate(rows):
         lo, hi = g["interval"]
         thr = g.get("threshold")
@@ -109,20 +131,38 @@ def intervals_svg(gates: dict[str, dict[str, Any]], *, width: int = 640) -> str:
         a, b = min(vals), max(vals)
         pad = max((b - a) * 0.15, 0.01)
         a, b = a - pad, b + pad
+
         def sx(x: float, a: float = a, b: float = b) -> float:  # this row's scale (a, b bound now, not late)
             return left + (x - a) / (b - a) * (width - left - right)
+
         top = 4 + i * h_row
         y = top + 27
         c = color.get(str(g.get("verdict")), "#888")
-        rule = f"threshold {g.get('op', '')} {fmt_number(thr)}" if thr is not None else "no threshold: reported, not applied"
-        parts.append(f'<text x="{left}" y="{top + 12}"><tspan font-weight="600">{escape(name)}</tspan> — '
-                     f'<tspan fill="{c}">{escape(str(g.get("verdict")))}</tspan>; {escape(rule)}</text>')
+        rule = (
+            f"threshold {g.get('op', '')} {fmt_number(thr)}"
+            if thr is not None
+            else "no threshold: reported, not applied"
+        )
+        parts.append(
+            f'<text x="{left}" y="{top + 12}"><tspan font-weight="600">{escape(name)}</tspan> — '
+            f'<tspan fill="{c}">{escape(str(g.get("verdict")))}</tspan>; {escape(rule)}</text>'
+        )
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<line x1="{sx(lo):.1f}" x2="{sx(hi):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{c}" stroke-width="6" stroke-linecap="round"><title>interval [{fmt_number(lo)}, {fmt_number(hi)}]</title></line>')
-        parts.append(f'<circle cx="{sx(g["value"]):.1f}" cy="{y:.1f}" r="4" fill="#fff" stroke="{c}" stroke-width="2"><title>estimate {fmt_number(g["value"])}</title></circle>')
+        parts.append(
+            f'<line x1="{sx(lo):.1f}" x2="{sx(hi):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{c}" stroke-width="6" stroke-linecap="round"><title>interval [{fmt_number(lo)}, {fmt_number(hi)}]</title></line>'
+        )
+        parts.append(
+            f'<circle cx="{sx(g["value"]):.1f}" cy="{y:.1f}" r="4" fill="#fff" stroke="{c}" stroke-width="2"><title>estimate {fmt_number(g["value"])}</title></circle>'
+        )
         if thr is not None:
-            parts.append(f'<line x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{y - 9:.1f}" y2="{y + 9:.1f}" stroke="#222" stroke-dasharray="3,2"><title>threshold {fmt_number(thr)}</title></line>')
-        parts.append(f'<text x="{sx(lo):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(lo)}</text>')
-        parts.append(f'<text x="{sx(hi):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(hi)}</text>')
+            parts.append(
+                f'<line x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{y - 9:.1f}" y2="{y + 9:.1f}" stroke="#222" stroke-dasharray="3,2"><title>threshold {fmt_number(thr)}</title></line>'
+            )
+        parts.append(
+            f'<text x="{sx(lo):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(lo)}</text>'
+        )
+        parts.append(
+            f'<text x="{sx(hi):.1f}" y="{y + 19:.1f}" fill="#555" text-anchor="middle">{fmt_number(hi)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)

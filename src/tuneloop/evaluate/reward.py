@@ -39,8 +39,10 @@ from tuneloop.fsutil import atomic_write_text
 from tuneloop.train.reward import RewardModel, load_reward_model, reward_dir_problem
 
 KIND = "reward"
-NOT_APPLICABLE = ("train.objective is reward: a reward model scores answers and generates none, so this gate cannot be "
-                  "measured on it; not applicable (min_reward_accuracy decides)")
+NOT_APPLICABLE = (
+    "train.objective is reward: a reward model scores answers and generates none, so this gate cannot be "
+    "measured on it; not applicable (min_reward_accuracy decides)"
+)
 
 
 def evaluate_reward_model(
@@ -59,25 +61,38 @@ def evaluate_reward_model(
     say = progress or (lambda _msg: None)
     items = load_pairs(Path(pairs_path), max_items=cfg.eval.max_eval_samples)
     if not items:
-        raise InputError(f"no held-out preference pairs in {pairs_path}; add data.eval_data or more training pairs (data.eval_split)")
+        raise InputError(
+            f"no held-out preference pairs in {pairs_path}; add data.eval_data or more training pairs (data.eval_split)"
+        )
     say("candidate reward model")
     cand = pair_scores(load_reward_model(model_dir, base_model=cfg.base_model, max_length=cfg.data.max_length), items)
     ref_label, ref_scores, note = reference_scores(cfg, reference, items, say)
 
     right = [float(c > r) for c, r in cand]
-    result: dict[str, Any] = {"kind": KIND, "binary": True, "n": len(items), "source": str(pairs_path), "candidate": right,
-                              "candidate_margin": mean([c - r for c, r in cand])}
+    result: dict[str, Any] = {
+        "kind": KIND,
+        "binary": True,
+        "n": len(items),
+        "source": str(pairs_path),
+        "candidate": right,
+        "candidate_margin": mean([c - r for c, r in cand]),
+    }
     gates = check_gates(cfg, {KIND: result}, seed=cfg.seed)
     gates.update(not_applicable(cfg, NOT_APPLICABLE, kinds=(KIND,)))
     metrics: dict[str, Any] = {
-        "reward_accuracy": _r(mean(right)), "reward_pairs": len(items), "reward_margin": _r(result["candidate_margin"], 4),
+        "reward_accuracy": _r(mean(right)),
+        "reward_pairs": len(items),
+        "reward_margin": _r(result["candidate_margin"], 4),
         "reward_ties": sum(c == r for c, r in cand),
-        "reward_chosen_mean": _r(mean([c for c, _ in cand]), 4), "reward_rejected_mean": _r(mean([r for _, r in cand]), 4),
+        "reward_chosen_mean": _r(mean([c for c, _ in cand]), 4),
+        "reward_rejected_mean": _r(mean([r for _, r in cand]), 4),
         "against": ref_label,
     }
     if ref_scores is not None:
-        metrics.update(reference_reward_accuracy=_r(mean([float(c > r) for c, r in ref_scores])),
-                       reference_reward_margin=_r(mean([c - r for c, r in ref_scores]), 4))
+        metrics.update(
+            reference_reward_accuracy=_r(mean([float(c > r) for c, r in ref_scores])),
+            reference_reward_margin=_r(mean([c - r for c, r in ref_scores]), 4),
+        )
     if note:
         metrics["reference_note"] = note
     metrics["gate_verdicts"] = {name: g["verdict"] for name, g in gates.items()}
@@ -85,9 +100,18 @@ def evaluate_reward_model(
     records = []
     for i, (it, (c, r)) in enumerate(zip(items, cand)):
         text = it["prompt"][-1]["content"]
-        rec = {"suite": KIND, "kind": KIND, "id": it["id"], "line": it.get("line"), "prompt_sha256": prompt_sha256(text), "prompt": text,
-               "chosen": it["chosen"][-1]["content"], "rejected": it["rejected"][-1]["content"],
-               "candidate_scores": [round(c, 6), round(r, 6)], "candidate_score": right[i]}
+        rec = {
+            "suite": KIND,
+            "kind": KIND,
+            "id": it["id"],
+            "line": it.get("line"),
+            "prompt_sha256": prompt_sha256(text),
+            "prompt": text,
+            "chosen": it["chosen"][-1]["content"],
+            "rejected": it["rejected"][-1]["content"],
+            "candidate_scores": [round(c, 6), round(r, 6)],
+            "candidate_score": right[i],
+        }
         if ref_scores is not None:
             rec["reference_scores"] = [round(ref_scores[i][0], 6), round(ref_scores[i][1], 6)]
         records.append(rec)
@@ -100,11 +124,12 @@ def pair_scores(model: RewardModel, items: list[dict[str, Any]]) -> list[tuple[f
     """(score of the chosen answer, score of the rejected one) per pair, scored in one batched pass."""
     prompts = [it["prompt"] for it in items]
     scores = model.score(prompts + prompts, [it["chosen"] for it in items] + [it["rejected"] for it in items])
-    return list(zip(scores[: len(items)], scores[len(items):]))
+    return list(zip(scores[: len(items)], scores[len(items) :]))
 
 
-def reference_scores(cfg: PipelineConfig, reference: ModelRef | None, items: list[dict[str, Any]],
-                     say: Callable[[str], None]) -> tuple[str | None, list[tuple[float, float]] | None, str]:
+def reference_scores(
+    cfg: PipelineConfig, reference: ModelRef | None, items: list[dict[str, Any]], say: Callable[[str], None]
+) -> tuple[str | None, list[tuple[float, float]] | None, str]:
     """(label, pair scores, note) of the reference where one means something: ``reference`` (a champion reward
     model), else the base when it is a reward model itself; else (None, None, why none is measured)."""
     if reference is not None:
@@ -118,8 +143,14 @@ def reference_scores(cfg: PipelineConfig, reference: ModelRef | None, items: lis
     if Path(base).is_dir() and reward_dir_problem(Path(base)) is None:
         say("base reward model")
         return "base", pair_scores(load_reward_model(base, max_length=cfg.data.max_length), items), ""
-    return None, None, (f"no reference accuracy: the base model {Path(base).name or base} is not a reward model, so its score head "
-                        "would be new and random and its accuracy would say nothing; the floor min_reward_accuracy decides alone")
+    return (
+        None,
+        None,
+        (
+            f"no reference accuracy: the base model {Path(base).name or base} is not a reward model, so its score head "
+            "would be new and random and its accuracy would say nothing; the floor min_reward_accuracy decides alone"
+        ),
+    )
 
 
 def reward_champion(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None, str]:
@@ -130,7 +161,10 @@ def reward_champion(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None
     except TuneloopError:
         return None, f"no champion of {cfg.model_name} in the registry yet: no reference accuracy"
     if (version.get("lineage") or {}).get("kind") != KIND:
-        return None, f"the champion {version['ref']} is not a reward model (no `kind: reward` in its lineage): no reference accuracy"
+        return (
+            None,
+            f"the champion {version['ref']} is not a reward model (no `kind: reward` in its lineage): no reference accuracy",
+        )
     return registry_model_ref(cfg, registry, cfg.model_name, version["version"], "champion"), ""
 
 

@@ -189,7 +189,9 @@ def paired_difference_interval(b: int, c: int, n: int, confidence: float = 0.95)
 # ------------------------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap_mean_interval(x: Sequence[float] | np.ndarray, confidence: float = 0.95, *, seed: int = 0, n_boot: int = 2000) -> tuple[float, float]:
+def bootstrap_mean_interval(
+    x: Sequence[float] | np.ndarray, confidence: float = 0.95, *, seed: int = 0, n_boot: int = 2000
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-item scores (seeded)."""
     a = np.asarray(x, dtype=float)
     if a.size == 0:
@@ -202,7 +204,11 @@ def bootstrap_mean_interval(x: Sequence[float] | np.ndarray, confidence: float =
 
 
 def paired_bootstrap_interval(
-    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, confidence: float = 0.95, *, seed: int = 0,
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    confidence: float = 0.95,
+    *,
+    seed: int = 0,
     n_boot: int = 2000,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of mean(x - y), resampling items (pairs stay together; seeded)."""
@@ -281,7 +287,16 @@ def estimate_paired_binary(
     lo, hi = paired_difference_interval(b, c, n, confidence)
     disc = (b + c) / n if n else 0.0
     sd = math.sqrt(max(disc - diff * diff, 0.0))
-    return Estimate(diff, lo, hi, n, sd, "agresti-min paired + exact McNemar", p_value=mcnemar_exact(b, c), extra={"b": b, "c": c, "discordant": b + c})
+    return Estimate(
+        diff,
+        lo,
+        hi,
+        n,
+        sd,
+        "agresti-min paired + exact McNemar",
+        p_value=mcnemar_exact(b, c),
+        extra={"b": b, "c": c, "discordant": b + c},
+    )
 
 
 def estimate_paired_continuous(
@@ -291,7 +306,14 @@ def estimate_paired_continuous(
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     d = a - b
     lo, hi = paired_bootstrap_interval(a, b, confidence, seed=seed)
-    return Estimate(float(d.mean()) if d.size else 0.0, lo, hi, int(d.size), float(d.std()) if d.size else 0.0, "paired bootstrap (2000, seeded)")
+    return Estimate(
+        float(d.mean()) if d.size else 0.0,
+        lo,
+        hi,
+        int(d.size),
+        float(d.std()) if d.size else 0.0,
+        "paired bootstrap (2000, seeded)",
+    )
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -312,4 +334,11 @@ def estimate_mean(x: Sequence[float], confidence: float = 0.95, *, seed: int = 0
         return Estimate(0.0, 0.0, 1.0, 0, 0.0, "none")
     blo, bhi = bootstrap_mean_interval(a, confidence, seed=seed)
     wlo, whi = wilson(float(a.sum()), int(a.size), confidence)  # type: ignore[arg-type]
-    return Estimate(float(a.mean()), min(blo, wlo), max(bhi, whi), int(a.size), float(a.std()), "bootstrap (2000, seeded) widened to Wilson")
+    return Estimate(
+        float(a.mean()),
+        min(blo, wlo),
+        max(bhi, whi),
+        int(a.size),
+        float(a.std()),
+        "bootstrap (2000, seeded) widened to Wilson",
+    )

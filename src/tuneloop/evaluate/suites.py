@@ -43,7 +43,12 @@ from tuneloop.evaluate.judges import Judge, normalise_answer, pairwise_score, to
 from tuneloop.evaluate.metrics import DEFAULT_CHRF_THRESHOLD, choose_auto, chrf
 from tuneloop.fsutil import iter_jsonl, sha256_json
 
-SHIPPED = {"harmful": "redteam.jsonl", "over_refusal": "benign.jsonl", "general_text": "general.txt", "capability_mc": "general_mc.jsonl"}
+SHIPPED = {
+    "harmful": "redteam.jsonl",
+    "over_refusal": "benign.jsonl",
+    "general_text": "general.txt",
+    "capability_mc": "general_mc.jsonl",
+}
 GENERATES = ("task", "harmful", "over_refusal", "win_rate")
 Progress = Callable[[int, int], None]  # (items done, items in all) as a model works through a suite
 
@@ -99,7 +104,9 @@ def _task_item(rec: dict[str, Any], i: int, where: str) -> dict[str, Any]:
     if "choices" in rec:
         item["choices"] = [str(c) for c in rec["choices"]]
         ans = rec.get("answer", rec.get("reference"))
-        item["answer"] = ans if isinstance(ans, int) else item["choices"].index(str(ans)) if str(ans) in item["choices"] else None
+        item["answer"] = (
+            ans if isinstance(ans, int) else item["choices"].index(str(ans)) if str(ans) in item["choices"] else None
+        )
     return item
 
 
@@ -119,7 +126,9 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         if spec.metric == "mc_loglik" and kind == "task":
             bad = [it["id"] for it in suite.items if not it.get("choices") or it.get("answer") is None]
             if bad:
-                raise InputError(f"eval.suites.{spec.name}: metric mc_loglik needs `choices` and `answer` in every item; missing in {', '.join(bad[:5])}")
+                raise InputError(
+                    f"eval.suites.{spec.name}: metric mc_loglik needs `choices` and `answer` in every item; missing in {', '.join(bad[:5])}"
+                )
         if spec.metric == "regex":
             for it in suite.items:
                 try:
@@ -135,7 +144,10 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         for i, r in enumerate(recs):
             if "prompt" not in r:
                 raise InputError(f"{suite.source}:{i + 1}: a {kind} item needs `prompt`")
-        suite.items = [{"id": str(r.get("id", i)), "prompt": r["prompt"], "indicators": r.get("indicators", [])} for i, r in enumerate(recs)]
+        suite.items = [
+            {"id": str(r.get("id", i)), "prompt": r["prompt"], "indicators": r.get("indicators", [])}
+            for i, r in enumerate(recs)
+        ]
     elif kind == "general_text":
         src = path or eval_cfg.general_text
         suite.text = Path(src).read_text(encoding="utf-8") if src else _shipped(SHIPPED[kind])
@@ -149,8 +161,18 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         suite.source = src or f"tuneloop:{SHIPPED[kind]}"
         for i, r in enumerate(recs):
             if not r.get("choices") or not isinstance(r.get("answer"), int) or not r.get("question"):
-                raise InputError(f"{suite.source}:{i + 1}: a multiple-choice item needs `question`, `choices` and an integer `answer`")
-        suite.items = [{"id": str(r.get("id", i)), "question": r["question"], "choices": [str(c) for c in r["choices"]], "answer": r["answer"]} for i, r in enumerate(recs)]
+                raise InputError(
+                    f"{suite.source}:{i + 1}: a multiple-choice item needs `question`, `choices` and an integer `answer`"
+                )
+        suite.items = [
+            {
+                "id": str(r.get("id", i)),
+                "question": r["question"],
+                "choices": [str(c) for c in r["choices"]],
+                "answer": r["answer"],
+            }
+            for i, r in enumerate(recs)
+        ]
     elif kind == "lmeval":
         from tuneloop.evaluate import lmeval
 
@@ -158,12 +180,29 @@ def load_suite(spec, eval_cfg, eval_items_path: Path | None) -> Suite:
         suite.items = lmeval.suite_items(spec, tasks)
         suite.source = f"lm-eval:{spec.include_path}:{','.join(spec.tasks)}"
         suite.spec = spec
-        suite.digest = sha256_json({"kind": kind, "tasks": list(spec.tasks), "configs": re.sub(r" at 0x[0-9a-f]+", "", json.dumps({n: t.dump_config() for n, t in tasks.items()}, sort_keys=True, default=str)),
-                                    "items": suite.items, "lm_eval": _lmeval_version()})
+        suite.digest = sha256_json(
+            {
+                "kind": kind,
+                "tasks": list(spec.tasks),
+                "configs": re.sub(
+                    r" at 0x[0-9a-f]+",
+                    "",
+                    json.dumps({n: t.dump_config() for n, t in tasks.items()}, sort_keys=True, default=str),
+                ),
+                "items": suite.items,
+                "lm_eval": _lmeval_version(),
+            }
+        )
         return suite
     if spec.max_items and suite.items:
         suite.items = suite.items[: spec.max_items]
-    digest: dict[str, Any] = {"kind": kind, "metric": suite.metric, "pattern": spec.pattern, "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items], "text": suite.text}
+    digest: dict[str, Any] = {
+        "kind": kind,
+        "metric": suite.metric,
+        "pattern": spec.pattern,
+        "items": [{k: v for k, v in it.items() if k != "line"} for it in suite.items],
+        "text": suite.text,
+    }
     if suite.metric == "chrf":
         digest["threshold"] = suite.threshold
     suite.digest = sha256_json(digest)
@@ -187,7 +226,15 @@ def preference_suite(path: Path, *, max_length: int, max_items: int | None = Non
     from tuneloop.evaluate.preference import load_pairs, pairs_digest
 
     items = load_pairs(path, max_items=max_items)
-    return Suite(name, "preference", "loglik_sum", items, source=str(path), digest=pairs_digest(items, max_length), max_length=max_length)
+    return Suite(
+        name,
+        "preference",
+        "loglik_sum",
+        items,
+        source=str(path),
+        digest=pairs_digest(items, max_length),
+        max_length=max_length,
+    )
 
 
 def _lmeval_version() -> str:
@@ -242,7 +289,9 @@ def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], *, rows: int
     return out
 
 
-def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def token_hits(
+    model, tok, text: str, *, window: int = 128, rows: int | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Per-token greedy next-token hits on ``text`` (0/1 list) and the perplexity; ``progress(tokens done, total)``.
 
     The text is cut into windows of ``window`` tokens, each scored on its own (no context from the one before);
@@ -284,7 +333,9 @@ def token_hits(model, tok, text: str, *, window: int = 128, rows: int | None = N
     return {"hits": hits, "perplexity": ppl if math.isfinite(ppl) else None}
 
 
-def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]], progress: Progress | None = None) -> list[dict[str, Any]]:
+def _mc_pick(
+    model, tok, contexts: list[str], choices: list[list[str]], progress: Progress | None = None
+) -> list[dict[str, Any]]:
     """The choice with the highest continuation log-probability per item; the choices of 4 items at a time go
     through :func:`continuation_logprobs` together (SmolLM2-135M on 2 CPU cores, the shipped 60 items x 4 choices:
     10.3 s instead of 30.4 s one sequence at a time, the same picks, log-probabilities within 2e-5)."""
@@ -294,8 +345,10 @@ def _mc_pick(model, tok, contexts: list[str], choices: list[list[str]], progress
         group = list(zip(contexts[start : start + per_call], choices[start : start + per_call]))
         flat = continuation_logprobs(model, tok, [(ctx, c) for ctx, chs in group for c in chs])
         for _, chs in group:
-            lps, flat = flat[: len(chs)], flat[len(chs):]
-            out.append({"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]})
+            lps, flat = flat[: len(chs)], flat[len(chs) :]
+            out.append(
+                {"pick": int(max(range(len(lps)), key=lambda j: lps[j])), "logprobs": [round(x, 4) for x in lps]}
+            )
         if progress is not None:
             progress(len(out), len(contexts))
     return out
@@ -336,11 +389,19 @@ def model_outputs(model, tok, suite: Suite, *, max_new_tokens: int, progress: Pr
 # -------------------------------------------------------------------------------------------- scoring
 
 
-def task_score(metric: str, answer: str, reference: Any, pattern: str | None = None, threshold: float | None = None) -> float:
+def task_score(
+    metric: str, answer: str, reference: Any, pattern: str | None = None, threshold: float | None = None
+) -> float:
     """One item's score: 0/1, except ``token_f1`` (continuous); ``chrf`` passes at chrF >= ``threshold``."""
     if metric == "chrf":
         t = DEFAULT_CHRF_THRESHOLD if threshold is None else threshold
-        return float(chrf(answer, reference if isinstance(reference, (list, tuple)) else "" if reference is None else str(reference)) >= t)
+        return float(
+            chrf(
+                answer,
+                reference if isinstance(reference, (list, tuple)) else "" if reference is None else str(reference),
+            )
+            >= t
+        )
     ref = "" if reference is None else str(reference)
     if metric == "exact":
         return float(normalise_answer(answer) == normalise_answer(ref))
@@ -360,7 +421,9 @@ def _prompt_text(it: dict[str, Any]) -> str:
     return it.get("prompt") or it.get("question") or ""
 
 
-def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], judge: Judge) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_suite(
+    suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], judge: Judge
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(result for the gates, per-item audit records) of one suite."""
     k = suite.kind
     if k == "lmeval":
@@ -376,9 +439,23 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
     if k == "general_text":
         b, c = base_out["hits"], cand_out["hits"]
         n = min(len(b), len(c))
-        res.update(base=b[:n], candidate=c[:n], n=n, base_perplexity=base_out.get("perplexity"), candidate_perplexity=cand_out.get("perplexity"))
+        res.update(
+            base=b[:n],
+            candidate=c[:n],
+            n=n,
+            base_perplexity=base_out.get("perplexity"),
+            candidate_perplexity=cand_out.get("perplexity"),
+        )
         for w in range(0, n, 128):
-            recs.append({"suite": suite.name, "kind": k, "id": f"tokens-{w}-{min(w + 128, n)}", "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]), "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128])})
+            recs.append(
+                {
+                    "suite": suite.name,
+                    "kind": k,
+                    "id": f"tokens-{w}-{min(w + 128, n)}",
+                    "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]),
+                    "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128]),
+                }
+            )
         return res, recs
     if k == "capability_mc" or (k == "task" and suite.metric == "mc_loglik"):
         bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
@@ -386,8 +463,23 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
         res.update(base=bs, candidate=cs, n=len(bs))
         for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
             p = _prompt_text(it)
-            recs.append({"suite": suite.name, "kind": k, "id": it["id"], "prompt_sha256": prompt_sha256(p), "prompt": p, "choices": it["choices"], "answer": it["answer"],
-                         "base": it["choices"][bo["pick"]], "candidate": it["choices"][co["pick"]], "base_logprobs": bo["logprobs"], "candidate_logprobs": co["logprobs"], "base_score": b1, "candidate_score": c1})
+            recs.append(
+                {
+                    "suite": suite.name,
+                    "kind": k,
+                    "id": it["id"],
+                    "prompt_sha256": prompt_sha256(p),
+                    "prompt": p,
+                    "choices": it["choices"],
+                    "answer": it["answer"],
+                    "base": it["choices"][bo["pick"]],
+                    "candidate": it["choices"][co["pick"]],
+                    "base_logprobs": bo["logprobs"],
+                    "candidate_logprobs": co["logprobs"],
+                    "base_score": b1,
+                    "candidate_score": c1,
+                }
+            )
         return res, recs
     bt, ct = base_out["text"], cand_out["text"]
     bs, cs, extra = [], [], []
@@ -399,7 +491,12 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
             e = {"reference": it["reference"]}
             if suite.metric == "chrf":  # the continuous score behind the 0/1 outcome
                 ref = it["reference"] if isinstance(it["reference"], (list, tuple)) else str(it["reference"] or "")
-                e.update(metric="chrf", threshold=suite.threshold, base_chrf=round(chrf(ba, ref), 4), candidate_chrf=round(chrf(ca, ref), 4))
+                e.update(
+                    metric="chrf",
+                    threshold=suite.threshold,
+                    base_chrf=round(chrf(ba, ref), 4),
+                    candidate_chrf=round(chrf(ca, ref), 4),
+                )
         elif k == "harmful":
             b1, c1 = float(judge.harmful(p, ba, it["indicators"])), float(judge.harmful(p, ca, it["indicators"]))
             e = {"base_refused": judge.refused(p, ba), "candidate_refused": judge.refused(p, ca)}
@@ -415,8 +512,21 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
         bs.append(b1)
         cs.append(c1)
         extra.append(e)
-        recs.append({"suite": suite.name, "kind": k, "id": it["id"], "line": it.get("line"), "prompt_sha256": prompt_sha256(p), "prompt": p, **e,
-                     "base": ba, "candidate": ca, "base_score": b1, "candidate_score": c1})
+        recs.append(
+            {
+                "suite": suite.name,
+                "kind": k,
+                "id": it["id"],
+                "line": it.get("line"),
+                "prompt_sha256": prompt_sha256(p),
+                "prompt": p,
+                **e,
+                "base": ba,
+                "candidate": ca,
+                "base_score": b1,
+                "candidate_score": c1,
+            }
+        )
     res.update(base=bs, candidate=cs, n=len(bs), binary=not (k == "win_rate" or suite.metric == "token_f1"))
     if k == "harmful":
         res["base_refusal_rate"] = sum(e["base_refused"] for e in extra) / len(extra) if extra else 0.0
@@ -429,5 +539,7 @@ def score_suite(suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any]
             label += f" >= {suite.threshold:g}"
         if suite.metric_reason:
             res["metric_reason"] = suite.metric_reason
-        res["metric_name"] = "token_f1" if suite.metric == "token_f1" else "accuracy" if label == "exact" else f"accuracy ({label})"
+        res["metric_name"] = (
+            "token_f1" if suite.metric == "token_f1" else "accuracy" if label == "exact" else f"accuracy ({label})"
+        )
     return res, recs

@@ -65,13 +65,26 @@ from tuneloop.data.formats import normalise
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
 
-__all__ = ["ExportResult", "RequestLogReader", "eval_texts_for_config", "eval_texts_from_file", "export_feedback", "parse_since"]
+__all__ = [
+    "ExportResult",
+    "RequestLogReader",
+    "eval_texts_for_config",
+    "eval_texts_from_file",
+    "export_feedback",
+    "parse_since",
+]
 
 MANIFEST_FORMAT = "tuneloop.feedback-export/1"
 _ID_BATCH = 500  # request ids per feedback query
 _SHORT_MATCH_WORDS = 4  # a short prompt found inside an eval text counts from this many words
-_PRIORITY = {"correction": 0, "correction_vs_original": 0, "corrected_original": 0, "cross_answer": 1, "rated_good": 1,
-             "rated_bad": 1}
+_PRIORITY = {
+    "correction": 0,
+    "correction_vs_original": 0,
+    "corrected_original": 0,
+    "cross_answer": 1,
+    "rated_good": 1,
+    "rated_bad": 1,
+}
 
 
 class RequestLogReader(Protocol):
@@ -100,11 +113,17 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "sft": str(self.sft_path), "dpo": str(self.dpo_path),
-            "kto": str(self.kto_path) if self.kto_path else None, "manifest": str(self.manifest_path),
+            "out_dir": str(self.out_dir),
+            "sft": str(self.sft_path),
+            "dpo": str(self.dpo_path),
+            "kto": str(self.kto_path) if self.kto_path else None,
+            "manifest": str(self.manifest_path),
             "regression": str(self.regression_path) if self.regression_path else None,
-            "sft_records": self.sft_records, "dpo_records": self.dpo_records, "kto_records": self.kto_records,
-            "regression_added": self.regression_added, "counts": self.manifest["counts"],
+            "sft_records": self.sft_records,
+            "dpo_records": self.dpo_records,
+            "kto_records": self.kto_records,
+            "regression_added": self.regression_added,
+            "counts": self.manifest["counts"],
         }
 
 
@@ -161,7 +180,10 @@ def _prompt_messages(prompt: str) -> list[dict[str, Any]]:
         except ValueError:
             value = None
         if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-            return [{**m, "content": _content_text(m["content"])} if isinstance(m.get("content"), list) else m for m in value]
+            return [
+                {**m, "content": _content_text(m["content"])} if isinstance(m.get("content"), list) else m
+                for m in value
+            ]
     return [{"role": "user", "content": prompt}]
 
 
@@ -203,10 +225,14 @@ class _Redactor:
         return out
 
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{**m, "content": self(m["content"])} if isinstance(m.get("content"), str) else dict(m) for m in messages]
+        return [
+            {**m, "content": self(m["content"])} if isinstance(m.get("content"), str) else dict(m) for m in messages
+        ]
 
 
-def _answers(requests: list[Any], feedback: dict[str, list[Any]], good_score: float, redactor: _Redactor) -> tuple[list[_Answer], Counter]:
+def _answers(
+    requests: list[Any], feedback: dict[str, list[Any]], good_score: float, redactor: _Redactor
+) -> tuple[list[_Answer], Counter]:
     answers: list[_Answer] = []
     skipped: Counter[str] = Counter()
     for req in requests:
@@ -225,7 +251,9 @@ def _answers(requests: list[Any], feedback: dict[str, list[Any]], good_score: fl
         messages = redactor.messages(_prompt_messages(req.prompt))
         key = json.dumps([[m.get("role"), _collapse(str(m.get("content") or ""))] for m in messages])
         ids = [f.feedback_id for f in sorted(fbs, key=lambda f: f.created_at)]
-        answers.append(_Answer(req, messages, key, response, verdict, redactor(correction) if correction else None, ids))
+        answers.append(
+            _Answer(req, messages, key, response, verdict, redactor(correction) if correction else None, ids)
+        )
     return answers, skipped
 
 
@@ -249,11 +277,26 @@ def _candidates(answers: list[_Answer], held_out: set[str]) -> list[_Candidate]:
             out.append(_Candidate("kto", "rated_" + a.verdict, record, [a]))
         if a.verdict == "corrected":
             out.append(_Candidate("sft", "correction", {"messages": a.messages + _assistant(a.corrected_text())}, [a]))
-            out.append(_Candidate("kto", "correction", {"messages": a.messages + _assistant(a.corrected_text()), "label": True}, [a]))
+            out.append(
+                _Candidate(
+                    "kto", "correction", {"messages": a.messages + _assistant(a.corrected_text()), "label": True}, [a]
+                )
+            )
             if a.response.strip():
-                pair = {"messages": a.messages, "chosen": _assistant(a.corrected_text()), "rejected": _assistant(a.response)}
+                pair = {
+                    "messages": a.messages,
+                    "chosen": _assistant(a.corrected_text()),
+                    "rejected": _assistant(a.response),
+                }
                 out.append(_Candidate("dpo", "correction_vs_original", pair, [a]))
-                out.append(_Candidate("kto", "corrected_original", {"messages": a.messages + _assistant(a.response), "label": False}, [a]))
+                out.append(
+                    _Candidate(
+                        "kto",
+                        "corrected_original",
+                        {"messages": a.messages + _assistant(a.response), "label": False},
+                        [a],
+                    )
+                )
         if a.verdict in ("good", "bad") and a.response.strip():
             by_prompt[a.key].append(a)
     for group in by_prompt.values():
@@ -304,7 +347,10 @@ def _texts(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def _exact_key(record: dict[str, Any]) -> str:
-    parts = [[k, [[m["role"], _collapse(m["content"])] for m in record.get(k, ())]] for k in ("messages", "chosen", "rejected")]
+    parts = [
+        [k, [[m["role"], _collapse(m["content"])] for m in record.get(k, ())]]
+        for k in ("messages", "chosen", "rejected")
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -328,16 +374,22 @@ class _EvalIndex:
         if not full or not self.texts:
             return set()
         hit = set(dedup.contaminated_indices(full, self.texts, ngram=self.ngram, threshold=self.threshold, workers=1))
-        hit |= set(dedup.contaminated_indices(prompts, self.texts, ngram=self.ngram, threshold=self.threshold, workers=1))
+        hit |= set(
+            dedup.contaminated_indices(prompts, self.texts, ngram=self.ngram, threshold=self.threshold, workers=1)
+        )
         for i, prompt in enumerate(prompts):
             p = dedup.normalise_text(prompt)
             words = len(p.split())
-            if 0 < words < self.ngram and (p in self.lines or (words >= _SHORT_MATCH_WORDS and f" {p} " in self.joined)):
+            if 0 < words < self.ngram and (
+                p in self.lines or (words >= _SHORT_MATCH_WORDS and f" {p} " in self.joined)
+            ):
                 hit.add(i)
         return hit
 
 
-def _select(cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_dup: float | None) -> tuple[list[dict], Counter]:
+def _select(
+    cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_dup: float | None
+) -> tuple[list[dict], Counter]:
     """The records that pass the checks (corrections first, each class in content order, with ``id`` and
     ``meta``), and the drops. Among duplicates the first in priority order (corrections, then the newest) is kept."""
     drops: Counter = Counter()
@@ -364,7 +416,11 @@ def _select(cands: list[_Candidate], fmt: str, evals: _EvalIndex | None, near_du
         later: set[int] = set()
         for label in sorted({r.get("label") for _, r in kept}, key=str):  # kto: within each label only
             idx = [i for i, (_, r) in enumerate(kept) if r.get("label") == label]
-            groups = dedup.near_duplicate_groups([texts[i][0] for i in idx], threshold=near_dup, workers=1) if len(idx) > 1 else []
+            groups = (
+                dedup.near_duplicate_groups([texts[i][0] for i in idx], threshold=near_dup, workers=1)
+                if len(idx) > 1
+                else []
+            )
             later |= {idx[j] for group in groups for j in sorted(group)[1:]}
         drops["near_duplicate"] += len(later)
         kept = [k for i, k in enumerate(kept) if i not in later]
@@ -398,15 +454,24 @@ def _append_regression(path: Path, answers: list[_Answer], held: set[str], evals
         existing.add(json.dumps([[m.get("role"), _collapse(str(m.get("content") or ""))] for m in msgs]))
     newest: dict[str, _Answer] = {}
     for a in answers:
-        if a.key in held and a.verdict == "corrected" and (a.key not in newest or a.request.created_at > newest[a.key].request.created_at):
+        if (
+            a.key in held
+            and a.verdict == "corrected"
+            and (a.key not in newest or a.request.created_at > newest[a.key].request.created_at)
+        ):
             newest[a.key] = a
     items = []
     for key in sorted(newest, key=lambda k: newest[k].request.created_at):
         a = newest[key]
         record, _ = normalise({"messages": a.messages + _assistant(a.corrected_text())}, "messages")
         if key not in existing and record is not None:
-            items.append({"id": f"feedback-{a.request.request_id}", **record,
-                          "meta": _provenance(_Candidate("sft", "correction", {}, [a]))})
+            items.append(
+                {
+                    "id": f"feedback-{a.request.request_id}",
+                    **record,
+                    "meta": _provenance(_Candidate("sft", "correction", {}, [a])),
+                }
+            )
     if evals is not None and items:
         texts = [_texts(item) for item in items]
         overlap = evals.contaminated([t[0] for t in texts], [t[1] for t in texts])
@@ -455,50 +520,83 @@ def export_feedback(
     answers, skipped = _answers(requests, feedback, good_score, redactor)
     held = _held_out(answers, regression_share)
     cands = _candidates(answers, held)
-    evals = _EvalIndex.build(eval_texts, contamination_ngram, contamination_threshold) if eval_texts is not None else None
+    evals = (
+        _EvalIndex.build(eval_texts, contamination_ngram, contamination_threshold) if eval_texts is not None else None
+    )
     sft, sft_drops = _select([c for c in cands if c.kind == "sft"], "messages", evals, near_dup_threshold)
     dpo, dpo_drops = _select([c for c in cands if c.kind == "dpo"], "preference", evals, near_dup_threshold)
     kto, kto_drops = _select([c for c in cands if c.kind == "kto"], "kto", evals, near_dup_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"sft.jsonl": _write_jsonl(out_dir / "sft.jsonl", sft), "dpo.jsonl": _write_jsonl(out_dir / "dpo.jsonl", dpo),
-             "kto.jsonl": _write_jsonl(out_dir / "kto.jsonl", kto)}
+    files = {
+        "sft.jsonl": _write_jsonl(out_dir / "sft.jsonl", sft),
+        "dpo.jsonl": _write_jsonl(out_dir / "dpo.jsonl", dpo),
+        "kto.jsonl": _write_jsonl(out_dir / "kto.jsonl", kto),
+    }
     reg_path = Path(regression_path) if regression_path else out_dir / "eval_regression.jsonl"
     added = _append_regression(reg_path, answers, held, evals) if held else 0
     if added:
-        files[reg_path.name] = {"sha256": sha256_file(reg_path), "records": sum(1 for line in reg_path.open(encoding="utf-8") if line.strip()),
-                                "bytes": reg_path.stat().st_size, "path": str(reg_path), "appended": added}
+        files[reg_path.name] = {
+            "sha256": sha256_file(reg_path),
+            "records": sum(1 for line in reg_path.open(encoding="utf-8") if line.strip()),
+            "bytes": reg_path.stat().st_size,
+            "path": str(reg_path),
+            "appended": added,
+        }
     manifest = {
         "format": MANIFEST_FORMAT,
         "created_at": time.time(),
         "since": since,
         "model": model,
-        "source": {"requests": len(requests), "feedback": sum(len(v) for v in feedback.values()),
-                   "answers_used": len(answers), "skipped_requests": dict(skipped)},
+        "source": {
+            "requests": len(requests),
+            "feedback": sum(len(v) for v in feedback.values()),
+            "answers_used": len(answers),
+            "skipped_requests": dict(skipped),
+        },
         "pii": {"redact": redact, "redacted_texts": redactor.redacted},
         "checks": _checks_summary(evals, near_dup_threshold, good_score),
         "files": files,
         "counts": {
             "sft": _counts([c for c in cands if c.kind == "sft"], len(sft), sft_drops),
             "dpo": _counts([c for c in cands if c.kind == "dpo"], len(dpo), dpo_drops),
-            "kto": {**_counts([c for c in cands if c.kind == "kto"], len(kto), kto_drops),
-                    "desirable": sum(r["label"] for r in kto), "undesirable": sum(not r["label"] for r in kto)},
+            "kto": {
+                **_counts([c for c in cands if c.kind == "kto"], len(kto), kto_drops),
+                "desirable": sum(r["label"] for r in kto),
+                "undesirable": sum(not r["label"] for r in kto),
+            },
             "regression": {"held_out_prompts": len(held), "appended": added},
         },
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
-    return ExportResult(out_dir, out_dir / "sft.jsonl", out_dir / "dpo.jsonl", out_dir / "manifest.json",
-                        reg_path if added else None, len(sft), len(dpo), added, manifest, out_dir / "kto.jsonl", len(kto))
+    return ExportResult(
+        out_dir,
+        out_dir / "sft.jsonl",
+        out_dir / "dpo.jsonl",
+        out_dir / "manifest.json",
+        reg_path if added else None,
+        len(sft),
+        len(dpo),
+        added,
+        manifest,
+        out_dir / "kto.jsonl",
+        len(kto),
+    )
 
 
 def _counts(cands: list[_Candidate], kept: int, drops: Counter) -> dict[str, Any]:
-    return {"candidates": len(cands), "kept": kept, "dropped": dict(drops),
-            "by_origin": dict(Counter(c.origin for c in cands))}
+    return {
+        "candidates": len(cands),
+        "kept": kept,
+        "dropped": dict(drops),
+        "by_origin": dict(Counter(c.origin for c in cands)),
+    }
 
 
 def _checks_summary(evals: _EvalIndex | None, near_dup: float | None, good_score: float) -> dict[str, Any]:
     contamination: dict[str, Any] = (
         {"eval_texts": len(evals.texts), "ngram": evals.ngram, "threshold": evals.threshold}
-        if evals is not None else {"not_checked": "no evaluation texts given"}
+        if evals is not None
+        else {"not_checked": "no evaluation texts given"}
     )
     return {"good_score": good_score, "near_dup_threshold": near_dup, "contamination": contamination}
 

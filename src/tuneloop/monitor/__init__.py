@@ -14,4 +14,12 @@ from tuneloop.monitor.requestlog import (
     open_request_log,
 )
 
-__all__ = ["AsyncRecorder", "FeedbackRecord", "RequestLog", "RequestRecord", "UnknownRequest", "default_log_url", "open_request_log"]
+__all__ = [
+    "AsyncRecorder",
+    "FeedbackRecord",
+    "RequestLog",
+    "RequestRecord",
+    "UnknownRequest",
+    "default_log_url",
+    "open_request_log",
+]

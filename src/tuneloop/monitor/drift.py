@@ -42,8 +42,16 @@ import numpy as np
 from tuneloop.errors import InputError
 
 __all__ = [
-    "DriftExample", "DriftResult", "RequestLogReader", "detect_drift", "drift_from_log", "hashed_features",
-    "embedding_features", "embedding_model_dir", "training_prompts", "user_prompt",
+    "DriftExample",
+    "DriftResult",
+    "RequestLogReader",
+    "detect_drift",
+    "drift_from_log",
+    "hashed_features",
+    "embedding_features",
+    "embedding_model_dir",
+    "training_prompts",
+    "user_prompt",
 ]
 
 _DEFAULT_DIM = 2048
@@ -133,7 +141,9 @@ def embedding_model_dir() -> Path | None:
     elif pkg.__file__ is not None:
         root = Path(pkg.__file__).parent
     else:  # a namespace package: no directory to look in (Path(None) would have raised a TypeError)
-        raise InputError(f"{_EMBEDDING_PACKAGE} is installed without files (no get_model_path, no __file__); reinstall it")
+        raise InputError(
+            f"{_EMBEDDING_PACKAGE} is installed without files (no get_model_path, no __file__); reinstall it"
+        )
     for config in sorted(root.rglob("config.json")):
         has_weights = any(next(config.parent.glob(pattern), None) for pattern in ("*.safetensors", "*.bin"))
         if has_weights and (config.parent / "tokenizer.json").is_file():
@@ -311,10 +321,19 @@ def detect_drift(
     top = np.argsort(-scores[: len(prod), 0], kind="mergesort")[:top_k]
     examples = [DriftExample(int(prod_idx[i]), round(float(scores[i, 0]), 4), prod[i]) for i in top]
     return DriftResult(
-        auc=auc, threshold=threshold, p_value=p_value, drifted=auc > threshold, n_production=len(prod),
-        n_training=len(train), method="permutation" if use_perm else "normal", features=features,
-        permutations=permutations if use_perm else 0, alpha=alpha, min_auc=min_auc,
-        seconds=round(time.perf_counter() - start, 3), examples=examples,
+        auc=auc,
+        threshold=threshold,
+        p_value=p_value,
+        drifted=auc > threshold,
+        n_production=len(prod),
+        n_training=len(train),
+        method="permutation" if use_perm else "normal",
+        features=features,
+        permutations=permutations if use_perm else 0,
+        alpha=alpha,
+        min_auc=min_auc,
+        seconds=round(time.perf_counter() - start, 3),
+        examples=examples,
     )
 
 

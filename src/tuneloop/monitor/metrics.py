@@ -39,22 +39,54 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
-        self.requests = Counter("tuneloop_requests", "Requests answered, by model, version, arm, endpoint, "
-                                "status", _REQUEST_LABELS, registry=r)
-        self.errors = Counter("tuneloop_request_errors", "Requests that failed (5xx, or an empty or failed "
-                              "output)", _REQUEST_LABELS, registry=r)
-        self.latency = Histogram("tuneloop_request_latency_seconds", "Time from request to the last byte",
-                                 _TIMING_LABELS, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("tuneloop_time_to_first_token_seconds", "Time from request to the first "
-                              "generated token", _TIMING_LABELS, buckets=TTFT_BUCKETS, registry=r)
-        self.tokens = Counter("tuneloop_tokens", "Tokens processed, by kind (prompt or completion)",
-                              ("model", "version", "arm", "kind"), registry=r)
-        self.queue_depth = Gauge("tuneloop_queue_depth", "Requests waiting in the batcher", ("model",),
-                                 registry=r)
+        self.requests = Counter(
+            "tuneloop_requests",
+            "Requests answered, by model, version, arm, endpoint, status",
+            _REQUEST_LABELS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "tuneloop_request_errors",
+            "Requests that failed (5xx, or an empty or failed output)",
+            _REQUEST_LABELS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tuneloop_request_latency_seconds",
+            "Time from request to the last byte",
+            _TIMING_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tuneloop_time_to_first_token_seconds",
+            "Time from request to the first generated token",
+            _TIMING_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tuneloop_tokens",
+            "Tokens processed, by kind (prompt or completion)",
+            ("model", "version", "arm", "kind"),
+            registry=r,
+        )
+        self.queue_depth = Gauge("tuneloop_queue_depth", "Requests waiting in the batcher", ("model",), registry=r)
 
-    def observe(self, *, model: str, version: str, arm: str, endpoint: str, status: int, latency_s: float,
-                ttft_s: float | None, prompt_tokens: int, completion_tokens: int,
-                error: bool | None = None) -> None:
+    def observe(
+        self,
+        *,
+        model: str,
+        version: str,
+        arm: str,
+        endpoint: str,
+        status: int,
+        latency_s: float,
+        ttft_s: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error: bool | None = None,
+    ) -> None:
         """Count one finished request. ``error`` overrides the default rule (status >= 500)."""
         version = str(version)
         labels = (model, version, arm, endpoint, str(int(status)))
@@ -89,17 +121,30 @@ class _RequestLogCollector:
 
     def collect(self):
         r = self.recorder
-        records = CounterMetricFamily("tuneloop_request_log_records", "Request log records by kind (request, feedback) "
-                                      "and outcome: written to the store, spooled while it was unavailable, replayed "
-                                      "from the spool, dropped (lost)", labels=("kind", "outcome"))
+        records = CounterMetricFamily(
+            "tuneloop_request_log_records",
+            "Request log records by kind (request, feedback) "
+            "and outcome: written to the store, spooled while it was unavailable, replayed "
+            "from the spool, dropped (lost)",
+            labels=("kind", "outcome"),
+        )
         for kind in ("request", "feedback"):
             for outcome in ("written", "spooled", "replayed", "dropped"):
                 records.add_metric((kind, outcome), r.counts.get((kind, outcome), 0))
         yield records
         spool = r.spool
-        yield GaugeMetricFamily("tuneloop_request_log_spooled_records", "Request log records in the local spool, "
-                                "not yet in the store", value=0 if spool is None else spool.records)
-        yield GaugeMetricFamily("tuneloop_request_log_spool_bytes", "Bytes of the request log's local spool",
-                                value=0 if spool is None else spool.bytes)
-        yield GaugeMetricFamily("tuneloop_request_log_store_up", "1 while the request log store takes writes, 0 while "
-                                "it is unavailable", value=0 if r.store_error else 1)
+        yield GaugeMetricFamily(
+            "tuneloop_request_log_spooled_records",
+            "Request log records in the local spool, not yet in the store",
+            value=0 if spool is None else spool.records,
+        )
+        yield GaugeMetricFamily(
+            "tuneloop_request_log_spool_bytes",
+            "Bytes of the request log's local spool",
+            value=0 if spool is None else spool.bytes,
+        )
+        yield GaugeMetricFamily(
+            "tuneloop_request_log_store_up",
+            "1 while the request log store takes writes, 0 while it is unavailable",
+            value=0 if r.store_error else 1,
+        )

@@ -48,19 +48,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestRecord:
-    request_id: str            # the x-request-id the gateway returned
-    created_at: float          # unix seconds (UTC)
-    endpoint: str              # "chat.completions" | "completions"
-    model: str                 # registered model name, e.g. "support-bot"
-    ref: str                   # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
-    version: int | None        # the version that answered (None if the request failed before routing)
+    request_id: str  # the x-request-id the gateway returned
+    created_at: float  # unix seconds (UTC)
+    endpoint: str  # "chat.completions" | "completions"
+    model: str  # registered model name, e.g. "support-bot"
+    ref: str  # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
+    version: int | None  # the version that answered (None if the request failed before routing)
     artifact_sha256: str | None
-    arm: str                   # "baseline" | "canary" | "direct"
-    user_hash: str | None      # sha256 (hex, first 16) of the sticky user key; never the key itself
-    prompt: str                # chat: JSON of the messages list; completions: the prompt text
-    response: str              # the generated text (first choice)
-    status: int                # HTTP status returned to the client
-    error: str | None = None   # error code/message when status >= 400 or the output was empty
+    arm: str  # "baseline" | "canary" | "direct"
+    user_hash: str | None  # sha256 (hex, first 16) of the sticky user key; never the key itself
+    prompt: str  # chat: JSON of the messages list; completions: the prompt text
+    response: str  # the generated text (first choice)
+    status: int  # HTTP status returned to the client
+    error: str | None = None  # error code/message when status >= 400 or the output was empty
     latency_s: float = 0.0
     ttft_s: float | None = None
     prompt_tokens: int = 0
@@ -72,8 +72,8 @@ class RequestRecord:
 class FeedbackRecord:
     feedback_id: str
     request_id: str
-    source: str                # who sent it ("api" by default); one record per (request_id, source)
-    created_at: float          # when this source first sent feedback on the request
+    source: str  # who sent it ("api" by default); one record per (request_id, source)
+    created_at: float  # when this source first sent feedback on the request
     rating: int | None = None  # +1 | -1
     score: float | None = None  # 0..1
     correction: str | None = None
@@ -89,8 +89,10 @@ class UnknownRequest(KeyError):
         super().__init__(request_id)
 
     def __str__(self) -> str:
-        return (f"unknown request id {self.request_id!r}: no request with this id is in the request log "
-                "(it may have been purged by retention, or never served by this gateway)")
+        return (
+            f"unknown request id {self.request_id!r}: no request with this id is in the request log "
+            "(it may have been purged by retention, or never served by this gateway)"
+        )
 
 
 class RequestLogError(TuneloopError):
@@ -150,23 +152,38 @@ def request_row(rec: RequestRecord) -> dict[str, Any]:
     return row
 
 
-def feedback_row(request_id: str, *, source: str = "api", rating: int | None = None, score: float | None = None,
-                 correction: str | None = None, comment: str | None = None) -> dict[str, Any]:
+def feedback_row(
+    request_id: str,
+    *,
+    source: str = "api",
+    rating: int | None = None,
+    score: float | None = None,
+    correction: str | None = None,
+    comment: str | None = None,
+) -> dict[str, Any]:
     """A feedback row as the store keeps it (checked, redacted, stamped now); ``ValueError`` for a bad value."""
     _check_feedback(source, rating, score)
     now = time.time()
-    return {"feedback_id": uuid.uuid4().hex, "request_id": clean_text(request_id), "source": clean_text(source),
-            "created_at": now, "updated_at": now, "rating": None if rating is None else int(rating),
-            "score": None if score is None else float(score), "correction": _redact_optional(correction),
-            "comment": _redact_optional(comment)}
+    return {
+        "feedback_id": uuid.uuid4().hex,
+        "request_id": clean_text(request_id),
+        "source": clean_text(source),
+        "created_at": now,
+        "updated_at": now,
+        "rating": None if rating is None else int(rating),
+        "score": None if score is None else float(score),
+        "correction": _redact_optional(correction),
+        "comment": _redact_optional(comment),
+    }
 
 
 def upsert_feedback(conn, row: dict[str, Any], *, newer_only: bool) -> bool | None:
     """Insert ``row`` or update the stored row of its ``(request_id, source)``; ``True`` if inserted, ``False``
     if updated (or, with ``newer_only``, left as it is because it is newer), ``None`` if its request is unknown."""
     ft = feedback_table
-    known = conn.execute(sa.select(requests_table.c.request_id)
-                         .where(requests_table.c.request_id == row["request_id"])).first()
+    known = conn.execute(
+        sa.select(requests_table.c.request_id).where(requests_table.c.request_id == row["request_id"])
+    ).first()
     if known is None:
         return None
     if insert_one_ignore(conn, ft, row):
@@ -187,8 +204,12 @@ def _check_feedback(source: str, rating: int | None, score: float | None) -> Non
     if rating is not None and (isinstance(rating, bool) or rating not in (1, -1)):
         raise ValueError(f"feedback rating must be +1 or -1, got {rating!r}")
     if score is not None:
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
-                or not 0.0 <= score <= 1.0:
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, (int, float))
+            or not math.isfinite(score)
+            or not 0.0 <= score <= 1.0
+        ):
             raise ValueError(f"feedback score must be a finite number from 0 to 1, got {score!r}")
 
 
@@ -254,20 +275,30 @@ class RequestLog:
                     out["feedback" if stored is not None else "unknown_request"] += 1
                 elif kind != "end":
                     out["corrupt"] += 1
-                    log.error("request log spool: a line that is not a record was skipped (%s)", entry.get("where", "?"))
+                    log.error(
+                        "request log spool: a line that is not a record was skipped (%s)", entry.get("where", "?")
+                    )
         return out
 
-    def add_feedback(self, request_id: str, *, source: str = "api", rating: int | None = None,
-                     score: float | None = None, correction: str | None = None,
-                     comment: str | None = None) -> tuple[FeedbackRecord, bool]:
+    def add_feedback(
+        self,
+        request_id: str,
+        *,
+        source: str = "api",
+        rating: int | None = None,
+        score: float | None = None,
+        correction: str | None = None,
+        comment: str | None = None,
+    ) -> tuple[FeedbackRecord, bool]:
         """Store feedback on a request; returns ``(record, created)``.
 
         Raises :class:`UnknownRequest` for an id the log does not hold and ``ValueError`` for a rating other
         than +1/-1, a score outside [0, 1], or neither. A second call with the same ``source`` replaces the
         stored values (last write wins) and returns ``created=False``.
         """
-        return self.store_feedback_row(feedback_row(request_id, source=source, rating=rating, score=score,
-                                                    correction=correction, comment=comment))
+        return self.store_feedback_row(
+            feedback_row(request_id, source=source, rating=rating, score=score, correction=correction, comment=comment)
+        )
 
     def store_feedback_row(self, row: dict[str, Any]) -> tuple[FeedbackRecord, bool]:
         """Store a row made by :func:`feedback_row`; ``(record as stored, created)``; :class:`UnknownRequest`
@@ -277,8 +308,9 @@ class RequestLog:
             if created is None:
                 raise UnknownRequest(row["request_id"])
             ft = feedback_table
-            stored = conn.execute(sa.select(ft).where(ft.c.request_id == row["request_id"],
-                                                      ft.c.source == row["source"])).one()
+            stored = conn.execute(
+                sa.select(ft).where(ft.c.request_id == row["request_id"], ft.c.source == row["source"])
+            ).one()
         return _feedback(stored), created
 
     def purge(self, older_than: float) -> int:
@@ -297,12 +329,12 @@ class RequestLog:
     def get(self, request_id: str) -> RequestRecord | None:
         request_id = clean_text(request_id)
         with read_tx(self.engine) as conn:
-            row = conn.execute(sa.select(requests_table)
-                               .where(requests_table.c.request_id == request_id)).first()
+            row = conn.execute(sa.select(requests_table).where(requests_table.c.request_id == request_id)).first()
         return None if row is None else _request(row)
 
-    def requests(self, *, since: float | None = None, model: str | None = None,
-                 limit: int | None = None) -> list[RequestRecord]:
+    def requests(
+        self, *, since: float | None = None, model: str | None = None, limit: int | None = None
+    ) -> list[RequestRecord]:
         """Requests created at or after ``since`` (for ``model``), oldest first, at most ``limit``."""
         t = requests_table
         query = sa.select(t).order_by(t.c.created_at, t.c.request_id)
@@ -315,8 +347,7 @@ class RequestLog:
         with read_tx(self.engine) as conn:
             return [_request(r) for r in conn.execute(query)]
 
-    def feedback(self, *, since: float | None = None,
-                 request_ids: list[str] | None = None) -> list[FeedbackRecord]:
+    def feedback(self, *, since: float | None = None, request_ids: list[str] | None = None) -> list[FeedbackRecord]:
         """Feedback last changed at or after ``since`` (and/or on ``request_ids``), oldest change first."""
         t = feedback_table
         query = sa.select(t).order_by(t.c.updated_at, t.c.feedback_id)
@@ -327,7 +358,7 @@ class RequestLog:
             if request_ids is None:
                 return [_feedback(r) for r in conn.execute(query)]
             for start in range(0, len(request_ids), 500):  # bounded IN lists
-                chunk = request_ids[start:start + 500]
+                chunk = request_ids[start : start + 500]
                 out += [_feedback(r) for r in conn.execute(query.where(t.c.request_id.in_(chunk)))]
         out.sort(key=lambda f: (f.updated_at or 0.0, f.feedback_id))
         return out
@@ -344,31 +375,50 @@ class RequestLog:
         """
         t, f = requests_table, feedback_table
         conds = _request_filters(model, since, rollout_id)
-        is_error = sa.or_(t.c.status >= 500,
-                          sa.and_(t.c.status < 400, sa.or_(t.c.error.is_not(None), t.c.response == "")))
-        per_arm = (sa.select(t.c.arm, sa.func.count(),
-                             sa.func.sum(sa.case((is_error, 1), else_=0)),
-                             sa.func.coalesce(sa.func.sum(t.c.latency_s), 0.0))
-                   .where(*conds).group_by(t.c.arm))
+        is_error = sa.or_(
+            t.c.status >= 500, sa.and_(t.c.status < 400, sa.or_(t.c.error.is_not(None), t.c.response == ""))
+        )
+        per_arm = (
+            sa.select(
+                t.c.arm,
+                sa.func.count(),
+                sa.func.sum(sa.case((is_error, 1), else_=0)),
+                sa.func.coalesce(sa.func.sum(t.c.latency_s), 0.0),
+            )
+            .where(*conds)
+            .group_by(t.c.arm)
+        )
         negative = sa.or_(f.c.rating == -1, f.c.score < 0.5)
-        per_arm_fb = (sa.select(t.c.arm, sa.func.count(), sa.func.sum(sa.case((negative, 1), else_=0)))
-                      .select_from(f.join(t, f.c.request_id == t.c.request_id))
-                      .where(*conds).group_by(t.c.arm))
+        per_arm_fb = (
+            sa.select(t.c.arm, sa.func.count(), sa.func.sum(sa.case((negative, 1), else_=0)))
+            .select_from(f.join(t, f.c.request_id == t.c.request_id))
+            .where(*conds)
+            .group_by(t.c.arm)
+        )
         out: dict[str, dict] = {}
         with read_tx(self.engine) as conn:
             for arm, n, errors, latency_sum in conn.execute(per_arm):
-                out[arm] = {"requests": int(n), "errors": int(errors or 0), "latency_sum": float(latency_sum),
-                            "feedback": 0, "negative_feedback": 0}
+                out[arm] = {
+                    "requests": int(n),
+                    "errors": int(errors or 0),
+                    "latency_sum": float(latency_sum),
+                    "feedback": 0,
+                    "negative_feedback": 0,
+                }
             for arm, n, neg in conn.execute(per_arm_fb):
                 out[arm].update(feedback=int(n), negative_feedback=int(neg or 0))
         return out
 
-    def latencies(self, *, model: str, arm: str, since: float | None = None,
-                  rollout_id: str | None = None) -> list[float]:
+    def latencies(
+        self, *, model: str, arm: str, since: float | None = None, rollout_id: str | None = None
+    ) -> list[float]:
         """Latencies (seconds) of one arm's requests, in order of creation (same filters as ``arm_counts``)."""
         t = requests_table
-        query = (sa.select(t.c.latency_s).where(*_request_filters(model, since, rollout_id), t.c.arm == arm)
-                 .order_by(t.c.created_at, t.c.request_id))
+        query = (
+            sa.select(t.c.latency_s)
+            .where(*_request_filters(model, since, rollout_id), t.c.arm == arm)
+            .order_by(t.c.created_at, t.c.request_id)
+        )
         with read_tx(self.engine) as conn:
             return [float(v) for (v,) in conn.execute(query)]
 
@@ -448,17 +498,24 @@ class AsyncRecorder:
     """
 
     batch_size = 500
-    retries = 3                # tries of a batch when there is no spool
-    replay_slice_s = 0.5       # replay at most this long before taking new records again
+    retries = 3  # tries of a batch when there is no spool
+    replay_slice_s = 0.5  # replay at most this long before taking new records again
 
-    def __init__(self, log: RequestLog, *, spool=None, max_queue: int = 10000, flush_interval_s: float = 0.05,
-                 retry_interval_s: float = 1.0):
+    def __init__(
+        self,
+        log: RequestLog,
+        *,
+        spool=None,
+        max_queue: int = 10000,
+        flush_interval_s: float = 0.05,
+        retry_interval_s: float = 1.0,
+    ):
         self.log = log
         self.spool = spool
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self.counts: dict[tuple[str, str], int] = {}
-        self.store_error: str | None = None     # why the store is unavailable, while it is
+        self.store_error: str | None = None  # why the store is unavailable, while it is
         self.store_down_since: float | None = None
         self.last_lost_at: float | None = None
         self._next_try = 0.0
@@ -485,7 +542,9 @@ class AsyncRecorder:
                 return
             self._pending += 1
 
-    def add_feedback(self, request_id: str, *, flush_timeout: float = 5.0, **kwargs) -> tuple[FeedbackRecord, bool | None]:
+    def add_feedback(
+        self, request_id: str, *, flush_timeout: float = 5.0, **kwargs
+    ) -> tuple[FeedbackRecord, bool | None]:
         """Store feedback: ``(record, created)``, or ``(record, None)`` when it went to the spool (the store is
         unavailable, or records spooled before it are not replayed yet); it is stored on replay, and dropped then
         (counted) if its request id is unknown.
@@ -515,8 +574,10 @@ class AsyncRecorder:
             self.flush(flush_timeout)  # the request may still be queued (or the queue must go to the spool first)
         self.flush(flush_timeout)
         if not self._to_spool("feedback", [row]):
-            raise RequestLogUnavailable("the request log store is unavailable and the spool cannot take more "
-                                        "(see the gateway's log); send the feedback again later")
+            raise RequestLogUnavailable(
+                "the request log store is unavailable and the spool cannot take more "
+                "(see the gateway's log); send the feedback again later"
+            )
         return _feedback_from_row(row), None
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -542,8 +603,11 @@ class AsyncRecorder:
         self._thread.join(timeout=max(timeout, 1.0))
         if self.spool is not None:
             if not self.spool.empty:
-                log.warning("request log: %d records stay in the spool %s; the next gateway replays them",
-                            self.spool.records, self.spool.dir)
+                log.warning(
+                    "request log: %d records stay in the spool %s; the next gateway replays them",
+                    self.spool.records,
+                    self.spool.dir,
+                )
             self.spool.close()
 
     # -- state for /health, /metrics and the rollout analysis ----------------------------------------------------
@@ -577,13 +641,21 @@ class AsyncRecorder:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.store_down_since or time.time()))
             reasons.append(f"request log store unavailable since {since}: {self.store_error}")
         if self.spooled_now:
-            reasons.append(f"{self.spooled_now} request log records spooled in the workspace; they are replayed "
-                           "into the store when it takes writes again")
+            reasons.append(
+                f"{self.spooled_now} request log records spooled in the workspace; they are replayed "
+                "into the store when it takes writes again"
+            )
         if self.last_lost_at is not None and time.time() - self.last_lost_at < LOST_RECENTLY_S:
-            reasons.append(f"{self.dropped} request log records lost since start, the last "
-                           f"{time.time() - self.last_lost_at:.0f} s ago (the gateway's log says why)")
-        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "spooled": self.spooled_now,
-                "lost": self.dropped}
+            reasons.append(
+                f"{self.dropped} request log records lost since start, the last "
+                f"{time.time() - self.last_lost_at:.0f} s ago (the gateway's log says why)"
+            )
+        return {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "spooled": self.spooled_now,
+            "lost": self.dropped,
+        }
 
     # -- the writer thread ----------------------------------------------------------------------------------------
 
@@ -624,7 +696,9 @@ class AsyncRecorder:
                 try:
                     rows.append(request_row(rec))
                 except Exception as exc:  # noqa: BLE001 - one odd record must not sink its batch
-                    self._lose("request", 1, f"request {rec.request_id} could not be prepared ({type(exc).__name__}: {exc})")
+                    self._lose(
+                        "request", 1, f"request {rec.request_id} could not be prepared ({type(exc).__name__}: {exc})"
+                    )
             if self._spooling():
                 self._to_spool("request", rows)
             else:
@@ -654,7 +728,7 @@ class AsyncRecorder:
                 if attempt == tries:
                     self._lose("request", len(rows), f"the store failed {attempt} tries ({_why(exc)})")
                     return
-                time.sleep(0.1 * 2 ** attempt)
+                time.sleep(0.1 * 2**attempt)
             else:
                 self._count("request", "written", len(rows))
                 self._store_ok()
@@ -711,8 +785,11 @@ class AsyncRecorder:
             self._count("request", "replayed", done["request"])
             self._count("feedback", "replayed", done["feedback"])
             if done["unknown_request"]:
-                self._lose("feedback", done["unknown_request"], "it was sent during an outage on a request id the log "
-                           "does not hold")
+                self._lose(
+                    "feedback",
+                    done["unknown_request"],
+                    "it was sent during an outage on a request id the log does not hold",
+                )
             if done["corrupt"]:
                 self._lose("request", done["corrupt"], "its spool line did not parse")
         if self.spool.empty:
@@ -730,8 +807,11 @@ class AsyncRecorder:
                     self._next_try = time.monotonic() + self.retry_interval_s
                     return None
                 row = entry.get("row") or {}
-                self._lose(entry.get("kind", "request"), 1,
-                           f"the store refused spooled {entry.get('kind')} {row.get('request_id')} ({_why(exc)})")
+                self._lose(
+                    entry.get("kind", "request"),
+                    1,
+                    f"the store refused spooled {entry.get('kind')} {row.get('request_id')} ({_why(exc)})",
+                )
                 continue
             for k, v in done.items():
                 total[k] += v
@@ -755,15 +835,23 @@ class AsyncRecorder:
         if self.store_error is None:
             self.store_down_since = time.time()
             where = f"the spool {self.spool.dir}" if self.spool is not None else "nowhere (no spool)"
-            log.error("request log: the store is unavailable (%s); records go to %s and are replayed when it is "
-                      "back", why, where)
+            log.error(
+                "request log: the store is unavailable (%s); records go to %s and are replayed when it is back",
+                why,
+                where,
+            )
         self.store_error = why
 
     def _store_ok(self) -> None:
         if self.store_error is not None and not self._spooling():
             down = time.time() - (self.store_down_since or time.time())
-            log.warning("request log: the store takes writes again after %.1f s; the spool is replayed (%d records "
-                        "replayed so far, %d lost)", down, self.counts.get(("request", "replayed"), 0), self.dropped)
+            log.warning(
+                "request log: the store takes writes again after %.1f s; the spool is replayed (%d records "
+                "replayed so far, %d lost)",
+                down,
+                self.counts.get(("request", "replayed"), 0),
+                self.dropped,
+            )
             self.store_error, self.store_down_since = None, None
 
 

@@ -61,9 +61,9 @@ class Spool:
             self._lockfile.close()
             raise SpoolBusy(f"the spool {self.dir} is in use by another process") from exc
         self._lock = threading.Lock()
-        self._out: Any = None          # the last segment, open for appending
-        self._head_offset = 0          # bytes of the first segment already stored
-        self.torn = 0                  # torn last lines cut off when opening
+        self._out: Any = None  # the last segment, open for appending
+        self._head_offset = 0  # bytes of the first segment already stored
+        self.torn = 0  # torn last lines cut off when opening
         self.segments = sorted(int(p.stem) for p in self.dir.glob("*.jsonl") if p.stem.isdigit())
         self._cut_torn_tail()
         self.bytes = sum(self._path(s).stat().st_size for s in self.segments)
@@ -102,8 +102,12 @@ class Spool:
             f.truncate(keep)
             os.fsync(f.fileno())
         self.torn += 1
-        log.warning("request log spool: cut a torn last line off %s (%d bytes; written by a process that "
-                    "died inside a write, so never acknowledged)", path, size - keep)
+        log.warning(
+            "request log spool: cut a torn last line off %s (%d bytes; written by a process that "
+            "died inside a write, so never acknowledged)",
+            path,
+            size - keep,
+        )
 
     # -- writing --------------------------------------------------------------------------------------------
 
@@ -115,8 +119,10 @@ class Spool:
         data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in entries).encode()
         with self._lock:
             if self.bytes + len(data) > self.max_bytes:
-                raise SpoolFull(f"the spool {self.dir} holds {self.bytes} bytes; {len(entries)} more records "
-                                f"({len(data)} bytes) would pass its bound of {self.max_bytes} bytes")
+                raise SpoolFull(
+                    f"the spool {self.dir} holds {self.bytes} bytes; {len(entries)} more records "
+                    f"({len(data)} bytes) would pass its bound of {self.max_bytes} bytes"
+                )
             out = self._writable()
             start = out.tell()
             try:
@@ -148,8 +154,10 @@ class Spool:
             out.truncate(start)
             out.seek(start)
         except OSError:  # the segment may now hold a torn line: close it so no later append follows it
-            log.error("request log spool: could not cut a failed write back in %s; closing that segment",
-                      self._path(self.segments[-1]))
+            log.error(
+                "request log spool: could not cut a failed write back in %s; closing that segment",
+                self._path(self.segments[-1]),
+            )
             out.close()
             self._out = None
 

@@ -42,7 +42,8 @@ _PG_SCHEMA_LOCK = 7_406_113_201
 metadata = sa.MetaData()
 
 requests_table = sa.Table(
-    "requests", metadata,
+    "requests",
+    metadata,
     sa.Column("request_id", sa.String(128), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("endpoint", sa.String(64), nullable=False),
@@ -67,10 +68,10 @@ requests_table = sa.Table(
 )
 
 feedback_table = sa.Table(
-    "feedback", metadata,
+    "feedback",
+    metadata,
     sa.Column("feedback_id", sa.String(64), primary_key=True),
-    sa.Column("request_id", sa.String(128),
-              sa.ForeignKey("requests.request_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("request_id", sa.String(128), sa.ForeignKey("requests.request_id", ondelete="CASCADE"), nullable=False),
     sa.Column("source", sa.String(128), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
@@ -83,7 +84,8 @@ feedback_table = sa.Table(
 )
 
 meta_table = sa.Table(
-    "meta", metadata,
+    "meta",
+    metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
@@ -99,7 +101,7 @@ def sqlite_path(url: str | os.PathLike) -> Path | None:
     """The file of a SQLite URL or plain path; ``None`` for a server URL."""
     text = os.fspath(url)
     if text.startswith("sqlite:///"):
-        return Path(text[len("sqlite:///"):])
+        return Path(text[len("sqlite:///") :])
     if "://" in text:
         return None
     return Path(text)
@@ -125,8 +127,9 @@ def _sqlite_engine(path: Path) -> Engine:
         raise ValueError("request log store: an in-memory SQLite database is not supported; give a file path")
     path = path.expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False},
-                              pool_size=8, max_overflow=8)
+    engine = sa.create_engine(
+        f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
@@ -155,8 +158,9 @@ def _postgres_engine(url: str) -> Engine:
         ) from exc
     # connect_timeout: an unreachable server fails a write in seconds (the recorder then spools), instead of
     # holding the writer for the TCP timeout while the gateway's queue fills.
-    return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
-                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    return sa.create_engine(
+        url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
 
 
 @contextmanager
@@ -211,7 +215,7 @@ def ensure_schema(engine: Engine, attempts: int = 5) -> int:
         except sa.exc.OperationalError as exc:
             if engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
                 raise
-            time.sleep(0.05 * 2 ** attempt)
+            time.sleep(0.05 * 2**attempt)
     return _ensure_schema_once(engine)
 
 
@@ -233,6 +237,7 @@ def _ensure_schema_once(engine: Engine) -> int:
         for version in range(found, SCHEMA_VERSION):
             MIGRATIONS[version](conn)
         if found < SCHEMA_VERSION:
-            conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
-                         .values(value=str(SCHEMA_VERSION)))
+            conn.execute(
+                meta_table.update().where(meta_table.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+            )
         return SCHEMA_VERSION

@@ -33,25 +33,52 @@ class ModelRegistry(Protocol):
     def location(self) -> str: ...
 
     def register(
-        self, model: str, artifact_dir: Path, *, artifact_kind: str, base_model: str, lineage: dict,
-        metrics: dict, gates: dict, cache_key: str | None = None, actor: str | None = None, reason: str = "",
+        self,
+        model: str,
+        artifact_dir: Path,
+        *,
+        artifact_kind: str,
+        base_model: str,
+        lineage: dict,
+        metrics: dict,
+        gates: dict,
+        cache_key: str | None = None,
+        actor: str | None = None,
+        reason: str = "",
     ) -> dict: ...
 
-    def promote(self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict: ...
+    def promote(
+        self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
+    ) -> dict: ...
 
     def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict: ...
 
-    def set_alias(self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = "") -> None: ...
+    def set_alias(
+        self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
+    ) -> None: ...
 
-    def set_tag(self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = "") -> dict: ...
-
-    def remove_tag(self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = "") -> dict: ...
-
-    def record_event(
-        self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = "",
+    def set_tag(
+        self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
     ) -> dict: ...
 
-    def delete(self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = "") -> dict: ...
+    def remove_tag(
+        self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = ""
+    ) -> dict: ...
+
+    def record_event(
+        self,
+        model: str,
+        version: int | str,
+        kind: str,
+        details: dict,
+        *,
+        actor: str | None = None,
+        reason: str = "",
+    ) -> dict: ...
+
+    def delete(
+        self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""
+    ) -> dict: ...
 
     def get(self, model: str, version: int | str = "latest") -> dict: ...
 
@@ -72,8 +99,16 @@ class ModelRegistry(Protocol):
     # Rollouts (records and rules in registry/rollouts.py): the `canary` alias, the record, every decision as an event.
 
     def start_rollout(
-        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
-        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+        self,
+        model: str,
+        candidate_version: int | str,
+        *,
+        baseline_version: int | str | None = None,
+        policy: dict,
+        actor: str | None = None,
+        reason: str = "",
+        weight: float | None = None,
+        state_json: str | None = None,
     ) -> dict: ...
 
     def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None: ...
@@ -81,8 +116,17 @@ class ModelRegistry(Protocol):
     def list_rollouts(self, model: str) -> list[dict]: ...
 
     def update_rollout(
-        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
-        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        self,
+        model: str,
+        rollout_id: str,
+        *,
+        revision: int,
+        state_json: str | None = None,
+        weight: float | None = None,
+        status: str = "running",
+        decision: dict | None = None,
+        actor: str | None = None,
+        reason: str = "",
         event: bool = True,
     ) -> dict: ...
 
@@ -107,7 +151,9 @@ def registry_problem(cfg: Any) -> str | None:
     import urllib.request
 
     if importlib.util.find_spec("mlflow") is None:
-        return f"registry.uri: {uri} is an MLflow server but mlflow is not installed; run `pip install 'tuneloop[mlflow]'`"
+        return (
+            f"registry.uri: {uri} is an MLflow server but mlflow is not installed; run `pip install 'tuneloop[mlflow]'`"
+        )
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
             if r.status == 200:

@@ -58,8 +58,14 @@ def _gate_rows(gates: dict[str, Any]) -> list[str]:
         value = g.get("value")
         interval = g.get("interval")
         shown = format_number(value)
-        lohi = f"[{format_number(float(interval[0]))}, {format_number(float(interval[1]))}]" if isinstance(interval, list) and len(interval) == 2 else ""
-        rows.append(f"| {name} | {verdict} | {shown} | {lohi} | {g.get('op', '')} {'' if g.get('threshold') is None else g['threshold']} |")
+        lohi = (
+            f"[{format_number(float(interval[0]))}, {format_number(float(interval[1]))}]"
+            if isinstance(interval, list) and len(interval) == 2
+            else ""
+        )
+        rows.append(
+            f"| {name} | {verdict} | {shown} | {lohi} | {g.get('op', '')} {'' if g.get('threshold') is None else g['threshold']} |"
+        )
     return rows
 
 
@@ -73,8 +79,11 @@ def model_card(version: dict[str, Any], *, kind: str, base_name: str | None) -> 
         if kind == "adapter":
             front["tags"] += [f"base_model:adapter:{base_name}", "lora"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {version['ref']}", ""]
-    lines += [f"Exported by tuneloop {__version__} from the registry version `{version['ref']}` "
-              f"(artifact sha256 `{version['artifact_digest']}`).", ""]
+    lines += [
+        f"Exported by tuneloop {__version__} from the registry version `{version['ref']}` "
+        f"(artifact sha256 `{version['artifact_digest']}`).",
+        "",
+    ]
     lines += ["## Base model", "", f"- name: `{base_name or 'none (a full model)'}`"]
     digest = (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint")
     if digest:
@@ -89,9 +98,18 @@ def model_card(version: dict[str, Any], *, kind: str, base_name: str | None) -> 
     lines += ["| metric | value |", "|---|---|", *metric_rows] if metric_rows else ["- none recorded"]
     gate_rows = _gate_rows(version.get("gates") or {})
     lines += ["", "## Gate verdicts", ""]
-    lines += ["| gate | verdict | value | interval | threshold |", "|---|---|---|---|---|", *gate_rows] if gate_rows else ["- none recorded"]
-    lines += ["", "## Provenance", "", f"- tuneloop version at export: `{__version__}`",
-              f"- tuneloop code version at registration: `{lin.get('code_version')}`"]
+    lines += (
+        ["| gate | verdict | value | interval | threshold |", "|---|---|---|---|---|", *gate_rows]
+        if gate_rows
+        else ["- none recorded"]
+    )
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- tuneloop version at export: `{__version__}`",
+        f"- tuneloop code version at registration: `{lin.get('code_version')}`",
+    ]
     if lin.get("run_id"):
         lines.append(f"- pipeline run: `{lin.get('pipeline')}` / `{lin['run_id']}`")
     if lin.get("config_hash"):
@@ -118,7 +136,11 @@ def clean_tokenizer_config(path: Path) -> None:
 def base_layer_count(base: str | None) -> int | None:
     """``num_hidden_layers`` of a local base model directory, if it says."""
     try:
-        n = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers") if base else None
+        n = (
+            json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
+            if base
+            else None
+        )
     except (OSError, ValueError, AttributeError):
         return None
     return n if isinstance(n, int) else None

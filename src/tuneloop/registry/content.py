@@ -31,8 +31,23 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 # Bytes per element; sub-byte dtypes (F4, F6_*) and any newer ones are left to the safetensors library.
 _DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 
@@ -91,7 +106,8 @@ def safetensors_problem(path: Path) -> str | None:
         except (KeyError, TypeError, ValueError):
             return f"tensor {name!r} has no valid dtype, shape and data_offsets"
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or (
-                want is not None and end - begin != want):
+            want is not None and end - begin != want
+        ):
             return f"tensor {name!r}: data_offsets {t['data_offsets']} do not hold {want} bytes of {t['dtype']}"
         spans.append((begin, end))
     pos = 0
@@ -182,7 +198,8 @@ def check_contents(root: Path) -> None:
             problems.append(f"{rel}: a pickle-format file by its suffix ({f.suffix})")
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:20]) + (
-            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
         raise InputError(
             f"artifact directory {root} contains pickle-format or malformed weight files:\n{shown}\n"
             "tuneloop stores and loads safetensors only, because loading a pickle can run arbitrary code. Re-save "
@@ -195,6 +212,7 @@ def content_files(path: Path) -> list[Path]:
     """Files of an artifact directory as the store sees them (hidden files and folders skipped)."""
     path = Path(path)
     return sorted(
-        p for p in path.rglob("*")
+        p
+        for p in path.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )

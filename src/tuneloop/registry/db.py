@@ -223,8 +223,15 @@ def _add_event(
     at: str | None = None,
 ) -> dict[str, Any]:
     """Insert one event row and return it as a dict."""
-    event = {"model": model, "version": version, "kind": kind, "at": at or utcnow(), "actor": actor or _default_actor(),
-             "reason": reason or "", "details": details}
+    event = {
+        "model": model,
+        "version": version,
+        "kind": kind,
+        "at": at or utcnow(),
+        "actor": actor or _default_actor(),
+        "reason": reason or "",
+        "details": details,
+    }
     conn.execute(
         "INSERT INTO events (model, version, kind, at, actor, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (model, version, kind, event["at"], event["actor"], event["reason"], to_json(details, "event details")),
@@ -285,13 +292,15 @@ class SqliteRegistry:
         if not records and not (before_open and self.store.has_artifacts()):
             return
         what = (
-            "version records" if records else
-            "artifacts but no version records (they were registered by a tuneloop that did not write records)"
+            "version records"
+            if records
+            else "artifacts but no version records (they were registered by a tuneloop that did not write records)"
         )
         fix = (
             "Run `tuneloop models recover` (with the same --workspace or --config) to rebuild versions, lineage "
-            "and the last known aliases from those records" if records else
-            "`tuneloop models recover` cannot rebuild those versions: restore registry.db from a backup, or "
+            "and the last known aliases from those records"
+            if records
+            else "`tuneloop models recover` cannot rebuild those versions: restore registry.db from a backup, or "
             "register the model directories again"
         )
         raise RegistryLostError(
@@ -314,11 +323,19 @@ class SqliteRegistry:
                     (r["model"], r["version"]),
                 ).fetchone()
                 registered = dict(first) if first else {"at": v["created_at"], "actor": "unknown", "reason": ""}
-                self.store.write_record(r["model"], r["version"], version_record(v, registered, self._aliases(conn, r["model"])))
+                self.store.write_record(
+                    r["model"], r["version"], version_record(v, registered, self._aliases(conn, r["model"]))
+                )
             for e in conn.execute("SELECT * FROM events ORDER BY id").fetchall():
                 event = {k: e[k] for k in ("model", "version", "kind", "at", "actor", "reason")}
-                self.store.append_event({**event, "details": json.loads(e["details"]), "backfilled": True,
-                                         "aliases": self._aliases(conn, e["model"])})
+                self.store.append_event(
+                    {
+                        **event,
+                        "details": json.loads(e["details"]),
+                        "backfilled": True,
+                        "aliases": self._aliases(conn, e["model"]),
+                    }
+                )
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -409,7 +426,12 @@ class SqliteRegistry:
             (model, version, now, *row),
         )
         event = self._event(
-            conn, model, version, "registered", actor, reason,
+            conn,
+            model,
+            version,
+            "registered",
+            actor,
+            reason,
             {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key},
         )
         v = self._get(conn, model, version)
@@ -494,7 +516,11 @@ class SqliteRegistry:
                 self._put_alias(conn, model, prev_name, current)
             else:
                 conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, prev_name))
-            details = {"alias": alias, alias: {"old": current, "new": previous}, prev_name: {"old": previous, "new": current}}
+            details = {
+                "alias": alias,
+                alias: {"old": current, "new": previous},
+                prev_name: {"old": previous, "new": current},
+            }
             self._event(conn, model, previous, "rolled_back", actor, reason, details)
             return self._get(conn, model, previous)
 
@@ -533,9 +559,7 @@ class SqliteRegistry:
             number = self._get(conn, model, version)["version"]
             tags = self._tags(conn, model, number)
             if key not in tags:
-                raise InputError(
-                    f"{model}:{number} has no tag {key!r}; its tags: {', '.join(sorted(tags)) or 'none'}"
-                )
+                raise InputError(f"{model}:{number} has no tag {key!r}; its tags: {', '.join(sorted(tags)) or 'none'}")
             conn.execute("DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, key))
             self._event(conn, model, number, "tagged", actor, reason, {"key": key, "old": tags[key], "new": None})
             return self._get(conn, model, number)
@@ -562,7 +586,9 @@ class SqliteRegistry:
             v = self._get(conn, model, version)
             number = v["version"]
             if v["deleted"]:
-                raise InputError(f"{model}:{number} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}")
+                raise InputError(
+                    f"{model}:{number} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}"
+                )
             pointing = sorted(a for a, n in self._aliases(conn, model).items() if n == number)
             if pointing and not force:
                 raise InputError(
@@ -576,7 +602,12 @@ class SqliteRegistry:
                 (model, number, utcnow(), actor or _default_actor(), reason or ""),
             )
             self._event(
-                conn, model, number, "deleted", actor, reason,
+                conn,
+                model,
+                number,
+                "deleted",
+                actor,
+                reason,
                 {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing},
             )
             collected = self._collect(conn, [v["artifact_digest"]])
@@ -607,8 +638,16 @@ class SqliteRegistry:
     # -- rollouts (see registry/rollouts.py) -------------------------------------------------------
 
     def start_rollout(
-        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
-        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+        self,
+        model: str,
+        candidate_version: int | str,
+        *,
+        baseline_version: int | str | None = None,
+        policy: dict,
+        actor: str | None = None,
+        reason: str = "",
+        weight: float | None = None,
+        state_json: str | None = None,
     ) -> dict:
         """Start a canary rollout of ``candidate_version`` against ``baseline_version`` (default: the champion).
 
@@ -626,14 +665,32 @@ class SqliteRegistry:
             if base is not None:
                 base = self._get_live(conn, model, base, "compare a canary with")["version"]
             check_start(model, cand, base, self._running_rollout(conn, model))
-            n = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM rollouts WHERE model = ?", (model,)).fetchone()[0]
-            record = new_record(model, n, cand, base, policy=json.loads(policy_json), weight=weight, state_json=state_json,
-                                actor=actor or _default_actor(), reason=reason, now=utcnow())
-            conn.execute("INSERT INTO rollouts (rollout_id, model, number, status, revision, record) VALUES (?, ?, ?, ?, ?, ?)",
-                         (record["rollout_id"], model, n, "running", 1, check_json(record, "the rollout record")))
+            n = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM rollouts WHERE model = ?", (model,)).fetchone()[
+                0
+            ]
+            record = new_record(
+                model,
+                n,
+                cand,
+                base,
+                policy=json.loads(policy_json),
+                weight=weight,
+                state_json=state_json,
+                actor=actor or _default_actor(),
+                reason=reason,
+                now=utcnow(),
+            )
+            conn.execute(
+                "INSERT INTO rollouts (rollout_id, model, number, status, revision, record) VALUES (?, ?, ?, ?, ?, ?)",
+                (record["rollout_id"], model, n, "running", 1, check_json(record, "the rollout record")),
+            )
             old = self._alias(conn, model, CANARY_ALIAS)
             self._put_alias(conn, model, CANARY_ALIAS, cand)
-            details = {**decision_details(record, None), "policy": record["policy"], CANARY_ALIAS: {"old": old, "new": cand}}
+            details = {
+                **decision_details(record, None),
+                "policy": record["policy"],
+                CANARY_ALIAS: {"old": old, "new": cand},
+            }
             self._event(conn, model, cand, "rollout_started", actor, reason, details, journal={"rollout": record})
         return record
 
@@ -643,8 +700,10 @@ class SqliteRegistry:
             self._check_known_model(conn, model)
             if rollout_id is not None:
                 return self._rollout(conn, model, rollout_id)
-            row = conn.execute("SELECT record FROM rollouts WHERE model = ? ORDER BY status = 'running' DESC, number DESC"
-                               " LIMIT 1", (model,)).fetchone()
+            row = conn.execute(
+                "SELECT record FROM rollouts WHERE model = ? ORDER BY status = 'running' DESC, number DESC LIMIT 1",
+                (model,),
+            ).fetchone()
         return None if row is None else json.loads(row["record"])
 
     def list_rollouts(self, model: str) -> list[dict]:
@@ -655,8 +714,17 @@ class SqliteRegistry:
         return [json.loads(r["record"]) for r in rows]
 
     def update_rollout(
-        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
-        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        self,
+        model: str,
+        rollout_id: str,
+        *,
+        revision: int,
+        state_json: str | None = None,
+        weight: float | None = None,
+        status: str = "running",
+        decision: dict | None = None,
+        actor: str | None = None,
+        reason: str = "",
         event: bool = True,
     ) -> dict:
         """Store a rollout's new state, weight, status and decision if it is still at ``revision`` (compare-and-set).
@@ -674,14 +742,26 @@ class SqliteRegistry:
         with self._transaction(write=True) as conn:
             record = self._rollout(conn, model, rollout_id)
             check_update(record, revision, status, weight)
-            new = updated_record(record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow())
-            conn.execute("UPDATE rollouts SET status = ?, revision = ?, record = ? WHERE rollout_id = ? AND revision = ?",
-                         (status, new["revision"], check_json(new, "the rollout record"), rollout_id, record["revision"]))
+            new = updated_record(
+                record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow()
+            )
+            conn.execute(
+                "UPDATE rollouts SET status = ?, revision = ?, record = ? WHERE rollout_id = ? AND revision = ?",
+                (status, new["revision"], check_json(new, "the rollout record"), rollout_id, record["revision"]),
+            )
             changes = self._end_rollout_aliases(conn, new, actor, reason) if status in ENDED else {}
             if (decision is not None and event) or status in ENDED:
                 details = {**decision_details(new, decision_json), **changes}
-                self._event(conn, model, new["candidate_version"], update_event_kind(status), actor, reason, details,
-                            journal={"rollout": new})
+                self._event(
+                    conn,
+                    model,
+                    new["candidate_version"],
+                    update_event_kind(status),
+                    actor,
+                    reason,
+                    details,
+                    journal={"rollout": new},
+                )
         return new
 
     def _end_rollout_aliases(self, conn: sqlite3.Connection, record: dict, actor: str | None, reason: str) -> dict:
@@ -695,9 +775,14 @@ class SqliteRegistry:
                 self._put_alias(conn, model, "champion", cand)
                 if old is not None:
                     self._put_alias(conn, model, "previous", old)
-                changes = {"alias": "champion", "champion": {"old": old, "new": cand},
-                           "previous": {"old": old_previous, "new": old if old is not None else old_previous}}
-                self._event(conn, model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]})
+                changes = {
+                    "alias": "champion",
+                    "champion": {"old": old, "new": cand},
+                    "previous": {"old": old_previous, "new": old if old is not None else old_previous},
+                }
+                self._event(
+                    conn, model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]}
+                )
         canary = self._alias(conn, model, CANARY_ALIAS)
         if canary == cand:
             conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, CANARY_ALIAS))
@@ -705,9 +790,13 @@ class SqliteRegistry:
         return changes
 
     def _rollout(self, conn: sqlite3.Connection, model: str, rollout_id: str) -> dict:
-        row = conn.execute("SELECT record FROM rollouts WHERE model = ? AND rollout_id = ?", (model, rollout_id)).fetchone()
+        row = conn.execute(
+            "SELECT record FROM rollouts WHERE model = ? AND rollout_id = ?", (model, rollout_id)
+        ).fetchone()
         if row is None:
-            known = [r[0] for r in conn.execute("SELECT rollout_id FROM rollouts WHERE model = ? ORDER BY number", (model,))]
+            known = [
+                r[0] for r in conn.execute("SELECT rollout_id FROM rollouts WHERE model = ? ORDER BY number", (model,))
+            ]
             raise InputError(f"{model} has no rollout {rollout_id!r}; its rollouts: {', '.join(known) or 'none'}")
         return json.loads(row["record"])
 
@@ -735,7 +824,9 @@ class SqliteRegistry:
         """Verify a version's artifact and return its directory (what loaders should call)."""
         v = self.get(model, version)
         if v["deleted"]:
-            raise InputError(f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone")
+            raise InputError(
+                f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone"
+            )
         return self.store.open_verified(v["artifact_digest"])
 
     def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]:
@@ -869,13 +960,23 @@ class SqliteRegistry:
             (model,),
         ).fetchall()
         for r in rows:
-            if origin_key(r["artifact_digest"], r["artifact_kind"], json.loads(r["lineage"]), json.loads(r["gates"])) == key:
+            if (
+                origin_key(r["artifact_digest"], r["artifact_kind"], json.loads(r["lineage"]), json.loads(r["gates"]))
+                == key
+            ):
                 return {**self._get(conn, model, r["version"]), "existing": True}
         return None
 
     def _event(
-        self, conn: sqlite3.Connection, model: str, version: int | None, kind: str, actor: str | None, reason: str,
-        details: dict[str, Any], journal: dict[str, Any] | None = None,
+        self,
+        conn: sqlite3.Connection,
+        model: str,
+        version: int | None,
+        kind: str,
+        actor: str | None,
+        reason: str,
+        details: dict[str, Any],
+        journal: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record an event in the database and in the store's journal, with the model's aliases after it.
 
@@ -889,7 +990,8 @@ class SqliteRegistry:
     @staticmethod
     def _version_numbers(conn: sqlite3.Connection, model: str) -> list[int]:
         return [
-            r[0] for r in conn.execute(
+            r[0]
+            for r in conn.execute(
                 "SELECT version FROM versions v WHERE model = ? AND NOT EXISTS"
                 " (SELECT 1 FROM deletions d WHERE d.model = v.model AND d.version = v.version) ORDER BY version",
                 (model,),
@@ -908,7 +1010,9 @@ class SqliteRegistry:
 
     @staticmethod
     def _tags(conn: sqlite3.Connection, model: str, version: int) -> dict[str, str]:
-        rows = conn.execute("SELECT key, value FROM tags WHERE model = ? AND version = ? ORDER BY key", (model, version))
+        rows = conn.execute(
+            "SELECT key, value FROM tags WHERE model = ? AND version = ? ORDER BY key", (model, version)
+        )
         return {r["key"]: r["value"] for r in rows}
 
     @staticmethod
@@ -943,8 +1047,18 @@ class SqliteRegistry:
 
 def version_record(v: dict, registered: dict, aliases: dict[str, int]) -> dict:
     """The record of a version kept beside its artifact: its row, lineage, and the model's aliases then."""
-    keep = ("model", "version", "created_at", "artifact_digest", "artifact_kind", "base_model", "cache_key",
-            "lineage", "metrics", "gates")
+    keep = (
+        "model",
+        "version",
+        "created_at",
+        "artifact_digest",
+        "artifact_kind",
+        "base_model",
+        "cache_key",
+        "lineage",
+        "metrics",
+        "gates",
+    )
     return {
         "schema": 1,
         **{k: v[k] for k in keep},
@@ -1072,9 +1186,20 @@ def recover_database(root: Path) -> dict[str, Any]:
             + "; restore registry.db from a backup, or register the model directories again"
         )
     if not events:  # the journal itself was lost: the records still say who registered each version, and why
-        events = [{"model": r["model"], "version": int(r["version"]), "kind": "registered", **r.get("registered", {}),
-                   "details": {"artifact_digest": r["artifact_digest"], "artifact_kind": r["artifact_kind"],
-                               "cache_key": r.get("cache_key")}} for r in records]
+        events = [
+            {
+                "model": r["model"],
+                "version": int(r["version"]),
+                "kind": "registered",
+                **r.get("registered", {}),
+                "details": {
+                    "artifact_digest": r["artifact_digest"],
+                    "artifact_kind": r["artifact_kind"],
+                    "cache_key": r.get("cache_key"),
+                },
+            }
+            for r in records
+        ]
     moved = _move_aside(root / "registry.db")
     reg = SqliteRegistry(root, check_lost=False)
     with reg._transaction(write=True) as conn:
@@ -1082,8 +1207,9 @@ def recover_database(root: Path) -> dict[str, Any]:
         replayed, skipped, deleted = _replay_events(conn, events, known)
         aliases = _restore_aliases(conn, records, events, known, deleted)
         rollouts = _restore_rollouts(conn, events, known)
-    missing = [f"{m}:{n}" for (m, n), digest in sorted(known.items())
-               if (m, n) not in deleted and not store.exists(digest)]
+    missing = [
+        f"{m}:{n}" for (m, n), digest in sorted(known.items()) if (m, n) not in deleted and not store.exists(digest)
+    ]
     recorded = set(known.values())
     return {
         "database": str(reg.db_path),
@@ -1140,8 +1266,16 @@ def _insert_records(conn: sqlite3.Connection, records: list[dict]) -> dict[tuple
         conn.execute(
             "INSERT INTO versions (model, version, created_at, artifact_digest, artifact_kind, base_model,"
             " cache_key, lineage, metrics, gates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (model, number, r["created_at"], r["artifact_digest"], r["artifact_kind"], r["base_model"],
-             r.get("cache_key"), *(to_json(r.get(k) or {}, k) for k in ("lineage", "metrics", "gates"))),
+            (
+                model,
+                number,
+                r["created_at"],
+                r["artifact_digest"],
+                r["artifact_kind"],
+                r["base_model"],
+                r.get("cache_key"),
+                *(to_json(r.get(k) or {}, k) for k in ("lineage", "metrics", "gates")),
+            ),
         )
         known[(model, number)] = r["artifact_digest"]
     return known
@@ -1162,7 +1296,9 @@ def _replay_events(
         _add_event(conn, model, number, kind, e.get("actor"), e.get("reason", ""), details, at=e.get("at"))
         replayed += 1
         if kind == "tagged" and details.get("new") is None:
-            conn.execute("DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, details.get("key")))
+            conn.execute(
+                "DELETE FROM tags WHERE model = ? AND version = ? AND key = ?", (model, number, details.get("key"))
+            )
         elif kind == "tagged":
             conn.execute(
                 "INSERT INTO tags (model, version, key, value, updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
@@ -1170,14 +1306,19 @@ def _replay_events(
                 (model, number, details.get("key"), details.get("new"), e.get("at")),
             )
         elif kind == "deleted" and (model, number) not in deleted:
-            conn.execute("INSERT INTO deletions (model, version, at, actor, reason) VALUES (?, ?, ?, ?, ?)",
-                         (model, number, e.get("at"), e.get("actor"), e.get("reason", "")))
+            conn.execute(
+                "INSERT INTO deletions (model, version, at, actor, reason) VALUES (?, ?, ?, ?, ?)",
+                (model, number, e.get("at"), e.get("actor"), e.get("reason", "")),
+            )
             deleted.add((model, number))
     return replayed, skipped, deleted
 
 
 def _restore_aliases(
-    conn: sqlite3.Connection, records: list[dict], events: list[dict], known: dict[tuple[str, int], str],
+    conn: sqlite3.Connection,
+    records: list[dict],
+    events: list[dict],
+    known: dict[tuple[str, int], str],
     deleted: set[tuple[str, int]],
 ) -> dict[str, dict[str, int]]:
     """Set each model's aliases to the last snapshot known: the journal's, else its newest record's."""
@@ -1208,7 +1349,9 @@ def _restore_rollouts(conn: sqlite3.Connection, events: list[dict], known: dict[
         if isinstance(r, dict) and (r.get("model"), r.get("candidate_version")) in known:
             last[r["rollout_id"]] = r
     for r in sorted(last.values(), key=lambda r: (r["model"], r["number"])):
-        conn.execute("INSERT OR IGNORE INTO rollouts (rollout_id, model, number, status, revision, record)"
-                     " VALUES (?, ?, ?, ?, ?, ?)", (r["rollout_id"], r["model"], r["number"], r["status"], r["revision"],
-                                                    to_json(r, "rollout record")))
+        conn.execute(
+            "INSERT OR IGNORE INTO rollouts (rollout_id, model, number, status, revision, record)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (r["rollout_id"], r["model"], r["number"], r["status"], r["revision"], to_json(r, "rollout record")),
+        )
     return sorted(last)

@@ -98,11 +98,24 @@ def plan_export(reg, ref: str, out_dir: Path, quant: str = "f16") -> ExportPlan:
     config = _load_config(base or str(src), v["ref"], is_base=base is not None)
     check_architecture(config, v["ref"])
     tok = _load_tokenizer(src, base)
-    tokenizer_spec(tok, llama_params(config).vocab_size, v["ref"])  # raises on a tokenizer llama.cpp would split differently
+    tokenizer_spec(
+        tok, llama_params(config).vocab_size, v["ref"]
+    )  # raises on a tokenizer llama.cpp would split differently
     chat, problem = chat_format(tok)
-    return ExportPlan(ref=v["ref"], model=v["model"], version=v["version"], artifact_digest=v["artifact_digest"],
-                      artifact=Path(src), base=base, base_name=portable_base_name(v) if base else None, out_dir=out_dir,
-                      quant=quant, tokenizer=tok, chat=chat, chat_problem=problem)
+    return ExportPlan(
+        ref=v["ref"],
+        model=v["model"],
+        version=v["version"],
+        artifact_digest=v["artifact_digest"],
+        artifact=Path(src),
+        base=base,
+        base_name=portable_base_name(v) if base else None,
+        out_dir=out_dir,
+        quant=quant,
+        tokenizer=tok,
+        chat=chat,
+        chat_problem=problem,
+    )
 
 
 def _load_config(path: str, ref: str, *, is_base: bool):
@@ -268,8 +281,12 @@ class TokenizerSpec:
 
 
 def _is_gpt2_split(p: Any) -> bool:
-    return (isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
-            and not p.get("add_prefix_space", False))
+    return (
+        isinstance(p, dict)
+        and p.get("type") == "ByteLevel"
+        and p.get("use_regex", True)
+        and not p.get("add_prefix_space", False)
+    )
 
 
 def pre_tokenizer_name(pre: Any, ref: str) -> str:
@@ -279,8 +296,13 @@ def pre_tokenizer_name(pre: Any, ref: str) -> str:
     if _is_gpt2_split(pre):
         return "gpt-2"
     parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-    if (parts and len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
-            and _is_gpt2_split(parts[1])):
+    if (
+        parts
+        and len(parts) == 2
+        and parts[0].get("type") == "Digits"
+        and parts[0].get("individual_digits")
+        and _is_gpt2_split(parts[1])
+    ):
         return "smollm"
     shown = json.dumps(pre)[:200]
     raise InputError(
@@ -296,18 +318,27 @@ def tokenizer_spec(tok, vocab_size: int, ref: str) -> TokenizerSpec:
 
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise InputError(f"{ref}: the tokenizer has no tokenizer.json (a slow or SentencePiece tokenizer); "
-                         "GGUF export writes byte-level BPE tokenizers only")
+        raise InputError(
+            f"{ref}: the tokenizer has no tokenizer.json (a slow or SentencePiece tokenizer); "
+            "GGUF export writes byte-level BPE tokenizers only"
+        )
     spec = json.loads(backend.to_str())
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or decoder.get("type") != "ByteLevel":
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or spec.get("normalizer")
+        or decoder.get("type") != "ByteLevel"
+    ):
         raise InputError(
             f"{ref}: the tokenizer is not a byte-level BPE (model {model.get('type')}, byte_fallback "
             f"{model.get('byte_fallback')}, normalizer {(spec.get('normalizer') or {}).get('type')}, decoder "
             f"{decoder.get('type')}); GGUF export writes byte-level BPE tokenizers only"
         )
     if model.get("ignore_merges"):
-        raise InputError(f"{ref}: the BPE has ignore_merges set, which llama.cpp's {'/'.join(PRE_TOKENIZERS)} do not do")
+        raise InputError(
+            f"{ref}: the BPE has ignore_merges set, which llama.cpp's {'/'.join(PRE_TOKENIZERS)} do not do"
+        )
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"), ref)
     vocab: dict[str, int] = model["vocab"]
     added = {a["id"]: a for a in spec.get("added_tokens") or []}
@@ -328,9 +359,19 @@ def tokenizer_spec(tok, vocab_size: int, ref: str) -> TokenizerSpec:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     add_bos, add_eos = _special_flags(tok, ref)
     template = tok.chat_template.get("default") if isinstance(tok.chat_template, dict) else tok.chat_template
-    return TokenizerSpec(pre=pre, tokens=tokens, token_types=[int(t) for t in types], merges=merges,
-                         bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, unk_id=tok.unk_token_id, pad_id=tok.pad_token_id,
-                         add_bos=add_bos, add_eos=add_eos, chat_template=template or None)
+    return TokenizerSpec(
+        pre=pre,
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=merges,
+        bos_id=tok.bos_token_id,
+        eos_id=tok.eos_token_id,
+        unk_id=tok.unk_token_id,
+        pad_id=tok.pad_token_id,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        chat_template=template or None,
+    )
 
 
 def _special_flags(tok, ref: str) -> tuple[bool, bool]:
@@ -340,8 +381,10 @@ def _special_flags(tok, ref: str) -> tuple[bool, bool]:
     add_bos = tok.bos_token_id is not None and len(full) > len(plain) and full[0] == tok.bos_token_id
     add_eos = tok.eos_token_id is not None and len(full) > len(plain) and full[-1] == tok.eos_token_id
     if full != [tok.bos_token_id] * add_bos + plain + [tok.eos_token_id] * add_eos:
-        raise InputError(f"{ref}: the tokenizer adds tokens other than BOS/EOS to a text ({plain} -> {full}); "
-                         "llama.cpp cannot reproduce that")
+        raise InputError(
+            f"{ref}: the tokenizer adds tokens other than BOS/EOS to a text ({plain} -> {full}); "
+            "llama.cpp cannot reproduce that"
+        )
     return add_bos, add_eos
 
 
@@ -400,8 +443,14 @@ def write_gguf(model, tok, path: Path, *, quant: str = "f16", name: str = "model
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return GgufSummary(path=str(path), bytes=Path(path).stat().st_size, tensors=len(tensors), tensor_types=types,
-                       pre_tokenizer=spec.pre, add_bos=spec.add_bos)
+    return GgufSummary(
+        path=str(path),
+        bytes=Path(path).stat().st_size,
+        tensors=len(tensors),
+        tensor_types=types,
+        pre_tokenizer=spec.pre,
+        add_bos=spec.add_bos,
+    )
 
 
 def _encode(name: str, a, quant: str):
@@ -422,8 +471,12 @@ def _add_tokenizer(w, spec: TokenizerSpec) -> None:
     w.add_token_list(spec.tokens)
     w.add_token_types(spec.token_types)
     w.add_token_merges(spec.merges)
-    for add, value in ((w.add_bos_token_id, spec.bos_id), (w.add_eos_token_id, spec.eos_id),
-                       (w.add_unk_token_id, spec.unk_id), (w.add_pad_token_id, spec.pad_id)):
+    for add, value in (
+        (w.add_bos_token_id, spec.bos_id),
+        (w.add_eos_token_id, spec.eos_id),
+        (w.add_unk_token_id, spec.unk_id),
+        (w.add_pad_token_id, spec.pad_id),
+    ):
         if value is not None:
             add(value)
     w.add_add_bos_token(spec.add_bos)
@@ -455,8 +508,19 @@ class ChatFormat:
 
     def go_template(self, *, header: bool = True) -> str:
         """The same shape as an Ollama (Go text/template) TEMPLATE over ``.Messages``."""
-        return ((self.header if header else "") + "{{ range .Messages }}" + self.open + "{{ .Role }}" + self.role_end
-                + "{{ .Content }}" + self.close + "{{ end }}" + self.open + "assistant" + self.role_end)
+        return (
+            (self.header if header else "")
+            + "{{ range .Messages }}"
+            + self.open
+            + "{{ .Role }}"
+            + self.role_end
+            + "{{ .Content }}"
+            + self.close
+            + "{{ end }}"
+            + self.open
+            + "assistant"
+            + self.role_end
+        )
 
 
 _SYS, _U1, _A1, _U2, _A2 = "SYSxq7", "USRxk2", "ASTxm5", "USRxw9", "ASTxz4"
@@ -481,22 +545,22 @@ def chat_format(tok) -> tuple[ChatFormat | None, str]:
         if any(full.count(m) != 1 for m in (_SYS, _U1, _A1, _U2)) or ended.count(_A1) != 1:
             return None, "the template does not put each message's content into the text once"
         close = ended.split(_A1, 1)[1]
-        between = full[full.index(_SYS) + len(_SYS):full.index(_U1)]  # close + open + "user" + role_end
-        if not between.startswith(close) or "user" not in between[len(close):]:
+        between = full[full.index(_SYS) + len(_SYS) : full.index(_U1)]  # close + open + "user" + role_end
+        if not between.startswith(close) or "user" not in between[len(close) :]:
             return None, "the text between messages is not <end of message><role tag>"
-        tag = between[len(close):]
+        tag = between[len(close) :]
         k = tag.rfind("user")
-        fmt = ChatFormat(header="", open=tag[:k], role_end=tag[k + len("user"):], close=close)
-        lead = full[:full.index(_SYS)]
+        fmt = ChatFormat(header="", open=tag[:k], role_end=tag[k + len("user") :], close=close)
+        lead = full[: full.index(_SYS)]
         system_tag = fmt.open + "system" + fmt.role_end
         if not lead.endswith(system_tag):
             return None, "the system message is not tagged like the others"
-        fmt = replace(fmt, header=lead[:-len(system_tag)])
+        fmt = replace(fmt, header=lead[: -len(system_tag)])
         alone = render([msg("user", _U1)], True)
         if alone != fmt.render([msg("user", _U1)], True):  # a default system prompt?
             start, user_tag = fmt.header + system_tag, fmt.close + fmt.open + "user" + fmt.role_end + _U1
             if alone.startswith(start) and user_tag in alone:
-                fmt = replace(fmt, default_system=alone[len(start):alone.index(user_tag)])
+                fmt = replace(fmt, default_system=alone[len(start) : alone.index(user_tag)])
         cases = [
             ([msg("user", _U1)], True),
             ([msg("user", _U1), msg("assistant", _A1)], False),
@@ -536,8 +600,11 @@ def modelfile(plan: ExportPlan, add_bos: bool) -> tuple[str, list[str]]:
     TEMPLATE by hand).
     """
     tok, chat = plan.tokenizer, plan.chat
-    lines = [f"# Ollama Modelfile for {plan.ref} (artifact sha256 {plan.artifact_digest}), written by tuneloop {__version__}.",
-             f"# ollama create {plan.model} -f Modelfile", f"FROM ./{plan.file_name}"]
+    lines = [
+        f"# Ollama Modelfile for {plan.ref} (artifact sha256 {plan.artifact_digest}), written by tuneloop {__version__}.",
+        f"# ollama create {plan.model} -f Modelfile",
+        f"FROM ./{plan.file_name}",
+    ]
     warnings = []
     if chat is not None:
         drop_header = add_bos and tok.bos_token is not None and chat.header == tok.bos_token
@@ -545,9 +612,11 @@ def modelfile(plan: ExportPlan, add_bos: bool) -> tuple[str, list[str]]:
         if chat.default_system is not None:
             lines.append(f'SYSTEM """{chat.default_system}"""')
     else:
-        warnings.append(f"the Modelfile has no TEMPLATE: {plan.chat_problem}; tuneloop converts role-tagged (ChatML-like) "
-                        "chat templates only. Ollama will handle the chat template stored in the GGUF by itself: check "
-                        "its prompts, or add a TEMPLATE to the Modelfile by hand")
+        warnings.append(
+            f"the Modelfile has no TEMPLATE: {plan.chat_problem}; tuneloop converts role-tagged (ChatML-like) "
+            "chat templates only. Ollama will handle the chat template stored in the GGUF by itself: check "
+            "its prompts, or add a TEMPLATE to the Modelfile by hand"
+        )
         lines.append(f"# No TEMPLATE: {plan.chat_problem} (tuneloop converts role-tagged, ChatML-like templates only).")
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop_tokens(tok, chat)]
     return "\n".join(lines) + "\n", warnings
@@ -582,12 +651,30 @@ def export_gguf(reg, ref: str, out_dir: Path, *, quant: str = "f16", actor: str 
         sha = sha256_file(tmp / plan.file_name)
         text, warnings = modelfile(plan, summary.add_bos)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        written = {"format": "gguf", "quant": quant, "file": plan.file_name, "sha256": sha, "bytes": summary.bytes,
-                   "modelfile_template": plan.chat is not None, "tuneloop_version": __version__}
+        written = {
+            "format": "gguf",
+            "quant": quant,
+            "file": plan.file_name,
+            "sha256": sha,
+            "bytes": summary.bytes,
+            "modelfile_template": plan.chat is not None,
+            "tuneloop_version": __version__,
+        }
         (tmp / "tuneloop_export.json").write_text(  # the base named as the HF export names it (no OUT path)
-            json.dumps({"ref": plan.ref, "artifact_sha256": plan.artifact_digest, "base_model": plan.base_name, **written,
-                        "tensor_types": summary.tensor_types, "pre_tokenizer": summary.pre_tokenizer}, indent=2) + "\n",
-            encoding="utf-8")
+            json.dumps(
+                {
+                    "ref": plan.ref,
+                    "artifact_sha256": plan.artifact_digest,
+                    "base_model": plan.base_name,
+                    **written,
+                    "tensor_types": summary.tensor_types,
+                    "pre_tokenizer": summary.pre_tokenizer,
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
         normal_modes(tmp)
         if out_dir.exists():
             out_dir.rmdir()
@@ -601,7 +688,18 @@ def export_gguf(reg, ref: str, out_dir: Path, *, quant: str = "f16", actor: str 
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # an export the registry does not know about is not left behind
         raise
-    return {"ref": plan.ref, "path": str(out_dir.resolve()), "format": "gguf", "quant": quant, "file": plan.file_name,
-            "sha256": sha, "bytes": summary.bytes, "tensor_types": summary.tensor_types, "base_model": plan.base,
-            "modelfile_template": plan.chat is not None, "warnings": warnings, "event": event,
-            "files": sorted(p.name for p in out_dir.iterdir())}
+    return {
+        "ref": plan.ref,
+        "path": str(out_dir.resolve()),
+        "format": "gguf",
+        "quant": quant,
+        "file": plan.file_name,
+        "sha256": sha,
+        "bytes": summary.bytes,
+        "tensor_types": summary.tensor_types,
+        "base_model": plan.base,
+        "modelfile_template": plan.chat is not None,
+        "warnings": warnings,
+        "event": event,
+        "files": sorted(p.name for p in out_dir.iterdir()),
+    }

@@ -61,12 +61,23 @@ def check_artifact_dir(path: Path, kind: str | None = None) -> None:
             "save_pretrained wrote (model.safetensors or adapter_model.safetensors)"
         )
     if kind == "adapter" and not (path / "adapter_config.json").is_file():
-        raise InputError(f"{path} is registered as an adapter but has no adapter_config.json (a PEFT adapter directory has one)")
+        raise InputError(
+            f"{path} is registered as an adapter but has no adapter_config.json (a PEFT adapter directory has one)"
+        )
 
 
 # Lineage that says where or when something ran, not what it was made from: left out of ``origin_key``.
-RUN_SPECIFIC_LINEAGE = ("run_id", "config_path", "source_path", "git", "stage_keys", "config", "config_hash",
-                        "base_model", "adapter_config_base")
+RUN_SPECIFIC_LINEAGE = (
+    "run_id",
+    "config_path",
+    "source_path",
+    "git",
+    "stage_keys",
+    "config",
+    "config_hash",
+    "base_model",
+    "adapter_config_base",
+)
 
 
 def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: dict) -> str:
@@ -83,12 +94,14 @@ def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: d
         kept["base"] = kept["base"].get("digest")
     if isinstance(kept.get("data"), dict):
         kept["data"] = {k: v for k, v in kept["data"].items() if k.endswith("digest")}
-    return sha256_json({
-        "artifact": artifact_digest,
-        "kind": artifact_kind,
-        "lineage": kept,
-        "gates": gates or {},
-    })
+    return sha256_json(
+        {
+            "artifact": artifact_digest,
+            "kind": artifact_kind,
+            "lineage": kept,
+            "gates": gates or {},
+        }
+    )
 
 
 def detect_kind(path: Path) -> str:

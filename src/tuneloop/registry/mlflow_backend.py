@@ -109,7 +109,11 @@ class MlflowRegistry:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        cache_dir = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "mlflow"
+        cache_dir = (
+            Path(cache_dir)
+            if cache_dir
+            else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "mlflow"
+        )
         self.store = ArtifactStore(cache_dir / "artifacts")
         self.removed_temps = self.store.remove_dead_temps()
         self._experiment_id: str | None = None
@@ -187,8 +191,12 @@ class MlflowRegistry:
         with self._mlflow(f"register a version of {model!r}"):
             self._ensure_model(model)
             base = lineage.get("base") if isinstance(lineage.get("base"), dict) else {}
-            meta = {"artifact_digest": digest, "artifact_kind": artifact_kind, "base_model": base_model,
-                    "base_digest": base.get("digest") or lineage.get("base_model_fingerprint")}
+            meta = {
+                "artifact_digest": digest,
+                "artifact_kind": artifact_kind,
+                "base_model": base_model,
+                "base_digest": base.get("digest") or lineage.get("base_model_fingerprint"),
+            }
             run_id = self._log_run(model, stored, lineage, metrics, meta)
             tags = {
                 f"{P}kind": artifact_kind,
@@ -202,11 +210,19 @@ class MlflowRegistry:
             # The source is the run's root: its MLmodel makes `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` work.
             mv = self.client.create_model_version(model, f"runs:/{run_id}", run_id=run_id, tags=tags)
             number = int(mv.version)
-            self._add_event(model, number, "registered", actor, reason,
-                            {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key, "run_id": run_id})
+            self._add_event(
+                model,
+                number,
+                "registered",
+                actor,
+                reason,
+                {"artifact_digest": digest, "artifact_kind": artifact_kind, "cache_key": cache_key, "run_id": run_id},
+            )
             return self.get(model, number)
 
-    def set_alias(self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = "") -> None:
+    def set_alias(
+        self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
+    ) -> None:
         check_alias_name(alias)
         target = self._get_live(model, self._verified(model, version, alias), f"point alias {alias!r} at")["version"]
         old = self._aliases(model).get(alias)
@@ -214,7 +230,9 @@ class MlflowRegistry:
             self.client.set_registered_model_alias(model, alias, str(target))
         self._add_event(model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
 
-    def promote(self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
+    def promote(
+        self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
+    ) -> dict:
         check_alias_name(alias)
         prev_name = previous_alias(alias)
         if alias == "previous" or alias.endswith("-previous"):
@@ -253,11 +271,17 @@ class MlflowRegistry:
                 self.client.set_registered_model_alias(model, prev_name, str(current))
             else:
                 self.client.delete_registered_model_alias(model, prev_name)
-        details = {"alias": alias, alias: {"old": current, "new": previous}, prev_name: {"old": previous, "new": current}}
+        details = {
+            "alias": alias,
+            alias: {"old": current, "new": previous},
+            prev_name: {"old": previous, "new": current},
+        }
         self._add_event(model, previous, "rolled_back", actor, reason, details)
         return self.get(model, previous)
 
-    def set_tag(self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = "") -> dict:
+    def set_tag(
+        self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
+    ) -> dict:
         check_tag(key, value)
         v = self.get(model, version)
         old = v["tags"].get(key)
@@ -267,7 +291,9 @@ class MlflowRegistry:
             self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": old, "new": value})
         return self.get(model, v["version"])
 
-    def remove_tag(self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = "") -> dict:
+    def remove_tag(
+        self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = ""
+    ) -> dict:
         v = self.get(model, version)
         if key not in v["tags"]:
             raise InputError(f"{v['ref']} has no tag {key!r}; its tags: {', '.join(sorted(v['tags'])) or 'none'}")
@@ -284,7 +310,9 @@ class MlflowRegistry:
         number = self.get(model, version)["version"]
         return self._add_event(model, number, kind, actor, reason, details)
 
-    def delete(self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = "") -> dict:
+    def delete(
+        self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""
+    ) -> dict:
         """Soft delete: a ``tuneloop.deleted`` tag, aliases removed only with ``force``, run artifacts collected."""
         from tuneloop.registry.lineage import actor as default_actor
 
@@ -303,8 +331,14 @@ class MlflowRegistry:
             for a in pointing:
                 self.client.delete_registered_model_alias(model, a)
             self.client.set_model_version_tag(model, str(number), f"{P}deleted", json.dumps(deletion))
-        self._add_event(model, number, "deleted", actor, reason,
-                        {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing})
+        self._add_event(
+            model,
+            number,
+            "deleted",
+            actor,
+            reason,
+            {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing},
+        )
         collected = self._collect(v)
         return {"version": self.get(model, number), "removed_aliases": pointing, "collected": collected}
 
@@ -334,13 +368,23 @@ class MlflowRegistry:
     # -- rollouts (see registry/rollouts.py) -----------------------------------------------------------
 
     def start_rollout(
-        self, model: str, candidate_version: int | str, *, baseline_version: int | str | None = None, policy: dict,
-        actor: str | None = None, reason: str = "", weight: float | None = None, state_json: str | None = None,
+        self,
+        model: str,
+        candidate_version: int | str,
+        *,
+        baseline_version: int | str | None = None,
+        policy: dict,
+        actor: str | None = None,
+        reason: str = "",
+        weight: float | None = None,
+        state_json: str | None = None,
     ) -> dict:
         """Start a canary rollout (see ``SqliteRegistry.start_rollout``); one running rollout per model, best effort."""
         from tuneloop.registry.lineage import actor as default_actor
 
-        cand = self._get_live(model, self._verified(model, candidate_version, CANARY_ALIAS), "start a rollout of")["version"]
+        cand = self._get_live(model, self._verified(model, candidate_version, CANARY_ALIAS), "start a rollout of")[
+            "version"
+        ]
         weight = float(policy.get("weights", [0.05])[0]) if weight is None else weight
         check_weight(weight)
         policy = json.loads(check_json(policy, "the rollout policy"))
@@ -349,8 +393,18 @@ class MlflowRegistry:
             base = self._get_live(model, base, "compare a canary with")["version"]
         rollouts, tags = self._rollouts(model)
         check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
-        record = new_record(model, max(rollouts, default=0) + 1, cand, base, policy=policy, weight=weight,
-                            state_json=state_json, actor=actor or default_actor(), reason=reason, now=utcnow())
+        record = new_record(
+            model,
+            max(rollouts, default=0) + 1,
+            cand,
+            base,
+            policy=policy,
+            weight=weight,
+            state_json=state_json,
+            actor=actor or default_actor(),
+            reason=reason,
+            now=utcnow(),
+        )
         old = self._aliases(model).get(CANARY_ALIAS)
         with self._mlflow(f"start a rollout of {model}:{cand}"):
             self._write_rollout(model, record, tags)
@@ -373,8 +427,17 @@ class MlflowRegistry:
         return [rollouts[n] for n in sorted(rollouts)]
 
     def update_rollout(
-        self, model: str, rollout_id: str, *, revision: int, state_json: str | None = None, weight: float | None = None,
-        status: str = "running", decision: dict | None = None, actor: str | None = None, reason: str = "",
+        self,
+        model: str,
+        rollout_id: str,
+        *,
+        revision: int,
+        state_json: str | None = None,
+        weight: float | None = None,
+        status: str = "running",
+        decision: dict | None = None,
+        actor: str | None = None,
+        reason: str = "",
         event: bool = True,
     ) -> dict:
         """Compare-and-set on the revision, best effort: MLflow has no transactions (see the module docstring)."""
@@ -384,14 +447,18 @@ class MlflowRegistry:
         check_update(record, revision, status, weight)
         if status == "promoted":
             self._verified(model, record["candidate_version"], "champion")
-        new = updated_record(record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow())
+        new = updated_record(
+            record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow()
+        )
         with self._mlflow(f"update rollout {rollout_id}"):
             current, _ = self._rollouts(model)  # as late as possible before writing: the compare of compare-and-set
             check_update(current[record["number"]], revision, status, weight)
             token = self._write_rollout(model, new, tags)
             if self._rollout_pointer(model, new["number"]).get("token") != token:
-                raise RolloutConflict(f"rollout {rollout_id} was updated concurrently (another replica wrote revision "
-                                      f"{new['revision']} too); re-read it and decide again")
+                raise RolloutConflict(
+                    f"rollout {rollout_id} was updated concurrently (another replica wrote revision "
+                    f"{new['revision']} too); re-read it and decide again"
+                )
             changes = self._end_rollout_aliases(new, actor, reason) if status in ENDED else {}
         if (decision is not None and event) or status in ENDED:
             details = {**decision_details(new, decision_json), **changes}
@@ -407,8 +474,11 @@ class MlflowRegistry:
                 if old is not None:
                     self.client.set_registered_model_alias(model, "previous", str(old))
                 self.client.set_registered_model_alias(model, "champion", str(cand))
-                changes = {"alias": "champion", "champion": {"old": old, "new": cand},
-                           "previous": {"old": old_previous, "new": old if old is not None else old_previous}}
+                changes = {
+                    "alias": "champion",
+                    "champion": {"old": old, "new": cand},
+                    "previous": {"old": old_previous, "new": old if old is not None else old_previous},
+                }
                 self._add_event(model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]})
         canary = aliases.get(CANARY_ALIAS)
         if canary == cand:
@@ -431,7 +501,10 @@ class MlflowRegistry:
                 if not m:
                     continue
                 pointer, n = json.loads(value), int(m.group(1))
-                parts = [tags.get(f"{P}rollout.{n}.{pointer['revision']}.{pointer['token']}.{i}") for i in range(pointer["parts"])]
+                parts = [
+                    tags.get(f"{P}rollout.{n}.{pointer['revision']}.{pointer['token']}.{i}")
+                    for i in range(pointer["parts"])
+                ]
                 if any(p is None for p in parts):
                     torn = True
                     break
@@ -439,7 +512,9 @@ class MlflowRegistry:
             if not torn:
                 return out, tags
             time.sleep(0.05 * (attempt + 1))
-        raise TuneloopError(f"MLflow registry {self.uri}: the rollout records of {model!r} kept changing while read; try again")
+        raise TuneloopError(
+            f"MLflow registry {self.uri}: the rollout records of {model!r} kept changing while read; try again"
+        )
 
     def _rollout_pointer(self, model: str, number: int) -> dict:
         value = self._registered_model(model).tags.get(f"{P}rollout.{number}")
@@ -458,8 +533,13 @@ class MlflowRegistry:
         chunks = split_chunks(check_json(record, "the rollout record"))
         for i, chunk in enumerate(chunks):
             self.client.set_registered_model_tag(model, f"{P}rollout.{n}.{rev}.{token}.{i}", chunk)
-        pointer = {"rollout_id": record["rollout_id"], "status": record["status"], "revision": rev, "token": token,
-                   "parts": len(chunks)}
+        pointer = {
+            "rollout_id": record["rollout_id"],
+            "status": record["status"],
+            "revision": rev,
+            "token": token,
+            "parts": len(chunks),
+        }
         self.client.set_registered_model_tag(model, f"{P}rollout.{n}", json.dumps(pointer, sort_keys=True))
         for key in old_tags:
             m = _ROLLOUT_PART.match(key)
@@ -486,7 +566,9 @@ class MlflowRegistry:
         """Download (or reuse a verified local copy of) a version's artifact; refuse it if any byte differs."""
         v = self.get(model, version)
         if v["deleted"]:
-            raise InputError(f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone")
+            raise InputError(
+                f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone"
+            )
         if self.store.exists(v["artifact_digest"]):
             try:
                 return self.store.open_verified(v["artifact_digest"])
@@ -589,7 +671,9 @@ class MlflowRegistry:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(model, tags={f"{P}managed": "true"}, description="registered by tuneloop")
+            self.client.create_registered_model(
+                model, tags={f"{P}managed": "true"}, description="registered by tuneloop"
+            )
         except MlflowException as e:
             if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -706,16 +790,28 @@ class MlflowRegistry:
         except InputError:
             return None  # no such model yet
         for _, v in sorted(versions.items()):
-            if not v["deleted"] and origin_key(v["artifact_digest"], v["artifact_kind"], v["lineage"], v["gates"]) == key:
+            if (
+                not v["deleted"]
+                and origin_key(v["artifact_digest"], v["artifact_kind"], v["lineage"], v["gates"]) == key
+            ):
                 return {**v, "existing": True}
         return None
 
-    def _add_event(self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict) -> dict:
+    def _add_event(
+        self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict
+    ) -> dict:
         from tuneloop.registry.lineage import actor as default_actor
 
         seq = f"{time.time_ns():020d}.{secrets.token_hex(4)}"
-        event = {"version": version, "kind": kind, "at": utcnow(), "seq": seq, "actor": actor or default_actor(),
-                 "reason": reason or "", "details": details}
+        event = {
+            "version": version,
+            "kind": kind,
+            "at": utcnow(),
+            "seq": seq,
+            "actor": actor or default_actor(),
+            "reason": reason or "",
+            "details": details,
+        }
         with self._mlflow(f"record a {kind} event for {model!r}"):
             self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
         return {"model": model, **event}
@@ -725,8 +821,13 @@ class MlflowRegistry:
         from tuneloop.registry.mlflow_pyfunc import write_mlmodel
 
         run = self.client.create_run(
-            self._experiment(), run_name=str(lineage.get("run_id") or f"{model}-register"),
-            tags={f"{P}model": model, f"{P}kind": meta["artifact_kind"], f"{P}artifact_digest": meta["artifact_digest"]},
+            self._experiment(),
+            run_name=str(lineage.get("run_id") or f"{model}-register"),
+            tags={
+                f"{P}model": model,
+                f"{P}kind": meta["artifact_kind"],
+                f"{P}artifact_digest": meta["artifact_digest"],
+            },
         )
         run_id = run.info.run_id
         try:
@@ -756,7 +857,7 @@ class MlflowRegistry:
 
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
         if truncated:
             note = json.dumps(truncated)
             self.client.set_tag(run_id, f"{P}params_truncated", note if len(note) <= 5000 else note[:4990] + " ...]")
@@ -776,7 +877,7 @@ class MlflowRegistry:
 
         walk(metrics, "")
         for i in range(0, len(flat), 1000):
-            self.client.log_batch(run_id, metrics=flat[i:i + 1000])
+            self.client.log_batch(run_id, metrics=flat[i : i + 1000])
 
 
 def _problems_against_manifest(d: Path) -> list[str]:
@@ -791,7 +892,9 @@ def _problems_against_manifest(d: Path) -> list[str]:
     for rel in sorted(expected.keys() & present):
         got = sha256_file(d / rel)
         if got != expected[rel].get("sha256"):
-            problems.append(f"file {rel!r} differs: sha256 {got[:12]}..., manifest says {str(expected[rel].get('sha256'))[:12]}...")
+            problems.append(
+                f"file {rel!r} differs: sha256 {got[:12]}..., manifest says {str(expected[rel].get('sha256'))[:12]}..."
+            )
     return problems
 
 
@@ -816,7 +919,7 @@ def mlflow_params(config: dict) -> tuple[dict[str, str], list[str]]:
         name = _PARAM_KEY_BAD.sub("_", key)[:MAX_PARAM_KEY]
         if len(text) > MAX_PARAM_VALUE:
             note = f"...[truncated by tuneloop: {len(text)} characters]"
-            text = text[:MAX_PARAM_VALUE - len(note)] + note
+            text = text[: MAX_PARAM_VALUE - len(note)] + note
             truncated.append(name)
         params[name] = text
     return params, truncated

@@ -34,8 +34,9 @@ class TuneloopPyfuncModel:
 
         prompts = _prompts(model_input)
         max_new = int((params or {}).get("max_new_tokens", 64))
-        outs = generate(self.model, self.tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                        max_new_tokens=max_new)
+        outs = generate(
+            self.model, self.tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=max_new
+        )
         return [o["text"] for o in outs]
 
 
@@ -88,8 +89,12 @@ def write_mlmodel(dest: Path, *, run_id: str, meta: dict[str, Any]) -> None:
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
     )
-    m = Model(run_id=run_id, signature=signature,
-              metadata={"tuneloop": {k: v for k, v in meta.items() if isinstance(v, (str, int))}})
-    add_to_model(m, loader_module=LOADER_MODULE, data=DATA_DIR, model_config=meta,
-                 python_version=platform.python_version())
+    m = Model(
+        run_id=run_id,
+        signature=signature,
+        metadata={"tuneloop": {k: v for k, v in meta.items() if isinstance(v, (str, int))}},
+    )
+    add_to_model(
+        m, loader_module=LOADER_MODULE, data=DATA_DIR, model_config=meta, python_version=platform.python_version()
+    )
     m.save(str(Path(dest) / "MLmodel"))

@@ -56,7 +56,9 @@ def register_directory(
                 "say which base model it belongs to with --base PATH_OR_HUB_ID"
             )
     elif base:
-        raise InputError(f"{path} is a full model (config.json, no adapter_config.json); --base only applies to adapters")
+        raise InputError(
+            f"{path} is a full model (config.json, no adapter_config.json); --base only applies to adapters"
+        )
     base_model = base if kind == "adapter" else str(path.resolve())
     lineage: dict[str, Any] = {
         "source": "register",
@@ -74,8 +76,15 @@ def register_directory(
     except (OSError, ValueError):
         pass
     return reg.register(
-        name, path, artifact_kind=kind, base_model=base_model, lineage=lineage, metrics={}, gates={},
-        actor=actor, reason=reason or f"registered from {path.resolve()}",
+        name,
+        path,
+        artifact_kind=kind,
+        base_model=base_model,
+        lineage=lineage,
+        metrics={},
+        gates={},
+        actor=actor,
+        reason=reason or f"registered from {path.resolve()}",
     )
 
 
@@ -120,11 +129,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _changes(a: dict, b: dict) -> list[dict[str, Any]]:
     fa, fb = _flatten(a), _flatten(b)
-    return [
-        {"key": k, "a": fa.get(k), "b": fb.get(k)}
-        for k in sorted(fa.keys() | fb.keys())
-        if fa.get(k) != fb.get(k)
-    ]
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
 
 
 def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
@@ -149,10 +154,18 @@ def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
         "a": a["ref"],
         "b": b["ref"],
         "config": _changes(la.get("config") or {}, lb.get("config") or {}),
-        "config_hash": {"a": la.get("config_hash"), "b": lb.get("config_hash"), "same": la.get("config_hash") == lb.get("config_hash")},
+        "config_hash": {
+            "a": la.get("config_hash"),
+            "b": lb.get("config_hash"),
+            "same": la.get("config_hash") == lb.get("config_hash"),
+        },
         "data": _changes(la.get("data") or {}, lb.get("data") or {}),
         "base_model": {"a": a["base_model"], "b": b["base_model"], "same_digest": base_a == base_b},
-        "artifact": {"a": a["artifact_digest"], "b": b["artifact_digest"], "same": a["artifact_digest"] == b["artifact_digest"]},
+        "artifact": {
+            "a": a["artifact_digest"],
+            "b": b["artifact_digest"],
+            "same": a["artifact_digest"] == b["artifact_digest"],
+        },
         "code_version": {"a": la.get("code_version"), "b": lb.get("code_version")},
         "metrics": metrics,
         "gates": gate_verdicts,
@@ -182,10 +195,15 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
     base, base_name = None, None
     if v["artifact_kind"] == "adapter":
         lin = v["lineage"]
-        base = check_base(lin.get("base") or v["base_model"], (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"))
+        base = check_base(
+            lin.get("base") or v["base_model"],
+            (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
+        )
         base_name = portable_base_name(v)
     if merged and v["artifact_kind"] != "adapter":
-        raise InputError(f"{v['ref']} is a full model, not an adapter: there is nothing to merge; export without --merged")
+        raise InputError(
+            f"{v['ref']} is a full model, not an adapter: there is nothing to merge; export without --merged"
+        )
 
     kind = "model" if merged or v["artifact_kind"] == "model" else "adapter"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -212,9 +230,17 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    return {"ref": v["ref"], "path": str(out_dir.resolve()), "kind": kind, "merged": merged, "base_model": base_name,
-            "base_model_path": base, "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()),
-            "sha256": weights, "event": event}
+    return {
+        "ref": v["ref"],
+        "path": str(out_dir.resolve()),
+        "kind": kind,
+        "merged": merged,
+        "base_model": base_name,
+        "base_model_path": base,
+        "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()),
+        "sha256": weights,
+        "event": event,
+    }
 
 
 def _copy_artifact(src: Path, dest: Path) -> None:
@@ -241,8 +267,18 @@ def _finish_export(tmp: Path, v: dict, *, kind: str, base_name: str | None, merg
         card += "\n## Notes from the registered artifact\n\n" + own
     readme.write_text(card, encoding="utf-8")
     (tmp / "tuneloop_export.json").write_text(
-        json.dumps({"ref": v["ref"], "artifact_sha256": v["artifact_digest"], "kind": v["artifact_kind"], "merged": merged,
-                    "base_model": base_name, "tuneloop_version": __version__}, indent=2) + "\n",
+        json.dumps(
+            {
+                "ref": v["ref"],
+                "artifact_sha256": v["artifact_digest"],
+                "kind": v["artifact_kind"],
+                "merged": merged,
+                "base_model": base_name,
+                "tuneloop_version": __version__,
+            },
+            indent=2,
+        )
+        + "\n",
         encoding="utf-8",
     )
     normal_modes(tmp)
@@ -291,8 +327,10 @@ class GcReport:
         return {**asdict(self), "freed_bytes": self.freed_bytes, "entries": self.entries}
 
     def summary(self) -> str:
-        return (f"{self.location}: removed {len(self.temps)} dead temporary cop{'y' if len(self.temps) == 1 else 'ies'} "
-                f"and {len(self.artifacts)} unreferenced artifact(s), freed {_human(self.freed_bytes)}")
+        return (
+            f"{self.location}: removed {len(self.temps)} dead temporary cop{'y' if len(self.temps) == 1 else 'ies'} "
+            f"and {len(self.artifacts)} unreferenced artifact(s), freed {_human(self.freed_bytes)}"
+        )
 
 
 class Collectable(Protocol):
@@ -337,17 +375,26 @@ class RecoverReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"rebuilt {self.database}: {self.versions} version(s) of {len(self.models)} model(s), "
-                 f"{self.events} event(s), aliases "
-                 + ("; ".join(f"{m}: " + ", ".join(f"{a} -> {n}" for a, n in al.items()) for m, al in self.aliases.items()) or "none")]
+        lines = [
+            f"rebuilt {self.database}: {self.versions} version(s) of {len(self.models)} model(s), "
+            f"{self.events} event(s), aliases "
+            + (
+                "; ".join(f"{m}: " + ", ".join(f"{a} -> {n}" for a, n in al.items()) for m, al in self.aliases.items())
+                or "none"
+            )
+        ]
         if self.rollouts:
             lines.append(f"rollouts restored as of their last recorded decision: {', '.join(self.rollouts)}")
         if self.moved_aside:
             lines.append(f"the old database was moved to {self.moved_aside}")
         if self.missing_artifacts:
-            lines.append(f"warning: artifacts missing from the store for {', '.join(self.missing_artifacts)} (they cannot be served)")
+            lines.append(
+                f"warning: artifacts missing from the store for {', '.join(self.missing_artifacts)} (they cannot be served)"
+            )
         if self.unrecorded_artifacts:
-            lines.append(f"{len(self.unrecorded_artifacts)} stored artifact(s) belong to no record; `tuneloop models gc` removes them")
+            lines.append(
+                f"{len(self.unrecorded_artifacts)} stored artifact(s) belong to no record; `tuneloop models gc` removes them"
+            )
         if self.unreadable:
             lines.append("unreadable: " + "; ".join(self.unreadable[:5]))
         return "\n".join(lines)

@@ -35,9 +35,26 @@ from tuneloop.errors import InputError, TuneloopError
 CANARY_ALIAS = "canary"
 STATUSES = ("running", "promoted", "rolled_back", "aborted")
 ENDED = ("promoted", "rolled_back", "aborted")
-RECORD_KEYS = ("rollout_id", "model", "number", "candidate_version", "baseline_version", "candidate", "baseline",
-               "status", "weight", "policy", "state_json", "revision", "started_at", "updated_at", "ended_at",
-               "actor", "reason", "last_decision")
+RECORD_KEYS = (
+    "rollout_id",
+    "model",
+    "number",
+    "candidate_version",
+    "baseline_version",
+    "candidate",
+    "baseline",
+    "status",
+    "weight",
+    "policy",
+    "state_json",
+    "revision",
+    "started_at",
+    "updated_at",
+    "ended_at",
+    "actor",
+    "reason",
+    "last_decision",
+)
 
 
 class RolloutConflict(TuneloopError):
@@ -52,8 +69,12 @@ def rollout_id_for(model: str, number: int) -> str:
 
 
 def check_weight(weight: float | None) -> None:
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
-                               or not math.isfinite(weight) or not 0.0 <= weight <= 1.0):
+    if weight is not None and (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or not 0.0 <= weight <= 1.0
+    ):
         raise InputError(f"rollout weight must be a number from 0 to 1, got {weight!r}")
 
 
@@ -91,21 +112,45 @@ def check_start(model: str, candidate: int, baseline: int | None, running: dict 
         raise InputError(f"{model}:{candidate} is already the champion; a canary needs a different version")
 
 
-def new_record(model: str, number: int, candidate: int, baseline: int, *, policy: dict, weight: float,
-               state_json: str | None, actor: str, reason: str, now: str) -> dict[str, Any]:
+def new_record(
+    model: str,
+    number: int,
+    candidate: int,
+    baseline: int,
+    *,
+    policy: dict,
+    weight: float,
+    state_json: str | None,
+    actor: str,
+    reason: str,
+    now: str,
+) -> dict[str, Any]:
     """The record of a rollout that starts now (revision 1)."""
     return {
-        "rollout_id": rollout_id_for(model, number), "model": model, "number": int(number),
-        "candidate_version": int(candidate), "baseline_version": int(baseline),
-        "candidate": f"{model}:{int(candidate)}", "baseline": f"{model}:{int(baseline)}",
-        "status": "running", "weight": float(weight), "policy": dict(policy), "state_json": state_json,
-        "revision": 1, "started_at": now, "updated_at": now, "ended_at": None, "actor": actor, "reason": reason or "",
+        "rollout_id": rollout_id_for(model, number),
+        "model": model,
+        "number": int(number),
+        "candidate_version": int(candidate),
+        "baseline_version": int(baseline),
+        "candidate": f"{model}:{int(candidate)}",
+        "baseline": f"{model}:{int(baseline)}",
+        "status": "running",
+        "weight": float(weight),
+        "policy": dict(policy),
+        "state_json": state_json,
+        "revision": 1,
+        "started_at": now,
+        "updated_at": now,
+        "ended_at": None,
+        "actor": actor,
+        "reason": reason or "",
         "last_decision": None,
     }
 
 
-def updated_record(record: dict, *, state_json: str | None, weight: float | None, status: str,
-                   decision: dict | None, now: str) -> dict[str, Any]:
+def updated_record(
+    record: dict, *, state_json: str | None, weight: float | None, status: str, decision: dict | None, now: str
+) -> dict[str, Any]:
     """``record`` after an update (revision + 1); the weight follows the status when it ends the rollout."""
     new = dict(record)
     if state_json is not None:
@@ -126,9 +171,15 @@ def updated_record(record: dict, *, state_json: str | None, weight: float | None
 
 def decision_details(record: dict, decision: dict | None) -> dict[str, Any]:
     """An event's details for an update: which rollout and revision, status, weight, and the decision."""
-    return {"rollout_id": record["rollout_id"], "revision": record["revision"], "status": record["status"],
-            "weight": record["weight"], "candidate": record["candidate"], "baseline": record["baseline"],
-            "decision": decision}
+    return {
+        "rollout_id": record["rollout_id"],
+        "revision": record["revision"],
+        "status": record["status"],
+        "weight": record["weight"],
+        "candidate": record["candidate"],
+        "baseline": record["baseline"],
+        "decision": decision,
+    }
 
 
 def update_event_kind(status: str) -> str:
@@ -151,4 +202,4 @@ CHUNK_CHARS = 4500
 
 def split_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     """``text`` in pieces of at most ``size`` characters (at least one piece)."""
-    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]

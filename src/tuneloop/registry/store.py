@@ -314,9 +314,7 @@ class ArtifactStore:
             actual.append(entry)
             want = expected[rel]
             if entry["size"] != want.get("size"):
-                problems.append(
-                    f"file {rel!r} differs: size {entry['size']} bytes, manifest says {want.get('size')}"
-                )
+                problems.append(f"file {rel!r} differs: size {entry['size']} bytes, manifest says {want.get('size')}")
             elif entry["sha256"] != want.get("sha256"):
                 problems.append(
                     f"file {rel!r} differs: sha256 {entry['sha256'][:12]}..., "
@@ -401,7 +399,6 @@ def _temp_owner(p: Path, include_legacy: bool) -> str | None:
     if host != _host() or pid_alive(pid):
         return None
     return f"process {pid} on {host} is gone"
-
 
     return True
 

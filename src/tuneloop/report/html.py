@@ -30,9 +30,9 @@ _DATA_NOTES = {
     "duplicates": "removed: an exact duplicate of an earlier record",
     "near_duplicates": "removed: a near duplicate of an earlier record (also when it is contaminated as well)",
     "contaminated": "removed for contamination alone (too many n-grams shared with the eval data); a contaminated "
-                    "record that is also a near duplicate is counted under near_duplicates",
+    "record that is also a near duplicate is counted under near_duplicates",
     "rules": "records each rule flagged, removed or not: a record flagged by two rules counts under both, so "
-             "rules.contaminated (every contaminated record found) can exceed contaminated (removed for it alone)",
+    "rules.contaminated (every contaminated record found) can exceed contaminated (removed for it alone)",
     "contamination_ratio": "contaminated records found (rules.contaminated) / records",
     "duplicate_ratio": "(exact duplicates + near duplicates found) / records",
 }
@@ -41,13 +41,15 @@ _DATA_NOTES = {
 def _data_note(key: str, metrics: dict[str, Any]) -> str:
     """What a data_validation count counts; for ``contaminated``, why it differs from ``rules.contaminated`` here."""
     prefix = "eval_" if key.startswith("eval_") else ""
-    note = _DATA_NOTES.get(key[len(prefix):], "")
-    if key[len(prefix):] == "contaminated":
+    note = _DATA_NOTES.get(key[len(prefix) :], "")
+    if key[len(prefix) :] == "contaminated":
         found = (metrics.get(f"{prefix}rules") or {}).get("contaminated")
         removed = metrics.get(key)
         if isinstance(found, int) and isinstance(removed, int) and found > removed:
-            note += (f". Here {found} records were found contaminated: {removed} removed for that alone, the other "
-                     f"{found - removed} also near duplicates (counted there) or kept (data.contamination_action: report)")
+            note += (
+                f". Here {found} records were found contaminated: {removed} removed for that alone, the other "
+                f"{found - removed} also near duplicates (counted there) or kept (data.contamination_action: report)"
+            )
     return note
 
 
@@ -114,7 +116,9 @@ def write_report(run_dir: Path) -> Path:
         from tuneloop.evaluate.reports import intervals_svg
 
         parts.append("<h2>Gates</h2>" + gates_table(ev["gates"]))
-        parts.append("<p>Intervals: bar = interval, dot = estimate, dashed line = threshold.</p>" + intervals_svg(ev["gates"]))
+        parts.append(
+            "<p>Intervals: bar = interval, dot = estimate, dashed line = threshold.</p>" + intervals_svg(ev["gates"])
+        )
 
     for name, st in run.get("stages", {}).items():
         metrics = {k: v for k, v in st.get("metrics", {}).items() if k != "gates"}
@@ -126,7 +130,11 @@ def write_report(run_dir: Path) -> Path:
             parts.append("<table>")
             for k, v in metrics.items():
                 says = note(k, metrics) if note else ""
-                parts.append(f"<tr><th>{escape(k)}</th><td>{_fmt(v)}</td>" + (f"<td class='note'>{escape(says)}</td>" if says else "") + "</tr>")
+                parts.append(
+                    f"<tr><th>{escape(k)}</th><td>{_fmt(v)}</td>"
+                    + (f"<td class='note'>{escape(says)}</td>" if says else "")
+                    + "</tr>"
+                )
             parts.append("</table>")
 
     tm = run_dir / "train_metrics.jsonl"
@@ -143,7 +151,9 @@ def write_report(run_dir: Path) -> Path:
         task = [r for r in recs if r.get("kind", r["suite"]) == "task" and "reference" in r][:25]
         if task:
             compared = escape(_compared_with(ev))
-            parts.append(f"<h2>Evaluation samples (first 25)</h2><table><tr><th>prompt</th><th>reference</th><th>{compared}</th><th>candidate</th></tr>")
+            parts.append(
+                f"<h2>Evaluation samples (first 25)</h2><table><tr><th>prompt</th><th>reference</th><th>{compared}</th><th>candidate</th></tr>"
+            )
             for r in task:
                 mark = lambda ok: "passed" if ok else "failed"  # noqa: E731
                 parts.append(

@@ -49,23 +49,35 @@ def hacking_flags(rows: list[dict[str, Any]], training: dict[str, Any], evaluati
         first, last = _thirds(rewards)
         if last > first and acc < base:
             against = evaluation.get("against", "base")
-            flags.append(f"The mean reward rose ({fmt_number(first)} in the first third of the steps, {fmt_number(last)} in the "
-                         f"last) while the task accuracy fell ({fmt_number(base)} for the {against}, {fmt_number(acc)} for the "
-                         "candidate): the policy may be earning the reward without doing the task. Check the reward "
-                         "against the task's references, or add the task metric as a reward.")
-    clipped = [r["completions/clipped_ratio"] for r in rows if isinstance(r.get("completions/clipped_ratio"), (int, float))]
+            flags.append(
+                f"The mean reward rose ({fmt_number(first)} in the first third of the steps, {fmt_number(last)} in the "
+                f"last) while the task accuracy fell ({fmt_number(base)} for the {against}, {fmt_number(acc)} for the "
+                "candidate): the policy may be earning the reward without doing the task. Check the reward "
+                "against the task's references, or add the task metric as a reward."
+            )
+    clipped = [
+        r["completions/clipped_ratio"] for r in rows if isinstance(r.get("completions/clipped_ratio"), (int, float))
+    ]
     if clipped:
         share = _thirds(clipped)[1]
         if share > CLIPPED_SHARE:
             limit = training.get("max_completion_length")
-            flags.append(f"{share:.0%} of the completions of the last steps reached max_completion_length "
-                         f"({limit if limit is not None else '?'} tokens) without ending: the reward may pay for length, or "
-                         "answers are cut off. Raise train.max_completion_length or penalise length in the reward.")
+            flags.append(
+                f"{share:.0%} of the completions of the last steps reached max_completion_length "
+                f"({limit if limit is not None else '?'} tokens) without ending: the reward may pay for length, or "
+                "answers are cut off. Raise train.max_completion_length or penalise length in the reward."
+            )
     return flags
 
 
-def _lines_svg(series: list[tuple[str, list[tuple[float, float]]]], *, label: str, ceiling: float | None = None,
-               w: int = 640, h: int = 220) -> str:
+def _lines_svg(
+    series: list[tuple[str, list[tuple[float, float]]]],
+    *,
+    label: str,
+    ceiling: float | None = None,
+    w: int = 640,
+    h: int = 220,
+) -> str:
     """A line chart of several series (name, points) with a legend; ``ceiling`` draws a dashed line."""
     pts = [p for _, s in series for p in s]
     if len({x for x, _ in pts}) < 2:
@@ -80,12 +92,18 @@ def _lines_svg(series: list[tuple[str, list[tuple[float, float]]]], *, label: st
     for i, (name, s) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"><title>{escape(name)}</title></polyline>')
+        out.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"><title>{escape(name)}</title></polyline>'
+        )
         out.append(f'<text x="{50 + i * 150}" y="{h - 4}" font-size="11" fill="{colour}">{escape(name)}</text>')
     if ceiling is not None:
-        out.append(f'<line x1="50" x2="{w - 10}" y1="{sy(ceiling):.1f}" y2="{sy(ceiling):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
-    out.append(f'<text x="2" y="14" font-size="11">{y1:.3g}</text><text x="2" y="{h - 40}" font-size="11">{y0:.3g}</text>'
-               f'<text x="50" y="{h - 20}" font-size="11">step {x0:g}</text><text x="{w - 70}" y="{h - 20}" font-size="11">step {x1:g}</text>')
+        out.append(
+            f'<line x1="50" x2="{w - 10}" y1="{sy(ceiling):.1f}" y2="{sy(ceiling):.1f}" stroke="#888" stroke-dasharray="4 3"/>'
+        )
+    out.append(
+        f'<text x="2" y="14" font-size="11">{y1:.3g}</text><text x="2" y="{h - 40}" font-size="11">{y0:.3g}</text>'
+        f'<text x="50" y="{h - 20}" font-size="11">step {x0:g}</text><text x="{w - 70}" y="{h - 20}" font-size="11">step {x1:g}</text>'
+    )
     out.append("</svg>")
     return "".join(out)
 
@@ -98,14 +116,28 @@ def rewards_section(rows: list[dict[str, Any]], stages: dict[str, Any]) -> str:
         return ""
     training = stages.get("training", {}).get("metrics", {})
     evaluation = stages.get("evaluation", {}).get("metrics", {})
-    series = [(f"rewards/{n}/mean", [(r["step"], r[f"rewards/{n}/mean"]) for r in rows if isinstance(r.get(f"rewards/{n}/mean"), (int, float))])
-              for n in names]
-    lengths = [(r["step"], r["completions/mean_length"]) for r in rows if isinstance(r.get("completions/mean_length"), (int, float))]
+    series = [
+        (
+            f"rewards/{n}/mean",
+            [(r["step"], r[f"rewards/{n}/mean"]) for r in rows if isinstance(r.get(f"rewards/{n}/mean"), (int, float))],
+        )
+        for n in names
+    ]
+    lengths = [
+        (r["step"], r["completions/mean_length"])
+        for r in rows
+        if isinstance(r.get("completions/mean_length"), (int, float))
+    ]
     parts = ["<h2>Rewards per step</h2>", _lines_svg(series, label="mean reward per function per step")]
     if lengths:
-        parts += ["<h2>Completion length per step</h2><p>Mean tokens per completion; dashed: train.max_completion_length.</p>",
-                  _lines_svg([("completions/mean_length", lengths)], label="mean completion length per step",
-                             ceiling=training.get("max_completion_length"))]
+        parts += [
+            "<h2>Completion length per step</h2><p>Mean tokens per completion; dashed: train.max_completion_length.</p>",
+            _lines_svg(
+                [("completions/mean_length", lengths)],
+                label="mean completion length per step",
+                ceiling=training.get("max_completion_length"),
+            ),
+        ]
     kl = [(r["step"], r["kl"]) for r in rows if isinstance(r.get("kl"), (int, float))]
     if kl:
         parts += ["<h2>KL to the reference per step</h2>", _lines_svg([("kl", kl)], label="KL per step")]
@@ -114,8 +146,13 @@ def rewards_section(rows: list[dict[str, Any]], stages: dict[str, Any]) -> str:
     if flags:
         parts.append("<ul>" + "".join(f"<li class='failed'>{escape(f)}</li>" for f in flags) + "</ul>")
     else:
-        measured = isinstance(evaluation.get("accuracy"), (int, float)) and isinstance(evaluation.get("base_accuracy"), (int, float))
-        first = ("the reward did not rise while the task accuracy fell" if measured else
-                 "(the task accuracy was not measured for both models, so a reward rising while it falls was not checked)")
+        measured = isinstance(evaluation.get("accuracy"), (int, float)) and isinstance(
+            evaluation.get("base_accuracy"), (int, float)
+        )
+        first = (
+            "the reward did not rise while the task accuracy fell"
+            if measured
+            else "(the task accuracy was not measured for both models, so a reward rising while it falls was not checked)"
+        )
         parts.append(f"<p>Nothing flagged: {first}; most completions ended before max_completion_length.</p>")
     return "\n".join(parts)

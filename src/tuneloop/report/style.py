@@ -45,8 +45,10 @@ def table(rows: list[tuple], head: tuple) -> str:
 def gates_table(gates: dict[str, dict[str, Any]]) -> str:
     """Gate records (name -> record with ``verdict``, ``passed``, ``value``, ``interval``, ``op``, ``threshold``,
     ``n``, ``needed_n``, ``reason``), as one table: data gates and evaluation gates look the same."""
-    parts = ["<table><tr><th>gate</th><th>metric</th><th>value</th><th>interval</th><th>threshold</th><th>verdict</th>"
-             "<th>n / needed n</th><th>reason</th></tr>"]
+    parts = [
+        "<table><tr><th>gate</th><th>metric</th><th>value</th><th>interval</th><th>threshold</th><th>verdict</th>"
+        "<th>n / needed n</th><th>reason</th></tr>"
+    ]
     for name, g in gates.items():
         verdict = g.get("verdict") or {True: "PASS", False: "FAIL", None: "NOT_APPLIED"}[g.get("passed")]
         css = {True: "passed", False: "failed", None: "skipped"}[g.get("passed")]

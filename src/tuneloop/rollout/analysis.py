@@ -348,13 +348,23 @@ def policy_problems(p: RolloutPolicy) -> list[str]:
             problems.append(f"deploy.canary.metrics: unknown metric {name!r}; allowed: {', '.join(METRIC_NAMES)}")
     if len(set(names)) != len(names) or not names:
         problems.append(f"deploy.canary.metrics: {names!r} must name each metric once and at least one")
-    problems += [f"deploy.canary.metrics.{m.name}.max_ratio: {m.max_ratio!r} must be > 1" for m in p.metrics if m.max_ratio <= 1]
+    problems += [
+        f"deploy.canary.metrics.{m.name}.max_ratio: {m.max_ratio!r} must be > 1" for m in p.metrics if m.max_ratio <= 1
+    ]
     for g in p.guards:
         rate_ok = g.max_rate is None or 0.0 < g.max_rate <= 1.0
         count_ok = g.max_count is None or g.max_count >= 0
-        if g.metric not in COUNT_METRICS or not rate_ok or not count_ok or g.min_requests < 1 or (g.max_rate is None and g.max_count is None):
-            problems.append(f"deploy.canary.guards: {g!r} needs metric in {COUNT_METRICS}, max_rate in (0, 1] "
-                            "and/or max_count >= 0, min_requests >= 1")
+        if (
+            g.metric not in COUNT_METRICS
+            or not rate_ok
+            or not count_ok
+            or g.min_requests < 1
+            or (g.max_rate is None and g.max_count is None)
+        ):
+            problems.append(
+                f"deploy.canary.guards: {g!r} needs metric in {COUNT_METRICS}, max_rate in (0, 1] "
+                "and/or max_count >= 0, min_requests >= 1"
+            )
     if p.min_requests_per_step < 1:
         problems.append(f"deploy.canary.min_requests_per_step: {p.min_requests_per_step!r} must be >= 1")
     if p.on_limit not in ("rollback", "hold"):
@@ -377,7 +387,9 @@ class MetricState:
     canary_exposure: int = 0
     baseline_exposure: int = 0
 
-    def add(self, canary_events: int, baseline_events: int, weight: float, canary_exposure: int, baseline_exposure: int) -> None:
+    def add(
+        self, canary_events: int, baseline_events: int, weight: float, canary_exposure: int, baseline_exposure: int
+    ) -> None:
         if canary_events or baseline_events:
             inc = log_likelihoods(canary_events, baseline_events, weight)
             self.loglik = (np.asarray(self.loglik) + inc).tolist()
@@ -433,15 +445,15 @@ class MetricStats:
     metric: str
     canary: ArmStats
     baseline: ArmStats
-    estimate: float | None          # rate ratio canary/baseline (latency: odds canary slower), grid MLE
-    interval: tuple[float, float]   # anytime-valid bounds on the ratio, each end one-sided at level 1 - alpha/m
-    log_evalue: float               # log e-value for "canary worse" (mixture log likelihood ratio vs rho = 1)
-    threshold: float                # rollback when log_evalue >= this (log(m / alpha))
+    estimate: float | None  # rate ratio canary/baseline (latency: odds canary slower), grid MLE
+    interval: tuple[float, float]  # anytime-valid bounds on the ratio, each end one-sided at level 1 - alpha/m
+    log_evalue: float  # log e-value for "canary worse" (mixture log likelihood ratio vs rho = 1)
+    threshold: float  # rollback when log_evalue >= this (log(m / alpha))
     max_ratio: float
     non_inferior: bool
-    requests_seen: int              # canary requests in the rollout
-    requests_needed: int | None     # canary requests still needed at the observed effect (estimate)
-    needed_for: str                 # "rollback" | "non_inferiority" | ""
+    requests_seen: int  # canary requests in the rollout
+    requests_needed: int | None  # canary requests still needed at the observed effect (estimate)
+    needed_for: str  # "rollback" | "non_inferiority" | ""
 
 
 @dataclass
@@ -449,7 +461,7 @@ class Decision:
     action: Action
     reason: str
     step: int
-    weight: float                   # the canary weight in force after this decision
+    weight: float  # the canary weight in force after this decision
     canary_requests: int
     baseline_requests: int
     at: float
@@ -471,7 +483,9 @@ def finite_json(value):
     return value
 
 
-def metric_stats(name: str, ms: MetricState, mp: MetricPolicy, policy: RolloutPolicy, weight: float, canary_requests: int) -> MetricStats:
+def metric_stats(
+    name: str, ms: MetricState, mp: MetricPolicy, policy: RolloutPolicy, weight: float, canary_requests: int
+) -> MetricStats:
     """Estimate, confidence sequence, e-value and requests still needed for one metric."""
     ll = np.asarray(ms.loglik)
     alpha_m = policy.metric_alpha
@@ -481,20 +495,38 @@ def metric_stats(name: str, ms: MetricState, mp: MetricPolicy, policy: RolloutPo
     lower, upper = confidence_sequence(ll, alpha_m, policy.mixing_scale) if events else (0.0, math.inf)
     estimate = float(math.exp(LOG_RHO[int(np.argmax(ll))])) if events else None
     non_inferior = events == 0 or upper <= mp.max_ratio
-    needed, needed_for = requests_needed(ms, mp, policy, weight if name != "latency" else 0.5, estimate, log_e, canary_requests)
+    needed, needed_for = requests_needed(
+        ms, mp, policy, weight if name != "latency" else 0.5, estimate, log_e, canary_requests
+    )
 
     def arm(events_: int, exposure: int) -> ArmStats:
         return ArmStats(requests=exposure, events=events_, rate=(events_ / exposure) if exposure else None)
 
     return MetricStats(
-        metric=name, canary=arm(ms.canary_events, ms.canary_exposure), baseline=arm(ms.baseline_events, ms.baseline_exposure),
-        estimate=estimate, interval=(lower, upper), log_evalue=log_e, threshold=threshold, max_ratio=mp.max_ratio,
-        non_inferior=bool(non_inferior), requests_seen=canary_requests, requests_needed=needed, needed_for=needed_for,
+        metric=name,
+        canary=arm(ms.canary_events, ms.canary_exposure),
+        baseline=arm(ms.baseline_events, ms.baseline_exposure),
+        estimate=estimate,
+        interval=(lower, upper),
+        log_evalue=log_e,
+        threshold=threshold,
+        max_ratio=mp.max_ratio,
+        non_inferior=bool(non_inferior),
+        requests_seen=canary_requests,
+        requests_needed=needed,
+        needed_for=needed_for,
     )
 
 
-def requests_needed(ms: MetricState, mp: MetricPolicy, policy: RolloutPolicy, weight: float, estimate: float | None,
-                    log_e: float, canary_requests: int) -> tuple[int | None, str]:
+def requests_needed(
+    ms: MetricState,
+    mp: MetricPolicy,
+    policy: RolloutPolicy,
+    weight: float,
+    estimate: float | None,
+    log_e: float,
+    canary_requests: int,
+) -> tuple[int | None, str]:
     """Canary requests still needed, at the observed ratio, to roll back (ratio > 1) or to show non-inferiority."""
     events = ms.canary_events + ms.baseline_events
     if estimate is None or canary_requests == 0 or not 0.0 < weight < 1.0:
@@ -548,8 +580,9 @@ class CanaryAnalysis:
         data = json.loads(text)
         return cls(RolloutPolicy.from_dict(data["policy"]), AnalysisState.from_dict(data["state"]))
 
-    def observe_totals(self, totals: Mapping[str, Mapping], *, now: float,
-                       latencies: Mapping[str, Sequence[float]] | None = None) -> Decision:
+    def observe_totals(
+        self, totals: Mapping[str, Mapping], *, now: float, latencies: Mapping[str, Sequence[float]] | None = None
+    ) -> Decision:
         """Update from cumulative per-arm counts (``RequestLog.arm_counts(model=..., rollout_id=...)``).
 
         ``latencies``: each arm's per-request latencies that are new since the last update (the aggregates do
@@ -592,7 +625,9 @@ class CanaryAnalysis:
     def add_counts(self, canary: ArmCounts, baseline: ArmCounts, weight: float) -> None:
         for name in COUNT_METRICS:
             if name in self.state.metrics:
-                self.state.metrics[name].add(canary.count(name), baseline.count(name), weight, canary.requests, baseline.requests)
+                self.state.metrics[name].add(
+                    canary.count(name), baseline.count(name), weight, canary.requests, baseline.requests
+                )
         if "latency" in self.state.metrics:
             self.add_latency_pairs(canary.latencies, baseline.latencies)
 
@@ -610,8 +645,12 @@ class CanaryAnalysis:
         st.pending_baseline_latencies = pb[: len(pb) - n]
 
     def stats(self) -> dict[str, MetricStats]:
-        return {mp.name: metric_stats(mp.name, self.state.metrics[mp.name], mp, self.policy, self.weight,
-                                      self.state.canary_requests) for mp in self.policy.metrics}
+        return {
+            mp.name: metric_stats(
+                mp.name, self.state.metrics[mp.name], mp, self.policy, self.weight, self.state.canary_requests
+            )
+            for mp in self.policy.metrics
+        }
 
     def hold(self, reason: str, *, now: float) -> Decision:
         """``continue`` with ``reason`` and the statistics as they stand, nothing observed (the evidence is not
@@ -619,9 +658,16 @@ class CanaryAnalysis:
         st = self.state
         if st.status != "running":
             return self._final_decision()
-        return Decision(action="continue", reason=reason, step=st.step, weight=self.weight,
-                        canary_requests=st.canary_requests, baseline_requests=st.baseline_requests, at=now,
-                        metrics=self.stats())
+        return Decision(
+            action="continue",
+            reason=reason,
+            step=st.step,
+            weight=self.weight,
+            canary_requests=st.canary_requests,
+            baseline_requests=st.baseline_requests,
+            at=now,
+            metrics=self.stats(),
+        )
 
     def decide(self, *, now: float, had_traffic: bool = True) -> Decision:
         """The decision for the current state (see the module docstring for the order of the rules)."""
@@ -635,8 +681,16 @@ class CanaryAnalysis:
         elif action == "step_up":
             st.step += 1
             st.step_started_at, st.step_canary_requests = now, 0
-        decision = Decision(action=action, reason=reason, step=st.step, weight=self.weight,
-                            canary_requests=st.canary_requests, baseline_requests=st.baseline_requests, at=now, metrics=stats)
+        decision = Decision(
+            action=action,
+            reason=reason,
+            step=st.step,
+            weight=self.weight,
+            canary_requests=st.canary_requests,
+            baseline_requests=st.baseline_requests,
+            at=now,
+            metrics=stats,
+        )
         if st.status != "running":
             st.final = {k: v for k, v in decision.to_dict().items() if k != "metrics"}
         return decision
@@ -662,7 +716,10 @@ class CanaryAnalysis:
         if step_left <= 0 and last and not pending:
             return "promote", "non-inferior on every metric: " + ", ".join(ni_reason(s) for s in stats.values())
         if step_left <= 0 and not last and not (p.step_requires_non_inferiority and pending):
-            return "step_up", f"{st.step_canary_requests} canary requests at {p.weights[st.step]:.0%} with no harm shown"
+            return (
+                "step_up",
+                f"{st.step_canary_requests} canary requests at {p.weights[st.step]:.0%} with no harm shown",
+            )
         if step_left > 0:
             return "continue", f"{step_left} more canary requests at this step before it can move on"
         return "continue", "waiting for non-inferiority: " + "; ".join(wait_reason(s) for s in pending)
@@ -679,8 +736,10 @@ def failed_guard(guards: tuple[Guard, ...], metrics: dict[str, MetricState]) -> 
             continue
         rate = ms.canary_events / ms.canary_exposure
         if rate > g.max_rate:
-            return (f"guard {g.metric}: canary rate {rate:.1%} ({ms.canary_events}/{ms.canary_exposure}) "
-                    f"above {g.max_rate:.1%}")
+            return (
+                f"guard {g.metric}: canary rate {rate:.1%} ({ms.canary_events}/{ms.canary_exposure}) "
+                f"above {g.max_rate:.1%}"
+            )
     return ""
 
 
@@ -693,9 +752,11 @@ def limit_reached(p: RolloutPolicy, st: AnalysisState) -> str:
 
 
 def harm_reason(s: MetricStats) -> str:
-    return (f"{s.metric}: canary worse (ratio {s.estimate:.2f}, interval {s.interval[0]:.2f}-{s.interval[1]:.2f}, "
-            f"e-value {math.exp(min(s.log_evalue, 700)):.3g} >= {math.exp(s.threshold):.3g}; "
-            f"canary {s.canary.events}/{s.canary.requests}, baseline {s.baseline.events}/{s.baseline.requests})")
+    return (
+        f"{s.metric}: canary worse (ratio {s.estimate:.2f}, interval {s.interval[0]:.2f}-{s.interval[1]:.2f}, "
+        f"e-value {math.exp(min(s.log_evalue, 700)):.3g} >= {math.exp(s.threshold):.3g}; "
+        f"canary {s.canary.events}/{s.canary.requests}, baseline {s.baseline.events}/{s.baseline.requests})"
+    )
 
 
 def ni_reason(s: MetricStats) -> str:

@@ -51,8 +51,9 @@ class ArmLog(Protocol):
 
     def arm_counts(self, *, model: str, since: float | None = None, rollout_id: str | None = None) -> dict: ...
 
-    def latencies(self, *, model: str, arm: str, since: float | None = None,
-                  rollout_id: str | None = None) -> list[float]: ...
+    def latencies(
+        self, *, model: str, arm: str, since: float | None = None, rollout_id: str | None = None
+    ) -> list[float]: ...
 
 
 # ------------------------------------------------------------------------------------------- the state
@@ -60,7 +61,9 @@ class ArmLog(Protocol):
 
 def dump_state(analysis: CanaryAnalysis, controller: dict[str, Any]) -> str:
     """What the registry stores as ``state_json``: the analysis (policy and state) and the controller's cursor."""
-    return json.dumps({"policy": analysis.policy.to_dict(), "state": analysis.state.to_dict(), "controller": controller})
+    return json.dumps(
+        {"policy": analysis.policy.to_dict(), "state": analysis.state.to_dict(), "controller": controller}
+    )
 
 
 def load_state(record: dict) -> tuple[CanaryAnalysis, dict[str, Any]]:
@@ -85,27 +88,56 @@ def as_policy(policy: RolloutPolicy | dict | None) -> RolloutPolicy:
 # ------------------------------------------------------------------------------------------- actions
 
 
-def start(reg: ModelRegistry, ref: str, *, policy: RolloutPolicy | dict | None = None, notifier: Notifier | None = None,
-          actor: str | None = None, reason: str = "", now: float | None = None) -> dict:
+def start(
+    reg: ModelRegistry,
+    ref: str,
+    *,
+    policy: RolloutPolicy | dict | None = None,
+    notifier: Notifier | None = None,
+    actor: str | None = None,
+    reason: str = "",
+    now: float | None = None,
+) -> dict:
     """Start a canary rollout of ``ref`` (``name:3``, ``name@alias`` or ``name``) against the champion."""
     from tuneloop.registry.lineage import version_kind
 
     model, version = reg.parse_ref(ref)
     candidate = reg.get(model, version)
     if version_kind(candidate) == "reward":
-        raise InputError(f"{candidate['ref']} is a reward model (its lineage has kind: reward): the gateway serves no chat traffic "
-                         "to it, so a canary would never see a request; roll out the chat model it was trained for instead")
+        raise InputError(
+            f"{candidate['ref']} is a reward model (its lineage has kind: reward): the gateway serves no chat traffic "
+            "to it, so a canary would never see a request; roll out the chat model it was trained for instead"
+        )
     pol = as_policy(policy)
     analysis = CanaryAnalysis(pol, now=time.time() if now is None else now)
-    record = reg.start_rollout(model, candidate["version"], policy=pol.to_dict(), actor=actor, reason=reason,
-                               weight=pol.weights[0], state_json=dump_state(analysis, fresh_cursor()))
-    announce(notifier, "start", record, None,
-             f"canary {record['candidate']} at {record['weight']:.0%} of traffic against {record['baseline']}")
+    record = reg.start_rollout(
+        model,
+        candidate["version"],
+        policy=pol.to_dict(),
+        actor=actor,
+        reason=reason,
+        weight=pol.weights[0],
+        state_json=dump_state(analysis, fresh_cursor()),
+    )
+    announce(
+        notifier,
+        "start",
+        record,
+        None,
+        f"canary {record['candidate']} at {record['weight']:.0%} of traffic against {record['baseline']}",
+    )
     return record
 
 
-def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = None,
-         notifier: Notifier | None = None, incomplete: str | None = None) -> Decision | None:
+def tick(
+    reg: ModelRegistry,
+    log: ArmLog,
+    model: str,
+    *,
+    now: float | None = None,
+    notifier: Notifier | None = None,
+    incomplete: str | None = None,
+) -> Decision | None:
     """One analysis step for ``model``'s running rollout; the decision, or None (no running rollout, or another
     replica stored this step first). ``log`` is a ``RequestLog`` (``arm_counts`` and ``latencies``).
 
@@ -119,19 +151,29 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
     analysis, cursor = load_state(record)
     rid = record["rollout_id"]
     if incomplete:
-        decision = analysis.hold(f"hold: the request log is incomplete ({incomplete}); no decision on a partial log",
-                                 now=now)
+        decision = analysis.hold(
+            f"hold: the request log is incomplete ({incomplete}); no decision on a partial log", now=now
+        )
     else:
         totals = log.arm_counts(model=model, rollout_id=rid)
-        latencies = new_latencies(log, model, rid, cursor) if "latency" in [m.name for m in analysis.policy.metrics] else None
+        latencies = (
+            new_latencies(log, model, rid, cursor) if "latency" in [m.name for m in analysis.policy.metrics] else None
+        )
         decision = analysis.observe_totals(totals, now=now, latencies=latencies)
     recorded = mark_recorded(decision, cursor, now)
     status = STATUS_OF_ACTION[decision.action]
     try:
         new = reg.update_rollout(
-            model, rid, revision=record["revision"], state_json=dump_state(analysis, cursor),
-            weight=decision.weight if status == "running" else None, status=status,
-            decision=decision.to_dict(), event=recorded, actor=CONTROLLER_ACTOR, reason=decision.reason,
+            model,
+            rid,
+            revision=record["revision"],
+            state_json=dump_state(analysis, cursor),
+            weight=decision.weight if status == "running" else None,
+            status=status,
+            decision=decision.to_dict(),
+            event=recorded,
+            actor=CONTROLLER_ACTOR,
+            reason=decision.reason,
         )
     except RolloutConflict:
         logger.info("rollout %s: another replica stored this step first", rid)
@@ -141,13 +183,24 @@ def tick(reg: ModelRegistry, log: ArmLog, model: str, *, now: float | None = Non
     if recorded:  # every step, promote and rollback; a hold when its reason's kind changes, else once a minute
         logger.info("rollout %s: %s", rid, decision_message(new, decision))
     if decision.action != "continue":
-        announce(notifier, {"step_up": "step", "promote": "promote", "rollback": "rollback"}[decision.action], new,
-                 decision, decision_message(new, decision))
+        announce(
+            notifier,
+            {"step_up": "step", "promote": "promote", "rollback": "rollback"}[decision.action],
+            new,
+            decision,
+            decision_message(new, decision),
+        )
     return decision
 
 
-def tick_running(reg: ModelRegistry, log: ArmLog, *, now: float | None = None,
-                 notifier: Notifier | None = None, incomplete: str | None = None) -> dict[str, Decision | None]:
+def tick_running(
+    reg: ModelRegistry,
+    log: ArmLog,
+    *,
+    now: float | None = None,
+    notifier: Notifier | None = None,
+    incomplete: str | None = None,
+) -> dict[str, Decision | None]:
     """:func:`tick` for every model with a running rollout (what each gateway replica calls every tick)."""
     out: dict[str, Decision | None] = {}
     for model in reg.models():
@@ -157,22 +210,44 @@ def tick_running(reg: ModelRegistry, log: ArmLog, *, now: float | None = None,
     return out
 
 
-def promote(reg: ModelRegistry, model: str, *, actor: str | None = None, reason: str = "",
-            notifier: Notifier | None = None, now: float | None = None) -> dict:
+def promote(
+    reg: ModelRegistry,
+    model: str,
+    *,
+    actor: str | None = None,
+    reason: str = "",
+    notifier: Notifier | None = None,
+    now: float | None = None,
+) -> dict:
     """A person promotes the running canary now: champion -> candidate; the record keeps the statistics then."""
     return end_by_hand(reg, model, "promoted", actor=actor, reason=reason, notifier=notifier, now=now)
 
 
-def abort(reg: ModelRegistry, model: str, *, reason: str, actor: str | None = None,
-          notifier: Notifier | None = None, now: float | None = None) -> dict:
+def abort(
+    reg: ModelRegistry,
+    model: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    notifier: Notifier | None = None,
+    now: float | None = None,
+) -> dict:
     """A person stops the running canary now: the canary alias goes, the champion stays."""
     if not reason or not reason.strip():
         raise InputError("aborting a rollout needs a reason (--reason): it is recorded and sent with the notification")
     return end_by_hand(reg, model, "aborted", actor=actor, reason=reason, notifier=notifier, now=now)
 
 
-def end_by_hand(reg: ModelRegistry, model: str, status: str, *, actor: str | None, reason: str,
-                notifier: Notifier | None, now: float | None) -> dict:
+def end_by_hand(
+    reg: ModelRegistry,
+    model: str,
+    status: str,
+    *,
+    actor: str | None,
+    reason: str,
+    notifier: Notifier | None,
+    now: float | None,
+) -> dict:
     """End the running rollout with ``status``, retrying when a tick lands in between (a person's word wins)."""
     now = time.time() if now is None else now
     for _ in range(MANUAL_RETRIES):
@@ -180,16 +255,29 @@ def end_by_hand(reg: ModelRegistry, model: str, status: str, *, actor: str | Non
         analysis, cursor = load_state(record)
         action: Action = "promote" if status == "promoted" else "rollback"
         who = actor or "a person"
-        decision = manual_decision(analysis, action, f"{status.replace('_', ' ')} by {who}: {reason or 'no reason given'}", now)
+        decision = manual_decision(
+            analysis, action, f"{status.replace('_', ' ')} by {who}: {reason or 'no reason given'}", now
+        )
         try:
-            new = reg.update_rollout(model, record["rollout_id"], revision=record["revision"],
-                                     state_json=dump_state(analysis, cursor), status=status,
-                                     decision=decision.to_dict(), actor=actor, reason=reason)
+            new = reg.update_rollout(
+                model,
+                record["rollout_id"],
+                revision=record["revision"],
+                state_json=dump_state(analysis, cursor),
+                status=status,
+                decision=decision.to_dict(),
+                actor=actor,
+                reason=reason,
+            )
         except RolloutConflict:
             continue
-        announce(notifier, "promote" if status == "promoted" else "abort", new, decision, decision_message(new, decision))
+        announce(
+            notifier, "promote" if status == "promoted" else "abort", new, decision, decision_message(new, decision)
+        )
         return new
-    raise RolloutConflict(f"the rollout of {model} kept changing while ending it ({MANUAL_RETRIES} tries); run the command again")
+    raise RolloutConflict(
+        f"the rollout of {model} kept changing while ending it ({MANUAL_RETRIES} tries); run the command again"
+    )
 
 
 def manual_decision(analysis: CanaryAnalysis, action: Action, reason: str, now: float) -> Decision:
@@ -198,23 +286,53 @@ def manual_decision(analysis: CanaryAnalysis, action: Action, reason: str, now: 
     st.status = "promoted" if action == "promote" else "rolled_back"
     if action == "promote":
         st.step = len(analysis.policy.weights) - 1
-    decision = Decision(action=action, reason=reason, step=st.step, weight=analysis.weight,
-                        canary_requests=st.canary_requests, baseline_requests=st.baseline_requests, at=now, metrics=stats)
+    decision = Decision(
+        action=action,
+        reason=reason,
+        step=st.step,
+        weight=analysis.weight,
+        canary_requests=st.canary_requests,
+        baseline_requests=st.baseline_requests,
+        at=now,
+        metrics=stats,
+    )
     st.final = {k: v for k, v in decision.to_dict().items() if k != "metrics"}
     return decision
 
 
-def refuse_corrupt_candidate(reg: ModelRegistry, record: dict, analysis: CanaryAnalysis, cursor: dict,
-                             decision: Decision, exc: Exception, notifier: Notifier | None, now: float) -> Decision | None:
+def refuse_corrupt_candidate(
+    reg: ModelRegistry,
+    record: dict,
+    analysis: CanaryAnalysis,
+    cursor: dict,
+    decision: Decision,
+    exc: Exception,
+    notifier: Notifier | None,
+    now: float,
+) -> Decision | None:
     """The analysis wanted to promote but the candidate's artifact no longer verifies: roll back instead."""
-    rollback = Decision(action="rollback", reason=f"the candidate's artifact failed verification, not promoted: {exc}",
-                        step=decision.step, weight=0.0, canary_requests=decision.canary_requests,
-                        baseline_requests=decision.baseline_requests, at=now, metrics=decision.metrics)
+    rollback = Decision(
+        action="rollback",
+        reason=f"the candidate's artifact failed verification, not promoted: {exc}",
+        step=decision.step,
+        weight=0.0,
+        canary_requests=decision.canary_requests,
+        baseline_requests=decision.baseline_requests,
+        at=now,
+        metrics=decision.metrics,
+    )
     analysis.state.status = "rolled_back"
     try:
-        new = reg.update_rollout(record["model"], record["rollout_id"], revision=record["revision"],
-                                 state_json=dump_state(analysis, cursor), status="rolled_back",
-                                 decision=rollback.to_dict(), actor=CONTROLLER_ACTOR, reason=rollback.reason)
+        new = reg.update_rollout(
+            record["model"],
+            record["rollout_id"],
+            revision=record["revision"],
+            state_json=dump_state(analysis, cursor),
+            status="rolled_back",
+            decision=rollback.to_dict(),
+            actor=CONTROLLER_ACTOR,
+            reason=rollback.reason,
+        )
     except RolloutConflict:
         return None
     logger.info("rollout %s: %s", record["rollout_id"], decision_message(new, rollback))
@@ -229,7 +347,9 @@ def running_rollout(reg: ModelRegistry, model: str) -> dict:
     record = reg.get_rollout(model)
     if record is None or record["status"] != "running":
         last = f"; its last rollout, {record['rollout_id']}, ended {record['status']}" if record else ""
-        raise InputError(f"{model} has no running rollout{last}; start one with `tuneloop rollout start {model}:VERSION`")
+        raise InputError(
+            f"{model} has no running rollout{last}; start one with `tuneloop rollout start {model}:VERSION`"
+        )
     return record
 
 
@@ -240,8 +360,14 @@ def status(reg: ModelRegistry, model: str) -> dict | None:
         return None
     analysis, _ = load_state(record)
     st = analysis.state
-    summary = {"step": st.step, "weights": list(analysis.policy.weights), "canary_requests": st.canary_requests,
-               "baseline_requests": st.baseline_requests, "active_s": st.active_s, "alpha": analysis.policy.alpha}
+    summary = {
+        "step": st.step,
+        "weights": list(analysis.policy.weights),
+        "canary_requests": st.canary_requests,
+        "baseline_requests": st.baseline_requests,
+        "active_s": st.active_s,
+        "alpha": analysis.policy.alpha,
+    }
     return {**shown(record), "analysis": summary, "decisions": decisions(reg, model, record["rollout_id"])}
 
 
@@ -252,8 +378,11 @@ def shown(record: dict) -> dict:
 
 def decisions(reg: ModelRegistry, model: str, rollout_id: str) -> list[dict]:
     """The rollout's events, oldest first: its start, recorded decisions (with statistics) and end."""
-    return [e for e in reg.events(model)
-            if e["kind"] in ROLLOUT_EVENTS and (e.get("details") or {}).get("rollout_id") == rollout_id]
+    return [
+        e
+        for e in reg.events(model)
+        if e["kind"] in ROLLOUT_EVENTS and (e.get("details") or {}).get("rollout_id") == rollout_id
+    ]
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -281,13 +410,18 @@ def mark_recorded(decision: Decision, cursor: dict, now: float) -> bool:
 
 
 def decision_message(record: dict, decision: Decision) -> str:
-    where = {"step_up": f"stepped up to {record['weight']:.0%}", "promote": f"promoted to champion over {record['baseline']}",
-             "rollback": f"rolled back; {record['baseline']} stays champion",
-             "continue": f"holds at {record['weight']:.0%}"}.get(decision.action, decision.action)
+    where = {
+        "step_up": f"stepped up to {record['weight']:.0%}",
+        "promote": f"promoted to champion over {record['baseline']}",
+        "rollback": f"rolled back; {record['baseline']} stays champion",
+        "continue": f"holds at {record['weight']:.0%}",
+    }.get(decision.action, decision.action)
     if record["status"] == "aborted":
         where = f"aborted; {record['baseline']} stays champion"
-    return (f"{record['candidate']} {where} after {decision.canary_requests} canary / {decision.baseline_requests} "
-            f"baseline requests: {decision.reason}")
+    return (
+        f"{record['candidate']} {where} after {decision.canary_requests} canary / {decision.baseline_requests} "
+        f"baseline requests: {decision.reason}"
+    )
 
 
 def announce(notifier: Notifier | None, event: str, record: dict, decision: Decision | None, message: str) -> None:
@@ -295,9 +429,16 @@ def announce(notifier: Notifier | None, event: str, record: dict, decision: Deci
     if notifier is None:
         return
     d = decision.to_dict() if decision is not None else None
-    details = {"rollout_id": record["rollout_id"], "model": record["model"], "candidate": record["candidate"],
-               "baseline": record["baseline"], "status": record["status"], "weight": record["weight"],
-               "decision": d, "metrics": (d or {}).get("metrics")}
+    details = {
+        "rollout_id": record["rollout_id"],
+        "model": record["model"],
+        "candidate": record["candidate"],
+        "baseline": record["baseline"],
+        "status": record["status"],
+        "weight": record["weight"],
+        "decision": d,
+        "metrics": (d or {}).get("metrics"),
+    }
     try:
         notifier.notify(event, subject=record["candidate"], message=message, details=details)
     except Exception:  # noqa: BLE001 - notifications are best effort by design

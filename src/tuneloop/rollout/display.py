@@ -20,8 +20,16 @@ from typing import Any
 from tuneloop.fsutil import unsigned_zero
 
 DASH = "–"
-METRIC_HEADERS = ("metric", "canary rate", "baseline rate", "ratio", "anytime-valid interval", "e-value / rollback at",
-                  "non-inferior", "needed")
+METRIC_HEADERS = (
+    "metric",
+    "canary rate",
+    "baseline rate",
+    "ratio",
+    "anytime-valid interval",
+    "e-value / rollback at",
+    "non-inferior",
+    "needed",
+)
 _GOALS = {"non_inferiority": "non-inferiority", "rollback": "rollback"}
 
 
@@ -76,6 +84,13 @@ def needed_text(requests_needed: int | None, needed_for: str | None, *, running:
 def metric_cells(name: str, m: dict[str, Any], *, running: bool) -> list[str]:
     """One metric of a decision (``MetricStats.to_dict()`` shape), one text per :data:`METRIC_HEADERS`."""
     non_inferior = "yes" if m.get("non_inferior") else ("not yet" if running else "no")
-    return [name, arm_text(m.get("canary")), arm_text(m.get("baseline")), number(m.get("estimate")),
-            interval_text(m.get("interval")), evalue_text(m.get("log_evalue"), m.get("threshold")), non_inferior,
-            needed_text(m.get("requests_needed"), m.get("needed_for"), running=running)]
+    return [
+        name,
+        arm_text(m.get("canary")),
+        arm_text(m.get("baseline")),
+        number(m.get("estimate")),
+        interval_text(m.get("interval")),
+        evalue_text(m.get("log_evalue"), m.get("threshold")),
+        non_inferior,
+        needed_text(m.get("requests_needed"), m.get("needed_for"), running=running),
+    ]

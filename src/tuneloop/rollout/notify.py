@@ -46,17 +46,17 @@ class Webhook:
 @dataclass
 class Notification:
     event: str
-    subject: str                   # what it is about, e.g. "support-bot:4" or a rollout id
-    message: str                   # one line: what happened and why
+    subject: str  # what it is about, e.g. "support-bot:4" or a rollout id
+    message: str  # one line: what happened and why
     at: float = field(default_factory=time.time)
     details: dict = field(default_factory=dict)
-    gate_results: list[dict] | None = None   # [{"name", "verdict", "value", "threshold"}]
+    gate_results: list[dict] | None = None  # [{"name", "verdict", "value", "threshold"}]
 
 
 @dataclass
 class DeliveryResult:
-    webhook: int                   # index in the configured list
-    url: str                       # scheme://host:port only
+    webhook: int  # index in the configured list
+    url: str  # scheme://host:port only
     event: str
     ok: bool
     attempts: int
@@ -124,8 +124,10 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def gate_table(gates: list[dict]) -> str:
-    rows = [[str(g.get("name", "?")), str(g.get("verdict", "?")), fmt_value(g.get("value")), fmt_value(g.get("threshold"))]
-            for g in gates]
+    rows = [
+        [str(g.get("name", "?")), str(g.get("verdict", "?")), fmt_value(g.get("value")), fmt_value(g.get("threshold"))]
+        for g in gates
+    ]
     return text_table(["gate", "verdict", "value", "threshold"], rows)
 
 
@@ -136,8 +138,15 @@ def metric_table(metrics: Mapping | None) -> str:
     rows = []
     for name, s in metrics.items():
         c, b = s.get("canary", {}), s.get("baseline", {})
-        rows.append([name, f"{c.get('events', 0)}/{c.get('requests', 0)}", f"{b.get('events', 0)}/{b.get('requests', 0)}",
-                     fmt_value(s.get("estimate")), fmt_value(s.get("interval"))])
+        rows.append(
+            [
+                name,
+                f"{c.get('events', 0)}/{c.get('requests', 0)}",
+                f"{b.get('events', 0)}/{b.get('requests', 0)}",
+                fmt_value(s.get("estimate")),
+                fmt_value(s.get("interval")),
+            ]
+        )
     return text_table(["metric", "canary", "baseline", "ratio", "interval"], rows)
 
 
@@ -147,8 +156,9 @@ def metric_table(metrics: Mapping | None) -> str:
 class Notifier:
     """Queues notifications and delivers them from one background thread; never raises on delivery."""
 
-    def __init__(self, webhooks: Sequence[Webhook], *, max_attempts: int = 3, backoff_s: float = 0.5,
-                 timeout_s: float = 5.0):
+    def __init__(
+        self, webhooks: Sequence[Webhook], *, max_attempts: int = 3, backoff_s: float = 0.5, timeout_s: float = 5.0
+    ):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.webhooks = list(webhooks)
@@ -163,12 +173,21 @@ class Notifier:
         with self._lock:
             return list(self._results)
 
-    def notify(self, event: str, *, subject: str, message: str, details: dict | None = None,
-               gate_results: list[dict] | None = None) -> int:
+    def notify(
+        self,
+        event: str,
+        *,
+        subject: str,
+        message: str,
+        details: dict | None = None,
+        gate_results: list[dict] | None = None,
+    ) -> int:
         """Queue ``event`` for every webhook that asked for it; returns how many deliveries were queued."""
         if event not in EVENTS:
             raise ValueError(f"unknown notification event {event!r}; allowed: {', '.join(EVENTS)}")
-        n = Notification(event=event, subject=subject, message=message, details=details or {}, gate_results=gate_results)
+        n = Notification(
+            event=event, subject=subject, message=message, details=details or {}, gate_results=gate_results
+        )
         targets = [i for i, h in enumerate(self.webhooks) if event in h.events]
         for i in targets:
             self._queue.put((i, n))
@@ -216,8 +235,9 @@ class Notifier:
                     self._queue.task_done()
 
 
-def deliver(client: httpx.Client, index: int, hook: Webhook, n: Notification, max_attempts: int,
-            backoff_s: float) -> DeliveryResult:
+def deliver(
+    client: httpx.Client, index: int, hook: Webhook, n: Notification, max_attempts: int, backoff_s: float
+) -> DeliveryResult:
     """POST one notification with retries and exponential backoff; log a final failure."""
     payload = slack_payload(n) if hook.format == "slack" else json_payload(n)
     start, status, error = time.monotonic(), None, ""
@@ -226,15 +246,25 @@ def deliver(client: httpx.Client, index: int, hook: Webhook, n: Notification, ma
             response = client.post(hook.url, json=payload)
             status = response.status_code
             if 200 <= status < 300:
-                return DeliveryResult(index, safe_url(hook.url), n.event, True, attempt, status, "", time.monotonic() - start)
+                return DeliveryResult(
+                    index, safe_url(hook.url), n.event, True, attempt, status, "", time.monotonic() - start
+                )
             error = f"HTTP {status}"
         except httpx.HTTPError as exc:
             status, error = None, f"{type(exc).__name__}: {exc}"
         if attempt < max_attempts:
             time.sleep(backoff_s * 2 ** (attempt - 1))
-    log.warning("notification %r to webhook %d (%s) failed after %d tries: %s; the rollout goes on without it",
-                n.event, index, safe_url(hook.url), max_attempts, error)
-    return DeliveryResult(index, safe_url(hook.url), n.event, False, max_attempts, status, error, time.monotonic() - start)
+    log.warning(
+        "notification %r to webhook %d (%s) failed after %d tries: %s; the rollout goes on without it",
+        n.event,
+        index,
+        safe_url(hook.url),
+        max_attempts,
+        error,
+    )
+    return DeliveryResult(
+        index, safe_url(hook.url), n.event, False, max_attempts, status, error, time.monotonic() - start
+    )
 
 
 def notifier_for(cfg) -> Notifier:

@@ -51,9 +51,9 @@ class GatewaySettings:
     max_body_bytes: int = 1_000_000
     docs: bool = False
     preload: list[str] = field(default_factory=list)  # refs loaded (and probed) at start-up
-    retention_days: float | None = None               # request log: purge older records hourly
-    rollout_tick_s: float | None = 5.0                # deploy.canary.tick_interval_s; None: this gateway never decides
-    rollout_policy: dict | None = None                # deploy.canary policy for POST /admin/rollouts (None: defaults)
+    retention_days: float | None = None  # request log: purge older records hourly
+    rollout_tick_s: float | None = 5.0  # deploy.canary.tick_interval_s; None: this gateway never decides
+    rollout_policy: dict | None = None  # deploy.canary policy for POST /admin/rollouts (None: defaults)
 
 
 @dataclass
@@ -63,10 +63,10 @@ class Gateway:
     backend: Backend
     router: Router
     settings: GatewaySettings
-    recorder: Any = None     # AsyncRecorder
-    metrics: Any = None      # GatewayMetrics
+    recorder: Any = None  # AsyncRecorder
+    metrics: Any = None  # GatewayMetrics
     request_log: Any = None  # RequestLog (feedback, rollout analysis)
-    notifier: Any = None     # rollout.notify.Notifier for rollout decisions
+    notifier: Any = None  # rollout.notify.Notifier for rollout decisions
     shutting_down: bool = False  # serve.shutdown_grace_s ran out (serve/server.py): open calls end with 503
 
     @property
@@ -74,8 +74,16 @@ class Gateway:
         return Recorder(self.recorder, self.metrics)
 
 
-def create_app(backend: Backend, router: Router, settings: GatewaySettings | None = None, *,
-               recorder=None, metrics=None, request_log=None, notifier=None):
+def create_app(
+    backend: Backend,
+    router: Router,
+    settings: GatewaySettings | None = None,
+    *,
+    recorder=None,
+    metrics=None,
+    request_log=None,
+    notifier=None,
+):
     """The app. ``recorder`` (an ``AsyncRecorder``), ``metrics`` (``GatewayMetrics``) and ``request_log``
     (a ``RequestLog``, for feedback and rollout analysis) are optional: without them nothing is recorded,
     /v1/feedback is 503 and rollouts are split but not decided here. ``notifier`` gets rollout notifications."""
@@ -111,8 +119,14 @@ def create_app(backend: Backend, router: Router, settings: GatewaySettings | Non
             return GatewayMiddleware(super().build_middleware_stack(), gateway=gw)
 
     docs = gw.settings.docs
-    app = GatewayApp(title="tuneloop gateway", version="1", lifespan=lifespan,
-                     docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app = GatewayApp(
+        title="tuneloop gateway",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.gateway = gw  # what the routes share, for embedding and tests
     install_handlers(app)
     add_openai_routes(app, gw)
@@ -154,16 +168,39 @@ def add_openai_routes(app, gw: Gateway) -> None:
         from fastapi.responses import JSONResponse
 
         s = gw.settings
-        body = parse_body(await read_body(request.receive, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes)
+        body = parse_body(
+            await read_body(request.receive, s.max_body_bytes), FeedbackRequest, max_bytes=s.max_body_bytes
+        )
         if gw.request_log is None:
-            raise APIError(503, "feedback needs the request log (serve.request_log); this gateway runs without one", code="no_request_log")
+            raise APIError(
+                503,
+                "feedback needs the request log (serve.request_log); this gateway runs without one",
+                code="no_request_log",
+            )
         record, created = await asyncio.to_thread(store_feedback, gw.request_log, gw.recorder, body)
         if created is None:  # the store is unavailable: spooled, stored when it is back (monitor/spool.py)
-            return JSONResponse({"object": "feedback", "id": None, "request_id": record.request_id, "source": record.source,
-                                 "created": None, "status": "queued"}, status_code=202)
-        return JSONResponse({"object": "feedback", "id": record.feedback_id, "request_id": record.request_id,
-                             "source": record.source, "created": created, "status": "stored"},
-                            status_code=201 if created else 200)
+            return JSONResponse(
+                {
+                    "object": "feedback",
+                    "id": None,
+                    "request_id": record.request_id,
+                    "source": record.source,
+                    "created": None,
+                    "status": "queued",
+                },
+                status_code=202,
+            )
+        return JSONResponse(
+            {
+                "object": "feedback",
+                "id": record.feedback_id,
+                "request_id": record.request_id,
+                "source": record.source,
+                "created": created,
+                "status": "stored",
+            },
+            status_code=201 if created else 200,
+        )
 
 
 def add_operations_routes(app, gw: Gateway) -> None:
@@ -192,14 +229,18 @@ def add_operations_routes(app, gw: Gateway) -> None:
 
     @app.get("/admin/versions")
     async def admin_versions() -> dict[str, Any]:
-        return {"backend": gw.backend.kind, "loaded": gw.backend.loaded(), "refused": getattr(gw.backend, "refused", {})}
+        return {
+            "backend": gw.backend.kind,
+            "loaded": gw.backend.loaded(),
+            "refused": getattr(gw.backend, "refused", {}),
+        }
 
     @app.post("/admin/load")
     async def admin_load(request: Request) -> dict[str, Any]:
         data = json.loads(await read_body(request.receive, gw.settings.max_body_bytes) or b"{}")
         ref = data.get("model") if isinstance(data, dict) else None
         if not isinstance(ref, str) or not ref:
-            raise APIError(400, "give the version to load as {\"model\": \"name:3\"}", code="invalid_value", param="model")
+            raise APIError(400, 'give the version to load as {"model": "name:3"}', code="invalid_value", param="model")
         route = gw.router.choose_arm(ref, None)
         set_route_headers(request_state(request), route)
         return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
@@ -234,20 +275,29 @@ def store_feedback(request_log, recorder, body: FeedbackRequest):
     """``(record, created)``; ``created`` is None when the feedback went to the spool (answered 202)."""
     from tuneloop.monitor.requestlog import RequestLogUnavailable, UnknownRequest, store_unavailable
 
-    kwargs = dict(source=body.source, rating=body.rating, score=body.score, correction=body.correction, comment=body.comment)
+    kwargs = dict(
+        source=body.source, rating=body.rating, score=body.score, correction=body.correction, comment=body.comment
+    )
     try:
         if recorder is not None:  # it flushes its queue before a 404, and spools while the store is unavailable
             return recorder.add_feedback(body.request_id, flush_timeout=2.0, **kwargs)
         return request_log.add_feedback(body.request_id, **kwargs)
     except UnknownRequest:
-        raise APIError(404, f"no request with id {body.request_id!r} in the request log", code="request_not_found",
-                       param="request_id") from None
+        raise APIError(
+            404,
+            f"no request with id {body.request_id!r} in the request log",
+            code="request_not_found",
+            param="request_id",
+        ) from None
     except RequestLogUnavailable as exc:
         raise APIError(503, f"{exc}", code="request_log_unavailable") from None
     except Exception as exc:
         if store_unavailable(exc):
-            raise APIError(503, "the request log store is unavailable; send the feedback again later",
-                           code="request_log_unavailable") from None
+            raise APIError(
+                503,
+                "the request log store is unavailable; send the feedback again later",
+                code="request_log_unavailable",
+            ) from None
         raise
 
 
@@ -260,8 +310,16 @@ def model_object(v: dict[str, Any], model_id: str) -> dict[str, Any]:
         created = int(datetime.fromisoformat(str(v.get("created_at"))).timestamp())
     except ValueError:
         created = 0
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "tuneloop", "version": v["ref"],
-            "artifact_sha256": artifact_sha256(v), "kind": v.get("artifact_kind"), "aliases": v.get("aliases", [])}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "tuneloop",
+        "version": v["ref"],
+        "artifact_sha256": artifact_sha256(v),
+        "kind": v.get("artifact_kind"),
+        "aliases": v.get("aliases", []),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -323,20 +381,33 @@ class GatewayMiddleware:
             elif key == b"authorization":
                 authorization = value.decode("latin-1")
         if length.isdigit() and int(length) > self.s.max_body_bytes:
-            return APIError(413, f"request body is {length} bytes; the limit is {self.s.max_body_bytes} (serve.max_body_bytes)",
-                            code="request_too_large")
+            return APIError(
+                413,
+                f"request body is {length} bytes; the limit is {self.s.max_body_bytes} (serve.max_body_bytes)",
+                code="request_too_large",
+            )
         path = route_path(scope)
         token = bearer(authorization)
         if path.startswith("/admin"):
             if not self.s.admin_token:
-                return APIError(403, "admin endpoints are off: set the admin token in the environment variable named by "
-                                "serve.admin_token_env (default TUNELOOP_ADMIN_TOKEN)", code="admin_disabled")
+                return APIError(
+                    403,
+                    "admin endpoints are off: set the admin token in the environment variable named by "
+                    "serve.admin_token_env (default TUNELOOP_ADMIN_TOKEN)",
+                    code="admin_disabled",
+                )
             if not token or not constant_time_in(token, {self.s.admin_token}):
-                return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", code="invalid_admin_token")
+                return APIError(
+                    401, "admin endpoints need 'Authorization: Bearer <admin token>'", code="invalid_admin_token"
+                )
             return None
         if self.s.api_keys and path not in OPEN_PATHS and not (token and constant_time_in(token, self.s.api_keys)):
-            return APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
-                            "key list (serve.api_keys_env)", code="invalid_api_key")
+            return APIError(
+                401,
+                "missing or invalid API key; send 'Authorization: Bearer <key>' with a key from the gateway's "
+                "key list (serve.api_keys_env)",
+                code="invalid_api_key",
+            )
         return None
 
 

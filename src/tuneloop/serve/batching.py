@@ -50,7 +50,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only; k: and the k best
-    prompt_logprobs: bool = False    # logprobs of the prompt tokens (completions echo)
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens (completions echo)
 
 
 @dataclass
@@ -62,7 +62,7 @@ class TokenEvent:
 
 @dataclass
 class PromptLogprobs:
-    logprobs: list[float | None]                # per prompt token; the first has none
+    logprobs: list[float | None]  # per prompt token; the first has none
     top: list[list[tuple[int, float]] | None]
 
 
@@ -159,15 +159,26 @@ def mergeable_cache(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return layers is not None and bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
-                                for layer in layers)
+    return (
+        layers is not None
+        and bool(layers)
+        and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4 for layer in layers)
+    )
 
 
 class BatchEngine:
     """One model (a plain causal LM or a PEFT model holding several adapters) behind a batching worker."""
 
-    def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 256, pad_id: int = 0,
-                 on_queue_depth: Callable[[int], None] | None = None, name: str = "model"):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        pad_id: int = 0,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "model",
+    ):
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue = max_queue
@@ -179,13 +190,13 @@ class BatchEngine:
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.batches = 0          # counters for tests, /health and benchmarks
+        self.batches = 0  # counters for tests, /health and benchmarks
         self.rows = 0
         self.cancelled_rows = 0
-        self.joined = 0           # rows that joined a running batch at a step boundary
-        self.prefills = 0         # prefill forwards (a batch's first, and one per group of joiners)
-        self.decode_steps = 0     # decode forwards
-        self.decoded_rows = 0     # rows over all decode forwards: decoded_rows / decode_steps is the mean batch size
+        self.joined = 0  # rows that joined a running batch at a step boundary
+        self.prefills = 0  # prefill forwards (a batch's first, and one per group of joiners)
+        self.decode_steps = 0  # decode forwards
+        self.decoded_rows = 0  # rows over all decode forwards: decoded_rows / decode_steps is the mean batch size
         self.cache_kw = _cache_keyword(model)
         self.keep_logits_kw = _takes(model, "logits_to_keep")
         self.model_lock = threading.Lock()  # held while a batch runs; loading an adapter takes it too
@@ -199,7 +210,9 @@ class BatchEngine:
             if self.stopped is not None:
                 raise EngineStopped(f"{self.name}: {self.stopped}")
             if len(self.queue) >= self.max_queue:
-                raise QueueFull(f"{self.name}: {len(self.queue)} requests are waiting (serve.max_queue={self.max_queue})")
+                raise QueueFull(
+                    f"{self.name}: {len(self.queue)} requests are waiting (serve.max_queue={self.max_queue})"
+                )
             self.queue.append(job)
             self.on_queue_depth(len(self.queue))
             self.cond.notify()
@@ -311,7 +324,11 @@ class BatchEngine:
                     state.select(keep)
                 if rows:
                     self._decode(state, rows)
-                joiners = [] if self.draining.is_set() or not state.can_join else self._take_joiners(adapter, self.max_batch_size - len(rows))
+                joiners = (
+                    []
+                    if self.draining.is_set() or not state.can_join
+                    else self._take_joiners(adapter, self.max_batch_size - len(rows))
+                )
                 if joiners:
                     self.batch_jobs += joiners
                     new_rows = [_Row(j, _generator(j.params)) for j in joiners]
@@ -322,8 +339,15 @@ class BatchEngine:
                     self.joined += len(joiners)
 
     def stats(self) -> dict[str, int]:
-        return {"batches": self.batches, "rows": self.rows, "joined": self.joined, "prefills": self.prefills,
-                "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows, "cancelled_rows": self.cancelled_rows}
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "joined": self.joined,
+            "prefills": self.prefills,
+            "decode_steps": self.decode_steps,
+            "decoded_rows": self.decoded_rows,
+            "cancelled_rows": self.cancelled_rows,
+        }
 
     def _decode(self, state: _BatchState, rows: list[_Row]) -> None:
         self.decode_steps += 1
@@ -331,8 +355,13 @@ class BatchEngine:
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
         state.pos = state.pos + 1
-        out = self.model(input_ids=ids, attention_mask=state.mask, position_ids=state.pos, use_cache=True,
-                         **{self.cache_kw: state.cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=state.mask,
+            position_ids=state.pos,
+            use_cache=True,
+            **{self.cache_kw: state.cache},
+        )
         state.logits = out.logits[:, -1, :].float()
 
     def _take_joiners(self, adapter: str | None, room: int) -> list[GenJob]:
@@ -361,8 +390,8 @@ class BatchEngine:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             p = r.job.prompt_ids
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
@@ -375,7 +404,11 @@ class BatchEngine:
         for i, r in enumerate(rows):
             if r.job.params.prompt_logprobs:
                 n = len(r.job.prompt_ids)
-                r.job.emit(_prompt_logprobs(out.logits[i, width - n:, :].float(), r.job.prompt_ids, r.job.params.top_logprobs or 0))
+                r.job.emit(
+                    _prompt_logprobs(
+                        out.logits[i, width - n :, :].float(), r.job.prompt_ids, r.job.params.top_logprobs or 0
+                    )
+                )
         return _BatchState(out.logits[:, -1, :].float(), cache, mask, pos[:, -1:], mergeable_cache(cache))
 
     def _step_rows(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
@@ -482,8 +515,15 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> PromptL
     return PromptLogprobs([None, *chosen], tops)
 
 
-def generate_sync(engine: BatchEngine, prompts: list[list[int]], *, max_tokens: int, stop_ids: frozenset[int],
-                  adapter: str | None = None, timeout: float = 300.0) -> list[list[int]]:
+def generate_sync(
+    engine: BatchEngine,
+    prompts: list[list[int]],
+    *,
+    max_tokens: int,
+    stop_ids: frozenset[int],
+    adapter: str | None = None,
+    timeout: float = 300.0,
+) -> list[list[int]]:
     """Greedy token ids for several prompts through the engine's queue (used by the known-answer probes)."""
     outs: list[list[int]] = [[] for _ in prompts]
     done = [threading.Event() for _ in prompts]
@@ -497,6 +537,7 @@ def generate_sync(engine: BatchEngine, prompts: list[list[int]], *, max_tokens: 
                 if isinstance(ev, (ErrorEvent, StoppedEvent)):
                     errors.append(ev.message if isinstance(ev, ErrorEvent) else ev.reason)
                 done[i].set()
+
         return emit
 
     for i, p in enumerate(prompts):

@@ -57,15 +57,16 @@ def request_state(request_or_scope) -> RequestState:
 
 
 def set_route_headers(state: RequestState, route: Route) -> None:
-    state.headers.update({"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256,
-                          "x-tuneloop-arm": route.arm})
+    state.headers.update(
+        {"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256, "x-tuneloop-arm": route.arm}
+    )
 
 
 def route_path(scope) -> str:
     """The path the app routes on: ``scope["path"]`` without the ``root_path`` prefix (``uvicorn --root-path``,
     a mount), as Starlette's router sees it."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def header(scope, name: bytes) -> str | None:
@@ -84,10 +85,13 @@ async def serve_call(gw, scope, receive, send) -> None:
     rec = gw.rec
     watch = DisconnectWatch()
     streaming = False  # once the stream's headers went out, nothing else may start a response
-    answered = False   # the 200 of a plain call has started
+    answered = False  # the 200 of a plain call has started
     try:
-        body = parse_body(await read_body(receive, gw.settings.max_body_bytes), SCHEMAS[endpoint],
-                          max_bytes=gw.settings.max_body_bytes)
+        body = parse_body(
+            await read_body(receive, gw.settings.max_body_bytes),
+            SCHEMAS[endpoint],
+            max_bytes=gw.settings.max_body_bytes,
+        )
         obs.ref, obs.prompt = body.model, prompt_text(endpoint, body)
         obs.user_key = body.user or header(scope, b"x-tuneloop-user") or None
         obs.route = gw.router.choose_arm(body.model, obs.user_key, obs.request_id)
@@ -104,8 +108,16 @@ async def serve_call(gw, scope, receive, send) -> None:
             return
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streaming = True
-        await send_events(send, first, stream, obs, rec, include_usage, watch,
-                          server_ended=lambda: bool(getattr(gw, "shutting_down", False)))
+        await send_events(
+            send,
+            first,
+            stream,
+            obs,
+            rec,
+            include_usage,
+            watch,
+            server_ended=lambda: bool(getattr(gw, "shutting_down", False)),
+        )
     except APIError as exc:
         watch.stop()
         obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
@@ -138,8 +150,13 @@ async def serve_call(gw, scope, receive, send) -> None:
         rec.finish(obs)
         if streaming:  # an answer had started: the client sees the stream end without [DONE]
             return
-        await send_json(send, 500, error_body(500, f"internal error ({type(exc).__name__}); the gateway log has the details",
-                                              code="internal_error"))
+        await send_json(
+            send,
+            500,
+            error_body(
+                500, f"internal error ({type(exc).__name__}); the gateway log has the details", code="internal_error"
+            ),
+        )
     finally:
         watch.stop()
 
@@ -203,12 +220,20 @@ async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str,
     try:
         return await call_backend(gw, state, obs.route, endpoint, body, watch)
     except Exception as exc:
-        if (obs.route is None or obs.route.arm != "canary" or (isinstance(exc, APIError) and exc.status < 500)
-                or is_shutting_down(exc)):  # the gateway's shutdown is not the canary's failure
+        if (
+            obs.route is None
+            or obs.route.arm != "canary"
+            or (isinstance(exc, APIError) and exc.status < 500)
+            or is_shutting_down(exc)
+        ):  # the gateway's shutdown is not the canary's failure
             raise
         gw.rec.finish(failed_canary_attempt(obs, exc))
-        log.warning("canary %s failed for %s (%s); retried on the baseline", obs.route.model_id, obs.request_id,
-                    type(exc).__name__)
+        log.warning(
+            "canary %s failed for %s (%s); retried on the baseline",
+            obs.route.model_id,
+            obs.request_id,
+            type(exc).__name__,
+        )
         canary, obs.route = obs.route, replace(obs.route, arm="direct", rollout_id=None)  # counted once, above
         obs.route = gw.router.baseline_of(canary)
         obs.started = time.perf_counter()
@@ -222,8 +247,13 @@ def failed_canary_attempt(obs: Observation, exc: Exception) -> Observation:
         status, what = exc.status, f"{exc.code}: {exc.message}"
     else:
         status, what = 500, f"internal_error: {type(exc).__name__}: {exc}"
-    return replace(obs, request_id=f"{obs.request_id}.canary", status=status, response="",
-                   error=scrub_paths(f"canary failed before its first byte (retried on the baseline): {what}")[:2000])
+    return replace(
+        obs,
+        request_id=f"{obs.request_id}.canary",
+        status=status,
+        response="",
+        error=scrub_paths(f"canary failed before its first byte (retried on the baseline): {what}")[:2000],
+    )
 
 
 def dumps(obj: Any) -> bytes:
@@ -238,8 +268,16 @@ async def send_json(send, status: int, obj: Any, headers: dict[str, str] | None 
     await send({"type": "http.response.body", "body": payload})
 
 
-async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec: Recorder, include_usage: bool,
-                      watch: DisconnectWatch, server_ended=lambda: False) -> None:
+async def send_events(
+    send,
+    first: dict[str, Any],
+    stream,
+    obs: Observation,
+    rec: Recorder,
+    include_usage: bool,
+    watch: DisconnectWatch,
+    server_ended=lambda: False,
+) -> None:
     """The stream as server-sent events ending in ``data: [DONE]``; an error after the first byte becomes an error
     event (never an unterminated stream). The usage-only chunk is sent when the client asked for it. ``watch``
     cancels this while the stream runs, if the client leaves; it is stopped before the last event. A cancel that
@@ -251,7 +289,9 @@ async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec
         while chunk is not None:
             obs.take_chunk(chunk)
             if include_usage or not (chunk.get("usage") and not chunk.get("choices")):
-                await send({"type": "http.response.body", "body": b"data: " + dumps(chunk) + b"\n\n", "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + dumps(chunk) + b"\n\n", "more_body": True}
+                )
             chunk = await anext(stream, None)
     except APIError as exc:
         obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
@@ -272,8 +312,13 @@ async def send_events(send, first: dict[str, Any], stream, obs: Observation, rec
     except Exception as exc:
         log.exception("stream failed")
         obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"
-        await send({"type": "http.response.body", "body": b"data: " + dumps(error_body(500, obs.error, code="internal_error")) + b"\n\n",
-                    "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"data: " + dumps(error_body(500, obs.error, code="internal_error")) + b"\n\n",
+                "more_body": True,
+            }
+        )
     watch.stop()
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
     rec.finish(obs)

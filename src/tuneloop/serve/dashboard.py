@@ -32,14 +32,29 @@ def dashboard_data(reg, *, max_events: int = MAX_EVENTS) -> dict[str, Any]:
     """Models, versions, aliases and rollouts as plain JSON for the page (no paths, no secrets)."""
     models = []
     for name in reg.models():
-        versions = [{**{k: v.get(k) for k in VERSION_FIELDS}, "created_text": format_time(v.get("created_at"))}
-                    for v in reg.list_versions(name)]
+        versions = [
+            {**{k: v.get(k) for k in VERSION_FIELDS}, "created_text": format_time(v.get("created_at"))}
+            for v in reg.list_versions(name)
+        ]
         events = [event_row(e) for e in reg.events(name)[-max_events:]][::-1]
-        models.append({"name": name, "aliases": reg.aliases(name), "versions": versions,
-                       "rollout": rollout_view(reg, name), "events": events})
+        models.append(
+            {
+                "name": name,
+                "aliases": reg.aliases(name),
+                "versions": versions,
+                "rollout": rollout_view(reg, name),
+                "events": events,
+            }
+        )
     now = datetime.now(timezone.utc)
-    return scrubbed({"models": models, "refresh_s": REFRESH_S, "generated_at": now.isoformat(),
-                     "generated_text": format_time(now.isoformat())})
+    return scrubbed(
+        {
+            "models": models,
+            "refresh_s": REFRESH_S,
+            "generated_at": now.isoformat(),
+            "generated_text": format_time(now.isoformat()),
+        }
+    )
 
 
 def rollout_view(reg, model: str) -> dict[str, Any] | None:
@@ -52,21 +67,37 @@ def rollout_view(reg, model: str) -> dict[str, Any] | None:
     events = st.get("decisions") or []
     history = [point for e in events if (point := weight_point(e)) is not None]
     last = st.get("last_decision") or {}
-    decisions = [{"at": e.get("at"), "at_text": format_time(e.get("at")), "kind": e.get("kind"),
-                  "action": ((e.get("details") or {}).get("decision") or {}).get("action"),
-                  "weight": (e.get("details") or {}).get("weight"), "weight_text": percent((e.get("details") or {}).get("weight")),
-                  "actor": e.get("actor"),
-                  "reason": e.get("reason") or ((e.get("details") or {}).get("decision") or {}).get("reason") or ""}
-                 for e in events[-MAX_EVENTS:]][::-1]
+    decisions = [
+        {
+            "at": e.get("at"),
+            "at_text": format_time(e.get("at")),
+            "kind": e.get("kind"),
+            "action": ((e.get("details") or {}).get("decision") or {}).get("action"),
+            "weight": (e.get("details") or {}).get("weight"),
+            "weight_text": percent((e.get("details") or {}).get("weight")),
+            "actor": e.get("actor"),
+            "reason": e.get("reason") or ((e.get("details") or {}).get("decision") or {}).get("reason") or "",
+        }
+        for e in events[-MAX_EVENTS:]
+    ][::-1]
     keys = ("rollout_id", "candidate", "baseline", "status", "weight", "started_at", "ended_at", "updated_at", "reason")
     analysis = st.get("analysis") or {}
-    return {**{k: st.get(k) for k in keys}, "analysis": st.get("analysis"), "weight_history": history,
-            "weight_text": percent(st.get("weight")), "schedule_text": [percent(w) for w in analysis.get("weights") or []],
-            "started_text": format_time(st.get("started_at")),
-            "last_decision": {k: last.get(k) for k in ("action", "reason", "step", "weight", "canary_requests",
-                                                       "baseline_requests", "at")} if last else None,
-            "metric_headers": list(METRIC_HEADERS),
-            "metrics": metric_rows(last.get("metrics") or {}, running=st.get("status") == "running"), "decisions": decisions}
+    return {
+        **{k: st.get(k) for k in keys},
+        "analysis": st.get("analysis"),
+        "weight_history": history,
+        "weight_text": percent(st.get("weight")),
+        "schedule_text": [percent(w) for w in analysis.get("weights") or []],
+        "started_text": format_time(st.get("started_at")),
+        "last_decision": {
+            k: last.get(k) for k in ("action", "reason", "step", "weight", "canary_requests", "baseline_requests", "at")
+        }
+        if last
+        else None,
+        "metric_headers": list(METRIC_HEADERS),
+        "metrics": metric_rows(last.get("metrics") or {}, running=st.get("status") == "running"),
+        "decisions": decisions,
+    }
 
 
 def weight_point(event: dict) -> dict[str, Any] | None:
@@ -90,19 +121,38 @@ def metric_rows(metrics: dict[str, Any], *, running: bool = True) -> list[dict[s
     rows = []
     for name, m in metrics.items():
         interval = m.get("interval") or [None, None]
-        rows.append({"metric": name, "canary": m.get("canary"), "baseline": m.get("baseline"),
-                     "estimate": m.get("estimate"), "lower": interval[0], "upper": interval[1],
-                     "max_ratio": m.get("max_ratio"), "log_evalue": m.get("log_evalue"), "threshold": m.get("threshold"),
-                     "non_inferior": m.get("non_inferior"), "requests_needed": m.get("requests_needed"),
-                     "needed_for": m.get("needed_for"), "cells": metric_cells(name, m, running=running)})
+        rows.append(
+            {
+                "metric": name,
+                "canary": m.get("canary"),
+                "baseline": m.get("baseline"),
+                "estimate": m.get("estimate"),
+                "lower": interval[0],
+                "upper": interval[1],
+                "max_ratio": m.get("max_ratio"),
+                "log_evalue": m.get("log_evalue"),
+                "threshold": m.get("threshold"),
+                "non_inferior": m.get("non_inferior"),
+                "requests_needed": m.get("requests_needed"),
+                "needed_for": m.get("needed_for"),
+                "cells": metric_cells(name, m, running=running),
+            }
+        )
     return rows
 
 
 def event_row(e: dict) -> dict[str, Any]:
     details = e.get("details") or {}
-    return {"at": e.get("at"), "at_text": format_time(e.get("at")), "kind": e.get("kind"), "version": e.get("version"), "actor": e.get("actor"),
-            "reason": e.get("reason") or "", "rollout_id": details.get("rollout_id"),
-            "alias": details.get("alias")}
+    return {
+        "at": e.get("at"),
+        "at_text": format_time(e.get("at")),
+        "kind": e.get("kind"),
+        "version": e.get("version"),
+        "actor": e.get("actor"),
+        "reason": e.get("reason") or "",
+        "rollout_id": details.get("rollout_id"),
+        "alias": details.get("alias"),
+    }
 
 
 def scrubbed(value: Any) -> Any:
@@ -120,8 +170,9 @@ def add_dashboard_routes(app, gw) -> None:
 
     @app.get("/dashboard")
     async def dashboard() -> HTMLResponse:
-        return HTMLResponse(DASHBOARD_HTML.replace("__REFRESH_MS__", str(REFRESH_S * 1000)),
-                            headers={"cache-control": "no-store"})
+        return HTMLResponse(
+            DASHBOARD_HTML.replace("__REFRESH_MS__", str(REFRESH_S * 1000)), headers={"cache-control": "no-store"}
+        )
 
     @app.get("/dashboard.json")
     async def dashboard_json() -> dict[str, Any]:

@@ -13,9 +13,18 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "upstream_error",
-         503: "service_unavailable", 504: "timeout_error"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 
 _ABS_PATH = re.compile(r"(?<![\w.])/(?!(?:v1|admin)/)(?:[\w.+-]+/)+[\w.+-]*")
 
@@ -54,18 +63,30 @@ def shutting_down() -> APIError:
     """503 ``shutting_down`` (with ``Retry-After``) for a call the gateway ends unanswered because it is shutting
     down and ``serve.shutdown_grace_s`` ran out: still queued, generating, or streaming (then as the stream's
     last event). The request log records it with status 503 and this message, never as a client disconnect."""
-    return APIError(503, "server shutting down: the gateway stopped before this request finished "
-                    "(serve.shutdown_grace_s ran out); retry it, on another replica or once the gateway is back",
-                    code=SHUTTING_DOWN, headers={"retry-after": str(SHUTDOWN_RETRY_AFTER_S)})
+    return APIError(
+        503,
+        "server shutting down: the gateway stopped before this request finished "
+        "(serve.shutdown_grace_s ran out); retry it, on another replica or once the gateway is back",
+        code=SHUTTING_DOWN,
+        headers={"retry-after": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
 
 
 def is_shutting_down(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and exc.code == SHUTTING_DOWN
 
 
-def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None, type_: str | None = None) -> dict:
-    return {"error": {"message": scrub_paths(message), "type": type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "param": param, "code": code}}
+def error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None, type_: str | None = None
+) -> dict:
+    return {
+        "error": {
+            "message": scrub_paths(message),
+            "type": type_ or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -95,9 +116,22 @@ def install_handlers(app) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            return respond(APIError(404, f"no route {request.method} {request.url.path}; see GET /v1/models and the OpenAI API paths", code="unknown_url"))
+            return respond(
+                APIError(
+                    404,
+                    f"no route {request.method} {request.url.path}; see GET /v1/models and the OpenAI API paths",
+                    code="unknown_url",
+                )
+            )
         if exc.status_code == 405:
-            return respond(APIError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed", type="invalid_request_error"))
+            return respond(
+                APIError(
+                    405,
+                    f"method {request.method} is not allowed on {request.url.path}",
+                    code="method_not_allowed",
+                    type="invalid_request_error",
+                )
+            )
         return respond(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(ClientGone)
@@ -109,7 +143,11 @@ def install_handlers(app) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):
         log.exception("unexpected error in the gateway")
-        return respond(APIError(500, f"internal error ({type(exc).__name__}); the gateway log has the details", code="internal_error"))
+        return respond(
+            APIError(
+                500, f"internal error ({type(exc).__name__}); the gateway log has the details", code="internal_error"
+            )
+        )
 
 
 def validation_to_api_error(errors) -> APIError:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Observation:
     request_id: str
-    endpoint: str                 # "chat.completions" | "completions"
+    endpoint: str  # "chat.completions" | "completions"
     ref: str = ""
     route: Route | None = None
     user_key: str | None = None
@@ -81,10 +81,17 @@ class Recorder:
         version = route.version if route else None
         if self.metrics is not None:
             try:
-                self.metrics.observe(model=route.model if route else (obs.ref.split(":")[0].split("@")[0] or "unknown"),
-                                     version=str(version["version"]) if version else "none", arm=route.arm if route else "none",
-                                     endpoint=obs.endpoint, status=obs.status, latency_s=latency, ttft_s=obs.ttft_s,
-                                     prompt_tokens=obs.prompt_tokens, completion_tokens=obs.completion_tokens)
+                self.metrics.observe(
+                    model=route.model if route else (obs.ref.split(":")[0].split("@")[0] or "unknown"),
+                    version=str(version["version"]) if version else "none",
+                    arm=route.arm if route else "none",
+                    endpoint=obs.endpoint,
+                    status=obs.status,
+                    latency_s=latency,
+                    ttft_s=obs.ttft_s,
+                    prompt_tokens=obs.prompt_tokens,
+                    completion_tokens=obs.completion_tokens,
+                )
             except Exception:
                 log.exception("metrics observe failed")
         if self.recorder is None:
@@ -92,13 +99,25 @@ class Recorder:
         from tuneloop.monitor.requestlog import RequestRecord
 
         rec = RequestRecord(
-            request_id=obs.request_id, created_at=obs.created_at, endpoint=obs.endpoint,
-            model=route.model if route else obs.ref.split(":")[0].split("@")[0], ref=obs.ref,
-            version=int(version["version"]) if version else None, artifact_sha256=route.sha256 if route else None,
-            arm=route.arm if route else "direct", user_hash=user_hash(obs.user_key), prompt=obs.prompt,
-            response=obs.response, status=obs.status,
-            error=obs.error if obs.error else (None if obs.status < 400 and obs.response else ("empty output" if obs.status < 400 else None)),
-            latency_s=latency, ttft_s=obs.ttft_s, prompt_tokens=obs.prompt_tokens, completion_tokens=obs.completion_tokens,
+            request_id=obs.request_id,
+            created_at=obs.created_at,
+            endpoint=obs.endpoint,
+            model=route.model if route else obs.ref.split(":")[0].split("@")[0],
+            ref=obs.ref,
+            version=int(version["version"]) if version else None,
+            artifact_sha256=route.sha256 if route else None,
+            arm=route.arm if route else "direct",
+            user_hash=user_hash(obs.user_key),
+            prompt=obs.prompt,
+            response=obs.response,
+            status=obs.status,
+            error=obs.error
+            if obs.error
+            else (None if obs.status < 400 and obs.response else ("empty output" if obs.status < 400 else None)),
+            latency_s=latency,
+            ttft_s=obs.ttft_s,
+            prompt_tokens=obs.prompt_tokens,
+            completion_tokens=obs.completion_tokens,
             rollout_id=route.rollout_id if route else None,
         )
         try:

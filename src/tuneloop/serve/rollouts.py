@@ -62,10 +62,12 @@ async def run_tick(gw) -> dict:
         incomplete = None
         if gw.recorder is not None:
             flushed = await asyncio.to_thread(gw.recorder.flush, 5.0)
-            incomplete = gw.recorder.incomplete() or (None if flushed else "the request recorder's queue did not "
-                                                      "drain in 5 s")
-        decisions = await asyncio.to_thread(controller.tick_running, gw.router.registry, gw.request_log,
-                                            notifier=gw.notifier, incomplete=incomplete)
+            incomplete = gw.recorder.incomplete() or (
+                None if flushed else "the request recorder's queue did not drain in 5 s"
+            )
+        decisions = await asyncio.to_thread(
+            controller.tick_running, gw.router.registry, gw.request_log, notifier=gw.notifier, incomplete=incomplete
+        )
     except Exception:  # a tick that failed (database down) is tried again next time; serving goes on
         log.exception("rollout tick failed")
         return {}
@@ -103,7 +105,9 @@ async def prepare_candidate(gw, ref: str) -> None:
         reason = f"the gateway could not serve the candidate {ref}: {exc.message}"
         log.error("%s; aborting its rollout", reason)
         try:
-            await asyncio.to_thread(controller.abort, reg, model, reason=reason, actor=GATEWAY_ACTOR, notifier=gw.notifier)
+            await asyncio.to_thread(
+                controller.abort, reg, model, reason=reason, actor=GATEWAY_ACTOR, notifier=gw.notifier
+            )
         except InputError:  # another replica ended it first
             pass
         gw.router.invalidate(model)
@@ -140,9 +144,17 @@ def add_rollout_routes(app, gw) -> None:
         ref = data.get("ref")
         if not isinstance(ref, str) or not ref.strip():
             raise APIError(400, 'give the candidate as {"ref": "name:3"}', code="invalid_value", param="ref")
-        record = await steer(gw, lambda: controller.start(gw.router.registry, ref, policy=gw.settings.rollout_policy,
-                                                          notifier=gw.notifier, actor=ADMIN_ACTOR,
-                                                          reason=str(data.get("reason") or "")))
+        record = await steer(
+            gw,
+            lambda: controller.start(
+                gw.router.registry,
+                ref,
+                policy=gw.settings.rollout_policy,
+                notifier=gw.notifier,
+                actor=ADMIN_ACTOR,
+                reason=str(data.get("reason") or ""),
+            ),
+        )
         gw.router.invalidate(record["model"])
         return JSONResponse(controller.shown(record), status_code=201)
 
@@ -150,23 +162,32 @@ def add_rollout_routes(app, gw) -> None:
     async def rollout_status(model: str) -> dict[str, Any]:
         st = await steer(gw, lambda: controller.status(gw.router.registry, model))
         if st is None:
-            raise APIError(404, f"{model} has never had a rollout; start one with POST /admin/rollouts",
-                           code="no_rollout")
+            raise APIError(
+                404, f"{model} has never had a rollout; start one with POST /admin/rollouts", code="no_rollout"
+            )
         return st
 
     @app.post("/admin/rollouts/{model}/promote")
     async def promote_rollout(model: str, request: Request) -> dict[str, Any]:
         data = await body_of(request)
-        record = await steer(gw, lambda: controller.promote(gw.router.registry, model, actor=ADMIN_ACTOR,
-                                                            reason=str(data.get("reason") or ""), notifier=gw.notifier))
+        record = await steer(
+            gw,
+            lambda: controller.promote(
+                gw.router.registry, model, actor=ADMIN_ACTOR, reason=str(data.get("reason") or ""), notifier=gw.notifier
+            ),
+        )
         gw.router.invalidate(model)
         return controller.shown(record)
 
     @app.post("/admin/rollouts/{model}/abort")
     async def abort_rollout(model: str, request: Request) -> dict[str, Any]:
         data = await body_of(request)
-        record = await steer(gw, lambda: controller.abort(gw.router.registry, model, reason=str(data.get("reason") or ""),
-                                                          actor=ADMIN_ACTOR, notifier=gw.notifier))
+        record = await steer(
+            gw,
+            lambda: controller.abort(
+                gw.router.registry, model, reason=str(data.get("reason") or ""), actor=ADMIN_ACTOR, notifier=gw.notifier
+            ),
+        )
         gw.router.invalidate(model)
         return controller.shown(record)
 

@@ -47,7 +47,12 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     else:
         return ref, None
     if not name or not sel:
-        raise APIError(400, f"malformed model {ref!r}; use 'name', 'name:VERSION' or 'name@ALIAS'", code="invalid_value", param="model")
+        raise APIError(
+            400,
+            f"malformed model {ref!r}; use 'name', 'name:VERSION' or 'name@ALIAS'",
+            code="invalid_value",
+            param="model",
+        )
     return name, sel
 
 
@@ -60,10 +65,14 @@ def refuse_reward_model(version: dict[str, Any]) -> None:
     from tuneloop.registry.lineage import version_kind
 
     if version_kind(version) == "reward":
-        raise APIError(400, f"{version['ref']} is a reward model (its lineage has kind: reward): it scores answers and has no chat or "
-                       "completions endpoint; ask for a chat model (GET /v1/models lists the versions), or score answers with it "
-                       f"from Python: tuneloop.train.reward.load_reward_model({version['ref']!r}, registry=...)",
-                       code=NOT_A_CHAT_MODEL, param="model")
+        raise APIError(
+            400,
+            f"{version['ref']} is a reward model (its lineage has kind: reward): it scores answers and has no chat or "
+            "completions endpoint; ask for a chat model (GET /v1/models lists the versions), or score answers with it "
+            f"from Python: tuneloop.train.reward.load_reward_model({version['ref']!r}, registry=...)",
+            code=NOT_A_CHAT_MODEL,
+            param="model",
+        )
 
 
 def user_hash(user_key: str | None) -> str | None:
@@ -135,8 +144,12 @@ class RefreshingCache:
             except APIError as exc:  # not found (e.g. the version was deleted): that is the new value
                 value = exc
             except Exception as exc:  # the registry is unreachable: keep serving what it said last
-                log.warning("router: reading %s from the registry failed (%s: %s); serving the cached value",
-                            key, type(exc).__name__, exc)
+                log.warning(
+                    "router: reading %s from the registry failed (%s: %s); serving the cached value",
+                    key,
+                    type(exc).__name__,
+                    exc,
+                )
                 continue
             with self._lock:
                 entry = self._entries.get(key)
@@ -162,7 +175,7 @@ class Router:
         self.registry = registry
         self.ttl_s = ttl_s
         self.cache = RefreshingCache(ttl_s, refresh_every_s=refresh_every_s)  # keys ("ref", ref), ("rollout", model)
-        self._ready: set[str] = set()    # candidate refs ("name:5") loaded and probed by the backend
+        self._ready: set[str] = set()  # candidate refs ("name:5") loaded and probed by the backend
         self._pending: set[str] = set()  # candidate refs a running rollout waits on
         self._lock = threading.Lock()
 
@@ -171,7 +184,9 @@ class Router:
         if model is None:
             self.cache.invalidate()
             return
-        self.cache.invalidate(keep=lambda key: key[1] != model if key[0] == "rollout" else parse_model_ref(key[1])[0] != model)
+        self.cache.invalidate(
+            keep=lambda key: key[1] != model if key[0] == "rollout" else parse_model_ref(key[1])[0] != model
+        )
 
     def close(self) -> None:
         self.cache.close()
@@ -219,14 +234,18 @@ class Router:
         name, sel = parse_model_ref(ref)
         if name not in self.registry.models():
             known = ", ".join(self.registry.models()) or "none registered yet"
-            raise not_found(f"the model {name!r} does not exist; registered models: {known} (GET /v1/models lists every version)")
+            raise not_found(
+                f"the model {name!r} does not exist; registered models: {known} (GET /v1/models lists every version)"
+            )
         if sel is None:
             sel = DEFAULT_ALIAS if self.registry.get_alias(name, DEFAULT_ALIAS) is not None else "latest"
         try:
             version = self.registry.get(name, sel)
         except Exception:  # the registry's own message names its database path; say it our way
-            raise not_found(f"the model {ref!r} does not exist: {name} has no version or alias {sel!r} "
-                            f"(GET /v1/models/{name} lists its versions)") from None
+            raise not_found(
+                f"the model {ref!r} does not exist: {name} has no version or alias {sel!r} "
+                f"(GET /v1/models/{name} lists its versions)"
+            ) from None
         if version.get("deleted"):
             raise not_found(f"{version['ref']} was deleted; use another version of {name}", code="model_deleted")
         return version
@@ -258,7 +277,9 @@ class Router:
         record = self.rollout(route.model)
         if record is None or record["rollout_id"] != route.rollout_id:  # ended in between: the champion answers
             return Route(ref=route.ref, version=self.resolve(route.ref), arm="direct")
-        return Route(ref=route.ref, version=self.resolve(record["baseline"]), arm="baseline", rollout_id=route.rollout_id)
+        return Route(
+            ref=route.ref, version=self.resolve(record["baseline"]), arm="baseline", rollout_id=route.rollout_id
+        )
 
     def versions(self) -> list[dict[str, Any]]:
         return [v for v in self.registry.list_versions() if not v.get("deleted")]

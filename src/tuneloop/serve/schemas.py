@@ -151,7 +151,11 @@ class FeedbackRequest(_Strict):
 def parse_body(raw: bytes, model: type[BaseModel], *, max_bytes: int) -> Any:
     """Decode, check and validate a JSON request body (413 over the size limit; 400 for anything malformed)."""
     if len(raw) > max_bytes:
-        raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes} (serve.max_body_bytes)", code="request_too_large")
+        raise APIError(
+            413,
+            f"request body is {len(raw)} bytes; the limit is {max_bytes} (serve.max_body_bytes)",
+            code="request_too_large",
+        )
     try:
         text = raw.decode("utf-8")  # strict: UTF-8-encoded surrogates are refused here already
     except UnicodeDecodeError:
@@ -178,8 +182,10 @@ def _check_unicode(data: Any) -> None:
     try:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise bad_request(f"request body contains invalid Unicode (a lone surrogate at character {exc.start} of a string)",
-                          code="invalid_unicode") from None
+        raise bad_request(
+            f"request body contains invalid Unicode (a lone surrogate at character {exc.start} of a string)",
+            code="invalid_unicode",
+        ) from None
 
 
 def finite(x: float) -> bool:
@@ -198,7 +204,9 @@ async def read_body(receive, max_bytes: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise APIError(413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large")
+            raise APIError(
+                413, f"request body is larger than {max_bytes} bytes (serve.max_body_bytes)", code="request_too_large"
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -52,8 +52,10 @@ def check_bind(host: str, port: int, *, api_keys: frozenset[str], insecure: bool
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise InputError(f"port {port!r} is not a valid TCP port; use 1..65535 (--port or serve.port)")
     if not is_loopback(host) and not api_keys and not insecure:
-        raise InputError(f"refusing to listen on {host} without API keys: set ${api_keys_env} (comma-separated keys), "
-                         "bind 127.0.0.1, or set serve.insecure: true to accept unauthenticated clients")
+        raise InputError(
+            f"refusing to listen on {host} without API keys: set ${api_keys_env} (comma-separated keys), "
+            "bind 127.0.0.1, or set serve.insecure: true to accept unauthenticated clients"
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -61,9 +63,13 @@ def check_bind(host: str, port: int, *, api_keys: frozenset[str], insecure: bool
             s.bind((host, port))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise InputError(f"port {port} on {host} is already in use; stop the other server or pick another port with --port") from None
+            raise InputError(
+                f"port {port} on {host} is already in use; stop the other server or pick another port with --port"
+            ) from None
         if exc.errno == errno.EACCES:
-            raise InputError(f"no permission to listen on port {port}; ports below 1024 need privileges, use e.g. --port 8000") from None
+            raise InputError(
+                f"no permission to listen on port {port}; ports below 1024 need privileges, use e.g. --port 8000"
+            ) from None
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host") from None
 
 
@@ -98,25 +104,36 @@ def build_gateway(cfg, workspace_root: Path, *, preload: list[str] | None = None
     from tuneloop.monitor.requestlog import default_log_url
 
     log_url = sc.request_log or default_log_url(workspace_root)
-    request_log, recorder, metrics = open_monitoring(log_url, spool_dir=workspace_root / "spool" / "request-log",
-                                                     spool_max_bytes=int(sc.request_log_spool_mb * 2**20))
+    request_log, recorder, metrics = open_monitoring(
+        log_url,
+        spool_dir=workspace_root / "spool" / "request-log",
+        spool_max_bytes=int(sc.request_log_spool_mb * 2**20),
+    )
     backend = make_backend(sc, reg, workspace_root, metrics)
     if preload is None:
-        preload = sc.preload or [f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()]
+        preload = sc.preload or [
+            f"{m}@{DEFAULT_ALIAS}" if reg.get_alias(m, DEFAULT_ALIAS) is not None else m for m in reg.models()
+        ]
     canary = cfg.deploy.canary if cfg is not None else None
-    settings = GatewaySettings(api_keys=read_keys(sc.api_keys_env), admin_token=os.environ.get(sc.admin_token_env) or None,
-                               max_body_bytes=sc.max_body_bytes, docs=sc.docs, preload=preload,
-                               retention_days=sc.retention_days,
-                               rollout_tick_s=canary.tick_interval_s if canary is not None else 5.0,
-                               rollout_policy=canary.policy_dict() if canary is not None else None)
+    settings = GatewaySettings(
+        api_keys=read_keys(sc.api_keys_env),
+        admin_token=os.environ.get(sc.admin_token_env) or None,
+        max_body_bytes=sc.max_body_bytes,
+        docs=sc.docs,
+        preload=preload,
+        retention_days=sc.retention_days,
+        rollout_tick_s=canary.tick_interval_s if canary is not None else 5.0,
+        rollout_policy=canary.policy_dict() if canary is not None else None,
+    )
     notifier = None
     if cfg is not None:
         from tuneloop.rollout.notify import notifier_for
 
         notifier = notifier_for(cfg)
     router = Router(reg, ttl_s=1.0 if reg.backend == "sqlite" else 5.0)  # MLflow: each read is HTTP to a shared server
-    return create_app(backend, router, settings, recorder=recorder, metrics=metrics, request_log=request_log,
-                      notifier=notifier)
+    return create_app(
+        backend, router, settings, recorder=recorder, metrics=metrics, request_log=request_log, notifier=notifier
+    )
 
 
 def make_backend(sc, reg, workspace_root: Path, metrics):
@@ -128,7 +145,9 @@ def make_backend(sc, reg, workspace_root: Path, metrics):
         from tuneloop.serve.backends.upstream import UpstreamBackend
 
         if not sc.upstream:
-            raise ConfigError("serve.upstream: backend openai needs the upstream base URL, e.g. http://127.0.0.1:8001/v1")
+            raise ConfigError(
+                "serve.upstream: backend openai needs the upstream base URL, e.g. http://127.0.0.1:8001/v1"
+            )
         return UpstreamBackend(sc.upstream, reg, timeout_s=sc.upstream_timeout_s)
     from tuneloop.serve.backends.local import LocalBackend
 
@@ -137,8 +156,15 @@ def make_backend(sc, reg, workspace_root: Path, metrics):
 
         torch.set_num_threads(sc.torch_threads)
         log.info("torch uses %d thread(s) for forward passes (serve.torch_threads)", sc.torch_threads)
-    return LocalBackend(reg, workspace_root, max_batch_size=sc.max_batch_size, max_queue=sc.max_queue,
-                        default_max_tokens=sc.default_max_tokens, probes=sc.probes, queue_depth=depth)
+    return LocalBackend(
+        reg,
+        workspace_root,
+        max_batch_size=sc.max_batch_size,
+        max_queue=sc.max_queue,
+        default_max_tokens=sc.default_max_tokens,
+        probes=sc.probes,
+        queue_depth=depth,
+    )
 
 
 def open_monitoring(url: str, *, spool_dir: Path | None = None, spool_max_bytes: int = 2**30):
@@ -152,7 +178,11 @@ def open_monitoring(url: str, *, spool_dir: Path | None = None, spool_max_bytes:
     request_log = open_request_log(url)
     spool = open_spool(spool_dir, max_bytes=spool_max_bytes) if spool_dir is not None else None
     if spool is not None and not spool.empty:
-        log.info("request log: %d records left in the spool %s by an earlier gateway; replaying them", spool.records, spool.dir)
+        log.info(
+            "request log: %d records left in the spool %s by an earlier gateway; replaying them",
+            spool.records,
+            spool.dir,
+        )
     recorder = AsyncRecorder(request_log, spool=spool)
     metrics = GatewayMetrics()
     metrics.watch_request_log(recorder)
@@ -165,11 +195,13 @@ def http_stack() -> dict[str, str]:
     same choice as uvicorn's ``auto``. The C pair takes ~0.3-0.5 ms less per request (docs/benchmarks.md)."""
     try:
         import httptools  # noqa: F401
+
         http = "httptools"
     except ImportError:
         http = "h11"
     try:
         import uvloop  # noqa: F401
+
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
@@ -195,15 +227,26 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
     stack = http_stack()
     log.info("HTTP stack: %s parser, %s event loop", stack["http"], stack["loop"])
     if console is not None:
-        console.print(f"tuneloop gateway on http://{host}:{port}/v1 ({sc.backend} backend, {stack['http']} + "
-                      f"{stack['loop']}); SIGTERM or Ctrl-C stops")
+        console.print(
+            f"tuneloop gateway on http://{host}:{port}/v1 ({sc.backend} backend, {stack['http']} + "
+            f"{stack['loop']}); SIGTERM or Ctrl-C stops"
+        )
     if stack["http"] == "h11":
-        log.warning("httptools is not installed: serving with the slower pure-Python h11 parser (pip install httptools)")
+        log.warning(
+            "httptools is not installed: serving with the slower pure-Python h11 parser (pip install httptools)"
+        )
     # keep-alive longer than uvicorn's 5 s: a client (or load balancer) that reuses an idle connection just as the
     # server closes it sees a reset; 75 s outlasts the usual proxy idle timeouts (60 s)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=sc.shutdown_grace_s + END_OF_GRACE_S,
-                            access_log=False, timeout_keep_alive=75, **stack)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=sc.shutdown_grace_s + END_OF_GRACE_S,
+        access_log=False,
+        timeout_keep_alive=75,
+        **stack,
+    )
     server = GracefulServer(config, grace_s=sc.shutdown_grace_s)
     server.run()
     if not server.started:
@@ -220,8 +263,12 @@ async def end_grace(app) -> int:
     gw.shutting_down = True
     abort = getattr(gw.backend, "abort", None)
     ended = abort("the gateway is shutting down (serve.shutdown_grace_s ran out)") if abort is not None else 0
-    log.warning("shutdown grace period over: %d queued or running generation(s) end with 503 shutting_down; "
-                "calls still open in %.0f s are ended the same way", ended, END_OF_GRACE_S)
+    log.warning(
+        "shutdown grace period over: %d queued or running generation(s) end with 503 shutting_down; "
+        "calls still open in %.0f s are ended the same way",
+        ended,
+        END_OF_GRACE_S,
+    )
     return ended
 
 
@@ -301,9 +348,17 @@ class BackgroundServer:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.host, self.port = host, port
-        self.server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=grace_s + END_OF_GRACE_S, **http_stack()),
-                                     grace_s=grace_s)
+        self.server = GracefulServer(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                timeout_graceful_shutdown=grace_s + END_OF_GRACE_S,
+                **http_stack(),
+            ),
+            grace_s=grace_s,
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

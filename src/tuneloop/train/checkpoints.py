@@ -96,7 +96,9 @@ def checkpoint_problem(d: Path) -> str | None:
 
 def _weight_files(d: Path) -> list[Path]:
     return [
-        *d.glob("*.safetensors"), *d.glob("pytorch_model*.bin"), *d.glob("adapter_model.bin"),
+        *d.glob("*.safetensors"),
+        *d.glob("pytorch_model*.bin"),
+        *d.glob("adapter_model.bin"),
         *(p for p in d.glob("pytorch_model_fsdp_*") if p.is_dir()),  # FSDP sharded state
         *(p for p in d.glob("global_step*") if p.is_dir()),  # DeepSpeed
     ]
@@ -218,7 +220,9 @@ def _rotate(trainer: Any, out_dir: Path) -> None:
     except ImportError:  # transformers 4.x
         trainer._rotate_checkpoints(use_mtime=False, output_dir=str(out_dir))
         return
-    rotate_checkpoints(str(out_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=False)
+    rotate_checkpoints(
+        str(out_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=False
+    )
 
 
 def _raise_save_failed(exc: BaseException, staging: Path, name: str, main: bool) -> None:

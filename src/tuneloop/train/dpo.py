@@ -54,13 +54,27 @@ def train_dpo(
     return train_pairs(run, DPOTrainer, args, "dpo", tokenizer=tokenizer, progress=progress, callbacks=callbacks)
 
 
-def train_pairs(run: TrlRun, trainer_cls: type, args: Any, objective: str, *, tokenizer, progress=None,
-                callbacks: list | None = None) -> dict[str, Any]:
+def train_pairs(
+    run: TrlRun,
+    trainer_cls: type,
+    args: Any,
+    objective: str,
+    *,
+    tokenizer,
+    progress=None,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
     """Train ``trainer_cls`` (a TRL trainer of preference pairs: DPO, ORPO, CPO/SimPO) with ``args`` on ``run``'s
     pairs; the common training metrics named with ``objective`` and ``train_pairs`` ({} on ranks other than 0)."""
     count = chat_tokens(tokenizer, run.cfg.data.max_length)  # a pair's tokens: both answers
-    result = run.fit(trainer_cls, args, tokenizer=tokenizer, tokens=lambda r: count(r["prompt"] + r["chosen"]) + count(r["prompt"] + r["rejected"]),
-                     progress=progress, callbacks=callbacks)
+    result = run.fit(
+        trainer_cls,
+        args,
+        tokenizer=tokenizer,
+        tokens=lambda r: count(r["prompt"] + r["chosen"]) + count(r["prompt"] + r["rejected"]),
+        progress=progress,
+        callbacks=callbacks,
+    )
     if result is None:
         return {}  # rank 0 writes the model and reports
     result = {"objective": objective, **result}
@@ -110,14 +124,29 @@ class TrlRun:
             from peft import LoraConfig
 
             peft_config = LoraConfig(
-                r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules,
-                use_rslora=t.use_rslora, use_dora=t.use_dora, task_type="CAUSAL_LM",
+                r=t.lora_r,
+                lora_alpha=t.lora_alpha,
+                lora_dropout=t.lora_dropout,
+                target_modules=t.target_modules,
+                use_rslora=t.use_rslora,
+                use_dora=t.use_dora,
+                task_type="CAUSAL_LM",
             )
         per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
         steps_per_epoch = math.ceil(len(dataset) / per_step)
         max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
-        return cls(cfg, work_dir, ckpt_dir, work_dir / "train_metrics.jsonl", dataset, model, peft_config, per_step,
-                   steps_per_epoch, max_steps)
+        return cls(
+            cfg,
+            work_dir,
+            ckpt_dir,
+            work_dir / "train_metrics.jsonl",
+            dataset,
+            model,
+            peft_config,
+            per_step,
+            steps_per_epoch,
+            max_steps,
+        )
 
     def args(self, args_cls) -> dict[str, Any]:
         """The keyword arguments every TRL config (``DPOConfig``, ``KTOConfig``, ...) gets from tuneloop's config."""
@@ -147,8 +176,16 @@ class TrlRun:
             **precision_args(t.precision),
         )
 
-    def fit(self, trainer_cls: type, args: Any, *, tokenizer, tokens: Callable[[dict[str, Any]], int], progress=None,
-            callbacks: list | None = None) -> dict[str, Any] | None:
+    def fit(
+        self,
+        trainer_cls: type,
+        args: Any,
+        *,
+        tokenizer,
+        tokens: Callable[[dict[str, Any]], int],
+        progress=None,
+        callbacks: list | None = None,
+    ) -> dict[str, Any] | None:
         """Build ``trainer_cls`` (a TRL trainer taking ``model``, ``args``, ``train_dataset``, ``processing_class``,
         ``peft_config`` and ``callbacks``) on this run and :meth:`train` it; ``tokens`` counts a record's tokens for
         the throughput column."""

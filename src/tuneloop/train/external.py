@@ -65,8 +65,10 @@ def command_problems(command: str | None) -> list[str]:
         return [f"train.command: bad template ({exc}); write literal braces as {{{{ and }}}}"]
     unknown = sorted(n for n in names if n not in PLACEHOLDERS)
     if unknown:
-        return [f"train.command: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; known: "
-                + ", ".join("{" + n + "}" for n in PLACEHOLDERS)]
+        return [
+            f"train.command: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; known: "
+            + ", ".join("{" + n + "}" for n in PLACEHOLDERS)
+        ]
     return []
 
 
@@ -90,11 +92,23 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
     config_file = work_dir / "tuneloop_config.yaml"
     atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     values = {
-        "base_model": cfg.base_model, "train_file": prep["train_records"], "eval_file": prep["eval_records"],
-        "output_dir": str(out), "config_file": str(config_file), "seed": cfg.seed, "method": t.method,
-        "objective": t.objective, "learning_rate": t.learning_rate, "num_epochs": t.num_epochs,
-        "max_steps": t.max_steps or 0, "batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "max_length": cfg.data.max_length,
+        "base_model": cfg.base_model,
+        "train_file": prep["train_records"],
+        "eval_file": prep["eval_records"],
+        "output_dir": str(out),
+        "config_file": str(config_file),
+        "seed": cfg.seed,
+        "method": t.method,
+        "objective": t.objective,
+        "learning_rate": t.learning_rate,
+        "num_epochs": t.num_epochs,
+        "max_steps": t.max_steps or 0,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "lora_r": t.lora_r,
+        "lora_alpha": t.lora_alpha,
+        "lora_dropout": t.lora_dropout,
+        "max_length": cfg.data.max_length,
     }
     if t.command is None:  # preflight (command_problems) refuses this before any work; here for a direct caller
         raise ConfigError("train.command: required when train.backend is `command`; e.g. `axolotl train {config_file}`")
@@ -137,8 +151,14 @@ def run_command(cfg: PipelineConfig, prep: dict[str, str], work_dir: Path, token
     metrics_path = work_dir / "train_metrics.jsonl"
     atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     replace_dir(out, work_dir / "model")
-    metrics: dict[str, Any] = {"backend": "command", "objective": t.objective, "method": t.method, "kind": kind,
-                               "exit_code": rc, "seconds": round(seconds, 2)}
+    metrics: dict[str, Any] = {
+        "backend": "command",
+        "objective": t.objective,
+        "method": t.method,
+        "kind": kind,
+        "exit_code": rc,
+        "seconds": round(seconds, 2),
+    }
     if rows:
         metrics.update(steps=rows[-1]["step"], first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
     return metrics
@@ -154,9 +174,15 @@ def _trainer_state_rows(out: Path) -> list[dict[str, Any]]:
     except (OSError, json.JSONDecodeError):
         return []
     return [
-        {"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"], "learning_rate": h.get("learning_rate"),
-         "grad_norm": h.get("grad_norm")}
-        for h in history if "loss" in h and "step" in h
+        {
+            "step": h["step"],
+            "epoch": h.get("epoch"),
+            "loss": h["loss"],
+            "learning_rate": h.get("learning_rate"),
+            "grad_norm": h.get("grad_norm"),
+        }
+        for h in history
+        if "loss" in h and "step" in h
     ]
 
 
@@ -231,8 +257,11 @@ class ExportTemplate:
 
 
 #: How export headers name each template source.
-_SOURCE_NAMES = {"data.chat_template": "the template in data.chat_template",
-                 "tokenizer": "the base model tokenizer's own template", "chatml-default": "tuneloop's ChatML default"}
+_SOURCE_NAMES = {
+    "data.chat_template": "the template in data.chat_template",
+    "tokenizer": "the base model tokenizer's own template",
+    "chatml-default": "tuneloop's ChatML default",
+}
 
 
 @dataclass(frozen=True)
@@ -272,8 +301,9 @@ def _renders_alike(tok, template: str, reference: str) -> bool:
     from jinja2 import TemplateError
 
     def render(t: str, messages, generation_prompt: bool) -> str:
-        return tok.apply_chat_template(list(messages), chat_template=t, tokenize=False,
-                                       add_generation_prompt=generation_prompt)
+        return tok.apply_chat_template(
+            list(messages), chat_template=t, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     try:
         return all(render(template, m, g) == render(reference, m, g) for m, g in _PROBE_CASES)
@@ -288,15 +318,26 @@ def export_precision(precision: str) -> ExportPrecision:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return ExportPrecision(True, False, "train.precision auto -> bf16: this machine has a CUDA GPU with bf16, "
-                                   "so tuneloop would train in bf16 here")
-        return ExportPrecision(False, False, "train.precision auto -> fp32 (bf16 and fp16 off): no CUDA GPU with bf16 "
-                               "on this machine, so tuneloop would train in fp32 here; set bf16 to true by hand to "
-                               "train on a bf16 GPU")
+            return ExportPrecision(
+                True,
+                False,
+                "train.precision auto -> bf16: this machine has a CUDA GPU with bf16, "
+                "so tuneloop would train in bf16 here",
+            )
+        return ExportPrecision(
+            False,
+            False,
+            "train.precision auto -> fp32 (bf16 and fp16 off): no CUDA GPU with bf16 "
+            "on this machine, so tuneloop would train in fp32 here; set bf16 to true by hand to "
+            "train on a bf16 GPU",
+        )
     if precision == "fp32":
         return ExportPrecision(False, False, "train.precision fp32 -> bf16 and fp16 off")
-    return ExportPrecision(precision == "bf16", precision == "fp16",
-                           f"train.precision {precision} -> {precision}: true (needs a GPU that supports it)")
+    return ExportPrecision(
+        precision == "bf16",
+        precision == "fp16",
+        f"train.precision {precision} -> {precision}: true (needs a GPU that supports it)",
+    )
 
 
 def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPrecision) -> tuple[dict[str, Any], str]:
@@ -307,19 +348,31 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
         if fmt == "alpaca":
             return {"path": path, "type": "alpaca"}
         if fmt == "preference":
-            return {"path": path, "type": "chat_template.default", "field_messages": "conversations",
-                    "field_chosen": "chosen", "field_rejected": "rejected"}
+            return {
+                "path": path,
+                "type": "chat_template.default",
+                "field_messages": "conversations",
+                "field_chosen": "chosen",
+                "field_rejected": "rejected",
+            }
         # Axolotl gives a `chat_template` dataset without its own template `tokenizer_default`, whatever the
         # top-level key says, so the template goes on the dataset too.
-        return {"path": path, "type": "chat_template", **template, "field_messages": "messages",
-                "message_property_mappings": {"role": "role", "content": "content"}}
+        return {
+            "path": path,
+            "type": "chat_template",
+            **template,
+            "field_messages": "messages",
+            "message_property_mappings": {"role": "role", "content": "content"},
+        }
 
     if tpl.source == "tokenizer":
         template: dict[str, Any] = {"chat_template": "tokenizer_default"}
         note = "chat template: the base model tokenizer's own (chat_template: tokenizer_default), as tuneloop uses it"
     else:
         template = {"chat_template": "jinja", "chat_template_jinja": tpl.text}
-        note = f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, passed verbatim as chat_template_jinja"
+        note = (
+            f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, passed verbatim as chat_template_jinja"
+        )
     y: dict[str, Any] = {"base_model": cfg.base_model}
     if t.method == "qlora":
         y["load_in_4bit"] = True
@@ -328,14 +381,18 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
         if t.target_modules == "all-linear":
             y["lora_target_linear"] = True
         else:
-            y["lora_target_modules"] = list(t.target_modules) if not isinstance(t.target_modules, str) else [t.target_modules]
+            y["lora_target_modules"] = (
+                list(t.target_modules) if not isinstance(t.target_modules, str) else [t.target_modules]
+            )
         if t.use_rslora:
             y["peft_use_rslora"] = True
         if t.use_dora:
             y["peft_use_dora"] = True
     if t.objective == "dpo":
         y.update(rl="dpo", rl_beta=t.dpo_beta)
-    elif t.objective == "simpo":  # Axolotl's CPO trainer; cpo_alpha 0 leaves out CPO's NLL term, as tuneloop trains SimPO
+    elif (
+        t.objective == "simpo"
+    ):  # Axolotl's CPO trainer; cpo_alpha 0 leaves out CPO's NLL term, as tuneloop trains SimPO
         y.update(rl="simpo", rl_beta=t.simpo_beta, simpo_gamma=t.simpo_gamma, cpo_alpha=0.0)
     elif t.objective == "orpo":
         raise ConfigError(
@@ -351,11 +408,20 @@ def _axolotl(cfg: PipelineConfig, fmt: str, tpl: ExportTemplate, prec: ExportPre
         y["val_set_size"] = d.eval_split
     y.update(template)  # top level: what the DPO strategy uses and what Axolotl saves with the model
     y.update(
-        sequence_len=d.max_length, sample_packing=t.packing and t.objective == "sft", train_on_inputs=t.train_on_inputs,
-        micro_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_epochs=t.num_epochs, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, optimizer="adamw_torch",
-        gradient_checkpointing=t.gradient_checkpointing, seed=cfg.seed, save_steps=t.save_steps,
+        sequence_len=d.max_length,
+        sample_packing=t.packing and t.objective == "sft",
+        train_on_inputs=t.train_on_inputs,
+        micro_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_epochs=t.num_epochs,
+        learning_rate=t.learning_rate,
+        lr_scheduler=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optimizer="adamw_torch",
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=cfg.seed,
+        save_steps=t.save_steps,
         output_dir=f"./outputs/{cfg.name}",
     )
     if t.max_steps:
@@ -373,11 +439,15 @@ def _llamafactory_template(tpl: ExportTemplate) -> tuple[dict[str, Any], str]:
     Jinja template into one; it has no key for an arbitrary Jinja string.
     """
     if tpl.chatml:
-        return {"template": "chatml"}, (f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, renders as ChatML; "
-                                         "LLaMA-Factory's `chatml` template renders the same (no default system prompt)")
+        return {"template": "chatml"}, (
+            f"chat template: {_SOURCE_NAMES[tpl.source]}, as tuneloop uses it, renders as ChatML; "
+            "LLaMA-Factory's `chatml` template renders the same (no default system prompt)"
+        )
     if tpl.source == "tokenizer":
-        return {}, ("chat template: the base model tokenizer's own; `template` is left unset so that LLaMA-Factory "
-                    "parses the tokenizer's Jinja template")
+        return {}, (
+            "chat template: the base model tokenizer's own; `template` is left unset so that LLaMA-Factory "
+            "parses the tokenizer's Jinja template"
+        )
     raise ConfigError(
         "data.chat_template: LLaMA-Factory cannot use this template (it is not ChatML, and LLaMA-Factory takes "
         "only a named template or the tokenizer's own): save the base model's tokenizer with this chat template "
@@ -385,8 +455,9 @@ def _llamafactory_template(tpl: ExportTemplate) -> tuple[dict[str, Any], str]:
     )
 
 
-def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemplate,
-                  prec: ExportPrecision) -> tuple[dict[str, Any], dict[str, Any], str]:
+def _llamafactory(
+    cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemplate, prec: ExportPrecision
+) -> tuple[dict[str, Any], dict[str, Any], str]:
     """The LLaMA-Factory config, its ``dataset_info.json`` entries, and a note on the chat template."""
     t, d = cfg.train, cfg.data
 
@@ -394,26 +465,46 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemp
         if fmt == "alpaca":
             return {"file_name": path}
         if fmt == "preference":
-            return {"file_name": path, "formatting": "sharegpt", "ranking": True,
-                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
-        return {"file_name": path, "formatting": "sharegpt", "columns": {"messages": "messages"},
-                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system"}}
+            return {
+                "file_name": path,
+                "formatting": "sharegpt",
+                "ranking": True,
+                "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+            }
+        return {
+            "file_name": path,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
 
     paths = _export_sources(cfg)
     names = [f"{cfg.name}_train" + (f"_{i}" if i else "") for i in range(len(paths))]
     dataset_info = {n: info(path) for n, path in zip(names, paths)}
     template, note = _llamafactory_template(tpl)
     y: dict[str, Any] = {
-        "model_name_or_path": cfg.base_model, "stage": t.objective, "do_train": True,
+        "model_name_or_path": cfg.base_model,
+        "stage": t.objective,
+        "do_train": True,
         "finetuning_type": "full" if t.method == "full" else "lora",
     }
     if t.method == "qlora":
         y["quantization_bit"] = 4
     if t.method in ("lora", "qlora"):
-        y.update(lora_rank=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                 lora_target="all" if t.target_modules == "all-linear" else ",".join(
-                     [t.target_modules] if isinstance(t.target_modules, str) else t.target_modules))
+        y.update(
+            lora_rank=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            lora_dropout=t.lora_dropout,
+            lora_target="all"
+            if t.target_modules == "all-linear"
+            else ",".join([t.target_modules] if isinstance(t.target_modules, str) else t.target_modules),
+        )
         if t.use_rslora:
             y["use_rslora"] = True
         if t.use_dora:
@@ -431,12 +522,21 @@ def _llamafactory(cfg: PipelineConfig, fmt: str, data_dir: Path, tpl: ExportTemp
     else:
         y["val_size"] = d.eval_split
     y.update(
-        packing=t.packing and t.objective == "sft", neat_packing=t.packing and t.objective == "sft",
-        train_on_prompt=t.train_on_inputs, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        num_train_epochs=float(t.num_epochs), lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, seed=cfg.seed, save_steps=t.save_steps, logging_steps=1,
-        output_dir=f"saves/{cfg.name}", report_to=t.report_to,
+        packing=t.packing and t.objective == "sft",
+        neat_packing=t.packing and t.objective == "sft",
+        train_on_prompt=t.train_on_inputs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=float(t.num_epochs),
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        seed=cfg.seed,
+        save_steps=t.save_steps,
+        logging_steps=1,
+        output_dir=f"saves/{cfg.name}",
+        report_to=t.report_to,
     )
     if t.max_steps:
         y["max_steps"] = t.max_steps
@@ -465,9 +565,11 @@ def export_config(cfg: PipelineConfig, to: str, out_file: Path | None = None) ->
         return text
     data_dir = Path(out_file).resolve().parent if out_file else Path(".")
     y, info, note = _llamafactory(cfg, fmt, data_dir, tpl, prec)
-    data_note = ("# LLaMA-Factory reads datasets from dataset_info.json in dataset_dir; "
-                 + ("it was written next to this file.\n" if out_file else "put this entry there:\n"
-                    + "".join(f"#   {line}\n" for line in json.dumps(info, indent=2).splitlines())))
+    data_note = "# LLaMA-Factory reads datasets from dataset_info.json in dataset_dir; " + (
+        "it was written next to this file.\n"
+        if out_file
+        else "put this entry there:\n" + "".join(f"#   {line}\n" for line in json.dumps(info, indent=2).splitlines())
+    )
     text = header + f"# {note}.\n" + data_note + yaml.safe_dump(y, sort_keys=False)
     if out_file:
         atomic_write_text(data_dir / "dataset_info.json", json.dumps(info, indent=2) + "\n")

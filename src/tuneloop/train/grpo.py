@@ -80,8 +80,12 @@ def train_grpo(
     result = run.train(trainer, tokenizer)
     if result is None:
         return {}  # rank 0 writes the model and reports
-    result.update(objective="grpo", train_prompts=result.pop("train_records"), num_generations=t.num_generations,
-                  rewards=reward_inputs(cfg))
+    result.update(
+        objective="grpo",
+        train_prompts=result.pop("train_records"),
+        num_generations=t.num_generations,
+        rewards=reward_inputs(cfg),
+    )
     return _summary(cfg, read_metric_rows(run.metrics_path), result)
 
 
@@ -94,7 +98,11 @@ def _summary(cfg: PipelineConfig, rows: list[dict[str, Any]], result: dict[str, 
         key = f"rewards/{r['name']}/mean"
         if key in last:
             result[f"final_reward_{r['name']}"] = last[key]
-    for key, name in (("completions/mean_length", "final_completion_length"), ("completions/clipped_ratio", "final_clipped_ratio"), ("kl", "final_kl")):
+    for key, name in (
+        ("completions/mean_length", "final_completion_length"),
+        ("completions/clipped_ratio", "final_clipped_ratio"),
+        ("kl", "final_kl"),
+    ):
         if last.get(key) is not None:
             result[name] = last[key]
     result["max_completion_length"] = cfg.train.max_completion_length

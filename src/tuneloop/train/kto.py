@@ -37,13 +37,23 @@ def train_kto(
 
     t = cfg.train
     run = TrlRun.start(cfg, dataset_dir, work_dir, what="labelled answers")
-    args = KTOConfig(**run.args(KTOConfig), beta=t.kto_beta, desirable_weight=t.kto_desirable_weight,
-                     undesirable_weight=t.kto_undesirable_weight)
+    args = KTOConfig(
+        **run.args(KTOConfig),
+        beta=t.kto_beta,
+        desirable_weight=t.kto_desirable_weight,
+        undesirable_weight=t.kto_undesirable_weight,
+    )
     # Tokens for the throughput column: the answer in its prompt (TRL also scores it under another prompt for the KL
     # estimate, which this leaves out).
     count = chat_tokens(tokenizer, cfg.data.max_length)
-    result = run.fit(KTOTrainer, args, tokenizer=tokenizer, tokens=lambda r: count(r["prompt"] + r["completion"]),
-                     progress=progress, callbacks=callbacks)
+    result = run.fit(
+        KTOTrainer,
+        args,
+        tokenizer=tokenizer,
+        tokens=lambda r: count(r["prompt"] + r["completion"]),
+        progress=progress,
+        callbacks=callbacks,
+    )
     if result is None:
         return {}  # rank 0 writes the model and reports
     desirable = sum(run.dataset["label"])

@@ -31,14 +31,17 @@ log = logging.getLogger(__name__)
 STEP_PREFIX = "TUNELOOP_STEP "
 
 
-def stream_process(cmd: list[str] | str, on_line: Callable[[str], None], *, env: dict[str, str], shell: bool = False) -> int:
+def stream_process(
+    cmd: list[str] | str, on_line: Callable[[str], None], *, env: dict[str, str], shell: bool = False
+) -> int:
     """Run ``cmd`` in its own process group, hand each output line (stdout + stderr) to ``on_line``, return
     its exit status. If we are interrupted (Ctrl-C, an error in ``on_line``), the whole group is stopped —
     SIGTERM, then SIGKILL after 30 s — so no trainer outlives the stage (a shell's children included)."""
     import signal
 
-    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     assert proc.stdout is not None  # stdout=PIPE
     try:
         for line in proc.stdout:
@@ -70,9 +73,30 @@ def launch_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
             cmd += ["--num_processes", str(t.num_processes)]
         return cmd + worker
     if torch.cuda.is_available():
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(t.num_processes),
-                "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no", *worker]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(t.num_processes), *worker]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(t.num_processes),
+            "--num_machines",
+            "1",
+            "--dynamo_backend",
+            "no",
+            "--mixed_precision",
+            "no",
+            *worker,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(t.num_processes),
+        *worker,
+    ]
 
 
 def train_distributed(
@@ -87,7 +111,15 @@ def train_distributed(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = work_dir / "launch_spec.json"
-    atomic_write_json(spec, {"config": cfg.to_dict(), "dataset_dir": str(dataset_dir), "work_dir": str(work_dir), "tokenizer_dir": tokenizer_dir})
+    atomic_write_json(
+        spec,
+        {
+            "config": cfg.to_dict(),
+            "dataset_dir": str(dataset_dir),
+            "work_dir": str(work_dir),
+            "tokenizer_dir": tokenizer_dir,
+        },
+    )
     result_path = work_dir / "train_result.json"
     result_path.unlink(missing_ok=True)
     cmd = launch_command(cfg, spec)
@@ -99,7 +131,7 @@ def train_distributed(
 
     def on_line(line: str) -> None:
         if line.startswith(STEP_PREFIX):
-            step, total, row = json.loads(line[len(STEP_PREFIX):])
+            step, total, row = json.loads(line[len(STEP_PREFIX) :])
             if progress:
                 progress(step, total, row)
             return

@@ -78,26 +78,40 @@ def mlx_problems(cfg: PipelineConfig) -> list[str]:
     problems = []
     missing = [m for m in ("mlx", "mlx_lm") if importlib.util.find_spec(m) is None]
     if missing:
-        problems.append(f"train.backend: mlx needs the packages {' and '.join(m.replace('_', '-') for m in missing)}: "
-                        f"{INSTALL} (mlx with Metal on Apple silicon, mlx[cpu] on Linux)")
+        problems.append(
+            f"train.backend: mlx needs the packages {' and '.join(m.replace('_', '-') for m in missing)}: "
+            f"{INSTALL} (mlx with Metal on Apple silicon, mlx[cpu] on Linux)"
+        )
     if t.objective != "sft":
-        problems.append(f"train.objective: {t.objective} is not available with train.backend mlx (it trains sft only); "
-                        "use train.backend: transformers for it")
+        problems.append(
+            f"train.objective: {t.objective} is not available with train.backend mlx (it trains sft only); "
+            "use train.backend: transformers for it"
+        )
     if t.method == "qlora":
-        problems.append("train.method: qlora is not available with train.backend mlx (QLoRA's 4-bit base is bitsandbytes "
-                        "on CUDA); use method lora or full")
+        problems.append(
+            "train.method: qlora is not available with train.backend mlx (QLoRA's 4-bit base is bitsandbytes "
+            "on CUDA); use method lora or full"
+        )
     if t.use_dora:
-        problems.append("train.use_dora: DoRA is not available with train.backend mlx (its adapters are not converted to "
-                        "PEFT's DoRA layout); set use_dora: false or use train.backend: transformers")
+        problems.append(
+            "train.use_dora: DoRA is not available with train.backend mlx (its adapters are not converted to "
+            "PEFT's DoRA layout); set use_dora: false or use train.backend: transformers"
+        )
     if t.num_processes > 1 or t.accelerate_config:
-        problems.append("train.num_processes / train.accelerate_config: train.backend mlx trains in one process on one "
-                        "device; set num_processes: 1 and no accelerate_config")
+        problems.append(
+            "train.num_processes / train.accelerate_config: train.backend mlx trains in one process on one "
+            "device; set num_processes: 1 and no accelerate_config"
+        )
     if t.precision in ("bf16", "fp16"):
-        problems.append(f"train.precision: {t.precision} is not available with train.backend mlx (it trains in float32); "
-                        "use auto or fp32")
+        problems.append(
+            f"train.precision: {t.precision} is not available with train.backend mlx (it trains in float32); "
+            "use auto or fp32"
+        )
     if t.report_to != "none":
-        problems.append(f"train.report_to: {t.report_to} is not available with train.backend mlx (its per-step metrics "
-                        "are in the run's train_metrics.jsonl); set report_to: none")
+        problems.append(
+            f"train.report_to: {t.report_to} is not available with train.backend mlx (its per-step metrics "
+            "are in the run's train_metrics.jsonl); set report_to: none"
+        )
     if not missing:
         problems += _architecture_problems(cfg.base_model)
     return problems
@@ -116,8 +130,10 @@ def _architecture_problems(base_model: str) -> list[str]:
 
     name = MODEL_REMAPPING.get(model_type, model_type)
     if not name or importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
-        return [f"base_model: model_type {model_type!r} ({config}) has no model in mlx-lm, so train.backend mlx cannot "
-                "train it; use train.backend: transformers"]
+        return [
+            f"base_model: model_type {model_type!r} ({config}) has no model in mlx-lm, so train.backend mlx cannot "
+            "train it; use train.backend: transformers"
+        ]
     return []
 
 
@@ -181,8 +197,10 @@ def model_dir(base_model: str) -> Path:
     try:
         return Path(snapshot_download(base_model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
     except Exception as exc:  # noqa: BLE001  (hub errors have many types; all mean the same here)
-        raise StageError(f"base_model {base_model!r}: cannot get its files for mlx ({exc}); point base_model at a local "
-                         "Hugging Face model directory") from None
+        raise StageError(
+            f"base_model {base_model!r}: cannot get its files for mlx ({exc}); point base_model at a local "
+            "Hugging Face model directory"
+        ) from None
 
 
 def load_mlx_model(base_model: str):
@@ -232,8 +250,10 @@ def lora_targets(model, target_modules: str | list[str]) -> list[str]:
     else:
         names = [n for n in linear if any(n == t or n.endswith("." + t) for t in target_modules)]
     if not names:
-        raise StageError(f"train.target_modules: {target_modules!r} matches no linear layer of the base model; its "
-                         f"linear layers are named like {', '.join(sorted({n.split('.')[-1] for n in linear}))}")
+        raise StageError(
+            f"train.target_modules: {target_modules!r} matches no linear layer of the base model; its "
+            f"linear layers are named like {', '.join(sorted({n.split('.')[-1] for n in linear}))}"
+        )
     return sorted(names)
 
 
@@ -253,16 +273,21 @@ def add_lora(model, cfg: PipelineConfig, base_path: Path) -> list[str]:
     keys = checkpoint_keys(base_path)
     unknown = [n for n in names if f"{n}.weight" not in keys]
     if unknown:  # PEFT names modules as transformers does; the adapter would not load there
-        raise StageError(f"mlx-lm names these layers differently from the checkpoint ({', '.join(unknown[:3])}); the "
-                         "adapter could not be converted to PEFT: use train.backend: transformers for this model")
+        raise StageError(
+            f"mlx-lm names these layers differently from the checkpoint ({', '.join(unknown[:3])}); the "
+            "adapter could not be converted to PEFT: use train.backend: transformers for this model"
+        )
     mx.random.seed(cfg.seed)
     # num_layers 0 and full module names: mlx-lm converts exactly the modules named in `keys`.
-    linear_to_lora_layers(model, 0, {"rank": t.lora_r, "scale": lora_scale(cfg), "dropout": t.lora_dropout,
-                                     "keys": set(names)})
+    linear_to_lora_layers(
+        model, 0, {"rank": t.lora_r, "scale": lora_scale(cfg), "dropout": t.lora_dropout, "keys": set(names)}
+    )
     missed = [n for n in names if not hasattr(_module(model, n), "lora_a")]
     if missed:  # an mlx-lm that converts only layer-relative keys
-        raise StageError(f"mlx-lm did not put LoRA layers on {', '.join(missed[:3])}; tuneloop is tested with mlx-lm 0.32: "
-                         "pip install -U 'tuneloop[mlx]'")
+        raise StageError(
+            f"mlx-lm did not put LoRA layers on {', '.join(missed[:3])}; tuneloop is tested with mlx-lm 0.32: "
+            "pip install -U 'tuneloop[mlx]'"
+        )
     return names
 
 
@@ -310,10 +335,21 @@ def save_peft_adapter(model, names: list[str], cfg: PipelineConfig, out_dir: Pat
     t = cfg.train
     short = sorted({n.split(".")[-1] for n in names})
     # Short names when they select exactly these layers (as PEFT writes `all-linear`), else the full names.
-    every = {n for n, _ in model.named_modules() if n.split(".")[-1] in short and not n.endswith(tuple(".lora_" + x for x in "ab"))}
+    every = {
+        n
+        for n, _ in model.named_modules()
+        if n.split(".")[-1] in short and not n.endswith(tuple(".lora_" + x for x in "ab"))
+    }
     targets = short if every == set(names) else list(names)
-    LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=targets,
-               use_rslora=t.use_rslora, task_type="CAUSAL_LM", base_model_name_or_path=cfg.base_model).save_pretrained(str(out_dir))
+    LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=targets,
+        use_rslora=t.use_rslora,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=cfg.base_model,
+    ).save_pretrained(str(out_dir))
     save_file(peft_tensors(model, names), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -327,13 +363,18 @@ def save_full_model(model, base_model: str, out_dir: Path) -> None:
     from tuneloop.modeling import load_causal_lm
 
     hf = load_causal_lm(base_model)
-    state = {k: torch.from_numpy(np.ascontiguousarray(np.array(v.astype(mx.float32)))) for k, v in tree_flatten(model.parameters())}
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(np.array(v.astype(mx.float32))))
+        for k, v in tree_flatten(model.parameters())
+    }
     result = hf.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) else set()
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
-        raise StageError(f"the MLX weights do not map onto the transformers model of {base_model} (missing "
-                         f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}); use train.backend: transformers")
+        raise StageError(
+            f"the MLX weights do not map onto the transformers model of {base_model} (missing "
+            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}); use train.backend: transformers"
+        )
     hf.save_pretrained(str(out_dir), safe_serialization=True)
 
 
@@ -345,8 +386,9 @@ def _optimizer(cfg: PipelineConfig):
     import mlx.optimizers as optim
 
     t = cfg.train
-    adamw = optim.AdamW(learning_rate=t.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
-                        bias_correction=True)
+    adamw = optim.AdamW(
+        learning_rate=t.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay, bias_correction=True
+    )
     if t.weight_decay == 0:
         return adamw
     plain = optim.Adam(learning_rate=t.learning_rate, betas=[0.9, 0.999], eps=1e-8, bias_correction=True)
@@ -409,11 +451,18 @@ def train_mlx(
     samples = [{"input_ids": x, "labels": y} for x, y in zip(dataset["input_ids"], dataset["labels"])]
     per_step = t.batch_size * t.gradient_accumulation_steps
     max_steps = t.max_steps or max(1, math.ceil(math.ceil(len(samples) / per_step) * t.num_epochs))
-    plan = step_plan(len(samples), batch_size=t.batch_size, accumulation=t.gradient_accumulation_steps, seed=cfg.seed,
-                     max_steps=max_steps)
+    plan = step_plan(
+        len(samples),
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        seed=cfg.seed,
+        max_steps=max_steps,
+    )
     rates = learning_rates(cfg, max_steps)
     # The transformers backend's collator with packing off: right-padded rows, labels -100 on the padding.
-    collate = make_collator(cfg.model_copy(update={"train": t.model_copy(update={"packing": False})}), tokenizer.pad_token_id)
+    collate = make_collator(
+        cfg.model_copy(update={"train": t.model_copy(update={"packing": False})}), tokenizer.pad_token_id
+    )
 
     model, base_path = load_mlx_model(cfg.base_model)
     if t.method == "full":
@@ -440,8 +489,14 @@ def train_mlx(
         loss, grad_norm, n_tokens = _optimizer_step(model, loss_and_grad, optimizer, batches, rates[step - 1])
         if not math.isfinite(loss):
             raise StageError(f"training diverged at step {step} (loss {loss}); lower train.learning_rate")
-        row = {"step": step, "epoch": plan.epoch_at(step), "loss": loss, "learning_rate": rates[step - 1],
-               "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1)}
+        row = {
+            "step": step,
+            "epoch": plan.epoch_at(step),
+            "loss": loss,
+            "learning_rate": rates[step - 1],
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1),
+        }
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if step % t.save_steps == 0 or step == max_steps:
@@ -490,8 +545,10 @@ def _optimizer_step(model, loss_and_grad, optimizer, batches: list[dict], lr: fl
         loss_sum += loss.item()
         n_tokens += tokens.item()
     if n_tokens == 0:
-        raise StageError("a training step has no token to train on (every label is -100); check train.train_on_inputs "
-                         "and the preprocessing stage's dropped.jsonl")
+        raise StageError(
+            "a training step has no token to train on (every label is -100); check train.train_on_inputs "
+            "and the preprocessing stage's dropped.jsonl"
+        )
     grads, grad_norm = optim.clip_grad_norm(_tree_scale(grads, 1.0 / n_tokens), MAX_GRAD_NORM)
     _set_learning_rate(optimizer, lr)
     optimizer.update(model, grads)
@@ -566,7 +623,11 @@ def _save_checkpoint(model, optimizer, ckpt_dir: Path, step: int) -> None:
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _CKPT.fullmatch(p.name)) and (p / "state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in ckpt_dir.iterdir()
+        if (m := _CKPT.fullmatch(p.name)) and (p / "state.json").is_file()
+    ]
     return sorted(found)
 
 

@@ -23,18 +23,22 @@ DataKind = Literal["conversations", "preferences", "kto", "prompts"]
 #: its eval data may also be plain conversations (the final assistant turn is the task suite's reference).
 DATA_FORMATS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {
     "preferences": ({"train": ("preference",), "eval": ("preference",)}, "preference data (prompt/chosen/rejected)"),
-    "kto": ({"train": ("kto",), "eval": ("kto", "messages", "sharegpt", "alpaca")},
-            "kto data (messages ending with an assistant turn + a boolean label)"),
+    "kto": (
+        {"train": ("kto",), "eval": ("kto", "messages", "sharegpt", "alpaca")},
+        "kto data (messages ending with an assistant turn + a boolean label)",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    data: DataKind        # conversations: SFT-style records; preferences: prompt/chosen/rejected pairs; kto: labelled answers;
-                          # prompts: the prompts of conversations, their final assistant turn kept as the reference (grpo)
-    trainer: str          # "module:function"
-    summary: str          # one line for messages and docs
+    data: (
+        DataKind  # conversations: SFT-style records; preferences: prompt/chosen/rejected pairs; kto: labelled answers;
+    )
+    # prompts: the prompts of conversations, their final assistant turn kept as the reference (grpo)
+    trainer: str  # "module:function"
+    summary: str  # one line for messages and docs
     # What the evaluation stage does with the trained model: ``generation`` (it answers the suites; the gates on its
     # answers and, for preference data, its log-likelihoods) or ``reward`` (a reward model: it scores the held-out
     # pairs, gated by ``gates.min_reward_accuracy``; the generation gates do not apply).
@@ -47,8 +51,10 @@ class Objective:
         if split not in allowed or fmt in allowed[split]:
             return None
         want = allowed[split][0]
-        return (f"data.{split}_data: train.objective {self.name} needs {needs}, but {path} is {fmt}; set data.format: "
-                f"{want} or point the data at {want} records")
+        return (
+            f"data.{split}_data: train.objective {self.name} needs {needs}, but {path} is {fmt}; set data.format: "
+            f"{want} or point the data at {want} records"
+        )
 
     def load_trainer(self) -> Callable[..., dict[str, Any]]:
         module, _, function = self.trainer.partition(":")
@@ -58,14 +64,34 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective("sft", "conversations", "tuneloop.train.sft:train_sft", "supervised fine-tuning on conversations"),
     "dpo": Objective("dpo", "preferences", "tuneloop.train.dpo:train_dpo", "direct preference optimisation (TRL)"),
-    "orpo": Objective("orpo", "preferences", "tuneloop.train.preference_objectives:train_orpo",
-                      "odds-ratio preference optimisation, no reference model (TRL ORPOTrainer)"),
-    "simpo": Objective("simpo", "preferences", "tuneloop.train.preference_objectives:train_simpo",
-                       "SimPO: length-normalised preference optimisation, no reference model (TRL CPOTrainer, loss_type simpo)"),
-    "kto": Objective("kto", "kto", "tuneloop.train.kto:train_kto", "Kahneman-Tversky optimisation on unpaired good/bad answers (TRL)"),
-    "grpo": Objective("grpo", "prompts", "tuneloop.train.grpo:train_grpo", "group relative policy optimisation scored by train.rewards (TRL)"),
-    "reward": Objective("reward", "preferences", "tuneloop.train.reward:train_reward",
-                        "a reward model on preference pairs (TRL RewardTrainer, sequence-classification head)", evaluates="reward"),
+    "orpo": Objective(
+        "orpo",
+        "preferences",
+        "tuneloop.train.preference_objectives:train_orpo",
+        "odds-ratio preference optimisation, no reference model (TRL ORPOTrainer)",
+    ),
+    "simpo": Objective(
+        "simpo",
+        "preferences",
+        "tuneloop.train.preference_objectives:train_simpo",
+        "SimPO: length-normalised preference optimisation, no reference model (TRL CPOTrainer, loss_type simpo)",
+    ),
+    "kto": Objective(
+        "kto", "kto", "tuneloop.train.kto:train_kto", "Kahneman-Tversky optimisation on unpaired good/bad answers (TRL)"
+    ),
+    "grpo": Objective(
+        "grpo",
+        "prompts",
+        "tuneloop.train.grpo:train_grpo",
+        "group relative policy optimisation scored by train.rewards (TRL)",
+    ),
+    "reward": Objective(
+        "reward",
+        "preferences",
+        "tuneloop.train.reward:train_reward",
+        "a reward model on preference pairs (TRL RewardTrainer, sequence-classification head)",
+        evaluates="reward",
+    ),
 }
 
 
@@ -91,10 +117,12 @@ def kto_label_problem(path: Any, desirable: int, undesirable: int) -> str | None
     if desirable and undesirable:
         return None
     missing = "false (undesirable)" if desirable else "true (desirable)"
-    return (f"data.train_data: train.objective kto needs both desirable (label: true) and undesirable (label: false) "
-            f"answers, but {path} has {desirable} desirable and {undesirable} undesirable; add answers labelled "
-            f"{missing} (thumbs-down answers are in `tuneloop feedback export`'s kto.jsonl) or train with "
-            f"train.objective: sft")
+    return (
+        f"data.train_data: train.objective kto needs both desirable (label: true) and undesirable (label: false) "
+        f"answers, but {path} has {desirable} desirable and {undesirable} undesirable; add answers labelled "
+        f"{missing} (thumbs-down answers are in `tuneloop feedback export`'s kto.jsonl) or train with "
+        f"train.objective: sft"
+    )
 
 
 def data_problems(cfg) -> list[str]:

@@ -50,8 +50,12 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import ConfigError, InputError
 
 #: OpenRLHF CLI module per tuneloop objective.
-MODULES = {"sft": "openrlhf.cli.train_sft", "dpo": "openrlhf.cli.train_dpo", "reward": "openrlhf.cli.train_rm",
-           "grpo": "openrlhf.cli.train_ppo_ray"}
+MODULES = {
+    "sft": "openrlhf.cli.train_sft",
+    "dpo": "openrlhf.cli.train_dpo",
+    "reward": "openrlhf.cli.train_rm",
+    "grpo": "openrlhf.cli.train_ppo_ray",
+}
 #: Where the ``grpo`` command's steps write beside ``{output_dir}`` (run_command clears only ``{output_dir}`` itself).
 GRPO_PROMPTS = "{output_dir}/../openrlhf_prompts.jsonl"
 GRPO_REWARD_FILE = "{output_dir}/../openrlhf_reward.py"
@@ -101,49 +105,70 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     objective = t.objective
     if objective not in MODULES:
         reason = _REFUSED.get(objective, f"OpenRLHF has no trainer for train.objective {objective}")
-        raise ConfigError(f"train.objective: {objective} cannot be exported to OpenRLHF: {reason}. Train it with tuneloop "
-                          "itself (train.backend: transformers), or export sft, dpo, reward or grpo; for PPO see the README "
-                          "section 'PPO and other RL trainers'")
+        raise ConfigError(
+            f"train.objective: {objective} cannot be exported to OpenRLHF: {reason}. Train it with tuneloop "
+            "itself (train.backend: transformers), or export sft, dpo, reward or grpo; for PPO see the README "
+            "section 'PPO and other RL trainers'"
+        )
     problems: list[str] = []
     notes: list[str] = []
     if t.use_rslora or t.use_dora:
         key = "use_rslora" if t.use_rslora else "use_dora"
-        problems.append(f"train.{key}: OpenRLHF's LoRA (--ds.lora.*) has no rank-stabilised or DoRA variant; set it to "
-                        "false to export")
+        problems.append(
+            f"train.{key}: OpenRLHF's LoRA (--ds.lora.*) has no rank-stabilised or DoRA variant; set it to "
+            "false to export"
+        )
     if t.precision == "fp32":
-        problems.append("train.precision: fp32 has no OpenRLHF equivalent (--ds.param_dtype takes bf16 or fp16); set bf16, "
-                        "fp16 or auto to export")
+        problems.append(
+            "train.precision: fp32 has no OpenRLHF equivalent (--ds.param_dtype takes bf16 or fp16); set bf16, "
+            "fp16 or auto to export"
+        )
     if t.method == "qlora" and t.precision == "fp16":
-        problems.append("train.precision: OpenRLHF's 4-bit loading (--ds.load_in_4bit) computes in bf16 only; use bf16 or "
-                        "auto with method qlora")
+        problems.append(
+            "train.precision: OpenRLHF's 4-bit loading (--ds.load_in_4bit) computes in bf16 only; use bf16 or "
+            "auto with method qlora"
+        )
     if t.num_epochs != int(t.num_epochs):
-        problems.append(f"train.num_epochs: {t.num_epochs:g} is not a whole number; OpenRLHF trains whole epochs "
-                        f"(--train.max_epochs; for grpo --train.num_episodes); set {math.ceil(t.num_epochs)} or another whole number to export")
+        problems.append(
+            f"train.num_epochs: {t.num_epochs:g} is not a whole number; OpenRLHF trains whole epochs "
+            f"(--train.max_epochs; for grpo --train.num_episodes); set {math.ceil(t.num_epochs)} or another whole number to export"
+        )
     if objective == "grpo":
         return _grpo_export(cfg, problems)
     fmt = "preference" if objective != "sft" else _sft_format(cfg)
     if objective == "sft":
         if t.train_on_inputs and fmt != "text":
-            problems.append("train.train_on_inputs: OpenRLHF's SFT computes the loss on the answers only (its pretrain mode "
-                            "drops the chat template); set it to false to export")
+            problems.append(
+                "train.train_on_inputs: OpenRLHF's SFT computes the loss on the answers only (its pretrain mode "
+                "drops the chat template); set it to false to export"
+            )
         if fmt in ("kto", "preference"):
-            problems.append(f"data.train_data: {fmt} records cannot be exported for train.objective sft (OpenRLHF's SFT "
-                            "would train on every answer, labelled or rejected ones too); export conversations")
+            problems.append(
+                f"data.train_data: {fmt} records cannot be exported for train.objective sft (OpenRLHF's SFT "
+                "would train on every answer, labelled or rejected ones too); export conversations"
+            )
     if objective == "reward":
         if t.method != "full":
-            problems.append(f"train.method: {t.method} cannot be exported for a reward model: OpenRLHF's LoRA reward "
-                            "model saves an adapter without its score head (no task type, the head not saved with it), "
-                            "which no one can score with; use method full")
+            problems.append(
+                f"train.method: {t.method} cannot be exported for a reward model: OpenRLHF's LoRA reward "
+                "model saves an adapter without its score head (no task type, the head not saved with it), "
+                "which no one can score with; use method full"
+            )
         if t.center_rewards_coefficient is not None:
-            problems.append("train.center_rewards_coefficient: OpenRLHF's reward trainer has no centring term; remove it to "
-                            "export")
+            problems.append(
+                "train.center_rewards_coefficient: OpenRLHF's reward trainer has no centring term; remove it to export"
+            )
     if problems:
         raise ConfigError(problems)
 
     world = t.num_processes
-    parts = [f"deepspeed --num_gpus {world} --module {MODULES[objective]}",
-             "--model.model_name_or_path {base_model}",
-             "--data.dataset {train_file}", "--eval.dataset {eval_file}", "--eval.split train"]
+    parts = [
+        f"deepspeed --num_gpus {world} --module {MODULES[objective]}",
+        "--model.model_name_or_path {base_model}",
+        "--data.dataset {train_file}",
+        "--eval.dataset {eval_file}",
+        "--eval.split train",
+    ]
     if fmt == "text":
         parts.append("--data.input_key text --model.pretrain_mode_enable")
     else:
@@ -151,17 +176,24 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
             # Every assistant turn is trained on, as tuneloop's SFT does (the prompt turns are masked).
             parts.append("--data.input_key messages --data.apply_chat_template --data.multiturn")
         else:
-            parts.append("--data.prompt_key messages --data.chosen_key chosen --data.rejected_key rejected "
-                         "--data.apply_chat_template")
+            parts.append(
+                "--data.prompt_key messages --data.chosen_key chosen --data.rejected_key rejected "
+                "--data.apply_chat_template"
+            )
         tpl = export_template(cfg)
         if tpl.source != "tokenizer":
             parts.append(f"--data.tokenizer_chat_template {_q(tpl.text)}")
-            which = ("data.chat_template" if tpl.source == "data.chat_template"
-                     else "tuneloop's ChatML default (the base tokenizer has none)")
+            which = (
+                "data.chat_template"
+                if tpl.source == "data.chat_template"
+                else "tuneloop's ChatML default (the base tokenizer has none)"
+            )
             notes.append(f"chat template: {which}, passed as --data.tokenizer_chat_template")
         else:
-            notes.append("chat template: the base model tokenizer's own, as tuneloop uses it (OpenRLHF's "
-                         "--data.apply_chat_template renders with it)")
+            notes.append(
+                "chat template: the base model tokenizer's own, as tuneloop uses it (OpenRLHF's "
+                "--data.apply_chat_template renders with it)"
+            )
     parts.append("--data.max_len {max_length}")
     if objective == "dpo":
         parts.append(f"--model.beta {t.dpo_beta:g}")
@@ -183,45 +215,67 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     if t.warmup_steps == 0:
         parts.append("--lr_warmup_ratio 0")
     else:
-        notes.append(f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
-                     "(--lr_warmup_ratio, default 0.03); add --lr_warmup_ratio (warm-up steps / total steps) by hand")
+        notes.append(
+            f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
+            "(--lr_warmup_ratio, default 0.03); add --lr_warmup_ratio (warm-up steps / total steps) by hand"
+        )
     if t.precision == "auto":
-        notes.append("train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
-                     "bf16 on a bf16 GPU (OpenRLHF has no fp32)")
+        notes.append(
+            "train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
+            "bf16 on a bf16 GPU (OpenRLHF has no fp32)"
+        )
     parts.append(f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2")
     if t.gradient_checkpointing:
         parts.append("--model.gradient_checkpointing_enable")
     if t.packing and objective == "sft":
         parts.append("--ds.packing_samples")
-        notes.append("train.packing -> --ds.packing_samples (needs flash-attn; OpenRLHF then switches to "
-                     "flash_attention_2)" + (f"; train.pack_length {t.pack_length} has no equivalent" if t.pack_length else ""))
+        notes.append(
+            "train.packing -> --ds.packing_samples (needs flash-attn; OpenRLHF then switches to "
+            "flash_attention_2)" + (f"; train.pack_length {t.pack_length} has no equivalent" if t.pack_length else "")
+        )
     parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
     command = " ".join(parts)
     if objective == "reward":
         command += " && python -m tuneloop.train.openrlhf reward-config {output_dir}"
-        notes.append("reward: `python -m tuneloop.train.openrlhf reward-config` re-labels OpenRLHF's RewardModel as the "
-                     "sequence-classification model its weights are, so tuneloop can score it (`python` must be the "
-                     "interpreter tuneloop is installed in)")
-        notes.append("reward: OpenRLHF reads the score at the EOS token after dropping the chat template's trailing "
-                     "newline; tuneloop scores the whole rendering, so tuneloop's held-out accuracy (the gate) can differ "
-                     "from OpenRLHF's own eval accuracy")
-    notes.append(f"batch: --train.micro_batch_size is train.batch_size per GPU; --train.batch_size {batch} is the global "
-                 f"batch (batch_size x gradient_accumulation_steps x num_processes {world}); OpenRLHF derives the "
-                 "accumulation from them")
-    notes.append("literals (not placeholders): global batch, epochs, GPUs, weight decay, scheduler"
-                 + (", beta" if objective == "dpo" else "") + "; export again after changing them")
+        notes.append(
+            "reward: `python -m tuneloop.train.openrlhf reward-config` re-labels OpenRLHF's RewardModel as the "
+            "sequence-classification model its weights are, so tuneloop can score it (`python` must be the "
+            "interpreter tuneloop is installed in)"
+        )
+        notes.append(
+            "reward: OpenRLHF reads the score at the EOS token after dropping the chat template's trailing "
+            "newline; tuneloop scores the whole rendering, so tuneloop's held-out accuracy (the gate) can differ "
+            "from OpenRLHF's own eval accuracy"
+        )
+    notes.append(
+        f"batch: --train.micro_batch_size is train.batch_size per GPU; --train.batch_size {batch} is the global "
+        f"batch (batch_size x gradient_accumulation_steps x num_processes {world}); OpenRLHF derives the "
+        "accumulation from them"
+    )
+    notes.append(
+        "literals (not placeholders): global batch, epochs, GPUs, weight decay, scheduler"
+        + (", beta" if objective == "dpo" else "")
+        + "; export again after changing them"
+    )
     if t.max_steps:
-        notes.append(f"train.max_steps {t.max_steps} is not carried: OpenRLHF's SFT/DPO/reward trainers stop after whole "
-                     f"epochs (--train.max_epochs {int(t.num_epochs)})")
-    notes.append(f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
-                 "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
-                 "per-step loss (OpenRLHF's log lines are in the stage log)")
+        notes.append(
+            f"train.max_steps {t.max_steps} is not carried: OpenRLHF's SFT/DPO/reward trainers stop after whole "
+            f"epochs (--train.max_epochs {int(t.num_epochs)})"
+        )
+    notes.append(
+        f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
+        "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
+        "per-step loss (OpenRLHF's log lines are in the stage log)"
+    )
     if t.report_to != "none":
-        notes.append(f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir "
-                     "by hand")
+        notes.append(
+            f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir by hand"
+        )
     if t.accelerate_config:
-        notes.append("train.accelerate_config is not carried: DeepSpeed's launcher takes --hostfile / --num_nodes for "
-                     "several machines")
+        notes.append(
+            "train.accelerate_config is not carried: DeepSpeed's launcher takes --hostfile / --num_nodes for "
+            "several machines"
+        )
     return OpenRLHFExport(command, notes)
 
 
@@ -237,32 +291,45 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
     notes: list[str] = []
     where = "OpenRLHF's train_ppo_ray scores every completion with one reward: a reward model or one reward function"
     if len(t.rewards) != 1:
-        problems.append(f"train.rewards: {len(t.rewards)} rewards; {where} (--reward.model_name_or_path or "
-                        "--reward.remote_url), so a sum of rewards cannot be carried over; keep one {model: REF} or "
-                        "{function: FILE.py:NAME} reward to export, or train with tuneloop (train.backend: transformers)")
+        problems.append(
+            f"train.rewards: {len(t.rewards)} rewards; {where} (--reward.model_name_or_path or "
+            "--reward.remote_url), so a sum of rewards cannot be carried over; keep one {model: REF} or "
+            "{function: FILE.py:NAME} reward to export, or train with tuneloop (train.backend: transformers)"
+        )
     spec = t.rewards[0] if t.rewards else None
     if spec is not None and len(t.rewards) == 1:
         key = "train.rewards[0]"
         if spec.kind in ("metric", "judge"):
             what = f"metric {spec.metric}" if spec.kind == "metric" else "the judge (eval.judge)"
-            problems.append(f"{key}.{spec.kind}: {what} is tuneloop's own reward; {where}, so it cannot be exported. "
-                            "Write it as a {function: FILE.py:NAME} reward (e.g. a function that calls your metric), use "
-                            "a registered reward model ({model: REF}), or train with tuneloop (train.backend: transformers)")
+            problems.append(
+                f"{key}.{spec.kind}: {what} is tuneloop's own reward; {where}, so it cannot be exported. "
+                "Write it as a {function: FILE.py:NAME} reward (e.g. a function that calls your metric), use "
+                "a registered reward model ({model: REF}), or train with tuneloop (train.backend: transformers)"
+            )
         if spec.weight != 1.0:
-            problems.append(f"{key}.weight: {spec.weight:g}; OpenRLHF takes one reward as it is (no weight); set the weight "
-                            "to 1 to export (with one reward, group_norm divides by the group's spread, so a positive "
-                            "weight changes nothing but the sign)")
+            problems.append(
+                f"{key}.weight: {spec.weight:g}; OpenRLHF takes one reward as it is (no weight); set the weight "
+                "to 1 to export (with one reward, group_norm divides by the group's spread, so a positive "
+                "weight changes nothing but the sign)"
+            )
     if t.loss_type not in _LOSS_AGG:
-        problems.append(f"train.loss_type: {t.loss_type} has no OpenRLHF equivalent (--actor.loss_agg_mode takes token-mean, "
-                        "i.e. dapo, or seq-mean-token-mean, i.e. grpo); set dapo or grpo to export")
+        problems.append(
+            f"train.loss_type: {t.loss_type} has no OpenRLHF equivalent (--actor.loss_agg_mode takes token-mean, "
+            "i.e. dapo, or seq-mean-token-mean, i.e. grpo); set dapo or grpo to export"
+        )
     tpl = export_template(cfg)
     if tpl.source != "tokenizer":
-        which = ("data.chat_template" if tpl.source == "data.chat_template"
-                 else "tuneloop's ChatML default (the base tokenizer has none)")
-        problems.append(f"data.chat_template: tuneloop renders the prompts with {which}, but OpenRLHF's train_ppo_ray renders "
-                        "them with the base tokenizer's own template (it has no --data.tokenizer_chat_template); save the "
-                        "template into the base model's tokenizer_config.json (tokenizer.chat_template = ...; "
-                        "tokenizer.save_pretrained(DIR)) and point base_model at DIR to export")
+        which = (
+            "data.chat_template"
+            if tpl.source == "data.chat_template"
+            else "tuneloop's ChatML default (the base tokenizer has none)"
+        )
+        problems.append(
+            f"data.chat_template: tuneloop renders the prompts with {which}, but OpenRLHF's train_ppo_ray renders "
+            "them with the base tokenizer's own template (it has no --data.tokenizer_chat_template); save the "
+            "template into the base model's tokenizer_config.json (tokenizer.chat_template = ...; "
+            "tokenizer.save_pretrained(DIR)) and point base_model at DIR to export"
+        )
     reward_args, steps = "", ""
     if spec is not None and len(t.rewards) == 1 and spec.kind == "model":
         try:
@@ -271,62 +338,81 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
             problems.append(f"train.rewards[0].model: {exc}")
         else:
             reward_args = f"--reward.model_name_or_path {_q(str(model_dir))}"
-            notes.append(f"reward: the registered reward model {spec.model} is its artifact directory {model_dir} (resolved "
-                         "now: export again after the ref moves to another version); OpenRLHF loads it as its RewardModel "
-                         "(the transformers sequence-classification model's `score` head) and scores the policy's own token "
-                         "ids, read at the last generated token (EOS), where tuneloop re-renders prompt + completion with "
-                         "the chat template (ending at the end-of-turn), so scores can differ slightly")
+            notes.append(
+                f"reward: the registered reward model {spec.model} is its artifact directory {model_dir} (resolved "
+                "now: export again after the ref moves to another version); OpenRLHF loads it as its RewardModel "
+                "(the transformers sequence-classification model's `score` head) and scores the policy's own token "
+                "ids, read at the last generated token (EOS), where tuneloop re-renders prompt + completion with "
+                "the chat template (ending at the end-of-turn), so scores can differ slightly"
+            )
     elif spec is not None and len(t.rewards) == 1 and spec.kind == "function":
         file, name = spec.function_parts()
         target = f"{Path(file).resolve()}:{name}"
         steps = f"python -m tuneloop.train.openrlhf reward-func {_q(target)} {{base_model}} {GRPO_REWARD_FILE} && "
         reward_args = f"--reward.remote_url {GRPO_REWARD_FILE} --data.label_key {LABEL_KEY}"
-        notes.append(f"reward: `reward-func` checks {spec._written or spec.function} and writes {GRPO_REWARD_FILE}, "
-                     "OpenRLHF's reward_func(queries, prompts, labels) (--reward.remote_url), which calls "
-                     f"{name}(prompts=[conversation], completions=[[{{role: assistant, content}}]], reference=[...]) as "
-                     "tuneloop does (no completion_ids or trainer_state); the completion is the generated text up to "
-                     "tuneloop's first stop token, special tokens removed. OpenRLHF's vLLM workers import tuneloop and the "
-                     "function file: the same Python environment and paths on every Ray node")
-        notes.append("reward: OpenRLHF logs an exception from a reward function and goes on without that reward (its "
-                     "executor catches it); the adapter prints `tuneloop reward: ...` (the function, the item, what is "
-                     "wrong) on stderr first, and refuses None, NaN and non-numbers (OpenRLHF has no 'no reward')")
+        notes.append(
+            f"reward: `reward-func` checks {spec._written or spec.function} and writes {GRPO_REWARD_FILE}, "
+            "OpenRLHF's reward_func(queries, prompts, labels) (--reward.remote_url), which calls "
+            f"{name}(prompts=[conversation], completions=[[{{role: assistant, content}}]], reference=[...]) as "
+            "tuneloop does (no completion_ids or trainer_state); the completion is the generated text up to "
+            "tuneloop's first stop token, special tokens removed. OpenRLHF's vLLM workers import tuneloop and the "
+            "function file: the same Python environment and paths on every Ray node"
+        )
+        notes.append(
+            "reward: OpenRLHF logs an exception from a reward function and goes on without that reward (its "
+            "executor catches it); the adapter prints `tuneloop reward: ...` (the function, the item, what is "
+            "wrong) on stderr first, and refuses None, NaN and non-numbers (OpenRLHF has no 'no reward')"
+        )
     if problems:
         raise ConfigError(problems)
 
     world, g = t.num_processes, t.num_generations
     prompts_per_step = t.batch_size * t.gradient_accumulation_steps * world
     per_gpu = t.batch_size * g
-    parts = [f"python -m tuneloop.train.openrlhf prompts {{train_file}} {GRPO_PROMPTS} && {steps}"
-             f"python3 -m {MODULES['grpo']}",
-             f"--actor.num_nodes 1 --actor.num_gpus_per_node {world}"
-             + (f" --ref.num_gpus_per_node {world}" if t.grpo_beta > 0 else "")
-             + (f" --reward.num_gpus_per_node {world}" if spec is not None and spec.kind == "model" else ""),
-             f"--vllm.num_engines {world} --train.colocate_all --vllm.enable_sleep --ds.enable_sleep "
-             "--vllm.gpu_memory_utilization 0.5",
-             "--actor.model_name_or_path {base_model}", reward_args,
-             f"--data.prompt_dataset {GRPO_PROMPTS} --data.input_key prompt --data.apply_chat_template",
-             f"--data.max_len {d.max_length + t.max_completion_length} --rollout.max_new_tokens {t.max_completion_length}",
-             f"--rollout.n_samples_per_prompt {g} --rollout.temperature {t.temperature:g}",
-             "--algo.advantage.estimator group_norm"]
+    parts = [
+        f"python -m tuneloop.train.openrlhf prompts {{train_file}} {GRPO_PROMPTS} && {steps}"
+        f"python3 -m {MODULES['grpo']}",
+        f"--actor.num_nodes 1 --actor.num_gpus_per_node {world}"
+        + (f" --ref.num_gpus_per_node {world}" if t.grpo_beta > 0 else "")
+        + (f" --reward.num_gpus_per_node {world}" if spec is not None and spec.kind == "model" else ""),
+        f"--vllm.num_engines {world} --train.colocate_all --vllm.enable_sleep --ds.enable_sleep "
+        "--vllm.gpu_memory_utilization 0.5",
+        "--actor.model_name_or_path {base_model}",
+        reward_args,
+        f"--data.prompt_dataset {GRPO_PROMPTS} --data.input_key prompt --data.apply_chat_template",
+        f"--data.max_len {d.max_length + t.max_completion_length} --rollout.max_new_tokens {t.max_completion_length}",
+        f"--rollout.n_samples_per_prompt {g} --rollout.temperature {t.temperature:g}",
+        "--algo.advantage.estimator group_norm",
+    ]
     if t.grpo_beta > 0:
         parts.append(f"--algo.kl.init_coef {t.grpo_beta:g} --algo.kl.use_loss --algo.kl.estimator k3")
-        notes.append(f"train.grpo_beta {t.grpo_beta:g} -> --algo.kl.init_coef with --algo.kl.use_loss --algo.kl.estimator "
-                     "k3: the KL to the reference model (the base, loaded as a separate model) in the loss, as TRL's GRPO")
+        notes.append(
+            f"train.grpo_beta {t.grpo_beta:g} -> --algo.kl.init_coef with --algo.kl.use_loss --algo.kl.estimator "
+            "k3: the KL to the reference model (the base, loaded as a separate model) in the loss, as TRL's GRPO"
+        )
     else:
         parts.append("--algo.kl.init_coef 0")
-        notes.append("train.grpo_beta 0 -> --algo.kl.init_coef 0: OpenRLHF then loads no reference model (train_ppo_ray "
-                     "creates it only when the coefficient is > 0), as TRL's GRPO with beta 0")
+        notes.append(
+            "train.grpo_beta 0 -> --algo.kl.init_coef 0: OpenRLHF then loads no reference model (train_ppo_ray "
+            "creates it only when the coefficient is > 0), as TRL's GRPO with beta 0"
+        )
     parts.append(f"--actor.loss_agg_mode {_LOSS_AGG[t.loss_type]}")
-    parts.append(f"--rollout.batch_size {prompts_per_step} --rollout.micro_batch_size {per_gpu} "
-                 f"--train.batch_size {prompts_per_step * g} --train.micro_batch_size {per_gpu}")
+    parts.append(
+        f"--rollout.batch_size {prompts_per_step} --rollout.micro_batch_size {per_gpu} "
+        f"--train.batch_size {prompts_per_step * g} --train.micro_batch_size {per_gpu}"
+    )
     parts.append(f"--train.max_epochs 1 --train.num_episodes {int(t.num_epochs)} --train.seed {{seed}}")
-    parts.append(f"--actor.adam.lr {{learning_rate}} --actor.adam.betas 0.9 0.999 --actor.adam.weight_decay "
-                 f"{t.weight_decay:g} --actor.lr_scheduler {t.lr_scheduler}")
+    parts.append(
+        f"--actor.adam.lr {{learning_rate}} --actor.adam.betas 0.9 0.999 --actor.adam.weight_decay "
+        f"{t.weight_decay:g} --actor.lr_scheduler {t.lr_scheduler}"
+    )
     if t.warmup_steps == 0:
         parts.append("--actor.lr_warmup_ratio 0")
     else:
-        notes.append(f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
-                     "(--actor.lr_warmup_ratio, default 0.03); add it by hand (warm-up steps / total steps)")
+        notes.append(
+            f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
+            "(--actor.lr_warmup_ratio, default 0.03); add it by hand (warm-up steps / total steps)"
+        )
     if t.method in ("lora", "qlora"):
         lora = "--ds.lora.rank {lora_r} --ds.lora.alpha {lora_alpha} --ds.lora.dropout {lora_dropout}"
         if t.target_modules != "all-linear":
@@ -334,40 +420,60 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
             lora += " --ds.lora.target_modules " + " ".join(_q(n) for n in names)
         parts.append(lora + (" --ds.load_in_4bit" if t.method == "qlora" else ""))
     if t.precision == "auto":
-        notes.append("train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
-                     "bf16 on a bf16 GPU (OpenRLHF has no fp32)")
+        notes.append(
+            "train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
+            "bf16 on a bf16 GPU (OpenRLHF has no fp32)"
+        )
     parts.append(f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2")
     if t.gradient_checkpointing:
         parts.append("--actor.gradient_checkpointing_enable")
     parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
     command = " ".join(p for p in parts if p)
-    notes.insert(0, "grpo: OpenRLHF's GRPO is its PPO trainer with --algo.advantage.estimator group_norm (no critic); it "
-                    "runs on a Ray cluster's head node (`ray start --head`) and needs NVIDIA GPUs, DeepSpeed and vLLM: "
-                    "tuneloop checks this command against OpenRLHF 0.11.2's argument parser only, it has not run it")
-    notes.append("prompts: `python -m tuneloop.train.openrlhf prompts` writes each training conversation's prompt (the "
-                 f"turns before its final answer) and reference to {GRPO_PROMPTS}; unlike tuneloop it does not drop "
-                 f"prompts over data.max_length (OpenRLHF truncates them from the left); --data.max_len "
-                 f"{d.max_length + t.max_completion_length} is data.max_length + max_completion_length")
-    notes.append(f"batch: each rollout is train.batch_size x gradient_accumulation_steps x num_processes = {prompts_per_step} "
-                 f"prompts x {g} generations, trained in one optimizer step (--train.batch_size {prompts_per_step * g} "
-                 f"completions, --train.micro_batch_size {per_gpu} per GPU), as TRL's GRPO; --train.num_episodes "
-                 f"{int(t.num_epochs)} passes over the prompts")
-    notes.append("generation: OpenRLHF's vLLM stops at the model's EOS only (tuneloop also stops at the chat template's "
-                 f"end-of-turn tokens); --rollout.temperature {t.temperature:g}, top_p 1; train.use_vllm has no effect "
-                 "(OpenRLHF always generates with vLLM)")
-    notes.append("literals (not placeholders): GPUs, batch sizes, generations, max lengths, temperature, KL coefficient, "
-                 "episodes, weight decay, scheduler; export again after changing them")
+    notes.insert(
+        0,
+        "grpo: OpenRLHF's GRPO is its PPO trainer with --algo.advantage.estimator group_norm (no critic); it "
+        "runs on a Ray cluster's head node (`ray start --head`) and needs NVIDIA GPUs, DeepSpeed and vLLM: "
+        "tuneloop checks this command against OpenRLHF 0.11.2's argument parser only, it has not run it",
+    )
+    notes.append(
+        "prompts: `python -m tuneloop.train.openrlhf prompts` writes each training conversation's prompt (the "
+        f"turns before its final answer) and reference to {GRPO_PROMPTS}; unlike tuneloop it does not drop "
+        f"prompts over data.max_length (OpenRLHF truncates them from the left); --data.max_len "
+        f"{d.max_length + t.max_completion_length} is data.max_length + max_completion_length"
+    )
+    notes.append(
+        f"batch: each rollout is train.batch_size x gradient_accumulation_steps x num_processes = {prompts_per_step} "
+        f"prompts x {g} generations, trained in one optimizer step (--train.batch_size {prompts_per_step * g} "
+        f"completions, --train.micro_batch_size {per_gpu} per GPU), as TRL's GRPO; --train.num_episodes "
+        f"{int(t.num_epochs)} passes over the prompts"
+    )
+    notes.append(
+        "generation: OpenRLHF's vLLM stops at the model's EOS only (tuneloop also stops at the chat template's "
+        f"end-of-turn tokens); --rollout.temperature {t.temperature:g}, top_p 1; train.use_vllm has no effect "
+        "(OpenRLHF always generates with vLLM)"
+    )
+    notes.append(
+        "literals (not placeholders): GPUs, batch sizes, generations, max lengths, temperature, KL coefficient, "
+        "episodes, weight decay, scheduler; export again after changing them"
+    )
     if t.max_steps:
-        notes.append(f"train.max_steps {t.max_steps} is not carried: OpenRLHF's PPO trainer runs whole episodes "
-                     f"(--train.num_episodes {int(t.num_epochs)})")
-    notes.append(f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
-                 "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
-                 "per-step reward (OpenRLHF's log lines are in the stage log)")
+        notes.append(
+            f"train.max_steps {t.max_steps} is not carried: OpenRLHF's PPO trainer runs whole episodes "
+            f"(--train.num_episodes {int(t.num_epochs)})"
+        )
+    notes.append(
+        f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
+        "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
+        "per-step reward (OpenRLHF's log lines are in the stage log)"
+    )
     if t.report_to != "none":
-        notes.append(f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir "
-                     "by hand")
+        notes.append(
+            f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir by hand"
+        )
     if t.accelerate_config:
-        notes.append("train.accelerate_config is not carried: Ray places the models (--actor.num_nodes for several machines)")
+        notes.append(
+            "train.accelerate_config is not carried: Ray places the models (--actor.num_nodes for several machines)"
+        )
     return OpenRLHFExport(command, notes)
 
 
@@ -387,23 +493,31 @@ def _reward_model_dir(cfg: PipelineConfig, ref: str) -> Path:
     where = Path(open_registry(cfg, Workspace.for_config(cfg)).open_artifact(version["model"], version["version"]))
     if (where / "adapter_config.json").is_file():
         if not (where / "merged" / "config.json").is_file():
-            raise InputError(f"{version['ref']} is a LoRA reward model; OpenRLHF's reward model loads a full model "
-                              "(--reward.model_name_or_path), so train the reward model with train.method: full to export")
+            raise InputError(
+                f"{version['ref']} is a LoRA reward model; OpenRLHF's reward model loads a full model "
+                "(--reward.model_name_or_path), so train the reward model with train.method: full to export"
+            )
         where = where / "merged"
     config = _json.loads((where / "config.json").read_text(encoding="utf-8"))
     archs = config.get("architectures") or []
     outputs = config.get("num_labels", len(config.get("id2label") or {0: 0}))
     if not any(a.endswith("ForSequenceClassification") for a in archs) or outputs != 1:
-        raise InputError(f"{version['ref']} ({where}) is not a sequence-classification model with one output "
-                         f"(architectures {archs}); OpenRLHF's RewardModel reads its `score` head")
+        raise InputError(
+            f"{version['ref']} ({where}) is not a sequence-classification model with one output "
+            f"(architectures {archs}); OpenRLHF's RewardModel reads its `score` head"
+        )
     try:
         theirs, ours = AutoTokenizer.from_pretrained(str(where)), AutoTokenizer.from_pretrained(cfg.base_model)
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizers of {version['ref']} and base_model to compare them ({exc})") from None
+        raise InputError(
+            f"cannot load the tokenizers of {version['ref']} and base_model to compare them ({exc})"
+        ) from None
     if theirs.get_vocab() != ours.get_vocab():
-        raise InputError(f"{version['ref']} has another tokenizer than base_model {cfg.base_model}; OpenRLHF feeds the "
-                         "policy's token ids to the reward model unchanged, so train the reward model on the same base "
-                         "(tuneloop itself re-renders the text for it)")
+        raise InputError(
+            f"{version['ref']} has another tokenizer than base_model {cfg.base_model}; OpenRLHF feeds the "
+            "policy's token ids to the reward model unchanged, so train the reward model on the same base "
+            "(tuneloop itself re-renders the text for it)"
+        )
     return where
 
 
@@ -416,11 +530,13 @@ def export_openrlhf(cfg: PipelineConfig) -> str:
     """The ``train:`` YAML snippet for ``cfg``'s config: ``backend: command`` and the OpenRLHF command, after comment
     lines on how it was made and what it does not carry."""
     exp = openrlhf_export(cfg)
-    head = [f"Generated by `tuneloop export-config --to openrlhf` from tuneloop config `{cfg.name}` "
-            f"(OpenRLHF 0.11 option names).",
-            "Put these keys in the config's `train:` section: tuneloop then runs OpenRLHF as an external trainer and "
-            "evaluates, gates and registers what it writes to {output_dir}. OpenRLHF needs NVIDIA GPUs and DeepSpeed"
-            + (", and for GRPO a Ray cluster and vLLM." if cfg.train.objective == "grpo" else ".")]
+    head = [
+        f"Generated by `tuneloop export-config --to openrlhf` from tuneloop config `{cfg.name}` "
+        f"(OpenRLHF 0.11 option names).",
+        "Put these keys in the config's `train:` section: tuneloop then runs OpenRLHF as an external trainer and "
+        "evaluates, gates and registers what it writes to {output_dir}. OpenRLHF needs NVIDIA GPUs and DeepSpeed"
+        + (", and for GRPO a Ray cluster and vLLM." if cfg.train.objective == "grpo" else "."),
+    ]
     text = "".join(f"# {line}\n" for line in head + exp.notes)
     body = {"train": {"objective": cfg.train.objective, "backend": "command", "command": exp.command}}
     return text + yaml.safe_dump(body, sort_keys=False, width=100, allow_unicode=True)
@@ -442,16 +558,22 @@ def reward_config(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     if not path.is_file():
-        raise InputError(f"{model_dir}: no config.json; expected the full reward model OpenRLHF's train_rm saves with "
-                         "--ckpt.output_dir (LoRA reward models are not supported)")
+        raise InputError(
+            f"{model_dir}: no config.json; expected the full reward model OpenRLHF's train_rm saves with "
+            "--ckpt.output_dir (LoRA reward models are not supported)"
+        )
     raw = json.loads(path.read_text(encoding="utf-8"))
     cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(raw.get("model_type", ""))
     if cls is None:
-        raise InputError(f"{path}: model_type {raw.get('model_type')!r} has no transformers sequence-classification class")
+        raise InputError(
+            f"{path}: model_type {raw.get('model_type')!r} has no transformers sequence-classification class"
+        )
     head = raw.get("value_head_prefix", "score")
     if head != "score":
-        raise InputError(f"{path}: the value head is named {head!r}; transformers' sequence-classification models read "
-                         "`score` (train with OpenRLHF's default --ds.value_head_prefix score)")
+        raise InputError(
+            f"{path}: the value head is named {head!r}; transformers' sequence-classification models read "
+            "`score` (train with OpenRLHF's default --ds.value_head_prefix score)"
+        )
     saved: set[str] = set()
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
@@ -463,8 +585,10 @@ def reward_config(model_dir: Path) -> str:
         expected = set(AutoModelForSequenceClassification.from_config(config).state_dict())
     missing = sorted(expected - saved)
     if missing:
-        raise InputError(f"{model_dir}: not a {cls} with one output: {len(missing)} of its weights are missing from the "
-                         f"safetensors files (first: {', '.join(missing[:3])})")
+        raise InputError(
+            f"{model_dir}: not a {cls} with one output: {len(missing)} of its weights are missing from the "
+            f"safetensors files (first: {', '.join(missing[:3])})"
+        )
     raw.update(architectures=[cls], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     raw.pop("num_labels", None)
     if raw.get("pad_token_id") is None:
@@ -490,12 +614,16 @@ def ppo_prompts(records: Path, out: Path) -> int:
     for n, rec in iter_jsonl(records, "the prepared training data"):
         msgs = rec.get("messages")
         if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-            raise InputError(f"{records}:{n}: expected conversation records (`messages` ending with an assistant "
-                             "turn); PPO prompts come from train.objective sft data")
+            raise InputError(
+                f"{records}:{n}: expected conversation records (`messages` ending with an assistant "
+                "turn); PPO prompts come from train.objective sft data"
+            )
         plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
         label = json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"]}, ensure_ascii=False)
-        lines.append(json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"], LABEL_KEY: label},
-                                ensure_ascii=False) + "\n")
+        lines.append(
+            json.dumps({"prompt": plain[:-1], "reference": plain[-1]["content"], LABEL_KEY: label}, ensure_ascii=False)
+            + "\n"
+        )
     if not lines:
         raise InputError(f"{records}: no records")
     atomic_write_text(Path(out), "".join(lines))
@@ -554,10 +682,12 @@ class OpenRLHFReward:
         tok = self.tok
         prefix = tok.decode(tok(prompt, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
         if not query.startswith(prefix):
-            raise RewardError(f"{self.checked.reward.where}: the query does not start with its prompt as the tokenizer "
-                              f"{self.tokenizer_path} decodes it (query {query[:60]!r}); is --actor.model_name_or_path "
-                              "the base model the reward-func step was given?")
-        text = query[len(prefix):]
+            raise RewardError(
+                f"{self.checked.reward.where}: the query does not start with its prompt as the tokenizer "
+                f"{self.tokenizer_path} decodes it (query {query[:60]!r}); is --actor.model_name_or_path "
+                "the base model the reward-func step was given?"
+            )
+        text = query[len(prefix) :]
         stops = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
         cut = min(((text.find(s), s) for s in stops if s and s in text), default=None)
         if cut is not None:
@@ -577,16 +707,20 @@ class OpenRLHFReward:
                     conversations.append(item["prompt"])
                     references.append(item["reference"])
                 except (TypeError, ValueError, KeyError) as exc:
-                    raise RewardError(f"{self.checked.reward.where}: the label {str(label)[:60]!r} is not the "
-                                      f"{LABEL_KEY} field of the prompts step ({type(exc).__name__}: {exc}); run OpenRLHF "
-                                      f"with --data.label_key {LABEL_KEY} on what `python -m tuneloop.train.openrlhf "
-                                      "prompts` wrote") from None
+                    raise RewardError(
+                        f"{self.checked.reward.where}: the label {str(label)[:60]!r} is not the "
+                        f"{LABEL_KEY} field of the prompts step ({type(exc).__name__}: {exc}); run OpenRLHF "
+                        f"with --data.label_key {LABEL_KEY} on what `python -m tuneloop.train.openrlhf "
+                        "prompts` wrote"
+                    ) from None
                 completions.append([{"role": "assistant", "content": self.completion(query, prompt)}])
             values = self.checked(prompts=conversations, completions=completions, reference=references)
             if any(v is None for v in values):
                 j = values.index(None)
-                raise RewardError(f"{self.checked.reward.where} returned None for item {j} (prompt "
-                                  f"{str(conversations[j])[:60]!r}); OpenRLHF has no 'no reward': return a number")
+                raise RewardError(
+                    f"{self.checked.reward.where} returned None for item {j} (prompt "
+                    f"{str(conversations[j])[:60]!r}); OpenRLHF has no 'no reward': return a number"
+                )
         except RewardError as exc:
             print(f"tuneloop reward: {exc}", file=sys.stderr, flush=True)
             raise
@@ -604,7 +738,9 @@ def write_reward_func(target: str, tokenizer: str, out: Path) -> str:
     from tuneloop.train.rewards import RewardError
 
     if not str(out).endswith(".py"):
-        raise InputError(f"reward-func: {out} must end with .py (OpenRLHF loads --reward.remote_url as a Python file only then)")
+        raise InputError(
+            f"reward-func: {out} must end with .py (OpenRLHF loads --reward.remote_url as a Python file only then)"
+        )
     try:
         fn = OpenRLHFReward(target, tokenizer)
         fn.tok  # noqa: B018 - load the tokenizer now, not first in a Ray worker
@@ -616,6 +752,7 @@ def write_reward_func(target: str, tokenizer: str, out: Path) -> str:
         raise InputError(f"reward-func: cannot load the tokenizer of {tokenizer} ({exc})") from None
     atomic_write_text(Path(out), REWARD_FILE_TEMPLATE.format(target=target, tokenizer=tokenizer))
     return target
+
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tuneloop.train.openrlhf reward-config DIR | prompts IN OUT | reward-func FILE.py:NAME TOKENIZER OUT.py``;
@@ -629,14 +766,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prompts: wrote {ppo_prompts(Path(args[1]), Path(args[2]))} prompts to {args[2]}")
             return 0
         if len(args) == 4 and args[0] == "reward-func":
-            print(f"reward-func: {args[3]} calls {write_reward_func(args[1], args[2], Path(args[3]))} as OpenRLHF's "
-                  "reward_func")
+            print(
+                f"reward-func: {args[3]} calls {write_reward_func(args[1], args[2], Path(args[3]))} as OpenRLHF's "
+                "reward_func"
+            )
             return 0
     except (InputError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("usage: python -m tuneloop.train.openrlhf reward-config MODEL_DIR | prompts RECORDS.jsonl OUT.jsonl | "
-          "reward-func FILE.py:NAME TOKENIZER_DIR OUT.py", file=sys.stderr)
+    print(
+        "usage: python -m tuneloop.train.openrlhf reward-config MODEL_DIR | prompts RECORDS.jsonl OUT.jsonl | "
+        "reward-func FILE.py:NAME TOKENIZER_DIR OUT.py",
+        file=sys.stderr,
+    )
     return 2
 
 

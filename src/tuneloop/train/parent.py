@@ -38,12 +38,12 @@ _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(:[0-9]+|@[A-Za-z0-9_.-]+)?$")
 
 @dataclass(frozen=True)
 class Parent:
-    ref: str               # as given: "support-bot@champion"
+    ref: str  # as given: "support-bot@champion"
     model: str
     version: int
     artifact_sha256: str
-    artifact_kind: str     # "model" | "adapter"
-    path: str              # the whole-model directory the run trains on
+    artifact_kind: str  # "model" | "adapter"
+    path: str  # the whole-model directory the run trains on
 
     def lineage(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,11 +61,15 @@ def resolve_parent(cfg, workspace) -> Parent | None:
     if getattr(cfg, "_parent", None) is not None or not looks_like_ref(given):
         return getattr(cfg, "_parent", None)
     explicit = ":" in given or "@" in given
-    if not Path(getattr(workspace, "root", workspace)).exists() and not (explicit and getattr(cfg.registry, "uri", None)):
+    if not Path(getattr(workspace, "root", workspace)).exists() and not (
+        explicit and getattr(cfg.registry, "uri", None)
+    ):
         # No workspace yet, so no local registry: nothing is created for a check (a bare name is a hub id then)
         if explicit:
-            raise InputError(f"base_model: {given!r} looks like a registry ref, but there is no workspace (and so no "
-                             "registry) yet; register a version first, or give a local directory or a Hugging Face model id")
+            raise InputError(
+                f"base_model: {given!r} looks like a registry ref, but there is no workspace (and so no "
+                "registry) yet; register a version first, or give a local directory or a Hugging Face model id"
+            )
         return None
     from tuneloop.registry.api import open_registry
 
@@ -73,9 +77,11 @@ def resolve_parent(cfg, workspace) -> Parent | None:
     model = re.split(r"[:@]", given, maxsplit=1)[0]
     if model not in reg.models():
         if ":" in given or "@" in given:
-            raise InputError(f"base_model: {given!r} looks like a registry ref, but the registry has no model {model!r} "
-                             f"(it has: {', '.join(reg.models()) or 'none'}); give a registered version, a local "
-                             "directory or a Hugging Face model id")
+            raise InputError(
+                f"base_model: {given!r} looks like a registry ref, but the registry has no model {model!r} "
+                f"(it has: {', '.join(reg.models()) or 'none'}); give a registered version, a local "
+                "directory or a Hugging Face model id"
+            )
         return None  # a bare name the registry does not know: a Hugging Face id
     try:
         name, number = reg.parse_ref(given)
@@ -88,8 +94,14 @@ def resolve_parent(cfg, workspace) -> Parent | None:
         path = merged_parent(workspace, name, version, artifact)
     else:
         path = artifact
-    parent = Parent(ref=given, model=name, version=int(version["version"]), artifact_sha256=version["artifact_digest"],
-                    artifact_kind=kind, path=str(path))
+    parent = Parent(
+        ref=given,
+        model=name,
+        version=int(version["version"]),
+        artifact_sha256=version["artifact_digest"],
+        artifact_kind=kind,
+        path=str(path),
+    )
     cfg.base_model = str(path)
     cfg._parent = parent
     log.info("base_model %s is %s:%d (%s); training continues from it (%s)", given, name, parent.version, kind, path)
@@ -104,8 +116,10 @@ def merged_parent(workspace, model: str, version: dict, adapter_dir: Path) -> Pa
         return out
     base = version.get("base_model")
     if not base:
-        raise InputError(f"base_model: {model}:{version['version']} is an adapter with no recorded base model; "
-                         "it cannot be merged to continue from it")
+        raise InputError(
+            f"base_model: {model}:{version['version']} is an adapter with no recorded base model; "
+            "it cannot be merged to continue from it"
+        )
     from tuneloop.modeling import load_causal_lm
 
     root.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,18 @@ def train_orpo(
 ) -> dict[str, Any]:
     """ORPO on the preference pairs in ``dataset_dir``; returns the training metrics (``model/`` in ``work_dir``)."""
     orpo = _experimental("orpo")
-    return _train("orpo", orpo.ORPOConfig, orpo.ORPOTrainer, {"beta": cfg.train.orpo_beta},
-                  cfg, dataset_dir, work_dir, tokenizer, progress, callbacks)
+    return _train(
+        "orpo",
+        orpo.ORPOConfig,
+        orpo.ORPOTrainer,
+        {"beta": cfg.train.orpo_beta},
+        cfg,
+        dataset_dir,
+        work_dir,
+        tokenizer,
+        progress,
+        callbacks,
+    )
 
 
 def train_simpo(
@@ -69,7 +79,9 @@ def train_simpo(
     cpo = _experimental("cpo")
     t = cfg.train
     settings = {"loss_type": "simpo", "beta": t.simpo_beta, "simpo_gamma": t.simpo_gamma, "cpo_alpha": 0.0}
-    return _train("simpo", cpo.CPOConfig, cpo.CPOTrainer, settings, cfg, dataset_dir, work_dir, tokenizer, progress, callbacks)
+    return _train(
+        "simpo", cpo.CPOConfig, cpo.CPOTrainer, settings, cfg, dataset_dir, work_dir, tokenizer, progress, callbacks
+    )
 
 
 def _experimental(module: str):
@@ -81,20 +93,38 @@ def _experimental(module: str):
     return importlib.import_module(f"trl.experimental.{module}")
 
 
-def _train(objective: str, config_cls: type, trainer_cls: type, settings: dict[str, Any], cfg: PipelineConfig,
-           dataset_dir: Path, work_dir: Path, tokenizer, progress, callbacks) -> dict[str, Any]:
+def _train(
+    objective: str,
+    config_cls: type,
+    trainer_cls: type,
+    settings: dict[str, Any],
+    cfg: PipelineConfig,
+    dataset_dir: Path,
+    work_dir: Path,
+    tokenizer,
+    progress,
+    callbacks,
+) -> dict[str, Any]:
     """One run of ``trainer_cls`` with ``settings`` (the loss's own arguments of ``config_cls``) on the pairs."""
     from datasets import load_from_disk
 
     pairs = load_from_disk(str(dataset_dir))
     kept, too_long = answerable_pairs(pairs, tokenizer, cfg.data.max_length)
     if too_long:
-        log.warning("%s: left out %d of %d pairs whose prompt alone fills data.max_length (%d tokens): no answer "
-                    "token would be left to score", objective, too_long, len(pairs), cfg.data.max_length)
+        log.warning(
+            "%s: left out %d of %d pairs whose prompt alone fills data.max_length (%d tokens): no answer "
+            "token would be left to score",
+            objective,
+            too_long,
+            len(pairs),
+            cfg.data.max_length,
+        )
         if len(kept) == 0:
-            raise StageError(f"data.max_length: the prompt of every one of the {too_long} preference pairs fills "
-                             f"{cfg.data.max_length} tokens, leaving no answer to train {objective} on; raise "
-                             "data.max_length or shorten the prompts")
+            raise StageError(
+                f"data.max_length: the prompt of every one of the {too_long} preference pairs fills "
+                f"{cfg.data.max_length} tokens, leaving no answer to train {objective} on; raise "
+                "data.max_length or shorten the prompts"
+            )
     run = TrlRun.start(cfg, dataset_dir, work_dir, what="preference pairs", dataset=kept)
     # remove_unused_columns=False: what TRL sets itself for these trainers (saying so on every run otherwise)
     args = config_cls(**run.args(config_cls), **settings, remove_unused_columns=False)

@@ -81,11 +81,17 @@ def train_reward(
         raise StageError("no preference pairs left after preprocessing; see the data_validation quarantine file")
     dataset, overlong = tokenize_pairs(pairs, tokenizer, cfg.data.max_length)
     if len(dataset) == 0:
-        raise StageError(f"all {len(pairs)} preference pairs are longer than data.max_length ({cfg.data.max_length} tokens, prompt and "
-                         "answer rendered by the chat template); raise data.max_length")
+        raise StageError(
+            f"all {len(pairs)} preference pairs are longer than data.max_length ({cfg.data.max_length} tokens, prompt and "
+            "answer rendered by the chat template); raise data.max_length"
+        )
     if overlong:
-        log.warning("reward model: %d of %d preference pairs are longer than data.max_length (%d tokens) and are left out of training",
-                    overlong, len(pairs), cfg.data.max_length)
+        log.warning(
+            "reward model: %d of %d preference pairs are longer than data.max_length (%d tokens) and are left out of training",
+            overlong,
+            len(pairs),
+            cfg.data.max_length,
+        )
 
     set_seed(cfg.seed)  # the new score head is initialised at random
     if t.method == "qlora":  # a 4-bit base, made ready for k-bit training; the adapter goes on top as for lora
@@ -103,14 +109,30 @@ def train_reward(
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules,
-            use_rslora=t.use_rslora, use_dora=t.use_dora, task_type="SEQ_CLS", modules_to_save=["score"],
+            r=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            lora_dropout=t.lora_dropout,
+            target_modules=t.target_modules,
+            use_rslora=t.use_rslora,
+            use_dora=t.use_dora,
+            task_type="SEQ_CLS",
+            modules_to_save=["score"],
         )
     per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(len(dataset) / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
-    run = TrlRun(cfg=cfg, work_dir=work_dir, ckpt_dir=ckpt_dir, metrics_path=metrics_path, dataset=dataset, model=model,
-                 peft_config=peft_config, per_step=per_step, steps_per_epoch=steps_per_epoch, max_steps=max_steps)
+    run = TrlRun(
+        cfg=cfg,
+        work_dir=work_dir,
+        ckpt_dir=ckpt_dir,
+        metrics_path=metrics_path,
+        dataset=dataset,
+        model=model,
+        peft_config=peft_config,
+        per_step=per_step,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+    )
     args = RewardConfig(**run.args(RewardConfig), center_rewards_coefficient=t.center_rewards_coefficient)
     mean_tokens = sum(len(a) + len(b) for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"])) / len(dataset)
     trainer = RewardTrainer(
@@ -119,7 +141,11 @@ def train_reward(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_reward_log_names(), step_logger(metrics_path, progress, mean_tokens * per_step), *(callbacks or [])],
+        callbacks=[
+            _reward_log_names(),
+            step_logger(metrics_path, progress, mean_tokens * per_step),
+            *(callbacks or []),
+        ],
     )
     trainer.remove_callback(PrinterCallback)
     wrapped = trainer.model  # the trainer's model (PEFT-wrapped), typed Optional by transformers
@@ -167,7 +193,10 @@ def tokenize_pairs(pairs, tok, max_length: int):
 
     rows, overlong = [], 0
     for r in pairs:
-        chosen, rejected = reward_input_ids(tok, r["prompt"], r["chosen"]), reward_input_ids(tok, r["prompt"], r["rejected"])
+        chosen, rejected = (
+            reward_input_ids(tok, r["prompt"], r["chosen"]),
+            reward_input_ids(tok, r["prompt"], r["rejected"]),
+        )
         if len(chosen) > max_length or len(rejected) > max_length:
             overlong += 1
             continue
@@ -215,7 +244,9 @@ def save_reward_model(trainer, tokenizer, cfg: PipelineConfig, work_dir: Path) -
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_scorer(path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32, quantization_config: Any = None):
+def load_scorer(
+    path: str, *, adapter: str | None = None, dtype: torch.dtype = torch.float32, quantization_config: Any = None
+):
     """A one-output sequence-classification model from a directory (or cached hub id): a causal LM gets a new,
     randomly initialised ``score`` head; a saved reward model keeps its own. Optionally with a PEFT adapter (which
     carries its trained head). Safetensors only, like :func:`tuneloop.modeling.load_causal_lm`.
@@ -230,9 +261,13 @@ def load_scorer(path: str, *, adapter: str | None = None, dtype: torch.dtype = t
         extra = {"quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}}
     try:
         with suppress_seqcls_warning():
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, use_safetensors=True, **extra)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, use_safetensors=True, **extra
+            )
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load {path!r} as a reward model (sequence classification, one output): {exc}") from None
+        raise InputError(
+            f"cannot load {path!r} as a reward model (sequence classification, one output): {exc}"
+        ) from None
     if adapter:
         return attach_adapter(model, adapter, "default")  # PEFT reads the task (SEQ_CLS) and the trained head from it
     model.eval()
@@ -256,9 +291,13 @@ class RewardModel:
         training (:func:`reward_input_ids`), cut to the last ``max_length`` tokens, scored in batches of
         ``batch_size`` (similar lengths together)."""
         if len(prompts) != len(completions):
-            raise InputError(f"reward model {self.source}: {len(prompts)} prompts but {len(completions)} completions; give one prompt per completion")
-        ids = [reward_input_ids(self.tokenizer, as_messages(p, "user"), as_messages(c, "assistant"))[-self.max_length:]
-               for p, c in zip(prompts, completions)]
+            raise InputError(
+                f"reward model {self.source}: {len(prompts)} prompts but {len(completions)} completions; give one prompt per completion"
+            )
+        ids = [
+            reward_input_ids(self.tokenizer, as_messages(p, "user"), as_messages(c, "assistant"))[-self.max_length :]
+            for p, c in zip(prompts, completions)
+        ]
         pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         scores = [0.0] * len(ids)
@@ -295,7 +334,9 @@ def reward_dir_problem(path: Path) -> str | None:
     adapter = path / "adapter_config.json"
     if adapter.is_file():
         task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
-        return None if task == "SEQ_CLS" else f"{path} is a PEFT adapter of task {task}, not a reward model (task SEQ_CLS)"
+        return (
+            None if task == "SEQ_CLS" else f"{path} is a PEFT adapter of task {task}, not a reward model (task SEQ_CLS)"
+        )
     config = path / "config.json"
     if not config.is_file():
         return f"{path} is not a model directory (no config.json or adapter_config.json)"
@@ -335,14 +376,18 @@ def load_reward_model(
     else:
         ref = str(ref_or_dir)
         if registry is None:
-            raise InputError(f"{ref!r} is not a directory; to load a registered reward model by its ref, pass "
-                             "registry=open_registry(cfg, workspace) (tuneloop.registry.api)")
+            raise InputError(
+                f"{ref!r} is not a directory; to load a registered reward model by its ref, pass "
+                "registry=open_registry(cfg, workspace) (tuneloop.registry.api)"
+            )
         version = registry.resolve(ref)
         lineage = version.get("lineage") or {}
         if lineage.get("kind") != "reward":
             what = lineage.get("objective") or (lineage.get("config") or {}).get("train", {}).get("objective") or "sft"
-            raise InputError(f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
-                             f"train.objective {what}); name a version trained with train.objective: reward")
+            raise InputError(
+                f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
+                f"train.objective {what}); name a version trained with train.objective: reward"
+            )
         where = registry.open_artifact(version["model"], version["version"])
         source = version["ref"]
         saved = lineage.get("config") or {}
@@ -360,11 +405,15 @@ def load_reward_model(
     if (where / "adapter_config.json").is_file():
         adapter = str(where)
         if base_model is None:
-            base_model = saved.get("base_model") or json.loads((where / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+            base_model = saved.get("base_model") or json.loads(
+                (where / "adapter_config.json").read_text(encoding="utf-8")
+            ).get("base_model_name_or_path")
         if not base_model:
             raise InputError(f"{source}: an adapter without a recorded base model; pass base_model=")
     tok = load_tokenizer(str(where))
-    model = load_scorer(base_model if adapter and base_model else str(where), adapter=adapter)  # an adapter has one (above)
+    model = load_scorer(
+        base_model if adapter and base_model else str(where), adapter=adapter
+    )  # an adapter has one (above)
     model.config.pad_token_id = tok.pad_token_id  # where the score is read; a base's config may have none
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     length = max_length or (saved.get("data") or {}).get("max_length") or DEFAULT_MAX_LENGTH

@@ -106,10 +106,14 @@ def reward_problems(cfg: PipelineConfig) -> list[str]:
         elif r.spec.kind == "judge":
             j = cfg.eval.judge
             if j.kind != "openai":
-                problems.append(f"{key}.judge: a judge reward asks eval.judge's endpoint for a rating, but eval.judge.kind is "
-                                f"{j.kind}; set eval.judge.kind: openai with url and model (an OpenAI-compatible endpoint)")
+                problems.append(
+                    f"{key}.judge: a judge reward asks eval.judge's endpoint for a rating, but eval.judge.kind is "
+                    f"{j.kind}; set eval.judge.kind: openai with url and model (an OpenAI-compatible endpoint)"
+                )
             else:
-                problems += [f"{key}.judge: needs eval.judge.{k} (kind: openai)" for k in ("url", "model") if not getattr(j, k)]
+                problems += [
+                    f"{key}.judge: needs eval.judge.{k} (kind: openai)" for k in ("url", "model") if not getattr(j, k)
+                ]
         elif r.spec.kind == "model":
             try:
                 reward_version(cfg, str(r.spec.model))
@@ -144,8 +148,10 @@ def load_function(spec: RewardSpec) -> Callable[..., Any]:
         except BaseException as exc:  # noqa: BLE001 - the user's module: any failure is reported, not raised
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise RewardError(f"{shown}: {_user_line(exc, path)}{type(exc).__name__}: {exc}; fix the file so that "
-                              f"`python {path.name}` imports") from None
+            raise RewardError(
+                f"{shown}: {_user_line(exc, path)}{type(exc).__name__}: {exc}; fix the file so that "
+                f"`python {path.name}` imports"
+            ) from None
         finally:
             try:
                 sys.path.remove(str(path.parent))
@@ -154,7 +160,11 @@ def load_function(spec: RewardSpec) -> Callable[..., Any]:
         sys.modules[module_name] = module
     fn = getattr(module, name, None)
     if fn is None:
-        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") == module_name)
+        defined = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") == module_name
+        )
         have = f" (it defines: {', '.join(defined)})" if defined else ""
         raise RewardError(f"{shown}: {path.name} has no function {name!r}{have}")
     if not callable(fn):
@@ -191,8 +201,12 @@ def reward_inputs(cfg: PipelineConfig) -> list[dict[str, Any]]:
             row["function"] = s._written or s.function
             row["sha256"] = sha256_file(Path(file)) if Path(file).is_file() else None
         elif s.kind == "judge":
-            row["judge"] = {"kind": cfg.eval.judge.kind, "url": cfg.eval.judge.url, "model": cfg.eval.judge.model,
-                            "template_sha256": _sha(RATING_TEMPLATE)}
+            row["judge"] = {
+                "kind": cfg.eval.judge.kind,
+                "url": cfg.eval.judge.url,
+                "model": cfg.eval.judge.model,
+                "template_sha256": _sha(RATING_TEMPLATE),
+            }
         else:
             row["model"] = s.model
             try:  # the version the ref names now, and its artifact: an alias that moves retrains
@@ -215,8 +229,10 @@ def reward_version(cfg: PipelineConfig, ref: str) -> dict[str, Any]:
     lineage = version.get("lineage") or {}
     if lineage.get("kind") != "reward":
         what = lineage.get("objective") or (lineage.get("config") or {}).get("train", {}).get("objective") or "sft"
-        raise InputError(f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
-                         f"train.objective {what}); name a version trained with train.objective: reward")
+        raise InputError(
+            f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
+            f"train.objective {what}); name a version trained with train.objective: reward"
+        )
     return version
 
 
@@ -274,8 +290,13 @@ class MetricReward:
         from tuneloop.evaluate.suites import task_score
 
         if reference is None:
-            raise RewardError("the training prompts carry no `reference` (the final assistant turn): re-run preprocessing")
-        return [task_score(self.metric, completion_text(c), ref, self.pattern, self.threshold) for c, ref in zip(completions, reference)]
+            raise RewardError(
+                "the training prompts carry no `reference` (the final assistant turn): re-run preprocessing"
+            )
+        return [
+            task_score(self.metric, completion_text(c), ref, self.pattern, self.threshold)
+            for c, ref in zip(completions, reference)
+        ]
 
 
 class JudgeReward:
@@ -291,9 +312,13 @@ class JudgeReward:
 
         key = os.environ.get(judge_cfg.api_key_env) if judge_cfg.api_key_env else None
         if judge_cfg.api_key_env and not key:
-            raise RewardError(f"eval.judge.api_key_env: environment variable {judge_cfg.api_key_env} is not set (the judge reward needs it)")
+            raise RewardError(
+                f"eval.judge.api_key_env: environment variable {judge_cfg.api_key_env} is not set (the judge reward needs it)"
+            )
         self.url, self.model, self.max_retries = judge_cfg.url.rstrip("/"), judge_cfg.model, judge_cfg.max_retries
-        self.client = httpx.Client(timeout=judge_cfg.timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.client = httpx.Client(
+            timeout=judge_cfg.timeout_s, headers={"Authorization": f"Bearer {key}"} if key else {}
+        )
 
     def rate(self, prompt: str, answer: str, reference: str | None) -> float:
         import httpx
@@ -306,8 +331,15 @@ class JudgeReward:
             if attempt:
                 time.sleep(0.5 * 2 ** (attempt - 1))
             try:
-                r = self.client.post(f"{self.url}/chat/completions", json={
-                    "model": self.model, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 8})
+                r = self.client.post(
+                    f"{self.url}/chat/completions",
+                    json={
+                        "model": self.model,
+                        "messages": [{"role": "user", "content": text}],
+                        "temperature": 0,
+                        "max_tokens": 8,
+                    },
+                )
                 if r.status_code >= 500 or r.status_code == 429:
                     last = f"HTTP {r.status_code}"
                     continue
@@ -320,7 +352,9 @@ class JudgeReward:
             if rating is not None:
                 return rating / 10.0
             last = f"no 0-10 rating in the reply {str(reply)[:80]!r}"
-        raise RewardError(f"judge endpoint {self.url} (model {self.model}) gave no rating after {self.max_retries + 1} tries: {last}")
+        raise RewardError(
+            f"judge endpoint {self.url} (model {self.model}) gave no rating after {self.max_retries + 1} tries: {last}"
+        )
 
     def __call__(self, prompts, completions, reference=None, **_: Any) -> list[float]:
         refs = reference if reference is not None else [None] * len(completions)
@@ -366,20 +400,27 @@ class CheckedReward:
         except Exception as exc:  # noqa: BLE001 - the user's function: reported with the item, not as a traceback
             j, item_exc = self._first_raising(prompts, completions, kwargs)
             exc = item_exc or exc
-            at = f" on item {j} ({self._item(prompts, completions, kwargs, j)})" if j is not None else \
-                f" on a batch of {len(completions)} completions (each alone scored without error)"
+            at = (
+                f" on item {j} ({self._item(prompts, completions, kwargs, j)})"
+                if j is not None
+                else f" on a batch of {len(completions)} completions (each alone scored without error)"
+            )
             raise RewardError(f"{self.reward.where} raised {type(exc).__name__}: {exc}{at}; fix the function") from None
         return self.check(out, prompts, completions, kwargs)
 
     def check(self, out: Any, prompts, completions, kwargs: dict[str, Any]) -> list[float | None]:
         n = len(completions)
         if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__") or not hasattr(out, "__iter__"):
-            raise RewardError(f"{self.reward.where} returned {type(out).__name__} {_short(out)}, not a list of one number per "
-                              f"completion ({n} here); return e.g. [1.0, 0.0, ...]")
+            raise RewardError(
+                f"{self.reward.where} returned {type(out).__name__} {_short(out)}, not a list of one number per "
+                f"completion ({n} here); return e.g. [1.0, 0.0, ...]"
+            )
         values = list(out)
         if len(values) != n:
-            raise RewardError(f"{self.reward.where} returned {len(values)} rewards for {n} completions; return one number per "
-                              f"completion (first item: {self._item(prompts, completions, kwargs, 0)})")
+            raise RewardError(
+                f"{self.reward.where} returned {len(values)} rewards for {n} completions; return one number per "
+                f"completion (first item: {self._item(prompts, completions, kwargs, 0)})"
+            )
         clean: list[float | None] = []
         for j, v in enumerate(values):
             if v is None:
@@ -388,8 +429,10 @@ class CheckedReward:
             x = _number(v)
             if x is None or not math.isfinite(x):
                 what = f"{x}" if x is not None else f"{type(v).__name__} {_short(v)}, not a number"
-                raise RewardError(f"{self.reward.where} returned {what} for item {j} ({self._item(prompts, completions, kwargs, j)}); "
-                                  f"return a finite number (or None for no reward)")
+                raise RewardError(
+                    f"{self.reward.where} returned {what} for item {j} ({self._item(prompts, completions, kwargs, j)}); "
+                    f"return a finite number (or None for no reward)"
+                )
             clean.append(x)
         return clean
 

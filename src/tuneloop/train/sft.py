@@ -330,14 +330,22 @@ def precision_problem(precision: str) -> str | None:
     for bf16, passes; a plain CPU does not."""
     if precision not in ("bf16", "fp16"):
         return None
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_fp16_available_on_device, is_torch_mps_available
+    from transformers.utils import (
+        is_torch_bf16_gpu_available,
+        is_torch_fp16_available_on_device,
+        is_torch_mps_available,
+    )
 
     if precision == "bf16" and is_torch_bf16_gpu_available():
         return None
-    if precision == "fp16" and (torch.cuda.is_available() or (is_torch_mps_available() and is_torch_fp16_available_on_device("mps"))):
+    if precision == "fp16" and (
+        torch.cuda.is_available() or (is_torch_mps_available() and is_torch_fp16_available_on_device("mps"))
+    ):
         return None
-    return (f"train.precision: {precision} needs a GPU that supports it (CUDA, or Apple MPS on macOS 14+ for bf16) and this "
-            "machine has none; use `auto` (bf16 on a CUDA GPU that has it, fp32 elsewhere) or `fp32`")
+    return (
+        f"train.precision: {precision} needs a GPU that supports it (CUDA, or Apple MPS on macOS 14+ for bf16) and this "
+        "machine has none; use `auto` (bf16 on a CUDA GPU that has it, fp32 elsewhere) or `fp32`"
+    )
 
 
 def precision_args(precision: str) -> dict[str, bool]:

@@ -47,9 +47,11 @@ log = logging.getLogger("tuneloop.train.unsloth_backend")  # __name__ when impor
 #: Objectives this backend maps (the others need a TRL trainer whose Unsloth mapping is not written or not faithful).
 OBJECTIVES = ("sft", "dpo")
 MIN_UNSLOTH = (2025, 11, 1)
-INSTALL = ("pip install 'tuneloop[unsloth]' on a machine with an NVIDIA GPU and a CUDA build of torch (Unsloth's own "
-           "install note: `pip install unsloth`, or `uv pip install unsloth --torch-backend=auto`; see "
-           "https://unsloth.ai/docs/get-started/install)")
+INSTALL = (
+    "pip install 'tuneloop[unsloth]' on a machine with an NVIDIA GPU and a CUDA build of torch (Unsloth's own "
+    "install note: `pip install unsloth`, or `uv pip install unsloth --torch-backend=auto`; see "
+    "https://unsloth.ai/docs/get-started/install)"
+)
 STEP_PREFIX = "TUNELOOP_STEP "  # the same line protocol as tuneloop.train.launch's workers
 
 
@@ -57,15 +59,15 @@ STEP_PREFIX = "TUNELOOP_STEP "  # the same line protocol as tuneloop.train.launc
 class UnslothPlan:
     """What a tuneloop config asks of Unsloth and TRL, argument for argument."""
 
-    objective: str                  # "sft" or "dpo"
-    load: dict[str, Any]            # FastLanguageModel.from_pretrained(**load)
-    peft: dict[str, Any] | None     # FastLanguageModel.get_peft_model(model, **peft); None: full fine-tuning
-    trainer: dict[str, Any]         # trl.SFTConfig(**trainer) or trl.DPOConfig(**trainer)
-    per_step: int                   # samples (pairs) per optimizer step
+    objective: str  # "sft" or "dpo"
+    load: dict[str, Any]  # FastLanguageModel.from_pretrained(**load)
+    peft: dict[str, Any] | None  # FastLanguageModel.get_peft_model(model, **peft); None: full fine-tuning
+    trainer: dict[str, Any]  # trl.SFTConfig(**trainer) or trl.DPOConfig(**trainer)
+    per_step: int  # samples (pairs) per optimizer step
     steps_per_epoch: int
     max_steps: int
-    completion_only: bool           # SFT: prompt tokens carry no loss (in the prepared labels, as backend transformers)
-    notes: tuple[str, ...]          # where the run differs from backend transformers on the same config
+    completion_only: bool  # SFT: prompt tokens carry no loss (in the prepared labels, as backend transformers)
+    notes: tuple[str, ...]  # where the run differs from backend transformers on the same config
 
 
 # --------------------------------------------------------------------------------------------- preflight
@@ -76,22 +78,30 @@ def unsloth_problems(cfg: PipelineConfig) -> list[str]:
     t = cfg.train
     problems = []
     if t.objective not in OBJECTIVES:
-        problems.append(f"train.objective: backend unsloth trains {' and '.join(OBJECTIVES)}; {t.objective} is not mapped "
-                        f"onto Unsloth; use backend: transformers for {t.objective}")
+        problems.append(
+            f"train.objective: backend unsloth trains {' and '.join(OBJECTIVES)}; {t.objective} is not mapped "
+            f"onto Unsloth; use backend: transformers for {t.objective}"
+        )
     if t.num_processes > 1 or t.accelerate_config:
         key = "train.num_processes" if t.num_processes > 1 else "train.accelerate_config"
-        problems.append(f"{key}: backend unsloth trains in one process on one GPU; set train.num_processes: 1 without "
-                        "train.accelerate_config, or use backend: transformers for multi-process training")
+        problems.append(
+            f"{key}: backend unsloth trains in one process on one GPU; set train.num_processes: 1 without "
+            "train.accelerate_config, or use backend: transformers for multi-process training"
+        )
     found = cuda_found()
     if found is not None:
-        problems.append(f"train.backend: backend unsloth needs a CUDA GPU (found: {found}); use backend: transformers on "
-                        "this machine")
+        problems.append(
+            f"train.backend: backend unsloth needs a CUDA GPU (found: {found}); use backend: transformers on "
+            "this machine"
+        )
     installed = unsloth_version()
     if installed is None:
         problems.append(f"train.backend: backend unsloth needs the unsloth package, which is not installed: {INSTALL}")
     elif installed < MIN_UNSLOTH:
-        problems.append(f"train.backend: unsloth {'.'.join(map(str, installed))} is installed; backend unsloth needs "
-                        f"{'.'.join(map(str, MIN_UNSLOTH))} or later: pip install -U unsloth unsloth_zoo")
+        problems.append(
+            f"train.backend: unsloth {'.'.join(map(str, installed))} is installed; backend unsloth needs "
+            f"{'.'.join(map(str, MIN_UNSLOTH))} or later: pip install -U unsloth unsloth_zoo"
+        )
     positions = _local_max_positions(cfg.base_model)
     if positions is not None and (problem := context_problem(cfg, positions)):
         problems.append(problem)
@@ -109,7 +119,8 @@ def cuda_found() -> str | None:
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         what = f"torch {torch.__version__} with CUDA {torch.version.cuda} but no visible GPU" + (
-            f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+            f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         what += "; an Apple GPU (MPS): backend mlx trains on it"
@@ -138,9 +149,11 @@ def context_problem(cfg: PipelineConfig, max_positions: int) -> str | None:
     different model from the one the evaluation loads; refused instead."""
     if cfg.data.max_length <= max_positions:
         return None
-    return (f"data.max_length: {cfg.data.max_length} is longer than the base model's context ({max_positions} positions); "
-            f"Unsloth would rescale its RoPE to fit, so the adapter would be trained for another model than the one "
-            f"evaluated and served; set data.max_length to {max_positions} or less")
+    return (
+        f"data.max_length: {cfg.data.max_length} is longer than the base model's context ({max_positions} positions); "
+        f"Unsloth would rescale its RoPE to fit, so the adapter would be trained for another model than the one "
+        f"evaluated and served; set data.max_length to {max_positions} or less"
+    )
 
 
 def _local_max_positions(base_model: str) -> int | None:
@@ -184,8 +197,18 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
     steps_per_epoch = math.ceil(train_records / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
     work_dir = Path(work_dir)
-    run = TrlRun(cfg, work_dir, work_dir / "checkpoints", work_dir / "train_metrics.jsonl", None, None, None, per_step,
-                 steps_per_epoch, max_steps)
+    run = TrlRun(
+        cfg,
+        work_dir,
+        work_dir / "checkpoints",
+        work_dir / "train_metrics.jsonl",
+        None,
+        None,
+        None,
+        per_step,
+        steps_per_epoch,
+        max_steps,
+    )
     args_cls = _trl_config_class(t.objective)
     trainer = run.args(args_cls)
     # Unsloth does the activation checkpointing (below, use_gradient_checkpointing); the Trainer's own stays off.
@@ -193,8 +216,12 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
     if t.objective == "sft":
         # Our prepared input_ids/labels go through our padding collator as they are: TRL neither re-tokenizes nor packs,
         # and a custom collator keeps Unsloth's own packing and padding-free batching off (unsloth/trainer.py).
-        trainer.update(packing=False, padding_free=False, dataset_kwargs={"skip_prepare_dataset": True},
-                       remove_unused_columns=False)
+        trainer.update(
+            packing=False,
+            padding_free=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+        )
     else:
         trainer.update(beta=t.dpo_beta)
 
@@ -210,8 +237,14 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         random_state=cfg.seed,
         use_exact_model_name=True,  # the configured base model, not a pre-quantized copy from Unsloth's name map
     )
-    notes = ["SFT batches are padded: train.packing (a speed setting) does not apply, since Unsloth's attention "
-             "separates packed samples only with its own metadata"] if t.objective == "sft" and t.packing else []
+    notes = (
+        [
+            "SFT batches are padded: train.packing (a speed setting) does not apply, since Unsloth's attention "
+            "separates packed samples only with its own metadata"
+        ]
+        if t.objective == "sft" and t.packing
+        else []
+    )
     peft = None
     if t.method == "full":
         import torch
@@ -232,14 +265,29 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         )
         if t.use_dora:
             peft["use_dora"] = True  # passed on to PEFT's LoraConfig by Unsloth
-        notes.append("the base weights are held in the training precision (Unsloth's kernels), not in fp32 under autocast")
+        notes.append(
+            "the base weights are held in the training precision (Unsloth's kernels), not in fp32 under autocast"
+        )
         if t.method == "qlora":
-            notes.append("QLoRA: Unsloth's 4-bit NF4 base with double quantization, computing in the training precision")
+            notes.append(
+                "QLoRA: Unsloth's 4-bit NF4 base with double quantization, computing in the training precision"
+            )
         if t.lora_dropout:
-            notes.append(f"lora_dropout {t.lora_dropout}: Unsloth's fast LoRA kernels need 0 (set train.lora_dropout: 0 "
-                         "for full speed)")
-    return UnslothPlan(t.objective, load, peft, trainer, per_step, steps_per_epoch, max_steps,
-                       completion_only=not t.train_on_inputs, notes=tuple(notes))
+            notes.append(
+                f"lora_dropout {t.lora_dropout}: Unsloth's fast LoRA kernels need 0 (set train.lora_dropout: 0 "
+                "for full speed)"
+            )
+    return UnslothPlan(
+        t.objective,
+        load,
+        peft,
+        trainer,
+        per_step,
+        steps_per_epoch,
+        max_steps,
+        completion_only=not t.train_on_inputs,
+        notes=tuple(notes),
+    )
 
 
 def resolve_target_modules(target: str | list[str], model_config: Any) -> list[str]:
@@ -255,8 +303,11 @@ def resolve_target_modules(target: str | list[str], model_config: Any) -> list[s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     output = model.get_output_embeddings()
-    names = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module is not output]
+    names = [
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    ]
     return list(dict.fromkeys(names))
 
 
@@ -301,8 +352,15 @@ def train_unsloth(
     tok_dir = work_dir / "unsloth_tokenizer"
     save_tokenizer(tokenizer, tok_dir)
     spec = work_dir / "unsloth_spec.json"
-    atomic_write_json(spec, {"config": cfg.to_dict(), "dataset_dir": str(dataset_dir), "work_dir": str(work_dir),
-                             "tokenizer_dir": str(tok_dir)})
+    atomic_write_json(
+        spec,
+        {
+            "config": cfg.to_dict(),
+            "dataset_dir": str(dataset_dir),
+            "work_dir": str(work_dir),
+            "tokenizer_dir": str(tok_dir),
+        },
+    )
     result_path = work_dir / "train_result.json"
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -312,7 +370,7 @@ def train_unsloth(
 
     def on_line(line: str) -> None:
         if line.startswith(STEP_PREFIX):
-            step, total, row = json.loads(line[len(STEP_PREFIX):])
+            step, total, row = json.loads(line[len(STEP_PREFIX) :])
             if progress:
                 progress(step, total, row)
             return
@@ -330,8 +388,14 @@ def train_unsloth(
     return result
 
 
-def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, tokenizer,
-                 progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+def run_in_child(
+    cfg: PipelineConfig,
+    dataset_dir: Path,
+    work_dir: Path,
+    *,
+    tokenizer,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, Any]:
     """The training itself, in the process that imported unsloth before transformers (:func:`main`)."""
     import torch
     import unsloth
@@ -356,8 +420,18 @@ def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, toke
     model.config.use_cache = False  # training, as TrlRun.start and train_sft set it
     if plan.peft is not None:
         model = FastLanguageModel.get_peft_model(model, **plan.peft)
-    run = TrlRun(cfg, Path(work_dir), Path(work_dir) / "checkpoints", Path(work_dir) / "train_metrics.jsonl", dataset,
-                 model, None, plan.per_step, plan.steps_per_epoch, plan.max_steps)
+    run = TrlRun(
+        cfg,
+        Path(work_dir),
+        Path(work_dir) / "checkpoints",
+        Path(work_dir) / "train_metrics.jsonl",
+        dataset,
+        model,
+        None,
+        plan.per_step,
+        plan.steps_per_epoch,
+        plan.max_steps,
+    )
     if plan.objective == "sft":
         result = _train_sft(run, plan, tokenizer, progress)
     else:
@@ -365,8 +439,13 @@ def run_in_child(cfg: PipelineConfig, dataset_dir: Path, work_dir: Path, *, toke
 
         result = train_pairs(run, DPOTrainer, DPOConfig(**plan.trainer), "dpo", tokenizer=tokenizer, progress=progress)
     kind = "adapter" if (Path(work_dir) / "model" / "adapter_config.json").is_file() else "model"
-    return {**result, "kind": kind, "backend": "unsloth", "unsloth_version": unsloth.__version__,
-            **({"peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if cuda else {})}
+    return {
+        **result,
+        "kind": kind,
+        "backend": "unsloth",
+        "unsloth_version": unsloth.__version__,
+        **({"peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if cuda else {}),
+    }
 
 
 def _train_sft(run, plan: UnslothPlan, tokenizer, progress) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def main(spec_path: str) -> None:
 
     train = objective_of(cfg).load_trainer()
     tok = load_tokenizer(spec["tokenizer_dir"])
-    metrics = train(cfg, Path(spec["dataset_dir"]), Path(spec["work_dir"]), tokenizer=tok, progress=progress if rank0 else None)
+    metrics = train(
+        cfg, Path(spec["dataset_dir"]), Path(spec["work_dir"]), tokenizer=tok, progress=progress if rank0 else None
+    )
     if rank0:
         atomic_write_json(Path(spec["work_dir"]) / "train_result.json", metrics)
 

@@ -16,9 +16,17 @@ print(f"unsloth stand-in imported; before it: {IMPORTED_BEFORE}", flush=True)
 
 class FastLanguageModel:
     @staticmethod
-    def from_pretrained(model_name, max_seq_length=2048, dtype=None, load_in_4bit=True, full_finetuning=False,
-                        use_gradient_checkpointing="unsloth", random_state=3407, use_exact_model_name=False,
-                        float32_mixed_precision=None):
+    def from_pretrained(
+        model_name,
+        max_seq_length=2048,
+        dtype=None,
+        load_in_4bit=True,
+        full_finetuning=False,
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        use_exact_model_name=False,
+        float32_mixed_precision=None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if load_in_4bit:
@@ -30,15 +38,33 @@ class FastLanguageModel:
         return model, AutoTokenizer.from_pretrained(model_name)
 
     @staticmethod
-    def get_peft_model(model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
-                       use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=False, loftq_config=None,
-                       **kwargs):
+    def get_peft_model(
+        model,
+        r=16,
+        target_modules=None,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        use_rslora=False,
+        loftq_config=None,
+        **kwargs,
+    ):
         from peft import LoraConfig, get_peft_model
 
         if not isinstance(target_modules, list):
             raise TypeError(f"Unsloth iterates target_modules as a list; got {target_modules!r}")
         if use_gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                          bias=bias, use_rslora=use_rslora, task_type="CAUSAL_LM", **kwargs)
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            bias=bias,
+            use_rslora=use_rslora,
+            task_type="CAUSAL_LM",
+            **kwargs,
+        )
         return get_peft_model(model, lora)

@@ -20,7 +20,7 @@ from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 class Route:
     """Which registered version answers a request, and on which arm of a rollout."""
 
-    ref: str                 # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
+    ref: str  # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
     version: dict[str, Any]  # the registry's version record
     arm: str = "direct"
     rollout_id: str | None = None  # set on the baseline and canary arms of a running rollout
@@ -62,9 +62,13 @@ class Backend(Protocol):
         """Load (and probe) a version before it takes traffic; returns its status. Raises APIError 503 if refused."""
         ...
 
-    async def chat(self, route: Route, req: ChatRequest, ctx: CallContext) -> dict[str, Any] | AsyncIterator[dict[str, Any]]: ...
+    async def chat(
+        self, route: Route, req: ChatRequest, ctx: CallContext
+    ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]: ...
 
-    async def completion(self, route: Route, req: CompletionRequest, ctx: CallContext) -> dict[str, Any] | AsyncIterator[dict[str, Any]]: ...
+    async def completion(
+        self, route: Route, req: CompletionRequest, ctx: CallContext
+    ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]: ...
 
     def loaded(self) -> list[dict[str, Any]]:
         """What is loaded now (for /admin and /health); no filesystem paths."""

@@ -40,13 +40,13 @@ class Choice:
     tok: Any
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    sent: int = 0                 # characters of ``text`` already streamed
+    sent: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
     logprobs: list[TokenEvent] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
     stop_token: TokenEvent | None = None  # the end-of-sequence token that ended it (with logprobs asked for)
 
-    incremental: bool = True      # decode after every token (streaming or stop strings); else once at the end
+    incremental: bool = True  # decode after every token (streaming or stop strings); else once at the end
 
     def add(self, ev: TokenEvent) -> bool:
         """Append a token; True when a stop string was reached (text cut before it)."""
@@ -68,7 +68,9 @@ class Choice:
         without the broken character a token limit leaves when it cuts a multi-byte character in two."""
         from tuneloop.modeling import complete_text, decode_text
 
-        self.text = complete_text(self.tok, self.ids, self.text) if self.incremental else decode_text(self.tok, self.ids)
+        self.text = (
+            complete_text(self.tok, self.ids, self.text) if self.incremental else decode_text(self.tok, self.ids)
+        )
 
     def pending(self, final: bool) -> str:
         """New text safe to stream: hold back a partial character or a possible stop-string prefix."""
@@ -78,35 +80,68 @@ class Choice:
             end = len(self.text.rstrip("\ufffd"))
             hold = max((len(s) - 1 for s in self.stops), default=0)
             end = max(self.sent, end - hold)
-        out = self.text[self.sent:end]
+        out = self.text[self.sent : end]
         self.sent = end
         return out
 
 
-def make_params(*, max_tokens: int, temperature: float, top_p: float, seed: int | None, choice: int,
-                top_logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
+def make_params(
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    choice: int,
+    top_logprobs: int | None,
+    prompt_logprobs: bool = False,
+) -> SamplingParams:
     # n > 1 with a seed: choice i samples with seed + i, so the choices differ but the request is repeatable
     s = None if seed is None else (seed + choice) % (2**63)
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=s,
-                          top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=s,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
-def token_budget(prompt_len: int, requested: int | None, ctx_len: int, default: int, *, param: str, prompt_param: str) -> int:
+def token_budget(
+    prompt_len: int, requested: int | None, ctx_len: int, default: int, *, param: str, prompt_param: str
+) -> int:
     """Tokens to generate; 400 ``context_length_exceeded`` before any generation when it cannot fit."""
     if prompt_len > ctx_len or (prompt_len == ctx_len and requested != 0):
-        raise APIError(400, f"this model's maximum context length is {ctx_len} tokens; the prompt has {prompt_len}. "
-                       "Shorten the prompt.", code="context_length_exceeded", param=prompt_param)
+        raise APIError(
+            400,
+            f"this model's maximum context length is {ctx_len} tokens; the prompt has {prompt_len}. "
+            "Shorten the prompt.",
+            code="context_length_exceeded",
+            param=prompt_param,
+        )
     if requested is not None:
         if prompt_len + requested > ctx_len:
-            raise APIError(400, f"this model's maximum context length is {ctx_len} tokens; the prompt has {prompt_len} and "
-                           f"{param} asks for {requested} more. Lower {param} or shorten the prompt.",
-                           code="context_length_exceeded", param=param)
+            raise APIError(
+                400,
+                f"this model's maximum context length is {ctx_len} tokens; the prompt has {prompt_len} and "
+                f"{param} asks for {requested} more. Lower {param} or shorten the prompt.",
+                code="context_length_exceeded",
+                param=param,
+            )
         return requested
     return max(0, min(default, ctx_len - prompt_len))
 
 
-def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int], params: list[SamplingParams],
-                stop_ids: frozenset[int], choices: list[Choice], *, stream: bool) -> AsyncIterator[tuple[Choice, bool]]:
+def run_choices(
+    engine: BatchEngine,
+    adapter: str | None,
+    prompt_ids: list[int],
+    params: list[SamplingParams],
+    stop_ids: frozenset[int],
+    choices: list[Choice],
+    *,
+    stream: bool,
+) -> AsyncIterator[tuple[Choice, bool]]:
     """Submit one job per choice now (429 when the queue is full), and return the iterator of their progress:
     (choice, finished) after each new token or finish. Leaving the iterator cancels the jobs.
 
@@ -123,6 +158,7 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
             events.append((ch, ev))
             if per_token or isinstance(ev, (DoneEvent, ErrorEvent, StoppedEvent)):
                 loop.call_soon_threadsafe(wake.set)
+
         return emit
 
     jobs = [GenJob(prompt_ids, p, stop_ids, adapter=adapter, emit=emitter(ch)) for ch, p in zip(choices, params)]
@@ -132,8 +168,12 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
     except QueueFull as exc:
         for job in jobs:
             job.cancel()
-        raise APIError(429, f"the gateway is at capacity ({exc}); retry shortly", code="rate_limit_exceeded",
-                       headers={"retry-after": "1"}) from None
+        raise APIError(
+            429,
+            f"the gateway is at capacity ({exc}); retry shortly",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        ) from None
     except EngineStopped:  # the gateway is shutting down past its grace period
         for job in jobs:
             job.cancel()
@@ -141,7 +181,9 @@ def run_choices(engine: BatchEngine, adapter: str | None, prompt_ids: list[int],
     return _progress(events, wake, dict(zip([c.index for c in choices], jobs)))
 
 
-async def _progress(events: deque, wake: asyncio.Event, open_jobs: dict[int, GenJob]) -> AsyncIterator[tuple[Choice, bool]]:
+async def _progress(
+    events: deque, wake: asyncio.Event, open_jobs: dict[int, GenJob]
+) -> AsyncIterator[tuple[Choice, bool]]:
     jobs = list(open_jobs.values())
     try:
         # A client that goes away cancels this iterator (Starlette cancels a stream; non-streaming calls are
@@ -221,7 +263,11 @@ def completion_logprobs(ch: Choice, prompt_ids: list[int] | None) -> dict[str, A
     for ev in ch.logprobs + ([ch.stop_token] if ch.stop_token is not None else []):
         tokens.append(token_str(ch.tok, ev.token_id))
         lps.append(ev.logprob)
-        tops.append({token_str(ch.tok, t): v for t, v in (ev.top or [])} if ev.top is not None else {token_str(ch.tok, ev.token_id): ev.logprob})
+        tops.append(
+            {token_str(ch.tok, t): v for t, v in (ev.top or [])}
+            if ev.top is not None
+            else {token_str(ch.tok, ev.token_id): ev.logprob}
+        )
     offsets, pos = [], 0
     for t in tokens:
         offsets.append(pos)
@@ -267,19 +313,31 @@ def _tool_calls_text(calls: list[dict[str, Any]], i: int) -> str:
     try:
         return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
     except (TypeError, ValueError):
-        raise bad_request(f"messages.{i}.tool_calls: the arguments cannot be written as JSON", param=f"messages.{i}.tool_calls") from None
+        raise bad_request(
+            f"messages.{i}.tool_calls: the arguments cannot be written as JSON", param=f"messages.{i}.tool_calls"
+        ) from None
 
 
 def reject_unsupported_chat(req) -> None:
     """Fields the local backend cannot honour get a clear 400 instead of being ignored. Tool turns in the
     conversation are rendered (:func:`chat_messages`); offering tools to call is not supported."""
     if req.tools or req.tool_choice not in (None, "none"):
-        raise bad_request("tools and tool_choice are not supported by the local backend (the served model has no "
-                          "tool-calling template); drop them, or serve through an upstream that supports tools "
-                          "(serve.backend: openai)", param="tools", code="unsupported_parameter")
+        raise bad_request(
+            "tools and tool_choice are not supported by the local backend (the served model has no "
+            "tool-calling template); drop them, or serve through an upstream that supports tools "
+            "(serve.backend: openai)",
+            param="tools",
+            code="unsupported_parameter",
+        )
     if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise bad_request("response_format other than text is not supported by the local backend",
-                          param="response_format", code="unsupported_parameter")
+        raise bad_request(
+            "response_format other than text is not supported by the local backend",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     if req.presence_penalty or req.frequency_penalty:
-        raise bad_request("presence_penalty and frequency_penalty are not supported by the local backend; leave them at 0",
-                          param="presence_penalty" if req.presence_penalty else "frequency_penalty", code="unsupported_parameter")
+        raise bad_request(
+            "presence_penalty and frequency_penalty are not supported by the local backend; leave them at 0",
+            param="presence_penalty" if req.presence_penalty else "frequency_penalty",
+            code="unsupported_parameter",
+        )

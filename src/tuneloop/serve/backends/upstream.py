@@ -46,7 +46,9 @@ class UpstreamError:
         """What the gateway's client gets: a 404 means the upstream cannot serve a version the gateway serves
         (503, so a canary failing this way is retried on the baseline); 5xx become 502."""
         if self.status == 404:
-            return APIError(503, f"the upstream does not serve {route.model_id}: {self.message}", code="version_unavailable")
+            return APIError(
+                503, f"the upstream does not serve {route.model_id}: {self.message}", code="version_unavailable"
+            )
         status = self.status if self.status < 500 else 502
         code = self.code if isinstance(self.code, str) else ("upstream_error" if status >= 500 else None)
         return APIError(status, f"upstream: {self.message}", code=code, param=self.param)
@@ -58,8 +60,13 @@ def error_fields(data: Any, status: int) -> UpstreamError:
     err = data.get("error", data) if isinstance(data, dict) else data
     if not isinstance(err, dict):
         return UpstreamError(status, str(err)[:300], None, None)
-    return UpstreamError(status, str(err.get("message", ""))[:2000], err.get("code"), err.get("param"),
-                         type_is_not_found=err.get("type") == "NotFoundError")
+    return UpstreamError(
+        status,
+        str(err.get("message", ""))[:2000],
+        err.get("code"),
+        err.get("param"),
+        type_is_not_found=err.get("type") == "NotFoundError",
+    )
 
 
 def lora_name(version: dict[str, Any]) -> str:
@@ -69,18 +76,32 @@ def lora_name(version: dict[str, Any]) -> str:
 class UpstreamBackend:
     kind = "openai"
 
-    def __init__(self, base_url: str, registry, *, timeout_s: float = 300.0, connect_timeout_s: float = 3.0,
-                 retries: int = 2, backoff_s: float = 0.25, lora_path_prefix: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        registry,
+        *,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 3.0,
+        retries: int = 2,
+        backoff_s: float = 0.25,
+        lora_path_prefix: str | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.registry = registry
         self.retries, self.backoff_s = retries, backoff_s
         self.lora_path_prefix = lora_path_prefix
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )
         # chat and completions go through the lean keep-alive client (httpx costs ~0.7 ms CPU a request); model
         # listing, vLLM probing and adapter loading stay on httpx, as does everything when a proxy applies
-        self.pool = Pool(self.base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=timeout_s) \
-            if fast_path_usable(self.base_url) else None
+        self.pool = (
+            Pool(self.base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=timeout_s)
+            if fast_path_usable(self.base_url)
+            else None
+        )
         self.names: dict[str, str] = {}  # artifact sha256 -> upstream model name
         self.refused: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -106,9 +127,12 @@ class UpstreamBackend:
                 return candidate
         if version.get("artifact_kind") == "adapter" and await self._is_vllm():
             return await self._load_vllm_adapter(version)
-        raise APIError(503, f"the upstream does not serve {version['ref']} (it lists {', '.join(sorted(served)[:10]) or 'nothing'}); "
-                       f"serve it there as {lora_name(version)!r} (e.g. vLLM --served-model-name or --lora-modules)",
-                       code="version_unavailable")
+        raise APIError(
+            503,
+            f"the upstream does not serve {version['ref']} (it lists {', '.join(sorted(served)[:10]) or 'nothing'}); "
+            f"serve it there as {lora_name(version)!r} (e.g. vLLM --served-model-name or --lora-modules)",
+            code="version_unavailable",
+        )
 
     async def _upstream_models(self) -> set[str]:
         r = await self._send("GET", "/models")
@@ -132,9 +156,13 @@ class UpstreamBackend:
         name = lora_name(version)
         r = await self._send("POST", "/load_lora_adapter", json={"lora_name": name, "lora_path": path})
         if r.status_code != 200 and "already" not in r.text.lower():
-            raise APIError(503, f"vLLM refused to load the adapter of {version['ref']} as {name!r}: HTTP {r.status_code} "
-                           f"{scrub_paths(r.text[:300])}. Start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, "
-                           "with the artifact store readable at the same path", code="version_unavailable")
+            raise APIError(
+                503,
+                f"vLLM refused to load the adapter of {version['ref']} as {name!r}: HTTP {r.status_code} "
+                f"{scrub_paths(r.text[:300])}. Start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, "
+                "with the artifact store readable at the same path",
+                code="version_unavailable",
+            )
         log.info("loaded %s into vLLM as %s", version["ref"], name)
         return name
 
@@ -148,14 +176,22 @@ class UpstreamBackend:
                 return await self.client.send(req, stream=stream)
             except RETRYABLE as exc:
                 if attempt == self.retries:
-                    raise APIError(503, f"the upstream {self._where()} is not reachable ({type(exc).__name__}) after "
-                                   f"{self.retries + 1} attempts; the gateway keeps trying on each request",
-                                   code="upstream_unavailable", headers={"retry-after": "1"}) from None
+                    raise APIError(
+                        503,
+                        f"the upstream {self._where()} is not reachable ({type(exc).__name__}) after "
+                        f"{self.retries + 1} attempts; the gateway keeps trying on each request",
+                        code="upstream_unavailable",
+                        headers={"retry-after": "1"},
+                    ) from None
                 await asyncio.sleep(self.backoff_s * (attempt + 1))
             except httpx.TimeoutException:
-                raise APIError(504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout") from None
+                raise APIError(
+                    504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout"
+                ) from None
             except httpx.HTTPError as exc:
-                raise APIError(502, f"the upstream {self._where()} failed: {type(exc).__name__}", code="upstream_error") from None
+                raise APIError(
+                    502, f"the upstream {self._where()} failed: {type(exc).__name__}", code="upstream_error"
+                ) from None
         raise AssertionError("unreachable")
 
     async def _post_fast(self, path: str, body: dict[str, Any]):
@@ -168,12 +204,18 @@ class UpstreamBackend:
                 return await pool.request("POST", path, data)
             except ConnectFailed as exc:
                 if attempt == self.retries:
-                    raise APIError(503, f"the upstream {self._where()} is not reachable ({exc}) after "
-                                   f"{self.retries + 1} attempts; the gateway keeps trying on each request",
-                                   code="upstream_unavailable", headers={"retry-after": "1"}) from None
+                    raise APIError(
+                        503,
+                        f"the upstream {self._where()} is not reachable ({exc}) after "
+                        f"{self.retries + 1} attempts; the gateway keeps trying on each request",
+                        code="upstream_unavailable",
+                        headers={"retry-after": "1"},
+                    ) from None
                 await asyncio.sleep(self.backoff_s * (attempt + 1))
             except ReadTimeout:
-                raise APIError(504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout") from None
+                raise APIError(
+                    504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout"
+                ) from None
             except UpstreamHTTPError as exc:
                 raise APIError(502, f"the upstream {self._where()} failed: {exc}", code="upstream_error") from None
         raise AssertionError("unreachable")
@@ -211,10 +253,15 @@ class UpstreamBackend:
             try:
                 out = json.loads(await r.aread())
             except ReadTimeout:
-                raise APIError(504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout") from None
+                raise APIError(
+                    504, f"the upstream {self._where()} did not answer in time", code="upstream_timeout"
+                ) from None
             except (UpstreamHTTPError, httpx.HTTPError, ValueError) as exc:
-                raise APIError(502, f"the upstream {self._where()} sent a broken answer ({type(exc).__name__})",
-                               code="upstream_error") from None
+                raise APIError(
+                    502,
+                    f"the upstream {self._where()} sent a broken answer ({type(exc).__name__})",
+                    code="upstream_error",
+                ) from None
             out["model"] = route.model_id
             return out
         return self._relay(r, route)
@@ -230,12 +277,18 @@ class UpstreamBackend:
                 chunk = json.loads(data)
                 if "error" in chunk:
                     err = error_fields(chunk, 502)
-                    raise APIError(502, f"upstream: {err.message}", code=err.code if isinstance(err.code, str) else "upstream_error")
+                    raise APIError(
+                        502,
+                        f"upstream: {err.message}",
+                        code=err.code if isinstance(err.code, str) else "upstream_error",
+                    )
                 chunk["model"] = route.model_id
                 yield chunk
             raise APIError(502, "the upstream closed the stream before it finished", code="upstream_error")
         except (httpx.HTTPError, UpstreamHTTPError, ValueError) as exc:
-            raise APIError(502, f"the upstream stream broke off ({type(exc).__name__})", code="upstream_error") from None
+            raise APIError(
+                502, f"the upstream stream broke off ({type(exc).__name__})", code="upstream_error"
+            ) from None
         finally:
             await r.aclose()
 

@@ -182,8 +182,15 @@ class Response:
 class Pool:
     """Keep-alive connections to one upstream (``scheme://host:port``)."""
 
-    def __init__(self, base_url: str, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int = 512,
-                 max_idle: int = 128):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_connections: int = 512,
+        max_idle: int = 128,
+    ):
         parts = urlsplit(base_url)
         self.host = parts.hostname or "127.0.0.1"
         self.tls = parts.scheme == "https"
@@ -199,8 +206,15 @@ class Pool:
     async def connect(self) -> Connection:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl_context, limit=MAX_HEAD_BYTES * 4,
-                                        server_hostname=self.host if self.tls else None), self.connect_timeout_s)
+                asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    limit=MAX_HEAD_BYTES * 4,
+                    server_hostname=self.host if self.tls else None,
+                ),
+                self.connect_timeout_s,
+            )
         except asyncio.TimeoutError:
             raise ConnectFailed(f"connect timed out after {self.connect_timeout_s:g} s") from None
         except (OSError, ssl.SSLError) as exc:
@@ -223,8 +237,9 @@ class Pool:
         else:
             conn.close()
 
-    async def request(self, method: str, path: str, body: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> Response:
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Response:
         """Send one request and read its status and headers (the body is left to the :class:`Response`)."""
         head = [f"{method} {self.prefix}{path} HTTP/1.1", f"host: {self.host_header}", "accept: */*"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
