@@ -57,6 +57,10 @@ class ModelRegistry(Protocol):
         self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
     ) -> None: ...
 
+    def parse_ref(self, ref: str) -> tuple[str, str]:
+        """``name:3`` / ``name@alias`` / ``name`` -> (model, version string); a static method on both backends."""
+        ...
+
     def set_tag(
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
     ) -> dict: ...
