@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import BaseModel
+
 from tuneloop.serve.backends import CallContext, Route
 from tuneloop.serve.errors import APIError, ClientGone, error_body, is_shutting_down, scrub_paths, shutting_down
 from tuneloop.serve.observe import Observation, Recorder, prompt_text
@@ -38,7 +40,7 @@ from tuneloop.serve.schemas import ChatRequest, CompletionRequest, parse_body, r
 log = logging.getLogger(__name__)
 
 CALL_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
-SCHEMAS = {"chat.completions": ChatRequest, "completions": CompletionRequest}
+SCHEMAS: dict[str, type[BaseModel]] = {"chat.completions": ChatRequest, "completions": CompletionRequest}
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
@@ -132,10 +134,10 @@ async def serve_call(gw, scope, receive, send) -> None:
                 raise
             # uvicorn cancels what is still open after the grace and its end (serve/server.py): a 503, not a 500
             uncancel_current()
-            exc = shutting_down()
-            obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+            gone = shutting_down()
+            obs.status, obs.error = gone.status, f"{gone.code}: {gone.message}"
             rec.finish(obs)
-            await send_json(send, exc.status, exc.body(), exc.headers)
+            await send_json(send, gone.status, gone.body(), gone.headers)
             return
         watch.uncancel()  # our own cancel (the client left): the request ends here, logged by send_events or now
         if obs.status != 499:
@@ -185,7 +187,8 @@ class DisconnectWatch:
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.fired = True
-                self.served.cancel()
+                if self.served is not None:
+                    self.served.cancel()
                 return
 
     async def disconnected(self) -> bool:
@@ -217,6 +220,7 @@ async def call_backend(gw, state: RequestState, route: Route, endpoint: str, bod
 async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str, body, watch: DisconnectWatch):
     """:func:`call_backend` on the chosen route; a canary failing before its first byte is logged as a failed
     canary attempt and the request is answered by the baseline (its latency counted from the retry)."""
+    assert obs.route is not None, "the route is chosen before the backend is called"
     try:
         return await call_backend(gw, state, obs.route, endpoint, body, watch)
     except Exception as exc:
@@ -304,11 +308,11 @@ async def send_events(
                 await stream.aclose()  # ends the generation or the upstream read
             raise
         uncancel_current()  # uvicorn ended the stream past the grace: say so to the client, then [DONE]
-        exc = shutting_down()
-        obs.status, obs.error = exc.status, f"{exc.code}: {exc.message}"
+        gone = shutting_down()
+        obs.status, obs.error = gone.status, f"{gone.code}: {gone.message}"
         with contextlib.suppress(Exception):
             await stream.aclose()
-        await send({"type": "http.response.body", "body": b"data: " + dumps(exc.body()) + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: " + dumps(gone.body()) + b"\n\n", "more_body": True})
     except Exception as exc:
         log.exception("stream failed")
         obs.status, obs.error = 500, f"internal error ({type(exc).__name__})"
