@@ -664,7 +664,7 @@ class SqliteRegistry:
             base = self._alias(conn, model, "champion") if baseline_version is None else baseline_version
             if base is not None:
                 base = self._get_live(conn, model, base, "compare a canary with")["version"]
-            check_start(model, cand, base, self._running_rollout(conn, model))
+            base = check_start(model, cand, base, self._running_rollout(conn, model))
             n = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM rollouts WHERE model = ?", (model,)).fetchone()[
                 0
             ]
@@ -736,7 +736,8 @@ class SqliteRegistry:
         Returns the new record.
         """
         if status == "promoted":  # verify the candidate's bytes before champion may point at it
-            current = self.get_rollout(model, rollout_id)
+            with self._transaction(write=False) as conn:
+                current = self._rollout(conn, model, rollout_id)  # an InputError naming the known ones if absent
             self._verified(model, current["candidate_version"], "champion")
         decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
         with self._transaction(write=True) as conn:
@@ -1289,7 +1290,12 @@ def _replay_events(
     deleted: set[tuple[str, int]] = set()
     for e in events:
         model, number, kind = e.get("model"), e.get("version"), e.get("kind")
-        if (model, number) not in known:
+        if (
+            not isinstance(model, str)
+            or not isinstance(number, int)
+            or not isinstance(kind, str)
+            or (model, number) not in known
+        ):
             skipped += 1  # a version whose record never got written (e.g. a crash before commit)
             continue
         details = e.get("details") or {}

@@ -190,7 +190,7 @@ class MlflowRegistry:
         now = utcnow()
         with self._mlflow(f"register a version of {model!r}"):
             self._ensure_model(model)
-            base = lineage.get("base") if isinstance(lineage.get("base"), dict) else {}
+            base: dict = lineage["base"] if isinstance(lineage.get("base"), dict) else {}
             meta = {
                 "artifact_digest": digest,
                 "artifact_kind": artifact_kind,
@@ -392,7 +392,7 @@ class MlflowRegistry:
         if base is not None:
             base = self._get_live(model, base, "compare a canary with")["version"]
         rollouts, tags = self._rollouts(model)
-        check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
+        base = check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
         record = new_record(
             model,
             max(rollouts, default=0) + 1,
@@ -508,7 +508,7 @@ class MlflowRegistry:
                 if any(p is None for p in parts):
                     torn = True
                     break
-                out[n] = json.loads("".join(parts))
+                out[n] = json.loads("".join(p for p in parts if p is not None))
             if not torn:
                 return out, tags
             time.sleep(0.05 * (attempt + 1))
@@ -662,7 +662,10 @@ class MlflowRegistry:
                 try:
                     self._experiment_id = self.client.create_experiment(EXPERIMENT)
                 except MlflowException:  # created concurrently
-                    self._experiment_id = self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+                    created = self.client.get_experiment_by_name(EXPERIMENT)
+                    if created is None:
+                        raise
+                    self._experiment_id = created.experiment_id
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
@@ -848,7 +851,7 @@ class MlflowRegistry:
 
     def _log_params(self, run_id: str, lineage: dict, meta: dict) -> None:
         """The resolved config as params (dotted keys), plus what was registered; long values truncated and noted."""
-        params, truncated = mlflow_params(lineage.get("config") if isinstance(lineage.get("config"), dict) else {})
+        params, truncated = mlflow_params(lineage["config"] if isinstance(lineage.get("config"), dict) else {})
         for key in ("config_hash", "code_version", "run_id", "pipeline"):
             if isinstance(lineage.get(key), str):
                 params[f"{P}{key}"] = lineage[key][:MAX_PARAM_VALUE]

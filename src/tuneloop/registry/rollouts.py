@@ -95,8 +95,9 @@ def check_update(record: dict, revision: int, status: str, weight: float | None)
         )
 
 
-def check_start(model: str, candidate: int, baseline: int | None, running: dict | None) -> None:
-    """Refuse a second running rollout, a missing baseline, or a candidate that already is the baseline."""
+def check_start(model: str, candidate: int, baseline: int | None, running: dict | None) -> int:
+    """Refuse a second running rollout, a missing baseline, or a candidate that already is the baseline; the
+    baseline's version number."""
     if running is not None:
         raise InputError(
             f"{model} already has a running rollout, {running['rollout_id']} ({running['candidate']} against "
@@ -110,6 +111,7 @@ def check_start(model: str, candidate: int, baseline: int | None, running: dict 
         )
     if int(candidate) == int(baseline):
         raise InputError(f"{model}:{candidate} is already the champion; a canary needs a different version")
+    return int(baseline)
 
 
 def new_record(
