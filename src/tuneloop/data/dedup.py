@@ -475,7 +475,7 @@ def join_pairs(label: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     after linking every (lo[i], hi[i]). Components do not depend on the order in which links are joined."""
     if len(lo) == 0:
         return label
-    nodes, roots = _roots(label[lo], label[hi])
+    nodes, roots = component_roots(label[lo], label[hi])
     remap = np.arange(len(label))
     remap[nodes] = roots
     return remap[label]
@@ -494,7 +494,7 @@ def groups_from_labels(label: np.ndarray) -> list[list[int]]:
     return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
-def _roots(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def component_roots(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nodes of the graph with edges (u, v) and, for each, the smallest node of its component."""
     nodes, inv = np.unique(np.concatenate((u, v)), return_inverse=True)
     eu, ev = inv[: len(u)], inv[len(u) :]

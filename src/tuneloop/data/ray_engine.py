@@ -16,7 +16,7 @@ One implementation, two engines: the Ray tasks call the local engine's code on t
    line numbers come from a first Ray pass that counts newlines; any other file (JSON, CSV, Parquet,
    compressed) is one task reading it with :mod:`.sources`' reader. Each record keeps its identity
    ``ord = file_index << 40 | line`` (row for Parquet), so order and every message equal the local engine's.
-2. **Rules and PII** (map stage): :func:`tuneloop.data.rules._process` on each part's items; the over-long
+2. **Rules and PII** (map stage): :func:`tuneloop.data.rules.process_records` on each part's items; the over-long
    rule counts tokens here (the tokenizer is shipped to the workers).
 3. **Exact duplicates** (shuffle): records grouped by a hash bucket of their dedup key; in each key the first
    record (in ``ord`` order) that is not dropped as over-long is kept, later ones are duplicates.
@@ -178,11 +178,11 @@ class _Plan:
 
 
 def _files_of(source: str, label_prefix: str | None, index: int) -> list[_File]:
-    from tuneloop.data.sources import SUPPORTED_SUFFIXES, _is_saved_hf, data_suffix
+    from tuneloop.data.sources import SUPPORTED_SUFFIXES, is_saved_hf, data_suffix
 
     path = Path(os.path.expanduser(source))
     if path.is_dir():
-        if _is_saved_hf(path):
+        if is_saved_hf(path):
             raise InputError(f"{path}: a saved Hugging Face dataset; data.engine ray reads files and directories of "
                              ".jsonl/.json/.csv/.parquet: export it to Parquet, or use data.engine: local")
         found = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith("."))
@@ -199,7 +199,7 @@ def _plan(path: Any, fmt: str, range_bytes: int) -> _Plan:
     """The files in the local engine's order, the read parts, the position kind and the format (detected by
     :mod:`.sources` on the driver from the first records, as the local engine does)."""
     from tuneloop.data.filetypes import SNIFF_BYTES, read_head, sniff
-    from tuneloop.data.sources import _base_suffix, data_suffix, open_detected
+    from tuneloop.data.sources import base_suffix, data_suffix, open_detected
 
     _, position, fmt = open_detected(path, fmt)  # the local engine's checks, position kind and format detection
     if isinstance(path, (list, tuple)):
@@ -209,7 +209,7 @@ def _plan(path: Any, fmt: str, range_bytes: int) -> _Plan:
         files, source_of = _files_of(str(path), None, -1), None
     parts: list[dict[str, Any]] = []
     for i, f in enumerate(files):
-        base = _base_suffix(data_suffix(Path(f.path).name))
+        base = base_suffix(data_suffix(Path(f.path).name))
         head = read_head(Path(f.path), None)
         size = os.path.getsize(f.path)
         if base == ".jsonl" and sniff(head, whole=len(head) < SNIFF_BYTES).kind == "text":
@@ -243,15 +243,15 @@ def _count_lines(part: dict[str, Any], path: str) -> int:
 
 def _range_items(path: str, label: str | None, start: int, stop: int, first_line: int):
     """:func:`tuneloop.data.sources._read_jsonl` on one byte range: items with the file's line numbers."""
-    from tuneloop.data.sources import _BOM, Item
+    from tuneloop.data.sources import BOM, Item
 
     with open(path, "rb") as f:
         f.seek(start)
         buf = f.read(stop - start)
     for i, data in enumerate(buf.split(b"\n")):
         lineno = first_line + i
-        if lineno == 1 and data.startswith(_BOM):
-            data = data[len(_BOM):]
+        if lineno == 1 and data.startswith(BOM):
+            data = data[len(BOM):]
         data = data.rstrip(b"\r\n")
         if not data.strip():
             continue
@@ -278,8 +278,8 @@ def _check_parts(batch: dict[str, np.ndarray], files: list[_File], fmt: str, pii
     """Verdicts of the records of the parts in ``batch`` (one row per record)."""
     import pyarrow as pa
 
-    from tuneloop.data.rules import _process, token_count
-    from tuneloop.data.sources import _read_file
+    from tuneloop.data.rules import process_records, token_count
+    from tuneloop.data.sources import read_file
 
     _maybe_fail_once(fail_marker)
     cols: dict[str, list] = {k: [] for k in ("ord", "line", "file", "source", "ok", "data", "k1", "k2", "text", "pii", "reasons", "long", "label")}
@@ -290,8 +290,8 @@ def _check_parts(batch: dict[str, np.ndarray], files: list[_File], fmt: str, pii
             items = list(_range_items(f.path, f.label, int(batch["start"][j]), int(batch["stop"][j]), int(batch["first_line"][j])))
         else:
             rel = None if f.label is None else f.label
-            items = [it._replace(file=rel) for it in _read_file(Path(f.path), rel)]
-        for v in _process(items, fmt, pii_policy, want_text):
+            items = [it._replace(file=rel) for it in read_file(Path(f.path), rel)]
+        for v in process_records(items, fmt, pii_policy, want_text):
             ok = v.status == "ok"
             cols["ord"].append(fi << _LINE_BITS | v.line)
             cols["line"].append(v.line)
@@ -428,7 +428,7 @@ def _near_groups(pairs: tuple[np.ndarray, np.ndarray], sigs: dict[int, np.ndarra
                  num_perm: int) -> list[list[int]]:
     """Confirm the candidate pairs (signatures agree on >= threshold of positions) and join them: groups of
     ords, each sorted, ordered by their first member."""
-    from tuneloop.data.dedup import _roots, agreement_needed, confirm_pairs
+    from tuneloop.data.dedup import component_roots, agreement_needed, confirm_pairs
 
     u, v = pairs
     if len(u) == 0:
@@ -442,7 +442,7 @@ def _near_groups(pairs: tuple[np.ndarray, np.ndarray], sigs: dict[int, np.ndarra
     keep = confirm_pairs(table[iu], table[iv], need)
     if not keep.any():
         return []
-    members, roots = _roots(u[keep], v[keep])
+    members, roots = component_roots(u[keep], v[keep])
     groups: dict[int, list[int]] = {}
     for m, r in zip(members.tolist(), roots.tolist()):
         groups.setdefault(r, []).append(m)
@@ -584,7 +584,7 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
 
     from tuneloop.data import dedup
     from tuneloop.data.formats import FORMATS
-    from tuneloop.data.validate import Checks, _not_checked
+    from tuneloop.data.passparts import Checks, not_checked as checks_not_run
 
     ray = connect(data)
     checks = checks or Checks()
@@ -673,7 +673,7 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
 
     t = time.perf_counter()
     dedup_mod = dedup if near_on or contam_on else None
-    not_checked = _not_checked(checks, tokenizer, dedup_mod, eval_texts)
+    not_checked = checks_not_run(checks, tokenizer, dedup_mod, eval_texts)
     report = _write_files(final, out_dir, name, path, plan, checks, not_checked, near_groups)
     times["driver_digest_and_files"] = time.perf_counter() - t
     LAST_TIMES.stages = times
@@ -706,12 +706,12 @@ def _replace_dir(target: Path, write) -> None:
 def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, checks: Any, not_checked: dict[str, str],
                  near_groups: list[list[int]]) -> dict:
     """Read the outcomes in input order once: digest, clean and quarantine JSONL, the report (the local
-    engine's :func:`tuneloop.data.validate._report`)."""
+    engine's :func:`tuneloop.data.passparts.report_numbers`)."""
     from tuneloop.data.report import write_report
-    from tuneloop.data.validate import _bookkeeping, _report, _Screened, _Similar, _source_rows
+    from tuneloop.data.passparts import Screened, Similar, bookkeeping, report_numbers, source_rows
     from tuneloop.fsutil import atomic_lines
 
-    s = _Screened()
+    s = Screened()
     s.source_of = plan.source_of
     later: list[tuple[int, str | None, list[str]]] = []
     digest = hashlib.sha256(b"[")
@@ -749,7 +749,7 @@ def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, c
                     if plan.source_of is not None:
                         s.kept_per_source[src] += 1
                     pii_kept += pii is not None and checks.pii == "report"
-                    clean.write(out[:-1] + _bookkeeping(line, file, plan.source_of) + "}\n")
+                    clean.write(out[:-1] + bookkeeping(line, file, plan.source_of) + "}\n")
                     continue
                 s.counts[_CATS[cat - 1]] += 1
                 (quarantine if int(b["phase"][j]) == 1 else phase2).write(out + "\n")
@@ -760,9 +760,9 @@ def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, c
     for line, file, reasons in later:
         s.tally.add(line, file, reasons)
     assert valid + sum(s.counts.values()) == s.records, (valid, s.counts, s.records)
-    sim = _Similar({}, {}, near_groups=len(near_groups), near_n=near_n, contam_n=contam_found)
-    report = {**_source_rows(path, s), "format": plan.format, "position": plan.position,
-              **_report(s, sim, valid, pii_kept, checks, not_checked), "digest": digest.hexdigest(),
+    sim = Similar({}, {}, near_groups=len(near_groups), near_n=near_n, contam_n=contam_found)
+    report = {**source_rows(path, s), "format": plan.format, "position": plan.position,
+              **report_numbers(s, sim, valid, pii_kept, checks, not_checked), "digest": digest.hexdigest(),
               "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
               "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html"),
               "engine": "ray", "clean_shards": str(out_dir / f"{name}.clean.parquet"),
@@ -782,7 +782,7 @@ def check_splits_ray(data: Any, out_dir: Path, *, tokenizer: Any = None, train_n
                      fail_marker: str | None = None) -> Any:
     """:func:`tuneloop.data.validate.check_splits` with ``data.engine: ray``: the eval data first, then the
     train data against the eval texts, each on the cluster."""
-    from tuneloop.data.validate import SplitReports, checks_from_config, clean_texts
+    from tuneloop.data.passparts import SplitReports, checks_from_config, clean_texts
 
     connect(data)
     checks = checks_from_config(data)

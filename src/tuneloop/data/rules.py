@@ -188,7 +188,6 @@ def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_wor
         yield from part
 
 
-_process = process_records  # the old name (tuneloop.data.ray_engine imports it)
 
 
 class RuleTally:

@@ -41,7 +41,7 @@ from tuneloop.fsutil import sha256_file, sha256_json
 SUPPORTED_SUFFIXES = DATA_SUFFIXES
 DETECT_SAMPLE = 100  # object records looked at by format detection
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 _EXPECTED = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
@@ -54,7 +54,7 @@ def data_suffix(name: str) -> str:
     return max((s for s in SUPPORTED_SUFFIXES if low.endswith(s)), key=len, default=Path(low).suffix)
 
 
-def _base_suffix(suffix: str) -> str:
+def base_suffix(suffix: str) -> str:
     """``.jsonl.gz`` -> ``.jsonl``: the record format's suffix, without a compression suffix."""
     base, _, last = suffix.rpartition(".")
     return base if base and "." + last in _COMPRESSIONS else suffix
@@ -106,8 +106,8 @@ def _read_jsonl(path: Path, file: str | None = None, compression: str | None = N
     """One item per non-blank line, unparsed (workers parse); bad lines are quarantined, never fatal."""
     with open_bytes(path, compression) as f:
         for lineno, data in enumerate(f, 1):
-            if lineno == 1 and data.startswith(_BOM):
-                data = data[len(_BOM) :]
+            if lineno == 1 and data.startswith(BOM):
+                data = data[len(BOM) :]
             data = data.rstrip(b"\r\n")
             if not data.strip():
                 continue
@@ -123,8 +123,8 @@ def _read_json_array(path: Path, file: str | None = None, compression: str | Non
     """
     with open_bytes(path, compression) as f:
         data = f.read()
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
     text = data.decode("utf-8", errors="surrogateescape")
 
     def fail(idx: int, what: str) -> InputError:
@@ -239,11 +239,11 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json_array, ".csv": _read_csv,
 _LINE_POSITIONS = (".json", ".jsonl", ".csv")
 
 
-def _read_file(path: Path, file: str | None = None) -> Iterator[Item]:
+def read_file(path: Path, file: str | None = None) -> Iterator[Item]:
     """Items of one data file (``file``: its name within a directory source). What the file holds is checked
     first, from its bytes: compression is read whatever the name says, and an empty (single-file source),
     UTF-16/32 or binary file is an ``InputError`` that says which. An empty file in a directory adds nothing."""
-    base = _base_suffix(data_suffix(path.name))
+    base = base_suffix(data_suffix(path.name))
     compression, head = None, read_head(path, None)
     kind = sniff(head, whole=len(head) < SNIFF_BYTES)
     if base == ".parquet" and kind.kind != "empty":  # binary by nature; pyarrow says what is wrong with it
@@ -258,7 +258,7 @@ def _read_file(path: Path, file: str | None = None) -> Iterator[Item]:
     raise InputError(unreadable_reason(kind, path, _EXPECTED[base], compression))
 
 
-def _is_saved_hf(path: Path) -> bool:
+def is_saved_hf(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
@@ -300,7 +300,7 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
     text = str(source)
     path = Path(os.path.expanduser(text))
     if path.is_dir():
-        if _is_saved_hf(path):
+        if is_saved_hf(path):
             from datasets import load_from_disk
 
             try:
@@ -311,8 +311,8 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise InputError(f"{path}: the directory holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-        position = "line" if all(_base_suffix(data_suffix(p.name)) in _LINE_POSITIONS for p in files) else "record"
-        readers = [_read_file(p, p.relative_to(path).as_posix()) for p in files]  # each file's kind checked now
+        position = "line" if all(base_suffix(data_suffix(p.name)) in _LINE_POSITIONS for p in files) else "record"
+        readers = [read_file(p, p.relative_to(path).as_posix()) for p in files]  # each file's kind checked now
         return itertools.chain.from_iterable(readers), position
     suffix = data_suffix(path.name)
     if path.is_file():
@@ -321,7 +321,7 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
                 f"{path}: unsupported dataset file type {suffix or '(no extension)'!r}; supported: "
                 f"{', '.join(SUPPORTED_SUFFIXES)}, a directory of them, or a saved Hugging Face dataset"
             )
-        return _read_file(path), "line" if _base_suffix(suffix) in _LINE_POSITIONS else "record"
+        return read_file(path), "line" if base_suffix(suffix) in _LINE_POSITIONS else "record"
     if path.exists():
         raise InputError(f"{path}: is not a file or directory")
     if suffix in SUPPORTED_SUFFIXES or text.startswith((".", "/", "~")) or not _HUB_ID.match(text.split(":")[0]):

@@ -48,10 +48,6 @@ from tuneloop.data.passparts import (  # noqa: F401  (re-exported: validate.Chec
     overlong_reason, report_numbers, source_rows, tally_similar,
 )
 
-# the old private names, for code written against them (tuneloop.data.ray_engine)
-_Screened, _Similar, _not_checked, _bookkeeping, _report, _source_rows = (
-    Screened, Similar, not_checked, bookkeeping, report_numbers, source_rows)
-
 
 def _overlong(r: Any, s: Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
     """The over-long rule on one valid record; True when the record is dropped."""
