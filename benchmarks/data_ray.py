@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+# A single-machine cluster stays on loopback: without this switch Ray registers the node under the machine's
+# outward address even with --node-ip-address=127.0.0.1 (read at `import ray` and by `ray start`).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# Single-machine Ray: every node address is 127.0.0.1. By default Ray on Linux registers a node under the
+# machine's outward address even when started with --node-ip-address=127.0.0.1 (services.get_node_ip_address);
+# this switch (read when ray is imported, and by `ray start` from its environment) keeps it on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'tuneloop[ray]' (the dev extra has it)")
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'tuneloop[ray]'")
 
@@ -52,6 +57,8 @@ def cluster(tmp_path_factory):
             pytest.skip(f"could not start a local Ray head on {address}")
         time.sleep(0.5)
     yield address
+    if ray.is_initialized():  # every node this test talked to was on loopback
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, ray.nodes()
     import psutil  # accelerate's dependency
 
     if ray.is_initialized():
