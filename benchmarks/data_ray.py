@@ -66,10 +66,23 @@ class Head:
         self.address = f"127.0.0.1:{self.port}"
         ray_bin = Path(sys.executable).with_name("ray")
         self.proc = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-             "--include-dashboard=false", f"--num-cpus={cpus}", f"--object-store-memory={object_store_mb << 20}",
-             "--disable-usage-stats", f"--temp-dir={temp}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                str(ray_bin),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--num-cpus={cpus}",
+                f"--object-store-memory={object_store_mb << 20}",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while ray_engine.unreachable(self.address, timeout=1.0) is not None:
             if self.proc.poll() is not None or time.time() > deadline:
@@ -125,8 +138,19 @@ def _groups(quarantine: Path) -> list[list[int]]:
     return [sorted([h, *members]) for h, members in sorted(heads.items())]
 
 
-REPORT_KEYS = ("format", "records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated",
-               "near_duplicate_groups", "pii", "pii_records", "digest")
+REPORT_KEYS = (
+    "format",
+    "records",
+    "valid",
+    "invalid",
+    "duplicates",
+    "near_duplicates",
+    "contaminated",
+    "near_duplicate_groups",
+    "pii",
+    "pii_records",
+    "digest",
+)
 
 
 def run_ray(workdir: Path, cpus: int, object_store_mb: int) -> dict:
@@ -138,23 +162,34 @@ def run_ray(workdir: Path, cpus: int, object_store_mb: int) -> dict:
     head = Head(cpus, object_store_mb, temp)
     try:
         data = type("D", (), {"ray_address": head.address})()
-        checks = Checks(near_dup_threshold=data_scale.THRESHOLD, near_dup_shingle=data_scale.SHINGLE, near_dup_action="drop",
-                        contamination_action="drop", pii="report")
+        checks = Checks(
+            near_dup_threshold=data_scale.THRESHOLD,
+            near_dup_shingle=data_scale.SHINGLE,
+            near_dup_action="drop",
+            contamination_action="drop",
+            pii="report",
+        )
         out = workdir / f"out-ray{cpus}"
         t0 = time.perf_counter()
         ev = ray_engine.validate_dataset_ray(workdir / "eval.jsonl", out, data=data, name="eval", checks=checks)
         eval_stages = dict(ray_engine.LAST_TIMES.stages)
         eval_texts = clean_texts(Path(ev["clean_path"]))
         t1 = time.perf_counter()
-        rep = ray_engine.validate_dataset_ray(workdir / "train.jsonl", out, data=data, checks=checks, eval_texts=eval_texts)
+        rep = ray_engine.validate_dataset_ray(
+            workdir / "train.jsonl", out, data=data, checks=checks, eval_texts=eval_texts
+        )
         seconds = time.perf_counter() - t0
         stages = dict(ray_engine.LAST_TIMES.stages)
         train_seconds = time.perf_counter() - t1
     finally:
         head.stop()
     return {
-        "engine": "ray", "worker_cpus": cpus, "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(sum(eval_stages.values()), 2), "stages": {k: round(v, 2) for k, v in stages.items()},
+        "engine": "ray",
+        "worker_cpus": cpus,
+        "seconds": round(seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(sum(eval_stages.values()), 2),
+        "stages": {k: round(v, 2) for k, v in stages.items()},
         "report": {k: rep.get(k) for k in REPORT_KEYS},
         "clean_sha256": data_scale._sha256(Path(rep["clean_path"])),
         "quarantine_sha256": data_scale._sha256(Path(rep["quarantine_path"])),
@@ -164,11 +199,13 @@ def run_ray(workdir: Path, cpus: int, object_store_mb: int) -> dict:
 
 
 def _same(a: dict, b: dict) -> dict:
-    return {"digest": a["report"]["digest"] == b["report"]["digest"],
-            "clean_file": a["clean_sha256"] == b["clean_sha256"],
-            "quarantine_file": a["quarantine_sha256"] == b["quarantine_sha256"],
-            "report_counts": a["report"] == b["report"],
-            "near_groups": a["groups"] == b["groups"]}
+    return {
+        "digest": a["report"]["digest"] == b["report"]["digest"],
+        "clean_file": a["clean_sha256"] == b["clean_sha256"],
+        "quarantine_file": a["quarantine_sha256"] == b["quarantine_sha256"],
+        "report_counts": a["report"] == b["report"],
+        "near_groups": a["groups"] == b["groups"],
+    }
 
 
 def projection(ray1: dict, records: int) -> dict:
@@ -180,15 +217,22 @@ def projection(ray1: dict, records: int) -> dict:
     rows = []
     for k in PROJECT_NODES:
         secs = PROJECT_RECORDS * (per_par / (k * PROJECT_CORES) + per_drv)
-        rows.append({"nodes": k, "cores_per_node": PROJECT_CORES, "projected_seconds": round(secs), "projected_minutes": round(secs / 60, 1)})
+        rows.append(
+            {
+                "nodes": k,
+                "cores_per_node": PROJECT_CORES,
+                "projected_seconds": round(secs),
+                "projected_minutes": round(secs / 60, 1),
+            }
+        )
     return {
         "label": "PROJECTION, not a measurement",
         "records": PROJECT_RECORDS,
         "from": f"the 1-worker Ray run on {records} records: parallel stages {parallel:.1f} s "
-                f"({per_par * 1e6:.1f} us/record of one core), driver's sequential part {driver:.1f} s ({per_drv * 1e6:.2f} us/record)",
+        f"({per_par * 1e6:.1f} us/record of one core), driver's sequential part {driver:.1f} s ({per_drv * 1e6:.2f} us/record)",
         "assumes": "linear scaling of the map and shuffle stages over K*C task slots, per-core speed of this machine, "
-                   "network shuffle and object-store spill costs not measured (loopback here), the driver's "
-                   "in-order pass (digest, clean/quarantine JSONL) at this machine's speed, eval set as small as here",
+        "network shuffle and object-store spill costs not measured (loopback here), the driver's "
+        "in-order pass (digest, clean/quarantine JSONL) at this machine's speed, eval set as small as here",
         "rows": rows,
     }
 
@@ -216,8 +260,11 @@ def main() -> None:
         t = time.perf_counter()
         planted = data_scale.build(a.records, a.seed, workdir)
         state["build_seconds"] = round(time.perf_counter() - t, 1)
-        state["planted"] = {"exact": len(planted["exact_pairs"]), "near": len(planted["near_pairs"]),
-                            "contaminated": len(planted["contaminated_lines"])}
+        state["planted"] = {
+            "exact": len(planted["exact_pairs"]),
+            "near": len(planted["near_pairs"]),
+            "contaminated": len(planted["contaminated_lines"]),
+        }
         state["train_mb"] = round((workdir / "train.jsonl").stat().st_size / 2**20)
         save()
         print(f"built {a.records} records ({state['train_mb']} MB) in {state['build_seconds']} s", flush=True)
@@ -232,9 +279,16 @@ def main() -> None:
             res = run_ray(workdir, w, a.object_store_mb)
             state[f"ray{w}"] = res
             save()
-            print(f"ray, {w} worker CPU(s): {res['seconds']} s (train {res['train_seconds']} s), stages {res['stages']}", flush=True)
-    out = {"benchmark": "data_ray", "records": state["records"], "seed": state["seed"],
-           "machine": "2 vCPU AMD EPYC, 24 GB, no GPU (one machine: the Ray 'cluster' is a head on loopback)"}
+            print(
+                f"ray, {w} worker CPU(s): {res['seconds']} s (train {res['train_seconds']} s), stages {res['stages']}",
+                flush=True,
+            )
+    out = {
+        "benchmark": "data_ray",
+        "records": state["records"],
+        "seed": state["seed"],
+        "machine": "2 vCPU AMD EPYC, 24 GB, no GPU (one machine: the Ray 'cluster' is a head on loopback)",
+    }
     local = state.get("local")
     if local:
         out["local_seconds"] = local["seconds"]

@@ -68,7 +68,11 @@ def load_sentences() -> list[str]:
     out: dict[str, None] = {}
     for path in sorted(DATASETS.glob("*.json*")):
         text = path.read_text(encoding="utf-8")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        records = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
         for s in _strings(records):
             for sent in re.split(r"(?<=[.!?])\s+", " ".join(s.split())):
                 if 4 <= len(sent.split()) <= 40 and "{{" not in sent:
@@ -277,18 +281,25 @@ def run_pass(workdir: Path, mode: str) -> dict:
 
     spent = {"near_duplicate_groups": 0.0, "contaminated_indices": 0.0}
     for fname in spent:  # time the in-memory pass's detectors (it looks them up on the module)
+
         def timed(*args, _f=getattr(dedup, fname), _name=fname, **kw):
             t = time.perf_counter()
             try:
                 return _f(*args, **kw)
             finally:
                 spent[_name] += time.perf_counter() - t
+
         setattr(dedup, fname, timed)
     ooc = OutOfCore(enabled=mode == "ooc")
     out = workdir / f"out-{mode}"
     t0 = time.perf_counter()
-    checks = validate.Checks(near_dup_threshold=THRESHOLD, near_dup_shingle=SHINGLE, near_dup_action="drop",
-                             contamination_action="drop", pii="report")
+    checks = validate.Checks(
+        near_dup_threshold=THRESHOLD,
+        near_dup_shingle=SHINGLE,
+        near_dup_action="drop",
+        contamination_action="drop",
+        pii="report",
+    )
     ev = validate.validate_dataset(workdir / "eval.jsonl", out, name="eval", checks=checks, ooc=ooc)
     eval_texts = validate.clean_texts(Path(ev["clean_path"]))
     report = validate.validate_dataset(workdir / "train.jsonl", out, checks=checks, eval_texts=eval_texts, ooc=ooc)
@@ -317,9 +328,22 @@ def run_pass(workdir: Path, mode: str) -> dict:
         "contamination_seconds": round(spent["contaminated_indices"], 2) if mode == "memory" else None,
         "groups": groups,
         "contaminated_lines": sorted(cont_lines),
-        "report": {k: report.get(k) for k in ("format", "records", "valid", "invalid", "duplicates",
-                                               "near_duplicates", "contaminated", "near_duplicate_groups",
-                                               "pii", "pii_records", "digest")},
+        "report": {
+            k: report.get(k)
+            for k in (
+                "format",
+                "records",
+                "valid",
+                "invalid",
+                "duplicates",
+                "near_duplicates",
+                "contaminated",
+                "near_duplicate_groups",
+                "pii",
+                "pii_records",
+                "digest",
+            )
+        },
         "clean_sha256": _sha256(Path(report["clean_path"])),
         "quarantine_sha256": _sha256(Path(report["quarantine_path"])),
         # maxrss of this process plus that of its largest child (worker processes)
@@ -351,8 +375,13 @@ def _tree_rss_kb(pid: int) -> int:
 def run_pass_child(workdir: Path, mode: str) -> dict:
     """run_pass in a fresh process, its process tree's RSS polled every 0.2 s."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, __file__, "--records", "0", "--_pass", str(workdir), "--_mode", mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--records", "0", "--_pass", str(workdir), "--_mode", mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     peak = 0
     while True:
         try:
@@ -433,7 +462,9 @@ def baseline(workdir: Path, m: int, near_pairs: list[tuple[int, int]]) -> dict:
     groups = dedup.near_duplicate_groups(texts, threshold=THRESHOLD, shingle_size=SHINGLE, num_perm=NUM_PERM)
     tl_seconds = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    groups1 = dedup.near_duplicate_groups(texts, threshold=THRESHOLD, shingle_size=SHINGLE, num_perm=NUM_PERM, workers=1)
+    groups1 = dedup.near_duplicate_groups(
+        texts, threshold=THRESHOLD, shingle_size=SHINGLE, num_perm=NUM_PERM, workers=1
+    )
     tl1_seconds, tl1_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     # recall of planted near pairs inside the first m records, for both (datasketch: candidate pairs,
@@ -491,10 +522,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, required=True, help="number of training records to build")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--baseline-records", type=int, default=None, help="records for the datasketch comparison (default min(N, 100000); 0 skips it)")
+    ap.add_argument(
+        "--baseline-records",
+        type=int,
+        default=None,
+        help="records for the datasketch comparison (default min(N, 100000); 0 skips it)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the data (default: a temp dir)")
-    ap.add_argument("--in-memory", choices=("auto", "yes", "no"), default="auto",
-                    help="also run the old in-memory pass on the same data, side by side (auto: up to 2,000,000 records)")
+    ap.add_argument(
+        "--in-memory",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also run the old in-memory pass on the same data, side by side (auto: up to 2,000,000 records)",
+    )
     ap.add_argument("--delete-data", action="store_true", help="delete the generated data and outputs at the end")
     ap.add_argument("--_pass", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_mode", default="ooc", help=argparse.SUPPRESS)
@@ -509,12 +549,18 @@ def main() -> None:
     planted = build(a.records, a.seed, workdir)
     build_seconds = time.perf_counter() - t0
     size_mb = (workdir / "train.jsonl").stat().st_size / 2**20
-    print(f"built {a.records} records ({size_mb:.0f} MB, mean {planted['mean_chars']:.0f} chars of message text) "
-          f"in {build_seconds:.1f} s under {workdir}", flush=True)
-    print(f"planted: {len(planted['exact_pairs'])} exact copies, {len(planted['near_pairs'])} near copies "
-          f"(shingle Jaccard of up to 5,000 of them: min {planted['near_jaccard_min']:.3f}, mean {planted['near_jaccard_mean']:.3f}), "
-          f"{len(planted['contaminated_lines'])} eval records pasted into train, PII {planted['pii_planted']}; "
-          f"base records: max Jaccard of 2,000 random pairs {planted['base_jaccard_max']:.3f}", flush=True)
+    print(
+        f"built {a.records} records ({size_mb:.0f} MB, mean {planted['mean_chars']:.0f} chars of message text) "
+        f"in {build_seconds:.1f} s under {workdir}",
+        flush=True,
+    )
+    print(
+        f"planted: {len(planted['exact_pairs'])} exact copies, {len(planted['near_pairs'])} near copies "
+        f"(shingle Jaccard of up to 5,000 of them: min {planted['near_jaccard_min']:.3f}, mean {planted['near_jaccard_mean']:.3f}), "
+        f"{len(planted['contaminated_lines'])} eval records pasted into train, PII {planted['pii_planted']}; "
+        f"base records: max Jaccard of 2,000 random pairs {planted['base_jaccard_max']:.3f}",
+        flush=True,
+    )
 
     modes = ["ooc"] + (["memory"] if a.in_memory == "yes" or (a.in_memory == "auto" and a.records <= 2_000_000) else [])
     results = {}
@@ -523,14 +569,26 @@ def main() -> None:
         res.update(score(res, planted))
         results[mode] = res
         name = "out-of-core pass (default)" if mode == "ooc" else "in-memory pass (OutOfCore(enabled=False))"
-        extra = (f" (of which near_duplicate_groups {res['near_dup_seconds']} s, contaminated_indices "
-                 f"{res['contamination_seconds']} s)") if mode == "memory" else ""
-        print(f"{name}: {res['seconds']:.1f} s{extra}, peak RSS of the process tree {res['peak_rss_tree_mb']:.0f} MB "
-              f"(maxrss process + largest worker {res['maxrss_mb']:.0f} MB, main process {res['maxrss_self_mb']:.0f} MB)", flush=True)
+        extra = (
+            (
+                f" (of which near_duplicate_groups {res['near_dup_seconds']} s, contaminated_indices "
+                f"{res['contamination_seconds']} s)"
+            )
+            if mode == "memory"
+            else ""
+        )
+        print(
+            f"{name}: {res['seconds']:.1f} s{extra}, peak RSS of the process tree {res['peak_rss_tree_mb']:.0f} MB "
+            f"(maxrss process + largest worker {res['maxrss_mb']:.0f} MB, main process {res['maxrss_self_mb']:.0f} MB)",
+            flush=True,
+        )
         print(f"  report: {res['report']}")
-        print(f"  near duplicates: {len(res['groups'])} groups; recall {res['near_dup_recall']}, precision "
-              f"{res['near_dup_precision']} ({res['near_pairs_found']} pairs found); contamination: "
-              f"{res['contamination_found']}/{res['contamination_planted']} planted found, {res['contamination_false']} others flagged", flush=True)
+        print(
+            f"  near duplicates: {len(res['groups'])} groups; recall {res['near_dup_recall']}, precision "
+            f"{res['near_dup_precision']} ({res['near_pairs_found']} pairs found); contamination: "
+            f"{res['contamination_found']}/{res['contamination_planted']} planted found, {res['contamination_false']} others flagged",
+            flush=True,
+        )
     ooc = results["ooc"]
     out = {
         "records": a.records,
@@ -539,8 +597,17 @@ def main() -> None:
         "seconds": ooc["seconds"],
         "peak_rss_mb": ooc["peak_rss_tree_mb"],
         "maxrss_mb": ooc["maxrss_mb"],
-        **{k: ooc[k] for k in ("near_dup_recall", "near_dup_precision", "contamination_recall", "contamination_found",
-                               "contamination_planted", "contamination_false")},
+        **{
+            k: ooc[k]
+            for k in (
+                "near_dup_recall",
+                "near_dup_precision",
+                "contamination_recall",
+                "contamination_found",
+                "contamination_planted",
+                "contamination_false",
+            )
+        },
         "near_jaccard_min": round(planted["near_jaccard_min"], 4),
         "near_jaccard_mean": round(planted["near_jaccard_mean"], 4),
         "base_jaccard_max": round(planted["base_jaccard_max"], 4),
@@ -555,11 +622,19 @@ def main() -> None:
             "report": mem["report"] == ooc["report"],
             "groups": mem["groups"] == ooc["groups"],
         }
-        out["in_memory"] = {"seconds": mem["seconds"], "peak_rss_mb": mem["peak_rss_tree_mb"], "maxrss_mb": mem["maxrss_mb"],
-                            "near_dup_seconds": mem["near_dup_seconds"], "contamination_seconds": mem["contamination_seconds"]}
+        out["in_memory"] = {
+            "seconds": mem["seconds"],
+            "peak_rss_mb": mem["peak_rss_tree_mb"],
+            "maxrss_mb": mem["maxrss_mb"],
+            "near_dup_seconds": mem["near_dup_seconds"],
+            "contamination_seconds": mem["contamination_seconds"],
+        }
         out["same_as_in_memory"] = same
-        print(f"side by side at {a.records}: out of core {ooc['seconds']:.1f} s / {ooc['peak_rss_tree_mb']:.0f} MB, "
-              f"in memory {mem['seconds']:.1f} s / {mem['peak_rss_tree_mb']:.0f} MB; identical: {same}", flush=True)
+        print(
+            f"side by side at {a.records}: out of core {ooc['seconds']:.1f} s / {ooc['peak_rss_tree_mb']:.0f} MB, "
+            f"in memory {mem['seconds']:.1f} s / {mem['peak_rss_tree_mb']:.0f} MB; identical: {same}",
+            flush=True,
+        )
     m = min(a.records, 100_000) if a.baseline_records is None else min(a.baseline_records, a.records)
     if m > 0:
         try:
@@ -568,9 +643,11 @@ def main() -> None:
             print("datasketch is not installed (pip install -e '.[bench]'): baseline skipped")
         else:
             ratio = base["datasketch_seconds"] / base["tuneloop_seconds"]
-            print(f"near-dup on the first {m} records: datasketch {base['datasketch_seconds']} s, tuneloop "
-                  f"{base['tuneloop_seconds']} s (1 worker: {base['tuneloop_1worker_seconds']} s) -> {ratio:.1f}x; "
-                  f"recall datasketch {base['datasketch_recall']}, tuneloop {base['tuneloop_recall_on_baseline_records']}")
+            print(
+                f"near-dup on the first {m} records: datasketch {base['datasketch_seconds']} s, tuneloop "
+                f"{base['tuneloop_seconds']} s (1 worker: {base['tuneloop_1worker_seconds']} s) -> {ratio:.1f}x; "
+                f"recall datasketch {base['datasketch_recall']}, tuneloop {base['tuneloop_recall_on_baseline_records']}"
+            )
             out["throughput_ratio_vs_datasketch"] = round(ratio, 2)
             out["throughput_ratio_1worker"] = round(base["datasketch_seconds"] / base["tuneloop_1worker_seconds"], 2)
             out.update(base)

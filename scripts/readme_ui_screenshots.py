@@ -43,10 +43,15 @@ def main() -> None:
         runs = httpx.get(server.url + "/api/runs", timeout=30).json()["runs"]
         blocked = next((r["run_id"] for r in runs if r["status"] == "failed"), None)
         if blocked is None:
-            sys.exit(f"{root} has no blocked run: run `tuneloop run tuneloop.yaml -o gates.min_accuracy=0.97` there first")
+            sys.exit(
+                f"{root} has no blocked run: run `tuneloop run tuneloop.yaml -o gates.min_accuracy=0.97` there first"
+            )
         for lang, suffix in (("en-US", ""), ("zh-CN", ".zh-CN")):
             with ui_browser.launch(args.out / f".chromium-{lang}", lang=lang, width=1400, height=900) as page:
-                for name, route, testid in (("runs", "#/runs", "runs-table"), ("gates", f"#/runs/{blocked}/gates", "gate-table")):
+                for name, route, testid in (
+                    ("runs", "#/runs", "runs-table"),
+                    ("gates", f"#/runs/{blocked}/gates", "gate-table"),
+                ):
                     page.goto(server.url + "/" + route)
                     page.wait_for(f"document.querySelector('[data-testid={testid}]')", what=testid)
                     page.eval("new Promise(r => setTimeout(r, 800))")  # charts finish drawing

@@ -31,7 +31,9 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     texts = general_corpus(300, seed=1) + [m["content"] for r in task_records(200, seed=1) for m in r["messages"]]
     tok = make_tokenizer(texts, vocab_size=600)
-    model = make_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
+    model = make_model(
+        tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0
+    )
     model.save_pretrained(out)
     save_tokenizer(tok, out)
     return out
@@ -66,7 +68,9 @@ def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo") / "demo"
     r = subprocess.run(
         [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(workdir), "--json", "--lang", "en"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if r.returncode == 0:
         shutil.copytree(workdir, workdir.parent / "pristine", symlinks=True)
@@ -106,7 +110,15 @@ def make_config(tmp_path, tiny_model, task_data):
             "base_model": str(tiny_model),
             "seed": 0,
             "data": {"train_data": str(task_data[0]), "eval_data": str(task_data[1]), "max_length": 96},
-            "train": {"method": "lora", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-3, "max_steps": 6, "batch_size": 8, "save_steps": 3},
+            "train": {
+                "method": "lora",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "learning_rate": 1e-3,
+                "max_steps": 6,
+                "batch_size": 8,
+                "save_steps": 3,
+            },
             "eval": {"max_new_tokens": 4},
             "gates": {"min_accuracy": 0.0, "max_harmful_rate": 1.0, "max_capability_drop": 1.0},
             "deploy": {"auto_deploy": True},

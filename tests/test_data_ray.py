@@ -46,9 +46,23 @@ def cluster(tmp_path_factory):
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
     proc = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-         "--num-cpus=2", f"--object-store-memory={200 << 20}", "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--include-dashboard=false",
+            "--num-cpus=2",
+            f"--object-store-memory={200 << 20}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 60
     while ray_engine.unreachable(address, timeout=1.0) is not None:
@@ -77,7 +91,9 @@ def cluster(tmp_path_factory):
 
 
 def _words(rng: random.Random, n: int) -> str:
-    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(n))
+    return " ".join(
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(n)
+    )
 
 
 def _chat(u: str, a: str) -> dict:
@@ -119,7 +135,9 @@ def dataset(tmp_path_factory):
                 f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
                 if rng.random() < 0.01:
                     f.write("\n")  # blank lines are skipped, line numbers still count them
-    pq.write_table(pa.table({"messages": [r["messages"] for r in c if isinstance(r, dict)]}), root / "train" / "c.parquet")
+    pq.write_table(
+        pa.table({"messages": [r["messages"] for r in c if isinstance(r, dict)]}), root / "train" / "c.parquet"
+    )
     with open(root / "eval.jsonl", "w", encoding="utf-8") as f:
         for r in evals:
             f.write(json.dumps(r) + "\n")
@@ -127,13 +145,17 @@ def dataset(tmp_path_factory):
 
 
 def _data(dataset: Path, **kw) -> DataConfig:
-    return DataConfig(train_data=str(dataset / "train"), eval_data=str(dataset / "eval.jsonl"), near_dup_threshold=0.8, **kw)
+    return DataConfig(
+        train_data=str(dataset / "train"), eval_data=str(dataset / "eval.jsonl"), near_dup_threshold=0.8, **kw
+    )
 
 
 def _same(local_out: Path, ray_out: Path, local, checked) -> None:
     for split, rep in local.items():
         other = dict(checked.items())[split]
-        assert {k: v for k, v in rep.items() if k not in PATHS} == {k: v for k, v in other.items() if k not in PATHS}, split
+        assert {k: v for k, v in rep.items() if k not in PATHS} == {k: v for k, v in other.items() if k not in PATHS}, (
+            split
+        )
         for suffix in ("clean.jsonl", "quarantine.jsonl"):
             name = Path(rep["clean_path"]).name.replace("clean.jsonl", suffix)
             assert (local_out / name).read_bytes() == (ray_out / name).read_bytes(), name
@@ -155,7 +177,8 @@ def test_ray_engine_equals_local(cluster, dataset, tmp_path, monkeypatch):
     shards = pq.read_table(tr["clean_shards"]).sort_by("ord")
     clean = [json.loads(x) for x in Path(tr["clean_path"]).read_text(encoding="utf-8").splitlines()]
     assert [json.loads(x) for x in shards["record"].to_pylist()] == [
-        {k: v for k, v in r.items() if k not in ("_line", "_file")} for r in clean]
+        {k: v for k, v in r.items() if k not in ("_line", "_file")} for r in clean
+    ]
     assert shards["line"].to_pylist() == [r["_line"] for r in clean]
     assert pq.read_table(tr["quarantine_shards"]).num_rows == tr["records"] - tr["valid"]
 
@@ -163,8 +186,9 @@ def test_ray_engine_equals_local(cluster, dataset, tmp_path, monkeypatch):
 def test_worker_killed_mid_pass_is_retried(cluster, dataset, tmp_path):
     marker = tmp_path / "killed-once"
     local = check_splits(_data(dataset), tmp_path / "local")
-    checked = ray_engine.check_splits_ray(_data(dataset, engine="ray", ray_address=cluster), tmp_path / "ray",
-                                          fail_marker=str(marker))
+    checked = ray_engine.check_splits_ray(
+        _data(dataset, engine="ray", ray_address=cluster), tmp_path / "ray", fail_marker=str(marker)
+    )
     assert marker.exists()  # a worker did kill itself during the read/rules map stage
     _same(tmp_path / "local", tmp_path / "ray", local, checked)
 
@@ -184,7 +208,9 @@ def _compare(tmp_path: Path, cluster: str, source, **kw) -> dict:
     other = ray_engine.validate_dataset_ray(source, tmp_path / "ray", data=data, **kw)
     assert {k: v for k, v in local.items() if k not in PATHS} == {k: v for k, v in other.items() if k not in PATHS}
     for suffix in ("clean.jsonl", "quarantine.jsonl"):
-        assert (tmp_path / "local" / f"train.{suffix}").read_bytes() == (tmp_path / "ray" / f"train.{suffix}").read_bytes()
+        assert (tmp_path / "local" / f"train.{suffix}").read_bytes() == (
+            tmp_path / "ray" / f"train.{suffix}"
+        ).read_bytes()
     return other
 
 
@@ -225,21 +251,39 @@ def test_kto_sources_and_overlong_equal_local(cluster, tmp_path):
 
 def _config(tmp_path: Path, dataset: Path, address: str) -> Path:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"name: t\nbase_model: {tmp_path / 'no-model'}\ntrain_data: {dataset / 'train'}\n"
-                   f"data:\n  engine: ray\n  ray_address: '{address}'\n", encoding="utf-8")
+    cfg.write_text(
+        f"name: t\nbase_model: {tmp_path / 'no-model'}\ntrain_data: {dataset / 'train'}\n"
+        f"data:\n  engine: ray\n  ray_address: '{address}'\n",
+        encoding="utf-8",
+    )
     return cfg
 
 
 def test_unreachable_cluster_is_exit_2_naming_it(dataset, tmp_path):
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "data", "validate", str(_config(tmp_path, dataset, address)),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneloop.cli",
+            "data",
+            "validate",
+            str(_config(tmp_path, dataset, address)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert address in r.stderr and "ray start --head" in r.stderr
     assert not (tmp_path / "o" / "train.clean.jsonl").exists()  # before any work
     assert time.time() - t < 60
-    assert ray_engine.ray_problems(_data(dataset, engine="ray", ray_address=address))[0].startswith("data.ray_address: cannot reach")
+    assert ray_engine.ray_problems(_data(dataset, engine="ray", ray_address=address))[0].startswith(
+        "data.ray_address: cannot reach"
+    )
 
 
 def test_without_ray_is_exit_2_with_the_install_line(dataset, tmp_path, monkeypatch):

@@ -14,7 +14,14 @@ import sys
 import pytest
 
 from tuneloop.demo import showcase_tickets
-from tuneloop.demo_assets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records, write_demo_data
+from tuneloop.demo_assets import (
+    LABELS,
+    NEW_INTENT,
+    new_intent_records,
+    production_tickets,
+    task_records,
+    write_demo_data,
+)
 
 
 # `quick_demo` (tests/conftest.py): `tuneloop demo --quick --json` once per test session, shared with the UI tests.
@@ -52,7 +59,9 @@ def test_quick_demo_runs_iteration_one_and_fine_tuning_clearly_helps(quick_demo)
     # Unchanged re-run of the same demo: the base model is re-used and every stage is cached.
     again = subprocess.run(
         [sys.executable, "-m", "tuneloop.cli", "run", str(workdir / "tuneloop.yaml"), "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0
     assert all(s["cached"] for s in json.loads(again.stdout)["stages"].values())
@@ -75,8 +84,12 @@ def test_showcase_tickets_one_held_out_ticket_per_label(tmp_path):
 def test_loop_demo_closes_the_loop_and_the_analysis_promotes_iteration_two(quick_demo):
     workdir, quick = quick_demo  # the loop after the quick demo, in its directory (as the README runs them)
     assert quick.returncode == 0, quick.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json", "--lang", "en"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "demo", "--workdir", str(workdir), "--json", "--lang", "en"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout)  # exactly one JSON document on stdout
     assert out["overall"] == "passed"
@@ -150,7 +163,9 @@ def test_loop_demo_starts_from_an_empty_registry_and_refuses_a_workspace_it_did_
         fresh_workspace(tmp_path, Console(quiet=True))
     assert (ws / "registry.db").exists()  # nothing removed
 
-    (tmp_path / "tuneloop.yaml").write_text(DEMO_HEADER + " Run it again with: tuneloop run tuneloop.yaml\nname: support-router\n")
+    (tmp_path / "tuneloop.yaml").write_text(
+        DEMO_HEADER + " Run it again with: tuneloop run tuneloop.yaml\nname: support-router\n"
+    )
     fresh_workspace(tmp_path, Console(quiet=True))
     assert sorted(p.name for p in ws.iterdir()) == ["cache"] and (ws / "cache" / "training" / "k").is_dir()
     assert not (tmp_path / "feedback").exists()

@@ -39,8 +39,10 @@ def render(lang: str, width: int = 200) -> str:
     print_demo_end(console, quick, quick=True, lang=lang)
     for summary, key in zip(loop["iterations"], ("loop.iteration1", "loop.iteration2.sft")):
         label = MESSAGES[lang][key]
-        console.print(iteration_line(summary, label, summary["overall"], Path(summary["run_dir"]) / "report.html", lang),
-                      soft_wrap=True)
+        console.print(
+            iteration_line(summary, label, summary["overall"], Path(summary["run_dir"]) / "report.html", lang),
+            soft_wrap=True,
+        )
     print_closing(console, loop, lang)
     print_demo_end(console, loop, quick=False, lang=lang)
     return buf.getvalue()
@@ -50,7 +52,14 @@ def data_strings() -> list[str]:
     """What the summary shows as data, the same in every language: tickets, answers, labels, refs, ids, paths,
     metric keys, stage names, the rollout's metric names."""
     quick, loop = RECORDED["quick"], RECORDED["loop"]
-    out = [quick["demo"]["url"], quick["demo"]["model"], quick["pipeline"], quick["run_id"], quick["run_dir"], loop["report"]]
+    out = [
+        quick["demo"]["url"],
+        quick["demo"]["model"],
+        quick["pipeline"],
+        quick["run_id"],
+        quick["run_dir"],
+        loop["report"],
+    ]
     for t in quick["demo"]["tickets"]:
         out += [t["ticket"] if len(t["ticket"]) <= 70 else t["ticket"][:67] + "...", repr(t["answer"]), t["expected"]]
     for s in [quick, *loop["iterations"]]:
@@ -103,16 +112,29 @@ def test_the_chinese_summary_has_no_english_sentence_and_the_same_numbers():
     assert ENGLISH_RUN.search(without_data(en))
     left = ENGLISH_RUN.findall(without_data(zh))
     assert not left, f"English left in the Chinese summary: {left}\n{zh}"
-    assert "演示完成，用时 47 秒" in zh and "闭环完成" in zh and "统计分析在金丝雀 52 个、基线 492 个请求后做出决定：晋升" in zh
+    assert (
+        "演示完成，用时 47 秒" in zh
+        and "闭环完成" in zh
+        and "统计分析在金丝雀 52 个、基线 492 个请求后做出决定：晋升" in zh
+    )
     assert len(CJK.findall(zh)) > 100
     assert numbers(zh) == numbers(en), (numbers(en) - numbers(zh), numbers(zh) - numbers(en))
     # gate-free data stays as it is: refs, run ids, stage names, the tickets themselves
-    for s in ("support-router:2", RECORDED["quick"]["run_id"], "data_validation", RECORDED["quick"]["demo"]["tickets"][0]["ticket"]):
+    for s in (
+        "support-router:2",
+        RECORDED["quick"]["run_id"],
+        "data_validation",
+        RECORDED["quick"]["demo"]["tickets"][0]["ticket"],
+    ):
         assert s in zh
 
 
 def test_demo_lang_flag_is_checked_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(tmp_path / "d"), "--lang", "fr"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "demo", "--quick", "--workdir", str(tmp_path / "d"), "--lang", "fr"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "use en (English) or zh" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "d").exists()

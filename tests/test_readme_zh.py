@@ -54,8 +54,10 @@ def test_the_quickstart_and_web_ui_commands_are_in_the_chinese_readme(heading):
     wanted = [c for block in bash_blocks(section(read("README.md"), heading)) for c in commands(block)]
     assert wanted, f"README.md's {heading} has no bash block"
     missing = [c for c in wanted if c not in zh_command_lines()]
-    assert not missing, (f"commands of README.md's {heading} that README.zh-CN.md lacks (copy them; translate the comments "
-                         "only):\n" + "\n".join(missing))
+    assert not missing, (
+        f"commands of README.md's {heading} that README.zh-CN.md lacks (copy them; translate the comments "
+        "only):\n" + "\n".join(missing)
+    )
 
 
 def test_each_readme_links_the_other_at_the_top():

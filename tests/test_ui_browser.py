@@ -41,6 +41,7 @@ _HARNESS_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>harn
 @pytest.fixture
 def harness_server():
     """A one-page server on loopback for the driver's own test."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             body = _HARNESS_PAGE if self.path == "/" else b"not found"
@@ -62,8 +63,14 @@ def harness_server():
 
 
 def cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], cwd=root, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,9 @@ def ui_workspace(quick_demo_pristine, tmp_path_factory):
         pytest.skip(ui_browser.skip_reason())
     root = tmp_path_factory.mktemp("ui") / "demo"
     shutil.copytree(quick_demo_pristine, root, symlinks=True)
-    r = cli(root, "run", "tuneloop.yaml", "-o", "gates.min_accuracy=0.97", "-o", "gates.max_capability_drop=0.001", "--json")
+    r = cli(
+        root, "run", "tuneloop.yaml", "-o", "gates.min_accuracy=0.97", "-o", "gates.max_capability_drop=0.001", "--json"
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     blocked = json.loads(r.stdout)
     assert blocked["stages"]["evaluation"]["status"] == "failed", blocked["stages"]["evaluation"]
@@ -108,10 +117,16 @@ def catalog(lang: str) -> dict[str, str]:
 def settle(page: ui_browser.Page, testid: str | None = None, timeout: float = 20) -> None:
     """Wait until the page has drawn: no panel still says Loading (in either language), and ``testid`` is there."""
     loading = json.dumps([catalog("en")["app.loading"], catalog("zh")["app.loading"]])
-    page.wait_for(f"document.querySelector('main') && !Array.from(document.querySelectorAll('main p')).some("
-                  f"p => {loading}.includes(p.textContent.trim()))", timeout=timeout, what="every panel to load")
+    page.wait_for(
+        f"document.querySelector('main') && !Array.from(document.querySelectorAll('main p')).some("
+        f"p => {loading}.includes(p.textContent.trim()))",
+        timeout=timeout,
+        what="every panel to load",
+    )
     if testid:
-        page.wait_for(f"document.querySelector('[data-testid=\"{testid}\"]')", timeout=timeout, what=f"[data-testid={testid}]")
+        page.wait_for(
+            f"document.querySelector('[data-testid=\"{testid}\"]')", timeout=timeout, what=f"[data-testid={testid}]"
+        )
 
 
 def open_page(page: ui_browser.Page, url: str, route: str, testid: str | None = None) -> None:
@@ -124,8 +139,10 @@ def set_language(page: ui_browser.Page, lang: str) -> None:
     """Pick a language in the header's switch, as a person does; wait until the navigation speaks it."""
     page.select("[data-testid=lang-switch]", lang)
     want = catalog(lang)["nav.runs"]
-    page.wait_for(f"document.querySelector('[data-testid=nav-runs]').textContent.trim() === {json.dumps(want)}",
-                  what=f"the navigation in {lang}")
+    page.wait_for(
+        f"document.querySelector('[data-testid=nav-runs]').textContent.trim() === {json.dumps(want)}",
+        what=f"the navigation in {lang}",
+    )
     settle(page)
 
 
@@ -137,7 +154,9 @@ def untranslated_labels(page: ui_browser.Page) -> list[str]:
             .map(n => n.nodeType === 3 ? n.textContent : (n.tagName === 'SPAN' ? n.textContent : '')).join(''))
       ].map(s => s.trim()).filter(s => s)""")
     names = {"tuneloop", "n", "A", "B", "English", "report.html"}  # names, the diff's two sides, the language option
-    ident = re.compile(r"^(?=.*[\d:_@/.\[\]-])[\w.:@/\[\]()-]+$")  # a ref, run id, gate or metric name: data, not a label
+    ident = re.compile(
+        r"^(?=.*[\d:_@/.\[\]-])[\w.:@/\[\]()-]+$"
+    )  # a ref, run id, gate or metric name: data, not a label
     return [s for s in texts if not CJK.search(s) and s not in names and not ident.match(s) and MODEL not in s]
 
 
@@ -162,14 +181,18 @@ def test_the_driver_types_clicks_reads_and_takes_screenshots(harness_server, tmp
 @needs_browser
 def test_the_gate_table_of_a_blocked_run_names_each_gate_with_its_interval(page, ui_url, ui_workspace):
     _, blocked = ui_workspace
-    error = blocked["stages"]["evaluation"]["error"]  # the pipeline's own words: "max_capability_drop FAIL: ... [lo, hi]"
+    error = blocked["stages"]["evaluation"][
+        "error"
+    ]  # the pipeline's own words: "max_capability_drop FAIL: ... [lo, hi]"
     open_page(page, ui_url, f"#/runs/{blocked['run_id']}/gates", "gate-table")
     for gate, verdict in (("max_capability_drop", "FAIL"), ("min_accuracy", "INCONCLUSIVE")):
         lo, hi = re.search(rf"{gate} {verdict}: .*?interval \[([\d.e-]+), ([\d.e-]+)\]", error).groups()
-        row = f"[data-testid=gate-row][data-gate=\"{gate}\"]"
+        row = f'[data-testid=gate-row][data-gate="{gate}"]'
         assert page.text(f"{row} [data-testid=gate-name]").strip() == gate
         shown = page.text(f"{row} [data-testid=gate-interval]")
-        assert [float(x) for x in re.findall(r"[\d.]+(?:e-?\d+)?", shown)] == pytest.approx([float(lo), float(hi)], rel=1e-3), shown
+        assert [float(x) for x in re.findall(r"[\d.]+(?:e-?\d+)?", shown)] == pytest.approx(
+            [float(lo), float(hi)], rel=1e-3
+        ), shown
         assert verdict in page.text(f"{row} [data-testid=gate-verdict]")
     assert page.exists("[data-testid=gate-chart]")
     assert not page.errors, page.errors
@@ -181,8 +204,12 @@ def test_the_lineage_graph_has_the_versions_data_digest(page, ui_url, ui_workspa
     shown = json.loads(cli(root, "models", "show", f"{MODEL}:1", "--json").stdout)
     digests = {shown["lineage"]["data"]["train_digest"], shown["lineage"]["data"]["eval_digest"]}
     open_page(page, ui_url, f"#/models/{MODEL}/1", "lineage-graph")
-    on_page = set(page.eval("Array.from(document.querySelectorAll('[data-testid=lineage-node][data-kind=data]'))"
-                            ".map(e => e.getAttribute('data-digest'))"))
+    on_page = set(
+        page.eval(
+            "Array.from(document.querySelectorAll('[data-testid=lineage-node][data-kind=data]'))"
+            ".map(e => e.getAttribute('data-digest'))"
+        )
+    )
     assert digests <= on_page, (digests, on_page)
     kinds = page.eval("Array.from(document.querySelectorAll('[data-testid=lineage-node]')).map(e => e.dataset.kind)")
     assert {"data", "run", "version"} <= set(kinds), kinds
@@ -198,8 +225,10 @@ def test_promote_with_a_reason_is_an_event_in_models_lineage(page, ui_url, ui_wo
     page.type("[data-testid=promote-reason]", reason)
     page.click("[data-testid=promote-submit]")
     loading = json.dumps([catalog("en")["app.loading"], catalog("zh")["app.loading"]])
-    page.wait_for(f"(s => s && !{loading}.includes(s))(document.querySelector('[data-testid=promote-result]').textContent.trim())",
-                  what="the promote result")
+    page.wait_for(
+        f"(s => s && !{loading}.includes(s))(document.querySelector('[data-testid=promote-result]').textContent.trim())",
+        what="the promote result",
+    )
     assert "staging" in page.text("[data-testid=promote-result]")
     events = json.loads(cli(root, "models", "lineage", f"{MODEL}:1", "--json").stdout)["events"]
     promoted = [e for e in events if e["kind"] == "promoted" and e["reason"] == reason]
@@ -218,8 +247,10 @@ def test_a_bad_override_is_shown_at_its_field_and_nothing_starts(page, ui_url, u
     page.type("[data-testid=override-key]", "train.learning_rate")
     page.type("[data-testid=override-value]", "fast")
     page.click("[data-testid=start-submit]")
-    field = "[data-testid=override-error][data-key=\"train.learning_rate\"]"
-    message = page.wait_for(f"(e => e && e.textContent.trim())(document.querySelector('{field}'))", what="the field's error")
+    field = '[data-testid=override-error][data-key="train.learning_rate"]'
+    message = page.wait_for(
+        f"(e => e && e.textContent.trim())(document.querySelector('{field}'))", what="the field's error"
+    )
     assert "fast" in message or "number" in message.lower() or "float" in message.lower(), message
     assert httpx.get(ui_url + "api/launches", timeout=10).json()["launches"] == []  # nothing was started
 

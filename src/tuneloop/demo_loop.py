@@ -57,7 +57,13 @@ FEEDBACK_WEIGHT = 1.0
 #: learning rate 1e-3 -> eval accuracy 0.97 -> 0.22 (blocked by the gate); 3e-4 -> 0.36; 2e-4 -> 0.59; 1e-4 -> 0.93,
 #: passing, but the new intent went 0/60 -> 2/60 (SFT on the same feedback: 54/60; benchmarks/kto_feedback.py). KTO keeps what the
 #: model does well; it did not teach this tiny model a label it never produced (docs/benchmarks.md).
-KTO_TRAIN: dict[str, Any] = {"objective": "kto", "kto_beta": 0.1, "learning_rate": 1e-4, "num_epochs": 3, "batch_size": 8}
+KTO_TRAIN: dict[str, Any] = {
+    "objective": "kto",
+    "kto_beta": 0.1,
+    "learning_rate": 1e-4,
+    "num_epochs": 3,
+    "batch_size": 8,
+}
 USERS = 200
 CLIENT_THREADS = 8
 ROUND = 64
@@ -89,9 +95,15 @@ class TrafficStats:
 
     def to_dict(self) -> dict[str, Any]:
         acc = {k: round(self.right_by_intent[k] / n, 4) for k, n in self.by_intent.items() if n}
-        return {"requests": self.sent, "failed": self.failed, "by_intent": dict(self.by_intent), "accuracy_by_intent": acc,
-                "by_version": dict(self.by_version), "ratings": {"+1": self.ratings[1], "-1": self.ratings[-1]},
-                "corrections": self.corrections}
+        return {
+            "requests": self.sent,
+            "failed": self.failed,
+            "by_intent": dict(self.by_intent),
+            "accuracy_by_intent": acc,
+            "by_version": dict(self.by_version),
+            "ratings": {"+1": self.ratings[1], "-1": self.ratings[-1]},
+            "corrections": self.corrections,
+        }
 
 
 class SimulatedUsers:
@@ -115,9 +127,14 @@ class SimulatedUsers:
     def ask(self, model: str, ticket: dict[str, Any], user: str) -> tuple[str, str, str]:
         """(answer, request id, answering version) of one chat completion."""
         raw = self.client.chat.completions.with_raw_response.create(
-            model=model, messages=ticket["messages"], max_tokens=4, temperature=0, user=user)
+            model=model, messages=ticket["messages"], max_tokens=4, temperature=0, user=user
+        )
         body = raw.parse()
-        return (body.choices[0].message.content or "").strip(), raw.headers["x-request-id"], raw.headers["x-tuneloop-version"]
+        return (
+            (body.choices[0].message.content or "").strip(),
+            raw.headers["x-request-id"],
+            raw.headers["x-tuneloop-version"],
+        )
 
     def one(self, model: str, ticket: dict[str, Any], user: str, stats: TrafficStats, rate: bool) -> None:
         from tuneloop.evaluate.judges import normalise_answer
@@ -144,7 +161,9 @@ class SimulatedUsers:
                 stats.ratings[feedback["rating"]] += 1
                 stats.corrections += not right
 
-    def send(self, model: str, tickets: list[dict[str, Any]], *, rate: bool = True, stats: TrafficStats | None = None) -> TrafficStats:
+    def send(
+        self, model: str, tickets: list[dict[str, Any]], *, rate: bool = True, stats: TrafficStats | None = None
+    ) -> TrafficStats:
         stats = stats or TrafficStats()
         users = [f"agent-{(self.next_user + i) % USERS}" for i in range(len(tickets))]
         self.next_user += len(tickets)
@@ -163,8 +182,10 @@ def rates_right_answer(ticket: dict[str, Any]) -> bool:
 def held_out_new_intent() -> list[dict[str, Any]]:
     from tuneloop.demo_assets import new_intent_records
 
-    return [{"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": "new"}
-            for r in new_intent_records(HELD_OUT_NEW, seed=0, split="eval")]
+    return [
+        {"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": "new"}
+        for r in new_intent_records(HELD_OUT_NEW, seed=0, split="eval")
+    ]
 
 
 def training_tickets(train_path: Path) -> list[str]:
@@ -190,25 +211,48 @@ def check_drift(log, train_path: Path, since: float, console, lang: str = "en") 
     sentences = [s.split("{")[0].lower()[:20] for s in NEW_INTENT["sentences"]]
     new_top = sum(1 for ex in result.examples if any(s in ex.prompt.lower() for s in sentences))
     console.print(f"  {result.summary()}")  # the drift check's own sentence (English in every language this round)
-    console.print(msg(lang, "loop.drift.top", new_top=new_top, top=len(result.examples), intent=NEW_INTENT["name"],
-                      example=repr(result.examples[0].prompt[:90])) if result.examples else "")
+    console.print(
+        msg(
+            lang,
+            "loop.drift.top",
+            new_top=new_top,
+            top=len(result.examples),
+            intent=NEW_INTENT["name"],
+            example=repr(result.examples[0].prompt[:90]),
+        )
+        if result.examples
+        else ""
+    )
     return {**result.to_dict(), "new_intent_in_top": new_top}
 
 
 def export(log, cfg, out_dir: Path, since: float, console, lang: str = "en") -> dict[str, Any]:
     from tuneloop.feedback.export import eval_texts_for_config, export_feedback
+
     result = export_feedback(log, out_dir, since=since, model=cfg.model_name, eval_texts=eval_texts_for_config(cfg))
     counts = result.manifest["counts"]
-    dropped = ", ".join(f"{n} {rule}" for rule, n in counts["sft"].get("dropped", {}).items()) or msg(lang, "loop.export.none")
-    console.print(msg(lang, "loop.export", sft=result.sft_records, dpo=result.dpo_records, path=out_dir, dropped=dropped))
-    return {"dir": str(out_dir), "sft_records": result.sft_records, "dpo_records": result.dpo_records, "counts": counts,
-            "manifest": str(result.manifest_path)}
+    dropped = ", ".join(f"{n} {rule}" for rule, n in counts["sft"].get("dropped", {}).items()) or msg(
+        lang, "loop.export.none"
+    )
+    console.print(
+        msg(lang, "loop.export", sft=result.sft_records, dpo=result.dpo_records, path=out_dir, dropped=dropped)
+    )
+    return {
+        "dir": str(out_dir),
+        "sft_records": result.sft_records,
+        "dpo_records": result.dpo_records,
+        "counts": counts,
+        "manifest": str(result.manifest_path),
+    }
 
 
-def canary_traffic(users: SimulatedUsers, reg, model: str, rollout_id: str, console, lang: str = "en") -> dict[str, Any]:
+def canary_traffic(
+    users: SimulatedUsers, reg, model: str, rollout_id: str, console, lang: str = "en"
+) -> dict[str, Any]:
     """Tickets until the rollout ends (the gateway decides every ``tick_interval_s``); each decision that moved
     the rollout (a step up, the promotion or a rollback) is printed with the requests sent until then."""
     from tuneloop.demo_assets import production_tickets
+
     t0, stats, shown = time.time(), TrafficStats(), 0
     tickets = iter(production_tickets(20000, seed=2, new_share=NEW_SHARE))
     console.print(msg(lang, "loop.canary.start", model=model, rollout_id=rollout_id))
@@ -216,17 +260,39 @@ def canary_traffic(users: SimulatedUsers, reg, model: str, rollout_id: str, cons
         record = reg.get_rollout(model, rollout_id)
         moves = moving_decisions(reg, model, rollout_id)
         for d in moves[shown:]:
-            console.print(msg(lang, "loop.canary.move", sent=stats.sent, seconds=f"{time.time() - t0:.1f}", action=d["action"],
-                              weight=f"{d['weight']:.0%}", canary=d["canary_requests"], baseline=d["baseline_requests"],
-                              reason=d["reason"]), highlight=False)
+            console.print(
+                msg(
+                    lang,
+                    "loop.canary.move",
+                    sent=stats.sent,
+                    seconds=f"{time.time() - t0:.1f}",
+                    action=d["action"],
+                    weight=f"{d['weight']:.0%}",
+                    canary=d["canary_requests"],
+                    baseline=d["baseline_requests"],
+                    reason=d["reason"],
+                ),
+                highlight=False,
+            )
         shown = len(moves)
         if record["status"] != "running" or time.time() - t0 > CANARY_TIMEOUT_S:
             break
         users.send(model, [next(tickets) for _ in range(ROUND)], stats=stats)
     if record["status"] == "running":
-        console.print(msg(lang, "loop.canary.stuck", seconds=f"{CANARY_TIMEOUT_S:.0f}",
-                          reason=(record.get("last_decision") or {}).get("reason")))
-    return {"status": record["status"], "decisions": moves, "traffic": stats.to_dict(), "seconds": round(time.time() - t0, 1)}
+        console.print(
+            msg(
+                lang,
+                "loop.canary.stuck",
+                seconds=f"{CANARY_TIMEOUT_S:.0f}",
+                reason=(record.get("last_decision") or {}).get("reason"),
+            )
+        )
+    return {
+        "status": record["status"],
+        "decisions": moves,
+        "traffic": stats.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def moving_decisions(reg, model: str, rollout_id: str) -> list[dict[str, Any]]:
@@ -235,25 +301,42 @@ def moving_decisions(reg, model: str, rollout_id: str) -> list[dict[str, Any]]:
     out = []
     for e in reg.events(model):
         d = e["details"]
-        decided = e["kind"] in ("rollout_decision", "rollout_ended") and (d.get("decision") or {}).get("action", "continue") != "continue"
+        decided = (
+            e["kind"] in ("rollout_decision", "rollout_ended")
+            and (d.get("decision") or {}).get("action", "continue") != "continue"
+        )
         if decided and d.get("rollout_id") == rollout_id:
             out.append({k: v for k, v in d["decision"].items() if k != "metrics"})
     return out
 
 
 def rollout_summary(reg, model: str, rollout_id: str, watched: dict[str, Any]) -> dict[str, Any]:
-    ended = [e for e in reg.events(model) if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == rollout_id]
+    ended = [
+        e for e in reg.events(model) if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == rollout_id
+    ]
     decision = ended[-1]["details"].get("decision", {}) if ended else {}
-    return {"rollout_id": rollout_id, "decision": watched["status"], "reason": decision.get("reason"),
-            "canary_requests": decision.get("canary_requests"), "baseline_requests": decision.get("baseline_requests"),
-            "statistics": decision.get("metrics", {}), "decisions": watched["decisions"], "traffic": watched["traffic"],
-            "seconds": watched["seconds"]}
+    return {
+        "rollout_id": rollout_id,
+        "decision": watched["status"],
+        "reason": decision.get("reason"),
+        "canary_requests": decision.get("canary_requests"),
+        "baseline_requests": decision.get("baseline_requests"),
+        "statistics": decision.get("metrics", {}),
+        "decisions": watched["decisions"],
+        "traffic": watched["traffic"],
+        "seconds": watched["seconds"],
+    }
 
 
 def accuracy(users: SimulatedUsers, ref: str, tickets: list[dict[str, Any]]) -> dict[str, Any]:
     stats = users.send(ref, tickets, rate=False)
-    return {"ref": ref, "right": stats.right_by_intent["new"], "tickets": stats.by_intent["new"],
-            "accuracy": round(stats.right_by_intent["new"] / max(1, stats.by_intent["new"]), 4), "failed": stats.failed}
+    return {
+        "ref": ref,
+        "right": stats.right_by_intent["new"],
+        "tickets": stats.by_intent["new"],
+        "accuracy": round(stats.right_by_intent["new"] / max(1, stats.by_intent["new"]), 4),
+        "failed": stats.failed,
+    }
 
 
 def fresh_workspace(workdir: Path, console, lang: str = "en") -> None:
@@ -268,7 +351,9 @@ def fresh_workspace(workdir: Path, console, lang: str = "en") -> None:
     if not ws.exists():
         return
     if not (config.is_file() and config.read_text(encoding="utf-8").startswith(DEMO_HEADER)):
-        raise InputError(f"{workdir} holds a tuneloop workspace that `tuneloop demo` did not make; pass --workdir with another directory")
+        raise InputError(
+            f"{workdir} holds a tuneloop workspace that `tuneloop demo` did not make; pass --workdir with another directory"
+        )
     for path in [*ws.iterdir(), workdir / "feedback"]:
         if path.name in ("cache", "locks") or not path.exists():
             continue
@@ -282,8 +367,9 @@ def run_iteration(config_path: Path, label: str, console, lang: str = "en"):
 
     console.rule(msg(lang, "loop.iteration.rule", label=label, config=config_path.name))
     result = run_ci(config_path, console=console)
-    console.print(iteration_line(result.summary, label, result.overall, result.report_path, lang),
-                  soft_wrap=True)  # the path stays whole (copyable) at any width
+    console.print(
+        iteration_line(result.summary, label, result.overall, result.report_path, lang), soft_wrap=True
+    )  # the path stays whole (copyable) at any width
     return result
 
 
@@ -293,10 +379,12 @@ def iteration_line(summary: dict[str, Any], label: str, overall: str, report_pat
     sources = summary["stages"].get("preprocessing", {}).get("metrics", {}).get("sources") or []
     trained = " + ".join(msg(lang, "loop.iteration.source", path=s["path"], samples=s["samples"]) for s in sources)
     acc = original_accuracy(summary)
-    return (msg(lang, "loop.iteration.result", label=label, overall=word(lang, "status", overall))
-            + (msg(lang, "loop.iteration.accuracy", accuracy=f"{acc:.3f}") if acc is not None else "")
-            + (msg(lang, "loop.iteration.trained", sources=trained) if trained else "")
-            + msg(lang, "loop.iteration.version", version=summary.get("model_version"), path=report_path))
+    return (
+        msg(lang, "loop.iteration.result", label=label, overall=word(lang, "status", overall))
+        + (msg(lang, "loop.iteration.accuracy", accuracy=f"{acc:.3f}") if acc is not None else "")
+        + (msg(lang, "loop.iteration.trained", sources=trained) if trained else "")
+        + msg(lang, "loop.iteration.version", version=summary.get("model_version"), path=report_path)
+    )
 
 
 def original_accuracy(summary: dict[str, Any]) -> float | None:
@@ -312,10 +400,20 @@ def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console, lan
     traffic = users.send(cfg.model_name, production_tickets(FIRST_TRAFFIC, seed=1, new_share=NEW_SHARE))
     gw.recorder.flush(timeout=10.0)
     t = traffic.to_dict()
-    console.print(msg(lang, "loop.production", requests=t["requests"], new=t["by_intent"].get("new", 0), intent=NEW_INTENT["name"],
-                         original_acc=f"{t['accuracy_by_intent'].get('original', 0):.0%}",
-                         new_acc=f"{t['accuracy_by_intent'].get('new', 0):.0%}", up=t["ratings"]["+1"], down=t["ratings"]["-1"],
-                         corrections=t["corrections"]))
+    console.print(
+        msg(
+            lang,
+            "loop.production",
+            requests=t["requests"],
+            new=t["by_intent"].get("new", 0),
+            intent=NEW_INTENT["name"],
+            original_acc=f"{t['accuracy_by_intent'].get('original', 0):.0%}",
+            new_acc=f"{t['accuracy_by_intent'].get('new', 0):.0%}",
+            up=t["ratings"]["+1"],
+            down=t["ratings"]["-1"],
+            corrections=t["corrections"],
+        )
+    )
     console.rule(msg(lang, "loop.drift.rule"))
     drift = check_drift(gw.request_log, workdir / "data" / "train.jsonl", since, console, lang)
     console.rule(msg(lang, "loop.export.rule"))
@@ -345,10 +443,18 @@ def run_loop(workdir: Path, *, console, objective: str = "sft", lang: str = "en"
     fresh_workspace(workdir, console, lang)
     base, source = build_base(workdir, console)
     console.print(msg(lang, "demo.base", source=word(lang, "source", source), path=base))
-    write_demo_data(workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0)
+    write_demo_data(
+        workdir / "data", n_train=RECOMMENDED["data"]["n_train"], n_eval=RECOMMENDED["data"]["n_eval"], seed=0
+    )
     config_path = write_config(workdir, canary=CANARY_POLICY)
-    result: dict[str, Any] = {"overall": "failed", "workdir": str(workdir), "config": str(config_path), "base_model_source": source,
-                              "iterations": [], "objective": objective}
+    result: dict[str, Any] = {
+        "overall": "failed",
+        "workdir": str(workdir),
+        "config": str(config_path),
+        "base_model_source": source,
+        "iterations": [],
+        "objective": objective,
+    }
     first = run_iteration(config_path, msg(lang, "loop.iteration1"), console, lang)
     result["iterations"].append(first.summary)
     result["phase_seconds"] = {"setup_and_iteration_1": round(time.perf_counter() - t0, 1)}
@@ -381,14 +487,24 @@ def loop_problem(result: dict[str, Any]) -> str | None:
     return None
 
 
-def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: Path, console, result: dict,
-                    objective: str = "sft", lang: str = "en") -> dict[str, Any]:
-    from tuneloop.demo import write_config
+def loop_on_gateway(
+    users: SimulatedUsers,
+    gw,
+    cfg,
+    workdir: Path,
+    config_path: Path,
+    console,
+    result: dict,
+    objective: str = "sft",
+    lang: str = "en",
+) -> dict[str, Any]:
     from tuneloop.registry.api import open_registry
 
     model, held_out = cfg.model_name, held_out_new_intent()
-    out: dict[str, Any] = {"new_intent_accuracy": {"before": None, "after": None},
-                           "original_accuracy": {"before": original_accuracy(result["iterations"][0]), "after": None}}
+    out: dict[str, Any] = {
+        "new_intent_accuracy": {"before": None, "after": None},
+        "original_accuracy": {"before": original_accuracy(result["iterations"][0]), "after": None},
+    }
     phases, mark = result["phase_seconds"], time.perf_counter()
     before = accuracy(users, f"{model}:1", held_out)
     out["new_intent_accuracy"]["before"] = before["accuracy"]
@@ -396,8 +512,11 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     out.update(production_phase(users, gw, cfg, workdir, console, lang))
     phases["production_drift_export"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     write_iteration_2(workdir, Path(out["feedback_export"]["dir"]), model, objective)
-    label = (msg(lang, "loop.iteration2.sft") if objective == "sft"
-             else msg(lang, "loop.iteration2.kto", ref=f"{model}@champion"))
+    label = (
+        msg(lang, "loop.iteration2.sft")
+        if objective == "sft"
+        else msg(lang, "loop.iteration2.kto", ref=f"{model}@champion")
+    )
     second = run_iteration(config_path, label, console, lang)
     result["iterations"].append(second.summary)
     out["original_accuracy"]["after"] = original_accuracy(second.summary)
@@ -407,7 +526,9 @@ def loop_on_gateway(users: SimulatedUsers, gw, cfg, workdir: Path, config_path: 
     console.rule(msg(lang, "loop.canary.rule", version=second.summary["model_version"]))
     reg = open_registry(cfg, Path(second.summary["run_dir"]).parents[1])
     rollout_id = second.rollout["rollout_id"]
-    out["rollout"] = rollout_summary(reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console, lang))
+    out["rollout"] = rollout_summary(
+        reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console, lang)
+    )
     after = accuracy(users, second.summary["model_version"], held_out)
     out["new_intent_accuracy"]["after"] = after["accuracy"]
     phases["canary_and_after"] = round(time.perf_counter() - mark, 1)
@@ -420,11 +541,17 @@ def write_iteration_2(workdir: Path, feedback_dir: Path, model: str, objective: 
     from tuneloop.demo import write_config
 
     if objective == "kto":
-        return write_config(workdir, canary=CANARY_POLICY, train=KTO_TRAIN, base_model=f"{model}@champion",
-                            train_data=(feedback_dir / "kto.jsonl").relative_to(workdir).as_posix())
+        return write_config(
+            workdir,
+            canary=CANARY_POLICY,
+            train=KTO_TRAIN,
+            base_model=f"{model}@champion",
+            train_data=(feedback_dir / "kto.jsonl").relative_to(workdir).as_posix(),
+        )
     sft = (feedback_dir / "sft.jsonl").relative_to(workdir).as_posix()
-    return write_config(workdir, canary=CANARY_POLICY,
-                        train_data=["data/train.jsonl", {"path": sft, "weight": FEEDBACK_WEIGHT}])
+    return write_config(
+        workdir, canary=CANARY_POLICY, train_data=["data/train.jsonl", {"path": sft, "weight": FEEDBACK_WEIGHT}]
+    )
 
 
 def stats_line(name: str, st: dict[str, Any], lang: str = "en") -> str:
@@ -432,13 +559,28 @@ def stats_line(name: str, st: dict[str, Any], lang: str = "en") -> str:
     c, b = st["canary"], st["baseline"]
     hi = st["interval"][1]
     bound = msg(lang, "stats.bound", hi=f"{hi:.2f}") if hi is not None else msg(lang, "stats.unbounded")
-    non_inferior = msg(lang, f"bool.{str(bool(st['non_inferior'])).lower()}") if st["non_inferior"] is not None else "None"
-    return msg(lang, "stats.line", name=name, c_events=c["events"], c_requests=c["requests"], c_rate=f"{c['rate']:.1%}",
-                  b_events=b["events"], b_requests=b["requests"], b_rate=f"{b['rate']:.1%}", bound=bound,
-                  margin=st["max_ratio"], non_inferior=non_inferior)
+    non_inferior = (
+        msg(lang, f"bool.{str(bool(st['non_inferior'])).lower()}") if st["non_inferior"] is not None else "None"
+    )
+    return msg(
+        lang,
+        "stats.line",
+        name=name,
+        c_events=c["events"],
+        c_requests=c["requests"],
+        c_rate=f"{c['rate']:.1%}",
+        b_events=b["events"],
+        b_requests=b["requests"],
+        b_rate=f"{b['rate']:.1%}",
+        bound=bound,
+        margin=st["max_ratio"],
+        non_inferior=non_inferior,
+    )
 
 
-def finish(result: dict[str, Any], t0: float, console, problem: str | None, passed: bool = False, lang: str = "en") -> dict[str, Any]:
+def finish(
+    result: dict[str, Any], t0: float, console, problem: str | None, passed: bool = False, lang: str = "en"
+) -> dict[str, Any]:
     result["overall"] = "passed" if passed else "failed"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if problem:
@@ -459,10 +601,25 @@ def print_closing(console, result: dict[str, Any], lang: str = "en") -> None:
     ro = result.get("rollout") or {}
     console.rule(msg(lang, "loop.closed.rule"))
     if ro:
-        console.print(msg(lang, "loop.closed.rollout", decision=word(lang, "decision", ro["decision"]),
-                             canary=ro.get("canary_requests"), baseline=ro.get("baseline_requests")))
+        console.print(
+            msg(
+                lang,
+                "loop.closed.rollout",
+                decision=word(lang, "decision", ro["decision"]),
+                canary=ro.get("canary_requests"),
+                baseline=ro.get("baseline_requests"),
+            )
+        )
         for name, st in (ro.get("statistics") or {}).items():
             console.print(f"    {stats_line(name, st, lang)}", highlight=False)
     if na.get("after") is not None:
-        console.print(msg(lang, "loop.closed.accuracy", new_before=f"{na['before']:.2f}", new_after=f"{na['after']:.2f}",
-                             orig_before=f"{oa['before']:.3f}", orig_after=f"{oa['after']:.3f}"))
+        console.print(
+            msg(
+                lang,
+                "loop.closed.accuracy",
+                new_before=f"{na['before']:.2f}",
+                new_after=f"{na['after']:.2f}",
+                orig_before=f"{oa['before']:.3f}",
+                orig_after=f"{oa['after']:.3f}",
+            )
+        )

@@ -15,7 +15,7 @@ JSON of ``--json`` is the same in every language. The web UI's catalogs are sepa
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 LANGS = ("en", "zh")
 
@@ -66,8 +66,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "loop.iteration.version": "; version {version}; report {path}",
         "loop.before": "  iteration 1 ({ref}) on {tickets} held-out new-intent tickets: {right} right",
         "loop.production.rule": "[bold]production[/]: simulated users on the gateway",
-        "loop.production": ("  {requests} tickets ({new} of them {intent}, an intent iteration 1 never saw); right: original "
-                            "{original_acc}, new {new_acc}; ratings +1 {up}, -1 {down} with {corrections} corrections"),
+        "loop.production": (
+            "  {requests} tickets ({new} of them {intent}, an intent iteration 1 never saw); right: original "
+            "{original_acc}, new {new_acc}; ratings +1 {up}, -1 {down} with {corrections} corrections"
+        ),
         "loop.drift.rule": "[bold]drift[/]: production prompts against the training tickets",
         "loop.drift.top": "  {new_top} of the {top} most drifted production prompts are {intent} tickets, e.g. {example}",
         "loop.export.rule": "[bold]feedback export[/]: rated and corrected answers become data",
@@ -75,8 +77,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "loop.export.none": "none",
         "loop.canary.rule": "[bold]canary[/]: {version}, decided by the gateway's analysis",
         "loop.canary.start": "  {model} canary {rollout_id} started at 5 %",
-        "loop.canary.move": ("  {sent:>5} requests sent, {seconds:>5} s: {action} to {weight} after {canary} canary / "
-                             "{baseline} baseline requests: {reason}"),
+        "loop.canary.move": (
+            "  {sent:>5} requests sent, {seconds:>5} s: {action} to {weight} after {canary} canary / "
+            "{baseline} baseline requests: {reason}"
+        ),
         "loop.canary.stuck": "  [red]still running after {seconds} s[/]: {reason}",
         "loop.failed": "[red]demo failed[/]: {problem}",
         "loop.closed.rule": "[bold]the loop, closed[/]",
@@ -86,8 +90,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "decision.rolled_back": "rolled back",
         "decision.aborted": "aborted",
         "decision.running": "still running",
-        "stats.line": ("{name}: canary {c_events}/{c_requests} ({c_rate}), baseline {b_events}/{b_requests} ({b_rate}); "
-                       "{bound}, margin {margin}; non-inferior: {non_inferior}"),
+        "stats.line": (
+            "{name}: canary {c_events}/{c_requests} ({c_rate}), baseline {b_events}/{b_requests} ({b_rate}); "
+            "{bound}, margin {margin}; non-inferior: {non_inferior}"
+        ),
         "stats.bound": "ratio <= {hi}",
         "stats.unbounded": "ratio unbounded (no events)",
         "bool.true": "True",
@@ -136,8 +142,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "loop.iteration.version": "；版本 {version}；报告 {path}",
         "loop.before": "  第 1 轮迭代（{ref}）在 {tickets} 条留出的新意图工单上答对 {right} 条",
         "loop.production.rule": "[bold]生产[/]：模拟用户通过网关发送请求",
-        "loop.production": ("  共 {requests} 条工单（其中 {new} 条属于 {intent}，第 1 轮迭代从未见过的意图）；准确率：原有意图 "
-                            "{original_acc}，新意图 {new_acc}；评分 +1 共 {up} 条，-1 共 {down} 条，附 {corrections} 条纠正"),
+        "loop.production": (
+            "  共 {requests} 条工单（其中 {new} 条属于 {intent}，第 1 轮迭代从未见过的意图）；准确率：原有意图 "
+            "{original_acc}，新意图 {new_acc}；评分 +1 共 {up} 条，-1 共 {down} 条，附 {corrections} 条纠正"
+        ),
         "loop.drift.rule": "[bold]漂移[/]：生产提示词与训练工单对比",
         "loop.drift.top": "  漂移最明显的 {top} 条生产提示词中有 {new_top} 条是 {intent} 工单，例如 {example}",
         "loop.export.rule": "[bold]反馈导出[/]：带评分和纠正的回答变成数据",
@@ -145,8 +153,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "loop.export.none": "无",
         "loop.canary.rule": "[bold]金丝雀发布[/]：{version}，由网关的统计分析决定",
         "loop.canary.start": "  {model} 的金丝雀发布 {rollout_id} 已启动，流量 5 %",
-        "loop.canary.move": ("  已发送 {sent:>5} 个请求，{seconds:>5} 秒：{action}，流量调到 {weight}（依据金丝雀 {canary} 个 / "
-                             "基线 {baseline} 个请求）：{reason}"),
+        "loop.canary.move": (
+            "  已发送 {sent:>5} 个请求，{seconds:>5} 秒：{action}，流量调到 {weight}（依据金丝雀 {canary} 个 / "
+            "基线 {baseline} 个请求）：{reason}"
+        ),
         "loop.canary.stuck": "  [red]{seconds} 秒后仍在运行[/]：{reason}",
         "loop.failed": "[red]演示失败[/]：{problem}",
         "loop.closed.rule": "[bold]闭环完成[/]",
@@ -156,8 +166,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "decision.rolled_back": "回滚",
         "decision.aborted": "中止",
         "decision.running": "仍在运行",
-        "stats.line": ("{name}：金丝雀 {c_events}/{c_requests}（{c_rate}），基线 {b_events}/{b_requests}（{b_rate}）；"
-                       "{bound}，容限 {margin}；非劣效：{non_inferior}"),
+        "stats.line": (
+            "{name}：金丝雀 {c_events}/{c_requests}（{c_rate}），基线 {b_events}/{b_requests}（{b_rate}）；"
+            "{bound}，容限 {margin}；非劣效：{non_inferior}"
+        ),
         "stats.bound": "比值 ≤ {hi}",
         "stats.unbounded": "比值无上界（无事件）",
         "bool.true": "是",

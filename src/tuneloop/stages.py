@@ -218,8 +218,24 @@ def data_validation_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return inputs
 
 
-_DATA_METRICS = ("format", "records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped",
-                 "overlong_dropped", "valid_ratio", "duplicate_ratio", "contamination_ratio", "pii", "pii_records_kept", "digest", "rules")
+_DATA_METRICS = (
+    "format",
+    "records",
+    "valid",
+    "invalid",
+    "duplicates",
+    "near_duplicates",
+    "contaminated",
+    "pii_dropped",
+    "overlong_dropped",
+    "valid_ratio",
+    "duplicate_ratio",
+    "contamination_ratio",
+    "pii",
+    "pii_records_kept",
+    "digest",
+    "rules",
+)
 
 
 def _check_data(cfg: PipelineConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -240,7 +256,13 @@ def _check_data(cfg: PipelineConfig, out: Path) -> tuple[dict[str, Any], dict[st
         metrics.update({p + k: rep[k] for k in _DATA_METRICS})
         if "sources" in rep:  # data.train_data as a list: per source its records read and kept
             metrics[p + "sources"] = rep["sources"]
-        outputs.update({f"{split}_clean": rep["clean_path"], f"{split}_quarantine": rep["quarantine_path"], f"{split}_report": rep["report_path"]})
+        outputs.update(
+            {
+                f"{split}_clean": rep["clean_path"],
+                f"{split}_quarantine": rep["quarantine_path"],
+                f"{split}_report": rep["report_path"],
+            }
+        )
     return metrics, outputs
 
 
@@ -259,7 +281,9 @@ def data_validation(ctx: StageContext, _upstream: None = None) -> DataResult:
             raise StageError(f"{key}: {problem}")
     entry = ctx.cache(PipelineStage.DATA_VALIDATION, data_validation_inputs(c), lambda out: _check_data(c, out))
     out = entry.outputs
-    checked = SplitReports(read_json(Path(out["train_report"])), read_json(Path(out["eval_report"])) if "eval_report" in out else None)
+    checked = SplitReports(
+        read_json(Path(out["train_report"])), read_json(Path(out["eval_report"])) if "eval_report" in out else None
+    )
     verdict = gate_splits(checked, d, report_dir=ctx.run_dir / "data" if ctx.run_dir is not None else None)
     problems = list(verdict.failures)
     objective = objective_of(c)
@@ -270,11 +294,20 @@ def data_validation(ctx: StageContext, _upstream: None = None) -> DataResult:
         elif split == "train" and objective.data == "kto" and report["valid"]:
             from tuneloop.data.prepare import kto_label_counts
 
-            problems += filter(None, [kto_label_problem(f"{path} (after validation)", *kto_label_counts(Path(out["train_clean"])))])
-    gates = gate_records({s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()})
+            problems += filter(
+                None, [kto_label_problem(f"{path} (after validation)", *kto_label_counts(Path(out["train_clean"])))]
+            )
+    gates = gate_records(
+        {s: r["gates"] for s, r in verdict.reports.items()}, {s: r["records"] for s, r in verdict.reports.items()}
+    )
     outcome = Outcome(entry.key, {**entry.metrics, "gates": gates}, out, entry.cached, "; ".join(problems))
-    return DataResult(outcome, Path(out["train_clean"]), Path(out["eval_clean"]) if out.get("eval_clean") else None,
-                      entry.metrics["digest"], entry.metrics.get("eval_digest"))
+    return DataResult(
+        outcome,
+        Path(out["train_clean"]),
+        Path(out["eval_clean"]) if out.get("eval_clean") else None,
+        entry.metrics["digest"],
+        entry.metrics.get("eval_digest"),
+    )
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
@@ -303,35 +336,75 @@ def _prepare(cfg: PipelineConfig, data: DataResult, out: Path) -> tuple[dict[str
     tok = load_tokenizer(cfg.base_model, cfg.data.chat_template)
     sources = cfg.data.train_sources if isinstance(cfg.data.train_data, list) else None
     if uses_preferences(cfg):
-        metrics = prepare_preferences(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed,
-                                      sources=sources, objective=cfg.train.objective)
+        metrics = prepare_preferences(
+            data.train_clean,
+            data.eval_clean,
+            out,
+            eval_split=cfg.data.eval_split,
+            seed=cfg.seed,
+            sources=sources,
+            objective=cfg.train.objective,
+        )
     elif objective_of(cfg).data == "kto":
-        metrics = prepare_kto(data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
+        metrics = prepare_kto(
+            data.train_clean, data.eval_clean, out, eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources
+        )
     elif objective_of(cfg).data == "prompts":
         from tuneloop.data.prepare import prepare_prompts
 
-        metrics = prepare_prompts(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
-                                  eval_split=cfg.data.eval_split, seed=cfg.seed, sources=sources)
+        metrics = prepare_prompts(
+            tok,
+            data.train_clean,
+            data.eval_clean,
+            out,
+            max_length=cfg.data.max_length,
+            eval_split=cfg.data.eval_split,
+            seed=cfg.seed,
+            sources=sources,
+        )
     else:
-        metrics = prepare_dataset(tok, data.train_clean, data.eval_clean, out, max_length=cfg.data.max_length,
-                                  eval_split=cfg.data.eval_split, seed=cfg.seed, train_on_inputs=cfg.train.train_on_inputs,
-                                  sources=sources)
+        metrics = prepare_dataset(
+            tok,
+            data.train_clean,
+            data.eval_clean,
+            out,
+            max_length=cfg.data.max_length,
+            eval_split=cfg.data.eval_split,
+            seed=cfg.seed,
+            train_on_inputs=cfg.train.train_on_inputs,
+            sources=sources,
+        )
     save_tokenizer(tok, out / "tokenizer")
-    outputs = {"train_dataset": "train", "eval_items": "eval.jsonl", "tokenizer": "tokenizer", "dropped": "dropped.jsonl",
-               "train_records": "train_records.jsonl", "eval_records": "eval_records.jsonl"}
+    outputs = {
+        "train_dataset": "train",
+        "eval_items": "eval.jsonl",
+        "tokenizer": "tokenizer",
+        "dropped": "dropped.jsonl",
+        "train_records": "train_records.jsonl",
+        "eval_records": "eval_records.jsonl",
+    }
     return metrics, {k: str(out / v) for k, v in outputs.items()}
 
 
 def preprocessing(ctx: StageContext, data: DataResult) -> PreparedData:
     """Chat template, tokenization (prompt masked), max length, eval split; preference pairs for DPO."""
-    entry = ctx.cache(PipelineStage.PREPROCESSING, preprocessing_inputs(ctx.cfg, data), lambda out: _prepare(ctx.cfg, data, out))
+    entry = ctx.cache(
+        PipelineStage.PREPROCESSING, preprocessing_inputs(ctx.cfg, data), lambda out: _prepare(ctx.cfg, data, out)
+    )
     out, error = entry.outputs, ""
     if entry.metrics["train_samples"] == 0:
         error = f"no training samples left after tokenization; see {out['dropped']}"
     elif entry.metrics["eval_samples"] == 0:
         error = "no evaluation items (each needs a final assistant turn); add data.eval_data or more training records"
-    return PreparedData(Outcome(entry.key, entry.metrics, out, entry.cached, error), data, Path(out["train_dataset"]), Path(out["eval_items"]),
-                        Path(out["tokenizer"]), Path(out["train_records"]), Path(out["eval_records"]))
+    return PreparedData(
+        Outcome(entry.key, entry.metrics, out, entry.cached, error),
+        data,
+        Path(out["train_dataset"]),
+        Path(out["eval_items"]),
+        Path(out["tokenizer"]),
+        Path(out["train_records"]),
+        Path(out["eval_records"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -365,7 +438,9 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
     if c.train.backend == "command":
         from tuneloop.train.external import run_command
 
-        metrics = run_command(c, {"train_records": str(prep.train_records), "eval_records": str(prep.eval_records)}, out, tok)
+        metrics = run_command(
+            c, {"train_records": str(prep.train_records), "eval_records": str(prep.eval_records)}, out, tok
+        )
         return metrics, {**outputs, "kind": metrics["kind"]}
     if c.train.backend == "mlx":
         from tuneloop.train.mlx_backend import train_mlx
@@ -384,7 +459,9 @@ def _train(ctx: StageContext, prep: PreparedData, out: Path) -> tuple[dict[str, 
         if c.train.num_processes > 1 or c.train.accelerate_config:
             from tuneloop.train.launch import train_distributed
 
-            metrics = train_distributed(c, prep.train_dataset, out, tokenizer_dir=str(prep.tokenizer), progress=bar.update)
+            metrics = train_distributed(
+                c, prep.train_dataset, out, tokenizer_dir=str(prep.tokenizer), progress=bar.update
+            )
         else:
             train = objective_of(c).load_trainer()
             metrics = train(c, prep.train_dataset, out, tokenizer=tok, progress=bar.update)
@@ -408,10 +485,17 @@ def _say_resume(ctx: StageContext, ckpt_dir: Path) -> None:
 
 def training(ctx: StageContext, prepared: PreparedData) -> TrainedModel:
     """Train (SFT or DPO; LoRA, QLoRA or full; in process, distributed or an external command); resumable."""
-    entry = ctx.cache(PipelineStage.TRAINING, training_inputs(ctx.cfg, prepared), lambda out: _train(ctx, prepared, out))
+    entry = ctx.cache(
+        PipelineStage.TRAINING, training_inputs(ctx.cfg, prepared), lambda out: _train(ctx, prepared, out)
+    )
     if ctx.run_dir is not None:
         shutil.copyfile(entry.outputs["train_metrics"], ctx.run_dir / "train_metrics.jsonl")
-    return TrainedModel(Outcome(entry.key, entry.metrics, entry.outputs, entry.cached), prepared, Path(entry.outputs["model_dir"]), entry.outputs["kind"])
+    return TrainedModel(
+        Outcome(entry.key, entry.metrics, entry.outputs, entry.cached),
+        prepared,
+        Path(entry.outputs["model_dir"]),
+        entry.outputs["kind"],
+    )
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -421,14 +505,20 @@ def evaluation_inputs(cfg: PipelineConfig, model: TrainedModel, against: str | N
     """``against``: the reference's digest (``"base"`` without a champion), ``None`` unless ``gates.against: champion``."""
     ev = cfg.eval
     suites: dict[str, Any] = {
-        "general": _file_digest(ev.general_text), "redteam": _file_digest(ev.redteam_prompts),
-        "benign": _file_digest(ev.benign_prompts), "mc": _file_digest(ev.mc_suite),
+        "general": _file_digest(ev.general_text),
+        "redteam": _file_digest(ev.redteam_prompts),
+        "benign": _file_digest(ev.benign_prompts),
+        "mc": _file_digest(ev.mc_suite),
         "paths": {s.name: _file_digest(s.path) for s in ev.suites if s.path},
     }
     if any(s.kind == "lmeval" for s in ev.suites):  # lm-eval task YAMLs and their data files
-        suites["lmeval"] = {s.name: model_fingerprint(s.include_path) for s in ev.suites if s.kind == "lmeval" and s.include_path}
+        suites["lmeval"] = {
+            s.name: model_fingerprint(s.include_path) for s in ev.suites if s.kind == "lmeval" and s.include_path
+        }
     if ev.judge.path:
-        suites["judge"] = model_fingerprint(ev.judge.path) if Path(ev.judge.path).is_dir() else _file_digest(ev.judge.path)
+        suites["judge"] = (
+            model_fingerprint(ev.judge.path) if Path(ev.judge.path).is_dir() else _file_digest(ev.judge.path)
+        )
     inputs = {
         "data": model.prepared.outcome.key,
         "model": model.outcome.key,
@@ -474,10 +564,17 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
         if reward:
             return _evaluate_reward_model(ctx, model, reference, note, out)
         with EvalProgress(ctx.console) as bars:
-            metrics, gates = evaluate_candidate(c, model.prepared.eval_items, model.model_dir, out, base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
-                                                progress=lambda what: ctx.say(f"  evaluating {what} ..."), reference=reference,
-                                                preferences=model.prepared.eval_records if uses_preferences(c) else None,
-                                                suite_progress=bars.update)
+            metrics, gates = evaluate_candidate(
+                c,
+                model.prepared.eval_items,
+                model.model_dir,
+                out,
+                base_cache_dir=ctx.ws.cache_dir / "evaluation-base",
+                progress=lambda what: ctx.say(f"  evaluating {what} ..."),
+                reference=reference,
+                preferences=model.prepared.eval_records if uses_preferences(c) else None,
+                suite_progress=bars.update,
+            )
         if note:
             metrics["against_note"] = note
         return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
@@ -486,17 +583,29 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
     gates = entry.outputs["gates"]
     if ctx.run_dir is not None:
         shutil.copyfile(entry.outputs["items"], ctx.run_dir / "eval_items.jsonl")
-    blocked = [f"{name} {g.get('verdict', 'FAIL')}: {g.get('reason', '')}" for name, g in gates.items() if g["passed"] is False]
+    blocked = [
+        f"{name} {g.get('verdict', 'FAIL')}: {g.get('reason', '')}" for name, g in gates.items() if g["passed"] is False
+    ]
     error = "gate blocked: " + "; ".join(blocked) if blocked else ""
-    return EvalResult(Outcome(entry.key, {**entry.metrics, "gates": gates}, entry.outputs, entry.cached, error), model, gates)
+    return EvalResult(
+        Outcome(entry.key, {**entry.metrics, "gates": gates}, entry.outputs, entry.cached, error), model, gates
+    )
 
 
-def _evaluate_reward_model(ctx: StageContext, model: TrainedModel, reference: Any, note: str, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _evaluate_reward_model(
+    ctx: StageContext, model: TrainedModel, reference: Any, note: str, out: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluation's work for a reward model: held-out pairwise accuracy (:mod:`tuneloop.evaluate.reward`)."""
     from tuneloop.evaluate.reward import evaluate_reward_model
 
-    metrics, gates = evaluate_reward_model(ctx.cfg, model.prepared.eval_records, model.model_dir, out, reference=reference,
-                                           progress=lambda what: ctx.say(f"  evaluating {what} ..."))
+    metrics, gates = evaluate_reward_model(
+        ctx.cfg,
+        model.prepared.eval_records,
+        model.model_dir,
+        out,
+        reference=reference,
+        progress=lambda what: ctx.say(f"  evaluating {what} ..."),
+    )
     if note:
         metrics["against_note"] = note
     return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
@@ -531,7 +640,12 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "base_model_given": config_relative(c.base_model, config_dir(c)),
         "base": (base := base_model_ref(c.base_model)),
         "base_model_fingerprint": base["digest"],
-        "data": {"train_digest": data.train_digest, "eval_digest": data.eval_digest, "train_path": c.to_dict()["data"]["train_data"], "eval_path": c.data.eval_data},
+        "data": {
+            "train_digest": data.train_digest,
+            "eval_digest": data.eval_digest,
+            "train_path": c.to_dict()["data"]["train_data"],
+            "eval_path": c.data.eval_data,
+        },
         "config_hash": sha256_json(c.to_dict()),
         "config": c.to_dict(),
         "code_version": code_version(),
@@ -540,7 +654,9 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         "config_path": ctx.config_path,
         "objective": c.train.objective,
     }
-    if objective_of(c).evaluates == "reward":  # a reward model: it scores answers; the gateway does not serve it as a chat model
+    if (
+        objective_of(c).evaluates == "reward"
+    ):  # a reward model: it scores answers; the gateway does not serve it as a chat model
         lineage["kind"] = "reward"
     if c._parent is not None:  # base_model named a registered version (train/parent.py)
         lineage["parent"] = c._parent.lineage()
@@ -550,13 +666,24 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         lineage["rewards"] = reward_inputs(c)
     ev_metrics = {k: v for k, v in evaluated.outcome.metrics.items() if k != "gates"}
     version = open_registry(c, ctx.ws).register(
-        c.model_name, trained.model_dir, artifact_kind=trained.kind, base_model=c.base_model, lineage=lineage,
-        metrics={"training": trained.outcome.metrics, "evaluation": ev_metrics}, gates=evaluated.gates,
-        cache_key=sha256_json([trained.outcome.key, evaluated.outcome.key]), reason=f"passed gates in run {ctx.run_id}",
+        c.model_name,
+        trained.model_dir,
+        artifact_kind=trained.kind,
+        base_model=c.base_model,
+        lineage=lineage,
+        metrics={"training": trained.outcome.metrics, "evaluation": ev_metrics},
+        gates=evaluated.gates,
+        cache_key=sha256_json([trained.outcome.key, evaluated.outcome.key]),
+        reason=f"passed gates in run {ctx.run_id}",
     )
     metrics = {"model": version["model"], "version": version["version"], "artifact_sha256": version["artifact_digest"]}
     outputs = {"ref": version["ref"], "version": version["version"], "artifact_path": version["artifact_path"]}
-    return RegisteredVersion(Outcome(None, metrics, outputs, bool(version.get("existing"))), version["model"], version["version"], version["ref"])
+    return RegisteredVersion(
+        Outcome(None, metrics, outputs, bool(version.get("existing"))),
+        version["model"],
+        version["version"],
+        version["ref"],
+    )
 
 
 # ------------------------------------------------------------------------------------------- deployment
@@ -603,15 +730,28 @@ def canary_deployment(ctx: StageContext, reg: Any, registered: RegisteredVersion
     else:
         notifier = notifier_for(c)
         try:
-            record = controller.start(reg, f"{c.model_name}:{registered.version}", policy=c.deploy.canary.policy_dict(),
-                                      notifier=notifier, reason=f"canary from run {ctx.run_id}")
+            record = controller.start(
+                reg,
+                f"{c.model_name}:{registered.version}",
+                policy=c.deploy.canary.policy_dict(),
+                notifier=notifier,
+                reason=f"canary from run {ctx.run_id}",
+            )
         finally:
             notifier.close(timeout=10.0)
     ref = f"{c.model_name}@canary"
-    metrics = {"strategy": "canary", "rollout_id": record["rollout_id"], "candidate": record["candidate"],
-               "baseline": record["baseline"], "weight": record["weight"]}
-    outputs = {"ref": ref, "serve": f"tuneloop serve {ctx.config_path or ''}".strip(),
-               "wait": f"tuneloop rollout status {c.model_name} --wait"}
+    metrics = {
+        "strategy": "canary",
+        "rollout_id": record["rollout_id"],
+        "candidate": record["candidate"],
+        "baseline": record["baseline"],
+        "weight": record["weight"],
+    }
+    outputs = {
+        "ref": ref,
+        "serve": f"tuneloop serve {ctx.config_path or ''}".strip(),
+        "wait": f"tuneloop rollout status {c.model_name} --wait",
+    }
     return Deployment(Outcome(None, metrics, outputs, cached), "canary", ref)
 
 
@@ -652,7 +792,9 @@ def _path_problems(cfg: PipelineConfig) -> list[str]:
             if problem := source_problem(value):
                 problems.append(f"{key}: {problem}")
         elif not Path(value).is_file():
-            problems.append(f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)")
+            problems.append(
+                f"{key}: file not found: {value}; check the path (relative paths are resolved against the config's directory)"
+            )
     return problems
 
 
@@ -661,16 +803,20 @@ def _vllm_problems(cfg: PipelineConfig) -> list[str]:
     if not cfg.train.use_vllm:
         return []
     if cfg.train.objective != "grpo":
-        return [f"train.use_vllm: generates GRPO's completions; train.objective is {cfg.train.objective}, which generates "
-                "none; remove it"]
+        return [
+            f"train.use_vllm: generates GRPO's completions; train.objective is {cfg.train.objective}, which generates "
+            "none; remove it"
+        ]
     import importlib.util
 
     import torch
 
     problems = []
     if not torch.cuda.is_available():
-        problems.append("train.use_vllm: needs a CUDA GPU (vLLM runs on it next to training), and none is available here; "
-                        "set train.use_vllm: false to generate with transformers")
+        problems.append(
+            "train.use_vllm: needs a CUDA GPU (vLLM runs on it next to training), and none is available here; "
+            "set train.use_vllm: false to generate with transformers"
+        )
     if importlib.util.find_spec("vllm") is None:
         problems.append("train.use_vllm: the vllm package is not installed (pip install vllm, on the GPU machine)")
     return problems
@@ -691,9 +837,13 @@ def _qlora_problems(cfg: PipelineConfig) -> list[str]:
 def _tracker_problems(cfg: PipelineConfig) -> list[str]:
     import importlib.util
 
-    tracker = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}.get(cfg.train.report_to)
+    tracker = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}.get(
+        cfg.train.report_to
+    )
     if tracker and not any(importlib.util.find_spec(m) for m in tracker):
-        return [f"train.report_to: {cfg.train.report_to} is not installed; `pip install {tracker[0]}` or set train.report_to: none"]
+        return [
+            f"train.report_to: {cfg.train.report_to} is not installed; `pip install {tracker[0]}` or set train.report_to: none"
+        ]
     return []
 
 
@@ -730,7 +880,9 @@ def _eval_record_count(cfg: PipelineConfig, cap: int | None) -> tuple[int, str]:
     n_train = _count_records(d.train_sources if isinstance(d.train_data, list) else d.train_data, limit)
     n_eval = max(1, round(n_train * d.eval_split))
     n_eval = 0 if n_train - n_eval < 1 else n_eval
-    return (min(n_eval, cap) if cap else n_eval), f"data.eval_data, or data.eval_split ({d.eval_split:g} of the training records held out)"
+    return (
+        min(n_eval, cap) if cap else n_eval
+    ), f"data.eval_data, or data.eval_split ({d.eval_split:g} of the training records held out)"
 
 
 def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
@@ -753,7 +905,13 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
             n, grow = _eval_record_count(cfg, ev.max_eval_samples)
             return {"reward": SuiteSize("reward", n, grow, unit="pairs")}
         except Exception as exc:
-            return {"reward": SuiteSize("reward", None, note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})")}
+            return {
+                "reward": SuiteSize(
+                    "reward",
+                    None,
+                    note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})",
+                )
+            }
     sizes: dict[str, SuiteSize] = {}
     dpo = uses_preferences(cfg)
     eval_count: tuple[int, str] | None = None
@@ -770,11 +928,17 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
 
     for spec in ev.suites:
         kind = spec.kind
-        grow = {"harmful": "eval.redteam_prompts / eval.suites[].path", "over_refusal": "eval.benign_prompts / eval.suites[].path",
-                "general_text": "eval.general_text / eval.suites[].path", "capability_mc": "eval.mc_suite / eval.suites[].path"}.get(kind, "eval.suites[].path")
+        grow = {
+            "harmful": "eval.redteam_prompts / eval.suites[].path",
+            "over_refusal": "eval.benign_prompts / eval.suites[].path",
+            "general_text": "eval.general_text / eval.suites[].path",
+            "capability_mc": "eval.mc_suite / eval.suites[].path",
+        }.get(kind, "eval.suites[].path")
         try:
             if kind == "lmeval":
-                sizes[spec.name] = SuiteSize(kind, None, note="an lm-eval suite's items are counted when its tasks load")
+                sizes[spec.name] = SuiteSize(
+                    kind, None, note="an lm-eval suite's items are counted when its tasks load"
+                )
                 continue
             if kind in ("task", "win_rate") and not spec.path:
                 cap = min((c for c in (spec.max_items, ev.max_eval_samples) if c), default=None)
@@ -795,13 +959,19 @@ def suite_sizes(cfg: PipelineConfig) -> dict[str, Any]:
                     size = _cut_references(size, spec, [it["reference"] for it in suite.items], ev.max_new_tokens, tok)
                 sizes[spec.name] = size
         except Exception as exc:  # the file's own problem is reported by the path checks or when it loads
-            sizes[spec.name] = SuiteSize(kind, None, note=f"cannot count its items before the run ({type(exc).__name__}: {str(exc)[:200]})")
+            sizes[spec.name] = SuiteSize(
+                kind, None, note=f"cannot count its items before the run ({type(exc).__name__}: {str(exc)[:200]})"
+            )
     if dpo:
         try:
             n, grow = eval_count or _eval_record_count(cfg, ev.max_eval_samples)
             sizes["preference"] = SuiteSize("preference", n, grow, unit="pairs")
         except Exception as exc:
-            sizes["preference"] = SuiteSize("preference", None, note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})")
+            sizes["preference"] = SuiteSize(
+                "preference",
+                None,
+                note=f"cannot count the held-out pairs before the run ({type(exc).__name__}: {str(exc)[:200]})",
+            )
     return sizes
 
 
@@ -831,7 +1001,9 @@ def _cut_references(size: Any, spec: Any, refs: list[Any], budget: int, tok: Cal
     threshold = spec.threshold if spec.threshold is not None else DEFAULT_CHRF_THRESHOLD
     lost, longest = 0, 0
     for ref in refs:
-        text = ref if isinstance(ref, str) else str(ref[0]) if isinstance(ref, (list, tuple)) and ref else str(ref or "")
+        text = (
+            ref if isinstance(ref, str) else str(ref[0]) if isinstance(ref, (list, tuple)) and ref else str(ref or "")
+        )
         ids = tok()(text, add_special_tokens=False, verbose=False)["input_ids"]
         longest = max(longest, len(ids))
         if len(ids) > budget:
@@ -839,8 +1011,10 @@ def _cut_references(size: Any, spec: Any, refs: list[Any], budget: int, tok: Cal
             lost += chrf(verbatim, ref if isinstance(ref, (list, tuple)) else text) < threshold
     if not lost:
         return size
-    why = (f"with eval.max_new_tokens {budget}, a verbatim answer is cut short and scores chrF below {threshold:g} on {lost} of "
-           f"{len(refs)} references (the longest is {longest} tokens); raise eval.max_new_tokens to at least {longest}")
+    why = (
+        f"with eval.max_new_tokens {budget}, a verbatim answer is cut short and scores chrF below {threshold:g} on {lost} of "
+        f"{len(refs)} references (the longest is {longest} tokens); raise eval.max_new_tokens to at least {longest}"
+    )
     return replace(size, unreachable=lost, unreachable_why=why)
 
 
@@ -885,7 +1059,9 @@ def _input_problems(cfg: PipelineConfig) -> list[str]:
             problems += lmeval_problems(spec)
     bm = cfg.base_model
     if os.path.isabs(bm) and not (Path(bm) / "config.json").is_file():
-        problems.append(f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model")
+        problems.append(
+            f"base_model: {bm} is not a model directory (no config.json); point it at a saved Hugging Face model"
+        )
     problems += _qlora_problems(cfg)
     problems += _vllm_problems(cfg)
     if (problem := registry_problem(cfg)) is not None:
@@ -927,8 +1103,15 @@ class TrainProgress:
         )
 
         self.progress = Progress(
-            TextColumn("  training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("  training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self.task = None
 
@@ -961,8 +1144,14 @@ class EvalProgress:
         )
 
         self.progress = Progress(
-            TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self.tasks: dict[str, Any] = {}
 

@@ -28,10 +28,10 @@ from typer.core import TyperCommand, TyperGroup
 
 from tuneloop.cli import data, export, feedback, judge, models, rollout, run, serve, ui
 from tuneloop.cli.ci import ci
-from tuneloop.cli.drift import drift
-from tuneloop.cli.init import init
-from tuneloop.cli.eval import eval_cmd
 from tuneloop.cli.common import err, out
+from tuneloop.cli.drift import drift
+from tuneloop.cli.eval import eval_cmd
+from tuneloop.cli.init import init
 
 __all__ = ["app", "err", "main", "out"]
 

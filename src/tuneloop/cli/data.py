@@ -13,17 +13,39 @@ from rich.table import Table
 from tuneloop.cli.common import exit_for, guard, out, print_json, stdout_to_stderr
 from tuneloop.fsutil import format_number
 
-app = typer.Typer(help="Datasets: validate (formats, rules, duplicates, contamination, PII, gates) and diff versions.", no_args_is_help=True)
+app = typer.Typer(
+    help="Datasets: validate (formats, rules, duplicates, contamination, PII, gates) and diff versions.",
+    no_args_is_help=True,
+)
 
-_COUNTS = ("records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped")
+_COUNTS = (
+    "records",
+    "valid",
+    "invalid",
+    "duplicates",
+    "near_duplicates",
+    "contaminated",
+    "pii_dropped",
+    "overlong_dropped",
+)
 
 
 @app.command("validate")
 def validate(
-    target: str = typer.Argument(..., help="A dataset (file, directory, saved or named Hugging Face dataset) or a pipeline YAML."),
-    fmt: str | None = typer.Option(None, "--format", help="Record format instead of auto-detection: alpaca, sharegpt, messages, preference, kto, text."),
-    eval_data: str | None = typer.Option(None, "--eval", help="Evaluation data to check the training data against (contamination)."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Where to write the report JSON/HTML and the clean/quarantine files."),
+    target: str = typer.Argument(
+        ..., help="A dataset (file, directory, saved or named Hugging Face dataset) or a pipeline YAML."
+    ),
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        help="Record format instead of auto-detection: alpaca, sharegpt, messages, preference, kto, text.",
+    ),
+    eval_data: str | None = typer.Option(
+        None, "--eval", help="Evaluation data to check the training data against (contamination)."
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Where to write the report JSON/HTML and the clean/quarantine files."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Check a dataset: format, per-record rules, duplicates, contamination, PII, data gates. Exit 1 when a gate fails."""
@@ -74,12 +96,16 @@ def report_tables(rep: dict[str, Any], title: str) -> list[Table]:
         for col in ("rule", "records", "examples"):
             r.add_column(col)
         for rule, n in rep["rules"].items():
-            ex = "; ".join(f"{e['file'] + ' ' if e.get('file') else ''}{rep['position']} {e['line']}: {e['reason'][:70]}"
-                           for e in rep["examples"].get(rule, [])[:2])
+            ex = "; ".join(
+                f"{e['file'] + ' ' if e.get('file') else ''}{rep['position']} {e['line']}: {e['reason'][:70]}"
+                for e in rep["examples"].get(rule, [])[:2]
+            )
             r.add_row(rule, str(n), ex)
         tables.append(r)
     if rep["pii"]:
-        p = Table(title=f"PII and secrets (policy {rep['pii_policy']}; {rep['pii_records']} records, {rep['pii_records_kept']} kept unredacted)")
+        p = Table(
+            title=f"PII and secrets (policy {rep['pii_policy']}; {rep['pii_records']} records, {rep['pii_records_kept']} kept unredacted)"
+        )
         for col in ("type", "found", "examples (masked)"):
             p.add_column(col)
         for kind, n in rep["pii"].items():
@@ -99,7 +125,13 @@ def _gates_table(gates: list[dict[str, Any]]) -> Table:
         passed = gate["verdict"] == "PASS" if "verdict" in gate else gate["passed"]
         verdict = "[green]passed[/]" if passed else "[red]failed[/]"
         shown = "" if passed else "\n".join(gate.get("problems") or [gate.get("detail", "")])
-        g.add_row(gate["name"], format_number(float(gate["value"])), f"{gate['op']} {gate['threshold']}", verdict, escape(shown))
+        g.add_row(
+            gate["name"],
+            format_number(float(gate["value"])),
+            f"{gate['op']} {gate['threshold']}",
+            verdict,
+            escape(shown),
+        )
     return g
 
 
@@ -118,11 +150,17 @@ def diff(
     if json_out:
         print_json(d)
         return
-    out.print(f"{a} -> {b} (matched by {d['match']}): [green]+{d['added']} added[/], [red]-{d['removed']} removed[/], "
-              f"[yellow]~{d['changed']} changed[/], {d['unchanged']} unchanged", soft_wrap=True, highlight=False)
+    out.print(
+        f"{a} -> {b} (matched by {d['match']}): [green]+{d['added']} added[/], [red]-{d['removed']} removed[/], "
+        f"[yellow]~{d['changed']} changed[/], {d['unchanged']} unchanged",
+        soft_wrap=True,
+        highlight=False,
+    )
     for kind in ("added", "removed", "changed"):
         for e in d["examples"][kind]:
             if kind == "changed":
                 out.print(f"  ~ {e['prompt'][:80]!r}: {e['before'][:60]!r} -> {e['after'][:60]!r}", highlight=False)
             else:
-                out.print(f"  {'+' if kind == 'added' else '-'} {e['prompt'][:80]!r} -> {e['answer'][:60]!r}", highlight=False)
+                out.print(
+                    f"  {'+' if kind == 'added' else '-'} {e['prompt'][:80]!r} -> {e['answer'][:60]!r}", highlight=False
+                )

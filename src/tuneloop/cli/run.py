@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -27,7 +27,7 @@ def _metric_label(key: str, metrics: dict[str, Any]) -> str:
     """``base_accuracy`` measures the comparison model: say ``champion_accuracy`` when that was the champion."""
     against = str(metrics.get("against") or "base")
     if key.startswith("base_") and not against.startswith("base"):
-        return against.split()[0] + key[len("base"):]
+        return against.split()[0] + key[len("base") :]
     return key
 
 
@@ -36,16 +36,27 @@ def summary_table(summary: dict[str, Any], lang: str = "en") -> Table:
     (:mod:`tuneloop.i18n`; stage names, metric keys and numbers are the same in both)."""
     from tuneloop.i18n import msg, word
 
-    overall = msg(lang, f"overall.{summary['overall']}") if summary["overall"] in ("passed", "failed") else summary["overall"].upper()
+    overall = (
+        msg(lang, f"overall.{summary['overall']}")
+        if summary["overall"] in ("passed", "failed")
+        else summary["overall"].upper()
+    )
     t = Table(title=msg(lang, "table.title", pipeline=summary["pipeline"], run_id=summary["run_id"], overall=overall))
     for key in ("table.stage", "table.status", "table.cached", "table.seconds", "table.info"):
         t.add_column(msg(lang, key))
     for name, st in summary["stages"].items():
         style = _STATUS_STYLE.get(st["status"], "dim")
         m = st.get("metrics", {})
-        info = st["error"] or ", ".join(f"{_metric_label(k, m)}={format_number(m[k])}" for k in _KEY_METRICS.get(name, ()) if k in m)
-        t.add_row(name, f"[{style}]{word(lang, 'status', st['status'])}[/]", msg(lang, "table.yes") if st.get("cached") else "",
-                  f"{st['duration_s']:.1f}", info)
+        info = st["error"] or ", ".join(
+            f"{_metric_label(k, m)}={format_number(m[k])}" for k in _KEY_METRICS.get(name, ()) if k in m
+        )
+        t.add_row(
+            name,
+            f"[{style}]{word(lang, 'status', st['status'])}[/]",
+            msg(lang, "table.yes") if st.get("cached") else "",
+            f"{st['duration_s']:.1f}",
+            info,
+        )
     return t
 
 
@@ -58,7 +69,16 @@ def print_demo_end(console, summary: dict[str, Any], *, quick: bool, lang: str =
         console.print(summary_table(summary, lang))
         d = summary.get("demo", {})
         if d.get("answer") is not None:
-            console.print(msg(lang, "served", model=d["model"], url=d["url"], question=repr(d["question"]), answer=repr(d["answer"])))
+            console.print(
+                msg(
+                    lang,
+                    "served",
+                    model=d["model"],
+                    url=d["url"],
+                    question=repr(d["question"]),
+                    answer=repr(d["answer"]),
+                )
+            )
     seconds = summary["demo"]["total_seconds"] if quick else summary.get("seconds")
     report = f"{summary['run_dir']}/report.html" if quick else summary.get("report")
     console.print(msg(lang, "finished", seconds=f"{seconds:.0f}"), highlight=False)
@@ -79,7 +99,9 @@ def _print_summary(summary: dict[str, Any], json_out: bool) -> None:
 
 def run(
     config: Path = typer.Argument(..., help="Pipeline YAML file."),
-    override: list[str] = typer.Option([], "-o", "--override", help="Override a config key: -o train.learning_rate=1e-4 (repeatable)."),
+    override: list[str] = typer.Option(
+        [], "-o", "--override", help="Override a config key: -o train.learning_rate=1e-4 (repeatable)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout (logs go to stderr)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Redo every stage instead of re-using cached results."),
 ) -> None:
@@ -98,13 +120,23 @@ def run(
 
 def demo(
     workdir: Path = typer.Option(Path("tuneloop-demo"), "--workdir", help="Where to build the demo workspace."),
-    quick: bool = typer.Option(False, "--quick", help="Iteration 1 only: train, gate, register, deploy and ask the gateway."),
-    objective: str = typer.Option("sft", "--objective", help="Iteration 2's objective: sft (original data + the feedback's "
-                                  "SFT records) or kto (the thumbs alone, continuing from iteration 1)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Iteration 1 only: train, gate, register, deploy and ask the gateway."
+    ),
+    objective: str = typer.Option(
+        "sft",
+        "--objective",
+        help="Iteration 2's objective: sft (original data + the feedback's "
+        "SFT records) or kto (the thumbs alone, continuing from iteration 1).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr)."),
-    lang: Optional[str] = typer.Option(None, "--lang", help="Language of the printed summary: en or zh (Simplified "
-                                       "Chinese). Default: zh when LC_ALL / LC_MESSAGES / LANG starts with zh, else en. "
-                                       "Logs, errors and the --json document stay in English."),
+    lang: str | None = typer.Option(
+        None,
+        "--lang",
+        help="Language of the printed summary: en or zh (Simplified "
+        "Chinese). Default: zh when LC_ALL / LC_MESSAGES / LANG starts with zh, else en. "
+        "Logs, errors and the --json document stay in English.",
+    ),
 ) -> None:
     """The closed loop on a tiny model shipped in the package: iteration 1, simulated users with feedback on the
     gateway, drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis
@@ -119,8 +151,11 @@ def demo(
             language = resolve_lang(lang)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        summary = (run_demo(workdir, console=err, lang=language) if quick
-                   else run_loop(workdir, console=err, objective=objective, lang=language))
+        summary = (
+            run_demo(workdir, console=err, lang=language)
+            if quick
+            else run_loop(workdir, console=err, objective=objective, lang=language)
+        )
     if json_out:
         print_json(summary)
     end = err if json_out else out  # with --json, stdout holds the JSON document alone
@@ -129,8 +164,10 @@ def demo(
 
 
 def status(
-    run_id: Optional[str] = typer.Argument(None, help="A run id (or a unique prefix). Default: list recent runs."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Use this config's workspace instead of searching upwards."),
+    run_id: str | None = typer.Argument(None, help="A run id (or a unique prefix). Default: list recent runs."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Use this config's workspace instead of searching upwards."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Past runs, stage by stage."""
@@ -149,16 +186,33 @@ def status(
         if json_out:
             print_json(rec)
             return
-        out.print(summary_table({"pipeline": rec["pipeline"], "run_id": rec["run_id"], "overall": rec["status"], "stages": rec["stages"]}))
+        out.print(
+            summary_table(
+                {
+                    "pipeline": rec["pipeline"],
+                    "run_id": rec["run_id"],
+                    "overall": rec["status"],
+                    "stages": rec["stages"],
+                }
+            )
+        )
         out.print(f"run dir: {ws.run_dir(rec['run_id'])}", highlight=False, soft_wrap=True)
 
 
-_STAGE_SHORT = {"data_validation": "data", "preprocessing": "prep", "training": "train", "evaluation": "eval",
-                "model_registry": "registry", "deployment": "deploy"}
+_STAGE_SHORT = {
+    "data_validation": "data",
+    "preprocessing": "prep",
+    "training": "train",
+    "evaluation": "eval",
+    "model_registry": "registry",
+    "deployment": "deploy",
+}
 _PLAIN_MARK = {"passed": "✓", "failed": "✗", "skipped": "-", "running": "▶", "pending": "·"}
 _MARK_STYLE = {"passed": "green", "failed": "red", "running": "yellow"}
-STAGE_LEGEND = ("stages: data = data_validation, prep = preprocessing, train = training, eval = evaluation, registry = "
-                "model_registry, deploy = deployment; ✓ passed, ✗ failed, - skipped, ▶ running, · pending")
+STAGE_LEGEND = (
+    "stages: data = data_validation, prep = preprocessing, train = training, eval = evaluation, registry = "
+    "model_registry, deploy = deployment; ✓ passed, ✗ failed, - skipped, ▶ running, · pending"
+)
 
 
 def stages_cell(stages: dict[str, Any]) -> str:
@@ -185,10 +239,26 @@ def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
     from tuneloop.cli.tables import Col, print_table
     from tuneloop.fsutil import format_time
 
-    cols = [Col("run", whole=True), Col("pipeline", drop=2, whole=True), Col("status"), Col("started", drop=1),
-            Col("model version", whole=True), Col("stages", want=len("✓ all 6 passed"))]
-    rows = [[r["run_id"], r["pipeline"], r["status"], format_time(r.get("started_at")), str(r.get("model_version") or ""),
-             stages_cell(r["stages"])] for r in runs]
+    cols = [
+        Col("run", whole=True),
+        Col("pipeline", drop=2, whole=True),
+        Col("status"),
+        Col("started", drop=1),
+        Col("model version", whole=True),
+        Col("stages", want=len("✓ all 6 passed")),
+    ]
+    rows = [
+        [
+            r["run_id"],
+            r["pipeline"],
+            r["status"],
+            format_time(r.get("started_at")),
+            str(r.get("model_version") or ""),
+            stages_cell(r["stages"]),
+        ]
+        for r in runs
+    ]
     every_passed = all(all(st.get("status") == "passed" for st in r["stages"].values()) for r in runs)
-    print_table(out, f"runs in {root}, newest first", cols, rows, caption=None if every_passed else STAGE_LEGEND,
-                more="--json")
+    print_table(
+        out, f"runs in {root}, newest first", cols, rows, caption=None if every_passed else STAGE_LEGEND, more="--json"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,13 +10,13 @@ from tuneloop.cli.common import err, guard
 
 
 def ui(
-    config: Optional[Path] = typer.Argument(
+    config: Path | None = typer.Argument(
         None, help="Pipeline YAML or workspace directory. Default: the workspace found upwards."
     ),
-    host: Optional[str] = typer.Option(
+    host: str | None = typer.Option(
         None, "--host", help="Address to bind (default 127.0.0.1; elsewhere API keys are needed, as for the gateway)."
     ),
-    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8765)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default 8765)."),
 ) -> None:
     """The web UI: runs, why a gate blocked, data, registry and lineage, rollouts, feedback and drift, start a run."""
     from tuneloop.ui.server import serve_ui

@@ -46,16 +46,29 @@ import multiprocessing
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
 __all__ = [
-    "near_duplicate_groups", "contaminated_indices", "normalise_text", "lsh_params",
+    "near_duplicate_groups",
+    "contaminated_indices",
+    "normalise_text",
+    "lsh_params",
     # building blocks an engine composes (the streaming pass in outofcore.py, the Ray engine): see
     # /work/notes/data_api.md and near_duplicate_groups / contaminated_indices, which compose them
-    "minhash_signatures", "empty_rows", "band_pairs", "unique_pairs", "agreement_needed", "confirm_pairs",
-    "join_pairs", "groups_from_labels", "ngram_hashes", "EvalNgrams", "eval_ngram_index", "contamination_fractions",
+    "minhash_signatures",
+    "empty_rows",
+    "band_pairs",
+    "unique_pairs",
+    "agreement_needed",
+    "confirm_pairs",
+    "join_pairs",
+    "groups_from_labels",
+    "ngram_hashes",
+    "EvalNgrams",
+    "eval_ngram_index",
+    "contamination_fractions",
 ]
 
 _CHUNK_DOCS = 1024  # documents hashed together (keeps the per-chunk arrays in cache)
@@ -105,7 +118,7 @@ def _splitmix(state: int) -> tuple[int, int]:
     return state, z ^ (z >> 31)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _constants(count: int, salt: int) -> np.ndarray:
     """``count`` fixed odd 64-bit constants (deterministic, independent of numpy's RNG)."""
     state, out = salt & _MASK64, []
@@ -366,7 +379,13 @@ def _signatures(
 
 
 def minhash_signatures(
-    texts: list[str], *, shingle_size: int, num_perm: int = 128, seed: int = 0, bands: int = 0, rows: int = 0,
+    texts: list[str],
+    *,
+    shingle_size: int,
+    num_perm: int = 128,
+    seed: int = 0,
+    bands: int = 0,
+    rows: int = 0,
     workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """MinHash signatures (``len(texts) x num_perm``, uint32) and LSH band keys (``bands x len(texts)``,
@@ -391,7 +410,7 @@ def empty_rows(sig: np.ndarray) -> np.ndarray:
 # --- LSH ------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) minimising false-positive + false-negative area, as datasketch's ``_optimal_param``.
 
@@ -613,21 +632,27 @@ def eval_ngram_index(eval_texts: list[str], ngram: int) -> EvalNgrams | None:
     """The n-gram index of the eval texts; None when they hold no words (nothing can be contaminated)."""
     if not eval_texts:
         return None
-    seen = np.unique(np.concatenate(
-        [ngram_hashes(eval_texts[i : i + _CHUNK_DOCS], ngram)[0] for i in range(0, len(eval_texts), _CHUNK_DOCS)]
-    ))
+    seen = np.unique(
+        np.concatenate(
+            [ngram_hashes(eval_texts[i : i + _CHUNK_DOCS], ngram)[0] for i in range(0, len(eval_texts), _CHUNK_DOCS)]
+        )
+    )
     if len(seen) == 0:
         return None
     return EvalNgrams(seen, *_eval_index(seen), ngram)
 
 
-def contamination_fractions(texts: list[str], index: EvalNgrams, threshold: float, *, offset: int = 0) -> list[tuple[int, float]]:
+def contamination_fractions(
+    texts: list[str], index: EvalNgrams, threshold: float, *, offset: int = 0
+) -> list[tuple[int, float]]:
     """(offset + i, fraction of the n-grams of ``texts[i]`` seen in eval) for the texts at or above
     ``threshold``; each text's fraction depends on that text and the index alone."""
     out: list[tuple[int, float]] = []
     for start in range(0, len(texts), _CHUNK_DOCS):
         part = texts[start : start + _CHUNK_DOCS]
-        out += _contaminated_chunk((0, len(part)), (part, index.seen, index.flags, index.shift), index.ngram, threshold, offset + start)
+        out += _contaminated_chunk(
+            (0, len(part)), (part, index.seen, index.flags, index.shift), index.ngram, threshold, offset + start
+        )
     return out
 
 

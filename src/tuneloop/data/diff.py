@@ -34,7 +34,10 @@ def _split(record: dict) -> tuple[Any, Any]:
         return record["text"], None
     msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
     if "chosen" in record:
-        return msgs, {"chosen": [m["content"] for m in record["chosen"]], "rejected": [m["content"] for m in record["rejected"]]}
+        return msgs, {
+            "chosen": [m["content"] for m in record["chosen"]],
+            "rejected": [m["content"] for m in record["rejected"]],
+        }
     answer: dict[str, Any] = {"answer": msgs[-1]["content"]}
     if "label" in record:
         answer["label"] = record["label"]
@@ -88,7 +91,11 @@ def diff_datasets(a: str | Path, b: str | Path, *, fmt: str = "auto") -> dict[st
     """Compare dataset ``a`` (old) with ``b`` (new). Returns counts and a few examples of each kind."""
     _, old, sa = _load(a, fmt)
     _, new, sb = _load(b, fmt)
-    if sa["with_id"] and sb["with_id"] and (sa["with_id"] < sa["records"] - sa["skipped"] or sb["with_id"] < sb["records"] - sb["skipped"]):
+    if (
+        sa["with_id"]
+        and sb["with_id"]
+        and (sa["with_id"] < sa["records"] - sa["skipped"] or sb["with_id"] < sb["records"] - sb["skipped"])
+    ):
         match = "mixed (id where present, else prompt)"
     else:
         match = "id" if sa["with_id"] and sb["with_id"] else "prompt"
@@ -115,10 +122,16 @@ def diff_datasets(a: str | Path, b: str | Path, *, fmt: str = "auto") -> dict[st
                 example("added", {"b_line": line, "prompt": _short(prompt), "answer": _short(answer)})
             elif olds[i][2] != news[i][2] or (key.startswith("id:") and olds[i][1] != news[i][1]):
                 counts["changed"] += 1
-                example("changed", {
-                    "a_line": olds[i][0], "b_line": news[i][0], "prompt": _short(news[i][1]),
-                    "before": _short(olds[i][2]), "after": _short(news[i][2]),
-                })
+                example(
+                    "changed",
+                    {
+                        "a_line": olds[i][0],
+                        "b_line": news[i][0],
+                        "prompt": _short(news[i][1]),
+                        "before": _short(olds[i][2]),
+                        "after": _short(news[i][2]),
+                    },
+                )
             else:
                 counts["unchanged"] += 1
     return {

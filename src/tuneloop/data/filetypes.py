@@ -93,7 +93,10 @@ def sniff(head: bytes, *, whole: bool = False) -> FileKind:
     # A stray NUL or control byte is one bad line (quarantined); many of them is not text at all.
     nul, control = head.count(0), sum(head.count(c) for c in _CONTROL)
     if nul > 0.01 * len(head) or control > 0.05 * len(head):
-        return FileKind("binary", f"binary ({control} of its first {len(head)} bytes are NUL or other control bytes, which text does not hold)")
+        return FileKind(
+            "binary",
+            f"binary ({control} of its first {len(head)} bytes are NUL or other control bytes, which text does not hold)",
+        )
     return FileKind("text", "text")
 
 
@@ -105,8 +108,10 @@ def unreadable_reason(kind: FileKind, path: Path, expected: str, compression: st
         return f"{path}: the file is {what}, so the dataset has no records; add records to it, or point the config at the right file"
     if kind.kind in ("utf-16", "utf-32"):
         enc = kind.kind.upper()
-        return (f"{path}: the file is {what}; tuneloop reads UTF-8 {expected}: convert it, e.g. "
-                f"`iconv -f {enc} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
+        return (
+            f"{path}: the file is {what}; tuneloop reads UTF-8 {expected}: convert it, e.g. "
+            f"`iconv -f {enc} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`"
+        )
     return f"{path}: the file is {what}, not UTF-8 {expected} text; give a {expected} file"
 
 
@@ -140,7 +145,9 @@ class _ZstdRaw(io.RawIOBase):
             chunk = self._f.read(1 << 16)
             if not chunk:
                 if self._started and not self._d.eof:
-                    raise InputError(f"{self._path}: zstd data is truncated (the file ends inside a frame); fetch the file again")
+                    raise InputError(
+                        f"{self._path}: zstd data is truncated (the file ends inside a frame); fetch the file again"
+                    )
                 return 0
             self._started = True
             try:

@@ -200,11 +200,25 @@ def _tools(record: dict, reasons: list[str]) -> dict[str, str]:
 # --- conversations (shared by sharegpt, messages, kto, preference) ------------------------------
 
 _SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
-_OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool",
-                 "developer": "system"}
+_OPENAI_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "developer": "system",
+}
 
 
 def _tool_calls_text(calls: Any, where: str, reasons: list[str]) -> str | None:
@@ -241,12 +255,16 @@ def _conversation(items: Any, field: str, style: str, reasons: list[str]) -> lis
     if not items:
         reasons.append(f"bad_structure: '{field}' is empty; expected a user and an assistant message")
         return None
-    role_key, text_key, table = ("from", "value", _SHAREGPT_ROLES) if style == "sharegpt" else ("role", "content", _OPENAI_ROLES)
+    role_key, text_key, table = (
+        ("from", "value", _SHAREGPT_ROLES) if style == "sharegpt" else ("role", "content", _OPENAI_ROLES)
+    )
     out: list[dict[str, Any]] = []
     ok = True
     for n, item in enumerate(items, 1):
         if not isinstance(item, dict):
-            reasons.append(f"not_an_object: message {n} is {_json_type(item)}, expected {{\"{role_key}\": ..., \"{text_key}\": ...}}")
+            reasons.append(
+                f'not_an_object: message {n} is {_json_type(item)}, expected {{"{role_key}": ..., "{text_key}": ...}}'
+            )
             ok = False
             continue
         rk, tk, roles = role_key, text_key, table
@@ -259,7 +277,9 @@ def _conversation(items: Any, field: str, style: str, reasons: list[str]) -> lis
         raw_role = item[rk]
         role = roles.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            allowed = ", ".join(k for k in (_SHAREGPT_ROLES if roles is _SHAREGPT_ROLES else ("system", "user", "assistant", "tool")))
+            allowed = ", ".join(
+                k for k in (_SHAREGPT_ROLES if roles is _SHAREGPT_ROLES else ("system", "user", "assistant", "tool"))
+            )
             reasons.append(f"bad_role: message {n} has {rk} {_short(raw_role)}; allowed: {allowed}")
             ok = False
             continue
@@ -308,9 +328,7 @@ def _alpaca_history(value: Any, reasons: list[str]) -> list[tuple[str, str]]:
     if value is None:
         return []
     if not isinstance(value, list):
-        reasons.append(
-            f"bad_structure: 'history' is {_json_type(value)}, expected a list of [user, assistant] pairs"
-        )
+        reasons.append(f"bad_structure: 'history' is {_json_type(value)}, expected a list of [user, assistant] pairs")
         return []
     pairs = []
     for i, pair in enumerate(value, 1):
@@ -394,7 +412,11 @@ def _looks_like_kto(record: dict) -> bool:
 
 def _normalise_kto(record: dict) -> Result:
     """``{"messages" | "conversations": [...], "label": bool}`` -> canonical + ``label``."""
-    field, style = ("messages", "openai") if "messages" in record or "conversations" not in record else ("conversations", "sharegpt")
+    field, style = (
+        ("messages", "openai")
+        if "messages" in record or "conversations" not in record
+        else ("conversations", "sharegpt")
+    )
     out, reasons = _chat(record, field, style)
     label = record.get("label")
     if "label" not in record:
@@ -429,7 +451,9 @@ def _answer(record: dict, key: str, style: str, reasons: list[str]) -> list[dict
     items = [value] if isinstance(value, dict) else value
     sub: list[str] = []
     msgs = _conversation(items, key, style, sub)
-    reasons += [r.replace("message ", f"'{key}' message ", 1) if not r.startswith("bad_structure: '") else r for r in sub]
+    reasons += [
+        r.replace("message ", f"'{key}' message ", 1) if not r.startswith("bad_structure: '") else r for r in sub
+    ]
     if msgs is None:
         return None
     if any(m["role"] not in ("assistant", "tool") for m in msgs) or msgs[-1]["role"] != "assistant":
@@ -465,7 +489,11 @@ def _normalise_preference(record: dict) -> Result:
         reasons += _role_order([m["role"] for m in messages], final="user")
     chosen = _answer(record, "chosen", style, reasons)
     rejected = _answer(record, "rejected", style, reasons)
-    if chosen is not None and rejected is not None and [m["content"] for m in chosen] == [m["content"] for m in rejected]:
+    if (
+        chosen is not None
+        and rejected is not None
+        and [m["content"] for m in chosen] == [m["content"] for m in rejected]
+    ):
         reasons.append("bad_structure: 'chosen' and 'rejected' are the same answer")
     extra = _tools(record, reasons)
     if reasons:

@@ -55,12 +55,23 @@ class Gate:
 
 
 MAX_PROBLEMS = 5  # records shown per failed gate
-_NOT_FORMAT = ("exact_duplicate", "near_duplicate", "contaminated", "overlong", "pii")  # every other rule is a format rule
+_NOT_FORMAT = (
+    "exact_duplicate",
+    "near_duplicate",
+    "contaminated",
+    "overlong",
+    "pii",
+)  # every other rule is a format rule
 _GATE_RULES = {"max_duplicate_ratio": ("exact_duplicate", "near_duplicate"), "max_contamination": ("contaminated",)}
 # report count -> how the accounting says it
-_REMOVED = (("invalid", "failed the format rules"), ("duplicates", "exact duplicates"), ("near_duplicates", "near duplicates"),
-            ("contaminated", "contaminated by eval"), ("pii_dropped", "dropped for personal data (data.pii = drop)"),
-            ("overlong_dropped", "over data.max_length (data.overlong = drop)"))
+_REMOVED = (
+    ("invalid", "failed the format rules"),
+    ("duplicates", "exact duplicates"),
+    ("near_duplicates", "near duplicates"),
+    ("contaminated", "contaminated by eval"),
+    ("pii_dropped", "dropped for personal data (data.pii = drop)"),
+    ("overlong_dropped", "over data.max_length (data.overlong = drop)"),
+)
 
 
 def usable_accounting(r: dict, split: str = "train") -> str:
@@ -97,8 +108,11 @@ def _behind(r: dict, gate: str, rule: str) -> bool:
         return rule not in _NOT_FORMAT
     if gate == "min_usable_records":  # every rule that removed records (not those only reported)
         checks = r.get("checks", {})
-        action = {"near_duplicate": checks.get("near_dup_action"), "contaminated": checks.get("contamination_action"),
-                  "overlong": checks.get("overlong")}.get(rule, "drop")
+        action = {
+            "near_duplicate": checks.get("near_dup_action"),
+            "contaminated": checks.get("contamination_action"),
+            "overlong": checks.get("overlong"),
+        }.get(rule, "drop")
         return action == "drop"
     return rule in _GATE_RULES.get(gate, ())
 
@@ -106,11 +120,18 @@ def _behind(r: dict, gate: str, rule: str) -> bool:
 def gate_problems(r: dict, gate: str) -> list[str]:
     """The first few records behind ``gate``'s count as ``file:line: rule: reason``, in file and line order."""
     if gate == "max_pii_records":
-        found = [(ex.get("file") or "", ex["line"], f"{_where(r, ex)}: pii: {kind} {ex['masked']}")
-                 for kind, exs in r.get("pii_examples", {}).items() for ex in exs]
+        found = [
+            (ex.get("file") or "", ex["line"], f"{_where(r, ex)}: pii: {kind} {ex['masked']}")
+            for kind, exs in r.get("pii_examples", {}).items()
+            for ex in exs
+        ]
     else:
-        found = [(ex.get("file") or "", ex["line"], f"{_where(r, ex)}: {ex['reason'][:200]}")
-                 for rule, exs in r.get("examples", {}).items() if _behind(r, gate, rule) for ex in exs]
+        found = [
+            (ex.get("file") or "", ex["line"], f"{_where(r, ex)}: {ex['reason'][:200]}")
+            for rule, exs in r.get("examples", {}).items()
+            if _behind(r, gate, rule)
+            for ex in exs
+        ]
     return [text for *_, text in sorted(found)[:MAX_PROBLEMS]]
 
 
@@ -127,9 +148,22 @@ def data_gates(report: dict, data_cfg: Any, *, split: str = "train") -> list[Gat
         value = report[metric]
         ok = value >= threshold if op == ">=" else value <= threshold
         reason = f"{metric} {fmt_number(value)} ({details[name]}) is {'' if ok else 'not '}{op} {threshold}"
-        gates.append(Gate(name, value, op, threshold, ok, details[name], metric=metric, kind="floor" if op == ">=" else "ceiling",
-                          verdict="PASS" if ok else "FAIL", blocks=not ok, reason=reason,
-                          problems=[] if ok else gate_problems(report, name)))
+        gates.append(
+            Gate(
+                name,
+                value,
+                op,
+                threshold,
+                ok,
+                details[name],
+                metric=metric,
+                kind="floor" if op == ">=" else "ceiling",
+                verdict="PASS" if ok else "FAIL",
+                blocks=not ok,
+                reason=reason,
+                problems=[] if ok else gate_problems(report, name),
+            )
+        )
     return gates
 
 
@@ -145,7 +179,9 @@ def gate_failures(report: dict, data_cfg: Any, *, split: str = "train") -> list[
     ]
 
 
-def gate_records(gates_by_split: dict[str, list[dict[str, Any]]], records_by_split: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+def gate_records(
+    gates_by_split: dict[str, list[dict[str, Any]]], records_by_split: dict[str, int] | None = None
+) -> dict[str, dict[str, Any]]:
     """Data gates of each split (``Gate.to_dict()`` lists) as evaluation-shaped records, named ``gate[split]``.
 
     The result renders with :func:`tuneloop.evaluate.reports.junit_xml`, ``markdown_summary`` and the HTML
@@ -155,9 +191,18 @@ def gate_records(gates_by_split: dict[str, list[dict[str, Any]]], records_by_spl
     for split, gates in gates_by_split.items():
         for g in gates:
             out[f"{g['name']}[{split}]"] = {
-                "metric": g.get("metric") or g["name"], "suite": f"data.{split}", "kind": g.get("kind", ""), "op": g["op"],
-                "threshold": g["threshold"], "n": (records_by_split or {}).get(split), "value": g["value"], "interval": None,
-                "verdict": g.get("verdict") or ("PASS" if g["passed"] else "FAIL"), "passed": g["passed"],
-                "blocks": not g["passed"], "needed_n": None, "reason": g.get("reason") or g.get("detail", ""),
+                "metric": g.get("metric") or g["name"],
+                "suite": f"data.{split}",
+                "kind": g.get("kind", ""),
+                "op": g["op"],
+                "threshold": g["threshold"],
+                "n": (records_by_split or {}).get(split),
+                "value": g["value"],
+                "interval": None,
+                "verdict": g.get("verdict") or ("PASS" if g["passed"] else "FAIL"),
+                "passed": g["passed"],
+                "blocks": not g["passed"],
+                "needed_n": None,
+                "reason": g.get("reason") or g.get("detail", ""),
             }
     return out

@@ -40,9 +40,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -109,7 +110,11 @@ class Spill:
         try:
             if f is None:
                 mode = "ab" if isinstance(data, bytes) else "a"
-                f = self._open[name] = open(self.path(name), mode, **({} if mode == "ab" else {"encoding": "utf-8", "errors": "surrogatepass", "newline": "\n"}))
+                f = self._open[name] = open(
+                    self.path(name),
+                    mode,
+                    **({} if mode == "ab" else {"encoding": "utf-8", "errors": "surrogatepass", "newline": "\n"}),
+                )
             f.write(data)
         except OSError as e:
             raise _disk_error(e, self.path(name), self.root) from None
@@ -197,9 +202,12 @@ def _chunk_work(items: list) -> _Chunk:
     texts = [v.text for v in ok] if c["want_text"] else []
     sig = keys = None
     if c["near"] and ok:
-        sig, keys = dedup.minhash_signatures(texts, shingle_size=c["shingle"], num_perm=NUM_PERM, seed=SEED,
-                                             bands=c["bands"], rows=c["rows"], workers=1)
-    contaminated = dedup.contamination_fractions(texts, c["eval"], c["contam_threshold"]) if c["eval"] is not None and ok else []
+        sig, keys = dedup.minhash_signatures(
+            texts, shingle_size=c["shingle"], num_perm=NUM_PERM, seed=SEED, bands=c["bands"], rows=c["rows"], workers=1
+        )
+    contaminated = (
+        dedup.contamination_fractions(texts, c["eval"], c["contam_threshold"]) if c["eval"] is not None and ok else []
+    )
     labels = [json.loads(v.data).get("label") for v in ok] if c["fmt"] == "kto" else None
     if c["want_text"]:
         verdicts = [v._replace(text=None) for v in verdicts]
@@ -218,8 +226,17 @@ class _Streamed:
     overlong_possible: bool = False
 
 
-def _stream(items: Iterator[Any], fmt: str, s: Screened, checks: Checks, tokenizer: Any, eval_texts: list[str] | None,
-            near: bool, spill: Spill, ooc: OutOfCore) -> _Streamed:
+def _stream(
+    items: Iterator[Any],
+    fmt: str,
+    s: Screened,
+    checks: Checks,
+    tokenizer: Any,
+    eval_texts: list[str] | None,
+    near: bool,
+    spill: Spill,
+    ooc: OutOfCore,
+) -> _Streamed:
     from tuneloop.data import dedup
     from tuneloop.data.rules import map_chunks, token_count
 
@@ -227,22 +244,42 @@ def _stream(items: Iterator[Any], fmt: str, s: Screened, checks: Checks, tokeniz
     index = dedup.eval_ngram_index(eval_texts, checks.contamination_ngram) if eval_texts else None
     count_tokens = tokenizer is not None and checks.max_length is not None
     st = _Streamed(overlong_possible=count_tokens)
-    _CTX.update(fmt=fmt, pii=checks.pii, want_text=near or index is not None, near=near, shingle=checks.near_dup_shingle,
-                bands=bands, rows=rows, eval=index, contam_threshold=checks.contamination_threshold)
+    _CTX.update(
+        fmt=fmt,
+        pii=checks.pii,
+        want_text=near or index is not None,
+        near=near,
+        shingle=checks.near_dup_shingle,
+        bands=bands,
+        rows=rows,
+        eval=index,
+        contam_threshold=checks.contamination_threshold,
+    )
     import multiprocessing
 
     # the workers read _CTX as the fork left it; without fork (Windows) the work stays in this process
     workers = checks.num_workers if "fork" in multiprocessing.get_all_start_methods() else 1
     try:
         for chunk in map_chunks(items, _chunk_work, chunk=ooc.chunk_records, num_workers=workers):
-            _take_chunk(chunk, s, st, checks, tokenizer if count_tokens else None, token_count, spill, bands, ooc.partitions)
+            _take_chunk(
+                chunk, s, st, checks, tokenizer if count_tokens else None, token_count, spill, bands, ooc.partitions
+            )
     finally:
         _CTX.clear()
     return st
 
 
-def _take_chunk(chunk: _Chunk, s: Screened, st: _Streamed, checks: Checks, tokenizer: Any, token_count: Any,
-                spill: Spill, bands: int, partitions: int) -> None:
+def _take_chunk(
+    chunk: _Chunk,
+    s: Screened,
+    st: _Streamed,
+    checks: Checks,
+    tokenizer: Any,
+    token_count: Any,
+    spill: Spill,
+    bands: int,
+    partitions: int,
+) -> None:
     """The parent's part of step 1 for one chunk, in input order."""
     from tuneloop.data import dedup
 
@@ -334,8 +371,15 @@ def _exact(spill: Spill, n_ok: int, dropped_overlong: np.ndarray | None, partiti
 # --- step 3: near duplicates ----------------------------------------------------------------------
 
 
-def _near(spill: Spill, n_ok: int, candidate: np.ndarray, flags: np.ndarray, labels: np.ndarray | None,
-          checks: Checks, partitions: int) -> list[list[int]]:
+def _near(
+    spill: Spill,
+    n_ok: int,
+    candidate: np.ndarray,
+    flags: np.ndarray,
+    labels: np.ndarray | None,
+    checks: Checks,
+    partitions: int,
+) -> list[list[int]]:
     """Near-duplicate groups among the candidates (valid-record ids; kto: within one label), as
     ``near_duplicate_groups`` on the candidates' texts finds them."""
     from tuneloop.data import dedup
@@ -399,8 +443,17 @@ def _read_rows(fd: int, ids: np.ndarray) -> np.ndarray:
     return out[inverse]
 
 
-def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate: np.ndarray, cand_of: np.ndarray,
-             line_col: np.ndarray, file_col: np.ndarray, files: list[str | None], s: Screened, checks: Checks) -> Similar:
+def _similar(
+    groups: list[list[int]],
+    contaminated: dict[int, float],
+    candidate: np.ndarray,
+    cand_of: np.ndarray,
+    line_col: np.ndarray,
+    file_col: np.ndarray,
+    files: list[str | None],
+    s: Screened,
+    checks: Checks,
+) -> Similar:
     """``validate._similar``'s result from the groups (valid-record ids) and the contaminated candidates:
     removed and contaminated candidates, and their reasons in the tally, in candidate order."""
     from tuneloop.data.passparts import Similar
@@ -421,8 +474,15 @@ def _similar(groups: list[list[int]], contaminated: dict[int, float], candidate:
     return sim
 
 
-def _tally(sim: Similar, candidate: np.ndarray, line_col: np.ndarray, file_col: np.ndarray, files: list[str | None],
-           s: Screened, checks: Checks) -> None:
+def _tally(
+    sim: Similar,
+    candidate: np.ndarray,
+    line_col: np.ndarray,
+    file_col: np.ndarray,
+    files: list[str | None],
+    s: Screened,
+    checks: Checks,
+) -> None:
     """The similarity reasons in the tally, after the screen's (as the in-memory pass adds them)."""
     from tuneloop.data.passparts import tally_similar
 
@@ -433,15 +493,25 @@ def _tally(sim: Similar, candidate: np.ndarray, line_col: np.ndarray, file_col: 
 # --- step 4: replay -------------------------------------------------------------------------------
 
 
-def _replay(spill: Spill, s: Screened, st: _Streamed, sim: Similar, cand_of: np.ndarray, dup_of: np.ndarray,
-            ntok: np.ndarray | None, checks: Checks, clean: Any, quarantine: Any) -> tuple[int, int, str]:
+def _replay(
+    spill: Spill,
+    s: Screened,
+    st: _Streamed,
+    sim: Similar,
+    cand_of: np.ndarray,
+    dup_of: np.ndarray,
+    ntok: np.ndarray | None,
+    checks: Checks,
+    clean: Any,
+    quarantine: Any,
+) -> tuple[int, int, str]:
     """Every record once more in input order: the quarantine (rule failures, duplicates, over-long drops;
     then the similarity drops in candidate order), the clean file, the digest. Returns (kept, kept with
     PII unredacted, digest), as ``validate._write_kept``."""
     import hashlib
 
-    from tuneloop.data.rules import quarantine_line
     from tuneloop.data.passparts import bookkeeping, overlong_reason
+    from tuneloop.data.rules import quarantine_line
 
     kinds = spill.read("kind.i1", np.int8)
     line_col = spill.read("line.i8", np.int64)
@@ -457,7 +527,10 @@ def _replay(spill: Spill, s: Screened, st: _Streamed, sim: Similar, cand_of: np.
     j = 0  # valid-record id
     for name in ("stage.jsonl", "bad.jsonl"):
         spill.path(name).touch()
-    with open(spill.path("stage.jsonl"), encoding="utf-8") as stage, open(spill.path("bad.jsonl"), encoding="utf-8") as bad:
+    with (
+        open(spill.path("stage.jsonl"), encoding="utf-8") as stage,
+        open(spill.path("bad.jsonl"), encoding="utf-8") as bad,
+    ):
         for start in range(0, len(kinds), _REPLAY_BLOCK):
             block = kinds[start : start + _REPLAY_BLOCK].tolist()
             n = block.count(_KIND_OK)
@@ -480,7 +553,9 @@ def _replay(spill: Spill, s: Screened, st: _Streamed, sim: Similar, cand_of: np.
                 k += 1
                 if d >= 0:
                     first_file = files[file_col[d]]
-                    reason = f"exact_duplicate: same as line {line_col[d]}" + (f" of {first_file}" if first_file is not None else "")
+                    reason = f"exact_duplicate: same as line {line_col[d]}" + (
+                        f" of {first_file}" if first_file is not None else ""
+                    )
                     quarantine.write(quarantine_line(line, file, [reason], json.loads(data)) + "\n")
                     s.tally.add(line, file, [reason])
                     s.counts["duplicates"] += 1
@@ -496,7 +571,11 @@ def _replay(spill: Spill, s: Screened, st: _Streamed, sim: Similar, cand_of: np.
                 if c in sim.drop:
                     near = c in sim.removed and checks.near_dup_action == "drop"
                     s.counts["near_duplicates" if near else "contaminated"] += 1
-                    overlap = f"contaminated: {sim.contamination[c]:.0%} n-gram overlap with the eval data" if c in sim.contamination else None
+                    overlap = (
+                        f"contaminated: {sim.contamination[c]:.0%} n-gram overlap with the eval data"
+                        if c in sim.contamination
+                        else None
+                    )
                     why = [x for x in (sim.removed.get(c), overlap) if x]
                     later.append(quarantine_line(line, file, why, json.loads(data)) + "\n")
                     later_bytes += len(later[-1])
@@ -530,15 +609,29 @@ def _spill_root(out_dir: Path, name: str, ooc: OutOfCore) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{name}.spill-", dir=base))
     except OSError as e:
-        raise StageError(f"data validation: cannot create a spill directory in {base} ({e.strerror}); "
-                         "set data.spill_dir to a writable directory") from None
+        raise StageError(
+            f"data validation: cannot create a spill directory in {base} ({e.strerror}); "
+            "set data.spill_dir to a writable directory"
+        ) from None
 
 
-def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: str, s: Screened, out_dir: Path, *,
-                         name: str, checks: Checks, tokenizer: Any, eval_texts: list[str] | None, ooc: OutOfCore) -> dict:
+def validate_out_of_core(
+    path: Any,
+    items: Iterator[Any],
+    position: str,
+    fmt: str,
+    s: Screened,
+    out_dir: Path,
+    *,
+    name: str,
+    checks: Checks,
+    tokenizer: Any,
+    eval_texts: list[str] | None,
+    ooc: OutOfCore,
+) -> dict:
     """``validate_dataset`` out of core, on the opened ``items`` (see the module docstring); same return value."""
-    from tuneloop.data.report import write_report
     from tuneloop.data.passparts import near_dup_module, not_checked, report_numbers, source_rows
+    from tuneloop.data.report import write_report
     from tuneloop.fsutil import atomic_lines
 
     dedup = near_dup_module()
@@ -559,9 +652,15 @@ def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: st
             candidate &= ~dropped_overlong
         cand_of = np.where(candidate, np.cumsum(candidate) - 1, -1)
         labels = spill.read("label.i2", np.int16) if fmt == "kto" and near else None
-        groups = _near(spill, st.n_ok, candidate, flags, labels, checks, ooc.partitions) if near and np.count_nonzero(candidate) > 1 else []
+        groups = (
+            _near(spill, st.n_ok, candidate, flags, labels, checks, ooc.partitions)
+            if near and np.count_nonzero(candidate) > 1
+            else []
+        )
         line_col, file_col = spill.read("line.i8", np.int64), spill.read("file.i4", np.int32)
-        contaminated = {int(cand_of[i]): f for i, f in st.contaminated.items() if candidate[i]} if eval_texts is not None else {}
+        contaminated = (
+            {int(cand_of[i]): f for i, f in st.contaminated.items() if candidate[i]} if eval_texts is not None else {}
+        )
         sim = _similar(groups, contaminated, candidate, cand_of, line_col, file_col, st.files, s, checks)
         with atomic_lines(clean_path) as clean, atomic_lines(quarantine_path, "backslashreplace") as quarantine:
             valid, pii_kept, digest = _replay(spill, s, st, sim, cand_of, dup_of, ntok, checks, clean, quarantine)
@@ -576,9 +675,17 @@ def validate_out_of_core(path: Any, items: Iterator[Any], position: str, fmt: st
         shutil.rmtree(spill.root, ignore_errors=True)
     accounted = valid + sum(s.counts.values())
     assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {**source_rows(path, s), "format": fmt, "position": position, **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
-              "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
-              "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
+    report = {
+        **source_rows(path, s),
+        "format": fmt,
+        "position": position,
+        **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
+        "digest": digest,
+        "clean_path": str(clean_path),
+        "quarantine_path": str(quarantine_path),
+        "report_path": str(out_dir / f"{name}.report.json"),
+        "html_path": str(out_dir / f"{name}.report.html"),
+    }
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
     return report
 

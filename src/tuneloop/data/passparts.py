@@ -42,7 +42,6 @@ def checks_from_config(data_cfg: Any) -> Checks:
     return Checks(**{k: getattr(data_cfg, k) for k in names if hasattr(data_cfg, k)})
 
 
-
 def near_dup_module():
     try:
         from tuneloop.data import dedup
@@ -56,7 +55,11 @@ class Screened:
     """What the streaming pass over the records found; kept candidates are staged on disk, in input order."""
 
     records: int = 0
-    counts: Counter = field(default_factory=lambda: Counter(invalid=0, duplicates=0, near_duplicates=0, contaminated=0, pii_dropped=0, overlong_dropped=0))
+    counts: Counter = field(
+        default_factory=lambda: Counter(
+            invalid=0, duplicates=0, near_duplicates=0, contaminated=0, pii_dropped=0, overlong_dropped=0
+        )
+    )
     tally: RuleTally = field(default_factory=RuleTally)
     pii_counts: Counter = field(default_factory=Counter)
     pii_examples: dict[str, list[dict]] = field(default_factory=dict)
@@ -137,13 +140,18 @@ def bookkeeping(line: int, file: str | None, source_of: dict[str, int] | None) -
     return extra + (f',"_source":{source_of[file]}' if source_of is not None else "")
 
 
-def report_numbers(s: Screened, sim: Similar, valid: int, pii_kept: int, checks: Checks, not_checked: dict[str, str]) -> dict[str, Any]:
+def report_numbers(
+    s: Screened, sim: Similar, valid: int, pii_kept: int, checks: Checks, not_checked: dict[str, str]
+) -> dict[str, Any]:
     """The counts part of the report (the caller adds the source, format, digest and paths)."""
     records, counts = s.records, s.counts
     return {
         "records": records,
         "valid": valid,
-        **{k: counts[k] for k in ("invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped")},
+        **{
+            k: counts[k]
+            for k in ("invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped", "overlong_dropped")
+        },
         "accounting": (
             f"records {records} = valid {valid} + invalid {counts['invalid']} + duplicates {counts['duplicates']}"
             f" + near_duplicates {counts['near_duplicates']} + contaminated {counts['contaminated']}"
@@ -156,7 +164,8 @@ def report_numbers(s: Screened, sim: Similar, valid: int, pii_kept: int, checks:
         "near_duplicate_groups": sim.near_groups,
         "contaminated_found": sim.contam_n,
         "overlong": {"max_length": checks.max_length, "policy": checks.overlong, "records": s.overlong_seen}
-        if "overlong" not in not_checked else None,
+        if "overlong" not in not_checked
+        else None,
         "pii": dict(sorted(s.pii_counts.items())),
         "pii_records": s.pii_records,
         "pii_records_kept": pii_kept,
@@ -175,7 +184,9 @@ def source_rows(path: Any, s: Screened) -> dict[str, Any]:
     weight change re-uses this report)."""
     if not isinstance(path, (list, tuple)):
         return {"path": str(path)}
-    rows = [{"path": src.label, "records": s.per_source[i], "valid": s.kept_per_source[i]} for i, src in enumerate(path)]
+    rows = [
+        {"path": src.label, "records": s.per_source[i], "valid": s.kept_per_source[i]} for i, src in enumerate(path)
+    ]
     return {"path": " + ".join(src.label for src in path), "sources": rows}
 
 

@@ -23,8 +23,17 @@ import re
 from typing import Any, NamedTuple
 
 PII_TYPES = (
-    "email", "phone", "credit_card", "ipv4", "ipv6", "iban",
-    "aws_access_key", "github_token", "openai_key", "slack_token", "private_key",
+    "email",
+    "phone",
+    "credit_card",
+    "ipv4",
+    "ipv6",
+    "iban",
+    "aws_access_key",
+    "github_token",
+    "openai_key",
+    "slack_token",
+    "private_key",
 )
 SECRET_TYPES = ("aws_access_key", "github_token", "openai_key", "slack_token", "private_key")
 
@@ -68,8 +77,22 @@ _SECRET_MARKERS = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "gith
 def _has_secret_marker(text: str) -> bool:
     # An explicit chain of C-level substring searches: ~3x faster than any() over a generator.
     return (
-        "sk-" in text or "AKIA" in text or "ASIA" in text or "xox" in text or "-----BEGIN" in text
-        or ("_" in text and ("ghp_" in text or "gho_" in text or "ghu_" in text or "ghs_" in text or "ghr_" in text or "github_pat_" in text))
+        "sk-" in text
+        or "AKIA" in text
+        or "ASIA" in text
+        or "xox" in text
+        or "-----BEGIN" in text
+        or (
+            "_" in text
+            and (
+                "ghp_" in text
+                or "gho_" in text
+                or "ghu_" in text
+                or "ghs_" in text
+                or "ghr_" in text
+                or "github_pat_" in text
+            )
+        )
     )
 
 

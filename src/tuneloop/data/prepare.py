@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tuneloop.config import TrainSource
 from tuneloop.data.formats import sft_messages
@@ -35,7 +36,9 @@ IGNORE_INDEX = -100
 
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Canonical records of one split as JSONL (without tuneloop's bookkeeping fields)."""
-    text = "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records)
+    text = "".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records
+    )
     atomic_write_text(path, text)
 
 
@@ -49,8 +52,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return list(iter_records(path))
 
 
-def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: float,
-           seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+def _split(
+    records: list[dict[str, Any]], eval_path: Path | None, eval_split: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(train, eval, how the eval records were chosen): ``eval_path``'s records, or a seeded ``eval_split``
     share of ``records`` (at least one, when that leaves one to train on)."""
     if eval_path is not None:
@@ -65,8 +69,9 @@ def _split(records: list[dict[str, Any]], eval_path: Path | None, eval_split: fl
     return train, [r for i, r in enumerate(records) if i in held], split_description(eval_split, seed)
 
 
-def apply_weights(records: list[dict[str, Any]], sources: Sequence[TrainSource] | None,
-                  seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def apply_weights(
+    records: list[dict[str, Any]], sources: Sequence[TrainSource] | None, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The training records with each source's weight applied, and per-source counts (``None`` without a
     list of sources).
 
@@ -95,8 +100,16 @@ def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] |
     counts = [0] * len(rows)
     for rec in records:
         counts[rec.get("_source", 0)] += 1
-    return [{"path": r["path"], "weight": r["weight"], "records": n, "train_records": r["train_records"], "samples": r["samples"]}
-            for r, n in zip(rows, counts)]
+    return [
+        {
+            "path": r["path"],
+            "weight": r["weight"],
+            "records": n,
+            "train_records": r["train_records"],
+            "samples": r["samples"],
+        }
+        for r, n in zip(rows, counts)
+    ]
 
 
 def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,7 +120,9 @@ def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         msgs = sft_messages(rec)
         if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
             continue
-        items.append({"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]})
+        items.append(
+            {"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]}
+        )
     return items
 
 
@@ -194,7 +209,8 @@ def prepare_dataset(
         with ExitStack() as stack:
             train_out, eval_out, items_out, dropped_out = (
                 stack.enter_context(atomic_lines(out_dir / name))
-                for name in ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl"))
+                for name in ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl")
+            )
             for i, rec in enumerate(iter_records(train_path)):
                 weigh.kept(rec)
                 if held is not None and held[i]:
@@ -304,8 +320,14 @@ def trl_preference(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_preferences(
-    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int,
-    sources: Sequence[TrainSource] | None = None, objective: str = "dpo",
+    train_path: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    *,
+    eval_split: float,
+    seed: int,
+    sources: Sequence[TrainSource] | None = None,
+    objective: str = "dpo",
 ) -> dict[str, Any]:
     """The preprocessing stage for preference objectives (``objective``: dpo, orpo, simpo, ...; named in the
     metrics): a ``datasets`` dataset of prompt/chosen/rejected conversations
@@ -320,12 +342,25 @@ def prepare_preferences(
     train_records, per_source = apply_weights(train_records, sources, seed)
     rows = [trl_preference(r) for r in train_records]
     items = [
-        {"id": f"eval-{i}", "line": r.get("_line"), "messages": _plain(r["messages"]), "reference": r["chosen"][-1]["content"]}
+        {
+            "id": f"eval-{i}",
+            "line": r.get("_line"),
+            "messages": _plain(r["messages"]),
+            "reference": r["chosen"][-1]["content"],
+        }
         for i, r in enumerate(eval_records)
     ]
-    metrics = {"objective": objective, "train_samples": len(rows), "eval_samples": len(items), "eval_source": split, "dropped": 0,
-               "eval_reference": "chosen answer"}
-    return _write_prepared(out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
+    metrics = {
+        "objective": objective,
+        "train_samples": len(rows),
+        "eval_samples": len(items),
+        "eval_source": split,
+        "dropped": 0,
+        "eval_reference": "chosen answer",
+    }
+    return _write_prepared(
+        out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source
+    )
 
 
 # ------------------------------------------------------------------------------------------------- kto
@@ -351,7 +386,12 @@ def kto_label_counts(path: Path) -> tuple[int, int]:
 
 
 def prepare_kto(
-    train_path: Path, eval_path: Path | None, out_dir: Path, *, eval_split: float, seed: int,
+    train_path: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    *,
+    eval_split: float,
+    seed: int,
     sources: Sequence[TrainSource] | None = None,
 ) -> dict[str, Any]:
     """The preprocessing stage for KTO: a ``datasets`` dataset of prompt/completion/label conversations (TRL
@@ -375,14 +415,32 @@ def prepare_kto(
     random.Random(f"kto order:{seed}").shuffle(rows)
     items = _eval_items(eval_records)
     desirable = sum(1 for r in rows if r["label"])
-    metrics = {"objective": "kto", "train_samples": len(rows), "desirable": desirable, "undesirable": len(rows) - desirable,
-               "eval_samples": len(items), "eval_source": split, "dropped": 0, "eval_reference": "desirable answer"}
-    return _write_prepared(Path(out_dir), rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
+    metrics = {
+        "objective": "kto",
+        "train_samples": len(rows),
+        "desirable": desirable,
+        "undesirable": len(rows) - desirable,
+        "eval_samples": len(items),
+        "eval_source": split,
+        "dropped": 0,
+        "eval_reference": "desirable answer",
+    }
+    return _write_prepared(
+        Path(out_dir), rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source
+    )
 
 
-def _write_prepared(out_dir: Path, rows: list[dict[str, Any]], train_records: list[dict[str, Any]],
-                    eval_records: list[dict[str, Any]], items: list[dict[str, Any]], metrics: dict[str, Any], *,
-                    clean: list[dict[str, Any]], per_source: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _write_prepared(
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    train_records: list[dict[str, Any]],
+    eval_records: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    *,
+    clean: list[dict[str, Any]],
+    per_source: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
     """Write what a TRL objective's preprocessing stage hands on: ``train/`` (a ``datasets`` dataset of ``rows``),
     the canonical train and eval records, the evaluation ``items``, an empty ``dropped.jsonl`` and
     ``metrics.json`` (``metrics`` plus, for a list of sources, ``sources``); returns the metrics."""
@@ -421,7 +479,14 @@ def prompt_record(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
 
 
 def prepare_prompts(
-    tok, train_path: Path, eval_path: Path | None, out_dir: Path, *, max_length: int, eval_split: float, seed: int,
+    tok,
+    train_path: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    *,
+    max_length: int,
+    eval_split: float,
+    seed: int,
     sources: Sequence[TrainSource] | None = None,
 ) -> dict[str, Any]:
     """The preprocessing stage for GRPO: a ``datasets`` dataset of ``prompt`` (a conversation ending before the
@@ -445,7 +510,9 @@ def prepare_prompts(
         text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n > max_length:
-            dropped.append({"line": rec.get("_line"), "reason": f"prompt is {n} tokens, over data.max_length={max_length}"})
+            dropped.append(
+                {"line": rec.get("_line"), "reason": f"prompt is {n} tokens, over data.max_length={max_length}"}
+            )
             continue
         prompt_tokens += n
         rows.append(row)

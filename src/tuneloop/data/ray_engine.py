@@ -86,7 +86,8 @@ def ray_address(data: Any) -> str:
     if not address:
         raise InputError(
             "data.engine is ray but no Ray cluster is named: set data.ray_address (or RAY_ADDRESS) to the head's "
-            "address, e.g. 127.0.0.1:6379 after `ray start --head`; or use data.engine: local")
+            "address, e.g. 127.0.0.1:6379 after `ray start --head`; or use data.engine: local"
+        )
     return address
 
 
@@ -138,8 +139,12 @@ def connect(data: Any) -> Any:
             return ray
         ray.shutdown()
     try:
-        ray.init(address=None if address == "local" else address, logging_level="ERROR", log_to_driver=False,
-                 configure_logging=True)
+        ray.init(
+            address=None if address == "local" else address,
+            logging_level="ERROR",
+            log_to_driver=False,
+            configure_logging=True,
+        )
     except (ConnectionError, RuntimeError) as e:
         raise InputError(f"data.engine ray: cannot connect to the Ray cluster at {address}: {e}") from None
     _CONNECTED["address"] = address
@@ -178,21 +183,29 @@ class _Plan:
 
 
 def _files_of(source: str, label_prefix: str | None, index: int) -> list[_File]:
-    from tuneloop.data.sources import SUPPORTED_SUFFIXES, is_saved_hf, data_suffix
+    from tuneloop.data.sources import SUPPORTED_SUFFIXES, data_suffix, is_saved_hf
 
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         if is_saved_hf(path):
-            raise InputError(f"{path}: a saved Hugging Face dataset; data.engine ray reads files and directories of "
-                             ".jsonl/.json/.csv/.parquet: export it to Parquet, or use data.engine: local")
-        found = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+            raise InputError(
+                f"{path}: a saved Hugging Face dataset; data.engine ray reads files and directories of "
+                ".jsonl/.json/.csv/.parquet: export it to Parquet, or use data.engine: local"
+            )
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        )
         rel = [p.relative_to(path).as_posix() for p in found]
         names = [r if label_prefix is None else f"{label_prefix}/{r}" for r in rel]
         return [_File(str(p), n, index) for p, n in zip(found, names)]
     if path.is_file():
         return [_File(str(path), label_prefix, index)]
-    raise InputError(f"{source}: not a file or directory; data.engine ray reads files and directories "
-                     "(a Hugging Face dataset name needs data.engine: local)")
+    raise InputError(
+        f"{source}: not a file or directory; data.engine ray reads files and directories "
+        "(a Hugging Face dataset name needs data.engine: local)"
+    )
 
 
 def _plan(path: Any, fmt: str, range_bytes: int) -> _Plan:
@@ -251,7 +264,7 @@ def _range_items(path: str, label: str | None, start: int, stop: int, first_line
     for i, data in enumerate(buf.split(b"\n")):
         lineno = first_line + i
         if lineno == 1 and data.startswith(BOM):
-            data = data[len(BOM):]
+            data = data[len(BOM) :]
         data = data.rstrip(b"\r\n")
         if not data.strip():
             continue
@@ -273,8 +286,18 @@ def _maybe_fail_once(marker: str | None) -> None:
 # --- stage 1: read, rules, PII, token counts (map) ----------------------------------------------
 
 
-def _check_parts(batch: dict[str, np.ndarray], files: list[_File], fmt: str, pii_policy: str, want_text: bool,
-                 tokenizer: Any, max_length: int | None, overlong: str, kto: bool, fail_marker: str | None) -> dict[str, Any]:
+def _check_parts(
+    batch: dict[str, np.ndarray],
+    files: list[_File],
+    fmt: str,
+    pii_policy: str,
+    want_text: bool,
+    tokenizer: Any,
+    max_length: int | None,
+    overlong: str,
+    kto: bool,
+    fail_marker: str | None,
+) -> dict[str, Any]:
     """Verdicts of the records of the parts in ``batch`` (one row per record)."""
     import pyarrow as pa
 
@@ -282,12 +305,19 @@ def _check_parts(batch: dict[str, np.ndarray], files: list[_File], fmt: str, pii
     from tuneloop.data.sources import read_file
 
     _maybe_fail_once(fail_marker)
-    cols: dict[str, list] = {k: [] for k in ("ord", "line", "file", "source", "ok", "data", "k1", "k2", "text", "pii", "reasons", "long", "label")}
+    cols: dict[str, list] = {
+        k: []
+        for k in ("ord", "line", "file", "source", "ok", "data", "k1", "k2", "text", "pii", "reasons", "long", "label")
+    }
     for j in range(len(batch["file_index"])):
         fi = int(batch["file_index"][j])
         f = files[fi]
         if batch["kind"][j] == "range":
-            items = list(_range_items(f.path, f.label, int(batch["start"][j]), int(batch["stop"][j]), int(batch["first_line"][j])))
+            items = list(
+                _range_items(
+                    f.path, f.label, int(batch["start"][j]), int(batch["stop"][j]), int(batch["first_line"][j])
+                )
+            )
         else:
             rel = None if f.label is None else f.label
             items = [it._replace(file=rel) for it in read_file(Path(f.path), rel)]
@@ -314,15 +344,23 @@ def _check_parts(batch: dict[str, np.ndarray], files: list[_File], fmt: str, pii
                     long_reason = f"overlong: {'' if exact else 'over '}{n_tok} tokens > data.max_length {max_length} ({verb}{more})"
             cols["long"].append(long_reason)
             cols["label"].append(json.dumps(json.loads(v.data).get("label")) if ok and kto else "")
-    return pa.table({
-        "ord": pa.array(cols["ord"], pa.int64()), "line": pa.array(cols["line"], pa.int64()),
-        "file": pa.array(cols["file"], pa.string()), "source": pa.array(cols["source"], pa.int32()),
-        "ok": pa.array(cols["ok"], pa.bool_()), "data": pa.array(cols["data"], pa.large_string()),
-        "k1": pa.array(cols["k1"], pa.uint64()), "k2": pa.array(cols["k2"], pa.uint64()),
-        "text": pa.array(cols["text"], pa.large_string()), "pii": pa.array(cols["pii"], pa.string()),
-        "reasons": pa.array(cols["reasons"], pa.string()), "long": pa.array(cols["long"], pa.string()),
-        "label": pa.array(cols["label"], pa.string()),
-    })
+    return pa.table(
+        {
+            "ord": pa.array(cols["ord"], pa.int64()),
+            "line": pa.array(cols["line"], pa.int64()),
+            "file": pa.array(cols["file"], pa.string()),
+            "source": pa.array(cols["source"], pa.int32()),
+            "ok": pa.array(cols["ok"], pa.bool_()),
+            "data": pa.array(cols["data"], pa.large_string()),
+            "k1": pa.array(cols["k1"], pa.uint64()),
+            "k2": pa.array(cols["k2"], pa.uint64()),
+            "text": pa.array(cols["text"], pa.large_string()),
+            "pii": pa.array(cols["pii"], pa.string()),
+            "reasons": pa.array(cols["reasons"], pa.string()),
+            "long": pa.array(cols["long"], pa.string()),
+            "label": pa.array(cols["label"], pa.string()),
+        }
+    )
 
 
 # --- stage 2: exact duplicates (shuffle by key bucket) -------------------------------------------
@@ -332,8 +370,13 @@ def _key_buckets(batch: dict[str, np.ndarray], buckets: int, drop_long: bool) ->
     ok = batch["ok"].astype(bool)
     eligible = np.array([x is None for x in batch["long"]], dtype=bool) if drop_long else np.ones(len(ok), bool)
     k1, k2 = batch["k1"][ok], batch["k2"][ok]
-    return {"bucket": (k1 % np.uint64(buckets)).astype(np.int64), "k1": k1, "k2": k2,
-            "ord": batch["ord"][ok], "eligible": eligible[ok]}
+    return {
+        "bucket": (k1 % np.uint64(buckets)).astype(np.int64),
+        "k1": k1,
+        "k2": k2,
+        "ord": batch["ord"][ok],
+        "eligible": eligible[ok],
+    }
 
 
 def _exact_dups(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -371,8 +414,16 @@ def _signatures(texts: list[str], shingle: int, num_perm: int, bands: int, rows:
     return minhash_signatures(texts, shingle_size=shingle, num_perm=num_perm, seed=0, bands=bands, rows=rows)
 
 
-def _band_rows(batch: dict[str, Any], dup_ords: np.ndarray, drop_long: bool, shingle: int, num_perm: int,
-               bands: int, rows: int, buckets: int) -> dict[str, np.ndarray]:
+def _band_rows(
+    batch: dict[str, Any],
+    dup_ords: np.ndarray,
+    drop_long: bool,
+    shingle: int,
+    num_perm: int,
+    bands: int,
+    rows: int,
+    buckets: int,
+) -> dict[str, np.ndarray]:
     """(bucket, label, band, key, ord) for each band of each kept candidate with words."""
     from tuneloop.data.dedup import empty_rows
 
@@ -388,9 +439,16 @@ def _band_rows(batch: dict[str, Any], dup_ords: np.ndarray, drop_long: bool, shi
     label = np.tile(labels, bands) if n else np.zeros(0, dtype=object)
     label_hash = np.array([hash_label(x) for x in label], dtype=np.uint64) if n else np.zeros(0, np.uint64)
     with np.errstate(over="ignore"):
-        bucket = ((key ^ (label_hash * np.uint64(0x9E3779B97F4A7C15)) ^ band.astype(np.uint64)) % np.uint64(buckets)).astype(np.int64)
-    return {"bucket": bucket, "label": label.astype(str) if n else np.zeros(0, dtype=str), "band": band,
-            "key": key, "ord": np.tile(ords, bands)}
+        bucket = (
+            (key ^ (label_hash * np.uint64(0x9E3779B97F4A7C15)) ^ band.astype(np.uint64)) % np.uint64(buckets)
+        ).astype(np.int64)
+    return {
+        "bucket": bucket,
+        "label": label.astype(str) if n else np.zeros(0, dtype=str),
+        "band": band,
+        "key": key,
+        "ord": np.tile(ords, bands),
+    }
 
 
 def hash_label(label: str) -> int:
@@ -424,11 +482,12 @@ def _node_signatures(batch: dict[str, Any], nodes: np.ndarray, shingle: int, num
     return {"ord": batch["ord"][keep], "sig": sig}
 
 
-def _near_groups(pairs: tuple[np.ndarray, np.ndarray], sigs: dict[int, np.ndarray], threshold: float,
-                 num_perm: int) -> list[list[int]]:
+def _near_groups(
+    pairs: tuple[np.ndarray, np.ndarray], sigs: dict[int, np.ndarray], threshold: float, num_perm: int
+) -> list[list[int]]:
     """Confirm the candidate pairs (signatures agree on >= threshold of positions) and join them: groups of
     ords, each sorted, ordered by their first member."""
-    from tuneloop.data.dedup import component_roots, agreement_needed, confirm_pairs
+    from tuneloop.data.dedup import agreement_needed, component_roots, confirm_pairs
 
     u, v = pairs
     if len(u) == 0:
@@ -452,14 +511,19 @@ def _near_groups(pairs: tuple[np.ndarray, np.ndarray], sigs: dict[int, np.ndarra
 # --- stage 5: contamination (map, eval index broadcast) ------------------------------------------
 
 
-def _contaminated(batch: dict[str, Any], dup_ords: np.ndarray, drop_long: bool, index: Any, threshold: float) -> dict[str, np.ndarray]:
+def _contaminated(
+    batch: dict[str, Any], dup_ords: np.ndarray, drop_long: bool, index: Any, threshold: float
+) -> dict[str, np.ndarray]:
     from tuneloop.data.dedup import contamination_fractions
 
     keep = _candidates(batch, dup_ords, drop_long)
     texts = [t for t, k in zip(batch["text"], keep) if k]
     ords = batch["ord"][keep]
     found = contamination_fractions(texts, index, threshold) if texts else []
-    return {"ord": np.array([ords[i] for i, _ in found], dtype=np.int64), "frac": np.array([f for _, f in found], dtype=np.float64)}
+    return {
+        "ord": np.array([ords[i] for i, _ in found], dtype=np.int64),
+        "frac": np.array([f for _, f in found], dtype=np.float64),
+    }
 
 
 # --- stage 6: outcome of every record (map) -------------------------------------------------------
@@ -482,8 +546,15 @@ def _where(line: int, file: str | None) -> str:
     return f"line {line}" + (f" of {file}" if file is not None else "")
 
 
-def _outcomes(batch: dict[str, Any], found: _Found, pii_policy: str, overlong: str, near_action: str,
-              contam_action: str, ngram: int) -> dict[str, Any]:
+def _outcomes(
+    batch: dict[str, Any],
+    found: _Found,
+    pii_policy: str,
+    overlong: str,
+    near_action: str,
+    contam_action: str,
+    ngram: int,
+) -> dict[str, Any]:
     """Per record: ``cat`` (0 kept, 1.. the report's category), ``phase`` (1 removed while screening, 2 by a
     similarity check), ``out`` (kept: canonical JSON; removed: the quarantine line) and the reasons the
     rule tally adds in each phase (``t1``, ``t2``)."""
@@ -504,7 +575,9 @@ def _outcomes(batch: dict[str, Any], found: _Found, pii_policy: str, overlong: s
             continue
         if di[j] < len(found.dup_ord) and found.dup_ord[di[j]] == o:
             ref = int(found.dup_ref[di[j]])
-            reason = f"exact_duplicate: same as {_where(ref & ((1 << _LINE_BITS) - 1), found.labels[ref >> _LINE_BITS])}"
+            reason = (
+                f"exact_duplicate: same as {_where(ref & ((1 << _LINE_BITS) - 1), found.labels[ref >> _LINE_BITS])}"
+            )
             cat.append(2), phase.append(1), t1.append(json.dumps([reason])), t2.append(None)
             out.append(quarantine_line(line, file, [reason], json.loads(data)))
             continue
@@ -520,12 +593,15 @@ def _outcomes(batch: dict[str, Any], found: _Found, pii_policy: str, overlong: s
         if near:
             head = int(found.near_head[ni[j]])
             removed = f"near_duplicate: similar to line {head & ((1 << _LINE_BITS) - 1)}" + (
-                f" of {found.labels[head >> _LINE_BITS]}" if found.labels[head >> _LINE_BITS] else "")
+                f" of {found.labels[head >> _LINE_BITS]}" if found.labels[head >> _LINE_BITS] else ""
+            )
             sim_reasons.append(removed + ("" if near_action == "drop" else " (reported, kept)"))
         if contam:
             frac = float(found.contam_frac[ci[j]])
-            sim_reasons.append(f"contaminated: {frac:.0%} of its {ngram}-grams occur in the eval data"
-                               + ("" if contam_action == "drop" else " (reported, kept)"))
+            sim_reasons.append(
+                f"contaminated: {frac:.0%} of its {ngram}-grams occur in the eval data"
+                + ("" if contam_action == "drop" else " (reported, kept)")
+            )
         t2.append(json.dumps(sim_reasons) if sim_reasons else None)
         drop_near, drop_contam = near and near_action == "drop", contam and contam_action == "drop"
         if drop_near or drop_contam:
@@ -537,11 +613,20 @@ def _outcomes(batch: dict[str, Any], found: _Found, pii_policy: str, overlong: s
         cat.append(0), phase.append(0), out.append(data)
     import pyarrow as pa
 
-    return pa.table({"ord": pa.array(ords, pa.int64()), "line": pa.array(batch["line"], pa.int64()),
-                     "file": pa.array(list(batch["file"]), pa.string()), "source": pa.array(batch["source"], pa.int32()),
-                     "pii": pa.array(list(batch["pii"]), pa.string()), "cat": pa.array(cat, pa.int8()),
-                     "phase": pa.array(phase, pa.int8()), "out": pa.array(out, pa.large_string()),
-                     "t1": pa.array(t1, pa.string()), "t2": pa.array(t2, pa.string())})
+    return pa.table(
+        {
+            "ord": pa.array(ords, pa.int64()),
+            "line": pa.array(batch["line"], pa.int64()),
+            "file": pa.array(list(batch["file"]), pa.string()),
+            "source": pa.array(batch["source"], pa.int32()),
+            "pii": pa.array(list(batch["pii"]), pa.string()),
+            "cat": pa.array(cat, pa.int8()),
+            "phase": pa.array(phase, pa.int8()),
+            "out": pa.array(out, pa.large_string()),
+            "t1": pa.array(t1, pa.string()),
+            "t2": pa.array(t2, pa.string()),
+        }
+    )
 
 
 def _kept_rows(batch: Any) -> Any:
@@ -549,7 +634,9 @@ def _kept_rows(batch: Any) -> Any:
     import pyarrow.compute as pc
 
     kept = batch.filter(pc.equal(batch["cat"], 0))
-    return kept.select(["ord", "line", "file", "source", "out"]).rename_columns(["ord", "line", "file", "source", "record"])
+    return kept.select(["ord", "line", "file", "source", "out"]).rename_columns(
+        ["ord", "line", "file", "source", "record"]
+    )
 
 
 def _quarantine_rows(batch: Any) -> Any:
@@ -557,7 +644,9 @@ def _quarantine_rows(batch: Any) -> Any:
     import pyarrow.compute as pc
 
     gone = batch.filter(pc.not_equal(batch["cat"], 0))
-    return gone.select(["ord", "line", "file", "phase", "out"]).rename_columns(["ord", "line", "file", "phase", "entry"])
+    return gone.select(["ord", "line", "file", "phase", "out"]).rename_columns(
+        ["ord", "line", "file", "phase", "entry"]
+    )
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -573,9 +662,19 @@ class RayTimes:
 LAST_TIMES = RayTimes()
 
 
-def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "auto", name: str = "train",
-                         checks: Any = None, tokenizer: Any = None, eval_texts: list[str] | None = None,
-                         range_bytes: int | None = None, fail_marker: str | None = None) -> dict:
+def validate_dataset_ray(
+    path: Any,
+    out_dir: Path,
+    *,
+    data: Any,
+    fmt: str = "auto",
+    name: str = "train",
+    checks: Any = None,
+    tokenizer: Any = None,
+    eval_texts: list[str] | None = None,
+    range_bytes: int | None = None,
+    fail_marker: str | None = None,
+) -> dict:
     """:func:`tuneloop.data.validate.validate_dataset` on the Ray cluster of ``data`` (``data.ray_address`` /
     ``RAY_ADDRESS``): the same files and report, plus the kept records and the quarantine as Parquet shards
     (``<name>.clean.parquet/``, ``<name>.quarantine.parquet/``). ``fail_marker``: tests only (a worker kills
@@ -584,7 +683,8 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
 
     from tuneloop.data import dedup
     from tuneloop.data.formats import FORMATS
-    from tuneloop.data.passparts import Checks, not_checked as checks_not_run
+    from tuneloop.data.passparts import Checks
+    from tuneloop.data.passparts import not_checked as checks_not_run
 
     ray = connect(data)
     checks = checks or Checks()
@@ -601,8 +701,7 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     buckets = max(2, 2 * cpus)
     count = ray.remote(_count_lines).options(max_retries=_MAX_RETRIES)
-    counts = ray.get([count.remote(p, plan.files[p["file_index"]].path)
-                      for p in plan.parts if p["kind"] == "range"])
+    counts = ray.get([count.remote(p, plan.files[p["file_index"]].path) for p in plan.parts if p["kind"] == "range"])
     it = iter(counts)
     next_line: dict[int, int] = {}
     for p in plan.parts:
@@ -612,15 +711,35 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
     times["plan"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    verdicts = ray.data.from_items(plan.parts, override_num_blocks=len(plan.parts)).map_batches(
-        _check_parts, batch_size=1, batch_format="numpy", num_cpus=1,
-        fn_kwargs=dict(files=plan.files, fmt=plan.format, pii_policy=checks.pii, want_text=near_on or contam_on,
-                       tokenizer=tokenizer, max_length=checks.max_length,
-                       overlong=checks.overlong, kto=plan.format == "kto" and near_on, fail_marker=fail_marker)).materialize()
+    verdicts = (
+        ray.data.from_items(plan.parts, override_num_blocks=len(plan.parts))
+        .map_batches(
+            _check_parts,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+            fn_kwargs=dict(
+                files=plan.files,
+                fmt=plan.format,
+                pii_policy=checks.pii,
+                want_text=near_on or contam_on,
+                tokenizer=tokenizer,
+                max_length=checks.max_length,
+                overlong=checks.overlong,
+                kto=plan.format == "kto" and near_on,
+                fail_marker=fail_marker,
+            ),
+        )
+        .materialize()
+    )
     times["read_rules_pii"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dups = verdicts.map_batches(_key_buckets, batch_format="numpy", fn_kwargs=dict(buckets=buckets, drop_long=drop_long)).groupby("bucket").map_groups(_exact_dups, batch_format="numpy")
+    dups = (
+        verdicts.map_batches(_key_buckets, batch_format="numpy", fn_kwargs=dict(buckets=buckets, drop_long=drop_long))
+        .groupby("bucket")
+        .map_groups(_exact_dups, batch_format="numpy")
+    )
     dup_rows = _collect(dups, ("ord", "ref"))
     order = np.argsort(dup_rows["ord"])
     dup_ord, dup_ref = dup_rows["ord"][order], dup_rows["ref"][order]
@@ -631,15 +750,29 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
     if near_on:
         bands, rows = dedup.lsh_params(checks.near_dup_threshold, 128)
         band_ds = verdicts.map_batches(
-            _band_rows, batch_size=SIG_BATCH, batch_format="numpy",
-            fn_kwargs=dict(dup_ords=dup_ord, drop_long=drop_long, shingle=checks.near_dup_shingle, num_perm=128,
-                           bands=bands, rows=rows, buckets=buckets))
+            _band_rows,
+            batch_size=SIG_BATCH,
+            batch_format="numpy",
+            fn_kwargs=dict(
+                dup_ords=dup_ord,
+                drop_long=drop_long,
+                shingle=checks.near_dup_shingle,
+                num_perm=128,
+                bands=bands,
+                rows=rows,
+                buckets=buckets,
+            ),
+        )
         pairs = _collect(band_ds.groupby("bucket").map_groups(_bucket_pairs, batch_format="numpy"), ("u", "v"))
         nodes = np.unique(np.concatenate((pairs["u"], pairs["v"])))
         sigs: dict[int, np.ndarray] = {}
         if len(nodes):
-            node_ds = verdicts.map_batches(_node_signatures, batch_size=SIG_BATCH, batch_format="numpy",
-                                           fn_kwargs=dict(nodes=nodes, shingle=checks.near_dup_shingle, num_perm=128))
+            node_ds = verdicts.map_batches(
+                _node_signatures,
+                batch_size=SIG_BATCH,
+                batch_format="numpy",
+                fn_kwargs=dict(nodes=nodes, shingle=checks.near_dup_shingle, num_perm=128),
+            )
             for b in node_ds.iter_batches(batch_size=4096, batch_format="numpy"):
                 sigs.update(zip(b["ord"].tolist(), b["sig"]))
         near_groups = _near_groups((pairs["u"], pairs["v"]), sigs, checks.near_dup_threshold, 128)
@@ -649,21 +782,45 @@ def validate_dataset_ray(path: Any, out_dir: Path, *, data: Any, fmt: str = "aut
     contam: dict[str, np.ndarray] = {"ord": np.zeros(0, np.int64), "frac": np.zeros(0)}
     index = dedup.eval_ngram_index(eval_texts, checks.contamination_ngram) if contam_on and eval_texts else None
     if index is not None:
-        contam = _collect(verdicts.map_batches(
-            _contaminated, batch_size=SIG_BATCH, batch_format="numpy",
-            fn_kwargs=dict(dup_ords=dup_ord, drop_long=drop_long, index=index,
-                           threshold=checks.contamination_threshold)), ("ord", "frac"))
+        contam = _collect(
+            verdicts.map_batches(
+                _contaminated,
+                batch_size=SIG_BATCH,
+                batch_format="numpy",
+                fn_kwargs=dict(
+                    dup_ords=dup_ord, drop_long=drop_long, index=index, threshold=checks.contamination_threshold
+                ),
+            ),
+            ("ord", "frac"),
+        )
     times["contamination"] = time.perf_counter() - t
 
     t = time.perf_counter()
     near_ord = np.array([o for g in near_groups for o in g[1:]], dtype=np.int64)
     near_head = np.array([g[0] for g in near_groups for _ in g[1:]], dtype=np.int64)
     no, co = np.argsort(near_ord), np.argsort(contam["ord"])
-    found = _Found(dup_ord, dup_ref, near_ord[no], near_head[no], contam["ord"][co], contam["frac"][co],
-                   [f.label for f in plan.files])
-    final = verdicts.map_batches(_outcomes, batch_format="numpy", fn_kwargs=dict(
-        found=found, pii_policy=checks.pii, overlong=checks.overlong, near_action=checks.near_dup_action,
-        contam_action=checks.contamination_action, ngram=checks.contamination_ngram), **{}).materialize()
+    found = _Found(
+        dup_ord,
+        dup_ref,
+        near_ord[no],
+        near_head[no],
+        contam["ord"][co],
+        contam["frac"][co],
+        [f.label for f in plan.files],
+    )
+    final = verdicts.map_batches(
+        _outcomes,
+        batch_format="numpy",
+        fn_kwargs=dict(
+            found=found,
+            pii_policy=checks.pii,
+            overlong=checks.overlong,
+            near_action=checks.near_dup_action,
+            contam_action=checks.contamination_action,
+            ngram=checks.contamination_ngram,
+        ),
+        **{},
+    ).materialize()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_shards, quarantine_shards = out_dir / f"{name}.clean.parquet", out_dir / f"{name}.quarantine.parquet"
@@ -703,12 +860,20 @@ def _replace_dir(target: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, checks: Any, not_checked: dict[str, str],
-                 near_groups: list[list[int]]) -> dict:
+def _write_files(
+    final: Any,
+    out_dir: Path,
+    name: str,
+    path: Any,
+    plan: _Plan,
+    checks: Any,
+    not_checked: dict[str, str],
+    near_groups: list[list[int]],
+) -> dict:
     """Read the outcomes in input order once: digest, clean and quarantine JSONL, the report (the local
     engine's :func:`tuneloop.data.passparts.report_numbers`)."""
-    from tuneloop.data.report import write_report
     from tuneloop.data.passparts import Screened, Similar, bookkeeping, report_numbers, source_rows
+    from tuneloop.data.report import write_report
     from tuneloop.fsutil import atomic_lines
 
     s = Screened()
@@ -718,13 +883,18 @@ def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, c
     valid = pii_kept = near_n = contam_found = 0
     clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
     last = -1
-    with atomic_lines(clean_path) as clean, atomic_lines(quarantine_path, "backslashreplace") as quarantine, \
-            tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace", dir=out_dir) as phase2:
+    with (
+        atomic_lines(clean_path) as clean,
+        atomic_lines(quarantine_path, "backslashreplace") as quarantine,
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace", dir=out_dir) as phase2,
+    ):
         for b in final.iter_batches(batch_size=8192, batch_format="numpy"):
             for j in range(len(b["ord"])):
                 o = int(b["ord"][j])
                 if o <= last:
-                    raise RuntimeError(f"Ray returned the records out of order ({o} after {last}); this is a bug in ray_engine")
+                    raise RuntimeError(
+                        f"Ray returned the records out of order ({o} after {last}); this is a bug in ray_engine"
+                    )
                 last = o
                 line, file, cat, out = int(b["line"][j]), b["file"][j], int(b["cat"][j]), b["out"][j]
                 s.records += 1
@@ -761,12 +931,20 @@ def _write_files(final: Any, out_dir: Path, name: str, path: Any, plan: _Plan, c
         s.tally.add(line, file, reasons)
     assert valid + sum(s.counts.values()) == s.records, (valid, s.counts, s.records)
     sim = Similar({}, {}, near_groups=len(near_groups), near_n=near_n, contam_n=contam_found)
-    report = {**source_rows(path, s), "format": plan.format, "position": plan.position,
-              **report_numbers(s, sim, valid, pii_kept, checks, not_checked), "digest": digest.hexdigest(),
-              "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
-              "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html"),
-              "engine": "ray", "clean_shards": str(out_dir / f"{name}.clean.parquet"),
-              "quarantine_shards": str(out_dir / f"{name}.quarantine.parquet")}
+    report = {
+        **source_rows(path, s),
+        "format": plan.format,
+        "position": plan.position,
+        **report_numbers(s, sim, valid, pii_kept, checks, not_checked),
+        "digest": digest.hexdigest(),
+        "clean_path": str(clean_path),
+        "quarantine_path": str(quarantine_path),
+        "report_path": str(out_dir / f"{name}.report.json"),
+        "html_path": str(out_dir / f"{name}.report.html"),
+        "engine": "ray",
+        "clean_shards": str(out_dir / f"{name}.clean.parquet"),
+        "quarantine_shards": str(out_dir / f"{name}.quarantine.parquet"),
+    }
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
     return report
 
@@ -778,8 +956,9 @@ class _PiiRow:
     pii: list[tuple[str, str]]
 
 
-def check_splits_ray(data: Any, out_dir: Path, *, tokenizer: Any = None, train_name: str = "train",
-                     fail_marker: str | None = None) -> Any:
+def check_splits_ray(
+    data: Any, out_dir: Path, *, tokenizer: Any = None, train_name: str = "train", fail_marker: str | None = None
+) -> Any:
     """:func:`tuneloop.data.validate.check_splits` with ``data.engine: ray``: the eval data first, then the
     train data against the eval texts, each on the cluster."""
     from tuneloop.data.passparts import SplitReports, checks_from_config, clean_texts
@@ -790,10 +969,21 @@ def check_splits_ray(data: Any, out_dir: Path, *, tokenizer: Any = None, train_n
         train_name = "eval.train"
     ev, eval_texts = None, None
     if data.eval_data:
-        ev = _validate_one(data.eval_data, out_dir, data=data, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer)
+        ev = _validate_one(
+            data.eval_data, out_dir, data=data, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer
+        )
         eval_texts = clean_texts(Path(ev["clean_path"]))
-    tr = _validate_one(data.train_data, out_dir, data=data, fmt=data.format, name=train_name, checks=checks,
-                       tokenizer=tokenizer, eval_texts=eval_texts, fail_marker=fail_marker)
+    tr = _validate_one(
+        data.train_data,
+        out_dir,
+        data=data,
+        fmt=data.format,
+        name=train_name,
+        checks=checks,
+        tokenizer=tokenizer,
+        eval_texts=eval_texts,
+        fail_marker=fail_marker,
+    )
     return SplitReports(tr, ev)
 
 

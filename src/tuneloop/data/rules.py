@@ -18,8 +18,9 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterator, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from tuneloop.data import pii as piimod
 from tuneloop.data.formats import normalise, record_texts, sft_messages
@@ -156,7 +157,9 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def map_chunks(items: Iterator[Item], work: Callable[[list[Item]], T], *, chunk: int = _CHUNK, num_workers: int = 1) -> Iterator[T]:
+def map_chunks(
+    items: Iterator[Item], work: Callable[[list[Item]], T], *, chunk: int = _CHUNK, num_workers: int = 1
+) -> Iterator[T]:
     """``work`` on consecutive chunks of ``chunk`` items, results in input order; ``num_workers`` forked
     processes when there are at least two chunks. At most ``2 * num_workers + 1`` chunks are in flight, so
     memory stays bounded by the chunk size however long the input is (``Pool.imap`` reads its whole input
@@ -181,13 +184,13 @@ def map_chunks(items: Iterator[Item], work: Callable[[list[Item]], T], *, chunk:
             yield pending.popleft().get()
 
 
-def record_verdicts(items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool) -> Iterator[Verdict]:
+def record_verdicts(
+    items: Iterator[Item], fmt: str, *, pii_policy: str, num_workers: int, want_text: bool
+) -> Iterator[Verdict]:
     """Per-record verdicts in input order; a pool of ``num_workers`` processes when it pays."""
     work = partial(process_records, fmt=fmt, pii_policy=pii_policy, want_text=want_text)
     for part in map_chunks(items, work, num_workers=num_workers):
         yield from part
-
-
 
 
 class RuleTally:

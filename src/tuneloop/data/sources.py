@@ -198,7 +198,12 @@ def _read_csv(path: Path, file: str | None = None, compression: str | None = Non
             rec = {k: _csv_cell(k, v) for k, v in itertools.zip_longest(header, row[: len(header)])}
             if len(row) > len(header):
                 extra = row[len(header) :]
-                yield Item(start, file, 2, (json.dumps(extra), f"bad_structure: row has {len(extra)} more cells than the header"))
+                yield Item(
+                    start,
+                    file,
+                    2,
+                    (json.dumps(extra), f"bad_structure: row has {len(extra)} more cells than the header"),
+                )
                 continue
             yield Item(start, file, 1, rec)
     except csv.Error as e:
@@ -274,9 +279,15 @@ def hf_offline() -> Iterator[None]:
     import datasets.config
     import huggingface_hub.constants as hub
 
-    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in
-             ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"), (hub, "HF_HUB_OFFLINE"))
-             if hasattr(mod, attr)]
+    saved = [
+        (mod, attr, getattr(mod, attr))
+        for mod, attr in (
+            (datasets.config, "HF_HUB_OFFLINE"),
+            (datasets.config, "HF_DATASETS_OFFLINE"),
+            (hub, "HF_HUB_OFFLINE"),
+        )
+        if hasattr(mod, attr)
+    ]
     for mod, attr, _ in saved:
         setattr(mod, attr, True)
     try:
@@ -308,7 +319,11 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
             except Exception as e:
                 raise InputError(f"{path}: cannot load the saved dataset: {e}") from None
             return _read_hf(ds, None, str(path)), "record"
-        files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and data_suffix(p.name) in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        )
         if not files:
             raise InputError(f"{path}: the directory holds no {', '.join(SUPPORTED_SUFFIXES)} files")
         position = "line" if all(base_suffix(data_suffix(p.name)) in _LINE_POSITIONS for p in files) else "record"
@@ -364,7 +379,6 @@ def _sample_values(sample: list[Item]) -> list[Any]:
     return out
 
 
-
 def open_detected(source: str | Path | Sequence[TrainSource], fmt: str = "auto") -> tuple[Iterator[Item], str, str]:
     """Open ``source`` and detect its format from the first records (unless ``fmt`` is given): (records,
     position kind, format). InputError for an empty dataset or an undetectable format. A list of sources
@@ -405,12 +419,17 @@ def _labelled(items: Iterator[Item], label: str, index: int, source_of: dict[str
 
 def _overlap_problem(sources: Sequence[TrainSource]) -> str | None:
     """Two sources that name the same files (the same path twice, or a file inside a listed directory)."""
-    paths = [Path(os.path.expanduser(s.path)).resolve() if Path(os.path.expanduser(s.path)).exists() else None for s in sources]
+    paths = [
+        Path(os.path.expanduser(s.path)).resolve() if Path(os.path.expanduser(s.path)).exists() else None
+        for s in sources
+    ]
     for i, a in enumerate(paths):
         for j, b in enumerate(paths):
             if i < j and a is not None and b is not None and (a == b or a.is_relative_to(b) or b.is_relative_to(a)):
-                return (f"{sources[i].label} and {sources[j].label} hold the same files; "
-                        "list each file once (a `weight` counts a source more)")
+                return (
+                    f"{sources[i].label} and {sources[j].label} hold the same files; "
+                    "list each file once (a `weight` counts a source more)"
+                )
     return None
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import random
 from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tuneloop.config import TrainSource
 from tuneloop.errors import InputError
@@ -39,8 +40,10 @@ def _parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.name.endswith(".parquet") and p.is_file())
         if not files:
-            raise InputError(f"{path}: a directory of validated records must hold *.parquet shards; found none. "
-                             "Point preprocessing at the data stage's clean.jsonl or its Parquet output directory.")
+            raise InputError(
+                f"{path}: a directory of validated records must hold *.parquet shards; found none. "
+                "Point preprocessing at the data stage's clean.jsonl or its Parquet output directory."
+            )
         return files
     return [path]
 
@@ -84,8 +87,10 @@ def _ray_records(files: list[Path]) -> Iterator[dict[str, Any]]:
         for batch in pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BATCH, columns=list(RAY_COLUMNS)):
             for row in batch.to_pylist():
                 if row["ord"] <= last:
-                    raise InputError(f"{file}: record {row['ord']} (line {row['line']}) comes after record {last}: the kept "
-                                     "shards are not in input order; re-run the data stage (data.engine: ray) to rewrite them")
+                    raise InputError(
+                        f"{file}: record {row['ord']} (line {row['line']}) comes after record {last}: the kept "
+                        "shards are not in input order; re-run the data stage (data.engine: ray) to rewrite them"
+                    )
                 last = row["ord"]
                 rec = json.loads(row["record"])
                 rec["_line"] = row["line"]
@@ -182,8 +187,16 @@ class Weigher:
     def per_source(self) -> list[dict[str, Any]] | None:
         if not self.sources:
             return None
-        return [{"path": s.label, "weight": s.weight, "records": self.records[i], "train_records": self.train_records[i],
-                 "samples": self.samples[i]} for i, s in enumerate(self.sources)]
+        return [
+            {
+                "path": s.label,
+                "weight": s.weight,
+                "records": self.records[i],
+                "train_records": self.train_records[i],
+                "samples": self.samples[i],
+            }
+            for i, s in enumerate(self.sources)
+        ]
 
 
 class TokenWriter:
@@ -217,8 +230,13 @@ class TokenWriter:
     def _flush(self) -> None:
         if self.ids:
             pa = self.pa
-            batch = pa.record_batch([pa.array(self.ids, type=self.schema.field("input_ids").type),
-                                     pa.array(self.labels, type=self.schema.field("labels").type)], schema=self.schema)
+            batch = pa.record_batch(
+                [
+                    pa.array(self.ids, type=self.schema.field("input_ids").type),
+                    pa.array(self.labels, type=self.schema.field("labels").type),
+                ],
+                schema=self.schema,
+            )
             self.writer.write_batch(batch)
             self.rows += len(self.ids)
             self.ids, self.labels = [], []

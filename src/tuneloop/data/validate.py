@@ -29,24 +29,35 @@ import hashlib
 import json
 import os
 import tempfile
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any
 
+from tuneloop.config import TrainSource
 from tuneloop.data.formats import FORMATS
 from tuneloop.data.gates import data_gates, gate_failures
+from tuneloop.data.outofcore import OutOfCore, ooc_from_config, validate_out_of_core
+from tuneloop.data.passparts import (  # noqa: F401  (re-exported: validate.Checks etc. are used elsewhere)
+    Checks,
+    Screened,
+    Similar,
+    SplitReports,
+    bookkeeping,
+    checks_from_config,
+    clean_texts,
+    near_dup_module,
+    not_checked,
+    overlong_reason,
+    report_numbers,
+    source_rows,
+    tally_similar,
+)
 from tuneloop.data.report import write_report
-from tuneloop.data.rules import MAX_EXAMPLES, RuleTally, quarantine_line, record_verdicts, similarity_text, token_count
-from tuneloop.config import TrainSource
+from tuneloop.data.rules import quarantine_line, record_verdicts, token_count
 from tuneloop.data.sources import open_detected, open_sources
 from tuneloop.errors import InputError
 from tuneloop.fsutil import atomic_lines
-from tuneloop.data.outofcore import OutOfCore, ooc_from_config, validate_out_of_core
-from tuneloop.data.passparts import (  # noqa: F401  (re-exported: validate.Checks etc. are used elsewhere)
-    Checks, Screened, Similar, SplitReports, bookkeeping, checks_from_config, clean_texts, near_dup_module, not_checked,
-    overlong_reason, report_numbers, source_rows, tally_similar,
-)
 
 
 def _overlong(r: Any, s: Screened, quarantine: IO[str], checks: Checks, tokenizer: Any) -> bool:
@@ -67,7 +78,9 @@ def _overlong(r: Any, s: Screened, quarantine: IO[str], checks: Checks, tokenize
     return True
 
 
-def _screen(verdicts: Iterable[Any], s: Screened, quarantine: IO[str], stage: IO[str], checks: Checks, tokenizer: Any) -> None:
+def _screen(
+    verdicts: Iterable[Any], s: Screened, quarantine: IO[str], stage: IO[str], checks: Checks, tokenizer: Any
+) -> None:
     """One pass in input order: quarantine records that failed a rule, exact duplicates and over-long ones;
     stage the rest."""
     first_line: dict[bytes, tuple[int, str | None]] = {}  # dedup key -> (line, file) of the kept record
@@ -98,8 +111,9 @@ def _screen(verdicts: Iterable[Any], s: Screened, quarantine: IO[str], stage: IO
             s.texts.append(r.text)
 
 
-def _similar(s: Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None,
-             labels: list[Any] | None = None) -> Similar:
+def _similar(
+    s: Screened, checks: Checks, near: Any, contam: Any, eval_texts: list[str] | None, labels: list[Any] | None = None
+) -> Similar:
     """Dataset-level checks on the kept candidates: near duplicates within (``near``: the dedup module or None;
     with ``labels``, a kto dataset's, only among candidates of the same label: a desirable and an undesirable
     answer to one prompt may differ in a word, and both teach), contamination against the eval texts
@@ -107,22 +121,35 @@ def _similar(s: Screened, checks: Checks, near: Any, contam: Any, eval_texts: li
     sim = Similar({}, {})
     if near is not None and len(s.texts) > 1:
         everyone = list(range(len(s.texts)))
-        parts = [[i for i in everyone if labels[i] == v] for v in sorted(set(labels), key=str)] if labels else [everyone]
+        parts = (
+            [[i for i in everyone if labels[i] == v] for v in sorted(set(labels), key=str)] if labels else [everyone]
+        )
         for idx in parts:
-            found = near.near_duplicate_groups([s.texts[i] for i in idx], threshold=checks.near_dup_threshold,
-                                               shingle_size=checks.near_dup_shingle) if len(idx) > 1 else []
+            found = (
+                near.near_duplicate_groups(
+                    [s.texts[i] for i in idx], threshold=checks.near_dup_threshold, shingle_size=checks.near_dup_shingle
+                )
+                if len(idx) > 1
+                else []
+            )
             sim.near_groups += len(found)
             for group in found:
                 head = s.kept[idx[group[0]]]
                 for j in group[1:]:
-                    sim.removed[idx[j]] = f"near_duplicate: similar to line {head[0]}" + (f" of {head[1]}" if head[1] else "")
+                    sim.removed[idx[j]] = f"near_duplicate: similar to line {head[0]}" + (
+                        f" of {head[1]}" if head[1] else ""
+                    )
     if contam is not None and s.texts:
-        sim.contamination = contam.contaminated_indices(s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold)
+        sim.contamination = contam.contaminated_indices(
+            s.texts, eval_texts, ngram=checks.contamination_ngram, threshold=checks.contamination_threshold
+        )
     tally_similar(s.tally, sim, checks, lambda i: s.kept[i][:2])
     return sim
 
 
-def _write_kept(s: Screened, sim: Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks) -> tuple[int, int, str]:
+def _write_kept(
+    s: Screened, sim: Similar, stage_path: Path, clean: IO[str], quarantine: IO[str], checks: Checks
+) -> tuple[int, int, str]:
     """Move the staged candidates to the clean file (or, when dropped by a similarity check, the quarantine);
     return (kept, kept with PII unredacted, digest of the kept records)."""
     digest = hashlib.sha256(b"[")  # streams sha256_json(list of kept records)
@@ -134,7 +161,11 @@ def _write_kept(s: Screened, sim: Similar, stage_path: Path, clean: IO[str], qua
             if i in sim.drop:
                 near = i in sim.removed and checks.near_dup_action == "drop"
                 s.counts["near_duplicates" if near else "contaminated"] += 1
-                overlap = f"contaminated: {sim.contamination[i]:.0%} n-gram overlap with the eval data" if i in sim.contamination else None
+                overlap = (
+                    f"contaminated: {sim.contamination[i]:.0%} n-gram overlap with the eval data"
+                    if i in sim.contamination
+                    else None
+                )
                 why = [x for x in (sim.removed.get(i), overlap) if x]
                 quarantine.write(quarantine_line(line, file, why, json.loads(data)) + "\n")
                 continue
@@ -148,7 +179,9 @@ def _write_kept(s: Screened, sim: Similar, stage_path: Path, clean: IO[str], qua
     return valid, pii_kept, digest.hexdigest()
 
 
-def _open(path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: Screened) -> tuple[Iterator[Any], str, str]:
+def _open(
+    path: str | os.PathLike[str] | Sequence[TrainSource], fmt: str, s: Screened
+) -> tuple[Iterator[Any], str, str]:
     """(items, position kind, format); a list of sources also sets ``s.source_of``."""
     if not isinstance(path, (list, tuple)):
         return open_detected(path, fmt)
@@ -195,8 +228,19 @@ def validate_dataset(
     s = Screened()
     items, position, fmt = _open(path, fmt, s)
     if ooc.enabled:
-        return validate_out_of_core(path, items, position, fmt, s, out_dir, name=name, checks=checks,
-                                    tokenizer=tokenizer, eval_texts=eval_texts, ooc=ooc)
+        return validate_out_of_core(
+            path,
+            items,
+            position,
+            fmt,
+            s,
+            out_dir,
+            name=name,
+            checks=checks,
+            tokenizer=tokenizer,
+            eval_texts=eval_texts,
+            ooc=ooc,
+        )
     dedup = near_dup_module()
     near = dedup if checks.near_dup_threshold is not None else None
     contam = dedup if eval_texts is not None else None
@@ -210,9 +254,19 @@ def validate_dataset(
         # back as the same JSON escape, so the line stays valid JSON.
         with atomic_lines(clean_path) as clean, atomic_lines(quarantine_path, "backslashreplace") as quarantine:
             with os.fdopen(stage_fd, "w", encoding="utf-8", newline="\n") as stage:
-                verdicts = record_verdicts(items, fmt, pii_policy=checks.pii, num_workers=checks.num_workers, want_text=near is not None or contam is not None)
+                verdicts = record_verdicts(
+                    items,
+                    fmt,
+                    pii_policy=checks.pii,
+                    num_workers=checks.num_workers,
+                    want_text=near is not None or contam is not None,
+                )
                 _screen(verdicts, s, quarantine, stage, checks, tokenizer)
-            labels = [json.loads(line).get("label") for line in stage_path.read_text(encoding="utf-8").splitlines()] if fmt == "kto" and near is not None else None
+            labels = (
+                [json.loads(line).get("label") for line in stage_path.read_text(encoding="utf-8").splitlines()]
+                if fmt == "kto" and near is not None
+                else None
+            )
             sim = _similar(s, checks, near, contam, eval_texts, labels)
             s.texts = []
             valid, pii_kept, digest = _write_kept(s, sim, stage_path, clean, quarantine, checks)
@@ -220,9 +274,17 @@ def validate_dataset(
         stage_path.unlink(missing_ok=True)
     accounted = valid + sum(s.counts.values())
     assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {**source_rows(path, s), "format": fmt, "position": position, **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
-              "digest": digest, "clean_path": str(clean_path), "quarantine_path": str(quarantine_path),
-              "report_path": str(out_dir / f"{name}.report.json"), "html_path": str(out_dir / f"{name}.report.html")}
+    report = {
+        **source_rows(path, s),
+        "format": fmt,
+        "position": position,
+        **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
+        "digest": digest,
+        "clean_path": str(clean_path),
+        "quarantine_path": str(quarantine_path),
+        "report_path": str(out_dir / f"{name}.report.json"),
+        "html_path": str(out_dir / f"{name}.report.html"),
+    }
     write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
     return report
 
@@ -259,10 +321,20 @@ def check_splits(data: Any, out_dir: Path, *, tokenizer: Any = None, train_name:
         train_name = "eval.train"
     ev, eval_texts = None, None
     if data.eval_data:
-        ev = validate_dataset(data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer, ooc=ooc)
+        ev = validate_dataset(
+            data.eval_data, out_dir, fmt=data.format, name="eval", checks=checks, tokenizer=tokenizer, ooc=ooc
+        )
         eval_texts = clean_texts(Path(ev["clean_path"]))
-    tr = validate_dataset(data.train_data, out_dir, fmt=data.format, name=train_name, checks=checks, tokenizer=tokenizer,
-                          eval_texts=eval_texts, ooc=ooc)
+    tr = validate_dataset(
+        data.train_data,
+        out_dir,
+        fmt=data.format,
+        name=train_name,
+        checks=checks,
+        tokenizer=tokenizer,
+        eval_texts=eval_texts,
+        ooc=ooc,
+    )
     return SplitReports(tr, ev)
 
 
@@ -291,4 +363,6 @@ def gate_splits(checked: SplitReports, data: Any, *, report_dir: Path | None = N
 def validate_splits(data: Any, out_dir: Path, *, tokenizer: Any = None, train_name: str = "train") -> DataVerdict:
     """Check the splits of ``data`` (:func:`check_splits`), then gate them and write the reports with their
     verdicts next to the clean and quarantine files (:func:`gate_splits`)."""
-    return gate_splits(check_splits(data, out_dir, tokenizer=tokenizer, train_name=train_name), data, report_dir=out_dir)
+    return gate_splits(
+        check_splits(data, out_dir, tokenizer=tokenizer, train_name=train_name), data, report_dir=out_dir
+    )
