@@ -99,7 +99,7 @@ function pageRuns() {
     else out.push(table([t("runs.col.run"), t("runs.col.pipeline"), t("runs.col.status"), t("runs.col.started"), t("runs.col.duration"), t("runs.col.stages")],
       data.runs.map(r => el("tr", {class: "clickable", testid: "run-row", "data-run-id": r.run_id, onclick: () => { location.hash = "#/runs/" + r.run_id; }},
         el("td", {class: "mono rid"}, el("a", {href: "#/runs/" + r.run_id}, r.run_id)), el("td", {}, r.pipeline),
-        el("td", {testid: "run-status", class: "s-" + r.status}, statusText(r.status)), el("td", {}, utc(r.started_at)),
+        el("td", {testid: "run-status", class: "nowrap s-" + r.status}, statusText(r.status)), el("td", {}, utc(r.started_at)),
         el("td", {class: "num"}, secs(r.duration_s)),
         el("td", {}, r.stages.map(s => el("span", {class: "chip s-" + s.status, title: `${s.status}${s.cached ? " (" + t("run.cached") + ")" : ""}`},
           stageName(s.stage), s.cached ? " ⟳" : ""))))), {testid: "runs-table"}));
@@ -121,7 +121,7 @@ function pageRun(id) {
         utc(run.started_at), " · ", secs(run.duration_s)),
         table([t("run.col.stage"), t("run.col.status"), t("run.col.duration"), t("run.col.cached"), t("run.metrics"), t("run.col.error")],
           run.stages.map(s => el("tr", {testid: "stage-row", "data-stage": s.stage},
-            el("td", {}, stageName(s.stage)), el("td", {class: "s-" + s.status}, statusText(s.status)), el("td", {class: "num"}, secs(s.duration_s)),
+            el("td", {class: "nowrap"}, stageName(s.stage)), el("td", {class: "nowrap s-" + s.status}, statusText(s.status)), el("td", {class: "num"}, secs(s.duration_s)),
             el("td", {}, s.cached ? t("app.yes") : t("app.no")),
             el("td", {class: "mono"}, Object.entries(s.metrics || {}).filter(([, v]) => typeof v !== "object").slice(0, 8).map(([k, v]) => `${k} ${num(v)}`).join(" · ")),
             el("td", {class: "s-failed"}, s.error))))];
@@ -188,15 +188,15 @@ function pageGates(id) {
         setTimeout(() => gateChart(canvas, g), 0);
         return el("tr", {testid: "gate-row", "data-gate": g.name, class: g.stage === "evaluation" ? "clickable" : null,
           title: g.stage === "evaluation" ? t("items.title") : null, onclick: () => { if (g.stage === "evaluation" && showSuite) showSuite(g.suite); }},
-          el("td", {testid: "gate-name", class: "mono"}, g.name), el("td", {}, stageName(g.stage)),
+          el("td", {testid: "gate-name", class: "mono gate-name"}, g.name), el("td", {class: "nowrap"}, stageName(g.stage)),
           el("td", {class: "num"}, num(g.value)), el("td", {class: "num", testid: "gate-interval"}, interval(g.interval)),
           el("td", {class: "num"}, `${g.op || ""} ${num(g.threshold)}`), el("td", {}, canvas),
-          el("td", {testid: "gate-verdict", class: "v-" + g.verdict}, verdictText(g.verdict), g.blocks ? ` (${t("gates.blocks")})` : ""),
-          el("td", {class: "muted"}, g.reason));
+          el("td", {testid: "gate-verdict", class: "nowrap v-" + g.verdict}, verdictText(g.verdict), g.blocks ? ` (${t("gates.blocks")})` : ""),
+          el("td", {class: "muted reason"}, g.reason));
       });
       return [el("p", {}, t("gates.overall", {overall: statusText(d.overall)})), el("p", {class: "muted"}, t("gates.chart_note")),
         table([t("gates.col.gate"), t("gates.col.stage"), t("gates.col.value"), t("gates.col.interval"), t("gates.col.threshold"), t("gates.chart"),
-          t("gates.col.verdict"), t("gates.col.reason")], rows, {testid: "gate-table"})];
+          t("gates.col.verdict"), t("gates.col.reason")], rows, {testid: "gate-table", class: "gates"})];
     }),
     panel(t("compare.title"), async () => {
       const d = await api("api/runs");
