@@ -278,6 +278,24 @@ def test_every_ui_string_the_page_uses_is_in_the_english_catalog():
     assert used and not sorted(k for k in used if k not in en)
 
 
+def test_rollout_metric_headers_go_through_the_catalog():
+    """The gateway dashboard sends English metric headers; app.js maps each one to a catalog key in both languages."""
+    import re
+
+    from tuneloop.rollout.display import METRIC_HEADERS
+
+    static = Path(__file__).resolve().parents[1] / "src" / "tuneloop" / "ui" / "static"
+    source = (static / "app.js").read_text()
+    block = re.search(r"const ROLLOUT_HEADS = \{(.*?)\};", source, re.S)
+    assert block, "app.js: ROLLOUT_HEADS not found"
+    heads = dict(re.findall(r'"([^"]+)": "(rollouts\.col\.[a-z_]+)"', block.group(1)))
+    assert sorted(h for h in METRIC_HEADERS if h not in heads) == []
+    for lang in ("en", "zh-CN"):
+        cat = json.loads((static / "i18n" / f"{lang}.json").read_text(encoding="utf-8"))
+        assert all(k in cat for k in heads.values()) and "rollouts.col.action" in cat, lang
+    assert '"action"' not in source.split("function pageRollouts", 1)[1].split("function pageFeedback", 1)[0]
+
+
 def test_vendored_assets_match_their_recorded_sha256():
     vendor = Path(__file__).resolve().parents[1] / "src" / "tuneloop" / "ui" / "static" / "vendor"
     rows = [

@@ -419,6 +419,11 @@ function pageVersion(name, version) {
   })];
 }
 
+// the gateway dashboard's metric headers (rollout/display.py METRIC_HEADERS, English) -> catalog keys; unknown ones as sent
+const ROLLOUT_HEADS = {"metric": "rollouts.col.metric", "canary rate": "rollouts.col.canary_rate", "baseline rate": "rollouts.col.baseline_rate",
+  "ratio": "rollouts.col.ratio", "anytime-valid interval": "rollouts.col.interval", "e-value / rollback at": "rollouts.col.evalue",
+  "non-inferior": "rollouts.col.non_inferior", "needed": "rollouts.col.needed"};
+const rolloutHead = h => ROLLOUT_HEADS[h] ? t(ROLLOUT_HEADS[h]) : h;
 function pageRollouts(name) {
   const box = panel(null, async () => {
     const m = await api(`api/rollouts/${enc(name)}`);
@@ -436,9 +441,9 @@ function pageRollouts(name) {
         el("dt", {}, t("rollouts.weight")), el("dd", {}, r.weight_text)),
       el("h3", {}, t("rollouts.weight_chart")), el("div", {class: "chart-box"}, canvas),
       el("h3", {}, t("rollouts.metrics")),
-      table(r.metric_headers || [], (r.metrics || []).map(x => el("tr", {}, x.cells.map(c => el("td", {}, c))))),
+      table((r.metric_headers || []).map(rolloutHead), (r.metrics || []).map(x => el("tr", {}, x.cells.map(c => el("td", {}, c))))),
       el("h3", {}, t("rollouts.decisions")),
-      table([t("model.col.at"), t("model.col.event"), "action", t("rollouts.weight"), t("model.col.actor"), t("model.col.reason")],
+      table([t("model.col.at"), t("model.col.event"), t("rollouts.col.action"), t("rollouts.weight"), t("model.col.actor"), t("model.col.reason")],
         (r.decisions || []).map(x => el("tr", {}, el("td", {}, x.at_text), el("td", {}, x.kind), el("td", {}, x.action || ""), el("td", {}, x.weight_text), el("td", {}, x.actor), el("td", {}, x.reason))))];
   }, {testid: "rollout-panel"});
   return [el("h1", {}, t("rollouts.title", {name})), el("p", {}, el("a", {href: "#/models/" + enc(name)}, "← " + t("app.back"))), box];
