@@ -303,9 +303,10 @@ function pageModels() {
   })];
 }
 
-function actionResult(box, promise, what) {
+// An action's outcome in its result line; on success `after` redraws what the action changed (no page reload).
+function actionResult(box, promise, what, after) {
   box.className = ""; box.textContent = t("app.loading");
-  return promise.then(r => { box.className = "ok"; box.textContent = t("model.done", {what: what(r)}); setTimeout(route, 800); })
+  return promise.then(r => { box.className = "ok"; box.textContent = t("model.done", {what: what(r)}); if (after) return after(); })
     .catch(err => { box.className = "panel-error"; box.textContent = t("model.failed", {message: err.message}); });
 }
 
@@ -314,6 +315,17 @@ function pageModel(name) {
   out.push(panel(t("model.versions"), async () => {
     const d = await api(`api/models/${enc(name)}`);
     const versions = d.versions;
+    const versionsTable = vs => table([t("model.col.version"), t("model.col.created"), t("model.col.kind"), t("model.col.accuracy"), t("model.col.aliases"), t("model.col.tags"), t("version.run")],
+      vs.map(v => el("tr", {class: "clickable", testid: "version-row", "data-version": v.version, onclick: () => { location.hash = `#/models/${enc(name)}/${v.version}`; }},
+        el("td", {}, el("a", {href: `#/models/${enc(name)}/${v.version}`}, v.ref)), el("td", {}, utc(v.created_at)), el("td", {}, v.artifact_kind),
+        el("td", {class: "num"}, num(v.accuracy)), el("td", {}, v.aliases.map(a => el("span", {class: "alias", testid: "alias-badge"}, a))),
+        el("td", {}, Object.entries(v.tags).map(([k, x]) => `${k}=${x}`).join(", ")), el("td", {class: "mono"}, v.run_id ? el("a", {href: "#/runs/" + v.run_id}, v.run_id) : ""))).reverse(), {testid: "versions-table"});
+    const versionsBox = el("div", {}, versionsTable(versions)), eventsBox = el("div", {}, eventsTable(d.events));
+    // after promote / rollback / tag: the versions (aliases, tags) and the events redrawn in place
+    const refresh = async () => {
+      try { const n = await api(`api/models/${enc(name)}`); versionsBox.replaceChildren(versionsTable(n.versions)); eventsBox.replaceChildren(eventsTable(n.events)); }
+      catch (err) { eventsBox.replaceChildren(panelError(err)); }
+    };
     const tokenField = id => el("input", {type: "password", testid: id, placeholder: t("model.token_placeholder"), autocomplete: "off"});
     const tokenLabel = input => el("label", {style: INFO.loopback ? "display:none" : null}, t("model.token"), input);  // loopback: no token needed
     // promote
@@ -323,13 +335,13 @@ function pageModel(name) {
     const pt = tokenField("promote-token");
     const pres = el("div", {testid: "promote-result"});
     const promote = el("form", {class: "inline", onsubmit: e => { e.preventDefault();
-      actionResult(pres, api(`api/models/${enc(name)}/promote`, {method: "POST", token: pt.value, body: {version: pv.value, alias: pa.value, reason: pr.value}}), r => `${r.ref} → ${pa.value}`); }},
+      actionResult(pres, api(`api/models/${enc(name)}/promote`, {method: "POST", token: pt.value, body: {version: pv.value, alias: pa.value, reason: pr.value}}), r => `${r.ref} → ${pa.value}`, refresh); }},
       el("label", {}, t("model.promote_version"), pv), el("label", {}, t("model.promote_alias"), pa), el("label", {}, t("model.reason"), pr),
       tokenLabel(pt), el("button", {type: "submit", testid: "promote-submit"}, t("model.promote_submit")));
     // rollback
     const rr = el("input", {type: "text", testid: "rollback-reason", size: 30}), rt = tokenField("rollback-token"), rres = el("div", {testid: "rollback-result"});
     const rollback = el("form", {class: "inline", onsubmit: e => { e.preventDefault();
-      actionResult(rres, api(`api/models/${enc(name)}/rollback`, {method: "POST", token: rt.value, body: {reason: rr.value}}), r => `${r.ref}`); }},
+      actionResult(rres, api(`api/models/${enc(name)}/rollback`, {method: "POST", token: rt.value, body: {reason: rr.value}}), r => `${r.ref}`, refresh); }},
       el("label", {}, t("model.reason"), rr), tokenLabel(rt), el("button", {type: "submit", testid: "rollback-submit", class: "secondary"}, t("model.rollback_submit")));
     // tag
     const tv = el("select", {testid: "tag-version"}, versions.map(v => el("option", {value: v.version}, v.ref)).reverse());
@@ -338,7 +350,7 @@ function pageModel(name) {
     const tres = el("div", {testid: "tag-result"});
     const tag = el("form", {class: "inline", onsubmit: e => { e.preventDefault();
       actionResult(tres, api(`api/models/${enc(name)}/${enc(tv.value)}/tag`, {method: "POST", token: tt.value, body: {key: tk.value, value: tval.value, remove: trm.checked, reason: tr.value}}),
-        r => `${r.ref} ${Object.entries(r.tags).map(([k, v]) => k + "=" + v).join(", ")}`); }},
+        r => `${r.ref} ${Object.entries(r.tags).map(([k, v]) => k + "=" + v).join(", ")}`, refresh); }},
       el("label", {}, t("model.promote_version"), tv), el("label", {}, t("model.tag_key"), tk), el("label", {}, t("model.tag_value"), tval),
       el("label", {}, t("model.tag_remove"), trm), el("label", {}, t("model.reason"), tr), tokenLabel(tt),
       el("button", {type: "submit", testid: "tag-submit"}, t("model.tag_submit")));
@@ -358,14 +370,10 @@ function pageModel(name) {
           : el("p", {class: "muted"}, t("model.diff_none")));
       } catch (err) { dres.replaceChildren(panelError(err)); }
     }}, el("label", {}, "A", da), el("label", {}, "B", db), el("button", {type: "submit", testid: "diff-go"}, t("model.diff_go")));
-    return [table([t("model.col.version"), t("model.col.created"), t("model.col.kind"), t("model.col.accuracy"), t("model.col.aliases"), t("model.col.tags"), t("version.run")],
-      versions.map(v => el("tr", {class: "clickable", testid: "version-row", "data-version": v.version, onclick: () => { location.hash = `#/models/${enc(name)}/${v.version}`; }},
-        el("td", {}, el("a", {href: `#/models/${enc(name)}/${v.version}`}, v.ref)), el("td", {}, utc(v.created_at)), el("td", {}, v.artifact_kind),
-        el("td", {class: "num"}, num(v.accuracy)), el("td", {}, v.aliases.map(a => el("span", {class: "alias", testid: "alias-badge"}, a))),
-        el("td", {}, Object.entries(v.tags).map(([k, x]) => `${k}=${x}`).join(", ")), el("td", {class: "mono"}, v.run_id ? el("a", {href: "#/runs/" + v.run_id}, v.run_id) : ""))).reverse(), {testid: "versions-table"}),
+    return [versionsBox,
       el("h3", {}, t("model.promote")), promote, pres, el("h3", {}, t("model.rollback")), rollback, rres, el("h3", {}, t("model.tag")), tag, tres,
       el("h3", {}, t("model.diff")), diff, dres,
-      el("h3", {}, t("model.events")), eventsTable(d.events)];
+      el("h3", {}, t("model.events")), eventsBox];
   }));
   return out;
 }
