@@ -562,3 +562,26 @@ def test_a_running_training_shows_its_live_loss_from_the_unfinished_cache_entry(
         assert p["status"] == "running" and p["stage"] == "training"
         assert p["train"]["points"] == [{"step": 1, "epoch": None, "loss": 1.5, "learning_rate": 1e-3}]
         assert c.get("/api/runs").json()["runs"][0]["status"] == "running"
+
+
+def test_log_tail_of_a_finished_run_run_log_or_its_launch_output(tmp_path):
+    """A finished run's page tails runs/<id>/run.log; when that is empty (the pipeline logs only warnings and errors
+    there) and the UI launched the run, the launch's output (the terminal lines); else an empty tail with the path."""
+    ws = tmp_path / ".tuneloop"
+    write_run(ws, RUN_PASSED, failed=False)
+    write_run(ws, RUN_FAILED, failed=True)
+    (ws / "runs" / RUN_FAILED / "run.log").write_text("")
+    (ws / "runs" / RUN_PASSED / "run.log").write_text("")
+    launches = ws / "ui" / "launches"
+    launches.mkdir(parents=True)
+    (launches / "20261207-095959-abcdef.log").write_text(f"tuneloop run {RUN_PASSED} of {MODEL} -> somewhere\n> training\n")
+    (launches / "20261207-090000-000000.log").write_text("tuneloop run 20261207-000000-zzzzzz of other\n")
+    with BackgroundServer(create_app(ws)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        passed = ok(c, f"/api/runs/{RUN_PASSED}/progress")
+        assert passed["status"] == "passed" and passed["log_source"] == "launch", passed
+        assert passed["log_tail"][-1] == "> training" and passed["log_path"] == "ui/launches/20261207-095959-abcdef.log"
+        empty = ok(c, f"/api/runs/{RUN_FAILED}/progress")
+        assert (empty["log_tail"], empty["log_source"], empty["log_path"]) == ([], "run", f"runs/{RUN_FAILED}/run.log")
+        (ws / "runs" / RUN_FAILED / "run.log").write_text("2026-12-07 11:00:01 WARNING tuneloop: slow disk\n")
+        again = ok(c, f"/api/runs/{RUN_FAILED}/progress")
+        assert again["log_tail"] == ["2026-12-07 11:00:01 WARNING tuneloop: slow disk"] and again["log_source"] == "run"

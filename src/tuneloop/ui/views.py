@@ -26,6 +26,7 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 SOURCES = ("train", "eval")
 STAGES = ("data_validation", "preprocessing", "training", "evaluation", "model_registry", "deployment")
 LOG_TAIL_LINES = 40
+MAX_LAUNCH_LOGS = 50  # launch logs scanned for a run's output (newest first)
 MAX_TRAIN_POINTS = 2000
 
 
@@ -190,13 +191,46 @@ def progress_view(ws: Workspace, run_id: str) -> dict[str, Any]:
     suites: dict[str, int] = {}
     for row in _jsonl(d / "eval_items.jsonl"):
         suites[str(row.get("suite"))] = suites.get(str(row.get("suite")), 0) + 1
-    log_file = d / "run.log"
-    if running and (d / "logs" / f"{running}.log").is_file() and (d / "logs" / f"{running}.log").stat().st_size:
-        log_file = d / "logs" / f"{running}.log"
+    log_file, log_source = run_log(ws, d, running)
     return {"status": rec.get("status"), "stage": running,
             "train": {"points": points, "source": source},
             "eval": {"suites": [{"suite": s, "items_done": n} for s, n in suites.items()]},
-            "log_tail": tail_lines(log_file)}
+            "log_tail": tail_lines(log_file), "log_source": log_source,
+            "log_path": log_file.relative_to(ws.root).as_posix()}
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size if p.is_file() else 0
+    except OSError:
+        return 0
+
+
+def run_log(ws: Workspace, run_dir: Path, running: str | None) -> tuple[Path, str]:
+    """Which log the run page tails: the running stage's ``logs/<stage>.log``; else ``run.log`` (the pipeline's
+    log records of the whole run: warnings, errors, INFO from tuneloop.*; often empty, because the progress lines
+    go to the terminal); when that is empty and the UI started the run, its launch output (``ui/launches/*.log``,
+    the terminal's lines). Returns the path and ``"stage"``, ``"run"`` or ``"launch"``."""
+    stage_log = run_dir / "logs" / f"{running}.log"
+    if running and _size(stage_log):
+        return stage_log, "stage"
+    main = run_dir / "run.log"
+    if _size(main):
+        return main, "run"
+    launches = ws.root / "ui" / "launches"
+    try:
+        logs = sorted(launches.glob("*.log"), reverse=True)[:MAX_LAUNCH_LOGS] if launches.is_dir() else []
+    except OSError:
+        logs = []
+    for p in logs:  # the launch prints "tuneloop run <run_id> of ..." in its first lines
+        try:
+            with p.open("rb") as f:
+                head = f.read(20000).decode("utf-8", errors="replace")
+        except OSError:
+            continue
+        if f"run {run_dir.name} " in head:
+            return p, "launch"
+    return main, "run"
 
 
 # ----------------------------------------------------------------------------------------------- gates

@@ -153,7 +153,7 @@ function pageRun(id) {
     if (ev) ev.replaceChildren(p.eval.suites.length ? el("ul", {}, p.eval.suites.map(s => el("li", {}, t("run.eval_suite_done", {suite: s.suite, done: s.items_done}))))
       : el("p", {class: "muted"}, t("run.no_eval_progress")));
     const lg = document.getElementById("log-tail");
-    if (lg) lg.textContent = p.log_tail.length ? p.log_tail.join("\n") : t("run.no_log");
+    if (lg) lg.textContent = p.log_tail.length ? p.log_tail.join("\n") : p.log_path ? t("run.log_empty", {path: p.log_path}) : t("run.no_log");
     return p.status;
   }
   live().then(status => { if (status === "running") every(3000, live); });
