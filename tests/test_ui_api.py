@@ -389,6 +389,7 @@ def test_feedback_and_drift_routes(client):
     fb = ok(client, "/api/feedback")
     row = fb["feedback"][0]
     assert (row["request_id"], row["rating"], row["correction"], row["model"]) == ("req-1", -1, "refund", MODEL)
+    assert fb["request_log"] is True
     assert EMAIL not in json.dumps(fb)
     assert ok(client, "/api/drift") == {"result": None, "at": None}
 
@@ -585,3 +586,16 @@ def test_log_tail_of_a_finished_run_run_log_or_its_launch_output(tmp_path):
         (ws / "runs" / RUN_FAILED / "run.log").write_text("2026-12-07 11:00:01 WARNING tuneloop: slow disk\n")
         again = ok(c, f"/api/runs/{RUN_FAILED}/progress")
         assert again["log_tail"] == ["2026-12-07 11:00:01 WARNING tuneloop: slow disk"] and again["log_source"] == "run"
+
+
+def test_feedback_without_a_request_log_is_an_empty_state_not_an_error(tmp_path):
+    """A workspace that has never served (no requests.db): 200 with no feedback and request_log false, which the
+    page shows as feedback.no_request_log (both catalogs), not a panel error."""
+    ws = tmp_path / ".tuneloop"
+    write_run(ws, RUN_PASSED, failed=False)
+    with BackgroundServer(create_app(ws)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert ok(c, "/api/feedback") == {"feedback": [], "request_log": False}
+    static = Path(__file__).resolve().parents[1] / "src" / "tuneloop" / "ui" / "static"
+    for lang in ("en", "zh-CN"):
+        assert json.loads((static / "i18n" / f"{lang}.json").read_text(encoding="utf-8"))["feedback.no_request_log"]
+    assert "d.request_log === false" in (static / "app.js").read_text()

@@ -289,10 +289,8 @@ def test_every_page_in_english_and_chinese_with_screenshots(page, ui_url, ui_wor
             open_page(page, ui_url, route.format(blocked=blocked["run_id"], passed=passed), testid)
             page.screenshot(ARTIFACTS / f"{name}.{suffix}.png", full_page=True)
             if page.exists("[data-testid=panel-error]"):
-                said = page.text("[data-testid=panel-error]")
-                # the quick demo's gateway kept no request log: the feedback page says so (and the rest works)
-                if not (name == "feedback" and "request log" in said.lower() or "请求日志" in said):
-                    problems.append(f"{name} ({lang}): {said}")
+                # (the quick demo's gateway kept no request log: the feedback page shows an empty state, no error)
+                problems.append(f"{name} ({lang}): {page.text('[data-testid=panel-error]')}")
             if lang == "zh-CN":
                 left = untranslated_labels(page)
                 if left:

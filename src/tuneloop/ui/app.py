@@ -255,8 +255,14 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
 
     @app.get("/api/feedback")
     def feedback(limit: int = 50) -> dict[str, Any]:
-        with state.request_log() as rlog:
-            return views.feedback_view(rlog, limit=limit)
+        try:
+            rlog = state.request_log()
+        except PanelError as exc:
+            if exc.code != "request_log_missing":
+                raise
+            return {"feedback": [], "request_log": False}  # nothing served yet: an empty state, not an error
+        with rlog:
+            return {**views.feedback_view(rlog, limit=limit), "request_log": True}
 
     @app.get("/api/drift")
     def drift() -> dict[str, Any]:

@@ -470,7 +470,8 @@ function pageFeedback() {
   return [el("h1", {}, t("feedback.title")),
     panel(t("feedback.recent"), async () => {
       const d = await api("api/feedback?limit=50");
-      if (!d.feedback.length) return el("p", {class: "muted"}, t("feedback.empty"));
+      if (d.request_log === false) return el("p", {class: "muted", testid: "feedback-empty"}, t("feedback.no_request_log"));
+      if (!d.feedback.length) return el("p", {class: "muted", testid: "feedback-empty"}, t("feedback.empty"));
       return table([t("feedback.col.at"), t("feedback.col.model"), t("feedback.col.rating"), t("feedback.col.score"), t("feedback.col.prompt"), t("feedback.col.response"),
         t("feedback.col.correction"), t("feedback.col.comment")], d.feedback.map(f => el("tr", {testid: "feedback-row"}, el("td", {}, utc(f.at)),
           el("td", {}, f.model ? `${f.model}:${f.version ?? "?"}` : "–"), el("td", {class: f.rating > 0 ? "s-passed" : f.rating < 0 ? "s-failed" : ""}, f.rating == null ? "–" : f.rating > 0 ? "▲ +1" : "▼ −1"),
