@@ -575,7 +575,9 @@ def test_log_tail_of_a_finished_run_run_log_or_its_launch_output(tmp_path):
     (ws / "runs" / RUN_PASSED / "run.log").write_text("")
     launches = ws / "ui" / "launches"
     launches.mkdir(parents=True)
-    (launches / "20261207-095959-abcdef.log").write_text(f"tuneloop run {RUN_PASSED} of {MODEL} -> somewhere\n> training\n")
+    (launches / "20261207-095959-abcdef.log").write_text(
+        f"tuneloop run {RUN_PASSED} of {MODEL} -> somewhere\n> training\n"
+    )
     (launches / "20261207-090000-000000.log").write_text("tuneloop run 20261207-000000-zzzzzz of other\n")
     with BackgroundServer(create_app(ws)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         passed = ok(c, f"/api/runs/{RUN_PASSED}/progress")

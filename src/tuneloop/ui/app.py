@@ -22,8 +22,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Request
 
@@ -36,21 +37,36 @@ from tuneloop.workspace import Workspace
 log = logging.getLogger("tuneloop.ui")
 
 STATIC = Path(__file__).parent / "static"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8", ".json": "application/json; charset=utf-8",
-                 ".md": "text/plain; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
 
 
 def static_files() -> dict[str, Path]:
     """``{"app.js": path, "vendor/chart.umd.js": path, "i18n/en.json": path, ...}``: the assets the page may load,
     listed once from the package; a request names one of these keys or gets 404."""
-    return {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*")
-            if p.is_file() and p.suffix in CONTENT_TYPES and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(STATIC).as_posix(): p
+        for p in STATIC.rglob("*")
+        if p.is_file() and p.suffix in CONTENT_TYPES and "__pycache__" not in p.parts
+    }
 
 
-def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str = "127.0.0.1",
-               api_keys: frozenset[str] | None = None, admin_token: str | None = None,
-               config_path: str | os.PathLike | None = None):
+def create_app(
+    workspace_dir: str | os.PathLike,
+    cfg: Any = None,
+    *,
+    host: str = "127.0.0.1",
+    api_keys: frozenset[str] | None = None,
+    admin_token: str | None = None,
+    config_path: str | os.PathLike | None = None,
+):
     """The UI app over the workspace at ``workspace_dir`` (its ``.tuneloop`` directory; it need not exist: the
     panels then say so). ``cfg``: the PipelineConfig (registry URI, request log, drift settings, serve keys);
     ``host``: the address the server binds (the auth rules apply when it is not loopback); ``api_keys`` and
@@ -65,9 +81,14 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
     sc = getattr(cfg, "serve", None)
     keys_env = getattr(sc, "api_keys_env", "TUNELOOP_API_KEYS")
     admin_env = getattr(sc, "admin_token_env", "TUNELOOP_ADMIN_TOKEN")
-    auth = Auth(loopback=is_loopback(host), api_keys=read_keys(keys_env) if api_keys is None else frozenset(api_keys),
-                admin_token=(os.environ.get(admin_env) or None) if admin_token is None else admin_token,
-                keys_env=keys_env, admin_env=admin_env, insecure=bool(getattr(sc, "insecure", False)))
+    auth = Auth(
+        loopback=is_loopback(host),
+        api_keys=read_keys(keys_env) if api_keys is None else frozenset(api_keys),
+        admin_token=(os.environ.get(admin_env) or None) if admin_token is None else admin_token,
+        keys_env=keys_env,
+        admin_env=admin_env,
+        insecure=bool(getattr(sc, "insecure", False)),
+    )
     assets = static_files()
     launcher = Launcher(ws.root)
     lock = threading.Lock()
@@ -93,7 +114,9 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("ui: %s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body("internal", f"{type(exc).__name__}: {exc}", panel_of(request.url.path)), status_code=500)
+        return JSONResponse(
+            error_body("internal", f"{type(exc).__name__}: {exc}", panel_of(request.url.path)), status_code=500
+        )
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception):
@@ -123,8 +146,14 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
             registry: dict[str, Any] = {"backend": reg.backend, "location": str(reg.location)}
         except PanelError as exc:
             registry = {"error": exc.message}
-        return {"version": __version__, "workspace": str(ws.root), "workspace_ok": ws.root.is_dir(), "registry": registry,
-                "loopback": auth.loopback, "auth": {"api_key": not (auth.loopback or auth.open_reads), "admin": not auth.loopback}}
+        return {
+            "version": __version__,
+            "workspace": str(ws.root),
+            "workspace_ok": ws.root.is_dir(),
+            "registry": registry,
+            "loopback": auth.loopback,
+            "auth": {"api_key": not (auth.loopback or auth.open_reads), "admin": not auth.loopback},
+        }
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
@@ -143,7 +172,9 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
         return views.gates_view(ws, run_id)
 
     @app.get("/api/runs/{run_id}/items")
-    def items(run_id: str, suite: str | None = None, only: str = "all", limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def items(
+        run_id: str, suite: str | None = None, only: str = "all", limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
         return views.items_view(ws, run_id, suite=suite, only=only, limit=limit, offset=offset)
 
     @app.get("/api/runs/{run_id}/report")
@@ -202,8 +233,12 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
             v = views.check_version(reg, name, body.get("version", ""))
             with lock:
                 done = reg.promote(v["model"], v["version"], alias=alias, reason=reason)
-            return {"ok": True, "ref": done["ref"], "aliases": reg.aliases(v["model"]),
-                    "event": views.event_row(reg.events(v["model"])[-1])}
+            return {
+                "ok": True,
+                "ref": done["ref"],
+                "aliases": reg.aliases(v["model"]),
+                "event": views.event_row(reg.events(v["model"])[-1]),
+            }
 
         return await run_sync(lambda: state.with_registry(act, action=True))
 
@@ -216,8 +251,12 @@ def create_app(workspace_dir: str | os.PathLike, cfg: Any = None, *, host: str =
             model_name = views.check_model(reg, name)
             with lock:
                 done = reg.rollback(model_name, alias=alias, reason=reason)
-            return {"ok": True, "ref": done["ref"], "aliases": reg.aliases(model_name),
-                    "event": views.event_row(reg.events(model_name)[-1])}
+            return {
+                "ok": True,
+                "ref": done["ref"],
+                "aliases": reg.aliases(model_name),
+                "event": views.event_row(reg.events(model_name)[-1]),
+            }
 
         return await run_sync(lambda: state.with_registry(act, action=True))
 
@@ -361,7 +400,7 @@ def need_reason(body: dict[str, Any]) -> str:
     return reason[:2000]
 
 
-async def start_body(request, state: "UiState") -> tuple[Path, dict[str, Any]]:
+async def start_body(request, state: UiState) -> tuple[Path, dict[str, Any]]:
     body = await json_body(request)
     config = config_by_id(state.configs(), str(body.get("config", "")))
     if config is None:
@@ -382,11 +421,21 @@ def _config_of(cfg: Any) -> Path | None:
 class Auth:
     """The gateway's rules for the UI (see the module docstring)."""
 
-    def __init__(self, *, loopback: bool, api_keys: frozenset[str], admin_token: str | None, keys_env: str, admin_env: str,
-                 insecure: bool = False):
+    def __init__(
+        self,
+        *,
+        loopback: bool,
+        api_keys: frozenset[str],
+        admin_token: str | None,
+        keys_env: str,
+        admin_env: str,
+        insecure: bool = False,
+    ):
         self.loopback, self.api_keys, self.admin_token = loopback, api_keys, admin_token
         self.keys_env, self.admin_env = keys_env, admin_env
-        self.open_reads = insecure and not api_keys  # serve.insecure without keys: reads open, as the gateway; actions still need the token
+        self.open_reads = (
+            insecure and not api_keys
+        )  # serve.insecure without keys: reads open, as the gateway; actions still need the token
 
     def check(self, path: str, method: str, authorization: str) -> tuple[int, str, dict] | None:
         from tuneloop.serve.app import bearer, constant_time_in
@@ -396,18 +445,41 @@ class Auth:
         token = bearer(authorization)
         if method not in ("GET", "HEAD"):
             if not self.admin_token:
-                return 403, "admin_disabled", error_body("admin_disabled", "actions are off on a UI that is not on loopback until "
-                                                         f"an admin token is set in ${self.admin_env}", None)
+                return (
+                    403,
+                    "admin_disabled",
+                    error_body(
+                        "admin_disabled",
+                        "actions are off on a UI that is not on loopback until "
+                        f"an admin token is set in ${self.admin_env}",
+                        None,
+                    ),
+                )
             if not token or not constant_time_in(token, {self.admin_token}):
-                return 401, "invalid_admin_token", error_body("invalid_admin_token", "this action needs the admin token "
-                                                              "('Authorization: Bearer <admin token>'); nothing was changed", None)
+                return (
+                    401,
+                    "invalid_admin_token",
+                    error_body(
+                        "invalid_admin_token",
+                        "this action needs the admin token "
+                        "('Authorization: Bearer <admin token>'); nothing was changed",
+                        None,
+                    ),
+                )
             return None
         if self.open_reads:
             return None
         allowed = self.api_keys | ({self.admin_token} if self.admin_token else set())
         if not token or not constant_time_in(token, allowed):
-            return 401, "invalid_api_key", error_body("invalid_api_key", "missing or invalid API key; enter a key from "
-                                                      f"${self.keys_env} in the page's API key box", None)
+            return (
+                401,
+                "invalid_api_key",
+                error_body(
+                    "invalid_api_key",
+                    f"missing or invalid API key; enter a key from ${self.keys_env} in the page's API key box",
+                    None,
+                ),
+            )
         return None
 
 
@@ -442,7 +514,9 @@ class UiState:
         except Exception as exc:
             if action:
                 raise
-            raise PanelError(503, "registry_unavailable", f"the registry cannot be read: {type(exc).__name__}: {exc}") from None
+            raise PanelError(
+                503, "registry_unavailable", f"the registry cannot be read: {type(exc).__name__}: {exc}"
+            ) from None
 
     def loop_config(self):
         """The config given, else the resolved config of the newest run (as `tuneloop feedback export` does)."""
@@ -466,7 +540,9 @@ class UiState:
         cfg = self.cfg
         url = cfg.serve.request_log if cfg is not None and cfg.serve.request_log else default_log_url(self.ws.root)
         if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-            raise PanelError(404, "request_log_missing", "no request log yet: `tuneloop serve` writes it as it answers requests")
+            raise PanelError(
+                404, "request_log_missing", "no request log yet: `tuneloop serve` writes it as it answers requests"
+            )
         try:
             return open_request_log(url)
         except Exception as exc:
@@ -491,12 +567,23 @@ class UiState:
 
         cfg = self.loop_config()
         if cfg is None:
-            raise PanelError(400, "no_config", "no config: start the UI with the pipeline YAML (its data.train_data is the reference)")
+            raise PanelError(
+                400,
+                "no_config",
+                "no config: start the UI with the pipeline YAML (its data.train_data is the reference)",
+            )
         d = cfg.drift
         with self.request_log() as rlog:
             try:
-                result = drift_from_log(rlog, training_prompts(cfg.data.train_data), alpha=d.alpha, permutations=d.permutations,
-                                        min_auc=d.min_auc, features=d.features, max_per_side=d.max_per_side)
+                result = drift_from_log(
+                    rlog,
+                    training_prompts(cfg.data.train_data),
+                    alpha=d.alpha,
+                    permutations=d.permutations,
+                    min_auc=d.min_auc,
+                    features=d.features,
+                    max_per_side=d.max_per_side,
+                )
             except TuneloopError as exc:
                 raise PanelError(400, "drift_failed", str(exc)) from None
         out = {"result": {**result.to_dict(), "summary": result.summary()}, "at": utcnow()}
@@ -511,8 +598,15 @@ class UiState:
         out_dir = self.ws.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         with self.request_log() as rlog:
             try:
-                result = export_feedback(rlog, out_dir, eval_texts=eval_texts_for_config(cfg) if cfg is not None else None)
+                result = export_feedback(
+                    rlog, out_dir, eval_texts=eval_texts_for_config(cfg) if cfg is not None else None
+                )
             except TuneloopError as exc:
                 raise PanelError(400, "export_failed", str(exc)) from None
-        return {"out_dir": str(result.out_dir), "sft_records": result.sft_records, "dpo_records": result.dpo_records,
-                "kto_records": result.kto_records, "manifest": result.manifest}
+        return {
+            "out_dir": str(result.out_dir),
+            "sft_records": result.sft_records,
+            "dpo_records": result.dpo_records,
+            "kto_records": result.kto_records,
+            "manifest": result.manifest,
+        }

@@ -66,7 +66,9 @@ def override_items(overrides: dict[str, Any]) -> tuple[list[str], dict[str, str]
     for key, value in overrides.items():
         key = str(key).strip()
         if not KEY_RE.match(key):
-            problems[key or "(empty)"] = f"{key!r} is not a config key path (letters, digits, _ and dots, e.g. train.learning_rate)"
+            problems[key or "(empty)"] = (
+                f"{key!r} is not a config key path (letters, digits, _ and dots, e.g. train.learning_rate)"
+            )
             continue
         text = "" if value is None else str(value)
         if "\n" in text:
@@ -107,7 +109,9 @@ def check_overrides(config: Path, overrides: dict[str, Any]) -> dict[str, str]:
 def _names(problem: str, key: str) -> bool:
     head = problem.split(":", 1)[0].strip()
     last = key.split(".")[-1]
-    return head == key or head.endswith("." + last) or head == last or f"override {key}" in problem or f"'{key}" in problem
+    return (
+        head == key or head.endswith("." + last) or head == last or f"override {key}" in problem or f"'{key}" in problem
+    )
 
 
 def _config_problems(config: Path) -> list[str]:
@@ -153,8 +157,15 @@ class Launcher:
             cmd += ["-o", item]
         env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(Path(config).parent), env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=str(Path(config).parent),
+                env=env,
+                start_new_session=True,
+            )
         launch = Launch(launch_id, Path(config).name, items, proc.pid, time.time(), log_path, before, proc)
         self.launches[launch_id] = launch
         return launch
@@ -163,7 +174,9 @@ class Launcher:
         if launch.run_id:
             return launch.run_id
         runs_dir = self.root / "runs"
-        new = sorted(d.name for d in runs_dir.iterdir() if d.name not in launch.runs_before) if runs_dir.is_dir() else []
+        new = (
+            sorted(d.name for d in runs_dir.iterdir() if d.name not in launch.runs_before) if runs_dir.is_dir() else []
+        )
         if len(new) == 1:
             launch.run_id = new[0]
         else:
@@ -177,13 +190,22 @@ class Launcher:
 
     def view(self, launch: Launch) -> dict[str, Any]:
         code = launch.process.poll()
-        return {"launch_id": launch.launch_id, "config": launch.config, "overrides": launch.overrides, "pid": launch.pid,
-                "status": "running" if code is None else "exited", "returncode": code, "run_id": self._run_id(launch),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(launch.started_at)),
-                "log_tail": tail_lines(launch.log_path, 30)}
+        return {
+            "launch_id": launch.launch_id,
+            "config": launch.config,
+            "overrides": launch.overrides,
+            "pid": launch.pid,
+            "status": "running" if code is None else "exited",
+            "returncode": code,
+            "run_id": self._run_id(launch),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(launch.started_at)),
+            "log_tail": tail_lines(launch.log_path, 30),
+        }
 
     def list(self) -> list[dict[str, Any]]:
-        return [self.view(launch) for launch in sorted(self.launches.values(), key=lambda x: x.started_at, reverse=True)]
+        return [
+            self.view(launch) for launch in sorted(self.launches.values(), key=lambda x: x.started_at, reverse=True)
+        ]
 
     def get(self, launch_id: str) -> Launch | None:
         return self.launches.get(launch_id)

@@ -29,7 +29,8 @@ def serve_ui(target: Any = None, host: str | None = None, port: int | None = Non
     app = create_app(root, cfg, host=host, config_path=config_path)
     if console is not None:
         console.print(f"tuneloop ui on http://{host}:{port}/ (workspace {root}); Ctrl-C stops")
-    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **http_stack()),
-                            grace_s=2.0)
+    server = GracefulServer(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **http_stack()), grace_s=2.0
+    )
     server.run()
     return 0

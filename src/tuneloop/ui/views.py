@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tuneloop.data.pii import redact_value
 from tuneloop.fsutil import pid_alive
@@ -43,8 +44,12 @@ class PanelError(Exception):
 
 def check_workspace(ws: Workspace) -> None:
     if not ws.root.is_dir():
-        raise PanelError(503, "no_workspace", f"the workspace {ws.root} does not exist: run `tuneloop run CONFIG` "
-                                              "(or `tuneloop demo`) first, or start the UI with the config of an existing workspace")
+        raise PanelError(
+            503,
+            "no_workspace",
+            f"the workspace {ws.root} does not exist: run `tuneloop run CONFIG` "
+            "(or `tuneloop demo`) first, or start the UI with the config of an existing workspace",
+        )
 
 
 def run_ids(ws: Workspace) -> list[str]:
@@ -71,8 +76,12 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         if not isinstance(rec, dict) or not isinstance(rec.get("stages", {}), dict):
             raise ValueError("not a run record (a JSON object with stages)")
     except (OSError, ValueError) as exc:
-        raise PanelError(422, "corrupt_run_record", f"the run record {f} cannot be read ({type(exc).__name__}: {exc}); "
-                                                    "the rest of the workspace is unaffected, remove or repair that run") from None
+        raise PanelError(
+            422,
+            "corrupt_run_record",
+            f"the run record {f} cannot be read ({type(exc).__name__}: {exc}); "
+            "the rest of the workspace is unaffected, remove or repair that run",
+        ) from None
     rec.setdefault("run_id", run_dir.name)
     if rec.get("status") == "running" and not pid_alive(int(rec.get("pid") or 0)):
         rec["status"] = "interrupted"
@@ -86,8 +95,13 @@ def stage_rows(rec: dict[str, Any], *, metrics: bool = False) -> list[dict[str, 
         if name not in stages:
             continue
         s = stages[name] or {}
-        row = {"stage": name, "status": s.get("status"), "duration_s": s.get("duration_s"),
-               "cached": bool(s.get("cached")), "error": s.get("error") or ""}
+        row = {
+            "stage": name,
+            "status": s.get("status"),
+            "duration_s": s.get("duration_s"),
+            "cached": bool(s.get("cached")),
+            "error": s.get("error") or "",
+        }
         if metrics:
             row["metrics"] = {k: v for k, v in (s.get("metrics") or {}).items() if k != "gates"}
         rows.append(row)
@@ -95,9 +109,16 @@ def stage_rows(rec: dict[str, Any], *, metrics: bool = False) -> list[dict[str, 
 
 
 def run_summary(rec: dict[str, Any]) -> dict[str, Any]:
-    return {"run_id": rec.get("run_id"), "pipeline": rec.get("pipeline"), "status": rec.get("status"),
-            "started_at": rec.get("started_at"), "ended_at": rec.get("ended_at"), "duration_s": rec.get("duration_s"),
-            "code_version": rec.get("code_version"), "stages": stage_rows(rec)}
+    return {
+        "run_id": rec.get("run_id"),
+        "pipeline": rec.get("pipeline"),
+        "status": rec.get("status"),
+        "started_at": rec.get("started_at"),
+        "ended_at": rec.get("ended_at"),
+        "duration_s": rec.get("duration_s"),
+        "code_version": rec.get("code_version"),
+        "stages": stage_rows(rec),
+    }
 
 
 def runs_view(ws: Workspace) -> dict[str, Any]:
@@ -192,11 +213,15 @@ def progress_view(ws: Workspace, run_id: str) -> dict[str, Any]:
     for row in _jsonl(d / "eval_items.jsonl"):
         suites[str(row.get("suite"))] = suites.get(str(row.get("suite")), 0) + 1
     log_file, log_source = run_log(ws, d, running)
-    return {"status": rec.get("status"), "stage": running,
-            "train": {"points": points, "source": source},
-            "eval": {"suites": [{"suite": s, "items_done": n} for s, n in suites.items()]},
-            "log_tail": tail_lines(log_file), "log_source": log_source,
-            "log_path": log_file.relative_to(ws.root).as_posix()}
+    return {
+        "status": rec.get("status"),
+        "stage": running,
+        "train": {"points": points, "source": source},
+        "eval": {"suites": [{"suite": s, "items_done": n} for s, n in suites.items()]},
+        "log_tail": tail_lines(log_file),
+        "log_source": log_source,
+        "log_path": log_file.relative_to(ws.root).as_posix(),
+    }
 
 
 def _size(p: Path) -> int:
@@ -238,11 +263,20 @@ def run_log(ws: Workspace, run_dir: Path, running: str | None) -> tuple[Path, st
 
 def _gate_row(name: str, stage: str, g: dict[str, Any]) -> dict[str, Any]:
     interval = g.get("interval")
-    return {"name": name, "stage": stage, "metric": g.get("metric"), "suite": g.get("suite"), "op": g.get("op"),
-            "threshold": g.get("threshold"), "value": g.get("value"),
-            "interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None,
-            "verdict": g.get("verdict") or {True: "PASS", False: "FAIL"}.get(g.get("passed"), "NOT_APPLIED"),
-            "blocks": bool(g.get("blocks")), "reason": g.get("reason") or "", "n": g.get("n")}
+    return {
+        "name": name,
+        "stage": stage,
+        "metric": g.get("metric"),
+        "suite": g.get("suite"),
+        "op": g.get("op"),
+        "threshold": g.get("threshold"),
+        "value": g.get("value"),
+        "interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None,
+        "verdict": g.get("verdict") or {True: "PASS", False: "FAIL"}.get(g.get("passed"), "NOT_APPLIED"),
+        "blocks": bool(g.get("blocks")),
+        "reason": g.get("reason") or "",
+        "n": g.get("n"),
+    }
 
 
 def gate_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -265,12 +299,28 @@ def gates_view(ws: Workspace, run_id: str) -> dict[str, Any]:
     return {"run_id": rec.get("run_id"), "overall": overall(rec), "gates": gate_rows(rec)}
 
 
-ITEM_FIELDS = ("suite", "id", "prompt", "reference", "base", "candidate", "base_score", "candidate_score",
-               "base_refused", "candidate_refused", "base_harmful", "candidate_harmful", "choices", "answer", "orders")
+ITEM_FIELDS = (
+    "suite",
+    "id",
+    "prompt",
+    "reference",
+    "base",
+    "candidate",
+    "base_score",
+    "candidate_score",
+    "base_refused",
+    "candidate_refused",
+    "base_harmful",
+    "candidate_harmful",
+    "choices",
+    "answer",
+    "orders",
+)
 
 
-def items_view(ws: Workspace, run_id: str, *, suite: str | None = None, only: str = "all",
-               limit: int = 50, offset: int = 0) -> dict[str, Any]:
+def items_view(
+    ws: Workspace, run_id: str, *, suite: str | None = None, only: str = "all", limit: int = 50, offset: int = 0
+) -> dict[str, Any]:
     """The items behind the verdicts: both models' answers side by side with their scores and the judge's verdicts."""
     d = find_run_dir(ws, run_id)
     counts: dict[str, int] = {}
@@ -282,14 +332,22 @@ def items_view(ws: Workspace, run_id: str, *, suite: str | None = None, only: st
         counts[s] = counts.get(s, 0) + 1
         if suite and s != suite:
             continue
-        if only == "differ" and row.get("base_score") == row.get("candidate_score") and \
-                row.get("base_refused") == row.get("candidate_refused") and row.get("base") == row.get("candidate"):
+        if (
+            only == "differ"
+            and row.get("base_score") == row.get("candidate_score")
+            and row.get("base_refused") == row.get("candidate_refused")
+            and row.get("base") == row.get("candidate")
+        ):
             continue
         if offset <= total < offset + limit:
             picked.append({k: row[k] for k in ITEM_FIELDS if k in row})
         total += 1
-    return {"suites": [{"suite": s, "count": n} for s, n in counts.items()], "total": total, "offset": offset,
-            "items": redact_value(picked)}
+    return {
+        "suites": [{"suite": s, "count": n} for s, n in counts.items()],
+        "total": total,
+        "offset": offset,
+        "items": redact_value(picked),
+    }
 
 
 def _flat_metrics(rec: dict[str, Any]) -> dict[tuple[str, str], Any]:
@@ -306,23 +364,62 @@ def compare_view(ws: Workspace, a: str, b: str) -> dict[str, Any]:
     ga = {g["name"]: g for g in gate_rows(ra)}
     gb = {g["name"]: g for g in gate_rows(rb)}
     pick = ("value", "interval", "verdict", "threshold", "op")
-    gates = [{"name": n, "a": {k: ga[n][k] for k in pick} if n in ga else None,
-              "b": {k: gb[n][k] for k in pick} if n in gb else None} for n in [*ga, *(x for x in gb if x not in ga)]]
+    gates = [
+        {
+            "name": n,
+            "a": {k: ga[n][k] for k in pick} if n in ga else None,
+            "b": {k: gb[n][k] for k in pick} if n in gb else None,
+        }
+        for n in [*ga, *(x for x in gb if x not in ga)]
+    ]
     ma, mb = _flat_metrics(ra), _flat_metrics(rb)
-    metrics = [{"stage": st, "key": k, "a": ma.get((st, k)), "b": mb.get((st, k))}
-               for st, k in [*ma, *(x for x in mb if x not in ma)]]
-    return {"a": ra.get("run_id"), "b": rb.get("run_id"), "a_status": ra.get("status"), "b_status": rb.get("status"),
-            "gates": gates, "metrics": metrics}
+    metrics = [
+        {"stage": st, "key": k, "a": ma.get((st, k)), "b": mb.get((st, k))}
+        for st, k in [*ma, *(x for x in mb if x not in ma)]
+    ]
+    return {
+        "a": ra.get("run_id"),
+        "b": rb.get("run_id"),
+        "a_status": ra.get("status"),
+        "b_status": rb.get("status"),
+        "gates": gates,
+        "metrics": metrics,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- data
 
 
-REPORT_FIELDS = ("format", "records", "valid", "invalid", "duplicates", "near_duplicates", "contaminated", "pii_dropped",
-                 "overlong_dropped", "accounting", "valid_ratio", "duplicate_ratio", "contamination_ratio",
-                 "near_duplicate_found", "near_duplicate_groups", "contaminated_found", "pii", "pii_records",
-                 "pii_records_kept", "pii_policy", "pii_examples", "rules", "rules_not_checked", "examples", "checks",
-                 "digest", "gates", "passed")
+REPORT_FIELDS = (
+    "format",
+    "records",
+    "valid",
+    "invalid",
+    "duplicates",
+    "near_duplicates",
+    "contaminated",
+    "pii_dropped",
+    "overlong_dropped",
+    "accounting",
+    "valid_ratio",
+    "duplicate_ratio",
+    "contamination_ratio",
+    "near_duplicate_found",
+    "near_duplicate_groups",
+    "contaminated_found",
+    "pii",
+    "pii_records",
+    "pii_records_kept",
+    "pii_policy",
+    "pii_examples",
+    "rules",
+    "rules_not_checked",
+    "examples",
+    "checks",
+    "digest",
+    "gates",
+    "passed",
+)
 
 
 def _report(run_dir: Path, source: str) -> dict[str, Any] | None:
@@ -369,8 +466,13 @@ def quarantine_view(ws: Workspace, run_id: str, source: str, *, limit: int = 50,
     rows, total = [], 0
     for row in _quarantine_rows(d, source):
         if offset <= total < offset + limit:
-            rows.append({"line": row.get("line"), "reasons": [str(r) for r in row.get("reasons") or []],
-                         "text": redact_value(_record_text(row.get("record")))[:2000]})
+            rows.append(
+                {
+                    "line": row.get("line"),
+                    "reasons": [str(r) for r in row.get("reasons") or []],
+                    "text": redact_value(_record_text(row.get("record")))[:2000],
+                }
+            )
         total += 1
     return {"source": source, "total": total, "offset": offset, "records": rows}
 
@@ -386,7 +488,9 @@ def duplicates_view(ws: Workspace, run_id: str, source: str) -> dict[str, Any]:
         for reason in row.get("reasons") or []:
             m = _SIMILAR.search(str(reason))
             if m and ("duplicate" in str(reason)):
-                g = groups.setdefault(int(m.group(1)), {"lines": [int(m.group(1))], "reason": str(reason).split(":")[0]})
+                g = groups.setdefault(
+                    int(m.group(1)), {"lines": [int(m.group(1))], "reason": str(reason).split(":")[0]}
+                )
                 if row.get("line") is not None:
                     g["lines"].append(row["line"])
     return {"source": source, "groups": sorted(groups.values(), key=lambda g: g["lines"][0])}
@@ -400,17 +504,30 @@ def _accuracy(v: dict[str, Any]) -> Any:
 
 
 def version_row(v: dict[str, Any]) -> dict[str, Any]:
-    return {"ref": v.get("ref"), "version": v.get("version"), "created_at": v.get("created_at"),
-            "artifact_kind": v.get("artifact_kind"), "aliases": v.get("aliases") or [], "tags": v.get("tags") or {},
-            "accuracy": _accuracy(v), "run_id": (v.get("lineage") or {}).get("run_id")}
+    return {
+        "ref": v.get("ref"),
+        "version": v.get("version"),
+        "created_at": v.get("created_at"),
+        "artifact_kind": v.get("artifact_kind"),
+        "aliases": v.get("aliases") or [],
+        "tags": v.get("tags") or {},
+        "accuracy": _accuracy(v),
+        "run_id": (v.get("lineage") or {}).get("run_id"),
+    }
 
 
 def models_view(reg) -> dict[str, Any]:
     models = []
     for name in reg.models():
         versions = [version_row(v) for v in reg.list_versions(name)]
-        models.append({"name": name, "aliases": reg.aliases(name), "versions": versions,
-                       "latest": versions[-1]["ref"] if versions else None})
+        models.append(
+            {
+                "name": name,
+                "aliases": reg.aliases(name),
+                "versions": versions,
+                "latest": versions[-1]["ref"] if versions else None,
+            }
+        )
     return {"backend": reg.backend, "location": str(reg.location), "models": models}
 
 
@@ -433,15 +550,25 @@ def check_version(reg, name: str, version: str | int) -> dict[str, Any]:
 
 
 def event_row(e: dict[str, Any]) -> dict[str, Any]:
-    return {"at": e.get("at"), "kind": e.get("kind"), "version": e.get("version"), "actor": e.get("actor"),
-            "reason": e.get("reason") or "", "details": e.get("details") or {}}
+    return {
+        "at": e.get("at"),
+        "kind": e.get("kind"),
+        "version": e.get("version"),
+        "actor": e.get("actor"),
+        "reason": e.get("reason") or "",
+        "details": e.get("details") or {},
+    }
 
 
 def model_view(reg, name: str) -> dict[str, Any]:
     name = check_model(reg, name)
-    return {"name": name, "aliases": reg.aliases(name), "versions": [version_row(v) for v in reg.list_versions(name)],
-            "events": [event_row(e) for e in reg.events(name)][::-1],
-            "rollouts": len(reg.list_rollouts(name))}
+    return {
+        "name": name,
+        "aliases": reg.aliases(name),
+        "versions": [version_row(v) for v in reg.list_versions(name)],
+        "events": [event_row(e) for e in reg.events(name)][::-1],
+        "rollouts": len(reg.list_rollouts(name)),
+    }
 
 
 def _paths(data: Any) -> list[str]:
@@ -499,13 +626,24 @@ def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
     run_id = lin.get("run_id")
     run = node(f"run:{run_id}", "run", str(run_id), lin.get("pipeline") or "", run_id=run_id) if run_id else None
     for key, digest in _digests(lin.get("data")):
-        dn = node(f"data:{key}:{digest}", "data", key.replace("_digest", "").replace("digest", "data"), digest[:16], digest=digest)
+        dn = node(
+            f"data:{key}:{digest}",
+            "data",
+            key.replace("_digest", "").replace("digest", "data"),
+            digest[:16],
+            digest=digest,
+        )
         edges.append({"from": dn, "to": run or vid})
     parent = lin.get("parent")
     if isinstance(parent, dict) and parent.get("ref"):
-        pn = node(f"version:{parent.get('model')}:{parent.get('version')}", "version",
-                  f"{parent.get('model')}:{parent.get('version')}", str(parent.get("ref")),
-                  model=parent.get("model"), version=parent.get("version"))
+        pn = node(
+            f"version:{parent.get('model')}:{parent.get('version')}",
+            "version",
+            f"{parent.get('model')}:{parent.get('version')}",
+            str(parent.get("ref")),
+            model=parent.get("model"),
+            version=parent.get("version"),
+        )
         edges.append({"from": pn, "to": run or vid})
     else:
         bn = node("base", "base", str(v.get("base_model") or ""), str(lin.get("base_model_fingerprint") or "")[:24])
@@ -535,7 +673,14 @@ def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
         continued = isinstance(xl.get("parent"), dict) and str(xl["parent"].get("version")) == str(v.get("version"))
         if not via and not continued:
             continue
-        xn = node(f"version:{x['ref']}", "next", x["ref"], ", ".join(x.get("aliases") or []), model=x.get("model"), version=x.get("version"))
+        xn = node(
+            f"version:{x['ref']}",
+            "next",
+            x["ref"],
+            ", ".join(x.get("aliases") or []),
+            model=x.get("model"),
+            version=x.get("version"),
+        )
         for e in via:
             m = exports.get(str(e))
             if m is None:
@@ -550,7 +695,11 @@ def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
         if continued and not via:
             edges.append({"from": vid, "to": xn})
     for path, m in exports.items():  # exports after this version that no later version used yet
-        if created is not None and (m.get("created_at") or 0) >= created and not any(n["id"] == f"export:{Path(path).name}" for n in nodes):
+        if (
+            created is not None
+            and (m.get("created_at") or 0) >= created
+            and not any(n["id"] == f"export:{Path(path).name}" for n in nodes)
+        ):
             en = node(f"export:{Path(path).name}", "export", Path(path).name, _export_detail(m))
             edges.append({"from": vid, "to": en})
     return {"nodes": nodes, "edges": edges}
@@ -570,8 +719,20 @@ def _ts(text: Any) -> float | None:
         return None
 
 
-VERSION_FIELDS = ("model", "ref", "version", "created_at", "base_model", "artifact_kind", "artifact_digest", "aliases",
-                  "tags", "metrics", "gates", "deleted")
+VERSION_FIELDS = (
+    "model",
+    "ref",
+    "version",
+    "created_at",
+    "base_model",
+    "artifact_kind",
+    "artifact_digest",
+    "aliases",
+    "tags",
+    "metrics",
+    "gates",
+    "deleted",
+)
 
 
 def version_view(reg, ws: Workspace, name: str, version: str) -> dict[str, Any]:
@@ -579,9 +740,12 @@ def version_view(reg, ws: Workspace, name: str, version: str) -> dict[str, Any]:
     lin = dict(v.get("lineage") or {})
     lin.pop("config", None)  # shown by the diff; large
     gates = [_gate_row(str(n), "evaluation", g) for n, g in (v.get("gates") or {}).items() if isinstance(g, dict)]
-    return {"version": {**{k: v.get(k) for k in VERSION_FIELDS}, "lineage": lin}, "gates": gates,
-            "events": [event_row(e) for e in reg.events(v["model"], v["version"])][::-1],
-            "graph": lineage_graph(reg, ws, v)}
+    return {
+        "version": {**{k: v.get(k) for k in VERSION_FIELDS}, "lineage": lin},
+        "gates": gates,
+        "events": [event_row(e) for e in reg.events(v["model"], v["version"])][::-1],
+        "graph": lineage_graph(reg, ws, v),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- feedback
@@ -589,14 +753,25 @@ def version_view(reg, ws: Workspace, name: str, version: str) -> dict[str, Any]:
 
 def feedback_view(log, *, limit: int = 50) -> dict[str, Any]:
     """The newest feedback with its request (prompt masked by the request log; answers as logged)."""
-    fb = log.feedback()[-max(1, min(int(limit), 500)):][::-1]
+    fb = log.feedback()[-max(1, min(int(limit), 500)) :][::-1]
     rows = []
     for f in fb:
         req = log.get(f.request_id)
-        rows.append({"request_id": f.request_id, "at": f.updated_at or f.created_at, "source": f.source,
-                     "rating": f.rating, "score": f.score, "correction": f.correction, "comment": f.comment,
-                     "model": req.model if req else None, "version": req.version if req else None,
-                     "prompt": _prompt_text(req.prompt) if req else None, "response": req.response if req else None})
+        rows.append(
+            {
+                "request_id": f.request_id,
+                "at": f.updated_at or f.created_at,
+                "source": f.source,
+                "rating": f.rating,
+                "score": f.score,
+                "correction": f.correction,
+                "comment": f.comment,
+                "model": req.model if req else None,
+                "version": req.version if req else None,
+                "prompt": _prompt_text(req.prompt) if req else None,
+                "response": req.response if req else None,
+            }
+        )
     return {"feedback": redact_value(rows)}
 
 
