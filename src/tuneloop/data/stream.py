@@ -220,6 +220,7 @@ class TokenWriter:
         self.ids: list[list[int]] = []
         self.labels: list[list[int]] = []
         self.rows = 0
+        self.closed = False
 
     def add(self, input_ids: list[int], labels: list[int]) -> None:
         self.ids.append(input_ids)
@@ -242,7 +243,10 @@ class TokenWriter:
             self.ids, self.labels = [], []
 
     def close(self) -> None:
+        if self.closed:
+            return
         self._flush()
+        self.closed = True
         self.writer.close()
         self.sink.close()
 
@@ -258,9 +262,14 @@ class TokenWriter:
         return self.rows
 
     def discard(self) -> None:
-        """Close and remove the stream file (after an error)."""
+        """Close and remove the stream file (after an error, which the caller re-raises: a second error while
+        closing, e.g. on a full disk, must not replace it)."""
         try:
-            self.writer.close()
-            self.sink.close()
+            if not self.closed:
+                self.closed = True
+                self.writer.close()
+                self.sink.close()
+        except Exception:  # noqa: BLE001  (the caller's error is the one to report)
+            pass
         finally:
             self.path.unlink(missing_ok=True)
