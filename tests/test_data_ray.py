@@ -71,8 +71,8 @@ def cluster(tmp_path_factory):
             pytest.skip(f"could not start a local Ray head on {address}")
         time.sleep(0.5)
     yield address
-    if ray.is_initialized():  # every node this test talked to was on loopback
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, ray.nodes()
+    # every node this test talked to was on loopback (checked before the shutdown, asserted after the cleanup)
+    nodes = {n["NodeManagerAddress"] for n in ray.nodes()} if ray.is_initialized() else {"127.0.0.1"}
     import psutil  # accelerate's dependency
 
     if ray.is_initialized():
@@ -88,6 +88,7 @@ def cluster(tmp_path_factory):
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(procs, timeout=30)
     assert not alive, f"Ray processes left running: {alive}"
+    assert nodes == {"127.0.0.1"}, nodes
 
 
 def _words(rng: random.Random, n: int) -> str:
