@@ -630,8 +630,7 @@ def validate_out_of_core(
     ooc: OutOfCore,
 ) -> dict:
     """``validate_dataset`` out of core, on the opened ``items`` (see the module docstring); same return value."""
-    from tuneloop.data.passparts import near_dup_module, not_checked, report_numbers, source_rows
-    from tuneloop.data.report import write_report
+    from tuneloop.data.passparts import finish_report, near_dup_module, not_checked
     from tuneloop.fsutil import atomic_lines
 
     dedup = near_dup_module()
@@ -673,21 +672,20 @@ def validate_out_of_core(
     finally:
         _close_quietly(spill)
         shutil.rmtree(spill.root, ignore_errors=True)
-    accounted = valid + sum(s.counts.values())
-    assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {
-        **source_rows(path, s),
-        "format": fmt,
-        "position": position,
-        **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
-        "digest": digest,
-        "clean_path": str(clean_path),
-        "quarantine_path": str(quarantine_path),
-        "report_path": str(out_dir / f"{name}.report.json"),
-        "html_path": str(out_dir / f"{name}.report.html"),
-    }
-    write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
-    return report
+    return finish_report(
+        path,
+        s,
+        sim,
+        valid,
+        pii_kept,
+        checks,
+        unchecked,
+        fmt=fmt,
+        position=position,
+        digest=digest,
+        out_dir=out_dir,
+        name=name,
+    )
 
 
 def _close_quietly(spill: Spill) -> None:

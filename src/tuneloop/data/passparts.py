@@ -209,3 +209,41 @@ class SplitReports:
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return [("train", self.train)] + ([("eval", self.eval)] if self.eval is not None else [])
+
+
+def finish_report(
+    path: Any,
+    s: Screened,
+    sim: Similar,
+    valid: int,
+    pii_kept: int,
+    checks: Checks,
+    not_checked: dict[str, str],
+    *,
+    fmt: str,
+    position: str,
+    digest: str,
+    out_dir: Path,
+    name: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dataset's report (the same keys whichever engine ran the pass), written as ``<name>.report.json`` and
+    ``.html`` in ``out_dir``; returned. Every record must be kept or quarantined exactly once."""
+    from tuneloop.data.report import write_report
+
+    accounted = valid + sum(s.counts.values())
+    assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
+    report = {
+        **source_rows(path, s),
+        "format": fmt,
+        "position": position,
+        **report_numbers(s, sim, valid, pii_kept, checks, not_checked),
+        "digest": digest,
+        "clean_path": str(out_dir / f"{name}.clean.jsonl"),
+        "quarantine_path": str(out_dir / f"{name}.quarantine.jsonl"),
+        "report_path": str(out_dir / f"{name}.report.json"),
+        "html_path": str(out_dir / f"{name}.report.html"),
+        **(extra or {}),
+    }
+    write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
+    return report

@@ -871,9 +871,8 @@ def _write_files(
     near_groups: list[list[int]],
 ) -> dict:
     """Read the outcomes in input order once: digest, clean and quarantine JSONL, the report (the local
-    engine's :func:`tuneloop.data.passparts.report_numbers`)."""
-    from tuneloop.data.passparts import Screened, Similar, bookkeeping, report_numbers, source_rows
-    from tuneloop.data.report import write_report
+    engine's :func:`tuneloop.data.passparts.finish_report`)."""
+    from tuneloop.data.passparts import Screened, Similar, bookkeeping, finish_report
     from tuneloop.fsutil import atomic_lines
 
     s = Screened()
@@ -929,23 +928,27 @@ def _write_files(
     digest.update(b"]")
     for line, file, reasons in later:
         s.tally.add(line, file, reasons)
-    assert valid + sum(s.counts.values()) == s.records, (valid, s.counts, s.records)
     sim = Similar({}, {}, near_groups=len(near_groups), near_n=near_n, contam_n=contam_found)
-    report = {
-        **source_rows(path, s),
-        "format": plan.format,
-        "position": plan.position,
-        **report_numbers(s, sim, valid, pii_kept, checks, not_checked),
-        "digest": digest.hexdigest(),
-        "clean_path": str(clean_path),
-        "quarantine_path": str(quarantine_path),
-        "report_path": str(out_dir / f"{name}.report.json"),
-        "html_path": str(out_dir / f"{name}.report.html"),
+    shards = {
         "engine": "ray",
         "clean_shards": str(out_dir / f"{name}.clean.parquet"),
         "quarantine_shards": str(out_dir / f"{name}.quarantine.parquet"),
     }
-    write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
+    report = finish_report(
+        path,
+        s,
+        sim,
+        valid,
+        pii_kept,
+        checks,
+        not_checked,
+        fmt=plan.format,
+        position=plan.position,
+        digest=digest.hexdigest(),
+        out_dir=out_dir,
+        name=name,
+        extra=shards,
+    )
     return report
 
 

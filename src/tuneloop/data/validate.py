@@ -46,6 +46,7 @@ from tuneloop.data.passparts import (  # noqa: F401  (re-exported: validate.Chec
     bookkeeping,
     checks_from_config,
     clean_texts,
+    finish_report,
     near_dup_module,
     not_checked,
     overlong_reason,
@@ -272,21 +273,20 @@ def validate_dataset(
             valid, pii_kept, digest = _write_kept(s, sim, stage_path, clean, quarantine, checks)
     finally:
         stage_path.unlink(missing_ok=True)
-    accounted = valid + sum(s.counts.values())
-    assert accounted == s.records, (accounted, s.records)  # every record is kept or quarantined exactly once
-    report = {
-        **source_rows(path, s),
-        "format": fmt,
-        "position": position,
-        **report_numbers(s, sim, valid, pii_kept, checks, unchecked),
-        "digest": digest,
-        "clean_path": str(clean_path),
-        "quarantine_path": str(quarantine_path),
-        "report_path": str(out_dir / f"{name}.report.json"),
-        "html_path": str(out_dir / f"{name}.report.html"),
-    }
-    write_report(report, out_dir / f"{name}.report.json", out_dir / f"{name}.report.html")
-    return report
+    return finish_report(
+        path,
+        s,
+        sim,
+        valid,
+        pii_kept,
+        checks,
+        unchecked,
+        fmt=fmt,
+        position=position,
+        digest=digest,
+        out_dir=out_dir,
+        name=name,
+    )
 
 
 # --- train and eval splits ------------------------------------------------------------------------
