@@ -25,7 +25,7 @@ from tuneloop.evaluate.reports import intervals_svg
 from tuneloop.fsutil import format_number, format_time
 from tuneloop.monitor.requestlog import open_request_log
 from tuneloop.registry.db import SqliteRegistry
-from tuneloop.report.html import write_report
+from tuneloop.report.html import write_run_report
 from tuneloop.rollout import controller
 from tuneloop.rollout.display import evalue_text, interval_text, metric_cells, needed_text, percent
 from tuneloop.serve.dashboard import DASHBOARD_HTML, dashboard_data
@@ -212,7 +212,7 @@ def test_report_labels_long_gate_names_the_comparison_and_the_contamination_coun
         json.dumps({"suite": "task", "prompt": "p", "reference": "cancel", "base": "cancel", "candidate": "cancel"})
         + "\n"
     )
-    html = write_report(tmp_path).read_text()
+    html = write_run_report(tmp_path).read_text()
     assert f"<th>champion {MODEL}:1</th><th>candidate</th>" in html  # not "base": iteration 2 is gated on the champion
     assert f"compared with the <b>champion {MODEL}:1</b>" in html and "measured on the champion" in html
     assert "Here 74 records were found contaminated: 61 removed for that alone, the other 13" in html

@@ -235,9 +235,9 @@ class FineTunePipeline:
         record.save()
         record.write_json(run_dir / "summary.json", summary)
         try:
-            from tuneloop.report.html import write_report
+            from tuneloop.report.html import write_run_report
 
-            write_report(run_dir)
+            write_run_report(run_dir)
         except Exception as exc:  # the report is a convenience; never fail a run over it
             log.warning("could not write the HTML report: %s", exc)
             if is_disk_full(exc):

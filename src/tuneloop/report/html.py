@@ -1,6 +1,6 @@
 """A self-contained HTML report for one run: verdict, stages, gates, loss curve, evaluation samples.
 
-Entry point: :func:`write_report`. It reads only what the run directory holds, so it can be regenerated any
+Entry point: :func:`write_run_report`. It reads only what the run directory holds, so it can be regenerated any
 time (``tuneloop status RUN_ID`` prints its path).
 """
 
@@ -87,7 +87,7 @@ def _loss_svg(rows: list[dict[str, Any]], w: int = 640, h: int = 200) -> str:
     )
 
 
-def write_report(run_dir: Path) -> Path:
+def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     status = run.get("status", "?")
