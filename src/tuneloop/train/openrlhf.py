@@ -70,6 +70,7 @@ _REFUSED = {
     "simpo": "OpenRLHF 0.11 has no SimPO trainer (its CLIs: train_sft, train_dpo, train_rm, train_ppo_ray)",
     "kto": "OpenRLHF 0.11 has no KTO trainer (its CLIs: train_sft, train_dpo, train_rm, train_ppo_ray)",
 }
+_ONE_REWARD = "OpenRLHF's train_ppo_ray scores every completion with one reward: a reward model or one reward function"
 
 
 @dataclass
@@ -99,8 +100,6 @@ def _sft_format(cfg: PipelineConfig) -> str:
 def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
     """The OpenRLHF command for ``cfg`` and notes; a setting that would change what is trained, or leave a model
     tuneloop cannot use, is refused (:class:`~tuneloop.errors.ConfigError`, each problem with its key)."""
-    from tuneloop.train.external import export_template
-
     t = cfg.train
     objective = t.objective
     if objective not in MODULES:
@@ -110,131 +109,17 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
             "itself (train.backend: transformers), or export sft, dpo, reward or grpo; for PPO see the README "
             "section 'PPO and other RL trainers'"
         )
-    problems: list[str] = []
-    notes: list[str] = []
-    if t.use_rslora or t.use_dora:
-        key = "use_rslora" if t.use_rslora else "use_dora"
-        problems.append(
-            f"train.{key}: OpenRLHF's LoRA (--ds.lora.*) has no rank-stabilised or DoRA variant; set it to "
-            "false to export"
-        )
-    if t.precision == "fp32":
-        problems.append(
-            "train.precision: fp32 has no OpenRLHF equivalent (--ds.param_dtype takes bf16 or fp16); set bf16, "
-            "fp16 or auto to export"
-        )
-    if t.method == "qlora" and t.precision == "fp16":
-        problems.append(
-            "train.precision: OpenRLHF's 4-bit loading (--ds.load_in_4bit) computes in bf16 only; use bf16 or "
-            "auto with method qlora"
-        )
-    if t.num_epochs != int(t.num_epochs):
-        problems.append(
-            f"train.num_epochs: {t.num_epochs:g} is not a whole number; OpenRLHF trains whole epochs "
-            f"(--train.max_epochs; for grpo --train.num_episodes); set {math.ceil(t.num_epochs)} or another whole number to export"
-        )
+    problems = _common_problems(t)
     if objective == "grpo":
         return _grpo_export(cfg, problems)
     fmt = "preference" if objective != "sft" else _sft_format(cfg)
-    if objective == "sft":
-        if t.train_on_inputs and fmt != "text":
-            problems.append(
-                "train.train_on_inputs: OpenRLHF's SFT computes the loss on the answers only (its pretrain mode "
-                "drops the chat template); set it to false to export"
-            )
-        if fmt in ("kto", "preference"):
-            problems.append(
-                f"data.train_data: {fmt} records cannot be exported for train.objective sft (OpenRLHF's SFT "
-                "would train on every answer, labelled or rejected ones too); export conversations"
-            )
-    if objective == "reward":
-        if t.method != "full":
-            problems.append(
-                f"train.method: {t.method} cannot be exported for a reward model: OpenRLHF's LoRA reward "
-                "model saves an adapter without its score head (no task type, the head not saved with it), "
-                "which no one can score with; use method full"
-            )
-        if t.center_rewards_coefficient is not None:
-            problems.append(
-                "train.center_rewards_coefficient: OpenRLHF's reward trainer has no centring term; remove it to export"
-            )
+    problems += _objective_problems(t, fmt)
     if problems:
         raise ConfigError(problems)
-
+    notes: list[str] = []
+    command = _deepspeed_command(cfg, fmt, notes)
     world = t.num_processes
-    parts = [
-        f"deepspeed --num_gpus {world} --module {MODULES[objective]}",
-        "--model.model_name_or_path {base_model}",
-        "--data.dataset {train_file}",
-        "--eval.dataset {eval_file}",
-        "--eval.split train",
-    ]
-    if fmt == "text":
-        parts.append("--data.input_key text --model.pretrain_mode_enable")
-    else:
-        if objective == "sft":
-            # Every assistant turn is trained on, as tuneloop's SFT does (the prompt turns are masked).
-            parts.append("--data.input_key messages --data.apply_chat_template --data.multiturn")
-        else:
-            parts.append(
-                "--data.prompt_key messages --data.chosen_key chosen --data.rejected_key rejected "
-                "--data.apply_chat_template"
-            )
-        tpl = export_template(cfg)
-        if tpl.source != "tokenizer":
-            parts.append(f"--data.tokenizer_chat_template {_q(tpl.text)}")
-            which = (
-                "data.chat_template"
-                if tpl.source == "data.chat_template"
-                else "tuneloop's ChatML default (the base tokenizer has none)"
-            )
-            notes.append(f"chat template: {which}, passed as --data.tokenizer_chat_template")
-        else:
-            notes.append(
-                "chat template: the base model tokenizer's own, as tuneloop uses it (OpenRLHF's "
-                "--data.apply_chat_template renders with it)"
-            )
-    parts.append("--data.max_len {max_length}")
-    if objective == "dpo":
-        parts.append(f"--model.beta {t.dpo_beta:g}")
-    if objective == "reward":
-        parts.append("--model.loss_type sigmoid")  # Bradley-Terry, as TRL's RewardTrainer
-    if t.method in ("lora", "qlora"):
-        lora = "--ds.lora.rank {lora_r} --ds.lora.alpha {lora_alpha} --ds.lora.dropout {lora_dropout}"
-        if t.target_modules != "all-linear":  # OpenRLHF's default is the string all-linear, as PEFT wants it
-            names = [t.target_modules] if isinstance(t.target_modules, str) else list(t.target_modules)
-            lora += " --ds.lora.target_modules " + " ".join(_q(n) for n in names)
-        parts.append(lora)
-        if t.method == "qlora":
-            parts.append("--ds.load_in_4bit")
     batch = t.batch_size * t.gradient_accumulation_steps * world
-    parts.append(f"--train.micro_batch_size {{batch_size}} --train.batch_size {batch}")
-    parts.append(f"--train.max_epochs {int(t.num_epochs)} --train.seed {{seed}}")
-    parts.append(f"--adam.lr {{learning_rate}} --adam.betas 0.9 0.999 --adam.weight_decay {t.weight_decay:g}")
-    parts.append(f"--lr_scheduler {t.lr_scheduler}")
-    if t.warmup_steps == 0:
-        parts.append("--lr_warmup_ratio 0")
-    else:
-        notes.append(
-            f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
-            "(--lr_warmup_ratio, default 0.03); add --lr_warmup_ratio (warm-up steps / total steps) by hand"
-        )
-    if t.precision == "auto":
-        notes.append(
-            "train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
-            "bf16 on a bf16 GPU (OpenRLHF has no fp32)"
-        )
-    parts.append(f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2")
-    if t.gradient_checkpointing:
-        parts.append("--model.gradient_checkpointing_enable")
-    if t.packing and objective == "sft":
-        parts.append("--ds.packing_samples")
-        notes.append(
-            "train.packing -> --ds.packing_samples (needs flash-attn; OpenRLHF then switches to "
-            "flash_attention_2)" + (f"; train.pack_length {t.pack_length} has no equivalent" if t.pack_length else "")
-        )
-    parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
-    command = " ".join(parts)
     if objective == "reward":
         command += " && python -m tuneloop.train.openrlhf reward-config {output_dir}"
         notes.append(
@@ -257,26 +142,179 @@ def openrlhf_export(cfg: PipelineConfig) -> OpenRLHFExport:
         + (", beta" if objective == "dpo" else "")
         + "; export again after changing them"
     )
-    if t.max_steps:
-        notes.append(
-            f"train.max_steps {t.max_steps} is not carried: OpenRLHF's SFT/DPO/reward trainers stop after whole "
-            f"epochs (--train.max_epochs {int(t.num_epochs)})"
+    notes += _not_carried_notes(
+        t,
+        stops=f"OpenRLHF's SFT/DPO/reward trainers stop after whole epochs (--train.max_epochs {int(t.num_epochs)})",
+        logged="loss",
+        placement="DeepSpeed's launcher takes --hostfile / --num_nodes for several machines",
+    )
+    return OpenRLHFExport(command, notes)
+
+
+def _common_problems(t: Any) -> list[str]:
+    """What no OpenRLHF trainer can carry, whatever the objective (each with its key and what to set instead)."""
+    problems: list[str] = []
+    if t.use_rslora or t.use_dora:
+        key = "use_rslora" if t.use_rslora else "use_dora"
+        problems.append(
+            f"train.{key}: OpenRLHF's LoRA (--ds.lora.*) has no rank-stabilised or DoRA variant; set it to "
+            "false to export"
         )
+    if t.precision == "fp32":
+        problems.append(
+            "train.precision: fp32 has no OpenRLHF equivalent (--ds.param_dtype takes bf16 or fp16); set bf16, "
+            "fp16 or auto to export"
+        )
+    if t.method == "qlora" and t.precision == "fp16":
+        problems.append(
+            "train.precision: OpenRLHF's 4-bit loading (--ds.load_in_4bit) computes in bf16 only; use bf16 or "
+            "auto with method qlora"
+        )
+    if t.num_epochs != int(t.num_epochs):
+        problems.append(
+            f"train.num_epochs: {t.num_epochs:g} is not a whole number; OpenRLHF trains whole epochs "
+            f"(--train.max_epochs; for grpo --train.num_episodes); set {math.ceil(t.num_epochs)} or another whole number to export"
+        )
+    return problems
+
+
+def _objective_problems(t: Any, fmt: str) -> list[str]:
+    """What the SFT and reward trainers cannot carry for these settings and this record format."""
+    problems: list[str] = []
+    if t.objective == "sft":
+        if t.train_on_inputs and fmt != "text":
+            problems.append(
+                "train.train_on_inputs: OpenRLHF's SFT computes the loss on the answers only (its pretrain mode "
+                "drops the chat template); set it to false to export"
+            )
+        if fmt in ("kto", "preference"):
+            problems.append(
+                f"data.train_data: {fmt} records cannot be exported for train.objective sft (OpenRLHF's SFT "
+                "would train on every answer, labelled or rejected ones too); export conversations"
+            )
+    if t.objective == "reward":
+        if t.method != "full":
+            problems.append(
+                f"train.method: {t.method} cannot be exported for a reward model: OpenRLHF's LoRA reward "
+                "model saves an adapter without its score head (no task type, the head not saved with it), "
+                "which no one can score with; use method full"
+            )
+        if t.center_rewards_coefficient is not None:
+            problems.append(
+                "train.center_rewards_coefficient: OpenRLHF's reward trainer has no centring term; remove it to export"
+            )
+    return problems
+
+
+def _deepspeed_command(cfg: PipelineConfig, fmt: str, notes: list[str]) -> str:
+    """``deepspeed --module openrlhf.cli.train_{sft,dpo,rm}`` with its arguments; appends the notes on the way."""
+    from tuneloop.train.external import export_template
+
+    t = cfg.train
+    world = t.num_processes
+    parts = [
+        f"deepspeed --num_gpus {world} --module {MODULES[t.objective]}",
+        "--model.model_name_or_path {base_model}",
+        "--data.dataset {train_file}",
+        "--eval.dataset {eval_file}",
+        "--eval.split train",
+    ]
+    if fmt == "text":
+        parts.append("--data.input_key text --model.pretrain_mode_enable")
+    else:
+        if t.objective == "sft":
+            # Every assistant turn is trained on, as tuneloop's SFT does (the prompt turns are masked).
+            parts.append("--data.input_key messages --data.apply_chat_template --data.multiturn")
+        else:
+            parts.append(
+                "--data.prompt_key messages --data.chosen_key chosen --data.rejected_key rejected "
+                "--data.apply_chat_template"
+            )
+        tpl = export_template(cfg)
+        if tpl.source != "tokenizer":
+            parts.append(f"--data.tokenizer_chat_template {_q(tpl.text)}")
+            notes.append(f"chat template: {_template_name(tpl.source)}, passed as --data.tokenizer_chat_template")
+        else:
+            notes.append(
+                "chat template: the base model tokenizer's own, as tuneloop uses it (OpenRLHF's "
+                "--data.apply_chat_template renders with it)"
+            )
+    parts.append("--data.max_len {max_length}")
+    if t.objective == "dpo":
+        parts.append(f"--model.beta {t.dpo_beta:g}")
+    if t.objective == "reward":
+        parts.append("--model.loss_type sigmoid")  # Bradley-Terry, as TRL's RewardTrainer
+    parts.append(_lora_args(t))
+    batch = t.batch_size * t.gradient_accumulation_steps * world
+    parts.append(f"--train.micro_batch_size {{batch_size}} --train.batch_size {batch}")
+    parts.append(f"--train.max_epochs {int(t.num_epochs)} --train.seed {{seed}}")
+    parts.append(f"--adam.lr {{learning_rate}} --adam.betas 0.9 0.999 --adam.weight_decay {t.weight_decay:g}")
+    parts.append(f"--lr_scheduler {t.lr_scheduler}")
+    if t.warmup_steps == 0:
+        parts.append("--lr_warmup_ratio 0")
+    else:
+        notes.append(
+            f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
+            "(--lr_warmup_ratio, default 0.03); add --lr_warmup_ratio (warm-up steps / total steps) by hand"
+        )
+    parts.append(_precision_args(t, notes))
+    if t.gradient_checkpointing:
+        parts.append("--model.gradient_checkpointing_enable")
+    if t.packing and t.objective == "sft":
+        parts.append("--ds.packing_samples")
+        notes.append(
+            "train.packing -> --ds.packing_samples (needs flash-attn; OpenRLHF then switches to "
+            "flash_attention_2)" + (f"; train.pack_length {t.pack_length} has no equivalent" if t.pack_length else "")
+        )
+    parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
+    return " ".join(p for p in parts if p)
+
+
+def _template_name(source: str) -> str:
+    """Which chat template tuneloop renders with, when it is not the base tokenizer's."""
+    if source == "data.chat_template":
+        return "data.chat_template"
+    return "tuneloop's ChatML default (the base tokenizer has none)"
+
+
+def _lora_args(t: Any) -> str:
+    """``--ds.lora.*`` (and ``--ds.load_in_4bit`` for QLoRA); empty for full fine-tuning."""
+    if t.method not in ("lora", "qlora"):
+        return ""
+    lora = "--ds.lora.rank {lora_r} --ds.lora.alpha {lora_alpha} --ds.lora.dropout {lora_dropout}"
+    if t.target_modules != "all-linear":  # OpenRLHF's default is the string all-linear, as PEFT wants it
+        names = [t.target_modules] if isinstance(t.target_modules, str) else list(t.target_modules)
+        lora += " --ds.lora.target_modules " + " ".join(_q(n) for n in names)
+    return lora + (" --ds.load_in_4bit" if t.method == "qlora" else "")
+
+
+def _precision_args(t: Any, notes: list[str]) -> str:
+    """``--ds.param_dtype`` (OpenRLHF has no fp32) and the ZeRO stage that keeps a LoRA save as safetensors."""
+    if t.precision == "auto":
+        notes.append(
+            "train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
+            "bf16 on a bf16 GPU (OpenRLHF has no fp32)"
+        )
+    return f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2"
+
+
+def _not_carried_notes(t: Any, *, stops: str, logged: str, placement: str) -> list[str]:
+    """The notes on max_steps, save_steps, report_to and accelerate_config, which no OpenRLHF command carries."""
+    notes = []
+    if t.max_steps:
+        notes.append(f"train.max_steps {t.max_steps} is not carried: {stops}")
     notes.append(
         f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
         "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
-        "per-step loss (OpenRLHF's log lines are in the stage log)"
+        f"per-step {logged} (OpenRLHF's log lines are in the stage log)"
     )
     if t.report_to != "none":
         notes.append(
             f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir by hand"
         )
     if t.accelerate_config:
-        notes.append(
-            "train.accelerate_config is not carried: DeepSpeed's launcher takes --hostfile / --num_nodes for "
-            "several machines"
-        )
-    return OpenRLHFExport(command, notes)
+        notes.append(f"train.accelerate_config is not carried: {placement}")
+    return notes
 
 
 def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
@@ -285,84 +323,11 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
     or a function reward (``--reward.remote_url`` naming the file the ``reward-func`` step writes, which calls the
     function with tuneloop's signature; see :class:`OpenRLHFReward`). Other rewards, several rewards and weights are
     refused (ConfigError, with the problems the caller found already)."""
-    from tuneloop.train.external import export_template
-
     t, d = cfg.train, cfg.data
     notes: list[str] = []
-    where = "OpenRLHF's train_ppo_ray scores every completion with one reward: a reward model or one reward function"
-    if len(t.rewards) != 1:
-        problems.append(
-            f"train.rewards: {len(t.rewards)} rewards; {where} (--reward.model_name_or_path or "
-            "--reward.remote_url), so a sum of rewards cannot be carried over; keep one {model: REF} or "
-            "{function: FILE.py:NAME} reward to export, or train with tuneloop (train.backend: transformers)"
-        )
-    spec = t.rewards[0] if t.rewards else None
-    if spec is not None and len(t.rewards) == 1:
-        key = "train.rewards[0]"
-        if spec.kind in ("metric", "judge"):
-            what = f"metric {spec.metric}" if spec.kind == "metric" else "the judge (eval.judge)"
-            problems.append(
-                f"{key}.{spec.kind}: {what} is tuneloop's own reward; {where}, so it cannot be exported. "
-                "Write it as a {function: FILE.py:NAME} reward (e.g. a function that calls your metric), use "
-                "a registered reward model ({model: REF}), or train with tuneloop (train.backend: transformers)"
-            )
-        if spec.weight != 1.0:
-            problems.append(
-                f"{key}.weight: {spec.weight:g}; OpenRLHF takes one reward as it is (no weight); set the weight "
-                "to 1 to export (with one reward, group_norm divides by the group's spread, so a positive "
-                "weight changes nothing but the sign)"
-            )
-    if t.loss_type not in _LOSS_AGG:
-        problems.append(
-            f"train.loss_type: {t.loss_type} has no OpenRLHF equivalent (--actor.loss_agg_mode takes token-mean, "
-            "i.e. dapo, or seq-mean-token-mean, i.e. grpo); set dapo or grpo to export"
-        )
-    tpl = export_template(cfg)
-    if tpl.source != "tokenizer":
-        which = (
-            "data.chat_template"
-            if tpl.source == "data.chat_template"
-            else "tuneloop's ChatML default (the base tokenizer has none)"
-        )
-        problems.append(
-            f"data.chat_template: tuneloop renders the prompts with {which}, but OpenRLHF's train_ppo_ray renders "
-            "them with the base tokenizer's own template (it has no --data.tokenizer_chat_template); save the "
-            "template into the base model's tokenizer_config.json (tokenizer.chat_template = ...; "
-            "tokenizer.save_pretrained(DIR)) and point base_model at DIR to export"
-        )
-    reward_args, steps = "", ""
-    if spec is not None and len(t.rewards) == 1 and spec.kind == "model":
-        try:
-            model_dir = _reward_model_dir(cfg, str(spec.model))
-        except Exception as exc:  # noqa: BLE001 - the registry's own message names what exists
-            problems.append(f"train.rewards[0].model: {exc}")
-        else:
-            reward_args = f"--reward.model_name_or_path {_q(str(model_dir))}"
-            notes.append(
-                f"reward: the registered reward model {spec.model} is its artifact directory {model_dir} (resolved "
-                "now: export again after the ref moves to another version); OpenRLHF loads it as its RewardModel "
-                "(the transformers sequence-classification model's `score` head) and scores the policy's own token "
-                "ids, read at the last generated token (EOS), where tuneloop re-renders prompt + completion with "
-                "the chat template (ending at the end-of-turn), so scores can differ slightly"
-            )
-    elif spec is not None and len(t.rewards) == 1 and spec.kind == "function":
-        file, name = spec.function_parts()
-        target = f"{Path(file).resolve()}:{name}"
-        steps = f"python -m tuneloop.train.openrlhf reward-func {_q(target)} {{base_model}} {GRPO_REWARD_FILE} && "
-        reward_args = f"--reward.remote_url {GRPO_REWARD_FILE} --data.label_key {LABEL_KEY}"
-        notes.append(
-            f"reward: `reward-func` checks {spec._written or spec.function} and writes {GRPO_REWARD_FILE}, "
-            "OpenRLHF's reward_func(queries, prompts, labels) (--reward.remote_url), which calls "
-            f"{name}(prompts=[conversation], completions=[[{{role: assistant, content}}]], reference=[...]) as "
-            "tuneloop does (no completion_ids or trainer_state); the completion is the generated text up to "
-            "tuneloop's first stop token, special tokens removed. OpenRLHF's vLLM workers import tuneloop and the "
-            "function file: the same Python environment and paths on every Ray node"
-        )
-        notes.append(
-            "reward: OpenRLHF logs an exception from a reward function and goes on without that reward (its "
-            "executor catches it); the adapter prints `tuneloop reward: ...` (the function, the item, what is "
-            "wrong) on stderr first, and refuses None, NaN and non-numbers (OpenRLHF has no 'no reward')"
-        )
+    problems += _grpo_problems(cfg)
+    spec = t.rewards[0] if len(t.rewards) == 1 else None
+    reward_args, steps = _grpo_reward(cfg, spec, problems, notes) if spec is not None else ("", "")
     if problems:
         raise ConfigError(problems)
 
@@ -413,18 +378,8 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
             f"train.warmup_steps {t.warmup_steps} is not carried: OpenRLHF takes a share of all steps "
             "(--actor.lr_warmup_ratio, default 0.03); add it by hand (warm-up steps / total steps)"
         )
-    if t.method in ("lora", "qlora"):
-        lora = "--ds.lora.rank {lora_r} --ds.lora.alpha {lora_alpha} --ds.lora.dropout {lora_dropout}"
-        if t.target_modules != "all-linear":
-            names = [t.target_modules] if isinstance(t.target_modules, str) else list(t.target_modules)
-            lora += " --ds.lora.target_modules " + " ".join(_q(n) for n in names)
-        parts.append(lora + (" --ds.load_in_4bit" if t.method == "qlora" else ""))
-    if t.precision == "auto":
-        notes.append(
-            "train.precision auto -> --ds.param_dtype bf16: OpenRLHF trains on GPUs, where tuneloop's auto is "
-            "bf16 on a bf16 GPU (OpenRLHF has no fp32)"
-        )
-    parts.append(f"--ds.param_dtype {'fp16' if t.precision == 'fp16' else 'bf16'} --ds.zero_stage 2")
+    parts.append(_lora_args(t))
+    parts.append(_precision_args(t, notes))
     if t.gradient_checkpointing:
         parts.append("--actor.gradient_checkpointing_enable")
     parts.append("--logger.logging_steps 1 --ckpt.output_dir {output_dir}")
@@ -435,46 +390,116 @@ def _grpo_export(cfg: PipelineConfig, problems: list[str]) -> OpenRLHFExport:
         "runs on a Ray cluster's head node (`ray start --head`) and needs NVIDIA GPUs, DeepSpeed and vLLM: "
         "tuneloop checks this command against OpenRLHF 0.11.2's argument parser only, it has not run it",
     )
+    notes += _grpo_notes(cfg, prompts_per_step, per_gpu)
+    notes += _not_carried_notes(
+        t,
+        stops=f"OpenRLHF's PPO trainer runs whole episodes (--train.num_episodes {int(t.num_epochs)})",
+        logged="reward",
+        placement="Ray places the models (--actor.num_nodes for several machines)",
+    )
+    return OpenRLHFExport(command, notes)
+
+
+def _grpo_problems(cfg: PipelineConfig) -> list[str]:
+    """What train_ppo_ray cannot carry: several rewards, tuneloop's own rewards, a weight, the loss type, a chat
+    template that is not the base tokenizer's."""
+    from tuneloop.train.external import export_template
+
+    t = cfg.train
+    problems: list[str] = []
+    if len(t.rewards) != 1:
+        problems.append(
+            f"train.rewards: {len(t.rewards)} rewards; {_ONE_REWARD} (--reward.model_name_or_path or "
+            "--reward.remote_url), so a sum of rewards cannot be carried over; keep one {model: REF} or "
+            "{function: FILE.py:NAME} reward to export, or train with tuneloop (train.backend: transformers)"
+        )
+    else:
+        spec, key = t.rewards[0], "train.rewards[0]"
+        if spec.kind in ("metric", "judge"):
+            what = f"metric {spec.metric}" if spec.kind == "metric" else "the judge (eval.judge)"
+            problems.append(
+                f"{key}.{spec.kind}: {what} is tuneloop's own reward; {_ONE_REWARD}, so it cannot be exported. "
+                "Write it as a {function: FILE.py:NAME} reward (e.g. a function that calls your metric), use "
+                "a registered reward model ({model: REF}), or train with tuneloop (train.backend: transformers)"
+            )
+        if spec.weight != 1.0:
+            problems.append(
+                f"{key}.weight: {spec.weight:g}; OpenRLHF takes one reward as it is (no weight); set the weight "
+                "to 1 to export (with one reward, group_norm divides by the group's spread, so a positive "
+                "weight changes nothing but the sign)"
+            )
+    if t.loss_type not in _LOSS_AGG:
+        problems.append(
+            f"train.loss_type: {t.loss_type} has no OpenRLHF equivalent (--actor.loss_agg_mode takes token-mean, "
+            "i.e. dapo, or seq-mean-token-mean, i.e. grpo); set dapo or grpo to export"
+        )
+    tpl = export_template(cfg)
+    if tpl.source != "tokenizer":
+        problems.append(
+            f"data.chat_template: tuneloop renders the prompts with {_template_name(tpl.source)}, but OpenRLHF's "
+            "train_ppo_ray renders them with the base tokenizer's own template (it has no "
+            "--data.tokenizer_chat_template); save the template into the base model's tokenizer_config.json "
+            "(tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR)) and point base_model at DIR to export"
+        )
+    return problems
+
+
+def _grpo_reward(cfg: PipelineConfig, spec: Any, problems: list[str], notes: list[str]) -> tuple[str, str]:
+    """(train_ppo_ray's reward arguments, the steps to run before it) for the one reward ``spec``; a reward model
+    that cannot be resolved is added to ``problems``."""
+    if spec.kind == "model":
+        try:
+            model_dir = _reward_model_dir(cfg, str(spec.model))
+        except Exception as exc:  # noqa: BLE001 - the registry's own message names what exists
+            problems.append(f"train.rewards[0].model: {exc}")
+            return "", ""
+        notes.append(
+            f"reward: the registered reward model {spec.model} is its artifact directory {model_dir} (resolved "
+            "now: export again after the ref moves to another version); OpenRLHF loads it as its RewardModel "
+            "(the transformers sequence-classification model's `score` head) and scores the policy's own token "
+            "ids, read at the last generated token (EOS), where tuneloop re-renders prompt + completion with "
+            "the chat template (ending at the end-of-turn), so scores can differ slightly"
+        )
+        return f"--reward.model_name_or_path {_q(str(model_dir))}", ""
+    if spec.kind != "function":
+        return "", ""
+    file, name = spec.function_parts()
+    target = f"{Path(file).resolve()}:{name}"
     notes.append(
+        f"reward: `reward-func` checks {spec._written or spec.function} and writes {GRPO_REWARD_FILE}, "
+        "OpenRLHF's reward_func(queries, prompts, labels) (--reward.remote_url), which calls "
+        f"{name}(prompts=[conversation], completions=[[{{role: assistant, content}}]], reference=[...]) as "
+        "tuneloop does (no completion_ids or trainer_state); the completion is the generated text up to "
+        "tuneloop's first stop token, special tokens removed. OpenRLHF's vLLM workers import tuneloop and the "
+        "function file: the same Python environment and paths on every Ray node"
+    )
+    notes.append(
+        "reward: OpenRLHF logs an exception from a reward function and goes on without that reward (its "
+        "executor catches it); the adapter prints `tuneloop reward: ...` (the function, the item, what is "
+        "wrong) on stderr first, and refuses None, NaN and non-numbers (OpenRLHF has no 'no reward')"
+    )
+    steps = f"python -m tuneloop.train.openrlhf reward-func {_q(target)} {{base_model}} {GRPO_REWARD_FILE} && "
+    return f"--reward.remote_url {GRPO_REWARD_FILE} --data.label_key {LABEL_KEY}", steps
+
+
+def _grpo_notes(cfg: PipelineConfig, prompts_per_step: int, per_gpu: int) -> list[str]:
+    """How the grpo command's prompts, batches and generation differ from tuneloop's own GRPO."""
+    t, d, g = cfg.train, cfg.data, cfg.train.num_generations
+    return [
         "prompts: `python -m tuneloop.train.openrlhf prompts` writes each training conversation's prompt (the "
         f"turns before its final answer) and reference to {GRPO_PROMPTS}; unlike tuneloop it does not drop "
         f"prompts over data.max_length (OpenRLHF truncates them from the left); --data.max_len "
-        f"{d.max_length + t.max_completion_length} is data.max_length + max_completion_length"
-    )
-    notes.append(
+        f"{d.max_length + t.max_completion_length} is data.max_length + max_completion_length",
         f"batch: each rollout is train.batch_size x gradient_accumulation_steps x num_processes = {prompts_per_step} "
         f"prompts x {g} generations, trained in one optimizer step (--train.batch_size {prompts_per_step * g} "
         f"completions, --train.micro_batch_size {per_gpu} per GPU), as TRL's GRPO; --train.num_episodes "
-        f"{int(t.num_epochs)} passes over the prompts"
-    )
-    notes.append(
+        f"{int(t.num_epochs)} passes over the prompts",
         "generation: OpenRLHF's vLLM stops at the model's EOS only (tuneloop also stops at the chat template's "
         f"end-of-turn tokens); --rollout.temperature {t.temperature:g}, top_p 1; train.use_vllm has no effect "
-        "(OpenRLHF always generates with vLLM)"
-    )
-    notes.append(
+        "(OpenRLHF always generates with vLLM)",
         "literals (not placeholders): GPUs, batch sizes, generations, max lengths, temperature, KL coefficient, "
-        "episodes, weight decay, scheduler; export again after changing them"
-    )
-    if t.max_steps:
-        notes.append(
-            f"train.max_steps {t.max_steps} is not carried: OpenRLHF's PPO trainer runs whole episodes "
-            f"(--train.num_episodes {int(t.num_epochs)})"
-        )
-    notes.append(
-        f"train.save_steps {t.save_steps} is not carried: a killed command starts again from the beginning "
-        "(tuneloop clears {output_dir}); OpenRLHF writes no trainer_state.json, so the run's metrics have no "
-        "per-step reward (OpenRLHF's log lines are in the stage log)"
-    )
-    if t.report_to != "none":
-        notes.append(
-            f"train.report_to {t.report_to} is not carried: add --logger.wandb.key or --logger.tensorboard_dir by hand"
-        )
-    if t.accelerate_config:
-        notes.append(
-            "train.accelerate_config is not carried: Ray places the models (--actor.num_nodes for several machines)"
-        )
-    return OpenRLHFExport(command, notes)
+        "episodes, weight decay, scheduler; export again after changing them",
+    ]
 
 
 def _reward_model_dir(cfg: PipelineConfig, ref: str) -> Path:
