@@ -435,80 +435,78 @@ def score_suite(
 
         return score_preference(suite, base_out, cand_out)
     res: dict[str, Any] = {"kind": k, "binary": True, "n": 0, "source": suite.source}
-    recs: list[dict[str, Any]] = []
     if k == "general_text":
-        b, c = base_out["hits"], cand_out["hits"]
-        n = min(len(b), len(c))
-        res.update(
-            base=b[:n],
-            candidate=c[:n],
-            n=n,
-            base_perplexity=base_out.get("perplexity"),
-            candidate_perplexity=cand_out.get("perplexity"),
-        )
-        for w in range(0, n, 128):
-            recs.append(
-                {
-                    "suite": suite.name,
-                    "kind": k,
-                    "id": f"tokens-{w}-{min(w + 128, n)}",
-                    "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]),
-                    "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128]),
-                }
-            )
-        return res, recs
+        return _score_general_text(suite, base_out, cand_out, res)
     if k == "capability_mc" or (k == "task" and suite.metric == "mc_loglik"):
-        bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
-        cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items)]
-        res.update(base=bs, candidate=cs, n=len(bs))
-        for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
-            p = _prompt_text(it)
-            recs.append(
-                {
-                    "suite": suite.name,
-                    "kind": k,
-                    "id": it["id"],
-                    "prompt_sha256": prompt_sha256(p),
-                    "prompt": p,
-                    "choices": it["choices"],
-                    "answer": it["answer"],
-                    "base": it["choices"][bo["pick"]],
-                    "candidate": it["choices"][co["pick"]],
-                    "base_logprobs": bo["logprobs"],
-                    "candidate_logprobs": co["logprobs"],
-                    "base_score": b1,
-                    "candidate_score": c1,
-                }
-            )
-        return res, recs
-    bt, ct = base_out["text"], cand_out["text"]
-    bs, cs, extra = [], [], []
+        return _score_choices(suite, base_out, cand_out, res)
+    return _score_answers(suite, base_out["text"], cand_out["text"], judge, res)
+
+
+def _score_general_text(
+    suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], res: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Next-token hits on held-out text; the audit records are windows of 128 tokens."""
+    b, c = base_out["hits"], cand_out["hits"]
+    n = min(len(b), len(c))
+    res.update(
+        base=b[:n],
+        candidate=c[:n],
+        n=n,
+        base_perplexity=base_out.get("perplexity"),
+        candidate_perplexity=cand_out.get("perplexity"),
+    )
+    recs = [
+        {
+            "suite": suite.name,
+            "kind": suite.kind,
+            "id": f"tokens-{w}-{min(w + 128, n)}",
+            "base_score": sum(b[w : w + 128]) / len(b[w : w + 128]),
+            "candidate_score": sum(c[w : w + 128]) / len(c[w : w + 128]),
+        }
+        for w in range(0, n, 128)
+    ]
+    return res, recs
+
+
+def _score_choices(
+    suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], res: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Multiple choice by log-likelihood: 1 when the most likely choice is the answer."""
+    bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
+    cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items)]
+    res.update(base=bs, candidate=cs, n=len(bs))
+    recs = []
+    for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
+        p = _prompt_text(it)
+        recs.append(
+            {
+                "suite": suite.name,
+                "kind": suite.kind,
+                "id": it["id"],
+                "prompt_sha256": prompt_sha256(p),
+                "prompt": p,
+                "choices": it["choices"],
+                "answer": it["answer"],
+                "base": it["choices"][bo["pick"]],
+                "candidate": it["choices"][co["pick"]],
+                "base_logprobs": bo["logprobs"],
+                "candidate_logprobs": co["logprobs"],
+                "base_score": b1,
+                "candidate_score": c1,
+            }
+        )
+    return res, recs
+
+
+def _score_answers(
+    suite: Suite, bt: list[str], ct: list[str], judge: Judge, res: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generated answers, scored per item by the suite's metric or the judge."""
+    k = suite.kind
+    bs, cs, extra, recs = [], [], [], []
     for it, ba, ca in zip(suite.items, bt, ct):
         p = _prompt_text(it)
-        if k == "task":
-            b1 = task_score(suite.metric, ba, it["reference"], suite.pattern, suite.threshold)
-            c1 = task_score(suite.metric, ca, it["reference"], suite.pattern, suite.threshold)
-            e = {"reference": it["reference"]}
-            if suite.metric == "chrf":  # the continuous score behind the 0/1 outcome
-                ref = it["reference"] if isinstance(it["reference"], (list, tuple)) else str(it["reference"] or "")
-                e.update(
-                    metric="chrf",
-                    threshold=suite.threshold,
-                    base_chrf=round(chrf(ba, ref), 4),
-                    candidate_chrf=round(chrf(ca, ref), 4),
-                )
-        elif k == "harmful":
-            b1, c1 = float(judge.harmful(p, ba, it["indicators"])), float(judge.harmful(p, ca, it["indicators"]))
-            e = {"base_refused": judge.refused(p, ba), "candidate_refused": judge.refused(p, ca)}
-        elif k == "over_refusal":
-            b1, c1 = float(judge.refused(p, ba)), float(judge.refused(p, ca))
-            e = {}
-        elif k == "win_rate":
-            c1, orders = pairwise_score(judge, p, ca, ba, it.get("reference"))
-            b1 = 1.0 - c1
-            e = {"reference": it.get("reference"), "orders": orders}
-        else:
-            raise ValueError(k)
+        b1, c1, e = _score_item(suite, judge, it, p, ba, ca)
         bs.append(b1)
         cs.append(c1)
         extra.append(e)
@@ -543,3 +541,32 @@ def score_suite(
             "token_f1" if suite.metric == "token_f1" else "accuracy" if label == "exact" else f"accuracy ({label})"
         )
     return res, recs
+
+
+def _score_item(
+    suite: Suite, judge: Judge, it: dict[str, Any], p: str, ba: str, ca: str
+) -> tuple[float, float, dict[str, Any]]:
+    """(base score, candidate score, what the audit record shows beside them) of one generated item."""
+    k = suite.kind
+    if k == "task":
+        b1 = task_score(suite.metric, ba, it["reference"], suite.pattern, suite.threshold)
+        c1 = task_score(suite.metric, ca, it["reference"], suite.pattern, suite.threshold)
+        e: dict[str, Any] = {"reference": it["reference"]}
+        if suite.metric == "chrf":  # the continuous score behind the 0/1 outcome
+            ref = it["reference"] if isinstance(it["reference"], (list, tuple)) else str(it["reference"] or "")
+            e.update(
+                metric="chrf",
+                threshold=suite.threshold,
+                base_chrf=round(chrf(ba, ref), 4),
+                candidate_chrf=round(chrf(ca, ref), 4),
+            )
+        return b1, c1, e
+    if k == "harmful":
+        b1, c1 = float(judge.harmful(p, ba, it["indicators"])), float(judge.harmful(p, ca, it["indicators"]))
+        return b1, c1, {"base_refused": judge.refused(p, ba), "candidate_refused": judge.refused(p, ca)}
+    if k == "over_refusal":
+        return float(judge.refused(p, ba)), float(judge.refused(p, ca)), {}
+    if k == "win_rate":
+        c1, orders = pairwise_score(judge, p, ca, ba, it.get("reference"))
+        return 1.0 - c1, c1, {"reference": it.get("reference"), "orders": orders}
+    raise ValueError(k)
