@@ -1,6 +1,6 @@
 """Exceptions and the exit codes the CLI maps them to.
 
-Exit codes (DESIGN.md): 0 ok, 1 a stage failed or a gate blocked, 2 usage/config/input error found
+Exit codes (a public interface, listed in the README and docs/architecture.md): 0 ok, 1 a stage failed or a gate blocked, 2 usage/config/input error found
 before any work was done.
 """
 

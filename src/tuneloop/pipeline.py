@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 class FineTunePipeline:
-    """Runs the loop for one config. ``run()`` returns the summary documented in DESIGN.md."""
+    """Runs the loop for one config. ``run()`` returns the run summary (what `tuneloop run --json` prints)."""
 
     def __init__(
         self,
