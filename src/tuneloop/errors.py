@@ -1,7 +1,7 @@
 """Exceptions and the exit codes the CLI maps them to.
 
-Exit codes (a public interface, listed in the README and docs/architecture.md): 0 ok, 1 a stage failed or a gate blocked, 2 usage/config/input error found
-before any work was done.
+Exit codes (a public interface, listed in the README and docs/architecture.md): 0 ok, 1 a stage failed or a gate
+blocked, 2 usage/config/input error found before any work was done.
 """
 
 from __future__ import annotations
