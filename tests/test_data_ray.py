@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from moto_s3 import BUCKET, s3_server, upload  # noqa: F401  (s3_server: the fixture)
+from planted_data import chat, words, write_planted
 
 # Single-machine Ray: every node address is 127.0.0.1. By default Ray on Linux registers a node under the
 # machine's outward address even when started with --node-ip-address=127.0.0.1 (services.get_node_ip_address);
@@ -91,58 +93,13 @@ def cluster(tmp_path_factory):
     assert nodes == {"127.0.0.1"}, nodes
 
 
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(n)
-    )
-
-
-def _chat(u: str, a: str) -> dict:
-    return {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+_words, _chat = words, chat
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A directory of two JSONL files and a Parquet file (3,000 records) and an eval file: planted exact copies
-    (also across files, one with other whitespace), near copies (one word changed), PII, contamination
-    (eval records pasted in), unparseable lines, a wrong structure and a placeholder."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = random.Random(7)
-    root = tmp_path_factory.mktemp("data")
-    evals = [_chat(_words(rng, 30), _words(rng, 30)) for _ in range(50)]
-    base = [_chat(_words(rng, 25), _words(rng, 40)) for _ in range(2500)]
-    rows: list[dict | str] = []
-    for i, rec in enumerate(base):
-        rows.append(rec)
-        if i % 25 == 3:  # exact copy (whitespace changed: same dedup key)
-            rows.append(_chat(base[i // 2]["messages"][0]["content"] + "  ", base[i // 2]["messages"][1]["content"]))
-        if i % 17 == 5:  # near copy: one word of the answer replaced
-            words = base[i - 1]["messages"][1]["content"].split()
-            words[rng.randrange(len(words))] = "changed"
-            rows.append(_chat(base[i - 1]["messages"][0]["content"], " ".join(words)))
-        if i % 101 == 9:
-            rows.append(_chat(f"mail me at user{i}@example.org or call +1 415 555 01{i % 100:02d}", _words(rng, 20)))
-        if i % 250 == 1:
-            rows.append(evals[i // 250])
-        if i % 400 == 2:
-            rows += ["{not json", json.dumps({"messages": []}), json.dumps(_chat("fill {{name}} in", "ok"))]
-    a, b, c = rows[:1200], rows[1200:2400], rows[2400:]
-    (root / "train").mkdir()
-    for name, part in (("a.jsonl", a), ("b.jsonl", b)):
-        with open(root / "train" / name, "w", encoding="utf-8") as f:
-            for r in part:
-                f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-                if rng.random() < 0.01:
-                    f.write("\n")  # blank lines are skipped, line numbers still count them
-    pq.write_table(
-        pa.table({"messages": [r["messages"] for r in c if isinstance(r, dict)]}), root / "train" / "c.parquet"
-    )
-    with open(root / "eval.jsonl", "w", encoding="utf-8") as f:
-        for r in evals:
-            f.write(json.dumps(r) + "\n")
-    return root
+    """tests/planted_data.py's dataset: planted exact and near copies, PII, contamination, bad lines."""
+    return write_planted(tmp_path_factory.mktemp("data"))
 
 
 def _data(dataset: Path, **kw) -> DataConfig:
@@ -296,3 +253,54 @@ def test_without_ray_is_exit_2_with_the_install_line(dataset, tmp_path, monkeypa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", ray)
     assert "no Ray cluster is named" in ray_engine.ray_problems(_data(dataset, engine="ray"))[0]
+
+
+def test_ray_engine_reads_s3_like_local_reads_disk(cluster, s3_server, dataset, tmp_path, monkeypatch):
+    """The planted dataset uploaded to a loopback S3 (moto): the Ray tasks read its objects in byte ranges through
+    the filesystem built on the driver (endpoint and keys from the AWS environment, which the Ray workers lack):
+    same report, clean file, quarantine and digest as the local engine reading the files on disk."""
+    url = upload(dataset, f"s3://{BUCKET}/ray/")
+    monkeypatch.setattr(ray_engine, "RANGE_BYTES", 40_000)  # several ranged GETs per object
+    local = check_splits(_data(dataset), tmp_path / "local")
+    data = DataConfig(
+        train_data=url + "train/",
+        eval_data=url + "eval.jsonl",
+        near_dup_threshold=0.8,
+        engine="ray",
+        ray_address=cluster,
+    )
+    checked = check_splits(data, tmp_path / "ray")
+    assert checked.train["path"] == url + "train/" and checked.train["digest"] == local.train["digest"]
+    assert checked.train["duplicates"] > 50 and checked.train["near_duplicates"] > 50
+    for split, rep in local.items():
+        other = dict(checked.items())[split]
+        assert {k: v for k, v in rep.items() if k not in PATHS | {"path"}} == {
+            k: v for k, v in other.items() if k not in PATHS | {"path"}
+        }, split
+        for suffix in ("clean.jsonl", "quarantine.jsonl"):
+            name = f"{split}.{suffix}"
+            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+
+
+def test_tuneloop_run_with_engine_ray(cluster, make_config, tmp_path):
+    """`tuneloop run` with data.engine: ray on the tiny model: data (on the cluster) -> preprocessing streams the
+    Ray engine's Parquet shards -> a few train steps -> eval -> gates -> registered."""
+    cfg = make_config(data__engine="ray", data__ray_address=cluster)
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", "run", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["overall"] == "passed", summary
+    results = [json.loads(p.read_text()) for p in (tmp_path / ".tuneloop").rglob("result.json")]
+    data = next(x for x in results if x.get("stage") == "data_validation")
+    assert data["outputs"]["train_clean"].endswith("train.clean.parquet")  # what preprocessing was given
+    report = json.loads(Path(data["outputs"]["train_report"]).read_text())
+    assert report["engine"] == "ray" and report["valid"] > 0
+    prep = next(x for x in results if x.get("stage") == "preprocessing")
+    assert 0 < prep["metrics"]["train_samples"] <= report["valid"], prep["metrics"]
+    assert prep["metrics"]["eval_samples"] == data["metrics"]["eval_valid"] > 0, prep["metrics"]
+    assert any(x.get("stage") == "training" for x in results) and summary["stages"]["evaluation"]["status"] == "passed"

@@ -258,7 +258,8 @@ def _check_data(cfg: PipelineConfig, out: Path) -> tuple[dict[str, Any], dict[st
             metrics[p + "sources"] = rep["sources"]
         outputs.update(
             {
-                f"{split}_clean": rep["clean_path"],
+                # data.engine ray: preprocessing streams the kept records from the Parquet shards (data/stream.py)
+                f"{split}_clean": rep.get("clean_shards", rep["clean_path"]),
                 f"{split}_quarantine": rep["quarantine_path"],
                 f"{split}_report": rep["report_path"],
             }

@@ -131,7 +131,7 @@ class _ZstdRaw(io.RawIOBase):
     (``zstandard``'s own stream reader returns what it has and says nothing)."""
 
     def __init__(self, path: Path, module: Any) -> None:
-        self._f = open(path, "rb")
+        self._f = path.open("rb")  # a Path, or an objstore.ObjectPath (streamed from an object store)
         self._path, self._zstd = path, module
         self._d = module.ZstdDecompressor().decompressobj()
         self._buf = b""
@@ -172,7 +172,8 @@ class _GzipChecked(io.RawIOBase):
     """A gzip stream whose truncation and corruption errors are ``InputError`` naming the file."""
 
     def __init__(self, path: Path) -> None:
-        self._g = gzip.open(path, "rb")
+        self._raw = path.open("rb")  # a Path, or an objstore.ObjectPath
+        self._g = gzip.GzipFile(fileobj=self._raw, mode="rb")
         self._path = path
 
     def readable(self) -> bool:
@@ -186,13 +187,14 @@ class _GzipChecked(io.RawIOBase):
 
     def close(self) -> None:
         self._g.close()
+        self._raw.close()
         super().close()
 
 
 def open_bytes(path: Path, compression: str | None) -> BinaryIO:
     """A buffered binary stream of the content of ``path``: as is, gunzipped (``gzip``) or zstd-decompressed."""
     if compression is None:
-        return open(path, "rb")
+        return path.open("rb")  # a Path, or an objstore.ObjectPath (typed as a Path here)
     if compression == "gzip":
         return io.BufferedReader(_GzipChecked(path), 1 << 16)
     module = zstd_module()

@@ -11,10 +11,13 @@ as the driver).
 
 One implementation, two engines: the Ray tasks call the local engine's code on their share of the records.
 
-1. **Read** (:func:`_plan`, :func:`_read_part`): the driver lists the files (a file, a directory, or a list of
-   sources, in the local engine's order); an uncompressed ``.jsonl`` is cut into byte ranges at newlines, whose
-   line numbers come from a first Ray pass that counts newlines; any other file (JSON, CSV, Parquet,
-   compressed) is one task reading it with :mod:`.sources`' reader. Each record keeps its identity
+1. **Read** (:func:`_plan`, :func:`_check_parts`): the driver lists the files (a file, a directory, an
+   object-store URL or prefix such as ``s3://bucket/dir/``, or a list of sources, in the local engine's order);
+   an uncompressed ``.jsonl`` is cut into byte ranges at newlines, whose line numbers come from a first Ray pass
+   that counts newlines; any other file (JSON, CSV, Parquet, compressed) is one task reading it with
+   :mod:`.sources`' reader. Objects are read by the tasks themselves, with ranged GETs through the fsspec
+   filesystem that :mod:`.objstore` builds on the driver (endpoint and keys from the driver's AWS environment,
+   shipped with the plan, so a non-AWS endpoint works on workers that lack those settings). Each record keeps its identity
    ``ord = file_index << 40 | line`` (row for Parquet), so order and every message equal the local engine's.
 2. **Rules and PII** (map stage): :func:`tuneloop.data.rules.process_records` on each part's items; the over-long
    rule counts tokens here (the tokenizer is shipped to the workers).
@@ -40,6 +43,7 @@ quarantine entries (same order) and report counts (``tests/test_data_ray.py``). 
 retried by Ray (Ray Data retries a task whose worker died); every stage is a pure function of its input, so
 the result is the same.
 Not supported here (``InputError`` naming the local engine): saved Hugging Face datasets and dataset names.
+Outputs (the shards, the clean file, the report) are written to the local workspace, as the local engine does.
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tuneloop.data.objstore import ObjectPath, is_url, list_objects, remote_errors
+from tuneloop.data.sources import Item
 from tuneloop.errors import InputError
 
 INSTALL = "pip install 'tuneloop[ray]'"
@@ -168,9 +175,11 @@ _CONNECTED: dict[str, str] = {}
 
 @dataclass
 class _File:
-    path: str
+    path: str  # a local path or an object's URL
     label: str | None  # Item.file: None for a single-file source
     source: int  # index in a list of sources, -1 for a single source
+    where: Path | ObjectPath  # what the readers open (an ObjectPath carries its filesystem to the workers)
+    size: int
 
 
 @dataclass
@@ -185,6 +194,12 @@ class _Plan:
 def _files_of(source: str, label_prefix: str | None, index: int) -> list[_File]:
     from tuneloop.data.sources import SUPPORTED_SUFFIXES, data_suffix, is_saved_hf
 
+    if is_url(source):  # an object, or a prefix read as a directory (sources.open_source's order and names)
+        objects, rels = list_objects(source, SUPPORTED_SUFFIXES)
+        if rels is None:
+            return [_File(objects[0].url, label_prefix, index, objects[0], _size(objects[0]))]
+        labels = [r if label_prefix is None else f"{label_prefix}/{r}" for r in rels]
+        return [_File(o.url, n, index, o, _size(o)) for o, n in zip(objects, labels, strict=True)]
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         if is_saved_hf(path):
@@ -199,13 +214,29 @@ def _files_of(source: str, label_prefix: str | None, index: int) -> list[_File]:
         )
         rel = [p.relative_to(path).as_posix() for p in found]
         names = [r if label_prefix is None else f"{label_prefix}/{r}" for r in rel]
-        return [_File(str(p), n, index) for p, n in zip(found, names)]
+        return [_File(str(p), n, index, p, p.stat().st_size) for p, n in zip(found, names, strict=True)]
     if path.is_file():
-        return [_File(str(path), label_prefix, index)]
+        return [_File(str(path), label_prefix, index, path, path.stat().st_size)]
     raise InputError(
-        f"{source}: not a file or directory; data.engine ray reads files and directories "
-        "(a Hugging Face dataset name needs data.engine: local)"
+        f"{source}: not a file, directory or s3:// / gs:// URL; data.engine ray reads files, directories and "
+        "object-store URLs (a Hugging Face dataset name needs data.engine: local)"
     )
+
+
+def _size(obj: ObjectPath) -> int:
+    if obj.size is None:
+        with remote_errors(obj.url):
+            return int(obj.fs.size(obj.url))
+    return obj.size
+
+
+def _read_bytes(where: Path | ObjectPath, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a local file or an object (one ranged GET)."""
+    if isinstance(where, ObjectPath):
+        return where.read_range(start, stop)
+    with open(where, "rb") as f:
+        f.seek(start)
+        return f.read(stop - start)
 
 
 def _plan(path: Any, fmt: str, range_bytes: int) -> _Plan:
@@ -217,26 +248,26 @@ def _plan(path: Any, fmt: str, range_bytes: int) -> _Plan:
     _, position, fmt = open_detected(path, fmt)  # the local engine's checks, position kind and format detection
     if isinstance(path, (list, tuple)):
         files = [f for i, src in enumerate(path) for f in _files_of(src.path, src.label, i)]
-        source_of: dict[str, int] | None = {f.label: f.source for f in files}
+        source_of: dict[str, int] | None = {f.label: f.source for f in files if f.label is not None}
     else:
         files, source_of = _files_of(str(path), None, -1), None
     parts: list[dict[str, Any]] = []
     for i, f in enumerate(files):
-        base = base_suffix(data_suffix(Path(f.path).name))
-        head = read_head(Path(f.path), None)
-        size = os.path.getsize(f.path)
+        base = base_suffix(data_suffix(f.where.name))
+        head = read_head(f.where, None)  # type: ignore[arg-type]  # an ObjectPath has what read_head uses of a Path
+        size = f.size
         if base == ".jsonl" and sniff(head, whole=len(head) < SNIFF_BYTES).kind == "text":
-            for start, stop in _ranges(f.path, size, range_bytes):
+            for start, stop in _ranges(f.where, size, range_bytes):
                 parts.append({"file_index": i, "kind": "range", "start": start, "stop": stop, "first_line": 0})
         else:
             parts.append({"file_index": i, "kind": "file", "start": 0, "stop": size, "first_line": 1})
     return _Plan(files, parts, position, fmt, source_of)
 
 
-def _ranges(path: str, size: int, step: int) -> list[tuple[int, int]]:
+def _ranges(where: Path | ObjectPath, size: int, step: int) -> list[tuple[int, int]]:
     """Byte ranges of about ``step`` bytes that start at line starts."""
     cuts = [0]
-    with open(path, "rb") as f:
+    with where.open("rb") as f:
         while cuts[-1] + step < size:
             f.seek(cuts[-1] + step)
             f.readline()  # to the end of the line the cut fell in
@@ -248,19 +279,16 @@ def _ranges(path: str, size: int, step: int) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:]))
 
 
-def _count_lines(part: dict[str, Any], path: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(part["start"])
-        return f.read(part["stop"] - part["start"]).count(b"\n")
+def _count_lines(part: dict[str, Any], where: Path | ObjectPath) -> int:
+    return _read_bytes(where, part["start"], part["stop"]).count(b"\n")
 
 
-def _range_items(path: str, label: str | None, start: int, stop: int, first_line: int):
-    """:func:`tuneloop.data.sources._read_jsonl` on one byte range: items with the file's line numbers."""
-    from tuneloop.data.sources import BOM, Item
+def _range_items(where: Path | ObjectPath, label: str | None, start: int, stop: int, first_line: int) -> Iterator[Item]:
+    """:func:`tuneloop.data.sources.read_file` of a ``.jsonl`` on one byte range: items with the file's line
+    numbers."""
+    from tuneloop.data.sources import BOM
 
-    with open(path, "rb") as f:
-        f.seek(start)
-        buf = f.read(stop - start)
+    buf = _read_bytes(where, start, stop)
     for i, data in enumerate(buf.split(b"\n")):
         lineno = first_line + i
         if lineno == 1 and data.startswith(BOM):
@@ -315,12 +343,11 @@ def _check_parts(
         if batch["kind"][j] == "range":
             items = list(
                 _range_items(
-                    f.path, f.label, int(batch["start"][j]), int(batch["stop"][j]), int(batch["first_line"][j])
+                    f.where, f.label, int(batch["start"][j]), int(batch["stop"][j]), int(batch["first_line"][j])
                 )
             )
         else:
-            rel = None if f.label is None else f.label
-            items = [it._replace(file=rel) for it in read_file(Path(f.path), rel)]
+            items = [it._replace(file=f.label) for it in read_file(f.where, f.label)]
         for v in process_records(items, fmt, pii_policy, want_text):
             ok = v.status == "ok"
             cols["ord"].append(fi << _LINE_BITS | v.line)
@@ -560,7 +587,19 @@ def _outcomes(
     rule tally adds in each phase (``t1``, ``t2``)."""
     from tuneloop.data.rules import quarantine_line
 
-    cat, phase, out, t1, t2 = [], [], [], [], []
+    cat: list[int] = []
+    phase: list[int] = []
+    out: list[str] = []
+    t1: list[str | None] = []
+    t2: list[str | None] = []
+
+    def add(c: int, p: int, text: str, r1: str | None, r2: str | None) -> None:
+        cat.append(c)
+        phase.append(p)
+        out.append(text)
+        t1.append(r1)
+        t2.append(r2)
+
     ords = batch["ord"]
     di = np.searchsorted(found.dup_ord, ords)
     ni = np.searchsorted(found.near_ord, ords)
@@ -569,26 +608,23 @@ def _outcomes(
         o, line, file = int(ords[j]), int(batch["line"][j]), batch["file"][j]
         data, reasons, long_reason = batch["data"][j], batch["reasons"][j], batch["long"][j]
         if not batch["ok"][j]:
-            rs = json.loads(reasons)
-            cat.append(5 if rs[0].startswith("pii:") else 1)
-            phase.append(1), out.append(data), t1.append(reasons), t2.append(None)
+            add(5 if json.loads(reasons)[0].startswith("pii:") else 1, 1, data, reasons, None)
             continue
         if di[j] < len(found.dup_ord) and found.dup_ord[di[j]] == o:
             ref = int(found.dup_ref[di[j]])
             reason = (
                 f"exact_duplicate: same as {_where(ref & ((1 << _LINE_BITS) - 1), found.labels[ref >> _LINE_BITS])}"
             )
-            cat.append(2), phase.append(1), t1.append(json.dumps([reason])), t2.append(None)
-            out.append(quarantine_line(line, file, [reason], json.loads(data)))
+            add(2, 1, quarantine_line(line, file, [reason], json.loads(data)), json.dumps([reason]), None)
             continue
         if long_reason is not None and overlong == "drop":
-            cat.append(6), phase.append(1), t1.append(json.dumps([long_reason])), t2.append(None)
-            out.append(quarantine_line(line, file, [long_reason], json.loads(data)))
+            add(6, 1, quarantine_line(line, file, [long_reason], json.loads(data)), json.dumps([long_reason]), None)
             continue
-        t1.append(json.dumps([long_reason]) if long_reason is not None else None)
+        r1 = json.dumps([long_reason]) if long_reason is not None else None
         near = ni[j] < len(found.near_ord) and found.near_ord[ni[j]] == o
         contam = ci[j] < len(found.contam_ord) and found.contam_ord[ci[j]] == o
-        removed = frac = None
+        removed: str | None = None
+        frac = 0.0
         sim_reasons = []
         if near:
             head = int(found.near_head[ni[j]])
@@ -602,15 +638,14 @@ def _outcomes(
                 f"contaminated: {frac:.0%} of its {ngram}-grams occur in the eval data"
                 + ("" if contam_action == "drop" else " (reported, kept)")
             )
-        t2.append(json.dumps(sim_reasons) if sim_reasons else None)
+        r2 = json.dumps(sim_reasons) if sim_reasons else None
         drop_near, drop_contam = near and near_action == "drop", contam and contam_action == "drop"
         if drop_near or drop_contam:
             overlap = f"contaminated: {frac:.0%} n-gram overlap with the eval data" if contam else None
             why = [x for x in (removed, overlap) if x]
-            cat.append(3 if drop_near else 4), phase.append(2)
-            out.append(quarantine_line(line, file, why, json.loads(data)))
+            add(3 if drop_near else 4, 2, quarantine_line(line, file, why, json.loads(data)), r1, r2)
             continue
-        cat.append(0), phase.append(0), out.append(data)
+        add(0, 0, data, r1, r2)
     import pyarrow as pa
 
     return pa.table(
@@ -701,7 +736,7 @@ def validate_dataset_ray(
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     buckets = max(2, 2 * cpus)
     count = ray.remote(_count_lines).options(max_retries=_MAX_RETRIES)
-    counts = ray.get([count.remote(p, plan.files[p["file_index"]].path) for p in plan.parts if p["kind"] == "range"])
+    counts = ray.get([count.remote(p, plan.files[p["file_index"]].where) for p in plan.parts if p["kind"] == "range"])
     it = iter(counts)
     next_line: dict[int, int] = {}
     for p in plan.parts:

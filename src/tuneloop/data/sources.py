@@ -4,7 +4,9 @@ Entry points: :func:`open_source` (records of a source and how positions are cou
 :func:`open_detected` (the same, with the record format detected from the first records). Sources:
 ``.jsonl`` (read as bytes, line by line: a line that is not UTF-8 or not JSON becomes an unreadable item for
 the quarantine, never fatal), ``.json`` (one array), ``.parquet``, ``.csv``, a directory of those, a dataset
-saved with ``datasets.save_to_disk``, or a Hugging Face dataset name read offline from the local cache.
+saved with ``datasets.save_to_disk``, or a Hugging Face dataset name read offline from the local cache; or an
+object-store URL (``s3://bucket/key.jsonl``, a prefix ``s3://bucket/dir/`` read as a directory; ``gs://``), streamed
+through fsspec by the same readers (:mod:`.objstore`: credentials and endpoint from the AWS environment).
 ``.json``/``.jsonl`` may be gzip- (``.gz``) or zstd-compressed (``.zst``, with the optional ``zstandard``
 package); compression is recognised by its magic bytes, so a gzip file named ``.jsonl`` is read too. A file
 that is empty, UTF-16/32 or binary is an ``InputError`` that says so (:mod:`.filetypes`). Record positions
@@ -30,11 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from tuneloop.config import DATA_SUFFIXES, TrainSource
 from tuneloop.data.filetypes import SNIFF_BYTES, open_bytes, read_head, sniff, unreadable_reason
 from tuneloop.data.formats import detect_format, normalise
+from tuneloop.data.objstore import ObjectPath, is_url, list_objects, url_digest, url_problem
 from tuneloop.errors import InputError
 from tuneloop.fsutil import sha256_file, sha256_json
 
@@ -75,6 +78,12 @@ class Item(NamedTuple):
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON; use null, a number or a string")
+
+
+def _skip_ws(text: str, idx: int) -> int:
+    """The index of the first non-whitespace character at or after ``idx`` (``_WS`` matches the empty string too)."""
+    m = _WS.match(text, idx)
+    return m.end() if m else idx
 
 
 def _line_col(text: str, idx: int) -> tuple[int, int]:
@@ -132,11 +141,11 @@ def _read_json_array(path: Path, file: str | None = None, compression: str | Non
         return InputError(f"{path}:{line}:{col}: {what}")
 
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
-    idx = _WS.match(text, 0).end()
+    idx = _skip_ws(text, 0)
     if text[idx : idx + 1] != "[":
         hint = "if it holds one JSON record per line, rename it to .jsonl"
         raise fail(idx, f"expected a JSON array of records ('[{{...}}, ...]'); {hint}")
-    idx = _WS.match(text, idx + 1).end()
+    idx = _skip_ws(text, idx + 1)
     line, counted_to = 1, 0
     if text[idx : idx + 1] != "]":
         while True:
@@ -150,14 +159,14 @@ def _read_json_array(path: Path, file: str | None = None, compression: str | Non
                 why = str(e) if isinstance(e, ValueError) else "nested too deeply to parse"
                 raise fail(idx, f"invalid JSON in the record starting here: {why}") from None
             yield Item(line, file, 1, value)
-            idx = _WS.match(text, end).end()
+            idx = _skip_ws(text, end)
             sep = text[idx : idx + 1]
             if sep == "]":
                 break
             if sep != ",":
                 raise fail(idx, "invalid JSON: expected ',' or ']' after a record; fix the file")
-            idx = _WS.match(text, idx + 1).end()
-    idx = _WS.match(text, idx + 1).end()
+            idx = _skip_ws(text, idx + 1)
+    idx = _skip_ws(text, idx + 1)
     if idx != len(text):
         raise fail(idx, "invalid JSON: extra data after the closing ']'; fix the file")
 
@@ -214,7 +223,7 @@ def _read_parquet(path: Path, file: str | None = None, compression: str | None =
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))  # an ObjectPath: streamed reads
     except Exception as e:  # pyarrow raises several types for a broken file
         raise InputError(f"{path}: cannot read Parquet: {e}") from None
     n = 0
@@ -244,11 +253,19 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json_array, ".csv": _read_csv,
 _LINE_POSITIONS = (".json", ".jsonl", ".csv")
 
 
-def read_file(path: Path, file: str | None = None) -> Iterator[Item]:
+def read_file(path: Path | ObjectPath, file: str | None = None) -> Iterator[Item]:
     """Items of one data file (``file``: its name within a directory source). What the file holds is checked
     first, from its bytes: compression is read whatever the name says, and an empty (single-file source),
-    UTF-16/32 or binary file is an ``InputError`` that says which. An empty file in a directory adds nothing."""
-    base = base_suffix(data_suffix(path.name))
+    UTF-16/32 or binary file is an ``InputError`` that says which. An empty file in a directory adds nothing.
+    ``path`` may be an object of an object store (:class:`tuneloop.data.objstore.ObjectPath`): read streaming,
+    with the same readers; messages name its URL."""
+    if isinstance(path, ObjectPath):
+        return _read_any(path.url, cast(Path, path), file)  # it has all the readers use of a Path (objstore.py)
+    return _read_any(str(path), path, file)
+
+
+def _read_any(name: str, path: Path, file: str | None) -> Iterator[Item]:
+    base = base_suffix(data_suffix(name))
     compression, head = None, read_head(path, None)
     kind = sniff(head, whole=len(head) < SNIFF_BYTES)
     if base == ".parquet" and kind.kind != "empty":  # binary by nature; pyarrow says what is wrong with it
@@ -309,6 +326,8 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
     dataset name (``name`` or ``name:split``) read offline. Raises ``InputError`` when it cannot be read.
     """
     text = str(source)
+    if is_url(text):
+        return _open_url(text)
     path = Path(os.path.expanduser(text))
     if path.is_dir():
         if is_saved_hf(path):
@@ -355,6 +374,24 @@ def open_source(source: str | os.PathLike[str]) -> tuple[Iterator[Item], str]:
     return _read_hf(ds, split or None, text), "record"
 
 
+def _open_url(url: str) -> tuple[Iterator[Item], str]:
+    """:func:`open_source` for an object-store URL: one object, or a prefix read as a directory is (its data files
+    in a directory's order, each item's ``file`` its name below the prefix)."""
+    objects, rels = list_objects(url, SUPPORTED_SUFFIXES)
+    if rels is None:
+        suffix = data_suffix(objects[0].name)
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise InputError(
+                f"{url}: unsupported dataset file type {suffix or '(no extension)'!r}; supported: "
+                f"{', '.join(SUPPORTED_SUFFIXES)}, or a prefix holding such files"
+            )
+        return read_file(objects[0]), "line" if base_suffix(suffix) in _LINE_POSITIONS else "record"
+    if not objects:
+        raise InputError(f"{url}: no {', '.join(SUPPORTED_SUFFIXES)} files under this prefix; check the URL")
+    position = "line" if all(base_suffix(data_suffix(o.name)) in _LINE_POSITIONS for o in objects) else "record"
+    return itertools.chain.from_iterable(read_file(o, rel) for o, rel in zip(objects, rels, strict=True)), position
+
+
 def _peek(items: Iterator[Item]) -> tuple[list[Item], Iterator[Item]]:
     """Read ahead until ``DETECT_SAMPLE`` object records; return them and an iterator over all items."""
     sample: list[Item] = []
@@ -383,7 +420,7 @@ def open_detected(source: str | Path | Sequence[TrainSource], fmt: str = "auto")
     """Open ``source`` and detect its format from the first records (unless ``fmt`` is given): (records,
     position kind, format). InputError for an empty dataset or an undetectable format. A list of sources
     (``data.train_data``) is read as :func:`open_sources` reads it."""
-    if isinstance(source, (list, tuple)):
+    if not isinstance(source, (str, Path)):
         opened = open_sources(source, fmt)
         return opened.items, opened.position, opened.format
     items, position = open_source(source)
@@ -419,13 +456,26 @@ def _labelled(items: Iterator[Item], label: str, index: int, source_of: dict[str
 
 def _overlap_problem(sources: Sequence[TrainSource]) -> str | None:
     """Two sources that name the same files (the same path twice, or a file inside a listed directory)."""
+    urls = [s.path.rstrip("/") for s in sources]
+    for i, a in enumerate(urls):
+        for j, b in enumerate(urls):
+            if i < j and is_url(a) and is_url(b) and (a == b or a.startswith(b + "/") or b.startswith(a + "/")):
+                return (
+                    f"{sources[i].label} and {sources[j].label} hold the same objects; "
+                    "list each object or prefix once (a `weight` counts a source more)"
+                )
     paths = [
         Path(os.path.expanduser(s.path)).resolve() if Path(os.path.expanduser(s.path)).exists() else None
         for s in sources
     ]
-    for i, a in enumerate(paths):
-        for j, b in enumerate(paths):
-            if i < j and a is not None and b is not None and (a == b or a.is_relative_to(b) or b.is_relative_to(a)):
+    for i, pa in enumerate(paths):
+        for j, pb in enumerate(paths):
+            if (
+                i < j
+                and pa is not None
+                and pb is not None
+                and (pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa))
+            ):
                 return (
                     f"{sources[i].label} and {sources[j].label} hold the same files; "
                     "list each file once (a `weight` counts a source more)"
@@ -443,7 +493,8 @@ def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSou
     if problem := _overlap_problem(sources):
         raise InputError(f"data.train_data: {problem}")
     opened = OpenedSources(iter(()), "line", fmt)
-    parts, first = [], None
+    parts: list[Iterator[Item]] = []
+    first: tuple[str, str] | None = None
     for index, src in enumerate(sources):
         items, position, found = open_detected(src.path, fmt)
         if first is not None and found != first[1]:
@@ -454,6 +505,7 @@ def open_sources(sources: Sequence[TrainSource], fmt: str = "auto") -> OpenedSou
         first = first or (src.label, found)
         opened.position = "record" if position == "record" else opened.position
         parts.append(_labelled(items, src.label, index, opened.source_of))
+    assert first is not None  # sources is not empty
     opened.items, opened.format = itertools.chain.from_iterable(parts), first[1]
     return opened
 
@@ -481,9 +533,11 @@ def normalised_records(source: str | Path | Sequence[TrainSource]) -> Iterator[d
 def source_problem(value: str | Sequence[TrainSource]) -> str | None:
     """Why a configured data source cannot be used (``None`` when it looks usable; a hub name is checked when
     read). For a list of sources: the problems of its sources, each named ``[index] label``."""
-    if isinstance(value, (list, tuple)):
-        found = [f"[{i}] {s.label}: {p}" for i, s in enumerate(value) if (p := source_problem(s.path))]
+    if not isinstance(value, str):
+        found = [f"[{i}] {s.label}: {problem}" for i, s in enumerate(value) if (problem := source_problem(s.path))]
         return "; ".join(found) or _overlap_problem(value)
+    if is_url(value):
+        return url_problem(value, SUPPORTED_SUFFIXES)
     p = Path(value)
     if p.is_dir():
         return None
@@ -500,10 +554,12 @@ def source_digest(value: str | Sequence[TrainSource] | None, *, weights: bool = 
     """Content identity of a data source: a file's digest, a directory's file digests, or the name itself.
     A list of sources: its sources' names as written and digests, in order, with their weights unless
     ``weights=False`` (data validation does not apply them; preprocessing does)."""
-    if isinstance(value, (list, tuple)):
+    if value is not None and not isinstance(value, str):
         return sha256_json([[s.label, source_digest(s.path)] + ([s.weight] if weights else []) for s in value])
     if not value:
         return None
+    if is_url(value):
+        return url_digest(value, SUPPORTED_SUFFIXES)
     p = Path(value)
     if p.is_file():
         return sha256_file(p)
