@@ -37,6 +37,17 @@ def test_classic_keyword_api_maps_flat_keys_into_sections():
     assert cfg.base_model == "path/or/hf-id"  # a hub id is left alone
 
 
+def test_classic_keyword_api_reports_every_problem_as_a_config_error():
+    # PipelineConfig(**kwargs) goes through tuneloop.config.loading.init_from_keywords, not pydantic's errors.
+    with pytest.raises(ConfigError) as exc:
+        PipelineConfig(**dict(CLASSIC, lora_r=0, trian={}))
+    assert len(exc.value.problems) == 2
+    assert exc.value.problems[0] == "lora_r: bad value 0; expected a number >= 1"
+    assert exc.value.problems[1].startswith("trian: unknown key; did you mean `train`?. Allowed here: ")
+    with pytest.raises(ConfigError, match="lora_r: given both at top level"):
+        PipelineConfig(**dict(CLASSIC, train={"lora_r": 8}))
+
+
 def test_a_dict_of_flat_keys_is_a_valid_config():
     cfg = build_config(dict(CLASSIC))
     assert cfg.to_dict()["train"]["learning_rate"] == 2e-4

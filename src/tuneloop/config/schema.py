@@ -1,39 +1,36 @@
-"""Typed pipeline configuration: schema, YAML loading, CLI overrides, and error reporting.
+"""The configuration schema: one pydantic model per section, and :class:`PipelineConfig`, the whole file.
 
-One schema serves the Python API, the YAML file, ``-o key=value`` overrides and the configuration
-reference (docs/configuration.md is generated from the field descriptions here; a test keeps it in step).
+Read top to bottom: the base of every section, ``data:``, ``train:`` (and its rewards), ``eval:`` (suites and
+the judge), ``gates:``, ``registry:``, ``deploy:`` (and its canary), ``serve:``, ``notify:``, ``drift:``; then
+the classic flat keys (``FLAT_KEYS``) and the top level that holds the sections. Field descriptions are the
+configuration reference (:mod:`tuneloop.config.reference` renders docs/configuration.md from them).
 
-A config may be written two ways, or mixed:
-
-* sections: ``data:``, ``train:``, ``eval:``, ``gates:``, ``registry:``, ``deploy:``;
-* the classic flat keys at top level (``train_data``, ``lora_r``, ``min_accuracy``, ...), see ``FLAT_KEYS``.
-
-A value given both ways is an error. Unknown keys are errors. Every problem is reported at once, with its
-dotted key path, the bad value, what is allowed, and (for YAML files) the file and line.
+A validator that finds a problem in a list item raises :class:`ItemProblem`; a key given both flat and in its
+section raises :class:`FlatKeyConflict`; :mod:`tuneloop.config.problems` turns both into ConfigError lines.
+Constructing ``PipelineConfig(**kwargs)`` reports problems the same way and resolves relative paths against
+the working directory: see :func:`tuneloop.config.loading.init_from_keywords` for why that constructor is set
+there and not written in the class body.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from tuneloop.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
+    """The base of every section: an unknown key is an error, and an assignment is validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 MAX_SOURCE_WEIGHT = 100.0
 
 
-class _ItemProblem(ValueError):
+class ItemProblem(ValueError):
     """A validator's problem reported as ``<key path><sub>: <text>`` (``sub`` names a list item: ``[1]``)."""
 
     def __init__(self, sub: str, text: str) -> None:
@@ -200,13 +197,13 @@ class DataConfig(_Section):
         if not isinstance(v, (list, tuple)):
             return v
         if not v:
-            raise _ItemProblem("", "an empty list; give at least one source (a path, or {path: ..., weight: ...})")
+            raise ItemProblem("", "an empty list; give at least one source (a path, or {path: ..., weight: ...})")
         items = [{"path": x} if isinstance(x, str) else x for x in v]
         seen: set[str] = set()
         for i, x in enumerate(items):
             p = x.path if isinstance(x, TrainSource) else x.get("path") if isinstance(x, dict) else None
             if isinstance(p, str) and p in seen:
-                raise _ItemProblem(
+                raise ItemProblem(
                     f"[{i}]", f"{p!r} is listed twice; list each source once (its `weight` counts it more)"
                 )
             if isinstance(p, str):
@@ -274,7 +271,7 @@ class RewardSpec(_Section):
     @classmethod
     def _function_spec(cls, v: str | None) -> str | None:
         if v is not None and not _REWARD_FUNCTION.match(v.strip()):
-            raise _ItemProblem(
+            raise ItemProblem(
                 "",
                 f"{v!r} is not FILE.py:FUNCTION; give a Python file (relative to the config) and the name "
                 'of a function in it, e.g. "rewards.py:score"',
@@ -286,15 +283,15 @@ class RewardSpec(_Section):
         given = [k for k in REWARD_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             what = "none of them" if not given else " and ".join(given)
-            raise _ItemProblem(
+            raise ItemProblem(
                 "",
                 f"give exactly one of `metric`, `function`, `model`, `judge: true` per reward (this one has "
                 f"{what}); list two rewards as two items",
             )
         if self.pattern is not None and self.metric != "regex":
-            raise _ItemProblem(".pattern", "only `metric: regex` uses a pattern; remove it or set metric: regex")
+            raise ItemProblem(".pattern", "only `metric: regex` uses a pattern; remove it or set metric: regex")
         if self.threshold is not None and self.metric != "chrf":
-            raise _ItemProblem(".threshold", "only `metric: chrf` uses a threshold; remove it or set metric: chrf")
+            raise ItemProblem(".threshold", "only `metric: chrf` uses a threshold; remove it or set metric: chrf")
         return self
 
     @property
@@ -522,14 +519,14 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _grpo_rewards(self) -> TrainConfig:
         if self.objective == "grpo" and not self.rewards:
-            raise _ItemProblem(
+            raise ItemProblem(
                 ".rewards",
                 "train.objective grpo needs at least one reward, e.g. `rewards: [{metric: exact}]` "
                 "(a task metric against each prompt's reference), `{function: rewards.py:score}`, "
                 "`{model: REF}` or `{judge: true}`",
             )
         if self.rewards and self.objective != "grpo":
-            raise _ItemProblem(
+            raise ItemProblem(
                 ".rewards",
                 f"rewards score GRPO completions; train.objective is {self.objective}: remove "
                 "`rewards` or set train.objective: grpo",
@@ -539,7 +536,7 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _kto_batch(self) -> TrainConfig:
         if self.objective == "kto" and self.batch_size < 2:
-            raise _ItemProblem(
+            raise ItemProblem(
                 ".batch_size",
                 "train.objective kto needs batch_size 2 or more: KTO estimates its KL term from "
                 "each answer paired with another prompt of the same (per-device) batch; raise "
@@ -1123,20 +1120,37 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 SECTIONS = ("data", "train", "eval", "gates", "registry", "deploy", "serve", "notify", "drift")
-PATH_FIELDS = (
-    "data.train_data",
-    "data.eval_data",
-    "eval.general_text",
-    "eval.redteam_prompts",
-    "eval.benign_prompts",
-    "eval.mc_suite",
-    "train.accelerate_config",
-)
-"""The config keys that hold a file path, resolved against the config's directory (suite paths: see
-:func:`path_values`)."""
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst")
-"""File types a dataset may have (``data.train_data``, ``data.eval_data``, ``tuneloop data validate``); ``.zst``
-needs the optional ``zstandard`` package. :func:`tuneloop.data.sources.data_suffix` matches a name against them."""
+
+
+class FlatKeyConflict(ValueError):
+    """A key given both at top level and in its section (one line per key)."""
+
+
+def fold_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Move classic flat keys into their sections. A key given both ways raises a clear error."""
+    out = dict(values)
+    clashes = []
+    for key, section in FLAT_KEYS.items():
+        if key not in out:
+            continue
+        value = out.pop(key)
+        sec = out.get(section)
+        if sec is None:
+            sec = {}
+        if not isinstance(sec, dict):
+            out[key] = value  # leave it; the section's own error will be reported
+            continue
+        sec = dict(sec)
+        if key in sec:
+            clashes.append(
+                f"{key}: given both at top level ({value!r}) and as {section}.{key} ({sec[key]!r}), keep one"
+            )
+            continue
+        sec[key] = value
+        out[section] = sec
+    if clashes:
+        raise FlatKeyConflict("\n".join(clashes))
+    return out
 
 
 class PipelineConfig(BaseModel):
@@ -1198,613 +1212,3 @@ def _flat_property(section: str, key: str) -> property:
 
 for _key, _section in FLAT_KEYS.items():
     setattr(PipelineConfig, _key, _flat_property(_section, _key))
-
-
-class _Conflict(ValueError):
-    pass
-
-
-def fold_flat_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """Move classic flat keys into their sections. A key given both ways raises a clear error."""
-    out = dict(values)
-    clashes = []
-    for key, section in FLAT_KEYS.items():
-        if key not in out:
-            continue
-        value = out.pop(key)
-        sec = out.get(section)
-        if sec is None:
-            sec = {}
-        if not isinstance(sec, dict):
-            out[key] = value  # leave it; the section's own error will be reported
-            continue
-        sec = dict(sec)
-        if key in sec:
-            clashes.append(
-                f"{key}: given both at top level ({value!r}) and as {section}.{key} ({sec[key]!r}), keep one"
-            )
-            continue
-        sec[key] = value
-        out[section] = sec
-    if clashes:
-        raise _Conflict("\n".join(clashes))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- errors
-
-
-def _allowed(err: dict[str, Any]) -> str:
-    t, ctx = err["type"], err.get("ctx") or {}
-    if t == "literal_error":
-        return f"one of {ctx.get('expected')}"
-    if t in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[t]
-        bound = next(iter(ctx.values()), "?")
-        return f"a number {op} {bound}"
-    if t == "string_pattern_mismatch":
-        return f"a string matching {ctx.get('pattern')}"
-    if t.startswith("int_"):
-        return "an integer"
-    if t.startswith("float_"):
-        return "a number"
-    if t == "finite_number":
-        return "a finite number"
-    if t == "model_type" and ctx.get("class_name") == "TrainSource":
-        return "a path (a string) or {path: ..., weight: ...}"
-    if t.startswith("bool_"):
-        return "true or false"
-    if t.startswith("string_") and err["loc"][-2:] == ("train_data", "str"):
-        return "a dataset path or name (a string), or a list of sources ([a.jsonl, {path: b.jsonl, weight: 3}])"
-    if t.startswith("string_"):
-        return "a string"
-    if t == "missing":
-        return "a value (this key is required)"
-    msg = err.get("msg", "")
-    # pydantic says "Input should be a valid dictionary"; the message already starts with "expected"
-    return re.sub(r"^(Input should be|Value error,)\s*", "", msg) or "a valid value"
-
-
-def _section_model(ann: Any) -> type[BaseModel] | None:
-    """The section model an annotation holds: itself, a list's item, or a union member (``str | list[TrainSource]``)."""
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in getattr(ann, "__args__", ()):
-        if (found := _section_model(arg)) is not None:
-            return found
-    return None
-
-
-def _known_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = PipelineConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):  # an item of a list of sections, e.g. notify.webhooks.0
-            continue
-        field = model.model_fields.get(str(part))
-        found = _section_model(getattr(field, "annotation", None))
-        if found is None:
-            return []
-        model = found
-    keys = list(model.model_fields)
-    if model is PipelineConfig:
-        keys += list(FLAT_KEYS)
-    return keys
-
-
-def _format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, int], source: str | None) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        if _other_union_member(err):
-            continue
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        # pydantic reports union members separately (e.g. `str` and `list[str]`); keep the dotted path clean
-        loc = tuple(
-            p for p in loc if p not in ("str", "list[str]", "int", "float", "bool", "none", "list[TrainSource]")
-        )
-        path = _dotted(loc)
-        # Report a flat key under the name the user wrote.
-        if len(loc) >= 2 and loc[1] in FLAT_KEYS and FLAT_KEYS[loc[1]] == loc[0] and loc[1] in raw:
-            path = _dotted(loc[1:])
-        line = lines.get(path) or lines.get(path.partition("[")[0])  # a list item: the list's line
-        where = f" ({source}:{line})" if source and line else ""
-        if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), _ItemProblem):
-            problem = err["ctx"]["error"]
-            problems.append(f"{path}{problem.sub}{where}: {problem.text}")
-            continue
-        if err["type"] == "extra_forbidden":
-            known = _known_keys(loc)
-            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            did = f"; did you mean `{hint[0]}`?" if hint else ""
-            problems.append(f"{path}{where}: unknown key{did}. Allowed here: {', '.join(sorted(known))}")
-            continue
-        if err["type"] == "missing":
-            if loc == ("data",) or loc == ("data", "train_data"):
-                path = "data.train_data"
-                problems.append(
-                    f"{path}: required key is missing; set `train_data` (or `data.train_data`) to a dataset file, directory or name"
-                )
-            else:
-                problems.append(f"{path}{where}: required key is missing")
-            continue
-        if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), _Conflict):
-            problems.extend(str(err["ctx"]["error"]).split("\n"))
-            continue
-        value = err.get("input")
-        problems.append(f"{path}{where}: bad value {_short(value)}; expected {_allowed(err)}")
-    # Deduplicate union noise while keeping order.
-    seen: set[str] = set()
-    return [p for p in problems if not (p in seen or seen.add(p))]
-
-
-def _dotted(loc: tuple) -> str:
-    """A key path for messages: ``data.train_data[1].weight`` for a source list's item, ``notify.webhooks.0`` otherwise."""
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int) and i and loc[i - 1] in ("train_data", "rewards"):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _other_union_member(err: dict[str, Any]) -> bool:
-    """``train_data`` is a string or a list: a list given is reported against the list form only, anything
-    else against the string form only (which names both)."""
-    loc = err["loc"]
-    if not loc or "train_data" not in loc or loc[-1] not in ("str", "list[TrainSource]"):
-        return False
-    return (loc[-1] == "str") == isinstance(err.get("input"), list)
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Map dotted key paths of a YAML mapping document to their 1-based line numbers."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    out: dict[str, int] = {}
-
-    def walk(n: Any, prefix: str) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = f"{prefix}{k.value}"
-                out[key] = k.start_mark.line + 1
-                walk(v, key + ".")
-
-    walk(node, "")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-MAX_CONFIG_BYTES = 1_000_000
-MAX_YAML_NODES = 100_000  # scalars + collections after aliases and merge keys are expanded
-MAX_YAML_DEPTH = 64
-
-
-def safe_load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` with limits: alias/merge expansion, nesting depth; every problem is a ConfigError.
-
-    The document is composed to a node graph first (aliases are shared nodes there, so composing is linear in
-    the text), its expanded size and depth are measured on that graph, and only then is it constructed. An
-    alias or merge-key "bomb" of a few hundred bytes is refused in milliseconds instead of hanging or
-    exhausting memory; nesting that would overflow Python's stack is refused the same way.
-    """
-    loader = yaml.SafeLoader(text)
-    try:
-        _check_nesting(text, source)  # before composing, which recurses once per level
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        problem = _yaml_size_problem(node)
-        if problem:
-            raise ConfigError(f"{source}: {problem}", source)
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = _short(getattr(exc, "problem", None) or str(exc))
-        raise ConfigError(f"{where}: malformed YAML: {problem}; fix the syntax at that line", source) from None
-    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4,300 digits
-        raise ConfigError(f"{source}: a value could not be read: {_short(str(exc))}", source) from None
-    except RecursionError:
-        raise ConfigError(
-            f"{source}: YAML nested too deeply (limit {MAX_YAML_DEPTH} levels); flatten the config", source
-        ) from None
-    finally:
-        loader.dispose()
-
-
-def _flow_depth(text: str) -> int:
-    """The deepest nesting of flow brackets (``[``/``{``) outside quotes and comments, in one linear pass.
-
-    PyYAML's scanner is quadratic in flow nesting (it re-checks every open level's possible key per token), so
-    a deep ``[[[[...]]]]`` is refused on this count before the scanner sees it.
-    """
-    depth = deepest = 0
-    quote, prev = "", "\n"
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if quote:
-            if ch == "\\" and quote == '"':
-                i += 1
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"" and prev in " \t\n[{,:":
-            quote = ch
-        elif ch == "#" and prev in " \t\n":
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-            prev = "\n"
-            continue
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth = max(depth - 1, 0)
-        prev = ch
-        i += 1
-    return deepest
-
-
-def _check_nesting(text: str, source: str) -> None:
-    """Refuse nesting deeper than MAX_YAML_DEPTH before composing (which recurses once per level): flow
-    brackets counted on the text, then block nesting from the parser's events, stopping at the first."""
-    if _flow_depth(text) > MAX_YAML_DEPTH:
-        raise ConfigError(
-            f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels ([ and {{ brackets); flatten the config", source
-        )
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_YAML_DEPTH:
-                line = event.start_mark.line + 1
-                raise ConfigError(
-                    f"{source}:{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels; flatten the config", source
-                )
-        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
-
-
-def _yaml_size_problem(root: yaml.Node) -> str | None:
-    """Why a composed YAML graph is too big or too deep once expanded (None when it is fine)."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def expanded(node: yaml.Node, depth: int) -> int:
-        if depth > MAX_YAML_DEPTH:
-            raise _YamlLimit(
-                f"YAML nested deeper than {MAX_YAML_DEPTH} levels (line {node.start_mark.line + 1}); flatten the config"
-            )
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise _YamlLimit(
-                f"recursive YAML alias at line {node.start_mark.line + 1}; a config cannot refer to itself"
-            )
-        active.add(key)
-        if isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        else:
-            children = []
-        total = 1
-        for child in children:
-            total += expanded(child, depth + 1)
-            if total > MAX_YAML_NODES:
-                raise _YamlLimit(
-                    f"YAML expands to more than {MAX_YAML_NODES:,} values (aliases and merge keys counted at each "
-                    f"use, near line {node.start_mark.line + 1}); a config this large is refused"
-                )
-        active.discard(key)
-        sizes[key] = total
-        return total
-
-    try:
-        expanded(root, 0)
-    except _YamlLimit as exc:
-        return str(exc)
-    return None
-
-
-class _YamlLimit(Exception):
-    pass
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    """``repr`` of a value for an error message, never longer than about ``limit`` characters."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 10, 10, 3
-    if isinstance(value, str):
-        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
-    text = r.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``key.path=value`` -> (key path, YAML-parsed value)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. -o train.learning_rate=1e-4")
-    key, _, text = item.partition("=")
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r}: empty key")
-    try:
-        value = safe_load_yaml(text, f"override {key}") if text.strip() else ""
-    except ConfigError as exc:
-        if "malformed YAML" not in str(exc):
-            raise
-        value = text
-    return key, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``-o key.path=value`` overrides to a raw config dict.
-
-    A flat key and its section path name the same setting: the override lands wherever the config already
-    has it, so an override never creates a "given both ways" conflict.
-    """
-    raw = dict(raw)
-    for item in overrides:
-        key, value = parse_override(item)
-        parts = key.split(".")
-        if len(parts) == 1 and parts[0] in FLAT_KEYS and parts[0] not in raw:
-            parts = [FLAT_KEYS[parts[0]], parts[0]]
-        elif len(parts) == 2 and parts[1] in FLAT_KEYS and FLAT_KEYS[parts[1]] == parts[0] and parts[1] in raw:
-            parts = [parts[1]]
-        node = raw
-        for p in parts[:-1]:
-            child = node.get(p)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[p] = child
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def _looks_like_hub_dataset(value: str, base_dir: Path) -> bool:
-    """``org/name`` (optionally ``:split``) that is not a path on disk and has no file extension."""
-    name = value.split(":", 1)[0]
-    return (
-        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-        and not (base_dir / name).exists()
-        and not name.lower().endswith(DATA_SUFFIXES)
-    )
-
-
-def path_values(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
-    """Every path-valued setting as (dotted key, value): :data:`PATH_FIELDS`, then each suite's ``path``."""
-    out: list[tuple[str, str | None]] = []
-    for dotted in PATH_FIELDS:
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if isinstance(value, list):  # data.train_data as a list of sources
-            out += [(f"{dotted}[{i}]", src.path) for i, src in enumerate(value)]
-        else:
-            out.append((dotted, value))
-    out += [(f"eval.suites.{s.name}.path", s.path) for s in cfg.eval.suites]
-    return out
-
-
-def _resolved(value: str | None, base_dir: Path, dataset: bool) -> str | None:
-    """``value`` resolved against ``base_dir`` when it is a relative path (a dataset may be a hub name)."""
-    if not value or (dataset and _looks_like_hub_dataset(value, base_dir)) or os.path.isabs(os.path.expanduser(value)):
-        return value
-    return str((base_dir / os.path.expanduser(value)).resolve())
-
-
-def _resolve_sources(sources: list[TrainSource], base_dir: Path) -> None:
-    for src in sources:
-        if src._written is None:
-            src._written = src.path
-        src.path = _resolved(src.path, base_dir, True)
-
-
-def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> None:
-    for dotted in PATH_FIELDS:
-        section, key = dotted.split(".")
-        sec = getattr(cfg, section)
-        value = getattr(sec, key)
-        if isinstance(value, list):
-            _resolve_sources(value, base_dir)
-        elif value != (resolved := _resolved(value, base_dir, section == "data")):
-            setattr(sec, key, resolved)
-    for suite in cfg.eval.suites:
-        if suite.path and not os.path.isabs(os.path.expanduser(suite.path)):
-            suite.path = str((base_dir / os.path.expanduser(suite.path)).resolve())
-        if suite.include_path and not os.path.isabs(os.path.expanduser(suite.include_path)):
-            suite.include_path = str((base_dir / os.path.expanduser(suite.include_path)).resolve())
-    for reward in cfg.train.rewards:  # a reward function's file: relative to the config, as data files are
-        if reward.function:
-            file, name = reward.function_parts()
-            if reward._written is None:
-                reward._written = reward.function
-            if not os.path.isabs(os.path.expanduser(file)):
-                reward.function = f"{(base_dir / os.path.expanduser(file)).resolve()}:{name}"
-    jp = cfg.eval.judge.path
-    if jp and not os.path.isabs(os.path.expanduser(jp)) and (base_dir / os.path.expanduser(jp)).exists():
-        cfg.eval.judge.path = str((base_dir / os.path.expanduser(jp)).resolve())
-    bm = os.path.expanduser(cfg.base_model)
-    # A base model is a local path when it looks like one or exists relative to the config; else a hub id.
-    if bm.startswith((".", "/", "~")) or (base_dir / bm).exists():
-        cfg.base_model = str((base_dir / bm).resolve()) if not os.path.isabs(bm) else bm
-    if cfg.workspace and not os.path.isabs(os.path.expanduser(cfg.workspace)):
-        cfg.workspace = str((base_dir / os.path.expanduser(cfg.workspace)).resolve())
-    cfg._base_dir = base_dir
-
-
-def build_config(
-    raw: dict[str, Any],
-    *,
-    base_dir: Path | None = None,
-    source: str | None = None,
-    text: str | None = None,
-    overridden: list[str] = (),
-) -> PipelineConfig:
-    """Validate a raw dict into a PipelineConfig, reporting every problem at once."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}", source)
-    lines = _key_lines(text) if text else {}
-    for item in overridden:  # an overridden value did not come from the file: point at no line
-        key = item.partition("=")[0].strip()
-        lines.pop(key, None)
-        lines.pop(key.split(".")[-1], None)
-        if key in FLAT_KEYS:
-            lines.pop(f"{FLAT_KEYS[key]}.{key}", None)
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, raw, lines, source), source) from None
-    except _Conflict as exc:  # raised by the before-validator outside pydantic's wrapping in some versions
-        raise ConfigError(str(exc).split("\n"), source) from None
-    _resolve_paths(cfg, (base_dir or Path.cwd()).resolve())
-    return cfg
-
-
-def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML config file, apply ``-o`` overrides, validate, and resolve relative paths."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (give the path to a tuneloop YAML file)")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is {size:,} bytes; a config may be at most {MAX_CONFIG_BYTES:,} bytes", str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8", str(path)) from None
-    raw = safe_load_yaml(text, str(path))
-    if raw is None:
-        raise ConfigError(f"{path} is empty; see docs/configuration.md for the keys", str(path))
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values", str(path))
-    raw = apply_overrides(raw, overrides or [])
-    return build_config(raw, base_dir=path.parent, source=str(path), text=text, overridden=overrides or [])
-
-
-def coerce_config(cfg: PipelineConfig | dict[str, Any] | str | os.PathLike[str]) -> PipelineConfig:
-    """Accept a PipelineConfig, a dict of (flat or sectioned) keys, or a path to a YAML file."""
-    if isinstance(cfg, PipelineConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return build_config(cfg)
-    return load_config(cfg)
-
-
-def _pipeline_config_init(self: PipelineConfig, /, **data: Any) -> None:
-    # Construct from keyword arguments with the same error reporting as YAML; resolve paths against cwd.
-    try:
-        BaseModel.__init__(self, **data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, data, {}, None)) from None
-    except _Conflict as exc:
-        raise ConfigError(str(exc).split("\n")) from None
-    if self._base_dir is None:
-        _resolve_paths(self, Path.cwd())
-
-
-PipelineConfig.__init__ = _pipeline_config_init  # type: ignore[method-assign]
-
-
-# ---------------------------------------------------------------------------------------------- reference
-
-
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    text = re.sub(r"Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", "`"), text)
-    return text.replace("NoneType", "null").replace(" | ", " or ").replace("|", " or ")
-
-
-# Nested sections documented under their section in the reference.
-SUBSECTIONS: dict[str, tuple[tuple[str, type[BaseModel]], ...]] = {
-    "data": (("data.train_data[]", TrainSource),),
-    "train": (("train.rewards[]", RewardSpec),),
-    "eval": (("eval.suites[]", SuiteConfig), ("eval.judge", JudgeConfig)),
-    "notify": (("notify.webhooks[]", WebhookConfig),),
-    "deploy": (
-        ("deploy.canary", CanaryConfig),
-        ("deploy.canary.metrics[]", CanaryMetricConfig),
-        ("deploy.canary.guards[]", CanaryGuardConfig),
-    ),
-}
-
-
-def model_default(x: Any) -> Any:
-    """A list item of a default as the reference shows it: a suite by its kind, another model as its set keys."""
-    if not isinstance(x, BaseModel):
-        return x
-    return x.kind if hasattr(x, "kind") else x.model_dump(exclude_none=True)
-
-
-def reference_markdown() -> str:
-    """docs/configuration.md, generated from the schema (a test checks the file is up to date)."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated from src/tuneloop/config.py by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
-        "",
-        "A tuneloop config is one YAML file. Settings live in sections (`data:`, `train:`, `eval:`, `gates:`,",
-        "`registry:`, `deploy:`); the classic flat keys listed below are also accepted at top level. A value given",
-        "both ways is an error, unknown keys are errors, and every problem is reported at once with its key path",
-        "and line. Relative paths are resolved against the config file's directory. Override any key from the",
-        "command line with `-o key.path=value` (values are parsed as YAML: `-o gates.min_accuracy=null`).",
-        "",
-        "## Top level",
-        "",
-        "| key | type | default | description |",
-        "|---|---|---|---|",
-    ]
-
-    def rows(model: type[BaseModel], prefix: str) -> list[str]:
-        out = []
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                continue
-            if f.default_factory is not None:
-                made = f.default_factory()
-                made = [model_default(x) for x in made] if isinstance(made, list) else made
-                default = f"`{made!r}`"
-            else:
-                default = "required" if f.is_required() else f"`{f.default!r}`".replace("None", "null")
-            flat = (
-                f" Also accepted at top level as `{name}`."
-                if prefix and FLAT_KEYS.get(name) == prefix.rstrip(".")
-                else ""
-            )
-            out.append(f"| `{prefix}{name}` | {_type_name(ann)} | {default} | {f.description or ''}{flat} |")
-        return out
-
-    lines += rows(PipelineConfig, "")
-    for section in SECTIONS:
-        model = PipelineConfig.model_fields[section].annotation
-        lines += [
-            "",
-            f"## `{section}:`",
-            "",
-            (model.__doc__ or "").strip(),
-            "",
-            "| key | type | default | description |",
-            "|---|---|---|---|",
-        ]
-        lines += rows(model, f"{section}.")
-        for sub, sub_model in SUBSECTIONS.get(section, ()):
-            lines += [
-                "",
-                f"### `{sub}`",
-                "",
-                (sub_model.__doc__ or "").strip(),
-                "",
-                "| key | type | default | description |",
-                "|---|---|---|---|",
-            ]
-            lines += rows(sub_model, f"{sub}.")
-    lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
-    lines += [f"| `{k}` | `{s}.{k}` |" for k, s in FLAT_KEYS.items()]
-    return "\n".join(lines) + "\n"
