@@ -51,7 +51,7 @@ def is_chinese(text: str) -> bool:
 
 def items(per_set: int) -> list[tuple[str, list[dict[str, str]]]]:
     """(id, conversation) of the fixed item set, in a fixed order."""
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     res = resources.files("tuneloop.resources")
     out: list[tuple[str, list[dict[str, str]]]] = []

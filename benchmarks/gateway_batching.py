@@ -3,7 +3,7 @@
     python benchmarks/gateway_batching.py [--base DIR] [--requests 256] [--clients 32] [--max-tokens 8]
                                           [--torch-threads N]
 
-The model is the demo's architecture (``demo_assets.RECOMMENDED["model"]``: 2-layer Llama, hidden 128, vocab
+The model is the demo's architecture (``demo.tables.RECOMMENDED["model"]``: 2-layer Llama, hidden 128, vocab
 2048): ``--base`` takes a built demo base model (``tuneloop demo`` makes ``base-model/``), else one is made
 with random weights and a tokenizer trained locally (speed does not depend on the weights). It is registered
 as a version in a scratch workspace and served by the real gateway (``create_app`` + ``LocalBackend``) in a
@@ -42,7 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_base(out: Path) -> Path:
-    from tuneloop.demo_assets import RECOMMENDED, general_corpus, make_model, make_tokenizer, task_records
+    from tuneloop.demo.base_model import make_model, make_tokenizer
+    from tuneloop.demo.corpus import general_corpus
+    from tuneloop.demo.tables import RECOMMENDED
+    from tuneloop.demo.tickets import task_records
 
     m = RECOMMENDED["model"]
     texts = general_corpus(2000, seed=0) + [x["content"] for r in task_records(300, seed=0) for x in r["messages"]]
@@ -232,7 +235,7 @@ def main() -> None:
         serve_child(args.serve[0], int(args.serve[1]), int(args.serve[2]), int(args.serve[3]))
         return
     sys.path.insert(0, str(ROOT / "src"))
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
     from tuneloop.registry.db import SqliteRegistry
 
     with tempfile.TemporaryDirectory() as tmp:

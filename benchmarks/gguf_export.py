@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneloop.demo_assets import shipped_base_model, task_records
+from tuneloop.demo.base_model import shipped_base_model
+from tuneloop.demo.tickets import task_records
 from tuneloop.modeling import load_causal_lm, load_tokenizer, save_tokenizer
 from tuneloop.registry.db import SqliteRegistry
 from tuneloop.registry.gguf_export import export_gguf, write_gguf

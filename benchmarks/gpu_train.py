@@ -63,7 +63,7 @@ def _random_model(shape: str, out: Path) -> str:
     """A randomly initialised Llama of a known shape with a locally trained tokenizer (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneloop.demo_assets import make_tokenizer
+    from tuneloop.demo.base_model import make_tokenizer
 
     recs = json.loads(ALPACA.read_text())
     tok = make_tokenizer([r["instruction"] + " " + r["output"] for r in recs], vocab_size=4096)

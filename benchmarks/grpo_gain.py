@@ -32,7 +32,7 @@ import yaml
 
 def write_configs(root: Path, a: argparse.Namespace) -> tuple[Path, Path]:
     """The SFT config (the starting point) and the GRPO config (continuing from its registered version)."""
-    from tuneloop.demo_assets import RECOMMENDED
+    from tuneloop.demo.tables import RECOMMENDED
 
     lora = RECOMMENDED["lora"]
     common = {
@@ -111,8 +111,9 @@ def main() -> None:
     t0 = time.perf_counter()
     from rich.console import Console
 
-    from tuneloop.demo import build_base
-    from tuneloop.demo_assets import RECOMMENDED, task_records, write_demo_data
+    from tuneloop.demo.quick import build_base, write_demo_data
+    from tuneloop.demo.tables import RECOMMENDED
+    from tuneloop.demo.tickets import task_records
 
     root = a.workdir or Path(tempfile.mkdtemp(prefix="tuneloop-grpo-"))
     if (root / ".tuneloop").exists():

@@ -2,13 +2,13 @@
 
     PYTHONPATH=src python benchmarks/kto_feedback.py [--workdir /tmp/kto-bench] [--kto-lr 1e-4 ...]
 
-What it does, on the demo's own pieces (``tuneloop.demo_loop``): iteration 1 (the demo config as ``tuneloop ci``),
+What it does, on the demo's own pieces (``tuneloop.demo.loop``): iteration 1 (the demo config as ``tuneloop ci``),
 production traffic from the simulated users through the gateway with their ratings and corrections, the feedback
 export; then, from that one export, two iteration-2 candidates trained and gated (not deployed):
 
-- ``sft``: the demo's iteration 2, the original data plus the feedback's SFT records (``demo_loop.write_iteration_2``);
+- ``sft``: the demo's iteration 2, the original data plus the feedback's SFT records (``demo.loop.write_iteration_2``);
 - ``kto``: continuing from iteration 1 (``base_model: support-router@champion``) with KTO on ``kto.jsonl`` alone,
-  once per ``--kto-lr`` (default: ``demo_loop.KTO_TRAIN``'s).
+  once per ``--kto-lr`` (default: ``demo.loop.KTO_TRAIN``'s).
 
 Each candidate's held-out new-intent accuracy (60 tickets of the intent iteration 1 never saw, whose template
 combinations never reach the users) is measured by greedy generation on the trained model, next to iteration 1's;
@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 def new_intent_accuracy(base: str, adapter: str | None) -> dict:
-    from tuneloop.demo_loop import held_out_new_intent
+    from tuneloop.demo.loop import held_out_new_intent
     from tuneloop.evaluate.judges import normalise_answer
     from tuneloop.modeling import generate, load_causal_lm, load_tokenizer
 
@@ -70,9 +70,7 @@ def main() -> None:
     from rich.console import Console
 
     from tuneloop.config import load_config
-    from tuneloop.demo import build_base, write_config
-    from tuneloop.demo_assets import RECOMMENDED, write_demo_data
-    from tuneloop.demo_loop import (
+    from tuneloop.demo.loop import (
         CANARY_POLICY,
         KTO_TRAIN,
         SimulatedUsers,
@@ -81,6 +79,8 @@ def main() -> None:
         run_iteration,
         write_iteration_2,
     )
+    from tuneloop.demo.quick import build_base, write_config, write_demo_data
+    from tuneloop.demo.tables import RECOMMENDED
     from tuneloop.serve.server import BackgroundServer, build_gateway
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

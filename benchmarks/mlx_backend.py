@@ -102,8 +102,8 @@ def run(config: Path, overrides: list[str]) -> dict:
 def main() -> None:
     from rich.console import Console
 
-    from tuneloop.demo import DEMO_SEED, build_base, write_config
-    from tuneloop.demo_assets import RECOMMENDED, write_demo_data
+    from tuneloop.demo.quick import DEMO_SEED, build_base, write_config, write_demo_data
+    from tuneloop.demo.tables import RECOMMENDED
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-bench"))

@@ -51,7 +51,7 @@ def _records(n: int) -> list[dict]:
 def build(work: Path, a: argparse.Namespace) -> dict:
     """Tokenizer, tiny model and the tokenized dataset, made once and shared by both workers."""
     from tuneloop.data.prepare import prepare_dataset
-    from tuneloop.demo_assets import make_model, make_tokenizer
+    from tuneloop.demo.base_model import make_model, make_tokenizer
 
     recs = _records(a.samples)
     texts = [m["content"] for r in _records(10_000) for m in r["messages"]]

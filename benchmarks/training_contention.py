@@ -53,8 +53,8 @@ def prepare(workdir: Path) -> tuple[Path, Path, Path]:
     """Demo base model, data and config, and the preprocessing stage's outputs (one cached pipeline run)."""
     from rich.console import Console
 
-    from tuneloop.demo import DEMO_SEED, build_base, write_config
-    from tuneloop.demo_assets import RECOMMENDED, write_demo_data
+    from tuneloop.demo.quick import DEMO_SEED, build_base, write_config, write_demo_data
+    from tuneloop.demo.tables import RECOMMENDED
 
     console = Console(stderr=True)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@ from pathlib import Path
 CHILD = r"""
 import sys, time, json
 from pathlib import Path
-from tuneloop.demo_assets import general_corpus, make_tokenizer, task_records
+from tuneloop.demo.base_model import make_tokenizer
+from tuneloop.demo.corpus import general_corpus
+from tuneloop.demo.tickets import task_records
 from tuneloop.data.validate import Checks, validate_dataset
 texts = general_corpus(300, seed=1) + [m["content"] for r in task_records(200, seed=1) for m in r["messages"]]
 tok = make_tokenizer(texts, vocab_size=600)

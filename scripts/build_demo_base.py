@@ -1,6 +1,6 @@
 """Build the demo's base model into the package: ``src/tuneloop/resources/demo_base/``.
 
-Runs the recipe ``tuneloop.demo_assets.build_base_model`` (``RECOMMENDED["model"]`` /
+Runs the recipe ``tuneloop.demo.base_model.build_base_model`` (``RECOMMENDED["model"]`` /
 ``RECOMMENDED["pretrain"]``, seed ``DEMO_BASE_SEED``) with one torch thread and writes safetensors weights,
 the tokenizer (``tuneloop.modeling.save_tokenizer``: loadable by transformers 4.x and 5.x) and
 ``tuneloop_base.json`` (recipe + stats). Shipping the result means every machine fine-tunes the demo from
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from tuneloop.demo_assets import DEMO_BASE_SEED, SHIPPED_BASE_DIR, build_base_model, shipped_base_model  # noqa: E402
+from tuneloop.demo.base_model import DEMO_BASE_SEED, SHIPPED_BASE_DIR, build_base_model, shipped_base_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

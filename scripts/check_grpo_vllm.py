@@ -37,7 +37,7 @@ def main() -> int:
         return 2
     import yaml
 
-    from tuneloop.demo_assets import write_demo_data
+    from tuneloop.demo.quick import write_demo_data
     from tuneloop.pipeline import FineTunePipeline
 
     out: dict = {"gpu": torch.cuda.get_device_name(0), "steps": args.steps}

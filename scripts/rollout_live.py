@@ -49,7 +49,9 @@ USERS = 300
 
 def build_tiny_model(out: Path) -> Path:
     """A 2-layer Llama with a locally trained tokenizer (what the tests' ``tiny_model`` fixture makes)."""
-    from tuneloop.demo_assets import general_corpus, make_model, make_tokenizer, task_records
+    from tuneloop.demo.base_model import make_model, make_tokenizer
+    from tuneloop.demo.corpus import general_corpus
+    from tuneloop.demo.tickets import task_records
     from tuneloop.modeling import save_tokenizer
 
     texts = general_corpus(300, seed=1) + [m["content"] for r in task_records(200, seed=1) for m in r["messages"]]
@@ -157,7 +159,7 @@ def build_app(reg, ws: Path, seed: int, notifier, tick_s: float):
 
 def held_out_tickets(n: int = 200) -> list[list[dict]]:
     """Support tickets from the demo task's held-out (eval) split, as chat messages without the answer."""
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     return [r["messages"][:-1] for r in task_records(n, seed=7, split="eval")]
 

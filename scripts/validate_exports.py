@@ -148,7 +148,9 @@ print("RESULT " + json.dumps(out))
 def make_scenario(root: Path, name: str, chat_template: str | None, config_template: str | None) -> tuple[Path, Path]:
     """A tiny model (tokenizer with ``chat_template``) and a tuneloop config (with ``data.chat_template``
     ``config_template``) training it on ticket data."""
-    from tuneloop.demo_assets import general_corpus, make_model, make_tokenizer, task_records
+    from tuneloop.demo.base_model import make_model, make_tokenizer
+    from tuneloop.demo.corpus import general_corpus
+    from tuneloop.demo.tickets import task_records
     from tuneloop.modeling import save_tokenizer
 
     d = root / name

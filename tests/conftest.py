@@ -25,7 +25,9 @@ def write_jsonl(path: Path, records) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A saved 2-layer Llama with a locally trained BPE tokenizer (and ChatML template)."""
-    from tuneloop.demo_assets import general_corpus, make_model, make_tokenizer, task_records
+    from tuneloop.demo.base_model import make_model, make_tokenizer
+    from tuneloop.demo.corpus import general_corpus
+    from tuneloop.demo.tickets import task_records
     from tuneloop.modeling import save_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
@@ -90,7 +92,7 @@ def quick_demo_pristine(quick_demo) -> Path:
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> tuple[Path, Path]:
     """Train/eval JSONL files of the demo's ticket-routing task (messages format)."""
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     d = tmp_path_factory.mktemp("task-data")
     return (

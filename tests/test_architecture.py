@@ -30,7 +30,7 @@ PACKAGE = "tuneloop"
 
 # Areas are the first name under tuneloop/: a module (`config`, `fsutil`) or a subpackage (`data`, `cli`).
 BOTTOM = ("config", "errors", "fsutil", "version")
-ORCHESTRATION = ("pipeline", "stages", "runs", "checks", "ci", "cli", "demo", "demo_loop")
+ORCHESTRATION = ("pipeline", "stages", "runs", "checks", "ci", "cli", "demo")
 
 
 @dataclass(frozen=True)

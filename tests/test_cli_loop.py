@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tuneloop.config import NOTIFY_EVENTS, build_config, load_config
-from tuneloop.demo_assets import SYSTEM_PROMPT, task_records
+from tuneloop.demo.tickets import SYSTEM_PROMPT, task_records
 from tuneloop.monitor.requestlog import RequestRecord, default_log_url, open_request_log
 from tuneloop.rollout import notify
 

@@ -298,8 +298,8 @@ def test_dashboard_page_formats_nothing_itself():
 
 def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
     """Quick: the stage table, then the time, then report.html; the loop: the time, then the last run's report.html."""
-    import tuneloop.demo
-    import tuneloop.demo_loop
+    import tuneloop.demo.loop
+    import tuneloop.demo.quick
 
     run_dir = tmp_path / ".tuneloop" / "runs" / RUN_PASSED
     summary = {
@@ -310,9 +310,9 @@ def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
         "stages": {name: {"status": "passed", "duration_s": 1.0, "metrics": {}, "error": ""} for name in STAGES},
         "demo": {"total_seconds": 61.2},
     }
-    monkeypatch.setattr(tuneloop.demo, "run_demo", lambda workdir, console, lang="en": summary)
+    monkeypatch.setattr(tuneloop.demo.quick, "run_demo", lambda workdir, console, lang="en": summary)
     monkeypatch.setattr(
-        tuneloop.demo_loop,
+        tuneloop.demo.loop,
         "run_loop",
         lambda workdir, console, objective, lang="en": {
             "overall": "passed",
@@ -333,7 +333,7 @@ def test_demo_ends_with_its_time_then_its_report(monkeypatch, tmp_path):
             assert r.stdout.index("data_validation") < r.stdout.index("demo finished")  # the table first
     assert (
         "ci/summary.md"
-        not in Path(tuneloop.demo_loop.__file__).read_text().split("def run_iteration")[1].split("def ")[0]
+        not in Path(tuneloop.demo.loop.__file__).read_text().split("def run_iteration")[1].split("def ")[0]
     )
 
 

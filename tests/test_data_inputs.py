@@ -336,7 +336,7 @@ class Spy:
 
 @pytest.fixture(scope="module")
 def tok():
-    from tuneloop.demo_assets import make_tokenizer
+    from tuneloop.demo.base_model import make_tokenizer
 
     return make_tokenizer(["hello world short answer"] * 20 + ["a long question " * 5], vocab_size=300)
 

@@ -13,15 +13,8 @@ import sys
 
 import pytest
 
-from tuneloop.demo import showcase_tickets
-from tuneloop.demo_assets import (
-    LABELS,
-    NEW_INTENT,
-    new_intent_records,
-    production_tickets,
-    task_records,
-    write_demo_data,
-)
+from tuneloop.demo.quick import showcase_tickets, write_demo_data
+from tuneloop.demo.tickets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records
 
 
 # `quick_demo` (tests/conftest.py): `tuneloop demo --quick --json` once per test session, shared with the UI tests.
@@ -149,8 +142,8 @@ def test_production_tickets_mix_a_new_intent_whose_held_out_tickets_never_reach_
 def test_loop_demo_starts_from_an_empty_registry_and_refuses_a_workspace_it_did_not_make(tmp_path):
     from rich.console import Console
 
-    from tuneloop.demo import DEMO_HEADER
-    from tuneloop.demo_loop import fresh_workspace
+    from tuneloop.demo.loop import fresh_workspace
+    from tuneloop.demo.quick import DEMO_HEADER
     from tuneloop.errors import InputError
 
     ws = tmp_path / ".tuneloop"

@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 
 from tuneloop.cli.run import print_demo_end
-from tuneloop.demo import print_served
-from tuneloop.demo_loop import iteration_line, print_closing
+from tuneloop.demo.loop import iteration_line, print_closing
+from tuneloop.demo.quick import print_served
 from tuneloop.i18n import MESSAGES, resolve_lang
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "demo_summaries.json").read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tuneloop.demo_assets import task_records
+from tuneloop.demo.tickets import task_records
 from tuneloop.errors import InputError
 from tuneloop.monitor import drift
 from tuneloop.monitor.drift import detect_drift, drift_from_log, training_prompts, user_prompt

@@ -36,7 +36,7 @@ def convs(prompts):
 @pytest.fixture(scope="module")
 def demo():
     """The demo's pretrained base model (it writes text, and stops at different lengths) and its tokenizer."""
-    from tuneloop.demo_assets import SHIPPED_BASE_DIR
+    from tuneloop.demo.base_model import SHIPPED_BASE_DIR
     from tuneloop.modeling import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(SHIPPED_BASE_DIR)), load_tokenizer(str(SHIPPED_BASE_DIR))
@@ -45,7 +45,7 @@ def demo():
 @pytest.fixture(scope="module")
 def conversations():
     """Chat prompts and the demo's routing tickets (with their system prompt): 22 prompts of 9 to 73 tokens."""
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     return convs(PROMPTS) + [r["messages"][:-1] for r in task_records(12, seed=5, split="eval")]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from tuneloop.data.validate import Checks, validate_dataset
-from tuneloop.demo_assets import SYSTEM_PROMPT, task_records
+from tuneloop.demo.tickets import SYSTEM_PROMPT, task_records
 from tuneloop.errors import InputError
 from tuneloop.feedback import eval_texts_from_file, export_feedback
 

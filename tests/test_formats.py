@@ -371,7 +371,7 @@ def test_invalid_utf8_in_json_array_is_a_record_problem(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_tokenizer():
-    from tuneloop.demo_assets import make_tokenizer
+    from tuneloop.demo.base_model import make_tokenizer
 
     return make_tokenizer(["hello world short answer"] * 20 + ["a long question " * 5], vocab_size=300)
 

@@ -74,7 +74,7 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def demo_base() -> Path:
-    from tuneloop.demo_assets import shipped_base_model
+    from tuneloop.demo.base_model import shipped_base_model
 
     base = shipped_base_model()
     if base is None:
@@ -86,7 +86,7 @@ def train_adapter(base: Path, out: Path, steps: int = 30) -> Path:
     """A LoRA adapter (all attention and MLP projections) trained for a few steps on the demo's ticket task."""
     from peft import LoraConfig, get_peft_model
 
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
     from tuneloop.modeling import load_causal_lm, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def exports(ws, tmp_path_factory) -> dict[str, dict]:
 
 
 def demo_prompts(tok) -> list[list[int]]:
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     convs = [r["messages"][:-1] for r in task_records(3, seed=11, split="eval")]
     convs += [

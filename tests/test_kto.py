@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tuneloop import FineTunePipeline, load_config
-from tuneloop.demo_assets import LABELS, task_records
+from tuneloop.demo.tickets import LABELS, task_records
 from tuneloop.errors import ConfigError
 
 TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]

@@ -37,7 +37,7 @@ STANDIN = Path(__file__).with_name("openrlhf_standin.py")
 
 
 def _pairs(path: Path, n: int, seed: int) -> Path:
-    from tuneloop.demo_assets import LABELS, task_records
+    from tuneloop.demo.tickets import LABELS, task_records
 
     rows = []
     for r in task_records(n, seed=seed):
@@ -380,7 +380,7 @@ def test_the_readme_ppo_command_passes_openrlhfs_parser(make_config, tmp_path):
     assert a.data.prompt_dataset == prep[5] and a.data.input_key == "prompt" and a.data.apply_chat_template is True
 
     # The prompts step turns the run's training records into what OpenRLHF's PromptDataset reads.
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
     from tuneloop.train.openrlhf import main
 
     records = tmp_path / "train_records.jsonl"
@@ -604,7 +604,8 @@ def test_what_openrlhfs_grpo_cannot_carry_is_refused(make_config, tiny_model, tm
         ([{"model": "tiny-rm@champion"}], "train.rewards[0].model", "not a reward model"),
         ([{"model": "other-rm@champion"}], "train.rewards[0].model", "has another tokenizer than base_model"),
     ]
-    from tuneloop.demo_assets import general_corpus, make_tokenizer
+    from tuneloop.demo.base_model import make_tokenizer
+    from tuneloop.demo.corpus import general_corpus
 
     _register_reward_model(make_config(), tiny_model, kind="")  # tiny-rm:1 is registered as a chat model
     _register_reward_model(
@@ -663,7 +664,7 @@ def test_a_function_reward_is_called_by_openrlhfs_executor_with_tuneloops_signat
 
     from transformers import AutoTokenizer
 
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
     from tuneloop.train.openrlhf import main
 
     _reward_file(tmp_path)

@@ -26,7 +26,7 @@ def tl(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 
 def _pairs(records: list[dict]) -> list[dict]:
     """Ticket-routing preference pairs: the right queue chosen, the next queue in the list rejected."""
-    from tuneloop.demo_assets import LABELS
+    from tuneloop.demo.tickets import LABELS
 
     out = []
     for r in records:
@@ -39,7 +39,7 @@ def _pairs(records: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory) -> tuple[Path, Path]:
-    from tuneloop.demo_assets import task_records
+    from tuneloop.demo.tickets import task_records
 
     d = tmp_path_factory.mktemp("pref-data")
     return (
@@ -257,7 +257,7 @@ def test_bad_input_exits_2_naming_the_key_before_any_work(
     make_config, task_data, tmp_path, objective, override, needle
 ):
     if override:  # preference data, a bad setting
-        from tuneloop.demo_assets import task_records
+        from tuneloop.demo.tickets import task_records
 
         prefs = write_jsonl(tmp_path / "p.jsonl", _pairs(task_records(8, seed=3, split="train")))
         path = make_config(data={"train_data": str(prefs), "max_length": 96}, train={"objective": objective})

@@ -124,7 +124,7 @@ DEMO_CHAT_MC = "tuneloop_demo_chat_mc"
 
 
 def demo_registry(tmp_path):
-    from tuneloop.demo_assets import SHIPPED_BASE_DIR
+    from tuneloop.demo.base_model import SHIPPED_BASE_DIR
     from tuneloop.registry.db import SqliteRegistry
 
     reg = SqliteRegistry(tmp_path / "ws")

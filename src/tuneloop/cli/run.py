@@ -141,8 +141,8 @@ def demo(
     """The closed loop on a tiny model shipped in the package: iteration 1, simulated users with feedback on the
     gateway, drift, feedback export, iteration 2 on the original data plus the feedback, a 5% canary the analysis
     decides. Ends with the time and the last run's report.html."""
-    from tuneloop.demo import run_demo
-    from tuneloop.demo_loop import run_loop
+    from tuneloop.demo.loop import run_loop
+    from tuneloop.demo.quick import run_demo
     from tuneloop.errors import InputError
     from tuneloop.i18n import resolve_lang
 

@@ -1,11 +1,11 @@
-"""The closed loop as ``tuneloop demo`` runs it (``--quick`` runs iteration 1 only: :mod:`tuneloop.demo`).
+"""The closed loop as ``tuneloop demo`` runs it (``--quick`` runs iteration 1 only: :mod:`tuneloop.demo.quick`).
 
 :func:`run_loop` does, in one workspace and on one gateway (the app ``tuneloop serve`` builds, on loopback):
 
 1. **Iteration 1**: the demo pipeline as a CI job (``tuneloop ci``); its version becomes the champion.
 2. **Production**: simulated users (deterministic, see :class:`SimulatedUsers`) send support tickets through
    the official ``openai`` client. About ``NEW_SHARE`` of them are of an intent iteration 1 never saw in
-   training (:data:`tuneloop.demo_assets.NEW_INTENT`), which it routes wrongly.
+   training (:data:`tuneloop.demo.tickets.NEW_INTENT`), which it routes wrongly.
 3. **Feedback**: every answer is rated through ``POST /v1/feedback``: +1 when right, -1 with a correction (the
    right label) when wrong. What is "right" is the ticket generator's label: the users are a simulation.
 4. **Drift**: the logged production prompts against the training tickets (``tuneloop drift``'s test).
@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.demo import DEMO_HEADER
+from tuneloop.demo.quick import DEMO_HEADER, build_base, write_config, write_demo_data
+from tuneloop.demo.tables import RECOMMENDED
+from tuneloop.demo.tickets import NEW_INTENT, SYSTEM_PROMPT, new_intent_records, production_tickets
 from tuneloop.i18n import msg, word
 
 #: Share of production tickets of the new intent.
@@ -42,21 +44,17 @@ FIRST_TRAFFIC = 300
 #: Held-out new-intent tickets asked of each version for the before/after accuracy.
 HELD_OUT_NEW = 60
 #: Share of right answers the simulated users rate +1 (a wrong answer is always rated -1 and corrected: the agent
-#: who reroutes a ticket leaves the right label). Most users do not rate an answer that was fine. Measured: when
-#: every right answer was rated, the ~200 extra +1 records (tickets iteration 1 already routes right) added
-#: training without teaching anything, and iteration 2's capability drop rose to 0.015-0.017, its 90 % interval
-#: reaching 0.0202 on one run of two, so the max_capability_drop gate (0.02) blocked it as inconclusive.
+#: who reroutes a ticket leaves the right label). Most users do not rate an answer that was fine; rating every right
+#: answer added records that taught nothing and pushed iteration 2 against the capability gate (docs/benchmarks.md,
+#: "The demo's recipe").
 RATE_RIGHT_SHARE = 0.2
-#: ``data.train_data`` weight of the feedback in iteration 2. At 1 (two runs, 2026-11-30, 2-vCPU Xeon): 121
-#: feedback records, new-intent accuracy 0.00 -> 0.83 / 0.87, capability drop 0.0132 (interval to 0.0164).
-#: Weight 3 (with every right answer rated) taught the intent better (0.98) but cost capability: drop 0.018,
-#: interval 0.015-0.022, blocked by the gate.
+#: ``data.train_data`` weight of the feedback in iteration 2: a higher weight taught the new intent better but cost
+#: capability beyond the gate (docs/benchmarks.md, "The demo's recipe").
 FEEDBACK_WEIGHT = 1.0
 #: Iteration 2's train settings with ``--objective kto`` (on top of the demo's LoRA settings), a new LoRA on the merged
-#: iteration-1 model. Measured on one demo's feedback (2026-12-07; 124 desirable / 93 undesirable kto records):
-#: learning rate 1e-3 -> eval accuracy 0.97 -> 0.22 (blocked by the gate); 3e-4 -> 0.36; 2e-4 -> 0.59; 1e-4 -> 0.93,
-#: passing, but the new intent went 0/60 -> 2/60 (SFT on the same feedback: 54/60; benchmarks/kto_feedback.py). KTO keeps what the
-#: model does well; it did not teach this tiny model a label it never produced (docs/benchmarks.md).
+#: iteration-1 model. The learning rate is the highest that kept iteration 1's accuracy above the gate; KTO keeps what
+#: the model does well but did not teach this tiny model a label it never produced (the sweep: docs/benchmarks.md,
+#: "The demo's recipe" and "KTO from the demo's thumbs").
 KTO_TRAIN: dict[str, Any] = {
     "objective": "kto",
     "kto_beta": 0.1,
@@ -180,8 +178,6 @@ def rates_right_answer(ticket: dict[str, Any]) -> bool:
 
 
 def held_out_new_intent() -> list[dict[str, Any]]:
-    from tuneloop.demo_assets import new_intent_records
-
     return [
         {"messages": r["messages"][:-1], "expected": r["messages"][-1]["content"], "intent": "new"}
         for r in new_intent_records(HELD_OUT_NEW, seed=0, split="eval")
@@ -192,9 +188,6 @@ def training_tickets(train_path: Path) -> list[str]:
     """The user turns of the routing tickets in the training data (records with the routing system prompt).
     The general chat mixed into training is left out: production sends only tickets, so against it every
     production prompt would look drifted."""
-
-    from tuneloop.demo_assets import SYSTEM_PROMPT
-
     out = []
     for line in Path(train_path).read_text(encoding="utf-8").splitlines():
         msgs = json.loads(line)["messages"]
@@ -204,7 +197,6 @@ def training_tickets(train_path: Path) -> list[str]:
 
 
 def check_drift(log, train_path: Path, since: float, console, lang: str = "en") -> dict[str, Any]:
-    from tuneloop.demo_assets import NEW_INTENT
     from tuneloop.monitor.drift import drift_from_log
 
     result = drift_from_log(log, training_tickets(train_path), since, top_k=20)
@@ -251,8 +243,6 @@ def canary_traffic(
 ) -> dict[str, Any]:
     """Tickets until the rollout ends (the gateway decides every ``tick_interval_s``); each decision that moved
     the rollout (a step up, the promotion or a rollback) is printed with the requests sent until then."""
-    from tuneloop.demo_assets import production_tickets
-
     t0, stats, shown = time.time(), TrafficStats(), 0
     tickets = iter(production_tickets(20000, seed=2, new_share=NEW_SHARE))
     console.print(msg(lang, "loop.canary.start", model=model, rollout_id=rollout_id))
@@ -393,8 +383,6 @@ def original_accuracy(summary: dict[str, Any]) -> float | None:
 
 def production_phase(users: SimulatedUsers, gw, cfg, workdir: Path, console, lang: str = "en") -> dict[str, Any]:
     """Steps 2-5: production traffic with feedback, drift, feedback export."""
-    from tuneloop.demo_assets import NEW_INTENT, production_tickets
-
     console.rule(msg(lang, "loop.production.rule"))
     since = time.time()
     traffic = users.send(cfg.model_name, production_tickets(FIRST_TRAFFIC, seed=1, new_share=NEW_SHARE))
@@ -431,8 +419,6 @@ def run_loop(workdir: Path, *, console, objective: str = "sft", lang: str = "en"
 
         raise InputError(f"--objective {objective!r}: the demo's iteration 2 trains with sft or kto")
     from tuneloop.config import load_config
-    from tuneloop.demo import build_base, write_config
-    from tuneloop.demo_assets import RECOMMENDED, write_demo_data
     from tuneloop.registry.api import open_registry
     from tuneloop.serve.server import BackgroundServer, build_gateway
 
@@ -538,8 +524,6 @@ def loop_on_gateway(
 def write_iteration_2(workdir: Path, feedback_dir: Path, model: str, objective: str) -> Path:
     """Iteration 2's config: SFT on the original data plus the feedback's SFT records, or KTO on the feedback's
     thumbs (``kto.jsonl``) continuing from iteration 1."""
-    from tuneloop.demo import write_config
-
     if objective == "kto":
         return write_config(
             workdir,
