@@ -68,7 +68,7 @@ def serve_child(ws: str, port: int, batch: int, torch_threads: int) -> None:
     import torch
     import uvicorn
 
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.serve.app import GatewaySettings, create_app
     from tuneloop.serve.backends.local import LocalBackend
     from tuneloop.serve.router import Router
@@ -236,7 +236,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT / "src"))
     from tuneloop.demo.tickets import task_records
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base or make_base(Path(tmp) / "base")

@@ -216,7 +216,7 @@ def make_workspace(ws: Path) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     art = ws.parent / "artifact"
     art.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,9 @@ import torch
 from tuneloop.demo.base_model import shipped_base_model
 from tuneloop.demo.tickets import task_records
 from tuneloop.modeling import load_causal_lm, load_tokenizer, save_tokenizer
-from tuneloop.registry.db import SqliteRegistry
 from tuneloop.registry.gguf_export import export_gguf, write_gguf
 from tuneloop.registry.ops import register_directory
+from tuneloop.registry.sqlite import SqliteRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_QUESTIONS = [

@@ -59,8 +59,8 @@ def main() -> None:
     import httpx
     from openai import OpenAI
 
-    from tuneloop.registry.db import SqliteRegistry
     from tuneloop.registry.lineage import base_model_ref
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.serve.app import GatewaySettings, create_app
     from tuneloop.serve.backends.upstream import UpstreamBackend, lora_name
     from tuneloop.serve.router import Router

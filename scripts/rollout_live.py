@@ -80,8 +80,8 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 
 
 def register_adapters(ws: Path, base_dir: Path, tmp: Path, n: int = 3):
-    from tuneloop.registry.db import SqliteRegistry
     from tuneloop.registry.lineage import base_model_ref
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     reg = SqliteRegistry(ws)
     base = base_model_ref(str(base_dir))

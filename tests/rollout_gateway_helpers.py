@@ -94,7 +94,7 @@ class ListNotifier:
 
 def make_registry(root: Path, n_versions: int = 3):
     """A SQLite registry with ``support-bot:1..n`` (small safetensors models) and champion -> 1."""
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     reg = SqliteRegistry(root / "ws")
     for i in range(1, n_versions + 1):

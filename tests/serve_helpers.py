@@ -174,7 +174,7 @@ def register_versions(
     workspace: Path, base_dir: Path, tmp: Path, *, n_adapters: int = 2, full: bool = True, name: str = "tiny-bot"
 ):
     """A SQLite registry in ``workspace`` with ``n_adapters`` adapter versions (v1..) and optionally one full model."""
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.registry.lineage import base_model_ref
 
     reg = SqliteRegistry(workspace)

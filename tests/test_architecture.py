@@ -316,7 +316,7 @@ def test_checker_finds_layer_breaks_and_private_imports(tmp_path):
 @pytest.fixture(scope="module")
 def tuneloop_imports() -> list[Import]:
     modules, imports = read_imports(SRC, PACKAGE)
-    assert {"tuneloop.config", "tuneloop.cli", "tuneloop.registry.db"} <= set(modules)
+    assert {"tuneloop.config", "tuneloop.cli", "tuneloop.registry.sqlite"} <= set(modules)
     assert len(imports) > 50  # the reader sees the package's imports, lazy ones included
     return imports
 

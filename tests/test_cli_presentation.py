@@ -24,7 +24,7 @@ from tuneloop.evaluate.gates import GateInput, GateSpec, decide
 from tuneloop.evaluate.reports import intervals_svg
 from tuneloop.fsutil import format_number, format_time
 from tuneloop.monitor.requestlog import open_request_log
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.report.html import write_run_report
 from tuneloop.rollout import controller
 from tuneloop.rollout.display import evalue_text, interval_text, metric_cells, needed_text, percent

@@ -12,7 +12,7 @@ import yaml
 
 from tuneloop import FineTunePipeline, load_config
 from tuneloop.errors import ConfigError
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.workspace import Workspace
 
 STANDIN = Path(__file__).with_name("standin_trainer.py")

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 pytest.importorskip("gguf", reason="the gguf package is not installed: pip install 'tuneloop[gguf]'")
 
 from tuneloop.cli import app  # noqa: E402
-from tuneloop.registry.db import SqliteRegistry  # noqa: E402
+from tuneloop.registry.sqlite import SqliteRegistry  # noqa: E402
 
 try:
     import llama_cpp  # noqa: F401

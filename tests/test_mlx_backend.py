@@ -484,7 +484,7 @@ def test_run_without_mlx_exits_2_before_any_work(make_config, tmp_path):
 @needs_mlx
 @pytest.mark.slow
 def test_pipeline_with_the_mlx_backend_registers_a_gated_adapter(make_config, tmp_path):
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.workspace import Workspace
 
     path = make_config(train__backend="mlx")

@@ -14,7 +14,7 @@ from test_cli import tl
 def test_a_run_continues_from_the_champion_and_links_it(make_config, tmp_path):
     from tuneloop.fsutil import model_fingerprint
     from tuneloop.pipeline import FineTunePipeline
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     first = make_config()
     assert FineTunePipeline(str(first)).run()["overall"] == "passed"
@@ -55,7 +55,7 @@ def test_a_run_continues_from_the_champion_and_links_it(make_config, tmp_path):
 
 
 def test_a_ref_to_a_missing_version_is_exit_2(make_config, tmp_path):
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     SqliteRegistry(tmp_path / ".tuneloop")  # an empty registry in the config's workspace
     cfg = yaml.safe_load(make_config().read_text())

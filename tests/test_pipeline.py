@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tuneloop import FineTunePipeline, PipelineConfig, PipelineStage, load_config
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.workspace import Workspace
 
 STAGES = [s.value for s in PipelineStage]

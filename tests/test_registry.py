@@ -13,8 +13,9 @@ import pytest
 
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.fsutil import sha256_dir
-from tuneloop.registry import db as registry_db
-from tuneloop.registry.db import SqliteRegistry, parse_ref
+from tuneloop.registry import sqlite as registry_sqlite
+from tuneloop.registry.names import parse_ref
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
 # fork keeps the workers cheap (no re-import of the test session); spawn where fork does not exist.
@@ -323,7 +324,7 @@ def _register_then_die_before_commit(root: str, src: str) -> None:
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    registry_db._add_event = die
+    registry_sqlite.insert_event = die
     register(SqliteRegistry(Path(root)), "m", Path(src), cache_key="doomed")
 
 

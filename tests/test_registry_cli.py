@@ -22,7 +22,7 @@ from tuneloop import cli
 from tuneloop.cli import app
 from tuneloop.errors import IntegrityError, InputError
 from tuneloop.registry.api import open_registry
-from tuneloop.registry.db import SCHEMA_VERSION, SqliteRegistry
+from tuneloop.registry.sqlite import SCHEMA_VERSION, SqliteRegistry
 
 runner = CliRunner()
 

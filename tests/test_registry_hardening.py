@@ -22,7 +22,7 @@ from test_registry_cli import adapters, make_adapter, msg, tl, tlj  # noqa: F401
 
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.content import check_contents, safetensors_problem
-from tuneloop.registry.db import RegistryLostError, SqliteRegistry
+from tuneloop.registry.sqlite import RegistryLostError, SqliteRegistry
 from tuneloop.registry.mlflow_backend import MAX_PARAM_VALUE, mlflow_params
 from tuneloop.registry.names import check_alias_name, check_model_name
 from tuneloop.registry.ops import gc, recover

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from tuneloop.cli import app
 from tuneloop.errors import InputError
 from tuneloop.monitor.requestlog import RequestRecord, open_request_log
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.rollout import controller
 from tuneloop.rollout.notify import Notifier, Webhook
 from tuneloop.rollout.split import choose_arm, unit_hash

@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from tuneloop.errors import InputError
 from tuneloop.registry.api import ModelRegistry, open_registry
-from tuneloop.registry.db import SqliteRegistry, recover_database
+from tuneloop.registry.recovery import recover_database
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.registry.rollouts import RolloutConflict
 from tuneloop.rollout.analysis import ArmCounts, CanaryAnalysis, RolloutPolicy
 

@@ -125,7 +125,7 @@ DEMO_CHAT_MC = "tuneloop_demo_chat_mc"
 
 def demo_registry(tmp_path):
     from tuneloop.demo.base_model import SHIPPED_BASE_DIR
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     reg = SqliteRegistry(tmp_path / "ws")
     reg.register(

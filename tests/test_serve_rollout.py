@@ -175,7 +175,7 @@ def test_a_started_and_an_ended_rollout_take_effect_within_the_ttl(tmp_path):
 def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path, store, request):
     """Two replicas (each with its own registry handle and request-log connection pool) over one registry and
     one request log (SQLite here, PostgreSQL as deployed; that case skips where the server is absent)."""
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     log_url = request.getfixturevalue("postgres_url") if store == "postgresql" else str(tmp_path / "requests.db")
     reg = make_registry(tmp_path)

@@ -75,7 +75,7 @@ def test_serve_torch_threads_sets_torch_threads_for_the_local_backend(tmp_path):
     import torch
 
     from tuneloop.config import ServeConfig
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.serve.server import make_backend
 
     before = torch.get_num_threads()

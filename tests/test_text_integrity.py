@@ -147,7 +147,7 @@ def test_generate_ends_on_a_whole_character(real):
 @pytest.fixture(scope="module")
 def real_gateway(real, real_model_dir, tmp_path_factory):
     """A gateway serving the real model, registered as a full model."""
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.serve.app import GatewaySettings, create_app
     from tuneloop.serve.backends.local import LocalBackend
     from tuneloop.serve.router import Router

@@ -369,7 +369,7 @@ def test_drift_feedback_and_export_read_every_source(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validation(make_config, task_data, tmp_path):
     from tuneloop import FineTunePipeline
-    from tuneloop.registry.db import SqliteRegistry
+    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.workspace import Workspace
 
     write_jsonl(tmp_path / "feedback" / "sft.jsonl", FEEDBACK)

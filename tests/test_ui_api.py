@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tuneloop.registry.db import SqliteRegistry
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.serve.server import BackgroundServer
 from tuneloop.ui.app import create_app
 

@@ -550,6 +550,7 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
     """Base (or champion) vs candidate on every suite, then the gates; a blocking gate fails the stage. A reward
     model is scored on the held-out pairs instead (:mod:`tuneloop.evaluate.reward`)."""
     from tuneloop.evaluate.evaluation import champion_ref, evaluate_candidate
+    from tuneloop.evaluate.gates import as_dicts
 
     c = ctx.cfg
     reward = objective_of(c).evaluates == "reward"  # a reward model: it scores the held-out pairs, it answers no suite
@@ -578,7 +579,7 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
             )
         if note:
             metrics["against_note"] = note
-        return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
+        return metrics, {"gates": as_dicts(gates), "items": str(out / "items.jsonl")}  # stored: the JSON records
 
     entry = ctx.cache(PipelineStage.EVALUATION, evaluation_inputs(c, model, against), compute)
     gates = entry.outputs["gates"]
@@ -597,6 +598,7 @@ def _evaluate_reward_model(
     ctx: StageContext, model: TrainedModel, reference: Any, note: str, out: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluation's work for a reward model: held-out pairwise accuracy (:mod:`tuneloop.evaluate.reward`)."""
+    from tuneloop.evaluate.gates import as_dicts
     from tuneloop.evaluate.reward import evaluate_reward_model
 
     metrics, gates = evaluate_reward_model(
@@ -609,7 +611,7 @@ def _evaluate_reward_model(
     )
     if note:
         metrics["against_note"] = note
-    return metrics, {"gates": gates, "items": str(out / "items.jsonl")}
+    return metrics, {"gates": as_dicts(gates), "items": str(out / "items.jsonl")}  # stored: the JSON records
 
 
 # --------------------------------------------------------------------------------------- model_registry
@@ -709,7 +711,7 @@ def deployment(ctx: StageContext, registered: RegisteredVersion) -> Deployment:
         reg.promote(c.model_name, registered.version, alias=alias, reason=f"auto_deploy in run {ctx.run_id}")
         previous = current
     else:  # deployed already (an earlier run, or the one this run waited for): the registry's previous version
-        from tuneloop.registry.db import previous_alias
+        from tuneloop.registry.names import previous_alias
 
         previous = reg.get_alias(c.model_name, previous_alias(alias))
     ref = f"{c.model_name}@{alias}"

@@ -1,7 +1,7 @@
 """One registry interface, two backends, and the factory that picks one.
 
-* ``SqliteRegistry`` (``registry/db.py``): SQLite in the workspace (``.tuneloop/registry.db``) and a local
-  content-addressed artifact store. The default; needs no set-up.
+* ``SqliteRegistry`` (``registry/sqlite.py``; crash recovery in ``registry/recovery.py``): SQLite in the
+  workspace (``.tuneloop/registry.db``) and a local content-addressed artifact store. The default; needs no set-up.
 * ``MlflowRegistry`` (``registry/mlflow_backend.py``): a shared MLflow tracking server. Versions, aliases
   and tags live in MLflow's Model Registry, artifacts in its artifact store. Chosen by
   ``registry.uri: http://host:port`` in the config, ``--registry URI`` on the CLI, or ``$TUNELOOP_REGISTRY_URI``.
@@ -183,7 +183,7 @@ def open_registry(cfg_or_uri: Any = None, workspace: Any = None) -> ModelRegistr
     if uri is None or uri in ("local", "sqlite"):
         if root is None:
             raise ConfigError("no workspace to hold the local registry; pass a config or run inside a workspace")
-        from tuneloop.registry.db import SqliteRegistry
+        from tuneloop.registry.sqlite import SqliteRegistry
 
         return SqliteRegistry(Path(root))
     if uri.startswith(("http://", "https://")):

@@ -1,6 +1,6 @@
 """The registry on a shared MLflow tracking server (``registry.uri: http://host:port``).
 
-Same interface and semantics as the SQLite :class:`tuneloop.registry.db.SqliteRegistry`, stored in MLflow:
+Same interface and semantics as the SQLite :class:`tuneloop.registry.sqlite.SqliteRegistry`, stored in MLflow:
 
 * a tuneloop model is an MLflow *registered model* (tagged ``tuneloop.managed``); a version is an MLflow
   *model version*, numbered by the server. Its record (kind, base, artifact sha256, cache key, lineage,
@@ -48,17 +48,16 @@ from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import read_json, sha256_file, utcnow
-from tuneloop.registry.db import (
-    ARTIFACT_KINDS,
+from tuneloop.registry.names import (
     alias_hint,
-    check_note_event,
+    check_alias_name,
+    check_model_name,
     check_tag,
     parse_ref,
     previous_alias,
-    to_json,
     version_ranges,
 )
-from tuneloop.registry.names import check_alias_name, check_model_name
+from tuneloop.registry.records import ARTIFACT_KINDS, check_note_event, to_json
 from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
     ENDED,

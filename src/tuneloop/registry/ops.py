@@ -24,7 +24,6 @@ from tuneloop.registry.card import (
     module_names,
     portable_base_name,
 )
-from tuneloop.registry.db import parse_ref, recover_database
 from tuneloop.registry.lineage import (
     adapter_base,
     base_model_ref,
@@ -33,6 +32,8 @@ from tuneloop.registry.lineage import (
     detect_kind,
     git_info,
 )
+from tuneloop.registry.names import parse_ref
+from tuneloop.registry.recovery import recover_database
 from tuneloop.version import __version__, code_version
 
 
@@ -356,7 +357,7 @@ def gc(reg: Collectable) -> GcReport:
 
 @dataclass
 class RecoverReport:
-    """What ``recover`` rebuilt (see :func:`tuneloop.registry.db.recover_database`)."""
+    """What ``recover`` rebuilt (see :func:`tuneloop.registry.recovery.recover_database`)."""
 
     database: str
     moved_aside: str | None
