@@ -57,7 +57,7 @@ def model_default(x: Any) -> Any:
 _INTRO = [
     "# Configuration reference",
     "",
-    "<!-- Generated from src/tuneloop/config.py by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
+    "<!-- Generated from src/tuneloop/config/schema.py by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
     "",
     "A tuneloop config is one YAML file. Settings live in sections (`data:`, `train:`, `eval:`, `gates:`,",
     "`registry:`, `deploy:`); the classic flat keys listed below are also accepted at top level. A value given",
