@@ -71,7 +71,12 @@ def require_auth(endpoint: str) -> Iterator[None]:
     """moto checks credentials inside the block (its IAM knows no keys, so every request is denied)."""
 
     def post(count: str) -> None:
-        req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST")
+        req = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # a form body would be parsed away by the server
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             json.load(r)
 

@@ -37,13 +37,13 @@ class ScriptedBackend:
     def answer(self, route) -> str:
         from tuneloop.serve.errors import APIError
 
-        self.calls[route.model_id] = self.calls.get(route.model_id, 0) + 1
+        self.calls[route.version_ref] = self.calls.get(route.version_ref, 0) + 1
         n = route.version["version"]
         if n in self.crash:
-            raise RuntimeError(f"{route.model_id} crashed (CUDA error: device-side assert)")
+            raise RuntimeError(f"{route.version_ref} crashed (CUDA error: device-side assert)")
         if n in self.fail_5xx:
-            raise APIError(500, f"{route.model_id} failed", code="internal_error")
-        return f"answer from {route.model_id}"
+            raise APIError(500, f"{route.version_ref} failed", code="internal_error")
+        return f"answer from {route.version_ref}"
 
     async def chat(self, route, req, ctx):
         text = self.answer(route)
@@ -54,7 +54,7 @@ class ScriptedBackend:
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": route.model_id,
+                "model": route.version_ref,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": usage,
             }
@@ -63,10 +63,10 @@ class ScriptedBackend:
             for piece in text.split(" "):
                 yield {
                     "object": "chat.completion.chunk",
-                    "model": route.model_id,
+                    "model": route.version_ref,
                     "choices": [{"index": 0, "delta": {"content": piece + " "}, "finish_reason": None}],
                 }
-            yield {"object": "chat.completion.chunk", "model": route.model_id, "choices": [], "usage": usage}
+            yield {"object": "chat.completion.chunk", "model": route.version_ref, "choices": [], "usage": usage}
 
         return chunks()
 

@@ -221,7 +221,7 @@ class HangingBackend:
         async def chunks():
             yield {
                 "object": "chat.completion.chunk",
-                "model": route.model_id,
+                "model": route.version_ref,
                 "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}],
             }
             await asyncio.Event().wait()

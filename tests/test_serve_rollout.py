@@ -311,20 +311,20 @@ def test_router_splits_by_weight_reads_the_registry_once_per_ttl_and_waits_for_t
     rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
     router = Router(reg, ttl_s=60.0)
     first = router.choose_arm(MODEL, "user-1", "req-0")
-    assert (first.arm, first.model_id, first.rollout_id) == ("direct", f"{MODEL}:1", None)  # candidate not ready yet
+    assert (first.arm, first.version_ref, first.rollout_id) == ("direct", f"{MODEL}:1", None)  # candidate not ready yet
     assert router.pending() == [f"{MODEL}:2"]
     router.mark_ready(f"{MODEL}:2")
     assert router.pending() == []
     routes = [router.choose_arm(MODEL if i % 2 else f"{MODEL}@champion", None, f"req-{i}") for i in range(4000)]
     canary = [r for r in routes if r.arm == "canary"]
     assert 0.035 < len(canary) / len(routes) < 0.065  # the 5 % weight, drawn per request without a user key
-    assert all(r.model_id == f"{MODEL}:2" and r.rollout_id == rid for r in canary)
-    assert all(r.model_id == f"{MODEL}:1" and r.rollout_id == rid for r in routes if r.arm == "baseline")
+    assert all(r.version_ref == f"{MODEL}:2" and r.rollout_id == rid for r in canary)
+    assert all(r.version_ref == f"{MODEL}:1" and r.rollout_id == rid for r in routes if r.arm == "baseline")
     assert reg.rollout_reads == 1  # cached: not one registry read per request
     assert router.choose_arm(f"{MODEL}:2", "user-1").arm == "direct"
     assert router.choose_arm(f"{MODEL}@canary", "user-1").arm == "direct"
     back = router.baseline_of(canary[0])
-    assert (back.arm, back.model_id, back.rollout_id) == ("baseline", f"{MODEL}:1", rid)
+    assert (back.arm, back.version_ref, back.rollout_id) == ("baseline", f"{MODEL}:1", rid)
     controller.abort(reg.reg, MODEL, reason="test")
     assert router.choose_arm(MODEL, "user-1").arm != "direct"  # still cached (TTL 60 s) ...
     router.invalidate(MODEL)

@@ -109,10 +109,8 @@ def served(tiny_model, tmp_path):
 def test_adapter_loaded_into_vllm_under_its_digest_and_reloaded_after_a_restart(served):
     from openai import OpenAI
 
-    from tuneloop.serve.backends import artifact_sha256
-
     reg, stub, gw = served
-    name = f"tiny-bot-{artifact_sha256(reg.get('tiny-bot', 1))[:12]}"
+    name = f"tiny-bot-{reg.get('tiny-bot', 1).artifact_digest[:12]}"
     # preloading loaded the adapter once, under the digest-pinned name, from the verified artifact directory
     assert [c["lora_name"] for c in stub.state.load_calls] == [name]
     assert Path(stub.state.load_calls[0]["lora_path"]) == Path(reg.open_artifact("tiny-bot", 1))

@@ -37,7 +37,8 @@ def _target_data(
         fmt_kw: dict[str, Any] = {"format": fmt} if fmt else {}  # DataConfig validates the value
         data = DataConfig(train_data=target, eval_data=eval_data, **fmt_kw)
         # The whole file name: x.json and x.jsonl must not share a report.
-        name = re.sub(r"[^\w.-]+", "_", Path(target.split(":")[0]).name).strip(".") or "dataset"
+        base = target.rstrip("/") if "://" in target else target.split(":")[0]  # s3://b/dir/ -> dir; name:split -> name
+        name = re.sub(r"[^\w.-]+", "_", Path(base).name).strip(".") or "dataset"
         return data, Path("tuneloop-data-report") if out_dir is None else Path(out_dir), None, name, []
     cfg = load_config(target, [f"data.format={fmt}"] if fmt else [])
     from tuneloop.train.parent import resolve_parent

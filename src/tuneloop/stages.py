@@ -679,13 +679,11 @@ def model_registry(ctx: StageContext, evaluated: EvalResult) -> RegisteredVersio
         cache_key=sha256_json([trained.outcome.key, evaluated.outcome.key]),
         reason=f"passed gates in run {ctx.run_id}",
     )
-    metrics = {"model": version["model"], "version": version["version"], "artifact_sha256": version["artifact_digest"]}
-    outputs = {"ref": version["ref"], "version": version["version"], "artifact_path": version["artifact_path"]}
+    # The stage's metric keeps its public name `artifact_sha256` (run summaries, --json); the value is the digest.
+    metrics = {"model": version.model, "version": version.version, "artifact_sha256": version.artifact_digest}
+    outputs = {"ref": version.ref, "version": version.version, "artifact_path": version.artifact_path}
     return RegisteredVersion(
-        Outcome(None, metrics, outputs, bool(version.get("existing"))),
-        version["model"],
-        version["version"],
-        version["ref"],
+        Outcome(None, metrics, outputs, version.existing), version.model, version.version, version.ref
     )
 
 

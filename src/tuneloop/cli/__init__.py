@@ -86,7 +86,8 @@ def _use_flag_aware_help(typer_app: typer.Typer) -> None:
         if command.cls in (None, TyperCommand):
             command.cls = _Command
     for group in typer_app.registered_groups:
-        _use_flag_aware_help(group.typer_instance)
+        if group.typer_instance is not None:
+            _use_flag_aware_help(group.typer_instance)
 
 
 _use_flag_aware_help(app)

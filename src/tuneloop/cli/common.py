@@ -65,8 +65,14 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _json_default(obj: Any) -> Any:
+    """A typed record (``ModelVersion``...) prints as its ``to_dict()``; anything else not JSON as its ``str``."""
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(obj)
+
+
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()
 
 

@@ -26,6 +26,7 @@ from tuneloop.cli.common import (
 )
 from tuneloop.errors import InputError
 from tuneloop.fsutil import format_number
+from tuneloop.registry.records import ModelVersion
 
 app = typer.Typer(
     help="The model registry: registered versions, their lineage, metrics and gates.", no_args_is_help=True
@@ -51,7 +52,7 @@ def list_versions(
         reg = opts.open()
         versions = reg.list_versions(name, include_deleted=all_versions)
         if opts.json_out:
-            print_json(versions)
+            print_json([v.to_dict() for v in versions])
             return
         from tuneloop.cli.tables import Col, print_table
         from tuneloop.fsutil import format_time
@@ -69,18 +70,18 @@ def list_versions(
         ]
         rows = []
         for v in versions:
-            acc = v.get("metrics", {}).get("evaluation", {}).get("accuracy")
-            ref = f"[dim strike]{v['ref']}[/] (deleted)" if v.get("deleted") else v["ref"]
+            acc = v.metrics.get("evaluation", {}).get("accuracy")
+            ref = f"[dim strike]{v.ref}[/] (deleted)" if v.deleted else v.ref
             rows.append(
                 [
                     ref,
-                    ", ".join(v.get("aliases", [])),
-                    format_time(v["created_at"]),
-                    v["artifact_kind"],
+                    ", ".join(v.aliases),
+                    format_time(v.created_at),
+                    v.artifact_kind,
                     f"{acc:.3f}" if isinstance(acc, float) else "",
-                    v["base_model"],
-                    _tags(v.get("tags", {})),
-                    v["artifact_digest"][:16],
+                    v.base_model,
+                    _tags(v.tags),
+                    v.artifact_digest[:16],
                 ]
             )
         print_table(
@@ -104,21 +105,19 @@ def show(
         reg = opts.open()
         v = reg.get(*reg.parse_ref(version))
         if opts.json_out:
-            print_json(v)
+            print_json(v.to_dict())
         else:
             _print_version(v)
 
 
-def _print_version(v: dict[str, Any]) -> None:
-    out.print(f"[bold]{v['ref']}[/]  aliases: {', '.join(v.get('aliases', [])) or '-'}  created {v['created_at']}")
-    if v.get("deleted"):
-        d = v["deleted"]
+def _print_version(v: ModelVersion) -> None:
+    out.print(f"[bold]{v.ref}[/]  aliases: {', '.join(v.aliases) or '-'}  created {v.created_at}")
+    if v.deleted:
+        d = v.deleted
         out.print(f"[red]deleted[/] {d['at']} by {d['actor']}: {d['reason'] or '(no reason given)'}")
-    out.print(
-        f"artifact: {v['artifact_kind']} sha256 {v['artifact_digest']} at {v.get('artifact_uri') or v['artifact_path']}"
-    )
-    lin = v["lineage"]
-    out.print(f"base model: {v['base_model']}  ({str(lin.get('base_model_fingerprint') or '')[:24]})")
+    out.print(f"artifact: {v.artifact_kind} sha256 {v.artifact_digest} at {v.artifact_uri or v.artifact_path}")
+    lin = v.lineage
+    out.print(f"base model: {v.base_model}  ({str(lin.get('base_model_fingerprint') or '')[:24]})")
     if lin.get("data"):
         out.print(
             f"data: train {str(lin['data'].get('train_digest'))[:16]}  eval {str(lin['data'].get('eval_digest'))[:16]}"
@@ -129,13 +128,13 @@ def _print_version(v: dict[str, Any]) -> None:
     if lin.get("git"):
         g = lin["git"]
         out.print(f"git: {g.get('commit', '')[:12]} on {g.get('branch')}{' (dirty)' if g.get('dirty') else ''}")
-    if v.get("tags"):
-        out.print("tags: " + _tags(v["tags"]))
-    if v.get("gates"):
+    if v.tags:
+        out.print("tags: " + _tags(v.tags))
+    if v.gates:
         t = Table(title="gates")
         for col in ("gate", "value", "threshold", "verdict"):
             t.add_column(col)
-        for name, g in v["gates"].items():
+        for name, g in v.gates.items():
             verdict = _PASSED.get(g.get("passed"), str(g.get("passed")))
             if g.get("passed") is not None and g.get("verdict"):
                 verdict = g["verdict"] + (f" {g['interval']}" if g.get("interval") else "")
@@ -197,12 +196,12 @@ def _lineage_table(lin: dict[str, Any]) -> Table:
 
 
 def _print_alias_move(
-    model: str, alias: str, v: dict[str, Any], aliases: dict[str, int], opts: RegistryOptions, how: str
+    model: str, alias: str, v: ModelVersion, aliases: dict[str, int], opts: RegistryOptions, how: str
 ) -> None:
     if opts.json_out:
-        print_json({"model": model, "alias": alias, "version": v["version"], "ref": v["ref"], "aliases": aliases})
+        print_json({"model": model, "alias": alias, "version": v.version, "ref": v.ref, "aliases": aliases})
         return
-    out.print(f"{how} -> {v['ref']}   aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()))
+    out.print(f"{how} -> {v.ref}   aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()))
 
 
 @app.command("promote")
@@ -311,16 +310,16 @@ def tag(
             raise InputError("nothing to do: give KEY=VALUE pairs to set and/or --remove KEY")
         reg = opts.open()
         model, ref = reg.parse_ref(version)
-        number = reg.get(model, ref)["version"]
+        number = reg.get(model, ref).version
         for key, value in pairs:
             reg.set_tag(model, number, key, value, reason=reason)
         for key in remove:
             reg.remove_tag(model, number, key, reason=reason)
         v = reg.get(model, number)
         if opts.json_out:
-            print_json({"ref": v["ref"], "tags": v["tags"]})
+            print_json({"ref": v.ref, "tags": v.tags})
             return
-        out.print(f"{v['ref']} tags: " + (_tags(v["tags"]) or "none"))
+        out.print(f"{v.ref} tags: " + (_tags(v.tags) or "none"))
 
 
 @app.command("delete")
@@ -371,10 +370,10 @@ def register(
     with guard():
         v = register_directory(opts.open(), path, name, base=base, reason=reason)
         if opts.json_out:
-            print_json(v)
+            print_json(v.to_dict())
             return
         out.print(
-            f"registered [bold]{v['ref']}[/] ({v['artifact_kind']}, sha256 {v['artifact_digest'][:16]}, base {v['base_model']})"
+            f"registered [bold]{v.ref}[/] ({v.artifact_kind}, sha256 {v.artifact_digest[:16]}, base {v.base_model})"
         )
 
 

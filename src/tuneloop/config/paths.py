@@ -54,8 +54,11 @@ def path_values(cfg: PipelineConfig) -> list[tuple[str, str | None]]:
 
 
 def _resolved(value: str, base_dir: Path, dataset: bool) -> str:
-    """``value`` resolved against ``base_dir`` when it is a relative path (a dataset may be a hub name)."""
-    if (dataset and _looks_like_hub_dataset(value, base_dir)) or os.path.isabs(os.path.expanduser(value)):
+    """``value`` resolved against ``base_dir`` when it is a relative path (a dataset may be a hub name or an
+    object-store URL such as ``s3://bucket/key``, kept as written)."""
+    if dataset and ("://" in value or _looks_like_hub_dataset(value, base_dir)):
+        return value
+    if os.path.isabs(os.path.expanduser(value)):
         return value
     return str((base_dir / os.path.expanduser(value)).resolve())
 

@@ -68,7 +68,10 @@ class DataConfig(_Section):
     train_data: str | list[TrainSource] = Field(
         description="Training data: a .json (array), .jsonl, .parquet or .csv file (.json/.jsonl also gzip- or zstd-compressed: "
         "`.jsonl.gz`, `.jsonl.zst`; zstd needs `pip install 'tuneloop[zstd]'`), a directory of them, a dataset saved "
-        "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache). "
+        "with `datasets.save_to_disk`, or a Hugging Face dataset name (`name` or `name:split`, read offline from the local cache), "
+        "or an object-store URL: an object (`s3://bucket/train.jsonl`) or a prefix read as a directory (`s3://bucket/sft/`), "
+        "streamed on both engines (`pip install 'tuneloop[s3]'`; credentials and endpoint from the standard AWS environment, "
+        "`AWS_ENDPOINT_URL` for a non-AWS store such as MinIO; `gs://` with gcsfs). "
         "Or a list of such sources, each a path or `{path, weight}`, e.g. `[data/train.jsonl, {path: feedback/sft.jsonl, weight: 3}]`: "
         "their records are validated together (duplicates are found across sources) and each source's training records "
         "are repeated or sampled by its weight (see `data.train_data[]`). All sources must have the same record format. Required."

@@ -457,7 +457,7 @@ def run_loop(workdir: Path, *, console, objective: str = "sft", lang: str = "en"
         finally:
             users.close()
     reg = open_registry(cfg, root)
-    result["champion_after"] = (reg.get(cfg.model_name, "champion") or {}).get("ref")
+    result["champion_after"] = reg.get(cfg.model_name, "champion")["ref"]
     return finish(result, t0, console, loop_problem(result), loop_problem(result) is None, lang=lang)
 
 

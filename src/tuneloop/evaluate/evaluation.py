@@ -297,10 +297,8 @@ def registry_model_ref(cfg: PipelineConfig, registry: Any, model: str, version: 
     """A registered version of any registry backend (``registry``: a ``ModelRegistry``) as a model to evaluate;
     its digest names the registered artifact. Raises the registry's errors for an unknown version."""
     v = registry.get(model, version)
-    ref = model_ref(
-        f"{label} {v['ref']}", registry.open_artifact(model, v["version"]), v.get("base_model") or cfg.base_model
-    )
-    ref.digest = sha256_json(["registry", v["artifact_digest"], ref.digest])
+    ref = model_ref(f"{label} {v.ref}", registry.open_artifact(model, v.version), v.base_model or cfg.base_model)
+    ref.digest = sha256_json(["registry", v.artifact_digest, ref.digest])
     return ref
 
 
@@ -309,7 +307,7 @@ def champion_ref(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None, s
     from tuneloop.errors import TuneloopError
 
     try:
-        version = registry.get(cfg.model_name, "champion")["version"]
+        version = registry.get(cfg.model_name, "champion").version
     except TuneloopError:
         return None, f"no champion of {cfg.model_name} in the registry yet: compared with the base model"
     return registry_model_ref(cfg, registry, cfg.model_name, version, "champion"), ""

@@ -6,10 +6,10 @@
   and tags live in MLflow's Model Registry, artifacts in its artifact store. Chosen by
   ``registry.uri: http://host:port`` in the config, ``--registry URI`` on the CLI, or ``$TUNELOOP_REGISTRY_URI``.
 
-Both return versions as the same plain dicts (``model``, ``version``, ``ref``, ``created_at``,
-``artifact_digest``, ``artifact_kind``, ``base_model``, ``cache_key``, ``lineage``, ``metrics``, ``gates``,
-``aliases``, ``tags``, ``deleted``) and raise the same typed errors, so the pipeline and the CLI do not
-care which one they talk to.
+Both return versions as the same typed record, :class:`~tuneloop.registry.records.ModelVersion` (``model``,
+``version``, ``ref``, ``created_at``, ``artifact_digest``, ``artifact_kind``, ``base_model``, ``cache_key``,
+``lineage``, ``metrics``, ``gates``, ``aliases``, ``tags``, ``deleted``; ``to_dict()`` is its JSON form) and
+raise the same typed errors, so the pipeline and the CLI do not care which one they talk to.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tuneloop.errors import ConfigError
+from tuneloop.registry.records import ModelVersion
 
 REGISTRY_URI_ENV = "TUNELOOP_REGISTRY_URI"
 
@@ -45,13 +46,15 @@ class ModelRegistry(Protocol):
         cache_key: str | None = None,
         actor: str | None = None,
         reason: str = "",
-    ) -> dict: ...
+    ) -> ModelVersion: ...
 
     def promote(
         self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
-    ) -> dict: ...
+    ) -> ModelVersion: ...
 
-    def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict: ...
+    def rollback(
+        self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
+    ) -> ModelVersion: ...
 
     def set_alias(
         self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
@@ -63,11 +66,11 @@ class ModelRegistry(Protocol):
 
     def set_tag(
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict: ...
+    ) -> ModelVersion: ...
 
     def remove_tag(
         self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict: ...
+    ) -> ModelVersion: ...
 
     def record_event(
         self,
@@ -84,13 +87,13 @@ class ModelRegistry(Protocol):
         self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""
     ) -> dict: ...
 
-    def get(self, model: str, version: int | str = "latest") -> dict: ...
+    def get(self, model: str, version: int | str = "latest") -> ModelVersion: ...
 
-    def resolve(self, ref: str) -> dict: ...
+    def resolve(self, ref: str) -> ModelVersion: ...
 
     def open_artifact(self, model: str, version: int | str = "latest") -> Path: ...
 
-    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]: ...
+    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[ModelVersion]: ...
 
     def models(self) -> list[str]: ...
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from tuneloop.fsutil import format_number
+from tuneloop.registry.records import ModelVersion
 from tuneloop.version import __version__
 
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
@@ -28,15 +29,15 @@ def hub_id_from_path(path: str) -> str | None:
     return f"{m['org']}/{m['name']}" if m else None
 
 
-def portable_base_name(version: dict[str, Any]) -> str:
+def portable_base_name(version: ModelVersion) -> str:
     """The base model of ``version`` as a Hub id or the path the config (or ``--base``) gave.
 
     Order: the name recorded by the pipeline (``lineage.base_model_given``: a hub id, or a local path relative to
     the config's directory), else the id the base was registered under; a hub-cache snapshot path becomes its id.
     """
-    lin = version.get("lineage") or {}
+    lin = version.lineage or {}
     base = lin.get("base") or {}
-    name = lin.get("base_model_given") or base.get("id") or version.get("base_model") or ""
+    name = lin.get("base_model_given") or base.get("id") or version.base_model or ""
     return hub_id_from_path(name) or hub_id_from_path(base.get("path") or "") or name
 
 
@@ -69,19 +70,19 @@ def _gate_rows(gates: dict[str, Any]) -> list[str]:
     return rows
 
 
-def model_card(version: dict[str, Any], *, kind: str, base_name: str | None) -> str:
+def model_card(version: ModelVersion, *, kind: str, base_name: str | None) -> str:
     """README.md text for an exported version (``kind``: ``adapter`` or ``model``)."""
-    lin = version.get("lineage") or {}
+    lin = version.lineage or {}
     data = lin.get("data") or {}
     front: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["tuneloop"]}
     if base_name:
         front["base_model"] = base_name
         if kind == "adapter":
             front["tags"] += [f"base_model:adapter:{base_name}", "lora"]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {version['ref']}", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {version.ref}", ""]
     lines += [
-        f"Exported by tuneloop {__version__} from the registry version `{version['ref']}` "
-        f"(artifact sha256 `{version['artifact_digest']}`).",
+        f"Exported by tuneloop {__version__} from the registry version `{version.ref}` "
+        f"(artifact sha256 `{version.artifact_digest}`).",
         "",
     ]
     lines += ["## Base model", "", f"- name: `{base_name or 'none (a full model)'}`"]
@@ -96,7 +97,7 @@ def model_card(version: dict[str, Any], *, kind: str, base_name: str | None) -> 
     metric_rows = _metric_rows(version.get("metrics") or {})
     lines += ["", "## Evaluation metrics", ""]
     lines += ["| metric | value |", "|---|---|", *metric_rows] if metric_rows else ["- none recorded"]
-    gate_rows = _gate_rows(version.get("gates") or {})
+    gate_rows = _gate_rows(version.gates or {})
     lines += ["", "## Gate verdicts", ""]
     lines += (
         ["| gate | verdict | value | interval | threshold |", "|---|---|---|---|---|", *gate_rows]

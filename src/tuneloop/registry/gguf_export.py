@@ -89,24 +89,24 @@ def plan_export(reg, ref: str, out_dir: Path, quant: str = "f16") -> ExportPlan:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"export target {out_dir} exists and is not an empty directory; choose a new directory")
     v = resolve(reg, ref)
-    src = reg.open_artifact(v["model"], v["version"])  # verifies every file's sha256
+    src = reg.open_artifact(v.model, v.version)  # verifies every file's sha256
     base = None
-    if v["artifact_kind"] == "adapter":
-        lin = v["lineage"]
+    if v.artifact_kind == "adapter":
+        lin = v.lineage
         digest = (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint")
-        base = check_base(lin.get("base") or v["base_model"], digest)
-    config = _load_config(base or str(src), v["ref"], is_base=base is not None)
-    check_architecture(config, v["ref"])
+        base = check_base(lin.get("base") or v.base_model, digest)
+    config = _load_config(base or str(src), v.ref, is_base=base is not None)
+    check_architecture(config, v.ref)
     tok = _load_tokenizer(src, base)
     tokenizer_spec(
-        tok, llama_params(config).vocab_size, v["ref"]
+        tok, llama_params(config).vocab_size, v.ref
     )  # raises on a tokenizer llama.cpp would split differently
     chat, problem = chat_format(tok)
     return ExportPlan(
-        ref=v["ref"],
-        model=v["model"],
-        version=v["version"],
-        artifact_digest=v["artifact_digest"],
+        ref=v.ref,
+        model=v.model,
+        version=v.version,
+        artifact_digest=v.artifact_digest,
         artifact=Path(src),
         base=base,
         base_name=portable_base_name(v) if base else None,

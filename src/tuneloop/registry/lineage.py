@@ -25,6 +25,7 @@ from typing import Any
 from tuneloop.errors import InputError
 from tuneloop.fsutil import model_fingerprint, sha256_json
 from tuneloop.registry.content import check_contents, check_links, content_files
+from tuneloop.registry.records import ModelVersion
 
 
 def actor() -> str:
@@ -38,10 +39,10 @@ def actor() -> str:
         return "unknown"
 
 
-def version_kind(version: dict[str, Any]) -> str:
+def version_kind(version: ModelVersion) -> str:
     """``reward`` for a reward model (its lineage says ``kind: reward``: it scores answers and has no chat endpoint),
     else ``chat``."""
-    return "reward" if (version.get("lineage") or {}).get("kind") == "reward" else "chat"
+    return "reward" if (version.lineage or {}).get("kind") == "reward" else "chat"
 
 
 def check_artifact_dir(path: Path, kind: str | None = None) -> None:
@@ -80,7 +81,7 @@ RUN_SPECIFIC_LINEAGE = (
 )
 
 
-def origin_key(artifact_digest: str, artifact_kind: str, lineage: dict, gates: dict) -> str:
+def origin_key(artifact_digest: str, artifact_kind: str | None, lineage: dict, gates: dict) -> str:
     """What makes two registrations the same version: the same bytes, made from the same inputs.
 
     The artifact digest and kind, the gate results (thresholds, estimates, verdicts), and the lineage without

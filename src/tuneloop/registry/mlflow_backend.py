@@ -57,7 +57,7 @@ from tuneloop.registry.names import (
     previous_alias,
     version_ranges,
 )
-from tuneloop.registry.records import ARTIFACT_KINDS, check_note_event, to_json
+from tuneloop.registry.records import ARTIFACT_KINDS, ModelVersion, check_note_event, to_json
 from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
     ENDED,
@@ -161,7 +161,7 @@ class MlflowRegistry:
         cache_key: str | None = None,
         actor: str | None = None,
         reason: str = "",
-    ) -> dict:
+    ) -> ModelVersion:
         """Log ``artifact_dir`` as an MLflow run and create the next model version of ``model`` from it."""
         from tuneloop.registry.lineage import check_artifact_dir, origin_key
 
@@ -223,7 +223,7 @@ class MlflowRegistry:
         self, model: str, alias: str, version: int | str, *, actor: str | None = None, reason: str = ""
     ) -> None:
         check_alias_name(alias)
-        target = self._get_live(model, self._verified(model, version, alias), f"point alias {alias!r} at")["version"]
+        target = self._get_live(model, self._verified(model, version, alias), f"point alias {alias!r} at").version
         old = self._aliases(model).get(alias)
         with self._mlflow(f"set alias {alias!r} of {model!r}"):
             self.client.set_registered_model_alias(model, alias, str(target))
@@ -231,12 +231,12 @@ class MlflowRegistry:
 
     def promote(
         self, model: str, version: int | str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> ModelVersion:
         check_alias_name(alias)
         prev_name = previous_alias(alias)
         if alias == "previous" or alias.endswith("-previous"):
             raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
-        target = self._get_live(model, self._verified(model, version, alias), f"promote to {alias!r}")["version"]
+        target = self._get_live(model, self._verified(model, version, alias), f"promote to {alias!r}").version
         aliases = self._aliases(model)
         old, old_previous = aliases.get(alias), aliases.get(prev_name)
         if old != target:
@@ -252,7 +252,9 @@ class MlflowRegistry:
             self._add_event(model, target, "promoted", actor, reason, details)
         return self.get(model, target)
 
-    def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
+    def rollback(
+        self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
+    ) -> ModelVersion:
         check_alias_name(alias)
         prev_name = previous_alias(alias)
         aliases = self._aliases(model)
@@ -280,33 +282,33 @@ class MlflowRegistry:
 
     def set_tag(
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> ModelVersion:
         check_tag(key, value)
         v = self.get(model, version)
-        old = v["tags"].get(key)
+        old = v.tags.get(key)
         if old != value:
             with self._mlflow(f"tag {v['ref']}"):
-                self.client.set_model_version_tag(model, str(v["version"]), key, value)
-            self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": old, "new": value})
-        return self.get(model, v["version"])
+                self.client.set_model_version_tag(model, str(v.version), key, value)
+            self._add_event(model, v.version, "tagged", actor, reason, {"key": key, "old": old, "new": value})
+        return self.get(model, v.version)
 
     def remove_tag(
         self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> ModelVersion:
         v = self.get(model, version)
-        if key not in v["tags"]:
+        if key not in v.tags:
             raise InputError(f"{v['ref']} has no tag {key!r}; its tags: {', '.join(sorted(v['tags'])) or 'none'}")
         with self._mlflow(f"untag {v['ref']}"):
-            self.client.delete_model_version_tag(model, str(v["version"]), key)
-        self._add_event(model, v["version"], "tagged", actor, reason, {"key": key, "old": v["tags"][key], "new": None})
-        return self.get(model, v["version"])
+            self.client.delete_model_version_tag(model, str(v.version), key)
+        self._add_event(model, v.version, "tagged", actor, reason, {"key": key, "old": v.tags[key], "new": None})
+        return self.get(model, v.version)
 
     def record_event(
         self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = ""
     ) -> dict:
         """Record a note event (``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns it as ``events`` lists it."""
         check_note_event(kind)
-        number = self.get(model, version)["version"]
+        number = self.get(model, version).version
         return self._add_event(model, number, kind, actor, reason, details)
 
     def delete(
@@ -316,10 +318,10 @@ class MlflowRegistry:
         from tuneloop.registry.lineage import actor as default_actor
 
         v = self.get(model, version)
-        number = v["version"]
-        if v["deleted"]:
+        number = v.version
+        if v.deleted:
             raise InputError(f"{v['ref']} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}")
-        pointing = sorted(v["aliases"])
+        pointing = sorted(v.aliases)
         if pointing and not force:
             raise InputError(
                 f"{v['ref']} is what alias(es) {', '.join(pointing)} point at; promote or roll back to another "
@@ -336,33 +338,33 @@ class MlflowRegistry:
             "deleted",
             actor,
             reason,
-            {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing},
+            {"artifact_digest": v.artifact_digest, "removed_aliases": pointing},
         )
         collected = self._collect(v)
         return {"version": self.get(model, number), "removed_aliases": pointing, "collected": collected}
 
-    def _collect(self, v: dict) -> list[str]:
+    def _collect(self, v: ModelVersion) -> list[str]:
         """Delete the version's run artifacts unless another live version uses the same source."""
-        source = v["artifact_uri"]
+        source = v.artifact_uri
         for other in self.list_versions():
-            if other["artifact_uri"] == source and other["ref"] != v["ref"]:
+            if other.artifact_uri == source and other.ref != v.ref:
                 return []
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
             with self._mlflow(f"delete the artifacts of {v['ref']}"):
-                run = self.client.get_run(v["run_id"])
+                run = self.client.get_run(str(v.run_id))
                 repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
                 repo.delete_artifacts("artifact")
                 if any(f.path == "MLmodel" for f in repo.list_artifacts()):
                     repo.delete_artifacts("MLmodel")
         except TuneloopError as e:
             # The deletion itself is recorded; an artifact store that refuses deletes only costs space.
-            log.warning("%s was deleted, but its artifacts stay in the MLflow artifact store: %s", v["ref"], e)
+            log.warning("%s was deleted, but its artifacts stay in the MLflow artifact store: %s", v.ref, e)
             return []
-        if not any(o["artifact_digest"] == v["artifact_digest"] for o in self.list_versions()):
-            self.store.remove(v["artifact_digest"])
-        return [v["artifact_digest"]]
+        if not any(o.artifact_digest == v.artifact_digest for o in self.list_versions()):
+            self.store.remove(v.artifact_digest)
+        return [v.artifact_digest]
 
     # -- rollouts (see registry/rollouts.py) -----------------------------------------------------------
 
@@ -389,7 +391,7 @@ class MlflowRegistry:
         policy = json.loads(check_json(policy, "the rollout policy"))
         base = self._aliases(model).get("champion") if baseline_version is None else baseline_version
         if base is not None:
-            base = self._get_live(model, base, "compare a canary with")["version"]
+            base = self._get_live(model, base, "compare a canary with").version
         rollouts, tags = self._rollouts(model)
         base = check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
         record = new_record(
@@ -548,40 +550,40 @@ class MlflowRegistry:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def get(self, model: str, version: int | str = "latest") -> dict:
+    def get(self, model: str, version: int | str = "latest") -> ModelVersion:
         versions = self._versions(model)
         number = self._resolve(model, version, versions)
         if number not in versions:
-            live = [n for n, v in sorted(versions.items()) if not v["deleted"]]
+            live = [n for n, v in sorted(versions.items()) if not v.deleted]
             raise InputError(
                 f"model {model!r} has no version {number}; known versions: {version_ranges(live)}{alias_hint(self._aliases(model))}"
             )
         return versions[number]
 
-    def resolve(self, ref: str) -> dict:
+    def resolve(self, ref: str) -> ModelVersion:
         return self.get(*parse_ref(ref))
 
     def open_artifact(self, model: str, version: int | str = "latest") -> Path:
         """Download (or reuse a verified local copy of) a version's artifact; refuse it if any byte differs."""
         v = self.get(model, version)
-        if v["deleted"]:
+        if v.deleted:
             raise InputError(
                 f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone"
             )
-        if self.store.exists(v["artifact_digest"]):
+        if self.store.exists(v.artifact_digest):
             try:
-                return self.store.open_verified(v["artifact_digest"])
+                return self.store.open_verified(v.artifact_digest)
             except IntegrityError:
                 pass  # a damaged local copy: download it again
         return self._download_verified(v)
 
-    def _download_verified(self, v: dict) -> Path:
+    def _download_verified(self, v: ModelVersion) -> Path:
         """Download a version's artifact from the server, check every byte, keep it in the local cache."""
-        digest = v["artifact_digest"]
+        digest = v.artifact_digest
         tmp = self.store.make_temp("download")
         try:
             with self._mlflow(f"download the artifact of {v['ref']}"):
-                got = Path(self.client.download_artifacts(v["run_id"], "artifact", str(tmp)))
+                got = Path(self.client.download_artifacts(str(v.run_id), "artifact", str(tmp)))
             problems = _problems_against_manifest(got)
             from tuneloop.fsutil import sha256_dir
 
@@ -602,18 +604,18 @@ class MlflowRegistry:
     def _verified(self, model: str, version: int | str, alias: str) -> int:
         """Resolve ``version`` and check the server's copy of its artifact before ``alias`` may point at it."""
         v = self.get(model, version)
-        if not v["deleted"]:  # a deleted version is refused with its own message by _get_live
+        if not v.deleted:  # a deleted version is refused with its own message by _get_live
             try:
                 self._download_verified(v)
             except IntegrityError as e:
                 raise IntegrityError(f"refusing to point {model}@{alias} at {v['ref']}: {e}") from None
-        return v["version"]
+        return v.version
 
     def gc(self) -> list[tuple[str, int]]:
         """Remove local cached copies of artifacts that no live version on the server uses."""
         from tuneloop.registry.store import tree_size
 
-        live = {v["artifact_digest"] for v in self.list_versions()}
+        live = {v.artifact_digest for v in self.list_versions()}
         out = []
         for d in self.store.digests():
             size = tree_size(self.store.path(d))
@@ -621,11 +623,11 @@ class MlflowRegistry:
                 out.append((d, size))
         return out
 
-    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]:
+    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[ModelVersion]:
         names = [model] if model is not None else self.models()
         out = []
         for name in names:
-            out += [v for _, v in sorted(self._versions(name).items()) if include_deleted or not v["deleted"]]
+            out += [v for _, v in sorted(self._versions(name).items()) if include_deleted or not v.deleted]
         return out
 
     def models(self) -> list[str]:
@@ -706,7 +708,7 @@ class MlflowRegistry:
         rm = self._registered_model(model)
         return {a: int(v) for a, v in sorted((rm.aliases or {}).items())}
 
-    def _versions(self, model: str) -> dict[int, dict]:
+    def _versions(self, model: str) -> dict[int, ModelVersion]:
         aliases = self._aliases(model)
         with self._mlflow(f"list versions of {model!r}"):
             mvs = self.client.search_model_versions(filter_string=f"name = '{model}'", max_results=10000)
@@ -717,28 +719,28 @@ class MlflowRegistry:
             if f"{P}artifact_digest" not in t:
                 continue  # a version created outside tuneloop
             deleted = json.loads(t[f"{P}deleted"]) if f"{P}deleted" in t else None
-            out[number] = {
-                "model": model,
-                "version": number,
-                "ref": f"{model}:{number}",
-                "created_at": t.get(f"{P}created_at"),
-                "artifact_digest": t[f"{P}artifact_digest"],
-                "artifact_path": str(self.store.path(t[f"{P}artifact_digest"])),
-                "artifact_uri": mv.source,
-                "run_id": mv.run_id,
-                "artifact_kind": t.get(f"{P}kind"),
-                "base_model": t.get(f"{P}base_model"),
-                "cache_key": t.get(f"{P}cache_key"),
-                "lineage": json.loads(t.get(f"{P}lineage", "{}")),
-                "metrics": json.loads(t.get(f"{P}metrics", "{}")),
-                "gates": json.loads(t.get(f"{P}gates", "{}")),
-                "aliases": sorted(a for a, n in aliases.items() if n == number),
-                "tags": dict(sorted((k, v) for k, v in t.items() if not k.startswith(P))),
-                "deleted": deleted,
-            }
+            out[number] = ModelVersion(
+                model=model,
+                version=number,
+                created_at=t.get(f"{P}created_at"),
+                artifact_digest=t[f"{P}artifact_digest"],
+                artifact_path=str(self.store.path(t[f"{P}artifact_digest"])),
+                artifact_uri=mv.source,
+                run_id=mv.run_id,
+                artifact_kind=t.get(f"{P}kind"),
+                base_model=t.get(f"{P}base_model", ""),  # always set by register
+                cache_key=t.get(f"{P}cache_key"),
+                lineage=json.loads(t.get(f"{P}lineage", "{}")),
+                metrics=json.loads(t.get(f"{P}metrics", "{}")),
+                gates=json.loads(t.get(f"{P}gates", "{}")),
+                aliases=tuple(sorted(a for a, n in aliases.items() if n == number)),
+                tags=dict(sorted((k, v) for k, v in t.items() if not k.startswith(P))),
+                deleted=deleted,
+                backend="mlflow",
+            )
         return out
 
-    def _resolve(self, model: str, version: int | str, versions: dict[int, dict]) -> int:
+    def _resolve(self, model: str, version: int | str, versions: dict[int, ModelVersion]) -> int:
         if isinstance(version, bool) or not isinstance(version, (int, str)):
             raise InputError(f"version must be a number, 'latest' or an alias name, got {version!r}")
         if isinstance(version, int):
@@ -747,44 +749,44 @@ class MlflowRegistry:
         if text.isdigit():
             return int(text)
         if text == "latest":
-            live = [n for n, v in versions.items() if not v["deleted"]]
+            live = [n for n, v in versions.items() if not v.deleted]
             if not live:
                 raise InputError(f"model {model!r} has no live versions; register a new one")
             return max(live)
         aliases = self._aliases(model)
         if text not in aliases:
-            live = sorted(n for n, v in versions.items() if not v["deleted"])
+            live = sorted(n for n, v in versions.items() if not v.deleted)
             raise InputError(
                 f"model {model!r} has no alias {text!r}{alias_hint(aliases)}; use a version number ({version_ranges(live)}) or 'latest'"
             )
         return aliases[text]
 
-    def _get_live(self, model: str, version: int | str, doing: str) -> dict:
+    def _get_live(self, model: str, version: int | str, doing: str) -> ModelVersion:
         v = self.get(model, version)
-        if v["deleted"]:
-            live = [x["version"] for x in self.list_versions(model)]
+        if v.deleted:
+            live = [x.version for x in self.list_versions(model)]
             raise InputError(
                 f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; "
                 f"live versions: {version_ranges(live)}"
             )
         return v
 
-    def _by_cache_key(self, model: str, cache_key: str) -> dict | None:
+    def _by_cache_key(self, model: str, cache_key: str) -> ModelVersion | None:
         try:
             versions = self._versions(model)
         except InputError:
             return None  # no such model yet
         for _, v in sorted(versions.items()):
-            if v["cache_key"] == cache_key:
-                if v["deleted"]:
+            if v.cache_key == cache_key:
+                if v.deleted:
                     raise InputError(
                         f"these exact inputs were registered as {v['ref']}, which was deleted on {v['deleted']['at']} "
                         f"by {v['deleted']['actor']}; change the data or config (e.g. the seed) to train a new one"
                     )
-                return {**v, "existing": True}
+                return v.found()
         return None
 
-    def _by_origin(self, model: str, key: str) -> dict | None:
+    def _by_origin(self, model: str, key: str) -> ModelVersion | None:
         from tuneloop.registry.lineage import origin_key
 
         try:
@@ -792,11 +794,8 @@ class MlflowRegistry:
         except InputError:
             return None  # no such model yet
         for _, v in sorted(versions.items()):
-            if (
-                not v["deleted"]
-                and origin_key(v["artifact_digest"], v["artifact_kind"], v["lineage"], v["gates"]) == key
-            ):
-                return {**v, "existing": True}
+            if not v.deleted and origin_key(v.artifact_digest, v.artifact_kind, v.lineage, v.gates) == key:
+                return v.found()
         return None
 
     def _add_event(

@@ -33,13 +33,14 @@ from tuneloop.registry.lineage import (
     git_info,
 )
 from tuneloop.registry.names import parse_ref
+from tuneloop.registry.records import ModelVersion
 from tuneloop.registry.recovery import recover_database
 from tuneloop.version import __version__, code_version
 
 
 def register_directory(
     reg, path: Path, name: str, *, base: str | None = None, actor: str | None = None, reason: str = ""
-) -> dict:
+) -> ModelVersion:
     """Register a model or PEFT adapter directory produced outside tuneloop as the next version of ``name``.
 
     An adapter's base is ``base`` or else the ``base_model_name_or_path`` in its adapter_config.json; it is
@@ -89,7 +90,7 @@ def register_directory(
     )
 
 
-def resolve(reg, ref: str) -> dict:
+def resolve(reg, ref: str) -> ModelVersion:
     model, version = parse_ref(ref)
     return reg.get(model, version)
 
@@ -97,11 +98,11 @@ def resolve(reg, ref: str) -> dict:
 def lineage_of(reg, ref: str) -> dict:
     """Where a version came from, in one document: base, data, config, code, run, metrics, gates, events."""
     v = resolve(reg, ref)
-    lin = v["lineage"]
-    base = lin.get("base") or {"id": v["base_model"], "digest": lin.get("base_model_fingerprint")}
+    lin = v.lineage
+    base = lin.get("base") or {"id": v.base_model, "digest": lin.get("base_model_fingerprint")}
     return {
-        "ref": v["ref"],
-        "artifact": {"kind": v["artifact_kind"], "sha256": v["artifact_digest"]},
+        "ref": v.ref,
+        "artifact": {"kind": v.artifact_kind, "sha256": v.artifact_digest},
         "base_model": base,
         "run_id": lin.get("run_id"),
         "pipeline": lin.get("pipeline"),
@@ -110,12 +111,12 @@ def lineage_of(reg, ref: str) -> dict:
         "code_version": lin.get("code_version"),
         "git": lin.get("git"),
         "source_path": lin.get("source_path"),
-        "metrics": v["metrics"],
-        "gates": v["gates"],
-        "aliases": v["aliases"],
-        "tags": v["tags"],
-        "deleted": v["deleted"],
-        "events": reg.events(v["model"], v["version"]),
+        "metrics": v.metrics,
+        "gates": v.gates,
+        "aliases": list(v.aliases),
+        "tags": v.tags,
+        "deleted": v.deleted,
+        "events": reg.events(v.model, v.version),
     }
 
 
@@ -136,24 +137,24 @@ def _changes(a: dict, b: dict) -> list[dict[str, Any]]:
 def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
     """Compare two versions: config key by key, data digests, metrics (with deltas), base, artifact, gates."""
     a, b = resolve(reg, ref_a), resolve(reg, ref_b)
-    la, lb = a["lineage"], b["lineage"]
+    la, lb = a.lineage, b.lineage
     metrics = []
-    for row in _changes(a["metrics"], b["metrics"]) + [
-        {"key": k, "a": v, "b": v} for k, v in _flatten(a["metrics"]).items() if _flatten(b["metrics"]).get(k) == v
+    for row in _changes(a.metrics, b.metrics) + [
+        {"key": k, "a": v, "b": v} for k, v in _flatten(a.metrics).items() if _flatten(b.metrics).get(k) == v
     ]:
         if isinstance(row["a"], (int, float)) and isinstance(row["b"], (int, float)) and not isinstance(row["a"], bool):
             row["delta"] = row["b"] - row["a"]
         metrics.append(row)
     metrics.sort(key=lambda r: r["key"])
     gate_verdicts = {
-        name: {"a": (a["gates"].get(name) or {}).get("passed"), "b": (b["gates"].get(name) or {}).get("passed")}
-        for name in sorted(a["gates"].keys() | b["gates"].keys())
+        name: {"a": (a.gates.get(name) or {}).get("passed"), "b": (b.gates.get(name) or {}).get("passed")}
+        for name in sorted(a.gates.keys() | b.gates.keys())
     }
     base_a = (la.get("base") or {}).get("digest") or la.get("base_model_fingerprint")
     base_b = (lb.get("base") or {}).get("digest") or lb.get("base_model_fingerprint")
     return {
-        "a": a["ref"],
-        "b": b["ref"],
+        "a": a.ref,
+        "b": b.ref,
         "config": _changes(la.get("config") or {}, lb.get("config") or {}),
         "config_hash": {
             "a": la.get("config_hash"),
@@ -161,11 +162,11 @@ def diff_versions(reg, ref_a: str, ref_b: str) -> dict:
             "same": la.get("config_hash") == lb.get("config_hash"),
         },
         "data": _changes(la.get("data") or {}, lb.get("data") or {}),
-        "base_model": {"a": a["base_model"], "b": b["base_model"], "same_digest": base_a == base_b},
+        "base_model": {"a": a.base_model, "b": b.base_model, "same_digest": base_a == base_b},
         "artifact": {
-            "a": a["artifact_digest"],
-            "b": b["artifact_digest"],
-            "same": a["artifact_digest"] == b["artifact_digest"],
+            "a": a.artifact_digest,
+            "b": b.artifact_digest,
+            "same": a.artifact_digest == b.artifact_digest,
         },
         "code_version": {"a": la.get("code_version"), "b": lb.get("code_version")},
         "metrics": metrics,
@@ -192,21 +193,19 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"export target {out_dir} exists and is not an empty directory; choose a new directory")
-    src = reg.open_artifact(v["model"], v["version"])  # verifies every file's sha256
+    src = reg.open_artifact(v.model, v.version)  # verifies every file's sha256
     base, base_name = None, None
-    if v["artifact_kind"] == "adapter":
-        lin = v["lineage"]
+    if v.artifact_kind == "adapter":
+        lin = v.lineage
         base = check_base(
-            lin.get("base") or v["base_model"],
+            lin.get("base") or v.base_model,
             (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
         )
         base_name = portable_base_name(v)
-    if merged and v["artifact_kind"] != "adapter":
-        raise InputError(
-            f"{v['ref']} is a full model, not an adapter: there is nothing to merge; export without --merged"
-        )
+    if merged and v.artifact_kind != "adapter":
+        raise InputError(f"{v.ref} is a full model, not an adapter: there is nothing to merge; export without --merged")
 
-    kind = "model" if merged or v["artifact_kind"] == "model" else "adapter"
+    kind = "model" if merged or v.artifact_kind == "model" else "adapter"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -227,12 +226,12 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
             shutil.rmtree(tmp, ignore_errors=True)
     details = {"format": "hf", "kind": kind, "merged": merged, "sha256": weights, "path": str(out_dir.resolve())}
     try:  # like a GGUF export: recorded on the version, or not left behind
-        event = reg.record_event(v["model"], v["version"], "exported", details, actor=actor)
+        event = reg.record_event(v.model, v.version, "exported", details, actor=actor)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return {
-        "ref": v["ref"],
+        "ref": v.ref,
         "path": str(out_dir.resolve()),
         "kind": kind,
         "merged": merged,
@@ -259,7 +258,7 @@ def _rewrite_adapter_config(path: Path, base_name: str | None, layers: int | Non
     path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
-def _finish_export(tmp: Path, v: dict, *, kind: str, base_name: str | None, merged: bool) -> None:
+def _finish_export(tmp: Path, v: ModelVersion, *, kind: str, base_name: str | None, merged: bool) -> None:
     """Tokenizer config, model card, ``tuneloop_export.json`` and file modes of an export being written."""
     clean_tokenizer_config(tmp / "tokenizer_config.json")
     readme = tmp / "README.md"
@@ -270,9 +269,9 @@ def _finish_export(tmp: Path, v: dict, *, kind: str, base_name: str | None, merg
     (tmp / "tuneloop_export.json").write_text(
         json.dumps(
             {
-                "ref": v["ref"],
-                "artifact_sha256": v["artifact_digest"],
-                "kind": v["artifact_kind"],
+                "ref": v.ref,
+                "artifact_sha256": v.artifact_digest,
+                "kind": v.artifact_kind,
                 "merged": merged,
                 "base_model": base_name,
                 "tuneloop_version": __version__,

@@ -6,7 +6,10 @@ Both backends (``registry/sqlite.py``, ``registry/mlflow_backend.py``) check wha
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneloop.errors import InputError
@@ -31,7 +34,7 @@ def check_note_event(kind: str) -> None:
         raise InputError(f"record_event takes the event kinds {', '.join(NOTE_EVENT_KINDS)}, not {kind!r}")
 
 
-def version_record(v: dict, registered: dict, aliases: dict[str, int]) -> dict:
+def version_record(v: Mapping[str, Any], registered: dict, aliases: dict[str, int]) -> dict:
     """The record of a version kept beside its artifact: its row, lineage, and the model's aliases then."""
     keep = (
         "model",
@@ -51,3 +54,81 @@ def version_record(v: dict, registered: dict, aliases: dict[str, int]) -> dict:
         "aliases": dict(aliases),
         "registered": {k: registered[k] for k in ("at", "actor", "reason")},
     }
+
+
+# eq=False: equality is the mapping's (a version equals its dict form and another record with the same fields).
+@dataclass(frozen=True, eq=False)
+class ModelVersion(Mapping[str, Any]):
+    """One registered version, as both backends return it (``get``, ``resolve``, ``list_versions``, ``register``...).
+
+    Read it by attribute (``v.ref``, ``v.artifact_digest``); ``to_dict()`` is the JSON form ``--json`` prints
+    (same keys in the same order as before records were typed). The read-only mapping view (``v["ref"]``) is kept
+    for scripts written against the dict form; tuneloop's own code uses the attributes.
+    """
+
+    model: str
+    version: int
+    created_at: str | None
+    artifact_digest: str  # sha256 (64 hex) of the artifact directory's manifest: its address in the store
+    artifact_path: str  # the local directory of that digest (for MLflow, in the local cache)
+    artifact_kind: str | None
+    base_model: str  # the hub id or path it was trained from
+    cache_key: str | None
+    lineage: dict[str, Any]
+    metrics: dict[str, Any]
+    gates: dict[str, Any]
+    aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    deleted: dict[str, Any] | None = None  # {at, actor, reason} once soft-deleted
+    artifact_uri: str | None = None  # MLflow only: the model version's source
+    run_id: str | None = None  # MLflow only: the run that holds the artifact
+    existing: bool = False  # register() found this version instead of adding one
+    backend: str = "sqlite"
+
+    @property
+    def ref(self) -> str:
+        """The version's canonical ref, ``name:N`` (what a client pins; also the served model id)."""
+        return f"{self.model}:{self.version}"
+
+    def found(self) -> ModelVersion:
+        """This version as ``register`` returns it when nothing new was added (``"existing": true``)."""
+        return replace(self, existing=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "version": self.version,
+            "ref": self.ref,
+            "created_at": self.created_at,
+            "artifact_digest": self.artifact_digest,
+            "artifact_path": self.artifact_path,
+        }
+        if self.backend == "mlflow":
+            out["artifact_uri"] = self.artifact_uri
+            out["run_id"] = self.run_id
+        out.update(
+            {
+                "artifact_kind": self.artifact_kind,
+                "base_model": self.base_model,
+                "cache_key": self.cache_key,
+                "lineage": copy.deepcopy(self.lineage),
+                "metrics": copy.deepcopy(self.metrics),
+                "gates": copy.deepcopy(self.gates),
+                "aliases": list(self.aliases),
+                "tags": dict(self.tags),
+                "deleted": dict(self.deleted) if self.deleted is not None else None,
+            }
+        )
+        if self.existing:
+            out["existing"] = True
+        return out
+
+    # The read-only mapping view (see the class docstring).
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())

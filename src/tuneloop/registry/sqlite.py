@@ -55,7 +55,7 @@ from tuneloop.registry.names import (
     previous_alias,
     version_ranges,
 )
-from tuneloop.registry.records import ARTIFACT_KINDS, check_note_event, to_json, version_record
+from tuneloop.registry.records import ARTIFACT_KINDS, ModelVersion, check_note_event, to_json, version_record
 from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
     ENDED,
@@ -289,7 +289,7 @@ class SqliteRegistry:
                     "SELECT * FROM events WHERE model = ? AND version = ? AND kind = 'registered' ORDER BY id LIMIT 1",
                     (r["model"], r["version"]),
                 ).fetchone()
-                registered = dict(first) if first else {"at": v["created_at"], "actor": "unknown", "reason": ""}
+                registered = dict(first) if first else {"at": v.created_at, "actor": "unknown", "reason": ""}
                 self.store.write_record(
                     r["model"], r["version"], version_record(v, registered, self._aliases(conn, r["model"]))
                 )
@@ -340,7 +340,7 @@ class SqliteRegistry:
         cache_key: str | None = None,
         actor: str | None = None,
         reason: str = "",
-    ) -> dict:
+    ) -> ModelVersion:
         """Store ``artifact_dir`` and record it as the next version of ``model``; return that version.
 
         The directory must hold safetensors weights and no pickle files. With a ``cache_key`` already
@@ -379,7 +379,9 @@ class SqliteRegistry:
                 return self._insert_version(conn, model, row, actor, reason)
         raise TuneloopError(f"could not register {model}: its artifact kept being garbage-collected; try again")
 
-    def _insert_version(self, conn: sqlite3.Connection, model: str, row: tuple, actor: str | None, reason: str) -> dict:
+    def _insert_version(
+        self, conn: sqlite3.Connection, model: str, row: tuple, actor: str | None, reason: str
+    ) -> ModelVersion:
         """Record the next version of ``model`` (inside the write transaction) and its record in the store."""
         digest, artifact_kind, _, cache_key = row[:4]
         now = utcnow()
@@ -413,7 +415,7 @@ class SqliteRegistry:
         check_alias_name(alias)
         number = self._verified(model, version, alias)
         with self._transaction(write=True) as conn:
-            target = self._get_live(conn, model, number, f"point alias {alias!r} at")["version"]
+            target = self._get_live(conn, model, number, f"point alias {alias!r} at").version
             old = self._alias(conn, model, alias)
             self._put_alias(conn, model, alias, target)
             self._event(conn, model, target, "alias_set", actor, reason, {"alias": alias, "old": old, "new": target})
@@ -426,7 +428,7 @@ class SqliteRegistry:
         alias: str = "champion",
         actor: str | None = None,
         reason: str = "",
-    ) -> dict:
+    ) -> ModelVersion:
         """Point ``alias`` (default ``champion``) at ``version``; the version it left becomes its previous.
 
         The previous alias is ``previous`` for ``champion`` and ``<alias>-previous`` otherwise. Promoting
@@ -438,7 +440,7 @@ class SqliteRegistry:
             raise InputError(f"alias {alias!r} is kept by promote/rollback; promote to the alias it backs up instead")
         number = self._verified(model, version, alias)
         with self._transaction(write=True) as conn:
-            target = self._get_live(conn, model, number, f"promote to {alias!r}")["version"]
+            target = self._get_live(conn, model, number, f"promote to {alias!r}").version
             old = self._alias(conn, model, alias)
             if old != target:
                 old_previous = self._alias(conn, model, prev_name)
@@ -453,7 +455,9 @@ class SqliteRegistry:
                 self._event(conn, model, target, "promoted", actor, reason, details)
             return self._get(conn, model, target)
 
-    def rollback(self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = "") -> dict:
+    def rollback(
+        self, model: str, *, alias: str = "champion", actor: str | None = None, reason: str = ""
+    ) -> ModelVersion:
         """Point ``alias`` back at its previous version, and keep the rolled-back one as the previous.
 
         So two rollbacks in a row return to where they started. Returns the version now behind ``alias``.
@@ -494,20 +498,20 @@ class SqliteRegistry:
     def _verified(self, model: str, version: int | str, alias: str) -> int:
         """Resolve ``version`` and check its artifact's bytes against its manifest before ``alias`` may point at it."""
         v = self.get(model, version)
-        if not v["deleted"]:  # a deleted version is refused with its own message inside the transaction
+        if not v.deleted:  # a deleted version is refused with its own message inside the transaction
             try:
-                self.store.verify(v["artifact_digest"])
+                self.store.verify(v.artifact_digest)
             except IntegrityError as e:
-                raise IntegrityError(f"refusing to point {model}@{alias} at {v['ref']}: {e}") from None
-        return v["version"]
+                raise IntegrityError(f"refusing to point {model}@{alias} at {v.ref}: {e}") from None
+        return v.version
 
     def set_tag(
         self, model: str, version: int | str, key: str, value: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> ModelVersion:
         """Set tag ``key`` to ``value`` on a version; records a ``tagged`` event. Returns the version."""
         check_tag(key, value)
         with self._transaction(write=True) as conn:
-            number = self._get(conn, model, version)["version"]
+            number = self._get(conn, model, version).version
             old = self._tags(conn, model, number).get(key)
             if old != value:
                 conn.execute(
@@ -520,10 +524,10 @@ class SqliteRegistry:
 
     def remove_tag(
         self, model: str, version: int | str, key: str, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> ModelVersion:
         """Remove tag ``key`` from a version (a ``tagged`` event with ``new: null``). Returns the version."""
         with self._transaction(write=True) as conn:
-            number = self._get(conn, model, version)["version"]
+            number = self._get(conn, model, version).version
             tags = self._tags(conn, model, number)
             if key not in tags:
                 raise InputError(f"{model}:{number} has no tag {key!r}; its tags: {', '.join(sorted(tags)) or 'none'}")
@@ -537,7 +541,7 @@ class SqliteRegistry:
         """Record a note event (one of ``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns the event."""
         check_note_event(kind)
         with self._transaction(write=True) as conn:
-            number = self._get(conn, model, version)["version"]
+            number = self._get(conn, model, version).version
             return self._event(conn, model, number, kind, actor, reason, details)
 
     def delete(
@@ -551,11 +555,9 @@ class SqliteRegistry:
         """
         with self._transaction(write=True) as conn:
             v = self._get(conn, model, version)
-            number = v["version"]
-            if v["deleted"]:
-                raise InputError(
-                    f"{model}:{number} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}"
-                )
+            number = v.version
+            if v.deleted:
+                raise InputError(f"{model}:{number} was already deleted on {v.deleted['at']} by {v.deleted['actor']}")
             pointing = sorted(a for a, n in self._aliases(conn, model).items() if n == number)
             if pointing and not force:
                 raise InputError(
@@ -575,9 +577,9 @@ class SqliteRegistry:
                 "deleted",
                 actor,
                 reason,
-                {"artifact_digest": v["artifact_digest"], "removed_aliases": pointing},
+                {"artifact_digest": v.artifact_digest, "removed_aliases": pointing},
             )
-            collected = self._collect(conn, [v["artifact_digest"]])
+            collected = self._collect(conn, [v.artifact_digest])
             deleted = self._get(conn, model, number)
         return {"version": deleted, "removed_aliases": pointing, "collected": collected}
 
@@ -627,10 +629,10 @@ class SqliteRegistry:
         check_weight(weight)
         policy_json = check_json(policy, "the rollout policy")
         with self._transaction(write=True) as conn:
-            cand = self._get_live(conn, model, number, "start a rollout of")["version"]
+            cand = self._get_live(conn, model, number, "start a rollout of").version
             base = self._alias(conn, model, "champion") if baseline_version is None else baseline_version
             if base is not None:
-                base = self._get_live(conn, model, base, "compare a canary with")["version"]
+                base = self._get_live(conn, model, base, "compare a canary with").version
             base = check_start(model, cand, base, self._running_rollout(conn, model))
             n = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM rollouts WHERE model = ?", (model,)).fetchone()[
                 0
@@ -779,25 +781,23 @@ class SqliteRegistry:
     def location(self) -> str:
         return str(self.db_path)
 
-    def get(self, model: str, version: int | str = "latest") -> dict:
+    def get(self, model: str, version: int | str = "latest") -> ModelVersion:
         """One version by number, digit string, ``"latest"`` or alias name (deleted ones too, marked)."""
         with self._transaction(write=False) as conn:
             return self._get(conn, model, version)
 
-    def resolve(self, ref: str) -> dict:
+    def resolve(self, ref: str) -> ModelVersion:
         """The version a ref like ``support-bot@champion`` points at."""
         return self.get(*parse_ref(ref))
 
     def open_artifact(self, model: str, version: int | str = "latest") -> Path:
         """Verify a version's artifact and return its directory (what loaders should call)."""
         v = self.get(model, version)
-        if v["deleted"]:
-            raise InputError(
-                f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone"
-            )
-        return self.store.open_verified(v["artifact_digest"])
+        if v.deleted:
+            raise InputError(f"{v.ref} was deleted on {v.deleted['at']} by {v.deleted['actor']}; its artifact is gone")
+        return self.store.open_verified(v.artifact_digest)
 
-    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[dict]:
+    def list_versions(self, model: str | None = None, *, include_deleted: bool = False) -> list[ModelVersion]:
         """Versions of ``model`` (or of every model), oldest first; deleted ones only with ``include_deleted``."""
         with self._transaction(write=False) as conn:
             if model is None:
@@ -817,7 +817,7 @@ class SqliteRegistry:
                 k = (r["model"], r["version"])
                 if k in deletions and not include_deleted:
                     continue
-                out.append(self._row_to_dict(r, names.get(k, []), tags.get(k, {}), deletions.get(k)))
+                out.append(self._row_to_version(r, names.get(k, []), tags.get(k, {}), deletions.get(k)))
             return out
 
     def models(self) -> list[str]:
@@ -849,7 +849,7 @@ class SqliteRegistry:
 
     # -- internals (all take an open connection) ------------------------------------------------
 
-    def _get(self, conn: sqlite3.Connection, model: str, version: int | str) -> dict:
+    def _get(self, conn: sqlite3.Connection, model: str, version: int | str) -> ModelVersion:
         self._check_known_model(conn, model)
         number = self._resolve_version(conn, model, version)
         row = conn.execute("SELECT * FROM versions WHERE model = ? AND version = ?", (model, number)).fetchone()
@@ -861,13 +861,13 @@ class SqliteRegistry:
             )
         names = [a for a, v in self._aliases(conn, model).items() if v == number]
         d = conn.execute("SELECT * FROM deletions WHERE model = ? AND version = ?", (model, number)).fetchone()
-        return self._row_to_dict(row, names, self._tags(conn, model, number), _deletion(d) if d else None)
+        return self._row_to_version(row, names, self._tags(conn, model, number), _deletion(d) if d else None)
 
-    def _get_live(self, conn: sqlite3.Connection, model: str, version: int | str, doing: str) -> dict:
+    def _get_live(self, conn: sqlite3.Connection, model: str, version: int | str, doing: str) -> ModelVersion:
         v = self._get(conn, model, version)
-        if v["deleted"]:
+        if v.deleted:
             raise InputError(
-                f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}"
+                f"cannot {doing} {v.ref}: it was deleted on {v.deleted['at']} by {v.deleted['actor']}"
                 f"; live versions: {version_ranges(self._version_numbers(conn, model))}"
             )
         return v
@@ -904,22 +904,22 @@ class SqliteRegistry:
             listing = ", ".join(known) if known else "none yet (register a model first)"
             raise InputError(f"unknown model {model!r} in registry {self.db_path}; known models: {listing}")
 
-    def _by_cache_key(self, conn: sqlite3.Connection, model: str, cache_key: str) -> dict | None:
+    def _by_cache_key(self, conn: sqlite3.Connection, model: str, cache_key: str) -> ModelVersion | None:
         row = conn.execute(
             "SELECT version FROM versions WHERE model = ? AND cache_key = ?", (model, cache_key)
         ).fetchone()
         if row is None:
             return None
         found = self._get(conn, model, row[0])
-        if found["deleted"]:
+        if found.deleted:
             raise InputError(
-                f"these exact inputs were registered as {found['ref']}, which was deleted on "
-                f"{found['deleted']['at']} by {found['deleted']['actor']} ({found['deleted']['reason'] or 'no reason given'}); "
+                f"these exact inputs were registered as {found.ref}, which was deleted on "
+                f"{found.deleted['at']} by {found.deleted['actor']} ({found.deleted['reason'] or 'no reason given'}); "
                 "a deleted version is not registered again: change the data or config (e.g. the seed) to train a new one"
             )
-        return {**found, "existing": True}
+        return found.found()
 
-    def _by_origin(self, conn: sqlite3.Connection, model: str, key: str) -> dict | None:
+    def _by_origin(self, conn: sqlite3.Connection, model: str, key: str) -> ModelVersion | None:
         from tuneloop.registry.lineage import origin_key
 
         rows = conn.execute(
@@ -932,7 +932,7 @@ class SqliteRegistry:
                 origin_key(r["artifact_digest"], r["artifact_kind"], json.loads(r["lineage"]), json.loads(r["gates"]))
                 == key
             ):
-                return {**self._get(conn, model, r["version"]), "existing": True}
+                return self._get(conn, model, r["version"]).found()
         return None
 
     def _event(
@@ -991,26 +991,25 @@ class SqliteRegistry:
             (model, alias, version, utcnow()),
         )
 
-    def _row_to_dict(
+    def _row_to_version(
         self, row: sqlite3.Row, alias_names: list[str], tags: dict[str, str], deleted: dict | None
-    ) -> dict:
-        return {
-            "model": row["model"],
-            "version": row["version"],
-            "ref": f"{row['model']}:{row['version']}",
-            "created_at": row["created_at"],
-            "artifact_digest": row["artifact_digest"],
-            "artifact_path": str(self.store.path(row["artifact_digest"])),
-            "artifact_kind": row["artifact_kind"],
-            "base_model": row["base_model"],
-            "cache_key": row["cache_key"],
-            "lineage": json.loads(row["lineage"]),
-            "metrics": json.loads(row["metrics"]),
-            "gates": json.loads(row["gates"]),
-            "aliases": sorted(alias_names),
-            "tags": dict(sorted(tags.items())),
-            "deleted": deleted,
-        }
+    ) -> ModelVersion:
+        return ModelVersion(
+            model=row["model"],
+            version=row["version"],
+            created_at=row["created_at"],
+            artifact_digest=row["artifact_digest"],
+            artifact_path=str(self.store.path(row["artifact_digest"])),
+            artifact_kind=row["artifact_kind"],
+            base_model=row["base_model"],
+            cache_key=row["cache_key"],
+            lineage=json.loads(row["lineage"]),
+            metrics=json.loads(row["metrics"]),
+            gates=json.loads(row["gates"]),
+            aliases=tuple(sorted(alias_names)),
+            tags=dict(sorted(tags.items())),
+            deleted=deleted,
+        )
 
 
 def _deletion(row: sqlite3.Row) -> dict:

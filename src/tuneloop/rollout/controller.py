@@ -105,14 +105,14 @@ def start(
     candidate = reg.get(model, version)
     if version_kind(candidate) == "reward":
         raise InputError(
-            f"{candidate['ref']} is a reward model (its lineage has kind: reward): the gateway serves no chat traffic "
+            f"{candidate.ref} is a reward model (its lineage has kind: reward): the gateway serves no chat traffic "
             "to it, so a canary would never see a request; roll out the chat model it was trained for instead"
         )
     pol = as_policy(policy)
     analysis = CanaryAnalysis(pol, now=time.time() if now is None else now)
     record = reg.start_rollout(
         model,
-        candidate["version"],
+        candidate.version,
         policy=pol.to_dict(),
         actor=actor,
         reason=reason,

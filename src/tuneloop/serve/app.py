@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import Request
 
+from tuneloop.registry.records import ModelVersion
 from tuneloop.serve.backends import Backend, Route
 from tuneloop.serve.backends.local import ServedModel, load_served_model  # noqa: F401  (public: load one version in-process)
 from tuneloop.serve.calls import (
@@ -141,7 +142,7 @@ async def preload(gw: Gateway) -> None:
         try:
             route = gw.router.choose_arm(ref, None)
             status = await gw.backend.prepare(route.version)
-            log.info("%s ready (probes: %s)", route.model_id, status.get("status"))
+            log.info("%s ready (probes: %s)", route.version_ref, status.get("status"))
         except APIError as exc:  # a refused version answers 503 with the reason; the others are served
             if exc.code == NOT_A_CHAT_MODEL:  # a reward model: nothing to load for chat (calls for it get a 400)
                 log.info("%s not loaded: a reward model has no chat endpoint", ref)
@@ -152,7 +153,7 @@ async def preload(gw: Gateway) -> None:
 def add_openai_routes(app, gw: Gateway) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_object(v, v["ref"]) for v in gw.router.versions()]}
+        return {"object": "list", "data": [model_object(v, v.ref) for v in gw.router.versions()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
@@ -243,7 +244,7 @@ def add_operations_routes(app, gw: Gateway) -> None:
             raise APIError(400, 'give the version to load as {"model": "name:3"}', code="invalid_value", param="model")
         route = gw.router.choose_arm(ref, None)
         set_route_headers(request_state(request), route)
-        return {"version": route.model_id, "probes": await gw.backend.prepare(route.version)}
+        return {"version": route.version_ref, "probes": await gw.backend.prepare(route.version)}
 
 
 class CallEndpoint:
@@ -301,13 +302,12 @@ def store_feedback(request_log, recorder, body: FeedbackRequest):
         raise
 
 
-def model_object(v: dict[str, Any], model_id: str) -> dict[str, Any]:
+def model_object(v: ModelVersion, model_id: str) -> dict[str, Any]:
     """The OpenAI model object (``GET /v1/models``) of a registered version; the export's README is
     :func:`tuneloop.registry.card.model_card`."""
-    from tuneloop.serve.backends import artifact_sha256
 
     try:
-        created = int(datetime.fromisoformat(str(v.get("created_at"))).timestamp())
+        created = int(datetime.fromisoformat(str(v.created_at)).timestamp())
     except ValueError:
         created = 0
     return {
@@ -315,10 +315,10 @@ def model_object(v: dict[str, Any], model_id: str) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "tuneloop",
-        "version": v["ref"],
-        "artifact_sha256": artifact_sha256(v),
-        "kind": v.get("artifact_kind"),
-        "aliases": v.get("aliases", []),
+        "version": v.ref,
+        "artifact_sha256": v.artifact_digest,
+        "kind": v.artifact_kind,
+        "aliases": list(v.aliases),
     }
 
 

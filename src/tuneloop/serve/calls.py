@@ -60,7 +60,11 @@ def request_state(request_or_scope) -> RequestState:
 
 def set_route_headers(state: RequestState, route: Route) -> None:
     state.headers.update(
-        {"x-tuneloop-version": route.model_id, "x-tuneloop-artifact": route.sha256, "x-tuneloop-arm": route.arm}
+        {
+            "x-tuneloop-version": route.version_ref,
+            "x-tuneloop-artifact": route.artifact_digest,
+            "x-tuneloop-arm": route.arm,
+        }
     )
 
 
@@ -214,7 +218,7 @@ async def call_backend(gw, state: RequestState, route: Route, endpoint: str, bod
     try:
         return await anext(stream), stream  # errors before any output become a plain error response
     except StopAsyncIteration:
-        raise APIError(502, f"{route.model_id} ended its stream without any output", code="empty_stream") from None
+        raise APIError(502, f"{route.version_ref} ended its stream without any output", code="empty_stream") from None
 
 
 async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str, body, watch: DisconnectWatch):
@@ -234,7 +238,7 @@ async def first_answer(gw, state: RequestState, obs: Observation, endpoint: str,
         gw.rec.finish(failed_canary_attempt(obs, exc))
         log.warning(
             "canary %s failed for %s (%s); retried on the baseline",
-            obs.route.model_id,
+            obs.route.version_ref,
             obs.request_id,
             type(exc).__name__,
         )

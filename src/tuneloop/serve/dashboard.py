@@ -33,8 +33,8 @@ def dashboard_data(reg, *, max_events: int = MAX_EVENTS) -> dict[str, Any]:
     models = []
     for name in reg.models():
         versions = [
-            {**{k: v.get(k) for k in VERSION_FIELDS}, "created_text": format_time(v.get("created_at"))}
-            for v in reg.list_versions(name)
+            {**{k: f.get(k) for k in VERSION_FIELDS}, "created_text": format_time(f.get("created_at"))}
+            for f in (v.to_dict() for v in reg.list_versions(name))
         ]
         events = [event_row(e) for e in reg.events(name)[-max_events:]][::-1]
         models.append(

@@ -83,7 +83,7 @@ class Recorder:
             try:
                 self.metrics.observe(
                     model=route.model if route else (obs.ref.split(":")[0].split("@")[0] or "unknown"),
-                    version=str(version["version"]) if version else "none",
+                    version=str(version.version) if version is not None else "none",
                     arm=route.arm if route else "none",
                     endpoint=obs.endpoint,
                     status=obs.status,
@@ -104,8 +104,8 @@ class Recorder:
             endpoint=obs.endpoint,
             model=route.model if route else obs.ref.split(":")[0].split("@")[0],
             ref=obs.ref,
-            version=int(version["version"]) if version else None,
-            artifact_sha256=route.sha256 if route else None,
+            version=version.version if version is not None else None,
+            artifact_sha256=route.artifact_digest if route else None,
             arm=route.arm if route else "direct",
             user_hash=user_hash(obs.user_key),
             prompt=obs.prompt,

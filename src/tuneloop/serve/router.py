@@ -30,6 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 from tuneloop.errors import InputError
+from tuneloop.registry.records import ModelVersion
 from tuneloop.serve.backends import Route
 from tuneloop.serve.errors import APIError, not_found
 
@@ -59,7 +60,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 NOT_A_CHAT_MODEL = "not_a_chat_model"
 
 
-def refuse_reward_model(version: dict[str, Any]) -> None:
+def refuse_reward_model(version: ModelVersion) -> None:
     """A reward model (lineage ``kind: reward``) scores answers and has no chat or completions endpoint: a request
     for one is answered 400 ``not_a_chat_model`` (and ``tuneloop serve`` does not preload it)."""
     from tuneloop.registry.lineage import version_kind
@@ -67,9 +68,9 @@ def refuse_reward_model(version: dict[str, Any]) -> None:
     if version_kind(version) == "reward":
         raise APIError(
             400,
-            f"{version['ref']} is a reward model (its lineage has kind: reward): it scores answers and has no chat or "
+            f"{version.ref} is a reward model (its lineage has kind: reward): it scores answers and has no chat or "
             "completions endpoint; ask for a chat model (GET /v1/models lists the versions), or score answers with it "
-            f"from Python: tuneloop.train.reward.load_reward_model({version['ref']!r}, registry=...)",
+            f"from Python: tuneloop.train.reward.load_reward_model({version.ref!r}, registry=...)",
             code=NOT_A_CHAT_MODEL,
             param="model",
         )
@@ -226,11 +227,11 @@ class Router:
         with self._lock:
             return sorted(self._pending)
 
-    def resolve(self, ref: str) -> dict[str, Any]:
+    def resolve(self, ref: str) -> ModelVersion:
         """The registered version a ref names (cached, see the module's doc)."""
         return self.cache.get(("ref", ref), lambda: self._resolve_uncached(ref))
 
-    def _resolve_uncached(self, ref: str) -> dict[str, Any]:
+    def _resolve_uncached(self, ref: str) -> ModelVersion:
         name, sel = parse_model_ref(ref)
         if name not in self.registry.models():
             known = ", ".join(self.registry.models()) or "none registered yet"
@@ -246,8 +247,8 @@ class Router:
                 f"the model {ref!r} does not exist: {name} has no version or alias {sel!r} "
                 f"(GET /v1/models/{name} lists its versions)"
             ) from None
-        if version.get("deleted"):
-            raise not_found(f"{version['ref']} was deleted; use another version of {name}", code="model_deleted")
+        if version.deleted:
+            raise not_found(f"{version.ref} was deleted; use another version of {name}", code="model_deleted")
         return version
 
     def choose_arm(self, ref: str, user_key: str | None, request_id: str = "") -> Route:
@@ -281,5 +282,5 @@ class Router:
             ref=route.ref, version=self.resolve(record["baseline"]), arm="baseline", rollout_id=route.rollout_id
         )
 
-    def versions(self) -> list[dict[str, Any]]:
-        return [v for v in self.registry.list_versions() if not v.get("deleted")]
+    def versions(self) -> list[ModelVersion]:
+        return [v for v in self.registry.list_versions() if not v.deleted]

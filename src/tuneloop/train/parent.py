@@ -25,11 +25,12 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import InputError
+from tuneloop.registry.records import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,20 @@ class Parent:
     ref: str  # as given: "support-bot@champion"
     model: str
     version: int
-    artifact_sha256: str
+    artifact_digest: str  # the parent version's artifact digest (sha256); `artifact_sha256` in the lineage
     artifact_kind: str  # "model" | "adapter"
     path: str  # the whole-model directory the run trains on
 
     def lineage(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``lineage.parent`` entry: the fields in order, the digest under its lineage key ``artifact_sha256``."""
+        return {
+            "ref": self.ref,
+            "model": self.model,
+            "version": self.version,
+            "artifact_sha256": self.artifact_digest,
+            "artifact_kind": self.artifact_kind,
+            "path": self.path,
+        }
 
 
 def looks_like_ref(text: str) -> bool:
@@ -88,8 +97,8 @@ def resolve_parent(cfg, workspace) -> Parent | None:
         version = reg.get(name, number)
     except Exception as exc:  # noqa: BLE001 - the registry's own message says which versions exist
         raise InputError(f"base_model: {given!r}: {exc}") from None
-    artifact = Path(reg.open_artifact(name, version["version"]))
-    kind = version.get("artifact_kind") or ("adapter" if (artifact / "adapter_config.json").is_file() else "model")
+    artifact = Path(reg.open_artifact(name, version.version))
+    kind = version.artifact_kind or ("adapter" if (artifact / "adapter_config.json").is_file() else "model")
     if kind == "adapter":
         path = merged_parent(workspace, name, version, artifact)
     else:
@@ -97,8 +106,8 @@ def resolve_parent(cfg, workspace) -> Parent | None:
     parent = Parent(
         ref=given,
         model=name,
-        version=int(version["version"]),
-        artifact_sha256=version["artifact_digest"],
+        version=version.version,
+        artifact_digest=version.artifact_digest,
         artifact_kind=kind,
         path=str(path),
     )
@@ -108,16 +117,16 @@ def resolve_parent(cfg, workspace) -> Parent | None:
     return parent
 
 
-def merged_parent(workspace, model: str, version: dict, adapter_dir: Path) -> Path:
+def merged_parent(workspace, model: str, version: ModelVersion, adapter_dir: Path) -> Path:
     """The adapter version merged into its base, once per artifact, under ``<workspace>/parents/``."""
     root = Path(getattr(workspace, "root", workspace)) / "parents"
-    out = root / f"{model}-v{version['version']}-{version['artifact_digest'][:12]}"
+    out = root / f"{model}-v{version.version}-{version.artifact_digest[:12]}"
     if (out / "config.json").is_file():
         return out
-    base = version.get("base_model")
+    base = version.base_model
     if not base:
         raise InputError(
-            f"base_model: {model}:{version['version']} is an adapter with no recorded base model; "
+            f"base_model: {model}:{version.version} is an adapter with no recorded base model; "
             "it cannot be merged to continue from it"
         )
     from tuneloop.modeling import load_causal_lm
@@ -138,5 +147,5 @@ def merged_parent(workspace, model: str, version: dict, adapter_dir: Path) -> Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("merged %s:%s into its base %s -> %s", model, version["version"], base, out)
+    log.info("merged %s:%s into its base %s -> %s", model, version.version, base, out)
     return out

@@ -381,20 +381,20 @@ def load_reward_model(
                 "registry=open_registry(cfg, workspace) (tuneloop.registry.api)"
             )
         version = registry.resolve(ref)
-        lineage = version.get("lineage") or {}
+        lineage = version.lineage or {}
         if lineage.get("kind") != "reward":
             what = lineage.get("objective") or (lineage.get("config") or {}).get("train", {}).get("objective") or "sft"
             raise InputError(
-                f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
+                f"{version.ref} is not a reward model: its lineage has no `kind: reward` (it was trained with "
                 f"train.objective {what}); name a version trained with train.objective: reward"
             )
-        where = registry.open_artifact(version["model"], version["version"])
-        source = version["ref"]
+        where = registry.open_artifact(version.model, version.version)
+        source = version.ref
         saved = lineage.get("config") or {}
-        if version.get("artifact_kind") == "adapter" and base_model is None:
+        if version.artifact_kind == "adapter" and base_model is None:
             from tuneloop.registry.lineage import check_base
 
-            base = lineage.get("base") or version["base_model"]
+            base = lineage.get("base") or version.base_model
             digest = (lineage.get("base") or {}).get("digest") or lineage.get("base_model_fingerprint")
             base_model = check_base(base, digest)
     if (where / "adapter_config.json").is_file() and (where / "merged" / "config.json").is_file():

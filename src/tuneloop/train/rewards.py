@@ -41,6 +41,7 @@ from typing import Any
 from tuneloop.config import PipelineConfig, RewardSpec
 from tuneloop.errors import StageError
 from tuneloop.fsutil import sha256_file
+from tuneloop.registry.records import ModelVersion
 
 RATING_TEMPLATE = (
     "You grade an assistant's answer to a user's message.\n\n[USER MESSAGE]\n{prompt}\n[/USER MESSAGE]\n{reference_block}"
@@ -211,14 +212,14 @@ def reward_inputs(cfg: PipelineConfig) -> list[dict[str, Any]]:
             row["model"] = s.model
             try:  # the version the ref names now, and its artifact: an alias that moves retrains
                 version = reward_version(cfg, str(s.model))
-                row.update(version=version["ref"], artifact_sha256=version["artifact_digest"])
+                row.update(version=version.ref, artifact_sha256=version.artifact_digest)
             except Exception:  # noqa: BLE001 - reported by the preflight (reward_problems)
                 pass
         out.append(row)
     return out
 
 
-def reward_version(cfg: PipelineConfig, ref: str) -> dict[str, Any]:
+def reward_version(cfg: PipelineConfig, ref: str) -> ModelVersion:
     """The registered version a ``model`` reward names; InputError when it is not a reward model (its lineage has no
     ``kind: reward``), the registry's error when the ref names no version."""
     from tuneloop.errors import InputError
@@ -226,11 +227,11 @@ def reward_version(cfg: PipelineConfig, ref: str) -> dict[str, Any]:
     from tuneloop.workspace import Workspace
 
     version = open_registry(cfg, Workspace.for_config(cfg)).resolve(ref)
-    lineage = version.get("lineage") or {}
+    lineage = version.lineage or {}
     if lineage.get("kind") != "reward":
         what = lineage.get("objective") or (lineage.get("config") or {}).get("train", {}).get("objective") or "sft"
         raise InputError(
-            f"{version['ref']} is not a reward model: its lineage has no `kind: reward` (it was trained with "
+            f"{version.ref} is not a reward model: its lineage has no `kind: reward` (it was trained with "
             f"train.objective {what}); name a version trained with train.objective: reward"
         )
     return version

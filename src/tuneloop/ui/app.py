@@ -232,12 +232,12 @@ def create_app(
         def act(reg):
             v = views.check_version(reg, name, body.get("version", ""))
             with lock:
-                done = reg.promote(v["model"], v["version"], alias=alias, reason=reason)
+                done = reg.promote(v.model, v.version, alias=alias, reason=reason)
             return {
                 "ok": True,
-                "ref": done["ref"],
-                "aliases": reg.aliases(v["model"]),
-                "event": views.event_row(reg.events(v["model"])[-1]),
+                "ref": done.ref,
+                "aliases": reg.aliases(v.model),
+                "event": views.event_row(reg.events(v.model)[-1]),
             }
 
         return await run_sync(lambda: state.with_registry(act, action=True))
@@ -253,7 +253,7 @@ def create_app(
                 done = reg.rollback(model_name, alias=alias, reason=reason)
             return {
                 "ok": True,
-                "ref": done["ref"],
+                "ref": done.ref,
                 "aliases": reg.aliases(model_name),
                 "event": views.event_row(reg.events(model_name)[-1]),
             }
@@ -271,10 +271,10 @@ def create_app(
             v = views.check_version(reg, name, version)
             with lock:
                 if body.get("remove"):
-                    reg.remove_tag(v["model"], v["version"], key, reason=reason)
+                    reg.remove_tag(v.model, v.version, key, reason=reason)
                 else:
-                    reg.set_tag(v["model"], v["version"], key, str(body.get("value") or ""), reason=reason)
-            return {"ok": True, "ref": v["ref"], "tags": reg.get(v["model"], v["version"]).get("tags") or {}}
+                    reg.set_tag(v.model, v.version, key, str(body.get("value") or ""), reason=reason)
+            return {"ok": True, "ref": v.ref, "tags": dict(reg.get(v.model, v.version).tags)}
 
         return await run_sync(lambda: state.with_registry(act, action=True))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from tuneloop.data.pii import redact_value
 from tuneloop.fsutil import pid_alive
+from tuneloop.registry.records import ModelVersion
 from tuneloop.workspace import Workspace
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
@@ -261,6 +262,10 @@ def run_log(ws: Workspace, run_dir: Path, running: str | None) -> tuple[Path, st
 # ----------------------------------------------------------------------------------------------- gates
 
 
+# A gate recorded before verdicts existed has only `passed` (True, False, or None when not applied).
+_VERDICT_OF_PASSED: dict[Any, str] = {True: "PASS", False: "FAIL"}
+
+
 def _gate_row(name: str, stage: str, g: dict[str, Any]) -> dict[str, Any]:
     interval = g.get("interval")
     return {
@@ -272,7 +277,7 @@ def _gate_row(name: str, stage: str, g: dict[str, Any]) -> dict[str, Any]:
         "threshold": g.get("threshold"),
         "value": g.get("value"),
         "interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None,
-        "verdict": g.get("verdict") or {True: "PASS", False: "FAIL"}.get(g.get("passed"), "NOT_APPLIED"),
+        "verdict": g.get("verdict") or _VERDICT_OF_PASSED.get(g.get("passed"), "NOT_APPLIED"),
         "blocks": bool(g.get("blocks")),
         "reason": g.get("reason") or "",
         "n": g.get("n"),
@@ -499,20 +504,20 @@ def duplicates_view(ws: Workspace, run_id: str, source: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- registry
 
 
-def _accuracy(v: dict[str, Any]) -> Any:
-    return ((v.get("metrics") or {}).get("evaluation") or {}).get("accuracy")
+def _accuracy(v: ModelVersion) -> Any:
+    return ((v.metrics or {}).get("evaluation") or {}).get("accuracy")
 
 
-def version_row(v: dict[str, Any]) -> dict[str, Any]:
+def version_row(v: ModelVersion) -> dict[str, Any]:
     return {
-        "ref": v.get("ref"),
-        "version": v.get("version"),
-        "created_at": v.get("created_at"),
-        "artifact_kind": v.get("artifact_kind"),
-        "aliases": v.get("aliases") or [],
-        "tags": v.get("tags") or {},
+        "ref": v.ref,
+        "version": v.version,
+        "created_at": v.created_at,
+        "artifact_kind": v.artifact_kind,
+        "aliases": list(v.aliases),
+        "tags": dict(v.tags),
         "accuracy": _accuracy(v),
-        "run_id": (v.get("lineage") or {}).get("run_id"),
+        "run_id": (v.lineage or {}).get("run_id"),
     }
 
 
@@ -539,12 +544,12 @@ def check_model(reg, name: str) -> str:
     raise PanelError(404, "unknown_model", f"no registered model {name!r}; the Registry page lists them")
 
 
-def check_version(reg, name: str, version: str | int) -> dict[str, Any]:
+def check_version(reg, name: str, version: str | int) -> ModelVersion:
     """The version ``version`` (a number or an alias) of a known model (else 404)."""
     name = check_model(reg, name)
     text = str(version)
     for v in reg.list_versions(name):
-        if str(v.get("version")) == text or text in (v.get("aliases") or []):
+        if str(v.version) == text or text in v.aliases:
             return v
     raise PanelError(404, "unknown_version", f"{name} has no version or alias {text!r}")
 
@@ -611,12 +616,12 @@ def _export_of(path: str) -> Path | None:
     return p if (p / "manifest.json").is_file() else None
 
 
-def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
+def lineage_graph(reg, ws: Workspace, v: ModelVersion) -> dict[str, Any]:
     """data digests -> run -> version -> rollouts -> feedback export -> next version, as nodes and edges."""
     nodes: list[dict[str, Any]] = []
     edges: list[dict[str, str]] = []
-    lin = v.get("lineage") or {}
-    vid = f"version:{v['ref']}"
+    lin = v.lineage or {}
+    vid = f"version:{v.ref}"
 
     def node(nid: str, kind: str, label: str, detail: str = "", **extra: Any) -> str:
         if all(n["id"] != nid for n in nodes):
@@ -646,13 +651,13 @@ def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
         )
         edges.append({"from": pn, "to": run or vid})
     else:
-        bn = node("base", "base", str(v.get("base_model") or ""), str(lin.get("base_model_fingerprint") or "")[:24])
+        bn = node("base", "base", str(v.base_model or ""), str(lin.get("base_model_fingerprint") or "")[:24])
         edges.append({"from": bn, "to": run or vid})
-    node(vid, "version", v["ref"], ", ".join(v.get("aliases") or []), model=v.get("model"), version=v.get("version"))
+    node(vid, "version", v.ref, ", ".join(v.aliases), model=v.model, version=v.version)
     if run:
         edges.append({"from": run, "to": vid})
-    for r in reg.list_rollouts(v["model"]):
-        if str(r.get("candidate_version")) == str(v.get("version")):
+    for r in reg.list_rollouts(v.model):
+        if str(r.get("candidate_version")) == str(v.version):
             rn = node(f"rollout:{r.get('rollout_id')}", "rollout", str(r.get("rollout_id")), str(r.get("status") or ""))
             edges.append({"from": vid, "to": rn})
     # feedback exports made after this version, and the versions trained on them or continued from this one
@@ -662,24 +667,24 @@ def lineage_graph(reg, ws: Workspace, v: dict[str, Any]) -> dict[str, Any]:
             m = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if m.get("model") not in (None, v.get("model")):
+        if m.get("model") not in (None, v.model):
             continue
         exports[str(d)] = m
-    created = _ts(v.get("created_at"))
-    later = [x for x in reg.list_versions(v["model"]) if int(x.get("version") or 0) > int(v.get("version") or 0)]
+    created = _ts(v.created_at)
+    later = [x for x in reg.list_versions(v.model) if x.version > v.version]
     for x in later:
-        xl = x.get("lineage") or {}
+        xl = x.lineage or {}
         via = [e for e in (_export_of(p) for p in _paths(xl.get("data"))) if e is not None]
-        continued = isinstance(xl.get("parent"), dict) and str(xl["parent"].get("version")) == str(v.get("version"))
+        continued = isinstance(xl.get("parent"), dict) and str(xl["parent"].get("version")) == str(v.version)
         if not via and not continued:
             continue
         xn = node(
-            f"version:{x['ref']}",
+            f"version:{x.ref}",
             "next",
-            x["ref"],
-            ", ".join(x.get("aliases") or []),
-            model=x.get("model"),
-            version=x.get("version"),
+            x.ref,
+            ", ".join(x.aliases),
+            model=x.model,
+            version=x.version,
         )
         for e in via:
             m = exports.get(str(e))
@@ -737,13 +742,14 @@ VERSION_FIELDS = (
 
 def version_view(reg, ws: Workspace, name: str, version: str) -> dict[str, Any]:
     v = check_version(reg, name, version)
-    lin = dict(v.get("lineage") or {})
+    lin = dict(v.lineage or {})
     lin.pop("config", None)  # shown by the diff; large
-    gates = [_gate_row(str(n), "evaluation", g) for n, g in (v.get("gates") or {}).items() if isinstance(g, dict)]
+    gates = [_gate_row(str(n), "evaluation", g) for n, g in (v.gates or {}).items() if isinstance(g, dict)]
+    fields = v.to_dict()
     return {
-        "version": {**{k: v.get(k) for k in VERSION_FIELDS}, "lineage": lin},
+        "version": {**{k: fields.get(k) for k in VERSION_FIELDS}, "lineage": lin},
         "gates": gates,
-        "events": [event_row(e) for e in reg.events(v["model"], v["version"])][::-1],
+        "events": [event_row(e) for e in reg.events(v.model, v.version)][::-1],
         "graph": lineage_graph(reg, ws, v),
     }
 

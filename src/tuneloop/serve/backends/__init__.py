@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tuneloop.registry.records import ModelVersion
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest
 
 
@@ -21,26 +22,23 @@ class Route:
     """Which registered version answers a request, and on which arm of a rollout."""
 
     ref: str  # what the client asked for: "support-bot", "support-bot:3", "support-bot@champion"
-    version: dict[str, Any]  # the registry's version record
+    version: ModelVersion  # the registered version it resolved to
     arm: str = "direct"
     rollout_id: str | None = None  # set on the baseline and canary arms of a running rollout
 
     @property
     def model(self) -> str:
-        return self.version["model"]
+        return self.version.model
 
     @property
-    def model_id(self) -> str:
-        return self.version["ref"]  # "support-bot:3"
+    def version_ref(self) -> str:
+        """The resolved version's ref, ``support-bot:3``: the ``model`` of every response and ``x-tuneloop-version``."""
+        return self.version.ref
 
     @property
-    def sha256(self) -> str:
-        return artifact_sha256(self.version)
-
-
-def artifact_sha256(version: dict[str, Any]) -> str:
-    digest = str(version.get("artifact_digest") or "")
-    return digest.split(":", 1)[1] if ":" in digest else digest
+    def artifact_digest(self) -> str:
+        """The served artifact's digest (``x-tuneloop-artifact``; ``artifact_sha256`` in the request log)."""
+        return self.version.artifact_digest
 
 
 @dataclass
@@ -58,7 +56,7 @@ async def _never() -> bool:
 class Backend(Protocol):
     kind: str
 
-    async def prepare(self, version: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, version: ModelVersion) -> dict[str, Any]:
         """Load (and probe) a version before it takes traffic; returns its status. Raises APIError 503 if refused."""
         ...
 

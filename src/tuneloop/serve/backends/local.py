@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from tuneloop.serve.backends import CallContext, Route, artifact_sha256
+from tuneloop.registry.records import ModelVersion
+from tuneloop.serve.backends import CallContext, Route
 from tuneloop.serve.backends import textgen as tg
 from tuneloop.serve.batching import BatchEngine, generate_sync
 from tuneloop.serve.errors import APIError, bad_request, scrub_paths
@@ -41,9 +42,9 @@ class LoadedVersion:
     loaded_at: float = field(default_factory=time.time)
 
 
-def adapter_name(version: dict[str, Any]) -> str:
+def adapter_name(version: ModelVersion) -> str:
     """An adapter's name on the shared base (and on vLLM): pinned to its artifact digest."""
-    return f"{version['model']}-{artifact_sha256(version)[:12]}"
+    return f"{version.model}-{version.artifact_digest[:12]}"
 
 
 class LocalBackend:
@@ -74,12 +75,12 @@ class LocalBackend:
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ loading
-    async def prepare(self, version: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, version: ModelVersion) -> dict[str, Any]:
         lv = await asyncio.to_thread(self.load, version)
         return lv.probe
 
-    def load(self, version: dict[str, Any]) -> LoadedVersion:
-        sha = artifact_sha256(version)
+    def load(self, version: ModelVersion) -> LoadedVersion:
+        sha = version.artifact_digest
         with self.lock:
             if sha in self.versions:
                 return self.versions[sha]
@@ -92,43 +93,43 @@ class LocalBackend:
                 self.refused[sha] = exc.message
                 raise
             except Exception as exc:
-                msg = scrub_paths(f"{version['ref']} could not be loaded: {exc}")
-                log.exception("loading %s failed", version["ref"])
+                msg = scrub_paths(f"{version.ref} could not be loaded: {exc}")
+                log.exception("loading %s failed", version.ref)
                 raise APIError(503, msg, code="version_unavailable") from None
             self.versions[sha] = lv
-            log.info("loaded %s (%s); probes: %s", version["ref"], sha[:12], lv.probe.get("status"))
+            log.info("loaded %s (%s); probes: %s", version.ref, sha[:12], lv.probe.get("status"))
             return lv
 
-    def _load_unlocked(self, version: dict[str, Any]) -> LoadedVersion:
+    def _load_unlocked(self, version: ModelVersion) -> LoadedVersion:
         from tuneloop.modeling import attach_adapter, context_length, load_causal_lm, load_tokenizer, stop_token_ids
         from tuneloop.registry.lineage import check_base
 
-        path = self.registry.open_artifact(version["model"], version["version"])  # verifies every file's sha256
+        path = self.registry.open_artifact(version.model, version.version)  # verifies every file's sha256
         cfg = (version.get("lineage") or {}).get("config") or {}
         tok = load_tokenizer(str(path), (cfg.get("data") or {}).get("chat_template"))
-        if version["artifact_kind"] == "adapter":
+        if version.artifact_kind == "adapter":
             lin = version.get("lineage") or {}
             base = check_base(
-                lin.get("base") or version["base_model"],
+                lin.get("base") or version.base_model,
                 (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
             )
             name = adapter_name(version)
             engine = self.engines.get(f"base:{base}")
             if engine is None:
                 model = attach_adapter(load_causal_lm(base).to(self.device), str(path), name)
-                engine = self._start_engine(f"base:{base}", model, tok, version["model"])
+                engine = self._start_engine(f"base:{base}", model, tok, version.model)
             else:
                 with engine.exclusive():
                     engine.model = attach_adapter(engine.model, str(path), name)
             adapter: str | None = name
         else:
             engine = self._start_engine(
-                artifact_sha256(version), load_causal_lm(str(path)).to(self.device), tok, version["model"]
+                version.artifact_digest, load_causal_lm(str(path)).to(self.device), tok, version.model
             )
             adapter = None
         return LoadedVersion(
-            version["ref"],
-            artifact_sha256(version),
+            version.ref,
+            version.artifact_digest,
             tok,
             engine,
             adapter,
@@ -148,14 +149,14 @@ class LocalBackend:
         self.engines[key] = engine
         return engine
 
-    def _probe(self, lv: LoadedVersion, version: dict[str, Any]) -> dict[str, Any]:
+    def _probe(self, lv: LoadedVersion, version: ModelVersion) -> dict[str, Any]:
         from tuneloop.modeling import decode_text
 
         if not self.probes:
             return {"status": "skipped", "reason": "probes switched off"}
         plan: ProbePlan = plan_probes(self.workspace_root, version)
         if plan.skipped_reason:
-            log.warning("%s: known-answer probes skipped: %s", version["ref"], plan.skipped_reason)
+            log.warning("%s: known-answer probes skipped: %s", version.ref, plan.skipped_reason)
             return {"status": "skipped", "reason": plan.skipped_reason}
         prompts = [
             lv.tokenizer(tg_render(lv.tokenizer, p.messages), add_special_tokens=False)["input_ids"]
@@ -170,7 +171,7 @@ class LocalBackend:
             if p.expected.strip() not in (got, raw):
                 raise APIError(
                     503,
-                    f"{version['ref']} is refused: known-answer probe {p.item} answered {got[:80]!r} but the "
+                    f"{version.ref} is refused: known-answer probe {p.item} answered {got[:80]!r} but the "
                     f"evaluation recorded {p.expected[:80]!r}; the loaded weights do not behave like the evaluated "
                     "ones (wrong base model, changed tokenizer or template?)",
                     code="version_refused",
@@ -201,13 +202,13 @@ class LocalBackend:
             await asyncio.to_thread(engine.stop)
 
     def version_for(self, route: Route) -> LoadedVersion:
-        lv = self.versions.get(route.sha256)
+        lv = self.versions.get(route.artifact_digest)
         return lv if lv is not None else self.load(route.version)
 
     # ------------------------------------------------------------------------------------------ chat
     async def chat(self, route: Route, req: ChatRequest, ctx: CallContext):
         tg.reject_unsupported_chat(req)
-        lv = self.versions.get(route.sha256) or await asyncio.to_thread(self.load, route.version)
+        lv = self.versions.get(route.artifact_digest) or await asyncio.to_thread(self.load, route.version)
         prompt_ids = chat_prompt_ids(lv.tokenizer, req.messages)
         budget = tg.token_budget(
             len(prompt_ids),
@@ -236,7 +237,7 @@ class LocalBackend:
             "id": tg.new_id("chatcmpl"),
             "object": "chat.completion",
             "created": tg.now(),
-            "model": route.model_id,
+            "model": route.version_ref,
             "choices": [
                 {
                     "index": c.index,
@@ -247,7 +248,7 @@ class LocalBackend:
                 for c in choices
             ],
             "usage": tg.usage(len(prompt_ids), choices),
-            "system_fingerprint": route.sha256[:16],
+            "system_fingerprint": route.artifact_digest[:16],
         }
 
     async def _chat_stream(
@@ -260,8 +261,8 @@ class LocalBackend:
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": route.model_id,
-                "system_fingerprint": route.sha256[:16],
+                "model": route.version_ref,
+                "system_fingerprint": route.artifact_digest[:16],
                 "choices": choices_,
             }
 
@@ -302,7 +303,7 @@ class LocalBackend:
             raise bad_request(
                 "suffix is not supported by the local backend", param="suffix", code="unsupported_parameter"
             )
-        lv = self.versions.get(route.sha256) or await asyncio.to_thread(self.load, route.version)
+        lv = self.versions.get(route.artifact_digest) or await asyncio.to_thread(self.load, route.version)
         prompts = [
             p if isinstance(p, list) else lv.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts()
         ]
@@ -350,10 +351,10 @@ class LocalBackend:
             "id": tg.new_id("cmpl"),
             "object": "text_completion",
             "created": tg.now(),
-            "model": route.model_id,
+            "model": route.version_ref,
             "choices": out,
             "usage": tg.usage(total_prompt, all_choices),
-            "system_fingerprint": route.sha256[:16],
+            "system_fingerprint": route.artifact_digest[:16],
         }
 
     async def _complete_one(
@@ -411,7 +412,7 @@ class LocalBackend:
                     "id": cid,
                     "object": "text_completion",
                     "created": created,
-                    "model": route.model_id,
+                    "model": route.version_ref,
                     "choices": [
                         {
                             "index": ch.index,
@@ -425,7 +426,7 @@ class LocalBackend:
             "id": cid,
             "object": "text_completion",
             "created": created,
-            "model": route.model_id,
+            "model": route.version_ref,
             "choices": [],
             "usage": tg.usage(len(prompt), choices),
         }
@@ -455,7 +456,7 @@ class ServedModel:
     model: Any
     tokenizer: Any
     model_id: str  # e.g. "support-bot:3"
-    version: dict[str, Any]
+    version: ModelVersion
 
 
 def load_served_model(registry, model_name: str, ref: str = "champion") -> ServedModel:
@@ -465,14 +466,14 @@ def load_served_model(registry, model_name: str, ref: str = "champion") -> Serve
     from tuneloop.registry.lineage import check_base
 
     v = registry.get(model_name, ref)
-    path = registry.open_artifact(model_name, v["version"])
-    if v["artifact_kind"] == "adapter":
+    path = registry.open_artifact(model_name, v.version)
+    if v.artifact_kind == "adapter":
         lin = v.get("lineage") or {}
         base = check_base(
-            lin.get("base") or v["base_model"],
+            lin.get("base") or v.base_model,
             (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
         )
         model = load_causal_lm(base, adapter=str(path))
     else:
         model = load_causal_lm(str(path))
-    return ServedModel(model=model, tokenizer=load_tokenizer(str(path)), model_id=v["ref"], version=v)
+    return ServedModel(model=model, tokenizer=load_tokenizer(str(path)), model_id=v.ref, version=v)

@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 
-from tuneloop.serve.backends import CallContext, Route, artifact_sha256
+from tuneloop.registry.records import ModelVersion
+from tuneloop.serve.backends import CallContext, Route
 from tuneloop.serve.backends.upstream_http import ConnectFailed, Pool, ReadTimeout, UpstreamHTTPError, fast_path_usable
 from tuneloop.serve.errors import APIError, scrub_paths
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest
@@ -47,7 +48,7 @@ class UpstreamError:
         (503, so a canary failing this way is retried on the baseline); 5xx become 502."""
         if self.status == 404:
             return APIError(
-                503, f"the upstream does not serve {route.model_id}: {self.message}", code="version_unavailable"
+                503, f"the upstream does not serve {route.version_ref}: {self.message}", code="version_unavailable"
             )
         status = self.status if self.status < 500 else 502
         code = self.code if isinstance(self.code, str) else ("upstream_error" if status >= 500 else None)
@@ -69,8 +70,8 @@ def error_fields(data: Any, status: int) -> UpstreamError:
     )
 
 
-def lora_name(version: dict[str, Any]) -> str:
-    return f"{version['model']}-{artifact_sha256(version)[:12]}"
+def lora_name(version: ModelVersion) -> str:
+    return f"{version.model}-{version.artifact_digest[:12]}"
 
 
 class UpstreamBackend:
@@ -107,12 +108,12 @@ class UpstreamBackend:
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------------------ naming
-    async def prepare(self, version: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, version: ModelVersion) -> dict[str, Any]:
         name = await self.upstream_name(version)
         return {"status": "skipped", "reason": "probes run on the upstream's own loads", "upstream_model": name}
 
-    async def upstream_name(self, version: dict[str, Any]) -> str:
-        sha = artifact_sha256(version)
+    async def upstream_name(self, version: ModelVersion) -> str:
+        sha = version.artifact_digest
         if sha in self.names:
             return self.names[sha]
         async with self._lock:
@@ -120,16 +121,16 @@ class UpstreamBackend:
                 self.names[sha] = await self._find_or_load(version)
         return self.names[sha]
 
-    async def _find_or_load(self, version: dict[str, Any]) -> str:
+    async def _find_or_load(self, version: ModelVersion) -> str:
         served = await self._upstream_models()
-        for candidate in (version["ref"], lora_name(version)):
+        for candidate in (version.ref, lora_name(version)):
             if candidate in served:
                 return candidate
-        if version.get("artifact_kind") == "adapter" and await self._is_vllm():
+        if version.artifact_kind == "adapter" and await self._is_vllm():
             return await self._load_vllm_adapter(version)
         raise APIError(
             503,
-            f"the upstream does not serve {version['ref']} (it lists {', '.join(sorted(served)[:10]) or 'nothing'}); "
+            f"the upstream does not serve {version.ref} (it lists {', '.join(sorted(served)[:10]) or 'nothing'}); "
             f"serve it there as {lora_name(version)!r} (e.g. vLLM --served-model-name or --lora-modules)",
             code="version_unavailable",
         )
@@ -148,9 +149,9 @@ class UpstreamBackend:
         except (httpx.HTTPError, ValueError):
             return False
 
-    async def _load_vllm_adapter(self, version: dict[str, Any]) -> str:
+    async def _load_vllm_adapter(self, version: ModelVersion) -> str:
         """Load the adapter into vLLM under a digest-pinned name (vLLM's runtime LoRA API)."""
-        path = str(self.registry.open_artifact(version["model"], version["version"]))  # verified locally first
+        path = str(self.registry.open_artifact(version.model, version.version))  # verified locally first
         if self.lora_path_prefix:
             path = self.lora_path_prefix.rstrip("/") + "/" + path.rsplit("/", 1)[-1]
         name = lora_name(version)
@@ -158,12 +159,12 @@ class UpstreamBackend:
         if r.status_code != 200 and "already" not in r.text.lower():
             raise APIError(
                 503,
-                f"vLLM refused to load the adapter of {version['ref']} as {name!r}: HTTP {r.status_code} "
+                f"vLLM refused to load the adapter of {version.ref} as {name!r}: HTTP {r.status_code} "
                 f"{scrub_paths(r.text[:300])}. Start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, "
                 "with the artifact store readable at the same path",
                 code="version_unavailable",
             )
-        log.info("loaded %s into vLLM as %s", version["ref"], name)
+        log.info("loaded %s into vLLM as %s", version.ref, name)
         return name
 
     # ------------------------------------------------------------------------------------------ HTTP
@@ -246,7 +247,7 @@ class UpstreamBackend:
             if attempt == 0 and err.model_unknown():
                 # the upstream does not know the name (a restarted vLLM forgets adapters loaded at run time);
                 # nothing ran, so find or load the version again and retry once
-                self.names.pop(route.sha256, None)
+                self.names.pop(route.artifact_digest, None)
                 continue
             raise err.api_error(route)
         if not stream:
@@ -262,7 +263,7 @@ class UpstreamBackend:
                     f"the upstream {self._where()} sent a broken answer ({type(exc).__name__})",
                     code="upstream_error",
                 ) from None
-            out["model"] = route.model_id
+            out["model"] = route.version_ref
             return out
         return self._relay(r, route)
 
@@ -282,7 +283,7 @@ class UpstreamBackend:
                         f"upstream: {err.message}",
                         code=err.code if isinstance(err.code, str) else "upstream_error",
                     )
-                chunk["model"] = route.model_id
+                chunk["model"] = route.version_ref
                 yield chunk
             raise APIError(502, "the upstream closed the stream before it finished", code="upstream_error")
         except (httpx.HTTPError, UpstreamHTTPError, ValueError) as exc:
