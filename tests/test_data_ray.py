@@ -1,6 +1,8 @@
 """data.engine: ray against a real Ray cluster started here on 127.0.0.1 (and stopped after): the same result as
 data.engine: local (kept records and digest, duplicate groups, quarantine entries and order, report counts), a
-worker killed mid-pass changes nothing, an unreachable cluster and a missing Ray are exit 2 before any work."""
+worker killed mid-pass changes nothing, an unreachable cluster and a missing Ray are exit 2 before any work. Also
+on the same head: the Ray engine reading the dataset from a loopback S3 (moto, tests/moto_s3.py) equals the local
+engine reading it from disk, and `tuneloop run` with data.engine: ray trains on the Ray engine's Parquet shards."""
 
 from __future__ import annotations
 
