@@ -73,7 +73,6 @@ def main() -> None:
     from tuneloop.demo.loop import (
         CANARY_POLICY,
         KTO_TRAIN,
-        SimulatedUsers,
         fresh_workspace,
         production_phase,
         run_iteration,
@@ -81,6 +80,7 @@ def main() -> None:
     )
     from tuneloop.demo.quick import build_base, write_config, write_demo_data
     from tuneloop.demo.tables import RECOMMENDED
+    from tuneloop.demo.users import SimulatedUsers
     from tuneloop.serve.server import BackgroundServer, build_gateway
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -5,7 +5,8 @@ through the gateway) and :func:`tuneloop.demo.loop.run_loop` (``tuneloop demo``:
 concern:
 
 * :mod:`~tuneloop.demo.quick` — the workspace (base model, data files, config) and iteration 1;
-* :mod:`~tuneloop.demo.loop` — the closed loop: simulated users, feedback, drift, iteration 2 as a canary;
+* :mod:`~tuneloop.demo.loop` — the closed loop: production, feedback, drift, iteration 2 as a canary;
+* :mod:`~tuneloop.demo.users` — the loop's simulated users: tickets through the gateway, ratings and corrections;
 * :mod:`~tuneloop.demo.tickets` — the task: support tickets and their routing labels, the loop's new intent;
 * :mod:`~tuneloop.demo.corpus` — the synthetic general text the base model is pretrained and checked on;
 * :mod:`~tuneloop.demo.base_model` — the tokenizer, the tiny Llama and its pretraining recipe, the shipped copy;

@@ -3,7 +3,7 @@
 :func:`run_loop` does, in one workspace and on one gateway (the app ``tuneloop serve`` builds, on loopback):
 
 1. **Iteration 1**: the demo pipeline as a CI job (``tuneloop ci``); its version becomes the champion.
-2. **Production**: simulated users (deterministic, see :class:`SimulatedUsers`) send support tickets through
+2. **Production**: simulated users (deterministic, see :class:`tuneloop.demo.users.SimulatedUsers`) send support tickets through
    the official ``openai`` client. About ``NEW_SHARE`` of them are of an intent iteration 1 never saw in
    training (:data:`tuneloop.demo.tickets.NEW_INTENT`), which it routes wrongly.
 3. **Feedback**: every answer is rated through ``POST /v1/feedback``: +1 when right, -1 with a correction (the
@@ -24,17 +24,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneloop.demo.quick import DEMO_HEADER, build_base, write_config, write_demo_data
 from tuneloop.demo.tables import RECOMMENDED
 from tuneloop.demo.tickets import NEW_INTENT, SYSTEM_PROMPT, new_intent_records, production_tickets
+from tuneloop.demo.users import SimulatedUsers, TrafficStats
 from tuneloop.i18n import msg, word
 
 #: Share of production tickets of the new intent.
@@ -43,11 +40,6 @@ NEW_SHARE = 0.3
 FIRST_TRAFFIC = 300
 #: Held-out new-intent tickets asked of each version for the before/after accuracy.
 HELD_OUT_NEW = 60
-#: Share of right answers the simulated users rate +1 (a wrong answer is always rated -1 and corrected: the agent
-#: who reroutes a ticket leaves the right label). Most users do not rate an answer that was fine; rating every right
-#: answer added records that taught nothing and pushed iteration 2 against the capability gate (docs/benchmarks.md,
-#: "The demo's recipe").
-RATE_RIGHT_SHARE = 0.2
 #: ``data.train_data`` weight of the feedback in iteration 2: a higher weight taught the new intent better but cost
 #: capability beyond the gate (docs/benchmarks.md, "The demo's recipe").
 FEEDBACK_WEIGHT = 1.0
@@ -62,8 +54,6 @@ KTO_TRAIN: dict[str, Any] = {
     "num_epochs": 3,
     "batch_size": 8,
 }
-USERS = 200
-CLIENT_THREADS = 8
 ROUND = 64
 CANARY_TIMEOUT_S = 240.0
 #: The demo's rollout policy (``deploy.canary``): small steps so it decides in seconds, errors and negative
@@ -76,105 +66,6 @@ CANARY_POLICY: dict[str, Any] = {
     "tick_interval_s": 0.5,
     "max_active_s": 600,
 }
-
-
-@dataclass
-class TrafficStats:
-    """What one batch of simulated traffic did."""
-
-    sent: int = 0
-    failed: int = 0
-    by_intent: Counter = field(default_factory=Counter)
-    right_by_intent: Counter = field(default_factory=Counter)
-    by_version: Counter = field(default_factory=Counter)
-    ratings: Counter = field(default_factory=Counter)
-    corrections: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        acc = {k: round(self.right_by_intent[k] / n, 4) for k, n in self.by_intent.items() if n}
-        return {
-            "requests": self.sent,
-            "failed": self.failed,
-            "by_intent": dict(self.by_intent),
-            "accuracy_by_intent": acc,
-            "by_version": dict(self.by_version),
-            "ratings": {"+1": self.ratings[1], "-1": self.ratings[-1]},
-            "corrections": self.corrections,
-        }
-
-
-class SimulatedUsers:
-    """Support agents who send tickets through the ``openai`` client and rate the answers: a wrong one (not the
-    ticket's label) always, -1 with the label as the correction; a right one +1, for ``RATE_RIGHT_SHARE`` of the
-    tickets (chosen by a hash of the ticket, so the same tickets are rated on every run). ``USERS`` agents,
-    ticket *i* from agent ``i % USERS`` (the gateway's canary split is sticky per user)."""
-
-    def __init__(self, base_url: str):
-        import httpx
-        from openai import OpenAI
-
-        self.client = OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0, timeout=60)
-        self.http = httpx.Client(base_url=base_url, timeout=60)
-        self.next_user = 0
-
-    def close(self) -> None:
-        self.client.close()
-        self.http.close()
-
-    def ask(self, model: str, ticket: dict[str, Any], user: str) -> tuple[str, str, str]:
-        """(answer, request id, answering version) of one chat completion."""
-        raw = self.client.chat.completions.with_raw_response.create(
-            model=model, messages=ticket["messages"], max_tokens=4, temperature=0, user=user
-        )
-        body = raw.parse()
-        return (
-            (body.choices[0].message.content or "").strip(),
-            raw.headers["x-request-id"],
-            raw.headers["x-tuneloop-version"],
-        )
-
-    def one(self, model: str, ticket: dict[str, Any], user: str, stats: TrafficStats, rate: bool) -> None:
-        from tuneloop.evaluate.judges import normalise_answer
-
-        try:
-            answer, request_id, version = self.ask(model, ticket, user)
-        except Exception:  # counted: the demo fails if any request fails
-            with stats.lock:
-                stats.sent, stats.failed = stats.sent + 1, stats.failed + 1
-            return
-        right = normalise_answer(answer) == normalise_answer(ticket["expected"])
-        feedback: dict[str, Any] = {"request_id": request_id, "rating": 1 if right else -1, "source": "demo-users"}
-        if not right:
-            feedback["correction"] = ticket["expected"]
-        rate = rate and (not right or rates_right_answer(ticket))
-        ok = not rate or self.http.post("/v1/feedback", json=feedback).status_code in (200, 201)
-        with stats.lock:
-            stats.sent += 1
-            stats.failed += not ok
-            stats.by_intent[ticket["intent"]] += 1
-            stats.right_by_intent[ticket["intent"]] += right
-            stats.by_version[version] += 1
-            if rate:
-                stats.ratings[feedback["rating"]] += 1
-                stats.corrections += not right
-
-    def send(
-        self, model: str, tickets: list[dict[str, Any]], *, rate: bool = True, stats: TrafficStats | None = None
-    ) -> TrafficStats:
-        stats = stats or TrafficStats()
-        users = [f"agent-{(self.next_user + i) % USERS}" for i in range(len(tickets))]
-        self.next_user += len(tickets)
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda tu: self.one(model, tu[0], tu[1], stats, rate), zip(tickets, users)))
-        return stats
-
-
-def rates_right_answer(ticket: dict[str, Any]) -> bool:
-    import hashlib
-
-    digest = hashlib.sha256(ticket["messages"][-1]["content"].encode()).digest()
-    return digest[0] < 256 * RATE_RIGHT_SHARE
 
 
 def held_out_new_intent() -> list[dict[str, Any]]:
