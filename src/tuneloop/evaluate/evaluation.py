@@ -22,7 +22,7 @@ from typing import Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError
-from tuneloop.evaluate.gates import check_gates
+from tuneloop.evaluate.gates import GateResult, check_gates
 from tuneloop.evaluate.judges import make_judge, measured_accuracy
 from tuneloop.evaluate.stats import mean
 from tuneloop.evaluate.suites import load_suite, model_outputs, preference_suite, score_suite
@@ -69,7 +69,7 @@ def evaluate_candidate(
     candidate: ModelRef | None = None,
     preferences: Path | None = None,
     suite_progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, Any], dict[str, GateResult]]:
     """Measure the reference (default: the base model) and the candidate on every suite; return (metrics, gates).
 
     For ``train.objective: dpo`` the held-out preference pairs (``preferences``; default: the
@@ -221,7 +221,7 @@ def _r(x: float | None, nd: int = 6) -> float | None:
     return round(x, nd) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
+def _metrics(results: dict[str, Any], gates: dict[str, GateResult]) -> dict[str, Any]:
     """Flat metrics (classic names kept) for the stage summary, the registry and the report."""
     m: dict[str, Any] = {}
     first_task = True
@@ -284,7 +284,7 @@ def _metrics(results: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
                 base_preference_accuracy_norm=_r(r["base_accuracy_norm"]),
                 preference_loglik=r["loglik"],
             )
-    m["gate_verdicts"] = {g: v["verdict"] for g, v in gates.items()}
+    m["gate_verdicts"] = {g: v.verdict for g, v in gates.items()}
     return m
 
 

@@ -1,6 +1,8 @@
 """Gates: turn per-item suite results into PASS / FAIL / INCONCLUSIVE verdicts, and apply the policy.
 
-Entry points: :func:`check_gates` (verdicts on per-item results) and :func:`decidability` (before any work:
+Entry points: :func:`check_gates` (verdicts on per-item results, as :class:`GateResult` records; ``to_dict()`` /
+:func:`as_dicts` give the stored and printed JSON shape, pinned by ``tests/test_json_shapes.py``) and
+:func:`decidability` (before any work:
 whether a perfect model could PASS each applied gate at its suite's size, and what PASS needs; the suite sizes
 come from :func:`tuneloop.stages.suite_sizes`). The statistics (intervals, tests, verdict rules, ``needed_n``) are in
 :mod:`tuneloop.evaluate.stats`; this module says which statistic each gate uses:
@@ -42,9 +44,10 @@ means the gate is not applied (threshold ``null``).
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tuneloop.evaluate import stats
@@ -79,6 +82,136 @@ class GateInput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Absent(enum.Enum):
+    ABSENT = "absent"
+
+
+#: The value of a :class:`GateResult` field the record does not carry (its key is left out of ``to_dict()``).
+ABSENT = _Absent.ABSENT
+
+#: The order of the keys in a gate record (today's JSON: the run record, the registry, ``--json``). A record
+#: carries a subset: ``confidence``/``interval_level`` are absent from :func:`not_applicable` records, the
+#: estimate's details from a gate without items, the check_gates additions from the other gates.
+_KEY_ORDER = (
+    "metric",
+    "suite",
+    "kind",
+    "op",
+    "threshold",
+    "confidence",
+    "interval_level",
+    "n",
+    "base_value",
+    "candidate_value",
+    "value",
+    "interval",
+    "method",
+    "p_value",
+    "counts",
+    "verdict",
+    "passed",
+    "blocks",
+    "needed_n",
+    "not_applicable",
+    "reason",
+    "warning",
+    "task_metric",
+    "task_metric_threshold",
+    "base_margin",
+    "candidate_margin",
+    "loglik",
+)
+
+
+@dataclass(frozen=True)
+class GateResult(Mapping[str, Any]):
+    """One gate's verdict: PASS / FAIL / INCONCLUSIVE (or NOT_APPLIED), its estimate, interval and threshold.
+
+    ``passed`` keeps its meaning for the registry and the report: ``True`` lets the model through, ``False``
+    blocks it, ``None`` means not applied; ``blocks`` says whether the verdict blocks under the policy.
+    Fields set to :data:`ABSENT` are not part of the record. :meth:`to_dict` gives the stored JSON record (keys in
+    ``_KEY_ORDER``); :meth:`from_dict` reads one back (keys it does not know are kept in ``extra``, after the
+    others). As a read-only ``Mapping`` (``record["key"]``, ``.get``, ``{**record}``) it reads as its stored form,
+    for the renderers that show fresh records and stored ones (data gates, the registry) alike; code that holds
+    a ``GateResult`` reads its attributes.
+    """
+
+    metric: str
+    suite: str
+    kind: str  # floor | ceiling | paired
+    op: str  # >= | <=
+    threshold: float | None
+    n: int
+    value: float | None
+    interval: tuple[float, float] | None
+    verdict: str  # PASS | FAIL | INCONCLUSIVE | NOT_APPLIED
+    passed: bool | None
+    blocks: bool
+    needed_n: int | None
+    reason: str
+    confidence: float | _Absent = ABSENT
+    interval_level: float | _Absent = ABSENT
+    base_value: float | None | _Absent = ABSENT
+    candidate_value: float | _Absent = ABSENT
+    method: str | _Absent = ABSENT
+    p_value: float | _Absent = ABSENT
+    counts: dict[str, Any] | _Absent = ABSENT
+    not_applicable: bool | _Absent = ABSENT
+    warning: str | _Absent = ABSENT
+    task_metric: str | _Absent = ABSENT
+    task_metric_threshold: float | _Absent = ABSENT
+    base_margin: float | None | _Absent = ABSENT
+    candidate_margin: float | None | _Absent = ABSENT
+    loglik: Any = ABSENT
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as stored and printed (``--json``): today's keys, in today's order."""
+        out: dict[str, Any] = {}
+        for key in _KEY_ORDER:
+            value = getattr(self, key)
+            if value is ABSENT:
+                continue
+            if key == "interval" and value is not None:
+                value = list(value)
+            elif key == "counts":
+                value = dict(value)
+            out[key] = value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> GateResult:
+        """A stored gate record (run record, registry, stage cache) as a :class:`GateResult`."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {k: v for k, v in record.items() if k in known}
+        missing = [k for k in _KEY_ORDER if k in _REQUIRED and k not in kwargs]
+        if missing:
+            raise ValueError(f"gate record {dict(record)!r} lacks {', '.join(missing)}: not a gate result")
+        if kwargs.get("interval") is not None:
+            lo, hi = kwargs["interval"]
+            kwargs["interval"] = (lo, hi)
+        extra = tuple((k, v) for k, v in record.items() if k not in known)
+        return cls(**kwargs, extra=extra)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+_REQUIRED = frozenset(f.name for f in fields(GateResult) if f.default is not ABSENT and f.name != "extra")
+
+
+def as_dicts(gates: Mapping[str, GateResult | Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Gate name -> stored record (``to_dict()``), for JSON, the stage cache and the registry."""
+    return {name: g.to_dict() if isinstance(g, GateResult) else dict(g) for name, g in gates.items()}
+
+
 def decide(
     spec: GateSpec,
     data: GateInput,
@@ -87,7 +220,7 @@ def decide(
     interval: str = "wilson",
     policy: str = "block",
     seed: int = 0,
-) -> dict[str, Any]:
+) -> GateResult:
     """Evaluate one gate: the estimate, its interval, the verdict, and whether it blocks under ``policy``."""
     cand = list(data.candidate)
     # Each verdict is a one-sided test at level 1 - confidence, so the interval whose two ends are those
@@ -113,7 +246,7 @@ def decide(
             needed_n=None,
             reason="no items",
         )
-        return rec
+        return GateResult.from_dict(rec)
     if spec.kind == "paired":
         base = list(data.base or [])
         if data.binary:
@@ -148,7 +281,7 @@ def decide(
             needed_n=None,
             reason="threshold is null: reported, not applied",
         )
-        return rec
+        return GateResult.from_dict(rec)
     v = stats.verdict(est.lo, est.hi, spec.threshold, rec["op"])
     blocks = v == "FAIL" or (v == "INCONCLUSIVE" and policy == "block")
     rec.update(verdict=v, passed=not blocks, blocks=blocks, needed_n=None)
@@ -175,21 +308,21 @@ def decide(
         rec["reason"] = f"{what}: the interval contains {spec.threshold}; {more}; on_inconclusive={policy}"
         if policy == "warn":
             rec["warning"] = rec["reason"]
-    return rec
+    return GateResult.from_dict(rec)
 
 
-def overall(gates: dict[str, dict[str, Any]]) -> str:
-    """``passed`` when no applied gate blocks, else ``failed``."""
+def overall(gates: Mapping[str, GateResult | Mapping[str, Any]]) -> str:
+    """``passed`` when no applied gate blocks, else ``failed`` (fresh records or stored ones)."""
     return "failed" if any(g.get("blocks") for g in gates.values()) else "passed"
 
 
-def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dict[str, Any]]:
+def check_gates(cfg: Any, results: dict[str, Any], *, seed: int = 0) -> dict[str, GateResult]:
     """All gates of ``cfg.gates`` on the suite results of :func:`tuneloop.evaluate.suites.run_suites`.
 
     ``results`` maps suite name -> a dict with ``kind`` and per-item ``base``/``candidate`` outcome lists.
     """
     g = cfg.gates
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, GateResult] = {}
 
     def add(name: str, spec: GateSpec, data: GateInput) -> None:
         out[name] = decide(
@@ -213,11 +346,11 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
         )
         for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
             if r.get("metric"):  # the task metric as chosen, e.g. ``auto -> chrf`` (with its chrF pass mark)
-                out[gate]["task_metric"] = r["metric"]
+                out[gate] = replace(out[gate], task_metric=r["metric"])
                 if r.get("threshold") is not None:
-                    out[gate]["task_metric_threshold"] = r["threshold"]
+                    out[gate] = replace(out[gate], task_metric_threshold=r["threshold"])
             if off:
-                out[gate]["reason"] = r["not_gated"]
+                out[gate] = replace(out[gate], reason=r["not_gated"])
     for name, r in results.items():
         k = r["kind"]
         if k == "harmful":
@@ -275,8 +408,11 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
                 GateInput(r["candidate"], r["base"]),
             )
             for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
-                out[gate].update(
-                    base_margin=r.get("base_margin"), candidate_margin=r.get("candidate_margin"), loglik=r.get("loglik")
+                out[gate] = replace(
+                    out[gate],
+                    base_margin=r.get("base_margin"),
+                    candidate_margin=r.get("candidate_margin"),
+                    loglik=r.get("loglik"),
                 )
         elif k == "reward":
             add(
@@ -284,37 +420,37 @@ def check_gates(cfg, results: dict[str, Any], *, seed: int = 0) -> dict[str, dic
                 GateSpec("min_reward_accuracy", "reward_accuracy", "floor", g.min_reward_accuracy, name),
                 GateInput(r["candidate"]),
             )
-            out["min_reward_accuracy"]["candidate_margin"] = r.get("candidate_margin")
+            out["min_reward_accuracy"] = replace(out["min_reward_accuracy"], candidate_margin=r.get("candidate_margin"))
     return out
 
 
-def not_applicable(cfg, reason: str, *, kinds: tuple[str, ...] = ("reward",)) -> dict[str, dict[str, Any]]:
+def not_applicable(cfg: Any, reason: str, *, kinds: tuple[str, ...] = ("reward",)) -> dict[str, GateResult]:
     """A ``NOT_APPLIED`` record (with ``reason``) for every gate of ``cfg.gates`` with a threshold that is fed by no
     suite kind in ``kinds``: e.g. the generation gates of a reward model, which answers no suite. Reported, so a
     threshold the run could not check is never taken for a PASS."""
     g = cfg.gates
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, GateResult] = {}
     for kind, gates in GATES_BY_KIND.items():
         for field_name, gate_kind in gates:
             threshold = getattr(g, field_name)
             if kind in kinds or threshold is None or field_name in out:
                 continue
-            out[field_name] = {
-                "metric": field_name,
-                "suite": "",
-                "kind": gate_kind,
-                "op": ">=" if gate_kind == "floor" else "<=",
-                "threshold": threshold,
-                "n": 0,
-                "value": None,
-                "interval": None,
-                "verdict": "NOT_APPLIED",
-                "passed": None,
-                "blocks": False,
-                "needed_n": None,
-                "not_applicable": True,
-                "reason": reason,
-            }
+            out[field_name] = GateResult(
+                metric=field_name,
+                suite="",
+                kind=gate_kind,
+                op=">=" if gate_kind == "floor" else "<=",
+                threshold=threshold,
+                n=0,
+                value=None,
+                interval=None,
+                verdict="NOT_APPLIED",
+                passed=None,
+                blocks=False,
+                needed_n=None,
+                not_applicable=True,
+                reason=reason,
+            )
     return out
 
 
@@ -470,7 +606,7 @@ def check_decidable(
     """
     field_name = gate.split("[")[0]
     key = f"gates.{field_name}"
-    base = dict(gate=gate, key=key, suite=suite, kind=kind, threshold=threshold, n=size.n)
+    base: dict[str, Any] = dict(gate=gate, key=key, suite=suite, kind=kind, threshold=threshold, n=size.n)
     if size.n is None:
         return GateDecidability(
             **base,

@@ -7,9 +7,11 @@ Entry points: :func:`report_json`, :func:`junit_xml`, :func:`markdown_summary`, 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from html import escape
 from typing import Any
 
+from tuneloop.evaluate.gates import GateResult, as_dicts
 from tuneloop.report.style import fmt_number
 
 _MARK = {"PASS": "✅", "FAIL": "❌", "INCONCLUSIVE": "⚠️", "NOT_APPLIED": "➖"}
@@ -30,14 +32,15 @@ def gate_line(name: str, g: dict[str, Any]) -> str:
 
 
 def report_json(
-    gates: dict[str, dict[str, Any]], metrics: dict[str, Any] | None = None, **extra: Any
+    gates: Mapping[str, GateResult | Mapping[str, Any]], metrics: dict[str, Any] | None = None, **extra: Any
 ) -> dict[str, Any]:
-    """One JSON document: overall verdict, every gate with its interval and reason, and the metrics."""
+    """One JSON document: overall verdict, every gate with its interval and reason (the stored records), and the
+    metrics."""
     blocking = [n for n, g in gates.items() if g.get("blocks")]
     return {
         "overall": "failed" if blocking else "passed",
         "blocking": blocking,
-        "gates": gates,
+        "gates": as_dicts(gates),
         "metrics": metrics or {},
         **extra,
     }

@@ -32,7 +32,7 @@ from tuneloop.config import PipelineConfig
 from tuneloop.errors import InputError, TuneloopError
 from tuneloop.evaluate.audit import prompt_sha256
 from tuneloop.evaluate.evaluation import ModelRef, registry_model_ref
-from tuneloop.evaluate.gates import check_gates, not_applicable
+from tuneloop.evaluate.gates import GateResult, check_gates, not_applicable
 from tuneloop.evaluate.preference import load_pairs
 from tuneloop.evaluate.stats import mean
 from tuneloop.fsutil import atomic_write_text
@@ -53,7 +53,7 @@ def evaluate_reward_model(
     *,
     reference: ModelRef | None = None,
     progress: Callable[[str], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, Any], dict[str, GateResult]]:
     """Score the held-out pairs in ``pairs_path`` (the preprocessing stage's ``eval_records.jsonl``, at most
     ``eval.max_eval_samples``) with the trained reward model in ``model_dir`` and, where meaningful, with a
     reference (``reference``: a champion reward model; else the base when it is a reward model); return
@@ -95,7 +95,7 @@ def evaluate_reward_model(
         )
     if note:
         metrics["reference_note"] = note
-    metrics["gate_verdicts"] = {name: g["verdict"] for name, g in gates.items()}
+    metrics["gate_verdicts"] = {name: g.verdict for name, g in gates.items()}
 
     records = []
     for i, (it, (c, r)) in enumerate(zip(items, cand)):

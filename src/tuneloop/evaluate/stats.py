@@ -265,7 +265,7 @@ class Estimate:
     extra: dict | None = None
 
 
-def estimate_proportion(successes: Sequence[bool | int], confidence: float = 0.95, method: str = "wilson") -> Estimate:
+def estimate_proportion(successes: Sequence[float], confidence: float = 0.95, method: str = "wilson") -> Estimate:
     """One proportion from per-item 0/1 outcomes, with a Wilson or Clopper-Pearson interval."""
     n = len(successes)
     k = int(sum(bool(s) for s in successes))
@@ -274,9 +274,7 @@ def estimate_proportion(successes: Sequence[bool | int], confidence: float = 0.9
     return Estimate(p, lo, hi, n, math.sqrt(p * (1 - p)), method, extra={"k": k})
 
 
-def estimate_paired_binary(
-    first: Sequence[bool | int], second: Sequence[bool | int], confidence: float = 0.95
-) -> Estimate:
+def estimate_paired_binary(first: Sequence[float], second: Sequence[float], confidence: float = 0.95) -> Estimate:
     """mean(first) - mean(second) for paired 0/1 outcomes: Agresti-Min interval, exact McNemar p-value."""
     if len(first) != len(second):
         raise ValueError("paired samples must have the same length")
