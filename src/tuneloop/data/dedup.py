@@ -188,8 +188,8 @@ def _fix_byte_run(run: bytes) -> bytes:
     out = _BYTE_RUN_CACHE.get(run)
     if out is None:
         text = run.decode("utf-8", "surrogatepass").lower()
-        out = "".join(ch if ch.isalnum() else " " * len(ch.encode("utf-8", "surrogatepass")) for ch in text)
-        out = out.encode("utf-8", "surrogatepass")
+        fixed = "".join(ch if ch.isalnum() else " " * len(ch.encode("utf-8", "surrogatepass")) for ch in text)
+        out = fixed.encode("utf-8", "surrogatepass")
         if len(_BYTE_RUN_CACHE) > 100_000:
             _BYTE_RUN_CACHE.clear()
         _BYTE_RUN_CACHE[run] = out
@@ -209,7 +209,8 @@ def _normalised_bytes(texts: list[str]) -> bytes:
     high[1:-1] = np.frombuffer(data, dtype=np.uint8) >= 0x80
     bounds = np.flatnonzero(high[1:] != high[:-1]).tolist()  # run starts and ends alternate
     patched = bytearray(data)
-    for s, e in zip(bounds[0::2], bounds[1::2]):
+    # strict: ``high`` is False at both padded ends, so every run start has its end (a mismatch is a bug).
+    for s, e in zip(bounds[0::2], bounds[1::2], strict=True):
         run = data[s:e]
         fixed = _fix_byte_run(run)
         if len(fixed) != e - s:
@@ -218,8 +219,9 @@ def _normalised_bytes(texts: list[str]) -> bytes:
             patched[s:e] = fixed
     else:
         return bytes(patched)
-    pieces, prev = [], 0  # some lowercase letter has another length in UTF-8: rebuild
-    for s, e in zip(bounds[0::2], bounds[1::2]):
+    pieces: list[bytes] = []  # some lowercase letter has another length in UTF-8: rebuild
+    prev = 0
+    for s, e in zip(bounds[0::2], bounds[1::2], strict=True):
         pieces += (data[prev:s], _fix_byte_run(data[s:e]))
         prev = e
     pieces.append(data[prev:])
@@ -510,7 +512,7 @@ def groups_from_labels(label: np.ndarray) -> list[list[int]]:
     order = members[np.argsort(label[members], kind="stable")]  # ascending within each group
     cuts = [0, *(np.flatnonzero(np.diff(label[order])) + 1).tolist(), len(order)]
     flat = order.tolist()
-    return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+    return [flat[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]  # consecutive pairs: one fewer
 
 
 def component_roots(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

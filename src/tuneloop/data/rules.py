@@ -133,6 +133,8 @@ def process_records(items: list[Item], fmt: str, pii_policy: str, want_text: boo
             q = quarantine_line(item.line, item.file, reasons, value)
             out.append(Verdict(item.line, item.file, "bad", q, None, None, (), tuple(reasons)))
             continue
+        if record is None:  # formats.normalise gives a reason with every refusal
+            raise RuntimeError(f"normalise({fmt!r}) refused line {item.line} of {item.file} without a reason (a bug)")
         # One scan over all texts of the record joined (no pattern crosses a newline between turns).
         joined = "\n".join(texts)
         findings = tuple((f.type, piimod.mask(joined[f.start : f.end], f.type)) for f in piimod.scan(joined))
@@ -247,7 +249,7 @@ def _chat_count(tokenizer, messages: list[dict], stop_after: int | None) -> tupl
         cut = chars is not None and any(len(m["content"]) > chars for m in messages)
         shown = [{"role": m["role"], "content": m["content"][:chars] if cut else m["content"]} for m in messages]
         ids, complete = encode_prefix(tokenizer, tokenizer.apply_chat_template(shown, tokenize=False), stop_after)
-        if not cut:
+        if not cut or chars is None or stop_after is None:  # (a cut implies both are set)
             return len(ids), complete
         if len(ids) > stop_after + TOKEN_MARGIN:  # cut contents have no more tokens than the whole ones
             return len(ids), False

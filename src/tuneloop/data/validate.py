@@ -172,7 +172,7 @@ def _write_kept(
                 continue
             digest.update((b"," if valid else b"") + data.encode())
             valid += 1
-            if s.source_of is not None:
+            if s.source_of is not None and file is not None:  # from a list of sources every record has its file
                 s.kept_per_source[s.source_of[file]] += 1
             pii_kept += has_pii and checks.pii == "report"
             clean.write(data[:-1] + bookkeeping(line, file, s.source_of) + "}\n")
@@ -185,7 +185,8 @@ def _open(
 ) -> tuple[Iterator[Any], str, str]:
     """(items, position kind, format); a list of sources also sets ``s.source_of``."""
     if not isinstance(path, (list, tuple)):
-        return open_detected(path, fmt)
+        # open_detected is annotated str | Path (it reads any os.PathLike through open_source)
+        return open_detected(Path(path) if isinstance(path, os.PathLike) else path, fmt)
     opened = open_sources(path, fmt)
     s.source_of = opened.source_of
     return opened.items, opened.position, opened.format
