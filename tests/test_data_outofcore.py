@@ -248,3 +248,57 @@ def test_disk_full_while_spilling(tmp_path, planted, monkeypatch):
         "the disk is full" in msg and "data.spill_dir" in msg and str(out) in msg and "No clean file or report" in msg
     )
     assert sorted(p.name for p in out.iterdir()) == [], "nothing left behind: no outputs, temp files or spill"
+
+
+def test_not_enough_free_space_stops_before_any_work(tmp_path, planted, monkeypatch):
+    """shutil.disk_usage says the spill will not fit: a StageError with bytes needed vs free, the filesystem,
+    data.spill_dir and what to do, raised before the input is read (no spill directory, no output)."""
+    import shutil
+    from collections import namedtuple
+
+    train, eval_texts = planted
+    need, input_bytes, records = outofcore.spill_estimate(train)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - (need - 1), need - 1))
+    monkeypatch.setattr(outofcore, "_stream", lambda *a, **kw: pytest.fail("the pass started"))
+    spill = tmp_path / "spill-here"
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as e:
+        validate_dataset(
+            train, out, checks=Checks(num_workers=1), eval_texts=eval_texts, ooc=OutOfCore(spill_dir=str(spill))
+        )
+    msg = str(e.value)
+    assert f"needs about {need / 1e9:.2f} GB of spill space in {spill} (data.spill_dir)" in msg
+    assert f"({input_bytes / 1e9:.2f} GB of input)" in msg and f"~{records:,} records" in msg
+    assert f"has {(need - 1) / 1e9:.2f} GB free" in msg and "the filesystem there (/" in msg
+    assert "set data.spill_dir to a directory on a disk with more room" in msg
+    assert list(spill.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == []
+    # one byte more and it runs (here: as far as the stubbed pass)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - need, need))
+    with pytest.raises(pytest.fail.Exception, match="the pass started"):
+        validate_dataset(train, out, checks=Checks(num_workers=1), ooc=OutOfCore(spill_dir=str(spill)))
+
+
+def test_spill_estimate_covers_the_spill(tmp_path, planted, monkeypatch):
+    """The estimate counts the records of a JSONL file and is at least what the spill held (measured when the pass
+    removes it); a list of sources adds up; inputs that are not local files are not estimated."""
+    import shutil
+
+    train, eval_texts = planted
+    lines = train.read_bytes().count(b"\n")  # the file is under 1 MiB: every line counted
+    need, input_bytes, records = outofcore.spill_estimate(train)
+    assert records == lines and input_bytes == train.stat().st_size
+    held = []
+    real = shutil.rmtree
+
+    def measure(path, **kw):
+        held.append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
+        real(path, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", measure)
+    validate_dataset(train, tmp_path / "out", checks=Checks(num_workers=1), eval_texts=eval_texts, ooc=SMALL)
+    assert held and input_bytes < held[0] <= need
+    two = outofcore.spill_estimate([TrainSource(path=str(train)), TrainSource(path=str(train), weight=2)])
+    assert two == (2 * need, 2 * input_bytes, 2 * records)
+    assert outofcore.spill_estimate("s3://bucket/train.jsonl") is None
+    assert outofcore.spill_estimate([TrainSource(path=str(train)), TrainSource(path="hf-org/name")]) is None

@@ -27,9 +27,10 @@ Memory: fixed-size arrays of about 50 bytes per valid record (line, file, duplic
 flags) plus one band partition and a few chunks at a time (10 M chat records: 3.5 GB peak, most of it from
 a memory map that step 3 no longer uses; 1 M: see docs/benchmarks.md); everything else is in the spill
 directory (``data.spill_dir``, default a hidden ``.<name>.spill-*`` directory next to the outputs, inside the
-workspace): a copy of the records plus about 700 bytes each (512-byte signature, band keys, exact key,
-columns), 13 GB for 10 M records of 5.9 GB, removed when the pass ends. A full disk while
-spilling stops the pass with a ``StageError`` that names the file and the directory, and no clean file or
+workspace): a copy of the records plus about 720 bytes each (512-byte signature, band keys, exact key,
+columns), 13 GB for 10 M records of 5.9 GB, removed when the pass ends. Before any work, that estimate
+(:func:`spill_estimate`) is checked against the free space there (:func:`check_spill_space`: a ``StageError``
+saying bytes needed vs free, on which filesystem, and what to do). A full disk while spilling stops the pass with a ``StageError`` that names the file and the directory, and no clean file or
 report is written (the outputs are renamed into place only on success).
 """
 
@@ -86,7 +87,7 @@ def _disk_error(e: OSError, path: Path, root: Path) -> StageError:
     what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
     return StageError(
         f"data validation stopped: cannot write {path} ({what}). The out-of-core pass keeps a copy of the records plus "
-        f"about 700 bytes each in {root} while it runs (data.spill_dir); free space there or set data.spill_dir to a directory "
+        f"about {SPILL_BYTES_PER_RECORD} bytes each in {root} while it runs (data.spill_dir); free space there or set data.spill_dir to a directory "
         "on a larger disk, then run again. No clean file or report was written."
     )
 
@@ -106,15 +107,15 @@ class Spill:
         return self.root / name
 
     def _write(self, name: str, data: bytes | str) -> None:
-        f = self._open.get(name)
+        f: Any = self._open.get(name)  # a binary file for bytes, a text file for str
         try:
             if f is None:
-                mode = "ab" if isinstance(data, bytes) else "a"
-                f = self._open[name] = open(
-                    self.path(name),
-                    mode,
-                    **({} if mode == "ab" else {"encoding": "utf-8", "errors": "surrogatepass", "newline": "\n"}),
-                )
+                if isinstance(data, bytes):
+                    f = self._open[name] = open(self.path(name), "ab")
+                else:
+                    f = self._open[name] = open(
+                        self.path(name), "a", encoding="utf-8", errors="surrogatepass", newline="\n"
+                    )
             f.write(data)
         except OSError as e:
             raise _disk_error(e, self.path(name), self.root) from None
@@ -199,7 +200,7 @@ def _chunk_work(items: list) -> _Chunk:
     c = _CTX
     verdicts = process_records(items, c["fmt"], c["pii"], c["want_text"])
     ok = [v for v in verdicts if v.status == "ok"]
-    texts = [v.text for v in ok] if c["want_text"] else []
+    texts = [v.text or "" for v in ok] if c["want_text"] else []  # want_text: every valid verdict has its text
     sig = keys = None
     if c["near"] and ok:
         sig, keys = dedup.minhash_signatures(
@@ -326,6 +327,7 @@ def _take_chunk(
         spill.column("sig.u32", chunk.sig)
         for b in range(bands):
             entries = np.empty(n, dtype=_BAND)
+            assert chunk.keys is not None  # computed with the signatures
             entries["key"], entries["id"] = chunk.keys[b], ids
             _bucketed(spill, f"band{b}", entries, chunk.keys[b], partitions)
     spill.column("flags.u1", flag)
@@ -384,8 +386,10 @@ def _near(
     ``near_duplicate_groups`` on the candidates' texts finds them."""
     from tuneloop.data import dedup
 
-    bands, _ = dedup.lsh_params(checks.near_dup_threshold, NUM_PERM)
-    need = dedup.agreement_needed(checks.near_dup_threshold, NUM_PERM)
+    threshold = checks.near_dup_threshold
+    assert threshold is not None  # the caller runs this step only with near-duplicate detection on
+    bands, _ = dedup.lsh_params(threshold, NUM_PERM)
+    need = dedup.agreement_needed(threshold, NUM_PERM)
     member = candidate & ((flags & _FLAG_EMPTY) == 0)
     if np.count_nonzero(member) < 2:
         return []
@@ -603,16 +607,105 @@ def _replay(
 # --- the pass -------------------------------------------------------------------------------------
 
 
-def _spill_root(out_dir: Path, name: str, ooc: OutOfCore) -> Path:
+def _spill_root(out_dir: Path, name: str, ooc: OutOfCore, path: Any = None) -> Path:
+    """A new spill directory under ``data.spill_dir`` (or ``out_dir``), after checking that the spill of the input
+    ``path`` fits there (:func:`check_spill_space`)."""
     base = Path(ooc.spill_dir).expanduser() if ooc.spill_dir else out_dir
     try:
         base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StageError(
+            f"data validation: cannot create a spill directory in {base} ({e.strerror}); "
+            "set data.spill_dir to a writable directory"
+        ) from None
+    check_spill_space(path, base)
+    try:
         return Path(tempfile.mkdtemp(prefix=f".{name}.spill-", dir=base))
     except OSError as e:
         raise StageError(
             f"data validation: cannot create a spill directory in {base} ({e.strerror}); "
             "set data.spill_dir to a writable directory"
         ) from None
+
+
+# What the spill holds at its largest, per input byte and per record: a copy of the records (their canonical JSON,
+# about the input's size) and the fixed-size rows (512-byte signature, band keys, exact key, columns). Measured: the
+# planted set of tests/test_data_outofcore.py left 1,263,008 bytes in the spill where input + 700 B/record gave
+# 1,240,920 (about 720 B/record beyond the input); the 10 M run of benchmarks/data_scale.py spilled 13 GB for 5.9 GB
+# of input (about 710 B/record). 800 leaves a margin; tests/test_data_outofcore.py checks the estimate covers it.
+SPILL_COPY_FACTOR = 1.0
+SPILL_BYTES_PER_RECORD = 800
+_SAMPLE_BYTES = 1 << 20  # bytes of each text file read to estimate its records (lines)
+
+
+def _input_files(path: Any) -> list[Path] | None:
+    """The local files of a data pass's input (a file, a directory, or a list of sources), or ``None`` when any
+    part is not a local path (an object-store URL, a hub name): its size is then unknown here."""
+    items = path if isinstance(path, (list, tuple)) else [path]
+    files: list[Path] = []
+    for item in items:
+        raw = str(getattr(item, "path", item))
+        p = Path(raw).expanduser()
+        if "://" in raw or not p.exists():
+            return None
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return files
+
+
+def _estimated_records(file: Path, size: int) -> int:
+    """Records in ``file``: Parquet from its metadata, any other file by its lines (counted in the first MiB and
+    scaled to its size; a pretty-printed JSON array overcounts, so the estimate errs on the safe side)."""
+    if file.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(file).metadata.num_rows)
+        except Exception:  # noqa: BLE001  (not readable as Parquet: counted as text below)
+            pass
+    with open(file, "rb") as f:
+        sample = f.read(_SAMPLE_BYTES)
+    if not sample:
+        return 0
+    return max(1, round(sample.count(b"\n") * size / len(sample)))
+
+
+def spill_estimate(path: Any) -> tuple[int, int, int] | None:
+    """(bytes the spill needs at its largest, input bytes, estimated records) for the input ``path``, or ``None``
+    when the input is not all local files."""
+    files = _input_files(path)
+    if files is None:
+        return None
+    sizes = [f.stat().st_size for f in files]
+    records = sum(_estimated_records(f, n) for f, n in zip(files, sizes))
+    need = round(SPILL_COPY_FACTOR * sum(sizes) + SPILL_BYTES_PER_RECORD * records)
+    return need, sum(sizes), records
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_spill_space(path: Any, base: Path) -> None:
+    """Stop before any work, with a :class:`StageError`, when the spill of ``path`` (:func:`spill_estimate`) will not
+    fit in the free space of ``base``'s filesystem. Inputs that are not local files are not checked here."""
+    estimate = spill_estimate(path)
+    if estimate is None:
+        return
+    need, input_bytes, records = estimate
+    free = shutil.disk_usage(base).free
+    if need <= free:
+        return
+    gb = 1e9
+    raise StageError(
+        f"data validation stopped before it started: the out-of-core pass needs about {need / gb:.2f} GB of spill "
+        f"space in {base} (data.spill_dir): a copy of the records ({input_bytes / gb:.2f} GB of input) plus about "
+        f"{SPILL_BYTES_PER_RECORD} bytes for each of ~{records:,} records; the filesystem there "
+        f"({_mount_point(base)}) has {free / gb:.2f} GB free. Free space there or set data.spill_dir to a directory "
+        "on a disk with more room, then run again."
+    )
 
 
 def validate_out_of_core(
@@ -638,7 +731,7 @@ def validate_out_of_core(
     unchecked = not_checked(checks, tokenizer, dedup, eval_texts)
     clean_path, quarantine_path = out_dir / f"{name}.clean.jsonl", out_dir / f"{name}.quarantine.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
-    spill = Spill(_spill_root(out_dir, name, ooc), ooc.flush_bytes)
+    spill = Spill(_spill_root(out_dir, name, ooc, path), ooc.flush_bytes)
     try:
         st = _stream(items, fmt, s, checks, tokenizer, eval_texts, near, spill, ooc)
         spill.close()

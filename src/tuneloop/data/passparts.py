@@ -137,7 +137,7 @@ def bookkeeping(line: int, file: str | None, source_of: dict[str, int] | None) -
     """The JSON members a clean record carries after its own: ``_line``, ``_file`` and, from a list of
     sources, ``_source`` (the index of its source in ``data.train_data``)."""
     extra = f',"_line":{line}' + (f',"_file":{json.dumps(file)}' if file is not None else "")
-    return extra + (f',"_source":{source_of[file]}' if source_of is not None else "")
+    return extra + (f',"_source":{source_of[file]}' if source_of is not None and file is not None else "")
 
 
 def report_numbers(

@@ -1,45 +1,37 @@
 """Preprocessing: chat template, tokenization with the prompt masked from the loss, max length, split.
 
-Entry point: :func:`prepare_dataset`. Input is the canonical records written by data validation
-(``{"messages": [...]}`` per line in ``clean.jsonl``, or Parquet shards from ``data.engine: ray``; preference
-records train on prompt + chosen, kto records with ``label: false`` are dropped, ``{"text": ...}`` records train
-on every token). It streams (:mod:`tuneloop.data.stream`): memory does not grow with the number of records, so a
+Entry points: :func:`prepare_dataset` (SFT), :func:`prepare_preferences` (DPO and the other pair objectives:
+ORPO, SimPO, ..., and the reward model), :func:`prepare_kto` (KTO) and :func:`prepare_prompts` (GRPO). Input is
+the canonical records written by data validation (``{"messages": [...]}`` per line in ``clean.jsonl``, or Parquet
+shards from ``data.engine: ray``; for SFT, preference records train on prompt + chosen, kto records with ``label:
+false`` are dropped, ``{"text": ...}`` records train on every token). Every objective streams through one pass
+(:func:`_stream` over :mod:`tuneloop.data.stream`): memory does not grow with the number of records, so a
 10 M-record set is prepared on one machine. Output, in ``out_dir``:
 
-* ``train/`` — a ``datasets`` dataset of ``input_ids`` and ``labels`` (-100 on tokens that carry no loss);
+* ``train/`` — a ``datasets`` dataset: SFT's ``input_ids`` and ``labels`` (-100 on tokens that carry no loss), or
+  the TRL objective's conversational rows (TRL applies the chat template and tokenizes);
 * ``eval.jsonl`` — evaluation items: ``id``, ``messages`` (the prompt) and ``reference`` (the expected answer);
-* ``dropped.jsonl`` — training records that could not be used, with the reason (never dropped silently).
-
-:func:`prepare_kto` is the same stage for ``train.objective: kto`` (TRL's prompt/completion/label records);
-it, :func:`prepare_preferences` (DPO and the other pair objectives) and :func:`prepare_prompts` (GRPO) still read
-the records into memory (:func:`read_records`).
+* ``train_records.jsonl`` / ``eval_records.jsonl`` — the canonical records of each split (external trainers);
+* ``dropped.jsonl`` — training records that could not be used, with the reason (never dropped silently);
+* ``metrics.json``.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import TrainSource
 from tuneloop.data.formats import sft_messages
 from tuneloop.data.rules import encode_prefix
-from tuneloop.data.stream import TokenWriter, Weigher, count_records, held_out_mask, iter_records, split_description
-from tuneloop.fsutil import atomic_lines, atomic_write_json, atomic_write_text
+from tuneloop.data.stream import RowWriter, Weigher, count_records, held_out_mask, iter_records, split_description
+from tuneloop.fsutil import atomic_lines, atomic_write_json
 
 IGNORE_INDEX = -100
-
-
-def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    """Canonical records of one split as JSONL (without tuneloop's bookkeeping fields)."""
-    text = "".join(
-        json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n" for r in records
-    )
-    atomic_write_text(path, text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -47,83 +39,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """A validated set's records as a list (``clean.jsonl`` or Parquet shards): the in-memory objectives' reader."""
-    return list(iter_records(path))
-
-
-def _split(
-    records: list[dict[str, Any]], eval_path: Path | None, eval_split: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train, eval, how the eval records were chosen): ``eval_path``'s records, or a seeded ``eval_split``
-    share of ``records`` (at least one, when that leaves one to train on)."""
-    if eval_path is not None:
-        return records, read_jsonl(eval_path), "given"
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(order) * eval_split))
-    if len(order) - n_eval < 1:
-        n_eval = 0
-    held = set(order[:n_eval])
-    train = [r for i, r in enumerate(records) if i not in held]
-    return train, [r for i, r in enumerate(records) if i in held], split_description(eval_split, seed)
-
-
 def apply_weights(
     records: list[dict[str, Any]], sources: Sequence[TrainSource] | None, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The training records with each source's weight applied, and per-source counts (``None`` without a
-    list of sources).
+    list of sources): :class:`~tuneloop.data.stream.Weigher` over a list.
 
     A record of a source of weight ``w`` (its ``_source`` index into ``sources``) appears ``floor(w)`` times,
     plus once more with probability ``w - floor(w)``, drawn from a generator seeded by ``seed``: the same
     data and seed give the same set. Copies stay next to each other (the trainer shuffles)."""
     if not sources:
         return records, None
-    rng = random.Random(f"train_data weights:{seed}")
-    rows = [{"path": s.label, "weight": s.weight, "train_records": 0, "samples": 0} for s in sources]
-    out: list[dict[str, Any]] = []
-    for rec in records:
-        i = rec.get("_source", 0)
-        whole, frac = divmod(sources[i].weight, 1.0)
-        n = int(whole) + (frac > 0 and rng.random() < frac)
-        rows[i]["train_records"] += 1
-        rows[i]["samples"] += n
-        out += [rec] * n
-    return out, rows
-
-
-def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Per-source rows with ``records``: records each source kept after validation (before the eval split)."""
-    if rows is None:
-        return None
-    counts = [0] * len(rows)
-    for rec in records:
-        counts[rec.get("_source", 0)] += 1
-    return [
-        {
-            "path": r["path"],
-            "weight": r["weight"],
-            "records": n,
-            "train_records": r["train_records"],
-            "samples": r["samples"],
-        }
-        for r, n in zip(rows, counts)
-    ]
-
-
-def _eval_items(eval_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Evaluation items (prompt + reference) from the records that end with an assistant turn; a kto record
-    labelled false is no reference and makes none."""
-    items = []
-    for i, rec in enumerate(eval_records):
-        msgs = sft_messages(rec)
-        if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
-            continue
-        items.append(
-            {"id": f"eval-{i}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]}
-        )
-    return items
+    weigh = Weigher(sources, seed)
+    out = [rec for rec in records for _ in range(weigh(rec))]
+    rows = weigh.per_source() or []
+    return out, [{k: v for k, v in row.items() if k != "records"} for row in rows]
 
 
 def _segments(tok, messages: list[dict[str, str]], train_on_inputs: bool) -> list[tuple[str, bool]]:
@@ -171,6 +101,174 @@ def tokenize_conversation(tok, messages, *, max_length: int, train_on_inputs: bo
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
 
+# ------------------------------------------------------------------------------------------- the one pass
+
+
+def _msg_type() -> Any:
+    """Arrow type of a conversation as :func:`_plain` gives it (what ``Dataset.from_list`` infers for it)."""
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _schema(*columns: tuple[str, str]) -> Any:
+    """The train dataset's Arrow schema: per column ``conversation``, ``string``, ``bool``, ``int32 list`` or
+    ``int64 list`` (the types ``Dataset.from_dict``/``from_list`` infer for the in-memory rows)."""
+    import pyarrow as pa
+
+    types = {
+        "conversation": _msg_type,
+        "string": pa.string,
+        "bool": pa.bool_,
+        "int32 list": lambda: pa.list_(pa.int32()),
+        "int64 list": lambda: pa.list_(pa.int64()),
+    }
+    return pa.schema([(name, types[kind]()) for name, kind in columns])
+
+
+@dataclass
+class _Objective:
+    """How one objective's preparation turns canonical records into ``train/`` rows and evaluation items.
+
+    ``row`` is called once per training record (before its weighted copies): the row (a dict with at least the
+    schema's columns; other keys are for ``count``) or ``(None, why it is dropped)``. ``count`` sees every row
+    written (once per copy). ``item`` makes the evaluation item of the ``n``-th eval record (id ``eval-<n>``) or
+    ``None``. ``holdable`` says which records the held-out split draws from (default: all). ``shuffle``: the seed
+    of a shuffle of the rows (KTO)."""
+
+    columns: tuple[tuple[str, str], ...]
+    row: Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str]]
+    item: Callable[[dict[str, Any], int], dict[str, Any] | None]
+    count: Callable[[dict[str, Any]], None] = lambda row: None
+    holdable: Callable[[dict[str, Any]], bool] | None = None
+    shuffle: str | None = None
+
+
+@dataclass
+class _Streamed:
+    """What one pass produced, for the objective's metrics."""
+
+    samples: int = 0
+    eval_records: int = 0
+    items: int = 0
+    dropped: int = 0
+    eval_source: str = "given"
+    per_source: list[dict[str, Any]] | None = field(default=None)
+
+
+def _stream(
+    objective: _Objective,
+    train_path: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    *,
+    eval_split: float,
+    seed: int,
+    sources: Sequence[TrainSource] | None,
+) -> _Streamed:
+    """The one preparation pass every objective runs: read the validated set record by record (twice when the eval
+    split is held out of it: once to count, once to prepare), hold out the seeded eval split, weight the training
+    records by source, and write ``train/`` (rows to Arrow in batches, :class:`~tuneloop.data.stream.RowWriter`),
+    ``train_records.jsonl``, ``eval_records.jsonl``, ``eval.jsonl`` and ``dropped.jsonl`` line by line; no record
+    set is held whole. The held-out records, the weighted copies and the rows' order are those of the in-memory
+    preparation (tests/prepare_in_memory.py; tests/test_prepare_streaming.py and
+    tests/test_prepare_objectives_streaming.py compare the outputs)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    held, done = None, _Streamed()
+    if eval_path is None:
+        holdable = objective.holdable
+        n = count_records(train_path) if holdable is None else sum(map(holdable, iter_records(train_path)))
+        held, done.eval_source = held_out_mask(n, eval_split, seed), split_description(eval_split, seed)
+    weigh = Weigher(sources, seed)
+    rows = RowWriter(out_dir / ".train.arrow", _schema(*objective.columns))
+    try:
+        with ExitStack() as stack:
+            train_out, eval_out, items_out, dropped_out = (
+                stack.enter_context(atomic_lines(out_dir / name))
+                for name in ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl")
+            )
+
+            def to_eval(rec: dict[str, Any]) -> None:
+                eval_out.write(_record_line(rec))
+                if (item := objective.item(rec, done.eval_records)) is not None:
+                    items_out.write(json.dumps(item, ensure_ascii=False) + "\n")
+                    done.items += 1
+                done.eval_records += 1
+
+            k = 0  # the number of the next record the split draws from
+            for rec in iter_records(train_path):
+                weigh.kept(rec)
+                if held is not None and (objective.holdable is None or objective.holdable(rec)):
+                    k += 1
+                    if held[k - 1]:
+                        to_eval(rec)
+                        continue
+                copies = weigh(rec)
+                if copies == 0:
+                    continue
+                line = _record_line(rec)
+                row, why = objective.row(rec)
+                for _ in range(copies):  # copies stay next to each other (the trainer shuffles)
+                    train_out.write(line)
+                    if row is None:
+                        done.dropped += 1
+                        dropped_out.write(json.dumps({"line": rec.get("_line"), "reason": why}) + "\n")
+                    else:
+                        objective.count(row)
+                        rows.add(row)
+            if eval_path is not None:
+                for rec in iter_records(eval_path):
+                    to_eval(rec)
+        done.samples = rows.save(out_dir / "train", shuffle=objective.shuffle)
+    except BaseException:
+        rows.discard()
+        raise
+    done.per_source = weigh.per_source()
+    return done
+
+
+@dataclass
+class _Sum:
+    """A running total of one field over the rows written (KTO's desirable rows, GRPO's prompt tokens)."""
+
+    key: str
+    total: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.total += int(row[self.key])
+
+
+def _finish(out_dir: Path, metrics: dict[str, Any], done: _Streamed) -> dict[str, Any]:
+    """``metrics`` plus, for a list of sources, ``sources`` (per source its ``records`` after validation,
+    ``train_records`` after the split and ``samples`` after weighting), written to ``metrics.json``."""
+    if done.per_source is not None:
+        metrics["sources"] = done.per_source
+    atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def _record_line(rec: dict[str, Any]) -> str:
+    """A canonical record as a JSONL line of ``train_records.jsonl`` / ``eval_records.jsonl`` (without tuneloop's
+    bookkeeping fields)."""
+    return json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+
+
+def _eval_item(rec: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The evaluation item (prompt + reference) of a record that ends with an assistant turn; a kto record labelled
+    false is no reference and makes none."""
+    msgs = sft_messages(rec)
+    if not msgs or msgs[-1]["role"] != "assistant" or rec.get("label") is False:
+        return None
+    return {"id": f"eval-{n}", "line": rec.get("_line"), "messages": msgs[:-1], "reference": msgs[-1]["content"]}
+
+
+# -------------------------------------------------------------------------------------------------- sft
+
+
 def prepare_dataset(
     tok,
     train_path: Path,
@@ -185,81 +283,37 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenize the training records and write the evaluation items. Returns the stage metrics.
 
-    ``train_path`` is the validated set: ``clean.jsonl`` or Parquet shards (:func:`~tuneloop.data.stream.iter_records`).
-    It is read record by record (twice when the eval split is held out of it: once to count, once to prepare) and
-    never held whole: tokenised samples go to Arrow in batches (:class:`~tuneloop.data.stream.TokenWriter`), the
-    train, eval and dropped records to their files line by line. The held-out records, the weighted copies and the
-    samples' order are those of the in-memory :func:`_split` and :func:`apply_weights` (tests/test_prepare_streaming.py
-    compares the outputs with the in-memory implementation's).
-
-    With ``sources`` (``data.train_data`` as a list; the clean records carry ``_source``) the training records
-    are weighted as :func:`apply_weights` does after the eval split, so no copy of an eval record is trained on;
-    the metrics then have ``sources``: per source its ``records`` after validation, ``train_records`` after
-    the split and ``samples`` after weighting (before tokenization drops any)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    held = None if eval_path is not None else held_out_mask(count_records(train_path), eval_split, seed)
-    weigh, tally = Weigher(sources, seed), _Tally()
-    tokens = TokenWriter(out_dir / ".train.arrow")
-    try:
-        with ExitStack() as stack:
-            train_out, eval_out, items_out, dropped_out = (
-                stack.enter_context(atomic_lines(out_dir / name))
-                for name in ("train_records.jsonl", "eval_records.jsonl", "eval.jsonl", "dropped.jsonl")
-            )
-            for i, rec in enumerate(iter_records(train_path)):
-                weigh.kept(rec)
-                if held is not None and held[i]:
-                    _write_eval(rec, tally, eval_out, items_out)
-                    continue
-                copies = weigh(rec)
-                if copies == 0:
-                    continue
-                line = _record_line(rec)
-                ex, why = _sample(tok, rec, max_length=max_length, train_on_inputs=train_on_inputs)
-                for _ in range(copies):  # copies stay next to each other (the trainer shuffles)
-                    train_out.write(line)
-                    if ex is None:
-                        tally.dropped += 1
-                        dropped_out.write(json.dumps({"line": rec.get("_line"), "reason": why}) + "\n")
-                    else:
-                        tally.add(ex)
-                        tokens.add(ex["input_ids"], ex["labels"])
-            if eval_path is not None:
-                for rec in iter_records(eval_path):
-                    _write_eval(rec, tally, eval_out, items_out)
-        n = tokens.save(out_dir / "train")
-    except BaseException:
-        tokens.discard()
-        raise
+    ``train_path`` is the validated set: ``clean.jsonl`` or Parquet shards (:func:`~tuneloop.data.stream.iter_records`),
+    streamed by :func:`_stream`. With ``sources`` (``data.train_data`` as a list; the clean records carry ``_source``)
+    the training records are weighted after the eval split, so no copy of an eval record is trained on; the metrics
+    then have ``sources``."""
+    tally = _Tally()
+    sft = _Objective(
+        columns=(("input_ids", "int32 list"), ("labels", "int64 list")),
+        row=lambda rec: _sample(tok, rec, max_length=max_length, train_on_inputs=train_on_inputs),
+        item=_eval_item,
+        count=tally.add,
+    )
+    done = _stream(sft, train_path, eval_path, out_dir, eval_split=eval_split, seed=seed, sources=sources)
+    n = done.samples
     metrics = {
         "train_samples": n,
-        "eval_samples": tally.items,
-        "eval_source": "given" if held is None else split_description(eval_split, seed),
-        "dropped": tally.dropped,
+        "eval_samples": done.items,
+        "eval_source": done.eval_source,
+        "dropped": done.dropped,
         "truncated": tally.truncated,
         "train_tokens": tally.tokens,
         "target_tokens": tally.target_tokens,
         "mean_tokens": round(tally.tokens / n, 1) if n else 0.0,
         "max_length": max_length,
     }
-    if (per_source := weigh.per_source()) is not None:
-        metrics["sources"] = per_source
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return _finish(out_dir, metrics, done)
 
 
 @dataclass
 class _Tally:
-    """What :func:`prepare_dataset` counts while it streams."""
+    """What :func:`prepare_dataset` counts over the samples it writes."""
 
-    eval_records: int = 0
-    items: int = 0
-    dropped: int = 0
     truncated: int = 0
     tokens: int = 0
     target_tokens: int = 0
@@ -270,28 +324,16 @@ class _Tally:
         self.target_tokens += ex["n_target"]
 
 
-def _record_line(rec: dict[str, Any]) -> str:
-    """A canonical record as a JSONL line of ``train_records.jsonl`` / ``eval_records.jsonl`` (as :func:`_write_records`)."""
-    return json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
-
-
-def _write_eval(rec: dict[str, Any], tally: _Tally, records_out, items_out) -> None:
-    """One eval record to ``eval_records.jsonl`` and, when it makes one, its item to ``eval.jsonl`` (as :func:`_eval_items`:
-    the item's id counts every eval record)."""
-    records_out.write(_record_line(rec))
-    for item in _eval_items([rec]):
-        item["id"] = f"eval-{tally.eval_records}"
-        items_out.write(json.dumps(item, ensure_ascii=False) + "\n")
-        tally.items += 1
-    tally.eval_records += 1
-
-
 def _sample(tok, rec: dict[str, Any], *, max_length: int, train_on_inputs: bool) -> tuple[dict[str, Any] | None, str]:
     """(``input_ids``, ``labels``, ``truncated``, ``n_target`` of one training record, "") or (None, why it is dropped)."""
     messages = sft_messages(rec)
     if messages is None:  # a text record: every token is trained on
         ids, _ = encode_prefix(tok, rec["text"], max_length)
-        ex = {"input_ids": ids[:max_length], "labels": ids[:max_length], "truncated": len(ids) > max_length}
+        ex: dict[str, Any] = {
+            "input_ids": ids[:max_length],
+            "labels": ids[:max_length],
+            "truncated": len(ids) > max_length,
+        }
     elif rec.get("label") is False:
         return None, "kto label false: supervised fine-tuning does not train on undesirable answers"
     else:
@@ -319,6 +361,16 @@ def trl_preference(rec: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _plain(rec["messages"]), "chosen": _plain(rec["chosen"]), "rejected": _plain(rec["rejected"])}
 
 
+def _preference_item(rec: dict[str, Any], n: int) -> dict[str, Any]:
+    """A preference record's evaluation item: its prompt, and the chosen answer as the reference."""
+    return {
+        "id": f"eval-{n}",
+        "line": rec.get("_line"),
+        "messages": _plain(rec["messages"]),
+        "reference": rec["chosen"][-1]["content"],
+    }
+
+
 def prepare_preferences(
     train_path: Path,
     eval_path: Path | None,
@@ -332,35 +384,22 @@ def prepare_preferences(
     """The preprocessing stage for preference objectives (``objective``: dpo, orpo, simpo, ...; named in the
     metrics): a ``datasets`` dataset of prompt/chosen/rejected conversations
     (TRL tokenizes it with the chat template) and evaluation items whose reference is the chosen answer.
-    ``sources`` weights the training pairs as in :func:`prepare_dataset`."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    out_dir = Path(out_dir)
-    clean = read_records(train_path)
-    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
-    train_records, per_source = apply_weights(train_records, sources, seed)
-    rows = [trl_preference(r) for r in train_records]
-    items = [
-        {
-            "id": f"eval-{i}",
-            "line": r.get("_line"),
-            "messages": _plain(r["messages"]),
-            "reference": r["chosen"][-1]["content"],
-        }
-        for i, r in enumerate(eval_records)
-    ]
+    ``sources`` weights the training pairs as in :func:`prepare_dataset`. Streams (:func:`_stream`)."""
+    pairs = _Objective(
+        columns=(("prompt", "conversation"), ("chosen", "conversation"), ("rejected", "conversation")),
+        row=lambda rec: (trl_preference(rec), ""),
+        item=_preference_item,
+    )
+    done = _stream(pairs, train_path, eval_path, out_dir, eval_split=eval_split, seed=seed, sources=sources)
     metrics = {
         "objective": objective,
-        "train_samples": len(rows),
-        "eval_samples": len(items),
-        "eval_source": split,
+        "train_samples": done.samples,
+        "eval_samples": done.items,
+        "eval_source": done.eval_source,
         "dropped": 0,
         "eval_reference": "chosen answer",
     }
-    return _write_prepared(
-        out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source
-    )
+    return _finish(out_dir, metrics, done)
 
 
 # ------------------------------------------------------------------------------------------------- kto
@@ -398,63 +437,35 @@ def prepare_kto(
     tokenizes it with the chat template), in a seeded shuffled order, and evaluation items whose reference is a
     desirable answer, so the task suites gate a KTO run as they gate SFT. Without ``eval_path`` the held-out
     share is drawn from the desirable records only (an undesirable answer makes no evaluation item), so every
-    undesirable answer trains. ``sources`` weights the training records as in :func:`prepare_dataset`."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    clean = read_records(train_path)
-    if eval_path is None:
-        kept, eval_records, split = _split([r for r in clean if r["label"]], None, eval_split, seed)
-        kept_ids = {id(r) for r in kept}
-        train_records = [r for r in clean if not r["label"] or id(r) in kept_ids]
-        split = split.replace("of train", "of the desirable train records")
-    else:
-        train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
-    train_records, per_source = apply_weights(train_records, sources, seed)
-    rows = [trl_unpaired(r) for r in train_records]
-    random.Random(f"kto order:{seed}").shuffle(rows)
-    items = _eval_items(eval_records)
-    desirable = sum(1 for r in rows if r["label"])
+    undesirable answer trains. ``sources`` weights the training records as in :func:`prepare_dataset`. Streams
+    (:func:`_stream`; the shuffle is a permutation of the row numbers, 4 bytes a row, applied when ``train/`` is
+    saved from the memory-mapped rows)."""
+    desirable = _Sum("label")
+    unpaired = _Objective(
+        columns=(("prompt", "conversation"), ("completion", "conversation"), ("label", "bool")),
+        row=lambda rec: (trl_unpaired(rec), ""),
+        item=_eval_item,
+        count=desirable.add,
+        holdable=lambda rec: bool(rec["label"]),
+        shuffle=f"kto order:{seed}",
+    )
+    done = _stream(unpaired, train_path, eval_path, out_dir, eval_split=eval_split, seed=seed, sources=sources)
+    split = (
+        done.eval_source
+        if eval_path is not None
+        else done.eval_source.replace("of train", "of the desirable train records")
+    )
     metrics = {
         "objective": "kto",
-        "train_samples": len(rows),
-        "desirable": desirable,
-        "undesirable": len(rows) - desirable,
-        "eval_samples": len(items),
+        "train_samples": done.samples,
+        "desirable": desirable.total,
+        "undesirable": done.samples - desirable.total,
+        "eval_samples": done.items,
         "eval_source": split,
         "dropped": 0,
         "eval_reference": "desirable answer",
     }
-    return _write_prepared(
-        Path(out_dir), rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source
-    )
-
-
-def _write_prepared(
-    out_dir: Path,
-    rows: list[dict[str, Any]],
-    train_records: list[dict[str, Any]],
-    eval_records: list[dict[str, Any]],
-    items: list[dict[str, Any]],
-    metrics: dict[str, Any],
-    *,
-    clean: list[dict[str, Any]],
-    per_source: list[dict[str, Any]] | None,
-) -> dict[str, Any]:
-    """Write what a TRL objective's preprocessing stage hands on: ``train/`` (a ``datasets`` dataset of ``rows``),
-    the canonical train and eval records, the evaluation ``items``, an empty ``dropped.jsonl`` and
-    ``metrics.json`` (``metrics`` plus, for a list of sources, ``sources``); returns the metrics."""
-    from datasets import Dataset
-
-    Dataset.from_list(rows).save_to_disk(str(out_dir / "train"))
-    _write_records(out_dir / "train_records.jsonl", train_records)
-    _write_records(out_dir / "eval_records.jsonl", eval_records)
-    atomic_write_text(out_dir / "eval.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
-    atomic_write_text(out_dir / "dropped.jsonl", "")
-    if per_source is not None:
-        metrics["sources"] = _kept_per_source(clean, per_source)
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return _finish(out_dir, metrics, done)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -493,40 +504,35 @@ def prepare_prompts(
     final assistant turn) and ``reference`` (that turn), and the evaluation items of :func:`prepare_dataset`.
     A record that has no prompt and reference, or whose prompt (chat template and generation prompt included)
     is longer than ``max_length`` tokens, is dropped with the reason. ``sources`` weights as in
-    :func:`prepare_dataset`."""
-    import datasets
+    :func:`prepare_dataset`. Streams (:func:`_stream`)."""
+    prompt_tokens = _Sum("n_tokens")
 
-    datasets.disable_progress_bars()
-    out_dir = Path(out_dir)
-    clean = read_records(train_path)
-    train_records, eval_records, split = _split(clean, eval_path, eval_split, seed)
-    train_records, per_source = apply_weights(train_records, sources, seed)
-    rows, dropped, prompt_tokens = [], [], 0
-    for rec in train_records:
-        row, why = prompt_record(rec)
-        if row is None:
-            dropped.append({"line": rec.get("_line"), "reason": why})
-            continue
-        text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    def row(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        out, why = prompt_record(rec)
+        if out is None:
+            return None, why
+        text = tok.apply_chat_template(out["prompt"], tokenize=False, add_generation_prompt=True)
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n > max_length:
-            dropped.append(
-                {"line": rec.get("_line"), "reason": f"prompt is {n} tokens, over data.max_length={max_length}"}
-            )
-            continue
-        prompt_tokens += n
-        rows.append(row)
-    items = _eval_items(eval_records)
+            return None, f"prompt is {n} tokens, over data.max_length={max_length}"
+        return {**out, "n_tokens": n}, ""
+
+    prompts = _Objective(
+        columns=(("prompt", "conversation"), ("reference", "string")),
+        row=row,
+        item=_eval_item,
+        count=prompt_tokens.add,
+    )
+    done = _stream(prompts, train_path, eval_path, out_dir, eval_split=eval_split, seed=seed, sources=sources)
+    n = done.samples
     metrics = {
         "objective": "grpo",
-        "train_samples": len(rows),
-        "eval_samples": len(items),
-        "eval_source": split,
-        "dropped": len(dropped),
-        "mean_prompt_tokens": round(prompt_tokens / len(rows), 1) if rows else 0.0,
+        "train_samples": n,
+        "eval_samples": done.items,
+        "eval_source": done.eval_source,
+        "dropped": done.dropped,
+        "mean_prompt_tokens": round(prompt_tokens.total / n, 1) if n else 0.0,
         "max_length": max_length,
         "eval_reference": "final assistant turn",
     }
-    _write_prepared(out_dir, rows, train_records, eval_records, items, metrics, clean=clean, per_source=per_source)
-    atomic_write_text(out_dir / "dropped.jsonl", "".join(json.dumps(x) + "\n" for x in dropped))
-    return metrics
+    return _finish(out_dir, metrics, done)

@@ -1,10 +1,11 @@
 """Streaming pieces of preprocessing: read the validated records without loading them whole, choose the held-out
-split and apply source weights record by record, and write tokenised samples to Arrow in batches.
+split and apply source weights record by record, and write the prepared rows to Arrow in batches.
 
 Entry points: :func:`iter_records` (the kept records of a validated set, one at a time), :func:`count_records`,
-:func:`held_out_mask`, :class:`Weigher` and :class:`TokenWriter`; :func:`tuneloop.data.prepare.prepare_dataset`
-puts them together. Each one makes the same choices as its in-memory counterpart in :mod:`tuneloop.data.prepare`
-(``_split``, ``apply_weights``): the same seed gives the same eval records, the same copies, in the same order.
+:func:`held_out_mask`, :func:`shuffled`, :class:`Weigher` and :class:`RowWriter`; :mod:`tuneloop.data.prepare` puts
+them together for every objective (SFT's token ids, DPO's pairs, KTO's unpaired records, GRPO's prompts). Each one
+makes the same choices as the in-memory preparation did (its code is kept in tests/prepare_in_memory.py): the same
+seed gives the same eval records, the same copies, in the same order.
 
 A validated set is ``clean.jsonl`` (one canonical record per line; blank lines skipped), one ``.parquet`` file, or
 a directory of ``*.parquet`` shards. Two Parquet layouts are read:
@@ -133,15 +134,21 @@ def count_records(path: Path) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in _parquet_files(path))
 
 
-def held_out_mask(n: int, eval_split: float, seed: int) -> bytearray:
-    """One byte per record, 1 where the record is held out for evaluation: the records that
-    ``prepare._split(records, None, eval_split, seed)`` holds out of ``n`` records (a seeded shuffle of the
-    indexes, the first ``max(1, round(n * eval_split))`` held out, none when that leaves nothing to train on).
+def shuffled(n: int, seed: int | str) -> array:
+    """The indexes ``0 .. n-1`` in the order ``random.Random(seed).shuffle`` puts a list of ``n`` items in.
 
     ``random.shuffle`` only indexes its argument, so shuffling a compact ``array`` of indexes draws exactly what
     shuffling a list does, at 4 (or 8) bytes per record instead of a list's ~36."""
     order = array("i" if n < 2**31 else "q", range(n))
     random.Random(seed).shuffle(order)
+    return order
+
+
+def held_out_mask(n: int, eval_split: float, seed: int) -> bytearray:
+    """One byte per record, 1 where the record is held out for evaluation: the records the in-memory ``_split``
+    held out of ``n`` records (a seeded shuffle of the indexes, the first ``max(1, round(n * eval_split))`` held
+    out, none when that leaves nothing to train on)."""
+    order = shuffled(n, seed)
     n_eval = max(1, round(n * eval_split))
     if n - n_eval < 1:
         n_eval = 0
@@ -152,12 +159,12 @@ def held_out_mask(n: int, eval_split: float, seed: int) -> bytearray:
 
 
 def split_description(eval_split: float, seed: int) -> str:
-    """The metrics' ``eval_source`` for a held-out split (as ``prepare._split`` words it)."""
+    """The metrics' ``eval_source`` for a held-out split (as the in-memory ``_split`` worded it)."""
     return f"held out {eval_split:.0%} of train (seed {seed})"
 
 
 class Weigher:
-    """Source weights applied one record at a time, drawing what ``prepare.apply_weights`` draws.
+    """Source weights applied one record at a time (:func:`tuneloop.data.prepare.apply_weights` is this over a list).
 
     Call it on each training record in order; it returns how many times the record appears: ``floor(w)``, plus
     one with probability ``w - floor(w)`` (``w``: the weight of the record's ``_source``). Without sources every
@@ -199,48 +206,43 @@ class Weigher:
         ]
 
 
-class TokenWriter:
-    """Tokenised samples (``input_ids``, ``labels``) appended in batches to an Arrow stream file, then saved as a
+class RowWriter:
+    """Rows (one value per column of ``schema``) appended in batches to an Arrow stream file, then saved as a
     ``datasets`` dataset directory (what ``datasets.load_from_disk`` and the trainers read).
 
-    The column types are those ``Dataset.from_dict`` gives the same lists (``input_ids`` int32, ``labels``
-    int64), so the saved dataset has the same features as the in-memory path's. :meth:`save` memory-maps the
-    stream file, lets ``datasets`` write its shards, and removes the stream file (so the tokens are written twice
-    on disk, never held in memory)."""
+    ``schema`` fixes the column types: those ``Dataset.from_dict`` / ``Dataset.from_list`` infer from the same rows
+    (:mod:`tuneloop.data.prepare` names one per objective), so the saved dataset has the features the in-memory
+    path's had. :meth:`save` memory-maps the stream file, lets ``datasets`` write its shards (in the order given,
+    e.g. a seeded shuffle) and removes the stream file (so the rows are written twice on disk, never held in
+    memory). No rows: an empty dataset with the schema's features that ``load_from_disk`` reads (the in-memory paths
+    saved 0 rows as a directory without a shard that it cannot read; the stage stops on 0 training samples)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, schema: Any):
         import pyarrow as pa
 
         self.pa = pa
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+        self.schema = schema
         self.sink = pa.OSFile(str(self.path), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.ids: list[list[int]] = []
-        self.labels: list[list[int]] = []
+        self.columns: list[list[Any]] = [[] for _ in schema.names]
         self.rows = 0
         self.closed = False
 
-    def add(self, input_ids: list[int], labels: list[int]) -> None:
-        self.ids.append(input_ids)
-        self.labels.append(labels)
-        if len(self.ids) >= ROWS_PER_BATCH:
+    def add(self, row: dict[str, Any]) -> None:
+        for column, name in zip(self.columns, self.schema.names):
+            column.append(row[name])
+        if len(self.columns[0]) >= ROWS_PER_BATCH:
             self._flush()
 
     def _flush(self) -> None:
-        if self.ids:
+        if self.columns[0]:
             pa = self.pa
-            batch = pa.record_batch(
-                [
-                    pa.array(self.ids, type=self.schema.field("input_ids").type),
-                    pa.array(self.labels, type=self.schema.field("labels").type),
-                ],
-                schema=self.schema,
-            )
-            self.writer.write_batch(batch)
-            self.rows += len(self.ids)
-            self.ids, self.labels = [], []
+            arrays = [pa.array(values, type=field.type) for values, field in zip(self.columns, self.schema)]
+            self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+            self.rows += len(self.columns[0])
+            self.columns = [[] for _ in self.schema.names]
 
     def close(self) -> None:
         if self.closed:
@@ -250,12 +252,27 @@ class TokenWriter:
         self.writer.close()
         self.sink.close()
 
-    def save(self, out: Path) -> int:
-        """Close the stream, write the dataset directory ``out``, remove the stream file; returns the rows."""
+    def save(self, out: Path, shuffle: int | str | None = None) -> int:
+        """Close the stream, write the dataset directory ``out``, remove the stream file; returns the rows. With
+        ``shuffle``, the rows in the order ``random.Random(shuffle).shuffle`` puts a list of them in (:func:`shuffled`:
+        4 bytes a row; ``datasets`` gathers them from the memory-mapped stream file)."""
         from datasets import Dataset
 
         self.close()
+        if self.rows == 0:  # datasets saves 0 rows without a shard, which load_from_disk cannot read: ask for one
+            from datasets import Features
+
+            empty = Dataset.from_dict(
+                {n: [] for n in self.schema.names}, features=Features.from_arrow_schema(self.schema)
+            )
+            empty.save_to_disk(str(out), num_shards=1)
+            self.path.unlink()
+            return 0
         ds = Dataset.from_file(str(self.path))
+        if shuffle is not None:
+            import numpy as np
+
+            ds = ds.select(np.asarray(shuffled(self.rows, shuffle)))  # save_to_disk gathers the rows in this order
         ds.save_to_disk(str(out))
         del ds
         self.path.unlink()
