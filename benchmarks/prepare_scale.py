@@ -1,7 +1,7 @@
 """Preprocessing at scale: peak memory and time of the streaming preparation beside the old in-memory one.
 
     python benchmarks/prepare_scale.py --records N [N2 ...] [--model DIR] [--max-length L] [--eval-split F]
-                                       [--seed S] [--workdir DIR] [--train-steps K]
+                                       [--seed S] [--workdir DIR] [--train-steps K] [--objective sft|dpo]
 
 For each N:
 1. Writes N short synthetic chat records (a user question of 4-12 words and an answer of 2-8 words, drawn from
@@ -20,6 +20,10 @@ For each N:
 With ``--train-steps K``, then trains (``train_sft``, LoRA, ``train.max_steps`` K, batch 4) the model on each
 run's streamed dataset, each in a fresh process, and reports seconds and memory (setup = tokenizer loaded, before
 the model): training reads the prepared set memory-mapped, by step count, so its memory should not depend on N.
+
+``--objective dpo`` measures the preference preparation instead (``prepare_preferences``, no tokenizer: TRL
+tokenizes later): N synthetic pairs (the question, a chosen and a rejected answer from the same word list), the old
+in-memory code (tests/prepare_in_memory.py ``prepare_preferences_in_memory``) beside the streaming one.
 
 Prints one JSON line. With two or more sizes, ``extrapolated_10m`` projects each path to 10 M records from the
 smallest and largest runs: peak RSS along the straight line through the two peaks, time at the largest run's
@@ -56,37 +60,57 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def build(n: int, seed: int, path: Path) -> None:
+def build(n: int, seed: int, path: Path, objective: str = "sft") -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + f" {i}?"
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-            rec = {
-                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                "_line": i + 1,
-                "_source": i % 2,
-            }
+            if objective == "dpo":
+                b = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+                rec = {
+                    "messages": [{"role": "user", "content": q}],
+                    "chosen": [{"role": "assistant", "content": a}],
+                    "rejected": [{"role": "assistant", "content": b + " no"}],
+                    "_line": i + 1,
+                    "_source": i % 2,
+                }
+            else:
+                rec = {
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                    "_line": i + 1,
+                    "_source": i % 2,
+                }
             f.write(json.dumps(rec) + "\n")
 
 
-def run_one(path: str, clean: Path, out: Path, model: str, max_length: int, eval_split: float, seed: int) -> dict:
+def run_one(
+    path: str, clean: Path, out: Path, model: str, max_length: int, eval_split: float, seed: int, objective: str = "sft"
+) -> dict:
     """One preparation in this process (the child): its seconds, setup RSS and peak RSS."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from prepare_in_memory import prepare_dataset_in_memory
+    from prepare_in_memory import prepare_dataset_in_memory, prepare_preferences_in_memory
 
     from tuneloop.config import TrainSource
-    from tuneloop.data.prepare import prepare_dataset
+    from tuneloop.data.prepare import prepare_dataset, prepare_preferences
     from tuneloop.modeling import load_tokenizer
 
     import datasets  # noqa: F401  (imported before the setup figure, as the tokenizer's first rendering)
     import pyarrow  # noqa: F401
 
-    tok = load_tokenizer(model)
-    tok.apply_chat_template(
-        [{"role": "user", "content": "warm up"}, {"role": "assistant", "content": "ok"}], tokenize=True
-    )
-    fn = prepare_dataset_in_memory if path == "in_memory" else prepare_dataset
+    if objective == "dpo":  # no tokenizer: TRL tokenizes the pairs when it trains
+        pairs = prepare_preferences_in_memory if path == "in_memory" else prepare_preferences
+
+        def fn(tok, clean, eval_path, out, *, max_length, **kw):
+            return pairs(clean, eval_path, out, **kw)
+
+        tok = None
+    else:
+        tok = load_tokenizer(model)
+        tok.apply_chat_template(
+            [{"role": "user", "content": "warm up"}, {"role": "assistant", "content": "ok"}], tokenize=True
+        )
+        fn = prepare_dataset_in_memory if path == "in_memory" else prepare_dataset
     sources = [TrainSource(path="a.jsonl"), TrainSource(path="b.jsonl", weight=1.5)]
     setup, setup_anon = _rss_mb("VmRSS"), _rss_mb("RssAnon")
     peak_anon, done = [setup_anon], threading.Event()
@@ -178,7 +202,7 @@ def measure(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
     """Both preparations of ``n`` records, each in a fresh process; whether their outputs are identical."""
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    build(n, args.seed, work / "clean.jsonl")
+    build(n, args.seed, work / "clean.jsonl", args.objective)
     result = {
         "records": n,
         "clean_jsonl_mb": round((work / "clean.jsonl").stat().st_size / 2**20, 1),
@@ -200,6 +224,8 @@ def measure(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
             str(args.seed),
             "--workdir",
             str(work),
+            "--objective",
+            args.objective,
             "--_path",
             path,
         ]
@@ -247,6 +273,7 @@ def main() -> None:
     ap.add_argument(
         "--train-steps", type=int, default=0, help="then train this many LoRA steps on the largest streamed set"
     )
+    ap.add_argument("--objective", choices=("sft", "dpo"), default="sft", help="sft (tokenised) or dpo (pairs)")
     ap.add_argument("--_path", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_train", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,16 +292,18 @@ def main() -> None:
                     args.max_length,
                     args.eval_split,
                     args.seed,
+                    args.objective,
                 )
             )
         )
         return
     import platform
 
-    model = args.model or default_model()
+    model = args.model or ("-" if args.objective == "dpo" else default_model())
     runs = [measure(n, args, model, work / str(n)) for n in sorted(args.records)]
     result = {
         "benchmark": "prepare_scale",
+        "objective": args.objective,
         "model": Path(model).name,
         "max_length": args.max_length,
         "eval_split": args.eval_split,
