@@ -46,6 +46,7 @@ def s3_server() -> Iterator[str]:
         filesystem(f"s3://{BUCKET}").mkdir(BUCKET)
         yield endpoint
     finally:
+        _post(endpoint, "reset", "")  # moto's state is per process: the next module's server starts empty
         server.stop()
         for k, v in saved.items():
             if v is None:
@@ -70,18 +71,19 @@ def upload(local: Path, url: str) -> str:
 def require_auth(endpoint: str) -> Iterator[None]:
     """moto checks credentials inside the block (its IAM knows no keys, so every request is denied)."""
 
-    def post(count: str) -> None:
-        req = urllib.request.Request(
-            f"{endpoint}/moto-api/reset-auth",
-            data=count.encode(),
-            method="POST",
-            headers={"Content-Type": "text/plain"},  # a form body would be parsed away by the server
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            json.load(r)
-
-    post("0")
+    _post(endpoint, "reset-auth", "0")
     try:
         yield
     finally:
-        post("inf")
+        _post(endpoint, "reset-auth", "inf")
+
+
+def _post(endpoint: str, action: str, body: str) -> None:
+    req = urllib.request.Request(
+        f"{endpoint}/moto-api/{action}",
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # a form body would be parsed away by the server
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        json.load(r)
