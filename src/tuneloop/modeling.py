@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -107,7 +107,9 @@ def load_causal_lm(
             raise InputError(
                 f"adapter {adapter} has no adapter_model.safetensors; tuneloop loads safetensors adapters only"
             )
-        model = PeftModel.from_pretrained(model, adapter)
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        peft_model.eval()
+        return peft_model
     model.eval()
     return model
 
@@ -283,7 +285,7 @@ class _GenBatch:
     def merge(self, other: _GenBatch) -> None:
         """Append ``other``'s rows: caches and masks left-padded to the wider one, then concatenated."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):  # same model: same layers
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
@@ -343,7 +345,7 @@ class _Decoder:
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **extra
         )
-        layers = getattr(cache, "layers", None)
+        layers = getattr(cache, "layers", None) or []
         can_join = bool(layers) and all(
             type(layer).__name__ == "DynamicLayer"
             and getattr(layer, "keys", None) is not None
@@ -403,17 +405,22 @@ def generate(
     done = 0
     while waiting or batch is not None:
         rows = len(batch.index) if batch is not None else 0
-        if waiting and (rows == 0 or (batch.can_join and max_rows - rows >= max(1, max_rows // 2))):
-            joiners = _joiners(waiting, prompts, rows, batch.mask.shape[1] if rows else 0, max_rows, max_new_tokens)
+        if waiting and (
+            rows == 0 or (batch is not None and batch.can_join and max_rows - rows >= max(1, max_rows // 2))
+        ):
+            width = batch.mask.shape[1] if batch is not None and rows else 0
+            joiners = _joiners(waiting, prompts, rows, width, max_rows, max_new_tokens)
             if joiners:
                 new = dec.prefill(joiners, [prompts[i] for i in joiners])
-                if rows:
+                if batch is not None and rows:
                     batch.merge(new)
                 else:
                     batch = new
+        if batch is None:  # cannot happen: _joiners takes at least one waiting prompt into an empty batch
+            raise RuntimeError("generate: nothing to decode although prompts are waiting (a bug in _joiners)")
         picks = batch.logits.argmax(dim=-1).tolist()
         keep, last = [], []
-        for r, (i, tok_id) in enumerate(zip(batch.index, picks)):
+        for r, (i, tok_id) in enumerate(zip(batch.index, picks, strict=True)):  # one pick per row
             produced = batch.produced[r]
             if tok_id in stops or len(produced) + 1 >= max_new_tokens:
                 finish = "stop" if tok_id in stops else "length"
@@ -437,7 +444,7 @@ def generate(
                 continue
             batch.select(keep)
         dec.step(batch, last)
-    return out  # type: ignore[return-value]
+    return cast("list[dict[str, Any]]", out)  # every slot is filled: each prompt finishes exactly once
 
 
 def _joiners(

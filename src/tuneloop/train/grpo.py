@@ -54,9 +54,11 @@ def train_grpo(
     # Completions end where evaluation's answers end (eos and the chat template's end-of-turn tokens).
     run.model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     t = cfg.train
-    args = {k: v for k, v in run.args(GRPOConfig).items() if k not in ("max_length", "dataset_num_proc")}  # not GRPO's
+    not_grpo = ("max_length", "dataset_num_proc")
+    shared = {k: v for k, v in run.args(GRPOConfig).items() if k not in not_grpo}
+    vllm: dict[str, Any] = {"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if t.use_vllm else {}
     args = GRPOConfig(
-        **{**args, "per_device_train_batch_size": t.batch_size * t.num_generations},  # TRL counts completions
+        **{**shared, "per_device_train_batch_size": t.batch_size * t.num_generations},  # TRL counts completions
         num_generations=t.num_generations,
         max_completion_length=t.max_completion_length,
         temperature=t.temperature,
@@ -65,12 +67,12 @@ def train_grpo(
         importance_sampling_level="sequence" if t.loss_type == "luspo" else "token",
         reward_weights=weights,
         use_vllm=t.use_vllm,  # checked before the run: CUDA and vllm present (stages._vllm_problems)
-        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if t.use_vllm else {}),
+        **vllm,
         log_completions=False,
     )
     trainer = GRPOTrainer(
         model=run.model,
-        reward_funcs=reward_funcs,
+        reward_funcs=list(reward_funcs),  # typed as TRL's list (invariant: a list[CheckedReward] is not one)
         args=args,
         train_dataset=run.dataset,
         processing_class=tokenizer,

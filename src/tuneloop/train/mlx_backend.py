@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tuneloop.config import PipelineConfig
 from tuneloop.data.prepare import IGNORE_INDEX
@@ -353,19 +353,25 @@ def save_peft_adapter(model, names: list[str], cfg: PipelineConfig, out_dir: Pat
     save_file(peft_tensors(model, names), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    """``mlx.utils.tree_flatten(tree)``: (dotted name, leaf) pairs. Without ``destination`` it returns this list;
+    its annotation also allows the dict form, hence the cast."""
+    from mlx.utils import tree_flatten
+
+    return cast("list[tuple[str, Any]]", tree_flatten(tree))
+
+
 def save_full_model(model, base_model: str, out_dir: Path) -> None:
     """The trained MLX weights loaded into the transformers model of the base and saved by it (safetensors)."""
     import mlx.core as mx
     import numpy as np
     import torch
-    from mlx.utils import tree_flatten
 
     from tuneloop.modeling import load_causal_lm
 
     hf = load_causal_lm(base_model)
     state = {
-        k: torch.from_numpy(np.ascontiguousarray(np.array(v.astype(mx.float32))))
-        for k, v in tree_flatten(model.parameters())
+        k: torch.from_numpy(np.ascontiguousarray(np.array(v.astype(mx.float32)))) for k, v in _flat(model.parameters())
     }
     result = hf.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) else set()
@@ -432,7 +438,6 @@ def train_mlx(
     import mlx.core as mx
     import mlx.nn as nn
     from datasets import load_from_disk
-    from mlx.utils import tree_flatten
 
     from tuneloop.train.sft import make_collator, read_metric_rows
 
@@ -448,7 +453,7 @@ def train_mlx(
     dataset = load_from_disk(str(dataset_dir))
     if len(dataset) == 0:
         raise StageError("no training samples left after preprocessing; see the preprocessing stage's dropped.jsonl")
-    samples = [{"input_ids": x, "labels": y} for x, y in zip(dataset["input_ids"], dataset["labels"])]
+    samples = [{"input_ids": x, "labels": y} for x, y in zip(dataset["input_ids"], dataset["labels"], strict=True)]
     per_step = t.batch_size * t.gradient_accumulation_steps
     max_steps = t.max_steps or max(1, math.ceil(math.ceil(len(samples) / per_step) * t.num_epochs))
     plan = step_plan(
@@ -474,8 +479,8 @@ def train_mlx(
             load_peft_adapter(model, names, Path(init_adapter))
     if t.gradient_checkpointing:
         _checkpoint_layers(model)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    total = sum(v.size for _, v in _flat(model.parameters()))
     optimizer = _optimizer(cfg)
     loss_and_grad = nn.value_and_grad(model, masked_loss)
 
@@ -653,6 +658,8 @@ def _resume(model, optimizer, ckpt_dir: Path, metrics_path: Path) -> int:
         try:
             weights = mx.load(str(path / "weights.safetensors"))
             state = mx.load(str(path / "optimizer.safetensors"))
+            if not isinstance(weights, dict) or not isinstance(state, dict):  # mx.load gives a dict for safetensors
+                raise ValueError("not a safetensors dict of arrays")
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             log.warning("checkpoint %s cannot be read (%s); removed", path, exc)
             shutil.rmtree(path, ignore_errors=True)

@@ -103,14 +103,13 @@ class PackingCollator:
         longest = max(lengths)
         top = max(self.capacity, longest)
         caps = {top} | {min(top, int(longest * f)) for f in (1, 1.125, 1.25, 1.5, 1.75, 2, 2.5, 3, 4)}
-        best: tuple[tuple[float, int], list[list[int]], int] | None = None
+        layouts: list[tuple[tuple[float, int], list[list[int]], int]] = []
         for cap in sorted(caps):
             rows = pack_rows(lengths, cap)
             width = max(sum(lengths[i] for i in row) for row in rows)
-            key = (len(rows) * width * (1.0 + self.attn_cost * width), width)
-            if best is None or key < best[0]:
-                best = (key, rows, width)
-        return best[1], best[2]
+            layouts.append(((len(rows) * width * (1.0 + self.attn_cost * width), width), rows, width))
+        _, rows, width = min(layouts, key=lambda layout: layout[0])  # the first of equal costs
+        return rows, width
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows, width = self.layout([len(b["input_ids"]) for b in batch])
@@ -349,7 +348,7 @@ def precision_problem(precision: str) -> str | None:
     )
 
 
-def precision_args(precision: str) -> dict[str, bool]:
+def precision_args(precision: str) -> dict[str, Any]:  # Any: keyword arguments for TrainingArguments(**...)
     """``bf16``/``fp16`` TrainingArguments for ``train.precision`` (``auto``: bf16 where CUDA supports it; on
     MPS ``auto`` stays fp32, since M1/M2 emulate bf16 in fp32)."""
     if precision == "auto":
