@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tuneloop.errors import ConfigError, InputError
 
@@ -189,7 +189,14 @@ def open_monitoring(url: str, *, spool_dir: Path | None = None, spool_max_bytes:
     return request_log, recorder, metrics
 
 
-def http_stack() -> dict[str, str]:
+class HttpStack(TypedDict):
+    """uvicorn's ``http`` and ``loop`` settings, typed so ``uvicorn.Config(..., **http_stack())`` type-checks."""
+
+    http: str
+    loop: str
+
+
+def http_stack() -> HttpStack:
     """The HTTP parser and event loop the gateway runs on: httptools and uvloop (core dependencies; uvloop is
     not built for Windows) when they import, else uvicorn's pure-Python h11 parser and the asyncio loop, the
     same choice as uvicorn's ``auto``. The C pair takes ~0.3-0.5 ms less per request (docs/benchmarks.md)."""
@@ -205,7 +212,7 @@ def http_stack() -> dict[str, str]:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
-    return {"http": http, "loop": loop}
+    return HttpStack(http=http, loop=loop)
 
 
 def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | None = None, *, console=None) -> int:
