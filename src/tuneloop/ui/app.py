@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tuneloop.errors import TuneloopError
 from tuneloop.ui import views
@@ -34,7 +35,7 @@ from tuneloop.ui.launch import Launcher, check_overrides, config_by_id, list_con
 from tuneloop.ui.views import PanelError
 from tuneloop.workspace import Workspace
 
-log = logging.getLogger("tuneloop.ui")
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 CONTENT_TYPES = {
@@ -72,9 +73,6 @@ def create_app(
     ``host``: the address the server binds (the auth rules apply when it is not loopback); ``api_keys`` and
     ``admin_token`` default to the environment variables named by ``serve.api_keys_env`` /
     ``serve.admin_token_env``."""
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
     from tuneloop.serve.server import is_loopback, read_keys
 
     ws = Workspace(Path(workspace_dir))
@@ -97,6 +95,23 @@ def create_app(
     app = FastAPI(title="tuneloop ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = state
     app.router.redirect_slashes = False  # "/api/runs/.." (normalised by clients to "/api/") is a 404, not a redirect
+
+    add_error_handling(app, auth)
+    add_page_routes(app, assets)
+    add_run_routes(app, state, auth)
+    add_registry_routes(app, state, lock)
+    add_loop_routes(app, state)
+    add_launch_routes(app, state, launcher)
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])  # last: after every route
+    def unknown_api(rest: str) -> dict[str, Any]:
+        raise PanelError(404, "not_found", f"no API route /api/{rest}")
+
+    return app
+
+
+def add_error_handling(app: FastAPI, auth: Auth) -> None:
+    """The auth check on every request, and every failure as ``{"error": {...}}`` (never a stack)."""
 
     @app.middleware("http")
     async def check_auth(request: Request, call_next):
@@ -122,7 +137,9 @@ def create_app(
     async def not_found(request: Request, exc: Exception):
         return JSONResponse(error_body("not_found", f"no route {request.url.path}", None), status_code=404)
 
-    # -------------------------------------------------------------------------------------- page and assets
+
+def add_page_routes(app: FastAPI, assets: dict[str, Path]) -> None:
+    """The single page and its assets (looked up in :func:`static_files`, never a path from the URL)."""
 
     @app.get("/")
     def index() -> Response:
@@ -135,7 +152,10 @@ def create_app(
             raise PanelError(404, "not_found", f"no asset {name!r}")
         return Response(p.read_bytes(), media_type=CONTENT_TYPES[p.suffix])
 
-    # -------------------------------------------------------------------------------------- runs
+
+def add_run_routes(app: FastAPI, state: UiState, auth: Auth) -> None:
+    """``/api/info``, the runs (stages, progress, gates, items, report, data) and the comparison of two runs."""
+    ws = state.ws
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
@@ -200,7 +220,10 @@ def create_app(
     def compare(a: str, b: str) -> dict[str, Any]:
         return views.compare_view(ws, a, b)
 
-    # -------------------------------------------------------------------------------------- registry
+
+def add_registry_routes(app: FastAPI, state: UiState, lock: threading.Lock) -> None:
+    """The registry: models, versions, diff, promote/rollback/tag (recorded as the CLI records them), rollouts."""
+    ws = state.ws
 
     @app.get("/api/models")
     def models() -> dict[str, Any]:
@@ -216,7 +239,7 @@ def create_app(
 
         def build(reg):
             va, vb = views.check_version(reg, name, a), views.check_version(reg, name, b)
-            return diff_versions(reg, va["ref"], vb["ref"])
+            return diff_versions(reg, va.ref, vb.ref)
 
         return state.with_registry(build)
 
@@ -290,7 +313,9 @@ def create_app(
 
         return state.with_registry(build)
 
-    # -------------------------------------------------------------------------------------- feedback, drift
+
+def add_loop_routes(app: FastAPI, state: UiState) -> None:
+    """Feedback, drift and feedback export."""
 
     @app.get("/api/feedback")
     def feedback(limit: int = 50) -> dict[str, Any]:
@@ -315,7 +340,9 @@ def create_app(
     async def export_now() -> dict[str, Any]:
         return await run_sync(state.run_export)
 
-    # -------------------------------------------------------------------------------------- start a run
+
+def add_launch_routes(app: FastAPI, state: UiState, launcher: Launcher) -> None:
+    """Start a run: the configs, override checks, launches and their progress."""
 
     @app.get("/api/configs")
     def configs() -> dict[str, Any]:
@@ -349,12 +376,6 @@ def create_app(
         if found is None:
             raise PanelError(404, "not_found", f"no launch {launch_id!r} in this UI session")
         return launcher.view(found)
-
-    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    def unknown_api(rest: str) -> dict[str, Any]:
-        raise PanelError(404, "not_found", f"no API route /api/{rest}")
-
-    return app
 
 
 # ------------------------------------------------------------------------------------------------ pieces
