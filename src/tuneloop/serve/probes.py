@@ -10,6 +10,7 @@ workspace, an MLflow registry without the run directory), probing is skipped and
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class ProbePlan:
     skipped_reason: str | None = None
 
 
-def plan_probes(workspace_root: Path | None, version: dict[str, Any], limit: int = 4) -> ProbePlan:
+def plan_probes(workspace_root: Path | None, version: Mapping[str, Any], limit: int = 4) -> ProbePlan:
     lineage = version.get("lineage") or {}
     cfg = lineage.get("config") or {}
     max_new = int((cfg.get("eval") or {}).get("max_new_tokens") or 32)

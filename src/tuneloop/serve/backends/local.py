@@ -208,7 +208,9 @@ class LocalBackend:
     # ------------------------------------------------------------------------------------------ chat
     async def chat(self, route: Route, req: ChatRequest, ctx: CallContext):
         tg.reject_unsupported_chat(req)
-        lv = self.versions.get(route.artifact_digest) or await asyncio.to_thread(self.load, route.version)
+        lv = self.versions.get(route.artifact_digest)
+        if lv is None:  # not `a or await b`: mypy infers b's type from a's context (LoadedVersion | None)
+            lv = await asyncio.to_thread(self.load, route.version)
         prompt_ids = chat_prompt_ids(lv.tokenizer, req.messages)
         budget = tg.token_budget(
             len(prompt_ids),
@@ -303,7 +305,9 @@ class LocalBackend:
             raise bad_request(
                 "suffix is not supported by the local backend", param="suffix", code="unsupported_parameter"
             )
-        lv = self.versions.get(route.artifact_digest) or await asyncio.to_thread(self.load, route.version)
+        lv = self.versions.get(route.artifact_digest)
+        if lv is None:  # not `a or await b`: mypy infers b's type from a's context (LoadedVersion | None)
+            lv = await asyncio.to_thread(self.load, route.version)
         prompts = [
             p if isinstance(p, list) else lv.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts()
         ]
