@@ -160,12 +160,12 @@ def reward_champion(cfg: PipelineConfig, registry: Any) -> tuple[ModelRef | None
         version = registry.get(cfg.model_name, "champion")
     except TuneloopError:
         return None, f"no champion of {cfg.model_name} in the registry yet: no reference accuracy"
-    if (version.get("lineage") or {}).get("kind") != KIND:
+    if (version.lineage or {}).get("kind") != KIND:
         return (
             None,
-            f"the champion {version['ref']} is not a reward model (no `kind: reward` in its lineage): no reference accuracy",
+            f"the champion {version.ref} is not a reward model (no `kind: reward` in its lineage): no reference accuracy",
         )
-    return registry_model_ref(cfg, registry, cfg.model_name, version["version"], "champion"), ""
+    return registry_model_ref(cfg, registry, cfg.model_name, version.version, "champion"), ""
 
 
 def _r(x: float | None, nd: int = 6) -> float | None:
