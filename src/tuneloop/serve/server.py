@@ -249,7 +249,8 @@ def serve(cfg_or_workspace: Any = None, host: str | None = None, port: int | Non
         host=host,
         port=port,
         log_level="info",
-        timeout_graceful_shutdown=sc.shutdown_grace_s + END_OF_GRACE_S,
+        # uvicorn annotates this int | None but only passes it to asyncio.timeout (a float): keep fractional graces
+        timeout_graceful_shutdown=sc.shutdown_grace_s + END_OF_GRACE_S,  # type: ignore[arg-type]
         access_log=False,
         timeout_keep_alive=75,
         **stack,
@@ -361,7 +362,8 @@ class BackgroundServer:
                 host=host,
                 port=port,
                 log_level="warning",
-                timeout_graceful_shutdown=grace_s + END_OF_GRACE_S,
+                # uvicorn annotates this int | None but only passes it to asyncio.timeout: keep fractional graces
+                timeout_graceful_shutdown=grace_s + END_OF_GRACE_S,  # type: ignore[arg-type]
                 **http_stack(),
             ),
             grace_s=grace_s,
