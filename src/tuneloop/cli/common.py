@@ -1,7 +1,7 @@
 """What every command shares: the consoles, exceptions -> exit codes, JSON output, and the registry options.
 
-Exit codes (DESIGN.md): 0 ok / all gates passed; 1 a stage failed or a gate blocked; 2 usage, config or
-input error found before any work was done; 130 interrupted (Ctrl-C).
+Exit codes (a public interface, listed in the README): 0 ok / all gates passed; 1 a stage failed or a gate
+blocked; 2 usage, config or input error found before any work was done; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
