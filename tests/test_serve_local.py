@@ -94,7 +94,19 @@ def test_concurrent_http_requests_are_batched_and_identical(registry):
 
 
 @pytest.mark.slow
-def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry):
+def test_disconnect_cancels_generation_and_queue_bound_gives_429(registry, monkeypatch):
+    from tuneloop.serve.batching import BatchEngine
+
+    # Every decoding step takes at least 10 ms, so a 200-token generation outlasts the hang-up below: on a loaded
+    # machine the tiny model could otherwise finish before the server sees the disconnect (seen once in CI), and
+    # nothing would be left to cancel.
+    step_rows = BatchEngine._step_rows
+
+    def slow_step_rows(self, rows, logits):
+        time.sleep(0.01)
+        return step_rows(self, rows, logits)
+
+    monkeypatch.setattr(BatchEngine, "_step_rows", slow_step_rows)
     server, backend = start(registry, max_batch_size=1, max_queue=2, default_max_tokens=200)
     with server:
         body = {
