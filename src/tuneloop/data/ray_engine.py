@@ -54,7 +54,9 @@ import os
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +278,7 @@ def _ranges(where: Path | ObjectPath, size: int, step: int) -> list[tuple[int, i
                 break
             cuts.append(pos)
     cuts.append(size)
-    return list(zip(cuts, cuts[1:]))
+    return list(zip(cuts, cuts[1:], strict=False))  # consecutive cuts: one pair fewer than cuts
 
 
 def _count_lines(part: dict[str, Any], where: Path | ObjectPath) -> int:
@@ -455,7 +457,7 @@ def _band_rows(
     from tuneloop.data.dedup import empty_rows
 
     keep = _candidates(batch, dup_ords, drop_long)
-    texts = [t for t, k in zip(batch["text"], keep) if k]
+    texts = [t for t, k in zip(batch["text"], keep, strict=True) if k]
     ords, labels = batch["ord"][keep], np.asarray(batch["label"], dtype=object)[keep]
     sig, keys = _signatures(texts, shingle, num_perm, bands, rows)
     words = ~empty_rows(sig) if len(texts) else np.zeros(0, bool)
@@ -504,7 +506,7 @@ def _bucket_pairs(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _node_signatures(batch: dict[str, Any], nodes: np.ndarray, shingle: int, num_perm: int) -> dict[str, np.ndarray]:
     """Signatures of the candidate-pair members in ``batch`` (recomputed: they are few)."""
     keep = np.isin(batch["ord"], nodes)
-    texts = [t for t, k in zip(batch["text"], keep) if k]
+    texts = [t for t, k in zip(batch["text"], keep, strict=True) if k]
     sig, _ = _signatures(texts, shingle, num_perm, 0, 1)
     return {"ord": batch["ord"][keep], "sig": sig}
 
@@ -530,7 +532,7 @@ def _near_groups(
         return []
     members, roots = component_roots(u[keep], v[keep])
     groups: dict[int, list[int]] = {}
-    for m, r in zip(members.tolist(), roots.tolist()):
+    for m, r in zip(members.tolist(), roots.tolist(), strict=True):
         groups.setdefault(r, []).append(m)
     return [sorted(g) for _, g in sorted(groups.items())]
 
@@ -544,7 +546,7 @@ def _contaminated(
     from tuneloop.data.dedup import contamination_fractions
 
     keep = _candidates(batch, dup_ords, drop_long)
-    texts = [t for t, k in zip(batch["text"], keep) if k]
+    texts = [t for t, k in zip(batch["text"], keep, strict=True) if k]
     ords = batch["ord"][keep]
     found = contamination_fractions(texts, index, threshold) if texts else []
     return {
@@ -713,28 +715,75 @@ def validate_dataset_ray(
     """:func:`tuneloop.data.validate.validate_dataset` on the Ray cluster of ``data`` (``data.ray_address`` /
     ``RAY_ADDRESS``): the same files and report, plus the kept records and the quarantine as Parquet shards
     (``<name>.clean.parquet/``, ``<name>.quarantine.parquet/``). ``fail_marker``: tests only (a worker kills
-    itself once, see :func:`_maybe_fail_once`)."""
-    import time
+    itself once, see :func:`_maybe_fail_once`).
 
+    The steps, each timed in :data:`LAST_TIMES`, are the stages of the module docstring: plan and line numbers,
+    read + rules + PII, exact duplicates, near duplicates, contamination, outcomes and shards, then the driver's
+    digest and files."""
     from tuneloop.data import dedup
-    from tuneloop.data.formats import FORMATS
     from tuneloop.data.passparts import Checks
     from tuneloop.data.passparts import not_checked as checks_not_run
 
     ray = connect(data)
     checks = checks or Checks()
+    _check_options(fmt, checks)
+    times: dict[str, float] = {}
+    with _timed(times, "plan"):
+        plan = _plan(path, fmt, range_bytes or RANGE_BYTES)
+        near_on = checks.near_dup_threshold is not None
+        contam_on = eval_texts is not None
+        drop_long = tokenizer is not None and checks.max_length is not None and checks.overlong == "drop"
+        buckets = max(2, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        _number_lines(ray, plan)
+    with _timed(times, "read_rules_pii"):
+        verdicts = _read_and_check(
+            ray,
+            plan,
+            checks,
+            tokenizer,
+            want_text=near_on or contam_on,
+            kto=plan.format == "kto" and near_on,
+            fail_marker=fail_marker,
+        )
+    with _timed(times, "exact_duplicates"):
+        dup_ord, dup_ref = _exact_duplicates(verdicts, buckets, drop_long)
+    with _timed(times, "near_duplicates"):
+        near_groups = _near_duplicates(verdicts, checks, dup_ord, drop_long, buckets) if near_on else []
+    with _timed(times, "contamination"):
+        contam = _contamination(verdicts, checks, eval_texts if contam_on else None, dup_ord, drop_long)
+    with _timed(times, "outcomes_and_shards"):
+        found = _found(dup_ord, dup_ref, near_groups, contam, plan)
+        final = _outcomes_dataset(verdicts, found, checks)
+        out_dir = Path(out_dir)
+        _write_shards(final, out_dir, name)
+    with _timed(times, "driver_digest_and_files"):
+        not_checked = checks_not_run(checks, tokenizer, dedup if near_on or contam_on else None, eval_texts)
+        report = _write_files(final, out_dir, name, path, plan, checks, not_checked, near_groups)
+    LAST_TIMES.stages = times
+    return report
+
+
+def _check_options(fmt: str, checks: Any) -> None:
+    """``InputError`` for a format or PII policy the data pass does not know."""
+    from tuneloop.data.formats import FORMATS
+
     if fmt != "auto" and fmt not in FORMATS:
         raise InputError(f"unknown dataset format {fmt!r}; use 'auto' or one of: {', '.join(FORMATS)}")
     if checks.pii not in ("report", "redact", "drop"):
         raise InputError(f"unknown PII policy {checks.pii!r}; use report, redact or drop")
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    plan = _plan(path, fmt, range_bytes or RANGE_BYTES)
-    near_on = checks.near_dup_threshold is not None
-    contam_on = eval_texts is not None
-    drop_long = tokenizer is not None and checks.max_length is not None and checks.overlong == "drop"
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    buckets = max(2, 2 * cpus)
+
+
+@contextmanager
+def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the seconds the ``with`` block took as ``times[stage]`` (when it finishes without an error)."""
+    t = time.perf_counter()
+    yield
+    times[stage] = time.perf_counter() - t
+
+
+def _number_lines(ray: Any, plan: _Plan) -> None:
+    """Set each byte range's ``first_line``: the newlines of the ranges before it in its file, counted on the
+    cluster (one task per range)."""
     count = ray.remote(_count_lines).options(max_retries=_MAX_RETRIES)
     counts = ray.get([count.remote(p, plan.files[p["file_index"]].where) for p in plan.parts if p["kind"] == "range"])
     it = iter(counts)
@@ -743,10 +792,14 @@ def validate_dataset_ray(
         if p["kind"] == "range":
             p["first_line"] = next_line.get(p["file_index"], 1)
             next_line[p["file_index"]] = p["first_line"] + next(it)
-    times["plan"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    verdicts = (
+
+def _read_and_check(
+    ray: Any, plan: _Plan, checks: Any, tokenizer: Any, *, want_text: bool, kto: bool, fail_marker: str | None
+) -> Any:
+    """Stages 1 and 2: every part read and run through the rules and PII, one task per part (materialized: the
+    later stages all read it)."""
+    return (
         ray.data.from_items(plan.parts, override_num_blocks=len(plan.parts))
         .map_batches(
             _check_parts,
@@ -757,19 +810,20 @@ def validate_dataset_ray(
                 files=plan.files,
                 fmt=plan.format,
                 pii_policy=checks.pii,
-                want_text=near_on or contam_on,
+                want_text=want_text,
                 tokenizer=tokenizer,
                 max_length=checks.max_length,
                 overlong=checks.overlong,
-                kto=plan.format == "kto" and near_on,
+                kto=kto,
                 fail_marker=fail_marker,
             ),
         )
         .materialize()
     )
-    times["read_rules_pii"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+
+def _exact_duplicates(verdicts: Any, buckets: int, drop_long: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 3: (the duplicates' ords, the ord each duplicates), sorted by ord."""
     dups = (
         verdicts.map_batches(_key_buckets, batch_format="numpy", fn_kwargs=dict(buckets=buckets, drop_long=drop_long))
         .groupby("bucket")
@@ -777,45 +831,52 @@ def validate_dataset_ray(
     )
     dup_rows = _collect(dups, ("ord", "ref"))
     order = np.argsort(dup_rows["ord"])
-    dup_ord, dup_ref = dup_rows["ord"][order], dup_rows["ref"][order]
-    times["exact_duplicates"] = time.perf_counter() - t
+    return dup_rows["ord"][order], dup_rows["ref"][order]
 
-    t = time.perf_counter()
-    near_groups: list[list[int]] = []
-    if near_on:
-        bands, rows = dedup.lsh_params(checks.near_dup_threshold, 128)
-        band_ds = verdicts.map_batches(
-            _band_rows,
+
+def _near_duplicates(verdicts: Any, checks: Any, dup_ord: np.ndarray, drop_long: bool, buckets: int) -> list[list[int]]:
+    """Stage 4: the near-duplicate groups (candidate pairs from the LSH buckets, confirmed on their signatures)."""
+    from tuneloop.data import dedup
+
+    bands, rows = dedup.lsh_params(checks.near_dup_threshold, 128)
+    band_ds = verdicts.map_batches(
+        _band_rows,
+        batch_size=SIG_BATCH,
+        batch_format="numpy",
+        fn_kwargs=dict(
+            dup_ords=dup_ord,
+            drop_long=drop_long,
+            shingle=checks.near_dup_shingle,
+            num_perm=128,
+            bands=bands,
+            rows=rows,
+            buckets=buckets,
+        ),
+    )
+    pairs = _collect(band_ds.groupby("bucket").map_groups(_bucket_pairs, batch_format="numpy"), ("u", "v"))
+    nodes = np.unique(np.concatenate((pairs["u"], pairs["v"])))
+    sigs: dict[int, np.ndarray] = {}
+    if len(nodes):
+        node_ds = verdicts.map_batches(
+            _node_signatures,
             batch_size=SIG_BATCH,
             batch_format="numpy",
-            fn_kwargs=dict(
-                dup_ords=dup_ord,
-                drop_long=drop_long,
-                shingle=checks.near_dup_shingle,
-                num_perm=128,
-                bands=bands,
-                rows=rows,
-                buckets=buckets,
-            ),
+            fn_kwargs=dict(nodes=nodes, shingle=checks.near_dup_shingle, num_perm=128),
         )
-        pairs = _collect(band_ds.groupby("bucket").map_groups(_bucket_pairs, batch_format="numpy"), ("u", "v"))
-        nodes = np.unique(np.concatenate((pairs["u"], pairs["v"])))
-        sigs: dict[int, np.ndarray] = {}
-        if len(nodes):
-            node_ds = verdicts.map_batches(
-                _node_signatures,
-                batch_size=SIG_BATCH,
-                batch_format="numpy",
-                fn_kwargs=dict(nodes=nodes, shingle=checks.near_dup_shingle, num_perm=128),
-            )
-            for b in node_ds.iter_batches(batch_size=4096, batch_format="numpy"):
-                sigs.update(zip(b["ord"].tolist(), b["sig"]))
-        near_groups = _near_groups((pairs["u"], pairs["v"]), sigs, checks.near_dup_threshold, 128)
-    times["near_duplicates"] = time.perf_counter() - t
+        for b in node_ds.iter_batches(batch_size=4096, batch_format="numpy"):
+            sigs.update(zip(b["ord"].tolist(), b["sig"], strict=True))
+    return _near_groups((pairs["u"], pairs["v"]), sigs, checks.near_dup_threshold, 128)
 
-    t = time.perf_counter()
+
+def _contamination(
+    verdicts: Any, checks: Any, eval_texts: list[str] | None, dup_ord: np.ndarray, drop_long: bool
+) -> dict[str, np.ndarray]:
+    """Stage 5: ``ord`` and ``frac`` of the records whose n-gram overlap with ``eval_texts`` reaches the
+    threshold (empty without eval texts)."""
+    from tuneloop.data import dedup
+
     contam: dict[str, np.ndarray] = {"ord": np.zeros(0, np.int64), "frac": np.zeros(0)}
-    index = dedup.eval_ngram_index(eval_texts, checks.contamination_ngram) if contam_on and eval_texts else None
+    index = dedup.eval_ngram_index(eval_texts, checks.contamination_ngram) if eval_texts else None
     if index is not None:
         contam = _collect(
             verdicts.map_batches(
@@ -828,13 +889,21 @@ def validate_dataset_ray(
             ),
             ("ord", "frac"),
         )
-    times["contamination"] = time.perf_counter() - t
+    return contam
 
-    t = time.perf_counter()
+
+def _found(
+    dup_ord: np.ndarray,
+    dup_ref: np.ndarray,
+    near_groups: list[list[int]],
+    contam: dict[str, np.ndarray],
+    plan: _Plan,
+) -> _Found:
+    """What stages 3 to 5 found, sorted by ord for the outcome stage's lookups."""
     near_ord = np.array([o for g in near_groups for o in g[1:]], dtype=np.int64)
     near_head = np.array([g[0] for g in near_groups for _ in g[1:]], dtype=np.int64)
     no, co = np.argsort(near_ord), np.argsort(contam["ord"])
-    found = _Found(
+    return _Found(
         dup_ord,
         dup_ref,
         near_ord[no],
@@ -843,7 +912,11 @@ def validate_dataset_ray(
         contam["frac"][co],
         [f.label for f in plan.files],
     )
-    final = verdicts.map_batches(
+
+
+def _outcomes_dataset(verdicts: Any, found: _Found, checks: Any) -> Any:
+    """Stage 6: every record's outcome (materialized: the shards and the driver's pass read it)."""
+    return verdicts.map_batches(
         _outcomes,
         batch_format="numpy",
         fn_kwargs=dict(
@@ -854,22 +927,15 @@ def validate_dataset_ray(
             contam_action=checks.contamination_action,
             ngram=checks.contamination_ngram,
         ),
-        **{},
     ).materialize()
-    out_dir = Path(out_dir)
+
+
+def _write_shards(final: Any, out_dir: Path, name: str) -> None:
+    """The kept records and the quarantine as Parquet shards, each directory replaced only when complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_shards, quarantine_shards = out_dir / f"{name}.clean.parquet", out_dir / f"{name}.quarantine.parquet"
     for shards, fn in ((clean_shards, _kept_rows), (quarantine_shards, _quarantine_rows)):
         _replace_dir(shards, lambda tmp, fn=fn: final.map_batches(fn, batch_format="pyarrow").write_parquet(str(tmp)))
-    times["outcomes_and_shards"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    dedup_mod = dedup if near_on or contam_on else None
-    not_checked = checks_not_run(checks, tokenizer, dedup_mod, eval_texts)
-    report = _write_files(final, out_dir, name, path, plan, checks, not_checked, near_groups)
-    times["driver_digest_and_files"] = time.perf_counter() - t
-    LAST_TIMES.stages = times
-    return report
 
 
 def _collect(ds: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
