@@ -14,7 +14,11 @@ dotted key path, the bad value, what is allowed, and (for YAML files) the file a
 Entry points: :func:`load_config` (a YAML file), :func:`coerce_config` (a file, a dict or a config) and
 :class:`PipelineConfig`. The package, one concern per module, bottom to top:
 
-* ``schema``: the pydantic models, one per section, the flat keys and ``PipelineConfig``;
+* ``schema_base``: ``Section``, the base of every section's pydantic model, and ``ItemProblem``;
+* the sections, one module per concern: ``schema_data`` (``data:``), ``schema_train`` (``train:`` and its rewards),
+  ``schema_eval`` (``eval:`` with its suites and judge, ``gates:``, ``registry:``), ``schema_production``
+  (``deploy:`` with its canary, ``serve:``, ``notify:``, ``drift:``);
+* ``schema``: the classic flat keys and ``PipelineConfig``, the whole file; it re-exports the sections' names;
 * ``safe_yaml``: YAML read with limits (alias bombs, nesting), ``safe_load_yaml``;
 * ``paths``: the path-valued keys (``PATH_FIELDS``, ``path_values``), dataset file types (``DATA_SUFFIXES``),
   relative paths resolved against the config's directory;
@@ -38,32 +42,21 @@ from tuneloop.config.loading import (
 from tuneloop.config.paths import DATA_SUFFIXES, PATH_FIELDS, path_values
 from tuneloop.config.reference import SUBSECTIONS, model_default, reference_markdown
 from tuneloop.config.safe_yaml import MAX_YAML_DEPTH, MAX_YAML_NODES, safe_load_yaml
-from tuneloop.config.schema import (
-    FLAT_KEYS,
-    MAX_SOURCE_WEIGHT,
+from tuneloop.config.schema import FLAT_KEYS, SECTIONS, PipelineConfig, fold_flat_keys
+from tuneloop.config.schema_data import MAX_SOURCE_WEIGHT, DataConfig, TrainSource
+from tuneloop.config.schema_eval import EvalConfig, GatesConfig, JudgeConfig, RegistryConfig, SuiteConfig
+from tuneloop.config.schema_production import (
     NOTIFY_EVENTS,
-    REWARD_KINDS,
-    SECTIONS,
     CanaryConfig,
     CanaryGuardConfig,
     CanaryMetricConfig,
-    DataConfig,
     DeployConfig,
     DriftConfig,
-    EvalConfig,
-    GatesConfig,
-    JudgeConfig,
     NotifyConfig,
-    PipelineConfig,
-    RegistryConfig,
-    RewardSpec,
     ServeConfig,
-    SuiteConfig,
-    TrainConfig,
-    TrainSource,
     WebhookConfig,
-    fold_flat_keys,
 )
+from tuneloop.config.schema_train import REWARD_KINDS, RewardSpec, TrainConfig
 
 __all__ = [
     "DATA_SUFFIXES",

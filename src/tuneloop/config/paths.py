@@ -11,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from tuneloop.config.schema import PipelineConfig, TrainSource
+from tuneloop.config.schema import PipelineConfig
+from tuneloop.config.schema_data import TrainSource
 
 PATH_FIELDS = (
     "data.train_data",

@@ -11,24 +11,16 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
-from tuneloop.config.schema import (
-    FLAT_KEYS,
-    SECTIONS,
-    CanaryConfig,
-    CanaryGuardConfig,
-    CanaryMetricConfig,
-    JudgeConfig,
-    PipelineConfig,
-    RewardSpec,
-    SuiteConfig,
-    TrainSource,
-    WebhookConfig,
-)
+from tuneloop.config.schema import FLAT_KEYS, SECTIONS, PipelineConfig
+from tuneloop.config.schema_data import TrainSource
+from tuneloop.config.schema_eval import JudgeConfig, SuiteConfig
+from tuneloop.config.schema_production import CanaryConfig, CanaryGuardConfig, CanaryMetricConfig, WebhookConfig
+from tuneloop.config.schema_train import RewardSpec
 
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    text = text.replace("tuneloop.config.schema.", "tuneloop.config.")  # the name users import
+    text = re.sub(r"tuneloop\.config\.schema\w*\.", "tuneloop.config.", text)  # the name users import
     text = re.sub(r"Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", "`"), text)
     return text.replace("NoneType", "null").replace(" | ", " or ").replace("|", " or ")
 
@@ -54,10 +46,23 @@ def model_default(x: Any) -> Any:
     return x.kind if hasattr(x, "kind") else x.model_dump(exclude_none=True)
 
 
+def _schema_files() -> str:
+    """The modules the reference is generated from: the top level's, then each section's (in ``SECTIONS`` order)."""
+    models: list[type[BaseModel]] = [PipelineConfig]
+    for section in SECTIONS:
+        models += [_section_model(section), *(m for _, m in SUBSECTIONS.get(section, ()))]
+    modules = dict.fromkeys(m.__module__ for m in models)
+    return "src/tuneloop/config/ (" + ", ".join(m.rsplit(".", 1)[1] + ".py" for m in modules) + ")"
+
+
+def _section_model(section: str) -> type[BaseModel]:
+    return cast(type[BaseModel], PipelineConfig.model_fields[section].annotation)
+
+
 _INTRO = [
     "# Configuration reference",
     "",
-    "<!-- Generated from src/tuneloop/config/schema.py by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
+    f"<!-- Generated from {_schema_files()} by `python scripts/gen_config_reference.py`; do not edit by hand. -->",
     "",
     "A tuneloop config is one YAML file. Settings live in sections (`data:`, `train:`, `eval:`, `gates:`,",
     "`registry:`, `deploy:`); the classic flat keys listed below are also accepted at top level. A value given",
@@ -72,8 +77,7 @@ def reference_markdown() -> str:
     """docs/configuration.md, generated from the schema (a test checks the file is up to date)."""
     lines = [*_INTRO, "", "## Top level", "", *_TABLE_HEAD, *_rows(PipelineConfig, "")]
     for section in SECTIONS:
-        model = cast(type[BaseModel], PipelineConfig.model_fields[section].annotation)
-        lines += _table(f"## `{section}:`", model, f"{section}.")
+        lines += _table(f"## `{section}:`", _section_model(section), f"{section}.")
         for sub, sub_model in SUBSECTIONS.get(section, ()):
             lines += _table(f"### `{sub}`", sub_model, f"{sub}.")
     lines += ["", "## Classic flat keys", "", "| flat key | same as |", "|---|---|"]
