@@ -417,7 +417,8 @@ def test_dpo_through_the_child_with_a_standin_matches_backend_transformers_and_r
     the per-step losses are backend transformers' ones; a run killed after its step-2 checkpoint resumes from it."""
     import shutil
 
-    from tuneloop.data.prepare import prepare_preferences, read_jsonl
+    from tuneloop.data.prepare import prepare_preferences
+    from tuneloop.fsutil import read_jsonl
     from tuneloop.data.validate import validate_dataset
     from tuneloop.modeling import load_tokenizer
     from tuneloop.train.dpo import train_dpo

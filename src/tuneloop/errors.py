@@ -6,6 +6,9 @@ blocked, 2 usage/config/input error found before any work was done.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class TuneloopError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with when this escapes a command."""
@@ -43,3 +46,13 @@ class IntegrityError(TuneloopError):
     """A stored artifact does not match its recorded digest (tampered or corrupted)."""
 
     exit_code = 1
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr`` of a value for an error message, never longer than about ``limit`` characters."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 10, 10, 3
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from tuneloop.config.safe_yaml import short_repr
 from tuneloop.config.schema import FLAT_KEYS, FlatKeyConflict, PipelineConfig
 from tuneloop.config.schema_base import ItemProblem
+from tuneloop.errors import short_repr
 
 
 def format_errors(exc: ValidationError, raw: dict[str, Any], lines: dict[str, int], source: str | None) -> list[str]:

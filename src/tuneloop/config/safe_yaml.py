@@ -6,12 +6,11 @@ every problem a ConfigError with file:line). :func:`short_repr` keeps a bad valu
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 import yaml
 
-from tuneloop.errors import ConfigError
+from tuneloop.errors import ConfigError, short_repr
 
 MAX_YAML_NODES = 100_000  # scalars + collections after aliases and merge keys are expanded
 MAX_YAML_DEPTH = 64
@@ -148,13 +147,3 @@ def _yaml_size_problem(root: yaml.Node) -> str | None:
 
 class _YamlLimit(Exception):
     pass
-
-
-def short_repr(value: Any, limit: int = 200) -> str:
-    """``repr`` of a value for an error message, never longer than about ``limit`` characters."""
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 10, 10, 3
-    if isinstance(value, str):
-        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
-    text = r.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -44,7 +44,7 @@ def _split(record: dict) -> tuple[Any, Any]:
     return msgs[:-1], answer
 
 
-def _short(value: Any, limit: int = 160) -> str:
+def _preview(value: Any, limit: int = 160) -> str:
     if isinstance(value, list) and value and isinstance(value[-1], dict):  # a prompt: show its last turn
         value = value[-1]["content"]
     elif isinstance(value, dict) and set(value) == {"answer"}:
@@ -115,11 +115,11 @@ def diff_datasets(a: str | Path, b: str | Path, *, fmt: str = "auto") -> dict[st
             if i >= len(news):
                 line, prompt, answer = olds[i]
                 counts["removed"] += 1
-                example("removed", {"a_line": line, "prompt": _short(prompt), "answer": _short(answer)})
+                example("removed", {"a_line": line, "prompt": _preview(prompt), "answer": _preview(answer)})
             elif i >= len(olds):
                 line, prompt, answer = news[i]
                 counts["added"] += 1
-                example("added", {"b_line": line, "prompt": _short(prompt), "answer": _short(answer)})
+                example("added", {"b_line": line, "prompt": _preview(prompt), "answer": _preview(answer)})
             elif olds[i][2] != news[i][2] or (key.startswith("id:") and olds[i][1] != news[i][1]):
                 counts["changed"] += 1
                 example(
@@ -127,9 +127,9 @@ def diff_datasets(a: str | Path, b: str | Path, *, fmt: str = "auto") -> dict[st
                     {
                         "a_line": olds[i][0],
                         "b_line": news[i][0],
-                        "prompt": _short(news[i][1]),
-                        "before": _short(olds[i][2]),
-                        "after": _short(news[i][2]),
+                        "prompt": _preview(news[i][1]),
+                        "before": _preview(olds[i][2]),
+                        "after": _preview(news[i][2]),
                     },
                 )
             else:

@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from tuneloop.errors import InputError
+from tuneloop.errors import InputError, short_repr
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -90,11 +90,6 @@ def _json_type(value: Any) -> str:
         return "number"
     names: dict[type, str] = {dict: "object", list: "array", str: "string"}
     return names.get(type(value), type(value).__name__)
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _text_problem(value: Any, where: str, *, allow_empty: bool = False) -> str | None:
@@ -280,7 +275,7 @@ def _conversation(items: Any, field: str, style: str, reasons: list[str]) -> lis
             allowed = ", ".join(
                 k for k in (_SHAREGPT_ROLES if roles is _SHAREGPT_ROLES else ("system", "user", "assistant", "tool"))
             )
-            reasons.append(f"bad_role: message {n} has {rk} {_short(raw_role)}; allowed: {allowed}")
+            reasons.append(f"bad_role: message {n} has {rk} {short_repr(raw_role, 40)}; allowed: {allowed}")
             ok = False
             continue
         where = f"message {n} ({role})"
@@ -422,7 +417,7 @@ def _normalise_kto(record: dict) -> Result:
     if "label" not in record:
         reasons.append("missing_field: 'label' is missing")
     elif not isinstance(label, bool):
-        reasons.append(f"bad_label: 'label' is {_json_type(label)} {_short(label)}, expected true or false")
+        reasons.append(f"bad_label: 'label' is {_json_type(label)} {short_repr(label, 40)}, expected true or false")
     if reasons:
         return None, reasons
     assert out is not None  # _chat gives a record whenever it gives no reasons

@@ -34,11 +34,6 @@ from tuneloop.fsutil import atomic_lines, atomic_write_json
 IGNORE_INDEX = -100
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def apply_weights(
     records: list[dict[str, Any]], sources: Sequence[TrainSource] | None, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import PipelineConfig, RewardSpec
-from tuneloop.errors import StageError
+from tuneloop.errors import StageError, short_repr
 from tuneloop.fsutil import sha256_file
 from tuneloop.registry.records import ModelVersion
 
@@ -296,7 +296,7 @@ class MetricReward:
             )
         return [
             task_score(self.metric, completion_text(c), ref, self.pattern, self.threshold)
-            for c, ref in zip(completions, reference)
+            for c, ref in zip(completions, reference, strict=True)
         ]
 
 
@@ -359,7 +359,10 @@ class JudgeReward:
 
     def __call__(self, prompts, completions, reference=None, **_: Any) -> list[float]:
         refs = reference if reference is not None else [None] * len(completions)
-        return [self.rate(prompt_text(p), completion_text(c), ref) for p, c, ref in zip(prompts, completions, refs)]
+        return [
+            self.rate(prompt_text(p), completion_text(c), ref)
+            for p, c, ref in zip(prompts, completions, refs, strict=True)
+        ]
 
 
 class ModelReward:
@@ -413,7 +416,7 @@ class CheckedReward:
         n = len(completions)
         if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__") or not hasattr(out, "__iter__"):
             raise RewardError(
-                f"{self.reward.where} returned {type(out).__name__} {_short(out)}, not a list of one number per "
+                f"{self.reward.where} returned {type(out).__name__} {short_repr(out, 60)}, not a list of one number per "
                 f"completion ({n} here); return e.g. [1.0, 0.0, ...]"
             )
         values = list(out)
@@ -429,7 +432,7 @@ class CheckedReward:
                 continue
             x = _number(v)
             if x is None or not math.isfinite(x):
-                what = f"{x}" if x is not None else f"{type(v).__name__} {_short(v)}, not a number"
+                what = f"{x}" if x is not None else f"{type(v).__name__} {short_repr(v, 60)}, not a number"
                 raise RewardError(
                     f"{self.reward.where} returned {what} for item {j} ({self._item(prompts, completions, kwargs, j)}); "
                     f"return a finite number (or None for no reward)"
@@ -449,10 +452,13 @@ class CheckedReward:
 
     @staticmethod
     def _item(prompts, completions, kwargs: dict[str, Any], j: int) -> str:
-        parts = [f"prompt {_short(prompt_text(prompts[j]))}", f"completion {_short(completion_text(completions[j]))}"]
+        parts = [
+            f"prompt {short_repr(prompt_text(prompts[j]), 60)}",
+            f"completion {short_repr(completion_text(completions[j]), 60)}",
+        ]
         ref = kwargs.get("reference")
         if isinstance(ref, list) and j < len(ref):
-            parts.append(f"reference {_short(ref[j])}")
+            parts.append(f"reference {short_repr(ref[j], 60)}")
         return ", ".join(parts)
 
 
@@ -464,8 +470,3 @@ def _number(v: Any) -> float | None:
         item = v.item()
         return float(item) if isinstance(item, numbers.Real) else None
     return None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -28,7 +28,7 @@ from tuneloop.fsutil import atomic_lines, atomic_write_json, replace_dir
 from tuneloop.modeling import load_causal_lm, load_training_base, require_cuda_for_qlora, save_tokenizer
 from tuneloop.train.checkpoints import resume_plan, write_atomically
 
-log = logging.getLogger("tuneloop")
+log = logging.getLogger(__name__)
 
 
 class _Collator:
