@@ -305,6 +305,23 @@ def test_every_page_in_english_and_chinese_with_screenshots(page, ui_url, ui_wor
 
 
 @needs_browser
+def test_event_kinds_are_shown_in_the_pages_language(page, ui_url):
+    """The events table names each registry event (registered, promoted, ...) from the catalog, not as the API's
+    identifier; the row keeps the identifier in data-kind."""
+    for lang in ("zh-CN", "en"):  # ends in English, as the other tests expect
+        open_page(page, ui_url, f"#/models/{MODEL}", "event-row")
+        set_language(page, lang)
+        settle(page, "event-row")
+        rows = page.eval(
+            "Array.from(document.querySelectorAll('[data-testid=event-row]'))"
+            ".map(r => [r.dataset.kind, r.querySelector('[data-testid=event-kind]').textContent])"
+        )
+        cat = catalog(lang)
+        assert rows and all(text == cat[f"event.{kind}"] for kind, text in rows), (lang, rows)
+    assert not page.errors, page.errors
+
+
+@needs_browser
 def test_the_page_follows_the_browsers_language(ui_url, tmp_path):
     with ui_browser.launch(tmp_path / "zh-profile", lang="zh-CN") as p:
         open_page(p, ui_url, "#/runs", "runs-table")

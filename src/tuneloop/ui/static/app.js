@@ -48,6 +48,10 @@ const secs = s => s == null ? "–" : s < 60 ? `${(+s).toFixed(1)} s` : `${Math.
 const utc = s => { if (s == null) return "–"; const d = typeof s === "number" ? new Date(s * 1000) : new Date(s); return isNaN(d) ? String(s) : d.toISOString().slice(0, 19).replace("T", " ") + " UTC"; };
 const stageName = s => t("stage." + s) === "stage." + s ? s : t("stage." + s);
 const statusText = s => t("status." + s) === "status." + s ? s : t("status." + s);
+// a registry event kind (registered, promoted, rollout_decision, ...) and a rollout decision's action, in the UI's
+// language; a kind the catalog does not know (a newer server) is shown as sent
+const eventText = k => t("event." + k) === "event." + k ? k : t("event." + k);
+const actionText = a => !a ? "" : t("action." + a) === "action." + a ? a : t("action." + a);
 const verdictText = v => t("verdict." + v) === "verdict." + v ? v : t("verdict." + v);
 const enc = encodeURIComponent;
 function table(head, rows, attrs) {
@@ -379,7 +383,7 @@ function pageModel(name) {
 }
 function eventsTable(events) {
   return table([t("model.col.at"), t("model.col.event"), t("model.col.version"), t("model.col.actor"), t("model.col.reason")],
-    events.slice(0, 100).map(e => el("tr", {testid: "event-row", "data-kind": e.kind}, el("td", {}, utc(e.at)), el("td", {}, e.kind), el("td", {class: "num"}, e.version),
+    events.slice(0, 100).map(e => el("tr", {testid: "event-row", "data-kind": e.kind}, el("td", {}, utc(e.at)), el("td", {testid: "event-kind"}, eventText(e.kind)), el("td", {class: "num"}, e.version),
       el("td", {}, e.actor), el("td", {}, e.reason))), {testid: "events-table"});
 }
 
@@ -444,7 +448,7 @@ function pageRollouts(name) {
       datasets: [{data: pts.map(p => p.weight), stepped: true, borderColor: "#2456b3", pointRadius: 3}]},
       options: {animation: false, maintainAspectRatio: false, plugins: {legend: {display: false}}, scales: {y: {min: 0, max: 1}, x: {title: {display: true, text: "UTC"}}}}}), 0);
     return [...out,
-      el("dl", {class: "kv"}, el("dt", {}, t("rollouts.status")), el("dd", {class: "s-" + r.status}, r.status),
+      el("dl", {class: "kv"}, el("dt", {}, t("rollouts.status")), el("dd", {class: "s-" + r.status, testid: "rollout-status"}, statusText(r.status)),
         el("dt", {}, t("rollouts.candidate")), el("dd", {}, r.candidate), el("dt", {}, t("rollouts.baseline")), el("dd", {}, r.baseline),
         el("dt", {}, t("rollouts.weight")), el("dd", {}, r.weight_text)),
       el("h3", {}, t("rollouts.weight_chart")), el("div", {class: "chart-box"}, canvas),
@@ -452,7 +456,7 @@ function pageRollouts(name) {
       table((r.metric_headers || []).map(rolloutHead), (r.metrics || []).map(x => el("tr", {}, x.cells.map(c => el("td", {}, c))))),
       el("h3", {}, t("rollouts.decisions")),
       table([t("model.col.at"), t("model.col.event"), t("rollouts.col.action"), t("rollouts.weight"), t("model.col.actor"), t("model.col.reason")],
-        (r.decisions || []).map(x => el("tr", {}, el("td", {}, x.at_text), el("td", {}, x.kind), el("td", {}, x.action || ""), el("td", {}, x.weight_text), el("td", {}, x.actor), el("td", {}, x.reason))))];
+        (r.decisions || []).map(x => el("tr", {}, el("td", {}, x.at_text), el("td", {}, eventText(x.kind)), el("td", {}, actionText(x.action)), el("td", {}, x.weight_text), el("td", {}, x.actor), el("td", {}, x.reason))))];
   }, {testid: "rollout-panel"});
   return [el("h1", {}, t("rollouts.title", {name})), el("p", {}, el("a", {href: "#/models/" + enc(name)}, "← " + t("app.back"))), box];
 }
