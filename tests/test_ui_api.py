@@ -408,7 +408,7 @@ def test_promote_with_reason_is_an_event_in_the_registry(client, project):
     assert r.json()["aliases"]["champion"] == 2
     reg = SqliteRegistry(project / ".tuneloop")
     ev = reg.events(MODEL)[-1]
-    assert (ev["kind"], ev["version"], ev["reason"]) == ("promoted", 2, "ui test: v2 is better")
+    assert (ev.kind, ev.version, ev.reason) == ("promoted", 2, "ui test: v2 is better")
     assert (
         client.post(f"/api/models/{MODEL}/promote", json={"version": 1, "reason": ""}).json()["error"]["code"]
         == "bad_request"
@@ -417,7 +417,7 @@ def test_promote_with_reason_is_an_event_in_the_registry(client, project):
     assert t.status_code == 200 and t.json()["tags"] == {"reviewed": "yes"}
     rb = client.post(f"/api/models/{MODEL}/rollback", json={"reason": "ui test: back to v1"})
     assert rb.status_code == 200, rb.text
-    assert reg.aliases(MODEL)["champion"] == 1 and reg.events(MODEL)[-1]["reason"] == "ui test: back to v1"
+    assert reg.aliases(MODEL)["champion"] == 1 and reg.events(MODEL)[-1].reason == "ui test: back to v1"
 
 
 def test_start_run_checks_overrides_per_field_and_starts_nothing_when_bad(client, project):
@@ -601,3 +601,41 @@ def test_feedback_without_a_request_log_is_an_empty_state_not_an_error(tmp_path)
     for lang in ("en", "zh-CN"):
         assert json.loads((static / "i18n" / f"{lang}.json").read_text(encoding="utf-8"))["feedback.no_request_log"]
     assert "d.request_log === false" in (static / "app.js").read_text()
+
+
+def test_evaluation_progress_is_live_while_the_stage_runs(tmp_path):
+    """The evaluation stage writes its per-suite counts to the run's eval_progress.json as it scores (the items
+    reach the run directory only when the stage ends); the run page's progress reads them, with the totals."""
+    import io
+
+    from rich.console import Console
+
+    from tuneloop.stages import EvalProgress
+    from tuneloop.ui.views import progress_view
+    from tuneloop.workspace import Workspace
+
+    root = tmp_path / ".tuneloop"
+    d = write_run(root, RUN_PASSED, failed=False)
+    (d / "eval_items.jsonl").unlink()  # the stage is still scoring
+    path = d / "eval_progress.json"
+    ws = Workspace(root)
+    assert progress_view(ws, RUN_PASSED)["eval"]["suites"] == []
+    with EvalProgress(Console(file=io.StringIO()), path) as bars:
+        bars.update("base: task", 0, 3)
+        assert progress_view(ws, RUN_PASSED)["eval"]["suites"] == [
+            {"suite": "base: task", "items_done": 0, "items_total": 3}
+        ]
+        bars.update("base: task", 3, 3)  # a finished suite is written at once
+        bars.update("candidate: task", 1, 3)
+    assert progress_view(ws, RUN_PASSED)["eval"]["suites"] == [
+        {"suite": "base: task", "items_done": 3, "items_total": 3},
+        {"suite": "candidate: task", "items_done": 1, "items_total": 3},
+    ]
+    path.write_text('{"suites": [{"suite": "x", "items_')  # torn: no live counts, and no error
+    assert progress_view(ws, RUN_PASSED)["eval"]["suites"] == []
+    write_run(tmp_path / "other", RUN_PASSED, failed=False)
+    (d / "eval_items.jsonl").write_bytes((tmp_path / "other" / "runs" / RUN_PASSED / "eval_items.jsonl").read_bytes())
+    assert progress_view(ws, RUN_PASSED)["eval"]["suites"] == [  # the stage ended: its scored items count
+        {"suite": "task", "items_done": 4},
+        {"suite": "harmful", "items_done": 1},
+    ]

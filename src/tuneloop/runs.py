@@ -15,6 +15,10 @@ from tuneloop.errors import InputError
 from tuneloop.fsutil import read_json
 from tuneloop.workspace import Workspace, pid_alive
 
+#: Written in the run directory while the evaluation stage scores items (per model and suite: done and total), for
+#: the web UI's run page; the scored items (``eval_items.jsonl``) are copied there when the stage ends.
+EVAL_PROGRESS_FILE = "eval_progress.json"
+
 
 def list_runs(ws: Workspace) -> list[dict[str, Any]]:
     """Every run record, newest first; a run whose process died mid-way reads as ``interrupted``."""

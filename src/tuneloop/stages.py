@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,12 +34,14 @@ from typing import Any, Protocol
 
 from tuneloop.config import PipelineConfig, path_values
 from tuneloop.errors import StageError
-from tuneloop.fsutil import model_fingerprint, read_json, sha256_file, sha256_json
+from tuneloop.fsutil import atomic_write_json, model_fingerprint, read_json, sha256_file, sha256_json
+from tuneloop.runs import EVAL_PROGRESS_FILE
 from tuneloop.train.objectives import cache_tag, data_problems, kto_label_problem, objective_of, uses_preferences
 from tuneloop.version import code_version
 from tuneloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
+EVAL_PROGRESS_EVERY_S = 1.0  # how often EvalProgress rewrites the run's eval_progress.json (a small file)
 
 
 class PipelineStage(str, Enum):
@@ -565,7 +568,8 @@ def evaluation(ctx: StageContext, model: TrainedModel) -> EvalResult:
     def compute(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if reward:
             return _evaluate_reward_model(ctx, model, reference, note, out)
-        with EvalProgress(ctx.console) as bars:
+        live = ctx.run_dir / EVAL_PROGRESS_FILE if ctx.run_dir is not None else None
+        with EvalProgress(ctx.console, live) as bars:
             metrics, gates = evaluate_candidate(
                 c,
                 model.prepared.eval_items,
@@ -725,8 +729,8 @@ def canary_deployment(ctx: StageContext, reg: Any, registered: RegisteredVersion
 
     c = ctx.cfg
     running = reg.get_rollout(c.model_name)
-    cached = bool(running and running["status"] == "running" and running["candidate_version"] == registered.version)
-    if cached:
+    cached = running is not None and running.status == "running" and running.candidate_version == registered.version
+    if cached and running is not None:
         record = running
     else:
         notifier = notifier_for(c)
@@ -743,10 +747,10 @@ def canary_deployment(ctx: StageContext, reg: Any, registered: RegisteredVersion
     ref = f"{c.model_name}@canary"
     metrics = {
         "strategy": "canary",
-        "rollout_id": record["rollout_id"],
-        "candidate": record["candidate"],
-        "baseline": record["baseline"],
-        "weight": record["weight"],
+        "rollout_id": record.rollout_id,
+        "candidate": record.candidate,
+        "baseline": record.baseline,
+        "weight": record.weight,
     }
     outputs = {
         "ref": ref,
@@ -1132,9 +1136,13 @@ class TrainProgress:
 
 class EvalProgress:
     """Rich progress bars (with ETA) for the evaluation: one per model and suite (``base: harmful 120/330``), on
-    the run's console; a bar appears when its model starts on its suite."""
+    the run's console; a bar appears when its model starts on its suite.
 
-    def __init__(self, console):
+    With ``path`` (the run's ``eval_progress.json``), the same counts are also written there, at most every
+    ``EVAL_PROGRESS_EVERY_S`` and when a suite finishes, for the web UI's run page while the stage runs (the scored
+    items themselves reach the run directory only when the stage ends)."""
+
+    def __init__(self, console, path: Path | None = None):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -1155,6 +1163,9 @@ class EvalProgress:
             transient=False,
         )
         self.tasks: dict[str, Any] = {}
+        self.path = path
+        self.counts: dict[str, dict[str, int]] = {}
+        self.written = 0.0
 
     def __enter__(self) -> EvalProgress:
         self.progress.start()
@@ -1162,8 +1173,24 @@ class EvalProgress:
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+        self._write()
 
     def update(self, label: str, done: int, total: int) -> None:
         if label not in self.tasks:
             self.tasks[label] = self.progress.add_task(label, total=total, completed=done)
         self.progress.update(self.tasks[label], completed=done, total=total)
+        self.counts[label] = {"done": int(done), "total": int(total)}
+        if done >= total or time.monotonic() - self.written >= EVAL_PROGRESS_EVERY_S:
+            self._write()
+
+    def _write(self) -> None:
+        if self.path is None or not self.counts:
+            return
+        suites = [
+            {"suite": label, "items_done": c["done"], "items_total": c["total"]} for label, c in self.counts.items()
+        ]
+        try:
+            atomic_write_json(self.path, {"suites": suites})
+        except OSError as exc:  # the console bars are the progress; the UI's copy is a convenience
+            log.warning("could not write %s: %s", self.path, exc)
+        self.written = time.monotonic()

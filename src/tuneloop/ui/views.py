@@ -8,12 +8,13 @@ other panels still work.
 
 Path safety: nothing here opens a path taken from a request. A run id is looked up among the directory names
 under ``runs/`` (:func:`find_run_dir`); a data source is ``train`` or ``eval``; the files read are the run's own
-(``run.json``, ``stages/``, ``eval_items.jsonl``, ``data/*.report.json``) and the paths those records name.
+(``run.json``, ``stages/``, ``eval_items.jsonl``, ``eval_progress.json``, ``data/*.report.json``) and the paths those records name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,12 @@ from typing import Any
 
 from tuneloop.data.pii import redact_value
 from tuneloop.fsutil import pid_alive
+from tuneloop.registry.events import RegistryEvent
 from tuneloop.registry.records import ModelVersion
+from tuneloop.runs import EVAL_PROGRESS_FILE
 from tuneloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 SOURCES = ("train", "eval")
@@ -210,19 +215,39 @@ def progress_view(ws: Workspace, run_id: str) -> dict[str, Any]:
         if len(points) > MAX_TRAIN_POINTS:  # keep the chart light: every k-th point, and the last
             k = -(-len(points) // MAX_TRAIN_POINTS)
             points = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
-    suites: dict[str, int] = {}
-    for row in _jsonl(d / "eval_items.jsonl"):
-        suites[str(row.get("suite"))] = suites.get(str(row.get("suite")), 0) + 1
+    suites = _eval_progress(d)
     log_file, log_source = run_log(ws, d, running)
     return {
         "status": rec.get("status"),
         "stage": running,
         "train": {"points": points, "source": source},
-        "eval": {"suites": [{"suite": s, "items_done": n} for s, n in suites.items()]},
+        "eval": {"suites": suites},
         "log_tail": tail_lines(log_file),
         "log_source": log_source,
         "log_path": log_file.relative_to(ws.root).as_posix(),
     }
+
+
+def _eval_progress(run_dir: Path) -> list[dict[str, Any]]:
+    """Items scored per suite: from ``eval_items.jsonl`` once the evaluation stage ended, else the counts the running
+    stage writes to ``eval_progress.json`` (per model and suite, with the total: ``base: task``)."""
+    items = run_dir / "eval_items.jsonl"
+    if items.is_file():
+        counts: dict[str, int] = {}
+        for row in _jsonl(items):
+            counts[str(row.get("suite"))] = counts.get(str(row.get("suite")), 0) + 1
+        return [{"suite": s, "items_done": n} for s, n in counts.items()]
+    try:
+        live = json.loads((run_dir / EVAL_PROGRESS_FILE).read_text(encoding="utf-8"))
+        return [
+            {"suite": str(s["suite"]), "items_done": int(s["items_done"]), "items_total": int(s["items_total"])}
+            for s in live["suites"]
+        ]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a torn or foreign file: no live counts, no 500
+        log.warning("%s: unreadable (%s); no live evaluation progress shown", run_dir / EVAL_PROGRESS_FILE, exc)
+        return []
 
 
 def _size(p: Path) -> int:
@@ -554,14 +579,14 @@ def check_version(reg, name: str, version: str | int) -> ModelVersion:
     raise PanelError(404, "unknown_version", f"{name} has no version or alias {text!r}")
 
 
-def event_row(e: dict[str, Any]) -> dict[str, Any]:
+def event_row(e: RegistryEvent) -> dict[str, Any]:
     return {
-        "at": e.get("at"),
-        "kind": e.get("kind"),
-        "version": e.get("version"),
-        "actor": e.get("actor"),
-        "reason": e.get("reason") or "",
-        "details": e.get("details") or {},
+        "at": e.at,
+        "kind": e.kind,
+        "version": e.version,
+        "actor": e.actor,
+        "reason": e.reason or "",
+        "details": e.details or {},
     }
 
 
@@ -657,8 +682,8 @@ def lineage_graph(reg, ws: Workspace, v: ModelVersion) -> dict[str, Any]:
     if run:
         edges.append({"from": run, "to": vid})
     for r in reg.list_rollouts(v.model):
-        if str(r.get("candidate_version")) == str(v.version):
-            rn = node(f"rollout:{r.get('rollout_id')}", "rollout", str(r.get("rollout_id")), str(r.get("status") or ""))
+        if r.candidate_version == v.version:
+            rn = node(f"rollout:{r.rollout_id}", "rollout", r.rollout_id, r.status or "")
             edges.append({"from": vid, "to": rn})
     # feedback exports made after this version, and the versions trained on them or continued from this one
     exports = {}

@@ -154,7 +154,8 @@ function pageRun(id) {
       }
     }
     const ev = document.getElementById("eval-progress");
-    if (ev) ev.replaceChildren(p.eval.suites.length ? el("ul", {}, p.eval.suites.map(s => el("li", {}, t("run.eval_suite_done", {suite: s.suite, done: s.items_done}))))
+    if (ev) ev.replaceChildren(p.eval.suites.length ? el("ul", {}, p.eval.suites.map(s => el("li", {testid: "eval-suite"}, s.items_total == null ? t("run.eval_suite_done", {suite: s.suite, done: s.items_done})
+      : t("run.eval_suite_progress", {suite: s.suite, done: s.items_done, total: s.items_total}))))
       : el("p", {class: "muted"}, t("run.no_eval_progress")));
     const lg = document.getElementById("log-tail");
     if (lg) lg.textContent = p.log_tail.length ? p.log_tail.join("\n") : p.log_path ? t("run.log_empty", {path: p.log_path}) : t("run.no_log");
