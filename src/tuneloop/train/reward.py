@@ -64,11 +64,10 @@ def train_reward(
     callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on the preference pairs in ``dataset_dir``; returns the training metrics
-    (``model/`` in ``work_dir``)."""
-    from datasets import load_from_disk
-    from transformers import PrinterCallback, set_seed
-    from trl import RewardConfig, RewardTrainer
+    (``model/`` in ``work_dir``).
 
+    The steps: the pairs tokenized (over-long ones left out), the scorer and its LoRA config, TRL's trainer over
+    the step budget, the resumable run, then (rank 0) the saved model and the metrics."""
     t = cfg.train
     if t.method == "qlora":
         require_cuda_for_qlora()
@@ -76,6 +75,42 @@ def train_reward(
     ckpt_dir = work_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = work_dir / "train_metrics.jsonl"
+    dataset, overlong = _training_pairs(cfg, dataset_dir, tokenizer)
+    model, peft_config = _scorer_to_train(cfg, tokenizer)
+    per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
+    steps_per_epoch = math.ceil(len(dataset) / per_step)
+    max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
+    run = TrlRun(
+        cfg=cfg,
+        work_dir=work_dir,
+        ckpt_dir=ckpt_dir,
+        metrics_path=metrics_path,
+        dataset=dataset,
+        model=model,
+        peft_config=peft_config,
+        per_step=per_step,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+    )
+    trainer = _reward_trainer(run, tokenizer, progress, callbacks)
+
+    wrapped = trainer.model  # the trainer's model (PEFT-wrapped), typed Optional by transformers
+    assert wrapped is not None  # the trainer was given one above
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the model and reports
+    save_reward_model(trainer, tokenizer, cfg, work_dir)
+
+    return _reward_metrics(run, overlong, trainable, total, out.training_loss, resumed_from, seconds)
+
+
+def _training_pairs(cfg: PipelineConfig, dataset_dir: Path, tokenizer) -> tuple[Any, int]:
+    """The prepared pairs of ``dataset_dir`` tokenized (:func:`tokenize_pairs`) and how many were left out as
+    longer than ``data.max_length``; ``StageError`` when none are left."""
+    from datasets import load_from_disk
+
     pairs = load_from_disk(str(dataset_dir))
     if len(pairs) == 0:
         raise StageError("no preference pairs left after preprocessing; see the data_validation quarantine file")
@@ -92,7 +127,15 @@ def train_reward(
             len(pairs),
             cfg.data.max_length,
         )
+    return dataset, overlong
 
+
+def _scorer_to_train(cfg: PipelineConfig, tokenizer) -> tuple[Any, Any]:
+    """(the base model as a one-output scorer, seeded; 4-bit and ready for k-bit training with ``qlora``, the PEFT
+    ``LoraConfig`` for ``lora``/``qlora`` or None for ``full``)."""
+    from transformers import set_seed
+
+    t = cfg.train
     set_seed(cfg.seed)  # the new score head is initialised at random
     if t.method == "qlora":  # a 4-bit base, made ready for k-bit training; the adapter goes on top as for lora
         from peft import prepare_model_for_kbit_training
@@ -118,59 +161,27 @@ def train_reward(
             task_type="SEQ_CLS",
             modules_to_save=["score"],
         )
-    per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
-    steps_per_epoch = math.ceil(len(dataset) / per_step)
-    max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
-    run = TrlRun(
-        cfg=cfg,
-        work_dir=work_dir,
-        ckpt_dir=ckpt_dir,
-        metrics_path=metrics_path,
-        dataset=dataset,
-        model=model,
-        peft_config=peft_config,
-        per_step=per_step,
-        steps_per_epoch=steps_per_epoch,
-        max_steps=max_steps,
-    )
-    args = RewardConfig(**run.args(RewardConfig), center_rewards_coefficient=t.center_rewards_coefficient)
-    mean_tokens = sum(len(a) + len(b) for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"])) / len(dataset)
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[
-            _reward_log_names(),
-            step_logger(metrics_path, progress, mean_tokens * per_step),
-            *(callbacks or []),
-        ],
-    )
-    trainer.remove_callback(PrinterCallback)
-    wrapped = trainer.model  # the trainer's model (PEFT-wrapped), typed Optional by transformers
-    assert wrapped is not None  # the trainer was given one above
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in wrapped.parameters())
-    out, resumed_from, seconds = run_resumable(trainer, ckpt_dir, metrics_path)
-    if not trainer.is_world_process_zero():
-        return {}  # rank 0 writes the model and reports
-    save_reward_model(trainer, tokenizer, cfg, work_dir)
+    return model, peft_config
 
-    rows = read_metric_rows(metrics_path)
+
+def _reward_metrics(
+    run: TrlRun, overlong: int, trainable: int, total: int, train_loss: float, resumed_from: int, seconds: float
+) -> dict[str, Any]:
+    """The training metrics :func:`train_reward` returns, from ``run``'s metrics rows and the run's totals."""
+    rows = read_metric_rows(run.metrics_path)
     last = rows[-1] if rows else {}
     result = {
         "objective": "reward",
-        "method": t.method,
-        "steps": max_steps,
-        "epochs": round(max_steps / steps_per_epoch, 3),
-        "train_pairs": len(dataset),
+        "method": run.cfg.train.method,
+        "steps": run.max_steps,
+        "epochs": round(run.max_steps / run.steps_per_epoch, 3),
+        "train_pairs": len(run.dataset),
         "overlong_pairs_dropped": overlong,
         "trainable_params": trainable,
         "total_params": total,
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": last.get("loss"),
-        "train_loss": round(out.training_loss, 6),
+        "train_loss": round(train_loss, 6),
         "resumed_from_step": resumed_from,
         "seconds": round(seconds, 2),
     }
@@ -178,6 +189,33 @@ def train_reward(
         if f"rewards/{name}" in last:
             result[f"final_rewards_{name}"] = last[f"rewards/{name}"]
     return result
+
+
+def _reward_trainer(run: TrlRun, tokenizer, progress: Callable[[int, int, dict], None] | None, callbacks: list | None):
+    """TRL's ``RewardTrainer`` for ``run``: the reward metrics renamed for, and logged by, the step logger (whose
+    tokens per step come from the pairs' mean length), no console printer."""
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    dataset = run.dataset
+    args = RewardConfig(**run.args(RewardConfig), center_rewards_coefficient=run.cfg.train.center_rewards_coefficient)
+    mean_tokens = sum(
+        len(a) + len(b) for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    ) / len(dataset)
+    trainer = RewardTrainer(
+        model=run.model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=run.peft_config,
+        callbacks=[
+            _reward_log_names(),
+            step_logger(run.metrics_path, progress, mean_tokens * run.per_step),
+            *(callbacks or []),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def reward_input_ids(tok, prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> list[int]:
@@ -296,7 +334,7 @@ class RewardModel:
             )
         ids = [
             reward_input_ids(self.tokenizer, as_messages(p, "user"), as_messages(c, "assistant"))[-self.max_length :]
-            for p, c in zip(prompts, completions)
+            for p, c in zip(prompts, completions, strict=True)
         ]
         pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
@@ -311,7 +349,7 @@ class RewardModel:
                 x[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             logits = self.model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
-            for i, value in zip(batch, logits.tolist()):
+            for i, value in zip(batch, logits.tolist(), strict=True):
                 scores[i] = value
         return scores
 
