@@ -37,10 +37,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.config import PipelineConfig
 from tuneloop.errors import StageError, TuneloopError
+
+if TYPE_CHECKING:
+    from tuneloop.train.dpo import TrlRun
 
 log = logging.getLogger("tuneloop.train.unsloth_backend")  # __name__ when imported; this file also runs as __main__
 
@@ -178,10 +181,33 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
     (default: read from ``base_model``), for ``target_modules: all-linear`` and the context check. The common TRL
     arguments are :meth:`TrlRun.args`'s, so they follow the machine as backend transformers' do (``precision: auto``
     is bf16 where the GPU supports it).
-    """
-    from tuneloop.train.dpo import TrlRun
-    from tuneloop.train.sft import checkpointing_args, world_size
 
+    The steps: the objective and the context checked, the step budget, TRL's arguments, then Unsloth's loader and
+    LoRA arguments in the training precision, and the notes on where the run differs from backend transformers.
+    """
+    t = cfg.train
+    model_config = _mappable_model_config(cfg, model_config)
+    run = _step_budget(cfg, train_records, Path(work_dir))
+    trainer = _trl_arguments(run)
+    checkpointing: str | bool = "unsloth" if t.gradient_checkpointing else False
+    load = _load_arguments(cfg, _dtype(trainer), checkpointing)
+    peft = None if t.method == "full" else _peft_arguments(cfg, model_config, checkpointing)
+    return UnslothPlan(
+        t.objective,
+        load,
+        peft,
+        trainer,
+        run.per_step,
+        run.steps_per_epoch,
+        run.max_steps,
+        completion_only=not t.train_on_inputs,
+        notes=_plan_notes(cfg),
+    )
+
+
+def _mappable_model_config(cfg: PipelineConfig, model_config: Any) -> Any:
+    """``model_config`` (read from ``base_model`` when None) once the objective is one this backend maps and
+    ``data.max_length`` fits the model's context; ``StageError`` otherwise."""
     t = cfg.train
     if t.objective not in OBJECTIVES:
         raise StageError(f"train.objective: backend unsloth trains {' and '.join(OBJECTIVES)}, not {t.objective}")
@@ -192,12 +218,20 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
     positions = getattr(model_config, "max_position_embeddings", None)
     if isinstance(positions, int) and (problem := context_problem(cfg, positions)):
         raise StageError(problem)
+    return model_config
 
+
+def _step_budget(cfg: PipelineConfig, train_records: int, work_dir: Path) -> TrlRun:
+    """The :class:`~tuneloop.train.dpo.TrlRun` (no dataset or model: only its step budget and paths) whose TRL
+    arguments the plan takes."""
+    from tuneloop.train.dpo import TrlRun
+    from tuneloop.train.sft import world_size
+
+    t = cfg.train
     per_step = t.batch_size * t.gradient_accumulation_steps * world_size()
     steps_per_epoch = math.ceil(train_records / per_step)
     max_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.num_epochs))
-    work_dir = Path(work_dir)
-    run = TrlRun(
+    return TrlRun(
         cfg,
         work_dir,
         work_dir / "checkpoints",
@@ -209,6 +243,14 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         steps_per_epoch,
         max_steps,
     )
+
+
+def _trl_arguments(run: TrlRun) -> dict[str, Any]:
+    """``trl.SFTConfig``/``DPOConfig`` arguments: :meth:`TrlRun.args`'s, the Trainer's checkpointing off, and the
+    objective's own."""
+    from tuneloop.train.sft import checkpointing_args
+
+    t = run.cfg.train
     args_cls = _trl_config_class(t.objective)
     trainer = run.args(args_cls)
     # Unsloth does the activation checkpointing (below, use_gradient_checkpointing); the Trainer's own stays off.
@@ -224,9 +266,12 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         )
     else:
         trainer.update(beta=t.dpo_beta)
+    return trainer
 
-    dtype = _dtype(trainer)
-    checkpointing: str | bool = "unsloth" if t.gradient_checkpointing else False
+
+def _load_arguments(cfg: PipelineConfig, dtype: Any, checkpointing: str | bool) -> dict[str, Any]:
+    """``FastLanguageModel.from_pretrained`` arguments."""
+    t = cfg.train
     load: dict[str, Any] = dict(
         model_name=cfg.base_model,
         max_seq_length=cfg.data.max_length,
@@ -237,6 +282,36 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         random_state=cfg.seed,
         use_exact_model_name=True,  # the configured base model, not a pre-quantized copy from Unsloth's name map
     )
+    if t.method == "full":
+        import torch
+
+        if dtype == torch.bfloat16:
+            load["float32_mixed_precision"] = True  # fp32 weights under bf16 autocast, as backend transformers
+    return load
+
+
+def _peft_arguments(cfg: PipelineConfig, model_config: Any, checkpointing: str | bool) -> dict[str, Any]:
+    """``FastLanguageModel.get_peft_model`` arguments (``lora`` and ``qlora``)."""
+    t = cfg.train
+    peft = dict(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=resolve_target_modules(t.target_modules, model_config),
+        bias="none",
+        use_gradient_checkpointing=checkpointing,
+        random_state=cfg.seed,
+        use_rslora=t.use_rslora,
+        loftq_config=None,
+    )
+    if t.use_dora:
+        peft["use_dora"] = True  # passed on to PEFT's LoraConfig by Unsloth
+    return peft
+
+
+def _plan_notes(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Where the run differs from backend transformers on the same config."""
+    t = cfg.train
     notes = (
         [
             "SFT batches are padded: train.packing (a speed setting) does not apply, since Unsloth's attention "
@@ -245,26 +320,7 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
         if t.objective == "sft" and t.packing
         else []
     )
-    peft = None
-    if t.method == "full":
-        import torch
-
-        if dtype == torch.bfloat16:
-            load["float32_mixed_precision"] = True  # fp32 weights under bf16 autocast, as backend transformers
-    else:
-        peft = dict(
-            r=t.lora_r,
-            lora_alpha=t.lora_alpha,
-            lora_dropout=t.lora_dropout,
-            target_modules=resolve_target_modules(t.target_modules, model_config),
-            bias="none",
-            use_gradient_checkpointing=checkpointing,
-            random_state=cfg.seed,
-            use_rslora=t.use_rslora,
-            loftq_config=None,
-        )
-        if t.use_dora:
-            peft["use_dora"] = True  # passed on to PEFT's LoraConfig by Unsloth
+    if t.method != "full":
         notes.append(
             "the base weights are held in the training precision (Unsloth's kernels), not in fp32 under autocast"
         )
@@ -277,17 +333,7 @@ def unsloth_plan(cfg: PipelineConfig, *, train_records: int, work_dir: Path, mod
                 f"lora_dropout {t.lora_dropout}: Unsloth's fast LoRA kernels need 0 (set train.lora_dropout: 0 "
                 "for full speed)"
             )
-    return UnslothPlan(
-        t.objective,
-        load,
-        peft,
-        trainer,
-        per_step,
-        steps_per_epoch,
-        max_steps,
-        completion_only=not t.train_on_inputs,
-        notes=tuple(notes),
-    )
+    return tuple(notes)
 
 
 def resolve_target_modules(target: str | list[str], model_config: Any) -> list[str]:
