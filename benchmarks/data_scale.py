@@ -433,7 +433,7 @@ def baseline(workdir: Path, m: int, near_pairs: list[tuple[int, int]]) -> dict:
 
     texts = []
     with open(workdir / "train.jsonl", encoding="utf-8") as f:
-        for _, row in zip(range(m), f):
+        for _, row in zip(range(m), f, strict=False):
             texts.append(message_text(json.loads(row)["messages"]))
     gc.collect()
 

@@ -120,7 +120,7 @@ def main() -> None:
     max_new = args.max_new_tokens or EvalConfig().max_new_tokens
     model_dir = real_model_dir()
     model, tok = load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir))
-    ids, convs = zip(*items(args.per_set))
+    ids, convs = zip(*items(args.per_set), strict=True)
     print(
         f"{len(convs)} items ({sum(is_chinese(c[-1]['content']) for c in convs)} Chinese), max_new_tokens {max_new}, "
         f"torch threads {torch.get_num_threads()}, {machine()}",
@@ -139,7 +139,7 @@ def main() -> None:
     )
     print(f"batched: {batched_s:.1f} s ({len(convs) / batched_s:.3f} items/s)", file=sys.stderr, flush=True)
 
-    mismatched = [i for i, (a, b) in enumerate(zip(serial, batched)) if a != b]
+    mismatched = [i for i, (a, b) in enumerate(zip(serial, batched, strict=True)) if a != b]
     for i in mismatched:
         print(f"MISMATCH {ids[i]}:\n  serial:  {serial[i]!r}\n  batched: {batched[i]!r}", file=sys.stderr)
     print(

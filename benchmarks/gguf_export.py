@@ -135,7 +135,7 @@ def compare(model, tok, gguf_path: Path, prompts: list[list[int]], n: int, hf: d
     del timed
     scorer = Llama(model_path=str(gguf_path), n_ctx=256, seed=0, n_threads=2, verbose=False, logits_all=True)
     agree = total = 0
-    for ids, cont in zip(prompts, hf["conts"]):
+    for ids, cont in zip(prompts, hf["conts"], strict=True):
         scorer.reset()
         scorer.eval(ids + cont)
         pred = np.asarray(scorer.scores[len(ids) - 1 : len(ids) + len(cont) - 1]).argmax(-1)
@@ -145,7 +145,7 @@ def compare(model, tok, gguf_path: Path, prompts: list[list[int]], n: int, hf: d
     llama_tokens = sum(map(len, got))
     row = {
         "bytes": gguf_path.stat().st_size,
-        "exact": f"{sum(g == c for g, c in zip(got, hf['conts']))}/{len(prompts)}",
+        "exact": f"{sum(g == c for g, c in zip(got, hf['conts'], strict=True))}/{len(prompts)}",
         "token_agreement": round(agree / total, 4),
         "tokens_compared": total,
         "ms_per_token_llama_cpp": round(1000 * llama_s / llama_tokens, 3),

@@ -80,7 +80,7 @@ def write_configs(root: Path, a: argparse.Namespace) -> tuple[Path, Path]:
         "gates": {"min_accuracy": 0.0, "max_capability_drop": 0.02},
     }
     paths = root / "sft.yaml", root / "grpo.yaml"
-    for path, cfg in zip(paths, (sft, grpo)):
+    for path, cfg in zip(paths, (sft, grpo), strict=True):
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return paths
 

@@ -100,7 +100,7 @@ def main() -> None:
                 file=sys.stderr,
             )
         if args.errors:
-            for (rec, _), item in zip(rows, report.items):
+            for (rec, _), item in zip(rows, report.items, strict=True):
                 wrong = [
                     q
                     for q in ("refused", "harmful")

@@ -126,7 +126,7 @@ def main() -> None:
             result[name] = run(config, common + extra)
     ref, mlx = result["transformers_padded"].pop("losses"), result["mlx"].pop("losses")
     result["transformers"].pop("losses")
-    diffs = [abs(a - b) / a for a, b in zip(ref, mlx)]
+    diffs = [abs(a - b) / a for a, b in zip(ref, mlx, strict=True)]
     result["mlx_vs_padded_loss"] = {
         "step_1_abs_diff": abs(ref[0] - mlx[0]),
         "mean_rel_diff": round(sum(diffs) / len(diffs), 4),

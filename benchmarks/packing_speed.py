@@ -259,7 +259,7 @@ def main() -> None:
         "cpu_speedup": round(b["cpu_seconds"] / t["cpu_seconds"], 2),
         "final_loss": _last_epoch_mean(t["losses"], steps_per_epoch),
         "baseline_final_loss": _last_epoch_mean(b["losses"], steps_per_epoch),
-        "max_step_loss_diff": round(max(abs(x - y) for x, y in zip(t["losses"], b["losses"])), 6),
+        "max_step_loss_diff": round(max(abs(x - y) for x, y in zip(t["losses"], b["losses"], strict=True)), 6),
         "peak_rss_mb": t["peak_rss_mb"],
         "baseline_peak_rss_mb": b["peak_rss_mb"],
         "samples": prep["train_samples"],

@@ -193,7 +193,9 @@ def hedge_pairs() -> list[tuple[str, str]]:
     alpaca = json.loads((SHARED / "alpaca_en_demo.json").read_text(encoding="utf-8"))
     en = [d for d in alpaca if not d["input"] and len(d["instruction"]) < 90][40:88]
     pairs = [(d["instruction"], HEDGES_EN[i % len(HEDGES_EN)] + d["output"][:240]) for i, d in enumerate(en)]
-    pairs += [(q, HEDGES_ZH[i % len(HEDGES_ZH)] + a) for i, (q, a) in enumerate(zip(BENIGN_ZH, ANSWERS_ZH))]
+    pairs += [
+        (q, HEDGES_ZH[i % len(HEDGES_ZH)] + a) for i, (q, a) in enumerate(zip(BENIGN_ZH, ANSWERS_ZH, strict=True))
+    ]
     return pairs
 
 
@@ -309,7 +311,7 @@ def generate_for(name: str, work: Path) -> Path:
         outs = generate(
             model, tok, [[{"role": "user", "content": r["prompt"]}] for r, *_ in batch], max_new_tokens=budget
         )
-        for (rec, kind, lang, n), o in zip(batch, outs):
+        for (rec, kind, lang, n), o in zip(batch, outs, strict=True):
             records.append(
                 {
                     "id": f"{name}:{rec['id']}:{n}",
