@@ -441,7 +441,7 @@ def _read_rows(fd: int, ids: np.ndarray) -> np.ndarray:
     uniq, inverse = np.unique(ids, return_inverse=True)
     out = np.empty((len(uniq), NUM_PERM), dtype=np.uint32)
     cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
-    for s, e in zip([0, *cuts.tolist()], [*cuts.tolist(), len(uniq)]):
+    for s, e in zip([0, *cuts.tolist()], [*cuts.tolist(), len(uniq)], strict=True):
         data = os.pread(fd, (e - s) * size, int(uniq[s]) * size)
         out[s:e] = np.frombuffer(data, dtype=np.uint32).reshape(e - s, NUM_PERM)
     return out[inverse]
@@ -676,7 +676,7 @@ def spill_estimate(path: Any) -> tuple[int, int, int] | None:
     if files is None:
         return None
     sizes = [f.stat().st_size for f in files]
-    records = sum(_estimated_records(f, n) for f, n in zip(files, sizes))
+    records = sum(_estimated_records(f, n) for f, n in zip(files, sizes, strict=True))
     need = round(SPILL_COPY_FACTOR * sum(sizes) + SPILL_BYTES_PER_RECORD * records)
     return need, sum(sizes), records
 

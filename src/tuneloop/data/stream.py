@@ -231,7 +231,7 @@ class RowWriter:
         self.closed = False
 
     def add(self, row: dict[str, Any]) -> None:
-        for column, name in zip(self.columns, self.schema.names):
+        for column, name in zip(self.columns, self.schema.names, strict=True):
             column.append(row[name])
         if len(self.columns[0]) >= ROWS_PER_BATCH:
             self._flush()
@@ -239,7 +239,9 @@ class RowWriter:
     def _flush(self) -> None:
         if self.columns[0]:
             pa = self.pa
-            arrays = [pa.array(values, type=field.type) for values, field in zip(self.columns, self.schema)]
+            arrays = [
+                pa.array(values, type=field.type) for values, field in zip(self.columns, self.schema, strict=True)
+            ]
             self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
             self.rows += len(self.columns[0])
             self.columns = [[] for _ in self.schema.names]

@@ -166,7 +166,7 @@ def load_suites(cfg: PipelineConfig, items_path: Path | str | None, preferences:
     preference pairs (``preferences``, else ``eval_records.jsonl`` beside ``items_path``) as a ``preference`` suite."""
     ev = cfg.eval
     suites = [load_suite(s, ev, Path(items_path) if items_path else None) for s in ev.suites]
-    for s, spec in zip(suites, ev.suites):
+    for s, spec in zip(suites, ev.suites, strict=True):
         if s.kind in ("task", "win_rate") and ev.max_eval_samples and not spec.path:
             s.items = s.items[: ev.max_eval_samples]
             s.digest = sha256_json([s.digest, ev.max_eval_samples])

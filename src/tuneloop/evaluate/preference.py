@@ -145,7 +145,7 @@ def score_preference(
         "loglik": "sum over answer tokens (not length-normalised)",
     }
     recs = []
-    for it, b, c, b1, c1 in zip(suite.items, bp, cp, bs, cs):
+    for it, b, c, b1, c1 in zip(suite.items, bp, cp, bs, cs, strict=True):
         text = it["prompt"][-1]["content"]
         recs.append(
             {

@@ -98,7 +98,7 @@ def evaluate_reward_model(
     metrics["gate_verdicts"] = {name: g.verdict for name, g in gates.items()}
 
     records = []
-    for i, (it, (c, r)) in enumerate(zip(items, cand)):
+    for i, (it, (c, r)) in enumerate(zip(items, cand, strict=True)):
         text = it["prompt"][-1]["content"]
         rec = {
             "suite": KIND,
@@ -124,7 +124,7 @@ def pair_scores(model: RewardModel, items: list[dict[str, Any]]) -> list[tuple[f
     """(score of the chosen answer, score of the rejected one) per pair, scored in one batched pass."""
     prompts = [it["prompt"] for it in items]
     scores = model.score(prompts + prompts, [it["chosen"] for it in items] + [it["rejected"] for it in items])
-    return list(zip(scores[: len(items)], scores[len(items) :]))
+    return list(zip(scores[: len(items)], scores[len(items) :], strict=True))
 
 
 def reference_scores(

@@ -279,8 +279,8 @@ def estimate_paired_binary(first: Sequence[float], second: Sequence[float], conf
     if len(first) != len(second):
         raise ValueError("paired samples must have the same length")
     n = len(first)
-    b = sum(1 for f, s in zip(first, second) if f and not s)
-    c = sum(1 for f, s in zip(first, second) if s and not f)
+    b = sum(1 for f, s in zip(first, second, strict=True) if f and not s)
+    c = sum(1 for f, s in zip(first, second, strict=True) if s and not f)
     diff = (b - c) / n if n else 0.0
     lo, hi = paired_difference_interval(b, c, n, confidence)
     disc = (b + c) / n if n else 0.0

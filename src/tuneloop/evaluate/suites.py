@@ -342,7 +342,7 @@ def _mc_pick(
     out = []
     per_call = 4
     for start in range(0, len(contexts), per_call):
-        group = list(zip(contexts[start : start + per_call], choices[start : start + per_call]))
+        group = list(zip(contexts[start : start + per_call], choices[start : start + per_call], strict=True))
         flat = continuation_logprobs(model, tok, [(ctx, c) for ctx, chs in group for c in chs])
         for _, chs in group:
             lps, flat = flat[: len(chs)], flat[len(chs) :]
@@ -472,11 +472,11 @@ def _score_choices(
     suite: Suite, base_out: dict[str, Any], cand_out: dict[str, Any], res: dict[str, Any]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Multiple choice by log-likelihood: 1 when the most likely choice is the answer."""
-    bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items)]
-    cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items)]
+    bs = [float(o["pick"] == it["answer"]) for o, it in zip(base_out["mc"], suite.items, strict=True)]
+    cs = [float(o["pick"] == it["answer"]) for o, it in zip(cand_out["mc"], suite.items, strict=True)]
     res.update(base=bs, candidate=cs, n=len(bs))
     recs = []
-    for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs):
+    for it, bo, co, b1, c1 in zip(suite.items, base_out["mc"], cand_out["mc"], bs, cs, strict=True):
         p = _prompt_text(it)
         recs.append(
             {
@@ -504,7 +504,7 @@ def _score_answers(
     """Generated answers, scored per item by the suite's metric or the judge."""
     k = suite.kind
     bs, cs, extra, recs = [], [], [], []
-    for it, ba, ca in zip(suite.items, bt, ct):
+    for it, ba, ca in zip(suite.items, bt, ct, strict=True):
         p = _prompt_text(it)
         b1, c1, e = _score_item(suite, judge, it, p, ba, ca)
         bs.append(b1)

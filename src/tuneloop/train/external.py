@@ -205,7 +205,7 @@ def _data_format(cfg: PipelineConfig) -> str:
         records = json.loads(path.read_text(encoding="utf-8"))[:100]
     else:
         with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for _, line in zip(range(100), f) if line.strip()]
+            records = [json.loads(line) for _, line in zip(range(100), f, strict=False) if line.strip()]
     return detect_format(records)
 
 
@@ -486,7 +486,7 @@ def _llamafactory(
 
     paths = _export_sources(cfg)
     names = [f"{cfg.name}_train" + (f"_{i}" if i else "") for i in range(len(paths))]
-    dataset_info = {n: info(path) for n, path in zip(names, paths)}
+    dataset_info = {n: info(path) for n, path in zip(names, paths, strict=True)}
     template, note = _llamafactory_template(tpl)
     y: dict[str, Any] = {
         "model_name_or_path": cfg.base_model,
