@@ -222,7 +222,7 @@ def stages_cell(stages: dict[str, Any]) -> str:
     if statuses and all(s == "passed" for s in statuses):
         return f"[green]✓[/] all {len(statuses)} passed"
     groups: list[tuple[str, list[str]]] = []
-    for name, status in zip(stages, statuses):
+    for name, status in zip(stages, statuses, strict=True):
         if not groups or groups[-1][0] != status:
             groups.append((status, []))
         groups[-1][1].append(_STAGE_SHORT.get(name, name))

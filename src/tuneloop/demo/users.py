@@ -114,7 +114,7 @@ class SimulatedUsers:
         users = [f"agent-{(self.next_user + i) % USERS}" for i in range(len(tickets))]
         self.next_user += len(tickets)
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda tu: self.one(model, tu[0], tu[1], stats, rate), zip(tickets, users)))
+            list(pool.map(lambda tu: self.one(model, tu[0], tu[1], stats, rate), zip(tickets, users, strict=True)))
         return stats
 
 

@@ -105,7 +105,7 @@ class DriftResult:
 def _grams(text: str) -> list[str]:
     words = text.lower().split()
     grams = ["w:" + w for w in words]
-    grams += ["b:" + a + " " + b for a, b in zip(words, words[1:])]
+    grams += ["b:" + a + " " + b for a, b in zip(words, words[1:], strict=False)]
     for w in words:
         padded = f"<{w}>"
         grams += ["c:" + padded[i : i + 3] for i in range(len(padded) - 2)]

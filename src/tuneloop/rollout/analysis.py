@@ -338,7 +338,12 @@ def policy_problems(p: RolloutPolicy) -> list[str]:
     if not 0.0 < p.alpha < 1.0:
         problems.append(f"deploy.canary.alpha: {p.alpha!r} must be in (0, 1), e.g. 0.05")
     w = list(p.weights)
-    if not w or w[-1] != 1.0 or any(not 0.0 < x <= 1.0 for x in w) or any(a >= b for a, b in zip(w, w[1:])):
+    if (
+        not w
+        or w[-1] != 1.0
+        or any(not 0.0 < x <= 1.0 for x in w)
+        or any(a >= b for a, b in zip(w, w[1:], strict=False))
+    ):
         problems.append(f"deploy.canary.weights: {w!r} must increase strictly within (0, 1] and end at 1.0")
     if len(w) < 2:
         problems.append("deploy.canary.weights: needs at least one canary weight before 1.0, e.g. [0.05, 1.0]")
@@ -638,8 +643,8 @@ class CanaryAnalysis:
         pb = (st.pending_baseline_latencies + [float(x) for x in baseline_latencies])[-MAX_PENDING_LATENCIES:]
         n = min(len(pc), len(pb))
         pairs_c, pairs_b = pc[:n], pb[len(pb) - n :][::-1]
-        slower = sum(1 for c, b in zip(pairs_c, pairs_b) if c > b)
-        faster = sum(1 for c, b in zip(pairs_c, pairs_b) if c < b)
+        slower = sum(1 for c, b in zip(pairs_c, pairs_b, strict=True) if c > b)
+        faster = sum(1 for c, b in zip(pairs_c, pairs_b, strict=True) if c < b)
         st.metrics["latency"].add(slower, faster, 0.5, n, n)
         st.pending_canary_latencies = pc[n:][-MAX_PENDING_LATENCIES:]
         st.pending_baseline_latencies = pb[: len(pb) - n]

@@ -134,7 +134,7 @@ class _BatchState:
     def merge(self, other: _BatchState) -> _BatchState:
         """Append ``other``'s rows: both caches and masks are left-padded to the longer one, then concatenated."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([pad_left(mine.keys, width, 2), pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([pad_left(mine.values, width, 2), pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)])
@@ -497,7 +497,7 @@ def _token_event(logits: torch.Tensor, tok: int, k: int | None) -> TokenEvent:
     top = None
     if k > 0:
         vals, idx = torch.topk(lp, k)
-        top = [(int(t), float(v)) for t, v in zip(idx.tolist(), vals.tolist())]
+        top = [(int(t), float(v)) for t, v in zip(idx.tolist(), vals.tolist(), strict=True)]
     return TokenEvent(tok, float(lp[tok]), top)
 
 
@@ -509,7 +509,10 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> PromptL
     tops: list[list[tuple[int, float]] | None] = [None]
     if k > 0 and len(prompt) > 1:
         vals, idx = torch.topk(lp[:-1], k, dim=-1)
-        tops += [[(int(t), float(v)) for t, v in zip(ir, vr)] for ir, vr in zip(idx.tolist(), vals.tolist())]
+        tops += [
+            [(int(t), float(v)) for t, v in zip(ir, vr, strict=True)]
+            for ir, vr in zip(idx.tolist(), vals.tolist(), strict=True)
+        ]
     else:
         tops += [None] * (len(prompt) - 1)
     return PromptLogprobs([None, *chosen], tops)

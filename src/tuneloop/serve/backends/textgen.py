@@ -161,7 +161,10 @@ def run_choices(
 
         return emit
 
-    jobs = [GenJob(prompt_ids, p, stop_ids, adapter=adapter, emit=emitter(ch)) for ch, p in zip(choices, params)]
+    jobs = [
+        GenJob(prompt_ids, p, stop_ids, adapter=adapter, emit=emitter(ch))
+        for ch, p in zip(choices, params, strict=True)
+    ]
     try:
         for job in jobs:
             engine.submit(job)
@@ -178,7 +181,7 @@ def run_choices(
         for job in jobs:
             job.cancel()
         raise shutting_down() from None
-    return _progress(events, wake, dict(zip([c.index for c in choices], jobs)))
+    return _progress(events, wake, dict(zip([c.index for c in choices], jobs, strict=True)))
 
 
 async def _progress(
@@ -256,7 +259,7 @@ def completion_logprobs(ch: Choice, prompt_ids: list[int] | None) -> dict[str, A
     lps: list[float | None] = []
     tops: list[dict[str, float | None] | None] = []
     if prompt_ids is not None and ch.prompt_logprobs is not None:
-        for tid, lp, top in zip(prompt_ids, ch.prompt_logprobs.logprobs, ch.prompt_logprobs.top):
+        for tid, lp, top in zip(prompt_ids, ch.prompt_logprobs.logprobs, ch.prompt_logprobs.top, strict=True):
             tokens.append(token_str(ch.tok, tid))
             lps.append(lp)
             tops.append(None if top is None else {token_str(ch.tok, t): v for t, v in top})
