@@ -101,7 +101,7 @@ def _kept_per_source(records: list[dict[str, Any]], rows: list[dict[str, Any]] |
             "train_records": r["train_records"],
             "samples": r["samples"],
         }
-        for r, n in zip(rows, counts)
+        for r, n in zip(rows, counts, strict=True)
     ]
 
 

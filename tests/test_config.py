@@ -120,7 +120,7 @@ def test_configuration_reference_is_in_step_with_the_schema():
 
 _ALIAS_BOMB = (
     "a: &a [x, x, x, x, x, x, x, x, x]\n"
-    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
     + "name: *i\n"
 )
 _MERGE_BOMB = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(

@@ -87,7 +87,7 @@ def test_make_model_forward_and_generate(tokenizer):
     assert gen.shape[1] <= enc["input_ids"].shape[1] + 3
     # Same seed, same weights.
     again = make_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
 
 
 def test_general_corpus_and_held_out_text():

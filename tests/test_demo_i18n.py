@@ -37,7 +37,7 @@ def render(lang: str, width: int = 200) -> str:
     quick, loop = RECORDED["quick"], RECORDED["loop"]
     print_served(console, quick["demo"], lang)
     print_demo_end(console, quick, quick=True, lang=lang)
-    for summary, key in zip(loop["iterations"], ("loop.iteration1", "loop.iteration2.sft")):
+    for summary, key in zip(loop["iterations"], ("loop.iteration1", "loop.iteration2.sft"), strict=True):
         label = MESSAGES[lang][key]
         console.print(
             iteration_line(summary, label, summary["overall"], Path(summary["run_dir"]) / "report.html", lang),

@@ -260,7 +260,7 @@ def test_continuation_logprobs_in_batches_equal_each_sequence_alone(demo):
     ][:12]
     contexts = [f"Question: {it['question']}\nAnswer:" for it in items]
     choices = [[" " + c for c in it["choices"]] for it in items]
-    pairs = [(c, x) for c, xs in zip(contexts, choices) for x in xs]
+    pairs = [(c, x) for c, xs in zip(contexts, choices, strict=True) for x in xs]
     pairs += [("word " * 1500, " long context"), ("", "hello there"), ("context", "")]
 
     def alone(ctx, cont):  # the sequence by itself, no batch, no mask
@@ -317,6 +317,6 @@ def test_real_model_batched_answers_equal_one_at_a_time(real_model_dir):
     model, tok = load_causal_lm(str(real_model_dir)), load_tokenizer(str(real_model_dir))
     serial = generate(model, tok, convs(prompts), max_new_tokens=32, batch_size=1)
     batched = generate(model, tok, convs(prompts), max_new_tokens=32)
-    diff = [(p, s["text"], b["text"]) for p, s, b in zip(prompts, serial, batched) if s != b]
+    diff = [(p, s["text"], b["text"]) for p, s, b in zip(prompts, serial, batched, strict=True) if s != b]
     assert not diff, diff
     assert any(any("\u4e00" <= ch <= "\u9fff" for ch in s["text"]) for s in serial[16:])  # it answers in Chinese

@@ -165,7 +165,7 @@ def test_metric_reward_is_the_task_suite_score():
     refs = ["refund", "refund", "refund"]
     for metric in ("exact", "contains", "token_f1", "chrf"):
         got = MetricReward(metric)(prompts, completions, reference=refs)
-        assert got == [task_score(metric, c[0]["content"], r) for c, r in zip(completions, refs)]
+        assert got == [task_score(metric, c[0]["content"], r) for c, r in zip(completions, refs, strict=True)]
     assert MetricReward("exact")(prompts, completions, reference=refs) == [1.0, 0.0, 0.0]
     assert MetricReward("contains")(prompts, completions, reference=refs) == [1.0, 1.0, 0.0]
     assert MetricReward("regex", pattern=r"^ship")(prompts, completions, reference=refs) == [0.0, 0.0, 1.0]

@@ -396,7 +396,7 @@ def test_the_readme_ppo_command_passes_openrlhfs_parser(make_config, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
-    for rec, src in zip(map(json.loads, out.read_text().splitlines()), task_records(5, seed=1)):
+    for rec, src in zip(map(json.loads, out.read_text().splitlines()), task_records(5, seed=1), strict=True):
         prompt, label = preprocess(rec, None, a.data.input_key, "reference", tok.apply_chat_template)
         assert prompt == tok.apply_chat_template(src["messages"][:-1], tokenize=False, add_generation_prompt=True)
         assert label == src["messages"][-1]["content"]
@@ -692,7 +692,7 @@ def test_a_function_reward_is_called_by_openrlhfs_executor_with_tuneloops_signat
     Executor = _executor({})
     executor = Executor(str(reward_py))  # loads reward_func from the .py file, as OpenRLHF does
     params = SimpleNamespace(max_tokens=16, logprobs=None)
-    for rec, row in zip(src, map(json.loads, prompts_file.read_text().splitlines())):
+    for rec, row in zip(src, map(json.loads, prompts_file.read_text().splitlines()), strict=True):
         prompt, label = preprocess(row, None, "prompt", "tuneloop_reward", tok.apply_chat_template)
         right = rec["messages"][-1]["content"]
         for answer, tail in ((right, "<|im_end|>\nuser: more"), ("shipping", "<|im_end|>")):

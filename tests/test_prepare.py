@@ -15,7 +15,7 @@ CONV = [
 
 
 def _trained_text(tok, ex):
-    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX])
 
 
 def test_only_assistant_turns_carry_loss(tiny_model):

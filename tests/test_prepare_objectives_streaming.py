@@ -226,7 +226,7 @@ def test_parquet_shards_prepare_as_their_jsonl(tmp_path, tok, objective):
     train = write_jsonl(tmp_path / "clean.jsonl", recs)
     shards = tmp_path / "train.clean.parquet"
     shards.mkdir()
-    for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60))):
+    for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60)), strict=True):
         rows = range(start, stop)
         pq.write_table(
             pa.table(

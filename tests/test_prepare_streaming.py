@@ -241,7 +241,7 @@ def test_the_ray_engines_kept_shards_read_as_its_clean_jsonl(tmp_path, tok):
     )
     shards = tmp_path / "train.clean.parquet"
     shards.mkdir()
-    for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60))):
+    for block, (start, stop) in zip((2, 10, 7), ((0, 25), (25, 40), (40, 60)), strict=True):
         rows = range(start, stop)
         pq.write_table(
             pa.table(

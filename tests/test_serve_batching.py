@@ -63,7 +63,7 @@ def test_jobs_joining_mid_batch_decode_as_they_would_alone(lm):
     budgets = [14, 9, 12, 6, 10, 11, 7]
     engine = BatchEngine(model, max_batch_size=8, pad_id=tok.pad_token_id or 0)
     alone = []
-    for p, n in zip(ids, budgets):
+    for p, n in zip(ids, budgets, strict=True):
         rec = Recorder()
         engine.run_batch([job(p, n, rec)])
         alone.append(rec)
@@ -81,7 +81,7 @@ def test_jobs_joining_mid_batch_decode_as_they_would_alone(lm):
     recs[2].on_token = {6: add(5, 6)}
     engine.run_batch([job(ids[0], budgets[0], recs[0])])
     assert engine.joined == 6 and engine.batches == len(PROMPTS) + 1
-    for got, ref in zip(recs, alone):
+    for got, ref in zip(recs, alone, strict=True):
         assert got.tokens == ref.tokens and got.done == ref.done == "length"
         assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
 

@@ -105,10 +105,10 @@ def assert_parity(train_tok, serve_tok, name: str) -> None:
     ids, starts = training_ids(train_tok, messages)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     assert len(starts) == len(answers), f"{name}: every assistant turn is trained on"
-    for turn, start in zip(answers, starts):
+    for turn, start in zip(answers, starts, strict=True):
         served = serving_ids(serve_tok, messages[:turn])
         if served != ids[:start]:
-            at = next((i for i, (a, b) in enumerate(zip(served, ids)) if a != b), min(len(served), start))
+            at = next((i for i, (a, b) in enumerate(zip(served, ids, strict=False)) if a != b), min(len(served), start))
             pytest.fail(
                 f"{name}, answer at message {turn}: the gateway's prompt differs from training's at token {at}:\n"
                 f"  training: {train_tok.decode(ids[max(0, at - 8) : start])!r}\n"

@@ -46,7 +46,7 @@ def test_packed_batch_equals_each_sample_alone(tiny_model, attn):
     for r in range(batch["input_ids"].shape[0]):
         pos = batch["position_ids"][r].tolist()
         starts = [j for j, p in enumerate(pos) if p == 0]
-        for s, e in zip(starts, starts[1:] + [len(pos)]):
+        for s, e in zip(starts, starts[1:] + [len(pos)], strict=True):
             seg = batch["input_ids"][r, s:e].tolist()
             for k, smp in enumerate(samples):
                 if smp["input_ids"] == seg:
@@ -138,7 +138,7 @@ def test_same_config_and_data_give_the_same_losses_and_packing_does_not_change_t
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     # A different seed gives a different run (the comparison above can fail).
     _, other = _train(make_config, prepared, tmp_path / "d", **settings, seed=1)
-    assert any(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(first, other))
+    assert any(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(first, other, strict=True))
 
 
 def test_dora_rslora_checkpointing_and_merged_model(make_config, prepared, tmp_path):
