@@ -36,7 +36,10 @@ def new_intent_accuracy(base: str, adapter: str | None) -> dict:
     model.eval()
     tickets = held_out_new_intent()
     outs = generate(model, tok, [t["messages"] for t in tickets], max_new_tokens=4)
-    right = sum(normalise_answer(o["text"].strip()) == normalise_answer(t["expected"]) for o, t in zip(outs, tickets))
+    right = sum(
+        normalise_answer(o["text"].strip()) == normalise_answer(t["expected"])
+        for o, t in zip(outs, tickets, strict=True)
+    )
     return {"right": right, "tickets": len(tickets), "accuracy": round(right / len(tickets), 4)}
 
 

@@ -56,7 +56,7 @@ def run_record(run_id: str, statuses: list[str], model_version: str | None) -> d
             "metrics": {},
             "error": "gate failed" if s == "failed" else "",
         }
-        for name, s in zip(STAGES, statuses)
+        for name, s in zip(STAGES, statuses, strict=True)
     }
     overall = "failed" if "failed" in statuses else "passed"
     return {

@@ -248,7 +248,7 @@ def test_demo_export_greedy_matches_transformers(quant, exports, demo_base, adap
     got = [llama_greedy(llm, ids, tok.eos_token_id) for ids in prompts]
     if quant == "f16":
         assert got == expected
-    agree = [teacher_forced_agreement(llm, ids, cont) for ids, cont in zip(prompts, expected)]
+    agree = [teacher_forced_agreement(llm, ids, cont) for ids, cont in zip(prompts, expected, strict=True)]
     rate = sum(a for a, _ in agree) / sum(n for _, n in agree)
     # f16: every token. q8_0: 100 % measured here and on the benchmark's 10 prompts (benchmarks/gguf_export.py); the
     # floor 0.9 leaves room for a near-tie flipping under another llama.cpp build's kernels.
@@ -320,7 +320,7 @@ def test_real_model_greedy_matches_transformers(quant, real_gguf):
     check_tokenizer(llm, tok)
     prompts = real_prompts(tok)
     expected = [hf_greedy(model, tok, ids) for ids in prompts]
-    agree = [teacher_forced_agreement(llm, ids, cont) for ids, cont in zip(prompts, expected)]
+    agree = [teacher_forced_agreement(llm, ids, cont) for ids, cont in zip(prompts, expected, strict=True)]
     rate = sum(a for a, _ in agree) / sum(n for _, n in agree)
     if quant == "f16":
         assert [llama_greedy(llm, ids, tok.eos_token_id) for ids in prompts] == expected

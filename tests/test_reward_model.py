@@ -203,7 +203,7 @@ def test_the_artifact_loads_with_plain_transformers_and_peft_and_load_reward_mod
         rm.score(prompts, [p["chosen"] for p in held_out]),
         rm.score(prompts, [p["rejected"] for p in held_out]),
     )
-    assert sum(c > r for c, r in zip(chosen, rejected)) >= 38
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) >= 38
     # Chat messages give the same scores as strings.
     as_messages = rm.score(
         [[{"role": "user", "content": prompts[0]}]], [[{"role": "assistant", "content": held_out[0]["chosen"]}]]

@@ -726,7 +726,7 @@ class OpenRLHFReward:
 
         try:
             conversations, completions, references = [], [], []
-            for query, prompt, label in zip(queries, prompts, labels):
+            for query, prompt, label in zip(queries, prompts, labels, strict=True):
                 try:
                     item = json.loads(label)
                     conversations.append(item["prompt"])

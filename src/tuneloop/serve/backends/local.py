@@ -165,7 +165,7 @@ class LocalBackend:
         outs = generate_sync(
             lv.engine, prompts, max_tokens=plan.max_new_tokens, stop_ids=lv.stop_ids, adapter=lv.adapter
         )
-        for p, ids in zip(plan.probes, outs):
+        for p, ids in zip(plan.probes, outs, strict=True):
             got = decode_text(lv.tokenizer, ids).strip()  # as evaluation decodes its answers
             raw = lv.tokenizer.decode(ids, skip_special_tokens=True).strip()  # as evaluations before that recorded them
             if p.expected.strip() not in (got, raw):
@@ -335,7 +335,7 @@ class LocalBackend:
                 )
             return self._completion_stream(route, lv, req, prompts[0], budgets[0], ctx)
         out, total_prompt, all_choices = [], 0, []
-        for pi, (p, budget) in enumerate(zip(prompts, budgets)):
+        for pi, (p, budget) in enumerate(zip(prompts, budgets, strict=True)):
             choices = await self._complete_one(lv, req, p, budget, ctx, base_index=pi * req.n)
             total_prompt += len(p)
             all_choices += choices
