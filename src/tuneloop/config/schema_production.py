@@ -104,7 +104,12 @@ class CanaryConfig(Section):
     @field_validator("weights")
     @classmethod
     def _weights_schedule(cls, v: list[float]) -> list[float]:
-        if len(v) < 2 or v[-1] != 1.0 or any(not 0.0 < x <= 1.0 for x in v) or any(a >= b for a, b in zip(v, v[1:])):
+        if (
+            len(v) < 2
+            or v[-1] != 1.0
+            or any(not 0.0 < x <= 1.0 for x in v)
+            or any(a >= b for a, b in zip(v, v[1:], strict=False))
+        ):
             raise ValueError(
                 "weights strictly increasing within (0, 1], at least one below 1.0, ending at 1.0, "
                 "e.g. [0.05, 0.25, 0.5, 1.0]"
