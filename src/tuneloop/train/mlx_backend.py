@@ -434,12 +434,12 @@ def train_mlx(
     ``init_adapter``: a PEFT adapter directory whose weights replace the LoRA layers' initial ones (same rank and
     targets), e.g. the one PEFT initialises for the transformers backend, to compare the two backends from the same
     start.
+
+    The steps: the samples and their schedule, the model (LoRA layers added or every weight unfrozen), the resumed
+    optimiser state, the training steps, then the saved model and the metrics.
     """
     import mlx.core as mx
     import mlx.nn as nn
-    from datasets import load_from_disk
-
-    from tuneloop.train.sft import make_collator, read_metric_rows
 
     problems = mlx_problems(cfg)
     if problems:
@@ -449,7 +449,62 @@ def train_mlx(
     ckpt_dir = work_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = work_dir / "train_metrics.jsonl"
+    schedule = _schedule(cfg, dataset_dir, tokenizer)
 
+    model, names = _model_to_train(cfg, init_adapter)
+    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    total = sum(v.size for _, v in _flat(model.parameters()))
+    optimizer = _optimizer(cfg)
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    resumed_from = _resume(model, optimizer, ckpt_dir, metrics_path)
+    seconds = _train_steps(
+        cfg, model, loss_and_grad, optimizer, schedule, resumed_from, ckpt_dir, metrics_path, progress
+    )
+
+    _save_final(model, names, cfg, tokenizer, work_dir)
+    max_steps, steps_run = schedule.max_steps, schedule.max_steps - resumed_from
+    return {
+        "backend": "mlx",
+        "device": mx.default_device().type.name,
+        "kind": "model" if t.method == "full" else "adapter",
+        "method": t.method,
+        "steps": max_steps,
+        "epochs": round(max_steps / schedule.plan.steps_per_epoch, 3),
+        "train_samples": len(schedule.samples),
+        "trainable_params": trainable,
+        "total_params": total,
+        **_loss_summary(metrics_path),
+        "resumed_from_step": resumed_from,
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(steps_run * schedule.per_step / seconds, 2) if seconds > 0 else None,
+    }
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """What the training steps draw on: the samples, the collator, which samples each step takes, each step's
+    learning rate, and the samples per step."""
+
+    samples: list[dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]]], dict]
+    plan: StepPlan
+    rates: list[float]
+    per_step: int
+
+    @property
+    def max_steps(self) -> int:
+        return len(self.rates)
+
+
+def _schedule(cfg: PipelineConfig, dataset_dir: Path, tokenizer) -> _Schedule:
+    """The prepared SFT records (``StageError`` when there are none), the step budget (``train.max_steps``, else
+    ``train.num_epochs`` of steps), the Trainer's sample order and learning rates, and the transformers backend's
+    collator with packing off (right-padded rows, labels -100 on the padding)."""
+    from datasets import load_from_disk
+
+    from tuneloop.train.sft import make_collator
+
+    t = cfg.train
     dataset = load_from_disk(str(dataset_dir))
     if len(dataset) == 0:
         raise StageError("no training samples left after preprocessing; see the preprocessing stage's dropped.jsonl")
@@ -464,73 +519,89 @@ def train_mlx(
         max_steps=max_steps,
     )
     rates = learning_rates(cfg, max_steps)
-    # The transformers backend's collator with packing off: right-padded rows, labels -100 on the padding.
     collate = make_collator(
         cfg.model_copy(update={"train": t.model_copy(update={"packing": False})}), tokenizer.pad_token_id
     )
+    return _Schedule(samples, collate, plan, rates, per_step)
 
+
+def _model_to_train(cfg: PipelineConfig, init_adapter: Path | None) -> tuple[Any, list[str]]:
+    """(the base model with every weight trainable (``full``) or with LoRA layers added, optionally starting from
+    ``init_adapter``'s weights; the LoRA layers' names, empty for ``full``), checkpointed per layer with
+    ``train.gradient_checkpointing``."""
     model, base_path = load_mlx_model(cfg.base_model)
-    if t.method == "full":
+    if cfg.train.method == "full":
         model.unfreeze()
         names: list[str] = []
     else:
         names = add_lora(model, cfg, base_path)
         if init_adapter is not None:
             load_peft_adapter(model, names, Path(init_adapter))
-    if t.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         _checkpoint_layers(model)
-    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
-    total = sum(v.size for _, v in _flat(model.parameters()))
-    optimizer = _optimizer(cfg)
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    return model, names
 
-    resumed_from = _resume(model, optimizer, ckpt_dir, metrics_path)
+
+def _train_steps(
+    cfg: PipelineConfig,
+    model,
+    loss_and_grad,
+    optimizer,
+    schedule: _Schedule,
+    resumed_from: int,
+    ckpt_dir: Path,
+    metrics_path: Path,
+    progress: Callable[[int, int, dict], None] | None,
+) -> float:
+    """The steps after ``resumed_from`` up to ``schedule.max_steps``: each one's metrics row appended to
+    ``metrics_path`` and passed to ``progress``, a checkpoint every ``train.save_steps`` and at the end. Returns the
+    seconds they took; the model is left in eval mode."""
     model.train()
     t0 = time.perf_counter()
-    for step in range(resumed_from + 1, max_steps + 1):
-        t_step = time.perf_counter()
-        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks of a step, the same after a resume
-        batches = [collate([samples[i] for i in micro]) for micro in plan.steps[step - 1]]
-        loss, grad_norm, n_tokens = _optimizer_step(model, loss_and_grad, optimizer, batches, rates[step - 1])
-        if not math.isfinite(loss):
-            raise StageError(f"training diverged at step {step} (loss {loss}); lower train.learning_rate")
-        row = {
-            "step": step,
-            "epoch": plan.epoch_at(step),
-            "loss": loss,
-            "learning_rate": rates[step - 1],
-            "grad_norm": grad_norm,
-            "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1),
-        }
+    for step in range(resumed_from + 1, schedule.max_steps + 1):
+        row = _train_step(cfg, model, loss_and_grad, optimizer, schedule, step)
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if step % t.save_steps == 0 or step == max_steps:
+        if step % cfg.train.save_steps == 0 or step == schedule.max_steps:
             _save_checkpoint(model, optimizer, ckpt_dir, step)
         if progress:
-            progress(step, max_steps, row)
+            progress(step, schedule.max_steps, row)
     seconds = time.perf_counter() - t0
     model.eval()
+    return seconds
 
-    kind = "model" if t.method == "full" else "adapter"
-    _save_final(model, names, cfg, tokenizer, work_dir)
-    losses = [r["loss"] for r in read_metric_rows(metrics_path)]
-    steps_run = max_steps - resumed_from
+
+def _train_step(cfg: PipelineConfig, model, loss_and_grad, optimizer, schedule: _Schedule, step: int) -> dict[str, Any]:
+    """Optimiser step ``step`` on its micro-batches (dropout seeded by ``cfg.seed`` and ``step``); its metrics row
+    (``tokens_per_s`` timed from the batches' collation). ``StageError`` when the loss is not finite."""
+    import mlx.core as mx
+
+    t_step = time.perf_counter()
+    mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks of a step, the same after a resume
+    batches = [schedule.collate([schedule.samples[i] for i in micro]) for micro in schedule.plan.steps[step - 1]]
+    lr = schedule.rates[step - 1]
+    loss, grad_norm, n_tokens = _optimizer_step(model, loss_and_grad, optimizer, batches, lr)
+    if not math.isfinite(loss):
+        raise StageError(f"training diverged at step {step} (loss {loss}); lower train.learning_rate")
     return {
-        "backend": "mlx",
-        "device": mx.default_device().type.name,
-        "kind": kind,
-        "method": t.method,
-        "steps": max_steps,
-        "epochs": round(max_steps / plan.steps_per_epoch, 3),
-        "train_samples": len(samples),
-        "trainable_params": trainable,
-        "total_params": total,
+        "step": step,
+        "epoch": schedule.plan.epoch_at(step),
+        "loss": loss,
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": round(n_tokens / max(time.perf_counter() - t_step, 1e-9), 1),
+    }
+
+
+def _loss_summary(metrics_path: Path) -> dict[str, float | None]:
+    """``first_loss``, ``final_loss`` and ``train_loss`` (the mean) over the metrics file's rows."""
+    from tuneloop.train.sft import read_metric_rows
+
+    losses = [r["loss"] for r in read_metric_rows(metrics_path)]
+    return {
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
-        "resumed_from_step": resumed_from,
-        "seconds": round(seconds, 2),
-        "samples_per_s": round(steps_run * per_step / seconds, 2) if seconds > 0 else None,
     }
 
 
