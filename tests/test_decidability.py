@@ -155,7 +155,7 @@ def test_decidability_checks_exactly_the_gates_check_gates_applies():
         name: {"kind": k, "base": [1.0] * 500, "candidate": [1.0] * 500, "n": 500, "binary": k != "win_rate"}
         for name, k in kinds.items()
     }
-    applied = {g for g, r in check_gates(cfg, results).items() if r["verdict"] != "NOT_APPLIED"}
+    applied = {g for g, r in check_gates(cfg, results).items() if r.verdict != "NOT_APPLIED"}
     checked = decidability(cfg, {name: SuiteSize(k, 500, binary=k != "win_rate") for name, k in kinds.items()})
     assert {c.gate for c in checked} == applied and len(checked) == len(applied) == 13
     assert all(c.status == "ok" for c in checked)
@@ -172,7 +172,7 @@ def test_decidability_checks_exactly_the_gates_check_gates_applies():
 
 def test_suite_sizes_are_known_before_any_work(make_config, task_data):
     from tuneloop.modeling import load_tokenizer
-    from tuneloop.stages import suite_sizes
+    from tuneloop.preflight import suite_sizes
 
     cfg = load_config(make_config())
     sizes = suite_sizes(cfg)
@@ -201,7 +201,7 @@ def test_suite_sizes_never_look_a_hub_id_up_online(monkeypatch, tmp_path):
     lookups were retried for ~46 s before a bad config could exit 2 (seen in CI)."""
     import socket
 
-    from tuneloop.stages import suite_sizes
+    from tuneloop.preflight import suite_sizes
 
     class NetworkUsed(BaseException):  # not an Exception: nothing on the way may swallow it
         pass
@@ -232,7 +232,7 @@ def test_suite_sizes_never_look_a_hub_id_up_online(monkeypatch, tmp_path):
 
 
 def test_a_decidable_config_passes_preflight_and_an_undecidable_one_names_gate_size_and_need(make_config, tmp_path):
-    from tuneloop.stages import preflight_problems, preflight_report
+    from tuneloop.preflight import preflight_problems, preflight_report
 
     assert preflight_problems(load_config(make_config())) == []
     red = tmp_path / "red40.jsonl"
@@ -304,7 +304,7 @@ def test_a_warning_is_printed_and_recorded_in_the_run(make_config, tmp_path):
 
 def test_starter_config_is_decidable_with_the_shipped_suites(tmp_path):
     """`tuneloop init`'s gates against the shipped suites (task items aside: they are the user's)."""
-    from tuneloop.stages import suite_sizes
+    from tuneloop.preflight import suite_sizes
 
     starter = yaml.safe_load(
         resources.files("tuneloop.resources")

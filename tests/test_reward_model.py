@@ -166,9 +166,9 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     reg = open_registry(cfg, path.parent / ".tuneloop")
     v = reg.get("tiny-rm", "champion")
     assert (
-        v["lineage"]["kind"] == "reward" and v["lineage"]["objective"] == "reward" and v["artifact_kind"] == "adapter"
+        v.lineage["kind"] == "reward" and v.lineage["objective"] == "reward" and v.artifact_kind == "adapter"
     )
-    assert v["gates"]["min_reward_accuracy"]["verdict"] == "PASS"
+    assert v.gates["min_reward_accuracy"]["verdict"] == "PASS"
 
     # Changing only the floor re-uses the trained model, and a floor no held-out accuracy reaches blocks it.
     from tuneloop import FineTunePipeline
@@ -379,7 +379,7 @@ def test_reward_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
 
 def test_the_decidability_preflight_checks_the_reward_floor_and_not_the_generation_gates(tmp_path, tiny_model):
     from tuneloop import load_config
-    from tuneloop.stages import gate_decidability, suite_sizes
+    from tuneloop.preflight import gate_decidability, suite_sizes
 
     tiny_suite = write_jsonl(tmp_path / "redteam5.jsonl", [{"prompt": f"harmful request {i}"} for i in range(5)])
     path = reward_config(tmp_path, tiny_model, max_harmful_rate=0.01)

@@ -4,7 +4,7 @@ They sit above the libraries (``data``, ``evaluate``, ``registry``) and the runn
 
 * :func:`validate_target` -- a dataset or a config's data: the same :func:`tuneloop.data.validate.validate_splits`
   the pipeline's data_validation stage uses, with the default or the config's data settings and gates; for a
-  config, first the evaluation gates' decidability (:func:`tuneloop.stages.gate_decidability`), as a run's
+  config, first the evaluation gates' decidability (:func:`tuneloop.preflight.gate_decidability`), as a run's
   preflight does.
 * :func:`run_eval` -- only the evaluation gates, for a chosen candidate against a chosen reference (the base,
   the champion or a version of the configured registry, SQLite or MLflow alike).
@@ -22,7 +22,7 @@ from typing import Any
 from tuneloop.config import DataConfig, PipelineConfig, load_config
 from tuneloop.errors import ConfigError, InputError, TuneloopError
 from tuneloop.fsutil import atomic_write_json, utcnow
-from tuneloop.stages import gate_decidability
+from tuneloop.preflight import gate_decidability
 from tuneloop.workspace import Workspace
 
 # ----------------------------------------------------------------------------------------- data validate
@@ -109,7 +109,7 @@ def _registry_version(cfg: PipelineConfig, registry: Callable[[], Any], ref: str
     v = reg.get(name, version)
     if version_kind(v) == "reward":
         raise InputError(
-            f"{v['ref']} is a reward model (its lineage has kind: reward): it scores answers and generates none, so "
+            f"{v.ref} is a reward model (its lineage has kind: reward): it scores answers and generates none, so "
             "`tuneloop eval`'s chat gates cannot run on it; a reward model's gates (pair accuracy on held-out "
             "preferences) run in its own pipeline: `tuneloop run` with train.objective: reward"
         )

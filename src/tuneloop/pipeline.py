@@ -42,6 +42,7 @@ from tuneloop.fsutil import (
     sha256_json,
     utcnow,
 )
+from tuneloop.preflight import preflight_report
 from tuneloop.runs import list_runs, load_run  # noqa: F401 (re-exported: `tuneloop.pipeline.list_runs` keeps working)
 from tuneloop.stages import (
     STAGES,
@@ -51,7 +52,6 @@ from tuneloop.stages import (
     StageContext,
     StageResult,
     StageSpec,
-    preflight_report,
 )
 from tuneloop.train.parent import resolve_parent
 from tuneloop.version import code_version

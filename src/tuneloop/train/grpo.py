@@ -66,7 +66,7 @@ def train_grpo(
         loss_type=t.loss_type,
         importance_sampling_level="sequence" if t.loss_type == "luspo" else "token",
         reward_weights=weights,
-        use_vllm=t.use_vllm,  # checked before the run: CUDA and vllm present (stages._vllm_problems)
+        use_vllm=t.use_vllm,  # checked before the run: CUDA and vllm present (preflight._vllm_problems)
         **vllm,
         log_completions=False,
     )
