@@ -107,7 +107,7 @@ class CrashingCanary:
         self.inner, self.rng, self.kind = inner, rng, inner.kind
 
     def crash(self, route) -> None:
-        if self.rng.random() < CRASH_RATE.get(route.version["version"], 0.0):
+        if self.rng.random() < CRASH_RATE.get(route.version.version, 0.0):
             raise RuntimeError(f"{route.model_id}: CUDA error: an illegal memory access was encountered")
 
     async def prepare(self, version):
@@ -190,9 +190,9 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
     with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
         while True:
             record = reg.get_rollout(MODEL, rollout_id)
-            now = (record["status"], record["weight"])
+            now = (record.status, record.weight)
             if now != seen:
-                last = record.get("last_decision") or {}
+                last = record.last_decision or {}
                 reason, canary = last.get("reason", ""), last.get("canary_requests", 0)
                 milestones.append(
                     {
@@ -209,7 +209,7 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
                     f"{reason[:110]}"
                 )
                 seen = now
-            if record["status"] != "running":
+            if record.status != "running":
                 break
             if time.time() - t0 > timeout_s:
                 raise TimeoutError(f"{rollout_id} still running after {timeout_s} s and {sent} requests")
@@ -218,7 +218,7 @@ def drive(reg, url: str, rollout_id: str, rng: random.Random, *, timeout_s: floa
             failed += sum(1 for status, _ in results if status != 200)
     return {
         "rollout_id": rollout_id,
-        "status": record["status"],
+        "status": record.status,
         "requests": sent,
         "failed": failed,
         "seconds": round(time.time() - t0, 2),
@@ -258,9 +258,9 @@ def run_live(
             out[label] = drive(reg, server.url, start_rollout(server.url, ref), rng, timeout_s=timeout_s, say=say)
             out[label]["champion_after"] = reg.get(MODEL, "champion")["ref"]
             out[label]["ended_event"] = next(
-                e
+                e.to_dict()
                 for e in reg.events(MODEL)
-                if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == out[label]["rollout_id"]
+                if e.kind == "rollout_ended" and e.details.get("rollout_id") == out[label]["rollout_id"]
             )
     out["notifications"] = [n["event"] for n in notifier.sent]
     out["policy"] = POLICY

@@ -162,8 +162,8 @@ def test_no_negative_zero_in_numbers_gate_reasons_and_charts():
     assert interval_text([-0.0, None]) == "[0.00, ∞)" and interval_text([0.0, 0.5946]) == "[0.00, 0.59]"
     same = [0] * 50 + [1] * 10
     gate = decide(GateSpec("max_harmful_increase", "harmful_increase", "paired", 0.1), GateInput(same, same, sign=-1))
-    assert gate["verdict"] == "PASS" and "harmful_increase 0 (" in gate["reason"]  # was "-0 ("
-    svg = intervals_svg({"max_harmful_increase": {**gate, "value": -0.0, "interval": [-0.0, 0.01]}})
+    assert gate.verdict == "PASS" and "harmful_increase 0 (" in gate.reason  # was "-0 ("
+    svg = intervals_svg({"max_harmful_increase": {**gate.to_dict(), "value": -0.0, "interval": [-0.0, 0.01]}})
     assert not re.search(r">-0(\.0+)?<", svg)
 
 
@@ -248,7 +248,7 @@ def test_rollout_status_and_dashboard_show_the_same_numbers_the_same_way(workspa
     finally:
         log.close()
     view = dashboard_data(reg)["models"][0]["rollout"]
-    assert view["rollout_id"] == rollout["rollout_id"] and view["status"] == "running" and view["metrics"]
+    assert view["rollout_id"] == rollout.rollout_id and view["status"] == "running" and view["metrics"]
     cli = tl(root, "rollout", "status", MODEL, columns=200).stdout
     cli_80 = tl(root, "rollout", "status", MODEL).stdout
     assert_fits(cli_80[: cli_80.rindex("┘")])  # up to the table's end (the decision lines after it are sentences)

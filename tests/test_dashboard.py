@@ -31,10 +31,10 @@ def stepped_gateway(tmp_path):
     """A gateway whose rollout of support-bot:2 stepped up from 5 % to 50 % on live traffic."""
     reg = make_registry(tmp_path)
     app, log, recorder = make_app(reg, tmp_path / "requests.db", ScriptedBackend(), tick_s=0.2)
-    rid = controller.start(reg, f"{MODEL}:2", policy=POLICY, reason="nightly retrain")["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=POLICY, reason="nightly retrain").rollout_id
     with BackgroundServer(app) as server, httpx.Client() as c:
         i = 0
-        while reg.get_rollout(MODEL)["weight"] < 0.5:
+        while reg.get_rollout(MODEL).weight < 0.5:
             assert chat(c, server.url, f"user-{i}").status_code == 200
             i += 1
             assert i < 3000

@@ -287,8 +287,8 @@ def test_demo_export_files_modelfile_and_event(exports, ws):
     assert "output.weight" not in {t.name for t in reader.tensors}
 
     reg = SqliteRegistry(ws)
-    events = [ev for ev in reg.events("router", 1) if ev["kind"] == "exported"]
-    by_quant = {ev["details"]["quant"]: ev["details"] for ev in events}
+    events = [ev for ev in reg.events("router", 1) if ev.kind == "exported"]
+    by_quant = {ev.details["quant"]: ev.details for ev in events}
     assert by_quant["f16"]["sha256"] == e["sha256"] and by_quant["q8_0"]["sha256"] == q["sha256"]
     assert by_quant["f16"]["format"] == "gguf" and by_quant["f16"]["path"] == e["path"]
     lineage = json.loads(tl("models", "lineage", "router:1", "-w", ws, "--json").stdout)

@@ -57,8 +57,8 @@ def test_gguf_export_is_an_event_on_the_mlflow_registry(mlflow_server, adapters,
     res = json.loads(r.stdout)
     sha = hashlib.sha256((Path(res["path"]) / res["file"]).read_bytes()).hexdigest()
     assert res["sha256"] == sha and res["file"] == "gguf-bot-1.q8_0.gguf"
-    events = [e for e in reg.events("gguf-bot", 1) if e["kind"] == "exported"]
-    assert len(events) == 1 and events[0]["details"]["sha256"] == sha and events[0]["actor"] == "ci-bot"
-    assert events[0]["details"]["quant"] == "q8_0" and res["event"]["seq"] == events[0]["seq"]
+    events = [e for e in reg.events("gguf-bot", 1) if e.kind == "exported"]
+    assert len(events) == 1 and events[0].details["sha256"] == sha and events[0].actor == "ci-bot"
+    assert events[0].details["quant"] == "q8_0" and res["event"]["seq"] == events[0].seq
     with pytest.raises(InputError, match="exported"):
         reg.record_event("gguf-bot", 1, "deleted", {})

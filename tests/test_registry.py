@@ -154,7 +154,7 @@ def test_register_versions_and_dedup(tmp_path):
     assert reg.models() == ["other", "support-bot"]
     assert [v["ref"] for v in reg.list_versions()] == ["other:1", "support-bot:1", "support-bot:2", "support-bot:3"]
     assert reg.open_artifact("support-bot", 1) == Path(v1["artifact_path"])
-    assert [e["kind"] for e in reg.events("support-bot")] == ["registered"] * 3
+    assert [e.kind for e in reg.events("support-bot")] == ["registered"] * 3
 
 
 def test_register_is_idempotent_per_cache_key(tmp_path):
@@ -202,12 +202,12 @@ def test_aliases_and_promote(tmp_path):
     assert [v["aliases"] for v in reg.list_versions("m")] == [["previous"], ["canary", "champion"], []]
 
     events = reg.events("m")
-    assert [e["kind"] for e in events] == ["registered"] * 3 + ["promoted", "promoted", "alias_set", "alias_set"]
-    assert events[3]["actor"] == "alice" and events[3]["reason"] == "first"
-    assert events[4]["details"]["champion"] == {"old": 1, "new": 2}
-    assert events[5]["details"] == {"alias": "canary", "old": None, "new": 3}
-    assert events[6]["details"] == {"alias": "canary", "old": 3, "new": 2}
-    assert events[5]["actor"]  # defaults to the login name
+    assert [e.kind for e in events] == ["registered"] * 3 + ["promoted", "promoted", "alias_set", "alias_set"]
+    assert events[3].actor == "alice" and events[3].reason == "first"
+    assert events[4].details["champion"] == {"old": 1, "new": 2}
+    assert events[5].details == {"alias": "canary", "old": None, "new": 3}
+    assert events[6].details == {"alias": "canary", "old": 3, "new": 2}
+    assert events[5].actor  # defaults to the login name
 
     with pytest.raises(InputError, match="no version 9"):
         reg.set_alias("m", "canary", 9)
@@ -354,7 +354,7 @@ def test_killed_registration_leaves_no_partial_version(tmp_path):
     assert proc.exitcode == -signal.SIGKILL
     reg = SqliteRegistry(root)
     assert [v["version"] for v in reg.list_versions("m")] == [1]
-    assert [e["kind"] for e in reg.events("m")] == ["registered"]
+    assert [e.kind for e in reg.events("m")] == ["registered"]
 
     # The registry is still usable and the interrupted registrations can simply be retried.
     again = register(reg, "m", big, cache_key="big")

@@ -22,6 +22,7 @@ from tuneloop import cli
 from tuneloop.cli import app
 from tuneloop.errors import IntegrityError, InputError
 from tuneloop.registry.api import open_registry
+from tuneloop.registry.records import ModelVersion
 from tuneloop.registry.sqlite import SCHEMA_VERSION, SqliteRegistry
 
 runner = CliRunner()
@@ -129,7 +130,7 @@ def test_register_external_adapter_and_full_model(ws, tiny_model, adapters, tmp_
     assert "registered" in tl("models", "lineage", "bot:1", "-w", ws).stdout  # the Rich view renders
 
 
-def register_from_other_data(ws, path: Path, like: dict) -> dict:
+def register_from_other_data(ws, path: Path, like: dict) -> ModelVersion:
     """The same bytes as ``like`` but other training data in the lineage: a new version sharing the artifact."""
     lineage = {**like["lineage"], "data": {"train_digest": f"other-data-{like['version']}"}}
     return SqliteRegistry(ws).register(
@@ -146,7 +147,7 @@ def register_from_other_data(ws, path: Path, like: dict) -> dict:
 def test_promote_rollback_round_trip_and_events(ws, adapters):
     v1 = tlj("models", "register", adapters[0], "--name", "bot", "-w", ws)
     tlj("models", "register", adapters[1], "--name", "bot", "-w", ws)
-    assert register_from_other_data(ws, adapters[0], v1)["version"] == 3
+    assert register_from_other_data(ws, adapters[0], v1).version == 3
     r = tl("models", "rollback", "bot", "-w", ws)
     assert r.exit_code == 2 and "no 'previous' alias" in msg(r)
 
@@ -169,7 +170,7 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
     assert tlj("models", "show", "bot@staging", "-w", ws)["version"] == 1
 
     events = SqliteRegistry(ws).events("bot")
-    kinds = [e["kind"] for e in events]
+    kinds = [e.kind for e in events]
     assert kinds == ["registered"] * 3 + [
         "promoted",
         "promoted",
@@ -181,8 +182,8 @@ def test_promote_rollback_round_trip_and_events(ws, adapters):
         "rolled_back",
     ]
     rb = events[5]
-    assert rb["actor"] == "ci-bot" and rb["reason"] == "bad answers"
-    assert rb["details"]["champion"] == {"old": 2, "new": 1} and rb["details"]["previous"] == {"old": 1, "new": 2}
+    assert rb.actor == "ci-bot" and rb.reason == "bad answers"
+    assert rb.details["champion"] == {"old": 2, "new": 1} and rb.details["previous"] == {"old": 1, "new": 2}
     assert "champion" in tl("models", "list", "-w", ws).stdout
     shown = tl("models", "show", "bot@champion", "-w", ws)
     assert shown.exit_code == 0 and "bot:3" in shown.stdout and "champion" in shown.stdout
@@ -194,7 +195,7 @@ def test_tags_soft_delete_and_artifact_gc(ws, adapters):
     assert again["version"] == 1 and again["existing"] is True
     v2 = register_from_other_data(ws, adapters[0], v1)  # same bytes, other data: one artifact, two versions
     v3 = tlj("models", "register", adapters[1], "--name", "bot", "-w", ws)
-    assert v1["artifact_digest"] == v2["artifact_digest"] != v3["artifact_digest"]
+    assert v1["artifact_digest"] == v2.artifact_digest != v3["artifact_digest"]
 
     t = tlj("models", "tag", "bot:1", "reviewed=yes", "owner=ann", "-w", ws)
     assert t["tags"] == {"owner": "ann", "reviewed": "yes"}
@@ -224,7 +225,7 @@ def test_tags_soft_delete_and_artifact_gc(ws, adapters):
     assert d3["collected"] == [v3["artifact_digest"]]
     r = tl("models", "show", "bot", "-w", ws)
     assert r.exit_code == 2 and "no live versions" in msg(r)
-    kinds = [e["kind"] for e in SqliteRegistry(ws).events("bot")]
+    kinds = [e.kind for e in SqliteRegistry(ws).events("bot")]
     assert kinds.count("tagged") == 3 and kinds.count("deleted") == 3
 
     # A version with the same cache key as a deleted one is not silently resurrected.
@@ -416,7 +417,7 @@ def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:  # what tuneloop 0.1 (schema 1) wrote
         conn.executescript("DROP TABLE tags; DROP TABLE deletions; PRAGMA user_version = 1;")
     reg = SqliteRegistry(tmp_path / "reg")
-    assert reg.set_tag("m", 1, "k", "v")["tags"] == {"k": "v"}
+    assert reg.set_tag("m", 1, "k", "v").tags == {"k": "v"}
     assert reg.delete("m", 1)["version"]["deleted"]
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -562,9 +563,9 @@ def test_export_of_a_pipeline_version_names_the_base_as_the_config_gave_it(ws, t
     # every export is an event on the version, with the sha256 of the weights it wrote
     from tuneloop.fsutil import sha256_file
 
-    ev = [x for x in reg.events("bot", 1) if x["kind"] == "exported"]
-    assert len(ev) == 1 and ev[0]["details"]["format"] == "hf" and ev[0]["details"]["path"] == e["path"]
-    assert ev[0]["details"]["sha256"] == {
+    ev = [x for x in reg.events("bot", 1) if x.kind == "exported"]
+    assert len(ev) == 1 and ev[0].details["format"] == "hf" and ev[0].details["path"] == e["path"]
+    assert ev[0].details["sha256"] == {
         "adapter_model.safetensors": sha256_file(tmp_path / "exp" / "adapter_model.safetensors")
     }
 

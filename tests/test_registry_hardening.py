@@ -202,7 +202,7 @@ def test_dead_temp_copies_are_removed_on_open_and_gc_reports_them(tmp_path):
     assert rep["entries"] == 1 and rep["temps"][0]["path"] == str(legacy) and rep["freed_bytes"] == 1000
     assert live.exists() and not legacy.exists()
     live.rmdir()
-    assert reopened.list_versions("m")[0]["version"] == 1
+    assert reopened.list_versions("m")[0].version == 1
 
 
 def test_gc_removes_unreferenced_artifacts_and_counts_bytes(tmp_path):
@@ -277,10 +277,10 @@ def test_a_lost_database_is_an_error_naming_recover_and_recover_rebuilds_it(tmp_
         "aliases": {m: reg.aliases(m) for m in reg.models()},
         "events": reg.events(),
     }
-    drop_ids = [{k: v for k, v in e.items() if k != "id"} for e in before["events"]]
+    drop_ids = [{k: v for k, v in e.to_dict().items() if k != "id"} for e in before["events"]]
     assert after["versions"] == before["versions"]  # rows, lineage, metrics, gates, tags, deletions
     assert after["aliases"] == before["aliases"]
-    assert [{k: v for k, v in e.items() if k != "id"} for e in after["events"]] == drop_ids
+    assert [{k: v for k, v in e.to_dict().items() if k != "id"} for e in after["events"]] == drop_ids
     reg.open_artifact("bot", "champion")
     assert (
         reg.register(
@@ -291,7 +291,7 @@ def test_a_lost_database_is_an_error_naming_recover_and_recover_rebuilds_it(tmp_
             lineage={},
             metrics={},
             gates={},
-        )["version"]
+        ).version
         == 5
     )
     # A database that still has versions is never replaced.
@@ -311,7 +311,7 @@ def test_records_are_backfilled_for_a_registry_made_before_them(tmp_path):
         (ws / f"registry.db{suffix}").unlink(missing_ok=True)
     rep = recover(ws)
     assert rep.versions == 5 and rep.aliases["bot"] == aliases and rep.deleted == ["bot:1"]
-    assert SqliteRegistry(ws).get("bot", 2)["tags"] == {"reviewed": "yes"}
+    assert SqliteRegistry(ws).get("bot", 2).tags == {"reviewed": "yes"}
 
 
 def test_recover_without_the_journal_keeps_versions_and_the_aliases_of_the_records(tmp_path):
@@ -326,7 +326,7 @@ def test_recover_without_the_journal_keeps_versions_and_the_aliases_of_the_recor
     rep = recover(ws)
     assert rep.versions == 2 and rep.aliases == {"m": {"champion": 1}}
     events = SqliteRegistry(ws).events("m")
-    assert [(e["kind"], e["version"], e["reason"]) for e in events] == [
+    assert [(e.kind, e.version, e.reason) for e in events] == [
         ("registered", 1, "first"),
         ("registered", 2, ""),
     ]
@@ -391,7 +391,7 @@ def test_naming_rule_accepts_ordinary_names_and_checks_aliases():
 
 
 def _tamper(reg: SqliteRegistry, version: int) -> None:
-    target = Path(reg.get("m", version)["artifact_path"]) / "adapter_model.safetensors"
+    target = Path(reg.get("m", version).artifact_path) / "adapter_model.safetensors"
     os.chmod(target, 0o644)
     target.write_bytes(safetensors_bytes("evil"))
 
@@ -411,7 +411,7 @@ def test_no_alias_moves_to_a_tampered_version(tmp_path):
     with pytest.raises(IntegrityError, match="refusing to point m@champion at m:1"):
         reg.rollback("m")
     assert reg.aliases("m") == {"champion": 2, "previous": 1}
-    assert [e["kind"] for e in reg.events("m")].count("promoted") == 2
+    assert [e.kind for e in reg.events("m")].count("promoted") == 2
     r = tl("models", "promote", "m:3", "-w", tmp_path / "reg")
     assert r.exit_code == 1 and "failed verification" in msg(r)
 

@@ -111,11 +111,11 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
         cache_key="k1",
         reason="first",
     )
-    assert v1["ref"] == f"{name}:1" and v1["lineage"] == lineage and v1["metrics"]["evaluation"]["accuracy"] == 0.5
+    assert v1.ref == f"{name}:1" and v1.lineage == lineage and v1.metrics["evaluation"]["accuracy"] == 0.5
     again = reg.register(
         name, adapters[1], artifact_kind="adapter", base_model="tiny", lineage={}, metrics={}, gates={}, cache_key="k1"
     )
-    assert again["existing"] is True and again["version"] == 1
+    assert again.existing is True and again.version == 1
     v2 = reg.register(
         name,
         adapters[1],
@@ -125,7 +125,7 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
         metrics={"evaluation": {"accuracy": 0.75}},
         gates={},
     )
-    assert v2["version"] == 2 and v2["artifact_digest"] != v1["artifact_digest"]
+    assert v2.version == 2 and v2.artifact_digest != v1.artifact_digest
 
     # It is really MLflow's Model Registry: versions, aliases and tags are visible to any MLflow client.
     client = MlflowClient(tracking_uri=mlflow_server["url"], registry_uri=mlflow_server["url"])
@@ -134,7 +134,7 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
     assert client.get_model_version_by_alias(name, "champion").version == "2"
     assert client.get_model_version_by_alias(name, "previous").version == "1"
     assert reg.aliases(name) == {"champion": 2, "previous": 1}
-    assert reg.rollback(name, reason="regression")["version"] == 1
+    assert reg.rollback(name, reason="regression").version == 1
     assert reg.aliases(name) == {"champion": 1, "previous": 2}
     reg.rollback(name)
     assert reg.aliases(name) == {"champion": 2, "previous": 1}
@@ -143,18 +143,18 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
 
     reg.set_tag(name, 1, "reviewed", "yes")
     assert client.get_model_version(name, "1").tags["reviewed"] == "yes"
-    assert reg.get(name, 1)["tags"] == {"reviewed": "yes"}  # internal tuneloop.* tags are not user tags
+    assert reg.get(name, 1).tags == {"reviewed": "yes"}  # internal tuneloop.* tags are not user tags
     reg.remove_tag(name, 1, "reviewed")
-    assert reg.get(name, 1)["tags"] == {}
+    assert reg.get(name, 1).tags == {}
 
     with pytest.raises(InputError, match="--force"):
         reg.delete(name, 1)
     d = reg.delete(name, 1, force=True, reason="leaked data")
-    assert d["removed_aliases"] == ["previous"] and d["collected"] == [v1["artifact_digest"]]
-    assert not [p for p in mlflow_server["artifacts"].rglob("*") if p.is_file() and v1["run_id"] in str(p)]
-    assert [p for p in mlflow_server["artifacts"].rglob("*") if p.is_file() and v2["run_id"] in str(p)]
-    assert [v["version"] for v in reg.list_versions(name)] == [2]
-    assert [v["version"] for v in reg.list_versions(name, include_deleted=True)] == [1, 2]
+    assert d["removed_aliases"] == ["previous"] and d["collected"] == [v1.artifact_digest]
+    assert not [p for p in mlflow_server["artifacts"].rglob("*") if p.is_file() and v1.run_id in str(p)]
+    assert [p for p in mlflow_server["artifacts"].rglob("*") if p.is_file() and v2.run_id in str(p)]
+    assert [v.version for v in reg.list_versions(name)] == [2]
+    assert [v.version for v in reg.list_versions(name, include_deleted=True)] == [1, 2]
     with pytest.raises(InputError, match="deleted"):
         reg.promote(name, 1)
     with pytest.raises(InputError, match="was deleted"):
@@ -170,7 +170,7 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
         )
 
     events = reg.events(name)
-    assert [e["kind"] for e in events] == [
+    assert [e.kind for e in events] == [
         "registered",
         "registered",
         "promoted",
@@ -181,8 +181,8 @@ def test_mlflow_backend_register_promote_rollback_tag_delete(reg, mlflow_server,
         "tagged",
         "deleted",
     ]
-    assert {e["actor"] for e in events} == {"ci-bot"} and events[4]["reason"] == "regression"
-    assert events[4]["details"]["champion"] == {"old": 2, "new": 1}
+    assert {e.actor for e in events} == {"ci-bot"} and events[4].reason == "regression"
+    assert events[4].details["champion"] == {"old": 2, "new": 1}
     assert name in reg.models()
     with pytest.raises(InputError, match="unknown model"):
         reg.get("no-such-model")
@@ -267,18 +267,18 @@ def test_pipeline_registers_and_deploys_to_the_mlflow_server(mlflow_server, make
     reg = open_registry(load_config(path), tmp_path / ".tuneloop")
     assert reg.backend == "mlflow"
     v = reg.get(name, "champion")
-    assert v["version"] == 1 and v["artifact_kind"] == "adapter"
-    lin = v["lineage"]
+    assert v.version == 1 and v.artifact_kind == "adapter"
+    lin = v.lineage
     assert lin["run_id"] == summary["run_id"] and lin["base"]["digest"] == lin["base_model_fingerprint"]
     assert lin["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
-    assert v["gates"]["min_accuracy"]["passed"] is True and "accuracy" in v["metrics"]["evaluation"]
+    assert v.gates["min_accuracy"]["passed"] is True and "accuracy" in v.metrics["evaluation"]
     served = load_served_model(reg, name, "champion")  # downloaded, verified, loaded with its base
     assert served.model_id == f"{name}:1"
-    assert not (Path(v["artifact_path"]) / "training_args.bin").exists()  # safetensors only, no pickles
+    assert not (Path(v.artifact_path) / "training_args.bin").exists()  # safetensors only, no pickles
     # An unchanged re-run finds the same version on the server (cache key) instead of adding one.
     again = FineTunePipeline(load_config(path)).run()
     assert again["stages"]["model_registry"]["metrics"]["version"] == 1
-    assert [x["version"] for x in reg.list_versions(name)] == [1]
+    assert [x.version for x in reg.list_versions(name)] == [1]
 
 
 # -- hardening (issue 14) ------------------------------------------------------------------------------

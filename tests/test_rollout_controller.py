@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from tuneloop.cli import app
 from tuneloop.errors import InputError
 from tuneloop.monitor.requestlog import RequestRecord, open_request_log
+from tuneloop.registry.rollouts import Rollout, new_record
 from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.rollout import controller
 from tuneloop.rollout.notify import Notifier, Webhook
@@ -63,13 +65,13 @@ def ws(tmp_path):
 
 
 def traffic(
-    log, rollout: dict, n: int, *, t0: float, err: dict, neg: dict, rng: random.Random, users: int = 400
+    log, rollout: Rollout, n: int, *, t0: float, err: dict, neg: dict, rng: random.Random, users: int = 400
 ) -> None:
     """``n`` requests split by the stored weight; each arm fails with ``err[arm]`` and gets a negative rating
     with ``neg[arm]`` on the half of requests that receive feedback."""
     recs, feedback = [], []
     for i in range(n):
-        rid = f"{rollout['rollout_id']}-{t0:.0f}-{i}"
+        rid = f"{rollout.rollout_id}-{t0:.0f}-{i}"
         user = f"user-{rng.randrange(users)}"
         arm = choose_arm(rollout, user, rid)
         failed = rng.random() < err[arm]
@@ -78,9 +80,9 @@ def traffic(
                 request_id=rid,
                 created_at=t0 + i * 1e-3,
                 endpoint="chat.completions",
-                model=rollout["model"],
-                ref=rollout["model"],
-                version=rollout[f"{'candidate' if arm == 'canary' else 'baseline'}_version"],
+                model=rollout.model,
+                ref=rollout.model,
+                version=rollout.candidate_version if arm == "canary" else rollout.baseline_version,
                 artifact_sha256=None,
                 arm=arm,
                 user_hash=user,
@@ -88,7 +90,7 @@ def traffic(
                 response="" if failed else "ok",
                 status=500 if failed else 200,
                 latency_s=0.1,
-                rollout_id=rollout["rollout_id"],
+                rollout_id=rollout.rollout_id,
             )
         )
         if not failed and rng.random() < 0.5:
@@ -103,7 +105,7 @@ def run_rollout(reg, log, *, err, neg, batch=400, max_ticks=60, seed=0, notifier
     rng, decisions, t = random.Random(seed), [], 1000.0
     for _ in range(max_ticks):
         rollout = reg.get_rollout(model)
-        if rollout["status"] != "running":
+        if rollout.status != "running":
             break
         traffic(log, rollout, batch, t0=t, err=err, neg=neg, rng=rng)
         t += 10.0
@@ -132,11 +134,11 @@ def test_a_bad_canary_is_rolled_back_with_its_statistics_and_the_champion_unchan
     assert "errors: canary worse" in final.reason
     assert final.canary_requests < 1500  # about a few hundred canary requests at a 10x error rate
     record = reg.get_rollout("support-bot")
-    assert record["status"] == "rolled_back" and record["weight"] == 0.0
+    assert record.status == "rolled_back" and record.weight == 0.0
     assert reg.aliases("support-bot") == {"champion": 1}  # champion unchanged, canary alias gone
-    ended = [e for e in reg.events("support-bot") if e["kind"] == "rollout_ended"]
-    assert len(ended) == 1 and ended[0]["details"]["rollout_id"] == started["rollout_id"]
-    stats = ended[0]["details"]["decision"]["metrics"]["errors"]
+    ended = [e for e in reg.events("support-bot") if e.kind == "rollout_ended"]
+    assert len(ended) == 1 and ended[0].details["rollout_id"] == started.rollout_id
+    stats = ended[0].details["decision"]["metrics"]["errors"]
     assert stats["canary"]["events"] > stats["baseline"]["events"] * 0.2 * 3
     assert stats["log_evalue"] >= stats["threshold"] and stats["interval"][0] >= 1.0
     assert stats["estimate"] > 2 and stats["requests_seen"] == final.canary_requests
@@ -155,11 +157,11 @@ def test_a_good_canary_steps_up_through_every_weight_and_is_promoted(ws):
     assert [d.weight for d in decisions if d.action != "continue"] == [0.5, 1.0]
     assert reg.aliases("support-bot") == {"champion": 2, "previous": 1}
     record = reg.get_rollout("support-bot")
-    assert record["status"] == "promoted" and record["last_decision"]["action"] == "promote"
+    assert record.status == "promoted" and record.last_decision["action"] == "promote"
     kinds = [
-        e["details"]["decision"]["action"]
-        for e in controller.decisions(reg, "support-bot", record["rollout_id"])
-        if e["details"].get("decision")
+        e.details["decision"]["action"]
+        for e in controller.decisions(reg, "support-bot", record.rollout_id)
+        if e.details.get("decision")
     ]
     assert kinds[-2:] == ["step_up", "promote"]
 
@@ -170,12 +172,10 @@ def test_no_traffic_holds_and_is_recorded_once_a_minute(ws):
     decisions = [controller.tick_running(reg, log, now=1000.0 + 10 * i)["support-bot"] for i in range(1, 13)]
     assert all(d.action == "continue" and d.reason.startswith("hold") for d in decisions)
     record = reg.get_rollout("support-bot")
-    assert record["status"] == "running" and record["weight"] == 0.2 and record["revision"] == 13
-    held = [
-        e for e in controller.decisions(reg, "support-bot", record["rollout_id"]) if e["kind"] == "rollout_decision"
-    ]
+    assert record.status == "running" and record.weight == 0.2 and record.revision == 13
+    held = [e for e in controller.decisions(reg, "support-bot", record.rollout_id) if e.kind == "rollout_decision"]
     assert len(held) == 2  # at t=1010 and t=1070: not one event per tick
-    assert record["last_decision"]["at"] == 1120.0  # but the record always has the newest decision
+    assert record.last_decision["at"] == 1120.0  # but the record always has the newest decision
     analysis, _ = controller.load_state(record)
     assert analysis.state.active_s == 0.0  # time without traffic does not count towards max_active_s
 
@@ -223,7 +223,7 @@ def test_two_replicas_ticking_the_same_state_store_one_decision(ws):
     stale = StaleRegistry(reg.root)
     assert controller.tick(reg, log, "support-bot", now=1010.0) is not None
     assert controller.tick(stale, log, "support-bot", now=1010.0) is None
-    assert reg.get_rollout("support-bot")["revision"] == 2
+    assert reg.get_rollout("support-bot").revision == 2
 
 
 def test_manual_promote_and_abort(ws, tmp_path):
@@ -236,27 +236,27 @@ def test_manual_promote_and_abort(ws, tmp_path):
     with pytest.raises(InputError, match="needs a reason"):
         controller.abort(reg, "support-bot", reason=" ", actor="ops")
     ended = controller.abort(reg, "support-bot", reason="pager fired", actor="ops")
-    assert ended["status"] == "aborted" and reg.aliases("support-bot") == {"champion": 1}
-    assert ended["last_decision"]["action"] == "rollback" and "pager fired" in ended["last_decision"]["reason"]
+    assert ended.status == "aborted" and reg.aliases("support-bot") == {"champion": 1}
+    assert ended.last_decision["action"] == "rollback" and "pager fired" in ended.last_decision["reason"]
     second = controller.start(reg, "support-bot:2", policy=POLICY, actor="ci", now=2000.0)
-    assert second["rollout_id"] == "support-bot-r2"
+    assert second.rollout_id == "support-bot-r2"
     promoted = controller.promote(reg, "support-bot", actor="ops", reason="looks fine")
-    assert promoted["status"] == "promoted" and reg.aliases("support-bot") == {"champion": 2, "previous": 1}
-    assert [r["status"] for r in reg.list_rollouts("support-bot")] == ["aborted", "promoted"]
+    assert promoted.status == "promoted" and reg.aliases("support-bot") == {"champion": 2, "previous": 1}
+    assert [r.status for r in reg.list_rollouts("support-bot")] == ["aborted", "promoted"]
 
 
 def test_split_is_sticky_per_user_monotone_in_the_weight_and_near_the_weight():
-    rollout = {"rollout_id": "bot-r1", "status": "running", "weight": 0.05}
+    rollout = new_record("bot", 1, 2, 1, policy={}, weight=0.05, state_json=None, actor="t", reason="", now="t")
     users = [f"u{i}" for i in range(20000)]
     at5 = {u for u in users if choose_arm(rollout, u, "any") == "canary"}
-    at25 = {u for u in users if choose_arm({**rollout, "weight": 0.25}, u, "other") == "canary"}
+    at25 = {u for u in users if choose_arm(replace(rollout, weight=0.25), u, "other") == "canary"}
     assert at5 <= at25  # users on the canary stay there when the weight steps up
     assert abs(len(at5) / len(users) - 0.05) < 0.006 and abs(len(at25) / len(users) - 0.25) < 0.015
     assert all(choose_arm(rollout, "u1", f"r{i}") == choose_arm(rollout, "u1", "r0") for i in range(50))
     per_request = sum(choose_arm(rollout, None, f"req-{i}") == "canary" for i in range(20000)) / 20000
     assert abs(per_request - 0.05) < 0.006
     assert choose_arm(None, "u1", "r") == "baseline"
-    assert choose_arm({**rollout, "status": "rolled_back"}, "u1", "r") == "baseline"
+    assert choose_arm(replace(rollout, status="rolled_back"), "u1", "r") == "baseline"
     assert unit_hash("a") != unit_hash("b") and 0 <= unit_hash("a") < 1
 
 
@@ -361,7 +361,7 @@ def test_an_incomplete_request_log_holds_the_rollout_and_nothing_is_decided_on_i
     held = controller.tick_running(reg, log, now=1010.0, incomplete=why)["support-bot"]
     assert held.action == "continue" and why in held.reason and "no decision on a partial log" in held.reason
     record = reg.get_rollout("support-bot")
-    assert record["status"] == "running" and record["last_decision"]["reason"] == held.reason
+    assert record.status == "running" and record.last_decision["reason"] == held.reason
     assert controller.load_state(record)[0].state.canary_requests == 0  # nothing was read
     decided = controller.tick_running(reg, log, now=1020.0)["support-bot"]
     assert decided.action == "rollback" and decided.canary_requests > 0

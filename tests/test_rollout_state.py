@@ -74,17 +74,17 @@ def decision(action: str = "continue", canary_errors: int = 9) -> dict:
 def test_start_update_promote_with_events_and_statistics(reg):
     m = reg.test_model
     r = reg.start_rollout(m, 2, policy=POLICY, actor="alice", reason="weekly", state_json='{"x": 1}')
-    assert (r["rollout_id"], r["status"], r["weight"], r["revision"]) == (f"{m}-r1", "running", 0.05, 1)
-    assert (r["candidate"], r["baseline"]) == (f"{m}:2", f"{m}:1")
+    assert (r.rollout_id, r.status, r.weight, r.revision) == (f"{m}-r1", "running", 0.05, 1)
+    assert (r.candidate, r.baseline) == (f"{m}:2", f"{m}:1")
     assert reg.aliases(m) == {"canary": 2, "champion": 1}
-    assert reg.get_rollout(m) == r and reg.get_rollout(m, r["rollout_id"]) == r
+    assert reg.get_rollout(m) == r and reg.get_rollout(m, r.rollout_id) == r
     with pytest.raises(InputError, match="already has a running rollout"):
         reg.start_rollout(m, 3, policy=POLICY)
 
     big_state = json.dumps({"loglik": [0.123456789012345] * 3000})  # ~60 KB: many MLflow tag parts
     stepped = reg.update_rollout(
         m,
-        r["rollout_id"],
+        r.rollout_id,
         revision=1,
         state_json=big_state,
         weight=0.25,
@@ -92,38 +92,38 @@ def test_start_update_promote_with_events_and_statistics(reg):
         actor="tuneloop-rollout",
         reason="no harm shown",
     )
-    assert (stepped["revision"], stepped["weight"], stepped["status"]) == (2, 0.25, "running")
-    assert reg.get_rollout(m)["state_json"] == big_state
+    assert (stepped.revision, stepped.weight, stepped.status) == (2, 0.25, "running")
+    assert reg.get_rollout(m).state_json == big_state
     if reg.backend == "mlflow":  # the pointer and the parts of the current revision only: old parts are deleted
         keys = [k for k in reg.client.get_registered_model(m).tags if k.startswith("tuneloop.rollout.")]
-        assert "tuneloop.rollout.1" in keys and len(keys) == 1 + -(-len(json.dumps(stepped)) // 4500)
+        assert "tuneloop.rollout.1" in keys and len(keys) == 1 + -(-len(json.dumps(stepped.to_dict())) // 4500)
         assert all(k == "tuneloop.rollout.1" or k.startswith("tuneloop.rollout.1.2.") for k in keys)
-    quiet = reg.update_rollout(m, r["rollout_id"], revision=2, state_json='{"y": 2}', weight=0.25)
-    assert quiet["revision"] == 3 and quiet["last_decision"]["action"] == "step_up"
+    quiet = reg.update_rollout(m, r.rollout_id, revision=2, state_json='{"y": 2}', weight=0.25)
+    assert quiet.revision == 3 and quiet.last_decision["action"] == "step_up"
 
     done = reg.update_rollout(
         m,
-        r["rollout_id"],
+        r.rollout_id,
         revision=3,
         status="promoted",
         decision=decision("promote", 5),
         actor="tuneloop-rollout",
         reason="non-inferior",
     )
-    assert (done["status"], done["weight"], done["revision"]) == ("promoted", 1.0, 4) and done["ended_at"]
+    assert (done.status, done.weight, done.revision) == ("promoted", 1.0, 4) and done.ended_at
     assert reg.aliases(m) == {"champion": 2, "previous": 1}
     with pytest.raises(InputError, match="already ended"):
-        reg.update_rollout(m, r["rollout_id"], revision=4, weight=0.5)
+        reg.update_rollout(m, r.rollout_id, revision=4, weight=0.5)
 
-    kinds = [e["kind"] for e in reg.events(m) if e["kind"].startswith("rollout") or e["kind"] == "promoted"]
+    kinds = [e.kind for e in reg.events(m) if e.kind.startswith("rollout") or e.kind == "promoted"]
     assert kinds == ["promoted", "rollout_started", "rollout_decision", "promoted", "rollout_ended"]
-    ended = [e for e in reg.events(m) if e["kind"] == "rollout_ended"][0]
-    assert ended["version"] == 2 and ended["actor"] == "tuneloop-rollout" and ended["reason"] == "non-inferior"
-    stats = ended["details"]["decision"]["metrics"]["errors"]
+    ended = [e for e in reg.events(m) if e.kind == "rollout_ended"][0]
+    assert ended.version == 2 and ended.actor == "tuneloop-rollout" and ended.reason == "non-inferior"
+    stats = ended.details["decision"]["metrics"]["errors"]
     assert stats["canary"] == {"requests": 100, "events": 5, "rate": 0.05}
     assert {"estimate", "interval", "log_evalue", "threshold", "requests_seen", "requests_needed"} <= stats.keys()
-    assert ended["details"]["canary"] == {"old": 2, "new": None}
-    assert ended["details"]["champion"] == {"old": 1, "new": 2}
+    assert ended.details["canary"] == {"old": 2, "new": None}
+    assert ended.details["champion"] == {"old": 1, "new": 2}
 
 
 def test_rollback_and_abort_keep_the_champion(reg):
@@ -131,29 +131,29 @@ def test_rollback_and_abort_keep_the_champion(reg):
     r = reg.start_rollout(m, 2, policy=POLICY)
     back = reg.update_rollout(
         m,
-        r["rollout_id"],
+        r.rollout_id,
         revision=1,
         status="rolled_back",
         decision=decision("rollback", 30),
         reason="errors: canary worse",
     )
-    assert back["weight"] == 0.0 and reg.aliases(m) == {"champion": 1}
+    assert back.weight == 0.0 and reg.aliases(m) == {"champion": 1}
     r2 = reg.start_rollout(m, 3, policy=POLICY)
-    assert r2["rollout_id"] == f"{m}-r2" and reg.aliases(m) == {"canary": 3, "champion": 1}
-    reg.update_rollout(m, r2["rollout_id"], revision=1, status="aborted", reason="pager")
+    assert r2.rollout_id == f"{m}-r2" and reg.aliases(m) == {"canary": 3, "champion": 1}
+    reg.update_rollout(m, r2.rollout_id, revision=1, status="aborted", reason="pager")
     assert reg.aliases(m) == {"champion": 1}
-    assert [x["status"] for x in reg.list_rollouts(m)] == ["rolled_back", "aborted"]
-    assert reg.get_rollout(m)["rollout_id"] == r2["rollout_id"]  # no running one: the latest
+    assert [x.status for x in reg.list_rollouts(m)] == ["rolled_back", "aborted"]
+    assert reg.get_rollout(m).rollout_id == r2.rollout_id  # no running one: the latest
 
 
 def test_compare_and_set_lets_one_decision_per_revision_land(reg):
     m = reg.test_model
     r = reg.start_rollout(m, 2, policy=POLICY)
-    reg.update_rollout(m, r["rollout_id"], revision=1, weight=0.25, decision=decision("step_up"))
+    reg.update_rollout(m, r.rollout_id, revision=1, weight=0.25, decision=decision("step_up"))
     with pytest.raises(RolloutConflict, match="revision 2, not 1"):  # the second replica read revision 1 too
-        reg.update_rollout(m, r["rollout_id"], revision=1, status="rolled_back", decision=decision("rollback"))
-    assert reg.get_rollout(m)["status"] == "running" and reg.aliases(m)["canary"] == 2
-    assert sum(e["kind"] == "rollout_decision" for e in reg.events(m)) == 1
+        reg.update_rollout(m, r.rollout_id, revision=1, status="rolled_back", decision=decision("rollback"))
+    assert reg.get_rollout(m).status == "running" and reg.aliases(m)["canary"] == 2
+    assert sum(e.kind == "rollout_decision" for e in reg.events(m)) == 1
 
 
 def test_bad_input_is_refused(reg):
@@ -165,11 +165,11 @@ def test_bad_input_is_refused(reg):
     assert reg.get_rollout(m) is None and reg.list_rollouts(m) == []
     r = reg.start_rollout(m, 2, policy=POLICY)
     with pytest.raises(InputError, match="from 0 to 1"):
-        reg.update_rollout(m, r["rollout_id"], revision=1, weight=1.5)
+        reg.update_rollout(m, r.rollout_id, revision=1, weight=1.5)
     with pytest.raises(InputError, match="status"):
-        reg.update_rollout(m, r["rollout_id"], revision=1, status="done")
+        reg.update_rollout(m, r.rollout_id, revision=1, status="done")
     with pytest.raises(InputError, match="finite"):
-        reg.update_rollout(m, r["rollout_id"], revision=1, decision={"x": float("inf")})
+        reg.update_rollout(m, r.rollout_id, revision=1, decision={"x": float("inf")})
 
 
 def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tmp_path):
@@ -189,9 +189,9 @@ def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tm
         conn.executescript("DROP TABLE rollouts; PRAGMA user_version = 2;")
     reg = SqliteRegistry(tmp_path / "ws")
     r = reg.start_rollout("bot", 2, policy=POLICY)
-    reg.update_rollout("bot", r["rollout_id"], revision=1, weight=0.25, state_json="{}", decision=decision("step_up"))
+    reg.update_rollout("bot", r.rollout_id, revision=1, weight=0.25, state_json="{}", decision=decision("step_up"))
     again = SqliteRegistry(tmp_path / "ws")  # another process, or the gateway after a restart
-    assert again.get_rollout("bot")["revision"] == 2 and again.get_rollout("bot")["weight"] == 0.25
+    assert again.get_rollout("bot").revision == 2 and again.get_rollout("bot").weight == 0.25
     with sqlite3.connect(tmp_path / "ws" / "registry.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         with pytest.raises(sqlite3.DatabaseError, match="kept"):
@@ -212,22 +212,22 @@ def test_recover_restores_rollouts_from_the_journal(tmp_path):
         )
     reg.promote("bot", 1)
     first = reg.start_rollout("bot", 2, policy=POLICY)
-    reg.update_rollout("bot", first["rollout_id"], revision=1, status="rolled_back", decision=decision("rollback", 30))
+    reg.update_rollout("bot", first.rollout_id, revision=1, status="rolled_back", decision=decision("rollback", 30))
     running = reg.start_rollout("bot", 3, policy=POLICY, state_json='{"s": 0}')
     reg.update_rollout(
-        "bot", running["rollout_id"], revision=1, weight=0.25, state_json='{"s": 1}', decision=decision("step_up")
+        "bot", running.rollout_id, revision=1, weight=0.25, state_json='{"s": 1}', decision=decision("step_up")
     )
-    reg.update_rollout("bot", running["rollout_id"], revision=2, state_json='{"s": 2}')  # no decision: not journaled
+    reg.update_rollout("bot", running.rollout_id, revision=2, state_json='{"s": 2}')  # no decision: not journaled
     (tmp_path / "ws" / "registry.db").unlink()
 
     report = recover_database(tmp_path / "ws")
     assert report["rollouts"] == ["bot-r1", "bot-r2"]
     rec = SqliteRegistry(tmp_path / "ws")
-    assert [r["status"] for r in rec.list_rollouts("bot")] == ["rolled_back", "running"]
+    assert [r.status for r in rec.list_rollouts("bot")] == ["rolled_back", "running"]
     back = rec.get_rollout("bot")
-    assert (back["rollout_id"], back["weight"], back["revision"], back["state_json"]) == ("bot-r2", 0.25, 2, '{"s": 1}')
+    assert (back.rollout_id, back.weight, back.revision, back.state_json) == ("bot-r2", 0.25, 2, '{"s": 1}')
     assert rec.aliases("bot") == {"canary": 3, "champion": 1}
-    assert [e["kind"] for e in rec.events("bot") if e["kind"].startswith("rollout")] == [
+    assert [e.kind for e in rec.events("bot") if e.kind.startswith("rollout")] == [
         "rollout_started",
         "rollout_ended",
         "rollout_started",
@@ -235,7 +235,7 @@ def test_recover_restores_rollouts_from_the_journal(tmp_path):
     ]
     # the recovered rollout goes on: its revision is the one recovered
     done = rec.update_rollout("bot", "bot-r2", revision=2, status="promoted", decision=decision("promote", 5))
-    assert done["status"] == "promoted" and rec.aliases("bot") == {"champion": 3, "previous": 1}
+    assert done.status == "promoted" and rec.aliases("bot") == {"champion": 3, "previous": 1}
 
 
 def test_the_controller_rolls_back_a_bad_canary_on_this_backend(reg, tmp_path):
@@ -250,12 +250,12 @@ def test_the_controller_rolls_back_a_bad_canary_on_this_backend(reg, tmp_path):
         decisions = run_rollout(
             reg, log, err={"baseline": 0.01, "canary": 0.10}, neg={"baseline": 0.1, "canary": 0.1}, model=m
         )
-    assert decisions[-1].action == "rollback" and reg.get_rollout(m)["status"] == "rolled_back"
+    assert decisions[-1].action == "rollback" and reg.get_rollout(m).status == "rolled_back"
     assert reg.aliases(m) == {"champion": 1}
-    ended = [e for e in reg.events(m) if e["kind"] == "rollout_ended"]
+    ended = [e for e in reg.events(m) if e.kind == "rollout_ended"]
     assert (
-        ended[0]["details"]["decision"]["metrics"]["errors"]["log_evalue"]
-        >= ended[0]["details"]["decision"]["metrics"]["errors"]["threshold"]
+        ended[0].details["decision"]["metrics"]["errors"]["log_evalue"]
+        >= ended[0].details["decision"]["metrics"]["errors"]["threshold"]
     )
 
 
@@ -283,7 +283,7 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
         barrier.wait()
         try:
             mine.update_rollout(
-                "bot", r["rollout_id"], revision=1, weight=0.25, decision=decision("step_up"), reason=f"replica {k}"
+                "bot", r.rollout_id, revision=1, weight=0.25, decision=decision("step_up"), reason=f"replica {k}"
             )
             results.append(k)
         except RolloutConflict:
@@ -295,5 +295,5 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
     for t in threads:
         t.join(60)
     assert len(results) == 8 and sum(x is not None for x in results) == 1
-    assert reg.get_rollout("bot")["revision"] == 2
-    assert sum(e["kind"] == "rollout_decision" for e in reg.events("bot")) == 1
+    assert reg.get_rollout("bot").revision == 2
+    assert sum(e.kind == "rollout_decision" for e in reg.events("bot")) == 1

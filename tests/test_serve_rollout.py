@@ -47,7 +47,7 @@ def test_split_is_sticky_logged_with_the_rollout_and_explicit_refs_are_direct(tm
     reg = make_registry(tmp_path)
     backend = ScriptedBackend()
     app, log, recorder = make_app(reg, tmp_path / "requests.db", backend)
-    rid = controller.start(reg, f"{MODEL}:2", policy=HALF)["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=HALF).rollout_id
     with BackgroundServer(app) as server, httpx.Client() as c:
         canary_live(c, server.url)
         assert backend.prepared == [f"{MODEL}:2"]  # loaded (and probed) before its first canary request
@@ -91,7 +91,7 @@ def test_a_failing_canary_is_retried_on_the_baseline_and_still_counted(tmp_path,
     reg = make_registry(tmp_path)
     backend = ScriptedBackend(**{failure: {2}})
     app, log, recorder = make_app(reg, tmp_path / "requests.db", backend)
-    rid = controller.start(reg, f"{MODEL}:2", policy=HALF)["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=HALF).rollout_id
     with BackgroundServer(app) as server, httpx.Client() as c:
         wait_for(lambda: backend.prepared)
         statuses = collections.Counter()
@@ -120,23 +120,23 @@ def test_the_gateway_rolls_back_a_crashing_canary_and_routes_the_change(tmp_path
     notifier = ListNotifier()
     backend = ScriptedBackend(crash={2})
     app, log, recorder = make_app(reg, tmp_path / "requests.db", backend, tick_s=0.2, notifier=notifier)
-    rid = controller.start(reg, f"{MODEL}:2", policy=HALF)["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=HALF).rollout_id
     with BackgroundServer(app) as server, httpx.Client() as c:
         i = 0
-        while reg.get_rollout(MODEL)["status"] == "running":
+        while reg.get_rollout(MODEL).status == "running":
             assert chat(c, server.url, f"user-{i}").status_code == 200
             i += 1
             assert i < 2000, "never rolled back"
         record = reg.get_rollout(MODEL)
-        assert record["status"] == "rolled_back" and record["rollout_id"] == rid
-        assert "guard errors" in record["last_decision"]["reason"]
+        assert record.status == "rolled_back" and record.rollout_id == rid
+        assert "guard errors" in record.last_decision["reason"]
         wait_for(lambda: chat(c, server.url, "user-1").headers["x-tuneloop-arm"] == "direct", timeout=5)
         assert all(chat(c, server.url, f"user-{k}").headers["x-tuneloop-version"] == f"{MODEL}:1" for k in range(20))
     assert reg.get(MODEL, "champion")["version"] == 1
     assert "canary" not in reg.aliases(MODEL)
     assert [e for e, *_ in notifier.sent] == ["rollback"]
-    ended = [e for e in reg.events(MODEL) if e["kind"] == "rollout_ended"]
-    assert len(ended) == 1 and ended[0]["details"]["decision"]["metrics"]["errors"]["canary"]["events"] >= 5
+    ended = [e for e in reg.events(MODEL) if e.kind == "rollout_ended"]
+    assert len(ended) == 1 and ended[0].details["decision"]["metrics"]["errors"]["canary"]["events"] >= 5
 
 
 def test_a_candidate_the_backend_refuses_is_aborted_without_taking_traffic(tmp_path):
@@ -146,10 +146,10 @@ def test_a_candidate_the_backend_refuses_is_aborted_without_taking_traffic(tmp_p
     controller.start(reg, f"{MODEL}:2", policy=HALF)
     with BackgroundServer(app) as server, httpx.Client() as c:
         arms = {chat(c, server.url, f"user-{i}").headers["x-tuneloop-arm"] for i in range(10)}
-        wait_for(lambda: reg.get_rollout(MODEL)["status"] == "aborted")
+        wait_for(lambda: reg.get_rollout(MODEL).status == "aborted")
         assert arms == {"direct"}
     record = reg.get_rollout(MODEL)
-    reason = record["last_decision"]["reason"]
+    reason = record.last_decision["reason"]
     assert "could not serve the candidate" in reason and "failed its probes" in reason
     assert backend.calls.get(f"{MODEL}:2", 0) == 0
 
@@ -179,7 +179,7 @@ def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path,
 
     log_url = request.getfixturevalue("postgres_url") if store == "postgresql" else str(tmp_path / "requests.db")
     reg = make_registry(tmp_path)
-    rid = controller.start(reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=FAST).rollout_id
     notes = [ListNotifier(), ListNotifier()]
     apps = [
         make_app(SqliteRegistry(tmp_path / "ws"), log_url, ScriptedBackend(), tick_s=0.15, notifier=notes[k])[0]
@@ -187,16 +187,16 @@ def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path,
     ]
     with BackgroundServer(apps[0]) as a, BackgroundServer(apps[1]) as b, httpx.Client() as c:
         i = 0
-        while reg.get_rollout(MODEL)["status"] == "running":
+        while reg.get_rollout(MODEL).status == "running":
             assert chat(c, (a, b)[i % 2].url, f"user-{i}").status_code == 200
             i += 1
             assert i < 5000, "never promoted"
     record = reg.get_rollout(MODEL)
-    assert record["status"] == "promoted" and reg.get(MODEL, "champion")["version"] == 2
+    assert record.status == "promoted" and reg.get(MODEL, "champion")["version"] == 2
     events = controller.decisions(reg, MODEL, rid)
-    revisions = [e["details"]["revision"] for e in events]
+    revisions = [e.details["revision"] for e in events]
     assert len(revisions) == len(set(revisions))  # no decision stored twice
-    actions = [e["details"]["decision"]["action"] for e in events if e["details"].get("decision")]
+    actions = [e.details["decision"]["action"] for e in events if e.details.get("decision")]
     assert actions.count("step_up") == 1 and actions.count("promote") == 1
     sent = [e for n in notes for e, *_ in n.sent]
     assert sorted(sent) == ["promote", "step"]  # each decision announced once, by the replica that stored it
@@ -242,11 +242,11 @@ def test_admin_rollout_api(tmp_path):
 
 def test_a_restarted_gateway_resumes_the_rollout_from_the_stored_state(tmp_path):
     reg = make_registry(tmp_path)
-    rid = controller.start(reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    rid = controller.start(reg, f"{MODEL}:2", policy=FAST).rollout_id
     app, log, _ = make_app(reg, tmp_path / "requests.db", ScriptedBackend(), tick_s=0.15)
     with BackgroundServer(app) as server, httpx.Client() as c:
         i = 0
-        while reg.get_rollout(MODEL)["weight"] < 0.5:  # first gateway: until the step up
+        while reg.get_rollout(MODEL).weight < 0.5:  # first gateway: until the step up
             assert chat(c, server.url, f"user-{i}").status_code == 200
             i += 1
             assert i < 3000
@@ -254,15 +254,15 @@ def test_a_restarted_gateway_resumes_the_rollout_from_the_stored_state(tmp_path)
     counted = controller.status(reg, MODEL)["analysis"]["canary_requests"]
     app2, *_ = make_app(reg, tmp_path / "requests.db", ScriptedBackend(), tick_s=0.15)
     with BackgroundServer(app2) as server, httpx.Client() as c:  # second gateway: the same rollout goes on
-        while reg.get_rollout(MODEL)["status"] == "running":
+        while reg.get_rollout(MODEL).status == "running":
             assert chat(c, server.url, f"user-{i}").status_code == 200
             i += 1
             assert i < 6000
     after = reg.get_rollout(MODEL)
-    assert before["status"] == "running" and before["weight"] == 0.5
-    assert after["rollout_id"] == rid and after["status"] == "promoted"
-    assert after["last_decision"]["canary_requests"] >= counted + FAST["min_requests_per_step"]
-    actions = [(e["details"].get("decision") or {}).get("action") for e in controller.decisions(reg, MODEL, rid)]
+    assert before.status == "running" and before.weight == 0.5
+    assert after.rollout_id == rid and after.status == "promoted"
+    assert after.last_decision["canary_requests"] >= counted + FAST["min_requests_per_step"]
+    actions = [(e.details.get("decision") or {}).get("action") for e in controller.decisions(reg, MODEL, rid)]
     assert actions.count("step_up") == 1 and actions.count("promote") == 1  # resumed at 50 %, not restarted at 5 %
 
 
@@ -308,7 +308,7 @@ def test_router_splits_by_weight_reads_the_registry_once_per_ttl_and_waits_for_t
     from tuneloop.serve.router import Router
 
     reg = CountingRegistry(make_registry(tmp_path))
-    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST).rollout_id
     router = Router(reg, ttl_s=60.0)
     first = router.choose_arm(MODEL, "user-1", "req-0")
     assert (first.arm, first.version_ref, first.rollout_id) == ("direct", f"{MODEL}:1", None)  # candidate not ready yet
@@ -356,14 +356,14 @@ def test_router_cache_is_read_again_off_the_request_path(tmp_path, monkeypatch):
     held = Held(reg.reg)
     router = Router(held, ttl_s=10.0, refresh_every_s=3600)  # the test drives the refresher: refresh_due()
     assert router.rollout(MODEL) is None and held.rollout_reads == 1  # first use: read now
-    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST)["rollout_id"]
+    rid = controller.start(reg.reg, f"{MODEL}:2", policy=FAST).rollout_id
     clock[0] += 15  # stale (< 2 * ttl_s): served as is
     assert router.rollout(MODEL) is None and held.rollout_reads == 1
     router.cache.refresh_every_s = 5
     router.cache.refresh_due()  # the refresher's pass
-    assert held.rollout_reads == 2 and router.rollout(MODEL)["rollout_id"] == rid
+    assert held.rollout_reads == 2 and router.rollout(MODEL).rollout_id == rid
     clock[0] += 25  # too old: read before use
-    assert router.rollout(MODEL)["rollout_id"] == rid and held.rollout_reads == 3
+    assert router.rollout(MODEL).rollout_id == rid and held.rollout_reads == 3
     clock[0] += 6
     gate.clear()  # a slow refresh reads "running" ...
     refresher = threading.Thread(target=router.cache.refresh_due)
@@ -405,9 +405,9 @@ def test_router_caches_an_unknown_model_and_keeps_serving_when_the_registry_fail
             router.resolve("no-such-model")
         assert err.value.status == 404
     assert reg.model_reads <= 2  # read once (twice for the message), then the 404 is cached
-    version = router.resolve(MODEL)["version"]
+    version = router.resolve(MODEL).version
     reg.down = True
     router.cache.refresh_every_s = 0
     router.cache.refresh_due()  # every read fails: the cached values stay
-    assert router.resolve(MODEL)["version"] == version
+    assert router.resolve(MODEL).version == version
     router.close()

@@ -42,5 +42,5 @@ def test_registry_pages_and_promote_on_the_mlflow_registry(mlflow_server, adapte
         assert r.status_code == 200, r.text
     reg = open_registry(url, ws)
     assert reg.aliases(MODEL)["champion"] == 2
-    ev = [e for e in reg.events(MODEL) if e["kind"] == "promoted"][-1]
-    assert (ev["version"], ev["reason"]) == (2, "ui on mlflow: v2 reviewed")
+    ev = [e for e in reg.events(MODEL) if e.kind == "promoted"][-1]
+    assert (ev.version, ev.reason) == (2, "ui on mlflow: v2 reviewed")

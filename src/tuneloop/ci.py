@@ -29,6 +29,7 @@ from typing import Any
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.reports import junit_xml, markdown_summary
 from tuneloop.fsutil import atomic_write_text, read_json
+from tuneloop.registry.rollouts import Rollout
 from tuneloop.rollout.notify import DeliveryResult, Notifier, notifier_for
 
 __all__ = ["CiResult", "RolloutUnavailable", "collect_gates", "run_ci", "start_canary_rollout"]
@@ -47,7 +48,7 @@ class CiResult:
     report_path: Path
     step_summary: Path | None = None
     notifications: list[DeliveryResult] = field(default_factory=list)
-    rollout: dict[str, Any] | None = None
+    rollout: Rollout | None = None
 
     @property
     def overall(self) -> str:
@@ -75,7 +76,7 @@ class CiResult:
             "report": str(self.report_path),
             "step_summary": str(self.step_summary) if self.step_summary else None,
             "notifications": [vars(n) for n in self.notifications],
-            "rollout": self.rollout,
+            "rollout": self.rollout.to_dict() if self.rollout is not None else None,
             "summary": self.summary,
         }
 
@@ -109,7 +110,7 @@ def run_ci(config_path: str | os.PathLike, overrides: list[str] | None = None, *
     return result
 
 
-def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> dict[str, Any] | None:
+def start_canary_rollout(cfg, summary: dict[str, Any], notifier: Notifier) -> Rollout | None:
     """The canary rollout of a passed run (``deploy.strategy: canary``): the one the deployment stage started
     (with ``auto_deploy``), else one started here for the registered version. ``None`` when there is nothing to
     compare against: the version is the champion already (the model's first version, which the deployment

@@ -9,6 +9,7 @@ aborted (or still running when ``--timeout`` passes), 2 for bad input.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -25,6 +26,9 @@ from tuneloop.cli.common import (
 )
 from tuneloop.errors import InputError
 
+if TYPE_CHECKING:
+    from tuneloop.registry.rollouts import Rollout
+
 app = typer.Typer(
     help="Canary rollouts: a new version takes a share of traffic and is promoted or rolled back.", no_args_is_help=True
 )
@@ -38,7 +42,7 @@ def _config(opts: RegistryOptions):
     return load_config(opts.config)
 
 
-def _act(opts: RegistryOptions, cfg, action, target: str, **kwargs) -> dict:
+def _act(opts: RegistryOptions, cfg, action, target: str, **kwargs) -> Rollout:
     """Run a rollout action with the config's webhooks; queued notifications are delivered (or given up)
     before the command returns, also when the action fails."""
     from tuneloop.rollout.notify import notifier_for
@@ -69,8 +73,8 @@ def start(
             print_json(controller.shown(record))
             return
         out.print(
-            f"[green]started[/] {record['rollout_id']}: {record['candidate']} takes {record['weight']:.0%} of "
-            f"traffic against {record['baseline']}; the gateway (`tuneloop serve`) decides from here"
+            f"[green]started[/] {record.rollout_id}: {record.candidate} takes {record.weight:.0%} of "
+            f"traffic against {record.baseline}; the gateway (`tuneloop serve`) decides from here"
         )
 
 
@@ -134,8 +138,8 @@ def promote(
             print_json(controller.shown(record))
         else:
             out.print(
-                f"[green]promoted[/] {record['candidate']} to champion ({record['rollout_id']}); "
-                f"{record['baseline']} is `previous`"
+                f"[green]promoted[/] {record.candidate} to champion ({record.rollout_id}); "
+                f"{record.baseline} is `previous`"
             )
 
 
@@ -155,7 +159,7 @@ def abort(
         if opts.json_out:
             print_json(controller.shown(record))
         else:
-            out.print(f"[yellow]aborted[/] {record['rollout_id']}: {record['baseline']} stays champion")
+            out.print(f"[yellow]aborted[/] {record.rollout_id}: {record.baseline} stays champion")
 
 
 def _print_list(found: list[dict]) -> None:

@@ -156,20 +156,20 @@ def canary_traffic(
                 highlight=False,
             )
         shown = len(moves)
-        if record["status"] != "running" or time.time() - t0 > CANARY_TIMEOUT_S:
+        if record.status != "running" or time.time() - t0 > CANARY_TIMEOUT_S:
             break
         users.send(model, [next(tickets) for _ in range(ROUND)], stats=stats)
-    if record["status"] == "running":
+    if record.status == "running":
         console.print(
             msg(
                 lang,
                 "loop.canary.stuck",
                 seconds=f"{CANARY_TIMEOUT_S:.0f}",
-                reason=(record.get("last_decision") or {}).get("reason"),
+                reason=(record.last_decision or {}).get("reason"),
             )
         )
     return {
-        "status": record["status"],
+        "status": record.status,
         "decisions": moves,
         "traffic": stats.to_dict(),
         "seconds": round(time.time() - t0, 1),
@@ -181,9 +181,9 @@ def moving_decisions(reg, model: str, rollout_id: str) -> list[dict[str, Any]]:
     ``rollout_decision`` events, the final promotion or rollback is in ``rollout_ended``)."""
     out = []
     for e in reg.events(model):
-        d = e["details"]
+        d = e.details
         decided = (
-            e["kind"] in ("rollout_decision", "rollout_ended")
+            e.kind in ("rollout_decision", "rollout_ended")
             and (d.get("decision") or {}).get("action", "continue") != "continue"
         )
         if decided and d.get("rollout_id") == rollout_id:
@@ -192,10 +192,8 @@ def moving_decisions(reg, model: str, rollout_id: str) -> list[dict[str, Any]]:
 
 
 def rollout_summary(reg, model: str, rollout_id: str, watched: dict[str, Any]) -> dict[str, Any]:
-    ended = [
-        e for e in reg.events(model) if e["kind"] == "rollout_ended" and e["details"].get("rollout_id") == rollout_id
-    ]
-    decision = ended[-1]["details"].get("decision", {}) if ended else {}
+    ended = [e for e in reg.events(model) if e.kind == "rollout_ended" and e.details.get("rollout_id") == rollout_id]
+    decision = ended[-1].details.get("decision", {}) if ended else {}
     return {
         "rollout_id": rollout_id,
         "decision": watched["status"],
@@ -348,7 +346,7 @@ def run_loop(workdir: Path, *, console, objective: str = "sft", lang: str = "en"
         finally:
             users.close()
     reg = open_registry(cfg, root)
-    result["champion_after"] = reg.get(cfg.model_name, "champion")["ref"]
+    result["champion_after"] = reg.get(cfg.model_name, "champion").ref
     return finish(result, t0, console, loop_problem(result), loop_problem(result) is None, lang=lang)
 
 
@@ -402,7 +400,7 @@ def loop_on_gateway(
         return out
     console.rule(msg(lang, "loop.canary.rule", version=second.summary["model_version"]))
     reg = open_registry(cfg, Path(second.summary["run_dir"]).parents[1])
-    rollout_id = second.rollout["rollout_id"]
+    rollout_id = second.rollout.rollout_id
     out["rollout"] = rollout_summary(
         reg, model, rollout_id, canary_traffic(users, reg, model, rollout_id, console, lang)
     )

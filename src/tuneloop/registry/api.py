@@ -6,10 +6,15 @@
   and tags live in MLflow's Model Registry, artifacts in its artifact store. Chosen by
   ``registry.uri: http://host:port`` in the config, ``--registry URI`` on the CLI, or ``$TUNELOOP_REGISTRY_URI``.
 
-Both return versions as the same typed record, :class:`~tuneloop.registry.records.ModelVersion` (``model``,
-``version``, ``ref``, ``created_at``, ``artifact_digest``, ``artifact_kind``, ``base_model``, ``cache_key``,
-``lineage``, ``metrics``, ``gates``, ``aliases``, ``tags``, ``deleted``; ``to_dict()`` is its JSON form) and
-raise the same typed errors, so the pipeline and the CLI do not care which one they talk to.
+Both return the same typed records and raise the same typed errors, so the pipeline and the CLI do not care
+which one they talk to: versions as :class:`~tuneloop.registry.records.ModelVersion` (``model``, ``version``,
+``ref``, ``created_at``, ``artifact_digest``, ``artifact_kind``, ``base_model``, ``cache_key``, ``lineage``,
+``metrics``, ``gates``, ``aliases``, ``tags``, ``deleted``), the event log as
+:class:`~tuneloop.registry.events.RegistryEvent` (``model``, ``version``, ``kind``, ``at``, ``actor``,
+``reason``, ``details``; ``id`` on SQLite, ``seq`` on MLflow) and canary rollouts as
+:class:`~tuneloop.registry.rollouts.Rollout`. Each record's ``to_dict()`` is its JSON form (what ``--json``
+prints, byte-compatible with the dicts returned before the records were typed). ``delete`` returns a plain
+summary dict, ``{"version": ModelVersion, "removed_aliases": [...], "collected": [digests]}``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tuneloop.errors import ConfigError
+from tuneloop.registry.events import RegistryEvent
 from tuneloop.registry.records import ModelVersion
+from tuneloop.registry.rollouts import Rollout
 
 REGISTRY_URI_ENV = "TUNELOOP_REGISTRY_URI"
 
@@ -81,7 +88,7 @@ class ModelRegistry(Protocol):
         *,
         actor: str | None = None,
         reason: str = "",
-    ) -> dict: ...
+    ) -> RegistryEvent: ...
 
     def delete(
         self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""
@@ -101,7 +108,7 @@ class ModelRegistry(Protocol):
 
     def aliases(self, model: str) -> dict[str, int]: ...
 
-    def events(self, model: str | None = None, version: int | None = None) -> list[dict]: ...
+    def events(self, model: str | None = None, version: int | None = None) -> list[RegistryEvent]: ...
 
     # Rollouts (records and rules in registry/rollouts.py): the `canary` alias, the record, every decision as an event.
 
@@ -116,11 +123,11 @@ class ModelRegistry(Protocol):
         reason: str = "",
         weight: float | None = None,
         state_json: str | None = None,
-    ) -> dict: ...
+    ) -> Rollout: ...
 
-    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None: ...
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> Rollout | None: ...
 
-    def list_rollouts(self, model: str) -> list[dict]: ...
+    def list_rollouts(self, model: str) -> list[Rollout]: ...
 
     def update_rollout(
         self,
@@ -135,7 +142,7 @@ class ModelRegistry(Protocol):
         actor: str | None = None,
         reason: str = "",
         event: bool = True,
-    ) -> dict: ...
+    ) -> Rollout: ...
 
 
 def registry_uri(cfg_or_uri: Any = None) -> str | None:

@@ -684,7 +684,7 @@ def export_gguf(reg, ref: str, out_dir: Path, *, quant: str = "f16", actor: str 
             shutil.rmtree(tmp, ignore_errors=True)
     details = {**written, "path": str(out_dir.resolve())}
     try:
-        event = reg.record_event(plan.model, plan.version, "exported", details, actor=actor)
+        event = reg.record_event(plan.model, plan.version, "exported", details, actor=actor).to_dict()
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # an export the registry does not know about is not left behind
         raise

@@ -48,6 +48,7 @@ from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import read_json, sha256_file, utcnow
+from tuneloop.registry.events import RegistryEvent
 from tuneloop.registry.names import (
     alias_hint,
     check_alias_name,
@@ -62,6 +63,7 @@ from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
     ENDED,
     MAX_TAG_CHARS,
+    Rollout,
     RolloutConflict,
     check_json,
     check_start,
@@ -287,7 +289,7 @@ class MlflowRegistry:
         v = self.get(model, version)
         old = v.tags.get(key)
         if old != value:
-            with self._mlflow(f"tag {v['ref']}"):
+            with self._mlflow(f"tag {v.ref}"):
                 self.client.set_model_version_tag(model, str(v.version), key, value)
             self._add_event(model, v.version, "tagged", actor, reason, {"key": key, "old": old, "new": value})
         return self.get(model, v.version)
@@ -297,15 +299,15 @@ class MlflowRegistry:
     ) -> ModelVersion:
         v = self.get(model, version)
         if key not in v.tags:
-            raise InputError(f"{v['ref']} has no tag {key!r}; its tags: {', '.join(sorted(v['tags'])) or 'none'}")
-        with self._mlflow(f"untag {v['ref']}"):
+            raise InputError(f"{v.ref} has no tag {key!r}; its tags: {', '.join(sorted(v.tags)) or 'none'}")
+        with self._mlflow(f"untag {v.ref}"):
             self.client.delete_model_version_tag(model, str(v.version), key)
         self._add_event(model, v.version, "tagged", actor, reason, {"key": key, "old": v.tags[key], "new": None})
         return self.get(model, v.version)
 
     def record_event(
         self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
+    ) -> RegistryEvent:
         """Record a note event (``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns it as ``events`` lists it."""
         check_note_event(kind)
         number = self.get(model, version).version
@@ -320,15 +322,15 @@ class MlflowRegistry:
         v = self.get(model, version)
         number = v.version
         if v.deleted:
-            raise InputError(f"{v['ref']} was already deleted on {v['deleted']['at']} by {v['deleted']['actor']}")
+            raise InputError(f"{v.ref} was already deleted on {v.deleted['at']} by {v.deleted['actor']}")
         pointing = sorted(v.aliases)
         if pointing and not force:
             raise InputError(
-                f"{v['ref']} is what alias(es) {', '.join(pointing)} point at; promote or roll back to another "
+                f"{v.ref} is what alias(es) {', '.join(pointing)} point at; promote or roll back to another "
                 "version first, or delete with --force to remove the alias(es) too"
             )
         deletion = {"at": utcnow(), "actor": actor or default_actor(), "reason": reason or ""}
-        with self._mlflow(f"delete {v['ref']}"):
+        with self._mlflow(f"delete {v.ref}"):
             for a in pointing:
                 self.client.delete_registered_model_alias(model, a)
             self.client.set_model_version_tag(model, str(number), f"{P}deleted", json.dumps(deletion))
@@ -352,7 +354,7 @@ class MlflowRegistry:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
-            with self._mlflow(f"delete the artifacts of {v['ref']}"):
+            with self._mlflow(f"delete the artifacts of {v.ref}"):
                 run = self.client.get_run(str(v.run_id))
                 repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
                 repo.delete_artifacts("artifact")
@@ -379,13 +381,13 @@ class MlflowRegistry:
         reason: str = "",
         weight: float | None = None,
         state_json: str | None = None,
-    ) -> dict:
+    ) -> Rollout:
         """Start a canary rollout (see ``SqliteRegistry.start_rollout``); one running rollout per model, best effort."""
         from tuneloop.registry.lineage import actor as default_actor
 
-        cand = self._get_live(model, self._verified(model, candidate_version, CANARY_ALIAS), "start a rollout of")[
-            "version"
-        ]
+        cand = self._get_live(
+            model, self._verified(model, candidate_version, CANARY_ALIAS), "start a rollout of"
+        ).version
         weight = float(policy.get("weights", [0.05])[0]) if weight is None else weight
         check_weight(weight)
         policy = json.loads(check_json(policy, "the rollout policy"))
@@ -393,7 +395,7 @@ class MlflowRegistry:
         if base is not None:
             base = self._get_live(model, base, "compare a canary with").version
         rollouts, tags = self._rollouts(model)
-        base = check_start(model, cand, base, next((r for r in rollouts.values() if r["status"] == "running"), None))
+        base = check_start(model, cand, base, next((r for r in rollouts.values() if r.status == "running"), None))
         record = new_record(
             model,
             max(rollouts, default=0) + 1,
@@ -414,16 +416,16 @@ class MlflowRegistry:
         self._add_event(model, cand, "rollout_started", actor, reason, details)
         return record
 
-    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None:
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> Rollout | None:
         rollouts, _ = self._rollouts(model)
         if rollout_id is not None:
             return self._rollout_by_id(model, rollouts, rollout_id)
-        running = [r for r in rollouts.values() if r["status"] == "running"]
+        running = [r for r in rollouts.values() if r.status == "running"]
         if running:
             return running[-1]
         return rollouts[max(rollouts)] if rollouts else None
 
-    def list_rollouts(self, model: str) -> list[dict]:
+    def list_rollouts(self, model: str) -> list[Rollout]:
         rollouts, _ = self._rollouts(model)
         return [rollouts[n] for n in sorted(rollouts)]
 
@@ -440,36 +442,36 @@ class MlflowRegistry:
         actor: str | None = None,
         reason: str = "",
         event: bool = True,
-    ) -> dict:
+    ) -> Rollout:
         """Compare-and-set on the revision, best effort: MLflow has no transactions (see the module docstring)."""
         decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
         rollouts, tags = self._rollouts(model)
         record = self._rollout_by_id(model, rollouts, rollout_id)
         check_update(record, revision, status, weight)
         if status == "promoted":
-            self._verified(model, record["candidate_version"], "champion")
+            self._verified(model, record.candidate_version, "champion")
         new = updated_record(
             record, state_json=state_json, weight=weight, status=status, decision=decision_json, now=utcnow()
         )
         with self._mlflow(f"update rollout {rollout_id}"):
             current, _ = self._rollouts(model)  # as late as possible before writing: the compare of compare-and-set
-            check_update(current[record["number"]], revision, status, weight)
+            check_update(current[record.number], revision, status, weight)
             token = self._write_rollout(model, new, tags)
-            if self._rollout_pointer(model, new["number"]).get("token") != token:
+            if self._rollout_pointer(model, new.number).get("token") != token:
                 raise RolloutConflict(
                     f"rollout {rollout_id} was updated concurrently (another replica wrote revision "
-                    f"{new['revision']} too); re-read it and decide again"
+                    f"{new.revision} too); re-read it and decide again"
                 )
             changes = self._end_rollout_aliases(new, actor, reason) if status in ENDED else {}
         if (decision is not None and event) or status in ENDED:
             details = {**decision_details(new, decision_json), **changes}
-            self._add_event(model, new["candidate_version"], update_event_kind(status), actor, reason, fit_tag(details))
+            self._add_event(model, new.candidate_version, update_event_kind(status), actor, reason, fit_tag(details))
         return new
 
-    def _end_rollout_aliases(self, record: dict, actor: str | None, reason: str) -> dict:
-        model, cand = record["model"], record["candidate_version"]
+    def _end_rollout_aliases(self, record: Rollout, actor: str | None, reason: str) -> dict[str, Any]:
+        model, cand = record.model, record.candidate_version
         aliases, changes = self._aliases(model), {}
-        if record["status"] == "promoted":
+        if record.status == "promoted":
             old, old_previous = aliases.get("champion"), aliases.get("previous")
             if old != cand:
                 if old is not None:
@@ -480,14 +482,14 @@ class MlflowRegistry:
                     "champion": {"old": old, "new": cand},
                     "previous": {"old": old_previous, "new": old if old is not None else old_previous},
                 }
-                self._add_event(model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]})
+                self._add_event(model, cand, "promoted", actor, reason, {**changes, "rollout_id": record.rollout_id})
         canary = aliases.get(CANARY_ALIAS)
         if canary == cand:
             self.client.delete_registered_model_alias(model, CANARY_ALIAS)
         changes[CANARY_ALIAS] = {"old": canary, "new": None if canary == cand else canary}
         return changes
 
-    def _rollouts(self, model: str) -> tuple[dict[int, dict], dict[str, str]]:
+    def _rollouts(self, model: str) -> tuple[dict[int, Rollout], dict[str, str]]:
         """Every rollout record of ``model`` by number, and the model's tags they were read from.
 
         A record is a pointer tag ``tuneloop.rollout.<n>`` (revision, writer token, number of parts) and its
@@ -509,7 +511,7 @@ class MlflowRegistry:
                 if any(p is None for p in parts):
                     torn = True
                     break
-                out[n] = json.loads("".join(p for p in parts if p is not None))
+                out[n] = Rollout.from_dict(json.loads("".join(p for p in parts if p is not None)))
             if not torn:
                 return out, tags
             time.sleep(0.05 * (attempt + 1))
@@ -521,22 +523,22 @@ class MlflowRegistry:
         value = self._registered_model(model).tags.get(f"{P}rollout.{number}")
         return json.loads(value) if value else {}
 
-    def _rollout_by_id(self, model: str, rollouts: dict[int, dict], rollout_id: str) -> dict:
+    def _rollout_by_id(self, model: str, rollouts: dict[int, Rollout], rollout_id: str) -> Rollout:
         for r in rollouts.values():
-            if r["rollout_id"] == rollout_id:
+            if r.rollout_id == rollout_id:
                 return r
-        known = ", ".join(rollouts[n]["rollout_id"] for n in sorted(rollouts)) or "none"
+        known = ", ".join(rollouts[n].rollout_id for n in sorted(rollouts)) or "none"
         raise InputError(f"{model} has no rollout {rollout_id!r}; its rollouts: {known}")
 
-    def _write_rollout(self, model: str, record: dict, old_tags: dict[str, str]) -> str:
+    def _write_rollout(self, model: str, record: Rollout, old_tags: dict[str, str]) -> str:
         """Write the record's parts, then its pointer (the commit); drop parts of older revisions. Returns the token."""
-        token, n, rev = secrets.token_hex(4), record["number"], record["revision"]
-        chunks = split_chunks(check_json(record, "the rollout record"))
+        token, n, rev = secrets.token_hex(4), record.number, record.revision
+        chunks = split_chunks(check_json(record.to_dict(), "the rollout record"))
         for i, chunk in enumerate(chunks):
             self.client.set_registered_model_tag(model, f"{P}rollout.{n}.{rev}.{token}.{i}", chunk)
         pointer = {
-            "rollout_id": record["rollout_id"],
-            "status": record["status"],
+            "rollout_id": record.rollout_id,
+            "status": record.status,
             "revision": rev,
             "token": token,
             "parts": len(chunks),
@@ -567,9 +569,7 @@ class MlflowRegistry:
         """Download (or reuse a verified local copy of) a version's artifact; refuse it if any byte differs."""
         v = self.get(model, version)
         if v.deleted:
-            raise InputError(
-                f"{v['ref']} was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; its artifact is gone"
-            )
+            raise InputError(f"{v.ref} was deleted on {v.deleted['at']} by {v.deleted['actor']}; its artifact is gone")
         if self.store.exists(v.artifact_digest):
             try:
                 return self.store.open_verified(v.artifact_digest)
@@ -582,7 +582,7 @@ class MlflowRegistry:
         digest = v.artifact_digest
         tmp = self.store.make_temp("download")
         try:
-            with self._mlflow(f"download the artifact of {v['ref']}"):
+            with self._mlflow(f"download the artifact of {v.ref}"):
                 got = Path(self.client.download_artifacts(str(v.run_id), "artifact", str(tmp)))
             problems = _problems_against_manifest(got)
             from tuneloop.fsutil import sha256_dir
@@ -591,7 +591,7 @@ class MlflowRegistry:
             if actual != digest or problems:
                 shown = "\n".join(f"  - {p}" for p in problems[:20]) or "  - the directory digest differs"
                 raise IntegrityError(
-                    f"artifact of {v['ref']} downloaded from {v['artifact_uri']} failed verification "
+                    f"artifact of {v.ref} downloaded from {v.artifact_uri} failed verification "
                     f"(sha256 {actual[:16]}..., registered {digest[:16]}...):\n{shown}\n"
                     "The copy in the MLflow artifact store is corrupted or was modified after registration; "
                     "restore it from a backup or register the original directory again as a new version."
@@ -608,7 +608,7 @@ class MlflowRegistry:
             try:
                 self._download_verified(v)
             except IntegrityError as e:
-                raise IntegrityError(f"refusing to point {model}@{alias} at {v['ref']}: {e}") from None
+                raise IntegrityError(f"refusing to point {model}@{alias} at {v.ref}: {e}") from None
         return v.version
 
     def gc(self) -> list[tuple[str, int]]:
@@ -641,15 +641,15 @@ class MlflowRegistry:
     def aliases(self, model: str) -> dict[str, int]:
         return self._aliases(model)
 
-    def events(self, model: str | None = None, version: int | None = None) -> list[dict]:
+    def events(self, model: str | None = None, version: int | None = None) -> list[RegistryEvent]:
         out = []
         for name in [model] if model is not None else self.models():
             rm = self._registered_model(name)
             for key in sorted(k for k in rm.tags if k.startswith(f"{P}event.")):
                 e = json.loads(rm.tags[key])
                 if version is None or e.get("version") == version:
-                    out.append({"model": name, **e})
-        out.sort(key=lambda e: e["seq"])
+                    out.append(RegistryEvent.from_mlflow(name, e, sorted_keys=True))
+        out.sort(key=lambda e: str(e.seq))
         return out
 
     # -- internals --------------------------------------------------------------------------------
@@ -766,7 +766,7 @@ class MlflowRegistry:
         if v.deleted:
             live = [x.version for x in self.list_versions(model)]
             raise InputError(
-                f"cannot {doing} {v['ref']}: it was deleted on {v['deleted']['at']} by {v['deleted']['actor']}; "
+                f"cannot {doing} {v.ref}: it was deleted on {v.deleted['at']} by {v.deleted['actor']}; "
                 f"live versions: {version_ranges(live)}"
             )
         return v
@@ -780,8 +780,8 @@ class MlflowRegistry:
             if v.cache_key == cache_key:
                 if v.deleted:
                     raise InputError(
-                        f"these exact inputs were registered as {v['ref']}, which was deleted on {v['deleted']['at']} "
-                        f"by {v['deleted']['actor']}; change the data or config (e.g. the seed) to train a new one"
+                        f"these exact inputs were registered as {v.ref}, which was deleted on {v.deleted['at']} "
+                        f"by {v.deleted['actor']}; change the data or config (e.g. the seed) to train a new one"
                     )
                 return v.found()
         return None
@@ -800,7 +800,7 @@ class MlflowRegistry:
 
     def _add_event(
         self, model: str, version: int | None, kind: str, actor: str | None, reason: str, details: dict
-    ) -> dict:
+    ) -> RegistryEvent:
         from tuneloop.registry.lineage import actor as default_actor
 
         seq = f"{time.time_ns():020d}.{secrets.token_hex(4)}"
@@ -815,7 +815,7 @@ class MlflowRegistry:
         }
         with self._mlflow(f"record a {kind} event for {model!r}"):
             self.client.set_registered_model_tag(model, f"{P}event.{seq}", json.dumps(event, sort_keys=True))
-        return {"model": model, **event}
+        return RegistryEvent.from_mlflow(model, event, sorted_keys=False)
 
     def _log_run(self, model: str, stored: Path, lineage: dict, metrics: dict, meta: dict) -> str:
         """One MLflow run per registration, named after the pipeline run: params, metrics, artifact, MLmodel."""

@@ -116,7 +116,7 @@ def lineage_of(reg, ref: str) -> dict:
         "aliases": list(v.aliases),
         "tags": v.tags,
         "deleted": v.deleted,
-        "events": reg.events(v.model, v.version),
+        "events": [e.to_dict() for e in reg.events(v.model, v.version)],
     }
 
 
@@ -226,7 +226,7 @@ def export_version(reg, ref: str, out_dir: Path, *, merged: bool = False, actor:
             shutil.rmtree(tmp, ignore_errors=True)
     details = {"format": "hf", "kind": kind, "merged": merged, "sha256": weights, "path": str(out_dir.resolve())}
     try:  # like a GGUF export: recorded on the version, or not left behind
-        event = reg.record_event(v.model, v.version, "exported", details, actor=actor)
+        event = reg.record_event(v.model, v.version, "exported", details, actor=actor).to_dict()
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

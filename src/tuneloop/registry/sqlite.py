@@ -46,6 +46,7 @@ from typing import Any
 
 from tuneloop.errors import InputError, IntegrityError, TuneloopError
 from tuneloop.fsutil import LOW_SPACE_BYTES, free_bytes, is_disk_full, utcnow
+from tuneloop.registry.events import RegistryEvent
 from tuneloop.registry.names import (
     alias_hint,
     check_alias_name,
@@ -59,6 +60,7 @@ from tuneloop.registry.records import ARTIFACT_KINDS, ModelVersion, check_note_e
 from tuneloop.registry.rollouts import (
     CANARY_ALIAS,
     ENDED,
+    Rollout,
     check_json,
     check_start,
     check_update,
@@ -537,12 +539,13 @@ class SqliteRegistry:
 
     def record_event(
         self, model: str, version: int | str, kind: str, details: dict, *, actor: str | None = None, reason: str = ""
-    ) -> dict:
-        """Record a note event (one of ``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns the event."""
+    ) -> RegistryEvent:
+        """Record a note event (one of ``NOTE_EVENT_KINDS``, e.g. ``exported``) on a version; returns the event
+        (without its row ``id``: it is not read back)."""
         check_note_event(kind)
         with self._transaction(write=True) as conn:
             number = self._get(conn, model, version).version
-            return self._event(conn, model, number, kind, actor, reason, details)
+            return RegistryEvent.from_sqlite(self._event(conn, model, number, kind, actor, reason, details))
 
     def delete(
         self, model: str, version: int | str, *, force: bool = False, actor: str | None = None, reason: str = ""
@@ -617,7 +620,7 @@ class SqliteRegistry:
         reason: str = "",
         weight: float | None = None,
         state_json: str | None = None,
-    ) -> dict:
+    ) -> Rollout:
         """Start a canary rollout of ``candidate_version`` against ``baseline_version`` (default: the champion).
 
         Points the ``canary`` alias at the candidate (its artifact verified first) and records ``rollout_started``.
@@ -651,19 +654,21 @@ class SqliteRegistry:
             )
             conn.execute(
                 "INSERT INTO rollouts (rollout_id, model, number, status, revision, record) VALUES (?, ?, ?, ?, ?, ?)",
-                (record["rollout_id"], model, n, "running", 1, check_json(record, "the rollout record")),
+                (record.rollout_id, model, n, "running", 1, check_json(record.to_dict(), "the rollout record")),
             )
             old = self._alias(conn, model, CANARY_ALIAS)
             self._put_alias(conn, model, CANARY_ALIAS, cand)
             details = {
                 **decision_details(record, None),
-                "policy": record["policy"],
+                "policy": record.policy,
                 CANARY_ALIAS: {"old": old, "new": cand},
             }
-            self._event(conn, model, cand, "rollout_started", actor, reason, details, journal={"rollout": record})
+            self._event(
+                conn, model, cand, "rollout_started", actor, reason, details, journal={"rollout": record.to_dict()}
+            )
         return record
 
-    def get_rollout(self, model: str, rollout_id: str | None = None) -> dict | None:
+    def get_rollout(self, model: str, rollout_id: str | None = None) -> Rollout | None:
         """A rollout by id, else the running one, else the latest; None when the model never had one."""
         with self._transaction(write=False) as conn:
             self._check_known_model(conn, model)
@@ -673,14 +678,14 @@ class SqliteRegistry:
                 "SELECT record FROM rollouts WHERE model = ? ORDER BY status = 'running' DESC, number DESC LIMIT 1",
                 (model,),
             ).fetchone()
-        return None if row is None else json.loads(row["record"])
+        return None if row is None else Rollout.from_dict(json.loads(row["record"]))
 
-    def list_rollouts(self, model: str) -> list[dict]:
+    def list_rollouts(self, model: str) -> list[Rollout]:
         """Every rollout of ``model``, oldest first."""
         with self._transaction(write=False) as conn:
             self._check_known_model(conn, model)
             rows = conn.execute("SELECT record FROM rollouts WHERE model = ? ORDER BY number", (model,)).fetchall()
-        return [json.loads(r["record"]) for r in rows]
+        return [Rollout.from_dict(json.loads(r["record"])) for r in rows]
 
     def update_rollout(
         self,
@@ -695,7 +700,7 @@ class SqliteRegistry:
         actor: str | None = None,
         reason: str = "",
         event: bool = True,
-    ) -> dict:
+    ) -> Rollout:
         """Store a rollout's new state, weight, status and decision if it is still at ``revision`` (compare-and-set).
 
         Raises :class:`RolloutConflict` when another writer updated it first. A decision becomes the record's
@@ -707,7 +712,7 @@ class SqliteRegistry:
         if status == "promoted":  # verify the candidate's bytes before champion may point at it
             with self._transaction(write=False) as conn:
                 current = self._rollout(conn, model, rollout_id)  # an InputError naming the known ones if absent
-            self._verified(model, current["candidate_version"], "champion")
+            self._verified(model, current.candidate_version, "champion")
         decision_json = None if decision is None else json.loads(check_json(decision, "the rollout decision"))
         with self._transaction(write=True) as conn:
             record = self._rollout(conn, model, rollout_id)
@@ -717,7 +722,7 @@ class SqliteRegistry:
             )
             conn.execute(
                 "UPDATE rollouts SET status = ?, revision = ?, record = ? WHERE rollout_id = ? AND revision = ?",
-                (status, new["revision"], check_json(new, "the rollout record"), rollout_id, record["revision"]),
+                (status, new.revision, check_json(new.to_dict(), "the rollout record"), rollout_id, record.revision),
             )
             changes = self._end_rollout_aliases(conn, new, actor, reason) if status in ENDED else {}
             if (decision is not None and event) or status in ENDED:
@@ -725,20 +730,22 @@ class SqliteRegistry:
                 self._event(
                     conn,
                     model,
-                    new["candidate_version"],
+                    new.candidate_version,
                     update_event_kind(status),
                     actor,
                     reason,
                     details,
-                    journal={"rollout": new},
+                    journal={"rollout": new.to_dict()},
                 )
         return new
 
-    def _end_rollout_aliases(self, conn: sqlite3.Connection, record: dict, actor: str | None, reason: str) -> dict:
+    def _end_rollout_aliases(
+        self, conn: sqlite3.Connection, record: Rollout, actor: str | None, reason: str
+    ) -> dict[str, Any]:
         """Promote: champion -> candidate, previous -> the old champion; any end: remove ``canary``."""
-        model, cand = record["model"], record["candidate_version"]
+        model, cand = record.model, record.candidate_version
         changes: dict[str, Any] = {}
-        if record["status"] == "promoted":
+        if record.status == "promoted":
             self._get_live(conn, model, cand, "promote")
             old, old_previous = self._alias(conn, model, "champion"), self._alias(conn, model, "previous")
             if old != cand:
@@ -750,16 +757,14 @@ class SqliteRegistry:
                     "champion": {"old": old, "new": cand},
                     "previous": {"old": old_previous, "new": old if old is not None else old_previous},
                 }
-                self._event(
-                    conn, model, cand, "promoted", actor, reason, {**changes, "rollout_id": record["rollout_id"]}
-                )
+                self._event(conn, model, cand, "promoted", actor, reason, {**changes, "rollout_id": record.rollout_id})
         canary = self._alias(conn, model, CANARY_ALIAS)
         if canary == cand:
             conn.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, CANARY_ALIAS))
         changes[CANARY_ALIAS] = {"old": canary, "new": None if canary == cand else canary}
         return changes
 
-    def _rollout(self, conn: sqlite3.Connection, model: str, rollout_id: str) -> dict:
+    def _rollout(self, conn: sqlite3.Connection, model: str, rollout_id: str) -> Rollout:
         row = conn.execute(
             "SELECT record FROM rollouts WHERE model = ? AND rollout_id = ?", (model, rollout_id)
         ).fetchone()
@@ -768,12 +773,12 @@ class SqliteRegistry:
                 r[0] for r in conn.execute("SELECT rollout_id FROM rollouts WHERE model = ? ORDER BY number", (model,))
             ]
             raise InputError(f"{model} has no rollout {rollout_id!r}; its rollouts: {', '.join(known) or 'none'}")
-        return json.loads(row["record"])
+        return Rollout.from_dict(json.loads(row["record"]))
 
     @staticmethod
-    def _running_rollout(conn: sqlite3.Connection, model: str) -> dict | None:
+    def _running_rollout(conn: sqlite3.Connection, model: str) -> Rollout | None:
         row = conn.execute("SELECT record FROM rollouts WHERE model = ? AND status = 'running'", (model,)).fetchone()
-        return None if row is None else json.loads(row["record"])
+        return None if row is None else Rollout.from_dict(json.loads(row["record"]))
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -834,7 +839,7 @@ class SqliteRegistry:
             self._check_known_model(conn, model)
             return self._aliases(conn, model)
 
-    def events(self, model: str | None = None, version: int | None = None) -> list[dict]:
+    def events(self, model: str | None = None, version: int | None = None) -> list[RegistryEvent]:
         """The event log (oldest first), optionally for one model (and one version of it)."""
         with self._transaction(write=False) as conn:
             if model is None:
@@ -845,7 +850,7 @@ class SqliteRegistry:
                 rows = conn.execute(
                     "SELECT * FROM events WHERE model = ? AND version = ? ORDER BY id", (model, version)
                 ).fetchall()
-        return [{**dict(r), "details": json.loads(r["details"])} for r in rows]
+        return [RegistryEvent.from_sqlite(r) for r in rows]
 
     # -- internals (all take an open connection) ------------------------------------------------
 

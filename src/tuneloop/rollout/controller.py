@@ -9,7 +9,11 @@
   The stored decision is applied by the registry in the same step: a new weight (``step_up``), ``promoted``
   (champion -> candidate, ``previous`` keeps the old champion) or ``rolled_back`` (champion unchanged);
 * :func:`promote` and :func:`abort` are a person's decisions, with the statistics at that moment;
-* :func:`status` is the record (without the opaque state) with a summary of the analysis and its decisions.
+* :func:`status` is the record (without the opaque state) with a summary of the analysis and its decisions, as
+  the JSON document ``rollout status --json`` and the gateway's admin API return.
+
+The actions return the registry's typed record, :class:`~tuneloop.registry.rollouts.Rollout`; :func:`shown`
+is its JSON form without the opaque state.
 
 Every decision is stored as the record's ``last_decision`` (what ``status`` and the dashboard show). Every
 step-up, promote and rollback is also recorded as an event with its statistics; ``continue`` decisions
@@ -33,7 +37,8 @@ from typing import Any, Protocol
 
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.api import ModelRegistry
-from tuneloop.registry.rollouts import RolloutConflict
+from tuneloop.registry.events import RegistryEvent
+from tuneloop.registry.rollouts import Rollout, RolloutConflict
 from tuneloop.rollout.analysis import Action, AnalysisState, CanaryAnalysis, Decision, RolloutPolicy
 from tuneloop.rollout.notify import Notifier
 
@@ -66,11 +71,11 @@ def dump_state(analysis: CanaryAnalysis, controller: dict[str, Any]) -> str:
     )
 
 
-def load_state(record: dict) -> tuple[CanaryAnalysis, dict[str, Any]]:
+def load_state(record: Rollout) -> tuple[CanaryAnalysis, dict[str, Any]]:
     """The analysis and the controller's cursor stored with a rollout (a fresh one if none was stored)."""
-    if not record.get("state_json"):
-        return CanaryAnalysis(RolloutPolicy.from_dict(record["policy"]), now=time.time()), fresh_cursor()
-    data = json.loads(record["state_json"])
+    if not record.state_json:
+        return CanaryAnalysis(RolloutPolicy.from_dict(record.policy), now=time.time()), fresh_cursor()
+    data = json.loads(record.state_json)
     analysis = CanaryAnalysis(RolloutPolicy.from_dict(data["policy"]), AnalysisState.from_dict(data["state"]))
     return analysis, {**fresh_cursor(), **data.get("controller", {})}
 
@@ -97,7 +102,7 @@ def start(
     actor: str | None = None,
     reason: str = "",
     now: float | None = None,
-) -> dict:
+) -> Rollout:
     """Start a canary rollout of ``ref`` (``name:3``, ``name@alias`` or ``name``) against the champion."""
     from tuneloop.registry.lineage import version_kind
 
@@ -124,7 +129,7 @@ def start(
         "start",
         record,
         None,
-        f"canary {record['candidate']} at {record['weight']:.0%} of traffic against {record['baseline']}",
+        f"canary {record.candidate} at {record.weight:.0%} of traffic against {record.baseline}",
     )
     return record
 
@@ -146,10 +151,10 @@ def tick(
     """
     now = time.time() if now is None else now
     record = reg.get_rollout(model)
-    if record is None or record["status"] != "running":
+    if record is None or record.status != "running":
         return None
     analysis, cursor = load_state(record)
-    rid = record["rollout_id"]
+    rid = record.rollout_id
     if incomplete:
         decision = analysis.hold(
             f"hold: the request log is incomplete ({incomplete}); no decision on a partial log", now=now
@@ -166,7 +171,7 @@ def tick(
         new = reg.update_rollout(
             model,
             rid,
-            revision=record["revision"],
+            revision=record.revision,
             state_json=dump_state(analysis, cursor),
             weight=decision.weight if status == "running" else None,
             status=status,
@@ -205,7 +210,7 @@ def tick_running(
     out: dict[str, Decision | None] = {}
     for model in reg.models():
         record = reg.get_rollout(model)
-        if record is not None and record["status"] == "running":
+        if record is not None and record.status == "running":
             out[model] = tick(reg, log, model, now=now, notifier=notifier, incomplete=incomplete)
     return out
 
@@ -218,7 +223,7 @@ def promote(
     reason: str = "",
     notifier: Notifier | None = None,
     now: float | None = None,
-) -> dict:
+) -> Rollout:
     """A person promotes the running canary now: champion -> candidate; the record keeps the statistics then."""
     return end_by_hand(reg, model, "promoted", actor=actor, reason=reason, notifier=notifier, now=now)
 
@@ -231,7 +236,7 @@ def abort(
     actor: str | None = None,
     notifier: Notifier | None = None,
     now: float | None = None,
-) -> dict:
+) -> Rollout:
     """A person stops the running canary now: the canary alias goes, the champion stays."""
     if not reason or not reason.strip():
         raise InputError("aborting a rollout needs a reason (--reason): it is recorded and sent with the notification")
@@ -247,7 +252,7 @@ def end_by_hand(
     reason: str,
     notifier: Notifier | None,
     now: float | None,
-) -> dict:
+) -> Rollout:
     """End the running rollout with ``status``, retrying when a tick lands in between (a person's word wins)."""
     now = time.time() if now is None else now
     for _ in range(MANUAL_RETRIES):
@@ -261,8 +266,8 @@ def end_by_hand(
         try:
             new = reg.update_rollout(
                 model,
-                record["rollout_id"],
-                revision=record["revision"],
+                record.rollout_id,
+                revision=record.revision,
                 state_json=dump_state(analysis, cursor),
                 status=status,
                 decision=decision.to_dict(),
@@ -302,7 +307,7 @@ def manual_decision(analysis: CanaryAnalysis, action: Action, reason: str, now: 
 
 def refuse_corrupt_candidate(
     reg: ModelRegistry,
-    record: dict,
+    record: Rollout,
     analysis: CanaryAnalysis,
     cursor: dict,
     decision: Decision,
@@ -324,9 +329,9 @@ def refuse_corrupt_candidate(
     analysis.state.status = "rolled_back"
     try:
         new = reg.update_rollout(
-            record["model"],
-            record["rollout_id"],
-            revision=record["revision"],
+            record.model,
+            record.rollout_id,
+            revision=record.revision,
             state_json=dump_state(analysis, cursor),
             status="rolled_back",
             decision=rollback.to_dict(),
@@ -335,7 +340,7 @@ def refuse_corrupt_candidate(
         )
     except RolloutConflict:
         return None
-    logger.info("rollout %s: %s", record["rollout_id"], decision_message(new, rollback))
+    logger.info("rollout %s: %s", record.rollout_id, decision_message(new, rollback))
     announce(notifier, "rollback", new, rollback, decision_message(new, rollback))
     return rollback
 
@@ -343,10 +348,10 @@ def refuse_corrupt_candidate(
 # ------------------------------------------------------------------------------------------- reading
 
 
-def running_rollout(reg: ModelRegistry, model: str) -> dict:
+def running_rollout(reg: ModelRegistry, model: str) -> Rollout:
     record = reg.get_rollout(model)
-    if record is None or record["status"] != "running":
-        last = f"; its last rollout, {record['rollout_id']}, ended {record['status']}" if record else ""
+    if record is None or record.status != "running":
+        last = f"; its last rollout, {record.rollout_id}, ended {record.status}" if record else ""
         raise InputError(
             f"{model} has no running rollout{last}; start one with `tuneloop rollout start {model}:VERSION`"
         )
@@ -354,7 +359,8 @@ def running_rollout(reg: ModelRegistry, model: str) -> dict:
 
 
 def status(reg: ModelRegistry, model: str) -> dict | None:
-    """The running (else latest) rollout of ``model`` with its analysis summary and decisions; None if none ever."""
+    """The running (else latest) rollout of ``model`` with its analysis summary and decisions (their events'
+    ``to_dict()``), as a JSON document; None if none ever."""
     record = reg.get_rollout(model)
     if record is None:
         return None
@@ -368,20 +374,22 @@ def status(reg: ModelRegistry, model: str) -> dict | None:
         "active_s": st.active_s,
         "alpha": analysis.policy.alpha,
     }
-    return {**shown(record), "analysis": summary, "decisions": decisions(reg, model, record["rollout_id"])}
+    return {
+        **shown(record),
+        "analysis": summary,
+        "decisions": [e.to_dict() for e in decisions(reg, model, record.rollout_id)],
+    }
 
 
-def shown(record: dict) -> dict:
-    """A rollout record for people and ``--json``: everything but the opaque analysis state."""
-    return {k: v for k, v in record.items() if k != "state_json"}
+def shown(record: Rollout) -> dict[str, Any]:
+    """A rollout record for people and ``--json``: its ``to_dict()`` without the opaque analysis state."""
+    return {k: v for k, v in record.to_dict().items() if k != "state_json"}
 
 
-def decisions(reg: ModelRegistry, model: str, rollout_id: str) -> list[dict]:
+def decisions(reg: ModelRegistry, model: str, rollout_id: str) -> list[RegistryEvent]:
     """The rollout's events, oldest first: its start, recorded decisions (with statistics) and end."""
     return [
-        e
-        for e in reg.events(model)
-        if e["kind"] in ROLLOUT_EVENTS and (e.get("details") or {}).get("rollout_id") == rollout_id
+        e for e in reg.events(model) if e.kind in ROLLOUT_EVENTS and (e.details or {}).get("rollout_id") == rollout_id
     ]
 
 
@@ -409,37 +417,37 @@ def mark_recorded(decision: Decision, cursor: dict, now: float) -> bool:
     return False
 
 
-def decision_message(record: dict, decision: Decision) -> str:
+def decision_message(record: Rollout, decision: Decision) -> str:
     where = {
-        "step_up": f"stepped up to {record['weight']:.0%}",
-        "promote": f"promoted to champion over {record['baseline']}",
-        "rollback": f"rolled back; {record['baseline']} stays champion",
-        "continue": f"holds at {record['weight']:.0%}",
+        "step_up": f"stepped up to {record.weight:.0%}",
+        "promote": f"promoted to champion over {record.baseline}",
+        "rollback": f"rolled back; {record.baseline} stays champion",
+        "continue": f"holds at {record.weight:.0%}",
     }.get(decision.action, decision.action)
-    if record["status"] == "aborted":
-        where = f"aborted; {record['baseline']} stays champion"
+    if record.status == "aborted":
+        where = f"aborted; {record.baseline} stays champion"
     return (
-        f"{record['candidate']} {where} after {decision.canary_requests} canary / {decision.baseline_requests} "
+        f"{record.candidate} {where} after {decision.canary_requests} canary / {decision.baseline_requests} "
         f"baseline requests: {decision.reason}"
     )
 
 
-def announce(notifier: Notifier | None, event: str, record: dict, decision: Decision | None, message: str) -> None:
+def announce(notifier: Notifier | None, event: str, record: Rollout, decision: Decision | None, message: str) -> None:
     """Queue a notification; a broken notifier is logged, never raised (it must not block a decision)."""
     if notifier is None:
         return
     d = decision.to_dict() if decision is not None else None
     details = {
-        "rollout_id": record["rollout_id"],
-        "model": record["model"],
-        "candidate": record["candidate"],
-        "baseline": record["baseline"],
-        "status": record["status"],
-        "weight": record["weight"],
+        "rollout_id": record.rollout_id,
+        "model": record.model,
+        "candidate": record.candidate,
+        "baseline": record.baseline,
+        "status": record.status,
+        "weight": record.weight,
         "decision": d,
         "metrics": (d or {}).get("metrics"),
     }
     try:
-        notifier.notify(event, subject=record["candidate"], message=message, details=details)
+        notifier.notify(event, subject=record.candidate, message=message, details=details)
     except Exception:  # noqa: BLE001 - notifications are best effort by design
-        logger.exception("rollout %s: could not queue the %r notification", record["rollout_id"], event)
+        logger.exception("rollout %s: could not queue the %r notification", record.rollout_id, event)

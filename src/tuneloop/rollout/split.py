@@ -17,8 +17,9 @@ alias are never split and are logged with arm ``"direct"`` (that arm is the gate
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from typing import Literal
+
+from tuneloop.registry.rollouts import Rollout
 
 Arm = Literal["baseline", "canary"]
 _SCALE = float(1 << 64)
@@ -30,12 +31,12 @@ def unit_hash(*parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / _SCALE
 
 
-def choose_arm(rollout: Mapping | None, user_key: str | None, request_id: str) -> Arm:
+def choose_arm(rollout: Rollout | None, user_key: str | None, request_id: str) -> Arm:
     """``"canary"`` or ``"baseline"`` for one request (see the module docstring)."""
-    if rollout is None or rollout.get("status") != "running":
+    if rollout is None or rollout.status != "running":
         return "baseline"
-    weight = float(rollout.get("weight") or 0.0)
+    weight = float(rollout.weight or 0.0)
     if weight <= 0.0:
         return "baseline"
     key = f"user:{user_key}" if user_key else f"request:{request_id}"
-    return "canary" if unit_hash(str(rollout["rollout_id"]), key) < weight else "baseline"
+    return "canary" if unit_hash(str(rollout.rollout_id), key) < weight else "baseline"

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tuneloop.fsutil import format_time
+from tuneloop.registry.events import RegistryEvent
 from tuneloop.rollout.display import METRIC_HEADERS, metric_cells, percent
 from tuneloop.serve.errors import scrub_paths
 
@@ -141,15 +142,15 @@ def metric_rows(metrics: dict[str, Any], *, running: bool = True) -> list[dict[s
     return rows
 
 
-def event_row(e: dict) -> dict[str, Any]:
-    details = e.get("details") or {}
+def event_row(e: RegistryEvent) -> dict[str, Any]:
+    details = e.details or {}
     return {
-        "at": e.get("at"),
-        "at_text": format_time(e.get("at")),
-        "kind": e.get("kind"),
-        "version": e.get("version"),
-        "actor": e.get("actor"),
-        "reason": e.get("reason") or "",
+        "at": e.at,
+        "at_text": format_time(e.at),
+        "kind": e.kind,
+        "version": e.version,
+        "actor": e.actor,
+        "reason": e.reason or "",
         "rollout_id": details.get("rollout_id"),
         "alias": details.get("alias"),
     }

@@ -155,7 +155,7 @@ def add_rollout_routes(app, gw) -> None:
                 reason=str(data.get("reason") or ""),
             ),
         )
-        gw.router.invalidate(record["model"])
+        gw.router.invalidate(record.model)
         return JSONResponse(controller.shown(record), status_code=201)
 
     @app.get("/admin/rollouts/{model}")

@@ -31,6 +31,7 @@ from typing import Any
 
 from tuneloop.errors import InputError
 from tuneloop.registry.records import ModelVersion
+from tuneloop.registry.rollouts import Rollout
 from tuneloop.serve.backends import Route
 from tuneloop.serve.errors import APIError, not_found
 
@@ -192,23 +193,23 @@ class Router:
     def close(self) -> None:
         self.cache.close()
 
-    def rollout(self, model: str) -> dict[str, Any] | None:
+    def rollout(self, model: str) -> Rollout | None:
         """``model``'s running rollout record (cached, see the module's doc), or None."""
         return self.cache.get(("rollout", model), lambda: self._read_rollout(model))
 
-    def _read_rollout(self, model: str) -> dict[str, Any] | None:
+    def _read_rollout(self, model: str) -> Rollout | None:
         try:
             record = self.registry.get_rollout(model)
         except InputError:  # an unknown model has no rollout; resolve() answers 404 for it
             return None
-        return record if record is not None and record.get("status") == "running" else None
+        return record if record is not None and record.status == "running" else None
 
-    def candidate_ready(self, record: dict[str, Any]) -> bool:
+    def candidate_ready(self, record: Rollout) -> bool:
         """Whether a running rollout's candidate may take traffic; if not yet, it is queued for :meth:`pending`."""
         with self._lock:
-            if record["candidate"] in self._ready:
+            if record.candidate in self._ready:
                 return True
-            self._pending.add(record["candidate"])
+            self._pending.add(record.candidate)
             return False
 
     def watch(self, model: str) -> None:
@@ -270,17 +271,15 @@ class Router:
         if not self.candidate_ready(record):
             return Route(ref=ref, version=self.resolve(ref), arm="direct")
         arm = split_arm(record, user_key, request_id)
-        target = record["candidate"] if arm == "canary" else record["baseline"]
-        return Route(ref=ref, version=self.resolve(target), arm=arm, rollout_id=record["rollout_id"])
+        target = record.candidate if arm == "canary" else record.baseline
+        return Route(ref=ref, version=self.resolve(target), arm=arm, rollout_id=record.rollout_id)
 
     def baseline_of(self, route: Route) -> Route:
         """The baseline arm of the same rollout (where a failed canary request is retried)."""
         record = self.rollout(route.model)
-        if record is None or record["rollout_id"] != route.rollout_id:  # ended in between: the champion answers
+        if record is None or record.rollout_id != route.rollout_id:  # ended in between: the champion answers
             return Route(ref=route.ref, version=self.resolve(route.ref), arm="direct")
-        return Route(
-            ref=route.ref, version=self.resolve(record["baseline"]), arm="baseline", rollout_id=route.rollout_id
-        )
+        return Route(ref=route.ref, version=self.resolve(record.baseline), arm="baseline", rollout_id=route.rollout_id)
 
     def versions(self) -> list[ModelVersion]:
         return [v for v in self.registry.list_versions() if not v.deleted]
