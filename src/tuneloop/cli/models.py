@@ -340,7 +340,7 @@ def delete(
             print_json(res)
             return
         out.print(
-            f"deleted {res['version']['ref']}"
+            f"deleted {res['version'].ref}"
             + (f"; removed aliases {', '.join(res['removed_aliases'])}" if res["removed_aliases"] else "")
             + (
                 f"; freed artifact {res['collected'][0][:16]}"
