@@ -62,8 +62,8 @@ def rates(
     for _ in range(trials):
         b, c = simulate(rng, n, drop, sigma)
         g = decide(spec, GateInput(c.tolist(), b.tolist()), confidence=confidence, policy=policy)
-        blocked += g["blocks"]
-        failed += g["verdict"] == "FAIL"
+        blocked += g.blocks
+        failed += g.verdict == "FAIL"
         naive_blocked += (b.mean() - c.mean()) > naive
         disc += float(np.mean(b != c))
     return {

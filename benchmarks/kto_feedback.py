@@ -116,11 +116,11 @@ def main() -> None:
     from tuneloop.registry.api import open_registry
 
     v1 = open_registry(cfg, root).get(cfg.model_name, "champion")
-    v1_dir = open_registry(cfg, root).open_artifact(cfg.model_name, v1["version"])
+    v1_dir = open_registry(cfg, root).open_artifact(cfg.model_name, v1.version)
     result = {
         "iteration_1": {
             "accuracy": first.summary["stages"]["evaluation"]["metrics"].get("accuracy"),
-            "new_intent": new_intent_accuracy(v1["base_model"], str(v1_dir)),
+            "new_intent": new_intent_accuracy(v1.base_model, str(v1_dir)),
         },
         "feedback": {
             f"{k}_records": sum(1 for _ in open(feedback / f"{k}.jsonl")) if (feedback / f"{k}.jsonl").is_file() else 0

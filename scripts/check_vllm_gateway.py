@@ -123,7 +123,7 @@ def main() -> None:
                 result["same_answer"] = via == direct
                 result["headers"] = (
                     raw.headers.get("x-tuneloop-version") == "gpu-check:1"
-                    and raw.headers.get("x-tuneloop-artifact") == v["artifact_digest"].split(":")[-1]
+                    and raw.headers.get("x-tuneloop-artifact") == v.artifact_digest.split(":")[-1]
                 )
                 chunks = list(
                     OpenAI(base_url=f"{gw.url}/v1", api_key="x").chat.completions.create(

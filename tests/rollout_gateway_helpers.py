@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from tuneloop.registry.records import ModelVersion
+
 MODEL = "support-bot"
 ADMIN = "admin-secret"
 
@@ -26,19 +28,19 @@ class ScriptedBackend:
         self.prepared: list[str] = []
         self.calls: dict[str, int] = {}
 
-    async def prepare(self, version: dict[str, Any]) -> dict[str, Any]:
+    async def prepare(self, version: ModelVersion) -> dict[str, Any]:
         from tuneloop.serve.errors import APIError
 
-        if version["version"] in self.refuse:
-            raise APIError(503, f"{version['ref']} failed its probes: empty answers", code="version_refused")
-        self.prepared.append(version["ref"])
+        if version.version in self.refuse:
+            raise APIError(503, f"{version.ref} failed its probes: empty answers", code="version_refused")
+        self.prepared.append(version.ref)
         return {"status": "passed"}
 
     def answer(self, route) -> str:
         from tuneloop.serve.errors import APIError
 
         self.calls[route.version_ref] = self.calls.get(route.version_ref, 0) + 1
-        n = route.version["version"]
+        n = route.version.version
         if n in self.crash:
             raise RuntimeError(f"{route.version_ref} crashed (CUDA error: device-side assert)")
         if n in self.fail_5xx:

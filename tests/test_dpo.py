@@ -218,36 +218,31 @@ def test_preference_gates_pass_fail_and_inconclusive_from_per_pair_outcomes(tmp_
     )
     better = check_gates(cfg, results([0.0] * 150 + [1.0] * 50, [1.0] * 180 + [0.0] * 20))
     # Exact match against the chosen answer is 0 of 10 here, yet it is reported, not applied.
-    assert better["min_accuracy"]["verdict"] == "NOT_APPLIED" and better["min_accuracy"]["passed"] is None
-    assert "dpo" in better["min_accuracy"]["reason"] and better["min_accuracy"]["value"] == 0.0
-    assert better["max_accuracy_drop"]["verdict"] == "NOT_APPLIED"
+    assert better["min_accuracy"].verdict == "NOT_APPLIED" and better["min_accuracy"].passed is None
+    assert "dpo" in better["min_accuracy"].reason and better["min_accuracy"].value == 0.0
+    assert better["max_accuracy_drop"].verdict == "NOT_APPLIED"
     pa, drop = better["min_preference_accuracy"], better["max_preference_accuracy_drop"]
-    assert pa["verdict"] == "PASS" and pa["value"] == 0.9 and pa["method"] == "wilson" and pa["interval"][0] >= 0.6
+    assert pa.verdict == "PASS" and pa.value == 0.9 and pa.method == "wilson" and pa.interval[0] >= 0.6
     assert (
-        drop["verdict"] == "PASS"
-        and drop["value"] == pytest.approx(-0.65)
-        and drop["counts"] == {"b": 20, "c": 150, "discordant": 170}
+        drop.verdict == "PASS"
+        and drop.value == pytest.approx(-0.65)
+        and drop.counts == {"b": 20, "c": 150, "discordant": 170}
     )
-    assert pa["candidate_margin"] == 1.5 and pa["base_margin"] == -0.5
+    assert pa.candidate_margin == 1.5 and pa.base_margin == -0.5
 
     worse = check_gates(cfg, results([1.0] * 200, [1.0] * 100 + [0.0] * 100))
-    assert worse["min_preference_accuracy"]["verdict"] == "FAIL" and worse["min_preference_accuracy"]["passed"] is False
+    assert worse["min_preference_accuracy"].verdict == "FAIL" and worse["min_preference_accuracy"].passed is False
     assert (
-        worse["max_preference_accuracy_drop"]["verdict"] == "FAIL"
-        and worse["max_preference_accuracy_drop"]["value"] == 0.5
+        worse["max_preference_accuracy_drop"].verdict == "FAIL" and worse["max_preference_accuracy_drop"].value == 0.5
     )
 
     few = check_gates(cfg, results([1.0, 0.0, 1.0], [1.0, 1.0, 0.0]))
-    assert (
-        few["min_preference_accuracy"]["verdict"] == "INCONCLUSIVE" and few["min_preference_accuracy"]["blocks"] is True
-    )
-    assert (
-        few["min_preference_accuracy"]["needed_n"] and few["max_preference_accuracy_drop"]["verdict"] == "INCONCLUSIVE"
-    )
+    assert few["min_preference_accuracy"].verdict == "INCONCLUSIVE" and few["min_preference_accuracy"].blocks is True
+    assert few["min_preference_accuracy"].needed_n and few["max_preference_accuracy_drop"].verdict == "INCONCLUSIVE"
 
     # Without `not_gated` (an SFT run, or a DPO task suite with its own path) the task gate applies as before.
     sft = check_gates(cfg, {"task": {"kind": "task", "base": [0.0] * 10, "candidate": [0.0] * 10, "n": 10}})
-    assert sft["min_accuracy"]["verdict"] == "FAIL" and "min_preference_accuracy" not in sft
+    assert sft["min_accuracy"].verdict == "FAIL" and "min_preference_accuracy" not in sft
 
 
 def test_answer_logprob_is_the_summed_log_likelihood_of_the_answer_turn(tiny_model):

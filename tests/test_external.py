@@ -37,8 +37,8 @@ def test_command_backend_registers_the_adapter_it_wrote(make_config, tmp_path):
     assert len((run_dir / "train_metrics.jsonl").read_text().splitlines()) == 4
     reg = SqliteRegistry(Workspace.for_config(load_config(path)).root)
     v = reg.get("tiny-bot", "champion")
-    assert v["artifact_kind"] == "adapter"
-    assert (reg.store.open_verified(v["artifact_digest"]) / "adapter_model.safetensors").is_file()
+    assert v.artifact_kind == "adapter"
+    assert (reg.store.open_verified(v.artifact_digest) / "adapter_model.safetensors").is_file()
     # The stand-in was given this run's training split: every record the data and preprocessing stages kept.
     stage = json.loads((run_dir / "stages" / "preprocessing.json").read_text())
     kept = len(Path(stage["outputs"]["train_records"]).read_text().splitlines())

@@ -168,7 +168,8 @@ def pipeline_records(quick_demo_pristine) -> dict[str, Any]:
     from tuneloop.workspace import Workspace
 
     v = open_registry(None, Workspace(quick_demo_pristine / ".tuneloop")).get("support-router", "latest")
-    return {k: v[k] for k in ("base_model", "lineage", "metrics", "gates")}
+    d = v.to_dict()
+    return {k: d[k] for k in ("base_model", "lineage", "metrics", "gates")}
 
 
 @pytest.fixture(params=["sqlite", "mlflow"])

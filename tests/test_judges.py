@@ -25,7 +25,7 @@ import pytest
 from tuneloop.config import JudgeConfig
 from tuneloop.errors import ConfigError, StageError
 from tuneloop.evaluate import judges, reports
-from tuneloop.evaluate.gates import GateInput, GateSpec, decide
+from tuneloop.evaluate.gates import GateInput, GateSpec, as_dicts, decide
 from tuneloop.evaluate.suites import task_score
 
 
@@ -130,9 +130,9 @@ def test_reports_junit_markdown_svg():
             GateSpec("min_win_rate", "win_rate", "floor", None), GateInput([0.5] * 10, binary=False)
         ),
     }
-    assert [g["verdict"] for g in gates.values()] == ["PASS", "INCONCLUSIVE", "FAIL", "NOT_APPLIED"]
-    assert gates["max_harmful_rate"]["needed_n"] > 250  # 0/40 cannot show a rate below 1 %
-    root = ET.fromstring(reports.junit_xml(gates))
+    assert [g.verdict for g in gates.values()] == ["PASS", "INCONCLUSIVE", "FAIL", "NOT_APPLIED"]
+    assert gates["max_harmful_rate"].needed_n > 250  # 0/40 cannot show a rate below 1 %
+    root = ET.fromstring(reports.junit_xml(as_dicts(gates)))
     suite = root.find("testsuite")
     assert suite.get("tests") == "4" and suite.get("failures") == "2" and suite.get("skipped") == "1"
     fail = root.find(".//testcase[@name='max_capability_drop']/failure")
@@ -141,9 +141,9 @@ def test_reports_junit_markdown_svg():
         and "interval [" in fail.get("message")
         and "<= 0.02" in fail.get("message")
     )
-    md = reports.markdown_summary(gates)
+    md = reports.markdown_summary(as_dicts(gates))
     assert "blocked by max_harmful_rate, max_capability_drop" in md and "| `min_accuracy` | ✅ PASS" in md
-    svg = reports.intervals_svg(gates)
+    svg = reports.intervals_svg(as_dicts(gates))
     assert svg.startswith("<svg") and svg.count("<circle") == 4  # a gate that is not applied is still drawn (grey)
     doc = reports.report_json(gates)
     assert doc["overall"] == "failed" and json.dumps(doc)

@@ -134,11 +134,11 @@ def test_auto_suite_records_the_chosen_metric_the_chrf_scores_and_the_gate_label
 
     cfg = coerce_config({"name": "x", "base_model": "m", "train_data": "t.jsonl"})
     gate = check_gates(cfg, {"task": res})["min_accuracy"]
-    assert gate["task_metric"] == "auto -> chrf" and gate["task_metric_threshold"] == DEFAULT_CHRF_THRESHOLD
-    assert gate["metric"].startswith("accuracy (auto -> chrf")
+    assert gate.task_metric == "auto -> chrf" and gate.task_metric_threshold == DEFAULT_CHRF_THRESHOLD
+    assert gate.metric.startswith("accuracy (auto -> chrf")
     from tuneloop.evaluate.reports import gate_line
 
-    assert "auto -> chrf >= " in gate_line("min_accuracy", gate)  # printed where the gates are printed
+    assert "auto -> chrf >= " in gate_line("min_accuracy", gate.to_dict())  # printed where the gates are printed
 
 
 def test_auto_keeps_exact_for_labels_and_an_explicit_threshold_is_used(tmp_path):

@@ -503,8 +503,8 @@ def test_pipeline_with_the_mlx_backend_registers_a_gated_adapter(make_config, tm
     assert len((run_dir / "train_metrics.jsonl").read_text().splitlines()) == 6
     reg = SqliteRegistry(Workspace.for_config(load_config(path)).root)
     v = reg.get("tiny-bot", "champion")
-    assert v["artifact_kind"] == "adapter" and not any(g["blocks"] for g in v["gates"].values()), v["gates"]
-    assert v["gates"]["min_accuracy"]["verdict"] == "PASS"
-    stored = reg.store.open_verified(v["artifact_digest"])
+    assert v.artifact_kind == "adapter" and not any(g["blocks"] for g in v.gates.values()), v.gates
+    assert v.gates["min_accuracy"]["verdict"] == "PASS"
+    stored = reg.store.open_verified(v.artifact_digest)
     assert (stored / "adapter_model.safetensors").is_file()
     assert json.loads((stored / "tuneloop_config.json").read_text())["train"]["backend"] == "mlx"

@@ -51,11 +51,11 @@ def test_full_loop_through_python_api(make_config):
 
     reg = SqliteRegistry(Workspace.for_config(load_config(path)).root)
     v = reg.get("tiny-bot", "champion")
-    assert v["version"] == 1 and v["artifact_kind"] == "adapter"
-    assert v["lineage"]["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
-    assert v["lineage"]["code_version"] and v["lineage"]["config_hash"]
-    assert v["gates"]["min_accuracy"]["passed"] is True
-    assert (reg.store.open_verified(v["artifact_digest"]) / "adapter_model.safetensors").is_file()
+    assert v.version == 1 and v.artifact_kind == "adapter"
+    assert v.lineage["data"]["train_digest"] == summary["stages"]["data_validation"]["metrics"]["digest"]
+    assert v.lineage["code_version"] and v.lineage["config_hash"]
+    assert v.gates["min_accuracy"]["passed"] is True
+    assert (reg.store.open_verified(v.artifact_digest) / "adapter_model.safetensors").is_file()
 
 
 def test_unchanged_rerun_is_all_cached_and_threshold_change_skips_training(make_config):
@@ -145,8 +145,8 @@ def test_full_fine_tuning_registers_a_whole_model(make_config, method):
     assert summary["overall"] == "passed"
     reg = SqliteRegistry(Workspace.for_config(load_config(make_config(train__method=method))).root)
     v = reg.get("tiny-bot", "latest")
-    assert v["artifact_kind"] == "model"
-    assert (reg.store.open_verified(v["artifact_digest"]) / "model.safetensors").is_file()
+    assert v.artifact_kind == "model"
+    assert (reg.store.open_verified(v.artifact_digest) / "model.safetensors").is_file()
 
 
 def test_stages_are_a_declared_table_with_inputs_apart_from_the_work(tmp_path, tiny_model, task_data):
@@ -278,10 +278,10 @@ def test_copied_workspace_is_fully_cached_and_registers_nothing_new(tmp_path, ti
     assert {k: v["cached"] for k, v in again["stages"].items()} == {s: True for s in STAGES}, again["stages"]
     assert again["model_version"] == first["model_version"] == "copy-bot:1"
     reg = SqliteRegistry(copy / ".tuneloop")
-    assert [v["version"] for v in reg.list_versions("copy-bot")] == [1]
+    assert [v.version for v in reg.list_versions("copy-bot")] == [1]
     run_dir = copy / ".tuneloop" / "runs" / again["run_id"]
     training = json.loads((run_dir / "stages" / "training.json").read_text())
     assert training["outputs"]["model_dir"].startswith(str(copy / ".tuneloop"))  # paths follow the copy
     assert (run_dir / "train_metrics.jsonl").is_file() and (run_dir / "eval_items.jsonl").is_file()
-    lineage = reg.get("copy-bot", 1)["lineage"]
+    lineage = reg.get("copy-bot", 1).lineage
     assert lineage["base_model_given"] == "base"

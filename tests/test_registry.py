@@ -15,6 +15,7 @@ from tuneloop.errors import InputError, IntegrityError
 from tuneloop.fsutil import sha256_dir
 from tuneloop.registry import sqlite as registry_sqlite
 from tuneloop.registry.names import parse_ref
+from tuneloop.registry.records import ModelVersion
 from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.registry.store import MANIFEST_NAME, ArtifactStore
 
@@ -43,7 +44,7 @@ def make_artifact(path: Path, content: str = "weights-v1", extra: dict[str, byte
     return path
 
 
-def register(reg: SqliteRegistry, model: str, src: Path, **kw) -> dict:
+def register(reg: SqliteRegistry, model: str, src: Path, **kw) -> ModelVersion:
     args = dict(
         artifact_kind="adapter",
         base_model="tiny-base",
@@ -134,26 +135,26 @@ def test_register_versions_and_dedup(tmp_path):
         reg, "support-bot", make_artifact(tmp_path / "b"), cache_key="k2", lineage={"data": {"train_digest": "d2"}}
     )
     v3 = register(reg, "support-bot", make_artifact(tmp_path / "c", "weights-v2"), artifact_kind="model")
-    assert [v["version"] for v in (v1, v2, v3)] == [1, 2, 3]
-    assert v1["ref"] == "support-bot:1" and "existing" not in v1
-    assert v1["artifact_digest"] == v2["artifact_digest"] != v3["artifact_digest"]
+    assert [v.version for v in (v1, v2, v3)] == [1, 2, 3]
+    assert v1.ref == "support-bot:1" and not v1.existing
+    assert v1.artifact_digest == v2.artifact_digest != v3.artifact_digest
     assert len([p for p in (tmp_path / "reg" / "artifacts").iterdir() if not p.name.startswith(".")]) == 2
-    assert Path(v1["artifact_path"]).is_dir()
-    assert v1["lineage"] == {"run": "r1"} and v1["metrics"] == {"acc": 0.9}
-    assert v1["gates"] == {"min_accuracy": "passed"} and v1["base_model"] == "tiny-base"
-    assert v1["created_at"].endswith("+00:00")
-    assert reg.get("support-bot", "latest")["version"] == 3
-    assert reg.get("support-bot", "2")["cache_key"] == "k2"
+    assert Path(v1.artifact_path).is_dir()
+    assert v1.lineage == {"run": "r1"} and v1.metrics == {"acc": 0.9}
+    assert v1.gates == {"min_accuracy": "passed"} and v1.base_model == "tiny-base"
+    assert v1.created_at.endswith("+00:00")
+    assert reg.get("support-bot", "latest").version == 3
+    assert reg.get("support-bot", "2").cache_key == "k2"
     # Same content and same lineage again (another cache key, e.g. a copied workspace): the existing version.
     again = register(
         reg, "support-bot", make_artifact(tmp_path / "b2"), cache_key="k9", lineage={"data": {"train_digest": "d2"}}
     )
-    assert again["version"] == 2 and again["existing"] is True
-    assert [v["version"] for v in reg.list_versions("support-bot")] == [1, 2, 3]
+    assert again.version == 2 and again.existing is True
+    assert [v.version for v in reg.list_versions("support-bot")] == [1, 2, 3]
     register(reg, "other", src)
     assert reg.models() == ["other", "support-bot"]
-    assert [v["ref"] for v in reg.list_versions()] == ["other:1", "support-bot:1", "support-bot:2", "support-bot:3"]
-    assert reg.open_artifact("support-bot", 1) == Path(v1["artifact_path"])
+    assert [v.ref for v in reg.list_versions()] == ["other:1", "support-bot:1", "support-bot:2", "support-bot:3"]
+    assert reg.open_artifact("support-bot", 1) == Path(v1.artifact_path)
     assert [e.kind for e in reg.events("support-bot")] == ["registered"] * 3
 
 
@@ -161,12 +162,12 @@ def test_register_is_idempotent_per_cache_key(tmp_path):
     reg = SqliteRegistry(tmp_path / "reg")
     first = register(reg, "m", make_artifact(tmp_path / "a"), cache_key="abc")
     again = register(reg, "m", make_artifact(tmp_path / "b", "different"), cache_key="abc")
-    assert again["existing"] is True
-    assert again["version"] == first["version"] == 1
-    assert again["artifact_digest"] == first["artifact_digest"]
+    assert again.existing is True
+    assert again.version == first.version == 1
+    assert again.artifact_digest == first.artifact_digest
     assert len(reg.list_versions("m")) == 1
     # The same cache key under another model is a different thing.
-    assert register(reg, "m2", make_artifact(tmp_path / "a"), cache_key="abc")["version"] == 1
+    assert register(reg, "m2", make_artifact(tmp_path / "a"), cache_key="abc").version == 1
 
 
 def test_register_validates_inputs(tmp_path):
@@ -197,9 +198,9 @@ def test_aliases_and_promote(tmp_path):
     reg.set_alias("m", "canary", 3, reason="try it")
     reg.set_alias("m", "canary", "champion")
     assert reg.get_alias("m", "canary") == 2 and reg.get_alias("m", "nope") is None
-    assert reg.get("m", "champion")["aliases"] == ["canary", "champion"]
-    assert reg.get("m", "previous")["version"] == 1
-    assert [v["aliases"] for v in reg.list_versions("m")] == [["previous"], ["canary", "champion"], []]
+    assert reg.get("m", "champion").aliases == ("canary", "champion")
+    assert reg.get("m", "previous").version == 1
+    assert [v.aliases for v in reg.list_versions("m")] == [("previous",), ("canary", "champion"), ()]
 
     events = reg.events("m")
     assert [e.kind for e in events] == ["registered"] * 3 + ["promoted", "promoted", "alias_set", "alias_set"]
@@ -230,9 +231,9 @@ def test_unknown_refs_list_what_exists(tmp_path):
         reg.get("support-bot", "prod")
     with pytest.raises(InputError, match="unknown model"):
         reg.list_versions("nope")
-    assert reg.resolve("support-bot@champion")["version"] == 2
-    assert reg.resolve("support-bot")["version"] == 2
-    assert reg.resolve("support-bot:1")["version"] == 1
+    assert reg.resolve("support-bot@champion").version == 2
+    assert reg.resolve("support-bot").version == 2
+    assert reg.resolve("support-bot:1").version == 1
 
 
 def test_parse_ref():
@@ -262,20 +263,20 @@ def test_versions_and_events_are_immutable(tmp_path):
                 conn.execute(sql)
     finally:
         conn.close()
-    assert reg.get("m", 1)["metrics"] == {"acc": 0.9}
+    assert reg.get("m", 1).metrics == {"acc": 0.9}
     assert len(reg.events()) == 1
 
 
 def test_tampered_artifact_fails_open(tmp_path):
     reg = SqliteRegistry(tmp_path / "reg")
     v = register(reg, "m", make_artifact(tmp_path / "a"))
-    f = Path(v["artifact_path"]) / "adapter_config.json"
+    f = Path(v.artifact_path) / "adapter_config.json"
     os.chmod(f, 0o644)
     f.write_text('{"r": 64}')
     with pytest.raises(IntegrityError, match="adapter_config.json"):
         reg.open_artifact("m", 1)
     with pytest.raises(IntegrityError):
-        reg.store.open_verified(v["artifact_digest"])
+        reg.store.open_verified(v.artifact_digest)
 
 
 # -- concurrency and crashes ----------------------------------------------------------------------
@@ -301,11 +302,11 @@ def test_concurrent_registration_allocates_each_version_once(tmp_path):
     assert [p.exitcode for p in procs] == [0] * 8
     reg = SqliteRegistry(root)
     versions = reg.list_versions("m")
-    assert sorted(v["version"] for v in versions) == list(range(1, 9))
-    assert sorted(v["lineage"]["worker"] for v in versions) == list(range(8))
-    assert len({v["artifact_digest"] for v in versions}) == 4
+    assert sorted(v.version for v in versions) == list(range(1, 9))
+    assert sorted(v.lineage["worker"] for v in versions) == list(range(8))
+    assert len({v.artifact_digest for v in versions}) == 4
     for v in versions:
-        reg.store.verify(v["artifact_digest"])
+        reg.store.verify(v.artifact_digest)
     assert len(reg.events("m")) == 8
     assert not [p for p in (root / "artifacts").iterdir() if p.name.startswith(".tmp")]
 
@@ -344,7 +345,7 @@ def test_killed_registration_leaves_no_partial_version(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
     assert proc.exitcode == -signal.SIGKILL
-    assert [v["version"] for v in reg.list_versions("m")] == [1]
+    assert [v.version for v in reg.list_versions("m")] == [1]
 
     # 2) Killed inside the transaction, after the version row was inserted but before commit.
     doomed = make_artifact(tmp_path / "d", "w-d")
@@ -353,13 +354,13 @@ def test_killed_registration_leaves_no_partial_version(tmp_path):
     proc.join(30)
     assert proc.exitcode == -signal.SIGKILL
     reg = SqliteRegistry(root)
-    assert [v["version"] for v in reg.list_versions("m")] == [1]
+    assert [v.version for v in reg.list_versions("m")] == [1]
     assert [e.kind for e in reg.events("m")] == ["registered"]
 
     # The registry is still usable and the interrupted registrations can simply be retried.
     again = register(reg, "m", big, cache_key="big")
-    assert again["version"] == 2 and "existing" not in again
+    assert again.version == 2 and not again.existing
     reg.open_artifact("m", 2)
-    assert register(reg, "m", doomed, cache_key="doomed")["version"] == 3
+    assert register(reg, "m", doomed, cache_key="doomed").version == 3
     with sqlite3.connect(root / "registry.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

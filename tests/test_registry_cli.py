@@ -418,7 +418,7 @@ def test_a_schema_v1_registry_is_upgraded_in_place(tmp_path, adapters):
         conn.executescript("DROP TABLE tags; DROP TABLE deletions; PRAGMA user_version = 1;")
     reg = SqliteRegistry(tmp_path / "reg")
     assert reg.set_tag("m", 1, "k", "v").tags == {"k": "v"}
-    assert reg.delete("m", 1)["version"]["deleted"]
+    assert reg.delete("m", 1)["version"].deleted
     with sqlite3.connect(tmp_path / "reg" / "registry.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 

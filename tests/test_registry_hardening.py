@@ -79,9 +79,9 @@ def test_symlink_inside_the_directory_is_stored_as_a_copy(tmp_path):
     (src / "tokenizer.json").symlink_to("sub/tokenizer.json")
     (src / "linked").symlink_to("sub", target_is_directory=True)
     v = register(SqliteRegistry(tmp_path / "reg"), "m", src)
-    stored = Path(v["artifact_path"]) / "tokenizer.json"
+    stored = Path(v.artifact_path) / "tokenizer.json"
     assert not stored.is_symlink() and stored.read_text() == "{}"
-    assert not (Path(v["artifact_path"]) / "linked").exists()  # a linked directory: its files once, at their real path
+    assert not (Path(v.artifact_path) / "linked").exists()  # a linked directory: its files once, at their real path
 
 
 # -- 2. content checks ------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_gc_removes_unreferenced_artifacts_and_counts_bytes(tmp_path):
     size = sum(f.stat().st_size for f in reg.store.path(orphan).rglob("*") if f.is_file())
     rep = gc(reg)
     assert rep.artifacts == [{"digest": orphan, "bytes": size}] and rep.freed_bytes == size
-    assert reg.store.exists(v["artifact_digest"]) and not reg.store.exists(orphan)
+    assert reg.store.exists(v.artifact_digest) and not reg.store.exists(orphan)
     assert "1 unreferenced artifact(s)" in rep.summary()
 
 
@@ -440,12 +440,12 @@ def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_ve
         "data": {"train_digest": "d1", "train_path": "/tmp/copy/train.jsonl"},
     }
     again = register(reg, "m", make_artifact(tmp_path / "copy"), lineage=copied, gates=gates, cache_key="k2")
-    assert again["existing"] is True and again["version"] == v1["version"] == 1
+    assert again.existing is True and again.version == v1.version == 1
     # Different data, different gate results (a verdict, or a threshold), or different bytes: a new version.
     assert (
-        register(reg, "m", make_artifact(tmp_path / "b"), lineage={**lin, "data": {"train_digest": "d2"}}, gates=gates)[
-            "version"
-        ]
+        register(
+            reg, "m", make_artifact(tmp_path / "b"), lineage={**lin, "data": {"train_digest": "d2"}}, gates=gates
+        ).version
         == 2
     )
     assert (
@@ -455,7 +455,7 @@ def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_ve
             make_artifact(tmp_path / "c"),
             lineage=lin,
             gates={"min_accuracy": {"passed": False, "verdict": "FAIL"}},
-        )["version"]
+        ).version
         == 3
     )
     assert (
@@ -465,13 +465,13 @@ def test_same_digest_and_lineage_from_a_copied_workspace_returns_the_existing_ve
             make_artifact(tmp_path / "e"),
             lineage=lin,
             gates={"min_accuracy": {**gates["min_accuracy"], "threshold": 0.5}},
-        )["version"]
+        ).version
         == 4
     )
-    assert register(reg, "m", make_artifact(tmp_path / "d", "other"), lineage=lin, gates=gates)["version"] == 5
+    assert register(reg, "m", make_artifact(tmp_path / "d", "other"), lineage=lin, gates=gates).version == 5
     # A deleted version is not returned: the same inputs register anew.
     reg.delete("m", 5)
-    assert register(reg, "m", make_artifact(tmp_path / "d2", "other"), lineage=lin, gates=gates)["version"] == 6
+    assert register(reg, "m", make_artifact(tmp_path / "d2", "other"), lineage=lin, gates=gates).version == 6
 
 
 # -- 8. MLflow params (the server round trip is in test_registry_mlflow.py) -------------------------

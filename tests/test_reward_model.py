@@ -165,9 +165,7 @@ def test_a_reward_run_from_the_cli_is_gated_on_held_out_pairwise_accuracy_and_re
     cfg = load_config(path)
     reg = open_registry(cfg, path.parent / ".tuneloop")
     v = reg.get("tiny-rm", "champion")
-    assert (
-        v.lineage["kind"] == "reward" and v.lineage["objective"] == "reward" and v.artifact_kind == "adapter"
-    )
+    assert v.lineage["kind"] == "reward" and v.lineage["objective"] == "reward" and v.artifact_kind == "adapter"
     assert v.gates["min_reward_accuracy"]["verdict"] == "PASS"
 
     # Changing only the floor re-uses the trained model, and a floor no held-out accuracy reaches blocks it.

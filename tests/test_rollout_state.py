@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tuneloop.errors import InputError
+from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.api import ModelRegistry, open_registry
 from tuneloop.registry.recovery import recover_database
 from tuneloop.registry.sqlite import SqliteRegistry
-from tuneloop.registry.rollouts import RolloutConflict
+from tuneloop.registry.rollouts import RECORD_KEYS, Rollout, RolloutConflict
 from tuneloop.rollout.analysis import ArmCounts, CanaryAnalysis, RolloutPolicy
 
 try:  # the real MLflow server (module-scoped); the MLflow cases skip where mlflow is not installed
@@ -297,3 +297,27 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
     assert len(results) == 8 and sum(x is not None for x in results) == 1
     assert reg.get_rollout("bot").revision == 2
     assert sum(e.kind == "rollout_decision" for e in reg.events("bot")) == 1
+
+
+def test_the_rollout_record_keeps_its_json_form_and_refuses_a_damaged_one(tmp_path):
+    """``to_dict()`` is the dict the registry returned before rollouts were typed: RECORD_KEYS order from
+    ``start_rollout``, sorted keys as read back from storage; a stored record without every key is refused."""
+    reg = SqliteRegistry(tmp_path / "ws")
+    for i in (1, 2):
+        reg.register(
+            "bot",
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )
+    reg.promote("bot", 1)
+    started = reg.start_rollout("bot", 2, policy=POLICY, reason="try")
+    assert list(started.to_dict()) == list(RECORD_KEYS) and started.to_dict()["candidate"] == "bot:2"
+    back = reg.get_rollout("bot")
+    assert back == started and list(back.to_dict()) == sorted(RECORD_KEYS)
+    assert Rollout.from_dict(back.to_dict()).to_dict() == back.to_dict()
+    with pytest.raises(IntegrityError, match="lacks revision"):
+        Rollout.from_dict({k: v for k, v in back.to_dict().items() if k != "revision"})

@@ -33,7 +33,7 @@ def test_probes_pass_on_the_registered_version_and_refuse_a_mismatch(make_config
     assert status["status"] == "passed" and status["probes"] >= 2
     asyncio.run(backend.close())
 
-    items = ws / "runs" / version["lineage"]["run_id"] / "eval_items.jsonl"
+    items = ws / "runs" / version.lineage["run_id"] / "eval_items.jsonl"
     recs = [json.loads(x) for x in items.read_text().splitlines()]
     for r in recs:
         if isinstance(r.get("candidate"), str):

@@ -132,7 +132,7 @@ def test_the_gateway_rolls_back_a_crashing_canary_and_routes_the_change(tmp_path
         assert "guard errors" in record.last_decision["reason"]
         wait_for(lambda: chat(c, server.url, "user-1").headers["x-tuneloop-arm"] == "direct", timeout=5)
         assert all(chat(c, server.url, f"user-{k}").headers["x-tuneloop-version"] == f"{MODEL}:1" for k in range(20))
-    assert reg.get(MODEL, "champion")["version"] == 1
+    assert reg.get(MODEL, "champion").version == 1
     assert "canary" not in reg.aliases(MODEL)
     assert [e for e, *_ in notifier.sent] == ["rollback"]
     ended = [e for e in reg.events(MODEL) if e.kind == "rollout_ended"]
@@ -192,7 +192,7 @@ def test_two_gateways_over_one_registry_and_one_log_reach_one_decision(tmp_path,
             i += 1
             assert i < 5000, "never promoted"
     record = reg.get_rollout(MODEL)
-    assert record.status == "promoted" and reg.get(MODEL, "champion")["version"] == 2
+    assert record.status == "promoted" and reg.get(MODEL, "champion").version == 2
     events = controller.decisions(reg, MODEL, rid)
     revisions = [e.details["revision"] for e in events]
     assert len(revisions) == len(set(revisions))  # no decision stored twice
@@ -236,7 +236,7 @@ def test_admin_rollout_api(tmp_path):
         admin(c, url, "POST", "/admin/rollouts", json={"ref": f"{MODEL}:3"})
         r = admin(c, url, "POST", f"/admin/rollouts/{MODEL}/promote", json={"reason": "looks fine"})
         assert r.status_code == 200 and r.json()["status"] == "promoted"
-    assert reg.get(MODEL, "champion")["version"] == 3
+    assert reg.get(MODEL, "champion").version == 3
     assert [e for e, *_ in notifier.sent] == ["start", "abort", "start", "promote"]
 
 

@@ -250,7 +250,8 @@ def test_weights_repeat_or_sample_records_deterministically():
 
 
 def test_the_eval_split_is_drawn_before_weighting(tmp_path, tiny_model):
-    from tuneloop.data.prepare import prepare_dataset, read_jsonl
+    from tuneloop.data.prepare import prepare_dataset
+    from tuneloop.fsutil import read_jsonl
     from tuneloop.modeling import load_tokenizer
 
     recs = [
@@ -396,7 +397,7 @@ def test_pipeline_trains_on_weighted_sources_and_a_weight_change_reuses_validati
     )
     assert again["stages"]["preprocessing"]["metrics"]["train_samples"] == kept - 6 + 12
     assert math.isclose(again["stages"]["preprocessing"]["metrics"]["sources"][1]["weight"], 2.0)
-    lineage = SqliteRegistry(Workspace.for_config(load_config(path)).root).get("tiny-bot", "latest")["lineage"]
+    lineage = SqliteRegistry(Workspace.for_config(load_config(path)).root).get("tiny-bot", "latest").lineage
     assert lineage["data"]["train_path"] == [
         {"path": str(task_data[0]), "weight": 1.0},
         {"path": str(tmp_path / "feedback" / "sft.jsonl"), "weight": 2.0},

@@ -4,7 +4,7 @@ Entry points: :func:`check_gates` (verdicts on per-item results, as :class:`Gate
 :func:`as_dicts` give the stored and printed JSON shape, pinned by ``tests/test_json_shapes.py``) and
 :func:`decidability` (before any work:
 whether a perfect model could PASS each applied gate at its suite's size, and what PASS needs; the suite sizes
-come from :func:`tuneloop.stages.suite_sizes`). The statistics (intervals, tests, verdict rules, ``needed_n``) are in
+come from :func:`tuneloop.preflight.suite_sizes`). The statistics (intervals, tests, verdict rules, ``needed_n``) are in
 :mod:`tuneloop.evaluate.stats`; this module says which statistic each gate uses:
 
 | gate | quantity | kind | statistic |
@@ -48,6 +48,7 @@ import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from itertools import chain
 from typing import Any
 
 from tuneloop.evaluate import stats
@@ -124,16 +125,15 @@ _KEY_ORDER = (
 
 
 @dataclass(frozen=True)
-class GateResult(Mapping[str, Any]):
+class GateResult:
     """One gate's verdict: PASS / FAIL / INCONCLUSIVE (or NOT_APPLIED), its estimate, interval and threshold.
 
     ``passed`` keeps its meaning for the registry and the report: ``True`` lets the model through, ``False``
     blocks it, ``None`` means not applied; ``blocks`` says whether the verdict blocks under the policy.
     Fields set to :data:`ABSENT` are not part of the record. :meth:`to_dict` gives the stored JSON record (keys in
     ``_KEY_ORDER``); :meth:`from_dict` reads one back (keys it does not know are kept in ``extra``, after the
-    others). As a read-only ``Mapping`` (``record["key"]``, ``.get``, ``{**record}``) it reads as its stored form,
-    for the renderers that show fresh records and stored ones (data gates, the registry) alike; code that holds
-    a ``GateResult`` reads its attributes.
+    others). The renderers (``evaluate/reports.py``) take the stored form, so fresh and stored records (data gates,
+    the registry) are shown alike: pass them ``as_dicts(...)``.
     """
 
     metric: str
@@ -193,15 +193,6 @@ class GateResult(Mapping[str, Any]):
             kwargs["interval"] = (lo, hi)
         extra = tuple((k, v) for k, v in record.items() if k not in known)
         return cls(**kwargs, extra=extra)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
 
 
 _REQUIRED = frozenset(f.name for f in fields(GateResult) if f.default is not ABSENT and f.name != "extra")
@@ -313,90 +304,124 @@ def decide(
 
 def overall(gates: Mapping[str, GateResult | Mapping[str, Any]]) -> str:
     """``passed`` when no applied gate blocks, else ``failed`` (fresh records or stored ones)."""
-    return "failed" if any(g.get("blocks") for g in gates.values()) else "passed"
+    return "failed" if any(is_blocking(g) for g in gates.values()) else "passed"
+
+
+def is_blocking(g: GateResult | Mapping[str, Any]) -> bool:
+    """Whether a gate blocks, for a fresh record (``GateResult``) or a stored one (its JSON dict)."""
+    return bool(g.blocks if isinstance(g, GateResult) else g.get("blocks"))
 
 
 def check_gates(cfg: Any, results: dict[str, Any], *, seed: int = 0) -> dict[str, GateResult]:
     """All gates of ``cfg.gates`` on the suite results of :func:`tuneloop.evaluate.suites.run_suites`.
 
     ``results`` maps suite name -> a dict with ``kind`` and per-item ``base``/``candidate`` outcome lists.
+    The gates of the task suites come first (:func:`_task_gates`), then those of the other suites in ``results``'
+    order (:func:`_suite_gates`); each is decided as it is named, with the details its suite adds.
     """
     g = cfg.gates
     out: dict[str, GateResult] = {}
+    for name, spec, data, details in chain(_task_gates(g, results), _suite_gates(g, results)):
+        decided = decide(spec, data, confidence=g.confidence, interval=g.interval, policy=g.on_inconclusive, seed=seed)
+        out[name] = replace(decided, **details) if details else decided
+    return out
 
-    def add(name: str, spec: GateSpec, data: GateInput) -> None:
-        out[name] = decide(
-            spec, data, confidence=g.confidence, interval=g.interval, policy=g.on_inconclusive, seed=seed
-        )
 
+#: A gate to decide: (its name in the record, its spec, its data, the fields its suite adds to the decided record).
+_Planned = tuple[str, GateSpec, GateInput, dict[str, Any]]
+
+
+def _task_gates(g: Any, results: dict[str, Any]) -> Iterator[_Planned]:
+    """``min_accuracy`` and ``max_accuracy_drop`` of each task suite (the second and later ones suffixed with
+    ``[suite]``), with the task metric as chosen (e.g. ``auto -> chrf``, with its chrF pass mark); a suite marked
+    ``not_gated`` (a DPO run's eval items) is reported with that reason and no threshold."""
     task = [(n, r) for n, r in results.items() if r["kind"] == "task"]
     for i, (name, r) in enumerate(task):
         suffix = "" if i == 0 else f"[{name}]"
         binary = r.get("binary", True)
-        off = bool(r.get("not_gated"))  # a DPO run's eval items: reported, not gated
-        add(
+        off = bool(r.get("not_gated"))
+        details: dict[str, Any] = {}
+        if r.get("metric"):
+            details["task_metric"] = r["metric"]
+            if r.get("threshold") is not None:
+                details["task_metric_threshold"] = r["threshold"]
+        if off:
+            details["reason"] = r["not_gated"]
+        yield (
             f"min_accuracy{suffix}",
             GateSpec("min_accuracy", r.get("metric_name", "accuracy"), "floor", None if off else g.min_accuracy, name),
             GateInput(r["candidate"], binary=binary),
+            details,
         )
-        add(
+        yield (
             f"max_accuracy_drop{suffix}",
             GateSpec("max_accuracy_drop", "accuracy_drop", "paired", None if off else g.max_accuracy_drop, name),
             GateInput(r["candidate"], r["base"], binary=binary),
+            details,
         )
-        for gate in (f"min_accuracy{suffix}", f"max_accuracy_drop{suffix}"):
-            if r.get("metric"):  # the task metric as chosen, e.g. ``auto -> chrf`` (with its chrF pass mark)
-                out[gate] = replace(out[gate], task_metric=r["metric"])
-                if r.get("threshold") is not None:
-                    out[gate] = replace(out[gate], task_metric_threshold=r["threshold"])
-            if off:
-                out[gate] = replace(out[gate], reason=r["not_gated"])
+
+
+def _suite_gates(g: Any, results: dict[str, Any]) -> Iterator[_Planned]:
+    """The gates of the other suite kinds, in ``results``' order (a later suite of a kind replaces an earlier one's
+    record); task suites and kinds without gates add none."""
     for name, r in results.items():
         k = r["kind"]
         if k == "harmful":
-            add(
+            yield (
                 "max_harmful_rate",
                 GateSpec("max_harmful_rate", "harmful_rate", "ceiling", g.max_harmful_rate, name),
                 GateInput(r["candidate"]),
+                {},
             )
-            add(
+            yield (
                 "max_harmful_increase",
                 GateSpec("max_harmful_increase", "harmful_increase", "paired", g.max_harmful_increase, name),
                 GateInput(r["candidate"], r["base"], sign=-1),
+                {},
             )
         elif k == "over_refusal":
-            add(
+            yield (
                 "max_over_refusal_increase",
                 GateSpec(
                     "max_over_refusal_increase", "over_refusal_increase", "paired", g.max_over_refusal_increase, name
                 ),
                 GateInput(r["candidate"], r["base"], sign=-1),
+                {},
             )
         elif k == "general_text":
-            add(
+            yield (
                 "max_capability_drop",
                 GateSpec("max_capability_drop", "capability_drop", "paired", g.max_capability_drop, name),
                 GateInput(r["candidate"], r["base"]),
+                {},
             )
         elif k in ("capability_mc", "lmeval"):
-            add(
+            yield (
                 f"max_mc_capability_drop[{name}]",
                 GateSpec("max_mc_capability_drop", "mc_capability_drop", "paired", g.max_mc_capability_drop, name),
                 GateInput(r["candidate"], r["base"], binary=r.get("binary", True)),
+                {},
             )
         elif k == "win_rate":
-            add(
+            yield (
                 "min_win_rate",
                 GateSpec("min_win_rate", "win_rate", "floor", g.min_win_rate, name),
                 GateInput(r["candidate"], binary=False),
+                {},
             )
         elif k == "preference":
-            add(
+            margins = {
+                "base_margin": r.get("base_margin"),
+                "candidate_margin": r.get("candidate_margin"),
+                "loglik": r.get("loglik"),
+            }
+            yield (
                 "min_preference_accuracy",
                 GateSpec("min_preference_accuracy", "preference_accuracy", "floor", g.min_preference_accuracy, name),
                 GateInput(r["candidate"]),
+                margins,
             )
-            add(
+            yield (
                 "max_preference_accuracy_drop",
                 GateSpec(
                     "max_preference_accuracy_drop",
@@ -406,22 +431,15 @@ def check_gates(cfg: Any, results: dict[str, Any], *, seed: int = 0) -> dict[str
                     name,
                 ),
                 GateInput(r["candidate"], r["base"]),
+                margins,
             )
-            for gate in ("min_preference_accuracy", "max_preference_accuracy_drop"):
-                out[gate] = replace(
-                    out[gate],
-                    base_margin=r.get("base_margin"),
-                    candidate_margin=r.get("candidate_margin"),
-                    loglik=r.get("loglik"),
-                )
         elif k == "reward":
-            add(
+            yield (
                 "min_reward_accuracy",
                 GateSpec("min_reward_accuracy", "reward_accuracy", "floor", g.min_reward_accuracy, name),
                 GateInput(r["candidate"]),
+                {"candidate_margin": r.get("candidate_margin")},
             )
-            out["min_reward_accuracy"] = replace(out["min_reward_accuracy"], candidate_margin=r.get("candidate_margin"))
-    return out
 
 
 def not_applicable(cfg: Any, reason: str, *, kinds: tuple[str, ...] = ("reward",)) -> dict[str, GateResult]:
@@ -488,7 +506,7 @@ _MAX_SEARCH_N = 10**9
 
 @dataclass(frozen=True)
 class SuiteSize:
-    """How many items a suite will have, known before any work (:func:`tuneloop.stages.suite_sizes`).
+    """How many items a suite will have, known before any work (:func:`tuneloop.preflight.suite_sizes`).
 
     ``n`` is ``None`` when it cannot be known cheaply (``note`` says why; its gates are not checked).
     ``grow``: the config keys that change the suite's size (named in the messages). ``binary``: 0/1 per item

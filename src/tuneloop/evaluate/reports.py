@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
-from tuneloop.evaluate.gates import GateResult, as_dicts
+from tuneloop.evaluate.gates import GateResult, as_dicts, is_blocking
 from tuneloop.report.style import fmt_number
 
 _MARK = {"PASS": "✅", "FAIL": "❌", "INCONCLUSIVE": "⚠️", "NOT_APPLIED": "➖"}
@@ -36,7 +36,7 @@ def report_json(
 ) -> dict[str, Any]:
     """One JSON document: overall verdict, every gate with its interval and reason (the stored records), and the
     metrics."""
-    blocking = [n for n, g in gates.items() if g.get("blocks")]
+    blocking = [n for n, g in gates.items() if is_blocking(g)]
     return {
         "overall": "failed" if blocking else "passed",
         "blocking": blocking,

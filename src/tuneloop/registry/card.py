@@ -94,7 +94,7 @@ def model_card(version: ModelVersion, *, kind: str, base_name: str | None) -> st
         lines += [f"- train digest: `{data.get('train_digest')}`", f"- eval digest: `{data.get('eval_digest')}`"]
     else:
         lines.append("- not recorded (registered from a directory made outside tuneloop)")
-    metric_rows = _metric_rows(version.get("metrics") or {})
+    metric_rows = _metric_rows(version.metrics or {})
     lines += ["", "## Evaluation metrics", ""]
     lines += ["| metric | value |", "|---|---|", *metric_rows] if metric_rows else ["- none recorded"]
     gate_rows = _gate_rows(version.gates or {})

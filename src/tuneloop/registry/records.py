@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +33,7 @@ def check_note_event(kind: str) -> None:
         raise InputError(f"record_event takes the event kinds {', '.join(NOTE_EVENT_KINDS)}, not {kind!r}")
 
 
-def version_record(v: Mapping[str, Any], registered: dict, aliases: dict[str, int]) -> dict:
+def version_record(v: ModelVersion, registered: dict, aliases: dict[str, int]) -> dict:
     """The record of a version kept beside its artifact: its row, lineage, and the model's aliases then."""
     keep = (
         "model",
@@ -48,22 +47,21 @@ def version_record(v: Mapping[str, Any], registered: dict, aliases: dict[str, in
         "metrics",
         "gates",
     )
+    row = v.to_dict()
     return {
         "schema": 1,
-        **{k: v[k] for k in keep},
+        **{k: row[k] for k in keep},
         "aliases": dict(aliases),
         "registered": {k: registered[k] for k in ("at", "actor", "reason")},
     }
 
 
-# eq=False: equality is the mapping's (a version equals its dict form and another record with the same fields).
-@dataclass(frozen=True, eq=False)
-class ModelVersion(Mapping[str, Any]):
+@dataclass(frozen=True)
+class ModelVersion:
     """One registered version, as both backends return it (``get``, ``resolve``, ``list_versions``, ``register``...).
 
     Read it by attribute (``v.ref``, ``v.artifact_digest``); ``to_dict()`` is the JSON form ``--json`` prints
-    (same keys in the same order as before records were typed). The read-only mapping view (``v["ref"]``) is kept
-    for scripts written against the dict form; tuneloop's own code uses the attributes.
+    (same keys in the same order as before records were typed).
     """
 
     model: str
@@ -122,13 +120,3 @@ class ModelVersion(Mapping[str, Any]):
         if self.existing:
             out["existing"] = True
         return out
-
-    # The read-only mapping view (see the class docstring).
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())

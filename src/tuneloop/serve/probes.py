@@ -10,12 +10,12 @@ workspace, an MLflow registry without the run directory), probing is skipped and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneloop.fsutil import read_jsonl
+from tuneloop.registry.records import ModelVersion
 
 
 @dataclass
@@ -32,8 +32,8 @@ class ProbePlan:
     skipped_reason: str | None = None
 
 
-def plan_probes(workspace_root: Path | None, version: Mapping[str, Any], limit: int = 4) -> ProbePlan:
-    lineage = version.get("lineage") or {}
+def plan_probes(workspace_root: Path | None, version: ModelVersion, limit: int = 4) -> ProbePlan:
+    lineage = version.lineage or {}
     cfg = lineage.get("config") or {}
     max_new = int((cfg.get("eval") or {}).get("max_new_tokens") or 32)
     run_id = lineage.get("run_id")

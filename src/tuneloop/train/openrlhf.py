@@ -515,11 +515,11 @@ def _reward_model_dir(cfg: PipelineConfig, ref: str) -> Path:
     from tuneloop.workspace import Workspace
 
     version = reward_version(cfg, ref)
-    where = Path(open_registry(cfg, Workspace.for_config(cfg)).open_artifact(version["model"], version["version"]))
+    where = Path(open_registry(cfg, Workspace.for_config(cfg)).open_artifact(version.model, version.version))
     if (where / "adapter_config.json").is_file():
         if not (where / "merged" / "config.json").is_file():
             raise InputError(
-                f"{version['ref']} is a LoRA reward model; OpenRLHF's reward model loads a full model "
+                f"{version.ref} is a LoRA reward model; OpenRLHF's reward model loads a full model "
                 "(--reward.model_name_or_path), so train the reward model with train.method: full to export"
             )
         where = where / "merged"
@@ -528,18 +528,18 @@ def _reward_model_dir(cfg: PipelineConfig, ref: str) -> Path:
     outputs = config.get("num_labels", len(config.get("id2label") or {0: 0}))
     if not any(a.endswith("ForSequenceClassification") for a in archs) or outputs != 1:
         raise InputError(
-            f"{version['ref']} ({where}) is not a sequence-classification model with one output "
+            f"{version.ref} ({where}) is not a sequence-classification model with one output "
             f"(architectures {archs}); OpenRLHF's RewardModel reads its `score` head"
         )
     try:
         theirs, ours = AutoTokenizer.from_pretrained(str(where)), AutoTokenizer.from_pretrained(cfg.base_model)
     except (OSError, ValueError) as exc:
         raise InputError(
-            f"cannot load the tokenizers of {version['ref']} and base_model to compare them ({exc})"
+            f"cannot load the tokenizers of {version.ref} and base_model to compare them ({exc})"
         ) from None
     if theirs.get_vocab() != ours.get_vocab():
         raise InputError(
-            f"{version['ref']} has another tokenizer than base_model {cfg.base_model}; OpenRLHF feeds the "
+            f"{version.ref} has another tokenizer than base_model {cfg.base_model}; OpenRLHF feeds the "
             "policy's token ids to the reward model unchanged, so train the reward model on the same base "
             "(tuneloop itself re-renders the text for it)"
         )

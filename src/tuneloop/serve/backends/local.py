@@ -105,10 +105,10 @@ class LocalBackend:
         from tuneloop.registry.lineage import check_base
 
         path = self.registry.open_artifact(version.model, version.version)  # verifies every file's sha256
-        cfg = (version.get("lineage") or {}).get("config") or {}
+        cfg = (version.lineage or {}).get("config") or {}
         tok = load_tokenizer(str(path), (cfg.get("data") or {}).get("chat_template"))
         if version.artifact_kind == "adapter":
-            lin = version.get("lineage") or {}
+            lin = version.lineage or {}
             base = check_base(
                 lin.get("base") or version.base_model,
                 (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
@@ -472,7 +472,7 @@ def load_served_model(registry, model_name: str, ref: str = "champion") -> Serve
     v = registry.get(model_name, ref)
     path = registry.open_artifact(model_name, v.version)
     if v.artifact_kind == "adapter":
-        lin = v.get("lineage") or {}
+        lin = v.lineage or {}
         base = check_base(
             lin.get("base") or v.base_model,
             (lin.get("base") or {}).get("digest") or lin.get("base_model_fingerprint"),
