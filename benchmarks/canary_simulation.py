@@ -110,7 +110,10 @@ def fixed_peek_rule(n_c, e_c, e_b) -> np.ndarray:
     per = PEEK_EVERY // BLOCK
     trials, blocks = n_c.shape
     looks = blocks // per
-    cut = lambda a: np.cumsum(a[:, : looks * per].reshape(trials, looks, per).sum(axis=2), axis=1).astype(float)
+
+    def cut(a: np.ndarray) -> np.ndarray:  # cumulative counts at each look
+        return np.cumsum(a[:, : looks * per].reshape(trials, looks, per).sum(axis=2), axis=1).astype(float)
+
     nc, ec, eb = cut(n_c), cut(e_c), cut(e_b)
     nb = np.arange(1, looks + 1) * PEEK_EVERY - nc
     pooled = (ec + eb) / (nc + nb)
@@ -206,7 +209,9 @@ def main() -> None:
 
 
 def headline(r: dict, args, checked: bool, seconds: float) -> dict:
-    get = lambda s, rule, key: r.get(s, {}).get(rule, {}).get(key)
+    def get(s, rule, key):
+        return r.get(s, {}).get(rule, {}).get(key)
+
     out = {
         "alpha": args.alpha,
         "trials": args.trials,

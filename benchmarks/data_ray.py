@@ -100,7 +100,6 @@ class Head:
 
     def stop(self) -> None:
         import psutil
-
         import ray
 
         if ray.is_initialized():

@@ -272,6 +272,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _timed(f, name: str, spent: dict[str, float]):
+    """``f``, adding the seconds each call takes to ``spent[name]``."""
+
+    def timed(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return f(*args, **kw)
+        finally:
+            spent[name] += time.perf_counter() - t
+
+    return timed
+
+
 def run_pass(workdir: Path, mode: str) -> dict:
     """The full data pass, timed, in this (fresh) process: validate_dataset on the eval file, then on the
     train file with near-dup and contamination against the eval texts. ``mode``: ``ooc`` (the out-of-core
@@ -281,15 +294,7 @@ def run_pass(workdir: Path, mode: str) -> dict:
 
     spent = {"near_duplicate_groups": 0.0, "contaminated_indices": 0.0}
     for fname in spent:  # time the in-memory pass's detectors (it looks them up on the module)
-
-        def timed(*args, _f=getattr(dedup, fname), _name=fname, **kw):
-            t = time.perf_counter()
-            try:
-                return _f(*args, **kw)
-            finally:
-                spent[_name] += time.perf_counter() - t
-
-        setattr(dedup, fname, timed)
+        setattr(dedup, fname, _timed(getattr(dedup, fname), fname, spent))
     ooc = OutOfCore(enabled=mode == "ooc")
     out = workdir / f"out-{mode}"
     t0 = time.perf_counter()

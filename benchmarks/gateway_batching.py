@@ -181,10 +181,10 @@ def start_server(ws: Path, batch: int, torch_threads: int = 0):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("gateway did not start")
+                raise RuntimeError("gateway did not start") from exc
             time.sleep(0.3)
 
 

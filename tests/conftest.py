@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from pg_server import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL on loopback)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -22,9 +22,10 @@ import contextlib
 import importlib.util
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 INSTALL = "pip install --no-deps openrlhf==0.11.2"
 

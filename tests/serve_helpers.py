@@ -20,8 +20,8 @@ from pathlib import Path
 def install_monitor_standin() -> bool:
     """Make ``tuneloop.monitor.requestlog`` importable (stand-in) if it is not; True when the stand-in is used."""
     try:
-        import tuneloop.monitor.requestlog  # noqa: F401
         import tuneloop.monitor.metrics  # noqa: F401
+        import tuneloop.monitor.requestlog  # noqa: F401
 
         return False
     except ImportError:
@@ -174,8 +174,8 @@ def register_versions(
     workspace: Path, base_dir: Path, tmp: Path, *, n_adapters: int = 2, full: bool = True, name: str = "tiny-bot"
 ):
     """A SQLite registry in ``workspace`` with ``n_adapters`` adapter versions (v1..) and optionally one full model."""
-    from tuneloop.registry.sqlite import SqliteRegistry
     from tuneloop.registry.lineage import base_model_ref
+    from tuneloop.registry.sqlite import SqliteRegistry
 
     reg = SqliteRegistry(workspace)
     base = base_model_ref(str(base_dir))

@@ -19,6 +19,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from test_rollout_controller import POLICY, make_model_dir, traffic
 from tuneloop.cli import app
 from tuneloop.evaluate.gates import GateInput, GateSpec, decide
 from tuneloop.evaluate.reports import intervals_svg
@@ -29,8 +30,6 @@ from tuneloop.report.html import write_run_report
 from tuneloop.rollout import controller
 from tuneloop.rollout.display import evalue_text, interval_text, metric_cells, needed_text, percent
 from tuneloop.serve.dashboard import DASHBOARD_HTML, dashboard_data
-
-from test_rollout_controller import POLICY, make_model_dir, traffic
 
 MODEL = "customer-support-router"  # longer than the 7 characters a squeezed 80-column column kept
 STAGES = ("data_validation", "preprocessing", "training", "evaluation", "model_registry", "deployment")

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from rollout_gateway_helpers import MODEL, ScriptedBackend, chat, make_app, make_registry
-
 from tuneloop.rollout import controller
 from tuneloop.serve.server import BackgroundServer
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from moto_s3 import BUCKET, s3_server, upload  # noqa: F401  (s3_server: the fixture)
 from planted_data import chat, words, write_planted
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from moto_s3 import BUCKET, require_auth, s3_server, upload  # noqa: F401  (s3_server: the fixture)
 from planted_data import write_planted
-
 from tuneloop.config import DataConfig, TrainSource
 from tuneloop.data import objstore
 from tuneloop.data.outofcore import OutOfCore

@@ -16,7 +16,6 @@ import pytest
 from tuneloop.demo.quick import showcase_tickets, write_demo_data
 from tuneloop.demo.tickets import LABELS, NEW_INTENT, new_intent_records, production_tickets, task_records
 
-
 # `quick_demo` (tests/conftest.py): `tuneloop demo --quick --json` once per test session, shared with the UI tests.
 
 

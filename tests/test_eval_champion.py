@@ -14,7 +14,6 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'tuneloop[mlflow]')")
 
 from test_registry_mlflow import mlflow_server  # noqa: E402,F401  (fixture)
-
 from tuneloop import FineTunePipeline, load_config  # noqa: E402
 from tuneloop.checks import run_eval  # noqa: E402
 from tuneloop.registry.api import open_registry  # noqa: E402

@@ -8,8 +8,8 @@ by the real dataset validator (tuneloop.data.validate.validate_dataset)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 

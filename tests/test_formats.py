@@ -253,7 +253,7 @@ def test_every_record_kept_or_quarantined(tmp_path_factory, rows):
     try:
         report = validate_dataset(path, d / "out", fmt="messages", checks=Checks(pii="redact"))
     except InputError as e:  # only for a file without any record (all rows blank): none here
-        raise AssertionError(e)
+        raise AssertionError(e) from e
     accounted(report)
 
 

@@ -241,7 +241,6 @@ class HangingBackend:
 
 def test_calls_still_open_after_the_grace_are_cancelled_into_503(tmp_path, capfd):
     from rollout_gateway_helpers import make_app, make_registry, wait_for
-
     from tuneloop.serve.server import BackgroundServer
 
     reg = make_registry(tmp_path, n_versions=1)
@@ -282,7 +281,6 @@ def test_feedback_still_open_after_the_grace_gets_the_503_too(tmp_path, capfd):
     """A non-model route (here /v1/feedback on a store that hangs) still open when uvicorn cancels after the grace
     answers the same OpenAI-shaped 503, not uvicorn's bare 500 with a traceback."""
     from rollout_gateway_helpers import make_app, make_registry
-
     from tuneloop.serve.server import BackgroundServer
 
     reg = make_registry(tmp_path, n_versions=1)

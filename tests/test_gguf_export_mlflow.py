@@ -17,11 +17,10 @@ pytestmark = pytest.mark.slow  # starting the server takes ~15-30 s
 pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'tuneloop[mlflow]')")
 pytest.importorskip("gguf", reason="the gguf package is not installed: pip install 'tuneloop[gguf]'")
 
-from tuneloop.errors import InputError  # noqa: E402
-from tuneloop.registry.api import open_registry  # noqa: E402
-
 from test_registry_cli import adapters, tl  # noqa: E402,F401  (fixture and helper)
 from test_registry_mlflow import mlflow_server  # noqa: E402,F401  (fixture)
+from tuneloop.errors import InputError  # noqa: E402
+from tuneloop.registry.api import open_registry  # noqa: E402
 
 
 def test_gguf_export_is_an_event_on_the_mlflow_registry(mlflow_server, adapters, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.config import PipelineConfig, build_config
+from tuneloop.config import build_config
 from tuneloop.errors import ConfigError
 from tuneloop.fsutil import sha256_file
 

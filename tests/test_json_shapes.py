@@ -39,9 +39,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tuneloop.cli import app
-
 from test_registry_cli import adapters  # noqa: F401  (module fixture: two real LoRA adapters on the tiny model)
+from tuneloop.cli import app
 
 try:
     from test_registry_mlflow import mlflow_server  # noqa: F401  (module fixture: `mlflow server` on loopback)

@@ -276,12 +276,11 @@ def test_real_model_base_and_adapter_logits_agree(real_model_dir, module_config,
     and a converted adapter (random B on every linear layer) give transformers' logits to 1e-3 (measured 1.3e-4 and
     2.5e-4 on two 37-token chat prompts, logits of magnitude ~30)."""
     import mlx.core as mx
+    import numpy as np
+    import torch
 
     from tuneloop.modeling import load_causal_lm, load_tokenizer
     from tuneloop.train.mlx_backend import _module, add_lora, load_mlx_model, save_peft_adapter
-
-    import numpy as np
-    import torch
 
     tok = load_tokenizer(str(real_model_dir))
     text = tok.apply_chat_template(

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tuneloop.errors import ConfigError
-from tuneloop.rollout.notify import Notifier, Webhook, slack_payload, Notification, webhooks_from_config
+from tuneloop.rollout.notify import Notification, Notifier, Webhook, slack_payload, webhooks_from_config
 
 
 class Receiver:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from tuneloop import load_config
 
 TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]
@@ -207,11 +207,11 @@ def test_the_configured_loss_is_trained_and_a_killed_run_resumes_to_the_same_end
 def test_pairs_whose_prompt_fills_max_length_are_left_out_not_trained_as_nan(make_config, pref_data, tmp_path):
     """The TRL trainers cut only the answer: a prompt of max_length tokens leaves none, and the length-averaged
     log-probability would be 0/0. Such pairs are counted and left out; with none left the stage says what to raise."""
+    from datasets import load_from_disk
+
     from tuneloop.errors import StageError
     from tuneloop.modeling import load_tokenizer
     from tuneloop.train.preference_objectives import train_simpo
-
-    from datasets import load_from_disk
 
     records = [json.loads(x) for x in pref_data[0].read_text().splitlines()]
     long_prompts = [

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import write_jsonl
 from prepare_in_memory import prepare_kto_in_memory, prepare_preferences_in_memory, prepare_prompts_in_memory
-
 from tuneloop.config import TrainSource
 from tuneloop.data import stream
 from tuneloop.data.prepare import prepare_kto, prepare_preferences, prepare_prompts

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import write_jsonl
 from prepare_in_memory import _split, apply_weights, prepare_dataset_in_memory
-
 from tuneloop.config import TrainSource
 from tuneloop.data import stream
 from tuneloop.data.prepare import prepare_dataset

@@ -25,9 +25,8 @@ _MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 def safetensors_bytes(content: str = "weights-v1") -> bytes:
     """A small valid safetensors file whose tensor bytes depend on ``content`` (different content, digest)."""
-    from safetensors.numpy import save
-
     import numpy as np
+    from safetensors.numpy import save
 
     data = np.frombuffer(content.encode().ljust(16, b"."), dtype=np.uint8).copy()
     return save({"w": data})

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from tuneloop import cli
 from tuneloop.cli import app
-from tuneloop.errors import IntegrityError, InputError
+from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.api import open_registry
 from tuneloop.registry.records import ModelVersion
 from tuneloop.registry.sqlite import SCHEMA_VERSION, SqliteRegistry

@@ -12,20 +12,19 @@ import os
 import pickle
 import signal
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
 from test_registry import make_artifact, register, safetensors_bytes
 from test_registry_cli import adapters, make_adapter, msg, tl, tlj  # noqa: F401  (fixture and its helper)
-
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.content import check_contents, safetensors_problem
-from tuneloop.registry.sqlite import RegistryLostError, SqliteRegistry
 from tuneloop.registry.mlflow_backend import MAX_PARAM_VALUE, mlflow_params
 from tuneloop.registry.names import check_alias_name, check_model_name
 from tuneloop.registry.ops import gc, recover
+from tuneloop.registry.sqlite import RegistryLostError, SqliteRegistry
 from tuneloop.registry.store import ArtifactStore
 from tuneloop.workspace import Workspace
 

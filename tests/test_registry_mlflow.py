@@ -23,10 +23,9 @@ pytestmark = pytest.mark.slow  # starting the server takes ~15-30 s
 
 pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'tuneloop[mlflow]')")
 
+from test_registry_cli import adapters, logits, make_adapter, tl, tlj  # noqa: E402,F401  (fixtures and helpers)
 from tuneloop.errors import InputError, IntegrityError  # noqa: E402
 from tuneloop.registry.api import ModelRegistry, open_registry  # noqa: E402
-
-from test_registry_cli import adapters, logits, make_adapter, tl, tlj  # noqa: E402,F401  (fixtures and helpers)
 
 
 def _free_port() -> int:
@@ -376,7 +375,6 @@ def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_p
 
     # gc on MLflow: the local verified cache keeps what live versions use and drops the rest.
     from test_registry import make_artifact
-
     from tuneloop.registry.ops import gc
 
     stray = reg.store.put_dir(make_artifact(tmp_path / "stray", "not registered anywhere"))

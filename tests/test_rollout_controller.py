@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
+from test_notify import Receiver
 from tuneloop.cli import app
 from tuneloop.errors import InputError
 from tuneloop.monitor.requestlog import RequestRecord, open_request_log
@@ -25,8 +26,6 @@ from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.rollout import controller
 from tuneloop.rollout.notify import Notifier, Webhook
 from tuneloop.rollout.split import choose_arm, unit_hash
-
-from test_notify import Receiver
 
 # Small steps so a test needs thousands of requests, not tens of thousands.
 POLICY = {

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 from tuneloop.errors import InputError, IntegrityError
 from tuneloop.registry.api import ModelRegistry, open_registry
 from tuneloop.registry.recovery import recover_database
-from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.registry.rollouts import RECORD_KEYS, Rollout, RolloutConflict
+from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.rollout.analysis import ArmCounts, CanaryAnalysis, RolloutPolicy
 
 try:  # the real MLflow server (module-scoped); the MLflow cases skip where mlflow is not installed
@@ -239,10 +239,10 @@ def test_recover_restores_rollouts_from_the_journal(tmp_path):
 
 
 def test_the_controller_rolls_back_a_bad_canary_on_this_backend(reg, tmp_path):
+    from test_rollout_controller import POLICY as SMALL_STEPS
+    from test_rollout_controller import run_rollout
     from tuneloop.monitor.requestlog import open_request_log
     from tuneloop.rollout import controller
-
-    from test_rollout_controller import POLICY as SMALL_STEPS, run_rollout
 
     m = reg.test_model
     controller.start(reg, f"{m}:2", policy=SMALL_STEPS, actor="ci", now=1000.0)

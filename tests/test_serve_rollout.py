@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from rollout_gateway_helpers import ADMIN, MODEL, ListNotifier, ScriptedBackend, chat, make_app, make_registry, wait_for
-
 from tuneloop.rollout import controller
 from tuneloop.serve.server import BackgroundServer
 

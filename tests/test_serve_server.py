@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import free_port, install_monitor_standin, register_versions, start_gateway_process, sse_events
+from serve_helpers import free_port, install_monitor_standin, register_versions, sse_events, start_gateway_process
 
 install_monitor_standin()
 

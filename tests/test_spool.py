@@ -5,8 +5,6 @@ finds what was left, the bound is kept, a full disk loses only the batch it refu
 from __future__ import annotations
 
 import errno
-import json
-import threading
 import time
 
 import pytest

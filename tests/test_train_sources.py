@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from tuneloop.config import TrainSource, build_config, load_config
 from tuneloop.errors import ConfigError, InputError
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from test_registry import make_artifact
 from tuneloop.registry.sqlite import SqliteRegistry
 from tuneloop.serve.server import BackgroundServer
 from tuneloop.ui.app import create_app
-
-from test_registry import make_artifact
 
 RUN_PASSED = "20261207-100000-aaaaaa"
 RUN_FAILED = "20261207-110000-bbbbbb"

@@ -11,13 +11,12 @@ pytestmark = pytest.mark.slow  # starting the MLflow server takes ~15-30 s
 
 pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'tuneloop[mlflow]')")
 
+from test_registry_cli import adapters, tl  # noqa: E402,F401  (fixture and helper)
+from test_registry_mlflow import mlflow_server  # noqa: E402,F401  (fixture)
 from tuneloop.config import load_config  # noqa: E402
 from tuneloop.registry.api import open_registry  # noqa: E402
 from tuneloop.serve.server import BackgroundServer  # noqa: E402
 from tuneloop.ui.app import create_app  # noqa: E402
-
-from test_registry_cli import adapters, tl  # noqa: E402,F401  (fixture and helper)
-from test_registry_mlflow import mlflow_server  # noqa: E402,F401  (fixture)
 
 MODEL = "ui-mlflow-bot"
 

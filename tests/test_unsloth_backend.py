@@ -418,8 +418,8 @@ def test_dpo_through_the_child_with_a_standin_matches_backend_transformers_and_r
     import shutil
 
     from tuneloop.data.prepare import prepare_preferences
-    from tuneloop.fsutil import read_jsonl
     from tuneloop.data.validate import validate_dataset
+    from tuneloop.fsutil import read_jsonl
     from tuneloop.modeling import load_tokenizer
     from tuneloop.train.dpo import train_dpo
     from tuneloop.train.sft import read_metric_rows

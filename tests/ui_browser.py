@@ -22,9 +22,10 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 #: Why a browser test skipped, when it does.
 NO_CHROMIUM = (
