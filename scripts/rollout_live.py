@@ -254,7 +254,7 @@ def run_live(
     out: dict[str, Any] = {}
     with BackgroundServer(app) as server:
         for label, ref in (("bad", f"{MODEL}:2"), ("good", f"{MODEL}:3")):
-            say(f"{label} candidate {ref} against champion {reg.get(MODEL, 'champion')['ref']}:")
+            say(f"{label} candidate {ref} against champion {reg.get(MODEL, 'champion').ref}:")
             out[label] = drive(reg, server.url, start_rollout(server.url, ref), rng, timeout_s=timeout_s, say=say)
             out[label]["champion_after"] = reg.get(MODEL, "champion").ref
             out[label]["ended_event"] = next(

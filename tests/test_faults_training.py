@@ -315,11 +315,11 @@ def _mount_tmpfs(where: Path, size: str) -> None:
 def _fill(where: Path) -> Path:
     """Take every free byte of the filesystem holding ``where``."""
     filler = where / "filler"
-    with open(filler, "wb") as f:
+    # Unbuffered: a buffered writer keeps the bytes a short write left over and raises ENOSPC again on close.
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\1" * 65536)
-                f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler

@@ -309,11 +309,11 @@ def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(
         gates={},
     )
     client = MlflowClient(tracking_uri=mlflow_server["url"])
-    run = client.get_run(v["run_id"])
+    run = client.get_run(v.run_id)
     assert run.info.run_name == "20260101-120000-abc123"
     p = run.data.params
     assert p["train.learning_rate"] == "0.001" and p["train.lora_r"] == "4"
-    assert p["tuneloop.artifact_digest"] == v["artifact_digest"] and p["tuneloop.run_id"] == lineage["run_id"]
+    assert p["tuneloop.artifact_digest"] == v.artifact_digest and p["tuneloop.run_id"] == lineage["run_id"]
     assert len(p["data.system_prompt"]) == 6000 and p["data.system_prompt"].endswith("7000 characters]")
     assert json.loads(run.data.tags["tuneloop.params_truncated"]) == ["data.system_prompt"]
 
@@ -327,9 +327,9 @@ def test_mlflow_run_params_name_and_loading_the_champion_with_mlflow_itself(
         metrics={},
         gates={},
     )
-    assert again["existing"] is True and again["version"] == v["version"]
+    assert again.existing is True and again.version == v.version
 
-    reg.promote(name, v["version"])
+    reg.promote(name, v.version)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server["url"]
     try:
         loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -362,7 +362,7 @@ def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_p
     reg.promote(name, 1)
     # Tamper with v2's copy in MLflow's artifact store: promote, set_alias must refuse it (the local cache
     # holds a good copy from registration, so only a check of the server's bytes catches this).
-    stored = [p for p in mlflow_server["artifacts"].rglob("adapter_model.safetensors") if v2["run_id"] in str(p)]
+    stored = [p for p in mlflow_server["artifacts"].rglob("adapter_model.safetensors") if v2.run_id in str(p)]
     data = bytearray(stored[0].read_bytes())
     data[-1] ^= 0xFF
     stored[0].write_bytes(bytes(data))
@@ -371,7 +371,7 @@ def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_p
     with pytest.raises(IntegrityError, match="refusing to point"):
         reg.set_alias(name, "staging", 2)
     assert reg.aliases(name) == {"champion": 1}
-    assert v1["version"] == 1
+    assert v1.version == 1
 
     # gc on MLflow: the local verified cache keeps what live versions use and drops the rest.
     from test_registry import make_artifact
@@ -380,4 +380,4 @@ def test_mlflow_names_and_tampered_promotion(reg, mlflow_server, adapters, tmp_p
     stray = reg.store.put_dir(make_artifact(tmp_path / "stray", "not registered anywhere"))
     rep = gc(reg)
     assert [a["digest"] for a in rep.artifacts] == [stray] and rep.freed_bytes > 0
-    assert reg.store.exists(v1["artifact_digest"])
+    assert reg.store.exists(v1.artifact_digest)
