@@ -37,6 +37,23 @@ def model_dir(path: Path, value: float) -> Path:
     return path
 
 
+def sqlite_registry(tmp_path: Path, versions: int) -> SqliteRegistry:
+    """A SQLite registry in ``tmp_path/ws`` holding ``bot:1`` (champion) to ``bot:<versions>``."""
+    reg = SqliteRegistry(tmp_path / "ws")
+    for i in range(1, versions + 1):
+        reg.register(
+            "bot",
+            model_dir(tmp_path / f"m{i}", i),
+            artifact_kind="model",
+            base_model="b",
+            lineage={},
+            metrics={},
+            gates={},
+        )
+    reg.promote("bot", 1)
+    return reg
+
+
 @pytest.fixture(params=["sqlite", pytest.param("mlflow", marks=pytest.mark.slow)])
 def reg(request, tmp_path, monkeypatch) -> ModelRegistry:
     """A registry holding ``bot:1`` (champion) and ``bot:2``, on each backend."""
@@ -173,18 +190,7 @@ def test_bad_input_is_refused(reg):
 
 
 def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tmp_path):
-    reg = SqliteRegistry(tmp_path / "ws")
-    for i in (1, 2):
-        reg.register(
-            "bot",
-            model_dir(tmp_path / f"m{i}", i),
-            artifact_kind="model",
-            base_model="b",
-            lineage={},
-            metrics={},
-            gates={},
-        )
-    reg.promote("bot", 1)
+    reg = sqlite_registry(tmp_path, 2)
     with sqlite3.connect(tmp_path / "ws" / "registry.db") as conn:  # what tuneloop wrote before rollouts (schema 2)
         conn.executescript("DROP TABLE rollouts; PRAGMA user_version = 2;")
     reg = SqliteRegistry(tmp_path / "ws")
@@ -199,18 +205,7 @@ def test_sqlite_rollout_survives_a_reopen_and_a_schema_2_database_is_upgraded(tm
 
 
 def test_recover_restores_rollouts_from_the_journal(tmp_path):
-    reg = SqliteRegistry(tmp_path / "ws")
-    for i in (1, 2, 3):
-        reg.register(
-            "bot",
-            model_dir(tmp_path / f"m{i}", i),
-            artifact_kind="model",
-            base_model="b",
-            lineage={},
-            metrics={},
-            gates={},
-        )
-    reg.promote("bot", 1)
+    reg = sqlite_registry(tmp_path, 3)
     first = reg.start_rollout("bot", 2, policy=POLICY)
     reg.update_rollout("bot", first.rollout_id, revision=1, status="rolled_back", decision=decision("rollback", 30))
     running = reg.start_rollout("bot", 3, policy=POLICY, state_json='{"s": 0}')
@@ -263,18 +258,7 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
     """Eight threads (own connections, as replicas would have) update from the same revision: exactly one lands."""
     import threading
 
-    reg = SqliteRegistry(tmp_path / "ws")
-    for i in (1, 2):
-        reg.register(
-            "bot",
-            model_dir(tmp_path / f"m{i}", i),
-            artifact_kind="model",
-            base_model="b",
-            lineage={},
-            metrics={},
-            gates={},
-        )
-    reg.promote("bot", 1)
+    reg = sqlite_registry(tmp_path, 2)
     r = reg.start_rollout("bot", 2, policy=POLICY)
     results, barrier = [], threading.Barrier(8)
 
@@ -302,18 +286,7 @@ def test_sqlite_compare_and_set_under_real_concurrency(tmp_path):
 def test_the_rollout_record_keeps_its_json_form_and_refuses_a_damaged_one(tmp_path):
     """``to_dict()`` is the dict the registry returned before rollouts were typed: RECORD_KEYS order from
     ``start_rollout``, sorted keys as read back from storage; a stored record without every key is refused."""
-    reg = SqliteRegistry(tmp_path / "ws")
-    for i in (1, 2):
-        reg.register(
-            "bot",
-            model_dir(tmp_path / f"m{i}", i),
-            artifact_kind="model",
-            base_model="b",
-            lineage={},
-            metrics={},
-            gates={},
-        )
-    reg.promote("bot", 1)
+    reg = sqlite_registry(tmp_path, 2)
     started = reg.start_rollout("bot", 2, policy=POLICY, reason="try")
     assert list(started.to_dict()) == list(RECORD_KEYS) and started.to_dict()["candidate"] == "bot:2"
     back = reg.get_rollout("bot")
